@@ -1,0 +1,146 @@
+"""What command handlers see: the session state and the front's services.
+
+``SessionState`` is the ESP's RAM: everything AT commands set, at the values a
+freshly booted ESP32 has.  ``load_persisted`` overlays what AT+SYSSTORE=1 (the
+ESP's NVS) kept.  AT+RST and AT+RESTORE build a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from bridged.config import Config
+    from bridged.store import Store
+
+__all__ = [
+    "UartSettings",
+    "SessionState",
+    "ConnectSpec",
+    "LinkView",
+    "Links",
+    "Context",
+    "PERSISTED",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class UartSettings:
+    """AT+UART_CUR's five values: flow 0 none, 1 RTS, 2 CTS, 3 both."""
+
+    baud: int
+    data_bits: int
+    stop_bits: int  # ESP-AT's code: 1 = 1, 2 = 1.5, 3 = 2
+    parity: int  # 0 none, 1 odd, 2 even
+    flow: int
+
+    def fields(self) -> tuple[int, int, int, int, int]:
+        return (self.baud, self.data_bits, self.stop_bits, self.parity, self.flow)
+
+
+# Keys the ESP keeps in NVS when AT+SYSSTORE=1 (esp-at-behavior.md 1.8).
+PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp")
+
+
+@dataclass(slots=True)
+class SessionState:
+    echo: bool = True
+    sysstore: bool = True
+    sysmsg: int = 0
+    syslog: bool = False
+    rfpower: tuple[int, int, int, int] = (84, 5, 5, 5)
+    cwmode: int = 1
+    cwautoconn: bool = True
+    cwdhcp: int = 3
+    cwlapopt: tuple[int, int] = (0, 0x7FF)
+    hostname: str = "espressif"
+    wifi_ssid: str = ""  # stored credentials (CWJAP / CWJAP?)
+    wifi_password: str = ""
+    wifi_state: int = 0  # AT+CWSTATE: 0 not started, 2 got IP, 3 connecting, 4 disconnected
+    had_link: bool = False  # for AT+CIPSTATUS's "all links disconnected"
+    cipmux: int = 0
+    cipmode: int = 0
+    cipdinfo: bool = False
+    cipv6: bool = False
+    recv_mode: int = 0  # 0 active (+IPD), 1 passive
+    keep_alive: int = 0  # shared by AT+CIPSTART and AT+CIPTCPOPT; later wins
+
+    @property
+    def wifi_connected(self) -> bool:
+        return self.wifi_state == 2
+
+    def load_persisted(self, store: "Store") -> None:
+        for key in PERSISTED:
+            value = store.get(key)
+            if value is not None:
+                setattr(self, key, value)
+        self.cwautoconn = bool(store.get("cwautoconn", True))
+
+    def persist(self, store: "Store", *keys: str) -> None:
+        """Save keys to NVS, as ESP-AT does only while AT+SYSSTORE=1."""
+        if self.sysstore:
+            store.update({k: getattr(self, k) for k in keys})
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectSpec:
+    """AT+CIPSTART's parameters, checked."""
+
+    type: str  # "TCP", "TCPv6", ...
+    host: str
+    port: int
+    keep_alive: int = 0
+    local_ip: str = ""
+    timeout_ms: int = 0
+    local_port: int = 0
+    udp_mode: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkView:
+    """A link as AT+CIPSTATE shows it."""
+
+    link_id: int
+    type: str
+    remote_ip: str
+    remote_port: int
+    local_port: int
+    server: bool
+
+
+class Links(Protocol):
+    count: int
+
+    def view(self, link_id: int) -> LinkView | None: ...
+
+    def is_busy(self, link_id: int) -> bool: ...
+
+    def is_ready(self, link_id: int) -> bool: ...
+
+    async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView: ...
+
+    async def close(self, link_id: int) -> None: ...
+
+
+@dataclass
+class Context:
+    """Everything a handler may use; built by the UART front."""
+
+    config: "Config"
+    state: SessionState
+    store: "Store"
+    links: Links
+    urc: Callable[[bytes], None]  # queue an unsolicited message
+    restart: Callable[[bool], Any]  # AT+RST (False) / AT+RESTORE (True)
+    apply_uart: Callable[[UartSettings], None]  # reconfigure the port now
+    uart: UartSettings
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mux(self) -> bool:
+        return self.state.cipmux == 1
+
+    def link_arg(self, link_id: int) -> int | None:
+        """The id as messages print it: None in single-connection mode."""
+        return link_id if self.mux else None

@@ -1,0 +1,99 @@
+"""Command table: name and form -> handler.
+
+Up to four forms per command, as ESP-AT registers them (at_uart_cmd.c):
+test ``AT+X=?``, query ``AT+X?``, set ``AT+X=...``, execute ``AT+X``.  A form a
+command does not have answers ERROR (ERR CODE subcategory 0x0C), an unknown
+name ERROR (0x09).
+
+Handlers take the session context and the parsed line and return a ``Reply``
+(or a coroutine that returns one, for commands that wait on the network: the
+front answers ``busy p...`` to input meanwhile).  They never write to the UART.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from bridged.at.errors import OperationNotSupported, UnsupportedCommand
+from bridged.at.format import OK
+from bridged.at.parser import CommandLine, Kind
+
+if TYPE_CHECKING:
+    from bridged.commands.context import Context
+
+__all__ = ["Reply", "SendRequest", "handles", "lookup", "dispatch", "names"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """After the ``>`` prompt, ``length`` payload bytes go to ``link_id``."""
+
+    link_id: int
+    length: int
+    remote: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a command answers.
+
+    Attributes:
+        body: information lines written before the final result.
+        final: the result code (OK, ERROR, PROMPT ...).
+        after: called once the reply has been handed to the UART (a baud
+            change, a restart, a URC that must follow OK).
+        send: with final=PROMPT, where the payload that follows goes.
+    """
+
+    body: bytes = b""
+    final: bytes = OK
+    after: Callable[[], Any] | None = None
+    send: SendRequest | None = None
+
+
+Handler = Callable[["Context", CommandLine], "Reply | Awaitable[Reply]"]
+
+_TABLE: dict[tuple[str, Kind], Handler] = {}
+
+
+def handles(name: str, *kinds: Kind) -> Callable[[Handler], Handler]:
+    """Register the decorated function for ``name`` in the given forms."""
+
+    def register(fn: Handler) -> Handler:
+        for kind in kinds:
+            key = (name, kind)
+            if key in _TABLE:
+                raise RuntimeError(f"AT{name}{kind.value} registered twice")
+            _TABLE[key] = fn
+        return fn
+
+    return register
+
+
+def lookup(name: str, kind: Kind) -> Handler:
+    """The handler for a command line's name and form.
+
+    Raises:
+        UnsupportedCommand: no command of that name.
+        OperationNotSupported: the command exists but not in that form.
+    """
+    handler = _TABLE.get((name, kind))
+    if handler is not None:
+        return handler
+    if any(n == name for n, _ in _TABLE):
+        raise OperationNotSupported(f"AT{name} has no {kind.name.lower()} form")
+    raise UnsupportedCommand(f"unknown command AT{name}")
+
+
+def dispatch(ctx: "Context", line: CommandLine) -> "Reply | Awaitable[Reply]":
+    return lookup(line.name, line.kind)(ctx, line)
+
+
+def is_async(result: object) -> bool:
+    return inspect.isawaitable(result)
+
+
+def names() -> list[str]:
+    return sorted({n for n, _ in _TABLE})

@@ -1,0 +1,296 @@
+"""TCP/IP commands of the foundation: AT+CIPMUX, AT+CIPSTART(EX), AT+CIPSEND,
+AT+CIPCLOSE, AT+CIPSTATE, AT+CIPSTATUS, AT+CIPDINFO, AT+CIPRECVTYPE/MODE,
+AT+CIPV6.
+
+Every rejection is a bare ERROR on the AT port, as ESP-AT v2+ answers; the
+texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
+``no ip`` ...) become the ``why`` of the AtError and so reach bridged's log.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
+from bridged.at.format import PROMPT, closed, connect, info, link_conn, q
+from bridged.at.params import Int, Str, bind
+from bridged.at.parser import CommandLine, Kind
+from bridged.commands.context import ConnectSpec, Context, LinkView
+from bridged.commands.registry import Reply, SendRequest, handles
+from bridged.commands.wifi import station_ip
+
+__all__ = ["connected_message"]
+
+ALL_LINKS = 5  # "max": AT+CIPCLOSE=5 closes every link
+CLIENT_TYPES = ("TCP", "TCPv6")
+
+
+def _link_id_spec(ctx: Context) -> Int:
+    return Int(0, ctx.links.count - 1)
+
+
+def _require_ip(ctx: Context) -> None:
+    if station_ip(ctx) is None:
+        raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
+
+
+def connected_message(ctx: Context, view: LinkView) -> bytes:
+    """``CONNECT`` / ``<id>,CONNECT``, or +LINK_CONN with AT+SYSMSG bit 1."""
+    if ctx.state.sysmsg & 2:
+        return link_conn(view.link_id, view.type, view.server, view.remote_ip, view.remote_port, view.local_port)
+    return connect(ctx.link_arg(view.link_id))
+
+
+# -- AT+CIPMUX ----------------------------------------------------------------------
+
+
+@handles("+CIPMUX", Kind.QUERY)
+def cipmux_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPMUX", ctx.state.cipmux))
+
+
+@handles("+CIPMUX", Kind.SET)
+def cipmux_set(ctx: Context, line: CommandLine) -> Reply:
+    (mode,) = bind(line.tokens, (Int(0, 1),))
+    if mode == ctx.state.cipmux:
+        return Reply()
+    busy = [i for i in range(ctx.links.count) if ctx.links.is_busy(i)]
+    if busy:
+        raise ExecFail(f"connection exists: links {busy} are open")
+    if mode == 1 and ctx.state.cipmode != 0:
+        raise ExecFail("IPMODE != 0: AT+CIPMODE=0 first")
+    if mode == 0 and ctx.extra.get("server_running"):
+        raise ExecFail("CIPSERVER != 0: AT+CIPSERVER=0 first")
+    ctx.state.cipmux = mode
+    return Reply()
+
+
+# -- AT+CIPSTART / AT+CIPSTARTEX ----------------------------------------------------
+
+_TCP_TAIL = (Int(0, 7200, None), Str(64, ""), Int(0, 60000, 0))
+
+
+def _check_host(ctx: Context, type_: str, host: str) -> None:
+    if not host:
+        raise ParamInvalid("remote host error: empty", 2)
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a name: resolved by the link worker
+    if addr.version == 6 and not type_.endswith("v6"):
+        raise ExecFail("unmatched type and remote host: an IPv6 address needs TCPv6")
+    if addr.version == 4 and type_.endswith("v6"):
+        raise ExecFail("unmatched type and remote host: TCPv6 needs an IPv6 address")
+
+
+def _connect_spec(ctx: Context, tokens: tuple) -> ConnectSpec:
+    """Check AT+CIPSTART's parameters after the link id."""
+    if not tokens:
+        raise ParamCountMismatch("AT+CIPSTART needs a type", 0)
+    (type_,) = bind(tokens[:1], (Str(6),))
+    if type_ not in CLIENT_TYPES:
+        raise ExecFail(f"connection type {type_!r} is not supported yet (TCP, TCPv6)")
+    if type_.endswith("v6") and not ctx.state.cipv6:
+        raise ExecFail("IPv6 is disabled: AT+CIPV6=1 first")
+    host, port, keep_alive, local_ip, timeout = bind(tokens[1:], (Str(64), Int(1, 65535)) + _TCP_TAIL)
+    _check_host(ctx, type_, host)
+    if keep_alive is not None:
+        ctx.state.keep_alive = keep_alive  # shared with AT+CIPTCPOPT; the later wins
+    return ConnectSpec(type_, host, port, ctx.state.keep_alive, local_ip, timeout)
+
+
+async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
+    view = await ctx.links.connect(link_id, spec)
+    ctx.state.had_link = True
+    return Reply(connected_message(ctx, view))
+
+
+def _start(ctx: Context, link_id: int, tokens: tuple):
+    if ctx.links.is_busy(link_id):
+        raise ExecFail(f"ALREADY CONNECTED: link {link_id} is in use")
+    if not ctx.links.is_ready(link_id):
+        raise ExecFail(f"link {link_id}'s worker is restarting")
+    spec = _connect_spec(ctx, tokens)
+    _require_ip(ctx)
+    return _open(ctx, link_id, spec)
+
+
+@handles("+CIPSTART", Kind.SET)
+def cipstart(ctx: Context, line: CommandLine):
+    tokens = line.tokens
+    if not ctx.mux:
+        return _start(ctx, 0, tokens)
+    (link_id,) = bind(tokens[:1], (_link_id_spec(ctx),))
+    return _start(ctx, link_id, tokens[1:])
+
+
+@handles("+CIPSTARTEX", Kind.SET)
+def cipstartex(ctx: Context, line: CommandLine):
+    if not ctx.mux:
+        return _start(ctx, 0, line.tokens)
+    free = [i for i in range(ctx.links.count) if not ctx.links.is_busy(i) and ctx.links.is_ready(i)]
+    if not free:
+        raise ExecFail("no free link id")
+    return _start(ctx, free[0], line.tokens)
+
+
+# -- AT+CIPSEND (normal transmission mode) ----------------------------------------
+
+
+@handles("+CIPSEND", Kind.SET)
+def cipsend(ctx: Context, line: CommandLine) -> Reply:
+    if ctx.state.cipmode != 0:
+        raise ExecFail("IPMODE=1: the set form of AT+CIPSEND needs AT+CIPMODE=0")
+    length_spec = Int(1, ctx.config.links.cipsend_max)
+    if ctx.mux:
+        link_id, length, host, port = bind(
+            line.tokens, (_link_id_spec(ctx), length_spec, Str(64, ""), Int(0, 65535, 0))
+        )
+    else:
+        length, host, port = bind(line.tokens, (length_spec, Str(64, ""), Int(0, 65535, 0)))
+        link_id = 0
+    view = ctx.links.view(link_id)
+    if view is None:
+        raise ExecFail(f"invalid link: link {link_id} is not connected")
+    if host or port:
+        raise ExecFail("a remote host and port are for UDP links only")
+    return Reply(final=PROMPT, send=SendRequest(link_id, length))
+
+
+# -- AT+CIPCLOSE ----------------------------------------------------------------------
+
+
+async def _close(ctx: Context, ids: list[int]) -> Reply:
+    body = b""
+    for link_id in ids:
+        await ctx.links.close(link_id)
+        body += closed(ctx.link_arg(link_id))
+    return Reply(body)
+
+
+@handles("+CIPCLOSE", Kind.SET)
+def cipclose_set(ctx: Context, line: CommandLine):
+    if not ctx.mux:
+        raise ExecFail("MUX=0: use AT+CIPCLOSE without a link id")
+    (link_id,) = bind(line.tokens, (Int(0, ALL_LINKS),))
+    if link_id == ALL_LINKS:
+        return _close(ctx, [i for i in range(ctx.links.count) if ctx.links.view(i) is not None])
+    if link_id >= ctx.links.count or ctx.links.view(link_id) is None:
+        raise ExecFail(f"link {link_id} is not connected")
+    return _close(ctx, [link_id])
+
+
+@handles("+CIPCLOSE", Kind.EXECUTE)
+def cipclose_execute(ctx: Context, line: CommandLine):
+    if ctx.mux:
+        raise ExecFail("MUX=1: AT+CIPCLOSE needs a link id")
+    if ctx.links.view(0) is None:
+        raise ExecFail("link 0 is not connected")
+    return _close(ctx, [0])
+
+
+# -- AT+CIPSTATE / AT+CIPSTATUS -------------------------------------------------------
+
+
+def _state_fields(view: LinkView) -> tuple:
+    return (view.link_id, q(view.type), q(view.remote_ip), view.remote_port, view.local_port, int(view.server))
+
+
+def _views(ctx: Context) -> list[LinkView]:
+    return [v for v in (ctx.links.view(i) for i in range(ctx.links.count)) if v is not None]
+
+
+@handles("+CIPSTATE", Kind.QUERY)
+def cipstate(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(b"".join(info("+CIPSTATE", *_state_fields(v)) for v in _views(ctx)))
+
+
+@handles("+CIPSTATUS", Kind.EXECUTE)
+def cipstatus(ctx: Context, line: CommandLine) -> Reply:
+    views = _views(ctx)
+    if station_ip(ctx) is None:
+        stat = 5
+    elif views:
+        stat = 3
+    elif ctx.state.had_link:
+        stat = 4
+    else:
+        stat = 2
+    body = b"STATUS:%d\r\n" % stat
+    body += b"".join(info("+CIPSTATUS", *_state_fields(v)) for v in views)
+    return Reply(body)
+
+
+# -- AT+CIPDINFO, AT+CIPRECVTYPE / AT+CIPRECVMODE, AT+CIPV6 ----------------------------
+
+
+@handles("+CIPDINFO", Kind.QUERY)
+def cipdinfo_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPDINFO", "true" if ctx.state.cipdinfo else "false", eol=False))
+
+
+@handles("+CIPDINFO", Kind.SET)
+def cipdinfo_set(ctx: Context, line: CommandLine) -> Reply:
+    (mode,) = bind(line.tokens, (Int(0, 1),))
+    ctx.state.cipdinfo = bool(mode)
+    return Reply()
+
+
+def _set_recv_mode(ctx: Context, mode: int) -> Reply:
+    if mode == 1:
+        raise ExecFail("passive receive mode is not supported yet")
+    ctx.state.recv_mode = mode
+    return Reply()
+
+
+@handles("+CIPRECVMODE", Kind.QUERY)
+def ciprecvmode_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPRECVMODE", ctx.state.recv_mode))
+
+
+@handles("+CIPRECVMODE", Kind.SET)
+def ciprecvmode_set(ctx: Context, line: CommandLine) -> Reply:
+    (mode,) = bind(line.tokens, (Int(0, 1),))
+    return _set_recv_mode(ctx, mode)
+
+
+@handles("+CIPRECVTYPE", Kind.QUERY)
+def ciprecvtype_query(ctx: Context, line: CommandLine) -> Reply:
+    ids = range(ctx.links.count) if ctx.mux else range(1)
+    return Reply(b"".join(info("+CIPRECVTYPE", i, ctx.state.recv_mode) for i in ids))
+
+
+@handles("+CIPRECVTYPE", Kind.SET)
+def ciprecvtype_set(ctx: Context, line: CommandLine) -> Reply:
+    if ctx.mux:
+        _link, mode = bind(line.tokens, (Int(0, ALL_LINKS), Int(0, 1)))
+    else:
+        (mode,) = bind(line.tokens, (Int(0, 1),))
+    return _set_recv_mode(ctx, mode)
+
+
+@handles("+CIPV6", Kind.QUERY)
+def cipv6_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPV6", int(ctx.state.cipv6)))
+
+
+@handles("+CIPV6", Kind.SET)
+def cipv6_set(ctx: Context, line: CommandLine) -> Reply:
+    (enable,) = bind(line.tokens, (Int(0, 1),))
+    ctx.state.cipv6 = bool(enable)
+    ctx.state.persist(ctx.store, "cipv6")
+    return Reply()
+
+
+@handles("+CIPMODE", Kind.QUERY)
+def cipmode_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPMODE", ctx.state.cipmode))
+
+
+@handles("+CIPMODE", Kind.SET)
+def cipmode_set(ctx: Context, line: CommandLine) -> Reply:
+    (mode,) = bind(line.tokens, (Int(0, 1),))
+    if mode == 1:
+        raise ExecFail("passthrough mode is not supported yet")
+    ctx.state.cipmode = mode
+    return Reply()

@@ -1,0 +1,62 @@
+# bridged developer tasks (GNU make).
+#
+#   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
+#   make test    run the test suite, then again under Python 3.13 when pyenv has it
+#   make bench   run the benchmarks (bench/)
+#   make clean   remove caches and build artefacts (the virtualenvs are kept)
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PTY     ?= /tmp/ttyBRIDGED
+PROFILE ?= esp32
+PYTEST_ARGS ?=
+
+# Second interpreter for `make test`; empty when it is not installed.
+PY313_VENV := .venv-3.13
+
+.PHONY: all run test test-one bench clean distclean
+
+all: $(VENV)/.installed
+
+# The stamp is re-made whenever pyproject.toml changes (new dependency, new
+# entry point); an existing virtualenv is reused, never recreated.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/bridged run --profile $(PROFILE) --pty $(PTY)
+
+# One suite run with $(VENV); then, from the top-level invocation only, the same
+# suite with Python 3.13 in its own virtualenv.
+test: test-one
+	@if [ "$(VENV)" = "$(PY313_VENV)" ]; then exit 0; fi; \
+	py=""; \
+	if [ -x "$$HOME/.pyenv/versions/3.13.0/bin/python" ]; then \
+		py="$$HOME/.pyenv/versions/3.13.0/bin/python"; \
+	elif command -v pyenv >/dev/null 2>&1 && \
+	     prefix=$$(pyenv prefix 3.13.0 2>/dev/null) && \
+	     [ -x "$$prefix/bin/python" ]; then \
+		py="$$prefix/bin/python"; \
+	fi; \
+	if [ -n "$$py" ]; then \
+		echo "== again under $$py =="; \
+		$(MAKE) --no-print-directory test-one PYTHON="$$py" VENV=$(PY313_VENV) PYTEST_ARGS='$(PYTEST_ARGS)'; \
+	else \
+		echo "== Python 3.13.0 not found (pyenv); skipping the second run =="; \
+	fi
+
+test-one: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m bench
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .hypothesis
+	rm -f .venv*/.installed
+	find . -path './.venv*' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(PY313_VENV)

@@ -1,0 +1,531 @@
+"""Configuration: TOML files -> frozen dataclasses, validated once at load.
+
+Theory of operation
+-------------------
+A `Config` is built from four layers, each overriding the one before:
+
+1. built-in defaults (the field defaults below, which are real ESP-AT's),
+2. the profile (``--profile NAME``; default ``esp32``),
+3. the config file (``--config PATH``),
+4. command-line overrides (dotted keys such as ``uart.port``).
+
+Every value is checked where it appears, so an error names the file (or
+"command line") it came from, the dotted key and what is allowed::
+
+    config/bridged.toml: uart.parity: 'odd2' is not allowed; allowed: none, odd, even
+
+Unknown sections and keys are errors too, listing the allowed ones. Nothing
+else in bridged validates configuration: code that holds a `Config` may trust
+it.
+
+The schema lives in one place: each dataclass field carries its default and
+its check (`_field`). The config file may also carry a top-level
+``profile = "NAME"``, used when no profile is given on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "Config",
+    "ConfigError",
+    "FirmwareConfig",
+    "LinksConfig",
+    "LogConfig",
+    "StateConfig",
+    "UartConfig",
+    "WifiConfig",
+    "default_config",
+    "find_profile",
+    "load_config",
+    "profile_dirs",
+    "state_dir",
+]
+
+DEFAULT_PROFILE = "esp32"
+COMMAND_LINE = "command line"
+
+#: Where `state_dir` puts state when neither the config nor systemd says.
+_SYSTEM_STATE_DIR = Path("/var/lib/bridged")
+_SYSTEM_PROFILE_DIR = Path("/etc/bridged/profiles")
+_REPO_PROFILE_DIR = Path(__file__).resolve().parent.parent / "config" / "profiles"
+
+
+class ConfigError(Exception):
+    """A configuration file, profile or override is invalid.
+
+    The message names the source, the dotted key and what is allowed.
+    """
+
+
+class _Refused(Exception):
+    """Raised by a check: the value is not allowed; carries what is."""
+
+    def __init__(self, allowed: str) -> None:
+        super().__init__(allowed)
+        self.allowed = allowed
+
+
+# --------------------------------------------------------------------------
+# Checks. Each takes a TOML value and returns the value to store, or raises
+# _Refused. `kind` tells how to parse a command-line string for it.
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    kind: type  # int, float, bool or str
+    allowed: str
+    accept: Callable[[Any], Any]
+
+    def __call__(self, value: Any) -> Any:
+        result = self.accept(value)
+        if result is _NO:
+            raise _Refused(self.allowed)
+        return result
+
+
+_NO = object()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(lo: int, hi: int) -> _Check:
+    return _Check(int, f"an integer from {lo} to {hi}",
+                  lambda v: v if _is_int(v) and lo <= v <= hi else _NO)
+
+
+def _int_of(*values: int) -> _Check:
+    allowed = ", ".join(str(v) for v in values)
+    return _Check(int, allowed, lambda v: v if _is_int(v) and v in values else _NO)
+
+
+def _power_of_two(lo: int, hi: int) -> _Check:
+    def accept(v: Any) -> Any:
+        ok = _is_int(v) and lo <= v <= hi and v & (v - 1) == 0
+        return v if ok else _NO
+
+    return _Check(int, f"a power of two from {lo} to {hi}", accept)
+
+
+def _float(lo: float, hi: float) -> _Check:
+    def accept(v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return _NO
+        v = float(v)
+        return v if math.isfinite(v) and lo <= v <= hi else _NO
+
+    return _Check(float, f"a number from {lo:g} to {hi:g}", accept)
+
+
+def _bool() -> _Check:
+    return _Check(bool, "true, false", lambda v: v if isinstance(v, bool) else _NO)
+
+
+def _choice(*names: str) -> _Check:
+    return _Check(str, ", ".join(names), lambda v: v if v in names else _NO)
+
+
+def _text(lo: int, hi: int, what: str = "a string") -> _Check:
+    """A string of lo..hi UTF-8 bytes without control characters."""
+
+    def accept(v: Any) -> Any:
+        if not isinstance(v, str) or not lo <= len(v.encode()) <= hi:
+            return _NO
+        return _NO if any(ord(c) < 0x20 or ord(c) == 0x7F for c in v) else v
+
+    return _Check(str, f"{what} of {lo} to {hi} bytes", accept)
+
+
+def _pattern(regex: str, allowed: str, *, empty: bool = False,
+             normalise: Callable[[str], str] = str) -> _Check:
+    compiled = re.compile(regex)
+
+    def accept(v: Any) -> Any:
+        if not isinstance(v, str):
+            return _NO
+        if empty and v == "":
+            return v
+        return normalise(v) if compiled.fullmatch(v) else _NO
+
+    return _Check(str, ('"" or ' if empty else "") + allowed, accept)
+
+
+def _path(allowed: str, *, absolute: bool = False) -> _Check:
+    def accept(v: Any) -> Any:
+        if not isinstance(v, str) or "\0" in v:
+            return _NO
+        return _NO if absolute and v and not v.startswith("/") else v
+
+    return _Check(str, allowed, accept)
+
+
+def _field(default: Any, check: _Check, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"check": check}, repr=not secret)
+
+
+_IFNAME = _pattern(r"[A-Za-z0-9_.:@-]{1,15}", "an interface name of 1 to 15 characters",
+                   empty=True)
+_MAC = r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}"
+
+
+# --------------------------------------------------------------------------
+# The schema.
+
+
+@dataclass(frozen=True, slots=True)
+class UartConfig:
+    """[uart]: the serial line to the MCU."""
+
+    port: str = _field("", _path('"" (create a pseudo-terminal) or a serial device path'))
+    pty_link: str = _field("", _path('"" or a path for a symlink to the pty'))
+    baud: int = _field(115200, _int(80, 5_000_000))
+    data_bits: int = _field(8, _int(5, 8))
+    stop_bits: int = _field(1, _int_of(1, 2))
+    parity: str = _field("none", _choice("none", "odd", "even"))
+    flow_control: str = _field("rts", _choice("none", "rts", "cts", "rtscts"))
+    urc_gap_ms: float = _field(5.0, _float(0, 1000))
+    max_line: int = _field(256, _int(16, 65536))
+
+
+@dataclass(frozen=True, slots=True)
+class WifiConfig:
+    """[wifi]: the emulated radio, mapped onto host interfaces."""
+
+    station_interface: str = _field("", _IFNAME)
+    ap_interface: str = _field("", _IFNAME)
+    eth_interface: str = _field("", _IFNAME)
+    ssid: str = _field("bridged", _text(1, 32))
+    bssid: str = _field("", _pattern(_MAC, "a MAC address aa:bb:cc:dd:ee:ff",
+                                     empty=True, normalise=str.lower))
+    channel: int = _field(6, _int(1, 14))
+    rssi: int = _field(-45, _int(-100, 0))
+    ecn: int = _field(3, _int(0, 8))
+    check_credentials: bool = _field(False, _bool())
+    password: str = _field("", _text(0, 64), secret=True)
+    connect_delay_ms: int = _field(0, _int(0, 60000))
+
+
+@dataclass(frozen=True, slots=True)
+class LinksConfig:
+    """[links]: the link slots (one worker process each) and their buffers."""
+
+    count: int = _field(5, _int(1, 5))
+    cipsend_max: int = _field(8192, _int(1, 65536))
+    recv_window: int = _field(5760, _int(536, 1_048_576))
+    chunk: int = _field(2920, _int(1, 65536))
+    ring_size: int = _field(65536, _power_of_two(4096, 16_777_216))
+    connect_timeout_ms: int = _field(10000, _int(1, 600_000))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """[log]: structured logs on stdout and the optional AT transcript."""
+
+    level: str = _field("info", _choice("debug", "info", "warning", "error"))
+    format: str = _field("auto", _choice("auto", "json", "console"))
+    transcript: bool = _field(False, _bool())
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """[state]: where AT+SYSSTORE=1 settings are kept (see `state_dir`)."""
+
+    dir: str = _field("", _path('"" (automatic) or an absolute directory path',
+                                absolute=True))
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareConfig:
+    """[firmware]: what AT+GMR reports."""
+
+    at_version: str = _field("4.1.1.0", _pattern(r"\d{1,9}(\.\d{1,9}){3}",
+                                                  "four dot-separated integers"))
+    sdk_version: str = _field("v5.0.8", _text(1, 64))
+    module: str = _field("WROOM-32", _text(1, 64))
+
+
+_SECTIONS: dict[str, type] = {
+    "uart": UartConfig,
+    "wifi": WifiConfig,
+    "links": LinksConfig,
+    "log": LogConfig,
+    "state": StateConfig,
+    "firmware": FirmwareConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, one frozen dataclass per section.
+
+    `profile` is the profile asked for (name or path); `sources` lists what
+    was applied over the built-in defaults, in order: the profile file, the
+    config file, "command line".
+    """
+
+    uart: UartConfig = field(default_factory=UartConfig)
+    wifi: WifiConfig = field(default_factory=WifiConfig)
+    links: LinksConfig = field(default_factory=LinksConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
+    profile: str = DEFAULT_PROFILE
+    sources: tuple[str, ...] = ()
+
+
+def _keys(section: str) -> dict[str, _Check]:
+    return {f.name: f.metadata["check"] for f in dataclasses.fields(_SECTIONS[section])}
+
+
+# --------------------------------------------------------------------------
+# Loading.
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error(source: str, key: str, problem: str, allowed: Iterable[str] | str) -> ConfigError:
+    if not isinstance(allowed, str):
+        allowed = ", ".join(allowed)
+    return ConfigError(f"{source}: {key}: {problem}; allowed: {allowed}")
+
+
+def _check(source: str, section: str, key: str, value: Any) -> Any:
+    checks = _keys(section)
+    if key not in checks:
+        raise _error(source, f"{section}.{key}", "unknown key", checks)
+    try:
+        return checks[key](value)
+    except _Refused as exc:
+        raise _error(source, f"{section}.{key}", f"{_show(value)} is not allowed",
+                     exc.allowed) from None
+
+
+def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: str,
+           *, top_level: Iterable[str] = ()) -> None:
+    """Check every key of a parsed TOML document and store it into `values`."""
+    allowed = [*top_level, *_SECTIONS]
+    for section, table in doc.items():
+        if section in top_level:
+            continue
+        if section not in _SECTIONS:
+            kind = "unknown section" if isinstance(table, dict) else "unknown key"
+            raise _error(source, section, kind, allowed)
+        if not isinstance(table, dict):
+            raise _error(source, section, f"{_show(table)} is not allowed",
+                         f"a table [{section}]")
+        for key, value in table.items():
+            values[section][key] = _check(source, section, key, value)
+
+
+_AT_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def _read_toml(path: Path | str) -> dict[str, Any]:
+    """Parse a TOML file; any failure is a ConfigError naming file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        line = getattr(exc, "lineno", None)
+        match = _AT_LINE.search(message)
+        if line is None:
+            line = int(match.group(1)) if match else text.count("\n") + 1
+        reason = _AT_LINE.sub("", message).replace("(at end of document)", "").strip()
+        column = getattr(exc, "colno", None) or (int(match.group(2)) if match else None)
+        where = f"line {line}" + (f", column {column}" if column else "")
+        raise ConfigError(f"{path}: {where}: TOML syntax error: {reason}") from None
+
+
+def profile_dirs() -> list[Path]:
+    """Directories searched for a profile given by name, in order."""
+    dirs = [Path(p) for p in os.environ.get("BRIDGED_PROFILE_PATH", "").split(":") if p]
+    dirs += [_SYSTEM_PROFILE_DIR, _REPO_PROFILE_DIR,
+             Path(sys.prefix) / "share" / "bridged" / "profiles"]
+    return dirs
+
+
+def _is_path(profile: str) -> bool:
+    return "/" in profile or profile.endswith(".toml")
+
+
+def find_profile(profile: str, source: str = COMMAND_LINE) -> Path:
+    """Return the file for a profile given by path or by name.
+
+    `source` is where the profile was named, for the error message.
+
+    Raises:
+        ConfigError: the file does not exist or the name is not valid.
+    """
+    if _is_path(profile):
+        path = Path(profile)
+        if not path.is_file():
+            raise ConfigError(f"{source}: profile: {profile!r}: no such file")
+        return path
+    dirs = profile_dirs()
+    allowed = ("a path to a .toml file, or the name of one in: "
+               + ", ".join(str(d) for d in dirs))
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", profile):
+        raise _error(source, "profile", f"{profile!r} is not allowed", allowed)
+    for directory in dirs:
+        candidate = directory / f"{profile}.toml"
+        if candidate.is_file():
+            return candidate
+    raise _error(source, "profile", f"{profile!r} not found", allowed)
+
+
+def _coerce(text: str, kind: type) -> Any:
+    """Parse a command-line string for a non-string key; unparsable stays text."""
+    try:
+        if kind is int:
+            return int(text, 0)
+        if kind is float:
+            return float(text)
+    except ValueError:
+        return text
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+    return text
+
+
+def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, Any]) -> bool:
+    applied = False
+    for dotted, value in overrides.items():
+        if value is None:  # an option not given on the command line
+            continue
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS or not key:
+            raise _error(COMMAND_LINE, dotted, "unknown key",
+                         [f"{s}.<key>" for s in _SECTIONS])
+        checks = _keys(section)
+        if isinstance(value, str) and key in checks and checks[key].kind is not str:
+            value = _coerce(value, checks[key].kind)
+        values[section][key] = _check(COMMAND_LINE, section, key, value)
+        applied = True
+    return applied
+
+
+def load_config(config_path: str | os.PathLike[str] | None = None,
+                profile: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the configuration: defaults <- profile <- config file <- overrides.
+
+    Args:
+        config_path: the config file, or None for none.
+        profile: a profile name or a path to a .toml file; None means the config
+            file's top-level ``profile`` key (a relative path there is relative
+            to the config file), else "esp32". A missing "esp32"
+            profile is not an error when it was not asked for explicitly (the
+            built-in defaults are the same values).
+        overrides: dotted keys to values (``{"uart.port": "/dev/ttyAMA0"}``).
+            None values are skipped; strings are parsed for integer, number and
+            boolean keys.
+
+    Raises:
+        ConfigError: the message names the file, the dotted key and what is allowed.
+    """
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    sources: list[str] = []
+    doc = _read_toml(config_path) if config_path is not None else None
+
+    explicit, named_in = profile is not None, COMMAND_LINE
+    if profile is None and doc is not None and "profile" in doc:
+        profile, named_in = doc["profile"], str(config_path)
+        if not isinstance(profile, str) or not profile:
+            raise _error(named_in, "profile", f"{_show(profile)} is not allowed",
+                         "a profile name or a path to a .toml file")
+        explicit = True
+    profile = profile or DEFAULT_PROFILE
+
+    wanted = profile
+    if named_in != COMMAND_LINE and _is_path(profile) and not profile.startswith("/"):
+        wanted = str(Path(named_in).parent / profile)  # relative to the config file
+    try:
+        profile_file: Path | None = find_profile(wanted, named_in)
+    except ConfigError:
+        if explicit:
+            raise
+        profile_file = None
+    if profile_file is not None:
+        _apply(values, _read_toml(profile_file), str(profile_file))
+        sources.append(str(profile_file))
+    if doc is not None:
+        _apply(values, doc, str(config_path), top_level=("profile",))
+        sources.append(str(config_path))
+    if _apply_overrides(values, overrides or {}):
+        sources.append(COMMAND_LINE)
+
+    sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
+    return Config(**sections, profile=profile, sources=tuple(sources))
+
+
+def default_config() -> Config:
+    """The built-in defaults alone (real ESP-AT's), without reading any file."""
+    return Config()
+
+
+# --------------------------------------------------------------------------
+# State directory.
+
+
+def _usable(directory: Path) -> bool:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
+def state_dir(config: Config) -> Path:
+    """Return (and create, mode 0700) the directory holding persistent state.
+
+    In order: ``[state] dir``; ``$STATE_DIRECTORY`` (its first entry, as set by
+    systemd's StateDirectory=); /var/lib/bridged when it exists or can be
+    created and is writable; ``$XDG_STATE_HOME/bridged`` (default
+    ~/.local/state/bridged).
+
+    Raises:
+        OSError: the chosen directory cannot be created.
+    """
+    if config.state.dir:
+        chosen = Path(config.state.dir)
+    elif first := os.environ.get("STATE_DIRECTORY", "").split(":")[0]:
+        chosen = Path(first)
+    elif _usable(_SYSTEM_STATE_DIR):
+        return _SYSTEM_STATE_DIR
+    else:
+        xdg = os.environ.get("XDG_STATE_HOME", "")
+        base = Path(xdg) if xdg.startswith("/") else Path.home() / ".local" / "state"
+        chosen = base / "bridged"
+    chosen.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return chosen

@@ -1,0 +1,635 @@
+"""Tests for bridged.config: layering, validation messages, profiles, state dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bridged import config as config_module
+from bridged.config import (
+    Config,
+    ConfigError,
+    FirmwareConfig,
+    LinksConfig,
+    LogConfig,
+    StateConfig,
+    UartConfig,
+    WifiConfig,
+    default_config,
+    find_profile,
+    load_config,
+    profile_dirs,
+    state_dir,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = sorted((REPO / "config" / "profiles").glob("*.toml"))
+
+
+@pytest.fixture(autouse=True)
+def _no_profile_path(monkeypatch):
+    monkeypatch.delenv("BRIDGED_PROFILE_PATH", raising=False)
+
+
+def write(tmp_path: Path, text: str, name: str = "bridged.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
+    return repr(value)
+
+
+# --------------------------------------------------------------------------
+# Every key: the edges of its range accepted, one step outside refused.
+
+ACCEPTED = [
+    ("uart", "port", ""), ("uart", "port", "/dev/ttyAMA0"),
+    ("uart", "pty_link", ""), ("uart", "pty_link", "/tmp/ttyBRIDGED"),
+    ("uart", "baud", 80), ("uart", "baud", 5_000_000),
+    ("uart", "data_bits", 5), ("uart", "data_bits", 8),
+    ("uart", "stop_bits", 1), ("uart", "stop_bits", 2),
+    ("uart", "parity", "none"), ("uart", "parity", "odd"), ("uart", "parity", "even"),
+    ("uart", "flow_control", "none"), ("uart", "flow_control", "rts"),
+    ("uart", "flow_control", "cts"), ("uart", "flow_control", "rtscts"),
+    ("uart", "urc_gap_ms", 0), ("uart", "urc_gap_ms", 1000), ("uart", "urc_gap_ms", 0.5),
+    ("uart", "max_line", 16), ("uart", "max_line", 65536),
+    ("wifi", "station_interface", ""), ("wifi", "station_interface", "eth0"),
+    ("wifi", "ap_interface", "wlan0"), ("wifi", "eth_interface", "enp1s0f0"),
+    ("wifi", "ssid", "x"), ("wifi", "ssid", "s" * 32), ("wifi", "ssid", "é" * 16),
+    ("wifi", "bssid", ""), ("wifi", "bssid", "aa:bb:cc:dd:ee:ff"),
+    ("wifi", "channel", 1), ("wifi", "channel", 14),
+    ("wifi", "rssi", -100), ("wifi", "rssi", 0),
+    ("wifi", "ecn", 0), ("wifi", "ecn", 8),
+    ("wifi", "check_credentials", True), ("wifi", "check_credentials", False),
+    ("wifi", "password", ""), ("wifi", "password", "p" * 64),
+    ("wifi", "connect_delay_ms", 0), ("wifi", "connect_delay_ms", 60000),
+    ("links", "count", 1), ("links", "count", 5),
+    ("links", "cipsend_max", 1), ("links", "cipsend_max", 65536),
+    ("links", "recv_window", 536), ("links", "recv_window", 1_048_576),
+    ("links", "chunk", 1), ("links", "chunk", 65536),
+    ("links", "ring_size", 4096), ("links", "ring_size", 16_777_216),
+    ("links", "connect_timeout_ms", 1), ("links", "connect_timeout_ms", 600_000),
+    ("log", "level", "debug"), ("log", "level", "info"),
+    ("log", "level", "warning"), ("log", "level", "error"),
+    ("log", "format", "auto"), ("log", "format", "json"), ("log", "format", "console"),
+    ("log", "transcript", True), ("log", "transcript", False),
+    ("state", "dir", ""), ("state", "dir", "/var/lib/bridged/x"),
+    ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "0.0.0.0"),
+    ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
+]
+
+# (section, key, value, allowed) for values just outside what is allowed.
+REFUSED = [
+    ("uart", "port", 5, '"" (create a pseudo-terminal) or a serial device path'),
+    ("uart", "pty_link", False, '"" or a path for a symlink to the pty'),
+    ("uart", "baud", 79, "an integer from 80 to 5000000"),
+    ("uart", "baud", 5_000_001, "an integer from 80 to 5000000"),
+    ("uart", "baud", 115200.0, "an integer from 80 to 5000000"),
+    ("uart", "baud", "115200", "an integer from 80 to 5000000"),
+    ("uart", "baud", True, "an integer from 80 to 5000000"),
+    ("uart", "data_bits", 4, "an integer from 5 to 8"),
+    ("uart", "data_bits", 9, "an integer from 5 to 8"),
+    ("uart", "stop_bits", 0, "1, 2"),
+    ("uart", "stop_bits", 3, "1, 2"),
+    ("uart", "parity", "odd2", "none, odd, even"),
+    ("uart", "parity", "NONE", "none, odd, even"),
+    ("uart", "flow_control", "xonxoff", "none, rts, cts, rtscts"),
+    ("uart", "urc_gap_ms", -0.1, "a number from 0 to 1000"),
+    ("uart", "urc_gap_ms", 1000.5, "a number from 0 to 1000"),
+    ("uart", "urc_gap_ms", "5", "a number from 0 to 1000"),
+    ("uart", "max_line", 15, "an integer from 16 to 65536"),
+    ("uart", "max_line", 65537, "an integer from 16 to 65536"),
+    ("wifi", "station_interface", "a" * 16, '"" or an interface name of 1 to 15 characters'),
+    ("wifi", "ap_interface", "wl an0", '"" or an interface name of 1 to 15 characters'),
+    ("wifi", "eth_interface", "../eth0", '"" or an interface name of 1 to 15 characters'),
+    ("wifi", "ssid", "", "a string of 1 to 32 bytes"),
+    ("wifi", "ssid", "s" * 33, "a string of 1 to 32 bytes"),
+    ("wifi", "ssid", "é" * 17, "a string of 1 to 32 bytes"),
+    ("wifi", "ssid", "a\nb", "a string of 1 to 32 bytes"),
+    ("wifi", "bssid", "aa:bb:cc:dd:ee", '"" or a MAC address aa:bb:cc:dd:ee:ff'),
+    ("wifi", "bssid", "aa-bb-cc-dd-ee-ff", '"" or a MAC address aa:bb:cc:dd:ee:ff'),
+    ("wifi", "channel", 0, "an integer from 1 to 14"),
+    ("wifi", "channel", 15, "an integer from 1 to 14"),
+    ("wifi", "rssi", -101, "an integer from -100 to 0"),
+    ("wifi", "rssi", 1, "an integer from -100 to 0"),
+    ("wifi", "ecn", -1, "an integer from 0 to 8"),
+    ("wifi", "ecn", 9, "an integer from 0 to 8"),
+    ("wifi", "check_credentials", 1, "true, false"),
+    ("wifi", "check_credentials", "yes", "true, false"),
+    ("wifi", "password", "p" * 65, "a string of 0 to 64 bytes"),
+    ("wifi", "connect_delay_ms", -1, "an integer from 0 to 60000"),
+    ("wifi", "connect_delay_ms", 60001, "an integer from 0 to 60000"),
+    ("links", "count", 0, "an integer from 1 to 5"),
+    ("links", "count", 6, "an integer from 1 to 5"),
+    ("links", "cipsend_max", 0, "an integer from 1 to 65536"),
+    ("links", "cipsend_max", 65537, "an integer from 1 to 65536"),
+    ("links", "recv_window", 535, "an integer from 536 to 1048576"),
+    ("links", "recv_window", 1_048_577, "an integer from 536 to 1048576"),
+    ("links", "chunk", 0, "an integer from 1 to 65536"),
+    ("links", "chunk", 65537, "an integer from 1 to 65536"),
+    ("links", "ring_size", 2048, "a power of two from 4096 to 16777216"),
+    ("links", "ring_size", 33_554_432, "a power of two from 4096 to 16777216"),
+    ("links", "ring_size", 65535, "a power of two from 4096 to 16777216"),
+    ("links", "connect_timeout_ms", 0, "an integer from 1 to 600000"),
+    ("links", "connect_timeout_ms", 600_001, "an integer from 1 to 600000"),
+    ("log", "level", "trace", "debug, info, warning, error"),
+    ("log", "format", "text", "auto, json, console"),
+    ("log", "transcript", "false", "true, false"),
+    ("state", "dir", "relative/dir", '"" (automatic) or an absolute directory path'),
+    ("firmware", "at_version", "4.1.1", "four dot-separated integers"),
+    ("firmware", "at_version", "4.1.1.x", "four dot-separated integers"),
+    ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
+    ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value"), ACCEPTED)
+def test_edge_value_accepted_from_file(tmp_path, section, key, value):
+    """A value at the edge of a key's range loads from a file and is kept."""
+    path = write(tmp_path, f"[{section}]\n{key} = {toml_value(value)}\n")
+    config = load_config(str(path), None, {})
+    assert getattr(getattr(config, section), key) == value
+
+
+@pytest.mark.parametrize(("section", "key", "value", "allowed"), REFUSED)
+def test_out_of_range_refused_from_file(tmp_path, section, key, value, allowed):
+    """A value just outside a key's range names the file, the key and what is allowed."""
+    path = write(tmp_path, f"[{section}]\n{key} = {toml_value(value)}\n")
+    shown = repr(value) if not isinstance(value, bool) else toml_value(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == (
+        f"{path}: {section}.{key}: {shown} is not allowed; allowed: {allowed}")
+
+
+def _parsed_on_command_line(section: str, key: str, value: object) -> bool:
+    kind = type(getattr(getattr(default_config(), section), key))
+    return isinstance(value, str) and kind is not str
+
+
+# Strings given for integer, number and boolean keys are parsed on the command
+# line ("115200" is fine there), so those rows do not apply to it.
+REFUSED_ON_COMMAND_LINE = [row for row in REFUSED if not _parsed_on_command_line(*row[:3])]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "allowed"), REFUSED_ON_COMMAND_LINE)
+def test_out_of_range_refused_from_command_line(section, key, value, allowed):
+    """An override is validated the same way, with "command line" as its source."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, None, {f"{section}.{key}": value})
+    message = str(info.value)
+    assert message.startswith(f"command line: {section}.{key}: ")
+    assert message.endswith(f" is not allowed; allowed: {allowed}")
+
+
+def test_parity_message_shape(tmp_path):
+    """The message reads exactly as documented."""
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    (config_dir / "bridged.toml").write_text('[uart]\nparity = "odd2"\n')
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_config("config/bridged.toml", None, {})
+    finally:
+        os.chdir(cwd)
+    assert str(info.value) == (
+        "config/bridged.toml: uart.parity: 'odd2' is not allowed; allowed: none, odd, even")
+
+
+def test_every_key_is_covered():
+    """The tables above exercise every key of every section."""
+    sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
+                "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig}
+    every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
+    assert {(s, k) for s, k, _ in ACCEPTED} == every
+    assert {(s, k) for s, k, _, _ in REFUSED} == every
+
+
+# --------------------------------------------------------------------------
+# Defaults, types, normalisation.
+
+
+def test_defaults_are_esp_at():
+    """Without files, the configuration is real ESP-AT's factory defaults."""
+    config = default_config()
+    assert config.uart == UartConfig(port="", pty_link="", baud=115200, data_bits=8,
+                                     stop_bits=1, parity="none", flow_control="rts",
+                                     urc_gap_ms=5.0, max_line=256)
+    assert (config.links.count, config.links.cipsend_max, config.links.recv_window,
+            config.links.chunk, config.links.ring_size,
+            config.links.connect_timeout_ms) == (5, 8192, 5760, 2920, 65536, 10000)
+    assert config.wifi.ssid == "bridged"
+    assert config.firmware.at_version == "4.1.1.0"
+    assert config.log == LogConfig(level="info", format="auto", transcript=False)
+    assert config.state.dir == ""
+
+
+def test_config_is_frozen():
+    """Code holding a Config cannot change it."""
+    config = default_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.uart.baud = 9600  # type: ignore[misc]
+
+
+def test_integer_number_becomes_float(tmp_path):
+    """urc_gap_ms = 5 (a TOML integer) is stored as 5.0."""
+    config = load_config(str(write(tmp_path, "[uart]\nurc_gap_ms = 5\n")), None, {})
+    assert config.uart.urc_gap_ms == 5.0
+    assert isinstance(config.uart.urc_gap_ms, float)
+
+
+def test_bssid_lowercased(tmp_path):
+    """A BSSID in capitals is normalised to lower case."""
+    path = write(tmp_path, '[wifi]\nbssid = "AA:BB:CC:0D:EE:FF"\n')
+    assert load_config(str(path), None, {}).wifi.bssid == "aa:bb:cc:0d:ee:ff"
+
+
+def test_password_not_in_repr(tmp_path):
+    """The Wi-Fi password never shows in a logged config."""
+    config = load_config(None, None, {"wifi.password": "hunter22"})
+    assert config.wifi.password == "hunter22"
+    assert "hunter22" not in repr(config)
+
+
+# --------------------------------------------------------------------------
+# Unknown keys and sections, syntax errors, unreadable files.
+
+
+def test_unknown_key(tmp_path):
+    """An unknown key lists the keys of its section."""
+    path = write(tmp_path, "[uart]\nbaudrate = 9600\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == (
+        f"{path}: uart.baudrate: unknown key; allowed: port, pty_link, baud, data_bits, "
+        "stop_bits, parity, flow_control, urc_gap_ms, max_line")
+
+
+def test_unknown_section(tmp_path):
+    """An unknown section lists the allowed sections."""
+    path = write(tmp_path, "[serial]\nbaud = 9600\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == (
+        f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
+        "state, firmware")
+
+
+def test_unknown_top_level_key(tmp_path):
+    """A bare key outside any section is refused too."""
+    path = write(tmp_path, "baud = 9600\n")
+    with pytest.raises(ConfigError, match=r": baud: unknown key; allowed: profile, uart"):
+        load_config(str(path), None, {})
+
+
+def test_section_must_be_a_table(tmp_path):
+    """uart = 5 is refused: a section is a table."""
+    path = write(tmp_path, "uart = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == f"{path}: uart: 5 is not allowed; allowed: a table [uart]"
+
+
+def test_unknown_key_in_profile(tmp_path):
+    """A profile is checked like a config file, without the profile key."""
+    profile = write(tmp_path, "profile = 'x'\n", "p.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, str(profile), {})
+    assert str(info.value).startswith(f"{profile}: profile: unknown key; allowed: uart, ")
+
+
+def test_syntax_error_names_line(tmp_path):
+    """A TOML syntax error gives the file and the line."""
+    path = write(tmp_path, '[uart]\nbaud = 9600\nparity = \n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value).startswith(f"{path}: line 3, column ")
+    assert "TOML syntax error" in str(info.value)
+
+
+def test_duplicate_table_names_line(tmp_path):
+    """A table declared twice is a syntax error on its second line."""
+    path = write(tmp_path, "[uart]\nbaud = 9600\n\n[uart]\n")
+    with pytest.raises(ConfigError, match=r": line 4, column \d+: TOML syntax error: "):
+        load_config(str(path), None, {})
+
+
+def test_not_utf8_names_line(tmp_path):
+    """Bytes that are not UTF-8 are refused with their line."""
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"[uart]\nport = \"\xff\"\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: line 2: not UTF-8 text"):
+        load_config(str(path), None, {})
+
+
+def test_missing_config_file(tmp_path):
+    """A config file that does not exist is named in the error."""
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+
+
+# --------------------------------------------------------------------------
+# Profiles.
+
+
+def test_default_profile_is_esp32():
+    """Without --profile, the shipped esp32 profile is applied."""
+    config = load_config(None, None, {})
+    assert config.profile == "esp32"
+    assert config.sources == (str(REPO / "config" / "profiles" / "esp32.toml"),)
+    assert dataclasses.replace(config, sources=()) == default_config()
+
+
+def test_profile_by_name_from_repo():
+    """A profile name finds config/profiles/NAME.toml beside the package."""
+    config = load_config(None, "fast", {})
+    assert config.profile == "fast"
+    assert config.uart.baud == 3_000_000
+    assert config.uart.flow_control == "rtscts"
+    assert config.uart.urc_gap_ms == 0.0
+    assert config.links.ring_size == 1 << 20
+
+
+def test_profile_by_path(tmp_path):
+    """A profile given as a path to a .toml file is read from there."""
+    path = write(tmp_path, "[uart]\nbaud = 9600\n", "slow.toml")
+    config = load_config(None, str(path), {})
+    assert config.uart.baud == 9600
+    assert config.sources == (str(path),)
+
+
+def test_profile_path_env_searched_first(tmp_path, monkeypatch):
+    """$BRIDGED_PROFILE_PATH directories come before the shipped ones."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (second / "esp32.toml").write_text("[uart]\nbaud = 9600\n")
+    (second / "lab.toml").write_text("[uart]\nbaud = 19200\n")
+    monkeypatch.setenv("BRIDGED_PROFILE_PATH", f"{first}::{second}")
+    assert profile_dirs()[:2] == [first, second]
+    assert find_profile("lab") == second / "lab.toml"
+    assert load_config(None, None, {}).uart.baud == 9600
+
+
+def test_profile_search_order():
+    """Names are looked up in /etc, then the source tree, then sys.prefix."""
+    import sys
+
+    dirs = profile_dirs()
+    assert dirs == [Path("/etc/bridged/profiles"), REPO / "config" / "profiles",
+                    Path(sys.prefix) / "share" / "bridged" / "profiles"]
+
+
+def test_unknown_profile_name():
+    """An unknown profile name says where it was looked for."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, "nosuch", {})
+    message = str(info.value)
+    assert message.startswith("command line: profile: 'nosuch' not found; allowed: ")
+    assert str(REPO / "config" / "profiles") in message
+
+
+def test_missing_profile_path(tmp_path):
+    """A profile path that does not exist is an error."""
+    with pytest.raises(ConfigError, match=r"profile: '.*nosuch\.toml': no such file"):
+        load_config(None, str(tmp_path / "nosuch.toml"), {})
+
+
+def test_profile_name_refused():
+    """A profile name with odd characters is refused, not looked up."""
+    with pytest.raises(ConfigError, match=r"^command line: profile: 'a b' is not allowed"):
+        load_config(None, "a b", {})
+
+
+def test_missing_default_profile_falls_back(tmp_path, monkeypatch):
+    """When esp32.toml is nowhere, the built-in defaults (the same values) apply."""
+    monkeypatch.setattr(config_module, "_SYSTEM_PROFILE_DIR", tmp_path / "etc")
+    monkeypatch.setattr(config_module, "_REPO_PROFILE_DIR", tmp_path / "repo")
+    monkeypatch.setattr(config_module.sys, "prefix", str(tmp_path / "prefix"))
+    config = load_config(None, None, {})
+    assert config.sources == ()
+    assert config == default_config()
+    with pytest.raises(ConfigError, match="'esp32' not found"):
+        load_config(None, "esp32", {})
+
+
+def test_profile_key_in_config_file(tmp_path):
+    """The config file's profile key is used when --profile is not given."""
+    path = write(tmp_path, 'profile = "fast"\n[uart]\nbaud = 921600\n')
+    config = load_config(str(path), None, {})
+    assert config.profile == "fast"
+    assert config.uart.baud == 921600  # the file over the profile
+    assert config.uart.flow_control == "rtscts"  # the profile over the defaults
+    assert load_config(str(path), "esp32", {}).uart.flow_control == "rts"
+
+
+def test_profile_path_relative_to_config_file(tmp_path):
+    """A relative profile path in the config file is relative to that file."""
+    (tmp_path / "profiles").mkdir()
+    write(tmp_path, "[uart]\nbaud = 57600\n", "profiles/mine.toml")
+    path = write(tmp_path, 'profile = "profiles/mine.toml"\n')
+    assert load_config(str(path), None, {}).uart.baud == 57600
+
+
+def test_bad_profile_key_in_config_file(tmp_path):
+    """profile = 5 is refused naming the config file."""
+    path = write(tmp_path, "profile = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == (f"{path}: profile: 5 is not allowed; allowed: "
+                               "a profile name or a path to a .toml file")
+
+
+# --------------------------------------------------------------------------
+# Layering and overrides.
+
+
+def test_layering_order(tmp_path):
+    """defaults <- profile <- config file <- command line, key by key."""
+    profile = write(tmp_path, "[uart]\nbaud = 9600\ndata_bits = 7\nparity = 'even'\n",
+                    "p.toml")
+    path = write(tmp_path, "[uart]\ndata_bits = 6\nparity = 'odd'\n")
+    config = load_config(str(path), str(profile), {"uart.parity": "none"})
+    assert (config.uart.baud, config.uart.data_bits, config.uart.parity,
+            config.uart.stop_bits) == (9600, 6, "none", 1)
+    assert config.sources == (str(profile), str(path), "command line")
+
+
+def test_overrides_parse_strings():
+    """Command-line strings are parsed for integer, number and boolean keys."""
+    config = load_config(None, None, {"uart.baud": "921600", "uart.urc_gap_ms": "2.5",
+                                      "wifi.check_credentials": "true",
+                                      "wifi.rssi": "-60", "uart.port": "/dev/ttyAMA0"})
+    assert config.uart.baud == 921600
+    assert config.uart.urc_gap_ms == 2.5
+    assert config.wifi.check_credentials is True
+    assert config.wifi.rssi == -60
+    assert config.uart.port == "/dev/ttyAMA0"
+
+
+def test_overrides_none_skipped():
+    """An option left unset on the command line (None) changes nothing."""
+    config = load_config(None, None, {"uart.port": None})
+    assert config.uart.port == ""
+    assert "command line" not in config.sources
+
+
+def test_override_unknown_key():
+    """An unknown override key lists the keys of its section."""
+    with pytest.raises(ConfigError, match=r"^command line: uart\.bogus: unknown key; "
+                                          r"allowed: port, pty_link, baud"):
+        load_config(None, None, {"uart.bogus": 1})
+
+
+def test_override_unknown_section():
+    """An override without a known section lists the sections."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, None, {"baud": 9600})
+    assert str(info.value) == (
+        "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
+        "log.<key>, state.<key>, firmware.<key>")
+
+
+def test_override_unparsable_string():
+    """A string that does not parse is shown as given."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, None, {"uart.baud": "fast"})
+    assert str(info.value) == ("command line: uart.baud: 'fast' is not allowed; "
+                               "allowed: an integer from 80 to 5000000")
+
+
+# --------------------------------------------------------------------------
+# Shipped files.
+
+
+def test_shipped_example_loads():
+    """config/bridged.toml loads and, all commented out, changes nothing."""
+    path = REPO / "config" / "bridged.toml"
+    config = load_config(str(path), None, {})
+    assert dataclasses.replace(config, sources=()) == default_config()
+
+
+def test_shipped_example_documents_every_key():
+    """Each key appears in config/bridged.toml with its default."""
+    text = (REPO / "config" / "bridged.toml").read_text()
+    defaults = default_config()
+    for section in ("uart", "wifi", "links", "log", "state", "firmware"):
+        assert f"[{section}]" in text
+        for f in dataclasses.fields(getattr(defaults, section)):
+            value = getattr(getattr(defaults, section), f.name)
+            assert f"# {f.name} = {toml_value(value)}" in text, (section, f.name)
+
+
+def test_example_uncommented_loads(tmp_path):
+    """Uncommenting every key of the example gives a valid file of defaults."""
+    lines = []
+    for line in (REPO / "config" / "bridged.toml").read_text().splitlines():
+        stripped = line.removeprefix("# ")
+        key = stripped.split("=", 1)[0].strip()
+        if "=" in stripped and key.isidentifier() and not line.startswith("#   "):
+            lines.append(stripped)
+        else:
+            lines.append(line)
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    config = load_config(str(path), None, {})
+    assert dataclasses.replace(config, sources=()) == default_config()
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
+def test_shipped_profiles_load(profile):
+    """Every shipped profile loads by name and by path."""
+    by_name = load_config(None, profile.stem, {})
+    by_path = load_config(None, str(profile), {})
+    assert dataclasses.replace(by_name, profile="", sources=()) == \
+        dataclasses.replace(by_path, profile="", sources=())
+
+
+def test_esp32_profile_is_the_defaults():
+    """The esp32 profile states the built-in defaults, nothing else."""
+    config = load_config(None, str(REPO / "config" / "profiles" / "esp32.toml"), {})
+    assert dataclasses.replace(config, profile="esp32", sources=()) == default_config()
+
+
+# --------------------------------------------------------------------------
+# State directory.
+
+
+@pytest.fixture
+def no_system_state(tmp_path, monkeypatch):
+    """Keep state_dir away from the real /var/lib/bridged."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    system = tmp_path / "var" / "lib" / "bridged"
+    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", system)
+    return system
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_state_dir_from_config(tmp_path, no_system_state, monkeypatch):
+    """[state] dir wins and is created with mode 0700."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "systemd"))
+    wanted = tmp_path / "mine" / "state"
+    config = load_config(None, None, {"state.dir": str(wanted)})
+    assert state_dir(config) == wanted
+    assert mode(wanted) == 0o700
+
+
+def test_state_dir_from_systemd(tmp_path, no_system_state, monkeypatch):
+    """$STATE_DIRECTORY (its first entry) is used when the config says nothing."""
+    first, second = tmp_path / "s1", tmp_path / "s2"
+    monkeypatch.setenv("STATE_DIRECTORY", f"{first}:{second}")
+    assert state_dir(default_config()) == first
+    assert first.is_dir() and not second.exists()
+
+
+def test_state_dir_system(no_system_state):
+    """Else the system directory, created when it can be."""
+    assert state_dir(default_config()) == no_system_state
+    assert mode(no_system_state) == 0o700
+
+
+def test_state_dir_home_fallback(tmp_path, no_system_state, monkeypatch):
+    """When the system directory cannot be made, ~/.local/state/bridged is used."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", blocker / "bridged")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = tmp_path / "home" / ".local" / "state" / "bridged"
+    assert state_dir(default_config()) == expected
+    assert mode(expected) == 0o700
+
+
+def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
+    """$XDG_STATE_HOME replaces ~/.local/state when set."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", blocker / "bridged")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert state_dir(default_config()) == tmp_path / "xdg" / "bridged"
+
+
+def test_config_type_exports():
+    """Config holds one dataclass per section plus the profile and sources."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware",
+                     "profile", "sources"]

@@ -1,0 +1,83 @@
+"""Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
+[--baud N] [--pty LINK] [--state-dir DIR]``.
+
+A user mistake (bad argument, bad config, a port that cannot be opened) ends
+with exit status 2 and one line naming what is wrong; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from bridged import __version__
+from bridged.config import ConfigError, load_config, state_dir
+from bridged.log import setup_logging
+
+__all__ = ["main"]
+
+USAGE_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bridged", description="An ESP-AT endpoint on a Linux serial port.")
+    parser.add_argument("--version", action="version", version=f"bridged {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="serve ESP-AT on a serial port or a pseudo-terminal")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    run.add_argument("--profile", metavar="NAME", help="profile name or .toml path (default esp32)")
+    run.add_argument("--port", metavar="DEVICE", help="serial device, e.g. /dev/ttyAMA0")
+    run.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
+    run.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
+    run.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if args.port is not None:
+        overrides["uart.port"] = args.port
+    if args.pty is not None:
+        overrides["uart.port"] = ""
+        overrides["uart.pty_link"] = os.path.abspath(args.pty)
+    if args.baud is not None:
+        overrides["uart.baud"] = args.baud
+    if args.state_dir is not None:
+        overrides["state.dir"] = os.path.abspath(args.state_dir)
+    return overrides
+
+
+def _fail(message: str) -> int:
+    print(f"bridged: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.port is not None and args.pty is not None:
+        return _fail("--port and --pty exclude each other; give one")
+    try:
+        config = load_config(args.config, args.profile, _overrides(args))
+        directory = state_dir(config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"state directory: {exc}")
+    device = config.uart.port
+    if device and not os.path.exists(device):
+        return _fail(f"uart.port: {device} does not exist")
+    setup_logging(config.log.level, config.log.format, "supervisor")
+    from bridged.supervisor import Supervisor  # after logging: it imports every module
+
+    return Supervisor(config, device, config.uart.pty_link or None, directory).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return run(args)
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The control messages between processes.
+
+front -> worker (the link's control socket): ``Connect``, ``Close``.
+worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``.
+supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
+front end of the new worker's control socket), ``Shutdown``.
+front -> supervisor: ``FrontReady``, ``Heartbeat``.
+
+A connection's end is not a control message: the worker puts an EOF record
+in the downlink ring behind the last data, so the front reports ``CLOSED``
+only after every byte received before it (``bridged.ipc.records``).  Every
+message about a connection carries ``conn_id``, the front's number for that
+connection, so nothing about an old connection is taken for a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridged.ipc.control import message
+
+__all__ = [
+    "Connect",
+    "Close",
+    "Hello",
+    "Connected",
+    "ConnectFailed",
+    "WorkerStarted",
+    "Shutdown",
+    "FrontReady",
+    "Heartbeat",
+]
+
+
+@message
+@dataclass(frozen=True)
+class Connect:
+    conn_id: int
+    link_type: str
+    host: str
+    port: int
+    keep_alive: int = 0
+    local_ip: str = ""
+    timeout_ms: int = 0
+    local_port: int = 0
+    udp_mode: int = 0
+
+
+@message
+@dataclass(frozen=True)
+class Close:
+    conn_id: int
+
+
+@message
+@dataclass(frozen=True)
+class Hello:
+    link_id: int
+    pid: int
+
+
+@message
+@dataclass(frozen=True)
+class Connected:
+    conn_id: int
+    remote_ip: str
+    remote_port: int
+    local_ip: str
+    local_port: int
+
+
+@message
+@dataclass(frozen=True)
+class ConnectFailed:
+    conn_id: int
+    reason: str
+
+
+@message
+@dataclass(frozen=True)
+class WorkerStarted:
+    link_id: int
+    pid: int
+
+
+@message
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = ""
+
+
+@message
+@dataclass(frozen=True)
+class FrontReady:
+    port: str
+
+
+@message
+@dataclass(frozen=True)
+class Heartbeat:
+    pass

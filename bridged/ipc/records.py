@@ -1,0 +1,213 @@
+"""Framed records on a Ring: the downlink from a link worker to the front.
+
+Theory of operation
+-------------------
+The worker is the ring's only producer and the front its only consumer (see
+``rings``). Records are packed back to back and wrap freely around the end
+of the data area::
+
+    u32 payload length | u16 remote port | u8 kind | u8 address length
+    address (0, 4 or 16 bytes: packed IPv4 / IPv6) | payload
+
+all little-endian (``struct "<IHBB"``). A record is staged completely in the
+free area and published by one ``commit()``, so the consumer sees all of it or
+none of it; a published header therefore always has its payload behind it,
+and anything else is a corrupt ring (``RecordError``).
+
+``recv_record`` is the zero-copy path: it reserves the header, lets the
+kernel write the payload straight into the ring, then writes the header in
+front of it and commits. A stream socket receives into the first contiguous
+payload segment only (a plain ``recv_into``, so TLS sockets work too; the
+next call continues after the wrap). A datagram must land whole, so when its
+room wraps it is received with ``recvmsg_into`` into both segments.
+
+Kinds: ``DATA`` (payload bytes from the peer) and ``EOF`` (peer or link
+closed; the payload may carry a short UTF-8 reason).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+from bridged.ipc.rings import Ring
+
+__all__ = [
+    "DATA",
+    "EOF",
+    "HEADER_SIZE",
+    "Record",
+    "RecordError",
+    "RecordHeader",
+    "get_record",
+    "peek_record_header",
+    "put_record",
+    "recv_record",
+]
+
+DATA = 1
+EOF = 2
+_KINDS = frozenset({DATA, EOF})
+_HEADER = struct.Struct("<IHBB")
+HEADER_SIZE = _HEADER.size
+_ADDR_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
+
+Addr = tuple[str, int]
+
+
+class RecordError(ValueError):
+    """The ring holds something that is not a well-formed record (a bug)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    kind: int
+    payload: bytes
+    addr: Addr | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    """A published record's header; ``size`` bytes precede the payload."""
+
+    kind: int
+    length: int
+    addr: Addr | None
+    size: int
+
+    @property
+    def total(self) -> int:
+        return self.size + self.length
+
+
+def _pack_addr(addr: tuple | None) -> tuple[bytes, int]:
+    """(packed address, port) from an (host, port[, flow, scope]) tuple."""
+    if addr is None:
+        return b"", 0
+    host, port = addr[0].split("%", 1)[0], addr[1]  # the scope id has no place on the wire
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port out of range: {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.inet_pton(family, host), port
+    except OSError as exc:
+        raise ValueError(f"not an IP address: {host!r}") from exc
+
+
+def _unpack_addr(packed: bytes, port: int) -> Addr:
+    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, packed), port
+
+
+def _header(kind: int, length: int, addr: tuple | None) -> bytes:
+    packed, port = _pack_addr(addr)
+    return _HEADER.pack(length, port, kind, len(packed)) + packed
+
+
+def put_record(
+    ring: Ring, kind: int, payload: bytes | memoryview = b"", addr: tuple | None = None
+) -> bool:
+    """Publish one record; return False (publishing nothing) if it does not fit now.
+
+    Raises:
+        ValueError: unknown kind, bad address, or a record larger than the ring.
+    """
+    if kind not in _KINDS:
+        raise ValueError(f"unknown record kind {kind}")
+    with memoryview(payload) as view, view.cast("B") as flat:
+        head = _header(kind, len(flat), addr)
+        total = len(head) + len(flat)
+        if total > ring.capacity:
+            raise ValueError(f"record of {total} bytes can never fit a {ring.capacity}-byte ring")
+        if ring.free() < total:
+            return False
+        ring.stage(0, head)
+        ring.stage(len(head), flat)
+        ring.commit(total)  # the one publication: all or nothing
+    return True
+
+
+def recv_record(ring: Ring, sock: socket.socket, max_payload: int, with_addr: bool = False) -> int:
+    """Receive from a non-blocking socket straight into the ring as a DATA record.
+
+    Args:
+        max_payload: the largest payload to take (at most capacity / 2). A
+            longer datagram is truncated to it, as ``recvfrom`` would.
+        with_addr: store the sender's address (datagram sockets only).
+
+    Returns:
+        The payload length published. 0 from a stream socket means orderly
+        EOF (nothing published; the caller puts an EOF record); 0 from a
+        datagram socket means an empty datagram, which is dropped. -1 means
+        the ring has no room (header plus 1 byte for a stream, header plus
+        ``max_payload`` for a datagram) and nothing was read.
+
+    Raises:
+        BlockingIOError: nothing to read. Other OSErrors propagate; in every
+        error case nothing is published.
+    """
+    if not 0 < max_payload <= ring.capacity // 2:
+        raise ValueError(f"max_payload must be in 1..{ring.capacity // 2}")
+    datagram = sock.type == socket.SOCK_DGRAM
+    head_size = HEADER_SIZE + _addr_len(sock, datagram, with_addr)
+    room = min(max_payload, ring.free() - head_size)
+    if room < (max_payload if datagram else 1):
+        return -1
+    views = ring.writable_views(room, skip=head_size)
+    if datagram:
+        n, addr = _recv_datagram(sock, views)
+    else:
+        n, addr = sock.recv_into(views[0]), None
+    if n == 0:
+        return 0
+    ring.stage(0, _header(DATA, n, addr if with_addr else None))
+    ring.commit(head_size + n)
+    return n
+
+
+def _addr_len(sock: socket.socket, datagram: bool, with_addr: bool) -> int:
+    if not with_addr:
+        return 0
+    if not datagram or sock.family not in _ADDR_LEN:
+        raise ValueError("with_addr needs an AF_INET or AF_INET6 datagram socket")
+    return _ADDR_LEN[sock.family]
+
+
+def _recv_datagram(sock: socket.socket, views: list[memoryview]) -> tuple[int, tuple]:
+    if len(views) == 1:
+        return sock.recvfrom_into(views[0])
+    # The room wraps: scatter the datagram over both segments, still no copy.
+    n, _ancdata, _flags, addr = sock.recvmsg_into(views)
+    return n, addr
+
+
+def peek_record_header(ring: Ring) -> RecordHeader | None:
+    """Return the header of the next record without consuming it (None if none).
+
+    Raises:
+        RecordError: the published bytes are not a well-formed record.
+    """
+    available = ring.available()
+    if available == 0:
+        return None
+    if available < HEADER_SIZE:
+        raise RecordError(f"{available} bytes published, shorter than a record header")
+    length, port, kind, addr_len = _HEADER.unpack(ring.peek(HEADER_SIZE))
+    if kind not in _KINDS or addr_len not in (0, 4, 16):
+        raise RecordError(f"bad record header: kind {kind}, address length {addr_len}")
+    size = HEADER_SIZE + addr_len
+    if available < size + length:
+        raise RecordError(f"record of {size + length} bytes but {available} published")
+    addr = _unpack_addr(ring.peek(addr_len, HEADER_SIZE), port) if addr_len else None
+    return RecordHeader(kind, length, addr, size)
+
+
+def get_record(ring: Ring) -> Record | None:
+    """Consume and return the next record (None if none); one copy of the payload."""
+    header = peek_record_header(ring)
+    if header is None:
+        return None
+    payload = b"".join(ring.readable_views(header.length, skip=header.size))
+    ring.consume(header.total)
+    return Record(header.kind, payload, header.addr)

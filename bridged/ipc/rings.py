@@ -1,0 +1,376 @@
+"""Single-producer single-consumer byte rings in shared memory.
+
+Theory of operation
+-------------------
+A ring is a ``multiprocessing.shared_memory`` block holding a 128-byte header
+and a data area of ``capacity`` bytes (a power of two). The header holds two
+64-bit little-endian counters, each on its own 64-byte cache line so the two
+processes do not false-share: the *write index* (offset 0) and the *read
+index* (offset 64). The rules are those of Linux's
+``Documentation/core-api/circular-buffers.rst``:
+
+- exactly one producer and one consumer;
+- each side owns one index and is the only one to store it (the producer the
+  write index, the consumer the read index); the other side only loads it;
+- the producer writes the data before it stores the index that covers it, and
+  the consumer reads the data before it stores the index that frees it.
+
+Counters never wrap (64 bits last for centuries); the slot of a counter is
+``counter & (capacity - 1)``, ``write - read`` is the number of bytes in the
+ring and ``capacity - (write - read)`` the free space.
+
+Each direction has an eventfd doorbell: the producer rings ``data_fd`` after
+publishing, the consumer rings ``space_fd`` after consuming. Python has no
+memory-barrier primitive, so publication goes: data, then index, then the
+doorbell write. The doorbell is a syscall whose kernel path (a spinlock and a
+wake-up) orders the stores before it, also on weakly ordered CPUs such as
+ARM; the waiting side reads the indices after its wake-up. On x86 (TSO) the
+store order alone already suffices.
+
+An index is stored with one aligned 8-byte ``memcpy`` (``struct`` uses the
+native packer for ``<Q`` on little-endian hosts), which is a single store on
+x86-64 and AArch64. On 32-bit CPUs it may tear into two halves; a torn value
+is off by about 2**32 and fails the range check ``0 <= write - read <=
+capacity``, in which case the ring reports no data / no space for now. That
+is safe because the other side rings its doorbell once the store completes.
+
+Processes and shared memory
+---------------------------
+The supervisor creates every ring before it forks; children use the
+inherited object and never attach by name. The block is removed from
+Python's resource tracker right after creation (``track=False`` on 3.13+),
+so no tracker ever unlinks a live ring; only the creating process may
+``unlink()`` it, normally at exit. ``close()`` drops the mapping in the
+calling process only.
+
+A Ring object keeps no index of its own: all state lives in the shared
+header, so a worker the supervisor forks again after a crash carries on
+from where the dead one stopped.
+
+Views
+-----
+``writable_views`` and ``readable_views`` return memoryviews straight into
+the shared block, for zero-copy ``sock.recv_into`` / ``sock.send``. They stay
+valid until the next call that hands out or settles views on the same side
+(``writable_views``/``commit`` for the producer, ``readable_views``/
+``consume``/``discard_all`` for the consumer) or ``close()``; the ring then
+releases them. A caller that slices a view must release its slices itself,
+or ``close()`` fails with ``BufferError``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import sys
+from multiprocessing import resource_tracker, shared_memory
+
+__all__ = ["Ring", "MIN_CAPACITY", "HEADER_SIZE"]
+
+MIN_CAPACITY = 4096
+HEADER_SIZE = 128
+_WRITE_OFF = 0
+_READ_OFF = 64
+_U64 = struct.Struct("<Q")
+_TRACK_PARAM = sys.version_info >= (3, 13)
+
+
+def _create_block(size: int) -> shared_memory.SharedMemory:
+    """Create an untracked shared-memory block with a recognisable name."""
+    while True:
+        # The name says who leaked it if a SIGKILLed supervisor leaves one in /dev/shm.
+        name = f"bridged-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            if _TRACK_PARAM:
+                return shared_memory.SharedMemory(name, create=True, size=size, track=False)
+            shm = shared_memory.SharedMemory(name, create=True, size=size)
+        except FileExistsError:
+            continue
+        # 3.11/3.12 register every block; a tracker must never unlink a ring another
+        # process still uses, so the supervisor takes over the block's lifetime.
+        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
+        return shm
+
+
+def _unlink_block(shm: shared_memory.SharedMemory) -> None:
+    if _TRACK_PARAM:
+        shm.unlink()
+        return
+    # SharedMemory.unlink() would also unregister, which a block we already
+    # unregistered turns into a KeyError traceback in the tracker process.
+    import _posixshmem  # type: ignore[import-not-found]
+
+    _posixshmem.shm_unlink(shm._name)  # noqa: SLF001
+
+
+def _ring(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # counter saturated: the doorbell is already ringing
+
+
+def _clear(fd: int) -> bool:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _release(views: list[memoryview]) -> None:
+    for view in views:
+        view.release()
+    views.clear()
+
+
+class Ring:
+    """An SPSC byte ring in shared memory with two eventfd doorbells."""
+
+    def __init__(
+        self, shm: shared_memory.SharedMemory, capacity: int, data_fd: int, space_fd: int
+    ) -> None:
+        # Use Ring.create(); this only wires up an already created block.
+        self._shm = shm
+        self._capacity = capacity
+        self._mask = capacity - 1
+        self._header = shm.buf[:HEADER_SIZE]
+        self._data = shm.buf[HEADER_SIZE : HEADER_SIZE + capacity]
+        self.data_fd = data_fd
+        self.space_fd = space_fd
+        self._creator_pid = os.getpid()
+        self._producer_views: list[memoryview] = []
+        self._consumer_views: list[memoryview] = []
+        self._closed = False
+
+    @classmethod
+    def create(cls, capacity: int) -> Ring:
+        """Create a ring of ``capacity`` bytes (a power of two >= 4096).
+
+        Raises:
+            ValueError: capacity is not a power of two or is below 4096.
+        """
+        if capacity < MIN_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"ring capacity must be a power of two >= {MIN_CAPACITY}")
+        shm = _create_block(HEADER_SIZE + capacity)
+        fds: list[int] = []
+        try:
+            for _ in range(2):  # CLOEXEC: fork keeps the fds, exec'd helpers don't get them
+                fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            shm.close()
+            _unlink_block(shm)
+            raise
+        # A fresh block is zero-filled: both counters start at 0.
+        return cls(shm, capacity, *fds)
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<Ring {self.name} closed>"
+        return (
+            f"<Ring {self.name} capacity={self._capacity} "
+            f"write={self.write_index} read={self.read_index}>"
+        )
+
+    # -- indices ---------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def write_index(self) -> int:
+        return _U64.unpack_from(self._header, _WRITE_OFF)[0]
+
+    @property
+    def read_index(self) -> int:
+        return _U64.unpack_from(self._header, _READ_OFF)[0]
+
+
+    # -- shared helpers ----------------------------------------------------------
+
+    def _load(self) -> tuple[int, int | None]:
+        """Return (write index, bytes in the ring), the latter None if torn."""
+        header = self._header
+        for _ in range(4):
+            write = _U64.unpack_from(header, _WRITE_OFF)[0]
+            used = write - _U64.unpack_from(header, _READ_OFF)[0]
+            if 0 <= used <= self._capacity:
+                return write, used
+        # Still torn (the other side was preempted mid-store): callers act as
+        # if nothing changed; the other side rings its doorbell when done.
+        return write, None
+
+    def _segments(self, start: int, length: int) -> list[memoryview]:
+        """Views covering ``length`` bytes from counter ``start`` (1 or 2 pieces)."""
+        if length <= 0:
+            return []
+        slot = start & self._mask
+        first = min(length, self._capacity - slot)
+        views = [self._data[slot : slot + first]]
+        if length > first:
+            views.append(self._data[: length - first])
+        return views
+
+    # -- producer side -------------------------------------------------------------
+
+    def free(self) -> int:
+        """Bytes the producer may write now."""
+        _, used = self._load()
+        return 0 if used is None else self._capacity - used
+
+    def writable_views(self, limit: int, skip: int = 0) -> list[memoryview]:
+        """Views of the free area, ``skip`` bytes past the write index.
+
+        Returns 0, 1 or 2 contiguous segments totalling
+        ``min(limit, free() - skip)`` bytes; nothing is published until
+        ``commit()``. Views from an earlier call are released first.
+        """
+        _release(self._producer_views)
+        write, used = self._load()
+        room = 0 if used is None else self._capacity - used
+        views = self._segments(write + skip, min(limit, room - skip))
+        self._producer_views.extend(views)
+        return views
+
+    def stage(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into the free area ``offset`` bytes past the write index.
+
+        Unpublished until ``commit()``. Raises ValueError if it does not fit.
+        """
+        with memoryview(data) as src, src.cast("B") as flat:
+            write, used = self._load()
+            room = 0 if used is None else self._capacity - used
+            if offset < 0 or offset + len(flat) > room:
+                raise ValueError(f"stage of {len(flat)} bytes at {offset} exceeds free {room}")
+            pos = 0
+            for view in self._segments(write + offset, len(flat)):
+                with view:
+                    end = pos + len(view)
+                    view[:] = flat[pos:end]
+                pos = end
+
+    def commit(self, n: int) -> None:
+        """Publish ``n`` bytes written into the free area, then ring ``data_fd``."""
+        write, used = self._load()
+        # A torn load only allows the weaker check; it never happens on 64-bit CPUs.
+        room = self._capacity if used is None else self._capacity - used
+        if not 0 <= n <= room:
+            raise ValueError(f"commit of {n} bytes exceeds free space {room}")
+        _release(self._producer_views)
+        if n:
+            _U64.pack_into(self._header, _WRITE_OFF, write + n)  # data before index
+            _ring(self.data_fd)  # index before doorbell
+
+    def put_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Copy as much of ``data`` as fits, publish it; return the count (0 if full)."""
+        with memoryview(data) as src, src.cast("B") as flat:
+            n = min(len(flat), self.free())
+            if n:
+                self.stage(0, flat[:n])
+                self.commit(n)
+        return n
+
+    def clear_space_doorbell(self) -> bool:
+        """Reset ``space_fd``; return whether it was ringing."""
+        return _clear(self.space_fd)
+
+    # -- consumer side -------------------------------------------------------------
+
+    def available(self) -> int:
+        """Bytes the consumer may read now."""
+        _, used = self._load()
+        return 0 if used is None else used
+
+    def readable_views(self, limit: int, skip: int = 0) -> list[memoryview]:
+        """Views of published data, ``skip`` bytes past the read index.
+
+        Returns 0, 1 or 2 contiguous segments totalling
+        ``min(limit, available() - skip)`` bytes. Views from an earlier call
+        are released first.
+        """
+        _release(self._consumer_views)
+        write, used = self._load()
+        used = used or 0
+        views = self._segments(write - used + skip, min(limit, used - skip))
+        self._consumer_views.extend(views)
+        return views
+
+    def peek(self, length: int, offset: int = 0) -> bytes:
+        """Copy ``length`` published bytes from ``offset`` past the read index.
+
+        Raises ValueError if fewer are available.
+        """
+        write, used = self._load()
+        used = used or 0
+        if offset < 0 or offset + length > used:
+            raise ValueError(f"peek of {length} bytes at {offset} exceeds available {used}")
+        views = self._segments(write - used + offset, length)
+        try:
+            return b"".join(views)
+        finally:
+            _release(views)
+
+    def consume(self, n: int) -> None:
+        """Free ``n`` bytes at the read index, then ring ``space_fd``."""
+        write, used = self._load()
+        limit = self._capacity if used is None else used
+        if not 0 <= n <= limit:
+            raise ValueError(f"consume of {n} bytes exceeds available {limit}")
+        _release(self._consumer_views)
+        if n:
+            read = _U64.unpack_from(self._header, _READ_OFF)[0]
+            _U64.pack_into(self._header, _READ_OFF, read + n)  # reads done before index
+            _ring(self.space_fd)
+
+    def get_nowait(self, limit: int) -> bytes:
+        """Copy out and consume up to ``limit`` bytes (b"" if empty)."""
+        views = self.readable_views(limit)
+        data = b"".join(views)
+        self.consume(len(data))
+        return data
+
+    def discard_all(self) -> int:
+        """Drop everything published so far; return how many bytes that was."""
+        n = self.available()
+        self.consume(n)
+        return n
+
+    def clear_data_doorbell(self) -> bool:
+        """Reset ``data_fd``; return whether it was ringing."""
+        return _clear(self.data_fd)
+
+    # -- lifetime ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the ring and close its doorbells in this process (idempotent).
+
+        Raises:
+            BufferError: the caller still holds a slice of a view it was given.
+        """
+        if self._closed:
+            return
+        _release(self._producer_views)
+        _release(self._consumer_views)
+        self._header.release()
+        self._data.release()
+        self._shm.close()
+        os.close(self.data_fd)
+        os.close(self.space_fd)
+        self._closed = True
+
+    def unlink(self) -> None:
+        """Remove the block's name; only the creating process (the supervisor) may.
+
+        Mappings that other processes inherited stay valid until they close.
+        """
+        if os.getpid() != self._creator_pid:
+            raise RuntimeError("only the process that created a ring may unlink it")
+        _unlink_block(self._shm)

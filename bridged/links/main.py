@@ -1,0 +1,27 @@
+"""Entry point of a link worker process (called in the child after fork)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+
+import uvloop
+
+from bridged.config import Config
+from bridged.ipc.rings import Ring
+from bridged.links.worker import Worker
+
+__all__ = ["run_worker"]
+
+
+def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring) -> int:
+    async def main() -> None:
+        worker = Worker(link_id, control, uplink, downlink, config.links.chunk, config.links.connect_timeout_ms)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, worker.stop)
+        loop.add_signal_handler(signal.SIGINT, worker.stop)
+        await worker.run()
+
+    uvloop.run(main())
+    return 0

@@ -1,0 +1,53 @@
+"""Opening TCP connections the way AT+CIPSTART asks for them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from bridged.ipc.messages import Connect
+
+__all__ = ["open_tcp", "apply_keep_alive"]
+
+
+def apply_keep_alive(sock: socket.socket, seconds: int) -> None:
+    """ESP-AT's keep_alive: off at 0, else KEEPIDLE=<s>, KEEPINTVL=1, KEEPCNT=3."""
+    if seconds <= 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
+    """Resolve and connect; return a connected non-blocking socket.
+
+    Raises:
+        OSError: name resolution or every connection attempt failed.
+        TimeoutError: the timeout of AT+CIPSTART (or the profile's) passed.
+    """
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if request.link_type.endswith("v6") else socket.AF_INET
+    timeout = (request.timeout_ms or default_timeout_ms) / 1000
+    async with asyncio.timeout(timeout):
+        infos = await loop.getaddrinfo(request.host, request.port, family=family, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {request.host}")
+        for fam, type_, proto, _name, addr in infos:
+            sock = socket.socket(fam, type_, proto)
+            try:
+                sock.setblocking(False)
+                if request.local_ip:
+                    sock.bind((request.local_ip, 0))
+                await loop.sock_connect(sock, addr)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            apply_keep_alive(sock, request.keep_alive)
+            return sock
+        raise error

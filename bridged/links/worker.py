@@ -1,0 +1,256 @@
+"""A link worker: one process per link slot, moving bytes between its rings
+and its socket.
+
+Theory of operation.  The worker has three inputs, each an fd in its event
+loop: the control socket (``Connect`` / ``Close`` from the front), the uplink
+ring's data doorbell (payload the MCU sent) and the socket.  It has two
+outputs: the downlink ring (received data, then one EOF record when the
+connection ends) and control replies (``Connected`` / ``ConnectFailed``).
+
+Back-pressure, both ways, without a queue of our own:
+
+* uplink: bytes leave the ring only as fast as ``sock.send`` accepts them;
+  the ring's read index is "bytes handed to the protocol stack", which is what
+  the front's SEND OK waits for.  When the socket is full we wait for it to
+  be writable and the ring fills up behind it.
+* downlink: ``recv`` goes straight into the ring; when the ring is full we
+  stop reading the socket (the peer's TCP window closes) and wait for the
+  front's space doorbell.
+
+The worker exits when its control socket reaches EOF: the front is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Callable
+
+import structlog
+
+from bridged.ipc import records
+from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Hello
+from bridged.ipc.rings import Ring
+from bridged.links.tcp import open_tcp
+
+__all__ = ["Worker"]
+
+log = structlog.get_logger()
+
+_RECORDS_PER_WAKEUP = 16  # bound one wake-up's work so other fds get their turn
+
+
+class Worker:
+    def __init__(
+        self,
+        link_id: int,
+        control: socket.socket,
+        uplink: Ring,
+        downlink: Ring,
+        chunk: int,
+        connect_timeout_ms: int,
+    ) -> None:
+        self.link_id = link_id
+        self.control = control
+        self.uplink = uplink
+        self.downlink = downlink
+        self.chunk = min(chunk, downlink.capacity // 2)
+        self.connect_timeout_ms = connect_timeout_ms
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self.conn_id: int | None = None
+        self.connecting: asyncio.Task | None = None
+        self.stats = {"up": 0, "down": 0}
+        self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
+        self._waiting_space: Callable[[], None] | None = None
+        self._done = self.loop.create_future()
+
+    # -- lifetime ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.control.setblocking(False)
+        # Bytes a dead predecessor left in the uplink ring stay until the next
+        # Connect discards them: consuming them now would look like SEND OK.
+        self.loop.add_reader(self.control.fileno(), self._on_control)
+        self.loop.add_reader(self.uplink.data_fd, self._on_uplink)
+        send_message(self.control, Hello(self.link_id, os.getpid()))
+        try:
+            await self._done
+        finally:
+            self.loop.remove_reader(self.control.fileno())
+            self.loop.remove_reader(self.uplink.data_fd)
+            self._drop_socket()
+
+    def stop(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    # -- control -------------------------------------------------------------------
+
+    def _on_control(self) -> None:
+        try:
+            received = recv_message(self.control)
+        except BlockingIOError:
+            return
+        if received is None:
+            log.info("front_gone")
+            self.stop()
+            return
+        msg, fds = received
+        for fd in fds:
+            os.close(fd)  # no fd-carrying messages yet
+        if isinstance(msg, Connect):
+            self._start_connect(msg)
+        elif isinstance(msg, Close):
+            self._close(msg.conn_id, "closed by host")
+        else:
+            log.error("unexpected_control_message", message=repr(msg))
+
+    def _reply(self, msg: object) -> None:
+        send_message(self.control, msg)
+
+    # -- connecting ----------------------------------------------------------------
+
+    def _start_connect(self, msg: Connect) -> None:
+        if self.conn_id is not None:
+            self._reply(ConnectFailed(msg.conn_id, f"link {self.link_id} is busy"))
+            return
+        self.conn_id = msg.conn_id
+        self.uplink.discard_all()
+        self.connecting = self.loop.create_task(self._connect(msg))
+
+    async def _connect(self, msg: Connect) -> None:
+        try:
+            sock = await open_tcp(msg, self.connect_timeout_ms)
+        except (OSError, TimeoutError) as exc:
+            reason = "connect timed out" if isinstance(exc, TimeoutError) else str(exc)
+            log.warning("connect_failed", host=msg.host, port=msg.port, reason=reason)
+            self.conn_id = None
+            self._reply(ConnectFailed(msg.conn_id, reason))
+            return
+        finally:
+            self.connecting = None
+        self.sock = sock
+        self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
+        local = sock.getsockname()
+        remote = sock.getpeername()
+        log.info("link_opened", type=msg.link_type, remote=remote[0], port=remote[1], local_port=local[1])
+        self._reply(Connected(msg.conn_id, remote[0], remote[1], local[0], local[1]))
+        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._on_uplink()
+
+    # -- uplink: ring -> socket -----------------------------------------------------
+
+    def _on_uplink(self) -> None:
+        self.uplink.clear_data_doorbell()
+        while self.sock is not None and self.uplink.available():
+            views = self.uplink.readable_views(self.uplink.available())
+            try:
+                sent = self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0])
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                sent = -1
+                reason = f"send failed: {exc.strerror or exc}"
+            finally:
+                for view in views:
+                    view.release()
+            if sent < 0:
+                self._finish(reason)
+                return
+            if sent == 0:
+                self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                return
+            self.uplink.consume(sent)
+            self.stats["up"] += sent
+
+    def _on_writable(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+        self._on_uplink()
+
+    # -- downlink: socket -> ring ---------------------------------------------------
+
+    def _on_readable(self) -> None:
+        for _ in range(_RECORDS_PER_WAKEUP):
+            if self.sock is None:
+                return
+            try:
+                n = records.recv_record(self.downlink, self.sock, self.chunk)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._finish(f"receive failed: {exc.strerror or exc}")
+                return
+            if n == 0:
+                self._finish("peer closed")
+                return
+            if n < 0:
+                self.loop.remove_reader(self.sock.fileno())
+                self._wait_space(self._resume_reading)
+                return
+            self.stats["down"] += n
+
+    def _resume_reading(self) -> None:
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._on_readable()
+
+    def _wait_space(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the front has freed space in the downlink ring."""
+        self._waiting_space = then
+        self.downlink.clear_space_doorbell()
+        self.loop.add_reader(self.downlink.space_fd, self._on_space)
+        if self.downlink.free() >= 64:  # freed before the doorbell was cleared
+            self.loop.call_soon(self._on_space)
+
+    def _on_space(self) -> None:
+        self.loop.remove_reader(self.downlink.space_fd)
+        then, self._waiting_space = self._waiting_space, None
+        self._flush_eofs()
+        if then is not None:
+            then()
+
+    # -- ending a connection --------------------------------------------------------
+
+    def _close(self, conn_id: int, reason: str) -> None:
+        if conn_id != self.conn_id:
+            # Not ours (already ended): answer anyway so the front never waits.
+            self._put_eof(conn_id, "not open")
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self._finish(reason)
+
+    def _finish(self, reason: str) -> None:
+        conn_id = self.conn_id
+        if conn_id is None:
+            return
+        stats = self.stats
+        self._drop_socket()
+        self.conn_id = None
+        log.info("link_closed", reason=reason, bytes_up=stats["up"], bytes_down=stats["down"])
+        self._put_eof(conn_id, reason)
+
+    def _drop_socket(self) -> None:
+        if self.sock is None:
+            return
+        fd = self.sock.fileno()
+        self.loop.remove_reader(fd)
+        self.loop.remove_writer(fd)
+        self.sock.close()
+        self.sock = None
+
+    def _put_eof(self, conn_id: int, reason: str) -> None:
+        self._pending_eof.append(f"{conn_id} {reason}".encode())
+        self._flush_eofs()
+
+    def _flush_eofs(self) -> None:
+        while self._pending_eof:
+            if not records.put_record(self.downlink, records.EOF, self._pending_eof[0]):
+                if self._waiting_space is None:
+                    self._wait_space(lambda: None)
+                return
+            self._pending_eof.pop(0)

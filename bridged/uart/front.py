@@ -1,0 +1,414 @@
+"""The UART front: the only process touching the serial port.
+
+Theory of operation.  Bytes from the port go into the sans-I/O parser; its
+events drive the session:
+
+* command lines are echoed (ATE1), dispatched to their handler, and answered
+  through ``Output`` (one queue, so answers and unsolicited messages never
+  interleave inside a line);
+* a handler that returns a coroutine (it waits on the network) makes the
+  session *busy*: input that arrives meanwhile is discarded with one
+  ``busy p...`` per chunk, as ESP-AT does;
+* after AT+CIPSEND's prompt the parser hands out payload chunks, which go
+  straight into the link's uplink ring; when the ring is full the front stops
+  reading the port (the tty buffer fills, RTS drops).  ``SEND OK`` is sent
+  once the worker has handed every byte of the send to its socket, i.e. when
+  the ring's read index passes the end of the send.
+
+Downlink records from the workers become ``+IPD`` messages; while the UART
+output is backed up the front leaves them in the rings, so the workers stop
+reading their sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Awaitable
+
+import structlog
+
+from bridged.at import format as fmt
+from bridged.at.errors import AtError
+from bridged.at.parser import (
+    NEED_DATA,
+    BadLine,
+    CommandLine,
+    DataChunk,
+    DataComplete,
+    LineTooLong,
+    Parser,
+)
+from bridged.commands import registry
+from bridged.commands.context import Context, SessionState, UartSettings
+from bridged.commands.registry import Reply, SendRequest
+from bridged.commands.wifi import autoconnect_messages
+from bridged.config import Config
+from bridged.ipc import records
+from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
+from bridged.store import Store
+from bridged.uart.links import LinkTable, Slot
+from bridged.uart.output import Output
+from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
+
+__all__ = ["Front", "factory_uart"]
+
+log = structlog.get_logger()
+
+_OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
+_READ_SIZE = 65536
+_FORCE_RESTART = b"AT+RST\r\n"
+
+
+def factory_uart(config: Config) -> UartSettings:
+    u = config.uart
+    stop = {1: 1, 2: 3}[u.stop_bits]
+    return UartSettings(u.baud, u.data_bits, stop, PARITY_NAMES[u.parity], FLOW_NAMES[u.flow_control])
+
+
+@dataclass
+class _PendingSend:
+    slot: Slot
+    conn_id: int | None
+    end: int  # uplink write index after the last byte of this send
+    complete: bool = False  # all payload bytes received from the MCU
+
+
+class Front:
+    def __init__(
+        self,
+        config: Config,
+        fd: int,
+        port_name: str,
+        store: Store,
+        slots: list[Slot],
+        supervisor: socket.socket | None,
+        apply_port=None,
+    ) -> None:
+        self.config = config
+        self.fd = fd
+        self.port_name = port_name
+        self.store = store
+        self.supervisor = supervisor
+        self._apply_port = apply_port
+        self.loop = asyncio.get_running_loop()
+        self.parser = Parser(config.uart.max_line)
+        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained)
+        self.links = LinkTable(slots, self._on_link_data, self._on_link_closed, self._can_deliver)
+        self.uart = self._boot_uart()
+        self.ctx = self._new_context()
+        self.busy = False
+        self.sending: _PendingSend | None = None
+        self._reading = False
+        self._stopped = self.loop.create_future()
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.loop.add_signal_handler(signal.SIGTERM, self.stop)
+        self.loop.add_signal_handler(signal.SIGINT, self.stop)
+        for slot in self.links.slots:
+            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
+        if self.supervisor is not None:
+            self.supervisor.setblocking(False)
+            self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
+        await self._wait_workers(timeout=10.0)
+        self._boot()
+        self._resume_reading()
+        heartbeat = self.loop.create_task(self._heartbeat())
+        try:
+            await self._stopped
+        finally:
+            heartbeat.cancel()
+            self._pause_reading()
+            self.output.close()
+
+    def stop(self) -> None:
+        if not self._stopped.done():
+            log.info("front_stopping")
+            self._stopped.set_result(None)
+
+    async def _wait_workers(self, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not all(self.links.is_ready(i) for i in range(self.links.count)):
+                await asyncio.sleep(0.005)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._tell_supervisor(Heartbeat())
+            await asyncio.sleep(1.0)
+
+    def _tell_supervisor(self, msg: object) -> None:
+        if self.supervisor is None:
+            return
+        try:
+            send_message(self.supervisor, msg)
+        except (BlockingIOError, OSError) as exc:
+            log.warning("supervisor_unreachable", error=str(exc))
+
+    def _on_supervisor(self) -> None:
+        try:
+            received = recv_message(self.supervisor)
+        except BlockingIOError:
+            return
+        if received is None:
+            log.error("supervisor_gone")
+            self.stop()
+            return
+        msg, fds = received
+        if isinstance(msg, WorkerStarted) and fds:
+            self.links.attach(msg.link_id, socket.socket(fileno=fds[0]))
+        elif isinstance(msg, Shutdown):
+            self.stop()
+        else:
+            for fd in fds:
+                os.close(fd)
+
+    # -- boot and restart (AT+RST, AT+RESTORE) ----------------------------------------------
+
+    def _boot_uart(self) -> UartSettings:
+        stored = self.store.get("uart_def")
+        return UartSettings(*stored) if stored else factory_uart(self.config)
+
+    def _new_context(self) -> Context:
+        state = SessionState()
+        state.load_persisted(self.store)
+        ctx = Context(self.config, state, self.store, self.links, self.output.urc,
+                      self._restart, self._apply_uart, self.uart)
+        ctx.extra["uart_factory"] = factory_uart(self.config)
+        return ctx
+
+    def _boot(self) -> None:
+        self.output.reply(fmt.READY)
+        log.info("ready", port=self.port_name)
+        self._tell_supervisor(FrontReady(self.port_name))
+        messages = autoconnect_messages(self.ctx)
+        if messages:
+            self.output.urc(messages)
+
+    def _restart(self, factory: bool) -> None:
+        log.info("restart", factory=factory)
+        self.links.drop_all()
+        if factory:
+            self.store.clear()
+        new_uart = self._boot_uart()
+        if new_uart != self.uart:
+            self._apply_uart(new_uart)
+        self.ctx = self._new_context()
+        self.parser = Parser(self.config.uart.max_line)
+        self.sending = None
+        self._boot()
+
+    def _apply_uart(self, settings: UartSettings) -> None:
+        self.uart = settings
+        self.ctx.uart = settings
+        if self._apply_port is not None:
+            self._apply_port(settings)
+        log.info("uart_configured", settings=settings.fields())
+
+    # -- reading the port -----------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self._reading:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.error("uart_read_failed", error=str(exc))
+            self._pause_reading()
+            self.loop.call_later(0.5, self._resume_reading)
+            return
+        if not data:
+            return
+        if self.busy:
+            self._refuse_busy(data)
+            return
+        self.parser.receive_bytes(data)
+        self._process()
+
+    def _refuse_busy(self, data: bytes) -> None:
+        """Input while a command runs is discarded, one busy p... per chunk."""
+        if _FORCE_RESTART in data:
+            self.output.reply(fmt.FORCE_RESTART)
+            self.busy = False
+            self._restart(False)
+            return
+        log.info("busy_refused", bytes=len(data))
+        if self.ctx.state.syslog:
+            self.output.reply(fmt.err_code(0x010B0000))
+        self.output.reply(fmt.BUSY)
+
+    # -- the session -------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle parser events until it needs data, or the session is busy."""
+        while not self.busy:
+            if self.parser.in_data_mode:
+                if not self._process_data():
+                    return
+                continue
+            event = self.parser.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, CommandLine):
+                self._echo(event.raw)
+                self._execute(event)
+            elif isinstance(event, BadLine):
+                self._echo(event.raw)
+                log.info("bad_line", why=event.error.why)
+                self._error(event.error)
+            elif isinstance(event, LineTooLong):
+                log.info("line_too_long", length=event.length, limit=self.config.uart.max_line)
+                self._error(AtError(f"command line longer than {self.config.uart.max_line} bytes"))
+
+    def _echo(self, raw: bytes) -> None:
+        if self.ctx.state.echo:
+            self.output.reply(raw)
+
+    def _error(self, error: AtError) -> None:
+        if self.ctx.state.syslog:
+            self.output.reply(fmt.err_code(error.code))
+        self.output.reply(fmt.ERROR)
+
+    def _execute(self, line: CommandLine) -> None:
+        structlog.contextvars.bind_contextvars(command=line.name)
+        try:
+            result = registry.dispatch(self.ctx, line)
+        except AtError as error:
+            log.info("command_error", why=error.why)
+            self._error(error)
+            return
+        if isinstance(result, Reply):
+            self._answer(result)
+            return
+        self.busy = True
+        if self.parser.buffered:
+            self._refuse_busy(self.parser.discard_pending())
+        self.loop.create_task(self._await_reply(result))
+
+    async def _await_reply(self, pending: Awaitable[Reply]) -> None:
+        try:
+            reply = await pending
+        except AtError as error:
+            log.info("command_error", why=error.why)
+            self._error(error)
+            reply = None
+        except Exception:
+            # Our bug, not the host's: answer ERROR so the MCU never hangs.
+            log.exception("command_crashed")
+            self._error(AtError("internal error"))
+            reply = None
+        self.busy = False
+        if reply is not None:
+            self._answer(reply)
+        self._process()
+
+    def _answer(self, reply: Reply) -> None:
+        self.output.reply(reply.body)
+        self.output.reply(reply.final)
+        if reply.send is not None:
+            self._start_send(reply.send)
+        if reply.after is not None:
+            self.busy = True
+            self.output.when_empty(lambda: self._run_after(reply.after))
+
+    def _run_after(self, action) -> None:
+        self.busy = False
+        action()
+        self._process()
+
+    # -- AT+CIPSEND payload -------------------------------------------------------------------
+
+    def _start_send(self, request: SendRequest) -> None:
+        slot = self.links.slots[request.link_id]
+        self.sending = _PendingSend(slot, slot.conn_id, slot.uplink.write_index + request.length)
+        self.parser.expect_data(request.length)
+
+    def _process_data(self) -> bool:
+        """Move payload into the uplink ring; False when we must wait."""
+        send = self.sending
+        ring = send.slot.uplink
+        alive = send.slot.conn_id == send.conn_id
+        event = self.parser.next_event(limit=ring.free() if alive else None)
+        if isinstance(event, DataChunk):
+            if alive:
+                ring.put_nowait(event.data)
+            return True
+        if isinstance(event, DataComplete):
+            self._payload_complete(event.length)
+            return True
+        if alive and ring.free() == 0:
+            self._pause_reading()  # resumed by the worker's progress doorbell
+        return False
+
+    def _payload_complete(self, length: int) -> None:
+        if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
+            self._refuse_busy(self.parser.discard_pending())
+        self.output.reply(fmt.recv_bytes(length))
+        self.sending.complete = True
+        self.busy = True
+        self._check_send()
+
+    def _on_uplink_progress(self, slot: Slot) -> None:
+        slot.uplink.clear_space_doorbell()
+        if self.sending is None or self.sending.slot is not slot:
+            return
+        if not self.sending.complete:
+            self._resume_reading()
+            self._process()
+        else:
+            self._check_send()
+
+    def _check_send(self) -> None:
+        send = self.sending
+        if send is None or not send.complete:
+            return
+        if send.slot.uplink.read_index >= send.end:
+            self._finish_send(fmt.SEND_OK)
+        elif send.slot.conn_id != send.conn_id:
+            self._finish_send(fmt.SEND_FAIL)
+
+    def _finish_send(self, result: bytes) -> None:
+        self.sending = None
+        self.output.reply(result)
+        self.busy = False
+        self._resume_reading()
+        self._process()
+
+    # -- downlink ---------------------------------------------------------------------------------
+
+    def _can_deliver(self) -> bool:
+        return self.output.buffered < _OUTPUT_HIGH
+
+    def _on_output_drained(self) -> None:
+        self.links.drain_all()
+
+    def _on_link_data(self, slot: Slot, record: records.Record) -> None:
+        remote = None
+        if self.ctx.state.cipdinfo and slot.view is not None:
+            remote = (slot.view.remote_ip, slot.view.remote_port)
+        head = fmt.ipd_active(self.ctx.link_arg(slot.link_id), len(record.payload), remote)
+        self.output.urc(head + record.payload)
+
+    def _on_link_closed(self, slot: Slot, reason: str) -> None:
+        log.info("link_lost", link_id=slot.link_id, reason=reason)
+        self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))
+        if self.sending is not None and self.sending.slot is slot:
+            if self.sending.complete:
+                self._check_send()
+            else:
+                self._resume_reading()  # the rest of the payload is read and dropped

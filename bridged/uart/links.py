@@ -1,0 +1,238 @@
+"""The front's side of the link slots: who is connected where, and the
+conversation with each link worker.
+
+A slot is one link id (0 to N-1) with its two rings and the control socket of
+its worker.  A connection in a slot is named by ``conn_id`` (a counter of the
+front's); replies and EOF records about another conn_id are stale and are
+ignored.  Slot states::
+
+    no worker --Hello--> IDLE --connect()--> CONNECTING --Connected--> OPEN
+    CONNECTING --ConnectFailed--> IDLE
+    OPEN --EOF record / worker died--> IDLE  (CLOSED reported)
+    OPEN --close()--> CLOSING --EOF record--> IDLE  (CIPCLOSE reports CLOSED)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from bridged.at.errors import ExecFail
+from bridged.commands.context import ConnectSpec, LinkView
+from bridged.ipc import records
+from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Hello
+from bridged.ipc.rings import Ring
+
+__all__ = ["SlotState", "Slot", "LinkTable"]
+
+log = structlog.get_logger()
+
+_conn_ids = itertools.count(1)
+
+
+class SlotState(enum.Enum):
+    NO_WORKER = enum.auto()
+    IDLE = enum.auto()
+    CONNECTING = enum.auto()
+    OPEN = enum.auto()
+    CLOSING = enum.auto()
+
+
+@dataclass
+class Slot:
+    link_id: int
+    uplink: Ring
+    downlink: Ring
+    control: socket.socket | None = None
+    state: SlotState = SlotState.NO_WORKER
+    conn_id: int | None = None
+    view: LinkView | None = None
+    waiter: asyncio.Future | None = None  # connect() or close() in progress
+    silent: bool = False  # drop the CLOSED message (AT+RST closes links quietly)
+    type: str = ""  # "TCP", "TCPv6" ... as AT+CIPSTART named it
+
+
+class LinkTable:
+    """Implements ``commands.context.Links`` for the UART front.
+
+    Args:
+        on_data: called with (slot, record) for each DATA record of an open
+            connection, in order.
+        on_closed: called with (slot, reason) when a connection ends that
+            nobody was closing (the peer, an error, a dead worker).
+        can_deliver: False while the UART output is backed up; records then
+            stay in the ring, so the worker stops reading its socket.
+    """
+
+    def __init__(
+        self,
+        slots: list[Slot],
+        on_data: Callable[[Slot, records.Record], None],
+        on_closed: Callable[[Slot, str], None],
+        can_deliver: Callable[[], bool],
+    ) -> None:
+        self.slots = slots
+        self.count = len(slots)
+        self.on_data = on_data
+        self.on_closed = on_closed
+        self.can_deliver = can_deliver
+        self.loop = asyncio.get_running_loop()
+
+    # -- Links protocol (used by command handlers) --------------------------------
+
+    def view(self, link_id: int) -> LinkView | None:
+        slot = self.slots[link_id]
+        return slot.view if slot.state is SlotState.OPEN else None
+
+    def is_busy(self, link_id: int) -> bool:
+        return self.slots[link_id].state in (SlotState.CONNECTING, SlotState.OPEN, SlotState.CLOSING)
+
+    def is_ready(self, link_id: int) -> bool:
+        return self.slots[link_id].state is not SlotState.NO_WORKER
+
+    async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
+        slot = self.slots[link_id]
+        slot.conn_id = next(_conn_ids)
+        slot.state = SlotState.CONNECTING
+        slot.silent = False
+        slot.type = spec.type
+        slot.waiter = self.loop.create_future()
+        request = Connect(slot.conn_id, spec.type, spec.host, spec.port, spec.keep_alive,
+                          spec.local_ip, spec.timeout_ms, spec.local_port, spec.udp_mode)
+        self._send(slot, request)
+        try:
+            view = await slot.waiter
+        finally:
+            slot.waiter = None
+        return view
+
+    async def close(self, link_id: int) -> None:
+        slot = self.slots[link_id]
+        if slot.state is not SlotState.OPEN:
+            raise ExecFail(f"link {link_id} is not connected")
+        slot.state = SlotState.CLOSING
+        slot.waiter = self.loop.create_future()
+        self._send(slot, Close(slot.conn_id))
+        try:
+            await slot.waiter
+        finally:
+            slot.waiter = None
+
+    def drop_all(self) -> None:
+        """Close every connection without CLOSED messages (AT+RST, AT+RESTORE)."""
+        for slot in self.slots:
+            if slot.state in (SlotState.OPEN, SlotState.CONNECTING):
+                slot.silent = True
+                self._send(slot, Close(slot.conn_id))
+
+    # -- worker attachment ----------------------------------------------------------
+
+    def attach(self, link_id: int, control: socket.socket) -> None:
+        """A (re)started worker's control socket; IDLE once it says Hello."""
+        slot = self.slots[link_id]
+        control.setblocking(False)
+        slot.control = control
+        self.loop.add_reader(control.fileno(), self._on_control, slot)
+        self.loop.add_reader(slot.downlink.data_fd, self.drain, slot)
+
+    def _send(self, slot: Slot, msg: object) -> None:
+        if slot.control is None:
+            self._worker_died(slot)
+            return
+        try:
+            send_message(slot.control, msg)
+        except OSError as exc:
+            log.error("control_send_failed", link_id=slot.link_id, error=str(exc))
+            self._worker_died(slot)
+
+    def _on_control(self, slot: Slot) -> None:
+        try:
+            received = recv_message(slot.control)
+        except BlockingIOError:
+            return
+        except OSError:
+            received = None
+        if received is None:
+            self._worker_died(slot)
+            return
+        msg, fds = received
+        for fd in fds:
+            os.close(fd)
+        if isinstance(msg, Hello):
+            log.info("worker_ready", link_id=slot.link_id, pid=msg.pid)
+            if slot.state is SlotState.NO_WORKER:
+                slot.state = SlotState.IDLE
+        elif isinstance(msg, Connected) and msg.conn_id == slot.conn_id:
+            self._on_connected(slot, msg)
+        elif isinstance(msg, ConnectFailed) and msg.conn_id == slot.conn_id:
+            self._end(slot, msg.reason)
+
+    def _on_connected(self, slot: Slot, msg: Connected) -> None:
+        if slot.state is not SlotState.CONNECTING or slot.waiter is None:
+            return
+        slot.view = LinkView(slot.link_id, slot.type, msg.remote_ip, msg.remote_port, msg.local_port, False)
+        slot.state = SlotState.OPEN
+        slot.waiter.set_result(slot.view)
+
+    # -- downlink records -------------------------------------------------------------
+
+    def drain(self, slot: Slot) -> None:
+        """Deliver the slot's records while the UART output can take them."""
+        slot.downlink.clear_data_doorbell()
+        while self.can_deliver():
+            record = records.get_record(slot.downlink)
+            if record is None:
+                return
+            if record.kind == records.EOF:
+                conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")
+                if conn_text.isdigit() and int(conn_text) == slot.conn_id:
+                    self._end(slot, reason)
+            elif slot.state in (SlotState.OPEN, SlotState.CLOSING) and not slot.silent:
+                self.on_data(slot, record)
+
+    def drain_all(self) -> None:
+        for slot in self.slots:
+            if slot.control is not None:
+                self.drain(slot)
+
+    # -- the end of a connection ------------------------------------------------------
+
+    def _end(self, slot: Slot, reason: str) -> None:
+        """The connection of the slot is gone; tell whoever waits, once."""
+        state, waiter, silent = slot.state, slot.waiter, slot.silent
+        if state in (SlotState.IDLE, SlotState.NO_WORKER):
+            return
+        slot.state = SlotState.IDLE if slot.control is not None else SlotState.NO_WORKER
+        slot.conn_id = None
+        slot.view = None
+        if waiter is not None and not waiter.done():
+            if state is SlotState.CONNECTING:
+                waiter.set_exception(ExecFail(f"connect failed: {reason}"))
+                return
+            if state is SlotState.CLOSING:
+                waiter.set_result(None)
+                return
+        if state in (SlotState.OPEN, SlotState.CLOSING) and not silent:
+            self.on_closed(slot, reason)
+
+    def _worker_died(self, slot: Slot) -> None:
+        if slot.control is not None:
+            log.error("worker_died", link_id=slot.link_id)
+            self.loop.remove_reader(slot.control.fileno())
+            self.loop.remove_reader(slot.downlink.data_fd)
+            slot.control.close()
+            slot.control = None
+        # What the worker received before it died is still owed to the MCU.
+        while (record := records.get_record(slot.downlink)) is not None:
+            if record.kind == records.DATA and slot.state is SlotState.OPEN and not slot.silent:
+                self.on_data(slot, record)
+        self._end(slot, "link worker died")
+        slot.state = SlotState.NO_WORKER

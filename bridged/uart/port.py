@@ -1,0 +1,109 @@
+"""The serial side: a real UART through pyserial, or a pseudo-terminal.
+
+A pty stands in for the UART in tests and in ``make run``.  It is created by
+the supervisor so that it outlives a restarted front, its slave end is put in
+raw mode at once (no echo, ever), and the daemon keeps a slave descriptor open
+so that a host closing and reopening the port never leaves the master without
+a peer (which would make reads fail with EIO).
+"""
+
+from __future__ import annotations
+
+import os
+import termios
+import tty
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from bridged.commands.context import UartSettings
+
+__all__ = ["Pty", "open_pty", "SerialPort", "open_serial", "FLOW_NAMES", "PARITY_NAMES"]
+
+log = structlog.get_logger()
+
+FLOW_NAMES = {"none": 0, "rts": 1, "cts": 2, "rtscts": 3}
+PARITY_NAMES = {"none": 0, "odd": 1, "even": 2}
+
+
+@dataclass
+class Pty:
+    master: int
+    slave: int
+    path: str  # /dev/pts/N
+    link: str | None  # the symlink we made, if any
+
+    def close(self) -> None:
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.link:
+            try:
+                if os.path.islink(self.link) and os.readlink(self.link) == self.path:
+                    os.unlink(self.link)
+            except OSError:
+                pass
+
+
+def open_pty(link: str | None) -> Pty:
+    """Create a raw pty; symlink its slave at ``link`` (replacing a stale link)."""
+    master, slave = os.openpty()
+    tty.setraw(slave, termios.TCSANOW)
+    attrs = termios.tcgetattr(slave)
+    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    path = os.ttyname(slave)
+    if link:
+        target = Path(link)
+        if target.is_symlink() or target.exists():
+            if not target.is_symlink():
+                os.close(master)
+                os.close(slave)
+                raise FileExistsError(f"{link} exists and is not a symlink; not replacing it")
+            target.unlink()
+        target.symlink_to(path)
+    os.set_blocking(master, False)
+    return Pty(master, slave, path, link)
+
+
+_STOP_BITS = {1: 1, 2: 1.5, 3: 2}
+_PARITY = {0: "N", 1: "O", 2: "E"}
+
+
+class SerialPort:
+    """A real UART opened with pyserial; its fd is then driven by the loop."""
+
+    def __init__(self, device: str, settings: UartSettings) -> None:
+        import serial  # imported here: a pty-only run never needs it
+
+        self._serial = serial.Serial()
+        self._serial.port = device
+        self._configure(settings)
+        self._serial.exclusive = True
+        self._serial.open()
+        self.fd = self._serial.fileno()
+        os.set_blocking(self.fd, False)
+
+    def _configure(self, settings: UartSettings) -> None:
+        s = self._serial
+        s.baudrate = settings.baud
+        s.bytesize = settings.data_bits
+        s.stopbits = _STOP_BITS[settings.stop_bits]
+        s.parity = _PARITY[settings.parity]
+        # ESP-AT flow 1 = RTS (we hold the MCU off), 2 = CTS (it holds us off).
+        # termios has one switch for both directions, so any of them enables it.
+        s.rtscts = settings.flow != 0
+
+    def apply(self, settings: UartSettings) -> None:
+        termios.tcdrain(self.fd)
+        self._configure(settings)
+
+    def close(self) -> None:
+        self._serial.close()
+
+
+def open_serial(device: str, settings: UartSettings) -> SerialPort:
+    return SerialPort(device, settings)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the daemon on a pty and the host's end of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import Daemon, EchoServer, Host, SinkServer
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """Start daemons with extra config; each is stopped (and must exit 0) at the end."""
+    started: list[Daemon] = []
+
+    def make(config: str = "", args: tuple[str, ...] = (), name: str = "d") -> Daemon:
+        directory = tmp_path / f"{name}{len(started)}"
+        directory.mkdir()
+        daemon = Daemon(directory, config, args).start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        code = daemon.stop()
+        assert code == 0, f"daemon exited {code}:\n{daemon.log_text()[-3000:]}"
+        errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")
+                  and e.get("event") not in daemon.expected_errors]
+        assert not errors, f"unexpected errors in the log: {errors}"
+
+
+@pytest.fixture
+def daemon(make_daemon) -> Daemon:
+    return make_daemon()
+
+
+@pytest.fixture
+def host(daemon) -> Host:
+    """A host MCU that has seen ready, turned echo off and joined the Wi-Fi."""
+    h = daemon.host()
+    h.boot()
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def echo_server():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sink_server():
+    server = SinkServer()
+    yield server
+    server.close()

@@ -1,0 +1,284 @@
+"""Real parts for the end-to-end tests: the daemon on a pty, the host MCU's
+side of the serial line, and loopback peers.
+
+Nothing here mocks a socket or the serial port: the daemon runs as
+``python -m bridged run --pty LINK`` and the tests talk to it through the pty
+exactly as an MCU talks to an ESP32.  Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import tty
+from pathlib import Path
+
+__all__ = ["Daemon", "Host", "EchoServer", "SinkServer", "Timeout"]
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class Timeout(AssertionError):
+    pass
+
+
+class Daemon:
+    """bridged run on a pty, with a config written for the test."""
+
+    def __init__(self, tmp: Path, config: str = "", args: tuple[str, ...] = ()) -> None:
+        self.tmp = tmp
+        self.link = str(tmp / "tty")
+        self.state_dir = tmp / "state"
+        self.config_path = tmp / "bridged.toml"
+        self.config_path.write_text('[wifi]\nstation_interface = "lo"\n' + config)
+        self.log_path = tmp / "bridged.log"
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.expected_errors: set[str] = set()  # log events a test provokes on purpose
+
+    def start(self) -> "Daemon":
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridged", "run", "--config", str(self.config_path),
+             "--pty", self.link, "--state-dir", str(self.state_dir), *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        while not os.path.exists(self.link):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise Timeout(f"daemon did not create {self.link}:\n{self.log_text()}")
+            time.sleep(0.02)
+        return self
+
+    def host(self) -> "Host":
+        return Host(self.link)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise Timeout(f"daemon ignored SIGTERM:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def events(self, name: str | None = None) -> list[dict]:
+        """The daemon's JSON log events (each line is '<N>{json}')."""
+        out = []
+        for line in self.log_text().splitlines():
+            m = re.match(r"<\d>(\{.*\})$", line)
+            if m:
+                event = json.loads(m.group(1))
+                if name is None or event.get("event") == name:
+                    out.append(event)
+        return out
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = DEFAULT_TIMEOUT, **fields) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [e for e in self.events(name) if all(e.get(k) == v for k, v in fields.items())]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise Timeout(f"no {count}x {name} {fields} in the log:\n{self.log_text()[-4000:]}")
+            time.sleep(0.02)
+
+    def worker_pid(self, link_id: int) -> int:
+        started = self.wait_event("child_started", role="link", link_id=link_id)
+        return started[-1]["pid"]
+
+
+class Host:
+    """The MCU's end of the serial line."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(self.fd)
+        os.set_blocking(self.fd, False)
+        self.buf = bytearray()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        deadline = time.monotonic() + DEFAULT_TIMEOUT
+        while view:
+            try:
+                n = os.write(self.fd, view)
+                view = view[n:]
+            except BlockingIOError:
+                self._fill(0.01)
+                if time.monotonic() > deadline:
+                    raise Timeout("the daemon stopped reading the pty")
+
+    def _fill(self, wait: float) -> bool:
+        import select
+
+        readable, _, _ = select.select([self.fd], [], [], wait)
+        if not readable:
+            return False
+        try:
+            chunk = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return False
+        self.buf += chunk
+        return bool(chunk)
+
+    def expect(self, pattern: bytes, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Read until ``pattern``; return everything up to and including it."""
+        deadline = time.monotonic() + timeout
+        while (i := self.buf.find(pattern)) < 0:
+            if time.monotonic() > deadline:
+                raise Timeout(f"waited for {pattern!r}, have {bytes(self.buf[-2000:])!r}")
+            self._fill(0.05)
+        out = bytes(self.buf[: i + len(pattern)])
+        del self.buf[: i + len(pattern)]
+        return out
+
+    def read_quiet(self, quiet: float = 0.15, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Everything until the line has been silent for ``quiet`` seconds."""
+        deadline = time.monotonic() + timeout
+        while self._fill(quiet):
+            if time.monotonic() > deadline:
+                break
+        out = bytes(self.buf)
+        self.buf.clear()
+        return out
+
+    def command(self, line: bytes, final: bytes = b"\r\nOK\r\n", timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Send one command line; return the answer through ``final``."""
+        self.write(line + b"\r\n")
+        return self.expect(final, timeout)
+
+    def ask(self, line: bytes, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Send a command; return its answer through OK or ERROR, whichever ends it."""
+        self.write(line + b"\r\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = re.search(rb"\r\n(OK|ERROR)\r\n", self.buf)
+            if m:
+                out = bytes(self.buf[: m.end()])
+                del self.buf[: m.end()]
+                return out
+            if time.monotonic() > deadline:
+                raise Timeout(f"no final result for {line!r}: {bytes(self.buf[-500:])!r}")
+            self._fill(0.05)
+
+    def boot(self) -> None:
+        """Wait for ``ready``, turn echo off and join the emulated Wi-Fi."""
+        self.expect(b"\r\nready\r\n")
+        self.command(b"ATE0")
+        self.command(b'AT+CWJAP="bridged","password"')
+
+    def read_ipd(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int | None, bytes]:
+        """Read one active-mode +IPD message; return (link id or None, payload)."""
+        self.expect(b"+IPD,", timeout)
+        head = self.expect(b":", timeout)[:-1]
+        parts = head.split(b",")
+        link_id = int(parts[0]) if len(parts) >= 2 and b'"' not in parts[1] else None
+        length = int(parts[1] if link_id is not None else parts[0])
+        deadline = time.monotonic() + timeout
+        while len(self.buf) < length:
+            if time.monotonic() > deadline:
+                raise Timeout(f"+IPD payload short: {len(self.buf)} of {length}")
+            self._fill(0.05)
+        data = bytes(self.buf[:length])
+        del self.buf[:length]
+        return link_id, data
+
+
+class _Server:
+    def __init__(self, family: int = socket.AF_INET, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.closed_by_peer = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def wait_connections(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> list[socket.socket]:
+        deadline = time.monotonic() + timeout
+        while len(self.conns) < n:
+            if time.monotonic() > deadline:
+                raise Timeout(f"{len(self.conns)} of {n} connections")
+            time.sleep(0.01)
+        return self.conns
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+class EchoServer(_Server):
+    """Sends back what it receives; notes when the peer closes."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except OSError:
+            return
+        self.closed_by_peer.set()
+
+
+class SinkServer(_Server):
+    """Hashes what it receives, per connection, in accept order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.hashes: dict[int, "hashlib._Hash"] = {}
+        self.counts: dict[int, int] = {}
+        super().__init__(*args, **kwargs)
+
+    def _serve(self, conn: socket.socket) -> None:
+        key = id(conn)
+        self.hashes[key] = hashlib.sha256()
+        self.counts[key] = 0
+        try:
+            while data := conn.recv(65536):
+                self.hashes[key].update(data)
+                self.counts[key] += len(data)
+        except OSError:
+            return
+        self.closed_by_peer.set()

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+import termios
 import tty
 from pathlib import Path
 
-__all__ = ["Daemon", "Host", "EchoServer", "SinkServer", "Timeout"]
+__all__ = ["Daemon", "Host", "Demux", "EchoServer", "SinkServer", "Timeout"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -112,7 +113,7 @@ class Host:
 
     def __init__(self, path: str) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(self.fd)
+        tty.setraw(self.fd, termios.TCSANOW)  # TCSAFLUSH would discard "ready"
         os.set_blocking(self.fd, False)
         self.buf = bytearray()
 
@@ -282,3 +283,76 @@ class SinkServer(_Server):
         except OSError:
             return
         self.closed_by_peer.set()
+
+
+class Demux:
+    """Splits what the daemon sends into +IPD payloads (per link) and the rest.
+
+    Payloads are taken by their announced length, so random payload bytes are
+    never mistaken for messages.
+    """
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.text = bytearray()
+        self.data: dict[int | None, bytearray] = {}
+
+    def pump(self, wait: float = 0.02) -> None:
+        self.host._fill(wait)
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self.host.buf
+        while True:
+            i = buf.find(b"+IPD,")
+            if i < 0:
+                # Hold back only a tail that may be the start of a split "+IPD,".
+                keep = next((k for k in range(4, 0, -1) if buf.endswith(b"+IPD,"[:k])), 0)
+                self.text += buf[: len(buf) - keep]
+                del buf[: len(buf) - keep]
+                return
+            colon = buf.find(b":", i)
+            if colon < 0:
+                self._to_text(i)
+                return
+            parts = bytes(buf[i + 5 : colon]).split(b",")
+            mux = len(parts) >= 2 and b'"' not in parts[1]
+            link_id = int(parts[0]) if mux else None
+            length = int(parts[1] if mux else parts[0])
+            if len(buf) < colon + 1 + length:
+                self._to_text(i)
+                return
+            self.text += buf[:i]
+            self.data.setdefault(link_id, bytearray()).extend(buf[colon + 1 : colon + 1 + length])
+            del buf[: colon + 1 + length]
+
+    def _to_text(self, i: int) -> None:
+        self.text += self.host.buf[:i]
+        del self.host.buf[:i]
+
+    def expect(self, pattern: bytes, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        deadline = time.monotonic() + timeout
+        while (i := self.text.find(pattern)) < 0:
+            if time.monotonic() > deadline:
+                raise Timeout(f"waited for {pattern!r}; text {bytes(self.text[-300:])!r}")
+            self.pump()
+        out = bytes(self.text[: i + len(pattern)])
+        del self.text[: i + len(pattern)]
+        return out
+
+    def wait_data(self, link_id: int | None, length: int, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        deadline = time.monotonic() + timeout
+        while len(self.data.get(link_id, b"")) < length:
+            if time.monotonic() > deadline:
+                raise Timeout(f"link {link_id}: {len(self.data.get(link_id, b''))} of {length} bytes")
+            self.pump()
+        return bytes(self.data[link_id])
+
+    def send(self, link_id: int | None, payload: bytes) -> bytes:
+        """AT+CIPSEND one payload; return the text from the prompt to SEND OK/FAIL."""
+        target = b"%d," % link_id if link_id is not None else b""
+        self.host.write(b"AT+CIPSEND=" + target + b"%d\r\n" % len(payload))
+        self.expect(b"\r\nOK\r\n\r\n>")
+        self.host.write(payload)
+        out = self.expect(b"\r\nSEND ")
+        return out + self.expect(b"\r\n")

@@ -208,6 +208,6 @@ def get_record(ring: Ring) -> Record | None:
     header = peek_record_header(ring)
     if header is None:
         return None
-    payload = b"".join(ring.readable_views(header.length, skip=header.size))
+    payload = ring.peek(header.length, header.size)
     ring.consume(header.total)
     return Record(header.kind, payload, header.addr)

@@ -21,11 +21,15 @@ ring and ``capacity - (write - read)`` the free space.
 
 Each direction has an eventfd doorbell: the producer rings ``data_fd`` after
 publishing, the consumer rings ``space_fd`` after consuming. Python has no
-memory-barrier primitive, so publication goes: data, then index, then the
-doorbell write. The doorbell is a syscall whose kernel path (a spinlock and a
-wake-up) orders the stores before it, also on weakly ordered CPUs such as
-ARM; the waiting side reads the indices after its wake-up. On x86 (TSO) the
-store order alone already suffices.
+memory fence, so publication goes: data, then index, then the doorbell write.
+The doorbell is a syscall whose kernel path (a lock and a wake-up) makes the
+stores before it visible to the side that reads the doorbell, also on weakly
+ordered CPUs such as ARM; that side reads the indices after its wake-up. On
+x86 (TSO) stores are seen in program order, so any index read is safe. On ARM
+an index read that no doorbell covered yet (a consumer draining in a loop) is
+not formally ordered after the data it covers; the window is the few hundred
+instructions between two interpreter stores. Closing it for good would need a
+store-release, which pure Python cannot issue.
 
 An index is stored with one aligned 8-byte ``memcpy`` (``struct`` uses the
 native packer for ``<Q`` on little-endian hosts), which is a single store on
@@ -193,20 +197,18 @@ class Ring:
     def read_index(self) -> int:
         return _U64.unpack_from(self._header, _READ_OFF)[0]
 
-
     # -- shared helpers ----------------------------------------------------------
 
-    def _load(self) -> tuple[int, int | None]:
-        """Return (write index, bytes in the ring), the latter None if torn."""
+    def _load(self) -> tuple[int, int, int | None]:
+        """Return (write, read, write - read); the last is None if torn."""
         header = self._header
         for _ in range(4):
             write = _U64.unpack_from(header, _WRITE_OFF)[0]
-            used = write - _U64.unpack_from(header, _READ_OFF)[0]
-            if 0 <= used <= self._capacity:
-                return write, used
-        # Still torn (the other side was preempted mid-store): callers act as
-        # if nothing changed; the other side rings its doorbell when done.
-        return write, None
+            read = _U64.unpack_from(header, _READ_OFF)[0]
+            if 0 <= write - read <= self._capacity:
+                return write, read, write - read
+        # Still torn: the other side was preempted mid-store (32-bit CPUs only).
+        return write, read, None
 
     def _segments(self, start: int, length: int) -> list[memoryview]:
         """Views covering ``length`` bytes from counter ``start`` (1 or 2 pieces)."""
@@ -219,11 +221,16 @@ class Ring:
             views.append(self._data[: length - first])
         return views
 
+    # While an index reads torn, calls that discover data or space (free,
+    # available, *_views) report none: the other side rings once its store
+    # lands. Calls about bytes the caller already knows of (stage, commit,
+    # peek, consume) can only check against the capacity meanwhile.
+
     # -- producer side -------------------------------------------------------------
 
     def free(self) -> int:
         """Bytes the producer may write now."""
-        _, used = self._load()
+        _, _, used = self._load()
         return 0 if used is None else self._capacity - used
 
     def writable_views(self, limit: int, skip: int = 0) -> list[memoryview]:
@@ -234,7 +241,7 @@ class Ring:
         ``commit()``. Views from an earlier call are released first.
         """
         _release(self._producer_views)
-        write, used = self._load()
+        write, _, used = self._load()
         room = 0 if used is None else self._capacity - used
         views = self._segments(write + skip, min(limit, room - skip))
         self._producer_views.extend(views)
@@ -246,8 +253,8 @@ class Ring:
         Unpublished until ``commit()``. Raises ValueError if it does not fit.
         """
         with memoryview(data) as src, src.cast("B") as flat:
-            write, used = self._load()
-            room = 0 if used is None else self._capacity - used
+            write, _, used = self._load()
+            room = self._capacity if used is None else self._capacity - used
             if offset < 0 or offset + len(flat) > room:
                 raise ValueError(f"stage of {len(flat)} bytes at {offset} exceeds free {room}")
             pos = 0
@@ -259,8 +266,7 @@ class Ring:
 
     def commit(self, n: int) -> None:
         """Publish ``n`` bytes written into the free area, then ring ``data_fd``."""
-        write, used = self._load()
-        # A torn load only allows the weaker check; it never happens on 64-bit CPUs.
+        write, _, used = self._load()
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
             raise ValueError(f"commit of {n} bytes exceeds free space {room}")
@@ -286,7 +292,7 @@ class Ring:
 
     def available(self) -> int:
         """Bytes the consumer may read now."""
-        _, used = self._load()
+        _, _, used = self._load()
         return 0 if used is None else used
 
     def readable_views(self, limit: int, skip: int = 0) -> list[memoryview]:
@@ -297,9 +303,8 @@ class Ring:
         are released first.
         """
         _release(self._consumer_views)
-        write, used = self._load()
-        used = used or 0
-        views = self._segments(write - used + skip, min(limit, used - skip))
+        _, read, used = self._load()
+        views = self._segments(read + skip, min(limit, (used or 0) - skip))
         self._consumer_views.extend(views)
         return views
 
@@ -308,11 +313,11 @@ class Ring:
 
         Raises ValueError if fewer are available.
         """
-        write, used = self._load()
-        used = used or 0
-        if offset < 0 or offset + length > used:
-            raise ValueError(f"peek of {length} bytes at {offset} exceeds available {used}")
-        views = self._segments(write - used + offset, length)
+        _, read, used = self._load()
+        limit = self._capacity if used is None else used
+        if offset < 0 or length < 0 or offset + length > limit:
+            raise ValueError(f"peek of {length} bytes at {offset} exceeds available {limit}")
+        views = self._segments(read + offset, length)
         try:
             return b"".join(views)
         finally:
@@ -320,13 +325,12 @@ class Ring:
 
     def consume(self, n: int) -> None:
         """Free ``n`` bytes at the read index, then ring ``space_fd``."""
-        write, used = self._load()
+        _, read, used = self._load()
         limit = self._capacity if used is None else used
         if not 0 <= n <= limit:
             raise ValueError(f"consume of {n} bytes exceeds available {limit}")
         _release(self._consumer_views)
         if n:
-            read = _U64.unpack_from(self._header, _READ_OFF)[0]
             _U64.pack_into(self._header, _READ_OFF, read + n)  # reads done before index
             _ring(self.space_fd)
 

@@ -398,6 +398,9 @@ class Front:
         self.links.drain_all()
 
     def _on_link_data(self, slot: Slot, record: records.Record) -> None:
+        # A reply can only come after the send it answers was handed to the
+        # socket: settle a finished send first so SEND OK precedes its +IPD.
+        self._check_send()
         remote = None
         if self.ctx.state.cipdinfo and slot.view is not None:
             remote = (slot.view.remote_ip, slot.view.remote_port)
@@ -406,9 +409,10 @@ class Front:
 
     def _on_link_closed(self, slot: Slot, reason: str) -> None:
         log.info("link_lost", link_id=slot.link_id, reason=reason)
-        self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))
+        # A send in progress on this link ends first (SEND FAIL), then CLOSED.
         if self.sending is not None and self.sending.slot is slot:
             if self.sending.complete:
                 self._check_send()
             else:
                 self._resume_reading()  # the rest of the payload is read and dropped
+        self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))

@@ -55,7 +55,7 @@ class Output:
     def when_empty(self, callback: Callable[[], None]) -> None:
         """Call back once everything queued so far has been written."""
         if not self._queue:
-            callback()
+            self.loop.call_soon(callback)
         else:
             self._when_empty.append(callback)
 
@@ -94,10 +94,11 @@ class Output:
             self._queue.popleft()
             self._account(n, final)
         self._disarm_writer()
+        # Deferred: a writer must never be re-entered by the callbacks it causes.
         callbacks, self._when_empty = self._when_empty, []
         for callback in callbacks:
-            callback()
-        self.on_drained()
+            self.loop.call_soon(callback)
+        self.loop.call_soon(self.on_drained)
 
     def _account(self, n: int, final: bool | None) -> None:
         self._buffered -= n

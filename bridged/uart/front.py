@@ -103,6 +103,7 @@ class Front:
         self.ctx = self._new_context()
         self.busy = False
         self.sending: _PendingSend | None = None
+        self._command: asyncio.Task | None = None  # a handler waiting on the network
         self._reading = False
         self._stopped = self.loop.create_future()
 
@@ -192,6 +193,9 @@ class Front:
 
     def _restart(self, factory: bool) -> None:
         log.info("restart", factory=factory)
+        if self._command is not None:
+            self._command.cancel()  # a restart abandons the running command
+            self._command = None
         self.links.drop_all()
         if factory:
             self.store.clear()
@@ -298,7 +302,7 @@ class Front:
         self.busy = True
         if self.parser.buffered:
             self._refuse_busy(self.parser.discard_pending())
-        self.loop.create_task(self._await_reply(result))
+        self._command = self.loop.create_task(self._await_reply(result))
 
     async def _await_reply(self, pending: Awaitable[Reply]) -> None:
         try:
@@ -312,6 +316,7 @@ class Front:
             log.exception("command_crashed")
             self._error(AtError("internal error"))
             reply = None
+        self._command = None
         self.busy = False
         if reply is not None:
             self._answer(reply)

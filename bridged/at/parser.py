@@ -216,7 +216,7 @@ class Parser:
                 return LineTooLong(length)
             return NEED_DATA
         self._scan_from = 0
-        if end + 2 >= self.max_line:
+        if end + 2 > self.max_line:
             del self._buf[: end + 2]
             return LineTooLong(end + 2)
         raw = bytes(self._buf[: end + 2])

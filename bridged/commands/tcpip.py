@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 
 from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
-from bridged.at.format import PROMPT, closed, connect, info, link_conn, q
+from bridged.at.format import PROMPT, closed, connect, fields, info, link_conn, q
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
@@ -149,8 +149,7 @@ def cipsend(ctx: Context, line: CommandLine) -> Reply:
     else:
         length, host, port = bind(line.tokens, (length_spec, Str(64, ""), Int(0, 65535, 0)))
         link_id = 0
-    view = ctx.links.view(link_id)
-    if view is None:
+    if not ctx.links.can_send(link_id):
         raise ExecFail(f"invalid link: link {link_id} is not connected")
     if host or port:
         raise ExecFail("a remote host and port are for UDP links only")
@@ -236,37 +235,67 @@ def cipdinfo_set(ctx: Context, line: CommandLine) -> Reply:
     return Reply()
 
 
-def _set_recv_mode(ctx: Context, mode: int) -> Reply:
-    if mode == 1:
-        raise ExecFail("passive receive mode is not supported yet")
-    ctx.state.recv_mode = mode
+def _set_recv_mode(ctx: Context, link_ids: range | list[int], mode: int) -> Reply:
+    for link_id in link_ids:
+        ctx.state.recv_modes[link_id] = mode
+        ctx.links.set_passive(link_id, mode == 1)
     return Reply()
 
 
 @handles("+CIPRECVMODE", Kind.QUERY)
 def ciprecvmode_query(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(info("+CIPRECVMODE", ctx.state.recv_mode))
+    return Reply(info("+CIPRECVMODE", ctx.state.recv_modes[0]))
 
 
 @handles("+CIPRECVMODE", Kind.SET)
 def ciprecvmode_set(ctx: Context, line: CommandLine) -> Reply:
+    """The v2/v3 name: sets every link, in either connection mode."""
     (mode,) = bind(line.tokens, (Int(0, 1),))
-    return _set_recv_mode(ctx, mode)
+    return _set_recv_mode(ctx, range(ctx.links.count), mode)
 
 
 @handles("+CIPRECVTYPE", Kind.QUERY)
 def ciprecvtype_query(ctx: Context, line: CommandLine) -> Reply:
     ids = range(ctx.links.count) if ctx.mux else range(1)
-    return Reply(b"".join(info("+CIPRECVTYPE", i, ctx.state.recv_mode) for i in ids))
+    return Reply(b"".join(info("+CIPRECVTYPE", i, ctx.state.recv_modes[i]) for i in ids))
 
 
 @handles("+CIPRECVTYPE", Kind.SET)
 def ciprecvtype_set(ctx: Context, line: CommandLine) -> Reply:
-    if ctx.mux:
-        _link, mode = bind(line.tokens, (Int(0, ALL_LINKS), Int(0, 1)))
-    else:
+    if not ctx.mux:
         (mode,) = bind(line.tokens, (Int(0, 1),))
-    return _set_recv_mode(ctx, mode)
+        return _set_recv_mode(ctx, [0], mode)
+    link_id, mode = bind(line.tokens, (Int(0, ALL_LINKS), Int(0, 1)))
+    if link_id == ALL_LINKS:
+        return _set_recv_mode(ctx, range(ctx.links.count), mode)
+    if link_id >= ctx.links.count:
+        raise ParamInvalid(f"link id {link_id} out of range", 1)
+    return _set_recv_mode(ctx, [link_id], mode)
+
+
+@handles("+CIPRECVDATA", Kind.SET)
+def ciprecvdata(ctx: Context, line: CommandLine) -> Reply:
+    if ctx.mux:
+        link_id, length = bind(line.tokens, (_link_id_spec(ctx), Int(1, 0x7FFFFFFF)))
+    else:
+        (length,) = bind(line.tokens, (Int(1, 0x7FFFFFFF),))
+        link_id = 0
+    if not ctx.links.is_passive(link_id):
+        raise ExecFail(f"link {link_id} is in active receive mode (AT+CIPRECVTYPE)")
+    if ctx.links.unread(link_id) == 0:
+        raise ExecFail(f"no data: link {link_id} has nothing buffered")
+    view = ctx.links.view(link_id)
+    data = ctx.links.read(link_id, length)
+    head = b"+CIPRECVDATA:%d," % len(data)
+    if ctx.state.cipdinfo and view is not None:
+        head += fields(q(view.remote_ip), view.remote_port) + b","
+    # The data runs straight into the final \r\nOK\r\n, with no line end of its own.
+    return Reply(head + data, after=lambda: ctx.links.after_read(link_id))
+
+
+@handles("+CIPRECVLEN", Kind.QUERY)
+def ciprecvlen(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPRECVLEN", *(ctx.links.unread(i) for i in range(ctx.links.count))))
 
 
 @handles("+CIPV6", Kind.QUERY)

@@ -1,7 +1,9 @@
 """The control messages between processes.
 
-front -> worker (the link's control socket): ``Connect``, ``Close``.
-worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``.
+front -> worker (the link's control socket): ``Connect``, ``Close``,
+``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread).
+worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
+``Ended`` (the socket is gone; sends can no longer succeed).
 supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
 front end of the new worker's control socket), ``Shutdown``.
 front -> supervisor: ``FrontReady``, ``Heartbeat``.
@@ -22,6 +24,8 @@ from bridged.ipc.control import message
 __all__ = [
     "Connect",
     "Close",
+    "SetRecvWindow",
+    "Ended",
     "Hello",
     "Connected",
     "ConnectFailed",
@@ -50,6 +54,19 @@ class Connect:
 @dataclass(frozen=True)
 class Close:
     conn_id: int
+
+
+@message
+@dataclass(frozen=True)
+class SetRecvWindow:
+    window: int  # 0: active mode, no limit beyond the ring
+
+
+@message
+@dataclass(frozen=True)
+class Ended:
+    conn_id: int
+    reason: str
 
 
 @message

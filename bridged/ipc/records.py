@@ -182,24 +182,27 @@ def _recv_datagram(sock: socket.socket, views: list[memoryview]) -> tuple[int, t
     return n, addr
 
 
-def peek_record_header(ring: Ring) -> RecordHeader | None:
-    """Return the header of the next record without consuming it (None if none).
+def peek_record_header(ring: Ring, skip: int = 0) -> RecordHeader | None:
+    """Return the header of the record ``skip`` bytes past the read index
+    without consuming anything (None if no record starts there).
+
+    ``skip`` must be 0 or the end of an earlier record (a sum of ``total``s).
 
     Raises:
         RecordError: the published bytes are not a well-formed record.
     """
-    available = ring.available()
-    if available == 0:
+    available = ring.available() - skip
+    if available <= 0:
         return None
     if available < HEADER_SIZE:
         raise RecordError(f"{available} bytes published, shorter than a record header")
-    length, port, kind, addr_len = _HEADER.unpack(ring.peek(HEADER_SIZE))
+    length, port, kind, addr_len = _HEADER.unpack(ring.peek(HEADER_SIZE, skip))
     if kind not in _KINDS or addr_len not in (0, 4, 16):
         raise RecordError(f"bad record header: kind {kind}, address length {addr_len}")
     size = HEADER_SIZE + addr_len
     if available < size + length:
         raise RecordError(f"record of {size + length} bytes but {available} published")
-    addr = _unpack_addr(ring.peek(addr_len, HEADER_SIZE), port) if addr_len else None
+    addr = _unpack_addr(ring.peek(addr_len, skip + HEADER_SIZE), port) if addr_len else None
     return RecordHeader(kind, length, addr, size)
 
 

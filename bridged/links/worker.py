@@ -31,7 +31,7 @@ import structlog
 
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Hello
+from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, Hello, SetRecvWindow
 from bridged.ipc.rings import Ring
 from bridged.links.tcp import open_tcp
 
@@ -63,6 +63,8 @@ class Worker:
         self.conn_id: int | None = None
         self.connecting: asyncio.Task | None = None
         self.stats = {"up": 0, "down": 0}
+        self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
+        self._reading = False
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
         self._done = self.loop.create_future()
@@ -94,6 +96,8 @@ class Worker:
             received = recv_message(self.control)
         except BlockingIOError:
             return
+        except OSError:  # a reset is as final as EOF: the front is gone
+            received = None
         if received is None:
             log.info("front_gone")
             self.stop()
@@ -105,11 +109,17 @@ class Worker:
             self._start_connect(msg)
         elif isinstance(msg, Close):
             self._close(msg.conn_id, "closed by host")
+        elif isinstance(msg, SetRecvWindow):
+            self.window = msg.window
+            self._resume_reading()
         else:
             log.error("unexpected_control_message", message=repr(msg))
 
     def _reply(self, msg: object) -> None:
-        send_message(self.control, msg)
+        try:
+            send_message(self.control, msg)
+        except OSError as exc:  # the front is gone; we stop once its EOF is read
+            log.info("front_unreachable", error=str(exc))
 
     # -- connecting ----------------------------------------------------------------
 
@@ -138,7 +148,7 @@ class Worker:
         remote = sock.getpeername()
         log.info("link_opened", type=msg.link_type, remote=remote[0], port=remote[1], local_port=local[1])
         self._reply(Connected(msg.conn_id, remote[0], remote[1], local[0], local[1]))
-        self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._resume_reading()
         self._on_uplink()
 
     # -- uplink: ring -> socket -----------------------------------------------------
@@ -177,8 +187,13 @@ class Worker:
         for _ in range(_RECORDS_PER_WAKEUP):
             if self.sock is None:
                 return
+            limit = self.chunk
+            if self.window:
+                # Passive mode: the unread data must stay within the receive
+                # window, so the peer's TCP window closes once it is full.
+                limit = min(limit, self.window - self.downlink.available())
             try:
-                n = records.recv_record(self.downlink, self.sock, self.chunk)
+                n = records.recv_record(self.downlink, self.sock, limit) if limit > 0 else -1
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -188,15 +203,21 @@ class Worker:
                 self._finish("peer closed")
                 return
             if n < 0:
-                self.loop.remove_reader(self.sock.fileno())
+                self._pause_reading()
                 self._wait_space(self._resume_reading)
                 return
             self.stats["down"] += n
 
+    def _pause_reading(self) -> None:
+        if self._reading and self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+        self._reading = False
+
     def _resume_reading(self) -> None:
-        if self.sock is not None:
+        if self.sock is not None and not self._reading:
             self.loop.add_reader(self.sock.fileno(), self._on_readable)
-            self._on_readable()
+            self._reading = True
+            self.loop.call_soon(self._on_readable)
 
     def _wait_space(self, then: Callable[[], None]) -> None:
         """Call ``then`` once the front has freed space in the downlink ring."""
@@ -232,6 +253,7 @@ class Worker:
         self._drop_socket()
         self.conn_id = None
         log.info("link_closed", reason=reason, bytes_up=stats["up"], bytes_down=stats["down"])
+        self._reply(Ended(conn_id, reason))
         self._put_eof(conn_id, reason)
 
     def _drop_socket(self) -> None:
@@ -240,6 +262,7 @@ class Worker:
         fd = self.sock.fileno()
         self.loop.remove_reader(fd)
         self.loop.remove_writer(fd)
+        self._reading = False
         self.sock.close()
         self.sock = None
 

@@ -98,7 +98,10 @@ class Front:
         self.loop = asyncio.get_running_loop()
         self.parser = Parser(config.uart.max_line)
         self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained)
-        self.links = LinkTable(slots, self._on_link_data, self._on_link_closed, self._can_deliver)
+        self.links = LinkTable(
+            slots, self._on_link_data, self._on_link_closed, self._can_deliver,
+            self._on_link_notice, self._on_link_ended, config.links.recv_window,
+        )
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False
@@ -197,6 +200,8 @@ class Front:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
         self.links.drop_all()
+        for link_id in range(self.links.count):
+            self.links.set_passive(link_id, False)
         if factory:
             self.store.clear()
         new_uart = self._boot_uart()
@@ -347,7 +352,7 @@ class Front:
         """Move payload into the uplink ring; False when we must wait."""
         send = self.sending
         ring = send.slot.uplink
-        alive = send.slot.conn_id == send.conn_id
+        alive = send.slot.conn_id == send.conn_id and not send.slot.ended
         event = self.parser.next_event(limit=ring.free() if alive else None)
         if isinstance(event, DataChunk):
             if alive:
@@ -384,7 +389,7 @@ class Front:
             return
         if send.slot.uplink.read_index >= send.end:
             self._finish_send(fmt.SEND_OK)
-        elif send.slot.conn_id != send.conn_id:
+        elif send.slot.conn_id != send.conn_id or send.slot.ended:
             self._finish_send(fmt.SEND_FAIL)
 
     def _finish_send(self, result: bytes) -> None:
@@ -412,12 +417,23 @@ class Front:
         head = fmt.ipd_active(self.ctx.link_arg(slot.link_id), len(record.payload), remote)
         self.output.urc(head + record.payload)
 
+    def _on_link_notice(self, slot: Slot, unread: int) -> None:
+        self._check_send()
+        self.output.urc(fmt.ipd_passive(self.ctx.link_arg(slot.link_id), unread))
+
+    def _on_link_ended(self, slot: Slot) -> None:
+        if self.sending is not None and self.sending.slot is slot:
+            self._on_link_closed_send(slot)
+
+    def _on_link_closed_send(self, slot: Slot) -> None:
+        if self.sending.complete:
+            self._check_send()
+        else:
+            self._resume_reading()  # the rest of the payload is read and dropped
+
     def _on_link_closed(self, slot: Slot, reason: str) -> None:
         log.info("link_lost", link_id=slot.link_id, reason=reason)
         # A send in progress on this link ends first (SEND FAIL), then CLOSED.
         if self.sending is not None and self.sending.slot is slot:
-            if self.sending.complete:
-                self._check_send()
-            else:
-                self._resume_reading()  # the rest of the payload is read and dropped
+            self._on_link_closed_send(slot)
         self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))

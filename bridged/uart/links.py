@@ -28,7 +28,7 @@ from bridged.at.errors import ExecFail
 from bridged.commands.context import ConnectSpec, LinkView
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Hello
+from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, Hello, SetRecvWindow
 from bridged.ipc.rings import Ring
 
 __all__ = ["SlotState", "Slot", "LinkTable"]
@@ -58,6 +58,23 @@ class Slot:
     waiter: asyncio.Future | None = None  # connect() or close() in progress
     silent: bool = False  # drop the CLOSED message (AT+RST closes links quietly)
     type: str = ""  # "TCP", "TCPv6" ... as AT+CIPSTART named it
+    ended: bool = False  # the worker's socket is gone (its EOF record may still wait)
+    # Passive receive mode (AT+CIPRECVTYPE=1): data stays in the downlink ring
+    # until AT+CIPRECVDATA, so the worker's receive window covers all of it.
+    passive: bool = False
+    offset: int = 0  # payload bytes of the first record already read
+    pending: int = 0  # unread payload bytes of the records scanned so far
+    scanned: int = 0  # ring bytes past the read index already scanned
+    eof_seen: bool = False
+    notified: bool = False  # a +IPD notice is out and not yet followed by a read
+
+    def reset_receive(self) -> None:
+        self.offset, self.pending, self.scanned = 0, 0, 0
+        self.eof_seen = self.notified = False
+
+    @property
+    def unread(self) -> int:
+        return self.pending
 
 
 class LinkTable:
@@ -68,6 +85,9 @@ class LinkTable:
             connection, in order.
         on_closed: called with (slot, reason) when a connection ends that
             nobody was closing (the peer, an error, a dead worker).
+        on_notice: called with (slot, unread bytes) when passive-mode data
+            waits and no notice is outstanding.
+        on_ended: called with the slot when its socket is gone.
         can_deliver: False while the UART output is backed up; records then
             stay in the ring, so the worker stops reading its socket.
     """
@@ -78,12 +98,18 @@ class LinkTable:
         on_data: Callable[[Slot, records.Record], None],
         on_closed: Callable[[Slot, str], None],
         can_deliver: Callable[[], bool],
+        on_notice: Callable[[Slot, int], None],
+        on_ended: Callable[[Slot], None],
+        window: int,
     ) -> None:
         self.slots = slots
         self.count = len(slots)
         self.on_data = on_data
         self.on_closed = on_closed
         self.can_deliver = can_deliver
+        self.on_notice = on_notice
+        self.on_ended = on_ended
+        self.window = window
         self.loop = asyncio.get_running_loop()
 
     # -- Links protocol (used by command handlers) --------------------------------
@@ -98,11 +124,95 @@ class LinkTable:
     def is_ready(self, link_id: int) -> bool:
         return self.slots[link_id].state is not SlotState.NO_WORKER
 
+    def can_send(self, link_id: int) -> bool:
+        slot = self.slots[link_id]
+        return slot.state is SlotState.OPEN and not slot.ended
+
+    # -- passive receive mode ---------------------------------------------------------
+
+    def set_passive(self, link_id: int, passive: bool) -> None:
+        slot = self.slots[link_id]
+        slot.passive = passive
+        if slot.control is not None:
+            self._send(slot, SetRecvWindow(self.window if passive else 0))
+        if not passive:
+            # Held data goes out as +IPD after the command's OK, not inside it.
+            self.loop.call_soon(self._release_held, slot)
+
+    def _release_held(self, slot: Slot) -> None:
+        if not slot.passive and slot.control is not None:
+            self.drain(slot)
+
+    def _deliver_partial(self, slot: Slot) -> None:
+        """Back in active mode: the rest of a record passive reads left in part."""
+        header = records.peek_record_header(slot.downlink)
+        rest = slot.downlink.peek(header.length - slot.offset, header.size + slot.offset)
+        slot.downlink.consume(header.total)
+        slot.reset_receive()
+        self.on_data(slot, records.Record(records.DATA, rest))
+
+    def is_passive(self, link_id: int) -> bool:
+        return self.slots[link_id].passive
+
+    def unread(self, link_id: int) -> int:
+        slot = self.slots[link_id]
+        if slot.passive and slot.state is SlotState.OPEN and slot.control is not None:
+            self._scan(slot)
+        return slot.unread if slot.state is SlotState.OPEN else 0
+
+    def read(self, link_id: int, limit: int) -> bytes:
+        """Take up to ``limit`` unread bytes of a passive link (AT+CIPRECVDATA)."""
+        slot = self.slots[link_id]
+        ring = slot.downlink
+        parts: list[bytes] = []
+        taken = 0
+        while taken < limit:
+            header = records.peek_record_header(ring)
+            if header is None or header.kind != records.DATA:
+                break
+            n = min(limit - taken, header.length - slot.offset)
+            parts.append(ring.peek(n, header.size + slot.offset))
+            taken += n
+            slot.pending -= n
+            slot.offset += n
+            if slot.offset == header.length:
+                ring.consume(header.total)
+                slot.scanned -= header.total
+                slot.offset = 0
+        slot.notified = False
+        return b"".join(parts)
+
+    def after_read(self, link_id: int) -> None:
+        """After AT+CIPRECVDATA's answer: announce what is left, or CLOSED."""
+        slot = self.slots[link_id]
+        if slot.passive and slot.control is not None:
+            self._scan(slot)
+
+    def _scan(self, slot: Slot) -> None:
+        """Count newly published records; notify, or end once all is read."""
+        while not slot.eof_seen:
+            header = records.peek_record_header(slot.downlink, slot.scanned)
+            if header is None:
+                break
+            if header.kind == records.EOF:
+                slot.eof_seen = True
+                break
+            slot.pending += header.length
+            slot.scanned += header.total
+        if slot.unread:
+            if not slot.notified:
+                slot.notified = True
+                self.on_notice(slot, slot.unread)
+        elif slot.eof_seen:
+            slot.eof_seen = False
+            self._take_eof(slot, records.get_record(slot.downlink))
+
     async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
         slot = self.slots[link_id]
         slot.conn_id = next(_conn_ids)
         slot.state = SlotState.CONNECTING
-        slot.silent = False
+        slot.silent = slot.ended = False
+        slot.reset_receive()
         slot.type = spec.type
         slot.waiter = self.loop.create_future()
         request = Connect(slot.conn_id, spec.type, spec.host, spec.port, spec.keep_alive,
@@ -170,6 +280,11 @@ class LinkTable:
             log.info("worker_ready", link_id=slot.link_id, pid=msg.pid)
             if slot.state is SlotState.NO_WORKER:
                 slot.state = SlotState.IDLE
+            if slot.passive:
+                self._send(slot, SetRecvWindow(self.window))
+        elif isinstance(msg, Ended) and msg.conn_id == slot.conn_id:
+            slot.ended = True
+            self.on_ended(slot)
         elif isinstance(msg, Connected) and msg.conn_id == slot.conn_id:
             self._on_connected(slot, msg)
         elif isinstance(msg, ConnectFailed) and msg.conn_id == slot.conn_id:
@@ -187,16 +302,28 @@ class LinkTable:
     def drain(self, slot: Slot) -> None:
         """Deliver the slot's records while the UART output can take them."""
         slot.downlink.clear_data_doorbell()
+        if slot.passive and slot.state is SlotState.OPEN:
+            self._scan(slot)
+            return
+        if slot.offset and self.can_deliver():
+            self._deliver_partial(slot)
+        slot.pending = slot.scanned = 0
+        slot.eof_seen = slot.notified = False
         while self.can_deliver():
             record = records.get_record(slot.downlink)
             if record is None:
                 return
             if record.kind == records.EOF:
-                conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")
-                if conn_text.isdigit() and int(conn_text) == slot.conn_id:
-                    self._end(slot, reason)
-            elif slot.state in (SlotState.OPEN, SlotState.CLOSING) and not slot.silent:
+                self._take_eof(slot, record)
+            elif slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive):
                 self.on_data(slot, record)
+
+    def _take_eof(self, slot: Slot, record: records.Record) -> None:
+        conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")
+        if conn_text.isdigit() and int(conn_text) == slot.conn_id:
+            self._end(slot, reason)
+        elif slot.passive:
+            self._scan(slot)  # a stale EOF: look past it
 
     def drain_all(self) -> None:
         for slot in self.slots:

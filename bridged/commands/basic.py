@@ -8,11 +8,11 @@ prints without a line end (AT+SYSMSG?, AT+SYSRAM?) use ``info(eol=False)``.
 from __future__ import annotations
 
 import bridged
-from bridged.at.format import info
+from bridged.at.format import info, q
 from bridged.at.params import Int, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context, UartSettings
-from bridged.commands.registry import Reply, handles
+from bridged.commands.registry import Reply, forms, handles, names
 
 # Fixed so that AT+GMR reads the same on every run of one release, in C's
 # __DATE__ __TIME__ layout (day space-padded), as ESP-AT prints its build time.
@@ -156,3 +156,14 @@ def uart_cur_set(ctx: Context, line: CommandLine) -> Reply:
 @handles("+UART", Kind.SET)
 def uart_def_set(ctx: Context, line: CommandLine) -> Reply:
     return _uart_reply(ctx, line, persist=True)
+
+
+@handles("+CMD", Kind.QUERY)
+def cmd_query(ctx: Context, line: CommandLine) -> Reply:
+    """The command list: index, name, then 0/1 for the test, query, set and execute forms."""
+    body = b""
+    for index, name in enumerate(names()):
+        have = forms(name)
+        flags = [int(kind in have) for kind in (Kind.TEST, Kind.QUERY, Kind.SET, Kind.EXECUTE)]
+        body += info("+CMD", index, q("AT" + name), *flags)
+    return Reply(body)

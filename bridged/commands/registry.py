@@ -97,3 +97,7 @@ def is_async(result: object) -> bool:
 
 def names() -> list[str]:
     return sorted({n for n, _ in _TABLE})
+
+
+def forms(name: str) -> set[Kind]:
+    return {kind for n, kind in _TABLE if n == name}

@@ -1,0 +1,120 @@
+"""The daemon as a service: systemd notification, the pty link, timing rules,
+and the TCP options AT+CIPSTART passes to the socket."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.harness import Daemon, Timeout
+
+
+def test_sd_notify_ready_and_watchdog(tmp_path, monkeypatch):
+    """Under systemd the supervisor sends READY=1 once serving, then WATCHDOG=1 pings."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")
+    daemon = Daemon(tmp_path).start()
+    try:
+        received = []
+        deadline = time.monotonic() + 10
+        while not any(b"WATCHDOG=1" in m for m in received):
+            assert time.monotonic() < deadline, received
+            received.append(sock.recv(4096))
+        assert any(m.startswith(b"READY=1") for m in received)
+        assert daemon.stop() == 0
+        sock.settimeout(2)
+        assert sock.recv(4096).startswith(b"STOPPING=1") or b"STOPPING=1" in sock.recv(4096)
+    finally:
+        daemon.stop()
+        sock.close()
+
+
+def test_stale_pty_link_is_replaced(tmp_path):
+    """A symlink left by a dead instance is replaced by the new pty."""
+    os.symlink("/dev/pts/nonexistent", tmp_path / "tty")
+    daemon = Daemon(tmp_path).start()
+    try:
+        assert os.readlink(daemon.link).startswith("/dev/pts/")
+        host = daemon.host()
+        host.expect(b"\r\nready\r\n")
+    finally:
+        assert daemon.stop() == 0
+    assert not os.path.lexists(daemon.link)  # removed at exit
+
+
+def test_urc_waits_after_a_final_result(make_daemon, echo_server):
+    """An unsolicited +IPD never directly follows SEND OK: it waits the profile's gap."""
+    daemon = make_daemon("[uart]\nurc_gap_ms = 60\n")
+    host = daemon.host()
+    host.boot()
+    host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port)
+    for _ in range(3):
+        host.write(b"AT+CIPSEND=3\r\n")
+        host.expect(b">")
+        host.write(b"gap")
+        host.expect(b"SEND OK\r\n")
+        sent_ok = time.monotonic()
+        host.expect(b"+IPD,3:gap")
+        assert time.monotonic() - sent_ok >= 0.05
+
+
+def test_local_ip_bind(host):
+    """AT+CIPSTART's <local IP> binds the socket: the peer sees that address."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = server.getsockname()[1]
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,"127.0.0.2"' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        conn, peer = server.accept()
+        assert peer[0] == "127.0.0.2"
+        conn.close()
+    finally:
+        server.close()
+
+
+def test_connect_timeout(host):
+    """A connect that cannot complete ends with ERROR within AT+CIPSTART's <timeout>."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        # Fill the accept queue so that further SYNs are dropped and connects hang.
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,,600' % port, timeout=10) == b"\r\nERROR\r\n"
+        assert 0.5 <= time.monotonic() - started < 3
+    finally:
+        for s in fillers:
+            s.close()
+        server.close()
+
+
+@pytest.mark.skipif(subprocess.run(["which", "ss"], capture_output=True).returncode != 0, reason="needs ss (iproute2)")
+def test_keep_alive_reaches_the_socket(host, echo_server):
+    """keep_alive in AT+CIPSTART switches SO_KEEPALIVE on with that idle time."""
+    host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,60' % echo_server.port)
+    conn = echo_server.wait_connections(1)[0]
+    local_port = conn.getpeername()[1]
+    out = subprocess.run(["ss", "-tno", "state", "established", f"sport = :{local_port}"],
+                         capture_output=True, text=True, timeout=10).stdout
+    m = re.search(r"timer:\(keepalive,(\d+)(min|sec|ms)", out)
+    assert m, out
+    assert m.group(2) in ("sec", "min")  # about a minute, not the kernel's 2 h default

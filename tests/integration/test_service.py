@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -118,3 +119,49 @@ def test_keep_alive_reaches_the_socket(host, echo_server):
     m = re.search(r"timer:\(keepalive,(\d+)(min|sec|ms)", out)
     assert m, out
     assert m.group(2) in ("sec", "min")  # about a minute, not the kernel's 2 h default
+
+
+def test_serial_port_mode(tmp_path):
+    """--port opens a serial device with pyserial (here a pty's slave end) and serves AT on it."""
+    import termios
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    device = os.ttyname(slave)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[wifi]\nstation_interface = "lo"\n[uart]\nbaud = 921600\nflow_control = "rtscts"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--port", device,
+         "--state-dir", str(tmp_path / "s")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        os.set_blocking(master, False)
+        buf = b""
+        deadline = time.monotonic() + 10
+        while b"\r\nready\r\n" not in buf:
+            assert time.monotonic() < deadline, buf
+            time.sleep(0.02)
+            try:
+                buf += os.read(master, 4096)
+            except BlockingIOError:
+                pass
+        attrs = termios.tcgetattr(slave)
+        assert attrs[4] == termios.B921600  # the configured speed reached the port
+        assert attrs[2] & termios.CRTSCTS
+        os.write(master, b"AT+UART_CUR?\r\n")
+        buf = b""
+        while b"\r\nOK\r\n" not in buf:
+            assert time.monotonic() < deadline, buf
+            time.sleep(0.02)
+            try:
+                buf += os.read(master, 4096)
+            except BlockingIOError:
+                pass
+        assert buf == b"AT+UART_CUR?\r\n+UART_CUR:921600,8,1,0,3\r\n\r\nOK\r\n"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        os.close(master)
+        os.close(slave)

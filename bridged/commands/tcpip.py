@@ -9,7 +9,9 @@ texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 
 from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
 from bridged.at.format import PROMPT, closed, connect, fields, info, link_conn, q
@@ -22,7 +24,8 @@ from bridged.commands.wifi import station_ip
 __all__ = ["connected_message"]
 
 ALL_LINKS = 5  # "max": AT+CIPCLOSE=5 closes every link
-CLIENT_TYPES = ("TCP", "TCPv6")
+STREAM_TYPES = ("TCP", "TCPv6")
+DATAGRAM_TYPES = ("UDP", "UDPv6")
 
 
 def _link_id_spec(ctx: Context) -> Int:
@@ -68,6 +71,7 @@ def cipmux_set(ctx: Context, line: CommandLine) -> Reply:
 # -- AT+CIPSTART / AT+CIPSTARTEX ----------------------------------------------------
 
 _TCP_TAIL = (Int(0, 7200, None), Str(64, ""), Int(0, 60000, 0))
+_UDP_TAIL = (Int(0, 65535, 0), Int(0, 2, None), Str(64, ""), Int(0, 60000, 0))
 
 
 def _check_host(ctx: Context, type_: str, host: str) -> None:
@@ -78,9 +82,9 @@ def _check_host(ctx: Context, type_: str, host: str) -> None:
     except ValueError:
         return  # a name: resolved by the link worker
     if addr.version == 6 and not type_.endswith("v6"):
-        raise ExecFail("unmatched type and remote host: an IPv6 address needs TCPv6")
+        raise ExecFail(f"unmatched type and remote host: an IPv6 address needs {type_}v6")
     if addr.version == 4 and type_.endswith("v6"):
-        raise ExecFail("unmatched type and remote host: TCPv6 needs an IPv6 address")
+        raise ExecFail(f"unmatched type and remote host: {type_} needs an IPv6 address")
 
 
 def _connect_spec(ctx: Context, tokens: tuple) -> ConnectSpec:
@@ -88,15 +92,25 @@ def _connect_spec(ctx: Context, tokens: tuple) -> ConnectSpec:
     if not tokens:
         raise ParamCountMismatch("AT+CIPSTART needs a type", 0)
     (type_,) = bind(tokens[:1], (Str(6),))
-    if type_ not in CLIENT_TYPES:
-        raise ExecFail(f"connection type {type_!r} is not supported yet (TCP, TCPv6)")
+    if type_ not in STREAM_TYPES + DATAGRAM_TYPES:
+        raise ExecFail(f"connection type {type_!r} is not supported yet (TCP, TCPv6, UDP, UDPv6)")
     if type_.endswith("v6") and not ctx.state.cipv6:
         raise ExecFail("IPv6 is disabled: AT+CIPV6=1 first")
+    if type_ in DATAGRAM_TYPES:
+        return _udp_spec(ctx, type_, tokens[1:])
     host, port, keep_alive, local_ip, timeout = bind(tokens[1:], (Str(64), Int(1, 65535)) + _TCP_TAIL)
     _check_host(ctx, type_, host)
     if keep_alive is not None:
         ctx.state.keep_alive = keep_alive  # shared with AT+CIPTCPOPT; the later wins
     return ConnectSpec(type_, host, port, ctx.state.keep_alive, local_ip, timeout)
+
+
+def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
+    host, port, local_port, mode, local_ip, timeout = bind(tokens, (Str(64), Int(0, 65535)) + _UDP_TAIL)
+    _check_host(ctx, type_, host)
+    if mode is not None and not local_port:
+        raise ExecFail("UDP <mode> needs <local port> first")
+    return ConnectSpec(type_, host, port, 0, local_ip, timeout, local_port, mode or 0)
 
 
 async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
@@ -138,22 +152,42 @@ def cipstartex(ctx: Context, line: CommandLine):
 
 
 @handles("+CIPSEND", Kind.SET)
-def cipsend(ctx: Context, line: CommandLine) -> Reply:
+def cipsend(ctx: Context, line: CommandLine):
     if ctx.state.cipmode != 0:
         raise ExecFail("IPMODE=1: the set form of AT+CIPSEND needs AT+CIPMODE=0")
     length_spec = Int(1, ctx.config.links.cipsend_max)
+    tail = (Str(64, ""), Int(0, 65535, None))
     if ctx.mux:
-        link_id, length, host, port = bind(
-            line.tokens, (_link_id_spec(ctx), length_spec, Str(64, ""), Int(0, 65535, 0))
-        )
+        link_id, length, host, port = bind(line.tokens, (_link_id_spec(ctx), length_spec) + tail)
     else:
-        length, host, port = bind(line.tokens, (length_spec, Str(64, ""), Int(0, 65535, 0)))
+        length, host, port = bind(line.tokens, (length_spec,) + tail)
         link_id = 0
     if not ctx.links.can_send(link_id):
         raise ExecFail(f"invalid link: link {link_id} is not connected")
-    if host or port:
+    if not host and port is None:
+        return Reply(final=PROMPT, send=SendRequest(link_id, length))
+    view = ctx.links.view(link_id)
+    if not view.type.startswith("UDP"):
         raise ExecFail("a remote host and port are for UDP links only")
-    return Reply(final=PROMPT, send=SendRequest(link_id, length))
+    if not host or port is None:
+        raise ParamCountMismatch("AT+CIPSEND needs both <remote host> and <remote port>")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return _udp_send(ctx, view, link_id, length, host, port)  # a name: resolve first
+    if (ip.version == 6) != view.type.endswith("v6"):
+        raise ExecFail(f"unmatched type and remote host: {host} on a {view.type} link")
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, (str(ip), port)))
+
+
+async def _udp_send(ctx: Context, view: LinkView, link_id: int, length: int, host: str, port: int) -> Reply:
+    """AT+CIPSEND to a UDP peer of the MCU's choosing, for this datagram only."""
+    family = socket.AF_INET6 if view.type.endswith("v6") else socket.AF_INET
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ExecFail(f"unknown host {host}: {exc}") from None
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, infos[0][4][:2]))
 
 
 # -- AT+CIPCLOSE ----------------------------------------------------------------------

@@ -3,7 +3,8 @@
 front -> worker (the link's control socket): ``Connect``, ``Close``,
 ``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread).
 worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
-``Ended`` (the socket is gone; sends can no longer succeed).
+``Ended`` (the socket is gone; sends can no longer succeed), ``RemoteChanged``
+(a UDP link's remote moved, AT+CIPSTART <mode> 1 or 2).
 supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
 front end of the new worker's control socket), ``Shutdown``.
 front -> supervisor: ``FrontReady``, ``Heartbeat``.
@@ -26,6 +27,7 @@ __all__ = [
     "Close",
     "SetRecvWindow",
     "Ended",
+    "RemoteChanged",
     "Hello",
     "Connected",
     "ConnectFailed",
@@ -67,6 +69,14 @@ class SetRecvWindow:
 class Ended:
     conn_id: int
     reason: str
+
+
+@message
+@dataclass(frozen=True)
+class RemoteChanged:
+    conn_id: int
+    remote_ip: str
+    remote_port: int
 
 
 @message

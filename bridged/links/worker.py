@@ -31,15 +31,26 @@ import structlog
 
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, Hello, SetRecvWindow
+from bridged.ipc.messages import (
+    Close,
+    Connect,
+    ConnectFailed,
+    Connected,
+    Ended,
+    Hello,
+    RemoteChanged,
+    SetRecvWindow,
+)
 from bridged.ipc.rings import Ring
 from bridged.links.tcp import open_tcp
+from bridged.links.udp import open_udp
 
 __all__ = ["Worker"]
 
 log = structlog.get_logger()
 
 _RECORDS_PER_WAKEUP = 16  # bound one wake-up's work so other fds get their turn
+_MAX_DATAGRAM = 65536
 
 
 class Worker:
@@ -65,6 +76,13 @@ class Worker:
         self.stats = {"up": 0, "down": 0}
         self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._reading = False
+        # UDP: datagrams keep their boundaries both ways; the remote may move
+        # (AT+CIPSTART <mode> 1: once, 2: to every sender).
+        self.datagram = False
+        self.remote: tuple | None = None
+        self.udp_mode = 0
+        self.retargeted = False
+        self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
         self._done = self.loop.create_future()
@@ -132,20 +150,25 @@ class Worker:
         self.connecting = self.loop.create_task(self._connect(msg))
 
     async def _connect(self, msg: Connect) -> None:
+        datagram = msg.link_type.startswith("UDP")
         try:
-            sock = await open_tcp(msg, self.connect_timeout_ms)
+            if datagram:
+                sock, remote = await open_udp(msg, self.connect_timeout_ms)
+            else:
+                sock = await open_tcp(msg, self.connect_timeout_ms)
+                remote = sock.getpeername()
         except (OSError, TimeoutError) as exc:
-            reason = "connect timed out" if isinstance(exc, TimeoutError) else str(exc)
-            log.warning("connect_failed", host=msg.host, port=msg.port, reason=reason)
+            reason = _reason(exc)
+            log.warning("connect_failed", type=msg.link_type, host=msg.host, port=msg.port, reason=reason)
             self.conn_id = None
             self._reply(ConnectFailed(msg.conn_id, reason))
             return
         finally:
             self.connecting = None
         self.sock = sock
+        self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, msg.udp_mode, False
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
         local = sock.getsockname()
-        remote = sock.getpeername()
         log.info("link_opened", type=msg.link_type, remote=remote[0], port=remote[1], local_port=local[1])
         self._reply(Connected(msg.conn_id, remote[0], remote[1], local[0], local[1]))
         self._resume_reading()
@@ -155,6 +178,9 @@ class Worker:
 
     def _on_uplink(self) -> None:
         self.uplink.clear_data_doorbell()
+        if self.datagram:
+            self._send_datagrams()
+            return
         while self.sock is not None and self.uplink.available():
             views = self.uplink.readable_views(self.uplink.available())
             try:
@@ -176,6 +202,24 @@ class Worker:
             self.uplink.consume(sent)
             self.stats["up"] += sent
 
+    def _send_datagrams(self) -> None:
+        """Each uplink record is one datagram, to its own address or the remote."""
+        while self.sock is not None:
+            header = records.peek_record_header(self.uplink)
+            if header is None:
+                return
+            payload = self.uplink.peek(header.length, header.size)
+            try:
+                self.sock.sendto(payload, header.addr or self.remote)
+            except BlockingIOError:
+                self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                return
+            except OSError as exc:
+                # A datagram that cannot go is lost, as lwIP would lose it.
+                log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=_reason(exc))
+            self.uplink.consume(header.total)
+            self.stats["up"] += header.length
+
     def _on_writable(self) -> None:
         if self.sock is not None:
             self.loop.remove_writer(self.sock.fileno())
@@ -184,6 +228,9 @@ class Worker:
     # -- downlink: socket -> ring ---------------------------------------------------
 
     def _on_readable(self) -> None:
+        if self.datagram:
+            self._recv_datagrams()
+            return
         for _ in range(_RECORDS_PER_WAKEUP):
             if self.sock is None:
                 return
@@ -207,6 +254,42 @@ class Worker:
                 self._wait_space(self._resume_reading)
                 return
             self.stats["down"] += n
+
+    def _recv_datagrams(self) -> None:
+        for _ in range(_RECORDS_PER_WAKEUP):
+            if self.sock is None:
+                return
+            room = self.downlink.capacity // 2  # every datagram we keep fits in this
+            if not self.window and self.downlink.free() < room:
+                # Active mode: wait for the front rather than drop.
+                self._pause_reading()
+                self._wait_space(self._resume_reading)
+                return
+            try:
+                n, sender = self.sock.recvfrom_into(self._dgram_buf)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("receive_failed", reason=_reason(exc))
+                return
+            self._retarget(sender)
+            unread = self.downlink.available()
+            if n > room - 32 or (self.window and unread + n > self.window):
+                # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+                log.debug("datagram_dropped", length=n, unread=unread)
+                continue
+            with memoryview(self._dgram_buf) as view:
+                records.put_record(self.downlink, records.DATA, view[:n], sender)
+            self.stats["down"] += n
+
+    def _retarget(self, sender: tuple) -> None:
+        """AT+CIPSTART's UDP <mode>: 1 moves the remote once, 2 to every sender."""
+        if self.udp_mode == 0 or sender[:2] == self.remote[:2]:
+            return
+        if self.udp_mode == 1 and self.retargeted:
+            return
+        self.remote, self.retargeted = sender, True
+        self._reply(RemoteChanged(self.conn_id, sender[0], sender[1]))
 
     def _pause_reading(self) -> None:
         if self._reading and self.sock is not None:
@@ -265,6 +348,7 @@ class Worker:
         self._reading = False
         self.sock.close()
         self.sock = None
+        self.datagram = False
 
     def _put_eof(self, conn_id: int, reason: str) -> None:
         self._pending_eof.append(f"{conn_id} {reason}".encode())
@@ -277,3 +361,14 @@ class Worker:
                     self._wait_space(lambda: None)
                 return
             self._pending_eof.pop(0)
+
+
+def _reason(exc: BaseException) -> str:
+    """A log-friendly reason; ESP-AT's MCU only ever sees ERROR."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, PermissionError):
+        return f"{exc.strerror}: ports below 1024 need CAP_NET_BIND_SERVICE"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -74,8 +74,10 @@ def factory_uart(config: Config) -> UartSettings:
 class _PendingSend:
     slot: Slot
     conn_id: int | None
-    end: int  # uplink write index after the last byte of this send
+    end: int | None  # uplink write index after this send's last byte (a datagram: once queued)
     complete: bool = False  # all payload bytes received from the MCU
+    datagram: bytearray | None = None  # UDP: the payload, queued whole as one record
+    remote: tuple[str, int] | None = None  # UDP: AT+CIPSEND's own remote host and port
 
 
 class Front:
@@ -345,25 +347,34 @@ class Front:
 
     def _start_send(self, request: SendRequest) -> None:
         slot = self.links.slots[request.link_id]
-        self.sending = _PendingSend(slot, slot.conn_id, slot.uplink.write_index + request.length)
+        if slot.type.startswith("UDP"):
+            self.sending = _PendingSend(slot, slot.conn_id, None, datagram=bytearray(), remote=request.remote)
+        else:
+            self.sending = _PendingSend(slot, slot.conn_id, slot.uplink.write_index + request.length)
         self.parser.expect_data(request.length)
 
     def _process_data(self) -> bool:
         """Move payload into the uplink ring; False when we must wait."""
         send = self.sending
-        ring = send.slot.uplink
-        alive = send.slot.conn_id == send.conn_id and not send.slot.ended
-        event = self.parser.next_event(limit=ring.free() if alive else None)
-        if isinstance(event, DataChunk):
-            if alive:
-                ring.put_nowait(event.data)
-            return True
+        if send.datagram is not None:  # one send = one datagram: gather it whole
+            event = self.parser.next_event()
+            if isinstance(event, DataChunk):
+                send.datagram += event.data
+        else:
+            ring = send.slot.uplink
+            alive = self._send_alive(send)
+            event = self.parser.next_event(limit=ring.free() if alive else None)
+            if isinstance(event, DataChunk):
+                if alive:
+                    ring.put_nowait(event.data)
+            elif event is NEED_DATA and alive and ring.free() == 0:
+                self._pause_reading()  # resumed by the worker's progress doorbell
         if isinstance(event, DataComplete):
             self._payload_complete(event.length)
-            return True
-        if alive and ring.free() == 0:
-            self._pause_reading()  # resumed by the worker's progress doorbell
-        return False
+        return event is not NEED_DATA
+
+    def _send_alive(self, send: _PendingSend) -> bool:
+        return send.slot.conn_id == send.conn_id and not send.slot.ended
 
     def _payload_complete(self, length: int) -> None:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
@@ -372,6 +383,17 @@ class Front:
         self.sending.complete = True
         self.busy = True
         self._check_send()
+
+    def _queue_datagram(self, send: _PendingSend) -> None:
+        ring = send.slot.uplink
+        try:
+            queued = records.put_record(ring, records.DATA, send.datagram, send.remote)
+        except ValueError as exc:  # larger than the ring could ever hold: a config mistake
+            log.error("datagram_too_large", length=len(send.datagram), why=str(exc))
+            send.conn_id = None
+            return
+        if queued:  # else: retried on the worker's next progress doorbell
+            send.end = ring.write_index
 
     def _on_uplink_progress(self, slot: Slot) -> None:
         slot.uplink.clear_space_doorbell()
@@ -387,9 +409,11 @@ class Front:
         send = self.sending
         if send is None or not send.complete:
             return
-        if send.slot.uplink.read_index >= send.end:
+        if send.end is None and self._send_alive(send):
+            self._queue_datagram(send)
+        if send.end is not None and send.slot.uplink.read_index >= send.end:
             self._finish_send(fmt.SEND_OK)
-        elif send.slot.conn_id != send.conn_id or send.slot.ended:
+        elif not self._send_alive(send):
             self._finish_send(fmt.SEND_FAIL)
 
     def _finish_send(self, result: bytes) -> None:
@@ -413,7 +437,7 @@ class Front:
         self._check_send()
         remote = None
         if self.ctx.state.cipdinfo and slot.view is not None:
-            remote = (slot.view.remote_ip, slot.view.remote_port)
+            remote = record.addr or (slot.view.remote_ip, slot.view.remote_port)
         head = fmt.ipd_active(self.ctx.link_arg(slot.link_id), len(record.payload), remote)
         self.output.urc(head + record.payload)
 

@@ -19,7 +19,7 @@ import enum
 import itertools
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import structlog
@@ -28,7 +28,16 @@ from bridged.at.errors import ExecFail
 from bridged.commands.context import ConnectSpec, LinkView
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, Hello, SetRecvWindow
+from bridged.ipc.messages import (
+    Close,
+    Connect,
+    ConnectFailed,
+    Connected,
+    Ended,
+    Hello,
+    RemoteChanged,
+    SetRecvWindow,
+)
 from bridged.ipc.rings import Ring
 
 __all__ = ["SlotState", "Slot", "LinkTable"]
@@ -179,6 +188,8 @@ class LinkTable:
                 ring.consume(header.total)
                 slot.scanned -= header.total
                 slot.offset = 0
+            if slot.type.startswith("UDP"):
+                break  # one read never joins two datagrams
         slot.notified = False
         return b"".join(parts)
 
@@ -282,6 +293,8 @@ class LinkTable:
                 slot.state = SlotState.IDLE
             if slot.passive:
                 self._send(slot, SetRecvWindow(self.window))
+        elif isinstance(msg, RemoteChanged) and msg.conn_id == slot.conn_id and slot.view is not None:
+            slot.view = replace(slot.view, remote_ip=msg.remote_ip, remote_port=msg.remote_port)
         elif isinstance(msg, Ended) and msg.conn_id == slot.conn_id:
             slot.ended = True
             self.on_ended(slot)

@@ -34,12 +34,14 @@ class Timeout(AssertionError):
 class Daemon:
     """bridged run on a pty, with a config written for the test."""
 
-    def __init__(self, tmp: Path, config: str = "", args: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp: Path, config: str = "", args: tuple[str, ...] = (),
+                 wrap: tuple[str, ...] = (), station: str = "lo") -> None:
         self.tmp = tmp
         self.link = str(tmp / "tty")
         self.state_dir = tmp / "state"
         self.config_path = tmp / "bridged.toml"
-        self.config_path.write_text('[wifi]\nstation_interface = "lo"\n' + config)
+        self.config_path.write_text(f'[wifi]\nstation_interface = "{station}"\n' + config)
+        self.wrap = wrap  # e.g. ("ip", "netns", "exec", NAME): run inside a test host
         self.log_path = tmp / "bridged.log"
         self.args = args
         self.proc: subprocess.Popen | None = None
@@ -49,7 +51,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bridged", "run", "--config", str(self.config_path),
+            [*self.wrap, sys.executable, "-m", "bridged", "run", "--config", str(self.config_path),
              "--pty", self.link, "--state-dir", str(self.state_dir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )

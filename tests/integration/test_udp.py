@@ -1,0 +1,200 @@
+"""UDP links end to end: datagram boundaries, remote modes, passive reads,
+IPv6, low ports, and broadcast/multicast between two test hosts."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.harness import Daemon, Demux
+from tests.netns import netns_available, veth_pair
+
+
+def _udp(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(5)
+    return sock
+
+
+def _free_udp_port() -> int:
+    with _udp() as s:
+        return s.getsockname()[1]
+
+
+def _state_remote(host, link_id: int) -> tuple[str, int]:
+    answer = host.ask(b"AT+CIPSTATE?")
+    m = re.search(rb'\+CIPSTATE:%d,"UDP","([^"]+)",(\d+),' % link_id, answer)
+    assert m, answer
+    return m.group(1).decode(), int(m.group(2))
+
+
+@pytest.fixture
+def mux_host(host):
+    host.command(b"AT+CIPMUX=1")
+    host.command(b"AT+CIPDINFO=1")
+    return host
+
+
+def test_one_send_is_one_datagram_and_back(mux_host):
+    """Each AT+CIPSEND is one datagram; each datagram is one +IPD with its sender."""
+    peer = _udp()
+    port = peer.getsockname()[1]
+    local = _free_udp_port()
+    assert mux_host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d,%d' % (port, local)) == b"0,CONNECT\r\n\r\nOK\r\n"
+    demux = Demux(mux_host)
+    for size in (1, 700, 1472):
+        payload = bytes([size % 251]) * size
+        assert demux.send(0, payload).endswith(b"SEND OK\r\n")
+        data, addr = peer.recvfrom(65536)
+        assert data == payload and addr == ("127.0.0.1", local)
+    peer.sendto(b"one", ("127.0.0.1", local))
+    peer.sendto(b"two", ("127.0.0.1", local))
+    assert mux_host.expect(b"two") == b'\r\n+IPD,0,3,"127.0.0.1",%d:one\r\n+IPD,0,3,"127.0.0.1",%d:two' % (port, port)
+    assert _state_remote(mux_host, 0) == ("127.0.0.1", port)
+    peer.close()
+
+
+@pytest.mark.parametrize("mode, expected", [(0, "a"), (1, "b"), (2, "c")])
+def test_remote_update_modes(mux_host, mode, expected):
+    """<mode> 0 keeps the remote, 1 moves it to the first other sender once, 2 to every sender."""
+    peers = {name: _udp() for name in "abc"}
+    ports = {name: s.getsockname()[1] for name, s in peers.items()}
+    local = _free_udp_port()
+    mux_host.ask(b'AT+CIPSTART=1,"UDP","127.0.0.1",%d,%d,%d' % (ports["a"], local, mode))
+    for name in "bc":
+        peers[name].sendto(name.encode(), ("127.0.0.1", local))
+        assert mux_host.read_ipd() == (1, name.encode())
+    assert _state_remote(mux_host, 1) == ("127.0.0.1", ports[expected])
+    Demux(mux_host).send(1, b"reply")
+    assert peers[expected].recvfrom(100)[0] == b"reply"
+    for s in peers.values():
+        s.close()
+
+
+def test_cipsend_to_a_named_remote(mux_host):
+    """AT+CIPSEND=<id>,<len>,<host>,<port> sends this datagram there; the link's remote stays."""
+    home, other = _udp(), _udp()
+    mux_host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d' % home.getsockname()[1])
+    host = mux_host
+    host.write(b'AT+CIPSEND=2,5,"127.0.0.1",%d\r\n' % other.getsockname()[1])
+    host.expect(b">")
+    host.write(b"there")
+    host.expect(b"SEND OK\r\n")
+    assert other.recvfrom(100)[0] == b"there"
+    host.write(b'AT+CIPSEND=2,4,"localhost",%d\r\n' % other.getsockname()[1])
+    host.expect(b">")
+    host.write(b"name")
+    host.expect(b"SEND OK\r\n")
+    assert other.recvfrom(100)[0] == b"name"
+    assert _state_remote(host, 2) == ("127.0.0.1", home.getsockname()[1])
+    assert host.ask(b'AT+CIPSEND=2,4,"127.0.0.1"') == b"\r\nERROR\r\n"  # host without port
+    home.close()
+    other.close()
+
+
+def test_passive_reads_keep_datagram_boundaries(mux_host):
+    """In passive mode a read returns at most one datagram, however large <len> is."""
+    peer = _udp()
+    local = _free_udp_port()
+    mux_host.command(b"AT+CIPRECVTYPE=5,1")
+    mux_host.ask(b'AT+CIPSTART=3,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer.sendto(b"first", ("127.0.0.1", local))
+    peer.sendto(b"second", ("127.0.0.1", local))
+    mux_host.expect(b"\r\n+IPD,3,")
+    port = peer.getsockname()[1]
+    assert mux_host.ask(b"AT+CIPRECVDATA=3,100").endswith(b'+CIPRECVDATA:5,"127.0.0.1",%d,first\r\nOK\r\n' % port)
+    assert mux_host.ask(b"AT+CIPRECVDATA=3,100").endswith(b'+CIPRECVDATA:6,"127.0.0.1",%d,second\r\nOK\r\n' % port)
+    peer.close()
+
+
+def test_udpv6_echo(host):
+    """UDPv6 on ::1, once AT+CIPV6=1."""
+    peer = _udp("::1", socket.AF_INET6)
+    host.command(b"AT+CIPV6=1")
+    assert host.ask(b'AT+CIPSTART="UDPv6","::1",%d,0' % peer.getsockname()[1]) == b"CONNECT\r\n\r\nOK\r\n"
+    host.command(b"AT+CIPSEND=2", b">")
+    host.write(b"v6")
+    host.expect(b"SEND OK\r\n")
+    data, addr = peer.recvfrom(100)
+    assert data == b"v6"
+    peer.sendto(b"6v", addr)
+    assert host.read_ipd() == (None, b"6v")
+    assert host.ask(b'AT+CIPSTART="UDP","::1",9') == b"\r\nERROR\r\n"  # a v6 address needs UDPv6
+    peer.close()
+
+
+def test_low_local_port(host):
+    """Drivers ask for small local ports; with CAP_NET_BIND_SERVICE (root here) they work."""
+    peer = _udp()
+    answer = host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,10,0' % peer.getsockname()[1])
+    assert answer == b"CONNECT\r\n\r\nOK\r\n"
+    host.command(b"AT+CIPSEND=1", b">")
+    host.write(b"!")
+    host.expect(b"SEND OK\r\n")
+    assert peer.recvfrom(10) == (b"!", ("127.0.0.1", 10))
+    peer.close()
+
+
+@pytest.mark.skipif(subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0, reason="needs setpriv")
+def test_low_port_without_capability_is_refused(tmp_path):
+    """Without CAP_NET_BIND_SERVICE a port below 1024 answers ERROR, and the log says why."""
+    daemon = Daemon(tmp_path, wrap=("setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-all")).start()
+    try:
+        host = daemon.host()
+        host.boot()
+        assert host.ask(b'AT+CIPSTART="UDP","127.0.0.1",9,11,0') == b"\r\nERROR\r\n"
+        failed = daemon.wait_event("connect_failed")
+        assert "CAP_NET_BIND_SERVICE" in failed[-1]["reason"]
+    finally:
+        assert daemon.stop() == 0
+
+
+_PEER = textwrap.dedent(
+    """
+    import socket, struct, sys
+    mode, group, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.bind(("", port))
+    if mode == "multicast":
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + b"\\0\\0\\0\\0")
+    s.settimeout(10)
+    print("ready", flush=True)
+    data, addr = s.recvfrom(2000)
+    reply = b"ack:" + data
+    s.sendto(reply, (group, addr[1]) if mode == "multicast" else ("255.255.255.255", addr[1]))
+    print(addr[0], data.decode(), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
+@pytest.mark.parametrize("mode, remote", [("broadcast", "255.255.255.255"), ("multicast", "239.7.7.7")])
+def test_broadcast_and_multicast_between_hosts(tmp_path, mode, remote):
+    """A broadcast or multicast remote sends to and receives from the whole segment (two namespaces)."""
+    with veth_pair() as net:
+        daemon = Daemon(tmp_path, wrap=net.exec_a(), station="veth0").start()
+        peer = subprocess.Popen([*net.exec_b(), sys.executable, "-c", _PEER, mode, remote, "5000"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert peer.stdout.readline().strip() == "ready"
+            host = daemon.host()
+            host.boot()
+            host.command(b"AT+CIPDINFO=1")
+            assert host.ask(b'AT+CIPSTART="UDP","%s",5000,5001,0' % remote.encode()) == b"CONNECT\r\n\r\nOK\r\n"
+            host.command(b"AT+CIPSEND=5", b">")
+            host.write(b"hello")
+            host.expect(b"SEND OK\r\n")
+            assert peer.stdout.readline().split() == [net.a_ip, "hello"]
+            assert host.expect(b"ack:hello") == b'\r\n+IPD,9,"%s",5000:ack:hello' % net.b_ip.encode()
+        finally:
+            peer.kill()
+            peer.wait(5)
+            assert daemon.stop() == 0

@@ -1,0 +1,80 @@
+"""Test hosts in network namespaces: two namespaces joined by a veth pair.
+
+Only addresses inside the namespaces this module creates are ever used, so
+broadcast and multicast tests never leave the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+__all__ = ["Pair", "veth_pair", "netns_available"]
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def netns_available() -> str | None:
+    """None when namespaces can be made here, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    name = f"brp{uuid.uuid4().hex[:8]}"
+    try:
+        _ip("netns", "add", name)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"ip netns add failed: {exc}"
+    _ip("netns", "del", name)
+    return None
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: str  # namespace names
+    b: str
+    a_if: str  # interface names inside them
+    b_if: str
+    a_ip: str  # IPv4 addresses on 10.200.N.0/24 inside the namespaces
+    b_ip: str
+    a_ip6: str
+    b_ip6: str
+
+    def exec_a(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.a)
+
+    def exec_b(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.b)
+
+
+@contextmanager
+def veth_pair():
+    """Namespaces A and B, 10.200.x.1/24 and .2/24 (fd00:200::1, ::2), with routes for multicast."""
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"bra{tag}", f"brb{tag}"
+    subnet = int(tag[:2], 16) % 200 + 20
+    pair = Pair(a, b, "veth0", "veth0", f"10.200.{subnet}.1", f"10.200.{subnet}.2",
+                f"fd00:200:{subnet}::1", f"fd00:200:{subnet}::2")
+    _ip("netns", "add", a)
+    try:
+        _ip("netns", "add", b)
+        try:
+            _ip("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
+            _ip("link", "set", f"va{tag}", "netns", a)
+            _ip("link", "set", f"vb{tag}", "netns", b)
+            for ns, old, ip4, ip6 in ((a, f"va{tag}", pair.a_ip, pair.a_ip6), (b, f"vb{tag}", pair.b_ip, pair.b_ip6)):
+                _ip("-n", ns, "link", "set", old, "name", "veth0")
+                _ip("-n", ns, "addr", "add", f"{ip4}/24", "broadcast", "+", "dev", "veth0")
+                _ip("-n", ns, "-6", "addr", "add", f"{ip6}/64", "dev", "veth0", "nodad")
+                _ip("-n", ns, "link", "set", "veth0", "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "veth0")
+                _ip("-n", ns, "route", "add", "255.255.255.255/32", "dev", "veth0")
+            yield pair
+        finally:
+            _ip("netns", "del", b)
+    finally:
+        _ip("netns", "del", a)

@@ -134,6 +134,10 @@ class Links(Protocol):
 
     async def close(self, link_id: int) -> None: ...
 
+    def server_links(self) -> list[int]: ...
+
+    def free_ids(self) -> list[int]: ...
+
 
 @dataclass
 class Context:
@@ -147,6 +151,7 @@ class Context:
     restart: Callable[[bool], Any]  # AT+RST (False) / AT+RESTORE (True)
     apply_uart: Callable[[UartSettings], None]  # reconfigure the port now
     uart: UartSettings
+    server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -62,7 +62,7 @@ def cipmux_set(ctx: Context, line: CommandLine) -> Reply:
         raise ExecFail(f"connection exists: links {busy} are open")
     if mode == 1 and ctx.state.cipmode != 0:
         raise ExecFail("IPMODE != 0: AT+CIPMODE=0 first")
-    if mode == 0 and ctx.extra.get("server_running"):
+    if mode == 0 and ctx.server.running:
         raise ExecFail("CIPSERVER != 0: AT+CIPSERVER=0 first")
     ctx.state.cipmux = mode
     return Reply()

@@ -1,6 +1,7 @@
 """The control messages between processes.
 
-front -> worker (the link's control socket): ``Connect``, ``Close``,
+front -> worker (the link's control socket): ``Connect``, ``Adopt`` (with the
+fd of a client the front's AT+CIPSERVER listener accepted), ``Close``,
 ``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread).
 worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
 ``Ended`` (the socket is gone; sends can no longer succeed), ``RemoteChanged``
@@ -24,6 +25,7 @@ from bridged.ipc.control import message
 
 __all__ = [
     "Connect",
+    "Adopt",
     "Close",
     "SetRecvWindow",
     "Ended",
@@ -50,6 +52,14 @@ class Connect:
     timeout_ms: int = 0
     local_port: int = 0
     udp_mode: int = 0
+
+
+@message
+@dataclass(frozen=True)
+class Adopt:
+    conn_id: int
+    link_type: str
+    keep_alive: int = 0
 
 
 @message

@@ -32,6 +32,7 @@ import structlog
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import (
+    Adopt,
     Close,
     Connect,
     ConnectFailed,
@@ -42,7 +43,7 @@ from bridged.ipc.messages import (
     SetRecvWindow,
 )
 from bridged.ipc.rings import Ring
-from bridged.links.tcp import open_tcp
+from bridged.links.tcp import apply_keep_alive, open_tcp
 from bridged.links.udp import open_udp
 
 __all__ = ["Worker"]
@@ -121,8 +122,11 @@ class Worker:
             self.stop()
             return
         msg, fds = received
+        if isinstance(msg, Adopt) and len(fds) == 1:
+            self._adopt(msg, socket.socket(fileno=fds[0]))
+            return
         for fd in fds:
-            os.close(fd)  # no fd-carrying messages yet
+            os.close(fd)  # only Adopt carries a socket
         if isinstance(msg, Connect):
             self._start_connect(msg)
         elif isinstance(msg, Close):
@@ -165,12 +169,28 @@ class Worker:
             return
         finally:
             self.connecting = None
+        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
+
+    def _adopt(self, msg: Adopt, sock: socket.socket) -> None:
+        """A client of the front's server: ours from now on, like a connected one."""
+        if self.conn_id is not None:
+            sock.close()
+            self._reply(ConnectFailed(msg.conn_id, f"link {self.link_id} is busy"))
+            return
+        self.conn_id = msg.conn_id
+        self.uplink.discard_all()
+        sock.setblocking(False)
+        apply_keep_alive(sock, msg.keep_alive)
+        self._opened(msg.conn_id, msg.link_type, sock, sock.getpeername(), datagram=False, udp_mode=0)
+
+    def _opened(self, conn_id: int, link_type: str, sock: socket.socket, remote: tuple,
+                datagram: bool, udp_mode: int) -> None:
         self.sock = sock
-        self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, msg.udp_mode, False
+        self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
         local = sock.getsockname()
-        log.info("link_opened", type=msg.link_type, remote=remote[0], port=remote[1], local_port=local[1])
-        self._reply(Connected(msg.conn_id, remote[0], remote[1], local[0], local[1]))
+        log.info("link_opened", type=link_type, remote=remote[0], port=remote[1], local_port=local[1])
+        self._reply(Connected(conn_id, remote[0], remote[1], local[0], local[1]))
         self._resume_reading()
         self._on_uplink()
 

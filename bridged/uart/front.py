@@ -45,6 +45,7 @@ from bridged.at.parser import (
 from bridged.commands import registry
 from bridged.commands.context import Context, SessionState, UartSettings
 from bridged.commands.registry import Reply, SendRequest
+from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
@@ -53,6 +54,7 @@ from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
+from bridged.uart.server import Server
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 
 __all__ = ["Front", "factory_uart"]
@@ -103,7 +105,9 @@ class Front:
         self.links = LinkTable(
             slots, self._on_link_data, self._on_link_closed, self._can_deliver,
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
+            on_accepted=self._on_link_accepted, on_freed=lambda slot: self.server.update(),
         )
+        self.server = Server(self.links, keep_alive=lambda: self.ctx.state.keep_alive)
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False
@@ -184,7 +188,7 @@ class Front:
         state = SessionState()
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
-                      self._restart, self._apply_uart, self.uart)
+                      self._restart, self._apply_uart, self.uart, self.server)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         return ctx
 
@@ -201,6 +205,9 @@ class Front:
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
+        if self.server.running:
+            self.server.stop()
+        self.server.max_conn, self.server.timeout = self.links.count, 0
         self.links.drop_all()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)
@@ -347,6 +354,7 @@ class Front:
 
     def _start_send(self, request: SendRequest) -> None:
         slot = self.links.slots[request.link_id]
+        self.links.touch(request.link_id)
         if slot.type.startswith("UDP"):
             self.sending = _PendingSend(slot, slot.conn_id, None, datagram=bytearray(), remote=request.remote)
         else:
@@ -440,6 +448,10 @@ class Front:
             remote = record.addr or (slot.view.remote_ip, slot.view.remote_port)
         head = fmt.ipd_active(self.ctx.link_arg(slot.link_id), len(record.payload), remote)
         self.output.urc(head + record.payload)
+
+    def _on_link_accepted(self, slot: Slot) -> None:
+        self.ctx.state.had_link = True
+        self.output.urc(connected_message(self.ctx, slot.view))
 
     def _on_link_notice(self, slot: Slot, unread: int) -> None:
         self._check_send()

@@ -29,6 +29,7 @@ from bridged.commands.context import ConnectSpec, LinkView
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import (
+    Adopt,
     Close,
     Connect,
     ConnectFailed,
@@ -67,6 +68,8 @@ class Slot:
     waiter: asyncio.Future | None = None  # connect() or close() in progress
     silent: bool = False  # drop the CLOSED message (AT+RST closes links quietly)
     type: str = ""  # "TCP", "TCPv6" ... as AT+CIPSTART named it
+    server: bool = False  # a client of our AT+CIPSERVER (tetype 1), not one we opened
+    last_activity: float = 0.0  # for AT+CIPSTO: data either way resets it
     ended: bool = False  # the worker's socket is gone (its EOF record may still wait)
     # Passive receive mode (AT+CIPRECVTYPE=1): data stays in the downlink ring
     # until AT+CIPRECVDATA, so the worker's receive window covers all of it.
@@ -97,6 +100,8 @@ class LinkTable:
         on_notice: called with (slot, unread bytes) when passive-mode data
             waits and no notice is outstanding.
         on_ended: called with the slot when its socket is gone.
+        on_accepted: called with the slot when a server client is ready.
+        on_freed: called (soon) with a slot whose connection ended.
         can_deliver: False while the UART output is backed up; records then
             stay in the ring, so the worker stops reading its socket.
     """
@@ -110,6 +115,8 @@ class LinkTable:
         on_notice: Callable[[Slot, int], None],
         on_ended: Callable[[Slot], None],
         window: int,
+        on_accepted: Callable[[Slot], None] = lambda slot: None,
+        on_freed: Callable[[Slot], None] = lambda slot: None,
     ) -> None:
         self.slots = slots
         self.count = len(slots)
@@ -118,6 +125,8 @@ class LinkTable:
         self.can_deliver = can_deliver
         self.on_notice = on_notice
         self.on_ended = on_ended
+        self.on_accepted = on_accepted
+        self.on_freed = on_freed
         self.window = window
         self.loop = asyncio.get_running_loop()
 
@@ -210,6 +219,7 @@ class LinkTable:
                 break
             slot.pending += header.length
             slot.scanned += header.total
+            slot.last_activity = self.loop.time()
         if slot.unread:
             if not slot.notified:
                 slot.notified = True
@@ -218,13 +228,45 @@ class LinkTable:
             slot.eof_seen = False
             self._take_eof(slot, records.get_record(slot.downlink))
 
-    async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
-        slot = self.slots[link_id]
+    def _begin(self, slot: Slot, type_: str, server: bool) -> None:
         slot.conn_id = next(_conn_ids)
         slot.state = SlotState.CONNECTING
         slot.silent = slot.ended = False
         slot.reset_receive()
-        slot.type = spec.type
+        slot.type, slot.server = type_, server
+        slot.last_activity = self.loop.time()
+
+    def adopt(self, link_id: int, sock: socket.socket, type_: str, keep_alive: int) -> None:
+        """Hand a client our server accepted to the slot's worker (SCM_RIGHTS)."""
+        slot = self.slots[link_id]
+        self._begin(slot, type_, server=True)
+        try:
+            send_message(slot.control, Adopt(slot.conn_id, type_, keep_alive), [sock.fileno()])
+        except OSError as exc:
+            log.error("adopt_failed", link_id=link_id, error=str(exc))
+            self._end(slot, "worker unreachable")
+        finally:
+            sock.close()  # the worker has its own copy now
+
+    def server_links(self) -> list[int]:
+        return [s.link_id for s in self.slots if s.server and s.state is not SlotState.IDLE
+                and s.state is not SlotState.NO_WORKER]
+
+    def free_ids(self) -> list[int]:
+        return [s.link_id for s in self.slots if s.state is SlotState.IDLE]
+
+    def expire(self, link_id: int) -> None:
+        """Close a link on our own initiative (AT+CIPSTO): CLOSED is reported as for a peer close."""
+        slot = self.slots[link_id]
+        if slot.state is SlotState.OPEN:
+            self._send(slot, Close(slot.conn_id))
+
+    def touch(self, link_id: int) -> None:
+        self.slots[link_id].last_activity = self.loop.time()
+
+    async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
+        slot = self.slots[link_id]
+        self._begin(slot, spec.type, server=False)
         slot.waiter = self.loop.create_future()
         request = Connect(slot.conn_id, spec.type, spec.host, spec.port, spec.keep_alive,
                           spec.local_ip, spec.timeout_ms, spec.local_port, spec.udp_mode)
@@ -304,11 +346,14 @@ class LinkTable:
             self._end(slot, msg.reason)
 
     def _on_connected(self, slot: Slot, msg: Connected) -> None:
-        if slot.state is not SlotState.CONNECTING or slot.waiter is None:
+        if slot.state is not SlotState.CONNECTING:
             return
-        slot.view = LinkView(slot.link_id, slot.type, msg.remote_ip, msg.remote_port, msg.local_port, False)
+        slot.view = LinkView(slot.link_id, slot.type, msg.remote_ip, msg.remote_port, msg.local_port, slot.server)
         slot.state = SlotState.OPEN
-        slot.waiter.set_result(slot.view)
+        if slot.server:
+            self.on_accepted(slot)
+        elif slot.waiter is not None:
+            slot.waiter.set_result(slot.view)
 
     # -- downlink records -------------------------------------------------------------
 
@@ -329,6 +374,7 @@ class LinkTable:
             if record.kind == records.EOF:
                 self._take_eof(slot, record)
             elif slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive):
+                slot.last_activity = self.loop.time()
                 self.on_data(slot, record)
 
     def _take_eof(self, slot: Slot, record: records.Record) -> None:
@@ -353,6 +399,7 @@ class LinkTable:
         slot.state = SlotState.IDLE if slot.control is not None else SlotState.NO_WORKER
         slot.conn_id = None
         slot.view = None
+        self.loop.call_soon(self.on_freed, slot)
         if waiter is not None and not waiter.done():
             if state is SlotState.CONNECTING:
                 waiter.set_exception(ExecFail(f"connect failed: {reason}"))

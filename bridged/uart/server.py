@@ -1,0 +1,147 @@
+"""The AT+CIPSERVER listener, in the front process.
+
+Theory of operation: one listening socket at most (ESP-AT allows one
+server).  An accepted client goes to the lowest free link slot: its socket is
+handed to that slot's worker (SCM_RIGHTS) and the MCU hears ``<id>,CONNECT``
+once the worker has it.  Like ESP-AT (``at_unlisten_when_reach_conn_max``),
+the listener is closed while the server has AT+CIPSERVERMAXCONN clients or
+no link slot is free, so further clients are refused at once by the kernel
+(connection refused) rather than accepted and dropped; it listens again as
+soon as a link frees up.  A client that races in before the listener closes
+is reset, and the refusal is logged.
+
+AT+CIPSTO: a one-second tick closes server clients idle for that long (data
+in either direction resets the clock); client links the MCU opened are not
+affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import structlog
+
+from bridged.uart.links import LinkTable
+
+__all__ = ["Server"]
+
+log = structlog.get_logger()
+
+_BACKLOG = 5
+
+
+class Server:
+    def __init__(self, links: LinkTable, keep_alive) -> None:
+        self.links = links
+        self.keep_alive = keep_alive  # callable: the session's current keep_alive
+        self.loop = asyncio.get_running_loop()
+        self.max_conn = links.count
+        self.timeout = 0  # AT+CIPSTO seconds; 0 = never
+        self.port = 0
+        self.type = ""
+        self.ca_enable = 0
+        self.bind_ip = ""
+        self._listener: socket.socket | None = None
+        self._tick: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return bool(self.type)
+
+    # -- AT+CIPSERVER ---------------------------------------------------------------
+
+    def start(self, port: int, type_: str, ca_enable: int, bind_ip: str) -> None:
+        """Create the server. Raises OSError when the port cannot be bound."""
+        self.port, self.type, self.ca_enable, self.bind_ip = port, type_, ca_enable, bind_ip
+        try:
+            self._listen()
+        except OSError:
+            self.type = ""
+            raise
+        self._schedule_tick()
+        log.info("server_started", port=port, type=type_)
+
+    def stop(self) -> None:
+        self._unlisten()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        log.info("server_stopped", port=self.port)
+        self.type = ""
+
+    # -- listening -------------------------------------------------------------------
+
+    def _full(self) -> bool:
+        return len(self.links.server_links()) >= self.max_conn or not self.links.free_ids()
+
+    def update(self) -> None:
+        """Listen when a client could be taken, not otherwise."""
+        if not self.running:
+            return
+        if self._full():
+            self._unlisten()
+        elif self._listener is None:
+            try:
+                self._listen()
+            except OSError as exc:
+                log.error("server_relisten_failed", port=self.port, error=str(exc))
+
+    def _listen(self) -> None:
+        family = socket.AF_INET6 if self.type.endswith("v6") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((self.bind_ip or ("::" if family == socket.AF_INET6 else "0.0.0.0"), self.port))
+            sock.listen(_BACKLOG)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        self.loop.add_reader(sock.fileno(), self._on_acceptable)
+
+    def _unlisten(self) -> None:
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+
+    def _on_acceptable(self) -> None:
+        try:
+            conn, addr = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("accept_failed", error=str(exc))
+            return
+        free = self.links.free_ids()
+        if self._full():
+            log.warning("server_client_refused", remote=addr[0], port=addr[1],
+                        clients=len(self.links.server_links()), max_conn=self.max_conn, free_links=len(free))
+            # A reset, not a FIN: the client learns at once it was not taken.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+        else:
+            log.info("server_client_accepted", remote=addr[0], port=addr[1], link_id=free[0])
+            self.links.adopt(free[0], conn, self.type, self.keep_alive())
+        self.update()
+
+    # -- AT+CIPSTO ---------------------------------------------------------------------
+
+    def _schedule_tick(self) -> None:
+        self._tick = self.loop.call_later(1.0, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._schedule_tick()
+        if not self.timeout:
+            return
+        now = self.loop.time()
+        for link_id in self.links.server_links():
+            slot = self.links.slots[link_id]
+            if slot.view is not None and now - slot.last_activity >= self.timeout:
+                log.info("server_client_timed_out", link_id=link_id, idle=round(now - slot.last_activity, 1))
+                self.links.expire(link_id)

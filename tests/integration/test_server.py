@@ -1,0 +1,158 @@
+"""AT+CIPSERVER, AT+CIPSERVERMAXCONN and AT+CIPSTO end to end."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+
+import pytest
+
+from tests.harness import Demux
+
+
+def _free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server_host(host):
+    host.command(b"AT+CIPMUX=1")
+    return host
+
+
+def _client(port: int, family=socket.AF_INET, host="127.0.0.1") -> socket.socket:
+    return socket.create_connection((host, port), timeout=5)
+
+
+def test_five_clients_then_the_sixth_is_refused(server_host):
+    """Five clients get ids 0-4 with CONNECT; a sixth is refused at once; a freed slot is reused."""
+    port = _free_port()
+    assert server_host.command(b"AT+CIPSERVER=1,%d" % port) == b"\r\nOK\r\n"
+    clients = []
+    for link_id in range(5):
+        clients.append(_client(port))
+        assert server_host.expect(b"%d,CONNECT\r\n" % link_id) == b"%d,CONNECT\r\n" % link_id
+    with pytest.raises(ConnectionRefusedError):
+        _client(port)
+    states = server_host.ask(b"AT+CIPSTATE?")
+    assert len(re.findall(rb'\+CIPSTATE:\d,"TCP","127\.0\.0\.1",\d+,%d,1\r\n' % port, states)) == 5
+    clients[2].sendall(b"from two")
+    assert server_host.read_ipd() == (2, b"from two")
+    assert Demux(server_host).send(2, b"to two").endswith(b"SEND OK\r\n")
+    assert clients[2].recv(100) == b"to two"
+    clients[3].close()
+    assert server_host.expect(b"3,CLOSED\r\n") == b"3,CLOSED\r\n"
+    time.sleep(0.1)
+    clients.append(_client(port))
+    assert server_host.expect(b"3,CONNECT\r\n") == b"3,CONNECT\r\n"
+    for c in clients:
+        c.close()
+
+
+def test_maxconn_limits_the_server(server_host):
+    """AT+CIPSERVERMAXCONN=2: the third client is refused; it cannot change while the server runs."""
+    port = _free_port()
+    assert server_host.ask(b"AT+CIPSERVERMAXCONN?") == b"+CIPSERVERMAXCONN:5\r\n\r\nOK\r\n"
+    server_host.command(b"AT+CIPSERVERMAXCONN=2")
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    assert server_host.ask(b"AT+CIPSERVERMAXCONN=3") == b"\r\nERROR\r\n"
+    a, b = _client(port), _client(port)
+    server_host.expect(b"1,CONNECT\r\n")
+    with pytest.raises(ConnectionRefusedError):
+        _client(port)
+    assert server_host.ask(b"AT+CIPSERVERMAXCONN?") == b"+CIPSERVERMAXCONN:2\r\n\r\nOK\r\n"
+    a.close()
+    b.close()
+
+
+def test_client_links_share_the_ids(server_host, echo_server):
+    """Links the MCU opened take ids too: the server's clients get the others."""
+    port = _free_port()
+    server_host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port)
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    c = _client(port)
+    assert server_host.expect(b",CONNECT\r\n") == b"1,CONNECT\r\n"
+    assert server_host.ask(b"AT+CIPSTATUS").count(b",1\r\n") == 1  # one server-side link (tetype 1)
+    c.close()
+
+
+def test_query_delete_and_keep_or_close_clients(server_host):
+    """+CIPSERVER? shows the server; =0 keeps clients, =0,1 closes them with CLOSED."""
+    port = _free_port()
+    assert server_host.ask(b"AT+CIPSERVER?") == b"+CIPSERVER:0\r\n\r\nOK\r\n"
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    assert server_host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"TCP",0\r\n\r\nOK\r\n' % port
+    c1 = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    assert server_host.command(b"AT+CIPSERVER=0") == b"\r\nOK\r\n"
+    with pytest.raises(ConnectionRefusedError):
+        _client(port)
+    assert server_host.ask(b"AT+CIPSTATE?").startswith(b"+CIPSTATE:0,")  # the client stays
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    c2 = _client(port)
+    server_host.expect(b"1,CONNECT\r\n")
+    assert server_host.command(b"AT+CIPSERVER=0,1") == b"0,CLOSED\r\n1,CLOSED\r\n\r\nOK\r\n"
+    assert c1.recv(10) == b"" and c2.recv(10) == b""
+    assert server_host.ask(b'AT+CIPSERVER=0,1,"TCP"') == b"\r\nERROR\r\n"
+
+
+def test_server_rules(host):
+    """A server needs CIPMUX=1; only one runs; CIPMUX=0 is refused while it does; port 333 by default."""
+    assert host.ask(b"AT+CIPSERVER=1,%d" % _free_port()) == b"\r\nERROR\r\n"
+    host.command(b"AT+CIPMUX=1")
+    port = _free_port()
+    host.command(b"AT+CIPSERVER=1,%d" % port)
+    assert host.ask(b"AT+CIPSERVER=1,%d" % _free_port()) == b"\r\nERROR\r\n"
+    assert host.ask(b"AT+CIPSERVER=1,%d" % port) == b"\r\nOK\r\n"  # the same server: no change
+    assert host.ask(b"AT+CIPMUX=0") == b"\r\nERROR\r\n"
+    host.command(b"AT+CIPSERVER=0")
+    host.command(b"AT+CIPSERVER=1")
+    assert host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,333,"TCP",0\r\n\r\nOK\r\n'
+    assert host.ask(b'AT+CIPSERVER=1,%d,"TCPv6"' % port) == b"\r\nERROR\r\n"  # another server / CIPV6=0
+
+
+def test_cipsto_closes_idle_clients(server_host):
+    """AT+CIPSTO: a client idle that long is closed; traffic resets the clock; 0 means never."""
+    assert server_host.ask(b"AT+CIPSTO=5") == b"\r\nERROR\r\n"  # no server yet
+    port = _free_port()
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    server_host.command(b"AT+CIPSTO=2")
+    assert server_host.ask(b"AT+CIPSTO?") == b"+CIPSTO:2\r\n\r\nOK\r\n"
+    busy, idle = _client(port), _client(port)
+    server_host.expect(b"1,CONNECT\r\n")
+    started = time.monotonic()
+    demux = Demux(server_host)
+    while time.monotonic() - started < 3.5:
+        busy.sendall(b".")  # keeps link 0 alive
+        time.sleep(0.3)
+    closed = demux.expect(b"1,CLOSED\r\n")
+    assert b"0,CLOSED" not in closed
+    assert 1.5 <= time.monotonic() - started
+    assert idle.recv(10) == b""
+    assert server_host.ask(b"AT+CIPSTATE?").startswith(b"+CIPSTATE:0,")
+    busy.close()
+
+
+def test_tcpv6_server(server_host):
+    """A TCPv6 server accepts clients on ::1."""
+    server_host.command(b"AT+CIPV6=1")
+    port = _free_port(socket.AF_INET6, "::1")
+    server_host.command(b'AT+CIPSERVER=1,%d,"TCPv6"' % port)
+    c = _client(port, socket.AF_INET6, "::1")
+    server_host.expect(b"0,CONNECT\r\n")
+    assert server_host.ask(b"AT+CIPSTATE?").startswith(b'+CIPSTATE:0,"TCPv6","::1",')
+    c.close()
+
+
+def test_link_conn_for_server_clients(server_host):
+    """With AT+SYSMSG bit 1 an accepted client is announced by +LINK_CONN with tetype 1."""
+    server_host.command(b"AT+SYSMSG=2")
+    port = _free_port()
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    c = _client(port)
+    line = server_host.expect(b"%d\r\n" % port)
+    assert line == b'+LINK_CONN:0,0,"TCP",1,"127.0.0.1",%d,%d\r\n' % (c.getsockname()[1], port)
+    c.close()

@@ -40,7 +40,7 @@ class UartSettings:
 
 
 # Keys the ESP keeps in NVS when AT+SYSSTORE=1 (esp-at-behavior.md 1.8).
-PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp")
+PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts")
 
 
 @dataclass(slots=True)
@@ -64,7 +64,9 @@ class SessionState:
     cipdinfo: bool = False
     cipv6: bool = False
     recv_modes: list[int] = field(default_factory=lambda: [0] * 5)  # per link: 0 active (+IPD), 1 passive
-    keep_alive: int = 0  # shared by AT+CIPSTART and AT+CIPTCPOPT; later wins
+    # AT+CIPTCPOPT per link: so_linger, tcp_nodelay, so_sndtimeo (ms), keep_alive (s).
+    # keep_alive is shared with AT+CIPSTART's: the later of the two wins.
+    tcpopts: list[list[int]] = field(default_factory=lambda: [[-1, 0, 0, 0] for _ in range(5)])
 
     @property
     def wifi_connected(self) -> bool:
@@ -90,7 +92,6 @@ class ConnectSpec:
     type: str  # "TCP", "TCPv6", ...
     host: str
     port: int
-    keep_alive: int = 0
     local_ip: str = ""
     timeout_ms: int = 0
     local_port: int = 0
@@ -135,6 +136,8 @@ class Links(Protocol):
     async def close(self, link_id: int) -> None: ...
 
     def server_links(self) -> list[int]: ...
+
+    def set_options(self, link_id: int, linger: int, nodelay: int, keep_alive: int) -> None: ...
 
     def free_ids(self) -> list[int]: ...
 

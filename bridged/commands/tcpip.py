@@ -87,7 +87,7 @@ def _check_host(ctx: Context, type_: str, host: str) -> None:
         raise ExecFail(f"unmatched type and remote host: {type_} needs an IPv6 address")
 
 
-def _connect_spec(ctx: Context, tokens: tuple) -> ConnectSpec:
+def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
     """Check AT+CIPSTART's parameters after the link id."""
     if not tokens:
         raise ParamCountMismatch("AT+CIPSTART needs a type", 0)
@@ -100,9 +100,11 @@ def _connect_spec(ctx: Context, tokens: tuple) -> ConnectSpec:
         return _udp_spec(ctx, type_, tokens[1:])
     host, port, keep_alive, local_ip, timeout = bind(tokens[1:], (Str(64), Int(1, 65535)) + _TCP_TAIL)
     _check_host(ctx, type_, host)
-    if keep_alive is not None:
-        ctx.state.keep_alive = keep_alive  # shared with AT+CIPTCPOPT; the later wins
-    return ConnectSpec(type_, host, port, ctx.state.keep_alive, local_ip, timeout)
+    if keep_alive is not None:  # shared with AT+CIPTCPOPT: the later wins
+        opts = ctx.state.tcpopts[link_id]
+        opts[3] = keep_alive
+        ctx.links.set_options(link_id, opts[0], opts[1], opts[3])
+    return ConnectSpec(type_, host, port, local_ip, timeout)
 
 
 def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
@@ -110,7 +112,7 @@ def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
     _check_host(ctx, type_, host)
     if mode is not None and not local_port:
         raise ExecFail("UDP <mode> needs <local port> first")
-    return ConnectSpec(type_, host, port, 0, local_ip, timeout, local_port, mode or 0)
+    return ConnectSpec(type_, host, port, local_ip, timeout, local_port, mode or 0)
 
 
 async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
@@ -124,7 +126,7 @@ def _start(ctx: Context, link_id: int, tokens: tuple):
         raise ExecFail(f"ALREADY CONNECTED: link {link_id} is in use")
     if not ctx.links.is_ready(link_id):
         raise ExecFail(f"link {link_id}'s worker is restarting")
-    spec = _connect_spec(ctx, tokens)
+    spec = _connect_spec(ctx, link_id, tokens)
     _require_ip(ctx)
     return _open(ctx, link_id, spec)
 
@@ -356,4 +358,35 @@ def cipmode_set(ctx: Context, line: CommandLine) -> Reply:
     if mode == 1:
         raise ExecFail("passthrough mode is not supported yet")
     ctx.state.cipmode = mode
+    return Reply()
+
+
+# -- AT+CIPTCPOPT --------------------------------------------------------------------
+
+_TCPOPT_SPECS = (Int(-1, 65535, None), Int(0, 1, None), Int(0, 0x7FFFFFFF, None), Int(0, 7200, None))
+
+
+@handles("+CIPTCPOPT", Kind.QUERY)
+def ciptcpopt_query(ctx: Context, line: CommandLine) -> Reply:
+    ids = range(ctx.links.count) if ctx.mux else range(1)
+    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i]) for i in ids))
+
+
+@handles("+CIPTCPOPT", Kind.SET)
+def ciptcpopt_set(ctx: Context, line: CommandLine) -> Reply:
+    if ctx.mux:
+        link_id, *values = bind(line.tokens, (Int(0, ALL_LINKS),) + _TCPOPT_SPECS, min_count=4)
+        if link_id != ALL_LINKS and link_id >= ctx.links.count:
+            raise ParamInvalid(f"link id {link_id} out of range", 1)
+        ids = range(ctx.links.count) if link_id == ALL_LINKS else [link_id]
+    else:
+        values = bind(line.tokens, _TCPOPT_SPECS, min_count=3)
+        ids = [0]
+    for i in ids:
+        opts = ctx.state.tcpopts[i]
+        for index, value in enumerate(values):
+            if value is not None:  # an omitted option keeps its value
+                opts[index] = value
+        ctx.links.set_options(i, opts[0], opts[1], opts[3])
+    ctx.state.persist(ctx.store, "tcpopts")
     return Reply()

@@ -2,6 +2,8 @@
 
 front -> worker (the link's control socket): ``Connect``, ``Adopt`` (with the
 fd of a client the front's AT+CIPSERVER listener accepted), ``Close``,
+``SetOptions`` (AT+CIPTCPOPT / keep_alive), ``Discard`` (drop unsent bytes of a
+send that timed out),
 ``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread).
 worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
 ``Ended`` (the socket is gone; sends can no longer succeed), ``RemoteChanged``
@@ -28,6 +30,8 @@ __all__ = [
     "Adopt",
     "Close",
     "SetRecvWindow",
+    "SetOptions",
+    "Discard",
     "Ended",
     "RemoteChanged",
     "Hello",
@@ -47,7 +51,6 @@ class Connect:
     link_type: str
     host: str
     port: int
-    keep_alive: int = 0
     local_ip: str = ""
     timeout_ms: int = 0
     local_port: int = 0
@@ -59,7 +62,6 @@ class Connect:
 class Adopt:
     conn_id: int
     link_type: str
-    keep_alive: int = 0
 
 
 @message
@@ -72,6 +74,23 @@ class Close:
 @dataclass(frozen=True)
 class SetRecvWindow:
     window: int  # 0: active mode, no limit beyond the ring
+
+
+@message
+@dataclass(frozen=True)
+class SetOptions:
+    """AT+CIPTCPOPT's socket options, for the current and the next TCP sockets."""
+
+    linger: int = -1  # -1 off, else seconds (0: reset on close)
+    nodelay: int = 0
+    keep_alive: int = 0  # seconds; 0 off
+
+
+@message
+@dataclass(frozen=True)
+class Discard:
+    conn_id: int
+    upto: int  # uplink ring index: drop what is unsent before it
 
 
 @message

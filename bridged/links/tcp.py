@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from bridged.ipc.messages import Connect
+import struct
 
-__all__ = ["open_tcp", "apply_keep_alive"]
+from bridged.ipc.messages import Connect, SetOptions
+
+__all__ = ["open_tcp", "apply_keep_alive", "apply_options"]
 
 
 def apply_keep_alive(sock: socket.socket, seconds: int) -> None:
@@ -19,6 +21,21 @@ def apply_keep_alive(sock: socket.socket, seconds: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, seconds)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+def apply_options(sock: socket.socket, options: SetOptions) -> dict[str, int]:
+    """Set AT+CIPTCPOPT's options; return them as read back with getsockopt."""
+    linger = struct.pack("ii", 0, 0) if options.linger < 0 else struct.pack("ii", 1, options.linger)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if options.nodelay else 0)
+    apply_keep_alive(sock, options.keep_alive)
+    on, seconds = struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    keep = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    return {
+        "so_linger": seconds if on else -1,
+        "tcp_nodelay": int(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))),
+        "keep_alive": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) if keep else 0,
+    }
 
 
 async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
@@ -48,6 +65,5 @@ async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
             except BaseException:
                 sock.close()
                 raise
-            apply_keep_alive(sock, request.keep_alive)
             return sock
         raise error

@@ -37,13 +37,15 @@ from bridged.ipc.messages import (
     Connect,
     ConnectFailed,
     Connected,
+    Discard,
     Ended,
     Hello,
     RemoteChanged,
+    SetOptions,
     SetRecvWindow,
 )
 from bridged.ipc.rings import Ring
-from bridged.links.tcp import apply_keep_alive, open_tcp
+from bridged.links.tcp import apply_options, open_tcp
 from bridged.links.udp import open_udp
 
 __all__ = ["Worker"]
@@ -75,6 +77,7 @@ class Worker:
         self.conn_id: int | None = None
         self.connecting: asyncio.Task | None = None
         self.stats = {"up": 0, "down": 0}
+        self.options = SetOptions()
         self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._reading = False
         # UDP: datagrams keep their boundaries both ways; the remote may move
@@ -131,6 +134,12 @@ class Worker:
             self._start_connect(msg)
         elif isinstance(msg, Close):
             self._close(msg.conn_id, "closed by host")
+        elif isinstance(msg, SetOptions):
+            self.options = msg
+            self._apply_options()
+        elif isinstance(msg, Discard):
+            if msg.conn_id == self.conn_id and self.uplink.read_index < msg.upto:
+                self.uplink.consume(min(msg.upto - self.uplink.read_index, self.uplink.available()))
         elif isinstance(msg, SetRecvWindow):
             self.window = msg.window
             self._resume_reading()
@@ -180,7 +189,6 @@ class Worker:
         self.conn_id = msg.conn_id
         self.uplink.discard_all()
         sock.setblocking(False)
-        apply_keep_alive(sock, msg.keep_alive)
         self._opened(msg.conn_id, msg.link_type, sock, sock.getpeername(), datagram=False, udp_mode=0)
 
     def _opened(self, conn_id: int, link_type: str, sock: socket.socket, remote: tuple,
@@ -188,11 +196,22 @@ class Worker:
         self.sock = sock
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
+        self._apply_options()
         local = sock.getsockname()
         log.info("link_opened", type=link_type, remote=remote[0], port=remote[1], local_port=local[1])
         self._reply(Connected(conn_id, remote[0], remote[1], local[0], local[1]))
         self._resume_reading()
         self._on_uplink()
+
+    def _apply_options(self) -> None:
+        if self.sock is None or self.datagram:
+            return
+        try:
+            applied = apply_options(self.sock, self.options)
+        except OSError as exc:
+            log.warning("socket_options_failed", error=str(exc))
+            return
+        log.info("socket_options", **applied)
 
     # -- uplink: ring -> socket -----------------------------------------------------
 

@@ -107,7 +107,7 @@ class Front:
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
             on_accepted=self._on_link_accepted, on_freed=lambda slot: self.server.update(),
         )
-        self.server = Server(self.links, keep_alive=lambda: self.ctx.state.keep_alive)
+        self.server = Server(self.links)
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False
@@ -190,6 +190,9 @@ class Front:
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
                       self._restart, self._apply_uart, self.uart, self.server)
         ctx.extra["uart_factory"] = factory_uart(self.config)
+        for link_id in range(self.links.count):
+            linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
+            self.links.set_options(link_id, linger, nodelay, keep_alive)
         return ctx
 
     def _boot(self) -> None:
@@ -388,9 +391,21 @@ class Front:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
         self.output.reply(fmt.recv_bytes(length))
-        self.sending.complete = True
+        send = self.sending
+        send.complete = True
         self.busy = True
+        timeout_ms = self.ctx.state.tcpopts[send.slot.link_id][2]
+        if timeout_ms:  # AT+CIPTCPOPT so_sndtimeo: the send ends within it, sent or not
+            self.loop.call_later(timeout_ms / 1000, self._send_timed_out, send)
         self._check_send()
+
+    def _send_timed_out(self, send: _PendingSend) -> None:
+        if self.sending is not send:
+            return
+        log.info("send_timed_out", link_id=send.slot.link_id)
+        if send.end is not None:
+            self.links.discard(send.slot.link_id, send.end)
+        self._finish_send(fmt.SEND_FAIL)
 
     def _queue_datagram(self, send: _PendingSend) -> None:
         ring = send.slot.uplink

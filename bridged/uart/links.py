@@ -35,8 +35,10 @@ from bridged.ipc.messages import (
     ConnectFailed,
     Connected,
     Ended,
+    Discard,
     Hello,
     RemoteChanged,
+    SetOptions,
     SetRecvWindow,
 )
 from bridged.ipc.rings import Ring
@@ -69,6 +71,7 @@ class Slot:
     silent: bool = False  # drop the CLOSED message (AT+RST closes links quietly)
     type: str = ""  # "TCP", "TCPv6" ... as AT+CIPSTART named it
     server: bool = False  # a client of our AT+CIPSERVER (tetype 1), not one we opened
+    options: SetOptions = SetOptions()  # AT+CIPTCPOPT, resent to every new worker
     last_activity: float = 0.0  # for AT+CIPSTO: data either way resets it
     ended: bool = False  # the worker's socket is gone (its EOF record may still wait)
     # Passive receive mode (AT+CIPRECVTYPE=1): data stays in the downlink ring
@@ -236,12 +239,24 @@ class LinkTable:
         slot.type, slot.server = type_, server
         slot.last_activity = self.loop.time()
 
-    def adopt(self, link_id: int, sock: socket.socket, type_: str, keep_alive: int) -> None:
+    def set_options(self, link_id: int, linger: int, nodelay: int, keep_alive: int) -> None:
+        slot = self.slots[link_id]
+        slot.options = SetOptions(linger, nodelay, keep_alive)
+        if slot.control is not None:
+            self._send(slot, slot.options)
+
+    def discard(self, link_id: int, upto: int) -> None:
+        """Drop the unsent bytes of a send that timed out (AT+CIPTCPOPT so_sndtimeo)."""
+        slot = self.slots[link_id]
+        if slot.control is not None and slot.conn_id is not None:
+            self._send(slot, Discard(slot.conn_id, upto))
+
+    def adopt(self, link_id: int, sock: socket.socket, type_: str) -> None:
         """Hand a client our server accepted to the slot's worker (SCM_RIGHTS)."""
         slot = self.slots[link_id]
         self._begin(slot, type_, server=True)
         try:
-            send_message(slot.control, Adopt(slot.conn_id, type_, keep_alive), [sock.fileno()])
+            send_message(slot.control, Adopt(slot.conn_id, type_), [sock.fileno()])
         except OSError as exc:
             log.error("adopt_failed", link_id=link_id, error=str(exc))
             self._end(slot, "worker unreachable")
@@ -268,7 +283,7 @@ class LinkTable:
         slot = self.slots[link_id]
         self._begin(slot, spec.type, server=False)
         slot.waiter = self.loop.create_future()
-        request = Connect(slot.conn_id, spec.type, spec.host, spec.port, spec.keep_alive,
+        request = Connect(slot.conn_id, spec.type, spec.host, spec.port,
                           spec.local_ip, spec.timeout_ms, spec.local_port, spec.udp_mode)
         self._send(slot, request)
         try:
@@ -335,6 +350,8 @@ class LinkTable:
                 slot.state = SlotState.IDLE
             if slot.passive:
                 self._send(slot, SetRecvWindow(self.window))
+            if slot.options != SetOptions():
+                self._send(slot, slot.options)
         elif isinstance(msg, RemoteChanged) and msg.conn_id == slot.conn_id and slot.view is not None:
             slot.view = replace(slot.view, remote_ip=msg.remote_ip, remote_port=msg.remote_port)
         elif isinstance(msg, Ended) and msg.conn_id == slot.conn_id:

@@ -33,9 +33,8 @@ _BACKLOG = 5
 
 
 class Server:
-    def __init__(self, links: LinkTable, keep_alive) -> None:
+    def __init__(self, links: LinkTable) -> None:
         self.links = links
-        self.keep_alive = keep_alive  # callable: the session's current keep_alive
         self.loop = asyncio.get_running_loop()
         self.max_conn = links.count
         self.timeout = 0  # AT+CIPSTO seconds; 0 = never
@@ -127,7 +126,7 @@ class Server:
             conn.close()
         else:
             log.info("server_client_accepted", remote=addr[0], port=addr[1], link_id=free[0])
-            self.links.adopt(free[0], conn, self.type, self.keep_alive())
+            self.links.adopt(free[0], conn, self.type)
         self.update()
 
     # -- AT+CIPSTO ---------------------------------------------------------------------

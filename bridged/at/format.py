@@ -20,6 +20,7 @@ __all__ = [
     "SEND_CANCELED",
     "SEND_CANCELLED",
     "PROMPT",
+    "BOOT_PROMPT",
     "BUSY",
     "READY",
     "FORCE_RESTART",
@@ -45,6 +46,7 @@ SEND_FAIL = b"\r\nSEND FAIL\r\n"
 SEND_CANCELED = b"\r\nSEND Canceled\r\n"  # CIPSEND/CIPSENDEX aborted by +++
 SEND_CANCELLED = b"\r\nSEND CANCELLED\r\n"  # CIPSENDL aborted by +++
 PROMPT = b"\r\nOK\r\n\r\n>"  # no space after '>' (v2+)
+BOOT_PROMPT = b"\r\n>"  # entering passthrough at boot (AT+SAVETRANSLINK): no OK
 BUSY = b"\r\nbusy p...\r\n"
 READY = b"\r\nready\r\n"
 FORCE_RESTART = b"\r\nWill force to restart!!!\r\n"

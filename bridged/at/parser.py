@@ -12,9 +12,13 @@ sets:
   terminator, one ``LineTooLong`` event is produced and bytes are dropped up to
   and including the next ``\\r\\n``: bad input is answered once and the parser
   resynchronises at the next line end.
-* data mode (``expect_data(n)``, after AT+CIPSEND's ``>`` prompt): the next n
-  bytes, whatever they are, come out as ``DataChunk`` events (as large as the
-  buffer allows), then ``DataComplete``; then command mode again.
+* data mode (``start_data()`` after a ``>`` prompt; ``expect_data(n)`` is
+  AT+CIPSEND's case): bytes go to a ``datamode.DataMachine`` which decides
+  what is payload (``DataChunk``), when the phase is over (``DataComplete``)
+  and whether ``+++`` ended it (``DataEscaped``); then command mode again,
+  with the bytes that followed the payload.  Time matters here (the ``+++``
+  guard times, AT+TRANSINTVL): ``receive_bytes`` and ``next_event`` take
+  ``now``, and ``deadline()`` says when to look again without new input.
 * ``discard_pending()`` drops whatever is buffered (used for ``busy p...``:
   ESP-AT discards input that arrives while a command runs).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from bridged.at.datamode import DataKind, DataMachine, Escape
 from bridged.at.errors import AtError, NoAt, ParamParseFail
 from bridged.at.params import Token, tokenize
 
@@ -37,6 +42,7 @@ __all__ = [
     "LineTooLong",
     "DataChunk",
     "DataComplete",
+    "DataEscaped",
     "NEED_DATA",
     "Parser",
     "parse_command_line",
@@ -88,6 +94,13 @@ class DataChunk:
 
 @dataclass(frozen=True, slots=True)
 class DataComplete:
+    length: int  # payload bytes (after AT+CIPSENDEX's unescaping)
+
+
+@dataclass(frozen=True, slots=True)
+class DataEscaped:
+    """+++ ended the data phase; ``length`` payload bytes had been taken."""
+
     length: int
 
 
@@ -100,7 +113,7 @@ class _NeedData:
 
 NEED_DATA = _NeedData()
 
-Event = CommandLine | BadLine | LineTooLong | DataChunk | DataComplete
+Event = CommandLine | BadLine | LineTooLong | DataChunk | DataComplete | DataEscaped
 
 
 class _Mode(enum.Enum):
@@ -149,16 +162,18 @@ class Parser:
         self._buf = bytearray()
         self._mode = _Mode.COMMAND
         self._scan_from = 0  # where to resume searching for \r\n
-        self._data_left = 0
-        self._data_total = 0
+        self._data: DataMachine | None = None
 
     # -- input ---------------------------------------------------------------
 
-    def receive_bytes(self, data: bytes) -> None:
+    def receive_bytes(self, data: bytes, now: float = 0.0) -> None:
+        if self._data is not None and not self._data.done:
+            data = self._data.feed(data, now)
         self._buf += data
 
     @property
     def buffered(self) -> int:
+        """Command-mode bytes waiting (in data mode: bytes after the payload)."""
         return len(self._buf)
 
     @property
@@ -166,11 +181,16 @@ class Parser:
         return self._mode is _Mode.DATA
 
     @property
+    def data(self) -> DataMachine | None:
+        return self._data
+
+    @property
     def data_left(self) -> int:
-        return self._data_left
+        """Payload bytes the data phase still expects from the UART."""
+        return max(self._data.left, 0) if self._data is not None else 0
 
     def discard_pending(self) -> bytes:
-        """Drop and return everything buffered (input refused as busy)."""
+        """Drop and return the command-mode bytes buffered (input refused as busy)."""
         dropped = bytes(self._buf)
         self._buf.clear()
         self._scan_from = 0
@@ -180,25 +200,37 @@ class Parser:
 
     # -- mode changes (by the owner) ------------------------------------------
 
-    def expect_data(self, length: int) -> None:
-        """COMMAND -> DATA: the next ``length`` bytes are payload."""
-        if length <= 0:
+    def start_data(self, kind: DataKind, length: int, now: float = 0.0,
+                   chunk: int = 2920, interval: float = 0.020) -> None:
+        """COMMAND -> DATA: what follows is payload, as ``kind`` says."""
+        if length <= 0 and kind is not DataKind.PASSTHROUGH:
             raise ValueError("data length must be positive")
         self._mode = _Mode.DATA
-        self._data_left = self._data_total = length
         self._scan_from = 0
+        self._data = DataMachine(kind, length, now, chunk, interval)
+        pending, self._buf = bytes(self._buf), bytearray()
+        self.receive_bytes(pending, now)
+
+    def expect_data(self, length: int, now: float = 0.0) -> None:
+        """AT+CIPSEND's data phase: the next ``length`` bytes are payload."""
+        self.start_data(DataKind.SEND, length, now)
+
+    def deadline(self) -> float | None:
+        """When next_event() may produce something without new input."""
+        return self._data.deadline() if self._data is not None else None
 
     # -- output ----------------------------------------------------------------
 
-    def next_event(self, limit: int | None = None) -> Event | _NeedData:
+    def next_event(self, limit: int | None = None, now: float = 0.0) -> Event | _NeedData:
         """Return the next event, or NEED_DATA.
 
         Args:
             limit: in data mode, the most payload bytes to return in one chunk
-                (the room the owner has for them).  0 returns NEED_DATA.
+                (the room the owner has for them).
+            now: the current time (data mode only).
         """
         if self._mode is _Mode.DATA:
-            return self._next_data(limit)
+            return self._next_data(limit, now)
         if self._mode is _Mode.DISCARD_LINE:
             if not self._drop_to_line_end():
                 return NEED_DATA
@@ -237,16 +269,19 @@ class Parser:
         self._mode = _Mode.COMMAND  # DISCARD_LINE -> COMMAND
         return True
 
-    def _next_data(self, limit: int | None) -> Event | _NeedData:
-        if self._data_left == 0:
-            self._mode = _Mode.COMMAND  # DATA -> COMMAND
-            return DataComplete(self._data_total)
-        n = min(len(self._buf), self._data_left)
-        if limit is not None:
-            n = min(n, limit)
-        if n <= 0:
-            return NEED_DATA
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
-        self._data_left -= n
-        return DataChunk(chunk)
+    def _next_data(self, limit: int | None, now: float) -> Event | _NeedData:
+        machine = self._data
+        out = machine.next_chunk(now, limit)
+        if isinstance(out, Escape):
+            self._end_data()
+            return DataEscaped(machine.taken)
+        if out:
+            return DataChunk(out)
+        if machine.complete:
+            self._end_data()
+            return DataComplete(machine.taken)
+        return NEED_DATA
+
+    def _end_data(self) -> None:
+        self._mode = _Mode.COMMAND  # DATA -> COMMAND
+        self._data = None

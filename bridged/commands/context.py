@@ -40,7 +40,7 @@ class UartSettings:
 
 
 # Keys the ESP keeps in NVS when AT+SYSSTORE=1 (esp-at-behavior.md 1.8).
-PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts")
+PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts", "reconnintv")
 
 
 @dataclass(slots=True)
@@ -64,6 +64,9 @@ class SessionState:
     cipdinfo: bool = False
     cipv6: bool = False
     recv_modes: list[int] = field(default_factory=lambda: [0] * 5)  # per link: 0 active (+IPD), 1 passive
+    transintvl: int = 20  # AT+TRANSINTVL, ms
+    reconnintv: int = 1  # AT+CIPRECONNINTV, 100 ms units
+    sendl_cfg: tuple[int, int] = (1024, 2920)  # AT+CIPSENDLCFG: report size, transmit size
     # AT+CIPTCPOPT per link: so_linger, tcp_nodelay, so_sndtimeo (ms), keep_alive (s).
     # keep_alive is shared with AT+CIPSTART's: the later of the two wins.
     tcpopts: list[list[int]] = field(default_factory=lambda: [[-1, 0, 0, 0] for _ in range(5)])
@@ -124,6 +127,8 @@ class Links(Protocol):
     def set_passive(self, link_id: int, passive: bool) -> None: ...
 
     def is_passive(self, link_id: int) -> bool: ...
+
+    def spec(self, link_id: int) -> "ConnectSpec | None": ...
 
     def unread(self, link_id: int) -> int: ...
 

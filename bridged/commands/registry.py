@@ -16,6 +16,7 @@ import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from bridged.at.datamode import DataKind
 from bridged.at.errors import OperationNotSupported, UnsupportedCommand
 from bridged.at.format import OK
 from bridged.at.parser import CommandLine, Kind
@@ -28,11 +29,12 @@ __all__ = ["Reply", "SendRequest", "handles", "lookup", "dispatch", "names"]
 
 @dataclass(frozen=True, slots=True)
 class SendRequest:
-    """After the ``>`` prompt, ``length`` payload bytes go to ``link_id``."""
+    """After the ``>`` prompt, payload goes to ``link_id`` as ``kind`` says."""
 
     link_id: int
     length: int
     remote: tuple[str, int] | None = None
+    kind: DataKind = DataKind.SEND
 
 
 @dataclass(frozen=True, slots=True)

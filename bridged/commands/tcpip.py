@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import socket
 
+from bridged.at.datamode import DataKind
 from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
 from bridged.at.format import PROMPT, closed, connect, fields, info, link_conn, q
 from bridged.at.params import Int, Str, bind
@@ -153,11 +154,11 @@ def cipstartex(ctx: Context, line: CommandLine):
 # -- AT+CIPSEND (normal transmission mode) ----------------------------------------
 
 
-@handles("+CIPSEND", Kind.SET)
-def cipsend(ctx: Context, line: CommandLine):
+def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: int):
+    """AT+CIPSEND / CIPSENDEX / CIPSENDL's set form: checks, then the prompt."""
     if ctx.state.cipmode != 0:
-        raise ExecFail("IPMODE=1: the set form of AT+CIPSEND needs AT+CIPMODE=0")
-    length_spec = Int(1, ctx.config.links.cipsend_max)
+        raise ExecFail("IPMODE=1: the set form needs AT+CIPMODE=0")
+    length_spec = Int(1, max_length)
     tail = (Str(64, ""), Int(0, 65535, None))
     if ctx.mux:
         link_id, length, host, port = bind(line.tokens, (_link_id_spec(ctx), length_spec) + tail)
@@ -167,29 +168,57 @@ def cipsend(ctx: Context, line: CommandLine):
     if not ctx.links.can_send(link_id):
         raise ExecFail(f"invalid link: link {link_id} is not connected")
     if not host and port is None:
-        return Reply(final=PROMPT, send=SendRequest(link_id, length))
+        return Reply(final=PROMPT, send=SendRequest(link_id, length, kind=kind))
     view = ctx.links.view(link_id)
     if not view.type.startswith("UDP"):
         raise ExecFail("a remote host and port are for UDP links only")
     if not host or port is None:
-        raise ParamCountMismatch("AT+CIPSEND needs both <remote host> and <remote port>")
+        raise ParamCountMismatch("a send needs both <remote host> and <remote port>")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return _udp_send(ctx, view, link_id, length, host, port)  # a name: resolve first
+        return _udp_send(ctx, view, link_id, length, host, port, kind)  # a name: resolve first
     if (ip.version == 6) != view.type.endswith("v6"):
         raise ExecFail(f"unmatched type and remote host: {host} on a {view.type} link")
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, (str(ip), port)))
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, (str(ip), port), kind))
 
 
-async def _udp_send(ctx: Context, view: LinkView, link_id: int, length: int, host: str, port: int) -> Reply:
+@handles("+CIPSEND", Kind.SET)
+def cipsend(ctx: Context, line: CommandLine):
+    return _send_command(ctx, line, DataKind.SEND, ctx.config.links.cipsend_max)
+
+
+@handles("+CIPSENDEX", Kind.SET)
+def cipsendex(ctx: Context, line: CommandLine):
+    return _send_command(ctx, line, DataKind.SENDEX, ctx.config.links.cipsend_max)
+
+
+@handles("+CIPSENDL", Kind.SET)
+def cipsendl(ctx: Context, line: CommandLine):
+    return _send_command(ctx, line, DataKind.SENDL, 0x7FFFFFFF)
+
+
+@handles("+CIPSENDLCFG", Kind.QUERY)
+def cipsendlcfg_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(info("+CIPSENDLCFG", *ctx.state.sendl_cfg))
+
+
+@handles("+CIPSENDLCFG", Kind.SET)
+def cipsendlcfg_set(ctx: Context, line: CommandLine) -> Reply:
+    report, transmit = bind(line.tokens, (Int(100, 1 << 20), Int(100, 2920, ctx.state.sendl_cfg[1])))
+    ctx.state.sendl_cfg = (report, transmit)
+    return Reply()
+
+
+async def _udp_send(ctx: Context, view: LinkView, link_id: int, length: int, host: str, port: int,
+                    kind: DataKind) -> Reply:
     """AT+CIPSEND to a UDP peer of the MCU's choosing, for this datagram only."""
     family = socket.AF_INET6 if view.type.endswith("v6") else socket.AF_INET
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
     except OSError as exc:
         raise ExecFail(f"unknown host {host}: {exc}") from None
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, infos[0][4][:2]))
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, infos[0][4][:2], kind))
 
 
 # -- AT+CIPCLOSE ----------------------------------------------------------------------
@@ -344,20 +373,6 @@ def cipv6_set(ctx: Context, line: CommandLine) -> Reply:
     (enable,) = bind(line.tokens, (Int(0, 1),))
     ctx.state.cipv6 = bool(enable)
     ctx.state.persist(ctx.store, "cipv6")
-    return Reply()
-
-
-@handles("+CIPMODE", Kind.QUERY)
-def cipmode_query(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(info("+CIPMODE", ctx.state.cipmode))
-
-
-@handles("+CIPMODE", Kind.SET)
-def cipmode_set(ctx: Context, line: CommandLine) -> Reply:
-    (mode,) = bind(line.tokens, (Int(0, 1),))
-    if mode == 1:
-        raise ExecFail("passthrough mode is not supported yet")
-    ctx.state.cipmode = mode
     return Reply()
 
 

@@ -39,13 +39,16 @@ from bridged.at.parser import (
     CommandLine,
     DataChunk,
     DataComplete,
+    DataEscaped,
     LineTooLong,
     Parser,
 )
 from bridged.commands import registry
-from bridged.commands.context import Context, SessionState, UartSettings
+from bridged.at.datamode import DataKind
+from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
 from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.tcpip import connected_message
+from bridged.commands.passthrough import saved_link
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
@@ -54,6 +57,7 @@ from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
+from bridged.uart.sending import Send
 from bridged.uart.server import Server
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 
@@ -73,13 +77,11 @@ def factory_uart(config: Config) -> UartSettings:
 
 
 @dataclass
-class _PendingSend:
-    slot: Slot
-    conn_id: int | None
-    end: int | None  # uplink write index after this send's last byte (a datagram: once queued)
-    complete: bool = False  # all payload bytes received from the MCU
-    datagram: bytearray | None = None  # UDP: the payload, queued whole as one record
-    remote: tuple[str, int] | None = None  # UDP: AT+CIPSEND's own remote host and port
+class _Passthrough:
+    link_id: int
+    spec: ConnectSpec | None  # to reconnect a client link
+    server: bool  # a server's client: wait for the next one instead
+    reconnecting: asyncio.Task | None = None
 
 
 class Front:
@@ -111,7 +113,9 @@ class Front:
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False
-        self.sending: _PendingSend | None = None
+        self.sending: Send | None = None
+        self.passthrough: _Passthrough | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         self._reading = False
         self._stopped = self.loop.create_future()
@@ -202,6 +206,21 @@ class Front:
         messages = autoconnect_messages(self.ctx)
         if messages:
             self.output.urc(messages)
+        saved = saved_link(self.ctx)
+        if saved is not None:
+            self._boot_passthrough(*saved)
+
+    def _boot_passthrough(self, spec: ConnectSpec, keep_alive: int) -> None:
+        """AT+SAVETRANSLINK: connect by ourselves and enter passthrough."""
+        state = self.ctx.state
+        state.cipmode, state.cipmux = 1, 0
+        state.tcpopts[0][3] = keep_alive
+        self.links.set_options(0, state.tcpopts[0][0], state.tcpopts[0][1], keep_alive)
+        log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
+        self.output.reply(fmt.BOOT_PROMPT)
+        self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))
+        self.passthrough.spec = spec
+        self.passthrough.reconnecting = self.loop.create_task(self._reconnect(self.passthrough, first_delay=0.0))
 
     def _restart(self, factory: bool) -> None:
         log.info("restart", factory=factory)
@@ -222,6 +241,10 @@ class Front:
         self.ctx = self._new_context()
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
+        self.passthrough = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._boot()
 
     def _apply_uart(self, settings: UartSettings) -> None:
@@ -258,7 +281,7 @@ class Front:
         if self.busy:
             self._refuse_busy(data)
             return
-        self.parser.receive_bytes(data)
+        self.parser.receive_bytes(data, self.loop.time())
         self._process()
 
     def _refuse_busy(self, data: bytes) -> None:
@@ -353,53 +376,76 @@ class Front:
         action()
         self._process()
 
-    # -- AT+CIPSEND payload -------------------------------------------------------------------
+    # -- data phases: AT+CIPSEND, CIPSENDEX, CIPSENDL, passthrough ---------------------------
 
     def _start_send(self, request: SendRequest) -> None:
         slot = self.links.slots[request.link_id]
         self.links.touch(request.link_id)
-        if slot.type.startswith("UDP"):
-            self.sending = _PendingSend(slot, slot.conn_id, None, datagram=bytearray(), remote=request.remote)
-        else:
-            self.sending = _PendingSend(slot, slot.conn_id, slot.uplink.write_index + request.length)
-        self.parser.expect_data(request.length)
+        state = self.ctx.state
+        report, transmit = state.sendl_cfg
+        self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
+        self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
+        if request.kind is DataKind.PASSTHROUGH:
+            self.passthrough = _Passthrough(request.link_id, slot.spec, slot.server)
 
     def _process_data(self) -> bool:
-        """Move payload into the uplink ring; False when we must wait."""
+        """Move payload towards the uplink ring; False when we must wait."""
         send = self.sending
-        if send.datagram is not None:  # one send = one datagram: gather it whole
-            event = self.parser.next_event()
-            if isinstance(event, DataChunk):
-                send.datagram += event.data
-        else:
-            ring = send.slot.uplink
-            alive = self._send_alive(send)
-            event = self.parser.next_event(limit=ring.free() if alive else None)
-            if isinstance(event, DataChunk):
-                if alive:
-                    ring.put_nowait(event.data)
-            elif event is NEED_DATA and alive and ring.free() == 0:
-                self._pause_reading()  # resumed by the worker's progress doorbell
-        if isinstance(event, DataComplete):
+        room = send.room()
+        event = self.parser.next_event(limit=room, now=self.loop.time())
+        if isinstance(event, DataChunk):
+            send.take(event.data)
+            self._report_progress()
+        elif isinstance(event, DataComplete):
             self._payload_complete(event.length)
-        return event is not NEED_DATA
+        elif isinstance(event, DataEscaped):
+            self._payload_escaped()
+        else:  # NEED_DATA
+            if room == 0:
+                self._pause_reading()  # resumed by the worker's progress doorbell
+            self._arm_timer()
+            return False
+        return True
 
-    def _send_alive(self, send: _PendingSend) -> bool:
-        return send.slot.conn_id == send.conn_id and not send.slot.ended
+    def _arm_timer(self) -> None:
+        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
+        deadline = self.parser.deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._process()
 
     def _payload_complete(self, length: int) -> None:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
-        self.output.reply(fmt.recv_bytes(length))
         send = self.sending
-        send.complete = True
+        if send.kind is not DataKind.SENDL:
+            self.output.reply(fmt.recv_bytes(length))
+        send.payload_done()
         self.busy = True
         timeout_ms = self.ctx.state.tcpopts[send.slot.link_id][2]
         if timeout_ms:  # AT+CIPTCPOPT so_sndtimeo: the send ends within it, sent or not
             self.loop.call_later(timeout_ms / 1000, self._send_timed_out, send)
         self._check_send()
 
-    def _send_timed_out(self, send: _PendingSend) -> None:
+    def _payload_escaped(self) -> None:
+        send, self.sending = self.sending, None
+        if send.kind is DataKind.PASSTHROUGH:
+            log.info("passthrough_left", link_id=send.slot.link_id)
+            self.passthrough = None
+            if self.ctx.state.sysmsg & 1:
+                self.output.reply(fmt.QUITT)
+            return
+        log.info("send_cancelled", link_id=send.slot.link_id)
+        self.output.reply(fmt.SEND_CANCELLED if send.kind is DataKind.SENDL else fmt.SEND_CANCELED)
+
+    def _send_timed_out(self, send: Send) -> None:
         if self.sending is not send:
             return
         log.info("send_timed_out", link_id=send.slot.link_id)
@@ -407,37 +453,33 @@ class Front:
             self.links.discard(send.slot.link_id, send.end)
         self._finish_send(fmt.SEND_FAIL)
 
-    def _queue_datagram(self, send: _PendingSend) -> None:
-        ring = send.slot.uplink
-        try:
-            queued = records.put_record(ring, records.DATA, send.datagram, send.remote)
-        except ValueError as exc:  # larger than the ring could ever hold: a config mistake
-            log.error("datagram_too_large", length=len(send.datagram), why=str(exc))
-            send.conn_id = None
-            return
-        if queued:  # else: retried on the worker's next progress doorbell
-            send.end = ring.write_index
-
     def _on_uplink_progress(self, slot: Slot) -> None:
         slot.uplink.clear_space_doorbell()
-        if self.sending is None or self.sending.slot is not slot:
+        send = self.sending
+        if send is None or send.slot is not slot:
             return
-        if not self.sending.complete:
+        self._report_progress()
+        if not send.complete:
             self._resume_reading()
             self._process()
         else:
             self._check_send()
 
+    def _report_progress(self) -> None:
+        send = self.sending
+        if send is not None and send.kind is DataKind.SENDL:
+            data = self.parser.data
+            self.output.reply(send.progress(data.received if data is not None else send.length))
+
     def _check_send(self) -> None:
         send = self.sending
         if send is None or not send.complete:
             return
-        if send.end is None and self._send_alive(send):
-            self._queue_datagram(send)
-        if send.end is not None and send.slot.uplink.read_index >= send.end:
-            self._finish_send(fmt.SEND_OK)
-        elif not self._send_alive(send):
-            self._finish_send(fmt.SEND_FAIL)
+        send.pump()
+        self._report_progress()
+        result = send.result()
+        if result is not None:
+            self._finish_send(result)
 
     def _finish_send(self, result: bytes) -> None:
         self.sending = None
@@ -445,6 +487,42 @@ class Front:
         self.busy = False
         self._resume_reading()
         self._process()
+
+    # -- passthrough: a dropped link comes back --------------------------------------------------
+
+    def _passthrough_lost(self, slot: Slot) -> None:
+        """As a client, ESP-AT stays in passthrough and reconnects every AT+CIPRECONNINTV."""
+        pt = self.passthrough
+        if pt is None or pt.link_id != slot.link_id or pt.spec is None or pt.server:
+            return
+        if pt.reconnecting is None:
+            pt.reconnecting = self.loop.create_task(self._reconnect(pt))
+
+    async def _reconnect(self, pt: "_Passthrough", first_delay: float | None = None) -> None:
+        delay = self.ctx.state.reconnintv / 10 if first_delay is None else first_delay
+        while self.passthrough is pt:
+            await asyncio.sleep(delay)
+            delay = self.ctx.state.reconnintv / 10
+            if self.passthrough is not pt or self.links.is_busy(pt.link_id):
+                break
+            try:
+                await self.links.connect(pt.link_id, pt.spec)
+            except AtError as exc:
+                log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
+                continue
+            log.info("passthrough_reconnected", link_id=pt.link_id)
+            self._passthrough_resume(self.links.slots[pt.link_id])
+            break
+        pt.reconnecting = None
+
+    def _passthrough_resume(self, slot: Slot) -> None:
+        """The passthrough link is back (reconnected, or a new server client)."""
+        if self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH:
+            self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
+            if self.ctx.state.sysmsg & 4:
+                self.output.urc(connected_message(self.ctx, slot.view))
+            self._resume_reading()
+            self._process()
 
     # -- downlink ---------------------------------------------------------------------------------
 
@@ -454,7 +532,18 @@ class Front:
     def _on_output_drained(self) -> None:
         self.links.drain_all()
 
+    def _in_passthrough(self) -> bool:
+        return self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH
+
+    def _status_shown(self) -> bool:
+        """CONNECT/CLOSED during passthrough only with AT+SYSMSG bit 2."""
+        return not self._in_passthrough() or bool(self.ctx.state.sysmsg & 4)
+
     def _on_link_data(self, slot: Slot, record: records.Record) -> None:
+        if self.ctx.state.cipmode == 1:
+            # Passthrough (receiving) mode: the peer's bytes go out raw, no +IPD.
+            self.output.urc(record.payload)
+            return
         # A reply can only come after the send it answers was handed to the
         # socket: settle a finished send first so SEND OK precedes its +IPD.
         self._check_send()
@@ -466,7 +555,12 @@ class Front:
 
     def _on_link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True
-        self.output.urc(connected_message(self.ctx, slot.view))
+        pt = self.passthrough
+        if pt is not None and pt.server:
+            pt.link_id = slot.link_id
+            self._passthrough_resume(slot)
+        elif self._status_shown():
+            self.output.urc(connected_message(self.ctx, slot.view))
 
     def _on_link_notice(self, slot: Slot, unread: int) -> None:
         self._check_send()
@@ -487,4 +581,7 @@ class Front:
         # A send in progress on this link ends first (SEND FAIL), then CLOSED.
         if self.sending is not None and self.sending.slot is slot:
             self._on_link_closed_send(slot)
-        self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))
+        if self._status_shown():
+            self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))
+        if self._in_passthrough():
+            self._passthrough_lost(slot)

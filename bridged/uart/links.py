@@ -72,6 +72,7 @@ class Slot:
     type: str = ""  # "TCP", "TCPv6" ... as AT+CIPSTART named it
     server: bool = False  # a client of our AT+CIPSERVER (tetype 1), not one we opened
     options: SetOptions = SetOptions()  # AT+CIPTCPOPT, resent to every new worker
+    spec: ConnectSpec | None = None  # how the MCU opened it (passthrough reconnects with it)
     last_activity: float = 0.0  # for AT+CIPSTO: data either way resets it
     ended: bool = False  # the worker's socket is gone (its EOF record may still wait)
     # Passive receive mode (AT+CIPRECVTYPE=1): data stays in the downlink ring
@@ -171,6 +172,11 @@ class LinkTable:
         slot.downlink.consume(header.total)
         slot.reset_receive()
         self.on_data(slot, records.Record(records.DATA, rest))
+
+    def spec(self, link_id: int) -> ConnectSpec | None:
+        """How the MCU opened the link (None for a server's client)."""
+        slot = self.slots[link_id]
+        return slot.spec if slot.state is SlotState.OPEN and not slot.server else None
 
     def is_passive(self, link_id: int) -> bool:
         return self.slots[link_id].passive
@@ -282,6 +288,7 @@ class LinkTable:
     async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
         slot = self.slots[link_id]
         self._begin(slot, spec.type, server=False)
+        slot.spec = spec
         slot.waiter = self.loop.create_future()
         request = Connect(slot.conn_id, spec.type, spec.host, spec.port,
                           spec.local_ip, spec.timeout_ms, spec.local_port, spec.udp_mode)

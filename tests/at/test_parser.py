@@ -496,9 +496,9 @@ def test_data_limit_respected_and_zero_waits():
     parser.expect_data(10)
     parser.receive_bytes(b"0123456789")
     assert parser.next_event(limit=0) is NEED_DATA
-    assert parser.buffered == 10 and parser.data_left == 10
+    assert parser.data.buffered == 10 and parser.data_left == 0  # taken, not yet handed out
     assert parser.next_event(limit=4) == DataChunk(b"0123")
-    assert parser.data_left == 6
+    assert parser.data.buffered == 6
     assert parser.next_event(limit=4) == DataChunk(b"4567")
     assert parser.next_event(limit=4) == DataChunk(b"89")
     assert parser.in_data_mode
@@ -594,13 +594,14 @@ def test_discard_pending_after_payload():
     assert parser.next_event() == cmd(b"AT\r\n", "")
 
 
-def test_discard_pending_in_data_mode_keeps_count():
-    """Discarded bytes are not payload: data mode and the count left are unchanged."""
+def test_discard_pending_in_data_mode_keeps_the_payload():
+    """Payload bytes are the data phase's: discarding command input never drops them."""
     parser = Parser()
     parser.expect_data(4)
     parser.receive_bytes(b"ab")
-    assert parser.discard_pending() == b"ab"
-    assert parser.in_data_mode and parser.data_left == 4
-    parser.receive_bytes(b"wxyz")
-    assert parser.next_event() == DataChunk(b"wxyz")
+    assert parser.discard_pending() == b""
+    assert parser.in_data_mode and parser.data_left == 2
+    parser.receive_bytes(b"cdAT")
+    assert parser.next_event() == DataChunk(b"abcd")
     assert parser.next_event() == DataComplete(4)
+    assert parser.discard_pending() == b"AT"

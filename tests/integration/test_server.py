@@ -59,7 +59,9 @@ def test_maxconn_limits_the_server(server_host):
     server_host.command(b"AT+CIPSERVERMAXCONN=2")
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     assert server_host.ask(b"AT+CIPSERVERMAXCONN=3") == b"\r\nERROR\r\n"
-    a, b = _client(port), _client(port)
+    a = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    b = _client(port)
     server_host.expect(b"1,CONNECT\r\n")
     with pytest.raises(ConnectionRefusedError):
         _client(port)
@@ -121,7 +123,9 @@ def test_cipsto_closes_idle_clients(server_host):
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     server_host.command(b"AT+CIPSTO=2")
     assert server_host.ask(b"AT+CIPSTO?") == b"+CIPSTO:2\r\n\r\nOK\r\n"
-    busy, idle = _client(port), _client(port)
+    busy = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    idle = _client(port)
     server_host.expect(b"1,CONNECT\r\n")
     started = time.monotonic()
     demux = Demux(server_host)

@@ -155,6 +155,8 @@ def recv_record(ring: Ring, sock: socket.socket, max_payload: int, with_addr: bo
     if room < (max_payload if datagram else 1):
         return -1
     views = ring.writable_views(room, skip=head_size)
+    if not views:  # the read index was mid-update (only on CPUs without atomic 64-bit stores)
+        return -1
     if datagram:
         n, addr = _recv_datagram(sock, views)
     else:

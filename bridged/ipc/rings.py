@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import struct
 import sys
 from multiprocessing import resource_tracker, shared_memory
 
@@ -74,9 +73,12 @@ __all__ = ["Ring", "MIN_CAPACITY", "HEADER_SIZE"]
 
 MIN_CAPACITY = 4096
 HEADER_SIZE = 128
-_WRITE_OFF = 0
-_READ_OFF = 64
-_U64 = struct.Struct("<Q")
+# Indices as items of a native unsigned 64-bit view: memoryview stores and
+# loads such an item with one aligned 8-byte access, which x86-64 and ARMv8
+# make single-copy atomic.  (struct's "<Q" writes byte by byte: the other
+# process could see half an update.)
+_WRITE = 0  # item 0: byte offset 0
+_READ = 8  # item 8: byte offset 64, its own cache line
 _TRACK_PARAM = sys.version_info >= (3, 13)
 
 
@@ -140,6 +142,7 @@ class Ring:
         self._capacity = capacity
         self._mask = capacity - 1
         self._header = shm.buf[:HEADER_SIZE]
+        self._index = self._header.cast("Q")
         self._data = shm.buf[HEADER_SIZE : HEADER_SIZE + capacity]
         self.data_fd = data_fd
         self.space_fd = space_fd
@@ -191,20 +194,20 @@ class Ring:
 
     @property
     def write_index(self) -> int:
-        return _U64.unpack_from(self._header, _WRITE_OFF)[0]
+        return self._index[_WRITE]
 
     @property
     def read_index(self) -> int:
-        return _U64.unpack_from(self._header, _READ_OFF)[0]
+        return self._index[_READ]
 
     # -- shared helpers ----------------------------------------------------------
 
     def _load(self) -> tuple[int, int, int | None]:
         """Return (write, read, write - read); the last is None if torn."""
-        header = self._header
+        index = self._index
         for _ in range(4):
-            write = _U64.unpack_from(header, _WRITE_OFF)[0]
-            read = _U64.unpack_from(header, _READ_OFF)[0]
+            write = index[_WRITE]
+            read = index[_READ]
             if 0 <= write - read <= self._capacity:
                 return write, read, write - read
         # Still torn: the other side was preempted mid-store (32-bit CPUs only).
@@ -272,7 +275,7 @@ class Ring:
             raise ValueError(f"commit of {n} bytes exceeds free space {room}")
         _release(self._producer_views)
         if n:
-            _U64.pack_into(self._header, _WRITE_OFF, write + n)  # data before index
+            self._index[_WRITE] = write + n  # data before index
             _ring(self.data_fd)  # index before doorbell
 
     def put_nowait(self, data: bytes | bytearray | memoryview) -> int:
@@ -331,7 +334,7 @@ class Ring:
             raise ValueError(f"consume of {n} bytes exceeds available {limit}")
         _release(self._consumer_views)
         if n:
-            _U64.pack_into(self._header, _READ_OFF, read + n)  # reads done before index
+            self._index[_READ] = read + n  # reads done before index
             _ring(self.space_fd)
 
     def get_nowait(self, limit: int) -> bytes:
@@ -363,6 +366,7 @@ class Ring:
             return
         _release(self._producer_views)
         _release(self._consumer_views)
+        self._index.release()
         self._header.release()
         self._data.release()
         self._shm.close()

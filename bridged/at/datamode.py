@@ -13,23 +13,28 @@ with their arrival time and pulls events::
 of silence before the first and after the third and less than 20 ms between
 them; otherwise they are data.  Bytes read together arrive together, so a
 candidate is a burst of '+' only (one read or several close ones) after a
-silence; it is held back until the silence after it decides.  Holding back
-at most three bytes for 20 ms is the only delay the rule adds.
+silence; it is held back until the silence after it decides: in next_chunk()
+at deadline(), or in feed() when the next bytes come after the silence (the
+owner may look late; the outcome is the same).  Holding back at most three
+bytes for 20 ms is the only delay the rule adds.  Times are compared as
+``now >= then + GUARD``, the form deadline() reports.
 
 AT+CIPSENDEX escapes (spec): ``\\0`` ends the data (the two bytes are not
 sent), ``\\<x>`` is ``<x>`` for any other x (so ``\\\\0`` sends ``\\0``).  A
 backslash that ends a read waits for the next byte.  <length> counts the bytes
 sent, after unescaping.
 
-SENDL and PASSTHROUGH forward while data still arrives: a chunk goes out as
-soon as ``chunk`` bytes are buffered, a shorter rest once ``interval`` seconds
-passed since its first byte (AT+TRANSINTVL; AT+CIPSENDLCFG's transmit size).
+SENDL and PASSTHROUGH forward while data still arrives: whole chunks go out
+as soon as ``chunk`` bytes are buffered (several at once when they are
+there), a shorter rest once ``interval`` seconds passed since its first byte
+(AT+TRANSINTVL; AT+CIPSENDLCFG's transmit size).
 SEND and SENDEX hand over every byte at once: the owner gathers them.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 __all__ = ["DataKind", "DataMachine", "Escape", "GUARD"]
@@ -68,13 +73,15 @@ class DataMachine:
         self.chunk = chunk
         self.interval = interval
         self._buf = bytearray()
-        self._first_at: float | None = None  # arrival of the oldest buffered byte
+        self._arrivals: deque[list] = deque()  # [count, arrival time] of the buffered bytes, oldest first
         self._last_rx = now
         self._plus = 0  # '+' bytes held back as a +++ candidate
-        self._plus_at = 0.0
+        self._plus_since = 0.0  # arrival of its first '+'
+        self._plus_at = 0.0  # ... and of its last
         self._backslash = False  # SENDEX: a '\\' waiting for its next byte
         self._done = False
         self._escaped = False
+        self._escape_due = False  # escaped, Escape not yet returned by next_chunk()
 
     @property
     def done(self) -> bool:
@@ -91,31 +98,45 @@ class DataMachine:
         """Take the bytes that belong to this phase; return the rest (command input)."""
         if self.done or not data:
             return data
-        gap = now - self._last_rx
+        silent = now >= self._last_rx + GUARD
         self._last_rx = now
-        if self._plus_candidate(data, gap, now):
+        if self._plus and silent:
+            self._settle()  # the silence after the candidate passed before these bytes
+            if self.done:
+                return data  # +++ escaped: what follows is command input
+        if self._plus_candidate(data, silent, now):
             return b""
         return self._take(data, now)
 
-    def _plus_candidate(self, data: bytes, gap: float, now: float) -> bool:
+    def _plus_candidate(self, data: bytes, silent: bool, now: float) -> bool:
         only_plus = data.count(b"+") == len(data)
-        if self._plus:
-            if gap < GUARD and only_plus and self._plus + len(data) <= 3:
+        if self._plus:  # not silent: feed() settled the candidate otherwise
+            if only_plus and self._plus + len(data) <= 3:
                 self._plus += len(data)
                 self._plus_at = now
                 return True
-            self._release_plus(now)
+            self._release_plus()
             return False
         room = self.left < 0 or self.left >= 3  # a +++ must fit in what is left
-        if gap >= GUARD and only_plus and len(data) <= 3 and room:
-            self._plus, self._plus_at = len(data), now
+        if silent and only_plus and len(data) <= 3 and room:
+            self._plus, self._plus_since, self._plus_at = len(data), now, now
             return True
         return False
 
-    def _release_plus(self, now: float) -> None:
-        """A candidate that turned out to be data."""
+    def _settle(self) -> None:
+        """The silence after a candidate passed: three '+' escape, fewer are data."""
+        if self._plus == 3:
+            self._plus = 0
+            self._escaped = self._escape_due = True
+            self._buf.clear()  # an escape ends the phase; what is unsent is dropped
+            self._arrivals.clear()
+        else:
+            self._release_plus()
+
+    def _release_plus(self) -> None:
+        """A candidate that turned out to be data (arrived when its first '+' did)."""
         plus, self._plus = self._plus, 0
-        rest = self._take(b"+" * plus, now)
+        rest = self._take(b"+" * plus, self._plus_since)
         assert not rest or self.done
 
     def _take(self, data: bytes, now: float) -> bytes:
@@ -154,22 +175,35 @@ class DataMachine:
 
     def _append(self, data: bytes, now: float) -> None:
         if data:
-            if not self._buf:
-                self._first_at = now
+            if self._arrivals and self._arrivals[-1][1] == now:
+                self._arrivals[-1][0] += len(data)
+            else:
+                self._arrivals.append([len(data), now])
             self._buf += data
             self.taken += len(data)
+
+    def _consume(self, size: int) -> bytes:
+        """The first ``size`` buffered bytes, removed with their arrival times."""
+        out = bytes(self._buf[:size])
+        del self._buf[:size]
+        while size:
+            run = self._arrivals[0]
+            n = min(size, run[0])
+            run[0] -= n
+            size -= n
+            if not run[0]:
+                self._arrivals.popleft()
+        return out
 
     # -- output ------------------------------------------------------------------
 
     def next_chunk(self, now: float, limit: int | None = None) -> bytes | Escape | None:
         """Payload ready to go (at most ``limit`` bytes), Escape, or None."""
-        if self._plus and now - self._plus_at >= GUARD:
-            if self._plus == 3:
-                self._plus = 0
-                self._escaped = True
-                self._buf.clear()  # an escape ends the phase; what is unsent is dropped
-                return Escape()
-            self._release_plus(now)
+        if self._plus and now >= self._plus_at + GUARD:
+            self._settle()
+        if self._escape_due:
+            self._escape_due = False
+            return Escape()
         if not self._buf or limit == 0:
             return None
         streaming = self.kind in (DataKind.SENDL, DataKind.PASSTHROUGH)
@@ -177,25 +211,25 @@ class DataMachine:
             not streaming
             or self._done
             or len(self._buf) >= self.chunk
-            or now - self._first_at >= self.interval
+            or now >= self._arrivals[0][1] + self.interval
         )
         if not ready:
             return None
-        size = len(self._buf) if not streaming else min(len(self._buf), self.chunk)
+        size = len(self._buf)
+        if streaming and not self._done and size >= self.chunk:
+            # Whole chunks go now; a shorter tail waits for the interval.
+            size -= size % self.chunk
         if limit is not None:
             size = min(size, limit)
-        out = bytes(self._buf[:size])
-        del self._buf[:size]
-        self._first_at = now if self._buf else None
-        return out
+        return self._consume(size)
 
     def deadline(self) -> float | None:
         """When next_chunk() may have something new without more input."""
         times = []
         if self._plus:
             times.append(self._plus_at + GUARD)
-        if self._buf and self._first_at is not None and self.kind in (DataKind.SENDL, DataKind.PASSTHROUGH):
-            times.append(self._first_at + self.interval)
+        if self._buf and self.kind in (DataKind.SENDL, DataKind.PASSTHROUGH):
+            times.append(self._arrivals[0][1] + self.interval)
         return min(times) if times else None
 
     @property

@@ -112,7 +112,8 @@ class Front:
         self.server = Server(self.links)
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
-        self.busy = False
+        self.busy = False  # a command waits on the network: input gets busy p...
+        self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
         self.passthrough: _Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -282,7 +283,8 @@ class Front:
             self._refuse_busy(data)
             return
         self.parser.receive_bytes(data, self.loop.time())
-        self._process()
+        if not self.holding:
+            self._process()
 
     def _refuse_busy(self, data: bytes) -> None:
         """Input while a command runs is discarded, one busy p... per chunk."""
@@ -300,7 +302,7 @@ class Front:
 
     def _process(self) -> None:
         """Handle parser events until it needs data, or the session is busy."""
-        while not self.busy:
+        while not (self.busy or self.holding):
             if self.parser.in_data_mode:
                 if not self._process_data():
                     return
@@ -368,11 +370,13 @@ class Front:
         if reply.send is not None:
             self._start_send(reply.send)
         if reply.after is not None:
-            self.busy = True
+            # Input that comes meanwhile is held, not refused: the action is
+            # immediate, only ordered after the answer (a baud change, a restart).
+            self.holding = True
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
-        self.busy = False
+        self.holding = False
         action()
         self._process()
 

@@ -39,6 +39,9 @@ class Output:
         self._final_at: float | None = None  # when the last item written was a final result
         self._timer: asyncio.TimerHandle | None = None
         self._writer_armed = False
+        self._scheduled = False
+        self._pending = memoryview(b"")  # the batch being written
+        self._pending_final = False  # ... ends with a final result
         self._when_empty: list[Callable[[], None]] = []
         self.written = 0
 
@@ -54,7 +57,7 @@ class Output:
 
     def when_empty(self, callback: Callable[[], None]) -> None:
         """Call back once everything queued so far has been written."""
-        if not self._queue:
+        if not self._queue and not self._pending:
             self.loop.call_soon(callback)
         else:
             self._when_empty.append(callback)
@@ -64,47 +67,62 @@ class Output:
             return
         self._queue.append((data, urc, (not urc) and is_final(data)))
         self._buffered += len(data)
-        if not self._writer_armed and self._timer is None:
-            self._pump()
+        if not (self._writer_armed or self._timer is not None or self._scheduled):
+            # Everything queued in this loop iteration goes out in one write.
+            self._scheduled = True
+            self.loop.call_soon(self._pump)
 
     def _urc_wait(self) -> float:
         if self._final_at is None or self.gap <= 0:
             return 0.0
         return self._final_at + self.gap - self.loop.time()
 
+    def _next_batch(self) -> bool:
+        """Join the queue's head into one write, up to a URC that must wait."""
+        parts: list[bytes | memoryview] = []
+        final = False
+        while self._queue:
+            data, urc, is_final_ = self._queue[0]
+            if urc and (final or (not parts and self._urc_wait() > 0)):
+                break  # the gap after a final result comes first
+            self._queue.popleft()
+            parts.append(data)
+            final = is_final_ if not urc else False
+            if sum(len(p) for p in parts) >= _MAX_WRITE:
+                break
+        if not parts:
+            return False
+        self._pending = memoryview(b"".join(parts))
+        self._pending_final = final
+        return True
+
     def _pump(self) -> None:
         self._timer = None
-        while self._queue:
-            data, urc, final = self._queue[0]
-            if urc:
-                wait = self._urc_wait()
-                if wait > 0:
-                    self._timer = self.loop.call_later(wait, self._pump)
-                    return
+        self._scheduled = False
+        while True:
+            if not self._pending and not self._next_batch():
+                break
             try:
-                n = os.write(self.fd, data[:_MAX_WRITE])
+                n = os.write(self.fd, self._pending[:_MAX_WRITE])
             except BlockingIOError:
                 n = 0
-            if n < len(data):
-                if n:
-                    self._queue[0] = (memoryview(data)[n:], urc, final)
-                    self._account(n, None)
+            self._buffered -= n
+            self.written += n
+            self._pending = self._pending[n:]
+            if self._pending:
                 self._arm_writer()
                 return
-            self._queue.popleft()
-            self._account(n, final)
+            self._final_at = self.loop.time() if self._pending_final else None
+        if self._queue:  # a URC waits for the gap
+            self._disarm_writer()
+            self._timer = self.loop.call_later(max(self._urc_wait(), 0.0), self._pump)
+            return
         self._disarm_writer()
         # Deferred: a writer must never be re-entered by the callbacks it causes.
         callbacks, self._when_empty = self._when_empty, []
         for callback in callbacks:
             self.loop.call_soon(callback)
         self.loop.call_soon(self.on_drained)
-
-    def _account(self, n: int, final: bool | None) -> None:
-        self._buffered -= n
-        self.written += n
-        if final is not None:
-            self._final_at = self.loop.time() if final else None
 
     def _arm_writer(self) -> None:
         if not self._writer_armed:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -130,13 +131,14 @@ class Host:
                 n = os.write(self.fd, view)
                 view = view[n:]
             except BlockingIOError:
-                self._fill(0.01)
+                # Wait until the daemon reads, collecting what it sends meanwhile.
+                readable, writable, _ = select.select([self.fd], [self.fd], [], 0.05)
+                if readable:
+                    self._fill(0)
                 if time.monotonic() > deadline:
                     raise Timeout("the daemon stopped reading the pty")
 
     def _fill(self, wait: float) -> bool:
-        import select
-
         readable, _, _ = select.select([self.fd], [], [], wait)
         if not readable:
             return False

@@ -1,5 +1,6 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR]``.
+[--baud N] [--pty LINK] [--state-dir DIR]`` and ``bridged pki import|list|remove``
+(the certificate store, see ``bridged.pki_cli``).
 
 A user mistake (bad argument, bad config, a port that cannot be opened) ends
 with exit status 2 and one line naming what is wrong; never a traceback.
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
     run.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
     run.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
+    commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
     return parser
 
 
@@ -73,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pki"]:
+        from bridged.pki_cli import main as pki_main
+
+        return pki_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)

@@ -175,7 +175,7 @@ class Supervisor:
             if self.pty is not None:
                 os.close(self.pty.master)
                 os.close(self.pty.slave)
-            return run_worker(self.config, worker.link_id, worker_end, uplink, downlink)
+            return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir)
 
         worker.pid = self._fork(worker, target)
         worker_end.close()

@@ -40,7 +40,7 @@ class UartSettings:
 
 
 # Keys the ESP keeps in NVS when AT+SYSSTORE=1 (esp-at-behavior.md 1.8).
-PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts", "reconnintv")
+PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts", "reconnintv", "sslconf")
 
 
 @dataclass(slots=True)
@@ -67,6 +67,13 @@ class SessionState:
     transintvl: int = 20  # AT+TRANSINTVL, ms
     reconnintv: int = 1  # AT+CIPRECONNINTV, 100 ms units
     sendl_cfg: tuple[int, int] = (1024, 2920)  # AT+CIPSENDLCFG: report size, transmit size
+    # SSL client settings per link (AT+CIPSSLCCONF, CIPSSLCCN, CIPSSLCSNI,
+    # CIPSSLCALPN, CIPSSLCPSK/CIPSSLCPSKHEX): they apply to the next connection.
+    sslconf: list[list[int]] = field(default_factory=lambda: [[0, 0, 0] for _ in range(5)])
+    sslcn: list[str] = field(default_factory=lambda: [""] * 5)
+    sslsni: list[str] = field(default_factory=lambda: [""] * 5)
+    sslalpn: list[list[str]] = field(default_factory=lambda: [[] for _ in range(5)])
+    sslpsk: list[list[str]] = field(default_factory=lambda: [["", ""] for _ in range(5)])  # hex psk, hint
     # AT+CIPTCPOPT per link: so_linger, tcp_nodelay, so_sndtimeo (ms), keep_alive (s).
     # keep_alive is shared with AT+CIPSTART's: the later of the two wins.
     tcpopts: list[list[int]] = field(default_factory=lambda: [[-1, 0, 0, 0] for _ in range(5)])
@@ -99,6 +106,14 @@ class ConnectSpec:
     timeout_ms: int = 0
     local_port: int = 0
     udp_mode: int = 0
+    tls_auth: int = 0
+    tls_pki: int = 0
+    tls_ca: int = 0
+    tls_cn: str = ""
+    tls_sni: str = ""
+    tls_alpn: tuple[str, ...] = ()
+    tls_psk: str = ""  # hex
+    tls_psk_hint: str = ""
 
 
 @dataclass(frozen=True, slots=True)

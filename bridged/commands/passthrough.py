@@ -19,6 +19,7 @@ from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context
 from bridged.commands.registry import Reply, SendRequest, handles
+from bridged.commands.ssl import with_tls
 
 __all__ = ["saved_link"]
 
@@ -99,7 +100,7 @@ def reconnintv_set(ctx: Context, line: CommandLine) -> Reply:
     return Reply()
 
 
-_SAVE_TYPES = ("TCP", "TCPv6", "UDP", "UDPv6")
+_SAVE_TYPES = ("TCP", "TCPv6", "UDP", "UDPv6", "SSL", "SSLv6")
 
 
 @handles("+SAVETRANSLINK", Kind.SET)
@@ -110,7 +111,7 @@ def savetranslink_set(ctx: Context, line: CommandLine) -> Reply:
         return Reply()
     _, host, port, type_ = bind(line.tokens[:4], (Int(0, 1), Str(64), Int(1, 65535), Str(6, "TCP")))
     if type_ not in _SAVE_TYPES:
-        raise ExecFail(f"AT+SAVETRANSLINK type {type_!r}: TCP, TCPv6, UDP or UDPv6")
+        raise ExecFail(f"AT+SAVETRANSLINK type {type_!r}: TCP, TCPv6, SSL, SSLv6, UDP or UDPv6")
     if type_.startswith("UDP"):
         (local_port,) = bind(line.tokens[4:], (Int(0, 65535, 0),))
         saved = {"type": type_, "host": host, "port": port, "local_port": local_port, "keep_alive": 0}
@@ -127,4 +128,6 @@ def saved_link(ctx: Context) -> tuple[ConnectSpec, int] | None:
     if not saved:
         return None
     spec = ConnectSpec(saved["type"], saved["host"], saved["port"], local_port=saved["local_port"])
+    if spec.type.startswith("SSL"):  # the stored AT+CIPSSLCCONF of link 0 applies
+        spec = with_tls(ctx, 0, spec)
     return spec, saved["keep_alive"]

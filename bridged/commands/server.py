@@ -19,7 +19,7 @@ from bridged.commands.wifi import station
 
 __all__: list[str] = []
 
-SERVER_TYPES = ("TCP", "TCPv6")
+SERVER_TYPES = ("TCP", "TCPv6", "SSL", "SSLv6")
 
 
 @handles("+CIPSERVER", Kind.QUERY)
@@ -48,7 +48,7 @@ def _create(ctx: Context, port: int, type_: str, ca_enable: int) -> Reply:
     if not ctx.mux:
         raise ExecFail("a server needs AT+CIPMUX=1")
     if type_ not in SERVER_TYPES:
-        raise ExecFail(f"server type {type_!r} is not supported yet (TCP, TCPv6)")
+        raise ExecFail(f"server type {type_!r}: TCP, TCPv6, SSL or SSLv6")
     if type_.endswith("v6") and not ctx.state.cipv6:
         raise ExecFail("IPv6 is disabled: AT+CIPV6=1 first")
     if server.running:

@@ -20,12 +20,13 @@ from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
 from bridged.commands.registry import Reply, SendRequest, handles
+from bridged.commands.ssl import with_tls
 from bridged.commands.wifi import station_ip
 
 __all__ = ["connected_message"]
 
 ALL_LINKS = 5  # "max": AT+CIPCLOSE=5 closes every link
-STREAM_TYPES = ("TCP", "TCPv6")
+STREAM_TYPES = ("TCP", "TCPv6", "SSL", "SSLv6")
 DATAGRAM_TYPES = ("UDP", "UDPv6")
 
 
@@ -94,7 +95,7 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
         raise ParamCountMismatch("AT+CIPSTART needs a type", 0)
     (type_,) = bind(tokens[:1], (Str(6),))
     if type_ not in STREAM_TYPES + DATAGRAM_TYPES:
-        raise ExecFail(f"connection type {type_!r} is not supported yet (TCP, TCPv6, UDP, UDPv6)")
+        raise ExecFail(f"connection type {type_!r}: TCP, TCPv6, UDP, UDPv6, SSL or SSLv6")
     if type_.endswith("v6") and not ctx.state.cipv6:
         raise ExecFail("IPv6 is disabled: AT+CIPV6=1 first")
     if type_ in DATAGRAM_TYPES:
@@ -105,7 +106,8 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
         opts = ctx.state.tcpopts[link_id]
         opts[3] = keep_alive
         ctx.links.set_options(link_id, opts[0], opts[1], opts[3])
-    return ConnectSpec(type_, host, port, local_ip, timeout)
+    spec = ConnectSpec(type_, host, port, local_ip, timeout)
+    return with_tls(ctx, link_id, spec) if type_.startswith("SSL") else spec
 
 
 def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:

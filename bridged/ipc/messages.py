@@ -55,6 +55,15 @@ class Connect:
     timeout_ms: int = 0
     local_port: int = 0
     udp_mode: int = 0
+    # SSL links (AT+CIPSSLCCONF, CIPSSLCCN, CIPSSLCSNI, CIPSSLCALPN, CIPSSLCPSK)
+    tls_auth: int = 0
+    tls_pki: int = 0
+    tls_ca: int = 0
+    tls_cn: str = ""
+    tls_sni: str = ""
+    tls_alpn: tuple[str, ...] = ()
+    tls_psk: str = ""  # hex
+    tls_psk_hint: str = ""
 
 
 @message
@@ -62,6 +71,7 @@ class Connect:
 class Adopt:
     conn_id: int
     link_type: str
+    ca_enable: int = 0  # an SSL server verifies its clients against server_ca.0
 
 
 @message

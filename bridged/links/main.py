@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+from pathlib import Path
 
 import uvloop
 
 from bridged.config import Config
 from bridged.ipc.rings import Ring
 from bridged.links.worker import Worker
+from bridged.pki import PkiStore
 
 __all__ = ["run_worker"]
 
 
-def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring) -> int:
+def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
+               state_dir: Path) -> int:
     async def main() -> None:
-        worker = Worker(link_id, control, uplink, downlink, config.links.chunk, config.links.connect_timeout_ms)
+        worker = Worker(link_id, control, uplink, downlink, config.links.chunk, config.links.connect_timeout_ms,
+                        PkiStore(state_dir))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
         loop.add_signal_handler(signal.SIGINT, worker.stop)

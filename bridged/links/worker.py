@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 from typing import Callable
 
 import structlog
@@ -46,7 +47,9 @@ from bridged.ipc.messages import (
 )
 from bridged.ipc.rings import Ring
 from bridged.links.tcp import apply_options, open_tcp
+from bridged.links import tls
 from bridged.links.udp import open_udp
+from bridged.pki import PkiStore
 
 __all__ = ["Worker"]
 
@@ -54,6 +57,9 @@ log = structlog.get_logger()
 
 _RECORDS_PER_WAKEUP = 16  # bound one wake-up's work so other fds get their turn
 _MAX_DATAGRAM = 65536
+_TLS_WRITE = 16384  # one TLS record per write; a retry must repeat the same length
+_TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
 
 
 class Worker:
@@ -65,6 +71,7 @@ class Worker:
         downlink: Ring,
         chunk: int,
         connect_timeout_ms: int,
+        pki: PkiStore | None = None,
     ) -> None:
         self.link_id = link_id
         self.control = control
@@ -72,6 +79,8 @@ class Worker:
         self.downlink = downlink
         self.chunk = min(chunk, downlink.capacity // 2)
         self.connect_timeout_ms = connect_timeout_ms
+        self.pki = pki
+        self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
         self.conn_id: int | None = None
@@ -167,10 +176,13 @@ class Worker:
         try:
             if datagram:
                 sock, remote = await open_udp(msg, self.connect_timeout_ms)
+            elif msg.link_type.startswith("SSL"):
+                sock = await self._open_tls(msg)
+                remote = sock.getpeername()
             else:
                 sock = await open_tcp(msg, self.connect_timeout_ms)
                 remote = sock.getpeername()
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:
             reason = _reason(exc)
             log.warning("connect_failed", type=msg.link_type, host=msg.host, port=msg.port, reason=reason)
             self.conn_id = None
@@ -179,6 +191,26 @@ class Worker:
         finally:
             self.connecting = None
         self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
+
+    async def _open_tls(self, msg: Connect) -> ssl.SSLSocket:
+        """TCP connect, then the TLS handshake, all within the connect timeout."""
+        started = self.loop.time()
+        raw = await open_tcp(msg, self.connect_timeout_ms)
+        try:
+            sock = tls.wrap_client(raw, msg, self.pki)
+        except BaseException:
+            raw.close()
+            raise
+        left = (msg.timeout_ms or self.connect_timeout_ms) / 1000 - (self.loop.time() - started)
+        try:
+            async with asyncio.timeout(max(left, 0.001)):
+                await tls.handshake(sock)
+            if msg.tls_auth in (2, 3):
+                tls.check_name(sock, msg.tls_cn or msg.host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _adopt(self, msg: Adopt, sock: socket.socket) -> None:
         """A client of the front's server: ours from now on, like a connected one."""
@@ -189,7 +221,34 @@ class Worker:
         self.conn_id = msg.conn_id
         self.uplink.discard_all()
         sock.setblocking(False)
+        if msg.link_type.startswith("SSL"):
+            self.connecting = self.loop.create_task(self._adopt_tls(msg, sock))
+            return
         self._opened(msg.conn_id, msg.link_type, sock, sock.getpeername(), datagram=False, udp_mode=0)
+
+    async def _adopt_tls(self, msg: Adopt, raw: socket.socket) -> None:
+        remote = raw.getpeername()
+        try:
+            sock = tls.wrap_server(raw, msg, self.pki)
+        except (OSError, ValueError) as exc:
+            raw.close()
+            self._adopt_failed(msg, remote, exc)
+            return
+        try:
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                await tls.handshake(sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self._adopt_failed(msg, remote, exc)
+            return
+        finally:
+            self.connecting = None
+        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
+
+    def _adopt_failed(self, msg: Adopt, remote: tuple, exc: BaseException) -> None:
+        log.warning("server_handshake_failed", remote=remote[0], port=remote[1], reason=_reason(exc))
+        self.conn_id = None
+        self._reply(ConnectFailed(msg.conn_id, _reason(exc)))
 
     def _opened(self, conn_id: int, link_type: str, sock: socket.socket, remote: tuple,
                 datagram: bool, udp_mode: int) -> None:
@@ -223,8 +282,11 @@ class Worker:
         while self.sock is not None and self.uplink.available():
             views = self.uplink.readable_views(self.uplink.available())
             try:
-                sent = self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0])
-            except BlockingIOError:
+                if isinstance(self.sock, ssl.SSLSocket):
+                    sent = self._send_tls(views[0])
+                else:
+                    sent = self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0])
+            except (BlockingIOError, *_TLS_AGAIN):
                 sent = 0
             except OSError as exc:
                 sent = -1
@@ -240,6 +302,14 @@ class Worker:
                 return
             self.uplink.consume(sent)
             self.stats["up"] += sent
+
+    def _send_tls(self, view: memoryview) -> int:
+        # OpenSSL wants a write retried after WANT_WRITE with the same length.
+        size = self._tls_retry or min(len(view), _TLS_WRITE)
+        self._tls_retry = size
+        sent = self.sock.send(view[:size])
+        self._tls_retry = 0
+        return sent
 
     def _send_datagrams(self) -> None:
         """Each uplink record is one datagram, to its own address or the remote."""
@@ -280,8 +350,10 @@ class Worker:
                 limit = min(limit, self.window - self.downlink.available())
             try:
                 n = records.recv_record(self.downlink, self.sock, limit) if limit > 0 else -1
-            except BlockingIOError:
+            except (BlockingIOError, *_TLS_AGAIN):
                 return
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                n = 0
             except OSError as exc:
                 self._finish(f"receive failed: {exc.strerror or exc}")
                 return
@@ -293,6 +365,9 @@ class Worker:
                 self._wait_space(self._resume_reading)
                 return
             self.stats["down"] += n
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
+            self.loop.call_soon(self._on_readable)
 
     def _recv_datagrams(self) -> None:
         for _ in range(_RECORDS_PER_WAKEUP):
@@ -388,6 +463,7 @@ class Worker:
         self.sock.close()
         self.sock = None
         self.datagram = False
+        self._tls_retry = 0
 
     def _put_eof(self, conn_id: int, reason: str) -> None:
         self._pending_eof.append(f"{conn_id} {reason}".encode())
@@ -406,6 +482,8 @@ def _reason(exc: BaseException) -> str:
     """A log-friendly reason; ESP-AT's MCU only ever sees ERROR."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
     if isinstance(exc, PermissionError):
         return f"{exc.strerror}: ports below 1024 need CAP_NET_BIND_SERVICE"
     if isinstance(exc, OSError) and exc.strerror:

@@ -19,7 +19,7 @@ import enum
 import itertools
 import os
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import structlog
@@ -257,12 +257,12 @@ class LinkTable:
         if slot.control is not None and slot.conn_id is not None:
             self._send(slot, Discard(slot.conn_id, upto))
 
-    def adopt(self, link_id: int, sock: socket.socket, type_: str) -> None:
+    def adopt(self, link_id: int, sock: socket.socket, type_: str, ca_enable: int = 0) -> None:
         """Hand a client our server accepted to the slot's worker (SCM_RIGHTS)."""
         slot = self.slots[link_id]
         self._begin(slot, type_, server=True)
         try:
-            send_message(slot.control, Adopt(slot.conn_id, type_), [sock.fileno()])
+            send_message(slot.control, Adopt(slot.conn_id, type_, ca_enable), [sock.fileno()])
         except OSError as exc:
             log.error("adopt_failed", link_id=link_id, error=str(exc))
             self._end(slot, "worker unreachable")
@@ -290,8 +290,9 @@ class LinkTable:
         self._begin(slot, spec.type, server=False)
         slot.spec = spec
         slot.waiter = self.loop.create_future()
-        request = Connect(slot.conn_id, spec.type, spec.host, spec.port,
-                          spec.local_ip, spec.timeout_ms, spec.local_port, spec.udp_mode)
+        fields = {k: v for k, v in asdict(spec).items() if k != "type"}
+        fields["tls_alpn"] = tuple(spec.tls_alpn)
+        request = Connect(slot.conn_id, spec.type, **fields)
         self._send(slot, request)
         try:
             view = await slot.waiter

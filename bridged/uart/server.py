@@ -126,7 +126,7 @@ class Server:
             conn.close()
         else:
             log.info("server_client_accepted", remote=addr[0], port=addr[1], link_id=free[0])
-            self.links.adopt(free[0], conn, self.type)
+            self.links.adopt(free[0], conn, self.type, self.ca_enable)
         self.update()
 
     # -- AT+CIPSTO ---------------------------------------------------------------------

@@ -74,7 +74,8 @@ def feed_all(parser: Parser, chunks: list[bytes], limit: int | None = None) -> l
     events: list = []
     for chunk in chunks:
         parser.receive_bytes(chunk)
-        for _ in range(2 * parser.buffered + 4):
+        held = parser.buffered + (parser.data.buffered if parser.data is not None else 0)
+        for _ in range(2 * held + 4):  # each event consumes at least one byte, or ends a phase
             event = parser.next_event(limit)
             if event is NEED_DATA:
                 break

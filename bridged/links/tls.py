@@ -1,0 +1,178 @@
+"""TLS for SSL links, in the link worker so a handshake never stalls the
+UART or another link.
+
+ESP-AT's client settings (AT+CIPSSLCCONF and friends, esp-at-behavior.md 5):
+
+  auth_mode  client presents client_cert.N/client_key.N   verifies the server with client_ca.N
+  0          no                                             no (ESP-AT's default: insecure)
+  1          yes                                            no
+  2          no                                             yes
+  3          yes                                            yes
+
+When verifying, the server's certificate must name AT+CIPSSLCCN's common
+name, or else the host AT+CIPSTART named.  SNI is AT+CIPSSLCSNI's name, or
+the host when it is a name rather than an address.  Because Python's ssl
+uses one ``server_hostname`` for both, the name check is done here after the
+handshake.  TLS 1.2 only, as ESP-AT's mbedTLS build.  TLS-PSK (AT+CIPSSLCPSK)
+needs Python 3.13's ``set_psk_client_callback``.
+
+A server (AT+CIPSERVER "SSL") uses the store's server_cert.0/server_key.0, or
+a self-signed certificate bridged generates once; with <CA enable> it
+requires client certificates signed by server_ca.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import hashlib
+import socket
+import ssl
+
+import structlog
+
+from bridged.ipc.messages import Adopt, Connect
+from bridged.pki import PkiStore
+
+log = structlog.get_logger()
+
+__all__ = ["TlsError", "client_context", "server_context", "handshake", "psk_supported"]
+
+
+class TlsError(OSError):
+    """A TLS setting or handshake that cannot work; the reason is for the log."""
+
+
+def psk_supported() -> bool:
+    return hasattr(ssl.SSLContext, "set_psk_client_callback")
+
+
+def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if purpose is ssl.Purpose.SERVER_AUTH else ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _need(store: PkiStore, kind: str, index: int) -> str:
+    path = store.path(kind, index)
+    if path is None:
+        raise TlsError(f"no {kind}.{index} in the certificate store (bridged pki import {kind} {index} FILE)")
+    return str(path)
+
+
+def client_context(request: Connect, store: PkiStore) -> ssl.SSLContext:
+    """The SSLContext for one AT+CIPSTART "SSL" connection."""
+    ctx = _base(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False  # checked after the handshake: SNI and name may differ
+    auth = request.tls_auth
+    if auth in (1, 3):
+        ctx.load_cert_chain(_need(store, "client_cert", request.tls_pki), _need(store, "client_key", request.tls_pki))
+    if auth in (2, 3):
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(_need(store, "client_ca", request.tls_ca))
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if request.tls_alpn:
+        ctx.set_alpn_protocols(list(request.tls_alpn))
+    if request.tls_psk:
+        if not psk_supported():
+            raise TlsError("TLS-PSK needs Python 3.13's ssl module")
+        key = bytes.fromhex(request.tls_psk)
+        identity = request.tls_psk_hint
+        ctx.set_ciphers("PSK")
+        ctx.set_psk_client_callback(lambda _server_hint: (identity, key))
+    return ctx
+
+
+def server_context(request: Adopt, store: PkiStore) -> ssl.SSLContext:
+    """The SSLContext of AT+CIPSERVER's "SSL" server."""
+    ctx = _base(ssl.Purpose.CLIENT_AUTH)
+    cert, key = store.path("server_cert", 0), store.path("server_key", 0)
+    if cert is None or key is None:
+        cert, key = store.self_signed_server()
+        log.info("server_certificate_generated", path=str(cert), sha256=_fingerprint(cert))
+    ctx.load_cert_chain(str(cert), str(key))
+    if request.ca_enable:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(_need(store, "server_ca", 0))
+    return ctx
+
+
+def sni_for(request: Connect) -> str | None:
+    if request.tls_sni:
+        return request.tls_sni
+    try:
+        ipaddress.ip_address(request.host)
+    except ValueError:
+        return request.host
+    return None
+
+
+async def handshake(sock: ssl.SSLSocket) -> None:
+    """Drive a non-blocking handshake to its end (the caller bounds the time)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await _wait(loop, sock.fileno(), loop.add_reader, loop.remove_reader)
+        except ssl.SSLWantWriteError:
+            await _wait(loop, sock.fileno(), loop.add_writer, loop.remove_writer)
+
+
+async def _wait(loop, fd: int, add, remove) -> None:
+    ready = loop.create_future()
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+def check_name(sock: ssl.SSLSocket, expected: str) -> None:
+    """The verified peer certificate must name ``expected`` (SAN, else CN).
+
+    Raises:
+        TlsError: it does not.
+    """
+    cert = sock.getpeercert() or {}
+    try:
+        wanted_ip = ipaddress.ip_address(expected)
+    except ValueError:
+        wanted_ip = None
+    names = []
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "IP Address" and wanted_ip is not None:
+            if ipaddress.ip_address(value.strip()) == wanted_ip:
+                return
+        if kind == "DNS":
+            names.append(value)
+    if not names:  # no DNS SAN: the subject's common name
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    if wanted_ip is None and any(_match(name, expected) for name in names):
+        return
+    raise TlsError(f"server certificate does not name {expected!r} (it names {names or 'nothing'})")
+
+
+def _match(pattern: str, host: str) -> bool:
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        head, _, rest = host.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return pattern == host
+
+
+def wrap_client(sock: socket.socket, request: Connect, store: PkiStore) -> ssl.SSLSocket:
+    ctx = client_context(request, store)
+    return ctx.wrap_socket(sock, server_hostname=sni_for(request), do_handshake_on_connect=False)
+
+
+def wrap_server(sock: socket.socket, request: Adopt, store: PkiStore) -> ssl.SSLSocket:
+    return server_context(request, store).wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
+def _fingerprint(cert_path) -> str:
+    der = ssl.PEM_cert_to_DER_cert(open(cert_path).read())
+    return hashlib.sha256(der).hexdigest()

@@ -380,3 +380,23 @@ def test_pki_cli_through_bridged(tmp_path, pki):
     assert run("remove", "client_ca", "0").returncode == 0
     bad = run("import", "client_cert", "0", str(pki["ca"].key))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_ssl_in_passthrough_passive_and_cipsendl(daemon, host, pki):
+    """SSL links work like TCP in passive receive, AT+CIPSENDL and passthrough."""
+    server = TlsServer(pki["server"])
+    try:
+        host.command(b"AT+CIPRECVTYPE=1")
+        assert host.ask(b'AT+CIPSTARTEX="SSL","127.0.0.1",%d' % server.port) == b"CONNECT\r\n\r\nOK\r\n"
+        host.command(b"AT+CIPSENDL=6", b">")
+        host.write(b"sendl!")
+        host.expect(b"SEND OK\r\n")
+        assert host.expect(b"\r\n+IPD,6\r\n") == b"\r\n+IPD,6\r\n"
+        assert host.ask(b"AT+CIPRECVDATA=100") == b"+CIPRECVDATA:6,sendl!\r\nOK\r\n"
+        host.command(b"AT+CIPRECVTYPE=0")
+        host.command(b"AT+CIPMODE=1")
+        host.command(b"AT+CIPSEND", b">")
+        host.write(b"through tls")
+        assert host.expect(b"through tls") == b"through tls"
+    finally:
+        server.close()

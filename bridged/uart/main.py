@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import structlog
 import uvloop
 
 from bridged.config import Config
@@ -12,10 +13,12 @@ from bridged.ipc.rings import Ring
 from bridged.store import Store
 from bridged.uart.front import Front, factory_uart
 from bridged.uart.links import Slot
-from bridged.uart.port import Pty, open_serial
+from bridged.uart.port import Pty, apply_termios, open_serial
 from bridged.commands.context import UartSettings
 
 __all__ = ["run_front"]
+
+log = structlog.get_logger()
 
 
 def run_front(
@@ -34,7 +37,15 @@ def run_front(
         fd, name, apply = port.fd, device, port.apply
     else:
         assert pty is not None
-        fd, name, apply = pty.master, pty.link or pty.path, None
+        fd, name = pty.master, pty.link or pty.path
+
+        def apply(new: UartSettings) -> None:
+            try:
+                apply_termios(pty.slave, new)
+            except ValueError as exc:  # an odd speed: the pty keeps its last one
+                log.warning("uart_speed_not_applied", error=str(exc))
+
+        apply(settings)
 
     async def main() -> None:
         slots = [Slot(i, up, down) for i, (up, down) in enumerate(rings)]

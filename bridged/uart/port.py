@@ -19,7 +19,7 @@ import structlog
 
 from bridged.commands.context import UartSettings
 
-__all__ = ["Pty", "open_pty", "SerialPort", "open_serial", "FLOW_NAMES", "PARITY_NAMES"]
+__all__ = ["Pty", "open_pty", "SerialPort", "open_serial", "apply_termios", "FLOW_NAMES", "PARITY_NAMES"]
 
 log = structlog.get_logger()
 
@@ -67,6 +67,29 @@ def open_pty(link: str | None) -> Pty:
         target.symlink_to(path)
     os.set_blocking(master, False)
     return Pty(master, slave, path, link)
+
+
+def apply_termios(fd: int, settings: UartSettings) -> None:
+    """Put AT+UART_CUR's settings on a tty (a pty has no wires, but keeps them).
+
+    Raises:
+        ValueError: a speed termios does not know.
+    """
+    speed = getattr(termios, f"B{settings.baud}", None)
+    if speed is None:
+        raise ValueError(f"{settings.baud} baud is not a termios speed")
+    attrs = termios.tcgetattr(fd)
+    cflag = attrs[2] & ~(termios.CSIZE | termios.CSTOPB | termios.PARENB | termios.PARODD | termios.CRTSCTS)
+    cflag |= {5: termios.CS5, 6: termios.CS6, 7: termios.CS7, 8: termios.CS8}[settings.data_bits]
+    if settings.stop_bits != 1:  # 1.5 has no POSIX form: two, as pyserial does
+        cflag |= termios.CSTOPB
+    if settings.parity:
+        cflag |= termios.PARENB | (termios.PARODD if settings.parity == 1 else 0)
+    if settings.flow:
+        cflag |= termios.CRTSCTS
+    attrs[2] = cflag
+    attrs[4] = attrs[5] = speed
+    termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
 
 
 _STOP_BITS = {1: 1, 2: 1.5, 3: 2}

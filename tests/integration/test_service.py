@@ -165,3 +165,23 @@ def test_serial_port_mode(tmp_path):
         assert proc.wait(10) == 0
         os.close(master)
         os.close(slave)
+
+
+def test_uart_settings_reach_the_pty(daemon):
+    """AT+UART_CUR's speed, stop bits and flow control land in the port's termios.
+
+    (Linux's pty driver forces CS8 without parity, so those two are checked on
+    a real port only: pyserial sets them, see test_serial_port_mode.)"""
+    import termios
+
+    host = daemon.host()
+    host.boot()
+    assert host.command(b"AT+UART_CUR=921600,7,3,2,3") == b"\r\nOK\r\n"
+    host.command(b"AT")  # the change is made once OK has drained
+    attrs = termios.tcgetattr(host.fd)
+    assert attrs[4] == termios.B921600
+    assert attrs[2] & termios.CSTOPB and attrs[2] & termios.CRTSCTS
+    host.command(b"AT+UART_DEF=115200,8,1,1,0")
+    host.command(b"AT")
+    attrs = termios.tcgetattr(host.fd)
+    assert attrs[4] == termios.B115200 and not attrs[2] & termios.CRTSCTS and not attrs[2] & termios.CSTOPB

@@ -1,0 +1,189 @@
+"""CPU at line rate: 0.5 MB/s each way (a saturated 5 Mbaud UART) for ~10 s.
+
+Every writer is paced by a token bucket (rate 0.5 MB/s, or 0.1 MB/s per link;
+burst two pieces):
+
+* passthrough, one link: the client writes random bytes to the pty in 1 KiB
+  pieces at 0.5 MB/s while the TCP peer on 127.0.0.1 sends other random
+  bytes in 1 KiB pieces at 0.5 MB/s; the client reads the pty raw.  Daemon
+  in ``AT+CIPMODE=1`` + ``AT+CIPSEND`` with the default AT+TRANSINTVL (20 ms).
+* five links (``AT+CIPMUX=1``): uplink as ``AT+CIPSEND=<id>,<n>`` sends
+  (``CHUNK`` bytes each), each link's sends paced to 0.1 MB/s, one command at
+  a time on the serial line as an MCU must; downlink from five peers, each
+  sending 1 KiB pieces paced to 0.1 MB/s, arriving as ``+IPD,<id>,<len>:``
+  frames parsed by length.
+* baseline: socat ``PTY <-> TCP``, the same 1 KiB pieces paced at 0.5 MB/s
+  both ways, the same client code as the passthrough case.
+
+Reported: CPU seconds per wall second (cores) of the daemon's process tree
+(of the socat process for the baseline) from the first byte until every byte
+arrived both ways, hash-checked; also the rate achieved each way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from .common import MB, BenchError, Daemon, HashMismatch, TreeCpu, now, percentile
+from .streams import (
+    Bridge,
+    DuplexPeer,
+    IpdDemux,
+    PacedWriter,
+    TokenBucket,
+    cipsend,
+    make_payload,
+    open_links,
+    read_raw,
+)
+
+RATE = 500_000  # bytes/s each way: 5 Mbaud, 8N1
+PIECE = 1024
+CHUNK = 2048  # AT+CIPSEND size in the five-link case
+LINKS = 5
+STEP_TIMEOUT = 10.0
+
+
+def one_link(kind: str, seconds: float, rate: float = RATE) -> dict[str, float]:
+    n = int(rate * seconds)
+    up, up_digest = make_payload(n)
+    down, down_digest = make_payload(n)
+    limit = seconds * 3 + 10
+    with DuplexPeer(payload=down, rate=rate, piece=PIECE, send_timeout=limit) as peer, \
+            Bridge(kind, peer.port, wait_connected=peer.connected.wait) as b:
+        writer = PacedWriter(b.client, up, PIECE, rate, limit)
+        cpu = b.cpu()
+        cpu.start()
+        t0 = now()
+        peer.go.set()
+        writer.start()
+        got, t_down = read_raw(b.client, n, limit, f"{kind} line rate downlink")
+        writer.join_checked(limit)
+        peer.check_rx(f"{kind} line rate uplink", n, up_digest, limit)
+        t_up = peer.rx_last_at
+        elapsed = now() - t0
+        cpu_s = cpu.stop()
+        if got != down_digest:
+            raise HashMismatch(f"{kind} line rate downlink: read {n} bytes sha256 {got}; "
+                               f"the peer sent sha256 {down_digest}")
+        if peer.errors:
+            raise BenchError(f"{kind}: peer errors {peer.errors}")
+    return {"seconds": elapsed, "cpu_s": cpu_s, "cores": cpu_s / elapsed,
+            "up_mb_s": n / MB / (t_up - t0), "down_mb_s": n / MB / (t_down - t0),
+            "cpu_ms_per_mb": cpu_s * 1000 / (2 * n / MB)}
+
+
+def five_links(seconds: float, rate: float = RATE, chunk: int = CHUNK) -> dict[str, float]:
+    per = rate / LINKS
+    n = int(per * seconds)
+    ups = [make_payload(n) for _ in range(LINKS)]
+    downs = [make_payload(n) for _ in range(LINKS)]
+    limit = seconds * 3 + 10
+    with contextlib.ExitStack() as stack:
+        peers = [stack.enter_context(DuplexPeer(payload=downs[i][0], rate=per, piece=PIECE,
+                                                send_timeout=limit))
+                 for i in range(LINKS)]
+        d = stack.enter_context(Daemon())
+        open_links(d, [p.port for p in peers])
+        for i, p in enumerate(peers):
+            if not p.connected.wait(5.0):
+                raise BenchError(f"bridged: peer {i} never saw its TCP connection")
+        demux = IpdDemux(d.client, mux=True)
+        buckets = [TokenBucket(per, 2 * chunk) for _ in range(LINKS)]
+        offsets = [0] * LINKS
+        views = [memoryview(u[0]) for u in ups]
+        cpu = TreeCpu(d.pid)
+        cpu.start()
+        t0 = now()
+        for b in buckets:
+            b.t = t0
+        for p in peers:
+            p.go.set()
+        deadline = t0 + limit
+        sends = 0
+        send_ms: list[float] = []
+        nxt = 0
+        for _ in range(10_000_000):  # bounded also by the deadline
+            if all(off >= n for off in offsets):
+                break
+            if now() > deadline:
+                raise BenchError(f"five links line rate: uplink not done within {limit} s "
+                                 f"({offsets} of {n} bytes per link)")
+            chosen = -1
+            wait = 1.0
+            for j in range(LINKS):
+                i = (nxt + j) % LINKS
+                if offsets[i] >= n:
+                    continue
+                k = min(chunk, n - offsets[i])
+                w = buckets[i].wait_time(k)
+                if w <= 0:
+                    chosen = i
+                    break
+                wait = min(wait, w)
+            if chosen < 0:
+                demux.pump(wait)  # downlink keeps flowing while the uplink waits
+                continue
+            i = chosen
+            k = min(chunk, n - offsets[i])
+            buckets[i].take(k)
+            a = now()
+            cipsend(demux, i, views[i][offsets[i]:offsets[i] + k], STEP_TIMEOUT)
+            send_ms.append((now() - a) * 1000)
+            offsets[i] += k
+            sends += 1
+            nxt = (i + 1) % LINKS
+        if not demux.wait_data({i: n for i in range(LINKS)}, max(deadline - now(), 1.0)):
+            raise HashMismatch(f"five links line rate: +IPD bytes per link {demux.counts}, "
+                               f"expected {n} each")
+        t_down = demux.data_last_at
+        for i, p in enumerate(peers):
+            p.check_rx(f"bridged link {i} uplink", n, ups[i][1], 10.0)
+        t_up = max(p.rx_last_at for p in peers)
+        elapsed = now() - t0
+        cpu_s = cpu.stop()
+        for i in range(LINKS):
+            demux.check("bridged five links line rate", i, n, downs[i][1])
+        stray = demux.drain_text(quiet=0.05, timeout=0.5)
+        if stray:
+            raise BenchError(f"five links line rate: unexpected bytes {stray[:300]!r}")
+    total = LINKS * n
+    return {"seconds": elapsed, "cpu_s": cpu_s, "cores": cpu_s / elapsed,
+            "up_mb_s": total / MB / (t_up - t0),
+            "down_mb_s": total / MB / (t_down - t0),
+            "cpu_ms_per_mb": cpu_s * 1000 / (2 * total / MB), "sends": sends,
+            "send_p50_ms": percentile(send_ms, 50), "send_max_ms": max(send_ms)}
+
+
+def run(seconds: float = 10.0) -> dict[str, float]:
+    p = one_link("bridged", seconds)
+    m = five_links(seconds)
+    s = one_link("socat", seconds)
+    out: dict[str, float] = {"seconds": seconds}
+    for name, r in (("pt", p), ("five", m), ("socat", s)):
+        out[f"{name}_cores"] = r["cores"]
+        out[f"{name}_up_mb_s"] = r["up_mb_s"]
+        out[f"{name}_down_mb_s"] = r["down_mb_s"]
+        out[f"{name}_cpu_ms_per_mb"] = r["cpu_ms_per_mb"]
+    out["five_sends"] = m["sends"]
+    out["five_send_p50_ms"] = m["send_p50_ms"]
+    out["five_send_max_ms"] = m["send_max_ms"]
+    sc = s["cores"]
+    out["pt_ratio"] = p["cores"] / sc if sc > 0 else float("inf")
+    out["five_ratio"] = m["cores"] / sc if sc > 0 else float("inf")
+    return out
+
+
+def main() -> None:
+    r = run()
+    for name, label in (("pt", "bridged passthrough, 1 link"),
+                        ("five", "bridged 5 links (CIPSEND + +IPD)"),
+                        ("socat", "socat PTY<->TCP")):
+        print(f"{label:34s} {r[f'{name}_cores']:.3f} cores  "
+              f"(up {r[f'{name}_up_mb_s']:.3f} MB/s, down {r[f'{name}_down_mb_s']:.3f} MB/s, "
+              f"{r[f'{name}_cpu_ms_per_mb']:.1f} ms CPU/MB)")
+    print(f"ratios vs socat: passthrough {r['pt_ratio']:.1f}x, five links {r['five_ratio']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

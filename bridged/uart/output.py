@@ -1,22 +1,28 @@
-"""Everything written to the UART goes through one queue, in order.
+"""Everything written to the UART goes through here.
 
 Two kinds of item: parts of a command's answer (``reply``) and unsolicited
 messages (``urc``: +IPD, CLOSED, WIFI ...).  Host drivers read the UART in
 chunks and some discard whatever follows a final result (OK, SEND OK) in the
 same read; on a real ESP32, Wi-Fi latency keeps the next unsolicited message
-apart from it.  So an unsolicited item that would directly follow a final
-result waits until ``gap`` seconds after that result went out; nothing else is
-ever delayed.
+apart from it.  So:
 
-Writes are non-blocking; what the port does not take stays queued and the
-loop waits for the fd to be writable (or, on a real UART, for CTS).  The
-owner reads ``buffered`` to stop producing (downlink back-pressure) and gets
-``on_drained`` when the queue empties.
+* an unsolicited item that would directly follow a final result waits until
+  ``gap`` seconds after that result went out, but never longer than ``gap``
+  in all (so a busy command stream cannot starve it);
+* replies never wait behind such a held message: they go out at once, in
+  their order; unsolicited items keep their own order (data before CLOSED).
+
+Everything due in one loop iteration goes out in one write.  Writes are
+non-blocking; what the port does not take stays queued and the loop waits
+for the fd to be writable (or, on a real UART, for CTS).  The owner reads
+``buffered`` to stop producing (downlink back-pressure) and gets
+``on_drained`` when everything is out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections import deque
 from typing import Callable
@@ -34,9 +40,11 @@ class Output:
         self.gap = gap
         self.on_drained = on_drained
         self.loop = asyncio.get_running_loop()
-        self._queue: deque[tuple[bytes | memoryview, bool, bool]] = deque()  # data, is_urc, is_final
+        self._seq = itertools.count()
+        self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
+        self._urcs: deque[tuple[int, bytes, float]] = deque()  # seq, data, queued at
         self._buffered = 0
-        self._final_at: float | None = None  # when the last item written was a final result
+        self._final_at: float | None = None  # when the last final result went out
         self._timer: asyncio.TimerHandle | None = None
         self._writer_armed = False
         self._scheduled = False
@@ -50,58 +58,81 @@ class Output:
         return self._buffered
 
     def reply(self, data: bytes) -> None:
-        self._put(data, urc=False)
+        if data:
+            self._replies.append((next(self._seq), data, is_final(data)))
+            self._queued(len(data))
 
     def urc(self, data: bytes) -> None:
-        self._put(data, urc=True)
+        if data:
+            self._urcs.append((next(self._seq), data, self.loop.time()))
+            self._queued(len(data))
 
     def when_empty(self, callback: Callable[[], None]) -> None:
         """Call back once everything queued so far has been written."""
-        if not self._queue and not self._pending:
+        if self._idle():
             self.loop.call_soon(callback)
         else:
             self._when_empty.append(callback)
 
-    def _put(self, data: bytes, urc: bool) -> None:
-        if not data:
-            return
-        self._queue.append((data, urc, (not urc) and is_final(data)))
-        self._buffered += len(data)
-        if not (self._writer_armed or self._timer is not None or self._scheduled):
-            # Everything queued in this loop iteration goes out in one write.
+    def _idle(self) -> bool:
+        return not (self._replies or self._urcs or self._pending)
+
+    def _queued(self, n: int) -> None:
+        self._buffered += n
+        if not (self._writer_armed or self._scheduled):
             self._scheduled = True
             self.loop.call_soon(self._pump)
 
-    def _urc_wait(self) -> float:
-        if self._final_at is None or self.gap <= 0:
-            return 0.0
-        return self._final_at + self.gap - self.loop.time()
+    # -- choosing what goes next ---------------------------------------------------
 
-    def _next_batch(self) -> bool:
-        """Join the queue's head into one write, up to a URC that must wait."""
-        parts: list[bytes | memoryview] = []
-        final = False
-        while self._queue:
-            data, urc, is_final_ = self._queue[0]
-            if urc and (final or (not parts and self._urc_wait() > 0)):
-                break  # the gap after a final result comes first
-            self._queue.popleft()
-            parts.append(data)
-            final = is_final_ if not urc else False
-            if sum(len(p) for p in parts) >= _MAX_WRITE:
+    def _urc_due(self, queued_at: float, final_in_batch: bool, now: float) -> float:
+        """Seconds until a held unsolicited item may go (<= 0: now)."""
+        if self.gap <= 0:
+            return 0.0
+        if final_in_batch:
+            since_final = 0.0  # the final goes out in this very write
+        elif self._final_at is None:
+            return 0.0
+        else:
+            since_final = now - self._final_at
+        waited = now - queued_at
+        return min(self.gap - since_final, self.gap - waited)
+
+    def _next_batch(self, now: float) -> bool:
+        """Join what may go now into one write; False when nothing may."""
+        parts: list[bytes] = []
+        size = 0
+        final = final_in_batch = False
+        while size < _MAX_WRITE:
+            reply = self._replies[0] if self._replies else None
+            urc = self._urcs[0] if self._urcs else None
+            urc_ok = urc is not None and self._urc_due(urc[2], final_in_batch, now) <= 0
+            if urc_ok and (reply is None or urc[0] < reply[0]):
+                self._urcs.popleft()
+                parts.append(urc[1])
+                final = False
+            elif reply is not None:
+                self._replies.popleft()
+                parts.append(reply[1])
+                final = reply[2]
+                final_in_batch = final_in_batch or final
+            else:
                 break
+            size += len(parts[-1])
         if not parts:
             return False
         self._pending = memoryview(b"".join(parts))
         self._pending_final = final
         return True
 
+    # -- writing ---------------------------------------------------------------------
+
     def _pump(self) -> None:
-        self._timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._scheduled = False
-        while True:
-            if not self._pending and not self._next_batch():
-                break
+        while self._pending or self._next_batch(self.loop.time()):
             try:
                 n = os.write(self.fd, self._pending[:_MAX_WRITE])
             except BlockingIOError:
@@ -112,12 +143,13 @@ class Output:
             if self._pending:
                 self._arm_writer()
                 return
-            self._final_at = self.loop.time() if self._pending_final else None
-        if self._queue:  # a URC waits for the gap
-            self._disarm_writer()
-            self._timer = self.loop.call_later(max(self._urc_wait(), 0.0), self._pump)
-            return
+            if self._pending_final:
+                self._final_at = self.loop.time()
         self._disarm_writer()
+        if self._urcs:  # held for the gap after a final result
+            wait = self._urc_due(self._urcs[0][2], False, self.loop.time())
+            self._timer = self.loop.call_later(max(wait, 0.0), self._pump)
+            return
         # Deferred: a writer must never be re-entered by the callbacks it causes.
         callbacks, self._when_empty = self._when_empty, []
         for callback in callbacks:

@@ -147,6 +147,8 @@ class Ring:
         self.data_fd = data_fd
         self.space_fd = space_fd
         self._creator_pid = os.getpid()
+        self._held = False  # doorbells owed, not yet rung (see hold_doorbells)
+        self._owed: set[int] = set()
         self._producer_views: list[memoryview] = []
         self._consumer_views: list[memoryview] = []
         self._closed = False
@@ -276,7 +278,7 @@ class Ring:
         _release(self._producer_views)
         if n:
             self._index[_WRITE] = write + n  # data before index
-            _ring(self.data_fd)  # index before doorbell
+            self._doorbell(self.data_fd)  # index before doorbell
 
     def put_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Copy as much of ``data`` as fits, publish it; return the count (0 if full)."""
@@ -335,7 +337,7 @@ class Ring:
         _release(self._consumer_views)
         if n:
             self._index[_READ] = read + n  # reads done before index
-            _ring(self.space_fd)
+            self._doorbell(self.space_fd)
 
     def get_nowait(self, limit: int) -> bytes:
         """Copy out and consume up to ``limit`` bytes (b"" if empty)."""
@@ -349,6 +351,24 @@ class Ring:
         n = self.available()
         self.consume(n)
         return n
+
+    # -- doorbell batching ----------------------------------------------------------
+
+    def hold_doorbells(self) -> None:
+        """Ring nothing until release_doorbells(): one wake-up for a batch of records."""
+        self._held = True
+
+    def release_doorbells(self) -> None:
+        self._held = False
+        for fd in self._owed:
+            _ring(fd)
+        self._owed.clear()
+
+    def _doorbell(self, fd: int) -> None:
+        if self._held:
+            self._owed.add(fd)
+        else:
+            _ring(fd)
 
     def clear_data_doorbell(self) -> bool:
         """Reset ``data_fd``; return whether it was ringing."""

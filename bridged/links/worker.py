@@ -151,6 +151,8 @@ class Worker:
                 self.uplink.consume(min(msg.upto - self.uplink.read_index, self.uplink.available()))
         elif isinstance(msg, SetRecvWindow):
             self.window = msg.window
+            if msg.chunk:
+                self.chunk = min(msg.chunk, self.downlink.capacity // 2)
             self._resume_reading()
         else:
             log.error("unexpected_control_message", message=repr(msg))
@@ -276,6 +278,13 @@ class Worker:
 
     def _on_uplink(self) -> None:
         self.uplink.clear_data_doorbell()
+        self.uplink.hold_doorbells()  # one progress doorbell for all the sends below
+        try:
+            self._pump_uplink()
+        finally:
+            self.uplink.release_doorbells()
+
+    def _pump_uplink(self) -> None:
         if self.datagram:
             self._send_datagrams()
             return
@@ -337,9 +346,17 @@ class Worker:
     # -- downlink: socket -> ring ---------------------------------------------------
 
     def _on_readable(self) -> None:
-        if self.datagram:
-            self._recv_datagrams()
-            return
+        # One doorbell for all the records of this wake-up: the front wakes once.
+        self.downlink.hold_doorbells()
+        try:
+            if self.datagram:
+                self._recv_datagrams()
+            else:
+                self._recv_stream()
+        finally:
+            self.downlink.release_doorbells()
+
+    def _recv_stream(self) -> None:
         for _ in range(_RECORDS_PER_WAKEUP):
             if self.sock is None:
                 return

@@ -215,6 +215,7 @@ class Front:
         """AT+SAVETRANSLINK: connect by ourselves and enter passthrough."""
         state = self.ctx.state
         state.cipmode, state.cipmux = 1, 0
+        self.links.set_raw(True, self.config.links.chunk)
         state.tcpopts[0][3] = keep_alive
         self.links.set_options(0, state.tcpopts[0][0], state.tcpopts[0][1], keep_alive)
         log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
@@ -228,6 +229,7 @@ class Front:
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
+        self.links.set_raw(False, self.config.links.chunk)
         if self.server.running:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
@@ -416,6 +418,8 @@ class Front:
         """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
         deadline = self.parser.deadline()
         if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return  # already set for that time
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
@@ -534,7 +538,7 @@ class Front:
         return self.output.buffered < _OUTPUT_HIGH
 
     def _on_output_drained(self) -> None:
-        self.links.drain_all()
+        self.links.drain_deferred()
 
     def _in_passthrough(self) -> bool:
         return self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH

@@ -60,6 +60,11 @@ _MAX_DATAGRAM = 65536
 _TLS_WRITE = 16384  # one TLS record per write; a retry must repeat the same length
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
+# While data streams in, read the socket at most once per this many seconds:
+# the kernel gathers what arrives meanwhile, so the worker and the front wake
+# for several segments at a time.  A lone packet after a quiet spell is read
+# at once, so interactive latency is untouched.
+_COALESCE = 0.004
 
 
 class Worker:
@@ -89,6 +94,8 @@ class Worker:
         self.options = SetOptions()
         self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._reading = False
+        self._last_read = 0.0
+        self._coalescing: asyncio.TimerHandle | None = None
         # UDP: datagrams keep their boundaries both ways; the remote may move
         # (AT+CIPSTART <mode> 1: once, 2: to every sender).
         self.datagram = False
@@ -355,6 +362,15 @@ class Worker:
                 self._recv_stream()
         finally:
             self.downlink.release_doorbells()
+        now = self.loop.time()
+        streaming, self._last_read = now - self._last_read < _COALESCE, now
+        if streaming and self._reading and self.sock is not None:
+            self._pause_reading()
+            self._coalescing = self.loop.call_later(_COALESCE, self._end_coalescing)
+
+    def _end_coalescing(self) -> None:
+        self._coalescing = None
+        self._resume_reading()
 
     def _recv_stream(self) -> None:
         for _ in range(_RECORDS_PER_WAKEUP):
@@ -477,6 +493,9 @@ class Worker:
         self.loop.remove_reader(fd)
         self.loop.remove_writer(fd)
         self._reading = False
+        if self._coalescing is not None:
+            self._coalescing.cancel()
+            self._coalescing = None
         self.sock.close()
         self.sock = None
         self.datagram = False

@@ -61,8 +61,6 @@ def cipmode_set(ctx: Context, line: CommandLine) -> Reply:
     (mode,) = bind(line.tokens, (Int(0, 1),))
     if mode == 1:
         _check_cipmode(ctx)
-    if mode != ctx.state.cipmode:
-        ctx.links.set_raw(mode == 1, ctx.config.links.chunk)
     ctx.state.cipmode = mode
     return Reply()
 

@@ -84,7 +84,6 @@ class Close:
 @dataclass(frozen=True)
 class SetRecvWindow:
     window: int  # 0: active mode, no limit beyond the ring
-    chunk: int = 0  # largest record; 0 keeps the current one
 
 
 @message

@@ -20,8 +20,7 @@ __all__ = ["run_worker"]
 def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
                state_dir: Path) -> int:
     async def main() -> None:
-        worker = Worker(link_id, control, uplink, downlink, config.links.chunk, config.links.connect_timeout_ms,
-                        PkiStore(state_dir))
+        worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
         loop.add_signal_handler(signal.SIGINT, worker.stop)

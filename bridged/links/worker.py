@@ -74,7 +74,6 @@ class Worker:
         control: socket.socket,
         uplink: Ring,
         downlink: Ring,
-        chunk: int,
         connect_timeout_ms: int,
         pki: PkiStore | None = None,
     ) -> None:
@@ -82,7 +81,9 @@ class Worker:
         self.control = control
         self.uplink = uplink
         self.downlink = downlink
-        self.chunk = min(chunk, downlink.capacity // 2)
+        # Records may be larger than one +IPD: the front cuts them into <chunk>
+        # frames, so each wake-up moves more bytes for the same overhead.
+        self.chunk = downlink.capacity // 4
         self.connect_timeout_ms = connect_timeout_ms
         self.pki = pki
         self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
@@ -158,8 +159,6 @@ class Worker:
                 self.uplink.consume(min(msg.upto - self.uplink.read_index, self.uplink.available()))
         elif isinstance(msg, SetRecvWindow):
             self.window = msg.window
-            if msg.chunk:
-                self.chunk = min(msg.chunk, self.downlink.capacity // 2)
             self._resume_reading()
         else:
             log.error("unexpected_control_message", message=repr(msg))

@@ -215,7 +215,6 @@ class Front:
         """AT+SAVETRANSLINK: connect by ourselves and enter passthrough."""
         state = self.ctx.state
         state.cipmode, state.cipmux = 1, 0
-        self.links.set_raw(True, self.config.links.chunk)
         state.tcpopts[0][3] = keep_alive
         self.links.set_options(0, state.tcpopts[0][0], state.tcpopts[0][1], keep_alive)
         log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
@@ -229,7 +228,6 @@ class Front:
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
-        self.links.set_raw(False, self.config.links.chunk)
         if self.server.running:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
@@ -558,8 +556,13 @@ class Front:
         remote = None
         if self.ctx.state.cipdinfo and slot.view is not None:
             remote = record.addr or (slot.view.remote_ip, slot.view.remote_port)
-        head = fmt.ipd_active(self.ctx.link_arg(slot.link_id), len(record.payload), remote)
-        self.output.urc(head + record.payload)
+        link = self.ctx.link_arg(slot.link_id)
+        payload = record.payload
+        # At most <chunk> bytes per +IPD (2920 on ESP-AT); a datagram stays whole.
+        step = len(payload) if record.addr is not None else self.config.links.chunk
+        for i in range(0, len(payload), step or 1):
+            piece = payload[i : i + step]
+            self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
 
     def _on_link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True

@@ -131,7 +131,6 @@ class LinkTable:
         self.on_ended = on_ended
         self.on_accepted = on_accepted
         self.on_freed = on_freed
-        self.chunk = 0  # largest downlink record; 0: the worker's own (the profile's +IPD chunk)
         self._deferred: set[int] = set()  # slots whose records wait for UART room
         self.window = window
         self.loop = asyncio.get_running_loop()
@@ -182,14 +181,6 @@ class LinkTable:
 
     def is_passive(self, link_id: int) -> bool:
         return self.slots[link_id].passive
-
-    def set_raw(self, raw: bool, default_chunk: int) -> None:
-        """Passthrough receiving (AT+CIPMODE=1): no +IPD limit, so big records
-        (fewer wake-ups); otherwise the +IPD chunk of the profile."""
-        self.chunk = self.slots[0].downlink.capacity // 2 if raw else default_chunk
-        for slot in self.slots:
-            if slot.control is not None:
-                self._send(slot, SetRecvWindow(self.window if slot.passive else 0, self.chunk))
 
     def unread(self, link_id: int) -> int:
         slot = self.slots[link_id]
@@ -366,8 +357,8 @@ class LinkTable:
             log.info("worker_ready", link_id=slot.link_id, pid=msg.pid)
             if slot.state is SlotState.NO_WORKER:
                 slot.state = SlotState.IDLE
-            if slot.passive or self.chunk:
-                self._send(slot, SetRecvWindow(self.window if slot.passive else 0, self.chunk))
+            if slot.passive:
+                self._send(slot, SetRecvWindow(self.window))
             if slot.options != SetOptions():
                 self._send(slot, slot.options)
         elif isinstance(msg, RemoteChanged) and msg.conn_id == slot.conn_id and slot.view is not None:
@@ -402,6 +393,13 @@ class LinkTable:
             self._deliver_partial(slot)
         slot.pending = slot.scanned = 0
         slot.eof_seen = slot.notified = False
+        slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
+        try:
+            self._deliver(slot)
+        finally:
+            slot.downlink.release_doorbells()
+
+    def _deliver(self, slot: Slot) -> None:
         while True:
             if not self.can_deliver():
                 self._deferred.add(slot.link_id)  # drained again once the UART catches up

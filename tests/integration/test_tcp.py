@@ -240,3 +240,22 @@ def test_host_closes_and_reopens_the_port(daemon: Daemon, echo_server):
     host.write(b"back")
     host.expect(b"SEND OK\r\n")
     assert host.read_ipd() == (None, b"back")
+
+
+def test_ipd_frames_at_most_2920_bytes(host):
+    """A large burst from the peer arrives as +IPD frames of at most 2920 bytes, in order."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        _open(host, None, server.getsockname()[1])
+        conn, _ = server.accept()
+        payload = os.urandom(100_000)
+        conn.sendall(payload)
+        got = bytearray()
+        while len(got) < len(payload):
+            link_id, data = host.read_ipd()
+            assert link_id is None and 0 < len(data) <= 2920
+            got += data
+        assert bytes(got) == payload
+        conn.close()
+    finally:
+        server.close()

@@ -60,11 +60,12 @@ _MAX_DATAGRAM = 65536
 _TLS_WRITE = 16384  # one TLS record per write; a retry must repeat the same length
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
-# While data streams in, read the socket at most once per this many seconds:
-# the kernel gathers what arrives meanwhile, so the worker and the front wake
-# for several segments at a time.  A lone packet after a quiet spell is read
-# at once, so interactive latency is untouched.
+# While bulk data streams in, read the socket at most once per this many
+# seconds: the kernel gathers what arrives meanwhile, so the worker and the
+# front wake for several segments at a time.  Small reads (interactive
+# traffic) and a first packet after a quiet spell are never held back.
 _COALESCE = 0.004
+_COALESCE_BYTES = 512
 
 
 class Worker:
@@ -353,6 +354,7 @@ class Worker:
 
     def _on_readable(self) -> None:
         # One doorbell for all the records of this wake-up: the front wakes once.
+        before = self.stats["down"]
         self.downlink.hold_doorbells()
         try:
             if self.datagram:
@@ -362,8 +364,9 @@ class Worker:
         finally:
             self.downlink.release_doorbells()
         now = self.loop.time()
+        bulk = self.stats["down"] - before >= _COALESCE_BYTES
         streaming, self._last_read = now - self._last_read < _COALESCE, now
-        if streaming and self._reading and self.sock is not None:
+        if bulk and streaming and self._reading and self.sock is not None:
             self._pause_reading()
             self._coalescing = self.loop.call_later(_COALESCE, self._end_coalescing)
 

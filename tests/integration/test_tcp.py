@@ -259,3 +259,20 @@ def test_ipd_frames_at_most_2920_bytes(host):
         conn.close()
     finally:
         server.close()
+
+
+def test_local_ipv6_bind(host):
+    """AT+CIPSTART's <local IP> works for TCPv6 too."""
+    server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    try:
+        host.command(b"AT+CIPV6=1")
+        port = server.getsockname()[1]
+        assert host.ask(b'AT+CIPSTART="TCPv6","::1",%d,,"::1"' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        conn, peer = server.accept()
+        assert peer[0] == "::1"
+        assert host.command(b"AT+CIPCLOSE") == b"CLOSED\r\n\r\nOK\r\n"
+        conn.close()
+        # An IPv6 local address cannot carry an IPv4 link.
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,"::1"' % port) == b"\r\nERROR\r\n"
+    finally:
+        server.close()

@@ -198,3 +198,21 @@ def test_broadcast_and_multicast_between_hosts(tmp_path, mode, remote):
             peer.kill()
             peer.wait(5)
             assert daemon.stop() == 0
+
+
+def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
+    """AT+CIPSENDEX and AT+CIPSENDL take a remote host and port on a UDP link too."""
+    home, other = _udp(), _udp()
+    mux_host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d' % home.getsockname()[1])
+    mux_host.write(b'AT+CIPSENDEX=0,50,"127.0.0.1",%d\r\n' % other.getsockname()[1])
+    mux_host.expect(b">")
+    mux_host.write(b"ex\\0")
+    assert mux_host.expect(b"SEND OK\r\n") == b"\r\nRecv 2 bytes\r\n\r\nSEND OK\r\n"
+    assert other.recvfrom(100)[0] == b"ex"
+    mux_host.write(b'AT+CIPSENDL=0,5,"127.0.0.1",%d\r\n' % other.getsockname()[1])
+    mux_host.expect(b">")
+    mux_host.write(b"longs")
+    mux_host.expect(b"SEND OK\r\n")
+    assert other.recvfrom(100)[0] == b"longs"
+    home.close()
+    other.close()

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import hashlib
 import socket
 import ssl
 
 import structlog
 
 from bridged.ipc.messages import Adopt, Connect
-from bridged.pki import PkiStore
+from bridged.pki import PkiStore, fingerprint
 
 log = structlog.get_logger()
 
@@ -91,7 +90,7 @@ def server_context(request: Adopt, store: PkiStore) -> ssl.SSLContext:
     cert, key = store.path("server_cert", 0), store.path("server_key", 0)
     if cert is None or key is None:
         cert, key = store.self_signed_server()
-        log.info("server_certificate_generated", path=str(cert), sha256=_fingerprint(cert))
+        log.info("server_certificate_generated", path=str(cert), sha256=fingerprint(cert))
     ctx.load_cert_chain(str(cert), str(key))
     if request.ca_enable:
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -171,8 +170,3 @@ def wrap_client(sock: socket.socket, request: Connect, store: PkiStore) -> ssl.S
 
 def wrap_server(sock: socket.socket, request: Adopt, store: PkiStore) -> ssl.SSLSocket:
     return server_context(request, store).wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-
-
-def _fingerprint(cert_path) -> str:
-    der = ssl.PEM_cert_to_DER_cert(open(cert_path).read())
-    return hashlib.sha256(der).hexdigest()

@@ -471,19 +471,19 @@ class Front:
         else:
             self._check_send()
 
-    def _report_progress(self) -> None:
+    def _report_progress(self, sent: int | None = None) -> None:
         send = self.sending
         if send is not None and send.kind is DataKind.SENDL:
             data = self.parser.data
-            self.output.reply(send.progress(data.received if data is not None else send.length))
+            self.output.reply(send.progress(data.received if data is not None else send.length, sent))
 
     def _check_send(self) -> None:
         send = self.sending
         if send is None or not send.complete:
             return
         send.pump()
-        self._report_progress()
-        result = send.result()
+        result, sent = send.result()
+        self._report_progress(sent)
         if result is not None:
             self._finish_send(result)
 

@@ -98,23 +98,28 @@ class Send:
 
     # -- output -------------------------------------------------------------------
 
-    def progress(self, received: int) -> bytes:
-        """AT+CIPSENDL's +CIPSENDL lines due now."""
+    def progress(self, received: int, sent: int | None = None) -> bytes:
+        """AT+CIPSENDL's +CIPSENDL lines due now (``sent``: a snapshot to report)."""
         if self.kind is not DataKind.SENDL:
             return b""
-        sent = self.had_sent
+        sent = self.had_sent if sent is None else sent
         final = self.end is not None and sent >= self.end - self.start
         if sent - self.sent_reported >= self.report_size or (final and sent != self.sent_reported):
             self.sent_reported = sent
             return fmt.info("+CIPSENDL", sent, received)
         return b""
 
-    def result(self) -> bytes | None:
-        """SEND OK / SEND FAIL once the send is decided, else None."""
+    def result(self) -> tuple[bytes | None, int]:
+        """(SEND OK / SEND FAIL / None while undecided, bytes handed on so far).
+
+        One reading of the read index decides both, so the last +CIPSENDL
+        report and the result always agree (the worker moves it meanwhile).
+        """
+        sent = self.had_sent
         if not self.complete:
-            return None
-        if self.end is not None and self.slot.uplink.read_index >= self.end and not self.dropped:
-            return fmt.SEND_OK
+            return None, sent
+        if self.end is not None and self.start + sent >= self.end and not self.dropped:
+            return fmt.SEND_OK, sent
         if not self.alive():
-            return fmt.SEND_FAIL
-        return None
+            return fmt.SEND_FAIL, sent
+        return None, sent

@@ -219,14 +219,19 @@ class Supervisor:
     # -- children dying ------------------------------------------------------------------
 
     def handle_chld(self) -> None:
+        reaped = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
-            self._reaped(pid, os.waitstatus_to_exitcode(status))
+                break
+            reaped.append((pid, os.waitstatus_to_exitcode(status)))
+        # The front first: workers that ended because it did are no surprise.
+        reaped.sort(key=lambda item: item[0] != self.front.pid)
+        for pid, code in reaped:
+            self._reaped(pid, code)
 
     def _reaped(self, pid: int, code: int) -> None:
         child = next((c for c in [self.front, *self.workers] if c.pid == pid), None)
@@ -234,6 +239,11 @@ class Supervisor:
             return
         child.pid = 0
         if self.stopping:
+            return
+        if child is not self.front and self.front.restart_at is not None:
+            # A worker ends with its front (EOF on its control socket): expected.
+            log.info("worker_stopped_with_front", link_id=child.link_id, exit_code=code)
+            child.restart_at = None
             return
         log.error("child_died", role=child.role, link_id=child.link_id, exit_code=code)
         now = time.monotonic()

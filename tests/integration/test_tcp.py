@@ -276,3 +276,18 @@ def test_local_ipv6_bind(host):
         assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,"::1"' % port) == b"\r\nERROR\r\n"
     finally:
         server.close()
+
+
+def test_killed_front_restarts_everything(daemon: Daemon):
+    """kill -9 of the UART front: the supervisor starts it and the workers afresh on the same pty."""
+    daemon.expected_errors |= {"child_died", "front_unreachable"}
+    host = daemon.host()
+    host.boot()
+    front = daemon.wait_event("child_started", role="front")[-1]["pid"]
+    os.kill(front, signal.SIGKILL)
+    assert host.expect(b"\r\nready\r\n", timeout=10) == b"\r\nready\r\n"
+    host.expect(b"WIFI GOT IP\r\n")  # the stored network is joined again
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+    assert len(daemon.wait_event("child_started", role="front", count=2)) == 2
+    died = [e for e in daemon.events("child_died") if e.get("role") == "link"]
+    assert not died, died  # workers that end with their front are not reported as crashes

@@ -254,7 +254,7 @@ class Supervisor:
             # Its workers lose their control sockets and exit; start afresh.
             for worker in self.workers:
                 if worker.pid:
-                    os.kill(worker.pid, signal.SIGTERM)
+                    _kill(worker.pid, signal.SIGTERM)
 
     def _restart_due(self) -> int | None:
         now = time.monotonic()

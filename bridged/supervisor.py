@@ -38,7 +38,7 @@ from bridged.config import Config
 from bridged.ipc.control import recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
 from bridged.ipc.rings import Ring
-from bridged.links.main import run_worker
+from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
 from bridged.uart.main import run_front
 from bridged.uart.port import Pty, open_pty
@@ -240,10 +240,12 @@ class Supervisor:
         child.pid = 0
         if self.stopping:
             return
-        if child is not self.front and self.front.restart_at is not None:
+        if child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
             # A worker ends with its front (EOF on its control socket): expected.
+            # The front's own exit may be reaped a moment later (its fds close
+            # before it becomes a zombie), so give it that moment.
             log.info("worker_stopped_with_front", link_id=child.link_id, exit_code=code)
-            child.restart_at = None
+            child.restart_at = None if self.front.restart_at is not None else time.monotonic() + 0.5
             return
         log.error("child_died", role=child.role, link_id=child.link_id, exit_code=code)
         now = time.monotonic()

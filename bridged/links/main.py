@@ -14,17 +14,19 @@ from bridged.ipc.rings import Ring
 from bridged.links.worker import Worker
 from bridged.pki import PkiStore
 
-__all__ = ["run_worker"]
+__all__ = ["run_worker", "FRONT_GONE"]
+
+FRONT_GONE = 3  # exit status: the front closed the control socket (it died or stopped)
 
 
 def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
                state_dir: Path) -> int:
-    async def main() -> None:
+    async def main() -> int:
         worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
         loop.add_signal_handler(signal.SIGINT, worker.stop)
         await worker.run()
+        return FRONT_GONE if worker.front_gone else 0
 
-    uvloop.run(main())
-    return 0
+    return uvloop.run(main())

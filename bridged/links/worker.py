@@ -107,6 +107,7 @@ class Worker:
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
+        self.front_gone = False  # ended because the front's end of the control socket closed
         self._done = self.loop.create_future()
 
     # -- lifetime ------------------------------------------------------------------
@@ -140,6 +141,7 @@ class Worker:
             received = None
         if received is None:
             log.info("front_gone")
+            self.front_gone = True
             self.stop()
             return
         msg, fds = received

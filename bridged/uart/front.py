@@ -115,6 +115,7 @@ class Front:
         self.busy = False  # a command waits on the network: input gets busy p...
         self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
+        self._watched: Slot | None = None  # whose uplink progress we listen to
         self.passthrough: _Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._command: asyncio.Task | None = None  # a handler waiting on the network
@@ -126,8 +127,6 @@ class Front:
     async def run(self) -> None:
         self.loop.add_signal_handler(signal.SIGTERM, self.stop)
         self.loop.add_signal_handler(signal.SIGINT, self.stop)
-        for slot in self.links.slots:
-            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
         if self.supervisor is not None:
             self.supervisor.setblocking(False)
             self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
@@ -242,6 +241,7 @@ class Front:
         self.ctx = self._new_context()
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
+        self._watch_progress(None)
         self.passthrough = None
         if self._timer is not None:
             self._timer.cancel()
@@ -388,6 +388,7 @@ class Front:
         state = self.ctx.state
         report, transmit = state.sendl_cfg
         self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        self._watch_progress(None if request.kind is DataKind.PASSTHROUGH else slot)
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
@@ -408,6 +409,7 @@ class Front:
         else:  # NEED_DATA
             if room == 0:
                 self._pause_reading()  # resumed by the worker's progress doorbell
+                self._watch_progress(send.slot)
             self._arm_timer()
             return False
         return True
@@ -442,6 +444,7 @@ class Front:
 
     def _payload_escaped(self) -> None:
         send, self.sending = self.sending, None
+        self._watch_progress(None)
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
             self.passthrough = None
@@ -459,6 +462,21 @@ class Front:
             self.links.discard(send.slot.link_id, send.end)
         self._finish_send(fmt.SEND_FAIL)
 
+    def _watch_progress(self, slot: Slot | None) -> None:
+        """Listen to one link's uplink progress doorbell, or to none.
+
+        Only while something waits on it (a send's end, CIPSENDL reports, a
+        full ring): otherwise every chunk the worker sends would wake us for
+        nothing.  The eventfd keeps counting meanwhile, so nothing is missed.
+        """
+        if self._watched is slot:
+            return
+        if self._watched is not None:
+            self.loop.remove_reader(self._watched.uplink.space_fd)
+        self._watched = slot
+        if slot is not None:
+            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
+
     def _on_uplink_progress(self, slot: Slot) -> None:
         slot.uplink.clear_space_doorbell()
         send = self.sending
@@ -466,6 +484,8 @@ class Front:
             return
         self._report_progress()
         if not send.complete:
+            if send.kind is DataKind.PASSTHROUGH:
+                self._watch_progress(None)  # room again: no need to hear each chunk go
             self._resume_reading()
             self._process()
         else:
@@ -489,6 +509,7 @@ class Front:
 
     def _finish_send(self, result: bytes) -> None:
         self.sending = None
+        self._watch_progress(None)
         self.output.reply(result)
         self.busy = False
         self._resume_reading()
@@ -525,6 +546,7 @@ class Front:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH:
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
+            self._watch_progress(None)
             if self.ctx.state.sysmsg & 4:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()

@@ -196,7 +196,8 @@ class LinkTable:
         taken = 0
         while taken < limit:
             header = records.peek_record_header(ring)
-            if header is None or header.kind != records.DATA:
+            # Only records already counted: the worker may publish more meanwhile.
+            if header is None or header.kind != records.DATA or header.total > slot.scanned:
                 break
             n = min(limit - taken, header.length - slot.offset)
             parts.append(ring.peek(n, header.size + slot.offset))

@@ -4,20 +4,22 @@ Theory of operation.  Bytes from the port go into the sans-I/O parser; its
 events drive the session:
 
 * command lines are echoed (ATE1), dispatched to their handler, and answered
-  through ``Output`` (one queue, so answers and unsolicited messages never
-  interleave inside a line);
+  through ``Output`` (whole items only, so answers and unsolicited messages
+  never interleave inside a line);
 * a handler that returns a coroutine (it waits on the network) makes the
   session *busy*: input that arrives meanwhile is discarded with one
   ``busy p...`` per chunk, as ESP-AT does;
-* after AT+CIPSEND's prompt the parser hands out payload chunks, which go
-  straight into the link's uplink ring; when the ring is full the front stops
-  reading the port (the tty buffer fills, RTS drops).  ``SEND OK`` is sent
-  once the worker has handed every byte of the send to its socket, i.e. when
-  the ring's read index passes the end of the send.
+* after a ``>`` prompt the parser's data machine hands out payload
+  (``uart.sending.Send`` gathers AT+CIPSEND/CIPSENDEX, streams AT+CIPSENDL
+  and passthrough into the link's uplink ring); when the ring is full the
+  front stops reading the port (the tty buffer fills, RTS drops).  ``SEND OK``
+  is sent once the worker has handed every byte of the send to its socket,
+  i.e. when the ring's read index passes the end of the send.
 
-Downlink records from the workers become ``+IPD`` messages; while the UART
-output is backed up the front leaves them in the rings, so the workers stop
-reading their sockets.
+Downlink records from the workers become ``+IPD`` frames (or raw bytes in
+passthrough, or passive-mode notices); while the UART output is backed up
+the front leaves them in the rings, so the workers stop reading their
+sockets.
 """
 
 from __future__ import annotations
@@ -43,12 +45,12 @@ from bridged.at.parser import (
     LineTooLong,
     Parser,
 )
-from bridged.commands import registry
 from bridged.at.datamode import DataKind
+from bridged.commands import registry
 from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
 from bridged.commands.registry import Reply, SendRequest
-from bridged.commands.tcpip import connected_message
 from bridged.commands.passthrough import saved_link
+from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
@@ -57,9 +59,9 @@ from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
+from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
-from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 
 __all__ = ["Front", "factory_uart"]
 

@@ -486,7 +486,8 @@ class Worker:
         stats = self.stats
         self._drop_socket()
         self.conn_id = None
-        log.info("link_closed", reason=reason, bytes_up=stats["up"], bytes_down=stats["down"])
+        seconds = round(self.loop.time() - stats["since"], 3) if "since" in stats else 0.0
+        log.info("link_closed", reason=reason, bytes_up=stats["up"], bytes_down=stats["down"], seconds=seconds)
         self._reply(Ended(conn_id, reason))
         self._put_eof(conn_id, reason)
 

@@ -29,6 +29,7 @@ from . import (
     line_rate,
     passthrough,
 )
+from . import ssl as ssl_bench
 from .common import BRIDGED, REPO, SOCAT, BenchError, HashMismatch, median
 
 TARGET_AT_P99_MS = 1.0
@@ -117,7 +118,8 @@ def _lines_five(r):
             f"{r['send_p50_ms']:.2f} p90 {r['send_p90_ms']:.2f} ms")
 
 
-NAMES = ("at", "cipsend", "passthrough", "cipsendl", "downlink", "five_links", "line_rate")
+NAMES = ("at", "cipsend", "passthrough", "cipsendl", "downlink", "five_links", "line_rate",
+         "ssl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds at line rate per case (default 10)")
     ap.add_argument("--link-mib", type=float, default=None,
                     help="MiB each way per link with five links (default 4)")
+    ap.add_argument("--ssl-mib", type=float, default=None,
+                    help="MiB each way through the SSL link in passthrough (default 32)")
+    ap.add_argument("--ssl-handshakes", type=int, default=None,
+                    help="AT+CIPSTART=\"SSL\" handshakes per run (default 200)")
     ap.add_argument("--daemon-commit", metavar="REF", default=None,
                     help="run the daemon's code as of this commit (git archive REF bridged, "
                          "put first on the daemon's PYTHONPATH) instead of the work tree's, "
@@ -192,10 +198,13 @@ def _main(ap, args, snapshot) -> int:
     echo_count = args.echo_count or (200 if q else 1000)
     line_s = args.line_seconds or (2.0 if q else 10.0)
     link_bytes = int((args.link_mib or (1 if q else 4)) * MiB)
+    ssl_bytes = int((args.ssl_mib or (4 if q else 32)) * MiB)
+    ssl_handshakes = args.ssl_handshakes or (50 if q else 200)
     only = set(NAMES) if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
     if only - set(NAMES):
         ap.error(f"--only: unknown {sorted(only - set(NAMES))}; choose from {', '.join(NAMES)}")
-    if min(runs, line_runs, at_count, nbytes, stream, echo_count, link_bytes) < 1 or line_s <= 0:
+    if min(runs, line_runs, at_count, nbytes, stream, echo_count, link_bytes, ssl_bytes,
+           ssl_handshakes) < 1 or line_s <= 0:
         ap.error("counts, sizes and durations must be positive")
     if not BRIDGED.exists():
         print(f"bench: {BRIDGED} not found (the project's virtualenv)", file=sys.stderr)
@@ -225,7 +234,8 @@ def _main(ap, args, snapshot) -> int:
     print(f"bench: {runs} run(s) ({line_runs} at line rate); {at_count} AT round trips; "
           f"{nbytes / MiB:g} MiB with AT+CIPSEND=8192; {stream / MiB:g} MiB per streamed "
           f"transfer; {echo_count} echoes; {line_s:g} s at line rate; five links x "
-          f"{link_bytes / MiB:g} MiB each way\n")
+          f"{link_bytes / MiB:g} MiB each way; SSL {ssl_bytes / MiB:g} MiB each way and "
+          f"{ssl_handshakes} handshakes\n")
 
     benches = [
         Bench("at", "AT round trip ", lambda: at_latency.run(at_count), _lines_at, runs),
@@ -240,6 +250,8 @@ def _main(ap, args, snapshot) -> int:
               runs),
         Bench("line_rate", "line rate     ", lambda: line_rate.run(line_s), _lines_line_rate,
               line_runs),
+        Bench("ssl", "SSL link      ", lambda: ssl_bench.run(ssl_bytes, ssl_handshakes),
+              ssl_bench.lines, runs),
     ]
     benches = [b for b in benches if b.name in only]
     by = {b.name: b for b in benches}
@@ -305,6 +317,17 @@ def _main(ap, args, snapshot) -> int:
     if (b := by.get("line_rate")) and b.results:
         row("line rate, passthrough (cores)", b, "pt_cores", "socat_cores", ratio_unit="x")
         row("line rate, five links (cores)", b, "five_cores", "socat_cores", ratio_unit="x")
+    if (b := by.get("ssl")) and b.results:
+        row("SSL passthrough uplink (MB/s)", b, "up_bridged_mb_s", "up_socat_mb_s")
+        row("  CPU per MB (ms)", b, "up_bridged_cpu_ms_per_mb", "up_socat_cpu_ms_per_mb",
+            ratio_unit="x")
+        row("SSL passthrough downlink (MB/s)", b, "down_bridged_mb_s", "down_socat_mb_s")
+        row("  CPU per MB (ms)", b, "down_bridged_cpu_ms_per_mb", "down_socat_cpu_ms_per_mb",
+            ratio_unit="x")
+        row("SSL handshake p50 (ms) vs Python", b, "hs_bridged_p50_ms", "hs_python_p50_ms",
+            ratio_unit="x")
+        row("SSL handshake p99 (ms) vs Python", b, "hs_bridged_p99_ms", "hs_python_p99_ms",
+            ratio_unit="x")
 
     counts = ", ".join(f"{b.name} {len(b.results)}" for b in benches)
     print(f"\nMedians (runs passed: {counts}; ratio = bridged / socat, from the medians):\n")
@@ -328,6 +351,11 @@ def _main(ap, args, snapshot) -> int:
               f"{b.med('socat_down_mb_s'):.3f}; CPU per MB moved, ms: passthrough "
               f"{b.med('pt_cpu_ms_per_mb'):.1f}, five links {b.med('five_cpu_ms_per_mb'):.1f}, "
               f"socat {b.med('socat_cpu_ms_per_mb'):.1f})")
+    if (b := by.get("ssl")) and b.results:
+        suites = sorted({r["suite"] for r in b.results})
+        print(f"(SSL: baseline for throughput is socat PTY <-> OPENSSL:...,verify=0, for the "
+              f"handshake (AT+CIPSTART=\"SSL\" to OK) a Python ssl client's connect + "
+              f"do_handshake; negotiated: {', '.join(suites)}; no targets set for SSL)")
 
     # ---------------------------------------------------------------- targets
     print("\nTargets:")

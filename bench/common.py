@@ -508,12 +508,15 @@ class Socat:
         assert self.popen is not None
         return self.popen.pid
 
+    def peer_address(self) -> str:
+        """socat's second address: where the pty's bytes go."""
+        return f"TCP:{LOCALHOST}:{self.port}"
+
     def start(self) -> None:
         log = open(self.logfile, "wb")
         try:
             self.popen = subprocess.Popen(
-                [SOCAT, "-d", f"PTY,link={self.link},raw,echo=0",
-                 f"TCP:{LOCALHOST}:{self.port}"],
+                [SOCAT, "-d", f"PTY,link={self.link},raw,echo=0", self.peer_address()],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         finally:

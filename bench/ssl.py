@@ -38,15 +38,12 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import tempfile
 import threading
-import time
 
 from .common import (
     LOCALHOST,
     MB,
-    SOCAT,
     BenchError,
     Daemon,
     HashMismatch,
@@ -292,25 +289,8 @@ class TlsPeer(_Server):
 class SslSocat(Socat):
     """socat PTY,link=...,raw,echo=0 OPENSSL:127.0.0.1:PORT,verify=0."""
 
-    def start(self) -> None:
-        log = open(self.logfile, "wb")
-        try:
-            self.popen = subprocess.Popen(
-                [SOCAT, "-d", f"PTY,link={self.link},raw,echo=0",
-                 f"OPENSSL:{LOCALHOST}:{self.port},verify=0"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        finally:
-            log.close()
-        deadline = now() + self.timeout
-        while not os.path.islink(self.link):
-            if self.popen.poll() is not None:
-                raise BenchError(f"socat exited with {self.popen.returncode}: "
-                                 f"{self.logfile.read_text(errors='replace')}")
-            if now() > deadline:
-                raise BenchError(f"socat did not create {self.link} within {self.timeout} s")
-            time.sleep(0.01)
-        self.client = PtyClient(self.link, timeout=max(deadline - now(), 1.0))
+    def peer_address(self) -> str:
+        return f"OPENSSL:{LOCALHOST}:{self.port},verify=0"
 
 
 def ssl_connect(client: PtyClient, port: int, timeout: float = HANDSHAKE_TIMEOUT) -> float:

@@ -64,6 +64,10 @@ class _Child:
     failures: int = 0  # consecutive deaths soon after start
     restart_at: float | None = None  # when to fork again
 
+    def ident(self) -> dict[str, int]:
+        """Log fields naming the child: link_id for a link worker only."""
+        return {} if self.link_id is None else {"link_id": self.link_id}
+
 
 class Supervisor:
     def __init__(self, config: Config, device: str, pty_link: str | None, state_dir: Path) -> None:
@@ -200,7 +204,7 @@ class Supervisor:
                 os._exit(code)
         child.started = time.monotonic()
         child.restart_at = None
-        log.info("child_started", role=child.role, link_id=child.link_id, pid=pid)
+        log.info("child_started", role=child.role, pid=pid, **child.ident())
         return pid
 
     def _child_setup(self, child: _Child) -> None:
@@ -247,7 +251,7 @@ class Supervisor:
             log.info("worker_stopped_with_front", link_id=child.link_id, exit_code=code)
             child.restart_at = None if self.front.restart_at is not None else time.monotonic() + 0.5
             return
-        log.error("child_died", role=child.role, link_id=child.link_id, exit_code=code)
+        log.error("child_died", role=child.role, exit_code=code, **child.ident())
         now = time.monotonic()
         child.failures = child.failures + 1 if now - child.started < _FAST_DEATH else 1
         delay = 0.0 if child.failures <= 1 else min(_MAX_BACKOFF, 0.25 * 2 ** (child.failures - 2))
@@ -316,7 +320,7 @@ class Supervisor:
             time.sleep(0.005)
         for child in children:
             if child.pid:
-                log.warning("child_killed", role=child.role, link_id=child.link_id)
+                log.warning("child_killed", role=child.role, **child.ident())
                 _kill(child.pid, signal.SIGKILL)
         self.handle_chld()
 

@@ -70,6 +70,10 @@ log = structlog.get_logger()
 _OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
 _READ_SIZE = 65536
 _FORCE_RESTART = b"AT+RST\r\n"
+_COALESCE = 0.004  # seconds between reads of a data phase streaming at UART speed
+_COALESCE_MIN = 512  # bytes: smaller reads are interactive
+_COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
+_COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 
 
 def factory_uart(config: Config) -> UartSettings:
@@ -122,6 +126,7 @@ class Front:
         self._timer: asyncio.TimerHandle | None = None
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         self._reading = False
+        self._last_read = 0.0
         self._stopped = self.loop.create_future()
 
     # -- lifetime ----------------------------------------------------------------------
@@ -284,9 +289,29 @@ class Front:
         if self.busy:
             self._refuse_busy(data)
             return
-        self.parser.receive_bytes(data, self.loop.time())
+        now = self.loop.time()
+        self.parser.receive_bytes(data, now)
         if not self.holding:
             self._process()
+        self._coalesce(len(data), now)
+
+    def _coalesce(self, size: int, now: float) -> None:
+        """While the MCU streams a data phase at UART speed, read every few ms.
+
+        At 0.5 MB/s (5 Mbaud) an MCU writing 1 KiB pieces would wake us 500
+        times a second; the kernel can gather a few ms of them instead.  Only
+        for a steady stream at UART rates: commands, +++ and interactive bytes
+        (small reads) and faster bulk input (a pty, or catching up) are read
+        at once.  A byte's arrival time may read up to _COALESCE late, so +++
+        after streamed data may need up to 24 ms of silence instead of 20.
+        """
+        interval, self._last_read = now - self._last_read, now
+        uart_rate = interval > 0 and size / interval < _COALESCE_RATE
+        # A read that nearly filled the tty buffer means the MCU is waiting on us.
+        if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
+                and self._reading and self.parser.data is not None):
+            self._pause_reading()
+            self.loop.call_later(_COALESCE, self._resume_reading)
 
     def _refuse_busy(self, data: bytes) -> None:
         """Input while a command runs is discarded, one busy p... per chunk."""

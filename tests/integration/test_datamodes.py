@@ -299,3 +299,32 @@ def test_slow_peer_loses_nothing(host):
         conn.close()
     finally:
         server.close()
+
+
+def test_escape_after_a_stream_at_uart_rate(host):
+    """+++ after data streamed at UART speed (reads coalesced) still escapes; +++ inside it is data."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        _open(host, server.getsockname()[1])
+        conn, _ = server.accept()
+        host.command(b"AT+SYSMSG=1")
+        host.command(b"AT+CIPMODE=1")
+        host.command(b"AT+CIPSEND", b">")
+        sent = bytearray()
+        for i in range(100):  # 1 KiB every 2 ms: 0.5 MB/s, a 5 Mbaud UART
+            piece = (b"+++" if i == 50 else b"") + bytes([i]) * 1021
+            host.write(piece)
+            sent += piece
+            time.sleep(0.002)
+        time.sleep(0.03)
+        host.write(b"+++")
+        time.sleep(0.03)
+        assert host.expect(b"\r\n+QUITT\r\n") == b"\r\n+QUITT\r\n"
+        conn.settimeout(5)
+        got = bytearray()
+        while len(got) < len(sent):
+            got += conn.recv(65536)
+        assert bytes(got) == bytes(sent)
+        conn.close()
+    finally:
+        server.close()

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -216,3 +217,26 @@ def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
     assert other.recvfrom(100)[0] == b"longs"
     home.close()
     other.close()
+
+
+def test_passive_udp_drops_beyond_the_window(mux_host):
+    """Passive mode keeps UDP data up to the receive window; what does not fit is lost, as the spec says."""
+    peer = _udp()
+    local = _free_udp_port()
+    mux_host.command(b"AT+CIPRECVTYPE=5,1")
+    mux_host.ask(b'AT+CIPSTART=4,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    for i in range(20):
+        peer.sendto(bytes([65 + i]) * 1000, ("127.0.0.1", local))
+    mux_host.expect(b"\r\n+IPD,4,")
+    time.sleep(0.3)
+    answer = mux_host.ask(b"AT+CIPRECVLEN?")
+    unread = int(re.search(rb"\+CIPRECVLEN:0,0,0,0,(\d+)", answer).group(1))
+    assert 1000 <= unread <= 5760
+    lengths = []
+    for _ in range(25):
+        answer = mux_host.ask(b"AT+CIPRECVDATA=4,2000")
+        if answer.endswith(b"\r\nERROR\r\n"):
+            break
+        lengths.append(int(re.search(rb"\+CIPRECVDATA:(\d+),", answer).group(1)))
+    assert 1 <= len(lengths) <= 6 and set(lengths) == {1000}  # whole datagrams; the rest were dropped
+    peer.close()

@@ -55,10 +55,9 @@ from .common import (
     percentile,
 )
 from .streams import (
+    Bridge,
     OK,
     cpu_fields,
-    enter_passthrough,
-    leave_passthrough,
     make_payload,
     read_raw,
     write_all,
@@ -306,50 +305,24 @@ def ssl_connect(client: PtyClient, port: int, timeout: float = HANDSHAKE_TIMEOUT
     return dt
 
 
-class SslBridge:
+class SslBridge(Bridge):
     """A pty whose bytes go raw to ``peer`` over TLS and back.
 
     ``kind`` "socat": socat PTY <-> OPENSSL.  ``kind`` "bridged": the daemon,
-    Wi-Fi joined, SSL link open, in passthrough; leaving the context leaves
-    passthrough and checks ``AT`` still answers.  Entered once the peer has
-    completed the handshake.  ``pid`` is the process (tree) whose CPU counts.
+    Wi-Fi joined, SSL link open, in passthrough (as ``Bridge``).  Entered once
+    the peer has completed the handshake.
     """
 
     def __init__(self, kind: str, peer: TlsPeer) -> None:
-        assert kind in ("socat", "bridged")
-        self.kind = kind
+        super().__init__(kind, peer.port,
+                         wait_connected=lambda _timeout: peer.wait_handshakes(1, HANDSHAKE_TIMEOUT))
         self.peer = peer
-        self._ctx = None
-        self.client: PtyClient | None = None
-        self.pid = 0
 
-    def __enter__(self) -> "SslBridge":
-        self._ctx = SslSocat(self.peer.port) if self.kind == "socat" else Daemon()
-        self._ctx.__enter__()
-        try:
-            self.client = self._ctx.client
-            self.pid = self._ctx.pid
-            if self.kind == "bridged":
-                self._ctx.join_wifi()
-                ssl_connect(self.client, self.peer.port)
-            if not self.peer.wait_handshakes(1, HANDSHAKE_TIMEOUT):
-                raise BenchError(f"{self.kind}: the TLS peer never completed a handshake "
-                                 f"(errors: {self.peer.errors})")
-            if self.kind == "bridged":
-                enter_passthrough(self.client)
-        except BaseException as exc:
-            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        return self
+    def _socat(self) -> SslSocat:
+        return SslSocat(self.port)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None and self.kind == "bridged":
-                leave_passthrough(self.client)
-        except BaseException as e:
-            self._ctx.__exit__(type(e), e, e.__traceback__)
-            raise
-        self._ctx.__exit__(exc_type, exc, tb)
+    def _open_link(self) -> None:
+        ssl_connect(self.client, self.port)
 
 
 # --------------------------------------------------------------- throughput

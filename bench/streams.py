@@ -376,20 +376,24 @@ class Bridge:
         self.client: PtyClient | None = None
         self.pid = 0
 
+    def _socat(self) -> Socat:
+        return Socat(self.port)
+
+    def _open_link(self) -> None:
+        """The daemon's AT+CIPSTART (Wi-Fi already joined)."""
+        self._ctx.tcp_connect(self.port)
+
     def __enter__(self) -> "Bridge":
-        if self.kind == "socat":
-            self._ctx = Socat(self.port)
-        else:
-            self._ctx = Daemon()
+        self._ctx = self._socat() if self.kind == "socat" else Daemon()
         self._ctx.__enter__()
         try:
             self.client = self._ctx.client
             self.pid = self._ctx.pid
             if self.kind == "bridged":
                 self._ctx.join_wifi()
-                self._ctx.tcp_connect(self.port)
+                self._open_link()
             if self.wait_connected is not None and not self.wait_connected(5.0):
-                raise BenchError(f"{self.kind}: the peer never saw the TCP connection")
+                raise BenchError(f"{self.kind}: the peer never saw the connection")
             if self.kind == "bridged":
                 enter_passthrough(self.client, self.transintvl)
         except BaseException as exc:

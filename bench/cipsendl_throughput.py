@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from .common import MB, BenchError, Daemon, Socat, TreeCpu, now
-from .streams import DuplexPeer, OK, PROMPT, cpu_fields, make_payload
+from .streams import OK, PROMPT, DuplexPeer, cpu_fields, make_payload, versus
 
 WRITE = 65536
 STEP_TIMEOUT = 10.0
@@ -116,13 +116,7 @@ def run(nbytes: int = 32 * 1024 * 1024) -> dict[str, float]:
     s = socat_upload(data, digest)
     return {
         "bytes": nbytes,
-        "bridged_mb_s": b["mb_s"],
-        "socat_mb_s": s["mb_s"],
-        "ratio": b["mb_s"] / s["mb_s"],
-        "bridged_cpu_ms_per_mb": b["x_cpu_s_per_mb"] * 1000,
-        "socat_cpu_ms_per_mb": s["x_cpu_s_per_mb"] * 1000,
-        "cpu_ratio": (b["x_cpu_s_per_mb"] / s["x_cpu_s_per_mb"]
-                      if s["x_cpu_s_per_mb"] > 0 else float("inf")),
+        **versus(b, s),
         "progress_lines": b["reports"],
     }
 

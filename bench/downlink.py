@@ -15,7 +15,7 @@ the client does less work than for bridged, whose frames it must parse).
 from __future__ import annotations
 
 from .common import MB, BenchError, Daemon, HashMismatch, TreeCpu, now
-from .streams import Bridge, DuplexPeer, IpdDemux, OK, cpu_fields, make_payload, read_raw
+from .streams import OK, Bridge, DuplexPeer, IpdDemux, cpu_fields, make_payload, read_raw, versus
 
 WRITE = 65536
 DRAIN_TIMEOUT = 60.0
@@ -75,13 +75,7 @@ def run(nbytes: int = 32 * 1024 * 1024) -> dict[str, float]:
     s = socat_downlink(data, digest)
     return {
         "bytes": nbytes,
-        "bridged_mb_s": b["mb_s"],
-        "socat_mb_s": s["mb_s"],
-        "ratio": b["mb_s"] / s["mb_s"],
-        "bridged_cpu_ms_per_mb": b["x_cpu_s_per_mb"] * 1000,
-        "socat_cpu_ms_per_mb": s["x_cpu_s_per_mb"] * 1000,
-        "cpu_ratio": (b["x_cpu_s_per_mb"] / s["x_cpu_s_per_mb"]
-                      if s["x_cpu_s_per_mb"] > 0 else float("inf")),
+        **versus(b, s),
         "frames": b["frames"],
         "mean_frame_bytes": nbytes / b["frames"] if b["frames"] else float("nan"),
     }

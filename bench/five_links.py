@@ -30,6 +30,7 @@ import hashlib
 
 from .common import MB, BenchError, Daemon, HashMismatch, TreeCpu, now, percentile
 from .streams import (
+    versus,
     Bridge,
     DuplexPeer,
     IpdDemux,
@@ -132,17 +133,11 @@ def run(per_link: int = 4 * 1024 * 1024) -> dict[str, float]:
     s = socat_one(ups, downs)
     return {
         "per_link": per_link,
-        "bridged_mb_s": b["mb_s"],
-        "socat_mb_s": s["mb_s"],
-        "ratio": b["mb_s"] / s["mb_s"],
+        **versus(b, s),
         "bridged_up_seconds": b["up_seconds"],
         "bridged_down_seconds": b["down_seconds"],
         "socat_up_seconds": s["up_seconds"],
         "socat_down_seconds": s["down_seconds"],
-        "bridged_cpu_ms_per_mb": b["x_cpu_s_per_mb"] * 1000,
-        "socat_cpu_ms_per_mb": s["x_cpu_s_per_mb"] * 1000,
-        "cpu_ratio": (b["x_cpu_s_per_mb"] / s["x_cpu_s_per_mb"]
-                      if s["x_cpu_s_per_mb"] > 0 else float("inf")),
         "sends": b["sends"],
         "frames": b["frames"],
         "send_p50_ms": b["send_p50_ms"],

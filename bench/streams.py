@@ -75,6 +75,19 @@ def cpu_fields(prefix: str, cpu_s: float, elapsed: float, nbytes: int) -> dict[s
     }
 
 
+def versus(b: dict, s: dict) -> dict[str, float]:
+    """bridged against socat: throughput and CPU per MB, each side and the ratio."""
+    b_cpu, s_cpu = b["x_cpu_s_per_mb"], s["x_cpu_s_per_mb"]
+    return {
+        "bridged_mb_s": b["mb_s"],
+        "socat_mb_s": s["mb_s"],
+        "ratio": b["mb_s"] / s["mb_s"],
+        "bridged_cpu_ms_per_mb": b_cpu * 1000,
+        "socat_cpu_ms_per_mb": s_cpu * 1000,
+        "cpu_ratio": b_cpu / s_cpu if s_cpu > 0 else float("inf"),
+    }
+
+
 # ------------------------------------------------------------------ pacing
 
 

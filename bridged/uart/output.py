@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 from collections import deque
 from typing import Callable
@@ -32,6 +33,9 @@ from bridged.at.format import is_final
 __all__ = ["Output"]
 
 _MAX_WRITE = 65536
+# uvloop's clock and timers tick in whole milliseconds: a timer set for less
+# than 1 ms fires at once, and a hold that ends within half a tick has ended.
+_TICK = 0.001
 
 
 class Output:
@@ -106,7 +110,7 @@ class Output:
         while size < _MAX_WRITE:
             reply = self._replies[0] if self._replies else None
             urc = self._urcs[0] if self._urcs else None
-            urc_ok = urc is not None and self._urc_due(urc[2], final_in_batch, now) <= 0
+            urc_ok = urc is not None and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2
             if urc_ok and (reply is None or urc[0] < reply[0]):
                 self._urcs.popleft()
                 parts.append(urc[1])
@@ -148,13 +152,16 @@ class Output:
         self._disarm_writer()
         if self._urcs:  # held for the gap after a final result
             wait = self._urc_due(self._urcs[0][2], False, self.loop.time())
-            self._timer = self.loop.call_later(max(wait, 0.0), self._pump)
+            # Whole ticks: a shorter timer would fire at once and spin the loop.
+            self._timer = self.loop.call_later(max(math.ceil(wait / _TICK - 0.5), 1) * _TICK, self._pump)
             return
         # Deferred: a writer must never be re-entered by the callbacks it causes.
         callbacks, self._when_empty = self._when_empty, []
         for callback in callbacks:
             self.loop.call_soon(callback)
-        self.loop.call_soon(self.on_drained)
+        # Called at once (it runs after every write): it may only queue more
+        # output, and queuing never writes from inside _pump.
+        self.on_drained()
 
     def _arm_writer(self) -> None:
         if not self._writer_armed:

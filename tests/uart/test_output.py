@@ -1,0 +1,125 @@
+"""Output on a real pty under uvloop: ordering, the URC gap, no busy waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tty
+
+import pytest
+import uvloop
+
+from bridged.uart.output import Output
+
+GAP = 0.005
+
+
+class CountingOutput(Output):
+    """Counts how often the writer ran (a held message must not spin the loop)."""
+
+    pumps = 0
+
+    def _pump(self) -> None:
+        self.pumps += 1
+        super()._pump()
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    yield master, slave
+    os.close(master)
+    os.close(slave)
+
+
+def _read_until(fd: int, wanted: bytes, timeout: float) -> list[tuple[float, bytes]]:
+    """(time, bytes) of each read from the host's side until ``wanted`` has arrived."""
+    import select
+    import time
+
+    reads: list[tuple[float, bytes]] = []
+    got = b""
+    deadline = time.monotonic() + timeout
+    while wanted not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {got!r} arrived"
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 4096)
+            reads.append((time.monotonic(), chunk))
+            got += chunk
+    return reads
+
+
+def _run(coro):
+    return uvloop.run(coro)
+
+
+def test_held_message_waits_the_gap_with_one_timer_not_a_spin(pty_pair):
+    master, slave = pty_pair
+    rounds = 20
+
+    async def main():
+        out = CountingOutput(master, GAP, lambda: None)
+        for i in range(rounds):
+            out.reply(b"\r\nSEND OK\r\n")
+            out.urc(b"\r\n+IPD,0,1:%d" % (i % 10))
+            await asyncio.to_thread(_read_until, slave, b"+IPD,0,1:%d" % (i % 10), 2.0)
+            await asyncio.sleep(0.0013 * (i % 3))  # start the next round at another clock phase
+        return out.pumps
+
+    pumps = _run(main())
+    # Per round one pump writes SEND OK and a timer (a tick more at most)
+    # writes +IPD. A timer shorter than uvloop's 1 ms tick fires at once,
+    # so a hold that ended "almost" would spin the loop until the tick.
+    assert pumps <= 4 * rounds, f"the writer ran {pumps} times for {rounds} held messages"
+
+
+def test_held_message_goes_after_the_gap_not_in_the_same_read(pty_pair):
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, GAP, lambda: None)
+        loop = asyncio.get_running_loop()
+        out.reply(b"\r\nOK\r\n")
+        out.urc(b"\r\nCLOSED\r\n")
+        t0 = loop.time()
+        first = await asyncio.to_thread(_read_until, slave, b"OK\r\n", 2.0)
+        second = await asyncio.to_thread(_read_until, slave, b"CLOSED\r\n", 2.0)
+        return t0, first, second
+
+    _, first, second = _run(main())
+    assert b"".join(r for _, r in first) == b"\r\nOK\r\n"
+    assert second[0][0] - first[-1][0] >= GAP - 0.002  # the clock ticks in ms
+
+
+def test_replies_overtake_a_held_message_which_keeps_its_order(pty_pair):
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, GAP, lambda: None)
+        out.reply(b"\r\nSEND OK\r\n")
+        out.urc(b"\r\n+IPD,0,1:a")
+        out.urc(b"\r\n0,CLOSED\r\n")
+        await asyncio.sleep(0)
+        out.reply(b"\r\nOK\r\n")  # the next command's answer does not wait for +IPD
+        return await asyncio.to_thread(_read_until, slave, b"0,CLOSED\r\n", 2.0)
+
+    got = b"".join(r for _, r in _run(main()))
+    assert got == b"\r\nSEND OK\r\n\r\nOK\r\n\r\n+IPD,0,1:a\r\n0,CLOSED\r\n"
+
+
+def test_drained_callback_after_every_write(pty_pair):
+    master, slave = pty_pair
+
+    async def main():
+        calls = []
+        out = Output(master, 0.0, lambda: calls.append(out.buffered))
+        out.urc(b"\r\n+IPD,0,3:abc")
+        await asyncio.to_thread(_read_until, slave, b"abc", 2.0)
+        await asyncio.sleep(0.01)
+        return calls
+
+    calls = _run(main())
+    assert calls and calls[-1] == 0

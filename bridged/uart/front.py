@@ -121,7 +121,7 @@ class Front:
         self.busy = False  # a command waits on the network: input gets busy p...
         self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
-        self._watched: Slot | None = None  # whose uplink progress we listen to
+        self._muted: Slot | None = None  # the one link whose uplink progress we ignore
         self.passthrough: _Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._command: asyncio.Task | None = None  # a handler waiting on the network
@@ -138,6 +138,8 @@ class Front:
             self.supervisor.setblocking(False)
             self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
         await self._wait_workers(timeout=10.0)
+        for slot in self.links.slots:
+            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
         self._boot()
         self._resume_reading()
         heartbeat = self.loop.create_task(self._heartbeat())
@@ -248,7 +250,7 @@ class Front:
         self.ctx = self._new_context()
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
-        self._watch_progress(None)
+        self._mute_progress(None)
         self.passthrough = None
         if self._timer is not None:
             self._timer.cancel()
@@ -415,7 +417,7 @@ class Front:
         state = self.ctx.state
         report, transmit = state.sendl_cfg
         self.sending = Send(slot, request.kind, request.length, request.remote, report)
-        self._watch_progress(None if request.kind is DataKind.PASSTHROUGH else slot)
+        self._mute_progress(slot if request.kind is DataKind.PASSTHROUGH else None)
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
@@ -436,7 +438,7 @@ class Front:
         else:  # NEED_DATA
             if room == 0:
                 self._pause_reading()  # resumed by the worker's progress doorbell
-                self._watch_progress(send.slot)
+                self._mute_progress(None)
             self._arm_timer()
             return False
         return True
@@ -471,7 +473,7 @@ class Front:
 
     def _payload_escaped(self) -> None:
         send, self.sending = self.sending, None
-        self._watch_progress(None)
+        self._mute_progress(None)
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
             self.passthrough = None
@@ -489,20 +491,23 @@ class Front:
             self.links.discard(send.slot.link_id, send.end)
         self._finish_send(fmt.SEND_FAIL)
 
-    def _watch_progress(self, slot: Slot | None) -> None:
-        """Listen to one link's uplink progress doorbell, or to none.
+    def _mute_progress(self, slot: Slot | None) -> None:
+        """Stop listening to one link's uplink progress doorbell (None: hear all).
 
-        Only while something waits on it (a send's end, CIPSENDL reports, a
-        full ring): otherwise every chunk the worker sends would wake us for
-        nothing.  The eventfd keeps counting meanwhile, so nothing is missed.
+        A send's end, CIPSENDL's reports and a full ring wait on it, so every
+        link's doorbell is heard; only passthrough with room in its ring waits
+        on nothing, and there each chunk the worker sends would wake us for
+        nothing.  Registrations stay otherwise: uvloop re-creates a handle and
+        makes several syscalls for every add_reader after a remove_reader.
+        The eventfd keeps counting meanwhile, so nothing is missed.
         """
-        if self._watched is slot:
+        if self._muted is slot:
             return
-        if self._watched is not None:
-            self.loop.remove_reader(self._watched.uplink.space_fd)
-        self._watched = slot
+        if self._muted is not None:
+            self.loop.add_reader(self._muted.uplink.space_fd, self._on_uplink_progress, self._muted)
+        self._muted = slot
         if slot is not None:
-            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
+            self.loop.remove_reader(slot.uplink.space_fd)
 
     def _on_uplink_progress(self, slot: Slot) -> None:
         slot.uplink.clear_space_doorbell()
@@ -512,7 +517,7 @@ class Front:
         self._report_progress()
         if not send.complete:
             if send.kind is DataKind.PASSTHROUGH:
-                self._watch_progress(None)  # room again: no need to hear each chunk go
+                self._mute_progress(slot)  # room again: no need to hear each chunk go
             self._resume_reading()
             self._process()
         else:
@@ -536,7 +541,7 @@ class Front:
 
     def _finish_send(self, result: bytes) -> None:
         self.sending = None
-        self._watch_progress(None)
+        self._mute_progress(None)
         self.output.reply(result)
         self.busy = False
         self._resume_reading()
@@ -573,7 +578,7 @@ class Front:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH:
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
-            self._watch_progress(None)
+            self._mute_progress(slot)
             if self.ctx.state.sysmsg & 4:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()

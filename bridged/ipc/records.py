@@ -128,13 +128,17 @@ def put_record(
     return True
 
 
-def recv_record(ring: Ring, sock: socket.socket, max_payload: int, with_addr: bool = False) -> int:
+def recv_record(
+    ring: Ring, sock: socket.socket, max_payload: int, with_addr: bool = False, datagram: bool | None = None
+) -> int:
     """Receive from a non-blocking socket straight into the ring as a DATA record.
 
     Args:
         max_payload: the largest payload to take (at most capacity / 2). A
             longer datagram is truncated to it, as ``recvfrom`` would.
         with_addr: store the sender's address (datagram sockets only).
+        datagram: whether ``sock`` is a datagram socket, if the caller knows
+            (asking the socket builds an enum on every call).
 
     Returns:
         The payload length published. 0 from a stream socket means orderly
@@ -149,7 +153,8 @@ def recv_record(ring: Ring, sock: socket.socket, max_payload: int, with_addr: bo
     """
     if not 0 < max_payload <= ring.capacity // 2:
         raise ValueError(f"max_payload must be in 1..{ring.capacity // 2}")
-    datagram = sock.type == socket.SOCK_DGRAM
+    if datagram is None:
+        datagram = sock.type == socket.SOCK_DGRAM
     head_size = HEADER_SIZE + _addr_len(sock, datagram, with_addr)
     room = min(max_payload, ring.free() - head_size)
     if room < (max_payload if datagram else 1):

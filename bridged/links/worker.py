@@ -377,6 +377,7 @@ class Worker:
         self._resume_reading()
 
     def _recv_stream(self) -> None:
+        tls = isinstance(self.sock, ssl.SSLSocket)
         for _ in range(_RECORDS_PER_WAKEUP):
             if self.sock is None:
                 return
@@ -386,7 +387,7 @@ class Worker:
                 # window, so the peer's TCP window closes once it is full.
                 limit = min(limit, self.window - self.downlink.available())
             try:
-                n = records.recv_record(self.downlink, self.sock, limit) if limit > 0 else -1
+                n = records.recv_record(self.downlink, self.sock, limit, datagram=False) if limit > 0 else -1
             except (BlockingIOError, *_TLS_AGAIN):
                 return
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -402,7 +403,9 @@ class Worker:
                 self._wait_space(self._resume_reading)
                 return
             self.stats["down"] += n
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            if n < limit and not tls:
+                return  # the kernel had no more: another recv would only say EAGAIN
+        if tls and self.sock is not None and self.sock.pending():
             # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
             self.loop.call_soon(self._on_readable)
 

@@ -124,6 +124,7 @@ class Front:
         self._muted: Slot | None = None  # the one link whose uplink progress we ignore
         self.passthrough: _Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         self._reading = False
         self._last_read = 0.0
@@ -427,7 +428,10 @@ class Front:
         """Move payload towards the uplink ring; False when we must wait."""
         send = self.sending
         room = send.room()
-        event = self.parser.next_event(limit=room, now=self.loop.time())
+        # uvloop's clock ticks in whole ms: when the timer fires the clock may
+        # read a hair before its deadline, which would re-arm it at once.
+        now = max(self.loop.time(), self._timer_fired_at)
+        event = self.parser.next_event(limit=room, now=now)
         if isinstance(event, DataChunk):
             send.take(event.data)
             self._report_progress()
@@ -455,6 +459,7 @@ class Front:
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
+        self._timer_fired_at = self._timer.when()
         self._timer = None
         self._process()
 

@@ -124,6 +124,7 @@ class Front:
         self._muted: Slot | None = None  # the one link whose uplink progress we ignore
         self.passthrough: _Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         self._reading = False
@@ -451,15 +452,16 @@ class Front:
         """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
         deadline = self.parser.deadline()
         if self._timer is not None:
-            if deadline is not None and self._timer.when() == deadline:
+            if deadline is not None and self._timer_at == deadline:
                 return  # already set for that time
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
             self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
 
     def _on_timer(self) -> None:
-        self._timer_fired_at = self._timer.when()
+        self._timer_fired_at = self._timer_at
         self._timer = None
         self._process()
 

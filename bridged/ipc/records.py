@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bridged.ipc.rings import Ring
 
@@ -60,15 +60,14 @@ class RecordError(ValueError):
     """The ring holds something that is not a well-formed record (a bug)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+# Named tuples, not dataclasses: one is built for every record on the hot path.
+class Record(NamedTuple):
     kind: int
     payload: bytes
     addr: Addr | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RecordHeader:
+class RecordHeader(NamedTuple):
     """A published record's header; ``size`` bytes precede the payload."""
 
     kind: int
@@ -155,20 +154,22 @@ def recv_record(
         raise ValueError(f"max_payload must be in 1..{ring.capacity // 2}")
     if datagram is None:
         datagram = sock.type == socket.SOCK_DGRAM
-    head_size = HEADER_SIZE + _addr_len(sock, datagram, with_addr)
-    room = min(max_payload, ring.free() - head_size)
-    if room < (max_payload if datagram else 1):
-        return -1
-    views = ring.writable_views(room, skip=head_size)
-    if not views:  # the read index was mid-update (only on CPUs without atomic 64-bit stores)
-        return -1
-    if datagram:
-        n, addr = _recv_datagram(sock, views)
-    else:
-        n, addr = sock.recv_into(views[0]), None
+    if not datagram and not with_addr:  # the hot path of every TCP link: few calls
+        span = ring.reserve(HEADER_SIZE, max_payload)
+        if span is None:
+            return -1
+        n = sock.recv_into(span)  # a wrapped rest comes with the next call
+        if n:
+            ring.publish(_HEADER.pack(n, 0, DATA, 0), n)
+        return n
+    head_size = HEADER_SIZE + _addr_len(sock, datagram, with_addr) if with_addr else HEADER_SIZE
+    views = ring.writable_views(max_payload, skip=head_size)
+    if sum(len(v) for v in views) < max_payload:
+        return -1  # (no views at all: the read index was mid-update, on CPUs without atomic 64-bit stores)
+    n, addr = _recv_datagram(sock, views)
     if n == 0:
         return 0
-    ring.stage(0, _header(DATA, n, addr if with_addr else None))
+    ring.stage(0, _header(DATA, n, addr) if with_addr else _HEADER.pack(n, 0, DATA, 0))
     ring.commit(head_size + n)
     return n
 

@@ -148,7 +148,7 @@ class Ring:
         self.space_fd = space_fd
         self._creator_pid = os.getpid()
         self._held = False  # doorbells owed, not yet rung (see hold_doorbells)
-        self._owed: set[int] = set()
+        self._owed_data = self._owed_space = False
         self._producer_views: list[memoryview] = []
         self._consumer_views: list[memoryview] = []
         self._closed = False
@@ -207,7 +207,11 @@ class Ring:
     def _load(self) -> tuple[int, int, int | None]:
         """Return (write, read, write - read); the last is None if torn."""
         index = self._index
-        for _ in range(4):
+        write = index[_WRITE]
+        read = index[_READ]
+        if 0 <= write - read <= self._capacity:
+            return write, read, write - read
+        for _ in range(3):
             write = index[_WRITE]
             read = index[_READ]
             if 0 <= write - read <= self._capacity:
@@ -252,11 +256,60 @@ class Ring:
         self._producer_views.extend(views)
         return views
 
+    def reserve(self, skip: int, limit: int) -> memoryview | None:
+        """One contiguous view of at most ``limit`` free bytes, ``skip`` past the
+        write index (shorter than the free space where the free area wraps);
+        None when there is no room after ``skip``.
+
+        The lean form of writable_views for the hot receive path: the caller
+        owns the view (a temporary: it must not outlive the next publish).
+        """
+        index = self._index
+        write = index[_WRITE]
+        used = write - index[_READ]
+        if not 0 <= used <= self._capacity:
+            return None  # torn read: the other side rings once its store lands
+        slot = (write + skip) & self._mask
+        n = min(limit, self._capacity - used - skip, self._capacity - slot)
+        return self._data[slot : slot + n] if n > 0 else None
+
+    def publish(self, head: bytes, n: int) -> None:
+        """Write ``head`` at the write index and publish it with the ``n``
+        bytes already written after it (through ``reserve``), then ring.
+
+        Raises ValueError if head and data exceed the free space.
+        """
+        index = self._index
+        write = index[_WRITE]
+        total = len(head) + n
+        slot = write & self._mask
+        end = slot + len(head)
+        if not 0 <= write - index[_READ] <= self._capacity - total or end > self._capacity:
+            self.stage(0, head)  # torn, too big or a wrapped head: the general path
+            self.commit(total)
+            return
+        self._data[slot:end] = head
+        if self._producer_views:
+            _release(self._producer_views)
+        index[_WRITE] = write + total  # data before index
+        if self._held:  # index before doorbell
+            self._owed_data = True
+        else:
+            _ring(self.data_fd)
+
     def stage(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the free area ``offset`` bytes past the write index.
 
         Unpublished until ``commit()``. Raises ValueError if it does not fit.
         """
+        if type(data) is bytes:  # the common case (record headers, joined payloads) in one slice
+            write, _, used = self._load()
+            slot = (write + offset) & self._mask
+            end = slot + len(data)
+            if used is not None and 0 <= offset and offset + len(data) <= self._capacity - used \
+                    and end <= self._capacity:
+                self._data[slot:end] = data
+                return
         with memoryview(data) as src, src.cast("B") as flat:
             write, _, used = self._load()
             room = self._capacity if used is None else self._capacity - used
@@ -275,7 +328,8 @@ class Ring:
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
             raise ValueError(f"commit of {n} bytes exceeds free space {room}")
-        _release(self._producer_views)
+        if self._producer_views:
+            _release(self._producer_views)
         if n:
             self._index[_WRITE] = write + n  # data before index
             self._doorbell(self.data_fd)  # index before doorbell
@@ -322,6 +376,9 @@ class Ring:
         limit = self._capacity if used is None else used
         if offset < 0 or length < 0 or offset + length > limit:
             raise ValueError(f"peek of {length} bytes at {offset} exceeds available {limit}")
+        slot = (read + offset) & self._mask
+        if slot + length <= self._capacity:  # contiguous: one copy, no list
+            return self._data[slot : slot + length].tobytes()
         views = self._segments(read + offset, length)
         try:
             return b"".join(views)
@@ -334,7 +391,8 @@ class Ring:
         limit = self._capacity if used is None else used
         if not 0 <= n <= limit:
             raise ValueError(f"consume of {n} bytes exceeds available {limit}")
-        _release(self._consumer_views)
+        if self._consumer_views:
+            _release(self._consumer_views)
         if n:
             self._index[_READ] = read + n  # reads done before index
             self._doorbell(self.space_fd)
@@ -360,15 +418,20 @@ class Ring:
 
     def release_doorbells(self) -> None:
         self._held = False
-        for fd in self._owed:
-            _ring(fd)
-        self._owed.clear()
+        if self._owed_data:
+            self._owed_data = False
+            _ring(self.data_fd)
+        if self._owed_space:
+            self._owed_space = False
+            _ring(self.space_fd)
 
     def _doorbell(self, fd: int) -> None:
-        if self._held:
-            self._owed.add(fd)
-        else:
+        if not self._held:
             _ring(fd)
+        elif fd == self.data_fd:
+            self._owed_data = True
+        else:
+            self._owed_space = True
 
     def clear_data_doorbell(self) -> bool:
         """Reset ``data_fd``; return whether it was ringing."""

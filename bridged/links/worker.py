@@ -356,19 +356,17 @@ class Worker:
 
     def _on_readable(self) -> None:
         # One doorbell for all the records of this wake-up: the front wakes once.
-        before = self.stats["down"]
-        self.downlink.hold_doorbells()
+        ring = self.downlink
+        ring.hold_doorbells()
         try:
-            if self.datagram:
-                self._recv_datagrams()
-            else:
-                self._recv_stream()
+            got = self._recv_datagrams() if self.datagram else self._recv_stream()
         finally:
-            self.downlink.release_doorbells()
+            ring.release_doorbells()
+        if got < _COALESCE_BYTES:
+            return
         now = self.loop.time()
-        bulk = self.stats["down"] - before >= _COALESCE_BYTES
         streaming, self._last_read = now - self._last_read < _COALESCE, now
-        if bulk and streaming and self._reading and self.sock is not None:
+        if streaming and self._reading and self.sock is not None:
             self._pause_reading()
             self._coalescing = self.loop.call_later(_COALESCE, self._end_coalescing)
 
@@ -376,56 +374,64 @@ class Worker:
         self._coalescing = None
         self._resume_reading()
 
-    def _recv_stream(self) -> None:
-        tls = isinstance(self.sock, ssl.SSLSocket)
+    def _recv_stream(self) -> int:
+        """Receive into the downlink ring; return the byte count (the hot path: keep it lean)."""
+        sock, ring, window = self.sock, self.downlink, self.window
+        if sock is None:
+            return 0  # a call_soon'd read after the socket was dropped
+        tls = isinstance(sock, ssl.SSLSocket)
+        got = 0
         for _ in range(_RECORDS_PER_WAKEUP):
-            if self.sock is None:
-                return
             limit = self.chunk
-            if self.window:
+            if window:
                 # Passive mode: the unread data must stay within the receive
                 # window, so the peer's TCP window closes once it is full.
-                limit = min(limit, self.window - self.downlink.available())
+                limit = min(limit, window - ring.available())
             try:
-                n = records.recv_record(self.downlink, self.sock, limit, datagram=False) if limit > 0 else -1
+                n = records.recv_record(ring, sock, limit, datagram=False) if limit > 0 else -1
             except (BlockingIOError, *_TLS_AGAIN):
-                return
+                break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 n = 0
             except OSError as exc:
                 self._finish(f"receive failed: {exc.strerror or exc}")
-                return
+                break
             if n == 0:
                 self._finish("peer closed")
-                return
+                break
             if n < 0:
                 self._pause_reading()
                 self._wait_space(self._resume_reading)
-                return
-            self.stats["down"] += n
+                break
+            got += n
             if n < limit and not tls:
-                return  # the kernel had no more: another recv would only say EAGAIN
-        if tls and self.sock is not None and self.sock.pending():
-            # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
-            self.loop.call_soon(self._on_readable)
+                break  # the kernel had no more: another recv would only say EAGAIN
+        else:
+            if tls and sock.pending():
+                # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
+                self.loop.call_soon(self._on_readable)
+        self.stats["down"] += got
+        return got
 
-    def _recv_datagrams(self) -> None:
+    def _recv_datagrams(self) -> int:
+        """Receive datagrams into the downlink ring; return the payload byte count."""
+        got = 0
         for _ in range(_RECORDS_PER_WAKEUP):
             if self.sock is None:
-                return
+                break
             room = self.downlink.capacity // 2  # every datagram we keep fits in this
             if not self.window and self.downlink.free() < room:
                 # Active mode: wait for the front rather than drop.
                 self._pause_reading()
                 self._wait_space(self._resume_reading)
-                return
+                break
             try:
                 n, sender = self.sock.recvfrom_into(self._dgram_buf)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 log.warning("receive_failed", reason=_reason(exc))
-                return
+                break
             self._retarget(sender)
             unread = self.downlink.available()
             if n > room - 32 or (self.window and unread + n > self.window):
@@ -434,7 +440,9 @@ class Worker:
                 continue
             with memoryview(self._dgram_buf) as view:
                 records.put_record(self.downlink, records.DATA, view[:n], sender)
-            self.stats["down"] += n
+            got += n
+        self.stats["down"] += got
+        return got
 
     def _retarget(self, sender: tuple) -> None:
         """AT+CIPSTART's UDP <mode>: 1 moves the remote once, 2 to every sender."""

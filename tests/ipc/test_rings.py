@@ -316,6 +316,44 @@ def test_torn_index_reads_as_no_progress(ring):
     assert ring.get_nowait(10) == b"abc"
 
 
+def test_reserve_and_publish_at_every_offset(ring):
+    """reserve() gives one contiguous span after the head; publish() writes the
+    head (wrapped or not) and publishes head plus data in one step."""
+    head = b"HEAD"
+    for start in range(ring.capacity - 12, ring.capacity + 2):
+        advance(ring, (start - ring.write_index) % ring.capacity)  # to slot start % capacity
+        span = ring.reserve(len(head), 100)
+        slot = (ring.write_index + len(head)) % ring.capacity
+        assert len(span) == min(100, ring.capacity - slot)  # stops at the end of the area
+        k = min(3, len(span))
+        span[:k] = b"xyz"[:k]
+        del span
+        ring.publish(head, k)
+        assert ring.get_nowait(100) == b"HEAD" + b"xyz"[:k]
+
+
+def test_reserve_respects_free_space_and_publish_its_bounds(ring):
+    ring.put_nowait(bytes(ring.capacity - 20))
+    assert len(ring.reserve(8, 1000)) == 12
+    assert ring.reserve(20, 1000) is None
+    with pytest.raises(ValueError):
+        ring.publish(b"12345678", 13)
+    assert ring.available() == ring.capacity - 20  # nothing published by the failed call
+
+
+def test_held_doorbells_ring_once_each(ring):
+    ring.hold_doorbells()
+    for _ in range(3):
+        ring.put_nowait(b"ab")
+    assert not ring.clear_data_doorbell()
+    ring.consume(6)
+    assert not ring.clear_space_doorbell()
+    ring.release_doorbells()
+    assert ring.clear_data_doorbell() and ring.clear_space_doorbell()
+    ring.release_doorbells()  # nothing owed any more
+    assert not ring.clear_data_doorbell() and not ring.clear_space_doorbell()
+
+
 # -- views and lifetime -----------------------------------------------------------------------
 
 

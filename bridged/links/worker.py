@@ -50,6 +50,7 @@ from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
 from bridged.links.udp import open_udp
 from bridged.pki import PkiStore
+from bridged.readgate import ReadGate
 
 __all__ = ["Worker"]
 
@@ -95,7 +96,7 @@ class Worker:
         self.stats = {"up": 0, "down": 0}
         self.options = SetOptions()
         self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
-        self._reading = False
+        self._gate: ReadGate | None = None  # created in run(), on the running loop
         self._last_read = 0.0
         self._coalescing: asyncio.TimerHandle | None = None
         # UDP: datagrams keep their boundaries both ways; the remote may move
@@ -118,6 +119,7 @@ class Worker:
         # Connect discards them: consuming them now would look like SEND OK.
         self.loop.add_reader(self.control.fileno(), self._on_control)
         self.loop.add_reader(self.uplink.data_fd, self._on_uplink)
+        self._gate = ReadGate(self.loop, self._on_readable)
         send_message(self.control, Hello(self.link_id, os.getpid()))
         try:
             await self._done
@@ -125,6 +127,7 @@ class Worker:
             self.loop.remove_reader(self.control.fileno())
             self.loop.remove_reader(self.uplink.data_fd)
             self._drop_socket()
+            self._gate.close()
 
     def stop(self) -> None:
         if not self._done.done():
@@ -366,7 +369,7 @@ class Worker:
             return
         now = self.loop.time()
         streaming, self._last_read = now - self._last_read < _COALESCE, now
-        if streaming and self._reading and self.sock is not None:
+        if streaming and self._gate.is_open and self.sock is not None:
             self._pause_reading()
             self._coalescing = self.loop.call_later(_COALESCE, self._end_coalescing)
 
@@ -454,15 +457,14 @@ class Worker:
         self._reply(RemoteChanged(self.conn_id, sender[0], sender[1]))
 
     def _pause_reading(self) -> None:
-        if self._reading and self.sock is not None:
-            self.loop.remove_reader(self.sock.fileno())
-        self._reading = False
+        self._gate.shut()
 
     def _resume_reading(self) -> None:
-        if self.sock is not None and not self._reading:
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
-            self._reading = True
-            self.loop.call_soon(self._on_readable)
+        if self.sock is not None and not self._gate.is_open:
+            self._gate.open(self.sock.fileno())
+            if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
+                self.loop.call_soon(self._on_readable)
 
     def _wait_space(self, then: Callable[[], None]) -> None:
         """Call ``then`` once the front has freed space in the downlink ring."""
@@ -505,10 +507,8 @@ class Worker:
     def _drop_socket(self) -> None:
         if self.sock is None:
             return
-        fd = self.sock.fileno()
-        self.loop.remove_reader(fd)
-        self.loop.remove_writer(fd)
-        self._reading = False
+        self._gate.shut()
+        self.loop.remove_writer(self.sock.fileno())
         if self._coalescing is not None:
             self._coalescing.cancel()
             self._coalescing = None

@@ -56,6 +56,7 @@ from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
+from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
@@ -127,7 +128,7 @@ class Front:
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._command: asyncio.Task | None = None  # a handler waiting on the network
-        self._reading = False
+        self._gate = ReadGate(self.loop, self._on_readable)  # the port, paused often (coalescing, back-pressure)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
 
@@ -149,7 +150,7 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
-            self._pause_reading()
+            self._gate.close()
             self.output.close()
 
     def stop(self) -> None:
@@ -269,14 +270,10 @@ class Front:
     # -- reading the port -----------------------------------------------------------------
 
     def _resume_reading(self) -> None:
-        if not self._reading:
-            self.loop.add_reader(self.fd, self._on_readable)
-            self._reading = True
+        self._gate.open(self.fd)
 
     def _pause_reading(self) -> None:
-        if self._reading:
-            self.loop.remove_reader(self.fd)
-            self._reading = False
+        self._gate.shut()
 
     def _on_readable(self) -> None:
         try:
@@ -313,7 +310,7 @@ class Front:
         uart_rate = interval > 0 and size / interval < _COALESCE_RATE
         # A read that nearly filled the tty buffer means the MCU is waiting on us.
         if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
-                and self._reading and self.parser.data is not None):
+                and self._gate.is_open and self.parser.data is not None):
             self._pause_reading()
             self.loop.call_later(_COALESCE, self._resume_reading)
 

@@ -1,0 +1,58 @@
+"""A reader that pauses and resumes with one syscall each.
+
+Coalescing pauses reading a few hundred times a second (the UART front while
+the MCU streams at UART speed, a link worker while data streams in).  With
+uvloop, ``remove_reader`` closes the fd's poll handle and the next
+``add_reader`` builds a new one: an ioctl, several epoll_ctl calls and an
+io_uring submission, plus the handle objects, every time.
+
+A ReadGate is an epoll set of our own holding at most one fd; the event loop
+watches the set's fd for good, so the callback runs whenever the watched fd
+is readable and the gate is open.  Opening and shutting the gate is one
+epoll_ctl.  Readiness is level-triggered as with ``add_reader``: a callback
+that leaves data unread is called again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import select
+from typing import Callable
+
+__all__ = ["ReadGate"]
+
+
+class ReadGate:
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._epoll = select.epoll(1)  # close-on-exec, as Python makes every fd
+        self._fd: int | None = None  # the fd the gate lets through, when open
+        loop.add_reader(self._epoll.fileno(), callback)
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def open(self, fd: int) -> None:
+        """Call back whenever ``fd`` is readable (an open gate for another fd is shut first)."""
+        if self._fd == fd:
+            return
+        self.shut()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._fd = fd
+
+    def shut(self) -> None:
+        """Stop calling back; call it before closing the fd (a duplicate of a
+        closed fd would otherwise keep its registration alive)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # already closed: the kernel dropped the registration with it
+
+    def close(self) -> None:
+        self.shut()
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()

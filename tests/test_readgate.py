@@ -1,0 +1,94 @@
+"""ReadGate under uvloop with real sockets: level-triggered, shut, reopened, moved."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvloop
+
+from bridged.readgate import ReadGate
+
+
+def _run(coro):
+    return uvloop.run(asyncio.wait_for(coro, 10.0))
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0.005)
+
+
+def test_calls_back_while_open_and_readable():
+    a, b = socket.socketpair()
+    b.setblocking(False)
+
+    async def main():
+        got: list[bytes] = []
+        gate = ReadGate(asyncio.get_running_loop(), lambda: got.append(b.recv(1)))
+        gate.open(b.fileno())
+        a.send(b"xyz")
+        await _turns()
+        # Level-triggered: one byte per call until nothing is left.
+        assert got == [b"x", b"y", b"z"]
+        gate.close()
+
+    with a, b:
+        _run(main())
+
+
+def test_a_shut_gate_holds_data_back_until_reopened():
+    a, b = socket.socketpair()
+    b.setblocking(False)
+
+    async def main():
+        got: list[bytes] = []
+        gate = ReadGate(asyncio.get_running_loop(), lambda: got.append(b.recv(100)))
+        gate.open(b.fileno())
+        gate.shut()
+        assert not gate.is_open
+        a.send(b"held")
+        await _turns()
+        assert got == []
+        gate.open(b.fileno())
+        await _turns()
+        assert got == [b"held"]
+        gate.close()
+
+    with a, b:
+        _run(main())
+
+
+def test_open_for_another_fd_moves_the_gate_and_shut_survives_a_closed_fd():
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    for s in (b1, b2):
+        s.setblocking(False)
+
+    async def main():
+        got: list[tuple[int, bytes]] = []
+
+        def on_readable():
+            for s in (b1, b2):
+                try:
+                    got.append((s.fileno(), s.recv(100)))
+                except BlockingIOError:
+                    pass
+
+        gate = ReadGate(asyncio.get_running_loop(), on_readable)
+        gate.open(b1.fileno())
+        gate.open(b2.fileno())  # b1 is no longer watched
+        a1.send(b"one")
+        await _turns()
+        assert got == []
+        a2.send(b"two")
+        await _turns()
+        assert (b2.fileno(), b"two") in got and (b1.fileno(), b"one") in got
+        fd = b2.fileno()
+        b2.close()
+        gate.shut()  # after the fd went: no error
+        assert not gate.is_open and fd > 0
+        gate.close()
+
+    with a1, b1, a2:
+        _run(main())

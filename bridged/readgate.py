@@ -34,8 +34,11 @@ class ReadGate:
         return self._fd is not None
 
     def open(self, fd: int) -> None:
-        """Call back whenever ``fd`` is readable (an open gate for another fd is shut first)."""
-        if self._fd == fd:
+        """Call back whenever ``fd`` is readable (an open gate for another fd is shut first).
+
+        After close() it does nothing: callbacks still queued at shutdown may ask.
+        """
+        if self._fd == fd or self._epoll.closed:
             return
         self.shut()
         self._epoll.register(fd, select.EPOLLIN)
@@ -53,6 +56,8 @@ class ReadGate:
             pass  # already closed: the kernel dropped the registration with it
 
     def close(self) -> None:
+        if self._epoll.closed:
+            return
         self.shut()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

@@ -92,3 +92,18 @@ def test_open_for_another_fd_moves_the_gate_and_shut_survives_a_closed_fd():
 
     with a1, b1, a2:
         _run(main())
+
+
+def test_after_close_the_gate_ignores_open_and_shut():
+    a, b = socket.socketpair()
+
+    async def main():
+        gate = ReadGate(asyncio.get_running_loop(), lambda: None)
+        gate.close()
+        gate.open(b.fileno())  # a callback queued at shutdown may still ask
+        gate.shut()
+        gate.close()
+        assert not gate.is_open
+
+    with a, b:
+        _run(main())

@@ -20,7 +20,8 @@ Counters never wrap (64 bits last for centuries); the slot of a counter is
 ring and ``capacity - (write - read)`` the free space.
 
 Each direction has an eventfd doorbell: the producer rings ``data_fd`` after
-publishing, the consumer rings ``space_fd`` after consuming. Python has no
+publishing, the consumer rings ``space_fd`` after consuming (unless the
+producer said it does not need it: ``want_space_doorbell``). Python has no
 memory fence, so publication goes: data, then index, then the doorbell write.
 The doorbell is a syscall whose kernel path (a lock and a wake-up) makes the
 stores before it visible to the side that reads the doorbell, also on weakly
@@ -79,6 +80,7 @@ HEADER_SIZE = 128
 # process could see half an update.)
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
+_QUIET = 1  # item 1, on the producer's line: 1 = consume() need not ring space_fd
 _TRACK_PARAM = sys.version_info >= (3, 13)
 
 
@@ -395,7 +397,21 @@ class Ring:
             _release(self._consumer_views)
         if n:
             self._index[_READ] = read + n  # reads done before index
-            self._doorbell(self.space_fd)
+            if not self._index[_QUIET]:
+                self._doorbell(self.space_fd)
+
+    def want_space_doorbell(self, wanted: bool) -> None:
+        """Producer: whether consume() rings ``space_fd`` (it does unless told not to).
+
+        A producer that waits for space only now and then (a link worker on
+        its downlink) turns the doorbell off and back on around each wait,
+        saving the consumer a syscall per consume.  The flag and the read
+        index are plain stores in two processes with no fence between a
+        store and the next load, so each side may miss the other's store:
+        after turning it on, re-check the free space, and keep re-checking
+        on a timer while waiting.
+        """
+        self._index[_QUIET] = 0 if wanted else 1
 
     def get_nowait(self, limit: int) -> bytes:
         """Copy out and consume up to ``limit`` bytes (b"" if empty)."""

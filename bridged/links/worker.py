@@ -67,6 +67,7 @@ _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s
 # traffic) and a first packet after a quiet spell are never held back.
 _COALESCE = 0.004
 _COALESCE_BYTES = 512
+_SPACE_POLL = 0.05  # seconds between looks at the downlink's free space while waiting for it
 
 
 class Worker:
@@ -108,6 +109,7 @@ class Worker:
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
+        self._space_poll: asyncio.TimerHandle | None = None
         self.front_gone = False  # ended because the front's end of the control socket closed
         self._done = self.loop.create_future()
 
@@ -120,6 +122,8 @@ class Worker:
         self.loop.add_reader(self.control.fileno(), self._on_control)
         self.loop.add_reader(self.uplink.data_fd, self._on_uplink)
         self._gate = ReadGate(self.loop, self._on_readable)
+        # The front frees downlink space all the time; we only care while waiting for it.
+        self.downlink.want_space_doorbell(False)
         send_message(self.control, Hello(self.link_id, os.getpid()))
         try:
             await self._done
@@ -469,13 +473,28 @@ class Worker:
     def _wait_space(self, then: Callable[[], None]) -> None:
         """Call ``then`` once the front has freed space in the downlink ring."""
         self._waiting_space = then
+        self.downlink.want_space_doorbell(True)
         self.downlink.clear_space_doorbell()
         self.loop.add_reader(self.downlink.space_fd, self._on_space)
-        if self.downlink.free() >= 64:  # freed before the doorbell was cleared
+        self._poll_space()
+
+    def _poll_space(self) -> None:
+        """Look at the free space now and every _SPACE_POLL while waiting: the
+        front may have consumed before it saw that we want its doorbell."""
+        self._space_poll = None
+        if self._waiting_space is None:
+            return
+        if self.downlink.free() >= 64:
             self.loop.call_soon(self._on_space)
+        else:
+            self._space_poll = self.loop.call_later(_SPACE_POLL, self._poll_space)
 
     def _on_space(self) -> None:
         self.loop.remove_reader(self.downlink.space_fd)
+        self.downlink.want_space_doorbell(False)
+        if self._space_poll is not None:
+            self._space_poll.cancel()
+            self._space_poll = None
         then, self._waiting_space = self._waiting_space, None
         self._flush_eofs()
         if then is not None:

@@ -289,6 +289,17 @@ def test_space_doorbell_rings_after_consume(ring):
 # -- misuse ---------------------------------------------------------------------------------
 
 
+def test_space_doorbell_only_while_the_producer_wants_it(ring):
+    ring.want_space_doorbell(False)
+    ring.put_nowait(b"abcdef")
+    ring.consume(2)
+    assert not ring.clear_space_doorbell()  # the consumer saved the syscall
+    ring.want_space_doorbell(True)
+    ring.consume(2)
+    assert ring.clear_space_doorbell()
+    assert ring.get_nowait(10) == b"ef"
+
+
 def test_commit_and_consume_are_bounded(ring):
     """Publishing more than the free space or consuming more than published is refused."""
     with pytest.raises(ValueError):

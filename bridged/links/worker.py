@@ -362,18 +362,16 @@ class Worker:
     # -- downlink: socket -> ring ---------------------------------------------------
 
     def _on_readable(self) -> None:
+        now = self.loop.time()
+        streaming, self._last_read = now - self._last_read < _COALESCE, now
         # One doorbell for all the records of this wake-up: the front wakes once.
         ring = self.downlink
         ring.hold_doorbells()
         try:
-            got = self._recv_datagrams() if self.datagram else self._recv_stream()
+            got = self._recv_datagrams() if self.datagram else self._recv_stream(streaming)
         finally:
             ring.release_doorbells()
-        if got < _COALESCE_BYTES:
-            return
-        now = self.loop.time()
-        streaming, self._last_read = now - self._last_read < _COALESCE, now
-        if streaming and self._gate.is_open and self.sock is not None:
+        if got >= _COALESCE_BYTES and streaming and self._gate.is_open and self.sock is not None:
             self._pause_reading()
             self._coalescing = self.loop.call_later(_COALESCE, self._end_coalescing)
 
@@ -381,8 +379,12 @@ class Worker:
         self._coalescing = None
         self._resume_reading()
 
-    def _recv_stream(self) -> int:
-        """Receive into the downlink ring; return the byte count (the hot path: keep it lean)."""
+    def _recv_stream(self, streaming: bool) -> int:
+        """Receive into the downlink ring; return the byte count (the hot path: keep it lean).
+
+        While data streams in, read until the kernel says EAGAIN (more keeps
+        arriving meanwhile); a lone piece is read once.
+        """
         sock, ring, window = self.sock, self.downlink, self.window
         if sock is None:
             return 0  # a call_soon'd read after the socket was dropped
@@ -411,8 +413,8 @@ class Worker:
                 self._wait_space(self._resume_reading)
                 break
             got += n
-            if n < limit and not tls:
-                break  # the kernel had no more: another recv would only say EAGAIN
+            if n < limit and not (streaming or tls):
+                break  # a short read of a lone piece: another recv would only say EAGAIN
         else:
             if tls and sock.pending():
                 # Decrypted bytes wait inside OpenSSL: no fd event will announce them.

@@ -423,6 +423,8 @@ class LinkTable:
 
     def drain_deferred(self) -> None:
         """The UART output caught up: deliver what back-pressure held in the rings."""
+        if not self._deferred:
+            return  # the usual case, after every write
         deferred, self._deferred = self._deferred, set()
         for link_id in sorted(deferred):
             if self.slots[link_id].control is not None:

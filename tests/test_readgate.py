@@ -5,9 +5,19 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 import uvloop
 
 from bridged.readgate import ReadGate
+
+
+@pytest.fixture
+def pair():
+    """(writer, non-blocking reader) of a socketpair."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    with a, b:
+        yield a, b
 
 
 def _run(coro):
@@ -19,9 +29,8 @@ async def _turns(n: int = 5) -> None:
         await asyncio.sleep(0.005)
 
 
-def test_calls_back_while_open_and_readable():
-    a, b = socket.socketpair()
-    b.setblocking(False)
+def test_calls_back_while_open_and_readable(pair):
+    a, b = pair
 
     async def main():
         got: list[bytes] = []
@@ -33,13 +42,11 @@ def test_calls_back_while_open_and_readable():
         assert got == [b"x", b"y", b"z"]
         gate.close()
 
-    with a, b:
-        _run(main())
+    _run(main())
 
 
-def test_a_shut_gate_holds_data_back_until_reopened():
-    a, b = socket.socketpair()
-    b.setblocking(False)
+def test_a_shut_gate_holds_data_back_until_reopened(pair):
+    a, b = pair
 
     async def main():
         got: list[bytes] = []
@@ -55,8 +62,7 @@ def test_a_shut_gate_holds_data_back_until_reopened():
         assert got == [b"held"]
         gate.close()
 
-    with a, b:
-        _run(main())
+    _run(main())
 
 
 def test_open_for_another_fd_moves_the_gate_and_shut_survives_a_closed_fd():
@@ -94,8 +100,8 @@ def test_open_for_another_fd_moves_the_gate_and_shut_survives_a_closed_fd():
         _run(main())
 
 
-def test_after_close_the_gate_ignores_open_and_shut():
-    a, b = socket.socketpair()
+def test_after_close_the_gate_ignores_open_and_shut(pair):
+    _, b = pair
 
     async def main():
         gate = ReadGate(asyncio.get_running_loop(), lambda: None)
@@ -105,5 +111,4 @@ def test_after_close_the_gate_ignores_open_and_shut():
         gate.close()
         assert not gate.is_open
 
-    with a, b:
-        _run(main())
+    _run(main())

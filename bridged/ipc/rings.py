@@ -294,6 +294,7 @@ class Ring:
         if self._producer_views:
             _release(self._producer_views)
         index[_WRITE] = write + total  # data before index
+        # _doorbell(data_fd), inline: this runs for every record a link receives.
         if self._held:  # index before doorbell
             self._owed_data = True
         else:

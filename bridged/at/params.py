@@ -202,7 +202,11 @@ def bind(tokens: Sequence[Token], specs: Sequence[Spec], *, min_count: int | Non
         AtError subclasses from the specs' conversions.
     """
     if min_count is None:
-        min_count = next((i for i, s in enumerate(specs) if s.default is not REQUIRED), len(specs))
+        min_count = len(specs)
+        for i, spec in enumerate(specs):
+            if spec.default is not REQUIRED:
+                min_count = i
+                break
     if not min_count <= len(tokens) <= len(specs):
         raise ParamCountMismatch(
             f"expected {min_count}..{len(specs)} parameters, got {len(tokens)}",

@@ -29,6 +29,7 @@ not yet pulled), in data mode the owner pulls chunks as it can store them.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from bridged.at.datamode import DataKind, DataMachine, Escape
@@ -54,6 +55,10 @@ class Kind(enum.Enum):
     QUERY = "?"
     SET = "="
     EXECUTE = ""
+
+    # Members are singletons: hashing by identity is the C slot, not Enum's
+    # Python-level hash of the name (this is a key of every command lookup).
+    __hash__ = object.__hash__
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +127,7 @@ class _Mode(enum.Enum):
     DATA = enum.auto()
 
 
-_NAME_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_NAME = re.compile(rb"\+?[A-Za-z0-9_]*")  # after "AT": the command's name (empty for bare AT)
 
 
 def parse_command_line(raw: bytes) -> CommandLine | BadLine:
@@ -131,11 +136,7 @@ def parse_command_line(raw: bytes) -> CommandLine | BadLine:
     if not body.startswith(b"AT"):
         return BadLine(raw, NoAt("line does not start with AT"))
     rest = body[2:]
-    end = 0
-    if rest[:1] == b"+":
-        end = 1
-    while end < len(rest) and rest[end] in _NAME_CHARS:
-        end += 1
+    end = _NAME.match(rest).end()
     name = rest[:end].decode("ascii")
     tail = rest[end:]
     if name == "+":

@@ -10,13 +10,14 @@ texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 
 from bridged.at.datamode import DataKind
 from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
 from bridged.at.format import PROMPT, closed, connect, fields, info, link_conn, q
-from bridged.at.params import Int, Str, bind
+from bridged.at.params import Int, Spec, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
 from bridged.commands.registry import Reply, SendRequest, handles
@@ -156,16 +157,22 @@ def cipstartex(ctx: Context, line: CommandLine):
 # -- AT+CIPSEND (normal transmission mode) ----------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _send_specs(links: int | None, max_length: int) -> tuple[Spec, ...]:
+    """[<link ID>,]<length>[,<remote host>,<remote port>]: built once per form
+    (a send command can come hundreds of times a second)."""
+    specs = (Int(1, max_length), Str(64, ""), Int(0, 65535, None))
+    return specs if links is None else (Int(0, links - 1),) + specs
+
+
 def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: int):
     """AT+CIPSEND / CIPSENDEX / CIPSENDL's set form: checks, then the prompt."""
     if ctx.state.cipmode != 0:
         raise ExecFail("IPMODE=1: the set form needs AT+CIPMODE=0")
-    length_spec = Int(1, max_length)
-    tail = (Str(64, ""), Int(0, 65535, None))
     if ctx.mux:
-        link_id, length, host, port = bind(line.tokens, (_link_id_spec(ctx), length_spec) + tail)
+        link_id, length, host, port = bind(line.tokens, _send_specs(ctx.links.count, max_length))
     else:
-        length, host, port = bind(line.tokens, (length_spec,) + tail)
+        length, host, port = bind(line.tokens, _send_specs(None, max_length))
         link_id = 0
     if not ctx.links.can_send(link_id):
         raise ExecFail(f"invalid link: link {link_id} is not connected")

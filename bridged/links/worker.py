@@ -110,6 +110,7 @@ class Worker:
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
         self._space_poll: asyncio.TimerHandle | None = None
+        self._space_need = 64  # bytes of downlink room the wait is for
         self.front_gone = False  # ended because the front's end of the control socket closed
         self._done = self.loop.create_future()
 
@@ -432,7 +433,7 @@ class Worker:
             if not self.window and self.downlink.free() < room:
                 # Active mode: wait for the front rather than drop.
                 self._pause_reading()
-                self._wait_space(self._resume_reading)
+                self._wait_space(self._resume_reading, need=room)
                 break
             try:
                 n, sender = self.sock.recvfrom_into(self._dgram_buf)
@@ -472,9 +473,10 @@ class Worker:
                 # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
                 self.loop.call_soon(self._on_readable)
 
-    def _wait_space(self, then: Callable[[], None]) -> None:
-        """Call ``then`` once the front has freed space in the downlink ring."""
+    def _wait_space(self, then: Callable[[], None], need: int = 64) -> None:
+        """Call ``then`` once the front has freed ``need`` bytes of the downlink ring."""
         self._waiting_space = then
+        self._space_need = need
         self.downlink.want_space_doorbell(True)
         self.downlink.clear_space_doorbell()
         self.loop.add_reader(self.downlink.space_fd, self._on_space)
@@ -486,12 +488,17 @@ class Worker:
         self._space_poll = None
         if self._waiting_space is None:
             return
-        if self.downlink.free() >= 64:
+        if self.downlink.free() >= self._space_need:
             self.loop.call_soon(self._on_space)
         else:
             self._space_poll = self.loop.call_later(_SPACE_POLL, self._poll_space)
 
     def _on_space(self) -> None:
+        if self._waiting_space is not None and self.downlink.free() < self._space_need:
+            # Some room, not enough yet (a datagram needs half the ring): keep
+            # waiting rather than wake the reader to find it still full.
+            self.downlink.clear_space_doorbell()
+            return
         self.loop.remove_reader(self.downlink.space_fd)
         self.downlink.want_space_doorbell(False)
         if self._space_poll is not None:

@@ -240,3 +240,36 @@ def test_passive_udp_drops_beyond_the_window(mux_host):
         lengths.append(int(re.search(rb"\+CIPRECVDATA:(\d+),", answer).group(1)))
     assert 1 <= len(lengths) <= 6 and set(lengths) == {1000}  # whole datagrams; the rest were dropped
     peer.close()
+
+
+def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
+    """Active mode never drops: with the UART stalled the ring fills and the
+    worker stops reading; while it waits for room (half a ring, so any
+    datagram fits) it must sleep, not retry in a loop."""
+    import os
+
+    import psutil
+
+    peer = _udp()
+    local = _free_udp_port()
+    answer = host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,%d,0' % (peer.getsockname()[1], local))
+    assert answer == b"CONNECT\r\n\r\nOK\r\n"
+    # The host reads nothing from here on: pty, output queue and ring fill up.
+    datagram = os.urandom(1400)
+    for _ in range(400):  # ~560 KB: more than the pty, the output queue and the ring hold
+        peer.sendto(datagram, ("127.0.0.1", local))
+        time.sleep(0.0005)
+    time.sleep(1.0)
+    tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
+    time.sleep(2.0)
+    used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
+    assert used < 0.5, f"the stalled daemon used {used:.2f} s of CPU in 2 s"
+    # The host reads again: what was kept comes out as whole datagrams, then
+    # the session answers as before.
+    kept = host.read_quiet(quiet=0.5, timeout=30.0)
+    frames = re.findall(rb"\+IPD,(\d+):", kept)
+    assert frames and all(int(n) == len(datagram) for n in frames)
+    assert kept.count(datagram) == len(frames)
+    assert host.ask(b"AT") == b"\r\nOK\r\n"
+    peer.close()

@@ -24,8 +24,8 @@ import sys
 
 import psutil
 
-from .common import BenchError, Daemon, HashMismatch, _threads_runtime, now
-from .streams import DuplexPeer, IpdDemux, TokenBucket, cipsend, make_payload, open_links
+from .common import BenchError, HashMismatch, _threads_runtime, now
+from .streams import TokenBucket, cipsend, daemon_with_peers, make_payload
 
 LINKS = 5
 RATE = 100_000  # bytes/s per link each way: 0.5 MB/s over five links
@@ -53,14 +53,7 @@ def run_case(mode: str, seconds: float, chunk: int) -> list[tuple[str, float, fl
     downs = [make_payload(n if down else 0) for _ in range(LINKS)]
     limit = seconds * 3 + 10
     with contextlib.ExitStack() as stack:
-        peers = [stack.enter_context(DuplexPeer(payload=downs[i][0], rate=RATE, piece=PIECE,
-                                                send_timeout=limit)) for i in range(LINKS)]
-        d = stack.enter_context(Daemon())
-        open_links(d, [p.port for p in peers])
-        for i, p in enumerate(peers):
-            if not p.connected.wait(5.0):
-                raise BenchError(f"breakdown: peer {i} never saw its TCP connection")
-        demux = IpdDemux(d.client, mux=True)
+        peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], limit, rate=RATE, piece=PIECE)
         root = psutil.Process(d.pid)
         procs = [p for p in root.children(recursive=True)
                  if "resource_tracker" not in " ".join(p.cmdline())]

@@ -28,17 +28,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 
-from .common import MB, BenchError, Daemon, HashMismatch, TreeCpu, now, percentile
+from .common import MB, BenchError, HashMismatch, TreeCpu, now, percentile
 from .streams import (
     versus,
     Bridge,
     DuplexPeer,
-    IpdDemux,
     PacedWriter,
     cipsend,
     cpu_fields,
+    daemon_with_peers,
     make_payload,
-    open_links,
     read_raw,
 )
 
@@ -51,15 +50,7 @@ LIMIT = 120.0
 def bridged_five(ups, downs) -> dict[str, float]:
     n = len(ups[0][0])
     with contextlib.ExitStack() as stack:
-        peers = [stack.enter_context(DuplexPeer(payload=downs[i][0], piece=65536,
-                                                send_timeout=LIMIT))
-                 for i in range(LINKS)]
-        d = stack.enter_context(Daemon())
-        open_links(d, [p.port for p in peers])
-        for i, p in enumerate(peers):
-            if not p.connected.wait(5.0):
-                raise BenchError(f"bridged: peer {i} never saw its TCP connection")
-        demux = IpdDemux(d.client, mux=True)
+        peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], LIMIT, piece=65536)
         views = [memoryview(u[0]) for u in ups]
         cpu = TreeCpu(d.pid)
         cpu.start()

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import contextlib
 
-from .common import MB, BenchError, Daemon, HashMismatch, TreeCpu, now, percentile
+from .common import MB, BenchError, HashMismatch, TreeCpu, now, percentile
 from .streams import (
     Bridge,
     DuplexPeer,
-    IpdDemux,
     PacedWriter,
     TokenBucket,
     cipsend,
+    daemon_with_peers,
     make_payload,
-    open_links,
     read_raw,
 )
 
@@ -81,15 +80,7 @@ def five_links(seconds: float, rate: float = RATE, chunk: int = CHUNK) -> dict[s
     downs = [make_payload(n) for _ in range(LINKS)]
     limit = seconds * 3 + 10
     with contextlib.ExitStack() as stack:
-        peers = [stack.enter_context(DuplexPeer(payload=downs[i][0], rate=per, piece=PIECE,
-                                                send_timeout=limit))
-                 for i in range(LINKS)]
-        d = stack.enter_context(Daemon())
-        open_links(d, [p.port for p in peers])
-        for i, p in enumerate(peers):
-            if not p.connected.wait(5.0):
-                raise BenchError(f"bridged: peer {i} never saw its TCP connection")
-        demux = IpdDemux(d.client, mux=True)
+        peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], limit, rate=per, piece=PIECE)
         buckets = [TokenBucket(per, 2 * chunk) for _ in range(LINKS)]
         offsets = [0] * LINKS
         views = [memoryview(u[0]) for u in ups]

@@ -18,6 +18,7 @@ count or a deadline, only 127.0.0.1 is addressed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -50,6 +51,7 @@ __all__ = [
     "leave_passthrough",
     "cpu_fields",
     "open_links",
+    "daemon_with_peers",
     "cipsend",
     "PROMPT",
     "OK",
@@ -633,6 +635,20 @@ def open_links(daemon: Daemon, ports: list[int]) -> None:
         want = b"%d,CONNECT\r\n\r\nOK\r\n" % link
         if got != want:
             raise BenchError(f"{req!r}: expected {want!r}, got {got!r}")
+
+
+def daemon_with_peers(stack: contextlib.ExitStack, payloads: list[bytes], send_timeout: float,
+                      **peer_args) -> tuple[list["DuplexPeer"], Daemon, "IpdDemux"]:
+    """One DuplexPeer per payload, a daemon with one TCP link to each
+    (``AT+CIPMUX=1``), every peer connected; all closed with ``stack``."""
+    peers = [stack.enter_context(DuplexPeer(payload=payload, send_timeout=send_timeout, **peer_args))
+             for payload in payloads]
+    d = stack.enter_context(Daemon())
+    open_links(d, [p.port for p in peers])
+    for i, p in enumerate(peers):
+        if not p.connected.wait(5.0):
+            raise BenchError(f"bridged: peer {i} never saw its TCP connection")
+    return peers, d, IpdDemux(d.client, mux=True)
 
 
 def cipsend(demux: IpdDemux, link: int, payload: bytes | memoryview, timeout: float) -> None:

@@ -1,0 +1,98 @@
+"""A link worker in this process with real rings and a real TCP peer: when the
+front's space doorbell is lost (the race the ring cannot fence against), the
+worker still resumes, from its own look at the free space."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import uvloop
+
+from bridged.ipc import records
+from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.messages import Close, Connect, Connected, Hello
+from bridged.ipc.rings import Ring
+from bridged.links import worker as worker_module
+from bridged.links.worker import Worker
+
+PAYLOAD = bytes(range(256)) * 1024  # 256 KiB: many times the 8 KiB downlink ring
+
+
+async def _recv(control: socket.socket, timeout: float = 5.0):
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                got = recv_message(control)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+                continue
+            assert got is not None, "the worker closed its control socket"
+            return got[0]
+
+
+async def _until(predicate, timeout: float, what: str) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.002)
+
+
+def test_a_lost_space_doorbell_costs_one_poll_interval_not_the_link():
+    up, down = Ring.create(4096), Ring.create(8192)
+    ours, theirs = socketpair()
+    server = socket.create_server(("127.0.0.1", 0))
+    peer_done = threading.Event()
+
+    def peer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(PAYLOAD)
+            peer_done.wait(20)
+
+    threading.Thread(target=peer, daemon=True).start()
+
+    async def main() -> bytes:
+        ours.setblocking(False)
+        worker = Worker(0, theirs, up, down, 5000)
+        running = asyncio.create_task(worker.run())
+        assert isinstance(await _recv(ours), Hello)
+        send_message(ours, Connect(1, "TCP", "127.0.0.1", server.getsockname()[1]))
+        assert isinstance(await _recv(ours), Connected)
+        got = bytearray()
+        loop = asyncio.get_running_loop()
+        lost = 0
+        async with asyncio.timeout(20):
+            while len(got) < len(PAYLOAD):
+                # Wait until the worker stopped for room (the ring is full).
+                await _until(lambda: down.free() < 64 or len(got) + down.available() >= len(PAYLOAD),
+                             5.0, "a full ring")
+                await asyncio.sleep(0.01)
+                # Act as the front, but lose the doorbell: take every record,
+                # then swallow the space doorbell before the worker's loop sees it.
+                while (record := records.get_record(down)) is not None:
+                    got += record.payload
+                if down.clear_space_doorbell():
+                    lost += 1
+                t0 = loop.time()
+                if len(got) < len(PAYLOAD):
+                    await _until(lambda: down.available() > 0, 2.0, "the worker to resume")
+                    assert loop.time() - t0 <= worker_module._SPACE_POLL + 0.1
+        send_message(ours, Close(1))
+        peer_done.set()
+        worker.stop()
+        await asyncio.wait_for(running, 5.0)
+        assert lost > 0, "no doorbell was lost: the test did not exercise the fallback"
+        return bytes(got)
+
+    try:
+        assert uvloop.run(main()) == PAYLOAD
+    finally:
+        peer_done.set()
+        server.close()
+        ours.close()
+        theirs.close()
+        for ring in (up, down):
+            ring.close()
+            ring.unlink()

@@ -24,8 +24,8 @@ import sys
 
 import psutil
 
-from .common import BenchError, HashMismatch, _threads_runtime, now
-from .streams import TokenBucket, cipsend, daemon_with_peers, make_payload
+from .common import _threads_runtime, now
+from .streams import check_downlinks, daemon_with_peers, make_payload, paced_cipsends, wait_both_ways
 
 LINKS = 5
 RATE = 100_000  # bytes/s per link each way: 0.5 MB/s over five links
@@ -63,35 +63,12 @@ def run_case(mode: str, seconds: float, chunk: int) -> list[tuple[str, float, fl
         t0 = now()
         for p in peers:
             p.go.set()
-        buckets = [TokenBucket(RATE, 2 * chunk) for _ in range(LINKS)]
-        for b in buckets:
-            b.t = t0
-        offsets = [0] * LINKS
-        deadline = t0 + limit
-        for _ in range(10_000_000):  # bounded also by the deadline
-            if not up or all(off >= n for off in offsets):
-                break
-            if now() > deadline:
-                raise BenchError(f"breakdown {mode}: uplink not done within {limit} s")
-            ready = [i for i in range(LINKS) if offsets[i] < n
-                     and buckets[i].wait_time(min(chunk, n - offsets[i])) <= 0]
-            if not ready:
-                demux.pump(0.002)
-                continue
-            i = ready[0]
-            k = min(chunk, n - offsets[i])
-            buckets[i].take(k)
-            cipsend(demux, i, memoryview(ups[i][0])[offsets[i]:offsets[i] + k], STEP_TIMEOUT)
-            offsets[i] += k
-        if down and not demux.wait_data({i: n for i in range(LINKS)}, max(deadline - now(), 1.0)):
-            raise HashMismatch(f"breakdown {mode}: +IPD bytes per link {demux.counts}, expected {n} each")
-        for i, p in enumerate(peers):
-            p.check_rx(f"breakdown link {i} uplink", n if up else 0, ups[i][1], 10.0)
+        paced_cipsends(demux, [u[0] for u in ups], RATE, chunk, t0 + limit, f"breakdown {mode}",
+                       STEP_TIMEOUT)
+        wait_both_ways(demux, peers, ups, downs, f"breakdown {mode}", max(t0 + limit - now(), 10.0))
         elapsed = now() - t0
         after = _sample(list(names))
-        for i in range(LINKS):
-            if down:
-                demux.check("breakdown", i, n, downs[i][1])
+        check_downlinks(demux, downs, f"breakdown {mode}")
     rows = []
     total = 0.0
     for pid, name in names.items():

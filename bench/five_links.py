@@ -35,10 +35,12 @@ from .streams import (
     DuplexPeer,
     PacedWriter,
     cipsend,
+    check_downlinks,
     cpu_fields,
     daemon_with_peers,
     make_payload,
     read_raw,
+    wait_both_ways,
 )
 
 LINKS = 5
@@ -67,20 +69,10 @@ def bridged_five(ups, downs) -> dict[str, float]:
                 sends += 1
             if now() - t0 > LIMIT:
                 raise BenchError(f"five links: uplink not done within {LIMIT} s")
-        if not demux.wait_data({i: n for i in range(LINKS)}, LIMIT):
-            raise HashMismatch(f"five links: +IPD bytes per link {demux.counts}, "
-                               f"expected {n} each")
-        t_down = demux.data_last_at
-        for i, p in enumerate(peers):
-            p.check_rx(f"bridged five links, link {i} uplink", n, ups[i][1], 30.0)
-        t_up = max(p.rx_last_at for p in peers)
+        t_down, t_up = wait_both_ways(demux, peers, ups, downs, "bridged five links", LIMIT)
         elapsed = now() - t0
         cpu_s = cpu.stop()
-        for i in range(LINKS):
-            demux.check("bridged five links downlink", i, n, downs[i][1])
-        stray = demux.drain_text(quiet=0.05, timeout=0.5)
-        if stray:
-            raise BenchError(f"five links: unexpected bytes {stray[:300]!r}")
+        check_downlinks(demux, downs, "bridged five links")
     total = 2 * LINKS * n
     return {"seconds": elapsed, "mb_s": total / MB / elapsed,
             "up_seconds": t_up - t0, "down_seconds": t_down - t0,

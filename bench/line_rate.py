@@ -30,11 +30,12 @@ from .streams import (
     Bridge,
     DuplexPeer,
     PacedWriter,
-    TokenBucket,
-    cipsend,
+    check_downlinks,
     daemon_with_peers,
     make_payload,
+    paced_cipsends,
     read_raw,
+    wait_both_ways,
 )
 
 RATE = 500_000  # bytes/s each way: 5 Mbaud, 8N1
@@ -79,71 +80,24 @@ def five_links(seconds: float, rate: float = RATE, chunk: int = CHUNK) -> dict[s
     ups = [make_payload(n) for _ in range(LINKS)]
     downs = [make_payload(n) for _ in range(LINKS)]
     limit = seconds * 3 + 10
+    who = "five links line rate"
     with contextlib.ExitStack() as stack:
         peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], limit, rate=per, piece=PIECE)
-        buckets = [TokenBucket(per, 2 * chunk) for _ in range(LINKS)]
-        offsets = [0] * LINKS
-        views = [memoryview(u[0]) for u in ups]
         cpu = TreeCpu(d.pid)
         cpu.start()
         t0 = now()
-        for b in buckets:
-            b.t = t0
         for p in peers:
             p.go.set()
-        deadline = t0 + limit
-        sends = 0
-        send_ms: list[float] = []
-        nxt = 0
-        for _ in range(10_000_000):  # bounded also by the deadline
-            if all(off >= n for off in offsets):
-                break
-            if now() > deadline:
-                raise BenchError(f"five links line rate: uplink not done within {limit} s "
-                                 f"({offsets} of {n} bytes per link)")
-            chosen = -1
-            wait = 1.0
-            for j in range(LINKS):
-                i = (nxt + j) % LINKS
-                if offsets[i] >= n:
-                    continue
-                k = min(chunk, n - offsets[i])
-                w = buckets[i].wait_time(k)
-                if w <= 0:
-                    chosen = i
-                    break
-                wait = min(wait, w)
-            if chosen < 0:
-                demux.pump(wait)  # downlink keeps flowing while the uplink waits
-                continue
-            i = chosen
-            k = min(chunk, n - offsets[i])
-            buckets[i].take(k)
-            a = now()
-            cipsend(demux, i, views[i][offsets[i]:offsets[i] + k], STEP_TIMEOUT)
-            send_ms.append((now() - a) * 1000)
-            offsets[i] += k
-            sends += 1
-            nxt = (i + 1) % LINKS
-        if not demux.wait_data({i: n for i in range(LINKS)}, max(deadline - now(), 1.0)):
-            raise HashMismatch(f"five links line rate: +IPD bytes per link {demux.counts}, "
-                               f"expected {n} each")
-        t_down = demux.data_last_at
-        for i, p in enumerate(peers):
-            p.check_rx(f"bridged link {i} uplink", n, ups[i][1], 10.0)
-        t_up = max(p.rx_last_at for p in peers)
+        send_ms = paced_cipsends(demux, [u[0] for u in ups], per, chunk, t0 + limit, who, STEP_TIMEOUT)
+        t_down, t_up = wait_both_ways(demux, peers, ups, downs, who, max(t0 + limit - now(), 10.0))
         elapsed = now() - t0
         cpu_s = cpu.stop()
-        for i in range(LINKS):
-            demux.check("bridged five links line rate", i, n, downs[i][1])
-        stray = demux.drain_text(quiet=0.05, timeout=0.5)
-        if stray:
-            raise BenchError(f"five links line rate: unexpected bytes {stray[:300]!r}")
+        check_downlinks(demux, downs, who)
     total = LINKS * n
     return {"seconds": elapsed, "cpu_s": cpu_s, "cores": cpu_s / elapsed,
             "up_mb_s": total / MB / (t_up - t0),
             "down_mb_s": total / MB / (t_down - t0),
-            "cpu_ms_per_mb": cpu_s * 1000 / (2 * total / MB), "sends": sends,
+            "cpu_ms_per_mb": cpu_s * 1000 / (2 * total / MB), "sends": len(send_ms),
             "send_p50_ms": percentile(send_ms, 50), "send_max_ms": max(send_ms)}
 
 

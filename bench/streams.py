@@ -52,6 +52,9 @@ __all__ = [
     "cpu_fields",
     "open_links",
     "daemon_with_peers",
+    "paced_cipsends",
+    "wait_both_ways",
+    "check_downlinks",
     "cipsend",
     "PROMPT",
     "OK",
@@ -649,6 +652,73 @@ def daemon_with_peers(stack: contextlib.ExitStack, payloads: list[bytes], send_t
         if not p.connected.wait(5.0):
             raise BenchError(f"bridged: peer {i} never saw its TCP connection")
     return peers, d, IpdDemux(d.client, mux=True)
+
+
+def paced_cipsends(demux: IpdDemux, payloads: list[bytes], rate: float, chunk: int,
+                   deadline: float, who: str, step_timeout: float = 10.0) -> list[float]:
+    """Send each link's payload as ``AT+CIPSEND=<id>,<chunk>`` commands, one
+    at a time as an MCU must, round robin over the links, each link paced to
+    ``rate`` bytes/s; the downlink keeps flowing while a link waits for its
+    bucket. Returns each send's command-to-SEND OK time in ms."""
+    links = len(payloads)
+    views = [memoryview(p) for p in payloads]
+    offsets = [0] * links
+    buckets = [TokenBucket(rate, 2 * chunk) for _ in range(links)]
+    start = now()
+    for b in buckets:
+        b.t = start
+    send_ms: list[float] = []
+    nxt = 0
+    for _ in range(10_000_000):  # bounded also by the deadline
+        if all(off >= len(v) for off, v in zip(offsets, views)):
+            return send_ms
+        if now() > deadline:
+            raise BenchError(f"{who}: uplink not done in time ({offsets} bytes sent per link)")
+        chosen = -1
+        wait = 1.0
+        for j in range(links):
+            i = (nxt + j) % links
+            if offsets[i] >= len(views[i]):
+                continue
+            w = buckets[i].wait_time(min(chunk, len(views[i]) - offsets[i]))
+            if w <= 0:
+                chosen = i
+                break
+            wait = min(wait, w)
+        if chosen < 0:
+            demux.pump(wait)
+            continue
+        i = chosen
+        k = min(chunk, len(views[i]) - offsets[i])
+        buckets[i].take(k)
+        a = now()
+        cipsend(demux, i, views[i][offsets[i]:offsets[i] + k], step_timeout)
+        send_ms.append((now() - a) * 1000)
+        offsets[i] += k
+        nxt = (i + 1) % links
+    raise BenchError(f"{who}: uplink loop bound reached")
+
+
+def wait_both_ways(demux: IpdDemux, peers: list["DuplexPeer"], ups: list[tuple[bytes, str]],
+                   downs: list[tuple[bytes, str]], who: str, timeout: float) -> tuple[float, float]:
+    """Wait until every link's +IPD bytes arrived and every peer holds its
+    uplink (hash-checked); return when the last byte arrived each way."""
+    if not demux.wait_data({i: len(d[0]) for i, d in enumerate(downs)}, timeout):
+        raise HashMismatch(f"{who}: +IPD bytes per link {demux.counts}, "
+                           f"expected {[len(d[0]) for d in downs]}")
+    for i, p in enumerate(peers):
+        p.check_rx(f"{who}, link {i} uplink", len(ups[i][0]), ups[i][1], timeout)
+    t_up = max((p.rx_last_at for p in peers if p.rx_last_at is not None), default=now())
+    return demux.data_last_at or now(), t_up
+
+
+def check_downlinks(demux: IpdDemux, downs: list[tuple[bytes, str]], who: str) -> None:
+    """Every link's +IPD payload hash-checked, and nothing but them on the line."""
+    for i, (payload, digest) in enumerate(downs):
+        demux.check(who, i, len(payload), digest)
+    stray = demux.drain_text(quiet=0.05, timeout=0.5)
+    if stray:
+        raise BenchError(f"{who}: unexpected bytes {stray[:300]!r}")
 
 
 def cipsend(demux: IpdDemux, link: int, payload: bytes | memoryview, timeout: float) -> None:

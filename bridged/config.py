@@ -228,6 +228,7 @@ class LinksConfig:
     chunk: int = _field(2920, _int(1, 65536))
     ring_size: int = _field(65536, _power_of_two(4096, 16_777_216))
     connect_timeout_ms: int = _field(10000, _int(1, 600_000))
+    read_window_ms: int = _field(20, _int(0, 100))
 
 
 @dataclass(frozen=True, slots=True)

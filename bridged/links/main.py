@@ -22,7 +22,8 @@ FRONT_GONE = 3  # exit status: the front closed the control socket (it died or s
 def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
                state_dir: Path) -> int:
     async def main() -> int:
-        worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir))
+        worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir),
+                        read_window_ms=config.links.read_window_ms, ipd_chunk=config.links.chunk)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, worker.stop)
         loop.add_signal_handler(signal.SIGINT, worker.stop)

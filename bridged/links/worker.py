@@ -23,6 +23,7 @@ The worker exits when its control socket reaches EOF: the front is gone.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import ssl
@@ -61,12 +62,11 @@ _MAX_DATAGRAM = 65536
 _TLS_WRITE = 16384  # one TLS record per write; a retry must repeat the same length
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
-# While bulk data streams in, read the socket at most once per this many
-# seconds: the kernel gathers what arrives meanwhile, so the worker and the
-# front wake for several segments at a time.  Small reads (interactive
-# traffic) and a first packet after a quiet spell are never held back.
-_COALESCE = 0.004
-_COALESCE_BYTES = 512
+# Reads closer together than this are a stream: read until the kernel says EAGAIN.
+_STREAMING = 0.004
+# A read window's next tick is at least this far off: uvloop's clock ticks
+# in whole milliseconds, and a timer due sooner would fire at once.
+_TICK_MARGIN = 0.001
 _SPACE_POLL = 0.05  # seconds between looks at the downlink's free space while waiting for it
 
 
@@ -79,6 +79,8 @@ class Worker:
         downlink: Ring,
         connect_timeout_ms: int,
         pki: PkiStore | None = None,
+        read_window_ms: int = 0,
+        ipd_chunk: int = 2920,
     ) -> None:
         self.link_id = link_id
         self.control = control
@@ -89,6 +91,8 @@ class Worker:
         self.chunk = downlink.capacity // 4
         self.connect_timeout_ms = connect_timeout_ms
         self.pki = pki
+        self.read_window = read_window_ms / 1000  # 0: read every piece as it arrives
+        self.ipd_chunk = ipd_chunk
         self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
         self.loop = asyncio.get_running_loop()
         self.sock: socket.socket | None = None
@@ -99,7 +103,8 @@ class Worker:
         self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._gate: ReadGate | None = None  # created in run(), on the running loop
         self._last_read = 0.0
-        self._coalescing: asyncio.TimerHandle | None = None
+        self._window_tick: asyncio.TimerHandle | None = None  # armed while a read window is on
+        self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         # UDP: datagrams keep their boundaries both ways; the remote may move
         # (AT+CIPSTART <mode> 1: once, 2: to every sender).
         self.datagram = False
@@ -364,21 +369,85 @@ class Worker:
 
     def _on_readable(self) -> None:
         now = self.loop.time()
-        streaming, self._last_read = now - self._last_read < _COALESCE, now
+        since, self._last_read = now - self._last_read, now
         # One doorbell for all the records of this wake-up: the front wakes once.
         ring = self.downlink
         ring.hold_doorbells()
         try:
-            got = self._recv_datagrams() if self.datagram else self._recv_stream(streaming)
+            if self.datagram:
+                got = self._recv_datagrams()
+            else:
+                got = self._recv_stream(since < _STREAMING or self._window_tick is not None)
         finally:
             ring.release_doorbells()
-        if got >= _COALESCE_BYTES and streaming and self._gate.is_open and self.sock is not None:
-            self._pause_reading()
-            self._coalescing = self.loop.call_later(_COALESCE, self._end_coalescing)
+        if got and since < self.read_window and self._window_tick is None and self._can_window():
+            self._start_window()
 
-    def _end_coalescing(self) -> None:
-        self._coalescing = None
-        self._resume_reading()
+    # -- the read window: one wake-up for a window's worth of a stream -------------
+    #
+    # A peer streaming at UART rates (the UART, not the network, sets the pace
+    # on a gateway) sends a segment every few ms; reading each as it lands
+    # costs the worker and the front a wake-up apiece.  Once two reads come
+    # within one window, the socket's SO_RCVLOWAT rises to one +IPD chunk, so
+    # the kernel wakes us only when a whole chunk has gathered, and a timer
+    # reads whatever is there at the window's end.  The timers of all workers
+    # fall on one grid (the monotonic clock is shared), so the front wakes
+    # once for all links.  A tick that finds nothing ends the window: a lone
+    # piece after a quiet spell is never held back.  The peer's FIN and
+    # errors wake us regardless of SO_RCVLOWAT.
+
+    def _can_window(self) -> bool:
+        # Passive mode keeps its data here anyway; datagrams have no low-water mark.
+        return (self.read_window > 0 and not self.datagram and not self.window
+                and self.sock is not None and self._gate.is_open)
+
+    def _start_window(self) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.ipd_chunk)
+        except OSError as exc:
+            log.warning("read_window_unavailable", reason=_reason(exc))
+            self.read_window = 0
+            return
+        self._lowat_raised = True
+        self._arm_window_tick()
+
+    def _arm_window_tick(self) -> None:
+        window = self.read_window
+        due = (math.floor((self.loop.time() + _TICK_MARGIN) / window) + 1) * window
+        self._window_tick = self.loop.call_at(due, self._on_window_tick)
+
+    def _on_window_tick(self) -> None:
+        self._window_tick = None
+        if not self._can_window():
+            self._stop_window()
+            return
+        self._last_read = self.loop.time()
+        ring = self.downlink
+        ring.hold_doorbells()
+        try:
+            # One recv takes all the kernel has (up to a record): a short read
+            # means the socket is empty, so no EAGAIN round trip.
+            got = self._recv_stream(False)
+        finally:
+            ring.release_doorbells()
+        if got and self._window_tick is None and self._can_window():
+            self._arm_window_tick()
+        else:
+            self._stop_window()  # quiet for a whole window, or the read ended it
+
+    def _stop_window(self) -> None:
+        """Back to reading every piece at once (the invariant: a raised
+        low-water mark always has a tick armed that will read below it)."""
+        if self._window_tick is not None:
+            self._window_tick.cancel()
+            self._window_tick = None
+        if self._lowat_raised:
+            self._lowat_raised = False
+            if self.sock is not None:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass  # the socket failed: its next read says why
 
     def _recv_stream(self, streaming: bool) -> int:
         """Receive into the downlink ring; return the byte count (the hot path: keep it lean).
@@ -411,6 +480,7 @@ class Worker:
                 break
             if n < 0:
                 self._pause_reading()
+                self._stop_window()
                 self._wait_space(self._resume_reading)
                 break
             got += n
@@ -537,9 +607,10 @@ class Worker:
             return
         self._gate.shut()
         self.loop.remove_writer(self.sock.fileno())
-        if self._coalescing is not None:
-            self._coalescing.cancel()
-            self._coalescing = None
+        if self._window_tick is not None:
+            self._window_tick.cancel()
+            self._window_tick = None
+        self._lowat_raised = False
         self.sock.close()
         self.sock = None
         self.datagram = False

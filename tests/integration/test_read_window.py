@@ -1,0 +1,94 @@
+"""The read window ([links] read_window_ms): a stream paced at UART rates is
+read once per window (or per +IPD chunk), a lone piece at once, and nothing
+is held longer than the window or lost."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+
+from tests.harness import Daemon, Timeout
+
+
+def _connected(daemon: Daemon):
+    server = socket.create_server(("127.0.0.1", 0))
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
+    conn, _ = server.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server.close()
+    return host, conn
+
+
+def _paced(conn: socket.socket, pieces: int, size: int, every: float) -> bytes:
+    sent = bytearray()
+    start = time.monotonic()
+    for i in range(pieces):
+        piece = bytes([i % 251]) * size
+        conn.sendall(piece)
+        sent += piece
+        time.sleep(max(0.0, start + (i + 1) * every - time.monotonic()))
+    return bytes(sent)
+
+
+def _frames(host, length: int, timeout: float = 10.0) -> list[bytes]:
+    frames: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while sum(map(len, frames)) < length:
+        if time.monotonic() > deadline:
+            raise Timeout(f"{sum(map(len, frames))} of {length} bytes")
+        link_id, data = host.read_ipd(timeout=max(0.1, deadline - time.monotonic()))
+        assert link_id == 0
+        frames.append(data)
+    return frames
+
+
+def test_a_paced_stream_is_read_once_per_window(make_daemon):
+    """60 pieces 5 ms apart: one +IPD per 50 ms window instead of one per piece."""
+    counts = {}
+    for window in (0, 50):
+        host, conn = _connected(make_daemon(f"[links]\nread_window_ms = {window}\n"))
+        sent = _paced(conn, 60, 40, 0.005)
+        frames = _frames(host, len(sent))
+        assert hashlib.sha256(b"".join(frames)).digest() == hashlib.sha256(sent).digest()
+        counts[window] = len(frames)
+        conn.close()
+        host.close()
+    # 300 ms of stream: about 6 windows (plus the first pieces, read at once).
+    assert counts[50] <= 20, counts
+    assert counts[0] >= 2 * counts[50], counts
+
+
+def test_a_lone_piece_is_read_at_once(make_daemon):
+    host, conn = _connected(make_daemon("[links]\nread_window_ms = 100\n"))
+    _frames(host, len(_paced(conn, 30, 40, 0.005)))  # a stream opens a window...
+    delays = []
+    for _ in range(5):
+        time.sleep(0.25)  # ...that a quiet spell closes
+        started = time.monotonic()
+        conn.sendall(b"ping")
+        assert b"".join(_frames(host, 4)) == b"ping"
+        delays.append(time.monotonic() - started)
+    # Held by a window, a piece would wait for its tick (0-100 ms, evenly).
+    assert sorted(delays)[3] < 0.03, delays
+
+
+def test_the_tail_of_a_stream_comes_within_the_window(make_daemon):
+    """Bytes below the +IPD chunk (SO_RCVLOWAT) are read by the window's tick."""
+    host, conn = _connected(make_daemon("[links]\nread_window_ms = 100\n"))
+    sent = _paced(conn, 40, 30, 0.005)  # 1200 bytes: never a whole chunk
+    ended = time.monotonic()
+    frames = _frames(host, len(sent), timeout=5)
+    assert b"".join(frames) == sent
+    assert time.monotonic() - ended < 0.6
+
+
+def test_a_close_in_a_window_delivers_everything_then_closed(make_daemon):
+    host, conn = _connected(make_daemon("[links]\nread_window_ms = 100\n"))
+    sent = _paced(conn, 40, 30, 0.005)
+    conn.close()
+    assert b"".join(_frames(host, len(sent), timeout=5)) == sent
+    host.expect(b"0,CLOSED\r\n", timeout=2)

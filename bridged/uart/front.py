@@ -75,6 +75,7 @@ _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART spe
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
+_RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
 
 
 def factory_uart(config: Config) -> UartSettings:
@@ -467,7 +468,8 @@ class Front:
             self._refuse_busy(self.parser.discard_pending())
         send = self.sending
         if send.kind is not DataKind.SENDL:
-            self.output.reply(fmt.recv_bytes(length))
+            # Its SEND OK usually follows within a fraction of a ms: one write for both.
+            self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
         send.payload_done()
         self.busy = True
         timeout_ms = self.ctx.state.tcpopts[send.slot.link_id][2]

@@ -12,7 +12,10 @@ apart from it.  So:
 * replies never wait behind such a held message: they go out at once, in
   their order; unsolicited items keep their own order (data before CLOSED).
 
-Everything due in one loop iteration goes out in one write.  Writes are
+Everything due in one loop iteration goes out in one write, and a reply may
+*linger* a moment for the next one (``Recv <n> bytes`` waits up to a few ms
+for its SEND OK): each write to a tty costs a syscall and a wake-up of the
+reader, and the host reads both at once anyway.  Writes are
 non-blocking; what the port does not take stays queued and the loop waits
 for the fd to be writable (or, on a real UART, for CTS).  The owner reads
 ``buffered`` to stop producing (downlink back-pressure) and gets
@@ -50,6 +53,7 @@ class Output:
         self._buffered = 0
         self._final_at: float | None = None  # when the last final result went out
         self._timer: asyncio.TimerHandle | None = None
+        self._linger: asyncio.TimerHandle | None = None  # a lingering reply's deadline
         self._writer_armed = False
         self._scheduled = False
         self._pending = memoryview(b"")  # the batch being written
@@ -61,10 +65,18 @@ class Output:
     def buffered(self) -> int:
         return self._buffered
 
-    def reply(self, data: bytes) -> None:
-        if data:
-            self._replies.append((next(self._seq), data, is_final(data)))
-            self._queued(len(data))
+    def reply(self, data: bytes, linger: float = 0.0) -> None:
+        """Queue part of an answer; with ``linger`` it may wait that many
+        seconds for more output to share its write (whatever comes next
+        takes it along, in order)."""
+        if not data:
+            return
+        self._replies.append((next(self._seq), data, is_final(data)))
+        if linger and not (self._writer_armed or self._scheduled) and self._linger is None:
+            self._buffered += len(data)
+            self._linger = self.loop.call_later(linger, self._pump)
+            return
+        self._queued(len(data))
 
     def urc(self, data: bytes) -> None:
         if data:
@@ -135,6 +147,9 @@ class Output:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._scheduled = False
         while self._pending or self._next_batch(self.loop.time()):
             try:
@@ -175,5 +190,8 @@ class Output:
 
     def close(self) -> None:
         self._disarm_writer()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self._timer is not None:
             self._timer.cancel()

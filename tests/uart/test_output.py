@@ -123,3 +123,58 @@ def test_drained_callback_after_every_write(pty_pair):
 
     calls = _run(main())
     assert calls and calls[-1] == 0
+
+
+class WriteCountingOutput(Output):
+    """Counts the writes that carried bytes (each one wakes the host's reader)."""
+
+    writes = 0
+
+    def _next_batch(self, now: float) -> bool:
+        batch = super()._next_batch(now)
+        self.writes += batch
+        return batch
+
+
+def test_a_lingering_reply_shares_the_write_of_the_next(pty_pair):
+    master, slave = pty_pair
+
+    async def main():
+        out = WriteCountingOutput(master, GAP, lambda: None)
+        out.reply(b"\r\nRecv 4 bytes\r\n", linger=0.5)
+        await asyncio.sleep(0.02)  # the worker hands the bytes to its socket
+        out.reply(b"\r\nSEND OK\r\n")
+        reads = await asyncio.to_thread(_read_until, slave, b"SEND OK\r\n", 2.0)
+        return out.writes, reads
+
+    writes, reads = _run(main())
+    assert writes == 1
+    assert b"".join(r for _, r in reads) == b"\r\nRecv 4 bytes\r\n\r\nSEND OK\r\n"
+
+
+def test_a_lingering_reply_alone_goes_out_when_its_time_is_up(pty_pair):
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, GAP, lambda: None)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out.reply(b"\r\nRecv 4 bytes\r\n", linger=0.05)
+        reads = await asyncio.to_thread(_read_until, slave, b"bytes\r\n", 2.0)
+        return reads[0][0] - t0, out.buffered
+
+    waited, buffered = _run(main())
+    assert 0.04 <= waited < 1.0
+    assert buffered == 0
+
+
+def test_anything_queued_after_a_lingering_reply_takes_it_along_in_order(pty_pair):
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, 0.0, lambda: None)
+        out.reply(b"\r\nRecv 4 bytes\r\n", linger=5.0)
+        out.urc(b"\r\n+IPD,1,2:hi")
+        return await asyncio.to_thread(_read_until, slave, b":hi", 2.0)
+
+    assert b"".join(r for _, r in _run(main())) == b"\r\nRecv 4 bytes\r\n\r\n+IPD,1,2:hi"

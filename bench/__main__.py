@@ -351,7 +351,10 @@ def _main(ap, args, snapshot) -> int:
               f"{b.med('five_down_mb_s'):.3f}, socat {b.med('socat_up_mb_s'):.3f}/"
               f"{b.med('socat_down_mb_s'):.3f}; CPU per MB moved, ms: passthrough "
               f"{b.med('pt_cpu_ms_per_mb'):.1f}, five links {b.med('five_cpu_ms_per_mb'):.1f}, "
-              f"socat {b.med('socat_cpu_ms_per_mb'):.1f})")
+              f"socat {b.med('socat_cpu_ms_per_mb'):.1f}; wake-ups per s (CPU us per wake-up): "
+              f"passthrough {b.med('pt_wakeups_s'):.0f} ({b.med('pt_us_per_wakeup'):.0f}), "
+              f"five links {b.med('five_wakeups_s'):.0f} ({b.med('five_us_per_wakeup'):.0f}), "
+              f"socat {b.med('socat_wakeups_s'):.0f} ({b.med('socat_us_per_wakeup'):.0f}))")
     if (b := by.get("ssl")) and b.results:
         suites = sorted({r["suite"] for r in b.results})
         print(f"(SSL: baseline for throughput is socat PTY <-> OPENSSL:...,verify=0, for the "

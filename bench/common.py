@@ -129,13 +129,17 @@ class TreeCpu:
     exactly; psutil's user + system (10 ms clock ticks) is the fallback for a
     process where schedstat is missing or one of whose threads ended during
     the window (its run time would be lost from the sum).  ``precise`` tells
-    whether every process was measured the precise way.
+    whether every process was measured the precise way.  ``wakeups`` counts
+    the tree's voluntary context switches over the window: at a paced rate,
+    CPU follows them more than bytes.
     """
 
     def __init__(self, pid: int) -> None:
         self.root = psutil.Process(pid)
         self._before: dict[tuple[int, float], tuple[float, dict[int, int] | None]] = {}
+        self._switches: dict[tuple[int, float], int] = {}
         self.precise = True
+        self.wakeups = 0
 
     def _sample(self) -> dict[tuple[int, float], tuple[float, dict[int, int] | None]]:
         procs = [self.root]
@@ -144,19 +148,24 @@ class TreeCpu:
         except psutil.Error:
             pass
         out: dict[tuple[int, float], tuple[float, dict[int, int] | None]] = {}
+        self._last_switches: dict[tuple[int, float], int] = {}
         for p in procs:
             try:
-                out[(p.pid, p.create_time())] = (_proc_cpu(p), _threads_runtime(p.pid))
+                key = (p.pid, p.create_time())
+                out[key] = (_proc_cpu(p), _threads_runtime(p.pid))
+                self._last_switches[key] = p.num_ctx_switches().voluntary
             except psutil.Error:
                 pass
         return out
 
     def start(self) -> None:
         self._before = self._sample()
+        self._switches = self._last_switches
         self.precise = True
 
     def stop(self) -> float:
         after = self._sample()
+        self.wakeups = sum(n - self._switches.get(key, 0) for key, n in self._last_switches.items())
         total = 0.0
         for key, (ticks, threads) in after.items():
             before = self._before.get(key)

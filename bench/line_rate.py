@@ -71,7 +71,13 @@ def one_link(kind: str, seconds: float, rate: float = RATE) -> dict[str, float]:
             raise BenchError(f"{kind}: peer errors {peer.errors}")
     return {"seconds": elapsed, "cpu_s": cpu_s, "cores": cpu_s / elapsed,
             "up_mb_s": n / MB / (t_up - t0), "down_mb_s": n / MB / (t_down - t0),
-            "cpu_ms_per_mb": cpu_s * 1000 / (2 * n / MB)}
+            "cpu_ms_per_mb": cpu_s * 1000 / (2 * n / MB), **_wakeups(cpu, cpu_s, elapsed)}
+
+
+def _wakeups(cpu, cpu_s: float, elapsed: float) -> dict[str, float]:
+    """Wake-ups per second and CPU per wake-up: at a paced rate these explain the CPU."""
+    n = max(cpu.wakeups, 1)
+    return {"wakeups_s": cpu.wakeups / elapsed, "us_per_wakeup": cpu_s * 1e6 / n}
 
 
 def five_links(seconds: float, rate: float = RATE, chunk: int = CHUNK) -> dict[str, float]:
@@ -98,6 +104,7 @@ def five_links(seconds: float, rate: float = RATE, chunk: int = CHUNK) -> dict[s
             "up_mb_s": total / MB / (t_up - t0),
             "down_mb_s": total / MB / (t_down - t0),
             "cpu_ms_per_mb": cpu_s * 1000 / (2 * total / MB), "sends": len(send_ms),
+            **_wakeups(cpu, cpu_s, elapsed),
             "send_p50_ms": percentile(send_ms, 50), "send_max_ms": max(send_ms)}
 
 
@@ -115,6 +122,8 @@ def run(seconds: float = 10.0) -> dict[str, float]:
         out[f"{name}_up_mb_s"] = r["up_mb_s"]
         out[f"{name}_down_mb_s"] = r["down_mb_s"]
         out[f"{name}_cpu_ms_per_mb"] = r["cpu_ms_per_mb"]
+        out[f"{name}_wakeups_s"] = r["wakeups_s"]
+        out[f"{name}_us_per_wakeup"] = r["us_per_wakeup"]
     out["five_sends"] = m["sends"]
     out["five_send_p50_ms"] = m["send_p50_ms"]
     out["five_send_max_ms"] = m["send_max_ms"]
@@ -131,7 +140,8 @@ def main() -> None:
                         ("socat", "socat PTY<->TCP")):
         print(f"{label:34s} {r[f'{name}_cores']:.3f} cores  "
               f"(up {r[f'{name}_up_mb_s']:.3f} MB/s, down {r[f'{name}_down_mb_s']:.3f} MB/s, "
-              f"{r[f'{name}_cpu_ms_per_mb']:.1f} ms CPU/MB)")
+              f"{r[f'{name}_cpu_ms_per_mb']:.1f} ms CPU/MB, {r[f'{name}_wakeups_s']:.0f} wake-ups/s "
+              f"at {r[f'{name}_us_per_wakeup']:.0f} us)")
     print(f"ratios vs socat: passthrough {r['pt_ratio']:.1f}x, five links {r['five_ratio']:.1f}x")
 
 

@@ -109,7 +109,8 @@ class DataMachine:
         return self._take(data, now)
 
     def _plus_candidate(self, data: bytes, silent: bool, now: float) -> bool:
-        only_plus = data.count(b"+") == len(data)
+        # A candidate is at most three bytes: longer reads are never scanned.
+        only_plus = len(data) <= 3 and data.count(b"+") == len(data)
         if self._plus:  # not silent: feed() settled the candidate otherwise
             if only_plus and self._plus + len(data) <= 3:
                 self._plus += len(data)

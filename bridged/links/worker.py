@@ -64,6 +64,8 @@ _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
 # Reads closer together than this are a stream: read until the kernel says EAGAIN.
 _STREAMING = 0.004
+# A read window opens only for pieces at least this big (bulk, not keystrokes).
+_WINDOW_PIECE = 512
 # A read window's next tick is at least this far off: uvloop's clock ticks
 # in whole milliseconds, and a timer due sooner would fire at once.
 _TICK_MARGIN = 0.001
@@ -310,6 +312,8 @@ class Worker:
         if self.datagram:
             self._send_datagrams()
             return
+        if self._window_tick is not None:
+            self._stop_window()  # the peer may answer this at once: read it at once
         while self.sock is not None and self.uplink.available():
             views = self.uplink.readable_views(self.uplink.available())
             try:
@@ -380,7 +384,8 @@ class Worker:
                 got = self._recv_stream(since < _STREAMING or self._window_tick is not None)
         finally:
             ring.release_doorbells()
-        if got and since < self.read_window and self._window_tick is None and self._can_window():
+        if got >= _WINDOW_PIECE and since < self.read_window and self._window_tick is None \
+                and self._can_window():
             self._start_window()
 
     # -- the read window: one wake-up for a window's worth of a stream -------------
@@ -392,9 +397,10 @@ class Worker:
     # the kernel wakes us only when a whole chunk has gathered, and a timer
     # reads whatever is there at the window's end.  The timers of all workers
     # fall on one grid (the monotonic clock is shared), so the front wakes
-    # once for all links.  A tick that finds nothing ends the window: a lone
-    # piece after a quiet spell is never held back.  The peer's FIN and
-    # errors wake us regardless of SO_RCVLOWAT.
+    # once for all links.  Never held back: a lone piece after a quiet spell
+    # (a tick that finds nothing ends the window), small pieces (interactive
+    # traffic), and the answer to what the MCU just sent (sending ends the
+    # window).  The peer's FIN and errors wake us regardless of SO_RCVLOWAT.
 
     def _can_window(self) -> bool:
         # Passive mode keeps its data here anyway; datagrams have no low-water mark.

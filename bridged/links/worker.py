@@ -64,8 +64,12 @@ _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
 # Reads closer together than this are a stream: read until the kernel says EAGAIN.
 _STREAMING = 0.004
-# A read window opens only for pieces at least this big (bulk, not keystrokes).
+# A read window opens only for pieces at least this big (bulk, not keystrokes)...
 _WINDOW_PIECE = 512
+# ... and only once the MCU has sent nothing for this many windows (the peer
+# may be answering it: an answer is read at once, and a link busy both ways
+# would open and close its window all the time).
+_WINDOW_QUIET = 4
 # A read window's next tick is at least this far off: uvloop's clock ticks
 # in whole milliseconds, and a timer due sooner would fire at once.
 _TICK_MARGIN = 0.001
@@ -105,6 +109,7 @@ class Worker:
         self.window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._gate: ReadGate | None = None  # created in run(), on the running loop
         self._last_read = 0.0
+        self._last_send = 0.0  # when the MCU's data last went to the socket
         self._window_tick: asyncio.TimerHandle | None = None  # armed while a read window is on
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         # UDP: datagrams keep their boundaries both ways; the remote may move
@@ -312,8 +317,6 @@ class Worker:
         if self.datagram:
             self._send_datagrams()
             return
-        if self._window_tick is not None:
-            self._stop_window()  # the peer may answer this at once: read it at once
         while self.sock is not None and self.uplink.available():
             views = self.uplink.readable_views(self.uplink.available())
             try:
@@ -337,6 +340,9 @@ class Worker:
                 return
             self.uplink.consume(sent)
             self.stats["up"] += sent
+            self._last_send = self.loop.time()
+            if self._window_tick is not None:
+                self._stop_window()  # the peer may answer this at once: read it at once
 
     def _send_tls(self, view: memoryview) -> int:
         # OpenSSL wants a write retried after WANT_WRITE with the same length.
@@ -385,7 +391,7 @@ class Worker:
         finally:
             ring.release_doorbells()
         if got >= _WINDOW_PIECE and since < self.read_window and self._window_tick is None \
-                and self._can_window():
+                and now - self._last_send > _WINDOW_QUIET * self.read_window and self._can_window():
             self._start_window()
 
     # -- the read window: one wake-up for a window's worth of a stream -------------
@@ -399,8 +405,9 @@ class Worker:
     # fall on one grid (the monotonic clock is shared), so the front wakes
     # once for all links.  Never held back: a lone piece after a quiet spell
     # (a tick that finds nothing ends the window), small pieces (interactive
-    # traffic), and the answer to what the MCU just sent (sending ends the
-    # window).  The peer's FIN and errors wake us regardless of SO_RCVLOWAT.
+    # traffic), and the answer to what the MCU sent (sending ends the window,
+    # and none opens until the MCU has been quiet for a few windows).  The
+    # peer's FIN and errors wake us regardless of SO_RCVLOWAT.
 
     def _can_window(self) -> bool:
         # Passive mode keeps its data here anyway; datagrams have no low-water mark.

@@ -119,3 +119,27 @@ def test_answers_to_the_mcu_are_not_held(make_daemon, echo_server):
             rtts.append(time.monotonic() - started)
         # Held by a window, each answer would wait for its tick (0-100 ms).
         assert sorted(rtts)[10] < 0.03, (size, rtts)
+
+
+def test_an_answer_during_a_window_is_read_at_once(make_daemon):
+    """The peer streams (a window opens), then answers what the MCU sent:
+    sending ended the window, so the answer is not held for its tick."""
+    from tests.harness import Demux
+
+    host, conn = _connected(make_daemon("[links]\nread_window_ms = 100\n"))
+    demux = Demux(host)
+    delays = []
+    total = 0
+    for i in range(5):
+        # 500 ms of stream: the MCU's last send is four windows old, a window opens.
+        total += len(_paced(conn, 100, 600, 0.005))
+        demux.wait_data(0, total, timeout=5)
+        assert demux.send(0, b"ping").endswith(b"SEND OK\r\n")
+        assert conn.recv(16) == b"ping"
+        started = time.monotonic()
+        conn.sendall(b"pong" * 150)
+        total += 600
+        demux.wait_data(0, total, timeout=5)
+        delays.append(time.monotonic() - started)
+    # Held by the window, an answer would wait for its tick (0-100 ms, evenly).
+    assert sorted(delays)[3] < 0.03, delays

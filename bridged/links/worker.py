@@ -62,7 +62,11 @@ _MAX_DATAGRAM = 65536
 _TLS_WRITE = 16384  # one TLS record per write; a retry must repeat the same length
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
-# Reads closer together than this are a stream: read until the kernel says EAGAIN.
+# Reads closer together than this are a stream: read until the kernel says
+# EAGAIN, and (outside a read window) read again only after this pause, so
+# the kernel gathers what arrives meanwhile: a link busy both ways wakes its
+# worker and the front for several segments at a time, and an answer waits
+# at most this long.
 _STREAMING = 0.004
 # A read window opens only for pieces at least this big (bulk, not keystrokes)...
 _WINDOW_PIECE = 512
@@ -112,6 +116,7 @@ class Worker:
         self._last_send = 0.0  # when the MCU's data last went to the socket
         self._window_tick: asyncio.TimerHandle | None = None  # armed while a read window is on
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
+        self._pause: asyncio.TimerHandle | None = None  # a stream's reads, _STREAMING apart
         # UDP: datagrams keep their boundaries both ways; the remote may move
         # (AT+CIPSTART <mode> 1: once, 2: to every sender).
         self.datagram = False
@@ -390,9 +395,18 @@ class Worker:
                 got = self._recv_stream(since < _STREAMING or self._window_tick is not None)
         finally:
             ring.release_doorbells()
-        if got >= _WINDOW_PIECE and since < self.read_window and self._window_tick is None \
-                and now - self._last_send > _WINDOW_QUIET * self.read_window and self._can_window():
+        if got < _WINDOW_PIECE or self._window_tick is not None or self.sock is None:
+            return
+        if since < self.read_window and now - self._last_send > _WINDOW_QUIET * self.read_window \
+                and self._can_window():
             self._start_window()
+        elif since < _STREAMING and self._gate.is_open:
+            self._pause_reading()
+            self._pause = self.loop.call_later(_STREAMING, self._end_pause)
+
+    def _end_pause(self) -> None:
+        self._pause = None
+        self._resume_reading()
 
     # -- the read window: one wake-up for a window's worth of a stream -------------
     #
@@ -623,6 +637,9 @@ class Worker:
         if self._window_tick is not None:
             self._window_tick.cancel()
             self._window_tick = None
+        if self._pause is not None:
+            self._pause.cancel()
+            self._pause = None
         self._lowat_raised = False
         self.sock.close()
         self.sock = None

@@ -8,7 +8,7 @@ import hashlib
 import socket
 import time
 
-from tests.harness import Daemon, Timeout
+from tests.harness import Daemon, Demux, Timeout
 
 
 def _connected(daemon: Daemon):
@@ -99,8 +99,6 @@ def test_a_close_in_a_window_delivers_everything_then_closed(make_daemon):
 def test_answers_to_the_mcu_are_not_held(make_daemon, echo_server):
     """Request and response: data the MCU sent ends a window, so the peer's
     answer comes at once (an echo 20 times in a row, 600 and 1 bytes)."""
-    from tests.harness import Demux
-
     daemon = make_daemon("[links]\nread_window_ms = 100\n")
     host = daemon.host()
     host.boot()
@@ -124,8 +122,6 @@ def test_answers_to_the_mcu_are_not_held(make_daemon, echo_server):
 def test_an_answer_during_a_window_is_read_at_once(make_daemon):
     """The peer streams (a window opens), then answers what the MCU sent:
     sending ended the window, so the answer is not held for its tick."""
-    from tests.harness import Demux
-
     host, conn = _connected(make_daemon("[links]\nread_window_ms = 100\n"))
     demux = Demux(host)
     delays = []

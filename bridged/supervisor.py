@@ -212,6 +212,10 @@ class Supervisor:
         os.close(self._wakeup_r)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        # Ctrl-C in a terminal reaches every process of the foreground job at
+        # once; only the supervisor acts on it, stopping the front before the
+        # workers (a worker that left on its own would read as a crash).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Die with the supervisor, even if it is killed with SIGKILL.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

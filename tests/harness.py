@@ -36,7 +36,7 @@ class Daemon:
     """bridged run on a pty, with a config written for the test."""
 
     def __init__(self, tmp: Path, config: str = "", args: tuple[str, ...] = (),
-                 wrap: tuple[str, ...] = (), station: str = "lo") -> None:
+                 wrap: tuple[str, ...] = (), station: str = "lo", own_group: bool = False) -> None:
         self.tmp = tmp
         self.link = str(tmp / "tty")
         self.state_dir = tmp / "state"
@@ -45,6 +45,7 @@ class Daemon:
         self.wrap = wrap  # e.g. ("ip", "netns", "exec", NAME): run inside a test host
         self.log_path = tmp / "bridged.log"
         self.args = args
+        self.own_group = own_group  # a process group of its own, as a shell gives a foreground job
         self.proc: subprocess.Popen | None = None
         self.expected_errors: set[str] = set()  # log events a test provokes on purpose
 
@@ -55,6 +56,7 @@ class Daemon:
             [*self.wrap, sys.executable, "-m", "bridged", "run", "--config", str(self.config_path),
              "--pty", self.link, "--state-dir", str(self.state_dir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
+            process_group=0 if self.own_group else None,
         )
         log.close()
         deadline = time.monotonic() + DEFAULT_TIMEOUT

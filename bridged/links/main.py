@@ -25,8 +25,7 @@ def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Rin
         worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir),
                         read_window_ms=config.links.read_window_ms, ipd_chunk=config.links.chunk)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, worker.stop)
-        loop.add_signal_handler(signal.SIGINT, worker.stop)
+        loop.add_signal_handler(signal.SIGTERM, worker.stop)  # SIGINT: the supervisor's
         await worker.run()
         return FRONT_GONE if worker.front_gone else 0
 

@@ -136,8 +136,7 @@ class Front:
     # -- lifetime ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.loop.add_signal_handler(signal.SIGTERM, self.stop)
-        self.loop.add_signal_handler(signal.SIGINT, self.stop)
+        self.loop.add_signal_handler(signal.SIGTERM, self.stop)  # SIGINT: the supervisor's
         if self.supervisor is not None:
             self.supervisor.setblocking(False)
             self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -185,3 +186,22 @@ def test_uart_settings_reach_the_pty(daemon):
     host.command(b"AT")
     attrs = termios.tcgetattr(host.fd)
     assert attrs[4] == termios.B115200 and not attrs[2] & termios.CRTSCTS and not attrs[2] & termios.CSTOPB
+
+
+def test_ctrl_c_stops_everything_in_order(tmp_path, echo_server):
+    """Ctrl-C in a terminal signals every process of the foreground job at
+    once: only the supervisor acts, so no worker's exit reads as a crash."""
+    for attempt in range(3):  # the race it guards against is lost only now and then
+        directory = tmp_path / f"d{attempt}"
+        directory.mkdir()
+        daemon = Daemon(directory, own_group=True).start()
+        host = daemon.host()
+        host.boot()
+        host.command(b"AT+CIPMUX=1")
+        assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
+        os.killpg(daemon.proc.pid, signal.SIGINT)
+        assert daemon.proc.wait(10) == 0
+        host.close()
+        errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
+        assert not errors, errors
+        assert daemon.events("stopping")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 from pathlib import Path
@@ -17,6 +18,7 @@ from bridged.pki import PkiStore
 __all__ = ["run_worker", "FRONT_GONE"]
 
 FRONT_GONE = 3  # exit status: the front closed the control socket (it died or stopped)
+_TERM_GRACE = 1.0  # seconds a SIGTERM'd worker waits for the front to stop first
 
 
 def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
@@ -25,7 +27,19 @@ def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Rin
         worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir),
                         read_window_ms=config.links.read_window_ms, ipd_chunk=config.links.chunk)
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, worker.stop)  # SIGINT: the supervisor's
+        supervisor = os.getppid()
+
+        def on_term() -> None:
+            # `pkill bridged` or a group's SIGTERM reaches the supervisor too,
+            # which stops the front first; we then end with our control
+            # socket, so the supervisor never takes our exit for a crash.
+            # Alone (the supervisor gone, or only we were signalled), stop.
+            if os.getppid() != supervisor:
+                worker.stop()
+            else:
+                loop.call_later(_TERM_GRACE, worker.stop)
+
+        loop.add_signal_handler(signal.SIGTERM, on_term)  # SIGINT: the supervisor's
         await worker.run()
         return FRONT_GONE if worker.front_gone else 0
 

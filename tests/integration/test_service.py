@@ -188,9 +188,11 @@ def test_uart_settings_reach_the_pty(daemon):
     assert attrs[4] == termios.B115200 and not attrs[2] & termios.CRTSCTS and not attrs[2] & termios.CSTOPB
 
 
-def test_ctrl_c_stops_everything_in_order(tmp_path, echo_server):
-    """Ctrl-C in a terminal signals every process of the foreground job at
-    once: only the supervisor acts, so no worker's exit reads as a crash."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "pkill"])
+def test_a_signal_to_every_process_stops_them_in_order(tmp_path, echo_server, signum):
+    """Ctrl-C in a terminal (SIGINT) and `pkill bridged` (SIGTERM) signal
+    every process at once: the supervisor stops the front before the
+    workers, so no worker's exit reads as a crash."""
     for attempt in range(3):  # the race it guards against is lost only now and then
         directory = tmp_path / f"d{attempt}"
         directory.mkdir()
@@ -199,7 +201,7 @@ def test_ctrl_c_stops_everything_in_order(tmp_path, echo_server):
         host.boot()
         host.command(b"AT+CIPMUX=1")
         assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
-        os.killpg(daemon.proc.pid, signal.SIGINT)
+        os.killpg(daemon.proc.pid, signum)
         assert daemon.proc.wait(10) == 0
         host.close()
         errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]

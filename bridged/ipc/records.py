@@ -128,7 +128,8 @@ def put_record(
 
 
 def recv_record(
-    ring: Ring, sock: socket.socket, max_payload: int, with_addr: bool = False, datagram: bool | None = None
+    ring: Ring, sock: socket.socket, max_payload: int, with_addr: bool = False, datagram: bool | None = None,
+    fill: bool = False,
 ) -> int:
     """Receive from a non-blocking socket straight into the ring as a DATA record.
 
@@ -138,6 +139,9 @@ def recv_record(
         with_addr: store the sender's address (datagram sockets only).
         datagram: whether ``sock`` is a datagram socket, if the caller knows
             (asking the socket builds an enum on every call).
+        fill: keep reading into the same record while the socket has more
+            (a TLS socket returns one TLS record per read; a TCP socket
+            returns all it has at once and needs no second read).
 
     Returns:
         The payload length published. 0 from a stream socket means orderly
@@ -159,6 +163,8 @@ def recv_record(
         if span is None:
             return -1
         n = sock.recv_into(span)  # a wrapped rest comes with the next call
+        if fill and n:
+            n = _fill(sock, span, n)
         if n:
             ring.publish(_HEADER.pack(n, 0, DATA, 0), n)
         return n
@@ -180,6 +186,19 @@ def _addr_len(sock: socket.socket, datagram: bool, with_addr: bool) -> int:
     if not datagram or sock.family not in _ADDR_LEN:
         raise ValueError("with_addr needs an AF_INET or AF_INET6 datagram socket")
     return _ADDR_LEN[sock.family]
+
+
+def _fill(sock: socket.socket, span: memoryview, n: int) -> int:
+    """Read on into ``span`` after ``n`` bytes until the socket has no more now."""
+    while n < len(span):
+        try:
+            got = sock.recv_into(span[n:])
+        except OSError:
+            break  # nothing more yet (want-read), or an error the next read reports again
+        if not got:
+            break  # the end: the next read reports it
+        n += got
+    return n
 
 
 def _recv_datagram(sock: socket.socket, views: list[memoryview]) -> tuple[int, tuple]:

@@ -494,7 +494,7 @@ class Worker:
                 # window, so the peer's TCP window closes once it is full.
                 limit = min(limit, window - ring.available())
             try:
-                n = records.recv_record(ring, sock, limit, datagram=False) if limit > 0 else -1
+                n = records.recv_record(ring, sock, limit, datagram=False, fill=tls) if limit > 0 else -1
             except (BlockingIOError, *_TLS_AGAIN):
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):

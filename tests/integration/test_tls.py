@@ -11,6 +11,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -400,3 +401,43 @@ def test_ssl_in_passthrough_passive_and_cipsendl(daemon, host, pki):
         assert host.expect(b"through tls") == b"through tls"
     finally:
         server.close()
+
+
+def test_ssl_stream_through_a_read_window(make_daemon, pki):
+    """A TLS peer streaming at UART pace: the window's low-water mark counts
+    ciphertext and a tick may find half a record; nothing stalls or is lost,
+    and the link reads once per chunk or window, not once per record."""
+    daemon = make_daemon("[links]\nread_window_ms = 50\n")
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server"].cert, pki["server"].key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = b"".join(bytes([i % 251]) * 600 for i in range(60))
+
+    def stream() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            start = time.monotonic()
+            for i in range(60):
+                tls.sendall(sent[i * 600 : (i + 1) * 600])
+                time.sleep(max(0.0, start + (i + 1) * 0.005 - time.monotonic()))
+            time.sleep(1.0)  # the data first, then the close
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    try:
+        assert host.ask(b'AT+CIPSTART=0,"SSL","127.0.0.1",%d' % listener.getsockname()[1]).endswith(b"OK\r\n")
+        frames = []
+        while sum(map(len, frames)) < len(sent):
+            link_id, data = host.read_ipd(timeout=5)
+            assert link_id == 0
+            frames.append(data)
+        assert hashlib.sha256(b"".join(frames)).digest() == hashlib.sha256(sent).digest()
+        assert sum(len(f) < 2920 for f in frames) < 40, [len(f) for f in frames]
+        host.expect(b"0,CLOSED\r\n", timeout=5)
+    finally:
+        streamer.join(5)
+        listener.close()

@@ -236,6 +236,26 @@ def test_stream_receive(ring, stream):
     assert get_record(ring) == Record(DATA, data[1024:])
 
 
+def test_fill_gathers_message_sized_reads_into_one_record(ring):
+    """A socket that returns one message per read (as TLS returns one record):
+    with fill, what is there now becomes one record, up to max_payload; the
+    end still reads as 0 on the next call."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.setblocking(False)
+    with a, b:
+        pieces = [os.urandom(300) for _ in range(4)]
+        for piece in pieces:
+            a.send(piece)
+        assert recv_record(ring, b, 600, datagram=False) == 300  # one message without fill
+        assert recv_record(ring, b, 600, datagram=False, fill=True) == 600  # two, then full
+        a.send(b"tail")
+        a.close()
+        assert recv_record(ring, b, 600, datagram=False, fill=True) == 300 + 4
+        assert recv_record(ring, b, 600, datagram=False, fill=True) == 0
+        assert [r.payload for r in iter(lambda: get_record(ring), None)] == [
+            pieces[0], pieces[1] + pieces[2], pieces[3] + b"tail"]
+
+
 def test_stream_eof(ring, stream):
     """An orderly close reads as 0 and publishes nothing."""
     a, b = stream

@@ -84,6 +84,7 @@ class Supervisor:
         self.last_heartbeat = 0.0
         self.stopping = False
         self._wakeup_r = -1
+        self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -116,12 +117,14 @@ class Supervisor:
         next_ping = time.monotonic()
         while True:
             fds = [self._wakeup_r] + ([self.sup_sock] if self.sup_sock is not None else [])
-            readable, _, _ = select.select(fds, [], [], 0.2)
+            readable, _, _ = select.select(fds, [], [], 0 if self._signals else 0.2)
             if self._wakeup_r in readable:
-                for signum in os.read(self._wakeup_r, 64):
-                    code = self._handle_signal(signum)
-                    if code is not None:
-                        return code
+                self._take_signals()
+            if self._term_requested():
+                return self.handle_term()
+            signals, self._signals = self._signals, bytearray()
+            for signum in signals:
+                self._handle_signal(signum)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
             code = self._restart_due()
@@ -132,14 +135,26 @@ class Supervisor:
                 if self._healthy():
                     systemd.watchdog_ping()
 
-    def _handle_signal(self, signum: int) -> int | None:
+    def _take_signals(self) -> None:
+        while self._wakeup_r >= 0:
+            try:
+                data = os.read(self._wakeup_r, 64)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._signals += data
+
+    def _term_requested(self) -> bool:
+        # Before any SIGCHLD: `pkill bridged` signals the children too, and the
+        # front may exit before we see our own SIGTERM; its exit is no crash.
+        return signal.SIGTERM in self._signals or signal.SIGINT in self._signals
+
+    def _handle_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
             self.handle_chld()
-        elif signum in (signal.SIGTERM, signal.SIGINT):
-            return self.handle_term()
         elif signum == signal.SIGHUP:
             log.warning("reload_not_supported", hint="restart the service to apply a new config")
-        return None
 
     def _healthy(self) -> bool:
         alive = self.front.pid and all(w.pid for w in self.workers)
@@ -246,8 +261,9 @@ class Supervisor:
         if child is None:
             return
         child.pid = 0
-        if self.stopping:
-            return
+        self._take_signals()
+        if self.stopping or self._term_requested():
+            return  # a stop is under way: the loop handles the signal next
         if child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
             # A worker ends with its front (EOF on its control socket): expected.
             # The front's own exit may be reaped a moment later (its fds close

@@ -634,13 +634,11 @@ class Worker:
             return
         self._gate.shut()
         self.loop.remove_writer(self.sock.fileno())
-        if self._window_tick is not None:
-            self._window_tick.cancel()
-            self._window_tick = None
+        self._lowat_raised = False  # the socket closes: no need to lower it first
+        self._stop_window()
         if self._pause is not None:
             self._pause.cancel()
             self._pause = None
-        self._lowat_raised = False
         self.sock.close()
         self.sock = None
         self.datagram = False

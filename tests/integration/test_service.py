@@ -197,13 +197,18 @@ def test_a_signal_to_every_process_stops_them_in_order(tmp_path, echo_server, si
         directory = tmp_path / f"d{attempt}"
         directory.mkdir()
         daemon = Daemon(directory, own_group=True).start()
-        host = daemon.host()
-        host.boot()
-        host.command(b"AT+CIPMUX=1")
-        assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
-        os.killpg(daemon.proc.pid, signum)
-        assert daemon.proc.wait(10) == 0
-        host.close()
+        try:
+            host = daemon.host()
+            host.boot()
+            host.command(b"AT+CIPMUX=1")
+            assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
+            os.killpg(daemon.proc.pid, signum)
+            assert daemon.proc.wait(10) == 0
+            host.close()
+        finally:
+            if daemon.proc.poll() is None:  # never leave a daemon group behind a failure
+                os.killpg(daemon.proc.pid, signal.SIGKILL)
+                daemon.proc.wait(5)
         errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
         assert not errors, errors
         assert daemon.events("stopping")

@@ -17,7 +17,7 @@ import uvloop
 
 import bridged
 from bridged.net import ping
-from bridged.net.ping import PingNotPermitted, PingTimeout, SocketKind, checksum, echo
+from bridged.net.ping import PingNotPermitted, SocketKind, checksum, echo
 
 REPO_ROOT = Path(bridged.__file__).resolve().parent.parent
 RUNNERS = {"asyncio": asyncio.run, "uvloop": uvloop.run}

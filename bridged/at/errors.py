@@ -32,14 +32,17 @@ class AtError(Exception):
     Args:
         why: the reason, for bridged's log (never sent on the AT port).
         ext: the 16-bit extension of the error code (often a parameter index).
+        body: information lines the command prints before ERROR (AT+PING's
+            ``+PING:TIMEOUT``); the ERR CODE line of AT+SYSLOG=1 follows them.
     """
 
     subcategory = 0x0A  # CMD_EXEC_FAIL: the generic handler failure
 
-    def __init__(self, why: str = "", ext: int = 0) -> None:
+    def __init__(self, why: str = "", ext: int = 0, body: bytes = b"") -> None:
         super().__init__(why or type(self).__name__)
         self.why = why or type(self).__name__
         self.ext = ext & 0xFFFF
+        self.body = body
 
     @property
     def code(self) -> int:

@@ -36,6 +36,8 @@ __all__ = [
     "ipd_active",
     "ipd_passive",
     "wifi",
+    "ping_time",
+    "PING_TIMEOUT",
     "is_final",
 ]
 
@@ -51,6 +53,7 @@ BUSY = b"\r\nbusy p...\r\n"
 READY = b"\r\nready\r\n"
 FORCE_RESTART = b"\r\nWill force to restart!!!\r\n"
 QUITT = b"\r\n+QUITT\r\n"
+PING_TIMEOUT = b"+PING:TIMEOUT\r\n"  # AT+PING: no reply, or the name did not resolve; ERROR follows
 
 _FINALS = (OK, ERROR, SEND_OK, SEND_FAIL, SEND_CANCELED, SEND_CANCELLED, PROMPT, BUSY)
 
@@ -131,3 +134,8 @@ def ipd_passive(link_id: int | None, total: int) -> bytes:
 def wifi(event: str) -> bytes:
     """``WIFI CONNECTED``, ``WIFI GOT IP``, ``WIFI DISCONNECT`` ..."""
     return b"WIFI " + event.encode("ascii") + b"\r\n"
+
+
+def ping_time(ms: int) -> bytes:
+    """AT+PING's answer: ``+PING:<time>``, whole milliseconds (OK follows)."""
+    return info("+PING", ms)

@@ -354,6 +354,8 @@ class Front:
             self.output.reply(raw)
 
     def _error(self, error: AtError) -> None:
+        if error.body:
+            self.output.reply(error.body)
         if self.ctx.state.syslog:
             self.output.reply(fmt.err_code(error.code))
         self.output.reply(fmt.ERROR)

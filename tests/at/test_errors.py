@@ -66,3 +66,9 @@ def test_subcategories_are_distinct():
     """No two specific errors share a subcategory (AtError and ExecFail are the same on purpose)."""
     subs = [cls.subcategory for cls, _ in SUBCATEGORIES if cls is not AtError]
     assert len(subs) == len(set(subs))
+
+
+def test_body_is_kept_for_the_lines_before_error():
+    """An error may carry lines printed before ERROR; by default there are none."""
+    assert errors.ExecFail("x").body == b""
+    assert errors.ExecFail("timeout", body=b"+PING:TIMEOUT\r\n").body == b"+PING:TIMEOUT\r\n"

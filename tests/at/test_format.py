@@ -261,3 +261,17 @@ def test_ipd_passive(link_id, total, expected):
 def test_wifi(event, expected):
     """Wi-Fi status lines: no leading \\r\\n, one trailing (spec 1.16)."""
     assert fmt.wifi(event) == expected
+
+
+# -- AT+PING ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ms", "expected"), [(0, b"+PING:0\r\n"), (39, b"+PING:39\r\n"), (1000, b"+PING:1000\r\n")])
+def test_ping_time(ms, expected):
+    """AT+PING's answer line: +PING:<ms>, no leading \\r\\n (as an ESP32 prints it, esp-at #238)."""
+    assert fmt.ping_time(ms) == expected
+
+
+def test_ping_timeout():
+    """The timeout line AT+PING prints before ERROR."""
+    assert fmt.PING_TIMEOUT == b"+PING:TIMEOUT\r\n"

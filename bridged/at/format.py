@@ -36,6 +36,9 @@ __all__ = [
     "ipd_active",
     "ipd_passive",
     "wifi",
+    "ota_progress",
+    "ota_state",
+    "fw_version",
     "is_final",
 ]
 
@@ -131,3 +134,19 @@ def ipd_passive(link_id: int | None, total: int) -> bytes:
 def wifi(event: str) -> bytes:
     """``WIFI CONNECTED``, ``WIFI GOT IP``, ``WIFI DISCONNECT`` ..."""
     return b"WIFI " + event.encode("ascii") + b"\r\n"
+
+
+def ota_progress(state: int) -> bytes:
+    """AT+CIUPDATE's progress line ``+CIPUPDATE:<1..4>`` or ``+CIPUPDATE:-1``."""
+    return b"+CIPUPDATE:%d\r\n" % state
+
+
+def ota_state(state: int) -> bytes:
+    """AT+CIUPDATE?: the source prints the command's own name, ``+CIUPDATE:``
+    (the spec page shows +CIPUPDATE; esp-at-behavior.md 6.1)."""
+    return info("+CIUPDATE", state)
+
+
+def fw_version(version: str) -> bytes:
+    """One AT+CIPFWVER? line: ``+CIPFWVER:"<version>"``."""
+    return info("+CIPFWVER", q(version))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 from dataclasses import dataclass
 
 import structlog
@@ -68,9 +67,8 @@ def _updater(ctx: Context) -> Updater:
     if station_ip(ctx) is None:
         raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
     enable, servers = dns_servers(ctx)
-    family = socket.AF_UNSPEC if ctx.state.cipv6 else socket.AF_INET
     # The store's file sits in the state directory; images go next to it.
-    return Updater(config, ctx.store.path.parent, family, servers if enable == 1 else ())
+    return Updater(config, ctx.store.path.parent, servers if enable == 1 else ())
 
 
 # -- AT+CIUPDATE ---------------------------------------------------------------------

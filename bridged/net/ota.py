@@ -59,8 +59,10 @@ VERSIONS_TIMEOUT = 10.0  # seconds for AT+CIPFWVER? (ESP-AT's)
 _JSON_LIMIT = 65536  # bytes of a version answer we read
 _CHUNK = 65536
 _VERSION_MAX = 64  # ESP_AT_VERSION_LEN_MAX
-_ROM_VERSION = re.compile(rb'"rom_version"\s*:\s*"([^"]*)"')
-_VERSION = re.compile(rb'"version"\s*:\s*"([^"]*)"')
+# Substring matching as ESP-AT does (the JSON schema is not public); a value
+# with a control character never matches, so no line break reaches the UART.
+_ROM_VERSION = re.compile(rb'"rom_version"\s*:\s*"([^"\x00-\x1f\x7f]*)"')
+_VERSION = re.compile(rb'"version"\s*:\s*"([^"\x00-\x1f\x7f]*)"')
 
 
 class OtaFailed(Exception):
@@ -91,15 +93,14 @@ class Updater:
 
     Args:
         state_dir: images go to its ``ota/`` directory; https trusts its client_ca.N too.
-        family: AF_INET, or AF_UNSPEC when AT+CIPV6 is on.
         dns_servers: AT+CIPDNS manual servers, else empty (the host's resolver).
+
+    The server is the admin's, not the MCU's: IPv4 or IPv6, whatever AT+CIPV6 says.
     """
 
-    def __init__(self, config: OtaConfig, state_dir: Path, family: int = socket.AF_INET,
-                 dns_servers: Sequence[str] = ()) -> None:
+    def __init__(self, config: OtaConfig, state_dir: Path, dns_servers: Sequence[str] = ()) -> None:
         self.config = config
         self.state_dir = state_dir
-        self.family = family
         self.dns_servers = tuple(dns_servers)
         self.where = http.target(config.server)
         self.headers = {"Authorization": f"token {config.token}"}
@@ -145,7 +146,7 @@ class Updater:
 
     async def _resolve(self) -> list[str]:
         try:
-            return await resolve(self.where.host, self.family, self.dns_servers)
+            return await resolve(self.where.host, socket.AF_UNSPEC, self.dns_servers)
         except ResolveError as exc:
             raise OtaFailed(f"update server: {exc}") from None
 
@@ -224,12 +225,13 @@ class Updater:
                     out.write(chunk)
                     remaining -= len(chunk)
                 out.flush()
-                os.fsync(out.fileno())
+                # On an SD card this may take a while: not on the front's loop.
+                await asyncio.to_thread(os.fsync, out.fileno())
             os.replace(temporary, final)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        _fsync_dir(directory)
+        await asyncio.to_thread(_fsync_dir, directory)
         log.info("ota_image_saved", file=str(final), size=length)
         return final
 

@@ -261,3 +261,20 @@ def test_ipd_passive(link_id, total, expected):
 def test_wifi(event, expected):
     """Wi-Fi status lines: no leading \\r\\n, one trailing (spec 1.16)."""
     assert fmt.wifi(event) == expected
+
+
+@pytest.mark.parametrize(("state", "expected"), [(1, b"+CIPUPDATE:1\r\n"), (4, b"+CIPUPDATE:4\r\n"),
+                                                 (-1, b"+CIPUPDATE:-1\r\n")])
+def test_ota_progress(state, expected):
+    """AT+CIUPDATE's progress lines (spec page, at_ota_cmd.c)."""
+    assert fmt.ota_progress(state) == expected
+
+
+def test_ota_state_uses_the_command_name():
+    """AT+CIUPDATE? prints +CIUPDATE:, not the page's +CIPUPDATE: (esp-at-behavior.md 6.1)."""
+    assert fmt.ota_state(-1) == b"+CIUPDATE:-1\r\n"
+
+
+def test_fw_version_is_quoted():
+    """AT+CIPFWVER? copies the version's quotes (esp-at-behavior.md 6.2)."""
+    assert fmt.fw_version("v2.2.0.0") == b'+CIPFWVER:"v2.2.0.0"\r\n'

@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import threading
 import time
@@ -36,7 +37,7 @@ PROGRESS = b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n+CIPUPDATE:4\r\n"
 class UpdateServer:
     """iot.espressif.cn's three endpoints; ``mode`` picks how the download misbehaves."""
 
-    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, context: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
         self.images = {(LATEST, "ota"): IMAGE, ("v9.9.9.9", "ota"): b"\xe9older",
                        (LATEST, "client_ca"): b"\xf1\xf1ca-bundle"}
         self.mode = "ok"  # ok, short, nolength, status:<n>, stall
@@ -54,12 +55,16 @@ class UpdateServer:
                 server.requests.append((self.path, dict(self.headers)))
                 server.handle(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.httpd = Server((host, 0), Handler)
         self.httpd.daemon_threads = True
         if context is not None:
             self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.url = f"{'https' if context else 'http'}://127.0.0.1:{self.port}"
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"{'https' if context else 'http'}://{shown}:{self.port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -509,6 +514,43 @@ def test_server_path_prefix(start, server):
     daemon, host = start(server.url + "/esp")
     assert host.ask(b"AT+CIPFWVER?") == b"\r\nERROR\r\n"
     assert server.requests[0][0] == "/esp/v1/device/rom"
+
+
+def test_host_name_resolves(start, server):
+    """A host name in the base URL resolves through the host's resolver (AT+CIPDNS automatic)."""
+    daemon, host = start(server.url.replace("127.0.0.1", "localhost"))
+    assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v4.1.1.0"\r\n+CIPFWVER:"v4.1.2.0"\r\n\r\nOK\r\n'
+    assert server.requests[0][1]["Host"] == f"localhost:{server.port}"
+
+
+def test_unknown_host_name_fails(start):
+    """A name with no address: ERROR before "server found"."""
+    daemon, host = start("http://no-such-host.invalid:8080")
+    assert host.ask(b"AT+CIUPDATE", timeout=20) == b"\r\nERROR\r\n"
+    assert "no-such-host.invalid" in why(daemon)
+
+
+def test_ipv6_server(start):
+    """The admin's server may be IPv6 whatever AT+CIPV6 says (it is not the MCU's address)."""
+    try:
+        v6 = UpdateServer(host="::1")
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    try:
+        daemon, host = start(v6.url)
+        assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
+        assert host.expect(b"+CIPUPDATE:4\r\n", timeout=20) == PROGRESS
+        assert v6.requests[0][1]["Host"] == f"[::1]:{v6.port}"
+    finally:
+        v6.close()
+
+
+def test_no_rom_version_fails(start, server):
+    """A version answer without "rom_version": the lookup fails after 2."""
+    daemon, host = start(server.url)
+    server.status["/v1/device/rom/"] = 204
+    assert host.ask(b"AT+CIUPDATE", timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n\r\nERROR\r\n"
+    assert 'no "rom_version"' in why(daemon)
 
 
 # -- https -----------------------------------------------------------------------------------

@@ -29,12 +29,14 @@ import dataclasses
 import math
 import os
 import re
+import shlex
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -43,6 +45,7 @@ __all__ = [
     "FirmwareConfig",
     "LinksConfig",
     "LogConfig",
+    "OtaConfig",
     "StateConfig",
     "UartConfig",
     "WifiConfig",
@@ -172,6 +175,44 @@ def _path(allowed: str, *, absolute: bool = False) -> _Check:
     return _Check(str, allowed, accept)
 
 
+def _base_url() -> _Check:
+    """"" or an http:// / https:// URL with a host and no query, fragment or user."""
+
+    def accept(v: Any) -> Any:
+        if not isinstance(v, str):
+            return _NO
+        if v == "":
+            return v
+        if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in v):
+            return _NO
+        try:
+            parts = urlsplit(v)
+            parts.port  # raises ValueError when out of range or not a number
+        except ValueError:
+            return _NO
+        if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+                or parts.fragment or "@" in parts.netloc or v.endswith("?") or v.endswith("#")):
+            return _NO
+        return v.rstrip("/")
+
+    return _Check(str, '"" (no update server) or an http:// or https:// base URL', accept)
+
+
+def _command_line() -> _Check:
+    """"" or a command line (split as a shell would, without running a shell)."""
+
+    def accept(v: Any) -> Any:
+        if not isinstance(v, str) or "\0" in v:
+            return _NO
+        try:
+            words = shlex.split(v)
+        except ValueError:  # an unclosed quote
+            return _NO
+        return v if v == "" or words else _NO
+
+    return _Check(str, '"" or a command line (shell quoting, no shell features)', accept)
+
+
 def _field(default: Any, check: _Check, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"check": check}, repr=not secret)
 
@@ -258,6 +299,17 @@ class FirmwareConfig:
     module: str = _field("WROOM-32", _text(1, 64))
 
 
+@dataclass(frozen=True, slots=True)
+class OtaConfig:
+    """[ota]: where AT+CIUPDATE and AT+CIPFWVER? find firmware (see bridged.net.ota)."""
+
+    server: str = _field("", _base_url())
+    token: str = _field("", _text(0, 256), secret=True)
+    max_size: int = _field(16_777_216, _int(1, 4_294_967_296))
+    install_command: str = _field("", _command_line())
+    timeout_ms: int = _field(180_000, _int(1000, 3_600_000))
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -265,6 +317,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
     "state": StateConfig,
     "firmware": FirmwareConfig,
+    "ota": OtaConfig,
 }
 
 
@@ -283,6 +336,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     state: StateConfig = field(default_factory=StateConfig)
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
 

@@ -17,6 +17,7 @@ from bridged.config import (
     FirmwareConfig,
     LinksConfig,
     LogConfig,
+    OtaConfig,
     StateConfig,
     UartConfig,
     WifiConfig,
@@ -88,6 +89,12 @@ ACCEPTED = [
     ("state", "dir", ""), ("state", "dir", "/var/lib/bridged/x"),
     ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "0.0.0.0"),
     ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
+    ("ota", "server", ""), ("ota", "server", "http://127.0.0.1:8080"),
+    ("ota", "server", "https://updates.example/esp/v2"),
+    ("ota", "token", ""), ("ota", "token", "t" * 256),
+    ("ota", "max_size", 1), ("ota", "max_size", 4_294_967_296),
+    ("ota", "install_command", ""), ("ota", "install_command", "/usr/bin/install-fw --now 'a b'"),
+    ("ota", "timeout_ms", 1000), ("ota", "timeout_ms", 3_600_000),
 ]
 
 # (section, key, value, allowed) for values just outside what is allowed.
@@ -154,6 +161,19 @@ REFUSED = [
     ("firmware", "at_version", "4.1.1.x", "four dot-separated integers"),
     ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
     ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
+    ("ota", "server", "ftp://host/x", '"" (no update server) or an http:// or https:// base URL'),
+    ("ota", "server", "http://", '"" (no update server) or an http:// or https:// base URL'),
+    ("ota", "server", "http://h/x?y=1", '"" (no update server) or an http:// or https:// base URL'),
+    ("ota", "server", "http://u:p@h/", '"" (no update server) or an http:// or https:// base URL'),
+    ("ota", "server", "http://h:99999", '"" (no update server) or an http:// or https:// base URL'),
+    ("ota", "server", "http://h /x", '"" (no update server) or an http:// or https:// base URL'),
+    ("ota", "token", "t" * 257, "a string of 0 to 256 bytes"),
+    ("ota", "max_size", 0, "an integer from 1 to 4294967296"),
+    ("ota", "max_size", 4_294_967_297, "an integer from 1 to 4294967296"),
+    ("ota", "install_command", "install 'unclosed", '"" or a command line (shell quoting, no shell features)'),
+    ("ota", "install_command", "   ", '"" or a command line (shell quoting, no shell features)'),
+    ("ota", "timeout_ms", 999, "an integer from 1000 to 3600000"),
+    ("ota", "timeout_ms", 3_600_001, "an integer from 1000 to 3600000"),
 ]
 
 
@@ -217,7 +237,8 @@ def test_parity_message_shape(tmp_path):
 def test_every_key_is_covered():
     """The tables above exercise every key of every section."""
     sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
-                "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig}
+                "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig,
+                "ota": OtaConfig}
     every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
     assert {(s, k) for s, k, _ in ACCEPTED} == every
     assert {(s, k) for s, k, _, _ in REFUSED} == every
@@ -240,6 +261,8 @@ def test_defaults_are_esp_at():
     assert config.firmware.at_version == "4.1.1.0"
     assert config.log == LogConfig(level="info", format="auto", transcript=False)
     assert config.state.dir == ""
+    assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",
+                                   timeout_ms=180_000)
 
 
 def test_config_is_frozen():
@@ -260,6 +283,19 @@ def test_bssid_lowercased(tmp_path):
     """A BSSID in capitals is normalised to lower case."""
     path = write(tmp_path, '[wifi]\nbssid = "AA:BB:CC:0D:EE:FF"\n')
     assert load_config(str(path), None, {}).wifi.bssid == "aa:bb:cc:0d:ee:ff"
+
+
+def test_ota_server_trailing_slash_dropped():
+    """A base URL ending in / gives the same request paths as without it."""
+    config = load_config(None, None, {"ota.server": "http://127.0.0.1:8080/esp/"})
+    assert config.ota.server == "http://127.0.0.1:8080/esp"
+
+
+def test_ota_token_not_in_repr():
+    """The update server's token never shows in a logged config."""
+    config = load_config(None, None, {"ota.token": "s3cret-token"})
+    assert config.ota.token == "s3cret-token"
+    assert "s3cret-token" not in repr(config)
 
 
 def test_password_not_in_repr(tmp_path):
@@ -290,7 +326,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware")
+        "state, firmware, ota")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -507,7 +543,7 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>")
 
 
 def test_override_unparsable_string():
@@ -533,7 +569,7 @@ def test_shipped_example_documents_every_key():
     """Each key appears in config/bridged.toml with its default."""
     text = (REPO / "config" / "bridged.toml").read_text()
     defaults = default_config()
-    for section in ("uart", "wifi", "links", "log", "state", "firmware"):
+    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota"):
         assert f"[{section}]" in text
         for f in dataclasses.fields(getattr(defaults, section)):
             value = getattr(getattr(defaults, section), f.name)
@@ -634,5 +670,5 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
 def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["uart", "wifi", "links", "log", "state", "firmware",
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota",
                      "profile", "sources"]

@@ -38,6 +38,9 @@ __all__ = [
     "wifi",
     "ping_time",
     "PING_TIMEOUT",
+    "ota_progress",
+    "ota_state",
+    "fw_version",
     "is_final",
 ]
 
@@ -139,3 +142,19 @@ def wifi(event: str) -> bytes:
 def ping_time(ms: int) -> bytes:
     """AT+PING's answer: ``+PING:<time>``, whole milliseconds (OK follows)."""
     return info("+PING", ms)
+
+
+def ota_progress(state: int) -> bytes:
+    """AT+CIUPDATE's progress line ``+CIPUPDATE:<1..4>`` or ``+CIPUPDATE:-1``."""
+    return b"+CIPUPDATE:%d\r\n" % state
+
+
+def ota_state(state: int) -> bytes:
+    """AT+CIUPDATE?: the source prints the command's own name, ``+CIUPDATE:``
+    (the spec page shows +CIPUPDATE; esp-at-behavior.md 6.1)."""
+    return info("+CIUPDATE", state)
+
+
+def fw_version(version: str) -> bytes:
+    """One AT+CIPFWVER? line: ``+CIPFWVER:"<version>"``."""
+    return info("+CIPFWVER", q(version))

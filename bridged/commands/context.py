@@ -7,6 +7,7 @@ ESP's NVS) kept.  AT+RST and AT+RESTORE build a new one.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -176,6 +177,12 @@ class Context:
     uart: UartSettings
     server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Part of the running command's answer, written now and in order with its
+    # final result (AT+CIUPDATE's progress lines before OK or ERROR).
+    answer_part: Callable[[bytes], None] = lambda data: None
+    # Work a command left running after its answer (a nonblocking AT+CIUPDATE):
+    # a restart cancels it, as a reboot would.
+    background: set[asyncio.Task] = field(default_factory=set)
 
     @property
     def mux(self) -> bool:

@@ -204,7 +204,8 @@ class Front:
         state = SessionState()
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
-                      self._restart, self._apply_uart, self.uart, self.server)
+                      self._restart, self._apply_uart, self.uart, self.server,
+                      answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
@@ -239,6 +240,8 @@ class Front:
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
+        for task in self.ctx.background:
+            task.cancel()  # ... and what a command left running (a nonblocking AT+CIUPDATE)
         if self.server.running:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0

@@ -275,3 +275,20 @@ def test_ping_time(ms, expected):
 def test_ping_timeout():
     """The timeout line AT+PING prints before ERROR."""
     assert fmt.PING_TIMEOUT == b"+PING:TIMEOUT\r\n"
+
+
+@pytest.mark.parametrize(("state", "expected"), [(1, b"+CIPUPDATE:1\r\n"), (4, b"+CIPUPDATE:4\r\n"),
+                                                 (-1, b"+CIPUPDATE:-1\r\n")])
+def test_ota_progress(state, expected):
+    """AT+CIUPDATE's progress lines (spec page, at_ota_cmd.c)."""
+    assert fmt.ota_progress(state) == expected
+
+
+def test_ota_state_uses_the_command_name():
+    """AT+CIUPDATE? prints +CIUPDATE:, not the page's +CIPUPDATE: (esp-at-behavior.md 6.1)."""
+    assert fmt.ota_state(-1) == b"+CIUPDATE:-1\r\n"
+
+
+def test_fw_version_is_quoted():
+    """AT+CIPFWVER? copies the version's quotes (esp-at-behavior.md 6.2)."""
+    assert fmt.fw_version("v2.2.0.0") == b'+CIPFWVER:"v2.2.0.0"\r\n'

@@ -1,0 +1,168 @@
+"""AT+CIUPDATE and AT+CIPFWVER?: firmware updates from the configured server.
+
+Forms and bytes follow the spec page and esp-at-behavior.md 6.1/6.2 (ESP-AT's
+at_ota_cmd.c):
+
+* ``AT+CIUPDATE`` = ``AT+CIUPDATE=0``: the latest ``ota`` image, blocking.
+* ``AT+CIUPDATE=<mode>[,"<version>"][,"<partition>"][,<nonblocking>]``:
+  version and partition at most 64 bytes each ("" = latest, "ota").
+  Blocking: progress lines ``+CIPUPDATE:1..4`` as part of the answer, then
+  ``OK`` (and, for ``ota``, the session restarts as after AT+RST: links
+  closed, ``ready``) or, on failure, ``ERROR`` right after the last progress
+  line.  Nonblocking: ``OK`` at once, the same lines later as unsolicited
+  messages, a failure ends with ``+CIPUPDATE:-1``; no automatic restart.
+  With a version given, ESP-AT skips the lookup: 1 is followed by 4.
+* ``AT+CIUPDATE?``: ``+CIUPDATE:<state>`` (0 idle, 1..4, -1 failed).
+* A new update while a nonblocking one runs: ERROR (ESP-AT's "ALREADY IN OTA").
+* ``AT+CIPFWVER?``: one ``+CIPFWVER:"<v>"`` per version on the server, then OK.
+
+Policy: the server is ``[ota] server`` (bridged.net.ota); without one, both
+commands answer ERROR and the log says no update server is configured.  The
+state lives in the session, so a restart shows 0 again, as a reboot does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+import structlog
+
+from bridged.at import format as fmt
+from bridged.at.errors import ExecFail, ParamInvalid
+from bridged.at.params import Int, Str, bind
+from bridged.at.parser import CommandLine, Kind
+from bridged.commands.context import Context
+from bridged.commands.dns import dns_servers
+from bridged.commands.registry import Reply, handles
+from bridged.commands.wifi import station_ip
+from bridged.net.ota import OtaFailed, Updater
+
+__all__ = ["OtaSession"]
+
+log = structlog.get_logger()
+
+FIRMWARE = "ota"  # the partition whose update restarts the session
+_SET_SPECS = (Int(0, 1), Str(64, ""), Str(64, ""), Int(0, 1, 0))
+# A partition name becomes a file name (<state dir>/ota/<name>.bin).
+_PARTITION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass(slots=True)
+class OtaSession:
+    state: int = 0  # as AT+CIUPDATE? shows it
+    running: bool = False
+
+
+def _session(ctx: Context) -> OtaSession:
+    return ctx.extra.setdefault("ota", OtaSession())
+
+
+def _updater(ctx: Context) -> Updater:
+    """The configured server, or ExecFail when there is none or no network."""
+    config = ctx.config.ota
+    if not config.server:
+        raise ExecFail("no update server is configured ([ota] server in the config file)")
+    if station_ip(ctx) is None:
+        raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
+    enable, servers = dns_servers(ctx)
+    # The store's file sits in the state directory; images go next to it.
+    return Updater(config, ctx.store.path.parent, servers if enable == 1 else ())
+
+
+# -- AT+CIUPDATE ---------------------------------------------------------------------
+
+
+@handles("+CIUPDATE", Kind.QUERY)
+def ciupdate_query(ctx: Context, line: CommandLine) -> Reply:
+    return Reply(fmt.ota_state(_session(ctx).state))
+
+
+@handles("+CIUPDATE", Kind.EXECUTE)
+def ciupdate_execute(ctx: Context, line: CommandLine):
+    return _start(ctx, 0, "", FIRMWARE, nonblocking=False)
+
+
+@handles("+CIUPDATE", Kind.SET)
+def ciupdate_set(ctx: Context, line: CommandLine):
+    mode, version, partition, nonblocking = bind(line.tokens, _SET_SPECS, min_count=1)
+    partition = partition or FIRMWARE
+    if not _PARTITION.fullmatch(partition):
+        raise ParamInvalid(f"partition {partition!r}: letters, digits, _ . - only", 3)
+    return _start(ctx, mode, version, partition, nonblocking=bool(nonblocking))
+
+
+def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: bool):
+    session = _session(ctx)
+    if session.running:
+        raise ExecFail("ALREADY IN OTA: an update is still running")
+    updater = _updater(ctx)
+    log.info("ota_started", mode=mode, version=version or "latest", partition=partition,
+             nonblocking=nonblocking, server=ctx.config.ota.server)
+    session.running = True
+    if nonblocking:
+        # OK first, then the progress lines as unsolicited messages.
+        return Reply(after=lambda: _in_background(ctx, _nonblocking(ctx, session, updater, version, partition)))
+    return _blocking(ctx, session, updater, version, partition)
+
+
+def _progress(ctx: Context, session: OtaSession, state: int, write) -> None:
+    session.state = state
+    write(fmt.ota_progress(state))
+
+
+async def _blocking(ctx: Context, session: OtaSession, updater: Updater, version: str, partition: str) -> Reply:
+    try:
+        image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.answer_part))
+    except OtaFailed as exc:
+        session.state = -1
+        raise ExecFail(f"AT+CIUPDATE failed: {exc.why}") from None
+    finally:
+        session.running = False
+    log.info("ota_done", file=str(image), partition=partition)
+    if partition == FIRMWARE:
+        return Reply(after=lambda: ctx.restart(False))  # ESP-AT: OK, then esp_restart()
+    return Reply()
+
+
+async def _nonblocking(ctx: Context, session: OtaSession, updater: Updater, version: str, partition: str) -> None:
+    try:
+        image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.urc))
+    except OtaFailed as exc:
+        log.info("ota_failed", why=exc.why)
+        _progress(ctx, session, -1, ctx.urc)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # Our bug: the MCU still learns that the update ended.
+        log.exception("ota_crashed")
+        _progress(ctx, session, -1, ctx.urc)
+    else:
+        log.info("ota_done", file=str(image), partition=partition)
+    finally:
+        session.running = False
+
+
+def _in_background(ctx: Context, work) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    ctx.background.add(task)
+    task.add_done_callback(ctx.background.discard)
+
+
+# -- AT+CIPFWVER? ----------------------------------------------------------------------
+
+
+@handles("+CIPFWVER", Kind.QUERY)
+def cipfwver_query(ctx: Context, line: CommandLine):
+    updater = _updater(ctx)
+
+    async def ask() -> Reply:
+        try:
+            versions = await updater.versions()
+        except OtaFailed as exc:
+            raise ExecFail(f"AT+CIPFWVER? failed: {exc.why}") from None
+        log.info("ota_versions", count=len(versions))
+        return Reply(b"".join(fmt.fw_version(v) for v in versions))
+
+    return ask()

@@ -176,8 +176,10 @@ def test_restart_and_shutdown_say_goodbye(segment):
     host.boot()
     assert host.ask(b'AT+MDNS=1,"rst","iot",7,"before"') == OK  # "iot" gets its underscore
     assert browser.next()["name"] == f"before.{TYPE}"
-    host.write(b"AT+RST\r\n")
-    host.boot()  # ready again
+    assert host.command(b"AT+RST") == OK
+    host.expect(b"\r\nready\r\n")
+    host.expect(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n")  # stored credentials: it rejoins by itself
+    host.command(b"ATE0")
     assert browser.next() == {"event": "removed", "name": f"before.{TYPE}"}
     assert host.ask(b'AT+MDNS=1,"rst","_iot",7,"after"') == OK
     assert browser.next()["name"] == f"after.{TYPE}"

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from tests.harness import Daemon
-from tests.netns import netns_available, veth_pair
+from tests.netns import netns_available, side_host, veth_pair
 
 OK = b"\r\nOK\r\n"
 ERROR = b"\r\nERROR\r\n"
@@ -187,6 +187,27 @@ def test_restart_and_shutdown_say_goodbye(segment):
     assert browser.next() == {"event": "removed", "name": f"after.{TYPE}"}
     assert "Traceback" not in daemon.log_text()
 
+
+
+@needs_netns
+def test_only_the_station_interface_advertises(tmp_path):
+    """With a second interface in A (to namespace C), mDNS answers on the station's segment only."""
+    with veth_pair() as net, side_host(net) as side:
+        daemon = Daemon(tmp_path, wrap=net.exec_a(), station="veth0").start()
+        on_station, elsewhere = Browser(net.exec_b(), net.b_ip), Browser(side.exec(), side.ip)
+        try:
+            host = daemon.host()
+            host.boot()
+            assert host.ask(b'AT+MDNS=1,"only","_iot",80') == OK
+            added = on_station.next()
+            assert added["name"] == f"only.{TYPE}" and side.a_ip not in added["addresses"]
+            assert elsewhere.quiet(3.0) == []
+            assert host.ask(b"AT+MDNS=0") == OK
+            assert on_station.next()["event"] == "removed"
+        finally:
+            on_station.close()
+            elsewhere.close()
+            assert daemon.stop() == 0
 
 _BAD = [
     (b"AT+MDNS=1", "expected"),

@@ -30,7 +30,7 @@ from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
-from bridged.net.mdns import Advertisement, service_type
+from bridged.net.mdns import Advertisement, check_instance, service_type
 
 __all__: list[str] = []
 
@@ -87,11 +87,17 @@ def parse_advertisement(tokens: tuple[Token, ...]) -> Advertisement:
     hostname = _utf8(hostname, 2)
     if "." in hostname:
         raise ParamInvalid(f"host name {hostname!r} has a dot: it is one label before .local", 2)
-    instance = _utf8(instance, 5) if instance else hostname
+    if any(ord(c) < 0x20 or c == "\x7f" for c in hostname):
+        raise ParamInvalid(f"host name {hostname!r} has a control character", 2)
     try:
         type_name = service_type(_utf8(service, 3), proto)
     except ValueError as exc:
         raise ParamInvalid(str(exc), 3) from None
+    instance = _utf8(instance, 5) if instance else hostname
+    try:
+        check_instance(instance, type_name)
+    except ValueError as exc:
+        raise ParamInvalid(str(exc), 5) from None
     if txt_number == 0 and len(tokens) > len(_HEAD):
         raise ParamCountMismatch("TXT key/value parameters need a txt_number", len(tokens))
     txt = _txt_pairs(tokens, txt_number) if txt_number else ()

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import structlog
 from zeroconf import BadTypeInNameException, IPVersion, ServiceInfo, service_type_name
+from zeroconf._services.info import instance_name_from_service_info
 from zeroconf.asyncio import AsyncZeroconf
 
 from bridged.net.interfaces import InterfaceInfo
 
-__all__ = ["Advertisement", "Advertiser", "service_type"]
+__all__ = ["Advertisement", "Advertiser", "service_type", "check_instance"]
 
 log = structlog.get_logger()
 
@@ -56,6 +57,20 @@ def service_type(service: str, proto: str) -> str:
     except BadTypeInNameException as exc:
         raise ValueError(f"service type {service!r}: {exc}") from None
     return type_name
+
+
+def check_instance(instance: str, type_name: str) -> None:
+    """Refuse an instance name zeroconf would refuse when registering.
+
+    Raises:
+        ValueError: control characters, or a name that reads as a subtype.
+    """
+    try:
+        info = ServiceInfo(type_name, f"{instance}.{type_name}")
+        if instance_name_from_service_info(info, strict=True) != instance:
+            raise BadTypeInNameException("does not parse back")
+    except BadTypeInNameException as exc:
+        raise ValueError(f"instance name {instance!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)

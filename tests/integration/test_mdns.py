@@ -169,8 +169,8 @@ def test_enabling_twice_is_error_and_keeps_the_first(segment):
 
 
 @needs_netns
-def test_restart_and_shutdown_say_goodbye(segment):
-    """AT+RST withdraws the service and AT+MDNS works again after it; SIGTERM withdraws it too."""
+def test_restart_restore_and_shutdown_say_goodbye(segment):
+    """AT+RST and AT+RESTORE withdraw the service and AT+MDNS works after them; SIGTERM withdraws it too."""
     daemon, browser, _net = segment
     host = daemon.host()
     host.boot()
@@ -183,10 +183,14 @@ def test_restart_and_shutdown_say_goodbye(segment):
     assert browser.next() == {"event": "removed", "name": f"before.{TYPE}"}
     assert host.ask(b'AT+MDNS=1,"rst","_iot",7,"after"') == OK
     assert browser.next()["name"] == f"after.{TYPE}"
-    assert daemon.stop() == 0
+    assert host.command(b"AT+RESTORE") == OK
+    host.boot()  # factory settings: ready, echo on, not joined
     assert browser.next() == {"event": "removed", "name": f"after.{TYPE}"}
+    assert host.ask(b'AT+MDNS=1,"rst","_iot",7,"last"') == OK
+    assert browser.next()["name"] == f"last.{TYPE}"
+    assert daemon.stop() == 0
+    assert browser.next() == {"event": "removed", "name": f"last.{TYPE}"}
     assert "Traceback" not in daemon.log_text()
-
 
 
 @needs_netns

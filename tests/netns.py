@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["Pair", "veth_pair", "netns_available"]
+__all__ = ["Pair", "Side", "veth_pair", "side_host", "netns_available"]
 
 
 def _ip(*args: str) -> None:
@@ -78,3 +78,37 @@ def veth_pair():
             _ip("netns", "del", b)
     finally:
         _ip("netns", "del", a)
+
+
+@dataclass(frozen=True)
+class Side:
+    ns: str  # namespace C, joined to A's second interface
+    a_if: str  # that interface's name inside A
+    a_ip: str  # its address in A, on 10.201.N.0/24
+    ip: str  # C's address
+
+    def exec(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.ns)
+
+
+@contextmanager
+def side_host(pair: Pair):
+    """Namespace C on a second veth of A (veth1 there): a segment that is not A's station's."""
+    tag = uuid.uuid4().hex[:6]
+    ns = f"brc{tag}"
+    subnet = int(tag[:2], 16) % 200 + 20
+    side = Side(ns, "veth1", f"10.201.{subnet}.1", f"10.201.{subnet}.2")
+    _ip("netns", "add", ns)
+    try:
+        _ip("link", "add", f"vc{tag}", "type", "veth", "peer", "name", f"vd{tag}")
+        _ip("link", "set", f"vc{tag}", "netns", pair.a)
+        _ip("link", "set", f"vd{tag}", "netns", ns)
+        for where, old, name, ip4 in ((pair.a, f"vc{tag}", "veth1", side.a_ip), (ns, f"vd{tag}", "veth0", side.ip)):
+            _ip("-n", where, "link", "set", old, "name", name)
+            _ip("-n", where, "addr", "add", f"{ip4}/24", "broadcast", "+", "dev", name)
+            _ip("-n", where, "link", "set", name, "up")
+        _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", ns, "route", "add", "224.0.0.0/4", "dev", "veth0")
+        yield side
+    finally:
+        _ip("netns", "del", ns)  # takes its veth end, and so the pair, with it

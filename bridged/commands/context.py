@@ -176,6 +176,7 @@ class Context:
     apply_uart: Callable[[UartSettings], None]  # reconfigure the port now
     uart: UartSettings
     server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
+    mdns: Any = None  # the front's AT+MDNS responder (bridged.net.mdns.Advertiser)
     extra: dict[str, Any] = field(default_factory=dict)
     # Part of the running command's answer, written now and in order with its
     # final result (AT+CIUPDATE's progress lines before OK or ERROR).

@@ -56,6 +56,7 @@ from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
+from bridged.net.mdns import Advertiser
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
@@ -118,6 +119,7 @@ class Front:
             on_accepted=self._on_link_accepted, on_freed=lambda slot: self.server.update(),
         )
         self.server = Server(self.links)
+        self.mdns = Advertiser()
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False  # a command waits on the network: input gets busy p...
@@ -150,6 +152,7 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
+            await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
 
@@ -205,7 +208,7 @@ class Front:
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
                       self._restart, self._apply_uart, self.uart, self.server,
-                      answer_part=self.output.reply)
+                      mdns=self.mdns, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
@@ -245,6 +248,7 @@ class Front:
         if self.server.running:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
+        self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
         self.links.drop_all()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)

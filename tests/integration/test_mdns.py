@@ -1,0 +1,271 @@
+"""AT+MDNS end to end: the daemon advertises in namespace A, a zeroconf browser listens in namespace B.
+
+mDNS is multicast, so every test that sends it runs between two network
+namespaces of its own (tests/netns.py); nothing reaches the host's interfaces.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from tests.harness import Daemon
+from tests.netns import netns_available, side_host, veth_pair
+
+OK = b"\r\nOK\r\n"
+ERROR = b"\r\nERROR\r\n"
+TYPE = "_iot._tcp.local."
+
+needs_netns = pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
+
+# Browses one service type on the given address and prints one JSON line per
+# event: added (with the resolved service and its host's addresses), removed.
+_BROWSER = textwrap.dedent(
+    """
+    import json, sys
+    from zeroconf import AddressResolver, IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+
+    address, type_ = sys.argv[1], sys.argv[2]
+    zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+
+    def say(**fields):
+        print(json.dumps(fields), flush=True)
+
+    def on_change(zeroconf, service_type, name, state_change):
+        if state_change is ServiceStateChange.Removed:
+            say(event="removed", name=name)
+            return
+        if state_change is not ServiceStateChange.Added:
+            return
+        info = zeroconf.get_service_info(service_type, name, timeout=5000)
+        if info is None:
+            say(event="unresolved", name=name)
+            return
+        host = AddressResolver(info.server)
+        host.request(zeroconf, 5000)
+        say(event="added", name=name, type=info.type, port=info.port, server=info.server,
+            txt={k.decode(): (v or b"").decode() for k, v in info.properties.items()},
+            addresses=sorted(info.parsed_addresses(IPVersion.All)),
+            host_addresses=sorted(host.parsed_addresses(IPVersion.All)))
+
+    browser = ServiceBrowser(zc, type_, handlers=[on_change])
+    say(event="ready")
+    sys.stdin.read()  # until the test closes our stdin
+    browser.cancel()
+    zc.close()
+    """
+)
+
+
+class Browser:
+    """The zeroconf browser in namespace B, its events read with timeouts."""
+
+    def __init__(self, exec_prefix: tuple[str, ...], address: str, type_: str = TYPE) -> None:
+        self.proc = subprocess.Popen([*exec_prefix, sys.executable, "-c", _BROWSER, address, type_],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        assert self.next(timeout=15)["event"] == "ready"
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._events.put(json.loads(line))
+        self._events.put({"event": "exited"})
+
+    def next(self, timeout: float = 15.0) -> dict:
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no mDNS event within {timeout} s") from None
+
+    def quiet(self, seconds: float) -> list[dict]:
+        """Events seen in the next ``seconds``."""
+        seen = []
+        try:
+            while True:
+                seen.append(self._events.get(timeout=seconds))
+        except queue.Empty:
+            return seen
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def segment(tmp_path):
+    """(daemon in namespace A on veth0, browser in namespace B, the namespaces)."""
+    with veth_pair() as net:
+        daemon = Daemon(tmp_path, wrap=net.exec_a(), station="veth0").start()
+        browser = Browser(net.exec_b(), net.b_ip)
+        try:
+            yield daemon, browser, net
+        finally:
+            browser.close()
+            code = daemon.stop()
+            assert code == 0, daemon.log_text()[-3000:]
+            assert "Traceback" not in daemon.log_text()
+
+
+def _why(daemon: Daemon) -> str:
+    return daemon.wait_event("command_error")[-1]["why"]
+
+
+@needs_netns
+def test_service_and_host_are_advertised_then_withdrawn(segment):
+    """AT+MDNS=1 publishes type, instance, port, TXT and the host's addresses; AT+MDNS=0 removes them."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    line = b'AT+MDNS=1,"bridged-test","_iot",8080,"Test Thing","_tcp",2,"board","esp32","u","user x"'
+    assert host.ask(line) == OK
+    added = browser.next()
+    assert added == {
+        "event": "added",
+        "name": f"Test Thing.{TYPE}",
+        "type": TYPE,
+        "port": 8080,
+        "server": "bridged-test.local.",
+        "txt": {"board": "esp32", "u": "user x"},
+        "addresses": added["addresses"],
+        "host_addresses": added["host_addresses"],
+    }
+    assert net.a_ip in added["addresses"] and net.a_ip6 in added["addresses"]
+    assert net.a_ip in added["host_addresses"] and net.a_ip6 in added["host_addresses"]
+    assert all(a.startswith(("10.200.", "fd00:200:", "fe80:")) for a in added["addresses"])
+
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": f"Test Thing.{TYPE}"}
+    assert host.ask(b"AT+MDNS=0") == OK  # nothing to stop: still OK
+    daemon.wait_event("mdns_stopped")
+
+
+@needs_netns
+def test_enabling_twice_is_error_and_keeps_the_first(segment):
+    """A second AT+MDNS=1 answers ERROR (log says why); the first service stays until AT+MDNS=0."""
+    daemon, browser, _net = segment
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+MDNS=1,"first","_iot",1000') == OK
+    assert browser.next()["name"] == f"first.{TYPE}"  # the instance defaults to the host name
+    assert host.ask(b'AT+MDNS=1,"second","_iot",2000') == ERROR
+    assert "already enabled" in _why(daemon)
+    assert [e for e in browser.quiet(2.0) if e["event"] != "exited"] == []
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": f"first.{TYPE}"}
+    assert host.ask(b'AT+MDNS=1,"second","_iot",2000') == OK
+    added = browser.next()
+    assert (added["name"], added["port"], added["txt"]) == (f"second.{TYPE}", 2000, {})
+
+
+@needs_netns
+def test_restart_restore_and_shutdown_say_goodbye(segment):
+    """AT+RST and AT+RESTORE withdraw the service and AT+MDNS works after them; SIGTERM withdraws it too."""
+    daemon, browser, _net = segment
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+MDNS=1,"rst","iot",7,"before"') == OK  # "iot" gets its underscore
+    assert browser.next()["name"] == f"before.{TYPE}"
+    assert host.command(b"AT+RST") == OK
+    host.expect(b"\r\nready\r\n")
+    host.expect(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n")  # stored credentials: it rejoins by itself
+    host.command(b"ATE0")
+    assert browser.next() == {"event": "removed", "name": f"before.{TYPE}"}
+    assert host.ask(b'AT+MDNS=1,"rst","_iot",7,"after"') == OK
+    assert browser.next()["name"] == f"after.{TYPE}"
+    assert host.command(b"AT+RESTORE") == OK
+    host.boot()  # factory settings: ready, echo on, not joined
+    assert browser.next() == {"event": "removed", "name": f"after.{TYPE}"}
+    assert host.ask(b'AT+MDNS=1,"rst","_iot",7,"last"') == OK
+    assert browser.next()["name"] == f"last.{TYPE}"
+    assert daemon.stop() == 0
+    assert browser.next() == {"event": "removed", "name": f"last.{TYPE}"}
+    assert "Traceback" not in daemon.log_text()
+
+
+@needs_netns
+def test_only_the_station_interface_advertises(tmp_path):
+    """With a second interface in A (to namespace C), mDNS answers on the station's segment only."""
+    with veth_pair() as net, side_host(net) as side:
+        daemon = Daemon(tmp_path, wrap=net.exec_a(), station="veth0").start()
+        on_station, elsewhere = Browser(net.exec_b(), net.b_ip), Browser(side.exec(), side.ip)
+        try:
+            host = daemon.host()
+            host.boot()
+            assert host.ask(b'AT+MDNS=1,"only","_iot",80') == OK
+            added = on_station.next()
+            assert added["name"] == f"only.{TYPE}" and side.a_ip not in added["addresses"]
+            assert elsewhere.quiet(3.0) == []
+            assert host.ask(b"AT+MDNS=0") == OK
+            assert on_station.next()["event"] == "removed"
+        finally:
+            on_station.close()
+            elsewhere.close()
+            assert daemon.stop() == 0
+
+_BAD = [
+    (b"AT+MDNS=1", "expected"),
+    (b'AT+MDNS=1,"h","_iot"', "expected"),
+    (b'AT+MDNS=1,"h",,80', "omitted"),
+    (b'AT+MDNS=2,"h","_iot",80', "out of range"),
+    (b'AT+MDNS=0,"h"', "no other parameter"),
+    (b"AT+MDNS=0,", "no other parameter"),
+    (b'AT+MDNS=1,"h","_iot",0', "out of range"),
+    (b'AT+MDNS=1,"h","_iot",65536', "out of range"),
+    (b'AT+MDNS=1,"h","_iot","80"', "number"),
+    (b'AT+MDNS=1,h,"_iot",80', "quoted"),
+    (b'AT+MDNS=1,"","_iot",80', "bytes long"),
+    (b'AT+MDNS=1,"a.b","_iot",80', "dot"),
+    (b'AT+MDNS=1,"%s","_iot",80' % (b"h" * 64), "bytes long"),
+    (b'AT+MDNS=1,"h","_this-is-too-long",80', "service type"),
+    (b'AT+MDNS=1,"h","_a b",80', "service type"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_sctp"', "_tcp or _udp"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",0', "out of range"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",11', "out of range"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",2,"k","v"', "needs 4"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",1,"k","v","k2","v2"', "needs 2"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",1,"k"', "needs 2"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",1,"","v"', "bytes long"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",1,"a=b","v"', "'='"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",1,,"v"', "omitted"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp",,"k","v"', "need a txt_number"),
+    (b'AT+MDNS=1,"h","_iot",80,"i","_tcp","k","v"', "number"),
+    (b'AT+MDNS=1,"h\xff","_iot",80', "UTF-8"),
+    (b'AT+MDNS=1,"h\x01","_iot",80', "control character"),
+    (b'AT+MDNS=1,"h","_iot",80,"a\x01b"', "instance name"),
+    (b'AT+MDNS=1,"h","_iot",80,"_sub"', "instance name"),
+    (b"AT+MDNS?", "no query form"),
+    (b"AT+MDNS=?", "no test form"),
+    (b"AT+MDNS", "no execute form"),
+]
+
+
+def test_bad_parameters_are_error_with_a_reason(host, daemon):
+    """Missing, extra or invalid AT+MDNS parameters answer ERROR and log why; nothing is advertised."""
+    for number, (line, why) in enumerate(_BAD, start=1):
+        assert host.ask(line) == ERROR, line
+        events = daemon.wait_event("command_error", count=number)
+        assert why in events[-1]["why"], (line, events[-1])
+    assert not daemon.events("mdns_started")
+    assert host.ask(b"AT") == OK
+
+
+def test_needs_a_connected_station(daemon):
+    """Before AT+CWJAP the station has no address: AT+MDNS=1 is ERROR ("no ip"), AT+MDNS=0 OK."""
+    host = daemon.host()
+    host.expect(b"ready\r\n")
+    host.command(b"ATE0")
+    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == ERROR
+    assert "no ip" in _why(daemon)
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert not daemon.events("mdns_started")

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import structlog
 from zeroconf import BadTypeInNameException, IPVersion, ServiceInfo, service_type_name
-from zeroconf._services.info import instance_name_from_service_info
 from zeroconf.asyncio import AsyncZeroconf
 
 from bridged.net.interfaces import InterfaceInfo
@@ -65,12 +64,14 @@ def check_instance(instance: str, type_name: str) -> None:
     Raises:
         ValueError: control characters, or a name that reads as a subtype.
     """
+    # zeroconf's public check of a full name; a trailing "_sub" label would
+    # make the instance read as a subtype, which it also refuses.
     try:
-        info = ServiceInfo(type_name, f"{instance}.{type_name}")
-        if instance_name_from_service_info(info, strict=True) != instance:
-            raise BadTypeInNameException("does not parse back")
+        parsed = service_type_name(f"{instance}.{type_name}", strict=True)
     except BadTypeInNameException as exc:
         raise ValueError(f"instance name {instance!r}: {exc}") from None
+    if parsed != type_name or instance == "_sub" or instance.endswith("._sub"):
+        raise ValueError(f"instance name {instance!r}: reads as a subtype of {type_name}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ __all__ = [
     "ipd_active",
     "ipd_passive",
     "wifi",
+    "cipdomain",
     "is_final",
 ]
 
@@ -131,3 +132,8 @@ def ipd_passive(link_id: int | None, total: int) -> bytes:
 def wifi(event: str) -> bytes:
     """``WIFI CONNECTED``, ``WIFI GOT IP``, ``WIFI DISCONNECT`` ..."""
     return b"WIFI " + event.encode("ascii") + b"\r\n"
+
+
+def cipdomain(address: str) -> bytes:
+    """AT+CIPDOMAIN's answer: the address in quotes (v2+; NonOS 1.x printed it bare)."""
+    return info("+CIPDOMAIN", q(address))

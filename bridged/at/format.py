@@ -41,6 +41,7 @@ __all__ = [
     "ota_progress",
     "ota_state",
     "fw_version",
+    "cipdomain",
     "is_final",
 ]
 
@@ -158,3 +159,8 @@ def ota_state(state: int) -> bytes:
 def fw_version(version: str) -> bytes:
     """One AT+CIPFWVER? line: ``+CIPFWVER:"<version>"``."""
     return info("+CIPFWVER", q(version))
+
+
+def cipdomain(address: str) -> bytes:
+    """AT+CIPDOMAIN's answer: the address in quotes (v2+; NonOS 1.x printed it bare)."""
+    return info("+CIPDOMAIN", q(address))

@@ -115,6 +115,7 @@ class ConnectSpec:
     tls_alpn: tuple[str, ...] = ()
     tls_psk: str = ""  # hex
     tls_psk_hint: str = ""
+    dns_servers: tuple[str, ...] = ()  # AT+CIPDNS's manual servers; () = the host's resolver
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from bridged.at.format import PROMPT, info
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context
+from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, SendRequest, handles
 from bridged.commands.ssl import with_tls
 
@@ -127,7 +128,8 @@ def saved_link(ctx: Context) -> tuple[ConnectSpec, int] | None:
     saved = ctx.store.get("savetranslink")
     if not saved:
         return None
-    spec = ConnectSpec(saved["type"], saved["host"], saved["port"], local_port=saved["local_port"])
+    spec = ConnectSpec(saved["type"], saved["host"], saved["port"], local_port=saved["local_port"],
+                       dns_servers=lookup_servers(ctx))
     if spec.type.startswith("SSL"):  # the stored AT+CIPSSLCCONF of link 0 applies
         spec = with_tls(ctx, 0, spec)
     return spec, saved["keep_alive"]

@@ -9,7 +9,7 @@ texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import functools
 import ipaddress
 import socket
@@ -20,9 +20,11 @@ from bridged.at.format import PROMPT, closed, connect, fields, info, link_conn, 
 from bridged.at.params import Int, Spec, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
+from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, SendRequest, handles
 from bridged.commands.ssl import with_tls
 from bridged.commands.wifi import station_ip
+from bridged.net.resolver import ResolveError, resolve
 
 __all__ = ["connected_message"]
 
@@ -83,7 +85,7 @@ def _check_host(ctx: Context, type_: str, host: str) -> None:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        return  # a name: resolved by the link worker
+        return  # a name: resolved by the link worker, through AT+CIPDNS's servers
     if addr.version == 6 and not type_.endswith("v6"):
         raise ExecFail(f"unmatched type and remote host: an IPv6 address needs {type_}v6")
     if addr.version == 4 and type_.endswith("v6"):
@@ -120,6 +122,9 @@ def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
 
 
 async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
+    # The worker resolves (an SSL link needs the name itself for SNI and the
+    # certificate check); it asks the servers AT+CIPDNS holds now.
+    spec = dataclasses.replace(spec, dns_servers=lookup_servers(ctx))
     view = await ctx.links.connect(link_id, spec)
     ctx.state.had_link = True
     return Reply(connected_message(ctx, view))
@@ -223,11 +228,12 @@ async def _udp_send(ctx: Context, view: LinkView, link_id: int, length: int, hos
                     kind: DataKind) -> Reply:
     """AT+CIPSEND to a UDP peer of the MCU's choosing, for this datagram only."""
     family = socket.AF_INET6 if view.type.endswith("v6") else socket.AF_INET
+    timeout = ctx.config.links.connect_timeout_ms / 1000
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-    except OSError as exc:
+        addresses = await resolve(host, family, lookup_servers(ctx), timeout)
+    except ResolveError as exc:
         raise ExecFail(f"unknown host {host}: {exc}") from None
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, infos[0][4][:2], kind))
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, (addresses[0], port), kind))
 
 
 # -- AT+CIPCLOSE ----------------------------------------------------------------------

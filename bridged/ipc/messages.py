@@ -64,6 +64,8 @@ class Connect:
     tls_alpn: tuple[str, ...] = ()
     tls_psk: str = ""  # hex
     tls_psk_hint: str = ""
+    # The worker resolves a host name through these (AT+CIPDNS manual), else the host's resolver.
+    dns_servers: tuple[str, ...] = ()
 
 
 @message

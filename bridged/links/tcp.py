@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
-
 import struct
 
 from bridged.ipc.messages import Connect, SetOptions
+from bridged.net.resolver import resolve
 
 __all__ = ["open_tcp", "apply_keep_alive", "apply_options"]
 
@@ -50,10 +49,12 @@ async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
     family = socket.AF_INET6 if request.link_type.endswith("v6") else socket.AF_INET
     timeout = (request.timeout_ms or default_timeout_ms) / 1000
     async with asyncio.timeout(timeout):
-        infos = await _addresses(loop, request.host, request.port, family)
+        # AT+CIPDNS's manual servers when the MCU set them; an address literal is never looked up.
+        addresses = await resolve(request.host, family, request.dns_servers, timeout)
         error: OSError = OSError(f"no address for {request.host}")
-        for fam, type_, proto, _name, addr in infos:
-            sock = socket.socket(fam, type_, proto)
+        for address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            addr = (address, request.port, 0, 0) if family == socket.AF_INET6 else (address, request.port)
             try:
                 sock.setblocking(False)
                 if request.local_ip:
@@ -69,14 +70,3 @@ async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
             return sock
         raise error
 
-
-async def _addresses(loop, host: str, port: int, family: int) -> list:
-    """getaddrinfo, skipped for an address literal (it costs a thread hop)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
-    if (ip.version == 6) != (family == socket.AF_INET6):
-        raise OSError(f"{host} is not an {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address")
-    sockaddr = (str(ip), port, 0, 0) if ip.version == 6 else (str(ip), port)
-    return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)]

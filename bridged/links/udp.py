@@ -8,25 +8,14 @@ from anyone.  Remote 255.255.255.255 enables broadcast; a multicast remote
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 import struct
 
 from bridged.ipc.messages import Connect
+from bridged.net.resolver import resolve
 
-__all__ = ["open_udp", "resolve"]
-
-
-async def resolve(host: str, port: int, v6: bool, timeout: float) -> tuple:
-    """The first address of ``host`` in the link's family, as a sockaddr."""
-    loop = asyncio.get_running_loop()
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    async with asyncio.timeout(timeout):
-        infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"no address for {host}")
-    return infos[0][4]
+__all__ = ["open_udp"]
 
 
 def _join_group(sock: socket.socket, group: ipaddress.IPv4Address | ipaddress.IPv6Address, local_ip: str) -> None:
@@ -49,8 +38,10 @@ async def open_udp(request: Connect, default_timeout_ms: int) -> tuple[socket.so
     """
     v6 = request.link_type.endswith("v6")
     timeout = (request.timeout_ms or default_timeout_ms) / 1000
-    remote = await resolve(request.host, request.port, v6, timeout)
-    remote_ip = ipaddress.ip_address(remote[0].split("%")[0])
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    address = (await resolve(request.host, family, request.dns_servers, timeout))[0]
+    remote = (address, request.port, 0, 0) if v6 else (address, request.port)
+    remote_ip = ipaddress.ip_address(address.split("%")[0])
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)

@@ -142,7 +142,9 @@ class Worker:
         self._gate = ReadGate(self.loop, self._on_readable)
         # The front frees downlink space all the time; we only care while waiting for it.
         self.downlink.want_space_doorbell(False)
-        send_message(self.control, Hello(self.link_id, os.getpid()))
+        # A worker restarted while the daemon stops may find the front gone:
+        # that is the front's EOF to read next, not a crash.
+        self._reply(Hello(self.link_id, os.getpid()))
         try:
             await self._done
         finally:

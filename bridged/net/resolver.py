@@ -5,6 +5,9 @@ AT+PING and AT+CIUPDATE all resolve alike: an address literal is returned
 as it is (no lookup), anything else goes to the nameservers AT+CIPDNS set
 by hand, or, with AT+CIPDNS "from DHCP", to the host's own resolver (on a
 gateway, that is what its DHCP client configured).
+
+With AF_UNSPEC the IPv4 addresses come first, as lwIP's default address
+type (IPv4, then IPv6) orders them: AT+CIPDOMAIN's <ip network> 1.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class ResolveError(OSError):
 
 async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[str] = (),
                   timeout: float = 5.0) -> list[str]:
-    """The addresses of ``host``, in the resolver's order, without duplicates.
+    """The addresses of ``host``, IPv4 first, without duplicates.
 
     Args:
         family: AF_INET, AF_INET6, or AF_UNSPEC for either.
@@ -41,21 +44,55 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
         if family != socket.AF_UNSPEC and (ip.version == 6) != (family == socket.AF_INET6):
             raise ResolveError(f"{host} is not an {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address")
         return [str(ip)]
-    if servers:
-        raise ResolveError("resolving through AT+CIPDNS servers is not implemented yet")
-    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
+            if servers:
+                found = await _ask_servers(host, family, servers, timeout)
+            else:
+                found = await _ask_host(host, family)
     except TimeoutError:
         raise ResolveError(f"no answer for {host} within {timeout:g} s") from None
-    except OSError as exc:
-        raise ResolveError(f"cannot resolve {host}: {exc.strerror or exc}") from None
-    found: list[str] = []
-    for info in infos:
-        address = info[4][0]
-        if address not in found:
-            found.append(address)
     if not found:
         raise ResolveError(f"no address for {host}")
-    return found
+    return sorted(dict.fromkeys(found), key=lambda address: ":" in address)  # stable: IPv4 first
+
+
+async def _ask_host(host: str, family: int) -> list[str]:
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ResolveError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    return [info[4][0] for info in infos]
+
+
+async def _ask_servers(host: str, family: int, servers: Sequence[str], timeout: float) -> list[str]:
+    """A and/or AAAA from ``servers`` only (no resolv.conf, no search list, no cache).
+
+    AF_UNSPEC asks for AAAA only when the name has no A record, as lwIP does
+    for its IPv4-then-IPv6 address type.
+    """
+    # dnspython is imported here, not at the top: most link workers never need it.
+    import dns.asyncresolver
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = list(servers)
+    resolver.lifetime = timeout
+    types = {socket.AF_INET: ("A",), socket.AF_INET6: ("AAAA",)}.get(family, ("A", "AAAA"))
+    for rdtype in types:
+        try:
+            answer = await resolver.resolve(host, rdtype, search=False, lifetime=timeout)
+        except dns.resolver.NoAnswer:
+            continue  # the name exists, without this type
+        except dns.resolver.NXDOMAIN:
+            raise ResolveError(f"{host} does not exist (NXDOMAIN from {', '.join(servers)})") from None
+        except dns.exception.Timeout:
+            raise ResolveError(f"no answer for {host} from {', '.join(servers)} within {timeout:g} s") from None
+        except dns.resolver.NoNameservers as exc:
+            raise ResolveError(f"cannot resolve {host}: no server answered well ({exc})") from None
+        except dns.exception.DNSException as exc:  # a malformed name, a bad answer
+            raise ResolveError(f"cannot resolve {host}: {exc}") from None
+        return [rdata.address for rdata in answer]
+    return []

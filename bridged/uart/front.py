@@ -25,6 +25,7 @@ sockets.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -48,6 +49,7 @@ from bridged.at.parser import (
 from bridged.at.datamode import DataKind
 from bridged.commands import registry
 from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
+from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.passthrough import saved_link
 from bridged.commands.tcpip import connected_message
@@ -578,8 +580,10 @@ class Front:
             delay = self.ctx.state.reconnintv / 10
             if self.passthrough is not pt or self.links.is_busy(pt.link_id):
                 break
+            # Each attempt resolves again, through the servers AT+CIPDNS holds now.
+            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx))
             try:
-                await self.links.connect(pt.link_id, pt.spec)
+                await self.links.connect(pt.link_id, spec)
             except AtError as exc:
                 log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
                 continue

@@ -294,6 +294,7 @@ class LinkTable:
         slot.waiter = self.loop.create_future()
         fields = {k: v for k, v in asdict(spec).items() if k != "type"}
         fields["tls_alpn"] = tuple(spec.tls_alpn)
+        fields["dns_servers"] = tuple(spec.dns_servers)
         request = Connect(slot.conn_id, spec.type, **fields)
         self._send(slot, request)
         try:

@@ -1,0 +1,101 @@
+"""bridged.net.resolver against a real DNS server on loopback (tests/dnsserver.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+import uvloop
+
+from bridged.net.resolver import ResolveError, resolve
+from tests.dnsserver import DnsServer
+
+RECORDS = {
+    "dual.test": ["127.0.0.7", "127.0.0.8", "::7"],
+    "v6only.test": ["::8"],
+    "v4only.test": ["127.0.0.9"],
+}
+
+
+@pytest.fixture(scope="module")
+def dns_server():
+    server = DnsServer.start("127.0.0.153", RECORDS)
+    if isinstance(server, str):
+        pytest.skip(server)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def silent_server():
+    server = DnsServer.start("127.0.0.154", silent=True)
+    if isinstance(server, str):
+        pytest.skip(server)
+    yield server
+    server.close()
+
+
+def run(coro):
+    return uvloop.run(coro)
+
+
+@pytest.mark.parametrize("family, expected", [
+    (socket.AF_INET, ["127.0.0.7", "127.0.0.8"]),
+    (socket.AF_INET6, ["::7"]),
+    (socket.AF_UNSPEC, ["127.0.0.7", "127.0.0.8"]),
+])
+def test_servers_answer_by_family(dns_server, family, expected):
+    """A for AF_INET, AAAA for AF_INET6, A first (and only, when there is one) for AF_UNSPEC."""
+    assert sorted(run(resolve("dual.test", family, [dns_server.address], 2))) == expected  # an RRset has no order
+
+
+def test_unspec_falls_back_to_ipv6(dns_server):
+    """A name with only AAAA records resolves to IPv6 for AF_UNSPEC, and fails for AF_INET."""
+    assert run(resolve("v6only.test", socket.AF_UNSPEC, [dns_server.address], 2)) == ["::8"]
+    with pytest.raises(ResolveError, match="no address"):
+        run(resolve("v6only.test", socket.AF_INET, [dns_server.address], 2))
+
+
+def test_unknown_name_is_nxdomain(dns_server):
+    """NXDOMAIN from the server is a ResolveError naming the name and the reason."""
+    with pytest.raises(ResolveError, match=r"nowhere\.test does not exist \(NXDOMAIN"):
+        run(resolve("nowhere.test", socket.AF_INET, [dns_server.address], 2))
+
+
+def test_only_the_given_servers_are_asked(dns_server):
+    """The servers path never falls back to the host's resolver: localhost is unknown to our server."""
+    before = len(dns_server.queries)
+    with pytest.raises(ResolveError, match="NXDOMAIN"):
+        run(resolve("localhost", socket.AF_INET, [dns_server.address], 2))
+    assert dns_server.queries[before:] == [("localhost", "A")]
+
+
+def test_literals_are_never_looked_up(dns_server):
+    """An address literal comes back as it is, with no query; a literal of the other family is refused."""
+    before = len(dns_server.queries)
+    assert run(resolve("10.1.2.3", socket.AF_INET, [dns_server.address], 2)) == ["10.1.2.3"]
+    assert run(resolve("::1", socket.AF_UNSPEC, [dns_server.address], 2)) == ["::1"]
+    with pytest.raises(ResolveError, match="not an IPv4 address"):
+        run(resolve("::1", socket.AF_INET, [dns_server.address], 2))
+    assert len(dns_server.queries) == before
+
+
+def test_a_silent_server_times_out_in_time(silent_server):
+    """A server that never answers ends in a ResolveError within the timeout."""
+    started = time.monotonic()
+    with pytest.raises(ResolveError, match="within 0.8 s"):
+        run(resolve("slow.test", socket.AF_INET, [silent_server.address], 0.8))
+    assert 0.6 < time.monotonic() - started < 2.0
+    assert "slow.test" in silent_server.names_asked()
+
+
+def test_host_resolver_without_servers():
+    """Without servers the host's resolver answers (localhost from /etc/hosts, no DNS traffic)."""
+    assert run(resolve("localhost", socket.AF_INET)) == ["127.0.0.1"]
+
+
+def test_asyncio_loop_too(dns_server):
+    """The servers path works under the stdlib event loop as well as uvloop."""
+    assert asyncio.run(resolve("v4only.test", socket.AF_INET, [dns_server.address], 2)) == ["127.0.0.9"]

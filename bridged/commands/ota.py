@@ -34,7 +34,7 @@ from bridged.at.errors import ExecFail, ParamInvalid
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
-from bridged.commands.dns import dns_servers
+from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
 from bridged.net.ota import OtaFailed, Updater
@@ -66,9 +66,8 @@ def _updater(ctx: Context) -> Updater:
         raise ExecFail("no update server is configured ([ota] server in the config file)")
     if station_ip(ctx) is None:
         raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
-    enable, servers = dns_servers(ctx)
     # The store's file sits in the state directory; images go next to it.
-    return Updater(config, ctx.store.path.parent, servers if enable == 1 else ())
+    return Updater(config, ctx.store.path.parent, lookup_servers(ctx))
 
 
 # -- AT+CIUPDATE ---------------------------------------------------------------------

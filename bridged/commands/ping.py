@@ -27,7 +27,7 @@ from bridged.at.format import PING_TIMEOUT, ping_time
 from bridged.at.params import Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
-from bridged.commands.dns import dns_servers
+from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
 from bridged.net import ping
@@ -62,10 +62,9 @@ def ping_set(ctx: Context, line: CommandLine):
 
 
 async def _ping(ctx: Context, host: str) -> Reply:
-    enable, servers = dns_servers(ctx)
     family = socket.AF_UNSPEC if ctx.state.cipv6 else socket.AF_INET
     try:
-        addresses = await resolve(host, family, servers if enable == 1 else (), RESOLVE_TIMEOUT_S)
+        addresses = await resolve(host, family, lookup_servers(ctx), RESOLVE_TIMEOUT_S)
     except ResolveError as exc:
         raise _timed_out(f"cannot resolve {host}: {exc}") from None
     address = _preferred(addresses)

@@ -259,3 +259,15 @@ def test_savetranslink_resolves_through_stored_cipdns(daemon, dns_server, echo_s
     host.write(b"+++")
     time.sleep(0.05)
     host.command(b"AT+SAVETRANSLINK=0")
+
+
+def test_ping_resolves_through_cipdns(dns_host, dns_server):
+    """AT+PING to a name only the test's server knows pings its address; an
+    unknown name is +PING:TIMEOUT and ERROR, as ESP-AT answers it."""
+    daemon, host = dns_host
+    answer = host.ask(b'AT+PING="peer.test"', timeout=5)
+    assert answer.startswith(b"+PING:") and answer.endswith(b"\r\n\r\nOK\r\n"), answer
+    assert int(answer[len(b"+PING:"):answer.index(b"\r\n")]) >= 0
+    assert ("peer.test", "A") in dns_server.queries
+    assert host.ask(b'AT+PING="nowhere.test"', timeout=5) == b"+PING:TIMEOUT\r\n\r\nERROR\r\n"
+    assert ("nowhere.test", "A") in dns_server.queries

@@ -4,16 +4,17 @@ It answers A and AAAA queries for the names it is given, NXDOMAIN for any
 other name (NOERROR with no answer when the name has only the other type),
 and records every question it saw.  ``silent=True`` makes a server that
 reads queries and never answers.  It listens on UDP port 53 of a loopback
-address such as 127.0.0.153 (the tests run as root); ``DnsServer.start``
-returns None with the reason when that port cannot be bound, so a test can
-skip cleanly.
+address such as 127.0.0.153 (the tests run as root); ``serving`` skips the
+test with the reason when that port cannot be bound.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import threading
+from typing import Iterator
 
 import dns.flags
 import dns.message
@@ -21,8 +22,22 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+import pytest
 
-__all__ = ["DnsServer"]
+__all__ = ["DnsServer", "serving"]
+
+
+@contextlib.contextmanager
+def serving(address: str, records: dict[str, list[str]] | None = None,
+            silent: bool = False) -> Iterator["DnsServer"]:
+    """A DnsServer for the with-block; the test is skipped if it cannot bind."""
+    server = DnsServer.start(address, records, silent)
+    if isinstance(server, str):
+        pytest.skip(server)
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 class DnsServer:

@@ -13,7 +13,7 @@ import time
 import pytest
 from cryptography import x509
 
-from tests.dnsserver import DnsServer
+from tests.dnsserver import serving
 from tests.harness import Demux
 from tests.integration.test_tls import TlsServer, _import, _issue
 
@@ -34,20 +34,14 @@ RECORDS = {
 
 @pytest.fixture(scope="module")
 def dns_server():
-    server = DnsServer.start(SERVER_IP, RECORDS)
-    if isinstance(server, str):
-        pytest.skip(server)
-    yield server
-    server.close()
+    with serving(SERVER_IP, RECORDS) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def silent_server():
-    server = DnsServer.start(SILENT_IP, silent=True)
-    if isinstance(server, str):
-        pytest.skip(server)
-    yield server
-    server.close()
+    with serving(SILENT_IP, silent=True) as server:
+        yield server
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import uvloop
 
 from bridged.net.resolver import ResolveError, resolve
-from tests.dnsserver import DnsServer
+from tests.dnsserver import serving
 
 RECORDS = {
     "dual.test": ["127.0.0.7", "127.0.0.8", "::7"],
@@ -21,20 +21,14 @@ RECORDS = {
 
 @pytest.fixture(scope="module")
 def dns_server():
-    server = DnsServer.start("127.0.0.153", RECORDS)
-    if isinstance(server, str):
-        pytest.skip(server)
-    yield server
-    server.close()
+    with serving("127.0.0.153", RECORDS) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def silent_server():
-    server = DnsServer.start("127.0.0.154", silent=True)
-    if isinstance(server, str):
-        pytest.skip(server)
-    yield server
-    server.close()
+    with serving("127.0.0.154", silent=True) as server:
+        yield server
 
 
 def run(coro):

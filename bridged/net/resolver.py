@@ -17,7 +17,10 @@ import ipaddress
 import socket
 from typing import Sequence
 
-__all__ = ["resolve", "ResolveError"]
+__all__ = ["resolve", "ResolveError", "name_problem", "MAX_NAME", "MAX_LABEL"]
+
+MAX_NAME = 253  # bytes of a DNS name in text form, without the root's final dot
+MAX_LABEL = 63
 
 
 class ResolveError(OSError):
@@ -44,6 +47,11 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
         if family != socket.AF_UNSPEC and (ip.version == 6) != (family == socket.AF_INET6):
             raise ResolveError(f"{host} is not an {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address")
         return [str(ip)]
+    problem = name_problem(host)
+    if problem is not None:
+        # Refused before any lookup: the host resolver's IDNA codec raises
+        # UnicodeError on such names, which no caller expects.
+        raise ResolveError(problem)
     try:
         async with asyncio.timeout(timeout):
             if servers:
@@ -55,6 +63,26 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     if not found:
         raise ResolveError(f"no address for {host}")
     return sorted(dict.fromkeys(found), key=lambda address: ":" in address)  # stable: IPv4 first
+
+
+def name_problem(name: str) -> str | None:
+    """Why no DNS server could answer ``name``, or None when it could.
+
+    Empty or overlong names and labels, and any byte outside printable ASCII
+    (the MCU's bytes arrive as latin-1; lwIP sends them as they are, with no
+    IDNA, so no real server would know such a name).  A final dot is allowed.
+    """
+    bare = name[:-1] if name.endswith(".") else name
+    if not bare:
+        return "domain name is empty"
+    if len(bare) > MAX_NAME:
+        return f"domain name is {len(bare)} bytes long, DNS allows {MAX_NAME}"
+    if not all(33 <= ord(c) <= 126 for c in bare):
+        return f"domain name {name!r} has a space or a byte outside printable ASCII"
+    for label in bare.split("."):
+        if not 1 <= len(label) <= MAX_LABEL:
+            return f"domain name {name!r} has a label of {len(label)} bytes (1..{MAX_LABEL})"
+    return None
 
 
 async def _ask_host(host: str, family: int) -> list[str]:

@@ -225,6 +225,21 @@ def test_udp_link_and_cipsend_to_names(dns_host, dns_server):
         other.close()
 
 
+def test_cipsend_to_a_name_no_server_could_answer(daemon, host):
+    """AT+CIPSEND's UDP remote with an empty label or a C1 control byte is ERROR saying why,
+    through the host resolver too (its IDNA codec used to raise: command_crashed)."""
+    home = _udp()
+    try:
+        host.command(b"AT+CIPMUX=1")
+        assert host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d' % home.getsockname()[1]) == b"2,CONNECT\r\n\r\nOK\r\n"
+        for name in (b"a..test", b"bad\x85byte.test"):
+            assert host.ask(b'AT+CIPSEND=2,4,"%s",%d' % (name, home.getsockname()[1])) == b"\r\nERROR\r\n"
+        assert "printable ASCII" in daemon.wait_event("command_error", command="+CIPSEND")[-1]["why"]
+        assert not daemon.events("command_crashed")
+    finally:
+        home.close()
+
+
 def test_cipdns_0_goes_back_to_the_host_resolver(dns_host, dns_server):
     """With manual servers "localhost" is the test server's NXDOMAIN; AT+CIPDNS=0 asks the host again."""
     daemon, host = dns_host

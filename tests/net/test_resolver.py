@@ -93,3 +93,19 @@ def test_host_resolver_without_servers():
 def test_asyncio_loop_too(dns_server):
     """The servers path works under the stdlib event loop as well as uvloop."""
     assert asyncio.run(resolve("v4only.test", socket.AF_INET, [dns_server.address], 2)) == ["127.0.0.9"]
+
+
+@pytest.mark.parametrize("name, why", [
+    ("a..test", "label of 0 bytes"),
+    (".test", "label of 0 bytes"),
+    ("x" * 64 + ".test", "label of 64 bytes"),
+    ("x." * 127 + "y", "255 bytes long"),
+    ("bad\x85byte.test", "printable ASCII"),  # a C1 control: the idna codec's nameprep refuses it
+    ("", "empty"),
+])
+@pytest.mark.parametrize("servers", [(), ("127.0.0.154",)], ids=["host", "manual"])
+def test_names_no_server_could_answer_are_resolve_errors(name, why, servers):
+    """Such names are a ResolveError before any lookup, by either path; the host
+    resolver's IDNA codec used to raise UnicodeError, which no caller catches."""
+    with pytest.raises(ResolveError, match=why):
+        run(resolve(name, socket.AF_UNSPEC, servers, 1))

@@ -57,8 +57,10 @@ def _host_nameservers() -> tuple[str, ...]:
 
 def dns_servers(ctx: Context) -> tuple[int, tuple[str, ...]]:
     """(enable, servers) as AT+CIPDNS? shows them."""
-    stored = ctx.store.get("cipdns") if ctx.state.sysstore else None
-    manual = ctx.extra.get("cipdns", stored)
+    # Until AT+CIPDNS is set in this boot, what was stored is what the ESP
+    # loaded at boot, whatever AT+SYSSTORE says now: it only decides whether
+    # a set is saved (esp-at-behavior.md 1.8, "queries always report RAM state").
+    manual = ctx.extra.get("cipdns", ctx.store.get("cipdns"))
     if manual:
         return 1, tuple(manual)
     return 0, _host_nameservers() or FALLBACK
@@ -97,7 +99,8 @@ def cipdns_set(ctx: Context, line: CommandLine) -> Reply:
                 ipaddress.ip_address(server)
             except ValueError:
                 raise ParamInvalid(f"DNS server {server!r} is not an IP address", index) from None
-    if len(set(servers)) != len(servers):
+    # The same address in two spellings ("::1", "0::1") is the same server.
+    if len({ipaddress.ip_address(s) for s in servers}) != len(servers):
         raise ExecFail("the DNS servers must differ")
     manual = (servers or list(FALLBACK)) if enable else []
     ctx.extra["cipdns"] = manual

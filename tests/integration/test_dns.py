@@ -251,6 +251,43 @@ def test_cipdns_0_goes_back_to_the_host_resolver(dns_host, dns_server):
     assert len(dns_server.queries) == before
 
 
+def test_cipdns_same_server_in_two_spellings_is_error(host, daemon):
+    """The three servers must differ: "::1" and "0::1" are one server (ERROR, and the log says why)."""
+    assert host.ask(b'AT+CIPDNS=1,"127.0.0.153","127.0.0.153"') == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIPDNS=1,"::1","0::1"') == b"\r\nERROR\r\n"
+    assert "must differ" in daemon.wait_event("command_error", command="+CIPDNS")[-1]["why"]
+    assert host.ask(b"AT+CIPDNS?").startswith(b"+CIPDNS:0,")  # nothing was set
+
+
+def test_cipdns_sysstore_and_restore(daemon, dns_server):
+    """A stored AT+CIPDNS is what the ESP runs with after AT+RST, also once AT+SYSSTORE=0
+    (which only stops later sets from being saved, as WiFiEspAT sends at start-up);
+    a set with AT+SYSSTORE=0 lasts until AT+RST; AT+RESTORE forgets the stored one."""
+    host = daemon.host()
+    host.boot()
+
+    def ask(line: bytes) -> bytes:  # without the auto-connect lines a reboot prints in between
+        return host.ask(line).replace(b"WIFI CONNECTED\r\n", b"").replace(b"WIFI GOT IP\r\n", b"")
+
+    stored = b'+CIPDNS:1,"%s"\r\n\r\nOK\r\n' % SERVER_IP.encode()
+    host.command(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode())
+    host.write(b"AT+RST\r\n")
+    host.boot()
+    host.command(b"AT+SYSSTORE=0")
+    assert ask(b"AT+CIPDNS?") == stored
+    before = len(dns_server.queries)
+    assert ask(b'AT+CIPDOMAIN="v4only.test"') == b'+CIPDOMAIN:"127.0.0.9"\r\n\r\nOK\r\n'
+    assert len(dns_server.queries) > before
+    host.command(b'AT+CIPDNS=1,"127.0.0.1"')  # not saved
+    assert ask(b"AT+CIPDNS?") == b'+CIPDNS:1,"127.0.0.1"\r\n\r\nOK\r\n'
+    host.write(b"AT+RST\r\n")
+    host.boot()
+    assert ask(b"AT+CIPDNS?") == stored
+    host.write(b"AT+RESTORE\r\n")
+    host.boot()
+    assert ask(b"AT+CIPDNS?").startswith(b"+CIPDNS:0,")
+
+
 def test_savetranslink_resolves_through_stored_cipdns(daemon, dns_server, echo_server):
     """The boot-time passthrough link of AT+SAVETRANSLINK resolves its name through the stored AT+CIPDNS."""
     host = daemon.host()

@@ -7,6 +7,8 @@ tests use "localhost", which the host resolves from /etc/hosts.
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import time
 
@@ -317,3 +319,45 @@ def test_ping_resolves_through_cipdns(dns_host, dns_server):
     assert ("peer.test", "A") in dns_server.queries
     assert host.ask(b'AT+PING="nowhere.test"', timeout=5) == b"+PING:TIMEOUT\r\n\r\nERROR\r\n"
     assert ("nowhere.test", "A") in dns_server.queries
+
+
+def _open_fds(pid: int) -> list[str]:
+    """What the process holds open, sockets without their inode numbers."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed while we looked
+            continue
+        found.append(re.sub(r"\[\d+\]$", "", target))
+    return sorted(found)
+
+
+def _settled_fds(pid: int, expected: list[str], timeout: float = 3.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (fds := _open_fds(pid)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fds
+
+
+@pytest.mark.parametrize("command", [b'AT+CIPDOMAIN="slow.test",1,60000', b'AT+PING="slow.test"'])
+def test_rst_during_a_lookup_leaves_no_socket(daemon, silent_server, command):
+    """AT+RST while a lookup waits on a silent server: ready comes at once and the front
+    holds no more descriptors than before (the query's socket is closed)."""
+    host = daemon.host()
+    host.boot()
+    front = daemon.wait_event("child_started", role="front")[-1]["pid"]
+    host.command(b'AT+CIPDNS=1,"%s"' % SILENT_IP.encode())
+    assert host.ask(b'AT+CIPDOMAIN="warm.test",1,200') == b"\r\nERROR\r\n"  # imports dnspython once
+    before = _settled_fds(front, _open_fds(front), 0)
+    asked = len(silent_server.queries)
+    host.write(command + b"\r\n")
+    deadline = time.monotonic() + 3
+    while len(silent_server.queries) == asked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(silent_server.queries) > asked
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n", timeout=2)
+    assert _settled_fds(front, before) == before
+    host.command(b"ATE0")
+    assert host.ask(b"AT") == b"\r\nOK\r\n"

@@ -39,11 +39,8 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     Raises:
         ResolveError: no address of that family, or the lookup failed or timed out.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
+    ip = _literal(host)
+    if ip is not None:
         if family != socket.AF_UNSPEC and (ip.version == 6) != (family == socket.AF_INET6):
             raise ResolveError(f"{host} is not an {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address")
         return [str(ip)]
@@ -63,6 +60,29 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     if not found:
         raise ResolveError(f"no address for {host}")
     return sorted(dict.fromkeys(found), key=lambda address: ":" in address)  # stable: IPv4 first
+
+
+def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` spells, if it is one.
+
+    Besides the usual forms, IPv4 in inet_aton's shorthand ("127.1",
+    "0x7f.0.0.1", "1.2.3" = 1.2.0.3): lwIP's ipaddr_aton, which ESP-AT's
+    lookups try before asking DNS, accepts them, and so does the host's
+    resolver; without this, manual AT+CIPDNS servers were asked for them.
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not host or not all(c in _SHORTHAND_CHARS for c in host):
+        return None  # inet_aton would also take "1.2.3.4 anything"
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+_SHORTHAND_CHARS = frozenset("0123456789abcdefABCDEFxX.")
 
 
 def name_problem(name: str) -> str | None:

@@ -82,12 +82,13 @@ def test_cipdomain_answers_per_ip_network(dns_host, command, answer):
 
 
 def test_cipdomain_literal_is_not_looked_up(dns_host, dns_server):
-    """An address literal comes back as it is and no query reaches the server."""
+    """An address literal comes back as it is (IPv4 shorthand as the address it spells) and no query reaches the server."""
     daemon, host = dns_host
     before = len(dns_server.queries)
     assert host.ask(b'AT+CIPDOMAIN="10.1.2.3"') == b'+CIPDOMAIN:"10.1.2.3"\r\n\r\nOK\r\n'
     assert host.ask(b'AT+CIPDOMAIN="::1",3') == b'+CIPDOMAIN:"::1"\r\n\r\nOK\r\n'
     assert host.ask(b'AT+CIPDOMAIN="::1",2') == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIPDOMAIN="0x7f.1"') == b'+CIPDOMAIN:"127.0.0.1"\r\n\r\nOK\r\n'  # lwIP's ipaddr_aton
     assert len(dns_server.queries) == before
 
 

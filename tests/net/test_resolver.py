@@ -109,3 +109,25 @@ def test_names_no_server_could_answer_are_resolve_errors(name, why, servers):
     resolver's IDNA codec used to raise UnicodeError, which no caller catches."""
     with pytest.raises(ResolveError, match=why):
         run(resolve(name, socket.AF_UNSPEC, servers, 1))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("0x7f.1", "127.0.0.1"), ("127.1", "127.0.0.1"), ("1.2.3", "1.2.0.3"), ("017.0.0.1", "15.0.0.1"),
+])
+def test_inet_aton_shorthand_is_an_address_not_a_name(silent_server, name, expected):
+    """IPv4 shorthand is read as lwIP's ipaddr_aton (and the host's resolver) reads it:
+    an address, answered at once; the manual server is not asked."""
+    asked = len(silent_server.queries)
+    assert run(resolve(name, socket.AF_UNSPEC, [silent_server.address], 1)) == [expected]
+    with pytest.raises(ResolveError, match="not an IPv6 address"):
+        run(resolve(name, socket.AF_INET6, [silent_server.address], 1))
+    assert len(silent_server.queries) == asked
+
+
+@pytest.mark.parametrize("name", ["cafe.bad", "deadbeef", "1.2.3.4.5"])
+def test_names_of_hex_letters_are_still_names(silent_server, name):
+    """Only what inet_aton takes whole is an address; other names go to the server."""
+    asked = len(silent_server.queries)
+    with pytest.raises(ResolveError, match="within"):
+        run(resolve(name, socket.AF_INET, [silent_server.address], 0.3))
+    assert len(silent_server.queries) > asked

@@ -17,7 +17,7 @@ import ipaddress
 import socket
 from typing import Sequence
 
-__all__ = ["resolve", "ResolveError", "name_problem", "MAX_NAME", "MAX_LABEL"]
+__all__ = ["resolve", "ResolveError", "name_problem", "sockaddr", "MAX_NAME", "MAX_LABEL"]
 
 MAX_NAME = 253  # bytes of a DNS name in text form, without the root's final dot
 MAX_LABEL = 63
@@ -60,6 +60,19 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     if not found:
         raise ResolveError(f"no address for {host}")
     return sorted(dict.fromkeys(found), key=lambda address: ":" in address)  # stable: IPv4 first
+
+
+def sockaddr(address: str, port: int) -> tuple:
+    """The socket address for one of resolve's answers and a port.
+
+    An IPv6 link-local address may carry its zone ("fe80::1%eth0"): a
+    hand-made (address, port, 0, 0) would set the scope id to 0 and the
+    kernel refuses (EINVAL) to reach a link-local address without one.
+    """
+    if ":" not in address:
+        return address, port
+    info = socket.getaddrinfo(address, port, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    return info[0][4]
 
 
 def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

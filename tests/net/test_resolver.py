@@ -131,3 +131,15 @@ def test_names_of_hex_letters_are_still_names(silent_server, name):
     with pytest.raises(ResolveError, match="within"):
         run(resolve(name, socket.AF_INET, [silent_server.address], 0.3))
     assert len(silent_server.queries) > asked
+
+
+def test_sockaddr_keeps_a_link_local_zone():
+    """AT+CIPSTART to "fe80::1%lo" must reach lo: the zone becomes the scope id, not 0
+    (a hand-made (address, port, 0, 0) dropped it and connect failed with EINVAL)."""
+    from bridged.net.resolver import sockaddr
+
+    assert sockaddr("fe80::1%lo", 80) == ("fe80::1", 80, 0, socket.if_nametoindex("lo"))
+    assert sockaddr("::1", 80) == ("::1", 80, 0, 0)
+    assert sockaddr("127.0.0.1", 80) == ("127.0.0.1", 80)
+    with pytest.raises(OSError):
+        sockaddr("fe80::1%no-such-if", 80)

@@ -30,14 +30,12 @@ from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
-from bridged.net.resolver import ResolveError, resolve
+from bridged.net.resolver import MAX_NAME, ResolveError, name_problem, resolve
 
 __all__ = ["dns_servers", "lookup_servers", "check_domain", "FALLBACK"]
 
 FALLBACK = ("208.67.222.222", "8.8.8.8")
 RESOLV_CONF = Path("/etc/resolv.conf")
-MAX_NAME = 253  # bytes of a DNS name in text form, without the root's final dot
-MAX_LABEL = 63
 _FAMILIES = {1: socket.AF_UNSPEC, 2: socket.AF_INET, 3: socket.AF_INET6}
 
 
@@ -59,8 +57,10 @@ def _host_nameservers() -> tuple[str, ...]:
 
 def dns_servers(ctx: Context) -> tuple[int, tuple[str, ...]]:
     """(enable, servers) as AT+CIPDNS? shows them."""
-    stored = ctx.store.get("cipdns") if ctx.state.sysstore else None
-    manual = ctx.extra.get("cipdns", stored)
+    # Until AT+CIPDNS is set in this boot, what was stored is what the ESP
+    # loaded at boot, whatever AT+SYSSTORE says now: it only decides whether
+    # a set is saved (esp-at-behavior.md 1.8, "queries always report RAM state").
+    manual = ctx.extra.get("cipdns", ctx.store.get("cipdns"))
     if manual:
         return 1, tuple(manual)
     return 0, _host_nameservers() or FALLBACK
@@ -78,16 +78,9 @@ def check_domain(name: str, index: int = 1) -> None:
     Raises:
         ParamInvalid: an empty or overlong name or label, or a byte no host name has.
     """
-    bare = name[:-1] if name.endswith(".") else name
-    if not bare:
-        raise ParamInvalid("domain name is empty", index)
-    if len(bare) > MAX_NAME:
-        raise ParamInvalid(f"domain name is {len(bare)} bytes long, DNS allows {MAX_NAME}", index)
-    if not all(33 <= ord(c) <= 126 for c in bare):
-        raise ParamInvalid(f"domain name {name!r} has a space or a byte outside printable ASCII", index)
-    for label in bare.split("."):
-        if not 1 <= len(label) <= MAX_LABEL:
-            raise ParamInvalid(f"domain name {name!r} has a label of {len(label)} bytes (1..{MAX_LABEL})", index)
+    problem = name_problem(name)
+    if problem is not None:
+        raise ParamInvalid(problem, index)
 
 
 @handles("+CIPDNS", Kind.QUERY)
@@ -106,7 +99,8 @@ def cipdns_set(ctx: Context, line: CommandLine) -> Reply:
                 ipaddress.ip_address(server)
             except ValueError:
                 raise ParamInvalid(f"DNS server {server!r} is not an IP address", index) from None
-    if len(set(servers)) != len(servers):
+    # The same address in two spellings ("::1", "0::1") is the same server.
+    if len({ipaddress.ip_address(s) for s in servers}) != len(servers):
         raise ExecFail("the DNS servers must differ")
     manual = (servers or list(FALLBACK)) if enable else []
     ctx.extra["cipdns"] = manual

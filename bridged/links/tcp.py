@@ -7,7 +7,7 @@ import socket
 import struct
 
 from bridged.ipc.messages import Connect, SetOptions
-from bridged.net.resolver import resolve
+from bridged.net.resolver import resolve, sockaddr
 
 __all__ = ["open_tcp", "apply_keep_alive", "apply_options"]
 
@@ -54,8 +54,8 @@ async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
         error: OSError = OSError(f"no address for {request.host}")
         for address in addresses:
             sock = socket.socket(family, socket.SOCK_STREAM)
-            addr = (address, request.port, 0, 0) if family == socket.AF_INET6 else (address, request.port)
             try:
+                addr = sockaddr(address, request.port)  # an unknown zone: gaierror, an OSError
                 sock.setblocking(False)
                 if request.local_ip:
                     sock.bind((request.local_ip, 0))

@@ -13,7 +13,7 @@ import socket
 import struct
 
 from bridged.ipc.messages import Connect
-from bridged.net.resolver import resolve
+from bridged.net.resolver import resolve, sockaddr
 
 __all__ = ["open_udp"]
 
@@ -40,7 +40,7 @@ async def open_udp(request: Connect, default_timeout_ms: int) -> tuple[socket.so
     timeout = (request.timeout_ms or default_timeout_ms) / 1000
     family = socket.AF_INET6 if v6 else socket.AF_INET
     address = (await resolve(request.host, family, request.dns_servers, timeout))[0]
-    remote = (address, request.port, 0, 0) if v6 else (address, request.port)
+    remote = sockaddr(address, request.port)  # keeps a link-local address's zone
     remote_ip = ipaddress.ip_address(address.split("%")[0])
     sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:

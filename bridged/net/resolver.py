@@ -17,7 +17,10 @@ import ipaddress
 import socket
 from typing import Sequence
 
-__all__ = ["resolve", "ResolveError"]
+__all__ = ["resolve", "ResolveError", "name_problem", "sockaddr", "MAX_NAME", "MAX_LABEL"]
+
+MAX_NAME = 253  # bytes of a DNS name in text form, without the root's final dot
+MAX_LABEL = 63
 
 
 class ResolveError(OSError):
@@ -36,14 +39,16 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     Raises:
         ResolveError: no address of that family, or the lookup failed or timed out.
     """
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
+    ip = _literal(host)
+    if ip is not None:
         if family != socket.AF_UNSPEC and (ip.version == 6) != (family == socket.AF_INET6):
             raise ResolveError(f"{host} is not an {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address")
         return [str(ip)]
+    problem = name_problem(host)
+    if problem is not None:
+        # Refused before any lookup: the host resolver's IDNA codec raises
+        # UnicodeError on such names, which no caller expects.
+        raise ResolveError(problem)
     try:
         async with asyncio.timeout(timeout):
             if servers:
@@ -55,6 +60,62 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     if not found:
         raise ResolveError(f"no address for {host}")
     return sorted(dict.fromkeys(found), key=lambda address: ":" in address)  # stable: IPv4 first
+
+
+def sockaddr(address: str, port: int) -> tuple:
+    """The socket address for one of resolve's answers and a port.
+
+    An IPv6 link-local address may carry its zone ("fe80::1%eth0"): a
+    hand-made (address, port, 0, 0) would set the scope id to 0 and the
+    kernel refuses (EINVAL) to reach a link-local address without one.
+    """
+    if ":" not in address:
+        return address, port
+    info = socket.getaddrinfo(address, port, socket.AF_INET6, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    return info[0][4]
+
+
+def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` spells, if it is one.
+
+    Besides the usual forms, IPv4 in inet_aton's shorthand ("127.1",
+    "0x7f.0.0.1", "1.2.3" = 1.2.0.3): lwIP's ipaddr_aton, which ESP-AT's
+    lookups try before asking DNS, accepts them, and so does the host's
+    resolver; without this, manual AT+CIPDNS servers were asked for them.
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if not host or not all(c in _SHORTHAND_CHARS for c in host):
+        return None  # inet_aton would also take "1.2.3.4 anything"
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+_SHORTHAND_CHARS = frozenset("0123456789abcdefABCDEFxX.")
+
+
+def name_problem(name: str) -> str | None:
+    """Why no DNS server could answer ``name``, or None when it could.
+
+    Empty or overlong names and labels, and any byte outside printable ASCII
+    (the MCU's bytes arrive as latin-1; lwIP sends them as they are, with no
+    IDNA, so no real server would know such a name).  A final dot is allowed.
+    """
+    bare = name[:-1] if name.endswith(".") else name
+    if not bare:
+        return "domain name is empty"
+    if len(bare) > MAX_NAME:
+        return f"domain name is {len(bare)} bytes long, DNS allows {MAX_NAME}"
+    if not all(33 <= ord(c) <= 126 for c in bare):
+        return f"domain name {name!r} has a space or a byte outside printable ASCII"
+    for label in bare.split("."):
+        if not 1 <= len(label) <= MAX_LABEL:
+            return f"domain name {name!r} has a label of {len(label)} bytes (1..{MAX_LABEL})"
+    return None
 
 
 async def _ask_host(host: str, family: int) -> list[str]:

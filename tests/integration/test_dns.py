@@ -7,6 +7,8 @@ tests use "localhost", which the host resolves from /etc/hosts.
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import time
 
@@ -80,12 +82,13 @@ def test_cipdomain_answers_per_ip_network(dns_host, command, answer):
 
 
 def test_cipdomain_literal_is_not_looked_up(dns_host, dns_server):
-    """An address literal comes back as it is and no query reaches the server."""
+    """An address literal comes back as it is (IPv4 shorthand as the address it spells) and no query reaches the server."""
     daemon, host = dns_host
     before = len(dns_server.queries)
     assert host.ask(b'AT+CIPDOMAIN="10.1.2.3"') == b'+CIPDOMAIN:"10.1.2.3"\r\n\r\nOK\r\n'
     assert host.ask(b'AT+CIPDOMAIN="::1",3') == b'+CIPDOMAIN:"::1"\r\n\r\nOK\r\n'
     assert host.ask(b'AT+CIPDOMAIN="::1",2') == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIPDOMAIN="0x7f.1"') == b'+CIPDOMAIN:"127.0.0.1"\r\n\r\nOK\r\n'  # lwIP's ipaddr_aton
     assert len(dns_server.queries) == before
 
 
@@ -225,6 +228,21 @@ def test_udp_link_and_cipsend_to_names(dns_host, dns_server):
         other.close()
 
 
+def test_cipsend_to_a_name_no_server_could_answer(daemon, host):
+    """AT+CIPSEND's UDP remote with an empty label or a C1 control byte is ERROR saying why,
+    through the host resolver too (its IDNA codec used to raise: command_crashed)."""
+    home = _udp()
+    try:
+        host.command(b"AT+CIPMUX=1")
+        assert host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d' % home.getsockname()[1]) == b"2,CONNECT\r\n\r\nOK\r\n"
+        for name in (b"a..test", b"bad\x85byte.test"):
+            assert host.ask(b'AT+CIPSEND=2,4,"%s",%d' % (name, home.getsockname()[1])) == b"\r\nERROR\r\n"
+        assert "printable ASCII" in daemon.wait_event("command_error", command="+CIPSEND")[-1]["why"]
+        assert not daemon.events("command_crashed")
+    finally:
+        home.close()
+
+
 def test_cipdns_0_goes_back_to_the_host_resolver(dns_host, dns_server):
     """With manual servers "localhost" is the test server's NXDOMAIN; AT+CIPDNS=0 asks the host again."""
     daemon, host = dns_host
@@ -234,6 +252,43 @@ def test_cipdns_0_goes_back_to_the_host_resolver(dns_host, dns_server):
     before = len(dns_server.queries)
     assert host.ask(b'AT+CIPDOMAIN="localhost",2') == b'+CIPDOMAIN:"127.0.0.1"\r\n\r\nOK\r\n'
     assert len(dns_server.queries) == before
+
+
+def test_cipdns_same_server_in_two_spellings_is_error(host, daemon):
+    """The three servers must differ: "::1" and "0::1" are one server (ERROR, and the log says why)."""
+    assert host.ask(b'AT+CIPDNS=1,"127.0.0.153","127.0.0.153"') == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIPDNS=1,"::1","0::1"') == b"\r\nERROR\r\n"
+    assert "must differ" in daemon.wait_event("command_error", command="+CIPDNS")[-1]["why"]
+    assert host.ask(b"AT+CIPDNS?").startswith(b"+CIPDNS:0,")  # nothing was set
+
+
+def test_cipdns_sysstore_and_restore(daemon, dns_server):
+    """A stored AT+CIPDNS is what the ESP runs with after AT+RST, also once AT+SYSSTORE=0
+    (which only stops later sets from being saved, as WiFiEspAT sends at start-up);
+    a set with AT+SYSSTORE=0 lasts until AT+RST; AT+RESTORE forgets the stored one."""
+    host = daemon.host()
+    host.boot()
+
+    def ask(line: bytes) -> bytes:  # without the auto-connect lines a reboot prints in between
+        return host.ask(line).replace(b"WIFI CONNECTED\r\n", b"").replace(b"WIFI GOT IP\r\n", b"")
+
+    stored = b'+CIPDNS:1,"%s"\r\n\r\nOK\r\n' % SERVER_IP.encode()
+    host.command(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode())
+    host.write(b"AT+RST\r\n")
+    host.boot()
+    host.command(b"AT+SYSSTORE=0")
+    assert ask(b"AT+CIPDNS?") == stored
+    before = len(dns_server.queries)
+    assert ask(b'AT+CIPDOMAIN="v4only.test"') == b'+CIPDOMAIN:"127.0.0.9"\r\n\r\nOK\r\n'
+    assert len(dns_server.queries) > before
+    host.command(b'AT+CIPDNS=1,"127.0.0.1"')  # not saved
+    assert ask(b"AT+CIPDNS?") == b'+CIPDNS:1,"127.0.0.1"\r\n\r\nOK\r\n'
+    host.write(b"AT+RST\r\n")
+    host.boot()
+    assert ask(b"AT+CIPDNS?") == stored
+    host.write(b"AT+RESTORE\r\n")
+    host.boot()
+    assert ask(b"AT+CIPDNS?").startswith(b"+CIPDNS:0,")
 
 
 def test_savetranslink_resolves_through_stored_cipdns(daemon, dns_server, echo_server):
@@ -265,3 +320,45 @@ def test_ping_resolves_through_cipdns(dns_host, dns_server):
     assert ("peer.test", "A") in dns_server.queries
     assert host.ask(b'AT+PING="nowhere.test"', timeout=5) == b"+PING:TIMEOUT\r\n\r\nERROR\r\n"
     assert ("nowhere.test", "A") in dns_server.queries
+
+
+def _open_fds(pid: int) -> list[str]:
+    """What the process holds open, sockets without their inode numbers."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed while we looked
+            continue
+        found.append(re.sub(r"\[\d+\]$", "", target))
+    return sorted(found)
+
+
+def _settled_fds(pid: int, expected: list[str], timeout: float = 3.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (fds := _open_fds(pid)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fds
+
+
+@pytest.mark.parametrize("command", [b'AT+CIPDOMAIN="slow.test",1,60000', b'AT+PING="slow.test"'])
+def test_rst_during_a_lookup_leaves_no_socket(daemon, silent_server, command):
+    """AT+RST while a lookup waits on a silent server: ready comes at once and the front
+    holds no more descriptors than before (the query's socket is closed)."""
+    host = daemon.host()
+    host.boot()
+    front = daemon.wait_event("child_started", role="front")[-1]["pid"]
+    host.command(b'AT+CIPDNS=1,"%s"' % SILENT_IP.encode())
+    assert host.ask(b'AT+CIPDOMAIN="warm.test",1,200') == b"\r\nERROR\r\n"  # imports dnspython once
+    before = _settled_fds(front, _open_fds(front), 0)
+    asked = len(silent_server.queries)
+    host.write(command + b"\r\n")
+    deadline = time.monotonic() + 3
+    while len(silent_server.queries) == asked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(silent_server.queries) > asked
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n", timeout=2)
+    assert _settled_fds(front, before) == before
+    host.command(b"ATE0")
+    assert host.ask(b"AT") == b"\r\nOK\r\n"

@@ -66,6 +66,16 @@ def test_bad_parameters(host, line):
     assert host.ask(b"AT") == b"\r\nOK\r\n"
 
 
+@pytest.mark.parametrize("name", [b"a..test", b"x" * 64, b"bad\x85byte.test"])
+def test_names_no_server_could_answer_are_a_timeout(host, daemon, name):
+    """An empty or 64-byte label, or a C1 control byte, is +PING:TIMEOUT and ERROR like any
+    name that does not resolve (the host resolver's IDNA codec used to raise, answering a
+    bare ERROR with command_crashed in the log); the log says why."""
+    assert host.ask(b'AT+PING="%s"' % name) == TIMED_OUT
+    assert "cannot resolve" in daemon.wait_event("command_error", command="+PING")[-1]["why"]
+    assert not daemon.events("command_crashed")
+
+
 def test_ping_needs_the_station_connected(daemon):
     """Before AT+CWJAP there is no IP to ping from: ERROR, as for the other network commands."""
     host = daemon.host()

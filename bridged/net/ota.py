@@ -18,8 +18,13 @@ updates from any web server:
 Every request carries ``Authorization: token <token>``.  Any failure (no
 address, refused connection, TLS, HTTP status other than 2xx, a short or
 oversized body, the install command failing, the overall timer) raises
-``OtaFailed``; no temporary file survives it, and an image whose install
-command failed is removed.
+``OtaFailed``, as do a Content-Length that is not plain ASCII digits, any
+Transfer-Encoding and a disk error; no temporary file survives it, and when
+the install command fails (or the update is cancelled after the rename) the
+partition's previous image, if any, is put back, else the new one removed.
+install_command runs in a session of its own with the image directory as
+cwd and no fd of bridged's; a failure, the timer, AT+RST or a stop kill that
+session.
 
 ``versions()`` is AT+CIPFWVER?: ``GET /v1/device/rom`` (10 s), every
 ``"version": "<v>"`` of the body in order.

@@ -183,19 +183,21 @@ def _base_url() -> _Check:
             return _NO
         if v == "":
             return v
-        if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in v):
+        # ASCII only: it goes into the request line and Host header as is.
+        if not v.isascii() or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in v):
             return _NO
         try:
             parts = urlsplit(v)
-            parts.port  # raises ValueError when out of range or not a number
-        except ValueError:
+            if parts.port == 0:  # "or 80" would quietly make it port 80
+                return _NO
+        except ValueError:  # a port out of range or not a number
             return _NO
         if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query
                 or parts.fragment or "@" in parts.netloc or v.endswith("?") or v.endswith("#")):
             return _NO
         return v.rstrip("/")
 
-    return _Check(str, '"" (no update server) or an http:// or https:// base URL', accept)
+    return _Check(str, '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)', accept)
 
 
 def _command_line() -> _Check:
@@ -304,7 +306,7 @@ class OtaConfig:
     """[ota]: where AT+CIUPDATE and AT+CIPFWVER? find firmware (see bridged.net.ota)."""
 
     server: str = _field("", _base_url())
-    token: str = _field("", _text(0, 256), secret=True)
+    token: str = _field("", _pattern(r"[\x20-\x7e]{0,256}", "0 to 256 printable ASCII characters"), secret=True)
     max_size: int = _field(16_777_216, _int(1, 4_294_967_296))
     install_command: str = _field("", _command_line())
     timeout_ms: int = _field(180_000, _int(1000, 3_600_000))

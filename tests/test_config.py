@@ -98,6 +98,8 @@ ACCEPTED = [
 ]
 
 # (section, key, value, allowed) for values just outside what is allowed.
+OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
+
 REFUSED = [
     ("uart", "port", 5, '"" (create a pseudo-terminal) or a serial device path'),
     ("uart", "pty_link", False, '"" or a path for a symlink to the pty'),
@@ -161,13 +163,18 @@ REFUSED = [
     ("firmware", "at_version", "4.1.1.x", "four dot-separated integers"),
     ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
     ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
-    ("ota", "server", "ftp://host/x", '"" (no update server) or an http:// or https:// base URL'),
-    ("ota", "server", "http://", '"" (no update server) or an http:// or https:// base URL'),
-    ("ota", "server", "http://h/x?y=1", '"" (no update server) or an http:// or https:// base URL'),
-    ("ota", "server", "http://u:p@h/", '"" (no update server) or an http:// or https:// base URL'),
-    ("ota", "server", "http://h:99999", '"" (no update server) or an http:// or https:// base URL'),
-    ("ota", "server", "http://h /x", '"" (no update server) or an http:// or https:// base URL'),
-    ("ota", "token", "t" * 257, "a string of 0 to 256 bytes"),
+    ("ota", "server", "ftp://host/x", OTA_SERVER),
+    ("ota", "server", "http://", OTA_SERVER),
+    ("ota", "server", "http://h/x?y=1", OTA_SERVER),
+    ("ota", "server", "http://u:p@h/", OTA_SERVER),
+    ("ota", "server", "http://h:99999", OTA_SERVER),
+    ("ota", "server", "http://h /x", OTA_SERVER),
+    ("ota", "server", "http://h:0", OTA_SERVER),  # not quietly port 80
+    ("ota", "server", "http://h/\u20ac", OTA_SERVER),  # goes into the request line
+    ("ota", "server", "http://b\u00fccher.example", OTA_SERVER),
+    ("ota", "token", "t" * 257, "0 to 256 printable ASCII characters"),
+    ("ota", "token", "t\u20ac", "0 to 256 printable ASCII characters"),  # a header is latin-1 at most
+    ("ota", "token", "t\u00e9", "0 to 256 printable ASCII characters"),
     ("ota", "max_size", 0, "an integer from 1 to 4294967296"),
     ("ota", "max_size", 4_294_967_297, "an integer from 1 to 4294967296"),
     ("ota", "install_command", "install 'unclosed", '"" or a command line (shell quoting, no shell features)'),

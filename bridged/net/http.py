@@ -12,6 +12,7 @@ context the caller gives.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -23,6 +24,10 @@ __all__ = ["Target", "Connection", "Response", "HttpError", "connect", "target"]
 
 _HEAD_LIMIT = 16384  # bytes of status line and headers
 _USER_AGENT = f"bridged/{bridged.__version__}"
+# ASCII digits only: str.isdigit() also takes "²", which int() then refuses,
+# and int() refuses more than 4300 digits; 19 digits is beyond any image.
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
+_STATUS = re.compile(r"[0-9]{3}")
 
 
 class HttpError(OSError):
@@ -75,7 +80,7 @@ class Response:
         text = self.headers.get("content-length")
         if text is None:
             return None
-        if not text.isdigit():
+        if not _CONTENT_LENGTH.fullmatch(text):
             raise HttpError(f"bad Content-Length {text[:40]!r}")
         return int(text)
 
@@ -193,7 +198,7 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
         raise HttpError(f"TLS: {exc.reason or exc}") from None
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isdigit() and len(parts[1]) == 3):
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _STATUS.fullmatch(parts[1]):
         raise HttpError(f"not an HTTP status line: {lines[0][:80]!r}")
     fields: dict[str, str] = {}
     for line in lines[1:]:
@@ -209,4 +214,8 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
                 raise HttpError("conflicting Content-Length headers")
             value = f"{fields[name]}, {value}"
         fields[name] = value
+    if "transfer-encoding" in fields:
+        # We ask HTTP/1.0, so a chunked body is a broken server; reading it
+        # as plain bytes would save the chunk framing as the image.
+        raise HttpError(f"Transfer-Encoding {fields['transfer-encoding'][:40]!r} in an answer to HTTP/1.0")
     return int(parts[1]), fields

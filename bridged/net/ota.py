@@ -18,8 +18,13 @@ updates from any web server:
 Every request carries ``Authorization: token <token>``.  Any failure (no
 address, refused connection, TLS, HTTP status other than 2xx, a short or
 oversized body, the install command failing, the overall timer) raises
-``OtaFailed``; no temporary file survives it, and an image whose install
-command failed is removed.
+``OtaFailed``, as do a Content-Length that is not plain ASCII digits, any
+Transfer-Encoding and a disk error; no temporary file survives it, and when
+the install command fails (or the update is cancelled after the rename) the
+partition's previous image, if any, is put back, else the new one removed.
+install_command runs in a session of its own with the image directory as
+cwd and no fd of bridged's; a failure, the timer, AT+RST or a stop kill that
+session.
 
 ``versions()`` is AT+CIPFWVER?: ``GET /v1/device/rom`` (10 s), every
 ``"version": "<v>"`` of the body in order.
@@ -36,8 +41,10 @@ import asyncio
 import os
 import re
 import shlex
+import signal
 import socket
 import ssl
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,6 +66,8 @@ VERSIONS_TIMEOUT = 10.0  # seconds for AT+CIPFWVER? (ESP-AT's)
 _JSON_LIMIT = 65536  # bytes of a version answer we read
 _CHUNK = 65536
 _VERSION_MAX = 64  # ESP_AT_VERSION_LEN_MAX
+_OUTPUT_KEPT = 500  # bytes of install_command's output kept for the log
+_INSTALL_POLL = 0.05  # seconds between checks whether install_command exited
 # Substring matching as ESP-AT does (the JSON schema is not public); a value
 # with a control character never matches, so no line break reaches the UART.
 _ROM_VERSION = re.compile(rb'"rom_version"\s*:\s*"([^"\x00-\x1f\x7f]*)"')
@@ -134,13 +143,33 @@ class Updater:
             version = await self._latest(connection)
             log.info("ota_latest_version", version=version)
             progress(3)
-        image = await self._download(await self._connect(addresses), version, partition)
-        if self.config.install_command:
+        complete = await self._download(await self._connect(addresses), version, partition)
+        image = complete.parent / f"{partition}.bin"
+        # A failed install (or AT+RST, the timer) must not cost the image the
+        # last update of this partition left: keep it aside until we are done.
+        try:
+            previous = _keep_aside(image)
+        except OSError as exc:
+            complete.unlink(missing_ok=True)
+            raise OtaFailed(f"image: cannot keep the previous {image}: {exc.strerror or exc}") from None
+        try:
             try:
+                os.replace(complete, image)
+                await asyncio.to_thread(_fsync_dir, image.parent)
+            except OSError as exc:
+                raise OtaFailed(f"image: cannot rename it to {image}: {exc.strerror or exc}") from None
+            if self.config.install_command:
                 await self._install(image, version, partition)
-            except BaseException:
+        except BaseException:
+            Path(complete).unlink(missing_ok=True)
+            if previous is not None:
+                os.replace(previous, image)
+            else:
                 image.unlink(missing_ok=True)
-                raise
+            raise
+        if previous is not None:
+            previous.unlink(missing_ok=True)
+        log.info("ota_image_saved", file=str(image), size=image.stat().st_size)
         progress(4)
         return image
 
@@ -164,7 +193,7 @@ class Updater:
         except http.HttpError as exc:
             connection.close()
             raise OtaFailed(f"GET {path}: {exc}") from None
-        if response.status >= 300:
+        if not 200 <= response.status < 300:
             await response.close()
             raise OtaFailed(f"GET {path}: HTTP status {response.status}")
         return response
@@ -190,6 +219,7 @@ class Updater:
         path = (f"/v1/device/rom/?action=download_rom&version={quote(version, safe='')}"
                 f"&filename={quote(partition, safe='')}.bin")
         response = await self._request(connection, path)
+        saved: Path | None = None
         try:
             try:
                 length = response.content_length()
@@ -202,16 +232,32 @@ class Updater:
             if length > self.config.max_size:
                 raise OtaFailed(f"image: {length} bytes is over [ota] max_size {self.config.max_size}")
             log.info("ota_download", version=version, partition=partition, size=length, peer=response.peer)
-            return await self._save(response, length, partition)
+            saved = await self._save(response, length, partition)
+            await response.close()
+            return saved
+        except BaseException:
+            if saved is not None:  # cancelled while closing: the caller never learns its name
+                saved.unlink(missing_ok=True)
+            raise
         finally:
             await response.close()
 
     async def _save(self, response: http.Response, length: int, partition: str) -> Path:
-        """Stream the body into a temporary file; rename it once complete and on disk."""
+        """Stream the body into a temporary file, complete and on disk when returned.
+
+        Raises:
+            OtaFailed: the body is short, or the file cannot be written (disk
+                full, read-only state directory); no temporary file is left.
+        """
         directory = self.state_dir / IMAGE_DIR
-        directory.mkdir(mode=0o700, exist_ok=True)
-        final = directory / f"{partition}.bin"
-        fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{partition}.bin.", suffix=".part")
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            # Left by a power loss or SIGKILL mid-download; only one update runs at a time.
+            for stale in directory.glob(f".{partition}.bin.*.part"):
+                stale.unlink(missing_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{partition}.bin.", suffix=".part")
+        except OSError as exc:
+            raise OtaFailed(f"image: cannot write in {directory}: {exc.strerror or exc}") from None
         try:
             with os.fdopen(fd, "wb") as out:
                 remaining = length
@@ -227,31 +273,44 @@ class Updater:
                 out.flush()
                 # On an SD card this may take a while: not on the front's loop.
                 await asyncio.to_thread(os.fsync, out.fileno())
-            os.replace(temporary, final)
+        except OSError as exc:  # the network's are OtaFailed already: this is the disk
+            Path(temporary).unlink(missing_ok=True)
+            raise OtaFailed(f"image: cannot write {temporary}: {exc.strerror or exc}") from None
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        await asyncio.to_thread(_fsync_dir, directory)
-        log.info("ota_image_saved", file=str(final), size=length)
-        return final
+        return Path(temporary)
 
     async def _install(self, image: Path, version: str, partition: str) -> None:
+        """Run install_command; it fails the update unless it exits 0.
+
+        The command gets its own session (so the timer, AT+RST or a stop kill
+        everything it started), the image directory as cwd, no fd of ours
+        but stdin (/dev/null), stdout and stderr (uvloop's subprocess ignores
+        close_fds, hence subprocess.Popen), and only the last _OUTPUT_KEPT
+        bytes of its output are kept.  We wait for its exit, not for the end
+        of its output: a job it leaves behind (a scheduled restart) may keep
+        the pipe open.
+        """
         argv = [*shlex.split(self.config.install_command), str(image)]
         env = dict(os.environ, BRIDGED_OTA_VERSION=version, BRIDGED_OTA_PARTITION=partition)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env)
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                cwd=image.parent, env=env, close_fds=True, start_new_session=True)
         except OSError as exc:
             raise OtaFailed(f"install_command {argv[0]!r}: {exc.strerror or exc}") from None
+        output = _Tail(process.stdout)
         try:
-            output, _ = await process.communicate()
-        except BaseException:  # cancelled (AT+RST, the timer): the command must not outlive us
-            process.kill()
-            await process.wait()
+            while process.poll() is None:
+                await asyncio.sleep(_INSTALL_POLL)
+        except BaseException:  # cancelled (AT+RST, the timer, a stop): nothing of it may outlive us
+            _kill_session(process)
             raise
-        tail = output[-500:].decode("utf-8", "replace").strip()
+        finally:
+            tail = output.close()
         if process.returncode != 0:
+            _kill_session(process)  # what a failed install left running must not act later
             raise OtaFailed(f"install_command exited with status {process.returncode}: {tail}")
         log.info("ota_installed", command=argv[0], output=tail)
 
@@ -283,6 +342,59 @@ class Updater:
         except TimeoutError:
             raise OtaFailed(f"GET {path}: no answer within {VERSIONS_TIMEOUT:g} s") from None
         return [m.group(1).decode("latin-1") for m in _VERSION.finditer(body)]
+
+
+class _Tail:
+    """The last _OUTPUT_KEPT bytes a pipe delivers, read on the running loop."""
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.kept = b""
+        self.loop = asyncio.get_running_loop()
+        os.set_blocking(pipe.fileno(), False)
+        self.loop.add_reader(pipe.fileno(), self._read)
+
+    def _read(self) -> bool:
+        try:
+            data = os.read(self.pipe.fileno(), _CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(self.pipe.fileno())
+            return False
+        self.kept = (self.kept + data)[-_OUTPUT_KEPT:]
+        return True
+
+    def close(self) -> str:
+        """Stop reading (after what is already there); the kept text."""
+        self.loop.remove_reader(self.pipe.fileno())
+        for _ in range(64):  # what the command wrote just before it exited
+            if not self._read():
+                break
+        self.pipe.close()
+        return self.kept.decode("utf-8", "replace").strip()
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL the command's session (its children too) and reap the command."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing of it is left
+    process.wait()  # at once: SIGKILL, or it had exited
+
+
+def _keep_aside(image: Path) -> Path | None:
+    """A second name for the current image (None when there is none), to restore it."""
+    aside = image.with_name(f".{image.name}.previous")
+    aside.unlink(missing_ok=True)
+    try:
+        os.link(image, aside)
+    except FileNotFoundError:
+        return None
+    return aside
 
 
 def _fsync_dir(directory: Path) -> None:

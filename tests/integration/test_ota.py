@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -572,3 +573,350 @@ def test_https_untrusted_server_fails(start, https_server):
     assert "TLS" in why(daemon) or "CERTIFICATE_VERIFY_FAILED" in why(daemon)
     assert host.ask(b"AT+CIPFWVER?") == b"\r\nERROR\r\n"
     assert leftovers(daemon) == []
+
+
+# -- a hostile or broken update server -------------------------------------------------------
+
+
+class RawServer:
+    """Answers every request with ``answer`` (bytes, or a callable given the socket), then closes."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.done.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            try:
+                while b"\r\n\r\n" not in head:
+                    more = conn.recv(4096)
+                    if not more:
+                        return
+                    head += more
+                self.requests.append(head)
+                if callable(self.answer):
+                    self.answer(conn, self.done)
+                else:
+                    conn.sendall(self.answer)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def raw():
+    servers: list[RawServer] = []
+
+    def make(answer) -> RawServer:
+        servers.append(RawServer(answer))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+FAILED_DOWNLOAD = b"+CIPUPDATE:1\r\n\r\nERROR\r\n"  # a version given: 1, then the download fails
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    # str.isdigit() says yes to these, int() does not: the update crashed (an internal error)
+    (b"HTTP/1.0 200 OK\r\nContent-Length: \xb2\r\n\r\nx", "bad Content-Length"),
+    (b"HTTP/1.0 \xb2\xb2\xb2 OK\r\nContent-Length: 1\r\n\r\nx", "not an HTTP status line"),
+    # int() refuses more than 4300 digits
+    (b"HTTP/1.0 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nx", "bad Content-Length"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: -1\r\n\r\nx", "bad Content-Length"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nx", "bad Content-Length"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "conflicting Content-Length"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 50\r\n\r\nshort", "the body ended after 5 of 50 bytes"),
+    # chunked despite HTTP/1.0: the framing would have become the image
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 10\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     "Transfer-Encoding"),
+    # a 1xx is not success: its body would have become the image
+    (b"HTTP/1.1 199 Odd\r\nContent-Length: 5\r\n\r\nhello", "HTTP status 199"),
+    (b"HTTP/1.0 302 Found\r\nLocation: http://127.0.0.2/\r\nContent-Length: 0\r\n\r\n", "HTTP status 302"),
+    (b"HTTP/1.0 200 OK\r\n" + b"X-Filler: " + b"a" * 20000 + b"\r\n\r\n", "headers longer than"),
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP status line"),
+])
+def test_broken_server_answers_fail_cleanly(start, raw, answer, reason):
+    """Odd or lying answers to the download: ERROR, a reason in the log, no file, no internal error."""
+    server = raw(answer)
+    daemon, host = start(server.url)
+    assert host.ask(b'AT+CIUPDATE=0,"v1"', timeout=20) == FAILED_DOWNLOAD
+    assert reason in why(daemon)
+    assert leftovers(daemon) == []
+    assert host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:-1\r\n\r\nOK\r\n"
+
+
+def test_longer_body_than_content_length_keeps_only_the_declared_bytes(start, raw):
+    """A body longer than its Content-Length: the declared bytes are the image."""
+    server = raw(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello and more")
+    daemon, host = start(server.url)
+    assert host.ask(b'AT+CIUPDATE=0,"v1","part"', timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:4\r\n\r\nOK\r\n"
+    assert (image_dir(daemon) / "part.bin").read_bytes() == b"hello"
+
+
+def test_slow_loris_body_is_ended_by_the_overall_timer(start, raw):
+    """One byte a second of a large body: [ota] timeout_ms still ends the update."""
+    def trickle(conn, done):
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        while not done.wait(0.5):
+            conn.sendall(b"x")
+
+    server = raw(trickle)
+    daemon, host = start(server.url, "timeout_ms = 1500\n")
+    began = time.monotonic()
+    assert host.ask(b'AT+CIUPDATE=0,"v1"', timeout=20) == FAILED_DOWNLOAD
+    assert time.monotonic() - began < 8
+    assert "longer than 1.5 s" in why(daemon)
+    assert leftovers(daemon) == []
+
+
+def test_cipfwver_odd_version_strings_never_reach_the_uart_raw(start, raw):
+    """Quotes end a version, one with a control character or CR LF is skipped: no line break
+    or fake OK reaches the MCU."""
+    body = (b'{"productRoms": [{"version": "v1\\"x"}, {"version": "a\r\nOK\r\n"}, {"version": "b\x07"},'
+            b' {"version": "v4.1.0.0"}]}')
+    server = raw(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    daemon, host = start(server.url)
+    assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v1\\"\r\n+CIPFWVER:"v4.1.0.0"\r\n\r\nOK\r\n'
+
+
+def test_cipfwver_many_versions_all_arrive(start, raw):
+    """Thousands of versions (the body is capped at 64 KiB): every line, then OK."""
+    body = b'{"productRoms": [' + b",".join(b'{"version": "v%d"}' % i for i in range(3000)) + b"]}"
+    assert len(body) < 65536
+    server = raw(b"HTTP/1.0 200 OK\r\n\r\n" + body)  # no Content-Length: to the close
+    daemon, host = start(server.url)
+    out = host.ask(b"AT+CIPFWVER?", timeout=30)
+    assert out == b"".join(b'+CIPFWVER:"v%d"\r\n' % i for i in range(3000)) + b"\r\nOK\r\n"
+
+
+# -- the disk --------------------------------------------------------------------------------
+
+
+def test_image_directory_not_writable_fails_cleanly(start, server):
+    """<state dir>/ota cannot be made (here a file is in the way): ERROR and why, not a crash."""
+    daemon, host = start(server.url)
+    image_dir(daemon).write_bytes(b"in the way")
+    assert host.ask(b'AT+CIUPDATE=0,"v9.9.9.9"', timeout=20) == FAILED_DOWNLOAD
+    assert "cannot write in" in why(daemon)
+    assert image_dir(daemon).read_bytes() == b"in the way"
+
+
+def test_disk_full_fails_cleanly_and_keeps_the_previous_image(tmp_path, server):
+    """A write error mid-download (RLIMIT_FSIZE stands in for a full disk): ERROR and why,
+    no temporary file, the previous image of that partition untouched."""
+    daemon = Daemon(tmp_path, f'[ota]\nserver = "{server.url}"\n', wrap=("prlimit", "--fsize=150000", "--"))
+    (daemon.state_dir / "ota").mkdir(parents=True)
+    (daemon.state_dir / "ota" / "ota.bin").write_bytes(b"good")
+    daemon.start()
+    host = daemon.host()
+    try:
+        host.boot()
+        assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
+        assert host.expect(b"+CIPUPDATE:-1\r\n", timeout=20).endswith(b"+CIPUPDATE:3\r\n+CIPUPDATE:-1\r\n")
+        assert "cannot write" in daemon.wait_event("ota_failed")[-1]["why"]
+        assert leftovers(daemon) == ["ota.bin"]
+        assert (image_dir(daemon) / "ota.bin").read_bytes() == b"good"
+        assert daemon.events("ota_crashed") == []
+    finally:
+        host.close()
+        assert daemon.stop() == 0
+
+
+# -- install_command: what it gets, and that nothing of it outlives the update --------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _wait_file(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} was not written"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def _hanging_installer(tmp_path: Path) -> str:
+    """Starts a child and hangs; both pids go to pids.txt."""
+    script = tmp_path / "hang.sh"
+    script.write_text(f'#!/bin/sh\nsleep 300 &\necho "$$ $!" > "{tmp_path}/pids.txt"\nsleep 300\n')
+    return f'install_command = "/bin/sh {script}"\n'
+
+
+def test_install_command_gets_no_fd_of_ours_and_the_image_dir_as_cwd(start, server, tmp_path):
+    """Only stdin, stdout and stderr reach the command (not the serial port, rings or the
+    supervisor socket: uvloop ignores close_fds); its cwd is the image directory."""
+    script = tmp_path / "fds.py"
+    script.write_text(
+        "import os, json\n"
+        "fds = {}\n"
+        "for n in os.listdir('/proc/self/fd'):\n"
+        "    try:\n"
+        "        fds[n] = os.readlink(f'/proc/self/fd/{n}')\n"
+        "    except OSError:\n"
+        "        pass  # the listing's own, closed by now\n"
+        f"open({str(tmp_path / 'fds.json')!r}, 'w').write(json.dumps({{'fds': fds, 'cwd': os.getcwd()}}))\n")
+    daemon, host = start(server.url, f'install_command = "{sys.executable} {script}"\n')
+    assert host.ask(b'AT+CIUPDATE=1,,"client_ca"', timeout=20) == PROGRESS + b"\r\nOK\r\n"
+    seen = json.loads((tmp_path / "fds.json").read_text())
+    extra = {fd: target for fd, target in seen["fds"].items()
+             if int(fd) > 2}
+    assert extra == {}
+    assert seen["cwd"] == str(image_dir(daemon))
+
+
+def test_install_command_hanging_past_the_timer_is_killed_with_its_children(start, server, tmp_path):
+    """The overall timer kills the command and what it started; ERROR, no image left."""
+    daemon, host = start(server.url, "timeout_ms = 3000\n" + _hanging_installer(tmp_path))
+    assert host.ask(b'AT+CIUPDATE=0,"v9.9.9.9"', timeout=20) == FAILED_DOWNLOAD
+    assert "longer than 3 s" in why(daemon)
+    pids = [int(p) for p in _wait_file(tmp_path / "pids.txt").split()]
+    assert _wait_gone(pids) == []
+    assert leftovers(daemon) == []
+
+
+def test_restart_kills_a_running_install_command(start, server, tmp_path):
+    """AT+RST during a nonblocking update's install: the command and its child die, no image kept."""
+    daemon, host = start(server.url, _hanging_installer(tmp_path))
+    assert host.ask(b'AT+CIUPDATE=0,"v9.9.9.9",,1') == b"\r\nOK\r\n"
+    host.expect(b"+CIPUPDATE:1\r\n")
+    pids = [int(p) for p in _wait_file(tmp_path / "pids.txt").split()]
+    assert host.ask(b"AT+RST") == b"\r\nOK\r\n"
+    host.expect(b"\r\nready\r\n")
+    assert _wait_gone(pids) == []
+    assert leftovers(daemon) == []
+    host.expect(b"WIFI GOT IP\r\n")
+    host.command(b"ATE0")  # a fresh session echoes again
+    # and a new update can start at once
+    (tmp_path / "pids.txt").unlink()
+    assert host.ask(b'AT+CIUPDATE=0,"v9.9.9.9",,1') == b"\r\nOK\r\n"
+    host.expect(b"+CIPUPDATE:1\r\n")
+    pids = [int(p) for p in _wait_file(tmp_path / "pids.txt").split()]
+    assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v4.1.1.0"\r\n+CIPFWVER:"v4.1.2.0"\r\n\r\nOK\r\n'
+    assert host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:1\r\n\r\nOK\r\n"
+    assert host.ask(b"AT+RST") == b"\r\nOK\r\n"
+    assert _wait_gone(pids) == []
+
+
+def test_stop_during_an_install_leaves_no_process_and_no_file(tmp_path, server):
+    """SIGTERM to bridged while install_command runs: the command and its child die, the
+    image is removed, bridged exits 0."""
+    daemon = Daemon(tmp_path, f'[ota]\nserver = "{server.url}"\n' + _hanging_installer(tmp_path))
+    daemon.start()
+    host = daemon.host()
+    try:
+        host.boot()
+        assert host.ask(b'AT+CIUPDATE=0,"v9.9.9.9",,1') == b"\r\nOK\r\n"
+        host.expect(b"+CIPUPDATE:1\r\n")
+        pids = [int(p) for p in _wait_file(tmp_path / "pids.txt").split()]
+    finally:
+        host.close()
+        assert daemon.stop() == 0
+    assert _wait_gone(pids) == []
+    assert leftovers(daemon) == []
+
+
+def test_stop_during_a_download_leaves_no_temporary_file(tmp_path, server):
+    """SIGTERM to bridged mid-download: no .part file left."""
+    server.mode = "stall"
+    daemon = Daemon(tmp_path, f'[ota]\nserver = "{server.url}"\n')
+    daemon.start()
+    host = daemon.host()
+    try:
+        host.boot()
+        assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
+        assert server.stalled.wait(10)
+        host.expect(b"+CIPUPDATE:3\r\n", timeout=10)
+        deadline = time.monotonic() + 10
+        while len(leftovers(daemon)) != 1:  # the temporary file
+            assert time.monotonic() < deadline, leftovers(daemon)
+            time.sleep(0.02)
+    finally:
+        host.close()
+        assert daemon.stop() == 0
+    assert leftovers(daemon) == []
+
+
+def test_install_failure_keeps_the_previous_image(start, server, tmp_path):
+    """A failed install of a partition restores the image its last update left."""
+    daemon, host = start(server.url)
+    assert host.ask(b'AT+CIUPDATE=1,,"client_ca"', timeout=20) == PROGRESS + b"\r\nOK\r\n"
+    daemon2, host2 = start(server.url, _installer(tmp_path, 3))
+    image_dir(daemon2).mkdir()
+    (image_dir(daemon2) / "ota.bin").write_bytes(b"good")
+    assert host2.ask(b"AT+CIUPDATE", timeout=20) == (
+        b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n\r\nERROR\r\n")
+    assert (image_dir(daemon2) / "ota.bin").read_bytes() == b"good"
+    assert leftovers(daemon2) == ["ota.bin"]
+
+
+def test_install_command_leaving_a_job_behind_does_not_hang_the_update(start, server, tmp_path):
+    """A command that schedules something in the background (holding its stdout) and exits 0:
+    the update succeeds at once, the job is left alone."""
+    script = tmp_path / "later.sh"
+    script.write_text(f'#!/bin/sh\nsleep 30 &\necho "$!" > "{tmp_path}/job.txt"\necho scheduled\n')
+    daemon, host = start(server.url, f'timeout_ms = 10000\ninstall_command = "/bin/sh {script}"\n')
+    began = time.monotonic()
+    assert host.ask(b'AT+CIUPDATE=1,,"client_ca"', timeout=20) == PROGRESS + b"\r\nOK\r\n"
+    assert time.monotonic() - began < 5
+    job = int(_wait_file(tmp_path / "job.txt"))
+    try:
+        assert _alive(job)
+        assert daemon.wait_event("ota_installed")[-1]["output"] == "scheduled"
+    finally:
+        os.kill(job, 9)
+
+
+def test_missing_install_program_fails_cleanly(start, server):
+    daemon, host = start(server.url, 'install_command = "/nonexistent/installer --now"\n')
+    assert host.ask(b'AT+CIUPDATE=1,,"client_ca"', timeout=20) == (
+        b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n\r\nERROR\r\n")
+    assert "install_command '/nonexistent/installer'" in why(daemon)
+    assert leftovers(daemon) == []
+
+
+# -- TLS verifies the host name ------------------------------------------------------------
+
+
+def test_https_host_name_must_match_the_certificate(start, https_server, tls_files):
+    """A trusted CA is not enough: the certificate names 127.0.0.1, not localhost."""
+    daemon, host = start(https_server.url.replace("127.0.0.1", "localhost"), ca=tls_files / "ca.pem")
+    assert host.ask(b"AT+CIPFWVER?", timeout=20) == b"\r\nERROR\r\n"
+    assert "certificate" in why(daemon).lower() or "hostname" in why(daemon).lower()
+    assert https_server.requests == []

@@ -76,6 +76,9 @@ def cipmux_set(ctx: Context, line: CommandLine) -> Reply:
 # -- AT+CIPSTART / AT+CIPSTARTEX ----------------------------------------------------
 
 _TCP_TAIL = (Int(0, 7200, None), Str(64, ""), Int(0, 60000, 0))
+# A link whose worker crashed is served again within a second (the supervisor
+# restarts it at once; a worker that keeps crashing backs off longer).
+_WORKER_RESTART = 2.0
 _UDP_TAIL = (Int(0, 65535, 0), Int(0, 2, None), Str(64, ""), Int(0, 60000, 0))
 
 
@@ -122,6 +125,7 @@ def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
 
 
 async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
+    await ctx.links.wait_ready(link_id, _WORKER_RESTART)
     # The worker resolves (an SSL link needs the name itself for SNI and the
     # certificate check); it asks the servers AT+CIPDNS holds now.
     spec = dataclasses.replace(spec, dns_servers=lookup_servers(ctx))
@@ -133,8 +137,6 @@ async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
 def _start(ctx: Context, link_id: int, tokens: tuple):
     if ctx.links.is_busy(link_id):
         raise ExecFail(f"ALREADY CONNECTED: link {link_id} is in use")
-    if not ctx.links.is_ready(link_id):
-        raise ExecFail(f"link {link_id}'s worker is restarting")
     spec = _connect_spec(ctx, link_id, tokens)
     _require_ip(ctx)
     return _open(ctx, link_id, spec)
@@ -153,7 +155,9 @@ def cipstart(ctx: Context, line: CommandLine):
 def cipstartex(ctx: Context, line: CommandLine):
     if not ctx.mux:
         return _start(ctx, 0, line.tokens)
-    free = [i for i in range(ctx.links.count) if not ctx.links.is_busy(i) and ctx.links.is_ready(i)]
+    # A slot whose worker is restarting is free too, taken only after the ready ones.
+    free = sorted((i for i in range(ctx.links.count) if not ctx.links.is_busy(i)),
+                  key=lambda i: not ctx.links.is_ready(i))
     if not free:
         raise ExecFail("no free link id")
     return _start(ctx, free[0], line.tokens)

@@ -83,6 +83,7 @@ class Slot:
     scanned: int = 0  # ring bytes past the read index already scanned
     eof_seen: bool = False
     notified: bool = False  # a +IPD notice is out and not yet followed by a read
+    ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
 
     def reset_receive(self) -> None:
         self.offset, self.pending, self.scanned = 0, 0, 0
@@ -146,6 +147,23 @@ class LinkTable:
 
     def is_ready(self, link_id: int) -> bool:
         return self.slots[link_id].state is not SlotState.NO_WORKER
+
+    async def wait_ready(self, link_id: int, timeout: float) -> None:
+        """Wait for a worker the supervisor is restarting (after a crash) to say Hello.
+
+        The MCU saw CLOSED and may reopen the link at once; the new worker is
+        up within a second, so the command waits for it instead of failing.
+        """
+        slot = self.slots[link_id]
+        if slot.state is not SlotState.NO_WORKER:
+            return
+        if slot.ready is None or slot.ready.done():
+            slot.ready = self.loop.create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(slot.ready)
+        except TimeoutError:
+            raise ExecFail(f"link {link_id}'s worker did not restart within {timeout:g} s") from None
 
     def can_send(self, link_id: int) -> bool:
         slot = self.slots[link_id]
@@ -359,6 +377,8 @@ class LinkTable:
             log.info("worker_ready", link_id=slot.link_id, pid=msg.pid)
             if slot.state is SlotState.NO_WORKER:
                 slot.state = SlotState.IDLE
+            if slot.ready is not None and not slot.ready.done():
+                slot.ready.set_result(None)
             if slot.passive:
                 self._send(slot, SetRecvWindow(self.window))
             if slot.options != SetOptions():

@@ -182,6 +182,22 @@ def test_killed_worker_is_restarted(daemon: Daemon, echo_server):
     assert demux.wait_data(1, 10) == b"new worker"
 
 
+def test_a_link_reopened_right_after_its_worker_died_waits_for_the_new_worker(daemon: Daemon, echo_server):
+    """The MCU reopens a link as soon as it sees CLOSED: AT+CIPSTART waits the
+    moment it takes the supervisor to restart the worker, it does not fail."""
+    daemon.expected_errors |= {"worker_died", "child_died"}
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    _open(host, 1, echo_server.port)
+    os.kill(daemon.worker_pid(1), signal.SIGKILL)
+    assert host.expect(b"1,CLOSED\r\n", timeout=2) == b"1,CLOSED\r\n"
+    assert _open(host, 1, echo_server.port) == b"1,CONNECT\r\n\r\nOK\r\n"
+    demux = Demux(host)
+    assert demux.send(1, b"new worker").endswith(b"SEND OK\r\n")
+    assert demux.wait_data(1, 10) == b"new worker"
+
+
 def test_killed_worker_during_send_fails_the_send(daemon: Daemon):
     """A worker killed while a send waits for the network ends it with SEND FAIL, never a hang."""
     daemon.expected_errors |= {"worker_died", "child_died"}

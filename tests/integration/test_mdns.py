@@ -260,12 +260,15 @@ def test_bad_parameters_are_error_with_a_reason(host, daemon):
     assert host.ask(b"AT") == OK
 
 
-def test_needs_a_connected_station(daemon):
-    """Before AT+CWJAP the station has no address: AT+MDNS=1 is ERROR ("no ip"), AT+MDNS=0 OK."""
+def test_enabling_before_joining_waits_for_the_station(daemon):
+    """Before AT+CWJAP, AT+MDNS=1 is OK (ESP-IDF keeps the configuration) but nothing is opened; AT+MDNS=0 forgets it."""
     host = daemon.host()
     host.expect(b"ready\r\n")
     host.command(b"ATE0")
-    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == ERROR
-    assert "no ip" in _why(daemon)
+    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == OK
+    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == ERROR  # configured, though not advertising
+    assert "already enabled" in _why(daemon)
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert host.ask(b'AT+MDNS=1,"h2","_iot",81') == OK  # AT+MDNS=0 forgot the first
     assert host.ask(b"AT+MDNS=0") == OK
     assert not daemon.events("mdns_started")

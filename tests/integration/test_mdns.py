@@ -25,7 +25,8 @@ TYPE = "_iot._tcp.local."
 needs_netns = pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
 
 # Browses one service type on the given address and prints one JSON line per
-# event: added (with the resolved service and its host's addresses), removed.
+# event: added and updated (with the resolved service and its host's
+# addresses), removed.
 _BROWSER = textwrap.dedent(
     """
     import json, sys
@@ -41,15 +42,14 @@ _BROWSER = textwrap.dedent(
         if state_change is ServiceStateChange.Removed:
             say(event="removed", name=name)
             return
-        if state_change is not ServiceStateChange.Added:
-            return
+        event = "added" if state_change is ServiceStateChange.Added else "updated"
         info = zeroconf.get_service_info(service_type, name, timeout=5000)
         if info is None:
             say(event="unresolved", name=name)
             return
         host = AddressResolver(info.server)
         host.request(zeroconf, 5000)
-        say(event="added", name=name, type=info.type, port=info.port, server=info.server,
+        say(event=event, name=name, type=info.type, port=info.port, server=info.server,
             txt={k.decode(): (v or b"").decode() for k, v in info.properties.items()},
             addresses=sorted(info.parsed_addresses(IPVersion.All)),
             host_addresses=sorted(host.parsed_addresses(IPVersion.All)))
@@ -61,6 +61,31 @@ _BROWSER = textwrap.dedent(
     zc.close()
     """
 )
+
+
+# Asks once, with an empty cache, for one service's records and its host's addresses.
+_RESOLVE = textwrap.dedent(
+    """
+    import json, sys
+    from zeroconf import AddressResolver, IPVersion, Zeroconf
+
+    address, type_, name = sys.argv[1:4]
+    zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+    info = zc.get_service_info(type_, name, timeout=5000)
+    host = AddressResolver(info.server) if info else None
+    if host is not None:
+        host.request(zc, 5000)
+    print(json.dumps(None if info is None else sorted(host.parsed_addresses(IPVersion.All))))
+    zc.close()
+    """
+)
+
+
+def resolve_once(exec_prefix: tuple[str, ...], address: str, name: str) -> list[str] | None:
+    """The host addresses a fresh resolver in the namespace learns for ``name``, or None."""
+    done = subprocess.run([*exec_prefix, sys.executable, "-c", _RESOLVE, address, TYPE, name],
+                          capture_output=True, text=True, timeout=20, check=True)
+    return json.loads(done.stdout)
 
 
 class Browser:
@@ -272,3 +297,88 @@ def test_enabling_before_joining_waits_for_the_station(daemon):
     assert host.ask(b'AT+MDNS=1,"h2","_iot",81') == OK  # AT+MDNS=0 forgot the first
     assert host.ask(b"AT+MDNS=0") == OK
     assert not daemon.events("mdns_started")
+
+
+def _started(host, daemon) -> None:
+    """A fresh daemon: ready, echo off, not joined (no stored network)."""
+    host.expect(b"\r\nready\r\n")
+    host.command(b"ATE0")
+
+
+def _seen(browser: "Browser", seconds: float) -> list[dict]:
+    return [e for e in browser.quiet(seconds) if e["event"] != "exited"]
+
+
+@needs_netns
+def test_the_service_follows_the_wifi(segment):
+    """Configured before joining it appears on AT+CWJAP; AT+CWQAP and a mode without station withdraw it, joining again brings it back; AT+MDNS=0 forgets it."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    _started(host, daemon)
+    name = f"follow.{TYPE}"
+    assert host.ask(b'AT+MDNS=1,"follow","_iot",80') == OK
+    assert _seen(browser, 3.0) == []  # not joined: nothing answers yet
+    assert not daemon.events("mdns_started")
+
+    host.command(b'AT+CWJAP="bridged","password"')
+    added = browser.next()
+    assert (added["event"], added["name"]) == ("added", name) and net.a_ip in added["host_addresses"]
+
+    assert host.command(b"AT+CWQAP") == OK
+    host.expect(b"WIFI DISCONNECT\r\n")
+    assert browser.next() == {"event": "removed", "name": name}
+    assert _seen(browser, 2.5) == []  # stays withdrawn (the poll does not bring it back)
+
+    host.command(b'AT+CWJAP="bridged","password"')
+    assert browser.next()["name"] == name and daemon.wait_event("mdns_started", count=2)
+
+    assert host.command(b"AT+CWMODE=2") == OK  # softAP only: the station leaves
+    host.expect(b"WIFI DISCONNECT\r\n")
+    assert browser.next() == {"event": "removed", "name": name}
+    assert host.command(b"AT+CWMODE=1") == OK  # auto-connect rejoins
+    host.expect(b"WIFI GOT IP\r\n")
+    assert browser.next() == {"event": "added", **{k: v for k, v in added.items() if k != "event"}}
+
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": name}
+    assert host.command(b"AT+CWQAP") == OK
+    host.expect(b"WIFI DISCONNECT\r\n")
+    host.command(b'AT+CWJAP="bridged","password"')
+    assert _seen(browser, 3.0) == []  # forgotten: joining again advertises nothing
+    assert len(daemon.events("mdns_started")) == 3
+
+
+def _ip_in(ns_exec: tuple[str, ...], *args: str) -> None:
+    subprocess.run([*ns_exec, "ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@needs_netns
+def test_a_changed_address_is_announced(segment):
+    """A new IPv6 address and a changed IPv4 address on the station are announced within the poll interval."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    name = f"moves.{TYPE}"
+    assert host.ask(b'AT+MDNS=1,"moves","_iot",80') == OK
+    assert net.a_ip in browser.next()["host_addresses"]
+
+    new6 = net.a_ip6.rsplit("::", 1)[0] + "::a"
+    _ip_in(net.exec_a(), "-6", "addr", "add", f"{new6}/64", "dev", "veth0", "nodad")
+    assert browser.next() == {"event": "removed", "name": name}  # goodbyes from the old responder
+    added = browser.next()
+    assert added["name"] == name and new6 in added["host_addresses"] and net.a_ip in added["host_addresses"]
+
+    new4 = net.a_ip.rsplit(".", 1)[0] + ".3"
+    _ip_in(net.exec_a(), "addr", "del", f"{net.a_ip}/24", "dev", "veth0")
+    _ip_in(net.exec_a(), "addr", "add", f"{new4}/24", "dev", "veth0")
+    # The old address is gone, so the goodbyes sent from it cannot leave:
+    # the new responder's announcements (cache-flush records) replace them.
+    moved = browser.next()
+    assert (moved["event"], moved["name"]) == ("updated", name)
+    assert new4 in moved["host_addresses"], moved
+    # A fresh resolver's cache holds only what is answered now.
+    now = resolve_once(net.exec_b(), net.b_ip, name)
+    assert now is not None and new4 in now and net.a_ip not in now, now
+    daemon.wait_event("mdns_station_changed", count=2)
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": name}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +52,10 @@ _STOP_TIMEOUT = 3.0  # s: goodbyes take about 0.25 s, closing the sockets less
 # s between looks at the station's addresses while enabled: one psutil read
 # of the host's interfaces, so a few seconds cost nothing measurable.
 _POLL_INTERVAL = 2.0
+# s at most between attempts to open sockets that failed to open (port 5353
+# held by a program that does not share it): each failure doubles the wait,
+# so zeroconf's own error log stays rare.
+_RETRY_LIMIT = 60.0
 
 # The station when the emulated Wi-Fi is connected, else None.
 StationLookup = Callable[[], "InterfaceInfo | None"]
@@ -223,6 +228,7 @@ class Advertiser:
     # -- following the station ------------------------------------------------------
 
     async def _follow(self, first: asyncio.Future) -> None:
+        wait = self._poll_interval
         while True:
             self._wake.clear()
             try:
@@ -234,18 +240,21 @@ class Advertiser:
                     first.set_exception(exc)
                     return
                 if str(exc) != self._failure:
-                    log.error("mdns_open_failed", error=str(exc))
+                    log.error("mdns_open_failed", error=str(exc), retry_in=min(wait * 2, _RETRY_LIMIT))
                 self._failure = str(exc)
+                wait = min(wait * 2, _RETRY_LIMIT)
             except Exception as exc:  # noqa: BLE001 -- a bug here must not end advertising silently
                 if repr(exc) != self._failure:
                     log.error("mdns_follow_failed", error=repr(exc))
                 self._failure = repr(exc)
+                wait = min(wait * 2, _RETRY_LIMIT)
             else:
                 self._failure = ""
+                wait = self._poll_interval
             if not first.done():
                 first.set_result(None)
             try:
-                async with asyncio.timeout(self._poll_interval):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass  # a poll: a DHCP renewal or a new IPv6 address sends no Wi-Fi event
@@ -281,8 +290,17 @@ class Advertiser:
         try:
             info = ad.service_info(addresses)
             zeroconf = AsyncZeroconf(interfaces=interfaces, ip_version=version)
-        except (RuntimeError, ValueError) as exc:  # zeroconf's words for "no such interface"
-            raise OSError(str(exc)) from exc
+        except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError, ValueError: "no such interface"
+            # zeroconf does not close the sockets it opened before the one
+            # that failed; they live in its frames' locals, which the
+            # traceback keeps (a reference cycle) until a garbage collection.
+            # Clearing those frames closes them now.
+            traceback.clear_frames(exc.__traceback__)
+            failure = OSError(str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}")
+        else:
+            failure = None
+        if failure is not None:
+            raise failure  # outside the except: no __context__ keeping the old traceback
         responder = _Responder(zeroconf, info)
         responder.registering = asyncio.get_running_loop().create_task(self._register(responder))
         self._responder = responder

@@ -7,11 +7,13 @@ namespaces of its own (tests/netns.py); nothing reaches the host's interfaces.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -382,3 +384,128 @@ def test_a_changed_address_is_announced(segment):
     daemon.wait_event("mdns_station_changed", count=2)
     assert host.ask(b"AT+MDNS=0") == OK
     assert browser.next() == {"event": "removed", "name": name}
+
+
+def _front_pid(daemon: Daemon) -> int:
+    return daemon.wait_event("child_started", role="front")[-1]["pid"]
+
+
+def _resources(pid: int) -> tuple[int, int]:
+    """The front's open file descriptors and threads."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _back_to(pid: int, baseline: tuple[int, int], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _resources(pid) != baseline:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"front holds {_resources(pid)} fds/threads, {baseline} before")
+        time.sleep(0.1)
+
+
+# Holds UDP port 5353 in namespace A without SO_REUSEADDR, so zeroconf cannot bind it.
+_HOLD_5353 = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+              "s.bind(('0.0.0.0', 5353)); print('held', flush=True); sys.stdin.read()")
+
+
+@needs_netns
+def test_quick_toggling_and_restart_while_probing_leave_nothing_behind(segment):
+    """Many AT+MDNS=1/0 in a row and AT+RST during probing: all answered, no fd or thread left, nothing advertised after."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    pid = _front_pid(daemon)
+    baseline = _resources(pid)
+    for _ in range(15):
+        assert host.ask(b'AT+MDNS=1,"toggle","_iot",80') == OK
+        assert host.ask(b"AT+MDNS=0") == OK
+    assert host.ask(b'AT+MDNS=1,"toggle","_iot",80') == OK
+    assert host.command(b"AT+RST") == OK  # probing takes about 0.75 s: this cuts it short
+    host.expect(b"\r\nready\r\n")
+    host.expect(b"WIFI GOT IP\r\n")
+    host.command(b"ATE0")
+    assert daemon.wait_event("mdns_stopped", count=16)
+    assert host.ask(b"AT") == OK
+    _back_to(pid, baseline)
+    assert resolve_once(net.exec_b(), net.b_ip, f"toggle.{TYPE}") is None
+    assert {e["event"] for e in _seen(browser, 0.1)} <= {"added", "removed", "updated"}
+
+
+@needs_netns
+def test_port_5353_taken_is_error_then_retried(segment):
+    """zeroconf failing to open its sockets: AT+MDNS=1 while joined is ERROR (log says why), no fd left;
+    configured before joining, the failure is logged and retried, and the service appears once the port is free."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    pid = _front_pid(daemon)
+    baseline = _resources(pid)
+    holder = subprocess.Popen([*net.exec_a(), sys.executable, "-c", _HOLD_5353],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert host.ask(b'AT+MDNS=1,"held","_iot",80') == ERROR
+        assert "cannot open mDNS sockets" in _why(daemon) and "in use" in _why(daemon)
+        _back_to(pid, baseline)
+        assert host.ask(b"AT+MDNS=0") == OK  # the failed AT+MDNS=1 left nothing configured
+
+        assert host.command(b"AT+CWQAP") == OK
+        host.expect(b"WIFI DISCONNECT\r\n")
+        assert host.ask(b'AT+MDNS=1,"held","_iot",80') == OK
+        host.command(b'AT+CWJAP="bridged","password"')
+        assert "in use" in daemon.wait_event("mdns_open_failed")[-1]["error"]
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    host.command(b"AT+CWQAP")
+    host.expect(b"WIFI DISCONNECT\r\n")
+    host.command(b'AT+CWJAP="bridged","password"')  # a join retries at once
+    assert browser.next()["name"] == f"held.{TYPE}"
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": f"held.{TYPE}"}
+    _back_to(pid, baseline)
+
+
+@needs_netns
+def test_station_that_vanishes_or_loses_its_ipv4(tmp_path):
+    """The station interface deleted, then back; its IPv4 address removed, then back: withdrawn and advertised again, no crash, no fd left."""
+    with veth_pair() as net:
+        inside = net.exec_a()
+        # A veth pair wholly inside namespace A: its multicast stays there.
+        _ip_in(inside, "link", "add", "sta0", "type", "veth", "peer", "name", "sta1")
+
+        def bring_up() -> None:
+            _ip_in(inside, "addr", "add", "10.203.0.1/24", "dev", "sta0")
+            for name in ("sta0", "sta1"):
+                _ip_in(inside, "link", "set", name, "up")
+
+        bring_up()
+        daemon = Daemon(tmp_path, wrap=inside, station="sta0").start()
+        try:
+            host = daemon.host()
+            host.boot()
+            pid = _front_pid(daemon)
+            baseline = _resources(pid)
+            assert host.ask(b'AT+MDNS=1,"gone","_iot",80') == OK
+            daemon.wait_event("mdns_announced")
+
+            _ip_in(inside, "link", "del", "sta0")  # takes sta1 with it
+            assert daemon.wait_event("mdns_station_changed")[-1]["now"] is None
+            daemon.wait_event("mdns_stopped")
+            assert host.ask(b"AT") == OK
+            _ip_in(inside, "link", "add", "sta0", "type", "veth", "peer", "name", "sta1")
+            bring_up()
+            daemon.wait_event("mdns_announced", count=2)
+
+            _ip_in(inside, "addr", "del", "10.203.0.1/24", "dev", "sta0")
+            daemon.wait_event("mdns_stopped", count=2)
+            _ip_in(inside, "addr", "add", "10.203.0.1/24", "dev", "sta0")
+            daemon.wait_event("mdns_announced", count=3)
+
+            assert host.ask(b"AT+MDNS=0") == OK
+            daemon.wait_event("mdns_stopped", count=3)
+            _back_to(pid, baseline)
+            assert not daemon.events("mdns_follow_failed")
+        finally:
+            assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log_text()

@@ -44,7 +44,7 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from bridged.net.interfaces import InterfaceInfo
 
-__all__ = ["Advertisement", "Advertiser", "service_type", "check_instance"]
+__all__ = ["Advertisement", "Advertiser", "StationLookup", "service_type", "check_instance"]
 
 log = structlog.get_logger()
 
@@ -58,7 +58,7 @@ _POLL_INTERVAL = 2.0
 _RETRY_LIMIT = 60.0
 
 # The station when the emulated Wi-Fi is connected, else None.
-StationLookup = Callable[[], "InterfaceInfo | None"]
+StationLookup = Callable[[], InterfaceInfo | None]
 
 
 def service_type(service: str, proto: str) -> str:
@@ -160,6 +160,10 @@ class Advertiser:
         self._station: StationLookup | None = None
         self._following: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        # The Wi-Fi reported a change since the last look.  While connected,
+        # that is a rejoin (AT+CWJAP again): a real ESP32's link went down
+        # and up, so its mdns probes and announces anew.
+        self._wifi_event = False
         self._responder: _Responder | None = None
         self._placement: _Placement | None = None
         self._stopping: asyncio.Task | None = None
@@ -189,13 +193,14 @@ class Advertiser:
         """
         if self._ad is not None:
             raise RuntimeError("mDNS is already enabled")
-        self._ad, self._station = ad, station
+        self._ad, self._station, self._failure = ad, station, ""
         first = asyncio.get_running_loop().create_future()
         self._following = asyncio.get_running_loop().create_task(self._follow(first))
         await asyncio.shield(first)
 
     def station_changed(self) -> None:
         """The emulated Wi-Fi joined, left or changed mode: look again now."""
+        self._wifi_event = True
         self._wake.set()
 
     async def disable(self) -> None:
@@ -261,12 +266,13 @@ class Advertiser:
 
     async def _reconcile(self) -> None:
         """Make the responder match the station: none, unchanged, or a new one."""
+        rejoined, self._wifi_event = self._wifi_event, False
         station = self._station() if self._station is not None else None
         wanted = _placement(station)
-        if wanted == self._placement:
+        if wanted == self._placement and not (rejoined and wanted is not None):
             return
         if self._placement is not None:
-            log.info("mdns_station_changed", was=self._placement, now=wanted)
+            log.info("mdns_station_changed", was=self._placement, now=wanted, wifi_event=rejoined)
         self._withdraw()
         if self._stopping is not None:
             await asyncio.shield(self._stopping)  # the previous responder says goodbye first

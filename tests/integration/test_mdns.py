@@ -313,7 +313,8 @@ def _seen(browser: "Browser", seconds: float) -> list[dict]:
 
 @needs_netns
 def test_the_service_follows_the_wifi(segment):
-    """Configured before joining it appears on AT+CWJAP; AT+CWQAP and a mode without station withdraw it, joining again brings it back; AT+MDNS=0 forgets it."""
+    """Configured before joining it appears on AT+CWJAP; AT+CWQAP and a mode without station withdraw it,
+    joining again (also while joined) announces it again; AT+MDNS=0 forgets it."""
     daemon, browser, net = segment
     host = daemon.host()
     _started(host, daemon)
@@ -333,6 +334,11 @@ def test_the_service_follows_the_wifi(segment):
 
     host.command(b'AT+CWJAP="bridged","password"')
     assert browser.next()["name"] == name and daemon.wait_event("mdns_started", count=2)
+    assert _seen(browser, 2.5) == []  # the poll finds nothing changed: no new announcement
+
+    host.command(b'AT+CWJAP="bridged","password"')  # joined again while joined: the link went down and up
+    assert browser.next() == {"event": "removed", "name": name}
+    assert browser.next()["name"] == name and daemon.wait_event("mdns_started", count=3)
 
     assert host.command(b"AT+CWMODE=2") == OK  # softAP only: the station leaves
     host.expect(b"WIFI DISCONNECT\r\n")
@@ -347,7 +353,7 @@ def test_the_service_follows_the_wifi(segment):
     host.expect(b"WIFI DISCONNECT\r\n")
     host.command(b'AT+CWJAP="bridged","password"')
     assert _seen(browser, 3.0) == []  # forgotten: joining again advertises nothing
-    assert len(daemon.events("mdns_started")) == 3
+    assert len(daemon.events("mdns_started")) == 4
 
 
 def _ip_in(ns_exec: tuple[str, ...], *args: str) -> None:

@@ -19,7 +19,14 @@ rest follows ESP-IDF's mdns, which ESP-AT calls):
   1 or more bytes without "=", and "key=value" fits a TXT string (255 bytes).
 * enabling while enabled is ERROR: stop first (esp-at-behavior.md is silent;
   ESP-IDF refuses to add a service that exists).  **UNCONFIRMED** on hardware.
-* the station must be connected (it has no address to advertise before).
+* enabling before the station joins is OK (the spec page and
+  esp-at-behavior.md are silent; ESP-IDF's mdns accepts its configuration
+  without a netif and answers once the netif is up): the service is
+  advertised when AT+CWJAP (or auto-connect) joins, withdrawn with goodbye
+  packets on AT+CWQAP or a mode without station, and announced again on the
+  next join (bridged.net.mdns follows the station).  AT+MDNS=0 forgets it.
+* ERROR when the station is connected but the mDNS sockets cannot be opened
+  on its interface (nothing stays configured then).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from bridged.at.params import OMITTED, Int, Str, Token, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
 from bridged.commands.registry import Reply, handles
-from bridged.commands.wifi import station_ip
+from bridged.commands.wifi import station_ip, watch_station
 from bridged.net.mdns import Advertisement, check_instance, service_type
 
 __all__: list[str] = []
@@ -113,28 +120,26 @@ def mdns_set(ctx: Context, line: CommandLine):  # -> Reply | Awaitable[Reply]
             raise ParamCountMismatch("AT+MDNS=0 takes no other parameter", len(tokens))
         return _disable(ctx)
     ad = parse_advertisement(tokens)
-    if ctx.mdns.running:
+    if ctx.mdns.enabled:
         raise ExecFail("mDNS is already enabled: AT+MDNS=0 first")
-    station = station_ip(ctx)
-    if station is None:
-        raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
-    return _enable(ctx, ad, station)
+    watch_station(ctx, ctx.mdns.station_changed)
+    return _enable(ctx, ad)
 
 
-async def _enable(ctx: Context, ad: Advertisement, station) -> Reply:
+async def _enable(ctx: Context, ad: Advertisement) -> Reply:
     try:
-        await ctx.mdns.start(ad, station)
+        await ctx.mdns.enable(ad, lambda: station_ip(ctx))
     except OSError as exc:
-        raise ExecFail(f"cannot open mDNS sockets on {station.name}: {exc}") from None
+        raise ExecFail(f"cannot open mDNS sockets on the station interface: {exc}") from None
     return Reply()
 
 
 def _disable(ctx: Context):  # -> Reply | Awaitable[Reply]
-    if not ctx.mdns.running:
+    if not ctx.mdns.enabled:
         return Reply()
 
     async def goodbye() -> Reply:
-        await ctx.mdns.stop()
+        await ctx.mdns.disable()
         return Reply()
 
     return goodbye()

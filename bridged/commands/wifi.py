@@ -9,11 +9,16 @@ Message order on a successful AT+CWJAP (esp-at-behavior.md 1.16):
 ``[WIFI DISCONNECT] WIFI CONNECTED WIFI GOT IP OK``; a failure prints
 ``+CWJAP:<code>`` then ERROR (1 timeout, 2 wrong password, 3 AP not found,
 4 connect failed).  AT+CWQAP answers OK, then ``WIFI DISCONNECT``.
+
+Other parts that follow the station (AT+MDNS's responder) register with
+``watch_station``: every change of the Wi-Fi state or of the mode calls them,
+as ESP-IDF's netif events reach its mdns.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -27,7 +32,7 @@ from bridged.net.interfaces import InterfaceInfo, interface_info, mac_plus_one, 
 
 log = structlog.get_logger()
 
-__all__ = ["station", "station_ip", "autoconnect_messages"]
+__all__ = ["station", "station_ip", "autoconnect_messages", "watch_station"]
 
 NOT_STARTED, GOT_IP, CONNECTING, DISCONNECTED = 0, 2, 3, 4
 
@@ -44,6 +49,27 @@ def station_ip(ctx: Context) -> InterfaceInfo | None:
     return info_ if info_.connected else None
 
 
+def watch_station(ctx: Context, callback: Callable[[], None]) -> None:
+    """Call ``callback()`` after each join, leave or mode change of this session.
+
+    The watchers live in the session's context, so a restart (a new
+    context) drops them, as a reboot drops what ran.
+    """
+    watchers = ctx.extra.setdefault("station_watchers", [])
+    if callback not in watchers:
+        watchers.append(callback)
+
+
+def _station_changed(ctx: Context) -> None:
+    for callback in ctx.extra.get("station_watchers", ()):
+        callback()
+
+
+def _set_wifi_state(ctx: Context, value: int) -> None:
+    ctx.state.wifi_state = value
+    _station_changed(ctx)
+
+
 def _has_station(ctx: Context) -> bool:
     return ctx.state.cwmode in (1, 3)
 
@@ -56,7 +82,7 @@ def _join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
     """Try to join; returns the messages and the +CWJAP failure code or None."""
     cfg = ctx.config.wifi
     lines = wifi("DISCONNECT") if ctx.state.wifi_connected else b""
-    ctx.state.wifi_state = CONNECTING
+    _set_wifi_state(ctx, CONNECTING)
     if ssid != cfg.ssid:
         code = 3  # AP not found: only the configured network is visible
     elif cfg.check_credentials and password != cfg.password:
@@ -66,10 +92,10 @@ def _join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
     else:
         code = None
     if code is not None:
-        ctx.state.wifi_state = DISCONNECTED
+        _set_wifi_state(ctx, DISCONNECTED)
         log.warning("wifi_join_failed", ssid=ssid, code=code)
         return lines + info("+CWJAP", code), code
-    ctx.state.wifi_state = GOT_IP
+    _set_wifi_state(ctx, GOT_IP)
     log.info("wifi_joined", ssid=ssid, interface=station(ctx).name)
     return lines + wifi("CONNECTED") + wifi("GOT IP"), None
 
@@ -113,7 +139,7 @@ def _cwjap(ctx: Context, ssid: str, password: str):  # -> Reply | Awaitable[Repl
         return _cwjap_reply(ctx, ssid, password)
 
     async def join_later() -> Reply:
-        ctx.state.wifi_state = CONNECTING
+        _set_wifi_state(ctx, CONNECTING)
         await asyncio.sleep(delay)
         return _cwjap_reply(ctx, ssid, password)
 
@@ -146,7 +172,7 @@ def cwjap_query(ctx: Context, line: CommandLine) -> Reply:
 @handles("+CWQAP", Kind.EXECUTE)
 def cwqap(ctx: Context, line: CommandLine) -> Reply:
     was_connected = ctx.state.wifi_connected
-    ctx.state.wifi_state = DISCONNECTED
+    _set_wifi_state(ctx, DISCONNECTED)
     if not was_connected:
         return Reply()
     return Reply(after=lambda: ctx.urc(wifi("DISCONNECT")))
@@ -171,8 +197,10 @@ def cwmode_set(ctx: Context, line: CommandLine) -> Reply:
     had_station = _has_station(ctx)
     st.cwmode = mode
     st.persist(ctx.store, "cwmode")
+    if had_station != _has_station(ctx):
+        _station_changed(ctx)
     if had_station and not _has_station(ctx) and st.wifi_connected:
-        st.wifi_state = DISCONNECTED
+        _set_wifi_state(ctx, DISCONNECTED)
         return Reply(after=lambda: ctx.urc(wifi("DISCONNECT")))
     if not had_station and _has_station(ctx) and auto:
         msgs = autoconnect_messages(ctx)

@@ -7,11 +7,13 @@ namespaces of its own (tests/netns.py); nothing reaches the host's interfaces.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -25,7 +27,8 @@ TYPE = "_iot._tcp.local."
 needs_netns = pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
 
 # Browses one service type on the given address and prints one JSON line per
-# event: added (with the resolved service and its host's addresses), removed.
+# event: added and updated (with the resolved service and its host's
+# addresses), removed.
 _BROWSER = textwrap.dedent(
     """
     import json, sys
@@ -41,15 +44,14 @@ _BROWSER = textwrap.dedent(
         if state_change is ServiceStateChange.Removed:
             say(event="removed", name=name)
             return
-        if state_change is not ServiceStateChange.Added:
-            return
+        event = "added" if state_change is ServiceStateChange.Added else "updated"
         info = zeroconf.get_service_info(service_type, name, timeout=5000)
         if info is None:
             say(event="unresolved", name=name)
             return
         host = AddressResolver(info.server)
         host.request(zeroconf, 5000)
-        say(event="added", name=name, type=info.type, port=info.port, server=info.server,
+        say(event=event, name=name, type=info.type, port=info.port, server=info.server,
             txt={k.decode(): (v or b"").decode() for k, v in info.properties.items()},
             addresses=sorted(info.parsed_addresses(IPVersion.All)),
             host_addresses=sorted(host.parsed_addresses(IPVersion.All)))
@@ -61,6 +63,31 @@ _BROWSER = textwrap.dedent(
     zc.close()
     """
 )
+
+
+# Asks once, with an empty cache, for one service's records and its host's addresses.
+_RESOLVE = textwrap.dedent(
+    """
+    import json, sys
+    from zeroconf import AddressResolver, IPVersion, Zeroconf
+
+    address, type_, name = sys.argv[1:4]
+    zc = Zeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
+    info = zc.get_service_info(type_, name, timeout=5000)
+    host = AddressResolver(info.server) if info else None
+    if host is not None:
+        host.request(zc, 5000)
+    print(json.dumps(None if info is None else sorted(host.parsed_addresses(IPVersion.All))))
+    zc.close()
+    """
+)
+
+
+def resolve_once(exec_prefix: tuple[str, ...], address: str, name: str) -> list[str] | None:
+    """The host addresses a fresh resolver in the namespace learns for ``name``, or None."""
+    done = subprocess.run([*exec_prefix, sys.executable, "-c", _RESOLVE, address, TYPE, name],
+                          capture_output=True, text=True, timeout=20, check=True)
+    return json.loads(done.stdout)
 
 
 class Browser:
@@ -260,12 +287,231 @@ def test_bad_parameters_are_error_with_a_reason(host, daemon):
     assert host.ask(b"AT") == OK
 
 
-def test_needs_a_connected_station(daemon):
-    """Before AT+CWJAP the station has no address: AT+MDNS=1 is ERROR ("no ip"), AT+MDNS=0 OK."""
+def test_enabling_before_joining_waits_for_the_station(daemon):
+    """Before AT+CWJAP, AT+MDNS=1 is OK (ESP-IDF keeps the configuration) but nothing is opened; AT+MDNS=0 forgets it."""
     host = daemon.host()
     host.expect(b"ready\r\n")
     host.command(b"ATE0")
-    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == ERROR
-    assert "no ip" in _why(daemon)
+    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == OK
+    assert host.ask(b'AT+MDNS=1,"h","_iot",80') == ERROR  # configured, though not advertising
+    assert "already enabled" in _why(daemon)
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert host.ask(b'AT+MDNS=1,"h2","_iot",81') == OK  # AT+MDNS=0 forgot the first
     assert host.ask(b"AT+MDNS=0") == OK
     assert not daemon.events("mdns_started")
+
+
+def _started(host, daemon) -> None:
+    """A fresh daemon: ready, echo off, not joined (no stored network)."""
+    host.expect(b"\r\nready\r\n")
+    host.command(b"ATE0")
+
+
+def _seen(browser: "Browser", seconds: float) -> list[dict]:
+    return [e for e in browser.quiet(seconds) if e["event"] != "exited"]
+
+
+@needs_netns
+def test_the_service_follows_the_wifi(segment):
+    """Configured before joining it appears on AT+CWJAP; AT+CWQAP and a mode without station withdraw it,
+    joining again (also while joined) announces it again; AT+MDNS=0 forgets it."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    _started(host, daemon)
+    name = f"follow.{TYPE}"
+    assert host.ask(b'AT+MDNS=1,"follow","_iot",80') == OK
+    assert _seen(browser, 3.0) == []  # not joined: nothing answers yet
+    assert not daemon.events("mdns_started")
+
+    host.command(b'AT+CWJAP="bridged","password"')
+    added = browser.next()
+    assert (added["event"], added["name"]) == ("added", name) and net.a_ip in added["host_addresses"]
+
+    assert host.command(b"AT+CWQAP") == OK
+    host.expect(b"WIFI DISCONNECT\r\n")
+    assert browser.next() == {"event": "removed", "name": name}
+    assert _seen(browser, 2.5) == []  # stays withdrawn (the poll does not bring it back)
+
+    host.command(b'AT+CWJAP="bridged","password"')
+    assert browser.next()["name"] == name and daemon.wait_event("mdns_started", count=2)
+    assert _seen(browser, 2.5) == []  # the poll finds nothing changed: no new announcement
+
+    host.command(b'AT+CWJAP="bridged","password"')  # joined again while joined: the link went down and up
+    assert browser.next() == {"event": "removed", "name": name}
+    assert browser.next()["name"] == name and daemon.wait_event("mdns_started", count=3)
+
+    assert host.command(b"AT+CWMODE=2") == OK  # softAP only: the station leaves
+    host.expect(b"WIFI DISCONNECT\r\n")
+    assert browser.next() == {"event": "removed", "name": name}
+    assert host.command(b"AT+CWMODE=1") == OK  # auto-connect rejoins
+    host.expect(b"WIFI GOT IP\r\n")
+    assert browser.next() == {"event": "added", **{k: v for k, v in added.items() if k != "event"}}
+
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": name}
+    assert host.command(b"AT+CWQAP") == OK
+    host.expect(b"WIFI DISCONNECT\r\n")
+    host.command(b'AT+CWJAP="bridged","password"')
+    assert _seen(browser, 3.0) == []  # forgotten: joining again advertises nothing
+    assert len(daemon.events("mdns_started")) == 4
+
+
+def _ip_in(ns_exec: tuple[str, ...], *args: str) -> None:
+    subprocess.run([*ns_exec, "ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@needs_netns
+def test_a_changed_address_is_announced(segment):
+    """A new IPv6 address and a changed IPv4 address on the station are announced within the poll interval."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    name = f"moves.{TYPE}"
+    assert host.ask(b'AT+MDNS=1,"moves","_iot",80') == OK
+    assert net.a_ip in browser.next()["host_addresses"]
+
+    new6 = net.a_ip6.rsplit("::", 1)[0] + "::a"
+    _ip_in(net.exec_a(), "-6", "addr", "add", f"{new6}/64", "dev", "veth0", "nodad")
+    assert browser.next() == {"event": "removed", "name": name}  # goodbyes from the old responder
+    added = browser.next()
+    assert added["name"] == name and new6 in added["host_addresses"] and net.a_ip in added["host_addresses"]
+
+    new4 = net.a_ip.rsplit(".", 1)[0] + ".3"
+    _ip_in(net.exec_a(), "addr", "del", f"{net.a_ip}/24", "dev", "veth0")
+    _ip_in(net.exec_a(), "addr", "add", f"{new4}/24", "dev", "veth0")
+    # The old address is gone, so the goodbyes sent from it cannot leave:
+    # the new responder's announcements (cache-flush records) replace them.
+    moved = browser.next()
+    assert (moved["event"], moved["name"]) == ("updated", name)
+    assert new4 in moved["host_addresses"], moved
+    # A fresh resolver's cache holds only what is answered now.
+    now = resolve_once(net.exec_b(), net.b_ip, name)
+    assert now is not None and new4 in now and net.a_ip not in now, now
+    daemon.wait_event("mdns_station_changed", count=2)
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": name}
+
+
+def _front_pid(daemon: Daemon) -> int:
+    return daemon.wait_event("child_started", role="front")[-1]["pid"]
+
+
+def _resources(pid: int) -> tuple[int, int]:
+    """The front's open file descriptors and threads."""
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _back_to(pid: int, baseline: tuple[int, int], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _resources(pid) != baseline:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"front holds {_resources(pid)} fds/threads, {baseline} before")
+        time.sleep(0.1)
+
+
+# Holds UDP port 5353 in namespace A without SO_REUSEADDR, so zeroconf cannot bind it.
+_HOLD_5353 = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+              "s.bind(('0.0.0.0', 5353)); print('held', flush=True); sys.stdin.read()")
+
+
+@needs_netns
+def test_quick_toggling_and_restart_while_probing_leave_nothing_behind(segment):
+    """Many AT+MDNS=1/0 in a row and AT+RST during probing: all answered, no fd or thread left, nothing advertised after."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    pid = _front_pid(daemon)
+    baseline = _resources(pid)
+    for _ in range(15):
+        assert host.ask(b'AT+MDNS=1,"toggle","_iot",80') == OK
+        assert host.ask(b"AT+MDNS=0") == OK
+    assert host.ask(b'AT+MDNS=1,"toggle","_iot",80') == OK
+    assert host.command(b"AT+RST") == OK  # probing takes about 0.75 s: this cuts it short
+    host.expect(b"\r\nready\r\n")
+    host.expect(b"WIFI GOT IP\r\n")
+    host.command(b"ATE0")
+    assert daemon.wait_event("mdns_stopped", count=16)
+    assert host.ask(b"AT") == OK
+    _back_to(pid, baseline)
+    assert resolve_once(net.exec_b(), net.b_ip, f"toggle.{TYPE}") is None
+    assert {e["event"] for e in _seen(browser, 0.1)} <= {"added", "removed", "updated"}
+
+
+@needs_netns
+def test_port_5353_taken_is_error_then_retried(segment):
+    """zeroconf failing to open its sockets: AT+MDNS=1 while joined is ERROR (log says why), no fd left;
+    configured before joining, the failure is logged and retried, and the service appears once the port is free."""
+    daemon, browser, net = segment
+    host = daemon.host()
+    host.boot()
+    pid = _front_pid(daemon)
+    baseline = _resources(pid)
+    holder = subprocess.Popen([*net.exec_a(), sys.executable, "-c", _HOLD_5353],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert host.ask(b'AT+MDNS=1,"held","_iot",80') == ERROR
+        assert "cannot open mDNS sockets" in _why(daemon) and "in use" in _why(daemon)
+        _back_to(pid, baseline)
+        assert host.ask(b"AT+MDNS=0") == OK  # the failed AT+MDNS=1 left nothing configured
+
+        assert host.command(b"AT+CWQAP") == OK
+        host.expect(b"WIFI DISCONNECT\r\n")
+        assert host.ask(b'AT+MDNS=1,"held","_iot",80') == OK
+        host.command(b'AT+CWJAP="bridged","password"')
+        assert "in use" in daemon.wait_event("mdns_open_failed")[-1]["error"]
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    host.command(b"AT+CWQAP")
+    host.expect(b"WIFI DISCONNECT\r\n")
+    host.command(b'AT+CWJAP="bridged","password"')  # a join retries at once
+    assert browser.next()["name"] == f"held.{TYPE}"
+    assert host.ask(b"AT+MDNS=0") == OK
+    assert browser.next() == {"event": "removed", "name": f"held.{TYPE}"}
+    _back_to(pid, baseline)
+
+
+@needs_netns
+def test_station_that_vanishes_or_loses_its_ipv4(tmp_path):
+    """The station interface deleted, then back; its IPv4 address removed, then back: withdrawn and advertised again, no crash, no fd left."""
+    with veth_pair() as net:
+        inside = net.exec_a()
+        # A veth pair wholly inside namespace A: its multicast stays there.
+        _ip_in(inside, "link", "add", "sta0", "type", "veth", "peer", "name", "sta1")
+
+        def bring_up() -> None:
+            _ip_in(inside, "addr", "add", "10.203.0.1/24", "dev", "sta0")
+            for name in ("sta0", "sta1"):
+                _ip_in(inside, "link", "set", name, "up")
+
+        bring_up()
+        daemon = Daemon(tmp_path, wrap=inside, station="sta0").start()
+        try:
+            host = daemon.host()
+            host.boot()
+            pid = _front_pid(daemon)
+            baseline = _resources(pid)
+            assert host.ask(b'AT+MDNS=1,"gone","_iot",80') == OK
+            daemon.wait_event("mdns_announced")
+
+            _ip_in(inside, "link", "del", "sta0")  # takes sta1 with it
+            assert daemon.wait_event("mdns_station_changed")[-1]["now"] is None
+            daemon.wait_event("mdns_stopped")
+            assert host.ask(b"AT") == OK
+            _ip_in(inside, "link", "add", "sta0", "type", "veth", "peer", "name", "sta1")
+            bring_up()
+            daemon.wait_event("mdns_announced", count=2)
+
+            _ip_in(inside, "addr", "del", "10.203.0.1/24", "dev", "sta0")
+            daemon.wait_event("mdns_stopped", count=2)
+            _ip_in(inside, "addr", "add", "10.203.0.1/24", "dev", "sta0")
+            daemon.wait_event("mdns_announced", count=3)
+
+            assert host.ask(b"AT+MDNS=0") == OK
+            daemon.wait_event("mdns_stopped", count=3)
+            _back_to(pid, baseline)
+            assert not daemon.events("mdns_follow_failed")
+        finally:
+            assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log_text()

@@ -1,6 +1,8 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR]`` and ``bridged pki import|list|remove``
-(the certificate store, see ``bridged.pki_cli``).
+[--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check`` with the same
+options (validate the configuration and print what it amounts to, without
+serving), and ``bridged pki import|list|remove`` (the certificate store, see
+``bridged.pki_cli``).
 
 A user mistake (bad argument, bad config, a port that cannot be opened) ends
 with exit status 2 and one line naming what is wrong; never a traceback.
@@ -13,7 +15,7 @@ import os
 import sys
 
 from bridged import __version__
-from bridged.config import ConfigError, load_config, state_dir
+from bridged.config import ConfigError, load_config, state_dir, to_toml
 from bridged.log import setup_logging
 
 __all__ = ["main"]
@@ -26,12 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bridged {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="serve ESP-AT on a serial port or a pseudo-terminal")
-    run.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    run.add_argument("--profile", metavar="NAME", help="profile name or .toml path (default esp32)")
-    run.add_argument("--port", metavar="DEVICE", help="serial device, e.g. /dev/ttyAMA0")
-    run.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
-    run.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
-    run.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
+    check = commands.add_parser("check", help="check the configuration and print it, without serving")
+    for command in (run, check):
+        command.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        command.add_argument("--profile", metavar="NAME", help="profile name or .toml path (default esp32)")
+        command.add_argument("--port", metavar="DEVICE", help="serial device, e.g. /dev/ttyAMA0")
+        command.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
+        command.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
+        command.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
     commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
     return parser
 
@@ -55,19 +59,36 @@ def _fail(message: str) -> int:
     return USAGE_ERROR
 
 
-def run(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """(config, None), or (None, exit status) after saying what is wrong."""
     if args.port is not None and args.pty is not None:
-        return _fail("--port and --pty exclude each other; give one")
+        return None, _fail("--port and --pty exclude each other; give one")
     try:
         config = load_config(args.config, args.profile, _overrides(args))
-        directory = state_dir(config)
     except ConfigError as exc:
-        return _fail(str(exc))
+        return None, _fail(str(exc))
+    if config.uart.port and not os.path.exists(config.uart.port):
+        return None, _fail(f"uart.port: {config.uart.port} does not exist")
+    return config, None
+
+
+def check(args: argparse.Namespace) -> int:
+    config, failed = _load(args)
+    if config is None:
+        return failed
+    sys.stdout.write(to_toml(config))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config, failed = _load(args)
+    if config is None:
+        return failed
+    try:
+        directory = state_dir(config)
     except OSError as exc:
         return _fail(f"state directory: {exc}")
     device = config.uart.port
-    if device and not os.path.exists(device):
-        return _fail(f"uart.port: {device} does not exist")
     setup_logging(config.log.level, config.log.format, "supervisor")
     from bridged.supervisor import Supervisor  # after logging: it imports every module
 
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)
+    if args.command == "check":
+        return check(args)
     return _fail(f"unknown command {args.command}")
 
 

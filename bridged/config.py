@@ -26,6 +26,7 @@ its check (`_field`). The config file may also carry a top-level
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -54,6 +55,7 @@ __all__ = [
     "load_config",
     "profile_dirs",
     "state_dir",
+    "to_toml",
 ]
 
 DEFAULT_PROFILE = "esp32"
@@ -544,6 +546,35 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
 
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
     return Config(**sections, profile=profile, sources=tuple(sources))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    # A JSON string is a TOML basic string (\" \\ \n \uXXXX escapes alike).
+    return json.dumps(value)
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as a TOML file (``bridged check``).
+
+    Every key of every section, so an admin sees what the layers made of
+    them; secrets (Wi-Fi password, OTA token) are only said to be set or empty.
+    """
+    lines = [f"# profile: {config.profile}",
+             f"# applied over the built-in defaults: {', '.join(config.sources) or 'nothing'}"]
+    for name, cls in _SECTIONS.items():
+        section = getattr(config, name)
+        lines += ["", f"[{name}]"]
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name)
+            if not f.repr:
+                lines.append(f"# {f.name}: {'set' if value else 'empty'} (secret, not shown)")
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def default_config() -> Config:

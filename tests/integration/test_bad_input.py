@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from bridged.config import load_config
 from tests.harness import Daemon
 
 
@@ -132,3 +134,35 @@ def test_cli_missing_port_and_bad_args(tmp_path):
     assert result.returncode == 2 and "uart.baud" in result.stderr
     result = _run_cli(tmp_path, "--profile", "nosuchprofile")
     assert result.returncode == 2 and "nosuchprofile" in result.stderr
+
+
+def test_cli_check_prints_the_effective_config_or_the_mistake(tmp_path):
+    """`bridged check` loads the layers as `run` would and prints every key as
+    TOML that loads back to the same configuration; secrets are never printed;
+    a mistake exits 2 with the same one line as `run`; nothing is served."""
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('profile = "fast"\n[wifi]\npassword = "hunter2hunter2"\nssid = "shop \\"floor\\""\n'
+                   '[ota]\ntoken = "t0ken"\n')
+    result = subprocess.run([sys.executable, "-m", "bridged", "check", "--config", str(cfg), "--baud", "921600"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout and "t0ken" not in result.stdout
+    assert "# password: set (secret, not shown)" in result.stdout
+    printed = tmp_path / "printed.toml"
+    printed.write_text(result.stdout)
+    again = load_config(printed)
+    expected = load_config(cfg, overrides={"uart.baud": 921600})
+    for section in ("uart", "links", "log", "state", "firmware"):
+        assert getattr(again, section) == getattr(expected, section), section
+    # Secrets come back empty; everything else as loaded.
+    assert again.wifi == dataclasses.replace(expected.wifi, password="")
+    assert again.ota == dataclasses.replace(expected.ota, token="")
+    assert again.wifi.ssid == 'shop "floor"' and again.uart.baud == 921600
+    assert again.uart.flow_control == "rtscts"  # the fast profile's
+
+    cfg.write_text('[links]\nchunk = 0\n')
+    result = subprocess.run([sys.executable, "-m", "bridged", "check", "--config", str(cfg)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"bridged: {cfg}: links.chunk: 0 is not allowed; "
+                                                  "allowed: an integer from 1 to 65536"]

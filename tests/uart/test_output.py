@@ -102,7 +102,9 @@ def test_replies_overtake_a_held_message_which_keeps_its_order(pty_pair):
     master, slave = pty_pair
 
     async def main():
-        out = Output(master, GAP, lambda: None)
+        # A gap no scheduling delay reaches: with 5 ms, a loaded machine let the
+        # gap run out before the OK was queued, and +IPD rightly went first.
+        out = Output(master, 0.5, lambda: None)
         out.reply(b"\r\nSEND OK\r\n")
         out.urc(b"\r\n+IPD,0,1:a")
         out.urc(b"\r\n0,CLOSED\r\n")

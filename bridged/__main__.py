@@ -15,7 +15,7 @@ import os
 import sys
 
 from bridged import __version__
-from bridged.config import ConfigError, load_config, state_dir, to_toml
+from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
 from bridged.log import setup_logging
 
 __all__ = ["main"]
@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(config.log.level, config.log.format, "supervisor")
     from bridged.supervisor import Supervisor  # after logging: it imports every module
 
-    return Supervisor(config, device, config.uart.pty_link or None, directory).run()
+    def reload() -> Config:
+        return load_config(args.config, args.profile, _overrides(args))
+
+    return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()
 
 
 def main(argv: list[str] | None = None) -> int:

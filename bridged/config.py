@@ -56,6 +56,8 @@ __all__ = [
     "profile_dirs",
     "state_dir",
     "to_toml",
+    "changed_keys",
+    "RESTART_ONLY",
 ]
 
 DEFAULT_PROFILE = "esp32"
@@ -575,6 +577,22 @@ def to_toml(config: Config) -> str:
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+# Keys a reload cannot apply: the supervisor holds the port, the state
+# directory and one worker and ring pair per link, sized at start-up.
+RESTART_ONLY = ("uart.port", "uart.pty_link", "state.dir", "links.count", "links.ring_size")
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ, in schema order."""
+    changed = []
+    for name, cls in _SECTIONS.items():
+        before, after = getattr(old, name), getattr(new, name)
+        for f in dataclasses.fields(cls):
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append(f"{name}.{f.name}")
+    return changed
 
 
 def default_config() -> Config:

@@ -18,6 +18,12 @@ Restart policy: a child that dies is restarted at once, then with a backoff
 doubling up to 5 s while it keeps dying within 10 s of its start.  A front
 that fails five times in a row without reaching ``ready`` ends the daemon with
 status 1 (systemd's Restart= takes over from there).
+
+Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
+the same file, profile and command line.  A configuration that does not load,
+or that changes a key only a restart can apply (``config.RESTART_ONLY``), is
+refused and the running one stays; a changed one restarts the front and the
+workers with it, on the same port (the MCU sees ``ready``, as after AT+RST).
 """
 
 from __future__ import annotations
@@ -30,11 +36,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import structlog
 
 from bridged import systemd
-from bridged.config import Config
+from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.ipc.control import recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
 from bridged.ipc.rings import Ring
@@ -70,8 +77,10 @@ class _Child:
 
 
 class Supervisor:
-    def __init__(self, config: Config, device: str, pty_link: str | None, state_dir: Path) -> None:
+    def __init__(self, config: Config, device: str, pty_link: str | None, state_dir: Path,
+                 reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self._reload = reload  # loads the configuration again from the same sources
         self.device = device
         self.pty_link = pty_link
         self.state_dir = state_dir
@@ -154,7 +163,48 @@ class Supervisor:
         if signum == signal.SIGCHLD:
             self.handle_chld()
         elif signum == signal.SIGHUP:
+            self.handle_hup()
+
+    def handle_hup(self) -> None:
+        if self._reload is None:
             log.warning("reload_not_supported", hint="restart the service to apply a new config")
+            return
+        systemd.reloading()
+        try:
+            self._reload_config()
+        finally:
+            systemd.ready("serving")  # systemd waits for READY=1 after RELOADING=1
+
+    def _reload_config(self) -> None:
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("reload_refused", error=str(exc), hint="the running configuration stays")
+            return
+        changed = changed_keys(self.config, new)
+        fixed = [key for key in changed if key in RESTART_ONLY]
+        if fixed:
+            log.error("reload_refused", needs_restart=fixed, hint="restart the service to apply them")
+            return
+        if not changed:
+            log.info("reload_unchanged")
+            return
+        log.info("reloading", changed=changed)
+        self.config = new
+        cfg = new.log
+        setup_logging(cfg.level, cfg.format, "supervisor")
+        # As at a stop: the front first, so that it does not take the workers'
+        # exits for crashes; none of these exits is a failure.
+        self.stopping = True
+        try:
+            deadline = time.monotonic() + _STOP_GRACE
+            self._terminate([self.front], min(deadline, time.monotonic() + 1.0))
+            self._terminate(self.workers, deadline)
+        finally:
+            self.stopping = False
+        for child in (self.front, *self.workers):
+            child.failures, child.restart_at = 0, None
+        self._start_all()
 
     def _healthy(self) -> bool:
         alive = self.front.pid and all(w.pid for w in self.workers)

@@ -1,0 +1,100 @@
+"""systemctl reload (SIGHUP to the supervisor): a changed configuration is
+applied by restarting the session on the same port; a broken one, or one that
+changes what only a restart can, is refused and the running one stays."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+from tests.harness import Daemon, Demux
+
+STATION = '[wifi]\nstation_interface = "lo"\n'
+
+
+def _rewrite(daemon: Daemon, extra: str) -> None:
+    daemon.config_path.write_text(STATION + extra)
+
+
+def _gmr(host) -> bytes:
+    return host.ask(b"AT+GMR")
+
+
+def _echo_round_trip(host, port: int, data: bytes) -> None:
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
+    demux = Demux(host)
+    assert demux.send(None, data).endswith(b"SEND OK\r\n")
+    assert demux.wait_data(None, len(data)) == data
+
+
+def test_a_changed_config_restarts_the_session_with_it(make_daemon, echo_server):
+    daemon = make_daemon('[firmware]\nat_version = "4.1.1.0"\n')
+    host = daemon.host()
+    host.boot()
+    assert b"AT version:4.1.1.0" in _gmr(host)
+    _echo_round_trip(host, echo_server.port, b"before the reload")
+    _rewrite(daemon, '[firmware]\nat_version = "4.2.0.0"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reloading")[-1]["changed"] == ["firmware.at_version"]
+    # The MCU sees the module come back, as after AT+RST, on the same port.
+    assert host.expect(b"\r\nready\r\n", timeout=10) == b"\r\nready\r\n"
+    host.command(b"ATE0")
+    assert b"AT version:4.2.0.0" in _gmr(host)
+    host.command(b'AT+CWJAP="bridged","password"')
+    _echo_round_trip(host, echo_server.port, b"after the reload, through the same rings")
+    assert not daemon.events("child_died")
+
+
+def test_a_broken_config_is_refused_and_the_session_goes_on(make_daemon):
+    daemon = make_daemon()
+    daemon.expected_errors |= {"reload_refused"}
+    host = daemon.host()
+    host.boot()
+    _rewrite(daemon, "[links]\nchunk = 0\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    refused = daemon.wait_event("reload_refused")[-1]
+    assert "links.chunk" in refused["error"] and str(daemon.config_path) in refused["error"]
+    assert host.ask(b"AT") == b"\r\nOK\r\n"  # no restart: no ready, the same session
+    assert b"ready" not in host.buf
+    assert len(daemon.events("child_started")) == 6  # the front and five workers, once
+
+
+def test_keys_only_a_restart_can_apply_are_refused(make_daemon):
+    daemon = make_daemon()
+    daemon.expected_errors |= {"reload_refused"}
+    host = daemon.host()
+    host.boot()
+    _rewrite(daemon, '[links]\ncount = 3\n[firmware]\nat_version = "4.2.0.0"\n')
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reload_refused")[-1]["needs_restart"] == ["links.count"]
+    assert b"AT version:4.1.1.0" in _gmr(host)  # nothing of it applied
+
+
+def test_an_unchanged_config_changes_nothing(make_daemon):
+    daemon = make_daemon()
+    host = daemon.host()
+    host.boot()
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_event("reload_unchanged")
+    assert host.ask(b"AT") == b"\r\nOK\r\n"
+    assert len(daemon.events("child_started")) == 6
+
+
+def test_systemd_hears_reloading_then_ready(tmp_path, monkeypatch):
+    """Under systemd a reload is RELOADING=1 (with MONOTONIC_USEC), then READY=1."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    daemon = Daemon(tmp_path).start()
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloading = sock.recv(4096)
+        assert reloading.startswith(b"RELOADING=1") and b"MONOTONIC_USEC=" in reloading
+        assert sock.recv(4096).startswith(b"READY=1")
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+        sock.close()

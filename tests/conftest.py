@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tests.harness import Daemon, EchoServer, Host, SinkServer
@@ -54,3 +56,15 @@ def sink_server():
     server = SinkServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A bound AF_UNIX datagram socket named by $NOTIFY_SOCKET, as systemd makes."""
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(10)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()

@@ -12,18 +12,6 @@ from bridged import systemd
 
 
 @pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    """A bound AF_UNIX datagram socket named by $NOTIFY_SOCKET, as systemd makes."""
-    path = tmp_path / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(5)
-    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
 def abstract_socket(monkeypatch):
     """The same in the abstract namespace ("@name" in $NOTIFY_SOCKET)."""
     name = f"bridged-test-{uuid.uuid4().hex}"

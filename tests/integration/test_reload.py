@@ -5,7 +5,6 @@ changes what only a restart can, is refused and the running one stays."""
 from __future__ import annotations
 
 import signal
-import socket
 
 from tests.harness import Daemon, Demux
 
@@ -80,13 +79,9 @@ def test_an_unchanged_config_changes_nothing(make_daemon):
     assert len(daemon.events("child_started")) == 6
 
 
-def test_systemd_hears_reloading_then_ready(tmp_path, monkeypatch):
+def test_systemd_hears_reloading_then_ready(tmp_path, notify_socket):
     """Under systemd a reload is RELOADING=1 (with MONOTONIC_USEC), then READY=1."""
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(10)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    sock = notify_socket
     daemon = Daemon(tmp_path).start()
     try:
         assert sock.recv(4096).startswith(b"READY=1")
@@ -97,4 +92,3 @@ def test_systemd_hears_reloading_then_ready(tmp_path, monkeypatch):
         assert daemon.stop() == 0
     finally:
         daemon.stop()
-        sock.close()

@@ -16,13 +16,9 @@ import pytest
 from tests.harness import Daemon, Timeout
 
 
-def test_sd_notify_ready_and_watchdog(tmp_path, monkeypatch):
+def test_sd_notify_ready_and_watchdog(tmp_path, monkeypatch, notify_socket):
     """Under systemd the supervisor sends READY=1 once serving, then WATCHDOG=1 pings."""
-    path = str(tmp_path / "notify.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(10)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    sock = notify_socket
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
     daemon = Daemon(tmp_path).start()
     try:
@@ -37,7 +33,6 @@ def test_sd_notify_ready_and_watchdog(tmp_path, monkeypatch):
         assert sock.recv(4096).startswith(b"STOPPING=1") or b"STOPPING=1" in sock.recv(4096)
     finally:
         daemon.stop()
-        sock.close()
 
 
 def test_stale_pty_link_is_replaced(tmp_path):

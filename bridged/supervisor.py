@@ -193,13 +193,9 @@ class Supervisor:
         self.config = new
         cfg = new.log
         setup_logging(cfg.level, cfg.format, "supervisor")
-        # As at a stop: the front first, so that it does not take the workers'
-        # exits for crashes; none of these exits is a failure.
-        self.stopping = True
+        self.stopping = True  # none of these exits is a failure
         try:
-            deadline = time.monotonic() + _STOP_GRACE
-            self._terminate([self.front], min(deadline, time.monotonic() + 1.0))
-            self._terminate(self.workers, deadline)
+            self._stop_children()
         finally:
             self.stopping = False
         for child in (self.front, *self.workers):
@@ -374,12 +370,15 @@ class Supervisor:
         log.info("stopping")
         self.stopping = True
         systemd.stopping()
+        self._stop_children()
+        return 0
+
+    def _stop_children(self) -> None:
         deadline = time.monotonic() + _STOP_GRACE
         # The front first, so that it does not take the workers' exits for crashes;
         # then the workers, which close their sockets (FIN to every peer).
         self._terminate([self.front], min(deadline, time.monotonic() + 1.0))
         self._terminate(self.workers, deadline)
-        return 0
 
     def _terminate(self, children: list[_Child], deadline: float) -> None:
         children = [c for c in children if c.pid]

@@ -42,11 +42,6 @@ RESOLVE_TIMEOUT_S = 5.0
 HOST_MAX = 64
 
 
-def _preferred(addresses: list[str]) -> str:
-    """The first IPv4 address, else the first (IPv6) one."""
-    return next((a for a in addresses if ":" not in a), addresses[0])
-
-
 def _timed_out(why: str) -> ExecFail:
     return ExecFail(why, body=PING_TIMEOUT)
 
@@ -67,7 +62,7 @@ async def _ping(ctx: Context, host: str) -> Reply:
         addresses = await resolve(host, family, lookup_servers(ctx), RESOLVE_TIMEOUT_S)
     except ResolveError as exc:
         raise _timed_out(f"cannot resolve {host}: {exc}") from None
-    address = _preferred(addresses)
+    address = addresses[0]  # resolve() lists IPv4 first: "IPv4 preferred"
     try:
         rtt, kind = await ping.echo(address, PING_TIMEOUT_S)
     except ping.PingNotPermitted as exc:

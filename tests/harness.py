@@ -191,6 +191,14 @@ class Host:
                 raise Timeout(f"no final result for {line!r}: {bytes(self.buf[-500:])!r}")
             self._fill(0.05)
 
+    def send_data(self, command: bytes, payload: bytes) -> bytes:
+        """A send command (AT+CIPSEND=..., CIPSENDEX, CIPSENDL): wait for its
+        prompt, write ``payload``, return the answer through SEND OK."""
+        self.write(command + b"\r\n")
+        self.expect(b">")
+        self.write(payload)
+        return self.expect(b"SEND OK\r\n")
+
     def boot(self) -> None:
         """Wait for ``ready``, turn echo off and join the emulated Wi-Fi."""
         self.expect(b"\r\nready\r\n")

@@ -210,15 +210,9 @@ def test_udp_link_and_cipsend_to_names(dns_host, dns_server):
     try:
         host.command(b"AT+CIPMUX=1")
         assert host.ask(b'AT+CIPSTART=2,"UDP","peer.test",%d' % home.getsockname()[1]) == b"2,CONNECT\r\n\r\nOK\r\n"
-        host.write(b"AT+CIPSEND=2,4\r\n")
-        host.expect(b">")
-        host.write(b"home")
-        host.expect(b"SEND OK\r\n")
+        host.send_data(b"AT+CIPSEND=2,4", b"home")
         assert home.recvfrom(100)[0] == b"home"
-        host.write(b'AT+CIPSEND=2,5,"other.test",%d\r\n' % other.getsockname()[1])
-        host.expect(b">")
-        host.write(b"there")
-        host.expect(b"SEND OK\r\n")
+        host.send_data(b'AT+CIPSEND=2,5,"other.test",%d' % other.getsockname()[1], b"there")
         assert other.recvfrom(100)[0] == b"there"
         assert ("other.test", "A") in dns_server.queries
         assert host.ask(b'AT+CIPSEND=2,4,"nowhere.test",%d' % other.getsockname()[1]) == b"\r\nERROR\r\n"

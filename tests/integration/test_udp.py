@@ -83,15 +83,9 @@ def test_cipsend_to_a_named_remote(mux_host):
     home, other = _udp(), _udp()
     mux_host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d' % home.getsockname()[1])
     host = mux_host
-    host.write(b'AT+CIPSEND=2,5,"127.0.0.1",%d\r\n' % other.getsockname()[1])
-    host.expect(b">")
-    host.write(b"there")
-    host.expect(b"SEND OK\r\n")
+    host.send_data(b'AT+CIPSEND=2,5,"127.0.0.1",%d' % other.getsockname()[1], b"there")
     assert other.recvfrom(100)[0] == b"there"
-    host.write(b'AT+CIPSEND=2,4,"localhost",%d\r\n' % other.getsockname()[1])
-    host.expect(b">")
-    host.write(b"name")
-    host.expect(b"SEND OK\r\n")
+    host.send_data(b'AT+CIPSEND=2,4,"localhost",%d' % other.getsockname()[1], b"name")
     assert other.recvfrom(100)[0] == b"name"
     assert _state_remote(host, 2) == ("127.0.0.1", home.getsockname()[1])
     assert host.ask(b'AT+CIPSEND=2,4,"127.0.0.1"') == b"\r\nERROR\r\n"  # host without port
@@ -205,15 +199,10 @@ def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
     """AT+CIPSENDEX and AT+CIPSENDL take a remote host and port on a UDP link too."""
     home, other = _udp(), _udp()
     mux_host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d' % home.getsockname()[1])
-    mux_host.write(b'AT+CIPSENDEX=0,50,"127.0.0.1",%d\r\n' % other.getsockname()[1])
-    mux_host.expect(b">")
-    mux_host.write(b"ex\\0")
-    assert mux_host.expect(b"SEND OK\r\n") == b"\r\nRecv 2 bytes\r\n\r\nSEND OK\r\n"
+    answer = mux_host.send_data(b'AT+CIPSENDEX=0,50,"127.0.0.1",%d' % other.getsockname()[1], b"ex\\0")
+    assert answer == b"\r\nRecv 2 bytes\r\n\r\nSEND OK\r\n"
     assert other.recvfrom(100)[0] == b"ex"
-    mux_host.write(b'AT+CIPSENDL=0,5,"127.0.0.1",%d\r\n' % other.getsockname()[1])
-    mux_host.expect(b">")
-    mux_host.write(b"longs")
-    mux_host.expect(b"SEND OK\r\n")
+    mux_host.send_data(b'AT+CIPSENDL=0,5,"127.0.0.1",%d' % other.getsockname()[1], b"longs")
     assert other.recvfrom(100)[0] == b"longs"
     home.close()
     other.close()

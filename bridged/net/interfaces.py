@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
+import ifaddr
 
 __all__ = [
     "InterfaceInfo",
@@ -44,6 +44,10 @@ _MACHINE_ID_FILES = (Path("/etc/machine-id"), Path("/var/lib/dbus/machine-id"))
 _RTF_UP = 0x0001
 _RTF_GATEWAY = 0x0002
 _RTF_REJECT = 0x0200
+
+# Interface flags from <linux/if.h>, as /sys/class/net/<name>/flags shows them.
+_IFF_UP = 0x1
+_IFF_LOOPBACK = 0x8
 
 
 def _read_text(path: Path) -> str | None:
@@ -213,33 +217,49 @@ class InterfaceInfo:
         return self.is_up and self.ipv4 is not None
 
 
+def _interface_flags(name: str) -> int | None:
+    """The interface's IFF_* flags from sysfs, or None when it does not exist."""
+    text = _read_text(_SYS_NET / name / "flags")
+    if text is None:
+        return None
+    try:
+        return int(text.strip(), 16)
+    except ValueError:
+        return None
+
+
+def _addresses(name: str) -> list[ifaddr.IP]:
+    """The interface's addresses in getifaddrs() order (ifaddr: no compiled
+    dependency, so it installs on 32-bit ARM, and zeroconf brings it anyway)."""
+    try:
+        adapters = ifaddr.get_adapters()
+    except OSError:
+        return []
+    return [ip for a in adapters if a.name == name for ip in a.ips]
+
+
 def interface_info(name: str) -> InterfaceInfo:
     """Describe host interface ``name``; never raises for a missing one."""
     if not _valid_name(name):
         return InterfaceInfo(name=name)
-    try:
-        stats = psutil.net_if_stats().get(name)
-        addrs = psutil.net_if_addrs().get(name, [])
-    except OSError:
-        stats, addrs = None, []
-    if stats is None and not (_SYS_NET / name).exists():
+    flags = _interface_flags(name)
+    if flags is None:
         return InterfaceInfo(name=name)
-
-    flags = set(stats.flags.split(",")) if stats is not None else set()
     operstate = (_read_text(_SYS_NET / name / "operstate") or "").strip()
-    is_up = "up" in flags and (
-        "loopback" in flags or operstate in ("up", "unknown")
+    is_up = bool(flags & _IFF_UP) and (
+        bool(flags & _IFF_LOOPBACK) or operstate in ("up", "unknown")
     )
 
     ipv4 = netmask = None
     ll: list[str] = []
     gl: list[str] = []
-    for addr in addrs:
-        if addr.family == socket.AF_INET and ipv4 is None:
-            ipv4, netmask = addr.address, addr.netmask
-        elif addr.family == socket.AF_INET6:
+    for ip in _addresses(name):
+        if ip.is_IPv4 and ipv4 is None:
+            ipv4 = ip.ip
+            netmask = str(ipaddress.IPv4Network(f"0.0.0.0/{ip.network_prefix}").netmask)
+        elif ip.is_IPv6:
             try:
-                ip6 = ipaddress.IPv6Address(addr.address.split("%", 1)[0])
+                ip6 = ipaddress.IPv6Address(ip.ip[0].split("%", 1)[0])
             except ValueError:
                 continue
             if ip6.is_link_local:

@@ -49,7 +49,7 @@ __all__ = ["Advertisement", "Advertiser", "StationLookup", "service_type", "chec
 log = structlog.get_logger()
 
 _STOP_TIMEOUT = 3.0  # s: goodbyes take about 0.25 s, closing the sockets less
-# s between looks at the station's addresses while enabled: one psutil read
+# s between looks at the station's addresses while enabled: one getifaddrs() read
 # of the host's interfaces, so a few seconds cost nothing measurable.
 _POLL_INTERVAL = 2.0
 # s at most between attempts to open sockets that failed to open (port 5353

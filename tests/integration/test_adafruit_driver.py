@@ -62,8 +62,8 @@ class PtyUART(serial.Serial):
 
 class _SocketWithRecvInto(esp_socket.socket):
     """The driver's socket plus recv_into, which adafruit_requests 2+ reads responses
-    with and the driver's socket module lacks (upstream issue #74, independent of the
-    modem): without it every GET fails with AttributeError on any ESP-AT."""
+    with and the driver's socket module lacks (Adafruit_CircuitPython_ESP_ATcontrol
+    issue #74): without it every GET fails with AttributeError, whatever the modem."""
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
         data = self.recv(nbytes or len(buffer))

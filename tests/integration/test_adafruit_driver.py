@@ -3,7 +3,9 @@ adafruit-circuitpython-requests from PyPI), unmodified, against bridged on a pty
 
 The driver runs its own flows through its public API -- begin/join, TCP, UDP, SSL, a
 reset, and HTTP and HTTPS GETs with adafruit_requests over its socket module -- against
-real servers on loopback, and the tests check what comes back.
+real servers on loopback, and the tests check what comes back. They share one daemon
+and one begun driver (begin() is seconds of the driver's fixed sleeps); the reset gets
+its own.
 """
 
 from __future__ import annotations
@@ -82,8 +84,7 @@ def _socket_pool() -> types.ModuleType:
     return pool
 
 
-@pytest.fixture
-def esp(daemon: Daemon):
+def _joined(daemon: Daemon) -> tuple[ESP_ATcontrol, PtyUART]:
     """The driver on the daemon's pty, begun and joined to the emulated access point.
 
     The MCU comes up after the module has booted (opening the port flushes the banner),
@@ -93,8 +94,44 @@ def esp(daemon: Daemon):
     uart = PtyUART(daemon.link, 115200, timeout=0.1)
     driver = ESP_ATcontrol(uart, 115200, debug=True)
     driver.connect(WIFI, timeout=5, retries=1)
+    return driver, uart
+
+
+@pytest.fixture
+def fresh_esp(daemon: Daemon):
+    """The driver, begun and joined, on a daemon of its own (for the test that resets it)."""
+    driver, uart = _joined(daemon)
     yield driver
     uart.close()
+
+
+@pytest.fixture(scope="module")
+def shared_esp(tmp_path_factory):
+    """One daemon and one begun, joined driver for every test where isolation is not the
+    point: begin() and connect() take about 4 s of the driver's fixed sleeps each time."""
+    daemon = Daemon(tmp_path_factory.mktemp("adafruit-daemon")).start()
+    try:
+        driver, uart = _joined(daemon)
+    except BaseException:
+        daemon.stop()
+        raise
+    yield driver
+    uart.close()
+    code = daemon.stop()  # and, as conftest's make_daemon checks, cleanly
+    assert code == 0, f"daemon exited {code}:\n{daemon.log_text()[-3000:]}"
+    errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
+    assert not errors, f"unexpected errors in the log: {errors}"
+
+
+@pytest.fixture
+def esp(shared_esp: ESP_ATcontrol) -> ESP_ATcontrol:
+    """The shared driver as each test starts: joined, no link open (a failed test may
+    have left one, or left the network: the driver's socket_connect would wait forever)."""
+    if shared_esp.status != ESP_ATcontrol.STATUS_APCONNECTED:
+        shared_esp.socket_disconnect()
+        if shared_esp.status != ESP_ATcontrol.STATUS_APCONNECTED:
+            shared_esp.connect(WIFI, timeout=5, retries=1)  # not when joined: remote_AP's bug
+    return shared_esp
 
 
 # -- loopback servers ---------------------------------------------------------------------
@@ -243,6 +280,13 @@ def _free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+def _send(esp: ESP_ATcontrol, payload: bytes) -> None:
+    """socket_send on a TCP or SSL link: it returns on SEND OK, else after its 1 s timeout."""
+    started = time.monotonic()
+    assert esp.socket_send(payload)
+    assert time.monotonic() - started < 1, "the driver waited its whole timeout: no SEND OK seen"
+
+
 def _receive(esp: ESP_ATcontrol, length: int, timeout: float = 10.0) -> bytes:
     """socket_receive until ``length`` bytes came (it returns one +IPD at a time)."""
     data = b""
@@ -255,8 +299,26 @@ def _receive(esp: ESP_ATcontrol, length: int, timeout: float = 10.0) -> bytes:
 # -- the driver's flows ----------------------------------------------------------------------
 
 
-def test_begin_join_and_leave(esp):
-    """begin() syncs and reads the version, connect() joins, the status queries agree, disconnect() leaves."""
+# First: its own daemon is stopped before the shared one starts.
+def test_soft_reset_and_reconnect(fresh_esp, echo_server):
+    """soft_reset() sees ready within its timeout; the examples' is_connected/connect loop then gets a working link."""
+    esp = fresh_esp
+    started = time.monotonic()
+    assert esp.soft_reset(timeout=5)
+    assert time.monotonic() - started < 5, "the driver waited its whole timeout: no ready seen"
+    for _ in range(3):  # the examples' `while not esp.is_connected: esp.connect(secrets)`, bounded
+        if esp.is_connected:
+            break
+        esp.connect(WIFI, timeout=5, retries=1)
+    assert esp.status == ESP_ATcontrol.STATUS_APCONNECTED
+    assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", echo_server.port)
+    _send(esp, b"after reset")
+    assert _receive(esp, 11) == b"after reset"
+    esp.socket_disconnect()
+
+
+def test_begin_join_leave_and_rejoin(esp):
+    """begin() synced and read the version, connect() joined and the status queries agree; disconnect() leaves, connect() joins again."""
     assert esp.version.startswith("AT version:4.")
     # remote_AP would parse this, but compares bytes with a str, which only CircuitPython allows.
     assert b'+CWJAP:"bridged",' in esp.at_response("AT+CWJAP?")
@@ -268,6 +330,8 @@ def test_begin_join_and_leave(esp):
     esp.disconnect(timeout=3)
     assert time.monotonic() - started < 3, "the driver waited its whole timeout: no WIFI DISCONNECT seen"
     assert esp.status == ESP_ATcontrol.STATUS_NOTCONNECTED
+    esp.connect(WIFI, timeout=5, retries=1)
+    assert esp.status == ESP_ATcontrol.STATUS_APCONNECTED
 
 
 def test_tcp_echo(esp, echo_server):
@@ -275,7 +339,7 @@ def test_tcp_echo(esp, echo_server):
     payload = os.urandom(1500)
     assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", echo_server.port)
     assert esp.status == ESP_ATcontrol.STATUS_SOCKETOPEN
-    assert esp.socket_send(payload)
+    _send(esp, payload)
     assert _receive(esp, len(payload)) == payload
     esp.socket_disconnect()
     assert echo_server.closed_by_peer.wait(5)
@@ -298,26 +362,10 @@ def test_ssl_echo(esp, tls_echo):
     """An SSL link (the driver's TLS mode) reaches a TLS echo server and carries bytes both ways."""
     payload = os.urandom(1000)
     assert esp.socket_connect(ESP_ATcontrol.TYPE_SSL, "127.0.0.1", tls_echo.port)
-    assert esp.socket_send(payload)
+    _send(esp, payload)
     assert _receive(esp, len(payload)) == payload
     esp.socket_disconnect()
     assert tls_echo.closed_by_peer.wait(5)
-
-
-def test_soft_reset_and_reconnect(esp, echo_server):
-    """soft_reset() sees ready within its timeout; the examples' is_connected/connect loop then gets a working link."""
-    started = time.monotonic()
-    assert esp.soft_reset(timeout=5)
-    assert time.monotonic() - started < 5, "the driver waited its whole timeout: no ready seen"
-    for _ in range(3):  # the examples' `while not esp.is_connected: esp.connect(secrets)`, bounded
-        if esp.is_connected:
-            break
-        esp.connect(WIFI, timeout=5, retries=1)
-    assert esp.status == ESP_ATcontrol.STATUS_APCONNECTED
-    assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", echo_server.port)
-    assert esp.socket_send(b"after reset")
-    assert _receive(esp, 11) == b"after reset"
-    esp.socket_disconnect()
 
 
 def _session(esp: ESP_ATcontrol) -> adafruit_requests.Session:

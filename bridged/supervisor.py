@@ -47,6 +47,8 @@ from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
+from bridged.net import resolver
+from bridged.net.hosts import overrides
 from bridged.uart.main import run_front
 from bridged.uart.port import Pty, open_pty
 
@@ -284,6 +286,9 @@ class Supervisor:
             os._exit(1)
         cfg = self.config.log
         setup_logging(cfg.level, cfg.format, child.role, child.link_id)
+        # Every lookup the child makes for the MCU meets [dns] hosts first; a
+        # reload forks new children, so they get the new table.
+        resolver.set_overrides(overrides(self.config.dns.hosts, self.config.dns.hosts_file))
 
     # -- children dying ------------------------------------------------------------------
 

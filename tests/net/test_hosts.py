@@ -1,0 +1,212 @@
+"""bridged.net.hosts (the [dns] hosts table and the hosts-file parser) and the
+overrides inside bridged.net.resolver.resolve, against a test DNS server on
+127.0.0.158 that must never hear of an overridden name."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import structlog
+import uvloop
+
+from bridged.net import hosts as hosts_module
+from bridged.net import resolver
+from bridged.net.hosts import (HostsError, HostsFile, HostTable, overrides, parse_hosts,
+                               read_hosts_file, table_from_toml)
+from bridged.net.resolver import ResolveError, resolve
+from tests.dnsserver import serving
+
+SERVER_IP = "127.0.0.158"
+# What DNS would say: an override that failed would answer these instead.
+RECORDS = {"example.com": ["127.0.0.99", "::99"], "test.mosquitto.org": ["127.0.0.98"],
+           "plain.test": ["127.0.0.97"]}
+
+
+@pytest.fixture(scope="module")
+def dns_server():
+    with serving(SERVER_IP, RECORDS) as server:
+        yield server
+
+
+@pytest.fixture
+def overridden():
+    """Install a table in this process's resolver; take it away afterwards."""
+    def install(table: dict[str, tuple[str, ...]]) -> None:
+        resolver.set_overrides(table)
+
+    yield install
+    resolver.set_overrides({})
+
+
+def run(coro):
+    return uvloop.run(coro)
+
+
+# -- the hosts file ---------------------------------------------------------------------------
+
+GOOD_FILE = (
+    "# a test bench's names\n"
+    "\n"
+    "127.0.0.1\tmqtt.mydevices.com  broker.example.net   # two names, a tab\n"
+    "   ::1 MQTT.MyDevices.com.\r\n"       # the same name again: merged; case and final dot folded
+    "127.0.0.2 example.com #no space before the comment\n"
+    "127.0.0.1 mqtt.mydevices.com\n"       # a repeated address is kept once
+    "fe80::1%lo  link-local.test\n"
+    "10.0.0.1 under_score.test x-1.test\n"
+    "#127.0.0.3 commented.out\n"
+)
+
+
+def test_hosts_file_lines_give_a_table():
+    """Comments, blank lines, several names a line, tabs, CRLF, IPv4 and IPv6; a name
+    on several lines gets every line's addresses in file order (nss_files' multi)."""
+    table = parse_hosts(GOOD_FILE, "hosts").as_dict()
+    assert table == {
+        "mqtt.mydevices.com": ("127.0.0.1", "::1"),
+        "broker.example.net": ("127.0.0.1",),
+        "example.com": ("127.0.0.2",),
+        "link-local.test": ("fe80::1%lo",),
+        "under_score.test": ("10.0.0.1",),
+        "x-1.test": ("10.0.0.1",),
+    }
+
+
+def test_an_empty_hosts_file_is_an_empty_table():
+    """Only comments and blanks: no overrides, no error."""
+    assert len(parse_hosts("# nothing\n\n   \n", "hosts")) == 0
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ("127.0.0.1 ok.test\n300.1.2.3 bad.test\n", 2, "'300.1.2.3' is not an IPv4 or IPv6 address"),
+    ("127.1 short.test\n", 1, "'127.1' is not an IPv4"),  # dotted quads only, not inet_aton's shorthand
+    ("bad.test 127.0.0.1\n", 1, "'bad.test' is not an IPv4"),
+    ("\n\n127.0.0.1\n", 3, "address '127.0.0.1' without a host name"),
+    ("127.0.0.1 a..test\n", 1, "'a..test' is not a host name"),
+    ("127.0.0.1 ok.test " + "x" * 64 + ".test\n", 1, "is not a host name"),
+    ("127.0.0.1 b\u00fccher.test\n", 1, "'b\u00fccher.test' is not a host name"),
+    ("127.0.0.1 10.1.2.3\n", 1, "'10.1.2.3' is not a host name"),  # an address is never looked up
+    ("127.0.0.1 0x7f.1\n", 1, "'0x7f.1' is not a host name"),
+    ("127.0.0.1 a.test\x0cb.test\n", 1, "is not a host name"),  # only blanks and tabs separate
+    ("127.0.0.1 star*.test\n", 1, "'star*.test' is not a host name"),
+])
+def test_malformed_hosts_file_lines_name_the_line(text, line, problem):
+    """A malformed line is a HostsError naming the file, the line and what is allowed."""
+    with pytest.raises(HostsError) as info:
+        parse_hosts(text, "/etc/bridged/hosts")
+    assert info.value.problem.startswith(f"/etc/bridged/hosts, line {line}: ")
+    assert problem in info.value.problem
+    assert info.value.allowed
+
+
+def test_read_hosts_file(tmp_path):
+    """A readable file gives its path and table."""
+    path = tmp_path / "hosts"
+    path.write_text("127.0.0.1 a.test\n")
+    assert read_hosts_file(str(path)) == HostsFile(str(path), HostTable.of({"a.test": ["127.0.0.1"]}))
+
+
+def test_unreadable_hosts_files_are_errors(tmp_path, monkeypatch):
+    """Missing, a directory, a FIFO (without hanging), not UTF-8 (with the line), too large."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    latin = tmp_path / "latin"
+    latin.write_bytes(b"127.0.0.1 a.test\n# M\xfcller\n")
+    big = tmp_path / "big"
+    big.write_text("127.0.0.1 a.test\n" * 10)
+    monkeypatch.setattr(hosts_module, "MAX_FILE", 100)
+    for path, problem in [(tmp_path / "missing", "cannot read: No such file"),
+                          (tmp_path, "not a regular file"), (fifo, "not a regular file"),
+                          (latin, "line 2: not UTF-8 text"), (big, "larger than 100 bytes")]:
+        with pytest.raises(HostsError) as info:
+            read_hosts_file(str(path))
+        assert info.value.problem.startswith(str(path)), path
+        assert problem in info.value.problem, path
+
+
+# -- the [dns] hosts table -----------------------------------------------------------------------
+
+
+def test_toml_table_takes_an_address_or_a_list():
+    """One address or a list; names and addresses normalised, a list's order kept."""
+    table = table_from_toml({"Test.Mosquitto.org.": "127.0.0.1", "example.com": ["0::1", "127.0.0.2", "::1"]})
+    assert table.as_dict() == {"test.mosquitto.org": ("127.0.0.1",), "example.com": ("::1", "127.0.0.2")}
+
+
+@pytest.mark.parametrize("value, problem", [
+    ({"exa mple.com": "127.0.0.1"}, "'exa mple.com' is not a host name"),
+    ({"": "127.0.0.1"}, "'' is not a host name"),
+    ({"127.0.0.1": "127.0.0.2"}, "'127.0.0.1' is not a host name"),
+    ({"example.com": "localhost"}, "entry 'example.com': 'localhost' is not an IPv4 or IPv6 address"),
+    ({"example.com": 2130706433}, "entry 'example.com': 2130706433 is not an IPv4"),
+    ({"example.com": []}, "entry 'example.com': an empty list"),
+    ({"example.com": ["127.0.0.1", "::g"]}, "entry 'example.com': '::g' is not"),
+    ({"example": {"com": "127.0.0.1"}}, 'quote a name that has dots: "example.com"'),
+    ({"example.com": "127.0.0.1", "EXAMPLE.com.": "::1"}, "'example.com' and 'EXAMPLE.com.' name the same host"),
+])
+def test_malformed_toml_tables_say_which_entry(value, problem):
+    """A bad name, address, empty list, nested table or a name given twice names the entry and what is allowed."""
+    with pytest.raises(HostsError) as info:
+        table_from_toml(value)
+    assert problem in info.value.problem
+    assert info.value.allowed
+
+
+def test_the_table_wins_over_the_file_name_by_name():
+    """A name both give takes the table's addresses only; the file's other names stay."""
+    table = HostTable.of({"example.com": ["127.0.0.2"]})
+    from_file = HostsFile("/h", HostTable.of({"example.com": ["127.0.0.5", "::5"], "other.test": ["127.0.0.6"]}))
+    assert overrides(table, from_file) == {"example.com": ("127.0.0.2",), "other.test": ("127.0.0.6",)}
+
+
+# -- inside resolve() ----------------------------------------------------------------------------
+
+TABLE = {"example.com": ("127.0.0.2", "::1"), "test.mosquitto.org": ("127.0.0.1",), "v6.test": ("::1",)}
+
+
+@pytest.mark.parametrize("name, family, expected", [
+    ("example.com", socket.AF_UNSPEC, ["127.0.0.2", "::1"]),
+    ("example.com", socket.AF_INET, ["127.0.0.2"]),
+    ("example.com", socket.AF_INET6, ["::1"]),
+    ("EXAMPLE.Com.", socket.AF_INET, ["127.0.0.2"]),
+    ("test.mosquitto.org", socket.AF_UNSPEC, ["127.0.0.1"]),
+    ("v6.test", socket.AF_UNSPEC, ["::1"]),
+])
+def test_an_override_answers_without_asking_dns(dns_server, overridden, name, family, expected):
+    """The override's addresses of the family, IPv4 first, matched as a resolver matches
+    names; the server, which knows other addresses for them, is not asked; the use is logged."""
+    overridden(TABLE)
+    before = len(dns_server.queries)
+    with structlog.testing.capture_logs() as logs:
+        assert run(resolve(name, family, [dns_server.address], 2)) == expected
+    assert len(dns_server.queries) == before
+    assert {"event": "host_override", "name": name, "addresses": expected}.items() <= logs[0].items()
+
+
+@pytest.mark.parametrize("name, family, missing", [
+    ("test.mosquitto.org", socket.AF_INET6, "IPv6"),
+    ("v6.test", socket.AF_INET, "IPv4"),
+])
+def test_an_override_without_the_family_is_not_found(dns_server, overridden, name, family, missing):
+    """A name overridden with the other family only is "not found", not a DNS query (nss files semantics)."""
+    overridden(TABLE)
+    before = len(dns_server.queries)
+    with pytest.raises(ResolveError, match=f"overridden .* without an {missing} address"):
+        run(resolve(name, family, [dns_server.address], 2))
+    assert len(dns_server.queries) == before
+
+
+def test_other_names_and_literals_are_unchanged(dns_server, overridden):
+    """A name the table does not hold still goes to the server; a literal is still no lookup."""
+    overridden(TABLE)
+    assert run(resolve("plain.test", socket.AF_INET, [dns_server.address], 2)) == ["127.0.0.97"]
+    assert ("plain.test", "A") in dns_server.queries
+    assert run(resolve("127.0.0.5", socket.AF_INET, [dns_server.address], 2)) == ["127.0.0.5"]
+
+
+def test_without_overrides_dns_answers(dns_server, overridden):
+    """The same name with an empty table is asked of the server: the table did the work above."""
+    overridden({})
+    assert run(resolve("example.com", socket.AF_INET, [dns_server.address], 2)) == ["127.0.0.99"]
+    assert ("example.com", "A") in dns_server.queries

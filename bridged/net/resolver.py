@@ -105,7 +105,7 @@ def _overridden(host: str, family: int, addresses: tuple[str, ...]) -> list[str]
     """The override's answer: its addresses of ``family``, IPv4 first; none is "not found"."""
     wanted = [a for a in addresses if family == socket.AF_UNSPEC or (":" in a) == (family == socket.AF_INET6)]
     kind = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}.get(family, "any")
-    log.info("host_override", name=host, family=kind, addresses=wanted)
+    log.info("host_override", host=host, family=kind, addresses=wanted)
     if not wanted:
         raise ResolveError(f"{host} is overridden ([dns] hosts) without an {kind} address; DNS is not asked")
     return sorted(wanted, key=lambda address: ":" in address)

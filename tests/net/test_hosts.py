@@ -181,7 +181,7 @@ def test_an_override_answers_without_asking_dns(dns_server, overridden, name, fa
     with structlog.testing.capture_logs() as logs:
         assert run(resolve(name, family, [dns_server.address], 2)) == expected
     assert len(dns_server.queries) == before
-    assert {"event": "host_override", "name": name, "addresses": expected}.items() <= logs[0].items()
+    assert {"event": "host_override", "host": name, "addresses": expected}.items() <= logs[0].items()
 
 
 @pytest.mark.parametrize("name, family, missing", [

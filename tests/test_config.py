@@ -49,7 +49,8 @@ def write(tmp_path: Path, text: str, name: str = "bridged.toml") -> Path:
 
 def toml_value(value: object) -> str:
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+        pairs = [f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()]
+        return "{ " + ", ".join(pairs) + " }" if pairs else "{}"
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):

@@ -722,7 +722,9 @@ def test_dns_hosts_mistakes_name_the_key_and_the_entry(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(str(path), None, {})
     assert str(info.value) == (f"{path}: dns.hosts: entry 'example.com': '127.0.0.256' is not an IPv4 or "
-                               "IPv6 address; allowed: an IPv4 address (dotted quad) or an IPv6 address")
+                               "IPv6 address; allowed: an IPv4 address (dotted quad) or an IPv6 address, not "
+                               "IPv4-mapped; an IPv6 zone names an interface: 1 to 15 letters, digits, '.', "
+                               "'-' or '_' (fe80::1%eth0)")
 
 
 def test_dns_hosts_file_mistakes_name_the_file_and_line(tmp_path):

@@ -43,7 +43,8 @@ MAX_FILE = 16 * 1024 * 1024  # bytes; a large ad-blocking hosts file is a few MB
 
 NAME_ALLOWED = (f"a host name: labels of 1 to 63 letters, digits, '-' or '_' joined by dots, "
                 f"at most {MAX_NAME} bytes (a final dot is ignored), not an address")
-ADDRESS_ALLOWED = "an IPv4 address (dotted quad) or an IPv6 address"
+ADDRESS_ALLOWED = ("an IPv4 address (dotted quad) or an IPv6 address, not IPv4-mapped; an IPv6 zone "
+                   "names an interface: 1 to 15 letters, digits, '.', '-' or '_' (fe80::1%eth0)")
 TABLE_ALLOWED = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
                  'e.g. { "example.com" = ["127.0.0.1", "::1"] }')
 LINE_ALLOWED = ("lines of an address and one or more host names, separated by blanks; "
@@ -51,6 +52,10 @@ LINE_ALLOWED = ("lines of an address and one or more host names, separated by bl
 PATH_ALLOWED = '"" (none) or an absolute path to a readable file in /etc/hosts format'
 
 _LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+# A Linux interface name (IFNAMSIZ - 1 bytes) or index.  The zone is part of
+# the address AT+CIPDOMAIN prints inside quotes: a quote or a line end there
+# would forge a reply to the MCU.
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _BLANKS = re.compile(r"[ \t]+")
 
 
@@ -111,14 +116,23 @@ def check_address(text: Any) -> str:
     """The address in its usual text form (IPv6 compressed, lowercase).
 
     Raises:
-        HostsError: not an IPv4 or IPv6 address.
+        HostsError: not an IPv4 or IPv6 address, an IPv4-mapped one, or a
+            zone that is no interface name.
     """
     try:
         if not isinstance(text, str):
             raise ValueError(text)
-        return str(ipaddress.ip_address(text))
+        ip = ipaddress.ip_address(text)
     except ValueError:
         raise HostsError(f"{text!r} is not an IPv4 or IPv6 address", ADDRESS_ALLOWED) from None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None and not _ZONE.fullmatch(ip.scope_id):
+            raise HostsError(f"{text!r} has a zone that is not an interface name", ADDRESS_ALLOWED)
+        if ip.ipv4_mapped is not None:
+            # An IPv4 address in IPv6 clothes: an IPv4 lookup would not find it,
+            # and an IPv6 link or ping would really go over IPv4.
+            raise HostsError(f"{text!r} is IPv4-mapped: write {ip.ipv4_mapped}", ADDRESS_ALLOWED)
+    return str(ip)
 
 
 def table_from_toml(value: Mapping[str, Any]) -> HostTable:

@@ -153,6 +153,31 @@ def test_malformed_toml_tables_say_which_entry(value, problem):
     assert info.value.allowed
 
 
+@pytest.mark.parametrize("address, problem", [
+    ("fe80::1%a\r\nOK", "has a zone that is not an interface name"),  # would forge a reply line
+    ('fe80::1%a"b', "has a zone that is not an interface name"),  # would close +CIPDOMAIN's quotes
+    ("fe80::1%" + "e" * 16, "has a zone that is not an interface name"),  # IFNAMSIZ is 16 with the NUL
+    ("fe80::1%\u00e9th0", "has a zone that is not an interface name"),
+    ("::ffff:127.0.0.1", "is IPv4-mapped: write 127.0.0.1"),
+    ("::FFFF:7f00:2", "is IPv4-mapped: write 127.0.0.2"),
+])
+def test_zones_must_be_interface_names_and_mapped_addresses_are_refused(address, problem):
+    """An IPv6 zone other than an interface name or index, or an IPv4-mapped address,
+    is refused in the table and in the file, saying what is allowed."""
+    with pytest.raises(HostsError) as info:
+        table_from_toml({"example.com": address})
+    assert problem in info.value.problem and "names an interface" in info.value.allowed
+    if "\n" not in address:  # in a file, a line end ends the line
+        with pytest.raises(HostsError, match="line 1: .*" + problem.split(":")[0]):
+            parse_hosts(f"{address} example.com\n", "hosts")
+
+
+def test_interface_zones_are_kept():
+    """A link-local address may name its interface by name or index; the zone stays in the answer."""
+    table = table_from_toml({"a.test": "fe80::1%eth0.100", "b.test": ["FE80::2%3", "fe80::3%wl-an_0"]})
+    assert table.as_dict() == {"a.test": ("fe80::1%eth0.100",), "b.test": ("fe80::2%3", "fe80::3%wl-an_0")}
+
+
 def test_the_table_wins_over_the_file_name_by_name():
     """A name both give takes the table's addresses only; the file's other names stay."""
     table = HostTable.of({"example.com": ["127.0.0.2"]})

@@ -98,6 +98,12 @@ def overrides(hosts: HostTable, hosts_file: HostsFile) -> dict[str, tuple[str, .
     return {**hosts_file.table.as_dict(), **hosts.as_dict()}
 
 
+def _shown(value: Any) -> str:
+    """``value`` quoted for a message, cut short: a bad line may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_name(name: str) -> str:
     """The name as lookups match it.
 
@@ -108,30 +114,33 @@ def check_name(name: str) -> str:
     labels = bare.split(".")
     if (len(bare) > MAX_NAME or not all(_LABEL.fullmatch(label) for label in labels)
             or is_address(bare)):
-        raise HostsError(f"{name!r} is not a host name", NAME_ALLOWED)
+        raise HostsError(f"{_shown(name)} is not a host name", NAME_ALLOWED)
     return normal_name(name)
 
 
-def check_address(text: Any) -> str:
+def check_address(text: Any, shown: str = "") -> str:
     """The address in its usual text form (IPv6 compressed, lowercase).
+
+    ``shown`` names the value in errors instead of quoting it.
 
     Raises:
         HostsError: not an IPv4 or IPv6 address, an IPv4-mapped one, or a
             zone that is no interface name.
     """
+    shown = shown or _shown(text)
     try:
         if not isinstance(text, str):
             raise ValueError(text)
         ip = ipaddress.ip_address(text)
     except ValueError:
-        raise HostsError(f"{text!r} is not an IPv4 or IPv6 address", ADDRESS_ALLOWED) from None
+        raise HostsError(f"{shown} is not an IPv4 or IPv6 address", ADDRESS_ALLOWED) from None
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id is not None and not _ZONE.fullmatch(ip.scope_id):
-            raise HostsError(f"{text!r} has a zone that is not an interface name", ADDRESS_ALLOWED)
+            raise HostsError(f"{shown} has a zone that is not an interface name", ADDRESS_ALLOWED)
         if ip.ipv4_mapped is not None:
             # An IPv4 address in IPv6 clothes: an IPv4 lookup would not find it,
             # and an IPv6 link or ping would really go over IPv4.
-            raise HostsError(f"{text!r} is IPv4-mapped: write {ip.ipv4_mapped}", ADDRESS_ALLOWED)
+            raise HostsError(f"{shown} is IPv4-mapped: write {ip.ipv4_mapped}", ADDRESS_ALLOWED)
     return str(ip)
 
 
@@ -148,9 +157,10 @@ def table_from_toml(value: Mapping[str, Any]) -> HostTable:
         try:
             table[name] = _addresses(addresses)
         except HostsError as exc:
-            raise HostsError(f"entry {key!r}: {exc.problem}", exc.allowed) from None
+            raise HostsError(f"entry {_shown(key)}: {exc.problem}", exc.allowed) from None
         if name in spelled:
-            raise HostsError(f"entries {spelled[name]!r} and {key!r} name the same host", TABLE_ALLOWED)
+            raise HostsError(f"entries {_shown(spelled[name])} and {_shown(key)} name the same host",
+                             TABLE_ALLOWED)
         spelled[name] = key
     return HostTable.of(table)
 
@@ -180,7 +190,9 @@ def parse_hosts(text: str, where: str) -> HostTable:
         if not fields:
             continue
         try:
-            address = check_address(fields[0])
+            # Not quoted: a path named by mistake (/etc/shadow, a token file)
+            # must not have its first line copied into the log.
+            address = check_address(fields[0], "the first field")
             if len(fields) == 1:
                 raise HostsError(f"address {fields[0]!r} without a host name", LINE_ALLOWED)
             names = [check_name(field) for field in fields[1:]]

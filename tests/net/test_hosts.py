@@ -79,9 +79,9 @@ def test_an_empty_hosts_file_is_an_empty_table():
 
 
 @pytest.mark.parametrize("text, line, problem", [
-    ("127.0.0.1 ok.test\n300.1.2.3 bad.test\n", 2, "'300.1.2.3' is not an IPv4 or IPv6 address"),
-    ("127.1 short.test\n", 1, "'127.1' is not an IPv4"),  # dotted quads only, not inet_aton's shorthand
-    ("bad.test 127.0.0.1\n", 1, "'bad.test' is not an IPv4"),
+    ("127.0.0.1 ok.test\n300.1.2.3 bad.test\n", 2, "the first field is not an IPv4 or IPv6 address"),
+    ("127.1 short.test\n", 1, "the first field is not an IPv4"),  # dotted quads only, not inet_aton's shorthand
+    ("bad.test 127.0.0.1\n", 1, "the first field is not an IPv4"),
     ("\n\n127.0.0.1\n", 3, "address '127.0.0.1' without a host name"),
     ("127.0.0.1 a..test\n", 1, "'a..test' is not a host name"),
     ("127.0.0.1 ok.test " + "x" * 64 + ".test\n", 1, "is not a host name"),
@@ -98,6 +98,35 @@ def test_malformed_hosts_file_lines_name_the_line(text, line, problem):
     assert info.value.problem.startswith(f"/etc/bridged/hosts, line {line}: ")
     assert problem in info.value.problem
     assert info.value.allowed
+
+
+def test_a_file_that_is_no_hosts_file_is_not_quoted(tmp_path):
+    """A secret file named by mistake (a shadow or token file) is refused by line
+    without its text reaching the error (and so the log)."""
+    for text in ("root:$6$SALTsalt$HASHhash:19000:0:99999:7:::\n", "ghp_TOKEN0123456789abcdef\n",
+                 "127.0.0.1 ok.test\nTOKEN0123456789abcdef bad.test\n"):
+        path = tmp_path / "secret"
+        path.write_text(text)
+        with pytest.raises(HostsError) as info:
+            read_hosts_file(str(path))
+        line = text.count("\n")
+        assert info.value.problem == f"{path}, line {line}: the first field is not an IPv4 or IPv6 address"
+
+
+def test_long_values_are_cut_short_in_errors():
+    """A megabyte-long bad name, in the file or as a table key or value, and two long
+    spellings of one name, give an error of a line, not a megabyte."""
+    long = "x" * 100 + "..." + "y" * 1_000_000
+    errors = []
+    for attempt in (lambda: parse_hosts(f"127.0.0.1 {long}\n", "hosts"),
+                    lambda: table_from_toml({long: "127.0.0.1"}),
+                    lambda: table_from_toml({"a.test": long}),
+                    lambda: table_from_toml({"x" * 63 + ".test": "::1", "X" * 63 + ".test": "::1"})):
+        with pytest.raises(HostsError) as info:
+            attempt()
+        errors.append(info.value.problem)
+    assert all(len(problem) < 200 and "'xxxxxxxx" in problem for problem in errors[:3]), errors
+    assert "name the same host" in errors[3] and len(errors[3]) < 200
 
 
 def test_read_hosts_file(tmp_path):

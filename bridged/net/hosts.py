@@ -51,7 +51,7 @@ LINE_ALLOWED = ("lines of an address and one or more host names, separated by bl
                 "'#' starts a comment (hosts(5))")
 PATH_ALLOWED = '"" (none) or an absolute path to a readable file in /etc/hosts format'
 
-_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")  # labels joined by dots
 # A Linux interface name (IFNAMSIZ - 1 bytes) or index.  The zone is part of
 # the address AT+CIPDOMAIN prints inside quotes: a quote or a line end there
 # would forge a reply to the MCU.
@@ -111,9 +111,7 @@ def check_name(name: str) -> str:
         HostsError: not a host name (or an address, which is never looked up).
     """
     bare = name[:-1] if name.endswith(".") else name
-    labels = bare.split(".")
-    if (len(bare) > MAX_NAME or not all(_LABEL.fullmatch(label) for label in labels)
-            or is_address(bare)):
+    if len(bare) > MAX_NAME or not _NAME.fullmatch(name) or is_address(bare):
         raise HostsError(f"{_shown(name)} is not a host name", NAME_ALLOWED)
     return normal_name(name)
 
@@ -183,6 +181,9 @@ def parse_hosts(text: str, where: str) -> HostTable:
         HostsError: "<where>, line N: ..." for the first malformed line.
     """
     table: dict[str, list[str]] = {}
+    # An ad-blocking file gives one address (0.0.0.0) to 100 000s of names:
+    # each spelling is checked once, and the table holds one string for it.
+    known: dict[str, str] = {}
     for number, line in enumerate(text.split("\n"), start=1):
         # Blanks only separate fields: any other space or control byte is part
         # of a field, and so refused in a name or an address.
@@ -192,7 +193,9 @@ def parse_hosts(text: str, where: str) -> HostTable:
         try:
             # Not quoted: a path named by mistake (/etc/shadow, a token file)
             # must not have its first line copied into the log.
-            address = check_address(fields[0], "the first field")
+            address = known.get(fields[0])
+            if address is None:
+                address = known[fields[0]] = check_address(fields[0], "the first field")
             if len(fields) == 1:
                 raise HostsError(f"address {fields[0]!r} without a host name", LINE_ALLOWED)
             names = [check_name(field) for field in fields[1:]]

@@ -132,12 +132,14 @@ def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     lookups try before asking DNS, accepts them, and so does the host's
     resolver; without this, manual AT+CIPDNS servers were asked for them.
     """
+    if not host or (":" not in host and not _SHORTHAND_CHARS.issuperset(host)):
+        return None  # a name (IPv6 has a colon; IPv4 no other letters); inet_aton would take "1.2.3.4 x"
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         pass
-    if not host or not all(c in _SHORTHAND_CHARS for c in host):
-        return None  # inet_aton would also take "1.2.3.4 anything"
+    if ":" in host:
+        return None
     try:
         return ipaddress.IPv4Address(socket.inet_aton(host))
     except OSError:

@@ -6,8 +6,10 @@ Firmware hard-codes its cloud's names (example.com, test.mosquitto.org); a
 test bench points them at its own servers by naming them here, without
 reflashing.  bridged.config checks and parses both keys when it loads (so a
 mistake is a config error naming the key, and for the file, the file and
-line), into a `HostTable` each.  The supervisor installs `overrides(...)` in
-the resolver of every process it forks (``resolver.set_overrides``), and
+line), into a `HostTable` each.  The supervisor builds `overrides(...)` once
+per configuration and installs it in the resolver of every process it forks
+(``resolver.set_overrides``): a child shares its pages with the supervisor
+rather than building its own (100 MB for each child with a 16 MB file), and
 ``resolver.resolve`` consults it before any DNS server, for every lookup
 bridged makes for the MCU.  A changed file is a changed ``hosts_file`` value
 (its table is part of it), so a reload (SIGHUP) picks it up.
@@ -32,6 +34,7 @@ import re
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from bridged.net.resolver import MAX_NAME, is_address, normal_name
@@ -93,9 +96,9 @@ class HostsFile:
     table: HostTable = HostTable()
 
 
-def overrides(hosts: HostTable, hosts_file: HostsFile) -> dict[str, tuple[str, ...]]:
+def overrides(hosts: HostTable, hosts_file: HostsFile) -> Mapping[str, tuple[str, ...]]:
     """What the resolver answers: the file's names, then the table's, which win name by name."""
-    return {**hosts_file.table.as_dict(), **hosts.as_dict()}
+    return MappingProxyType({**hosts_file.table.as_dict(), **hosts.as_dict()})
 
 
 def _shown(value: Any) -> str:

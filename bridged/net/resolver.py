@@ -48,9 +48,11 @@ def set_overrides(table: Mapping[str, tuple[str, ...]]) -> None:
 
     Keys are names as ``normal_name`` gives them; values valid address
     literals (bridged.config checked them).  An empty table turns overriding off.
+    The table is used as it is, not copied: a forked child shares the one its
+    supervisor built (``hosts.overrides`` gives a read-only one).
     """
     global _overrides
-    _overrides = MappingProxyType(dict(table))
+    _overrides = table
 
 
 def normal_name(name: str) -> str:

@@ -10,6 +10,7 @@ never as a query to a public server.  Only loopback is ever addressed.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -18,9 +19,12 @@ import sys
 import time
 
 import pytest
+from cryptography import x509
 
 from tests.dnsserver import serving
 from tests.harness import Demux, EchoServer
+from tests.integration.test_ota import UpdateServer
+from tests.integration.test_tls import TlsServer, _import, _issue
 
 SERVER_IP = "127.0.0.157"
 RECORDS = {  # what DNS would say
@@ -220,6 +224,79 @@ def test_passthrough_reconnects_through_the_override(bench):
         time.sleep(0.05)
         host.write(b"+++")
         time.sleep(0.05)
+    finally:
+        server.close()
+
+
+def test_ssl_link_keeps_the_name_for_sni_and_the_certificate(bench, tmp_path):
+    """An SSL link to an overridden name connects to the override's address but sends the
+    name as SNI and verifies the server's certificate against the name (auth mode 2)."""
+    daemon, host = bench
+    ca, ca_id = _issue(tmp_path, "ca", "Bench CA", ca=True)
+    issued, _ = _issue(tmp_path, "broker", "test.mosquitto.org", ca_id,
+                       sans=(x509.DNSName("test.mosquitto.org"),))
+    server = TlsServer(issued)
+    try:
+        _import(daemon, "client_ca", 0, ca.cert)
+        host.command(b"AT+CIPMUX=1")
+        host.command(b"AT+CIPSSLCCONF=0,2,0,0")
+        assert host.ask(b'AT+CIPSTART=0,"SSL","test.mosquitto.org",%d' % server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+        assert server.sni == ["test.mosquitto.org"]
+        demux = Demux(host)
+        assert demux.send(0, b"over tls").endswith(b"SEND OK\r\n")
+        assert demux.wait_data(0, 8) == b"over tls"
+        daemon.wait_event("host_override", host="test.mosquitto.org", proc="link")
+    finally:
+        server.close()
+
+
+def test_update_server_by_overridden_name(make_daemon, dns_server):
+    """AT+CIPFWVER? reaches an [ota] server named by a host name only [dns] hosts knows;
+    the request still names the host (Host header), not the address."""
+    server = UpdateServer()
+    try:
+        daemon = make_daemon(f'[ota]\nserver = "http://updates.bench.test:{server.port}"\ntoken = "t"\n'
+                             '[dns]\nhosts = { "updates.bench.test" = "127.0.0.1" }\n')
+        host = daemon.host()
+        host.boot()
+        host.command(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode())
+        assert host.ask(b"AT+CIPFWVER?").endswith(b'+CIPFWVER:"v4.1.2.0"\r\n\r\nOK\r\n')
+        assert server.requests[0][1]["Host"] == f"updates.bench.test:{server.port}"
+        daemon.wait_event("host_override", host="updates.bench.test", proc="front")
+        host.close()
+    finally:
+        server.close()
+    assert "updates.bench.test" not in dns_server.names_asked()
+
+
+def test_a_restarted_worker_has_the_table(bench, echo_server):
+    """A link worker killed and forked again by the supervisor resolves overridden names as before."""
+    daemon, host = bench
+    daemon.expected_errors.update({"child_died", "worker_died"})
+    pid = daemon.worker_pid(0)
+    os.kill(pid, signal.SIGKILL)
+    started = daemon.wait_event("child_started", role="link", link_id=0, count=2)
+    assert started[-1]["pid"] != pid
+    time.sleep(0.2)  # the front hears of the new worker (WorkerStarted)
+    assert host.ask(b'AT+CIPSTART="TCP","test.mosquitto.org",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    used = daemon.wait_event("host_override", host="test.mosquitto.org", proc="link")[-1]
+    assert used["link_id"] == 0 and used["addresses"] == ["127.0.0.1"]
+
+
+def test_reload_reaches_the_link_workers(bench):
+    """After SIGHUP with an edited hosts file, a link worker connects to the name's new address."""
+    daemon, host = bench
+    server = EchoServer(host="127.0.0.6")
+    try:
+        daemon.hosts_path.write_text("127.0.0.6 mqtt.mydevices.com\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_event("reloading")
+        host.expect(b"\r\nready\r\n", timeout=10)
+        host.command(b"ATE0")
+        host.command(b'AT+CWJAP="bridged","password"')
+        assert host.ask(b'AT+CIPSTART="TCP","mqtt.mydevices.com",%d' % server.port) == b"CONNECT\r\n\r\nOK\r\n"
+        assert daemon.wait_event("host_override", host="mqtt.mydevices.com", proc="link")[-1]["addresses"] \
+            == ["127.0.0.6"]
     finally:
         server.close()
 

@@ -23,7 +23,7 @@ import termios
 import tty
 from pathlib import Path
 
-__all__ = ["Daemon", "Host", "Demux", "EchoServer", "SinkServer", "Timeout"]
+__all__ = ["Daemon", "Host", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -220,6 +220,14 @@ class Host:
         data = bytes(self.buf[:length])
         del self.buf[:length]
         return link_id, data
+
+
+def udp_peer(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.socket:
+    """A bound UDP socket on loopback (port 0) whose reads wait 5 s at most."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(5)
+    return sock
 
 
 class _Server:

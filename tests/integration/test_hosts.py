@@ -22,7 +22,7 @@ import pytest
 from cryptography import x509
 
 from tests.dnsserver import serving
-from tests.harness import Demux, EchoServer
+from tests.harness import Demux, EchoServer, udp_peer
 from tests.integration.test_ota import UpdateServer
 from tests.integration.test_tls import TlsServer, _import, _issue
 
@@ -63,13 +63,6 @@ def bench(make_daemon, tmp_path, dns_server):
     host.close()
     asked = set(dns_server.names_asked()) & OVERRIDDEN
     assert not asked, f"overridden names reached DNS: {asked}"
-
-
-def _udp() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(5)
-    return sock
 
 
 @pytest.mark.parametrize("command, answer", [
@@ -151,7 +144,7 @@ def test_udp_link_and_cipsend_remote_by_overridden_name(bench):
     file-overridden name, reach loopback sockets; an IPv6-only name on an IPv4 link is ERROR."""
     daemon, host = bench
     daemon.expected_errors.add("command_error")
-    home, other = _udp(), _udp()
+    home, other = udp_peer(), udp_peer()
     try:
         host.command(b"AT+CIPMUX=1")
         assert host.ask(b'AT+CIPSTART=2,"UDP","test.mosquitto.org",%d' % home.getsockname()[1]) \

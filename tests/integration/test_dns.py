@@ -283,12 +283,7 @@ def test_savetranslink_resolves_through_stored_cipdns(daemon, dns_server, echo_s
     host.boot()
     host.command(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode())  # AT+SYSSTORE=1: kept across AT+RST
     assert host.ask(b'AT+SAVETRANSLINK=1,"peer.test",%d,"TCP"' % echo_server.port) == b"\r\nOK\r\n"
-    host.write(b"AT+RST\r\n")
-    host.expect(b"\r\nready\r\n")
-    host.expect(b"\r\n>")
-    echo_server.wait_connections(1)
-    host.write(b"boot data")
-    assert host.expect(b"boot data").replace(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n", b"") == b"boot data"
+    host.reset_into_passthrough(echo_server)
     assert ("peer.test", "A") in dns_server.queries
     time.sleep(0.05)
     host.write(b"+++")

@@ -181,12 +181,7 @@ def test_savetranslink_to_an_overridden_name(bench, echo_server):
     """The boot-time passthrough link of AT+SAVETRANSLINK to test.mosquitto.org connects to the override's address."""
     daemon, host = bench
     assert host.ask(b'AT+SAVETRANSLINK=1,"test.mosquitto.org",%d,"TCP"' % echo_server.port) == b"\r\nOK\r\n"
-    host.write(b"AT+RST\r\n")
-    host.expect(b"\r\nready\r\n")
-    host.expect(b"\r\n>")
-    echo_server.wait_connections(1)
-    host.write(b"boot data")
-    assert host.expect(b"boot data").replace(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n", b"") == b"boot data"
+    host.reset_into_passthrough(echo_server)
     daemon.wait_event("host_override", host="test.mosquitto.org", proc="link")
     time.sleep(0.05)
     host.write(b"+++")

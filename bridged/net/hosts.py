@@ -44,8 +44,10 @@ __all__ = ["HostTable", "HostsFile", "HostsError", "table_from_toml", "parse_hos
 
 MAX_FILE = 16 * 1024 * 1024  # bytes; a large ad-blocking hosts file is a few MB
 
+# The MCU sends names as bytes, without IDNA: only the ASCII form can match.
 NAME_ALLOWED = (f"a host name: labels of 1 to 63 letters, digits, '-' or '_' joined by dots, "
-                f"at most {MAX_NAME} bytes (a final dot is ignored), not an address")
+                f"at most {MAX_NAME} bytes (a final dot is ignored), not an address; "
+                f"an international name in its ASCII form (xn--...)")
 ADDRESS_ALLOWED = ("an IPv4 address (dotted quad) or an IPv6 address, not IPv4-mapped; an IPv6 zone "
                    "names an interface: 1 to 15 letters, digits, '.', '-' or '_' (fe80::1%eth0)")
 TABLE_ALLOWED = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '

@@ -221,6 +221,15 @@ def test_interface_zones_are_kept():
     assert table.as_dict() == {"a.test": ("fe80::1%eth0.100",), "b.test": ("fe80::2%3", "fe80::3%wl-an_0")}
 
 
+def test_an_international_name_is_refused_with_its_ascii_form_suggested():
+    """A name in Unicode could never match what the MCU sends (bytes, no IDNA): the error says to write xn--."""
+    with pytest.raises(HostsError) as info:
+        table_from_toml({"b\u00fccher.example": "127.0.0.1"})
+    assert "'b\u00fccher.example' is not a host name" in info.value.problem
+    assert "in its ASCII form (xn--...)" in info.value.allowed
+    assert table_from_toml({"xn--bcher-kva.example": "127.0.0.1"}).as_dict() == {"xn--bcher-kva.example": ("127.0.0.1",)}
+
+
 def test_the_table_wins_over_the_file_name_by_name():
     """A name both give takes the table's addresses only; the file's other names stay."""
     table = HostTable.of({"example.com": ["127.0.0.2"]})

@@ -151,17 +151,25 @@ def test_read_hosts_file(tmp_path):
 
 
 def test_unreadable_hosts_files_are_errors(tmp_path, monkeypatch):
-    """Missing, a directory, a FIFO (without hanging), not UTF-8 (with the line), too large."""
+    """Missing, a directory, a FIFO (without hanging, also behind a symlink), a device,
+    a symlink loop, binary data (not UTF-8, or NUL bytes: with the line), too large."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
+    (tmp_path / "to-fifo").symlink_to(fifo)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     latin = tmp_path / "latin"
     latin.write_bytes(b"127.0.0.1 a.test\n# M\xfcller\n")
+    nul = tmp_path / "nul"
+    nul.write_bytes(b"127.0.0.1 a.test\n127.0.0.1 b\0.test\n")
     big = tmp_path / "big"
     big.write_text("127.0.0.1 a.test\n" * 10)
     monkeypatch.setattr(hosts_module, "MAX_FILE", 100)
     for path, problem in [(tmp_path / "missing", "cannot read: No such file"),
                           (tmp_path, "not a regular file"), (fifo, "not a regular file"),
-                          (latin, "line 2: not UTF-8 text"), (big, "larger than 100 bytes")]:
+                          (tmp_path / "to-fifo", "not a regular file"), ("/dev/zero", "not a regular file"),
+                          (tmp_path / "loop", "cannot read: Too many levels of symbolic links"),
+                          (latin, "line 2: not UTF-8 text"), (nul, "line 2: 'b\\x00.test' is not a host name"),
+                          (big, "larger than 100 bytes")]:
         with pytest.raises(HostsError) as info:
             read_hosts_file(str(path))
         assert info.value.problem.startswith(str(path)), path

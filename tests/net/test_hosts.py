@@ -295,3 +295,17 @@ def test_without_overrides_dns_answers(dns_server, overridden):
     overridden({})
     assert run(resolve("example.com", socket.AF_INET, [dns_server.address], 2)) == ["127.0.0.99"]
     assert ("example.com", "A") in dns_server.queries
+
+
+@pytest.mark.parametrize("name", [
+    "example.com\0", "example.com\0.", "example.com..", ".example.com", "example.com ", " example.com",
+    "example.com\r", "ex\u0430mple.com", "e" * 245 + ".example.com",
+])
+def test_odd_spellings_from_the_mcu_match_nothing(dns_server, overridden, name):
+    """A NUL, a blank, an empty label, a lookalike letter or an over-long name is refused
+    before the overrides are consulted: no override used, no DNS query."""
+    overridden(TABLE)
+    before = len(dns_server.queries)
+    with structlog.testing.capture_logs() as logs, pytest.raises(ResolveError):
+        run(resolve(name, socket.AF_INET, [dns_server.address], 2))
+    assert len(dns_server.queries) == before and not logs

@@ -241,9 +241,10 @@ def _hosts_table() -> _Check:
 
 def _hosts_file() -> _Check:
     """[dns] hosts_file: read and parsed here, so a bad line is a config error."""
+    path = _path(PATH_ALLOWED, absolute=True)
 
     def accept(v: Any) -> Any:
-        if not isinstance(v, str) or "\0" in v or (v and not v.startswith("/")):
+        if path.accept(v) is _NO:
             return _NO
         if not v:
             return HostsFile()

@@ -43,6 +43,9 @@ __all__ = ["HostTable", "HostsFile", "HostsError", "table_from_toml", "parse_hos
            "read_hosts_file", "overrides", "TABLE_ALLOWED", "PATH_ALLOWED"]
 
 MAX_FILE = 16 * 1024 * 1024  # bytes; a large ad-blocking hosts file is a few MB
+# Addresses of one name.  Every lookup logs them and AT+CIPSTART may try each
+# in turn; a DNS answer holds a few, and lwIP keeps one (DNS_MAX_HOST_IP).
+MAX_ADDRESSES = 32
 
 # The MCU sends names as bytes, without IDNA: only the ASCII form can match.
 NAME_ALLOWED = (f"a host name: labels of 1 to 63 letters, digits, '-' or '_' joined by dots, "
@@ -55,6 +58,7 @@ TABLE_ALLOWED = ('a table from host names to an address or a list of addresses (
 LINE_ALLOWED = ("lines of an address and one or more host names, separated by blanks; "
                 "'#' starts a comment (hosts(5))")
 PATH_ALLOWED = '"" (none) or an absolute path to a readable file in /etc/hosts format'
+COUNT_ALLOWED = f"at most {MAX_ADDRESSES} different addresses for a name"
 
 _NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?")  # labels joined by dots
 # A Linux interface name (IFNAMSIZ - 1 bytes) or index.  The zone is part of
@@ -175,7 +179,10 @@ def _addresses(value: Any) -> list[str]:
     if isinstance(value, list):
         if not value:
             raise HostsError("an empty list", TABLE_ALLOWED)
-        return [check_address(item) for item in value]
+        addresses = list(dict.fromkeys(check_address(item) for item in value))
+        if len(addresses) > MAX_ADDRESSES:
+            raise HostsError(f"{len(addresses)} addresses", COUNT_ALLOWED)
+        return addresses
     return [check_address(value)]
 
 
@@ -203,12 +210,21 @@ def parse_hosts(text: str, where: str) -> HostTable:
                 address = known[fields[0]] = check_address(fields[0], "the first field")
             if len(fields) == 1:
                 raise HostsError(f"address {fields[0]!r} without a host name", LINE_ALLOWED)
-            names = [check_name(field) for field in fields[1:]]
+            for field in fields[1:]:
+                _add(table, check_name(field), address)
         except HostsError as exc:
             raise HostsError(f"{where}, line {number}: {exc.problem}", exc.allowed) from None
-        for name in names:
-            table.setdefault(name, []).append(address)
     return HostTable.of(table)
+
+
+def _add(table: dict[str, list[str]], name: str, address: str) -> None:
+    """Give ``name`` one more address: a name on several lines gets them all (nss_files' multi)."""
+    addresses = table.setdefault(name, [])
+    if address in addresses:
+        return
+    if len(addresses) == MAX_ADDRESSES:
+        raise HostsError(f"{_shown(name)} has more than {MAX_ADDRESSES} addresses", COUNT_ALLOWED)
+    addresses.append(address)
 
 
 def _read_all(fd: int, limit: int) -> bytes:

@@ -143,6 +143,21 @@ def test_an_ad_blocking_file_parses_addresses_once(monkeypatch):
     assert calls == ["0.0.0.0", "::1", "cafe.1"]  # only a name all hex digits and dots might be an address
 
 
+def test_a_name_has_at_most_32_addresses():
+    """A 33rd different address for one name, in the file (named by line) or in the table,
+    is refused: every lookup logs them all and AT+CIPSTART may try each in turn."""
+    lines = "".join(f"127.0.0.{n} many.test\n" for n in range(1, 33))
+    assert len(parse_hosts(lines + "127.0.0.1 many.test\n" * 100, "hosts").as_dict()["many.test"]) == 32
+    with pytest.raises(HostsError) as info:
+        parse_hosts(lines + "# more\n127.0.0.33 other.test many.test\n", "hosts")
+    assert info.value.problem == "hosts, line 34: 'many.test' has more than 32 addresses"
+    assert info.value.allowed == "at most 32 different addresses for a name"
+    many = [f"127.0.0.{n}" for n in range(1, 34)]
+    assert len(table_from_toml({"a.test": many[:32] + many[:5]}).as_dict()["a.test"]) == 32  # repeats do not count
+    with pytest.raises(HostsError, match="entry 'a.test': 33 addresses"):
+        table_from_toml({"a.test": many})
+
+
 def test_read_hosts_file(tmp_path):
     """A readable file gives its path and table."""
     path = tmp_path / "hosts"

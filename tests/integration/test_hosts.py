@@ -263,9 +263,9 @@ def test_a_restarted_worker_has_the_table(bench, echo_server):
     daemon.expected_errors.update({"child_died", "worker_died"})
     pid = daemon.worker_pid(0)
     os.kill(pid, signal.SIGKILL)
-    started = daemon.wait_event("child_started", role="link", link_id=0, count=2)
-    assert started[-1]["pid"] != pid
-    time.sleep(0.2)  # the front hears of the new worker (WorkerStarted)
+    started = daemon.wait_event("child_started", role="link", link_id=0, count=2)[-1]["pid"]
+    assert started != pid
+    daemon.wait_event("worker_ready", link_id=0, pid=started)  # the new one, not a request the old one lost
     assert host.ask(b'AT+CIPSTART="TCP","test.mosquitto.org",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
     used = daemon.wait_event("host_override", host="test.mosquitto.org", proc="link")[-1]
     assert used["link_id"] == 0 and used["addresses"] == ["127.0.0.1"]

@@ -39,10 +39,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridged.net.hosts import (PATH_ALLOWED, TABLE_ALLOWED, HostsError, HostsFile, HostTable,
+                               read_hosts_file, table_from_toml)
+
 __all__ = [
     "DEFAULT_PROFILE",
     "Config",
     "ConfigError",
+    "DnsConfig",
     "FirmwareConfig",
     "LinksConfig",
     "LogConfig",
@@ -77,11 +81,13 @@ class ConfigError(Exception):
 
 
 class _Refused(Exception):
-    """Raised by a check: the value is not allowed; carries what is."""
+    """Raised by a check: the value is not allowed; carries what is, and
+    what is wrong when that is more than "<value> is not allowed"."""
 
-    def __init__(self, allowed: str) -> None:
+    def __init__(self, allowed: str, problem: str | None = None) -> None:
         super().__init__(allowed)
         self.allowed = allowed
+        self.problem = problem
 
 
 # --------------------------------------------------------------------------
@@ -219,6 +225,37 @@ def _command_line() -> _Check:
     return _Check(str, '"" or a command line (shell quoting, no shell features)', accept)
 
 
+def _hosts_table() -> _Check:
+    """[dns] hosts: a table of host names to addresses (bridged.net.hosts)."""
+
+    def accept(v: Any) -> Any:
+        if not isinstance(v, dict):
+            return _NO
+        try:
+            return table_from_toml(v)
+        except HostsError as exc:
+            raise _Refused(exc.allowed, exc.problem) from None
+
+    return _Check(dict, TABLE_ALLOWED, accept)
+
+
+def _hosts_file() -> _Check:
+    """[dns] hosts_file: read and parsed here, so a bad line is a config error."""
+    path = _path(PATH_ALLOWED, absolute=True)
+
+    def accept(v: Any) -> Any:
+        if path.accept(v) is _NO:
+            return _NO
+        if not v:
+            return HostsFile()
+        try:
+            return read_hosts_file(v)
+        except HostsError as exc:
+            raise _Refused(exc.allowed, exc.problem) from None
+
+    return _Check(str, PATH_ALLOWED, accept)
+
+
 def _field(default: Any, check: _Check, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"check": check}, repr=not secret)
 
@@ -316,6 +353,14 @@ class OtaConfig:
     timeout_ms: int = _field(180_000, _int(1000, 3_600_000))
 
 
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """[dns]: host name overrides, consulted before any DNS server (bridged.net.hosts)."""
+
+    hosts: HostTable = _field(HostTable(), _hosts_table())
+    hosts_file: HostsFile = _field(HostsFile(), _hosts_file())
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -324,6 +369,7 @@ _SECTIONS: dict[str, type] = {
     "state": StateConfig,
     "firmware": FirmwareConfig,
     "ota": OtaConfig,
+    "dns": DnsConfig,
 }
 
 
@@ -343,6 +389,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
 
@@ -375,8 +422,8 @@ def _check(source: str, section: str, key: str, value: Any) -> Any:
     try:
         return checks[key](value)
     except _Refused as exc:
-        raise _error(source, f"{section}.{key}", f"{_show(value)} is not allowed",
-                     exc.allowed) from None
+        problem = exc.problem or f"{_show(value)} is not allowed"
+        raise _error(source, f"{section}.{key}", problem, exc.allowed) from None
 
 
 def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: str,
@@ -551,6 +598,13 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, HostsFile):
+        return json.dumps(value.path)
+    if isinstance(value, HostTable):  # an inline table: TOML 1.0 keeps it on one line
+        pairs = [f"{json.dumps(name)} = {_toml_value(list(addresses))}" for name, addresses in value.entries]
+        return "{ " + ", ".join(pairs) + " }" if pairs else "{}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -47,6 +47,8 @@ from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
+from bridged.net import resolver
+from bridged.net.hosts import overrides
 from bridged.uart.main import run_front
 from bridged.uart.port import Pty, open_pty
 
@@ -79,7 +81,7 @@ class _Child:
 class Supervisor:
     def __init__(self, config: Config, device: str, pty_link: str | None, state_dir: Path,
                  reload: Callable[[], Config] | None = None) -> None:
-        self.config = config
+        self._adopt(config)
         self._reload = reload  # loads the configuration again from the same sources
         self.device = device
         self.pty_link = pty_link
@@ -190,7 +192,7 @@ class Supervisor:
             log.info("reload_unchanged")
             return
         log.info("reloading", changed=changed)
-        self.config = new
+        self._adopt(new)
         cfg = new.log
         setup_logging(cfg.level, cfg.format, "supervisor")
         self.stopping = True  # none of these exits is a failure
@@ -201,6 +203,16 @@ class Supervisor:
         for child in (self.front, *self.workers):
             child.failures, child.restart_at = 0, None
         self._start_all()
+
+    def _adopt(self, config: Config) -> None:
+        """Run with ``config`` from now on.
+
+        The resolver's host overrides are built here, once, not in each child:
+        a child forked afterwards shares the table's pages instead of copying
+        a big hosts file's into its own memory.
+        """
+        self.config = config
+        self.host_overrides = overrides(config.dns.hosts, config.dns.hosts_file)
 
     def _healthy(self) -> bool:
         alive = self.front.pid and all(w.pid for w in self.workers)
@@ -284,6 +296,9 @@ class Supervisor:
             os._exit(1)
         cfg = self.config.log
         setup_logging(cfg.level, cfg.format, child.role, child.link_id)
+        # Every lookup the child makes for the MCU meets [dns] hosts first; a
+        # reload forks new children, so they get the new table.
+        resolver.set_overrides(self.host_overrides)
 
     # -- children dying ------------------------------------------------------------------
 

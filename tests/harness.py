@@ -23,7 +23,7 @@ import termios
 import tty
 from pathlib import Path
 
-__all__ = ["Daemon", "Host", "Demux", "EchoServer", "SinkServer", "Timeout"]
+__all__ = ["Daemon", "Host", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -205,6 +205,18 @@ class Host:
         self.command(b"ATE0")
         self.command(b'AT+CWJAP="bridged","password"')
 
+    def reset_into_passthrough(self, server: "EchoServer") -> None:
+        """AT+RST with AT+SAVETRANSLINK stored: ``ready``, then ``>`` with no OK, and
+        bytes echoed back through the link bridged opened to ``server`` by itself."""
+        self.write(b"AT+RST\r\n")
+        self.expect(b"\r\nready\r\n")
+        self.expect(b"\r\n>")
+        server.wait_connections(1)
+        self.write(b"boot data")
+        # The rejoin's WIFI lines are unsolicited: they may still be on their way.
+        echoed = self.expect(b"boot data").replace(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n", b"")
+        assert echoed == b"boot data", echoed
+
     def read_ipd(self, timeout: float = DEFAULT_TIMEOUT) -> tuple[int | None, bytes]:
         """Read one active-mode +IPD message; return (link id or None, payload)."""
         self.expect(b"+IPD,", timeout)
@@ -220,6 +232,14 @@ class Host:
         data = bytes(self.buf[:length])
         del self.buf[:length]
         return link_id, data
+
+
+def udp_peer(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.socket:
+    """A bound UDP socket on loopback (port 0) whose reads wait 5 s at most."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.settimeout(5)
+    return sock
 
 
 class _Server:

@@ -14,6 +14,7 @@ from bridged import config as config_module
 from bridged.config import (
     Config,
     ConfigError,
+    DnsConfig,
     FirmwareConfig,
     LinksConfig,
     LogConfig,
@@ -21,12 +22,15 @@ from bridged.config import (
     StateConfig,
     UartConfig,
     WifiConfig,
+    changed_keys,
     default_config,
     find_profile,
     load_config,
     profile_dirs,
     state_dir,
+    to_toml,
 )
+from bridged.net.hosts import HostsFile, HostTable
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = sorted((REPO / "config" / "profiles").glob("*.toml"))
@@ -44,6 +48,11 @@ def write(tmp_path: Path, text: str, name: str = "bridged.toml") -> Path:
 
 
 def toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        pairs = [f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()]
+        return "{ " + ", ".join(pairs) + " }" if pairs else "{}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
@@ -95,7 +104,13 @@ ACCEPTED = [
     ("ota", "max_size", 1), ("ota", "max_size", 4_294_967_296),
     ("ota", "install_command", ""), ("ota", "install_command", "/usr/bin/install-fw --now 'a b'"),
     ("ota", "timeout_ms", 1000), ("ota", "timeout_ms", 3_600_000),
+    ("dns", "hosts", {}), ("dns", "hosts", {"example.com": ["127.0.0.2", "::1"], "a.test": "127.0.0.1"}),
+    ("dns", "hosts_file", ""), ("dns", "hosts_file", "/etc/hosts"),
 ]
+
+HOSTS_TABLE = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
+               'e.g. { "example.com" = ["127.0.0.1", "::1"] }')
+HOSTS_PATH = '"" (none) or an absolute path to a readable file in /etc/hosts format'
 
 # (section, key, value, allowed) for values just outside what is allowed.
 OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
@@ -181,7 +196,20 @@ REFUSED = [
     ("ota", "install_command", "   ", '"" or a command line (shell quoting, no shell features)'),
     ("ota", "timeout_ms", 999, "an integer from 1000 to 3600000"),
     ("ota", "timeout_ms", 3_600_001, "an integer from 1000 to 3600000"),
+    ("dns", "hosts", "127.0.0.1", HOSTS_TABLE),
+    ("dns", "hosts", ["example.com", "127.0.0.1"], HOSTS_TABLE),
+    ("dns", "hosts_file", "etc/hosts", HOSTS_PATH),
+    ("dns", "hosts_file", 1, HOSTS_PATH),
 ]
+
+
+def _as_toml(value: object) -> object:
+    """A stored [dns] value as the TOML that gave it (others are stored as given)."""
+    if isinstance(value, HostsFile):
+        return value.path
+    if isinstance(value, HostTable):
+        return {name: list(addresses) for name, addresses in value.entries}
+    return value
 
 
 @pytest.mark.parametrize(("section", "key", "value"), ACCEPTED)
@@ -189,7 +217,10 @@ def test_edge_value_accepted_from_file(tmp_path, section, key, value):
     """A value at the edge of a key's range loads from a file and is kept."""
     path = write(tmp_path, f"[{section}]\n{key} = {toml_value(value)}\n")
     config = load_config(str(path), None, {})
-    assert getattr(getattr(config, section), key) == value
+    stored = _as_toml(getattr(getattr(config, section), key))
+    if isinstance(value, dict):  # one address may be given without a list
+        value = {name: addresses if isinstance(addresses, list) else [addresses] for name, addresses in value.items()}
+    assert stored == value
 
 
 @pytest.mark.parametrize(("section", "key", "value", "allowed"), REFUSED)
@@ -245,7 +276,7 @@ def test_every_key_is_covered():
     """The tables above exercise every key of every section."""
     sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
                 "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig,
-                "ota": OtaConfig}
+                "ota": OtaConfig, "dns": DnsConfig}
     every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
     assert {(s, k) for s, k, _ in ACCEPTED} == every
     assert {(s, k) for s, k, _, _ in REFUSED} == every
@@ -333,7 +364,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota")
+        "state, firmware, ota, dns")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -550,7 +581,7 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>")
 
 
 def test_override_unparsable_string():
@@ -576,10 +607,10 @@ def test_shipped_example_documents_every_key():
     """Each key appears in config/bridged.toml with its default."""
     text = (REPO / "config" / "bridged.toml").read_text()
     defaults = default_config()
-    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota"):
+    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota", "dns"):
         assert f"[{section}]" in text
         for f in dataclasses.fields(getattr(defaults, section)):
-            value = getattr(getattr(defaults, section), f.name)
+            value = _as_toml(getattr(getattr(defaults, section), f.name))
             assert f"# {f.name} = {toml_value(value)}" in text, (section, f.name)
 
 
@@ -677,5 +708,62 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
 def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota",
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns",
                      "profile", "sources"]
+
+
+# --------------------------------------------------------------------------
+# [dns] hosts and hosts_file (the parsers themselves: tests/net/test_hosts.py).
+
+
+def test_dns_hosts_mistakes_name_the_key_and_the_entry(tmp_path):
+    """A bad entry of [dns] hosts names the file, the key, the entry and what is allowed."""
+    path = write(tmp_path, '[dns.hosts]\n"example.com" = ["127.0.0.1", "127.0.0.256"]\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == (f"{path}: dns.hosts: entry 'example.com': '127.0.0.256' is not an IPv4 or "
+                               "IPv6 address; allowed: an IPv4 address (dotted quad) or an IPv6 address, not "
+                               "IPv4-mapped; an IPv6 zone names an interface: 1 to 15 letters, digits, '.', "
+                               "'-' or '_' (fe80::1%eth0)")
+
+
+def test_dns_hosts_file_mistakes_name_the_file_and_line(tmp_path):
+    """A malformed line names the config file, the key, the hosts file and the line; so does a missing file."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# bench\n127.0.0.1 ok.test\n127.0.0.1 not..ok\n")
+    path = write(tmp_path, f'[dns]\nhosts_file = "{hosts}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value).startswith(f"{path}: dns.hosts_file: {hosts}, line 3: 'not..ok' is not a host "
+                                      "name; allowed: a host name: labels of 1 to 63 letters")
+    hosts.unlink()
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == (f"{path}: dns.hosts_file: {hosts}: cannot read: No such file or directory; "
+                               f"allowed: {HOSTS_PATH}")
+
+
+def test_an_edited_hosts_file_is_a_changed_key(tmp_path):
+    """The file's table is part of the value, so a reload of the same path sees an edit (and only then)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 example.com\n")
+    path = write(tmp_path, f'[dns]\nhosts_file = "{hosts}"\n')
+    before = load_config(str(path), None, {})
+    assert changed_keys(before, load_config(str(path), None, {})) == []
+    hosts.write_text("127.0.0.2 example.com\n")
+    after = load_config(str(path), None, {})
+    assert changed_keys(before, after) == ["dns.hosts_file"]
+    assert after.dns.hosts_file.table.as_dict() == {"example.com": ("127.0.0.2",)}
+
+
+def test_dns_keys_print_as_toml_that_loads_back(tmp_path):
+    """`bridged check`'s printout of [dns] loads back to the same table and file."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 a.test\n")
+    path = write(tmp_path, f'[dns]\nhosts = {{ "Example.com" = ["127.0.0.2", "::1"], "t.test" = "127.0.0.1" }}\n'
+                           f'hosts_file = "{hosts}"\n')
+    config = load_config(str(path), None, {})
+    printed = to_toml(config)
+    assert 'hosts = { "example.com" = ["127.0.0.2", "::1"], "t.test" = ["127.0.0.1"] }' in printed
+    again = load_config(str(write(tmp_path, printed, "printed.toml")), None, {})
+    assert again.dns == config.dns

@@ -8,6 +8,12 @@ gateway, that is what its DHCP client configured).
 
 With AF_UNSPEC the IPv4 addresses come first, as lwIP's default address
 type (IPv4, then IPv6) orders them: AT+CIPDOMAIN's <ip network> 1.
+
+Host name overrides ([dns] hosts and hosts_file, see bridged.net.hosts) are
+consulted here, after the literal check and before any server, so every
+caller meets them.  The supervisor installs them in each process it forks
+(``set_overrides``).  An overridden name never reaches DNS: asked for a
+family it has no address of, it is "not found", as with nss files.
 """
 
 from __future__ import annotations
@@ -15,9 +21,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
-__all__ = ["resolve", "ResolveError", "name_problem", "sockaddr", "MAX_NAME", "MAX_LABEL"]
+import structlog
+
+__all__ = ["resolve", "ResolveError", "name_problem", "sockaddr", "MAX_NAME", "MAX_LABEL",
+           "set_overrides", "normal_name", "is_address"]
+
+log = structlog.get_logger()
 
 MAX_NAME = 253  # bytes of a DNS name in text form, without the root's final dot
 MAX_LABEL = 63
@@ -25,6 +37,32 @@ MAX_LABEL = 63
 
 class ResolveError(OSError):
     """The name has no address of the wanted family, or the lookup failed."""
+
+
+# Name (as normal_name gives it) -> addresses, from [dns] hosts and hosts_file.
+_overrides: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+
+
+def set_overrides(table: Mapping[str, tuple[str, ...]]) -> None:
+    """Make ``table`` answer this process's lookups of its names, before any DNS server.
+
+    Keys are names as ``normal_name`` gives them; values valid address
+    literals (bridged.config checked them).  An empty table turns overriding off.
+    The table is used as it is, not copied: a forked child shares the one its
+    supervisor built (``hosts.overrides`` gives a read-only one).
+    """
+    global _overrides
+    _overrides = table
+
+
+def normal_name(name: str) -> str:
+    """``name`` as resolvers compare names: case folded, one final dot dropped."""
+    return (name[:-1] if name.endswith(".") else name).lower()
+
+
+def is_address(host: str) -> bool:
+    """Whether ``host`` is an address literal, which resolve returns without a lookup."""
+    return _literal(host) is not None
 
 
 async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[str] = (),
@@ -49,6 +87,9 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
         # Refused before any lookup: the host resolver's IDNA codec raises
         # UnicodeError on such names, which no caller expects.
         raise ResolveError(problem)
+    overridden = _overrides.get(normal_name(host))
+    if overridden is not None:
+        return _overridden(host, family, overridden)
     try:
         async with asyncio.timeout(timeout):
             if servers:
@@ -60,6 +101,16 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
     if not found:
         raise ResolveError(f"no address for {host}")
     return sorted(dict.fromkeys(found), key=lambda address: ":" in address)  # stable: IPv4 first
+
+
+def _overridden(host: str, family: int, addresses: tuple[str, ...]) -> list[str]:
+    """The override's answer: its addresses of ``family``, IPv4 first; none is "not found"."""
+    wanted = [a for a in addresses if family == socket.AF_UNSPEC or (":" in a) == (family == socket.AF_INET6)]
+    kind = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}.get(family, "any")
+    log.info("host_override", host=host, family=kind, addresses=wanted)
+    if not wanted:
+        raise ResolveError(f"{host} is overridden ([dns] hosts) without an {kind} address; DNS is not asked")
+    return sorted(wanted, key=lambda address: ":" in address)
 
 
 def sockaddr(address: str, port: int) -> tuple:
@@ -83,12 +134,14 @@ def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     lookups try before asking DNS, accepts them, and so does the host's
     resolver; without this, manual AT+CIPDNS servers were asked for them.
     """
+    if not host or (":" not in host and not _SHORTHAND_CHARS.issuperset(host)):
+        return None  # a name (IPv6 has a colon; IPv4 no other letters); inet_aton would take "1.2.3.4 x"
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         pass
-    if not host or not all(c in _SHORTHAND_CHARS for c in host):
-        return None  # inet_aton would also take "1.2.3.4 anything"
+    if ":" in host:
+        return None
     try:
         return ipaddress.IPv4Address(socket.inet_aton(host))
     except OSError:

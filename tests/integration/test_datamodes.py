@@ -222,13 +222,7 @@ def test_savetranslink_boots_into_passthrough(daemon: Daemon, echo_server):
     host = daemon.host()
     host.boot()
     assert host.ask(b'AT+SAVETRANSLINK=1,"127.0.0.1",%d,"TCP",60' % echo_server.port) == b"\r\nOK\r\n"
-    host.write(b"AT+RST\r\n")
-    host.expect(b"\r\nready\r\n")
-    host.expect(b"\r\n>")
-    echo_server.wait_connections(1)
-    host.write(b"boot data")
-    # The rejoin's WIFI lines are unsolicited: they may still be on their way.
-    assert host.expect(b"boot data").replace(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n", b"") == b"boot data"
+    host.reset_into_passthrough(echo_server)
     _escape(host)
     host.command(b"AT+SAVETRANSLINK=0")
     host.write(b"AT+RST\r\n")

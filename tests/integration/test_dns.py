@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 
 import pytest
 from cryptography import x509
 
 from tests.dnsserver import serving
-from tests.harness import Demux
+from tests.harness import Demux, udp_peer
 from tests.integration.test_tls import TlsServer, _import, _issue
 
 SERVER_IP = "127.0.0.153"
@@ -51,13 +50,6 @@ def dns_host(daemon, host, dns_server):
     """A joined MCU whose AT+CIPDNS names the test's server."""
     assert host.ask(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode()) == b"\r\nOK\r\n"
     return daemon, host
-
-
-def _udp() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(5)
-    return sock
 
 
 # -- AT+CIPDOMAIN -------------------------------------------------------------------------------
@@ -206,7 +198,7 @@ def test_ssl_to_a_name_checks_the_certificate_against_the_name(dns_host, dns_ser
 def test_udp_link_and_cipsend_to_names(dns_host, dns_server):
     """A UDP link to a name, and AT+CIPSEND's per-datagram remote given by name, both resolve through AT+CIPDNS."""
     daemon, host = dns_host
-    home, other = _udp(), _udp()
+    home, other = udp_peer(), udp_peer()
     try:
         host.command(b"AT+CIPMUX=1")
         assert host.ask(b'AT+CIPSTART=2,"UDP","peer.test",%d' % home.getsockname()[1]) == b"2,CONNECT\r\n\r\nOK\r\n"
@@ -225,7 +217,7 @@ def test_udp_link_and_cipsend_to_names(dns_host, dns_server):
 def test_cipsend_to_a_name_no_server_could_answer(daemon, host):
     """AT+CIPSEND's UDP remote with an empty label or a C1 control byte is ERROR saying why,
     through the host resolver too (its IDNA codec used to raise: command_crashed)."""
-    home = _udp()
+    home = udp_peer()
     try:
         host.command(b"AT+CIPMUX=1")
         assert host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d' % home.getsockname()[1]) == b"2,CONNECT\r\n\r\nOK\r\n"
@@ -291,12 +283,7 @@ def test_savetranslink_resolves_through_stored_cipdns(daemon, dns_server, echo_s
     host.boot()
     host.command(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode())  # AT+SYSSTORE=1: kept across AT+RST
     assert host.ask(b'AT+SAVETRANSLINK=1,"peer.test",%d,"TCP"' % echo_server.port) == b"\r\nOK\r\n"
-    host.write(b"AT+RST\r\n")
-    host.expect(b"\r\nready\r\n")
-    host.expect(b"\r\n>")
-    echo_server.wait_connections(1)
-    host.write(b"boot data")
-    assert host.expect(b"boot data").replace(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n", b"") == b"boot data"
+    host.reset_into_passthrough(echo_server)
     assert ("peer.test", "A") in dns_server.queries
     time.sleep(0.05)
     host.write(b"+++")

@@ -12,19 +12,12 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Demux
+from tests.harness import Daemon, Demux, udp_peer
 from tests.netns import netns_available, veth_pair
 
 
-def _udp(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    sock.settimeout(5)
-    return sock
-
-
 def _free_udp_port() -> int:
-    with _udp() as s:
+    with udp_peer() as s:
         return s.getsockname()[1]
 
 
@@ -44,7 +37,7 @@ def mux_host(host):
 
 def test_one_send_is_one_datagram_and_back(mux_host):
     """Each AT+CIPSEND is one datagram; each datagram is one +IPD with its sender."""
-    peer = _udp()
+    peer = udp_peer()
     port = peer.getsockname()[1]
     local = _free_udp_port()
     assert mux_host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d,%d' % (port, local)) == b"0,CONNECT\r\n\r\nOK\r\n"
@@ -64,7 +57,7 @@ def test_one_send_is_one_datagram_and_back(mux_host):
 @pytest.mark.parametrize("mode, expected", [(0, "a"), (1, "b"), (2, "c")])
 def test_remote_update_modes(mux_host, mode, expected):
     """<mode> 0 keeps the remote, 1 moves it to the first other sender once, 2 to every sender."""
-    peers = {name: _udp() for name in "abc"}
+    peers = {name: udp_peer() for name in "abc"}
     ports = {name: s.getsockname()[1] for name, s in peers.items()}
     local = _free_udp_port()
     mux_host.ask(b'AT+CIPSTART=1,"UDP","127.0.0.1",%d,%d,%d' % (ports["a"], local, mode))
@@ -80,7 +73,7 @@ def test_remote_update_modes(mux_host, mode, expected):
 
 def test_cipsend_to_a_named_remote(mux_host):
     """AT+CIPSEND=<id>,<len>,<host>,<port> sends this datagram there; the link's remote stays."""
-    home, other = _udp(), _udp()
+    home, other = udp_peer(), udp_peer()
     mux_host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d' % home.getsockname()[1])
     host = mux_host
     host.send_data(b'AT+CIPSEND=2,5,"127.0.0.1",%d' % other.getsockname()[1], b"there")
@@ -95,7 +88,7 @@ def test_cipsend_to_a_named_remote(mux_host):
 
 def test_passive_reads_keep_datagram_boundaries(mux_host):
     """In passive mode a read returns at most one datagram, however large <len> is."""
-    peer = _udp()
+    peer = udp_peer()
     local = _free_udp_port()
     mux_host.command(b"AT+CIPRECVTYPE=5,1")
     mux_host.ask(b'AT+CIPSTART=3,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
@@ -110,7 +103,7 @@ def test_passive_reads_keep_datagram_boundaries(mux_host):
 
 def test_udpv6_echo(host):
     """UDPv6 on ::1, once AT+CIPV6=1."""
-    peer = _udp("::1", socket.AF_INET6)
+    peer = udp_peer("::1", socket.AF_INET6)
     host.command(b"AT+CIPV6=1")
     assert host.ask(b'AT+CIPSTART="UDPv6","::1",%d,0' % peer.getsockname()[1]) == b"CONNECT\r\n\r\nOK\r\n"
     host.command(b"AT+CIPSEND=2", b">")
@@ -126,7 +119,7 @@ def test_udpv6_echo(host):
 
 def test_low_local_port(host):
     """Drivers ask for small local ports; with CAP_NET_BIND_SERVICE (root here) they work."""
-    peer = _udp()
+    peer = udp_peer()
     answer = host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,10,0' % peer.getsockname()[1])
     assert answer == b"CONNECT\r\n\r\nOK\r\n"
     host.command(b"AT+CIPSEND=1", b">")
@@ -197,7 +190,7 @@ def test_broadcast_and_multicast_between_hosts(tmp_path, mode, remote):
 
 def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
     """AT+CIPSENDEX and AT+CIPSENDL take a remote host and port on a UDP link too."""
-    home, other = _udp(), _udp()
+    home, other = udp_peer(), udp_peer()
     mux_host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d' % home.getsockname()[1])
     answer = mux_host.send_data(b'AT+CIPSENDEX=0,50,"127.0.0.1",%d' % other.getsockname()[1], b"ex\\0")
     assert answer == b"\r\nRecv 2 bytes\r\n\r\nSEND OK\r\n"
@@ -210,7 +203,7 @@ def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
 
 def test_passive_udp_drops_beyond_the_window(mux_host):
     """Passive mode keeps UDP data up to the receive window; what does not fit is lost, as the spec says."""
-    peer = _udp()
+    peer = udp_peer()
     local = _free_udp_port()
     mux_host.command(b"AT+CIPRECVTYPE=5,1")
     mux_host.ask(b'AT+CIPSTART=4,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
@@ -239,7 +232,7 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
 
     import psutil
 
-    peer = _udp()
+    peer = udp_peer()
     local = _free_udp_port()
     answer = host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,%d,0' % (peer.getsockname()[1], local))
     assert answer == b"CONNECT\r\n\r\nOK\r\n"

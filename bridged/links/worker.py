@@ -510,7 +510,11 @@ class Worker:
             if n < 0:
                 self._pause_reading()
                 self._stop_window()
-                self._wait_space(self._resume_reading)
+                # A full receive window (passive mode) waits for a read to make
+                # room in it; the ring has plenty, and waiting for ring space
+                # would resume at once and spin.
+                need = ring.capacity - window + 1 if window and limit <= 0 else 64
+                self._wait_space(self._resume_reading, need=max(need, 64))
                 break
             got += n
             if n < limit and not (streaming or tls):

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import threading
+import time
 
 import pytest
 
@@ -85,6 +86,32 @@ def test_window_holds_back_a_fast_peer_and_loses_nothing(host, server):
         assert unread <= 5760
         if unread:
             got += _recvdata(host, b"AT+CIPRECVDATA=%d" % 4096)
+    sender.join(10)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    conn.close()
+
+
+def test_a_full_window_waits_without_spinning(daemon, host, server):
+    """With the receive window full and nothing read, the link worker sleeps
+    until a read makes room (the ring itself has room: waiting for that spun)."""
+    import psutil
+
+    host.command(b"AT+CIPRECVMODE=1")
+    conn = _connect(host, server)
+    payload = os.urandom(256 * 1024)  # far beyond the window: the peer's sendall blocks
+    sender = threading.Thread(target=conn.sendall, args=(payload,), daemon=True)
+    sender.start()
+    assert host.expect(b"\r\n+IPD,5760\r\n", timeout=10) == b"\r\n+IPD,5760\r\n"
+    tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
+    time.sleep(2.0)
+    used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
+    assert used < 0.5, f"the daemon used {used:.2f} s of CPU in 2 s waiting for a read"
+    got = bytearray()
+    while len(got) < len(payload):  # every read makes room: the peer's data keeps coming
+        answer = host.ask(b"AT+CIPRECVLEN?")
+        if int(re.search(rb"\+CIPRECVLEN:(\d+),", answer).group(1)):  # notices may precede it
+            got += _recvdata(host, b"AT+CIPRECVDATA=%d" % 2048)
     sender.join(10)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     conn.close()

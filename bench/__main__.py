@@ -379,7 +379,8 @@ def _main(ap, args, snapshot) -> int:
                 k = passive_read.key(piece, gap)
                 cells.append(f"{piece}/{gap:g}: p50 {b.med(f'{k}_rtt_p50_ms'):.2f} p99 "
                              f"{b.med(f'{k}_rtt_p99_ms'):.2f} ms, waiting for notices "
-                             f"{b.med(f'{k}_idle_share'):.0%}")
+                             f"{b.med(f'{k}_idle_share'):.0%}, CPU "
+                             f"{b.med(f'{k}_cpu_us_per_read'):.0f} us per read")
         print("(passive reads, piece/gap: AT+CIPRECVDATA round trip; share of the time the "
               "driver knew of nothing unread: " + "; ".join(cells) + "; socat: raw reads, "
               "no AT)")

@@ -13,7 +13,9 @@ setting).  Time runs from the peer's first send until the last byte is read;
 the bytes read are hashed against the bytes sent.
 
 Also per setting: each AT+CIPRECVDATA's round trip (command written to its OK
-read), p50 and p99, notices per MB, and two counts that must be 0: ERROR
+read), p50, mean and p99, the share of the time the driver knew of nothing
+unread (waiting for a notice), the daemon's CPU (all its processes) per read,
+notices per MB, and two counts that must be 0: ERROR
 replies and stale notices (a notice of 0, one below what the driver already
 knows to be unread, or a read shorter than a notice promised).
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .common import MB, BenchError, Daemon, HashMismatch, PtyClient, now, percentile
+from .common import MB, BenchError, Daemon, HashMismatch, PtyClient, TreeCpu, now, percentile
 from .streams import OK, Bridge, DuplexPeer, make_payload, read_raw
 
 PIECES = (64, 256, 1024, 2048)
@@ -125,10 +127,13 @@ def bridged_passive(data: bytes, digest: str, piece: int, gap_ms: float) -> dict
         if not peer.connected.wait(5.0):
             raise BenchError("bridged: the peer never saw the TCP connection")
         driver = _Driver(c, piece)
+        cpu = TreeCpu(d.pid)
+        cpu.start()
         t0 = now()
         peer.go.set()
         driver.read(n, TIMEOUT)
         elapsed = now() - t0
+        cpu_s = cpu.stop()
         if driver.hash.hexdigest() != digest:
             raise HashMismatch(f"bridged passive reads of {piece}: read {n} bytes sha256 "
                                f"{driver.hash.hexdigest()}; the peer sent sha256 {digest}")
@@ -150,6 +155,7 @@ def bridged_passive(data: bytes, digest: str, piece: int, gap_ms: float) -> dict
         f"{k}_rtt_p99_ms": percentile(ms, 99),
         f"{k}_rtt_mean_ms": sum(ms) / len(ms) if ms else float("nan"),
         f"{k}_idle_share": driver.idle / elapsed,
+        f"{k}_cpu_us_per_read": cpu_s / len(driver.rtts) * 1e6 if driver.rtts else float("nan"),
         f"{k}_notices_per_mb": driver.notices / (n / MB),
         f"{k}_errors": driver.errors,
         f"{k}_stale": driver.stale,
@@ -193,7 +199,8 @@ def lines(r: dict[str, float]) -> str:
                 cells.append(f"{piece}: {r[f'{k}_mb_s']:.3f} MB/s "
                              f"(rtt p50 {r[f'{k}_rtt_p50_ms']:.2f} mean {r[f'{k}_rtt_mean_ms']:.2f} "
                              f"p99 {r[f'{k}_rtt_p99_ms']:.2f} ms, waiting for notices "
-                             f"{r[f'{k}_idle_share']:.0%})")
+                             f"{r[f'{k}_idle_share']:.0%}, daemon CPU per read "
+                             f"{r[f'{k}_cpu_us_per_read']:.0f} us)")
         out.append(f"gap {gap_ms:g} ms  " + " | ".join(cells))
     out.append(f"socat raw {r['socat_mb_s']:.2f} MB/s | ERRORs {r['errors']:.0f}, "
                f"stale notices {r['stale']:.0f} (hashes match)")

@@ -178,8 +178,18 @@ class LinkTable:
             self.drain(slot)
 
     def _deliver_partial(self, slot: Slot) -> None:
-        """Back in active mode: the rest of a record passive reads left in part."""
-        self.on_data(slot, records.Record(records.DATA, slot.rx.take_partial()))
+        """Back in active mode: the rest of a record passive reads left in part.
+
+        It obeys the rule of whole records (``_delivers``): after AT+CIPCLOSE
+        or AT+RST it is dropped with them, never sent as a stray +IPD.
+        """
+        rest = slot.rx.take_partial()
+        if self._delivers(slot):
+            self.on_data(slot, records.Record(records.DATA, rest))
+
+    def _delivers(self, slot: Slot) -> bool:
+        """Data records of the slot go out as +IPD (else they are dropped)."""
+        return slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive)
 
     def spec(self, link_id: int) -> ConnectSpec | None:
         """How the MCU opened the link (None for a server's client)."""
@@ -411,7 +421,7 @@ class LinkTable:
                 return
             if record.kind == records.EOF:
                 self._take_eof(slot, record)
-            elif slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive):
+            elif self._delivers(slot):
                 slot.last_activity = self.loop.time()
                 self.on_data(slot, record)
 

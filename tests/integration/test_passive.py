@@ -171,3 +171,32 @@ def test_cipclose_discards_unread_data(host, server):
     assert host.command(b"AT+CIPCLOSE") == b"CLOSED\r\n\r\nOK\r\n"
     assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:0,0,0,0,0\r\n\r\nOK\r\n"
     conn.close()
+
+
+def test_cipclose_after_a_partial_read_sends_none_of_the_rest(host, server):
+    """AT+CIPCLOSE after a read took part of a segment: the rest is dropped with
+    the link, never sent as a stray active-mode +IPD."""
+    host.command(b"AT+CIPRECVTYPE=1")
+    conn = _connect(host, server)
+    conn.sendall(b"0123456789")
+    host.expect(b"\r\n+IPD,10\r\n")
+    assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
+    host.expect(b"\r\n+IPD,6\r\n")
+    assert host.command(b"AT+CIPCLOSE") == b"CLOSED\r\n\r\nOK\r\n"
+    assert host.read_quiet(0.3) == b""
+    conn.close()
+
+
+def test_restart_after_a_partial_read_sends_none_of_the_rest(host, server):
+    """AT+RST after a read took part of a segment: nothing of the link's data
+    follows the boot messages."""
+    host.command(b"AT+CIPRECVTYPE=1")
+    conn = _connect(host, server)
+    conn.sendall(b"0123456789")
+    host.expect(b"\r\n+IPD,10\r\n")
+    assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
+    host.expect(b"\r\n+IPD,6\r\n")
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n")
+    assert b"456789" not in host.read_quiet(0.5)
+    conn.close()

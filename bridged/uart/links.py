@@ -469,9 +469,15 @@ class LinkTable:
             self.loop.remove_reader(slot.downlink.data_fd)
             slot.control.close()
             slot.control = None
-        # What the worker received before it died is still owed to the MCU.
+        # What the worker received before it died is still owed to the MCU,
+        # as +IPD even in passive mode (no worker, no reads), but only once:
+        # of a record that reads took part of, only the rest.
+        owed = slot.state is SlotState.OPEN and not slot.silent
+        rest = slot.rx.take_partial()
+        if rest and owed:
+            self.on_data(slot, records.Record(records.DATA, rest))
         while (record := records.get_record(slot.downlink)) is not None:
-            if record.kind == records.DATA and slot.state is SlotState.OPEN and not slot.silent:
+            if record.kind == records.DATA and owed:
                 self.on_data(slot, record)
         self._end(slot, "link worker died")
         slot.state = SlotState.NO_WORKER

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -199,4 +200,19 @@ def test_restart_after_a_partial_read_sends_none_of_the_rest(host, server):
     host.write(b"AT+RST\r\n")
     host.expect(b"\r\nready\r\n")
     assert b"456789" not in host.read_quiet(0.5)
+    conn.close()
+
+
+def test_a_dead_worker_owes_only_what_was_not_read(daemon, host, server):
+    """The link worker dies after a read took part of a segment: its unread rest
+    goes out (as +IPD, there is nothing left to read it from), not what was read."""
+    daemon.expected_errors |= {"worker_died", "child_died"}
+    host.command(b"AT+CIPRECVTYPE=1")
+    conn = _connect(host, server)
+    conn.sendall(b"0123456789")
+    host.expect(b"\r\n+IPD,10\r\n")
+    assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
+    host.expect(b"\r\n+IPD,6\r\n")
+    os.kill(daemon.worker_pid(0), signal.SIGKILL)
+    assert host.expect(b"CLOSED\r\n", timeout=5) == b"\r\n+IPD,6:456789CLOSED\r\n"
     conn.close()

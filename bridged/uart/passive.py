@@ -114,7 +114,8 @@ class Unread:
             if header.kind == records.EOF:
                 self.eof_seen = True
                 break
-            self.total += header.length
+            # The first record may be part read (``forget`` keeps the offset).
+            self.total += header.length - (self.offset if not self.scanned else 0)
             self.scanned += header.total
         return self.scanned != before
 

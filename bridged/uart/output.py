@@ -35,9 +35,13 @@ import os
 from collections import deque
 from typing import Callable, Union
 
+import structlog
+
 from bridged.at.format import is_final
 
 __all__ = ["Output"]
+
+log = structlog.get_logger()
 
 _MAX_WRITE = 65536
 # uvloop's clock and timers tick in whole milliseconds: a timer set for less
@@ -135,7 +139,7 @@ class Output:
                 self._urcs.popleft()
                 data = urc[1]
                 if callable(data):
-                    data = data()
+                    data = _make(data)
                     self._buffered += len(data)
                     if not data:
                         continue  # nothing to say any more
@@ -209,3 +213,21 @@ class Output:
             self._linger = None
         if self._timer is not None:
             self._timer.cancel()
+
+
+def _make(make: Callable[[], bytes]) -> bytes:
+    """Run a message function as its message is written; b"" if it fails.
+
+    A failure is our bug, never the host's; it costs that one message only:
+    raised inside the writer, it would strand what the batch had gathered
+    and leave nothing scheduled to write the rest.
+    """
+    try:
+        data = make()
+    except Exception:
+        log.exception("urc_failed")
+        return b""
+    if not isinstance(data, bytes):
+        log.error("urc_failed", why=f"made {type(data).__name__}, not bytes")
+        return b""
+    return data

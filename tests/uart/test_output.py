@@ -234,3 +234,37 @@ def test_a_message_with_nothing_left_to_say_is_dropped(pty_pair):
     got, drained, buffered = _run(main())
     assert got == b"\r\nOK\r\n\r\n0,CLOSED\r\n"
     assert buffered == 0 and drained and drained[-1] == 0
+
+
+def test_a_message_function_that_fails_costs_only_its_message(pty_pair):
+    """A function that raises or makes no bytes is logged and dropped; the
+    replies and messages around it go out and the output still drains."""
+    from structlog.testing import capture_logs
+
+    master, slave = pty_pair
+
+    def broken() -> bytes:
+        raise ValueError("a bug in a notice")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        handled = []
+        loop.set_exception_handler(lambda loop, context: handled.append(context))
+        out = Output(master, 0.0, lambda: None)
+        out.reply(b"\r\nOK\r\n")
+        out.urc(broken)
+        out.urc(lambda: None)
+        out.urc(lambda: "text")
+        out.urc(b"\r\n0,CLOSED\r\n")
+        out.reply(b"\r\nERROR\r\n")
+        reads = await asyncio.to_thread(_read_until, slave, b"ERROR\r\n", 2.0)
+        empty = loop.create_future()
+        out.when_empty(lambda: empty.set_result(True))
+        await asyncio.wait_for(empty, 2.0)
+        return b"".join(r for _, r in reads), out.buffered, handled
+
+    with capture_logs() as logs:
+        got, buffered, handled = _run(main())
+    assert got == b"\r\nOK\r\n\r\n0,CLOSED\r\n\r\nERROR\r\n"
+    assert (buffered, handled) == (0, [])
+    assert [e["event"] for e in logs] == ["urc_failed"] * 3

@@ -547,8 +547,10 @@ class Worker:
                 break
             self._retarget(sender)
             unread = self.downlink.available()
-            if n > room - 32 or (self.window and unread + n > self.window):
-                # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+            # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+            # With nothing unread a datagram larger than the window is kept,
+            # else it could never be read (ESP-AT queues datagrams, not bytes).
+            if n > room - 32 or (self.window and unread and unread + n > self.window):
                 log.debug("datagram_dropped", length=n, unread=unread)
                 continue
             with memoryview(self._dgram_buf) as view:

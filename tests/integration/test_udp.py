@@ -262,3 +262,19 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
     assert kept.count(datagram) == len(frames)
     assert host.ask(b"AT") == b"\r\nOK\r\n"
     peer.close()
+
+
+def test_passive_udp_keeps_a_datagram_larger_than_the_window(mux_host):
+    """A datagram larger than the receive window, with nothing else unread, is
+    kept whole and readable (dropped, no read could ever have returned it)."""
+    peer = _udp()
+    local = _free_udp_port()
+    mux_host.command(b"AT+CIPRECVTYPE=5,1")
+    mux_host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    datagram = bytes(range(256)) * 32  # 8192 bytes > the 5760-byte window
+    peer.sendto(datagram, ("127.0.0.1", local))
+    assert mux_host.expect(b"\r\n+IPD,2,8192\r\n") == b"\r\n+IPD,2,8192\r\n"
+    port = peer.getsockname()[1]
+    answer = mux_host.ask(b"AT+CIPRECVDATA=2,10000")
+    assert answer == b'+CIPRECVDATA:8192,"127.0.0.1",%d,' % port + datagram + b"\r\nOK\r\n"
+    peer.close()

@@ -546,6 +546,10 @@ class Worker:
                 log.warning("receive_failed", reason=_reason(exc))
                 break
             self._retarget(sender)
+            if not n:
+                # Nothing to deliver (active mode printed nothing for it); kept,
+                # it would be a passive read of 0 bytes after a notice of more.
+                continue
             unread = self.downlink.available()
             # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
             # With nothing unread a datagram larger than the window is kept,

@@ -278,3 +278,18 @@ def test_passive_udp_keeps_a_datagram_larger_than_the_window(mux_host):
     answer = mux_host.ask(b"AT+CIPRECVDATA=2,10000")
     assert answer == b'+CIPRECVDATA:8192,"127.0.0.1",%d,' % port + datagram + b"\r\nOK\r\n"
     peer.close()
+
+
+def test_passive_udp_skips_an_empty_datagram(mux_host):
+    """An empty datagram is not a read of its own: after it, the notice and the
+    read are the next datagram's (a read of 0 bytes came first)."""
+    peer = _udp()
+    local = _free_udp_port()
+    mux_host.command(b"AT+CIPRECVTYPE=5,1")
+    mux_host.ask(b'AT+CIPSTART=1,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer.sendto(b"", ("127.0.0.1", local))
+    peer.sendto(b"abc", ("127.0.0.1", local))
+    assert mux_host.expect(b"\r\n+IPD,1,3\r\n") == b"\r\n+IPD,1,3\r\n"
+    port = peer.getsockname()[1]
+    assert mux_host.ask(b"AT+CIPRECVDATA=1,10") == b'+CIPRECVDATA:3,"127.0.0.1",%d,abc\r\nOK\r\n' % port
+    peer.close()

@@ -174,15 +174,21 @@ def test_cipclose_discards_unread_data(host, server):
     conn.close()
 
 
-def test_cipclose_after_a_partial_read_sends_none_of_the_rest(host, server):
-    """AT+CIPCLOSE after a read took part of a segment: the rest is dropped with
-    the link, never sent as a stray active-mode +IPD."""
+def _partly_read(host, server) -> socket.socket:
+    """A passive link whose peer sent 0123456789, of which a read took 0123."""
     host.command(b"AT+CIPRECVTYPE=1")
     conn = _connect(host, server)
     conn.sendall(b"0123456789")
     host.expect(b"\r\n+IPD,10\r\n")
     assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
     host.expect(b"\r\n+IPD,6\r\n")
+    return conn
+
+
+def test_cipclose_after_a_partial_read_sends_none_of_the_rest(host, server):
+    """AT+CIPCLOSE after a read took part of a segment: the rest is dropped with
+    the link, never sent as a stray active-mode +IPD."""
+    conn = _partly_read(host, server)
     assert host.command(b"AT+CIPCLOSE") == b"CLOSED\r\n\r\nOK\r\n"
     assert host.read_quiet(0.3) == b""
     conn.close()
@@ -191,12 +197,7 @@ def test_cipclose_after_a_partial_read_sends_none_of_the_rest(host, server):
 def test_restart_after_a_partial_read_sends_none_of_the_rest(host, server):
     """AT+RST after a read took part of a segment: nothing of the link's data
     follows the boot messages."""
-    host.command(b"AT+CIPRECVTYPE=1")
-    conn = _connect(host, server)
-    conn.sendall(b"0123456789")
-    host.expect(b"\r\n+IPD,10\r\n")
-    assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
-    host.expect(b"\r\n+IPD,6\r\n")
+    conn = _partly_read(host, server)
     host.write(b"AT+RST\r\n")
     host.expect(b"\r\nready\r\n")
     assert b"456789" not in host.read_quiet(0.5)
@@ -207,12 +208,7 @@ def test_a_dead_worker_owes_only_what_was_not_read(daemon, host, server):
     """The link worker dies after a read took part of a segment: its unread rest
     goes out (as +IPD, there is nothing left to read it from), not what was read."""
     daemon.expected_errors |= {"worker_died", "child_died"}
-    host.command(b"AT+CIPRECVTYPE=1")
-    conn = _connect(host, server)
-    conn.sendall(b"0123456789")
-    host.expect(b"\r\n+IPD,10\r\n")
-    assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
-    host.expect(b"\r\n+IPD,6\r\n")
+    conn = _partly_read(host, server)
     os.kill(daemon.worker_pid(0), signal.SIGKILL)
     assert host.expect(b"CLOSED\r\n", timeout=5) == b"\r\n+IPD,6:456789CLOSED\r\n"
     conn.close()

@@ -42,6 +42,15 @@ def mux_host(host):
     return host
 
 
+def _passive_link(mux_host, link_id: int) -> tuple[socket.socket, int]:
+    """A UDP link in passive mode to a new peer; the peer and the link's local port."""
+    peer = _udp()
+    local = _free_udp_port()
+    mux_host.command(b"AT+CIPRECVTYPE=5,1")
+    mux_host.ask(b'AT+CIPSTART=%d,"UDP","127.0.0.1",%d,%d' % (link_id, peer.getsockname()[1], local))
+    return peer, local
+
+
 def test_one_send_is_one_datagram_and_back(mux_host):
     """Each AT+CIPSEND is one datagram; each datagram is one +IPD with its sender."""
     peer = _udp()
@@ -95,10 +104,7 @@ def test_cipsend_to_a_named_remote(mux_host):
 
 def test_passive_reads_keep_datagram_boundaries(mux_host):
     """In passive mode a read returns at most one datagram, however large <len> is."""
-    peer = _udp()
-    local = _free_udp_port()
-    mux_host.command(b"AT+CIPRECVTYPE=5,1")
-    mux_host.ask(b'AT+CIPSTART=3,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer, local = _passive_link(mux_host, 3)
     peer.sendto(b"first", ("127.0.0.1", local))
     peer.sendto(b"second", ("127.0.0.1", local))
     mux_host.expect(b"\r\n+IPD,3,")
@@ -210,10 +216,7 @@ def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
 
 def test_passive_udp_drops_beyond_the_window(mux_host):
     """Passive mode keeps UDP data up to the receive window; what does not fit is lost, as the spec says."""
-    peer = _udp()
-    local = _free_udp_port()
-    mux_host.command(b"AT+CIPRECVTYPE=5,1")
-    mux_host.ask(b'AT+CIPSTART=4,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer, local = _passive_link(mux_host, 4)
     for i in range(20):
         peer.sendto(bytes([65 + i]) * 1000, ("127.0.0.1", local))
     mux_host.expect(b"\r\n+IPD,4,")
@@ -267,10 +270,7 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
 def test_passive_udp_keeps_a_datagram_larger_than_the_window(mux_host):
     """A datagram larger than the receive window, with nothing else unread, is
     kept whole and readable (dropped, no read could ever have returned it)."""
-    peer = _udp()
-    local = _free_udp_port()
-    mux_host.command(b"AT+CIPRECVTYPE=5,1")
-    mux_host.ask(b'AT+CIPSTART=2,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer, local = _passive_link(mux_host, 2)
     datagram = bytes(range(256)) * 32  # 8192 bytes > the 5760-byte window
     peer.sendto(datagram, ("127.0.0.1", local))
     assert mux_host.expect(b"\r\n+IPD,2,8192\r\n") == b"\r\n+IPD,2,8192\r\n"
@@ -283,10 +283,7 @@ def test_passive_udp_keeps_a_datagram_larger_than_the_window(mux_host):
 def test_passive_udp_skips_an_empty_datagram(mux_host):
     """An empty datagram is not a read of its own: after it, the notice and the
     read are the next datagram's (a read of 0 bytes came first)."""
-    peer = _udp()
-    local = _free_udp_port()
-    mux_host.command(b"AT+CIPRECVTYPE=5,1")
-    mux_host.ask(b'AT+CIPSTART=1,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer, local = _passive_link(mux_host, 1)
     peer.sendto(b"", ("127.0.0.1", local))
     peer.sendto(b"abc", ("127.0.0.1", local))
     assert mux_host.expect(b"\r\n+IPD,1,3\r\n") == b"\r\n+IPD,1,3\r\n"

@@ -3,32 +3,20 @@ notice whose length is fixed when it is written."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridged.ipc.records import DATA, EOF, put_record
-from bridged.ipc.rings import Ring
 from bridged.uart.passive import Notice, NoticeState, Unread
+from tests.ringtools import new_ring
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@contextmanager
-def new_ring(capacity: int = 65536):
-    ring = Ring.create(capacity)
-    try:
-        yield ring
-    finally:
-        ring.close()
-        ring.unlink()
-
-
 @pytest.fixture
 def unread():
-    with new_ring() as ring:
+    with new_ring(65536) as ring:
         yield Unread(ring)
 
 

@@ -27,6 +27,7 @@ from . import (
     downlink,
     five_links,
     line_rate,
+    passive_read,
     passthrough,
 )
 from . import ssl as ssl_bench
@@ -119,7 +120,7 @@ def _lines_five(r):
 
 
 NAMES = ("at", "cipsend", "passthrough", "cipsendl", "downlink", "five_links", "line_rate",
-         "ssl")
+         "ssl", "passive")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="MiB each way through the SSL link in passthrough (default 32)")
     ap.add_argument("--ssl-handshakes", type=int, default=None,
                     help="AT+CIPSTART=\"SSL\" handshakes per run (default 200)")
+    ap.add_argument("--passive-mib", type=float, default=None,
+                    help="MiB read with AT+CIPRECVDATA per piece size and gap (default 1)")
     ap.add_argument("--daemon-commit", metavar="REF", default=None,
                     help="run the daemon's code as of this commit (git archive REF bridged, "
                          "put first on the daemon's PYTHONPATH) instead of the work tree's, "
@@ -201,11 +204,12 @@ def _main(ap, args, snapshot) -> int:
     link_bytes = int((args.link_mib or (1 if q else 4)) * MiB)
     ssl_bytes = int((args.ssl_mib or (4 if q else 32)) * MiB)
     ssl_handshakes = args.ssl_handshakes or (50 if q else 200)
+    passive_bytes = int((args.passive_mib or (0.25 if q else 1)) * MiB)
     only = set(NAMES) if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
     if only - set(NAMES):
         ap.error(f"--only: unknown {sorted(only - set(NAMES))}; choose from {', '.join(NAMES)}")
     if min(runs, line_runs, at_count, nbytes, stream, echo_count, link_bytes, ssl_bytes,
-           ssl_handshakes) < 1 or line_s <= 0:
+           ssl_handshakes, passive_bytes) < 1 or line_s <= 0:
         ap.error("counts, sizes and durations must be positive")
     if not BRIDGED.exists():
         print(f"bench: {BRIDGED} not found (the project's virtualenv)", file=sys.stderr)
@@ -236,7 +240,8 @@ def _main(ap, args, snapshot) -> int:
           f"{nbytes / MiB:g} MiB with AT+CIPSEND=8192; {stream / MiB:g} MiB per streamed "
           f"transfer; {echo_count} echoes; {line_s:g} s at line rate; five links x "
           f"{link_bytes / MiB:g} MiB each way; SSL {ssl_bytes / MiB:g} MiB each way and "
-          f"{ssl_handshakes} handshakes\n")
+          f"{ssl_handshakes} handshakes; passive reads {passive_bytes / MiB:g} MiB per "
+          f"piece size and gap\n")
 
     benches = [
         Bench("at", "AT round trip ", lambda: at_latency.run(at_count), _lines_at, runs),
@@ -253,6 +258,8 @@ def _main(ap, args, snapshot) -> int:
               line_runs),
         Bench("ssl", "SSL link      ", lambda: ssl_bench.run(ssl_bytes, ssl_handshakes),
               ssl_bench.lines, runs),
+        Bench("passive", "passive reads ", lambda: passive_read.run(passive_bytes),
+              passive_read.lines, runs),
     ]
     benches = [b for b in benches if b.name in only]
     by = {b.name: b for b in benches}
@@ -329,6 +336,11 @@ def _main(ap, args, snapshot) -> int:
             ratio_unit="x")
         row("SSL handshake p99 (ms) vs Python", b, "hs_bridged_p99_ms", "hs_python_p99_ms",
             ratio_unit="x")
+    if (b := by.get("passive")) and b.results:
+        for gap in passive_read.GAPS_MS:
+            for piece in passive_read.PIECES:
+                row(f"passive reads of {piece}, gap {gap:g} ms (MB/s)", b,
+                    f"{passive_read.key(piece, gap)}_mb_s", "socat_mb_s")
 
     counts = ", ".join(f"{b.name} {len(b.results)}" for b in benches)
     print(f"\nMedians (runs passed: {counts}; ratio = bridged / socat, from the medians):\n")
@@ -360,6 +372,18 @@ def _main(ap, args, snapshot) -> int:
         print(f"(SSL: baseline for throughput is socat PTY <-> OPENSSL:...,verify=0, for the "
               f"handshake (AT+CIPSTART=\"SSL\" to OK) a Python ssl client's connect + "
               f"do_handshake; negotiated: {', '.join(suites)}; no targets set for SSL)")
+    if (b := by.get("passive")) and b.results:
+        cells = []
+        for gap in passive_read.GAPS_MS:
+            for piece in passive_read.PIECES:
+                k = passive_read.key(piece, gap)
+                cells.append(f"{piece}/{gap:g}: p50 {b.med(f'{k}_rtt_p50_ms'):.2f} p99 "
+                             f"{b.med(f'{k}_rtt_p99_ms'):.2f} ms, waiting for notices "
+                             f"{b.med(f'{k}_idle_share'):.0%}, CPU "
+                             f"{b.med(f'{k}_cpu_us_per_read'):.0f} us per read")
+        print("(passive reads, piece/gap: AT+CIPRECVDATA round trip; share of the time the "
+              "driver knew of nothing unread: " + "; ".join(cells) + "; socat: raw reads, "
+              "no AT)")
 
     # ---------------------------------------------------------------- targets
     print("\nTargets:")
@@ -414,6 +438,10 @@ def _main(ap, args, snapshot) -> int:
                      "pt_cores", "socat_cores", TARGET_CPU_RATIO, False, False)
         ratio_target(f"line rate five links CPU <= {TARGET_CPU_RATIO:g}x socat", b,
                      "five_cores", "socat_cores", TARGET_CPU_RATIO, False, False)
+    if (b := by.get("passive")) and b.results:
+        errors, stale = sum(r["errors"] for r in b.results), sum(r["stale"] for r in b.results)
+        target("passive reads: no ERROR, no stale notice", errors == stale == 0,
+               f"{errors:.0f} ERROR(s), {stale:.0f} stale notice(s) in {len(b.results)} run(s)")
     print(f"  {sum(verdicts)} of {len(verdicts)} targets met")
 
     took = time.monotonic() - started

@@ -45,13 +45,17 @@ class Reply:
         body: information lines written before the final result.
         final: the result code (OK, ERROR, PROMPT ...).
         after: called once the reply has been handed to the UART (a baud
-            change, a restart, a URC that must follow OK).
+            change, a restart); input waits meanwhile.
+        then: called as soon as the reply is queued, to queue what must
+            follow it (a URC after OK: the UART output keeps that order);
+            never waits, so the next command's answer never waits either.
         send: with final=PROMPT, where the payload that follows goes.
     """
 
     body: bytes = b""
     final: bytes = OK
     after: Callable[[], Any] | None = None
+    then: Callable[[], Any] | None = None
     send: SendRequest | None = None
 
 

@@ -61,7 +61,7 @@ def sntpcfg_set(ctx: Context, line: CommandLine) -> Reply:
     chosen = tuple(s for s in servers if s) or DEFAULT_SERVERS
     ctx.extra["sntp"] = {"enable": enable, "tz": tz, "servers": chosen}
     if enable and station_ip(ctx) is not None:
-        return Reply(after=lambda: ctx.urc(TIME_UPDATED))
+        return Reply(then=lambda: ctx.urc(TIME_UPDATED))
     return Reply()
 
 

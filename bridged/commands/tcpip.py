@@ -374,7 +374,7 @@ def ciprecvdata(ctx: Context, line: CommandLine) -> Reply:
     if ctx.state.cipdinfo and view is not None:
         head += fields(q(view.remote_ip), view.remote_port) + b","
     # The data runs straight into the final \r\nOK\r\n, with no line end of its own.
-    return Reply(head + data, after=lambda: ctx.links.after_read(link_id))
+    return Reply(head + data, then=lambda: ctx.links.after_read(link_id))
 
 
 @handles("+CIPRECVLEN", Kind.QUERY)

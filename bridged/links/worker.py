@@ -510,7 +510,11 @@ class Worker:
             if n < 0:
                 self._pause_reading()
                 self._stop_window()
-                self._wait_space(self._resume_reading)
+                # A full receive window (passive mode) waits for a read to make
+                # room in it; the ring has plenty, and waiting for ring space
+                # would resume at once and spin.
+                need = ring.capacity - window + 1 if window and limit <= 0 else 64
+                self._wait_space(self._resume_reading, need=max(need, 64))
                 break
             got += n
             if n < limit and not (streaming or tls):
@@ -542,9 +546,15 @@ class Worker:
                 log.warning("receive_failed", reason=_reason(exc))
                 break
             self._retarget(sender)
+            if not n:
+                # Nothing to deliver (active mode printed nothing for it); kept,
+                # it would be a passive read of 0 bytes after a notice of more.
+                continue
             unread = self.downlink.available()
-            if n > room - 32 or (self.window and unread + n > self.window):
-                # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+            # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+            # With nothing unread a datagram larger than the window is kept,
+            # else it could never be read (ESP-AT queues datagrams, not bytes).
+            if n > room - 32 or (self.window and unread and unread + n > self.window):
                 log.debug("datagram_dropped", length=n, unread=unread)
                 continue
             with memoryview(self._dgram_buf) as view:

@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Awaitable
+from typing import Awaitable, Callable
 
 import structlog
 
@@ -406,6 +406,8 @@ class Front:
     def _answer(self, reply: Reply) -> None:
         self.output.reply(reply.body)
         self.output.reply(reply.final)
+        if reply.then is not None:
+            reply.then()
         if reply.send is not None:
             self._start_send(reply.send)
         if reply.after is not None:
@@ -645,9 +647,12 @@ class Front:
         elif self._status_shown():
             self.output.urc(connected_message(self.ctx, slot.view))
 
-    def _on_link_notice(self, slot: Slot, unread: int) -> None:
+    def _on_link_notice(self, slot: Slot, length: Callable[[], int]) -> None:
+        # SEND OK before the notice of data that may answer it, as for +IPD.
         self._check_send()
-        self.output.urc(fmt.ipd_passive(self.ctx.link_arg(slot.link_id), unread))
+        link = self.ctx.link_arg(slot.link_id)
+        # Made when written, with what is unread then; nothing if nothing is.
+        self.output.urc(lambda: fmt.ipd_passive(link, n) if (n := length()) else b"")
 
     def _on_link_ended(self, slot: Slot) -> None:
         if self.sending is not None and self.sending.slot is slot:

@@ -21,22 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridged.ipc.rings import Ring
+from tests.ringtools import new_ring
 
 pytestmark = pytest.mark.timeout(60)
 
 CAPACITIES = [4096, 8192, 1 << 16]
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # seconds; every wait in this file is bounded by it
-
-
-@contextmanager
-def new_ring(capacity: int):
-    ring = Ring.create(capacity)
-    try:
-        yield ring
-    finally:
-        ring.close()
-        ring.unlink()
 
 
 @pytest.fixture(params=CAPACITIES, ids=lambda c: f"cap{c}")

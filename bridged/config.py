@@ -47,6 +47,7 @@ __all__ = [
     "LinksConfig",
     "LogConfig",
     "OtaConfig",
+    "SntpConfig",
     "StateConfig",
     "UartConfig",
     "WifiConfig",
@@ -316,6 +317,13 @@ class OtaConfig:
     timeout_ms: int = _field(180_000, _int(1000, 3_600_000))
 
 
+@dataclass(frozen=True, slots=True)
+class SntpConfig:
+    """[sntp]: where AT+CIPSNTPTIME's time comes from (see bridged.commands.sntp)."""
+
+    source: str = _field("servers", _choice("servers", "host"))
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -324,6 +332,7 @@ _SECTIONS: dict[str, type] = {
     "state": StateConfig,
     "firmware": FirmwareConfig,
     "ota": OtaConfig,
+    "sntp": SntpConfig,
 }
 
 
@@ -343,6 +352,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    sntp: SntpConfig = field(default_factory=SntpConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
 

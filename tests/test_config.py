@@ -18,6 +18,7 @@ from bridged.config import (
     LinksConfig,
     LogConfig,
     OtaConfig,
+    SntpConfig,
     StateConfig,
     UartConfig,
     WifiConfig,
@@ -95,6 +96,7 @@ ACCEPTED = [
     ("ota", "max_size", 1), ("ota", "max_size", 4_294_967_296),
     ("ota", "install_command", ""), ("ota", "install_command", "/usr/bin/install-fw --now 'a b'"),
     ("ota", "timeout_ms", 1000), ("ota", "timeout_ms", 3_600_000),
+    ("sntp", "source", "servers"), ("sntp", "source", "host"),
 ]
 
 # (section, key, value, allowed) for values just outside what is allowed.
@@ -181,6 +183,7 @@ REFUSED = [
     ("ota", "install_command", "   ", '"" or a command line (shell quoting, no shell features)'),
     ("ota", "timeout_ms", 999, "an integer from 1000 to 3600000"),
     ("ota", "timeout_ms", 3_600_001, "an integer from 1000 to 3600000"),
+    ("sntp", "source", "ntp", "servers, host"),
 ]
 
 
@@ -245,7 +248,7 @@ def test_every_key_is_covered():
     """The tables above exercise every key of every section."""
     sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
                 "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig,
-                "ota": OtaConfig}
+                "ota": OtaConfig, "sntp": SntpConfig}
     every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
     assert {(s, k) for s, k, _ in ACCEPTED} == every
     assert {(s, k) for s, k, _, _ in REFUSED} == every
@@ -270,6 +273,7 @@ def test_defaults_are_esp_at():
     assert config.state.dir == ""
     assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",
                                    timeout_ms=180_000)
+    assert config.sntp == SntpConfig(source="servers")
 
 
 def test_config_is_frozen():
@@ -333,7 +337,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota")
+        "state, firmware, ota, sntp")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -550,7 +554,7 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, sntp.<key>")
 
 
 def test_override_unparsable_string():
@@ -677,5 +681,5 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
 def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota",
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "sntp",
                      "profile", "sources"]

@@ -59,6 +59,7 @@ from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
+from bridged.net.sntp_client import SntpClient
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
@@ -122,6 +123,7 @@ class Front:
         )
         self.server = Server(self.links)
         self.mdns = Advertiser()
+        self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False  # a command waits on the network: input gets busy p...
@@ -154,6 +156,7 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
+            self.sntp.stop()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
@@ -210,7 +213,7 @@ class Front:
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
                       self._restart, self._apply_uart, self.uart, self.server,
-                      mdns=self.mdns, answer_part=self.output.reply)
+                      mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
@@ -251,6 +254,7 @@ class Front:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
         self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
+        self.sntp.stop()  # AT+CIPSNTPCFG was RAM; the clock stays
         self.links.drop_all()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)

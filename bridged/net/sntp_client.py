@@ -1,0 +1,237 @@
+"""The SNTP client AT+CIPSNTPCFG starts: asks the MCU's servers, keeps the device clock.
+
+Theory of operation.  One client lives in the UART front for the life of the
+process, as the ESP's RTC does: its ``DeviceClock`` survives AT+RST and
+AT+RESTORE (the spec page, AT+CIPSNTPTIME: the time "will not be lost after
+a software reset"), while what AT+CIPSNTPCFG configured is RAM and is
+forgotten (``stop``).  ``start`` runs one task:
+
+* a round asks the servers in order, each until one answers: the name is
+  resolved through ``bridged.net.resolver.resolve`` with the AT+CIPDNS
+  servers, one request goes out from a fresh UDP socket (a new random port)
+  and the task waits up to ``RECV_TIMEOUT`` for an acceptable reply (see
+  ``bridged.net.sntp``); datagrams that fail a check, or come from another
+  address or port, are ignored (logged, at most one line per reason every
+  ``LOG_EVERY`` seconds) and the wait goes on.  A kiss-o'-death ends the
+  wait for that server at once.  No network (the station has no IP) makes
+  the round fail without sending anything;
+* after an accepted reply the clock is stepped, ``+TIME_UPDATED`` goes out
+  if it is the first since ``start`` (ESP-AT v4's at_time_sync_cb prints it
+  once per AT+CIPSNTPCFG: a flag that AT+CIPSNTPCFG sets and the callback
+  clears), and the next round comes after the AT+CIPSNTPINTV interval, read
+  when it is scheduled (ESP-IDF's sntp_set_sync_interval applies from the
+  next sync, as here);
+* after a round without an answer, the next comes after ``retry_delay``
+  (15 s doubling up to 4 min, never more than the interval), or at once
+  when the station joins (``wake``) before the first answer.  So at most
+  three requests per round, rounds at least 15 s apart: never a flood.
+
+Deliberate differences from lwIP's SNTP: a server that stays silent costs
+``RECV_TIMEOUT`` (5 s) rather than 15 s before the next one is asked; the
+first request goes out at once rather than after a random start-up delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Protocol
+
+import structlog
+
+from bridged.net.resolver import ResolveError, resolve, sockaddr
+from bridged.net.sntp import (
+    PORT,
+    DeviceClock,
+    Rejection,
+    ReplyRejected,
+    build_request,
+    offset,
+    parse_reply,
+    retry_delay,
+)
+
+__all__ = ["Device", "SntpClient", "RECV_TIMEOUT", "LOG_EVERY"]
+
+log = structlog.get_logger()
+
+RECV_TIMEOUT = 5.0  # s a server has to answer one request
+RESOLVE_TIMEOUT = 5.0  # s for the server's name
+LOG_EVERY = 10.0  # s between two log lines for ignored replies of one reason
+_QUEUE = 16  # datagrams held for the task; more are dropped (a flood)
+
+
+class Device(Protocol):
+    """What the client needs from the session that started it."""
+
+    def interval(self) -> float:
+        """AT+CIPSNTPINTV, in seconds."""
+
+    def dns_servers(self) -> Sequence[str]:
+        """AT+CIPDNS's manual servers; () for the host's resolver."""
+
+    def online(self) -> bool:
+        """The station has its IP address."""
+
+    def time_updated(self) -> None:
+        """Send +TIME_UPDATED."""
+
+
+class SntpClient:
+    def __init__(self, clock: DeviceClock | None = None, port: int = PORT) -> None:
+        self.clock = clock or DeviceClock()
+        self.port = port
+        self.servers: tuple[str, ...] = ()
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._synced = False  # an answer was accepted since start
+        self._logged: dict[Rejection, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    def start(self, servers: Sequence[str], device: Device) -> None:
+        """(Re)start asking ``servers``; the next accepted answer sends +TIME_UPDATED."""
+        self.stop()
+        self.servers = tuple(servers)
+        self._synced = False
+        self._wake.clear()
+        log.info("sntp_started", servers=list(self.servers))
+        self._task = asyncio.get_running_loop().create_task(self._run(device))
+
+    def stop(self) -> None:
+        """Stop asking (AT+CIPSNTPCFG=0, a restart); the clock keeps its time."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            log.info("sntp_stopped")
+
+    def wake(self) -> None:
+        """The station joined: before the first answer, ask now rather than after the retry delay."""
+        if self._task is not None and not self._synced:
+            self._wake.set()
+
+    async def _run(self, device: Device) -> None:
+        failed = 0
+        while True:
+            if await self._round(device):
+                failed = 0
+                await asyncio.sleep(device.interval())
+                continue
+            failed += 1
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(retry_delay(failed, device.interval())):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _round(self, device: Device) -> bool:
+        if not device.online():
+            log.info("sntp_offline")
+            return False
+        for name in self.servers:
+            if await self._ask(name, device):
+                if not self._synced:
+                    self._synced = True
+                    device.time_updated()
+                return True
+        return False
+
+    async def _ask(self, name: str, device: Device) -> bool:
+        """One request to ``name``; True once an acceptable reply stepped the clock."""
+        try:
+            address = (await resolve(name, servers=device.dns_servers(), timeout=RESOLVE_TIMEOUT))[0]
+        except ResolveError as exc:
+            log.info("sntp_resolve_failed", server=name, why=str(exc))
+            return False
+        try:
+            target = sockaddr(address, self.port)
+            transport, exchange = await self._open(socket.AF_INET6 if ":" in address else socket.AF_INET)
+        except OSError as exc:  # no IPv6 on this host, no free port ...
+            log.info("sntp_send_failed", server=name, address=address, error=str(exc))
+            return False
+        try:
+            return await self._exchange(name, target, transport, exchange)
+        finally:
+            transport.close()
+
+    async def _open(self, family: int) -> tuple[asyncio.DatagramTransport, "_Exchange"]:
+        """An unconnected UDP socket: a reply from elsewhere is seen, so it can be logged."""
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            return await loop.create_datagram_endpoint(lambda: _Exchange(self.clock), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _exchange(self, name: str, target: tuple, transport: asyncio.DatagramTransport,
+                        exchange: "_Exchange") -> bool:
+        cookie = secrets.randbits(64) or 1
+        sent = self.clock.now()
+        transport.sendto(build_request(cookie), target)
+        try:
+            async with asyncio.timeout(RECV_TIMEOUT):
+                while True:
+                    data, source, received = await exchange.queue.get()
+                    if isinstance(data, OSError):
+                        log.info("sntp_send_failed", server=name, address=target[0], error=str(data))
+                        return False
+                    try:
+                        if source[:2] != target[:2]:
+                            raise ReplyRejected(Rejection.SOURCE, f"from {source[0]} port {source[1]}")
+                        reply = parse_reply(data, cookie)
+                    except ReplyRejected as exc:
+                        self._ignored(name, target, exc)
+                        if exc.reason is Rejection.KISS_O_DEATH:
+                            return False
+                        continue
+                    break
+        except TimeoutError:
+            log.info("sntp_no_answer", server=name, address=target[0], timeout=RECV_TIMEOUT)
+            return False
+        step = offset(reply, sent, received)
+        self.clock.step(step)
+        shown = datetime.fromtimestamp(int(self.clock.now()), timezone.utc).isoformat()
+        log.info("sntp_synced", server=name, address=target[0], stratum=reply.stratum,
+                 offset=round(step, 6), time=shown)
+        return True
+
+    def _ignored(self, name: str, target: tuple, exc: ReplyRejected) -> None:
+        """Log an ignored reply, at most once per reason every LOG_EVERY seconds."""
+        now = time.monotonic()
+        last, suppressed = self._logged.get(exc.reason, (-LOG_EVERY, 0))
+        if now - last < LOG_EVERY:
+            self._logged[exc.reason] = (last, suppressed + 1)
+            return
+        self._logged[exc.reason] = (now, 0)
+        log.warning("sntp_reply_ignored", server=name, address=target[0], reason=exc.reason.value,
+                    detail=exc.detail, suppressed=suppressed)
+
+
+class _Exchange(asyncio.DatagramProtocol):
+    """Hands datagrams (with the device time they came) to the waiting task."""
+
+    def __init__(self, clock: DeviceClock) -> None:
+        self.clock = clock
+        self.queue: asyncio.Queue = asyncio.Queue(_QUEUE)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            self.queue.put_nowait((data, addr, self.clock.now()))
+        except asyncio.QueueFull:
+            pass  # a flood: the task sees the first _QUEUE, enough to find the answer
+
+    def error_received(self, exc: Exception) -> None:
+        if isinstance(exc, OSError):
+            try:
+                self.queue.put_nowait((exc, None, self.clock.now()))
+            except asyncio.QueueFull:
+                pass

@@ -127,6 +127,7 @@ class ConnectSpec:
     tls_psk: str = ""  # hex
     tls_psk_hint: str = ""
     dns_servers: tuple[str, ...] = ()  # AT+CIPDNS's manual servers; () = the host's resolver
+    tls_time: int | None = None  # verifying SSL: certificate dates at this Unix time (device clock); None: host clock
 
 
 @dataclass(frozen=True, slots=True)

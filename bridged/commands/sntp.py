@@ -32,6 +32,8 @@ The device clock lives in the front, not in the session: AT+RST and
 AT+RESTORE keep it (the spec page: the time "will not be lost after a
 software reset"); they stop the client and forget the configuration, as a
 reboot of the ESP does.  Restarting bridged is a power cycle: back to 1970.
+SSL links in auth mode 2 or 3 check certificate dates against the device
+clock (``tls_time``), so they fail until a server has answered, as on an ESP32.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip, watch_station
 
-__all__ = ["timezone_offset", "DEFAULT_SERVERS"]
+__all__ = ["timezone_offset", "tls_time", "DEFAULT_SERVERS"]
 
 DEFAULT_SERVERS = ("cn.ntp.org.cn", "ntp.sjtu.edu.cn", "us.pool.ntp.org")
 _MAX_SERVER = 32  # bytes of a server name (AT core: strlen > 32 is ERROR)
@@ -77,6 +79,11 @@ def _shown_timezone(tz: int) -> int:
 
 def _from_servers(ctx: Context) -> bool:
     return ctx.config.sntp.source == "servers"
+
+
+def tls_time(ctx: Context) -> int | None:
+    """When a verifying SSL link checks certificate dates: the device clock now, or None for the host's."""
+    return int(ctx.sntp.clock.now()) if _from_servers(ctx) else None
 
 
 @dataclass(frozen=True, slots=True)

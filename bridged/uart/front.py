@@ -50,6 +50,7 @@ from bridged.at.datamode import DataKind
 from bridged.commands import registry
 from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
 from bridged.commands.dns import lookup_servers
+from bridged.commands.sntp import tls_time
 from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.passthrough import saved_link
 from bridged.commands.tcpip import connected_message
@@ -585,7 +586,8 @@ class Front:
             if self.passthrough is not pt or self.links.is_busy(pt.link_id):
                 break
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.
-            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx))
+            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
+                                       tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
             try:
                 await self.links.connect(pt.link_id, spec)
             except AtError as exc:

@@ -10,12 +10,16 @@ at the test's DNS server (tests/dnsserver.py), which answers them.
 from __future__ import annotations
 
 import calendar
+import datetime
+import ipaddress
 import re
 import time
 
 import pytest
+from cryptography import x509
 
 from tests import dnsserver
+from tests.integration.test_tls import TlsServer, _import, _issue
 from tests.sntpserver import kiss, reply_at, serving, silent
 
 Y2038 = calendar.timegm((2038, 1, 19, 3, 14, 8))
@@ -175,3 +179,26 @@ def test_host_source_answers_from_the_host_clock(make_daemon):
         time.sleep(0.5)
         assert server.requests == []
     host.close()
+
+
+def test_verifying_ssl_checks_dates_at_the_device_time(daemon, host, tmp_path):
+    """auth_mode 2 with a certificate valid only in 2038: refused at the unsynchronised 1970, taken once SNTP says 2038."""
+    daemon.expected_errors.add("connect_failed")
+    utc = datetime.timezone.utc
+    ca, ca_id = _issue(tmp_path, "ca", "Future CA", ca=True,
+                       valid=(datetime.datetime(2030, 1, 1, tzinfo=utc), datetime.datetime(2040, 1, 1, tzinfo=utc)))
+    leaf, _ = _issue(tmp_path, "leaf", "localhost", ca_id, sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),),
+                     valid=(datetime.datetime(2038, 1, 1, tzinfo=utc), datetime.datetime(2038, 12, 31, tzinfo=utc)))
+    server = TlsServer(leaf)
+    try:
+        _import(daemon, "client_ca", 0, ca.cert)
+        host.command(b"AT+CIPMUX=1")
+        host.command(b"AT+CIPSSLCCONF=5,2,0,0")
+        assert host.ask(b'AT+CIPSTART=0,"SSL","127.0.0.1",%d' % server.port) == b"\r\nERROR\r\n"
+        assert "device's time 1970-01-01" in daemon.events("connect_failed")[-1]["reason"]
+        with serving("127.0.0.135", reply_at(Y2038)):
+            assert host.ask(b'AT+CIPSNTPCFG=1,0,"127.0.0.135"') == b"\r\nOK\r\n"
+            host.expect(b"+TIME_UPDATED\r\n", timeout=5)
+        assert host.ask(b'AT+CIPSTART=0,"SSL","127.0.0.1",%d' % server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+    finally:
+        server.close()

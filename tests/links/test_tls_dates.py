@@ -1,0 +1,76 @@
+"""bridged.links.tls: certificate dates checked at the device's time (tls_time), over real TLS on loopback."""
+
+from __future__ import annotations
+
+import calendar
+import datetime
+import ipaddress
+import socket
+import ssl
+
+import pytest
+from cryptography import x509
+
+from bridged.ipc.messages import Connect
+from bridged.links import tls
+from bridged.pki import PkiStore
+from tests.integration.test_tls import TlsServer, _issue
+
+UTC = datetime.timezone.utc
+
+
+def _at(year: int, month: int = 6) -> int:
+    return calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """A CA valid 2030..2037 and a leaf valid 2036..2038: never valid at the host's time."""
+    tmp = tmp_path_factory.mktemp("future")
+    ca, ca_id = _issue(tmp, "ca", "Future CA", ca=True,
+                       valid=(datetime.datetime(2030, 1, 1, tzinfo=UTC), datetime.datetime(2037, 1, 1, tzinfo=UTC)))
+    leaf, _ = _issue(tmp, "leaf", "localhost", ca_id, sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),),
+                     valid=(datetime.datetime(2036, 1, 1, tzinfo=UTC), datetime.datetime(2038, 12, 31, tzinfo=UTC)))
+    store = PkiStore(tmp / "state")
+    store.import_file("client_ca", 0, ca.cert)
+    server = TlsServer(leaf)
+    yield server, store
+    server.close()
+
+
+def _connect(chain, tls_time: int | None) -> ssl.SSLSocket:
+    server, store = chain
+    request = Connect(1, "SSL", "127.0.0.1", server.port, tls_auth=2, tls_time=tls_time)
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock = tls.client_context(request, store).wrap_socket(raw, server_hostname=None)
+    return sock
+
+
+@pytest.mark.parametrize("year", [2036, 2035, 2039, 1970])
+def test_handshake_leaves_the_dates_to_check_dates(chain, year):
+    """With a device time OpenSSL ignores dates (the host's 20xx would refuse this chain); check_dates decides."""
+    sock = _connect(chain, _at(year))
+    try:
+        if year == 2036:
+            tls.check_dates(sock, _at(year))
+        else:
+            with pytest.raises(tls.TlsError, match="not at the device's time"):
+                tls.check_dates(sock, _at(year))
+    finally:
+        sock.close()
+
+
+def test_every_certificate_of_the_chain_is_checked(chain):
+    """In mid-2037 the leaf is valid but its CA expired: refused, naming the CA."""
+    sock = _connect(chain, _at(2037))
+    try:
+        with pytest.raises(tls.TlsError, match="Future CA"):
+            tls.check_dates(sock, _at(2037))
+    finally:
+        sock.close()
+
+
+def test_without_a_device_time_the_host_clock_decides(chain):
+    """tls_time None ([sntp] source = "host"): OpenSSL checks the dates at the host's time and refuses."""
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _connect(chain, None)

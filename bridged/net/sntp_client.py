@@ -91,10 +91,6 @@ class SntpClient:
         self._synced = False  # an answer was accepted since start
         self._logged: dict[Rejection, tuple[float, int]] = {}  # reason -> (last logged, suppressed since)
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None
-
     def start(self, servers: Sequence[str], device: Device) -> None:
         """(Re)start asking ``servers``; the next accepted answer sends +TIME_UPDATED."""
         self.stop()
@@ -119,12 +115,12 @@ class SntpClient:
     async def _run(self, device: Device) -> None:
         failed = 0
         while True:
+            self._wake.clear()  # a join from now on cuts the wait after a failed round short
             if await self._round(device):
                 failed = 0
                 await asyncio.sleep(device.interval())
                 continue
             failed += 1
-            self._wake.clear()
             try:
                 async with asyncio.timeout(retry_delay(failed, device.interval())):
                     await self._wake.wait()

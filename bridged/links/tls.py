@@ -13,7 +13,8 @@ When verifying, the certificate dates are checked against ``tls_time`` when
 the request carries one (the device's SNTP clock): OpenSSL is told not to
 check times (X509_V_FLAG_NO_CHECK_TIME) and ``check_dates`` does it after the
 handshake, for every certificate of the verified chain (Python 3.13's
-get_verified_chain, the same private accessor on 3.11 and 3.12).
+get_verified_chain, the same private accessor on 3.11 and 3.12); a
+Python without it, or no verified chain, fails the link (closed, not open).
 
 When verifying, the server's certificate must name AT+CIPSSLCCN's common
 name, or else the host AT+CIPSTART named.  SNI is AT+CIPSSLCSNI's name, or
@@ -191,13 +192,24 @@ def check_dates(sock: ssl.SSLSocket, at: int | None) -> None:
 
 
 def _verified_chain(sock: ssl.SSLSocket) -> list[bytes]:
-    """DER certificates, leaf first: 3.13's public accessor gives bytes, the private one objects."""
+    """DER certificates of the chain OpenSSL verified, leaf first.
+
+    3.13's public accessor gives bytes, the private one of 3.11 and 3.12
+    certificate objects (or None).  OpenSSL was told to skip the dates, so a
+    chain that cannot be had is refused: the leaf alone (the peer may send
+    any intermediates) or nothing at all would pass unchecked certificates.
+
+    Raises:
+        TlsError: no accessor on this Python, or no verified chain.
+    """
     getter = getattr(sock, "get_verified_chain", None) or getattr(getattr(sock, "_sslobj", None),
                                                                   "get_verified_chain", None)
     if getter is None:
-        leaf = sock.getpeercert(binary_form=True)
-        return [leaf] if leaf else []
-    return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in getter()]
+        raise TlsError("this Python's ssl module gives no verified chain: certificate dates cannot be checked")
+    chain = getter()
+    if not chain:
+        raise TlsError("no verified chain after the handshake: certificate dates cannot be checked")
+    return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
 
 
 def _match(pattern: str, host: str) -> bool:

@@ -74,3 +74,40 @@ def test_without_a_device_time_the_host_clock_decides(chain):
     """tls_time None ([sntp] source = "host"): OpenSSL checks the dates at the host's time and refuses."""
     with pytest.raises(ssl.SSLCertVerificationError):
         _connect(chain, None)
+
+
+class _NoChainAccessor:
+    """A TLS socket as seen on a Python whose ssl module gives no verified chain (no public or private accessor)."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+
+    def getpeercert(self, binary_form: bool = False):
+        return self._sock.getpeercert(binary_form)
+
+
+class _EmptyChain(_NoChainAccessor):
+    """... and one whose accessor finds no verified chain (OpenSSL gives none for a resumed session)."""
+
+    def get_verified_chain(self) -> list:
+        return []
+
+
+class _NoneChain(_NoChainAccessor):
+    """... and 3.11's private accessor, which answers None when OpenSSL has no verified chain."""
+
+    class _sslobj:  # noqa: N801 - the attribute name ssl.SSLSocket has
+        @staticmethod
+        def get_verified_chain() -> None:
+            return None
+
+
+@pytest.mark.parametrize("view", [_NoChainAccessor, _EmptyChain, _NoneChain])
+def test_no_verified_chain_fails_closed(chain, view):
+    """Without the verified chain the dates cannot be checked: refused, never passed on the leaf alone or on nothing."""
+    sock = _connect(chain, _at(2037))  # the leaf is valid then, its CA is not
+    try:
+        with pytest.raises(tls.TlsError, match="verified chain"):
+            tls.check_dates(view(sock), _at(2037))
+    finally:
+        sock.close()

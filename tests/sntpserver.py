@@ -5,7 +5,9 @@ same time do not share a server.  ``answer`` decides what goes back for each
 request: ``reply_at(t)`` a well-formed server reply saying Unix time ``t``;
 ``kiss(code)`` a kiss-o'-death; any other callable gets the request and
 returns the datagram bytes, or None to stay silent.  ``reply_from_other_port``
-sends the answer from a second socket (another source port).  Every request
+sends the answer from a second socket (another source port); with
+``pass_send`` the answer also gets a function sending more datagrams to
+the client first (a flood).  Every request
 is recorded with the monotonic time it came.  ``serving`` skips the test with
 the reason when port 123 cannot be bound (tests run as root here and in CI);
 port=0 takes any free port (for clients that can be told the port).
@@ -82,8 +84,10 @@ def serving(address: str, answer: Answer, reply_from_other_port: bool = False,
 
 
 class SntpServer:
-    def __init__(self, sock: socket.socket, answer: Answer, other: socket.socket | None) -> None:
+    def __init__(self, sock: socket.socket, answer: Answer, other: socket.socket | None,
+                 pass_send: bool = False) -> None:
         self.sock = sock
+        self.pass_send = pass_send
         self.address, self.port = sock.getsockname()[:2]
         self.answer = answer
         self.other = other
@@ -94,7 +98,7 @@ class SntpServer:
 
     @classmethod
     def start(cls, address: str, answer: Answer, reply_from_other_port: bool = False,
-              port: int = 123) -> "SntpServer | str":
+              port: int = 123, pass_send: bool = False) -> "SntpServer | str":
         """A running server on ``address`` (port 0: any free one), or the reason there is none."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -107,7 +111,7 @@ class SntpServer:
         if reply_from_other_port:
             other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             other.bind((address, 0))
-        return cls(sock, answer, other)
+        return cls(sock, answer, other, pass_send)
 
     def wait_requests(self, count: int, timeout: float) -> list[tuple[float, bytes]]:
         """The first ``count`` requests, waiting up to ``timeout`` seconds for them."""
@@ -132,6 +136,9 @@ class SntpServer:
             except (TimeoutError, OSError):
                 continue
             self.requests.append((time.monotonic(), request))
-            reply = self.answer(request)
+            if self.pass_send:
+                reply = self.answer(request, lambda data, peer=peer: self.sock.sendto(data, peer))
+            else:
+                reply = self.answer(request)
             if reply is not None:
                 (self.other or self.sock).sendto(reply, peer)

@@ -8,9 +8,11 @@ forgotten (``stop``).  ``start`` runs one task:
 
 * a round asks the servers in order, each until one answers: the name is
   resolved through ``bridged.net.resolver.resolve`` with the AT+CIPDNS
-  servers, one request goes out from a fresh UDP socket (a new random port)
-  and the task waits up to ``RECV_TIMEOUT`` for an acceptable reply (see
-  ``bridged.net.sntp``); datagrams that fail a check, or come from another
+  servers, one request goes out from a fresh UDP socket (a new random port,
+  the task's own: closed however the wait ends, a stop included) and the
+  task waits up to ``RECV_TIMEOUT`` for an acceptable reply (see
+  ``bridged.net.sntp``); each datagram is checked as it is read, a few per
+  loop turn (``_Exchange``); datagrams that fail a check, or come from another
   address or port, are ignored (logged, at most one line per reason every
   ``LOG_EVERY`` seconds) and the wait goes on.  A kiss-o'-death ends the
   wait for that server at once.  No network (the station has no IP) makes
@@ -37,7 +39,7 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -49,6 +51,7 @@ from bridged.net.sntp import (
     DeviceClock,
     Rejection,
     ReplyRejected,
+    ServerReply,
     build_request,
     offset,
     parse_reply,
@@ -62,7 +65,8 @@ log = structlog.get_logger()
 RECV_TIMEOUT = 5.0  # s a server has to answer one request
 RESOLVE_TIMEOUT = 5.0  # s for the server's name
 LOG_EVERY = 10.0  # s between two log lines for ignored replies of one reason
-_QUEUE = 16  # datagrams held for the task; more are dropped (a flood)
+_READS_PER_TURN = 8  # datagrams read per event-loop turn (a flood waits its turn)
+_READ_SIZE = 512  # bytes read of a datagram: a reply has 48 (a longer one is cut, unharmed)
 
 
 class Device(Protocol):
@@ -148,57 +152,52 @@ class SntpClient:
             return False
         try:
             target = sockaddr(address, self.port)
-            transport, exchange = await self._open(socket.AF_INET6 if ":" in address else socket.AF_INET)
-        except OSError as exc:  # no IPv6 on this host, no free port ...
+            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError as exc:  # no IPv6 on this host, no fd left ...
             log.info("sntp_send_failed", server=name, address=address, error=str(exc))
             return False
         try:
-            return await self._exchange(name, target, transport, exchange)
+            outcome = await self._exchange(name, sock, target)
         finally:
-            transport.close()
-
-    async def _open(self, family: int) -> tuple[asyncio.DatagramTransport, "_Exchange"]:
-        """An unconnected UDP socket: a reply from elsewhere is seen, so it can be logged."""
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            loop = asyncio.get_running_loop()
-            return await loop.create_datagram_endpoint(lambda: _Exchange(self.clock), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-
-    async def _exchange(self, name: str, target: tuple, transport: asyncio.DatagramTransport,
-                        exchange: "_Exchange") -> bool:
-        cookie = secrets.randbits(64) or 1
-        sent = self.clock.now()
-        transport.sendto(build_request(cookie), target)
-        try:
-            async with asyncio.timeout(RECV_TIMEOUT):
-                while True:
-                    data, source, received = await exchange.queue.get()
-                    if isinstance(data, OSError):
-                        log.info("sntp_send_failed", server=name, address=target[0], error=str(data))
-                        return False
-                    try:
-                        if source[:2] != target[:2]:
-                            raise ReplyRejected(Rejection.SOURCE, f"from {source[0]} port {source[1]}")
-                        reply = parse_reply(data, cookie)
-                    except ReplyRejected as exc:
-                        self._ignored(name, target, exc)
-                        if exc.reason is Rejection.KISS_O_DEATH:
-                            return False
-                        continue
-                    break
-        except TimeoutError:
-            log.info("sntp_no_answer", server=name, address=target[0], timeout=RECV_TIMEOUT)
+            sock.close()  # whatever ended the wait, a cancellation (stop) included
+        if outcome is None:
             return False
+        reply, sent, received = outcome
         step = offset(reply, sent, received)
         self.clock.step(step)
         shown = datetime.fromtimestamp(int(self.clock.now()), timezone.utc).isoformat()
-        log.info("sntp_synced", server=name, address=target[0], stratum=reply.stratum,
+        log.info("sntp_synced", server=name, address=address, stratum=reply.stratum,
                  offset=round(step, 6), time=shown)
         return True
+
+    async def _exchange(self, name: str, sock: socket.socket,
+                        target: tuple) -> tuple[ServerReply, float, float] | None:
+        """Send one request from ``sock`` and wait for its answer: (reply, T1, T4), or None."""
+        cookie = secrets.randbits(64) or 1
+        exchange = _Exchange(sock, target, cookie, self.clock, lambda exc: self._ignored(name, target, exc))
+        loop = asyncio.get_running_loop()
+        try:
+            sock.setblocking(False)
+            sent = self.clock.now()
+            sock.sendto(build_request(cookie), target)
+            loop.add_reader(sock.fileno(), exchange.readable)
+            try:
+                async with asyncio.timeout(RECV_TIMEOUT):
+                    answer = await exchange.answer
+                if isinstance(answer, OSError):
+                    raise answer
+            finally:
+                loop.remove_reader(sock.fileno())
+        except TimeoutError:  # before OSError: it is one
+            log.info("sntp_no_answer", server=name, address=target[0], timeout=RECV_TIMEOUT)
+            return None
+        except OSError as exc:  # no route, a refused send, a failed read
+            log.info("sntp_send_failed", server=name, address=target[0], error=str(exc))
+            return None
+        if answer is None:  # a kiss-o'-death: this server, not again this round
+            return None
+        reply, received = answer
+        return reply, sent, received
 
     def _ignored(self, name: str, target: tuple, exc: ReplyRejected) -> None:
         """Log an ignored reply, at most once per reason every LOG_EVERY seconds."""
@@ -212,22 +211,48 @@ class SntpClient:
                     detail=exc.detail, suppressed=suppressed)
 
 
-class _Exchange(asyncio.DatagramProtocol):
-    """Hands datagrams (with the device time they came) to the waiting task."""
+class _Exchange:
+    """Checks each datagram as it is read, until one answers the request.
 
-    def __init__(self, clock: DeviceClock) -> None:
+    Reading is ours (``loop.add_reader``), not a transport's: at most
+    ``_READS_PER_TURN`` datagrams per event-loop turn, so a flood cannot keep
+    the loop (and with it the UART) from its other work, and each datagram
+    is checked at once, so none is dropped unread behind a queue of junk.
+    The caller owns the socket and closes it.
+    """
+
+    def __init__(self, sock: socket.socket, target: tuple, cookie: int, clock: DeviceClock,
+                 ignored: Callable[[ReplyRejected], None]) -> None:
+        self.sock = sock
+        self.target = target
+        self.cookie = cookie
         self.clock = clock
-        self.queue: asyncio.Queue = asyncio.Queue(_QUEUE)
+        self.ignored = ignored
+        # (reply, T4) when accepted; None for a kiss-o'-death; the OSError if reading failed.
+        self.answer: asyncio.Future[tuple[ServerReply, float] | OSError | None] = (
+            asyncio.get_running_loop().create_future())
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        try:
-            self.queue.put_nowait((data, addr, self.clock.now()))
-        except asyncio.QueueFull:
-            pass  # a flood: the task sees the first _QUEUE, enough to find the answer
-
-    def error_received(self, exc: Exception) -> None:
-        if isinstance(exc, OSError):
+    def readable(self) -> None:
+        for _ in range(_READS_PER_TURN):
+            if self.answer.done():
+                return
             try:
-                self.queue.put_nowait((exc, None, self.clock.now()))
-            except asyncio.QueueFull:
-                pass
+                data, source = self.sock.recvfrom(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.answer.set_result(exc)  # a result: no "exception never retrieved" if the wait just ended
+                return
+            self._check(data, source, self.clock.now())
+
+    def _check(self, data: bytes, source: tuple, received: float) -> None:
+        try:
+            if source[:2] != self.target[:2]:
+                raise ReplyRejected(Rejection.SOURCE, f"from {source[0]} port {source[1]}")
+            reply = parse_reply(data, self.cookie)
+        except ReplyRejected as exc:
+            self.ignored(exc)
+            if exc.reason is Rejection.KISS_O_DEATH:
+                self.answer.set_result(None)
+            return
+        self.answer.set_result((reply, received))

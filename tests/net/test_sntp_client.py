@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import os
+import struct
 import time
 
 import pytest
@@ -237,3 +239,85 @@ def test_ignored_replies_are_logged_at_most_once_per_reason_a_while(run, servers
 
     logs = run(main())
     assert len([e for e in logs if e["event"] == "sntp_reply_ignored"]) == 1
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_toggling_leaks_no_socket_and_sends_no_late_update(run, servers):
+    """AT+CIPSNTPCFG=1/0 in a tight loop, stopped at every stage of a query: no fd or task left, no update after the stop."""
+    server = servers(reply_at(Y2038))
+
+    async def main():
+        client = SntpClient(port=server.port)
+        device = Device()
+        before, tasks = _open_fds(), asyncio.all_tasks()
+        for turn in range(300):
+            client.start(["127.0.0.1"], device)
+            for _ in range(turn % 7):  # stop after 0..6 loop turns: resolving, opening, waiting, answered
+                await asyncio.sleep(0)
+            client.stop()
+        updates = device.updates
+        await asyncio.sleep(0.3)
+        return before, _open_fds(), updates, device.updates, asyncio.all_tasks() - tasks
+
+    before, after, updates_at_stop, updates, others = run(main())
+    assert after == before
+    assert updates == updates_at_stop
+    assert others == set()
+
+
+def test_rounds_without_answer_leak_no_socket(run, servers):
+    """A server that never answers, round after round: the fd count stays where it was."""
+    server = servers(silent)
+
+    async def main():
+        client = SntpClient(port=server.port)
+        before = _open_fds()
+        client.start(["127.0.0.1", "127.0.0.1"], Device())
+        await until(lambda: len(server.requests) >= 6, timeout=10)
+        client.stop()
+        await asyncio.sleep(0.1)
+        return before, _open_fds()
+
+    before, after = run(main())
+    assert after == before
+
+
+def flooding(count: int):
+    """An answer that first sends ``count`` replies with a guessed cookie (from the server's own address and port)."""
+    good = reply_at(Y2038)
+
+    def answer(request: bytes, send) -> bytes:
+        reply = good(request)
+        guessed = reply[:24] + struct.pack("!Q", 0x1234_5678_9ABC_DEF0) + reply[32:]
+        for _ in range(count):
+            send(guessed)
+        return reply
+
+    return answer
+
+
+def test_a_flood_of_guessed_cookies_neither_hides_the_answer_nor_stalls_the_loop(run, servers):
+    """100 forged replies from the server's own address before the real one (all fit the socket buffer): it is still taken, the loop keeps ticking."""
+    server = servers(flooding(100), pass_send=True)
+
+    async def main():
+        client = SntpClient(port=server.port)
+        device = Device()
+        lags = []
+        with capture_logs() as logs:
+            client.start(["127.0.0.1"], device)
+            while device.updates == 0 and len(lags) < 500:
+                before = time.monotonic()
+                await asyncio.sleep(0.005)
+                lags.append(time.monotonic() - before)
+        client.stop()
+        return device.updates, max(lags), logs
+
+    updates, lag, logs = run(main())
+    assert updates == 1
+    assert lag < 0.5
+    ignored = [e for e in logs if e["event"] == "sntp_reply_ignored"]
+    assert [e["reason"] for e in ignored] == ["originate"]  # one log line for the whole flood

@@ -100,7 +100,8 @@ class SntpServer:
     def start(cls, address: str, answer: Answer, reply_from_other_port: bool = False,
               port: int = 123, pass_send: bool = False) -> "SntpServer | str":
         """A running server on ``address`` (port 0: any free one), or the reason there is none."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.bind((address, port))
         except OSError as exc:
@@ -109,7 +110,7 @@ class SntpServer:
         sock.settimeout(0.1)
         other = None
         if reply_from_other_port:
-            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            other = socket.socket(family, socket.SOCK_DGRAM)
             other.bind((address, 0))
         return cls(sock, answer, other, pass_send)
 

@@ -98,6 +98,9 @@ class _Session:
     def dns_servers(self) -> Sequence[str]:
         return lookup_servers(self.ctx)
 
+    def ipv6(self) -> bool:
+        return self.ctx.state.cipv6
+
     def online(self) -> bool:
         return station_ip(self.ctx) is not None
 

@@ -78,6 +78,9 @@ class Device(Protocol):
     def dns_servers(self) -> Sequence[str]:
         """AT+CIPDNS's manual servers; () for the host's resolver."""
 
+    def ipv6(self) -> bool:
+        """AT+CIPV6: the station has IPv6 addresses, so IPv6 servers can be reached."""
+
     def online(self) -> bool:
         """The station has its IP address."""
 
@@ -146,7 +149,9 @@ class SntpClient:
     async def _ask(self, name: str, device: Device) -> bool:
         """One request to ``name``; True once an acceptable reply stepped the clock."""
         try:
-            address = (await resolve(name, servers=device.dns_servers(), timeout=RESOLVE_TIMEOUT))[0]
+            # Without AT+CIPV6=1 the ESP has no IPv6 address: an IPv6 server is unreachable.
+            family = socket.AF_UNSPEC if device.ipv6() else socket.AF_INET
+            address = (await resolve(name, family, device.dns_servers(), RESOLVE_TIMEOUT))[0]
         except ResolveError as exc:
             log.info("sntp_resolve_failed", server=name, why=str(exc))
             return False

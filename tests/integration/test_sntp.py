@@ -202,3 +202,12 @@ def test_verifying_ssl_checks_dates_at_the_device_time(daemon, host, tmp_path):
         assert host.ask(b'AT+CIPSTART=0,"SSL","127.0.0.1",%d' % server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
     finally:
         server.close()
+
+
+def test_ipv6_server_needs_cipv6(daemon, host):
+    """AT+CIPV6=0 (the default): an IPv6 literal server is accepted by AT+CIPSNTPCFG but never asked, the log says why."""
+    assert host.ask(b'AT+CIPSNTPCFG=1,0,"::1"') == b"\r\nOK\r\n"
+    failed = daemon.wait_event("sntp_resolve_failed", timeout=5)
+    assert failed[0]["server"] == "::1" and "not an IPv4 address" in failed[0]["why"]
+    assert not daemon.events("sntp_no_answer")
+    assert b"TIME_UPDATED" not in host.read_quiet(0.5)

@@ -47,10 +47,11 @@ def quick(monkeypatch):
 
 
 class Device:
-    def __init__(self, interval: float = 3600, online: bool = True) -> None:
+    def __init__(self, interval: float = 3600, online: bool = True, ipv6: bool = True) -> None:
         self.updates = 0
         self._interval = interval
         self._online = online
+        self._ipv6 = ipv6
 
     def interval(self) -> float:
         return self._interval
@@ -60,6 +61,9 @@ class Device:
 
     def online(self) -> bool:
         return self._online
+
+    def ipv6(self) -> bool:
+        return self._ipv6
 
     def time_updated(self) -> None:
         self.updates += 1
@@ -321,3 +325,30 @@ def test_a_flood_of_guessed_cookies_neither_hides_the_answer_nor_stalls_the_loop
     assert lag < 0.5
     ignored = [e for e in logs if e["event"] == "sntp_reply_ignored"]
     assert [e["reason"] for e in ignored] == ["originate"]  # one log line for the whole flood
+
+
+@pytest.mark.parametrize("ipv6", [True, False])
+def test_ipv6_servers_only_with_ipv6(run, ipv6):
+    """An IPv6 server is asked only when the device has IPv6 (AT+CIPV6=1); without it the name does not resolve."""
+    server = SntpServer.start("::1", reply_at(Y2038), port=0)
+    if isinstance(server, str):
+        pytest.skip(server)
+
+    async def main():
+        client = SntpClient(port=server.port)
+        device = Device(ipv6=ipv6)
+        with capture_logs() as logs:
+            client.start(["::1"], device)
+            await until(lambda: device.updates or any(e["event"] == "sntp_resolve_failed" for e in logs))
+        client.stop()
+        return device.updates, logs
+
+    try:
+        updates, logs = run(main())
+    finally:
+        server.close()
+    if ipv6:
+        assert updates == 1 and len(server.requests) == 1
+    else:
+        assert updates == 0 and server.requests == []
+        assert "not an IPv4 address" in [e for e in logs if e["event"] == "sntp_resolve_failed"][0]["why"]

@@ -211,3 +211,58 @@ def test_ipv6_server_needs_cipv6(daemon, host):
     assert failed[0]["server"] == "::1" and "not an IPv4 address" in failed[0]["why"]
     assert not daemon.events("sntp_no_answer")
     assert b"TIME_UPDATED" not in host.read_quiet(0.5)
+
+
+def test_time_updated_never_splits_an_answer(daemon, host):
+    """+TIME_UPDATED arriving while the MCU fires queries back to back lands between answers, never inside one."""
+    delay = 0.3
+
+    def late(request):
+        time.sleep(delay)
+        return reply_at(Y2038)(request)
+
+    answer = b'+CIPSNTPCFG:1,0,"127.0.0.136"\r\n\r\nOK\r\n'
+    with serving("127.0.0.136", late):
+        assert host.ask(b'AT+CIPSNTPCFG=1,0,"127.0.0.136"') == b"\r\nOK\r\n"
+        stream = b""
+        deadline = time.monotonic() + delay + 3
+        while b"+TIME_UPDATED\r\n" not in stream and time.monotonic() < deadline:
+            stream += host.ask(b"AT+CIPSNTPCFG?")  # the next command the instant OK arrives
+        stream += host.read_quiet(0.3)
+    before, found, after = stream.partition(b"+TIME_UPDATED\r\n")
+    assert found, stream[-200:]
+    assert before.replace(answer, b"") == b"" and after.replace(answer, b"") == b"", stream[-300:]
+
+
+def test_reset_mid_query_sends_no_late_update(daemon, host):
+    """AT+RST while a request waits for its (late) answer: after ready, no +TIME_UPDATED and the clock is untouched."""
+
+    def late(request):
+        time.sleep(1.0)
+        return reply_at(Y2038)(request)
+
+    with serving("127.0.0.137", late) as server:
+        assert host.ask(b'AT+CIPSNTPCFG=1,0,"127.0.0.137"') == b"\r\nOK\r\n"
+        server.wait_requests(1, timeout=5)
+        host.write(b"AT+RST\r\n")
+        host.expect(b"\r\nready\r\n")
+        assert b"TIME_UPDATED" not in host.read_quiet(2.0)
+        host.command(b"ATE0")
+        assert device_time(host) < 60
+        assert len(server.requests) == 1
+
+
+def test_slow_resolver_does_not_hold_the_front(daemon, host):
+    """A name whose AT+CIPDNS server never answers: AT commands are answered at once while the lookup waits."""
+    with dnsserver.serving("127.0.0.138", silent=True) as dns:
+        assert host.ask(b'AT+CIPDNS=1,"127.0.0.138"') == b"\r\nOK\r\n"
+        assert host.ask(b'AT+CIPSNTPCFG=1,0,"time.example"') == b"\r\nOK\r\n"
+        deadline = time.monotonic() + 5
+        while not dns.queries and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert dns.queries, "the SNTP client never asked the DNS server"
+        started = time.monotonic()
+        for _ in range(5):
+            assert host.ask(b"AT") == b"\r\nOK\r\n"
+        assert time.monotonic() - started < 1.0
+        assert not daemon.events("sntp_resolve_failed")  # the lookup was still waiting meanwhile

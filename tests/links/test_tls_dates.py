@@ -111,3 +111,45 @@ def test_no_verified_chain_fails_closed(chain, view):
             tls.check_dates(view(sock), _at(2037))
     finally:
         sock.close()
+
+
+@pytest.fixture(scope="module")
+def impostor(tmp_path_factory):
+    """A leaf valid at the same dates, signed by a CA of the same name as the trusted one but another key."""
+    tmp = tmp_path_factory.mktemp("impostor")
+    _, fake_id = _issue(tmp, "ca", "Future CA", ca=True,
+                        valid=(datetime.datetime(2030, 1, 1, tzinfo=UTC), datetime.datetime(2037, 1, 1, tzinfo=UTC)))
+    leaf, _ = _issue(tmp, "leaf", "localhost", fake_id, sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),),
+                     valid=(datetime.datetime(2036, 1, 1, tzinfo=UTC), datetime.datetime(2038, 12, 31, tzinfo=UTC)))
+    server = TlsServer(leaf)
+    yield server
+    server.close()
+
+
+def test_the_rest_of_the_verification_stays_with_openssl(chain, impostor):
+    """With a device time, only the dates move out of OpenSSL: a forged signature is still refused in the handshake."""
+    _, store = chain
+    with pytest.raises(ssl.SSLCertVerificationError, match="signature|issuer"):
+        _connect((impostor, store), _at(2036))
+
+
+def test_the_name_is_still_checked(chain):
+    """A device time does not relax the name check: a certificate for 127.0.0.1 does not pass for another host."""
+    sock = _connect(chain, _at(2036))
+    try:
+        tls.check_dates(sock, _at(2036))
+        with pytest.raises(tls.TlsError, match="does not name"):
+            tls.check_name(sock, "example.test")
+    finally:
+        sock.close()
+
+
+def test_mode_0_ignores_the_device_time(chain):
+    """Auth mode 0 verifies nothing, whatever the device time: no time flag, the handshake goes through."""
+    server, store = chain
+    request = Connect(1, "SSL", "127.0.0.1", server.port, tls_auth=0, tls_time=0)
+    ctx = tls.client_context(request, store)
+    assert ctx.verify_mode == ssl.CERT_NONE and not ctx.verify_flags & 0x200000
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=None) as sock:
+            assert sock.version()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import struct
+import time
 
 import pytest
 from hypothesis import given
@@ -160,3 +161,23 @@ def test_device_clock_starts_at_the_epoch_and_steps():
     assert clock.now() == Y2038
     now[0] += 2
     assert clock.now() == Y2038 + 2
+
+
+_MIN_UNIX, _MAX_UNIX = -61_505_152, 4_233_462_144  # NTP era 0 at 1968-01-20, era 1 ends in 2104
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(1, 2**64 - 1), st.floats(0, 1e6), st.floats(0, 10),
+       st.integers(-12, 14))
+def test_absurd_server_times_leave_a_usable_clock(receive, transmit, uptime, trip, tz):
+    """Any receive/transmit pair (1900, 2106, all-ones fractions): the stepped clock stays in 1968..2104 and prints."""
+    data = bytearray(reply_at(0)(request()))
+    struct.pack_into("!QQ", data, 32, receive, transmit)
+    reply = parse_reply(bytes(data), COOKIE)
+    now = [0.0]
+    clock = DeviceClock(lambda: now[0])
+    now[0] += uptime  # the request leaves this long after power-on
+    sent = clock.now()
+    now[0] += trip
+    clock.step(offset(reply, sent, clock.now()))
+    assert _MIN_UNIX - 10 <= clock.now() <= _MAX_UNIX + 10
+    assert len(time.asctime(time.gmtime(clock.now() + tz * 3600))) == 24

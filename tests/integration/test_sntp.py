@@ -31,6 +31,16 @@ def since(start: float, at: float) -> callable:
     return lambda: at + (time.monotonic() - start)
 
 
+def late(seconds: float):
+    """A server that answers 2038 after ``seconds`` (the request is then in flight that long)."""
+
+    def answer(request: bytes) -> bytes:
+        time.sleep(seconds)
+        return reply_at(Y2038)(request)
+
+    return answer
+
+
 def device_time(host) -> float:
     """AT+CIPSNTPTIME? read back as Unix seconds (the text is in the configured zone)."""
     answer = host.ask(b"AT+CIPSNTPTIME?")
@@ -127,11 +137,7 @@ def test_default_servers_resolve_through_cipdns(daemon, host):
 def test_cfg_0_stops_a_query_in_flight(daemon, host):
     """AT+CIPSNTPCFG=0 before the server's (late) answer: no +TIME_UPDATED, the servers are forgotten."""
 
-    def late(request):
-        time.sleep(1.0)
-        return reply_at(Y2038)(request)
-
-    with serving("127.0.0.132", late) as server:
+    with serving("127.0.0.132", late(1.0)) as server:
         assert host.ask(b'AT+CIPSNTPCFG=1,0,"127.0.0.132"') == b"\r\nOK\r\n"
         server.wait_requests(1, timeout=5)
         assert host.ask(b"AT+CIPSNTPCFG=0,5") == b"\r\nOK\r\n"
@@ -216,13 +222,8 @@ def test_ipv6_server_needs_cipv6(daemon, host):
 def test_time_updated_never_splits_an_answer(daemon, host):
     """+TIME_UPDATED arriving while the MCU fires queries back to back lands between answers, never inside one."""
     delay = 0.3
-
-    def late(request):
-        time.sleep(delay)
-        return reply_at(Y2038)(request)
-
     answer = b'+CIPSNTPCFG:1,0,"127.0.0.136"\r\n\r\nOK\r\n'
-    with serving("127.0.0.136", late):
+    with serving("127.0.0.136", late(delay)):
         assert host.ask(b'AT+CIPSNTPCFG=1,0,"127.0.0.136"') == b"\r\nOK\r\n"
         stream = b""
         deadline = time.monotonic() + delay + 3
@@ -237,11 +238,7 @@ def test_time_updated_never_splits_an_answer(daemon, host):
 def test_reset_mid_query_sends_no_late_update(daemon, host):
     """AT+RST while a request waits for its (late) answer: after ready, no +TIME_UPDATED and the clock is untouched."""
 
-    def late(request):
-        time.sleep(1.0)
-        return reply_at(Y2038)(request)
-
-    with serving("127.0.0.137", late) as server:
+    with serving("127.0.0.137", late(1.0)) as server:
         assert host.ask(b'AT+CIPSNTPCFG=1,0,"127.0.0.137"') == b"\r\nOK\r\n"
         server.wait_requests(1, timeout=5)
         host.write(b"AT+RST\r\n")

@@ -23,14 +23,20 @@ def _at(year: int, month: int = 6) -> int:
     return calendar.timegm((year, month, 1, 0, 0, 0))
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """A CA valid 2030..2037 and a leaf valid 2036..2038: never valid at the host's time."""
-    tmp = tmp_path_factory.mktemp("future")
+def _future_chain(tmp) -> tuple:
+    """A CA "Future CA" valid 2030..2037 and a leaf for 127.0.0.1 valid 2036..2038: never valid at the host's time."""
     ca, ca_id = _issue(tmp, "ca", "Future CA", ca=True,
                        valid=(datetime.datetime(2030, 1, 1, tzinfo=UTC), datetime.datetime(2037, 1, 1, tzinfo=UTC)))
     leaf, _ = _issue(tmp, "leaf", "localhost", ca_id, sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),),
                      valid=(datetime.datetime(2036, 1, 1, tzinfo=UTC), datetime.datetime(2038, 12, 31, tzinfo=UTC)))
+    return ca, leaf
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The future chain's server, and a store that trusts its CA."""
+    tmp = tmp_path_factory.mktemp("future")
+    ca, leaf = _future_chain(tmp)
     store = PkiStore(tmp / "state")
     store.import_file("client_ca", 0, ca.cert)
     server = TlsServer(leaf)
@@ -115,12 +121,8 @@ def test_no_verified_chain_fails_closed(chain, view):
 
 @pytest.fixture(scope="module")
 def impostor(tmp_path_factory):
-    """A leaf valid at the same dates, signed by a CA of the same name as the trusted one but another key."""
-    tmp = tmp_path_factory.mktemp("impostor")
-    _, fake_id = _issue(tmp, "ca", "Future CA", ca=True,
-                        valid=(datetime.datetime(2030, 1, 1, tzinfo=UTC), datetime.datetime(2037, 1, 1, tzinfo=UTC)))
-    leaf, _ = _issue(tmp, "leaf", "localhost", fake_id, sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),),
-                     valid=(datetime.datetime(2036, 1, 1, tzinfo=UTC), datetime.datetime(2038, 12, 31, tzinfo=UTC)))
+    """The same chain made again: a CA of the same name and dates as the trusted one, with another key."""
+    _, leaf = _future_chain(tmp_path_factory.mktemp("impostor"))
     server = TlsServer(leaf)
     yield server
     server.close()

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from bridged.net import sntp_client
 from bridged.net.sntp import DeviceClock
 from bridged.net.sntp_client import SntpClient
+from tests import dnsserver
 from tests.sntpserver import SntpServer, kiss, reply_at, silent
 
 RUNNERS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -352,3 +353,49 @@ def test_ipv6_servers_only_with_ipv6(run, ipv6):
     else:
         assert updates == 0 and server.requests == []
         assert "not an IPv4 address" in [e for e in logs if e["event"] == "sntp_resolve_failed"][0]["why"]
+
+
+def test_a_huge_datagram_is_read_in_part_and_still_checked(run, servers):
+    """A 60 000-byte answer: the first bytes are read (a reply is 48), the rest is dropped unread, the time is taken."""
+    good = reply_at(Y2038)
+    server = servers(lambda request: good(request) + b"\0" * 60_000)
+
+    async def main():
+        client = SntpClient(port=server.port)
+        device = Device()
+        client.start(["127.0.0.1"], device)
+        await until(lambda: device.updates == 1)
+        client.stop()
+        return client.clock.now()
+
+    assert run(main()) == pytest.approx(Y2038, abs=1.0)
+
+
+def test_a_name_with_many_addresses_costs_one_request(run):
+    """A server name with eight addresses: one of them (lwIP's lookup gives one) gets the only request."""
+    addresses = [f"127.0.0.{n}" for n in range(141, 149)]
+    first = SntpServer.start(addresses[0], reply_at(Y2038), port=0)
+    if isinstance(first, str):
+        pytest.skip(first)
+    others = [SntpServer.start(a, reply_at(Y2038), port=first.port) for a in addresses[1:]]
+
+    class Named(Device):
+        def dns_servers(self):
+            return ("127.0.0.140",)
+
+    async def main():
+        client = SntpClient(port=first.port)
+        device = Named()
+        client.start(["many.example"], device)
+        await until(lambda: device.updates == 1)
+        client.stop()
+
+    try:
+        with dnsserver.serving("127.0.0.140", {"many.example": addresses}):
+            run(main())
+    finally:
+        for server in [first, *others]:
+            if not isinstance(server, str):
+                server.close()
+    assert all(not isinstance(s, str) for s in others)
+    assert sum(len(s.requests) for s in [first, *others]) == 1

@@ -51,6 +51,7 @@ __all__ = [
     "LinksConfig",
     "LogConfig",
     "OtaConfig",
+    "SntpConfig",
     "StateConfig",
     "UartConfig",
     "WifiConfig",
@@ -361,6 +362,13 @@ class DnsConfig:
     hosts_file: HostsFile = _field(HostsFile(), _hosts_file())
 
 
+@dataclass(frozen=True, slots=True)
+class SntpConfig:
+    """[sntp]: where AT+CIPSNTPTIME's time comes from (see bridged.commands.sntp)."""
+
+    source: str = _field("servers", _choice("servers", "host"))
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -370,6 +378,7 @@ _SECTIONS: dict[str, type] = {
     "firmware": FirmwareConfig,
     "ota": OtaConfig,
     "dns": DnsConfig,
+    "sntp": SntpConfig,
 }
 
 
@@ -390,6 +399,7 @@ class Config:
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    sntp: SntpConfig = field(default_factory=SntpConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
 

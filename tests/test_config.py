@@ -19,6 +19,7 @@ from bridged.config import (
     LinksConfig,
     LogConfig,
     OtaConfig,
+    SntpConfig,
     StateConfig,
     UartConfig,
     WifiConfig,
@@ -106,6 +107,7 @@ ACCEPTED = [
     ("ota", "timeout_ms", 1000), ("ota", "timeout_ms", 3_600_000),
     ("dns", "hosts", {}), ("dns", "hosts", {"example.com": ["127.0.0.2", "::1"], "a.test": "127.0.0.1"}),
     ("dns", "hosts_file", ""), ("dns", "hosts_file", "/etc/hosts"),
+    ("sntp", "source", "servers"), ("sntp", "source", "host"),
 ]
 
 HOSTS_TABLE = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
@@ -200,6 +202,7 @@ REFUSED = [
     ("dns", "hosts", ["example.com", "127.0.0.1"], HOSTS_TABLE),
     ("dns", "hosts_file", "etc/hosts", HOSTS_PATH),
     ("dns", "hosts_file", 1, HOSTS_PATH),
+    ("sntp", "source", "ntp", "servers, host"),
 ]
 
 
@@ -276,7 +279,7 @@ def test_every_key_is_covered():
     """The tables above exercise every key of every section."""
     sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
                 "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig,
-                "ota": OtaConfig, "dns": DnsConfig}
+                "ota": OtaConfig, "dns": DnsConfig, "sntp": SntpConfig}
     every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
     assert {(s, k) for s, k, _ in ACCEPTED} == every
     assert {(s, k) for s, k, _, _ in REFUSED} == every
@@ -301,6 +304,7 @@ def test_defaults_are_esp_at():
     assert config.state.dir == ""
     assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",
                                    timeout_ms=180_000)
+    assert config.sntp == SntpConfig(source="servers")
 
 
 def test_config_is_frozen():
@@ -364,7 +368,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota, dns")
+        "state, firmware, ota, dns, sntp")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -581,7 +585,7 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>")
 
 
 def test_override_unparsable_string():
@@ -708,7 +712,7 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
 def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns",
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp",
                      "profile", "sources"]
 
 

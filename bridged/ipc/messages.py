@@ -66,6 +66,9 @@ class Connect:
     tls_psk_hint: str = ""
     # The worker resolves a host name through these (AT+CIPDNS manual), else the host's resolver.
     dns_servers: tuple[str, ...] = ()
+    # Auth modes 2/3 check certificate dates at this Unix time (the device's
+    # SNTP clock), else OpenSSL checks them against the host's clock.
+    tls_time: int | None = None
 
 
 @message

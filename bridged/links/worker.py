@@ -245,6 +245,7 @@ class Worker:
                 await tls.handshake(sock)
             if msg.tls_auth in (2, 3):
                 tls.check_name(sock, msg.tls_cn or msg.host)
+                tls.check_dates(sock, msg.tls_time)
         except BaseException:
             sock.close()
             raise

@@ -50,6 +50,7 @@ from bridged.at.datamode import DataKind
 from bridged.commands import registry
 from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
 from bridged.commands.dns import lookup_servers
+from bridged.commands.sntp import tls_time
 from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.passthrough import saved_link
 from bridged.commands.tcpip import connected_message
@@ -59,6 +60,7 @@ from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
+from bridged.net.sntp_client import SntpClient
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
@@ -122,6 +124,7 @@ class Front:
         )
         self.server = Server(self.links)
         self.mdns = Advertiser()
+        self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False  # a command waits on the network: input gets busy p...
@@ -154,6 +157,7 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
+            self.sntp.stop()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
@@ -210,7 +214,7 @@ class Front:
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
                       self._restart, self._apply_uart, self.uart, self.server,
-                      mdns=self.mdns, answer_part=self.output.reply)
+                      mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
@@ -251,6 +255,7 @@ class Front:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
         self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
+        self.sntp.stop()  # AT+CIPSNTPCFG was RAM; the clock stays
         self.links.drop_all()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)
@@ -583,7 +588,8 @@ class Front:
             if self.passthrough is not pt or self.links.is_busy(pt.link_id):
                 break
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.
-            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx))
+            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
+                                       tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
             try:
                 await self.links.connect(pt.link_id, spec)
             except AtError as exc:

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridged import firmware
+
 __all__ = [
     "DEFAULT_PROFILE",
     "Config",
@@ -219,6 +221,13 @@ def _command_line() -> _Check:
     return _Check(str, '"" or a command line (shell quoting, no shell features)', accept)
 
 
+def _at_version() -> _Check:
+    """An ESP-AT version bridged can emulate (bridged.firmware's range)."""
+    allowed = f"four dot-separated integers from {firmware.RANGE_TEXT} (the ESP-AT versions bridged emulates)"
+    return _Check(str, allowed,
+                  lambda v: v if isinstance(v, str) and firmware.version_problem(v) is None else _NO)
+
+
 def _field(default: Any, check: _Check, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"check": check}, repr=not secret)
 
@@ -297,10 +306,10 @@ class StateConfig:
 
 @dataclass(frozen=True, slots=True)
 class FirmwareConfig:
-    """[firmware]: what AT+GMR reports."""
+    """[firmware]: the emulated ESP-AT version: AT+GMR's text and every
+    behaviour that differs between versions (bridged.firmware)."""
 
-    at_version: str = _field("4.1.1.0", _pattern(r"\d{1,9}(\.\d{1,9}){3}",
-                                                  "four dot-separated integers"))
+    at_version: str = _field("4.1.1.0", _at_version())
     sdk_version: str = _field("v5.0.8", _text(1, 64))
     module: str = _field("WROOM-32", _text(1, 64))
 

@@ -60,7 +60,8 @@ def sntpcfg_set(ctx: Context, line: CommandLine) -> Reply:
         raise ParamInvalid(f"timezone {tz} is outside UTC-12:00..UTC+14:00", 2) from None
     chosen = tuple(s for s in servers if s) or DEFAULT_SERVERS
     ctx.extra["sntp"] = {"enable": enable, "tz": tz, "servers": chosen}
-    if enable and station_ip(ctx) is not None:
+    # ESP-AT prints +TIME_UPDATED from 3.0; 2.x syncs silently.
+    if enable and station_ip(ctx) is not None and ctx.personality.time_updated_urc:
         return Reply(after=lambda: ctx.urc(TIME_UPDATED))
     return Reply()
 

@@ -75,6 +75,7 @@ def cipmux_set(ctx: Context, line: CommandLine) -> Reply:
 
 # -- AT+CIPSTART / AT+CIPSTARTEX ----------------------------------------------------
 
+# The last of each tail, <timeout>, exists from ESP-AT 4.1 (Personality.start_timeout).
 _TCP_TAIL = (Int(0, 7200, None), Str(64, ""), Int(0, 60000, 0))
 # A link whose worker crashed is served again within a second (the supervisor
 # restarts it at once; a worker that keeps crashing backs off longer).
@@ -106,7 +107,7 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
         raise ExecFail("IPv6 is disabled: AT+CIPV6=1 first")
     if type_ in DATAGRAM_TYPES:
         return _udp_spec(ctx, type_, tokens[1:])
-    host, port, keep_alive, local_ip, timeout = bind(tokens[1:], (Str(64), Int(1, 65535)) + _TCP_TAIL)
+    host, port, keep_alive, local_ip, timeout = _bind_start(ctx, tokens[1:], (Str(64), Int(1, 65535)), _TCP_TAIL)
     _check_host(ctx, type_, host)
     if keep_alive is not None:  # shared with AT+CIPTCPOPT: the later wins
         opts = ctx.state.tcpopts[link_id]
@@ -116,8 +117,17 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
     return with_tls(ctx, link_id, spec) if type_.startswith("SSL") else spec
 
 
+def _bind_start(ctx: Context, tokens: tuple, head: tuple, tail: tuple) -> list:
+    """Bind AT+CIPSTART's parameters as this ESP-AT version has them: before
+    4.1 there is no <timeout>, so a parameter in its place is one too many
+    (ERROR); the value is then 0, the connect timeout of the kernel."""
+    if ctx.personality.start_timeout:
+        return bind(tokens, head + tail)
+    return bind(tokens, head + tail[:-1]) + [0]
+
+
 def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
-    host, port, local_port, mode, local_ip, timeout = bind(tokens, (Str(64), Int(0, 65535)) + _UDP_TAIL)
+    host, port, local_port, mode, local_ip, timeout = _bind_start(ctx, tokens, (Str(64), Int(0, 65535)), _UDP_TAIL)
     _check_host(ctx, type_, host)
     if mode is not None and not local_port:
         raise ExecFail("UDP <mode> needs <local port> first")
@@ -379,7 +389,16 @@ def ciprecvdata(ctx: Context, line: CommandLine) -> Reply:
 
 @handles("+CIPRECVLEN", Kind.QUERY)
 def ciprecvlen(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(info("+CIPRECVLEN", *(ctx.links.unread(i) for i in range(ctx.links.count))))
+    """Unread bytes per link; a link not connected shows the version's value
+    (-1 before 4.0: WiFiEspAT's AT 2 mode reads anything else as connected)."""
+    fw = ctx.personality
+    values = []
+    for link_id in range(fw.recvlen_fields(ctx.links.count, ctx.mux)):
+        # unread() first: it may find that a drained link has ended.
+        unread = ctx.links.unread(link_id) if link_id < ctx.links.count else 0
+        connected = link_id < ctx.links.count and ctx.links.view(link_id) is not None
+        values.append(unread if connected else fw.recvlen_unused)
+    return Reply(info("+CIPRECVLEN", *values))
 
 
 @handles("+CIPV6", Kind.QUERY)
@@ -400,21 +419,28 @@ def cipv6_set(ctx: Context, line: CommandLine) -> Reply:
 _TCPOPT_SPECS = (Int(-1, 65535, None), Int(0, 1, None), Int(0, 0x7FFFFFFF, None), Int(0, 7200, None))
 
 
+def _tcpopt_count(ctx: Context) -> int:
+    """so_linger, tcp_nodelay, so_sndtimeo, and <keep_alive> from ESP-AT 2.4."""
+    return 4 if ctx.personality.tcpopt_keep_alive else 3
+
+
 @handles("+CIPTCPOPT", Kind.QUERY)
 def ciptcpopt_query(ctx: Context, line: CommandLine) -> Reply:
     ids = range(ctx.links.count) if ctx.mux else range(1)
-    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i]) for i in ids))
+    shown = _tcpopt_count(ctx)
+    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i][:shown]) for i in ids))
 
 
 @handles("+CIPTCPOPT", Kind.SET)
 def ciptcpopt_set(ctx: Context, line: CommandLine) -> Reply:
+    specs = _TCPOPT_SPECS[:_tcpopt_count(ctx)]
     if ctx.mux:
-        link_id, *values = bind(line.tokens, (Int(0, ALL_LINKS),) + _TCPOPT_SPECS, min_count=4)
+        link_id, *values = bind(line.tokens, (Int(0, ALL_LINKS),) + specs, min_count=4)
         if link_id != ALL_LINKS and link_id >= ctx.links.count:
             raise ParamInvalid(f"link id {link_id} out of range", 1)
         ids = range(ctx.links.count) if link_id == ALL_LINKS else [link_id]
     else:
-        values = bind(line.tokens, _TCPOPT_SPECS, min_count=3)
+        values = bind(line.tokens, specs, min_count=3)
         ids = [0]
     for i in ids:
         opts = ctx.state.tcpopts[i]

@@ -32,13 +32,13 @@ def test_a_changed_config_restarts_the_session_with_it(make_daemon, echo_server)
     host.boot()
     assert b"AT version:4.1.1.0" in _gmr(host)
     _echo_round_trip(host, echo_server.port, b"before the reload")
-    _rewrite(daemon, '[firmware]\nat_version = "4.2.0.0"\n')
+    _rewrite(daemon, '[firmware]\nat_version = "4.1.2.0"\n')
     daemon.proc.send_signal(signal.SIGHUP)
     assert daemon.wait_event("reloading")[-1]["changed"] == ["firmware.at_version"]
     # The MCU sees the module come back, as after AT+RST, on the same port.
     assert host.expect(b"\r\nready\r\n", timeout=10) == b"\r\nready\r\n"
     host.command(b"ATE0")
-    assert b"AT version:4.2.0.0" in _gmr(host)
+    assert b"AT version:4.1.2.0" in _gmr(host)
     host.command(b'AT+CWJAP="bridged","password"')
     _echo_round_trip(host, echo_server.port, b"after the reload, through the same rings")
     assert not daemon.events("child_died")
@@ -63,7 +63,7 @@ def test_keys_only_a_restart_can_apply_are_refused(make_daemon):
     daemon.expected_errors |= {"reload_refused"}
     host = daemon.host()
     host.boot()
-    _rewrite(daemon, '[links]\ncount = 3\n[firmware]\nat_version = "4.2.0.0"\n')
+    _rewrite(daemon, '[links]\ncount = 3\n[firmware]\nat_version = "4.1.2.0"\n')
     daemon.proc.send_signal(signal.SIGHUP)
     assert daemon.wait_event("reload_refused")[-1]["needs_restart"] == ["links.count"]
     assert b"AT version:4.1.1.0" in _gmr(host)  # nothing of it applied

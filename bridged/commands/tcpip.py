@@ -96,6 +96,16 @@ def _check_host(ctx: Context, type_: str, host: str) -> None:
         raise ExecFail(f"unmatched type and remote host: {type_} needs an IPv6 address")
 
 
+def _bind_start(ctx: Context, tokens: tuple, head: tuple, tail: tuple) -> list:
+    """Bind AT+CIPSTART's parameters as this ESP-AT version has them: before
+    4.1 there is no <timeout>, so a parameter in its place is one too many
+    (ERROR); <timeout> is then 0: ``[links] connect_timeout_ms`` bounds the
+    connect, as the kernel's timeout bounds ESP-AT's."""
+    if ctx.personality.start_timeout:
+        return bind(tokens, head + tail)
+    return bind(tokens, head + tail[:-1]) + [0]
+
+
 def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
     """Check AT+CIPSTART's parameters after the link id."""
     if not tokens:
@@ -115,15 +125,6 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
         ctx.links.set_options(link_id, opts[0], opts[1], opts[3])
     spec = ConnectSpec(type_, host, port, local_ip, timeout)
     return with_tls(ctx, link_id, spec) if type_.startswith("SSL") else spec
-
-
-def _bind_start(ctx: Context, tokens: tuple, head: tuple, tail: tuple) -> list:
-    """Bind AT+CIPSTART's parameters as this ESP-AT version has them: before
-    4.1 there is no <timeout>, so a parameter in its place is one too many
-    (ERROR); the value is then 0, the connect timeout of the kernel."""
-    if ctx.personality.start_timeout:
-        return bind(tokens, head + tail)
-    return bind(tokens, head + tail[:-1]) + [0]
 
 
 def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:

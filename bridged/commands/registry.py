@@ -6,7 +6,9 @@ command does not have answers ERROR (ERR CODE subcategory 0x0C), an unknown
 name ERROR (0x09).
 
 A command the configured ESP-AT version lacks (bridged.firmware) answers as an
-unknown one.  Handlers take the session context and the parsed line and return a ``Reply``
+unknown one.
+
+Handlers take the session context and the parsed line and return a ``Reply``
 (or a coroutine that returns one, for commands that wait on the network: the
 front answers ``busy p...`` to input meanwhile).  They never write to the UART.
 """

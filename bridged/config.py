@@ -223,7 +223,8 @@ def _command_line() -> _Check:
 
 def _at_version() -> _Check:
     """An ESP-AT version bridged can emulate (bridged.firmware's range)."""
-    allowed = f"four dot-separated integers from {firmware.RANGE_TEXT} (the ESP-AT versions bridged emulates)"
+    allowed = (f"an ESP-AT version from {firmware.RANGE_TEXT}: four dot-separated numbers 0 to 255 "
+               "in ASCII digits, no leading zero")
     return _Check(str, allowed,
                   lambda v: v if isinstance(v, str) and firmware.version_problem(v) is None else _NO)
 

@@ -49,7 +49,7 @@ Version = tuple[int, int, int, int]
 
 OLDEST: Version = (2, 2, 0, 0)
 _NEWEST_MINOR = (4, 1)  # every 4.1.x.x; 4.2 never existed, 5.0 adds what bridged lacks
-RANGE_TEXT = "2.2.0.0 to 4.1.x.x"
+RANGE_TEXT = "2.2.0.0 to 4.1.255.255"
 
 #: AT+CIPRECVLEN? before 4.1 always prints AT_SOCKET_MAX_CONN_NUM values.
 RECVLEN_FIXED_FIELDS = 5
@@ -118,15 +118,21 @@ class Personality:
         return links if mux else 1
 
 
-_VERSION = re.compile(r"(\d{1,9})\.(\d{1,9})\.(\d{1,9})\.(\d{1,9})")
+# Each number is a byte of esp_at_get_version() (esp_at_core.h: main, sub,
+# test, custom version), written as AT+GMR prints it: ASCII digits without a
+# leading zero.  [0-9], not \d: \d and int() also take other scripts' digits.
+_NUMBER = r"(0|[1-9][0-9]{0,2})"
+_VERSION = re.compile(r"\.".join([_NUMBER] * 4))
 
 
 def parse_version(text: str) -> Version | None:
-    """``"4.1.1.0"`` -> (4, 1, 1, 0); None if it is not four dot-separated integers."""
+    """``"4.1.1.0"`` -> (4, 1, 1, 0); None unless four dot-separated numbers 0 to 255."""
     match = _VERSION.fullmatch(text)
     if match is None:
         return None
     a, b, c, d = (int(g) for g in match.groups())
+    if max(a, b, c, d) > 255:
+        return None
     return (a, b, c, d)
 
 
@@ -134,7 +140,7 @@ def version_problem(text: str) -> str | None:
     """Why bridged cannot emulate ``text``, or None if it can."""
     version = parse_version(text)
     if version is None:
-        return "not four dot-separated integers"
+        return "not four dot-separated numbers 0 to 255"
     if version < OLDEST or version[:2] > _NEWEST_MINOR:
         return f"outside {RANGE_TEXT}"
     return None

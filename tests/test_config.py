@@ -89,7 +89,7 @@ ACCEPTED = [
     ("log", "transcript", True), ("log", "transcript", False),
     ("state", "dir", ""), ("state", "dir", "/var/lib/bridged/x"),
     ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "2.2.0.0"),
-    ("firmware", "at_version", "4.1.999999999.999999999"),
+    ("firmware", "at_version", "4.1.255.255"), ("firmware", "at_version", "3.0.10.100"),
     ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
     ("ota", "server", ""), ("ota", "server", "http://127.0.0.1:8080"),
     ("ota", "server", "https://updates.example/esp/v2"),
@@ -101,7 +101,8 @@ ACCEPTED = [
 
 # (section, key, value, allowed) for values just outside what is allowed.
 OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
-AT_VERSION = "four dot-separated integers from 2.2.0.0 to 4.1.x.x (the ESP-AT versions bridged emulates)"
+AT_VERSION = ("an ESP-AT version from 2.2.0.0 to 4.1.255.255: four dot-separated numbers 0 to 255 "
+              "in ASCII digits, no leading zero")
 
 REFUSED = [
     ("uart", "port", 5, '"" (create a pseudo-terminal) or a serial device path'),
@@ -164,7 +165,24 @@ REFUSED = [
     ("state", "dir", "relative/dir", '"" (automatic) or an absolute directory path'),
     ("firmware", "at_version", "4.1.1", AT_VERSION),
     ("firmware", "at_version", "4.1.1.x", AT_VERSION),
-    ("firmware", "at_version", "2.1.999999999.999999999", AT_VERSION),  # just before 2.2.0.0
+    ("firmware", "at_version", "2.1.255.255", AT_VERSION),  # just before 2.2.0.0
+    ("firmware", "at_version", "4.1.256.0", AT_VERSION),  # each number is a byte of the core's version
+    ("firmware", "at_version", "4.1.99999999999999999999.0", AT_VERSION),
+    ("firmware", "at_version", "04.1.1.0", AT_VERSION),  # AT+GMR would print the zero
+    ("firmware", "at_version", "4.1.1.00", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0 ", AT_VERSION),
+    ("firmware", "at_version", " 4.1.1.0", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0\n", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0.0", AT_VERSION),
+    ("firmware", "at_version", "4.1.-1.0", AT_VERSION),
+    ("firmware", "at_version", "+4.1.1.0", AT_VERSION),
+    ("firmware", "at_version", "4_1.1.1.0", AT_VERSION),  # int() takes underscores
+    ("firmware", "at_version", "4.1.1_0.0", AT_VERSION),
+    ("firmware", "at_version", "\u0664.1.1.0", AT_VERSION),  # Arabic-Indic 4: int() and \d take it
+    ("firmware", "at_version", "\uff14.1.1.0", AT_VERSION),  # fullwidth 4
+    ("firmware", "at_version", 4, AT_VERSION),
+    ("firmware", "at_version", 4.1, AT_VERSION),
+    ("firmware", "at_version", [4, 1, 1, 0], AT_VERSION),
     ("firmware", "at_version", "4.2.0.0", AT_VERSION),
     ("firmware", "at_version", "5.0.1.0", AT_VERSION),  # AT+CIPCONNPERSIST, +ERRNO: not emulated
     ("firmware", "at_version", "1.7.4.0", AT_VERSION),  # ESP8266 NonOS

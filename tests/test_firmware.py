@@ -77,14 +77,16 @@ def test_gmr_bin_version(version, bin_version):
 
 
 @pytest.mark.parametrize(("text", "problem"), [
-    ("2.2.0.0", None), ("4.1.0.0", None), ("4.1.999999999.0", None),
-    ("2.1.9.9", "outside 2.2.0.0 to 4.1.x.x"), ("4.2.0.0", "outside 2.2.0.0 to 4.1.x.x"),
-    ("5.0.1.0", "outside 2.2.0.0 to 4.1.x.x"), ("1.7.4.0", "outside 2.2.0.0 to 4.1.x.x"),
-    ("4.1.1", "not four dot-separated integers"), ("4.1.1.0-dev", "not four dot-separated integers"),
-    ("", "not four dot-separated integers"),
+    ("2.2.0.0", None), ("4.1.0.0", None), ("4.1.255.255", None), ("3.10.200.0", None),
+    ("2.1.9.9", "outside 2.2.0.0 to 4.1.255.255"), ("4.2.0.0", "outside 2.2.0.0 to 4.1.255.255"),
+    ("5.0.1.0", "outside 2.2.0.0 to 4.1.255.255"), ("1.7.4.0", "outside 2.2.0.0 to 4.1.255.255"),
+    *((text, "not four dot-separated numbers 0 to 255") for text in (
+        "4.1.1", "4.1.1.0-dev", "", "4.1.256.0", "4.1.999999999.0", "04.1.1.0", "4.01.1.0", "4.1.1.0 ",
+        "4.1.1.0\n", "4.1.1.0.0", "4.1.-1.0", "+4.1.1.0", "4_1.1.1.0", "4.1.1_0.0",
+        "\u0664.1.1.0", "4.\u0661.1.0", "\uff14.1.1.0", "\U0001d7d2.1.1.0")),
 ])
 def test_version_range(text, problem):
-    """bridged emulates 2.2.0.0 up to any 4.1.x; other versions are named as such."""
+    """bridged emulates 2.2.0.0 up to any 4.1.x, in AT+GMR's ASCII spelling; other text is refused."""
     assert version_problem(text) == problem
     if problem is None:
         assert personality(text).version == parse_version(text)

@@ -3,7 +3,7 @@
 Theory of operation.  Host drivers are built against one ESP-AT version and
 read its answers accordingly: WiFiEspAT's "AT 2" mode counts any
 ``+CIPRECVLEN`` value but -1 as a connected link (2.x prints -1 for an unused
-link, 4.0+ prints 0), lwESP refuses a version before 3.2.0.0, a 2.x host that
+link, 3.0+ prints 0), lwESP refuses a version before 3.2.0.0, a 2.x host that
 sends AT+CIPSENDL expects ERROR.  So bridged answers as the configured
 version does wherever versions differ.  Each difference is one field of
 ``Personality``, derived once from the version; command handlers read the
@@ -17,6 +17,17 @@ v2.2.0.0_esp32 ... v4.1.1.0.  Where the core shows a command earlier than
 the appendix's columns (AT+CIPRECVTYPE in 3.3.0.0, AT+TRANSINTVL in 3.1.0.0,
 AT+CIPSTATE and AT+CIPSENDL in 2.3.0.0, an ESP32-C3-only release), the core
 wins: the appendix has no column for those versions.
+
+AT+CIPRECVLEN? departs from esp-at-behavior.md 3.8 and Appendix A, which give
+five values in single mode before 4.1 and -1 for unused links up to 3.x.  The
+query handler of the RISC-V cores built from the same core commit as the
+ESP32 one (v2.2.0.0_esp32 ... v4.1.1.0, at_ipCmd.c.obj) prints one value,
+link 0's, when AT+CIPMUX is 0 in every version, and the five link ids 0-4
+(hard-coded) in multiple-connection mode before 4.1; the value of a link
+without a socket is -1 up to 2.4 (at_get_cip_recv_buf_len) and 0 from 3.0
+(at_get_link_available_bytes).  The real outputs quoted with -1 (#280, #655,
+#731) are 2.x ones; the 4.0 and 4.1 examples docs show ``+CIPRECVLEN:4`` for
+a single connection.
 
 Range: 2.2.0.0 (the first ESP32 release with AT+CIPV6, AT+CMD?, AT+CWSTATE
 and AT+CIPSSLCPSK, all of which bridged has) up to any 4.1.x.  5.0 adds
@@ -51,7 +62,7 @@ OLDEST: Version = (2, 2, 0, 0)
 _NEWEST_MINOR = (4, 1)  # every 4.1.x.x; 4.2 never existed, 5.0 adds what bridged lacks
 RANGE_TEXT = "2.2.0.0 to 4.1.255.255"
 
-#: AT+CIPRECVLEN? before 4.1 always prints AT_SOCKET_MAX_CONN_NUM values.
+#: AT+CIPRECVLEN? in multiple-connection mode before 4.1: link ids 0-4, hard-coded.
 RECVLEN_FIXED_FIELDS = 5
 
 # Commands bridged has that older versions lack, with the first version that
@@ -77,9 +88,9 @@ class Personality:
         version: the four numbers of ``[firmware] at_version``.
         missing_commands: command names (``+CIPSTATE``) this version lacks.
         recvlen_unused: AT+CIPRECVLEN?'s value for a link not connected:
-            -1 before 4.0, 0 from 4.0 (esp-at-behavior.md 3.8).
+            -1 before 3.0, 0 from 3.0 (the cores; see above).
         recvlen_per_link: 4.1+: one value per link slot in multiple-connection
-            mode and one value in single mode; before, always five values.
+            mode; before, five values there.  Single mode: one in every version.
         server_netif: 4.1+: AT+CIPSERVER takes ``<netif>`` and its query shows
             it as a fifth field.
         start_timeout: 4.1+: AT+CIPSTART / AT+CIPSTARTEX take ``<timeout>``.
@@ -113,9 +124,9 @@ class Personality:
 
     def recvlen_fields(self, links: int, mux: bool) -> int:
         """How many values AT+CIPRECVLEN? prints."""
-        if not self.recvlen_per_link:
-            return RECVLEN_FIXED_FIELDS
-        return links if mux else 1
+        if not mux:
+            return 1
+        return links if self.recvlen_per_link else RECVLEN_FIXED_FIELDS
 
 
 # Each number is a byte of esp_at_get_version() (esp_at_core.h: main, sub,
@@ -161,7 +172,7 @@ def personality(at_version: str) -> Personality:
     return Personality(
         version=v,
         missing_commands=frozenset(n for n, since in _COMMAND_SINCE.items() if v < since),
-        recvlen_unused=-1 if v < (4, 0, 0, 0) else 0,
+        recvlen_unused=-1 if v < (3, 0, 0, 0) else 0,
         recvlen_per_link=v >= (4, 1, 0, 0),
         server_netif=v >= (4, 1, 0, 0),
         start_timeout=v >= (4, 1, 0, 0),

@@ -34,15 +34,16 @@ def test_commands_a_version_lacks(version, missing):
 
 
 @pytest.mark.parametrize(("version", "unused", "fields_mux", "fields_single"), [
-    ("2.2.0.0", -1, 5, 5),
-    ("3.4.0.0", -1, 5, 5),
-    ("3.9.9.9", -1, 5, 5),
-    ("4.0.0.0", 0, 5, 5),
-    ("4.0.9.9", 0, 5, 5),
+    ("2.2.0.0", -1, 5, 1),
+    ("2.4.2.0", -1, 5, 1),
+    ("3.0.0.0", 0, 5, 1),
+    ("3.4.0.0", 0, 5, 1),
+    ("4.0.9.9", 0, 5, 1),
     ("4.1.0.0", 0, 3, 1),
 ])
 def test_ciprecvlen_shape(version, unused, fields_mux, fields_single):
-    """CIPRECVLEN: -1 for unused links before 4.0; five values before 4.1, then per link / one."""
+    """CIPRECVLEN: -1 for unused links before 3.0; in mux mode five values before 4.1,
+    then one per link slot; in single mode one value in every version."""
     fw = personality(version)
     assert fw.recvlen_unused == unused
     assert fw.recvlen_fields(3, mux=True) == fields_mux

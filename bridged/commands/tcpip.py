@@ -391,7 +391,7 @@ def ciprecvdata(ctx: Context, line: CommandLine) -> Reply:
 @handles("+CIPRECVLEN", Kind.QUERY)
 def ciprecvlen(ctx: Context, line: CommandLine) -> Reply:
     """Unread bytes per link; a link not connected shows the version's value
-    (-1 before 4.0: WiFiEspAT's AT 2 mode reads anything else as connected)."""
+    (-1 before 3.0: WiFiEspAT's AT 2 mode reads anything else as connected)."""
     fw = ctx.personality
     values = []
     for link_id in range(fw.recvlen_fields(ctx.links.count, ctx.mux)):

@@ -43,8 +43,7 @@ class Version:
     sdk: bytes
     bin_version: bytes
     missing: frozenset[bytes]
-    unused: bytes  # AT+CIPRECVLEN? for a link not connected
-    per_link: bool  # 4.1: one value per link (mux), one value (single)
+    unused: bytes  # AT+CIPRECVLEN? for a link not connected (-1 in 2.x)
     v4_1: bool  # AT+CIPSERVER <netif>, CIPSTART / CIPDOMAIN <timeout>, AT+MDNS options
     keep_alive_opt: bool  # AT+CIPTCPOPT <keep_alive> (2.4)
     time_updated: bool  # +TIME_UPDATED (3.0)
@@ -53,15 +52,15 @@ class Version:
 
 VERSIONS = [
     Version("esp-at-2.2", b"2.2.0.0", b"v4.2.1", b"2.2.0",
-            frozenset(PROBES) - {b"+CIPRECVMODE"}, b"-1", False, False, False, False, False),
+            frozenset(PROBES) - {b"+CIPRECVMODE"}, b"-1", False, False, False, False),
     Version("esp-at-2.4", b"2.4.0.0", b"v4.3.2", b"2.4.0",
             frozenset({b"+CIPFWVER", b"+TRANSINTVL", b"+CIPSSLCPSKHEX", b"+CIPRECVTYPE"}),
-            b"-1", False, False, True, False, True),
+            b"-1", False, True, False, True),
     Version("esp-at-3.2", b"3.2.0.0", b"v5.0.2", b"v3.2.0.0", frozenset({b"+CIPRECVTYPE"}),
-            b"-1", False, False, True, True, True),
-    Version("esp-at-3.4", b"3.4.0.0", b"v5.0.6", b"v3.4.0.0", frozenset(), b"-1", False, False, True, True, True),
-    Version("esp-at-4.0", b"4.0.0.0", b"v5.0.4", b"v4.0.0.0", frozenset(), b"0", False, False, True, True, True),
-    Version("esp32", b"4.1.1.0", b"v5.0.8", b"v4.1.1.0", frozenset(), b"0", True, True, True, True, True),
+            b"0", False, True, True, True),
+    Version("esp-at-3.4", b"3.4.0.0", b"v5.0.6", b"v3.4.0.0", frozenset(), b"0", False, True, True, True),
+    Version("esp-at-4.0", b"4.0.0.0", b"v5.0.4", b"v4.0.0.0", frozenset(), b"0", False, True, True, True),
+    Version("esp32", b"4.1.1.0", b"v5.0.8", b"v4.1.1.0", frozenset(), b"0", True, True, True, True),
 ]
 
 
@@ -148,15 +147,17 @@ def test_server_netif(vhost, version):
 
 
 def _recvlen(version: Version, values: list[bytes | None], mux: bool) -> bytes:
-    """The expected line: None is a link not connected."""
+    """The expected line (five link slots): None is a link not connected; in
+    single mode only link 0's value, in every version (the cores' handler)."""
     shown = [version.unused if v is None else v for v in values]
-    if version.per_link and not mux:
+    if not mux:
         shown = shown[:1]
     return b"+CIPRECVLEN:" + b",".join(shown) + b"\r\n\r\nOK\r\n"
 
 
 def test_ciprecvlen_and_cipstart(vhost, version, echo_server):
-    """AT+CIPRECVLEN?'s values for unused links and its field count; CIPSTART's <timeout> from 4.1."""
+    """AT+CIPRECVLEN?'s value for unused links (-1 in 2.x) and its field count (one in single
+    mode); CIPSTART's <timeout> from 4.1."""
     vhost.command(b"AT+CIPRECVMODE=1")
     assert vhost.ask(b"AT+CIPRECVLEN?") == _recvlen(version, [None] * 5, mux=False)
     start = b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port
@@ -194,8 +195,9 @@ def test_passthrough_with_a_server(vhost, version):
 
 
 def test_links_in_a_profile_with_fewer_slots(make_daemon):
-    """Before 4.1, AT+CIPRECVLEN? prints five values even with three link slots."""
-    daemon = make_daemon("[links]\ncount = 3\n", ("--profile", "esp-at-3.2"))
+    """Before 4.1, AT+CIPRECVLEN? prints five values in multiple-connection mode even
+    with three link slots (the core's link ids 0-4 are hard-coded)."""
+    daemon = make_daemon("[links]\ncount = 3\n", ("--profile", "esp-at-2.4"))
     host = daemon.host()
     host.boot()
     host.command(b"AT+CIPMUX=1")

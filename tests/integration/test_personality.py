@@ -183,6 +183,36 @@ def test_ciprecvlen_and_cipstart(vhost, version, echo_server):
     vhost.command(b"AT+CIPCLOSE=1")
 
 
+def _cmd_rows(listing: bytes) -> list[bytes]:
+    """AT+CMD?'s rows without their index: name and the four form flags."""
+    return re.findall(rb"\+CMD:\d+,(\"AT[^\"]*\",\d,\d,\d,\d)\r\n", listing)
+
+
+def test_missing_commands_are_byte_for_byte_unknown(make_daemon):
+    """On 2.2, every form of a command it lacks (=?, ?, set, execute) echoes and answers
+    exactly as an unknown command; AT+CMD? is 4.1's list without those rows, renumbered."""
+    daemon = make_daemon("", ("--profile", "esp-at-2.2"))
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+SYSLOG=1")
+    host.command(b"ATE1")
+    missing = frozenset(PROBES) - {b"+CIPRECVMODE"}
+    for name in sorted(missing):
+        for form in (b"=?", b"?", b"=1,\"x\"", b""):
+            unknown = host.ask(b"AT+BRIDGEDNOSUCH" + form)
+            assert unknown == b"AT+BRIDGEDNOSUCH%s\r\n%s" % (form, UNKNOWN)
+            assert host.ask(b"AT" + name + form) == unknown.replace(b"+BRIDGEDNOSUCH", name)
+    old = host.ask(b"AT+CMD?")
+    host.close()
+    daemon = make_daemon()
+    host = daemon.host()
+    host.boot()
+    new = host.ask(b"AT+CMD?")
+    host.close()
+    assert [int(i) for i in re.findall(rb"\+CMD:(\d+),", old)] == list(range(len(_cmd_rows(old))))
+    assert _cmd_rows(old) == [row for row in _cmd_rows(new) if row.split(b'"')[1][2:] not in missing]
+
+
 def test_passthrough_with_a_server(vhost, version):
     """Passthrough with a server limited to one client exists from 2.3; before, single mode only."""
     vhost.command(b"AT+CIPMUX=1")

@@ -38,6 +38,12 @@ never on the AT port): +IPD, CONNECT/CLOSED/+LINK_CONN, ``busy p...``,
 SEND OK/FAIL, ``Recv <n> bytes``, the ``>`` prompt, AT+GMR's line layout;
 the log-port texts (``link is not valid`` before 4.1, ``invalid link``
 after) stay in bridged's own log.
+
+Known differences not emulated: AT+CIPSNTPCFG? with SNTP off prints
+``+CIPSNTPCFG:0`` before 3.2 and ``+CIPSNTPCFG:0,<timezone>`` from 3.2 (core
+format strings); ``Bin version`` follows the esp32 module's sdkconfig, which
+was not bumped in releases without an ESP32 build (3.0/3.1 "2.5.0", 3.3 and
+4.0 "v3.2.0.0") nor in 2.4.2.0 ("2.4.1"): bridged prints the version asked for.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridged import firmware
 from bridged.net.hosts import (PATH_ALLOWED, TABLE_ALLOWED, HostsError, HostsFile, HostTable,
                                read_hosts_file, table_from_toml)
 
@@ -257,6 +258,14 @@ def _hosts_file() -> _Check:
     return _Check(str, PATH_ALLOWED, accept)
 
 
+def _at_version() -> _Check:
+    """An ESP-AT version bridged can emulate (bridged.firmware's range)."""
+    allowed = (f"an ESP-AT version from {firmware.RANGE_TEXT}: four dot-separated numbers 0 to 255 "
+               "in ASCII digits, no leading zero")
+    return _Check(str, allowed,
+                  lambda v: v if isinstance(v, str) and firmware.version_problem(v) is None else _NO)
+
+
 def _field(default: Any, check: _Check, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"check": check}, repr=not secret)
 
@@ -335,10 +344,10 @@ class StateConfig:
 
 @dataclass(frozen=True, slots=True)
 class FirmwareConfig:
-    """[firmware]: what AT+GMR reports."""
+    """[firmware]: the emulated ESP-AT version: AT+GMR's text and every
+    behaviour that differs between versions (bridged.firmware)."""
 
-    at_version: str = _field("4.1.1.0", _pattern(r"\d{1,9}(\.\d{1,9}){3}",
-                                                  "four dot-separated integers"))
+    at_version: str = _field("4.1.1.0", _at_version())
     sdk_version: str = _field("v5.0.8", _text(1, 64))
     module: str = _field("WROOM-32", _text(1, 64))
 

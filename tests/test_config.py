@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ ACCEPTED = [
     ("log", "format", "auto"), ("log", "format", "json"), ("log", "format", "console"),
     ("log", "transcript", True), ("log", "transcript", False),
     ("state", "dir", ""), ("state", "dir", "/var/lib/bridged/x"),
-    ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "0.0.0.0"),
+    ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "2.2.0.0"),
+    ("firmware", "at_version", "4.1.255.255"), ("firmware", "at_version", "3.0.10.100"),
     ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
     ("ota", "server", ""), ("ota", "server", "http://127.0.0.1:8080"),
     ("ota", "server", "https://updates.example/esp/v2"),
@@ -116,6 +118,8 @@ HOSTS_PATH = '"" (none) or an absolute path to a readable file in /etc/hosts for
 
 # (section, key, value, allowed) for values just outside what is allowed.
 OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
+AT_VERSION = ("an ESP-AT version from 2.2.0.0 to 4.1.255.255: four dot-separated numbers 0 to 255 "
+              "in ASCII digits, no leading zero")
 
 REFUSED = [
     ("uart", "port", 5, '"" (create a pseudo-terminal) or a serial device path'),
@@ -176,8 +180,29 @@ REFUSED = [
     ("log", "format", "text", "auto, json, console"),
     ("log", "transcript", "false", "true, false"),
     ("state", "dir", "relative/dir", '"" (automatic) or an absolute directory path'),
-    ("firmware", "at_version", "4.1.1", "four dot-separated integers"),
-    ("firmware", "at_version", "4.1.1.x", "four dot-separated integers"),
+    ("firmware", "at_version", "4.1.1", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.x", AT_VERSION),
+    ("firmware", "at_version", "2.1.255.255", AT_VERSION),  # just before 2.2.0.0
+    ("firmware", "at_version", "4.1.256.0", AT_VERSION),  # each number is a byte of the core's version
+    ("firmware", "at_version", "4.1.99999999999999999999.0", AT_VERSION),
+    ("firmware", "at_version", "04.1.1.0", AT_VERSION),  # AT+GMR would print the zero
+    ("firmware", "at_version", "4.1.1.00", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0 ", AT_VERSION),
+    ("firmware", "at_version", " 4.1.1.0", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0\n", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0.0", AT_VERSION),
+    ("firmware", "at_version", "4.1.-1.0", AT_VERSION),
+    ("firmware", "at_version", "+4.1.1.0", AT_VERSION),
+    ("firmware", "at_version", "4_1.1.1.0", AT_VERSION),  # int() takes underscores
+    ("firmware", "at_version", "4.1.1_0.0", AT_VERSION),
+    ("firmware", "at_version", "\u0664.1.1.0", AT_VERSION),  # Arabic-Indic 4: int() and \d take it
+    ("firmware", "at_version", "\uff14.1.1.0", AT_VERSION),  # fullwidth 4
+    ("firmware", "at_version", 4, AT_VERSION),
+    ("firmware", "at_version", 4.1, AT_VERSION),
+    ("firmware", "at_version", [4, 1, 1, 0], AT_VERSION),
+    ("firmware", "at_version", "4.2.0.0", AT_VERSION),
+    ("firmware", "at_version", "5.0.1.0", AT_VERSION),  # AT+CIPCONNPERSIST, +ERRNO: not emulated
+    ("firmware", "at_version", "1.7.4.0", AT_VERSION),  # ESP8266 NonOS
     ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
     ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
     ("ota", "server", "ftp://host/x", OTA_SERVER),
@@ -646,6 +671,23 @@ def test_esp32_profile_is_the_defaults():
     """The esp32 profile states the built-in defaults, nothing else."""
     config = load_config(None, str(REPO / "config" / "profiles" / "esp32.toml"), {})
     assert dataclasses.replace(config, profile="esp32", sources=()) == default_config()
+
+
+FIRMWARE_PROFILES = [p for p in PROFILES if p.stem.startswith("esp-at-")]
+
+
+@pytest.mark.parametrize("profile", FIRMWARE_PROFILES, ids=[p.stem for p in FIRMWARE_PROFILES])
+def test_firmware_profiles_repeat_the_esp32_keys(profile):
+    """An esp-at-X.Y profile has every esp32 key, the same values but the
+    firmware version it is named after and its SDK version."""
+    esp32 = tomllib.loads((REPO / "config" / "profiles" / "esp32.toml").read_text())
+    mine = tomllib.loads(profile.read_text())
+    assert {s: set(t) for s, t in mine.items()} == {s: set(t) for s, t in esp32.items()}
+    assert mine["firmware"]["at_version"].startswith(profile.stem.removeprefix("esp-at-") + ".")
+    for section, table in esp32.items():
+        for key, value in table.items():
+            if (section, key) not in (("firmware", "at_version"), ("firmware", "sdk_version")):
+                assert mine[section][key] == value, (section, key)
 
 
 # --------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from bridged.firmware import Personality, personality
+
 if TYPE_CHECKING:
     from bridged.config import Config
     from bridged.store import Store
@@ -200,6 +202,11 @@ class Context:
     # Work a command left running after its answer (a nonblocking AT+CIUPDATE):
     # a restart cancels it, as a reboot would.
     background: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def personality(self) -> Personality:
+        """How the configured ESP-AT version answers where versions differ."""
+        return personality(self.config.firmware.at_version)
 
     @property
     def mux(self) -> bool:

@@ -105,7 +105,8 @@ class _Session:
         return station_ip(self.ctx) is not None
 
     def time_updated(self) -> None:
-        self.ctx.urc(TIME_UPDATED)
+        if self.ctx.personality.time_updated_urc:  # from 3.0; 2.x syncs silently
+            self.ctx.urc(TIME_UPDATED)
 
 
 @handles("+CIPSNTPCFG", Kind.QUERY)
@@ -132,7 +133,8 @@ def sntpcfg_set(ctx: Context, line: CommandLine) -> Reply:
     servers = (tuple(rest[1:]) or DEFAULT_SERVERS) if enable else ()
     ctx.state.sntp = SntpSettings(servers, tz)
     if not _from_servers(ctx):
-        if enable and station_ip(ctx) is not None:
+        # ESP-AT prints +TIME_UPDATED from 3.0; 2.x syncs silently.
+        if enable and station_ip(ctx) is not None and ctx.personality.time_updated_urc:
             return Reply(then=lambda: ctx.urc(TIME_UPDATED))
         return Reply()
     if enable:

@@ -337,7 +337,7 @@ def test_ssl_server_with_generated_certificate(tls_host):
     daemon, host = tls_host
     port = _free_port()
     assert host.ask(b'AT+CIPSERVER=1,%d,"SSL",0' % port) == b"\r\nOK\r\n"
-    assert host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"SSL",0\r\n\r\nOK\r\n' % port
+    assert host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"SSL",0,0\r\n\r\nOK\r\n' % port
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

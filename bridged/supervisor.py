@@ -17,7 +17,17 @@ dies, the workers see EOF and exit; everything is started again.
 Restart policy: a child that dies is restarted at once, then with a backoff
 doubling up to 5 s while it keeps dying within 10 s of its start.  A front
 that fails five times in a row without reaching ``ready`` ends the daemon with
-status 1 (systemd's Restart= takes over from there).
+status 1 (systemd's Restart= takes over from there).  A port that cannot be
+used is no failure to retry: a pty link that cannot be made stops the start
+before any fork, and a serial port the front cannot open comes back as
+``PortFailed`` plus the exit status ``PORT_FAILED``; either way ``run()``
+raises `PortError` with the one line to print, and the caller exits 1.
+
+Isolation: a child gets only what its role needs.  Signals stay blocked
+across the fork until the child has reset them (so nothing of the
+supervisor's signal handling runs in a child), the wake-up pipe is closed,
+and a link worker unmaps the other links' rings and closes their doorbells,
+the pty and the supervisor channel, each time it is forked.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -43,12 +53,12 @@ import structlog
 from bridged import systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.ipc.control import recv_message, send_message, socketpair
-from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
+from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
-from bridged.uart.main import run_front
-from bridged.uart.port import Pty, open_pty
+from bridged.uart.main import PORT_FAILED, run_front
+from bridged.uart.port import PortError, Pty, open_pty
 
 __all__ = ["Supervisor"]
 
@@ -92,31 +102,37 @@ class Supervisor:
         self.front_ready = False
         self.last_heartbeat = 0.0
         self.stopping = False
-        self._wakeup_r = -1
+        self._port_failure: str | None = None  # the front's PortFailed: we end with it
+        self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
     # -- lifetime ----------------------------------------------------------------------
 
     def run(self) -> int:
+        """Serve until stopped: 0 after SIGTERM, 1 when the front keeps failing.
+
+        Raises:
+            PortError: the pty or the serial port cannot be used (its text is
+                the one line to print; the children are stopped by then).
+        """
         self._install_signals()
-        size = self.config.links.ring_size
-        self.rings = [(Ring.create(size), Ring.create(size)) for _ in self.workers]
-        if not self.device:
-            self.pty = open_pty(self.pty_link)
-            log.info("pty_created", path=self.pty.path, link=self.pty_link)
-            print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
-                  f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
         try:
+            if not self.device:
+                self.pty = open_pty(self.pty_link)
+                log.info("pty_created", path=self.pty.path, link=self.pty_link)
+                print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
+                      f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+            size = self.config.links.ring_size
+            self.rings = [(Ring.create(size, f"link{w.link_id}-up"), Ring.create(size, f"link{w.link_id}-down"))
+                          for w in self.workers]
             self._start_all()
             return self._loop()
         finally:
             self._cleanup()
 
     def _install_signals(self) -> None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wakeup_r = r
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_r, self._wakeup_w = r, w
         signal.set_wakeup_fd(w)
         for sig in _SIGNALS:
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
@@ -134,6 +150,10 @@ class Supervisor:
             signals, self._signals = self._signals, bytearray()
             for signum in signals:
                 self._handle_signal(signum)
+            if self._port_failure is not None:
+                self.stopping = True
+                self._stop_children()
+                raise PortError(self._port_failure)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
             code = self._restart_due()
@@ -235,11 +255,7 @@ class Supervisor:
 
         def target() -> int:
             front_end.close()
-            if self.sup_sock is not None:
-                self.sup_sock.close()
-            if self.pty is not None:
-                os.close(self.pty.master)
-                os.close(self.pty.slave)
+            self._keep_only(worker.link_id)
             return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir)
 
         worker.pid = self._fork(worker, target)
@@ -247,36 +263,67 @@ class Supervisor:
         try:
             send_message(self.sup_sock, WorkerStarted(worker.link_id, worker.pid), [front_end.fileno()])
         except OSError as exc:
-            log.error("front_unreachable", error=str(exc))
+            # The front is gone (its own exit says why); the worker sees EOF and ends too.
+            log.info("worker_not_announced", link_id=worker.link_id, error=str(exc))
         front_end.close()
 
+    def _keep_only(self, link_id: int) -> None:
+        """In a new link worker: let go of everything that is not this link's.
+
+        Other links' rings are unmapped, not only their fds closed: a mapping
+        is reachable memory even without a descriptor.
+        """
+        if self.sup_sock is not None:
+            self.sup_sock.close()
+        if self.pty is not None:
+            os.close(self.pty.master)
+            os.close(self.pty.slave)
+        for other, pair in enumerate(self.rings):
+            if other != link_id:
+                for ring in pair:
+                    ring.close()
+
     def _fork(self, child: _Child, target) -> int:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            code = 1
-            try:
-                self._child_setup(child)
-                code = target()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log.exception("child_crashed", role=child.role)
-            finally:
-                os._exit(code)
+        # Our signals stay blocked across the fork: one reaching the child
+        # before it reset them would run our handler there and put its
+        # number in our wake-up pipe (a SIGTERM meant for a worker read as
+        # our own stop).  The child unblocks them once they are its own.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._run_child(child, target, mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child.started = time.monotonic()
         child.restart_at = None
         log.info("child_started", role=child.role, pid=pid, **child.ident())
         return pid
 
-    def _child_setup(self, child: _Child) -> None:
+    def _run_child(self, child: _Child, target, mask) -> None:
+        """The forked child's whole life; never returns."""
+        code = 1
+        try:
+            self._child_setup(child, mask)
+            code = target()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            log.exception("child_crashed", role=child.role)
+        finally:
+            os._exit(code)
+
+    def _child_setup(self, child: _Child, mask) -> None:
         signal.set_wakeup_fd(-1)
         os.close(self._wakeup_r)
+        os.close(self._wakeup_w)
         for sig in _SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         # Ctrl-C in a terminal reaches every process of the foreground job at
         # once; only the supervisor acts on it, stopping the front before the
         # workers (a worker that left on its own would read as a crash).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is delivered now
         # Die with the supervisor, even if it is killed with SIGKILL.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -310,6 +357,10 @@ class Supervisor:
         self._take_signals()
         if self.stopping or self._term_requested():
             return  # a stop is under way: the loop handles the signal next
+        if child is self.front and code == PORT_FAILED:
+            self._drain_front_messages()  # PortFailed, sent just before the exit
+            self._port_failure = self._port_failure or f"{self.device} cannot be opened as the serial port"
+            return  # the loop stops everything and raises it
         if child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
             # A worker ends with its front (EOF on its control socket): expected.
             # The front's own exit may be reaped a moment later (its fds close
@@ -345,17 +396,25 @@ class Supervisor:
 
     # -- the front's messages ----------------------------------------------------------------
 
-    def _on_front_message(self) -> None:
+    def _drain_front_messages(self) -> None:
+        while self.sup_sock is not None and select.select([self.sup_sock], [], [], 0)[0]:
+            if not self._on_front_message():
+                return
+
+    def _on_front_message(self) -> bool:
+        """Handle one message of the front; False at its EOF or an error."""
         try:
             received = recv_message(self.sup_sock)
         except (BlockingIOError, OSError):
-            return
+            return False
         if received is None:
-            return  # the front died; SIGCHLD follows
+            return False  # the front died; SIGCHLD follows
         msg, fds = received
         for fd in fds:
             os.close(fd)
-        if isinstance(msg, Heartbeat):
+        if isinstance(msg, PortFailed):
+            self._port_failure = msg.reason
+        elif isinstance(msg, Heartbeat):
             self.last_heartbeat = time.monotonic()
         elif isinstance(msg, FrontReady):
             self.last_heartbeat = time.monotonic()
@@ -363,6 +422,7 @@ class Supervisor:
             if not self.front_ready:
                 self.front_ready = True
                 systemd.ready(f"serving {msg.port}")
+        return True
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -396,8 +456,7 @@ class Supervisor:
     def _cleanup(self) -> None:
         for up, down in self.rings:
             for ring in (up, down):
-                ring.close()
-                ring.unlink()
+                ring.close()  # nothing to unlink: rings have no name (bridged.ipc.rings)
         if self.pty is not None:
             self.pty.close()
         if self.sup_sock is not None:

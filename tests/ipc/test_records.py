@@ -37,7 +37,6 @@ def new_ring(capacity: int = 4096):
         yield ring
     finally:
         ring.close()
-        ring.unlink()
 
 
 @pytest.fixture

@@ -23,11 +23,10 @@ before any fork, and a serial port the front cannot open comes back as
 ``PortFailed`` plus the exit status ``PORT_FAILED``; either way ``run()``
 raises `PortError` with the one line to print, and the caller exits 1.
 
-Isolation: a child gets only what its role needs.  Signals stay blocked
-across the fork until the child has reset them (so nothing of the
-supervisor's signal handling runs in a child), the wake-up pipe is closed,
-and a link worker unmaps the other links' rings and closes their doorbells,
-the pty and the supervisor channel, each time it is forked.
+Isolation: a child gets only what its role needs.  Nothing of the
+supervisor's signal handling runs in a child (``bridged.spawn``), and a link
+worker unmaps the other links' rings and closes their doorbells, the pty and
+the supervisor channel, each time it is forked.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -38,7 +37,6 @@ workers with it, on the same port (the MCU sees ``ready``, as after AT+RST).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -50,7 +48,7 @@ from typing import Callable
 
 import structlog
 
-from bridged import systemd
+from bridged import spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.ipc.control import recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
@@ -64,12 +62,10 @@ __all__ = ["Supervisor"]
 
 log = structlog.get_logger()
 
-_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _STOP_GRACE = 4.0
 _FAST_DEATH = 10.0
 _MAX_BACKOFF = 5.0
 _FRONT_MAX_FAILURES = 5
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -134,7 +130,7 @@ class Supervisor:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wakeup_r, self._wakeup_w = r, w
         signal.set_wakeup_fd(w)
-        for sig in _SIGNALS:
+        for sig in spawn.SIGNALS:
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
 
     def _loop(self) -> int:
@@ -283,54 +279,12 @@ class Supervisor:
                 for ring in pair:
                     ring.close()
 
-    def _fork(self, child: _Child, target) -> int:
-        # Our signals stay blocked across the fork: one reaching the child
-        # before it reset them would run our handler there and put its
-        # number in our wake-up pipe (a SIGTERM meant for a worker read as
-        # our own stop).  The child unblocks them once they are its own.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self._run_child(child, target, mask)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    def _fork(self, child: _Child, target: Callable[[], int]) -> int:
+        pid = spawn.fork(target, child.role, child.link_id, self.config.log, (self._wakeup_r, self._wakeup_w))
         child.started = time.monotonic()
         child.restart_at = None
         log.info("child_started", role=child.role, pid=pid, **child.ident())
         return pid
-
-    def _run_child(self, child: _Child, target, mask) -> None:
-        """The forked child's whole life; never returns."""
-        code = 1
-        try:
-            self._child_setup(child, mask)
-            code = target()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:
-            log.exception("child_crashed", role=child.role)
-        finally:
-            os._exit(code)
-
-    def _child_setup(self, child: _Child, mask) -> None:
-        signal.set_wakeup_fd(-1)
-        os.close(self._wakeup_r)
-        os.close(self._wakeup_w)
-        for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        # Ctrl-C in a terminal reaches every process of the foreground job at
-        # once; only the supervisor acts on it, stopping the front before the
-        # workers (a worker that left on its own would read as a crash).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is delivered now
-        # Die with the supervisor, even if it is killed with SIGKILL.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:
-            os._exit(1)
-        cfg = self.config.log
-        setup_logging(cfg.level, cfg.format, child.role, child.link_id)
 
     # -- children dying ------------------------------------------------------------------
 

@@ -1,0 +1,94 @@
+"""Forking the supervisor's children: what a child keeps of its parent.
+
+Theory of operation (gunicorn's arbiter forks the same way): the supervisor
+runs no event loop and no thread, so a fork copies one consistent process,
+and the child builds its own loop afterwards.  What must not cross the fork:
+
+- the supervisor's signal handling.  Its handlers only put the signal's
+  number into a wake-up pipe (``signal.set_wakeup_fd``); run in a child, that
+  byte would reach the supervisor: a SIGTERM meant for a new worker read as
+  the supervisor's own stop.  So the signals stay blocked across the fork;
+  the child drops the wake-up fd, closes both ends of the pipe and resets the
+  handlers to their defaults, and only then unblocks them (a signal sent
+  meanwhile is delivered then, to the child's own disposition);
+- descriptors and mappings that are not the child's: ``target`` closes
+  those before anything else (see ``Supervisor._keep_only``).
+
+A child dies with the supervisor (PR_SET_PDEATHSIG), even after a SIGKILL,
+and leaves with ``os._exit`` and ``target``'s status; an exception that
+escapes ``target`` is logged and makes the status 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from typing import Callable
+
+import structlog
+
+from bridged.config import LogConfig
+from bridged.log import setup_logging
+
+__all__ = ["SIGNALS", "fork"]
+
+log = structlog.get_logger()
+
+#: The signals the supervisor handles (through its wake-up pipe).
+SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1
+
+
+def fork(target: Callable[[], int], role: str, link_id: int | None, log_config: LogConfig,
+         wakeup: tuple[int, int]) -> int:
+    """Fork a child that runs ``target()`` and exits with its status.
+
+    Args:
+        role, link_id: the child's identity in its log events.
+        wakeup: the supervisor's wake-up pipe (read end, write end), closed in the child.
+
+    Returns:
+        The child's pid (in the supervisor; the child never returns).
+    """
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _run_child(target, role, link_id, log_config, wakeup, mask)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return pid
+
+
+def _run_child(target: Callable[[], int], role: str, link_id: int | None, log_config: LogConfig,
+               wakeup: tuple[int, int], mask: set[signal.Signals]) -> None:
+    code = 1
+    try:
+        _leave_supervisor_signals(wakeup, mask)
+        # Die with the supervisor, even if it is killed with SIGKILL.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # it died before the prctl
+            os._exit(1)
+        setup_logging(log_config.level, log_config.format, role, link_id)
+        code = target()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        log.exception("child_crashed", role=role)
+    finally:
+        os._exit(code)
+
+
+def _leave_supervisor_signals(wakeup: tuple[int, int], mask: set[signal.Signals]) -> None:
+    signal.set_wakeup_fd(-1)
+    for fd in wakeup:
+        os.close(fd)
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C in a terminal reaches every process of the foreground job at
+    # once; only the supervisor acts on it, stopping the front before the
+    # workers (a worker that left on its own would read as a crash).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is delivered now

@@ -1,0 +1,217 @@
+"""Start-up failures: each one ends the daemon with one line naming the cause
+and the remedy, exit status 1 (2 is for usage and config mistakes), no
+traceback, no restart loop, and nothing left in /dev/shm."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tty
+from dataclasses import dataclass
+
+import pytest
+
+from tests.harness import Daemon
+
+_PR_CAPBSET_DROP = 24
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
+
+
+@dataclass
+class Outcome:
+    status: int
+    stderr: str
+    stdout: str
+    pid: int
+
+    def events(self, name: str | None = None) -> list[dict]:
+        import json
+
+        found = []
+        for line in self.stdout.splitlines():
+            m = re.match(r"<\d>(\{.*\})$", line)
+            if m:
+                event = json.loads(m.group(1))
+                if name is None or event.get("event") == name:
+                    found.append(event)
+        return found
+
+
+def _run(tmp_path, *args: str, preexec_fn=None) -> Outcome:
+    """Run `bridged run` until it exits by itself (it must, within 30 s)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--state-dir", str(tmp_path / "s"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the daemon did not end by itself:\n{stderr}\n{stdout[-3000:]}")
+    return Outcome(proc.returncode, stderr, stdout, proc.pid)
+
+
+def _shm_of(pid: int) -> list[str]:
+    """Entries in /dev/shm named after ``pid`` (the scheme rings once had)."""
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"bridged-{pid}-")]
+
+
+def _check_one_line_failure(outcome: Outcome, *phrases: str) -> None:
+    """Exit 1, one stderr line with every phrase, no traceback or error event, no /dev/shm leftovers."""
+    assert outcome.status == 1, (outcome.stderr, outcome.stdout[-3000:])
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 1, outcome.stderr
+    assert lines[0].startswith("bridged: ") and "; " in lines[0], lines[0]  # cause; remedy
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    assert "Traceback" not in outcome.stdout + outcome.stderr
+    loud = [e for e in outcome.events() if e.get("level") in ("error", "critical") or "exception" in e]
+    assert not loud, loud
+    assert not _shm_of(outcome.pid)
+
+
+def _check_no_restart(outcome: Outcome) -> None:
+    """The front was started once: a port that cannot be opened is not retried."""
+    fronts = [e for e in outcome.events("child_started") if e.get("role") == "front"]
+    assert len(fronts) == 1, fronts
+
+
+@pytest.fixture
+def serial_pty():
+    """A pty whose slave end stands in for a serial device: (master fd, slave fd, path)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    yield master, slave, os.ttyname(slave)
+    os.close(master)
+    os.close(slave)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_locked_port_ends_the_daemon_with_exit_1(tmp_path, serial_pty, attempt):
+    """A port another process holds locked (flock, as pyserial's exclusive mode
+    does): one line naming it, exit 1 on every run, the front not restarted."""
+    _, slave, device = serial_pty
+    fcntl.flock(slave, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another bridged or minicom holds
+    outcome = _run(tmp_path, "--port", device)
+    _check_one_line_failure(outcome, device, "in use by another process (locked)", "--port")
+    _check_no_restart(outcome)
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_port_that_is_no_tty_ends_the_daemon_with_exit_1(tmp_path, attempt):
+    """--port /dev/null: one line saying it is not a serial port, exit 1 on every run."""
+    outcome = _run(tmp_path, "--port", "/dev/null")
+    _check_one_line_failure(outcome, "/dev/null is not a serial port (not a tty)")
+    _check_no_restart(outcome)
+
+
+def test_a_missing_device_ends_the_daemon_with_exit_1(tmp_path):
+    """A device path that does not exist (an unplugged USB adapter): exit 1, not 2."""
+    outcome = _run(tmp_path, "--port", "/dev/ttyUSB-bridged-test-absent")
+    _check_one_line_failure(outcome, "/dev/ttyUSB-bridged-test-absent does not exist")
+
+
+def _without_dac_override() -> None:
+    """In the child: give up root's right to ignore file modes (uid 0 stays)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def test_a_device_without_permission_ends_the_daemon_with_exit_1(tmp_path, serial_pty):
+    """A device bridged may not open (not in its group): one line saying so and what to do."""
+    _, _, device = serial_pty
+    os.chmod(device, 0)
+    preexec = None
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(23, _CAP_DAC_OVERRIDE, 0, 0, 0) != 1:  # PR_CAPBSET_READ
+            pytest.skip("no CAP_DAC_OVERRIDE to give up: root here cannot be denied")
+        preexec = _without_dac_override
+    outcome = _run(tmp_path, "--port", device, preexec_fn=preexec)
+    _check_one_line_failure(outcome, device, "permission denied", "group")
+    _check_no_restart(outcome)
+
+
+def test_a_pty_link_at_a_regular_file_ends_the_daemon_with_exit_1(tmp_path):
+    """--pty naming a regular file: the file is left alone, one line, exit 1."""
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    outcome = _run(tmp_path, "--pty", str(target))
+    _check_one_line_failure(outcome, str(target), "exists and is not a symlink")
+    assert target.read_text() == "keep me"
+    assert not outcome.events("child_started")  # found before anything was forked
+
+
+def test_a_pty_link_in_a_missing_directory_ends_the_daemon_with_exit_1(tmp_path):
+    """--pty in a directory that does not exist: one line naming the directory, exit 1."""
+    link = tmp_path / "no" / "such" / "tty"
+    outcome = _run(tmp_path, "--pty", str(link))
+    _check_one_line_failure(outcome, str(tmp_path / "no" / "such"), "does not exist", "--pty")
+    assert not outcome.events("child_started")
+
+
+def test_a_config_mistake_stays_exit_2(tmp_path, serial_pty):
+    """A usage mistake is still exit 2, whatever the port: 1 is for what the admin fixes outside the config."""
+    _, slave, device = serial_pty
+    fcntl.flock(slave, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    outcome = _run(tmp_path, "--port", device, "--baud", "12")
+    assert outcome.status == 2 and len(outcome.stderr.splitlines()) == 1 and "uart.baud" in outcome.stderr
+
+
+def _maps_under_dev_shm(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return [line for line in f if " /dev/shm/" in line]
+    except FileNotFoundError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone or a zombie (a container's init may reap late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_sigkill_of_the_supervisor_leaves_nothing_in_dev_shm(tmp_path):
+    """Rings are never named in /dev/shm: a SIGKILLed supervisor leaves no entry
+    once its children have ended (they end with it)."""
+    daemon = Daemon(tmp_path).start()
+    try:
+        daemon.host().expect(b"\r\nready\r\n")
+        pids = [daemon.proc.pid, *_children(daemon.proc.pid)]
+        assert len(pids) == 1 + 1 + 5  # supervisor, front, five link workers
+        for pid in pids:
+            assert not _maps_under_dev_shm(pid), pid
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids[1:]):
+            assert time.monotonic() < deadline, "the children outlived the supervisor"
+            time.sleep(0.05)
+        assert not _shm_of(daemon.proc.pid)
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(5)

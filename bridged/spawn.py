@@ -1,4 +1,5 @@
-"""Forking the supervisor's children: what a child keeps of its parent.
+"""The supervisor's children: forking one, what it keeps of its parent, and
+when a dead one is forked again.
 
 Theory of operation (gunicorn's arbiter forks the same way): the supervisor
 runs no event loop and no thread, so a fork copies one consistent process,
@@ -17,6 +18,10 @@ and the child builds its own loop afterwards.  What must not cross the fork:
 A child dies with the supervisor (PR_SET_PDEATHSIG), even after a SIGKILL,
 and leaves with ``os._exit`` and ``target``'s status; an exception that
 escapes ``target`` is logged and makes the status 1.
+
+Restart policy (`Child.schedule_restart`): at once after the first death,
+then with a backoff doubling from 0.25 s up to 5 s while the child keeps dying
+within 10 s of its start.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from dataclasses import dataclass
 from typing import Callable
 
 import structlog
@@ -31,13 +37,37 @@ import structlog
 from bridged.config import LogConfig
 from bridged.log import setup_logging
 
-__all__ = ["SIGNALS", "fork"]
+__all__ = ["SIGNALS", "Child", "fork"]
 
 log = structlog.get_logger()
 
 #: The signals the supervisor handles (through its wake-up pipe).
 SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+_FAST_DEATH = 10.0
+_MAX_BACKOFF = 5.0
+
+
+@dataclass
+class Child:
+    """One child of the supervisor and its restart state."""
+
+    role: str  # "front" or "link"
+    link_id: int | None = None
+    pid: int = 0
+    started: float = 0.0
+    failures: int = 0  # consecutive deaths soon after start
+    restart_at: float | None = None  # when to fork again
+
+    def ident(self) -> dict[str, int]:
+        """Log fields naming the child: link_id for a link worker only."""
+        return {} if self.link_id is None else {"link_id": self.link_id}
+
+    def schedule_restart(self, now: float) -> None:
+        """It died at ``now``: count the failure and set ``restart_at``."""
+        self.failures = self.failures + 1 if now - self.started < _FAST_DEATH else 1
+        delay = 0.0 if self.failures <= 1 else min(_MAX_BACKOFF, 0.25 * 2 ** (self.failures - 2))
+        self.restart_at = now + delay
 
 
 def fork(target: Callable[[], int], role: str, link_id: int | None, log_config: LogConfig,

@@ -14,19 +14,19 @@ The front sees a worker's death at once (EOF on that socket) and reports the
 link closed; the supervisor forks a replacement right away.  When the front
 dies, the workers see EOF and exit; everything is started again.
 
-Restart policy: a child that dies is restarted at once, then with a backoff
-doubling up to 5 s while it keeps dying within 10 s of its start.  A front
-that fails five times in a row without reaching ``ready`` ends the daemon with
-status 1 (systemd's Restart= takes over from there).  A port that cannot be
-used is no failure to retry: a pty link that cannot be made stops the start
-before any fork, and a serial port the front cannot open comes back as
-``PortFailed`` plus the exit status ``PORT_FAILED``; either way ``run()``
-raises `PortError` with the one line to print, and the caller exits 1.
+Restart policy: a child that dies is forked again with a backoff
+(``spawn.Child``); a front that fails five times in a row without reaching
+``ready`` ends the daemon with status 1 (systemd's Restart= takes over).  A
+port that cannot be used at start is not retried: a pty link that cannot be
+made stops the start before any fork; a serial port the front cannot open
+comes back as ``PortFailed`` and the exit status ``PORT_FAILED``.  Either way
+``run()`` raises `PortError`, the one line to print, and the caller exits 1.
+A port that served and then fails to reopen (a front restarted while a USB
+adapter re-plugs) is retried with the backoff, and raised after five tries.
 
-Isolation: a child gets only what its role needs.  Nothing of the
-supervisor's signal handling runs in a child (``bridged.spawn``), and a link
-worker unmaps the other links' rings and closes their doorbells, the pty and
-the supervisor channel, each time it is forked.
+Isolation: nothing of the supervisor's signal handling runs in a child
+(``bridged.spawn``); a link worker unmaps the other links' rings and closes
+their doorbells, the pty and the supervisor channel, each time it is forked.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -42,13 +42,13 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import structlog
 
 from bridged import spawn, systemd
+from bridged.spawn import Child
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.ipc.control import recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
@@ -63,23 +63,7 @@ __all__ = ["Supervisor"]
 log = structlog.get_logger()
 
 _STOP_GRACE = 4.0
-_FAST_DEATH = 10.0
-_MAX_BACKOFF = 5.0
 _FRONT_MAX_FAILURES = 5
-
-
-@dataclass
-class _Child:
-    role: str  # "front" or "link"
-    link_id: int | None = None
-    pid: int = 0
-    started: float = 0.0
-    failures: int = 0  # consecutive deaths soon after start
-    restart_at: float | None = None  # when to fork again
-
-    def ident(self) -> dict[str, int]:
-        """Log fields naming the child: link_id for a link worker only."""
-        return {} if self.link_id is None else {"link_id": self.link_id}
 
 
 class Supervisor:
@@ -92,13 +76,15 @@ class Supervisor:
         self.state_dir = state_dir
         self.pty: Pty | None = None
         self.rings: list[tuple[Ring, Ring]] = []
-        self.front = _Child("front")
-        self.workers = [_Child("link", i) for i in range(config.links.count)]
+        self.front = Child("front")
+        self.workers = [Child("link", i) for i in range(config.links.count)]
         self.sup_sock: socket.socket | None = None  # our end of the front's channel
         self.front_ready = False
         self.last_heartbeat = 0.0
         self.stopping = False
-        self._port_failure: str | None = None  # the front's PortFailed: we end with it
+        self.served = False  # a front has reached ready since we started
+        self._port_failure: str | None = None  # the reason of the running front's PortFailed
+        self._fatal: str | None = None  # why we end now (raised as PortError by the loop)
         self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
@@ -146,10 +132,10 @@ class Supervisor:
             signals, self._signals = self._signals, bytearray()
             for signum in signals:
                 self._handle_signal(signum)
-            if self._port_failure is not None:
+            if self._fatal is not None:
                 self.stopping = True
                 self._stop_children()
-                raise PortError(self._port_failure)
+                raise PortError(self._fatal)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
             code = self._restart_due()
@@ -242,9 +228,10 @@ class Supervisor:
             self.sup_sock.close()
         self.sup_sock = ours
         self.front_ready = False
+        self._port_failure = None
         self.last_heartbeat = time.monotonic()
 
-    def _start_worker(self, worker: _Child) -> None:
+    def _start_worker(self, worker: Child) -> None:
         assert worker.link_id is not None
         front_end, worker_end = socketpair()
         uplink, downlink = self.rings[worker.link_id]
@@ -279,7 +266,7 @@ class Supervisor:
                 for ring in pair:
                     ring.close()
 
-    def _fork(self, child: _Child, target: Callable[[], int]) -> int:
+    def _fork(self, child: Child, target: Callable[[], int]) -> int:
         pid = spawn.fork(target, child.role, child.link_id, self.config.log, (self._wakeup_r, self._wakeup_w))
         child.started = time.monotonic()
         child.restart_at = None
@@ -314,19 +301,21 @@ class Supervisor:
         if child is self.front and code == PORT_FAILED:
             self._drain_front_messages()  # PortFailed, sent just before the exit
             self._port_failure = self._port_failure or f"{self.device} cannot be opened as the serial port"
-            return  # the loop stops everything and raises it
-        if child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
+            if not self.served:
+                self._fatal = self._port_failure  # a start that cannot work: the loop ends it
+                return
+            # It served before (a USB adapter re-plugging?): retry with the backoff below.
+            log.error("port_lost", error=self._port_failure)
+        elif child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
             # A worker ends with its front (EOF on its control socket): expected.
             # The front's own exit may be reaped a moment later (its fds close
             # before it becomes a zombie), so give it that moment.
             log.info("worker_stopped_with_front", link_id=child.link_id, exit_code=code)
             child.restart_at = None if self.front.restart_at is not None else time.monotonic() + 0.5
             return
-        log.error("child_died", role=child.role, exit_code=code, **child.ident())
-        now = time.monotonic()
-        child.failures = child.failures + 1 if now - child.started < _FAST_DEATH else 1
-        delay = 0.0 if child.failures <= 1 else min(_MAX_BACKOFF, 0.25 * 2 ** (child.failures - 2))
-        child.restart_at = now + delay
+        else:
+            log.error("child_died", role=child.role, exit_code=code, **child.ident())
+        child.schedule_restart(time.monotonic())
         if child is self.front:
             # Its workers lose their control sockets and exit; start afresh.
             for worker in self.workers:
@@ -338,6 +327,9 @@ class Supervisor:
         front = self.front
         if front.restart_at is not None:
             if front.failures >= _FRONT_MAX_FAILURES:
+                if self._port_failure is not None:  # the port stayed away: say so in one line
+                    self._fatal = self._port_failure
+                    return None
                 log.critical("front_keeps_failing", failures=front.failures)
                 return 1
             if now >= front.restart_at and not any(w.pid for w in self.workers):
@@ -374,7 +366,7 @@ class Supervisor:
             self.last_heartbeat = time.monotonic()
             self.front.failures = 0
             if not self.front_ready:
-                self.front_ready = True
+                self.front_ready = self.served = True
                 systemd.ready(f"serving {msg.port}")
         return True
 
@@ -394,7 +386,7 @@ class Supervisor:
         self._terminate([self.front], min(deadline, time.monotonic() + 1.0))
         self._terminate(self.workers, deadline)
 
-    def _terminate(self, children: list[_Child], deadline: float) -> None:
+    def _terminate(self, children: list[Child], deadline: float) -> None:
         children = [c for c in children if c.pid]
         for child in children:
             _kill(child.pid, signal.SIGTERM)

@@ -215,3 +215,70 @@ def test_sigkill_of_the_supervisor_leaves_nothing_in_dev_shm(tmp_path):
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(5)
+
+
+def _read_until(fd: int, pattern: bytes, timeout: float = 10.0) -> bytes:
+    os.set_blocking(fd, False)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while pattern not in buf:
+        assert time.monotonic() < deadline, f"no {pattern!r} in {buf!r}"
+        time.sleep(0.02)
+        try:
+            buf += os.read(fd, 4096)
+        except BlockingIOError:
+            pass
+    return buf
+
+
+def _wait_log(path, event: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = Outcome(0, "", path.read_text(errors="replace"), 0).events(event)
+        if len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, f"no {count}x {event}:\n{path.read_text()[-3000:]}"
+        time.sleep(0.02)
+
+
+def test_a_port_that_served_is_retried_then_given_up(tmp_path, serial_pty):
+    """A port that served and then cannot be reopened (a USB adapter re-plugging
+    while the front restarts) is retried with the backoff: back in time, the
+    daemon serves again; away for good, it ends with one line and exit 1."""
+    master, _, device = serial_pty
+    port = tmp_path / "port"  # a udev-style symlink we can point away
+    port.symlink_to(device)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
+    log_path = tmp_path / "out.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--port", str(port),
+             "--state-dir", str(tmp_path / "s")], stdout=out, stderr=subprocess.PIPE, text=True)
+    try:
+        _read_until(master, b"\r\nready\r\n")
+        for attempt in (1, 2):
+            front = [e for e in _wait_log(log_path, "child_started") if e["role"] == "front"][-1]["pid"]
+            os.replace(_symlink(tmp_path, "/dev/bridged-test-unplugged"), port)
+            os.kill(front, signal.SIGKILL)
+            _wait_log(log_path, "port_lost", attempt)
+            if attempt == 1:
+                os.replace(_symlink(tmp_path, device), port)  # plugged in again
+                _read_until(master, b"\r\nready\r\n")
+                assert proc.poll() is None
+        assert proc.wait(15) == 1
+        lines = proc.stderr.read().splitlines()
+        assert lines == [f"bridged: {port} does not exist; plug the device in or choose another --port"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stderr.close()
+
+
+def _symlink(directory, target: str):
+    """A new symlink to ``target`` in ``directory`` (to os.replace a link atomically)."""
+    link = directory / "port.new"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    return link

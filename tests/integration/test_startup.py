@@ -169,6 +169,25 @@ def test_a_config_mistake_stays_exit_2(tmp_path, serial_pty):
     assert outcome.status == 2 and len(outcome.stderr.splitlines()) == 1 and "uart.baud" in outcome.stderr
 
 
+def test_a_state_directory_that_cannot_be_made_ends_the_daemon_with_exit_1(tmp_path):
+    """A --state-dir below a regular file: one line naming the directory, exit 1, nothing forked."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    outcome = _run(tmp_path, "--pty", str(tmp_path / "tty"), "--state-dir", str(blocker / "state"))
+    _check_one_line_failure(outcome, str(blocker / "state"), "--state-dir")
+    assert not outcome.events("child_started")
+
+
+def test_check_says_a_missing_device_as_run_would(tmp_path):
+    """`bridged check` prints the configuration, then the line `run` would end with, and exits 1."""
+    result = subprocess.run([sys.executable, "-m", "bridged", "check", "--port", "/dev/ttyUSB-bridged-test-absent"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["bridged: /dev/ttyUSB-bridged-test-absent does not exist; "
+                                          "plug the device in or choose another --port"]
+    assert 'port = "/dev/ttyUSB-bridged-test-absent"' in result.stdout
+
+
 def _maps_under_dev_shm(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/maps") as f:

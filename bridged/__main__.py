@@ -22,6 +22,7 @@ import sys
 from bridged import __version__
 from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
 from bridged.log import setup_logging
+from bridged.systemd import stderr_is_journal
 
 __all__ = ["main"]
 
@@ -61,7 +62,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _fail(message: str, status: int = USAGE_ERROR) -> int:
-    print(f"bridged: {message}", file=sys.stderr, flush=True)
+    # In the journal, "<3>" makes the line an error (journalctl -p err), as sd-daemon(3) says.
+    priority = "<3>" if stderr_is_journal() else ""
+    print(f"{priority}bridged: {message}", file=sys.stderr, flush=True)
     return status
 
 

@@ -301,3 +301,24 @@ def _symlink(directory, target: str):
     link.unlink(missing_ok=True)
     link.symlink_to(target)
     return link
+
+
+def test_in_the_journal_the_line_is_an_error(tmp_path):
+    """With stderr connected to the journal ($JOURNAL_STREAM names it) the line
+    carries the <3> priority prefix, so `journalctl -p err` shows it."""
+    r, w = os.pipe()
+    st = os.fstat(w)
+    env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+    proc = subprocess.Popen([sys.executable, "-m", "bridged", "run", "--port", "/dev/ttyUSB-bridged-test-absent",
+                             "--state-dir", str(tmp_path / "s")],
+                            stdout=subprocess.DEVNULL, stderr=w, env=env)
+    os.close(w)
+    try:
+        assert proc.wait(30) == 1
+        with os.fdopen(r, "rb") as stderr:
+            assert stderr.read().decode().splitlines() == [
+                "<3>bridged: /dev/ttyUSB-bridged-test-absent does not exist; plug the device in or choose another --port"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)

@@ -48,13 +48,13 @@ from typing import Callable
 import structlog
 
 from bridged import spawn, systemd
-from bridged.spawn import Child
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
-from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
+from bridged.spawn import Child
 from bridged.uart.main import PORT_FAILED, run_front
 from bridged.uart.port import PortError, Pty, open_pty
 
@@ -351,7 +351,10 @@ class Supervisor:
         """Handle one message of the front; False at its EOF or an error."""
         try:
             received = recv_message(self.sup_sock)
-        except (BlockingIOError, OSError):
+        except OSError:  # nothing queued, or the front is gone (SIGCHLD follows)
+            return False
+        except ControlError as exc:  # the front's bug: say so, go on
+            log.warning("front_message_unreadable", error=str(exc))
             return False
         if received is None:
             return False  # the front died; SIGCHLD follows

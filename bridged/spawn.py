@@ -81,25 +81,29 @@ def fork(target: Callable[[], int], role: str, link_id: int | None, log_config: 
     Returns:
         The child's pid (in the supervisor; the child never returns).
     """
+    parent = os.getpid()
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         pid = os.fork()
         if pid == 0:
-            _run_child(target, role, link_id, log_config, wakeup, mask)
+            _run_child(target, role, link_id, log_config, wakeup, mask, parent)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return pid
 
 
 def _run_child(target: Callable[[], int], role: str, link_id: int | None, log_config: LogConfig,
-               wakeup: tuple[int, int], mask: set[signal.Signals]) -> None:
+               wakeup: tuple[int, int], mask: set[signal.Signals], parent: int) -> None:
     code = 1
     try:
         _leave_supervisor_signals(wakeup, mask)
         # Die with the supervisor, even if it is killed with SIGKILL.
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:  # it died before the prctl
+        # It died before the prctl.  Compare with its pid, not with 1: under a
+        # subreaper (a user's systemd, a container's init) an orphan's new
+        # parent is that process.
+        if os.getppid() != parent:
             os._exit(1)
         setup_logging(log_config.level, log_config.format, role, link_id)
         code = target()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import time
@@ -87,3 +88,60 @@ def test_a_child_holds_no_end_of_the_wakeup_pipe(supervisor_signals):
     assert os.read(report_r, 100) == b"0 -1"
     os.close(report_r)
     os.close(report_w)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _orphan_under_subreaper(report_w: int) -> None:
+    """In a forked helper that adopts orphans (as a user's systemd does): fork a
+    supervisor that dies between forking a child and the child's PR_SET_PDEATHSIG;
+    write the child's fate to ``report_w``."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    pid_r, pid_w = os.pipe()
+    supervisor = os.fork()
+    if supervisor == 0:
+        leave = spawn._leave_supervisor_signals
+
+        def late(wakeup, mask):
+            # The child waits here until its supervisor has died and it has a new parent.
+            supervisor, deadline = os.getppid(), time.monotonic() + 10
+            while os.getppid() == supervisor and time.monotonic() < deadline:
+                time.sleep(0.002)
+            leave(wakeup, mask)
+
+        spawn._leave_supervisor_signals = late
+        pid = spawn.fork(lambda: time.sleep(30) or 0, "test", None, LogConfig(), os.pipe())
+        os.write(pid_w, b"%d" % pid)
+        os._exit(0)
+    child = int(os.read(pid_r, 20))
+    os.waitpid(supervisor, 0)
+    deadline = time.monotonic() + 10
+    fate = b"alive"
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)  # ours now: we are the subreaper
+        if pid:
+            fate = b"%d" % os.waitstatus_to_exitcode(status)
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    os.write(report_w, fate)
+
+
+@_FORK_IN_THREADS
+def test_a_child_orphaned_before_pdeathsig_ends_also_under_a_subreaper():
+    """A supervisor killed between the fork and the child's PR_SET_PDEATHSIG
+    leaves no child running, also where orphans go to a subreaper, not to pid 1."""
+    report_r, report_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            _orphan_under_subreaper(report_w)
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    os.waitpid(helper, 0)
+    with os.fdopen(report_r, "rb") as report:
+        assert report.read() == b"1"  # it left at once with status 1, it did not run its target

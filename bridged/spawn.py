@@ -121,8 +121,10 @@ def _leave_supervisor_signals(wakeup: tuple[int, int], mask: set[signal.Signals]
         os.close(fd)
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
-    # Ctrl-C in a terminal reaches every process of the foreground job at
-    # once; only the supervisor acts on it, stopping the front before the
-    # workers (a worker that left on its own would read as a crash).
+    # Ctrl-C in a terminal, and a hang-up or `pkill -HUP bridged`, reach every
+    # process of the group at once; only the supervisor acts on them, stopping
+    # the front before the workers (a worker that left on its own would read
+    # as a crash) or reloading.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is delivered now

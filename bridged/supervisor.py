@@ -110,6 +110,10 @@ class Supervisor:
             self._start_all()
             return self._loop()
         finally:
+            # Whatever comes now is too late to act on, and the interpreter's
+            # shutdown restores the default handlers: a signal then would
+            # replace our exit status with death by that signal.
+            signal.pthread_sigmask(signal.SIG_BLOCK, spawn.SIGNALS)
             self._cleanup()
 
     def _install_signals(self) -> None:

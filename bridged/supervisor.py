@@ -220,6 +220,9 @@ class Supervisor:
             self._start_worker(worker)
 
     def _start_front(self) -> None:
+        if self.sup_sock is not None:  # the last front's channel: the new one must not inherit it
+            self.sup_sock.close()
+            self.sup_sock = None
         ours, theirs = socketpair()
 
         def target() -> int:
@@ -228,8 +231,6 @@ class Supervisor:
 
         self.front.pid = self._fork(self.front, target)
         theirs.close()
-        if self.sup_sock is not None:
-            self.sup_sock.close()
         self.sup_sock = ours
         self.front_ready = False
         self._port_failure = None

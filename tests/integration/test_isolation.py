@@ -107,3 +107,48 @@ def test_each_worker_holds_only_its_own_link(make_daemon, echo_server):
     assert host.ask(b'AT+CIPSTART=2,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
     check_isolation(daemon)
     host.close()
+
+
+def _footprint(pid: int) -> tuple[int, int]:
+    """(open descriptors, lines of ring mappings) of a process."""
+    with open(f"/proc/{pid}/maps") as f:
+        mapped = sum(1 for line in f if "/memfd:bridged-" in line)
+    return len(os.listdir(f"/proc/{pid}/fd")), mapped
+
+
+def _wait_ready_worker(daemon: Daemon, link_id: int, old: int) -> int:
+    """Wait until link_id's worker is not ``old`` and the front has its Hello; its pid."""
+    deadline = time.monotonic() + 20
+    while (pid := daemon.worker_pid(link_id)) == old or not any(
+            e.get("pid") == pid for e in daemon.events("worker_ready")):
+        assert time.monotonic() < deadline, f"worker {link_id} was not forked again and ready"
+        time.sleep(0.02)
+    return pid
+
+
+def test_thirty_restarts_leak_no_descriptor_or_mapping(make_daemon):
+    """Link workers killed 30 times over (with their restart backoff) and the
+    front three times: the supervisor and the front hold as many descriptors
+    and ring mappings as at the start, and a new front as many as the first."""
+    daemon = make_daemon()
+    daemon.expected_errors |= {"child_died", "worker_died"}
+    host = daemon.host()
+    host.boot()
+    supervisor = daemon.proc.pid
+    front = daemon.wait_event("child_started", role="front")[-1]["pid"]
+    daemon.wait_event("worker_ready", count=LINKS)
+    before = {"supervisor": _footprint(supervisor), "front": _footprint(front)}
+    for _ in range(6):
+        pids = [daemon.worker_pid(k) for k in range(LINKS)]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        for k, pid in enumerate(pids):
+            _wait_ready_worker(daemon, k, pid)
+    assert len(daemon.events("child_died")) == 30
+    assert {"supervisor": _footprint(supervisor), "front": _footprint(front)} == before
+    for _ in range(3):
+        os.kill(front, signal.SIGKILL)
+        host.expect(b"\r\nready\r\n", timeout=20)
+        front = daemon.wait_event("child_started", role="front")[-1]["pid"]
+        assert {"supervisor": _footprint(supervisor), "front": _footprint(front)} == before
+    host.close()

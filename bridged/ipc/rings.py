@@ -45,7 +45,9 @@ The supervisor creates every ring before it forks; children use the
 inherited mapping. The block is an anonymous ``memfd`` mapped shared: it never
 has a name in /dev/shm, so nothing can attach to it by name, no resource
 tracker is involved, and nothing is left behind however the processes end
-(a SIGKILL included): the memory goes with the last mapping. Its label
+(a SIGKILL included): the memory goes with the last mapping. Its size is
+sealed (F_SEAL_SHRINK, F_SEAL_GROW): a process that reopens it through /proc
+cannot shrink it under the others' mappings. Its label
 (``bridged-<label>``) shows in /proc/<pid>/maps and /proc/<pid>/fd for
 whoever debugs. ``close()`` drops the mapping in the calling process only;
 a child that must not reach a ring (another link's) closes it after the fork.
@@ -67,6 +69,7 @@ or ``close()`` fails with ``BufferError``.
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import sys
@@ -88,10 +91,13 @@ _MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 def _create_block(size: int, label: str) -> mmap.mmap:
-    """Map a fresh zero-filled shared block of ``size`` bytes, named nowhere."""
-    fd = os.memfd_create(f"bridged-{label}", os.MFD_CLOEXEC)
+    """Map a fresh zero-filled shared block of ``size`` bytes, named nowhere, its size sealed."""
+    fd = os.memfd_create(f"bridged-{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        # A block shrunk under a mapping is SIGBUS in every process touching
+        # it; whoever reopens it through /proc must not be able to.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
     finally:
         os.close(fd)

@@ -413,6 +413,43 @@ def test_a_ring_has_no_name_in_dev_shm():
         ring.close()
 
 
+def _reopen_block(ring: Ring) -> int:
+    """Open the ring's memory afresh, as another process of our user could
+    through /proc/<pid>/fd (3.11 keeps an fd per mapping) or map_files."""
+    wanted = f"/memfd:{ring.name} (deleted)"
+    for directory in ("/proc/self/fd", "/proc/self/map_files"):
+        for entry in os.listdir(directory):
+            path = f"{directory}/{entry}"
+            try:
+                if os.readlink(path) == wanted:
+                    return os.open(path, os.O_RDWR)
+            except (FileNotFoundError, PermissionError):
+                continue
+    pytest.skip("the ring's memory cannot be reopened here (map_files needs CAP_SYS_ADMIN)")
+
+
+def test_a_rings_memory_cannot_be_resized():
+    """Whoever reopens a ring's memory (a worker of our user through /proc) can
+    neither shrink it, which would crash every process mapping it with SIGBUS,
+    nor grow it: the size is sealed; the ring goes on working."""
+    ring = Ring.create(4096, "sealed")
+    fd = _reopen_block(ring)
+    try:
+        size = os.fstat(fd).st_size
+        for wrong in (0, size // 2, size * 2):
+            try:
+                os.ftruncate(fd, wrong)
+            except PermissionError:
+                continue
+            os.ftruncate(fd, size)  # put it back before anything touches the ring
+            pytest.fail(f"the ring's memory could be resized to {wrong}")
+        assert os.fstat(fd).st_size == size
+        assert ring.put_nowait(b"still mapped") == 12 and ring.get_nowait(100) == b"still mapped"
+    finally:
+        os.close(fd)
+        ring.close()
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 

@@ -51,6 +51,10 @@ _SERIAL_FAULTS = {
     errno.EBUSY: ("is in use by another process (busy)", "stop it or choose another --port"),
     errno.ENOTTY: ("is not a serial port (not a tty)", "choose a serial device with --port"),
     errno.EISDIR: ("is not a serial port (a directory)", "choose a serial device with --port"),
+    errno.ENOTDIR: ("does not exist (a part of its path is not a directory)", "choose another --port"),
+    errno.ELOOP: ("is a loop of symbolic links", "fix the link or choose another --port"),
+    errno.EIO: ("does not answer (input/output error)",
+                "re-plug the device, look at `dmesg`, or choose another --port"),
 }
 
 
@@ -68,9 +72,12 @@ def _errno_of(exc: BaseException) -> int | None:
 
 def serial_error(device: str, exc: BaseException) -> PortError:
     """The one-line PortError for a serial device that failed to open or configure."""
-    fault = _SERIAL_FAULTS.get(_errno_of(exc))
+    code = _errno_of(exc)
+    fault = _SERIAL_FAULTS.get(code)
     if fault is None:
-        return PortError(f"{device} cannot be used as a serial port ({exc}); choose another --port")
+        # pyserial's text repeats the path and the errno: the system's words are enough.
+        why = os.strerror(code).lower() if code is not None else str(exc)
+        return PortError(f"{device} cannot be used as a serial port ({why}); choose another --port")
     problem, remedy = fault
     return PortError(f"{device} {problem}; {remedy}")
 

@@ -10,7 +10,8 @@ never a traceback, and an exit status systemd can act on:
 - 2: a usage or configuration mistake (bad argument, bad config file or key);
 - 1: everything else: the serial port is missing, locked or busy, not a tty or
   not permitted; the pty link cannot be made; the state directory cannot be
-  created; the front keeps failing.  (Restart=on-failure retries these.)
+  created; a descriptor, memory or process limit is reached; the front keeps
+  failing.  (Restart=on-failure retries these.)
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                      "or [state] dir", START_FAILED)
     device = config.uart.port
     setup_logging(config.log.level, config.log.format, "supervisor")
+    from bridged.spawn import StartError
     from bridged.supervisor import Supervisor  # after logging: it imports every module
     from bridged.uart.port import PortError
 
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()
-    except PortError as exc:
+    except (PortError, StartError) as exc:
         return _fail(str(exc), START_FAILED)
 
 

@@ -21,13 +21,19 @@ escapes ``target`` is logged and makes the status 1.
 
 Restart policy (`Child.schedule_restart`): at once after the first death,
 then with a backoff doubling from 0.25 s up to 5 s while the child keeps dying
-within 10 s of its start.
+within 10 s of its start.  Stopping (`terminate`): SIGTERM, then SIGKILL at a
+deadline.
+
+A child and the rings it needs cost descriptors, memory and a process; a
+limit reached there ends the daemon (`limit_error`: the one line to print).
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import time
 import signal
 from dataclasses import dataclass
 from typing import Callable
@@ -37,7 +43,7 @@ import structlog
 from bridged.config import LogConfig
 from bridged.log import setup_logging
 
-__all__ = ["SIGNALS", "Child", "fork"]
+__all__ = ["SIGNALS", "Child", "StartError", "fork", "kill", "limit_error", "terminate"]
 
 log = structlog.get_logger()
 
@@ -46,6 +52,28 @@ SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
 _FAST_DEATH = 10.0
 _MAX_BACKOFF = 5.0
+# errno -> (what ran out, what to do), for an OSError while making rings or forking.
+_LIMITS = {
+    errno.EMFILE: ("too many open files", "raise LimitNOFILE= (ulimit -n) or lower links.count"),
+    errno.ENFILE: ("too many open files in the system", "raise fs.file-max or lower links.count"),
+    errno.ENOMEM: ("out of memory", "lower links.ring_size or links.count"),
+    errno.EAGAIN: ("no more processes", "raise TasksMax= or LimitNPROC= (ulimit -u) or lower links.count"),
+}
+
+
+class StartError(Exception):
+    """bridged cannot serve (any more); str() is the cause and the remedy, one line."""
+
+
+def limit_error(exc: OSError, links: int) -> StartError:
+    """The StartError for an OSError while making rings or forking; an
+    unexpected errno is logged with its traceback (our bug, most likely)."""
+    what = f"cannot run {links} links: "
+    if exc.errno in _LIMITS:
+        problem, remedy = _LIMITS[exc.errno]
+        return StartError(f"{what}{problem}; {remedy}")
+    log.exception("supervisor_failed")
+    return StartError(f"{what}{exc.strerror or exc}; the log has the details")
 
 
 @dataclass
@@ -128,3 +156,30 @@ def _leave_supervisor_signals(wakeup: tuple[int, int], mask: set[signal.Signals]
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile is delivered now
+
+
+def kill(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid``; one already gone is no error."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def terminate(children: list[Child], deadline: float, reap: Callable[[], None]) -> None:
+    """SIGTERM the living ``children``; SIGKILL those still there at ``deadline``.
+
+    Args:
+        reap: collects exits, setting a reaped child's pid to 0.
+    """
+    children = [c for c in children if c.pid]
+    for child in children:
+        kill(child.pid, signal.SIGTERM)
+    while any(c.pid for c in children) and time.monotonic() < deadline:
+        reap()
+        time.sleep(0.005)
+    for child in children:
+        if child.pid:
+            log.warning("child_killed", role=child.role, **child.ident())
+            kill(child.pid, signal.SIGKILL)
+    reap()

@@ -16,13 +16,16 @@ dies, the workers see EOF and exit; everything is started again.
 
 Restart policy: a child that dies is forked again with a backoff
 (``spawn.Child``); a front that fails five times in a row without reaching
-``ready`` ends the daemon with status 1 (systemd's Restart= takes over).  A
-port that cannot be used at start is not retried: a pty link that cannot be
-made stops the start before any fork; a serial port the front cannot open
-comes back as ``PortFailed`` and the exit status ``PORT_FAILED``.  Either way
-``run()`` raises `PortError`, the one line to print, and the caller exits 1.
-A port that served and then fails to reopen (a front restarted while a USB
-adapter re-plugs) is retried with the backoff, and raised after five tries.
+``ready`` ends the daemon (systemd's Restart= takes over).  A port that
+cannot be used at start is not retried: a pty link that cannot be made stops
+the start before any fork (`PortError`); a serial port the front cannot open
+comes back as ``PortFailed`` and the exit status ``PORT_FAILED``.  A port
+that served and then fails to reopen (a front restarted while a USB adapter
+re-plugs) is retried with the backoff, and given up after five tries.  A
+limit reached (descriptors, memory, processes: an OSError while making the
+rings or forking) ends the daemon too.  Each of these ends ``run()`` with an
+exception whose text is the one line to print, after the children are
+stopped; the caller exits 1.
 
 Isolation: nothing of the supervisor's signal handling runs in a child
 (``bridged.spawn``); a link worker unmaps the other links' rings and closes
@@ -54,9 +57,9 @@ from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarte
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
-from bridged.spawn import Child
+from bridged.spawn import Child, StartError
 from bridged.uart.main import PORT_FAILED, run_front
-from bridged.uart.port import PortError, Pty, open_pty
+from bridged.uart.port import Pty, open_pty
 
 __all__ = ["Supervisor"]
 
@@ -84,37 +87,49 @@ class Supervisor:
         self.stopping = False
         self.served = False  # a front has reached ready since we started
         self._port_failure: str | None = None  # the reason of the running front's PortFailed
-        self._fatal: str | None = None  # why we end now (raised as PortError by the loop)
+        self._fatal: str | None = None  # why we end now (raised as StartError by the loop)
         self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
     # -- lifetime ----------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped: 0 after SIGTERM, 1 when the front keeps failing.
+        """Serve until stopped: 0 after SIGTERM.
 
         Raises:
-            PortError: the pty or the serial port cannot be used (its text is
-                the one line to print; the children are stopped by then).
+            PortError: the pty cannot be made.
+            StartError: the serial port cannot be used, the front keeps
+                failing, or a limit is reached.
+            Either one's text is the line to print; the children are stopped by then.
         """
-        self._install_signals()
         try:
+            self._install_signals()
             if not self.device:
                 self.pty = open_pty(self.pty_link)
                 log.info("pty_created", path=self.pty.path, link=self.pty_link)
                 print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
                       f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
-            size = self.config.links.ring_size
-            self.rings = [(Ring.create(size, f"link{w.link_id}-up"), Ring.create(size, f"link{w.link_id}-down"))
-                          for w in self.workers]
-            self._start_all()
-            return self._loop()
+            return self._serve()
         finally:
             # Whatever comes now is too late to act on, and the interpreter's
             # shutdown restores the default handlers: a signal then would
             # replace our exit status with death by that signal.
             signal.pthread_sigmask(signal.SIG_BLOCK, spawn.SIGNALS)
             self._cleanup()
+
+    def _serve(self) -> int:
+        """Make the rings, fork the children, loop; an OSError (a limit reached) ends it."""
+        try:
+            size = self.config.links.ring_size
+            for w in self.workers:
+                self.rings.append((Ring.create(size, f"link{w.link_id}-up"),
+                                   Ring.create(size, f"link{w.link_id}-down")))
+            self._start_all()
+            return self._loop()
+        except OSError as exc:
+            self.stopping = True
+            self._stop_children()
+            raise spawn.limit_error(exc, len(self.workers)) from None
 
     def _install_signals(self) -> None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -139,12 +154,10 @@ class Supervisor:
             if self._fatal is not None:
                 self.stopping = True
                 self._stop_children()
-                raise PortError(self._fatal)
+                raise StartError(self._fatal)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
-            code = self._restart_due()
-            if code is not None:
-                return code
+            self._restart_due()
             if watchdog and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog
                 if self._healthy():
@@ -325,25 +338,26 @@ class Supervisor:
             # Its workers lose their control sockets and exit; start afresh.
             for worker in self.workers:
                 if worker.pid:
-                    _kill(worker.pid, signal.SIGTERM)
+                    spawn.kill(worker.pid, signal.SIGTERM)
 
-    def _restart_due(self) -> int | None:
+    def _restart_due(self) -> None:
+        """Fork what is due again, or set ``_fatal`` when the front keeps failing."""
         now = time.monotonic()
         front = self.front
         if front.restart_at is not None:
-            if front.failures >= _FRONT_MAX_FAILURES:
-                if self._port_failure is not None:  # the port stayed away: say so in one line
-                    self._fatal = self._port_failure
-                    return None
+            if front.failures < _FRONT_MAX_FAILURES:
+                if now >= front.restart_at and not any(w.pid for w in self.workers):
+                    self._start_all()
+            elif self._port_failure is not None:  # the port stayed away: say so in one line
+                self._fatal = self._port_failure
+            else:
                 log.critical("front_keeps_failing", failures=front.failures)
-                return 1
-            if now >= front.restart_at and not any(w.pid for w in self.workers):
-                self._start_all()
-            return None
+                self._fatal = (f"the front failed {front.failures} times in a row before it was ready; "
+                               "its log events say why")
+            return
         for worker in self.workers:
             if worker.restart_at is not None and now >= worker.restart_at and not worker.pid:
                 self._start_worker(worker)
-        return None
 
     # -- the front's messages ----------------------------------------------------------------
 
@@ -391,21 +405,8 @@ class Supervisor:
         deadline = time.monotonic() + _STOP_GRACE
         # The front first, so that it does not take the workers' exits for crashes;
         # then the workers, which close their sockets (FIN to every peer).
-        self._terminate([self.front], min(deadline, time.monotonic() + 1.0))
-        self._terminate(self.workers, deadline)
-
-    def _terminate(self, children: list[Child], deadline: float) -> None:
-        children = [c for c in children if c.pid]
-        for child in children:
-            _kill(child.pid, signal.SIGTERM)
-        while any(c.pid for c in children) and time.monotonic() < deadline:
-            self.handle_chld()
-            time.sleep(0.005)
-        for child in children:
-            if child.pid:
-                log.warning("child_killed", role=child.role, **child.ident())
-                _kill(child.pid, signal.SIGKILL)
-        self.handle_chld()
+        spawn.terminate([self.front], min(deadline, time.monotonic() + 1.0), self.handle_chld)
+        spawn.terminate(self.workers, deadline, self.handle_chld)
 
     def _cleanup(self) -> None:
         for up, down in self.rings:
@@ -415,11 +416,4 @@ class Supervisor:
             self.pty.close()
         if self.sup_sock is not None:
             self.sup_sock.close()
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 

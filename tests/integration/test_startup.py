@@ -8,6 +8,7 @@ import ctypes
 import fcntl
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -322,3 +323,43 @@ def test_in_the_journal_the_line_is_an_error(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_too_few_descriptors_end_the_daemon_with_exit_1(tmp_path):
+    """A descriptor limit too low for the rings (LimitNOFILE=): one line naming
+    the limit and what to raise, exit 1, no traceback."""
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+
+    outcome = _run(tmp_path, "--pty", str(tmp_path / "tty"), preexec_fn=few_descriptors)
+    _check_one_line_failure(outcome, "cannot run 5 links: too many open files", "LimitNOFILE=")
+
+
+def test_a_front_that_keeps_dying_before_ready_ends_the_daemon_with_a_line(tmp_path):
+    """A front that dies five times in a row before it is ready (here SIGKILLed
+    each time) ends the daemon with exit 1 and one line saying so, not silently."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
+    log_path = tmp_path / "out.log"
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--pty", str(tmp_path / "tty"),
+             "--state-dir", str(tmp_path / "s")], stdout=out, stderr=subprocess.PIPE, text=True)
+    try:
+        killed: set[int] = set()
+        deadline = time.monotonic() + 30
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "the daemon went on restarting its front"
+            fronts = Outcome(0, "", log_path.read_text(errors="replace"), 0).events("child_started")
+            for pid in {e["pid"] for e in fronts if e["role"] == "front"} - killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            time.sleep(0.005)
+        assert proc.returncode == 1
+        assert proc.stderr.read().splitlines() == [
+            "bridged: the front failed 5 times in a row before it was ready; its log events say why"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stderr.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import re
 import resource
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.harness import Daemon
+from tests.harness import Daemon, parse_events
 
 _PR_CAPBSET_DROP = 24
 _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 1, 2
@@ -32,26 +31,22 @@ class Outcome:
     pid: int
 
     def events(self, name: str | None = None) -> list[dict]:
-        import json
+        return parse_events(self.stdout, name)
 
-        found = []
-        for line in self.stdout.splitlines():
-            m = re.match(r"<\d>(\{.*\})$", line)
-            if m:
-                event = json.loads(m.group(1))
-                if name is None or event.get("event") == name:
-                    found.append(event)
-        return found
+
+def _start(tmp_path, *args: str, stdout=subprocess.PIPE, preexec_fn=None) -> subprocess.Popen:
+    """`bridged run` with JSON logs, a state directory in tmp_path, and ``args``."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--state-dir", str(tmp_path / "s"), *args],
+        stdout=stdout, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+    )
 
 
 def _run(tmp_path, *args: str, preexec_fn=None) -> Outcome:
     """Run `bridged run` until it exits by itself (it must, within 30 s)."""
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--state-dir", str(tmp_path / "s"), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
-    )
+    proc = _start(tmp_path, *args, preexec_fn=preexec_fn)
     try:
         stdout, stderr = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -254,7 +249,7 @@ def _read_until(fd: int, pattern: bytes, timeout: float = 10.0) -> bytes:
 def _wait_log(path, event: str, count: int = 1, timeout: float = 10.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
-        found = Outcome(0, "", path.read_text(errors="replace"), 0).events(event)
+        found = parse_events(path.read_text(errors="replace"), event)
         if len(found) >= count:
             return found
         assert time.monotonic() < deadline, f"no {count}x {event}:\n{path.read_text()[-3000:]}"
@@ -268,13 +263,9 @@ def test_a_port_that_served_is_retried_then_given_up(tmp_path, serial_pty):
     master, _, device = serial_pty
     port = tmp_path / "port"  # a udev-style symlink we can point away
     port.symlink_to(device)
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
     log_path = tmp_path / "out.log"
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--port", str(port),
-             "--state-dir", str(tmp_path / "s")], stdout=out, stderr=subprocess.PIPE, text=True)
+        proc = _start(tmp_path, "--port", str(port), stdout=out)
     try:
         _read_until(master, b"\r\nready\r\n")
         for attempt in (1, 2):
@@ -338,19 +329,15 @@ def test_too_few_descriptors_end_the_daemon_with_exit_1(tmp_path):
 def test_a_front_that_keeps_dying_before_ready_ends_the_daemon_with_a_line(tmp_path):
     """A front that dies five times in a row before it is ready (here SIGKILLed
     each time) ends the daemon with exit 1 and one line saying so, not silently."""
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[wifi]\nstation_interface = "lo"\n[log]\nformat = "json"\n')
     log_path = tmp_path / "out.log"
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--pty", str(tmp_path / "tty"),
-             "--state-dir", str(tmp_path / "s")], stdout=out, stderr=subprocess.PIPE, text=True)
+        proc = _start(tmp_path, "--pty", str(tmp_path / "tty"), stdout=out)
     try:
         killed: set[int] = set()
         deadline = time.monotonic() + 30
         while proc.poll() is None:
             assert time.monotonic() < deadline, "the daemon went on restarting its front"
-            fronts = Outcome(0, "", log_path.read_text(errors="replace"), 0).events("child_started")
+            fronts = parse_events(log_path.read_text(errors="replace"), "child_started")
             for pid in {e["pid"] for e in fronts if e["role"] == "front"} - killed:
                 os.kill(pid, signal.SIGKILL)
                 killed.add(pid)

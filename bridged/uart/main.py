@@ -1,8 +1,9 @@
 """Entry point of the UART front process (called in the child after fork).
 
-A serial port that cannot be opened is no crash: the front sends the reason
-(`PortFailed`, one line naming the cause and the remedy) to the supervisor and
-exits with `PORT_FAILED`, which tells the supervisor not to restart it.
+A serial port that cannot be opened, or that hangs up while we serve, is no
+crash: the front sends the reason (`PortFailed`, one line naming the cause and
+the remedy) to the supervisor and exits with `PORT_FAILED`; the supervisor
+ends the daemon or, for a port that served, retries it with its backoff.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ __all__ = ["run_front", "PORT_FAILED"]
 
 log = structlog.get_logger()
 
-PORT_FAILED = 4  # exit status: the serial port cannot be opened (PortFailed said why)
+PORT_FAILED = 4  # exit status: the serial port cannot be opened or hung up (PortFailed said why)
 
 
 def run_front(
@@ -63,10 +64,10 @@ def run_front(
 
         apply(settings)
 
-    async def main() -> None:
+    async def main() -> int:
         slots = [Slot(i, up, down) for i, (up, down) in enumerate(rings)]
         front = Front(config, fd, name, store, slots, supervisor, apply)
         await front.run()
+        return PORT_FAILED if front.port_lost else 0
 
-    uvloop.run(main())
-    return 0
+    return uvloop.run(main())

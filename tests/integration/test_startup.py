@@ -350,3 +350,34 @@ def test_a_front_that_keeps_dying_before_ready_ends_the_daemon_with_a_line(tmp_p
             proc.kill()
             proc.wait(5)
         proc.stderr.close()
+
+
+def test_a_port_that_hangs_up_is_reopened(tmp_path, serial_pty):
+    """A serial port that hangs up while serving (a USB adapter unplugged: its
+    tty reads EOF) is reported and reopened; plugged in again (udev points the
+    by-id link at the new node) the daemon serves there, it does not spin on EOF."""
+    master, _, device = serial_pty
+    port = tmp_path / "port"
+    port.symlink_to(device)
+    log_path = tmp_path / "out.log"
+    with open(log_path, "w") as out:
+        proc = _start(tmp_path, "--port", str(port), stdout=out)
+    replug_master, replug_slave = os.openpty()
+    try:
+        _read_until(master, b"\r\nready\r\n")
+        os.replace(_symlink(tmp_path, os.ttyname(replug_slave)), port)
+        os.dup2(replug_master, master)  # the first master closes, its tty hangs up; the fixture closes the new one
+        lost = _wait_log(log_path, "port_lost")[-1]
+        assert lost["error"] == f"{port} hung up (unplugged?); plug the device in or choose another --port"
+        _read_until(master, b"\r\nready\r\n")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert "Traceback" not in log_path.read_text() + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stderr.close()
+        os.close(replug_master)
+        os.close(replug_slave)

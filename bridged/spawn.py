@@ -9,9 +9,10 @@ and the child builds its own loop afterwards.  What must not cross the fork:
   number into a wake-up pipe (``signal.set_wakeup_fd``); run in a child, that
   byte would reach the supervisor: a SIGTERM meant for a new worker read as
   the supervisor's own stop.  So the signals stay blocked across the fork;
-  the child drops the wake-up fd, closes both ends of the pipe and resets the
-  handlers to their defaults, and only then unblocks them (a signal sent
-  meanwhile is delivered then, to the child's own disposition);
+  the child drops the wake-up fd, closes both ends of the pipe, resets the
+  handlers (SIGTERM to its default; SIGINT and SIGHUP ignored, the supervisor
+  acts on those for the whole group), and only then unblocks them (a signal
+  sent meanwhile is delivered then, to the child's own disposition);
 - descriptors and mappings that are not the child's: ``target`` closes
   those before anything else (see ``Supervisor._keep_only``).
 
@@ -33,8 +34,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import time
 import signal
+import time
 from dataclasses import dataclass
 from typing import Callable
 

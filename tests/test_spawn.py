@@ -101,12 +101,12 @@ def _orphan_under_subreaper(report_w: int) -> None:
     pid_r, pid_w = os.pipe()
     supervisor = os.fork()
     if supervisor == 0:
-        leave = spawn._leave_supervisor_signals
+        leave, me = spawn._leave_supervisor_signals, os.getpid()
 
         def late(wakeup, mask):
             # The child waits here until its supervisor has died and it has a new parent.
-            supervisor, deadline = os.getppid(), time.monotonic() + 10
-            while os.getppid() == supervisor and time.monotonic() < deadline:
+            deadline = time.monotonic() + 10
+            while os.getppid() == me and time.monotonic() < deadline:
                 time.sleep(0.002)
             leave(wakeup, mask)
 

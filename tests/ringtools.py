@@ -1,4 +1,4 @@
-"""A real shared-memory ring for unit tests, unlinked afterwards."""
+"""A real shared-memory ring (an anonymous memfd) for unit tests, closed afterwards."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ __all__ = ["new_ring"]
 
 
 @contextmanager
-def new_ring(capacity: int = 4096) -> Iterator[Ring]:
-    ring = Ring.create(capacity)
+def new_ring(capacity: int = 4096, label: str = "ring") -> Iterator[Ring]:
+    ring = Ring.create(capacity, label)
     try:
         yield ring
     finally:
         ring.close()
-        ring.unlink()

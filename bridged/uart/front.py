@@ -58,7 +58,7 @@ from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
 from bridged.readgate import ReadGate
@@ -139,6 +139,7 @@ class Front:
         self._gate = ReadGate(self.loop, self._on_readable)  # the port, paused often (coalescing, back-pressure)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
+        self.port_lost: str | None = None  # why the port went away while we served
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -300,6 +301,7 @@ class Front:
             self.loop.call_later(0.5, self._resume_reading)
             return
         if not data:
+            self._hung_up()
             return
         if self.busy:
             self._refuse_busy(data)
@@ -309,6 +311,16 @@ class Front:
         if not self.holding:
             self._process()
         self._coalesce(len(data), now)
+
+    def _hung_up(self) -> None:
+        """The port read EOF: a tty does only once hung up (a USB adapter
+        unplugged); the pty's master never does, we hold its slave.  Nothing
+        is left to serve: tell the supervisor, which starts a front that
+        reopens the port (see bridged.supervisor), and stop."""
+        self._pause_reading()  # it stays readable: EOF again and again
+        self.port_lost = f"{self.port_name} hung up (unplugged?); plug the device in or choose another --port"
+        self._tell_supervisor(PortFailed(self.port_lost))
+        self.stop()
 
     def _coalesce(self, size: int, now: float) -> None:
         """While the MCU streams a data phase at UART speed, read every few ms.

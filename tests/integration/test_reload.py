@@ -4,6 +4,7 @@ changes what only a restart can, is refused and the running one stays."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 from tests.harness import Daemon, Demux
@@ -99,6 +100,26 @@ def test_an_unchanged_config_changes_nothing(make_daemon):
     daemon.wait_event("reload_unchanged")
     assert host.ask(b"AT") == b"\r\nOK\r\n"
     assert len(daemon.events("child_started")) == 6
+
+
+def test_a_hang_up_of_the_whole_group_is_one_reload(tmp_path):
+    """`pkill -HUP bridged` or a terminal's hang-up signals every process: the
+    supervisor reloads, and no child dies of the signal."""
+    daemon = Daemon(tmp_path, own_group=True).start()
+    try:
+        host = daemon.host()
+        host.boot()
+        os.killpg(daemon.proc.pid, signal.SIGHUP)
+        daemon.wait_event("reload_unchanged")
+        assert host.ask(b"AT") == b"\r\nOK\r\n"
+        assert not daemon.events("child_died")
+        assert len(daemon.events("child_started")) == 6  # the front and five workers, once
+        host.close()
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:  # never leave a daemon group behind a failure
+            os.killpg(daemon.proc.pid, signal.SIGKILL)
+            daemon.proc.wait(5)
 
 
 def test_systemd_hears_reloading_then_ready(tmp_path, notify_socket):

@@ -66,6 +66,7 @@ from bridged.uart.output import Output
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
+from bridged.uart.transcript import MarkKind, Transcript
 
 __all__ = ["Front", "factory_uart"]
 
@@ -96,6 +97,8 @@ class _Passthrough:
 
 
 class Front:
+    tap: Transcript | None = None  # set while the AT transcript is on
+
     def __init__(
         self,
         config: Config,
@@ -136,6 +139,7 @@ class Front:
         self._gate = ReadGate(self.loop, self._on_readable)  # the port, paused often (coalescing, back-pressure)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
+        self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -157,6 +161,7 @@ class Front:
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
+            self.transcript.close()
 
     def stop(self) -> None:
         if not self._stopped.done():
@@ -218,6 +223,8 @@ class Front:
         return ctx
 
     def _boot(self) -> None:
+        if self.tap is not None:
+            self.tap.mark(MarkKind.BOOT)
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))
@@ -242,6 +249,8 @@ class Front:
 
     def _restart(self, factory: bool) -> None:
         log.info("restart", factory=factory)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.RESTART, factory=factory)
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
@@ -296,6 +305,8 @@ class Front:
             return
         if not data:
             return
+        if self.tap is not None:
+            self.tap.received(data)
         if self.busy:
             self._refuse_busy(data)
             return
@@ -371,6 +382,8 @@ class Front:
 
     def _execute(self, line: CommandLine) -> None:
         structlog.contextvars.bind_contextvars(command=line.name)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
         try:
             result = registry.dispatch(self.ctx, line)
         except AtError as error:
@@ -427,6 +440,9 @@ class Front:
         state = self.ctx.state
         report, transmit = state.sendl_cfg
         self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
+                          kind=request.kind.name.lower())
         self._mute_progress(slot if request.kind is DataKind.PASSTHROUGH else None)
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
@@ -477,6 +493,8 @@ class Front:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
         send = self.sending
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
         if send.kind is not DataKind.SENDL:
             # Its SEND OK usually follows within a fraction of a ms: one write for both.
             self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
@@ -489,6 +507,8 @@ class Front:
 
     def _payload_escaped(self) -> None:
         send, self.sending = self.sending, None
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._mute_progress(None)
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
@@ -634,6 +654,8 @@ class Front:
         step = len(payload) if record.addr is not None else self.config.links.chunk
         for i in range(0, len(payload), step or 1):
             piece = payload[i : i + step]
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
 
     def _on_link_accepted(self, slot: Slot) -> None:
@@ -647,6 +669,8 @@ class Front:
 
     def _on_link_notice(self, slot: Slot, unread: int) -> None:
         self._check_send()
+        if self.tap is not None:
+            self.tap.mark(MarkKind.IPD, link=slot.link_id, length=unread, passive=True)
         self.output.urc(fmt.ipd_passive(self.ctx.link_arg(slot.link_id), unread))
 
     def _on_link_ended(self, slot: Slot) -> None:

@@ -42,6 +42,8 @@ _TICK = 0.001
 
 
 class Output:
+    tap = None  # the AT transcript while it is on (bridged.uart.transcript)
+
     def __init__(self, fd: int, gap: float, on_drained: Callable[[], None]) -> None:
         self.fd = fd
         self.gap = gap
@@ -158,6 +160,8 @@ class Output:
                 n = 0
             self._buffered -= n
             self.written += n
+            if self.tap is not None and n:
+                self.tap.sent(self._pending[:n])
             self._pending = self._pending[n:]
             if self._pending:
                 self._arm_writer()

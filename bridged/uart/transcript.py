@@ -1,0 +1,426 @@
+"""The AT transcript: every byte to and from the MCU, with the session's marks.
+
+Theory of operation.  The front's byte path holds a ``tap`` attribute: None
+while the transcript is off (one attribute check per read or write and
+nothing else), the `Transcript` while it is on.  Switching is `enable()` /
+`disable()`, which set or clear ``tap`` on every holder (the front, its
+`Output`, its `LinkTable`), so it can be done at run time.  A tap call only
+appends (direction, bytes, monotonic time, wall time) to a list; formatting
+and writing happen later in the same loop: on a short timer, as soon as the
+list holds ``_FLUSH_SIZE`` bytes, and when the transcript is switched off or
+the front stops.  So the byte path never waits on the disk or the logger,
+and memory stays bounded.
+
+Where it goes: a file (``[log] transcript_path``), mode 0600 since payloads
+may hold secrets, rotated like logging's RotatingFileHandler (at
+``transcript_max_bytes`` the file becomes ``<path>.1``, ``.1`` becomes ``.2``
+..., ``transcript_files`` files in all); or, without a path, the log: marks
+as ``transcript_mark`` events at info, bytes as ``transcript_bytes`` events
+at debug (payloads are never logged at info).
+
+The file format, one line per up to 32 bytes of one read or write and one
+per mark::
+
+    2026-05-01T10:00:00.123456Z 1234.567890 RX 4 'AT\\r\\n' 41 54 0d 0a
+    2026-05-01T10:00:00.123470Z 1234.567904 -- command name=AT+CIPSEND kind=set
+    2026-05-01T10:00:00.125001Z 1234.569435 RX 40 '0123...' 30 31 32 33 ...
+    2026-05-01T10:00:00.125001Z 1234.569435 RX +32 '89' 38 39
+
+wall clock (UTC, microseconds), monotonic clock (seconds), then ``RX`` (from
+the MCU), ``TX`` (to the MCU) or ``--`` (a mark).  A read or write longer
+than 32 bytes spans several lines: the first gives its length, the next ones
+``+offset``.  The printable form is Python's bytes literal without the b
+(``\\r \\n \\t \\\\ \\'`` and ``\\xNN`` outside printable ASCII), always in
+single quotes; the hex form is authoritative, so `parse_line` rebuilds
+either stream exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import enum
+import json
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, NamedTuple
+
+import structlog
+
+from bridged.config import LogConfig
+
+__all__ = ["Direction", "MarkKind", "Chunk", "Mark", "Formatter", "Line", "parse_line",
+           "escape", "RotatingFile", "Transcript"]
+
+log = structlog.get_logger()
+
+_LINE_BYTES = 32  # bytes per file line
+_LOG_BYTES = 256  # bytes per transcript_bytes log event
+_FLUSH_INTERVAL = 0.2  # seconds a recorded byte may wait for the disk
+_FLUSH_SIZE = 256 * 1024  # ... unless this many are waiting
+
+
+class Direction(str, enum.Enum):
+    RX = "RX"  # MCU -> bridged
+    TX = "TX"  # bridged -> MCU
+
+
+class MarkKind(str, enum.Enum):
+    TRANSCRIPT_ON = "transcript_on"
+    TRANSCRIPT_OFF = "transcript_off"
+    BOOT = "boot"  # "ready" is about to go out
+    RESTART = "restart"  # AT+RST, AT+RESTORE, a forced restart
+    COMMAND = "command"  # a command line was recognised
+    DATA_START = "data_start"  # the payload of a send follows
+    DATA_END = "data_end"  # ... was complete, or cancelled by +++
+    CONNECTED = "connected"
+    CONNECT_FAILED = "connect_failed"
+    CLOSED = "closed"
+    IPD = "ipd"  # a +IPD frame (or a passive-mode notice) was queued
+
+
+# Named tuples, not dataclasses: one is made per read and per write.
+class Chunk(NamedTuple):
+    direction: Direction
+    data: bytes | memoryview
+    mono: float
+    wall: float
+
+
+class Mark(NamedTuple):
+    kind: MarkKind
+    fields: dict[str, Any]
+    mono: float
+    wall: float
+
+
+# --------------------------------------------------------------------------
+# Formatting (sans I/O).
+
+
+def escape(data: bytes | memoryview) -> str:
+    """The printable form: a bytes literal's body as written between single quotes."""
+    text = repr(bytes(data))
+    body = text[2:-1]
+    # repr picks double quotes when the bytes hold ' and no ": ' is then bare.
+    return body if text[1] == "'" else body.replace("'", "\\'")
+
+
+_BARE = re.compile(r"[A-Za-z0-9_.:+/\[\]-]+")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = value if isinstance(value, str) else str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)  # ASCII, quoted
+
+
+class Formatter:
+    """Entries -> transcript lines (with their ``\\n``); keeps a clock cache."""
+
+    def __init__(self, width: int = _LINE_BYTES) -> None:
+        self.width = width
+        self._second = -1
+        self._prefix = ""
+
+    def stamp(self, mono: float, wall: float) -> str:
+        second = int(wall)
+        if second != self._second:  # strftime once a second, not per line
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        micros = min(int((wall - second) * 1_000_000), 999_999)
+        return f"{self._prefix}.{micros:06d}Z {mono:.6f}"
+
+    def lines(self, entry: Chunk | Mark) -> list[str]:
+        stamp = self.stamp(entry.mono, entry.wall)
+        if isinstance(entry, Mark):
+            fields = "".join(f" {k}={_value(v)}" for k, v in entry.fields.items())
+            return [f"{stamp} -- {entry.kind.value}{fields}\n"]
+        data = bytes(entry.data)
+        tag = entry.direction.value
+        width = self.width
+        out = []
+        for offset in range(0, len(data), width):
+            piece = data[offset:offset + width]
+            size = f"+{offset}" if offset else str(len(data))
+            out.append(f"{stamp} {tag} {size} '{escape(piece)}' {piece.hex(' ')}\n")
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One parsed transcript line: bytes (``direction`` set) or a mark (``mark`` set)."""
+
+    wall: datetime.datetime
+    mono: float
+    direction: Direction | None = None
+    data: bytes = b""
+    offset: int = 0  # of these bytes within their read or write
+    length: int | None = None  # of the whole read or write (its first line only)
+    text: str = ""  # the printable form as written
+    mark: MarkKind | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+_CHUNK_LINE = re.compile(r"(\S+) (\d+\.\d+) (RX|TX) (\+?)(\d+) '(.*)' ([0-9a-f ]*)")
+_MARK_LINE = re.compile(r"(\S+) (\d+\.\d+) -- (\w+)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)")
+_FIELD = re.compile(r" (\w+)=(\"(?:[^\"\\]|\\.)*\"|\S+)")
+
+
+def _unvalue(text: str) -> Any:
+    if text.startswith('"'):
+        return json.loads(text)
+    if text in ("true", "false"):
+        return text == "true"
+    return int(text) if text.isdigit() else text
+
+
+def parse_line(text: str) -> Line:
+    """Read back one line of a transcript file.
+
+    Raises:
+        ValueError: not a transcript line.
+    """
+    text = text.rstrip("\n")
+    if m := _CHUNK_LINE.fullmatch(text):
+        wall, mono, tag, plus, number, printable, hexed = m.groups()
+        offset, length = (int(number), None) if plus else (0, int(number))
+        return Line(datetime.datetime.fromisoformat(wall), float(mono), Direction(tag),
+                    bytes.fromhex(hexed), offset, length, printable)
+    if m := _MARK_LINE.fullmatch(text):
+        wall, mono, kind, rest = m.groups()
+        fields = {k: _unvalue(v) for k, v in _FIELD.findall(rest)}
+        return Line(datetime.datetime.fromisoformat(wall), float(mono), mark=MarkKind(kind),
+                    fields=fields)
+    raise ValueError(f"not a transcript line: {text[:80]!r}")
+
+
+# --------------------------------------------------------------------------
+# Writing.
+
+
+class RotatingFile:
+    """Appends text to a file of at most ``max_bytes``, keeping ``files`` files.
+
+    At the cap the file becomes ``<path>.1`` (``.1`` becomes ``.2`` ... and
+    ``.<files-1>`` is dropped) and a new one starts; with ``files`` = 1 the
+    file starts over.  A line is never split across two files.  Only a
+    regular file is rotated or has its mode set: a device or a FIFO (a
+    reader of its own) is written as it is.
+
+    Raises:
+        OSError: the file cannot be opened (at construction) or written.
+    """
+
+    def __init__(self, path: str, max_bytes: int, files: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.files = files
+        self.regular = True
+        self._fd = self._open()
+        self.size = os.fstat(self._fd).st_size
+
+    def _open(self, truncate: bool = False) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
+        fd = os.open(self.path, flags, 0o600)
+        try:
+            self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if self.regular:
+                os.fchmod(fd, 0o600)  # an older file of ours keeps no wider mode
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Append whole lines (ASCII, each ending in ``\\n``), rotating at the cap."""
+        batch: list[str] = []
+        size = self.size
+        for line in lines:
+            if size + len(line) > self.max_bytes and size > 0 and self.regular:
+                self._write("".join(batch))
+                batch = []
+                self._rotate()
+                size = 0
+            batch.append(line)
+            size += len(line)
+        self._write("".join(batch))
+
+    def _write(self, text: str) -> None:
+        view = memoryview(text.encode("ascii"))
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+            self.size += n
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        for i in range(self.files - 1, 0, -1):
+            older = f"{self.path}.{i - 1}" if i > 1 else self.path
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{i}")
+        self._fd = self._open(truncate=True)
+        self.size = 0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _FileSink:
+    def __init__(self, config: LogConfig) -> None:
+        self.file = RotatingFile(config.transcript_path, config.transcript_max_bytes,
+                                 config.transcript_files)
+        self.formatter = Formatter()
+
+    def write(self, entries: list[Chunk | Mark]) -> None:
+        lines = self.formatter.lines
+        self.file.write_lines(line for entry in entries for line in lines(entry))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _LogSink:
+    def __init__(self, config: LogConfig) -> None:
+        self.with_bytes = config.level == "debug"
+        self.formatter = Formatter()
+
+    def write(self, entries: list[Chunk | Mark]) -> None:
+        for entry in entries:
+            wall, mono = self.formatter.stamp(entry.mono, entry.wall).split(" ")
+            if isinstance(entry, Mark):
+                log.info("transcript_mark", mark=entry.kind.value, wall=wall, mono=float(mono),
+                         **entry.fields)
+            elif self.with_bytes:
+                data = bytes(entry.data)
+                for offset in range(0, len(data), _LOG_BYTES):
+                    piece = data[offset:offset + _LOG_BYTES]
+                    log.debug("transcript_bytes", dir=entry.direction.value, length=len(data),
+                              offset=offset, wall=wall, mono=float(mono), text=escape(piece),
+                              hex=piece.hex(" "))
+
+    def close(self) -> None:
+        pass
+
+
+class Transcript:
+    """The transcript of one front process; see the module docstring.
+
+    Args:
+        config: the ``[log]`` section (path, rotation, level; ``transcript``
+            switches it on at once).
+        holders: objects whose ``tap`` attribute is set to this transcript
+            while it is on and to None while it is off.
+    """
+
+    def __init__(self, config: LogConfig, holders: Iterable[object] = ()) -> None:
+        self.config = config
+        self._holders = tuple(holders)
+        self._sink: _FileSink | _LogSink | None = None
+        self._pending: list[Chunk | Mark] = []
+        self._size = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_soon = False
+        if config.transcript:
+            self.enable()
+
+    @property
+    def enabled(self) -> bool:
+        return self._sink is not None
+
+    def enable(self) -> bool:
+        """Start recording; False (and an error logged) if the file cannot be opened."""
+        if self._sink is not None:
+            return True
+        path = self.config.transcript_path
+        try:
+            self._sink = _FileSink(self.config) if path else _LogSink(self.config)
+        except OSError as exc:
+            log.error("transcript_unavailable", path=path, error=exc.strerror or str(exc))
+            return False
+        for holder in self._holders:
+            holder.tap = self
+        log.info("transcript_on", path=path or None, bytes_logged=bool(path) or self.config.level == "debug")
+        self.mark(MarkKind.TRANSCRIPT_ON, pid=os.getpid())
+        return True
+
+    def disable(self) -> None:
+        """Stop recording; what was recorded is written first."""
+        if self._sink is None:
+            return
+        self.mark(MarkKind.TRANSCRIPT_OFF)
+        for holder in self._holders:
+            holder.tap = None
+        self.flush()
+        if self._sink is not None:  # flush() drops it when the disk fails
+            self._sink.close()
+            self._sink = None
+            log.info("transcript_off")
+
+    close = disable
+
+    # -- the tap: called from the byte path, so only record ------------------------
+
+    def received(self, data: bytes) -> None:
+        self._pending.append(Chunk(Direction.RX, data, time.monotonic(), time.time()))
+        self._size += len(data)
+        if self._flush_handle is None or (self._size >= _FLUSH_SIZE and not self._flush_soon):
+            self._schedule()
+
+    def sent(self, data: bytes | memoryview) -> None:
+        self._pending.append(Chunk(Direction.TX, data, time.monotonic(), time.time()))
+        self._size += len(data)
+        if self._flush_handle is None or (self._size >= _FLUSH_SIZE and not self._flush_soon):
+            self._schedule()
+
+    def mark(self, kind: MarkKind, /, **fields: Any) -> None:
+        self._pending.append(Mark(kind, fields, time.monotonic(), time.time()))
+        if self._flush_handle is None:
+            self._schedule()
+
+    # -- writing -------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # outside a loop (tests, shutdown): at once
+            self.flush()
+            return
+        if self._size >= _FLUSH_SIZE:
+            if not self._flush_soon:
+                if self._flush_handle is not None:
+                    self._flush_handle.cancel()
+                self._flush_handle = loop.call_soon(self.flush)
+                self._flush_soon = True
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_later(_FLUSH_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        """Write what was recorded (the timer calls it; so does switching off)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._flush_soon = False
+        entries, self._pending, self._size = self._pending, [], 0
+        if not entries or self._sink is None:
+            return
+        try:
+            self._sink.write(entries)
+        except OSError as exc:
+            # A debugging aid must not take the session down: say so and stop.
+            log.error("transcript_write_failed", path=self.config.transcript_path,
+                      error=exc.strerror or str(exc))
+            sink, self._sink = self._sink, None
+            for holder in self._holders:
+                holder.tap = None
+            try:
+                sink.close()
+            except OSError:
+                pass  # closing a file we could not write: nothing more to lose

@@ -1,0 +1,281 @@
+"""The AT transcript's formatter, its rotating file and the Transcript switch."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import datetime
+import os
+import stat
+
+import pytest
+import structlog
+import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from bridged.config import LogConfig
+from bridged.uart.transcript import (
+    Chunk,
+    Direction,
+    Formatter,
+    Mark,
+    MarkKind,
+    RotatingFile,
+    Transcript,
+    escape,
+    parse_line,
+)
+
+@pytest.fixture(autouse=True)
+def plain_structlog():
+    """structlog's defaults (no level filter left by another test's setup_logging)."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
+
+
+WALL = 1_780_000_000.25  # 2026-05-28T20:26:40.25 UTC
+STAMP = "2026-05-28T20:26:40.250000Z 12.500000"
+
+
+def _unescape(text: str) -> bytes:
+    return ast.literal_eval("b'" + text + "'")
+
+
+# --------------------------------------------------------------------------
+# Rendering.
+
+ESCAPES = [
+    (b"AT\r\n", r"AT\r\n"),
+    (b"\tx\\", r"\tx\\"),
+    (b"\x00\x1b\x7f\x80\xff", r"\x00\x1b\x7f\x80\xff"),
+    (b"it's", r"it\'s"),
+    (b"'\"", r"\'" + '"'),
+    (b'say "hi"', 'say "hi"'),
+    (b"", ""),
+]
+
+
+@pytest.mark.parametrize(("data", "text"), ESCAPES)
+def test_printable_form(data, text):
+    """\\r, \\n, tabs, backslashes, quotes and non-printables are escaped; the rest shows as is."""
+    assert escape(data) == text
+    assert _unescape(text) == data
+
+
+def test_chunk_line_has_stamp_direction_length_printable_and_hex():
+    """One short write is one line: wall clock, monotonic clock, TX, length, printable, hex."""
+    lines = Formatter().lines(Chunk(Direction.TX, b"\r\nOK\r\n", 12.5, WALL))
+    assert lines == [f"{STAMP} TX 6 '\\r\\nOK\\r\\n' 0d 0a 4f 4b 0d 0a\n"]
+
+
+def test_long_chunk_spans_lines_with_offsets():
+    """A 70-byte read takes three lines: its length first, then +32 and +64."""
+    data = bytes(range(70))
+    lines = Formatter().lines(Chunk(Direction.RX, memoryview(data), 12.5, WALL))
+    assert [line.split(" ")[3] for line in lines] == ["70", "+32", "+64"]
+    assert all(line.startswith(f"{STAMP} RX ") for line in lines)
+    assert b"".join(parse_line(line).data for line in lines) == data
+
+
+def test_mark_line_and_quoted_values():
+    """A mark is '--', its kind and its fields; a value with spaces or quotes is quoted."""
+    mark = Mark(MarkKind.CLOSED, {"link": 2, "reason": 'peer said "bye"', "server": True}, 12.5, WALL)
+    line = Formatter().lines(mark)[0]
+    assert line == f'{STAMP} -- closed link=2 reason="peer said \\"bye\\"" server=true\n'
+    parsed = parse_line(line)
+    assert parsed.mark is MarkKind.CLOSED
+    assert parsed.fields == {"link": 2, "reason": 'peer said "bye"', "server": True}
+    assert parsed.wall == datetime.datetime(2026, 5, 28, 20, 26, 40, 250000, tzinfo=datetime.timezone.utc)
+    assert parsed.mono == 12.5
+
+
+def test_parse_rejects_other_text():
+    """A line that is not a transcript line is a ValueError, not a wrong result."""
+    with pytest.raises(ValueError):
+        parse_line("hello world\n")
+
+
+@given(st.binary(max_size=200), st.sampled_from(list(Direction)))
+def test_lines_give_back_the_bytes(data, direction):
+    """Any bytes, formatted and parsed back, give the same bytes through hex and through the printable form."""
+    lines = Formatter().lines(Chunk(direction, data, 1.0, WALL))
+    parsed = [parse_line(line) for line in lines]
+    assert all(p.direction is direction for p in parsed)
+    assert b"".join(p.data for p in parsed) == data
+    assert b"".join(_unescape(p.text) for p in parsed) == data
+    assert all(line.isascii() and line.count("\n") == 1 for line in lines)
+
+
+# --------------------------------------------------------------------------
+# The rotating file.
+
+
+def _line(i: int) -> str:
+    return f"line {i:05d} " + "x" * 88 + "\n"  # 100 bytes
+
+
+def test_rotation_at_the_cap_keeps_n_files(tmp_path):
+    """At the cap the file moves to .1 (.1 to .2 ...); N files stay, none over the cap, none split."""
+    path = tmp_path / "t"
+    f = RotatingFile(str(path), 1000, 3)
+    f.write_lines(_line(i) for i in range(45))  # 4500 bytes: 10 lines a file
+    f.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["t", "t.1", "t.2"]
+    for name in names:
+        assert (tmp_path / name).stat().st_size <= 1000
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    kept = "".join((tmp_path / n).read_text() for n in ("t.2", "t.1", "t"))
+    assert kept == "".join(_line(i) for i in range(20, 45))
+
+
+def test_one_file_starts_over(tmp_path):
+    """With transcript_files = 1 the file starts over at the cap and no other file appears."""
+    path = tmp_path / "t"
+    f = RotatingFile(str(path), 1000, 1)
+    f.write_lines(_line(i) for i in range(25))
+    f.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]
+    assert path.read_text() == "".join(_line(i) for i in range(20, 25))
+
+
+def test_appends_and_counts_an_existing_file(tmp_path):
+    """A restarted front appends to the file it had; its size counts toward the cap, its mode is narrowed."""
+    path = tmp_path / "t"
+    path.write_text(_line(0) * 9)
+    path.chmod(0o644)
+    f = RotatingFile(str(path), 1000, 2)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    f.write_lines([_line(1), _line(2)])
+    f.close()
+    assert (tmp_path / "t.1").read_text() == _line(0) * 9 + _line(1)
+    assert path.read_text() == _line(2)
+
+
+def test_device_is_neither_rotated_nor_chmodded(tmp_path):
+    """A path to a device (here /dev/null) is written as it is: no rename, no mode change."""
+    before = os.stat("/dev/null")
+    f = RotatingFile("/dev/null", 4096, 2)
+    f.write_lines(_line(i) for i in range(100))
+    f.close()
+    after = os.stat("/dev/null")
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert not os.path.exists("/dev/null.1")
+
+
+# --------------------------------------------------------------------------
+# The Transcript: switching, buffering, sinks.
+
+
+class Holder:
+    tap = None
+
+
+def _config(**kw) -> LogConfig:
+    return dataclasses.replace(LogConfig(), **kw)
+
+
+def _read(path) -> list:
+    return [parse_line(line) for line in path.read_text().splitlines()]
+
+
+def test_enable_disable_sets_and_clears_the_tap(tmp_path):
+    """enable() puts the transcript on every holder, disable() takes it off and writes what was recorded."""
+    path = tmp_path / "t"
+
+    async def main():
+        a, b = Holder(), Holder()
+        t = Transcript(_config(transcript_path=str(path)), holders=(a, b))
+        assert (t.enabled, a.tap, b.tap) == (False, None, None)
+        assert not path.exists()  # off: no file at all
+        assert t.enable()
+        assert a.tap is t and b.tap is t
+        a.tap.received(b"AT\r\n")
+        b.tap.sent(memoryview(b"\r\nOK\r\n"))
+        t.disable()
+        assert (t.enabled, a.tap, b.tap) == (False, None, None)
+        return _read(path)
+
+    lines = uvloop.run(main())
+    assert [ln.mark for ln in lines] == [MarkKind.TRANSCRIPT_ON, None, None, MarkKind.TRANSCRIPT_OFF]
+    assert [(ln.direction, ln.data) for ln in lines[1:3]] == [(Direction.RX, b"AT\r\n"),
+                                                              (Direction.TX, b"\r\nOK\r\n")]
+    assert lines[0].mono <= lines[1].mono <= lines[2].mono <= lines[3].mono
+
+
+def test_on_from_config_and_flushed_by_the_timer(tmp_path):
+    """[log] transcript = true switches it on at once; recorded bytes reach the file within the flush interval, not at once."""
+    path = tmp_path / "t"
+
+    async def main():
+        h = Holder()
+        t = Transcript(_config(transcript=True, transcript_path=str(path)), holders=(h,))
+        h.tap.received(b"AT+GMR\r\n")
+        immediately = path.read_text()
+        await asyncio.sleep(0.5)
+        later = path.read_text()
+        t.close()
+        return immediately, later
+
+    immediately, later = uvloop.run(main())
+    assert "AT+GMR" not in immediately
+    assert "'AT+GMR\\r\\n'" in later
+
+
+def test_write_failure_switches_off_and_says_why(tmp_path):
+    """A full disk (/dev/full) ends the transcript with one error event, never an exception in the byte path."""
+
+    async def main():
+        h = Holder()
+        t = Transcript(_config(transcript=True, transcript_path="/dev/full"), holders=(h,))
+        with capture_logs() as logs:
+            h.tap.received(b"x" * 300_000)  # over the flush size: written at the next turn
+            await asyncio.sleep(0.05)
+        return t, h, logs
+
+    t, h, logs = uvloop.run(main())
+    assert (t.enabled, h.tap) == (False, None)
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["transcript_write_failed"]
+
+
+def test_unwritable_path_is_an_error_not_a_crash(tmp_path):
+    """A path that cannot be opened leaves the transcript off with an error event."""
+
+    async def main():
+        with capture_logs() as logs:
+            t = Transcript(_config(transcript=True, transcript_path=str(tmp_path / "no" / "t")))
+        return t, logs
+
+    t, logs = uvloop.run(main())
+    assert not t.enabled
+    assert [e["event"] for e in logs] == ["transcript_unavailable"]
+
+
+@pytest.mark.parametrize(("level", "with_bytes"), [("info", False), ("debug", True)])
+def test_to_the_log_marks_at_info_bytes_at_debug_only(level, with_bytes):
+    """Without a path, marks are info events; bytes are debug events, and only when the level is debug."""
+
+    async def main():
+        h = Holder()
+        with capture_logs() as logs:
+            t = Transcript(_config(transcript=True, level=level), holders=(h,))
+            h.tap.mark(MarkKind.COMMAND, name="AT+CIPSEND", kind="set")
+            h.tap.received(b"secret")
+            t.close()
+        return logs
+
+    logs = uvloop.run(main())
+    marks = [e for e in logs if e["event"] == "transcript_mark"]
+    assert [(e["mark"], e["log_level"]) for e in marks] == [
+        ("transcript_on", "info"), ("command", "info"), ("transcript_off", "info")]
+    assert marks[1]["name"] == "AT+CIPSEND"
+    chunks = [e for e in logs if e["event"] == "transcript_bytes"]
+    if with_bytes:
+        assert [(e["dir"], e["text"], e["hex"], e["log_level"]) for e in chunks] == [
+            ("RX", "secret", b"secret".hex(" "), "debug")]
+    else:
+        assert chunks == []

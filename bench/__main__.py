@@ -29,6 +29,7 @@ from . import (
     line_rate,
     passthrough,
 )
+from . import transcript as transcript_bench
 from . import ssl as ssl_bench
 from .common import BRIDGED, REPO, SOCAT, BenchError, HashMismatch, median
 
@@ -119,7 +120,7 @@ def _lines_five(r):
 
 
 NAMES = ("at", "cipsend", "passthrough", "cipsendl", "downlink", "five_links", "line_rate",
-         "ssl")
+         "ssl", "transcript")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="MiB each way through the SSL link in passthrough (default 32)")
     ap.add_argument("--ssl-handshakes", type=int, default=None,
                     help="AT+CIPSTART=\"SSL\" handshakes per run (default 200)")
+    ap.add_argument("--transcript-mib", type=float, default=None,
+                    help="MiB uploaded with AT+CIPSEND=8192 with the transcript off and on (default 16)")
     ap.add_argument("--daemon-commit", metavar="REF", default=None,
                     help="run the daemon's code as of this commit (git archive REF bridged, "
                          "put first on the daemon's PYTHONPATH) instead of the work tree's, "
@@ -201,11 +204,12 @@ def _main(ap, args, snapshot) -> int:
     link_bytes = int((args.link_mib or (1 if q else 4)) * MiB)
     ssl_bytes = int((args.ssl_mib or (4 if q else 32)) * MiB)
     ssl_handshakes = args.ssl_handshakes or (50 if q else 200)
+    transcript_bytes = int((args.transcript_mib or (2 if q else 16)) * MiB)
     only = set(NAMES) if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
     if only - set(NAMES):
         ap.error(f"--only: unknown {sorted(only - set(NAMES))}; choose from {', '.join(NAMES)}")
     if min(runs, line_runs, at_count, nbytes, stream, echo_count, link_bytes, ssl_bytes,
-           ssl_handshakes) < 1 or line_s <= 0:
+           ssl_handshakes, transcript_bytes) < 1 or line_s <= 0:
         ap.error("counts, sizes and durations must be positive")
     if not BRIDGED.exists():
         print(f"bench: {BRIDGED} not found (the project's virtualenv)", file=sys.stderr)
@@ -236,7 +240,8 @@ def _main(ap, args, snapshot) -> int:
           f"{nbytes / MiB:g} MiB with AT+CIPSEND=8192; {stream / MiB:g} MiB per streamed "
           f"transfer; {echo_count} echoes; {line_s:g} s at line rate; five links x "
           f"{link_bytes / MiB:g} MiB each way; SSL {ssl_bytes / MiB:g} MiB each way and "
-          f"{ssl_handshakes} handshakes\n")
+          f"{ssl_handshakes} handshakes; {transcript_bytes / MiB:g} MiB with the transcript "
+          f"off and on\n")
 
     benches = [
         Bench("at", "AT round trip ", lambda: at_latency.run(at_count), _lines_at, runs),
@@ -253,6 +258,8 @@ def _main(ap, args, snapshot) -> int:
               line_runs),
         Bench("ssl", "SSL link      ", lambda: ssl_bench.run(ssl_bytes, ssl_handshakes),
               ssl_bench.lines, runs),
+        Bench("transcript", "transcript    ",
+              lambda: transcript_bench.run(transcript_bytes, at_count), transcript_bench.lines, runs),
     ]
     benches = [b for b in benches if b.name in only]
     by = {b.name: b for b in benches}
@@ -330,6 +337,12 @@ def _main(ap, args, snapshot) -> int:
         row("SSL handshake p99 (ms) vs Python", b, "hs_bridged_p99_ms", "hs_python_p99_ms",
             ratio_unit="x")
 
+    if (b := by.get("transcript")) and b.results:
+        row("CIPSEND=8192, transcript off (MB/s)", b, "off_mb_s", "socat_mb_s")
+        row("  CPU per MB (ms)", b, "off_cpu_ms_per_mb", "socat_cpu_ms_per_mb", ratio_unit="x")
+        row("CIPSEND=8192, transcript on (MB/s)", b, "on_mb_s", "socat_mb_s")
+        row("  CPU per MB (ms)", b, "on_cpu_ms_per_mb", "socat_cpu_ms_per_mb", ratio_unit="x")
+
     counts = ", ".join(f"{b.name} {len(b.results)}" for b in benches)
     print(f"\nMedians (runs passed: {counts}; ratio = bridged / socat, from the medians):\n")
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
@@ -355,6 +368,12 @@ def _main(ap, args, snapshot) -> int:
               f"passthrough {b.med('pt_wakeups_s'):.0f} ({b.med('pt_us_per_wakeup'):.0f}), "
               f"five links {b.med('five_wakeups_s'):.0f} ({b.med('five_us_per_wakeup'):.0f}), "
               f"socat {b.med('socat_wakeups_s'):.0f} ({b.med('socat_us_per_wakeup'):.0f}))")
+    if (b := by.get("transcript")) and b.results:
+        print(f"(transcript, on / off: CIPSEND=8192 {b.med('on_mb_s') / b.med('off_mb_s'):.3f}x "
+              f"the throughput, {b.med('on_cpu_ms_per_mb') / b.med('off_cpu_ms_per_mb'):.2f}x "
+              f"the CPU per MB, {b.med('file_bytes_per_payload_byte'):.1f} file bytes per payload "
+              f"byte; AT round trip p50 {b.med('at_off_p50_ms'):.3f} -> {b.med('at_on_p50_ms'):.3f} "
+              f"ms, p99 {b.med('at_off_p99_ms'):.3f} -> {b.med('at_on_p99_ms'):.3f} ms)")
     if (b := by.get("ssl")) and b.results:
         suites = sorted({r["suite"] for r in b.results})
         print(f"(SSL: baseline for throughput is socat PTY <-> OPENSSL:...,verify=0, for the "

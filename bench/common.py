@@ -360,8 +360,9 @@ class Daemon:
 
     READY_LINE = "bridged: serial port ready at"
 
-    def __init__(self, start_timeout: float = 20.0) -> None:
+    def __init__(self, start_timeout: float = 20.0, config: str = "") -> None:
         self.start_timeout = start_timeout
+        self.extra_config = config  # appended to CONFIG_TOML (e.g. a [log] section)
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-bridged-"))
         self.link = str(self.tmp / "tty")
         self.config = self.tmp / "bridged.toml"
@@ -398,7 +399,7 @@ class Daemon:
         return "\n".join(text[-lines:])
 
     def start(self) -> None:
-        self.config.write_text(CONFIG_TOML)
+        self.config.write_text(CONFIG_TOML + self.extra_config)
         self.state.mkdir()
         log = open(self.logfile, "wb")
         try:

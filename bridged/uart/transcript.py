@@ -18,8 +18,8 @@ may hold secrets, rotated like logging's RotatingFileHandler (at
 as ``transcript_mark`` events at info, bytes as ``transcript_bytes`` events
 at debug (payloads are never logged at info).
 
-The file format, one line per up to 32 bytes of one read or write and one
-per mark::
+The file format (made and read back by the sans-I/O `transcript_format`),
+one line per up to 32 bytes of one read or write and one per mark::
 
     2026-05-01T10:00:00.123456Z 1234.567890 RX 4 'AT\\r\\n' 41 54 0d 0a
     2026-05-01T10:00:00.123470Z 1234.567904 -- command name=AT+CIPSEND kind=set
@@ -38,169 +38,34 @@ either stream exactly.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import enum
-import json
 import os
-import re
 import stat
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import structlog
 
 from bridged.config import LogConfig
+from bridged.uart.transcript_format import (
+    Chunk,
+    Direction,
+    Formatter,
+    Line,
+    Mark,
+    MarkKind,
+    escape,
+    parse_line,
+)
 
 __all__ = ["Direction", "MarkKind", "Chunk", "Mark", "Formatter", "Line", "parse_line",
            "escape", "RotatingFile", "Transcript"]
 
 log = structlog.get_logger()
 
-_LINE_BYTES = 32  # bytes per file line
 _LOG_BYTES = 256  # bytes per transcript_bytes log event
 _FLUSH_INTERVAL = 0.2  # seconds a recorded byte may wait for the disk
 _FLUSH_SIZE = 256 * 1024  # ... unless this many are waiting
-
-
-class Direction(str, enum.Enum):
-    RX = "RX"  # MCU -> bridged
-    TX = "TX"  # bridged -> MCU
-
-
-class MarkKind(str, enum.Enum):
-    TRANSCRIPT_ON = "transcript_on"
-    TRANSCRIPT_OFF = "transcript_off"
-    BOOT = "boot"  # "ready" is about to go out
-    RESTART = "restart"  # AT+RST, AT+RESTORE, a forced restart
-    COMMAND = "command"  # a command line was recognised
-    DATA_START = "data_start"  # the payload of a send follows
-    DATA_END = "data_end"  # ... was complete, or cancelled by +++
-    CONNECTED = "connected"
-    CONNECT_FAILED = "connect_failed"
-    CLOSED = "closed"
-    IPD = "ipd"  # a +IPD frame (or a passive-mode notice) was queued
-
-
-# Named tuples, not dataclasses: one is made per read and per write.
-class Chunk(NamedTuple):
-    direction: Direction
-    data: bytes | memoryview
-    mono: float
-    wall: float
-
-
-class Mark(NamedTuple):
-    kind: MarkKind
-    fields: dict[str, Any]
-    mono: float
-    wall: float
-
-
-# --------------------------------------------------------------------------
-# Formatting (sans I/O).
-
-
-def escape(data: bytes | memoryview) -> str:
-    """The printable form: a bytes literal's body as written between single quotes."""
-    text = repr(bytes(data))
-    body = text[2:-1]
-    # repr picks double quotes when the bytes hold ' and no ": ' is then bare.
-    return body if text[1] == "'" else body.replace("'", "\\'")
-
-
-_BARE = re.compile(r"[A-Za-z0-9_.:+/\[\]-]+")
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = value if isinstance(value, str) else str(value)
-    return text if _BARE.fullmatch(text) else json.dumps(text)  # ASCII, quoted
-
-
-class Formatter:
-    """Entries -> transcript lines (with their ``\\n``); keeps a clock cache."""
-
-    def __init__(self, width: int = _LINE_BYTES) -> None:
-        self.width = width
-        self._second = -1
-        self._prefix = ""
-
-    def stamp(self, mono: float, wall: float) -> str:
-        second = int(wall)
-        if second != self._second:  # strftime once a second, not per line
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        micros = min(int((wall - second) * 1_000_000), 999_999)
-        return f"{self._prefix}.{micros:06d}Z {mono:.6f}"
-
-    def lines(self, entry: Chunk | Mark) -> list[str]:
-        stamp = self.stamp(entry.mono, entry.wall)
-        if isinstance(entry, Mark):
-            fields = "".join(f" {k}={_value(v)}" for k, v in entry.fields.items())
-            return [f"{stamp} -- {entry.kind.value}{fields}\n"]
-        data = entry.data if type(entry.data) is bytes else bytes(entry.data)
-        head = f"{stamp} {entry.direction.value} "
-        hexed = data.hex(" ")  # 3 characters a byte: sliced per line below
-        width = self.width
-        out = []
-        # The hot loop of a transcript at throughput: escape() inlined.
-        for offset in range(0, len(data), width):
-            text = repr(data[offset:offset + width])
-            if text[1] != "'":
-                text = "b'" + text[2:-1].replace("'", "\\'") + "'"
-            size = f"+{offset}" if offset else len(data)
-            out.append(f"{head}{size} {text[1:]} {hexed[3 * offset:3 * (offset + width) - 1]}\n")
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Line:
-    """One parsed transcript line: bytes (``direction`` set) or a mark (``mark`` set)."""
-
-    wall: datetime.datetime
-    mono: float
-    direction: Direction | None = None
-    data: bytes = b""
-    offset: int = 0  # of these bytes within their read or write
-    length: int | None = None  # of the whole read or write (its first line only)
-    text: str = ""  # the printable form as written
-    mark: MarkKind | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-_CHUNK_LINE = re.compile(r"(\S+) (\d+\.\d+) (RX|TX) (\+?)(\d+) '(.*)' ([0-9a-f ]*)")
-_MARK_LINE = re.compile(r"(\S+) (\d+\.\d+) -- (\w+)((?: \w+=(?:\"(?:[^\"\\]|\\.)*\"|\S+))*)")
-_FIELD = re.compile(r" (\w+)=(\"(?:[^\"\\]|\\.)*\"|\S+)")
-
-
-def _unvalue(text: str) -> Any:
-    if text.startswith('"'):
-        return json.loads(text)
-    if text in ("true", "false"):
-        return text == "true"
-    return int(text) if text.isdigit() else text
-
-
-def parse_line(text: str) -> Line:
-    """Read back one line of a transcript file.
-
-    Raises:
-        ValueError: not a transcript line.
-    """
-    text = text.rstrip("\n")
-    if m := _CHUNK_LINE.fullmatch(text):
-        wall, mono, tag, plus, number, printable, hexed = m.groups()
-        offset, length = (int(number), None) if plus else (0, int(number))
-        return Line(datetime.datetime.fromisoformat(wall), float(mono), Direction(tag),
-                    bytes.fromhex(hexed), offset, length, printable)
-    if m := _MARK_LINE.fullmatch(text):
-        wall, mono, kind, rest = m.groups()
-        fields = {k: _unvalue(v) for k, v in _FIELD.findall(rest)}
-        return Line(datetime.datetime.fromisoformat(wall), float(mono), mark=MarkKind(kind),
-                    fields=fields)
-    raise ValueError(f"not a transcript line: {text[:80]!r}")
+_monotonic, _time = time.monotonic, time.time  # looked up once: called per read and write
 
 
 # --------------------------------------------------------------------------
@@ -379,19 +244,19 @@ class Transcript:
     # -- the tap: called from the byte path, so only record ------------------------
 
     def received(self, data: bytes) -> None:
-        self._pending.append(Chunk(Direction.RX, data, time.monotonic(), time.time()))
+        self._pending.append(Chunk(Direction.RX, data, _monotonic(), _time()))
         self._size += len(data)
         if self._flush_handle is None or (self._size >= _FLUSH_SIZE and not self._flush_soon):
             self._schedule()
 
     def sent(self, data: bytes | memoryview) -> None:
-        self._pending.append(Chunk(Direction.TX, data, time.monotonic(), time.time()))
+        self._pending.append(Chunk(Direction.TX, data, _monotonic(), _time()))
         self._size += len(data)
         if self._flush_handle is None or (self._size >= _FLUSH_SIZE and not self._flush_soon):
             self._schedule()
 
     def mark(self, kind: MarkKind, /, **fields: Any) -> None:
-        self._pending.append(Mark(kind, fields, time.monotonic(), time.time()))
+        self._pending.append(Mark(kind, fields, _monotonic(), _time()))
         if self._flush_handle is None:
             self._schedule()
 

@@ -259,7 +259,8 @@ def _main(ap, args, snapshot) -> int:
         Bench("ssl", "SSL link      ", lambda: ssl_bench.run(ssl_bytes, ssl_handshakes),
               ssl_bench.lines, runs),
         Bench("transcript", "transcript    ",
-              lambda: transcript_bench.run(transcript_bytes, at_count), transcript_bench.lines, runs),
+              lambda: transcript_bench.run(transcript_bytes, at_count, line_s),
+              transcript_bench.lines, runs),
     ]
     benches = [b for b in benches if b.name in only]
     by = {b.name: b for b in benches}
@@ -342,6 +343,10 @@ def _main(ap, args, snapshot) -> int:
         row("  CPU per MB (ms)", b, "off_cpu_ms_per_mb", "socat_cpu_ms_per_mb", ratio_unit="x")
         row("CIPSEND=8192, transcript on (MB/s)", b, "on_mb_s", "socat_mb_s")
         row("  CPU per MB (ms)", b, "on_cpu_ms_per_mb", "socat_cpu_ms_per_mb", ratio_unit="x")
+        row("line rate, passthrough, transcript off (cores)", b, "line_off_cores",
+            "line_socat_cores", ratio_unit="x")
+        row("line rate, passthrough, transcript on (cores)", b, "line_on_cores",
+            "line_socat_cores", ratio_unit="x")
 
     counts = ", ".join(f"{b.name} {len(b.results)}" for b in benches)
     print(f"\nMedians (runs passed: {counts}; ratio = bridged / socat, from the medians):\n")

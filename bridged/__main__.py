@@ -1,7 +1,7 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``, ``bridged check`` with the same
-options (validate the configuration and print what it amounts to, without
-serving), and ``bridged pki import|list|remove`` (the certificate store, see
+[--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``, ``bridged
+check`` with the same options (validate the configuration and print what it
+amounts to, without serving), and ``bridged pki import|list|remove`` (the certificate store, see
 ``bridged.pki_cli``).
 
 A user mistake (bad argument, bad config, a port that cannot be opened) ends

@@ -38,6 +38,7 @@ either stream exactly.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 import time
@@ -72,14 +73,45 @@ _monotonic, _time = time.monotonic, time.time  # looked up once: called per read
 # Writing.
 
 
+# The path may lie in a folder other users can write to (/tmp): never follow a
+# symbolic link planted there, never wait for a FIFO's reader (open() would
+# block until one comes), never make the file some terminal's controlling tty.
+_OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+               | os.O_NOCTTY | os.O_NONBLOCK)
+_REFUSED = {  # what open() says, in words that tell what to change
+    errno.ELOOP: "a symbolic link (refused: give the file's own path)",
+    errno.ENXIO: "a FIFO (refused: the transcript must be a regular file or a device)",
+}
+
+
+def _check_opened(path: str, info: os.stat_result) -> None:
+    """Refuse a file that would carry payloads to someone else.
+
+    Raises:
+        OSError: a FIFO or socket (its reader gets every byte), another
+            user's file (they could read it whatever its mode), or a file
+            with other hard links (writing it would change another file).
+    """
+    if stat.S_ISCHR(info.st_mode):
+        return  # /dev/null and the like: only root makes device nodes
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(errno.EINVAL, "neither a regular file nor a device (refused)", path)
+    if info.st_uid != os.geteuid():
+        raise OSError(errno.EPERM, f"owned by uid {info.st_uid}, not by bridged's user (refused)", path)
+    if info.st_nlink > 1:
+        raise OSError(errno.EPERM, "has other hard links (refused: writing it would change another file)",
+                      path)
+
+
 class RotatingFile:
     """Appends text to a file of at most ``max_bytes``, keeping ``files`` files.
 
     At the cap the file becomes ``<path>.1`` (``.1`` becomes ``.2`` ... and
     ``.<files-1>`` is dropped) and a new one starts; with ``files`` = 1 the
     file starts over.  A line is never split across two files.  Only a
-    regular file is rotated or has its mode set: a device or a FIFO (a
-    reader of its own) is written as it is.
+    regular file of this user's is rotated or has its mode set; a character
+    device (/dev/null) is written as it is; a symbolic link, a FIFO, another
+    user's file and the like are refused (`_check_opened`).
 
     Raises:
         OSError: the file cannot be opened (at construction) or written.
@@ -94,12 +126,20 @@ class RotatingFile:
         self.size = os.fstat(self._fd).st_size
 
     def _open(self, truncate: bool = False) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | (os.O_TRUNC if truncate else 0)
-        fd = os.open(self.path, flags, 0o600)
+        flags = _OPEN_FLAGS | (os.O_TRUNC if truncate else 0)
         try:
-            self.regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno not in _REFUSED:
+                raise
+            raise OSError(exc.errno, _REFUSED[exc.errno], self.path) from None
+        try:
+            info = os.fstat(fd)
+            self.regular = stat.S_ISREG(info.st_mode)
+            _check_opened(self.path, info)
             if self.regular:
                 os.fchmod(fd, 0o600)  # an older file of ours keeps no wider mode
+            os.set_blocking(fd, True)  # only the open had to be non-blocking
         except OSError:
             os.close(fd)
             raise

@@ -238,6 +238,19 @@ def test_unwritable_path_is_a_usage_error(tmp_path):
     assert not (tmp_path / "tty").exists()
 
 
+
+def test_fifo_path_is_a_usage_error_not_a_hang(tmp_path):
+    """A FIFO at the transcript path (anyone may plant one in /tmp) stops `bridged run` at once with status 2, instead of blocking in open()."""
+    target = tmp_path / "transcript"
+    os.mkfifo(target)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bridged", "run", "--pty", str(tmp_path / "tty"),
+         "--state-dir", str(tmp_path / "state"), "--transcript", str(target)],
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"bridged: log.transcript_path: {target}: a FIFO (refused")
+    assert not (tmp_path / "tty").exists()
+
 def test_check_shows_the_option_without_creating_the_file(tmp_path):
     """bridged check --transcript FILE reports transcript on with FILE made absolute, and creates nothing."""
     proc = subprocess.run([sys.executable, "-m", "bridged", "check", "--transcript", "t.log"],

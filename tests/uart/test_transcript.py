@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import os
 import stat
+import threading
 
 import pytest
 import structlog
@@ -279,3 +280,75 @@ def test_to_the_log_marks_at_info_bytes_at_debug_only(level, with_bytes):
             ("RX", "secret", b"secret".hex(" "), "debug")]
     else:
         assert chunks == []
+
+
+# --------------------------------------------------------------------------
+# What the path may be: the folder may be another user's playground (/tmp).
+
+
+def _victim(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    victim.chmod(0o644)
+    return victim
+
+
+def _untouched(victim) -> bool:
+    return victim.read_text() == "keep me\n" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+def test_symlink_at_the_path_is_refused(tmp_path):
+    """A symbolic link planted at the path is refused; the file it points to is neither written nor chmodded."""
+    victim = _victim(tmp_path)
+    (tmp_path / "t").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic link"):
+        RotatingFile(str(tmp_path / "t"), 4096, 2)
+    assert _untouched(victim)
+
+
+def test_fifo_is_refused_without_waiting_for_a_reader(tmp_path):
+    """A FIFO at the path (no reader, or a reader of someone else's) is refused at once: open() never blocks."""
+    fifo = tmp_path / "t"
+    os.mkfifo(fifo)
+    outcome: list = []
+    opener = threading.Thread(target=lambda: outcome.append(_try_open(str(fifo))), daemon=True)
+    opener.start()
+    opener.join(5)
+    if opener.is_alive():  # blocked in open(): let it go, then fail
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        opener.join(5)
+        pytest.fail("opening a FIFO with no reader blocked")
+    assert "FIFO" in outcome[0]
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert "neither a regular file nor a device" in _try_open(str(fifo))
+        assert os.read(reader, 100) == b""  # nothing reached the reader (and no writer is left)
+    finally:
+        os.close(reader)
+
+
+def _try_open(path: str) -> str:
+    try:
+        RotatingFile(path, 4096, 2).close()
+    except OSError as exc:
+        return str(exc)
+    return "opened"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file to another user")
+def test_another_users_file_is_refused(tmp_path):
+    """A file at the path owned by another user is refused: its owner could read it whatever mode we set."""
+    victim = _victim(tmp_path)
+    os.chown(victim, 65534, 65534)
+    with pytest.raises(OSError, match="owned by uid 65534"):
+        RotatingFile(str(victim), 4096, 2)
+    assert _untouched(victim)
+
+
+def test_hard_linked_file_is_refused(tmp_path):
+    """A file with another hard link (planted to one of ours) is refused: appending would change the other file."""
+    victim = _victim(tmp_path)
+    os.link(victim, tmp_path / "t")
+    with pytest.raises(OSError, match="hard links"):
+        RotatingFile(str(tmp_path / "t"), 4096, 2)
+    assert _untouched(victim)

@@ -81,6 +81,7 @@ _OPEN_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFO
 _REFUSED = {  # what open() says, in words that tell what to change
     errno.ELOOP: "a symbolic link (refused: give the file's own path)",
     errno.ENXIO: "a FIFO (refused: the transcript must be a regular file or a device)",
+    errno.EEXIST: "made by someone else while the transcript rotated (refused)",
 }
 
 
@@ -125,8 +126,8 @@ class RotatingFile:
         self._fd = self._open()
         self.size = os.fstat(self._fd).st_size
 
-    def _open(self, truncate: bool = False) -> int:
-        flags = _OPEN_FLAGS | (os.O_TRUNC if truncate else 0)
+    def _open(self, new: bool = False) -> int:
+        flags = _OPEN_FLAGS | (os.O_EXCL if new else 0)
         try:
             fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
@@ -175,11 +176,19 @@ class RotatingFile:
     def _rotate(self) -> None:
         os.close(self._fd)
         self._fd = -1
-        for i in range(self.files - 1, 0, -1):
-            older = f"{self.path}.{i - 1}" if i > 1 else self.path
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{i}")
-        self._fd = self._open(truncate=True)
+        names = [self.path, *(f"{self.path}.{i}" for i in range(1, self.files))]
+        for older, newer in reversed(list(zip(names, names[1:]))):  # the oldest first
+            try:
+                os.replace(older, newer)  # a link at newer is replaced, never followed
+            except FileNotFoundError:
+                pass  # not there yet, or removed meanwhile: nothing to keep
+        if self.files == 1:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        # Exclusive: whatever stands at the path now, someone else put there.
+        self._fd = self._open(new=True)
         self.size = 0
 
     def close(self) -> None:

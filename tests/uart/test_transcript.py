@@ -352,3 +352,58 @@ def test_hard_linked_file_is_refused(tmp_path):
     with pytest.raises(OSError, match="hard links"):
         RotatingFile(str(tmp_path / "t"), 4096, 2)
     assert _untouched(victim)
+
+
+def test_rotation_never_follows_links_at_the_old_names(tmp_path):
+    """Symbolic links planted at <path>.1 and .2 are replaced by the rotated files, never written through."""
+    victim = _victim(tmp_path)
+    for i in (1, 2):
+        (tmp_path / f"t.{i}").symlink_to(victim)
+    f = RotatingFile(str(tmp_path / "t"), 1000, 3)
+    f.write_lines(_line(i) for i in range(15))
+    f.close()
+    assert _untouched(victim)
+    assert (tmp_path / "t.1").read_text() == "".join(_line(i) for i in range(10))
+    assert not (tmp_path / "t.1").is_symlink()
+
+
+@pytest.mark.parametrize("files", [1, 3])
+def test_link_planted_while_rotating_is_refused(tmp_path, monkeypatch, files):
+    """A symbolic link planted at the path between the rename (or removal) and the new file's open is refused, not truncated through."""
+    victim = _victim(tmp_path)
+    path = str(tmp_path / "t")
+    f = RotatingFile(path, 1000, files)
+    real_replace, real_unlink = os.replace, os.unlink
+
+    def and_plant(real):
+        def call(src, *rest):
+            real(src, *rest)
+            if src == path:
+                os.symlink(victim, path)  # the other user wins the race
+        return call
+
+    monkeypatch.setattr(os, "replace", and_plant(real_replace))
+    monkeypatch.setattr(os, "unlink", and_plant(real_unlink))
+    with pytest.raises(OSError, match="made by someone else"):
+        f.write_lines(_line(i) for i in range(15))
+    f.close()
+    assert _untouched(victim)
+
+
+def test_rotated_file_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """A rotated file another process removes while the transcript rotates is skipped; writing goes on."""
+    path = tmp_path / "t"
+    f = RotatingFile(str(path), 1000, 3)
+    f.write_lines(_line(i) for i in range(15))  # t.1 and t now exist
+    real_replace = os.replace
+
+    def racing_replace(src, dst):
+        if src == f"{path}.1":
+            os.remove(src)  # a cleanup job got there first
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing_replace)
+    f.write_lines(_line(i) for i in range(15, 25))
+    f.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "t.1"]
+    assert path.read_text() == "".join(_line(i) for i in range(20, 25))

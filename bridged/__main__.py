@@ -17,7 +17,7 @@ import sys
 from bridged import __version__
 from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
 from bridged.log import setup_logging
-from bridged.uart.transcript import RotatingFile
+from bridged.uart.transcript_file import RotatingFile
 
 __all__ = ["main"]
 

@@ -6,10 +6,15 @@ nothing else), the `Transcript` while it is on.  Switching is `enable()` /
 `disable()`, which set or clear ``tap`` on every holder (the front, its
 `Output`, its `LinkTable`), so it can be done at run time.  A tap call only
 appends (direction, bytes, monotonic time, wall time) to a list; formatting
-and writing happen later in the same loop: on a short timer, as soon as the
-list holds ``_FLUSH_SIZE`` bytes, and when the transcript is switched off or
-the front stops.  So the byte path never waits on the disk or the logger,
-and memory stays bounded.
+happens later in the same loop: on a short timer, as soon as the list holds
+``_FLUSH_SIZE`` bytes, and when the transcript is switched off or the front
+stops.  Writing happens on a thread of its own (`FileWriter`), so the loop
+never waits on the disk, and memory stays bounded: while the disk is
+``_BACKLOG_LIMIT`` characters behind (an NFS server gone, a disk slower than
+the UART), records are dropped and counted, and one ``lost`` mark (bytes
+each way, marks) stands for them when writing resumes.  A failed write (a
+full disk) ends the transcript with one error event at the next flush;
+the session goes on.
 
 Where it goes: a file (``[log] transcript_path``), mode 0600 since payloads
 may hold secrets, rotated like logging's RotatingFileHandler (at
@@ -45,7 +50,7 @@ from typing import Any, Iterable
 import structlog
 
 from bridged.config import LogConfig
-from bridged.uart.transcript_file import RotatingFile
+from bridged.uart.transcript_file import FileWriter, RotatingFile
 from bridged.uart.transcript_format import (
     Chunk,
     Direction,
@@ -65,21 +70,61 @@ log = structlog.get_logger()
 _LOG_BYTES = 256  # bytes per transcript_bytes log event
 _FLUSH_INTERVAL = 0.2  # seconds a recorded byte may wait for the disk
 _FLUSH_SIZE = 256 * 1024  # ... unless this many are waiting
+# Characters handed to the writer thread and not yet on disk, past which new
+# records are dropped (and counted in a `lost` mark): about 2.5 MB of UART
+# traffic, seconds at 5 Mbaud both ways; only a slow or stuck disk gets there.
+_BACKLOG_LIMIT = 16 * 1024 * 1024
+_CLOSE_WAIT = 0.5  # seconds the stopping front waits for the disk (the supervisor gives it 1)
 _monotonic, _time = time.monotonic, time.time  # looked up once: called per read and write
 
 
 class _FileSink:
+    """Formats on the loop (a busy CPU slows the loop rather than losing
+    bytes), writes on the `FileWriter`'s thread, and while the disk is
+    `_BACKLOG_LIMIT` behind, drops records and counts them in one `lost` mark."""
+
     def __init__(self, config: LogConfig) -> None:
-        self.file = RotatingFile(config.transcript_path, config.transcript_max_bytes,
-                                 config.transcript_files)
+        self.path = config.transcript_path
         self.formatter = Formatter()
+        self.writer = FileWriter(RotatingFile(config.transcript_path, config.transcript_max_bytes,
+                                              config.transcript_files))
+        self._lost: Mark | None = None  # what was dropped since the disk fell behind
 
     def write(self, entries: list[Chunk | Mark]) -> None:
-        lines = self.formatter.lines
-        self.file.write_lines([line for entry in entries for line in lines(entry)])
+        """Hand entries to the writer, or count them as lost.
 
-    def close(self) -> None:
-        self.file.close()
+        Raises:
+            OSError: an earlier write failed (the writer has stopped).
+        """
+        if self.writer.error is not None:
+            raise self.writer.error
+        if self.writer.backlog >= _BACKLOG_LIMIT:
+            self._count_lost(entries)
+            return
+        lines = self.formatter.lines
+        text = [line for entry in entries for line in lines(entry)]
+        if self._lost is not None:
+            text[:0] = lines(self._lost)
+            self._lost = None
+        self.writer.put(text)
+
+    def _count_lost(self, entries: list[Chunk | Mark]) -> None:
+        if self._lost is None:  # stamped as the first record it stands for
+            self._lost = Mark(MarkKind.LOST, {"rx": 0, "tx": 0, "marks": 0}, entries[0].mono, entries[0].wall)
+        counts = self._lost.fields
+        for entry in entries:
+            if isinstance(entry, Mark):
+                counts["marks"] += 1
+            else:
+                counts[entry.direction.name.lower()] += len(entry.data)
+
+    def close(self) -> OSError | None:
+        """Write what is left (waiting at most _CLOSE_WAIT); the writer's error, if any."""
+        if self._lost is not None and self.writer.error is None:
+            self.writer.put(self.formatter.lines(self._lost))
+        if not self.writer.close(_CLOSE_WAIT):
+            log.warning("transcript_unfinished", path=self.path, backlog=self.writer.backlog)
+        return self.writer.error
 
 
 class _LogSink:
@@ -101,8 +146,8 @@ class _LogSink:
                               offset=offset, wall=wall, mono=float(mono), text=escape(piece),
                               hex=piece.hex(" "))
 
-    def close(self) -> None:
-        pass
+    def close(self) -> OSError | None:
+        return None
 
 
 class Transcript:
@@ -151,27 +196,35 @@ class Transcript:
         if self._sink is None:
             return
         self.mark(MarkKind.TRANSCRIPT_OFF)
+        self.flush()
+        sink = self._detach()
+        if sink is None:
+            return  # flush() found the disk failing, and said so
+        error = sink.close()
+        if error is not None:
+            self._failed(error)
+        else:
+            log.info("transcript_off")
+
+    def _detach(self) -> _FileSink | _LogSink | None:
         for holder in self._holders:
             holder.tap = None
-        self.flush()
-        if self._sink is not None:  # flush() drops it when the disk fails
-            self._sink.close()
-            self._sink = None
-            log.info("transcript_off")
+        sink, self._sink = self._sink, None
+        return sink
 
     close = disable
 
     # -- the tap: called from the byte path, so only record ------------------------
 
     def received(self, data: bytes) -> None:
-        self._pending.append(Chunk(Direction.RX, data, _monotonic(), _time()))
-        self._size += len(data)
-        if self._flush_handle is None or (self._size >= _FLUSH_SIZE and not self._flush_soon):
-            self._schedule()
+        self._record(Chunk(Direction.RX, data, _monotonic(), _time()), len(data))
 
     def sent(self, data: bytes | memoryview) -> None:
-        self._pending.append(Chunk(Direction.TX, data, _monotonic(), _time()))
-        self._size += len(data)
+        self._record(Chunk(Direction.TX, data, _monotonic(), _time()), len(data))
+
+    def _record(self, chunk: Chunk, size: int) -> None:
+        self._pending.append(chunk)
+        self._size += size
         if self._flush_handle is None or (self._size >= _FLUSH_SIZE and not self._flush_soon):
             self._schedule()
 
@@ -204,18 +257,17 @@ class Transcript:
             self._flush_handle = None
         self._flush_soon = False
         entries, self._pending, self._size = self._pending, [], 0
-        if not entries or self._sink is None:
+        sink = self._sink
+        if not entries or sink is None:
             return
         try:
-            self._sink.write(entries)
+            sink.write(entries)
         except OSError as exc:
-            # A debugging aid must not take the session down: say so and stop.
-            log.error("transcript_write_failed", path=self.config.transcript_path,
-                      error=exc.strerror or str(exc))
-            sink, self._sink = self._sink, None
-            for holder in self._holders:
-                holder.tap = None
-            try:
-                sink.close()
-            except OSError:
-                pass  # closing a file we could not write: nothing more to lose
+            self._detach()
+            sink.close()  # its writer has stopped: at once
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        # A debugging aid must not take the session down: say so and stop.
+        log.error("transcript_write_failed", path=self.config.transcript_path,
+                  error=exc.strerror or str(exc))

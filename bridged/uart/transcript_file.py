@@ -2,6 +2,9 @@
 
 `RotatingFile` appends lines to a file that is never followed through a
 symbolic link nor handed to another reader, and rotates it by size.
+`FileWriter` writes it from a thread of its own: the front's loop must never
+wait on a disk (an NFS server gone away, a disk slower than the UART), so it
+hands lines over and looks at `FileWriter.backlog` to know when to stop.
 """
 
 from __future__ import annotations
@@ -9,9 +12,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
+from collections import deque
 from typing import Iterable
 
-__all__ = ["RotatingFile"]
+__all__ = ["RotatingFile", "FileWriter"]
 
 # The path may lie in a folder other users can write to (/tmp): never follow a
 # symbolic link planted there, never wait for a FIFO's reader (open() would
@@ -135,3 +140,60 @@ class RotatingFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class FileWriter:
+    """Writes lines to a `RotatingFile` from a thread of its own.
+
+    `put` never waits; `backlog` counts the characters handed over and not
+    yet written, for the caller to stop handing over (nothing here drops).
+    A failed write ends the thread and stays in `error` for the caller to
+    see; the file is closed by the thread, which only ever touches it.
+    """
+
+    def __init__(self, file: RotatingFile) -> None:
+        self.backlog = 0  # written by the thread under _cond, read by the loop without
+        self.error: OSError | None = None
+        self._file = file
+        self._batches: deque[list[str]] = deque()
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="transcript", daemon=True)
+        self._thread.start()
+
+    def put(self, lines: list[str]) -> None:
+        size = sum(map(len, lines))
+        with self._cond:
+            self._batches.append(lines)
+            self.backlog += size
+            self._cond.notify()
+
+    def close(self, timeout: float) -> bool:
+        """Write what was handed over and close; False if that took over ``timeout`` seconds."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()  # a daemon thread: a stuck write cannot keep the process
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._batches or self._closing):
+                        self._cond.wait()
+                    if not self._batches:
+                        return  # closing, and everything is written
+                    lines = [line for batch in self._batches for line in batch]
+                    self._batches.clear()
+                size = sum(map(len, lines))
+                self._file.write_lines(lines)
+                with self._cond:
+                    self.backlog -= size
+        except OSError as exc:
+            self.error = exc
+        finally:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # nothing more can be lost; a write error, if any, is in self.error

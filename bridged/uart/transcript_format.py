@@ -40,6 +40,7 @@ class MarkKind(str, enum.Enum):
     CONNECT_FAILED = "connect_failed"
     CLOSED = "closed"
     IPD = "ipd"  # a +IPD frame (or a passive-mode notice) was queued
+    LOST = "lost"  # the disk fell behind: rx/tx bytes and marks not written
 
 
 # Named tuples, not dataclasses: one is made per read and per write.

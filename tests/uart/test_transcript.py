@@ -7,8 +7,12 @@ import asyncio
 import dataclasses
 import datetime
 import os
+import select
 import stat
 import threading
+import time
+import tracemalloc
+import tty
 
 import pytest
 import structlog
@@ -18,6 +22,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from bridged.config import LogConfig
+from bridged.uart import transcript
 from bridged.uart.transcript import (
     Chunk,
     Direction,
@@ -228,14 +233,16 @@ def test_on_from_config_and_flushed_by_the_timer(tmp_path):
 
 
 def test_write_failure_switches_off_and_says_why(tmp_path):
-    """A full disk (/dev/full) ends the transcript with one error event, never an exception in the byte path."""
+    """A full disk (/dev/full) ends the transcript at the next flush with one error event, never an exception in the byte path."""
 
     async def main():
         h = Holder()
         t = Transcript(_config(transcript=True, transcript_path="/dev/full"), holders=(h,))
         with capture_logs() as logs:
-            h.tap.received(b"x" * 300_000)  # over the flush size: written at the next turn
-            await asyncio.sleep(0.05)
+            h.tap.received(b"x" * 300_000)  # over the flush size: handed to the writer at the next turn
+            await asyncio.sleep(0.05)  # ... which fails on its thread
+            h.tap.sent(b"y")  # the next flush (on the timer) finds the failure
+            await asyncio.sleep(0.5)
         return t, h, logs
 
     t, h, logs = uvloop.run(main())
@@ -407,3 +414,82 @@ def test_rotated_file_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
     f.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "t.1"]
     assert path.read_text() == "".join(_line(i) for i in range(20, 25))
+
+
+# --------------------------------------------------------------------------
+# A disk that stops taking writes.
+
+
+class _Drain:
+    """Reads a pty master on a thread of its own, from a given moment on."""
+
+    def __init__(self, master: int, start_after: float) -> None:
+        self.master, self.data, self.go = master, bytearray(), threading.Event()
+        self._stop = threading.Event()
+        self._timer = threading.Timer(start_after, self.go.set)  # rescues a loop stuck in write()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._timer.start()
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.go.wait()
+        while not self._stop.is_set():
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.data += os.read(self.master, 65536)
+                except OSError:  # EIO: every writer has closed the slave
+                    return
+
+    def stop(self) -> bytes:
+        self._timer.cancel()
+        self.go.set()
+        time.sleep(0.3)  # what is in flight
+        self._stop.set()
+        self._thread.join(5)
+        return bytes(self.data)
+
+
+def test_stuck_file_never_stalls_the_loop_and_its_backlog_is_bounded(monkeypatch):
+    """A file that stops taking writes (a pty nobody reads) neither stalls the loop nor grows memory: records past the backlog limit are dropped and one lost mark counts them."""
+    monkeypatch.setattr(transcript, "_BACKLOG_LIMIT", 256 * 1024)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    drain = _Drain(master, start_after=30.0)  # only a loop stuck in write() needs it
+    piece = bytes(range(256)) * 40  # 10 KiB: 60 KiB of transcript text
+
+    async def main():
+        h = Holder()
+        t = Transcript(_config(transcript=True, transcript_path=os.ttyname(slave)), holders=(h,))
+        loop = asyncio.get_running_loop()
+        worst, last = 0.0, loop.time()
+        tracemalloc.start()
+        for _ in range(600):  # 6 MiB recorded, 36 MiB of text, for a pty that takes a few KiB
+            h.tap.received(piece)
+            await asyncio.sleep(0.002)
+            now = loop.time()
+            worst, last = max(worst, now - last), now
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        drain.go.set()  # the disk is back
+        await asyncio.sleep(0.5)
+        h.tap.sent(b"after")
+        t.close()
+        return worst, peak
+
+    try:
+        worst, peak = uvloop.run(main())
+        text = drain.stop().decode()
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert worst < 1.0, f"the loop stalled {worst:.1f} s"
+    # The limit, and one flush's batch (256 KiB) formatted, joined and encoded: about 5 MiB.
+    assert peak < 12 * 1024 * 1024, f"{peak} bytes held"
+    lines = [parse_line(line) for line in text.splitlines()]
+    lost = [ln for ln in lines if ln.mark is MarkKind.LOST]
+    assert len(lost) == 1 and lost[0].fields["tx"] == 0 and lost[0].fields["rx"] > 0
+    rx = b"".join(ln.data for ln in lines if ln.direction is Direction.RX)
+    assert len(rx) + lost[0].fields["rx"] == 600 * len(piece)
+    assert rx == piece * (len(rx) // len(piece))  # whole reads kept, in order
+    assert [ln.data for ln in lines if ln.direction is Direction.TX] == [b"after"]
+    assert lines[-1].mark is MarkKind.TRANSCRIPT_OFF

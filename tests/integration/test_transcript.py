@@ -128,6 +128,52 @@ def test_exchange_send_and_ipd_in_order_with_the_wire_bytes(make_daemon, echo_se
     assert max(offsets) - min(offsets) < 0.5  # both clocks of one moment
 
 
+
+def _escape(h: TapHost) -> None:
+    time.sleep(0.05)  # +++ wants silence around it
+    h.write(b"+++")
+    time.sleep(0.05)
+
+
+def test_busy_passthrough_and_a_full_tty_each_byte_once(make_daemon, echo_server, tmp_path):
+    """Input refused while busy, passthrough both ways with a host too slow to read (the front's writes come back partial), +++ and CIPSENDL: the file holds every byte once, in order, as written."""
+    path = tmp_path / "transcript"
+    d = make_daemon(f'connect_delay_ms = 400\n[log]\ntranscript = true\ntranscript_path = "{path}"\n')
+    h = TapHost(d.link)
+    h.expect(b"\r\nready\r\n")
+    h.command(b"ATE0")
+    h.write(b'AT+CWJAP="bridged","pwd"\r\n')
+    h.read_quiet(0.1, timeout=0.2)
+    h.write(b"AT\r\n")  # refused: the join is still running
+    assert h.expect(b"\r\nOK\r\n").startswith(b"\r\nbusy p...\r\n")
+    assert h.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
+    h.command(b"AT+SYSMSG=1")  # +QUITT on leaving passthrough
+    h.command(b"AT+CIPMODE=1")
+    h.command(b"AT+CIPSEND", b">")
+    payload = os.urandom(256 * 1024)
+    for i in range(0, len(payload), 16384):
+        h.write(payload[i:i + 16384])  # reads only when the pty is full: the echo backs up
+    time.sleep(0.5)  # ... until the front's writes are partial, then everything comes at once
+    while h.received.count(payload[-64:]) == 0:
+        assert h._fill(5), "the echo stopped"
+    _escape(h)
+    h.expect(b"+QUITT\r\n")
+    h.command(b"AT+CIPMODE=0")
+    h.command(b"AT+CIPSENDLCFG=1024,2920")
+    streamed = os.urandom(8192)
+    h.write(b"AT+CIPSENDL=%d\r\n" % len(streamed))
+    h.expect(b">")
+    h.write(streamed)
+    h.expect(b"SEND OK\r\n")
+    h.read_quiet(0.3)  # its echo, as +IPD
+    assert d.stop() == 0
+    h.close()
+
+    t = read_transcript(path)
+    assert bytes(t.rx) == bytes(h.sent)
+    assert bytes(t.tx) == bytes(h.received)
+    assert t.find("data_end", link=0, escaped="true")
+
 def test_rotation_at_the_cap_keeps_n_files(make_daemon, tmp_path):
     """With a 4096-byte cap and 3 files, a long session leaves exactly 3 files, none over the cap, all 0600, in order."""
     path = tmp_path / "transcript"

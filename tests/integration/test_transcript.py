@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.harness import Host
 
 # Parsed here without bridged's own parser, so a bug there cannot hide one in the writer.
@@ -256,6 +258,32 @@ def test_to_the_log_at_info_marks_but_never_the_payload(make_daemon, echo_server
     text = d.log_text()
     assert marker.decode() not in text and marker.hex(" ") not in text
 
+
+
+@pytest.mark.parametrize("to_file", [False, True])
+def test_passwords_and_keys_never_reach_the_log_at_info(make_daemon, tmp_path, to_file):
+    """An AT+CWJAP password and AT+CIPSSLCPSK keys (a mistyped hex one too) are in the transcript file (0600, by design) but nowhere in the log at info, whichever sink."""
+    path = tmp_path / "transcript"
+    d = make_daemon("[log]\ntranscript = true\n" + (f'transcript_path = "{path}"\n' if to_file else ""))
+    password, key = b"pw-" + os.urandom(6).hex().encode(), b"psk-" + os.urandom(6).hex().encode()
+    bad_hex = b"0102zz" + os.urandom(6).hex().encode()
+    h = TapHost(d.link)
+    h.expect(b"\r\nready\r\n")
+    h.command(b'AT+CWJAP="bridged","%s"' % password)
+    h.command(b"AT+CIPMUX=1")
+    h.ask(b'AT+CIPSSLCPSK=0,"%s","mcu"' % key)  # OK from Python 3.13 on, ERROR before: logged either way
+    assert h.ask(b'AT+CIPSSLCPSKHEX=0,"%s","mcu"' % bad_hex).endswith(b"ERROR\r\n")
+    h.read_quiet(0.3)
+    assert d.stop() == 0
+    h.close()
+    text = d.log_text()
+    for secret in (password, key, bad_hex):
+        assert secret.decode() not in text and secret.hex() not in text
+    assert {m["name"] for m in d.events("transcript_mark") if m["mark"] == "command"} == (
+        set() if to_file else {"AT+CWJAP", "AT+CIPMUX", "AT+CIPSSLCPSK", "AT+CIPSSLCPSKHEX"})
+    if to_file:
+        t = read_transcript(path)
+        assert all(secret in t.rx for secret in (password, key, bad_hex))
 
 def test_to_the_log_at_debug_carries_the_bytes(make_daemon, echo_server):
     """On without a path at level debug: transcript_bytes events rebuild both streams exactly."""

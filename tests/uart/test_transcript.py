@@ -192,6 +192,22 @@ def test_write_failure_switches_off_and_says_why(tmp_path):
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["transcript_write_failed"]
 
 
+
+def test_write_failure_at_close_is_said(tmp_path):
+    """When the last write, on the way out, fails (/dev/full), close() says so with one error event instead of transcript_off."""
+
+    async def main():
+        h = Holder()
+        with capture_logs() as logs:
+            t = Transcript(_config(transcript=True, transcript_path="/dev/full"), holders=(h,))
+            h.tap.received(b"AT\r\n")
+            t.close()  # before the timer: the writer thread gets it all now
+        return t, h, logs
+
+    t, h, logs = uvloop.run(main())
+    assert (t.enabled, h.tap) == (False, None)
+    assert [e["event"] for e in logs] == ["transcript_on", "transcript_write_failed"]
+
 def test_unwritable_path_is_an_error_not_a_crash(tmp_path):
     """A path that cannot be opened leaves the transcript off with an error event."""
 

@@ -361,9 +361,11 @@ class Daemon:
 
     READY_LINE = "bridged: serial port ready at"
 
-    def __init__(self, start_timeout: float = 20.0, urc_gap_ms: float = URC_GAP_MS) -> None:
+    def __init__(self, start_timeout: float = 20.0, urc_gap_ms: float = URC_GAP_MS,
+                 config: str = "") -> None:
         self.start_timeout = start_timeout
         self.urc_gap_ms = float(urc_gap_ms)
+        self.extra_config = config  # appended to CONFIG_TOML (e.g. a [log] section)
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-bridged-"))
         self.link = str(self.tmp / "tty")
         self.config = self.tmp / "bridged.toml"
@@ -400,7 +402,7 @@ class Daemon:
         return "\n".join(text[-lines:])
 
     def start(self) -> None:
-        self.config.write_text(CONFIG_TOML.format(urc_gap_ms=self.urc_gap_ms))
+        self.config.write_text(CONFIG_TOML.format(urc_gap_ms=self.urc_gap_ms) + self.extra_config)
         self.state.mkdir()
         log = open(self.logfile, "wb")
         try:

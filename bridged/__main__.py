@@ -1,7 +1,7 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check`` with the same
-options (validate the configuration and print what it amounts to, without
-serving), and ``bridged pki import|list|remove`` (the certificate store, see
+[--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``, ``bridged
+check`` with the same options (validate the configuration and print what it
+amounts to, without serving), and ``bridged pki import|list|remove`` (the certificate store, see
 ``bridged.pki_cli``).
 
 Every failure to start is one line on stderr, ``bridged: <cause>; <remedy>``,
@@ -24,6 +24,7 @@ from bridged import __version__
 from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
 from bridged.log import setup_logging
 from bridged.systemd import stderr_is_journal
+from bridged.uart.transcript_file import RotatingFile
 
 __all__ = ["main"]
 
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
         command.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
         command.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
+        command.add_argument("--transcript", metavar="FILE",
+                             help="write the AT transcript (every byte to and from the MCU) to FILE")
     commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
     return parser
 
@@ -59,6 +62,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["uart.baud"] = args.baud
     if args.state_dir is not None:
         overrides["state.dir"] = os.path.abspath(args.state_dir)
+    if args.transcript is not None:
+        overrides["log.transcript"] = True
+        overrides["log.transcript_path"] = os.path.abspath(args.transcript)
     return overrides
 
 
@@ -104,6 +110,12 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(f"state directory {exc.filename}: {exc.strerror}; choose another --state-dir "
                      "or [state] dir", START_FAILED)
+    if config.log.transcript and config.log.transcript_path:
+        try:  # the front opens it again; a mistake shows here, before serving
+            RotatingFile(config.log.transcript_path, config.log.transcript_max_bytes,
+                         config.log.transcript_files).close()
+        except OSError as exc:
+            return _fail(f"log.transcript_path: {config.log.transcript_path}: {exc.strerror or exc}")
     device = config.uart.port
     setup_logging(config.log.level, config.log.format, "supervisor")
     from bridged.spawn import StartError

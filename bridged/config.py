@@ -332,6 +332,9 @@ class LogConfig:
     level: str = _field("info", _choice("debug", "info", "warning", "error"))
     format: str = _field("auto", _choice("auto", "json", "console"))
     transcript: bool = _field(False, _bool())
+    transcript_path: str = _field("", _path('"" (to the log) or an absolute file path', absolute=True))
+    transcript_max_bytes: int = _field(10_485_760, _int(4096, 1_099_511_627_776))
+    transcript_files: int = _field(5, _int(1, 100))
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ from bridged.uart.output import Output
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
+from bridged.uart.transcript import MarkKind, Transcript
 
 __all__ = ["Front", "factory_uart"]
 
@@ -98,6 +99,8 @@ class _Passthrough:
 
 
 class Front:
+    tap: Transcript | None = None  # set while the AT transcript is on
+
     def __init__(
         self,
         config: Config,
@@ -140,6 +143,7 @@ class Front:
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
+        self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -162,6 +166,7 @@ class Front:
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
+            self.transcript.close()
 
     def stop(self) -> None:
         if not self._stopped.done():
@@ -223,6 +228,8 @@ class Front:
         return ctx
 
     def _boot(self) -> None:
+        if self.tap is not None:
+            self.tap.mark(MarkKind.BOOT)
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))
@@ -247,6 +254,8 @@ class Front:
 
     def _restart(self, factory: bool) -> None:
         log.info("restart", factory=factory)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.RESTART, factory=factory)
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
@@ -303,6 +312,8 @@ class Front:
         if not data:
             self._hung_up()
             return
+        if self.tap is not None:
+            self.tap.received(data)
         if self.busy:
             self._refuse_busy(data)
             return
@@ -388,6 +399,8 @@ class Front:
 
     def _execute(self, line: CommandLine) -> None:
         structlog.contextvars.bind_contextvars(command=line.name)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
         try:
             result = registry.dispatch(self.ctx, line)
         except AtError as error:
@@ -446,6 +459,9 @@ class Front:
         state = self.ctx.state
         report, transmit = state.sendl_cfg
         self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
+                          kind=request.kind.name.lower())
         self._mute_progress(slot if request.kind is DataKind.PASSTHROUGH else None)
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
@@ -496,6 +512,8 @@ class Front:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
         send = self.sending
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
         if send.kind is not DataKind.SENDL:
             # Its SEND OK usually follows within a fraction of a ms: one write for both.
             self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
@@ -508,6 +526,8 @@ class Front:
 
     def _payload_escaped(self) -> None:
         send, self.sending = self.sending, None
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._mute_progress(None)
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
@@ -654,6 +674,8 @@ class Front:
         step = len(payload) if record.addr is not None else self.config.links.chunk
         for i in range(0, len(payload), step or 1):
             piece = payload[i : i + step]
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
 
     def _on_link_accepted(self, slot: Slot) -> None:
@@ -669,8 +691,17 @@ class Front:
         # SEND OK before the notice of data that may answer it, as for +IPD.
         self._check_send()
         link = self.ctx.link_arg(slot.link_id)
-        # Made when written, with what is unread then; nothing if nothing is.
-        self.output.urc(lambda: fmt.ipd_passive(link, n) if (n := length()) else b"")
+
+        def notice() -> bytes:
+            # Made when written, with what is unread then; nothing if nothing is.
+            n = length()
+            if not n:
+                return b""
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=n, passive=True)
+            return fmt.ipd_passive(link, n)
+
+        self.output.urc(notice)
 
     def _on_link_ended(self, slot: Slot) -> None:
         if self.sending is not None and self.sending.slot is slot:

@@ -43,6 +43,7 @@ from bridged.ipc.messages import (
 )
 from bridged.ipc.rings import Ring
 from bridged.uart.passive import Unread
+from bridged.uart.transcript import MarkKind
 
 __all__ = ["SlotState", "Slot", "LinkTable"]
 
@@ -103,6 +104,8 @@ class LinkTable:
         can_deliver: False while the UART output is backed up; records then
             stay in the ring, so the worker stops reading its socket.
     """
+
+    tap = None  # the AT transcript while it is on (bridged.uart.transcript)
 
     def __init__(
         self,
@@ -389,6 +392,9 @@ class LinkTable:
             return
         slot.view = LinkView(slot.link_id, slot.type, msg.remote_ip, msg.remote_port, msg.local_port, slot.server)
         slot.state = SlotState.OPEN
+        if self.tap is not None:
+            self.tap.mark(MarkKind.CONNECTED, link=slot.link_id, type=slot.type, remote=msg.remote_ip,
+                          port=msg.remote_port, server=slot.server)
         if slot.server:
             self.on_accepted(slot)
         elif slot.waiter is not None:
@@ -449,6 +455,9 @@ class LinkTable:
         if state in (SlotState.IDLE, SlotState.NO_WORKER):
             return
         slot.state = SlotState.IDLE if slot.control is not None else SlotState.NO_WORKER
+        if self.tap is not None:
+            failed = state is SlotState.CONNECTING
+            self.tap.mark(MarkKind.CONNECT_FAILED if failed else MarkKind.CLOSED, link=slot.link_id, reason=reason)
         slot.conn_id = None
         slot.view = None
         self.loop.call_soon(self.on_freed, slot)

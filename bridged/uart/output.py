@@ -52,6 +52,8 @@ Urc = Union[bytes, Callable[[], bytes]]  # the bytes, or a function making them 
 
 
 class Output:
+    tap = None  # the AT transcript while it is on (bridged.uart.transcript)
+
     def __init__(self, fd: int, gap: float, on_drained: Callable[[], None]) -> None:
         self.fd = fd
         self.gap = gap
@@ -176,6 +178,8 @@ class Output:
                 n = 0
             self._buffered -= n
             self.written += n
+            if self.tap is not None and n:
+                self.tap.sent(self._pending[:n])
             self._pending = self._pending[n:]
             if self._pending:
                 self._arm_writer()

@@ -57,12 +57,12 @@ def rom_banner(reset: Reset) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Framing:
-    """A receiver's settings; parity as ESP-AT numbers it (0 none, 1 odd, 2 even)."""
+    """A receiver's settings; parity as ESP-AT numbers it (0 none, 1 odd, 2 even).
+    Stop bits do not matter: a receiver checks only the first."""
 
     baud: int
     data_bits: int = 8
     parity: int = 0
-    stop_bits: int = 1  # only the first one is checked, as UARTs do
 
 
 def waveform(data: bytes) -> bytes:

@@ -61,9 +61,10 @@ from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
 from bridged.readgate import ReadGate
 from bridged.store import Store
+from bridged.uart.boot import Boot, Reset
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
-from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
+from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, drain
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
 
@@ -124,6 +125,8 @@ class Front:
         self.mdns = Advertiser()
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
+        self.boot: Boot | None = None  # the chip is (re)booting: input is dropped, nothing is said
+        self._booting: asyncio.Task | None = None
         self.busy = False  # a command waits on the network: input gets busy p...
         self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
@@ -147,13 +150,15 @@ class Front:
         await self._wait_workers(timeout=10.0)
         for slot in self.links.slots:
             self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
-        self._boot()
+        self._start_boot(Reset.POWER_ON)
         self._resume_reading()
         heartbeat = self.loop.create_task(self._heartbeat())
         try:
             await self._stopped
         finally:
             heartbeat.cancel()
+            if self._booting is not None:
+                self._booting.cancel()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
@@ -217,7 +222,34 @@ class Front:
             self.links.set_options(link_id, linger, nodelay, keep_alive)
         return ctx
 
-    def _boot(self) -> None:
+    def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
+        """Silence for [firmware] boot_ms after what is queued has gone out, then ready."""
+        if self._booting is not None:
+            self._booting.cancel()
+        self.boot = Boot(self.config.firmware, self.output, reset, dropped)
+        self._booting = self.loop.create_task(self.boot.run(
+            drain_port=lambda: drain(self.fd, self.uart.baud),
+            restart_port=self._restart_port,
+            on_ready=self._ready,
+        ))
+        self._booting.add_done_callback(self._boot_ended)
+
+    def _boot_ended(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # Our bug: without ready the MCU would wait for ever; the supervisor starts us again.
+        log.error("boot_failed", error=repr(task.exception()))
+        self.stop()
+
+    def _restart_port(self) -> UartSettings:
+        """The chip comes back with AT+UART_DEF's settings (AT+UART_CUR's are lost)."""
+        new_uart = self._boot_uart()
+        if new_uart != self.uart:
+            self._apply_uart(new_uart)
+        return self.uart
+
+    def _ready(self) -> None:
+        self.boot = self._booting = None
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))
@@ -240,7 +272,11 @@ class Front:
         self.passthrough.spec = spec
         self.passthrough.reconnecting = self.loop.create_task(self._reconnect(self.passthrough, first_delay=0.0))
 
-    def _restart(self, factory: bool) -> None:
+    def _restart(self, factory: bool, dropped: int = 0) -> None:
+        """AT+RST, AT+RESTORE (factory), an update, a forced restart: reset the session and boot.
+
+        ``dropped``: input bytes already read that the restarting chip will not hear.
+        """
         log.info("restart", factory=factory)
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
@@ -256,10 +292,8 @@ class Front:
             self.links.set_passive(link_id, False)
         if factory:
             self.store.clear()
-        new_uart = self._boot_uart()
-        if new_uart != self.uart:
-            self._apply_uart(new_uart)
         self.ctx = self._new_context()
+        dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
         self._mute_progress(None)
@@ -267,7 +301,8 @@ class Front:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._boot()
+        self._start_boot(Reset.SOFTWARE, dropped)
+        self._resume_reading()  # to drop what comes during the boot
 
     def _apply_uart(self, settings: UartSettings) -> None:
         self.uart = settings
@@ -295,6 +330,9 @@ class Front:
             self.loop.call_later(0.5, self._resume_reading)
             return
         if not data:
+            return
+        if self.boot is not None:
+            self.boot.drop(len(data))
             return
         if self.busy:
             self._refuse_busy(data)
@@ -328,7 +366,8 @@ class Front:
         if _FORCE_RESTART in data:
             self.output.reply(fmt.FORCE_RESTART)
             self.busy = False
-            self._restart(False)
+            rest = len(data) - data.index(_FORCE_RESTART) - len(_FORCE_RESTART)
+            self._restart(False, dropped=rest)
             return
         log.info("busy_refused", bytes=len(data))
         if self.ctx.state.syslog:
@@ -383,6 +422,10 @@ class Front:
         self.busy = True
         if self.parser.buffered:
             self._refuse_busy(self.parser.discard_pending())
+            if self.boot is not None:  # an AT+RST behind it forced a restart: the command goes too
+                if asyncio.iscoroutine(result):
+                    result.close()
+                return
         self._command = self.loop.create_task(self._await_reply(result))
 
     async def _await_reply(self, pending: Awaitable[Reply]) -> None:
@@ -476,6 +519,8 @@ class Front:
     def _payload_complete(self, length: int) -> None:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
+            if self.boot is not None:  # ... and an AT+RST among them restarted the chip
+                return
         send = self.sending
         if send.kind is not DataKind.SENDL:
             # Its SEND OK usually follows within a fraction of a ms: one write for both.

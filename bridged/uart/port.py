@@ -9,7 +9,10 @@ a peer (which would make reads fail with EIO).
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import os
+import struct
 import termios
 import tty
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ import structlog
 
 from bridged.commands.context import UartSettings
 
-__all__ = ["Pty", "open_pty", "SerialPort", "open_serial", "apply_termios", "FLOW_NAMES", "PARITY_NAMES"]
+__all__ = ["Pty", "open_pty", "SerialPort", "open_serial", "apply_termios", "drain", "FLOW_NAMES", "PARITY_NAMES"]
 
 log = structlog.get_logger()
 
@@ -90,6 +93,42 @@ def apply_termios(fd: int, settings: UartSettings) -> None:
     attrs[2] = cflag
     attrs[4] = attrs[5] = speed
     termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+
+
+def _out_queue(fd: int) -> int:
+    """Bytes written to the tty that its driver has not sent yet (0 on a pty)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
+async def drain(fd: int, baud: int) -> bool:
+    """Wait until the port has sent what was written to it (a restart must not cut the OK).
+
+    The kernel's queue is polled rather than waited on with tcdrain: with flow
+    control the MCU may hold CTS low for ever, and the loop must go on.  Once
+    it is empty tcdrain only waits for the UART's FIFO, which drivers bound.
+    A queue still not empty after twice its sending time and a second is
+    discarded, as a restarting chip's UART loses it.  A pty has no queue.
+
+    Returns:
+        False when output was discarded or the port failed.
+    """
+    loop = asyncio.get_running_loop()
+    queued = _out_queue(fd)
+    deadline = loop.time() + 1.0 + 2 * queued * 12 / baud  # 12 bits: 8 data, parity, 2 stop, start
+    try:
+        while queued:
+            if loop.time() >= deadline:
+                termios.tcflush(fd, termios.TCOFLUSH)
+                return False
+            await asyncio.sleep(0.002)
+            queued = _out_queue(fd)
+        termios.tcdrain(fd)
+    except (termios.error, OSError):  # the device went away: nothing left to send
+        return False
+    return True
 
 
 _STOP_BITS = {1: 1, 2: 1.5, 3: 2}

@@ -8,11 +8,8 @@ import signal
 
 from tests.harness import Daemon, Demux
 
-STATION = '[wifi]\nstation_interface = "lo"\n'
-
-
 def _rewrite(daemon: Daemon, extra: str) -> None:
-    daemon.config_path.write_text(STATION + extra)
+    daemon.write_config(extra)
 
 
 def _gmr(host) -> bytes:

@@ -1,0 +1,76 @@
+"""The emulated chip (re)booting: the answer goes out, silence, then ready.
+
+Theory of operation.  ESP-AT restarts only once its UART has sent the
+answer (AT+RST's OK: a timer defers esp_restart, esp-at-behavior.md 1.5),
+then it is deaf and mute while the ROM, the bootloader, ESP-IDF and the AT
+core start: a few hundred ms on an ESP32.  Only then does it print
+``ready``.  Host drivers count on that silence: lwESP re-initialises its
+UART on the OK to AT+RST and AT+RESTORE, flushing its input, so a ``ready``
+right behind the OK would be flushed with it.
+
+A ``Boot`` is one boot, the same for every restart (AT+RST, AT+RESTORE, a
+successful AT+CIUPDATE, a forced restart, the front's start, including
+after a crash or a reload):
+
+1. the output queued so far is written and the port has sent it;
+2. ``restart_port()`` gives the port AT+UART_DEF's settings and returns them;
+3. with ``[firmware] boot_banner``: the ROM banner as the host's receiver,
+   at those settings, decodes it (bridged.uart.banner);
+4. ``[firmware] boot_ms`` of silence.  What the MCU sends from the restart
+   on is dropped (the chip is not listening yet), counted and logged once;
+5. ``on_ready()``: the front writes ready and what follows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import structlog
+
+from bridged.commands.context import UartSettings
+from bridged.config import FirmwareConfig
+from bridged.uart.banner import Framing, Reset, as_received, rom_banner
+from bridged.uart.output import Output
+
+__all__ = ["Boot", "Reset"]
+
+log = structlog.get_logger()
+
+
+class Boot:
+    def __init__(self, config: FirmwareConfig, output: Output, reset: Reset, dropped: int = 0) -> None:
+        self.config = config
+        self.output = output
+        self.reset = reset
+        self.dropped = dropped  # input bytes the booting chip did not hear
+
+    def drop(self, size: int) -> None:
+        """Input arrived while the chip boots: it is lost, as on the real one."""
+        self.dropped += size
+
+    async def run(
+        self,
+        drain_port: Callable[[], Awaitable[bool]],
+        restart_port: Callable[[], UartSettings],
+        on_ready: Callable[[], None],
+    ) -> None:
+        await self._output_written()
+        if not await drain_port():
+            log.warning("restart_output_discarded", hint="the port did not send it (CTS held low?)")
+        settings = restart_port()
+        noise = b""
+        if self.config.boot_banner:
+            framing = Framing(settings.baud, settings.data_bits, settings.parity)
+            noise = as_received(rom_banner(self.reset), self.config.boot_banner_baud, framing)
+            self.output.reply(noise)
+        log.info("booting", reset=self.reset.name.lower(), boot_ms=self.config.boot_ms, banner_bytes=len(noise))
+        await asyncio.sleep(self.config.boot_ms / 1000)
+        if self.dropped:
+            log.info("boot_input_dropped", bytes=self.dropped)
+        on_ready()
+
+    async def _output_written(self) -> None:
+        written = asyncio.get_running_loop().create_future()
+        self.output.when_empty(lambda: written.done() or written.set_result(None))
+        await written

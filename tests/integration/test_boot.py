@@ -1,0 +1,174 @@
+"""The simulated boot after every restart ([firmware] boot_ms, boot_banner), as
+host drivers meet it: silence after the OK, input dropped, then ready.
+
+Times are lower bounds taken from the host's side (the send of the command
+that restarts), so load can only make them pass by a wider margin.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import termios
+import time
+import tomllib
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from bridged.uart.banner import Framing, Reset, as_received, rom_banner
+from tests.harness import Daemon, Host
+
+READY = b"\r\nready\r\n"
+PROFILE = Path(__file__).resolve().parents[2] / "config" / "profiles" / "esp32.toml"
+ESP32_BOOT_MS = tomllib.loads(PROFILE.read_text())["firmware"]["boot_ms"]
+
+
+def _firmware(**keys) -> str:
+    values = "".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in keys.items())
+    return "[firmware]\n" + values
+
+
+def _restart_like_lwesp(host: Host, command: bytes) -> tuple[float, bytes]:
+    """Send ``command``, read up to its OK, then re-initialise the UART as lwESP does:
+    everything not yet read is flushed.  Returns (seconds from the send to ready, what
+    came before ready)."""
+    sent = time.monotonic()
+    host.write(command + b"\r\n")
+    host.expect(b"\r\nOK\r\n")
+    termios.tcflush(host.fd, termios.TCIOFLUSH)
+    host.buf.clear()
+    before = host.expect(READY)
+    return time.monotonic() - sent, before[: -len(READY)]
+
+
+def _event_time(event: dict) -> float:
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def test_a_host_that_flushes_after_the_ok_still_sees_ready(make_daemon):
+    """lwESP flushes its input right after the OK to AT+RST and AT+RESTORE; with an
+    ESP32's boot time ready comes later, alone, no earlier than boot_ms after the send."""
+    daemon = make_daemon(_firmware(boot_ms=ESP32_BOOT_MS))
+    host = daemon.host()
+    host.expect(READY)
+    host.command(b"ATE0")
+    for command in (b"AT+RST", b"AT+RESTORE"):
+        elapsed, before = _restart_like_lwesp(host, command)
+        assert before == b"", command  # nothing precedes ready with boot_banner off
+        assert elapsed >= ESP32_BOOT_MS / 1000, (command, elapsed)
+        assert elapsed < ESP32_BOOT_MS / 1000 + 8, (command, elapsed)
+        assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"  # a fresh session: echo on again
+        host.command(b"ATE0")
+    assert len(daemon.events("booting")) == 3
+
+
+def test_input_during_the_boot_is_dropped_and_logged(make_daemon):
+    """AT sent 10 ms after the OK to AT+RST gets no answer (the chip is not listening
+    yet) and the drop is logged once with its size; AT after ready gets OK."""
+    daemon = make_daemon(_firmware(boot_ms=ESP32_BOOT_MS))
+    host = daemon.host()
+    host.expect(READY)
+    host.command(b"ATE0")
+    host.command(b"AT+RST")
+    time.sleep(0.01)
+    host.write(b"AT\r\n")
+    time.sleep(0.01)
+    host.write(b"AT+GMR\r\n")
+    assert host.expect(READY) == READY
+    assert host.read_quiet(0.3) == b""  # neither was answered
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+    dropped = daemon.wait_event("boot_input_dropped")
+    assert [e["bytes"] for e in dropped] == [4 + 8]
+
+
+def test_the_first_start_is_silent_for_boot_ms(make_daemon):
+    """At start-up too: ready comes boot_ms after the boot began, and what the host
+    sent before it is dropped, not answered."""
+    started = time.monotonic()
+    daemon = make_daemon(_firmware(boot_ms=ESP32_BOOT_MS))
+    host = daemon.host()
+    host.write(b"AT\r\n")
+    assert host.expect(READY) == READY
+    assert time.monotonic() - started >= ESP32_BOOT_MS / 1000
+    assert host.read_quiet(0.3) == b""
+    booting, ready = daemon.wait_event("booting")[0], daemon.wait_event("ready")[0]
+    assert booting["reset"] == "power_on" and booting["boot_ms"] == ESP32_BOOT_MS
+    assert _event_time(ready) - _event_time(booting) >= ESP32_BOOT_MS / 1000 - 0.002  # ms-resolution clocks
+    assert daemon.wait_event("boot_input_dropped")[0]["bytes"] == 4
+
+
+def test_forced_restart_boots_too(make_daemon):
+    """AT+RST while a command runs: "Will force to restart!!!", the boot's silence, ready."""
+    daemon = make_daemon('connect_delay_ms = 2000\n' + _firmware(boot_ms=300))
+    host = daemon.host()
+    host.expect(READY)
+    host.command(b"ATE0")
+    host.write(b'AT+CWJAP="bridged","pwd"\r\n')
+    host.read_quiet(0.1, timeout=0.2)
+    sent = time.monotonic()
+    host.write(b"AT+RST\r\n")
+    assert host.expect(READY) == b"\r\nWill force to restart!!!\r\n" + READY
+    assert time.monotonic() - sent >= 0.3
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+
+
+def test_systemd_hears_ready_when_ready_is_written(tmp_path, notify_socket):
+    """READY=1 waits for the first boot: it comes no earlier than boot_ms after the start."""
+    started = time.monotonic()
+    daemon = Daemon(tmp_path, _firmware(boot_ms=ESP32_BOOT_MS)).start()
+    try:
+        assert notify_socket.recv(4096).startswith(b"READY=1")
+        assert time.monotonic() - started >= ESP32_BOOT_MS / 1000
+        host = daemon.host()
+        assert host.expect(READY, timeout=1) == READY  # already written
+        host.close()
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+
+
+def test_banner_at_another_speed_is_noise_before_ready(make_daemon):
+    """boot_banner at 74880 baud read at the port's 115200 8N1: exactly what a UART
+    receiver makes of it (not text), then ready; power-on first, software reset after AT+RST."""
+    daemon = make_daemon(_firmware(boot_ms=100, boot_banner=True, boot_banner_baud=74880))
+    host = daemon.host()
+    before = host.expect(READY)[: -len(READY)]
+    assert before == as_received(rom_banner(Reset.POWER_ON), 74880, Framing(115200))
+    assert b"ets" not in before and len(before) > 100
+    with pytest.raises(UnicodeDecodeError):
+        before.decode("ascii")
+    host.command(b"ATE0")
+    host.command(b"AT+RST")
+    before = host.expect(READY)[: -len(READY)]
+    assert before == as_received(rom_banner(Reset.SOFTWARE), 74880, Framing(115200))
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+
+
+def test_banner_at_the_same_speed_is_the_text(make_daemon):
+    """At the ROM's speed the host reads the banner as text, as a real ESP32 on UART0 at
+    115200 shows it; the host's speed is the one the chip comes back with (AT+UART_DEF)."""
+    daemon = make_daemon(_firmware(boot_banner=True))
+    host = daemon.host()
+    assert host.expect(READY) == rom_banner(Reset.POWER_ON) + READY
+    host.command(b"ATE0")
+    host.command(b"AT+UART_DEF=74880,8,1,0,0")
+    host.command(b"AT+RST")
+    before = host.expect(READY)[: -len(READY)]
+    assert before == as_received(rom_banner(Reset.SOFTWARE), 115200, Framing(74880))
+    assert before != rom_banner(Reset.SOFTWARE)
+
+
+@pytest.mark.parametrize("value, shown", [("-1", "-1"), ("10001", "10001"), ('"400"', "'400'")])
+def test_boot_ms_out_of_range_is_a_config_error(tmp_path, value, shown):
+    """A boot_ms outside 0..10000: exit 2, one line naming the file, the key and the range."""
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"[firmware]\nboot_ms = {value}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "bridged", "run", "--config", str(cfg), "--pty", str(tmp_path / "t"),
+         "--state-dir", str(tmp_path / "s")], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        f"{cfg}: firmware.boot_ms: {shown} is not allowed; allowed: an integer from 0 to 10000")

@@ -7,6 +7,9 @@ that restarts), so load can only make them pass by a wider margin.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
 import termios
@@ -172,3 +175,30 @@ def test_boot_ms_out_of_range_is_a_config_error(tmp_path, value, shown):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith(
         f"{cfg}: firmware.boot_ms: {shown} is not allowed; allowed: an integer from 0 to 10000")
+
+
+def test_a_client_accepted_just_before_the_restart_is_not_announced(make_daemon):
+    """A server client whose worker confirms it only after AT+RST closed it quietly
+    gets no <id>,CONNECT: nothing but ready comes out of the restart."""
+    daemon = make_daemon(_firmware(boot_ms=300))
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    host.command(b"AT+CIPSERVER=1,%d" % port)
+    worker = daemon.worker_pid(0)
+    os.kill(worker, signal.SIGSTOP)  # the accepted socket waits in its control socket
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        daemon.wait_event("server_client_accepted")
+        host.write(b"AT+RST\r\n")
+        host.expect(b"\r\nOK\r\n")
+        daemon.wait_event("booting", count=2)
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it takes the client, says Connected, then closes it
+    assert host.expect(READY) == READY
+    assert host.read_quiet(0.5) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"  # the stored AP, no link
+    assert client.recv(16) == b""  # the restart closed it
+    client.close()

@@ -320,6 +320,11 @@ class Front:
         self._gate.shut()
 
     def _on_readable(self) -> None:
+        if self.holding:
+            # Left in the port until the after-action ran: held behind output the MCU
+            # does not read, input would pile up here without bound.
+            self._pause_reading()
+            return
         try:
             data = os.read(self.fd, _READ_SIZE)
         except BlockingIOError:
@@ -339,8 +344,7 @@ class Front:
             return
         now = self.loop.time()
         self.parser.receive_bytes(data, now)
-        if not self.holding:
-            self._process()
+        self._process()
         self._coalesce(len(data), now)
 
     def _coalesce(self, size: int, now: float) -> None:
@@ -452,14 +456,15 @@ class Front:
         if reply.send is not None:
             self._start_send(reply.send)
         if reply.after is not None:
-            # Input that comes meanwhile is held, not refused: the action is
-            # immediate, only ordered after the answer (a baud change, a restart).
+            # Input that comes meanwhile is held (not read), not refused: the action
+            # is immediate, only ordered after the answer (a baud change, a restart).
             self.holding = True
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
         self.holding = False
         action()
+        self._resume_reading()
         self._process()
 
     # -- data phases: AT+CIPSEND, CIPSENDEX, CIPSENDL, passthrough ---------------------------

@@ -202,3 +202,47 @@ def test_a_client_accepted_just_before_the_restart_is_not_announced(make_daemon)
     assert host.read_quiet(0.5) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"  # the stored AP, no link
     assert client.recv(16) == b""  # the restart closed it
     client.close()
+
+
+def _fill_the_output(host: Host, echo_server) -> socket.socket:
+    """Open a link and let its peer send until the host's unread input and the daemon's
+    output queue are full (a host that does not read: CTS low on a real UART)."""
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    peer = echo_server.wait_connections(1)[0]
+    peer.setblocking(False)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            peer.send(b"x" * 65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+    return peer
+
+
+def _push(host: Host, seconds: float) -> int:
+    """Write as fast as the port takes it for ``seconds``; returns the bytes written."""
+    sent, chunk = 0, b"A" * 65536
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += os.write(host.fd, chunk)
+        except BlockingIOError:
+            time.sleep(0.001)
+    return sent
+
+
+def test_input_behind_a_restart_waiting_for_the_output_is_not_buffered(make_daemon, echo_server):
+    """AT+RST whose OK waits behind output the host does not read: what the host sends
+    meanwhile stays in the port (the host's writes stall) instead of piling up in the
+    daemon; once the host reads, the restart goes on and that input is dropped by the boot."""
+    daemon = make_daemon(_firmware(boot_ms=300))
+    host = daemon.host()
+    host.boot()
+    _fill_the_output(host, echo_server)
+    host.write(b"AT+RST\r\n")
+    time.sleep(0.2)
+    assert _push(host, 2.0) < 1 << 20  # a port's buffer, not the tens of MB a pty takes in 2 s
+    host.expect(READY, timeout=20)
+    assert host.read_quiet(0.3) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"  # none of it was answered
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+    assert daemon.events("boot_input_dropped")[-1]["bytes"] > 0

@@ -12,7 +12,10 @@ A ``Boot`` is one boot, the same for every restart (AT+RST, AT+RESTORE, a
 successful AT+CIUPDATE, a forced restart, the front's start, including
 after a crash or a reload):
 
-1. the output queued so far is written and the port has sent it;
+1. the output queued so far is written and the port has sent it, or what is
+   left after 3 s is discarded: ESP-AT waits that long at most
+   (``ESP_AT_PORT_TX_WAIT_MS_MAX`` in ``at_restart_before_cb``), and a
+   restarting chip's UART loses the rest (an MCU holding CTS low);
 2. ``restart_port()`` gives the port AT+UART_DEF's settings and returns them;
 3. with ``[firmware] boot_banner``: the ROM banner as the host's receiver,
    at those settings, decodes it (bridged.uart.banner);
@@ -37,8 +40,12 @@ __all__ = ["Boot", "Reset"]
 
 log = structlog.get_logger()
 
+TX_WAIT_MAX = 3.0  # seconds: ESP_AT_PORT_TX_WAIT_MS_MAX
+
 
 class Boot:
+    """One boot of the emulated chip; ``drop()`` counts the input it does not hear."""
+
     def __init__(self, config: FirmwareConfig, output: Output, reset: Reset, dropped: int = 0) -> None:
         self.config = config
         self.output = output
@@ -51,13 +58,24 @@ class Boot:
 
     async def run(
         self,
-        drain_port: Callable[[], Awaitable[bool]],
+        drain_port: Callable[[float], Awaitable[bool]],
         restart_port: Callable[[], UartSettings],
         on_ready: Callable[[], None],
     ) -> None:
-        await self._output_written()
-        if not await drain_port():
-            log.warning("restart_output_discarded", hint="the port did not send it (CTS held low?)")
+        """Boot: steps 1 to 5 above.
+
+        Args:
+            drain_port: waits until the port has sent its queue, at most until the
+                deadline it is given (the loop's clock); False when it discarded some.
+            restart_port: applies AT+UART_DEF's settings, returns them.
+            on_ready: writes ready and what follows it.
+        """
+        deadline = asyncio.get_running_loop().time() + TX_WAIT_MAX
+        lost = 0 if await self._output_written(deadline) else self.output.discard()
+        sent = await drain_port(deadline)
+        if lost or not sent:
+            log.warning("restart_output_discarded", queued_bytes=lost, port_flushed=not sent,
+                        hint="not sent within ESP-AT's 3 s: CTS held low, or a host not reading?")
         settings = restart_port()
         noise = b""
         if self.config.boot_banner:
@@ -70,7 +88,12 @@ class Boot:
             log.info("boot_input_dropped", bytes=self.dropped)
         on_ready()
 
-    async def _output_written(self) -> None:
+    async def _output_written(self, deadline: float) -> bool:
         written = asyncio.get_running_loop().create_future()
         self.output.when_empty(lambda: written.done() or written.set_result(None))
-        await written
+        try:
+            async with asyncio.timeout_at(deadline):
+                await written
+        except TimeoutError:
+            return False
+        return True

@@ -228,7 +228,7 @@ class Front:
             self._booting.cancel()
         self.boot = Boot(self.config.firmware, self.output, reset, dropped)
         self._booting = self.loop.create_task(self.boot.run(
-            drain_port=lambda: drain(self.fd, self.uart.baud),
+            drain_port=lambda deadline: drain(self.fd, deadline),
             restart_port=self._restart_port,
             on_ready=self._ready,
         ))

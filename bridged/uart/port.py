@@ -103,28 +103,26 @@ def _out_queue(fd: int) -> int:
         return 0
 
 
-async def drain(fd: int, baud: int) -> bool:
-    """Wait until the port has sent what was written to it (a restart must not cut the OK).
+async def drain(fd: int, deadline: float) -> bool:
+    """Wait until the port has sent what was written to it, at most until ``deadline``.
 
     The kernel's queue is polled rather than waited on with tcdrain: with flow
     control the MCU may hold CTS low for ever, and the loop must go on.  Once
-    it is empty tcdrain only waits for the UART's FIFO, which drivers bound.
-    A queue still not empty after twice its sending time and a second is
-    discarded, as a restarting chip's UART loses it.  A pty has no queue.
+    it is empty tcdrain only waits for the UART's FIFO (serial_core bounds that
+    wait; a USB adapter's driver may not, if CTS stays low with bytes in it).
+    What is still queued at ``deadline`` (the event loop's clock) is discarded,
+    as a restarting chip's UART loses it.  A pty has no queue.
 
     Returns:
         False when output was discarded or the port failed.
     """
     loop = asyncio.get_running_loop()
-    queued = _out_queue(fd)
-    deadline = loop.time() + 1.0 + 2 * queued * 12 / baud  # 12 bits: 8 data, parity, 2 stop, start
     try:
-        while queued:
+        while _out_queue(fd):
             if loop.time() >= deadline:
                 termios.tcflush(fd, termios.TCOFLUSH)
                 return False
             await asyncio.sleep(0.002)
-            queued = _out_queue(fd)
         termios.tcdrain(fd)
     except (termios.error, OSError):  # the device went away: nothing left to send
         return False

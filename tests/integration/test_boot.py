@@ -246,3 +246,26 @@ def test_input_behind_a_restart_waiting_for_the_output_is_not_buffered(make_daem
     assert host.read_quiet(0.3) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"  # none of it was answered
     assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
     assert daemon.events("boot_input_dropped")[-1]["bytes"] > 0
+
+
+def test_a_forced_restart_does_not_wait_for_a_host_that_does_not_read(make_daemon, echo_server):
+    """AT+RST while busy, with output queued the host does not read: as ESP-AT gives its
+    UART 3 s at most before it restarts, the boot goes on by itself and the queue is lost;
+    a host that reads again gets at most what its own port buffered, then ready."""
+    daemon = make_daemon('connect_delay_ms = 2000\n' + _firmware(boot_ms=300))
+    host = daemon.host()
+    host.boot()
+    _fill_the_output(host, echo_server)
+    host.write(b'AT+CWJAP="bridged","password"\r\n')  # busy for 2 s
+    time.sleep(0.2)
+    host.write(b"AT+RST\r\n")
+    restart = daemon.wait_event("restart")[-1]
+    ready = daemon.wait_event("ready", count=2, timeout=3 + 0.3 + 5)[-1]  # the host still reads nothing
+    assert 3.3 - 0.01 <= _event_time(ready) - _event_time(restart) < 3.3 + 4
+    discarded = daemon.wait_event("restart_output_discarded")[-1]
+    assert discarded["queued_bytes"] > 0
+    before = host.expect(READY, timeout=5)
+    assert b"Will force to restart!!!" not in before  # it was queued behind what was lost
+    assert len(before) < discarded["queued_bytes"] + 65536  # only what the pty held
+    assert host.expect(b"WIFI GOT IP\r\n", timeout=5) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"

@@ -269,3 +269,76 @@ def test_a_forced_restart_does_not_wait_for_a_host_that_does_not_read(make_daemo
     assert len(before) < discarded["queued_bytes"] + 65536  # only what the pty held
     assert host.expect(b"WIFI GOT IP\r\n", timeout=5) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"
     assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+
+
+def test_at_rst_during_the_boot_restarts_nothing_and_half_a_line_does_not_survive(make_daemon):
+    """AT+RST sent again and again while the chip boots is not heard: one boot, one ready,
+    on time; and the start of a line sent during the boot is lost, so its end after ready
+    is a line of its own (ERROR), not the command."""
+    daemon = make_daemon(_firmware(boot_ms=ESP32_BOOT_MS))
+    host = daemon.host()
+    host.expect(READY)
+    host.command(b"ATE0")
+    sent = time.monotonic()
+    host.command(b"AT+RST")
+    for _ in range(10):
+        host.write(b"AT+RST\r\n")
+        time.sleep(0.02)
+    host.write(b"AT+GM")
+    assert host.expect(READY) == READY
+    assert time.monotonic() - sent < ESP32_BOOT_MS / 1000 + 3
+    host.write(b"R\r\n")
+    assert host.expect(b"\r\nERROR\r\n") == b"R\r\n\r\nERROR\r\n"  # echo is on again
+    assert host.read_quiet(ESP32_BOOT_MS / 1000 + 0.2) == b""  # no second ready
+    assert len(daemon.events("booting")) == 2 and len(daemon.events("restart")) == 1
+    assert daemon.events("boot_input_dropped")[-1]["bytes"] == 10 * 8 + 5
+
+
+def test_at_rst_behind_a_payload_ends_the_data_phase(make_daemon, echo_server):
+    """AT+RST in the bytes after an AT+CIPSEND payload forces a restart; after ready the
+    parser is in command mode again: AT is a command, not payload."""
+    daemon = make_daemon(_firmware(boot_ms=200))
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    host.command(b"AT+CIPSEND=10", final=b">")
+    host.write(b"0123456789AT+RST\r\n")
+    assert host.expect(READY).endswith(b"\r\nWill force to restart!!!\r\n" + READY)
+    host.expect(b"WIFI GOT IP\r\n")
+    assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+    status = host.command(b"AT+CIPSTATUS")
+    assert status.startswith(b"AT+CIPSTATUS\r\nSTATUS:") and b"+CIPSTATUS:" not in status  # no link left
+
+
+def test_links_open_at_at_rst_close_quietly_and_their_peers_are_not_heard(make_daemon, echo_server):
+    """A link open at AT+RST is closed (its peer sees EOF) with no CLOSED, and what its
+    peer sent after the OK never reaches the MCU: ready is the next thing it reads."""
+    daemon = make_daemon(_firmware(boot_ms=ESP32_BOOT_MS))
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    peer = echo_server.wait_connections(1)[0]
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nOK\r\n")
+    for _ in range(20):
+        try:
+            peer.sendall(b"+IPD from the peer")
+        except OSError:
+            break  # closed by the restart
+        time.sleep(0.01)
+    assert host.expect(READY) == READY
+    assert host.read_quiet(0.3) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"
+    assert echo_server.closed_by_peer.wait(5)
+
+
+def test_a_stop_during_the_boot_exits_at_once(tmp_path):
+    """SIGTERM while the first boot's silence runs (10 s): exit 0 within a second or two."""
+    daemon = Daemon(tmp_path, _firmware(boot_ms=10000)).start()
+    try:
+        daemon.wait_event("booting")
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 3
+        assert not daemon.events("ready")
+    finally:
+        daemon.stop()

@@ -342,3 +342,20 @@ def test_a_stop_during_the_boot_exits_at_once(tmp_path):
         assert not daemon.events("ready")
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("uart_def, framing", [
+    (b"115200,7,1,2,0", Framing(115200, 7, 2)),  # 7E1: ten bits a frame, as 8N1: the text
+    (b"115200,7,1,0,0", Framing(115200, 7, 0)),  # 7N1: nine, out of step: noise
+])
+def test_banner_is_received_with_the_data_bits_and_parity_of_uart_def(make_daemon, uart_def, framing):
+    """The banner is decoded with AT+UART_DEF's data bits and parity, not only its speed."""
+    daemon = make_daemon(_firmware(boot_banner=True))
+    host = daemon.host()
+    host.expect(READY)
+    host.command(b"ATE0")
+    host.command(b"AT+UART_DEF=" + uart_def)
+    host.command(b"AT+RST")
+    before = host.expect(READY)[: -len(READY)]
+    assert before == as_received(rom_banner(Reset.SOFTWARE), 115200, framing)
+    assert (before == rom_banner(Reset.SOFTWARE)) == (framing.parity != 0)

@@ -51,6 +51,29 @@ class Boot:
         self.output = output
         self.reset = reset
         self.dropped = dropped  # input bytes the booting chip did not hear
+        self._task: asyncio.Task | None = None
+
+    def start(
+        self,
+        drain_port: Callable[[float], Awaitable[bool]],
+        restart_port: Callable[[], UartSettings],
+        on_ready: Callable[[], None],
+        on_failed: Callable[[], None],
+    ) -> None:
+        """``run()`` as a task of the running loop; ``on_failed()`` if it raises (our bug:
+        without ready the MCU would wait for ever, so the front should end and be restarted)."""
+        self._task = asyncio.get_running_loop().create_task(self.run(drain_port, restart_port, on_ready))
+
+        def ended(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("boot_failed", error=repr(task.exception()))
+                on_failed()
+
+        self._task.add_done_callback(ended)
+
+    def cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
     def drop(self, size: int) -> None:
         """Input arrived while the chip boots: it is lost, as on the real one."""

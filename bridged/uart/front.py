@@ -126,7 +126,6 @@ class Front:
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.boot: Boot | None = None  # the chip is (re)booting: input is dropped, nothing is said
-        self._booting: asyncio.Task | None = None
         self.busy = False  # a command waits on the network: input gets busy p...
         self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
@@ -157,8 +156,8 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
-            if self._booting is not None:
-                self._booting.cancel()
+            if self.boot is not None:
+                self.boot.cancel()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
@@ -224,22 +223,16 @@ class Front:
 
     def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
         """Silence for [firmware] boot_ms after what is queued has gone out, then ready."""
-        if self._booting is not None:
-            self._booting.cancel()
+        if self.boot is not None:  # not today (a booting chip hears no AT+RST), but one boot at a time
+            self.boot.cancel()
+            dropped += self.boot.dropped
         self.boot = Boot(self.config.firmware, self.output, reset, dropped)
-        self._booting = self.loop.create_task(self.boot.run(
+        self.boot.start(
             drain_port=lambda deadline: drain(self.fd, deadline),
             restart_port=self._restart_port,
             on_ready=self._ready,
-        ))
-        self._booting.add_done_callback(self._boot_ended)
-
-    def _boot_ended(self, task: asyncio.Task) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        # Our bug: without ready the MCU would wait for ever; the supervisor starts us again.
-        log.error("boot_failed", error=repr(task.exception()))
-        self.stop()
+            on_failed=self.stop,
+        )
 
     def _restart_port(self) -> UartSettings:
         """The chip comes back with AT+UART_DEF's settings (AT+UART_CUR's are lost)."""
@@ -249,7 +242,7 @@ class Front:
         return self.uart
 
     def _ready(self) -> None:
-        self.boot = self._booting = None
+        self.boot = None
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))

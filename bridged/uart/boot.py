@@ -15,7 +15,9 @@ after a crash or a reload):
 1. the output queued so far is written and the port has sent it, or what is
    left after 3 s is discarded: ESP-AT waits that long at most
    (``ESP_AT_PORT_TX_WAIT_MS_MAX`` in ``at_restart_before_cb``), and a
-   restarting chip's UART loses the rest (an MCU holding CTS low);
+   restarting chip's UART loses the rest (an MCU holding CTS low).  A
+   command's restart (AT+RST) begins once its answer has left the front's
+   queue (an after-action); a forced restart begins at once;
 2. ``restart_port()`` gives the port AT+UART_DEF's settings and returns them;
 3. with ``[firmware] boot_banner``: the ROM banner as the host's receiver,
    at those settings, decodes it (bridged.uart.banner);

@@ -398,10 +398,9 @@ class LinkTable:
             return
         slot.view = LinkView(slot.link_id, slot.type, msg.remote_ip, msg.remote_port, msg.local_port, slot.server)
         slot.state = SlotState.OPEN
-        if slot.silent:
-            return  # a restart closed it while the worker took it: the new session never hears of it
         if slot.server:
-            self.on_accepted(slot)
+            if not slot.silent:  # else a restart closed it while the worker took it: never announced
+                self.on_accepted(slot)
         elif slot.waiter is not None:
             slot.waiter.set_result(slot.view)
 

@@ -347,12 +347,18 @@ class StateConfig:
 
 @dataclass(frozen=True, slots=True)
 class FirmwareConfig:
-    """[firmware]: the emulated ESP-AT version: AT+GMR's text and every
-    behaviour that differs between versions (bridged.firmware)."""
+    """[firmware]: the emulated ESP-AT version (AT+GMR's text and every
+    behaviour that differs between versions: bridged.firmware) and how long a
+    (re)boot takes."""
 
     at_version: str = _field("4.1.1.0", _at_version())
     sdk_version: str = _field("v5.0.8", _text(1, 64))
     module: str = _field("WROOM-32", _text(1, 64))
+    # The silence between a restart and ready (see bridged.uart.boot; the
+    # esp32 profile says where the figure comes from).
+    boot_ms: int = _field(400, _int(0, 10000))
+    boot_banner: bool = _field(False, _bool())
+    boot_banner_baud: int = _field(115200, _int(80, 5_000_000))
 
 
 @dataclass(frozen=True, slots=True)

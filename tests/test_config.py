@@ -104,6 +104,9 @@ ACCEPTED = [
     ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "2.2.0.0"),
     ("firmware", "at_version", "4.1.255.255"), ("firmware", "at_version", "3.0.10.100"),
     ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
+    ("firmware", "boot_ms", 0), ("firmware", "boot_ms", 10000),
+    ("firmware", "boot_banner", True), ("firmware", "boot_banner", False),
+    ("firmware", "boot_banner_baud", 80), ("firmware", "boot_banner_baud", 5_000_000),
     ("ota", "server", ""), ("ota", "server", "http://127.0.0.1:8080"),
     ("ota", "server", "https://updates.example/esp/v2"),
     ("ota", "token", ""), ("ota", "token", "t" * 256),
@@ -214,6 +217,11 @@ REFUSED = [
     ("firmware", "at_version", "1.7.4.0", AT_VERSION),  # ESP8266 NonOS
     ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
     ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
+    ("firmware", "boot_ms", -1, "an integer from 0 to 10000"),
+    ("firmware", "boot_ms", 10001, "an integer from 0 to 10000"),
+    ("firmware", "boot_ms", 400.0, "an integer from 0 to 10000"),
+    ("firmware", "boot_banner", 1, "true, false"),
+    ("firmware", "boot_banner_baud", 79, "an integer from 80 to 5000000"),
     ("ota", "server", "ftp://host/x", OTA_SERVER),
     ("ota", "server", "http://", OTA_SERVER),
     ("ota", "server", "http://h/x?y=1", OTA_SERVER),
@@ -334,6 +342,8 @@ def test_defaults_are_esp_at():
             config.links.connect_timeout_ms) == (5, 8192, 5760, 2920, 65536, 10000)
     assert config.wifi.ssid == "bridged"
     assert config.firmware.at_version == "4.1.1.0"
+    assert (config.firmware.boot_ms, config.firmware.boot_banner, config.firmware.boot_banner_baud) == (
+        400, False, 115200)  # an ESP32's boot; its ROM banner is on UART0, at 115200
     assert config.log == LogConfig(level="info", format="auto", transcript=False)
     assert config.state.dir == ""
     assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",

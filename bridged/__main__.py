@@ -1,8 +1,11 @@
-"""Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check`` with the same
-options (validate the configuration and print what it amounts to, without
-serving), and ``bridged pki import|list|remove`` (the certificate store, see
-``bridged.pki_cli``).
+"""Command line: ``bridged run [--instance NAME] [--config FILE] [--profile NAME]
+[--port DEVICE] [--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check``
+with the same options (validate the configuration and print what it amounts
+to, without serving), and ``bridged pki import|list|remove`` (the certificate
+store, see ``bridged.pki_cli``).
+
+Without --config, /etc/bridged/bridged.toml and then /etc/bridged/<instance>.toml
+are read when present; --config FILE replaces them (see bridged.config).
 
 A user mistake (bad argument, bad config, a port that cannot be opened) ends
 with exit status 2 and one line naming what is wrong; never a traceback.
@@ -30,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve ESP-AT on a serial port or a pseudo-terminal")
     check = commands.add_parser("check", help="check the configuration and print it, without serving")
     for command in (run, check):
-        command.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        command.add_argument("--instance", metavar="NAME",
+                             help="service instance (the unit's %%i): reads /etc/bridged/NAME.toml"
+                                  " too and keeps state in <state base>/NAME")
+        command.add_argument("--config", metavar="FILE",
+                             help="TOML configuration file, instead of /etc/bridged/bridged.toml and NAME.toml")
         command.add_argument("--profile", metavar="NAME", help="profile name or .toml path (default esp32)")
         command.add_argument("--port", metavar="DEVICE", help="serial device, e.g. /dev/ttyAMA0")
         command.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
@@ -59,12 +66,17 @@ def _fail(message: str) -> int:
     return USAGE_ERROR
 
 
+def _load_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.profile, _overrides(args),
+                       instance=args.instance, system=True)
+
+
 def _load(args: argparse.Namespace):
     """(config, None), or (None, exit status) after saying what is wrong."""
     if args.port is not None and args.pty is not None:
         return None, _fail("--port and --pty exclude each other; give one")
     try:
-        config = load_config(args.config, args.profile, _overrides(args))
+        config = _load_config(args)
     except ConfigError as exc:
         return None, _fail(str(exc))
     if config.uart.port and not os.path.exists(config.uart.port):
@@ -93,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from bridged.supervisor import Supervisor  # after logging: it imports every module
 
     def reload() -> Config:
-        return load_config(args.config, args.profile, _overrides(args))
+        return _load_config(args)
 
     return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()
 

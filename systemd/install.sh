@@ -4,8 +4,9 @@
 #   systemd/install.sh [--from PATH] [--root DIR] [--no-venv]
 #   systemd/install.sh --uninstall [--purge] [--root DIR]
 #
-# Needs: root, bash, systemd (systemd-sysusers), python3 >= 3.11 with the
-# venv module (Debian / Raspberry Pi OS: apt-get install python3 python3-venv)
+# Needs: root, bash, systemd (systemd-sysusers), procps (/bin/kill, for
+# `systemctl reload`), python3 >= 3.11 with the venv module
+# (Debian / Raspberry Pi OS: apt-get install python3 python3-venv)
 # and, unless --from names a wheel with its dependencies at hand, access to PyPI.
 #
 # Installs (re-running upgrades and keeps the configuration):
@@ -68,6 +69,8 @@ live() { [ -z "$root" ] && [ -d /run/systemd/system ]; }  # systemd manages this
 check_needs() {
     local python=${PYTHON:-python3}
     command -v systemd-sysusers >/dev/null || die "needs systemd-sysusers (apt-get install systemd)"
+    # The unit's ExecReload= (Debian's minbase lacks it; every usual install has it).
+    [ -x "$root/bin/kill" ] || die "needs $root/bin/kill (apt-get install procps)"
     [ "$venv" = no ] && return 0
     command -v "$python" >/dev/null || die "needs $python >= 3.11 (apt-get install python3 python3-venv)"
     "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -147,7 +150,7 @@ do_uninstall() {
         say "disabled $(basename "$link")"
     done
     rm -f "$etc/systemd/system/bridged@.service" "$etc/sysusers.d/bridged.conf"
-    rm -rf "${root:?}$VENV" "$root/etc/bridged/bridged.toml.example"
+    rm -rf -- "$root${VENV:?}" "$root/etc/bridged/bridged.toml.example"
     if [ "$purge" = yes ]; then
         rm -rf "$root/etc/bridged" "$root/var/lib/bridged"
         say "removed /etc/bridged and /var/lib/bridged"

@@ -30,6 +30,11 @@ def test_install_script_parses():
 
 
 def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the script into `root`, which has the /bin/kill the unit needs (procps)."""
+    if root.is_dir() and not os.path.lexists(root / "bin" / "kill"):
+        (root / "bin").mkdir(exist_ok=True)
+        (root / "bin" / "kill").write_text("")
+        (root / "bin" / "kill").chmod(0o755)
     return subprocess.run(["bash", str(SCRIPT), "--root", str(root), *args],
                           capture_output=True, text=True, timeout=120)
 
@@ -101,6 +106,17 @@ def test_install_script_mistakes(tmp_path):
     assert result.returncode == 1 and "unknown argument '--frobnicate'" in result.stderr
     result = install(tmp_path / "missing")
     assert result.returncode == 1 and "no such directory" in result.stderr
+
+
+@needs_root_and_sysusers
+def test_install_script_names_what_is_missing(tmp_path):
+    """Without /bin/kill (procps, for ExecReload=) it refuses before changing anything."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "kill").symlink_to("nowhere")
+    result = install(tmp_path, "--no-venv")
+    assert result.returncode == 1
+    assert result.stderr == f"install.sh: needs {tmp_path}/bin/kill (apt-get install procps)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
 
 # -- the udev rule ------------------------------------------------------------------

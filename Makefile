@@ -1,7 +1,8 @@
 # bridged developer tasks (GNU make).
 #
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
-#   make test    run the test suite, then again under Python 3.13 when pyenv has it
+#   make test    run the test suite, then again under Python 3.13 when pyenv has it,
+#                then make test-floors
 #   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
 #   make clean   remove caches and build artefacts (the virtualenvs are kept)
@@ -18,9 +19,13 @@ PY313_VENV := .venv-3.13
 # The dependency floors: each ">=X" of pyproject.toml as "==X.*" (the floor's
 # newest patch release), in a virtualenv of their own.
 FLOORS_VENV := .venv-floors
-FLOORS_TESTS ?= tests --ignore=tests/integration tests/integration/test_basics.py \
-	tests/integration/test_tcp.py tests/integration/test_tls.py tests/integration/test_dns.py \
-	tests/integration/test_mdns.py tests/integration/test_service.py
+# The tests of the code that calls each dependency, and the daemon end to end
+# (uvloop under all of them; TLS links, one mDNS advertisement, the serial
+# port): about a minute.
+FLOORS_TESTS ?= tests/test_log.py tests/test_pki.py tests/net tests/uart \
+	tests/integration/test_tls.py \
+	tests/integration/test_mdns.py::test_service_and_host_are_advertised_then_withdrawn \
+	tests/integration/test_service.py::test_serial_port_mode
 
 .PHONY: all run test test-one test-floors bench clean distclean
 
@@ -54,6 +59,8 @@ test: test-one
 	else \
 		echo "== Python 3.13.0 not found (pyenv); skipping the second run =="; \
 	fi
+	@echo "== the dependency floors (make test-floors) =="
+	@$(MAKE) --no-print-directory test-floors PYTEST_ARGS='$(PYTEST_ARGS)'
 
 test-one: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

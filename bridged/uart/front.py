@@ -19,7 +19,11 @@ events drive the session:
 Downlink records from the workers become ``+IPD`` frames (or raw bytes in
 passthrough, or passive-mode notices); while the UART output is backed up
 the front leaves them in the rings, so the workers stop reading their
-sockets.
+sockets.  Commands stop being read too while the output is backlogged (ESP-AT's
+AT task blocks on a full UART), and while an answer's after-action waits: a
+host that writes and never reads fills the tty buffer, not our memory.  Data
+phases are not held: their payload makes no output, and their peer's bytes
+wait in the rings.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
+_BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
+_AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
 
 
 def factory_uart(config: Config) -> UartSettings:
@@ -116,7 +122,8 @@ class Front:
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
         self.parser = Parser(config.uart.max_line)
-        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained)
+        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
+                             on_eased=self._on_output_eased)
         self.links = LinkTable(
             slots, self._on_link_data, self._on_link_closed, self._can_deliver,
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
@@ -290,6 +297,8 @@ class Front:
         self._gate.shut()
 
     def _on_readable(self) -> None:
+        if self._backlogged():
+            return
         try:
             data = os.read(self.fd, _READ_SIZE)
         except BlockingIOError:
@@ -349,6 +358,8 @@ class Front:
                 if not self._process_data():
                     return
                 continue
+            if self._backlogged():
+                return  # the rest waits in the parser: at most one read
             event = self.parser.next_event()
             if event is NEED_DATA:
                 return
@@ -419,10 +430,12 @@ class Front:
             # Input that comes meanwhile is held, not refused: the action is
             # immediate, only ordered after the answer (a baud change, a restart).
             self.holding = True
+            self._gate.hold(_AFTER)
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
         self.holding = False
+        self._gate.release(_AFTER)
         action()
         self._process()
 
@@ -617,6 +630,17 @@ class Front:
 
     def _on_output_drained(self) -> None:
         self.links.drain_deferred()
+
+    def _backlogged(self) -> bool:
+        """Hold commands while the output is backlogged; a data phase goes on."""
+        if self.output.backlogged and not self.parser.in_data_mode:
+            self._gate.hold(_BACKLOG)
+            return True
+        return False
+
+    def _on_output_eased(self) -> None:
+        self._gate.release(_BACKLOG)
+        self._process()
 
     def _in_passthrough(self) -> bool:
         return self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH

@@ -368,7 +368,8 @@ class Front:
                 self._execute(event)
             elif isinstance(event, BadLine):
                 self._echo(event.raw)
-                log.info("bad_line", why=event.error.why)
+                structlog.contextvars.bind_contextvars(command=event.name)
+                self._log_error("bad_line", event.name, event.error)
                 self._error(event.error)
             elif isinstance(event, LineTooLong):
                 log.info("line_too_long", length=event.length, limit=self.config.uart.max_line)
@@ -390,7 +391,7 @@ class Front:
         try:
             result = registry.dispatch(self.ctx, line)
         except AtError as error:
-            log.info("command_error", why=error.why)
+            self._log_error("command_error", line.name, error)
             self._error(error)
             return
         if isinstance(result, Reply):
@@ -399,13 +400,21 @@ class Front:
         self.busy = True
         if self.parser.buffered:
             self._refuse_busy(self.parser.discard_pending())
-        self._command = self.loop.create_task(self._await_reply(result))
+        self._command = self.loop.create_task(self._await_reply(result, line.name))
 
-    async def _await_reply(self, pending: Awaitable[Reply]) -> None:
+    @staticmethod
+    def _log_error(event: str, name: str, error: AtError) -> None:
+        """Why a line failed; the offending parameter only if it cannot be a secret."""
+        if error.value and not registry.carries_secret(name):
+            log.info(event, why=error.why, value=error.value)
+        else:
+            log.info(event, why=error.why)
+
+    async def _await_reply(self, pending: Awaitable[Reply], name: str) -> None:
         try:
             reply = await pending
         except AtError as error:
-            log.info("command_error", why=error.why)
+            self._log_error("command_error", name, error)
             self._error(error)
             reply = None
         except Exception:

@@ -42,7 +42,7 @@ import structlog
 
 from bridged import systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
-from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
@@ -364,6 +364,9 @@ class Supervisor:
         try:
             received = recv_message(self.sup_sock)
         except (BlockingIOError, OSError):
+            return
+        except ControlError as exc:  # the front is a process apart: maybe a compromised one
+            log.error("control_message_refused", role="front", error=str(exc))
             return
         if received is None:
             return  # the front died; SIGCHLD follows

@@ -61,7 +61,7 @@ from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
-from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
@@ -197,13 +197,21 @@ class Front:
             received = recv_message(self.supervisor)
         except BlockingIOError:
             return
+        except ControlError as exc:
+            log.error("control_message_refused", error=str(exc))
+            return
         if received is None:
             log.error("supervisor_gone")
             self.stop()
             return
         msg, fds = received
-        if isinstance(msg, WorkerStarted) and fds:
-            self.links.attach(msg.link_id, socket.socket(fileno=fds[0]))
+        if isinstance(msg, WorkerStarted) and len(fds) == 1 and 0 <= msg.link_id < self.links.count:
+            try:  # the front end of the new worker's control socketpair
+                control = socket_from_fd(fds[0], (socket.AF_UNIX,), socket.SOCK_SEQPACKET)
+            except ControlError as exc:
+                log.error("control_message_refused", link_id=msg.link_id, error=str(exc))
+                return
+            self.links.attach(msg.link_id, control)
         elif isinstance(msg, Shutdown):
             self.stop()
         else:

@@ -123,7 +123,7 @@ def _psk_set(ctx: Context, line: CommandLine, hex_form: bool) -> Reply:
         try:
             key = bytes.fromhex(psk)
         except ValueError:
-            raise ParamInvalid("the PSK is not hexadecimal", 1) from None  # never the key itself
+            raise ParamInvalid("the PSK is not hexadecimal", 1) from None  # the key itself is never logged
         if not 1 <= len(key) <= 32:
             raise ParamInvalid("a PSK is 1 to 32 bytes", 1)
     else:

@@ -11,6 +11,10 @@ watches the set's fd for good, so the callback runs whenever the watched fd
 is readable and the gate is open.  Opening and shutting the gate is one
 epoll_ctl.  Readiness is level-triggered as with ``add_reader``: a callback
 that leaves data unread is called again.
+
+The gate tells its owner (``on_hold``) when it starts and stops *holding*
+input: shut for back-pressure, as opposed to a moment's pause to let reads
+gather (``shut(hold=False)``).  The UART front drives RTS from it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ __all__ = ["ReadGate"]
 
 
 class ReadGate:
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None],
+                 on_hold: Callable[[bool], None] | None = None) -> None:
         self._loop = loop
         self._epoll = select.epoll(1)  # close-on-exec, as Python makes every fd
         self._fd: int | None = None  # the fd the gate lets through, when open
+        self._on_hold = on_hold
+        self.holding = False  # shut for back-pressure (not a pause)
         loop.add_reader(self._epoll.fileno(), callback)
 
     @property
@@ -38,15 +45,34 @@ class ReadGate:
 
         After close() it does nothing: callbacks still queued at shutdown may ask.
         """
-        if self._fd == fd or self._epoll.closed:
+        if self._epoll.closed:
             return
-        self.shut()
+        if self.holding:
+            self._hold(False)
+        if self._fd == fd:
+            return
+        self._unregister()
         self._epoll.register(fd, select.EPOLLIN)
         self._fd = fd
 
-    def shut(self) -> None:
+    def shut(self, hold: bool = True) -> None:
         """Stop calling back; call it before closing the fd (a duplicate of a
-        closed fd would otherwise keep its registration alive)."""
+        closed fd would otherwise keep its registration alive).
+
+        ``hold``: input is held back until further notice; False for a pause
+        that reopens by itself in a moment (the owner is not told).
+        """
+        self._unregister()
+        if hold:
+            self._hold(True)
+
+    def _hold(self, holding: bool) -> None:
+        if holding != self.holding:
+            self.holding = holding
+            if self._on_hold is not None:
+                self._on_hold(holding)
+
+    def _unregister(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -58,6 +84,6 @@ class ReadGate:
     def close(self) -> None:
         if self._epoll.closed:
             return
-        self.shut()
+        self._unregister()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

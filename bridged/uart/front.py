@@ -20,12 +20,17 @@ Downlink records from the workers become ``+IPD`` frames (or raw bytes in
 passthrough, or passive-mode notices); while the UART output is backed up
 the front leaves them in the rings, so the workers stop reading their
 sockets.
+
+A serial device that hangs up (EOF or EIO on a read, a failed write) is
+waited for and reopened (``uart.replug``); meanwhile the session stands
+still, output held as when the UART is backed up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import signal
 import socket
@@ -65,7 +70,8 @@ from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
-from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
+from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort
+from bridged.uart.replug import Replug
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
 from bridged.uart.transcript import MarkKind, Transcript
@@ -82,6 +88,7 @@ _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
+_GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
 
 
 def factory_uart(config: Config) -> UartSettings:
@@ -110,6 +117,7 @@ class Front:
         slots: list[Slot],
         supervisor: socket.socket | None,
         apply_port=None,
+        serial: SerialPort | None = None,  # a real port (not a pty): reopened when it returns
     ) -> None:
         self.config = config
         self.fd = fd
@@ -119,7 +127,10 @@ class Front:
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
         self.parser = Parser(config.uart.max_line)
-        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained)
+        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
+                             on_failed=self._on_write_failed if serial is not None else None)
+        self._serial = serial
+        self._replug = Replug(serial, self._port_back) if serial is not None else None
         self.links = LinkTable(
             slots, self._on_link_data, self._on_link_closed, self._can_deliver,
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
@@ -139,7 +150,8 @@ class Front:
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._command: asyncio.Task | None = None  # a handler waiting on the network
-        self._gate = ReadGate(self.loop, self._on_readable)  # the port, paused often (coalescing, back-pressure)
+        # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
+        self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
@@ -162,6 +174,8 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
+            if self._replug is not None:
+                self._replug.close()
             self.sntp.stop()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
@@ -294,6 +308,8 @@ class Front:
     # -- reading the port -----------------------------------------------------------------
 
     def _resume_reading(self) -> None:
+        if self._replug is not None and self._replug.away:
+            return  # the device is gone: reading resumes when it is back
         self._gate.open(self.fd)
 
     def _pause_reading(self) -> None:
@@ -305,13 +321,18 @@ class Front:
         except BlockingIOError:
             return
         except OSError as exc:
+            if exc.errno in _GONE and self._replug is not None:
+                self._hung_up(exc.strerror)
+                return
             log.error("uart_read_failed", error=str(exc))
             self._pause_reading()
             self.loop.call_later(0.5, self._resume_reading)
             return
         if not data:
-            self._hung_up()
+            self._hung_up("hung up (unplugged?)")
             return
+        if self._serial is not None:
+            self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
         if self.busy:
@@ -323,15 +344,31 @@ class Front:
             self._process()
         self._coalesce(len(data), now)
 
-    def _hung_up(self) -> None:
-        """The port read EOF: a tty does only once hung up (a USB adapter
-        unplugged); the pty's master never does, we hold its slave.  Nothing
-        is left to serve: tell the supervisor, which starts a front that
-        reopens the port (see bridged.supervisor), and stop."""
+    def _hung_up(self, why: str) -> None:
+        """The device went away (a read gave EOF, as a tty does only once hung
+        up, or EIO; a write EIO): stop reading and writing, keep the session,
+        and reopen the device when it returns (bridged.uart.replug)."""
         self._pause_reading()  # it stays readable: EOF again and again
-        self.port_lost = f"{self.port_name} hung up (unplugged?); plug the device in or choose another --port"
+        if self._replug is not None:
+            self.output.suspend()
+            self._replug.lost(why)
+            return
+        # The pty's master never hangs up (we hold its slave): if it did, a new front makes a new one.
+        self.port_lost = f"{self.port_name} {why}; plug the device in or choose another --port"
         self._tell_supervisor(PortFailed(self.port_lost))
         self.stop()
+
+    def _on_write_failed(self, exc: OSError) -> None:
+        # EIO, as a hung-up tty says; anything else too leaves a port we
+        # cannot write to: reopened, it gets a fresh start.
+        self._hung_up(exc.strerror or str(exc))
+
+    def _port_back(self, fd: int) -> None:
+        """The device is back, reopened with the settings in force: carry on."""
+        self.fd = fd
+        self.output.resume(fd)
+        self._resume_reading()
+        self._process()
 
     def _coalesce(self, size: int, now: float) -> None:
         """While the MCU streams a data phase at UART speed, read every few ms.
@@ -348,7 +385,7 @@ class Front:
         # A read that nearly filled the tty buffer means the MCU is waiting on us.
         if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
-            self._pause_reading()
+            self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
             self.loop.call_later(_COALESCE, self._resume_reading)
 
     def _refuse_busy(self, data: bytes) -> None:

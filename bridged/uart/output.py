@@ -24,6 +24,11 @@ non-blocking; what the port does not take stays queued and the loop waits
 for the fd to be writable (or, on a real UART, for CTS).  The owner reads
 ``buffered`` to stop producing (downlink back-pressure) and gets
 ``on_drained`` when everything is out.
+
+A write that fails (EIO: the serial device went away) suspends the output
+and calls ``on_failed``: nothing is lost that the port had not taken, and
+``resume`` writes it, in order, to the reopened port.  What the kernel had
+taken is gone with the device.
 """
 
 from __future__ import annotations
@@ -54,10 +59,13 @@ Urc = Union[bytes, Callable[[], bytes]]  # the bytes, or a function making them 
 class Output:
     tap = None  # the AT transcript while it is on (bridged.uart.transcript)
 
-    def __init__(self, fd: int, gap: float, on_drained: Callable[[], None]) -> None:
+    def __init__(self, fd: int, gap: float, on_drained: Callable[[], None],
+                 on_failed: Callable[[OSError], None] | None = None) -> None:
         self.fd = fd
         self.gap = gap
         self.on_drained = on_drained
+        self.on_failed = on_failed
+        self.suspended = False  # the port is gone: queue, write nothing
         self.loop = asyncio.get_running_loop()
         self._seq = itertools.count()
         self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
@@ -171,11 +179,19 @@ class Output:
             self._linger.cancel()
             self._linger = None
         self._scheduled = False
+        if self.suspended:
+            return
         while self._pending or self._next_batch(self.loop.time()):
             try:
                 n = os.write(self.fd, self._pending[:_MAX_WRITE])
             except BlockingIOError:
                 n = 0
+            except OSError as exc:
+                if self.on_failed is None:
+                    raise
+                self.suspend()
+                self.on_failed(exc)
+                return
             self._buffered -= n
             self.written += n
             if self.tap is not None and n:
@@ -199,6 +215,19 @@ class Output:
         # Called at once (it runs after every write): it may only queue more
         # output, and queuing never writes from inside _pump.
         self.on_drained()
+
+    def suspend(self) -> None:
+        """Write nothing until ``resume`` (the port is gone); keep queuing."""
+        self.suspended = True
+        self._disarm_writer()
+
+    def resume(self, fd: int) -> None:
+        """Write what is queued, in order, to ``fd`` (the port reopened)."""
+        self.fd = fd
+        self.suspended = False
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._pump)
 
     def _arm_writer(self) -> None:
         if not self._writer_armed:

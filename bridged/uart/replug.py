@@ -75,7 +75,7 @@ class Replug:
                 continue
             try:
                 fd = self.port.reopen()
-            except PortError as exc:  # there, but not usable yet (udev still at it, locked)
+            except (PortError, OSError) as exc:  # there, but not usable yet (udev still at it, locked)
                 why = str(exc)
                 continue
             break

@@ -193,7 +193,7 @@ def _write_until_held(host: Host, data: bytes, quiet: float = 0.5) -> int:
 
 def test_a_hang_up_seen_by_a_write_is_survived(start, device, peer):
     """With the front not reading (passthrough to a peer that does not read),
-    the hang-up is found by a write (EIO): the byte it held are written after
+    the hang-up is found by a write (EIO): the bytes it held are written after
     the replug, the uplink reaches the peer in order, and +++ then AT work."""
     daemon = start()
     host = Host(None, fd=device.master)

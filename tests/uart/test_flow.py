@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from bridged.commands.context import UartSettings
 from bridged.uart.flow import QUEUE_HIGH, Flow, RtsControl, TtyModemLines, crtscts
-from bridged.uart.port import SerialPort
+from bridged.uart.port import SerialPort, apply_termios
 
 
 class FakeLines:
@@ -137,3 +137,12 @@ def test_serial_port_sets_crtscts_per_flow_and_keeps_it_through_apply(pty_pair, 
         assert port.settings.flow == other
     finally:
         port.close()
+
+
+@pytest.mark.parametrize("flow", list(Flow))
+def test_a_pty_gets_crtscts_per_flow_too(pty_pair, flow):
+    """--pty (apply_termios on the slave): the same CRTSCTS rule as a real port."""
+    _, slave = pty_pair
+    apply_termios(slave, UartSettings(115200, 8, 1, 0, int(Flow(3 - flow))))
+    apply_termios(slave, UartSettings(115200, 8, 1, 0, int(flow)))
+    assert bool(termios.tcgetattr(slave)[2] & termios.CRTSCTS) == crtscts(flow)

@@ -29,7 +29,16 @@ stopped; the caller exits 1.
 
 Isolation: nothing of the supervisor's signal handling runs in a child
 (``bridged.spawn``); a link worker unmaps the other links' rings and closes
-their doorbells, the pty and the supervisor channel, each time it is forked.
+their doorbells, the pty, the supervisor channel, the control socket and the
+other workers' heartbeat channels, each time it is forked.
+
+Liveness (``bridged.liveness``): every child is asked for a heartbeat on its
+channel; one that stops answering is killed and restarted like a crashed
+one, and WATCHDOG=1 goes to systemd only while the front answers.  The
+front's answers carry the one-line summary given to systemd as STATUS=.
+
+The control socket (``bridged status``, ``bridged.ops``) is bound here before
+any fork, so that it outlives every front; the front serves it.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -53,12 +62,14 @@ import structlog
 from bridged import spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
-from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
+from bridged.liveness import Liveness
 from bridged.log import setup_logging
 from bridged.net import resolver
 from bridged.net.hosts import overrides
+from bridged.ops import events, server as control_server
 from bridged.spawn import Child, StartError
 from bridged.uart.main import PORT_FAILED, run_front
 from bridged.uart.port import Pty, open_pty
@@ -69,11 +80,13 @@ log = structlog.get_logger()
 
 _STOP_GRACE = 4.0
 _FRONT_MAX_FAILURES = 5
+_STATUS_EVERY = 2.0  # seconds between STATUS= updates at most
 
 
 class Supervisor:
     def __init__(self, config: Config, device: str, pty_link: str | None, state_dir: Path,
-                 reload: Callable[[], Config] | None = None) -> None:
+                 reload: Callable[[], Config] | None = None, control: Path | None = None) -> None:
+        self.liveness = Liveness(1.0, 3)
         self._adopt(config)
         self._reload = reload  # loads the configuration again from the same sources
         self.device = device
@@ -85,7 +98,11 @@ class Supervisor:
         self.workers = [Child("link", i) for i in range(config.links.count)]
         self.sup_sock: socket.socket | None = None  # our end of the front's channel
         self.front_ready = False
-        self.last_heartbeat = 0.0
+        self.control_path = control  # where `bridged status` finds us (None: nowhere)
+        self.listener: socket.socket | None = None
+        self.started_at = time.monotonic()
+        self._status = (0.0, "")  # when the last STATUS= went out, and its text
+        self._events_sent = -1  # events.count() when the front last got our warnings
         self.stopping = False
         self.served = False  # a front has reached ready since we started
         self._port_failure: str | None = None  # the reason of the running front's PortFailed
@@ -111,6 +128,11 @@ class Supervisor:
                 log.info("pty_created", path=self.pty.path, link=self.pty_link)
                 print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
                       f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+            if self.control_path is not None:
+                try:
+                    self.listener = control_server.listen(self.control_path)
+                except control_server.ListenError as exc:
+                    raise StartError(str(exc)) from None
             return self._serve()
         finally:
             # Whatever comes now is too late to act on, and the interpreter's
@@ -145,7 +167,8 @@ class Supervisor:
         next_ping = time.monotonic()
         while True:
             fds = [self._wakeup_r] + ([self.sup_sock] if self.sup_sock is not None else [])
-            readable, _, _ = select.select(fds, [], [], 0 if self._signals else 0.2)
+            fds += self.liveness.channels()
+            readable, _, _ = select.select(fds, [], [], 0 if self._signals else 0.1)
             if self._wakeup_r in readable:
                 self._take_signals()
             if self._term_requested():
@@ -159,6 +182,10 @@ class Supervisor:
                 raise StartError(self._fatal)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
+            for channel in readable:
+                if channel is not self.sup_sock and channel != self._wakeup_r:
+                    self.liveness.read(channel)
+            self.liveness.tick(time.monotonic(), self._ping)
             self._restart_due()
             if watchdog and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog
@@ -232,10 +259,21 @@ class Supervisor:
         """
         self.config = config
         self.host_overrides = overrides(config.dns.hosts, config.dns.hosts_file)
+        self.liveness.configure(config.watchdog.heartbeat_ms / 1000, config.watchdog.missed_heartbeats)
 
     def _healthy(self) -> bool:
-        alive = self.front.pid and all(w.pid for w in self.workers)
-        return bool(alive) and time.monotonic() - self.last_heartbeat < 5.0
+        """Feed systemd's watchdog: every child is there and the front answers."""
+        return all(w.pid for w in self.workers) and self.liveness.answering(self.front)
+
+    def _ping(self, child: spawn.Child, seq: int) -> Ping:
+        if child is not self.front:
+            return Ping(seq)
+        # The front shows what only we know in `bridged status`.
+        new_events = events.count() != self._events_sent
+        self._events_sent = events.count()
+        return Ping(seq, int((time.monotonic() - self.started_at) * 1000),
+                    tuple(c.restarts for c in (self.front, *self.workers)),
+                    events.recent() if new_events else ())
 
     # -- starting children -------------------------------------------------------------
 
@@ -252,27 +290,35 @@ class Supervisor:
 
         def target() -> int:
             ours.close()
-            return run_front(self.config, self.device, self.pty, self.state_dir, self.rings, theirs)
+            for channel in self.liveness.channels():
+                channel.close()
+            return run_front(self.config, self.device, self.pty, self.state_dir, self.rings, theirs,
+                             self.listener)
 
         self.front.pid = self._fork(self.front, target)
         theirs.close()
         self.sup_sock = ours
+        self.liveness.watch(self.front, ours, owned=False)
+        self._events_sent = -1
         self.front_ready = False
         self._port_failure = None
-        self.last_heartbeat = time.monotonic()
 
     def _start_worker(self, worker: Child) -> None:
         assert worker.link_id is not None
         front_end, worker_end = socketpair()
+        ours, theirs = socketpair()  # heartbeats
         uplink, downlink = self.rings[worker.link_id]
 
         def target() -> int:
             front_end.close()
+            ours.close()
             self._keep_only(worker.link_id)
-            return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir)
+            return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir, theirs)
 
         worker.pid = self._fork(worker, target)
         worker_end.close()
+        theirs.close()
+        self.liveness.watch(worker, ours)
         try:
             send_message(self.sup_sock, WorkerStarted(worker.link_id, worker.pid), [front_end.fileno()])
         except OSError as exc:
@@ -288,6 +334,10 @@ class Supervisor:
         """
         if self.sup_sock is not None:
             self.sup_sock.close()
+        if self.listener is not None:
+            self.listener.close()
+        for channel in self.liveness.channels():
+            channel.close()  # the other workers' heartbeats
         if self.pty is not None:
             os.close(self.pty.master)
             os.close(self.pty.slave)
@@ -333,6 +383,7 @@ class Supervisor:
         if child is None:
             return
         child.pid = 0
+        self.liveness.forget(child)
         self._take_signals()
         if self.stopping or self._term_requested():
             return  # a stop is under way: the loop handles the signal next
@@ -402,15 +453,22 @@ class Supervisor:
             os.close(fd)
         if isinstance(msg, PortFailed):
             self._port_failure = msg.reason
-        elif isinstance(msg, Heartbeat):
-            self.last_heartbeat = time.monotonic()
+        elif isinstance(msg, Pong):
+            if self.liveness.answered(self.front, msg) and msg.summary:
+                self._show_status(msg.summary)
         elif isinstance(msg, FrontReady):
-            self.last_heartbeat = time.monotonic()
             self.front.failures = 0
             if not self.front_ready:
                 self.front_ready = self.served = True
                 systemd.ready(f"serving {msg.port}")
         return True
+
+    def _show_status(self, summary: str) -> None:
+        """systemd's STATUS= line: the front's summary, when it changed, every few seconds at most."""
+        now = time.monotonic()
+        if self.front_ready and summary != self._status[1] and now - self._status[0] >= _STATUS_EVERY:
+            self._status = (now, summary)
+            systemd.status(summary)
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -436,4 +494,7 @@ class Supervisor:
             self.pty.close()
         if self.sup_sock is not None:
             self.sup_sock.close()
+        if self.listener is not None:
+            control_server.unlink(self.control_path, self.listener)
+            self.listener.close()
 

@@ -58,9 +58,10 @@ from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
+from bridged.ops.status import UartCounters
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
@@ -140,6 +141,8 @@ class Front:
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
+        self.counters = UartCounters()  # for `bridged status` (bridged.ops.status)
+        self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -153,11 +156,9 @@ class Front:
             self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
         self._boot()
         self._resume_reading()
-        heartbeat = self.loop.create_task(self._heartbeat())
         try:
             await self._stopped
         finally:
-            heartbeat.cancel()
             self.sntp.stop()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
@@ -172,11 +173,6 @@ class Front:
         async with asyncio.timeout(timeout):
             while not all(self.links.is_ready(i) for i in range(self.links.count)):
                 await asyncio.sleep(0.005)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            self._tell_supervisor(Heartbeat())
-            await asyncio.sleep(1.0)
 
     def _tell_supervisor(self, msg: object) -> None:
         if self.supervisor is None:
@@ -198,6 +194,8 @@ class Front:
         msg, fds = received
         if isinstance(msg, WorkerStarted) and fds:
             self.links.attach(msg.link_id, socket.socket(fileno=fds[0]))
+        elif isinstance(msg, Ping):  # bridged.liveness: we answer, so we are not stuck
+            self._tell_supervisor(Pong(msg.seq, self.on_ping(msg)))
         elif isinstance(msg, Shutdown):
             self.stop()
         else:
@@ -303,6 +301,7 @@ class Front:
         if not data:
             self._hung_up()
             return
+        self.counters.rx_bytes += len(data)
         if self.busy:
             self._refuse_busy(data)
             return
@@ -469,6 +468,7 @@ class Front:
             self._payload_escaped()
         else:  # NEED_DATA
             if room == 0:
+                self.counters.flow_pauses += 1
                 self._pause_reading()  # resumed by the worker's progress doorbell
                 self._mute_progress(None)
             self._arm_timer()
@@ -655,6 +655,7 @@ class Front:
         for i in range(0, len(payload), step or 1):
             piece = payload[i : i + step]
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
+            slot.ipd += 1
 
     def _on_link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True
@@ -669,6 +670,7 @@ class Front:
         # SEND OK before the notice of data that may answer it, as for +IPD.
         self._check_send()
         link = self.ctx.link_arg(slot.link_id)
+        slot.ipd += 1
         # Made when written, with what is unread then; nothing if nothing is.
         self.output.urc(lambda: fmt.ipd_passive(link, n) if (n := length()) else b"")
 

@@ -130,7 +130,7 @@ class Supervisor:
                       f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
             if self.control_path is not None:
                 try:
-                    self.listener = control_server.listen(self.control_path)
+                    self.listener, self._control_ident = control_server.listen(self.control_path)
                 except control_server.ListenError as exc:
                     raise StartError(str(exc)) from None
             return self._serve()
@@ -495,6 +495,6 @@ class Supervisor:
         if self.sup_sock is not None:
             self.sup_sock.close()
         if self.listener is not None:
-            control_server.unlink(self.control_path, self.listener)
+            control_server.unlink(self.control_path, self._control_ident)
             self.listener.close()
 

@@ -59,8 +59,11 @@ class ListenError(Exception):
     """The control socket cannot be made; str() is the cause and the remedy."""
 
 
-def listen(path: Path) -> socket.socket:
+def listen(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     """Bind and listen at ``path``, mode 0660, replacing a stale socket file.
+
+    Returns:
+        The listening socket, and the file's identity (device, inode) for `unlink`.
 
     Raises:
         ListenError: the path is too long, not a socket, served by another
@@ -75,6 +78,7 @@ def listen(path: Path) -> socket.socket:
     try:
         sock.bind(str(path))
         os.chmod(path, 0o660)
+        st = os.stat(path)
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
@@ -82,7 +86,7 @@ def listen(path: Path) -> socket.socket:
                           "choose another --control") from None
     finally:
         os.umask(old)
-    return sock
+    return sock, (st.st_dev, st.st_ino)
 
 
 def _clear_stale(path: Path) -> None:
@@ -108,10 +112,11 @@ def _clear_stale(path: Path) -> None:
                       "--state-dir or --control")
 
 
-def unlink(path: Path, sock: socket.socket) -> None:
-    """Remove the socket file if it is still the one ``sock`` is bound to."""
+def unlink(path: Path, ident: tuple[int, int]) -> None:
+    """Remove the socket file if it is still ours (``ident`` from `listen`)."""
     try:
-        if os.lstat(path).st_ino == os.fstat(sock.fileno()).st_ino:
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
             os.unlink(path)
     except OSError:
         pass  # gone already, or replaced by someone else's: leave it
@@ -163,18 +168,28 @@ class ControlServer:
             while await self._one(reader, writer):
                 pass
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass  # a client gone or too slow: drop it, nothing to answer
+            writer.transport.abort()  # a client gone or too slow: drop it, nothing to answer
         finally:
             self.clients -= 1
-            writer.transport.abort()
+            await self._close(writer)
 
     async def _refuse(self, writer: asyncio.StreamWriter, why: str) -> None:
         try:
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await self._reply(writer, {"ok": False, "error": why})
         except (TimeoutError, ConnectionError):
-            pass
-        writer.transport.abort()
+            writer.transport.abort()
+        await self._close(writer)
+
+    @staticmethod
+    async def _close(writer: asyncio.StreamWriter) -> None:
+        """Close after what was written is sent (abort() would drop it), within WRITE_TIMEOUT."""
+        writer.close()
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.wait_closed()
+        except (TimeoutError, ConnectionError):
+            writer.transport.abort()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Read and answer one request; False when the connection should end."""

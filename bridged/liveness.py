@@ -28,20 +28,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import time
 from typing import Callable
 
 import structlog
 
-from bridged import spawn
+from bridged import spawn, systemd
 from bridged.ipc.control import ControlError, encode, recv_message
 from bridged.ipc.messages import Ping, Pong
+from bridged.ops import events
 from bridged.spawn import Child
 
-__all__ = ["KILL_GRACE", "Liveness", "answer_pings"]
+__all__ = ["KILL_GRACE", "Liveness", "Report", "answer_pings"]
 
 log = structlog.get_logger()
 
 KILL_GRACE = 2.0  # seconds from SIGABRT (the stack dump) to SIGKILL
+STATUS_EVERY = 2.0  # seconds between STATUS= updates at most
 
 
 class Liveness:
@@ -139,6 +142,34 @@ class Liveness:
         spawn.kill(child.pid, signal.SIGABRT)  # faulthandler dumps the stack...
         spawn.kill(child.pid, signal.SIGCONT)  # ... once it runs again, if it was stopped
         child.kill_at = now + KILL_GRACE
+
+
+class Report:
+    """What the heartbeats carry: to the front (its Ping) what only the
+    supervisor knows, for `bridged status`; from it (its Pong) the summary
+    line the supervisor gives systemd as STATUS=."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._events_sent = -1  # events.count() when the front last got our warnings
+        self._status = (0.0, "")  # when the last STATUS= went out, and its text
+
+    def front_started(self) -> None:
+        self._events_sent = -1  # a new front has none of them
+
+    def ping(self, seq: int, children: list[Child]) -> Ping:
+        """The front's Ping: uptime, restarts (front first), our warnings when they changed."""
+        fresh = events.count() != self._events_sent
+        self._events_sent = events.count()
+        return Ping(seq, int((time.monotonic() - self.started) * 1000), tuple(c.restarts for c in children),
+                    events.recent() if fresh else ())
+
+    def show(self, summary: str) -> None:
+        """STATUS=: the front's summary, when it changed, every STATUS_EVERY seconds at most."""
+        now = time.monotonic()
+        if summary and summary != self._status[1] and now - self._status[0] >= STATUS_EVERY:
+            self._status = (now, summary)
+            systemd.status(summary)
 
 
 def answer_pings(loop: asyncio.AbstractEventLoop, channel: socket.socket) -> None:

@@ -32,13 +32,10 @@ Isolation: nothing of the supervisor's signal handling runs in a child
 their doorbells, the pty, the supervisor channel, the control socket and the
 other workers' heartbeat channels, each time it is forked.
 
-Liveness (``bridged.liveness``): every child is asked for a heartbeat on its
-channel; one that stops answering is killed and restarted like a crashed
-one, and WATCHDOG=1 goes to systemd only while the front answers.  The
-front's answers carry the one-line summary given to systemd as STATUS=.
-
-The control socket (``bridged status``, ``bridged.ops``) is bound here before
-any fork, so that it outlives every front; the front serves it.
+Liveness (``bridged.liveness``): a child that stops answering heartbeats is
+killed and restarted like a crashed one; WATCHDOG=1 only while the front
+answers.  The control socket (``bridged.ops``) is bound here, before any
+fork, so it outlives every front; the front serves it.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -65,11 +62,11 @@ from bridged.ipc.control import ControlError, recv_message, send_message, socket
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
-from bridged.liveness import Liveness
+from bridged.liveness import Liveness, Report
 from bridged.log import setup_logging
 from bridged.net import resolver
 from bridged.net.hosts import overrides
-from bridged.ops import events, server as control_server
+from bridged.ops import server as control_server
 from bridged.spawn import Child, StartError
 from bridged.uart.main import PORT_FAILED, run_front
 from bridged.uart.port import Pty, open_pty
@@ -80,7 +77,6 @@ log = structlog.get_logger()
 
 _STOP_GRACE = 4.0
 _FRONT_MAX_FAILURES = 5
-_STATUS_EVERY = 2.0  # seconds between STATUS= updates at most
 
 
 class Supervisor:
@@ -100,9 +96,7 @@ class Supervisor:
         self.front_ready = False
         self.control_path = control  # where `bridged status` finds us (None: nowhere)
         self.listener: socket.socket | None = None
-        self.started_at = time.monotonic()
-        self._status = (0.0, "")  # when the last STATUS= went out, and its text
-        self._events_sent = -1  # events.count() when the front last got our warnings
+        self.report = Report()
         self.stopping = False
         self.served = False  # a front has reached ready since we started
         self._port_failure: str | None = None  # the reason of the running front's PortFailed
@@ -266,14 +260,7 @@ class Supervisor:
         return all(w.pid for w in self.workers) and self.liveness.answering(self.front)
 
     def _ping(self, child: spawn.Child, seq: int) -> Ping:
-        if child is not self.front:
-            return Ping(seq)
-        # The front shows what only we know in `bridged status`.
-        new_events = events.count() != self._events_sent
-        self._events_sent = events.count()
-        return Ping(seq, int((time.monotonic() - self.started_at) * 1000),
-                    tuple(c.restarts for c in (self.front, *self.workers)),
-                    events.recent() if new_events else ())
+        return self.report.ping(seq, [self.front, *self.workers]) if child is self.front else Ping(seq)
 
     # -- starting children -------------------------------------------------------------
 
@@ -299,7 +286,7 @@ class Supervisor:
         theirs.close()
         self.sup_sock = ours
         self.liveness.watch(self.front, ours, owned=False)
-        self._events_sent = -1
+        self.report.front_started()
         self.front_ready = False
         self._port_failure = None
 
@@ -454,21 +441,14 @@ class Supervisor:
         if isinstance(msg, PortFailed):
             self._port_failure = msg.reason
         elif isinstance(msg, Pong):
-            if self.liveness.answered(self.front, msg) and msg.summary:
-                self._show_status(msg.summary)
+            if self.liveness.answered(self.front, msg) and self.front_ready:
+                self.report.show(msg.summary)
         elif isinstance(msg, FrontReady):
             self.front.failures = 0
             if not self.front_ready:
                 self.front_ready = self.served = True
                 systemd.ready(f"serving {msg.port}")
         return True
-
-    def _show_status(self, summary: str) -> None:
-        """systemd's STATUS= line: the front's summary, when it changed, every few seconds at most."""
-        now = time.monotonic()
-        if self.front_ready and summary != self._status[1] and now - self._status[0] >= _STATUS_EVERY:
-            self._status = (now, summary)
-            systemd.status(summary)
 
     # -- stopping ----------------------------------------------------------------------------
 

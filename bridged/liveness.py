@@ -156,6 +156,7 @@ class Report:
 
     def front_started(self) -> None:
         self._events_sent = -1  # a new front has none of them
+        self._status = (0.0, "")  # READY=1's STATUS= ("serving ...") replaced the last summary
 
     def ping(self, seq: int, children: list[Child]) -> Ping:
         """The front's Ping: uptime, restarts (front first), our warnings when they changed."""

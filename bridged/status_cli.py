@@ -174,7 +174,7 @@ def render(status: dict[str, Any]) -> str:
         lines += ["", "Recent warnings and errors:"]
         for e in status["errors"]:
             who = e.get("proc", "") + (f" {e['link_id']}" if "link_id" in e else "")
-            lines.append(f"  {e.get('time', '')[:19]} {e.get('level', ''):<8}{who:<9}{e.get('event', '')} "
+            lines.append(f"  {e.get('time', '')[:19]} {e.get('level', ''):<8}{who:<13} {e.get('event', '')} "
                          f"{e.get('detail', '')}".rstrip())
     return "\n".join(lines)
 

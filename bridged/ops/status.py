@@ -255,8 +255,11 @@ def _icount(fd: int) -> dict[str, int] | None:
 
 def human_bytes(n: int) -> str:
     """1234567 -> '1.2 MB' (decimal units, as systemd shows sizes)."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    if n < 1000:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("kB", "MB", "GB"):
+        size /= 1000
+        if size < 1000:
+            break
+    return f"{size:.1f} {unit}"

@@ -42,14 +42,17 @@ from bridged.ipc.messages import (
     Discard,
     Ended,
     Hello,
+    LinkStats,
     RemoteChanged,
     SetOptions,
     SetRecvWindow,
+    StatsRequest,
 )
 from bridged.ipc.rings import Ring
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
 from bridged.links.udp import open_udp
+from bridged.ops import events
 from bridged.pki import PkiStore
 from bridged.readgate import ReadGate
 
@@ -199,8 +202,16 @@ class Worker:
         elif isinstance(msg, SetRecvWindow):
             self.window = msg.window
             self._resume_reading()
+        elif isinstance(msg, StatsRequest):
+            self._reply(self._statistics(msg.seq))
         else:
             log.error("unexpected_control_message", message=repr(msg))
+
+    def _statistics(self, seq: int) -> LinkStats:
+        """For `bridged status`: this connection's bytes, the warnings we logged."""
+        up, down = (self.stats["up"], self.stats["down"]) if self.conn_id is not None else (0, 0)
+        return LinkStats(seq, os.getpid(), -1 if self.conn_id is None else self.conn_id, up, down,
+                         events.count(), events.recent(5))
 
     def _reply(self, msg: object) -> None:
         try:

@@ -67,9 +67,10 @@ from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
-from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, Shutdown, WorkerStarted
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
+from bridged.ops.status import UartCounters
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.boot import Boot, Reset
@@ -165,6 +166,8 @@ class Front:
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
         self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
+        self.counters = UartCounters()  # for `bridged status` (bridged.ops.status)
+        self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -178,11 +181,9 @@ class Front:
             self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
         self._start_boot(Reset.POWER_ON)
         self._resume_reading()
-        heartbeat = self.loop.create_task(self._heartbeat())
         try:
             await self._stopped
         finally:
-            heartbeat.cancel()
             if self._replug is not None:
                 self._replug.close()
             self.sntp.stop()
@@ -202,11 +203,6 @@ class Front:
         async with asyncio.timeout(timeout):
             while not all(self.links.is_ready(i) for i in range(self.links.count)):
                 await asyncio.sleep(0.005)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            self._tell_supervisor(Heartbeat())
-            await asyncio.sleep(1.0)
 
     def _tell_supervisor(self, msg: object) -> None:
         if self.supervisor is None:
@@ -236,6 +232,8 @@ class Front:
                 log.error("control_message_refused", link_id=msg.link_id, error=str(exc))
                 return
             self.links.attach(msg.link_id, control)
+        elif isinstance(msg, Ping):  # bridged.liveness: we answer, so we are not stuck
+            self._tell_supervisor(Pong(msg.seq, self.on_ping(msg)))
         elif isinstance(msg, Shutdown):
             self.stop()
         else:
@@ -388,6 +386,7 @@ class Front:
         if self.boot is not None:
             self.boot.drop(len(data))
             return
+        self.counters.rx_bytes += len(data)
         if self.busy:
             self._refuse_busy(data)
             return
@@ -593,6 +592,7 @@ class Front:
             self._payload_escaped()
         else:  # NEED_DATA
             if room == 0:
+                self.counters.flow_pauses += 1
                 self._pause_reading()  # resumed by the worker's progress doorbell
                 self._mute_progress(None)
             self._arm_timer()
@@ -798,6 +798,7 @@ class Front:
             if self.tap is not None:
                 self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
+            slot.ipd += 1
 
     def _on_link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True
@@ -812,6 +813,7 @@ class Front:
         # SEND OK before the notice of data that may answer it, as for +IPD.
         self._check_send()
         link = self.ctx.link_arg(slot.link_id)
+        slot.ipd += 1
 
         def notice() -> bytes:
             # Made when written, with what is unread then; nothing if nothing is.

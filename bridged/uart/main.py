@@ -21,6 +21,7 @@ from bridged.config import Config
 from bridged.ipc.control import send_message
 from bridged.ipc.messages import PortFailed
 from bridged.ipc.rings import Ring
+from bridged.ops.status import StatusService
 from bridged.store import Store
 from bridged.uart.front import Front, factory_uart
 from bridged.uart.links import Slot
@@ -41,6 +42,7 @@ def run_front(
     state_dir: Path,
     rings: list[tuple[Ring, Ring]],
     supervisor: socket.socket,
+    listener: socket.socket | None = None,
 ) -> int:
     store = Store(state_dir / "nvs.json")
     stored = store.get("uart_def")
@@ -76,7 +78,12 @@ def run_front(
     async def main() -> int:
         slots = [Slot(i, up, down) for i, (up, down) in enumerate(rings)]
         front = Front(config, fd, name, store, slots, supervisor, apply, serial=port)
-        await front.run()
+        service = StatusService(front, listener, "serial" if device else "pty")  # bridged status
+        await service.start()
+        try:
+            await front.run()
+        finally:
+            await service.close()
         return PORT_FAILED if front.port_lost else 0
 
     return uvloop.run(main())

@@ -17,8 +17,13 @@ at_ota_cmd.c):
 * ``AT+CIPFWVER?``: one ``+CIPFWVER:"<v>"`` per version on the server, then OK.
 
 Policy: the server is ``[ota] server`` (bridged.net.ota); without one, both
-commands answer ERROR and the log says no update server is configured.  The
-state lives in the session, so a restart shows 0 again, as a reboot does.
+commands answer ERROR and the log says no update server is configured.  What
+``[ota]`` does not allow (bridged.ota_policy: plain http, a partition not in
+``partitions``, a malformed version or a downgrade, no public key) is ERROR
+before anything is requested, with an ``ota_refused`` warning saying why; a
+refusal later on (the server's version, the signature) ends the update as any
+failure does, with the same warning.  The state lives in the session, so a
+restart shows 0 again, as a reboot does.
 """
 
 from __future__ import annotations
@@ -34,10 +39,9 @@ from bridged.at.errors import ExecFail, ParamInvalid
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
-from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
-from bridged.net.ota import OtaFailed, Updater
+from bridged.net.ota import OtaFailed, OtaRefused, Updater
 
 __all__ = ["OtaSession"]
 
@@ -67,7 +71,14 @@ def _updater(ctx: Context) -> Updater:
     if station_ip(ctx) is None:
         raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
     # The store's file sits in the state directory; images go next to it.
-    return Updater(config, ctx.store.path.parent, lookup_servers(ctx))
+    return Updater(config, ctx.store.path.parent)
+
+
+def _failed(what: str, exc: OtaFailed) -> str:
+    """The reason for the log; a refusal is also a warning of its own."""
+    if isinstance(exc, OtaRefused):
+        log.warning("ota_refused", command=what, why=exc.why)
+    return f"{what} failed: {exc.why}"
 
 
 # -- AT+CIUPDATE ---------------------------------------------------------------------
@@ -97,6 +108,10 @@ def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: b
     if session.running:
         raise ExecFail("ALREADY IN OTA: an update is still running")
     updater = _updater(ctx)
+    try:
+        updater.policy.check(version, partition)
+    except OtaRefused as exc:
+        raise ExecFail(_failed("AT+CIUPDATE", exc)) from None
     log.info("ota_started", mode=mode, version=version or "latest", partition=partition,
              nonblocking=nonblocking, server=ctx.config.ota.server)
     session.running = True
@@ -116,7 +131,7 @@ async def _blocking(ctx: Context, session: OtaSession, updater: Updater, version
         image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.answer_part))
     except OtaFailed as exc:
         session.state = -1
-        raise ExecFail(f"AT+CIUPDATE failed: {exc.why}") from None
+        raise ExecFail(_failed("AT+CIUPDATE", exc)) from None
     finally:
         session.running = False
     log.info("ota_done", file=str(image), partition=partition)
@@ -129,7 +144,7 @@ async def _nonblocking(ctx: Context, session: OtaSession, updater: Updater, vers
     try:
         image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.urc))
     except OtaFailed as exc:
-        log.info("ota_failed", why=exc.why)
+        log.info("ota_failed", why=_failed("AT+CIUPDATE", exc))
         _progress(ctx, session, -1, ctx.urc)
     except asyncio.CancelledError:
         raise
@@ -160,7 +175,7 @@ def cipfwver_query(ctx: Context, line: CommandLine):
         try:
             versions = await updater.versions()
         except OtaFailed as exc:
-            raise ExecFail(f"AT+CIPFWVER? failed: {exc.why}") from None
+            raise ExecFail(_failed("AT+CIPFWVER?", exc)) from None
         log.info("ota_versions", count=len(versions))
         return Reply(b"".join(fmt.fw_version(v) for v in versions))
 

@@ -97,7 +97,7 @@ class Policy:
         record = self.directory / f"{partition}.version"
         try:
             recorded = record.read_bytes()[:200].decode("ascii", "replace").strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no update of it so far
             return floor
         except OSError as exc:
             raise OtaRefused(f"cannot read {record}: {exc.strerror or exc}") from None

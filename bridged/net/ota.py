@@ -292,6 +292,7 @@ class Updater:
             await response.close()
             return saved, ota_image.Manifest(partition, version, length, sha256)
         except BaseException:
+            response.abort()
             if saved is not None:  # cancelled while closing: the caller never learns its name
                 saved.unlink(missing_ok=True)
             raise

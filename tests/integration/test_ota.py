@@ -1,225 +1,43 @@
-"""AT+CIUPDATE and AT+CIPFWVER? against a local update server (http and https)
-speaking the iot.espressif.cn protocol, on 127.0.0.1."""
+"""AT+CIUPDATE and AT+CIPFWVER? against a local update server speaking the
+iot.espressif.cn protocol on 127.0.0.1: https with a test CA (``[ota] ca_file``)
+and images signed with a test key (``[ota] public_key``); raw servers answering
+odd bytes over plain http with unsigned images (``insecure_http``,
+``allow_unsigned``).  The policy itself (signatures, versions, partitions, the
+resolver, capabilities) is tested in test_ota_policy.py."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import socket
-import ssl
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from bridged.pki import PkiStore
-from tests.harness import Daemon, EchoServer, Host
+from tests.harness import Daemon, EchoServer
+from tests.otaserver import (  # noqa: F401 - ota_files, server and start are fixtures
+    IMAGE,
+    LATEST,
+    TOKEN,
+    UpdateServer,
+    image_dir,
+    leftovers,
+    ota_files,
+    ota_section,
+    server,
+    start,
+    why,
+)
 
-TOKEN = "test-token-0123"
-LATEST = "v4.1.2.0"
-IMAGE = os.urandom(200_000)
 PROGRESS = b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n+CIPUPDATE:4\r\n"
 
 
-# -- the update server -------------------------------------------------------------------
-
-
-class UpdateServer:
-    """iot.espressif.cn's three endpoints; ``mode`` picks how the download misbehaves."""
-
-    def __init__(self, context: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
-        self.images = {(LATEST, "ota"): IMAGE, ("v9.9.9.9", "ota"): b"\xe9older",
-                       (LATEST, "client_ca"): b"\xf1\xf1ca-bundle"}
-        self.mode = "ok"  # ok, short, nolength, status:<n>, stall
-        self.status = {}  # path -> HTTP status to answer instead
-        self.requests: list[tuple[str, dict]] = []
-        self.release = threading.Event()  # ends a "stall"
-        self.stalled = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.requests.append((self.path, dict(self.headers)))
-                server.handle(self)
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        self.httpd = Server((host, 0), Handler)
-        self.httpd.daemon_threads = True
-        if context is not None:
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.port = self.httpd.server_address[1]
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"{'https' if context else 'http'}://{shown}:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _send(self, handler, status: int, body: bytes, length: int | None = None) -> None:
-        handler.send_response(status)
-        if length is not None:
-            handler.send_header("Content-Length", str(length))
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    def handle(self, handler: BaseHTTPRequestHandler) -> None:
-        url = urlsplit(handler.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        if url.path in self.status:
-            self._send(handler, self.status[url.path], b'{"message": "no"}', 17)
-        elif url.path == "/v1/device/rom/" and query.get("is_format_simple") == "true":
-            body = json.dumps({"rom_version": LATEST, "status": 200}).encode()
-            self._send(handler, 200, body, len(body))
-        elif url.path == "/v1/device/rom/" and query.get("action") == "download_rom":
-            self._download(handler, query)
-        elif url.path == "/v1/device/rom":
-            body = json.dumps({"productRoms": [{"version": "v4.1.1.0"}, {"version": LATEST}],
-                               "status": 200}).encode()
-            self._send(handler, 200, body, len(body))
-        else:
-            self._send(handler, 404, b"", 0)
-
-    def _download(self, handler, query: dict) -> None:
-        image = self.images.get((query.get("version"), query.get("filename", "").removesuffix(".bin")))
-        if image is None:
-            self._send(handler, 404, b"not found", 9)
-        elif self.mode == "short":
-            self._send(handler, 200, image[: len(image) // 2], len(image))
-        elif self.mode == "nolength":
-            self._send(handler, 200, image)
-        elif self.mode == "stall":
-            handler.send_response(200)
-            handler.send_header("Content-Length", str(len(image)))
-            handler.end_headers()
-            handler.wfile.write(image[:1000])
-            handler.wfile.flush()
-            self.stalled.set()
-            self.release.wait(30)
-            handler.wfile.write(image[1000:])
-        else:
-            self._send(handler, 200, image, len(image))
-
-
-@pytest.fixture
-def server():
-    s = UpdateServer()
-    yield s
-    s.close()
-
-
-# -- certificates for https ------------------------------------------------------------
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(days=1))
-               .not_valid_after(now + datetime.timedelta(days=30))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                              critical=False))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
-            key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
-            critical=True)
-    else:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    """A test CA and a server certificate for 127.0.0.1 it signed."""
-    tmp = tmp_path_factory.mktemp("ota-pki")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("OTA Test CA", ca_key, "OTA Test CA", ca_key, ca=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = _certificate("127.0.0.1", key, "OTA Test CA", ca_key, ca=False)
-    (tmp / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (tmp / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "server.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return tmp
-
-
-@pytest.fixture
-def https_server(tls_files):
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(tls_files / "server.pem", tls_files / "server.key")
-    s = UpdateServer(context)
-    yield s
-    s.close()
-
-
-# -- the daemon ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start(tmp_path):
-    """Start a daemon with an [ota] section (and a CA in its store); checked at the end."""
-    started: list[tuple[Daemon, Host]] = []
-
-    def make(server_url: str = "", extra: str = "", ca: Path | None = None) -> tuple[Daemon, Host]:
-        directory = tmp_path / f"d{len(started)}"
-        directory.mkdir()
-        config = f'[ota]\nserver = "{server_url}"\ntoken = "{TOKEN}"\n{extra}'
-        daemon = Daemon(directory, config)
-        if ca is not None:
-            PkiStore(daemon.state_dir).import_file("client_ca", 0, ca)
-        daemon.start()
-        host = daemon.host()
-        host.boot()
-        started.append((daemon, host))
-        return daemon, host
-
-    yield make
-    for daemon, host in started:
-        host.close()
-        code = daemon.stop()
-        assert code == 0, f"daemon exited {code}:\n{daemon.log_text()[-3000:]}"
-        errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
-        assert not errors, f"unexpected errors in the log: {errors}"
-
-
-def image_dir(daemon: Daemon) -> Path:
-    return daemon.state_dir / "ota"
-
-
-def leftovers(daemon: Daemon) -> list[str]:
-    """Everything in the image directory (temporary files included)."""
-    directory = image_dir(daemon)
-    return sorted(os.listdir(directory)) if directory.exists() else []
-
-
-def why(daemon: Daemon) -> str:
-    return daemon.wait_event("command_error")[-1]["why"]
+def download(version: str, filename: str) -> str:
+    return f"/v1/device/rom/?action=download_rom&version={version}&filename={filename}"
 
 
 # -- blocking ------------------------------------------------------------------------------
@@ -243,10 +61,10 @@ def test_blocking_update_restarts_with_ready_and_closed_links(start, server):
     assert host.ask(b"AT+CIPSTATUS") == b"STATUS:2\r\n\r\nOK\r\n"
     assert host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:0\r\n\r\nOK\r\n"  # state is RAM: 0 after a restart
     assert (image_dir(daemon) / "ota.bin").read_bytes() == IMAGE
-    assert leftovers(daemon) == ["ota.bin"]
-    paths = [p for p, _ in server.requests]
-    assert paths == ["/v1/device/rom/?is_format_simple=true",
-                     f"/v1/device/rom/?action=download_rom&version={LATEST}&filename=ota.bin"]
+    assert leftovers(daemon) == ["ota.bin", "ota.version"]
+    assert (image_dir(daemon) / "ota.version").read_text() == f"{LATEST}\n"
+    assert server.paths() == ["/v1/device/rom/?is_format_simple=true", download(LATEST, "ota.bin.sig"),
+                              download(LATEST, "ota.bin")]
     assert all(h.get("Authorization") == f"token {TOKEN}" for _, h in server.requests)
 
 
@@ -257,8 +75,7 @@ def test_blocking_with_version_skips_the_lookup(start, server):
         b"+CIPUPDATE:1\r\n+CIPUPDATE:4\r\n\r\nOK\r\n")
     host.expect(b"\r\nready\r\n")
     assert (image_dir(daemon) / "ota.bin").read_bytes() == b"\xe9older"
-    assert [p for p, _ in server.requests] == [
-        "/v1/device/rom/?action=download_rom&version=v9.9.9.9&filename=ota.bin"]
+    assert server.paths() == [download("v9.9.9.9", "ota.bin.sig"), download("v9.9.9.9", "ota.bin")]
 
 
 def test_blocking_other_partition_does_not_restart(start, server):
@@ -306,15 +123,16 @@ def test_http_error_status_fails(start, server, status):
 
 
 def test_unknown_version_is_404(start, server):
-    """A version the server does not have: its 404 ends the update."""
+    """A version the server does not have (nor its signature): its 404 ends the update."""
     daemon, host = start(server.url)
     assert host.ask(b'AT+CIUPDATE=0,"v0.0.0.1"', timeout=20) == b"+CIPUPDATE:1\r\n\r\nERROR\r\n"
     assert "HTTP status 404" in why(daemon)
+    assert leftovers(daemon) == []
 
 
 def test_server_down_fails(start):
     """Nothing listens at the server's port: server found (1), the connection is refused, ERROR."""
-    daemon, host = start("http://127.0.0.1:9")
+    daemon, host = start("https://127.0.0.1:9")
     assert host.ask(b"AT+CIUPDATE", timeout=20) == b"+CIPUPDATE:1\r\n\r\nERROR\r\n"
     assert "cannot connect to 127.0.0.1 port 9" in why(daemon)
     assert host.ask(b"AT+CIPFWVER?", timeout=20) == b"\r\nERROR\r\n"
@@ -365,12 +183,11 @@ def test_bad_parameters_answer_error(start, server, line):
 
 def test_longest_version_and_partition_accepted(start, server):
     """64 bytes each are allowed (ESP_AT_VERSION_LEN_MAX, ESP_AT_PARTITION_NAME_LEN_MAX)."""
-    daemon, host = start(server.url)
     version, partition = "v" * 64, "p" * 64
+    daemon, host = start(server.url, partitions=("ota", partition))
     line = f'AT+CIUPDATE=0,"{version}","{partition}"'.encode()
     assert host.ask(line, timeout=20) == b"+CIPUPDATE:1\r\n\r\nERROR\r\n"  # the server has no such image
-    assert server.requests[-1][0] == (
-        f"/v1/device/rom/?action=download_rom&version={version}&filename={partition}.bin")
+    assert server.paths() == [download(version, f"{partition}.bin.sig")]
 
 
 # -- nonblocking ---------------------------------------------------------------------------
@@ -464,18 +281,19 @@ def test_overall_timer_fails_the_update(start, server):
 def _installer(tmp_path: Path, status: int) -> str:
     script = tmp_path / f"install-{status}.sh"
     script.write_text(f'#!/bin/sh\ncp "$1" "{tmp_path}/installed.bin"\n'
-                      f'echo "$BRIDGED_OTA_VERSION $BRIDGED_OTA_PARTITION" > "{tmp_path}/installed.txt"\n'
+                      f'echo "$BRIDGED_OTA_VERSION $BRIDGED_OTA_PARTITION $BRIDGED_OTA_SHA256"'
+                      f' > "{tmp_path}/installed.txt"\n'
                       f'echo installing; exit {status}\n')
     return f'install_command = "/bin/sh {script}"\n'
 
 
 def test_install_command_runs_before_the_restart(start, server, tmp_path):
-    """The install command gets the image's path (and version, partition); then OK and ready."""
+    """The install command gets the image's path (and version, partition, sha256); then OK and ready."""
     daemon, host = start(server.url, _installer(tmp_path, 0))
     assert host.command(b"AT+CIUPDATE", timeout=20) == PROGRESS + b"\r\nOK\r\n"
     host.expect(b"\r\nready\r\n")
-    assert hashlib.sha256((tmp_path / "installed.bin").read_bytes()).digest() == hashlib.sha256(IMAGE).digest()
-    assert (tmp_path / "installed.txt").read_text() == f"{LATEST} ota\n"
+    assert (tmp_path / "installed.bin").read_bytes() == IMAGE
+    assert (tmp_path / "installed.txt").read_text() == f"{LATEST} ota {hashlib.sha256(IMAGE).hexdigest()}\n"
     assert daemon.wait_event("ota_installed")[-1]["output"] == "installing"
 
 
@@ -517,28 +335,33 @@ def test_server_path_prefix(start, server):
     assert server.requests[0][0] == "/esp/v1/device/rom"
 
 
-def test_host_name_resolves(start, server):
-    """A host name in the base URL resolves through the host's resolver (AT+CIPDNS automatic)."""
-    daemon, host = start(server.url.replace("127.0.0.1", "localhost"))
-    assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v4.1.1.0"\r\n+CIPFWVER:"v4.1.2.0"\r\n\r\nOK\r\n'
-    assert server.requests[0][1]["Host"] == f"localhost:{server.port}"
+def test_host_name_resolves(start, ota_files):
+    """A host name in the base URL resolves through the host's resolver; the certificate names it."""
+    named = UpdateServer(ota_files.key, ota_files.server_context("localhost"), url_host="localhost")
+    try:
+        daemon, host = start(named.url)
+        assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v4.1.1.0"\r\n+CIPFWVER:"v4.1.2.0"\r\n\r\nOK\r\n'
+        assert named.requests[0][1]["Host"] == f"localhost:{named.port}"
+    finally:
+        named.close()
 
 
 def test_unknown_host_name_fails(start):
     """A name with no address: ERROR before "server found"."""
-    daemon, host = start("http://no-such-host.invalid:8080")
+    daemon, host = start("https://no-such-host.invalid:8080")
     assert host.ask(b"AT+CIUPDATE", timeout=20) == b"\r\nERROR\r\n"
     assert "no-such-host.invalid" in why(daemon)
 
 
-def test_ipv6_server(start):
-    """The admin's server may be IPv6 whatever AT+CIPV6 says (it is not the MCU's address)."""
+def test_ipv6_server(start, ota_files):
+    """The admin's server may be IPv6 whatever AT+CIPV6 says (it is not the MCU's address);
+    plain http and unsigned here, as [ota] insecure_http and allow_unsigned allow."""
     try:
-        v6 = UpdateServer(host="::1")
+        v6 = UpdateServer(ota_files.key, host="::1")
     except OSError:
         pytest.skip("no ::1 on this machine")
     try:
-        daemon, host = start(v6.url)
+        daemon, host = start(v6.url, secure=False)
         assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
         assert host.expect(b"+CIPUPDATE:4\r\n", timeout=20) == PROGRESS
         assert v6.requests[0][1]["Host"] == f"[::1]:{v6.port}"
@@ -557,21 +380,23 @@ def test_no_rom_version_fails(start, server):
 # -- https -----------------------------------------------------------------------------------
 
 
-def test_https_update_trusts_the_certificate_store(start, https_server, tls_files):
-    """An https server signed by a CA in bridged's store (client_ca.0): update and version list work."""
-    daemon, host = start(https_server.url, ca=tls_files / "ca.pem")
+def test_https_trusts_the_ca_file(start, server):
+    """An https server whose CA is [ota] ca_file: version list and update work."""
+    daemon, host = start(server.url)
     assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v4.1.1.0"\r\n+CIPFWVER:"v4.1.2.0"\r\n\r\nOK\r\n'
     assert host.command(b"AT+CIUPDATE=1", timeout=20) == PROGRESS + b"\r\nOK\r\n"
     host.expect(b"\r\nready\r\n")
     assert (image_dir(daemon) / "ota.bin").read_bytes() == IMAGE
 
 
-def test_https_untrusted_server_fails(start, https_server):
-    """Without the CA the server's certificate does not verify: ERROR, nothing downloaded."""
-    daemon, host = start(https_server.url)
+def test_https_does_not_trust_the_mcus_certificate_store(start, server, ota_files):
+    """The CA only in bridged's client_ca.0 (which the MCU's SSL links use), no [ota] ca_file:
+    the system store does not know it, so ERROR and nothing downloaded."""
+    daemon, host = start(server.url, ca=ota_files.ca, ca_file="")
     assert host.ask(b"AT+CIUPDATE=1", timeout=20) == b"+CIPUPDATE:1\r\n\r\nERROR\r\n"
-    assert "TLS" in why(daemon) or "CERTIFICATE_VERIFY_FAILED" in why(daemon)
+    assert "CERTIFICATE_VERIFY_FAILED" in why(daemon)
     assert host.ask(b"AT+CIPFWVER?") == b"\r\nERROR\r\n"
+    assert server.requests == []
     assert leftovers(daemon) == []
 
 
@@ -662,7 +487,7 @@ FAILED_DOWNLOAD = b"+CIPUPDATE:1\r\n\r\nERROR\r\n"  # a version given: 1, then t
 def test_broken_server_answers_fail_cleanly(start, raw, answer, reason):
     """Odd or lying answers to the download: ERROR, a reason in the log, no file, no internal error."""
     server = raw(answer)
-    daemon, host = start(server.url)
+    daemon, host = start(server.url, secure=False)
     assert host.ask(b'AT+CIUPDATE=0,"v1"', timeout=20) == FAILED_DOWNLOAD
     assert reason in why(daemon)
     assert leftovers(daemon) == []
@@ -672,7 +497,7 @@ def test_broken_server_answers_fail_cleanly(start, raw, answer, reason):
 def test_longer_body_than_content_length_keeps_only_the_declared_bytes(start, raw):
     """A body longer than its Content-Length: the declared bytes are the image."""
     server = raw(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello and more")
-    daemon, host = start(server.url)
+    daemon, host = start(server.url, secure=False, partitions=("ota", "part"))
     assert host.ask(b'AT+CIUPDATE=0,"v1","part"', timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:4\r\n\r\nOK\r\n"
     assert (image_dir(daemon) / "part.bin").read_bytes() == b"hello"
 
@@ -685,7 +510,7 @@ def test_slow_loris_body_is_ended_by_the_overall_timer(start, raw):
             conn.sendall(b"x")
 
     server = raw(trickle)
-    daemon, host = start(server.url, "timeout_ms = 1500\n")
+    daemon, host = start(server.url, "timeout_ms = 1500\n", secure=False)
     began = time.monotonic()
     assert host.ask(b'AT+CIUPDATE=0,"v1"', timeout=20) == FAILED_DOWNLOAD
     assert time.monotonic() - began < 8
@@ -699,7 +524,7 @@ def test_cipfwver_odd_version_strings_never_reach_the_uart_raw(start, raw):
     body = (b'{"productRoms": [{"version": "v1\\"x"}, {"version": "a\r\nOK\r\n"}, {"version": "b\x07"},'
             b' {"version": "v4.1.0.0"}]}')
     server = raw(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    daemon, host = start(server.url)
+    daemon, host = start(server.url, secure=False)
     assert host.ask(b"AT+CIPFWVER?") == b'+CIPFWVER:"v1\\"\r\n+CIPFWVER:"v4.1.0.0"\r\n\r\nOK\r\n'
 
 
@@ -708,7 +533,7 @@ def test_cipfwver_many_versions_all_arrive(start, raw):
     body = b'{"productRoms": [' + b",".join(b'{"version": "v%d"}' % i for i in range(3000)) + b"]}"
     assert len(body) < 65536
     server = raw(b"HTTP/1.0 200 OK\r\n\r\n" + body)  # no Content-Length: to the close
-    daemon, host = start(server.url)
+    daemon, host = start(server.url, secure=False)
     out = host.ask(b"AT+CIPFWVER?", timeout=30)
     assert out == b"".join(b'+CIPFWVER:"v%d"\r\n' % i for i in range(3000)) + b"\r\nOK\r\n"
 
@@ -725,10 +550,10 @@ def test_image_directory_not_writable_fails_cleanly(start, server):
     assert image_dir(daemon).read_bytes() == b"in the way"
 
 
-def test_disk_full_fails_cleanly_and_keeps_the_previous_image(tmp_path, server):
+def test_disk_full_fails_cleanly_and_keeps_the_previous_image(tmp_path, server, ota_files):
     """A write error mid-download (RLIMIT_FSIZE stands in for a full disk): ERROR and why,
     no temporary file, the previous image of that partition untouched."""
-    daemon = Daemon(tmp_path, f'[ota]\nserver = "{server.url}"\n', wrap=("prlimit", "--fsize=150000", "--"))
+    daemon = Daemon(tmp_path, ota_section(ota_files, server.url), wrap=("prlimit", "--fsize=150000", "--"))
     (daemon.state_dir / "ota").mkdir(parents=True)
     (daemon.state_dir / "ota" / "ota.bin").write_bytes(b"good")
     daemon.start()
@@ -834,10 +659,10 @@ def test_restart_kills_a_running_install_command(start, server, tmp_path):
     assert _wait_gone(pids) == []
 
 
-def test_stop_during_an_install_leaves_no_process_and_no_file(tmp_path, server):
+def test_stop_during_an_install_leaves_no_process_and_no_file(tmp_path, server, ota_files):
     """SIGTERM to bridged while install_command runs: the command and its child die, the
     image is removed, bridged exits 0."""
-    daemon = Daemon(tmp_path, f'[ota]\nserver = "{server.url}"\n' + _hanging_installer(tmp_path))
+    daemon = Daemon(tmp_path, ota_section(ota_files, server.url) + _hanging_installer(tmp_path))
     daemon.start()
     host = daemon.host()
     try:
@@ -852,10 +677,10 @@ def test_stop_during_an_install_leaves_no_process_and_no_file(tmp_path, server):
     assert leftovers(daemon) == []
 
 
-def test_stop_during_a_download_leaves_no_temporary_file(tmp_path, server):
+def test_stop_during_a_download_leaves_no_temporary_file(tmp_path, server, ota_files):
     """SIGTERM to bridged mid-download: no .part file left."""
     server.mode = "stall"
-    daemon = Daemon(tmp_path, f'[ota]\nserver = "{server.url}"\n')
+    daemon = Daemon(tmp_path, ota_section(ota_files, server.url))
     daemon.start()
     host = daemon.host()
     try:
@@ -914,9 +739,9 @@ def test_missing_install_program_fails_cleanly(start, server):
 # -- TLS verifies the host name ------------------------------------------------------------
 
 
-def test_https_host_name_must_match_the_certificate(start, https_server, tls_files):
+def test_https_host_name_must_match_the_certificate(start, server):
     """A trusted CA is not enough: the certificate names 127.0.0.1, not localhost."""
-    daemon, host = start(https_server.url.replace("127.0.0.1", "localhost"), ca=tls_files / "ca.pem")
+    daemon, host = start(server.url.replace("127.0.0.1", "localhost"))
     assert host.ask(b"AT+CIPFWVER?", timeout=20) == b"\r\nERROR\r\n"
     assert "certificate" in why(daemon).lower() or "hostname" in why(daemon).lower()
-    assert https_server.requests == []
+    assert server.requests == []

@@ -59,14 +59,17 @@ class Policy:
             raise OtaRefused(f"update server {self.config.server}: plain http is refused"
                              " (use https, or set [ota] insecure_http = true)")
 
-    def check(self, version: str, partition: str) -> None:
+    def check(self, version: str, partition: str) -> list[Ed25519PublicKey]:
         """What ``[ota]`` says of a request, before anything is requested.
 
         Args:
             version: as the MCU gave it, "" for the server's latest.
 
+        Returns:
+            The public keys to verify the image with (none: unsigned is allowed).
+
         Raises:
-            OtaRefused: with the reason.
+            OtaRefused: with the reason (a key file that cannot be read is one).
         """
         self.check_server()
         if partition not in self.config.partitions:
@@ -76,6 +79,7 @@ class Policy:
             self.check_version(version, partition)
         if not self.config.public_key and not self.config.allow_unsigned:
             raise OtaRefused("no [ota] public_key to verify images with (or set [ota] allow_unsigned = true)")
+        return self._public_keys()
 
     def check_version(self, version: str, partition: str) -> None:
         """Raises OtaRefused for a malformed version or a downgrade."""
@@ -125,8 +129,8 @@ class Policy:
             log.error("ota_version_not_recorded", file=str(record), version=version,
                       error=exc.strerror or str(exc))
 
-    def public_keys(self) -> list[Ed25519PublicKey]:
-        """Raises OtaRefused when a configured key cannot be read."""
+    def _public_keys(self) -> list[Ed25519PublicKey]:
+        # Read at every update: a rotated key file applies without a reload.
         try:
             return ota_image.load_public_keys(self.config.public_key)
         except ota_image.SignatureError as exc:

@@ -257,13 +257,21 @@ def server(ota_files):
     s.close()
 
 
+def _toml_list(items) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
 def ota_section(files: OtaFiles, server_url: str, *, secure: bool = True, ca_file: str | None = None,
-                partitions: tuple[str, ...] = ("ota", "client_ca")) -> str:
-    """An [ota] section: the test CA and public key (secure), else plain http and unsigned allowed."""
-    lines = ["[ota]", f'server = "{server_url}"', f'token = "{TOKEN}"',
-             "partitions = [" + ", ".join(f'"{p}"' for p in partitions) + "]"]
+                public_keys: tuple | None = None,
+                partitions: tuple[str, ...] | None = ("ota", "client_ca")) -> str:
+    """An [ota] section: the test CA and public key (secure), else plain http and unsigned
+    allowed; ``public_keys`` replaces the test key, ``partitions=None`` leaves the default."""
+    lines = ["[ota]", f'server = "{server_url}"', f'token = "{TOKEN}"']
+    if partitions is not None:
+        lines.append(f"partitions = {_toml_list(partitions)}")
     if secure:
-        lines += [f'ca_file = "{files.ca if ca_file is None else ca_file}"', f'public_key = "{files.public_key}"']
+        keys = (files.public_key,) if public_keys is None else public_keys
+        lines += [f'ca_file = "{files.ca if ca_file is None else ca_file}"', f"public_key = {_toml_list(keys)}"]
     else:
         lines += ["insecure_http = true", "allow_unsigned = true"]
     return "\n".join(lines) + "\n"
@@ -272,7 +280,8 @@ def ota_section(files: OtaFiles, server_url: str, *, secure: bool = True, ca_fil
 @pytest.fixture
 def start(tmp_path, ota_files):
     """Start a daemon with an [ota] section (see ota_section; ``extra`` adds keys, ``ca``
-    imports a client_ca.0); checked at the end: exit 0, no error in its log."""
+    imports a client_ca.0); checked at the end: exit 0, no unexpected error in its log and
+    never the token."""
     started: list[tuple[Daemon, Host]] = []
 
     def make(server_url: str = "", extra: str = "", *, ca: Path | None = None,
@@ -293,8 +302,10 @@ def start(tmp_path, ota_files):
         host.close()
         code = daemon.stop()
         assert code == 0, f"daemon exited {code}:\n{daemon.log_text()[-3000:]}"
-        errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
+        errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")
+                  and e.get("event") not in daemon.expected_errors]
         assert not errors, f"unexpected errors in the log: {errors}"
+        assert TOKEN not in daemon.log_text(), "the OTA token reached the log"
 
 
 def image_dir(daemon: Daemon) -> Path:

@@ -122,8 +122,7 @@ class Updater:
         Raises:
             OtaFailed: see the module docstring; also when ``[ota] timeout_ms`` passes.
         """
-        self.policy.check(version, partition)
-        keys = self.policy.public_keys()
+        keys = self.policy.check(version, partition)
         limit = self.config.timeout_ms / 1000
         try:
             async with asyncio.timeout(limit):
@@ -139,8 +138,8 @@ class Updater:
             progress(2)
             version = await self._latest(connection)
             log.info("ota_latest_version", version=version)
-            self.policy.check_version(version, partition)
             progress(3)
+            self.policy.check_version(version, partition)  # a well-formed version, maybe an old one
         signature = await self._signature(addresses, version, partition, keys)
         complete, manifest = await self._download(await self._connect(addresses), version, partition)
         try:

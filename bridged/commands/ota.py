@@ -39,6 +39,7 @@ from bridged.at.errors import ExecFail, ParamInvalid
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
+from bridged.config import OTA_PARTITION
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
 from bridged.net.ota import OtaFailed, OtaRefused, Updater
@@ -50,7 +51,7 @@ log = structlog.get_logger()
 FIRMWARE = "ota"  # the partition whose update restarts the session
 _SET_SPECS = (Int(0, 1), Str(64, ""), Str(64, ""), Int(0, 1, 0))
 # A partition name becomes a file name (<state dir>/ota/<name>.bin).
-_PARTITION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_PARTITION = re.compile(OTA_PARTITION)
 
 
 @dataclass(slots=True)

@@ -4,21 +4,21 @@ Theory of operation.  ESP-AT fetches firmware from iot.espressif.cn with a
 per-module token (esp-at-behavior.md 6.1, at_ota_cmd.c).  bridged talks the
 same protocol to the server of ``[ota] server`` instead, so an admin can serve
 updates from any web server.  The MCU only asks for an update; the admin's
-configuration decides what may be installed (``check``, before anything is
+configuration decides what may be installed (bridged.ota_policy, before anything is
 requested, and again as the answers come):
 
 0. the request: the partition is one of ``[ota] partitions``, the version (if
    given) is 1 to 64 of ``A-Z a-z 0-9 . _ + -`` and not older than the running
    one; the server is https (http only with ``insecure_http``); public keys load
-2. resolve the server's host with the host's resolver, never with the MCU's
+1. resolve the server's host with the host's resolver, never with the MCU's
    AT+CIPDNS servers                               -> progress 1 (server found)
-3. only when no version was asked for: connect     -> progress 2
+2. only when no version was asked for: connect     -> progress 2
    ``GET /v1/device/rom/?is_format_simple=true``, take ``"rom_version": "<v>"``
-   (checked as in 0)                               -> progress 3
-4. ``GET .../?action=download_rom&version=<v>&filename=<part>.bin.sig``: the
+   (its syntax checked)                            -> progress 3, then as in 0
+3. ``GET .../?action=download_rom&version=<v>&filename=<part>.bin.sig``: the
    detached signature (bridged.ota_image); 404 is "unsigned", refused unless
    ``allow_unsigned``
-5. ``GET /v1/device/rom/?action=download_rom&version=<v>&filename=<part>.bin``:
+4. ``GET /v1/device/rom/?action=download_rom&version=<v>&filename=<part>.bin``:
    Content-Length required and at most ``max_size``; the body streams into
    ``<state dir>/ota/.<part>.bin.*.part`` (hashed on the way) and, only once
    every byte is on disk AND the signature verifies over {partition, version,
@@ -30,7 +30,7 @@ requested, and again as the answers come):
 recorded and, for ``ota``, ``[ota] current_version``; older ones are refused
 unless ``allow_downgrade``.  Every request carries ``Authorization: token
 <token>``; https trusts ``[ota] ca_file`` alone when set, else the system CA
-store (never the MCU-writable client_ca.N).  Any failure (no address, refused
+store (never the client_ca.N of the MCU's SSL links).  Any failure (no address, refused
 connection, TLS, HTTP status other than 2xx, a short or oversized body, a
 refusal, the install command failing, the overall timer) raises
 ``OtaFailed`` (``OtaRefused`` for what the policy refuses), as do a

@@ -93,7 +93,10 @@ async def run_install(command: str, image: Path, version: str, partition: str, s
     """
     argv = [*shlex.split(command), str(image)]
     env = _environment(version, partition, sha256)
-    program = shutil.which(argv[0], path=env["PATH"])
+    name = argv[0]
+    if os.sep in name and not os.path.isabs(name):  # relative to its cwd, as exec would take it
+        name = str(image.parent / name)
+    program = shutil.which(name, path=env["PATH"])
     if program is None:
         raise InstallFailed(f"install_command {argv[0]!r}: no such program, or not executable")
     try:

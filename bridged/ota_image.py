@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from bridged.config import OTA_PARTITION, OTA_VERSION
 
-__all__ = ["Manifest", "SignatureError", "version_problem", "is_older", "load_public_keys",
+__all__ = ["Manifest", "SignatureError", "version_problem", "is_older", "load_public_keys", "read_public_key",
            "parse_signature", "verify", "sign", "load_private_key", "SIGNATURE_MAX"]
 
 MAGIC = "bridged-ota-image-v1"
@@ -51,6 +51,9 @@ _VERSION = re.compile(OTA_VERSION)
 _PARTITION = re.compile(OTA_PARTITION)
 _DIGITS = re.compile(r"[0-9]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_P = 2**255 - 19
+_Y8 = int.from_bytes(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"), "little")
+_SMALL_ORDER_Y = frozenset({0, 1, _P - 1, _Y8, _P - _Y8})  # y of the points of order 1, 2, 4, 8
 
 
 class SignatureError(ValueError):
@@ -115,18 +118,33 @@ def read_public_key(path: str | Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file, 32 raw bytes, or their base64 on one line.
 
     Raises:
-        SignatureError: unreadable, or not an Ed25519 public key.
+        SignatureError: unreadable, not one Ed25519 public key, or a weak one.
         OSError: the file cannot be read.
     """
     data = _read_key_file(path)
-    if data.lstrip().startswith(b"-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(data)
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise SignatureError(f"{path}: not a PEM public key ({exc})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise SignatureError(f"{path}: a {type(key).__name__}, not an Ed25519 public key")
-        return key
+    raw = _pem_key(path, data) if data.lstrip().startswith(b"-----BEGIN") else _bare_key(path, data)
+    if _small_order(raw):
+        raise SignatureError(f"{path}: a point of small order (a zeroed or damaged file?), which"
+                             " would verify signatures made without any private key")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _pem_key(path: str | Path, data: bytes) -> bytes:
+    # load_pem_public_key reads the first block and ignores the rest: a second key
+    # in the file would look configured and never verify anything.
+    blocks = data.count(b"-----BEGIN")
+    if blocks != 1:
+        raise SignatureError(f"{path}: {blocks} PEM blocks; one key per file (list the files in public_key)")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise SignatureError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError(f"{path}: a {type(key).__name__}, not an Ed25519 public key")
+    return key.public_bytes_raw()
+
+
+def _bare_key(path: str | Path, data: bytes) -> bytes:
     raw = data
     if len(data) != 32:
         try:
@@ -135,7 +153,19 @@ def read_public_key(path: str | Path) -> Ed25519PublicKey:
             raw = b""
     if len(raw) != 32:
         raise SignatureError(f"{path}: not an Ed25519 public key (PEM, 32 raw bytes or their base64)")
-    return Ed25519PublicKey.from_public_bytes(raw)
+    return raw
+
+
+def _small_order(raw: bytes) -> bool:
+    """Whether ``raw`` encodes one of the 8 points of order 1, 2, 4 or 8 (libsodium's
+    blocklist, non-canonical encodings included).
+
+    OpenSSL verifies against such a key without complaint, and with it a
+    signature made without any private key verifies (for the identity point,
+    any message): all zeros is one of them.
+    """
+    y = (int.from_bytes(raw, "little") & ((1 << 255) - 1)) % _P  # the sign bit of x dropped
+    return y in _SMALL_ORDER_Y
 
 
 def load_public_keys(paths: Sequence[str]) -> list[Ed25519PublicKey]:

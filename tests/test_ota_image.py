@@ -6,7 +6,7 @@ import base64
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from bridged import ota_image
 from bridged.ota_image import Manifest, SignatureError
@@ -65,3 +65,44 @@ def test_a_non_ed25519_key_is_refused(tmp_path):
     (tmp_path / "ec.pub").write_bytes(pem)
     with pytest.raises(SignatureError, match="not an Ed25519 public key"):
         ota_image.load_public_keys([str(tmp_path / "ec.pub")])
+
+
+_P = 2**255 - 19
+_Y8 = int.from_bytes(bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"), "little")
+IDENTITY = (1).to_bytes(32, "little")
+# Every encoding of a point of order 1, 2, 4 or 8, with either sign bit, and p, p + 1 (non-canonical 0, 1).
+SMALL_ORDER = [(y + sign).to_bytes(32, "little") for y in (0, 1, _P - 1, _Y8, _P - _Y8, _P, _P + 1)
+               for sign in (0, 1 << 255)]
+
+
+def _key_file(tmp_path, raw: bytes, form: str):
+    data = {"raw": lambda: raw, "base64": lambda: base64.b64encode(raw) + b"\n",
+            "pem": lambda: Ed25519PublicKey.from_public_bytes(raw).public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)}[form]()
+    (tmp_path / "k.pub").write_bytes(data)
+    return str(tmp_path / "k.pub")
+
+
+def test_a_small_order_key_would_verify_a_forgery():
+    """Why small-order keys are refused: OpenSSL takes the identity point as a key, and a
+    signature made without any private key (R = identity, S = 0) verifies any manifest."""
+    manifest = Manifest("ota", "v9", 1, SHA)
+    Ed25519PublicKey.from_public_bytes(IDENTITY).verify(IDENTITY + bytes(32), manifest.encode())
+
+
+@pytest.mark.parametrize("form", ["raw", "base64", "pem"])
+@pytest.mark.parametrize("raw", SMALL_ORDER, ids=lambda raw: raw.hex()[:8] + ".." + raw.hex()[-4:])
+def test_small_order_public_keys_are_refused(tmp_path, raw, form):
+    """A key file holding a point of small order (all zeros: a zeroed file) is refused in any form."""
+    with pytest.raises(SignatureError, match="small order"):
+        ota_image.load_public_keys([_key_file(tmp_path, raw, form)])
+
+
+def test_two_pem_keys_in_one_file_are_refused(tmp_path):
+    """One key per file: OpenSSL would read the first PEM block only, and the second key
+    would look configured yet never verify."""
+    pems = [Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo) for _ in range(2)]
+    (tmp_path / "two.pub").write_bytes(pems[0] + pems[1])
+    with pytest.raises(SignatureError, match="2 PEM blocks; one key per file"):
+        ota_image.load_public_keys([str(tmp_path / "two.pub")])

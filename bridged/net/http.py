@@ -189,6 +189,9 @@ async def _connect(where: Target, addresses: list[str], tls: ssl.SSLContext | No
                     server_hostname=where.host if where.tls else None, limit=_HEAD_LIMIT)
         except TimeoutError:
             failures.append(f"{address}: no answer within {timeout:g} s")
+        except ssl.SSLCertVerificationError as exc:
+            # The reason alone (CERTIFICATE_VERIFY_FAILED) hides whether the name, the CA or a date is wrong.
+            failures.append(f"{address}: TLS: {exc.reason}: {exc.verify_message}")
         except ssl.SSLError as exc:
             failures.append(f"{address}: TLS: {exc.reason or exc}")
         except OSError as exc:

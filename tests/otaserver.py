@@ -5,8 +5,8 @@ https (or plain http), serving signed images; and the certificates and keys it n
 and its detached signature ``<partition>.bin.sig`` made with ``key`` (as
 ``bridged ota sign`` makes it); ``signatures`` overrides what is served as a
 signature (None: 404, no signature).  ``mode`` picks how the image download
-misbehaves.  Every request is recorded.  The fixtures ``ota_files``, ``server``
-and ``start`` are shared by the OTA test modules, which import them.
+misbehaves.  Every request is recorded.  The fixtures ``ota_files``, ``server``,
+``start`` and ``shared_daemons`` are shared by the OTA test modules, which import them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from bridged.pki import PkiStore
 from tests.harness import Daemon, Host
 
 __all__ = ["UpdateServer", "OtaFiles", "make_ota_files", "signature_for", "ota_section", "image_dir",
-           "leftovers", "why", "ota_files", "server", "start", "LATEST", "IMAGE", "TOKEN"]
+           "leftovers", "why", "ota_files", "server", "start", "shared_daemons", "Daemons", "Shared",
+           "LATEST", "IMAGE", "TOKEN"]
 
 TOKEN = "test-token-0123"
 LATEST = "v4.1.2.0"
@@ -277,35 +278,95 @@ def ota_section(files: OtaFiles, server_url: str, *, secure: bool = True, ca_fil
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture
-def start(tmp_path, ota_files):
-    """Start a daemon with an [ota] section (see ota_section; ``extra`` adds keys, ``ca``
-    imports a client_ca.0); checked at the end: exit 0, no unexpected error in its log and
-    never the token."""
-    started: list[tuple[Daemon, Host]] = []
+def unexpected_errors(daemon: Daemon) -> list[dict]:
+    return [e for e in daemon.events() if e.get("level") in ("error", "critical")
+            and e.get("event") not in daemon.expected_errors]
 
-    def make(server_url: str = "", extra: str = "", *, ca: Path | None = None,
-             wrap: tuple[str, ...] = (), **section) -> tuple[Daemon, Host]:
-        directory = tmp_path / f"d{len(started)}"
+
+class Daemons:
+    """Daemons with an [ota] section (see ota_section; ``extra`` adds keys, ``ca`` imports a
+    client_ca.0), each in a directory of its own under ``directory``; ``stop_all`` checks each:
+    exit 0, no unexpected error in its log and never the token."""
+
+    def __init__(self, directory: Path, files: OtaFiles) -> None:
+        self.directory = directory
+        self.files = files
+        self.started: list[tuple[Daemon, Host]] = []
+
+    def start(self, server_url: str = "", extra: str = "", *, ca: Path | None = None,
+              wrap: tuple[str, ...] = (), **section) -> tuple[Daemon, Host]:
+        directory = self.directory / f"d{len(self.started)}"
         directory.mkdir()
-        daemon = Daemon(directory, ota_section(ota_files, server_url, **section) + extra, wrap=wrap)
+        daemon = Daemon(directory, ota_section(self.files, server_url, **section) + extra, wrap=wrap)
         if ca is not None:
             PkiStore(daemon.state_dir).import_file("client_ca", 0, ca)
         daemon.start()
         host = daemon.host()
         host.boot()
-        started.append((daemon, host))
+        self.started.append((daemon, host))
         return daemon, host
 
-    yield make
-    for daemon, host in started:
-        host.close()
-        code = daemon.stop()
-        assert code == 0, f"daemon exited {code}:\n{daemon.log_text()[-3000:]}"
-        errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")
-                  and e.get("event") not in daemon.expected_errors]
-        assert not errors, f"unexpected errors in the log: {errors}"
-        assert TOKEN not in daemon.log_text(), "the OTA token reached the log"
+    def stop_all(self) -> None:
+        for daemon, host in self.started:
+            host.close()
+            code = daemon.stop()
+            assert code == 0, f"daemon exited {code}:\n{daemon.log_text()[-3000:]}"
+            assert not (errors := unexpected_errors(daemon)), f"unexpected errors in the log: {errors}"
+            assert TOKEN not in daemon.log_text(), "the OTA token reached the log"
+
+
+@pytest.fixture
+def start(tmp_path, ota_files):
+    """Start a daemon for this test (Daemons.start), checked when the test ends."""
+    daemons = Daemons(tmp_path, ota_files)
+    yield daemons.start
+    daemons.stop_all()
+
+
+@pytest.fixture(scope="module")
+def shared_daemons(tmp_path_factory, ota_files):
+    """Daemons kept for a whole module (see Shared), checked when it ends."""
+    daemons = Daemons(tmp_path_factory.mktemp("shared"), ota_files)
+    yield daemons
+    daemons.stop_all()
+
+
+class Shared:
+    """One daemon and its server kept across the cases of a parametrized test that only get
+    refused: starting a daemon is most of such a case's time.  ``begin()`` starts a case:
+    the session idle, the server's recorded requests and misbehaviour reset, and ``why()`` /
+    ``refusal()`` then return only what this case logged; ``end()`` fails a case that logged an
+    unexpected error (the daemon's exit and the token are checked once, by shared_daemons)."""
+
+    def __init__(self, daemon: Daemon, host: Host, server) -> None:
+        self.daemon, self.host, self.server = daemon, host, server
+        self._seen: dict[str, int] = {}
+        self._errors = 0
+
+    def begin(self) -> "Shared":
+        assert self.host.ask(b"AT") == b"\r\nOK\r\n", "the last case left the session busy"
+        self.server.requests.clear()
+        if isinstance(self.server, UpdateServer):
+            self.server.signatures.clear()
+            self.server.latest, self.server.mode, self.server.status = LATEST, "ok", {}
+        self._seen = {name: len(self.daemon.events(name)) for name in ("command_error", "ota_refused")}
+        self._errors = len(unexpected_errors(self.daemon))
+        return self
+
+    def end(self) -> None:
+        new = unexpected_errors(self.daemon)[self._errors:]
+        assert not new, f"unexpected errors in the log: {new}"
+
+    def _new(self, name: str) -> dict:
+        return self.daemon.wait_event(name, count=self._seen[name] + 1)[-1]
+
+    def why(self) -> str:
+        """The reason of this case's last command_error."""
+        return self._new("command_error")["why"]
+
+    def refusal(self) -> str:
+        """The reason of this case's last ota_refused warning."""
+        return self._new("ota_refused")["why"]
 
 
 def image_dir(daemon: Daemon) -> Path:

@@ -24,11 +24,13 @@ def bridged(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=60, cwd=cwd, env=env)
 
 
-@pytest.fixture
-def keys(tmp_path) -> Path:
-    done = bridged("ota", "keygen", str(tmp_path / "ota.key"))
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    """One keygen for the module (a python -m bridged start is most of a test's time); no test changes it."""
+    directory = tmp_path_factory.mktemp("keys")
+    done = bridged("ota", "keygen", str(directory / "ota.key"))
     assert done.returncode == 0, done.stderr
-    return tmp_path / "ota.key"
+    return directory / "ota.key"
 
 
 def test_keygen_writes_a_private_key_0600_and_its_public_key(keys):

@@ -19,16 +19,18 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Daemon, EchoServer
-from tests.otaserver import (  # noqa: F401 - ota_files, server and start are fixtures
+from tests.otaserver import (  # noqa: F401 - ota_files, server, shared_daemons and start are fixtures
     IMAGE,
     LATEST,
     TOKEN,
+    Shared,
     UpdateServer,
     image_dir,
     leftovers,
     ota_files,
     ota_section,
     server,
+    shared_daemons,
     start,
     why,
 )
@@ -38,6 +40,21 @@ PROGRESS = b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n+CIPUPDATE:4\r\n"
 
 def download(version: str, filename: str) -> str:
     return f"/v1/device/rom/?action=download_rom&version={version}&filename={filename}"
+
+
+@pytest.fixture(scope="module")
+def refusing(shared_daemons, ota_files):
+    """One https daemon and server kept for the cases that fail (see Shared)."""
+    server = UpdateServer(ota_files.key, ota_files.server_context())
+    daemon, host = shared_daemons.start(server.url)
+    yield Shared(daemon, host, server)
+    server.close()
+
+
+@pytest.fixture
+def fresh(refusing):
+    yield refusing.begin()
+    refusing.end()
 
 
 # -- blocking ------------------------------------------------------------------------------
@@ -112,14 +129,13 @@ def test_too_big_image_is_refused(start, server):
 
 
 @pytest.mark.parametrize("status", [404, 500])
-def test_http_error_status_fails(start, server, status):
+def test_http_error_status_fails(fresh, status):
     """HTTP 404/500 for the version lookup or the image: ERROR."""
-    daemon, host = start(server.url)
-    server.status["/v1/device/rom/"] = status
-    assert host.ask(b"AT+CIUPDATE", timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n\r\nERROR\r\n"
-    assert f"HTTP status {status}" in why(daemon)
-    assert host.ask(b'AT+CIUPDATE=0,"v0.0.0.1"', timeout=20) == b"+CIPUPDATE:1\r\n\r\nERROR\r\n"
-    assert leftovers(daemon) == []
+    fresh.server.status["/v1/device/rom/"] = status
+    assert fresh.host.ask(b"AT+CIUPDATE", timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n\r\nERROR\r\n"
+    assert f"HTTP status {status}" in fresh.why()
+    assert fresh.host.ask(b'AT+CIUPDATE=0,"v0.0.0.1"', timeout=20) == b"+CIPUPDATE:1\r\n\r\nERROR\r\n"
+    assert leftovers(fresh.daemon) == []
 
 
 def test_unknown_version_is_404(start, server):
@@ -174,11 +190,10 @@ def test_not_joined_answers_error(start, server):
     b"AT+CIPFWVER",
     b"AT+CIPFWVER=1",
 ])
-def test_bad_parameters_answer_error(start, server, line):
+def test_bad_parameters_answer_error(fresh, line):
     """Bad parameters or a missing form: ERROR at once, nothing requested."""
-    daemon, host = start(server.url)
-    assert host.ask(line) == b"\r\nERROR\r\n"
-    assert server.requests == []
+    assert fresh.host.ask(line) == b"\r\nERROR\r\n"
+    assert fresh.server.requests == []
 
 
 def test_longest_version_and_partition_accepted(start, server):
@@ -320,12 +335,11 @@ def test_cipfwver_lists_the_server_versions(start, server):
 
 
 @pytest.mark.parametrize("status", [404, 500])
-def test_cipfwver_http_error(start, server, status):
+def test_cipfwver_http_error(fresh, status):
     """HTTP status >= 400: ERROR."""
-    daemon, host = start(server.url)
-    server.status["/v1/device/rom"] = status
-    assert host.ask(b"AT+CIPFWVER?") == b"\r\nERROR\r\n"
-    assert f"HTTP status {status}" in why(daemon)
+    fresh.server.status["/v1/device/rom"] = status
+    assert fresh.host.ask(b"AT+CIPFWVER?") == b"\r\nERROR\r\n"
+    assert f"HTTP status {status}" in fresh.why()
 
 
 def test_server_path_prefix(start, server):
@@ -449,6 +463,21 @@ class RawServer:
         self.sock.close()
 
 
+@pytest.fixture(scope="module")
+def raw_refusing(shared_daemons):
+    """One plain http daemon kept for the broken answers, its RawServer's answer set per case."""
+    server = RawServer(b"")
+    daemon, host = shared_daemons.start(server.url, secure=False)
+    yield Shared(daemon, host, server)
+    server.close()
+
+
+@pytest.fixture
+def raw_fresh(raw_refusing):
+    yield raw_refusing.begin()
+    raw_refusing.end()
+
+
 @pytest.fixture
 def raw():
     servers: list[RawServer] = []
@@ -484,14 +513,13 @@ FAILED_DOWNLOAD = b"+CIPUPDATE:1\r\n\r\nERROR\r\n"  # a version given: 1, then t
     (b"HTTP/1.0 200 OK\r\n" + b"X-Filler: " + b"a" * 20000 + b"\r\n\r\n", "headers longer than"),
     (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP status line"),
 ])
-def test_broken_server_answers_fail_cleanly(start, raw, answer, reason):
+def test_broken_server_answers_fail_cleanly(raw_fresh, answer, reason):
     """Odd or lying answers to the download: ERROR, a reason in the log, no file, no internal error."""
-    server = raw(answer)
-    daemon, host = start(server.url, secure=False)
-    assert host.ask(b'AT+CIUPDATE=0,"v1"', timeout=20) == FAILED_DOWNLOAD
-    assert reason in why(daemon)
-    assert leftovers(daemon) == []
-    assert host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:-1\r\n\r\nOK\r\n"
+    raw_fresh.server.answer = answer
+    assert raw_fresh.host.ask(b'AT+CIUPDATE=0,"v1"', timeout=20) == FAILED_DOWNLOAD
+    assert reason in raw_fresh.why()
+    assert leftovers(raw_fresh.daemon) == []
+    assert raw_fresh.host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:-1\r\n\r\nOK\r\n"
 
 
 def test_longer_body_than_content_length_keeps_only_the_declared_bytes(start, raw):
@@ -700,15 +728,14 @@ def test_stop_during_a_download_leaves_no_temporary_file(tmp_path, server, ota_f
 
 def test_install_failure_keeps_the_previous_image(start, server, tmp_path):
     """A failed install of a partition restores the image its last update left."""
-    daemon, host = start(server.url)
-    assert host.ask(b'AT+CIUPDATE=1,,"client_ca"', timeout=20) == PROGRESS + b"\r\nOK\r\n"
-    daemon2, host2 = start(server.url, _installer(tmp_path, 3))
-    image_dir(daemon2).mkdir()
-    (image_dir(daemon2) / "ota.bin").write_bytes(b"good")
-    assert host2.ask(b"AT+CIUPDATE", timeout=20) == (
+    daemon, host = start(server.url, _installer(tmp_path, 3))
+    image_dir(daemon).mkdir()
+    (image_dir(daemon) / "ota.bin").write_bytes(b"good")
+    assert host.ask(b"AT+CIUPDATE", timeout=20) == (
         b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n\r\nERROR\r\n")
-    assert (image_dir(daemon2) / "ota.bin").read_bytes() == b"good"
-    assert leftovers(daemon2) == ["ota.bin"]
+    assert (tmp_path / "installed.bin").read_bytes() == IMAGE  # it ran on the new image, then failed
+    assert (image_dir(daemon) / "ota.bin").read_bytes() == b"good"
+    assert leftovers(daemon) == ["ota.bin"]
 
 
 def test_install_command_leaving_a_job_behind_does_not_hang_the_update(start, server, tmp_path):

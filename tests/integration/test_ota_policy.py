@@ -16,15 +16,17 @@ import pytest
 
 from tests.dnsserver import serving
 from tests.harness import Daemon
-from tests.otaserver import (  # noqa: F401 - ota_files, server and start are fixtures
+from tests.otaserver import (  # noqa: F401 - ota_files, server, shared_daemons and start are fixtures
     IMAGE,
     LATEST,
     TOKEN,
+    Shared,
     UpdateServer,
     image_dir,
     leftovers,
     ota_files,
     server,
+    shared_daemons,
     signature_for,
     start,
     why,
@@ -42,10 +44,29 @@ def refusal(daemon: Daemon) -> str:
 
 
 def _installer(tmp_path: Path) -> str:
-    """An install_command that leaves a mark when it runs."""
+    """An install_command that leaves a mark, installed(daemon), when it runs."""
     script = tmp_path / "install.sh"
-    script.write_text(f'#!/bin/sh\necho ran > "{tmp_path}/installed"\n')
+    script.write_text('#!/bin/sh\necho ran > ../installed\n')  # its cwd: <state dir>/ota
     return f'install_command = "/bin/sh {script}"\n'
+
+
+def installed(daemon: Daemon) -> Path:
+    return daemon.state_dir / "installed"
+
+
+@pytest.fixture(scope="module")
+def refusing(shared_daemons, ota_files, tmp_path_factory):
+    """One https daemon (with _installer) and server kept for the cases that are refused."""
+    server = UpdateServer(ota_files.key, ota_files.server_context())
+    daemon, host = shared_daemons.start(server.url, _installer(tmp_path_factory.mktemp("installer")))
+    yield Shared(daemon, host, server)
+    server.close()
+
+
+@pytest.fixture
+def fresh(refusing):
+    yield refusing.begin()
+    refusing.end()
 
 
 class Listener:
@@ -146,32 +167,30 @@ def test_signed_image_is_installed(start, server, tmp_path):
     assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
     assert host.expect(b"+CIPUPDATE:4\r\n", timeout=20) == PROGRESS
     assert (image_dir(daemon) / "ota.bin").read_bytes() == IMAGE
-    assert (tmp_path / "installed").exists()
+    assert installed(daemon).exists()
     assert daemon.wait_event("ota_signature_verified")[-1]["version"] == LATEST
 
 
-def _refused_before_install(daemon, host, tmp_path: Path) -> str:
+def _refused_before_install(daemon, host) -> None:
     """The update fails after the lookup; the previous image stays, nothing was installed."""
     assert host.ask(b"AT+CIUPDATE", timeout=20) == AFTER_LOOKUP
-    assert not (tmp_path / "installed").exists()
+    assert not installed(daemon).exists()
     assert (image_dir(daemon) / "ota.bin").read_bytes() == b"previous"
     assert leftovers(daemon) == ["ota.bin"]
-    return refusal(daemon)
 
 
-def _with_previous_image(start, url: str, tmp_path: Path, extra: str = "", **section):
-    daemon, host = start(url, _installer(tmp_path) + extra, **section)
-    image_dir(daemon).mkdir()
+def _previous_image(daemon: Daemon) -> None:
+    image_dir(daemon).mkdir(exist_ok=True)
     (image_dir(daemon) / "ota.bin").write_bytes(b"previous")
-    return daemon, host
 
 
-def test_unsigned_image_is_refused(start, server, tmp_path):
+def test_unsigned_image_is_refused(fresh):
     """No <partition>.bin.sig on the server (404): refused, the previous image kept."""
-    server.signatures[(LATEST, "ota")] = None
-    daemon, host = _with_previous_image(start, server.url, tmp_path)
-    assert "no signature" in _refused_before_install(daemon, host, tmp_path)
-    assert server.paths()[-1].endswith("filename=ota.bin.sig")  # the image itself not even fetched
+    fresh.server.signatures[(LATEST, "ota")] = None
+    _previous_image(fresh.daemon)
+    _refused_before_install(fresh.daemon, fresh.host)
+    assert "no signature" in fresh.refusal()
+    assert fresh.server.paths()[-1].endswith("filename=ota.bin.sig")  # the image itself not even fetched
 
 
 def test_unsigned_image_is_installed_with_allow_unsigned(start, server, tmp_path):
@@ -181,18 +200,20 @@ def test_unsigned_image_is_installed_with_allow_unsigned(start, server, tmp_path
     assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
     assert host.expect(b"+CIPUPDATE:4\r\n", timeout=20) == PROGRESS
     assert daemon.wait_event("ota_unsigned_image")[-1]["level"] == "warning"
-    assert (tmp_path / "installed").exists()
+    assert installed(daemon).exists()
 
 
 def test_allow_unsigned_still_refuses_a_bad_signature(start, server, tmp_path, ota_files):
     """A signature that is there must verify, even when unsigned images are allowed."""
     server.signatures[(LATEST, "ota")] = signature_for(ota_files.other, IMAGE, LATEST, "ota")
-    daemon, host = _with_previous_image(start, server.url, tmp_path, "allow_unsigned = true\n")
-    assert "no public key verifies the signature" in _refused_before_install(daemon, host, tmp_path)
+    daemon, host = start(server.url, _installer(tmp_path) + "allow_unsigned = true\n")
+    _previous_image(daemon)
+    _refused_before_install(daemon, host)
+    assert "no public key verifies the signature" in refusal(daemon)
 
 
 @pytest.mark.parametrize("case", ["other key", "other version", "other partition", "other image", "garbage"])
-def test_wrong_signature_is_refused(start, server, tmp_path, ota_files, case):
+def test_wrong_signature_is_refused(fresh, ota_files, case):
     """Signed by a key not configured, or for another version, partition or image, or not a
     signature at all: refused before the rename and before install_command."""
     signature = {
@@ -202,10 +223,10 @@ def test_wrong_signature_is_refused(start, server, tmp_path, ota_files, case):
         "other image": signature_for(ota_files.key, IMAGE[:-1] + b"x", LATEST, "ota"),
         "garbage": b"not a signature\n",
     }[case]
-    server.signatures[(LATEST, "ota")] = signature
-    daemon, host = _with_previous_image(start, server.url, tmp_path)
-    reason = _refused_before_install(daemon, host, tmp_path)
-    assert ("not one line of base64" if case == "garbage" else "no public key verifies") in reason
+    fresh.server.signatures[(LATEST, "ota")] = signature
+    _previous_image(fresh.daemon)
+    _refused_before_install(fresh.daemon, fresh.host)
+    assert ("not one line of base64" if case == "garbage" else "no public key verifies") in fresh.refusal()
 
 
 def test_any_configured_key_verifies(start, server, ota_files):
@@ -285,23 +306,21 @@ def test_servers_latest_older_than_running_is_refused(start, server):
     b"v1 x",
     b"v1\xe9",
 ])
-def test_hostile_mcu_versions_are_refused(start, server, version):
+def test_hostile_mcu_versions_are_refused(fresh, version):
     """A version the MCU sends with anything but A-Z a-z 0-9 . _ + -, or over 64 bytes:
     ERROR at once (blocking or not), nothing requested."""
-    daemon, host = start(server.url)
-    assert host.ask(b'AT+CIUPDATE=0,"' + version + b'",,1') == b"\r\nERROR\r\n"
-    assert host.ask(b'AT+CIUPDATE=0,"' + version + b'"') == b"\r\nERROR\r\n"
-    assert server.requests == []
+    assert fresh.host.ask(b'AT+CIUPDATE=0,"' + version + b'",,1') == b"\r\nERROR\r\n"
+    assert fresh.host.ask(b'AT+CIUPDATE=0,"' + version + b'"') == b"\r\nERROR\r\n"
+    assert fresh.server.requests == []
 
 
 @pytest.mark.parametrize("latest", ["$(reboot)", "../v5", "v" * 65, "v5;id"])
-def test_hostile_server_versions_are_refused(start, server, latest):
+def test_hostile_server_versions_are_refused(fresh, latest):
     """The server's "latest" with a character a shell or path reads specially: refused after 2."""
-    server.latest = latest
-    daemon, host = start(server.url)
-    assert host.ask(b"AT+CIUPDATE", timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n\r\nERROR\r\n"
-    assert "rom_version" in refusal(daemon)
-    assert len(server.requests) == 1
+    fresh.server.latest = latest
+    assert fresh.host.ask(b"AT+CIUPDATE", timeout=20) == b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n\r\nERROR\r\n"
+    assert "rom_version" in fresh.refusal()
+    assert len(fresh.server.requests) == 1
 
 
 # -- partitions ---------------------------------------------------------------------------

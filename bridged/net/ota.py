@@ -202,13 +202,17 @@ class Updater:
         except http.HttpError as exc:
             raise OtaFailed(str(exc)) from None
 
-    async def _request(self, connection: http.Connection, path: str) -> http.Response:
-        """GET on an open connection; a status of 300 or more fails."""
+    async def _get(self, connection: http.Connection, path: str) -> http.Response:
+        """GET on an open connection, whatever the status."""
         try:
-            response = await connection.get(path, self.headers)
+            return await connection.get(path, self.headers)
         except http.HttpError as exc:
             connection.close()
             raise OtaFailed(f"GET {path}: {exc}") from None
+
+    async def _request(self, connection: http.Connection, path: str) -> http.Response:
+        """GET on an open connection; a status outside 2xx fails (a redirect is not followed)."""
+        response = await self._get(connection, path)
         if not 200 <= response.status < 300:
             await response.close()
             raise OtaFailed(f"GET {path}: HTTP status {response.status}")
@@ -246,12 +250,7 @@ class Updater:
         if not keys:
             return None
         path = self._download_path(version, f"{partition}.bin.sig")
-        connection = await self._connect(addresses)
-        try:
-            response = await connection.get(path, self.headers)
-        except http.HttpError as exc:
-            connection.close()
-            raise OtaFailed(f"GET {path}: {exc}") from None
+        response = await self._get(await self._connect(addresses), path)
         try:
             if response.status == 404 and self.config.allow_unsigned:
                 return None
@@ -353,12 +352,7 @@ class Updater:
         try:
             self.policy.check_server()
             async with asyncio.timeout(VERSIONS_TIMEOUT):
-                connection = await self._connect(await self._resolve())
-                try:
-                    response = await connection.get(path, self.headers)
-                except http.HttpError as exc:
-                    connection.close()
-                    raise OtaFailed(f"GET {path}: {exc}") from None
+                response = await self._get(await self._connect(await self._resolve()), path)
                 try:
                     if response.status >= 400:
                         raise OtaFailed(f"GET {path}: HTTP status {response.status}")

@@ -22,31 +22,21 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bridged import ota_image
+from bridged.subcommand import Parser, run
 
 __all__ = ["main"]
 
 PROG = "bridged ota"
 BAD_SIGNATURE = 1
-USAGE_ERROR = 2
-
-
-class _UsageError(Exception):
-    """argparse refused the command line (message without usage text)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Keys and signatures for bridged's signed OTA images.")
+    parser = Parser(prog=PROG, description="Keys and signatures for bridged's signed OTA images.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keygen = commands.add_parser("keygen", help="make a signing key and its public key",
                                  description="Write an Ed25519 private key to KEYFILE (0600) and its"
@@ -130,27 +120,13 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
-    return USAGE_ERROR
+def _command(args: argparse.Namespace) -> int:
+    return {"keygen": _keygen, "sign": _sign, "verify": _verify}[args.command](args)
 
 
 def main(argv: list[str]) -> int:
     """Run ``bridged ota`` with `argv` (the words after "ota"); returns the exit status."""
-    try:
-        args = _parser().parse_args(argv)
-    except _UsageError as exc:
-        return _fail(f"{exc} (see {PROG} --help)")
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else 0
-    run = {"keygen": _keygen, "sign": _sign, "verify": _verify}[args.command]
-    try:
-        return run(args)
-    except ota_image.SignatureError as exc:
-        return _fail(str(exc))
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(f"{where}{exc.strerror or exc}")
+    return run(PROG, _parser(), argv, _command, (ota_image.SignatureError,))
 
 
 if __name__ == "__main__":

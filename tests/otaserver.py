@@ -37,9 +37,11 @@ from tests.harness import Daemon, Host
 
 __all__ = ["UpdateServer", "OtaFiles", "make_ota_files", "signature_for", "ota_section", "image_dir",
            "leftovers", "why", "ota_files", "server", "start", "shared_daemons", "Daemons", "Shared",
-           "LATEST", "IMAGE", "TOKEN"]
+           "LATEST", "IMAGE", "TOKEN", "PROGRESS", "FAILED_DOWNLOAD"]
 
 TOKEN = "test-token-0123"
+PROGRESS = b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n+CIPUPDATE:4\r\n"
+FAILED_DOWNLOAD = b"+CIPUPDATE:1\r\n\r\nERROR\r\n"  # a version given: 1, then the download fails
 LATEST = "v4.1.2.0"
 IMAGE = os.urandom(200_000)
 
@@ -332,11 +334,15 @@ def shared_daemons(tmp_path_factory, ota_files):
 
 
 class Shared:
-    """One daemon and its server kept across the cases of a parametrized test that only get
-    refused: starting a daemon is most of such a case's time.  ``begin()`` starts a case:
-    the session idle, the server's recorded requests and misbehaviour reset, and ``why()`` /
-    ``refusal()`` then return only what this case logged; ``end()`` fails a case that logged an
-    unexpected error (the daemon's exit and the token are checked once, by shared_daemons)."""
+    """One daemon and its server kept across the cases of a parametrized test that fail or
+    are refused: starting a daemon is most of such a case's time.  ``begin()`` starts a case:
+    the session idle with update state 0 (AT+RST after a case that left -1, so a -1 seen is
+    this case's), the server's recorded requests and misbehaviour reset; ``event()``,
+    ``why()`` and ``refusal()`` then return only what this case logged, and ``end()`` fails a
+    case that logged an unexpected error (the daemon's exit and the token are checked once,
+    by shared_daemons)."""
+
+    EVENTS = ("command_error", "ota_refused", "ota_failed")
 
     def __init__(self, daemon: Daemon, host: Host, server) -> None:
         self.daemon, self.host, self.server = daemon, host, server
@@ -344,12 +350,17 @@ class Shared:
         self._errors = 0
 
     def begin(self) -> "Shared":
+        if self.host.ask(b"AT+CIUPDATE?") != b"+CIUPDATE:0\r\n\r\nOK\r\n":
+            assert self.host.ask(b"AT+RST") == b"\r\nOK\r\n"
+            self.host.expect(b"\r\nready\r\n")
+            self.host.expect(b"WIFI GOT IP\r\n")
+            self.host.command(b"ATE0")
         assert self.host.ask(b"AT") == b"\r\nOK\r\n", "the last case left the session busy"
         self.server.requests.clear()
         if isinstance(self.server, UpdateServer):
             self.server.signatures.clear()
             self.server.latest, self.server.mode, self.server.status = LATEST, "ok", {}
-        self._seen = {name: len(self.daemon.events(name)) for name in ("command_error", "ota_refused")}
+        self._seen = {name: len(self.daemon.events(name)) for name in self.EVENTS}
         self._errors = len(unexpected_errors(self.daemon))
         return self
 
@@ -357,16 +368,17 @@ class Shared:
         new = unexpected_errors(self.daemon)[self._errors:]
         assert not new, f"unexpected errors in the log: {new}"
 
-    def _new(self, name: str) -> dict:
+    def event(self, name: str) -> dict:
+        """This case's last ``name`` event (one of EVENTS), waited for."""
         return self.daemon.wait_event(name, count=self._seen[name] + 1)[-1]
 
     def why(self) -> str:
         """The reason of this case's last command_error."""
-        return self._new("command_error")["why"]
+        return self.event("command_error")["why"]
 
     def refusal(self) -> str:
         """The reason of this case's last ota_refused warning."""
-        return self._new("ota_refused")["why"]
+        return self.event("ota_refused")["why"]
 
 
 def image_dir(daemon: Daemon) -> Path:

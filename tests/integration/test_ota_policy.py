@@ -19,6 +19,7 @@ from tests.harness import Daemon
 from tests.otaserver import (  # noqa: F401 - ota_files, server, shared_daemons and start are fixtures
     IMAGE,
     LATEST,
+    PROGRESS,
     TOKEN,
     Shared,
     UpdateServer,
@@ -32,7 +33,6 @@ from tests.otaserver import (  # noqa: F401 - ota_files, server, shared_daemons 
     why,
 )
 
-PROGRESS = b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n+CIPUPDATE:4\r\n"
 AFTER_LOOKUP = b"+CIPUPDATE:1\r\n+CIPUPDATE:2\r\n+CIPUPDATE:3\r\n\r\nERROR\r\n"  # refused once the version is known
 FAKE_DNS = "127.0.0.211"  # the MCU's nameserver (tests/dnsserver.py, port 53)
 ATTACKER = "127.0.0.212"

@@ -37,7 +37,7 @@ def _caps(status: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def shared_dir():
+def service_dir():
     """A directory the unprivileged user can work in (pytest's tmp_path is root's alone)."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run as a service user with ambient capabilities")
@@ -69,26 +69,26 @@ def _setuid_id(directory: Path) -> Path:
     return program
 
 
-def test_service_user_with_ambient_caps_gives_install_command_none(shared_dir):
+def test_service_user_with_ambient_caps_gives_install_command_none(service_dir):
     """As an unprivileged user with ambient CAP_NET_RAW and CAP_NET_BIND_SERVICE: the command has
     no capability (inheritable, permitted, effective, ambient), no_new_privs, and a setuid-root
     program it runs stays the service user."""
-    setuid = _setuid_id(shared_dir)
+    setuid = _setuid_id(service_dir)
     without = subprocess.run(["setpriv", *NOBODY, "--", str(setuid), "-u"], capture_output=True, text=True,
                              timeout=30)
     if without.stdout.strip() != "0":
         pytest.skip(f"setuid programs do not work here ({without.stdout.strip() or without.stderr.strip()})")
-    probe = shared_dir / "probe.sh"
-    probe.write_text(f'#!/bin/sh\ncat /proc/self/status > "{shared_dir}/status"\n'
-                     f'"{setuid}" -u > "{shared_dir}/euid"\n')
-    (shared_dir / "ota.bin").write_bytes(b"image")
+    probe = service_dir / "probe.sh"
+    probe.write_text(f'#!/bin/sh\ncat /proc/self/status > "{service_dir}/status"\n'
+                     f'"{setuid}" -u > "{service_dir}/euid"\n')
+    (service_dir / "ota.bin").write_bytes(b"image")
     env = dict(os.environ, PYTHONPATH=str(Path(structlog.__file__).parent.parent))
     done = subprocess.run(
         ["setpriv", *NOBODY, *AMBIENT, "--", _interpreter(), "-c", RUNNER, str(REPO), f"/bin/sh {probe}",
-         str(shared_dir / "ota.bin")], capture_output=True, text=True, timeout=60, cwd="/", env=env)
+         str(service_dir / "ota.bin")], capture_output=True, text=True, timeout=60, cwd="/", env=env)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[0], 16) != 0  # the service had ambient capabilities to lose
-    caps = _caps((shared_dir / "status").read_text())
+    caps = _caps((service_dir / "status").read_text())
     assert {k: caps[k] for k in ("CapInh", "CapPrm", "CapEff", "CapAmb", "NoNewPrivs")} == {
         "CapInh": "0" * 16, "CapPrm": "0" * 16, "CapEff": "0" * 16, "CapAmb": "0" * 16, "NoNewPrivs": "1"}
-    assert (shared_dir / "euid").read_text().strip() == "65534"
+    assert (service_dir / "euid").read_text().strip() == "65534"

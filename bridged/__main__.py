@@ -1,8 +1,9 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
 [--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check`` with the same
 options (validate the configuration and print what it amounts to, without
-serving), and ``bridged pki import|list|remove`` (the certificate store, see
-``bridged.pki_cli``).
+serving), ``bridged pki import|list|remove`` (the certificate store, see
+``bridged.pki_cli``) and ``bridged fleet [status]`` (many devices, see
+``bridged.fleet_cli``).
 
 A user mistake (bad argument, bad config, a port that cannot be opened) ends
 with exit status 2 and one line naming what is wrong; never a traceback.
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
         command.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
     commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
+    commands.add_parser("fleet", help="run many devices for load testing (bridged fleet --help)",
+                        add_help=False)
     return parser
 
 
@@ -104,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         from bridged.pki_cli import main as pki_main
 
         return pki_main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        from bridged.fleet_cli import main as fleet_main
+
+        return fleet_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)

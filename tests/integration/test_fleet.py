@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from bridged.__main__ import main
 from tests.harness import Host, Timeout
 
 START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
@@ -185,13 +186,12 @@ def test_device_that_keeps_dying_is_given_up(fleet_of, tmp_path):
     (("--count", "2", "--concurrency", "0"), "--concurrency: 0 is not allowed"),
     (("--count", "2", "--port", "/dev/ttyS0"), "unrecognized arguments: --port"),
 ])
-def test_bad_options_exit_2_naming_the_option(tmp_path, args, message):
+def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, args, message):
     """A bad --count (or other option) is a usage error: exit 2, one line naming it, no device."""
-    result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "--dir", str(tmp_path / "f"), *args],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2
-    assert result.stderr.startswith("bridged fleet: ") and message in result.stderr, result.stderr
-    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "f" / "fleet.json").exists()
+    assert main(["fleet", "--dir", str(tmp_path / "f"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bridged fleet: ") and message in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "f" / "fleet.json").exists()
 
 
 def test_bad_config_exits_2_before_any_device(tmp_path):

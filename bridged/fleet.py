@@ -31,9 +31,12 @@ stopped (``device_failed``, state ``failed``); the fleet goes on with the
 others and ends with status 1 only when every device has failed. Restarts are
 counted per device in the manifest.
 
-Stop (SIGTERM, SIGINT): SIGTERM to each running device in index order, then
-wait (10 s) for all; a device still there is killed with its process group.
-Exit status 0 when every device stopped cleanly, 1 otherwise.
+Stop (SIGTERM, SIGINT): SIGTERM to each running device in index order, at
+most ``concurrency`` stopping at a time (each stop wakes and ends 3 to 7
+Python processes: 50 at once do not end in time on 2 cores); a device not
+gone 10 s after its SIGTERM is killed with its process group, and so is
+every device left when a second SIGTERM or SIGINT comes. Exit status 0 when
+every device stopped cleanly, 1 otherwise.
 
 ``D/fleet.json`` (the manifest, replaced atomically) tells ``bridged fleet
 status`` and scripts who is where: the fleet's pid, and per device its pid,
@@ -42,9 +45,7 @@ state, paths and restart count.
 
 from __future__ import annotations
 
-import ctypes
 import enum
-import glob
 import json
 import os
 import secrets
@@ -53,7 +54,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,7 @@ from pathlib import Path
 import structlog
 
 from bridged import systemd
+from bridged.spawn import daemon_argv, kill_group, remove_leaks, spawn
 
 __all__ = ["Device", "DeviceState", "Fleet", "FleetSpec", "MANIFEST", "device_paths"]
 
@@ -74,7 +75,6 @@ _FAST_DEATH = 10.0
 _MAX_FAILURES = 5
 _MAX_BACKOFF = 30.0
 _MANIFEST_EVERY = 0.25
-_PR_SET_PDEATHSIG = 1
 # Inherited variables a device must not take as its own.
 _DROPPED_ENV = ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
                 "STATE_DIRECTORY")
@@ -97,7 +97,7 @@ class FleetSpec:
     config: str | None = None
     profile: str | None = None
     baud: int | None = None
-    concurrency: int = 4
+    concurrency: int = 4  # devices starting (or stopping) at once
     start_timeout: float = 60.0
 
 
@@ -155,7 +155,6 @@ class Fleet:
         self._announced = False
         self._manifest_dirty = True
         self._manifest_at = 0.0
-        self._libc = ctypes.CDLL(None, use_errno=True)
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -242,28 +241,13 @@ class Fleet:
                 starting += 1
 
     def _spawn(self, device: Device) -> None:
-        paths = device.paths
+        paths, spec = device.paths, self.spec
         for directory in (paths.state_dir, paths.run_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "bridged", "run", "--pty", str(paths.pty),
-                "--state-dir", str(paths.state_dir)]
-        for option, value in (("--config", self.spec.config), ("--profile", self.spec.profile),
-                              ("--baud", self.spec.baud)):
-            if value is not None:
-                argv += [option, str(value)]
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(NOTIFY_SOCKET=self.notify_name, RUNTIME_DIRECTORY=str(paths.run_dir))
-        parent, libc = os.getpid(), self._libc
-
-        def die_with_fleet() -> None:  # in the child, between fork and exec
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:
-                os._exit(1)
-
-        with open(paths.log, "ab") as out:
-            device.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                           stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True, preexec_fn=die_with_fleet)
+        argv = daemon_argv(paths.pty, paths.state_dir, spec.config, spec.profile, spec.baud)
+        device.proc = spawn(argv, paths.log, env)
         device.state, device.started, device.ready_at = DeviceState.STARTING, time.monotonic(), None
         device.restart_at = None
         self._manifest_dirty = True
@@ -293,7 +277,7 @@ class Fleet:
             if device.state is DeviceState.STARTING and now - device.started > self.spec.start_timeout:
                 log.error("device_start_timeout", index=device.index, pid=device.pid,
                           seconds=self.spec.start_timeout)
-                _killpg(device.pid, signal.SIGKILL)  # reaped as a death next turn
+                kill_group(device.pid, signal.SIGKILL)  # reaped as a death next turn
 
     # -- dying ----------------------------------------------------------------------------
 
@@ -307,8 +291,8 @@ class Fleet:
 
     def _died(self, device: Device, code: int) -> None:
         pid = device.pid
-        _killpg(pid, signal.SIGKILL)  # its front and workers, should any be left
-        _remove_leaks(pid, device.paths.pty)
+        kill_group(pid, signal.SIGKILL)  # its front and workers, should any be left
+        remove_leaks(pid, device.paths.pty)
         now = time.monotonic()
         fast = device.ready_at is None or now - device.ready_at < _FAST_DEATH
         device.failures = device.failures + 1 if fast else 1
@@ -328,30 +312,38 @@ class Fleet:
     # -- stopping -------------------------------------------------------------------------
 
     def stop(self) -> int:
-        """SIGTERM every running device in index order, wait for all; 0 if all stopped cleanly."""
+        """Stop every running device, in index order, at most `concurrency` at a time
+        (50 at once would not stop within their grace on 2 cores); 0 if all stopped cleanly.
+
+        A second SIGTERM or SIGINT kills what is left at once.
+        """
         log.info("fleet_stopping")
         systemd.stopping()
+        self._signals.clear()
         running = [d for d in self.devices if d.proc is not None and d.proc.poll() is None]
-        for device in running:
-            _kill(device.pid, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        while any(d.proc.poll() is None for d in running) and time.monotonic() < deadline:
+        waiting, stopping = list(running), {}  # device -> its deadline
+        while waiting or stopping:
+            while waiting and len(stopping) < self.spec.concurrency:
+                device = waiting.pop(0)
+                _kill(device.pid, signal.SIGTERM)
+                stopping[device.index] = (device, time.monotonic() + _STOP_GRACE)
             time.sleep(0.02)
-        clean = True
-        for device in running:
-            if device.proc.poll() is None:
-                log.error("device_killed", index=device.index, pid=device.pid,
-                          hint="it did not stop within the grace time")
-                _killpg(device.pid, signal.SIGKILL)
-                device.proc.wait(5)
-            code = device.proc.returncode
-            # SIGTERM's default action: the device was still importing, nothing to clean.
-            if code not in (0, -signal.SIGTERM):
-                clean = False
-                log.error("device_stop_failed", index=device.index, pid=device.pid, exit_code=code)
-            _killpg(device.pid, signal.SIGKILL)  # nothing should be left; make sure
-            if code != 0:
-                _remove_leaks(device.pid, device.paths.pty)
+            self._take_signals()  # SIGCHLD from the exits, or the user asking again
+            hurry = signal.SIGTERM in self._signals or signal.SIGINT in self._signals
+            for index, (device, deadline) in list(stopping.items()):
+                if device.proc.poll() is None and (hurry or time.monotonic() > deadline):
+                    log.error("device_killed", index=device.index, pid=device.pid,
+                              hint="stop asked again" if hurry else "it did not stop within 10 s")
+                    kill_group(device.pid, signal.SIGKILL)
+                    device.proc.wait(5)
+                if device.proc.poll() is not None:
+                    del stopping[index]
+            if hurry:
+                for device in waiting:
+                    kill_group(device.pid, signal.SIGKILL)
+                    device.proc.wait(5)
+                waiting.clear()
+        clean = all([self._stopped(d) for d in running])
         for device in self.devices:
             if device.state is not DeviceState.FAILED:
                 device.state = DeviceState.STOPPED
@@ -360,6 +352,19 @@ class Fleet:
               + ("" if clean else " (not all cleanly; see the log)"), flush=True)
         log.info("fleet_stopped", devices=len(running), clean=clean)
         return 0 if clean else 1
+
+    @staticmethod
+    def _stopped(device: Device) -> bool:
+        """Clean up after a device that has exited; True if it stopped cleanly."""
+        code = device.proc.returncode
+        kill_group(device.pid, signal.SIGKILL)  # nothing should be left; make sure
+        if code != 0:
+            remove_leaks(device.pid, device.paths.pty)
+        # SIGTERM's default action: the device was still importing, nothing to clean.
+        if code in (0, -signal.SIGTERM):
+            return True
+        log.error("device_stop_failed", index=device.index, pid=device.pid, exit_code=code)
+        return False
 
     # -- manifest -------------------------------------------------------------------------
 
@@ -396,27 +401,4 @@ def _kill(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
-        pass
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _remove_leaks(pid: int, pty_link: Path) -> None:
-    """What a supervisor killed with SIGKILL could not remove: its rings in
-    /dev/shm (named bridged-<pid>-..., see bridged.ipc.rings) and its pty
-    symlink, which now points at nothing."""
-    for path in glob.glob(f"/dev/shm/bridged-{pid}-*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    try:
-        if pty_link.is_symlink() and not pty_link.exists():
-            pty_link.unlink()
-    except OSError:
         pass

@@ -36,25 +36,21 @@ from __future__ import annotations
 
 from locust import User, events  # noqa: I001 -- first: gevent's monkey patching before the rest
 
-import ctypes
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bridged.atclient import AtAnswer, AtClient, AtTimeout
+from bridged.spawn import daemon_argv, kill_group, spawn
 
 __all__ = ["AtFailure", "AtSession", "BridgedDevice"]
 
 logger = logging.getLogger(__name__)  # Locust's own logging setup renders it
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @events.init_command_line_parser.add_listener
@@ -153,28 +149,11 @@ class BridgedDevice(User):
         if self.config_text is not None:
             config = str(workdir / "bridged.toml")
             Path(config).write_text(self.config_text)
-        argv = [sys.executable, "-m", "bridged", "run", "--pty", str(workdir / "tty"),
-                "--state-dir", str(workdir / "state")]
-        if config:
-            argv += ["--config", os.path.abspath(config)]
-        if profile:
-            argv += ["--profile", profile]
-        return argv
+        return daemon_argv(workdir / "tty", workdir / "state", config and os.path.abspath(config), profile)
 
     def _start_device(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="bridged-locust-"))
-        argv = self._argv(self.workdir)
-        parent = os.getpid()
-
-        def die_with_locust() -> None:  # in the child, between fork and exec
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:
-                os._exit(1)
-
-        with open(self.workdir / "bridged.log", "ab") as log:
-            self.daemon = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True,
-                                           preexec_fn=die_with_locust)
+        self.daemon = spawn(self._argv(self.workdir), self.workdir / "bridged.log")
         pty = self.workdir / "tty"
         deadline = time.monotonic() + self.start_timeout
         while not pty.exists():
@@ -212,7 +191,7 @@ class BridgedDevice(User):
             try:
                 daemon.wait(10)
             except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
+                kill_group(daemon.pid)
                 daemon.wait(5)
         workdir, self.workdir = self.workdir, None
         if workdir is None:

@@ -131,11 +131,14 @@ def test_three_devices_answer_status_and_stop(fleet_of):
 
 def test_killed_device_is_restarted_and_counted(fleet_of):
     """A device killed with SIGKILL is reported, cleaned up after (rings, pty link, its
-    children) and restarted on the same pty path; SIGINT still stops the fleet cleanly."""
-    fleet = fleet_of(2, "--profile", "esp32")
+    children) and restarted on the same pty path; SIGINT still stops the fleet cleanly.
+    With --profile fleet a device is a supervisor, a front and one link worker."""
+    fleet = fleet_of(2, "--profile", "fleet")
     fleet.wait_for("bridged fleet: 2 of 2 devices ready")
     victim = fleet.manifest()["devices"][0]
     children = psutil.Process(victim["pid"]).children(recursive=True)
+    forked = [p for p in children if "run" in p.cmdline()]  # not 3.11's resource tracker
+    assert len(forked) == 2, [p.cmdline() for p in children]
     assert any(f"bridged-{victim['pid']}-" in n for n in os.listdir("/dev/shm"))
     os.kill(victim["pid"], signal.SIGKILL)
     deadline = time.monotonic() + START_TIMEOUT
@@ -160,6 +163,25 @@ def test_killed_device_is_restarted_and_counted(fleet_of):
     procs = fleet.tree()
     assert fleet.stop(signal.SIGINT) == 0, fleet.out()[-3000:]
     assert not _gone(procs)
+
+
+def test_second_signal_kills_a_device_that_does_not_stop(fleet_of):
+    """A device that does not stop (here: stopped with SIGSTOP) holds the fleet's stop until a
+    second SIGTERM, which kills it and its processes at once; the fleet then exits 1."""
+    fleet = fleet_of(1, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+    device = fleet.manifest()["devices"][0]
+    procs = fleet.tree()
+    os.kill(device["pid"], signal.SIGSTOP)
+    fleet.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert fleet.proc.poll() is None  # still waiting for the device
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.proc.wait(5) == 1
+    assert [(e["index"], e["hint"]) for e in fleet.events("device_killed")] == [(0, "stop asked again")]
+    assert not _gone(procs)
+    assert not (fleet.dir / "ttyESP0").is_symlink()
+    assert not any(name.startswith(f"bridged-{device['pid']}-") for name in os.listdir("/dev/shm"))
 
 
 @pytest.mark.timeout(120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,6 +164,30 @@ def test_killed_device_is_restarted_and_counted(fleet_of):
     procs = fleet.tree()
     assert fleet.stop(signal.SIGINT) == 0, fleet.out()[-3000:]
     assert not _gone(procs)
+
+
+def test_stop_keeps_reading_notifications(fleet_of):
+    """While stopping, the fleet keeps reading its notify socket: every stopping supervisor
+    sends STOPPING=1 there, and with ten datagrams unread the eleventh sender blocked (a
+    fleet of 50 then stopped only by killing devices 11 and up)."""
+    fleet = fleet_of(1, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+    device = fleet.manifest()["devices"][0]
+    name = psutil.Process(device["pid"]).environ()["NOTIFY_SOCKET"]
+    os.kill(device["pid"], signal.SIGSTOP)  # holds the stop, with the fleet inside it
+    fleet.proc.send_signal(signal.SIGTERM)
+    sent, deadline = 0, time.monotonic() + 5
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        while sent < 30 and time.monotonic() < deadline:
+            try:
+                sock.sendto(b"STOPPING=1", "\0" + name[1:])  # as 30 stopping devices would
+                sent += 1
+            except BlockingIOError:
+                time.sleep(0.01)
+    os.kill(device["pid"], signal.SIGCONT)
+    assert sent == 30
+    assert fleet.proc.wait(20) == 0, fleet.out()[-3000:]
 
 
 def test_second_signal_kills_a_device_that_does_not_stop(fleet_of):

@@ -36,7 +36,9 @@ most ``concurrency`` stopping at a time (each stop wakes and ends 3 to 7
 Python processes), reading the notify socket all along; a device not
 gone 10 s after its SIGTERM is killed with its process group, and so is
 every device left when a second SIGTERM or SIGINT comes. Exit status 0 when
-every device stopped cleanly, 1 otherwise.
+every device stopped cleanly, 1 otherwise. SIGHUP is passed on to every
+ready device, which reloads its configuration as ``bridged run`` does (one
+still starting is left alone: its handler may not be set up yet).
 
 ``D/fleet.json`` (the manifest, replaced atomically) tells ``bridged fleet
 status`` and scripts who is where: the fleet's pid, and per device its pid,
@@ -69,7 +71,7 @@ log = structlog.get_logger()
 
 MANIFEST = "fleet.json"
 MAX_COUNT = 1000
-_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _STOP_GRACE = 10.0  # a device's own stop takes up to ~5 s (front 1 s, workers 4 s)
 _FAST_DEATH = 10.0
 _MAX_FAILURES = 5
@@ -186,6 +188,8 @@ class Fleet:
                 self._take_signals()
             if signal.SIGTERM in self._signals or signal.SIGINT in self._signals:
                 return self.stop()
+            if signal.SIGHUP in self._signals:
+                self._reload()
             self._signals.clear()
             self._reap()
             if self._notify in readable:
@@ -200,6 +204,13 @@ class Fleet:
                 self._write_manifest(running=False)
                 return 1
             self._maybe_write_manifest()
+
+    def _reload(self) -> None:
+        """SIGHUP: each ready device reloads its configuration, as ``bridged run`` does."""
+        ready = [d for d in self.devices if d.state is DeviceState.READY]
+        log.info("fleet_reload", devices=len(ready))
+        for device in ready:
+            _kill(device.pid, signal.SIGHUP)
 
     def _take_signals(self) -> None:
         while True:

@@ -166,6 +166,24 @@ def test_killed_device_is_restarted_and_counted(fleet_of):
     assert not _gone(procs)
 
 
+def test_sighup_reloads_every_device(fleet_of):
+    """SIGHUP to the fleet reaches every device: each restarts its session with the changed
+    config file (ready again, AT+GMR names the new version) and no device is restarted."""
+    fleet = fleet_of(2, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 2 of 2 devices ready")
+    hosts = [Host(d["pty"]) for d in fleet.manifest()["devices"]]
+    for host in hosts:
+        host.expect(b"\r\nready\r\n")
+    fleet.config.write_text('[wifi]\nstation_interface = "lo"\n[firmware]\nat_version = "4.0.0.0"\n')
+    fleet.proc.send_signal(signal.SIGHUP)
+    for host in hosts:
+        host.expect(b"\r\nready\r\n")
+        assert b"AT version:4.0.0.0(" in host.command(b"AT+GMR")
+        host.close()
+    assert [e["devices"] for e in fleet.events("fleet_reload")] == [2]
+    assert not fleet.events("device_died") and fleet.proc.poll() is None
+
+
 def test_stop_keeps_reading_notifications(fleet_of):
     """While stopping, the fleet keeps reading its notify socket: every stopping supervisor
     sends STOPPING=1 there, and with ten datagrams unread the eleventh sender blocked (a

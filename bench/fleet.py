@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--within-ms", type=float, default=10.0, help="AT round trip limit (10 ms)")
     ap.add_argument("--budget-s", type=float, default=900.0, help="time for the search (900 s)")
     ap.add_argument("--mem-gib", type=float, default=8.0, help="memory the search may use (8 GiB)")
+    ap.add_argument("--pss-mib", type=float, default=41.0,
+                    help="Pss per device of the fleet profile for the search's memory projection"
+                         " when the memory part is skipped (41, measured on Python 3.11)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory,start,search")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True, text=True, timeout=10).stdout.strip()
     print(f"bench.fleet: nproc {os.cpu_count()}, Python {sys.version.split()[0]}, HEAD {commit}, "
           f"load {os.getloadavg()[0]:.1f}, MemAvailable {_mem_available_mib():.0f} MiB", flush=True)
-    per_device = {"fleet": 35.0}
+    per_device = {"fleet": args.pss_mib}
     if "memory" not in skip:
         for profile in ("esp32", "fleet"):
             r = memory(profile, args.mem_count)

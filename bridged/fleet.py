@@ -183,15 +183,20 @@ class Fleet:
 
     def _loop(self) -> int:
         while True:
-            readable, _, _ = select.select([self._wakeup_r, self._notify], [], [], 0.1)
+            # Idle (all ready or failed), only signals and notifications wake the fleet.
+            busy = any(d.state in (DeviceState.STARTING, DeviceState.BACKOFF) for d in self.devices)
+            timeout = 0.1 if busy or self._manifest_dirty else 1.0
+            readable, _, _ = select.select([self._wakeup_r, self._notify], [], [], timeout)
             if self._wakeup_r in readable:
                 self._take_signals()
             if signal.SIGTERM in self._signals or signal.SIGINT in self._signals:
                 return self.stop()
             if signal.SIGHUP in self._signals:
                 self._reload()
+            exited = signal.SIGCHLD in self._signals
             self._signals.clear()
-            self._reap()
+            if exited:
+                self._reap()
             if self._notify in readable:
                 self._take_notifications()
             self._check_start_timeouts()

@@ -1,8 +1,9 @@
 """Many devices (``bridged fleet``): memory per device, start time, and the
 largest fleet this machine holds with every device answering AT within 10 ms.
 
-    python -m bench.fleet [--runs 3] [--start-count 50] [--sizes 10,25,50,75,100,150,200,300]
-                          [--within-ms 10] [--budget-s 900] [--mem-gib 8]
+    python -m bench.fleet [--runs 3] [--start-count 50] [--start-concurrency 2,4,8]
+                          [--sizes 10,25,50,75,100,150,200,300] [--within-ms 10]
+                          [--budget-s 900] [--mem-gib 8] [--skip memory,start,search]
 
 - Memory: a fleet of ``--mem-count`` (10) devices per profile (``esp32``: five
   link workers, ``fleet``: one); once all are ready and 3 s have passed, the
@@ -205,10 +206,23 @@ def _search(args, per_device_mib: float, started: float) -> tuple[int, str]:
     return held, why
 
 
+def _start_times(args, profile: str, concurrency: int | None) -> None:
+    runs = [start_time(args.start_count, profile, concurrency) for _ in range(args.runs)]
+    label = f"{profile:<6} concurrency {concurrency or 'default'}"
+    for i, r in enumerate(runs, 1):
+        print(f"start   {label} run {i}: {args.start_count} ready in {r['ready_s']:.1f} s, "
+              f"all answered AT at {r['at_s']:.1f} s", flush=True)
+    print(f"start   {label} median of {args.runs}: ready {median(r['ready_s'] for r in runs):.1f} s, "
+          f"answering AT {median(r['at_s'] for r in runs):.1f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="start-time runs (default 3)")
     ap.add_argument("--start-count", type=int, default=50, help="devices for the start time (50)")
+    ap.add_argument("--start-profiles", default="fleet,esp32", help="profiles for the start time")
+    ap.add_argument("--start-concurrency", default="",
+                    help="comma-separated --concurrency values for the start time (default: the fleet's)")
     ap.add_argument("--mem-count", type=int, default=10, help="devices for the memory figure (10)")
     ap.add_argument("--sizes", default="10,25,50,75,100,150,200,300",
                     help="fleet sizes tried in turn for the largest N")
@@ -221,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: memory,start,search")
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.start_concurrency = [int(c) for c in args.start_concurrency.split(",") if c.strip()] or [None]
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True, timeout=10).stdout.strip()
@@ -235,13 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"(max {r['pss_max_mib']:.1f}), {r['procs']:.0f} processes per device; the fleet "
                   f"manager {r['manager_mib']:.1f} MiB", flush=True)
     if "start" not in skip:
-        for profile in ("fleet", "esp32"):
-            runs = [start_time(args.start_count, profile, None) for _ in range(args.runs)]
-            for i, r in enumerate(runs, 1):
-                print(f"start   {profile:<6} run {i}: {args.start_count} ready in {r['ready_s']:.1f} s, "
-                      f"all answered AT at {r['at_s']:.1f} s", flush=True)
-            print(f"start   {profile:<6} median of {args.runs}: ready {median(r['ready_s'] for r in runs):.1f} s, "
-                  f"answering AT {median(r['at_s'] for r in runs):.1f} s", flush=True)
+        for profile in args.start_profiles.split(","):
+            for concurrency in args.start_concurrency:
+                _start_times(args, profile, concurrency)
     if "search" not in skip:
         held, why = _search(args, per_device["fleet"], time.monotonic())
         print(f"largest N holding AT <= {args.within_ms:g} ms (profile fleet): {held} ({why})", flush=True)

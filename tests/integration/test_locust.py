@@ -93,7 +93,7 @@ def test_example_locustfile_headless(tmp_path):
 
 
 DRIVER = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from locust.env import Environment  # first: gevent's monkey patching
     import gevent
     from locust import constant, task
@@ -103,16 +103,16 @@ DRIVER = textwrap.dedent("""
     class Probe(BridgedDevice):
         fixed_count = 1
         wait_time = constant(0)
-        config_text = '[wifi]\\nstation_interface = "lo"\\nconnect_delay_ms = 1500\\n'
+        config_text = '[wifi]\\nstation_interface = "lo"\\nconnect_delay_ms = 2000\\n'
 
         @task
         def once(self):
             self.at.command("ATE0")
             assert not self.at.command("AT+BOGUS").ok
             assert self.at.command("AT", name="ok").ok
-            answer = self.at.command('AT+CWJAP="bridged","pw"', name="slow join", timeout=0.3)
+            answer = self.at.command('AT+CWJAP="bridged","pw"', name="slow join", timeout=1.0)
             assert answer.final == "TIMEOUT", answer
-            gevent.sleep(2.0)  # its late OK arrives meanwhile and must not answer the next
+            gevent.sleep(1.5)  # its late OK arrives meanwhile and must not answer the next
             after = self.at.command("AT+CWJAP?", name="after timeout")
             assert after.text.startswith(b"+CWJAP:"), after
             raise StopUser()
@@ -126,15 +126,27 @@ DRIVER = textwrap.dedent("""
         def never(self):
             raise AssertionError("a device that did not start ran a task")
 
+    gaps = [0.0]
+
+    def ticker():  # runs only if the devices' waits (boot, a 1 s timeout) yield to it
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            gaps[0], last = max(gaps[0], now - last), now
+
     env = Environment(user_classes=[Probe, Broken])
     runner = env.create_local_runner()
+    tick = gevent.spawn(ticker)
     runner.start(2, spawn_rate=2)
     for _ in range(300):  # 30 s at most
         gevent.sleep(0.1)
         if runner.user_count == 0 or all(g.dead for g in runner.user_greenlets):
             break
     runner.quit()
+    tick.kill()
     print(json.dumps({
+        "longest_stall": gaps[0],
         "requests": {f"{e.method} {e.name}": [e.num_requests, e.num_failures]
                      for e in env.stats.entries.values()},
         "errors": [[e.method, e.name, repr(e.error)] for e in env.stats.errors.values()],
@@ -144,8 +156,9 @@ DRIVER = textwrap.dedent("""
 
 def test_failures_and_timeouts_reach_locust_stats(tmp_path):
     """Through Locust's library API: ERROR and a timeout are failures with their reason, a
-    late answer is not taken for the next command's, and a device that cannot start is a
-    failed "start" whose temporary directory (and log) is kept; no process is left."""
+    late answer is not taken for the next command's, a device that cannot start is a
+    failed "start" whose temporary directory (and log) is kept, waits on the pty never
+    stall the other greenlets, and no process is left."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     result = _run([sys.executable, str(driver)], tmp_path, 50)
@@ -161,6 +174,8 @@ def test_failures_and_timeouts_reach_locust_stats(tmp_path):
     assert "AtFailure" in errors["AT+BOGUS"] and "ERROR" in errors["AT+BOGUS"]
     assert "AtTimeout" in errors["slow join"]
     assert "exited with 2" in errors["start"]
+    # Under gevent a device's waits yield: other greenlets ran every few ms throughout.
+    assert report["longest_stall"] < 0.5, report["longest_stall"]
     kept = list(tmp_path.glob("bridged-locust-*"))
     assert len(kept) == 1 and "no-such-profile" in (kept[0] / "bridged.log").read_text()
     assert not _leftovers(tmp_path)

@@ -1,9 +1,8 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
 [--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check`` with the same
 options (validate the configuration and print what it amounts to, without
-serving), ``bridged pki import|list|remove`` (the certificate store, see
-``bridged.pki_cli``) and ``bridged fleet [status]`` (many devices, see
-``bridged.fleet_cli``).
+serving), and ``bridged pki import|list|remove`` (the certificate store, see
+``bridged.pki_cli``).
 
 A user mistake (bad argument, bad config, a port that cannot be opened) ends
 with exit status 2 and one line naming what is wrong; never a traceback.

@@ -63,7 +63,7 @@ from pathlib import Path
 import structlog
 
 from bridged import systemd
-from bridged.spawn import daemon_argv, kill_group, remove_leaks, spawn
+from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
 
 __all__ = ["Device", "DeviceState", "Fleet", "FleetSpec", "MANIFEST", "device_paths"]
 

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from bridged.atclient import AtAnswer, AtClient, AtTimeout
-from bridged.spawn import daemon_argv, kill_group, spawn
+from bridged.launch import daemon_argv, kill_group, spawn
 
 __all__ = ["AtFailure", "AtSession", "BridgedDevice"]
 

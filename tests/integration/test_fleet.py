@@ -140,7 +140,6 @@ def test_killed_device_is_restarted_and_counted(fleet_of):
     children = psutil.Process(victim["pid"]).children(recursive=True)
     forked = [p for p in children if "run" in p.cmdline()]  # not 3.11's resource tracker
     assert len(forked) == 2, [p.cmdline() for p in children]
-    assert any(f"bridged-{victim['pid']}-" in n for n in os.listdir("/dev/shm"))
     os.kill(victim["pid"], signal.SIGKILL)
     deadline = time.monotonic() + START_TIMEOUT
     while fleet.manifest()["devices"][0]["state"] != "ready" or fleet.manifest()["devices"][0]["pid"] == victim["pid"]:

@@ -1,4 +1,4 @@
-"""Starting ``bridged run`` as a child process, and cleaning up after one.
+"""Launching ``bridged run`` as a child process, and cleaning up after one.
 
 For the tools that run devices by the dozen (``bridged fleet``, the Locust
 users): each device is a session of its own (a terminal's Ctrl-C reaches the
@@ -62,7 +62,7 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
 
 def remove_leaks(pid: int, pty_link: Path) -> None:
     """Remove what a supervisor killed with SIGKILL could not: its rings in
-    /dev/shm (named bridged-<pid>-..., see bridged.ipc.rings) and its pty
+    /dev/shm, if any (named bridged-<pid>-..., see bridged.ipc.rings) and its pty
     symlink. The link goes whatever it points at: the pty may outlive the
     supervisor for a moment (its children are still dying), and its number
     may later be another program's."""

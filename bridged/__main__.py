@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="show what a running bridged is doing (bridged status --help)",
                         add_help=False)
     commands.add_parser("ota", help="keys and signatures for OTA images (bridged ota --help)", add_help=False)
+    commands.add_parser("fleet", help="run many devices for load testing (bridged fleet --help)",
+                        add_help=False)
     return parser
 
 
@@ -166,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         from bridged.ota_cli import main as ota_main
 
         return ota_main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        from bridged.fleet_cli import main as fleet_main
+
+        return fleet_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)

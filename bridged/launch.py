@@ -1,0 +1,78 @@
+"""Launching ``bridged run`` as a child process, and cleaning up after one.
+
+For the tools that run devices by the dozen (``bridged fleet``, the Locust
+users): each device is a session of its own (a terminal's Ctrl-C reaches the
+tool, which stops its devices in order, not every device at once) that dies
+with the tool (``PR_SET_PDEATHSIG``: SIGTERM when the tool's thread that
+spawned it ends, even through SIGKILL).
+
+``subprocess.Popen`` is looked up at call time, so under gevent's monkey
+patching (Locust) the spawn is gevent's and does not block other greenlets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["daemon_argv", "kill_group", "remove_leaks", "spawn"]
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def daemon_argv(pty: Path, state_dir: Path, config: str | None = None,
+                profile: str | None = None, baud: int | None = None) -> list[str]:
+    """``python -m bridged run --pty PTY --state-dir DIR [--config] [--profile] [--baud]``."""
+    argv = [sys.executable, "-m", "bridged", "run", "--pty", str(pty), "--state-dir", str(state_dir)]
+    for option, value in (("--config", config), ("--profile", profile), ("--baud", baud)):
+        if value is not None:
+            argv += [option, str(value)]
+    return argv
+
+
+def spawn(argv: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``argv`` in a new session, output appended to ``log_path``, dying with us."""
+    parent = os.getpid()
+
+    def die_with_parent() -> None:  # in the child, between fork and exec
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # we died before the prctl
+            os._exit(1)
+
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=None if env is None else dict(env), start_new_session=True,
+                                preexec_fn=die_with_parent)
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal a device's whole session (its pid is its process group's id)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def remove_leaks(pid: int, pty_link: Path) -> None:
+    """Remove what a supervisor killed with SIGKILL could not: its rings in
+    /dev/shm, if any (named bridged-<pid>-..., see bridged.ipc.rings) and its pty
+    symlink. The link goes whatever it points at: the pty may outlive the
+    supervisor for a moment (its children are still dying), and its number
+    may later be another program's."""
+    for path in glob.glob(f"/dev/shm/bridged-{pid}-*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    try:
+        if pty_link.is_symlink():
+            pty_link.unlink()
+    except OSError:
+        pass

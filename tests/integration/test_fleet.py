@@ -1,0 +1,277 @@
+"""bridged fleet: N devices on N ptys, the interim status, stop, restart, bad options."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bridged.__main__ import main
+from tests.harness import Host, Timeout
+
+START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
+
+
+class FleetRun:
+    """``python -m bridged fleet`` in a test directory, its output in a file."""
+
+    def __init__(self, tmp: Path, count: int, *extra: str) -> None:
+        self.dir = tmp / "fleet"
+        self.config = tmp / "bridged.toml"
+        self.config.write_text('[wifi]\nstation_interface = "lo"\n')
+        self.out_path = tmp / "fleet.out"
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridged", "fleet", "--count", str(count), "--dir",
+                 str(self.dir), "--config", str(self.config), *extra],
+                stdout=out, stderr=subprocess.STDOUT)
+
+    def out(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.out():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise Timeout(f"no {text!r} from the fleet:\n{self.out()[-4000:]}")
+            time.sleep(0.05)
+
+    def events(self, name: str) -> list[dict]:
+        lines = [line[3:] for line in self.out().splitlines() if line.startswith("<")]
+        return [e for e in map(json.loads, lines) if e.get("event") == name]
+
+    def manifest(self) -> dict:
+        return json.loads((self.dir / "fleet.json").read_text())
+
+    def tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def status(self, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir",
+                               str(self.dir), *extra], capture_output=True, text=True, timeout=30)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            for p in self.tree():
+                p.kill()
+            raise Timeout(f"the fleet ignored {sig!r}:\n{self.out()[-4000:]}")
+
+
+@pytest.fixture
+def fleet_of(tmp_path):
+    runs: list[FleetRun] = []
+
+    def start(count: int, *extra: str) -> FleetRun:
+        run = FleetRun(tmp_path, count, *extra)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.proc.poll() is None:
+            run.stop()
+
+
+def _gone(procs: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:
+    """The processes still alive after ``timeout``."""
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return alive
+
+
+def test_three_devices_answer_status_and_stop(fleet_of):
+    """A fleet of 3 announces its ptys, each device boots with ready and answers AT,
+    status reports all three, and SIGTERM stops every process and removes the ptys."""
+    fleet = fleet_of(3)
+    fleet.wait_for("bridged fleet: 3 of 3 devices ready")
+    manifest = fleet.manifest()
+    assert manifest["running"] and manifest["pid"] == fleet.proc.pid
+    devices = manifest["devices"]
+    assert [d["pty"] for d in devices] == [str(fleet.dir / f"ttyESP{i}") for i in range(3)]
+    assert {d["state"] for d in devices} == {"ready"}
+    assert len({d["pid"] for d in devices}) == 3
+    for d in devices:
+        assert Path(d["state_dir"]) == fleet.dir / "state" / str(d["index"])
+        assert Path(d["run_dir"]).is_dir() and Path(d["log"]).is_file()
+        host = Host(d["pty"])  # the fleet wrote nothing on the line: ready is still there
+        host.expect(b"\r\nready\r\n")
+        assert host.command(b"AT").endswith(b"\r\nOK\r\n")
+        host.close()
+        assert psutil.Process(d["pid"]).environ()["RUNTIME_DIRECTORY"] == d["run_dir"]
+    status = fleet.status()
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "3 of 3 devices alive and answering AT within 10 ms" in status.stdout
+    rows = [json.loads(line) for line in fleet.status("--json").stdout.splitlines()]
+    assert [(r["index"], r["alive"], r["pid"]) for r in rows] == [(d["index"], True, d["pid"]) for d in devices]
+    assert all(r["at_ms"] is not None and r["at_ms"] <= 10 for r in rows), rows
+
+    procs = fleet.tree()
+    assert len(procs) >= 1 + 3 * 7  # the fleet; per device a supervisor, a front, 5 workers
+    assert fleet.stop() == 0, fleet.out()[-3000:]
+    assert not _gone(procs), "processes left behind"
+    assert "bridged fleet: 3 devices stopped" in fleet.out()
+    assert not any((fleet.dir / f"ttyESP{i}").is_symlink() for i in range(3))
+    assert not any(name.startswith(f"bridged-{d['pid']}-") for d in devices for name in os.listdir("/dev/shm"))
+    assert not fleet.manifest()["running"]
+    after = fleet.status()
+    assert after.returncode == 1 and "not running" in after.stdout
+    assert "0 of 3 devices alive" in after.stdout
+
+
+def test_killed_device_is_restarted_and_counted(fleet_of):
+    """A device killed with SIGKILL is reported, cleaned up after (rings, pty link, its
+    children) and restarted on the same pty path; SIGINT still stops the fleet cleanly.
+    With --profile fleet a device is a supervisor, a front and one link worker."""
+    fleet = fleet_of(2, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 2 of 2 devices ready")
+    victim = fleet.manifest()["devices"][0]
+    children = psutil.Process(victim["pid"]).children(recursive=True)
+    forked = [p for p in children if "run" in p.cmdline()]  # not 3.11's resource tracker
+    assert len(forked) == 2, [p.cmdline() for p in children]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + START_TIMEOUT
+    while fleet.manifest()["devices"][0]["state"] != "ready" or fleet.manifest()["devices"][0]["pid"] == victim["pid"]:
+        assert time.monotonic() < deadline, fleet.out()[-3000:]
+        time.sleep(0.1)
+    died = fleet.events("device_died")
+    assert [(e["index"], e["pid"], e["exit_code"], e["restarts"]) for e in died] == [(0, victim["pid"], -9, 1)]
+    assert not _gone(children), "the killed device's front and workers stayed"
+    assert not any(f"bridged-{victim['pid']}-" in n for n in os.listdir("/dev/shm"))
+    entry = fleet.manifest()["devices"][0]
+    assert entry["restarts"] == 1 and entry["pty"] == victim["pty"]
+    host = Host(entry["pty"])
+    host.expect(b"\r\nready\r\n")
+    assert host.command(b"AT").endswith(b"\r\nOK\r\n")
+    host.close()
+    assert fleet.status().returncode == 0
+    # A second fleet in the same directory is refused while this one runs.
+    second = subprocess.run([sys.executable, "-m", "bridged", "fleet", "--count", "1", "--dir",
+                             str(fleet.dir)], capture_output=True, text=True, timeout=30)
+    assert second.returncode == 2 and f"a fleet (pid {fleet.proc.pid}) already runs" in second.stderr
+    procs = fleet.tree()
+    assert fleet.stop(signal.SIGINT) == 0, fleet.out()[-3000:]
+    assert not _gone(procs)
+
+
+def test_sighup_reloads_every_device(fleet_of):
+    """SIGHUP to the fleet reaches every device: each restarts its session with the changed
+    config file (ready again, AT+GMR names the new version) and no device is restarted."""
+    fleet = fleet_of(2, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 2 of 2 devices ready")
+    hosts = [Host(d["pty"]) for d in fleet.manifest()["devices"]]
+    for host in hosts:
+        host.expect(b"\r\nready\r\n")
+    fleet.config.write_text('[wifi]\nstation_interface = "lo"\n[firmware]\nat_version = "4.0.0.0"\n')
+    fleet.proc.send_signal(signal.SIGHUP)
+    for host in hosts:
+        host.expect(b"\r\nready\r\n")
+        assert b"AT version:4.0.0.0(" in host.command(b"AT+GMR")
+        host.close()
+    assert [e["devices"] for e in fleet.events("fleet_reload")] == [2]
+    assert not fleet.events("device_died") and fleet.proc.poll() is None
+
+
+def test_stop_keeps_reading_notifications(fleet_of):
+    """While stopping, the fleet keeps reading its notify socket: every stopping supervisor
+    sends STOPPING=1 there, and with ten datagrams unread the eleventh sender blocked (a
+    fleet of 50 then stopped only by killing devices 11 and up)."""
+    fleet = fleet_of(1, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+    device = fleet.manifest()["devices"][0]
+    name = psutil.Process(device["pid"]).environ()["NOTIFY_SOCKET"]
+    os.kill(device["pid"], signal.SIGSTOP)  # holds the stop, with the fleet inside it
+    fleet.proc.send_signal(signal.SIGTERM)
+    sent, deadline = 0, time.monotonic() + 5
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        while sent < 30 and time.monotonic() < deadline:
+            try:
+                sock.sendto(b"STOPPING=1", "\0" + name[1:])  # as 30 stopping devices would
+                sent += 1
+            except BlockingIOError:
+                time.sleep(0.01)
+    os.kill(device["pid"], signal.SIGCONT)
+    assert sent == 30
+    assert fleet.proc.wait(20) == 0, fleet.out()[-3000:]
+
+
+def test_second_signal_kills_a_device_that_does_not_stop(fleet_of):
+    """A device that does not stop (here: stopped with SIGSTOP) holds the fleet's stop until a
+    second SIGTERM, which kills it and its processes at once; the fleet then exits 1."""
+    fleet = fleet_of(1, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+    device = fleet.manifest()["devices"][0]
+    procs = fleet.tree()
+    os.kill(device["pid"], signal.SIGSTOP)
+    fleet.proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert fleet.proc.poll() is None  # still waiting for the device
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.proc.wait(5) == 1
+    assert [(e["index"], e["hint"]) for e in fleet.events("device_killed")] == [(0, "stop asked again")]
+    assert not _gone(procs)
+    assert not (fleet.dir / "ttyESP0").is_symlink()
+    assert not any(name.startswith(f"bridged-{device['pid']}-") for name in os.listdir("/dev/shm"))
+
+
+@pytest.mark.timeout(120)
+def test_device_that_keeps_dying_is_given_up(fleet_of, tmp_path):
+    """A device that cannot start (its pty path is a regular file) is restarted with
+    backoff, given up after 5 deaths, and a fleet whose every device failed exits 1."""
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "ttyESP0").write_text("not a symlink")
+    fleet = fleet_of(1)
+    assert fleet.proc.wait(100) == 1, fleet.out()[-3000:]
+    died = fleet.events("device_died")
+    assert [e["restart_in"] for e in died] == [0.0, 1.0, 2.0, 4.0]
+    assert [e["failures"] for e in fleet.events("device_failed")] == [5]
+    assert fleet.events("fleet_failed")
+    assert fleet.manifest()["devices"][0]["state"] == "failed"
+    assert "exists and is not a symlink" in (fleet.dir / "logs" / "0.log").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--count", "0"), "--count: 0 is not allowed; allowed: an integer from 1 to 1000"),
+    (("--count", "1001"), "--count: 1001 is not allowed; allowed: an integer from 1 to 1000"),
+    (("--count", "x"), "argument --count: invalid int value: 'x'"),
+    ((), "the following arguments are required: --count"),
+    (("--count", "2", "--concurrency", "0"), "--concurrency: 0 is not allowed"),
+    (("--count", "2", "--port", "/dev/ttyS0"), "unrecognized arguments: --port"),
+])
+def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, args, message):
+    """A bad --count (or other option) is a usage error: exit 2, one line naming it, no device."""
+    assert main(["fleet", "--dir", str(tmp_path / "f"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bridged fleet: ") and message in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "f" / "fleet.json").exists()
+
+
+def test_bad_config_exits_2_before_any_device(tmp_path):
+    """A config error is found once, by the fleet, naming file and key; no device starts."""
+    config = tmp_path / "bad.toml"
+    config.write_text("[links]\ncount = 9\n")
+    result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "--count", "3", "--dir",
+                             str(tmp_path / "f"), "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{config}: links.count" in result.stderr and "from 1 to 5" in result.stderr
+    assert not (tmp_path / "f" / "logs").exists()
+
+
+def test_status_without_a_fleet_is_a_usage_error(tmp_path):
+    """fleet status on a directory with no manifest says so and exits 2."""
+    result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "no fleet in" in result.stderr

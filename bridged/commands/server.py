@@ -16,6 +16,7 @@ from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station
+from bridged.net.interfaces import own_address
 
 __all__: list[str] = []
 
@@ -56,7 +57,11 @@ def _create(ctx: Context, port: int, type_: str, ca_enable: int) -> Reply:
             return Reply()  # ESP-AT logs "no change"
         raise ExecFail(f"server has already been started on port {server.port}")
     iface = station(ctx)
-    bind_ip = iface.ipv4 if not type_.endswith("v6") and iface.connected else ""
+    # The station's address, not the wildcard: only what the ESP's own address would receive.
+    if type_.endswith("v6"):
+        bind_ip = own_address(iface.name, v6=True) if iface.is_up else ""
+    else:
+        bind_ip = iface.ipv4 if iface.connected else ""
     try:
         server.start(port, type_, ca_enable, bind_ip)
     except OSError as exc:

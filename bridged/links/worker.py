@@ -18,6 +18,11 @@ Back-pressure, both ways, without a queue of our own:
   front's space doorbell.
 
 The worker exits when its control socket reaches EOF: the front is gone.
+
+Every remote it uses passes ``[links] allow / deny`` after name resolution
+(``bridged.links.fence``): each address a connect tries, each datagram's
+destination and sender.  A refused connect fails as an unreachable host
+would; a refused datagram is dropped.
 """
 
 from __future__ import annotations
@@ -42,14 +47,18 @@ from bridged.ipc.messages import (
     Discard,
     Ended,
     Hello,
+    Refused,
     RemoteChanged,
     SetOptions,
     SetRecvWindow,
 )
 from bridged.ipc.rings import Ring
+from bridged.links.fence import Fence
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
 from bridged.links.udp import open_udp
+from bridged.net.interfaces import own_address, station_interface
+from bridged.net.policy import LocalPortRefused, Policy, Refusal
 from bridged.pki import PkiStore
 from bridged.readgate import ReadGate
 
@@ -91,6 +100,8 @@ class Worker:
         pki: PkiStore | None = None,
         read_window_ms: int = 0,
         ipd_chunk: int = 2920,
+        policy: Policy | None = None,
+        station: str = "",
     ) -> None:
         self.link_id = link_id
         self.control = control
@@ -105,6 +116,8 @@ class Worker:
         self.ipd_chunk = ipd_chunk
         self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
         self.loop = asyncio.get_running_loop()
+        self.fence = Fence(policy or Policy(), self.loop.time)
+        self.station = station  # wifi.station_interface: UDP links bind its address
         self.sock: socket.socket | None = None
         self.conn_id: int | None = None
         self.connecting: asyncio.Task | None = None
@@ -121,6 +134,7 @@ class Worker:
         # (AT+CIPSTART <mode> 1: once, 2: to every sender).
         self.datagram = False
         self.remote: tuple | None = None
+        self.remote_allowed = True  # the policy lets datagrams go to self.remote
         self.udp_mode = 0
         self.retargeted = False
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
@@ -190,6 +204,9 @@ class Worker:
         elif isinstance(msg, SetRecvWindow):
             self.window = msg.window
             self._resume_reading()
+        elif isinstance(msg, Refused):
+            # The front refused AT+CIPSEND's remote before its prompt; the count is ours.
+            self.fence.note(Refusal(msg.address, msg.port, msg.rule), "send")
         else:
             log.error("unexpected_control_message", message=repr(msg))
 
@@ -213,12 +230,12 @@ class Worker:
         datagram = msg.link_type.startswith("UDP")
         try:
             if datagram:
-                sock, remote = await open_udp(msg, self.connect_timeout_ms)
+                sock, remote = await self._open_udp(msg)
             elif msg.link_type.startswith("SSL"):
                 sock = await self._open_tls(msg)
                 remote = sock.getpeername()
             else:
-                sock = await open_tcp(msg, self.connect_timeout_ms)
+                sock = await open_tcp(msg, self.connect_timeout_ms, self._check)
                 remote = sock.getpeername()
         except (OSError, TimeoutError, ValueError) as exc:
             reason = _reason(exc)
@@ -230,10 +247,26 @@ class Worker:
             self.connecting = None
         self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
 
+    def _check(self, address: str, port: int) -> Refusal | None:
+        return None if self.fence.open else self.fence.check(address, port)
+
+    async def _open_udp(self, msg: Connect) -> tuple[socket.socket, tuple]:
+        """The local port must be in [links] local_ports; the socket binds the station's address."""
+        if not self.fence.policy.local_port_allowed(msg.local_port):
+            log.warning("local_port_refused", port=msg.local_port, local_ports=self.fence.policy.local_ports)
+            raise LocalPortRefused(f"local port {msg.local_port} is outside [links] local_ports")
+        name = station_interface(self.station)
+        try:
+            index = socket.if_nametoindex(name)
+        except OSError:
+            index = 0
+        station_ip = own_address(name, msg.link_type.endswith("v6"))
+        return await open_udp(msg, self.connect_timeout_ms, self._check, station_ip, index)
+
     async def _open_tls(self, msg: Connect) -> ssl.SSLSocket:
         """TCP connect, then the TLS handshake, all within the connect timeout."""
         started = self.loop.time()
-        raw = await open_tcp(msg, self.connect_timeout_ms)
+        raw = await open_tcp(msg, self.connect_timeout_ms, self._check)
         try:
             sock = tls.wrap_client(raw, msg, self.pki)
         except BaseException:
@@ -292,6 +325,8 @@ class Worker:
                 datagram: bool, udp_mode: int) -> None:
         self.sock = sock
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
+        # A UDP listener's unspecified remote (0.0.0.0) is checked as any destination.
+        self.remote_allowed = not datagram or self.fence.open or self.fence.policy.check(*remote[:2]) is None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
         self._apply_options()
         local = sock.getsockname()
@@ -365,9 +400,13 @@ class Worker:
             header = records.peek_record_header(self.uplink)
             if header is None:
                 return
+            target = header.addr or self.remote
+            if not self.fence.open and not self._may_send(target):
+                self.uplink.consume(header.total)  # lost, as a datagram to an unreachable host
+                continue
             payload = self.uplink.peek(header.length, header.size)
             try:
-                self.sock.sendto(payload, header.addr or self.remote)
+                self.sock.sendto(payload, target)
             except BlockingIOError:
                 self.loop.add_writer(self.sock.fileno(), self._on_writable)
                 return
@@ -376,6 +415,11 @@ class Worker:
                 log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=_reason(exc))
             self.uplink.consume(header.total)
             self.stats["up"] += header.length
+
+    def _may_send(self, target: tuple) -> bool:
+        if target is self.remote and self.remote_allowed:
+            return True
+        return self.fence.datagram(target, "send")
 
     def _on_writable(self) -> None:
         if self.sock is not None:
@@ -541,6 +585,8 @@ class Worker:
             except OSError as exc:
                 log.warning("receive_failed", reason=_reason(exc))
                 break
+            if not self.fence.open and not self.fence.datagram(sender, "receive"):
+                continue  # from a refused address: neither delivered nor a new remote
             self._retarget(sender)
             unread = self.downlink.available()
             if n > room - 32 or (self.window and unread + n > self.window):
@@ -560,6 +606,7 @@ class Worker:
         if self.udp_mode == 1 and self.retargeted:
             return
         self.remote, self.retargeted = sender, True
+        self.remote_allowed = True  # its datagram passed the policy
         self._reply(RemoteChanged(self.conn_id, sender[0], sender[1]))
 
     def _pause_reading(self) -> None:

@@ -58,6 +58,7 @@ from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
 from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
+from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
 from bridged.readgate import ReadGate
 from bridged.store import Store
@@ -120,7 +121,8 @@ class Front:
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
             on_accepted=self._on_link_accepted, on_freed=lambda slot: self.server.update(),
         )
-        self.server = Server(self.links)
+        links = config.links
+        self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
         self.mdns = Advertiser()
         self.uart = self._boot_uart()
         self.ctx = self._new_context()

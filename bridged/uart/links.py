@@ -37,10 +37,12 @@ from bridged.ipc.messages import (
     Ended,
     Discard,
     Hello,
+    Refused,
     RemoteChanged,
     SetOptions,
     SetRecvWindow,
 )
+from bridged.net.policy import Refusal
 from bridged.ipc.rings import Ring
 
 __all__ = ["SlotState", "Slot", "LinkTable"]
@@ -276,6 +278,12 @@ class LinkTable:
         slot = self.slots[link_id]
         if slot.control is not None and slot.conn_id is not None:
             self._send(slot, Discard(slot.conn_id, upto))
+
+    def refused(self, link_id: int, refusal: Refusal) -> None:
+        """A datagram remote refused here ([links] allow/deny): the worker logs and counts it."""
+        slot = self.slots[link_id]
+        if slot.control is not None and slot.conn_id is not None:
+            self._send(slot, Refused(slot.conn_id, refusal.address, refusal.port, refusal.rule))
 
     def adopt(self, link_id: int, sock: socket.socket, type_: str, ca_enable: int = 0) -> None:
         """Hand a client our server accepted to the slot's worker (SCM_RIGHTS)."""

@@ -1,0 +1,84 @@
+"""A link worker's side of ``[links] allow / deny``: check, log and count refusals.
+
+The decision is ``bridged.net.policy``'s; this adds what a worker needs
+around it.  Each refusal is counted (``refused``, the worker's statistic
+for ``bridged status``) and logged as ``link_refused`` with the address,
+port, deciding rule and what was refused:
+
+* ``connect``: an address AT+CIPSTART's host resolved to (each one tried),
+  a passthrough reconnect's, AT+SAVETRANSLINK's; every one is logged.
+* ``send`` / ``receive``: a datagram to or from a refused address.  A
+  flood must not flood the log: per address and direction, one line, then
+  at most one every ``_LOG_EVERY`` seconds carrying the running count.
+  Verdicts are remembered for ``_VERDICT_TTL`` (a second; "self" may
+  change), so a stream of datagrams costs a dictionary lookup each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from bridged.net.policy import Policy, Refusal
+
+__all__ = ["Fence"]
+
+log = structlog.get_logger()
+
+_VERDICT_TTL = 1.0
+_LOG_EVERY = 10.0
+_REMEMBERED = 64  # verdicts and log times kept; all forgotten when full
+
+
+class Fence:
+    def __init__(self, policy: Policy, clock: Callable[[], float]) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.refused = 0  # over the worker's life
+        self._verdicts: dict[tuple[str, int], tuple[Refusal | None, float]] = {}
+        self._logged: dict[tuple[str, str], float] = {}
+
+    @property
+    def open(self) -> bool:
+        """True when nothing can be refused (no deny entry): skip every check."""
+        return self.policy.open
+
+    def check(self, address: str, port: int) -> Refusal | None:
+        """A connect's address: None to go ahead, else the refusal (logged and counted)."""
+        refusal = self.policy.check(address, port)
+        if refusal is not None:
+            self.note(refusal, "connect")
+        return refusal
+
+    def datagram(self, peer: tuple, what: str) -> bool:
+        """Whether a datagram may go to (``what`` "send") or come from ("receive") ``peer``."""
+        key = (peer[0], peer[1])
+        now = self.clock()
+        known = self._verdicts.get(key)
+        if known is not None and known[1] > now:
+            refusal = known[0]
+        else:
+            refusal = self.policy.check(peer[0], peer[1])
+            if len(self._verdicts) >= _REMEMBERED:
+                self._verdicts.clear()
+            self._verdicts[key] = (refusal, now + _VERDICT_TTL)
+        if refusal is None:
+            return True
+        self.note(refusal, what, limited=True)
+        return False
+
+    def note(self, refusal: Refusal, what: str, limited: bool = False) -> None:
+        """Count a refusal and log it (``limited``: at most every _LOG_EVERY s per address)."""
+        self.refused += 1
+        if limited:
+            key = (refusal.address, what)
+            now = self.clock()
+            last = self._logged.get(key)
+            if last is not None and now - last < _LOG_EVERY:
+                return
+            if len(self._logged) >= _REMEMBERED:
+                self._logged.clear()
+            self._logged[key] = now
+        log.warning("link_refused", what=what, address=refusal.address, port=refusal.port, rule=refusal.rule,
+                    refused=self.refused)

@@ -1,0 +1,199 @@
+"""bridged.net.policy: entry syntax, address normalisation and the most-specific-entry rule."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridged.net.localaddr import LocalAddresses
+from bridged.net.policy import Policy, PolicyError, normalise, parse_local_ports, parse_rule
+
+ipv4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
+ipv6 = st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address)
+ports = st.integers(0, 65535)
+
+
+# -- normalisation ------------------------------------------------------------------
+
+
+def _shorthands(ip: ipaddress.IPv4Address, data) -> str:
+    """One of the inet_aton spellings of ``ip``: 1 to 4 parts, each decimal, octal or hex."""
+    value = int(ip)
+    parts_count = data.draw(st.integers(1, 4))
+    widths = {1: [32], 2: [8, 24], 3: [8, 8, 16], 4: [8, 8, 8, 8]}[parts_count]
+    parts, shift = [], 32
+    for width in widths:
+        shift -= width
+        parts.append((value >> shift) & ((1 << width) - 1))
+    spelt = []
+    for part in parts:
+        style = data.draw(st.sampled_from(["dec", "hex", "HEX", "oct"]))
+        spelt.append({"dec": str(part), "hex": hex(part), "HEX": "0X%X" % part,
+                      "oct": "0%o" % part if part else "0"}[style])
+    return ".".join(spelt)
+
+
+@given(ipv4, st.data())
+def test_shorthand_is_the_dotted_quad(ip, data):
+    """Every inet_aton spelling (lwIP's ipaddr_aton takes them) normalises to the address it spells."""
+    text = _shorthands(ip, data)
+    assert socket.inet_aton(text) == ip.packed  # the spelling is right
+    assert normalise(text) == ip
+
+
+@given(ipv4)
+def test_mapped_ipv6_is_ipv4(ip):
+    """::ffff:a.b.c.d, in either IPv6 spelling, normalises to a.b.c.d."""
+    mapped = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    assert normalise(f"::ffff:{ip}") == ip
+    assert normalise(mapped.exploded) == ip
+    assert normalise(mapped) == ip
+
+
+@given(ipv6)
+def test_other_ipv6_stays(ip):
+    """An IPv6 address that is not IPv4-mapped is itself, zone or not."""
+    if ip.ipv4_mapped is None:
+        assert normalise(str(ip)) == ip
+        assert normalise(f"{ip}%eth0") == ip
+
+
+@pytest.mark.parametrize("text", ["", "example.com", "1.2.3.4 x", "127.0.0.1.5", "0x", "::g", "1:2"])
+def test_not_an_address(text):
+    """Names and garbage are no address (a caller then refuses)."""
+    with pytest.raises(ValueError):
+        normalise(text)
+
+
+@given(ipv4, ports, st.data())
+def test_every_spelling_gets_the_same_verdict(ip, port, data):
+    """A rule over an address catches its shorthand and IPv4-mapped spellings alike."""
+    policy = Policy(deny=[f"{ip}/32"])
+    spelling = data.draw(st.sampled_from([str(ip), _shorthands(ip, data), f"::ffff:{ip}"]))
+    refusal = policy.check(spelling, port)
+    assert refusal is not None and refusal.address == str(ip)
+
+
+# -- entries ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "network", "low", "high"), [
+    ("10.0.0.0/8", "10.0.0.0/8", 0, 65535),
+    ("192.168.1.10", "192.168.1.10/32", 0, 65535),
+    ("192.168.1.10/32:1883", "192.168.1.10/32", 1883, 1883),
+    ("0.0.0.0/0:1-1023", "0.0.0.0/0", 1, 1023),
+    ("[::1]/128:8080", "::1/128", 8080, 8080),
+    ("[fd00::]/8:1-2", "fd00::/8", 1, 2),
+    ("[::1]", "::1/128", 0, 65535),
+    ("fe80::/10", "fe80::/10", 0, 65535),
+    ("::", "::/128", 0, 65535),
+    ("self", None, 0, 65535),
+    ("self:22", None, 22, 22),
+])
+def test_entry_syntax(text, network, low, high):
+    """Each documented form parses to its network and port range."""
+    rule = parse_rule(text, allow=False)
+    assert (str(rule.network) if rule.network else None, rule.low, rule.high) == (network, low, high)
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1/8", "127.1", "::ffff:10.0.0.0/104", "[::1]/129", "1.2.3.4/33",
+                                  "1.2.3.4:", "1.2.3.4:x", "1.2.3.4:2-1", "self:", "selfx", "[::1", "::1:80:z",
+                                  "1.2.3.4/255.0.0.0", "[1.2.3.4]:80", "fe80::1%eth0", "", " 1.2.3.4"])
+def test_bad_entries(text):
+    """Anything outside the syntax is a PolicyError saying what is wrong."""
+    with pytest.raises(PolicyError) as info:
+        parse_rule(text, allow=True)
+    assert info.value.problem
+
+
+def test_local_ports():
+    """local_ports: ports and ranges; 0 (any free port) is always allowed."""
+    assert parse_local_ports("123,1024-65535") == ((123, 123), (1024, 65535))
+    policy = Policy(local_ports="123,1024-65535")
+    assert [policy.local_port_allowed(p) for p in (0, 1, 123, 124, 1023, 1024, 65535)] == \
+        [True, False, True, False, False, True, True]
+
+
+# -- deciding ---------------------------------------------------------------------
+
+
+def test_no_deny_allows_everything():
+    """Without a deny entry nothing is checked, allow entries or not."""
+    assert Policy().open and Policy(allow=["10.0.0.0/8"]).open
+    assert Policy(allow=["10.0.0.0/8"]).check("127.0.0.1", 1) is None
+
+
+def test_most_specific_entry_decides():
+    """A longer prefix beats a shorter one, then narrower ports, then deny on a tie."""
+    policy = Policy(allow=["10.1.0.0/16", "10.2.0.5:80", "10.3.0.0/16:443"],
+                    deny=["10.0.0.0/8", "10.1.2.0/24", "10.2.0.0/16:1-1000", "10.3.0.0/16:443"])
+    assert policy.check("10.9.9.9", 80).rule == "deny '10.0.0.0/8'"
+    assert policy.check("10.1.9.9", 80) is None  # /16 allow beats /8 deny
+    assert policy.check("10.1.2.3", 80).rule == "deny '10.1.2.0/24'"
+    assert policy.check("10.2.0.5", 80) is None  # /32 allow beats /16 deny
+    assert policy.check("10.2.0.6", 80).rule == "deny '10.2.0.0/16:1-1000'"
+    assert policy.check("10.2.0.6", 1001).rule == "deny '10.0.0.0/8'"
+    assert policy.check("10.3.0.1", 443).rule == "deny '10.3.0.0/16:443'"  # a full tie: deny
+    assert policy.check("11.0.0.1", 80) is None  # no entry matches
+
+
+def test_self_counts_as_single_addresses():
+    """"self" beats any network, ties a /32 (narrower ports win), and follows is_local."""
+    local = {ipaddress.ip_address("192.0.2.7"), ipaddress.ip_address("2001:db8::7")}
+    policy = Policy(allow=["0.0.0.0/0", "192.0.2.7:1883", "[2001:db8::7]/128:1883"], deny=["self", "192.0.2.0/24"],
+                    is_local=lambda ip: ip in local)
+    assert policy.check("192.0.2.7", 80).rule == "deny 'self'"
+    assert policy.check("192.0.2.7", 1883) is None
+    assert policy.check("2001:db8::7", 80).rule == "deny 'self'"
+    assert policy.check("2001:db8::7", 1883) is None
+    assert policy.check("192.0.2.8", 80).rule == "deny '192.0.2.0/24'"
+    assert policy.check("198.51.100.1", 80) is None
+
+
+def test_families_do_not_mix():
+    """An IPv6 entry never matches IPv4 (mapped addresses are IPv4) and the reverse."""
+    policy = Policy(deny=["::/0"])
+    assert policy.check("::ffff:127.0.0.1", 80) is None
+    assert policy.check("::1", 80) is not None
+    assert Policy(deny=["0.0.0.0/0"]).check("::1", 80) is None
+
+
+def test_unparsable_address_is_refused():
+    """What is no address at all is refused, never waved through."""
+    assert Policy(deny=["10.0.0.0/8"]).check("not-an-address", 1).rule == "(not an address)"
+
+
+# -- this host's addresses ----------------------------------------------------------
+
+
+def test_local_addresses_are_read_at_most_once_per_ttl():
+    """Interface addresses are re-read after the TTL; loopback and unspecified always count."""
+    now = [0.0]
+    reads = []
+
+    def read():
+        reads.append(now[0])
+        return frozenset({ipaddress.ip_address("192.0.2.1")} if len(reads) == 1 else {ipaddress.ip_address("192.0.2.2")})
+
+    local = LocalAddresses(ttl=1.0, clock=lambda: now[0], read=read)
+    for text in ("127.0.0.5", "0.0.0.0", "::1", "::"):
+        assert local(ipaddress.ip_address(text))
+    assert reads == []  # fixed ranges need no reading
+    assert local(ipaddress.ip_address("192.0.2.1")) and not local(ipaddress.ip_address("192.0.2.2"))
+    now[0] = 0.5
+    assert local(ipaddress.ip_address("192.0.2.1"))
+    now[0] = 1.0
+    assert local(ipaddress.ip_address("192.0.2.2")) and not local(ipaddress.ip_address("192.0.2.1"))
+    assert reads == [0.0, 1.0]
+
+
+def test_local_addresses_include_this_hosts():
+    """Read for real, every address of lo is local; a documentation address is not."""
+    local = LocalAddresses()
+    assert local(ipaddress.ip_address("127.0.0.1"))
+    assert not local(ipaddress.ip_address("192.0.2.200"))
+    assert not local(ipaddress.ip_address("224.0.0.251"))

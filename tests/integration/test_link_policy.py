@@ -9,11 +9,15 @@ logged (link_refused, with address, port and rule) and be counted.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
-from tests.harness import Demux, EchoServer, udp_peer
+from tests.harness import Daemon, Demux, EchoServer, udp_peer
+from tests.netns import netns_available, veth_pair
 
 
 def _fence(*allowed_ports: int, extra: str = "") -> str:
@@ -267,3 +271,58 @@ def test_local_ports(make_daemon):
     assert host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,%d,0' % (peer.getsockname()[1], allowed)) == \
         b"CONNECT\r\n\r\nOK\r\n"
     peer.close()
+
+
+def test_ipv6_server_binds_the_station_address(host):
+    """AT+CIPSERVER "TCPv6" listens on the station's address (::1 on lo), not on every interface."""
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    host.command(b"AT+CIPV6=1")
+    host.command(b"AT+CIPMUX=1")
+    host.command(b'AT+CIPSERVER=1,%d,"TCPv6"' % port)
+    listening = [line.split()[1] for line in open("/proc/net/tcp6").read().splitlines()[1:]
+                 if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
+    assert listening == ["00000000000000000000000001000000:%04X" % port]  # ::1, in the kernel's byte order
+
+
+_SERVICE = textwrap.dedent(
+    """
+    import socket, sys
+    group, port = sys.argv[1], int(sys.argv[2])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", port))
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + bytes(4))
+    s.settimeout(10)
+    print("ready", flush=True)
+    for _ in range(2):
+        print(s.recvfrom(100)[0].decode(), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(netns_available() is not None, reason=str(netns_available()))
+def test_multicast_link_shares_the_group_port_but_not_unicast(tmp_path):
+    """A link joining a group on its port shares it with a local responder (SO_REUSEADDR) and receives
+    the group, while unicast to the host's port still goes to the responder alone."""
+    with veth_pair() as net:
+        daemon = Daemon(tmp_path, wrap=net.exec_a(), station="veth0").start()
+        service = subprocess.Popen([*net.exec_a(), sys.executable, "-c", _SERVICE, "239.7.7.9", "5353"],
+                                   stdout=subprocess.PIPE, text=True)
+        try:
+            assert service.stdout.readline().strip() == "ready"
+            host = daemon.host()
+            host.boot()
+            assert host.ask(b'AT+CIPSTART="UDP","239.7.7.9",5353,5353,0') == b"CONNECT\r\n\r\nOK\r\n"
+            send = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                    "[s.sendto(d.encode(), (a, 5353)) for a, d in zip(sys.argv[1::2], sys.argv[2::2])]")
+            subprocess.run([*net.exec_b(), sys.executable, "-c", send, "239.7.7.9", "group", net.a_ip, "unicast"],
+                           check=True, timeout=10)
+            assert [service.stdout.readline().strip() for _ in range(2)] == ["group", "unicast"]
+            host.expect(b"group")
+            assert b"unicast" not in host.read_quiet(0.3)
+        finally:
+            service.kill()
+            service.wait(5)
+            assert daemon.stop() == 0

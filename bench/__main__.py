@@ -27,8 +27,10 @@ from . import (
     downlink,
     five_links,
     line_rate,
+    passive_read,
     passthrough,
 )
+from . import transcript as transcript_bench
 from . import ssl as ssl_bench
 from .common import BRIDGED, REPO, SOCAT, BenchError, HashMismatch, median
 
@@ -119,7 +121,7 @@ def _lines_five(r):
 
 
 NAMES = ("at", "cipsend", "passthrough", "cipsendl", "downlink", "five_links", "line_rate",
-         "ssl")
+         "ssl", "passive", "transcript")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="MiB each way through the SSL link in passthrough (default 32)")
     ap.add_argument("--ssl-handshakes", type=int, default=None,
                     help="AT+CIPSTART=\"SSL\" handshakes per run (default 200)")
+    ap.add_argument("--passive-mib", type=float, default=None,
+                    help="MiB read with AT+CIPRECVDATA per piece size and gap (default 1)")
+    ap.add_argument("--transcript-mib", type=float, default=None,
+                    help="MiB uploaded with AT+CIPSEND=8192 with the transcript off and on (default 16)")
     ap.add_argument("--daemon-commit", metavar="REF", default=None,
                     help="run the daemon's code as of this commit (git archive REF bridged, "
                          "put first on the daemon's PYTHONPATH) instead of the work tree's, "
@@ -201,11 +207,13 @@ def _main(ap, args, snapshot) -> int:
     link_bytes = int((args.link_mib or (1 if q else 4)) * MiB)
     ssl_bytes = int((args.ssl_mib or (4 if q else 32)) * MiB)
     ssl_handshakes = args.ssl_handshakes or (50 if q else 200)
+    passive_bytes = int((args.passive_mib or (0.25 if q else 1)) * MiB)
+    transcript_bytes = int((args.transcript_mib or (2 if q else 16)) * MiB)
     only = set(NAMES) if args.only is None else {s.strip() for s in args.only.split(",") if s.strip()}
     if only - set(NAMES):
         ap.error(f"--only: unknown {sorted(only - set(NAMES))}; choose from {', '.join(NAMES)}")
     if min(runs, line_runs, at_count, nbytes, stream, echo_count, link_bytes, ssl_bytes,
-           ssl_handshakes) < 1 or line_s <= 0:
+           ssl_handshakes, passive_bytes, transcript_bytes) < 1 or line_s <= 0:
         ap.error("counts, sizes and durations must be positive")
     if not BRIDGED.exists():
         print(f"bench: {BRIDGED} not found (the project's virtualenv)", file=sys.stderr)
@@ -236,7 +244,9 @@ def _main(ap, args, snapshot) -> int:
           f"{nbytes / MiB:g} MiB with AT+CIPSEND=8192; {stream / MiB:g} MiB per streamed "
           f"transfer; {echo_count} echoes; {line_s:g} s at line rate; five links x "
           f"{link_bytes / MiB:g} MiB each way; SSL {ssl_bytes / MiB:g} MiB each way and "
-          f"{ssl_handshakes} handshakes\n")
+          f"{ssl_handshakes} handshakes; passive reads {passive_bytes / MiB:g} MiB per "
+          f"piece size and gap; {transcript_bytes / MiB:g} MiB with the transcript "
+          f"off and on\n")
 
     benches = [
         Bench("at", "AT round trip ", lambda: at_latency.run(at_count), _lines_at, runs),
@@ -253,6 +263,11 @@ def _main(ap, args, snapshot) -> int:
               line_runs),
         Bench("ssl", "SSL link      ", lambda: ssl_bench.run(ssl_bytes, ssl_handshakes),
               ssl_bench.lines, runs),
+        Bench("passive", "passive reads ", lambda: passive_read.run(passive_bytes),
+              passive_read.lines, runs),
+        Bench("transcript", "transcript    ",
+              lambda: transcript_bench.run(transcript_bytes, at_count, line_s),
+              transcript_bench.lines, runs),
     ]
     benches = [b for b in benches if b.name in only]
     by = {b.name: b for b in benches}
@@ -329,6 +344,21 @@ def _main(ap, args, snapshot) -> int:
             ratio_unit="x")
         row("SSL handshake p99 (ms) vs Python", b, "hs_bridged_p99_ms", "hs_python_p99_ms",
             ratio_unit="x")
+    if (b := by.get("passive")) and b.results:
+        for gap in passive_read.GAPS_MS:
+            for piece in passive_read.PIECES:
+                row(f"passive reads of {piece}, gap {gap:g} ms (MB/s)", b,
+                    f"{passive_read.key(piece, gap)}_mb_s", "socat_mb_s")
+
+    if (b := by.get("transcript")) and b.results:
+        row("CIPSEND=8192, transcript off (MB/s)", b, "off_mb_s", "socat_mb_s")
+        row("  CPU per MB (ms)", b, "off_cpu_ms_per_mb", "socat_cpu_ms_per_mb", ratio_unit="x")
+        row("CIPSEND=8192, transcript on (MB/s)", b, "on_mb_s", "socat_mb_s")
+        row("  CPU per MB (ms)", b, "on_cpu_ms_per_mb", "socat_cpu_ms_per_mb", ratio_unit="x")
+        row("line rate, passthrough, transcript off (cores)", b, "line_off_cores",
+            "line_socat_cores", ratio_unit="x")
+        row("line rate, passthrough, transcript on (cores)", b, "line_on_cores",
+            "line_socat_cores", ratio_unit="x")
 
     counts = ", ".join(f"{b.name} {len(b.results)}" for b in benches)
     print(f"\nMedians (runs passed: {counts}; ratio = bridged / socat, from the medians):\n")
@@ -355,11 +385,29 @@ def _main(ap, args, snapshot) -> int:
               f"passthrough {b.med('pt_wakeups_s'):.0f} ({b.med('pt_us_per_wakeup'):.0f}), "
               f"five links {b.med('five_wakeups_s'):.0f} ({b.med('five_us_per_wakeup'):.0f}), "
               f"socat {b.med('socat_wakeups_s'):.0f} ({b.med('socat_us_per_wakeup'):.0f}))")
+    if (b := by.get("transcript")) and b.results:
+        print(f"(transcript, on / off: CIPSEND=8192 {b.med('on_mb_s') / b.med('off_mb_s'):.3f}x "
+              f"the throughput, {b.med('on_cpu_ms_per_mb') / b.med('off_cpu_ms_per_mb'):.2f}x "
+              f"the CPU per MB, {b.med('file_bytes_per_payload_byte'):.1f} file bytes per payload "
+              f"byte; AT round trip p50 {b.med('at_off_p50_ms'):.3f} -> {b.med('at_on_p50_ms'):.3f} "
+              f"ms, p99 {b.med('at_off_p99_ms'):.3f} -> {b.med('at_on_p99_ms'):.3f} ms)")
     if (b := by.get("ssl")) and b.results:
         suites = sorted({r["suite"] for r in b.results})
         print(f"(SSL: baseline for throughput is socat PTY <-> OPENSSL:...,verify=0, for the "
               f"handshake (AT+CIPSTART=\"SSL\" to OK) a Python ssl client's connect + "
               f"do_handshake; negotiated: {', '.join(suites)}; no targets set for SSL)")
+    if (b := by.get("passive")) and b.results:
+        cells = []
+        for gap in passive_read.GAPS_MS:
+            for piece in passive_read.PIECES:
+                k = passive_read.key(piece, gap)
+                cells.append(f"{piece}/{gap:g}: p50 {b.med(f'{k}_rtt_p50_ms'):.2f} p99 "
+                             f"{b.med(f'{k}_rtt_p99_ms'):.2f} ms, waiting for notices "
+                             f"{b.med(f'{k}_idle_share'):.0%}, CPU "
+                             f"{b.med(f'{k}_cpu_us_per_read'):.0f} us per read")
+        print("(passive reads, piece/gap: AT+CIPRECVDATA round trip; share of the time the "
+              "driver knew of nothing unread: " + "; ".join(cells) + "; socat: raw reads, "
+              "no AT)")
 
     # ---------------------------------------------------------------- targets
     print("\nTargets:")
@@ -414,6 +462,10 @@ def _main(ap, args, snapshot) -> int:
                      "pt_cores", "socat_cores", TARGET_CPU_RATIO, False, False)
         ratio_target(f"line rate five links CPU <= {TARGET_CPU_RATIO:g}x socat", b,
                      "five_cores", "socat_cores", TARGET_CPU_RATIO, False, False)
+    if (b := by.get("passive")) and b.results:
+        errors, stale = sum(r["errors"] for r in b.results), sum(r["stale"] for r in b.results)
+        target("passive reads: no ERROR, no stale notice", errors == stale == 0,
+               f"{errors:.0f} ERROR(s), {stale:.0f} stale notice(s) in {len(b.results)} run(s)")
     print(f"  {sum(verdicts)} of {len(verdicts)} targets met")
 
     took = time.monotonic() - started

@@ -20,8 +20,8 @@ def _stats(samples: list[float]) -> dict[str, float]:
     return {"p50": percentile(ms, 50), "p99": percentile(ms, 99), "max": max(ms)}
 
 
-def bridged_round_trips(count: int) -> dict[str, float]:
-    with Daemon() as d:
+def bridged_round_trips(count: int, config: str = "") -> dict[str, float]:
+    with Daemon(config=config) as d:
         c = d.client
         assert c is not None
         for _ in range(WARMUP):

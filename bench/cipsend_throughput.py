@@ -39,10 +39,10 @@ def _check_sink(who: str, sink: SinkServer, nbytes: int, digest: str) -> None:
         raise BenchError(f"{who}: sink errors {sink.errors}")
 
 
-def bridged_upload(data: bytes, digest: str) -> dict[str, float]:
+def bridged_upload(data: bytes, digest: str, config: str = "") -> dict[str, float]:
     nbytes = len(data)
     view = memoryview(data)
-    with SinkServer() as sink, Daemon() as d:
+    with SinkServer() as sink, Daemon(config=config) as d:
         c = d.client
         assert c is not None
         d.join_wifi()

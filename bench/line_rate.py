@@ -45,13 +45,15 @@ LINKS = 5
 STEP_TIMEOUT = 10.0
 
 
-def one_link(kind: str, seconds: float, rate: float = RATE) -> dict[str, float]:
+def one_link(kind: str, seconds: float, rate: float = RATE, config: str = "",
+             keep: list[str] | None = None) -> dict[str, float]:
+    """One link at ``rate`` each way; ``keep`` receives the sha256 of (up, down)."""
     n = int(rate * seconds)
     up, up_digest = make_payload(n)
     down, down_digest = make_payload(n)
     limit = seconds * 3 + 10
     with DuplexPeer(payload=down, rate=rate, piece=PIECE, send_timeout=limit) as peer, \
-            Bridge(kind, peer.port, wait_connected=peer.connected.wait) as b:
+            Bridge(kind, peer.port, wait_connected=peer.connected.wait, config=config) as b:
         writer = PacedWriter(b.client, up, PIECE, rate, limit)
         cpu = b.cpu()
         cpu.start()
@@ -69,6 +71,8 @@ def one_link(kind: str, seconds: float, rate: float = RATE) -> dict[str, float]:
                                f"the peer sent sha256 {down_digest}")
         if peer.errors:
             raise BenchError(f"{kind}: peer errors {peer.errors}")
+    if keep is not None:
+        keep += [up_digest, down_digest]
     return {"seconds": elapsed, "cpu_s": cpu_s, "cores": cpu_s / elapsed,
             "up_mb_s": n / MB / (t_up - t0), "down_mb_s": n / MB / (t_down - t0),
             "cpu_ms_per_mb": cpu_s * 1000 / (2 * n / MB), **_wakeups(cpu, cpu_s, elapsed)}

@@ -1,11 +1,17 @@
 """Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR]``, ``bridged check`` with the same
-options (validate the configuration and print what it amounts to, without
-serving), and ``bridged pki import|list|remove`` (the certificate store, see
+[--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``, ``bridged
+check`` with the same options (validate the configuration and print what it
+amounts to, without serving), and ``bridged pki import|list|remove`` (the certificate store, see
 ``bridged.pki_cli``).
 
-A user mistake (bad argument, bad config, a port that cannot be opened) ends
-with exit status 2 and one line naming what is wrong; never a traceback.
+Every failure to start is one line on stderr, ``bridged: <cause>; <remedy>``,
+never a traceback, and an exit status systemd can act on:
+
+- 2: a usage or configuration mistake (bad argument, bad config file or key);
+- 1: everything else: the serial port is missing, locked or busy, not a tty or
+  not permitted; the pty link cannot be made; the state directory cannot be
+  created; a descriptor, memory or process limit is reached; the front keeps
+  failing.  (Restart=on-failure retries these.)
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import sys
 from bridged import __version__
 from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
 from bridged.log import setup_logging
+from bridged.systemd import stderr_is_journal
+from bridged.uart.transcript_file import RotatingFile
 
 __all__ = ["main"]
 
 USAGE_ERROR = 2
+START_FAILED = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
         command.add_argument("--pty", metavar="LINK", help="create a pseudo-terminal and symlink it at LINK")
         command.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
+        command.add_argument("--transcript", metavar="FILE",
+                             help="write the AT transcript (every byte to and from the MCU) to FILE")
     commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
     return parser
 
@@ -51,12 +62,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides["uart.baud"] = args.baud
     if args.state_dir is not None:
         overrides["state.dir"] = os.path.abspath(args.state_dir)
+    if args.transcript is not None:
+        overrides["log.transcript"] = True
+        overrides["log.transcript_path"] = os.path.abspath(args.transcript)
     return overrides
 
 
-def _fail(message: str) -> int:
-    print(f"bridged: {message}", file=sys.stderr)
-    return USAGE_ERROR
+def _fail(message: str, status: int = USAGE_ERROR) -> int:
+    # In the journal, "<3>" makes the line an error (journalctl -p err), as sd-daemon(3) says.
+    priority = "<3>" if stderr_is_journal() else ""
+    print(f"{priority}bridged: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 def _load(args: argparse.Namespace):
@@ -67,8 +83,6 @@ def _load(args: argparse.Namespace):
         config = load_config(args.config, args.profile, _overrides(args))
     except ConfigError as exc:
         return None, _fail(str(exc))
-    if config.uart.port and not os.path.exists(config.uart.port):
-        return None, _fail(f"uart.port: {config.uart.port} does not exist")
     return config, None
 
 
@@ -77,6 +91,13 @@ def check(args: argparse.Namespace) -> int:
     if config is None:
         return failed
     sys.stdout.write(to_toml(config))
+    if config.uart.port:
+        from bridged.uart.port import serial_error
+
+        try:
+            os.stat(config.uart.port)
+        except OSError as exc:  # valid, but `run` would stop here now: say so, as it would
+            return _fail(str(serial_error(config.uart.port, exc)), START_FAILED)
     return 0
 
 
@@ -87,15 +108,27 @@ def run(args: argparse.Namespace) -> int:
     try:
         directory = state_dir(config)
     except OSError as exc:
-        return _fail(f"state directory: {exc}")
+        return _fail(f"state directory {exc.filename}: {exc.strerror}; choose another --state-dir "
+                     "or [state] dir", START_FAILED)
+    if config.log.transcript and config.log.transcript_path:
+        try:  # the front opens it again; a mistake shows here, before serving
+            RotatingFile(config.log.transcript_path, config.log.transcript_max_bytes,
+                         config.log.transcript_files).close()
+        except OSError as exc:
+            return _fail(f"log.transcript_path: {config.log.transcript_path}: {exc.strerror or exc}")
     device = config.uart.port
     setup_logging(config.log.level, config.log.format, "supervisor")
+    from bridged.spawn import StartError
     from bridged.supervisor import Supervisor  # after logging: it imports every module
+    from bridged.uart.port import PortError
 
     def reload() -> Config:
         return load_config(args.config, args.profile, _overrides(args))
 
-    return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()
+    try:
+        return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()
+    except (PortError, StartError) as exc:
+        return _fail(str(exc), START_FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:

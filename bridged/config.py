@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridged import firmware
 from bridged.net.hosts import (PATH_ALLOWED, TABLE_ALLOWED, HostsError, HostsFile, HostTable,
                                read_hosts_file, table_from_toml)
 from bridged.net.policy import (ENTRIES_ALLOWED, LOCAL_PORTS_ALLOWED, MAX_ENTRIES, PolicyError,
@@ -53,6 +54,7 @@ __all__ = [
     "LinksConfig",
     "LogConfig",
     "OtaConfig",
+    "SntpConfig",
     "StateConfig",
     "UartConfig",
     "WifiConfig",
@@ -258,6 +260,14 @@ def _hosts_file() -> _Check:
     return _Check(str, PATH_ALLOWED, accept)
 
 
+def _at_version() -> _Check:
+    """An ESP-AT version bridged can emulate (bridged.firmware's range)."""
+    allowed = (f"an ESP-AT version from {firmware.RANGE_TEXT}: four dot-separated numbers 0 to 255 "
+               "in ASCII digits, no leading zero")
+    return _Check(str, allowed,
+                  lambda v: v if isinstance(v, str) and firmware.version_problem(v) is None else _NO)
+
+
 def _link_rules(allow: bool) -> _Check:
     """[links] allow / deny: a list of entries (bridged.net.policy), kept as written."""
 
@@ -359,6 +369,9 @@ class LogConfig:
     level: str = _field("info", _choice("debug", "info", "warning", "error"))
     format: str = _field("auto", _choice("auto", "json", "console"))
     transcript: bool = _field(False, _bool())
+    transcript_path: str = _field("", _path('"" (to the log) or an absolute file path', absolute=True))
+    transcript_max_bytes: int = _field(10_485_760, _int(4096, 1_099_511_627_776))
+    transcript_files: int = _field(5, _int(1, 100))
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,10 +384,10 @@ class StateConfig:
 
 @dataclass(frozen=True, slots=True)
 class FirmwareConfig:
-    """[firmware]: what AT+GMR reports."""
+    """[firmware]: the emulated ESP-AT version: AT+GMR's text and every
+    behaviour that differs between versions (bridged.firmware)."""
 
-    at_version: str = _field("4.1.1.0", _pattern(r"\d{1,9}(\.\d{1,9}){3}",
-                                                  "four dot-separated integers"))
+    at_version: str = _field("4.1.1.0", _at_version())
     sdk_version: str = _field("v5.0.8", _text(1, 64))
     module: str = _field("WROOM-32", _text(1, 64))
 
@@ -398,6 +411,13 @@ class DnsConfig:
     hosts_file: HostsFile = _field(HostsFile(), _hosts_file())
 
 
+@dataclass(frozen=True, slots=True)
+class SntpConfig:
+    """[sntp]: where AT+CIPSNTPTIME's time comes from (see bridged.commands.sntp)."""
+
+    source: str = _field("servers", _choice("servers", "host"))
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -407,6 +427,7 @@ _SECTIONS: dict[str, type] = {
     "firmware": FirmwareConfig,
     "ota": OtaConfig,
     "dns": DnsConfig,
+    "sntp": SntpConfig,
 }
 
 
@@ -427,6 +448,7 @@ class Config:
     firmware: FirmwareConfig = field(default_factory=FirmwareConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    sntp: SntpConfig = field(default_factory=SntpConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
 

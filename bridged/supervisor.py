@@ -14,10 +14,22 @@ The front sees a worker's death at once (EOF on that socket) and reports the
 link closed; the supervisor forks a replacement right away.  When the front
 dies, the workers see EOF and exit; everything is started again.
 
-Restart policy: a child that dies is restarted at once, then with a backoff
-doubling up to 5 s while it keeps dying within 10 s of its start.  A front
-that fails five times in a row without reaching ``ready`` ends the daemon with
-status 1 (systemd's Restart= takes over from there).
+Restart policy: a child that dies is forked again with a backoff
+(``spawn.Child``); a front that fails five times in a row without reaching
+``ready`` ends the daemon (systemd's Restart= takes over).  A port that
+cannot be used at start is not retried: a pty link that cannot be made stops
+the start before any fork (`PortError`); a serial port the front cannot open
+comes back as ``PortFailed`` and the exit status ``PORT_FAILED``.  A port
+that served and then fails to reopen (a front restarted while a USB adapter
+re-plugs) is retried with the backoff, and given up after five tries.  A
+limit reached (descriptors, memory, processes: an OSError while making the
+rings or forking) ends the daemon too.  Each of these ends ``run()`` with an
+exception whose text is the one line to print, after the children are
+stopped; the caller exits 1.
+
+Isolation: nothing of the supervisor's signal handling runs in a child
+(``bridged.spawn``); a link worker unmaps the other links' rings and closes
+their doorbells, the pty and the supervisor channel, each time it is forked.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -28,54 +40,35 @@ workers with it, on the same port (the MCU sees ``ready``, as after AT+RST).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import structlog
 
-from bridged import systemd
+from bridged import spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
-from bridged.ipc.control import recv_message, send_message, socketpair
-from bridged.ipc.messages import FrontReady, Heartbeat, WorkerStarted
+from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
+from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.log import setup_logging
 from bridged.net import resolver
 from bridged.net.hosts import overrides
-from bridged.uart.main import run_front
+from bridged.spawn import Child, StartError
+from bridged.uart.main import PORT_FAILED, run_front
 from bridged.uart.port import Pty, open_pty
 
 __all__ = ["Supervisor"]
 
 log = structlog.get_logger()
 
-_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _STOP_GRACE = 4.0
-_FAST_DEATH = 10.0
-_MAX_BACKOFF = 5.0
 _FRONT_MAX_FAILURES = 5
-_PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class _Child:
-    role: str  # "front" or "link"
-    link_id: int | None = None
-    pid: int = 0
-    started: float = 0.0
-    failures: int = 0  # consecutive deaths soon after start
-    restart_at: float | None = None  # when to fork again
-
-    def ident(self) -> dict[str, int]:
-        """Log fields naming the child: link_id for a link worker only."""
-        return {} if self.link_id is None else {"link_id": self.link_id}
 
 
 class Supervisor:
@@ -88,39 +81,63 @@ class Supervisor:
         self.state_dir = state_dir
         self.pty: Pty | None = None
         self.rings: list[tuple[Ring, Ring]] = []
-        self.front = _Child("front")
-        self.workers = [_Child("link", i) for i in range(config.links.count)]
+        self.front = Child("front")
+        self.workers = [Child("link", i) for i in range(config.links.count)]
         self.sup_sock: socket.socket | None = None  # our end of the front's channel
         self.front_ready = False
         self.last_heartbeat = 0.0
         self.stopping = False
-        self._wakeup_r = -1
+        self.served = False  # a front has reached ready since we started
+        self._port_failure: str | None = None  # the reason of the running front's PortFailed
+        self._fatal: str | None = None  # why we end now (raised as StartError by the loop)
+        self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
     # -- lifetime ----------------------------------------------------------------------
 
     def run(self) -> int:
-        self._install_signals()
-        size = self.config.links.ring_size
-        self.rings = [(Ring.create(size), Ring.create(size)) for _ in self.workers]
-        if not self.device:
-            self.pty = open_pty(self.pty_link)
-            log.info("pty_created", path=self.pty.path, link=self.pty_link)
-            print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
-                  f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+        """Serve until stopped: 0 after SIGTERM.
+
+        Raises:
+            PortError: the pty cannot be made.
+            StartError: the serial port cannot be used, the front keeps
+                failing, or a limit is reached.
+            Either one's text is the line to print; the children are stopped by then.
+        """
         try:
-            self._start_all()
-            return self._loop()
+            self._install_signals()
+            if not self.device:
+                self.pty = open_pty(self.pty_link)
+                log.info("pty_created", path=self.pty.path, link=self.pty_link)
+                print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
+                      f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+            return self._serve()
         finally:
+            # Whatever comes now is too late to act on, and the interpreter's
+            # shutdown restores the default handlers: a signal then would
+            # replace our exit status with death by that signal.
+            signal.pthread_sigmask(signal.SIG_BLOCK, spawn.SIGNALS)
             self._cleanup()
 
+    def _serve(self) -> int:
+        """Make the rings, fork the children, loop; an OSError (a limit reached) ends it."""
+        try:
+            size = self.config.links.ring_size
+            for w in self.workers:
+                self.rings.append((Ring.create(size, f"link{w.link_id}-up"),
+                                   Ring.create(size, f"link{w.link_id}-down")))
+            self._start_all()
+            return self._loop()
+        except OSError as exc:
+            self.stopping = True
+            self._stop_children()
+            raise spawn.limit_error(exc, len(self.workers)) from None
+
     def _install_signals(self) -> None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wakeup_r = r
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup_r, self._wakeup_w = r, w
         signal.set_wakeup_fd(w)
-        for sig in _SIGNALS:
+        for sig in spawn.SIGNALS:
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
 
     def _loop(self) -> int:
@@ -136,11 +153,13 @@ class Supervisor:
             signals, self._signals = self._signals, bytearray()
             for signum in signals:
                 self._handle_signal(signum)
+            if self._fatal is not None:
+                self.stopping = True
+                self._stop_children()
+                raise StartError(self._fatal)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
-            code = self._restart_due()
-            if code is not None:
-                return code
+            self._restart_due()
             if watchdog and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog
                 if self._healthy():
@@ -226,6 +245,9 @@ class Supervisor:
             self._start_worker(worker)
 
     def _start_front(self) -> None:
+        if self.sup_sock is not None:  # the last front's channel: the new one must not inherit it
+            self.sup_sock.close()
+            self.sup_sock = None
         ours, theirs = socketpair()
 
         def target() -> int:
@@ -234,24 +256,19 @@ class Supervisor:
 
         self.front.pid = self._fork(self.front, target)
         theirs.close()
-        if self.sup_sock is not None:
-            self.sup_sock.close()
         self.sup_sock = ours
         self.front_ready = False
+        self._port_failure = None
         self.last_heartbeat = time.monotonic()
 
-    def _start_worker(self, worker: _Child) -> None:
+    def _start_worker(self, worker: Child) -> None:
         assert worker.link_id is not None
         front_end, worker_end = socketpair()
         uplink, downlink = self.rings[worker.link_id]
 
         def target() -> int:
             front_end.close()
-            if self.sup_sock is not None:
-                self.sup_sock.close()
-            if self.pty is not None:
-                os.close(self.pty.master)
-                os.close(self.pty.slave)
+            self._keep_only(worker.link_id)
             return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir)
 
         worker.pid = self._fork(worker, target)
@@ -259,46 +276,40 @@ class Supervisor:
         try:
             send_message(self.sup_sock, WorkerStarted(worker.link_id, worker.pid), [front_end.fileno()])
         except OSError as exc:
-            log.error("front_unreachable", error=str(exc))
+            # The front is gone (its own exit says why); the worker sees EOF and ends too.
+            log.info("worker_not_announced", link_id=worker.link_id, error=str(exc))
         front_end.close()
 
-    def _fork(self, child: _Child, target) -> int:
-        pid = os.fork()
-        if pid == 0:  # the child: never returns
-            code = 1
-            try:
-                self._child_setup(child)
-                code = target()
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:
-                log.exception("child_crashed", role=child.role)
-            finally:
-                os._exit(code)
+    def _keep_only(self, link_id: int) -> None:
+        """In a new link worker: let go of everything that is not this link's.
+
+        Other links' rings are unmapped, not only their fds closed: a mapping
+        is reachable memory even without a descriptor.
+        """
+        if self.sup_sock is not None:
+            self.sup_sock.close()
+        if self.pty is not None:
+            os.close(self.pty.master)
+            os.close(self.pty.slave)
+        for other, pair in enumerate(self.rings):
+            if other != link_id:
+                for ring in pair:
+                    ring.close()
+
+    def _fork(self, child: Child, target: Callable[[], int]) -> int:
+        table = self.host_overrides
+
+        def run() -> int:
+            # Every lookup the child makes for the MCU meets [dns] hosts first; a
+            # reload forks new children, so they get the new table.
+            resolver.set_overrides(table)
+            return target()
+
+        pid = spawn.fork(run, child.role, child.link_id, self.config.log, (self._wakeup_r, self._wakeup_w))
         child.started = time.monotonic()
         child.restart_at = None
         log.info("child_started", role=child.role, pid=pid, **child.ident())
         return pid
-
-    def _child_setup(self, child: _Child) -> None:
-        signal.set_wakeup_fd(-1)
-        os.close(self._wakeup_r)
-        for sig in _SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        # Ctrl-C in a terminal reaches every process of the foreground job at
-        # once; only the supervisor acts on it, stopping the front before the
-        # workers (a worker that left on its own would read as a crash).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # Die with the supervisor, even if it is killed with SIGKILL.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() == 1:
-            os._exit(1)
-        cfg = self.config.log
-        setup_logging(cfg.level, cfg.format, child.role, child.link_id)
-        # Every lookup the child makes for the MCU meets [dns] hosts first; a
-        # reload forks new children, so they get the new table.
-        resolver.set_overrides(self.host_overrides)
 
     # -- children dying ------------------------------------------------------------------
 
@@ -325,59 +336,81 @@ class Supervisor:
         self._take_signals()
         if self.stopping or self._term_requested():
             return  # a stop is under way: the loop handles the signal next
-        if child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
+        if child is self.front and code == PORT_FAILED:
+            self._drain_front_messages()  # PortFailed, sent just before the exit
+            self._port_failure = self._port_failure or f"{self.device} cannot be opened as the serial port"
+            if not self.served:
+                self._fatal = self._port_failure  # a start that cannot work: the loop ends it
+                return
+            # It served before (a USB adapter re-plugging?): retry with the backoff below.
+            log.error("port_lost", error=self._port_failure)
+        elif child is not self.front and (self.front.restart_at is not None or code == FRONT_GONE):
             # A worker ends with its front (EOF on its control socket): expected.
             # The front's own exit may be reaped a moment later (its fds close
             # before it becomes a zombie), so give it that moment.
             log.info("worker_stopped_with_front", link_id=child.link_id, exit_code=code)
             child.restart_at = None if self.front.restart_at is not None else time.monotonic() + 0.5
             return
-        log.error("child_died", role=child.role, exit_code=code, **child.ident())
-        now = time.monotonic()
-        child.failures = child.failures + 1 if now - child.started < _FAST_DEATH else 1
-        delay = 0.0 if child.failures <= 1 else min(_MAX_BACKOFF, 0.25 * 2 ** (child.failures - 2))
-        child.restart_at = now + delay
+        else:
+            log.error("child_died", role=child.role, exit_code=code, **child.ident())
+        child.schedule_restart(time.monotonic())
         if child is self.front:
             # Its workers lose their control sockets and exit; start afresh.
             for worker in self.workers:
                 if worker.pid:
-                    _kill(worker.pid, signal.SIGTERM)
+                    spawn.kill(worker.pid, signal.SIGTERM)
 
-    def _restart_due(self) -> int | None:
+    def _restart_due(self) -> None:
+        """Fork what is due again, or set ``_fatal`` when the front keeps failing."""
         now = time.monotonic()
         front = self.front
         if front.restart_at is not None:
-            if front.failures >= _FRONT_MAX_FAILURES:
+            if front.failures < _FRONT_MAX_FAILURES:
+                if now >= front.restart_at and not any(w.pid for w in self.workers):
+                    self._start_all()
+            elif self._port_failure is not None:  # the port stayed away: say so in one line
+                self._fatal = self._port_failure
+            else:
                 log.critical("front_keeps_failing", failures=front.failures)
-                return 1
-            if now >= front.restart_at and not any(w.pid for w in self.workers):
-                self._start_all()
-            return None
+                self._fatal = (f"the front failed {front.failures} times in a row before it was ready; "
+                               "its log events say why")
+            return
         for worker in self.workers:
             if worker.restart_at is not None and now >= worker.restart_at and not worker.pid:
                 self._start_worker(worker)
-        return None
 
     # -- the front's messages ----------------------------------------------------------------
 
-    def _on_front_message(self) -> None:
+    def _drain_front_messages(self) -> None:
+        while self.sup_sock is not None and select.select([self.sup_sock], [], [], 0)[0]:
+            if not self._on_front_message():
+                return
+
+    def _on_front_message(self) -> bool:
+        """Handle one message of the front; False at its EOF or an error."""
         try:
             received = recv_message(self.sup_sock)
-        except (BlockingIOError, OSError):
-            return
+        except OSError:  # nothing queued, or the front is gone (SIGCHLD follows)
+            return False
+        except ControlError as exc:  # the front's bug: say so, go on
+            log.warning("front_message_unreadable", error=str(exc))
+            return False
         if received is None:
-            return  # the front died; SIGCHLD follows
+            return False  # the front died; SIGCHLD follows
         msg, fds = received
         for fd in fds:
             os.close(fd)
-        if isinstance(msg, Heartbeat):
+        if isinstance(msg, PortFailed):
+            self._port_failure = msg.reason
+        elif isinstance(msg, Heartbeat):
             self.last_heartbeat = time.monotonic()
         elif isinstance(msg, FrontReady):
             self.last_heartbeat = time.monotonic()
             self.front.failures = 0
             if not self.front_ready:
-                self.front_ready = True
+                self.front_ready = self.served = True
                 systemd.ready(f"serving {msg.port}")
+        return True
 
     # -- stopping ----------------------------------------------------------------------------
 
@@ -392,36 +425,15 @@ class Supervisor:
         deadline = time.monotonic() + _STOP_GRACE
         # The front first, so that it does not take the workers' exits for crashes;
         # then the workers, which close their sockets (FIN to every peer).
-        self._terminate([self.front], min(deadline, time.monotonic() + 1.0))
-        self._terminate(self.workers, deadline)
-
-    def _terminate(self, children: list[_Child], deadline: float) -> None:
-        children = [c for c in children if c.pid]
-        for child in children:
-            _kill(child.pid, signal.SIGTERM)
-        while any(c.pid for c in children) and time.monotonic() < deadline:
-            self.handle_chld()
-            time.sleep(0.005)
-        for child in children:
-            if child.pid:
-                log.warning("child_killed", role=child.role, **child.ident())
-                _kill(child.pid, signal.SIGKILL)
-        self.handle_chld()
+        spawn.terminate([self.front], min(deadline, time.monotonic() + 1.0), self.handle_chld)
+        spawn.terminate(self.workers, deadline, self.handle_chld)
 
     def _cleanup(self) -> None:
         for up, down in self.rings:
             for ring in (up, down):
-                ring.close()
-                ring.unlink()
+                ring.close()  # nothing to unlink: rings have no name (bridged.ipc.rings)
         if self.pty is not None:
             self.pty.close()
         if self.sup_sock is not None:
             self.sup_sock.close()
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 

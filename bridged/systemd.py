@@ -18,6 +18,7 @@ import socket
 import time
 
 __all__ = [
+    "stderr_is_journal",
     "notify",
     "ready",
     "reloading",
@@ -35,6 +36,18 @@ def _address() -> str | None:
     if name.startswith("/"):
         return name
     return None  # unset, or a transport we do not speak (vsock:...)
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal: $JOURNAL_STREAM names its device:inode (systemd.exec(5))."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
 
 
 def notify(state: str) -> bool:

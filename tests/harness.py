@@ -23,13 +23,25 @@ import termios
 import tty
 from pathlib import Path
 
-__all__ = ["Daemon", "Host", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer"]
+__all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer"]
 
 DEFAULT_TIMEOUT = 10.0
 
 
 class Timeout(AssertionError):
     pass
+
+
+def parse_events(text: str, name: str | None = None) -> list[dict]:
+    """The JSON log events in a daemon's output (each line is '<N>{json}'), all or those named ``name``."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"<\d>(\{.*\})$", line)
+        if m:
+            event = json.loads(m.group(1))
+            if name is None or event.get("event") == name:
+                out.append(event)
+    return out
 
 
 class Daemon:
@@ -89,14 +101,7 @@ class Daemon:
 
     def events(self, name: str | None = None) -> list[dict]:
         """The daemon's JSON log events (each line is '<N>{json}')."""
-        out = []
-        for line in self.log_text().splitlines():
-            m = re.match(r"<\d>(\{.*\})$", line)
-            if m:
-                event = json.loads(m.group(1))
-                if name is None or event.get("event") == name:
-                    out.append(event)
-        return out
+        return parse_events(self.log_text(), name)
 
     def wait_event(self, name: str, count: int = 1, timeout: float = DEFAULT_TIMEOUT, **fields) -> list[dict]:
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from bridged.config import (
     LinksConfig,
     LogConfig,
     OtaConfig,
+    SntpConfig,
     StateConfig,
     UartConfig,
     WifiConfig,
@@ -98,8 +100,12 @@ ACCEPTED = [
     ("log", "level", "warning"), ("log", "level", "error"),
     ("log", "format", "auto"), ("log", "format", "json"), ("log", "format", "console"),
     ("log", "transcript", True), ("log", "transcript", False),
+    ("log", "transcript_path", ""), ("log", "transcript_path", "/var/lib/bridged/ttyAMA0/transcript"),
+    ("log", "transcript_max_bytes", 4096), ("log", "transcript_max_bytes", 1_099_511_627_776),
+    ("log", "transcript_files", 1), ("log", "transcript_files", 100),
     ("state", "dir", ""), ("state", "dir", "/var/lib/bridged/x"),
-    ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "0.0.0.0"),
+    ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "2.2.0.0"),
+    ("firmware", "at_version", "4.1.255.255"), ("firmware", "at_version", "3.0.10.100"),
     ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
     ("ota", "server", ""), ("ota", "server", "http://127.0.0.1:8080"),
     ("ota", "server", "https://updates.example/esp/v2"),
@@ -109,6 +115,7 @@ ACCEPTED = [
     ("ota", "timeout_ms", 1000), ("ota", "timeout_ms", 3_600_000),
     ("dns", "hosts", {}), ("dns", "hosts", {"example.com": ["127.0.0.2", "::1"], "a.test": "127.0.0.1"}),
     ("dns", "hosts_file", ""), ("dns", "hosts_file", "/etc/hosts"),
+    ("sntp", "source", "servers"), ("sntp", "source", "host"),
 ]
 
 HOSTS_TABLE = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
@@ -122,6 +129,8 @@ LOCAL_PORTS = 'ports and ranges from 1 to 65535, comma separated, e.g. "1024-655
 
 # (section, key, value, allowed) for values just outside what is allowed.
 OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
+AT_VERSION = ("an ESP-AT version from 2.2.0.0 to 4.1.255.255: four dot-separated numbers 0 to 255 "
+              "in ASCII digits, no leading zero")
 
 REFUSED = [
     ("uart", "port", 5, '"" (create a pseudo-terminal) or a serial device path'),
@@ -184,9 +193,36 @@ REFUSED = [
     ("log", "level", "trace", "debug, info, warning, error"),
     ("log", "format", "text", "auto, json, console"),
     ("log", "transcript", "false", "true, false"),
+    ("log", "transcript_path", "transcript.log", '"" (to the log) or an absolute file path'),
+    ("log", "transcript_path", 1, '"" (to the log) or an absolute file path'),
+    ("log", "transcript_max_bytes", 4095, "an integer from 4096 to 1099511627776"),
+    ("log", "transcript_max_bytes", 1_099_511_627_777, "an integer from 4096 to 1099511627776"),
+    ("log", "transcript_files", 0, "an integer from 1 to 100"),
+    ("log", "transcript_files", 101, "an integer from 1 to 100"),
     ("state", "dir", "relative/dir", '"" (automatic) or an absolute directory path'),
-    ("firmware", "at_version", "4.1.1", "four dot-separated integers"),
-    ("firmware", "at_version", "4.1.1.x", "four dot-separated integers"),
+    ("firmware", "at_version", "4.1.1", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.x", AT_VERSION),
+    ("firmware", "at_version", "2.1.255.255", AT_VERSION),  # just before 2.2.0.0
+    ("firmware", "at_version", "4.1.256.0", AT_VERSION),  # each number is a byte of the core's version
+    ("firmware", "at_version", "4.1.99999999999999999999.0", AT_VERSION),
+    ("firmware", "at_version", "04.1.1.0", AT_VERSION),  # AT+GMR would print the zero
+    ("firmware", "at_version", "4.1.1.00", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0 ", AT_VERSION),
+    ("firmware", "at_version", " 4.1.1.0", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0\n", AT_VERSION),
+    ("firmware", "at_version", "4.1.1.0.0", AT_VERSION),
+    ("firmware", "at_version", "4.1.-1.0", AT_VERSION),
+    ("firmware", "at_version", "+4.1.1.0", AT_VERSION),
+    ("firmware", "at_version", "4_1.1.1.0", AT_VERSION),  # int() takes underscores
+    ("firmware", "at_version", "4.1.1_0.0", AT_VERSION),
+    ("firmware", "at_version", "\u0664.1.1.0", AT_VERSION),  # Arabic-Indic 4: int() and \d take it
+    ("firmware", "at_version", "\uff14.1.1.0", AT_VERSION),  # fullwidth 4
+    ("firmware", "at_version", 4, AT_VERSION),
+    ("firmware", "at_version", 4.1, AT_VERSION),
+    ("firmware", "at_version", [4, 1, 1, 0], AT_VERSION),
+    ("firmware", "at_version", "4.2.0.0", AT_VERSION),
+    ("firmware", "at_version", "5.0.1.0", AT_VERSION),  # AT+CIPCONNPERSIST, +ERRNO: not emulated
+    ("firmware", "at_version", "1.7.4.0", AT_VERSION),  # ESP8266 NonOS
     ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
     ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
     ("ota", "server", "ftp://host/x", OTA_SERVER),
@@ -211,6 +247,7 @@ REFUSED = [
     ("dns", "hosts", ["example.com", "127.0.0.1"], HOSTS_TABLE),
     ("dns", "hosts_file", "etc/hosts", HOSTS_PATH),
     ("dns", "hosts_file", 1, HOSTS_PATH),
+    ("sntp", "source", "ntp", "servers, host"),
 ]
 
 
@@ -289,7 +326,7 @@ def test_every_key_is_covered():
     """The tables above exercise every key of every section."""
     sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
                 "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig,
-                "ota": OtaConfig, "dns": DnsConfig}
+                "ota": OtaConfig, "dns": DnsConfig, "sntp": SntpConfig}
     every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
     assert {(s, k) for s, k, _ in ACCEPTED} == every
     assert {(s, k) for s, k, _, _ in REFUSED} == every
@@ -314,6 +351,7 @@ def test_defaults_are_esp_at():
     assert config.state.dir == ""
     assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",
                                    timeout_ms=180_000)
+    assert config.sntp == SntpConfig(source="servers")
 
 
 def test_config_is_frozen():
@@ -377,7 +415,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota, dns")
+        "state, firmware, ota, dns, sntp")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -594,7 +632,7 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>")
 
 
 def test_override_unparsable_string():
@@ -655,6 +693,23 @@ def test_esp32_profile_is_the_defaults():
     """The esp32 profile states the built-in defaults, nothing else."""
     config = load_config(None, str(REPO / "config" / "profiles" / "esp32.toml"), {})
     assert dataclasses.replace(config, profile="esp32", sources=()) == default_config()
+
+
+FIRMWARE_PROFILES = [p for p in PROFILES if p.stem.startswith("esp-at-")]
+
+
+@pytest.mark.parametrize("profile", FIRMWARE_PROFILES, ids=[p.stem for p in FIRMWARE_PROFILES])
+def test_firmware_profiles_repeat_the_esp32_keys(profile):
+    """An esp-at-X.Y profile has every esp32 key, the same values but the
+    firmware version it is named after and its SDK version."""
+    esp32 = tomllib.loads((REPO / "config" / "profiles" / "esp32.toml").read_text())
+    mine = tomllib.loads(profile.read_text())
+    assert {s: set(t) for s, t in mine.items()} == {s: set(t) for s, t in esp32.items()}
+    assert mine["firmware"]["at_version"].startswith(profile.stem.removeprefix("esp-at-") + ".")
+    for section, table in esp32.items():
+        for key, value in table.items():
+            if (section, key) not in (("firmware", "at_version"), ("firmware", "sdk_version")):
+                assert mine[section][key] == value, (section, key)
 
 
 # --------------------------------------------------------------------------
@@ -721,7 +776,7 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
 def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns",
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp",
                      "profile", "sources"]
 
 

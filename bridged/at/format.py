@@ -25,6 +25,7 @@ __all__ = [
     "READY",
     "FORCE_RESTART",
     "QUITT",
+    "TIME_UPDATED",
     "q",
     "info",
     "fields",
@@ -57,6 +58,7 @@ BUSY = b"\r\nbusy p...\r\n"
 READY = b"\r\nready\r\n"
 FORCE_RESTART = b"\r\nWill force to restart!!!\r\n"
 QUITT = b"\r\n+QUITT\r\n"
+TIME_UPDATED = b"+TIME_UPDATED\r\n"  # the first SNTP answer after AT+CIPSNTPCFG (a status line: no leading CRLF)
 PING_TIMEOUT = b"+PING:TIMEOUT\r\n"  # AT+PING: no reply, or the name did not resolve; ERROR follows
 
 _FINALS = (OK, ERROR, SEND_OK, SEND_FAIL, SEND_CANCELED, SEND_CANCELLED, PROMPT, BUSY)

@@ -26,7 +26,7 @@ def gmr_text(ctx: Context) -> bytes:
         f"AT version:{fw.at_version}({version} - ESP32 - {BUILD_TIME})",
         f"SDK version:{fw.sdk_version}",
         f"compile time({version}):{BUILD_TIME}",
-        f"Bin version:v{fw.at_version}({fw.module})",
+        f"Bin version:{ctx.personality.bin_version}({fw.module})",
     )
     return "".join(line + "\r\n" for line in lines).encode("ascii")
 
@@ -162,7 +162,8 @@ def uart_def_set(ctx: Context, line: CommandLine) -> Reply:
 def cmd_query(ctx: Context, line: CommandLine) -> Reply:
     """The command list: index, name, then 0/1 for the test, query, set and execute forms."""
     body = b""
-    for index, name in enumerate(names()):
+    present = [name for name in names() if ctx.personality.has_command(name)]
+    for index, name in enumerate(present):
         have = forms(name)
         flags = [int(kind in have) for kind in (Kind.TEST, Kind.QUERY, Kind.SET, Kind.EXECUTE)]
         body += info("+CMD", index, q("AT" + name), *flags)

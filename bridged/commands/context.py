@@ -11,12 +11,15 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from bridged.firmware import Personality, personality
+
 if TYPE_CHECKING:
     from bridged.config import Config
     from bridged.store import Store
 
 __all__ = [
     "UartSettings",
+    "SntpSettings",
     "SessionState",
     "ConnectSpec",
     "LinkView",
@@ -38,6 +41,14 @@ class UartSettings:
 
     def fields(self) -> tuple[int, int, int, int, int]:
         return (self.baud, self.data_bits, self.stop_bits, self.parity, self.flow)
+
+
+@dataclass(frozen=True, slots=True)
+class SntpSettings:
+    """What AT+CIPSNTPCFG set: RAM only, a restart forgets it."""
+
+    servers: tuple[str, ...] = ()  # () = not configured (<enable> 0)
+    timezone: int = 0  # as given: whole hours, or [+|-]hhmm
 
 
 # Keys the ESP keeps in NVS when AT+SYSSTORE=1 (esp-at-behavior.md 1.8).
@@ -78,6 +89,8 @@ class SessionState:
     # AT+CIPTCPOPT per link: so_linger, tcp_nodelay, so_sndtimeo (ms), keep_alive (s).
     # keep_alive is shared with AT+CIPSTART's: the later of the two wins.
     tcpopts: list[list[int]] = field(default_factory=lambda: [[-1, 0, 0, 0] for _ in range(5)])
+    sntp: SntpSettings = SntpSettings()
+    sntp_interval: int = 3600  # AT+CIPSNTPINTV, s (ESP-IDF's CONFIG_LWIP_SNTP_UPDATE_DELAY)
 
     @property
     def wifi_connected(self) -> bool:
@@ -116,6 +129,7 @@ class ConnectSpec:
     tls_psk: str = ""  # hex
     tls_psk_hint: str = ""
     dns_servers: tuple[str, ...] = ()  # AT+CIPDNS's manual servers; () = the host's resolver
+    tls_time: int | None = None  # verifying SSL: certificate dates at this Unix time (device clock); None: host clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +196,7 @@ class Context:
     uart: UartSettings
     server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
     mdns: Any = None  # the front's AT+MDNS responder (bridged.net.mdns.Advertiser)
+    sntp: Any = None  # the front's SNTP client and device clock (bridged.net.sntp_client.SntpClient)
     extra: dict[str, Any] = field(default_factory=dict)
     # Part of the running command's answer, written now and in order with its
     # final result (AT+CIUPDATE's progress lines before OK or ERROR).
@@ -189,6 +204,11 @@ class Context:
     # Work a command left running after its answer (a nonblocking AT+CIUPDATE):
     # a restart cancels it, as a reboot would.
     background: set[asyncio.Task] = field(default_factory=set)
+
+    @property
+    def personality(self) -> Personality:
+        """How the configured ESP-AT version answers where versions differ."""
+        return personality(self.config.firmware.at_version)
 
     @property
     def mux(self) -> bool:

@@ -111,7 +111,11 @@ def cipdns_set(ctx: Context, line: CommandLine) -> Reply:
 
 @handles("+CIPDOMAIN", Kind.SET)
 def cipdomain_set(ctx: Context, line: CommandLine):
-    name, network, timeout_ms = bind(line.tokens, (Str(MAX_NAME + 1), Int(1, 3, 1), Int(0, 60000, 0)))
+    specs = (Str(MAX_NAME + 1), Int(1, 3, 1), Int(0, 60000, 0))
+    if ctx.personality.domain_timeout:
+        name, network, timeout_ms = bind(line.tokens, specs)
+    else:  # <timeout> exists from ESP-AT 4.1
+        (name, network), timeout_ms = bind(line.tokens, specs[:2]), 0
     check_domain(name)
     if station_ip(ctx) is None:
         raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")

@@ -4,6 +4,7 @@
 [,<txt_number>,<"key">,<"value">...]`` starts advertising on the station
 interface (bridged.net.mdns); ``AT+MDNS=0`` withdraws it (goodbye packets).
 Only the set form exists, as in ESP-AT.  Both answer OK or ERROR only.
+Before ESP-AT 4.1 the command ends at ``<port>`` (service "<type>._tcp").
 
 Checks (the spec page gives the shape and txt_number's range [1,10]; the
 rest follows ESP-IDF's mdns, which ESP-AT calls):
@@ -52,6 +53,7 @@ _HEAD = (
     Str(8, "_tcp", min_len=1),  # proto
     Int(1, 10, 0),  # txt_number (0 = no TXT pairs given)
 )
+_BEFORE_4_1 = 4  # parameters before ESP-AT 4.1: enable, hostname, service type, port
 
 
 def _utf8(text: str, index: int) -> str:
@@ -119,6 +121,9 @@ def mdns_set(ctx: Context, line: CommandLine):  # -> Reply | Awaitable[Reply]
         if len(tokens) > 1:
             raise ParamCountMismatch("AT+MDNS=0 takes no other parameter", len(tokens))
         return _disable(ctx)
+    if len(tokens) > _BEFORE_4_1 and not ctx.personality.mdns_service_options:
+        raise ParamCountMismatch("<instance>, <proto> and TXT pairs exist from ESP-AT 4.1",
+                                 _BEFORE_4_1 << 8 | min(len(tokens), 0xFF))
     ad = parse_advertisement(tokens)
     if ctx.mdns.enabled:
         raise ExecFail("mDNS is already enabled: AT+MDNS=0 first")

@@ -3,7 +3,8 @@ parameters, AT+TRANSINTVL, AT+CIPRECONNINTV, AT+SAVETRANSLINK.
 
 Rules (spec AT+CIPMODE / AT+CIPSEND notes, esp-at-behavior.md 3.6, 4.2):
 passthrough needs one usable link: the single connection (TCP, or UDP whose
-<mode> is 0), or the one client of a server limited to one connection.
+<mode> is 0), or (from ESP-AT 2.3, #631) the one client of a server limited
+to one connection.
 After ``+++`` CIPMODE stays 1 (passthrough receiving mode: data still comes
 raw); AT+CIPSEND enters again.  AT+SAVETRANSLINK is always stored and takes
 effect at the next boot: bridged connects and enters passthrough by itself,
@@ -29,6 +30,8 @@ def _passthrough_link(ctx: Context) -> int | None:
     """The link passthrough would use, or None."""
     if not ctx.mux:
         return 0 if ctx.links.can_send(0) else None
+    if not ctx.personality.server_passthrough:
+        return None
     server = ctx.server
     if not server.running or server.max_conn != 1:
         return None
@@ -39,6 +42,8 @@ def _passthrough_link(ctx: Context) -> int | None:
 def _check_cipmode(ctx: Context) -> None:
     links = [i for i in range(ctx.links.count) if ctx.links.is_busy(i)]
     if ctx.mux:
+        if not ctx.personality.server_passthrough:
+            raise ExecFail("passthrough needs AT+CIPMUX=0 (a server's passthrough came in ESP-AT 2.3)")
         server = ctx.server
         clients = [i for i in links if i not in ctx.links.server_links()]
         if len(clients) > 1:

@@ -5,6 +5,9 @@ test ``AT+X=?``, query ``AT+X?``, set ``AT+X=...``, execute ``AT+X``.  A form a
 command does not have answers ERROR (ERR CODE subcategory 0x0C), an unknown
 name ERROR (0x09).
 
+A command the configured ESP-AT version lacks (bridged.firmware) answers as an
+unknown one.
+
 Handlers take the session context and the parsed line and return a ``Reply``
 (or a coroutine that returns one, for commands that wait on the network: the
 front answers ``busy p...`` to input meanwhile).  They never write to the UART.
@@ -45,13 +48,17 @@ class Reply:
         body: information lines written before the final result.
         final: the result code (OK, ERROR, PROMPT ...).
         after: called once the reply has been handed to the UART (a baud
-            change, a restart, a URC that must follow OK).
+            change, a restart); input waits meanwhile.
+        then: called as soon as the reply is queued, to queue what must
+            follow it (a URC after OK: the UART output keeps that order);
+            never waits, so the next command's answer never waits either.
         send: with final=PROMPT, where the payload that follows goes.
     """
 
     body: bytes = b""
     final: bytes = OK
     after: Callable[[], Any] | None = None
+    then: Callable[[], Any] | None = None
     send: SendRequest | None = None
 
 
@@ -90,6 +97,14 @@ def lookup(name: str, kind: Kind) -> Handler:
 
 
 def dispatch(ctx: "Context", line: CommandLine) -> "Reply | Awaitable[Reply]":
+    """Run a command line's handler, as the configured ESP-AT version would.
+
+    Raises:
+        UnsupportedCommand: no such command, or not in this ESP-AT version.
+        OperationNotSupported: the command has no such form.
+    """
+    if not ctx.personality.has_command(line.name):
+        raise UnsupportedCommand(f"AT{line.name} does not exist in ESP-AT {ctx.config.firmware.at_version}")
     return lookup(line.name, line.kind)(ctx, line)
 
 

@@ -4,7 +4,8 @@ Rules from the spec's notes and ESP-AT's handlers (esp-at-behavior.md 3.10):
 a server needs AT+CIPMUX=1; there is at most one; the port defaults to 333;
 AT+CIPSERVERMAXCONN must come before the server; AT+CIPSTO is accepted only
 while a server runs (its query works any time); deleting with <param2>=1
-closes the server's clients, 0 keeps them.
+closes the server's clients, 0 keeps them.  From ESP-AT 4.1 a fifth
+parameter, <netif>, picks the interface to listen on and the query shows it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station
-from bridged.net.interfaces import own_address
+from bridged.net.interfaces import interface_info, own_address
 
 __all__: list[str] = []
 
@@ -28,7 +29,12 @@ def cipserver_query(ctx: Context, line: CommandLine) -> Reply:
     server = ctx.server
     if not server.running:
         return Reply(info("+CIPSERVER", 0))
-    return Reply(info("+CIPSERVER", 1, server.port, q(server.type), server.ca_enable))
+    netif = (server.netif,) if ctx.personality.server_netif else ()
+    return Reply(info("+CIPSERVER", 1, server.port, q(server.type), server.ca_enable, *netif))
+
+
+_CREATE_SPECS = (Int(0, 1), Int(1, 65535, 333), Str(6, "TCP"), Int(0, 1, 0))
+_NETIF = Int(0, 3, 0)  # 0 all interfaces, 1 station, 2 softAP, 3 Ethernet (ESP-AT 4.1+)
 
 
 @handles("+CIPSERVER", Kind.SET)
@@ -40,11 +46,41 @@ def cipserver_set(ctx: Context, line: CommandLine):
             raise ParamCountMismatch("<type> and <CA enable> must be omitted when deleting a server")
         _, close_clients = bind(tokens[:2], (Int(0, 1), Int(0, 1, 0)))
         return _delete(ctx, bool(close_clients))
-    _, port, type_, ca_enable = bind(tokens, (Int(0, 1), Int(1, 65535, 333), Str(6, "TCP"), Int(0, 1, 0)))
-    return _create(ctx, port, type_, ca_enable)
+    if ctx.personality.server_netif:
+        _, port, type_, ca_enable, netif = bind(tokens, _CREATE_SPECS + (_NETIF,))
+    else:
+        (_, port, type_, ca_enable), netif = bind(tokens, _CREATE_SPECS), 0
+    return _create(ctx, port, type_, ca_enable, netif)
 
 
-def _create(ctx: Context, port: int, type_: str, ca_enable: int) -> Reply:
+def _listen_ip(ctx: Context, type_: str, netif: int) -> str:
+    """The address to listen on ("" = all).
+
+    The interface's own address, not the wildcard, so the server hears only
+    what the ESP's own address would receive.  <netif> 0 and 1 keep
+    bridged's choice, the station's (its IPv4 once joined, else all
+    addresses); 2 and 3 take the IPv4 of ``[wifi] ap_interface`` /
+    ``eth_interface``.  An IPv6 server takes that interface's first global
+    IPv6 address (::1 on ``lo``), or all addresses when it has none.
+    """
+    v6 = type_.endswith("v6")
+    if netif in (0, 1):
+        iface = station(ctx)
+        if v6:
+            return own_address(iface.name, v6=True) if iface.is_up else ""
+        return iface.ipv4 if iface.connected else ""
+    name = ctx.config.wifi.ap_interface if netif == 2 else ctx.config.wifi.eth_interface
+    if v6:
+        return own_address(name, v6=True) if name else ""
+    if netif == 2 and ctx.state.cwmode not in (2, 3):
+        raise ExecFail("<netif> 2 needs the softAP (AT+CWMODE=2 or 3)")
+    iface = interface_info(name) if name else None
+    if iface is None or not iface.connected:
+        raise ExecFail(f"<netif> {netif}: no {'softAP' if netif == 2 else 'Ethernet'} interface with an IPv4 address")
+    return iface.ipv4
+
+
+def _create(ctx: Context, port: int, type_: str, ca_enable: int, netif: int) -> Reply:
     server = ctx.server
     if not ctx.mux:
         raise ExecFail("a server needs AT+CIPMUX=1")
@@ -56,14 +92,9 @@ def _create(ctx: Context, port: int, type_: str, ca_enable: int) -> Reply:
         if (server.port, server.type) == (port, type_):
             return Reply()  # ESP-AT logs "no change"
         raise ExecFail(f"server has already been started on port {server.port}")
-    iface = station(ctx)
-    # The station's address, not the wildcard: only what the ESP's own address would receive.
-    if type_.endswith("v6"):
-        bind_ip = own_address(iface.name, v6=True) if iface.is_up else ""
-    else:
-        bind_ip = iface.ipv4 if iface.connected else ""
+    bind_ip = _listen_ip(ctx, type_, netif)
     try:
-        server.start(port, type_, ca_enable, bind_ip)
+        server.start(port, type_, ca_enable, bind_ip, netif)
     except OSError as exc:
         raise ExecFail(f"cannot listen on port {port}: {exc.strerror or exc}") from None
     server.update()

@@ -8,6 +8,11 @@ one line per link, link 0 alone in single-connection mode.  The certificates
 themselves live in bridged's certificate store (``bridged pki``); a missing
 one makes AT+CIPSTART answer ERROR, with the reason in the log.
 
+Auth modes 2 and 3 check the server certificate's dates against the
+device's SNTP clock (``[sntp] source = "servers"``): an ESP32 without SNTP
+time (1970) fails the handshake (esp-at-behavior.md 5.2).  The time goes to
+the worker with the request (``tls_time``).
+
 AT+CIPSSLCPSK's <"psk"> is the key and <"hint"> the identity the client
 sends, as ESP-AT's esp-tls ``psk_hint_key`` uses them.
 """
@@ -23,6 +28,7 @@ from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context
 from bridged.commands.registry import Reply, handles
+from bridged.commands.sntp import tls_time
 
 __all__ = ["with_tls"]
 
@@ -36,7 +42,7 @@ def with_tls(ctx: Context, link_id: int, spec: ConnectSpec) -> ConnectSpec:
     psk, hint = st.sslpsk[link_id]
     return dataclasses.replace(
         spec, tls_auth=auth, tls_pki=pki, tls_ca=ca, tls_cn=st.sslcn[link_id], tls_sni=st.sslsni[link_id],
-        tls_alpn=tuple(st.sslalpn[link_id]), tls_psk=psk, tls_psk_hint=hint,
+        tls_alpn=tuple(st.sslalpn[link_id]), tls_psk=psk, tls_psk_hint=hint, tls_time=tls_time(ctx),
     )
 
 
@@ -117,7 +123,7 @@ def _psk_set(ctx: Context, line: CommandLine, hex_form: bool) -> Reply:
         try:
             key = bytes.fromhex(psk)
         except ValueError:
-            raise ParamInvalid(f"PSK {psk!r} is not hexadecimal", 1) from None
+            raise ParamInvalid("the PSK is not hexadecimal", 1) from None  # the key itself is never logged
         if not 1 <= len(key) <= 32:
             raise ParamInvalid("a PSK is 1 to 32 bytes", 1)
     else:

@@ -1,6 +1,6 @@
-"""TCP/IP commands of the foundation: AT+CIPMUX, AT+CIPSTART(EX), AT+CIPSEND,
-AT+CIPCLOSE, AT+CIPSTATE, AT+CIPSTATUS, AT+CIPDINFO, AT+CIPRECVTYPE/MODE,
-AT+CIPV6.
+"""TCP/IP commands of the foundation: AT+CIPMUX, AT+CIPSTART(EX), AT+CIPCLOSE,
+AT+CIPSTATE, AT+CIPSTATUS, AT+CIPDINFO, AT+CIPRECVTYPE/MODE, AT+CIPRECVDATA,
+AT+CIPRECVLEN, AT+CIPV6, AT+CIPTCPOPT (the send commands: bridged.commands.send).
 
 Every rejection is a bare ERROR on the AT port, as ESP-AT v2+ answers; the
 texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
@@ -10,22 +10,17 @@ texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
 from __future__ import annotations
 
 import dataclasses
-import functools
 import ipaddress
-import socket
 
-from bridged.at.datamode import DataKind
 from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
-from bridged.at.format import PROMPT, closed, connect, fields, info, link_conn, q
-from bridged.at.params import Int, Spec, Str, bind
+from bridged.at.format import closed, connect, fields, info, link_conn, q
+from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
 from bridged.commands.dns import lookup_servers
-from bridged.commands.registry import Reply, SendRequest, handles
+from bridged.commands.registry import Reply, handles
 from bridged.commands.ssl import with_tls
 from bridged.commands.wifi import station_ip
-from bridged.net.localaddr import link_policy
-from bridged.net.resolver import ResolveError, resolve
 
 __all__ = ["connected_message"]
 
@@ -76,6 +71,7 @@ def cipmux_set(ctx: Context, line: CommandLine) -> Reply:
 
 # -- AT+CIPSTART / AT+CIPSTARTEX ----------------------------------------------------
 
+# The last of each tail, <timeout>, exists from ESP-AT 4.1 (Personality.start_timeout).
 _TCP_TAIL = (Int(0, 7200, None), Str(64, ""), Int(0, 60000, 0))
 # A link whose worker crashed is served again within a second (the supervisor
 # restarts it at once; a worker that keeps crashing backs off longer).
@@ -96,6 +92,16 @@ def _check_host(ctx: Context, type_: str, host: str) -> None:
         raise ExecFail(f"unmatched type and remote host: {type_} needs an IPv6 address")
 
 
+def _bind_start(ctx: Context, tokens: tuple, head: tuple, tail: tuple) -> list:
+    """Bind AT+CIPSTART's parameters as this ESP-AT version has them: before
+    4.1 there is no <timeout>, so a parameter in its place is one too many
+    (ERROR); <timeout> is then 0: ``[links] connect_timeout_ms`` bounds the
+    connect, as the kernel's timeout bounds ESP-AT's."""
+    if ctx.personality.start_timeout:
+        return bind(tokens, head + tail)
+    return bind(tokens, head + tail[:-1]) + [0]
+
+
 def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
     """Check AT+CIPSTART's parameters after the link id."""
     if not tokens:
@@ -107,7 +113,7 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
         raise ExecFail("IPv6 is disabled: AT+CIPV6=1 first")
     if type_ in DATAGRAM_TYPES:
         return _udp_spec(ctx, type_, tokens[1:])
-    host, port, keep_alive, local_ip, timeout = bind(tokens[1:], (Str(64), Int(1, 65535)) + _TCP_TAIL)
+    host, port, keep_alive, local_ip, timeout = _bind_start(ctx, tokens[1:], (Str(64), Int(1, 65535)), _TCP_TAIL)
     _check_host(ctx, type_, host)
     if keep_alive is not None:  # shared with AT+CIPTCPOPT: the later wins
         opts = ctx.state.tcpopts[link_id]
@@ -118,7 +124,7 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
 
 
 def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
-    host, port, local_port, mode, local_ip, timeout = bind(tokens, (Str(64), Int(0, 65535)) + _UDP_TAIL)
+    host, port, local_port, mode, local_ip, timeout = _bind_start(ctx, tokens, (Str(64), Int(0, 65535)), _UDP_TAIL)
     _check_host(ctx, type_, host)
     if mode is not None and not local_port:
         raise ExecFail("UDP <mode> needs <local port> first")
@@ -162,104 +168,6 @@ def cipstartex(ctx: Context, line: CommandLine):
     if not free:
         raise ExecFail("no free link id")
     return _start(ctx, free[0], line.tokens)
-
-
-# -- AT+CIPSEND (normal transmission mode) ----------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _send_specs(links: int | None, max_length: int) -> tuple[Spec, ...]:
-    """[<link ID>,]<length>[,<remote host>,<remote port>]: built once per form
-    (a send command can come hundreds of times a second)."""
-    specs = (Int(1, max_length), Str(64, ""), Int(0, 65535, None))
-    return specs if links is None else (Int(0, links - 1),) + specs
-
-
-def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: int):
-    """AT+CIPSEND / CIPSENDEX / CIPSENDL's set form: checks, then the prompt."""
-    if ctx.state.cipmode != 0:
-        raise ExecFail("IPMODE=1: the set form needs AT+CIPMODE=0")
-    if ctx.mux:
-        link_id, length, host, port = bind(line.tokens, _send_specs(ctx.links.count, max_length))
-    else:
-        length, host, port = bind(line.tokens, _send_specs(None, max_length))
-        link_id = 0
-    if not ctx.links.can_send(link_id):
-        raise ExecFail(f"invalid link: link {link_id} is not connected")
-    view = ctx.links.view(link_id)
-    if not host and port is None:
-        if view.type.startswith("UDP"):
-            _admit(ctx, link_id, [view.remote_ip], view.remote_port)  # a listener's 0.0.0.0 may be refused
-        return Reply(final=PROMPT, send=SendRequest(link_id, length, kind=kind))
-    if not view.type.startswith("UDP"):
-        raise ExecFail("a remote host and port are for UDP links only")
-    if not host or port is None:
-        raise ParamCountMismatch("a send needs both <remote host> and <remote port>")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return _udp_send(ctx, view, link_id, length, host, port, kind)  # a name: resolve first
-    if (ip.version == 6) != view.type.endswith("v6"):
-        raise ExecFail(f"unmatched type and remote host: {host} on a {view.type} link")
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, (_admit(ctx, link_id, [str(ip)], port), port), kind))
-
-
-def _admit(ctx: Context, link_id: int, addresses: list[str], port: int) -> str:
-    """The first address [links] allow/deny lets this datagram go to.
-
-    Checked here, before the prompt, so a refused remote is ERROR, as a
-    send to a host the ESP cannot reach; the worker counts the refusal.
-    """
-    links = ctx.config.links
-    policy = link_policy(links.allow, links.deny, links.local_ports)
-    if policy.open:
-        return addresses[0]
-    refusal = None
-    for address in addresses:
-        refusal = policy.check(address, port)
-        if refusal is None:
-            return address
-        ctx.links.refused(link_id, refusal)
-    raise ExecFail(f"remote refused: {refusal.reason()}")
-
-
-@handles("+CIPSEND", Kind.SET)
-def cipsend(ctx: Context, line: CommandLine):
-    return _send_command(ctx, line, DataKind.SEND, ctx.config.links.cipsend_max)
-
-
-@handles("+CIPSENDEX", Kind.SET)
-def cipsendex(ctx: Context, line: CommandLine):
-    return _send_command(ctx, line, DataKind.SENDEX, ctx.config.links.cipsend_max)
-
-
-@handles("+CIPSENDL", Kind.SET)
-def cipsendl(ctx: Context, line: CommandLine):
-    return _send_command(ctx, line, DataKind.SENDL, 0x7FFFFFFF)
-
-
-@handles("+CIPSENDLCFG", Kind.QUERY)
-def cipsendlcfg_query(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(info("+CIPSENDLCFG", *ctx.state.sendl_cfg))
-
-
-@handles("+CIPSENDLCFG", Kind.SET)
-def cipsendlcfg_set(ctx: Context, line: CommandLine) -> Reply:
-    report, transmit = bind(line.tokens, (Int(100, 1 << 20), Int(100, 2920, ctx.state.sendl_cfg[1])))
-    ctx.state.sendl_cfg = (report, transmit)
-    return Reply()
-
-
-async def _udp_send(ctx: Context, view: LinkView, link_id: int, length: int, host: str, port: int,
-                    kind: DataKind) -> Reply:
-    """AT+CIPSEND to a UDP peer of the MCU's choosing, for this datagram only."""
-    family = socket.AF_INET6 if view.type.endswith("v6") else socket.AF_INET
-    timeout = ctx.config.links.connect_timeout_ms / 1000
-    try:
-        addresses = await resolve(host, family, lookup_servers(ctx), timeout)
-    except ResolveError as exc:
-        raise ExecFail(f"unknown host {host}: {exc}") from None
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, (_admit(ctx, link_id, addresses, port), port), kind))
 
 
 # -- AT+CIPCLOSE ----------------------------------------------------------------------
@@ -396,12 +304,21 @@ def ciprecvdata(ctx: Context, line: CommandLine) -> Reply:
     if ctx.state.cipdinfo and view is not None:
         head += fields(q(view.remote_ip), view.remote_port) + b","
     # The data runs straight into the final \r\nOK\r\n, with no line end of its own.
-    return Reply(head + data, after=lambda: ctx.links.after_read(link_id))
+    return Reply(head + data, then=lambda: ctx.links.after_read(link_id))
 
 
 @handles("+CIPRECVLEN", Kind.QUERY)
 def ciprecvlen(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(info("+CIPRECVLEN", *(ctx.links.unread(i) for i in range(ctx.links.count))))
+    """Unread bytes per link; a link not connected shows the version's value
+    (-1 before 3.0: WiFiEspAT's AT 2 mode reads anything else as connected)."""
+    fw = ctx.personality
+    values = []
+    for link_id in range(fw.recvlen_fields(ctx.links.count, ctx.mux)):
+        # unread() first: it may find that a drained link has ended.
+        unread = ctx.links.unread(link_id) if link_id < ctx.links.count else 0
+        connected = link_id < ctx.links.count and ctx.links.view(link_id) is not None
+        values.append(unread if connected else fw.recvlen_unused)
+    return Reply(info("+CIPRECVLEN", *values))
 
 
 @handles("+CIPV6", Kind.QUERY)
@@ -422,21 +339,28 @@ def cipv6_set(ctx: Context, line: CommandLine) -> Reply:
 _TCPOPT_SPECS = (Int(-1, 65535, None), Int(0, 1, None), Int(0, 0x7FFFFFFF, None), Int(0, 7200, None))
 
 
+def _tcpopt_count(ctx: Context) -> int:
+    """so_linger, tcp_nodelay, so_sndtimeo, and <keep_alive> from ESP-AT 2.4."""
+    return 4 if ctx.personality.tcpopt_keep_alive else 3
+
+
 @handles("+CIPTCPOPT", Kind.QUERY)
 def ciptcpopt_query(ctx: Context, line: CommandLine) -> Reply:
     ids = range(ctx.links.count) if ctx.mux else range(1)
-    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i]) for i in ids))
+    shown = _tcpopt_count(ctx)
+    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i][:shown]) for i in ids))
 
 
 @handles("+CIPTCPOPT", Kind.SET)
 def ciptcpopt_set(ctx: Context, line: CommandLine) -> Reply:
+    specs = _TCPOPT_SPECS[:_tcpopt_count(ctx)]
     if ctx.mux:
-        link_id, *values = bind(line.tokens, (Int(0, ALL_LINKS),) + _TCPOPT_SPECS, min_count=4)
+        link_id, *values = bind(line.tokens, (Int(0, ALL_LINKS),) + specs, min_count=4)
         if link_id != ALL_LINKS and link_id >= ctx.links.count:
             raise ParamInvalid(f"link id {link_id} out of range", 1)
         ids = range(ctx.links.count) if link_id == ALL_LINKS else [link_id]
     else:
-        values = bind(line.tokens, _TCPOPT_SPECS, min_count=3)
+        values = bind(line.tokens, specs, min_count=3)
         ids = [0]
     for i in ids:
         opts = ctx.state.tcpopts[i]

@@ -175,7 +175,7 @@ def cwqap(ctx: Context, line: CommandLine) -> Reply:
     _set_wifi_state(ctx, DISCONNECTED)
     if not was_connected:
         return Reply()
-    return Reply(after=lambda: ctx.urc(wifi("DISCONNECT")))
+    return Reply(then=lambda: ctx.urc(wifi("DISCONNECT")))
 
 
 @handles("+CWSTATE", Kind.QUERY)
@@ -201,11 +201,11 @@ def cwmode_set(ctx: Context, line: CommandLine) -> Reply:
         _station_changed(ctx)
     if had_station and not _has_station(ctx) and st.wifi_connected:
         _set_wifi_state(ctx, DISCONNECTED)
-        return Reply(after=lambda: ctx.urc(wifi("DISCONNECT")))
+        return Reply(then=lambda: ctx.urc(wifi("DISCONNECT")))
     if not had_station and _has_station(ctx) and auto:
         msgs = autoconnect_messages(ctx)
         if msgs:
-            return Reply(after=lambda: ctx.urc(msgs))
+            return Reply(then=lambda: ctx.urc(msgs))
     return Reply()
 
 

@@ -12,7 +12,9 @@ worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
 (a UDP link's remote moved, AT+CIPSTART <mode> 1 or 2).
 supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
 front end of the new worker's control socket), ``Shutdown``.
-front -> supervisor: ``FrontReady``, ``Heartbeat``.
+front -> supervisor: ``FrontReady``, ``Heartbeat``, ``PortFailed`` (the serial
+port cannot be opened: the one line saying why; the front then exits with
+``bridged.uart.main.PORT_FAILED`` and the supervisor ends the daemon, exit 1).
 
 A connection's end is not a control message: the worker puts an EOF record
 in the downlink ring behind the last data, so the front reports ``CLOSED``
@@ -44,6 +46,7 @@ __all__ = [
     "Shutdown",
     "FrontReady",
     "Heartbeat",
+    "PortFailed",
 ]
 
 
@@ -69,6 +72,9 @@ class Connect:
     tls_psk_hint: str = ""
     # The worker resolves a host name through these (AT+CIPDNS manual), else the host's resolver.
     dns_servers: tuple[str, ...] = ()
+    # Auth modes 2/3 check certificate dates at this Unix time (the device's
+    # SNTP clock), else OpenSSL checks them against the host's clock.
+    tls_time: int | None = None
 
 
 @message
@@ -179,3 +185,9 @@ class FrontReady:
 @dataclass(frozen=True)
 class Heartbeat:
     pass
+
+
+@message
+@dataclass(frozen=True)
+class PortFailed:
+    reason: str

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-A ring is a ``multiprocessing.shared_memory`` block holding a 128-byte header
+A ring is a block of shared memory (a ``memfd``) holding a 128-byte header
 and a data area of ``capacity`` bytes (a power of two). The header holds two
 64-bit little-endian counters, each on its own 64-byte cache line so the two
 processes do not false-share: the *write index* (offset 0) and the *read
@@ -42,11 +42,15 @@ is safe because the other side rings its doorbell once the store completes.
 Processes and shared memory
 ---------------------------
 The supervisor creates every ring before it forks; children use the
-inherited object and never attach by name. The block is removed from
-Python's resource tracker right after creation (``track=False`` on 3.13+),
-so no tracker ever unlinks a live ring; only the creating process may
-``unlink()`` it, normally at exit. ``close()`` drops the mapping in the
-calling process only.
+inherited mapping. The block is an anonymous ``memfd`` mapped shared: it never
+has a name in /dev/shm, so nothing can attach to it by name, no resource
+tracker is involved, and nothing is left behind however the processes end
+(a SIGKILL included): the memory goes with the last mapping. Its size is
+sealed (F_SEAL_SHRINK, F_SEAL_GROW): a process that reopens it through /proc
+cannot shrink it under the others' mappings. Its label
+(``bridged-<label>``) shows in /proc/<pid>/maps and /proc/<pid>/fd for
+whoever debugs. ``close()`` drops the mapping in the calling process only;
+a child that must not reach a ring (another link's) closes it after the fork.
 
 A Ring object keeps no index of its own: all state lives in the shared
 header, so a worker the supervisor forks again after a crash carries on
@@ -65,10 +69,10 @@ or ``close()`` fails with ``BufferError``.
 
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
-import secrets
 import sys
-from multiprocessing import resource_tracker, shared_memory
 
 __all__ = ["Ring", "MIN_CAPACITY", "HEADER_SIZE"]
 
@@ -81,35 +85,22 @@ HEADER_SIZE = 128
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
 _QUIET = 1  # item 1, on the producer's line: 1 = consume() need not ring space_fd
-_TRACK_PARAM = sys.version_info >= (3, 13)
+# 3.13+ can map without keeping a duplicate of the fd open (trackfd=False);
+# before, the mapping holds one fd per ring (close-on-exec).
+_MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
-def _create_block(size: int) -> shared_memory.SharedMemory:
-    """Create an untracked shared-memory block with a recognisable name."""
-    while True:
-        # The name says who leaked it if a SIGKILLed supervisor leaves one in /dev/shm.
-        name = f"bridged-{os.getpid()}-{secrets.token_hex(6)}"
-        try:
-            if _TRACK_PARAM:
-                return shared_memory.SharedMemory(name, create=True, size=size, track=False)
-            shm = shared_memory.SharedMemory(name, create=True, size=size)
-        except FileExistsError:
-            continue
-        # 3.11/3.12 register every block; a tracker must never unlink a ring another
-        # process still uses, so the supervisor takes over the block's lifetime.
-        resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001
-        return shm
-
-
-def _unlink_block(shm: shared_memory.SharedMemory) -> None:
-    if _TRACK_PARAM:
-        shm.unlink()
-        return
-    # SharedMemory.unlink() would also unregister, which a block we already
-    # unregistered turns into a KeyError traceback in the tracker process.
-    import _posixshmem  # type: ignore[import-not-found]
-
-    _posixshmem.shm_unlink(shm._name)  # noqa: SLF001
+def _create_block(size: int, label: str) -> mmap.mmap:
+    """Map a fresh zero-filled shared block of ``size`` bytes, named nowhere, its size sealed."""
+    fd = os.memfd_create(f"bridged-{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        # A block shrunk under a mapping is SIGBUS in every process touching
+        # it; whoever reopens it through /proc must not be able to.
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
+    finally:
+        os.close(fd)
 
 
 def _ring(fd: int) -> None:
@@ -137,18 +128,19 @@ class Ring:
     """An SPSC byte ring in shared memory with two eventfd doorbells."""
 
     def __init__(
-        self, shm: shared_memory.SharedMemory, capacity: int, data_fd: int, space_fd: int
+        self, block: mmap.mmap, label: str, capacity: int, data_fd: int, space_fd: int
     ) -> None:
         # Use Ring.create(); this only wires up an already created block.
-        self._shm = shm
+        self._block = block
+        self._label = label
         self._capacity = capacity
         self._mask = capacity - 1
-        self._header = shm.buf[:HEADER_SIZE]
+        self._buf = memoryview(block)
+        self._header = self._buf[:HEADER_SIZE]
         self._index = self._header.cast("Q")
-        self._data = shm.buf[HEADER_SIZE : HEADER_SIZE + capacity]
+        self._data = self._buf[HEADER_SIZE : HEADER_SIZE + capacity]
         self.data_fd = data_fd
         self.space_fd = space_fd
-        self._creator_pid = os.getpid()
         self._held = False  # doorbells owed, not yet rung (see hold_doorbells)
         self._owed_data = self._owed_space = False
         self._producer_views: list[memoryview] = []
@@ -156,15 +148,19 @@ class Ring:
         self._closed = False
 
     @classmethod
-    def create(cls, capacity: int) -> Ring:
+    def create(cls, capacity: int, label: str = "ring") -> Ring:
         """Create a ring of ``capacity`` bytes (a power of two >= 4096).
+
+        Args:
+            label: shown as ``/memfd:bridged-<label>`` in /proc (e.g. "link2-up").
 
         Raises:
             ValueError: capacity is not a power of two or is below 4096.
+            OSError: no memory or descriptors left.
         """
         if capacity < MIN_CAPACITY or capacity & (capacity - 1):
             raise ValueError(f"ring capacity must be a power of two >= {MIN_CAPACITY}")
-        shm = _create_block(HEADER_SIZE + capacity)
+        block = _create_block(HEADER_SIZE + capacity, label)
         fds: list[int] = []
         try:
             for _ in range(2):  # CLOEXEC: fork keeps the fds, exec'd helpers don't get them
@@ -172,11 +168,10 @@ class Ring:
         except OSError:
             for fd in fds:
                 os.close(fd)
-            shm.close()
-            _unlink_block(shm)
+            block.close()
             raise
         # A fresh block is zero-filled: both counters start at 0.
-        return cls(shm, capacity, *fds)
+        return cls(block, label, capacity, *fds)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -190,7 +185,8 @@ class Ring:
 
     @property
     def name(self) -> str:
-        return self._shm.name
+        """The block's label as /proc shows it (no file has this name)."""
+        return f"bridged-{self._label}"
 
     @property
     def capacity(self) -> int:
@@ -469,16 +465,8 @@ class Ring:
         self._index.release()
         self._header.release()
         self._data.release()
-        self._shm.close()
+        self._buf.release()
+        self._block.close()
         os.close(self.data_fd)
         os.close(self.space_fd)
         self._closed = True
-
-    def unlink(self) -> None:
-        """Remove the block's name; only the creating process (the supervisor) may.
-
-        Mappings that other processes inherited stay valid until they close.
-        """
-        if os.getpid() != self._creator_pid:
-            raise RuntimeError("only the process that created a ring may unlink it")
-        _unlink_block(self._shm)

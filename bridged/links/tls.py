@@ -9,6 +9,13 @@ ESP-AT's client settings (AT+CIPSSLCCONF and friends, esp-at-behavior.md 5):
   2          no                                             yes
   3          yes                                            yes
 
+When verifying, the certificate dates are checked against ``tls_time`` when
+the request carries one (the device's SNTP clock): OpenSSL is told not to
+check times (X509_V_FLAG_NO_CHECK_TIME) and ``check_dates`` does it after the
+handshake, for every certificate of the verified chain (Python 3.13's
+get_verified_chain, the same private accessor on 3.11 and 3.12); a
+Python without it, or no verified chain, fails the link (closed, not open).
+
 When verifying, the server's certificate must name AT+CIPSSLCCN's common
 name, or else the host AT+CIPSTART named.  SNI is AT+CIPSSLCSNI's name, or
 the host when it is a name rather than an address.  Because Python's ssl
@@ -23,19 +30,24 @@ requires client certificates signed by server_ca.0.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import ipaddress
 import socket
 import ssl
+from datetime import datetime, timezone
 
 import structlog
+from cryptography import x509
 
 from bridged.ipc.messages import Adopt, Connect
 from bridged.pki import PkiStore, fingerprint
 
 log = structlog.get_logger()
 
-__all__ = ["TlsError", "client_context", "server_context", "handshake", "psk_supported"]
+__all__ = ["TlsError", "client_context", "server_context", "handshake", "psk_supported", "check_dates"]
+
+_NO_CHECK_TIME = 0x200000  # OpenSSL's X509_V_FLAG_NO_CHECK_TIME (not in ssl.VerifyFlags)
 
 
 class TlsError(OSError):
@@ -70,6 +82,8 @@ def client_context(request: Connect, store: PkiStore) -> ssl.SSLContext:
     if auth in (2, 3):
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(_need(store, "client_ca", request.tls_ca))
+        if request.tls_time is not None:
+            ctx.verify_flags |= _NO_CHECK_TIME  # check_dates does it, at the device's time
     else:
         ctx.verify_mode = ssl.CERT_NONE
     if request.tls_alpn:
@@ -153,6 +167,49 @@ def check_name(sock: ssl.SSLSocket, expected: str) -> None:
     if wanted_ip is None and any(_match(name, expected) for name in names):
         return
     raise TlsError(f"server certificate does not name {expected!r} (it names {names or 'nothing'})")
+
+
+def check_dates(sock: ssl.SSLSocket, at: int | None) -> None:
+    """Every certificate of the verified chain must be valid at Unix time ``at``.
+
+    None: nothing to do (OpenSSL checked the dates against the host clock).
+
+    Raises:
+        TlsError: a certificate is not yet or no longer valid then.
+    """
+    if at is None:
+        return
+    for der in _verified_chain(sock):
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise TlsError(f"cannot read a certificate of the verified chain: {exc}") from None
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        if not start.timestamp() <= at <= end.timestamp():
+            when = datetime.fromtimestamp(at, timezone.utc).isoformat()
+            raise TlsError(f"certificate {cert.subject.rfc4514_string()!r} is valid from {start.isoformat()} "
+                           f"to {end.isoformat()}, not at the device's time {when}")
+
+
+def _verified_chain(sock: ssl.SSLSocket) -> list[bytes]:
+    """DER certificates of the chain OpenSSL verified, leaf first.
+
+    3.13's public accessor gives bytes, the private one of 3.11 and 3.12
+    certificate objects (or None).  OpenSSL was told to skip the dates, so a
+    chain that cannot be had is refused: the leaf alone (the peer may send
+    any intermediates) or nothing at all would pass unchecked certificates.
+
+    Raises:
+        TlsError: no accessor on this Python, or no verified chain.
+    """
+    getter = getattr(sock, "get_verified_chain", None) or getattr(getattr(sock, "_sslobj", None),
+                                                                  "get_verified_chain", None)
+    if getter is None:
+        raise TlsError("this Python's ssl module gives no verified chain: certificate dates cannot be checked")
+    chain = getter()
+    if not chain:
+        raise TlsError("no verified chain after the handshake: certificate dates cannot be checked")
+    return [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in chain]
 
 
 def _match(pattern: str, host: str) -> bool:

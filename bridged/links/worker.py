@@ -278,6 +278,7 @@ class Worker:
                 await tls.handshake(sock)
             if msg.tls_auth in (2, 3):
                 tls.check_name(sock, msg.tls_cn or msg.host)
+                tls.check_dates(sock, msg.tls_time)
         except BaseException:
             sock.close()
             raise
@@ -554,7 +555,11 @@ class Worker:
             if n < 0:
                 self._pause_reading()
                 self._stop_window()
-                self._wait_space(self._resume_reading)
+                # A full receive window (passive mode) waits for a read to make
+                # room in it; the ring has plenty, and waiting for ring space
+                # would resume at once and spin.
+                need = ring.capacity - window + 1 if window and limit <= 0 else 64
+                self._wait_space(self._resume_reading, need=max(need, 64))
                 break
             got += n
             if n < limit and not (streaming or tls):
@@ -588,9 +593,15 @@ class Worker:
             if not self.fence.open and not self.fence.datagram(sender, "receive"):
                 continue  # from a refused address: neither delivered nor a new remote
             self._retarget(sender)
+            if not n:
+                # Nothing to deliver (active mode printed nothing for it); kept,
+                # it would be a passive read of 0 bytes after a notice of more.
+                continue
             unread = self.downlink.available()
-            if n > room - 32 or (self.window and unread + n > self.window):
-                # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+            # Passive mode with a full window: UDP data is lost (AT+CIPRECVTYPE).
+            # With nothing unread a datagram larger than the window is kept,
+            # else it could never be read (ESP-AT queues datagrams, not bytes).
+            if n > room - 32 or (self.window and unread and unread + n > self.window):
                 log.debug("datagram_dropped", length=n, unread=unread)
                 continue
             with memoryview(self._dgram_buf) as view:

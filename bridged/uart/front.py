@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Awaitable
+from typing import Awaitable, Callable
 
 import structlog
 
@@ -50,6 +50,7 @@ from bridged.at.datamode import DataKind
 from bridged.commands import registry
 from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
 from bridged.commands.dns import lookup_servers
+from bridged.commands.sntp import tls_time
 from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.passthrough import saved_link
 from bridged.commands.tcpip import connected_message
@@ -57,9 +58,10 @@ from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import recv_message, send_message
-from bridged.ipc.messages import FrontReady, Heartbeat, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, Shutdown, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
+from bridged.net.sntp_client import SntpClient
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.links import LinkTable, Slot
@@ -67,6 +69,7 @@ from bridged.uart.output import Output
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
+from bridged.uart.transcript import MarkKind, Transcript
 
 __all__ = ["Front", "factory_uart"]
 
@@ -97,6 +100,8 @@ class _Passthrough:
 
 
 class Front:
+    tap: Transcript | None = None  # set while the AT transcript is on
+
     def __init__(
         self,
         config: Config,
@@ -124,6 +129,7 @@ class Front:
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
         self.mdns = Advertiser()
+        self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
         self.busy = False  # a command waits on the network: input gets busy p...
@@ -138,6 +144,8 @@ class Front:
         self._gate = ReadGate(self.loop, self._on_readable)  # the port, paused often (coalescing, back-pressure)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
+        self.port_lost: str | None = None  # why the port went away while we served
+        self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -156,9 +164,11 @@ class Front:
             await self._stopped
         finally:
             heartbeat.cancel()
+            self.sntp.stop()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
+            self.transcript.close()
 
     def stop(self) -> None:
         if not self._stopped.done():
@@ -212,7 +222,7 @@ class Front:
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
                       self._restart, self._apply_uart, self.uart, self.server,
-                      mdns=self.mdns, answer_part=self.output.reply)
+                      mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
@@ -220,6 +230,8 @@ class Front:
         return ctx
 
     def _boot(self) -> None:
+        if self.tap is not None:
+            self.tap.mark(MarkKind.BOOT)
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))
@@ -244,6 +256,8 @@ class Front:
 
     def _restart(self, factory: bool) -> None:
         log.info("restart", factory=factory)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.RESTART, factory=factory)
         if self._command is not None:
             self._command.cancel()  # a restart abandons the running command
             self._command = None
@@ -253,6 +267,7 @@ class Front:
             self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
         self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
+        self.sntp.stop()  # AT+CIPSNTPCFG was RAM; the clock stays
         self.links.drop_all()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)
@@ -297,7 +312,10 @@ class Front:
             self.loop.call_later(0.5, self._resume_reading)
             return
         if not data:
+            self._hung_up()
             return
+        if self.tap is not None:
+            self.tap.received(data)
         if self.busy:
             self._refuse_busy(data)
             return
@@ -306,6 +324,16 @@ class Front:
         if not self.holding:
             self._process()
         self._coalesce(len(data), now)
+
+    def _hung_up(self) -> None:
+        """The port read EOF: a tty does only once hung up (a USB adapter
+        unplugged); the pty's master never does, we hold its slave.  Nothing
+        is left to serve: tell the supervisor, which starts a front that
+        reopens the port (see bridged.supervisor), and stop."""
+        self._pause_reading()  # it stays readable: EOF again and again
+        self.port_lost = f"{self.port_name} hung up (unplugged?); plug the device in or choose another --port"
+        self._tell_supervisor(PortFailed(self.port_lost))
+        self.stop()
 
     def _coalesce(self, size: int, now: float) -> None:
         """While the MCU streams a data phase at UART speed, read every few ms.
@@ -373,6 +401,8 @@ class Front:
 
     def _execute(self, line: CommandLine) -> None:
         structlog.contextvars.bind_contextvars(command=line.name)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
         try:
             result = registry.dispatch(self.ctx, line)
         except AtError as error:
@@ -408,6 +438,8 @@ class Front:
     def _answer(self, reply: Reply) -> None:
         self.output.reply(reply.body)
         self.output.reply(reply.final)
+        if reply.then is not None:
+            reply.then()
         if reply.send is not None:
             self._start_send(reply.send)
         if reply.after is not None:
@@ -429,6 +461,9 @@ class Front:
         state = self.ctx.state
         report, transmit = state.sendl_cfg
         self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
+                          kind=request.kind.name.lower())
         self._mute_progress(slot if request.kind is DataKind.PASSTHROUGH else None)
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
@@ -479,6 +514,8 @@ class Front:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
         send = self.sending
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
         if send.kind is not DataKind.SENDL:
             # Its SEND OK usually follows within a fraction of a ms: one write for both.
             self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
@@ -491,6 +528,8 @@ class Front:
 
     def _payload_escaped(self) -> None:
         send, self.sending = self.sending, None
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._mute_progress(None)
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
@@ -583,7 +622,8 @@ class Front:
             if self.passthrough is not pt or self.links.is_busy(pt.link_id):
                 break
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.
-            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx))
+            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
+                                       tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
             try:
                 await self.links.connect(pt.link_id, spec)
             except AtError as exc:
@@ -636,6 +676,8 @@ class Front:
         step = len(payload) if record.addr is not None else self.config.links.chunk
         for i in range(0, len(payload), step or 1):
             piece = payload[i : i + step]
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
 
     def _on_link_accepted(self, slot: Slot) -> None:
@@ -647,9 +689,21 @@ class Front:
         elif self._status_shown():
             self.output.urc(connected_message(self.ctx, slot.view))
 
-    def _on_link_notice(self, slot: Slot, unread: int) -> None:
+    def _on_link_notice(self, slot: Slot, length: Callable[[], int]) -> None:
+        # SEND OK before the notice of data that may answer it, as for +IPD.
         self._check_send()
-        self.output.urc(fmt.ipd_passive(self.ctx.link_arg(slot.link_id), unread))
+        link = self.ctx.link_arg(slot.link_id)
+
+        def notice() -> bytes:
+            # Made when written, with what is unread then; nothing if nothing is.
+            n = length()
+            if not n:
+                return b""
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=n, passive=True)
+            return fmt.ipd_passive(link, n)
+
+        self.output.urc(notice)
 
     def _on_link_ended(self, slot: Slot) -> None:
         if self.sending is not None and self.sending.slot is slot:

@@ -19,7 +19,7 @@ import enum
 import itertools
 import os
 import socket
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import structlog
@@ -44,6 +44,8 @@ from bridged.ipc.messages import (
 )
 from bridged.net.policy import Refusal
 from bridged.ipc.rings import Ring
+from bridged.uart.passive import Unread
+from bridged.uart.transcript import MarkKind
 
 __all__ = ["SlotState", "Slot", "LinkTable"]
 
@@ -80,20 +82,11 @@ class Slot:
     # Passive receive mode (AT+CIPRECVTYPE=1): data stays in the downlink ring
     # until AT+CIPRECVDATA, so the worker's receive window covers all of it.
     passive: bool = False
-    offset: int = 0  # payload bytes of the first record already read
-    pending: int = 0  # unread payload bytes of the records scanned so far
-    scanned: int = 0  # ring bytes past the read index already scanned
-    eof_seen: bool = False
-    notified: bool = False  # a +IPD notice is out and not yet followed by a read
+    rx: Unread = field(init=False)  # what passive reads have not taken yet
     ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
 
-    def reset_receive(self) -> None:
-        self.offset, self.pending, self.scanned = 0, 0, 0
-        self.eof_seen = self.notified = False
-
-    @property
-    def unread(self) -> int:
-        return self.pending
+    def __post_init__(self) -> None:
+        self.rx = Unread(self.downlink)
 
 
 class LinkTable:
@@ -104,8 +97,9 @@ class LinkTable:
             connection, in order.
         on_closed: called with (slot, reason) when a connection ends that
             nobody was closing (the peer, an error, a dead worker).
-        on_notice: called with (slot, unread bytes) when passive-mode data
-            waits and no notice is outstanding.
+        on_notice: called with (slot, length) when passive-mode data waits
+            and no notice is queued or unanswered; ``length()`` says, at the
+            moment the notice is written, what it announces (0: nothing).
         on_ended: called with the slot when its socket is gone.
         on_accepted: called with the slot when a server client is ready.
         on_freed: called (soon) with a slot whose connection ended.
@@ -113,13 +107,15 @@ class LinkTable:
             stay in the ring, so the worker stops reading its socket.
     """
 
+    tap = None  # the AT transcript while it is on (bridged.uart.transcript)
+
     def __init__(
         self,
         slots: list[Slot],
         on_data: Callable[[Slot, records.Record], None],
         on_closed: Callable[[Slot, str], None],
         can_deliver: Callable[[], bool],
-        on_notice: Callable[[Slot, int], None],
+        on_notice: Callable[[Slot, Callable[[], int]], None],
         on_ended: Callable[[Slot], None],
         window: int,
         on_accepted: Callable[[Slot], None] = lambda slot: None,
@@ -187,12 +183,18 @@ class LinkTable:
             self.drain(slot)
 
     def _deliver_partial(self, slot: Slot) -> None:
-        """Back in active mode: the rest of a record passive reads left in part."""
-        header = records.peek_record_header(slot.downlink)
-        rest = slot.downlink.peek(header.length - slot.offset, header.size + slot.offset)
-        slot.downlink.consume(header.total)
-        slot.reset_receive()
-        self.on_data(slot, records.Record(records.DATA, rest))
+        """Back in active mode: the rest of a record passive reads left in part.
+
+        It obeys the rule of whole records (``_delivers``): after AT+CIPCLOSE
+        or AT+RST it is dropped with them, never sent as a stray +IPD.
+        """
+        rest = slot.rx.take_partial()
+        if self._delivers(slot):
+            self.on_data(slot, records.Record(records.DATA, rest))
+
+    def _delivers(self, slot: Slot) -> bool:
+        """Data records of the slot go out as +IPD (else they are dropped)."""
+        return slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive)
 
     def spec(self, link_id: int) -> ConnectSpec | None:
         """How the MCU opened the link (None for a server's client)."""
@@ -202,68 +204,60 @@ class LinkTable:
     def is_passive(self, link_id: int) -> bool:
         return self.slots[link_id].passive
 
+    def _receiving(self, slot: Slot) -> bool:
+        """Passive data of an open connection waits in the slot's ring."""
+        return slot.passive and slot.state is SlotState.OPEN and slot.control is not None
+
     def unread(self, link_id: int) -> int:
+        """What AT+CIPRECVDATA could take now (no notice, no CLOSED from here:
+        they must not precede the answer being made)."""
         slot = self.slots[link_id]
-        if slot.passive and slot.state is SlotState.OPEN and slot.control is not None:
-            self._scan(slot)
-        return slot.unread if slot.state is SlotState.OPEN else 0
+        if self._receiving(slot):
+            self._count(slot)
+        return slot.rx.total if slot.state is SlotState.OPEN else 0
 
     def read(self, link_id: int, limit: int) -> bytes:
         """Take up to ``limit`` unread bytes of a passive link (AT+CIPRECVDATA)."""
         slot = self.slots[link_id]
-        ring = slot.downlink
-        parts: list[bytes] = []
-        taken = 0
-        while taken < limit:
-            header = records.peek_record_header(ring)
-            # Only records already counted: the worker may publish more meanwhile.
-            if header is None or header.kind != records.DATA or header.total > slot.scanned:
-                break
-            n = min(limit - taken, header.length - slot.offset)
-            parts.append(ring.peek(n, header.size + slot.offset))
-            taken += n
-            slot.pending -= n
-            slot.offset += n
-            if slot.offset == header.length:
-                ring.consume(header.total)
-                slot.scanned -= header.total
-                slot.offset = 0
-            if slot.type.startswith("UDP"):
-                break  # one read never joins two datagrams
-        slot.notified = False
-        return b"".join(parts)
+        return slot.rx.read(limit, one_datagram=slot.type.startswith("UDP"))
 
     def after_read(self, link_id: int) -> None:
-        """After AT+CIPRECVDATA's answer: announce what is left, or CLOSED."""
+        """Right after AT+CIPRECVDATA's answer is queued: announce what is left, or CLOSED."""
         slot = self.slots[link_id]
         if slot.passive and slot.control is not None:
             self._scan(slot)
 
-    def _scan(self, slot: Slot) -> None:
-        """Count newly published records; notify, or end once all is read."""
-        while not slot.eof_seen:
-            header = records.peek_record_header(slot.downlink, slot.scanned)
-            if header is None:
-                break
-            if header.kind == records.EOF:
-                slot.eof_seen = True
-                break
-            slot.pending += header.length
-            slot.scanned += header.total
+    def _count(self, slot: Slot) -> None:
+        if slot.rx.count():
             slot.last_activity = self.loop.time()
-        if slot.unread:
-            if not slot.notified:
-                slot.notified = True
-                self.on_notice(slot, slot.unread)
-        elif slot.eof_seen:
-            slot.eof_seen = False
+
+    def _scan(self, slot: Slot) -> None:
+        """Count newly published records; queue a notice, or end once all is read."""
+        self._count(slot)
+        if slot.rx.total:
+            token = slot.rx.notice.want(slot.rx.total)
+            if token is not None:
+                self.on_notice(slot, lambda: self._notice_length(slot, token))
+        elif slot.rx.eof_seen:
+            slot.rx.eof_seen = False
             self._take_eof(slot, records.get_record(slot.downlink))
+
+    def _notice_length(self, slot: Slot, token: int) -> int:
+        """Called as the notice is written: what it announces (0: drop it).
+
+        Only counts: it runs inside the UART output's write, which must not
+        queue anything (an EOF found here is taken by the drain it rings).
+        """
+        receiving = self._receiving(slot)
+        if receiving:
+            self._count(slot)
+        return slot.rx.notice.length(token, slot.rx.total if receiving else 0)
 
     def _begin(self, slot: Slot, type_: str, server: bool) -> None:
         slot.conn_id = next(_conn_ids)
         slot.state = SlotState.CONNECTING
         slot.silent = slot.ended = False
-        slot.reset_receive()
+        slot.rx.reset()
         slot.type, slot.server = type_, server
         slot.last_activity = self.loop.time()
 
@@ -406,6 +400,9 @@ class LinkTable:
             return
         slot.view = LinkView(slot.link_id, slot.type, msg.remote_ip, msg.remote_port, msg.local_port, slot.server)
         slot.state = SlotState.OPEN
+        if self.tap is not None:
+            self.tap.mark(MarkKind.CONNECTED, link=slot.link_id, type=slot.type, remote=msg.remote_ip,
+                          port=msg.remote_port, server=slot.server)
         if slot.server:
             self.on_accepted(slot)
         elif slot.waiter is not None:
@@ -419,10 +416,9 @@ class LinkTable:
         if slot.passive and slot.state is SlotState.OPEN:
             self._scan(slot)
             return
-        if slot.offset and self.can_deliver():
+        if slot.rx.offset and self.can_deliver():
             self._deliver_partial(slot)
-        slot.pending = slot.scanned = 0
-        slot.eof_seen = slot.notified = False
+        slot.rx.forget()
         slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
         try:
             self._deliver(slot)
@@ -439,7 +435,7 @@ class LinkTable:
                 return
             if record.kind == records.EOF:
                 self._take_eof(slot, record)
-            elif slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive):
+            elif self._delivers(slot):
                 slot.last_activity = self.loop.time()
                 self.on_data(slot, record)
 
@@ -467,6 +463,9 @@ class LinkTable:
         if state in (SlotState.IDLE, SlotState.NO_WORKER):
             return
         slot.state = SlotState.IDLE if slot.control is not None else SlotState.NO_WORKER
+        if self.tap is not None:
+            failed = state is SlotState.CONNECTING
+            self.tap.mark(MarkKind.CONNECT_FAILED if failed else MarkKind.CLOSED, link=slot.link_id, reason=reason)
         slot.conn_id = None
         slot.view = None
         self.loop.call_soon(self.on_freed, slot)
@@ -487,9 +486,15 @@ class LinkTable:
             self.loop.remove_reader(slot.downlink.data_fd)
             slot.control.close()
             slot.control = None
-        # What the worker received before it died is still owed to the MCU.
+        # What the worker received before it died is still owed to the MCU,
+        # as +IPD even in passive mode (no worker, no reads), but only once:
+        # of a record that reads took part of, only the rest.
+        owed = slot.state is SlotState.OPEN and not slot.silent
+        rest = slot.rx.take_partial()
+        if rest and owed:
+            self.on_data(slot, records.Record(records.DATA, rest))
         while (record := records.get_record(slot.downlink)) is not None:
-            if record.kind == records.DATA and slot.state is SlotState.OPEN and not slot.silent:
+            if record.kind == records.DATA and owed:
                 self.on_data(slot, record)
         self._end(slot, "link worker died")
         slot.state = SlotState.NO_WORKER

@@ -1,4 +1,10 @@
-"""Entry point of the UART front process (called in the child after fork)."""
+"""Entry point of the UART front process (called in the child after fork).
+
+A serial port that cannot be opened, or that hangs up while we serve, is no
+crash: the front sends the reason (`PortFailed`, one line naming the cause and
+the remedy) to the supervisor and exits with `PORT_FAILED`; the supervisor
+ends the daemon or, for a port that served, retries it with its backoff.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,20 @@ import structlog
 import uvloop
 
 from bridged.config import Config
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import PortFailed
 from bridged.ipc.rings import Ring
 from bridged.store import Store
 from bridged.uart.front import Front, factory_uart
 from bridged.uart.links import Slot
-from bridged.uart.port import Pty, apply_termios, open_serial
+from bridged.uart.port import PortError, Pty, apply_termios, open_serial
 from bridged.commands.context import UartSettings
 
-__all__ = ["run_front"]
+__all__ = ["run_front", "PORT_FAILED"]
 
 log = structlog.get_logger()
+
+PORT_FAILED = 4  # exit status: the serial port cannot be opened or hung up (PortFailed said why)
 
 
 def run_front(
@@ -33,7 +43,14 @@ def run_front(
     stored = store.get("uart_def")
     settings = UartSettings(*stored) if stored else factory_uart(config)
     if device:
-        port = open_serial(device, settings)
+        try:
+            port = open_serial(device, settings)
+        except PortError as exc:
+            try:
+                send_message(supervisor, PortFailed(str(exc)))
+            except OSError:
+                pass  # the supervisor is gone: nobody is left to tell
+            return PORT_FAILED
         fd, name, apply = port.fd, device, port.apply
     else:
         assert pty is not None
@@ -47,10 +64,10 @@ def run_front(
 
         apply(settings)
 
-    async def main() -> None:
+    async def main() -> int:
         slots = [Slot(i, up, down) for i, (up, down) in enumerate(rings)]
         front = Front(config, fd, name, store, slots, supervisor, apply)
         await front.run()
+        return PORT_FAILED if front.port_lost else 0
 
-    uvloop.run(main())
-    return 0
+    return uvloop.run(main())

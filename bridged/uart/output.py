@@ -10,7 +10,11 @@ apart from it.  So:
   ``gap`` seconds after that result went out, but never longer than ``gap``
   in all (so a busy command stream cannot starve it);
 * replies never wait behind such a held message: they go out at once, in
-  their order; unsolicited items keep their own order (data before CLOSED).
+  their order; unsolicited items keep their own order (data before CLOSED);
+* an unsolicited item may be a function that makes its bytes at the moment
+  they join a write (a passive-mode notice announces what is unread *then*,
+  so a reply that overtook it is already counted); b"" drops it.  It runs
+  inside the writer, so it must not queue output itself.
 
 Everything due in one loop iteration goes out in one write, and a reply may
 *linger* a moment for the next one (``Recv <n> bytes`` waits up to a few ms
@@ -29,19 +33,27 @@ import itertools
 import math
 import os
 from collections import deque
-from typing import Callable
+from typing import Callable, Union
+
+import structlog
 
 from bridged.at.format import is_final
 
 __all__ = ["Output"]
+
+log = structlog.get_logger()
 
 _MAX_WRITE = 65536
 # uvloop's clock and timers tick in whole milliseconds: a timer set for less
 # than 1 ms fires at once, and a hold that ends within half a tick has ended.
 _TICK = 0.001
 
+Urc = Union[bytes, Callable[[], bytes]]  # the bytes, or a function making them at write time
+
 
 class Output:
+    tap = None  # the AT transcript while it is on (bridged.uart.transcript)
+
     def __init__(self, fd: int, gap: float, on_drained: Callable[[], None]) -> None:
         self.fd = fd
         self.gap = gap
@@ -49,7 +61,7 @@ class Output:
         self.loop = asyncio.get_running_loop()
         self._seq = itertools.count()
         self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
-        self._urcs: deque[tuple[int, bytes, float]] = deque()  # seq, data, queued at
+        self._urcs: deque[tuple[int, Urc, float]] = deque()  # seq, data, queued at
         self._buffered = 0
         self._final_at: float | None = None  # when the last final result went out
         self._timer: asyncio.TimerHandle | None = None
@@ -78,10 +90,12 @@ class Output:
             return
         self._queued(len(data))
 
-    def urc(self, data: bytes) -> None:
+    def urc(self, data: Urc) -> None:
+        """Queue an unsolicited message: bytes, or a function returning them
+        when they are written (it counts as 0 bytes buffered until then)."""
         if data:
             self._urcs.append((next(self._seq), data, self.loop.time()))
-            self._queued(len(data))
+            self._queued(0 if callable(data) else len(data))
 
     def when_empty(self, callback: Callable[[], None]) -> None:
         """Call back once everything queued so far has been written."""
@@ -125,7 +139,13 @@ class Output:
             urc_ok = urc is not None and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2
             if urc_ok and (reply is None or urc[0] < reply[0]):
                 self._urcs.popleft()
-                parts.append(urc[1])
+                data = urc[1]
+                if callable(data):
+                    data = _make(data)
+                    self._buffered += len(data)
+                    if not data:
+                        continue  # nothing to say any more
+                parts.append(data)
                 final = False
             elif reply is not None:
                 self._replies.popleft()
@@ -158,6 +178,8 @@ class Output:
                 n = 0
             self._buffered -= n
             self.written += n
+            if self.tap is not None and n:
+                self.tap.sent(self._pending[:n])
             self._pending = self._pending[n:]
             if self._pending:
                 self._arm_writer()
@@ -195,3 +217,21 @@ class Output:
             self._linger = None
         if self._timer is not None:
             self._timer.cancel()
+
+
+def _make(make: Callable[[], bytes]) -> bytes:
+    """Run a message function as its message is written; b"" if it fails.
+
+    A failure is our bug, never the host's; it costs that one message only:
+    raised inside the writer, it would strand what the batch had gathered
+    and leave nothing scheduled to write the rest.
+    """
+    try:
+        data = make()
+    except Exception:
+        log.exception("urc_failed")
+        return b""
+    if not isinstance(data, bytes):
+        log.error("urc_failed", why=f"made {type(data).__name__}, not bytes")
+        return b""
+    return data

@@ -5,10 +5,16 @@ the supervisor so that it outlives a restarted front, its slave end is put in
 raw mode at once (no echo, ever), and the daemon keeps a slave descriptor open
 so that a host closing and reopening the port never leaves the master without
 a peer (which would make reads fail with EIO).
+
+A port that cannot be used raises `PortError`, whose text is the one line an
+admin reads: what is wrong with which path, then what to do about it.  Such a
+failure is permanent for this run (the daemon exits 1 and systemd's
+Restart=on-failure decides when to try again).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import termios
 import tty
@@ -19,12 +25,72 @@ import structlog
 
 from bridged.commands.context import UartSettings
 
-__all__ = ["Pty", "open_pty", "SerialPort", "open_serial", "apply_termios", "FLOW_NAMES", "PARITY_NAMES"]
+__all__ = ["Pty", "PortError", "open_pty", "SerialPort", "open_serial", "apply_termios",
+           "FLOW_NAMES", "PARITY_NAMES"]
 
 log = structlog.get_logger()
 
 FLOW_NAMES = {"none": 0, "rts": 1, "cts": 2, "rtscts": 3}
 PARITY_NAMES = {"none": 0, "odd": 1, "even": 2}
+
+
+class PortError(Exception):
+    """The serial port or the pty cannot be used; str() is the cause and the remedy."""
+
+
+# errno -> (what is wrong with the device, what to do), for a --port that fails to open.
+_SERIAL_FAULTS = {
+    errno.ENOENT: ("does not exist", "plug the device in or choose another --port"),
+    errno.ENXIO: ("has no device behind it (unplugged?)", "plug the device in or choose another --port"),
+    errno.ENODEV: ("has no device behind it (unplugged?)", "plug the device in or choose another --port"),
+    errno.EACCES: ("cannot be opened (permission denied)",
+                   "add bridged's user to the device's group (e.g. dialout) or choose another --port"),
+    errno.EPERM: ("cannot be opened (operation not permitted)",
+                  "allow bridged the device (systemd: DeviceAllow=) or choose another --port"),
+    errno.EWOULDBLOCK: ("is in use by another process (locked)", "stop it or choose another --port"),
+    errno.EBUSY: ("is in use by another process (busy)", "stop it or choose another --port"),
+    errno.ENOTTY: ("is not a serial port (not a tty)", "choose a serial device with --port"),
+    errno.EISDIR: ("is not a serial port (a directory)", "choose a serial device with --port"),
+    errno.ENOTDIR: ("does not exist (a part of its path is not a directory)", "choose another --port"),
+    errno.ELOOP: ("is a loop of symbolic links", "fix the link or choose another --port"),
+    errno.EIO: ("does not answer (input/output error)",
+                "re-plug the device, look at `dmesg`, or choose another --port"),
+}
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind a pyserial error (it keeps termios's only as the context)."""
+    while exc is not None:
+        code = getattr(exc, "errno", None)
+        if code is None and isinstance(exc, termios.error) and exc.args and isinstance(exc.args[0], int):
+            code = exc.args[0]
+        if code is not None:
+            return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def serial_error(device: str, exc: BaseException) -> PortError:
+    """The one-line PortError for a serial device that failed to open or configure."""
+    code = _errno_of(exc)
+    fault = _SERIAL_FAULTS.get(code)
+    if fault is None:
+        # pyserial's text repeats the path and the errno: the system's words are enough.
+        why = os.strerror(code).lower() if code is not None else str(exc)
+        return PortError(f"{device} cannot be used as a serial port ({why}); choose another --port")
+    problem, remedy = fault
+    return PortError(f"{device} {problem}; {remedy}")
+
+
+def _link_error(link: str, exc: OSError) -> PortError:
+    parent = os.path.dirname(link) or "."
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(parent):
+        problem = f"{parent} is not a directory" if os.path.exists(parent) else f"{parent} does not exist"
+        return PortError(f"cannot make the pty link {link}: {problem}; create it or choose another --pty")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PortError(f"cannot make the pty link {link}: {exc.strerror.lower()}; "
+                         "choose a --pty path in a directory bridged may write")
+    return PortError(f"cannot make the pty link {link}: {exc.strerror}; choose another --pty")
 
 
 @dataclass
@@ -49,24 +115,41 @@ class Pty:
 
 
 def open_pty(link: str | None) -> Pty:
-    """Create a raw pty; symlink its slave at ``link`` (replacing a stale link)."""
-    master, slave = os.openpty()
-    tty.setraw(slave, termios.TCSANOW)
-    attrs = termios.tcgetattr(slave)
-    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
-    termios.tcsetattr(slave, termios.TCSANOW, attrs)
-    path = os.ttyname(slave)
-    if link:
-        target = Path(link)
-        if target.is_symlink() or target.exists():
-            if not target.is_symlink():
-                os.close(master)
-                os.close(slave)
-                raise FileExistsError(f"{link} exists and is not a symlink; not replacing it")
-            target.unlink()
-        target.symlink_to(path)
+    """Create a raw pty; symlink its slave at ``link`` (replacing a stale link).
+
+    Raises:
+        PortError: no pty could be made, or ``link`` cannot be (re)placed.
+    """
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:
+        raise PortError(f"cannot create a pseudo-terminal: {exc.strerror}; check /dev/ptmx and /dev/pts") from None
+    try:
+        tty.setraw(slave, termios.TCSANOW)
+        attrs = termios.tcgetattr(slave)
+        attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        path = os.ttyname(slave)
+        if link:
+            _place_link(link, path)
+    except BaseException:
+        os.close(master)
+        os.close(slave)
+        raise
     os.set_blocking(master, False)
     return Pty(master, slave, path, link)
+
+
+def _place_link(link: str, path: str) -> None:
+    target = Path(link)
+    if target.exists() and not target.is_symlink():
+        raise PortError(f"{link} exists and is not a symlink; remove it or choose another --pty")
+    try:
+        if target.is_symlink():  # a stale link of an instance that was killed
+            target.unlink()
+        target.symlink_to(path)
+    except OSError as exc:
+        raise _link_error(link, exc) from None
 
 
 def apply_termios(fd: int, settings: UartSettings) -> None:
@@ -100,13 +183,22 @@ class SerialPort:
     """A real UART opened with pyserial; its fd is then driven by the loop."""
 
     def __init__(self, device: str, settings: UartSettings) -> None:
+        """Open ``device`` exclusively (flock, as pyserial's exclusive=True) and configure it.
+
+        Raises:
+            PortError: it does not exist, is locked or busy, is not a tty,
+                may not be opened, or refuses the settings.
+        """
         import serial  # imported here: a pty-only run never needs it
 
         self._serial = serial.Serial()
         self._serial.port = device
-        self._configure(settings)
-        self._serial.exclusive = True
-        self._serial.open()
+        try:
+            self._configure(settings)
+            self._serial.exclusive = True
+            self._serial.open()  # closes what it acquired if it fails
+        except (OSError, ValueError) as exc:  # SerialException is an OSError
+            raise serial_error(device, exc) from None
         self.fd = self._serial.fileno()
         os.set_blocking(self.fd, False)
 
@@ -129,4 +221,5 @@ class SerialPort:
 
 
 def open_serial(device: str, settings: UartSettings) -> SerialPort:
+    """Open a real UART (see SerialPort). Raises PortError."""
     return SerialPort(device, settings)

@@ -49,6 +49,7 @@ class Server:
         self.port = 0
         self.type = ""
         self.ca_enable = 0
+        self.netif = 0  # AT+CIPSERVER <netif> (ESP-AT 4.1+): 0 all, 1 station, 2 softAP, 3 Ethernet
         self.bind_ip = ""
         self._listener: socket.socket | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -59,9 +60,10 @@ class Server:
 
     # -- AT+CIPSERVER ---------------------------------------------------------------
 
-    def start(self, port: int, type_: str, ca_enable: int, bind_ip: str) -> None:
+    def start(self, port: int, type_: str, ca_enable: int, bind_ip: str, netif: int = 0) -> None:
         """Create the server. Raises OSError when the port cannot be bound."""
         self.port, self.type, self.ca_enable, self.bind_ip = port, type_, ca_enable, bind_ip
+        self.netif = netif
         try:
             self._listen()
         except OSError:

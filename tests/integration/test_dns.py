@@ -46,6 +46,12 @@ def silent_server():
 
 
 @pytest.fixture
+def daemon(make_daemon):
+    """The SSL test checks certificate dates against the host clock ([sntp] source = "host")."""
+    return make_daemon('[sntp]\nsource = "host"\n')
+
+
+@pytest.fixture
 def dns_host(daemon, host, dns_server):
     """A joined MCU whose AT+CIPDNS names the test's server."""
     assert host.ask(b'AT+CIPDNS=1,"%s"' % SERVER_IP.encode()) == b"\r\nOK\r\n"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.harness import Daemon
 
 
@@ -28,9 +30,17 @@ def _reset(daemon: Daemon):
     return host
 
 
-def test_zephyr_esp_at(daemon: Daemon, echo_server):
+def _on_profile(make_daemon, profile: str) -> Daemon:
+    return make_daemon("", ("--profile", profile))
+
+
+# Each driver also runs on the oldest firmware profile it is built for (README
+# "Firmware personalities"): Zephyr's CONFIG_WIFI_ESP_AT_VERSION_2_1 on 2.2,
+# lwESP's minimum 3.2.0.0, WiFiEspAT's "AT 2" mode on 2.4.
+@pytest.mark.parametrize("profile", ["esp32", "esp-at-2.2"])
+def test_zephyr_esp_at(make_daemon, profile, echo_server):
     """Zephyr's esp_at: init, join, then a TCP link with keep-alive 7200 in passive mode."""
-    host = _reset(daemon)
+    host = _reset(_on_profile(make_daemon, profile))
     answers = _run(host, [
         b"AT", b"ATE0", b"AT+UART_CUR=115200,8,1,0,0", b"AT", b"AT+GMR", b"AT+CWDHCP=1,1", b"AT+CIPMUX=1",
         b"AT+CWLAPOPT=0,23", b"AT+CWMODE=1,0", b"AT+CWAUTOCONN=0", b"AT+CWMODE=0,0", b"AT+CIPRECVMODE=1",
@@ -50,9 +60,10 @@ def test_zephyr_esp_at(daemon: Daemon, echo_server):
     assert host.ask(b"AT+CIPCLOSE=0") == b"0,CLOSED\r\n\r\nOK\r\n"
 
 
-def test_lwesp(daemon: Daemon, echo_server):
+@pytest.mark.parametrize("profile", ["esp32", "esp-at-3.2"])
+def test_lwesp(make_daemon, profile, echo_server):
     """lwESP: RESTORE, version check, SYSMSG=7 and a link that counts as open on +LINK_CONN."""
-    host = _reset(daemon)
+    host = _reset(_on_profile(make_daemon, profile))
     host.write(b"AT+RESTORE\r\n")
     host.expect(b"\r\nready\r\n")
     answers = _run(host, [
@@ -68,12 +79,13 @@ def test_lwesp(daemon: Daemon, echo_server):
     assert b'+CMD:' in answers[b"AT+CMD?"] and b'"AT+CIPSTART"' in answers[b"AT+CMD?"]
     opened = host.ask(b'AT+CIPSTARTEX="TCP","127.0.0.1",%d' % echo_server.port)
     assert re.match(rb'\+LINK_CONN:0,0,"TCP",0,"127\.0\.0\.1",%d,\d+\r\n\r\nOK\r\n$' % echo_server.port, opened)
-    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:0,0,0,0,0\r\n\r\nOK\r\n"
+    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:0,0,0,0,0\r\n\r\nOK\r\n"  # 0 for unused links from 3.0
 
 
-def test_wifiespat(make_daemon, echo_server):
+@pytest.mark.parametrize("profile", ["esp32", "esp-at-2.4"])
+def test_wifiespat(make_daemon, profile, echo_server):
     """WiFiEspAT: the stored network comes back after AT+RST; links are taken from 4 down."""
-    daemon = make_daemon()
+    daemon = _on_profile(make_daemon, profile)
     host = daemon.host()
     host.boot()  # a sketch joined earlier; the credentials are stored
     host.write(b"AT+RST\r\n")
@@ -90,8 +102,11 @@ def test_wifiespat(make_daemon, echo_server):
     assert host.ask(b"AT+CIPRECVDATA=4,64") == b"+CIPRECVDATA:64," + b"w" * 64 + b"\r\nOK\r\n"
 
 
-def test_adafruit_espatcontrol(host):
-    """Adafruit's ESP_ATcontrol: single connection, status queries and SNTP time."""
+def test_adafruit_espatcontrol(make_daemon):
+    """Adafruit's ESP_ATcontrol: single connection, status queries and SNTP time (the host's clock)."""
+    # source = "host": the sketch names a public server, which a test must never ask.
+    host = make_daemon('[sntp]\nsource = "host"\n').host()
+    host.boot()
     answers = _run(host, [
         b"AT+CIPMUX=0", b"AT+CWSTATE?", b"AT+CIPSTATE?", b"AT+CIPSTATUS", b"AT+CIFSR",
         b'AT+CIPSNTPCFG=1,-5,"0.pool.ntp.org"', b"AT+CIPSNTPTIME?", b"AT+GMR", b"AT+CWLAP",

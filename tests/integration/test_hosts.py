@@ -54,7 +54,8 @@ def bench(make_daemon, tmp_path, dns_server):
     """A daemon with the overrides, and a joined MCU whose AT+CIPDNS (stored) names the test's server."""
     hosts = tmp_path / "hosts"
     hosts.write_text(HOSTS_FILE)
-    daemon = make_daemon(f'[dns]\nhosts = {TABLE}\nhosts_file = "{hosts}"\n')
+    # source = "host": the SSL test verifies certificate dates, which need a device time.
+    daemon = make_daemon(f'[dns]\nhosts = {TABLE}\nhosts_file = "{hosts}"\n[sntp]\nsource = "host"\n')
     daemon.hosts_path = hosts
     host = daemon.host()
     host.boot()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import socket
 import threading
+import time
 
 import pytest
 
@@ -46,7 +48,7 @@ def test_notice_read_in_parts_and_re_announce(host, server):
     conn = _connect(host, server)
     conn.sendall(b"x" * 100)
     assert host.expect(b"\r\n+IPD,100\r\n") == b"\r\n+IPD,100\r\n"
-    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:100,0,0,0,0\r\n\r\nOK\r\n"
+    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:100\r\n\r\nOK\r\n"
     assert _recvdata(host, b"AT+CIPRECVDATA=40") == b"x" * 40
     assert host.expect(b"\r\n+IPD,60\r\n") == b"\r\n+IPD,60\r\n"
     assert _recvdata(host, b"AT+CIPRECVDATA=1000") == b"x" * 60
@@ -81,10 +83,36 @@ def test_window_holds_back_a_fast_peer_and_loses_nothing(host, server):
     host.expect(b"+IPD,")
     while len(got) < len(payload):
         answer = host.ask(b"AT+CIPRECVLEN?")
-        unread = int(re.search(rb"\+CIPRECVLEN:(\d+),", answer).group(1))  # notices may precede it
+        unread = int(re.search(rb"\+CIPRECVLEN:(\d+)\r\n", answer).group(1))  # notices may precede it
         assert unread <= 5760
         if unread:
             got += _recvdata(host, b"AT+CIPRECVDATA=%d" % 4096)
+    sender.join(10)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    conn.close()
+
+
+def test_a_full_window_waits_without_spinning(daemon, host, server):
+    """With the receive window full and nothing read, the link worker sleeps
+    until a read makes room (the ring itself has room: waiting for that spun)."""
+    import psutil
+
+    host.command(b"AT+CIPRECVMODE=1")
+    conn = _connect(host, server)
+    payload = os.urandom(256 * 1024)  # far beyond the window: the peer's sendall blocks
+    sender = threading.Thread(target=conn.sendall, args=(payload,), daemon=True)
+    sender.start()
+    assert host.expect(b"\r\n+IPD,5760\r\n", timeout=10) == b"\r\n+IPD,5760\r\n"
+    tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
+    before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
+    time.sleep(2.0)
+    used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
+    assert used < 0.5, f"the daemon used {used:.2f} s of CPU in 2 s waiting for a read"
+    got = bytearray()
+    while len(got) < len(payload):  # every read makes room: the peer's data keeps coming
+        answer = host.ask(b"AT+CIPRECVLEN?")
+        if int(re.search(rb"\+CIPRECVLEN:(\d+)\r\n", answer).group(1)):  # notices may precede it
+            got += _recvdata(host, b"AT+CIPRECVDATA=%d" % 2048)
     sender.join(10)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     conn.close()
@@ -142,5 +170,45 @@ def test_cipclose_discards_unread_data(host, server):
     conn.sendall(b"unread")
     host.expect(b"\r\n+IPD,6\r\n")
     assert host.command(b"AT+CIPCLOSE") == b"CLOSED\r\n\r\nOK\r\n"
-    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:0,0,0,0,0\r\n\r\nOK\r\n"
+    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:0\r\n\r\nOK\r\n"
+    conn.close()
+
+
+def _partly_read(host, server) -> socket.socket:
+    """A passive link whose peer sent 0123456789, of which a read took 0123."""
+    host.command(b"AT+CIPRECVTYPE=1")
+    conn = _connect(host, server)
+    conn.sendall(b"0123456789")
+    host.expect(b"\r\n+IPD,10\r\n")
+    assert _recvdata(host, b"AT+CIPRECVDATA=4") == b"0123"
+    host.expect(b"\r\n+IPD,6\r\n")
+    return conn
+
+
+def test_cipclose_after_a_partial_read_sends_none_of_the_rest(host, server):
+    """AT+CIPCLOSE after a read took part of a segment: the rest is dropped with
+    the link, never sent as a stray active-mode +IPD."""
+    conn = _partly_read(host, server)
+    assert host.command(b"AT+CIPCLOSE") == b"CLOSED\r\n\r\nOK\r\n"
+    assert host.read_quiet(0.3) == b""
+    conn.close()
+
+
+def test_restart_after_a_partial_read_sends_none_of_the_rest(host, server):
+    """AT+RST after a read took part of a segment: nothing of the link's data
+    follows the boot messages."""
+    conn = _partly_read(host, server)
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n")
+    assert b"456789" not in host.read_quiet(0.5)
+    conn.close()
+
+
+def test_a_dead_worker_owes_only_what_was_not_read(daemon, host, server):
+    """The link worker dies after a read took part of a segment: its unread rest
+    goes out (as +IPD, there is nothing left to read it from), not what was read."""
+    daemon.expected_errors |= {"worker_died", "child_died"}
+    conn = _partly_read(host, server)
+    os.kill(daemon.worker_pid(0), signal.SIGKILL)
+    assert host.expect(b"CLOSED\r\n", timeout=5) == b"\r\n+IPD,6:456789CLOSED\r\n"
     conn.close()

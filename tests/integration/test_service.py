@@ -207,3 +207,23 @@ def test_a_signal_to_every_process_stops_them_in_order(tmp_path, echo_server, si
         errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
         assert not errors, errors
         assert daemon.events("stopping")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["term", "int", "hup"])
+def test_signals_during_the_stop_do_not_change_its_status(tmp_path, signum):
+    """SIGTERM, then one signal after another until the process is gone (an
+    impatient admin, systemd's stop and reload racing): it still exits 0, not
+    killed by a signal while the interpreter shuts down."""
+    daemon = Daemon(tmp_path).start()
+    try:
+        daemon.host().expect(b"\r\nready\r\n")
+        daemon.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while daemon.proc.poll() is None and time.monotonic() < deadline:
+            daemon.proc.send_signal(signum)
+            time.sleep(0.002)
+        assert daemon.proc.wait(5) == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(5)

@@ -40,11 +40,14 @@ def _name(cn: str) -> x509.Name:
 
 
 def _issue(tmp: Path, name: str, cn: str, issuer: tuple | None = None, ca: bool = False,
-           sans: tuple = (), expired: bool = False) -> tuple[Issued, tuple]:
+           sans: tuple = (), expired: bool = False,
+           valid: tuple[datetime.datetime, datetime.datetime] | None = None) -> tuple[Issued, tuple]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else (
         now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
+    if valid is not None:
+        start, end = valid
     issuer_name, issuer_key = (issuer[0], issuer[1]) if issuer else (_name(cn), key)
     builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer_name)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -145,6 +148,13 @@ class TlsServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    """Certificate dates checked against the host clock, as these tests expect
+    ([sntp] source = "host"); test_sntp.py covers the device's SNTP clock."""
+    return make_daemon('[sntp]\nsource = "host"\n')
 
 
 @pytest.fixture
@@ -327,7 +337,7 @@ def test_ssl_server_with_generated_certificate(tls_host):
     daemon, host = tls_host
     port = _free_port()
     assert host.ask(b'AT+CIPSERVER=1,%d,"SSL",0' % port) == b"\r\nOK\r\n"
-    assert host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"SSL",0\r\n\r\nOK\r\n' % port
+    assert host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"SSL",0,0\r\n\r\nOK\r\n' % port
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

@@ -35,6 +35,15 @@ def mux_host(host):
     return host
 
 
+def _passive_link(mux_host, link_id: int) -> tuple[socket.socket, int]:
+    """A UDP link in passive mode to a new peer; the peer and the link's local port."""
+    peer = udp_peer()
+    local = _free_udp_port()
+    mux_host.command(b"AT+CIPRECVTYPE=5,1")
+    mux_host.ask(b'AT+CIPSTART=%d,"UDP","127.0.0.1",%d,%d' % (link_id, peer.getsockname()[1], local))
+    return peer, local
+
+
 def test_one_send_is_one_datagram_and_back(mux_host):
     """Each AT+CIPSEND is one datagram; each datagram is one +IPD with its sender."""
     peer = udp_peer()
@@ -88,10 +97,7 @@ def test_cipsend_to_a_named_remote(mux_host):
 
 def test_passive_reads_keep_datagram_boundaries(mux_host):
     """In passive mode a read returns at most one datagram, however large <len> is."""
-    peer = udp_peer()
-    local = _free_udp_port()
-    mux_host.command(b"AT+CIPRECVTYPE=5,1")
-    mux_host.ask(b'AT+CIPSTART=3,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer, local = _passive_link(mux_host, 3)
     peer.sendto(b"first", ("127.0.0.1", local))
     peer.sendto(b"second", ("127.0.0.1", local))
     mux_host.expect(b"\r\n+IPD,3,")
@@ -209,10 +215,7 @@ def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
 
 def test_passive_udp_drops_beyond_the_window(mux_host):
     """Passive mode keeps UDP data up to the receive window; what does not fit is lost, as the spec says."""
-    peer = udp_peer()
-    local = _free_udp_port()
-    mux_host.command(b"AT+CIPRECVTYPE=5,1")
-    mux_host.ask(b'AT+CIPSTART=4,"UDP","127.0.0.1",%d,%d' % (peer.getsockname()[1], local))
+    peer, local = _passive_link(mux_host, 4)
     for i in range(20):
         peer.sendto(bytes([65 + i]) * 1000, ("127.0.0.1", local))
     mux_host.expect(b"\r\n+IPD,4,")
@@ -260,4 +263,29 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
     assert frames and all(int(n) == len(datagram) for n in frames)
     assert kept.count(datagram) == len(frames)
     assert host.ask(b"AT") == b"\r\nOK\r\n"
+    peer.close()
+
+
+def test_passive_udp_keeps_a_datagram_larger_than_the_window(mux_host):
+    """A datagram larger than the receive window, with nothing else unread, is
+    kept whole and readable (dropped, no read could ever have returned it)."""
+    peer, local = _passive_link(mux_host, 2)
+    datagram = bytes(range(256)) * 32  # 8192 bytes > the 5760-byte window
+    peer.sendto(datagram, ("127.0.0.1", local))
+    assert mux_host.expect(b"\r\n+IPD,2,8192\r\n") == b"\r\n+IPD,2,8192\r\n"
+    port = peer.getsockname()[1]
+    answer = mux_host.ask(b"AT+CIPRECVDATA=2,10000")
+    assert answer == b'+CIPRECVDATA:8192,"127.0.0.1",%d,' % port + datagram + b"\r\nOK\r\n"
+    peer.close()
+
+
+def test_passive_udp_skips_an_empty_datagram(mux_host):
+    """An empty datagram is not a read of its own: after it, the notice and the
+    read are the next datagram's (a read of 0 bytes came first)."""
+    peer, local = _passive_link(mux_host, 1)
+    peer.sendto(b"", ("127.0.0.1", local))
+    peer.sendto(b"abc", ("127.0.0.1", local))
+    assert mux_host.expect(b"\r\n+IPD,1,3\r\n") == b"\r\n+IPD,1,3\r\n"
+    port = peer.getsockname()[1]
+    assert mux_host.ask(b"AT+CIPRECVDATA=1,10") == b'+CIPRECVDATA:3,"127.0.0.1",%d,abc\r\nOK\r\n' % port
     peer.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
@@ -23,21 +22,12 @@ from bridged.ipc.records import (
     recv_record,
 )
 from bridged.ipc.rings import Ring
+from tests.ringtools import new_ring
 
 pytestmark = pytest.mark.timeout(60)
 
 WAIT = 5.0
 ADDRS = [None, ("192.0.2.1", 5000), ("2001:db8::1", 65535)]
-
-
-@contextmanager
-def new_ring(capacity: int = 4096):
-    ring = Ring.create(capacity)
-    try:
-        yield ring
-    finally:
-        ring.close()
-        ring.unlink()
 
 
 @pytest.fixture

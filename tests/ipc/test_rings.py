@@ -10,8 +10,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,22 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridged.ipc.rings import Ring
+from tests.ringtools import new_ring
 
 pytestmark = pytest.mark.timeout(60)
 
 CAPACITIES = [4096, 8192, 1 << 16]
-REPO = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # seconds; every wait in this file is bounded by it
-
-
-@contextmanager
-def new_ring(capacity: int):
-    ring = Ring.create(capacity)
-    try:
-        yield ring
-    finally:
-        ring.close()
-        ring.unlink()
 
 
 @pytest.fixture(params=CAPACITIES, ids=lambda c: f"cap{c}")
@@ -81,8 +69,11 @@ def test_fresh_ring_is_empty(ring):
 
 
 def test_shared_block_is_large_enough(ring):
-    """The block holds the 128-byte header plus the data area."""
-    assert os.path.getsize(f"/dev/shm/{ring.name}") >= 128 + ring.capacity
+    """The block holds the 128-byte header plus the data area, shared, under its label."""
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()]
+    mine = [m for m in maps if len(m) >= 6 and m[5] == f"/memfd:{ring.name}"]
+    sizes = [int(m[0].split("-")[1], 16) - int(m[0].split("-")[0], 16) for m in mine if m[1][3] == "s"]
+    assert any(size >= 128 + ring.capacity for size in sizes), mine
 
 
 def test_put_copies_what_fits(ring):
@@ -402,16 +393,53 @@ def test_settled_views_are_released(ring):
     ring.close()  # idempotent
 
 
-def test_unlink_removes_the_name():
-    """unlink() removes /dev/shm/<name>; an open mapping keeps working."""
-    ring = Ring.create(4096)
-    path = Path("/dev/shm") / ring.name
-    assert path.exists()
-    ring.unlink()
-    assert not path.exists()
-    assert ring.put_nowait(b"still mapped") == 12
-    assert ring.get_nowait(100) == b"still mapped"
-    ring.close()
+def test_a_ring_has_no_name_in_dev_shm():
+    """A ring is anonymous shared memory: nothing in /dev/shm to leak or attach to."""
+    before = set(os.listdir("/dev/shm"))
+    ring = Ring.create(4096, "probe")
+    try:
+        assert ring.name == "bridged-probe"
+        assert not any(name.startswith("bridged-probe") for name in set(os.listdir("/dev/shm")) - before)
+        assert ring.put_nowait(b"mapped") == 6 and ring.get_nowait(100) == b"mapped"
+    finally:
+        ring.close()
+
+
+def _reopen_block(ring: Ring) -> int:
+    """Open the ring's memory afresh, as another process of our user could
+    through /proc/<pid>/fd (3.11 keeps an fd per mapping) or map_files."""
+    wanted = f"/memfd:{ring.name} (deleted)"
+    for directory in ("/proc/self/fd", "/proc/self/map_files"):
+        for entry in os.listdir(directory):
+            path = f"{directory}/{entry}"
+            try:
+                if os.readlink(path) == wanted:
+                    return os.open(path, os.O_RDWR)
+            except (FileNotFoundError, PermissionError):
+                continue
+    pytest.skip("the ring's memory cannot be reopened here (map_files needs CAP_SYS_ADMIN)")
+
+
+def test_a_rings_memory_cannot_be_resized():
+    """Whoever reopens a ring's memory (a worker of our user through /proc) can
+    neither shrink it, which would crash every process mapping it with SIGBUS,
+    nor grow it: the size is sealed; the ring goes on working."""
+    ring = Ring.create(4096, "sealed")
+    fd = _reopen_block(ring)
+    try:
+        size = os.fstat(fd).st_size
+        for wrong in (0, size // 2, size * 2):
+            try:
+                os.ftruncate(fd, wrong)
+            except PermissionError:
+                continue
+            os.ftruncate(fd, size)  # put it back before anything touches the ring
+            pytest.fail(f"the ring's memory could be resized to {wrong}")
+        assert os.fstat(fd).st_size == size
+        assert ring.put_nowait(b"still mapped") == 12 and ring.get_nowait(100) == b"still mapped"
+    finally:
+        os.close(fd)
+        ring.close()
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -521,48 +549,17 @@ def test_two_processes_move_64_mib():
 
 
 @_FORK_IN_THREADS
-def test_child_cannot_unlink_and_close_leaves_block():
-    """A child's close() leaves the block alive; only the creator may unlink it."""
-    with new_ring(4096) as ring:
+def test_a_childs_close_leaves_the_parents_mapping():
+    """A child that closes an inherited ring unmaps it for itself only; the data stays shared."""
+    with new_ring(4096, f"close-{os.getpid()}") as ring:
         ring.put_nowait(b"from parent")
 
         def child():
-            with pytest.raises(RuntimeError):
-                ring.unlink()
             assert ring.get_nowait(100) == b"from parent"
             ring.put_nowait(b"from child")
             ring.close()
+            assert f"/memfd:{ring.name}" not in Path("/proc/self/maps").read_text()
 
         with forked(child):
             pass
-        assert Path(f"/dev/shm/{ring.name}").exists()
         assert ring.get_nowait(100) == b"from child"
-
-
-TRACKER_SCRIPT = """
-from multiprocessing import shared_memory
-from bridged.ipc.rings import Ring
-ring = Ring.create(4096)
-tracked = shared_memory.SharedMemory(create=True, size=4096)
-print(ring.name, tracked.name, flush=True)
-ring.close()
-tracked.close()
-"""
-
-
-def test_resource_tracker_leaves_rings_alone():
-    """At interpreter exit the resource tracker unlinks a tracked block but not a ring."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    # capture_output waits for the tracker too: it inherits stdout/stderr.
-    proc = subprocess.run(
-        [sys.executable, "-c", TRACKER_SCRIPT], capture_output=True, env=env, timeout=30
-    )
-    assert proc.returncode == 0, proc.stderr
-    ring_name, tracked_name = proc.stdout.decode().split()
-    ring_path = Path("/dev/shm") / ring_name
-    try:
-        assert not (Path("/dev/shm") / tracked_name).exists()  # the tracker did run
-        assert ring_path.exists()
-        assert b"KeyError" not in proc.stderr
-    finally:
-        ring_path.unlink(missing_ok=True)

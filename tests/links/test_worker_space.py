@@ -95,4 +95,3 @@ def test_a_lost_space_doorbell_costs_one_poll_interval_not_the_link():
         theirs.close()
         for ring in (up, down):
             ring.close()
-            ring.unlink()

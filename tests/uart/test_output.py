@@ -184,3 +184,87 @@ def test_anything_queued_after_a_lingering_reply_takes_it_along_in_order(pty_pai
         return await asyncio.to_thread(_read_until, slave, b":hi", 2.0)
 
     assert b"".join(r for _, r in _run(main())) == b"\r\nRecv 4 bytes\r\n\r\n+IPD,1,2:hi"
+
+
+def test_a_message_made_at_write_time_says_what_holds_then(pty_pair):
+    """A function queued as a message runs when the held message is written,
+    after the reply that overtook it, so it can count that reply in."""
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, 0.5, lambda: None)
+        unread = [100]
+        made_after: list[int] = []
+
+        def notice() -> bytes:
+            made_after.append(out.written)
+            return b"\r\n+IPD,0,%d\r\n" % unread[0]
+
+        out.reply(b"\r\nOK\r\n")
+        out.urc(notice)  # held for the gap after OK
+        await asyncio.sleep(0.01)
+        unread[0] = 60  # a read took 40 bytes; its reply overtakes the notice
+        reply = b"+CIPRECVDATA:40," + b"x" * 40 + b"\r\nOK\r\n"
+        out.reply(reply)
+        reads = await asyncio.to_thread(_read_until, slave, b"+IPD,0,60\r\n", 2.0)
+        return b"".join(r for _, r in reads), made_after, len(reply)
+
+    got, made_after, reply_len = _run(main())
+    assert got == b"\r\nOK\r\n" + b"+CIPRECVDATA:40," + b"x" * 40 + b"\r\nOK\r\n" + b"\r\n+IPD,0,60\r\n"
+    assert made_after == [6 + reply_len]  # made once, after both replies were written
+
+
+def test_a_message_with_nothing_left_to_say_is_dropped(pty_pair):
+    """A function returning b"" writes nothing; the output still drains and
+    what follows it goes out."""
+    master, slave = pty_pair
+
+    async def main():
+        drained = []
+        out = Output(master, 0.02, lambda: drained.append(out.buffered))
+        out.reply(b"\r\nOK\r\n")
+        out.urc(lambda: b"")
+        out.urc(b"\r\n0,CLOSED\r\n")
+        reads = await asyncio.to_thread(_read_until, slave, b"CLOSED\r\n", 2.0)
+        empty = asyncio.get_running_loop().create_future()
+        out.when_empty(lambda: empty.set_result(True))
+        await asyncio.wait_for(empty, 2.0)
+        return b"".join(r for _, r in reads), drained, out.buffered
+
+    got, drained, buffered = _run(main())
+    assert got == b"\r\nOK\r\n\r\n0,CLOSED\r\n"
+    assert buffered == 0 and drained and drained[-1] == 0
+
+
+def test_a_message_function_that_fails_costs_only_its_message(pty_pair):
+    """A function that raises or makes no bytes is logged and dropped; the
+    replies and messages around it go out and the output still drains."""
+    from structlog.testing import capture_logs
+
+    master, slave = pty_pair
+
+    def broken() -> bytes:
+        raise ValueError("a bug in a notice")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        handled = []
+        loop.set_exception_handler(lambda loop, context: handled.append(context))
+        out = Output(master, 0.0, lambda: None)
+        out.reply(b"\r\nOK\r\n")
+        out.urc(broken)
+        out.urc(lambda: None)
+        out.urc(lambda: "text")
+        out.urc(b"\r\n0,CLOSED\r\n")
+        out.reply(b"\r\nERROR\r\n")
+        reads = await asyncio.to_thread(_read_until, slave, b"ERROR\r\n", 2.0)
+        empty = loop.create_future()
+        out.when_empty(lambda: empty.set_result(True))
+        await asyncio.wait_for(empty, 2.0)
+        return b"".join(r for _, r in reads), out.buffered, handled
+
+    with capture_logs() as logs:
+        got, buffered, handled = _run(main())
+    assert got == b"\r\nOK\r\n\r\n0,CLOSED\r\n\r\nERROR\r\n"
+    assert (buffered, handled) == (0, [])
+    assert [e["event"] for e in logs] == ["urc_failed"] * 3

@@ -28,10 +28,6 @@ __all__ = ["LocalAddresses", "link_policy"]
 
 log = structlog.get_logger()
 
-_ALWAYS = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("0.0.0.0/8"))
-_ALWAYS6 = frozenset({ipaddress.IPv6Address("::1"), ipaddress.IPv6Address("::")})
-
-
 def _interface_addresses() -> frozenset[Address]:
     found: set[Address] = set()
     for adapter in ifaddr.get_adapters():
@@ -56,9 +52,8 @@ class LocalAddresses:
         self._read_at: float | None = None
 
     def __call__(self, ip: Address) -> bool:
-        if ip.version == 4 and any(ip in net for net in _ALWAYS):
-            return True
-        if ip in _ALWAYS6:
+        # 0.0.0.0/8 and 127.0.0.0/8, :: and ::1 by number: this runs for a datagram's check.
+        if (int(ip) >> 24 in (0, 127)) if ip.version == 4 else int(ip) <= 1:
             return True
         now = self._clock()
         if self._read_at is None or now - self._read_at >= self.ttl:

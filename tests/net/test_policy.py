@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 import pytest
 from hypothesis import given
@@ -197,3 +198,53 @@ def test_local_addresses_include_this_hosts():
     assert local(ipaddress.ip_address("127.0.0.1"))
     assert not local(ipaddress.ip_address("192.0.2.200"))
     assert not local(ipaddress.ip_address("224.0.0.251"))
+
+
+# -- the index against the rule as written ----------------------------------------------
+
+
+def _reference(rules: list[tuple[str, bool]], local: set, address: str, port: int) -> bool:
+    """The documented rule, entry by entry: the most specific match decides, deny on a tie."""
+    ip = normalise(address)
+    parsed = [parse_rule(text, allow) for text, allow in rules]
+    matching = [r for r in parsed if r.low <= port <= r.high and (
+        ip in local if r.network is None else r.network.version == ip.version and ip in r.network)]
+    if not matching:
+        return True
+    full = 32 if ip.version == 4 else 128
+    best = min(matching, key=lambda r: (-(r.network.prefixlen if r.network else full), r.high - r.low, r.allow))
+    return best.allow
+
+
+_SMALL4 = st.builds(lambda a, n: str(ipaddress.ip_network(f"10.0.{a}.{a}/{n}", strict=False)),
+                    st.integers(0, 3), st.sampled_from([8, 16, 22, 23, 24, 30, 32]))
+_PORTS_TEXT = st.sampled_from(["", ":80", ":1-1023", ":0-65535", ":80-90"])
+_ENTRY = st.one_of(
+    st.builds(lambda net, ports: net + ports, _SMALL4, _PORTS_TEXT),
+    st.builds(lambda ports: "self" + ports, _PORTS_TEXT),
+    st.builds(lambda n, ports: f"[fd00::]/{n}{ports}", st.sampled_from([8, 16, 64, 128]), _PORTS_TEXT),
+)
+
+
+@given(st.lists(st.tuples(_ENTRY, st.booleans()), min_size=1, max_size=12),
+       st.sampled_from(["10.0.0.0", "10.0.1.1", "10.0.3.3", "10.0.2.200", "11.0.0.1", "fd00::", "fd00::1", "::1"]),
+       st.sampled_from([0, 79, 80, 85, 1023, 1024, 65535]), st.booleans())
+def test_index_decides_as_the_rule_says(rules, address, port, is_local):
+    """The prefix-length index gives every verdict the entry-by-entry rule gives."""
+    local = {normalise(address)} if is_local else set()
+    policy = Policy(allow=[t for t, allow in rules if allow], deny=[t for t, allow in rules if not allow] or ["1.1.1.1"],
+                    is_local=lambda ip: ip in local)
+    rules = [(t, True) for t, allow in rules if allow] + ([(t, False) for t, allow in rules if not allow]
+                                                          or [("1.1.1.1", False)])
+    assert (policy.check(address, port) is None) == _reference(rules, local, address, port)
+
+
+def test_a_check_does_not_walk_every_entry():
+    """Against 512 entries a check costs a lookup per prefix length: 10 000 checks take well under
+    half a second of CPU (entry by entry they took 1 to 3 s)."""
+    policy = Policy(allow=[f"10.{i}.0.0/16:1883" for i in range(256)], deny=[f"172.16.{i}.0/24" for i in range(256)])
+    started = time.process_time()
+    for i in range(10_000):
+        assert policy.check(f"198.51.100.{i % 250}", 5000) is None
+    assert time.process_time() - started < 0.5
+    assert policy.check("172.16.9.1", 80).rule == "deny '172.16.9.0/24'"

@@ -8,8 +8,10 @@ port, deciding rule and what was refused:
 * ``connect``: an address AT+CIPSTART's host resolved to (each one tried),
   a passthrough reconnect's, AT+SAVETRANSLINK's; every one is logged.
 * ``send`` / ``receive``: a datagram to or from a refused address.  A
-  flood must not flood the log: per address and direction, one line, then
-  at most one every ``_LOG_EVERY`` seconds carrying the running count.
+  flood must not flood the log: in each ``_LOG_EVERY`` seconds, one line
+  per address and direction, carrying the running count, for at most
+  ``_REMEMBERED`` addresses (a flood from many forged senders is counted,
+  not logged line by line).
   Verdicts are remembered for ``_VERDICT_TTL`` (a second; "self" may
   change), so a stream of datagrams costs a dictionary lookup each.
 """
@@ -37,7 +39,8 @@ class Fence:
         self.clock = clock
         self.refused = 0  # over the worker's life
         self._verdicts: dict[tuple[str, int], tuple[Refusal | None, float]] = {}
-        self._logged: dict[tuple[str, str], float] = {}
+        self._logged: set[tuple[str, str]] = set()  # logged in the window that began at _window
+        self._window = float("-inf")
 
     @property
     def open(self) -> bool:
@@ -69,16 +72,15 @@ class Fence:
         return False
 
     def note(self, refusal: Refusal, what: str, limited: bool = False) -> None:
-        """Count a refusal and log it (``limited``: at most every _LOG_EVERY s per address)."""
+        """Count a refusal and log it (``limited``: once per address in each _LOG_EVERY s window)."""
         self.refused += 1
         if limited:
-            key = (refusal.address, what)
             now = self.clock()
-            last = self._logged.get(key)
-            if last is not None and now - last < _LOG_EVERY:
+            if now - self._window >= _LOG_EVERY:
+                self._window, self._logged = now, set()
+            key = (refusal.address, what)
+            if key in self._logged or len(self._logged) >= _REMEMBERED:
                 return
-            if len(self._logged) >= _REMEMBERED:
-                self._logged.clear()
-            self._logged[key] = now
+            self._logged.add(key)
         log.warning("link_refused", what=what, address=refusal.address, port=refusal.port, rule=refusal.rule,
                     refused=self.refused)

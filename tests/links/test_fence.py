@@ -59,3 +59,16 @@ def test_no_deny_list_is_open():
     """Without deny entries the worker skips every check."""
     assert Fence(Policy(), lambda: 0.0).open
     assert not _fence([0.0]).open
+
+
+def test_a_flood_from_many_senders_logs_a_bounded_number_of_lines():
+    """Refused datagrams from thousands of (forged) senders within ten seconds give at most 64 log lines,
+    yet each is counted."""
+    now = [0.0]
+    fence = _fence(now)
+    with capture_logs() as logs:
+        for i in range(5000):
+            now[0] = i * 0.001
+            assert not fence.datagram((f"127.0.{i // 250}.{i % 250 + 2}", 9), "receive")
+    assert fence.refused == 5000
+    assert len(logs) == 64

@@ -18,6 +18,12 @@ No SO_REUSEADDR, except on a multicast link binding the group's own port
 (every member of the group binds that port, mDNS responders among them):
 with it a link could bind a port a gateway service holds with SO_REUSEADDR
 and take that service's datagrams.
+
+No multicast loopback (IP_MULTICAST_LOOP, IPV6_MULTICAST_LOOP off): the
+kernel would hand what a link sends to a group to every socket of this host
+on that port, the gateway's own services included (every host is in
+224.0.0.1 and ff02::1), past ``[links] deny = ["self"]``.  An ESP32 does
+not hear its own multicast either (lwIP leaves loopback off).
 """
 
 from __future__ import annotations
@@ -112,6 +118,10 @@ async def open_udp(request: Connect, default_timeout_ms: int,
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
         if remote_ip == _BROADCAST:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if remote_ip.is_multicast and request.local_port == request.port:

@@ -72,9 +72,11 @@ class Listener:
 
 @pytest.fixture
 def lan(tmp_path):
-    """(pair, daemon, host, gateway's own service, other host's service) with "self" denied."""
+    """(pair, daemon, host, gateway's own service, other host's service) with "self" denied
+    (broadcasts to port PORT + 1 allowed)."""
     with veth_pair() as net:
-        daemon = Daemon(tmp_path, '[links]\ndeny = ["self"]\n', wrap=net.exec_a(), station="veth0").start()
+        config = f'[links]\ndeny = ["self"]\nallow = ["255.255.255.255:{PORT + 1}"]\n'
+        daemon = Daemon(tmp_path, config, wrap=net.exec_a(), station="veth0").start()
         own, other = Listener(net.exec_a()), Listener(net.exec_b())
         try:
             host = daemon.host()
@@ -98,3 +100,17 @@ def test_multicast_reaches_the_lan_but_not_the_gateways_services(lan, link_type,
     host.expect(b"SEND OK\r\n")
     assert other.heard(5, until=1) == ["group"]
     assert own.heard(0.5) == []
+
+
+def test_broadcasts_are_self(lan):
+    """Linux hands every broadcast it sends to its own sockets too, so 255.255.255.255 and the LAN's
+    broadcast address are "self": refused as a remote and as AT+CIPSEND's, heard by nobody."""
+    net, daemon, host, own, other = lan
+    subnet_broadcast = net.a_ip.rsplit(".", 1)[0].encode() + b".255"
+    assert host.ask(b'AT+CIPSTART="UDP","255.255.255.255",%d' % PORT) == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIPSTART="UDP","%s",%d' % (subnet_broadcast, PORT)) == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIPSTART="UDP","255.255.255.255",%d' % (PORT + 1)) == b"CONNECT\r\n\r\nOK\r\n"
+    for remote in (subnet_broadcast, b"255.255.255.255"):
+        assert host.ask(b'AT+CIPSEND=5,"%s",%d' % (remote, PORT)) == b"\r\nERROR\r\n"
+    assert [e["rule"] for e in daemon.wait_event("link_refused", 4)] == ["deny 'self'"] * 4
+    assert own.heard(0.5) == [] and other.heard(0) == []

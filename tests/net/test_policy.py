@@ -6,11 +6,12 @@ import ipaddress
 import socket
 import time
 
+import ifaddr
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridged.net.localaddr import LocalAddresses
+from bridged.net.localaddr import LocalAddresses, own_addresses
 from bridged.net.policy import Policy, PolicyError, normalise, parse_local_ports, parse_rule
 
 ipv4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
@@ -248,3 +249,16 @@ def test_a_check_does_not_walk_every_entry():
         assert policy.check(f"198.51.100.{i % 250}", 5000) is None
     assert time.process_time() - started < 0.5
     assert policy.check("172.16.9.1", 80).rule == "deny '172.16.9.0/24'"
+
+
+def test_own_addresses_take_in_broadcast_and_subnet_anycast():
+    """Each IPv4 network's broadcast address and each IPv6 prefix's subnet-router anycast address reach
+    this host as its own addresses do, so they are "self" (no broadcast on /31, /32; no anycast on /127)."""
+    adapters = [ifaddr.Adapter("eth0", "eth0", [
+        ifaddr.IP("192.0.2.7", 24, "eth0"), ifaddr.IP("198.51.100.1", 31, "eth0"),
+        ifaddr.IP(("2001:db8:1::7", 0, 0), 64, "eth0"), ifaddr.IP(("fe80::7%eth0", 0, 2), 64, "eth0"),
+        ifaddr.IP(("2001:db8:2::1", 0, 0), 127, "eth0")])]
+    assert own_addresses(adapters) == {ipaddress.ip_address(a) for a in (
+        "192.0.2.7", "192.0.2.255", "198.51.100.1", "2001:db8:1::7", "2001:db8:1::", "fe80::7", "fe80::",
+        "2001:db8:2::1")}
+    assert LocalAddresses(read=frozenset)(ipaddress.ip_address("255.255.255.255"))

@@ -10,7 +10,14 @@ here *after* name resolution, so a name cannot dodge a rule.
 Addresses are compared as the kernel would route them: an IPv4-mapped IPv6
 address (``::ffff:127.0.0.1``) is that IPv4 address, and lwIP's IPv4
 shorthand (``127.1``, ``0x7f.1``, which ``bridged.net.resolver`` takes as
-an address too) is the dotted quad it spells.
+an address too) is the dotted quad it spells.  An address of NAT64's
+well-known prefix (``64:ff9b::a.b.c.d``, RFC 6052) passes only if both it
+and the IPv4 address a network's NAT64 turns it into pass: on an IPv6
+network with NAT64 it reaches the gateway's own IPv4 addresses too.  Other
+ways of carrying IPv4 in IPv6 are not translated back: IPv4-compatible
+``::a.b.c.d`` is routed as plain IPv6 by Linux, and 6to4 (2002::/16) or
+Teredo reach the tunnel's relay, not the IPv4 host's services; a
+network-specific NAT64 prefix is the admin's to deny.
 
 Entries (one string each)::
 
@@ -72,6 +79,7 @@ _SHORTHAND = frozenset("0123456789abcdefABCDEFxX.")
 _PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
 _PREFIX = re.compile(r"\d{1,3}")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+_NAT64 = 0x64_FF9B << 64  # 64:ff9b::/96 (RFC 6052) shifted right by its 32 host bits
 
 
 class DestinationRefused(OSError):
@@ -297,6 +305,12 @@ class Policy:
             version, value = _numeric(address)
         except ValueError:
             return Refusal(str(address), port, "(not an address)")
+        refusal = self._refusal(version, value, port)
+        if refusal is None and version == 6 and value >> 32 == _NAT64:
+            refusal = self._refusal(4, value & 0xFFFF_FFFF, port)
+        return refusal
+
+    def _refusal(self, version: int, value: int, port: int) -> Refusal | None:
         rule = self._tables[version].decide(value, port, self.is_local)
         if rule is None or rule.allow:
             return None

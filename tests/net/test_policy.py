@@ -262,3 +262,15 @@ def test_own_addresses_take_in_broadcast_and_subnet_anycast():
         "192.0.2.7", "192.0.2.255", "198.51.100.1", "2001:db8:1::7", "2001:db8:1::", "fe80::7", "fe80::",
         "2001:db8:2::1")}
     assert LocalAddresses(read=frozenset)(ipaddress.ip_address("255.255.255.255"))
+
+
+@given(ipv4, ports)
+def test_nat64_is_checked_as_both(ip, port):
+    """64:ff9b::a.b.c.d passes only if both it and a.b.c.d pass: a NAT64 takes it to a.b.c.d."""
+    nat64 = f"64:ff9b::{ip}"
+    refusal = Policy(deny=[f"{ip}/32"]).check(nat64, port)
+    assert refusal is not None and refusal.address == str(ip)
+    assert Policy(deny=["64:ff9b::/96"]).check(nat64, port).address == str(ipaddress.IPv6Address(nat64))
+    assert Policy(deny=["self"], is_local=lambda a: a == ip).check(nat64, port) is not None
+    assert Policy(deny=["::/0"], allow=["64:ff9b::/96"]).check(nat64, port) is None
+    assert Policy(deny=[f"{ip}/32"]).check(f"64:ff9b:1::{ip}", port) is None  # another prefix: the admin's

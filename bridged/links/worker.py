@@ -134,7 +134,6 @@ class Worker:
         # (AT+CIPSTART <mode> 1: once, 2: to every sender).
         self.datagram = False
         self.remote: tuple | None = None
-        self.remote_allowed = True  # the policy lets datagrams go to self.remote
         self.udp_mode = 0
         self.retargeted = False
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
@@ -326,8 +325,6 @@ class Worker:
                 datagram: bool, udp_mode: int) -> None:
         self.sock = sock
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
-        # A UDP listener's unspecified remote (0.0.0.0) is checked as any destination.
-        self.remote_allowed = not datagram or self.fence.open or self.fence.policy.check(*remote[:2]) is None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
         self._apply_options()
         local = sock.getsockname()
@@ -402,7 +399,9 @@ class Worker:
             if header is None:
                 return
             target = header.addr or self.remote
-            if not self.fence.open and not self._may_send(target):
+            # The remote too, every time (the fence remembers verdicts for a
+            # second): "self" grows when the gateway takes a new address.
+            if not self.fence.open and not self.fence.datagram(target, "send"):
                 self.uplink.consume(header.total)  # lost, as a datagram to an unreachable host
                 continue
             payload = self.uplink.peek(header.length, header.size)
@@ -416,11 +415,6 @@ class Worker:
                 log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=_reason(exc))
             self.uplink.consume(header.total)
             self.stats["up"] += header.length
-
-    def _may_send(self, target: tuple) -> bool:
-        if target is self.remote and self.remote_allowed:
-            return True
-        return self.fence.datagram(target, "send")
 
     def _on_writable(self) -> None:
         if self.sock is not None:
@@ -617,7 +611,6 @@ class Worker:
         if self.udp_mode == 1 and self.retargeted:
             return
         self.remote, self.retargeted = sender, True
-        self.remote_allowed = True  # its datagram passed the policy
         self._reply(RemoteChanged(self.conn_id, sender[0], sender[1]))
 
     def _pause_reading(self) -> None:

@@ -114,3 +114,23 @@ def test_broadcasts_are_self(lan):
         assert host.ask(b'AT+CIPSEND=5,"%s",%d' % (remote, PORT)) == b"\r\nERROR\r\n"
     assert [e["rule"] for e in daemon.wait_event("link_refused", 4)] == ["deny 'self'"] * 4
     assert own.heard(0.5) == [] and other.heard(0) == []
+
+
+def test_a_remote_the_gateway_takes_over_is_refused_from_then_on(lan):
+    """A passthrough link's remote becomes "self" when the gateway takes its address (a DHCP lease moving):
+    datagrams to it stop within the fence's second or two, instead of reaching the gateway's service."""
+    net, daemon, host, own, other = lan
+    moving = net.a_ip.rsplit(".", 1)[0] + ".50"
+    subprocess.run(["ip", "-n", net.b, "addr", "add", f"{moving}/24", "dev", net.b_if], check=True)
+    assert host.ask(b'AT+CIPSTART="UDP","%s",%d' % (moving.encode(), PORT)) == b"CONNECT\r\n\r\nOK\r\n"
+    host.command(b"AT+CIPMODE=1")
+    host.command(b"AT+CIPSEND", b">")
+    host.write(b"before")
+    assert other.heard(5, until=1) == ["before"]
+    subprocess.run(["ip", "-n", net.b, "addr", "del", f"{moving}/24", "dev", net.b_if], check=True)
+    subprocess.run(["ip", "-n", net.a, "addr", "add", f"{moving}/24", "dev", net.a_if], check=True)
+    time.sleep(2.5)  # the front's and the worker's readings of "self" are at most a second old, each
+    host.write(b"after")
+    event = daemon.wait_event("link_refused", 1)[0]
+    assert (event["what"], event["address"], event["rule"]) == ("send", moving, "deny 'self'")
+    assert own.heard(0.5) == [] and other.heard(0) == []

@@ -37,7 +37,7 @@ from bridged.ipc.messages import Connect
 from bridged.net.policy import DestinationRefused, Refusal
 from bridged.net.resolver import resolve, sockaddr
 
-__all__ = ["open_udp"]
+__all__ = ["open_udp", "loopback_source"]
 
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
@@ -91,6 +91,23 @@ def _bind_address(request: Connect, remote: ipaddress.IPv4Address | ipaddress.IP
     if remote == _BROADCAST or remote.is_unspecified:
         return wildcard, port
     return station_ip or wildcard, port
+
+
+def loopback_source(sock: socket.socket) -> str | None:
+    """The loopback address a UDP link sends from, if it does: bound there, or
+    (IPv4) its multicast interface is (the MCU's local IP 127.0.0.1).
+
+    Whatever such a link sends stays on this host, a group's datagram
+    included: on ``lo`` it is delivered to this host's sockets, loopback
+    option or not.
+    """
+    sources = [sock.getsockname()[0]]
+    if sock.family == socket.AF_INET:
+        sources.append(socket.inet_ntoa(sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, 4)))
+    for source in sources:
+        if ipaddress.ip_address(source.partition("%")[0]).is_loopback:
+            return source
+    return None
 
 
 async def open_udp(request: Connect, default_timeout_ms: int,

@@ -56,7 +56,7 @@ from bridged.ipc.rings import Ring
 from bridged.links.fence import Fence
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
-from bridged.links.udp import open_udp
+from bridged.links.udp import loopback_source, open_udp
 from bridged.net.interfaces import own_address, station_interface
 from bridged.net.policy import LocalPortRefused, Policy, Refusal
 from bridged.pki import PkiStore
@@ -136,6 +136,7 @@ class Worker:
         self.remote: tuple | None = None
         self.udp_mode = 0
         self.retargeted = False
+        self.loopback_source: str | None = None  # a UDP link sending from 127.0.0.1 (udp.loopback_source)
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
@@ -325,6 +326,7 @@ class Worker:
                 datagram: bool, udp_mode: int) -> None:
         self.sock = sock
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
+        self.loopback_source = loopback_source(sock) if datagram else None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
         self._apply_options()
         local = sock.getsockname()
@@ -401,7 +403,7 @@ class Worker:
             target = header.addr or self.remote
             # The remote too, every time (the fence remembers verdicts for a
             # second): "self" grows when the gateway takes a new address.
-            if not self.fence.open and not self.fence.datagram(target, "send"):
+            if not self.fence.open and not self._may_send(target):
                 self.uplink.consume(header.total)  # lost, as a datagram to an unreachable host
                 continue
             payload = self.uplink.peek(header.length, header.size)
@@ -415,6 +417,13 @@ class Worker:
                 log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=_reason(exc))
             self.uplink.consume(header.total)
             self.stats["up"] += header.length
+
+    def _may_send(self, target: tuple) -> bool:
+        """A datagram from a loopback source can reach only this host (a group's
+        too, on lo): it must also pass as sent to that source."""
+        if not self.fence.datagram(target, "send"):
+            return False
+        return self.loopback_source is None or self.fence.datagram((self.loopback_source, target[1]), "send")
 
     def _on_writable(self) -> None:
         if self.sock is not None:

@@ -134,3 +134,17 @@ def test_a_remote_the_gateway_takes_over_is_refused_from_then_on(lan):
     event = daemon.wait_event("link_refused", 1)[0]
     assert (event["what"], event["address"], event["rule"]) == ("send", moving, "deny 'self'")
     assert own.heard(0.5) == [] and other.heard(0) == []
+
+
+@pytest.mark.parametrize("remote", ["224.0.0.1", "b"])
+def test_a_link_sending_from_loopback_reaches_only_the_gateway(lan, remote):
+    """With local IP 127.0.0.1 a link's multicast goes out on lo, to the gateway's own sockets whatever
+    the loopback option: each datagram must pass as sent to 127.0.0.1 too, so "self" refuses it."""
+    net, daemon, host, own, other = lan
+    remote = net.b_ip if remote == "b" else remote
+    start = b'AT+CIPSTART="UDP","%s",%d,%d,0,"127.0.0.1"' % (remote.encode(), PORT, PORT + 100)
+    assert host.ask(start) == b"CONNECT\r\n\r\nOK\r\n"
+    assert host.send_data(b'AT+CIPSEND=2,"224.0.0.1",%d' % PORT, b"lo").endswith(b"SEND OK\r\n")
+    event = daemon.wait_event("link_refused", 1)[0]
+    assert (event["what"], event["address"], event["port"], event["rule"]) == ("send", "127.0.0.1", PORT, "deny 'self'")
+    assert own.heard(0.5) == [] and other.heard(0) == []

@@ -20,7 +20,7 @@ Back-pressure, both ways, without a queue of our own:
 The worker exits when its control socket reaches EOF: the front is gone.
 
 Every remote it uses passes ``[links] allow / deny`` after name resolution
-(``bridged.links.fence``): each address a connect tries, each datagram's
+(``bridged.net.fence``): each address a connect tries, each datagram's
 destination and sender.  A refused connect fails as an unreachable host
 would; a refused datagram is dropped.
 """
@@ -53,7 +53,7 @@ from bridged.ipc.messages import (
     SetRecvWindow,
 )
 from bridged.ipc.rings import Ring
-from bridged.links.fence import Fence
+from bridged.net.fence import Fence
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
 from bridged.links.udp import loopback_source, open_udp
@@ -421,9 +421,9 @@ class Worker:
     def _may_send(self, target: tuple) -> bool:
         """A datagram from a loopback source can reach only this host (a group's
         too, on lo): it must also pass as sent to that source."""
-        if not self.fence.datagram(target, "send"):
+        if not self.fence.admit(target, "send"):
             return False
-        return self.loopback_source is None or self.fence.datagram((self.loopback_source, target[1]), "send")
+        return self.loopback_source is None or self.fence.admit((self.loopback_source, target[1]), "send")
 
     def _on_writable(self) -> None:
         if self.sock is not None:
@@ -593,7 +593,7 @@ class Worker:
             except OSError as exc:
                 log.warning("receive_failed", reason=_reason(exc))
                 break
-            if not self.fence.open and not self.fence.datagram(sender, "receive"):
+            if not self.fence.open and not self.fence.admit(sender, "receive"):
                 continue  # from a refused address: neither delivered nor a new remote
             self._retarget(sender)
             if not n:

@@ -15,8 +15,9 @@ in either direction resets the clock); client links the MCU opened are not
 affected.
 
 ``[links] allow / deny`` applies to clients too: one from a refused address
-(and port) is reset at once, before it takes a link slot, and counted in
-``refused``; the MCU never hears of it.  The listener binds the station
+(and port) is reset at once, before it takes a link slot, and counted
+(bridged.net.fence, which also keeps a flood of them out of the log); the
+MCU never hears of it.  The listener binds the station
 interface's address (the command handler passes it), not the wildcard.
 """
 
@@ -28,6 +29,7 @@ import struct
 
 import structlog
 
+from bridged.net.fence import Fence
 from bridged.net.policy import Policy
 from bridged.uart.links import LinkTable
 
@@ -41,9 +43,8 @@ _BACKLOG = 5
 class Server:
     def __init__(self, links: LinkTable, policy: Policy | None = None) -> None:
         self.links = links
-        self.policy = policy or Policy()
-        self.refused = 0  # clients reset for [links] allow/deny, over the front's life
         self.loop = asyncio.get_running_loop()
+        self.fence = Fence(policy or Policy(), self.loop.time)
         self.max_conn = links.count
         self.timeout = 0  # AT+CIPSTO seconds; 0 = never
         self.port = 0
@@ -131,11 +132,7 @@ class Server:
         except OSError as exc:
             log.warning("accept_failed", error=str(exc))
             return
-        refusal = self.policy.check(addr[0], addr[1]) if not self.policy.open else None
-        if refusal is not None:
-            self.refused += 1
-            log.warning("link_refused", what="accept", address=refusal.address, port=refusal.port,
-                        rule=refusal.rule, refused=self.refused)
+        if not self.fence.open and not self.fence.admit(addr, "accept"):
             _reset(conn)
             return
         free = self.links.free_ids()

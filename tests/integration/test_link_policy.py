@@ -216,6 +216,25 @@ def test_server_client_from_a_denied_address_is_reset(make_daemon):
     host.expect(b"0,CLOSED\r\n")
 
 
+def test_a_flood_of_denied_server_clients_is_one_log_line(make_daemon):
+    """Fifty clients from a denied address within ten seconds are each reset, but logged once."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = make_daemon('[links]\ndeny = ["127.0.0.2"]\n')
+    host = _boot(daemon)
+    host.command(b"AT+CIPMUX=1")
+    host.command(b"AT+CIPSERVER=1,%d" % port)
+    for _ in range(50):
+        with pytest.raises(ConnectionResetError):
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as evil:
+                evil.recv(10)
+    good = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert host.expect(b"CONNECT\r\n") == b"0,CONNECT\r\n"  # the MCU heard of none of the fifty
+    good.close()
+    assert [(e["what"], e["refused"]) for e in _refusals(daemon, 1)] == [("accept", 1)]
+
+
 def test_udp_link_cannot_take_a_port_a_service_shares(make_daemon):
     """A service bound with SO_REUSEADDR (as mDNS responders bind) keeps its port: the link's bind fails."""
     for service_ip in ("127.0.0.1", "0.0.0.0"):

@@ -1,4 +1,4 @@
-"""bridged.links.fence: a worker's refusals are counted every time, datagram ones logged sparingly."""
+"""bridged.net.fence: refusals are counted every time, those of datagrams and server clients logged sparingly."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 from structlog.testing import capture_logs
 
-from bridged.links.fence import Fence
+from bridged.net.fence import Fence
 from bridged.net.policy import Policy
 
 
@@ -35,8 +35,8 @@ def test_datagram_refusals_log_once_per_address_every_ten_seconds():
     with capture_logs() as logs:
         for step in range(200):
             now[0] = step * 0.1  # 20 s of datagrams, 10 a second
-            assert not fence.datagram(("127.0.0.9", 5000 + step % 7), "receive")
-        assert fence.datagram(("127.0.0.1", 1883), "send")
+            assert not fence.admit(("127.0.0.9", 5000 + step % 7), "receive")
+        assert fence.admit(("127.0.0.1", 1883), "send")
     assert fence.refused == 200
     assert [(e["address"], e["refused"]) for e in logs] == [("127.0.0.9", 1), ("127.0.0.9", 101)]
 
@@ -47,12 +47,12 @@ def test_verdicts_are_remembered_for_a_second():
     local = {"yes": False}
     policy = Policy(deny=["self"], is_local=lambda ip: local["yes"] and ip == ipaddress.ip_address("192.0.2.1"))
     fence = Fence(policy, lambda: now[0])
-    assert fence.datagram(("192.0.2.1", 9), "send")
+    assert fence.admit(("192.0.2.1", 9), "send")
     local["yes"] = True  # the gateway took that address
     now[0] = 0.9
-    assert fence.datagram(("192.0.2.1", 9), "send")
+    assert fence.admit(("192.0.2.1", 9), "send")
     now[0] = 1.0
-    assert not fence.datagram(("192.0.2.1", 9), "send")
+    assert not fence.admit(("192.0.2.1", 9), "send")
 
 
 def test_no_deny_list_is_open():
@@ -69,6 +69,6 @@ def test_a_flood_from_many_senders_logs_a_bounded_number_of_lines():
     with capture_logs() as logs:
         for i in range(5000):
             now[0] = i * 0.001
-            assert not fence.datagram((f"127.0.{i // 250}.{i % 250 + 2}", 9), "receive")
+            assert not fence.admit((f"127.0.{i // 250}.{i % 250 + 2}", 9), "receive")
     assert fence.refused == 5000
     assert len(logs) == 64

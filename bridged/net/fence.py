@@ -1,19 +1,20 @@
-"""A link worker's side of ``[links] allow / deny``: check, log and count refusals.
+"""``[links] allow / deny`` where it is enforced: check, log and count refusals.
 
-The decision is ``bridged.net.policy``'s; this adds what a worker needs
-around it.  Each refusal is counted (``refused``, the worker's statistic
-for ``bridged status``) and logged as ``link_refused`` with the address,
-port, deciding rule and what was refused:
+The decision is ``bridged.net.policy``'s; this adds what a link worker and
+the front's AT+CIPSERVER listener need around it.  Each refusal is counted
+(``refused``, for ``bridged status``) and logged as ``link_refused`` with
+the address, port, deciding rule and what was refused:
 
 * ``connect``: an address AT+CIPSTART's host resolved to (each one tried),
   a passthrough reconnect's, AT+SAVETRANSLINK's; every one is logged.
-* ``send`` / ``receive``: a datagram to or from a refused address.  A
-  flood must not flood the log: in each ``_LOG_EVERY`` seconds, one line
+* ``send`` / ``receive`` / ``accept``: a datagram to or from a refused
+  address, a server client from one.  A flood must not flood the log: in each ``_LOG_EVERY`` seconds, one line
   per address and direction, carrying the running count, for at most
   ``_REMEMBERED`` addresses (a flood from many forged senders is counted,
   not logged line by line).
   Verdicts are remembered for ``_VERDICT_TTL`` (a second; "self" may
-  change), so a stream of datagrams costs a dictionary lookup each.
+  change), so a stream of datagrams costs a dictionary lookup each; at
+  most ``_REMEMBERED`` of them, all forgotten when full.
 """
 
 from __future__ import annotations
@@ -30,14 +31,14 @@ log = structlog.get_logger()
 
 _VERDICT_TTL = 1.0
 _LOG_EVERY = 10.0
-_REMEMBERED = 64  # verdicts and log times kept; all forgotten when full
+_REMEMBERED = 64  # verdicts kept, addresses logged per window
 
 
 class Fence:
     def __init__(self, policy: Policy, clock: Callable[[], float]) -> None:
         self.policy = policy
         self.clock = clock
-        self.refused = 0  # over the worker's life
+        self.refused = 0  # over the process's life
         self._verdicts: dict[tuple[str, int], tuple[Refusal | None, float]] = {}
         self._logged: set[tuple[str, str]] = set()  # logged in the window that began at _window
         self._window = float("-inf")
@@ -54,8 +55,9 @@ class Fence:
             self.note(refusal, "connect")
         return refusal
 
-    def datagram(self, peer: tuple, what: str) -> bool:
-        """Whether a datagram may go to (``what`` "send") or come from ("receive") ``peer``."""
+    def admit(self, peer: tuple, what: str) -> bool:
+        """Whether a datagram may go to (``what`` "send") or come from ("receive")
+        ``peer``, or a server client from there connect ("accept")."""
         key = (peer[0], peer[1])
         now = self.clock()
         known = self._verdicts.get(key)

@@ -196,8 +196,8 @@ def test_udp_datagrams_from_a_denied_source_are_dropped(make_daemon):
         s.close()
 
 
-def test_server_client_from_a_denied_address_is_reset(make_daemon):
-    """AT+CIPSERVER resets a client from a denied address at once; the MCU never hears of it."""
+def _server_denying_127_0_0_2(make_daemon):
+    """A daemon denying 127.0.0.2 with an AT+CIPSERVER listening: (daemon, host, port)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -205,6 +205,12 @@ def test_server_client_from_a_denied_address_is_reset(make_daemon):
     host = _boot(daemon)
     host.command(b"AT+CIPMUX=1")
     host.command(b"AT+CIPSERVER=1,%d" % port)
+    return daemon, host, port
+
+
+def test_server_client_from_a_denied_address_is_reset(make_daemon):
+    """AT+CIPSERVER resets a client from a denied address at once; the MCU never hears of it."""
+    daemon, host, port = _server_denying_127_0_0_2(make_daemon)
     with pytest.raises(ConnectionResetError):  # at the first read, or already in connect under load
         with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as evil:
             evil.recv(10)
@@ -218,13 +224,7 @@ def test_server_client_from_a_denied_address_is_reset(make_daemon):
 
 def test_a_flood_of_denied_server_clients_is_one_log_line(make_daemon):
     """Fifty clients from a denied address within ten seconds are each reset, but logged once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    daemon = make_daemon('[links]\ndeny = ["127.0.0.2"]\n')
-    host = _boot(daemon)
-    host.command(b"AT+CIPMUX=1")
-    host.command(b"AT+CIPSERVER=1,%d" % port)
+    daemon, host, port = _server_denying_127_0_0_2(make_daemon)
     for _ in range(50):
         with pytest.raises(ConnectionResetError):
             with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as evil:

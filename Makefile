@@ -1,7 +1,9 @@
 # bridged developer tasks (GNU make).
 #
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
-#   make test    run the test suite, then again under Python 3.13 when pyenv has it
+#   make test    run the test suite, then again under Python 3.13 when pyenv has it,
+#                then make test-floors
+#   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
 #   make clean   remove caches and build artefacts (the virtualenvs are kept)
 
@@ -14,7 +16,18 @@ PYTEST_ARGS ?=
 # Second interpreter for `make test`; empty when it is not installed.
 PY313_VENV := .venv-3.13
 
-.PHONY: all run test test-one bench clean distclean
+# The dependency floors: each ">=X" of pyproject.toml as "==X.*" (the floor's
+# newest patch release), in a virtualenv of their own.
+FLOORS_VENV := .venv-floors
+# The tests of the code that calls each dependency, and the daemon end to end
+# (uvloop under all of them; TLS links, one mDNS advertisement, the serial
+# port): about a minute.
+FLOORS_TESTS ?= tests/test_log.py tests/test_pki.py tests/net tests/uart \
+	tests/integration/test_tls.py \
+	tests/integration/test_mdns.py::test_service_and_host_are_advertised_then_withdrawn \
+	tests/integration/test_service.py::test_serial_port_mode
+
+.PHONY: all run test test-one test-floors bench clean distclean
 
 all: $(VENV)/.installed
 
@@ -46,9 +59,24 @@ test: test-one
 	else \
 		echo "== Python 3.13.0 not found (pyenv); skipping the second run =="; \
 	fi
+	@echo "== the dependency floors (make test-floors) =="
+	@$(MAKE) --no-print-directory test-floors PYTEST_ARGS='$(PYTEST_ARGS)'
 
 test-one: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+$(FLOORS_VENV)/constraints.txt: pyproject.toml
+	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
+	$(PYTHON) -c 'import re, tomllib; \
+	deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+	print("\n".join(re.sub(r">=\s*([0-9.]+)", r"==\1.*", d) for d in deps))' > $@.new
+	$(FLOORS_VENV)/bin/python -m pip install -q -c $@.new -e '.[test]'
+	mv $@.new $@
+
+test-floors: $(FLOORS_VENV)/constraints.txt
+	@$(FLOORS_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | \
+		grep -iE '^(pyserial|uvloop|cryptography|structlog|dnspython|zeroconf|ifaddr)==' | tr '\n' ' '; echo
+	$(FLOORS_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(FLOORS_TESTS)
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench
@@ -59,4 +87,4 @@ clean:
 	find . -path './.venv*' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(PY313_VENV)
+	rm -rf $(VENV) $(PY313_VENV) $(FLOORS_VENV)

@@ -1,8 +1,11 @@
-"""Command line: ``bridged run [--config FILE] [--profile NAME] [--port DEVICE]
-[--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``, ``bridged
-check`` with the same options (validate the configuration and print what it
-amounts to, without serving), and ``bridged pki import|list|remove`` (the certificate store, see
-``bridged.pki_cli``).
+"""Command line: ``bridged run [--instance NAME] [--config FILE] [--profile NAME]
+[--port DEVICE] [--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``,
+``bridged check`` with the same options (validate the configuration and print
+what it amounts to, without serving), and ``bridged pki import|list|remove``
+(the certificate store, see ``bridged.pki_cli``).
+
+Without --config, /etc/bridged/bridged.toml and then /etc/bridged/<instance>.toml
+are read when present; --config FILE replaces them (see bridged.config).
 
 Every failure to start is one line on stderr, ``bridged: <cause>; <remedy>``,
 never a traceback, and an exit status systemd can act on:
@@ -39,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve ESP-AT on a serial port or a pseudo-terminal")
     check = commands.add_parser("check", help="check the configuration and print it, without serving")
     for command in (run, check):
-        command.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        command.add_argument("--instance", metavar="NAME",
+                             help="service instance (the unit's %%i): reads /etc/bridged/NAME.toml"
+                                  " too and keeps state in <state base>/NAME")
+        command.add_argument("--config", metavar="FILE",
+                             help="TOML configuration file, instead of /etc/bridged/bridged.toml and NAME.toml")
         command.add_argument("--profile", metavar="NAME", help="profile name or .toml path (default esp32)")
         command.add_argument("--port", metavar="DEVICE", help="serial device, e.g. /dev/ttyAMA0")
         command.add_argument("--baud", metavar="N", type=int, help="UART speed when no speed is stored")
@@ -75,12 +82,17 @@ def _fail(message: str, status: int = USAGE_ERROR) -> int:
     return status
 
 
+def _load_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.profile, _overrides(args),
+                       instance=args.instance, system=True)
+
+
 def _load(args: argparse.Namespace):
     """(config, None), or (None, exit status) after saying what is wrong."""
     if args.port is not None and args.pty is not None:
         return None, _fail("--port and --pty exclude each other; give one")
     try:
-        config = load_config(args.config, args.profile, _overrides(args))
+        config = _load_config(args)
     except ConfigError as exc:
         return None, _fail(str(exc))
     return config, None
@@ -123,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from bridged.uart.port import PortError
 
     def reload() -> Config:
-        return load_config(args.config, args.profile, _overrides(args))
+        return _load_config(args)
 
     try:
         return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()

@@ -2,11 +2,14 @@
 
 Theory of operation
 -------------------
-A `Config` is built from four layers, each overriding the one before:
+A `Config` is built from layers, each overriding the one before:
 
 1. built-in defaults (the field defaults below, which are real ESP-AT's),
 2. the profile (``--profile NAME``; default ``esp32``),
-3. the config file (``--config PATH``),
+3. the config files: ``--config PATH`` alone when given; else, for the
+   command line (``system=True``), ``/etc/bridged/bridged.toml`` and then the
+   instance's ``/etc/bridged/<instance>.toml``, each when present
+   (``$BRIDGED_CONFIG_DIR`` relocates /etc/bridged, for tests),
 4. command-line overrides (dotted keys such as ``uart.port``).
 
 Every value is checked where it appears, so an error names the file (or
@@ -19,8 +22,9 @@ else in bridged validates configuration: code that holds a `Config` may trust
 it.
 
 The schema lives in one place: each dataclass field carries its default and
-its check (`_field`). The config file may also carry a top-level
-``profile = "NAME"``, used when no profile is given on the command line.
+its check (`_field`). A config file may also carry a top-level
+``profile = "NAME"``, used when no profile is given on the command line (the
+last file that names one wins).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import math
 import os
 import re
 import shlex
+import site
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -65,6 +70,8 @@ __all__ = [
     "state_dir",
     "to_toml",
     "changed_keys",
+    "config_dir",
+    "instance_name",
     "RESTART_ONLY",
 ]
 
@@ -73,7 +80,8 @@ COMMAND_LINE = "command line"
 
 #: Where `state_dir` puts state when neither the config nor systemd says.
 _SYSTEM_STATE_DIR = Path("/var/lib/bridged")
-_SYSTEM_PROFILE_DIR = Path("/etc/bridged/profiles")
+#: The system configuration directory; $BRIDGED_CONFIG_DIR replaces it.
+_SYSTEM_CONFIG_DIR = Path("/etc/bridged")
 _REPO_PROFILE_DIR = Path(__file__).resolve().parent.parent / "config" / "profiles"
 
 
@@ -384,12 +392,18 @@ class StateConfig:
 
 @dataclass(frozen=True, slots=True)
 class FirmwareConfig:
-    """[firmware]: the emulated ESP-AT version: AT+GMR's text and every
-    behaviour that differs between versions (bridged.firmware)."""
+    """[firmware]: the emulated ESP-AT version (AT+GMR's text and every
+    behaviour that differs between versions: bridged.firmware) and how long a
+    (re)boot takes."""
 
     at_version: str = _field("4.1.1.0", _at_version())
     sdk_version: str = _field("v5.0.8", _text(1, 64))
     module: str = _field("WROOM-32", _text(1, 64))
+    # The silence between a restart and ready (see bridged.uart.boot; the
+    # esp32 profile says where the figure comes from).
+    boot_ms: int = _field(400, _int(0, 10000))
+    boot_banner: bool = _field(False, _bool())
+    boot_banner_baud: int = _field(115200, _int(80, 5_000_000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,7 +451,8 @@ class Config:
 
     `profile` is the profile asked for (name or path); `sources` lists what
     was applied over the built-in defaults, in order: the profile file, the
-    config file, "command line".
+    config files, "command line". `instance` is the service instance
+    (`instance_name`), "" for none.
     """
 
     uart: UartConfig = field(default_factory=UartConfig)
@@ -451,6 +466,7 @@ class Config:
     sntp: SntpConfig = field(default_factory=SntpConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
+    instance: str = ""
 
 
 def _keys(section: str) -> dict[str, _Check]:
@@ -531,10 +547,19 @@ def _read_toml(path: Path | str) -> dict[str, Any]:
 
 
 def profile_dirs() -> list[Path]:
-    """Directories searched for a profile given by name, in order."""
+    """Directories searched for a profile given by name, in order.
+
+    $BRIDGED_PROFILE_PATH, the system config directory's profiles/, the source
+    tree's, then ``share/bridged/profiles`` of a pip install: under sys.prefix
+    (a virtualenv or system install) and under the user base (``pip install
+    --user``).
+    """
     dirs = [Path(p) for p in os.environ.get("BRIDGED_PROFILE_PATH", "").split(":") if p]
-    dirs += [_SYSTEM_PROFILE_DIR, _REPO_PROFILE_DIR,
+    dirs += [config_dir() / "profiles", _REPO_PROFILE_DIR,
              Path(sys.prefix) / "share" / "bridged" / "profiles"]
+    user_base = site.getuserbase()
+    if user_base:
+        dirs.append(Path(user_base) / "share" / "bridged" / "profiles")
     return dirs
 
 
@@ -604,34 +629,48 @@ def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, 
 
 def load_config(config_path: str | os.PathLike[str] | None = None,
                 profile: str | None = None,
-                overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build the configuration: defaults <- profile <- config file <- overrides.
+                overrides: Mapping[str, Any] | None = None,
+                *, instance: str | None = None, system: bool = False) -> Config:
+    """Build the configuration: defaults <- profile <- config files <- overrides.
 
     Args:
-        config_path: the config file, or None for none.
-        profile: a profile name or a path to a .toml file; None means the config
-            file's top-level ``profile`` key (a relative path there is relative
-            to the config file), else "esp32". A missing "esp32"
+        config_path: the config file, or None for none. When given it is the
+            only config file: the system files are not read.
+        profile: a profile name or a path to a .toml file; None means the
+            last config file's top-level ``profile`` key (a relative path there
+            is relative to that file), else "esp32". A missing "esp32"
             profile is not an error when it was not asked for explicitly (the
             built-in defaults are the same values).
         overrides: dotted keys to values (``{"uart.port": "/dev/ttyAMA0"}``).
             None values are skipped; strings are parsed for integer, number and
             boolean keys.
+        instance: the service instance (``--instance``; see `instance_name`):
+            its system file applies over bridged.toml, and `state_dir` puts
+            its state in a directory of its own.
+        system: without `config_path`, read `system_files` (the command line
+            does; library callers and tests get the defaults alone).
 
     Raises:
         ConfigError: the message names the file, the dotted key and what is allowed.
     """
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     sources: list[str] = []
-    doc = _read_toml(config_path) if config_path is not None else None
+    instance = instance_name(instance) if instance else ""
+    if config_path is not None:
+        paths: list[Path | str | os.PathLike[str]] = [config_path]
+    else:
+        paths = list(system_files(instance)) if system else []
+    docs = [(str(path), _read_toml(path)) for path in paths]
 
     explicit, named_in = profile is not None, COMMAND_LINE
-    if profile is None and doc is not None and "profile" in doc:
-        profile, named_in = doc["profile"], str(config_path)
-        if not isinstance(profile, str) or not profile:
+    if profile is None:
+        for source, doc in docs:
+            if "profile" in doc:
+                profile, named_in = doc["profile"], source
+        if not isinstance(profile, str | None) or profile == "":
             raise _error(named_in, "profile", f"{_show(profile)} is not allowed",
                          "a profile name or a path to a .toml file")
-        explicit = True
+        explicit = profile is not None
     profile = profile or DEFAULT_PROFILE
 
     wanted = profile
@@ -646,14 +685,73 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
     if profile_file is not None:
         _apply(values, _read_toml(profile_file), str(profile_file))
         sources.append(str(profile_file))
-    if doc is not None:
-        _apply(values, doc, str(config_path), top_level=("profile",))
-        sources.append(str(config_path))
+    for source, doc in docs:
+        _apply(values, doc, source, top_level=("profile",))
+        sources.append(source)
     if _apply_overrides(values, overrides or {}):
         sources.append(COMMAND_LINE)
 
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
-    return Config(**sections, profile=profile, sources=tuple(sources))
+    return Config(**sections, profile=profile, sources=tuple(sources), instance=instance)
+
+
+# --------------------------------------------------------------------------
+# System files and service instances.
+
+#: What an instance name (after `instance_name`) may hold: systemd-escape's
+#: output alphabet.
+_INSTANCE = re.compile(r"[A-Za-z0-9:_.\\-]{1,200}")
+_INSTANCE_ALLOWED = ("a systemd instance name such as ttyAMA0 or serial-by\\x2did-usb\\x2d...,"
+                     " or a device path such as /dev/serial/by-id/usb-...")
+
+
+def config_dir() -> Path:
+    """The system configuration directory: $BRIDGED_CONFIG_DIR, else /etc/bridged."""
+    given = os.environ.get("BRIDGED_CONFIG_DIR", "")
+    return Path(given) if given else _SYSTEM_CONFIG_DIR
+
+
+def _escape_path(path: str) -> str:
+    """systemd-escape --path: "serial/by-id/usb-X" -> "serial-by\\x2did-usb\\x2dX"."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    out = []
+    for i, char in enumerate("/".join(parts)):
+        if char == "/":
+            out.append("-")
+        elif char.isascii() and (char.isalnum() or char in ":_") or (char == "." and i > 0):
+            out.append(char)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in char.encode())
+    return "".join(out) or "-"
+
+
+def instance_name(text: str, source: str = COMMAND_LINE) -> str:
+    """The instance ``--instance`` names, spelt as systemd's %i.
+
+    The unit passes %i (``ttyAMA0``, ``serial-by\\x2did-usb\\x2d...``); a
+    person may give the device path instead (``/dev/serial/by-id/usb-...`` or
+    ``serial/by-id/usb-...``, anything with a "/"), escaped here as
+    systemd-escape --path does, so both name the same files and directory.
+
+    Raises:
+        ConfigError: not a usable name (it becomes a file and directory name).
+    """
+    name = text
+    if "/" in text and "\0" not in text:
+        name = _escape_path(text.removeprefix("/dev/"))
+    if not _INSTANCE.fullmatch(name) or name.startswith(".") or name == "bridged":
+        raise _error(source, "instance", f"{_show(text)} is not allowed", _INSTANCE_ALLOWED)
+    return name
+
+
+def system_files(instance: str = "") -> list[Path]:
+    """The system config files that exist, in the order they apply:
+    ``<config_dir>/bridged.toml``, then ``<config_dir>/<instance>.toml``."""
+    directory = config_dir()
+    names = ["bridged.toml"] + ([f"{instance}.toml"] if instance else [])
+    # A dangling symlink or an unreadable file is still "present": reading it
+    # reports what is wrong, naming the file.
+    return [directory / n for n in names if os.path.lexists(directory / n)]
 
 
 def _toml_value(value: Any) -> str:
@@ -680,6 +778,8 @@ def to_toml(config: Config) -> str:
     """
     lines = [f"# profile: {config.profile}",
              f"# applied over the built-in defaults: {', '.join(config.sources) or 'nothing'}"]
+    if config.instance:
+        lines.insert(0, f"# instance: {config.instance}")
     for name, cls in _SECTIONS.items():
         section = getattr(config, name)
         lines += ["", f"[{name}]"]
@@ -717,9 +817,9 @@ def default_config() -> Config:
 # State directory.
 
 
-def _usable(directory: Path) -> bool:
+def _usable(directory: Path, mode: int = 0o700) -> bool:
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=mode, parents=True, exist_ok=True)
     except OSError:
         return False
     return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
@@ -729,9 +829,13 @@ def state_dir(config: Config) -> Path:
     """Return (and create, mode 0700) the directory holding persistent state.
 
     In order: ``[state] dir``; ``$STATE_DIRECTORY`` (its first entry, as set by
-    systemd's StateDirectory=); /var/lib/bridged when it exists or can be
-    created and is writable; ``$XDG_STATE_HOME/bridged`` (default
-    ~/.local/state/bridged).
+    systemd's StateDirectory=, which already holds the instance);
+    /var/lib/bridged when it exists or can be created and is writable;
+    ``$XDG_STATE_HOME/bridged`` (default ~/.local/state/bridged). For the
+    last two, a service instance (``config.instance``) gets a directory of its
+    own below: /var/lib/bridged/<instance>, as StateDirectory=bridged/%i
+    (used whenever it exists, so ``bridged pki --instance`` run by the service
+    user or root finds the service's).
 
     Raises:
         OSError: the chosen directory cannot be created.
@@ -740,11 +844,17 @@ def state_dir(config: Config) -> Path:
         chosen = Path(config.state.dir)
     elif first := os.environ.get("STATE_DIRECTORY", "").split(":")[0]:
         chosen = Path(first)
-    elif _usable(_SYSTEM_STATE_DIR):
+    elif config.instance and ((_SYSTEM_STATE_DIR / config.instance).is_dir()
+                              or _usable(_SYSTEM_STATE_DIR, 0o755)):
+        # The service's directory even when it is not ours (a later error says
+        # so, naming it) rather than a quiet other one; a new /var/lib/bridged
+        # is 0755 as systemd makes it, for the service user to pass through.
+        chosen = _SYSTEM_STATE_DIR / config.instance
+    elif not config.instance and _usable(_SYSTEM_STATE_DIR):
         return _SYSTEM_STATE_DIR
     else:
         xdg = os.environ.get("XDG_STATE_HOME", "")
         base = Path(xdg) if xdg.startswith("/") else Path.home() / ".local" / "state"
-        chosen = base / "bridged"
+        chosen = base / "bridged" / config.instance if config.instance else base / "bridged"
     chosen.mkdir(mode=0o700, parents=True, exist_ok=True)
     return chosen

@@ -1,7 +1,13 @@
 """Command line: ``bridged pki import KIND INDEX FILE | list | remove KIND INDEX``.
 
-Each takes ``--state-dir DIR`` (default: the daemon's state directory, as
-`bridged.config.state_dir` chooses it from the built-in configuration).
+Each takes ``--instance NAME`` (the service instance, as ``bridged run
+--instance``: the same state directory, /var/lib/bridged/NAME for a system
+service, chosen by `bridged.config.state_dir` from the same configuration
+files) or ``--state-dir DIR``.
+
+Run as root on a state directory that belongs to another user (the service's
+user, bridged), what it writes is handed to that user, so the service can read
+it: files written by root would be root's, mode 0600.
 
 Exit status: 0 done; 1 ``remove`` found nothing to remove; 2 a user mistake
 (bad kind or index, unreadable or invalid file, a key and certificate that do
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -40,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="state directory (default: the daemon's)")
+    common.add_argument("--instance", metavar="NAME", default=argparse.SUPPRESS,
+                        help="the service instance whose store this is (bridged@NAME)")
     parser = _Parser(prog=PROG, parents=[common],
                      description="Manage the certificates and keys SSL links use"
                                  " (ESP-AT's mfg_nvs PKI namespaces).")
@@ -65,11 +74,30 @@ def _index(text: str) -> int:
 
 def _state_dir(args: argparse.Namespace) -> Path:
     given = getattr(args, "state_dir", None)
+    instance = getattr(args, "instance", None)
     if given is not None:
+        if instance is not None:
+            raise PkiError("--state-dir and --instance exclude each other; give one")
         directory = Path(given)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         return directory
-    return state_dir(load_config(None, None, {}))
+    return state_dir(load_config(None, None, {}, instance=instance, system=True))
+
+
+def _hand_over(state: Path) -> None:
+    """Run as root, give what is under ``state/pki`` to the owner of `state`.
+
+    The service reads its store as its own user; files root wrote are mode
+    0600 root's. Nothing to do when the owner is whoever runs this.
+    """
+    owner = state.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return
+    top = state / "pki"
+    for root, dirs, files in os.walk(top):
+        for path in [Path(root), *(Path(root) / name for name in dirs + files)]:
+            if path.lstat().st_uid != owner.st_uid:
+                os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
 def _date(when: datetime.datetime) -> str:
@@ -117,9 +145,13 @@ def _run(args: argparse.Namespace) -> int:
     kind, index = args.kind, _index(args.index)
     if kind not in KINDS:
         raise PkiError(f"unknown kind {kind!r}; allowed: {', '.join(KINDS)}")
-    store = PkiStore(_state_dir(args))
+    state = _state_dir(args)
+    store = PkiStore(state)
     if args.command == "import":
-        entry = store.import_file(kind, index, args.file)
+        try:
+            entry = store.import_file(kind, index, args.file)
+        finally:
+            _hand_over(state)
         print(f"{entry.name} imported: {_describe(entry)}")
         return 0
     if not store.remove(kind, index):
@@ -146,7 +178,7 @@ def main(argv: list[str]) -> int:
         return _run(args)
     except PkiError as exc:
         return _fail(str(exc))
-    except ConfigError as exc:  # the default state directory's configuration
+    except ConfigError as exc:  # the configuration naming the state directory
         return _fail(str(exc))
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""

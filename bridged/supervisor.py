@@ -191,25 +191,30 @@ class Supervisor:
             log.warning("reload_not_supported", hint="restart the service to apply a new config")
             return
         systemd.reloading()
+        restarted = False
         try:
-            self._reload_config()
+            restarted = self._reload_config()
         finally:
-            systemd.ready("serving")  # systemd waits for READY=1 after RELOADING=1
+            # systemd waits for READY=1 after RELOADING=1: now, or when the
+            # restarted front says ready (_on_front_message), after its boot.
+            if not restarted:
+                systemd.ready("serving")
 
-    def _reload_config(self) -> None:
+    def _reload_config(self) -> bool:
+        """Apply a changed configuration; True when the children were restarted with it."""
         try:
             new = self._reload()
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), hint="the running configuration stays")
-            return
+            return False
         changed = changed_keys(self.config, new)
         fixed = [key for key in changed if key in RESTART_ONLY]
         if fixed:
             log.error("reload_refused", needs_restart=fixed, hint="restart the service to apply them")
-            return
+            return False
         if not changed:
             log.info("reload_unchanged")
-            return
+            return False
         log.info("reloading", changed=changed)
         self._adopt(new)
         cfg = new.log
@@ -222,6 +227,7 @@ class Supervisor:
         for child in (self.front, *self.workers):
             child.failures, child.restart_at = 0, None
         self._start_all()
+        return True
 
     def _adopt(self, config: Config) -> None:
         """Run with ``config`` from now on.

@@ -9,6 +9,17 @@ import pytest
 from tests.harness import Daemon, EchoServer, Host, SinkServer
 
 
+@pytest.fixture(scope="session")
+def _empty_config_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("etc-bridged")
+
+
+@pytest.fixture(autouse=True)
+def _no_system_config(_empty_config_dir, monkeypatch):
+    """No test (nor the daemons it starts) reads the machine's /etc/bridged."""
+    monkeypatch.setenv("BRIDGED_CONFIG_DIR", str(_empty_config_dir))
+
+
 @pytest.fixture
 def make_daemon(tmp_path):
     """Start daemons with extra config; each is stopped (and must exit 0) at the end."""

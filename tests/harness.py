@@ -20,12 +20,38 @@ import sys
 import threading
 import time
 import termios
+import tomllib
 import tty
 from pathlib import Path
 
-__all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer"]
+__all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer",
+           "with_boot_ms"]
 
 DEFAULT_TIMEOUT = 10.0
+
+
+def with_boot_ms(config: str, boot_ms: int = 0) -> str:
+    """``config`` with ``[firmware] boot_ms`` set unless it sets it itself.
+
+    The suite restarts the daemon's session hundreds of times; it should not
+    wait a real chip's boot each time.  TOML forbids a table twice, so a
+    ``[firmware]`` table of the test's own gets the key inside it.
+    """
+    try:
+        doc = tomllib.loads(config)
+    except tomllib.TOMLDecodeError:
+        return config  # a test of a broken file: leave it as it is
+    firmware = doc.get("firmware")
+    if isinstance(firmware, dict) and "boot_ms" in firmware:
+        return config
+    line = f"boot_ms = {boot_ms}\n"
+    header = re.search(r"^[ \t]*\[[ \t]*firmware[ \t]*\][ \t]*(#.*)?$\n?", config, re.M)
+    if header is not None:
+        at = header.end()
+        return config[:at] + ("" if config[:at].endswith("\n") else "\n") + line + config[at:]
+    if firmware is not None:  # dotted keys or an inline table: nothing safe to add
+        return config
+    return config + ("" if not config or config.endswith("\n") else "\n") + "[firmware]\n" + line
 
 
 class Timeout(AssertionError):
@@ -53,13 +79,18 @@ class Daemon:
         self.link = str(tmp / "tty")
         self.state_dir = tmp / "state"
         self.config_path = tmp / "bridged.toml"
-        self.config_path.write_text(f'[wifi]\nstation_interface = "{station}"\n' + config)
+        self.station = station
+        self.write_config(config)
         self.wrap = wrap  # e.g. ("ip", "netns", "exec", NAME): run inside a test host
         self.log_path = tmp / "bridged.log"
         self.args = args
         self.own_group = own_group  # a process group of its own, as a shell gives a foreground job
         self.proc: subprocess.Popen | None = None
         self.expected_errors: set[str] = set()  # log events a test provokes on purpose
+
+    def write_config(self, config: str) -> None:
+        """(Re)write the config file: the station, then ``config`` (boot_ms 0 unless it says)."""
+        self.config_path.write_text(with_boot_ms(f'[wifi]\nstation_interface = "{self.station}"\n' + config))
 
     def start(self) -> "Daemon":
         log = open(self.log_path, "ab")

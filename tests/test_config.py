@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import shutil
 import stat
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from bridged.config import (
     changed_keys,
     default_config,
     find_profile,
+    instance_name,
     load_config,
     profile_dirs,
     state_dir,
@@ -107,6 +112,9 @@ ACCEPTED = [
     ("firmware", "at_version", "4.1.1.0"), ("firmware", "at_version", "2.2.0.0"),
     ("firmware", "at_version", "4.1.255.255"), ("firmware", "at_version", "3.0.10.100"),
     ("firmware", "sdk_version", "v5.0.8"), ("firmware", "module", "WROOM-32"),
+    ("firmware", "boot_ms", 0), ("firmware", "boot_ms", 10000),
+    ("firmware", "boot_banner", True), ("firmware", "boot_banner", False),
+    ("firmware", "boot_banner_baud", 80), ("firmware", "boot_banner_baud", 5_000_000),
     ("ota", "server", ""), ("ota", "server", "http://127.0.0.1:8080"),
     ("ota", "server", "https://updates.example/esp/v2"),
     ("ota", "token", ""), ("ota", "token", "t" * 256),
@@ -225,6 +233,11 @@ REFUSED = [
     ("firmware", "at_version", "1.7.4.0", AT_VERSION),  # ESP8266 NonOS
     ("firmware", "sdk_version", "", "a string of 1 to 64 bytes"),
     ("firmware", "module", "m" * 65, "a string of 1 to 64 bytes"),
+    ("firmware", "boot_ms", -1, "an integer from 0 to 10000"),
+    ("firmware", "boot_ms", 10001, "an integer from 0 to 10000"),
+    ("firmware", "boot_ms", 400.0, "an integer from 0 to 10000"),
+    ("firmware", "boot_banner", 1, "true, false"),
+    ("firmware", "boot_banner_baud", 79, "an integer from 80 to 5000000"),
     ("ota", "server", "ftp://host/x", OTA_SERVER),
     ("ota", "server", "http://", OTA_SERVER),
     ("ota", "server", "http://h/x?y=1", OTA_SERVER),
@@ -347,6 +360,8 @@ def test_defaults_are_esp_at():
             config.links.connect_timeout_ms) == (5, 8192, 5760, 2920, 65536, 10000)
     assert config.wifi.ssid == "bridged"
     assert config.firmware.at_version == "4.1.1.0"
+    assert (config.firmware.boot_ms, config.firmware.boot_banner, config.firmware.boot_banner_baud) == (
+        400, False, 115200)  # an ESP32's boot; its ROM banner is on UART0, at 115200
     assert config.log == LogConfig(level="info", format="auto", transcript=False)
     assert config.state.dir == ""
     assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",
@@ -516,13 +531,16 @@ def test_profile_path_env_searched_first(tmp_path, monkeypatch):
     assert load_config(None, None, {}).uart.baud == 9600
 
 
-def test_profile_search_order():
-    """Names are looked up in /etc, then the source tree, then sys.prefix."""
+def test_profile_search_order(monkeypatch):
+    """Names are looked up in /etc, then the source tree, then sys.prefix, then the user base."""
+    import site
     import sys
 
+    monkeypatch.delenv("BRIDGED_CONFIG_DIR")
     dirs = profile_dirs()
     assert dirs == [Path("/etc/bridged/profiles"), REPO / "config" / "profiles",
-                    Path(sys.prefix) / "share" / "bridged" / "profiles"]
+                    Path(sys.prefix) / "share" / "bridged" / "profiles",
+                    Path(site.getuserbase()) / "share" / "bridged" / "profiles"]
 
 
 def test_unknown_profile_name():
@@ -548,9 +566,10 @@ def test_profile_name_refused():
 
 def test_missing_default_profile_falls_back(tmp_path, monkeypatch):
     """When esp32.toml is nowhere, the built-in defaults (the same values) apply."""
-    monkeypatch.setattr(config_module, "_SYSTEM_PROFILE_DIR", tmp_path / "etc")
+    monkeypatch.setenv("BRIDGED_CONFIG_DIR", str(tmp_path / "etc"))
     monkeypatch.setattr(config_module, "_REPO_PROFILE_DIR", tmp_path / "repo")
     monkeypatch.setattr(config_module.sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(config_module.site, "USER_BASE", str(tmp_path / "user"))
     config = load_config(None, None, {})
     assert config.sources == ()
     assert config == default_config()
@@ -777,7 +796,7 @@ def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
     assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp",
-                     "profile", "sources"]
+                     "profile", "sources", "instance"]
 
 
 # --------------------------------------------------------------------------
@@ -894,3 +913,200 @@ def test_shipped_gateway_config_fences_the_gateway():
         assert policy.check(address, 80) is not None, address
     assert policy.check("192.0.2.10", 1883) is None
     assert links.local_ports == "1024-65535"
+
+
+# --------------------------------------------------------------------------
+# System files (/etc/bridged, relocated by $BRIDGED_CONFIG_DIR) and instances.
+
+
+@pytest.fixture
+def etc(tmp_path, monkeypatch):
+    """A system config directory of the test's own."""
+    directory = tmp_path / "etc-bridged"
+    directory.mkdir()
+    monkeypatch.setenv("BRIDGED_CONFIG_DIR", str(directory))
+    return directory
+
+
+def test_system_files_layer_in_order(etc):
+    """bridged.toml, then <instance>.toml over it, then the command line; each source listed."""
+    base = write(etc, '[uart]\nbaud = 9600\n[wifi]\nssid = "base"\n')
+    mine = write(etc, "[uart]\nbaud = 19200\n", "ttyAMA0.toml")
+    write(etc, "[uart]\nbaud = 38400\n", "ttyUSB0.toml")  # another board's
+    config = load_config(None, None, {"wifi.ssid": "cli"}, instance="ttyAMA0", system=True)
+    assert config.uart.baud == 19200
+    assert config.wifi.ssid == "cli"
+    assert config.instance == "ttyAMA0"
+    assert config.sources[1:] == (str(base), str(mine), "command line")
+    alone = load_config(None, None, {}, system=True)
+    assert (alone.uart.baud, alone.wifi.ssid, alone.instance) == (9600, "base", "")
+
+
+def test_instance_file_without_base_file(etc):
+    """An instance file applies even when bridged.toml is absent; neither is required."""
+    write(etc, "[uart]\nbaud = 19200\n", "ttyAMA0.toml")
+    assert load_config(None, None, {}, instance="ttyAMA0", system=True).uart.baud == 19200
+    assert load_config(None, None, {}, instance="ttyS1", system=True).uart.baud == 115200
+
+
+def test_system_files_only_when_asked(etc):
+    """Library callers (system=False, the default) get no system file."""
+    write(etc, "[uart]\nbaud = 9600\n")
+    assert load_config(None, None, {}).uart.baud == 115200
+
+
+def test_config_option_replaces_system_files(etc, tmp_path):
+    """--config FILE is the only config file: bridged.toml and <instance>.toml are not read."""
+    write(etc, '[uart]\nbaud = 9600\n[wifi]\nssid = "base"\n')
+    write(etc, "[uart]\nbaud = 19200\n", "ttyAMA0.toml")
+    mine = write(tmp_path, "[uart]\nbaud = 57600\n", "mine.toml")
+    config = load_config(str(mine), None, {}, instance="ttyAMA0", system=True)
+    assert (config.uart.baud, config.wifi.ssid) == (57600, "bridged")
+    assert config.sources[1:] == (str(mine),)
+    assert config.instance == "ttyAMA0"  # the state directory is still the instance's
+
+
+def test_system_file_errors_name_the_file(etc):
+    """A bad key or bad TOML in a system file is an error naming that file."""
+    write(etc, "[uart]\nbaud = 9600\n")
+    bad = write(etc, '[uart]\nparity = "odd2"\n', "ttyAMA0.toml")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: uart\.parity: 'odd2' is not allowed"):
+        load_config(None, None, {}, instance="ttyAMA0", system=True)
+    write(etc, "[uart\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(etc / 'bridged.toml'))}: line 1"):
+        load_config(None, None, {}, system=True)
+
+
+def test_unreadable_system_file_is_an_error(etc):
+    """A present but unreadable bridged.toml (here a dangling symlink) is an error, not skipped."""
+    (etc / "bridged.toml").symlink_to(etc / "nowhere.toml")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(etc / 'bridged.toml'))}: cannot read"):
+        load_config(None, None, {}, system=True)
+
+
+def test_profile_key_of_the_last_system_file_wins(etc):
+    """bridged.toml may name a profile and an instance file another; the instance's applies."""
+    write(etc, 'profile = "fast"\n')
+    write(etc, 'profile = "esp32"\n', "ttyAMA0.toml")
+    assert load_config(None, None, {}, system=True).uart.baud == 3_000_000
+    config = load_config(None, None, {}, instance="ttyAMA0", system=True)
+    assert (config.profile, config.uart.baud) == ("esp32", 115200)
+
+
+def test_system_profiles_directory_follows_the_config_dir(etc):
+    """Profiles named by name are looked up in <config dir>/profiles first."""
+    (etc / "profiles").mkdir()
+    (etc / "profiles" / "lab.toml").write_text("[uart]\nbaud = 4800\n")
+    assert profile_dirs()[0] == etc / "profiles"
+    assert load_config(None, "lab", {}).uart.baud == 4800
+
+
+def test_instance_names():
+    """An instance is the unit's %i as is, or a device path escaped as systemd-escape --path does."""
+    assert instance_name("ttyAMA0") == "ttyAMA0"
+    by_id = "serial-by\\x2did-usb\\x2dFTDI_FT232R_A5\\x2dif00\\x2dport0"
+    assert instance_name(by_id) == by_id
+    for path in ("/dev/serial/by-id/usb-FTDI_FT232R_A5-if00-port0",
+                 "serial/by-id/usb-FTDI_FT232R_A5-if00-port0"):
+        assert instance_name(path) == by_id
+    assert instance_name("/dev/tty-odd.1") == "tty\\x2dodd.1"
+
+
+@pytest.mark.skipif(shutil.which("systemd-escape") is None, reason="no systemd-escape")
+def test_instance_names_match_systemd_escape():
+    """Device paths escape exactly as systemd-escape --path escapes them (the unit's %i)."""
+    for path in ("/dev/ttyAMA0", "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0",
+                 "/dev/serial/by-path/platform-3f980000.usb-usb-0:1.3:1.0-port0", "/dev/tty.x y+z"):
+        expected = subprocess.run(["systemd-escape", "--path", path.removeprefix("/dev/")],
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        assert instance_name(path) == expected
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "bridged", "a b", "x;y", "é", "a" * 201])
+def test_bad_instance_names_refused(name):
+    """A name that cannot be a file name of its own (or is bridged.toml's) is a config error."""
+    with pytest.raises(ConfigError, match=r"^command line: instance: .* is not allowed; allowed: "):
+        load_config(None, None, {}, instance=name, system=True)
+
+
+def test_state_dir_per_instance(no_system_state):
+    """An instance keeps its state in <system state dir>/<instance>; the base is made 0755."""
+    config = load_config(None, None, {}, instance="ttyAMA0")
+    assert state_dir(config) == no_system_state / "ttyAMA0"
+    assert mode(no_system_state) == 0o755
+    assert mode(no_system_state / "ttyAMA0") == 0o700
+    other = load_config(None, None, {}, instance="/dev/serial/by-id/usb-X-if00")
+    assert state_dir(other) == no_system_state / "serial-by\\x2did-usb\\x2dX\\x2dif00"
+
+
+def test_state_dir_instance_under_systemd(tmp_path, no_system_state, monkeypatch):
+    """$STATE_DIRECTORY (StateDirectory=bridged/%i) already names the instance's directory."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "lib" / "bridged" / "ttyAMA0"))
+    config = load_config(None, None, {}, instance="ttyAMA0")
+    assert state_dir(config) == tmp_path / "lib" / "bridged" / "ttyAMA0"
+
+
+def test_state_dir_instance_home_fallback(tmp_path, no_system_state, monkeypatch):
+    """Without a usable system directory an instance gets ~/.local/state/bridged/<instance>."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", blocker / "bridged")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    config = load_config(None, None, {}, instance="ttyAMA0")
+    assert state_dir(config) == tmp_path / "xdg" / "bridged" / "ttyAMA0"
+
+
+def test_state_dir_instance_existing_directory_kept(tmp_path, monkeypatch):
+    """The instance's existing system directory is chosen even when its parent is not writable."""
+    base = tmp_path / "lib"
+    (base / "ttyAMA0").mkdir(parents=True)
+    base.chmod(0o555)
+    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", base)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(config_module.os, "access", lambda *a, **k: False)  # as an unprivileged user
+    try:
+        config = load_config(None, None, {}, instance="ttyAMA0")
+        assert state_dir(config) == base / "ttyAMA0"
+    finally:
+        base.chmod(0o755)
+
+
+def test_check_prints_the_instance_and_its_files(etc, tmp_path):
+    """bridged check --instance reads bridged.toml and <instance>.toml, and says which."""
+    write(etc, '[wifi]\nssid = "base"\n')
+    mine = write(etc, "[uart]\nbaud = 19200\n", "ttyAMA0.toml")
+    result = run_cli("check", "--instance", "ttyAMA0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# instance: ttyAMA0\n")
+    assert str(mine) in result.stdout.splitlines()[2]
+    assert "baud = 19200\n" in result.stdout and 'ssid = "base"\n' in result.stdout
+    plain = run_cli("check")
+    assert "baud = 115200\n" in plain.stdout and 'ssid = "base"\n' in plain.stdout
+
+
+def test_check_names_the_bad_system_file(etc):
+    """A mistake in an instance file ends bridged check with exit 2 and the file's name."""
+    bad = write(etc, "[uart]\nbaud = 1\n", "ttyAMA0.toml")
+    result = run_cli("check", "--instance", "ttyAMA0")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"bridged: {bad}: uart.baud: 1 is not allowed")
+    result = run_cli("check", "--instance", "a b")
+    assert (result.returncode, result.stderr[:38]) == (2, "bridged: command line: instance: 'a b'")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bridged", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+
+
+def test_profiles_of_a_user_install_are_found(tmp_path):
+    """pip install --user puts profiles in <user base>/share/bridged/profiles; they are found."""
+    profiles = tmp_path / "user" / "share" / "bridged" / "profiles"
+    profiles.mkdir(parents=True)
+    (profiles / "mine.toml").write_text("[uart]\nbaud = 2400\n")
+    code = "from bridged.config import load_config; print(load_config(None, 'mine', {}).uart.baud)"
+    env = dict(os.environ, PYTHONUSERBASE=str(tmp_path / "user"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=REPO, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "2400\n", "")

@@ -560,3 +560,75 @@ def test_cli_help():
     assert result.returncode == 0
     assert "usage: bridged pki" in result.stdout
     assert "import" in result.stdout and "remove" in result.stdout
+
+
+# -- the service instance's store (--instance) and its owner ------------------------
+
+
+@pytest.fixture
+def system_state(tmp_path, monkeypatch):
+    """/var/lib/bridged relocated, no $STATE_DIRECTORY: as root at a shell."""
+    from bridged import config as config_module
+
+    base = tmp_path / "lib" / "bridged"
+    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", base)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    return base
+
+
+def test_cli_instance_uses_the_service_state_dir(system_state, m, capsys):
+    """--instance NAME imports into the directory `bridged run --instance NAME` uses."""
+    from bridged.config import load_config, state_dir
+    from bridged.pki_cli import main
+
+    assert main(["import", "--instance", "ttyAMA0", "client_ca", "0", str(m.dir / "ca.pem")]) == 0
+    service = state_dir(load_config(None, None, {}, instance="ttyAMA0", system=True))
+    assert service == system_state / "ttyAMA0"
+    assert PkiStore(service).entries()[0].name == "client_ca.0"
+    by_path = "/dev/serial/by-id/usb-X-if00"
+    assert main(["--instance", by_path, "import", "client_ca", "1", str(m.dir / "ca.pem")]) == 0
+    assert (system_state / "serial-by\\x2did-usb\\x2dX\\x2dif00" / "pki" / "client_ca.1.pem").is_file()
+    capsys.readouterr()
+    assert main(["list", "--instance", "ttyS9"]) == 0
+    assert capsys.readouterr().out == "no entries\n"  # another instance, another store
+
+
+def test_cli_instance_follows_its_config_file(system_state, m, tmp_path, monkeypatch):
+    """[state] dir in /etc/bridged/<instance>.toml moves the store for pki as for the service."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "ttyAMA0.toml").write_text(f'[state]\ndir = "{tmp_path / "elsewhere"}"\n')
+    monkeypatch.setenv("BRIDGED_CONFIG_DIR", str(etc))
+    from bridged.pki_cli import main
+
+    assert main(["import", "--instance", "ttyAMA0", "server_ca", "0", str(m.dir / "ca.pem")]) == 0
+    assert (tmp_path / "elsewhere" / "pki" / "server_ca.0.pem").is_file()
+    (etc / "ttyAMA0.toml").write_text("[state]\nplace = 1\n")
+    result = _cli("list", "--instance", "ttyAMA0", env=dict(os.environ))
+    assert f"{etc / 'ttyAMA0.toml'}: state.place: unknown key" in _assert_one_line_error(result)
+
+
+def test_cli_instance_user_errors(tmp_path):
+    """A bad instance name, or --instance with --state-dir, exits 2 with one line."""
+    line = _assert_one_line_error(_cli("list", "--instance", "a b"))
+    assert "instance: 'a b' is not allowed" in line
+    line = _assert_one_line_error(_cli("list", "--instance", "x", "--state-dir", str(tmp_path)))
+    assert "--state-dir and --instance exclude each other" in line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_cli_as_root_hands_files_to_the_state_dir_owner(tmp_path, m):
+    """Run as root on the service user's state directory, pki leaves files that user owns."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    for kind, name in (("client_cert", "leaf.pem"), ("client_key", "leaf_key.pem")):
+        result = _cli("import", "--state-dir", str(state), kind, "0", str(m.dir / name))
+        assert result.returncode == 0, result.stderr
+    paths = [state / "pki", *(state / "pki").iterdir()]
+    assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in paths} == {
+        ("pki", 65534, 65534), ("client_cert.0.pem", 65534, 65534), ("client_key.0.pem", 65534, 65534)}
+    assert stat.S_IMODE((state / "pki" / "client_key.0.pem").stat().st_mode) == 0o600
+    mine = tmp_path / "mine"  # root's own directory: nothing changes hands
+    assert _cli("import", "--state-dir", str(mine), "client_ca", "0", str(m.dir / "ca.pem")).returncode == 0
+    assert (mine / "pki" / "client_ca.0.pem").stat().st_uid == 0

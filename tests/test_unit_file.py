@@ -60,6 +60,7 @@ def test_instance_names_a_device_path():
     """The unescaped instance (%I) names the device, so by-id paths with '/' and '-' work."""
     settings = _settings()
     assert settings["ExecStart"][0].endswith("--port /dev/%I")
+    assert "StateDirectory" in settings and settings["StateDirectory"] == ["bridged/%i"]
     assert settings["DeviceAllow"] == ["/dev/%I rw"]
     assert "dev-%i.device" in settings["After"][0]  # the device unit's name is the escaped one
 
@@ -84,3 +85,14 @@ def test_private_files_and_bounded_resources():
     assert settings["UMask"] == ["0077"]
     assert settings["ProtectProc"] == ["invisible"]
     assert settings["MemoryMax"] and settings["TasksMax"]
+
+
+def test_runs_the_installed_virtualenv_as_the_instance():
+    """ExecStart runs the bridged that systemd/install.sh puts in /opt/bridged, with --instance %i
+    (its /etc/bridged/%i.toml and the StateDirectory= bridged/%i that `bridged pki --instance` uses)."""
+    command = _settings()["ExecStart"][0].split()
+    assert command[:2] == ["/opt/bridged/bin/bridged", "run"]
+    assert command[command.index("--instance") + 1] == "%i"
+    assert "--config" not in command  # /etc/bridged/bridged.toml is read without it
+    script = (UNIT.parent / "install.sh").read_text()
+    assert "\nVENV=/opt/bridged\n" in script

@@ -16,9 +16,12 @@ at_ota_cmd.c):
 * A new update while a nonblocking one runs: ERROR (ESP-AT's "ALREADY IN OTA").
 * ``AT+CIPFWVER?``: one ``+CIPFWVER:"<v>"`` per version on the server, then OK.
 
-Policy: the server is ``[ota] server`` (bridged.net.ota); without one, both
-commands answer ERROR and the log says no update server is configured.  The
-state lives in the session, so a restart shows 0 again, as a reboot does.
+Policy: the server is ``[ota] server`` (bridged.net.ota); without one, or
+without an address (no AT+CWJAP), an update cannot start: blocking
+AT+CIUPDATE and AT+CIPFWVER? answer ERROR, and nonblocking AT+CIUPDATE
+answers OK and then ``+CIPUPDATE:-1``, as ESP-AT's does for any update that
+fails once started; the log says why.  The state lives in the session, so a
+restart shows 0 again, as a reboot does.
 """
 
 from __future__ import annotations
@@ -96,7 +99,15 @@ def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: b
     session = _session(ctx)
     if session.running:
         raise ExecFail("ALREADY IN OTA: an update is still running")
-    updater = _updater(ctx)
+    try:
+        updater = _updater(ctx)
+    except ExecFail as exc:
+        if not nonblocking:
+            raise
+        # ESP-AT's nonblocking form says OK before it tries anything: a failure is -1.
+        log.info("ota_failed", why=exc.why)
+        session.state = -1
+        return Reply(after=lambda: ctx.urc(fmt.ota_progress(-1)))
     log.info("ota_started", mode=mode, version=version or "latest", partition=partition,
              nonblocking=nonblocking, server=ctx.config.ota.server)
     session.running = True

@@ -64,9 +64,10 @@ from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
 from bridged.readgate import ReadGate
 from bridged.store import Store
+from bridged.uart.boot import Boot, Reset
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
-from bridged.uart.port import FLOW_NAMES, PARITY_NAMES
+from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, drain
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
 from bridged.uart.transcript import MarkKind, Transcript
@@ -132,6 +133,7 @@ class Front:
         self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
         self.ctx = self._new_context()
+        self.boot: Boot | None = None  # the chip is (re)booting: input is dropped, nothing is said
         self.busy = False  # a command waits on the network: input gets busy p...
         self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
@@ -157,7 +159,7 @@ class Front:
         await self._wait_workers(timeout=10.0)
         for slot in self.links.slots:
             self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
-        self._boot()
+        self._start_boot(Reset.POWER_ON)
         self._resume_reading()
         heartbeat = self.loop.create_task(self._heartbeat())
         try:
@@ -165,6 +167,8 @@ class Front:
         finally:
             heartbeat.cancel()
             self.sntp.stop()
+            if self.boot is not None:
+                self.boot.cancel()
             await self.mdns.close()  # goodbye packets before the process ends
             self._gate.close()
             self.output.close()
@@ -229,9 +233,30 @@ class Front:
             self.links.set_options(link_id, linger, nodelay, keep_alive)
         return ctx
 
-    def _boot(self) -> None:
+    def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
+        """Silence for [firmware] boot_ms after what is queued has gone out, then ready."""
         if self.tap is not None:
             self.tap.mark(MarkKind.BOOT)
+        if self.boot is not None:  # not today (a booting chip hears no AT+RST), but one boot at a time
+            self.boot.cancel()
+            dropped += self.boot.dropped
+        self.boot = Boot(self.config.firmware, self.output, reset, dropped)
+        self.boot.start(
+            drain_port=lambda deadline: drain(self.fd, deadline),
+            restart_port=self._restart_port,
+            on_ready=self._ready,
+            on_failed=self.stop,
+        )
+
+    def _restart_port(self) -> UartSettings:
+        """The chip comes back with AT+UART_DEF's settings (AT+UART_CUR's are lost)."""
+        new_uart = self._boot_uart()
+        if new_uart != self.uart:
+            self._apply_uart(new_uart)
+        return self.uart
+
+    def _ready(self) -> None:
+        self.boot = None
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))
@@ -254,7 +279,11 @@ class Front:
         self.passthrough.spec = spec
         self.passthrough.reconnecting = self.loop.create_task(self._reconnect(self.passthrough, first_delay=0.0))
 
-    def _restart(self, factory: bool) -> None:
+    def _restart(self, factory: bool, dropped: int = 0) -> None:
+        """AT+RST, AT+RESTORE (factory), an update, a forced restart: reset the session and boot.
+
+        ``dropped``: input bytes already read that the restarting chip will not hear.
+        """
         log.info("restart", factory=factory)
         if self.tap is not None:
             self.tap.mark(MarkKind.RESTART, factory=factory)
@@ -273,10 +302,8 @@ class Front:
             self.links.set_passive(link_id, False)
         if factory:
             self.store.clear()
-        new_uart = self._boot_uart()
-        if new_uart != self.uart:
-            self._apply_uart(new_uart)
         self.ctx = self._new_context()
+        dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
         self._mute_progress(None)
@@ -284,7 +311,8 @@ class Front:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._boot()
+        self._start_boot(Reset.SOFTWARE, dropped)
+        self._resume_reading()  # to drop what comes during the boot
 
     def _apply_uart(self, settings: UartSettings) -> None:
         self.uart = settings
@@ -302,6 +330,11 @@ class Front:
         self._gate.shut()
 
     def _on_readable(self) -> None:
+        if self.holding:
+            # Left in the port until the after-action ran: held behind output the MCU
+            # does not read, input would pile up here without bound.
+            self._pause_reading()
+            return
         try:
             data = os.read(self.fd, _READ_SIZE)
         except BlockingIOError:
@@ -316,13 +349,15 @@ class Front:
             return
         if self.tap is not None:
             self.tap.received(data)
+        if self.boot is not None:
+            self.boot.drop(len(data))
+            return
         if self.busy:
             self._refuse_busy(data)
             return
         now = self.loop.time()
         self.parser.receive_bytes(data, now)
-        if not self.holding:
-            self._process()
+        self._process()
         self._coalesce(len(data), now)
 
     def _hung_up(self) -> None:
@@ -358,7 +393,8 @@ class Front:
         if _FORCE_RESTART in data:
             self.output.reply(fmt.FORCE_RESTART)
             self.busy = False
-            self._restart(False)
+            rest = len(data) - data.index(_FORCE_RESTART) - len(_FORCE_RESTART)
+            self._restart(False, dropped=rest)
             return
         log.info("busy_refused", bytes=len(data))
         if self.ctx.state.syslog:
@@ -415,6 +451,10 @@ class Front:
         self.busy = True
         if self.parser.buffered:
             self._refuse_busy(self.parser.discard_pending())
+            if self.boot is not None:  # an AT+RST behind it forced a restart: the command goes too
+                if asyncio.iscoroutine(result):
+                    result.close()
+                return
         self._command = self.loop.create_task(self._await_reply(result))
 
     async def _await_reply(self, pending: Awaitable[Reply]) -> None:
@@ -443,14 +483,15 @@ class Front:
         if reply.send is not None:
             self._start_send(reply.send)
         if reply.after is not None:
-            # Input that comes meanwhile is held, not refused: the action is
-            # immediate, only ordered after the answer (a baud change, a restart).
+            # Input that comes meanwhile is held (not read), not refused: the action
+            # is immediate, only ordered after the answer (a baud change, a restart).
             self.holding = True
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
         self.holding = False
         action()
+        self._resume_reading()
         self._process()
 
     # -- data phases: AT+CIPSEND, CIPSENDEX, CIPSENDL, passthrough ---------------------------
@@ -513,6 +554,8 @@ class Front:
     def _payload_complete(self, length: int) -> None:
         if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
             self._refuse_busy(self.parser.discard_pending())
+            if self.boot is not None:  # ... and an AT+RST among them restarted the chip
+                return
         send = self.sending
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)

@@ -404,7 +404,8 @@ class LinkTable:
             self.tap.mark(MarkKind.CONNECTED, link=slot.link_id, type=slot.type, remote=msg.remote_ip,
                           port=msg.remote_port, server=slot.server)
         if slot.server:
-            self.on_accepted(slot)
+            if not slot.silent:  # else a restart closed it while the worker took it: never announced
+                self.on_accepted(slot)
         elif slot.waiter is not None:
             slot.waiter.set_result(slot.view)
 

@@ -104,6 +104,21 @@ class Output:
         else:
             self._when_empty.append(callback)
 
+    def discard(self) -> int:
+        """Drop everything not written yet (a restarting chip loses its UART's queue).
+
+        Returns:
+            The bytes dropped.  ``when_empty`` callbacks and ``on_drained`` follow
+            as after a write: the queue is empty.
+        """
+        dropped = self._buffered
+        self._replies.clear()
+        self._urcs.clear()
+        self._pending = memoryview(b"")
+        self._buffered = 0
+        self._pump()
+        return dropped
+
     def _idle(self) -> bool:
         return not (self._replies or self._urcs or self._pending)
 

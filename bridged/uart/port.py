@@ -14,8 +14,11 @@ Restart=on-failure decides when to try again).
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import fcntl
 import os
+import struct
 import termios
 import tty
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ import structlog
 
 from bridged.commands.context import UartSettings
 
-__all__ = ["Pty", "PortError", "open_pty", "SerialPort", "open_serial", "apply_termios",
+__all__ = ["Pty", "PortError", "open_pty", "SerialPort", "open_serial", "apply_termios", "drain",
            "FLOW_NAMES", "PARITY_NAMES"]
 
 log = structlog.get_logger()
@@ -173,6 +176,40 @@ def apply_termios(fd: int, settings: UartSettings) -> None:
     attrs[2] = cflag
     attrs[4] = attrs[5] = speed
     termios.tcsetattr(fd, termios.TCSADRAIN, attrs)
+
+
+def _out_queue(fd: int) -> int:
+    """Bytes written to the tty that its driver has not sent yet (0 on a pty)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
+async def drain(fd: int, deadline: float) -> bool:
+    """Wait until the port has sent what was written to it, at most until ``deadline``.
+
+    The kernel's queue is polled rather than waited on with tcdrain: with flow
+    control the MCU may hold CTS low for ever, and the loop must go on.  Once
+    it is empty tcdrain only waits for the UART's FIFO (serial_core bounds that
+    wait; a USB adapter's driver may not, if CTS stays low with bytes in it).
+    What is still queued at ``deadline`` (the event loop's clock) is discarded,
+    as a restarting chip's UART loses it.  A pty has no queue.
+
+    Returns:
+        False when output was discarded or the port failed.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        while _out_queue(fd):
+            if loop.time() >= deadline:
+                termios.tcflush(fd, termios.TCOFLUSH)
+                return False
+            await asyncio.sleep(0.002)
+        termios.tcdrain(fd)
+    except (termios.error, OSError):  # the device went away: nothing left to send
+        return False
+    return True
 
 
 _STOP_BITS = {1: 1, 2: 1.5, 3: 2}

@@ -321,23 +321,43 @@ def test_server_down_fails(start):
 
 
 def test_not_configured_answers_error(start):
-    """No [ota] server: both commands answer ERROR and the log says why; the query still works."""
+    """No [ota] server: blocking AT+CIUPDATE and AT+CIPFWVER? answer ERROR and the log says why;
+    the query still works."""
     daemon, host = start("")
     assert host.ask(b"AT+CIUPDATE") == b"\r\nERROR\r\n"
     assert "no update server is configured" in why(daemon)
-    assert host.ask(b'AT+CIUPDATE=1,"v1",,1') == b"\r\nERROR\r\n"
+    assert host.ask(b'AT+CIUPDATE=1,"v1",,0') == b"\r\nERROR\r\n"
     assert host.ask(b"AT+CIPFWVER?") == b"\r\nERROR\r\n"
     assert len([e for e in daemon.events("command_error") if "no update server" in e["why"]]) == 3
     assert host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:0\r\n\r\nOK\r\n"
 
 
+def test_not_configured_nonblocking_says_ok_then_minus_one(start):
+    """No [ota] server, nonblocking: OK, then +CIPUPDATE:-1 on its own, as ESP-AT ends an
+    update that cannot start; the log says why, the query shows -1, nothing restarts."""
+    daemon, host = start("")
+    assert host.ask(b'AT+CIUPDATE=1,"v1",,1') == b"\r\nOK\r\n"
+    assert host.expect(b"+CIPUPDATE:-1\r\n") == b"+CIPUPDATE:-1\r\n"
+    assert "no update server is configured" in daemon.wait_event("ota_failed")[-1]["why"]
+    assert host.read_quiet(0.3) == b""  # no ready
+    assert host.ask(b"AT+CIUPDATE?") == b"+CIUPDATE:-1\r\n\r\nOK\r\n"
+    assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"  # not "already in OTA"
+    assert host.expect(b"+CIPUPDATE:-1\r\n") == b"+CIPUPDATE:-1\r\n"
+    assert not daemon.events("command_error")
+    assert leftovers(daemon) == []
+
+
 def test_not_joined_answers_error(start, server):
-    """Without Wi-Fi (AT+CWQAP) there is no network to update from."""
+    """Without Wi-Fi (AT+CWQAP) there is no network to update from: blocking, ERROR;
+    nonblocking, OK and +CIPUPDATE:-1."""
     daemon, host = start(server.url)
     host.ask(b"AT+CWQAP")
     host.expect(b"WIFI DISCONNECT\r\n")
     assert host.ask(b"AT+CIUPDATE") == b"\r\nERROR\r\n"
     assert "no ip" in why(daemon)
+    assert host.ask(b"AT+CIUPDATE=0,,,1") == b"\r\nOK\r\n"
+    assert host.expect(b"+CIPUPDATE:-1\r\n") == b"+CIPUPDATE:-1\r\n"
+    assert "no ip" in daemon.wait_event("ota_failed")[-1]["why"]
     assert server.requests == []
 
 

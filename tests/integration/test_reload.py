@@ -7,13 +7,12 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from tests.harness import Daemon, Demux
 
-STATION = '[wifi]\nstation_interface = "lo"\n'
-
-
 def _rewrite(daemon: Daemon, extra: str) -> None:
-    daemon.config_path.write_text(STATION + extra)
+    daemon.write_config(extra)
 
 
 def _gmr(host) -> bytes:
@@ -132,6 +131,26 @@ def test_systemd_hears_reloading_then_ready(tmp_path, notify_socket):
         reloading = sock.recv(4096)
         assert reloading.startswith(b"RELOADING=1") and b"MONOTONIC_USEC=" in reloading
         assert sock.recv(4096).startswith(b"READY=1")
+        assert daemon.stop() == 0
+    finally:
+        daemon.stop()
+
+
+def test_systemd_hears_ready_once_after_the_new_session_is_ready(tmp_path, notify_socket):
+    """A reload that restarts the session: RELOADING=1, then a single READY=1, sent only
+    once the new front has booted and written ready (so `systemctl reload` waits for it)."""
+    sock = notify_socket
+    daemon = Daemon(tmp_path).start()
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        _rewrite(daemon, '[firmware]\nat_version = "4.2.0.0"\nboot_ms = 500\n')
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert sock.recv(4096).startswith(b"RELOADING=1")
+        assert sock.recv(4096).startswith(b"READY=1")
+        assert len(daemon.events("ready")) == 2  # the new front's boot is over
+        sock.settimeout(1.0)
+        with pytest.raises(TimeoutError):
+            sock.recv(4096)  # and no second READY=1
         assert daemon.stop() == 0
     finally:
         daemon.stop()

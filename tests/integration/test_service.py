@@ -13,18 +13,24 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Timeout
+from tests.harness import Daemon, Host, Timeout
+
+
+def _index_of_ready(messages: list[bytes]) -> int:
+    """Where READY=1 is among the messages; past the end while it has not come."""
+    return next((i for i, m in enumerate(messages) if m.startswith(b"READY=1")), len(messages))
 
 
 def test_sd_notify_ready_and_watchdog(tmp_path, monkeypatch, notify_socket):
-    """Under systemd the supervisor sends READY=1 once serving, then WATCHDOG=1 pings."""
+    """Under systemd the supervisor sends READY=1 once serving, and WATCHDOG=1 pings
+    (already during the boot, which the watchdog guards too)."""
     sock = notify_socket
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
     daemon = Daemon(tmp_path).start()
     try:
         received = []
         deadline = time.monotonic() + 10
-        while not any(b"WATCHDOG=1" in m for m in received):
+        while not any(b"WATCHDOG=1" in m for m in received[1 + _index_of_ready(received):]):
             assert time.monotonic() < deadline, received
             received.append(sock.recv(4096))
         assert any(m.startswith(b"READY=1") for m in received)
@@ -227,3 +233,28 @@ def test_signals_during_the_stop_do_not_change_its_status(tmp_path, signum):
         if daemon.proc.poll() is None:
             daemon.proc.kill()
             daemon.proc.wait(5)
+
+
+def test_run_reads_the_system_files_of_its_instance(tmp_path):
+    """Without --config, `run --instance` applies /etc/bridged/bridged.toml, then its own file over it."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "bridged.toml").write_text('[wifi]\nstation_interface = "lo"\n[uart]\nbaud = 57600\n')
+    (etc / "ttyTEST.toml").write_text("[uart]\nbaud = 921600\n")
+    (etc / "ttyOTHER.toml").write_text("[uart]\nbaud = 9600\n")
+    link = str(tmp_path / "tty")
+    env = dict(os.environ, BRIDGED_CONFIG_DIR=str(etc), STATE_DIRECTORY=str(tmp_path / "state"))
+    proc = subprocess.Popen([sys.executable, "-m", "bridged", "run", "--instance", "ttyTEST", "--pty", link],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(link):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        host = Host(link)
+        host.expect(b"\r\nready\r\n")
+        assert host.command(b"AT+UART_CUR?\r\n") == b"AT+UART_CUR?\r\n+UART_CUR:921600,8,1,0,1\r\n\r\nOK\r\n"
+        host.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

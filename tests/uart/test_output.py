@@ -268,3 +268,29 @@ def test_a_message_function_that_fails_costs_only_its_message(pty_pair):
     assert got == b"\r\nOK\r\n\r\n0,CLOSED\r\n\r\nERROR\r\n"
     assert (buffered, handled) == (0, [])
     assert [e["event"] for e in logs] == ["urc_failed"] * 3
+
+
+def test_discard_drops_what_the_host_did_not_take(pty_pair):
+    """discard() drops the queue a host that does not read has left (a restart): the
+    bytes are counted, when_empty waiters are called, what is queued next goes out."""
+    master, slave = pty_pair
+    queued = 64 * 4096  # more than a pty holds
+
+    async def main():
+        out = Output(master, 0.0, lambda: None)
+        emptied = []
+        for _ in range(64):
+            out.urc(b"x" * 4096)
+        out.when_empty(lambda: emptied.append(out.buffered))
+        await asyncio.sleep(0.05)
+        assert out.buffered > 0 and not emptied
+        dropped = out.discard()
+        await asyncio.sleep(0.01)
+        out.reply(b"\r\nready\r\n")
+        reads = await asyncio.to_thread(_read_until, slave, b"\r\nready\r\n", 5.0)
+        return dropped, emptied, b"".join(chunk for _, chunk in reads)
+
+    dropped, emptied, received = _run(main())
+    assert emptied == [0]
+    assert received.endswith(b"x\r\nready\r\n") and received.count(b"ready") == 1
+    assert dropped > 0 and dropped + len(received) == queued + len(b"\r\nready\r\n")

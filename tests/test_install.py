@@ -1,0 +1,162 @@
+"""systemd/install.sh (run into a scratch root, without the virtualenv) and
+systemd/99-bridged.rules. The full install on a clean Debian 12 root, venv
+included, is tests/install/test_debian12.sh (slow, run by hand)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bridged.config import instance_name
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+SCRIPT = SYSTEMD / "install.sh"
+RULES = SYSTEMD / "99-bridged.rules"
+REPO = SYSTEMD.parent
+
+
+def test_install_script_parses():
+    """bash -n accepts the script, and shellcheck (when installed) finds nothing."""
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout
+
+
+def install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the script into `root`, which has the /bin/kill the unit needs (procps)."""
+    if root.is_dir() and not os.path.lexists(root / "bin" / "kill"):
+        (root / "bin").mkdir(exist_ok=True)
+        (root / "bin" / "kill").write_text("")
+        (root / "bin" / "kill").chmod(0o755)
+    return subprocess.run(["bash", str(SCRIPT), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _group(root: Path, name: str) -> list[str]:
+    for line in (root / "etc" / "group").read_text().splitlines():
+        if line.split(":")[0] == name:
+            return line.split(":")
+    raise AssertionError(f"no group {name}")
+
+
+needs_root_and_sysusers = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("systemd-sysusers") is None,
+    reason="needs root and systemd-sysusers")
+
+
+@needs_root_and_sysusers
+def test_install_into_a_root(tmp_path):
+    """The unit, user bridged in dialout and a 0640 root:bridged config (the gateway's fence) land in the root."""
+    result = install(tmp_path, "--no-venv")
+    assert result.returncode == 0, result.stderr
+    etc = tmp_path / "etc"
+    assert (etc / "systemd/system/bridged@.service").read_text() == (SYSTEMD / "bridged@.service").read_text()
+    assert (etc / "sysusers.d/bridged.conf").read_text() == (SYSTEMD / "sysusers-bridged.conf").read_text()
+    passwd = [line.split(":") for line in (etc / "passwd").read_text().splitlines()]
+    user = next(entry for entry in passwd if entry[0] == "bridged")
+    group = _group(tmp_path, "bridged")
+    assert user[3] == group[2]
+    assert "bridged" in _group(tmp_path, "dialout")[3].split(",")
+    config = (etc / "bridged" / "bridged.toml").stat()
+    assert (stat.S_IMODE(config.st_mode), config.st_uid, config.st_gid) == (0o640, 0, int(group[2]))
+    assert (etc / "bridged" / "bridged.toml").read_text() == (REPO / "config" / "gateway.toml").read_text()
+    assert (etc / "bridged" / "bridged.toml.example").read_text() == (REPO / "config" / "bridged.toml").read_text()
+    assert (etc / "bridged" / "profiles").is_dir()
+
+
+@needs_root_and_sysusers
+def test_reinstall_keeps_the_config_and_uninstall_removes_the_rest(tmp_path):
+    """Running it again keeps an edited bridged.toml; --uninstall disables instances and keeps
+    /etc/bridged and /var/lib/bridged, which --purge removes."""
+    assert install(tmp_path, "--no-venv").returncode == 0
+    config = tmp_path / "etc" / "bridged" / "bridged.toml"
+    config.write_text('[wifi]\npassword = "secret!!"\n')
+    result = install(tmp_path, "--no-venv")
+    assert result.returncode == 0, result.stderr
+    assert config.read_text() == '[wifi]\npassword = "secret!!"\n'
+    assert f"keeping {config}" in result.stdout
+    config.chmod(0o644)
+    assert "others can read" in install(tmp_path, "--no-venv").stdout
+
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    (wants / "bridged@ttyAMA0.service").symlink_to("/etc/systemd/system/bridged@.service")
+    (tmp_path / "var/lib/bridged/ttyAMA0").mkdir(parents=True)
+    result = install(tmp_path, "--uninstall")
+    assert result.returncode == 0, result.stderr
+    assert not os.path.lexists(wants / "bridged@ttyAMA0.service")
+    assert not (tmp_path / "etc/systemd/system/bridged@.service").exists()
+    assert not (tmp_path / "etc/sysusers.d/bridged.conf").exists()
+    assert config.exists() and (tmp_path / "var/lib/bridged/ttyAMA0").is_dir()
+    assert install(tmp_path, "--uninstall", "--purge").returncode == 0
+    assert not (tmp_path / "etc/bridged").exists() and not (tmp_path / "var/lib/bridged").exists()
+
+
+def test_install_script_mistakes(tmp_path):
+    """A wrong argument ends the script with status 1 and a line saying what is wrong."""
+    result = install(tmp_path, "--purge")
+    assert (result.returncode, result.stderr) == (1, "install.sh: --purge goes with --uninstall\n")
+    result = install(tmp_path, "--frobnicate")
+    assert result.returncode == 1 and "unknown argument '--frobnicate'" in result.stderr
+    result = install(tmp_path / "missing")
+    assert result.returncode == 1 and "no such directory" in result.stderr
+
+
+@needs_root_and_sysusers
+def test_install_script_names_what_is_missing(tmp_path):
+    """Without /bin/kill (procps, for ExecReload=) it refuses before changing anything."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "kill").symlink_to("nowhere")
+    result = install(tmp_path, "--no-venv")
+    assert result.returncode == 1
+    assert result.stderr == f"install.sh: needs {tmp_path}/bin/kill (apt-get install procps)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+# -- the udev rule ------------------------------------------------------------------
+
+_TOKEN = re.compile(r'\s*([A-Z_]+)(?:\{([^}]*)\})?\s*(==|!=|\+=|-=|:=|=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
+_MATCH_KEYS = {"ACTION", "SUBSYSTEM", "KERNEL", "ENV", "ATTRS", "SUBSYSTEMS"}
+
+
+def _rules() -> list[dict[tuple[str, str, str], str]]:
+    """Parse the rules file as udev does: KEY[{attr}] OP "value", comma separated."""
+    rules = []
+    for line in RULES.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        tokens, pos = {}, 0
+        while pos < len(line):
+            match = _TOKEN.match(line, pos)
+            assert match, f"cannot parse at {line[pos:pos + 40]!r}"
+            key, attr, op, value, _ = match.groups()
+            tokens[(key, attr or "", op)] = value.replace('\\"', '"')  # udev's only escape in "..."
+            pos = match.end()
+        rules.append(tokens)
+    return rules
+
+
+def test_udev_rule_starts_the_instance_of_the_adapters_by_id_name():
+    """The rule wants bridged@<by-id name escaped>.service, the name 60-serial.rules gives the
+    adapter it matches, once systemd (252) has read its backslash escapes."""
+    [rule] = _rules()
+    assert rule[("ACTION", "", "==")] == "add" and rule[("SUBSYSTEM", "", "==")] == "tty"
+    assert rule[("TAG", "", "+=")] == "systemd"
+    assert all(op in ("==", "!=") for key, _, op in rule if key in _MATCH_KEYS - {"ENV"})
+    serial = rule[("ENV", "ID_SERIAL", "==")]
+    interface = rule[("ENV", "ID_USB_INTERFACE_NUM", "==")]
+    by_id = f"/dev/serial/by-id/usb-{serial}-if{interface}-port0"
+    wanted = rule[("ENV", "SYSTEMD_WANTS", "+=")].replace("\\\\", "\\")
+    assert wanted == f"bridged@{instance_name(by_id)}.service"
+    if shutil.which("systemd-escape"):
+        escaped = subprocess.run(["systemd-escape", "--template", "bridged@.service", "--path",
+                                  by_id.removeprefix("/dev/")],
+                                 capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        assert wanted == escaped

@@ -490,6 +490,11 @@ def _error(source: str, key: str, problem: str, allowed: Iterable[str] | str) ->
     return ConfigError(f"{source}: {key}: {problem}; allowed: {allowed}")
 
 
+def _is_secret(section: str, key: str) -> bool:
+    """A key declared with ``secret=True``: its value is never shown."""
+    return any(f.name == key and not f.repr for f in dataclasses.fields(_SECTIONS[section]))
+
+
 def _check(source: str, section: str, key: str, value: Any) -> Any:
     checks = _keys(section)
     if key not in checks:
@@ -497,7 +502,10 @@ def _check(source: str, section: str, key: str, value: Any) -> Any:
     try:
         return checks[key](value)
     except _Refused as exc:
-        problem = exc.problem or f"{_show(value)} is not allowed"
+        if _is_secret(section, key):  # it ends up in logs: say what is wrong, never the value
+            problem = "the value given (secret, not shown) is not allowed"
+        else:
+            problem = exc.problem or f"{_show(value)} is not allowed"
         raise _error(source, f"{section}.{key}", problem, exc.allowed) from None
 
 

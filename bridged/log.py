@@ -116,7 +116,9 @@ def _shared_processors() -> list[Processor]:
 def _renderer(console: bool) -> list[Processor]:
     if console:
         colors = sys.stdout is not None and sys.stdout.isatty()
-        return [structlog.dev.ConsoleRenderer(colors=colors)]
+        # Plain tracebacks: rich's (the default when it is installed) show local
+        # variables, which may hold a password or a key.
+        return [structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)]
     return [_exception_dicts, _JournalJSONRenderer()]
 
 

@@ -11,6 +11,11 @@ watches the set's fd for good, so the callback runs whenever the watched fd
 is readable and the gate is open.  Opening and shutting the gate is one
 epoll_ctl.  Readiness is level-triggered as with ``add_reader``: a callback
 that leaves data unread is called again.
+
+``open``/``shut`` set what the owner wants from moment to moment (coalescing,
+a full ring); a *hold* is a named reason to stay shut whatever is asked
+meanwhile (the UART output backed up): the gate opens again when the last
+hold is released, if the owner still wants it open then.
 """
 
 from __future__ import annotations
@@ -27,26 +32,52 @@ class ReadGate:
         self._loop = loop
         self._epoll = select.epoll(1)  # close-on-exec, as Python makes every fd
         self._fd: int | None = None  # the fd the gate lets through, when open
+        self._wanted: int | None = None  # the fd open() asked for last, unless shut() since
+        self._holds: set[str] = set()
         loop.add_reader(self._epoll.fileno(), callback)
 
     @property
     def is_open(self) -> bool:
         return self._fd is not None
 
+    @property
+    def holds(self) -> frozenset[str]:
+        """The reasons the gate is held shut."""
+        return frozenset(self._holds)
+
     def open(self, fd: int) -> None:
-        """Call back whenever ``fd`` is readable (an open gate for another fd is shut first).
+        """Call back whenever ``fd`` is readable (an open gate for another fd is shut first);
+        while held, only once the last hold is released.
 
         After close() it does nothing: callbacks still queued at shutdown may ask.
         """
         if self._fd == fd or self._epoll.closed:
             return
-        self.shut()
+        self._wanted = fd
+        if self._holds:
+            return
+        self._unregister()
         self._epoll.register(fd, select.EPOLLIN)
         self._fd = fd
 
     def shut(self) -> None:
         """Stop calling back; call it before closing the fd (a duplicate of a
         closed fd would otherwise keep its registration alive)."""
+        self._wanted = None
+        self._unregister()
+
+    def hold(self, reason: str) -> None:
+        """Stay shut for ``reason`` until release(reason), whatever open() asks meanwhile."""
+        self._holds.add(reason)
+        self._unregister()
+
+    def release(self, reason: str) -> None:
+        """Drop one reason to stay shut; open again if none is left and open() was asked last."""
+        self._holds.discard(reason)
+        if not self._holds and self._wanted is not None:
+            self.open(self._wanted)
+
+    def _unregister(self) -> None:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -59,5 +90,6 @@ class ReadGate:
         if self._epoll.closed:
             return
         self.shut()
+        self._holds.clear()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

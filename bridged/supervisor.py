@@ -398,8 +398,8 @@ class Supervisor:
             received = recv_message(self.sup_sock)
         except OSError:  # nothing queued, or the front is gone (SIGCHLD follows)
             return False
-        except ControlError as exc:  # the front's bug: say so, go on
-            log.warning("front_message_unreadable", error=str(exc))
+        except ControlError as exc:  # the front is a process apart: maybe a compromised one
+            log.error("control_message_refused", role="front", error=str(exc))
             return False
         if received is None:
             return False  # the front died; SIGCHLD follows

@@ -293,6 +293,8 @@ def test_out_of_range_refused_from_file(tmp_path, section, key, value, allowed):
     shown = repr(value) if not isinstance(value, bool) else toml_value(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
+    if (section, key) in SECRET_KEYS:
+        shown = "the value given (secret, not shown)"
     with pytest.raises(ConfigError) as info:
         load_config(str(path), None, {})
     assert str(info.value) == (
@@ -393,6 +395,35 @@ def test_ota_server_trailing_slash_dropped():
     """A base URL ending in / gives the same request paths as without it."""
     config = load_config(None, None, {"ota.server": "http://127.0.0.1:8080/esp/"})
     assert config.ota.server == "http://127.0.0.1:8080/esp"
+
+
+SECRET_KEYS = {("wifi", "password"), ("ota", "token")}
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("wifi", "password", "Zq9-wifi-SECRET-" * 5),  # too long
+    ("wifi", "password", "Zq9-wifi-SECRET\x07"),  # a control character
+    ("ota", "token", "Zq9-ota-SECRET-\u20ac"),  # not ASCII
+    ("ota", "token", ["Zq9-ota-SECRET"]),  # not a string
+])
+def test_a_refused_secret_is_named_never_shown(tmp_path, section, key, value):
+    """A malformed password or token is refused naming the file and the key, never showing the value."""
+    path = write(tmp_path, f"[{section}]\n{key} = {toml_value(value)}\n")
+    for source, overrides in ((str(path), {}), (None, {f"{section}.{key}": value})):
+        with pytest.raises(ConfigError) as info:
+            load_config(source, None, overrides)
+        message = str(info.value)
+        assert "Zq9" not in message and "SECRET" not in message
+        assert f"{section}.{key}: the value given (secret, not shown) is not allowed; allowed: " in message
+
+
+def test_secret_keys_are_the_ones_declared_secret():
+    """The test's list of secret keys is the config's (a new secret key gets the same tests)."""
+    config = default_config()
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    declared = {(name, f.name) for name, section in sections.items() if dataclasses.is_dataclass(section)
+                for f in dataclasses.fields(section) if not f.repr}
+    assert declared == SECRET_KEYS
 
 
 def test_ota_token_not_in_repr():

@@ -112,3 +112,38 @@ def test_after_close_the_gate_ignores_open_and_shut(pair):
         assert not gate.is_open
 
     _run(main())
+
+
+def test_a_hold_keeps_the_gate_shut_until_released_and_open_was_asked_last(pair):
+    """A held gate ignores open() until every hold is released; it then opens only if open() was asked last."""
+    a, b = pair
+
+    async def main():
+        got: list[bytes] = []
+        gate = ReadGate(asyncio.get_running_loop(), lambda: got.append(b.recv(100)))
+        gate.open(b.fileno())
+        gate.hold("output backlog")
+        gate.hold("after-action")
+        gate.open(b.fileno())  # a coalescing timer, say: still held
+        a.send(b"held")
+        await _turns()
+        assert got == [] and not gate.is_open
+        assert gate.holds == {"output backlog", "after-action"}
+        gate.release("output backlog")
+        await _turns()
+        assert got == [] and gate.holds == {"after-action"}
+        gate.release("after-action")
+        await _turns()
+        assert got == [b"held"] and gate.is_open
+        gate.hold("output backlog")
+        gate.shut()  # the owner wants it shut (a full ring): a release leaves it so
+        gate.release("output backlog")
+        a.send(b"later")
+        await _turns()
+        assert got == [b"held"] and not gate.is_open
+        gate.open(b.fileno())
+        await _turns()
+        assert got == [b"held", b"later"]
+        gate.close()
+
+    _run(main())

@@ -34,15 +34,19 @@ class AtError(Exception):
         ext: the 16-bit extension of the error code (often a parameter index).
         body: information lines the command prints before ERROR (AT+PING's
             ``+PING:TIMEOUT``); the ERR CODE line of AT+SYSLOG=1 follows them.
+        value: the offending parameter as the MCU sent it, kept out of ``why``:
+            the log shows it except for a command that carries a secret
+            (``bridged.commands.registry.carries_secret``).
     """
 
     subcategory = 0x0A  # CMD_EXEC_FAIL: the generic handler failure
 
-    def __init__(self, why: str = "", ext: int = 0, body: bytes = b"") -> None:
+    def __init__(self, why: str = "", ext: int = 0, body: bytes = b"", value: str = "") -> None:
         super().__init__(why or type(self).__name__)
         self.why = why or type(self).__name__
         self.ext = ext & 0xFFFF
         self.body = body
+        self.value = value
 
     @property
     def code(self) -> int:

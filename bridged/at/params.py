@@ -161,9 +161,9 @@ class Int:
         try:
             value = parse_int(token.text)
         except ValueError:
-            raise ParamParseFail(f"parameter {index} is not a number: {token.text!r}", index) from None
+            raise ParamParseFail(f"parameter {index} is not a number", index, value=token.text) from None
         if not self.lo <= value <= self.hi or (self.choices is not None and value not in self.choices):
-            raise ParamInvalid(f"parameter {index} out of range: {value}", index)
+            raise ParamInvalid(f"parameter {index} out of range", index, value=str(value))
         return value
 
 

@@ -79,10 +79,14 @@ class CommandLine:
 
 @dataclass(frozen=True, slots=True)
 class BadLine:
-    """A complete line that is not an AT command; answered with ERROR."""
+    """A complete line that is not an AT command; answered with ERROR.
+
+    ``name`` is the command's name when the line got that far (for the log).
+    """
 
     raw: bytes
     error: AtError
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +155,8 @@ def parse_command_line(raw: bytes) -> CommandLine | BadLine:
         try:
             return CommandLine(raw, name, Kind.SET, tokenize(tail[1:]))
         except AtError as exc:
-            return BadLine(raw, exc)
-    return BadLine(raw, ParamParseFail(f"unexpected bytes after {name or 'AT'}"))
+            return BadLine(raw, exc, name)
+    return BadLine(raw, ParamParseFail(f"unexpected bytes after {name or 'AT'}"), name)
 
 
 class Parser:

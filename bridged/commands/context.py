@@ -126,7 +126,7 @@ class ConnectSpec:
     tls_cn: str = ""
     tls_sni: str = ""
     tls_alpn: tuple[str, ...] = ()
-    tls_psk: str = ""  # hex
+    tls_psk: str = field(default="", repr=False)  # hex; a key: never in a logged repr
     tls_psk_hint: str = ""
     dns_servers: tuple[str, ...] = ()  # AT+CIPDNS's manual servers; () = the host's resolver
     tls_time: int | None = None  # verifying SSL: certificate dates at this Unix time (device clock); None: host clock

@@ -27,7 +27,15 @@ from bridged.at.parser import CommandLine, Kind
 if TYPE_CHECKING:
     from bridged.commands.context import Context
 
-__all__ = ["Reply", "SendRequest", "handles", "lookup", "dispatch", "names"]
+__all__ = ["Reply", "SendRequest", "handles", "lookup", "dispatch", "names", "carries_secret"]
+
+# Commands whose parameters hold a password or a key: the log says their name
+# and why they failed, never a parameter (AtError.value) of theirs.  Some are
+# not emulated; a line naming one still never has its parameters logged.
+_SECRET_CARRYING = frozenset({
+    "+CWJAP", "+CWSAP", "+CWJEAP", "+CIPSSLCPSK", "+CIPSSLCPSKHEX",
+    "+MQTTUSERCFG", "+MQTTLONGPASSWORD", "+HTTPCLIENT", "+HTTPURLCFG",
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,11 @@ def dispatch(ctx: "Context", line: CommandLine) -> "Reply | Awaitable[Reply]":
 
 def is_async(result: object) -> bool:
     return inspect.isawaitable(result)
+
+
+def carries_secret(name: str) -> bool:
+    """Whether AT<name>'s parameters may hold a password or a key."""
+    return name.upper() in _SECRET_CARRYING
 
 
 def names() -> list[str]:

@@ -78,6 +78,9 @@ def _bssid(ctx: Context) -> str:
     return ctx.config.wifi.bssid or (station(ctx).mac or "00:00:00:00:00:00")
 
 
+_JOIN_FAILURES = {2: "wrong password", 3: "AP not found"}
+
+
 def _join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
     """Try to join; returns the messages and the +CWJAP failure code or None."""
     cfg = ctx.config.wifi
@@ -93,7 +96,7 @@ def _join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
         code = None
     if code is not None:
         _set_wifi_state(ctx, DISCONNECTED)
-        log.warning("wifi_join_failed", ssid=ssid, code=code)
+        log.warning("wifi_join_failed", ssid=ssid, code=code, why=_JOIN_FAILURES[code])  # never the password
         return lines + info("+CWJAP", code), code
     _set_wifi_state(ctx, GOT_IP)
     log.info("wifi_joined", ssid=ssid, interface=station(ctx).name)

@@ -10,14 +10,19 @@ descriptors (SCM_RIGHTS), e.g. an accepted client socket for a worker.
 
 A message is a frozen dataclass registered with ``@message``; on the wire it
 is a JSON object ``{"type": ClassName, field: value, ...}`` of at most
-``MAX_MESSAGE_SIZE`` bytes. Field values are ints, strs, bools, None, or
-lists/tuples of those. Arrays decode as tuples, so declare such fields as
-``tuple[...]`` and a decoded message compares equal to the one sent. Strings
-are sent as ASCII JSON escapes, which also carries surrogate-escaped bytes.
+``MAX_MESSAGE_SIZE`` bytes. Fields are declared ``int``, ``str``, ``bool``,
+``None``, unions of those (``int | None``) or ``tuple[X, ...]`` of one of
+them; registration refuses any other annotation. Arrays decode as tuples, so
+a decoded message compares equal to the one sent. Strings are sent as ASCII
+JSON escapes, which also carries surrogate-escaped bytes.
 
 Anything unexpected on receive (not JSON, unknown type, unknown or missing
-field, a value of another type, too many fds, a truncated packet) raises
+field, a value not of its field's declared type -- ``true`` for an int, a
+string for a port --, too many fds, a truncated packet) raises
 ``ControlError``; received descriptors are closed first so nothing leaks.
+The peer may be a compromised process: every receiver catches ControlError,
+logs it and goes on.  An fd that comes with a message becomes a socket only
+through ``socket_from_fd``, which checks that it is one of the expected kind.
 An empty packet is EOF: we never send one.
 """
 
@@ -28,7 +33,10 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Sequence
+import stat
+import types
+import typing
+from collections.abc import Collection, Sequence
 from typing import Any, TypeVar
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "message",
     "recv_message",
     "send_message",
+    "socket_from_fd",
     "socketpair",
 ]
 
@@ -50,6 +59,7 @@ _ANCBUFSIZE = socket.CMSG_SPACE(MAX_FDS * _FD_BYTES)
 _SCALARS = (str, int, type(None))  # bool is an int
 
 _REGISTRY: dict[str, type] = {}
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}  # message class -> init field -> declared type
 T = TypeVar("T", bound=type)
 
 
@@ -69,9 +79,44 @@ def message(cls: T) -> T:
         raise TypeError(f"{cls.__name__}: @message needs a @dataclass(frozen=True) class")
     if any(f.name == "type" for f in dataclasses.fields(cls)):
         raise TypeError(f"{cls.__name__}: the field name 'type' is reserved")
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError as exc:
+        raise TypeError(f"{cls.__name__}: cannot resolve a field's type: {exc}") from None
+    types_ = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    for name, hint in types_.items():
+        if not _supported(hint):
+            raise TypeError(f"{cls.__name__}.{name}: {hint} cannot be sent")
     if _REGISTRY.setdefault(cls.__name__, cls) is not cls:
         raise TypeError(f"a message named {cls.__name__} is already registered")
+    _FIELD_TYPES[cls] = types_
     return cls
+
+
+_SCALAR_TYPES = (int, str, bool, type(None))
+
+
+def _supported(hint: Any, in_tuple: bool = False) -> bool:
+    """Whether fields of this declared type can be sent and checked on receipt."""
+    if hint in _SCALAR_TYPES:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return all(_supported(arg, in_tuple) for arg in args)
+    return (origin is tuple and not in_tuple and len(args) == 2 and args[1] is Ellipsis
+            and _supported(args[0], in_tuple=True))
+
+
+def _conforms(hint: Any, value: Any) -> bool:
+    """Whether a decoded value is of the field's declared type (JSON true is no int)."""
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in _SCALAR_TYPES:
+        return isinstance(value, hint)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple) and all(_conforms(args[0], item) for item in value)
+    return any(_conforms(arg, value) for arg in args)  # a union
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -141,9 +186,12 @@ def decode(data: bytes) -> object:
     if cls is None:
         raise ControlError(f"unknown message type {name!r:.60}")
     kwargs = {key: _decode_value(key, value) for key, value in body.items()}
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    if not kwargs.keys() <= names:
-        raise ControlError(f"{name}: unknown fields {sorted(kwargs.keys() - names)}")
+    declared = _FIELD_TYPES[cls]
+    if not kwargs.keys() <= declared.keys():
+        raise ControlError(f"{name}: unknown fields {sorted(kwargs.keys() - declared.keys())}")
+    for key, value in kwargs.items():
+        if not _conforms(declared[key], value):
+            raise ControlError(f"{name}.{key}: {type(value).__name__} {value!r:.40}, not {declared[key]}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # missing fields, the class's own checks
@@ -151,6 +199,30 @@ def decode(data: bytes) -> object:
 
 
 # -- transport -------------------------------------------------------------------
+
+
+def socket_from_fd(fd: int, families: Collection[int], kind: int) -> socket.socket:
+    """The socket object for an fd received with a message, if it is a socket
+    of one of ``families`` and of type ``kind``; the caller owns it.
+
+    Raises:
+        ControlError: not a socket, or another family or type (the fd is closed).
+    """
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise ControlError("the fd received is not a socket")
+        sock = socket.socket(fileno=fd)
+    except (OSError, ControlError) as exc:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # not a valid fd at all: nothing to close
+        raise ControlError(str(exc)) from None
+    if sock.family not in families or sock.type != kind:
+        got = f"{getattr(sock.family, 'name', sock.family)}/{getattr(sock.type, 'name', sock.type)}"
+        sock.close()
+        raise ControlError(f"the socket received is {got}, not one of the kind expected")
+    return sock
 
 
 def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = ()) -> None:

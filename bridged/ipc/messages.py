@@ -25,7 +25,7 @@ connection, so nothing about an old connection is taken for a new one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bridged.ipc.control import message
 
@@ -68,7 +68,7 @@ class Connect:
     tls_cn: str = ""
     tls_sni: str = ""
     tls_alpn: tuple[str, ...] = ()
-    tls_psk: str = ""  # hex
+    tls_psk: str = field(default="", repr=False)  # hex; a key: never in a logged repr
     tls_psk_hint: str = ""
     # The worker resolves a host name through these (AT+CIPDNS manual), else the host's resolver.
     dns_servers: tuple[str, ...] = ()

@@ -17,7 +17,8 @@ get_verified_chain, the same private accessor on 3.11 and 3.12); a
 Python without it, or no verified chain, fails the link (closed, not open).
 
 When verifying, the server's certificate must name AT+CIPSSLCCN's common
-name, or else the host AT+CIPSTART named.  SNI is AT+CIPSSLCSNI's name, or
+name, or else the host AT+CIPSTART named (in its subjectAltName when it has
+one, else in its subject's CN, as mbedTLS: see ``check_name``).  SNI is AT+CIPSSLCSNI's name, or
 the host when it is a name rather than an address.  Because Python's ssl
 uses one ``server_hostname`` for both, the name check is done here after the
 handshake.  TLS 1.2 only, as ESP-AT's mbedTLS build.  TLS-PSK (AT+CIPSSLCPSK)
@@ -39,6 +40,7 @@ from datetime import datetime, timezone
 
 import structlog
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from bridged.ipc.messages import Adopt, Connect
 from bridged.pki import PkiStore, fingerprint
@@ -145,28 +147,49 @@ async def _wait(loop, fd: int, add, remove) -> None:
 
 
 def check_name(sock: ssl.SSLSocket, expected: str) -> None:
-    """The verified peer certificate must name ``expected`` (SAN, else CN).
+    """The verified peer certificate must name ``expected``.
+
+    As mbedTLS's x509_crt_verify_name: a certificate with a subjectAltName
+    extension is matched on its SAN entries only (DNS names; IP addresses for
+    an address), even when none of them is a DNS name; the subject's common
+    name counts only when there is no such extension at all.  (Python's own
+    check differs: OpenSSL falls back to the CN when no DNS SAN is present.)
 
     Raises:
         TlsError: it does not.
     """
-    cert = sock.getpeercert() or {}
+    cert = _peer_certificate(sock)
     try:
         wanted_ip = ipaddress.ip_address(expected)
     except ValueError:
         wanted_ip = None
-    names = []
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "IP Address" and wanted_ip is not None:
-            if ipaddress.ip_address(value.strip()) == wanted_ip:
-                return
-        if kind == "DNS":
-            names.append(value)
-    if not names:  # no DNS SAN: the subject's common name
-        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    except ValueError as exc:  # a malformed extension: nothing it says can be trusted
+        raise TlsError(f"cannot read the server certificate's extensions: {exc}") from None
+    if san is not None:
+        if wanted_ip is not None and wanted_ip in san.get_values_for_type(x509.IPAddress):
+            return
+        names = san.get_values_for_type(x509.DNSName)
+        shown = names or [str(getattr(v, "value", v)) for v in san]
+    else:
+        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        shown = names
     if wanted_ip is None and any(_match(name, expected) for name in names):
         return
-    raise TlsError(f"server certificate does not name {expected!r} (it names {names or 'nothing'})")
+    raise TlsError(f"server certificate does not name {expected!r} (it names {shown or 'nothing'})")
+
+
+def _peer_certificate(sock: ssl.SSLSocket) -> x509.Certificate:
+    der = sock.getpeercert(binary_form=True)
+    if der is None:
+        raise TlsError("the server sent no certificate")
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise TlsError(f"cannot read the server certificate: {exc}") from None
 
 
 def check_dates(sock: ssl.SSLSocket, at: int | None) -> None:

@@ -37,7 +37,7 @@ from typing import Callable
 import structlog
 
 from bridged.ipc import records
-from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import (
     Adopt,
     Close,
@@ -178,6 +178,9 @@ class Worker:
             received = recv_message(self.control)
         except BlockingIOError:
             return
+        except ControlError as exc:
+            log.error("control_message_refused", error=str(exc))
+            return
         except OSError:  # a reset is as final as EOF: the front is gone
             received = None
         if received is None:
@@ -187,7 +190,13 @@ class Worker:
             return
         msg, fds = received
         if isinstance(msg, Adopt) and len(fds) == 1:
-            self._adopt(msg, socket.socket(fileno=fds[0]))
+            try:  # a TCP client of the front's server, nothing else
+                sock = socket_from_fd(fds[0], (socket.AF_INET, socket.AF_INET6), socket.SOCK_STREAM)
+            except ControlError as exc:
+                log.error("adopt_refused", conn_id=msg.conn_id, error=str(exc))
+                self._reply(ConnectFailed(msg.conn_id, f"not a TCP socket: {exc}"))
+                return
+            self._adopt(msg, sock)
             return
         for fd in fds:
             os.close(fd)  # only Adopt carries a socket

@@ -19,7 +19,11 @@ events drive the session:
 Downlink records from the workers become ``+IPD`` frames (or raw bytes in
 passthrough, or passive-mode notices); while the UART output is backed up
 the front leaves them in the rings, so the workers stop reading their
-sockets.
+sockets.  Commands stop being read too while the output is backlogged (ESP-AT's
+AT task blocks on a full UART), and while an answer's after-action waits: a
+host that writes and never reads fills the tty buffer, not our memory.  Data
+phases are not held: their payload makes no output, and their peer's bytes
+wait in the rings.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
-from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, Shutdown, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
@@ -84,6 +88,8 @@ _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
+_BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
+_AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
 
 
 def factory_uart(config: Config) -> UartSettings:
@@ -121,7 +127,8 @@ class Front:
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
         self.parser = Parser(config.uart.max_line)
-        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained)
+        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
+                             on_eased=self._on_output_eased)
         self.links = LinkTable(
             slots, self._on_link_data, self._on_link_closed, self._can_deliver,
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
@@ -202,13 +209,21 @@ class Front:
             received = recv_message(self.supervisor)
         except BlockingIOError:
             return
+        except ControlError as exc:
+            log.error("control_message_refused", error=str(exc))
+            return
         if received is None:
             log.error("supervisor_gone")
             self.stop()
             return
         msg, fds = received
-        if isinstance(msg, WorkerStarted) and fds:
-            self.links.attach(msg.link_id, socket.socket(fileno=fds[0]))
+        if isinstance(msg, WorkerStarted) and len(fds) == 1 and 0 <= msg.link_id < self.links.count:
+            try:  # the front end of the new worker's control socketpair
+                control = socket_from_fd(fds[0], (socket.AF_UNIX,), socket.SOCK_SEQPACKET)
+            except ControlError as exc:
+                log.error("control_message_refused", link_id=msg.link_id, error=str(exc))
+                return
+            self.links.attach(msg.link_id, control)
         elif isinstance(msg, Shutdown):
             self.stop()
         else:
@@ -335,6 +350,8 @@ class Front:
             # does not read, input would pile up here without bound.
             self._pause_reading()
             return
+        if self._backlogged():
+            return
         try:
             data = os.read(self.fd, _READ_SIZE)
         except BlockingIOError:
@@ -410,6 +427,8 @@ class Front:
                 if not self._process_data():
                     return
                 continue
+            if self._backlogged():
+                return  # the rest waits in the parser: at most one read
             event = self.parser.next_event()
             if event is NEED_DATA:
                 return
@@ -418,7 +437,8 @@ class Front:
                 self._execute(event)
             elif isinstance(event, BadLine):
                 self._echo(event.raw)
-                log.info("bad_line", why=event.error.why)
+                structlog.contextvars.bind_contextvars(command=event.name)
+                self._log_error("bad_line", event.name, event.error)
                 self._error(event.error)
             elif isinstance(event, LineTooLong):
                 log.info("line_too_long", length=event.length, limit=self.config.uart.max_line)
@@ -442,7 +462,7 @@ class Front:
         try:
             result = registry.dispatch(self.ctx, line)
         except AtError as error:
-            log.info("command_error", why=error.why)
+            self._log_error("command_error", line.name, error)
             self._error(error)
             return
         if isinstance(result, Reply):
@@ -455,13 +475,21 @@ class Front:
                 if asyncio.iscoroutine(result):
                     result.close()
                 return
-        self._command = self.loop.create_task(self._await_reply(result))
+        self._command = self.loop.create_task(self._await_reply(result, line.name))
 
-    async def _await_reply(self, pending: Awaitable[Reply]) -> None:
+    @staticmethod
+    def _log_error(event: str, name: str, error: AtError) -> None:
+        """Why a line failed; the offending parameter only if it cannot be a secret."""
+        if error.value and not registry.carries_secret(name):
+            log.info(event, why=error.why, value=error.value)
+        else:
+            log.info(event, why=error.why)
+
+    async def _await_reply(self, pending: Awaitable[Reply], name: str) -> None:
         try:
             reply = await pending
         except AtError as error:
-            log.info("command_error", why=error.why)
+            self._log_error("command_error", name, error)
             self._error(error)
             reply = None
         except Exception:
@@ -486,10 +514,12 @@ class Front:
             # Input that comes meanwhile is held (not read), not refused: the action
             # is immediate, only ordered after the answer (a baud change, a restart).
             self.holding = True
+            self._gate.hold(_AFTER)
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
         self.holding = False
+        self._gate.release(_AFTER)
         action()
         self._resume_reading()
         self._process()
@@ -694,6 +724,17 @@ class Front:
 
     def _on_output_drained(self) -> None:
         self.links.drain_deferred()
+
+    def _backlogged(self) -> bool:
+        """Hold commands while the output is backlogged; a data phase goes on."""
+        if self.output.backlogged and not self.parser.in_data_mode:
+            self._gate.hold(_BACKLOG)
+            return True
+        return False
+
+    def _on_output_eased(self) -> None:
+        self._gate.release(_BACKLOG)
+        self._process()
 
     def _in_passthrough(self) -> bool:
         return self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import itertools
 import os
 import socket
@@ -27,7 +28,7 @@ import structlog
 from bridged.at.errors import ExecFail
 from bridged.commands.context import ConnectSpec, LinkView
 from bridged.ipc import records
-from bridged.ipc.control import recv_message, send_message
+from bridged.ipc.control import ControlError, recv_message, send_message
 from bridged.ipc.messages import (
     Adopt,
     Close,
@@ -52,6 +53,14 @@ __all__ = ["SlotState", "Slot", "LinkTable"]
 log = structlog.get_logger()
 
 _conn_ids = itertools.count(1)
+
+
+def _plausible_remote(msg: Connected | RemoteChanged) -> bool:
+    try:
+        ipaddress.ip_address(msg.remote_ip)
+    except ValueError:
+        return False
+    return 0 <= msg.remote_port <= 65535 and 0 <= getattr(msg, "local_port", 0) <= 65535
 
 
 class SlotState(enum.Enum):
@@ -367,6 +376,9 @@ class LinkTable:
             received = recv_message(slot.control)
         except BlockingIOError:
             return
+        except ControlError as exc:  # a worker is a process apart: maybe a compromised one
+            log.error("control_message_refused", link_id=slot.link_id, error=str(exc))
+            return
         except OSError:
             received = None
         if received is None:
@@ -375,6 +387,10 @@ class LinkTable:
         msg, fds = received
         for fd in fds:
             os.close(fd)
+        if isinstance(msg, (Connected, RemoteChanged)) and not _plausible_remote(msg):
+            # Its address goes into +IPD, +CIPSTATUS ... on the UART: no text but an address.
+            log.error("control_message_refused", link_id=slot.link_id, error=f"bad address in {msg!r:.200}")
+            return
         if isinstance(msg, Hello):
             log.info("worker_ready", link_id=slot.link_id, pid=msg.pid)
             if slot.state is SlotState.NO_WORKER:

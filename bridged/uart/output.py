@@ -23,7 +23,10 @@ reader, and the host reads both at once anyway.  Writes are
 non-blocking; what the port does not take stays queued and the loop waits
 for the fd to be writable (or, on a real UART, for CTS).  The owner reads
 ``buffered`` to stop producing (downlink back-pressure) and gets
-``on_drained`` when everything is out.
+``on_drained`` when everything is out.  Above ``high`` bytes queued the
+output is ``backlogged`` until it is down to ``low`` again, then ``on_eased``
+is called (soon, not from inside the writer): the owner stops taking input
+meanwhile, as ESP-AT's AT task blocks on a full UART.
 """
 
 from __future__ import annotations
@@ -54,10 +57,15 @@ Urc = Union[bytes, Callable[[], bytes]]  # the bytes, or a function making them 
 class Output:
     tap = None  # the AT transcript while it is on (bridged.uart.transcript)
 
-    def __init__(self, fd: int, gap: float, on_drained: Callable[[], None]) -> None:
+    def __init__(self, fd: int, gap: float, on_drained: Callable[[], None],
+                 water: tuple[int, int] = (65536, 32768),
+                 on_eased: Callable[[], None] = lambda: None) -> None:
         self.fd = fd
         self.gap = gap
         self.on_drained = on_drained
+        self.high, self.low = water
+        self.on_eased = on_eased
+        self.backlogged = False  # above high, not yet down to low
         self.loop = asyncio.get_running_loop()
         self._seq = itertools.count()
         self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
@@ -86,6 +94,7 @@ class Output:
         self._replies.append((next(self._seq), data, is_final(data)))
         if linger and not (self._writer_armed or self._scheduled) and self._linger is None:
             self._buffered += len(data)
+            self._check_high()
             self._linger = self.loop.call_later(linger, self._pump)
             return
         self._queued(len(data))
@@ -124,9 +133,19 @@ class Output:
 
     def _queued(self, n: int) -> None:
         self._buffered += n
+        self._check_high()
         if not (self._writer_armed or self._scheduled):
             self._scheduled = True
             self.loop.call_soon(self._pump)
+
+    def _check_high(self) -> None:
+        if self._buffered > self.high:
+            self.backlogged = True
+
+    def _check_low(self) -> None:
+        if self.backlogged and self._buffered <= self.low:
+            self.backlogged = False
+            self.loop.call_soon(self.on_eased)  # it may take input, which queues output
 
     # -- choosing what goes next ---------------------------------------------------
 
@@ -197,10 +216,12 @@ class Output:
                 self.tap.sent(self._pending[:n])
             self._pending = self._pending[n:]
             if self._pending:
+                self._check_low()
                 self._arm_writer()
                 return
             if self._pending_final:
                 self._final_at = self.loop.time()
+        self._check_low()
         self._disarm_writer()
         if self._urcs:  # held for the gap after a final result
             wait = self._urc_due(self._urcs[0][2], False, self.loop.time())

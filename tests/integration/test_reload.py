@@ -143,7 +143,7 @@ def test_systemd_hears_ready_once_after_the_new_session_is_ready(tmp_path, notif
     daemon = Daemon(tmp_path).start()
     try:
         assert sock.recv(4096).startswith(b"READY=1")
-        _rewrite(daemon, '[firmware]\nat_version = "4.2.0.0"\nboot_ms = 500\n')
+        _rewrite(daemon, '[firmware]\nat_version = "4.1.2.0"\nboot_ms = 500\n')
         daemon.proc.send_signal(signal.SIGHUP)
         assert sock.recv(4096).startswith(b"RELOADING=1")
         assert sock.recv(4096).startswith(b"READY=1")

@@ -212,6 +212,32 @@ def test_auth_2_verifies_the_server(tls_host, pki):
         expired.close()
 
 
+def test_a_subject_alt_name_extension_hides_the_common_name(tls_host, pki, tmp_path):
+    """As mbedTLS: a certificate whose SAN has only IP addresses never matches its CN; one without SANs does."""
+    daemon, host = tls_host
+    daemon.expected_errors.add("connect_failed")
+    _, ca_id = _issue(tmp_path, "ca", "Test CA", ca=True)
+    ca = Issued(tmp_path / "ca.crt", tmp_path / "ca.key")
+    ip_only, _ = _issue(tmp_path, "ip-only", "localhost", ca_id,
+                        sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),))
+    cn_only, _ = _issue(tmp_path, "cn-only", "localhost", ca_id)
+    ip_server, cn_server = TlsServer(ip_only), TlsServer(cn_only)
+    try:
+        _import(daemon, "client_ca", 0, ca.cert)
+        host.command(b"AT+CIPSSLCCONF=5,2,0,0")
+        host.command(b'AT+CIPSSLCCN=0,"localhost"')
+        assert host.ask(b'AT+CIPSTART=0,"SSL","127.0.0.1",%d' % ip_server.port) == b"\r\nERROR\r\n"
+        assert "does not name 'localhost'" in daemon.wait_event("connect_failed")[-1]["reason"]
+        assert host.ask(b'AT+CIPSTART=1,"SSL","127.0.0.1",%d' % ip_server.port) == b"1,CONNECT\r\n\r\nOK\r\n"
+        host.command(b'AT+CIPSSLCCN=2,"localhost"')
+        assert host.ask(b'AT+CIPSTART=2,"SSL","127.0.0.1",%d' % cn_server.port) == b"2,CONNECT\r\n\r\nOK\r\n"
+        _echo_ok(host, 2)
+        assert host.ask(b'AT+CIPSTART=3,"SSL","127.0.0.1",%d' % cn_server.port) == b"\r\nERROR\r\n"
+    finally:
+        ip_server.close()
+        cn_server.close()
+
+
 def test_auth_1_and_3_present_the_client_certificate(tls_host, pki):
     """auth_mode 1/3 present client_cert.N; without it AT+CIPSTART answers ERROR and the log says why."""
     daemon, host = tls_host

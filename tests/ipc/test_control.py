@@ -16,6 +16,7 @@ from bridged.ipc.control import (
     message,
     recv_message,
     send_message,
+    socket_from_fd,
     socketpair,
 )
 
@@ -229,3 +230,74 @@ def test_nonblocking_send_and_receive(pair):
         assert recv_message(b) == (CtlTestOpen(i, "h" * 1000, 1), [])
     with pytest.raises(BlockingIOError):
         recv_message(b)
+
+
+@pytest.mark.parametrize(
+    "packet",
+    [
+        b'{"type": "CtlTestHandOver", "link_id": true}',  # a bool is no int
+        b'{"type": "CtlTestHandOver", "link_id": "1"}',
+        b'{"type": "CtlTestHandOver", "link_id": null}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": 5, "port": 1}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": "h", "port": "80"}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": null, "port": 1}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": "h", "port": 1, "tls": 1}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": "h", "port": 1, "alpn": "h2"}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": "h", "port": 1, "alpn": ["h2", 1]}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": "h", "port": 1, "note": 5}',
+        b'{"type": "CtlTestOpen", "link_id": 1, "host": ["h"], "port": 1}',
+    ],
+)
+def test_a_value_of_another_type_than_declared_raises(pair, packet):
+    """Each field must hold its declared type (int, str, bool, None, tuple[...]); the next message is fine."""
+    a, b = pair
+    a.send(packet)
+    send_message(a, CtlTestOpen(2, "h", 3, True, ("h2",), None))
+    with pytest.raises(ControlError):
+        recv_message(b)
+    assert recv_message(b) == (CtlTestOpen(2, "h", 3, True, ("h2",), None), [])
+
+
+def test_fields_of_types_that_cannot_be_checked_are_refused_at_registration():
+    """float, dict, list and nested tuples cannot be declared: decode() could not check them."""
+
+    @dataclass(frozen=True)
+    class CtlTestFloat:
+        x: float
+
+    @dataclass(frozen=True)
+    class CtlTestList:
+        x: list[str]
+
+    @dataclass(frozen=True)
+    class CtlTestNested:
+        x: tuple[tuple[int, ...], ...]
+
+    @dataclass(frozen=True)
+    class CtlTestPair:
+        x: tuple[int, str]
+
+    for cls in (CtlTestFloat, CtlTestList, CtlTestNested, CtlTestPair):
+        with pytest.raises(TypeError):
+            message(cls)
+
+
+def test_socket_from_fd_takes_only_the_kind_of_socket_expected():
+    """A pipe, a UDP or a UNIX socket where a TCP socket is expected is refused and closed; a TCP one is taken."""
+    inet = (socket.AF_INET, socket.AF_INET6)
+    r, w = os.pipe()
+    os.close(w)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    unix, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.close()
+    for fd in (r, udp.detach(), unix.detach()):
+        with pytest.raises(ControlError):
+            socket_from_fd(fd, inet, socket.SOCK_STREAM)
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
+    with pytest.raises(ControlError):
+        socket_from_fd(10_000, inet, socket.SOCK_STREAM)  # no such fd
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock = socket_from_fd(tcp.detach(), inet, socket.SOCK_STREAM)
+    assert (sock.family, sock.type) == (socket.AF_INET6, socket.SOCK_STREAM)
+    sock.close()

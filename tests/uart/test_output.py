@@ -294,3 +294,41 @@ def test_discard_drops_what_the_host_did_not_take(pty_pair):
     assert emptied == [0]
     assert received.endswith(b"x\r\nready\r\n") and received.count(b"ready") == 1
     assert dropped > 0 and dropped + len(received) == queued + len(b"\r\nready\r\n")
+
+
+def test_backlogged_above_high_until_down_to_low_then_eased_once(pty_pair):
+    """Above the high-water mark the output is backlogged; on_eased comes once, after it is down to the low one."""
+    master, slave = pty_pair
+
+    async def main():
+        eased: list[int] = []
+        out = Output(master, 0.0, lambda: None, water=(65536, 16384), on_eased=lambda: eased.append(out.buffered))
+        for _ in range(100):
+            out.reply(b"x" * 1000)  # 100 kB: more than the pty takes
+        assert out.backlogged
+        await asyncio.sleep(0.05)
+        assert out.backlogged and eased == [] and out.buffered > 16384  # nobody reads
+        got = 0
+        while got < 100_000:
+            got += len(await asyncio.to_thread(os.read, slave, 1000))
+            if not out.backlogged:
+                break
+        await asyncio.sleep(0.01)
+        assert not out.backlogged and len(eased) == 1 and eased[0] <= 16384
+        total = got + sum(len(r) for _, r in await asyncio.to_thread(_read_until_size, slave, 100_000 - got, 5.0))
+        assert total == 100_000 and len(eased) == 1
+
+    _run(main())
+
+
+def _read_until_size(fd: int, size: int, timeout: float) -> list[tuple[float, bytes]]:
+    import select
+
+    reads: list[tuple[float, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while size > 0:
+        assert select.select([fd], [], [], max(deadline - time.monotonic(), 0))[0], f"{size} bytes missing"
+        chunk = os.read(fd, 65536)
+        reads.append((time.monotonic(), chunk))
+        size -= len(chunk)
+    return reads

@@ -1,0 +1,68 @@
+"""A link worker in this process, handed fds with Adopt as a (possibly
+compromised) front could: only a TCP socket is adopted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+import uvloop
+from structlog.testing import capture_logs
+
+from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.messages import Adopt, ConnectFailed, Connected, Hello
+from bridged.links.worker import Worker
+from tests.ringtools import new_ring
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _recv(control: socket.socket, timeout: float = 5.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                got = recv_message(control)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+                continue
+            assert got is not None, "the worker closed its control socket"
+            return got[0]
+
+
+def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():
+    """A pipe, a UDP socket or a UNIX socket handed over with Adopt gets ConnectFailed and a log line; a TCP client is adopted."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    r, w = os.pipe()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    unix, unix_peer = socket.socketpair()
+    ours, theirs = socketpair()
+
+    async def main() -> list[object]:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            answers = []
+            for conn_id, fd in enumerate((r, udp.fileno(), unix.fileno(), accepted.fileno()), start=1):
+                send_message(ours, Adopt(conn_id, "TCP"), [fd])
+                answers.append(await _recv(ours))
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return answers
+
+    try:
+        with capture_logs() as logs:
+            answers = uvloop.run(main())
+    finally:
+        for s in (server, client, accepted, udp, unix, unix_peer, ours, theirs):
+            s.close()
+        os.close(r)
+        os.close(w)
+    assert [type(a) for a in answers] == [ConnectFailed, ConnectFailed, ConnectFailed, Connected]
+    assert [a.conn_id for a in answers] == [1, 2, 3, 4]
+    assert [e["conn_id"] for e in logs if e["event"] == "adopt_refused"] == [1, 2, 3]

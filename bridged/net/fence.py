@@ -35,6 +35,8 @@ _REMEMBERED = 64  # verdicts kept, addresses logged per window
 
 
 class Fence:
+    """One process's checks against a Policy, with its refusal count and log limits."""
+
     def __init__(self, policy: Policy, clock: Callable[[], float]) -> None:
         self.policy = policy
         self.clock = clock

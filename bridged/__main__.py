@@ -1,8 +1,9 @@
 """Command line: ``bridged run [--instance NAME] [--config FILE] [--profile NAME]
-[--port DEVICE] [--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]``,
-``bridged check`` with the same options (validate the configuration and print
-what it amounts to, without serving), and ``bridged pki import|list|remove``
-(the certificate store, see ``bridged.pki_cli``).
+[--port DEVICE] [--baud N] [--pty LINK] [--state-dir DIR] [--transcript FILE]
+[--control PATH]``, ``bridged check`` with the same options (validate the
+configuration and print what it amounts to, without serving), ``bridged pki
+import|list|remove`` (the certificate store, see ``bridged.pki_cli``) and
+``bridged status`` (what a running daemon is doing, see ``bridged.status_cli``).
 
 Without --config, /etc/bridged/bridged.toml and then /etc/bridged/<instance>.toml
 are read when present; --config FILE replaces them (see bridged.config).
@@ -54,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--state-dir", metavar="DIR", help="where persistent settings live")
         command.add_argument("--transcript", metavar="FILE",
                              help="write the AT transcript (every byte to and from the MCU) to FILE")
+    run.add_argument("--control", metavar="PATH", help="the control socket for `bridged status` (default: "
+                     "$RUNTIME_DIRECTORY/control.sock, else <state dir>/control.sock)")
     commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
+    commands.add_parser("status", help="show what a running bridged is doing (bridged status --help)",
+                        add_help=False)
     return parser
 
 
@@ -130,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"log.transcript_path: {config.log.transcript_path}: {exc.strerror or exc}")
     device = config.uart.port
     setup_logging(config.log.level, config.log.format, "supervisor")
+    from bridged.ops.protocol import daemon_path
     from bridged.spawn import StartError
     from bridged.supervisor import Supervisor  # after logging: it imports every module
     from bridged.uart.port import PortError
@@ -138,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         return _load_config(args)
 
     try:
-        return Supervisor(config, device, config.uart.pty_link or None, directory, reload).run()
+        return Supervisor(config, device, config.uart.pty_link or None, directory, reload,
+                          daemon_path(args.control, directory)).run()
     except (PortError, StartError) as exc:
         return _fail(str(exc), START_FAILED)
 
@@ -149,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         from bridged.pki_cli import main as pki_main
 
         return pki_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from bridged.status_cli import main as status_main
+
+        return status_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)

@@ -60,6 +60,7 @@ __all__ = [
     "LogConfig",
     "OtaConfig",
     "SntpConfig",
+    "WatchdogConfig",
     "StateConfig",
     "UartConfig",
     "WifiConfig",
@@ -432,6 +433,14 @@ class SntpConfig:
     source: str = _field("servers", _choice("servers", "host"))
 
 
+@dataclass(frozen=True, slots=True)
+class WatchdogConfig:
+    """[watchdog]: how the supervisor tells a stuck child from a busy one (bridged.liveness)."""
+
+    heartbeat_ms: int = _field(1000, _int(100, 60_000))
+    missed_heartbeats: int = _field(3, _int(1, 100))
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -442,6 +451,7 @@ _SECTIONS: dict[str, type] = {
     "ota": OtaConfig,
     "dns": DnsConfig,
     "sntp": SntpConfig,
+    "watchdog": WatchdogConfig,
 }
 
 
@@ -464,6 +474,7 @@ class Config:
     ota: OtaConfig = field(default_factory=OtaConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     sntp: SntpConfig = field(default_factory=SntpConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
     instance: str = ""

@@ -29,6 +29,8 @@ import structlog
 import structlog.tracebacks
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from bridged.ops import events
+
 __all__ = ["LEVELS", "FORMATS", "get_logger", "setup_logging"]
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
@@ -109,6 +111,7 @@ def _shared_processors() -> list[Processor]:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_identity,
+        events.remember,  # the last warnings, for `bridged status`
         structlog.processors.StackInfoRenderer(),
     ]
 
@@ -164,6 +167,7 @@ def setup_logging(level: str, fmt: str, role: str, link_id: int | None = None) -
         raise ValueError(f"log level {level!r}; allowed: {', '.join(LEVELS)}")
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    events.take_over()
     _identity.clear()
     _identity["proc"] = role
     if link_id is not None:

@@ -16,6 +16,11 @@ that leaves data unread is called again.
 a full ring); a *hold* is a named reason to stay shut whatever is asked
 meanwhile (the UART output backed up): the gate opens again when the last
 hold is released, if the owner still wants it open then.
+
+The gate tells its owner (``on_hold``) when it starts and stops *holding*
+input: shut for back-pressure (a hold, or ``shut()``), as opposed to a
+moment's pause to let reads gather (``shut(hold=False)``).  The UART front
+drives RTS from it.
 """
 
 from __future__ import annotations
@@ -28,12 +33,16 @@ __all__ = ["ReadGate"]
 
 
 class ReadGate:
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None],
+                 on_hold: Callable[[bool], None] | None = None) -> None:
         self._loop = loop
         self._epoll = select.epoll(1)  # close-on-exec, as Python makes every fd
         self._fd: int | None = None  # the fd the gate lets through, when open
         self._wanted: int | None = None  # the fd open() asked for last, unless shut() since
         self._holds: set[str] = set()
+        self._pressed = False  # shut() for back-pressure, not a pause
+        self._on_hold = on_hold
+        self.holding = False  # held shut for back-pressure (a hold or shut())
         loop.add_reader(self._epoll.fileno(), callback)
 
     @property
@@ -51,31 +60,49 @@ class ReadGate:
 
         After close() it does nothing: callbacks still queued at shutdown may ask.
         """
-        if self._fd == fd or self._epoll.closed:
+        if self._epoll.closed:
             return
         self._wanted = fd
-        if self._holds:
+        self._pressed = False
+        self._tell()
+        if self._holds or self._fd == fd:
             return
         self._unregister()
         self._epoll.register(fd, select.EPOLLIN)
         self._fd = fd
 
-    def shut(self) -> None:
+    def shut(self, hold: bool = True) -> None:
         """Stop calling back; call it before closing the fd (a duplicate of a
-        closed fd would otherwise keep its registration alive)."""
+        closed fd would otherwise keep its registration alive).
+
+        ``hold``: input is held back until further notice; False for a pause
+        that reopens by itself in a moment (the owner is not told).
+        """
         self._wanted = None
+        self._pressed = hold
         self._unregister()
+        self._tell()
 
     def hold(self, reason: str) -> None:
         """Stay shut for ``reason`` until release(reason), whatever open() asks meanwhile."""
         self._holds.add(reason)
         self._unregister()
+        self._tell()
 
     def release(self, reason: str) -> None:
         """Drop one reason to stay shut; open again if none is left and open() was asked last."""
         self._holds.discard(reason)
         if not self._holds and self._wanted is not None:
             self.open(self._wanted)
+        else:
+            self._tell()
+
+    def _tell(self) -> None:
+        holding = bool(self._holds) or self._pressed
+        if holding != self.holding:
+            self.holding = holding
+            if self._on_hold is not None:
+                self._on_hold(holding)
 
     def _unregister(self) -> None:
         if self._fd is None:
@@ -89,7 +116,8 @@ class ReadGate:
     def close(self) -> None:
         if self._epoll.closed:
             return
-        self.shut()
+        self._unregister()
+        self._wanted = None
         self._holds.clear()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import faulthandler
 import os
 import signal
 import time
@@ -87,6 +88,13 @@ class Child:
     started: float = 0.0
     failures: int = 0  # consecutive deaths soon after start
     restart_at: float | None = None  # when to fork again
+    restarts: int = 0  # forked again after a death of its own (for `bridged status`)
+    # Heartbeats (bridged.liveness): the last ping sent, the last answered,
+    # pings missed in a row, when a stuck one gets SIGKILL.
+    seq: int = 0
+    answered: int = 0
+    missed: int = 0
+    kill_at: float | None = None
 
     def ident(self) -> dict[str, int]:
         """Log fields naming the child: link_id for a link worker only."""
@@ -95,6 +103,7 @@ class Child:
     def schedule_restart(self, now: float) -> None:
         """It died at ``now``: count the failure and set ``restart_at``."""
         self.failures = self.failures + 1 if now - self.started < _FAST_DEATH else 1
+        self.restarts += 1
         delay = 0.0 if self.failures <= 1 else min(_MAX_BACKOFF, 0.25 * 2 ** (self.failures - 2))
         self.restart_at = now + delay
 
@@ -135,6 +144,9 @@ def _run_child(target: Callable[[], int], role: str, link_id: int | None, log_co
         if os.getppid() != parent:
             os._exit(1)
         setup_logging(log_config.level, log_config.format, role, link_id)
+        # A stuck child gets SIGABRT from the supervisor (bridged.liveness):
+        # its Python stack goes to stderr, the log, before it dies.
+        faulthandler.enable()
         code = target()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1

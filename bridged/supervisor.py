@@ -29,7 +29,13 @@ stopped; the caller exits 1.
 
 Isolation: nothing of the supervisor's signal handling runs in a child
 (``bridged.spawn``); a link worker unmaps the other links' rings and closes
-their doorbells, the pty and the supervisor channel, each time it is forked.
+their doorbells, the pty, the supervisor channel, the control socket and the
+other workers' heartbeat channels, each time it is forked.
+
+Liveness (``bridged.liveness``): a child that stops answering heartbeats is
+killed and restarted like a crashed one; WATCHDOG=1 only while the front
+answers.  The control socket (``bridged.ops``) is bound here, before any
+fork, so it outlives every front; the front serves it.
 
 Reload (SIGHUP, ``systemctl reload``): the configuration is read again from
 the same file, profile and command line.  A configuration that does not load,
@@ -53,12 +59,14 @@ import structlog
 from bridged import spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
-from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
+from bridged.liveness import Liveness, Report
 from bridged.log import setup_logging
 from bridged.net import resolver
 from bridged.net.hosts import overrides
+from bridged.ops import server as control_server
 from bridged.spawn import Child, StartError
 from bridged.uart.main import PORT_FAILED, run_front
 from bridged.uart.port import Pty, open_pty
@@ -73,7 +81,8 @@ _FRONT_MAX_FAILURES = 5
 
 class Supervisor:
     def __init__(self, config: Config, device: str, pty_link: str | None, state_dir: Path,
-                 reload: Callable[[], Config] | None = None) -> None:
+                 reload: Callable[[], Config] | None = None, control: Path | None = None) -> None:
+        self.liveness = Liveness(1.0, 3)
         self._adopt(config)
         self._reload = reload  # loads the configuration again from the same sources
         self.device = device
@@ -85,7 +94,9 @@ class Supervisor:
         self.workers = [Child("link", i) for i in range(config.links.count)]
         self.sup_sock: socket.socket | None = None  # our end of the front's channel
         self.front_ready = False
-        self.last_heartbeat = 0.0
+        self.control_path = control  # where `bridged status` finds us (None: nowhere)
+        self.listener: socket.socket | None = None
+        self.report = Report()
         self.stopping = False
         self.served = False  # a front has reached ready since we started
         self._port_failure: str | None = None  # the reason of the running front's PortFailed
@@ -111,6 +122,11 @@ class Supervisor:
                 log.info("pty_created", path=self.pty.path, link=self.pty_link)
                 print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
                       f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+            if self.control_path is not None:
+                try:
+                    self.listener, self._control_ident = control_server.listen(self.control_path)
+                except control_server.ListenError as exc:
+                    raise StartError(str(exc)) from None
             return self._serve()
         finally:
             # Whatever comes now is too late to act on, and the interpreter's
@@ -145,7 +161,8 @@ class Supervisor:
         next_ping = time.monotonic()
         while True:
             fds = [self._wakeup_r] + ([self.sup_sock] if self.sup_sock is not None else [])
-            readable, _, _ = select.select(fds, [], [], 0 if self._signals else 0.2)
+            fds += self.liveness.channels()
+            readable, _, _ = select.select(fds, [], [], 0 if self._signals else 0.1)
             if self._wakeup_r in readable:
                 self._take_signals()
             if self._term_requested():
@@ -159,6 +176,10 @@ class Supervisor:
                 raise StartError(self._fatal)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
+            for channel in readable:
+                if channel is not self.sup_sock and channel != self._wakeup_r:
+                    self.liveness.read(channel)
+            self.liveness.tick(time.monotonic(), self._ping)
             self._restart_due()
             if watchdog and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog
@@ -238,10 +259,14 @@ class Supervisor:
         """
         self.config = config
         self.host_overrides = overrides(config.dns.hosts, config.dns.hosts_file)
+        self.liveness.configure(config.watchdog.heartbeat_ms / 1000, config.watchdog.missed_heartbeats)
 
     def _healthy(self) -> bool:
-        alive = self.front.pid and all(w.pid for w in self.workers)
-        return bool(alive) and time.monotonic() - self.last_heartbeat < 5.0
+        """Feed systemd's watchdog: every child is there and the front answers."""
+        return all(w.pid for w in self.workers) and self.liveness.answering(self.front)
+
+    def _ping(self, child: spawn.Child, seq: int) -> Ping:
+        return self.report.ping(seq, [self.front, *self.workers]) if child is self.front else Ping(seq)
 
     # -- starting children -------------------------------------------------------------
 
@@ -258,27 +283,35 @@ class Supervisor:
 
         def target() -> int:
             ours.close()
-            return run_front(self.config, self.device, self.pty, self.state_dir, self.rings, theirs)
+            for channel in self.liveness.channels():
+                channel.close()
+            return run_front(self.config, self.device, self.pty, self.state_dir, self.rings, theirs,
+                             self.listener)
 
         self.front.pid = self._fork(self.front, target)
         theirs.close()
         self.sup_sock = ours
+        self.liveness.watch(self.front, ours, owned=False)
+        self.report.front_started()
         self.front_ready = False
         self._port_failure = None
-        self.last_heartbeat = time.monotonic()
 
     def _start_worker(self, worker: Child) -> None:
         assert worker.link_id is not None
         front_end, worker_end = socketpair()
+        ours, theirs = socketpair()  # heartbeats
         uplink, downlink = self.rings[worker.link_id]
 
         def target() -> int:
             front_end.close()
+            ours.close()
             self._keep_only(worker.link_id)
-            return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir)
+            return run_worker(self.config, worker.link_id, worker_end, uplink, downlink, self.state_dir, theirs)
 
         worker.pid = self._fork(worker, target)
         worker_end.close()
+        theirs.close()
+        self.liveness.watch(worker, ours)
         try:
             send_message(self.sup_sock, WorkerStarted(worker.link_id, worker.pid), [front_end.fileno()])
         except OSError as exc:
@@ -294,6 +327,10 @@ class Supervisor:
         """
         if self.sup_sock is not None:
             self.sup_sock.close()
+        if self.listener is not None:
+            self.listener.close()
+        for channel in self.liveness.channels():
+            channel.close()  # the other workers' heartbeats
         if self.pty is not None:
             os.close(self.pty.master)
             os.close(self.pty.slave)
@@ -339,6 +376,7 @@ class Supervisor:
         if child is None:
             return
         child.pid = 0
+        self.liveness.forget(child)
         self._take_signals()
         if self.stopping or self._term_requested():
             return  # a stop is under way: the loop handles the signal next
@@ -408,10 +446,10 @@ class Supervisor:
             os.close(fd)
         if isinstance(msg, PortFailed):
             self._port_failure = msg.reason
-        elif isinstance(msg, Heartbeat):
-            self.last_heartbeat = time.monotonic()
+        elif isinstance(msg, Pong):
+            if self.liveness.answered(self.front, msg) and self.front_ready:
+                self.report.show(msg.summary)
         elif isinstance(msg, FrontReady):
-            self.last_heartbeat = time.monotonic()
             self.front.failures = 0
             if not self.front_ready:
                 self.front_ready = self.served = True
@@ -442,4 +480,7 @@ class Supervisor:
             self.pty.close()
         if self.sup_sock is not None:
             self.sup_sock.close()
+        if self.listener is not None:
+            control_server.unlink(self.control_path, self._control_ident)
+            self.listener.close()
 

@@ -71,12 +71,14 @@ def parse_events(text: str, name: str | None = None) -> list[dict]:
 
 
 class Daemon:
-    """bridged run on a pty, with a config written for the test."""
+    """bridged run on a pty (or with ``port``: --port on a serial device the test owns), with a config written for the test."""
 
     def __init__(self, tmp: Path, config: str = "", args: tuple[str, ...] = (),
-                 wrap: tuple[str, ...] = (), station: str = "lo", own_group: bool = False) -> None:
+                 wrap: tuple[str, ...] = (), station: str = "lo", own_group: bool = False,
+                 port: str | None = None) -> None:
         self.tmp = tmp
-        self.link = str(tmp / "tty")
+        self.port = port
+        self.link = port or str(tmp / "tty")
         self.state_dir = tmp / "state"
         self.config_path = tmp / "bridged.toml"
         self.station = station
@@ -97,7 +99,7 @@ class Daemon:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [*self.wrap, sys.executable, "-m", "bridged", "run", "--config", str(self.config_path),
-             "--pty", self.link, "--state-dir", str(self.state_dir), *self.args],
+             "--port" if self.port else "--pty", self.link, "--state-dir", str(self.state_dir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=env,
             process_group=0 if self.own_group else None,
         )
@@ -152,9 +154,12 @@ class Daemon:
 class Host:
     """The MCU's end of the serial line."""
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-        tty.setraw(self.fd, termios.TCSANOW)  # TCSAFLUSH would discard "ready"
+    def __init__(self, path: str | None, fd: int | None = None) -> None:
+        """Open ``path``, or drive ``fd`` (a pty master whose slave the daemon opened with --port)."""
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+            tty.setraw(fd, termios.TCSANOW)  # TCSAFLUSH would discard "ready"
+        self.fd = fd
         os.set_blocking(self.fd, False)
         self.buf = bytearray()
 

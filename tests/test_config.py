@@ -18,6 +18,7 @@ import pytest
 from bridged import config as config_module
 from bridged.config import (
     Config,
+    WatchdogConfig,
     ConfigError,
     DnsConfig,
     FirmwareConfig,
@@ -124,6 +125,8 @@ ACCEPTED = [
     ("dns", "hosts", {}), ("dns", "hosts", {"example.com": ["127.0.0.2", "::1"], "a.test": "127.0.0.1"}),
     ("dns", "hosts_file", ""), ("dns", "hosts_file", "/etc/hosts"),
     ("sntp", "source", "servers"), ("sntp", "source", "host"),
+    ("watchdog", "heartbeat_ms", 100), ("watchdog", "heartbeat_ms", 60_000),
+    ("watchdog", "missed_heartbeats", 1), ("watchdog", "missed_heartbeats", 100),
 ]
 
 HOSTS_TABLE = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
@@ -261,6 +264,8 @@ REFUSED = [
     ("dns", "hosts_file", "etc/hosts", HOSTS_PATH),
     ("dns", "hosts_file", 1, HOSTS_PATH),
     ("sntp", "source", "ntp", "servers, host"),
+    ("watchdog", "heartbeat_ms", 99, "an integer from 100 to 60000"),
+    ("watchdog", "missed_heartbeats", 0, "an integer from 1 to 100"),
 ]
 
 
@@ -341,7 +346,7 @@ def test_every_key_is_covered():
     """The tables above exercise every key of every section."""
     sections = {"uart": UartConfig, "wifi": WifiConfig, "links": LinksConfig,
                 "log": LogConfig, "state": StateConfig, "firmware": FirmwareConfig,
-                "ota": OtaConfig, "dns": DnsConfig, "sntp": SntpConfig}
+                "ota": OtaConfig, "dns": DnsConfig, "sntp": SntpConfig, "watchdog": WatchdogConfig}
     every = {(s, f.name) for s, cls in sections.items() for f in dataclasses.fields(cls)}
     assert {(s, k) for s, k, _ in ACCEPTED} == every
     assert {(s, k) for s, k, _, _ in REFUSED} == every
@@ -461,7 +466,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota, dns, sntp")
+        "state, firmware, ota, dns, sntp, watchdog")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -682,7 +687,7 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>, watchdog.<key>")
 
 
 def test_override_unparsable_string():
@@ -826,7 +831,7 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
 def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
-    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp",
+    assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog",
                      "profile", "sources", "instance"]
 
 

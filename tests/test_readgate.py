@@ -146,4 +146,26 @@ def test_a_hold_keeps_the_gate_shut_until_released_and_open_was_asked_last(pair)
         assert got == [b"held", b"later"]
         gate.close()
 
+
+def test_the_owner_hears_holding_not_pauses(pair):
+    """on_hold hears when the gate starts and stops holding input (shut), once
+    each, but not a pause (shut(hold=False)) nor an open of an open gate."""
+    a, b = pair
+
+    async def main():
+        heard: list[bool] = []
+        gate = ReadGate(asyncio.get_running_loop(), lambda: b.recv(100), on_hold=heard.append)
+        gate.open(b.fileno())
+        gate.shut(hold=False)
+        gate.open(b.fileno())
+        assert heard == []
+        gate.shut()
+        gate.shut()
+        assert gate.holding and heard == [True]
+        gate.open(b.fileno())
+        gate.open(b.fileno())
+        assert not gate.holding and heard == [True, False]
+        gate.close()
+        assert heard == [True, False]  # closing is no hold
+
     _run(main())

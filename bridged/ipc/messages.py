@@ -12,9 +12,14 @@ worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
 (a UDP link's remote moved, AT+CIPSTART <mode> 1 or 2).
 supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
 front end of the new worker's control socket), ``Shutdown``.
-front -> supervisor: ``FrontReady``, ``Heartbeat``, ``PortFailed`` (the serial
+front -> supervisor: ``FrontReady``, ``PortFailed`` (the serial
 port cannot be opened: the one line saying why; the front then exits with
 ``bridged.uart.main.PORT_FAILED`` and the supervisor ends the daemon, exit 1).
+supervisor -> front and each worker (the front's supervisor channel, each
+worker's heartbeat channel): ``Ping``; the child answers ``Pong`` from its
+event loop (``bridged.liveness``).
+front -> worker: ``StatsRequest``; worker -> front: ``LinkStats`` (for
+``bridged status``, ``bridged.ops``).
 
 A connection's end is not a control message: the worker puts an EOF record
 in the downlink ring behind the last data, so the front reports ``CLOSED``
@@ -45,7 +50,10 @@ __all__ = [
     "WorkerStarted",
     "Shutdown",
     "FrontReady",
-    "Heartbeat",
+    "Ping",
+    "Pong",
+    "StatsRequest",
+    "LinkStats",
     "PortFailed",
 ]
 
@@ -183,8 +191,40 @@ class FrontReady:
 
 @message
 @dataclass(frozen=True)
-class Heartbeat:
-    pass
+class Ping:
+    """Are you there?  To the front it also carries what only the supervisor knows."""
+
+    seq: int
+    uptime_ms: int = 0  # since the supervisor started
+    restarts: tuple[int, ...] = ()  # the front's, then each link worker's
+    events: tuple[str, ...] = ()  # the supervisor's recent warnings (JSON), when they changed
+
+
+@message
+@dataclass(frozen=True)
+class Pong:
+    seq: int
+    summary: str = ""  # the front's one-line status (systemd's STATUS=)
+
+
+@message
+@dataclass(frozen=True)
+class StatsRequest:
+    seq: int
+
+
+@message
+@dataclass(frozen=True)
+class LinkStats:
+    """A worker's counters: its connection's bytes, the warnings it logged."""
+
+    seq: int
+    pid: int
+    conn_id: int  # -1: no connection
+    bytes_up: int
+    bytes_down: int
+    errors: int  # warning and error events since the worker started
+    events: tuple[str, ...] = ()  # the last of them (JSON)
 
 
 @message

@@ -13,6 +13,7 @@ import uvloop
 from bridged.config import Config
 from bridged.ipc.rings import Ring
 from bridged.links.worker import Worker
+from bridged.liveness import answer_pings
 from bridged.net.localaddr import link_policy
 from bridged.pki import PkiStore
 
@@ -23,7 +24,7 @@ _TERM_GRACE = 1.0  # seconds a SIGTERM'd worker waits for the front to stop firs
 
 
 def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
-               state_dir: Path) -> int:
+               state_dir: Path, heartbeat: socket.socket | None = None) -> int:
     async def main() -> int:
         links = config.links
         worker = Worker(link_id, control, uplink, downlink, links.connect_timeout_ms, PkiStore(state_dir),
@@ -44,6 +45,8 @@ def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Rin
                 loop.call_later(_TERM_GRACE, worker.stop)
 
         loop.add_signal_handler(signal.SIGTERM, on_term)  # SIGINT: the supervisor's
+        if heartbeat is not None:
+            answer_pings(loop, heartbeat)  # the supervisor's liveness check (bridged.liveness)
         await worker.run()
         return FRONT_GONE if worker.front_gone else 0
 

@@ -47,10 +47,12 @@ from bridged.ipc.messages import (
     Discard,
     Ended,
     Hello,
+    LinkStats,
     Refused,
     RemoteChanged,
     SetOptions,
     SetRecvWindow,
+    StatsRequest,
 )
 from bridged.ipc.rings import Ring
 from bridged.net.fence import Fence
@@ -59,6 +61,7 @@ from bridged.links import tls
 from bridged.links.udp import loopback_source, open_udp
 from bridged.net.interfaces import own_address, station_interface
 from bridged.net.policy import LocalPortRefused, Policy, Refusal
+from bridged.ops import events
 from bridged.pki import PkiStore
 from bridged.readgate import ReadGate
 
@@ -216,8 +219,16 @@ class Worker:
         elif isinstance(msg, Refused):
             # The front refused AT+CIPSEND's remote before its prompt; the count is ours.
             self.fence.note(Refusal(msg.address, msg.port, msg.rule), "send")
+        elif isinstance(msg, StatsRequest):
+            self._reply(self._statistics(msg.seq))
         else:
             log.error("unexpected_control_message", message=repr(msg))
+
+    def _statistics(self, seq: int) -> LinkStats:
+        """For `bridged status`: this connection's bytes, the warnings we logged."""
+        up, down = (self.stats["up"], self.stats["down"]) if self.conn_id is not None else (0, 0)
+        return LinkStats(seq, os.getpid(), -1 if self.conn_id is None else self.conn_id, up, down,
+                         events.count(), events.recent(5))
 
     def _reply(self, msg: object) -> None:
         try:

@@ -2,8 +2,10 @@
 
 The decision is ``bridged.net.policy``'s; this adds what a link worker and
 the front's AT+CIPSERVER listener need around it.  Each refusal is counted
-(``refused``, for ``bridged status``) and logged as ``link_refused`` with
-the address, port, deciding rule and what was refused:
+(``refused``, the running count in each log line) and logged as
+``link_refused``, a warning (so ``bridged status`` counts it among the
+process's warnings and shows the latest), with the address, port, deciding
+rule and what was refused:
 
 * ``connect``: an address AT+CIPSTART's host resolved to (each one tried),
   a passthrough reconnect's, AT+SAVETRANSLINK's; every one is logged.

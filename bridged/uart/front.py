@@ -24,12 +24,17 @@ AT task blocks on a full UART), and while an answer's after-action waits: a
 host that writes and never reads fills the tty buffer, not our memory.  Data
 phases are not held: their payload makes no output, and their peer's bytes
 wait in the rings.
+
+A serial device that hangs up (EOF or EIO on a read, a failed write) is
+waited for and reopened (``uart.replug``); meanwhile the session stands
+still, output held as when the UART is backed up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import signal
 import socket
@@ -62,16 +67,18 @@ from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
-from bridged.ipc.messages import FrontReady, Heartbeat, PortFailed, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, Shutdown, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
+from bridged.ops.status import UartCounters
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
-from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, drain
+from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort, drain
+from bridged.uart.replug import Replug
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
 from bridged.uart.transcript import MarkKind, Transcript
@@ -90,6 +97,7 @@ _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not p
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
 _BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
 _AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
+_GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
 
 
 def factory_uart(config: Config) -> UartSettings:
@@ -118,6 +126,7 @@ class Front:
         slots: list[Slot],
         supervisor: socket.socket | None,
         apply_port=None,
+        serial: SerialPort | None = None,  # a real port (not a pty): reopened when it returns
     ) -> None:
         self.config = config
         self.fd = fd
@@ -128,7 +137,10 @@ class Front:
         self.loop = asyncio.get_running_loop()
         self.parser = Parser(config.uart.max_line)
         self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
-                             on_eased=self._on_output_eased)
+                             on_eased=self._on_output_eased,
+                             on_failed=self._on_write_failed if serial is not None else None)
+        self._serial = serial
+        self._replug = Replug(serial, self._port_back) if serial is not None else None
         self.links = LinkTable(
             slots, self._on_link_data, self._on_link_closed, self._can_deliver,
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
@@ -150,11 +162,14 @@ class Front:
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._command: asyncio.Task | None = None  # a handler waiting on the network
-        self._gate = ReadGate(self.loop, self._on_readable)  # the port, paused often (coalescing, back-pressure)
+        # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
+        self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
         self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
+        self.counters = UartCounters()  # for `bridged status` (bridged.ops.status)
+        self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -168,11 +183,11 @@ class Front:
             self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
         self._start_boot(Reset.POWER_ON)
         self._resume_reading()
-        heartbeat = self.loop.create_task(self._heartbeat())
         try:
             await self._stopped
         finally:
-            heartbeat.cancel()
+            if self._replug is not None:
+                self._replug.close()
             self.sntp.stop()
             if self.boot is not None:
                 self.boot.cancel()
@@ -190,11 +205,6 @@ class Front:
         async with asyncio.timeout(timeout):
             while not all(self.links.is_ready(i) for i in range(self.links.count)):
                 await asyncio.sleep(0.005)
-
-    async def _heartbeat(self) -> None:
-        while True:
-            self._tell_supervisor(Heartbeat())
-            await asyncio.sleep(1.0)
 
     def _tell_supervisor(self, msg: object) -> None:
         if self.supervisor is None:
@@ -224,6 +234,8 @@ class Front:
                 log.error("control_message_refused", link_id=msg.link_id, error=str(exc))
                 return
             self.links.attach(msg.link_id, control)
+        elif isinstance(msg, Ping):  # bridged.liveness: we answer, so we are not stuck
+            self._tell_supervisor(Pong(msg.seq, self.on_ping(msg)))
         elif isinstance(msg, Shutdown):
             self.stop()
         else:
@@ -339,6 +351,8 @@ class Front:
     # -- reading the port -----------------------------------------------------------------
 
     def _resume_reading(self) -> None:
+        if self._replug is not None and self._replug.away:
+            return  # the device is gone: reading resumes when it is back
         self._gate.open(self.fd)
 
     def _pause_reading(self) -> None:
@@ -357,18 +371,24 @@ class Front:
         except BlockingIOError:
             return
         except OSError as exc:
+            if exc.errno in _GONE and self._replug is not None:
+                self._hung_up(exc.strerror)
+                return
             log.error("uart_read_failed", error=str(exc))
             self._pause_reading()
             self.loop.call_later(0.5, self._resume_reading)
             return
         if not data:
-            self._hung_up()
+            self._hung_up("hung up (unplugged?)")
             return
+        if self._serial is not None:
+            self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
         if self.boot is not None:
             self.boot.drop(len(data))
             return
+        self.counters.rx_bytes += len(data)
         if self.busy:
             self._refuse_busy(data)
             return
@@ -377,15 +397,31 @@ class Front:
         self._process()
         self._coalesce(len(data), now)
 
-    def _hung_up(self) -> None:
-        """The port read EOF: a tty does only once hung up (a USB adapter
-        unplugged); the pty's master never does, we hold its slave.  Nothing
-        is left to serve: tell the supervisor, which starts a front that
-        reopens the port (see bridged.supervisor), and stop."""
+    def _hung_up(self, why: str) -> None:
+        """The device went away (a read gave EOF, as a tty does only once hung
+        up, or EIO; a write EIO): stop reading and writing, keep the session,
+        and reopen the device when it returns (bridged.uart.replug)."""
         self._pause_reading()  # it stays readable: EOF again and again
-        self.port_lost = f"{self.port_name} hung up (unplugged?); plug the device in or choose another --port"
+        if self._replug is not None:
+            self.output.suspend()
+            self._replug.lost(why)
+            return
+        # The pty's master never hangs up (we hold its slave): if it did, a new front makes a new one.
+        self.port_lost = f"{self.port_name} {why}; plug the device in or choose another --port"
         self._tell_supervisor(PortFailed(self.port_lost))
         self.stop()
+
+    def _on_write_failed(self, exc: OSError) -> None:
+        # EIO, as a hung-up tty says; anything else too leaves a port we
+        # cannot write to: reopened, it gets a fresh start.
+        self._hung_up(exc.strerror or str(exc))
+
+    def _port_back(self, fd: int) -> None:
+        """The device is back, reopened with the settings in force: carry on."""
+        self.fd = fd
+        self.output.resume(fd)
+        self._resume_reading()
+        self._process()
 
     def _coalesce(self, size: int, now: float) -> None:
         """While the MCU streams a data phase at UART speed, read every few ms.
@@ -402,7 +438,7 @@ class Front:
         # A read that nearly filled the tty buffer means the MCU is waiting on us.
         if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
-            self._pause_reading()
+            self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
             self.loop.call_later(_COALESCE, self._resume_reading)
 
     def _refuse_busy(self, data: bytes) -> None:
@@ -558,6 +594,7 @@ class Front:
             self._payload_escaped()
         else:  # NEED_DATA
             if room == 0:
+                self.counters.flow_pauses += 1
                 self._pause_reading()  # resumed by the worker's progress doorbell
                 self._mute_progress(None)
             self._arm_timer()
@@ -763,6 +800,7 @@ class Front:
             if self.tap is not None:
                 self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
+            slot.ipd += 1
 
     def _on_link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True
@@ -777,6 +815,7 @@ class Front:
         # SEND OK before the notice of data that may answer it, as for +IPD.
         self._check_send()
         link = self.ctx.link_arg(slot.link_id)
+        slot.ipd += 1
 
         def notice() -> bytes:
             # Made when written, with what is unread then; nothing if nothing is.

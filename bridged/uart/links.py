@@ -38,6 +38,7 @@ from bridged.ipc.messages import (
     Ended,
     Discard,
     Hello,
+    LinkStats,
     Refused,
     RemoteChanged,
     SetOptions,
@@ -93,6 +94,8 @@ class Slot:
     passive: bool = False
     rx: Unread = field(init=False)  # what passive reads have not taken yet
     ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
+    pid: int = 0  # its worker's, from Hello
+    ipd: int = 0  # +IPD frames and notices of this connection (bridged status)
 
     def __post_init__(self) -> None:
         self.rx = Unread(self.downlink)
@@ -142,6 +145,7 @@ class LinkTable:
         self._deferred: set[int] = set()  # slots whose records wait for UART room
         self.window = window
         self.loop = asyncio.get_running_loop()
+        self.on_stats: Callable[[Slot, LinkStats], None] = lambda slot, msg: None  # bridged.ops.status
 
     # -- Links protocol (used by command handlers) --------------------------------
 
@@ -266,6 +270,7 @@ class LinkTable:
         slot.conn_id = next(_conn_ids)
         slot.state = SlotState.CONNECTING
         slot.silent = slot.ended = False
+        slot.ipd = 0
         slot.rx.reset()
         slot.type, slot.server = type_, server
         slot.last_activity = self.loop.time()
@@ -393,6 +398,7 @@ class LinkTable:
             return
         if isinstance(msg, Hello):
             log.info("worker_ready", link_id=slot.link_id, pid=msg.pid)
+            slot.pid = msg.pid
             if slot.state is SlotState.NO_WORKER:
                 slot.state = SlotState.IDLE
             if slot.ready is not None and not slot.ready.done():
@@ -410,6 +416,8 @@ class LinkTable:
             self._on_connected(slot, msg)
         elif isinstance(msg, ConnectFailed) and msg.conn_id == slot.conn_id:
             self._end(slot, msg.reason)
+        elif isinstance(msg, LinkStats):
+            self.on_stats(slot, msg)
 
     def _on_connected(self, slot: Slot, msg: Connected) -> None:
         if slot.state is not SlotState.CONNECTING:

@@ -27,6 +27,11 @@ for the fd to be writable (or, on a real UART, for CTS).  The owner reads
 output is ``backlogged`` until it is down to ``low`` again, then ``on_eased``
 is called (soon, not from inside the writer): the owner stops taking input
 meanwhile, as ESP-AT's AT task blocks on a full UART.
+
+A write that fails (EIO: the serial device went away) suspends the output
+and calls ``on_failed``: nothing is lost that the port had not taken, and
+``resume`` writes it, in order, to the reopened port.  What the kernel had
+taken is gone with the device.
 """
 
 from __future__ import annotations
@@ -59,13 +64,16 @@ class Output:
 
     def __init__(self, fd: int, gap: float, on_drained: Callable[[], None],
                  water: tuple[int, int] = (65536, 32768),
-                 on_eased: Callable[[], None] = lambda: None) -> None:
+                 on_eased: Callable[[], None] = lambda: None,
+                 on_failed: Callable[[OSError], None] | None = None) -> None:
         self.fd = fd
         self.gap = gap
         self.on_drained = on_drained
         self.high, self.low = water
         self.on_eased = on_eased
         self.backlogged = False  # above high, not yet down to low
+        self.on_failed = on_failed
+        self.suspended = False  # the port is gone: queue, write nothing
         self.loop = asyncio.get_running_loop()
         self._seq = itertools.count()
         self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
@@ -205,11 +213,19 @@ class Output:
             self._linger.cancel()
             self._linger = None
         self._scheduled = False
+        if self.suspended:
+            return
         while self._pending or self._next_batch(self.loop.time()):
             try:
                 n = os.write(self.fd, self._pending[:_MAX_WRITE])
             except BlockingIOError:
                 n = 0
+            except OSError as exc:
+                if self.on_failed is None:
+                    raise
+                self.suspend()
+                self.on_failed(exc)
+                return
             self._buffered -= n
             self.written += n
             if self.tap is not None and n:
@@ -235,6 +251,19 @@ class Output:
         # Called at once (it runs after every write): it may only queue more
         # output, and queuing never writes from inside _pump.
         self.on_drained()
+
+    def suspend(self) -> None:
+        """Write nothing until ``resume`` (the port is gone); keep queuing."""
+        self.suspended = True
+        self._disarm_writer()
+
+    def resume(self, fd: int) -> None:
+        """Write what is queued, in order, to ``fd`` (the port reopened)."""
+        self.fd = fd
+        self.suspended = False
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._pump)
 
     def _arm_writer(self) -> None:
         if not self._writer_armed:

@@ -8,8 +8,9 @@ a peer (which would make reads fail with EIO).
 
 A port that cannot be used raises `PortError`, whose text is the one line an
 admin reads: what is wrong with which path, then what to do about it.  Such a
-failure is permanent for this run (the daemon exits 1 and systemd's
-Restart=on-failure decides when to try again).
+failure at start is permanent for this run (the daemon exits 1 and systemd's
+Restart=on-failure decides when to try again); a device that vanishes while
+serving is waited for and reopened (``SerialPort.reopen``, bridged.uart.replug).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import structlog
 
 from bridged.commands.context import UartSettings
+from bridged.uart.flow import RtsControl, TtyModemLines, crtscts
 
 __all__ = ["Pty", "PortError", "open_pty", "SerialPort", "open_serial", "apply_termios", "drain",
            "FLOW_NAMES", "PARITY_NAMES"]
@@ -171,7 +173,7 @@ def apply_termios(fd: int, settings: UartSettings) -> None:
         cflag |= termios.CSTOPB
     if settings.parity:
         cflag |= termios.PARENB | (termios.PARODD if settings.parity == 1 else 0)
-    if settings.flow:
+    if crtscts(settings.flow):  # see bridged.uart.flow: CTS honoured (2, 3)
         cflag |= termios.CRTSCTS
     attrs[2] = cflag
     attrs[4] = attrs[5] = speed
@@ -217,7 +219,12 @@ _PARITY = {0: "N", 1: "O", 2: "E"}
 
 
 class SerialPort:
-    """A real UART opened with pyserial; its fd is then driven by the loop."""
+    """A real UART opened with pyserial; its fd is then driven by the loop.
+
+    It keeps the settings in force (AT+UART_CUR's), so that a device that
+    vanished and returned (``reopen``) is configured as the MCU left it; its
+    ``rts`` drives RTS for flow control rts (see bridged.uart.flow).
+    """
 
     def __init__(self, device: str, settings: UartSettings) -> None:
         """Open ``device`` exclusively (flock, as pyserial's exclusive=True) and configure it.
@@ -226,35 +233,94 @@ class SerialPort:
             PortError: it does not exist, is locked or busy, is not a tty,
                 may not be opened, or refuses the settings.
         """
+        self.device = device
+        self.settings = settings
+        self.rts = RtsControl(self._queued)
+        self._lines: TtyModemLines | None = None
+        self._serial, self._lines = self._open()
+        self.fd = self._serial.fileno()
+
+    def _open(self):
         import serial  # imported here: a pty-only run never needs it
 
-        self._serial = serial.Serial()
-        self._serial.port = device
+        port = serial.Serial()
+        port.port = self.device
         try:
-            self._configure(settings)
-            self._serial.exclusive = True
-            self._serial.open()  # closes what it acquired if it fails
+            _configure(port, self.settings)
+            port.exclusive = True
+            port.open()  # closes what it acquired if it fails
         except (OSError, ValueError) as exc:  # SerialException is an OSError
-            raise serial_error(device, exc) from None
-        self.fd = self._serial.fileno()
-        os.set_blocking(self.fd, False)
-
-    def _configure(self, settings: UartSettings) -> None:
-        s = self._serial
-        s.baudrate = settings.baud
-        s.bytesize = settings.data_bits
-        s.stopbits = _STOP_BITS[settings.stop_bits]
-        s.parity = _PARITY[settings.parity]
-        # ESP-AT flow 1 = RTS (we hold the MCU off), 2 = CTS (it holds us off).
-        # termios has one switch for both directions, so any of them enables it.
-        s.rtscts = settings.flow != 0
+            raise serial_error(self.device, exc) from None
+        fd = port.fileno()
+        os.set_blocking(fd, False)
+        # Said once per path, not again for each replug of the same adapter.
+        lines = TtyModemLines(fd, self.device, said=self._lines is not None and not self._lines.usable)
+        self.rts.attach(lines, self.settings.flow, fresh=True)
+        return port, lines
 
     def apply(self, settings: UartSettings) -> None:
-        termios.tcdrain(self.fd)
-        self._configure(settings)
+        """AT+UART_CUR: drain, then change the line (a failing device keeps them for ``reopen``)."""
+        self.settings = settings
+        try:
+            termios.tcdrain(self.fd)
+            _configure(self._serial, settings)
+        except (OSError, ValueError, termios.error) as exc:
+            log.warning("uart_settings_not_applied", port=self.device, error=str(exc))
+            return
+        self.rts.attach(self._lines, settings.flow)
+
+    def release(self) -> None:
+        """The device hung up: let go of its lock, so that it may be opened again
+        where it returns (the same node, after a driver reset) before we close it."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass  # nothing to release on a descriptor that is gone
+
+    def reopen(self) -> int:
+        """Open the device again with the settings in force; the old descriptor
+        is closed once the new one is open (so its number is never reused
+        while the loop may still name it).
+
+        Returns:
+            The new descriptor.
+        Raises:
+            PortError: the device cannot be opened (yet).
+        """
+        fresh, self._lines = self._open()
+        old, self._serial = self._serial, fresh
+        self.fd = fresh.fileno()
+        try:
+            old.close()
+        except OSError:
+            pass  # a hung-up tty may refuse the flush pyserial's close does: it is closed anyway
+        return self.fd
+
+    def hold_input(self, held: bool) -> None:
+        """The front's read gate started (True) or stopped holding input."""
+        self.rts.input_held(held)
+
+    def after_read(self, size: int) -> None:
+        self.rts.after_read(size)
+
+    def _queued(self) -> int:
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return 0
 
     def close(self) -> None:
         self._serial.close()
+
+
+def _configure(port, settings: UartSettings) -> None:
+    port.baudrate = settings.baud
+    port.bytesize = settings.data_bits
+    port.stopbits = _STOP_BITS[settings.stop_bits]
+    port.parity = _PARITY[settings.parity]
+    # Only flow 2 and 3 let the kernel wait for CTS; RTS alone (1) is ours to
+    # drive: CRTSCTS would make a line without a CTS wire stall our output.
+    port.rtscts = crtscts(settings.flow)
 
 
 def open_serial(device: str, settings: UartSettings) -> SerialPort:

@@ -1,6 +1,7 @@
 """Each process holds only its own: a link worker maps its own two rings and
-no other, holds its own doorbells and control socket, and nothing of the
-other links, the pty or the supervisor; also when it is forked again."""
+no other, holds its own doorbells, control socket and heartbeat channel, and
+nothing of the other links, the pty, the control socket (`bridged status`)
+or the supervisor; also when it is forked again."""
 
 from __future__ import annotations
 
@@ -60,8 +61,20 @@ def own_rings(link_id: int) -> set[str]:
     return {f"bridged-link{link_id}-up", f"bridged-link{link_id}-down"}
 
 
+def listener_inode(path: str) -> int:
+    """The socket inode of the AF_UNIX socket listening at ``path`` (/proc/net/unix)."""
+    with open("/proc/net/unix") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) == 8 and fields[7] == path and fields[5] == "01":
+                return int(fields[6])
+    raise AssertionError(f"nobody listens at {path}")
+
+
 def check_isolation(daemon: Daemon) -> None:
-    """Every worker holds its own link's objects only; the front holds every ring."""
+    """Every worker holds its own link's objects only; the front holds every
+    ring and, of the supervisor's sockets, only the control socket's listener
+    (not a worker's heartbeat channel)."""
     supervisor = held(daemon.proc.pid)
     front = held(daemon.wait_event("child_started", role="front")[-1]["pid"])
     workers = [held(daemon.worker_pid(k)) for k in range(LINKS)]
@@ -69,6 +82,7 @@ def check_isolation(daemon: Daemon) -> None:
     assert set(front.rings) == everything
     assert front.ttys, "the front holds the pty"
     assert not front.pipes & supervisor.pipes, "the front holds the supervisor's wake-up pipe"
+    assert front.sockets & supervisor.sockets == {listener_inode(str(daemon.state_dir / "control.sock"))}
     for k, worker in enumerate(workers):
         assert set(worker.rings) == own_rings(k), (k, worker.rings)
         assert all(worker.rings[label] == front.rings[label] for label in worker.rings)  # the same blocks
@@ -78,6 +92,9 @@ def check_isolation(daemon: Daemon) -> None:
         assert worker.eventfds & supervisor.eventfds == doorbells
         assert not worker.ttys, (k, worker.ttys)
         assert not worker.pipes & supervisor.pipes, k
+        # Its control socket's and heartbeat channel's other ends are other
+        # inodes: nothing shared with the front or the supervisor, so no
+        # other worker's channel and not the control socket's listener.
         assert not worker.sockets & (front.sockets | supervisor.sockets), k
         for j, other in enumerate(workers):
             if j != k:

@@ -354,8 +354,9 @@ def test_a_front_that_keeps_dying_before_ready_ends_the_daemon_with_a_line(tmp_p
 
 def test_a_port_that_hangs_up_is_reopened(tmp_path, serial_pty):
     """A serial port that hangs up while serving (a USB adapter unplugged: its
-    tty reads EOF) is reported and reopened; plugged in again (udev points the
-    by-id link at the new node) the daemon serves there, it does not spin on EOF."""
+    tty reads EOF) is waited for and reopened by the same front; plugged in
+    again (udev points the by-id link at the new node) the session goes on
+    there, without a ready, and it does not spin on EOF meanwhile."""
     master, _, device = serial_pty
     port = tmp_path / "port"
     port.symlink_to(device)
@@ -368,9 +369,12 @@ def test_a_port_that_hangs_up_is_reopened(tmp_path, serial_pty):
         os.replace(_symlink(tmp_path, os.ttyname(replug_slave)), port)
         os.dup2(replug_master, master)  # the first master closes, its tty hangs up; the fixture closes the new one
         lost = _wait_log(log_path, "port_lost")[-1]
-        assert lost["error"] == f"{port} hung up (unplugged?); plug the device in or choose another --port"
-        _read_until(master, b"\r\nready\r\n")
+        assert lost["device"] == str(port) and lost["error"] == "hung up (unplugged?)"
+        _wait_log(log_path, "port_back")
+        os.write(master, b"AT\r\n")
+        assert _read_until(master, b"\r\nOK\r\n") == b"AT\r\n\r\nOK\r\n"  # no ready: the same session
         assert proc.poll() is None
+        assert len([e for e in _wait_log(log_path, "child_started") if e["role"] == "front"]) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         assert "Traceback" not in log_path.read_text() + proc.stderr.read()

@@ -332,3 +332,37 @@ def _read_until_size(fd: int, size: int, timeout: float) -> list[tuple[float, by
         reads.append((time.monotonic(), chunk))
         size -= len(chunk)
     return reads
+
+
+def test_a_failed_write_keeps_the_queue_for_the_reopened_port():
+    """A write failing with EIO (the device hung up) suspends the output and
+    tells the owner once; what the port had not taken, and what is queued
+    meanwhile, is written in order to the port given to resume."""
+    import errno
+
+    old_master, old_slave = os.openpty()
+    new_master, new_slave = os.openpty()
+    for fd in (old_slave, new_slave):
+        tty.setraw(fd)
+        os.set_blocking(fd, False)
+
+    async def main():
+        failures: list[OSError] = []
+        out = Output(old_slave, 0.0, lambda: None, on_failed=failures.append)
+        os.close(old_master)  # unplugged: the slave hangs up
+        out.reply(b"\r\nOK\r\n")
+        out.urc(b"\r\n+IPD,0,3:abc")
+        await asyncio.sleep(0.05)
+        assert [f.errno for f in failures] == [errno.EIO] and out.suspended
+        out.urc(b"\r\n0,CLOSED\r\n")  # while away: queued, no write, no second failure
+        await asyncio.sleep(0.05)
+        assert len(failures) == 1 and out.buffered == 6 + 14 + 12
+        out.resume(new_slave)
+        return await asyncio.to_thread(_read_until, new_master, b"CLOSED\r\n", 2.0)
+
+    try:
+        got = b"".join(r for _, r in _run(main()))
+    finally:
+        for fd in (old_slave, new_master, new_slave):
+            os.close(fd)
+    assert got == b"\r\nOK\r\n\r\n+IPD,0,3:abc\r\n0,CLOSED\r\n"

@@ -1,0 +1,96 @@
+"""bridged.liveness: missed heartbeats are counted per tick, an answer
+resets them, and a child that misses enough is aborted, then killed."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.messages import Ping, Pong
+from bridged.liveness import KILL_GRACE, Liveness
+from bridged.spawn import Child
+
+
+def _setup(misses: int = 3):
+    proc = subprocess.Popen(["sleep", "30"])
+    child = Child("link", 0, pid=proc.pid)
+    ours, theirs = socketpair()
+    theirs.settimeout(2)
+    liveness = Liveness(1.0, misses)
+    liveness.watch(child, ours)
+    return proc, child, ours, theirs, liveness
+
+
+def _pings(now: float, liveness: Liveness) -> None:
+    liveness.tick(now, lambda child, seq: Ping(seq))
+
+
+def test_answered_pings_keep_a_child_alive():
+    """A child answering every ping is never counted missing, however many ticks."""
+    proc, child, ours, theirs, liveness = _setup()
+    try:
+        for t in range(10):
+            _pings(float(t), liveness)
+            msg, _ = recv_message(theirs)
+            send_message(theirs, Pong(msg.seq))
+            assert liveness.read(ours) == Pong(msg.seq)
+            assert liveness.answering(child) and child.missed == 0
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_silent_child_is_aborted_after_the_misses_then_killed():
+    """No answers: one miss per tick, SIGABRT at the third, SIGKILL after the grace."""
+    proc, child, ours, theirs, liveness = _setup()
+    try:
+        _pings(0.0, liveness)
+        _pings(1.0, liveness)
+        assert child.missed == 1 and not liveness.answering(child)
+        _pings(2.0, liveness)
+        assert child.missed == 2 and proc.poll() is None
+        _pings(3.0, liveness)
+        assert proc.wait(5) == -signal.SIGABRT
+        assert child.kill_at == 3.0 + KILL_GRACE
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_stopped_child_gets_sigkill_after_the_grace():
+    """A child that ignores SIGABRT is SIGKILLed at kill_at."""
+    proc = subprocess.Popen(["sh", "-c", "trap '' ABRT; sleep 30"])
+    child = Child("front", pid=proc.pid)
+    ours, _theirs = socketpair()
+    liveness = Liveness(1.0, 1)
+    liveness.watch(child, ours)
+    try:
+        _pings(0.0, liveness)
+        _pings(1.0, liveness)  # the one allowed miss: abort
+        assert child.kill_at is not None
+        _pings(1.0 + KILL_GRACE, liveness)
+        assert proc.wait(5) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_supervisor_held_up_counts_one_miss_per_tick():
+    """A long gap between ticks (the supervisor itself was held up) is one miss, not many."""
+    proc, child, ours, theirs, liveness = _setup()
+    try:
+        _pings(0.0, liveness)
+        _pings(100.0, liveness)
+        assert child.missed == 1 and proc.poll() is None
+        msg, _ = recv_message(theirs)
+        msg, _ = recv_message(theirs)  # the second ping, seq 2: answered late but in time
+        send_message(theirs, Pong(msg.seq))
+        liveness.read(ours)
+        assert child.missed == 0
+        send_message(theirs, Pong(1))  # a stale answer changes nothing
+        assert liveness.read(ours) is None
+    finally:
+        proc.kill()
+        proc.wait()

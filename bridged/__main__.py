@@ -3,7 +3,8 @@
 [--control PATH]``, ``bridged check`` with the same options (validate the
 configuration and print what it amounts to, without serving), ``bridged pki
 import|list|remove`` (the certificate store, see ``bridged.pki_cli``) and
-``bridged status`` (what a running daemon is doing, see ``bridged.status_cli``).
+``bridged status`` (what a running daemon is doing, see ``bridged.status_cli``)
+and ``bridged ota keygen|sign|verify`` (signed updates, see ``bridged.ota_cli``).
 
 Without --config, /etc/bridged/bridged.toml and then /etc/bridged/<instance>.toml
 are read when present; --config FILE replaces them (see bridged.config).
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("pki", help="manage the TLS certificate store (bridged pki --help)", add_help=False)
     commands.add_parser("status", help="show what a running bridged is doing (bridged status --help)",
                         add_help=False)
+    commands.add_parser("ota", help="keys and signatures for OTA images (bridged ota --help)", add_help=False)
     return parser
 
 
@@ -160,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         from bridged.status_cli import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["ota"]:
+        from bridged.ota_cli import main as ota_main
+
+        return ota_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "run":
         return run(args)

@@ -58,6 +58,8 @@ __all__ = [
     "FirmwareConfig",
     "LinksConfig",
     "LogConfig",
+    "OTA_PARTITION",
+    "OTA_VERSION",
     "OtaConfig",
     "SntpConfig",
     "WatchdogConfig",
@@ -308,6 +310,29 @@ def _local_ports() -> _Check:
     return _Check(str, LOCAL_PORTS_ALLOWED, accept)
 
 
+def _ota_list(item: str, allowed: str, most: int, *, one: bool = False) -> _Check:
+    """A list of 0..most (1..most when `one`) distinct strings matching `item`, as a tuple;
+    a lone string stands for a list of one."""
+    compiled = re.compile(item)
+
+    def accept(v: Any) -> Any:
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list | tuple) or not (1 if one else 0) <= len(items) <= most:
+            return _NO
+        if not all(isinstance(i, str) and compiled.fullmatch(i) for i in items):
+            return _NO
+        return tuple(items) if len(set(items)) == len(items) else _NO
+
+    return _Check(list, allowed, accept)
+
+
+#: An OTA version (AT+CIUPDATE's, the server's, [ota] current_version): nothing
+#: a shell, a path or an environment variable reads specially.
+OTA_VERSION = r"[A-Za-z0-9._+-]{1,64}"
+#: A partition name becomes a file name (<state dir>/ota/<name>.bin); 64 as ESP-AT.
+OTA_PARTITION = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"
+
+
 def _field(default: Any, check: _Check, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"check": check}, repr=not secret)
 
@@ -416,6 +441,17 @@ class OtaConfig:
     max_size: int = _field(16_777_216, _int(1, 4_294_967_296))
     install_command: str = _field("", _command_line())
     timeout_ms: int = _field(180_000, _int(1000, 3_600_000))
+    insecure_http: bool = _field(False, _bool())
+    ca_file: str = _field("", _path('"" (the system CA store) or an absolute path to a PEM file',
+                                    absolute=True))
+    public_key: tuple[str, ...] = _field((), _ota_list(
+        r"/[^\x00]*", "an absolute path to an Ed25519 public key, or a list of up to 8 distinct ones", 8))
+    allow_unsigned: bool = _field(False, _bool())
+    allow_downgrade: bool = _field(False, _bool())
+    current_version: str = _field("", _pattern(OTA_VERSION, "1 to 64 of A-Z a-z 0-9 . _ + -", empty=True))
+    partitions: tuple[str, ...] = _field(("ota",), _ota_list(
+        OTA_PARTITION, "a list of 1 to 16 distinct partition names (1 to 64 of A-Z a-z 0-9 _ . -,"
+        " not starting with . or -)", 16, one=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,34 +22,24 @@ import datetime
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from bridged.config import ConfigError, load_config, state_dir
 from bridged.pki import KINDS, MAX_INDEX, Entry, PkiError, PkiStore
+from bridged.subcommand import Parser, run
 
 __all__ = ["main"]
 
 PROG = "bridged pki"
 NOT_PRESENT = 1
-USAGE_ERROR = 2
-
-
-class _UsageError(Exception):
-    """argparse refused the command line (message without usage text)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
                         help="state directory (default: the daemon's)")
     common.add_argument("--instance", metavar="NAME", default=argparse.SUPPRESS,
                         help="the service instance whose store this is (bridged@NAME)")
-    parser = _Parser(prog=PROG, parents=[common],
+    parser = Parser(prog=PROG, parents=[common],
                      description="Manage the certificates and keys SSL links use"
                                  " (ESP-AT's mfg_nvs PKI namespaces).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -161,29 +151,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
-    return USAGE_ERROR
-
-
 def main(argv: list[str]) -> int:
     """Run ``bridged pki`` with `argv` (the words after "pki"); returns the exit status."""
-    try:
-        args = _parser().parse_args(argv)
-    except _UsageError as exc:
-        return _fail(f"{exc} (see {PROG} --help)")
-    except SystemExit as exc:  # --help
-        return exc.code if isinstance(exc.code, int) else 0
-    try:
-        return _run(args)
-    except PkiError as exc:
-        return _fail(str(exc))
-    except ConfigError as exc:  # the configuration naming the state directory
-        return _fail(str(exc))
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        return _fail(f"{where}{exc.strerror or exc}")
-
+    # ConfigError: the configuration naming the state directory.
+    return run(PROG, _parser(), argv, _run, (PkiError, ConfigError))
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

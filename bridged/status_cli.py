@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Show what a running bridged is doing: links, UART, errors.")
     parser.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
     parser.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    parser.add_argument("--transcript", choices=("on", "off"),
+                        help="switch the AT transcript on or off (to [log] transcript_path, else the log)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--instance", metavar="NAME", help="the systemd instance bridged@NAME")
     where.add_argument("--control", metavar="PATH", help="the control socket's path")
@@ -118,14 +120,14 @@ def _connect(path: Path) -> socket.socket:
     return sock
 
 
-def _ask(sock: socket.socket, path: Path) -> dict[str, Any]:
+def _ask(sock: socket.socket, path: Path, req: dict[str, Any] | None = None) -> dict[str, Any]:
     try:
-        reply = request(sock, {"cmd": "status"})
+        reply = request(sock, req or {"cmd": "status"})
     except (OSError, ProtocolError) as exc:
         raise _Unreachable(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not reply.get("ok"):
         raise _Unreachable(f"{path}: the daemon refused: {reply.get('error', 'no reason given')}")
-    return reply["status"]
+    return reply if req else reply["status"]
 
 
 def _duration(seconds: float) -> str:
@@ -214,6 +216,15 @@ def main(argv: list[str]) -> int:
     except _UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return USAGE_ERROR
+    if args.transcript is not None:
+        try:
+            with _connect(path) as sock:
+                reply = _ask(sock, path, {"cmd": "transcript", "on": args.transcript == "on"})
+        except _Unreachable as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return UNREACHABLE
+        print(f"transcript {'on' if reply['transcript'] else 'off'}")
+        return 0
     if args.watch:
         return _watch(path, args.json)
     try:

@@ -63,6 +63,8 @@ def toml_value(value: object) -> str:
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)  # a valid TOML basic string
     return repr(value)
@@ -127,6 +129,16 @@ ACCEPTED = [
     ("sntp", "source", "servers"), ("sntp", "source", "host"),
     ("watchdog", "heartbeat_ms", 100), ("watchdog", "heartbeat_ms", 60_000),
     ("watchdog", "missed_heartbeats", 1), ("watchdog", "missed_heartbeats", 100),
+    ("ota", "insecure_http", True), ("ota", "insecure_http", False),
+    ("ota", "ca_file", ""), ("ota", "ca_file", "/etc/bridged/ota-ca.pem"),
+    ("ota", "public_key", []), ("ota", "public_key", "/etc/bridged/ota.pub"),
+    ("ota", "public_key", [f"/etc/bridged/k{i}.pub" for i in range(8)]),
+    ("ota", "allow_unsigned", True), ("ota", "allow_unsigned", False),
+    ("ota", "allow_downgrade", True), ("ota", "allow_downgrade", False),
+    ("ota", "current_version", ""), ("ota", "current_version", "v4.1.2.0"),
+    ("ota", "current_version", "A-z.0_9+" + "x" * 56),
+    ("ota", "partitions", ["ota"]), ("ota", "partitions", "client_ca"),
+    ("ota", "partitions", [f"p{i}" for i in range(15)] + ["_" + "p" * 63]),
 ]
 
 HOSTS_TABLE = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
@@ -142,6 +154,11 @@ LOCAL_PORTS = 'ports and ranges from 1 to 65535, comma separated, e.g. "1024-655
 OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
 AT_VERSION = ("an ESP-AT version from 2.2.0.0 to 4.1.255.255: four dot-separated numbers 0 to 255 "
               "in ASCII digits, no leading zero")
+OTA_CA_FILE = '"" (the system CA store) or an absolute path to a PEM file'
+OTA_PUBLIC_KEY = "an absolute path to an Ed25519 public key, or a list of up to 8 distinct ones"
+OTA_VERSION = '"" or 1 to 64 of A-Z a-z 0-9 . _ + -'
+OTA_PARTITIONS = ("a list of 1 to 16 distinct partition names (1 to 64 of A-Z a-z 0-9 _ . -,"
+                  " not starting with . or -)")
 
 REFUSED = [
     ("uart", "port", 5, '"" (create a pseudo-terminal) or a serial device path'),
@@ -266,7 +283,27 @@ REFUSED = [
     ("sntp", "source", "ntp", "servers, host"),
     ("watchdog", "heartbeat_ms", 99, "an integer from 100 to 60000"),
     ("watchdog", "missed_heartbeats", 0, "an integer from 1 to 100"),
+    ("ota", "insecure_http", "yes", "true, false"),
+    ("ota", "ca_file", "ca.pem", OTA_CA_FILE),
+    ("ota", "public_key", "ota.pub", OTA_PUBLIC_KEY),
+    ("ota", "public_key", [f"/k{i}" for i in range(9)], OTA_PUBLIC_KEY),
+    ("ota", "public_key", ["/k", "/k"], OTA_PUBLIC_KEY),
+    ("ota", "public_key", [1], OTA_PUBLIC_KEY),
+    ("ota", "allow_unsigned", 1, "true, false"),
+    ("ota", "allow_downgrade", "false", "true, false"),
+    ("ota", "current_version", "v" * 65, OTA_VERSION),
+    ("ota", "current_version", "$(id)", OTA_VERSION),
+    ("ota", "current_version", "../v1", OTA_VERSION),
+    ("ota", "current_version", "v1\nx", OTA_VERSION),
+    ("ota", "partitions", [], OTA_PARTITIONS),
+    ("ota", "partitions", ["ota", "ota"], OTA_PARTITIONS),
+    ("ota", "partitions", ["../nvs"], OTA_PARTITIONS),
+    ("ota", "partitions", [".hidden"], OTA_PARTITIONS),
+    ("ota", "partitions", ["p" * 65], OTA_PARTITIONS),
+    ("ota", "partitions", [f"p{i}" for i in range(17)], OTA_PARTITIONS),
+    ("ota", "partitions", 5, OTA_PARTITIONS),
 ]
+SECRET = {("ota", "token"), ("wifi", "password")}
 
 
 def _as_toml(value: object) -> object:
@@ -288,6 +325,8 @@ def test_edge_value_accepted_from_file(tmp_path, section, key, value):
     stored = _as_toml(getattr(getattr(config, section), key))
     if isinstance(value, dict):  # one address may be given without a list
         value = {name: addresses if isinstance(addresses, list) else [addresses] for name, addresses in value.items()}
+    if isinstance(stored, tuple):  # list keys: a lone string is a list of one; kept as a tuple
+        value = (value,) if isinstance(value, str) else tuple(value)
     assert stored == value
 
 
@@ -372,7 +411,9 @@ def test_defaults_are_esp_at():
     assert config.log == LogConfig(level="info", format="auto", transcript=False)
     assert config.state.dir == ""
     assert config.ota == OtaConfig(server="", token="", max_size=16_777_216, install_command="",
-                                   timeout_ms=180_000)
+                                   timeout_ms=180_000, insecure_http=False, ca_file="", public_key=(),
+                                   allow_unsigned=False, allow_downgrade=False, current_version="",
+                                   partitions=("ota",))
     assert config.sntp == SntpConfig(source="servers")
 
 
@@ -436,6 +477,34 @@ def test_ota_token_not_in_repr():
     config = load_config(None, None, {"ota.token": "s3cret-token"})
     assert config.ota.token == "s3cret-token"
     assert "s3cret-token" not in repr(config)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("ota", "token", "S3CRET-" + "x" * 300),
+    ("ota", "token", "S3CRET-\u00e9"),
+    ("ota", "token", "S3CRET-\x01tab"),
+    ("wifi", "password", "S3CRET-" + "p" * 64),
+])
+def test_malformed_secret_is_never_echoed(tmp_path, section, key, value):
+    """A secret the config refuses is named by key, never shown (the error reaches logs,
+    reload_refused and bridged check); from a file and from the command line."""
+    path = write(tmp_path, f"[{section}]\n{key} = {toml_value(value)}\n")
+    for args in ((str(path), None, {}), (None, None, {f"{section}.{key}": value})):
+        with pytest.raises(ConfigError) as info:
+            load_config(*args)
+        assert "S3CRET" not in str(info.value)
+        assert str(info.value).endswith(f"{section}.{key}: the value given (secret, not shown) is not allowed;"
+                                        f" allowed: {'0 to 256 printable ASCII characters' if key == 'token' else 'a string of 0 to 64 bytes'}")
+
+
+def test_ota_lists_are_tuples_and_shown_as_toml(tmp_path):
+    """public_key and partitions load as tuples (frozen) and bridged check prints TOML arrays."""
+    path = write(tmp_path, '[ota]\npublic_key = ["/a.pub", "/b.pub"]\npartitions = "ota"\n')
+    config = load_config(str(path), None, {})
+    assert config.ota.public_key == ("/a.pub", "/b.pub") and config.ota.partitions == ("ota",)
+    text = config_module.to_toml(config)
+    assert 'public_key = ["/a.pub", "/b.pub"]' in text and 'partitions = ["ota"]' in text
+    assert load_config(str(write(tmp_path, text, "again.toml")), None, {}).ota == config.ota
 
 
 def test_password_not_in_repr(tmp_path):

@@ -20,7 +20,12 @@ Policy: the server is ``[ota] server`` (bridged.net.ota); without one, or
 without an address (no AT+CWJAP), an update cannot start: blocking
 AT+CIUPDATE and AT+CIPFWVER? answer ERROR, and nonblocking AT+CIUPDATE
 answers OK and then ``+CIPUPDATE:-1``, as ESP-AT's does for any update that
-fails once started; the log says why.  The state lives in the session, so a
+fails once started; the log says why.  What
+``[ota]`` does not allow (bridged.ota_policy: plain http, a partition not in
+``partitions``, a malformed version or a downgrade, no public key) is ERROR
+before anything is requested, with an ``ota_refused`` warning saying why; a
+refusal later on (the server's version, the signature) ends the update as any
+failure does, with the same warning.  The state lives in the session, so a
 restart shows 0 again, as a reboot does.
 """
 
@@ -37,10 +42,10 @@ from bridged.at.errors import ExecFail, ParamInvalid
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
-from bridged.commands.dns import lookup_servers
+from bridged.config import OTA_PARTITION
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
-from bridged.net.ota import OtaFailed, Updater
+from bridged.net.ota import OtaFailed, OtaRefused, Updater
 
 __all__ = ["OtaSession"]
 
@@ -49,7 +54,7 @@ log = structlog.get_logger()
 FIRMWARE = "ota"  # the partition whose update restarts the session
 _SET_SPECS = (Int(0, 1), Str(64, ""), Str(64, ""), Int(0, 1, 0))
 # A partition name becomes a file name (<state dir>/ota/<name>.bin).
-_PARTITION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_PARTITION = re.compile(OTA_PARTITION)
 
 
 @dataclass(slots=True)
@@ -70,7 +75,14 @@ def _updater(ctx: Context) -> Updater:
     if station_ip(ctx) is None:
         raise ExecFail("no ip: the station is not connected (AT+CWJAP first)")
     # The store's file sits in the state directory; images go next to it.
-    return Updater(config, ctx.store.path.parent, lookup_servers(ctx))
+    return Updater(config, ctx.store.path.parent)
+
+
+def _failed(what: str, exc: OtaFailed) -> str:
+    """The reason for the log; a refusal is also a warning of its own."""
+    if isinstance(exc, OtaRefused):
+        log.warning("ota_refused", command=what, why=exc.why)
+    return f"{what} failed: {exc.why}"
 
 
 # -- AT+CIUPDATE ---------------------------------------------------------------------
@@ -108,6 +120,10 @@ def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: b
         log.info("ota_failed", why=exc.why)
         session.state = -1
         return Reply(after=lambda: ctx.urc(fmt.ota_progress(-1)))
+    try:
+        updater.policy.check(version, partition)
+    except OtaRefused as exc:
+        raise ExecFail(_failed("AT+CIUPDATE", exc)) from None
     log.info("ota_started", mode=mode, version=version or "latest", partition=partition,
              nonblocking=nonblocking, server=ctx.config.ota.server)
     session.running = True
@@ -127,7 +143,7 @@ async def _blocking(ctx: Context, session: OtaSession, updater: Updater, version
         image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.answer_part))
     except OtaFailed as exc:
         session.state = -1
-        raise ExecFail(f"AT+CIUPDATE failed: {exc.why}") from None
+        raise ExecFail(_failed("AT+CIUPDATE", exc)) from None
     finally:
         session.running = False
     log.info("ota_done", file=str(image), partition=partition)
@@ -140,7 +156,7 @@ async def _nonblocking(ctx: Context, session: OtaSession, updater: Updater, vers
     try:
         image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.urc))
     except OtaFailed as exc:
-        log.info("ota_failed", why=exc.why)
+        log.info("ota_failed", why=_failed("AT+CIUPDATE", exc))
         _progress(ctx, session, -1, ctx.urc)
     except asyncio.CancelledError:
         raise
@@ -171,7 +187,7 @@ def cipfwver_query(ctx: Context, line: CommandLine):
         try:
             versions = await updater.versions()
         except OtaFailed as exc:
-            raise ExecFail(f"AT+CIPFWVER? failed: {exc.why}") from None
+            raise ExecFail(_failed("AT+CIPFWVER?", exc)) from None
         log.info("ota_versions", count=len(versions))
         return Reply(b"".join(fmt.fw_version(v) for v in versions))
 

@@ -28,6 +28,7 @@ _USER_AGENT = f"bridged/{bridged.__version__}"
 # and int() refuses more than 4300 digits; 19 digits is beyond any image.
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
 _STATUS = re.compile(r"[0-9]{3}")
+_CLOSE_TIMEOUT = 1.0  # seconds for a TLS server to answer our close_notify
 
 
 class HttpError(OSError):
@@ -106,14 +107,24 @@ class Response:
         return body
 
     async def close(self) -> None:
+        """Close the connection; TLS waits at most _CLOSE_TIMEOUT for the server's close_notify
+        (a stalled server would otherwise hold us for asyncio's 30 s), then drops it."""
         if self._closed:
             return
         self._closed = True
         self.writer.close()
         try:
-            await self.writer.wait_closed()
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.writer.wait_closed()
+        except TimeoutError:
+            self.writer.transport.abort()
         except (OSError, ssl.SSLError):
             pass  # the server may already have reset it; we are done with it either way
+
+    def abort(self) -> None:
+        """Drop the connection at once: after a failure or a cancellation nothing more is said."""
+        self._closed = True
+        self.writer.transport.abort()
 
 
 async def connect(where: Target, addresses: Sequence[str], tls: ssl.SSLContext | None = None,
@@ -178,6 +189,9 @@ async def _connect(where: Target, addresses: list[str], tls: ssl.SSLContext | No
                     server_hostname=where.host if where.tls else None, limit=_HEAD_LIMIT)
         except TimeoutError:
             failures.append(f"{address}: no answer within {timeout:g} s")
+        except ssl.SSLCertVerificationError as exc:
+            # The reason alone (CERTIFICATE_VERIFY_FAILED) hides whether the name, the CA or a date is wrong.
+            failures.append(f"{address}: TLS: {exc.reason}: {exc.verify_message}")
         except ssl.SSLError as exc:
             failures.append(f"{address}: TLS: {exc.reason or exc}")
         except OSError as exc:

@@ -6,6 +6,9 @@ as it is (no lookup), anything else goes to the nameservers AT+CIPDNS set
 by hand, or, with AT+CIPDNS "from DHCP", to the host's own resolver (on a
 gateway, that is what its DHCP client configured).
 
+AT+CIUPDATE passes no servers: the update server is the admin's, never
+looked up with the nameservers the MCU set.
+
 With AF_UNSPEC the IPv4 addresses come first, as lwIP's default address
 type (IPv4, then IPv6) orders them: AT+CIPDOMAIN's <ip network> 1.
 

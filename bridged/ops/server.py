@@ -226,6 +226,9 @@ class ControlServer:
             return {"ok": False, "error": f"unknown cmd {cmd!r:.60}; known: {known}"}
         try:
             return {"ok": True, **await handler(request)}
+        except ValueError as exc:  # the request's own mistake: say which
+            log.info("control_request_refused", why=str(exc)[:100], cmd=cmd)
+            return {"ok": False, "error": str(exc)}
         except Exception:
             log.exception("control_request_failed", cmd=cmd)
             return {"ok": False, "error": "internal error; the daemon's log has the details"}

@@ -118,7 +118,8 @@ class StatusService:
         self._sup_events: tuple[str, ...] = ()
         self._seq = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, dict[int, LinkStats], int]] = {}
-        self.server = ControlServer(listener, {"status": self.status}) if listener is not None else None
+        handlers = {"status": self.status, "transcript": self.transcript}
+        self.server = ControlServer(listener, handlers) if listener is not None else None
         front.links.on_stats = self._on_stats
         front.on_ping = self.on_ping
 
@@ -151,6 +152,18 @@ class StatusService:
     async def status(self, _request: dict[str, Any]) -> dict[str, Any]:
         stats = await self._gather()
         return {"status": dataclasses.asdict(self.snapshot(stats))}
+
+    async def transcript(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Switch the AT transcript on or off ({"on": true|false}) where [log] sends it."""
+        on = request.get("on")
+        if not isinstance(on, bool):
+            raise ValueError('"on" must be true or false')
+        transcript = self.front.transcript
+        if on and not transcript.enable():
+            raise ValueError("the transcript cannot be written; the daemon's log says why")
+        if not on:
+            transcript.disable()
+        return {"transcript": transcript.enabled}
 
     async def _gather(self) -> dict[int, LinkStats]:
         seq = next(self._seq)

@@ -23,7 +23,9 @@ from cryptography import x509
 
 from tests.dnsserver import serving
 from tests.harness import Demux, EchoServer, udp_peer
-from tests.integration.test_ota import UpdateServer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.otaserver import UpdateServer
 from tests.integration.test_tls import TlsServer, _import, _issue
 
 SERVER_IP = "127.0.0.157"
@@ -242,9 +244,9 @@ def test_ssl_link_keeps_the_name_for_sni_and_the_certificate(bench, tmp_path):
 def test_update_server_by_overridden_name(make_daemon, dns_server):
     """AT+CIPFWVER? reaches an [ota] server named by a host name only [dns] hosts knows;
     the request still names the host (Host header), not the address."""
-    server = UpdateServer()
+    server = UpdateServer(Ed25519PrivateKey.generate())  # plain http: CIPFWVER asks for no image
     try:
-        daemon = make_daemon(f'[ota]\nserver = "http://updates.bench.test:{server.port}"\ntoken = "t"\n'
+        daemon = make_daemon(f'[ota]\nserver = "http://updates.bench.test:{server.port}"\ntoken = "t"\ninsecure_http = true\n'
                              '[dns]\nhosts = { "updates.bench.test" = "127.0.0.1" }\n')
         host = daemon.host()
         host.boot()

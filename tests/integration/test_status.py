@@ -285,3 +285,32 @@ def test_systemd_status_line_summarises(make_daemon, notify_socket, echo_server)
             break
     assert message.rstrip().endswith(" B down")
     host.close()
+
+
+def test_transcript_is_switched_at_run_time(make_daemon, tmp_path):
+    """`bridged status --transcript on|off` starts and stops the AT transcript of a
+    running daemon: what the MCU sends while it is on is in the file, before and after not."""
+    path = tmp_path / "at.transcript"
+    daemon = make_daemon(f'[log]\ntranscript = false\ntranscript_path = "{path}"\n')
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b"AT+CWHOSTNAME?").endswith(b"OK\r\n")  # before: not recorded
+    assert not path.exists()
+    done = status_cli(daemon, "--transcript", "on")
+    assert (done.returncode, done.stdout) == (0, "transcript on\n"), done.stderr
+    assert host.ask(b"AT+CIPSTATUS").endswith(b"OK\r\n")  # while on
+    done = status_cli(daemon, "--transcript", "off")
+    assert (done.returncode, done.stdout) == (0, "transcript off\n"), done.stderr
+    assert host.ask(b"AT+CWSTATE?").endswith(b"OK\r\n")  # after: not recorded
+    text = path.read_text()
+    assert "AT+CIPSTATUS" in text and "STATUS:" in text
+    assert "CWHOSTNAME" not in text and "CWSTATE" not in text
+    assert "transcript_on" in text and "transcript_off" in text
+
+
+def test_transcript_request_needs_a_boolean(daemon):
+    """A transcript request without a true/false "on" is refused, and the daemon serves on."""
+    with connect(control_path(daemon)) as sock:
+        reply = exchange(sock, json.dumps({"cmd": "transcript", "on": "yes"}).encode())
+    assert reply["ok"] is False and "true or false" in reply["error"]
+    assert status_json(daemon)["uart"]

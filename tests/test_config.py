@@ -312,8 +312,6 @@ def _as_toml(value: object) -> object:
         return value.path
     if isinstance(value, HostTable):
         return {name: list(addresses) for name, addresses in value.entries}
-    if isinstance(value, tuple):  # [links] allow / deny: kept as a tuple of the entries
-        return list(value)
     return value
 
 

@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 from bridged import firmware
 from bridged.net.hosts import (PATH_ALLOWED, TABLE_ALLOWED, HostsError, HostsFile, HostTable,
                                read_hosts_file, table_from_toml)
+from bridged.net.policy import (ENTRIES_ALLOWED, LOCAL_PORTS_ALLOWED, MAX_ENTRIES, PolicyError,
+                                parse_local_ports, parse_rule)
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -277,6 +279,37 @@ def _at_version() -> _Check:
                   lambda v: v if isinstance(v, str) and firmware.version_problem(v) is None else _NO)
 
 
+def _link_rules(allow: bool) -> _Check:
+    """[links] allow / deny: a list of entries (bridged.net.policy), kept as written."""
+
+    def accept(v: Any) -> Any:
+        if not isinstance(v, list):
+            return _NO
+        if len(v) > MAX_ENTRIES:
+            raise _Refused(ENTRIES_ALLOWED, f"{len(v)} entries, at most {MAX_ENTRIES}")
+        for number, entry in enumerate(v, 1):
+            try:
+                parse_rule(entry, allow)
+            except PolicyError as exc:
+                raise _Refused(ENTRIES_ALLOWED, f"entry {number} {_show(entry)}: {exc.problem}") from None
+        return tuple(v)
+
+    return _Check(list, ENTRIES_ALLOWED, accept)
+
+
+def _local_ports() -> _Check:
+    def accept(v: Any) -> Any:
+        if not isinstance(v, str):
+            return _NO
+        try:
+            parse_local_ports(v)
+        except PolicyError as exc:
+            raise _Refused(LOCAL_PORTS_ALLOWED, f"{_show(v)}: {exc.problem}") from None
+        return v
+
+    return _Check(str, LOCAL_PORTS_ALLOWED, accept)
+
+
 def _ota_list(item: str, allowed: str, most: int, *, one: bool = False) -> _Check:
     """A list of 0..most (1..most when `one`) distinct strings matching `item`, as a tuple;
     a lone string stands for a list of one."""
@@ -357,6 +390,10 @@ class LinksConfig:
     ring_size: int = _field(65536, _power_of_two(4096, 16_777_216))
     connect_timeout_ms: int = _field(10000, _int(1, 600_000))
     read_window_ms: int = _field(20, _int(0, 100))
+    # Where links may go (bridged.net.policy); the built-in default allows everything.
+    allow: tuple[str, ...] = _field((), _link_rules(True))
+    deny: tuple[str, ...] = _field((), _link_rules(False))
+    local_ports: str = _field("1024-65535", _local_ports())
 
 
 @dataclass(frozen=True, slots=True)
@@ -778,7 +815,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, HostTable):  # an inline table: TOML 1.0 keeps it on one line
         pairs = [f"{json.dumps(name)} = {_toml_value(list(addresses))}" for name, addresses in value.entries]
         return "{ " + ", ".join(pairs) + " }" if pairs else "{}"
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -18,8 +18,9 @@
 #                                         changes belong in `systemctl edit`)
 #   /etc/sysusers.d/bridged.conf          user bridged, in group dialout
 #                                         (systemd-sysusers is run)
-#   /etc/bridged/bridged.toml             0640 root:bridged, from config/bridged.toml,
-#                                         only when there is none: it holds the
+#   /etc/bridged/bridged.toml             0640 root:bridged, from config/gateway.toml
+#                                         (links may not reach this host), only
+#                                         when there is none: it holds the
 #                                         Wi-Fi password and the OTA token
 #   /etc/bridged/bridged.toml.example     every key, documented (replaced)
 #   /etc/bridged/profiles/                for profiles of your own
@@ -122,7 +123,8 @@ install_files() {
                 "chown root:bridged and chmod 0640 it"
         fi
     else
-        install -m 0640 -o 0 -g "$gid" "$source_tree/config/bridged.toml" "$etc/bridged/bridged.toml"
+        # The gateway's fence ([links] deny "self" ...), not the bare defaults: see its comments.
+        install -m 0640 -o 0 -g "$gid" "$source_tree/config/gateway.toml" "$etc/bridged/bridged.toml"
         say "installed $etc/bridged/bridged.toml (0640 root:bridged): edit it"
     fi
 }

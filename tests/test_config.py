@@ -101,6 +101,9 @@ ACCEPTED = [
     ("links", "ring_size", 4096), ("links", "ring_size", 16_777_216),
     ("links", "connect_timeout_ms", 1), ("links", "connect_timeout_ms", 600_000),
     ("links", "read_window_ms", 0), ("links", "read_window_ms", 100),
+    ("links", "allow", []), ("links", "allow", ["127.0.0.1:1883", "[::1]/128:8080", "self:1-1023"]),
+    ("links", "deny", []), ("links", "deny", ["self", "0.0.0.0/0:1-1023", "fe80::/10", "169.254.169.254"]),
+    ("links", "local_ports", "1024-65535"), ("links", "local_ports", "1"), ("links", "local_ports", "123,1024-65535"),
     ("log", "level", "debug"), ("log", "level", "info"),
     ("log", "level", "warning"), ("log", "level", "error"),
     ("log", "format", "auto"), ("log", "format", "json"), ("log", "format", "console"),
@@ -141,6 +144,11 @@ ACCEPTED = [
 HOSTS_TABLE = ('a table from host names to an address or a list of addresses (IPv4 or IPv6), '
                'e.g. { "example.com" = ["127.0.0.1", "::1"] }')
 HOSTS_PATH = '"" (none) or an absolute path to a readable file in /etc/hosts format'
+
+LINK_RULES = ('a list of at most 256 strings, each "self", an IPv4 or IPv6 address or network '
+              '("10.0.0.0/8", "::1", "fd00::/8"), optionally followed by :PORT or :LOW-HIGH '
+              '(IPv6 in brackets then: "[::1]/128:8080", "192.168.1.10:1883", "self:1-1023")')
+LOCAL_PORTS = 'ports and ranges from 1 to 65535, comma separated, e.g. "1024-65535" or "123,1024-65535"'
 
 # (section, key, value, allowed) for values just outside what is allowed.
 OTA_SERVER = '"" (no update server) or an http:// or https:// base URL (ASCII, port 1 to 65535)'
@@ -207,6 +215,9 @@ REFUSED = [
     ("links", "connect_timeout_ms", 600_001, "an integer from 1 to 600000"),
     ("links", "read_window_ms", -1, "an integer from 0 to 100"),
     ("links", "read_window_ms", 101, "an integer from 0 to 100"),
+    ("links", "deny", "127.0.0.0/8", LINK_RULES),
+    ("links", "allow", {"self": 1}, LINK_RULES),
+    ("links", "local_ports", 1024, LOCAL_PORTS),
     ("log", "level", "trace", "debug, info, warning, error"),
     ("log", "format", "text", "auto, json, console"),
     ("log", "transcript", "false", "true, false"),
@@ -946,6 +957,65 @@ def test_dns_keys_print_as_toml_that_loads_back(tmp_path):
     assert 'hosts = { "example.com" = ["127.0.0.2", "::1"], "t.test" = ["127.0.0.1"] }' in printed
     again = load_config(str(write(tmp_path, printed, "printed.toml")), None, {})
     assert again.dns == config.dns
+
+
+# --------------------------------------------------------------------------
+# [links] allow / deny / local_ports: a bad entry is named with the syntax.
+
+BAD_ENTRIES = [
+    ("deny", ["self", "10.0.0.1/8"], "entry 2 '10.0.0.1/8': 10.0.0.1/8 has host bits set (write 10.0.0.0/8)"),
+    ("deny", ["::ffff:127.0.0.1"], "entry 1 '::ffff:127.0.0.1': an IPv4-mapped network is the IPv4 one: "
+                                   "write 127.0.0.1/32"),
+    ("deny", ["127.1"], "entry 1 '127.1': '127.1' is not an IPv4 address (write 127.0.0.1)"),
+    ("allow", ["1.2.3.4:90-80"], "entry 1 '1.2.3.4:90-80': ports '90-80': need 0 <= LOW <= HIGH <= 65535"),
+    ("allow", ["1.2.3.4:65536"], "entry 1 '1.2.3.4:65536': ports '65536': need 0 <= LOW <= HIGH <= 65535"),
+    ("deny", ["[::1]/129"], "entry 1 '[::1]/129': prefix /129 is out of range (0 to 128)"),
+    ("deny", ["[::1]:"], "entry 1 '[::1]:': ports '' are not PORT or LOW-HIGH"),
+    ("deny", ["::1:80:x"], "entry 1 '::1:80:x': '::1:80:x' is not an IPv6 address"),
+    ("deny", ["fe80::1%eth0"], "entry 1 'fe80::1%eth0': an IPv6 zone (%...) is not allowed in a rule"),
+    ("deny", ["gateway.local"], "entry 1 'gateway.local': 'gateway.local' is not an IPv4 address"),
+    ("deny", ["self:"], "entry 1 'self:': ports '' are not PORT or LOW-HIGH"),
+    ("deny", [" 10.0.0.0/8"], "entry 1 ' 10.0.0.0/8': ' 10.0.0.0' is not an IPv4 address"),
+    ("allow", [1883], "entry 1 1883: 1883 is not a string"),
+    ("deny", ["10.0.0.0/8"] * 257, "257 entries, at most 256"),
+]
+
+
+@pytest.mark.parametrize(("key", "entries", "problem"), BAD_ENTRIES)
+def test_bad_link_rule_names_file_key_entry_and_syntax(tmp_path, key, entries, problem):
+    """A malformed allow/deny entry is a config error naming the file, the key, the entry and the syntax."""
+    path = write(tmp_path, f"[links]\n{key} = {toml_value(entries)}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == f"{path}: links.{key}: {problem}; allowed: {LINK_RULES}"
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("0-1023", "'0-1023': port 0 is not a local port (0 asks for any free one, always allowed)"),
+    ("1024-", "'1024-': ports '1024-' are not PORT or LOW-HIGH"),
+    ("2000-1024", "'2000-1024': ports '2000-1024': need 0 <= LOW <= HIGH <= 65535"),
+    ("", "'': '' is not a list of ports"),
+    ("1024-65536", "'1024-65536': ports '1024-65536': need 0 <= LOW <= HIGH <= 65535"),
+])
+def test_bad_local_ports_names_the_problem(tmp_path, value, problem):
+    """A malformed local_ports is a config error naming the file, the key and the syntax."""
+    path = write(tmp_path, f"[links]\nlocal_ports = {toml_value(value)}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), None, {})
+    assert str(info.value) == f"{path}: links.local_ports: {problem}; allowed: {LOCAL_PORTS}"
+
+
+def test_shipped_gateway_config_fences_the_gateway():
+    """config/gateway.toml loads and denies loopback, the host, link-local and metadata addresses."""
+    from bridged.net.localaddr import link_policy
+
+    links = load_config(str(REPO / "config" / "gateway.toml"), None, {}).links
+    policy = link_policy(links.allow, links.deny, links.local_ports)
+    for address in ("127.0.0.1", "127.1", "::1", "::ffff:127.0.0.1", "0.0.0.0", "169.254.169.254",
+                    "fd00:ec2::254", "fe80::1", "169.254.1.1"):
+        assert policy.check(address, 80) is not None, address
+    assert policy.check("192.0.2.10", 1883) is None
+    assert links.local_ports == "1024-65535"
 
 
 # --------------------------------------------------------------------------

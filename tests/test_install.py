@@ -53,7 +53,7 @@ needs_root_and_sysusers = pytest.mark.skipif(
 
 @needs_root_and_sysusers
 def test_install_into_a_root(tmp_path):
-    """The unit, user bridged in dialout and a 0640 root:bridged config land in the root."""
+    """The unit, user bridged in dialout and a 0640 root:bridged config (the gateway's fence) land in the root."""
     result = install(tmp_path, "--no-venv")
     assert result.returncode == 0, result.stderr
     etc = tmp_path / "etc"
@@ -66,7 +66,8 @@ def test_install_into_a_root(tmp_path):
     assert "bridged" in _group(tmp_path, "dialout")[3].split(",")
     config = (etc / "bridged" / "bridged.toml").stat()
     assert (stat.S_IMODE(config.st_mode), config.st_uid, config.st_gid) == (0o640, 0, int(group[2]))
-    assert (etc / "bridged" / "bridged.toml").read_text() == (REPO / "config" / "bridged.toml").read_text()
+    assert (etc / "bridged" / "bridged.toml").read_text() == (REPO / "config" / "gateway.toml").read_text()
+    assert (etc / "bridged" / "bridged.toml.example").read_text() == (REPO / "config" / "bridged.toml").read_text()
     assert (etc / "bridged" / "profiles").is_dir()
 
 

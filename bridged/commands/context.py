@@ -179,6 +179,8 @@ class Links(Protocol):
 
     def free_ids(self) -> list[int]: ...
 
+    def refused(self, link_id: int, refusal: Any) -> None: ...
+
 
 @dataclass
 class Context:

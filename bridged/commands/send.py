@@ -21,6 +21,7 @@ from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context, LinkView
 from bridged.commands.dns import lookup_servers
 from bridged.commands.registry import Reply, SendRequest, handles
+from bridged.net.localaddr import link_policy
 from bridged.net.resolver import ResolveError, resolve
 
 __all__: list[str] = []
@@ -45,9 +46,11 @@ def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: i
         link_id = 0
     if not ctx.links.can_send(link_id):
         raise ExecFail(f"invalid link: link {link_id} is not connected")
-    if not host and port is None:
-        return Reply(final=PROMPT, send=SendRequest(link_id, length, kind=kind))
     view = ctx.links.view(link_id)
+    if not host and port is None:
+        if view.type.startswith("UDP"):
+            _admit(ctx, link_id, [view.remote_ip], view.remote_port)  # a listener's 0.0.0.0 may be refused
+        return Reply(final=PROMPT, send=SendRequest(link_id, length, kind=kind))
     if not view.type.startswith("UDP"):
         raise ExecFail("a remote host and port are for UDP links only")
     if not host or port is None:
@@ -58,7 +61,26 @@ def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: i
         return _udp_send(ctx, view, link_id, length, host, port, kind)  # a name: resolve first
     if (ip.version == 6) != view.type.endswith("v6"):
         raise ExecFail(f"unmatched type and remote host: {host} on a {view.type} link")
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, (str(ip), port), kind))
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, (_admit(ctx, link_id, [str(ip)], port), port), kind))
+
+
+def _admit(ctx: Context, link_id: int, addresses: list[str], port: int) -> str:
+    """The first address [links] allow/deny lets this datagram go to.
+
+    Checked here, before the prompt, so a refused remote is ERROR, as a
+    send to a host the ESP cannot reach; the worker counts the refusal.
+    """
+    links = ctx.config.links
+    policy = link_policy(links.allow, links.deny, links.local_ports)
+    if policy.open:
+        return addresses[0]
+    refusal = None
+    for address in addresses:
+        refusal = policy.check(address, port)
+        if refusal is None:
+            return address
+        ctx.links.refused(link_id, refusal)
+    raise ExecFail(f"remote refused: {refusal.reason()}")
 
 
 @handles("+CIPSEND", Kind.SET)
@@ -97,4 +119,4 @@ async def _udp_send(ctx: Context, view: LinkView, link_id: int, length: int, hos
         addresses = await resolve(host, family, lookup_servers(ctx), timeout)
     except ResolveError as exc:
         raise ExecFail(f"unknown host {host}: {exc}") from None
-    return Reply(final=PROMPT, send=SendRequest(link_id, length, (addresses[0], port), kind))
+    return Reply(final=PROMPT, send=SendRequest(link_id, length, (_admit(ctx, link_id, addresses, port), port), kind))

@@ -17,7 +17,7 @@ from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station
-from bridged.net.interfaces import interface_info
+from bridged.net.interfaces import interface_info, own_address
 
 __all__: list[str] = []
 
@@ -54,18 +54,26 @@ def cipserver_set(ctx: Context, line: CommandLine):
 
 
 def _listen_ip(ctx: Context, type_: str, netif: int) -> str:
-    """The address to listen on ("" = all).  <netif> 0 and 1 keep bridged's
-    choice (the station's IPv4 once joined, else all addresses); 2 and 3 take
-    the IPv4 of ``[wifi] ap_interface`` / ``eth_interface``.  IPv6 servers
-    listen on every address."""
-    if type_.endswith("v6"):
-        return ""
+    """The address to listen on ("" = all).
+
+    The interface's own address, not the wildcard, so the server hears only
+    what the ESP's own address would receive.  <netif> 0 and 1 keep
+    bridged's choice, the station's (its IPv4 once joined, else all
+    addresses); 2 and 3 take the IPv4 of ``[wifi] ap_interface`` /
+    ``eth_interface``.  An IPv6 server takes that interface's first global
+    IPv6 address (::1 on ``lo``), or all addresses when it has none.
+    """
+    v6 = type_.endswith("v6")
     if netif in (0, 1):
         iface = station(ctx)
+        if v6:
+            return own_address(iface.name, v6=True) if iface.is_up else ""
         return iface.ipv4 if iface.connected else ""
+    name = ctx.config.wifi.ap_interface if netif == 2 else ctx.config.wifi.eth_interface
+    if v6:
+        return own_address(name, v6=True) if name else ""
     if netif == 2 and ctx.state.cwmode not in (2, 3):
         raise ExecFail("<netif> 2 needs the softAP (AT+CWMODE=2 or 3)")
-    name = ctx.config.wifi.ap_interface if netif == 2 else ctx.config.wifi.eth_interface
     iface = interface_info(name) if name else None
     if iface is None or not iface.connected:
         raise ExecFail(f"<netif> {netif}: no {'softAP' if netif == 2 else 'Ethernet'} interface with an IPv4 address")

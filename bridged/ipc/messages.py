@@ -4,7 +4,9 @@ front -> worker (the link's control socket): ``Connect``, ``Adopt`` (with the
 fd of a client the front's AT+CIPSERVER listener accepted), ``Close``,
 ``SetOptions`` (AT+CIPTCPOPT / keep_alive), ``Discard`` (drop unsent bytes of a
 send that timed out),
-``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread).
+``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread),
+``Refused`` (a datagram remote the front refused by [links] allow/deny before
+AT+CIPSEND's prompt: the worker logs and counts it with its own refusals).
 worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
 ``Ended`` (the socket is gone; sends can no longer succeed), ``RemoteChanged``
 (a UDP link's remote moved, AT+CIPSTART <mode> 1 or 2).
@@ -39,6 +41,7 @@ __all__ = [
     "SetRecvWindow",
     "SetOptions",
     "Discard",
+    "Refused",
     "Ended",
     "RemoteChanged",
     "Hello",
@@ -117,6 +120,15 @@ class SetOptions:
 class Discard:
     conn_id: int
     upto: int  # uplink ring index: drop what is unsent before it
+
+
+@message
+@dataclass(frozen=True)
+class Refused:
+    conn_id: int
+    address: str
+    port: int
+    rule: str
 
 
 @message

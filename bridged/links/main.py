@@ -14,6 +14,7 @@ from bridged.config import Config
 from bridged.ipc.rings import Ring
 from bridged.links.worker import Worker
 from bridged.liveness import answer_pings
+from bridged.net.localaddr import link_policy
 from bridged.pki import PkiStore
 
 __all__ = ["run_worker", "FRONT_GONE"]
@@ -25,8 +26,11 @@ _TERM_GRACE = 1.0  # seconds a SIGTERM'd worker waits for the front to stop firs
 def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Ring, downlink: Ring,
                state_dir: Path, heartbeat: socket.socket | None = None) -> int:
     async def main() -> int:
-        worker = Worker(link_id, control, uplink, downlink, config.links.connect_timeout_ms, PkiStore(state_dir),
-                        read_window_ms=config.links.read_window_ms, ipd_chunk=config.links.chunk)
+        links = config.links
+        worker = Worker(link_id, control, uplink, downlink, links.connect_timeout_ms, PkiStore(state_dir),
+                        read_window_ms=links.read_window_ms, ipd_chunk=links.chunk,
+                        policy=link_policy(links.allow, links.deny, links.local_ports),
+                        station=config.wifi.station_interface)
         loop = asyncio.get_running_loop()
         supervisor = os.getppid()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Callable
 
 from bridged.ipc.messages import Connect, SetOptions
+from bridged.net.policy import DestinationRefused, Refusal
 from bridged.net.resolver import resolve, sockaddr
 
 __all__ = ["open_tcp", "apply_keep_alive", "apply_options"]
@@ -38,11 +40,20 @@ def apply_options(sock: socket.socket, options: SetOptions) -> dict[str, int]:
     }
 
 
-async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
+def _no_check(address: str, port: int) -> Refusal | None:
+    return None
+
+
+async def open_tcp(request: Connect, default_timeout_ms: int,
+                   check: Callable[[str, int], Refusal | None] = _no_check) -> socket.socket:
     """Resolve and connect; return a connected non-blocking socket.
 
+    Every address the name resolved to is tried in turn, except those
+    ``check`` refuses ([links] allow/deny): it sees each before its connect.
+
     Raises:
-        OSError: name resolution or every connection attempt failed.
+        OSError: name resolution or every connection attempt failed
+            (DestinationRefused when the policy refused the last address).
         TimeoutError: the timeout of AT+CIPSTART (or the profile's) passed.
     """
     loop = asyncio.get_running_loop()
@@ -53,6 +64,10 @@ async def open_tcp(request: Connect, default_timeout_ms: int) -> socket.socket:
         addresses = await resolve(request.host, family, request.dns_servers, timeout)
         error: OSError = OSError(f"no address for {request.host}")
         for address in addresses:
+            refusal = check(address, request.port)
+            if refusal is not None:
+                error = DestinationRefused(refusal)
+                continue
             sock = socket.socket(family, socket.SOCK_STREAM)
             try:
                 addr = sockaddr(address, request.port)  # an unknown zone: gaierror, an OSError

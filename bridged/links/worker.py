@@ -18,6 +18,11 @@ Back-pressure, both ways, without a queue of our own:
   front's space doorbell.
 
 The worker exits when its control socket reaches EOF: the front is gone.
+
+Every remote it uses passes ``[links] allow / deny`` after name resolution
+(``bridged.net.fence``): each address a connect tries, each datagram's
+destination and sender.  A refused connect fails as an unreachable host
+would; a refused datagram is dropped.
 """
 
 from __future__ import annotations
@@ -43,15 +48,19 @@ from bridged.ipc.messages import (
     Ended,
     Hello,
     LinkStats,
+    Refused,
     RemoteChanged,
     SetOptions,
     SetRecvWindow,
     StatsRequest,
 )
 from bridged.ipc.rings import Ring
+from bridged.net.fence import Fence
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
-from bridged.links.udp import open_udp
+from bridged.links.udp import loopback_source, open_udp
+from bridged.net.interfaces import own_address, station_interface
+from bridged.net.policy import LocalPortRefused, Policy, Refusal
 from bridged.ops import events
 from bridged.pki import PkiStore
 from bridged.readgate import ReadGate
@@ -94,6 +103,8 @@ class Worker:
         pki: PkiStore | None = None,
         read_window_ms: int = 0,
         ipd_chunk: int = 2920,
+        policy: Policy | None = None,
+        station: str = "",
     ) -> None:
         self.link_id = link_id
         self.control = control
@@ -108,6 +119,8 @@ class Worker:
         self.ipd_chunk = ipd_chunk
         self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
         self.loop = asyncio.get_running_loop()
+        self.fence = Fence(policy or Policy(), self.loop.time)
+        self.station = station  # wifi.station_interface: UDP links bind its address
         self.sock: socket.socket | None = None
         self.conn_id: int | None = None
         self.connecting: asyncio.Task | None = None
@@ -126,6 +139,7 @@ class Worker:
         self.remote: tuple | None = None
         self.udp_mode = 0
         self.retargeted = False
+        self.loopback_source: str | None = None  # a UDP link sending from 127.0.0.1 (udp.loopback_source)
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
@@ -202,6 +216,9 @@ class Worker:
         elif isinstance(msg, SetRecvWindow):
             self.window = msg.window
             self._resume_reading()
+        elif isinstance(msg, Refused):
+            # The front refused AT+CIPSEND's remote before its prompt; the count is ours.
+            self.fence.note(Refusal(msg.address, msg.port, msg.rule), "send")
         elif isinstance(msg, StatsRequest):
             self._reply(self._statistics(msg.seq))
         else:
@@ -233,12 +250,12 @@ class Worker:
         datagram = msg.link_type.startswith("UDP")
         try:
             if datagram:
-                sock, remote = await open_udp(msg, self.connect_timeout_ms)
+                sock, remote = await self._open_udp(msg)
             elif msg.link_type.startswith("SSL"):
                 sock = await self._open_tls(msg)
                 remote = sock.getpeername()
             else:
-                sock = await open_tcp(msg, self.connect_timeout_ms)
+                sock = await open_tcp(msg, self.connect_timeout_ms, self._check)
                 remote = sock.getpeername()
         except (OSError, TimeoutError, ValueError) as exc:
             reason = _reason(exc)
@@ -250,10 +267,26 @@ class Worker:
             self.connecting = None
         self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
 
+    def _check(self, address: str, port: int) -> Refusal | None:
+        return None if self.fence.open else self.fence.check(address, port)
+
+    async def _open_udp(self, msg: Connect) -> tuple[socket.socket, tuple]:
+        """The local port must be in [links] local_ports; the socket binds the station's address."""
+        if not self.fence.policy.local_port_allowed(msg.local_port):
+            log.warning("local_port_refused", port=msg.local_port, local_ports=self.fence.policy.local_ports)
+            raise LocalPortRefused(f"local port {msg.local_port} is outside [links] local_ports")
+        name = station_interface(self.station)
+        try:
+            index = socket.if_nametoindex(name)
+        except OSError:
+            index = 0
+        station_ip = own_address(name, msg.link_type.endswith("v6"))
+        return await open_udp(msg, self.connect_timeout_ms, self._check, station_ip, index)
+
     async def _open_tls(self, msg: Connect) -> ssl.SSLSocket:
         """TCP connect, then the TLS handshake, all within the connect timeout."""
         started = self.loop.time()
-        raw = await open_tcp(msg, self.connect_timeout_ms)
+        raw = await open_tcp(msg, self.connect_timeout_ms, self._check)
         try:
             sock = tls.wrap_client(raw, msg, self.pki)
         except BaseException:
@@ -313,6 +346,7 @@ class Worker:
                 datagram: bool, udp_mode: int) -> None:
         self.sock = sock
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
+        self.loopback_source = loopback_source(sock) if datagram else None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
         self._apply_options()
         local = sock.getsockname()
@@ -386,9 +420,15 @@ class Worker:
             header = records.peek_record_header(self.uplink)
             if header is None:
                 return
+            target = header.addr or self.remote
+            # The remote too, every time (the fence remembers verdicts for a
+            # second): "self" grows when the gateway takes a new address.
+            if not self.fence.open and not self._may_send(target):
+                self.uplink.consume(header.total)  # lost, as a datagram to an unreachable host
+                continue
             payload = self.uplink.peek(header.length, header.size)
             try:
-                self.sock.sendto(payload, header.addr or self.remote)
+                self.sock.sendto(payload, target)
             except BlockingIOError:
                 self.loop.add_writer(self.sock.fileno(), self._on_writable)
                 return
@@ -397,6 +437,13 @@ class Worker:
                 log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=_reason(exc))
             self.uplink.consume(header.total)
             self.stats["up"] += header.length
+
+    def _may_send(self, target: tuple) -> bool:
+        """A datagram from a loopback source can reach only this host (a group's
+        too, on lo): it must also pass as sent to that source."""
+        if not self.fence.admit(target, "send"):
+            return False
+        return self.loopback_source is None or self.fence.admit((self.loopback_source, target[1]), "send")
 
     def _on_writable(self) -> None:
         if self.sock is not None:
@@ -566,6 +613,8 @@ class Worker:
             except OSError as exc:
                 log.warning("receive_failed", reason=_reason(exc))
                 break
+            if not self.fence.open and not self.fence.admit(sender, "receive"):
+                continue  # from a refused address: neither delivered nor a new remote
             self._retarget(sender)
             if not n:
                 # Nothing to deliver (active mode printed nothing for it); kept,

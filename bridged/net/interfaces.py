@@ -32,6 +32,7 @@ __all__ = [
     "default_route_interface",
     "interface_info",
     "mac_plus_one",
+    "own_address",
     "station_interface",
 ]
 
@@ -278,3 +279,18 @@ def interface_info(name: str) -> InterfaceInfo:
         ipv6_ll=tuple(ll),
         ipv6_gl=tuple(gl),
     )
+
+
+def own_address(name: str, v6: bool) -> str:
+    """The address a link or server on interface ``name`` binds instead of the wildcard.
+
+    Its IPv4 address, or its first global IPv6 address (::1 on a loopback
+    interface, which has no other); "" (the wildcard) when it has none.
+    """
+    info = interface_info(name)
+    if not v6:
+        return info.ipv4 or ""
+    if info.ipv6_gl:
+        return info.ipv6_gl[0]
+    flags = _interface_flags(name) if info.exists else None
+    return "::1" if flags is not None and flags & _IFF_LOOPBACK else ""

@@ -68,6 +68,7 @@ from bridged.config import Config
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, Shutdown, WorkerStarted
+from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
 from bridged.ops.status import UartCounters
@@ -145,7 +146,8 @@ class Front:
             self._on_link_notice, self._on_link_ended, config.links.recv_window,
             on_accepted=self._on_link_accepted, on_freed=lambda slot: self.server.update(),
         )
-        self.server = Server(self.links)
+        links = config.links
+        self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
         self.mdns = Advertiser()
         self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()

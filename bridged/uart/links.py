@@ -39,10 +39,12 @@ from bridged.ipc.messages import (
     Discard,
     Hello,
     LinkStats,
+    Refused,
     RemoteChanged,
     SetOptions,
     SetRecvWindow,
 )
+from bridged.net.policy import Refusal
 from bridged.ipc.rings import Ring
 from bridged.uart.passive import Unread
 from bridged.uart.transcript import MarkKind
@@ -284,6 +286,12 @@ class LinkTable:
         slot = self.slots[link_id]
         if slot.control is not None and slot.conn_id is not None:
             self._send(slot, Discard(slot.conn_id, upto))
+
+    def refused(self, link_id: int, refusal: Refusal) -> None:
+        """A datagram remote refused here ([links] allow/deny): the worker logs and counts it."""
+        slot = self.slots[link_id]
+        if slot.control is not None and slot.conn_id is not None:
+            self._send(slot, Refused(slot.conn_id, refusal.address, refusal.port, refusal.rule))
 
     def adopt(self, link_id: int, sock: socket.socket, type_: str, ca_enable: int = 0) -> None:
         """Hand a client our server accepted to the slot's worker (SCM_RIGHTS)."""

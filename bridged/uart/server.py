@@ -13,6 +13,12 @@ is reset, and the refusal is logged.
 AT+CIPSTO: a one-second tick closes server clients idle for that long (data
 in either direction resets the clock); client links the MCU opened are not
 affected.
+
+``[links] allow / deny`` applies to clients too: one from a refused address
+(and port) is reset at once, before it takes a link slot, and counted
+(bridged.net.fence, which also keeps a flood of them out of the log); the
+MCU never hears of it.  The listener binds the station
+interface's address (the command handler passes it), not the wildcard.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import struct
 
 import structlog
 
+from bridged.net.fence import Fence
+from bridged.net.policy import Policy
 from bridged.uart.links import LinkTable
 
 __all__ = ["Server"]
@@ -33,9 +41,10 @@ _BACKLOG = 5
 
 
 class Server:
-    def __init__(self, links: LinkTable) -> None:
+    def __init__(self, links: LinkTable, policy: Policy | None = None) -> None:
         self.links = links
         self.loop = asyncio.get_running_loop()
+        self.fence = Fence(policy or Policy(), self.loop.time)
         self.max_conn = links.count
         self.timeout = 0  # AT+CIPSTO seconds; 0 = never
         self.port = 0
@@ -93,6 +102,10 @@ class Server:
         family = socket.AF_INET6 if self.type.endswith("v6") else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            # For TCP, Linux's SO_REUSEADDR only lets the listener bind while
+            # connections of an earlier one on the port sit in TIME_WAIT (the
+            # MCU restarts its server at once); it never lets two sockets
+            # listen on one port, so no gateway service's port can be taken.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -119,13 +132,14 @@ class Server:
         except OSError as exc:
             log.warning("accept_failed", error=str(exc))
             return
+        if not self.fence.open and not self.fence.admit(addr, "accept"):
+            _reset(conn)
+            return
         free = self.links.free_ids()
         if self._full():
             log.warning("server_client_refused", remote=addr[0], port=addr[1],
                         clients=len(self.links.server_links()), max_conn=self.max_conn, free_links=len(free))
-            # A reset, not a FIN: the client learns at once it was not taken.
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
+            _reset(conn)
         else:
             log.info("server_client_accepted", remote=addr[0], port=addr[1], link_id=free[0])
             self.links.adopt(free[0], conn, self.type, self.ca_enable)
@@ -146,3 +160,9 @@ class Server:
             if slot.view is not None and now - slot.last_activity >= self.timeout:
                 log.info("server_client_timed_out", link_id=link_id, idle=round(now - slot.last_activity, 1))
                 self.links.expire(link_id)
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with a reset, not a FIN: the client learns at once it was not taken."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()

@@ -123,8 +123,13 @@ def test_udpv6_echo(host):
     peer.close()
 
 
-def test_low_local_port(host):
-    """Drivers ask for small local ports; with CAP_NET_BIND_SERVICE (root here) they work."""
+LOW_PORTS = '[links]\nlocal_ports = "1-65535"\n'
+
+
+def test_low_local_port(make_daemon):
+    """Drivers ask for small local ports; with CAP_NET_BIND_SERVICE (root here) and local_ports they work."""
+    host = make_daemon(LOW_PORTS).host()
+    host.boot()
     peer = udp_peer()
     answer = host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,10,0' % peer.getsockname()[1])
     assert answer == b"CONNECT\r\n\r\nOK\r\n"
@@ -138,7 +143,8 @@ def test_low_local_port(host):
 @pytest.mark.skipif(subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0, reason="needs setpriv")
 def test_low_port_without_capability_is_refused(tmp_path):
     """Without CAP_NET_BIND_SERVICE a port below 1024 answers ERROR, and the log says why."""
-    daemon = Daemon(tmp_path, wrap=("setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-all")).start()
+    daemon = Daemon(tmp_path, LOW_PORTS,
+                    wrap=("setpriv", "--bounding-set=-net_bind_service", "--inh-caps=-all")).start()
     try:
         host = daemon.host()
         host.boot()

@@ -46,7 +46,10 @@ def test_a_stopped_worker_is_killed_and_its_slot_works_again(make_daemon, echo_s
     assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"OK\r\n")
     host.send_data(b"AT+CIPSEND=1,5", b"hello")
     assert host.read_ipd() == (1, b"hello")
-    link = status_json(daemon)["links"][1]
+    # Restart counts reach the front with the supervisor's next heartbeat (0.5 s here).
+    deadline = time.monotonic() + 5
+    while (link := status_json(daemon)["links"][1])["restarts"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert link["restarts"] == 1 and link["worker_pid"] not in (0, stuck) and link["state"] == "open"
     host.close()
 
@@ -74,7 +77,10 @@ def test_a_stopped_front_restarts_the_session_and_starves_the_watchdog(make_daem
     assert (event["pid"], event["missed"]) == (front, 6)
     assert host.ask(b"AT").endswith(b"\r\nOK\r\n")  # a new session: echo on, Wi-Fi rejoining
     _wait_message(notify_socket, b"WATCHDOG=1", 10)
-    assert status_json(daemon)["front_restarts"] == 1
+    deadline = time.monotonic() + 5  # counts come with the supervisor's heartbeats
+    while (restarts := status_json(daemon)["front_restarts"]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert restarts == 1
     host.close()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -148,9 +149,15 @@ def test_systemd_hears_ready_once_after_the_new_session_is_ready(tmp_path, notif
         assert sock.recv(4096).startswith(b"RELOADING=1")
         assert sock.recv(4096).startswith(b"READY=1")
         assert len(daemon.events("ready")) == 2  # the new front's boot is over
-        sock.settimeout(1.0)
-        with pytest.raises(TimeoutError):
-            sock.recv(4096)  # and no second READY=1
+        sock.settimeout(0.2)
+        later = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # STATUS= and WATCHDOG=1 may come; a second READY=1 not
+            try:
+                later.append(sock.recv(4096))
+            except TimeoutError:
+                pass
+        assert not any(m.startswith(b"READY=1") for m in later), later
         assert daemon.stop() == 0
     finally:
         daemon.stop()

@@ -263,3 +263,21 @@ def test_slow_resolver_does_not_hold_the_front(daemon, host):
             assert host.ask(b"AT") == b"\r\nOK\r\n"
         assert time.monotonic() - started < 1.0
         assert not daemon.events("sntp_resolve_failed")  # the lookup was still waiting meanwhile
+
+
+def test_hard_coded_server_names_meet_the_host_overrides(make_daemon):
+    """ESP-AT's default server names, as firmware hard-codes them, resolve through [dns] hosts
+    first: the override's address is asked, the AT+CIPDNS server never hears the name."""
+    names = {"cn.ntp.org.cn": ["127.0.0.137"]}  # what DNS would say: a server that is not there
+    with dnsserver.serving("127.0.0.136", names) as dns, serving("127.0.0.138", reply_at(Y2038)) as server:
+        daemon = make_daemon('[dns]\nhosts = { "cn.ntp.org.cn" = "127.0.0.138" }\n')
+        host = daemon.host()
+        host.boot()
+        assert host.ask(b'AT+CIPDNS=1,"127.0.0.136"') == b"\r\nOK\r\n"
+        assert host.ask(b"AT+CIPSNTPCFG=1,0") == b"\r\nOK\r\n"
+        host.expect(b"+TIME_UPDATED\r\n", timeout=5)
+        assert len(server.requests) >= 1
+        assert abs(device_time(host) - Y2038) <= 2
+        daemon.wait_event("host_override", host="cn.ntp.org.cn", proc="front")
+        assert "cn.ntp.org.cn" not in dns.names_asked()
+        host.close()

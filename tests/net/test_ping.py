@@ -13,35 +13,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import uvloop
 
 import bridged
 from bridged.net import ping
 from bridged.net.ping import PingNotPermitted, SocketKind, checksum, echo
 
 REPO_ROOT = Path(bridged.__file__).resolve().parent.parent
-RUNNERS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("setpriv"),
                                 reason="needs root, unshare and setpriv")
 
-
-@pytest.fixture(params=sorted(RUNNERS))
-def run(request):
-    """Run a coroutine to completion on a fresh loop of each kind, failing on a fired exception handler."""
-
-    def runner(coro):
-        fired = []
-
-        async def main():
-            asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: fired.append(ctx))
-            return await asyncio.wait_for(coro, 10.0)
-
-        result = RUNNERS[request.param](main())
-        assert not fired, fired
-        return result
-
-    return runner
 
 
 def test_checksum_rfc1071_example():

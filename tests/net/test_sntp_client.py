@@ -9,7 +9,6 @@ import struct
 import time
 
 import pytest
-import uvloop
 from structlog.testing import capture_logs
 
 from bridged.net import sntp_client
@@ -18,26 +17,8 @@ from bridged.net.sntp_client import SntpClient
 from tests import dnsserver
 from tests.sntpserver import SntpServer, kiss, reply_at, silent
 
-RUNNERS = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 Y2038 = calendar.timegm((2038, 1, 19, 3, 14, 8))
 
-
-@pytest.fixture(params=sorted(RUNNERS))
-def run(request):
-    """Run a coroutine on a fresh loop of each kind, failing on a fired exception handler."""
-
-    def runner(coro):
-        fired = []
-
-        async def main():
-            asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: fired.append(ctx))
-            return await asyncio.wait_for(coro, 20.0)
-
-        result = RUNNERS[request.param](main())
-        assert not fired, fired
-        return result
-
-    return runner
 
 
 @pytest.fixture(autouse=True)

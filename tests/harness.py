@@ -25,7 +25,7 @@ import tty
 from pathlib import Path
 
 __all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer",
-           "with_boot_ms"]
+           "with_boot_ms", "notify_state"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -431,3 +431,11 @@ class Demux:
         self.host.write(payload)
         out = self.expect(b"\r\nSEND ")
         return out + self.expect(b"\r\n")
+
+
+def notify_state(sock: socket.socket) -> bytes:
+    """The next sd_notify message that is not a STATUS= summary or a watchdog
+    ping (those may come at any moment); the socket's timeout bounds each wait."""
+    while (message := sock.recv(4096)).startswith((b"STATUS=", b"WATCHDOG=1")):
+        pass
+    return message

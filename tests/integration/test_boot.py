@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from bridged.uart.banner import Framing, Reset, as_received, rom_banner
-from tests.harness import Daemon, Host
+from tests.harness import Daemon, Host, notify_state
 
 READY = b"\r\nready\r\n"
 PROFILE = Path(__file__).resolve().parents[2] / "config" / "profiles" / "esp32.toml"
@@ -122,7 +122,7 @@ def test_systemd_hears_ready_when_ready_is_written(tmp_path, notify_socket):
     started = time.monotonic()
     daemon = Daemon(tmp_path, _firmware(boot_ms=ESP32_BOOT_MS)).start()
     try:
-        assert notify_socket.recv(4096).startswith(b"READY=1")
+        assert notify_state(notify_socket).startswith(b"READY=1")
         assert time.monotonic() - started >= ESP32_BOOT_MS / 1000
         host = daemon.host()
         assert host.expect(READY, timeout=1) == READY  # already written

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Demux
+from tests.harness import Daemon, Demux, notify_state
 
 def _rewrite(daemon: Daemon, extra: str) -> None:
     daemon.write_config(extra)
@@ -127,11 +127,11 @@ def test_systemd_hears_reloading_then_ready(tmp_path, notify_socket):
     sock = notify_socket
     daemon = Daemon(tmp_path).start()
     try:
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert notify_state(sock).startswith(b"READY=1")
         daemon.proc.send_signal(signal.SIGHUP)
-        reloading = sock.recv(4096)
+        reloading = notify_state(sock)
         assert reloading.startswith(b"RELOADING=1") and b"MONOTONIC_USEC=" in reloading
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert notify_state(sock).startswith(b"READY=1")
         assert daemon.stop() == 0
     finally:
         daemon.stop()
@@ -143,11 +143,11 @@ def test_systemd_hears_ready_once_after_the_new_session_is_ready(tmp_path, notif
     sock = notify_socket
     daemon = Daemon(tmp_path).start()
     try:
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert notify_state(sock).startswith(b"READY=1")
         _rewrite(daemon, '[firmware]\nat_version = "4.1.2.0"\nboot_ms = 500\n')
         daemon.proc.send_signal(signal.SIGHUP)
-        assert sock.recv(4096).startswith(b"RELOADING=1")
-        assert sock.recv(4096).startswith(b"READY=1")
+        assert notify_state(sock).startswith(b"RELOADING=1")
+        assert notify_state(sock).startswith(b"READY=1")
         assert len(daemon.events("ready")) == 2  # the new front's boot is over
         sock.settimeout(0.2)
         later = []

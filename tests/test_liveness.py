@@ -61,7 +61,8 @@ def test_a_silent_child_is_aborted_after_the_misses_then_killed():
 
 def test_a_stopped_child_gets_sigkill_after_the_grace():
     """A child that ignores SIGABRT is SIGKILLed at kill_at."""
-    proc = subprocess.Popen(["sh", "-c", "trap '' ABRT; sleep 30"])
+    proc = subprocess.Popen(["sh", "-c", "trap '' ABRT; echo set; exec sleep 30"], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"set\n"  # the trap is in place before the abort can come
     child = Child("front", pid=proc.pid)
     ours, _theirs = socketpair()
     liveness = Liveness(1.0, 1)
@@ -75,6 +76,7 @@ def test_a_stopped_child_gets_sigkill_after_the_grace():
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def test_a_supervisor_held_up_counts_one_miss_per_tick():

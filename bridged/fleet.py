@@ -63,6 +63,7 @@ from pathlib import Path
 import structlog
 
 from bridged import systemd
+from bridged.spawn import read_wakeup
 from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
 
 __all__ = ["Device", "DeviceState", "Fleet", "FleetSpec", "MANIFEST", "device_paths"]
@@ -218,14 +219,7 @@ class Fleet:
             _kill(device.pid, signal.SIGHUP)
 
     def _take_signals(self) -> None:
-        while True:
-            try:
-                data = os.read(self._wakeup_r, 64)
-            except BlockingIOError:
-                return
-            if not data:
-                return
-            self._signals += data
+        self._signals += read_wakeup(self._wakeup_r)
 
     def _announce(self) -> None:
         self._announced = True

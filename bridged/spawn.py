@@ -45,7 +45,7 @@ import structlog
 from bridged.config import LogConfig
 from bridged.log import setup_logging
 
-__all__ = ["SIGNALS", "Child", "StartError", "fork", "kill", "limit_error", "terminate"]
+__all__ = ["SIGNALS", "Child", "StartError", "fork", "kill", "limit_error", "read_wakeup", "terminate"]
 
 log = structlog.get_logger()
 
@@ -196,3 +196,17 @@ def terminate(children: list[Child], deadline: float, reap: Callable[[], None]) 
             log.warning("child_killed", role=child.role, **child.ident())
             kill(child.pid, signal.SIGKILL)
     reap()
+
+
+def read_wakeup(fd: int) -> bytes:
+    """Everything waiting in a signal wake-up pipe (non-blocking): one byte per signal."""
+    data = b""
+    while fd >= 0:
+        try:
+            chunk = os.read(fd, 64)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -67,7 +67,7 @@ from bridged.log import setup_logging
 from bridged.net import resolver
 from bridged.net.hosts import overrides
 from bridged.ops import server as control_server
-from bridged.spawn import Child, StartError
+from bridged.spawn import Child, StartError, read_wakeup
 from bridged.uart.main import PORT_FAILED, run_front
 from bridged.uart.port import Pty, open_pty
 
@@ -187,14 +187,7 @@ class Supervisor:
                     systemd.watchdog_ping()
 
     def _take_signals(self) -> None:
-        while self._wakeup_r >= 0:
-            try:
-                data = os.read(self._wakeup_r, 64)
-            except BlockingIOError:
-                return
-            if not data:
-                return
-            self._signals += data
+        self._signals += read_wakeup(self._wakeup_r)
 
     def _term_requested(self) -> bool:
         # Before any SIGCHLD: `pkill bridged` signals the children too, and the

@@ -45,6 +45,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridged import firmware
+from bridged.faults.catalog import CATALOG as FAULT_KINDS
+from bridged.faults.spec import ALLOWED as FAULT_ALLOWED
+from bridged.faults.spec import FaultError, FaultSpec, parse_spec
 from bridged.net.hosts import (PATH_ALLOWED, TABLE_ALLOWED, HostsError, HostsFile, HostTable,
                                read_hosts_file, table_from_toml)
 from bridged.net.policy import (ENTRIES_ALLOWED, LOCAL_PORTS_ALLOWED, MAX_ENTRIES, PolicyError,
@@ -55,6 +58,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DnsConfig",
+    "FaultsConfig",
     "FirmwareConfig",
     "LinksConfig",
     "LogConfig",
@@ -99,10 +103,11 @@ class _Refused(Exception):
     """Raised by a check: the value is not allowed; carries what is, and
     what is wrong when that is more than "<value> is not allowed"."""
 
-    def __init__(self, allowed: str, problem: str | None = None) -> None:
+    def __init__(self, allowed: str, problem: str | None = None, subkey: str = "") -> None:
         super().__init__(allowed)
         self.allowed = allowed
         self.problem = problem
+        self.subkey = subkey  # a key inside a table value ([faults.NAME] rate)
 
 
 # --------------------------------------------------------------------------
@@ -326,6 +331,18 @@ def _ota_list(item: str, allowed: str, most: int, *, one: bool = False) -> _Chec
     return _Check(list, allowed, accept)
 
 
+def _fault(name: str) -> _Check:
+    """[faults] NAME: a table checked by bridged.faults.spec (the problem names the key)."""
+
+    def accept(v: Any) -> Any:
+        try:
+            return parse_spec(name, v)
+        except FaultError as exc:
+            raise _Refused(exc.allowed, exc.problem, exc.key) from None
+
+    return _Check(dict, FAULT_ALLOWED, accept)
+
+
 #: An OTA version (AT+CIUPDATE's, the server's, [ota] current_version): nothing
 #: a shell, a path or an environment variable reads specially.
 OTA_VERSION = r"[A-Za-z0-9._+-]{1,64}"
@@ -477,6 +494,24 @@ class WatchdogConfig:
     missed_heartbeats: int = _field(3, _int(1, 100))
 
 
+def _configured_faults(self: Any) -> tuple[FaultSpec, ...]:
+    """The configured faults, in catalog order."""
+    return tuple(getattr(self, k.name) for k in FAULT_KINDS if getattr(self, k.name) is not None)
+
+
+# [faults]: `seed` (None: the supervisor draws one at start and logs it) and one
+# key per fault kind (bridged.faults.catalog), each a table or absent. Made from
+# the catalog so a new kind is a config key with nothing else to write.
+FaultsConfig = dataclasses.make_dataclass(
+    "FaultsConfig",
+    [("seed", "int | None", _field(None, _int(0, 2**63 - 1)))]
+    + [(k.name, "FaultSpec | None", _field(None, _fault(k.name))) for k in FAULT_KINDS],
+    namespace={"specs": _configured_faults,
+               "__doc__": "[faults]: faults to inject, seeded and reproducible (bridged.faults)."},
+    frozen=True, slots=True)
+FaultsConfig.__module__ = __name__
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -488,6 +523,7 @@ _SECTIONS: dict[str, type] = {
     "dns": DnsConfig,
     "sntp": SntpConfig,
     "watchdog": WatchdogConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -511,6 +547,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     sntp: SntpConfig = field(default_factory=SntpConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # type: ignore[valid-type]
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
     instance: str = ""
@@ -553,7 +590,8 @@ def _check(source: str, section: str, key: str, value: Any) -> Any:
             problem = "the value given (secret, not shown) is not allowed"
         else:
             problem = exc.problem or f"{_show(value)} is not allowed"
-        raise _error(source, f"{section}.{key}", problem, exc.allowed) from None
+        dotted = f"{section}.{key}" + (f".{exc.subkey}" if exc.subkey else "")
+        raise _error(source, dotted, problem, exc.allowed) from None
 
 
 def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: str,
@@ -810,6 +848,8 @@ def system_files(instance: str = "") -> list[Path]:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, FaultSpec):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.as_table().items()) + " }"
     if isinstance(value, HostsFile):
         return json.dumps(value.path)
     if isinstance(value, HostTable):  # an inline table: TOML 1.0 keeps it on one line
@@ -840,7 +880,9 @@ def to_toml(config: Config) -> str:
         lines += ["", f"[{name}]"]
         for f in dataclasses.fields(cls):
             value = getattr(section, f.name)
-            if not f.repr:
+            if value is None:  # TOML has no null: an unset seed, a fault not configured
+                lines.append(f"# {f.name}: not set")
+            elif not f.repr:
                 lines.append(f"# {f.name}: {'set' if value else 'empty'} (secret, not shown)")
             else:
                 lines.append(f"{f.name} = {_toml_value(value)}")

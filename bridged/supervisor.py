@@ -58,6 +58,7 @@ import structlog
 
 from bridged import spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
+from bridged.faults.seed import faults_seeded
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
@@ -250,7 +251,7 @@ class Supervisor:
         a child forked afterwards shares the table's pages instead of copying
         a big hosts file's into its own memory.
         """
-        self.config = config
+        self.config = faults_seeded(config, getattr(self, "config", None))
         self.host_overrides = overrides(config.dns.hosts, config.dns.hosts_file)
         self.liveness.configure(config.watchdog.heartbeat_ms / 1000, config.watchdog.missed_heartbeats)
 

@@ -533,7 +533,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota, dns, sntp, watchdog")
+        "state, firmware, ota, dns, sntp, watchdog, faults")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -754,7 +754,8 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>, watchdog.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>, watchdog.<key>, "
+            "faults.<key>")
 
 
 def test_override_unparsable_string():
@@ -899,7 +900,7 @@ def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
     assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog",
-                     "profile", "sources", "instance"]
+                     "faults", "profile", "sources", "instance"]
 
 
 # --------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import os
 import sys
 
 from bridged import __version__
-from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
+from bridged.config import Config, ConfigError, find_profile, load_config, profile_header, state_dir, to_toml
 from bridged.log import setup_logging
 from bridged.systemd import stderr_is_journal
 from bridged.uart.transcript_file import RotatingFile
@@ -107,11 +107,24 @@ def _load(args: argparse.Namespace):
     return config, None
 
 
+def _profile_says(config: Config) -> str:
+    """The profile's header comment (what it models, where its figures come from)."""
+    try:
+        path = find_profile(config.profile)
+    except ConfigError:
+        return ""  # the built-in defaults: no profile file was read
+    if str(path) not in config.sources:
+        return ""
+    header = profile_header(path)
+    return f"#\n# ---- {path} ----\n{header}\n# ----\n" if header else ""
+
+
 def check(args: argparse.Namespace) -> int:
     config, failed = _load(args)
     if config is None:
         return failed
-    sys.stdout.write(to_toml(config))
+    head, _, body = to_toml(config).partition("\n\n")  # the "# instance/profile" lines, then the keys
+    sys.stdout.write(f"{head}\n{_profile_says(config)}\n{body}")
     if config.uart.port:
         from bridged.uart.port import serial_error
 

@@ -76,6 +76,7 @@ __all__ = [
     "profile_dirs",
     "state_dir",
     "to_toml",
+    "profile_header",
     "changed_keys",
     "config_dir",
     "instance_name",
@@ -533,8 +534,9 @@ class Config:
 
     `profile` is the profile asked for (name or path); `sources` lists what
     was applied over the built-in defaults, in order: the profile file, the
-    config files, "command line". `instance` is the service instance
-    (`instance_name`), "" for none.
+    config files, "command line"; `origins` says which of them set each
+    dotted key that is not a built-in default (`bridged check` shows it).
+    `instance` is the service instance (`instance_name`), "" for none.
     """
 
     uart: UartConfig = field(default_factory=UartConfig)
@@ -551,6 +553,7 @@ class Config:
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
     instance: str = ""
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
 
 def _keys(section: str) -> dict[str, _Check]:
@@ -595,8 +598,10 @@ def _check(source: str, section: str, key: str, value: Any) -> Any:
 
 
 def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: str,
-           *, top_level: Iterable[str] = ()) -> None:
-    """Check every key of a parsed TOML document and store it into `values`."""
+           *, top_level: Iterable[str] = (), origins: dict[str, str] | None = None,
+           label: str | None = None) -> None:
+    """Check every key of a parsed TOML document and store it into `values`
+    (and `label`, else `source`, into `origins` by dotted key)."""
     allowed = [*top_level, *_SECTIONS]
     for section, table in doc.items():
         if section in top_level:
@@ -609,6 +614,8 @@ def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: st
                          f"a table [{section}]")
         for key, value in table.items():
             values[section][key] = _check(source, section, key, value)
+            if origins is not None:
+                origins[f"{section}.{key}"] = label or source
 
 
 _AT_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
@@ -703,7 +710,8 @@ def _coerce(text: str, kind: type) -> Any:
     return text
 
 
-def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, Any]) -> bool:
+def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, Any],
+                     origins: dict[str, str]) -> bool:
     applied = False
     for dotted, value in overrides.items():
         if value is None:  # an option not given on the command line
@@ -716,6 +724,7 @@ def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, 
         if isinstance(value, str) and key in checks and checks[key].kind is not str:
             value = _coerce(value, checks[key].kind)
         values[section][key] = _check(COMMAND_LINE, section, key, value)
+        origins[dotted] = COMMAND_LINE
         applied = True
     return applied
 
@@ -775,17 +784,20 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
         if explicit:
             raise
         profile_file = None
+    origins: dict[str, str] = {}
     if profile_file is not None:
-        _apply(values, _read_toml(profile_file), str(profile_file))
+        _apply(values, _read_toml(profile_file), str(profile_file), origins=origins,
+               label=f"profile {profile}")
         sources.append(str(profile_file))
     for source, doc in docs:
-        _apply(values, doc, source, top_level=("profile",))
+        _apply(values, doc, source, top_level=("profile",), origins=origins)
         sources.append(source)
-    if _apply_overrides(values, overrides or {}):
+    if _apply_overrides(values, overrides or {}, origins):
         sources.append(COMMAND_LINE)
 
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
-    return Config(**sections, profile=profile, sources=tuple(sources), instance=instance)
+    return Config(**sections, profile=profile, sources=tuple(sources), instance=instance,
+                  origins=tuple(origins.items()))
 
 
 # --------------------------------------------------------------------------
@@ -872,21 +884,35 @@ def to_toml(config: Config) -> str:
     them; secrets (Wi-Fi password, OTA token) are only said to be set or empty.
     """
     lines = [f"# profile: {config.profile}",
-             f"# applied over the built-in defaults: {', '.join(config.sources) or 'nothing'}"]
+             f"# applied over the built-in defaults: {', '.join(config.sources) or 'nothing'}",
+             "# (a key set by one of them says which; the others are built-in defaults)"]
     if config.instance:
         lines.insert(0, f"# instance: {config.instance}")
+    origins = dict(config.origins)
     for name, cls in _SECTIONS.items():
         section = getattr(config, name)
         lines += ["", f"[{name}]"]
         for f in dataclasses.fields(cls):
             value = getattr(section, f.name)
             if value is None:  # TOML has no null: an unset seed, a fault not configured
-                lines.append(f"# {f.name}: not set")
+                line = f"# {f.name}: not set"
             elif not f.repr:
-                lines.append(f"# {f.name}: {'set' if value else 'empty'} (secret, not shown)")
+                line = f"# {f.name}: {'set' if value else 'empty'} (secret, not shown)"
             else:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+                line = f"{f.name} = {_toml_value(value)}"
+            origin = origins.get(f"{name}.{f.name}")
+            lines.append(f"{line}  # {origin}" if origin else line)
     return "\n".join(lines) + "\n"
+
+
+def profile_header(path: Path | str) -> str:
+    """A profile file's leading comment: what it models and where its figures come from."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # Keys a reload cannot apply: the supervisor holds the port, the state

@@ -900,7 +900,7 @@ def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
     assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog",
-                     "faults", "profile", "sources", "instance"]
+                     "faults", "profile", "sources", "instance", "origins"]
 
 
 # --------------------------------------------------------------------------
@@ -1184,9 +1184,10 @@ def test_check_prints_the_instance_and_its_files(etc, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# instance: ttyAMA0\n")
     assert str(mine) in result.stdout.splitlines()[2]
-    assert "baud = 19200\n" in result.stdout and 'ssid = "base"\n' in result.stdout
+    base = etc / "bridged.toml"
+    assert f"baud = 19200  # {mine}\n" in result.stdout and f'ssid = "base"  # {base}\n' in result.stdout
     plain = run_cli("check")
-    assert "baud = 115200\n" in plain.stdout and 'ssid = "base"\n' in plain.stdout
+    assert "baud = 115200  # profile esp32\n" in plain.stdout and f'ssid = "base"  # {base}\n' in plain.stdout
 
 
 def test_check_names_the_bad_system_file(etc):

@@ -331,6 +331,6 @@ def test_check_shows_the_option_without_creating_the_file(tmp_path):
                           capture_output=True, text=True, timeout=30, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     assert proc.returncode == 0, proc.stderr
-    assert "transcript = true\n" in proc.stdout
-    assert f'transcript_path = "{tmp_path / "t.log"}"\n' in proc.stdout
+    assert "transcript = true  # command line\n" in proc.stdout
+    assert f'transcript_path = "{tmp_path / "t.log"}"  # command line\n' in proc.stdout
     assert not (tmp_path / "t.log").exists()

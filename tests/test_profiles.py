@@ -1,0 +1,92 @@
+"""The shipped profiles: each says what it models, sets what it says, and `bridged check` shows it."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bridged.config import load_config, profile_header
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE_DIR = REPO / "config" / "profiles"
+PROFILES = sorted(PROFILE_DIR.glob("*.toml"))
+ESP32 = tomllib.loads((PROFILE_DIR / "esp32.toml").read_text())
+FAULT_PROFILES = {
+    "weak-wifi": {"wifi_join_fail", "net_latency", "net_bandwidth", "net_udp_loss", "wifi_drop"},
+    "flaky-uart": {"uart_drop", "uart_corrupt", "uart_overrun"},
+    "cloud-outage": {"dns_fail", "net_connect_refused", "dns_slow"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_profile_path(monkeypatch):
+    monkeypatch.delenv("BRIDGED_PROFILE_PATH", raising=False)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=[p.stem for p in PROFILES])
+def test_every_profile_opens_with_what_it_models(profile):
+    """The header comment names the profile and says, in a few lines, what it is for."""
+    header = profile_header(profile)
+    assert header.startswith(f'# Profile "{profile.stem}": ')
+    assert len(header.splitlines()) >= 3
+
+
+@pytest.mark.parametrize("name", sorted(FAULT_PROFILES))
+def test_fault_profiles_inject_what_their_header_says(name):
+    """weak-wifi, flaky-uart and cloud-outage configure exactly their faults; no seed, so each run
+    draws and logs one."""
+    config = load_config(None, name, {})
+    assert {s.name for s in config.faults.specs()} == FAULT_PROFILES[name]
+    assert config.faults.seed is None
+
+
+@pytest.mark.parametrize("name", sorted(FAULT_PROFILES))
+def test_fault_profiles_keep_the_esp32_timing(name):
+    """The fault profiles are the esp32 profile plus faults: every esp32 key with its value
+    (flaky-uart alone turns flow control off, which is what lets the MCU overrun)."""
+    mine = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
+    for section, table in ESP32.items():
+        for key, value in table.items():
+            if (name, section, key) == ("flaky-uart", "uart", "flow_control"):
+                assert mine[section][key] == "none"
+            else:
+                assert mine[section][key] == value, (section, key)
+
+
+def test_fast_profile_has_no_faults_and_no_boot_wait():
+    """fast: throughput over fidelity, nothing fails on purpose."""
+    config = load_config(None, "fast", {})
+    assert config.faults.specs() == ()
+    assert config.uart.urc_gap_ms == 0.0
+
+
+def check(*args):
+    return subprocess.run([sys.executable, "-m", "bridged", "check", *args], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env={"BRIDGED_CONFIG_DIR": "/nonexistent",
+                                                                "PATH": "/usr/bin:/bin"})
+
+
+def test_check_shows_the_profiles_header_and_which_keys_it_sets():
+    """`bridged check --profile weak-wifi` prints the header, marks the keys the profile set and the
+    faults it configures; keys it leaves alone carry no mark."""
+    result = check("--profile", "weak-wifi", "--baud", "9600")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"\n# ---- {PROFILE_DIR / 'weak-wifi.toml'} ----\n# Profile \"weak-wifi\": " in out
+    assert out.startswith("# profile: weak-wifi\n")
+    assert "rssi = -82  # profile weak-wifi\n" in out
+    assert "baud = 9600  # command line\n" in out
+    assert "net_latency = { ms = 60.0, jitter_ms = 50.0, link = -1 }  # profile weak-wifi\n" in out
+    assert "\nmax_line = 256\n" in out  # a built-in default: no mark
+    assert "# seed: not set\n" in out
+
+
+def test_check_of_a_config_file_marks_its_keys_with_the_file(tmp_path):
+    """A config file's keys are marked with the file, over the profile's."""
+    path = tmp_path / "site.toml"
+    path.write_text("[wifi]\nrssi = -60\n")
+    result = check("--profile", "weak-wifi", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert f"rssi = -60  # {path}\n" in result.stdout

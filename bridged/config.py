@@ -394,7 +394,8 @@ class WifiConfig:
     ecn: int = _field(3, _int(0, 8))
     check_credentials: bool = _field(False, _bool())
     password: str = _field("", _text(0, 64), secret=True)
-    connect_delay_ms: int = _field(0, _int(0, 60000))
+    # AT+CWJAP's association time (the esp32 profile says where the figure comes from).
+    connect_delay_ms: int = _field(3000, _int(0, 60000))
 
 
 @dataclass(frozen=True, slots=True)

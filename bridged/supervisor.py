@@ -58,7 +58,7 @@ import structlog
 
 from bridged import spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
-from bridged.faults.seed import faults_seeded
+from bridged.faults.seed import faults_seeded, log_seed
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
@@ -222,6 +222,7 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), hint="the running configuration stays")
             return False
+        new = faults_seeded(new, self.config)  # an unset seed is the one in force, not a change
         changed = changed_keys(self.config, new)
         fixed = [key for key in changed if key in RESTART_ONLY]
         if fixed:
@@ -251,7 +252,9 @@ class Supervisor:
         a child forked afterwards shares the table's pages instead of copying
         a big hosts file's into its own memory.
         """
+        drawn = config.faults.seed is None
         self.config = faults_seeded(config, getattr(self, "config", None))
+        log_seed(self.config, drawn)
         self.host_overrides = overrides(config.dns.hosts, config.dns.hosts_file)
         self.liveness.configure(config.watchdog.heartbeat_ms / 1000, config.watchdog.missed_heartbeats)
 

@@ -45,21 +45,26 @@ def test_fault_profiles_inject_what_their_header_says(name):
 @pytest.mark.parametrize("name", sorted(FAULT_PROFILES))
 def test_fault_profiles_keep_the_esp32_timing(name):
     """The fault profiles are the esp32 profile plus faults: every esp32 key with its value
-    (flaky-uart alone turns flow control off, which is what lets the MCU overrun)."""
+    but the ones the header explains: flaky-uart turns flow control off (what lets the MCU
+    overrun), weak-wifi joins slowly."""
     mine = tomllib.loads((PROFILE_DIR / f"{name}.toml").read_text())
+    changed = {("flaky-uart", "uart", "flow_control"): "none", ("weak-wifi", "wifi", "connect_delay_ms"): 8000}
     for section, table in ESP32.items():
         for key, value in table.items():
-            if (name, section, key) == ("flaky-uart", "uart", "flow_control"):
-                assert mine[section][key] == "none"
-            else:
-                assert mine[section][key] == value, (section, key)
+            assert mine[section][key] == changed.get((name, section, key), value), (section, key)
 
 
-def test_fast_profile_has_no_faults_and_no_boot_wait():
-    """fast: throughput over fidelity, nothing fails on purpose."""
+def test_fast_profile_has_no_faults_and_no_waits():
+    """fast: throughput over fidelity, nothing fails on purpose, joins at once."""
     config = load_config(None, "fast", {})
     assert config.faults.specs() == ()
     assert config.uart.urc_gap_ms == 0.0
+    assert config.wifi.connect_delay_ms == 0
+
+
+def test_esp32_joins_in_real_time():
+    """esp32 (the default) takes a real chip's association time for AT+CWJAP."""
+    assert load_config(None, "esp32", {}).wifi.connect_delay_ms == 3000
 
 
 def check(*args):

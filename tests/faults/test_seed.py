@@ -5,7 +5,7 @@ import dataclasses
 import structlog
 
 from bridged.config import default_config
-from bridged.faults.seed import faults_seeded
+from bridged.faults.seed import faults_seeded, log_seed
 from bridged.faults.spec import parse_spec
 
 
@@ -19,6 +19,7 @@ def test_a_configured_seed_is_kept_and_logged():
     """seed = 42 stays 42, and the start-up log says so with the faults in force."""
     with structlog.testing.capture_logs() as logs:
         config = faults_seeded(with_faults(42))
+        log_seed(config, drawn=False)
     assert config.faults.seed == 42
     assert {"event": "faults_seed", "seed": 42, "drawn": False, "faults": ["at_busy"],
             "log_level": "info"} in logs
@@ -28,6 +29,7 @@ def test_without_a_seed_one_is_drawn_and_logged_for_replay():
     """No seed: a 63-bit one is drawn, logged (drawn=true), and differs between runs."""
     with structlog.testing.capture_logs() as logs:
         a = faults_seeded(with_faults())
+        log_seed(a, drawn=True)
     b = faults_seeded(with_faults())
     assert a.faults.seed is not None and 0 <= a.faults.seed < 2**63
     assert a.faults.seed != b.faults.seed
@@ -44,5 +46,6 @@ def test_no_faults_no_log_line():
     """Without faults the seed is still set (children need one) but nothing is logged."""
     with structlog.testing.capture_logs() as logs:
         config = faults_seeded(default_config())
+        log_seed(config, drawn=True)
     assert config.faults.seed is not None
     assert logs == []

@@ -120,6 +120,7 @@ class Device:
         self.control_path = self.directory / "run" / "control.sock"
         self.proc: subprocess.Popen | None = None
         self.exit_code: int | None = None
+        self.ready = False  # READY=1 came: it served
         self._at: AtClient | None = None
         self._transcript = TranscriptFollower(self.transcript_path) if options.transcript else None
         self._short_run_dir: str | None = None
@@ -176,6 +177,7 @@ class Device:
                                     f"{self.log_tail()}")
             readable, _, _ = select.select([notify], [], [], min(left, 0.1))
             if readable and _take_ready(notify):
+                self.ready = True
                 return
 
     def stop(self) -> int:

@@ -100,3 +100,15 @@ def test_a_wheel_registers_the_plugin_by_its_entry_point(tmp_path):
     (project / "conftest.py").write_text('pytest_plugins = ["bridged.testing"]\n')
     done = run_pytest(project, "--bridged-profile", "esp32", python=python, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_readme_firmware_example_passes(tmp_path):
+    """examples/firmware (the README's example): the firmware's telemetry all
+    arrives though the Wi-Fi drops mid-upload."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = run_pytest(REPO / "examples" / "firmware", "-p", "bridged.testing", "--basetemp", str(tmp_path),
+                      "-W", "ignore::DeprecationWarning", env=env)
+    unknown = "UnknownCommand: this bridged does not know the control command 'fault'"
+    if done.returncode == 1 and unknown in done.stdout and "1 failed" in done.stdout:
+        pytest.skip("the example fires a fault: the control socket's fault command is on another branch (#13 point 3)")
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr

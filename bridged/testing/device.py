@@ -153,7 +153,11 @@ class Device:
             env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
             env.update(NOTIFY_SOCKET=name, PYTHONUNBUFFERED="1")
             self.proc = spawn(argv, self.log_path, env)
-            self._wait_ready(notify)
+            try:
+                self._wait_ready(notify)
+            except BaseException:
+                self.stop()  # the error carries its log; nothing may outlive a failed start
+                raise
         return self  # the notify socket is closed: later sd_notify calls fail at once, harmlessly
 
     def _make_run_dir(self) -> None:
@@ -167,13 +171,12 @@ class Device:
         deadline = time.monotonic() + self.options.start_timeout
         while True:
             if self.proc.poll() is not None:
-                self.exit_code = self.proc.returncode
-                raise DeviceError(f"bridged exited with status {self.exit_code} before it was ready "
+                raise DeviceError(f"bridged exited with status {self.proc.returncode} before it was ready "
                                   f"(profile {self.options.profile!r}):\n{self.log_tail()}")
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeviceTimeout(f"bridged was not ready (no READY=1) within {self.options.start_timeout} s "
-                                    f"(profile {self.options.profile!r}, [firmware] boot_ms counts):\n"
+                                    f"(profile {self.options.profile!r}; its [firmware] boot_ms is part of the wait):\n"
                                     f"{self.log_tail()}")
             readable, _, _ = select.select([notify], [], [], min(left, 0.1))
             if readable and _take_ready(notify):
@@ -197,6 +200,8 @@ class Device:
             except subprocess.TimeoutExpired:
                 kill_group(proc.pid)
                 self.exit_code = proc.wait(5)
+            if self.exit_code != 0:  # what a supervisor that did not stop in order left behind
+                kill_group(proc.pid)
                 remove_leaks(proc.pid, self.port)
         if self._short_run_dir is not None:
             shutil.rmtree(self._short_run_dir, ignore_errors=True)
@@ -294,10 +299,9 @@ class Device:
                 raise DeviceError(f"waiting for {pattern!r} in the transcript: the device is not running"
                                   f"{self._died()}")
             if time.monotonic() > deadline:
-                seen = (f"the last marks:\n{follower.tail()}" if direction is None else
-                        f"the end of {direction}: {bytes((follower.rx if direction == 'RX' else follower.tx)[-200:])!r}")
                 raise DeviceTimeout(f"no {'mark' if direction is None else direction + ' bytes'} matching "
-                                    f"{pattern!r} in {self.transcript_path} within {timeout} s; {seen}")
+                                    f"{pattern!r} in {self.transcript_path} within {timeout} s; "
+                                    f"{follower.tail(direction)}")
             time.sleep(_POLL)
 
     # -- the log -----------------------------------------------------------------------

@@ -123,7 +123,10 @@ class TranscriptFollower:
         self._cursor[direction] = match.end()
         return bytes(match.group(0))
 
-    def tail(self, marks: int = 10) -> str:
-        """The last marks, one per line, for a failure message."""
-        shown = self.marks[-marks:]
-        return "\n".join(f"  {m.text}" for m in shown) or "  (no marks yet)"
+    def tail(self, direction: str | None = None) -> str:
+        """What was seen last, for a failure message: the last marks, or the end of a stream."""
+        if direction is not None:
+            stream = self.rx if direction == "RX" else self.tx
+            return f"the end of {direction}: {bytes(stream[-200:])!r}"
+        shown = "\n".join(f"  {m.text}" for m in self.marks[-10:])
+        return f"the last marks:\n{shown or '  (no marks yet)'}"

@@ -107,3 +107,14 @@ def test_a_config_error_fails_the_start_with_the_reason(bridged_factory):
     config error and status; the test's teardown does not fail a second time."""
     with pytest.raises(DeviceError, match=r"(?s)exited with status 2 before it was ready.*wifi\.rssi"):
         bridged_factory(config={"wifi": {"rssi": 5}})
+
+
+def test_a_start_past_its_timeout_says_why_and_leaves_nothing_running(bridged_factory):
+    """A device not ready within start_timeout (here a 5 s boot) raises DeviceTimeout
+    naming the wait, and is stopped: no process, no pty left."""
+    with pytest.raises(DeviceTimeout, match=r"not ready \(no READY=1\) within 0.5 s.*boot_ms"):
+        bridged_factory(start_timeout=0.5, config={"firmware.boot_ms": 5000})
+    device = bridged_factory.devices[0]
+    assert device.exit_code is not None and not device.port.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(device.pid, 0)

@@ -33,6 +33,10 @@ def test_fails_with_the_log(bridged_device):
 
 def test_device_killed(bridged_device):
     os.kill(bridged_device.pid, signal.SIGKILL)
+
+@pytest.mark.bridged(profil="esp32")
+def test_misspelt_marker(bridged_device):
+    pass
 '''
 
 
@@ -46,7 +50,8 @@ def run_pytest(project: Path, *args: str, python: str = sys.executable,
 
 def test_profile_option_marker_failure_log_and_a_dead_device(tmp_path):
     """--bridged-profile sets the profile where no marker does; a failing test's
-    report carries the device's log; a device that did not exit 0 errors the test."""
+    report carries the device's log; a device that did not exit 0 errors the test;
+    a misspelt marker option is an error naming it."""
     project = tmp_path / "firmware"
     project.mkdir()
     (project / "test_firmware.py").write_text(FIRMWARE_TESTS)
@@ -60,6 +65,8 @@ def test_profile_option_marker_failure_log_and_a_dead_device(tmp_path):
     assert "bridged bridged0 log" in out and '"event": "ready"' in out
     assert "ERROR at teardown of test_device_killed" in out
     assert "bridged device bridged0 (profile 'esp32') exited with status -9, not 0" in out
+    assert "ERROR at setup of test_misspelt_marker" in out
+    assert "@pytest.mark.bridged: unknown option(s) profil; known: profile, config" in out
 
 
 def test_a_wheel_registers_the_plugin_by_its_entry_point(tmp_path):

@@ -98,22 +98,29 @@ def test_status_shows_an_open_link_and_its_bytes(daemon, echo_server):
     host.close()
 
 
-def test_status_shows_the_uart_settings_in_force(daemon):
-    """AT+UART_CUR and AT+UART_DEF override the configured framing: status says so."""
-    host = daemon.host()
-    host.boot()
-    assert status_json(daemon)["uart"]["source"] == "config"
-    host.command(b"AT+UART_CUR=921600,7,3,2,3")
-    host.command(b"AT")  # applied once the OK has drained
-    uart = status_json(daemon)["uart"]
+@pytest.mark.bridged(profile="esp32")
+def test_status_shows_the_uart_settings_in_force(bridged_device):
+    """AT+UART_CUR and AT+UART_DEF override the configured framing: status says so
+    (read through bridged.testing's device.status(), the same reply as --json)."""
+    at = bridged_device.at
+    at.expect(b"\r\nready\r\n")
+    assert at.command("ATE0").ok
+    uart = bridged_device.status()["uart"]
+    assert (uart["baud"], uart["flow_control"], uart["source"]) == (115200, "rts", "config")
+    assert at.command("AT+UART_CUR=921600,7,3,2,3").ok
+    assert at.command("AT").ok  # applied once the OK has drained
+    uart = bridged_device.status()["uart"]
     assert (uart["baud"], uart["data_bits"], uart["stop_bits"], uart["parity"], uart["flow_control"],
             uart["source"]) == (921600, 7, "2", "even", "rtscts", "AT+UART_CUR")
-    host.command(b"AT+UART_DEF=230400,8,1,0,0")
-    host.command(b"AT")
-    uart = status_json(daemon)["uart"]
+    assert at.command("AT+UART_DEF=230400,8,1,0,0").ok
+    assert at.command("AT").ok
+    uart = bridged_device.status()["uart"]
     assert (uart["baud"], uart["parity"], uart["flow_control"], uart["source"]) == \
         (230400, "none", "none", "AT+UART_DEF")
-    host.close()
+    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--json", "--control",
+                           str(bridged_device.control_path)], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["uart"] == uart
 
 
 def test_control_socket_mode_and_owner(daemon):

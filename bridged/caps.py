@@ -7,7 +7,8 @@ it starts (`limit`):
 
 - the supervisor keeps both in its permitted set only (effective empty): it
   opens no socket itself, but the children it forks (again after a crash or
-  a reload) take theirs from it;
+  a reload) take theirs from it (a root run: CAP_SETPCAP too, so that they
+  can cut their bounding sets);
 - the front keeps CAP_NET_BIND_SERVICE for AT+CIPSERVER (ESP-AT's default
   server port is 333; `[links] local_ports` does not bound the listener),
   and CAP_NET_RAW only when it cannot open an unprivileged ICMP socket
@@ -16,6 +17,10 @@ it starts (`limit`):
   local_ports`` holds a port below 1024 (a UDP link may bind it any time),
   and never CAP_NET_RAW;
 - install_command gets none (bridged.ota_install).
+
+Ports below net.ipv4.ip_unprivileged_port_start (1024 unless an admin
+lowered it) are the ones that need CAP_NET_BIND_SERVICE.  A root run keeps
+the same and no other capability (uid 0 still owns root's files).
 
 A child cannot know in advance when the MCU asks for a low port or a ping,
 so what it keeps it keeps for its life; a reload forks new children, which
@@ -58,7 +63,7 @@ _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _CAP_SETPCAP = 8
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_LOW_PORTS_END = 1024  # ports below need CAP_NET_BIND_SERVICE (net.ipv4.ip_unprivileged_port_start)
+_UNPRIVILEGED_PORT_START = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
 
 
 class Cap(enum.IntEnum):
@@ -84,12 +89,21 @@ def _prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
                        ctypes.c_ulong(0), ctypes.c_ulong(0))
 
 
-def _last_cap() -> int:
+def _read_int(path: str, default: int) -> int:
     try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
+        with open(path) as f:
             return int(f.read())
     except (OSError, ValueError):
-        return 63
+        return default
+
+
+def _last_cap() -> int:
+    return _read_int("/proc/sys/kernel/cap_last_cap", 63)
+
+
+def _first_free_port() -> int:
+    """The lowest port a process may bind without CAP_NET_BIND_SERVICE (Linux 4.11+; 1024 before)."""
+    return _read_int(_UNPRIVILEGED_PORT_START, 1024)
 
 
 def _mask(caps: Iterable[int]) -> int:
@@ -158,10 +172,14 @@ def make_undumpable() -> None:
 
 
 def front_keeps(ping_socket_allowed: bool) -> frozenset[Cap]:
-    """The front's: CIPSERVER's low ports; raw ICMP when no ping socket is allowed."""
-    return frozenset({Cap.NET_BIND_SERVICE} if ping_socket_allowed else {Cap.NET_BIND_SERVICE, Cap.NET_RAW})
+    """The front's: CIPSERVER's low ports (any port); raw ICMP when no ping socket is allowed."""
+    keep = set() if ping_socket_allowed else {Cap.NET_RAW}
+    if _first_free_port() > 1:
+        keep.add(Cap.NET_BIND_SERVICE)
+    return frozenset(keep)
 
 
 def worker_keeps(local_ports: Iterable[tuple[int, int]]) -> frozenset[Cap]:
     """A link worker's: low local ports when ``[links] local_ports`` (parsed) allows one."""
-    return frozenset({Cap.NET_BIND_SERVICE} if any(low < _LOW_PORTS_END for low, _ in local_ports) else ())
+    first_free = _first_free_port()
+    return frozenset({Cap.NET_BIND_SERVICE} if any(low < first_free for low, _ in local_ports) else ())

@@ -26,6 +26,7 @@ import os
 import sys
 
 from bridged import __version__
+from bridged.caps import make_undumpable
 from bridged.config import Config, ConfigError, find_profile, load_config, profile_header, state_dir, to_toml
 from bridged.log import setup_logging
 from bridged.systemd import stderr_is_journal
@@ -136,6 +137,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before the configuration (its secrets) is read; kept by every child (bridged.caps).
+    make_undumpable()
     config, failed = _load(args)
     if config is None:
         return failed

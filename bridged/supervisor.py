@@ -30,7 +30,10 @@ stopped; the caller exits 1.
 Isolation: nothing of the supervisor's signal handling runs in a child
 (``bridged.spawn``); a link worker unmaps the other links' rings and closes
 their doorbells, the pty, the supervisor channel, the control socket and the
-other workers' heartbeat channels, each time it is forked.
+other workers' heartbeat channels, each time it is forked.  Capabilities
+(``bridged.caps``): the supervisor keeps CAP_NET_BIND_SERVICE and CAP_NET_RAW
+permitted only, to hand down; each child keeps only what it needs, before it
+does anything else.
 
 Liveness (``bridged.liveness``): a child that stops answering heartbeats is
 killed and restarted like a crashed one; WATCHDOG=1 only while the front
@@ -56,7 +59,7 @@ from typing import Callable
 
 import structlog
 
-from bridged import spawn, systemd
+from bridged import caps, spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.faults.seed import faults_seeded, log_seed
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
@@ -65,8 +68,9 @@ from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.liveness import Liveness, Report
 from bridged.log import setup_logging
-from bridged.net import resolver
+from bridged.net import ping, resolver
 from bridged.net.hosts import overrides
+from bridged.net.policy import parse_local_ports
 from bridged.ops import server as control_server
 from bridged.spawn import Child, StartError, read_wakeup
 from bridged.uart.main import PORT_FAILED, run_front
@@ -117,6 +121,8 @@ class Supervisor:
             Either one's text is the line to print; the children are stopped by then.
         """
         try:
+            # Ours to hand down at fork, not to use (bridged.caps).
+            caps.limit(caps.Cap, effective=False, hand_down=True)
             self._install_signals()
             if not self.device:
                 self.pty = open_pty(self.pty_link)
@@ -279,6 +285,7 @@ class Supervisor:
         ours, theirs = socketpair()
 
         def target() -> int:
+            caps.limit(caps.front_keeps(ping.datagram_allowed()))
             ours.close()
             for channel in self.liveness.channels():
                 channel.close()
@@ -300,6 +307,7 @@ class Supervisor:
         uplink, downlink = self.rings[worker.link_id]
 
         def target() -> int:
+            caps.limit(caps.worker_keeps(parse_local_ports(self.config.links.local_ports)))
             front_end.close()
             ours.close()
             self._keep_only(worker.link_id)

@@ -37,6 +37,7 @@ from bridged.ipc.messages import (
     Connected,
     Ended,
     Discard,
+    FaultFired,
     Hello,
     LinkStats,
     Refused,
@@ -146,6 +147,7 @@ class LinkTable:
         self.window = window
         self.loop = asyncio.get_running_loop()
         self.on_stats: Callable[[Slot, LinkStats], None] = lambda slot, msg: None  # bridged.ops.status
+        self.on_fault: Callable[[Slot, FaultFired], None] = lambda slot, msg: None  # bridged.faults.front
 
     # -- Links protocol (used by command handlers) --------------------------------
 
@@ -366,6 +368,17 @@ class LinkTable:
         self.loop.add_reader(control.fileno(), self._on_control, slot)
         self.loop.add_reader(slot.downlink.data_fd, self.drain, slot)
 
+    def tell(self, link_id: int, msg: object) -> bool:
+        """Send a control message to a link's worker (FireFault); False when it has none now."""
+        slot = self.slots[link_id]
+        if slot.control is None:
+            return False
+        try:
+            send_message(slot.control, msg)
+        except OSError:
+            return False  # a full or dead socket: its reader sees the death
+        return True
+
     def _send(self, slot: Slot, msg: object) -> None:
         if slot.control is None:
             self._worker_died(slot)
@@ -418,6 +431,8 @@ class LinkTable:
             self._end(slot, msg.reason)
         elif isinstance(msg, LinkStats):
             self.on_stats(slot, msg)
+        elif isinstance(msg, FaultFired):
+            self.on_fault(slot, msg)
 
     def _on_connected(self, slot: Slot, msg: Connected) -> None:
         if slot.state is not SlotState.CONNECTING:

@@ -34,7 +34,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 import structlog
 
 __all__ = ["resolve", "ResolveError", "name_problem", "sockaddr", "MAX_NAME", "MAX_LABEL",
-           "set_overrides", "set_fault_hook", "normal_name", "is_address"]
+           "set_overrides", "set_fault_hook", "draw_faults", "normal_name", "is_address"]
 
 log = structlog.get_logger()
 
@@ -59,6 +59,14 @@ def set_fault_hook(hook: FaultHook | None) -> None:
     """Draw this process's DNS faults on every lookup of a name (None: none)."""
     global _fault_hook
     _fault_hook = hook
+
+
+async def draw_faults(host: str, timeout: float) -> float:
+    """This process's DNS faults for a lookup another process does (a link worker resolves
+    AT+CIPSTART's host): the timeout left; ResolveError when the lookup fails by a fault."""
+    if _fault_hook is None or _literal(host) is not None or name_problem(host) is not None:
+        return timeout
+    return await _fault_hook(host, timeout)
 
 
 def set_overrides(table: Mapping[str, tuple[str, ...]]) -> None:

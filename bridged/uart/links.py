@@ -46,6 +46,7 @@ from bridged.ipc.messages import (
     SetRecvWindow,
 )
 from bridged.net.policy import Refusal
+from bridged.net.resolver import ResolveError, draw_faults
 from bridged.ipc.rings import Ring
 from bridged.uart.passive import Unread
 from bridged.uart.transcript import MarkKind
@@ -324,6 +325,10 @@ class LinkTable:
         self.slots[link_id].last_activity = self.loop.time()
 
     async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
+        try:  # the worker resolves the host: the front's injected DNS faults are drawn here
+            await draw_faults(spec.host, (spec.timeout_ms or 10_000) / 1000)
+        except ResolveError as exc:
+            raise ExecFail(f"connect failed: {exc}") from None
         slot = self.slots[link_id]
         self._begin(slot, spec.type, server=False)
         slot.spec = spec

@@ -106,3 +106,24 @@ def test_the_readme_lists_every_fault_kind_with_its_keys():
         assert row, fault.name
         for p in fault.params:
             assert f"`{p.name}` {p.allowed()}" in row.group(1), (fault.name, p.name)
+
+
+def test_worker_faults_are_counted_with_the_fronts_and_marked():
+    """A FaultFired from link 2 adds to the counts status shows and marks the transcript with its details."""
+    from bridged.ipc.messages import FaultFired
+    from bridged.uart.transcript import MarkKind
+
+    async def main():
+        marks = []
+        front = fake_front({"at_busy": {"rate": 1}})
+        front.tap = SimpleNamespace(mark=lambda kind, **fields: marks.append((kind, fields)))
+        faults = FrontFaults(front)
+        faults.plan.fired("net_udp_loss")  # as if the front had one too
+        faults._on_worker_fault(SimpleNamespace(link_id=2), FaultFired("net_udp_loss", 7, '{"bytes": 12}'))
+        faults._on_worker_fault(SimpleNamespace(link_id=2), FaultFired("tls_fail", 8, "not json"))
+        assert faults.counts() == {"net_udp_loss": 2, "tls_fail": 1}
+        assert (MarkKind.FAULT, {"name": "net_udp_loss", "link": 2, "bytes": 12}) in marks
+        assert (MarkKind.FAULT, {"name": "tls_fail", "link": 2}) in marks
+        faults.close()
+
+    asyncio.run(main())

@@ -183,3 +183,15 @@ def test_uart_faults_are_counted_and_logged_at_most_once_a_second(make_daemon):
     time.sleep(1.2)
     lines = [e for e in d.events("fault_injected") if e.get("fault") == "uart_corrupt"]
     assert 1 <= len(lines) <= 3 and sum(e["hits"] for e in lines) == 500
+
+
+def test_dns_fail_on_demand_fails_the_next_cipstart_by_name(make_daemon, echo_server):
+    """`bridged fault dns_fail`: AT+CIPSTART to a name fails (ERROR, no connection), the next one connects."""
+    d = make_daemon(HOSTS)
+    host = d.host()
+    host.boot()
+    assert fault_cli(d, "dns_fail").returncode == 0
+    start = b'AT+CIPSTART="TCP","fault.test",%d' % echo_server.port
+    assert host.ask(start).endswith(b"\r\nERROR\r\n")
+    assert host.ask(start).endswith(b"CONNECT\r\n\r\nOK\r\n")
+    d.wait_event("fault_injected", fault="dns_fail", host="fault.test")

@@ -222,7 +222,8 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), hint="the running configuration stays")
             return False
-        changed = changed_keys(self.config, new)
+        # A seed drawn at start is kept (faults_seeded): not a change of faults.seed.
+        changed = changed_keys(self.config, faults_seeded(new, self.config, quiet=True))
         fixed = [key for key in changed if key in RESTART_ONLY]
         if fixed:
             log.error("reload_refused", needs_restart=fixed, hint="restart the service to apply them")

@@ -117,15 +117,15 @@ def slow_indexes(make_daemon, faults: str, n: int) -> set[int]:
     for i in range(n):
         started = time.monotonic()
         assert answer(host, b"AT").endswith(b"\r\nOK\r\n")
-        if time.monotonic() - started >= 0.3:
+        if time.monotonic() - started >= 0.5:
             slow.add(i)
     host.close()
     return slow
 
 
 def test_at_delay_hits_the_same_commands_for_the_same_seed(make_daemon):
-    """at_delay rate 0.4, ms 300: the commands answered late are the same in two runs with one seed."""
-    faults = "[faults]\nseed = 21\n[faults.at_delay]\nrate = 0.4\nms = 300\n"
+    """at_delay rate 0.4, ms 500: the commands answered late are the same in two runs with one seed."""
+    faults = "[faults]\nseed = 21\n[faults.at_delay]\nrate = 0.4\nms = 500\n"
     first = slow_indexes(make_daemon, faults, 12)
     assert 1 <= len(first) <= 11
     assert slow_indexes(make_daemon, faults, 12) == first
@@ -173,9 +173,9 @@ def test_at_reset_events_come_at_the_times_the_seed_draws(make_daemon):
     first = event_gaps(make_daemon, faults.format(8), "at_reset", 3.0)[:3]
     assert len(first) == 3
     again = event_gaps(make_daemon, faults.format(8), "at_reset", 3.0)[:3]
-    assert all(abs(a - b) <= 0.15 for a, b in zip(first, again)), (first, again)
+    assert all(abs(a - b) <= 0.25 for a, b in zip(first, again)), (first, again)
     other = event_gaps(make_daemon, faults.format(2), "at_reset", 3.0)[:3]
-    assert any(abs(a - b) > 0.15 for a, b in zip(first, other)), (first, other)
+    assert any(abs(a - b) > 0.25 for a, b in zip(first, other)), (first, other)
 
 
 def test_fault_on_demand_makes_the_next_command_busy(daemon):

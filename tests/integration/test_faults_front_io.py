@@ -60,7 +60,7 @@ def test_wifi_drops_come_at_the_times_the_seed_draws(make_daemon):
     first = event_gaps(make_daemon, faults, "wifi_drop", 3.0)[:3]
     assert len(first) == 3
     again = event_gaps(make_daemon, faults, "wifi_drop", 3.0)[:3]
-    assert all(abs(a - b) <= 0.15 for a, b in zip(first, again)), (first, again)
+    assert all(abs(a - b) <= 0.25 for a, b in zip(first, again)), (first, again)
 
 
 def join_answers(make_daemon, faults: str, n: int) -> list[bytes]:
@@ -109,13 +109,13 @@ def test_dns_fail_fails_lookups_reproducibly(make_daemon):
 
 
 def test_dns_slow_delays_the_same_lookups_per_seed(make_daemon):
-    """dns_slow ms 400 rate 0.5: the lookups answered 0.4 s late (still answered) are the same per seed."""
-    faults = "[faults]\nseed = 9\n[faults.dns_slow]\nrate = 0.5\nms = 400\n"
+    """dns_slow ms 600 rate 0.5: the lookups answered 0.6 s late (still answered) are the same per seed."""
+    faults = "[faults]\nseed = 9\n[faults.dns_slow]\nrate = 0.5\nms = 600\n"
     first = lookups(make_daemon, faults, 8)
     assert all(a.endswith(b"\r\nOK\r\n") for a, _ in first)
-    slow = {i for i, (_, took) in enumerate(first) if took >= 0.4}
+    slow = {i for i, (_, took) in enumerate(first) if took >= 0.6}
     assert 1 <= len(slow) <= 7
-    assert {i for i, (_, took) in enumerate(lookups(make_daemon, faults, 8)) if took >= 0.4} == slow
+    assert {i for i, (_, took) in enumerate(lookups(make_daemon, faults, 8)) if took >= 0.6} == slow
 
 
 # -- the UART line -------------------------------------------------------------------------------

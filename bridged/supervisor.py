@@ -222,8 +222,7 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), hint="the running configuration stays")
             return False
-        # A seed drawn at start is kept (faults_seeded): not a change of faults.seed.
-        changed = changed_keys(self.config, faults_seeded(new, self.config, quiet=True))
+        changed = changed_keys(self.config, new)
         fixed = [key for key in changed if key in RESTART_ONLY]
         if fixed:
             log.error("reload_refused", needs_restart=fixed, hint="restart the service to apply them")

@@ -13,13 +13,12 @@ __all__ = ["faults_seeded"]
 log = structlog.get_logger()
 
 
-def faults_seeded(config: Any, before: Any = None, *, quiet: bool = False) -> Any:
+def faults_seeded(config: Any, before: Any = None) -> Any:
     """`config` with ``[faults] seed`` set, logged when faults are configured.
 
     Without a configured seed one is drawn here, in the supervisor, before any
     child is forked, so the front and every worker share it; a reload keeps
-    the seed drawn before (the same run stays replayable).  ``quiet``: only
-    compare (a reload checking what changed), do not log.  The log line is
+    the seed drawn before (the same run stays replayable).  The log line is
     what makes a run with a drawn seed reproducible: put that seed in the
     profile to replay it.
     """
@@ -29,6 +28,6 @@ def faults_seeded(config: Any, before: Any = None, *, quiet: bool = False) -> An
         seed = before.faults.seed if before is not None else secrets.randbits(63)
         config = dataclasses.replace(config, faults=dataclasses.replace(config.faults, seed=seed))
     specs = config.faults.specs()
-    if specs and not quiet:
+    if specs:
         log.info("faults_seed", seed=seed, drawn=drawn, faults=[s.name for s in specs])
     return config

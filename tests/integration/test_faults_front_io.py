@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from tests.integration.test_faults_at import answer, event_gaps, fault_cli
-from tests.integration.test_status import status_json
 
 HOSTS = '[dns]\nhosts = { "fault.test" = "127.0.0.1" }\n'
 
@@ -177,6 +176,8 @@ def test_uart_faults_are_counted_and_logged_at_most_once_a_second(make_daemon):
     assert fault_cli(d, "uart_corrupt", "count=500").returncode == 0
     host.write(GMR)
     host.read_quiet(0.5)
+    from tests.integration.test_status import status_json
+
     assert status_json(d)["faults"]["counts"] == {"uart_corrupt": 500}
     lines = d.wait_event("fault_injected", fault="uart_corrupt")
     time.sleep(1.2)

@@ -4,7 +4,8 @@
 configuration and print what it amounts to, without serving), ``bridged pki
 import|list|remove`` (the certificate store, see ``bridged.pki_cli``) and
 ``bridged status`` (what a running daemon is doing, see ``bridged.status_cli``)
-and ``bridged ota keygen|sign|verify`` (signed updates, see ``bridged.ota_cli``).
+and ``bridged ota keygen|sign|verify`` (signed updates, see ``bridged.ota_cli``)
+and ``bridged fault NAME [key=value ...] | --list`` (faults on demand, see ``bridged.fault_cli``).
 
 Without --config, /etc/bridged/bridged.toml and then /etc/bridged/<instance>.toml
 are read when present; --config FILE replaces them (see bridged.config).
@@ -63,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="show what a running bridged is doing (bridged status --help)",
                         add_help=False)
     commands.add_parser("ota", help="keys and signatures for OTA images (bridged ota --help)", add_help=False)
+    commands.add_parser("fault", help="fire a fault in a running bridged, or list them (bridged fault --help)",
+                        add_help=False)
     commands.add_parser("fleet", help="run many devices for load testing (bridged fleet --help)",
                         add_help=False)
     return parser
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from bridged.ota_cli import main as ota_main
 
         return ota_main(argv[1:])
+    if argv[:1] == ["fault"]:
+        from bridged.fault_cli import main as fault_main
+
+        return fault_main(argv[1:])
     if argv[:1] == ["fleet"]:
         from bridged.fleet_cli import main as fleet_main
 

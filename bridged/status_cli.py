@@ -172,6 +172,10 @@ def render(status: dict[str, Any]) -> str:
             f"{link['local_port'] or '-'!s:<7}{link['recv_mode']:<8}{'y' if link['passthrough'] else '-':<3}"
             f"{up:>10}{down:>10}{link['ipd']:>7}{_n(link['errors']):>5}{link['worker_pid'] or '-'!s:>8}"
             f"{link['restarts']:>5}")
+    faults = status.get("faults")
+    if faults is not None:
+        counts = ", ".join(f"{name} {n}" for name, n in faults["counts"].items()) or "none injected"
+        lines += ["", f"Faults (seed {faults['seed']}): {counts}"]
     if status["errors"]:
         lines += ["", "Recent warnings and errors:"]
         for e in status["errors"]:

@@ -65,6 +65,7 @@ from bridged.commands.passthrough import saved_link
 from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
+from bridged.faults.front import FrontFaults
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, Shutdown, WorkerStarted
@@ -116,6 +117,7 @@ class _Passthrough:
 
 class Front:
     tap: Transcript | None = None  # set while the AT transcript is on
+    rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
 
     def __init__(
         self,
@@ -151,6 +153,7 @@ class Front:
         self.mdns = Advertiser()
         self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
+        self.faults = FrontFaults(self)  # [faults] and `bridged fault` (bridged.faults.front)
         self.ctx = self._new_context()
         self.boot: Boot | None = None  # the chip is (re)booting: input is dropped, nothing is said
         self.busy = False  # a command waits on the network: input gets busy p...
@@ -183,9 +186,11 @@ class Front:
             self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
         self._start_boot(Reset.POWER_ON)
         self._resume_reading()
+        self.faults.start()
         try:
             await self._stopped
         finally:
+            self.faults.close()
             if self._replug is not None:
                 self._replug.close()
             self.sntp.stop()
@@ -255,6 +260,7 @@ class Front:
                       self._restart, self._apply_uart, self.uart, self.server,
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
+        ctx.faults = self.faults
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
             self.links.set_options(link_id, linger, nodelay, keep_alive)
@@ -385,6 +391,8 @@ class Front:
             self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
+        if self.rx_fault is not None and not (data := self.rx_fault(data)):
+            return  # an injected overrun lost all of it
         if self.boot is not None:
             self.boot.drop(len(data))
             return
@@ -469,6 +477,8 @@ class Front:
             if event is NEED_DATA:
                 return
             if isinstance(event, CommandLine):
+                if self.faults.refuse(event):
+                    continue  # at_busy: answered busy p..., dropped
                 self._echo(event.raw)
                 self._execute(event)
             elif isinstance(event, BadLine):
@@ -496,7 +506,7 @@ class Front:
         if self.tap is not None:
             self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
         try:
-            result = registry.dispatch(self.ctx, line)
+            result = self.faults.dispatch(self.ctx, line)  # the registry's, unless a fault says
         except AtError as error:
             self._log_error("command_error", line.name, error)
             self._error(error)

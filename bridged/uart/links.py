@@ -37,6 +37,7 @@ from bridged.ipc.messages import (
     Connected,
     Ended,
     Discard,
+    FaultFired,
     Hello,
     LinkStats,
     Refused,
@@ -45,6 +46,7 @@ from bridged.ipc.messages import (
     SetRecvWindow,
 )
 from bridged.net.policy import Refusal
+from bridged.net.resolver import ResolveError, draw_faults
 from bridged.ipc.rings import Ring
 from bridged.uart.passive import Unread
 from bridged.uart.transcript import MarkKind
@@ -146,6 +148,7 @@ class LinkTable:
         self.window = window
         self.loop = asyncio.get_running_loop()
         self.on_stats: Callable[[Slot, LinkStats], None] = lambda slot, msg: None  # bridged.ops.status
+        self.on_fault: Callable[[Slot, FaultFired], None] = lambda slot, msg: None  # bridged.faults.front
 
     # -- Links protocol (used by command handlers) --------------------------------
 
@@ -322,6 +325,10 @@ class LinkTable:
         self.slots[link_id].last_activity = self.loop.time()
 
     async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
+        try:  # the worker resolves the host: the front's injected DNS faults are drawn here
+            await draw_faults(spec.host, (spec.timeout_ms or 10_000) / 1000)
+        except ResolveError as exc:
+            raise ExecFail(f"connect failed: {exc}") from None
         slot = self.slots[link_id]
         self._begin(slot, spec.type, server=False)
         slot.spec = spec
@@ -365,6 +372,17 @@ class LinkTable:
         slot.control = control
         self.loop.add_reader(control.fileno(), self._on_control, slot)
         self.loop.add_reader(slot.downlink.data_fd, self.drain, slot)
+
+    def tell(self, link_id: int, msg: object) -> bool:
+        """Send a control message to a link's worker (FireFault); False when it has none now."""
+        slot = self.slots[link_id]
+        if slot.control is None:
+            return False
+        try:
+            send_message(slot.control, msg)
+        except OSError:
+            return False  # a full or dead socket: its reader sees the death
+        return True
 
     def _send(self, slot: Slot, msg: object) -> None:
         if slot.control is None:
@@ -418,6 +436,8 @@ class LinkTable:
             self._end(slot, msg.reason)
         elif isinstance(msg, LinkStats):
             self.on_stats(slot, msg)
+        elif isinstance(msg, FaultFired):
+            self.on_fault(slot, msg)
 
     def _on_connected(self, slot: Slot, msg: Connected) -> None:
         if slot.state is not SlotState.CONNECTING:

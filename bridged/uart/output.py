@@ -61,6 +61,7 @@ Urc = Union[bytes, Callable[[], bytes]]  # the bytes, or a function making them 
 
 class Output:
     tap = None  # the AT transcript while it is on (bridged.uart.transcript)
+    mangle = None  # injected line faults (bridged.faults.uart), only while some are enabled
 
     def __init__(self, fd: int, gap: float, on_drained: Callable[[], None],
                  water: tuple[int, int] = (65536, 32768),
@@ -199,7 +200,12 @@ class Output:
             size += len(parts[-1])
         if not parts:
             return False
-        self._pending = memoryview(b"".join(parts))
+        data = b"".join(parts)
+        if self.mangle is not None:  # bytes lost or corrupted on the line (bridged.faults)
+            mangled = self.mangle(data)
+            self._buffered -= len(data) - len(mangled)
+            data = mangled
+        self._pending = memoryview(data)
         self._pending_final = final
         return True
 

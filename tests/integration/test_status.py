@@ -202,7 +202,7 @@ def test_bad_requests_get_an_error_and_the_daemon_still_serves(daemon):
     host.boot()
     with connect(control_path(daemon)) as sock:
         reply = exchange(sock, b'{"cmd":"reboot"}')
-        assert reply == {"ok": False, "error": "unknown cmd 'reboot'; known: status, transcript"}
+        assert reply == {"ok": False, "error": "unknown cmd 'reboot'; known: fault, status, transcript"}
         assert "malformed JSON" in exchange(sock, b'{"cmd": "status"')["error"]
         assert exchange(sock, b"\xff\xfe")["ok"] is False
         assert exchange(sock, b'["status"]')["error"] == "a request must be a JSON object"

@@ -38,10 +38,11 @@ from bridged.faults.spec import FaultError
 from bridged.ipc.messages import Connect, FireFault
 from bridged.links.tls import TlsError
 
-__all__ = ["DATA_KINDS", "LinkFaults"]
+__all__ = ["DATAGRAM_KINDS", "LinkFaults", "STREAM_KINDS"]
 
-#: The kinds that act on a connection's bytes (bridged.links.shaping).
-DATA_KINDS = ("net_latency", "net_bandwidth", "net_udp_loss", "net_udp_reorder", "net_tcp_reset")
+#: The kinds that act on a connection's bytes (bridged.links.shaping), by link type.
+STREAM_KINDS = ("net_latency", "net_bandwidth", "net_tcp_reset")
+DATAGRAM_KINDS = ("net_latency", "net_bandwidth", "net_udp_loss", "net_udp_reorder")
 
 
 class LinkFaults:
@@ -55,9 +56,9 @@ class LinkFaults:
         # Its own stream: jitter draws move no fault's hit sequence.
         self.jitter = random.Random(f"{seed}/net_latency/{scope}/jitter")
 
-    def shapes(self) -> bool:
-        """A data-path kind is configured or armed: the connection needs a Shaper."""
-        return any(self.plan.enabled(name) for name in DATA_KINDS)
+    def shapes(self, datagram: bool) -> bool:
+        """A data-path kind of this link type is configured or armed: the connection needs a Shaper."""
+        return any(self.plan.enabled(name) for name in (DATAGRAM_KINDS if datagram else STREAM_KINDS))
 
     async def before_connect(self, msg: Connect, default_timeout_ms: int, now: float) -> None:
         """Fail a TCP or SSL connect as a refusal or a timeout would, when one hits.

@@ -142,7 +142,10 @@ class Shaper:
 
     def on_readable(self) -> None:
         w = self.w
-        if w.sock is None or self.ended or self.closed:
+        if w.sock is None or self.closed:
+            return
+        if self.ended:  # the end is queued: a readable socket would call again and again
+            w._pause_reading()
             return
         now = w.loop.time()
         ring = w.downlink

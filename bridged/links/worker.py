@@ -62,7 +62,7 @@ from bridged.ipc.messages import (
 )
 from bridged.ipc.rings import Ring
 from bridged.net.fence import Fence
-from bridged.links.faults import DATA_KINDS, LinkFaults
+from bridged.links.faults import LinkFaults
 from bridged.links.shaping import Shaper
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
@@ -257,7 +257,7 @@ class Worker:
             return  # aimed at another link
         log.info("fault_armed", name=demand.name, params=dict(demand.params), count=demand.count,
                  seconds=demand.for_)
-        if demand.name in DATA_KINDS and self.sock is not None:
+        if self.sock is not None and self.faults.shapes(self.datagram):
             if self.shaper is None:
                 self._stop_window()  # the window's tick reads past the Shaper
                 self.shaper = Shaper(self, self.faults)
@@ -398,7 +398,7 @@ class Worker:
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
         self.loopback_source = loopback_source(sock) if datagram else None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
-        self.shaper = Shaper(self, self.faults) if self.faults.shapes() else None
+        self.shaper = Shaper(self, self.faults) if self.faults.shapes(datagram) else None
         self._apply_options()
         local = sock.getsockname()
         log.info("link_opened", type=link_type, remote=remote[0], port=remote[1], local_port=local[1])

@@ -7,13 +7,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import socket
 import threading
 import time
 
 import pytest
 
-from tests.harness import Demux, EchoServer, SinkServer, Timeout, udp_peer
+from tests.harness import Demux, EchoServer, SinkServer, udp_peer
 from tests.integration.test_tls import TlsServer, _issue
 
 pytestmark = pytest.mark.timeout(180)
@@ -43,6 +44,17 @@ def _free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _recvdata(host, link_id: int, length: int) -> bytes:
+    """AT+CIPRECVDATA on a link; the payload (passive notices may come first)."""
+    host.write(b"AT+CIPRECVDATA=%d,%d\r\n" % (link_id, length))
+    before = host.expect(b"+CIPRECVDATA:", timeout=10)[: -len(b"+CIPRECVDATA:")]
+    assert re.fullmatch(rb"(\r\n\+IPD,%d,\d+\r\n)*" % link_id, before), before
+    n = int(host.expect(b",", timeout=10)[:-1])
+    body = host.expect(b"\r\nOK\r\n")
+    assert len(body) == n + 6, (n, body[-20:])
+    return body[:n]
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +195,46 @@ def test_bandwidth_caps_each_way(make_daemon):
     finally:
         sink.close()
         source.close()
+
+
+def test_a_delayed_capped_passive_link_keeps_its_window(make_daemon):
+    """Passive mode under latency and a cap: unread data stays within the window, a full
+    window waits without spinning, and every byte arrives in order."""
+    import psutil
+
+    daemon, host = _boot(make_daemon, _faults(1, net_latency={"ms": 50, "jitter_ms": 20},
+                                               net_bandwidth={"bytes_per_s": 400000}))
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        host.command(b"AT+CIPRECVTYPE=0,1")
+        assert _start(host, 0, "TCP", server.getsockname()[1]) == b"0,CONNECT\r\n\r\nOK\r\n"
+        conn, _ = server.accept()
+        payload = os.urandom(256 * 1024)  # far beyond the window: the peer's sendall blocks
+        sender = threading.Thread(target=conn.sendall, args=(payload,), daemon=True)
+        sender.start()
+        deadline = time.monotonic() + 10
+        while b"+CIPRECVLEN:5760," not in host.ask(b"AT+CIPRECVLEN?"):  # the window fills
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
+        before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
+        time.sleep(1.0)
+        used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
+        assert used < 0.25, f"the daemon used {used:.2f} s of CPU in 1 s waiting for a read"
+        got = bytearray()
+        deadline = time.monotonic() + 60
+        while len(got) < len(payload):
+            assert time.monotonic() < deadline, len(got)
+            answer = host.ask(b"AT+CIPRECVLEN?")
+            unread = int(re.search(rb"\+CIPRECVLEN:(\d+),", answer).group(1))  # notices may precede it
+            assert unread <= 5760
+            if unread:
+                got += _recvdata(host, 0, 2048)
+        sender.join(10)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        conn.close()
+    finally:
+        server.close()
 
 
 # -- UDP loss and reordering, TCP resets: effect and seed ------------------------------------

@@ -256,7 +256,7 @@ class Shaper:
             if self.plan.hit("net_udp_loss", now) is not None:
                 self.plan.fired("net_udp_loss", length=n, sender=sender[0], port=sender[1])
                 continue
-            payload = bytes(memoryview(w._dgram_buf)[:n])
+            payload = bytes(w._dgram_buf[:n])
             hold = self.plan.hit("net_udp_reorder", now) if len(self.held) < _MAX_HELD else None
             if hold is not None:
                 depth = int(hold["depth"])

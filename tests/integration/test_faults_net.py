@@ -9,6 +9,7 @@ import hashlib
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 
@@ -106,6 +107,20 @@ def test_a_tls_handshake_failure_answers_error(make_daemon, tls_cert):
         server.close()
 
 
+def test_an_ssl_servers_client_fails_its_handshake_unannounced(make_daemon):
+    """tls_fail on the SSL server's side: the client's handshake fails and the MCU hears of no connection."""
+    daemon, host = _boot(make_daemon, _faults(1, tls_fail={"rate": 1}))
+    port = _free_port()
+    assert host.ask(b'AT+CIPSERVER=1,%d,"SSL",0' % port) == b"\r\nOK\r\n"
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises(OSError):  # an SSLError or a reset, as the server drops it
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)):
+            pass
+    assert daemon.wait_event("server_handshake_failed")[0]["reason"] == "handshake failed (fault tls_fail)"
+    assert b"CONNECT" not in host.read_quiet(0.3)
+
+
 def _connects(make_daemon, seed: int, echo_port: int, tls_port: int) -> dict[int, str]:
     """Connect again and again on links 0 (refusals), 1 (TLS failures), 2 (timeouts), 3 (no fault)."""
     config = "[links]\nconnect_timeout_ms = 200\n" + _faults(
@@ -195,6 +210,29 @@ def test_bandwidth_caps_each_way(make_daemon):
     finally:
         sink.close()
         source.close()
+
+
+def test_bandwidth_caps_datagrams_each_way(make_daemon):
+    """net_bandwidth 8000 B/s on a UDP link: 12 datagrams of 1000 bytes take 1.3 s or more each way, none lost."""
+    _, host = _boot(make_daemon, _faults(1, net_bandwidth={"bytes_per_s": 8000}))
+    peer, local = udp_peer(), _free_port(socket.SOCK_DGRAM)
+    try:
+        assert _start(host, 0, "UDP", peer.getsockname()[1], b",%d" % local) == b"0,CONNECT\r\n\r\nOK\r\n"
+        demux = Demux(host)
+        datagrams = [bytes([i]) * 1000 for i in range(12)]
+        started = time.monotonic()
+        for datagram in datagrams:
+            assert demux.send(0, datagram).endswith(b"SEND OK\r\n")
+        assert [peer.recvfrom(2000)[0] for _ in datagrams] == datagrams
+        # A datagram goes whole, leaving the bucket in debt: all but the last waited for their bytes.
+        assert time.monotonic() - started >= 11 * 1000 / 8000
+        started = time.monotonic()
+        for datagram in datagrams:
+            peer.sendto(datagram, ("127.0.0.1", local))
+        assert demux.wait_data(0, 12000, timeout=20) == b"".join(datagrams)
+        assert time.monotonic() - started >= 11 * 1000 / 8000
+    finally:
+        peer.close()
 
 
 def test_a_delayed_capped_passive_link_keeps_its_window(make_daemon):

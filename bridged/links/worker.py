@@ -23,6 +23,12 @@ Every remote it uses passes ``[links] allow / deny`` after name resolution
 (``bridged.net.fence``): each address a connect tries, each datagram's
 destination and sender.  A refused connect fails as an unreachable host
 would; a refused datagram is dropped.
+
+Faults (``[faults]``, ``bridged fault``): connects and TLS handshakes ask
+``self.faults`` (bridged.links.faults); a connection with a data-path fault
+(latency, a bandwidth cap, UDP loss or reordering, a TCP reset) gets a
+``Shaper`` (bridged.links.shaping) that takes over its reads and meters its
+sends.  Without one, the paths below are exactly as without faults.
 """
 
 from __future__ import annotations

@@ -85,19 +85,14 @@ def test_an_unknown_control_command_is_a_clear_error(bridged_device):
     assert bridged_device.status()["uart"]["kind"] == "pty"  # it serves on
 
 
-# The fault and its effect as #13 point 3 will ship them; adjust the name once merged.
-@pytest.mark.xfail(strict=False, reason="the control socket's fault command is built on another branch (#13 point 3)")
 def test_a_fault_fires_now_and_is_marked_in_the_transcript(bridged_device):
     """device.fault() fires a Wi-Fi drop through the control socket: the MCU sees
     WIFI DISCONNECT and the transcript has the fault's mark."""
     at = bridged_device.at
     at.expect(b"\r\nready\r\n")
     assert at.command('AT+CWJAP="bridged","password"').ok
-    try:
-        reply = bridged_device.fault("wifi_drop", duration_ms=300)
-    except UnknownCommand as exc:
-        pytest.skip(str(exc))
-    assert isinstance(reply, dict)
+    reply = bridged_device.fault("wifi_drop", duration_ms=300)
+    assert reply["fault"] == "wifi_drop"
     at.expect(b"WIFI DISCONNECT\r\n", 5)
     assert bridged_device.wait_for_transcript(r"^fault .*wifi_drop", 5).kind == "fault"
 

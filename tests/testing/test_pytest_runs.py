@@ -115,7 +115,4 @@ def test_the_readme_firmware_example_passes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = run_pytest(REPO / "examples" / "firmware", "-p", "bridged.testing", "--basetemp", str(tmp_path),
                       "-W", "ignore::DeprecationWarning", env=env)
-    unknown = "UnknownCommand: this bridged does not know the control command 'fault'"
-    if done.returncode == 1 and unknown in done.stdout and "1 failed" in done.stdout:
-        pytest.skip("the example fires a fault: the control socket's fault command is on another branch (#13 point 3)")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr

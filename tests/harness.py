@@ -25,7 +25,7 @@ import tty
 from pathlib import Path
 
 __all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer",
-           "with_boot_ms", "notify_state"]
+           "with_boot_ms", "with_key", "notify_state"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -34,24 +34,32 @@ def with_boot_ms(config: str, boot_ms: int = 0) -> str:
     """``config`` with ``[firmware] boot_ms`` set unless it sets it itself.
 
     The suite restarts the daemon's session hundreds of times; it should not
-    wait a real chip's boot each time.  TOML forbids a table twice, so a
-    ``[firmware]`` table of the test's own gets the key inside it.
+    wait a real chip's boot each time.
+    """
+    return with_key(config, "firmware", "boot_ms", str(boot_ms))
+
+
+def with_key(config: str, section: str, key: str, value: str) -> str:
+    """``config`` with ``[section] key = value`` (TOML text) unless it sets the key itself.
+
+    TOML forbids a table twice, so a ``[section]`` table of the test's own
+    gets the key inside it.
     """
     try:
         doc = tomllib.loads(config)
     except tomllib.TOMLDecodeError:
         return config  # a test of a broken file: leave it as it is
-    firmware = doc.get("firmware")
-    if isinstance(firmware, dict) and "boot_ms" in firmware:
+    table = doc.get(section)
+    if isinstance(table, dict) and key in table:
         return config
-    line = f"boot_ms = {boot_ms}\n"
-    header = re.search(r"^[ \t]*\[[ \t]*firmware[ \t]*\][ \t]*(#.*)?$\n?", config, re.M)
+    line = f"{key} = {value}\n"
+    header = re.search(rf"^[ \t]*\[[ \t]*{section}[ \t]*\][ \t]*(#.*)?$\n?", config, re.M)
     if header is not None:
         at = header.end()
         return config[:at] + ("" if config[:at].endswith("\n") else "\n") + line + config[at:]
-    if firmware is not None:  # dotted keys or an inline table: nothing safe to add
+    if table is not None:  # dotted keys or an inline table: nothing safe to add
         return config
-    return config + ("" if not config or config.endswith("\n") else "\n") + "[firmware]\n" + line
+    return config + ("" if not config or config.endswith("\n") else "\n") + f"[{section}]\n" + line
 
 
 class Timeout(AssertionError):
@@ -91,8 +99,10 @@ class Daemon:
         self.expected_errors: set[str] = set()  # log events a test provokes on purpose
 
     def write_config(self, config: str) -> None:
-        """(Re)write the config file: the station, then ``config`` (boot_ms 0 unless it says)."""
-        self.config_path.write_text(with_boot_ms(f'[wifi]\nstation_interface = "{self.station}"\n' + config))
+        """(Re)write the config file: the station, then ``config`` (boot_ms 0 and
+        the pty unpaced unless it says: the esp32 profile paces it at 115200 baud)."""
+        config = with_boot_ms(f'[wifi]\nstation_interface = "{self.station}"\n' + config)
+        self.config_path.write_text(with_key(config, "uart", "pace", "false"))
 
     def start(self) -> "Daemon":
         log = open(self.log_path, "ab")

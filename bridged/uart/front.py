@@ -396,7 +396,7 @@ class Front:
             self._hung_up("hung up (unplugged?)")
             return
         if self._paced is not None:
-            self._paced.took(size, len(data))
+            self._paced.took(self.fd, size, len(data))
         if self._serial is not None:
             self._serial.after_read(len(data))
         if self.tap is not None:

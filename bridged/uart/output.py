@@ -141,6 +141,8 @@ class Output:
         self._urcs.clear()
         self._pending = memoryview(b"")
         self._buffered = 0
+        if self.pacer is not None:  # nothing waits for the line any more
+            self.pacer.charge(0, self.loop.time())
         self._pump()
         return dropped
 

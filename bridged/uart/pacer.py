@@ -29,7 +29,7 @@ from __future__ import annotations
 
 __all__ = ["Pacer", "LEAD", "CATCH_UP", "char_bits2"]
 
-LEAD = 0.004  # seconds a byte may go ahead of its line time (two slices of the loop's 1 ms ticks)
+LEAD = 0.006  # seconds a byte may go ahead of its line time: two slices of 3 ms (the loop ticks in ms)
 CATCH_UP = 0.05  # seconds of line time a backlogged line may make up after a late wake-up
 _EPS = 1e-3  # of a character: float rounding of ``now`` (~1e-11 s) must not cost one
 
@@ -59,7 +59,7 @@ class Pacer:
         self._char = bits2 / (2 * baud)  # seconds per character
         # At least one character may always go: at 80 baud one takes 125 ms.
         self.lead = max(self._lead_asked, self._char)
-        self._slice = max(1, int(self.lead / 2 / self._char))
+        self._slice = max(1, round(self.lead / 2 / self._char))
 
     def _line(self) -> float:
         """When the line is done with every character charged (exact: anchor + count)."""

@@ -22,6 +22,9 @@ A real serial port keeps its own time: there ``pace`` changes nothing
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import struct
+import termios
 
 import structlog
 
@@ -48,6 +51,14 @@ def wanted(pace: bool, port_name: str, serial: bool) -> bool:
     return pace and not serial
 
 
+def _waiting(fd: int) -> int:
+    """Bytes the pty holds for us to read."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
 class PacedInput:
     """The front's reads from the pty at the line rate: the input pacer, the gate's hold, one timer."""
 
@@ -69,11 +80,12 @@ class PacedInput:
             self._hold()
         return n
 
-    def took(self, asked: int, got: int) -> None:
-        """A read of at most ``asked`` bytes gave ``got``: all of them means more may wait."""
-        more = got >= asked
+    def took(self, fd: int, asked: int, got: int) -> None:
+        """A read of at most ``asked`` bytes from ``fd`` gave ``got``."""
+        # Whether more waits decides if a late wake-up is made up: asked, not guessed.
+        more = got >= asked and _waiting(fd) > 0
         self.pacer.charge(got, self._now(), more=more)
-        if more:
+        if got >= asked:
             self._hold()
 
     def set_line(self, settings: UartSettings) -> None:

@@ -80,6 +80,8 @@ def _receive(host: Host, source: SourceServer, payload: bytes) -> Received:
     first = None
     after = 0
     deadline = time.monotonic() + 30
+    last = first = time.monotonic() if host.buf else None  # it may have come with CONNECT
+    demux._parse()
     while len(demux.data.get(None, b"")) < len(payload):
         assert time.monotonic() < deadline, f"{len(demux.data.get(None, b''))} of {len(payload)} bytes came"
         before = len(host.buf)

@@ -31,12 +31,14 @@ DEFAULT_TIMEOUT = 10.0
 
 
 def with_boot_ms(config: str, boot_ms: int = 0) -> str:
-    """``config`` with ``[firmware] boot_ms`` set unless it sets it itself.
+    """``config`` with the suite's speed settings, each unless it sets it itself:
+    ``[firmware] boot_ms`` and ``[uart] pace = false``.
 
     The suite restarts the daemon's session hundreds of times; it should not
-    wait a real chip's boot each time.
+    wait a real chip's boot each time, nor move its megabytes at the esp32
+    profile's 115200 baud.
     """
-    return with_key(config, "firmware", "boot_ms", str(boot_ms))
+    return with_key(with_key(config, "firmware", "boot_ms", str(boot_ms)), "uart", "pace", "false")
 
 
 def with_key(config: str, section: str, key: str, value: str) -> str:
@@ -100,9 +102,8 @@ class Daemon:
 
     def write_config(self, config: str) -> None:
         """(Re)write the config file: the station, then ``config`` (boot_ms 0 and
-        the pty unpaced unless it says: the esp32 profile paces it at 115200 baud)."""
-        config = with_boot_ms(f'[wifi]\nstation_interface = "{self.station}"\n' + config)
-        self.config_path.write_text(with_key(config, "uart", "pace", "false"))
+        the pty unpaced unless it says)."""
+        self.config_path.write_text(with_boot_ms(f'[wifi]\nstation_interface = "{self.station}"\n' + config))
 
     def start(self) -> "Daemon":
         log = open(self.log_path, "ab")

@@ -368,6 +368,12 @@ class Front:
 
     def _pause_reading(self) -> None:
         self._gate.shut()
+        self._hold_off()
+
+    def _hold_off(self) -> None:
+        """Input is held back (RTS): the paced line idles meanwhile, it does not fall behind."""
+        if self._paced is not None:
+            self._paced.pacer.hold_off()
 
     def _on_readable(self) -> None:
         if self.holding:
@@ -568,6 +574,7 @@ class Front:
             # is immediate, only ordered after the answer (a baud change, a restart).
             self.holding = True
             self._gate.hold(_AFTER)
+            self._hold_off()
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
@@ -783,6 +790,7 @@ class Front:
         """Hold commands while the output is backlogged; a data phase goes on."""
         if self.output.backlogged and not self.parser.in_data_mode:
             self._gate.hold(_BACKLOG)
+            self._hold_off()
             return True
         return False
 

@@ -250,7 +250,8 @@ class Output:
                 self.tap.sent(self._pending[:n])
             self._pending = self._pending[n:]
             if self.pacer is not None:
-                self.pacer.charge(n, now, more=bool(self._pending))
+                # A full port is the MCU not reading (CTS low): idle line time, not made up.
+                self.pacer.charge(n, now, more=bool(self._pending) and n == len(chunk))
             if self._pending:
                 self._check_low()
                 if self.pacer is not None and n == len(chunk):  # the line, not the port, holds the rest

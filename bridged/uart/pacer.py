@@ -17,7 +17,10 @@ and keeps up through a timer up to ``lead / 2`` late.  A line left idle
 keeps no credit beyond ``lead``: after silence at most one lead's worth of
 bytes goes at once, as when a real UART's FIFO is filled.  A line with
 bytes waiting (the caller says so when it charges) is not idle: time lost
-to a late timer (a loaded machine) is made up, up to ``CATCH_UP`` seconds.
+to a late timer (a loaded machine) is made up, up to ``CATCH_UP`` seconds,
+as a real UART's bytes keep arriving while its CPU is busy.  Time the line
+is held by flow control (`hold_off`: the reader stops for back-pressure,
+the MCU does not read) is idle time, not made up.
 
 A new line speed (AT+UART_CUR) applies to bytes charged from then on; what
 was charged keeps its times, as the bytes a real UART had already sent.
@@ -30,7 +33,7 @@ from __future__ import annotations
 __all__ = ["Pacer", "LEAD", "CATCH_UP", "char_bits2"]
 
 LEAD = 0.006  # seconds a byte may go ahead of its line time: two slices of 3 ms (the loop ticks in ms)
-CATCH_UP = 0.05  # seconds of line time a backlogged line may make up after a late wake-up
+CATCH_UP = 0.25  # seconds of line time a backlogged line may make up after a late wake-up
 _EPS = 1e-3  # of a character: float rounding of ``now`` (~1e-11 s) must not cost one
 
 
@@ -92,6 +95,10 @@ class Pacer:
         self._count += n
         self.charged += n
         self._busy = more
+
+    def hold_off(self) -> None:
+        """Flow control holds the line from now on: nothing waits for it, no credit builds."""
+        self._busy = False
 
     def deadline(self, pending: int) -> float:
         """When it is worth writing again with ``pending`` bytes waiting: once a

@@ -98,6 +98,15 @@ def test_stale_backlog_gives_no_burst_after_silence():
     assert pacer.allowance(T0 + 1.0) == int(LEAD * 960)
 
 
+def test_held_line_keeps_no_credit():
+    """Time the line is held by flow control (hold_off) is idle time: no burst when it is released."""
+    pacer = Pacer(9600, char_bits2(8, 1, 0), T0)
+    pacer.charge(pacer.allowance(T0), T0, more=True)
+    assert pacer.allowance(T0 + 0.1) > 90  # a late wake-up with bytes waiting: 0.1 s made up
+    pacer.hold_off()
+    assert pacer.allowance(T0 + 0.1) == int(LEAD * 960)
+
+
 def test_rate_change_mid_stream():
     """Bytes charged before AT+UART_CUR keep the old rate, bytes after it take the new one."""
     pacer = Pacer(9600, char_bits2(8, 1, 0), T0)

@@ -51,7 +51,7 @@ from typing import Callable, Union
 import structlog
 
 from bridged.at.format import is_final
-from bridged.uart.pacer import Pacer
+from bridged.uart.pacer import CATCH_UP, Pacer
 
 __all__ = ["Output"]
 
@@ -251,7 +251,7 @@ class Output:
             self._pending = self._pending[n:]
             if self.pacer is not None:
                 # A full port is the MCU not reading (CTS low): idle line time, not made up.
-                self.pacer.charge(n, now, more=bool(self._pending) and n == len(chunk))
+                self.pacer.charge(n, now, CATCH_UP if self._pending and n == len(chunk) else 0.0)
             if self._pending:
                 self._check_low()
                 if self.pacer is not None and n == len(chunk):  # the line, not the port, holds the rest

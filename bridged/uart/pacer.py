@@ -16,11 +16,13 @@ sleeps until about ``lead / 2`` of line time is free again (`deadline`),
 and keeps up through a timer up to ``lead / 2`` late.  A line left idle
 keeps no credit beyond ``lead``: after silence at most one lead's worth of
 bytes goes at once, as when a real UART's FIFO is filled.  A line with
-bytes waiting (the caller says so when it charges) is not idle: time lost
-to a late timer (a loaded machine) is made up, up to ``CATCH_UP`` seconds,
-as a real UART's bytes keep arriving while its CPU is busy.  Time the line
-is held by flow control (`hold_off`: the reader stops for back-pressure,
-the MCU does not read) is idle time, not made up.
+bytes waiting is not idle: time lost to a late wake-up (a loaded machine)
+is made up, as a real UART's bytes keep arriving while its CPU is busy.
+The caller says how much may be made up when it charges: ``CATCH_UP`` when
+bytes are known to wait, less when they may (a pty's kernel buffer refills
+its reader's side from a worker thread, late on a loaded machine), none
+when nothing waits.  Time the line is held by flow control (`hold_off`: the
+reader stops for back-pressure, the MCU does not read) is idle time.
 
 A new line speed (AT+UART_CUR) applies to bytes charged from then on; what
 was charged keeps its times, as the bytes a real UART had already sent.
@@ -50,7 +52,7 @@ class Pacer:
         self._lead_asked = lead
         self._anchor = now  # the line time of the first character charged since then
         self._count = 0  # characters charged since the anchor
-        self._busy = False  # bytes were waiting at the last charge
+        self._credit = 0.0  # seconds of lateness the next charge may make up
         self.charged = 0
         self._set(baud, bits2)
 
@@ -78,27 +80,29 @@ class Pacer:
         """Where the line stands at ``now``: behind ``now`` only for a backlogged
         line a late wake-up left behind (then that time is made up)."""
         line = self._line()
-        if self._busy and line >= now - CATCH_UP:
-            return line
-        return max(line, now)  # idle: no credit from the past
+        return line if line >= now - self._credit else now  # else idle: no credit from the past
 
     def allowance(self, now: float) -> int:
         """How many bytes may go at ``now``."""
         return max(0, int((now + self.lead - self._start(now)) / self._char + _EPS))
 
-    def charge(self, n: int, now: float, more: bool = False) -> None:
-        """``n`` bytes went at ``now`` (no more than `allowance` said);
-        ``more``: bytes are still waiting for the line."""
+    def charge(self, n: int, now: float, credit: float = 0.0) -> None:
+        """``n`` bytes went at ``now`` (no more than `allowance` said).
+
+        Args:
+            credit: seconds of line time the next call may make up if it comes
+                late: `CATCH_UP` while bytes wait for the line, 0 when none do.
+        """
         start = self._start(now)
         if start != self._line():  # it was idle: it starts again from now
             self._anchor, self._count = start, 0
         self._count += n
         self.charged += n
-        self._busy = more
+        self._credit = credit
 
     def hold_off(self) -> None:
         """Flow control holds the line from now on: nothing waits for it, no credit builds."""
-        self._busy = False
+        self._credit = 0.0
 
     def deadline(self, pending: int) -> float:
         """When it is worth writing again with ``pending`` bytes waiting: once a

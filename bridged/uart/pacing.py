@@ -30,13 +30,14 @@ import structlog
 
 from bridged.commands.context import UartSettings
 from bridged.readgate import ReadGate
-from bridged.uart.pacer import Pacer, char_bits2
+from bridged.uart.pacer import CATCH_UP, Pacer, char_bits2
 
 __all__ = ["PacedInput", "line_of", "wanted", "PACE"]
 
 log = structlog.get_logger()
 
 PACE = "pace"  # the read gate's hold while input is ahead of the line
+FLIP = 0.02  # seconds made up after a read that emptied the pty: the MCU's next bytes may be on their way
 
 
 def line_of(settings: UartSettings) -> tuple[int, int]:
@@ -82,9 +83,10 @@ class PacedInput:
 
     def took(self, fd: int, asked: int, got: int) -> None:
         """A read of at most ``asked`` bytes from ``fd`` gave ``got``."""
-        # Whether more waits decides if a late wake-up is made up: asked, not guessed.
-        more = got >= asked and _waiting(fd) > 0
-        self.pacer.charge(got, self._now(), more=more)
+        # How late a wake-up may be made up: bytes wait for certain, or may wait
+        # in the pty's flip buffer (a kernel worker moves them on, late under load).
+        credit = CATCH_UP if got >= asked and _waiting(fd) > 0 else FLIP
+        self.pacer.charge(got, self._now(), credit)
         if got >= asked:
             self._hold()
 

@@ -22,7 +22,7 @@ def _drain(pacer: Pacer, total: int, now: float, late=lambda: 0.0, limit: int = 
         n = min(pacer.allowance(now), left)
         if n:
             left -= n
-            pacer.charge(n, now, more=bool(left))
+            pacer.charge(n, now, CATCH_UP if left else 0.0)
             slices += 1
             assert slices < limit
         else:
@@ -94,14 +94,14 @@ def test_idle_line_keeps_no_credit():
 def test_stale_backlog_gives_no_burst_after_silence():
     """A line charged with bytes 'still waiting' that then fell silent gives no catch-up burst."""
     pacer = Pacer(9600, char_bits2(8, 1, 0), T0)
-    pacer.charge(3, T0, more=True)
+    pacer.charge(3, T0, CATCH_UP)
     assert pacer.allowance(T0 + 1.0) == int(LEAD * 960)
 
 
 def test_held_line_keeps_no_credit():
     """Time the line is held by flow control (hold_off) is idle time: no burst when it is released."""
     pacer = Pacer(9600, char_bits2(8, 1, 0), T0)
-    pacer.charge(pacer.allowance(T0), T0, more=True)
+    pacer.charge(pacer.allowance(T0), T0, CATCH_UP)
     assert pacer.allowance(T0 + 0.1) > 90  # a late wake-up with bytes waiting: 0.1 s made up
     pacer.hold_off()
     assert pacer.allowance(T0 + 0.1) == int(LEAD * 960)
@@ -122,7 +122,7 @@ def test_one_character_always_fits():
     """At 80 baud a character takes longer than the lead: it still may go, one at a time."""
     pacer = Pacer(80, char_bits2(8, 1, 0), T0)
     assert pacer.allowance(T0) == 1
-    pacer.charge(1, T0, more=True)
+    pacer.charge(1, T0, CATCH_UP)
     assert pacer.allowance(T0) == 0
     assert pacer.deadline(5) == pytest.approx(T0 + 0.125)
 
@@ -131,7 +131,7 @@ def test_deadline_allows_a_slice():
     """At the deadline the writer finds at least the slice it waited for: no wake-up for nothing."""
     for baud in (9600, 115200, 921600, 3_000_000):
         pacer = Pacer(baud, char_bits2(8, 1, 0), T0)
-        pacer.charge(pacer.allowance(T0), T0, more=True)
+        pacer.charge(pacer.allowance(T0), T0, CATCH_UP)
         assert pacer.allowance(T0) == 0
         deadline = pacer.deadline(10**6)
         assert deadline > T0

@@ -47,13 +47,15 @@ def char_bits2(data_bits: int, stop_bits: int, parity: int) -> int:
 
 
 class Pacer:
+    """One direction of a UART line: how many bytes may go now, and when it is worth trying again."""
+
     def __init__(self, baud: int, bits2: int, now: float, lead: float = LEAD) -> None:
         """A line at ``baud`` with ``bits2`` half-bits per character (see `char_bits2`)."""
         self._lead_asked = lead
         self._anchor = now  # the line time of the first character charged since then
         self._count = 0  # characters charged since the anchor
         self._credit = 0.0  # seconds of lateness the next charge may make up
-        self.charged = 0
+        self.charged = 0  # bytes charged in all
         self._set(baud, bits2)
 
     def _set(self, baud: int, bits2: int) -> None:

@@ -181,3 +181,54 @@ def test_a_real_port_ignores_pace(tmp_path, source):
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
         os.close(master)
         os.close(slave)
+
+
+def test_paced_output_writes_slices_on_one_timer_not_a_spin():
+    """Output with a pacer at 115200 8N1: 5760 bytes take 0.5 s in ~3 ms slices, in order, without spinning."""
+    import asyncio
+
+    import uvloop
+
+    from bridged.uart.output import Output
+    from bridged.uart.pacer import Pacer, char_bits2
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    data = _payload(5760, 8)
+
+    class Counting(Output):
+        pumps = 0
+
+        def _pump(self) -> None:
+            self.pumps += 1
+            super()._pump()
+
+    def read_all() -> tuple[bytes, float]:
+        got = bytearray()
+        deadline = time.monotonic() + 10
+        while len(got) < len(data):
+            assert time.monotonic() < deadline, f"{len(got)} of {len(data)} bytes came"
+            if select.select([slave], [], [], 0.1)[0]:
+                got += os.read(slave, 65536)
+        return bytes(got), time.monotonic()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        out = Counting(master, 0.0, lambda: None)
+        out.pacer = Pacer(115200, char_bits2(8, 1, 0), loop.time())
+        started = time.monotonic()
+        reader = asyncio.create_task(asyncio.to_thread(read_all))
+        out.reply(data)
+        got, ended = await reader
+        return got, ended - started, out.pumps
+
+    try:
+        got, took, pumps = uvloop.run(main())
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert got == data
+    _within(took, len(data) * 10 / 115200)
+    # ~3 ms slices: ~170 writes (fewer when timers fire late: each makes up the delay), not a spin.
+    assert 10 <= pumps <= 0.5 / 0.002, pumps

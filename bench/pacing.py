@@ -32,7 +32,7 @@ import platform
 
 import psutil
 
-from .common import MB, BenchError, HashMismatch, TreeCpu, _threads_runtime, median, now
+from .common import MB, BenchError, HashMismatch, _threads_runtime, median, now
 from .streams import Bridge, DuplexPeer, PacedWriter, make_payload, read_raw
 
 __all__ = ["run", "BAUDS", "CPU_BAUDS"]

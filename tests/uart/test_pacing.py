@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.harness import Daemon, Demux, Host, SinkServer, Timeout, _Server
+from tests.harness import Daemon, Demux, Host, SinkServer, _Server
 
 SLOW = 1.6  # the upper bound: line time x this (a loaded machine delays timers, never speeds them)
 

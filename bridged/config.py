@@ -377,6 +377,7 @@ class UartConfig:
     flow_control: str = _field("rts", _choice("none", "rts", "cts", "rtscts"))
     urc_gap_ms: float = _field(5.0, _float(0, 1000))
     max_line: int = _field(256, _int(16, 65536))
+    pace: bool = _field(True, _bool())  # a pty keeps the line rate both ways (a real port: ignored)
 
 
 @dataclass(frozen=True, slots=True)

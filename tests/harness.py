@@ -31,23 +31,25 @@ DEFAULT_TIMEOUT = 10.0
 
 
 def with_boot_ms(config: str, boot_ms: int = 0) -> str:
-    """``config`` with ``[firmware] boot_ms`` set unless it sets it itself.
+    """``config`` with the suite's speed settings, each unless it sets it itself:
+    ``[firmware] boot_ms`` and ``[uart] pace = false``.
 
     The suite restarts the daemon's session hundreds of times; it should not
-    wait a real chip's boot each time.
+    wait a real chip's boot each time, nor move its megabytes at the esp32
+    profile's 115200 baud.
     """
-    return with_default(config, "firmware", "boot_ms", boot_ms)
+    return with_default(with_default(config, "firmware", "boot_ms", boot_ms), "uart", "pace", False)
 
 
 def with_test_timing(config: str) -> str:
     """``config`` without a real chip's waits, unless the test sets them: no
-    boot silence (``[firmware] boot_ms``), no association time (``[wifi]
-    connect_delay_ms``).  The esp32 profile has both; a test of the timing
-    itself sets the key."""
+    boot silence (``[firmware] boot_ms``), a pty as fast as it goes (``[uart]
+    pace``), no association time (``[wifi] connect_delay_ms``).  The esp32
+    profile has all three; a test of the timing itself sets the key."""
     return with_default(with_boot_ms(config), "wifi", "connect_delay_ms", 0)
 
 
-def with_default(config: str, section: str, key: str, value: int) -> str:
+def with_default(config: str, section: str, key: str, value: int | bool) -> str:
     """``config`` with ``[section] key = value`` unless it sets the key itself.
 
     TOML forbids a table twice, so a ``[section]`` table of the test's own gets
@@ -60,7 +62,7 @@ def with_default(config: str, section: str, key: str, value: int) -> str:
     table = doc.get(section)
     if isinstance(table, dict) and key in table:
         return config
-    line = f"{key} = {value}\n"
+    line = f"{key} = {str(value).lower() if isinstance(value, bool) else value}\n"
     header = re.search(rf"^[ \t]*\[[ \t]*{section}[ \t]*\][ \t]*(#.*)?$\n?", config, re.M)
     if header is not None:
         at = header.end()

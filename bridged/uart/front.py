@@ -78,6 +78,8 @@ from bridged.store import Store
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
+from bridged.uart.pacer import Pacer
+from bridged.uart.pacing import PacedInput, line_of, wanted
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort, drain
 from bridged.uart.replug import Replug
 from bridged.uart.sending import Send
@@ -167,6 +169,10 @@ class Front:
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
         self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
+        self._paced: PacedInput | None = None  # [uart] pace: reads at the line rate (a pty only)
+        if wanted(config.uart.pace, port_name, serial is not None):
+            self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
+            self._paced = PacedInput(self.loop, self._gate, self.uart)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
@@ -197,6 +203,8 @@ class Front:
             if self.boot is not None:
                 self.boot.cancel()
             await self.mdns.close()  # goodbye packets before the process ends
+            if self._paced is not None:
+                self._paced.close()
             self._gate.close()
             self.output.close()
             self.transcript.close()
@@ -352,6 +360,9 @@ class Front:
         self.ctx.uart = settings
         if self._apply_port is not None:
             self._apply_port(settings)
+        if self._paced is not None:
+            self.output.pacer.set_line(*line_of(settings), self.loop.time())
+            self._paced.set_line(settings)
         log.info("uart_configured", settings=settings.fields())
 
     # -- reading the port -----------------------------------------------------------------
@@ -363,6 +374,12 @@ class Front:
 
     def _pause_reading(self) -> None:
         self._gate.shut()
+        self._hold_off()
+
+    def _hold_off(self) -> None:
+        """Input is held back (RTS): the paced line idles meanwhile, it does not fall behind."""
+        if self._paced is not None:
+            self._paced.pacer.hold_off()
 
     def _on_readable(self) -> None:
         if self.holding:
@@ -372,8 +389,11 @@ class Front:
             return
         if self._backlogged():
             return
+        size = _READ_SIZE if self._paced is None else self._paced.budget()
+        if not size:
+            return  # the line is busy: read again when it has room
         try:
-            data = os.read(self.fd, _READ_SIZE)
+            data = os.read(self.fd, size)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -387,6 +407,8 @@ class Front:
         if not data:
             self._hung_up("hung up (unplugged?)")
             return
+        if self._paced is not None:
+            self._paced.took(self.fd, size, len(data))
         if self._serial is not None:
             self._serial.after_read(len(data))
         if self.tap is not None:
@@ -403,7 +425,8 @@ class Front:
         now = self.loop.time()
         self.parser.receive_bytes(data, now)
         self._process()
-        self._coalesce(len(data), now)
+        if self._paced is None:  # paced reads come in slices already
+            self._coalesce(len(data), now)
 
     def _hung_up(self, why: str) -> None:
         """The device went away (a read gave EOF, as a tty does only once hung
@@ -561,6 +584,7 @@ class Front:
             # is immediate, only ordered after the answer (a baud change, a restart).
             self.holding = True
             self._gate.hold(_AFTER)
+            self._hold_off()
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
@@ -776,6 +800,7 @@ class Front:
         """Hold commands while the output is backlogged; a data phase goes on."""
         if self.output.backlogged and not self.parser.in_data_mode:
             self._gate.hold(_BACKLOG)
+            self._hold_off()
             return True
         return False
 

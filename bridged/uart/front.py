@@ -63,7 +63,7 @@ from bridged.commands.sntp import tls_time
 from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.passthrough import saved_link
 from bridged.commands.tcpip import connected_message
-from bridged.commands.wifi import autoconnect_messages
+from bridged.commands.wifi import autoconnect_messages, station_ip
 from bridged.config import Config
 from bridged.faults.front import FrontFaults
 from bridged.ipc import records
@@ -557,6 +557,9 @@ class Front:
     async def _await_reply(self, pending: Awaitable[Reply], name: str) -> None:
         try:
             reply = await pending
+        except asyncio.CancelledError:
+            self.links.announced()  # a forced restart: no CONNECT will come
+            raise
         except AtError as error:
             self._log_error("command_error", name, error)
             self._error(error)
@@ -570,6 +573,7 @@ class Front:
         self.busy = False
         if reply is not None:
             self._answer(reply)
+        self.links.announced()  # an AT+CIPSTART's CONNECT is out: its data may follow
         self._process()
 
     def _answer(self, reply: Reply) -> None:
@@ -765,11 +769,14 @@ class Front:
             delay = self.ctx.state.reconnintv / 10
             if self.passthrough is not pt or self.links.is_busy(pt.link_id):
                 break
+            if station_ip(self.ctx) is None:
+                continue  # no AP (a Wi-Fi drop): nothing to reconnect over yet
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.
             spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
                                        tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
             try:
                 await self.links.connect(pt.link_id, spec)
+                self.links.announced()  # passthrough prints no CONNECT
             except AtError as exc:
                 log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
                 continue

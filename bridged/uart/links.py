@@ -98,6 +98,9 @@ class Slot:
     ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
     pid: int = 0  # its worker's, from Hello
     ipd: int = 0  # +IPD frames and notices of this connection (bridged status)
+    # Connected, but the CONNECT that announces it is not written yet: its data
+    # waits in the ring (a peer that speaks first must not get +IPD ahead of it).
+    unannounced: bool = False
 
     def __post_init__(self) -> None:
         self.rx = Unread(self.downlink)
@@ -359,6 +362,7 @@ class LinkTable:
     def drop_all(self) -> None:
         """Close every connection without CLOSED messages (AT+RST, AT+RESTORE)."""
         for slot in self.slots:
+            slot.unannounced = False  # nothing will announce it now; the EOF must get through
             if slot.state in (SlotState.OPEN, SlotState.CONNECTING):
                 slot.silent = True
                 self._send(slot, Close(slot.conn_id))
@@ -451,13 +455,25 @@ class LinkTable:
             if not slot.silent:  # else a restart closed it while the worker took it: never announced
                 self.on_accepted(slot)
         elif slot.waiter is not None:
+            slot.unannounced = True  # until connect()'s caller has written CONNECT: `announced`
             slot.waiter.set_result(slot.view)
+
+    def announced(self) -> None:
+        """The CONNECT of the links connect() opened is written (or will never be):
+        their data may follow now."""
+        for slot in self.slots:
+            if slot.unannounced:
+                slot.unannounced = False
+                if slot.control is not None:
+                    self.drain(slot)
 
     # -- downlink records -------------------------------------------------------------
 
     def drain(self, slot: Slot) -> None:
         """Deliver the slot's records while the UART output can take them."""
         slot.downlink.clear_data_doorbell()
+        if slot.unannounced:
+            return  # `announced` drains it
         if slot.passive and slot.state is SlotState.OPEN:
             self._scan(slot)
             return
@@ -508,6 +524,7 @@ class LinkTable:
         if state in (SlotState.IDLE, SlotState.NO_WORKER):
             return
         slot.state = SlotState.IDLE if slot.control is not None else SlotState.NO_WORKER
+        slot.unannounced = False
         if self.tap is not None:
             failed = state is SlotState.CONNECTING
             self.tap.mark(MarkKind.CONNECT_FAILED if failed else MarkKind.CLOSED, link=slot.link_id, reason=reason)

@@ -270,12 +270,32 @@ class SerialPort:
         self.rts.attach(self._lines, settings.flow)
 
     def release(self) -> None:
-        """The device hung up: let go of its lock, so that it may be opened again
-        where it returns (the same node, after a driver reset) before we close it."""
+        """The device hung up: let go of it, keeping its descriptor's number.
+
+        Held open, a vanished USB adapter keeps its node: the kernel frees
+        ttyUSB0 only at the last close, so the adapter would return as ttyUSB1
+        and a --port /dev/ttyUSB0 (or the unit's DeviceAllow=) never sees it
+        again.  /dev/null takes the number's place (dup2 closes the tty), so
+        the number is not reused while the loop may still name it; what was
+        queued for the cut wire is dropped first, so the close never waits
+        on it (closing_wait).
+        """
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        except OSError:
-            pass  # nothing to release on a descriptor that is gone
+            termios.tcflush(self.fd, termios.TCOFLUSH)
+        except (termios.error, OSError):
+            pass  # hung up: nothing left to flush
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # out of descriptors: at least the lock, for the same node
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            return
+        try:
+            os.dup2(null, self.fd, inheritable=False)
+        finally:
+            os.close(null)
 
     def reopen(self) -> int:
         """Open the device again with the settings in force; the old descriptor

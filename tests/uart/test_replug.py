@@ -68,3 +68,48 @@ def test_waits_reminds_and_reopens_with_the_settings_in_force(tmp_path, monkeypa
     assert lost["device"] == str(link) and lost["error"] == "hung up (unplugged?)"
     back = next(e for e in logs if e["event"] == "port_back")
     assert 0.5 <= back["away_s"] < 5
+
+
+def _fds_on(rdev: int) -> list[int]:
+    """This process's descriptors open on the character device ``rdev``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.stat(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if st.st_rdev == rdev and not os.path.isdir(f"/proc/self/fd/{name}"):
+            found.append(int(name))
+    return found
+
+
+def test_a_lost_device_is_let_go_of_while_away(tmp_path, monkeypatch):
+    """While the device is away nothing of ours holds it open: a USB adapter's
+    driver frees its node (ttyUSB0 comes back as ttyUSB0, not ttyUSB1; a pty its
+    number) only once the last descriptor is closed."""
+    monkeypatch.setattr(replug, "POLL", 0.02)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    rdev = os.fstat(slave).st_rdev
+    link = tmp_path / "usb-adapter"
+    link.symlink_to(os.ttyname(slave))
+    port = SerialPort(str(link), UartSettings(115200, 8, 1, 0, 0))
+    fd = port.fd
+    held: list[int] = []
+
+    async def main() -> None:
+        watch = Replug(port, lambda fd: None)
+        os.close(master)
+        os.close(slave)
+        link.unlink()
+        watch.lost("hung up (unplugged?)")
+        await asyncio.sleep(0.1)
+        held.extend(_fds_on(rdev))
+        assert os.fstat(fd)  # the number stays taken: the loop may still name it
+        watch.close()
+
+    try:
+        uvloop.run(main())
+    finally:
+        port.close()
+    assert held == []

@@ -126,7 +126,7 @@ def _ask(sock: socket.socket, path: Path, req: dict[str, Any] | None = None) -> 
     except (OSError, ProtocolError) as exc:
         raise _Unreachable(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not reply.get("ok"):
-        raise _Unreachable(f"{path}: the daemon refused: {reply.get('error', 'no reason given')}")
+        raise _Unreachable(printable(f"{path}: the daemon refused: {reply.get('error', 'no reason given')}"))
     return reply if req else reply["status"]
 
 
@@ -145,8 +145,20 @@ def _n(value: Any) -> str:
     return "?" if value is None else str(value)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on escaped (``\\x1b``).
+
+    The SSID, remote names and warning details come from the MCU and the
+    network: raw, an ESC or CSI could retitle, clear or rewrite the admin's
+    terminal, a newline forge a line, a bidi control reorder one.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render(status: dict[str, Any]) -> str:
-    """The compact human table of one status reply."""
+    """The compact human table of one status reply (see `printable`)."""
     u = status["uart"]
     framing = f"{u['data_bits']}{u['parity'][0].upper()}{u['stop_bits']}"
     ic = u["icount"]
@@ -178,7 +190,7 @@ def render(status: dict[str, Any]) -> str:
             who = e.get("proc", "") + (f" {e['link_id']}" if "link_id" in e else "")
             lines.append(f"  {e.get('time', '')[:19]} {e.get('level', ''):<8}{who:<13} {e.get('event', '')} "
                          f"{e.get('detail', '')}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _show(status: dict[str, Any], as_json: bool, watch: bool) -> None:

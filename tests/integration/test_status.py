@@ -314,3 +314,23 @@ def test_transcript_request_needs_a_boolean(daemon):
         reply = exchange(sock, json.dumps({"cmd": "transcript", "on": "yes"}).encode())
     assert reply["ok"] is False and "true or false" in reply["error"]
     assert status_json(daemon)["uart"]
+
+
+def test_mcu_strings_reach_the_admins_terminal_without_escape_sequences(daemon):
+    """An SSID the MCU chose (logged by a failed join, shown among the recent
+    warnings) holds terminal escape sequences: the table shows them escaped,
+    never as raw control characters; --json keeps the string as it was."""
+    host = daemon.host()
+    host.boot()
+    ssid = b"\x1b]0;owned\x07\x1b[2J\x9b1m\x7f"
+    host.write(b'AT+CWJAP="' + ssid + b'","password"\r\n')
+    host.expect(b"ERROR\r\n")
+    table = status_cli(daemon)
+    assert table.returncode == 0, table.stderr
+    assert "wifi_join_failed" in table.stdout
+    assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) < 0xa0 for c in table.stdout), \
+        repr(table.stdout)
+    assert "\\x1b]0;owned\\x07" in table.stdout
+    events = status_json(daemon)["errors"]
+    assert any("\x1b]0;owned\x07" in e["detail"] for e in events)
+    host.close()

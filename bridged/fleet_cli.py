@@ -188,15 +188,26 @@ def _probe(pty: str) -> tuple[float | None, str | None]:
     return statistics.median(times) * 1000, None
 
 
-def device_status(entry: dict) -> DeviceStatus:
+def device_status(directory: Path, entry: dict) -> DeviceStatus:
     """One device's interim status (its control socket in ``entry["run_dir"]`` will answer
-    this instead once it exists)."""
-    pid, pty = int(entry["pid"]), str(entry["pty"])
+    this instead once it exists).
+
+    Its pty is the fleet's ``D/ttyESP<index>``, whatever the manifest says, and
+    it is opened only while the device runs: a dead device's pty number may
+    be anyone's terminal by now, which the probe would put in raw mode, read
+    the pending input of and write AT to.
+    """
+    index, pid = int(entry["index"]), int(entry["pid"])
+    pty = str(device_paths(directory, index).pty)
     alive = pid > 0 and _cmdline_has(pid, pty)  # its `bridged run --pty PTY`, not a reused pid
     target = _pty_target(pty)
-    at_ms, problem = _probe(pty) if target is not None else (None, "no pty")
-    return DeviceStatus(int(entry["index"]), pid, str(entry["state"]), alive, pty, target,
-                        at_ms, problem)
+    if not alive:
+        at_ms, problem = None, "not running"
+    elif target is None:
+        at_ms, problem = None, "no pty"
+    else:
+        at_ms, problem = _probe(pty)
+    return DeviceStatus(index, pid, str(entry["state"]), alive, pty, target, at_ms, problem)
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -223,7 +234,7 @@ def status(args: argparse.Namespace) -> int:
     _check_range("--within", within, 0.01, 60_000, "milliseconds")
     manager = int(doc["pid"])
     running = bool(doc.get("running")) and _cmdline_has(manager, "fleet")
-    rows = [device_status(entry) for entry in doc["devices"]]
+    rows = [device_status(directory.resolve(), entry) for entry in doc["devices"]]
     healthy = [r for r in rows if r.alive and r.at_ms is not None and r.at_ms <= within]
     if args.json:
         for row in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import os
 import signal
 import socket
@@ -275,3 +276,39 @@ def test_status_without_a_fleet_is_a_usage_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "no fleet in" in result.stderr
+
+
+def test_status_never_opens_the_pty_of_a_device_that_is_not_running(tmp_path, capsys):
+    """A fleet that died left its manifest and a link to a pty number since reused (a
+    user's terminal, here ours): status neither opens it nor writes AT to it, nor puts
+    it in raw mode; nor does it follow a pty path the manifest names outside the fleet."""
+    import termios
+
+    directory = tmp_path / "f"
+    directory.mkdir()
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ECHO  # a terminal in cooked mode, as a shell's
+        (directory / "ttyESP0").symlink_to(os.ttyname(slave))
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        devices = [{"index": 0, "pid": dead.pid, "state": "ready", "pty": str(directory / "ttyESP0")},
+                   {"index": 1, "pid": os.getpid(), "state": "ready", "pty": os.ttyname(slave)}]
+        (directory / "fleet.json").write_text(json.dumps({"pid": 0, "running": True, "devices": devices}))
+        os.write(master, b"typed by the user\r")  # their pending input must stay theirs
+        select.select([master], [], [], 5)
+        assert os.read(master, 100) == b"typed by the user\r\n"  # the terminal's echo
+        assert main(["fleet", "status", "--dir", str(directory), "--json"]) == 1
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["alive"], r["at_ms"], r["problem"]) for r in rows] == \
+            [(False, None, "not running"), (False, None, "not running")]
+        readable, _, _ = select.select([master], [], [], 0.3)
+        assert readable == [], os.read(master, 1024)
+        assert termios.tcgetattr(slave) == before
+        assert select.select([slave], [], [], 5)[0] == [slave]
+        assert os.read(slave, 100) == b"typed by the user\n"  # a cooked line (ICRNL)
+    finally:
+        os.close(master)
+        os.close(slave)
+

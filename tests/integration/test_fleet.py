@@ -312,3 +312,22 @@ def test_status_never_opens_the_pty_of_a_device_that_is_not_running(tmp_path, ca
         os.close(master)
         os.close(slave)
 
+
+@pytest.mark.timeout(120)
+def test_a_device_that_cannot_be_spawned_is_a_failed_start_not_a_crash(fleet_of, tmp_path):
+    """Device 1's log cannot be opened (a directory is in its place): it counts as a failed
+    start (backoff, then given up), not a traceback that leaves device 0 to the kernel's
+    death signal; the fleet goes on with device 0 and stops it in order."""
+    (tmp_path / "fleet" / "logs" / "1.log").mkdir(parents=True)
+    fleet = fleet_of(2)
+    fleet.wait_for("bridged fleet: 1 of 2 devices ready", timeout=START_TIMEOUT + 20)
+    assert "failed: [1]" in fleet.out()
+    assert [e["index"] for e in fleet.events("device_spawn_failed")] == [1] * 5
+    assert [e["failures"] for e in fleet.events("device_failed")] == [5]
+    manifest = fleet.manifest()
+    assert [d["state"] for d in manifest["devices"]] == ["ready", "failed"]
+    assert manifest["devices"][1]["pid"] == 0
+    procs = fleet.tree()
+    assert fleet.stop() == 0, fleet.out()[-3000:]
+    assert "Traceback" not in fleet.out()
+    assert not _gone(procs), "processes left behind"

@@ -37,6 +37,10 @@
 #               systemd-sysusers --root DIR, no systemctl
 # --no-venv     leave /opt/bridged alone: install the system files only
 set -euo pipefail
+# What is made here (the virtualenv above all: venv and pip follow the umask)
+# must be readable by user bridged, whatever umask root has (027, 077 on
+# hardened systems); the secrets get their modes explicitly.
+umask 022
 
 VENV=/opt/bridged
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

@@ -160,3 +160,37 @@ def test_udev_rule_starts_the_instance_of_the_adapters_by_id_name():
                                   by_id.removeprefix("/dev/")],
                                  capture_output=True, text=True, check=True, timeout=30).stdout.strip()
         assert wanted == escaped
+
+
+_FAKE_PYTHON = """#!/bin/bash
+# Stands in for python3: the version checks pass; -m venv DIR makes DIR/bin with a python
+# (pip a no-op) and a bridged that answers --version, honouring the umask as venv does.
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+    mkdir -p "$3/bin"
+    printf '#!/bin/sh\\nexit 0\\n' > "$3/bin/python"
+    printf '#!/bin/sh\\necho bridged 0.1.0\\n' > "$3/bin/bridged"
+    chmod +x "$3/bin/python" "$3/bin/bridged"
+fi
+exit 0
+"""
+
+
+@needs_root_and_sysusers
+def test_what_is_installed_is_readable_by_the_service_whatever_roots_umask(tmp_path):
+    """Run by a root whose umask is 077 (hardened systems set 027 or 077), the virtualenv and
+    the directories made on the way are still readable and executable by user bridged."""
+    python = tmp_path / "python3"
+    python.write_text(_FAKE_PYTHON)
+    python.chmod(0o755)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "bin").mkdir()
+    (root / "bin" / "kill").write_text("")
+    (root / "bin" / "kill").chmod(0o755)
+    result = subprocess.run(["bash", "-c", 'umask 077 && exec bash "$@"', "bash", str(SCRIPT), "--root", str(root)],
+                            env={**os.environ, "PYTHON": str(python)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for path in ("opt/bridged", "opt/bridged/bin", "opt/bridged/bin/bridged", "etc/systemd/system",
+                 "etc/sysusers.d", "etc/bridged", "etc/bridged/profiles"):
+        mode = stat.S_IMODE((root / path).stat().st_mode)
+        assert mode & 0o005 == 0o005, f"{path} is {mode:o}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -110,6 +111,18 @@ def _running_fleet(directory: Path) -> int | None:
     return pid if pid and _cmdline_has(pid, "fleet") else None
 
 
+def _others_may_write(directory: Path) -> str | None:
+    """Why another user may write in ``directory`` (or None): not ours, or
+    writable by others or by a group that is not ours (a sticky bit does not
+    help: they may still create the names the fleet uses)."""
+    st = directory.stat()
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getegid()):
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _check_range("--count", args.count, 1, MAX_COUNT, "an integer")
     _check_range("--concurrency", args.concurrency, 1, _MAX_CONCURRENCY, "an integer")
@@ -121,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"--dir: {directory}: {exc.strerror}")
+    if (unsafe := _others_may_write(directory)) is not None:
+        return _fail(f"--dir: {directory} {unsafe}; other users could plant links where the fleet writes "
+                     "(its logs, manifest, ptys): choose a directory of your own")
     if (pid := _running_fleet(directory)) is not None:
         return _fail(f"--dir: a fleet (pid {pid}) already runs in {directory}; stop it first")
     first = device_paths(directory, 0)

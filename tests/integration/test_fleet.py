@@ -331,3 +331,20 @@ def test_a_device_that_cannot_be_spawned_is_a_failed_start_not_a_crash(fleet_of,
     assert fleet.stop() == 0, fleet.out()[-3000:]
     assert "Traceback" not in fleet.out()
     assert not _gone(procs), "processes left behind"
+
+
+@pytest.mark.parametrize("mode, owner", [(0o777, None), (0o1777, None), (0o700, 65534)])
+def test_a_directory_others_may_write_is_refused(tmp_path, capsys, mode, owner):
+    """--dir writable by other users (or theirs) is refused before anything is made in
+    it: they could plant D/logs/0.log as a link to a file of ours the fleet appends to."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    if owner is not None:
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(directory, owner, owner)
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory} ") and "other users" in err, err
+    assert os.listdir(directory) == []

@@ -74,11 +74,14 @@ def listen(path: Path) -> tuple[socket.socket, tuple[int, int]]:
                           "choose a shorter --control")
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o117)  # never a moment with a wider mode than 0660
+    # bind() makes the file 0660 through the umask: no chmod by path afterwards,
+    # which would follow a link another user of the folder put in its place.
+    old = os.umask(0o117)
     try:
         sock.bind(str(path))
-        os.chmod(path, 0o660)
-        st = os.stat(path)
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o660:
+            raise OSError(f"{path} was replaced as it was made")
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()

@@ -194,3 +194,23 @@ def test_what_is_installed_is_readable_by_the_service_whatever_roots_umask(tmp_p
                  "etc/sysusers.d", "etc/bridged", "etc/bridged/profiles"):
         mode = stat.S_IMODE((root / path).stat().st_mode)
         assert mode & 0o005 == 0o005, f"{path} is {mode:o}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+@pytest.mark.parametrize("owner, mode", [(65534, 0o755), (0, 0o777), (0, 0o1777)])
+def test_debian12_test_refuses_a_workdir_others_control(tmp_path, owner, mode):
+    """tests/install/test_debian12.sh runs as root and chroots into WORKDIR/base (made once and
+    reused): a WORKDIR another user owns or may write (/var/tmp is everyone's) would have root
+    run their programs. It stops with status 2 before using it."""
+    work = tmp_path / "deb12"
+    (work / "base" / "usr" / "bin").mkdir(parents=True)
+    planted = work / "base" / "usr" / "bin" / "apt-get"
+    planted.write_text("#!/bin/sh\ntouch /tmp/owned\n")
+    planted.chmod(0o755)
+    os.chown(work, owner, owner)
+    work.chmod(mode)
+    result = subprocess.run(["bash", str(REPO / "tests" / "install" / "test_debian12.sh"), str(work)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{work}" in result.stderr and "other users" in result.stderr, result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["base"]

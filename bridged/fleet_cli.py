@@ -148,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.profile, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
+    for sub in ("state", "run", "logs"):  # here, where a mistake is one line and exit 2
+        try:
+            (directory / sub).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"--dir: {directory / sub}: {exc.strerror}")
     from bridged.log import setup_logging
 
     setup_logging(config.log.level, config.log.format, "fleet")

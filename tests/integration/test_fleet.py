@@ -348,3 +348,20 @@ def test_a_directory_others_may_write_is_refused(tmp_path, capsys, mode, owner):
     err = capsys.readouterr().err
     assert err.startswith(f"bridged fleet: --dir: {directory} ") and "other users" in err, err
     assert os.listdir(directory) == []
+
+
+def test_a_directory_the_fleet_cannot_use_is_a_usage_error(tmp_path, capsys):
+    """D/logs is a file (or D/state a dangling link): one line naming it, exit 2, no traceback, no device."""
+    directory = tmp_path / "f"
+    directory.mkdir(mode=0o700)
+    (directory / "logs").write_text("not a directory")
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory / 'logs'}: ") and len(err.splitlines()) == 1, err
+    (directory / "logs").unlink()
+    (directory / "state").rmdir()
+    (directory / "state").symlink_to(tmp_path / "nowhere")
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory / 'state'}: ") and len(err.splitlines()) == 1, err
+    assert not (directory / "fleet.json").exists()

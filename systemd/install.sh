@@ -107,6 +107,20 @@ group_id() {  # the numeric id of group $1 in $root/etc/group
     awk -F: -v name="$1" '$1 == name { print $3 }' "$root/etc/group"
 }
 
+warn_config_mode() {  # $1: a kept configuration file
+    local uid mode
+    uid=$(stat -L -c %u "$1")
+    mode=$(stat -L -c %a "$1")
+    if [ $((8#$mode & 8#007)) -ne 0 ]; then
+        say "warning: others can read $1, which may hold secrets:" \
+            "chown root:bridged and chmod 0640 it"
+    elif [ $((8#$mode & 8#020)) -ne 0 ] || [ "$uid" = "$(awk -F: '$1 == "bridged" { print $3 }' "$root/etc/passwd")" ]; then
+        # The service could rewrite its own fence ([links] deny) or OTA settings.
+        say "warning: the service's user or group may change $1 (uid $uid, mode $mode):" \
+            "chown root:bridged and chmod 0640 it"
+    fi
+}
+
 install_files() {
     local etc=$root/etc gid
     install -D -m 0644 "$here/bridged@.service" "$etc/systemd/system/bridged@.service"
@@ -122,10 +136,7 @@ install_files() {
     install -m 0644 "$source_tree/config/bridged.toml" "$etc/bridged/bridged.toml.example"
     if [ -e "$etc/bridged/bridged.toml" ] || [ -L "$etc/bridged/bridged.toml" ]; then
         say "keeping $etc/bridged/bridged.toml"
-        if [ -n "$(find "$etc/bridged/bridged.toml" -maxdepth 0 -perm /o=rwx)" ]; then
-            say "warning: others can read $etc/bridged/bridged.toml, which may hold secrets:" \
-                "chown root:bridged and chmod 0640 it"
-        fi
+        warn_config_mode "$etc/bridged/bridged.toml"
     else
         # The gateway's fence ([links] deny "self" ...), not the bare defaults: see its comments.
         install -m 0640 -o 0 -g "$gid" "$source_tree/config/gateway.toml" "$etc/bridged/bridged.toml"

@@ -84,6 +84,15 @@ def test_reinstall_keeps_the_config_and_uninstall_removes_the_rest(tmp_path):
     assert f"keeping {config}" in result.stdout
     config.chmod(0o644)
     assert "others can read" in install(tmp_path, "--no-venv").stdout
+    config.chmod(0o660)  # the service could rewrite its own fence
+    assert f"warning: the service's user or group may change {config}" in install(tmp_path, "--no-venv").stdout
+    config.chmod(0o640)
+    uid = int(next(line for line in (tmp_path / "etc/passwd").read_text().splitlines()
+                   if line.startswith("bridged:")).split(":")[2])
+    os.chown(config, uid, 0)
+    assert f"warning: the service's user or group may change {config}" in install(tmp_path, "--no-venv").stdout
+    os.chown(config, 0, 0)
+    assert "warning" not in install(tmp_path, "--no-venv").stdout
 
     wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir()

@@ -40,7 +40,7 @@ import structlog
 
 from bridged.ops.protocol import HEADER, MAX_REQUEST, ProtocolError, decode, encode
 
-__all__ = ["ControlServer", "ListenError", "MAX_CLIENTS", "listen", "unlink"]
+__all__ = ["ControlServer", "ListenError", "MAX_CLIENTS", "SUN_PATH_MAX", "listen", "unlink"]
 
 log = structlog.get_logger()
 
@@ -48,7 +48,7 @@ MAX_CLIENTS = 16
 IDLE_TIMEOUT = 10.0
 WRITE_TIMEOUT = 5.0
 _BACKLOG = 64
-_SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
+SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -69,8 +69,8 @@ def listen(path: Path) -> tuple[socket.socket, tuple[int, int]]:
         ListenError: the path is too long, not a socket, served by another
             bridged, or cannot be bound.
     """
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ListenError(f"control socket path {path} is longer than {_SUN_PATH_MAX} bytes; "
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ListenError(f"control socket path {path} is longer than {SUN_PATH_MAX} bytes; "
                           "choose a shorter --control")
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -365,3 +365,21 @@ def test_a_directory_the_fleet_cannot_use_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"bridged fleet: --dir: {directory / 'state'}: ") and len(err.splitlines()) == 1, err
     assert not (directory / "fleet.json").exists()
+
+
+def test_a_directory_too_long_for_the_control_sockets_is_a_usage_error(tmp_path, capsys):
+    """D/run/<i>/control.sock must fit a socket address (107 bytes): a longer --dir is exit 2
+    naming the limit, not N devices each failing five times on a path they cannot shorten."""
+    from bridged.ops.protocol import FILENAME
+
+    room = 107 - len(f"/run/99/{FILENAME}")
+    fits = tmp_path / ("d" * (room - len(str(tmp_path)) - 1))
+    assert len(str(fits / "run" / "99" / FILENAME)) == 107
+    too_long = tmp_path / ("d" * (room - len(str(tmp_path))))
+    assert main(["fleet", "--count", "100", "--dir", str(too_long)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {too_long} is too long") and "107" in err, err
+    assert not (too_long / "logs").exists()
+    assert main(["fleet", "--count", "1000", "--dir", str(fits)]) == 2  # device 999's is longer
+    assert main(["fleet", "--count", "100", "--dir", str(fits), "--config", str(tmp_path / "none")]) == 2
+    assert "too long" not in capsys.readouterr().err.splitlines()[-1]  # it fits: the next check speaks

@@ -33,8 +33,6 @@ from typing import NoReturn
 from bridged.atclient import AtClient, AtTimeout
 from bridged.config import ConfigError, load_config
 from bridged.fleet import MANIFEST, MAX_COUNT, Fleet, FleetSpec, device_paths
-from bridged.ops.protocol import FILENAME
-from bridged.ops.server import SUN_PATH_MAX
 
 __all__ = ["main"]
 
@@ -136,11 +134,6 @@ def run(args: argparse.Namespace) -> int:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"--dir: {directory}: {exc.strerror}")
-    # Each device's control socket is D/run/<i>/control.sock: an address it cannot shorten.
-    longest = device_paths(directory.resolve(), args.count - 1).run_dir / FILENAME
-    if len(os.fsencode(longest)) > SUN_PATH_MAX:
-        return _fail(f"--dir: {directory} is too long: the devices' control sockets ({longest}) "
-                     f"would pass the {SUN_PATH_MAX} bytes of a socket address; choose a shorter one")
     if (unsafe := _others_may_write(directory)) is not None:
         return _fail(f"--dir: {directory} {unsafe}; other users could plant links where the fleet writes "
                      "(its logs, manifest, ptys): choose a directory of your own")

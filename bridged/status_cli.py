@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bridged.ops.protocol import FILENAME, RUN_DIR, ProtocolError, instance_path, request
+from bridged.ops.protocol import FILENAME, RUN_DIR, ProtocolError, instance_path, request, sun_address
 from bridged.ops.status import human_bytes
 
 __all__ = ["main"]
@@ -106,7 +106,8 @@ def _connect(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(_TIMEOUT)
     try:
-        sock.connect(str(path))
+        with sun_address(path) as address:
+            sock.connect(address)
     except FileNotFoundError:
         sock.close()
         raise _Unreachable(f"no control socket at {path}: is bridged running? "

@@ -334,3 +334,22 @@ def test_mcu_strings_reach_the_admins_terminal_without_escape_sequences(daemon):
     events = status_json(daemon)["errors"]
     assert any("\x1b]0;owned\x07" in e["detail"] for e in events)
     host.close()
+
+
+def test_a_control_socket_path_longer_than_a_socket_address_still_serves(make_daemon, tmp_path):
+    """/run/bridged/<instance>/control.sock of a by-id instance (a CP2102N's escaped name
+    is over 100 bytes) passes the 107 bytes of sun_path: the daemon still starts and
+    serves it, and bridged status reaches it by the same path."""
+    name = r"serial-by\x2did-usb\x2dSilicon_Labs_CP2102N_USB_to_UART_Bridge_Controller_" \
+           r"a8d6c5e1f2d8eb11b3b2a2c8e3d2a1b0\x2dif00\x2dport0"
+    folder = tmp_path / "run" / name
+    folder.mkdir(parents=True)
+    path = folder / "control.sock"
+    assert len(os.fsencode(path)) > 107
+    daemon = make_daemon(args=("--control", str(path)))
+    daemon.host().close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--control", str(path), "--json"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["front_pid"] > 0

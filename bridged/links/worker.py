@@ -203,7 +203,10 @@ class Worker:
             return
         for fd in fds:
             os.close(fd)  # only Adopt carries a socket
-        if isinstance(msg, Connect):
+        if isinstance(msg, Adopt):  # with no socket, or several: answered, or the front waits on
+            log.error("adopt_refused", conn_id=msg.conn_id, error=f"{len(fds)} fds, not one")
+            self._reply(ConnectFailed(msg.conn_id, f"Adopt came with {len(fds)} fds, not one"))
+        elif isinstance(msg, Connect):
             self._start_connect(msg)
         elif isinstance(msg, Close):
             self._close(msg.conn_id, "closed by host")

@@ -33,6 +33,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -146,7 +147,10 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, sock=self.listener)
+        # The file is the supervisor's (`unlink` at its end): from 3.13 asyncio (and
+        # uvloop) would remove it when a front's server closes -- at every reload.
+        keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+        self._server = await asyncio.start_unix_server(self._serve, sock=self.listener, **keep)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -347,9 +348,30 @@ def test_a_control_socket_path_longer_than_a_socket_address_still_serves(make_da
     path = folder / "control.sock"
     assert len(os.fsencode(path)) > 107
     daemon = make_daemon(args=("--control", str(path)))
-    daemon.host().close()
+    host = daemon.host()
+    host.boot()  # ready: the front serves the socket the supervisor bound before it
+    host.close()
     assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o660
     done = subprocess.run([sys.executable, "-m", "bridged", "status", "--control", str(path), "--json"],
                           capture_output=True, text=True, timeout=20)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["front_pid"] > 0
+
+
+
+def test_the_control_socket_outlives_a_reload(make_daemon):
+    """A reload with a changed config stops the front in order and starts a new one: the
+    socket file is the supervisor's and stays (3.13's asyncio removed it with the old
+    front's server), and status reaches the new front."""
+    daemon = make_daemon("rssi = -40\n")
+    host = daemon.host()
+    host.boot()
+    path = control_path(daemon)
+    front = status_json(daemon)["front_pid"]
+    daemon.write_config("rssi = -50\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reloading")[-1]["changed"] == ["wifi.rssi"]
+    host.expect(b"\r\nready\r\n", timeout=10)
+    assert os.path.exists(path)
+    assert status_json(daemon)["front_pid"] != front
+    host.close()

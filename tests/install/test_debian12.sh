@@ -5,6 +5,9 @@
 #
 #   tests/install/test_debian12.sh [WORKDIR]       (default /var/tmp/bridged-deb12)
 #
+# WORKDIR must be root's and not writable by others (its base is chrooted
+# into as root); the script refuses any other, exit 2.
+#
 # Needs debootstrap (apt-get install debootstrap), the Debian mirror this
 # machine's apt uses, and python3 3.11 with pip here (bookworm's Python is
 # 3.11): bridged's dependencies and setuptools are fetched here into a

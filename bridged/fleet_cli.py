@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -110,6 +111,18 @@ def _running_fleet(directory: Path) -> int | None:
     return pid if pid and _cmdline_has(pid, "fleet") else None
 
 
+def _others_may_write(directory: Path) -> str | None:
+    """Why another user may write in ``directory`` (or None): not ours, or
+    writable by others or by a group that is not ours (a sticky bit does not
+    help: they may still create the names the fleet uses)."""
+    st = directory.stat()
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getegid()):
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _check_range("--count", args.count, 1, MAX_COUNT, "an integer")
     _check_range("--concurrency", args.concurrency, 1, _MAX_CONCURRENCY, "an integer")
@@ -121,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"--dir: {directory}: {exc.strerror}")
+    if (unsafe := _others_may_write(directory)) is not None:
+        return _fail(f"--dir: {directory} {unsafe}; other users could plant links where the fleet writes "
+                     "(its logs, manifest, ptys): choose a directory of your own")
     if (pid := _running_fleet(directory)) is not None:
         return _fail(f"--dir: a fleet (pid {pid}) already runs in {directory}; stop it first")
     first = device_paths(directory, 0)
@@ -132,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.profile, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
+    for sub in ("state", "run", "logs"):  # here, where a mistake is one line and exit 2
+        try:
+            (directory / sub).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"--dir: {directory / sub}: {exc.strerror}")
     from bridged.log import setup_logging
 
     setup_logging(config.log.level, config.log.format, "fleet")
@@ -188,15 +209,26 @@ def _probe(pty: str) -> tuple[float | None, str | None]:
     return statistics.median(times) * 1000, None
 
 
-def device_status(entry: dict) -> DeviceStatus:
+def device_status(directory: Path, entry: dict) -> DeviceStatus:
     """One device's interim status (its control socket in ``entry["run_dir"]`` will answer
-    this instead once it exists)."""
-    pid, pty = int(entry["pid"]), str(entry["pty"])
+    this instead once it exists).
+
+    Its pty is the fleet's ``D/ttyESP<index>``, whatever the manifest says, and
+    it is opened only while the device runs: a dead device's pty number may
+    be anyone's terminal by now, which the probe would put in raw mode, read
+    the pending input of and write AT to.
+    """
+    index, pid = int(entry["index"]), int(entry["pid"])
+    pty = str(device_paths(directory, index).pty)
     alive = pid > 0 and _cmdline_has(pid, pty)  # its `bridged run --pty PTY`, not a reused pid
     target = _pty_target(pty)
-    at_ms, problem = _probe(pty) if target is not None else (None, "no pty")
-    return DeviceStatus(int(entry["index"]), pid, str(entry["state"]), alive, pty, target,
-                        at_ms, problem)
+    if not alive:
+        at_ms, problem = None, "not running"
+    elif target is None:
+        at_ms, problem = None, "no pty"
+    else:
+        at_ms, problem = _probe(pty)
+    return DeviceStatus(index, pid, str(entry["state"]), alive, pty, target, at_ms, problem)
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -223,7 +255,7 @@ def status(args: argparse.Namespace) -> int:
     _check_range("--within", within, 0.01, 60_000, "milliseconds")
     manager = int(doc["pid"])
     running = bool(doc.get("running")) and _cmdline_has(manager, "fleet")
-    rows = [device_status(entry) for entry in doc["devices"]]
+    rows = [device_status(directory.resolve(), entry) for entry in doc["devices"]]
     healthy = [r for r in rows if r.alive and r.at_ms is not None and r.at_ms <= within]
     if args.json:
         for row in rows:

@@ -54,6 +54,8 @@ def spawn(argv: list[str], log_path: Path, env: Mapping[str, str] | None = None)
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     """Signal a device's whole session (its pid is its process group's id)."""
+    if pgid <= 0:  # killpg(0) is our own group: never a device's
+        return
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

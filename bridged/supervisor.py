@@ -124,16 +124,18 @@ class Supervisor:
             # Ours to hand down at fork, not to use (bridged.caps).
             caps.limit(caps.Cap, effective=False, hand_down=True)
             self._install_signals()
-            if not self.device:
-                self.pty = open_pty(self.pty_link)
-                log.info("pty_created", path=self.pty.path, link=self.pty_link)
-                print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
-                      f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+            # The control socket first: once the pty's link is there (what scripts and
+            # tests wait for), `bridged status` finds the socket too.
             if self.control_path is not None:
                 try:
                     self.listener, self._control_ident = control_server.listen(self.control_path)
                 except control_server.ListenError as exc:
                     raise StartError(str(exc)) from None
+            if not self.device:
+                self.pty = open_pty(self.pty_link)
+                log.info("pty_created", path=self.pty.path, link=self.pty_link)
+                print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
+                      f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
             return self._serve()
         finally:
             # Whatever comes now is too late to act on, and the interpreter's

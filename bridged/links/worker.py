@@ -214,7 +214,7 @@ class Worker:
         msg, fds = received
         if isinstance(msg, Adopt) and len(fds) == 1:
             try:  # a TCP client of the front's server, nothing else
-                sock = socket_from_fd(fds[0], (socket.AF_INET, socket.AF_INET6), socket.SOCK_STREAM)
+                sock = _connected(socket_from_fd(fds[0], (socket.AF_INET, socket.AF_INET6), socket.SOCK_STREAM))
             except ControlError as exc:
                 log.error("adopt_refused", conn_id=msg.conn_id, error=str(exc))
                 self._reply(ConnectFailed(msg.conn_id, f"not a TCP socket: {exc}"))
@@ -223,7 +223,10 @@ class Worker:
             return
         for fd in fds:
             os.close(fd)  # only Adopt carries a socket
-        if isinstance(msg, Connect):
+        if isinstance(msg, Adopt):  # with no socket, or several: answered, or the front waits on
+            log.error("adopt_refused", conn_id=msg.conn_id, error=f"{len(fds)} fds, not one")
+            self._reply(ConnectFailed(msg.conn_id, f"Adopt came with {len(fds)} fds, not one"))
+        elif isinstance(msg, Connect):
             self._start_connect(msg)
         elif isinstance(msg, Close):
             self._close(msg.conn_id, "closed by host")
@@ -824,3 +827,18 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _connected(sock: socket.socket) -> socket.socket:
+    """``sock`` if it has a peer (an accepted client); else it is closed.
+
+    Raises:
+        ControlError: unconnected or listening: adopting it would fail later,
+            with the link already taken.
+    """
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"the socket received has no peer ({exc.strerror})") from None
+    return sock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import os
 import signal
 import socket
@@ -23,8 +24,8 @@ START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
 class FleetRun:
     """``python -m bridged fleet`` in a test directory, its output in a file."""
 
-    def __init__(self, tmp: Path, count: int, *extra: str) -> None:
-        self.dir = tmp / "fleet"
+    def __init__(self, tmp: Path, count: int, *extra: str, directory: Path | None = None) -> None:
+        self.dir = directory or tmp / "fleet"
         self.config = tmp / "bridged.toml"
         self.config.write_text('[wifi]\nstation_interface = "lo"\n')
         self.out_path = tmp / "fleet.out"
@@ -275,3 +276,106 @@ def test_status_without_a_fleet_is_a_usage_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "no fleet in" in result.stderr
+
+
+def test_status_never_opens_the_pty_of_a_device_that_is_not_running(tmp_path, capsys):
+    """A fleet that died left its manifest and a link to a pty number since reused (a
+    user's terminal, here ours): status neither opens it nor writes AT to it, nor puts
+    it in raw mode; nor does it follow a pty path the manifest names outside the fleet."""
+    import termios
+
+    directory = tmp_path / "f"
+    directory.mkdir()
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ECHO  # a terminal in cooked mode, as a shell's
+        (directory / "ttyESP0").symlink_to(os.ttyname(slave))
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        devices = [{"index": 0, "pid": dead.pid, "state": "ready", "pty": str(directory / "ttyESP0")},
+                   {"index": 1, "pid": os.getpid(), "state": "ready", "pty": os.ttyname(slave)}]
+        (directory / "fleet.json").write_text(json.dumps({"pid": 0, "running": True, "devices": devices}))
+        os.write(master, b"typed by the user\r")  # their pending input must stay theirs
+        select.select([master], [], [], 5)
+        assert os.read(master, 100) == b"typed by the user\r\n"  # the terminal's echo
+        assert main(["fleet", "status", "--dir", str(directory), "--json"]) == 1
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(r["alive"], r["at_ms"], r["problem"]) for r in rows] == \
+            [(False, None, "not running"), (False, None, "not running")]
+        readable, _, _ = select.select([master], [], [], 0.3)
+        assert readable == [], os.read(master, 1024)
+        assert termios.tcgetattr(slave) == before
+        assert select.select([slave], [], [], 5)[0] == [slave]
+        assert os.read(slave, 100) == b"typed by the user\n"  # a cooked line (ICRNL)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.timeout(120)
+def test_a_device_that_cannot_be_spawned_is_a_failed_start_not_a_crash(fleet_of, tmp_path):
+    """Device 1's log cannot be opened (a directory is in its place): it counts as a failed
+    start (backoff, then given up), not a traceback that leaves device 0 to the kernel's
+    death signal; the fleet goes on with device 0 and stops it in order."""
+    (tmp_path / "fleet" / "logs" / "1.log").mkdir(parents=True)
+    fleet = fleet_of(2)
+    fleet.wait_for("bridged fleet: 1 of 2 devices ready", timeout=START_TIMEOUT + 20)
+    assert "failed: [1]" in fleet.out()
+    assert [e["index"] for e in fleet.events("device_spawn_failed")] == [1] * 5
+    assert [e["failures"] for e in fleet.events("device_failed")] == [5]
+    manifest = fleet.manifest()
+    assert [d["state"] for d in manifest["devices"]] == ["ready", "failed"]
+    assert manifest["devices"][1]["pid"] == 0
+    procs = fleet.tree()
+    assert fleet.stop() == 0, fleet.out()[-3000:]
+    assert "Traceback" not in fleet.out()
+    assert not _gone(procs), "processes left behind"
+
+
+@pytest.mark.parametrize("mode, owner", [(0o777, None), (0o1777, None), (0o700, 65534)])
+def test_a_directory_others_may_write_is_refused(tmp_path, capsys, mode, owner):
+    """--dir writable by other users (or theirs) is refused before anything is made in
+    it: they could plant D/logs/0.log as a link to a file of ours the fleet appends to."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    if owner is not None:
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(directory, owner, owner)
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory} ") and "other users" in err, err
+    assert os.listdir(directory) == []
+
+
+def test_a_directory_the_fleet_cannot_use_is_a_usage_error(tmp_path, capsys):
+    """D/logs is a file (or D/state a dangling link): one line naming it, exit 2, no traceback, no device."""
+    directory = tmp_path / "f"
+    directory.mkdir(mode=0o700)
+    (directory / "logs").write_text("not a directory")
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory / 'logs'}: ") and len(err.splitlines()) == 1, err
+    (directory / "logs").unlink()
+    (directory / "state").rmdir()
+    (directory / "state").symlink_to(tmp_path / "nowhere")
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory / 'state'}: ") and len(err.splitlines()) == 1, err
+    assert not (directory / "fleet.json").exists()
+
+
+def test_a_long_directory_is_served(tmp_path):
+    """A --dir whose D/run/<i>/control.sock passes the 107 bytes of a socket address: every
+    device still starts (its control socket is bound through its folder's descriptor)."""
+    directory = tmp_path / ("d" * max(1, 100 - len(str(tmp_path))))
+    assert len(os.fsencode(directory / "run" / "0" / "control.sock")) > 107
+    fleet = FleetRun(tmp_path, 1, directory=directory)
+    try:
+        fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+        assert not fleet.events("device_died")
+        assert (directory / "run" / "0" / "control.sock").exists()
+    finally:
+        assert fleet.stop() == 0, fleet.out()[-3000:]

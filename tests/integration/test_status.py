@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -321,3 +322,63 @@ def test_transcript_request_needs_a_boolean(daemon):
         reply = exchange(sock, json.dumps({"cmd": "transcript", "on": "yes"}).encode())
     assert reply["ok"] is False and "true or false" in reply["error"]
     assert status_json(daemon)["uart"]
+
+
+def test_mcu_strings_reach_the_admins_terminal_without_escape_sequences(daemon):
+    """An SSID the MCU chose (logged by a failed join, shown among the recent
+    warnings) holds terminal escape sequences: the table shows them escaped,
+    never as raw control characters; --json keeps the string as it was."""
+    host = daemon.host()
+    host.boot()
+    ssid = b"\x1b]0;owned\x07\x1b[2J\x9b1m\x7f"
+    host.write(b'AT+CWJAP="' + ssid + b'","password"\r\n')
+    host.expect(b"ERROR\r\n")
+    table = status_cli(daemon)
+    assert table.returncode == 0, table.stderr
+    assert "wifi_join_failed" in table.stdout
+    assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) < 0xa0 for c in table.stdout), \
+        repr(table.stdout)
+    assert "\\x1b]0;owned\\x07" in table.stdout
+    events = status_json(daemon)["errors"]
+    assert any("\x1b]0;owned\x07" in e["detail"] for e in events)
+    host.close()
+
+
+def test_a_control_socket_path_longer_than_a_socket_address_still_serves(make_daemon, tmp_path):
+    """/run/bridged/<instance>/control.sock of a by-id instance (a CP2102N's escaped name
+    is over 100 bytes) passes the 107 bytes of sun_path: the daemon still starts and
+    serves it, and bridged status reaches it by the same path."""
+    name = r"serial-by\x2did-usb\x2dSilicon_Labs_CP2102N_USB_to_UART_Bridge_Controller_" \
+           r"a8d6c5e1f2d8eb11b3b2a2c8e3d2a1b0\x2dif00\x2dport0"
+    folder = tmp_path / "run" / name
+    folder.mkdir(parents=True)
+    path = folder / "control.sock"
+    assert len(os.fsencode(path)) > 107
+    daemon = make_daemon(args=("--control", str(path)))
+    host = daemon.host()
+    host.boot()  # ready: the front serves the socket the supervisor bound before it
+    host.close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--control", str(path), "--json"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["front_pid"] > 0
+
+
+
+def test_the_control_socket_outlives_a_reload(make_daemon):
+    """A reload with a changed config stops the front in order and starts a new one: the
+    socket file is the supervisor's and stays (3.13's asyncio removed it with the old
+    front's server), and status reaches the new front."""
+    daemon = make_daemon("rssi = -40\n")
+    host = daemon.host()
+    host.boot()
+    path = control_path(daemon)
+    front = status_json(daemon)["front_pid"]
+    daemon.write_config("rssi = -50\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reloading")[-1]["changed"] == ["wifi.rssi"]
+    host.expect(b"\r\nready\r\n", timeout=10)
+    assert os.path.exists(path)
+    assert status_json(daemon)["front_pid"] != front
+    host.close()

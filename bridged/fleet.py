@@ -7,8 +7,8 @@ Device ``i`` of a fleet in directory ``D`` is a separate ``bridged run
 link workers), in a session of its own so that a terminal's Ctrl-C reaches
 only the fleet, which then stops every device in an orderly way. Its output
 goes to ``D/logs/i.log``. ``D/run/i`` is its runtime directory, passed as
-``$RUNTIME_DIRECTORY`` (systemd's convention): the seam for the per-device
-status/control socket, which does not exist yet.
+``$RUNTIME_DIRECTORY`` (systemd's convention), where its control socket is
+(``D/run/i/control.sock``, asked by ``bridged fleet status`` and ``fault``).
 
 Readiness is systemd's: every device gets ``$NOTIFY_SOCKET`` naming one
 abstract datagram socket of the fleet, and its supervisor sends ``READY=1``
@@ -227,6 +227,8 @@ class Fleet:
         ready = [d for d in self.devices if d.state is DeviceState.READY]
         failed = [d.index for d in self.devices if d.state is DeviceState.FAILED]
         took = time.monotonic() - self._began
+        # The manifest first: whoever waits for the line below reads it next.
+        self._write_manifest(running=True)
         first, last = self.devices[0].paths.pty, self.devices[-1].paths.pty
         ptys = str(first) if len(self.devices) == 1 else f"{first} .. {last}"
         print(f"bridged fleet: {len(ready)} of {len(self.devices)} devices ready in {took:.1f} s"
@@ -234,7 +236,6 @@ class Fleet:
               f" run {self.directory}/run, manifest {self.directory / MANIFEST})"
               + (f"; failed: {failed}" if failed else ""), flush=True)
         log.info("fleet_ready", ready=len(ready), failed=failed, seconds=round(took, 3))
-        self._write_manifest(running=True)
         systemd.ready(f"{len(ready)} devices")  # when the fleet itself runs under systemd
 
     # -- starting ------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, TypeVar
 
 from bridged.fleet import device_paths
 from bridged.ops.protocol import FILENAME, HEADER, MAX_REPLY, ProtocolError, decode, encode, sun_address
+from bridged.ops.status import human_bytes
+from bridged.status_cli import _duration, printable
 
 __all__ = ["DeviceRow", "MAX_PARALLEL", "NoAnswer", "SHOW_ALL_UP_TO", "Totals", "ask", "control_path", "fan_out",
            "render", "row", "totals"]
@@ -194,9 +196,6 @@ def render(head: str, rows: list[DeviceRow], tot: Totals, within_ms: float | Non
     """The compact table: one line per device (only the unhealthy ones past
     `SHOW_ALL_UP_TO` devices, unless ``show_all``), then the totals; every
     line through `printable` (fault names and reasons come from devices)."""
-    from bridged.ops.status import human_bytes
-    from bridged.status_cli import _duration, printable
-
     shown = rows if show_all or len(rows) <= SHOW_ALL_UP_TO else [r for r in rows if not r.healthy(within_ms)]
     probe = within_ms is not None
     lines = [head, f"{'DEV':>4} {'PID':>7} {'STATE':<8} {'UP':>7} {'RST':>4} {'LINKS':>5} {'UART UP':>9} "

@@ -494,7 +494,8 @@ def test_status_of_many_devices_lists_the_unhealthy_and_escapes_what_devices_say
 
 
 def test_fleet_fault_usage_errors(tmp_path, capsys):
-    """A bad fault, key or device, or neither --device nor --all, is exit 2 with one line, before any device is asked."""
+    """A bad fault, key or device, or neither --device nor --all (or a bad status --timeout),
+    is exit 2 with one line, before any device is asked."""
     directory = tmp_path / "f"
     directory.mkdir()
     devices = [{"index": 0, "pid": 0, "state": "ready", "pty": str(directory / "ttyESP0")}]
@@ -509,3 +510,5 @@ def test_fleet_fault_usage_errors(tmp_path, capsys):
         assert err.startswith("bridged fleet: ") and message in err and len(err.splitlines()) == 1, err
     assert main(["fleet", "fault", "--dir", str(directory), "at_busy", "--all"]) == 1
     assert capsys.readouterr().out == "device 0: not running\n"
+    assert main(["fleet", "status", "--dir", str(directory), "--timeout", "0"]) == 2
+    assert "--timeout: 0 is not allowed; allowed: seconds from 0.05 to 60" in capsys.readouterr().err

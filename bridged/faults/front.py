@@ -326,7 +326,8 @@ class FrontFaults:
         quiet.hits, quiet.last = 0, self.loop.time()
 
     def _on_worker_fault(self, slot: Any, msg: FaultFired) -> None:
-        self.worker_counts[msg.name] = self.worker_counts.get(msg.name, 0) + 1
+        hits = max(1, msg.hits)
+        self.worker_counts[msg.name] = self.worker_counts.get(msg.name, 0) + hits
         tap = self.front.tap
         if tap is not None:
             try:
@@ -334,6 +335,8 @@ class FrontFaults:
             except ValueError:
                 details = {}
             extra = {k: v for k, v in details.items() if k not in ("name", "link")} if isinstance(details, dict) else {}
+            if hits > 1:
+                extra["hits"] = hits
             tap.mark(MarkKind.FAULT, name=msg.name, link=slot.link_id, **extra)
 
 

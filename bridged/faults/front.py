@@ -49,6 +49,7 @@ from bridged.commands import registry
 from bridged.commands.wifi_reconnect import lose_ap
 from bridged.faults.catalog import CATALOG, Per, Where, kind
 from bridged.faults.plan import FaultPlan, Hit
+from bridged.faults.seed import schedule_start
 from bridged.faults.spec import parse_demand
 from bridged.faults.uart import INCOMING, OUTGOING, ByteFaults
 from bridged.ipc.messages import Close, FaultFired, FireFault
@@ -94,8 +95,9 @@ class FrontFaults:
         self.loop = asyncio.get_running_loop()
         faults = front.config.faults
         self.seed = faults.seed if faults.seed is not None else 0
-        self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front",
-                              start=self.loop.time(), report=self._report)
+        start, again = schedule_start(self.loop.time())
+        self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front", start=start,
+                              resume_at=self.loop.time() if again else None, report=self._report)
         self.bytes = ByteFaults(self.plan, self.loop.time)
         self.worker_counts: dict[str, int] = {}
         self.ap_back_at = 0.0  # a wifi_drop's AP is gone until then

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import structlog
 
 from bridged.faults import FaultSpec
+from bridged.faults.seed import schedule_start
 from bridged.faults.spec import FaultError
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
@@ -165,7 +166,8 @@ class Worker:
         # [faults] (bridged.links.faults): the connect and TLS hooks ask it; a
         # connection with a data-path fault gets a Shaper (None: the paths below run as they are).
         self._fault_reports = Batches(self.loop, self._fault_fired)
-        self.faults = LinkFaults(faults, fault_seed, link_id, self.loop.time(), self._fault_reports.fired)
+        self.faults = LinkFaults(faults, fault_seed, link_id, schedule_start(self.loop.time())[0],
+                                 self._fault_reports.fired)
         self.shaper: Shaper | None = None
         self._done = self.loop.create_future()
 

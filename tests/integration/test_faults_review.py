@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -33,3 +35,40 @@ def test_a_udp_flood_under_loss_is_counted_but_not_logged_per_datagram(make_daem
     assert counted > 500  # the kernel may drop some of the flood itself
     assert 1 <= len(lines) <= 5, len(lines)
     assert sum(e.get("hits", 1) for e in lines) == counted
+
+
+def test_a_restarted_worker_keeps_the_daemons_fault_schedule(make_daemon, echo_server):
+    """net_connect_refused in the first 2 s only: after a worker is killed and forked again at 3 s,
+    its connects still succeed (the window is the daemon's, not reopened by the new process)."""
+    daemon, host = _boot(make_daemon, _faults(1, net_connect_refused={"at": 0, "for": 2, "link": 1}))
+    started = time.monotonic()
+    assert _start(host, 1, "TCP", echo_server.port) == b"\r\nERROR\r\n"  # inside the window
+    time.sleep(max(0.0, 3 - (time.monotonic() - started)))
+    old = daemon.worker_pid(1)
+    os.kill(old, signal.SIGKILL)
+    daemon.expected_errors |= {"child_died", "worker_died"}
+    deadline = time.monotonic() + 10
+    while daemon.worker_pid(1) == old:
+        assert time.monotonic() < deadline, "worker 1 was not forked again"
+        time.sleep(0.02)
+    assert _start(host, 1, "TCP", echo_server.port) == b"1,CONNECT\r\n\r\nOK\r\n"
+    assert [e["name"] for e in daemon.events("fault_injected")] == ["net_connect_refused"]
+
+
+def test_a_front_forked_again_does_not_repeat_a_past_reset(make_daemon):
+    """at_reset at 1 s, once: after the front is killed at 2.5 s and the daemon forks it again,
+    no second at_reset comes (the window is the daemon's, and it is past)."""
+    daemon = make_daemon("[faults]\nseed = 1\n[faults.at_reset]\nat = 1\n")
+    host = daemon.host()
+    host.boot()
+    daemon.wait_event("fault_injected", fault="at_reset", timeout=10)
+    time.sleep(1.5)
+    front = daemon.wait_event("child_started", role="front")[-1]["pid"]
+    os.kill(front, signal.SIGKILL)
+    daemon.expected_errors |= {"child_died", "front_died", "worker_died"}
+    daemon.wait_event("child_started", role="front", count=2, timeout=10)
+    host.expect(b"ready\r\n", timeout=15)
+    time.sleep(2.0)
+    resets = [e for e in daemon.events() if e.get("fault") == "at_reset"
+              and e.get("event") in ("fault_injected", "fault_skipped")]
+    assert len(resets) == 1, resets

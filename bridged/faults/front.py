@@ -282,7 +282,8 @@ class FrontFaults:
 
     def _fire_workers(self, d: Any) -> list[int]:
         link = int(dict(d.params).get("link", -1))
-        msg = FireFault(d.name, tuple(f"{k}={v}" for k, v in d.params), d.count, int(d.for_ * 1000))
+        # Whole ms, rounded up: a `for` under 1 ms would reach the worker as 0 s, which it refuses.
+        msg = FireFault(d.name, tuple(f"{k}={v}" for k, v in d.params), d.count, max(1, math.ceil(d.for_ * 1000)))
         targets = range(self.front.links.count) if link == -1 else [link]
         told = [i for i in targets if i < self.front.links.count and self.front.links.tell(i, msg)]
         if not told:

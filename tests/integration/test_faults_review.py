@@ -72,3 +72,17 @@ def test_a_front_forked_again_does_not_repeat_a_past_reset(make_daemon):
     resets = [e for e in daemon.events() if e.get("fault") == "at_reset"
               and e.get("event") in ("fault_injected", "fault_skipped")]
     assert len(resets) == 1, resets
+
+
+def test_a_condition_fired_for_under_a_millisecond_is_armed_not_refused(daemon):
+    """`bridged fault net_latency for=0.0004`: every worker arms it (for 1 ms), none refuses it as for=0."""
+    from tests.integration.test_faults_at import fault_cli
+
+    daemon.host().boot()
+    done = fault_cli(daemon, "net_latency", "ms=5", "for=0.0004", "link=0")
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 10
+    while not [e for e in daemon.events("fault_armed") if e.get("name") == "net_latency"]:
+        assert time.monotonic() < deadline, daemon.events("fault_refused")
+        time.sleep(0.05)
+    assert daemon.events("fault_refused") == []

@@ -101,7 +101,8 @@ class Demand:
 
 def _seconds(key: str, value: object, *, positive: bool) -> float:
     allowed = f"{'more than 0' if positive else '0'} to {int(_LONGEST)} seconds"
-    # Compared before any float(): a huge whole number (TOML's and JSON's have no bound) is too long, not an OverflowError.
+    # Compared, never converted to float: a huge whole number (TOML and JSON set
+    # no bound) is too long, not an OverflowError.
     if (isinstance(value, bool) or not isinstance(value, int | float) or value != value
             or value < 0 or (positive and value == 0) or value > _LONGEST):
         raise FaultError(key, f"{value!r} is not allowed", allowed)

@@ -62,6 +62,7 @@ log = structlog.get_logger()
 
 _BUSY_CODE = 0x010B0000
 _LOG_EVERY = 1.0  # seconds between two log lines of one per-byte kind
+_SKIP_QUIET = 0.1  # seconds between two fault_skipped lines of one event kind
 
 
 class InjectedError(AtError):
@@ -104,6 +105,7 @@ class FrontFaults:
         self._jitter = random.Random(f"{self.seed}/at_delay/front/jitter")
         self._pending: tuple[Hit | None, Hit | None] = (None, None)  # this command's errcode, delay
         self._quiet: dict[str, _Quiet] = {}
+        self._skips: dict[str, tuple[float, int]] = {}  # event kind: (last fault_skipped line, held back since)
         self._timer: asyncio.TimerHandle | None = None
         front.links.on_fault = self._on_worker_fault
         resolver.set_fault_hook(self._lookup)
@@ -226,8 +228,7 @@ class FrontFaults:
         """Run an event kind now; False when it had nothing to act on (logged why)."""
         front = self.front
         if front.boot is not None:
-            log.info("fault_skipped", fault=name, why="the chip is booting")
-            return False
+            return self._skipped(name, "the chip is booting")
         if name == "at_reset":
             self.plan.fired("at_reset")
             front.busy = False  # the running command, a send waiting for SEND OK: gone with the chip
@@ -236,13 +237,25 @@ class FrontFaults:
         if name == "wifi_drop":
             ctx = front.ctx
             if not ctx.state.wifi_connected:
-                log.info("fault_skipped", fault=name, why="the station is not connected")
-                return False
+                return self._skipped(name, "the station is not connected")
             duration = float(params["duration_ms"])
             self.ap_back_at = self.loop.time() + duration / 1000
             self.plan.fired("wifi_drop", duration_ms=duration)
             return lose_ap(ctx, self._say, self._close_links)
         raise AssertionError(f"{name} is not an event kind")
+
+    def _skipped(self, name: str, why: str) -> bool:
+        """An event with nothing to act on: logged, but not more than once per _SKIP_QUIET
+        per kind (``every = 0.001`` would log a thousand lines a second); `skipped` counts
+        the ones since the last line."""
+        now = self.loop.time()
+        last, held = self._skips.get(name, (-math.inf, 0))
+        if now - last < _SKIP_QUIET:
+            self._skips[name] = (last, held + 1)
+            return False
+        self._skips[name] = (now, 0)
+        log.info("fault_skipped", fault=name, why=why, skipped=held + 1)
+        return False
 
     def _say(self, message: bytes) -> None:
         if self.front._status_shown():  # passthrough hides Wi-Fi lines unless AT+SYSMSG bit 2

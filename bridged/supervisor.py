@@ -61,7 +61,7 @@ import structlog
 
 from bridged import caps, spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
-from bridged.faults.seed import faults_seeded, log_seed
+from bridged.faults.seed import children_started, faults_seeded, log_seed, mark_epoch
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
@@ -151,7 +151,9 @@ class Supervisor:
             for w in self.workers:
                 self.rings.append((Ring.create(size, f"link{w.link_id}-up"),
                                    Ring.create(size, f"link{w.link_id}-down")))
+            mark_epoch()
             self._start_all()
+            children_started()
             return self._loop()
         except OSError as exc:
             self.stopping = True
@@ -250,7 +252,9 @@ class Supervisor:
             self.stopping = False
         for child in (self.front, *self.workers):
             child.failures, child.restart_at = 0, None
+        mark_epoch()  # the new configuration's fault schedules start now
         self._start_all()
+        children_started()
         return True
 
     def _adopt(self, config: Config) -> None:

@@ -49,6 +49,7 @@ from bridged.commands import registry
 from bridged.commands.wifi_reconnect import lose_ap
 from bridged.faults.catalog import CATALOG, Per, Where, kind
 from bridged.faults.plan import FaultPlan, Hit
+from bridged.faults.seed import schedule_start
 from bridged.faults.spec import parse_demand
 from bridged.faults.uart import INCOMING, OUTGOING, ByteFaults
 from bridged.ipc.messages import Close, FaultFired, FireFault
@@ -61,6 +62,7 @@ log = structlog.get_logger()
 
 _BUSY_CODE = 0x010B0000
 _LOG_EVERY = 1.0  # seconds between two log lines of one per-byte kind
+_SKIP_QUIET = 0.1  # seconds between two fault_skipped lines of one event kind
 
 
 class InjectedError(AtError):
@@ -94,14 +96,16 @@ class FrontFaults:
         self.loop = asyncio.get_running_loop()
         faults = front.config.faults
         self.seed = faults.seed if faults.seed is not None else 0
-        self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front",
-                              start=self.loop.time(), report=self._report)
+        start, again = schedule_start(self.loop.time())
+        self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front", start=start,
+                              resume_at=self.loop.time() if again else None, report=self._report)
         self.bytes = ByteFaults(self.plan, self.loop.time)
         self.worker_counts: dict[str, int] = {}
         self.ap_back_at = 0.0  # a wifi_drop's AP is gone until then
         self._jitter = random.Random(f"{self.seed}/at_delay/front/jitter")
         self._pending: tuple[Hit | None, Hit | None] = (None, None)  # this command's errcode, delay
         self._quiet: dict[str, _Quiet] = {}
+        self._skips: dict[str, tuple[float, int]] = {}  # event kind: (last fault_skipped line, held back since)
         self._timer: asyncio.TimerHandle | None = None
         front.links.on_fault = self._on_worker_fault
         resolver.set_fault_hook(self._lookup)
@@ -224,8 +228,7 @@ class FrontFaults:
         """Run an event kind now; False when it had nothing to act on (logged why)."""
         front = self.front
         if front.boot is not None:
-            log.info("fault_skipped", fault=name, why="the chip is booting")
-            return False
+            return self._skipped(name, "the chip is booting")
         if name == "at_reset":
             self.plan.fired("at_reset")
             front.busy = False  # the running command, a send waiting for SEND OK: gone with the chip
@@ -234,13 +237,25 @@ class FrontFaults:
         if name == "wifi_drop":
             ctx = front.ctx
             if not ctx.state.wifi_connected:
-                log.info("fault_skipped", fault=name, why="the station is not connected")
-                return False
+                return self._skipped(name, "the station is not connected")
             duration = float(params["duration_ms"])
             self.ap_back_at = self.loop.time() + duration / 1000
             self.plan.fired("wifi_drop", duration_ms=duration)
             return lose_ap(ctx, self._say, self._close_links)
         raise AssertionError(f"{name} is not an event kind")
+
+    def _skipped(self, name: str, why: str) -> bool:
+        """An event with nothing to act on: logged, but not more than once per _SKIP_QUIET
+        per kind (``every = 0.001`` would log a thousand lines a second); `skipped` counts
+        the ones since the last line."""
+        now = self.loop.time()
+        last, held = self._skips.get(name, (-math.inf, 0))
+        if now - last < _SKIP_QUIET:
+            self._skips[name] = (last, held + 1)
+            return False
+        self._skips[name] = (now, 0)
+        log.info("fault_skipped", fault=name, why=why, skipped=held + 1)
+        return False
 
     def _say(self, message: bytes) -> None:
         if self.front._status_shown():  # passthrough hides Wi-Fi lines unless AT+SYSMSG bit 2
@@ -280,7 +295,8 @@ class FrontFaults:
 
     def _fire_workers(self, d: Any) -> list[int]:
         link = int(dict(d.params).get("link", -1))
-        msg = FireFault(d.name, tuple(f"{k}={v}" for k, v in d.params), d.count, int(d.for_ * 1000))
+        # Whole ms, rounded up: a `for` under 1 ms would reach the worker as 0 s, which it refuses.
+        msg = FireFault(d.name, tuple(f"{k}={v}" for k, v in d.params), d.count, max(1, math.ceil(d.for_ * 1000)))
         targets = range(self.front.links.count) if link == -1 else [link]
         told = [i for i in targets if i < self.front.links.count and self.front.links.tell(i, msg)]
         if not told:
@@ -326,7 +342,8 @@ class FrontFaults:
         quiet.hits, quiet.last = 0, self.loop.time()
 
     def _on_worker_fault(self, slot: Any, msg: FaultFired) -> None:
-        self.worker_counts[msg.name] = self.worker_counts.get(msg.name, 0) + 1
+        hits = max(1, msg.hits)
+        self.worker_counts[msg.name] = self.worker_counts.get(msg.name, 0) + hits
         tap = self.front.tap
         if tap is not None:
             try:
@@ -334,6 +351,8 @@ class FrontFaults:
             except ValueError:
                 details = {}
             extra = {k: v for k, v in details.items() if k not in ("name", "link")} if isinstance(details, dict) else {}
+            if hits > 1:
+                extra["hits"] = hits
             tap.mark(MarkKind.FAULT, name=msg.name, link=slot.link_id, **extra)
 
 

@@ -17,7 +17,10 @@ Reproducible: every (fault, scope) pair draws from a stream of its own,
 SHA-512, so the streams do not depend on PYTHONHASHSEED or on the process),
 and a stream moves only when its fault is drawn.  The same seed and the same
 sequence of occasions give the same faults, whatever else is configured;
-schedules are times from `start`, the process's start.
+schedules are times from `start`, when the daemon started the process's
+configuration (`bridged.faults.seed`).  A process forked again after a crash
+passes ``resume_at`` (now): an event kind's windows that opened before it
+are not opened again.
 
 Cheap when off: `enabled(name)` is a set lookup; hot paths ask it once and
 skip the plan entirely for kinds that are neither configured nor armed.
@@ -61,7 +64,8 @@ class FaultPlan:
     """The faults of one process (`where`, `scope` such as "front" or "link2")."""
 
     def __init__(self, specs: Iterable[FaultSpec], seed: int, *, where: Where, scope: str,
-                 start: float, link: int | None = None, report: Report | None = None) -> None:
+                 start: float, link: int | None = None, report: Report | None = None,
+                 resume_at: float | None = None) -> None:
         self.seed = seed
         self.scope = scope
         self.start = start
@@ -75,7 +79,7 @@ class FaultPlan:
         self._on = set(self.specs)
         for spec in self.specs.values():
             if spec.kind.per is Per.SECOND:
-                self._next_event[spec.name] = self._first_event(spec)
+                self._next_event[spec.name] = self._first_event(spec, resume_at)
 
     # -- asking ---------------------------------------------------------------------------
 
@@ -206,10 +210,15 @@ class FaultPlan:
             t %= spec.every
         return spec.for_ is None or t < spec.for_
 
-    def _first_event(self, spec: FaultSpec) -> float:
+    def _first_event(self, spec: FaultSpec, resume_at: float | None) -> float:
+        first = self.start + spec.at
+        if resume_at is not None and first < resume_at:  # that one happened before a crash
+            if spec.rate is not None:
+                return self._arrival(spec, resume_at)
+            return self._following_event(spec, first, resume_at)
         if spec.rate is None:
-            return self.start + spec.at  # at each window's start
-        return self._arrival(spec, self.start + spec.at)
+            return first  # at each window's start
+        return self._arrival(spec, first)
 
     def _following_event(self, spec: FaultSpec, when: float, now: float) -> float:
         if spec.rate is not None:

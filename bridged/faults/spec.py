@@ -29,7 +29,6 @@ fault's name (``faults.at_busy.rate``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -102,7 +101,9 @@ class Demand:
 
 def _seconds(key: str, value: object, *, positive: bool) -> float:
     allowed = f"{'more than 0' if positive else '0'} to {int(_LONGEST)} seconds"
-    if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+    # Compared, never converted to float: a huge whole number (TOML and JSON set
+    # no bound) is too long, not an OverflowError.
+    if (isinstance(value, bool) or not isinstance(value, int | float) or value != value
             or value < 0 or (positive and value == 0) or value > _LONGEST):
         raise FaultError(key, f"{value!r} is not allowed", allowed)
     return float(value)

@@ -256,4 +256,5 @@ class FaultFired:
 
     name: str
     conn_id: int  # -1: no connection
-    details: str = "{}"  # JSON object: what the fault did
+    details: str = "{}"  # JSON object: what the fault did (the last one, when hits > 1)
+    hits: int = 1  # faults this report stands for (a per-datagram kind's are batched)

@@ -22,7 +22,11 @@ worker asks it at a few hook points, each cheap when nothing is configured:
 * ``demand``: a ``FireFault`` from the front (``bridged fault``).
 
 Every injected fault goes to the worker's report callback (log line,
-``FaultFired`` to the front).
+``FaultFired`` to the front) through `Batches`: a per-datagram kind may hit
+every datagram of a flood, so its first hit is reported at once and the
+following ones at most once a second, as one report carrying their number
+(the front's per-byte kinds are logged the same way): neither the journal nor
+the control socket the worker's replies share floods.
 """
 
 from __future__ import annotations
@@ -30,19 +34,70 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from bridged.faults import Demand, FaultPlan, FaultSpec, Report, Where, kind, parse_demand
+from bridged.faults.catalog import Per
 from bridged.faults.spec import FaultError
 from bridged.ipc.messages import Connect, FireFault
 from bridged.links.tls import TlsError
 
-__all__ = ["DATAGRAM_KINDS", "LinkFaults", "STREAM_KINDS"]
+__all__ = ["Batches", "DATAGRAM_KINDS", "LinkFaults", "STREAM_KINDS"]
 
 #: The kinds that act on a connection's bytes (bridged.links.shaping), by link type.
 STREAM_KINDS = ("net_latency", "net_bandwidth", "net_tcp_reset")
 DATAGRAM_KINDS = ("net_latency", "net_bandwidth", "net_udp_loss", "net_udp_reorder")
+_REPORT_EVERY = 1.0  # seconds between two reports of one per-datagram kind
+
+#: (name, details of the last hit, hits since the last report)
+Send = Callable[[str, dict[str, Any], int], None]
+
+
+@dataclass(slots=True)
+class _Batch:
+    hits: int = 0
+    last: float = -math.inf
+    handle: asyncio.TimerHandle | None = None
+    details: dict[str, Any] | None = None
+
+
+class Batches:
+    """Reports of injected faults, per-datagram kinds batched (see the module's docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Send) -> None:
+        self.loop = loop
+        self.send = send
+        self._batches: dict[str, _Batch] = {}
+
+    def fired(self, name: str, details: dict[str, Any]) -> None:
+        if kind(name).per is not Per.DATAGRAM:
+            self.send(name, details, 1)
+            return
+        batch = self._batches.setdefault(name, _Batch())
+        batch.hits += 1
+        batch.details = details
+        if self.loop.time() - batch.last >= _REPORT_EVERY:
+            self.flush(name)
+        elif batch.handle is None:
+            batch.handle = self.loop.call_at(batch.last + _REPORT_EVERY, self.flush, name)
+
+    def flush(self, name: str) -> None:
+        batch = self._batches[name]
+        if batch.handle is not None:
+            batch.handle.cancel()
+            batch.handle = None
+        if batch.hits:
+            self.send(name, batch.details or {}, batch.hits)
+        batch.hits, batch.last = 0, self.loop.time()
+
+    def close(self) -> None:
+        """Report what is gathered (the worker is stopping)."""
+        for name in list(self._batches):
+            self.flush(name)
 
 
 class LinkFaults:

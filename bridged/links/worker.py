@@ -45,6 +45,7 @@ from typing import Any, Callable
 import structlog
 
 from bridged.faults import FaultSpec
+from bridged.faults.seed import schedule_start
 from bridged.faults.spec import FaultError
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
@@ -68,7 +69,7 @@ from bridged.ipc.messages import (
 )
 from bridged.ipc.rings import Ring
 from bridged.net.fence import Fence
-from bridged.links.faults import LinkFaults
+from bridged.links.faults import Batches, LinkFaults
 from bridged.links.shaping import Shaper
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
@@ -164,7 +165,9 @@ class Worker:
         self.front_gone = False  # ended because the front's end of the control socket closed
         # [faults] (bridged.links.faults): the connect and TLS hooks ask it; a
         # connection with a data-path fault gets a Shaper (None: the paths below run as they are).
-        self.faults = LinkFaults(faults, fault_seed, link_id, self.loop.time(), self._fault_fired)
+        self._fault_reports = Batches(self.loop, self._fault_fired)
+        self.faults = LinkFaults(faults, fault_seed, link_id, schedule_start(self.loop.time())[0],
+                                 self._fault_reports.fired)
         self.shaper: Shaper | None = None
         self._done = self.loop.create_future()
 
@@ -189,6 +192,7 @@ class Worker:
             self.loop.remove_reader(self.uplink.data_fd)
             self._drop_socket()
             self._gate.close()
+            self._fault_reports.close()
 
     def stop(self) -> None:
         if not self._done.done():
@@ -272,10 +276,10 @@ class Worker:
                 self.shaper = Shaper(self, self.faults)
             self.shaper.armed(demand.name)
 
-    def _fault_fired(self, name: str, details: dict[str, Any]) -> None:
-        """An injected fault: logged here, counted and marked by the front."""
-        log.info("fault_injected", name=name, link=self.link_id, details=details)
-        self._reply(FaultFired(name, -1 if self.conn_id is None else self.conn_id, json.dumps(details)))
+    def _fault_fired(self, name: str, details: dict[str, Any], hits: int) -> None:
+        """Injected faults (`hits` of them, the last one's `details`): logged here, counted and marked by the front."""
+        log.info("fault_injected", name=name, link=self.link_id, details=details, hits=hits)
+        self._reply(FaultFired(name, -1 if self.conn_id is None else self.conn_id, json.dumps(details), hits))
 
     def _reply(self, msg: object) -> None:
         try:

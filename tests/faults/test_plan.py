@@ -109,6 +109,21 @@ def test_a_late_tick_fires_a_missed_event_once_not_a_burst():
     assert p.next_deadline() == 140.0
 
 
+def test_a_process_forked_again_does_not_repeat_past_event_windows():
+    """A front forked again at 117 s (resume_at): the one-shot reset at 5 s stays done, the periodic
+    drop comes at its next window (125), a random reset after 117."""
+    specs = [parse_spec("at_reset", {"at": 5}), parse_spec("wifi_drop", {"at": 5, "every": 10})]
+    p = FaultPlan(specs, 1, where=Where.FRONT, scope="front", start=100.0, resume_at=117.0)
+    assert p.next_deadline() == 125.0
+    assert [name for name, _ in p.due(125.0)] == ["wifi_drop"]
+    assert p.next_deadline() == 135.0
+    fresh = FaultPlan(specs, 1, where=Where.FRONT, scope="front", start=100.0)
+    assert fresh.next_deadline() == 105.0
+    rated = FaultPlan([parse_spec("at_reset", {"rate": 1})], 1, where=Where.FRONT, scope="front", start=100.0,
+                      resume_at=117.0)
+    assert rated.next_deadline() > 117.0
+
+
 def test_random_events_come_at_about_their_rate():
     """at_reset rate 0.5/s over 1000 s gives close to 500 events, and the same ones for the same seed."""
     def times(seed):

@@ -64,6 +64,8 @@ def test_bridged_check_output_loads_back_to_the_same_faults(tmp_path):
     ("[faults.wifi_join_fail]\nrate = 1\ncode = 1.5\n", "faults.wifi_join_fail.code: 1.5 is not allowed"),
     ("[faults.net_tcp_reset]\nrate = 1\nlink = 5\n", "faults.net_tcp_reset.link: 5 is not allowed; allowed: a whole number from -1 to 4"),
     ("[faults]\nseed = -1\n", "faults.seed: -1 is not allowed"),
+    ("[faults.at_busy]\nat = 1%s\n" % ("0" * 400), "faults.at_busy.at: 1000"),
+    ("[faults.at_busy]\nat = inf\n", "faults.at_busy.at: inf is not allowed"),
 ])
 def test_bad_fault_settings_are_config_errors_naming_the_key(tmp_path, text, message):
     """Unknown names, rates outside 0..1, negative durations...: the error names file, key and what is allowed."""
@@ -88,6 +90,9 @@ def test_a_fault_on_demand_takes_strings_from_the_command_line():
     ("at_busy", {"count": "0"}, "count"),
     ("at_busy", {"count": "1.5"}, "count"),
     ("net_latency", {"for": "0"}, "for"),
+    ("net_latency", {"for": "1" + "0" * 400}, "for"),
+    ("net_latency", {"for": 10 ** 400}, "for"),
+    ("net_latency", {"for": "nan"}, "for"),
     ("at_busy", {"colour": "red"}, "colour"),
 ])
 def test_a_bad_fault_on_demand_names_the_key(name, given, key):

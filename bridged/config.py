@@ -539,6 +539,8 @@ class Config:
     config files, "command line"; `origins` says which of them set each
     dotted key that is not a built-in default (`bridged check` shows it).
     `instance` is the service instance (`instance_name`), "" for none.
+    `profile_file` is the profile file read ("" for none): a relative
+    `profile` in a config file is found from that file, not from here.
     """
 
     uart: UartConfig = field(default_factory=UartConfig)
@@ -556,6 +558,7 @@ class Config:
     sources: tuple[str, ...] = ()
     instance: str = ""
     origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    profile_file: str = field(default="", compare=False)  # the profile's file as read ("": none was)
 
 
 def _keys(section: str) -> dict[str, _Check]:
@@ -799,7 +802,8 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
 
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
     return Config(**sections, profile=profile, sources=tuple(sources), instance=instance,
-                  origins=tuple(origins.items()))
+                  origins=tuple(origins.items()),
+                  profile_file=str(profile_file) if profile_file is not None else "")
 
 
 # --------------------------------------------------------------------------

@@ -95,3 +95,15 @@ def test_check_of_a_config_file_marks_its_keys_with_the_file(tmp_path):
     result = check("--profile", "weak-wifi", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert f"rssi = -60  # {path}\n" in result.stdout
+
+
+def test_check_shows_the_header_of_a_profile_named_relative_to_its_config_file(tmp_path):
+    """A profile named by a relative path in a config file is that file's neighbour: `bridged check`
+    shows its header (it looked for it from the working directory and showed none)."""
+    (tmp_path / "mine.toml").write_text("# Profile \"mine\": a lab bench.\n\n[wifi]\nrssi = -70\n")
+    site = tmp_path / "site.toml"
+    site.write_text('profile = "mine.toml"\n')
+    result = check("--config", str(site))
+    assert result.returncode == 0, result.stderr
+    assert f"\n# ---- {tmp_path / 'mine.toml'} ----\n# Profile \"mine\": a lab bench.\n# ----\n" in result.stdout
+    assert "rssi = -70  # profile mine.toml\n" in result.stdout

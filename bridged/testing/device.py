@@ -143,7 +143,7 @@ class Device:
         """
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._make_run_dir()
-        self.config_path.write_text(to_toml(merge(normalise(_DEFAULTS), normalise(self.options.config))))
+        self.config_path.write_text(to_toml(merge(normalise(_DEFAULTS), normalise(self.options.config))), encoding="utf-8")
         argv = daemon_argv(self.port, self.state_dir, str(self.config_path), self.options.profile)
         argv += ["--control", str(self.control_path)]
         if self.options.transcript:

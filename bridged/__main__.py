@@ -28,7 +28,7 @@ import sys
 
 from bridged import __version__
 from bridged.caps import make_undumpable
-from bridged.config import Config, ConfigError, find_profile, load_config, profile_header, state_dir, to_toml
+from bridged.config import Config, ConfigError, load_config, profile_header, state_dir, to_toml
 from bridged.log import setup_logging
 from bridged.systemd import stderr_is_journal
 from bridged.uart.transcript_file import RotatingFile
@@ -113,12 +113,9 @@ def _load(args: argparse.Namespace):
 
 def _profile_says(config: Config) -> str:
     """The profile's header comment (what it models, where its figures come from)."""
-    try:
-        path = find_profile(config.profile)
-    except ConfigError:
+    if not config.profile_file:
         return ""  # the built-in defaults: no profile file was read
-    if str(path) not in config.sources:
-        return ""
+    path = config.profile_file
     header = profile_header(path)
     return f"#\n# ---- {path} ----\n{header}\n# ----\n" if header else ""
 

@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import site
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -539,6 +540,8 @@ class Config:
     config files, "command line"; `origins` says which of them set each
     dotted key that is not a built-in default (`bridged check` shows it).
     `instance` is the service instance (`instance_name`), "" for none.
+    `profile_file` is the profile file read ("" for none): a relative
+    `profile` in a config file is found from that file, not from here.
     """
 
     uart: UartConfig = field(default_factory=UartConfig)
@@ -556,6 +559,7 @@ class Config:
     sources: tuple[str, ...] = ()
     instance: str = ""
     origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    profile_file: str = field(default="", compare=False)  # the profile's file as read ("": none was)
 
 
 def _keys(section: str) -> dict[str, _Check]:
@@ -620,15 +624,19 @@ def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: st
                 origins[f"{section}.{key}"] = label or source
 
 
+_MAX_FILE = 16 << 20  # bytes of a config or profile file
 _AT_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
 def _read_toml(path: Path | str) -> dict[str, Any]:
     """Parse a TOML file; any failure is a ConfigError naming file and line."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(_MAX_FILE + 1)  # bounded: --config /dev/zero must not eat the memory
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > _MAX_FILE:
+        raise ConfigError(f"{path}: larger than {_MAX_FILE >> 20} MiB: not a configuration file")
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:
@@ -665,6 +673,15 @@ def profile_dirs() -> list[Path]:
     return dirs
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is no profile file: missing, a directory, a FIFO, a symbolic link loop..."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
+    return "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+
+
 def _is_path(profile: str) -> bool:
     return "/" in profile or profile.endswith(".toml")
 
@@ -680,7 +697,7 @@ def find_profile(profile: str, source: str = COMMAND_LINE) -> Path:
     if _is_path(profile):
         path = Path(profile)
         if not path.is_file():
-            raise ConfigError(f"{source}: profile: {profile!r}: no such file")
+            raise ConfigError(f"{source}: profile: {profile!r}: {_not_a_file(path)}")
         return path
     dirs = profile_dirs()
     allowed = ("a path to a .toml file, or the name of one in: "
@@ -799,7 +816,8 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
 
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
     return Config(**sections, profile=profile, sources=tuple(sources), instance=instance,
-                  origins=tuple(origins.items()))
+                  origins=tuple(origins.items()),
+                  profile_file=str(profile_file) if profile_file is not None else "")
 
 
 # --------------------------------------------------------------------------

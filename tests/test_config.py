@@ -909,7 +909,7 @@ def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
     assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog",
-                     "faults", "profile", "sources", "instance", "origins"]
+                     "faults", "profile", "sources", "instance", "origins", "profile_file"]
 
 
 # --------------------------------------------------------------------------

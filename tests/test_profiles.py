@@ -95,3 +95,38 @@ def test_check_of_a_config_file_marks_its_keys_with_the_file(tmp_path):
     result = check("--profile", "weak-wifi", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert f"rssi = -60  # {path}\n" in result.stdout
+
+
+def test_check_shows_the_header_of_a_profile_named_relative_to_its_config_file(tmp_path):
+    """A profile named by a relative path in a config file is that file's neighbour: `bridged check`
+    shows its header (it looked for it from the working directory and showed none)."""
+    (tmp_path / "mine.toml").write_text("# Profile \"mine\": a lab bench.\n\n[wifi]\nrssi = -70\n")
+    site = tmp_path / "site.toml"
+    site.write_text('profile = "mine.toml"\n')
+    result = check("--config", str(site))
+    assert result.returncode == 0, result.stderr
+    assert f"\n# ---- {tmp_path / 'mine.toml'} ----\n# Profile \"mine\": a lab bench.\n# ----\n" in result.stdout
+    assert "rssi = -70  # profile mine.toml\n" in result.stdout
+
+
+def test_a_profile_path_that_is_no_file_says_what_it_is(tmp_path):
+    """A profile path naming a directory, a FIFO or a symbolic link loop is refused, exit 2, saying
+    which (it said "no such file" of all three); nothing waits on the FIFO."""
+    import os
+
+    fifo, loop = tmp_path / "fifo.toml", tmp_path / "loop.toml"
+    os.mkfifo(fifo)
+    loop.symlink_to(loop)
+    for path, said in ((tmp_path, "a directory"), (fifo, "not a regular file"),
+                       (loop, "too many levels of symbolic links")):
+        result = check("--profile", str(path))
+        assert result.returncode == 2, result
+        assert f"profile: '{path}': {said}" in result.stderr, result.stderr
+
+
+def test_an_endless_config_file_is_a_config_error(tmp_path):
+    """--config /dev/zero (a file that never ends) is exit 2 naming the file and the limit, not a
+    MemoryError traceback after eating the memory."""
+    result = check("--config", "/dev/zero")
+    assert result.returncode == 2, result.stderr[-500:]
+    assert "/dev/zero: larger than 16 MiB" in result.stderr

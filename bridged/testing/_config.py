@@ -72,7 +72,7 @@ def _value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+        return _string(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
@@ -80,9 +80,26 @@ def _value(value: Any) -> str:
     raise ValueError(f"bridged config overrides: {value!r} has no TOML form")
 
 
+def _string(text: str) -> str:
+    """A TOML basic string.  Not json.dumps: its escapes of characters beyond
+    U+FFFF are surrogate pairs, which TOML refuses (an emoji in an SSID)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif code < 0x20 or code == 0x7F:  # control characters: TOML allows them only escaped
+            out.append(f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ValueError(f"bridged config overrides: {text!r} has no TOML form (a lone surrogate)")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
 def _key(key: str) -> str:
     bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else json.dumps(key)
+    return key if bare else _string(key)
 
 
 def to_toml(doc: Mapping[str, Any], prefix: str = "") -> str:

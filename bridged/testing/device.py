@@ -143,7 +143,8 @@ class Device:
         """
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._make_run_dir()
-        self.config_path.write_text(to_toml(merge(normalise(_DEFAULTS), normalise(self.options.config))))
+        overrides = merge(normalise(_DEFAULTS), normalise(self.options.config))
+        self.config_path.write_text(to_toml(overrides), encoding="utf-8")
         argv = daemon_argv(self.port, self.state_dir, str(self.config_path), self.options.profile)
         argv += ["--control", str(self.control_path)]
         if self.options.transcript:
@@ -191,6 +192,8 @@ class Device:
         if self._at is not None:
             self._at.close()
             self._at = None
+        if self._transcript is not None:
+            self._transcript.close()  # what it read stays; a later wait reopens the file
         proc = self.proc
         if proc is not None and self.exit_code is None:
             if proc.poll() is None:

@@ -3,7 +3,9 @@
 The file's format is ``bridged.uart.transcript``'s: one line per up to 32
 bytes from (``RX``) or to (``TX``) the MCU, and one per mark (``--``: a
 command recognised, a link connected, a boot, a fault...).  `TranscriptFollower`
-reads what was appended since its last look, rebuilds the two byte streams
+reads what was appended since its last look (across rotations: the file
+it reads stays open until read to its end, then the one that replaced it is
+read from its start), rebuilds the two byte streams
 and lists the marks; a search consumes what it matched, so successive
 waits find successive events (as pexpect does), and each of the three
 (marks, RX, TX) has its own cursor.
@@ -17,10 +19,11 @@ daemon's) is read all the same.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bridged.uart.transcript_format import Direction, parse_line
 
@@ -29,6 +32,7 @@ __all__ = ["TranscriptFollower", "TranscriptMark"]
 _MARK = re.compile(r"\S+ (\d+\.\d+) -- (\w+)(.*)")
 _FIELD = re.compile(r" (\w+)=(\"(?:[^\"\\]|\\.)*\"|\S+)")
 _READ_MAX = 4 * 1024 * 1024  # per look: a bounded bite of a fast-growing file
+_MAX_FILES = 100  # [log] transcript_files at most: path.1 ... path.99
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,23 +69,76 @@ class TranscriptFollower:
     _offset: int = 0
     _partial: bytes = b""
     _cursor: dict[str, int] = field(default_factory=lambda: {"marks": 0, "RX": 0, "TX": 0})
+    _file: BinaryIO | None = field(default=None, repr=False)  # kept open: read to its end once rotated
+    _ino: int = -1  # the inode of the file followed
 
     def poll(self) -> bool:
-        """Read what was appended since the last call; True if anything was."""
+        """Read what was appended since the last call (at most ``_READ_MAX`` bytes); True if anything was."""
+        got, switches = 0, 0
+        while got < _READ_MAX:
+            if self._file is None and not self._open(self.path):
+                break
+            assert self._file is not None
+            data = self._file.read(_READ_MAX - got)
+            if data:
+                self._feed(data)
+                got += len(data)
+                continue
+            successor = self._successor()  # read to its end: was it rotated away?
+            if successor is None or switches > _MAX_FILES or not self._open(successor):
+                break
+            switches += 1
+        return got > 0
+
+    def close(self) -> None:
+        """Let go of the file (a later `poll` opens it again where it was)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open(self, path: Path) -> bool:
+        """Follow ``path``: from where it was if it is the file followed before, else from its start."""
         try:
-            with open(self.path, "rb") as file:
-                file.seek(self._offset)
-                data = file.read(_READ_MAX)
+            file = open(path, "rb")  # noqa: SIM115 (kept open: a rotated file is read to its end)
         except FileNotFoundError:
             return False
-        if not data:
-            return False
+        ino = os.fstat(file.fileno()).st_ino
+        if ino != self._ino:
+            self._ino, self._offset, self._partial = ino, 0, b""  # a rotation ends on a whole line
+        file.seek(self._offset)
+        self.close()
+        self._file = file
+        return True
+
+    def _successor(self) -> Path | None:
+        """The file written after the one read to its end, or None while that one is still written.
+
+        The daemon's RotatingFile renames ``path`` to ``path.1`` (``.1`` to
+        ``.2``...): the one read to its end is now ``path.K``, and ``path.K-1``
+        (``path`` for K = 1) came after it, even after several rotations.
+        """
+        try:
+            if os.stat(self.path).st_ino == self._ino:
+                return None
+        except FileNotFoundError:
+            return None  # between a rotation's rename and its new file
+        newer = self.path
+        for k in range(1, _MAX_FILES + 1):
+            older = Path(f"{self.path}.{k}")
+            try:
+                if os.stat(older).st_ino == self._ino:
+                    return newer
+            except FileNotFoundError:
+                break
+            newer = older
+        return self.path  # ours was dropped (transcript_files = 1): the one written now
+
+    def _feed(self, data: bytes) -> None:
         self._offset += len(data)
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()  # a line still being written
         for line in lines:
             self._take(line.decode("ascii", "replace"))
-        return True
 
     def _take(self, line: str) -> None:
         try:

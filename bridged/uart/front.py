@@ -170,7 +170,7 @@ class Front:
         # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
         self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
         self._paced: PacedInput | None = None  # [uart] pace: reads at the line rate (a pty only)
-        if wanted(config.uart.pace, port_name, serial is not None):
+        if wanted(config.uart.pace, port_name, fd, serial is not None):
             self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
             self._paced = PacedInput(self.loop, self._gate, self.uart)
         self._last_read = 0.0

@@ -16,13 +16,16 @@ is a fault of its own, not pacing's).  The front's read coalescing is off
 meanwhile: the pacer batches reads itself, at its own granularity.
 
 A real serial port keeps its own time: there ``pace`` changes nothing
-(`wanted` says so once in the log).
+(`wanted` says so once in the log).  A pty given as ``--port`` (an emulated
+MCU's, e.g. Zephyr native_sim's) is paced as bridged's own pty is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
+import stat
 import struct
 import termios
 
@@ -32,11 +35,12 @@ from bridged.commands.context import UartSettings
 from bridged.readgate import ReadGate
 from bridged.uart.pacer import CATCH_UP, Pacer, char_bits2
 
-__all__ = ["PacedInput", "line_of", "wanted", "PACE"]
+__all__ = ["PacedInput", "is_pty", "line_of", "wanted", "PACE"]
 
 log = structlog.get_logger()
 
 PACE = "pace"  # the read gate's hold while input is ahead of the line
+_PTY_SLAVE_MAJORS = (136, 143)  # Linux's UNIX98_PTY_SLAVE_MAJOR and its 7 successors
 FLIP = 0.02  # seconds made up after a read that emptied the pty: the MCU's next bytes may be on their way
 
 
@@ -45,11 +49,22 @@ def line_of(settings: UartSettings) -> tuple[int, int]:
     return settings.baud, char_bits2(settings.data_bits, settings.stop_bits, settings.parity)
 
 
-def wanted(pace: bool, port_name: str, serial: bool) -> bool:
-    """Whether to pace: asked for, and on a pty (a real port is said to ignore it, once)."""
-    if pace and serial:
+def is_pty(fd: int) -> bool:
+    """Whether ``fd`` is a pty's slave end (Unix98: majors 136 to 143), which keeps no line rate."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(info.st_mode) and _PTY_SLAVE_MAJORS[0] <= os.major(info.st_rdev) <= _PTY_SLAVE_MAJORS[1]
+
+
+def wanted(pace: bool, port_name: str, fd: int, serial: bool) -> bool:
+    """Whether to pace: asked for, and on a pty: bridged's own, or one given as ``--port`` (an
+    emulator's, such as Zephyr native_sim's or socat's).  A real port is said to ignore it, once."""
+    real = serial and not is_pty(fd)
+    if pace and real:
         log.info("uart_pace_ignored", port=port_name, why="a serial port keeps its own line rate")
-    return pace and not serial
+    return pace and not real
 
 
 def _waiting(fd: int) -> int:

@@ -45,3 +45,16 @@ def test_toml_round_trips_every_kind_of_value():
            "uart": {"urc_gap_ms": 2.5},
            "faults": {"seed": 7, "wifi_drop": {"every_s": 1.5, "inline": {"a": 1}}}}
     assert tomllib.loads(to_toml(doc)) == doc
+
+
+def test_toml_round_trips_characters_beyond_the_basic_plane():
+    """An SSID or a key with an emoji (4 UTF-8 bytes, legal in a Wi-Fi SSID) and DEL read back
+    as written: JSON's surrogate-pair escapes are no TOML, and the device would not start."""
+    doc = {"wifi": {"ssid": "caf\u00e9 \U0001F4F6\x7f", "a\U0001F600b": 1}}
+    assert tomllib.loads(to_toml(doc)) == doc
+
+
+def test_a_lone_surrogate_has_no_toml_form():
+    """A string that is no Unicode text (a lone surrogate) is refused with the reason, not written."""
+    with pytest.raises(ValueError, match="no TOML form"):
+        to_toml({"wifi": {"ssid": "\ud83d"}})

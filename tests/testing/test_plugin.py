@@ -113,3 +113,21 @@ def test_a_start_past_its_timeout_says_why_and_leaves_nothing_running(bridged_fa
     assert device.exit_code is not None and not device.port.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(device.pid, 0)
+
+
+def test_a_device_started_from_a_thread_outlives_the_thread(bridged_factory):
+    """Devices started in parallel from worker threads keep running once those threads end
+    (PR_SET_PDEATHSIG follows the spawning thread: they got SIGTERM and exited 0 mid-test)."""
+    import threading
+
+    devices = []
+    threads = [threading.Thread(target=lambda i=i: devices.append(bridged_factory(f"t{i}"))) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(devices) == 2
+    time.sleep(1.0)  # a SIGTERM'd device takes a moment to stop
+    for device in devices:
+        assert device.proc.poll() is None, device.log_tail()
+        assert device.at.command("AT").ok

@@ -116,3 +116,15 @@ def test_the_readme_firmware_example_passes(tmp_path):
     done = run_pytest(REPO / "examples" / "firmware", "-p", "bridged.testing", "--basetemp", str(tmp_path),
                       "-W", "ignore::DeprecationWarning", env=env)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr
+
+
+def test_the_readme_shows_the_example_as_it_runs():
+    """The README's firmware test is examples/firmware/test_telemetry.py's, line for line from
+    its marker on (the file runs in the suite; the README's copy had drifted from it)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Testing firmware with bridged", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    shown = block[block.index("@pytest.mark.bridged"):].splitlines()
+    example = (REPO / "examples" / "firmware" / "test_telemetry.py").read_text()
+    ran = [line for line in example[example.index("@pytest.mark.bridged"):].splitlines()
+           if not line.strip().startswith('"""')]  # the README leaves the docstring out
+    assert shown == ran

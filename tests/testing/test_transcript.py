@@ -55,3 +55,44 @@ def test_matches_are_consumed_per_cursor(tmp_path):
     assert follower.find_bytes("RX", re.compile(rb"A.\r\n")) == b"AT\r\n"
     assert follower.find_bytes("RX", b"AT") is None
     assert follower.find_bytes("TX", b"") == b""
+
+
+
+def _marks(first: int, count: int, name: str = "") -> list[str]:
+    """Transcript lines of ``count`` marks (the daemon's writer takes a list of whole lines)."""
+    formatter = Formatter()
+    return [line for i in range(count) for line in formatter.lines(
+        Mark(MarkKind.COMMAND, {"name": name or f"AT+N{first + i}", "kind": "set"}, 1.0, 1.0))]
+
+
+def test_rotations_between_looks_lose_nothing(tmp_path):
+    """The daemon's RotatingFile rotates, once or twice between two looks: the follower still sees
+    every mark in order (it kept its offset in the old file for the new one and saw nothing more)."""
+    from bridged.uart.transcript_file import RotatingFile
+
+    writer = RotatingFile(str(tmp_path / "t"), 4096, 5)
+    follower = TranscriptFollower(tmp_path / "t")
+    n = 0
+    for per_look in (55, 10, 150, 3, 200, 1):  # a mark is ~68 bytes: 150 of them rotate twice
+        writer.write_lines(_marks(n, per_look))
+        n += per_look
+        follower.poll()
+    follower.poll()
+    assert [m.fields["name"] for m in follower.marks] == [f"AT+N{i}" for i in range(n)]
+    writer.close()
+    follower.close()
+
+
+def test_a_file_that_starts_over_is_followed_from_its_start(tmp_path):
+    """With transcript_files = 1 the file starts over at the cap: what is written after is seen."""
+    from bridged.uart.transcript_file import RotatingFile
+
+    writer = RotatingFile(str(tmp_path / "t"), 4096, 1)
+    follower = TranscriptFollower(tmp_path / "t")
+    writer.write_lines(_marks(0, 55))
+    follower.poll()
+    writer.write_lines(_marks(55, 20) + _marks(0, 1, "AT+LAST"))
+    follower.poll()
+    assert follower.find_mark("name=AT\\+LAST ") is not None
+    writer.close()
+    follower.close()

@@ -164,23 +164,43 @@ def test_without_pace_the_pty_goes_as_fast_as_it_can(make_daemon, source, sink):
     assert _send(host, sink, payload) < 0.25 * len(payload) * 10 / 9600
 
 
-def test_a_real_port_ignores_pace(tmp_path, source):
-    """On a serial device (--port) the hardware keeps time: pace is said to be ignored, bytes are not held."""
+def test_a_pty_given_as_port_is_paced(tmp_path, source):
+    """A pty given as --port (an emulated MCU's, e.g. Zephyr native_sim's) keeps no line rate of
+    its own: it is paced as bridged's own pty (it was taken for a real port and not paced)."""
     master, slave = os.openpty()
     tty.setraw(slave)
-    link = tmp_path / "usb-adapter"
+    link = tmp_path / "native-sim-uart"
     link.symlink_to(os.ttyname(slave))
     daemon = Daemon(tmp_path, "[uart]\npace = true\nbaud = 9600\n", port=str(link)).start()
     try:
         host = Host(None, fd=master)
         host.boot()
         got = _receive(host, source, _payload(1200, 7))
-        assert got.total < 0.25 * got.total_bytes * 10 / 9600, got
-        assert len(daemon.events("uart_pace_ignored")) == 1
+        assert got.after > 1200
+        _within(got.span, got.after * 10 / 9600)
+        assert daemon.events("uart_pace_ignored") == []
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]
         os.close(master)
         os.close(slave)
+
+
+def test_a_real_port_ignores_pace():
+    """A character device that is no pty (a real UART's driver; /dev/null stands in) keeps its own
+    time: pace is not applied there, and a pty's slave end is told apart from it."""
+    from bridged.uart.pacing import is_pty, wanted
+
+    fd = os.open("/dev/null", os.O_RDWR)
+    master, slave = os.openpty()
+    try:
+        assert not wanted(True, "/dev/ttyUSB0", fd, serial=True)
+        assert not is_pty(fd) and is_pty(slave)
+        assert wanted(True, "/dev/pts/9", slave, serial=True)
+        assert wanted(True, "pty", master, serial=False)  # bridged's own: the front holds the master
+        assert not wanted(False, "pty", master, serial=False)
+    finally:
+        for each in (fd, master, slave):
+            os.close(each)
 
 
 def test_paced_output_writes_slices_on_one_timer_not_a_spin():

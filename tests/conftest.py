@@ -15,18 +15,18 @@ def _empty_config_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _bytecode_cache(tmp_path_factory):
-    """Every Python the tests start (a daemon for nearly every test) keeps its
-    compiled bytecode in one directory of the session's own.
+def _bytecode_cache():
+    """Every Python the tests start (a daemon for nearly every test) may write
+    bridged's compiled bytecode to __pycache__ (ignored by git) and read it back.
 
-    With PYTHONDONTWRITEBYTECODE set (as in some CI shells) each daemon would
-    compile bridged's ~70 modules from source again: about 0.2 s of CPU per
-    daemon, a few minutes per suite run.  The cache is outside the source tree,
-    so the setting's point (no __pycache__ among the sources) still holds.
+    With PYTHONDONTWRITEBYTECODE set (as in some CI shells) each daemon
+    compiled bridged's ~70 modules from source again: about 0.2 s of CPU per
+    daemon, a few minutes per suite run.  (Not PYTHONPYCACHEPREFIX: a cache
+    of its own starts empty for the standard library too, and the first
+    daemons then took seconds, enough to fail test_locust's 6 s run.)
     """
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
-        patch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path_factory.mktemp("pycache")))
         yield
 
 

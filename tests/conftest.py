@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from tests.harness import Daemon, EchoServer, Host, SinkServer
+from tests.shared import SharedDaemon
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +70,28 @@ def host(daemon) -> Host:
     h.boot()
     yield h
     h.close()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One default daemon for a module's tests (tests/shared.py), stopped and checked at its end."""
+    shared = SharedDaemon(tmp_path_factory.mktemp("shared"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def shared_host(request, shared_daemon) -> Host:
+    """As ``host``, on the module's shared daemon, factory-fresh (AT+RESTORE).
+
+    A module opts in by defining ``host`` as this; a test there that also asks
+    for ``daemon`` would get another daemon than its host's, so it may not.
+    """
+    assert "daemon" not in request.fixturenames, "a test reading its daemon needs conftest's own host"
+    h = shared_daemon.host()
+    yield h
+    h.close()
+    shared_daemon.done()
 
 
 @pytest.fixture

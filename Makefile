@@ -3,6 +3,7 @@
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
 #   make test    run the test suite, then again under Python 3.13 when pyenv has it,
 #                then make test-floors
+#                (PYTEST_JOBS=0: in one process instead of two xdist workers)
 #   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
 #   make clean   remove caches and build artefacts (the virtualenvs are kept)
@@ -12,6 +13,19 @@ VENV    ?= .venv
 PTY     ?= /tmp/ttyBRIDGED
 PROFILE ?= esp32
 PYTEST_ARGS ?=
+# Each suite run is spread over PYTEST_JOBS pytest-xdist workers (0: one
+# process, no xdist), whole files to a worker (--dist loadfile), so a module's
+# fixtures -- the OTA keys, the DNS/SNTP test servers on fixed loopback
+# addresses, module-wide daemons -- are made once and never twice at a time.
+# Two workers on the 2-core CI machine: nearly every test starts a daemon
+# (about 0.4 s of CPU for its imports) or waits on a timer, so two keep both
+# cores busy; more only crowd the timing-sensitive tests.  The second
+# interpreter runs the whole suite too (not only what differs under 3.13:
+# ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.
+# Wall time of `make test` (3.11, 3.13, floors): ~30 min with one process,
+# see README "Tests" for the current figure.
+PYTEST_JOBS ?= 2
+XDIST = $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
 # Second interpreter for `make test`; empty when it is not installed.
 PY313_VENV := .venv-3.13
@@ -63,7 +77,7 @@ test: test-one
 	@$(MAKE) --no-print-directory test-floors PYTEST_ARGS='$(PYTEST_ARGS)'
 
 test-one: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 $(FLOORS_VENV)/constraints.txt: pyproject.toml
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
@@ -76,7 +90,7 @@ $(FLOORS_VENV)/constraints.txt: pyproject.toml
 test-floors: $(FLOORS_VENV)/constraints.txt
 	@$(FLOORS_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | \
 		grep -iE '^(pyserial|uvloop|cryptography|structlog|dnspython|zeroconf|ifaddr)==' | tr '\n' ' '; echo
-	$(FLOORS_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(FLOORS_TESTS)
+	$(FLOORS_VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) $(FLOORS_TESTS)
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench

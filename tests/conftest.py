@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from tests.harness import Daemon, EchoServer, Host, SinkServer
+from tests.shared import SharedDaemon
 
 pytest_plugins = ["bridged.testing"]  # as the pytest11 entry point does once installed: the suite needs no install
 
@@ -14,6 +15,22 @@ pytest_plugins = ["bridged.testing"]  # as the pytest11 entry point does once in
 @pytest.fixture(scope="session")
 def _empty_config_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("etc-bridged")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bytecode_cache():
+    """Every Python the tests start (a daemon for nearly every test) may write
+    bridged's compiled bytecode to __pycache__ (ignored by git) and read it back.
+
+    With PYTHONDONTWRITEBYTECODE set (as in some CI shells) each daemon
+    compiled bridged's ~70 modules from source again: about 0.2 s of CPU per
+    daemon, a few minutes per suite run.  (Not PYTHONPYCACHEPREFIX: a cache
+    of its own starts empty for the standard library too, and the first
+    daemons then took seconds, enough to fail test_locust's 6 s run.)
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +72,28 @@ def host(daemon) -> Host:
     h.boot()
     yield h
     h.close()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One default daemon for a module's tests (tests/shared.py), stopped and checked at its end."""
+    shared = SharedDaemon(tmp_path_factory.mktemp("shared"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def shared_host(request, shared_daemon) -> Host:
+    """As ``host``, on the module's shared daemon, factory-fresh (AT+RESTORE).
+
+    A module opts in by defining ``host`` as this; a test there that also asks
+    for ``daemon`` would get another daemon than its host's, so it may not.
+    """
+    assert "daemon" not in request.fixturenames, "a test reading its daemon needs conftest's own host"
+    h = shared_daemon.host()
+    yield h
+    h.close()
+    shared_daemon.done()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ test with the reason when that port cannot be bound.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 import threading
@@ -60,6 +61,8 @@ class DnsServer:
             sock.bind((address, 53))
         except OSError as exc:
             sock.close()
+            if exc.errno == errno.EADDRINUSE:  # another test's server: a clash to fix, not a skip
+                raise AssertionError(f"{address}:53 is taken: each test needs its own address ({exc})") from None
             return f"cannot bind {address}:53 for the test DNS server: {exc}"
         sock.settimeout(0.1)
         return cls(sock, records or {}, silent)

@@ -16,6 +16,7 @@ port=0 takes any free port (for clients that can be told the port).
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -106,6 +107,8 @@ class SntpServer:
             sock.bind((address, port))
         except OSError as exc:
             sock.close()
+            if exc.errno == errno.EADDRINUSE:  # another test's server: a clash to fix, not a skip
+                raise AssertionError(f"{address}:{port} is taken: each test needs its own address ({exc})") from None
             return f"cannot bind {address}:{port} for the test SNTP server: {exc}"
         sock.settimeout(0.1)
         other = None

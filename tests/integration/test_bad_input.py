@@ -12,6 +12,12 @@ from bridged.config import load_config
 from tests.harness import Daemon
 
 
+@pytest.fixture
+def host(shared_host):
+    """The module's tests that need only a booted host share one daemon (conftest.shared_host)."""
+    return shared_host
+
+
 @pytest.mark.parametrize(
     "line",
     [

@@ -9,6 +9,12 @@ import pytest
 from tests.harness import Daemon
 
 
+@pytest.fixture
+def host(shared_host):
+    """The module's tests that need only a booted host share one daemon (conftest.shared_host)."""
+    return shared_host
+
+
 @pytest.mark.bridged(profile="esp32")
 def test_ready_then_echo_on_by_default(bridged_device):
     """The daemon announces ready; echo is on until ATE0, and ATE0 itself is echoed

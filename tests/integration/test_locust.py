@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.harness import _Server
 
@@ -25,6 +28,15 @@ REPO = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).parent / "locust"
 # No association wait: the esp32 profile's 3-s join would take half of the 6-s run.
 CONFIG = '[wifi]\nstation_interface = "lo"\nconnect_delay_ms = 0\n'
+
+
+@pytest.fixture
+def tmp_dir():
+    """A directory with a short path, for the devices' temporary directories: under
+    pytest's (and xdist's) own, a device's control socket path passed 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="bl-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class LineServer(_Server):
@@ -61,21 +73,21 @@ def _run(argv: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProc
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_example_locustfile_headless(tmp_path):
+def test_example_locustfile_headless(tmp_dir):
     """The shipped locustfile, run headless with 3 users for 6 s: every device joins,
     connects and sends contiguous telemetry lines that reach the server, with no failure."""
-    config = tmp_path / "bridged.toml"
+    config = tmp_dir / "bridged.toml"
     config.write_text(CONFIG)
     server = LineServer()
     try:
         result = _run([str(LOCUST), "-f", "examples/locustfile.py", "--headless", "-u", "3", "-r", "3",
                        "-t", "6s", "--stop-timeout", "5", "--host", f"127.0.0.1:{server.port}",
                        "--bridged-config", str(config), "--telemetry-interval", "0.5",
-                       "--json-file", str(tmp_path / "stats"), "--skip-log"], tmp_path, 50)
+                       "--json-file", str(tmp_dir / "stats"), "--skip-log"], tmp_dir, 50)
     finally:
         server.close()
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    stats = {(e["method"], e["name"]): e for e in json.loads((tmp_path / "stats.json").read_text())}
+    stats = {(e["method"], e["name"]): e for e in json.loads((tmp_dir / "stats.json").read_text())}
     counts = {key: (e["num_requests"], e["num_failures"]) for key, e in stats.items()}
     for key in (("device", "start"), ("AT", "ATE0"), ("AT", "join"), ("AT", "connect")):
         assert counts[key] == (3, 0), counts
@@ -89,8 +101,8 @@ def test_example_locustfile_headless(tmp_path):
         assert len({m["device"] for m in device}) == 1
     assert sum(map(len, lines)) == sent  # each SEND OK reached the server
     assert stats[("AT", "telemetry")]["max_response_time"] < 1000
-    assert not list(tmp_path.glob("bridged-locust-*")), "a device's temporary directory stayed"
-    assert not _leftovers(tmp_path)
+    assert not list(tmp_dir.glob("bridged-locust-*")), "a device's temporary directory stayed"
+    assert not _leftovers(tmp_dir)
 
 
 DRIVER = textwrap.dedent("""
@@ -155,14 +167,14 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_failures_and_timeouts_reach_locust_stats(tmp_path):
+def test_failures_and_timeouts_reach_locust_stats(tmp_dir):
     """Through Locust's library API: ERROR and a timeout are failures with their reason, a
     late answer is not taken for the next command's, a device that cannot start is a
     failed "start" whose temporary directory (and log) is kept, waits on the pty never
     stall the other greenlets, and no process is left."""
-    driver = tmp_path / "driver.py"
+    driver = tmp_dir / "driver.py"
     driver.write_text(DRIVER)
-    result = _run([sys.executable, str(driver)], tmp_path, 50)
+    result = _run([sys.executable, str(driver)], tmp_dir, 50)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     requests = report["requests"]
@@ -177,6 +189,6 @@ def test_failures_and_timeouts_reach_locust_stats(tmp_path):
     assert "exited with 2" in errors["start"]
     # Under gevent a device's waits yield: other greenlets ran every few ms throughout.
     assert report["longest_stall"] < 0.5, report["longest_stall"]
-    kept = list(tmp_path.glob("bridged-locust-*"))
+    kept = list(tmp_dir.glob("bridged-locust-*"))
     assert len(kept) == 1 and "no-such-profile" in (kept[0] / "bridged.log").read_text()
-    assert not _leftovers(tmp_path)
+    assert not _leftovers(tmp_dir)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.harness import Host
+from tests.shared import SharedDaemon
 
 UNKNOWN = b"ERR CODE:0x01090000\r\n\r\nERROR\r\n"  # an unknown command, with AT+SYSLOG=1
 COUNT = rb"ERR CODE:0x0106[0-9a-f]{4}\r\n\r\nERROR\r\n"  # one parameter too many
@@ -64,21 +65,30 @@ VERSIONS = [
 ]
 
 
-@pytest.fixture(params=VERSIONS, ids=[v.profile for v in VERSIONS])
+@pytest.fixture(scope="module", params=VERSIONS, ids=[v.profile for v in VERSIONS])
 def version(request) -> Version:
     return request.param
 
 
-@pytest.fixture
-def vhost(make_daemon, version) -> Host:
-    """A booted host (echo off, Wi-Fi joined, AT+SYSLOG=1) on the profile's daemon."""
+@pytest.fixture(scope="module")
+def version_daemon(tmp_path_factory, version):
+    """One daemon per profile for the module's vhost tests (six starts, not thirty)."""
     # source = "host": +TIME_UPDATED right after AT+CIPSNTPCFG, with no SNTP server to ask.
-    daemon = make_daemon('[sntp]\nsource = "host"\n', ("--profile", version.profile))
-    host = daemon.host()
-    host.boot()
+    shared = SharedDaemon(tmp_path_factory.mktemp(version.profile), '[sntp]\nsource = "host"\n',
+                          ("--profile", version.profile))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def vhost(version_daemon) -> Host:
+    """A booted host (echo off, Wi-Fi joined, AT+SYSLOG=1) on the profile's daemon,
+    factory-fresh (AT+RESTORE after the profile's previous test)."""
+    host = version_daemon.host()
     host.command(b"AT+SYSLOG=1")
     yield host
     host.close()
+    version_daemon.done()
 
 
 def _free_port() -> int:

@@ -11,6 +11,12 @@ import pytest
 from tests.harness import Demux
 
 
+@pytest.fixture
+def host(shared_host):
+    """The module's tests that need only a booted host share one daemon (conftest.shared_host)."""
+    return shared_host
+
+
 def _free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
     with socket.socket(family) as s:
         s.bind((host, 0))

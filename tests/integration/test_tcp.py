@@ -8,7 +8,15 @@ import signal
 import socket
 import time
 
+import pytest
+
 from tests.harness import Daemon, Demux, EchoServer, Timeout
+
+
+@pytest.fixture
+def host(shared_host):
+    """The module's tests that need only a booted host share one daemon (conftest.shared_host)."""
+    return shared_host
 
 
 def _open(host, link_id: int | None, port: int) -> bytes:

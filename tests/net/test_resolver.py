@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 import time
@@ -28,13 +29,13 @@ RECORDS = {
 
 @pytest.fixture(scope="module")
 def dns_server():
-    with serving("127.0.0.153", RECORDS) as server:
+    with serving("127.0.0.163", RECORDS) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def silent_server():
-    with serving("127.0.0.154", silent=True) as server:
+    with serving("127.0.0.164", silent=True) as server:
         yield server
 
 
@@ -110,7 +111,7 @@ def test_asyncio_loop_too(dns_server):
     ("bad\x85byte.test", "printable ASCII"),  # a C1 control: the idna codec's nameprep refuses it
     ("", "empty"),
 ])
-@pytest.mark.parametrize("servers", [(), ("127.0.0.154",)], ids=["host", "manual"])
+@pytest.mark.parametrize("servers", [(), ("127.0.0.164",)], ids=["host", "manual"])
 def test_names_no_server_could_answer_are_resolve_errors(name, why, servers):
     """Such names are a ResolveError before any lookup, by either path; the host
     resolver's IDNA codec used to raise UnicodeError, which no caller catches."""
@@ -163,6 +164,8 @@ class _ScriptedServer:
             self.other.bind(("127.0.0.156", 53))
         except OSError as exc:
             self.close()
+            if exc.errno == errno.EADDRINUSE:  # another test's server: a clash to fix, not a skip
+                raise AssertionError(f"127.0.0.155/156:53 taken: each test needs its own address ({exc})") from None
             pytest.skip(f"cannot bind a test DNS server: {exc}")
         self.sock.settimeout(0.05)
         self.script, self._stop = script, False

@@ -358,3 +358,30 @@ def test_datagram_faults_and_resets_repeat_with_the_seed(make_daemon):
     assert after == [received] and received > 0
     assert first == again
     assert other[0] != lost and other[1] != reordered and other[2][0] != received
+
+
+def _latencies(make_daemon, seed: int, port: int) -> list[float]:
+    """Round trips of six pings, one at a time, on a link with net_latency ms 450 +- 400."""
+    daemon, host = _boot(make_daemon, _faults(seed, net_latency={"ms": 450, "jitter_ms": 400}))
+    assert _start(host, 0, "TCP", port) == b"0,CONNECT\r\n\r\nOK\r\n"
+    demux = Demux(host)
+    out = []
+    for n in range(6):
+        started = time.monotonic()
+        assert demux.send(0, b"ping%d" % n).endswith(b"SEND OK\r\n")
+        assert demux.wait_data(0, 5 * (n + 1), timeout=10)[-5:] == b"ping%d" % n
+        out.append(time.monotonic() - started)
+    host.close()
+    daemon.stop()
+    return out
+
+
+def test_latency_jitter_repeats_with_the_seed(make_daemon, echo_server):
+    """Each echo is one read, drawn its own delay: seed 3 gives the same delays in a second
+    run (within the pty's and the scheduler's noise), seed 4 others."""
+    first = _latencies(make_daemon, 3, echo_server.port)
+    again = _latencies(make_daemon, 3, echo_server.port)
+    other = _latencies(make_daemon, 4, echo_server.port)
+    assert all(0.04 <= t <= 0.95 for t in first), first  # ms - jitter .. ms + jitter, plus the trip
+    assert max(abs(a - b) for a, b in zip(first, again)) < 0.08, (first, again)
+    assert max(abs(a - b) for a, b in zip(first, other)) > 0.15, (first, other)

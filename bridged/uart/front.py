@@ -13,8 +13,9 @@ events drive the session:
   (``uart.sending.Send`` gathers AT+CIPSEND/CIPSENDEX, streams AT+CIPSENDL
   and passthrough into the link's uplink ring); when the ring is full the
   front stops reading the port (the tty buffer fills, RTS drops).  ``SEND OK``
-  is sent once the worker has handed every byte of the send to its socket,
-  i.e. when the ring's read index passes the end of the send.
+  is sent once every byte of the send is admitted into the ring (the ring and
+  the socket buffer are the "protocol stack" ESP-AT's SEND OK refers to); the
+  worker's space doorbell is asked for only while a send waits for room.
 
 Downlink records from the workers become ``+IPD`` frames (or raw bytes in
 passthrough, or passive-mode notices); while the UART output is backed up
@@ -94,6 +95,8 @@ _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART spe
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
+_ROOM_POLL = 0.05  # seconds between looks at a full uplink ring while a send waits for room
+_RECORD_ROOM = 32  # bytes of uplink room too few to resume for (a datagram's record header)
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
 _BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
 _AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
@@ -156,7 +159,8 @@ class Front:
         self.busy = False  # a command waits on the network: input gets busy p...
         self.holding = False  # an answer's after-action is pending: input waits
         self.sending: Send | None = None
-        self._muted: Slot | None = None  # the one link whose uplink progress we ignore
+        self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
+        self._room_poll: asyncio.TimerHandle | None = None
         self.passthrough: _Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
@@ -180,7 +184,7 @@ class Front:
             self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
         await self._wait_workers(timeout=10.0)
         for slot in self.links.slots:
-            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
+            slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
         self._start_boot(Reset.POWER_ON)
         self._resume_reading()
         try:
@@ -333,7 +337,7 @@ class Front:
         dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
-        self._mute_progress(None)
+        self._stop_waiting_room()
         self.passthrough = None
         if self._timer is not None:
             self._timer.cancel()
@@ -571,7 +575,6 @@ class Front:
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
-        self._mute_progress(slot if request.kind is DataKind.PASSTHROUGH else None)
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
@@ -594,9 +597,7 @@ class Front:
             self._payload_escaped()
         else:  # NEED_DATA
             if room == 0:
-                self.counters.flow_pauses += 1
-                self._pause_reading()  # resumed by the worker's progress doorbell
-                self._mute_progress(None)
+                self._wait_room(send.slot)  # reading resumes when the worker makes room
             self._arm_timer()
             return False
         return True
@@ -631,16 +632,17 @@ class Front:
             self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
         send.payload_done()
         self.busy = True
-        timeout_ms = self.ctx.state.tcpopts[send.slot.link_id][2]
-        if timeout_ms:  # AT+CIPTCPOPT so_sndtimeo: the send ends within it, sent or not
-            self.loop.call_later(timeout_ms / 1000, self._send_timed_out, send)
         self._check_send()
+        timeout_ms = self.ctx.state.tcpopts[send.slot.link_id][2]
+        if timeout_ms and self.sending is send:
+            # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
+            self.loop.call_later(timeout_ms / 1000, self._send_timed_out, send)
 
     def _payload_escaped(self) -> None:
         send, self.sending = self.sending, None
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
-        self._mute_progress(None)
+        self._stop_waiting_room()
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
             self.passthrough = None
@@ -654,61 +656,93 @@ class Front:
         if self.sending is not send:
             return
         log.info("send_timed_out", link_id=send.slot.link_id)
-        if send.end is not None:
-            self.links.discard(send.slot.link_id, send.end)
+        if send.queued:  # the part admitted is dropped with it: SEND FAIL sent nothing
+            self.links.discard(send.slot.link_id, send.start + send.queued)
         self._finish_send(fmt.SEND_FAIL)
 
-    def _mute_progress(self, slot: Slot | None) -> None:
-        """Stop listening to one link's uplink progress doorbell (None: hear all).
+    def _wait_room(self, slot: Slot) -> None:
+        """The send waits for room in ``slot``'s uplink ring: stop reading, hear the worker.
 
-        A send's end, CIPSENDL's reports and a full ring wait on it, so every
-        link's doorbell is heard; only passthrough with room in its ring waits
-        on nothing, and there each chunk the worker sends would wake us for
-        nothing.  Registrations stay otherwise: uvloop re-creates a handle and
-        makes several syscalls for every add_reader after a remove_reader.
-        The eventfd keeps counting meanwhile, so nothing is missed.
+        The worker rings the space doorbell only while we ask for it (the
+        ring's quiet flag), so it costs nothing when nobody waits.  The flag
+        and the read index are plain stores in two processes: after asking,
+        look again, and keep looking on a timer while waiting (as the worker
+        does for its downlink).
         """
-        if self._muted is slot:
+        self.counters.flow_pauses += 1
+        self._pause_reading()
+        if self._room_slot is slot:
             return
-        if self._muted is not None:
-            self.loop.add_reader(self._muted.uplink.space_fd, self._on_uplink_progress, self._muted)
-        self._muted = slot
-        if slot is not None:
-            self.loop.remove_reader(slot.uplink.space_fd)
-
-    def _on_uplink_progress(self, slot: Slot) -> None:
+        self._stop_waiting_room()
+        self._room_slot = slot
+        slot.uplink.want_space_doorbell(True)
         slot.uplink.clear_space_doorbell()
+        self.loop.add_reader(slot.uplink.space_fd, self._on_room)
+        self._poll_room()
+
+    def _poll_room(self) -> None:
+        self._room_poll = None
+        if self._room_slot is None:
+            return
+        if self._room_slot.uplink.free() > _RECORD_ROOM:
+            self.loop.call_soon(self._on_room)
+        else:
+            self._room_poll = self.loop.call_later(_ROOM_POLL, self._poll_room)
+
+    def _stop_waiting_room(self) -> None:
+        slot, self._room_slot = self._room_slot, None
+        if slot is None:
+            return
+        self.loop.remove_reader(slot.uplink.space_fd)
+        slot.uplink.want_space_doorbell(False)
+        if self._room_poll is not None:
+            self._room_poll.cancel()
+            self._room_poll = None
+
+    def _on_room(self) -> None:
+        slot = self._room_slot
+        if slot is None:
+            return
+        slot.uplink.clear_space_doorbell()
+        if slot.uplink.free() <= _RECORD_ROOM and self._send_waits_on(slot):
+            return  # a doorbell for a sliver of room: wait for more
+        self._stop_waiting_room()
         send = self.sending
         if send is None or send.slot is not slot:
+            self._resume_reading()
             return
-        self._report_progress()
-        if not send.complete:
-            if send.kind is DataKind.PASSTHROUGH:
-                self._mute_progress(slot)  # room again: no need to hear each chunk go
+        if send.complete:
+            self._check_send()
+        else:
             self._resume_reading()
             self._process()
-        else:
-            self._check_send()
 
-    def _report_progress(self, sent: int | None = None) -> None:
+    def _send_waits_on(self, slot: Slot) -> bool:
+        send = self.sending
+        return send is not None and send.slot is slot and send.alive()
+
+    def _report_progress(self) -> None:
         send = self.sending
         if send is not None and send.kind is DataKind.SENDL:
             data = self.parser.data
-            self.output.reply(send.progress(data.received if data is not None else send.length, sent))
+            self.output.reply(send.progress(data.received if data is not None else send.length))
 
     def _check_send(self) -> None:
+        """Settle a complete send: SEND OK once all of it is admitted, SEND FAIL if its link went first."""
         send = self.sending
         if send is None or not send.complete:
             return
         send.pump()
-        result, sent = send.result()
-        self._report_progress(sent)
+        self._report_progress()
+        result = send.result()
         if result is not None:
             self._finish_send(result)
+        elif send.waiting:
+            self._wait_room(send.slot)
 
     def _finish_send(self, result: bytes) -> None:
         self.sending = None
-        self._mute_progress(None)
+        self._stop_waiting_room()
         self.output.reply(result)
         self.busy = False
         self._resume_reading()
@@ -748,7 +782,6 @@ class Front:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH:
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
-            self._mute_progress(slot)
             if self.ctx.state.sysmsg & 4:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()
@@ -836,6 +869,7 @@ class Front:
         if self.sending.complete:
             self._check_send()
         else:
+            self._stop_waiting_room()
             self._resume_reading()  # the rest of the payload is read and dropped
 
     def _on_link_closed(self, slot: Slot, reason: str) -> None:

@@ -354,7 +354,7 @@ class LinkTable:
         for slot in self.slots:
             if slot.state in (SlotState.OPEN, SlotState.CONNECTING):
                 slot.silent = True
-                self._send(slot, Close(slot.conn_id))
+                self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
 
     # -- worker attachment ----------------------------------------------------------
 

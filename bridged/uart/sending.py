@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
+from bridged.at.session import send_result
 from bridged.ipc import records
 from bridged.uart.links import Slot
 
@@ -119,11 +120,5 @@ class Send:
         return b""
 
     def result(self) -> bytes | None:
-        """SEND OK once all is admitted, SEND FAIL once the link is gone first, None meanwhile."""
-        if not self.complete:
-            return None
-        if self.end is not None and not self.dropped:
-            return fmt.SEND_OK
-        if not self.alive() or self.dropped:
-            return fmt.SEND_FAIL
-        return None
+        """SEND OK, SEND FAIL, or None while part of it waits for room (bridged.at.session's rule)."""
+        return send_result(self.complete, self.end is not None, self.alive(), self.dropped)

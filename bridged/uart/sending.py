@@ -63,6 +63,15 @@ class Send:
         free = self.slot.uplink.free()
         return max(0, free - _RECORD_SLACK) if self.datagram else free
 
+    def room_needed(self) -> int:
+        """Free ring bytes worth resuming for: a gathered datagram's whole record,
+        else a few (a doorbell for a sliver of room would wake us for nothing)."""
+        if self.datagram:
+            return (len(self.gathered) if self.gathered is not None else 1) + _RECORD_SLACK
+        if self.gathered is not None:
+            return max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
+        return _RECORD_SLACK
+
     @property
     def waiting(self) -> bool:
         """Complete, alive, and part of it waits for ring room."""

@@ -54,8 +54,11 @@ CONFIG_TOML = """\
 station_interface = "lo"
 [uart]
 urc_gap_ms = {urc_gap_ms!r}
+pace = {pace}
 """
 URC_GAP_MS = 5.0  # the default, and every benchmark's unless it says otherwise
+# The esp32 profile paces the pty at 115200 baud: benchmarks measure bridged's own
+# cost with the pty as fast as it goes, bench/pacing.py aside.
 
 now = time.perf_counter
 
@@ -362,8 +365,9 @@ class Daemon:
     READY_LINE = "bridged: serial port ready at"
 
     def __init__(self, start_timeout: float = 20.0, urc_gap_ms: float = URC_GAP_MS,
-                 config: str = "") -> None:
+                 config: str = "", pace: bool = False) -> None:
         self.start_timeout = start_timeout
+        self.pace = pace
         self.urc_gap_ms = float(urc_gap_ms)
         self.extra_config = config  # appended to CONFIG_TOML (e.g. a [log] section)
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-bridged-"))
@@ -402,7 +406,7 @@ class Daemon:
         return "\n".join(text[-lines:])
 
     def start(self) -> None:
-        self.config.write_text(CONFIG_TOML.format(urc_gap_ms=self.urc_gap_ms) + self.extra_config)
+        self.config.write_text(CONFIG_TOML.format(urc_gap_ms=self.urc_gap_ms, pace=str(self.pace).lower()) + self.extra_config)
         self.state.mkdir()
         log = open(self.logfile, "wb")
         try:

@@ -384,10 +384,11 @@ class Bridge:
     """
 
     def __init__(self, kind: str, port: int, transintvl: int | None = None,
-                 wait_connected=None, config: str = "") -> None:
+                 wait_connected=None, config: str = "", pace: bool = False) -> None:
         assert kind in ("socat", "bridged")
         self.kind = kind
         self.config = config  # the daemon's extra config (bench.common.Daemon)
+        self.pace = pace  # the daemon's [uart] pace
         self.port = port
         self.transintvl = transintvl
         self.wait_connected = wait_connected
@@ -403,7 +404,7 @@ class Bridge:
         self._ctx.tcp_connect(self.port)
 
     def __enter__(self) -> "Bridge":
-        self._ctx = self._socat() if self.kind == "socat" else Daemon(config=self.config)
+        self._ctx = self._socat() if self.kind == "socat" else Daemon(config=self.config, pace=self.pace)
         self._ctx.__enter__()
         try:
             self.client = self._ctx.client

@@ -4,7 +4,8 @@
 configuration and print what it amounts to, without serving), ``bridged pki
 import|list|remove`` (the certificate store, see ``bridged.pki_cli``) and
 ``bridged status`` (what a running daemon is doing, see ``bridged.status_cli``)
-and ``bridged ota keygen|sign|verify`` (signed updates, see ``bridged.ota_cli``).
+and ``bridged ota keygen|sign|verify`` (signed updates, see ``bridged.ota_cli``)
+and ``bridged fault NAME [key=value ...] | --list`` (faults on demand, see ``bridged.fault_cli``).
 
 Without --config, /etc/bridged/bridged.toml and then /etc/bridged/<instance>.toml
 are read when present; --config FILE replaces them (see bridged.config).
@@ -26,7 +27,8 @@ import os
 import sys
 
 from bridged import __version__
-from bridged.config import Config, ConfigError, load_config, state_dir, to_toml
+from bridged.caps import make_undumpable
+from bridged.config import Config, ConfigError, load_config, profile_header, state_dir, to_toml
 from bridged.log import setup_logging
 from bridged.systemd import stderr_is_journal
 from bridged.uart.transcript_file import RotatingFile
@@ -62,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="show what a running bridged is doing (bridged status --help)",
                         add_help=False)
     commands.add_parser("ota", help="keys and signatures for OTA images (bridged ota --help)", add_help=False)
+    commands.add_parser("fault", help="fire a fault in a running bridged, or list them (bridged fault --help)",
+                        add_help=False)
     commands.add_parser("fleet", help="run many devices for load testing (bridged fleet --help)",
                         add_help=False)
     return parser
@@ -107,11 +111,21 @@ def _load(args: argparse.Namespace):
     return config, None
 
 
+def _profile_says(config: Config) -> str:
+    """The profile's header comment (what it models, where its figures come from)."""
+    if not config.profile_file:
+        return ""  # the built-in defaults: no profile file was read
+    path = config.profile_file
+    header = profile_header(path)
+    return f"#\n# ---- {path} ----\n{header}\n# ----\n" if header else ""
+
+
 def check(args: argparse.Namespace) -> int:
     config, failed = _load(args)
     if config is None:
         return failed
-    sys.stdout.write(to_toml(config))
+    head, _, body = to_toml(config).partition("\n\n")  # the "# instance/profile" lines, then the keys
+    sys.stdout.write(f"{head}\n{_profile_says(config)}\n{body}")
     if config.uart.port:
         from bridged.uart.port import serial_error
 
@@ -123,6 +137,8 @@ def check(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before the configuration (its secrets) is read; kept by every child (bridged.caps).
+    make_undumpable()
     config, failed = _load(args)
     if config is None:
         return failed
@@ -168,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         from bridged.ota_cli import main as ota_main
 
         return ota_main(argv[1:])
+    if argv[:1] == ["fault"]:
+        from bridged.fault_cli import main as fault_main
+
+        return fault_main(argv[1:])
     if argv[:1] == ["fleet"]:
         from bridged.fleet_cli import main as fleet_main
 

@@ -1,8 +1,8 @@
 """A small synchronous AT client: the MCU's end of a serial line, for tools.
 
-Used by ``bridged fleet status`` (does each device answer ``AT``, and how
-fast), by the Locust integration (``bridged.locust``: one client per emulated
-device) and by the fleet benchmark. It is not a host driver: one command at a
+Used by ``bridged fleet status --probe`` (how fast each device answers
+``AT``), by the Locust integration (``bridged.locust``: one client per
+emulated device) and by the fleet benchmark. It is not a host driver: one command at a
 time, a final result ends an answer, and active-mode ``+IPD`` records are
 taken out of the stream by their announced length (so payload bytes are never
 read as a final result) and kept per link in `received`.

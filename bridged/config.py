@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import site
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -45,6 +46,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bridged import firmware
+from bridged.faults.catalog import CATALOG as FAULT_KINDS
+from bridged.faults.spec import ALLOWED as FAULT_ALLOWED
+from bridged.faults.spec import FaultError, FaultSpec, parse_spec
 from bridged.net.hosts import (PATH_ALLOWED, TABLE_ALLOWED, HostsError, HostsFile, HostTable,
                                read_hosts_file, table_from_toml)
 from bridged.net.policy import (ENTRIES_ALLOWED, LOCAL_PORTS_ALLOWED, MAX_ENTRIES, PolicyError,
@@ -55,6 +59,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DnsConfig",
+    "FaultsConfig",
     "FirmwareConfig",
     "LinksConfig",
     "LogConfig",
@@ -72,6 +77,7 @@ __all__ = [
     "profile_dirs",
     "state_dir",
     "to_toml",
+    "profile_header",
     "changed_keys",
     "config_dir",
     "instance_name",
@@ -99,10 +105,11 @@ class _Refused(Exception):
     """Raised by a check: the value is not allowed; carries what is, and
     what is wrong when that is more than "<value> is not allowed"."""
 
-    def __init__(self, allowed: str, problem: str | None = None) -> None:
+    def __init__(self, allowed: str, problem: str | None = None, subkey: str = "") -> None:
         super().__init__(allowed)
         self.allowed = allowed
         self.problem = problem
+        self.subkey = subkey  # a key inside a table value ([faults.NAME] rate)
 
 
 # --------------------------------------------------------------------------
@@ -326,6 +333,18 @@ def _ota_list(item: str, allowed: str, most: int, *, one: bool = False) -> _Chec
     return _Check(list, allowed, accept)
 
 
+def _fault(name: str) -> _Check:
+    """[faults] NAME: a table checked by bridged.faults.spec (the problem names the key)."""
+
+    def accept(v: Any) -> Any:
+        try:
+            return parse_spec(name, v)
+        except FaultError as exc:
+            raise _Refused(exc.allowed, exc.problem, exc.key) from None
+
+    return _Check(dict, FAULT_ALLOWED, accept)
+
+
 #: An OTA version (AT+CIUPDATE's, the server's, [ota] current_version): nothing
 #: a shell, a path or an environment variable reads specially.
 OTA_VERSION = r"[A-Za-z0-9._+-]{1,64}"
@@ -359,6 +378,7 @@ class UartConfig:
     flow_control: str = _field("rts", _choice("none", "rts", "cts", "rtscts"))
     urc_gap_ms: float = _field(5.0, _float(0, 1000))
     max_line: int = _field(256, _int(16, 65536))
+    pace: bool = _field(True, _bool())  # a pty keeps the line rate both ways (a real port: ignored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +396,8 @@ class WifiConfig:
     ecn: int = _field(3, _int(0, 8))
     check_credentials: bool = _field(False, _bool())
     password: str = _field("", _text(0, 64), secret=True)
-    connect_delay_ms: int = _field(0, _int(0, 60000))
+    # AT+CWJAP's association time (the esp32 profile says where the figure comes from).
+    connect_delay_ms: int = _field(3000, _int(0, 60000))
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,6 +498,24 @@ class WatchdogConfig:
     missed_heartbeats: int = _field(3, _int(1, 100))
 
 
+def _configured_faults(self: Any) -> tuple[FaultSpec, ...]:
+    """The configured faults, in catalog order."""
+    return tuple(getattr(self, k.name) for k in FAULT_KINDS if getattr(self, k.name) is not None)
+
+
+# [faults]: `seed` (None: the supervisor draws one at start and logs it) and one
+# key per fault kind (bridged.faults.catalog), each a table or absent. Made from
+# the catalog so a new kind is a config key with nothing else to write.
+FaultsConfig = dataclasses.make_dataclass(
+    "FaultsConfig",
+    [("seed", "int | None", _field(None, _int(0, 2**63 - 1)))]
+    + [(k.name, "FaultSpec | None", _field(None, _fault(k.name))) for k in FAULT_KINDS],
+    namespace={"specs": _configured_faults,
+               "__doc__": "[faults]: faults to inject, seeded and reproducible (bridged.faults)."},
+    frozen=True, slots=True)
+FaultsConfig.__module__ = __name__
+
+
 _SECTIONS: dict[str, type] = {
     "uart": UartConfig,
     "wifi": WifiConfig,
@@ -488,6 +527,7 @@ _SECTIONS: dict[str, type] = {
     "dns": DnsConfig,
     "sntp": SntpConfig,
     "watchdog": WatchdogConfig,
+    "faults": FaultsConfig,
 }
 
 
@@ -497,8 +537,11 @@ class Config:
 
     `profile` is the profile asked for (name or path); `sources` lists what
     was applied over the built-in defaults, in order: the profile file, the
-    config files, "command line". `instance` is the service instance
-    (`instance_name`), "" for none.
+    config files, "command line"; `origins` says which of them set each
+    dotted key that is not a built-in default (`bridged check` shows it).
+    `instance` is the service instance (`instance_name`), "" for none.
+    `profile_file` is the profile file read ("" for none): a relative
+    `profile` in a config file is found from that file, not from here.
     """
 
     uart: UartConfig = field(default_factory=UartConfig)
@@ -511,9 +554,12 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     sntp: SntpConfig = field(default_factory=SntpConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # type: ignore[valid-type]
     profile: str = DEFAULT_PROFILE
     sources: tuple[str, ...] = ()
     instance: str = ""
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    profile_file: str = field(default="", compare=False)  # the profile's file as read ("": none was)
 
 
 def _keys(section: str) -> dict[str, _Check]:
@@ -553,12 +599,15 @@ def _check(source: str, section: str, key: str, value: Any) -> Any:
             problem = "the value given (secret, not shown) is not allowed"
         else:
             problem = exc.problem or f"{_show(value)} is not allowed"
-        raise _error(source, f"{section}.{key}", problem, exc.allowed) from None
+        dotted = f"{section}.{key}" + (f".{exc.subkey}" if exc.subkey else "")
+        raise _error(source, dotted, problem, exc.allowed) from None
 
 
 def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: str,
-           *, top_level: Iterable[str] = ()) -> None:
-    """Check every key of a parsed TOML document and store it into `values`."""
+           *, top_level: Iterable[str] = (), origins: dict[str, str] | None = None,
+           label: str | None = None) -> None:
+    """Check every key of a parsed TOML document and store it into `values`
+    (and `label`, else `source`, into `origins` by dotted key)."""
     allowed = [*top_level, *_SECTIONS]
     for section, table in doc.items():
         if section in top_level:
@@ -571,17 +620,23 @@ def _apply(values: dict[str, dict[str, Any]], doc: Mapping[str, Any], source: st
                          f"a table [{section}]")
         for key, value in table.items():
             values[section][key] = _check(source, section, key, value)
+            if origins is not None:
+                origins[f"{section}.{key}"] = label or source
 
 
+_MAX_FILE = 16 << 20  # bytes of a config or profile file
 _AT_LINE = re.compile(r"\(at line (\d+), column (\d+)\)")
 
 
 def _read_toml(path: Path | str) -> dict[str, Any]:
     """Parse a TOML file; any failure is a ConfigError naming file and line."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data = file.read(_MAX_FILE + 1)  # bounded: --config /dev/zero must not eat the memory
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > _MAX_FILE:
+        raise ConfigError(f"{path}: larger than {_MAX_FILE >> 20} MiB: not a configuration file")
     try:
         text = data.decode()
     except UnicodeDecodeError as exc:
@@ -618,6 +673,15 @@ def profile_dirs() -> list[Path]:
     return dirs
 
 
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is no profile file: missing, a directory, a FIFO, a symbolic link loop..."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        return "no such file" if isinstance(exc, FileNotFoundError) else (exc.strerror or str(exc)).lower()
+    return "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+
+
 def _is_path(profile: str) -> bool:
     return "/" in profile or profile.endswith(".toml")
 
@@ -633,7 +697,7 @@ def find_profile(profile: str, source: str = COMMAND_LINE) -> Path:
     if _is_path(profile):
         path = Path(profile)
         if not path.is_file():
-            raise ConfigError(f"{source}: profile: {profile!r}: no such file")
+            raise ConfigError(f"{source}: profile: {profile!r}: {_not_a_file(path)}")
         return path
     dirs = profile_dirs()
     allowed = ("a path to a .toml file, or the name of one in: "
@@ -665,7 +729,8 @@ def _coerce(text: str, kind: type) -> Any:
     return text
 
 
-def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, Any]) -> bool:
+def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, Any],
+                     origins: dict[str, str]) -> bool:
     applied = False
     for dotted, value in overrides.items():
         if value is None:  # an option not given on the command line
@@ -678,6 +743,7 @@ def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, 
         if isinstance(value, str) and key in checks and checks[key].kind is not str:
             value = _coerce(value, checks[key].kind)
         values[section][key] = _check(COMMAND_LINE, section, key, value)
+        origins[dotted] = COMMAND_LINE
         applied = True
     return applied
 
@@ -737,17 +803,21 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
         if explicit:
             raise
         profile_file = None
+    origins: dict[str, str] = {}
     if profile_file is not None:
-        _apply(values, _read_toml(profile_file), str(profile_file))
+        _apply(values, _read_toml(profile_file), str(profile_file), origins=origins,
+               label=f"profile {profile}")
         sources.append(str(profile_file))
     for source, doc in docs:
-        _apply(values, doc, source, top_level=("profile",))
+        _apply(values, doc, source, top_level=("profile",), origins=origins)
         sources.append(source)
-    if _apply_overrides(values, overrides or {}):
+    if _apply_overrides(values, overrides or {}, origins):
         sources.append(COMMAND_LINE)
 
     sections = {name: cls(**values[name]) for name, cls in _SECTIONS.items()}
-    return Config(**sections, profile=profile, sources=tuple(sources), instance=instance)
+    return Config(**sections, profile=profile, sources=tuple(sources), instance=instance,
+                  origins=tuple(origins.items()),
+                  profile_file=str(profile_file) if profile_file is not None else "")
 
 
 # --------------------------------------------------------------------------
@@ -810,6 +880,8 @@ def system_files(instance: str = "") -> list[Path]:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, FaultSpec):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.as_table().items()) + " }"
     if isinstance(value, HostsFile):
         return json.dumps(value.path)
     if isinstance(value, HostTable):  # an inline table: TOML 1.0 keeps it on one line
@@ -832,19 +904,35 @@ def to_toml(config: Config) -> str:
     them; secrets (Wi-Fi password, OTA token) are only said to be set or empty.
     """
     lines = [f"# profile: {config.profile}",
-             f"# applied over the built-in defaults: {', '.join(config.sources) or 'nothing'}"]
+             f"# applied over the built-in defaults: {', '.join(config.sources) or 'nothing'}",
+             "# (a key set by one of them says which; the others are built-in defaults)"]
     if config.instance:
         lines.insert(0, f"# instance: {config.instance}")
+    origins = dict(config.origins)
     for name, cls in _SECTIONS.items():
         section = getattr(config, name)
         lines += ["", f"[{name}]"]
         for f in dataclasses.fields(cls):
             value = getattr(section, f.name)
-            if not f.repr:
-                lines.append(f"# {f.name}: {'set' if value else 'empty'} (secret, not shown)")
+            if value is None:  # TOML has no null: an unset seed, a fault not configured
+                line = f"# {f.name}: not set"
+            elif not f.repr:
+                line = f"# {f.name}: {'set' if value else 'empty'} (secret, not shown)"
             else:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+                line = f"{f.name} = {_toml_value(value)}"
+            origin = origins.get(f"{name}.{f.name}")
+            lines.append(f"{line}  # {origin}" if origin else line)
     return "\n".join(lines) + "\n"
+
+
+def profile_header(path: Path | str) -> str:
+    """A profile file's leading comment: what it models and where its figures come from."""
+    lines = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
 
 
 # Keys a reload cannot apply: the supervisor holds the port, the state

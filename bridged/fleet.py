@@ -7,8 +7,8 @@ Device ``i`` of a fleet in directory ``D`` is a separate ``bridged run
 link workers), in a session of its own so that a terminal's Ctrl-C reaches
 only the fleet, which then stops every device in an orderly way. Its output
 goes to ``D/logs/i.log``. ``D/run/i`` is its runtime directory, passed as
-``$RUNTIME_DIRECTORY`` (systemd's convention): the seam for the per-device
-status/control socket, which does not exist yet.
+``$RUNTIME_DIRECTORY`` (systemd's convention), where its control socket is
+(``D/run/i/control.sock``, asked by ``bridged fleet status`` and ``fault``).
 
 Readiness is systemd's: every device gets ``$NOTIFY_SOCKET`` naming one
 abstract datagram socket of the fleet, and its supervisor sends ``READY=1``
@@ -26,7 +26,8 @@ a device that exits on its own, whatever its status, is reported
 (``device_died``), the rest of its process group is killed, what a SIGKILLed
 supervisor left in /dev/shm is removed, and it is restarted -- at once, then
 after a backoff doubling from 1 s to 30 s while it keeps dying before or
-within 10 s of becoming ready. After 5 such deaths in a row it is left
+within 10 s of becoming ready (a device that cannot be spawned at all counts
+as such a death). After 5 such deaths in a row it is left
 stopped (``device_failed``, state ``failed``); the fleet goes on with the
 others and ends with status 1 only when every device has failed. Restarts are
 counted per device in the manifest.
@@ -226,6 +227,8 @@ class Fleet:
         ready = [d for d in self.devices if d.state is DeviceState.READY]
         failed = [d.index for d in self.devices if d.state is DeviceState.FAILED]
         took = time.monotonic() - self._began
+        # The manifest first: whoever waits for the line below reads it next.
+        self._write_manifest(running=True)
         first, last = self.devices[0].paths.pty, self.devices[-1].paths.pty
         ptys = str(first) if len(self.devices) == 1 else f"{first} .. {last}"
         print(f"bridged fleet: {len(ready)} of {len(self.devices)} devices ready in {took:.1f} s"
@@ -233,7 +236,6 @@ class Fleet:
               f" run {self.directory}/run, manifest {self.directory / MANIFEST})"
               + (f"; failed: {failed}" if failed else ""), flush=True)
         log.info("fleet_ready", ready=len(ready), failed=failed, seconds=round(took, 3))
-        self._write_manifest(running=True)
         systemd.ready(f"{len(ready)} devices")  # when the fleet itself runs under systemd
 
     # -- starting ------------------------------------------------------------------------
@@ -247,21 +249,31 @@ class Fleet:
             first = device.state is DeviceState.STOPPED and device.proc is None
             due = device.state is DeviceState.BACKOFF and now >= (device.restart_at or 0)
             if first or due:
-                self._spawn(device)
-                starting += 1
+                starting += self._spawn(device)
 
-    def _spawn(self, device: Device) -> None:
+    def _spawn(self, device: Device) -> bool:
+        """Start ``device``; False when it could not be (counted as a death before READY:
+        a broken directory of one device, or fork failing for want of memory or tasks,
+        must not end the fleet and leave the others to their death signal)."""
         paths, spec = device.paths, self.spec
-        for directory in (paths.state_dir, paths.run_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
         env.update(NOTIFY_SOCKET=self.notify_name, RUNTIME_DIRECTORY=str(paths.run_dir))
         argv = daemon_argv(paths.pty, paths.state_dir, spec.config, spec.profile, spec.baud)
-        device.proc = spawn(argv, paths.log, env)
+        try:
+            for directory in (paths.state_dir, paths.run_dir):
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            proc = spawn(argv, paths.log, env)
+        except OSError as exc:
+            device.proc, device.ready_at = None, None
+            log.error("device_spawn_failed", index=device.index, error=str(exc))
+            self._died(device, -1)
+            return False
+        device.proc = proc
         device.state, device.started, device.ready_at = DeviceState.STARTING, time.monotonic(), None
         device.restart_at = None
         self._manifest_dirty = True
         log.info("device_started", index=device.index, pid=device.pid, restarts=device.restarts)
+        return True
 
     def _take_notifications(self) -> None:
         assert self._notify is not None
@@ -301,8 +313,9 @@ class Fleet:
 
     def _died(self, device: Device, code: int) -> None:
         pid = device.pid
-        kill_group(pid, signal.SIGKILL)  # its front and workers, should any be left
-        remove_leaks(pid, device.paths.pty)
+        if pid > 0:  # 0: never started (killpg(0) would be the fleet's own group)
+            kill_group(pid, signal.SIGKILL)  # its front and workers, should any be left
+            remove_leaks(pid, device.paths.pty)
         now = time.monotonic()
         fast = device.ready_at is None or now - device.ready_at < _FAST_DEATH
         device.failures = device.failures + 1 if fast else 1
@@ -411,6 +424,8 @@ def _sender_pid(ancdata: list[tuple[int, int, bytes]]) -> int:
 
 
 def _kill(pid: int, sig: int) -> None:
+    if pid <= 0:  # kill(0) would signal the fleet's own group
+        return
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

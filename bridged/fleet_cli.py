@@ -1,21 +1,24 @@
 """Command line: ``bridged fleet --count N --dir D [--config FILE] [--profile NAME]
 [--baud N] [--concurrency K] [--start-timeout S]`` runs N devices (see
-``bridged.fleet``); ``bridged fleet status --dir D [--within MS] [--json]``
-reports on them.
+``bridged.fleet``); ``bridged fleet status --dir D [--json] [--all]
+[--timeout S] [--probe [--within MS]]`` reports on them; ``bridged fleet fault
+--dir D NAME [key=value ...] (--device N | --all)`` fires a fault in one or
+every device.
 
-The status is an interim one, until each device has its own status/control
-socket (it will live in the device's runtime directory, ``D/run/i``, which the
-fleet already hands each device as ``$RUNTIME_DIRECTORY``): per device, from
-the manifest ``D/fleet.json``, whether its pid is alive (and still that
-device's ``bridged run``), its pty, and whether it answers ``AT`` with OK --
-the pty is opened, its pending input dropped, ``AT`` sent three times, and the
-median round trip compared with ``--within`` (10 ms). It talks on the device's
-serial line: do not run it while a host drives that device.
+Status and fault go through each running device's control socket
+(``D/run/<i>/control.sock``), asked concurrently, each within ``--timeout``
+(1 s): see `bridged.fleet_status`.  A device is healthy when its pid is still
+its ``bridged run`` and its control socket answers.  ``--probe`` adds what the
+socket cannot tell, the AT round trip on the serial line (the pty opened, its
+pending input dropped, ``AT`` sent three times, the median compared with
+``--within``, 10 ms); it talks on the device's serial line, so not while a host
+drives the device.
 
-Exit status: 0 (status: every device alive and answering in time); 1 a fleet
-that did not stop cleanly, or (status) a device that is down or slow; 2 a user
-mistake (bad option or config, no fleet in D, a fleet already running in D),
-one line on stderr starting ``bridged fleet: ``, never a traceback.
+Exit status: 0 (status: every device healthy; fault: fired on every device
+asked); 1 a fleet that did not stop cleanly, a device down, silent or slow, or
+a fault not fired somewhere; 2 a user mistake (bad option or config, no fleet
+in D, a fleet already running in D, an unknown fault or key), one line on
+stderr starting ``bridged fleet: ``, never a traceback.
 """
 
 from __future__ import annotations
@@ -23,15 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NoReturn
 
 from bridged.atclient import AtClient, AtTimeout
 from bridged.config import ConfigError, load_config
+from bridged.fault_cli import _params, _said
+from bridged.faults.catalog import kind
+from bridged.faults.spec import parse_demand
 from bridged.fleet import MANIFEST, MAX_COUNT, Fleet, FleetSpec, device_paths
+from bridged.fleet_status import SHOW_ALL_UP_TO, DeviceRow, NoAnswer, ask, control_path, fan_out, render, row, totals
+from bridged.status_cli import _UsageError as _BadParams
+from bridged.status_cli import printable
 
 __all__ = ["main"]
 
@@ -53,7 +63,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _run_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Run N emulated devices, each on its own pty"
-                                            " (bridged fleet status --dir D: how they are).")
+                                            " (bridged fleet status --dir D: how they are;"
+                                            " bridged fleet fault --dir D NAME: fire a fault).")
     parser.add_argument("--count", metavar="N", type=int, required=True, help=f"devices, 1 to {MAX_COUNT}")
     parser.add_argument("--dir", metavar="D", required=True,
                         help="ptys D/ttyESP<i>, state D/state/<i>, logs D/logs/<i>.log, D/run/<i>")
@@ -69,12 +80,32 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _status_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} status", description="Is each device of the fleet in D alive"
-                                                        " and answering AT? (interim status)")
+    parser = _Parser(prog=f"{PROG} status", description="How is each device of the fleet in D, and the"
+                                                        " fleet in total? (each device's control socket)")
     parser.add_argument("--dir", metavar="D", required=True, help="the fleet's directory")
+    parser.add_argument("--json", action="store_true", help="the whole structure, every device's status included")
+    parser.add_argument("--all", action="store_true",
+                        help=f"list every device (past {SHOW_ALL_UP_TO} devices only the unhealthy ones are)")
+    parser.add_argument("--timeout", metavar="S", type=float, default=1.0,
+                        help="seconds each device has to answer, 0.05 to 60 (default 1)")
+    parser.add_argument("--probe", action="store_true",
+                        help="also time AT round trips on each pty (not while a host drives it)")
     parser.add_argument("--within", metavar="MS", type=float, default=10.0,
-                        help="longest acceptable AT round trip in ms (default 10)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per device")
+                        help="with --probe: longest acceptable AT round trip in ms (default 10)")
+    return parser
+
+
+def _fault_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} fault", description="Fire a fault now in one or every device of the"
+                                                       " fleet in D (bridged fault --list shows them).")
+    parser.add_argument("--dir", metavar="D", required=True, help="the fleet's directory")
+    parser.add_argument("name", metavar="NAME", help="the fault")
+    parser.add_argument("params", nargs="*", metavar="key=value", help="the fault's keys")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device", metavar="N", type=int, help="the device with index N")
+    which.add_argument("--all", action="store_true", help="every device")
+    parser.add_argument("--timeout", metavar="S", type=float, default=1.0,
+                        help="seconds each device has to answer, 0.05 to 60 (default 1)")
     return parser
 
 
@@ -87,6 +118,8 @@ def main(argv: list[str]) -> int:
     try:
         if argv[:1] == ["status"]:
             return status(_status_parser().parse_args(argv[1:]))
+        if argv[:1] == ["fault"]:
+            return fault(_fault_parser().parse_args(argv[1:]))
         return run(_run_parser().parse_args(argv))
     except _UsageError as exc:
         return _fail(str(exc))
@@ -110,6 +143,18 @@ def _running_fleet(directory: Path) -> int | None:
     return pid if pid and _cmdline_has(pid, "fleet") else None
 
 
+def _others_may_write(directory: Path) -> str | None:
+    """Why another user may write in ``directory`` (or None): not ours, or
+    writable by others or by a group that is not ours (a sticky bit does not
+    help: they may still create the names the fleet uses)."""
+    st = directory.stat()
+    if st.st_uid != os.geteuid():
+        return f"belongs to uid {st.st_uid}"
+    if st.st_mode & 0o002 or (st.st_mode & 0o020 and st.st_gid != os.getegid()):
+        return f"is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     _check_range("--count", args.count, 1, MAX_COUNT, "an integer")
     _check_range("--concurrency", args.concurrency, 1, _MAX_CONCURRENCY, "an integer")
@@ -121,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         return _fail(f"--dir: {directory}: {exc.strerror}")
+    if (unsafe := _others_may_write(directory)) is not None:
+        return _fail(f"--dir: {directory} {unsafe}; other users could plant links where the fleet writes "
+                     "(its logs, manifest, ptys): choose a directory of your own")
     if (pid := _running_fleet(directory)) is not None:
         return _fail(f"--dir: a fleet (pid {pid}) already runs in {directory}; stop it first")
     first = device_paths(directory, 0)
@@ -132,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.profile, overrides)
     except ConfigError as exc:
         return _fail(str(exc))
+    for sub in ("state", "run", "logs"):  # here, where a mistake is one line and exit 2
+        try:
+            (directory / sub).mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            return _fail(f"--dir: {directory / sub}: {exc.strerror}")
     from bridged.log import setup_logging
 
     setup_logging(config.log.level, config.log.format, "fleet")
@@ -144,19 +197,7 @@ def run(args: argparse.Namespace) -> int:
     return Fleet(spec).run()
 
 
-# -- bridged fleet status --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceStatus:
-    index: int
-    pid: int
-    state: str  # as the manifest says
-    alive: bool
-    pty: str
-    pty_target: str | None  # /dev/pts/N, None when the link is missing or dangling
-    at_ms: float | None  # median AT round trip, None without an OK
-    problem: str | None  # why there is no answer
+# -- bridged fleet status, bridged fleet fault -----------------------------------------------
 
 
 def _cmdline_has(pid: int, word: str) -> bool:
@@ -167,12 +208,10 @@ def _cmdline_has(pid: int, word: str) -> bool:
         return False
 
 
-def _pty_target(pty: str) -> str | None:
-    try:
-        target = os.readlink(pty)
-    except OSError:
-        return None
-    return target if os.path.exists(target) else None
+def _alive(directory: Path, entry: dict) -> bool:
+    """Whether the device's pid is still its ``bridged run --pty D/ttyESP<i>`` (not a reused pid)."""
+    pid = int(entry["pid"])
+    return pid > 0 and _cmdline_has(pid, str(device_paths(directory, int(entry["index"])).pty))
 
 
 def _probe(pty: str) -> tuple[float | None, str | None]:
@@ -186,17 +225,6 @@ def _probe(pty: str) -> tuple[float | None, str | None]:
     except OSError as exc:
         return None, str(exc)
     return statistics.median(times) * 1000, None
-
-
-def device_status(entry: dict) -> DeviceStatus:
-    """One device's interim status (its control socket in ``entry["run_dir"]`` will answer
-    this instead once it exists)."""
-    pid, pty = int(entry["pid"]), str(entry["pty"])
-    alive = pid > 0 and _cmdline_has(pid, pty)  # its `bridged run --pty PTY`, not a reused pid
-    target = _pty_target(pty)
-    at_ms, problem = _probe(pty) if target is not None else (None, "no pty")
-    return DeviceStatus(int(entry["index"]), pid, str(entry["state"]), alive, pty, target,
-                        at_ms, problem)
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -216,25 +244,94 @@ def _read_manifest(directory: Path) -> dict:
     return doc
 
 
+def _query(directory: Path, entry: dict, timeout: float) -> DeviceRow:
+    if not _alive(directory, entry):
+        return row(entry, False, None, "not running")
+    try:
+        reply = ask(control_path(directory, int(entry["index"])), {"cmd": "status"}, timeout)
+        status = reply["status"]
+        return row(entry, True, status, None)
+    except NoAnswer as exc:
+        return row(entry, True, None, str(exc))
+    except (KeyError, TypeError, ValueError) as exc:  # a reply that is not a status
+        return row(entry, True, None, f"bad status reply ({exc!r:.80})")
+
+
+def _probed(directory: Path, r: DeviceRow) -> DeviceRow:
+    """``r`` with its AT round trip; sequential on purpose: concurrent probes would time
+    the machine's contention, not the devices; never on a device that is not running
+    (its pty number may be someone's terminal by now)."""
+    pty = device_paths(directory, r.index).pty
+    if not r.alive:
+        return r
+    if not os.path.exists(pty):
+        return replace(r, problem=r.problem or "no pty")
+    at_ms, problem = _probe(str(pty))
+    return replace(r, at_ms=at_ms, problem=r.problem or problem)
+
+
 def status(args: argparse.Namespace) -> int:
     directory = Path(args.dir).absolute()
     doc = _read_manifest(directory)
-    within = args.within
-    _check_range("--within", within, 0.01, 60_000, "milliseconds")
+    _check_range("--timeout", args.timeout, 0.05, 60, "seconds")
+    within = args.within if args.probe else None
+    if within is not None:
+        _check_range("--within", within, 0.01, 60_000, "milliseconds")
     manager = int(doc["pid"])
     running = bool(doc.get("running")) and _cmdline_has(manager, "fleet")
-    rows = [device_status(entry) for entry in doc["devices"]]
-    healthy = [r for r in rows if r.alive and r.at_ms is not None and r.at_ms <= within]
+    resolved = directory.resolve()
+    rows = fan_out(lambda entry: _query(resolved, entry, args.timeout), doc["devices"])
+    if args.probe:
+        rows = [_probed(resolved, r) for r in rows]
+    tot = totals(rows, within)
     if args.json:
-        for row in rows:
-            print(json.dumps(asdict(row)))
+        print(json.dumps({"dir": str(directory), "manager_pid": manager, "manager_running": running,
+                          "totals": asdict(tot), "devices": [asdict(r) for r in rows]}, indent=1))
     else:
-        print(f"fleet {directory}: manager pid {manager} {'running' if running else 'not running'},"
-              f" {len(rows)} devices")
-        print(f"{'device':>6}  {'pid':>7}  {'state':<8}  {'alive':<5}  {'pty':<40}  AT")
-        for r in rows:
-            pty = f"{r.pty} -> {r.pty_target}" if r.pty_target else f"{r.pty} (missing)"
-            answer = f"OK {r.at_ms:.2f} ms" if r.at_ms is not None else r.problem
-            print(f"{r.index:>6}  {r.pid:>7}  {r.state:<8}  {'yes' if r.alive else 'no':<5}  {pty:<40}  {answer}")
-        print(f"{len(healthy)} of {len(rows)} devices alive and answering AT within {within:g} ms")
-    return 0 if len(healthy) == len(rows) else UNHEALTHY
+        head = f"fleet {directory}: manager pid {manager} {'running' if running else 'not running'}, " \
+               f"{len(rows)} devices"
+        print(render(head, rows, tot, within, args.all))
+    return 0 if tot.healthy == tot.devices else UNHEALTHY
+
+
+def _fire(directory: Path, entry: dict, req: dict, timeout: float) -> tuple[int, str | None, str]:
+    """(index, None if fired else why not, what to print)."""
+    index = int(entry["index"])
+    if not _alive(directory, entry):
+        return index, "not running", f"device {index}: not running"
+    try:
+        reply = ask(control_path(directory, index), req, timeout)
+    except NoAnswer as exc:
+        return index, str(exc), f"device {index}: {exc}"
+    return index, None, f"device {index}: {_said(reply)}"
+
+
+def fault(args: argparse.Namespace) -> int:
+    try:
+        params = _params(args.params)
+        kind(args.name)
+        parse_demand(args.name, params)
+    except _BadParams as exc:
+        raise _UsageError(str(exc)) from None
+    except KeyError as exc:
+        raise _UsageError(exc.args[0]) from None
+    except ValueError as exc:
+        raise _UsageError(f"{args.name}: {exc}") from None
+    _check_range("--timeout", args.timeout, 0.05, 60, "seconds")
+    directory = Path(args.dir).absolute()
+    doc = _read_manifest(directory)
+    entries = doc["devices"]
+    if args.device is not None:
+        entries = [e for e in entries if int(e["index"]) == args.device]
+        if not entries:
+            raise _UsageError(f"--device: {args.device} is not allowed; allowed: 0 to {len(doc['devices']) - 1}")
+    req = {"cmd": "fault", "name": args.name, "params": params}
+    resolved = directory.resolve()
+    results = fan_out(lambda entry: _fire(resolved, entry, req, args.timeout), entries)
+    for _index, _why, line in results:
+        print(printable(line))
+    failed = [index for index, why, _ in results if why is not None]
+    if len(results) > 1:
+        print(f"fired on {len(results) - len(failed)} of {len(results)} devices"
+              + (f"; not on {failed}" if failed else ""))
+    return UNHEALTHY if failed else 0

@@ -4,7 +4,10 @@ For the tools that run devices by the dozen (``bridged fleet``, the Locust
 users): each device is a session of its own (a terminal's Ctrl-C reaches the
 tool, which stops its devices in order, not every device at once) that dies
 with the tool (``PR_SET_PDEATHSIG``: SIGTERM when the tool's thread that
-spawned it ends, even through SIGKILL).
+spawned it ends, even through SIGKILL).  That is the spawning *thread*, so a
+spawn asked for from another thread than the main one (a test starting
+devices in parallel) is made by one thread kept for the process's life: the
+device must not die when the thread that asked ends.
 
 ``subprocess.Popen`` is looked up at call time, so under gevent's monkey
 patching (Locust) the spawn is gevent's and does not block other greenlets.
@@ -18,13 +21,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 __all__ = ["daemon_argv", "kill_group", "remove_leaks", "spawn"]
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_lasting: ThreadPoolExecutor | None = None  # the thread that spawns for the others (see the docstring)
+_lasting_lock = threading.Lock()
 
 
 def daemon_argv(pty: Path, state_dir: Path, config: str | None = None,
@@ -39,6 +46,16 @@ def daemon_argv(pty: Path, state_dir: Path, config: str | None = None,
 
 def spawn(argv: list[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
     """Start ``argv`` in a new session, output appended to ``log_path``, dying with us."""
+    if _libc.gettid() == os.getpid():  # the main OS thread (also every greenlet under gevent)
+        return _spawn(argv, log_path, env)
+    global _lasting
+    with _lasting_lock:
+        if _lasting is None:
+            _lasting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bridged-spawn")
+    return _lasting.submit(_spawn, argv, log_path, env).result()
+
+
+def _spawn(argv: list[str], log_path: Path, env: Mapping[str, str] | None) -> subprocess.Popen:
     parent = os.getpid()
 
     def die_with_parent() -> None:  # in the child, between fork and exec
@@ -54,6 +71,8 @@ def spawn(argv: list[str], log_path: Path, env: Mapping[str, str] | None = None)
 
 def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
     """Signal a device's whole session (its pid is its process group's id)."""
+    if pgid <= 0:  # killpg(0) is our own group: never a device's
+        return
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from bridged.ops.protocol import FILENAME, RUN_DIR, ProtocolError, instance_path, request
+from bridged.ops.protocol import FILENAME, RUN_DIR, ProtocolError, instance_path, request, sun_address
 from bridged.ops.status import human_bytes
 
 __all__ = ["main"]
@@ -106,7 +106,8 @@ def _connect(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(_TIMEOUT)
     try:
-        sock.connect(str(path))
+        with sun_address(path) as address:
+            sock.connect(address)
     except FileNotFoundError:
         sock.close()
         raise _Unreachable(f"no control socket at {path}: is bridged running? "
@@ -126,7 +127,7 @@ def _ask(sock: socket.socket, path: Path, req: dict[str, Any] | None = None) -> 
     except (OSError, ProtocolError) as exc:
         raise _Unreachable(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not reply.get("ok"):
-        raise _Unreachable(f"{path}: the daemon refused: {reply.get('error', 'no reason given')}")
+        raise _Unreachable(printable(f"{path}: the daemon refused: {reply.get('error', 'no reason given')}"))
     return reply if req else reply["status"]
 
 
@@ -145,8 +146,20 @@ def _n(value: Any) -> str:
     return "?" if value is None else str(value)
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on escaped (``\\x1b``).
+
+    The SSID, remote names and warning details come from the MCU and the
+    network: raw, an ESC or CSI could retitle, clear or rewrite the admin's
+    terminal, a newline forge a line, a bidi control reorder one.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def render(status: dict[str, Any]) -> str:
-    """The compact human table of one status reply."""
+    """The compact human table of one status reply (see `printable`)."""
     u = status["uart"]
     framing = f"{u['data_bits']}{u['parity'][0].upper()}{u['stop_bits']}"
     ic = u["icount"]
@@ -172,13 +185,17 @@ def render(status: dict[str, Any]) -> str:
             f"{link['local_port'] or '-'!s:<7}{link['recv_mode']:<8}{'y' if link['passthrough'] else '-':<3}"
             f"{up:>10}{down:>10}{link['ipd']:>7}{_n(link['errors']):>5}{link['worker_pid'] or '-'!s:>8}"
             f"{link['restarts']:>5}")
+    faults = status.get("faults")
+    if faults is not None:
+        counts = ", ".join(f"{name} {n}" for name, n in faults["counts"].items()) or "none injected"
+        lines += ["", f"Faults (seed {faults['seed']}): {counts}"]
     if status["errors"]:
         lines += ["", "Recent warnings and errors:"]
         for e in status["errors"]:
             who = e.get("proc", "") + (f" {e['link_id']}" if "link_id" in e else "")
             lines.append(f"  {e.get('time', '')[:19]} {e.get('level', ''):<8}{who:<13} {e.get('event', '')} "
                          f"{e.get('detail', '')}".rstrip())
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _show(status: dict[str, Any], as_json: bool, watch: bool) -> None:

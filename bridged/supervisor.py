@@ -30,7 +30,10 @@ stopped; the caller exits 1.
 Isolation: nothing of the supervisor's signal handling runs in a child
 (``bridged.spawn``); a link worker unmaps the other links' rings and closes
 their doorbells, the pty, the supervisor channel, the control socket and the
-other workers' heartbeat channels, each time it is forked.
+other workers' heartbeat channels, each time it is forked.  Capabilities
+(``bridged.caps``): the supervisor keeps CAP_NET_BIND_SERVICE and CAP_NET_RAW
+permitted only, to hand down; each child keeps only what it needs, before it
+does anything else.
 
 Liveness (``bridged.liveness``): a child that stops answering heartbeats is
 killed and restarted like a crashed one; WATCHDOG=1 only while the front
@@ -56,16 +59,18 @@ from typing import Callable
 
 import structlog
 
-from bridged import spawn, systemd
+from bridged import caps, spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
+from bridged.faults.seed import children_started, faults_seeded, log_seed, mark_epoch
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.liveness import Liveness, Report
 from bridged.log import setup_logging
-from bridged.net import resolver
+from bridged.net import ping, resolver
 from bridged.net.hosts import overrides
+from bridged.net.policy import parse_local_ports
 from bridged.ops import server as control_server
 from bridged.spawn import Child, StartError, read_wakeup
 from bridged.uart.main import PORT_FAILED, run_front
@@ -116,17 +121,21 @@ class Supervisor:
             Either one's text is the line to print; the children are stopped by then.
         """
         try:
+            # Ours to hand down at fork, not to use (bridged.caps).
+            caps.limit(caps.Cap, effective=False, hand_down=True)
             self._install_signals()
-            if not self.device:
-                self.pty = open_pty(self.pty_link)
-                log.info("pty_created", path=self.pty.path, link=self.pty_link)
-                print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
-                      f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
+            # The control socket first: once the pty's link is there (what scripts and
+            # tests wait for), `bridged status` finds the socket too.
             if self.control_path is not None:
                 try:
                     self.listener, self._control_ident = control_server.listen(self.control_path)
                 except control_server.ListenError as exc:
                     raise StartError(str(exc)) from None
+            if not self.device:
+                self.pty = open_pty(self.pty_link)
+                log.info("pty_created", path=self.pty.path, link=self.pty_link)
+                print(f"bridged: serial port ready at {self.pty_link or self.pty.path}"
+                      f"{' -> ' + self.pty.path if self.pty_link else ''}", flush=True)
             return self._serve()
         finally:
             # Whatever comes now is too late to act on, and the interpreter's
@@ -142,7 +151,9 @@ class Supervisor:
             for w in self.workers:
                 self.rings.append((Ring.create(size, f"link{w.link_id}-up"),
                                    Ring.create(size, f"link{w.link_id}-down")))
+            mark_epoch()
             self._start_all()
+            children_started()
             return self._loop()
         except OSError as exc:
             self.stopping = True
@@ -221,6 +232,7 @@ class Supervisor:
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), hint="the running configuration stays")
             return False
+        new = faults_seeded(new, self.config)  # an unset seed is the one in force, not a change
         changed = changed_keys(self.config, new)
         fixed = [key for key in changed if key in RESTART_ONLY]
         if fixed:
@@ -240,7 +252,9 @@ class Supervisor:
             self.stopping = False
         for child in (self.front, *self.workers):
             child.failures, child.restart_at = 0, None
+        mark_epoch()  # the new configuration's fault schedules start now
         self._start_all()
+        children_started()
         return True
 
     def _adopt(self, config: Config) -> None:
@@ -250,7 +264,9 @@ class Supervisor:
         a child forked afterwards shares the table's pages instead of copying
         a big hosts file's into its own memory.
         """
-        self.config = config
+        drawn = config.faults.seed is None
+        self.config = faults_seeded(config, getattr(self, "config", None))
+        log_seed(self.config, drawn)
         self.host_overrides = overrides(config.dns.hosts, config.dns.hosts_file)
         self.liveness.configure(config.watchdog.heartbeat_ms / 1000, config.watchdog.missed_heartbeats)
 
@@ -275,6 +291,7 @@ class Supervisor:
         ours, theirs = socketpair()
 
         def target() -> int:
+            caps.limit(caps.front_keeps(ping.datagram_allowed()))
             ours.close()
             for channel in self.liveness.channels():
                 channel.close()
@@ -296,6 +313,7 @@ class Supervisor:
         uplink, downlink = self.rings[worker.link_id]
 
         def target() -> int:
+            caps.limit(caps.worker_keeps(parse_local_ports(self.config.links.local_ports)))
             front_end.close()
             ours.close()
             self._keep_only(worker.link_id)

@@ -37,6 +37,10 @@
 #               systemd-sysusers --root DIR, no systemctl
 # --no-venv     leave /opt/bridged alone: install the system files only
 set -euo pipefail
+# What is made here (the virtualenv above all: venv and pip follow the umask)
+# must be readable by user bridged, whatever umask root has (027, 077 on
+# hardened systems); the secrets get their modes explicitly.
+umask 022
 
 VENV=/opt/bridged
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -103,6 +107,20 @@ group_id() {  # the numeric id of group $1 in $root/etc/group
     awk -F: -v name="$1" '$1 == name { print $3 }' "$root/etc/group"
 }
 
+warn_config_mode() {  # $1: a kept configuration file
+    local uid mode
+    uid=$(stat -L -c %u "$1")
+    mode=$(stat -L -c %a "$1")
+    if [ $((8#$mode & 8#007)) -ne 0 ]; then
+        say "warning: others can read $1, which may hold secrets:" \
+            "chown root:bridged and chmod 0640 it"
+    elif [ $((8#$mode & 8#020)) -ne 0 ] || [ "$uid" = "$(awk -F: '$1 == "bridged" { print $3 }' "$root/etc/passwd")" ]; then
+        # The service could rewrite its own fence ([links] deny) or OTA settings.
+        say "warning: the service's user or group may change $1 (uid $uid, mode $mode):" \
+            "chown root:bridged and chmod 0640 it"
+    fi
+}
+
 install_files() {
     local etc=$root/etc gid
     install -D -m 0644 "$here/bridged@.service" "$etc/systemd/system/bridged@.service"
@@ -118,10 +136,7 @@ install_files() {
     install -m 0644 "$source_tree/config/bridged.toml" "$etc/bridged/bridged.toml.example"
     if [ -e "$etc/bridged/bridged.toml" ] || [ -L "$etc/bridged/bridged.toml" ]; then
         say "keeping $etc/bridged/bridged.toml"
-        if [ -n "$(find "$etc/bridged/bridged.toml" -maxdepth 0 -perm /o=rwx)" ]; then
-            say "warning: others can read $etc/bridged/bridged.toml, which may hold secrets:" \
-                "chown root:bridged and chmod 0640 it"
-        fi
+        warn_config_mode "$etc/bridged/bridged.toml"
     else
         # The gateway's fence ([links] deny "self" ...), not the bare defaults: see its comments.
         install -m 0640 -o 0 -g "$gid" "$source_tree/config/gateway.toml" "$etc/bridged/bridged.toml"

@@ -8,6 +8,8 @@ import pytest
 
 from tests.harness import Daemon, EchoServer, Host, SinkServer
 
+pytest_plugins = ["bridged.testing"]  # as the pytest11 entry point does once installed: the suite needs no install
+
 
 @pytest.fixture(scope="session")
 def _empty_config_dir(tmp_path_factory):

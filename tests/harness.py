@@ -25,33 +25,51 @@ import tty
 from pathlib import Path
 
 __all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer",
-           "with_boot_ms", "notify_state"]
+           "with_boot_ms", "with_test_timing", "with_default", "notify_state"]
 
 DEFAULT_TIMEOUT = 10.0
 
 
 def with_boot_ms(config: str, boot_ms: int = 0) -> str:
-    """``config`` with ``[firmware] boot_ms`` set unless it sets it itself.
+    """``config`` with the suite's speed settings, each unless it sets it itself:
+    ``[firmware] boot_ms`` and ``[uart] pace = false``.
 
     The suite restarts the daemon's session hundreds of times; it should not
-    wait a real chip's boot each time.  TOML forbids a table twice, so a
-    ``[firmware]`` table of the test's own gets the key inside it.
+    wait a real chip's boot each time, nor move its megabytes at the esp32
+    profile's 115200 baud.
+    """
+    return with_default(with_default(config, "firmware", "boot_ms", boot_ms), "uart", "pace", False)
+
+
+def with_test_timing(config: str) -> str:
+    """``config`` without a real chip's waits, unless the test sets them: no
+    boot silence (``[firmware] boot_ms``), a pty as fast as it goes (``[uart]
+    pace``), no association time (``[wifi] connect_delay_ms``).  The esp32
+    profile has all three; a test of the timing itself sets the key."""
+    return with_default(with_boot_ms(config), "wifi", "connect_delay_ms", 0)
+
+
+def with_default(config: str, section: str, key: str, value: int | bool) -> str:
+    """``config`` with ``[section] key = value`` unless it sets the key itself.
+
+    TOML forbids a table twice, so a ``[section]`` table of the test's own gets
+    the key inside it.
     """
     try:
         doc = tomllib.loads(config)
     except tomllib.TOMLDecodeError:
         return config  # a test of a broken file: leave it as it is
-    firmware = doc.get("firmware")
-    if isinstance(firmware, dict) and "boot_ms" in firmware:
+    table = doc.get(section)
+    if isinstance(table, dict) and key in table:
         return config
-    line = f"boot_ms = {boot_ms}\n"
-    header = re.search(r"^[ \t]*\[[ \t]*firmware[ \t]*\][ \t]*(#.*)?$\n?", config, re.M)
+    line = f"{key} = {str(value).lower() if isinstance(value, bool) else value}\n"
+    header = re.search(rf"^[ \t]*\[[ \t]*{section}[ \t]*\][ \t]*(#.*)?$\n?", config, re.M)
     if header is not None:
         at = header.end()
         return config[:at] + ("" if config[:at].endswith("\n") else "\n") + line + config[at:]
-    if firmware is not None:  # dotted keys or an inline table: nothing safe to add
+    if table is not None:  # dotted keys or an inline table: nothing safe to add
         return config
-    return config + ("" if not config or config.endswith("\n") else "\n") + "[firmware]\n" + line
+    return config + ("" if not config or config.endswith("\n") else "\n") + f"[{section}]\n" + line
 
 
 class Timeout(AssertionError):
@@ -91,8 +109,8 @@ class Daemon:
         self.expected_errors: set[str] = set()  # log events a test provokes on purpose
 
     def write_config(self, config: str) -> None:
-        """(Re)write the config file: the station, then ``config`` (boot_ms 0 unless it says)."""
-        self.config_path.write_text(with_boot_ms(f'[wifi]\nstation_interface = "{self.station}"\n' + config))
+        """(Re)write the config file: the station, then ``config`` (`with_test_timing`)."""
+        self.config_path.write_text(with_test_timing(f'[wifi]\nstation_interface = "{self.station}"\n' + config))
 
     def start(self) -> "Daemon":
         log = open(self.log_path, "ab")

@@ -84,6 +84,7 @@ ACCEPTED = [
     ("uart", "flow_control", "cts"), ("uart", "flow_control", "rtscts"),
     ("uart", "urc_gap_ms", 0), ("uart", "urc_gap_ms", 1000), ("uart", "urc_gap_ms", 0.5),
     ("uart", "max_line", 16), ("uart", "max_line", 65536),
+    ("uart", "pace", True), ("uart", "pace", False),
     ("wifi", "station_interface", ""), ("wifi", "station_interface", "eth0"),
     ("wifi", "ap_interface", "wlan0"), ("wifi", "eth_interface", "enp1s0f0"),
     ("wifi", "ssid", "x"), ("wifi", "ssid", "s" * 32), ("wifi", "ssid", "é" * 16),
@@ -180,6 +181,8 @@ REFUSED = [
     ("uart", "urc_gap_ms", "5", "a number from 0 to 1000"),
     ("uart", "max_line", 15, "an integer from 16 to 65536"),
     ("uart", "max_line", 65537, "an integer from 16 to 65536"),
+    ("uart", "pace", 1, "true, false"),
+    ("uart", "pace", "yes", "true, false"),
     ("wifi", "station_interface", "a" * 16, '"" or an interface name of 1 to 15 characters'),
     ("wifi", "ap_interface", "wl an0", '"" or an interface name of 1 to 15 characters'),
     ("wifi", "eth_interface", "../eth0", '"" or an interface name of 1 to 15 characters'),
@@ -523,7 +526,7 @@ def test_unknown_key(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: uart.baudrate: unknown key; allowed: port, pty_link, baud, data_bits, "
-        "stop_bits, parity, flow_control, urc_gap_ms, max_line")
+        "stop_bits, parity, flow_control, urc_gap_ms, max_line, pace")
 
 
 def test_unknown_section(tmp_path):
@@ -533,7 +536,7 @@ def test_unknown_section(tmp_path):
         load_config(str(path), None, {})
     assert str(info.value) == (
         f"{path}: serial: unknown section; allowed: profile, uart, wifi, links, log, "
-        "state, firmware, ota, dns, sntp, watchdog")
+        "state, firmware, ota, dns, sntp, watchdog, faults")
 
 
 def test_unknown_top_level_key(tmp_path):
@@ -754,7 +757,8 @@ def test_override_unknown_section():
         load_config(None, None, {"baud": 9600})
     assert str(info.value) == (
         "command line: baud: unknown key; allowed: uart.<key>, wifi.<key>, links.<key>, "
-        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>, watchdog.<key>")
+        "log.<key>, state.<key>, firmware.<key>, ota.<key>, dns.<key>, sntp.<key>, watchdog.<key>, "
+            "faults.<key>")
 
 
 def test_override_unparsable_string():
@@ -815,6 +819,12 @@ def test_esp32_profile_is_the_defaults():
     """The esp32 profile states the built-in defaults, nothing else."""
     config = load_config(None, str(REPO / "config" / "profiles" / "esp32.toml"), {})
     assert dataclasses.replace(config, profile="esp32", sources=()) == default_config()
+
+
+def test_esp32_paces_fast_does_not():
+    """The esp32 profile paces the pty at the line rate; the fast profile keeps it as fast as it goes."""
+    assert load_config(None, "esp32", {}).uart.pace is True
+    assert load_config(None, "fast", {}).uart.pace is False
 
 
 FIRMWARE_PROFILES = [p for p in PROFILES if p.stem.startswith("esp-at-")]
@@ -899,7 +909,7 @@ def test_config_type_exports():
     """Config holds one dataclass per section plus the profile and sources."""
     names = [f.name for f in dataclasses.fields(Config)]
     assert names == ["uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog",
-                     "profile", "sources", "instance"]
+                     "faults", "profile", "sources", "instance", "origins", "profile_file"]
 
 
 # --------------------------------------------------------------------------
@@ -1183,9 +1193,10 @@ def test_check_prints_the_instance_and_its_files(etc, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("# instance: ttyAMA0\n")
     assert str(mine) in result.stdout.splitlines()[2]
-    assert "baud = 19200\n" in result.stdout and 'ssid = "base"\n' in result.stdout
+    base = etc / "bridged.toml"
+    assert f"baud = 19200  # {mine}\n" in result.stdout and f'ssid = "base"  # {base}\n' in result.stdout
     plain = run_cli("check")
-    assert "baud = 115200\n" in plain.stdout and 'ssid = "base"\n' in plain.stdout
+    assert "baud = 115200  # profile esp32\n" in plain.stdout and f'ssid = "base"  # {base}\n' in plain.stdout
 
 
 def test_check_names_the_bad_system_file(etc):

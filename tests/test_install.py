@@ -84,6 +84,15 @@ def test_reinstall_keeps_the_config_and_uninstall_removes_the_rest(tmp_path):
     assert f"keeping {config}" in result.stdout
     config.chmod(0o644)
     assert "others can read" in install(tmp_path, "--no-venv").stdout
+    config.chmod(0o660)  # the service could rewrite its own fence
+    assert f"warning: the service's user or group may change {config}" in install(tmp_path, "--no-venv").stdout
+    config.chmod(0o640)
+    uid = int(next(line for line in (tmp_path / "etc/passwd").read_text().splitlines()
+                   if line.startswith("bridged:")).split(":")[2])
+    os.chown(config, uid, 0)
+    assert f"warning: the service's user or group may change {config}" in install(tmp_path, "--no-venv").stdout
+    os.chown(config, 0, 0)
+    assert "warning" not in install(tmp_path, "--no-venv").stdout
 
     wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir()
@@ -160,3 +169,57 @@ def test_udev_rule_starts_the_instance_of_the_adapters_by_id_name():
                                   by_id.removeprefix("/dev/")],
                                  capture_output=True, text=True, check=True, timeout=30).stdout.strip()
         assert wanted == escaped
+
+
+_FAKE_PYTHON = """#!/bin/bash
+# Stands in for python3: the version checks pass; -m venv DIR makes DIR/bin with a python
+# (pip a no-op) and a bridged that answers --version, honouring the umask as venv does.
+if [ "$1" = -m ] && [ "$2" = venv ]; then
+    mkdir -p "$3/bin"
+    printf '#!/bin/sh\\nexit 0\\n' > "$3/bin/python"
+    printf '#!/bin/sh\\necho bridged 0.1.0\\n' > "$3/bin/bridged"
+    chmod +x "$3/bin/python" "$3/bin/bridged"
+fi
+exit 0
+"""
+
+
+@needs_root_and_sysusers
+def test_what_is_installed_is_readable_by_the_service_whatever_roots_umask(tmp_path):
+    """Run by a root whose umask is 077 (hardened systems set 027 or 077), the virtualenv and
+    the directories made on the way are still readable and executable by user bridged."""
+    python = tmp_path / "python3"
+    python.write_text(_FAKE_PYTHON)
+    python.chmod(0o755)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "bin").mkdir()
+    (root / "bin" / "kill").write_text("")
+    (root / "bin" / "kill").chmod(0o755)
+    result = subprocess.run(["bash", "-c", 'umask 077 && exec bash "$@"', "bash", str(SCRIPT), "--root", str(root)],
+                            env={**os.environ, "PYTHON": str(python)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for path in ("opt/bridged", "opt/bridged/bin", "opt/bridged/bin/bridged", "etc/systemd/system",
+                 "etc/sysusers.d", "etc/bridged", "etc/bridged/profiles"):
+        mode = stat.S_IMODE((root / path).stat().st_mode)
+        assert mode & 0o005 == 0o005, f"{path} is {mode:o}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+@pytest.mark.parametrize("owner, mode", [(65534, 0o755), (0, 0o777), (0, 0o1777)])
+def test_debian12_test_refuses_a_workdir_others_control(tmp_path, owner, mode):
+    """tests/install/test_debian12.sh runs as root and chroots into WORKDIR/base (made once and
+    reused): a WORKDIR another user owns or may write (/var/tmp is everyone's) would have root
+    run their programs. It stops with status 2 before using it."""
+    work = tmp_path / "deb12"
+    (work / "base" / "usr" / "bin").mkdir(parents=True)
+    planted = work / "base" / "usr" / "bin" / "apt-get"
+    planted.write_text("#!/bin/sh\ntouch /tmp/owned\n")
+    planted.chmod(0o755)
+    os.chown(work, owner, owner)
+    work.chmod(mode)
+    result = subprocess.run(["bash", str(REPO / "tests" / "install" / "test_debian12.sh"), str(work)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{work}" in result.stderr and "other users" in result.stderr, result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["base"]

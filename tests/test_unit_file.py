@@ -96,3 +96,15 @@ def test_runs_the_installed_virtualenv_as_the_instance():
     assert "--config" not in command  # /etc/bridged/bridged.toml is read without it
     script = (UNIT.parent / "install.sh").read_text()
     assert "\nVENV=/opt/bridged\n" in script
+
+
+def test_a_port_that_is_missing_at_start_is_retried_without_end():
+    """Exit 1 (the port is missing, e.g. the adapter unplugged at boot) is restarted slower
+    than systemd's start limit (StartLimitBurst= starts in StartLimitIntervalSec=, by
+    default 5 in 10 s), so the instance keeps trying instead of ending in start-limit-hit."""
+    settings = _settings()
+    restart_sec = float(settings["RestartSec"][0])
+    interval = float(settings.get("StartLimitIntervalSec", ["10"])[0].removesuffix("s"))
+    burst = int(settings.get("StartLimitBurst", ["5"])[0])
+    # Runs that fail at once start every restart_sec: this many fall in one interval.
+    assert interval // restart_sec + 1 < burst

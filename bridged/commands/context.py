@@ -52,7 +52,8 @@ class SntpSettings:
 
 
 # Keys the ESP keeps in NVS when AT+SYSSTORE=1 (esp-at-behavior.md 1.8).
-PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts", "reconnintv", "sslconf")
+PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp", "tcpopts", "reconnintv", "sslconf",
+             "reconncfg")
 
 
 @dataclass(slots=True)
@@ -70,6 +71,10 @@ class SessionState:
     wifi_ssid: str = ""  # stored credentials (CWJAP / CWJAP?)
     wifi_password: str = ""
     wifi_state: int = 0  # AT+CWSTATE: 0 not started, 2 got IP, 3 connecting, 4 disconnected
+    wifi_epoch: int = 0  # bumped at each change of wifi_state: a station reconnection sees it was overtaken
+    # AT+CWRECONNCFG: <interval_second> (0: no reconnection), <repeat_count> (0: for ever);
+    # AT+CWJAP's <reconn_interval> (default 1) sets the interval too.
+    reconncfg: tuple[int, int] = (0, 0)
     had_link: bool = False  # for AT+CIPSTATUS's "all links disconnected"
     cipmux: int = 0
     cipmode: int = 0
@@ -204,6 +209,8 @@ class Context:
     # Work a command left running after its answer (a nonblocking AT+CIUPDATE):
     # a restart cancels it, as a reboot would.
     background: set[asyncio.Task] = field(default_factory=set)
+    # The front's injected faults (bridged.faults.front.FrontFaults); None: none (unit tests).
+    faults: Any = None
 
     @property
     def personality(self) -> Personality:

@@ -32,7 +32,8 @@ from bridged.net.interfaces import InterfaceInfo, interface_info, mac_plus_one, 
 
 log = structlog.get_logger()
 
-__all__ = ["station", "station_ip", "autoconnect_messages", "watch_station"]
+__all__ = ["station", "station_ip", "autoconnect_messages", "watch_station", "join", "set_wifi_state",
+           "CONNECTING", "DISCONNECTED", "GOT_IP"]
 
 NOT_STARTED, GOT_IP, CONNECTING, DISCONNECTED = 0, 2, 3, 4
 
@@ -65,8 +66,9 @@ def _station_changed(ctx: Context) -> None:
         callback()
 
 
-def _set_wifi_state(ctx: Context, value: int) -> None:
+def set_wifi_state(ctx: Context, value: int) -> None:
     ctx.state.wifi_state = value
+    ctx.state.wifi_epoch += 1
     _station_changed(ctx)
 
 
@@ -78,15 +80,18 @@ def _bssid(ctx: Context) -> str:
     return ctx.config.wifi.bssid or (station(ctx).mac or "00:00:00:00:00:00")
 
 
-_JOIN_FAILURES = {2: "wrong password", 3: "AP not found"}
+_JOIN_FAILURES = {1: "timeout", 2: "wrong password", 3: "AP not found", 4: "connect failed"}
 
 
-def _join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
-    """Try to join; returns the messages and the +CWJAP failure code or None."""
+def join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
+    """Try to join (AT+CWJAP, a reconnection); returns the messages and the +CWJAP failure code or None."""
     cfg = ctx.config.wifi
     lines = wifi("DISCONNECT") if ctx.state.wifi_connected else b""
-    _set_wifi_state(ctx, CONNECTING)
-    if ssid != cfg.ssid:
+    set_wifi_state(ctx, CONNECTING)
+    injected = ctx.faults.join_code() if ctx.faults is not None else None  # wifi_join_fail, an AP gone
+    if injected is not None:
+        code = injected
+    elif ssid != cfg.ssid:
         code = 3  # AP not found: only the configured network is visible
     elif cfg.check_credentials and password != cfg.password:
         code = 2
@@ -95,10 +100,10 @@ def _join(ctx: Context, ssid: str, password: str) -> tuple[bytes, int | None]:
     else:
         code = None
     if code is not None:
-        _set_wifi_state(ctx, DISCONNECTED)
+        set_wifi_state(ctx, DISCONNECTED)
         log.warning("wifi_join_failed", ssid=ssid, code=code, why=_JOIN_FAILURES[code])  # never the password
         return lines + info("+CWJAP", code), code
-    _set_wifi_state(ctx, GOT_IP)
+    set_wifi_state(ctx, GOT_IP)
     log.info("wifi_joined", ssid=ssid, interface=station(ctx).name)
     return lines + wifi("CONNECTED") + wifi("GOT IP"), None
 
@@ -108,7 +113,7 @@ def autoconnect_messages(ctx: Context) -> bytes:
     st = ctx.state
     if not (st.cwautoconn and st.wifi_ssid and _has_station(ctx)):
         return b""
-    lines, code = _join(ctx, st.wifi_ssid, st.wifi_password)
+    lines, code = join(ctx, st.wifi_ssid, st.wifi_password)
     return b"" if code is not None else lines
 
 
@@ -126,7 +131,7 @@ _CWJAP_SPECS = (
 
 
 def _cwjap_reply(ctx: Context, ssid: str, password: str) -> Reply:
-    lines, code = _join(ctx, ssid, password)
+    lines, code = join(ctx, ssid, password)
     if code is not None:
         return Reply(lines, ERROR)
     ctx.state.wifi_ssid, ctx.state.wifi_password = ssid, password
@@ -142,7 +147,7 @@ def _cwjap(ctx: Context, ssid: str, password: str):  # -> Reply | Awaitable[Repl
         return _cwjap_reply(ctx, ssid, password)
 
     async def join_later() -> Reply:
-        _set_wifi_state(ctx, CONNECTING)
+        set_wifi_state(ctx, CONNECTING)
         await asyncio.sleep(delay)
         return _cwjap_reply(ctx, ssid, password)
 
@@ -152,6 +157,8 @@ def _cwjap(ctx: Context, ssid: str, password: str):  # -> Reply | Awaitable[Repl
 @handles("+CWJAP", Kind.SET)
 def cwjap_set(ctx: Context, line: CommandLine):
     values = bind(line.tokens, _CWJAP_SPECS, min_count=1)
+    ctx.state.reconncfg = (values[4], ctx.state.reconncfg[1])  # <reconn_interval>: AT+CWRECONNCFG's interval
+    ctx.state.persist(ctx.store, "reconncfg")
     ssid = values[0] or ctx.state.wifi_ssid
     password = values[1] if len(line.tokens) > 1 else ctx.state.wifi_password
     return _cwjap(ctx, ssid, password)
@@ -175,7 +182,7 @@ def cwjap_query(ctx: Context, line: CommandLine) -> Reply:
 @handles("+CWQAP", Kind.EXECUTE)
 def cwqap(ctx: Context, line: CommandLine) -> Reply:
     was_connected = ctx.state.wifi_connected
-    _set_wifi_state(ctx, DISCONNECTED)
+    set_wifi_state(ctx, DISCONNECTED)
     if not was_connected:
         return Reply()
     return Reply(then=lambda: ctx.urc(wifi("DISCONNECT")))
@@ -203,7 +210,7 @@ def cwmode_set(ctx: Context, line: CommandLine) -> Reply:
     if had_station != _has_station(ctx):
         _station_changed(ctx)
     if had_station and not _has_station(ctx) and st.wifi_connected:
-        _set_wifi_state(ctx, DISCONNECTED)
+        set_wifi_state(ctx, DISCONNECTED)
         return Reply(then=lambda: ctx.urc(wifi("DISCONNECT")))
     if not had_station and _has_station(ctx) and auto:
         msgs = autoconnect_messages(ctx)

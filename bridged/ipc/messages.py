@@ -20,6 +20,9 @@ worker's heartbeat channel): ``Ping``; the child answers ``Pong`` from its
 event loop (``bridged.liveness``).
 front -> worker: ``StatsRequest``; worker -> front: ``LinkStats`` (for
 ``bridged status``, ``bridged.ops``).
+front -> worker: ``FireFault`` (``bridged fault`` for a worker's kind);
+worker -> front: ``FaultFired`` (an injected fault, for the front's counts and
+the AT transcript; ``bridged.faults``).
 
 A connection's end is not a control message: the worker puts an EOF record
 in the downlink ring behind the last data, so the front reports ``CLOSED``
@@ -55,6 +58,8 @@ __all__ = [
     "StatsRequest",
     "LinkStats",
     "PortFailed",
+    "FireFault",
+    "FaultFired",
 ]
 
 
@@ -232,3 +237,25 @@ class LinkStats:
 @dataclass(frozen=True)
 class PortFailed:
     reason: str
+
+
+@message
+@dataclass(frozen=True)
+class FireFault:
+    """A fault fired on demand (a `bridged.faults.Demand`, already checked by the front)."""
+
+    name: str
+    params: tuple[str, ...]  # "key=value", the kind's keys
+    count: int = 1
+    for_ms: int = 10_000
+
+
+@message
+@dataclass(frozen=True)
+class FaultFired:
+    """A worker injected a fault (it logged it already)."""
+
+    name: str
+    conn_id: int  # -1: no connection
+    details: str = "{}"  # JSON object: what the fault did (the last one, when hits > 1)
+    hits: int = 1  # faults this report stands for (a per-datagram kind's are batched)

@@ -86,7 +86,9 @@ _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
 _QUIET = 1  # item 1, on the producer's line: 1 = consume() need not ring space_fd
 # 3.13+ can map without keeping a duplicate of the fd open (trackfd=False);
-# before, the mapping holds one fd per ring (close-on-exec).
+# before, the mapping holds one fd per ring (close-on-exec), which no other
+# process of our uid can reopen through /proc/<pid>/fd: every bridged
+# process is non-dumpable (bridged.caps).
 _MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 

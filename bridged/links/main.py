@@ -30,7 +30,8 @@ def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Rin
         worker = Worker(link_id, control, uplink, downlink, links.connect_timeout_ms, PkiStore(state_dir),
                         read_window_ms=links.read_window_ms, ipd_chunk=links.chunk,
                         policy=link_policy(links.allow, links.deny, links.local_ports),
-                        station=config.wifi.station_interface)
+                        station=config.wifi.station_interface,
+                        faults=config.faults.specs(), fault_seed=config.faults.seed or 0)
         loop = asyncio.get_running_loop()
         supervisor = os.getppid()
 

@@ -24,19 +24,30 @@ Every remote it uses passes ``[links] allow / deny`` after name resolution
 (``bridged.net.fence``): each address a connect tries, each datagram's
 destination and sender.  A refused connect fails as an unreachable host
 would; a refused datagram is dropped.
+
+Faults (``[faults]``, ``bridged fault``): connects and TLS handshakes ask
+``self.faults`` (bridged.links.faults); a connection with a data-path fault
+(latency, a bandwidth cap, UDP loss or reordering, a TCP reset) gets a
+``Shaper`` (bridged.links.shaping) that takes over its reads and meters its
+sends.  Without one, the paths below are exactly as without faults.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import socket
 import ssl
-from typing import Callable
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import structlog
 
+from bridged.faults import FaultSpec
+from bridged.faults.seed import schedule_start
+from bridged.faults.spec import FaultError
 from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import (
@@ -47,6 +58,8 @@ from bridged.ipc.messages import (
     Connected,
     Discard,
     Ended,
+    FaultFired,
+    FireFault,
     Hello,
     LinkStats,
     Refused,
@@ -57,6 +70,8 @@ from bridged.ipc.messages import (
 )
 from bridged.ipc.rings import Ring
 from bridged.net.fence import Fence
+from bridged.links.faults import Batches, LinkFaults
+from bridged.links.shaping import Shaper
 from bridged.links.tcp import apply_options, open_tcp
 from bridged.links import tls
 from bridged.links.udp import loopback_source, open_udp
@@ -110,6 +125,8 @@ class Worker:
         ipd_chunk: int = 2920,
         policy: Policy | None = None,
         station: str = "",
+        faults: Sequence[FaultSpec] = (),
+        fault_seed: int = 0,
     ) -> None:
         self.link_id = link_id
         self.control = control
@@ -153,6 +170,12 @@ class Worker:
         self._closing: asyncio.TimerHandle | None = None  # a host's Close waits for the uplink to flush
         self._closing_reason = ""
         self.front_gone = False  # ended because the front's end of the control socket closed
+        # [faults] (bridged.links.faults): the connect and TLS hooks ask it; a
+        # connection with a data-path fault gets a Shaper (None: the paths below run as they are).
+        self._fault_reports = Batches(self.loop, self._fault_fired)
+        self.faults = LinkFaults(faults, fault_seed, link_id, schedule_start(self.loop.time())[0],
+                                 self._fault_reports.fired)
+        self.shaper: Shaper | None = None
         self._done = self.loop.create_future()
 
     # -- lifetime ------------------------------------------------------------------
@@ -176,6 +199,7 @@ class Worker:
             self.loop.remove_reader(self.uplink.data_fd)
             self._drop_socket()
             self._gate.close()
+            self._fault_reports.close()
 
     def stop(self) -> None:
         if not self._done.done():
@@ -201,7 +225,7 @@ class Worker:
         msg, fds = received
         if isinstance(msg, Adopt) and len(fds) == 1:
             try:  # a TCP client of the front's server, nothing else
-                sock = socket_from_fd(fds[0], (socket.AF_INET, socket.AF_INET6), socket.SOCK_STREAM)
+                sock = _connected(socket_from_fd(fds[0], (socket.AF_INET, socket.AF_INET6), socket.SOCK_STREAM))
             except ControlError as exc:
                 log.error("adopt_refused", conn_id=msg.conn_id, error=str(exc))
                 self._reply(ConnectFailed(msg.conn_id, f"not a TCP socket: {exc}"))
@@ -210,7 +234,10 @@ class Worker:
             return
         for fd in fds:
             os.close(fd)  # only Adopt carries a socket
-        if isinstance(msg, Connect):
+        if isinstance(msg, Adopt):  # with no socket, or several: answered, or the front waits on
+            log.error("adopt_refused", conn_id=msg.conn_id, error=f"{len(fds)} fds, not one")
+            self._reply(ConnectFailed(msg.conn_id, f"Adopt came with {len(fds)} fds, not one"))
+        elif isinstance(msg, Connect):
             self._start_connect(msg)
         elif isinstance(msg, Close):
             self._close(msg.conn_id, "closed by host", msg.flush)
@@ -228,6 +255,8 @@ class Worker:
             self.fence.note(Refusal(msg.address, msg.port, msg.rule), "send")
         elif isinstance(msg, StatsRequest):
             self._reply(self._statistics(msg.seq))
+        elif isinstance(msg, FireFault):
+            self._fire(msg)
         else:
             log.error("unexpected_control_message", message=repr(msg))
 
@@ -236,6 +265,28 @@ class Worker:
         up, down = (self.stats["up"], self.stats["down"]) if self.conn_id is not None else (0, 0)
         return LinkStats(seq, os.getpid(), -1 if self.conn_id is None else self.conn_id, up, down,
                          events.count(), events.recent(5))
+
+    def _fire(self, msg: FireFault) -> None:
+        """``bridged fault`` for one of our kinds; the front checked it, but it may be compromised."""
+        try:
+            demand = self.faults.demand(msg, self.loop.time())
+        except (FaultError, KeyError) as exc:
+            log.error("fault_refused", name=msg.name, error=str(exc).strip("'\""))
+            return
+        if demand is None:
+            return  # aimed at another link
+        log.info("fault_armed", name=demand.name, params=dict(demand.params), count=demand.count,
+                 seconds=demand.for_)
+        if self.sock is not None and self.faults.shapes(self.datagram):
+            if self.shaper is None:
+                self._stop_window()  # the window's tick reads past the Shaper
+                self.shaper = Shaper(self, self.faults)
+            self.shaper.armed(demand.name)
+
+    def _fault_fired(self, name: str, details: dict[str, Any], hits: int) -> None:
+        """Injected faults (`hits` of them, the last one's `details`): logged here, counted and marked by the front."""
+        log.info("fault_injected", name=name, link=self.link_id, details=details, hits=hits)
+        self._reply(FaultFired(name, -1 if self.conn_id is None else self.conn_id, json.dumps(details), hits))
 
     def _reply(self, msg: object) -> None:
         try:
@@ -262,6 +313,7 @@ class Worker:
                 sock = await self._open_tls(msg)
                 remote = sock.getpeername()
             else:
+                await self.faults.before_connect(msg, self.connect_timeout_ms, self.loop.time())
                 sock = await open_tcp(msg, self.connect_timeout_ms, self._check)
                 remote = sock.getpeername()
         except (OSError, TimeoutError, ValueError) as exc:
@@ -293,7 +345,12 @@ class Worker:
     async def _open_tls(self, msg: Connect) -> ssl.SSLSocket:
         """TCP connect, then the TLS handshake, all within the connect timeout."""
         started = self.loop.time()
+        await self.faults.before_connect(msg, self.connect_timeout_ms, started)
         raw = await open_tcp(msg, self.connect_timeout_ms, self._check)
+        failed = self.faults.handshake_fails(self.loop.time(), "client")
+        if failed is not None:
+            raw.close()  # the server sees the client give up
+            raise failed
         try:
             sock = tls.wrap_client(raw, msg, self.pki)
         except BaseException:
@@ -327,6 +384,12 @@ class Worker:
 
     async def _adopt_tls(self, msg: Adopt, raw: socket.socket) -> None:
         remote = raw.getpeername()
+        failed = self.faults.handshake_fails(self.loop.time(), "server")
+        if failed is not None:
+            raw.close()
+            self.connecting = None
+            self._adopt_failed(msg, remote, failed)
+            return
         try:
             sock = tls.wrap_server(raw, msg, self.pki)
         except (OSError, ValueError) as exc:
@@ -355,6 +418,7 @@ class Worker:
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
         self.loopback_source = loopback_source(sock) if datagram else None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}
+        self.shaper = Shaper(self, self.faults) if self.faults.shapes(datagram) else None
         self._apply_options()
         local = sock.getsockname()
         log.info("link_opened", type=link_type, remote=remote[0], port=remote[1], local_port=local[1])
@@ -392,7 +456,12 @@ class Worker:
             self._send_datagrams()
             return
         while self.sock is not None and self.uplink.available():
-            views = self.uplink.readable_views(self.uplink.available())
+            size = self.uplink.available()
+            if self.shaper is not None:  # a bandwidth cap (0: the Shaper pumps again later)
+                size = self.shaper.up_allowance(size, self._tls_retry)
+                if not size:
+                    return
+            views = self.uplink.readable_views(size)
             try:
                 if isinstance(self.sock, ssl.SSLSocket):
                     sent = self._send_tls(views[0])
@@ -414,6 +483,8 @@ class Worker:
                 return
             self.uplink.consume(sent)
             self.stats["up"] += sent
+            if self.shaper is not None:
+                self.shaper.sent(sent)
             self._last_send = self.loop.time()
             if self._window_tick is not None:
                 self._stop_window()  # the peer may answer this at once: read it at once
@@ -438,6 +509,8 @@ class Worker:
             if not self.fence.open and not self._may_send(target):
                 self.uplink.consume(header.total)  # lost, as a datagram to an unreachable host
                 continue
+            if self.shaper is not None and not self.shaper.up_allowance(1):
+                return  # a bandwidth cap: a datagram goes whole once the bucket holds some
             payload = self.uplink.peek(header.length, header.size)
             try:
                 self.sock.sendto(payload, target)
@@ -449,6 +522,8 @@ class Worker:
                 log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=_reason(exc))
             self.uplink.consume(header.total)
             self.stats["up"] += header.length
+            if self.shaper is not None:
+                self.shaper.sent(header.length)
 
     def _may_send(self, target: tuple) -> bool:
         """A datagram from a loopback source can reach only this host (a group's
@@ -465,6 +540,9 @@ class Worker:
     # -- downlink: socket -> ring ---------------------------------------------------
 
     def _on_readable(self) -> None:
+        if self.shaper is not None:  # a data-path fault (bridged.links.shaping)
+            self.shaper.on_readable()
+            return
         now = self.loop.time()
         since, self._last_read = now - self._last_read, now
         # One doorbell for all the records of this wake-up: the front wakes once.
@@ -508,7 +586,7 @@ class Worker:
     def _can_window(self) -> bool:
         # Passive mode keeps its data here anyway; datagrams have no low-water mark.
         return (self.read_window > 0 and not self.datagram and not self.window
-                and self.sock is not None and self._gate.is_open)
+                and self.sock is not None and self._gate.is_open and self.shaper is None)
 
     def _start_window(self) -> None:
         try:
@@ -747,6 +825,9 @@ class Worker:
         if self._pause is not None:
             self._pause.cancel()
             self._pause = None
+        if self.shaper is not None:
+            self.shaper.close()
+            self.shaper = None
         self.sock.close()
         self.sock = None
         self.datagram = False
@@ -776,3 +857,18 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _connected(sock: socket.socket) -> socket.socket:
+    """``sock`` if it has a peer (an accepted client); else it is closed.
+
+    Raises:
+        ControlError: unconnected or listening: adopting it would fail later,
+            with the link already taken.
+    """
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"the socket received has no peer ({exc.strerror})") from None
+    return sock

@@ -32,7 +32,8 @@ import socket
 import struct
 import time
 
-__all__ = ["SocketKind", "PingNotPermitted", "PingTimeout", "open_icmp_socket", "echo", "ECHO_PAYLOAD_SIZE"]
+__all__ = ["SocketKind", "PingNotPermitted", "PingTimeout", "datagram_allowed", "open_icmp_socket", "echo",
+           "ECHO_PAYLOAD_SIZE"]
 
 ECHO_PAYLOAD_SIZE = 32  # bytes of data after the 8-byte ICMP header, as ESP-IDF's esp_ping sends
 
@@ -86,6 +87,16 @@ def open_icmp_socket(family: int, kind: SocketKind | None = None) -> tuple[socke
         "cannot open an ICMP socket (" + "; ".join(refused) + "): allow ping sockets for bridged's group "
         f"(sysctl net.ipv4.ping_group_range, e.g. \"{os.getgid()} {os.getgid()}\") or grant CAP_NET_RAW"
     )
+
+
+def datagram_allowed() -> bool:
+    """Whether this process may open an unprivileged ICMP socket (so needs no CAP_NET_RAW to ping)."""
+    try:
+        sock, _ = open_icmp_socket(socket.AF_INET, SocketKind.DATAGRAM)
+    except OSError:
+        return False
+    sock.close()
+    return True
 
 
 def checksum(data: bytes) -> int:

@@ -17,6 +17,10 @@ consulted here, after the literal check and before any server, so every
 caller meets them.  The supervisor installs them in each process it forks
 (``set_overrides``).  An overridden name never reaches DNS: asked for a
 family it has no address of, it is "not found", as with nss files.
+
+Injected DNS faults (``dns_fail``, ``dns_slow``, bridged.faults) are drawn
+here too, per lookup of a name (never for an address literal), before the
+overrides: the process that draws them installs a hook (`set_fault_hook`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ import asyncio
 import ipaddress
 import socket
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 import structlog
 
 __all__ = ["resolve", "ResolveError", "name_problem", "sockaddr", "MAX_NAME", "MAX_LABEL",
-           "set_overrides", "normal_name", "is_address"]
+           "set_overrides", "set_fault_hook", "draw_faults", "normal_name", "is_address"]
 
 log = structlog.get_logger()
 
@@ -44,6 +48,25 @@ class ResolveError(OSError):
 
 # Name (as normal_name gives it) -> addresses, from [dns] hosts and hosts_file.
 _overrides: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+
+
+# (host, timeout) -> the timeout left; raises ResolveError for a lookup that fails by a fault.
+FaultHook = Callable[[str, float], Awaitable[float]]
+_fault_hook: FaultHook | None = None
+
+
+def set_fault_hook(hook: FaultHook | None) -> None:
+    """Draw this process's DNS faults on every lookup of a name (None: none)."""
+    global _fault_hook
+    _fault_hook = hook
+
+
+async def draw_faults(host: str, timeout: float) -> float:
+    """This process's DNS faults for a lookup another process does (a link worker resolves
+    AT+CIPSTART's host): the timeout left; ResolveError when the lookup fails by a fault."""
+    if _fault_hook is None or _literal(host) is not None or name_problem(host) is not None:
+        return timeout
+    return await _fault_hook(host, timeout)
 
 
 def set_overrides(table: Mapping[str, tuple[str, ...]]) -> None:
@@ -90,6 +113,8 @@ async def resolve(host: str, family: int = socket.AF_UNSPEC, servers: Sequence[s
         # Refused before any lookup: the host resolver's IDNA codec raises
         # UnicodeError on such names, which no caller expects.
         raise ResolveError(problem)
+    if _fault_hook is not None:
+        timeout = await _fault_hook(host, timeout)
     overridden = _overrides.get(normal_name(host))
     if overridden is not None:
         return _overridden(host, family, overridden)

@@ -18,23 +18,26 @@ and the front serves it (`bridged.ops.server`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 __all__ = [
     "FILENAME",
     "MAX_REPLY",
     "MAX_REQUEST",
     "ProtocolError",
+    "SUN_PATH_MAX",
     "daemon_path",
     "decode",
     "encode",
     "instance_path",
     "request",
+    "sun_address",
 ]
 
 FILENAME = "control.sock"
@@ -77,6 +80,33 @@ def daemon_path(option: str | None, state_dir: Path) -> Path:
     if runtime:
         return Path(runtime) / FILENAME
     return state_dir / FILENAME
+
+
+SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
+
+
+@contextlib.contextmanager
+def sun_address(path: Path) -> Iterator[str]:
+    """An address for ``path`` that fits a sockaddr_un, for the bind() or
+    connect() made inside the ``with``.
+
+    A path of more than `SUN_PATH_MAX` bytes (a by-id instance's
+    /run/bridged/<escaped name>/ is often one) goes through a descriptor of
+    its folder: ``/proc/self/fd/N/control.sock``, which the kernel resolves
+    to the same file; daemon and client both use it, so either address
+    reaches the socket.
+
+    Raises:
+        OSError: the folder cannot be opened.
+    """
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
 
 
 def instance_path(name: str) -> Path:

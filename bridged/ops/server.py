@@ -33,12 +33,13 @@ import os
 import socket
 import stat
 import struct
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
-from bridged.ops.protocol import HEADER, MAX_REQUEST, ProtocolError, decode, encode
+from bridged.ops.protocol import HEADER, MAX_REQUEST, ProtocolError, decode, encode, sun_address
 
 __all__ = ["ControlServer", "ListenError", "MAX_CLIENTS", "listen", "unlink"]
 
@@ -48,7 +49,6 @@ MAX_CLIENTS = 16
 IDLE_TIMEOUT = 10.0
 WRITE_TIMEOUT = 5.0
 _BACKLOG = 64
-_SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux 4.13; not in every Python
 _CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -69,16 +69,17 @@ def listen(path: Path) -> tuple[socket.socket, tuple[int, int]]:
         ListenError: the path is too long, not a socket, served by another
             bridged, or cannot be bound.
     """
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ListenError(f"control socket path {path} is longer than {_SUN_PATH_MAX} bytes; "
-                          "choose a shorter --control")
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o117)  # never a moment with a wider mode than 0660
+    # bind() makes the file 0660 through the umask: no chmod by path afterwards,
+    # which would follow a link another user of the folder put in its place.
+    old = os.umask(0o117)
     try:
-        sock.bind(str(path))
-        os.chmod(path, 0o660)
-        st = os.stat(path)
+        with sun_address(path) as address:
+            sock.bind(address)
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o660:
+            raise OSError(f"{path} was replaced as it was made")
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
@@ -100,7 +101,8 @@ def _clear_stale(path: Path) -> None:
         raise ListenError(f"{path} exists and is not a socket; remove it or choose another --control")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        probe.connect(str(path))
+        with sun_address(path) as address:
+            probe.connect(address)
     except OSError as exc:
         if exc.errno != errno.ECONNREFUSED:
             raise ListenError(f"control socket {path}: {exc.strerror}; choose another --control") from None
@@ -145,7 +147,10 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, sock=self.listener)
+        # The file is the supervisor's (`unlink` at its end): from 3.13 asyncio (and
+        # uvloop) would remove it when a front's server closes -- at every reload.
+        keep = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+        self._server = await asyncio.start_unix_server(self._serve, sock=self.listener, **keep)
 
     async def close(self) -> None:
         if self._server is not None:

@@ -93,6 +93,12 @@ class UartStatus:
 
 
 @dataclass(frozen=True)
+class FaultsStatus:
+    seed: int  # [faults] seed, configured or drawn at start: put it in the profile to replay the run
+    counts: dict[str, int]  # injected faults per name, the front's and the link workers' together
+
+
+@dataclass(frozen=True)
 class Status:
     version: str
     uptime_s: float
@@ -104,6 +110,7 @@ class Status:
     ssid: str
     links: tuple[LinkStatus, ...]
     errors: tuple[dict[str, Any], ...]
+    faults: FaultsStatus
 
 
 class StatusService:
@@ -118,7 +125,7 @@ class StatusService:
         self._sup_events: tuple[str, ...] = ()
         self._seq = itertools.count(1)
         self._pending: dict[int, tuple[asyncio.Future, dict[int, LinkStats], int]] = {}
-        handlers = {"status": self.status, "transcript": self.transcript}
+        handlers = {"status": self.status, "transcript": self.transcript, "fault": self.fault}
         self.server = ControlServer(listener, handlers) if listener is not None else None
         front.links.on_stats = self._on_stats
         front.on_ping = self.on_ping
@@ -165,6 +172,10 @@ class StatusService:
             transcript.disable()
         return {"transcript": transcript.enabled}
 
+    async def fault(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Fire a fault now ({"name": NAME, "params": {key: value}}): bridged.faults.front."""
+        return self.front.faults.demand(request.get("name"), request.get("params", {}))
+
     async def _gather(self) -> dict[int, LinkStats]:
         seq = next(self._seq)
         asked = 0
@@ -207,7 +218,8 @@ class StatusService:
         links = tuple(self._link(slot, stats.get(slot.link_id), restarts) for slot in front.links.slots)
         return Status(__version__, round(uptime, 1), round(time.monotonic() - self.started, 1), os.getpid(),
                       restarts[0], self._uart(), _WIFI.get(state.wifi_state, str(state.wifi_state)),
-                      state.wifi_ssid, links, self._errors(stats))
+                      state.wifi_ssid, links, self._errors(stats),
+                      FaultsStatus(front.faults.seed, front.faults.counts()))
 
     def _link(self, slot: Any, stats: LinkStats | None, restarts: tuple[int, ...]) -> LinkStatus:
         view = slot.view if slot.state.name == "OPEN" else None

@@ -7,7 +7,9 @@ again once the output catches up, and meanwhile the records stay in the ring,
 so the worker stops reading its socket.  In passive mode (AT+CIPRECVTYPE=1)
 the records stay in the ring until AT+CIPRECVDATA (``read``); a notice is
 queued when data waits (``uart.passive``).  An EOF record ends the
-connection (``end``, the slot table's).
+connection (``end``, the slot table's).  Nothing of a connection the MCU
+opened is delivered before the answer that announces it (CONNECT) is
+written: until ``announce`` its records wait in the ring (``Slot.unannounced``).
 """
 
 from __future__ import annotations
@@ -87,9 +89,17 @@ class Delivery:
 
     # -- active delivery ---------------------------------------------------------------------
 
+    def announce(self, slot: Slot) -> None:
+        """The slot's CONNECT is written (or will never be): what waited may go."""
+        slot.unannounced = False
+        if slot.control is not None:
+            self.drain(slot)
+
     def drain(self, slot: Slot) -> None:
         """Deliver the slot's records while the UART output can take them."""
         slot.downlink.clear_data_doorbell()
+        if slot.unannounced:
+            return  # `announce` drains it
         if slot.passive and slot.state is SlotState.OPEN:
             self.scan(slot)
             return

@@ -48,6 +48,8 @@ class CommandDispatch:
             if event is NEED_DATA:
                 return
             if isinstance(event, CommandLine):
+                if self.faults.refuse(event):
+                    continue  # at_busy: answered busy p..., dropped
                 self._echo(event.raw)
                 self._execute(event)
             elif isinstance(event, BadLine):
@@ -75,7 +77,7 @@ class CommandDispatch:
         if self.tap is not None:
             self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
         try:
-            result = registry.dispatch(self.ctx, line)
+            result = self.faults.dispatch(self.ctx, line)  # the registry's, unless a fault says
         except AtError as error:
             self._log_error("command_error", line.name, error)
             self._error(error)
@@ -103,6 +105,9 @@ class CommandDispatch:
     async def _await_reply(self, pending: Awaitable[Reply], name: str) -> None:
         try:
             reply = await pending
+        except asyncio.CancelledError:
+            self.links.announced()  # a forced restart: no CONNECT will come
+            raise
         except AtError as error:
             self._log_error("command_error", name, error)
             self._error(error)
@@ -116,6 +121,7 @@ class CommandDispatch:
         self.session.handle(Answered(), self.loop.time())
         if reply is not None:
             self._answer(reply)
+        self.links.announced()  # an AT+CIPSTART's CONNECT is out: its data may follow
         self._process()
 
     def _answer(self, reply: Reply) -> None:
@@ -130,6 +136,7 @@ class CommandDispatch:
             # is immediate, only ordered after the answer (a baud change, a restart).
             self.session.handle(Hold(), self.loop.time())
             self._gate.hold(_AFTER)
+            self._hold_off()
             self.output.when_empty(lambda: self._run_after(reply.after))
 
     def _run_after(self, action) -> None:
@@ -144,6 +151,7 @@ class CommandDispatch:
         """Hold commands while the output is backlogged; a data phase goes on."""
         if self.output.backlogged and not self.parser.in_data_mode:
             self._gate.hold(_BACKLOG)
+            self._hold_off()
             return True
         return False
 

@@ -25,6 +25,7 @@ from bridged.commands.context import ConnectSpec
 from bridged.commands.dns import lookup_servers
 from bridged.commands.sntp import tls_time
 from bridged.commands.tcpip import connected_message
+from bridged.commands.wifi import station_ip
 from bridged.ipc import records
 from bridged.uart.links import Slot
 from bridged.uart.sending import Send
@@ -63,11 +64,14 @@ class Downlink:
             delay = self.ctx.state.reconnintv / 10
             if self.passthrough is not pt or self.links.is_busy(pt.link_id):
                 break
+            if station_ip(self.ctx) is None:
+                continue  # no AP (a Wi-Fi drop): nothing to reconnect over yet
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.
             spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
                                        tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
             try:
                 await self.links.connect(pt.link_id, spec)
+                self.links.announced()  # passthrough prints no CONNECT
             except AtError as exc:
                 log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
                 continue

@@ -46,6 +46,7 @@ from bridged.commands.passthrough import saved_link
 from bridged.commands.registry import SendRequest
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
+from bridged.faults.front import FrontFaults
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
 from bridged.ipc.messages import FrontReady, Ping, Pong, Shutdown, WorkerStarted
 from bridged.net.localaddr import link_policy
@@ -60,6 +61,8 @@ from bridged.uart.dispatch import CommandDispatch
 from bridged.uart.downlink import Downlink, Passthrough
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
+from bridged.uart.pacer import Pacer
+from bridged.uart.pacing import PacedInput, line_of, wanted
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort, drain
 from bridged.uart.reading import PortReading
 from bridged.uart.replug import Replug
@@ -80,6 +83,7 @@ def factory_uart(config: Config) -> UartSettings:
 
 class Front(PortReading, CommandDispatch, DataPhases, Downlink):
     tap: Transcript | None = None  # set while the AT transcript is on
+    rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
 
     def __init__(
         self,
@@ -111,6 +115,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.mdns = Advertiser()
         self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
+        self.faults = FrontFaults(self)  # [faults] and `bridged fault` (bridged.faults.front)
         self.ctx = self._new_context()
         self.session = Session()  # the AT session's state (bridged.at.session)
         self.boot: Boot | None = None  # the chip's (re)boot while the session is BOOTING
@@ -125,6 +130,10 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
         self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
+        self._paced: PacedInput | None = None  # [uart] pace: reads at the line rate (a pty only)
+        if wanted(config.uart.pace, port_name, fd, serial is not None):
+            self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
+            self._paced = PacedInput(self.loop, self._gate, self.uart)
         self._last_read = 0.0
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
@@ -144,15 +153,19 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
         self._start_boot(Reset.POWER_ON)
         self._resume_reading()
+        self.faults.start()
         try:
             await self._stopped
         finally:
+            self.faults.close()
             if self._replug is not None:
                 self._replug.close()
             self.sntp.stop()
             if self.boot is not None:
                 self.boot.cancel()
             await self.mdns.close()  # goodbye packets before the process ends
+            if self._paced is not None:
+                self._paced.close()
             self._gate.close()
             self.output.close()
             self.transcript.close()
@@ -216,6 +229,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
                       self._restart, self._apply_uart, self.uart, self.server,
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
+        ctx.faults = self.faults
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
             self.links.set_options(link_id, linger, nodelay, keep_alive)
@@ -309,4 +323,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.ctx.uart = settings
         if self._apply_port is not None:
             self._apply_port(settings)
+        if self._paced is not None:
+            self.output.pacer.set_line(*line_of(settings), self.loop.time())
+            self._paced.set_line(settings)
         log.info("uart_configured", settings=settings.fields())

@@ -26,6 +26,7 @@ from bridged.ipc.messages import (
     Connected,
     Ended,
     Discard,
+    FaultFired,
     Hello,
     LinkStats,
     Refused,
@@ -34,6 +35,7 @@ from bridged.ipc.messages import (
     SetRecvWindow,
 )
 from bridged.net.policy import Refusal
+from bridged.net.resolver import ResolveError, draw_faults
 from bridged.uart.delivery import Delivery
 from bridged.uart.slots import LinkEvents, Slot, SlotState
 from bridged.uart.transcript import MarkKind
@@ -70,6 +72,7 @@ class LinkTable:
         self.window = window
         self.loop = asyncio.get_running_loop()
         self.on_stats: Callable[[Slot, LinkStats], None] = lambda slot, msg: None  # bridged.ops.status
+        self.on_fault: Callable[[Slot, FaultFired], None] = lambda slot, msg: None  # bridged.faults.front
 
     # -- Links protocol (used by command handlers) --------------------------------
 
@@ -202,6 +205,10 @@ class LinkTable:
         self.slots[link_id].last_activity = self.loop.time()
 
     async def connect(self, link_id: int, spec: ConnectSpec) -> LinkView:
+        try:  # the worker resolves the host: the front's injected DNS faults are drawn here
+            await draw_faults(spec.host, (spec.timeout_ms or 10_000) / 1000)
+        except ResolveError as exc:
+            raise ExecFail(f"connect failed: {exc}") from None
         slot = self.slots[link_id]
         self._begin(slot, spec.type, server=False)
         slot.spec = spec
@@ -232,6 +239,7 @@ class LinkTable:
     def drop_all(self) -> None:
         """Close every connection without CLOSED messages (AT+RST, AT+RESTORE)."""
         for slot in self.slots:
+            slot.unannounced = False  # nothing will announce it now; the EOF must get through
             if slot.state in (SlotState.OPEN, SlotState.CONNECTING):
                 slot.silent = True
                 self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
@@ -245,6 +253,17 @@ class LinkTable:
         slot.control = control
         self.loop.add_reader(control.fileno(), self._on_control, slot)
         self.loop.add_reader(slot.downlink.data_fd, self.delivery.drain, slot)
+
+    def tell(self, link_id: int, msg: object) -> bool:
+        """Send a control message to a link's worker (FireFault); False when it has none now."""
+        slot = self.slots[link_id]
+        if slot.control is None:
+            return False
+        try:
+            send_message(slot.control, msg)
+        except OSError:
+            return False  # a full or dead socket: its reader sees the death
+        return True
 
     def _send(self, slot: Slot, msg: object) -> None:
         if slot.control is None:
@@ -298,6 +317,8 @@ class LinkTable:
             self._end(slot, msg.reason)
         elif isinstance(msg, LinkStats):
             self.on_stats(slot, msg)
+        elif isinstance(msg, FaultFired):
+            self.on_fault(slot, msg)
 
     def _on_connected(self, slot: Slot, msg: Connected) -> None:
         if slot.state is not SlotState.CONNECTING:
@@ -311,7 +332,15 @@ class LinkTable:
             if not slot.silent:  # else a restart closed it while the worker took it: never announced
                 self.events.link_accepted(slot)
         elif slot.waiter is not None:
+            slot.unannounced = True  # until connect()'s caller has written CONNECT: `announced`
             slot.waiter.set_result(slot.view)
+
+    def announced(self) -> None:
+        """The CONNECT of the links connect() opened is written (or will never be):
+        their data may follow now."""
+        for slot in self.slots:
+            if slot.unannounced:
+                self.delivery.announce(slot)
 
     # -- the end of a connection ------------------------------------------------------
 
@@ -321,6 +350,7 @@ class LinkTable:
         if state in (SlotState.IDLE, SlotState.NO_WORKER):
             return
         slot.state = SlotState.IDLE if slot.control is not None else SlotState.NO_WORKER
+        slot.unannounced = False
         if self.tap is not None:
             failed = state is SlotState.CONNECTING
             self.tap.mark(MarkKind.CONNECT_FAILED if failed else MarkKind.CLOSED, link=slot.link_id, reason=reason)

@@ -28,6 +28,11 @@ output is ``backlogged`` until it is down to ``low`` again, then ``on_eased``
 is called (soon, not from inside the writer): the owner stops taking input
 meanwhile, as ESP-AT's AT task blocks on a full UART.
 
+With ``[uart] pace`` on a pty, a `Pacer` (bridged.uart.pacer) sets how
+much of the queue may go at a time: a slice, then one timer until the line
+has room for the next (the pending write waits, as in a UART's FIFO).
+Without it nothing of this runs: no pacer, no per-write cost.
+
 A write that fails (EIO: the serial device went away) suspends the output
 and calls ``on_failed``: nothing is lost that the port had not taken, and
 ``resume`` writes it, in order, to the reopened port.  What the kernel had
@@ -46,6 +51,7 @@ from typing import Callable, Union
 import structlog
 
 from bridged.at.format import is_final
+from bridged.uart.pacer import CATCH_UP, Pacer
 
 __all__ = ["Output"]
 
@@ -61,6 +67,7 @@ Urc = Union[bytes, Callable[[], bytes]]  # the bytes, or a function making them 
 
 class Output:
     tap = None  # the AT transcript while it is on (bridged.uart.transcript)
+    mangle = None  # injected line faults (bridged.faults.uart), only while some are enabled
 
     def __init__(self, fd: int, gap: float, on_drained: Callable[[], None],
                  water: tuple[int, int] = (65536, 32768),
@@ -88,6 +95,8 @@ class Output:
         self._pending_final = False  # ... ends with a final result
         self._when_empty: list[Callable[[], None]] = []
         self.written = 0
+        self.pacer: Pacer | None = None  # [uart] pace: the line's rate (None: as fast as the port takes)
+        self._woken_at = 0.0  # the line deadline the pacing timer last fired for
 
     @property
     def buffered(self) -> int:
@@ -133,6 +142,8 @@ class Output:
         self._urcs.clear()
         self._pending = memoryview(b"")
         self._buffered = 0
+        if self.pacer is not None:  # nothing waits for the line any more
+            self.pacer.charge(0, self.loop.time())
         self._pump()
         return dropped
 
@@ -199,7 +210,12 @@ class Output:
             size += len(parts[-1])
         if not parts:
             return False
-        self._pending = memoryview(b"".join(parts))
+        data = b"".join(parts)
+        if self.mangle is not None:  # bytes lost or corrupted on the line (bridged.faults)
+            mangled = self.mangle(data)
+            self._buffered -= len(data) - len(mangled)
+            data = mangled
+        self._pending = memoryview(data)
         self._pending_final = final
         return True
 
@@ -216,8 +232,16 @@ class Output:
         if self.suspended:
             return
         while self._pending or self._next_batch(self.loop.time()):
+            chunk = self._pending[:_MAX_WRITE]
+            if self.pacer is not None:
+                # The timer may fire a hair before its deadline (uvloop ticks whole ms).
+                now = max(self.loop.time(), self._woken_at)
+                chunk = chunk[:self.pacer.allowance(now)]
+                if not chunk:
+                    self._wait_line()
+                    return
             try:
-                n = os.write(self.fd, self._pending[:_MAX_WRITE])
+                n = os.write(self.fd, chunk)
             except BlockingIOError:
                 n = 0
             except OSError as exc:
@@ -231,9 +255,15 @@ class Output:
             if self.tap is not None and n:
                 self.tap.sent(self._pending[:n])
             self._pending = self._pending[n:]
+            if self.pacer is not None:
+                # A full port is the MCU not reading (CTS low): idle line time, not made up.
+                self.pacer.charge(n, now, CATCH_UP if self._pending and n == len(chunk) else 0.0)
             if self._pending:
                 self._check_low()
-                self._arm_writer()
+                if self.pacer is not None and n == len(chunk):  # the line, not the port, holds the rest
+                    self._wait_line()
+                else:
+                    self._arm_writer()
                 return
             if self._pending_final:
                 self._final_at = self.loop.time()
@@ -251,6 +281,17 @@ class Output:
         # Called at once (it runs after every write): it may only queue more
         # output, and queuing never writes from inside _pump.
         self.on_drained()
+
+    def _wait_line(self) -> None:
+        """Write the pending bytes once the line has room for a slice of them: one timer."""
+        self._disarm_writer()
+        deadline = self.pacer.deadline(len(self._pending))
+        self._scheduled = True  # nothing queued meanwhile needs a pump of its own
+        self._timer = self.loop.call_at(deadline, self._line_free, deadline)
+
+    def _line_free(self, deadline: float) -> None:
+        self._woken_at = deadline
+        self._pump()
 
     def suspend(self) -> None:
         """Write nothing until ``resume`` (the port is gone); keep queuing."""

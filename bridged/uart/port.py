@@ -19,6 +19,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import stat
 import struct
 import termios
 import tty
@@ -239,6 +240,8 @@ class SerialPort:
         self._lines: TtyModemLines | None = None
         self._serial, self._lines = self._open()
         self.fd = self._serial.fileno()
+        # The driver (a ttyUSB, a ttyAMA, a pty): what returns at the path must be of it.
+        self.major = os.major(os.fstat(self.fd).st_rdev)
 
     def _open(self):
         import serial  # imported here: a pty-only run never needs it
@@ -270,12 +273,32 @@ class SerialPort:
         self.rts.attach(self._lines, settings.flow)
 
     def release(self) -> None:
-        """The device hung up: let go of its lock, so that it may be opened again
-        where it returns (the same node, after a driver reset) before we close it."""
+        """The device hung up: let go of it, keeping its descriptor's number.
+
+        Held open, a vanished USB adapter keeps its node: the kernel frees
+        ttyUSB0 only at the last close, so the adapter would return as ttyUSB1
+        and a --port /dev/ttyUSB0 (or the unit's DeviceAllow=) never sees it
+        again.  /dev/null takes the number's place (dup2 closes the tty), so
+        the number is not reused while the loop may still name it; what was
+        queued for the cut wire is dropped first, so the close never waits
+        on it (closing_wait).
+        """
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        except OSError:
-            pass  # nothing to release on a descriptor that is gone
+            termios.tcflush(self.fd, termios.TCOFLUSH)
+        except (termios.error, OSError):
+            pass  # hung up: nothing left to flush
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # out of descriptors: at least the lock, for the same node
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            return
+        try:
+            os.dup2(null, self.fd, inheritable=False)
+        finally:
+            os.close(null)
 
     def reopen(self) -> int:
         """Open the device again with the settings in force; the old descriptor
@@ -287,7 +310,16 @@ class SerialPort:
         Raises:
             PortError: the device cannot be opened (yet).
         """
-        fresh, self._lines = self._open()
+        st = os.stat(self.device)
+        self._check_kind(st.st_rdev, st.st_mode)  # before the open: opening may act (a watchdog)
+        fresh, lines = self._open()
+        try:
+            st = os.fstat(fresh.fileno())
+            self._check_kind(st.st_rdev, st.st_mode)  # the path may have changed meanwhile
+        except (OSError, PortError):
+            fresh.close()
+            raise
+        self._lines = lines
         old, self._serial = self._serial, fresh
         self.fd = fresh.fileno()
         try:
@@ -295,6 +327,19 @@ class SerialPort:
         except OSError:
             pass  # a hung-up tty may refuse the flush pyserial's close does: it is closed anyway
         return self.fd
+
+    def _check_kind(self, rdev: int, mode: int) -> None:
+        """A device that returns must be one of the driver we served: a path
+        pointed elsewhere meanwhile (a console, /dev/ptmx, another device a
+        writable folder's link was turned to) is not opened as the MCU's.
+
+        Raises:
+            PortError: another kind of file or device.
+        """
+        if not stat.S_ISCHR(mode) or os.major(rdev) != self.major:
+            what = f"device {os.major(rdev)}:{os.minor(rdev)}" if stat.S_ISCHR(mode) else "not a device"
+            raise PortError(f"{self.device} is now another kind of device ({what}; it was of major "
+                            f"{self.major}); waiting for the one it was")
 
     def hold_input(self, held: bool) -> None:
         """The front's read gate started (True) or stopped holding input."""

@@ -42,6 +42,12 @@ class PortReading:
 
     def _pause_reading(self) -> None:
         self._gate.shut()
+        self._hold_off()
+
+    def _hold_off(self) -> None:
+        """Input is held back (RTS): the paced line idles meanwhile, it does not fall behind."""
+        if self._paced is not None:
+            self._paced.pacer.hold_off()
 
     def _on_readable(self) -> None:
         disposition = self.session.input
@@ -52,8 +58,11 @@ class PortReading:
             return
         if self._backlogged():
             return
+        size = _READ_SIZE if self._paced is None else self._paced.budget()
+        if not size:
+            return  # the line is busy: read again when it has room
         try:
-            data = os.read(self.fd, _READ_SIZE)
+            data = os.read(self.fd, size)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -67,10 +76,14 @@ class PortReading:
         if not data:
             self._hung_up("hung up (unplugged?)")
             return
+        if self._paced is not None:
+            self._paced.took(self.fd, size, len(data))
         if self._serial is not None:
             self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
+        if self.rx_fault is not None and not (data := self.rx_fault(data)):
+            return  # an injected overrun lost all of it
         if disposition is Input.DROP:
             self.boot.drop(len(data))
             return
@@ -81,7 +94,8 @@ class PortReading:
         now = self.loop.time()
         self.parser.receive_bytes(data, now)
         self._process()
-        self._coalesce(len(data), now)
+        if self._paced is None:  # paced reads come in slices already
+            self._coalesce(len(data), now)
 
     def _hung_up(self, why: str) -> None:
         """The device went away (a read gave EOF, as a tty does only once hung

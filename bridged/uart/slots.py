@@ -64,6 +64,9 @@ class Slot:
     ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
     pid: int = 0  # its worker's, from Hello
     ipd: int = 0  # +IPD frames and notices of this connection (bridged status)
+    # Connected, but the CONNECT that announces it is not written yet: its data
+    # waits in the ring (a peer that speaks first must not get +IPD ahead of it).
+    unannounced: bool = False
 
     def __post_init__(self) -> None:
         self.rx = Unread(self.downlink)

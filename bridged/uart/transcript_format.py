@@ -41,6 +41,7 @@ class MarkKind(str, enum.Enum):
     CLOSED = "closed"
     IPD = "ipd"  # a +IPD frame (or a passive-mode notice) was queued
     LOST = "lost"  # the disk fell behind: rx/tx bytes and marks not written
+    FAULT = "fault"  # an injected fault (bridged.faults): its name and what it did
 
 
 # Named tuples, not dataclasses: one is made per read and per write.

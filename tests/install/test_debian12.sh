@@ -5,6 +5,9 @@
 #
 #   tests/install/test_debian12.sh [WORKDIR]       (default /var/tmp/bridged-deb12)
 #
+# WORKDIR must be root's and not writable by others (its base is chrooted
+# into as root); the script refuses any other, exit 2.
+#
 # Needs debootstrap (apt-get install debootstrap), the Debian mirror this
 # machine's apt uses, and python3 3.11 with pip here (bookworm's Python is
 # 3.11): bridged's dependencies and setuptools are fetched here into a
@@ -33,6 +36,16 @@ passed=0
 failed=0
 
 [ "$(id -u)" -eq 0 ] || { echo "run it as root" >&2; exit 2; }
+# WORKDIR/base is reused and chrooted into as root: WORKDIR must be root's
+# alone (the default's /var/tmp is everyone's: a user could make it first).
+[ -e "$work" ] || [ -L "$work" ] || mkdir -m 0700 "$work"
+owner=$(stat -c %u "$work")
+mode=$(stat -c %a "$work")
+if [ ! -d "$work" ] || [ -L "$work" ] || [ "$owner" != 0 ] || [ $((8#$mode & 8#022)) -ne 0 ]; then
+    echo "$work: not a directory of root's that other users may not write (uid $owner, mode $mode);" \
+         "remove it or choose another WORKDIR" >&2
+    exit 2
+fi
 command -v debootstrap >/dev/null || { echo "needs debootstrap (apt-get install debootstrap)" >&2; exit 2; }
 
 # The mirror this machine's apt uses (deb822 URIs: or a one-line deb entry).

@@ -9,15 +9,17 @@ import pytest
 from tests.harness import Daemon
 
 
-def test_ready_then_echo_on_by_default(daemon: Daemon):
-    """The daemon announces ready; echo is on until ATE0, and ATE0 itself is echoed."""
-    h = daemon.host()
-    assert h.expect(b"\r\nready\r\n") == b"\r\nready\r\n"
-    assert h.command(b"AT") == b"AT\r\n\r\nOK\r\n"
-    assert h.command(b"ATE0") == b"ATE0\r\n\r\nOK\r\n"
-    assert h.command(b"AT") == b"\r\nOK\r\n"
-    assert h.command(b"ATE1") == b"\r\nOK\r\n"
-    assert h.command(b"AT") == b"AT\r\n\r\nOK\r\n"
+@pytest.mark.bridged(profile="esp32")
+def test_ready_then_echo_on_by_default(bridged_device):
+    """The daemon announces ready; echo is on until ATE0, and ATE0 itself is echoed
+    (through bridged.testing's fixture and AT client, as a firmware test would)."""
+    at = bridged_device.at
+    assert at.expect(b"\r\nready\r\n") == b"\r\nready\r\n"
+    assert at.command("AT").text == b"AT\r\n\r\nOK\r\n"
+    assert at.command("ATE0").text == b"ATE0\r\n\r\nOK\r\n"
+    assert at.command("AT").text == b"\r\nOK\r\n"
+    assert at.command("ATE1").text == b"\r\nOK\r\n"
+    assert at.command("AT").text == b"AT\r\n\r\nOK\r\n"
 
 
 def test_gmr_satisfies_lwesp_and_names_bridged(host):

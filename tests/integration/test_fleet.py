@@ -1,8 +1,9 @@
-"""bridged fleet: N devices on N ptys, the interim status, stop, restart, bad options."""
+"""bridged fleet: N devices on N ptys, the aggregated status and faults, stop, restart, bad options."""
 
 from __future__ import annotations
 
 import json
+import select
 import os
 import signal
 import socket
@@ -15,7 +16,7 @@ import psutil
 import pytest
 
 from bridged.__main__ import main
-from tests.harness import Host, Timeout
+from tests.harness import EchoServer, Host, Timeout
 
 START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
 
@@ -23,8 +24,8 @@ START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
 class FleetRun:
     """``python -m bridged fleet`` in a test directory, its output in a file."""
 
-    def __init__(self, tmp: Path, count: int, *extra: str) -> None:
-        self.dir = tmp / "fleet"
+    def __init__(self, tmp: Path, count: int, *extra: str, directory: Path | None = None) -> None:
+        self.dir = directory or tmp / "fleet"
         self.config = tmp / "bridged.toml"
         self.config.write_text('[wifi]\nstation_interface = "lo"\n')
         self.out_path = tmp / "fleet.out"
@@ -58,6 +59,15 @@ class FleetRun:
     def status(self, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir",
                                str(self.dir), *extra], capture_output=True, text=True, timeout=30)
+
+    def fault(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bridged", "fleet", "fault", "--dir", str(self.dir),
+                               "--timeout", "5", *args], capture_output=True, text=True, timeout=30)
+
+    def status_json(self, *extra: str) -> tuple[int, dict]:
+        result = self.status("--json", *extra)
+        assert result.returncode in (0, 1), result.stdout + result.stderr
+        return result.returncode, json.loads(result.stdout)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
@@ -110,11 +120,14 @@ def test_three_devices_answer_status_and_stop(fleet_of):
         assert host.command(b"AT").endswith(b"\r\nOK\r\n")
         host.close()
         assert psutil.Process(d["pid"]).environ()["RUNTIME_DIRECTORY"] == d["run_dir"]
-    status = fleet.status()
+    status = fleet.status("--timeout", "5")
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "3 of 3 devices alive and answering AT within 10 ms" in status.stdout
-    rows = [json.loads(line) for line in fleet.status("--json").stdout.splitlines()]
-    assert [(r["index"], r["alive"], r["pid"]) for r in rows] == [(d["index"], True, d["pid"]) for d in devices]
+    assert "total: 3 of 3 running, 3 answering, 3 healthy" in status.stdout
+    probed = fleet.status("--timeout", "5", "--probe", "--json")
+    assert probed.returncode == 0, probed.stdout + probed.stderr
+    rows = json.loads(probed.stdout)["devices"]
+    assert [(r["index"], r["alive"], r["answering"], r["pid"]) for r in rows] == \
+        [(d["index"], True, True, d["pid"]) for d in devices]
     assert all(r["at_ms"] is not None and r["at_ms"] <= 10 for r in rows), rows
 
     procs = fleet.tree()
@@ -127,7 +140,7 @@ def test_three_devices_answer_status_and_stop(fleet_of):
     assert not fleet.manifest()["running"]
     after = fleet.status()
     assert after.returncode == 1 and "not running" in after.stdout
-    assert "0 of 3 devices alive" in after.stdout
+    assert "total: 0 of 3 running, 0 answering, 0 healthy" in after.stdout
 
 
 def test_killed_device_is_restarted_and_counted(fleet_of):
@@ -275,3 +288,227 @@ def test_status_without_a_fleet_is_a_usage_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "no fleet in" in result.stderr
+
+
+def test_status_never_opens_the_pty_of_a_device_that_is_not_running(tmp_path, capsys):
+    """A fleet that died left its manifest and a link to a pty number since reused (a
+    user's terminal, here ours): status neither opens it nor writes AT to it, nor puts
+    it in raw mode; nor does it follow a pty path the manifest names outside the fleet."""
+    import termios
+
+    directory = tmp_path / "f"
+    directory.mkdir()
+    master, slave = os.openpty()
+    try:
+        before = termios.tcgetattr(slave)
+        assert before[3] & termios.ECHO  # a terminal in cooked mode, as a shell's
+        (directory / "ttyESP0").symlink_to(os.ttyname(slave))
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        devices = [{"index": 0, "pid": dead.pid, "state": "ready", "pty": str(directory / "ttyESP0")},
+                   {"index": 1, "pid": os.getpid(), "state": "ready", "pty": os.ttyname(slave)}]
+        (directory / "fleet.json").write_text(json.dumps({"pid": 0, "running": True, "devices": devices}))
+        os.write(master, b"typed by the user\r")  # their pending input must stay theirs
+        select.select([master], [], [], 5)
+        assert os.read(master, 100) == b"typed by the user\r\n"  # the terminal's echo
+        assert main(["fleet", "status", "--dir", str(directory), "--json", "--probe"]) == 1
+        rows = json.loads(capsys.readouterr().out)["devices"]
+        assert [(r["alive"], r["answering"], r["at_ms"], r["problem"]) for r in rows] == \
+            [(False, False, None, "not running"), (False, False, None, "not running")]
+        readable, _, _ = select.select([master], [], [], 0.3)
+        assert readable == [], os.read(master, 1024)
+        assert termios.tcgetattr(slave) == before
+        assert select.select([slave], [], [], 5)[0] == [slave]
+        assert os.read(slave, 100) == b"typed by the user\n"  # a cooked line (ICRNL)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.timeout(120)
+def test_a_device_that_cannot_be_spawned_is_a_failed_start_not_a_crash(fleet_of, tmp_path):
+    """Device 1's log cannot be opened (a directory is in its place): it counts as a failed
+    start (backoff, then given up), not a traceback that leaves device 0 to the kernel's
+    death signal; the fleet goes on with device 0 and stops it in order."""
+    (tmp_path / "fleet" / "logs" / "1.log").mkdir(parents=True)
+    fleet = fleet_of(2)
+    fleet.wait_for("bridged fleet: 1 of 2 devices ready", timeout=START_TIMEOUT + 20)
+    assert "failed: [1]" in fleet.out()
+    assert [e["index"] for e in fleet.events("device_spawn_failed")] == [1] * 5
+    assert [e["failures"] for e in fleet.events("device_failed")] == [5]
+    manifest = fleet.manifest()
+    assert [d["state"] for d in manifest["devices"]] == ["ready", "failed"]
+    assert manifest["devices"][1]["pid"] == 0
+    procs = fleet.tree()
+    assert fleet.stop() == 0, fleet.out()[-3000:]
+    assert "Traceback" not in fleet.out()
+    assert not _gone(procs), "processes left behind"
+
+
+@pytest.mark.parametrize("mode, owner", [(0o777, None), (0o1777, None), (0o700, 65534)])
+def test_a_directory_others_may_write_is_refused(tmp_path, capsys, mode, owner):
+    """--dir writable by other users (or theirs) is refused before anything is made in
+    it: they could plant D/logs/0.log as a link to a file of ours the fleet appends to."""
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    if owner is not None:
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(directory, owner, owner)
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory} ") and "other users" in err, err
+    assert os.listdir(directory) == []
+
+
+def test_a_directory_the_fleet_cannot_use_is_a_usage_error(tmp_path, capsys):
+    """D/logs is a file (or D/state a dangling link): one line naming it, exit 2, no traceback, no device."""
+    directory = tmp_path / "f"
+    directory.mkdir(mode=0o700)
+    (directory / "logs").write_text("not a directory")
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory / 'logs'}: ") and len(err.splitlines()) == 1, err
+    (directory / "logs").unlink()
+    (directory / "state").rmdir()
+    (directory / "state").symlink_to(tmp_path / "nowhere")
+    assert main(["fleet", "--count", "1", "--dir", str(directory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridged fleet: --dir: {directory / 'state'}: ") and len(err.splitlines()) == 1, err
+    assert not (directory / "fleet.json").exists()
+
+
+def test_a_long_directory_is_served(tmp_path):
+    """A --dir whose D/run/<i>/control.sock passes the 107 bytes of a socket address: every
+    device still starts (its control socket is bound through its folder's descriptor)."""
+    directory = tmp_path / ("d" * max(1, 100 - len(str(tmp_path))))
+    assert len(os.fsencode(directory / "run" / "0" / "control.sock")) > 107
+    fleet = FleetRun(tmp_path, 1, directory=directory)
+    try:
+        fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+        assert not fleet.events("device_died")
+        assert (directory / "run" / "0" / "control.sock").exists()
+    finally:
+        assert fleet.stop() == 0, fleet.out()[-3000:]
+
+
+def test_status_aggregates_links_bytes_and_a_fleet_fault(fleet_of):
+    """A link opened on device 0 over its pty shows in its row and in the fleet's totals
+    (links open, UART and network bytes); a fault fired by `fleet fault --device 1`
+    acts on device 1 only and its count shows in device 1's row and the totals."""
+    fleet = fleet_of(2, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 2 of 2 devices ready")
+    server = EchoServer()
+    host = Host(str(fleet.dir / "ttyESP0"))
+    try:
+        host.boot()
+        host.command(f'AT+CIPSTART="TCP","127.0.0.1",{server.port}'.encode(), timeout=20)
+        host.send_data(b"AT+CIPSEND=5", b"hello")
+        assert host.read_ipd() == (None, b"hello")
+        code, doc = fleet.status_json("--timeout", "5")
+        assert code == 0, doc
+        assert set(doc) == {"dir", "manager_pid", "manager_running", "totals", "devices"}
+        assert doc["manager_pid"] == fleet.proc.pid and doc["manager_running"]
+        d0, d1 = doc["devices"]
+        assert (d0["index"], d0["answering"], d0["links_open"], d0["net_up"], d0["net_down"]) == (0, True, 1, 5, 5)
+        assert d0["uart_up"] >= len(b"AT+CIPSEND=5\r\nhello") and d0["status"]["links"][0]["state"] == "open"
+        assert (d1["links_open"], d1["net_up"], d1["uart_up"]) == (0, 0, 0)
+        t = doc["totals"]
+        assert (t["devices"], t["running"], t["answering"], t["healthy"], t["links_open"]) == (2, 2, 2, 2, 1)
+        assert (t["net_up"], t["net_down"], t["uart_up"]) == (5, 5, d0["uart_up"])
+        assert t["uart_down"] == d0["uart_down"] + d1["uart_down"] and t["faults"] == {}
+        human = fleet.status("--timeout", "5").stdout
+        assert "total: 2 of 2 running, 2 answering, 2 healthy; 1 links open;" in human, human
+
+        fired = fleet.fault("at_busy", "--device", "1")
+        assert fired.returncode == 0 and fired.stdout == "device 1: at_busy: armed for the next 1 occasion(s)\n", fired
+        other = Host(str(fleet.dir / "ttyESP1"))
+        try:
+            other.read_quiet(0.1)  # ready
+            other.write(b"AT\r\n")
+            assert other.expect(b"busy p...\r\n").endswith(b"\r\nbusy p...\r\n")
+            assert other.command(b"AT").endswith(b"OK\r\n")
+        finally:
+            other.close()
+        assert host.command(b"AT").endswith(b"OK\r\n")  # device 0 untouched
+        _code, doc = fleet.status_json("--timeout", "5")
+        assert [d["faults"] for d in doc["devices"]] == [{}, {"at_busy": 1}]
+        assert doc["totals"]["faults"] == {"at_busy": 1}
+        assert "faults injected: at_busy 1" in fleet.status("--timeout", "5").stdout
+    finally:
+        host.close()
+        server.close()
+
+
+def test_status_does_not_hang_on_a_silent_device(fleet_of):
+    """A device that is stopped (SIGSTOP: its control socket accepts, nobody answers)
+    is shown as not answering after the 1 s timeout, the others as usual, exit 1; fleet
+    fault says the same and still fires on the others."""
+    fleet = fleet_of(2, "--profile", "fleet")
+    fleet.wait_for("bridged fleet: 2 of 2 devices ready")
+    supervisor = psutil.Process(fleet.manifest()["devices"][1]["pid"])
+    device = [supervisor, *supervisor.children(recursive=True)]  # the supervisor first: it would kill a silent front
+    for p in device:
+        p.suspend()
+    try:
+        started = time.monotonic()
+        code, doc = fleet.status_json()
+        took = time.monotonic() - started
+        human = fleet.status()
+        fired = fleet.fault("at_busy", "--all", "--timeout", "1")
+    finally:
+        for p in reversed(device):
+            p.resume()
+    assert code == 1 and took < 10, (code, took)
+    d0, d1 = doc["devices"]
+    assert d0["answering"] and (d1["alive"], d1["answering"], d1["problem"]) == (True, False, "no answer within 1 s")
+    assert (doc["totals"]["answering"], doc["totals"]["healthy"]) == (1, 1)
+    assert human.returncode == 1 and "NOT ANSWERING: no answer within 1 s" in human.stdout
+    assert fired.returncode == 1 and "device 1: no answer within 1 s" in fired.stdout, fired
+    assert "fired on 1 of 2 devices; not on [1]" in fired.stdout
+
+
+def test_status_of_many_devices_lists_the_unhealthy_and_escapes_what_devices_say():
+    """Past 50 devices the table lists only the unhealthy ones (--all lists every one), the
+    totals sum faults per name, and a fault name or reason from a device cannot put an
+    escape sequence or a line of its own on the terminal."""
+    from bridged.fleet_status import DeviceRow, render, totals
+
+    rows = [DeviceRow(i, 100 + i, "ready", 0, True, True, None, uptime_s=5, links_open=1, uart_up=10,
+                      faults={"at_busy": 1}) for i in range(60)]
+    rows[7] = DeviceRow(7, 107, "ready", 2, True, False, "refused: \x1b]0;pwned\x07\nforged")
+    rows[8] = DeviceRow(8, 108, "ready", 0, True, True, None, faults={"\x1b[2Jx": 3})
+    tot = totals(rows, None)
+    assert (tot.devices, tot.answering, tot.healthy, tot.links_open, tot.restarts) == (60, 59, 59, 58, 2)
+    assert tot.faults == {"\x1b[2Jx": 3, "at_busy": 58}
+    text = render("fleet", rows, tot, None, False)
+    assert "\x1b" not in text and "\x07" not in text
+    listed = [line.split()[0] for line in text.splitlines()[2:] if line[:4].strip().isdigit()]
+    assert listed == ["7"], text
+    assert "NOT ANSWERING: refused: \\x1b]0;pwned\\x07\\nforged" in text
+    assert "(59 healthy devices not shown; --all shows them)" in text
+    every = render("fleet", rows, tot, None, True)
+    assert len([line for line in every.splitlines() if line[:4].strip().isdigit()]) == 60
+    assert "\\x1b[2Jx 3" in every and "\x1b" not in every
+
+
+def test_fleet_fault_usage_errors(tmp_path, capsys):
+    """A bad fault, key or device, or neither --device nor --all (or a bad status --timeout),
+    is exit 2 with one line, before any device is asked."""
+    directory = tmp_path / "f"
+    directory.mkdir()
+    devices = [{"index": 0, "pid": 0, "state": "ready", "pty": str(directory / "ttyESP0")}]
+    (directory / "fleet.json").write_text(json.dumps({"pid": 0, "running": False, "devices": devices}))
+    for args, message in [(("bogus", "--all"), "unknown fault 'bogus'"),
+                          (("at_busy", "x=1", "--all"), "at_busy: x: unknown key"),
+                          (("at_busy", "noeq", "--all"), "'noeq' is not key=value"),
+                          (("at_busy",), "one of the arguments --device --all is required"),
+                          (("at_busy", "--device", "3"), "--device: 3 is not allowed; allowed: 0 to 0")]:
+        assert main(["fleet", "fault", "--dir", str(directory), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bridged fleet: ") and message in err and len(err.splitlines()) == 1, err
+    assert main(["fleet", "fault", "--dir", str(directory), "at_busy", "--all"]) == 1
+    assert capsys.readouterr().out == "device 0: not running\n"
+    assert main(["fleet", "status", "--dir", str(directory), "--timeout", "0"]) == 2
+    assert "--timeout: 0 is not allowed; allowed: seconds from 0.05 to 60" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.harness import Daemon, with_boot_ms
+from tests.harness import Daemon, with_test_timing
 
 _WIFI_KEY = "Wk7-right-SECRET"  # the configured Wi-Fi password
 _SECRETS = ("Wk7", "SECRET", "9137735913")
@@ -88,11 +88,11 @@ def test_a_malformed_secret_in_the_config_is_never_shown(make_daemon, tmp_path):
     daemon.expected_errors.add("reload_refused")
     host = daemon.host()
     host.expect(b"\r\nready\r\n")
-    daemon.config_path.write_text(with_boot_ms('[wifi]\nstation_interface = "lo"\npassword = "SECRET\\u0007"\n'))
+    daemon.config_path.write_text(with_test_timing('[wifi]\nstation_interface = "lo"\npassword = "SECRET\\u0007"\n'))
     daemon.proc.send_signal(signal.SIGHUP)
     refused = daemon.wait_event("reload_refused")[-1]
     assert "wifi.password: the value given (secret, not shown)" in refused["error"]
-    daemon.config_path.write_text(with_boot_ms(f'[wifi]\nstation_interface = "lo"\npassword = "{_WIFI_KEY}"\n'))
+    daemon.config_path.write_text(with_test_timing(f'[wifi]\nstation_interface = "lo"\npassword = "{_WIFI_KEY}"\n'))
     daemon.proc.send_signal(signal.SIGHUP)
     assert daemon.wait_event("reloading")[-1]["changed"] == ["wifi.password"]
     host.expect(b"\r\nready\r\n")

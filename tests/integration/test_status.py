@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -98,22 +99,29 @@ def test_status_shows_an_open_link_and_its_bytes(daemon, echo_server):
     host.close()
 
 
-def test_status_shows_the_uart_settings_in_force(daemon):
-    """AT+UART_CUR and AT+UART_DEF override the configured framing: status says so."""
-    host = daemon.host()
-    host.boot()
-    assert status_json(daemon)["uart"]["source"] == "config"
-    host.command(b"AT+UART_CUR=921600,7,3,2,3")
-    host.command(b"AT")  # applied once the OK has drained
-    uart = status_json(daemon)["uart"]
+@pytest.mark.bridged(profile="esp32")
+def test_status_shows_the_uart_settings_in_force(bridged_device):
+    """AT+UART_CUR and AT+UART_DEF override the configured framing: status says so
+    (read through bridged.testing's device.status(), the same reply as --json)."""
+    at = bridged_device.at
+    at.expect(b"\r\nready\r\n")
+    assert at.command("ATE0").ok
+    uart = bridged_device.status()["uart"]
+    assert (uart["baud"], uart["flow_control"], uart["source"]) == (115200, "rts", "config")
+    assert at.command("AT+UART_CUR=921600,7,3,2,3").ok
+    assert at.command("AT").ok  # applied once the OK has drained
+    uart = bridged_device.status()["uart"]
     assert (uart["baud"], uart["data_bits"], uart["stop_bits"], uart["parity"], uart["flow_control"],
             uart["source"]) == (921600, 7, "2", "even", "rtscts", "AT+UART_CUR")
-    host.command(b"AT+UART_DEF=230400,8,1,0,0")
-    host.command(b"AT")
-    uart = status_json(daemon)["uart"]
+    assert at.command("AT+UART_DEF=230400,8,1,0,0").ok
+    assert at.command("AT").ok
+    uart = bridged_device.status()["uart"]
     assert (uart["baud"], uart["parity"], uart["flow_control"], uart["source"]) == \
         (230400, "none", "none", "AT+UART_DEF")
-    host.close()
+    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--json", "--control",
+                           str(bridged_device.control_path)], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["uart"] == uart
 
 
 def test_control_socket_mode_and_owner(daemon):
@@ -195,7 +203,7 @@ def test_bad_requests_get_an_error_and_the_daemon_still_serves(daemon):
     host.boot()
     with connect(control_path(daemon)) as sock:
         reply = exchange(sock, b'{"cmd":"reboot"}')
-        assert reply == {"ok": False, "error": "unknown cmd 'reboot'; known: status, transcript"}
+        assert reply == {"ok": False, "error": "unknown cmd 'reboot'; known: fault, status, transcript"}
         assert "malformed JSON" in exchange(sock, b'{"cmd": "status"')["error"]
         assert exchange(sock, b"\xff\xfe")["ok"] is False
         assert exchange(sock, b'["status"]')["error"] == "a request must be a JSON object"
@@ -314,3 +322,63 @@ def test_transcript_request_needs_a_boolean(daemon):
         reply = exchange(sock, json.dumps({"cmd": "transcript", "on": "yes"}).encode())
     assert reply["ok"] is False and "true or false" in reply["error"]
     assert status_json(daemon)["uart"]
+
+
+def test_mcu_strings_reach_the_admins_terminal_without_escape_sequences(daemon):
+    """An SSID the MCU chose (logged by a failed join, shown among the recent
+    warnings) holds terminal escape sequences: the table shows them escaped,
+    never as raw control characters; --json keeps the string as it was."""
+    host = daemon.host()
+    host.boot()
+    ssid = b"\x1b]0;owned\x07\x1b[2J\x9b1m\x7f"
+    host.write(b'AT+CWJAP="' + ssid + b'","password"\r\n')
+    host.expect(b"ERROR\r\n")
+    table = status_cli(daemon)
+    assert table.returncode == 0, table.stderr
+    assert "wifi_join_failed" in table.stdout
+    assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) < 0xa0 for c in table.stdout), \
+        repr(table.stdout)
+    assert "\\x1b]0;owned\\x07" in table.stdout
+    events = status_json(daemon)["errors"]
+    assert any("\x1b]0;owned\x07" in e["detail"] for e in events)
+    host.close()
+
+
+def test_a_control_socket_path_longer_than_a_socket_address_still_serves(make_daemon, tmp_path):
+    """/run/bridged/<instance>/control.sock of a by-id instance (a CP2102N's escaped name
+    is over 100 bytes) passes the 107 bytes of sun_path: the daemon still starts and
+    serves it, and bridged status reaches it by the same path."""
+    name = r"serial-by\x2did-usb\x2dSilicon_Labs_CP2102N_USB_to_UART_Bridge_Controller_" \
+           r"a8d6c5e1f2d8eb11b3b2a2c8e3d2a1b0\x2dif00\x2dport0"
+    folder = tmp_path / "run" / name
+    folder.mkdir(parents=True)
+    path = folder / "control.sock"
+    assert len(os.fsencode(path)) > 107
+    daemon = make_daemon(args=("--control", str(path)))
+    host = daemon.host()
+    host.boot()  # ready: the front serves the socket the supervisor bound before it
+    host.close()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--control", str(path), "--json"],
+                          capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["front_pid"] > 0
+
+
+
+def test_the_control_socket_outlives_a_reload(make_daemon):
+    """A reload with a changed config stops the front in order and starts a new one: the
+    socket file is the supervisor's and stays (3.13's asyncio removed it with the old
+    front's server), and status reaches the new front."""
+    daemon = make_daemon("rssi = -40\n")
+    host = daemon.host()
+    host.boot()
+    path = control_path(daemon)
+    front = status_json(daemon)["front_pid"]
+    daemon.write_config("rssi = -50\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reloading")[-1]["changed"] == ["wifi.rssi"]
+    host.expect(b"\r\nready\r\n", timeout=10)
+    assert os.path.exists(path)
+    assert status_json(daemon)["front_pid"] != front
+    host.close()

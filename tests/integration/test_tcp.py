@@ -307,3 +307,29 @@ def test_killed_front_restarts_everything(daemon: Daemon):
     assert len(daemon.wait_event("child_started", role="front", count=2)) == 2
     died = [e for e in daemon.events("child_died") if e.get("role") == "link"]
     assert not died, died  # workers that end with their front are not reported as crashes
+
+
+def test_a_peer_that_speaks_first_never_beats_connect(host):
+    """A server that greets on accept (SMTP, MQTT brokers' retained messages, banners):
+    over 20 quick opens, CONNECT and OK always come before the greeting's +IPD and
+    the link's CLOSED, as on ESP-AT, in both connection modes."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def greet() -> None:
+        conn, _ = server.accept()
+        conn.sendall(b"220 hi")
+        conn.close()
+
+    try:
+        for round_ in range(20):
+            multi = round_ % 2 == 1
+            host.command(b"AT+CIPMUX=%d" % multi)
+            host.write(b'AT+CIPSTART=' + (b"3," if multi else b"") + b'"TCP","127.0.0.1",%d\r\n' % port)
+            greet()  # the greeting is in the worker's socket before the front has answered
+            closed = b"3,CLOSED\r\n" if multi else b"CLOSED\r\n"
+            got = host.expect(closed)
+            prefix = b"3," if multi else b""
+            assert got == prefix + b"CONNECT\r\n\r\nOK\r\n\r\n+IPD," + prefix + b"6:220 hi" + closed, (round_, got)
+    finally:
+        server.close()

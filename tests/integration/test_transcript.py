@@ -204,15 +204,18 @@ def test_rotation_at_the_cap_keeps_n_files(make_daemon, tmp_path):
     assert len(t.rx) < len(h.sent) / 2  # ... and the oldest were dropped
 
 
-def test_transcript_option_writes_the_file(make_daemon, tmp_path):
-    """bridged run --transcript FILE switches the transcript on to FILE, without any config key."""
-    path = tmp_path / "t.txt"
-    d = make_daemon(args=("--transcript", str(path)))
-    h = TapHost(d.link)
+def test_transcript_option_writes_the_file(bridged_device):
+    """bridged run --transcript FILE switches the transcript on to FILE, without any config key
+    (bridged.testing starts its devices so; its transcript wait sees the command)."""
+    path = bridged_device.transcript_path
+    assert "transcript =" not in bridged_device.config_path.read_text()
+    assert "transcript_path" not in bridged_device.config_path.read_text()
+    h = TapHost(str(bridged_device.port))
     h.boot()
     h.command(b"AT+GMR")
+    assert bridged_device.wait_for_transcript(r"^command name=AT\+GMR kind=execute$", 5).rx == len(h.sent)
     h.read_quiet(0.3)
-    assert d.stop() == 0
+    assert bridged_device.stop() == 0
     h.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     t = read_transcript(path)
@@ -331,6 +334,6 @@ def test_check_shows_the_option_without_creating_the_file(tmp_path):
                           capture_output=True, text=True, timeout=30, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
     assert proc.returncode == 0, proc.stderr
-    assert "transcript = true\n" in proc.stdout
-    assert f'transcript_path = "{tmp_path / "t.log"}"\n' in proc.stdout
+    assert "transcript = true  # command line\n" in proc.stdout
+    assert f'transcript_path = "{tmp_path / "t.log"}"  # command line\n' in proc.stdout
     assert not (tmp_path / "t.log").exists()

@@ -66,3 +66,76 @@ def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():
     assert [type(a) for a in answers] == [ConnectFailed, ConnectFailed, ConnectFailed, Connected]
     assert [a.conn_id for a in answers] == [1, 2, 3, 4]
     assert [e["conn_id"] for e in logs if e["event"] == "adopt_refused"] == [1, 2, 3]
+
+
+def test_adopt_refuses_a_tcp_socket_with_no_peer_and_stays_usable():
+    """An unconnected or a listening TCP socket handed over with Adopt (TCP or SSL) gets
+    ConnectFailed, not an exception that leaves the link busy for ever; a client is adopted next."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    bare = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening = socket.create_server(("127.0.0.1", 0))
+    ours, theirs = socketpair()
+
+    async def main() -> list[object]:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            answers = []
+            handed = ((bare, "TCP"), (listening, "TCP"), (bare, "SSL"), (accepted, "TCP"))
+            for conn_id, (sock, link_type) in enumerate(handed, start=1):
+                send_message(ours, Adopt(conn_id, link_type), [sock.fileno()])
+                answers.append(await _recv(ours))
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return answers
+
+    try:
+        with capture_logs() as logs:
+            answers = uvloop.run(main())
+    finally:
+        for s in (server, client, accepted, bare, listening, ours, theirs):
+            s.close()
+    assert [(type(a), a.conn_id) for a in answers] == \
+        [(ConnectFailed, 1), (ConnectFailed, 2), (ConnectFailed, 3), (Connected, 4)], answers
+    assert [e["conn_id"] for e in logs if e["event"] == "adopt_refused"] == [1, 2, 3]
+
+
+def test_adopt_with_no_fd_or_two_is_answered():
+    """Adopt without a descriptor, or with two, gets ConnectFailed (both fds closed), not
+    silence that would leave the front waiting on the connection for ever."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    other = socket.create_connection(server.getsockname())
+    other_accepted, _ = server.accept()
+    ours, theirs = socketpair()
+
+    async def main() -> list[object]:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            answers = []
+            for conn_id, fds in enumerate(([], [accepted.fileno(), other_accepted.fileno()]), start=1):
+                send_message(ours, Adopt(conn_id, "TCP"), fds)
+                answers.append(await _recv(ours))
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return answers
+
+    try:
+        with capture_logs() as logs:
+            answers = uvloop.run(main())
+        client.settimeout(5)
+        accepted.close()
+        assert client.recv(1) == b""  # the worker's copy was closed too: the client sees the end
+    finally:
+        for s in (server, client, accepted, other, other_accepted, ours, theirs):
+            s.close()
+    assert [(type(a), a.conn_id) for a in answers] == [(ConnectFailed, 1), (ConnectFailed, 2)], answers
+    assert [e["conn_id"] for e in logs if e["event"] == "adopt_refused"] == [1, 2]

@@ -51,3 +51,51 @@ def test_human_bytes():
     """Decimal units with one decimal, as the STATUS= line shows them."""
     assert [human_bytes(n) for n in (0, 999, 1000, 1_234_567, 3_400_000_000)] == \
         ["0 B", "999 B", "1.0 kB", "1.2 MB", "3.4 GB"]
+
+
+def test_listen_never_changes_the_mode_of_what_replaced_the_socket(tmp_path, monkeypatch):
+    """--control in a folder another user may write: the socket file swapped for a link to
+    a file of ours right after bind() (the race, played deterministically) neither gets
+    that file's mode changed to 0660 nor is taken as the control socket."""
+    import os
+    import socket
+    import stat
+
+    import pytest
+
+    from bridged.ops import server
+
+    victim = tmp_path / "secret"
+    victim.write_text("x")
+    victim.chmod(0o600)
+    path = tmp_path / "control.sock"
+
+    class Raced(socket.socket):
+        def bind(self, address):
+            super().bind(address)
+            os.unlink(address)  # the other user's move
+            os.symlink(victim, address)
+
+    monkeypatch.setattr(server.socket, "socket", Raced)
+    with pytest.raises(server.ListenError):
+        server.listen(path)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+
+
+def test_listen_makes_a_0660_socket(tmp_path):
+    """The socket file is 0660 from its creation (the umask), and is what `unlink` removes."""
+    import os
+    import stat
+
+    from bridged.ops import server
+
+    path = tmp_path / "control.sock"
+    sock, ident = server.listen(path)
+    try:
+        st = os.lstat(path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert ident == (st.st_dev, st.st_ino)
+    finally:
+        sock.close()
+        server.unlink(path, ident)
+    assert not os.path.lexists(path)

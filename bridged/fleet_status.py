@@ -1,0 +1,226 @@
+"""``bridged fleet status`` and ``bridged fleet fault``: every device of a
+fleet asked through its own control socket, at once.
+
+Theory of operation.  Device ``i``'s control socket is ``D/run/i/control.sock``
+(the fleet hands it ``D/run/i`` as ``$RUNTIME_DIRECTORY``; see
+`bridged.ops.protocol.daemon_path`).  The path is derived from ``D`` and the
+index, never taken from the manifest, and a device whose pid is not its
+``bridged run`` any more is not asked at all.  Requests go out from a
+bounded pool of threads (`MAX_PARALLEL`), each with one deadline for its
+connect, request and reply: a device that is stopped, wedged or slow costs
+at most that long and is shown as not answering, so the command's time is
+bounded by about ``devices / MAX_PARALLEL * timeout``.  Nothing is written on
+a device's pty (a host may be driving it), unless the AT probe is asked for.
+
+The aggregate is plain sums over the devices that answered: links open,
+bytes over the UARTs and the links, warnings, restarts, and injected faults
+per fault name.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from bridged.fleet import device_paths
+from bridged.ops.protocol import FILENAME, HEADER, MAX_REPLY, ProtocolError, decode, encode, sun_address
+from bridged.ops.status import human_bytes
+from bridged.status_cli import _duration, printable
+
+__all__ = ["DeviceRow", "MAX_PARALLEL", "NoAnswer", "SHOW_ALL_UP_TO", "Totals", "ask", "control_path", "fan_out",
+           "render", "row", "totals"]
+
+SHOW_ALL_UP_TO = 50  # past this many devices the table lists only the unhealthy ones
+MAX_PARALLEL = 16  # the daemon's own MAX_CLIENTS; the machine's cores, not the sockets, limit us
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class NoAnswer(Exception):
+    """str() says why a device did not answer."""
+
+
+def control_path(directory: Path, index: int) -> Path:
+    """Where device ``index`` of the fleet in ``directory`` serves its control socket."""
+    return device_paths(directory, index).run_dir / FILENAME
+
+
+def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise NoAnswer("closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def ask(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request on a fresh connection, all of it within ``timeout`` seconds.
+
+    Raises:
+        NoAnswer: no socket, refused, timed out, closed, or a reply that is
+            not a message or says ``ok: false``.
+    """
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        with sun_address(path) as address:
+            sock.connect(address)
+        sock.sendall(encode(req))
+        (size,) = HEADER.unpack(_recv_exact(sock, HEADER.size, deadline))
+        if size > MAX_REPLY:
+            raise NoAnswer(f"a reply of {size} bytes, over the limit")
+        reply = decode(_recv_exact(sock, size, deadline))
+    except TimeoutError:
+        raise NoAnswer(f"no answer within {timeout:g} s") from None
+    except FileNotFoundError:
+        raise NoAnswer("no control socket") from None
+    except ProtocolError as exc:
+        raise NoAnswer(f"bad reply: {exc}") from None
+    except OSError as exc:
+        raise NoAnswer(exc.strerror or str(exc)) from None
+    finally:
+        sock.close()
+    if not reply.get("ok"):
+        raise NoAnswer(f"refused: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def fan_out(fn: Callable[[T], R], items: Iterable[T], parallel: int = MAX_PARALLEL) -> list[R]:
+    """``[fn(item) for item in items]``, at most ``parallel`` at a time, in order."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(parallel, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """One device: the manifest's view, and what its control socket said."""
+
+    index: int
+    pid: int
+    state: str  # as the manifest says (starting, ready, backoff, failed, stopped)
+    fleet_restarts: int  # times the fleet restarted it
+    alive: bool  # its pid is still its `bridged run`
+    answering: bool
+    problem: str | None  # why not alive or not answering
+    uptime_s: float | None = None
+    front_restarts: int = 0
+    worker_restarts: int = 0
+    links_open: int = 0
+    uart_up: int = 0  # bytes from the MCU
+    uart_down: int = 0  # bytes to the MCU
+    net_up: int = 0  # bytes the links sent to the network (workers that answered)
+    net_down: int = 0
+    warnings: int = 0  # recent warnings and errors the daemon keeps (at most 20)
+    wifi: str = ""
+    fault_seed: int | None = None
+    faults: dict[str, int] = field(default_factory=dict)
+    at_ms: float | None = None  # --probe: median AT round trip on the pty
+    status: dict[str, Any] | None = None  # the device's whole status reply (JSON only)
+
+    def healthy(self, within_ms: float | None) -> bool:
+        if not (self.alive and self.answering):
+            return False
+        return within_ms is None or (self.at_ms is not None and self.at_ms <= within_ms)
+
+
+def row(entry: dict[str, Any], alive: bool, status: dict[str, Any] | None, problem: str | None) -> DeviceRow:
+    """A device's row from its manifest entry and its status reply (None: no answer)."""
+    base = dict(index=int(entry["index"]), pid=int(entry["pid"]), state=str(entry["state"]),
+                fleet_restarts=int(entry.get("restarts", 0)), alive=alive)
+    if status is None:
+        return DeviceRow(**base, answering=False, problem=problem)
+    links = status.get("links", [])
+    faults = status.get("faults") or {}
+    return DeviceRow(
+        **base, answering=True, problem=None, uptime_s=status.get("uptime_s"),
+        front_restarts=int(status.get("front_restarts", 0)),
+        worker_restarts=sum(int(link.get("restarts", 0)) for link in links),
+        links_open=sum(link.get("state") == "open" for link in links),
+        uart_up=int(status["uart"]["bytes_in"]), uart_down=int(status["uart"]["bytes_out"]),
+        net_up=sum(link.get("bytes_up") or 0 for link in links),
+        net_down=sum(link.get("bytes_down") or 0 for link in links),
+        warnings=len(status.get("errors", [])), wifi=str(status.get("wifi", "")),
+        fault_seed=faults.get("seed"), faults={str(k): int(v) for k, v in (faults.get("counts") or {}).items()},
+        status=status)
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    devices: int
+    running: int
+    answering: int
+    healthy: int
+    links_open: int
+    uart_up: int
+    uart_down: int
+    net_up: int
+    net_down: int
+    warnings: int
+    restarts: int  # the fleet's, the fronts' and the workers' together
+    faults: dict[str, int]  # injected faults per name, over every device that answered
+
+
+def totals(rows: list[DeviceRow], within_ms: float | None) -> Totals:
+    faults: Counter[str] = Counter()
+    for r in rows:
+        faults.update(r.faults)
+    return Totals(
+        len(rows), sum(r.alive for r in rows), sum(r.answering for r in rows),
+        sum(r.healthy(within_ms) for r in rows), sum(r.links_open for r in rows),
+        sum(r.uart_up for r in rows), sum(r.uart_down for r in rows),
+        sum(r.net_up for r in rows), sum(r.net_down for r in rows), sum(r.warnings for r in rows),
+        sum(r.fleet_restarts + r.front_restarts + r.worker_restarts for r in rows),
+        dict(sorted(faults.items())))
+
+
+def _faults(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items()) or "-"
+
+
+def render(head: str, rows: list[DeviceRow], tot: Totals, within_ms: float | None, show_all: bool) -> str:
+    """The compact table: one line per device (only the unhealthy ones past
+    `SHOW_ALL_UP_TO` devices, unless ``show_all``), then the totals; every
+    line through `printable` (fault names and reasons come from devices)."""
+    shown = rows if show_all or len(rows) <= SHOW_ALL_UP_TO else [r for r in rows if not r.healthy(within_ms)]
+    probe = within_ms is not None
+    lines = [head, f"{'DEV':>4} {'PID':>7} {'STATE':<8} {'UP':>7} {'RST':>4} {'LINKS':>5} {'UART UP':>9} "
+                   f"{'DOWN':>9} {'NET UP':>9} {'DOWN':>9} {'WARN':>4}" + (f" {'AT':>8}" if probe else "")
+             + "  FAULTS / PROBLEM"]
+    for r in shown:
+        up = _duration(r.uptime_s) if r.uptime_s is not None else "-"
+        at = (f"{r.at_ms:.2f}ms" if r.at_ms is not None else "-") if probe else None
+        note = _faults(r.faults) if r.answering else f"NOT ANSWERING: {r.problem}"
+        if r.answering and r.problem:
+            note += f"; {r.problem}"
+        if r.answering:
+            counts = (f"{r.links_open:>5} {human_bytes(r.uart_up):>9} {human_bytes(r.uart_down):>9} "
+                      f"{human_bytes(r.net_up):>9} {human_bytes(r.net_down):>9} {r.warnings:>4}")
+        else:  # nothing known: not zeros
+            counts = f"{'-':>5} {'-':>9} {'-':>9} {'-':>9} {'-':>9} {'-':>4}"
+        lines.append(f"{r.index:>4} {r.pid:>7} {r.state:<8} {up:>7} "
+                     f"{r.fleet_restarts + r.front_restarts + r.worker_restarts:>4} {counts}"
+                     + (f" {at:>8}" if at is not None else "") + f"  {note}")
+    if len(shown) < len(rows):
+        lines.append(f"({len(rows) - len(shown)} healthy devices not shown; --all shows them)")
+    lines.append(
+        f"total: {tot.running} of {tot.devices} running, {tot.answering} answering, {tot.healthy} healthy; "
+        f"{tot.links_open} links open; UART {human_bytes(tot.uart_up)} up {human_bytes(tot.uart_down)} down; "
+        f"network {human_bytes(tot.net_up)} up {human_bytes(tot.net_down)} down; "
+        f"{tot.restarts} restarts, {tot.warnings} recent warnings")
+    lines.append(f"faults injected: {_faults(tot.faults)}")
+    return "\n".join(printable(line) for line in lines)

@@ -1,0 +1,197 @@
+"""Front faults on Wi-Fi, DNS and the UART line over the pty: their effect, and the same
+faults for the same seed (wifi_drop, wifi_join_fail, dns_fail, dns_slow, uart_*)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.integration.test_faults_at import answer, event_gaps, fault_cli
+
+HOSTS = '[dns]\nhosts = { "fault.test" = "127.0.0.1" }\n'
+
+
+def test_wifi_drop_on_demand_closes_links_then_the_station_reconnects(daemon, echo_server):
+    """`bridged fault wifi_drop duration_ms=300` mid-link: WIFI DISCONNECT, then 0,CLOSED; the
+    station reconnects (AT+CWJAP's reconn_interval 1 s): WIFI CONNECTED, WIFI GOT IP."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port)
+    echo_server.wait_connections(1)
+    assert host.command(b"AT+CWRECONNCFG?") == b"+CWRECONNCFG:1,0\r\n\r\nOK\r\n"
+    done = fault_cli(daemon, "wifi_drop", "duration_ms=300")
+    assert done.returncode == 0 and "wifi_drop: fired" in done.stdout, done.stderr
+    lost = host.expect(b"0,CLOSED\r\n")
+    assert lost.index(b"WIFI DISCONNECT\r\n") < lost.index(b"0,CLOSED\r\n")
+    assert host.command(b"AT+CWSTATE?").startswith(b"+CWSTATE:3,")  # reconnecting
+    assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"ERROR\r\n")
+    host.expect(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n", timeout=5)
+    assert host.command(b"AT+CWSTATE?").startswith(b'+CWSTATE:2,"bridged"')
+    daemon.wait_event("fault_injected", fault="wifi_drop", duration_ms=300.0)
+
+
+def test_wifi_drop_with_reconnection_off_stays_disconnected(daemon):
+    """AT+CWRECONNCFG=0,0: after a drop the station stays disconnected (CWSTATE 4) until the MCU joins."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=0").returncode == 0
+    host.expect(b"WIFI DISCONNECT\r\n")
+    assert b"WIFI CONNECTED" not in host.read_quiet(1.5)
+    assert host.command(b"AT+CWSTATE?").startswith(b"+CWSTATE:4,")
+    assert host.command(b'AT+CWJAP="bridged","password"').endswith(b"WIFI CONNECTED\r\nWIFI GOT IP\r\n\r\nOK\r\n")
+
+
+def test_a_join_while_the_ap_is_gone_fails_with_no_ap(daemon):
+    """While a dropped AP is gone, AT+CWJAP fails +CWJAP:3 then ERROR."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=5000").returncode == 0
+    host.expect(b"WIFI DISCONNECT\r\n")
+    assert host.ask(b'AT+CWJAP="bridged","password"') == b"+CWJAP:3\r\n\r\nERROR\r\n"
+
+
+def test_wifi_drops_come_at_the_times_the_seed_draws(make_daemon):
+    """wifi_drop rate 1/s: the gaps between due drops are the same in two runs with one seed
+    (seed 22 draws its first four between 1.07 and 2.62 s from the start)."""
+    faults = "[faults]\nseed = 22\n[faults.wifi_drop]\nrate = 1\nduration_ms = 100\n"
+    first = event_gaps(make_daemon, faults, "wifi_drop", 3.0)[:3]
+    assert len(first) == 3
+    again = event_gaps(make_daemon, faults, "wifi_drop", 3.0)[:3]
+    assert all(abs(a - b) <= 0.25 for a, b in zip(first, again)), (first, again)
+
+
+def join_answers(make_daemon, faults: str, n: int) -> list[bytes]:
+    d = make_daemon(faults)
+    host = d.host()
+    host.expect(b"\r\nready\r\n")
+    host.command(b"ATE0")
+    out = [answer(host, b'AT+CWJAP="bridged","password"') for _ in range(n)]
+    host.close()
+    return out
+
+
+def test_wifi_join_fail_fails_joins_with_its_code_reproducibly(make_daemon):
+    """wifi_join_fail code 2 rate 0.5: failed joins answer +CWJAP:2 then ERROR; the same seed fails the same ones."""
+    faults = "[faults]\nseed = 4\n[faults.wifi_join_fail]\nrate = 0.5\ncode = 2\n"
+    first = join_answers(make_daemon, faults, 10)
+    failed = {i for i, a in enumerate(first) if a.endswith(b"+CWJAP:2\r\n\r\nERROR\r\n")}
+    assert 1 <= len(failed) <= 9, first
+    assert all(a.endswith(b"WIFI GOT IP\r\n\r\nOK\r\n") for i, a in enumerate(first) if i not in failed)
+    again = join_answers(make_daemon, faults, 10)
+    assert {i for i, a in enumerate(again) if a.endswith(b"ERROR\r\n")} == failed
+
+
+def lookups(make_daemon, faults: str, n: int) -> list[tuple[bytes, float]]:
+    d = make_daemon(HOSTS + faults)
+    host = d.host()
+    host.boot()
+    out = []
+    for _ in range(n):
+        started = time.monotonic()
+        out.append((answer(host, b'AT+CIPDOMAIN="fault.test"'), time.monotonic() - started))
+    host.close()
+    return out
+
+
+def test_dns_fail_fails_lookups_reproducibly(make_daemon):
+    """dns_fail rate 0.5: AT+CIPDOMAIN of a name [dns] hosts knows fails (ERROR) for the same lookups per seed."""
+    faults = "[faults]\nseed = 9\n[faults.dns_fail]\nrate = 0.5\n"
+    first = [a for a, _ in lookups(make_daemon, faults, 12)]
+    failed = {i for i, a in enumerate(first) if a == b"\r\nERROR\r\n"}
+    assert 1 <= len(failed) <= 11, first
+    assert all(a == b'+CIPDOMAIN:"127.0.0.1"\r\n\r\nOK\r\n' or a == b"+CIPDOMAIN:127.0.0.1\r\n\r\nOK\r\n"
+               for i, a in enumerate(first) if i not in failed), first
+    again = [a for a, _ in lookups(make_daemon, faults, 12)]
+    assert {i for i, a in enumerate(again) if a == b"\r\nERROR\r\n"} == failed
+
+
+def test_dns_slow_delays_the_same_lookups_per_seed(make_daemon):
+    """dns_slow ms 600 rate 0.5: the lookups answered 0.6 s late (still answered) are the same per seed."""
+    faults = "[faults]\nseed = 9\n[faults.dns_slow]\nrate = 0.5\nms = 600\n"
+    first = lookups(make_daemon, faults, 8)
+    assert all(a.endswith(b"\r\nOK\r\n") for a, _ in first)
+    slow = {i for i, (_, took) in enumerate(first) if took >= 0.6}
+    assert 1 <= len(slow) <= 7
+    assert {i for i, (_, took) in enumerate(lookups(make_daemon, faults, 8)) if took >= 0.6} == slow
+
+
+# -- the UART line -------------------------------------------------------------------------------
+
+GMR = b"AT+GMR\r\n" * 30
+
+
+def line_bytes(make_daemon, faults: str, sent: bytes = GMR) -> bytes:
+    """What the MCU reads after ready when it writes ``sent`` in one go (echo on)."""
+    d = make_daemon(faults)
+    host = d.host()
+    host.expect(b"\r\nready\r\n")  # seeds 3 and 7 hit nothing in its 9 bytes
+    host.write(sent)
+    got = host.read_quiet(0.5)
+    host.close()
+    return got
+
+
+def test_uart_corrupt_flips_one_bit_of_the_same_bytes_per_seed(make_daemon):
+    """uart_corrupt rate 0.005: as long as the clean answer, some bytes differ in exactly one bit,
+    the same bytes for the same seed, others for another seed."""
+    clean = line_bytes(make_daemon, "")
+    faults = "[faults]\nseed = {}\n[faults.uart_corrupt]\nrate = 0.005\n"
+    got = line_bytes(make_daemon, faults.format(3))
+    assert len(got) == len(clean)
+    diffs = [i for i, (a, b) in enumerate(zip(clean, got)) if a != b]
+    assert diffs and all(bin(clean[i] ^ got[i]).count("1") == 1 for i in diffs)
+    assert line_bytes(make_daemon, faults.format(3)) == got
+    assert line_bytes(make_daemon, faults.format(7)) != got
+
+
+def test_uart_drop_loses_the_same_bytes_per_seed(make_daemon):
+    """uart_drop rate 0.005: the MCU reads the clean answer less some bytes, the same ones per seed."""
+    clean = line_bytes(make_daemon, "")
+    faults = "[faults]\nseed = 3\n[faults.uart_drop]\nrate = 0.005\n"
+    got = line_bytes(make_daemon, faults)
+    assert 0 < len(clean) - len(got) < 100
+    it = iter(clean)
+    assert all(b in it for b in got)  # a subsequence: bytes lost, none changed
+    assert line_bytes(make_daemon, faults) == got
+
+
+def test_uart_overrun_loses_runs_of_input_the_same_way_per_seed(make_daemon):
+    """uart_overrun rate 0.01 bytes 4: of 100 pipelined AT commands some are lost or garbled
+    (fewer OKs), and the answers are byte for byte the same for one seed."""
+    faults = "[faults]\nseed = {}\n[faults.uart_overrun]\nrate = 0.01\nbytes = 4\n"
+    sent = b"AT\r\n" * 100
+    got = line_bytes(make_daemon, faults.format(3), sent)
+    assert 50 < got.count(b"\r\nOK\r\n") < 100
+    assert line_bytes(make_daemon, faults.format(3), sent) == got
+    assert line_bytes(make_daemon, faults.format(7), sent) != got
+
+
+def test_uart_faults_are_counted_and_logged_at_most_once_a_second(make_daemon):
+    """uart_corrupt at every byte: status counts every hit; the log has a line or two with `hits`, not one per byte."""
+    d = make_daemon("[faults]\nseed = 3\n")
+    host = d.host()
+    host.boot()
+    assert fault_cli(d, "uart_corrupt", "count=500").returncode == 0
+    host.write(GMR)
+    host.read_quiet(0.5)
+    from tests.integration.test_status import status_json
+
+    assert status_json(d)["faults"]["counts"] == {"uart_corrupt": 500}
+    lines = d.wait_event("fault_injected", fault="uart_corrupt")
+    time.sleep(1.2)
+    lines = [e for e in d.events("fault_injected") if e.get("fault") == "uart_corrupt"]
+    assert 1 <= len(lines) <= 3 and sum(e["hits"] for e in lines) == 500
+
+
+def test_dns_fail_on_demand_fails_the_next_cipstart_by_name(make_daemon, echo_server):
+    """`bridged fault dns_fail`: AT+CIPSTART to a name fails (ERROR, no connection), the next one connects."""
+    d = make_daemon(HOSTS)
+    host = d.host()
+    host.boot()
+    assert fault_cli(d, "dns_fail").returncode == 0
+    start = b'AT+CIPSTART="TCP","fault.test",%d' % echo_server.port
+    assert host.ask(start).endswith(b"\r\nERROR\r\n")
+    assert host.ask(start).endswith(b"CONNECT\r\n\r\nOK\r\n")
+    d.wait_event("fault_injected", fault="dns_fail", host="fault.test")

@@ -69,6 +69,8 @@ class Delivery:
         """Count newly published records; queue a notice, or end once all is read."""
         self._count(slot)
         if slot.rx.total:
+            if slot.silent:
+                return  # a restart closes it: no notice (leaving passive mode drops the rest)
             token = slot.rx.notice.want(slot.rx.total)
             if token is not None:
                 self.events.link_notice(slot, lambda: self._notice_length(slot, token))

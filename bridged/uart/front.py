@@ -230,6 +230,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         ctx.faults = self.faults
+        ctx.silence_links = self._silence_links
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
             self.links.set_options(link_id, linger, nodelay, keep_alive)
@@ -296,12 +297,10 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             self._command = None
         for task in self.ctx.background:
             task.cancel()  # ... and what a command left running (a nonblocking AT+CIUPDATE)
-        if self.server.running:
-            self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
         self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
         self.sntp.stop()  # AT+CIPSNTPCFG was RAM; the clock stays
-        self.links.drop_all()
+        self._silence_links()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)
         if factory:
@@ -317,6 +316,14 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             self._timer = None
         self._start_boot(Reset.SOFTWARE, dropped)
         self._resume_reading()  # to drop what comes during the boot
+
+    def _silence_links(self) -> None:
+        """The chip restarts: its links close with no CLOSED, their data and new clients
+        are never heard. From a restart's answer on (it waits to be written, the peers
+        do not): nothing of the old links may come between OK and ready."""
+        if self.server.running:
+            self.server.stop()
+        self.links.drop_all()
 
     def _apply_uart(self, settings: UartSettings) -> None:
         self.uart = settings

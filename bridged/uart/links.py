@@ -240,7 +240,7 @@ class LinkTable:
         """Close every connection without CLOSED messages (AT+RST, AT+RESTORE)."""
         for slot in self.slots:
             slot.unannounced = False  # nothing will announce it now; the EOF must get through
-            if slot.state in (SlotState.OPEN, SlotState.CONNECTING):
+            if slot.state in (SlotState.OPEN, SlotState.CONNECTING) and not slot.silent:  # (once)
                 slot.silent = True
                 self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
 

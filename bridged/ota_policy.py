@@ -24,6 +24,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bridged import ota_image
+from bridged.atomic import fsync_dir
 from bridged.config import OtaConfig
 
 __all__ = ["OtaFailed", "OtaRefused", "Policy", "FIRMWARE"]
@@ -149,11 +150,3 @@ class Policy:
             raise OtaRefused(f"image: {exc}") from None
         log.info("ota_signature_verified", key=self.config.public_key[index], partition=manifest.partition,
                  version=manifest.version, sha256=manifest.sha256)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -48,7 +48,6 @@ import hashlib
 import ipaddress
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +59,8 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bridged.atomic import fsync_dir, write_atomic
 
 __all__ = [
     "CERT_KINDS",
@@ -202,7 +203,8 @@ class PkiStore:
         parsed = _parse(data, source)
         _check_kind(parsed, kind, source)
         self._check_partner(parsed, kind, index, source)
-        _write_atomic(self._ensure_dir(), self._file(kind, index), parsed.pem())
+        self._ensure_dir()
+        write_atomic(self._file(kind, index), parsed.pem())
         return parsed.entry(kind, index)
 
     def get(self, kind: str, index: int) -> bytes | None:
@@ -224,7 +226,7 @@ class PkiStore:
             file.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         return True
 
     def entries(self) -> list[Entry]:
@@ -256,8 +258,8 @@ class PkiStore:
         with _locked(directory / ".lock"):
             if not _generated_ok(cert_file, key_file, common_name):
                 cert_pem, key_pem = _make_self_signed(common_name)
-                _write_atomic(directory, key_file, key_pem)
-                _write_atomic(directory, cert_file, cert_pem)
+                write_atomic(key_file, key_pem)
+                write_atomic(cert_file, cert_pem)
         return cert_file, key_file
 
     # -- internals ---------------------------------------------------------
@@ -480,32 +482,6 @@ def _make_self_signed(common_name: str) -> tuple[bytes, bytes]:
 
 
 # -- files -------------------------------------------------------------------
-
-
-def _write_atomic(directory: Path, target: Path, data: bytes) -> None:
-    """Replace `target` (in `directory`) with `data`: temp file 0600, fsync, rename, fsync dir."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -27,12 +27,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bridged.atomic import write_atomic
 from bridged.log import get_logger
 
 __all__ = ["FILENAME", "Store"]
@@ -146,22 +146,7 @@ class Store:
     def _write(self, values: dict[str, Any]) -> None:
         data = json.dumps({"version": _VERSION, "values": values},
                           indent=1, sort_keys=True, ensure_ascii=False).encode() + b"\n"
-        directory = self._path.parent
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self._path.name}.",
-                                   suffix=".tmp")  # mkstemp: mode 0600
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, self._path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(directory)
+        write_atomic(self._path, data)
         self._values = values
 
 
@@ -172,10 +157,3 @@ def _normalise(value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"store values are JSON data: {exc}") from None
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -50,12 +50,12 @@ def echo_on(ctx: Context, line: CommandLine) -> Reply:
 
 @handles("+RST", Kind.EXECUTE)
 def rst(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(after=lambda: ctx.restart(False))
+    return Reply(then=ctx.silence_links, after=lambda: ctx.restart(False))
 
 
 @handles("+RESTORE", Kind.EXECUTE)
 def restore(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(after=lambda: ctx.restart(True))
+    return Reply(then=ctx.silence_links, after=lambda: ctx.restart(True))
 
 
 @handles("+GMR", Kind.EXECUTE)

@@ -211,6 +211,9 @@ class Context:
     background: set[asyncio.Task] = field(default_factory=set)
     # The front's injected faults (bridged.faults.front.FrontFaults); None: none (unit tests).
     faults: Any = None
+    # A restart's answer is queued (the restart itself waits for it to be written):
+    # from now on nothing of the links or the server reaches the MCU.
+    silence_links: Callable[[], Any] = lambda: None
 
     @property
     def personality(self) -> Personality:

@@ -148,7 +148,7 @@ async def _blocking(ctx: Context, session: OtaSession, updater: Updater, version
         session.running = False
     log.info("ota_done", file=str(image), partition=partition)
     if partition == FIRMWARE:
-        return Reply(after=lambda: ctx.restart(False))  # ESP-AT: OK, then esp_restart()
+        return Reply(then=ctx.silence_links, after=lambda: ctx.restart(False))  # ESP-AT: OK, then esp_restart()
     return Reply()
 
 

@@ -231,8 +231,7 @@ class FrontFaults:
             return self._skipped(name, "the chip is booting")
         if name == "at_reset":
             self.plan.fired("at_reset")
-            front.busy = False  # the running command, a send waiting for SEND OK: gone with the chip
-            front._restart(False)  # as AT+RST, without its OK
+            front._restart(False)  # as AT+RST, without its OK (the session's Restart ends a command or a send)
             return True
         if name == "wifi_drop":
             ctx = front.ctx

@@ -102,6 +102,7 @@ class Adopt:
 @dataclass(frozen=True)
 class Close:
     conn_id: int
+    flush: bool = True  # hand the socket what the uplink ring holds first (not for a restart)
 
 
 @message

@@ -9,10 +9,11 @@ connection ends) and control replies (``Connected`` / ``ConnectFailed``).
 
 Back-pressure, both ways, without a queue of our own:
 
-* uplink: bytes leave the ring only as fast as ``sock.send`` accepts them;
-  the ring's read index is "bytes handed to the protocol stack", which is what
-  the front's SEND OK waits for.  When the socket is full we wait for it to
-  be writable and the ring fills up behind it.
+* uplink: bytes leave the ring only as fast as ``sock.send`` accepts them.
+  The ring and the socket buffer are the "protocol stack" of the front's SEND
+  OK (given once a send is in the ring), so a host's Close first hands the
+  socket what the ring still holds (``_CLOSE_FLUSH``).  When the socket is
+  full we wait for it to be writable and the ring fills up behind it.
 * downlink: ``recv`` goes straight into the ring; when the ring is full we
   stop reading the socket (the peer's TCP window closes) and wait for the
   front's space doorbell.
@@ -105,6 +106,10 @@ _WINDOW_QUIET = 4
 # in whole milliseconds, and a timer due sooner would fire at once.
 _TICK_MARGIN = 0.001
 _SPACE_POLL = 0.05  # seconds between looks at the downlink's free space while waiting for it
+# A host's close hands the socket what the front admitted (SEND OK said it was
+# sent) before closing, as lwIP's close sends its buffer; a peer that never
+# reads it gets the close after this many seconds anyway.
+_CLOSE_FLUSH = 5.0
 
 
 class Worker:
@@ -162,6 +167,8 @@ class Worker:
         self._waiting_space: Callable[[], None] | None = None
         self._space_poll: asyncio.TimerHandle | None = None
         self._space_need = 64  # bytes of downlink room the wait is for
+        self._closing: asyncio.TimerHandle | None = None  # a host's Close waits for the uplink to flush
+        self._closing_reason = ""
         self.front_gone = False  # ended because the front's end of the control socket closed
         # [faults] (bridged.links.faults): the connect and TLS hooks ask it; a
         # connection with a data-path fault gets a Shaper (None: the paths below run as they are).
@@ -233,7 +240,7 @@ class Worker:
         elif isinstance(msg, Connect):
             self._start_connect(msg)
         elif isinstance(msg, Close):
-            self._close(msg.conn_id, "closed by host")
+            self._close(msg.conn_id, "closed by host", msg.flush)
         elif isinstance(msg, SetOptions):
             self.options = msg
             self._apply_options()
@@ -440,6 +447,11 @@ class Worker:
             self.uplink.release_doorbells()
 
     def _pump_uplink(self) -> None:
+        self._pump_ring()
+        if self._closing is not None and (self.sock is None or not self.uplink.available()):
+            self._finish(self._closing_reason)
+
+    def _pump_ring(self) -> None:
         if self.datagram:
             self._send_datagrams()
             return
@@ -768,16 +780,30 @@ class Worker:
 
     # -- ending a connection --------------------------------------------------------
 
-    def _close(self, conn_id: int, reason: str) -> None:
+    def _close(self, conn_id: int, reason: str, flush: bool = False) -> None:
         if conn_id != self.conn_id:
             # Not ours (already ended): answer anyway so the front never waits.
             self._put_eof(conn_id, "not open")
             return
         if self.connecting is not None:
             self.connecting.cancel()
+        elif flush and self._closing is None and self._must_flush():
+            self._closing_reason = reason
+            self._closing = self.loop.call_later(_CLOSE_FLUSH, self._finish, reason)
+            self._on_uplink()  # finishes once the ring is empty
+            return
+        elif self._closing is not None:
+            return  # already closing
         self._finish(reason)
 
+    def _must_flush(self) -> bool:
+        """Admitted bytes wait in the ring, and so_linger 0 does not ask for a reset."""
+        return self.sock is not None and self.uplink.available() > 0 and self.options.linger != 0
+
     def _finish(self, reason: str) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
         conn_id = self.conn_id
         if conn_id is None:
             return

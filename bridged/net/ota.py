@@ -68,7 +68,8 @@ from bridged.config import OtaConfig
 from bridged.net import http
 from bridged.net.resolver import ResolveError, resolve
 from bridged.ota_install import InstallFailed, run_install
-from bridged.ota_policy import OtaFailed, OtaRefused, Policy, fsync_dir
+from bridged.atomic import fsync_dir
+from bridged.ota_policy import OtaFailed, OtaRefused, Policy
 
 __all__ = ["OtaFailed", "OtaRefused", "Updater", "IMAGE_DIR"]
 

@@ -1,27 +1,24 @@
 """The UART front: the only process touching the serial port.
 
-Theory of operation.  Bytes from the port go into the sans-I/O parser; its
-events drive the session:
+Theory of operation.  The AT session's state is ``bridged.at.session``'s
+machine (booting, command, busy, holding output, data phase, awaiting SEND
+OK, passthrough); the front wires it to the event loop, in parts:
 
-* command lines are echoed (ATE1), dispatched to their handler, and answered
-  through ``Output`` (whole items only, so answers and unsolicited messages
-  never interleave inside a line);
-* a handler that returns a coroutine (it waits on the network) makes the
-  session *busy*: input that arrives meanwhile is discarded with one
-  ``busy p...`` per chunk, as ESP-AT does;
-* after a ``>`` prompt the parser's data machine hands out payload
-  (``uart.sending.Send`` gathers AT+CIPSEND/CIPSENDEX, streams AT+CIPSENDL
-  and passthrough into the link's uplink ring); when the ring is full the
-  front stops reading the port (the tty buffer fills, RTS drops).  ``SEND OK``
-  is sent once the worker has handed every byte of the send to its socket,
-  i.e. when the ring's read index passes the end of the send.
+* ``uart.reading``: the port, read through a gate; what is done with the
+  bytes is the session's ``Input`` for its state;
+* ``uart.dispatch``: command lines to handlers, answers through ``Output``
+  (whole items only, so answers and unsolicited messages never interleave
+  inside a line);
+* ``uart.dataphase``: payload into the links' uplink rings; SEND OK once a
+  send is admitted into its ring, the space doorbell asked for only while
+  a send waits for room;
+* ``uart.downlink``: +IPD, passive notices, CONNECT/CLOSED, passthrough
+  reconnects;
+* here: lifetime, the supervisor's messages, boot and restart.
 
-Downlink records from the workers become ``+IPD`` frames (or raw bytes in
-passthrough, or passive-mode notices); while the UART output is backed up
-the front leaves them in the rings, so the workers stop reading their
-sockets.  Commands stop being read too while the output is backlogged (ESP-AT's
-AT task blocks on a full UART), and while an answer's after-action waits: a
-host that writes and never reads fills the tty buffer, not our memory.  Data
+Commands stop being read while the output is backlogged (ESP-AT's AT task
+blocks on a full UART), and while an answer's after-action waits: a host
+that writes and never reads fills the tty buffer, not our memory.  Data
 phases are not held: their payload makes no output, and their peer's bytes
 wait in the rings.
 
@@ -33,42 +30,25 @@ still, output held as when the UART is backed up.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import errno
 import os
 import signal
 import socket
-from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 import structlog
 
 from bridged.at import format as fmt
-from bridged.at.errors import AtError
-from bridged.at.parser import (
-    NEED_DATA,
-    BadLine,
-    CommandLine,
-    DataChunk,
-    DataComplete,
-    DataEscaped,
-    LineTooLong,
-    Parser,
-)
 from bridged.at.datamode import DataKind
-from bridged.commands import registry
+from bridged.at.parser import Parser
+from bridged.at.session import Ready, Restart, Session
 from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
-from bridged.commands.dns import lookup_servers
-from bridged.commands.sntp import tls_time
-from bridged.commands.registry import Reply, SendRequest
 from bridged.commands.passthrough import saved_link
-from bridged.commands.tcpip import connected_message
-from bridged.commands.wifi import autoconnect_messages, station_ip
+from bridged.commands.registry import SendRequest
+from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.faults.front import FrontFaults
-from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
-from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, Pong, Shutdown, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
@@ -76,11 +56,15 @@ from bridged.ops.status import UartCounters
 from bridged.readgate import ReadGate
 from bridged.store import Store
 from bridged.uart.boot import Boot, Reset
+from bridged.uart.dataphase import DataPhases
+from bridged.uart.dispatch import CommandDispatch
+from bridged.uart.downlink import Downlink, Passthrough
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
 from bridged.uart.pacer import Pacer
 from bridged.uart.pacing import PacedInput, line_of, wanted
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort, drain
+from bridged.uart.reading import PortReading
 from bridged.uart.replug import Replug
 from bridged.uart.sending import Send
 from bridged.uart.server import Server
@@ -90,18 +74,6 @@ __all__ = ["Front", "factory_uart"]
 
 log = structlog.get_logger()
 
-_OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
-_READ_SIZE = 65536
-_FORCE_RESTART = b"AT+RST\r\n"
-_COALESCE = 0.004  # seconds between reads of a data phase streaming at UART speed
-_COALESCE_MIN = 512  # bytes: smaller reads are interactive
-_COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
-_COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
-_RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
-_BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
-_AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
-_GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
-
 
 def factory_uart(config: Config) -> UartSettings:
     u = config.uart
@@ -109,15 +81,7 @@ def factory_uart(config: Config) -> UartSettings:
     return UartSettings(u.baud, u.data_bits, stop, PARITY_NAMES[u.parity], FLOW_NAMES[u.flow_control])
 
 
-@dataclass
-class _Passthrough:
-    link_id: int
-    spec: ConnectSpec | None  # to reconnect a client link
-    server: bool  # a server's client: wait for the next one instead
-    reconnecting: asyncio.Task | None = None
-
-
-class Front:
+class Front(PortReading, CommandDispatch, DataPhases, Downlink):
     tap: Transcript | None = None  # set while the AT transcript is on
     rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
 
@@ -145,11 +109,7 @@ class Front:
                              on_failed=self._on_write_failed if serial is not None else None)
         self._serial = serial
         self._replug = Replug(serial, self._port_back) if serial is not None else None
-        self.links = LinkTable(
-            slots, self._on_link_data, self._on_link_closed, self._can_deliver,
-            self._on_link_notice, self._on_link_ended, config.links.recv_window,
-            on_accepted=self._on_link_accepted, on_freed=lambda slot: self.server.update(),
-        )
+        self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
         self.mdns = Advertiser()
@@ -157,12 +117,13 @@ class Front:
         self.uart = self._boot_uart()
         self.faults = FrontFaults(self)  # [faults] and `bridged fault` (bridged.faults.front)
         self.ctx = self._new_context()
-        self.boot: Boot | None = None  # the chip is (re)booting: input is dropped, nothing is said
-        self.busy = False  # a command waits on the network: input gets busy p...
-        self.holding = False  # an answer's after-action is pending: input waits
-        self.sending: Send | None = None
-        self._muted: Slot | None = None  # the one link whose uplink progress we ignore
-        self.passthrough: _Passthrough | None = None
+        self.session = Session()  # the AT session's state (bridged.at.session)
+        self.boot: Boot | None = None  # the chip's (re)boot while the session is BOOTING
+        self.sending: Send | None = None  # the data phase's way into its uplink ring
+        self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
+        self._room_poll: asyncio.TimerHandle | None = None
+        self._room_need = 1  # free bytes the waiting send can use
+        self.passthrough: Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
@@ -189,7 +150,7 @@ class Front:
             self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
         await self._wait_workers(timeout=10.0)
         for slot in self.links.slots:
-            self.loop.add_reader(slot.uplink.space_fd, self._on_uplink_progress, slot)
+            slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
         self._start_boot(Reset.POWER_ON)
         self._resume_reading()
         self.faults.start()
@@ -269,6 +230,7 @@ class Front:
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.extra["uart_factory"] = factory_uart(self.config)
         ctx.faults = self.faults
+        ctx.silence_links = self._silence_links
         for link_id in range(self.links.count):
             linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
             self.links.set_options(link_id, linger, nodelay, keep_alive)
@@ -276,6 +238,7 @@ class Front:
 
     def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
         """Silence for [firmware] boot_ms after what is queued has gone out, then ready."""
+        self.session.handle(Restart(), self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.BOOT)
         if self.boot is not None:  # not today (a booting chip hears no AT+RST), but one boot at a time
@@ -298,6 +261,7 @@ class Front:
 
     def _ready(self) -> None:
         self.boot = None
+        self.session.handle(Ready(), self.loop.time())
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
         self._tell_supervisor(FrontReady(self.port_name))
@@ -333,12 +297,10 @@ class Front:
             self._command = None
         for task in self.ctx.background:
             task.cancel()  # ... and what a command left running (a nonblocking AT+CIUPDATE)
-        if self.server.running:
-            self.server.stop()
         self.server.max_conn, self.server.timeout = self.links.count, 0
         self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
         self.sntp.stop()  # AT+CIPSNTPCFG was RAM; the clock stays
-        self.links.drop_all()
+        self._silence_links()
         for link_id in range(self.links.count):
             self.links.set_passive(link_id, False)
         if factory:
@@ -347,13 +309,21 @@ class Front:
         dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
-        self._mute_progress(None)
+        self._stop_waiting_room()
         self.passthrough = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._start_boot(Reset.SOFTWARE, dropped)
         self._resume_reading()  # to drop what comes during the boot
+
+    def _silence_links(self) -> None:
+        """The chip restarts: its links close with no CLOSED, their data and new clients
+        are never heard. From a restart's answer on (it waits to be written, the peers
+        do not): nothing of the old links may come between OK and ready."""
+        if self.server.running:
+            self.server.stop()
+        self.links.drop_all()
 
     def _apply_uart(self, settings: UartSettings) -> None:
         self.uart = settings
@@ -364,528 +334,3 @@ class Front:
             self.output.pacer.set_line(*line_of(settings), self.loop.time())
             self._paced.set_line(settings)
         log.info("uart_configured", settings=settings.fields())
-
-    # -- reading the port -----------------------------------------------------------------
-
-    def _resume_reading(self) -> None:
-        if self._replug is not None and self._replug.away:
-            return  # the device is gone: reading resumes when it is back
-        self._gate.open(self.fd)
-
-    def _pause_reading(self) -> None:
-        self._gate.shut()
-        self._hold_off()
-
-    def _hold_off(self) -> None:
-        """Input is held back (RTS): the paced line idles meanwhile, it does not fall behind."""
-        if self._paced is not None:
-            self._paced.pacer.hold_off()
-
-    def _on_readable(self) -> None:
-        if self.holding:
-            # Left in the port until the after-action ran: held behind output the MCU
-            # does not read, input would pile up here without bound.
-            self._pause_reading()
-            return
-        if self._backlogged():
-            return
-        size = _READ_SIZE if self._paced is None else self._paced.budget()
-        if not size:
-            return  # the line is busy: read again when it has room
-        try:
-            data = os.read(self.fd, size)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno in _GONE and self._replug is not None:
-                self._hung_up(exc.strerror)
-                return
-            log.error("uart_read_failed", error=str(exc))
-            self._pause_reading()
-            self.loop.call_later(0.5, self._resume_reading)
-            return
-        if not data:
-            self._hung_up("hung up (unplugged?)")
-            return
-        if self._paced is not None:
-            self._paced.took(self.fd, size, len(data))
-        if self._serial is not None:
-            self._serial.after_read(len(data))
-        if self.tap is not None:
-            self.tap.received(data)
-        if self.rx_fault is not None and not (data := self.rx_fault(data)):
-            return  # an injected overrun lost all of it
-        if self.boot is not None:
-            self.boot.drop(len(data))
-            return
-        self.counters.rx_bytes += len(data)
-        if self.busy:
-            self._refuse_busy(data)
-            return
-        now = self.loop.time()
-        self.parser.receive_bytes(data, now)
-        self._process()
-        if self._paced is None:  # paced reads come in slices already
-            self._coalesce(len(data), now)
-
-    def _hung_up(self, why: str) -> None:
-        """The device went away (a read gave EOF, as a tty does only once hung
-        up, or EIO; a write EIO): stop reading and writing, keep the session,
-        and reopen the device when it returns (bridged.uart.replug)."""
-        self._pause_reading()  # it stays readable: EOF again and again
-        if self._replug is not None:
-            self.output.suspend()
-            self._replug.lost(why)
-            return
-        # The pty's master never hangs up (we hold its slave): if it did, a new front makes a new one.
-        self.port_lost = f"{self.port_name} {why}; plug the device in or choose another --port"
-        self._tell_supervisor(PortFailed(self.port_lost))
-        self.stop()
-
-    def _on_write_failed(self, exc: OSError) -> None:
-        # EIO, as a hung-up tty says; anything else too leaves a port we
-        # cannot write to: reopened, it gets a fresh start.
-        self._hung_up(exc.strerror or str(exc))
-
-    def _port_back(self, fd: int) -> None:
-        """The device is back, reopened with the settings in force: carry on."""
-        self.fd = fd
-        self.output.resume(fd)
-        self._resume_reading()
-        self._process()
-
-    def _coalesce(self, size: int, now: float) -> None:
-        """While the MCU streams a data phase at UART speed, read every few ms.
-
-        At 0.5 MB/s (5 Mbaud) an MCU writing 1 KiB pieces would wake us 500
-        times a second; the kernel can gather a few ms of them instead.  Only
-        for a steady stream at UART rates: commands, +++ and interactive bytes
-        (small reads) and faster bulk input (a pty, or catching up) are read
-        at once.  A byte's arrival time may read up to _COALESCE late, so +++
-        after streamed data may need up to 24 ms of silence instead of 20.
-        """
-        interval, self._last_read = now - self._last_read, now
-        uart_rate = interval > 0 and size / interval < _COALESCE_RATE
-        # A read that nearly filled the tty buffer means the MCU is waiting on us.
-        if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
-                and self._gate.is_open and self.parser.data is not None):
-            self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
-            self.loop.call_later(_COALESCE, self._resume_reading)
-
-    def _refuse_busy(self, data: bytes) -> None:
-        """Input while a command runs is discarded, one busy p... per chunk."""
-        if _FORCE_RESTART in data:
-            self.output.reply(fmt.FORCE_RESTART)
-            self.busy = False
-            rest = len(data) - data.index(_FORCE_RESTART) - len(_FORCE_RESTART)
-            self._restart(False, dropped=rest)
-            return
-        log.info("busy_refused", bytes=len(data))
-        if self.ctx.state.syslog:
-            self.output.reply(fmt.err_code(0x010B0000))
-        self.output.reply(fmt.BUSY)
-
-    # -- the session -------------------------------------------------------------------------
-
-    def _process(self) -> None:
-        """Handle parser events until it needs data, or the session is busy."""
-        while not (self.busy or self.holding):
-            if self.parser.in_data_mode:
-                if not self._process_data():
-                    return
-                continue
-            if self._backlogged():
-                return  # the rest waits in the parser: at most one read
-            event = self.parser.next_event()
-            if event is NEED_DATA:
-                return
-            if isinstance(event, CommandLine):
-                if self.faults.refuse(event):
-                    continue  # at_busy: answered busy p..., dropped
-                self._echo(event.raw)
-                self._execute(event)
-            elif isinstance(event, BadLine):
-                self._echo(event.raw)
-                structlog.contextvars.bind_contextvars(command=event.name)
-                self._log_error("bad_line", event.name, event.error)
-                self._error(event.error)
-            elif isinstance(event, LineTooLong):
-                log.info("line_too_long", length=event.length, limit=self.config.uart.max_line)
-                self._error(AtError(f"command line longer than {self.config.uart.max_line} bytes"))
-
-    def _echo(self, raw: bytes) -> None:
-        if self.ctx.state.echo:
-            self.output.reply(raw)
-
-    def _error(self, error: AtError) -> None:
-        if error.body:
-            self.output.reply(error.body)
-        if self.ctx.state.syslog:
-            self.output.reply(fmt.err_code(error.code))
-        self.output.reply(fmt.ERROR)
-
-    def _execute(self, line: CommandLine) -> None:
-        structlog.contextvars.bind_contextvars(command=line.name)
-        if self.tap is not None:
-            self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
-        try:
-            result = self.faults.dispatch(self.ctx, line)  # the registry's, unless a fault says
-        except AtError as error:
-            self._log_error("command_error", line.name, error)
-            self._error(error)
-            return
-        if isinstance(result, Reply):
-            self._answer(result)
-            return
-        self.busy = True
-        if self.parser.buffered:
-            self._refuse_busy(self.parser.discard_pending())
-            if self.boot is not None:  # an AT+RST behind it forced a restart: the command goes too
-                if asyncio.iscoroutine(result):
-                    result.close()
-                return
-        self._command = self.loop.create_task(self._await_reply(result, line.name))
-
-    @staticmethod
-    def _log_error(event: str, name: str, error: AtError) -> None:
-        """Why a line failed; the offending parameter only if it cannot be a secret."""
-        if error.value and not registry.carries_secret(name):
-            log.info(event, why=error.why, value=error.value)
-        else:
-            log.info(event, why=error.why)
-
-    async def _await_reply(self, pending: Awaitable[Reply], name: str) -> None:
-        try:
-            reply = await pending
-        except asyncio.CancelledError:
-            self.links.announced()  # a forced restart: no CONNECT will come
-            raise
-        except AtError as error:
-            self._log_error("command_error", name, error)
-            self._error(error)
-            reply = None
-        except Exception:
-            # Our bug, not the host's: answer ERROR so the MCU never hangs.
-            log.exception("command_crashed")
-            self._error(AtError("internal error"))
-            reply = None
-        self._command = None
-        self.busy = False
-        if reply is not None:
-            self._answer(reply)
-        self.links.announced()  # an AT+CIPSTART's CONNECT is out: its data may follow
-        self._process()
-
-    def _answer(self, reply: Reply) -> None:
-        self.output.reply(reply.body)
-        self.output.reply(reply.final)
-        if reply.then is not None:
-            reply.then()
-        if reply.send is not None:
-            self._start_send(reply.send)
-        if reply.after is not None:
-            # Input that comes meanwhile is held (not read), not refused: the action
-            # is immediate, only ordered after the answer (a baud change, a restart).
-            self.holding = True
-            self._gate.hold(_AFTER)
-            self._hold_off()
-            self.output.when_empty(lambda: self._run_after(reply.after))
-
-    def _run_after(self, action) -> None:
-        self.holding = False
-        self._gate.release(_AFTER)
-        action()
-        self._resume_reading()
-        self._process()
-
-    # -- data phases: AT+CIPSEND, CIPSENDEX, CIPSENDL, passthrough ---------------------------
-
-    def _start_send(self, request: SendRequest) -> None:
-        slot = self.links.slots[request.link_id]
-        self.links.touch(request.link_id)
-        state = self.ctx.state
-        report, transmit = state.sendl_cfg
-        self.sending = Send(slot, request.kind, request.length, request.remote, report)
-        if self.tap is not None:
-            self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
-                          kind=request.kind.name.lower())
-        self._mute_progress(slot if request.kind is DataKind.PASSTHROUGH else None)
-        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
-        self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
-        if request.kind is DataKind.PASSTHROUGH:
-            self.passthrough = _Passthrough(request.link_id, slot.spec, slot.server)
-
-    def _process_data(self) -> bool:
-        """Move payload towards the uplink ring; False when we must wait."""
-        send = self.sending
-        room = send.room()
-        # uvloop's clock ticks in whole ms: when the timer fires the clock may
-        # read a hair before its deadline, which would re-arm it at once.
-        now = max(self.loop.time(), self._timer_fired_at)
-        event = self.parser.next_event(limit=room, now=now)
-        if isinstance(event, DataChunk):
-            send.take(event.data)
-            self._report_progress()
-        elif isinstance(event, DataComplete):
-            self._payload_complete(event.length)
-        elif isinstance(event, DataEscaped):
-            self._payload_escaped()
-        else:  # NEED_DATA
-            if room == 0:
-                self.counters.flow_pauses += 1
-                self._pause_reading()  # resumed by the worker's progress doorbell
-                self._mute_progress(None)
-            self._arm_timer()
-            return False
-        return True
-
-    def _arm_timer(self) -> None:
-        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
-        deadline = self.parser.deadline()
-        if self._timer is not None:
-            if deadline is not None and self._timer_at == deadline:
-                return  # already set for that time
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._on_timer)
-            self._timer_at = deadline
-
-    def _on_timer(self) -> None:
-        self._timer_fired_at = self._timer_at
-        self._timer = None
-        self._process()
-
-    def _payload_complete(self, length: int) -> None:
-        if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
-            self._refuse_busy(self.parser.discard_pending())
-            if self.boot is not None:  # ... and an AT+RST among them restarted the chip
-                return
-        send = self.sending
-        if self.tap is not None:
-            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
-        if send.kind is not DataKind.SENDL:
-            # Its SEND OK usually follows within a fraction of a ms: one write for both.
-            self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
-        send.payload_done()
-        self.busy = True
-        timeout_ms = self.ctx.state.tcpopts[send.slot.link_id][2]
-        if timeout_ms:  # AT+CIPTCPOPT so_sndtimeo: the send ends within it, sent or not
-            self.loop.call_later(timeout_ms / 1000, self._send_timed_out, send)
-        self._check_send()
-
-    def _payload_escaped(self) -> None:
-        send, self.sending = self.sending, None
-        if self.tap is not None:
-            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
-        self._mute_progress(None)
-        if send.kind is DataKind.PASSTHROUGH:
-            log.info("passthrough_left", link_id=send.slot.link_id)
-            self.passthrough = None
-            if self.ctx.state.sysmsg & 1:
-                self.output.reply(fmt.QUITT)
-            return
-        log.info("send_cancelled", link_id=send.slot.link_id)
-        self.output.reply(fmt.SEND_CANCELLED if send.kind is DataKind.SENDL else fmt.SEND_CANCELED)
-
-    def _send_timed_out(self, send: Send) -> None:
-        if self.sending is not send:
-            return
-        log.info("send_timed_out", link_id=send.slot.link_id)
-        if send.end is not None:
-            self.links.discard(send.slot.link_id, send.end)
-        self._finish_send(fmt.SEND_FAIL)
-
-    def _mute_progress(self, slot: Slot | None) -> None:
-        """Stop listening to one link's uplink progress doorbell (None: hear all).
-
-        A send's end, CIPSENDL's reports and a full ring wait on it, so every
-        link's doorbell is heard; only passthrough with room in its ring waits
-        on nothing, and there each chunk the worker sends would wake us for
-        nothing.  Registrations stay otherwise: uvloop re-creates a handle and
-        makes several syscalls for every add_reader after a remove_reader.
-        The eventfd keeps counting meanwhile, so nothing is missed.
-        """
-        if self._muted is slot:
-            return
-        if self._muted is not None:
-            self.loop.add_reader(self._muted.uplink.space_fd, self._on_uplink_progress, self._muted)
-        self._muted = slot
-        if slot is not None:
-            self.loop.remove_reader(slot.uplink.space_fd)
-
-    def _on_uplink_progress(self, slot: Slot) -> None:
-        slot.uplink.clear_space_doorbell()
-        send = self.sending
-        if send is None or send.slot is not slot:
-            return
-        self._report_progress()
-        if not send.complete:
-            if send.kind is DataKind.PASSTHROUGH:
-                self._mute_progress(slot)  # room again: no need to hear each chunk go
-            self._resume_reading()
-            self._process()
-        else:
-            self._check_send()
-
-    def _report_progress(self, sent: int | None = None) -> None:
-        send = self.sending
-        if send is not None and send.kind is DataKind.SENDL:
-            data = self.parser.data
-            self.output.reply(send.progress(data.received if data is not None else send.length, sent))
-
-    def _check_send(self) -> None:
-        send = self.sending
-        if send is None or not send.complete:
-            return
-        send.pump()
-        result, sent = send.result()
-        self._report_progress(sent)
-        if result is not None:
-            self._finish_send(result)
-
-    def _finish_send(self, result: bytes) -> None:
-        self.sending = None
-        self._mute_progress(None)
-        self.output.reply(result)
-        self.busy = False
-        self._resume_reading()
-        self._process()
-
-    # -- passthrough: a dropped link comes back --------------------------------------------------
-
-    def _passthrough_lost(self, slot: Slot) -> None:
-        """As a client, ESP-AT stays in passthrough and reconnects every AT+CIPRECONNINTV."""
-        pt = self.passthrough
-        if pt is None or pt.link_id != slot.link_id or pt.spec is None or pt.server:
-            return
-        if pt.reconnecting is None:
-            pt.reconnecting = self.loop.create_task(self._reconnect(pt))
-
-    async def _reconnect(self, pt: "_Passthrough", first_delay: float | None = None) -> None:
-        delay = self.ctx.state.reconnintv / 10 if first_delay is None else first_delay
-        while self.passthrough is pt:
-            await asyncio.sleep(delay)
-            delay = self.ctx.state.reconnintv / 10
-            if self.passthrough is not pt or self.links.is_busy(pt.link_id):
-                break
-            if station_ip(self.ctx) is None:
-                continue  # no AP (a Wi-Fi drop): nothing to reconnect over yet
-            # Each attempt resolves again, through the servers AT+CIPDNS holds now.
-            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
-                                       tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
-            try:
-                await self.links.connect(pt.link_id, spec)
-                self.links.announced()  # passthrough prints no CONNECT
-            except AtError as exc:
-                log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
-                continue
-            log.info("passthrough_reconnected", link_id=pt.link_id)
-            self._passthrough_resume(self.links.slots[pt.link_id])
-            break
-        pt.reconnecting = None
-
-    def _passthrough_resume(self, slot: Slot) -> None:
-        """The passthrough link is back (reconnected, or a new server client)."""
-        if self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH:
-            self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
-            self._mute_progress(slot)
-            if self.ctx.state.sysmsg & 4:
-                self.output.urc(connected_message(self.ctx, slot.view))
-            self._resume_reading()
-            self._process()
-
-    # -- downlink ---------------------------------------------------------------------------------
-
-    def _can_deliver(self) -> bool:
-        return self.output.buffered < _OUTPUT_HIGH
-
-    def _on_output_drained(self) -> None:
-        self.links.drain_deferred()
-
-    def _backlogged(self) -> bool:
-        """Hold commands while the output is backlogged; a data phase goes on."""
-        if self.output.backlogged and not self.parser.in_data_mode:
-            self._gate.hold(_BACKLOG)
-            self._hold_off()
-            return True
-        return False
-
-    def _on_output_eased(self) -> None:
-        self._gate.release(_BACKLOG)
-        self._process()
-
-    def _in_passthrough(self) -> bool:
-        return self.sending is not None and self.sending.kind is DataKind.PASSTHROUGH
-
-    def _status_shown(self) -> bool:
-        """CONNECT/CLOSED during passthrough only with AT+SYSMSG bit 2."""
-        return not self._in_passthrough() or bool(self.ctx.state.sysmsg & 4)
-
-    def _on_link_data(self, slot: Slot, record: records.Record) -> None:
-        if self.ctx.state.cipmode == 1:
-            # Passthrough (receiving) mode: the peer's bytes go out raw, no +IPD.
-            self.output.urc(record.payload)
-            return
-        # A reply can only come after the send it answers was handed to the
-        # socket: settle a finished send first so SEND OK precedes its +IPD.
-        self._check_send()
-        remote = None
-        if self.ctx.state.cipdinfo and slot.view is not None:
-            remote = record.addr or (slot.view.remote_ip, slot.view.remote_port)
-        link = self.ctx.link_arg(slot.link_id)
-        payload = record.payload
-        # At most <chunk> bytes per +IPD (2920 on ESP-AT); a datagram stays whole.
-        step = len(payload) if record.addr is not None else self.config.links.chunk
-        for i in range(0, len(payload), step or 1):
-            piece = payload[i : i + step]
-            if self.tap is not None:
-                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
-            self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
-            slot.ipd += 1
-
-    def _on_link_accepted(self, slot: Slot) -> None:
-        self.ctx.state.had_link = True
-        pt = self.passthrough
-        if pt is not None and pt.server:
-            pt.link_id = slot.link_id
-            self._passthrough_resume(slot)
-        elif self._status_shown():
-            self.output.urc(connected_message(self.ctx, slot.view))
-
-    def _on_link_notice(self, slot: Slot, length: Callable[[], int]) -> None:
-        # SEND OK before the notice of data that may answer it, as for +IPD.
-        self._check_send()
-        link = self.ctx.link_arg(slot.link_id)
-        slot.ipd += 1
-
-        def notice() -> bytes:
-            # Made when written, with what is unread then; nothing if nothing is.
-            n = length()
-            if not n:
-                return b""
-            if self.tap is not None:
-                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=n, passive=True)
-            return fmt.ipd_passive(link, n)
-
-        self.output.urc(notice)
-
-    def _on_link_ended(self, slot: Slot) -> None:
-        if self.sending is not None and self.sending.slot is slot:
-            self._on_link_closed_send(slot)
-
-    def _on_link_closed_send(self, slot: Slot) -> None:
-        if self.sending.complete:
-            self._check_send()
-        else:
-            self._resume_reading()  # the rest of the payload is read and dropped
-
-    def _on_link_closed(self, slot: Slot, reason: str) -> None:
-        log.info("link_lost", link_id=slot.link_id, reason=reason)
-        # A send in progress on this link ends first (SEND FAIL), then CLOSED.
-        if self.sending is not None and self.sending.slot is slot:
-            self._on_link_closed_send(slot)
-        if self._status_shown():
-            self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))
-        if self._in_passthrough():
-            self._passthrough_lost(slot)

@@ -1,33 +1,22 @@
-"""The front's side of the link slots: who is connected where, and the
-conversation with each link worker.
-
-A slot is one link id (0 to N-1) with its two rings and the control socket of
-its worker.  A connection in a slot is named by ``conn_id`` (a counter of the
-front's); replies and EOF records about another conn_id are stale and are
-ignored.  Slot states::
-
-    no worker --Hello--> IDLE --connect()--> CONNECTING --Connected--> OPEN
-    CONNECTING --ConnectFailed--> IDLE
-    OPEN --EOF record / worker died--> IDLE  (CLOSED reported)
-    OPEN --close()--> CLOSING --EOF record--> IDLE  (CIPCLOSE reports CLOSED)
+"""The front's slot table: who is connected where, and the conversation with
+each link worker (the slot states are ``uart.slots``'; downlink records go
+through ``uart.delivery``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import ipaddress
 import itertools
 import os
 import socket
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Callable
 
 import structlog
 
 from bridged.at.errors import ExecFail
 from bridged.commands.context import ConnectSpec, LinkView
-from bridged.ipc import records
 from bridged.ipc.control import ControlError, recv_message, send_message
 from bridged.ipc.messages import (
     Adopt,
@@ -47,11 +36,11 @@ from bridged.ipc.messages import (
 )
 from bridged.net.policy import Refusal
 from bridged.net.resolver import ResolveError, draw_faults
-from bridged.ipc.rings import Ring
-from bridged.uart.passive import Unread
+from bridged.uart.delivery import Delivery
+from bridged.uart.slots import LinkEvents, Slot, SlotState
 from bridged.uart.transcript import MarkKind
 
-__all__ = ["SlotState", "Slot", "LinkTable"]
+__all__ = ["SlotState", "Slot", "LinkTable", "LinkEvents"]
 
 log = structlog.get_logger()
 
@@ -66,88 +55,20 @@ def _plausible_remote(msg: Connected | RemoteChanged) -> bool:
     return 0 <= msg.remote_port <= 65535 and 0 <= getattr(msg, "local_port", 0) <= 65535
 
 
-class SlotState(enum.Enum):
-    NO_WORKER = enum.auto()
-    IDLE = enum.auto()
-    CONNECTING = enum.auto()
-    OPEN = enum.auto()
-    CLOSING = enum.auto()
-
-
-@dataclass
-class Slot:
-    link_id: int
-    uplink: Ring
-    downlink: Ring
-    control: socket.socket | None = None
-    state: SlotState = SlotState.NO_WORKER
-    conn_id: int | None = None
-    view: LinkView | None = None
-    waiter: asyncio.Future | None = None  # connect() or close() in progress
-    silent: bool = False  # drop the CLOSED message (AT+RST closes links quietly)
-    type: str = ""  # "TCP", "TCPv6" ... as AT+CIPSTART named it
-    server: bool = False  # a client of our AT+CIPSERVER (tetype 1), not one we opened
-    options: SetOptions = SetOptions()  # AT+CIPTCPOPT, resent to every new worker
-    spec: ConnectSpec | None = None  # how the MCU opened it (passthrough reconnects with it)
-    last_activity: float = 0.0  # for AT+CIPSTO: data either way resets it
-    ended: bool = False  # the worker's socket is gone (its EOF record may still wait)
-    # Passive receive mode (AT+CIPRECVTYPE=1): data stays in the downlink ring
-    # until AT+CIPRECVDATA, so the worker's receive window covers all of it.
-    passive: bool = False
-    rx: Unread = field(init=False)  # what passive reads have not taken yet
-    ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
-    pid: int = 0  # its worker's, from Hello
-    ipd: int = 0  # +IPD frames and notices of this connection (bridged status)
-    # Connected, but the CONNECT that announces it is not written yet: its data
-    # waits in the ring (a peer that speaks first must not get +IPD ahead of it).
-    unannounced: bool = False
-
-    def __post_init__(self) -> None:
-        self.rx = Unread(self.downlink)
-
-
 class LinkTable:
-    """Implements ``commands.context.Links`` for the UART front.
+    """Implements ``commands.context.Links`` for the UART front, which hears
+    of the links through ``events`` (``uart.slots.LinkEvents``).
 
-    Args:
-        on_data: called with (slot, record) for each DATA record of an open
-            connection, in order.
-        on_closed: called with (slot, reason) when a connection ends that
-            nobody was closing (the peer, an error, a dead worker).
-        on_notice: called with (slot, length) when passive-mode data waits
-            and no notice is queued or unanswered; ``length()`` says, at the
-            moment the notice is written, what it announces (0: nothing).
-        on_ended: called with the slot when its socket is gone.
-        on_accepted: called with the slot when a server client is ready.
-        on_freed: called (soon) with a slot whose connection ended.
-        can_deliver: False while the UART output is backed up; records then
-            stay in the ring, so the worker stops reading its socket.
+    ``window``: the passive-mode receive window the workers keep.
     """
 
     tap = None  # the AT transcript while it is on (bridged.uart.transcript)
 
-    def __init__(
-        self,
-        slots: list[Slot],
-        on_data: Callable[[Slot, records.Record], None],
-        on_closed: Callable[[Slot, str], None],
-        can_deliver: Callable[[], bool],
-        on_notice: Callable[[Slot, Callable[[], int]], None],
-        on_ended: Callable[[Slot], None],
-        window: int,
-        on_accepted: Callable[[Slot], None] = lambda slot: None,
-        on_freed: Callable[[Slot], None] = lambda slot: None,
-    ) -> None:
+    def __init__(self, slots: list[Slot], events: LinkEvents, window: int) -> None:
         self.slots = slots
         self.count = len(slots)
-        self.on_data = on_data
-        self.on_closed = on_closed
-        self.can_deliver = can_deliver
-        self.on_notice = on_notice
-        self.on_ended = on_ended
-        self.on_accepted = on_accepted
-        self.on_freed = on_freed
-        self._deferred: set[int] = set()  # slots whose records wait for UART room
+        self.events = events
+        self.delivery = Delivery(events, self._end)
         self.window = window
         self.loop = asyncio.get_running_loop()
         self.on_stats: Callable[[Slot, LinkStats], None] = lambda slot, msg: None  # bridged.ops.status
@@ -199,21 +120,7 @@ class LinkTable:
 
     def _release_held(self, slot: Slot) -> None:
         if not slot.passive and slot.control is not None:
-            self.drain(slot)
-
-    def _deliver_partial(self, slot: Slot) -> None:
-        """Back in active mode: the rest of a record passive reads left in part.
-
-        It obeys the rule of whole records (``_delivers``): after AT+CIPCLOSE
-        or AT+RST it is dropped with them, never sent as a stray +IPD.
-        """
-        rest = slot.rx.take_partial()
-        if self._delivers(slot):
-            self.on_data(slot, records.Record(records.DATA, rest))
-
-    def _delivers(self, slot: Slot) -> bool:
-        """Data records of the slot go out as +IPD (else they are dropped)."""
-        return slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive)
+            self.delivery.drain(slot)
 
     def spec(self, link_id: int) -> ConnectSpec | None:
         """How the MCU opened the link (None for a server's client)."""
@@ -223,17 +130,9 @@ class LinkTable:
     def is_passive(self, link_id: int) -> bool:
         return self.slots[link_id].passive
 
-    def _receiving(self, slot: Slot) -> bool:
-        """Passive data of an open connection waits in the slot's ring."""
-        return slot.passive and slot.state is SlotState.OPEN and slot.control is not None
-
     def unread(self, link_id: int) -> int:
-        """What AT+CIPRECVDATA could take now (no notice, no CLOSED from here:
-        they must not precede the answer being made)."""
-        slot = self.slots[link_id]
-        if self._receiving(slot):
-            self._count(slot)
-        return slot.rx.total if slot.state is SlotState.OPEN else 0
+        """What AT+CIPRECVDATA could take now."""
+        return self.delivery.unread(self.slots[link_id])
 
     def read(self, link_id: int, limit: int) -> bytes:
         """Take up to ``limit`` unread bytes of a passive link (AT+CIPRECVDATA)."""
@@ -244,33 +143,11 @@ class LinkTable:
         """Right after AT+CIPRECVDATA's answer is queued: announce what is left, or CLOSED."""
         slot = self.slots[link_id]
         if slot.passive and slot.control is not None:
-            self._scan(slot)
+            self.delivery.scan(slot)
 
-    def _count(self, slot: Slot) -> None:
-        if slot.rx.count():
-            slot.last_activity = self.loop.time()
-
-    def _scan(self, slot: Slot) -> None:
-        """Count newly published records; queue a notice, or end once all is read."""
-        self._count(slot)
-        if slot.rx.total:
-            token = slot.rx.notice.want(slot.rx.total)
-            if token is not None:
-                self.on_notice(slot, lambda: self._notice_length(slot, token))
-        elif slot.rx.eof_seen:
-            slot.rx.eof_seen = False
-            self._take_eof(slot, records.get_record(slot.downlink))
-
-    def _notice_length(self, slot: Slot, token: int) -> int:
-        """Called as the notice is written: what it announces (0: drop it).
-
-        Only counts: it runs inside the UART output's write, which must not
-        queue anything (an EOF found here is taken by the drain it rings).
-        """
-        receiving = self._receiving(slot)
-        if receiving:
-            self._count(slot)
-        return slot.rx.notice.length(token, slot.rx.total if receiving else 0)
+    def drain_deferred(self) -> None:
+        """The UART output caught up: deliver what back-pressure held in the rings."""
+        self.delivery.drain_deferred()
 
     def _begin(self, slot: Slot, type_: str, server: bool) -> None:
         slot.conn_id = next(_conn_ids)
@@ -363,9 +240,9 @@ class LinkTable:
         """Close every connection without CLOSED messages (AT+RST, AT+RESTORE)."""
         for slot in self.slots:
             slot.unannounced = False  # nothing will announce it now; the EOF must get through
-            if slot.state in (SlotState.OPEN, SlotState.CONNECTING):
+            if slot.state in (SlotState.OPEN, SlotState.CONNECTING) and not slot.silent:  # (once)
                 slot.silent = True
-                self._send(slot, Close(slot.conn_id))
+                self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
 
     # -- worker attachment ----------------------------------------------------------
 
@@ -375,7 +252,7 @@ class LinkTable:
         control.setblocking(False)
         slot.control = control
         self.loop.add_reader(control.fileno(), self._on_control, slot)
-        self.loop.add_reader(slot.downlink.data_fd, self.drain, slot)
+        self.loop.add_reader(slot.downlink.data_fd, self.delivery.drain, slot)
 
     def tell(self, link_id: int, msg: object) -> bool:
         """Send a control message to a link's worker (FireFault); False when it has none now."""
@@ -433,7 +310,7 @@ class LinkTable:
             slot.view = replace(slot.view, remote_ip=msg.remote_ip, remote_port=msg.remote_port)
         elif isinstance(msg, Ended) and msg.conn_id == slot.conn_id:
             slot.ended = True
-            self.on_ended(slot)
+            self.events.link_ended(slot)
         elif isinstance(msg, Connected) and msg.conn_id == slot.conn_id:
             self._on_connected(slot, msg)
         elif isinstance(msg, ConnectFailed) and msg.conn_id == slot.conn_id:
@@ -453,7 +330,7 @@ class LinkTable:
                           port=msg.remote_port, server=slot.server)
         if slot.server:
             if not slot.silent:  # else a restart closed it while the worker took it: never announced
-                self.on_accepted(slot)
+                self.events.link_accepted(slot)
         elif slot.waiter is not None:
             slot.unannounced = True  # until connect()'s caller has written CONNECT: `announced`
             slot.waiter.set_result(slot.view)
@@ -463,58 +340,7 @@ class LinkTable:
         their data may follow now."""
         for slot in self.slots:
             if slot.unannounced:
-                slot.unannounced = False
-                if slot.control is not None:
-                    self.drain(slot)
-
-    # -- downlink records -------------------------------------------------------------
-
-    def drain(self, slot: Slot) -> None:
-        """Deliver the slot's records while the UART output can take them."""
-        slot.downlink.clear_data_doorbell()
-        if slot.unannounced:
-            return  # `announced` drains it
-        if slot.passive and slot.state is SlotState.OPEN:
-            self._scan(slot)
-            return
-        if slot.rx.offset and self.can_deliver():
-            self._deliver_partial(slot)
-        slot.rx.forget()
-        slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
-        try:
-            self._deliver(slot)
-        finally:
-            slot.downlink.release_doorbells()
-
-    def _deliver(self, slot: Slot) -> None:
-        while True:
-            if not self.can_deliver():
-                self._deferred.add(slot.link_id)  # drained again once the UART catches up
-                return
-            record = records.get_record(slot.downlink)
-            if record is None:
-                return
-            if record.kind == records.EOF:
-                self._take_eof(slot, record)
-            elif self._delivers(slot):
-                slot.last_activity = self.loop.time()
-                self.on_data(slot, record)
-
-    def _take_eof(self, slot: Slot, record: records.Record) -> None:
-        conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")
-        if conn_text.isdigit() and int(conn_text) == slot.conn_id:
-            self._end(slot, reason)
-        elif slot.passive:
-            self._scan(slot)  # a stale EOF: look past it
-
-    def drain_deferred(self) -> None:
-        """The UART output caught up: deliver what back-pressure held in the rings."""
-        if not self._deferred:
-            return  # the usual case, after every write
-        deferred, self._deferred = self._deferred, set()
-        for link_id in sorted(deferred):
-            if self.slots[link_id].control is not None:
-                self.drain(self.slots[link_id])
+                self.delivery.announce(slot)
 
     # -- the end of a connection ------------------------------------------------------
 
@@ -530,7 +356,7 @@ class LinkTable:
             self.tap.mark(MarkKind.CONNECT_FAILED if failed else MarkKind.CLOSED, link=slot.link_id, reason=reason)
         slot.conn_id = None
         slot.view = None
-        self.loop.call_soon(self.on_freed, slot)
+        self.loop.call_soon(self.events.link_freed, slot)
         if waiter is not None and not waiter.done():
             if state is SlotState.CONNECTING:
                 waiter.set_exception(ExecFail(f"connect failed: {reason}"))
@@ -539,7 +365,7 @@ class LinkTable:
                 waiter.set_result(None)
                 return
         if state in (SlotState.OPEN, SlotState.CLOSING) and not silent:
-            self.on_closed(slot, reason)
+            self.events.link_closed(slot, reason)
 
     def _worker_died(self, slot: Slot) -> None:
         if slot.control is not None:
@@ -548,15 +374,6 @@ class LinkTable:
             self.loop.remove_reader(slot.downlink.data_fd)
             slot.control.close()
             slot.control = None
-        # What the worker received before it died is still owed to the MCU,
-        # as +IPD even in passive mode (no worker, no reads), but only once:
-        # of a record that reads took part of, only the rest.
-        owed = slot.state is SlotState.OPEN and not slot.silent
-        rest = slot.rx.take_partial()
-        if rest and owed:
-            self.on_data(slot, records.Record(records.DATA, rest))
-        while (record := records.get_record(slot.downlink)) is not None:
-            if record.kind == records.DATA and owed:
-                self.on_data(slot, record)
+        self.delivery.owed_at_death(slot)
         self._end(slot, "link worker died")
         slot.state = SlotState.NO_WORKER

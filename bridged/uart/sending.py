@@ -1,15 +1,19 @@
 """One data phase on its way into a link's uplink ring, from ``>`` to its end.
 
-Theory of operation.  What "handed to the protocol stack" means is the ring's
-read index: the worker advances it only for bytes its socket accepted.  So a
-send is over (SEND OK) once the read index passes ``end``, the ring index
-after its last byte; it fails (SEND FAIL) when its connection is gone first.
+Theory of operation.  The uplink ring plus the worker's kernel socket buffer
+are bridged's "protocol stack send buffer" (lwIP's on ESP-AT, whose SEND OK
+means send() took the bytes, not that the peer has them).  So a send is over
+(SEND OK) once every byte of it is *admitted* into the ring; it fails (SEND
+FAIL) when its connection is gone before that.  Bytes admitted and then lost
+(the peer resets the connection) are reported as ESP-AT reports them: the
+link's CLOSED.  The ring is bounded: a full one makes admission wait, and the
+front stops reading the UART meanwhile (flow control).
 
 * AT+CIPSEND / AT+CIPSENDEX gather the payload and queue it once it is
   complete, as ESP-AT sends only then: ``+++`` cancels with nothing sent.
 * AT+CIPSENDL streams: chunks go into the ring while the MCU still sends,
   and ``+CIPSENDL:<had sent>,<port recv>`` reports progress every
-  <report size> bytes handed on.
+  <report size> bytes admitted.
 * Passthrough streams with no end.
 * On a UDP link every queued piece is one record, so one datagram.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
+from bridged.at.session import send_result
 from bridged.ipc import records
 from bridged.uart.links import Slot
 
@@ -40,8 +45,9 @@ class Send:
         self.gathered = bytearray() if not self.streaming else None
         self.queued = 0  # gathered bytes already in the ring
         self.start = slot.uplink.write_index  # ring index of this phase's first byte
-        self.end: int | None = None  # ring index after the last byte, once all is queued
+        self.end: int | None = None  # ring index after the last byte, once all is admitted
         self.complete = False  # the MCU has sent every byte
+        self.admitted = 0  # payload bytes in the ring (what +CIPSENDL reports as sent)
         self.sent_reported = 0
         self.dropped = 0  # streamed while the link was down
 
@@ -57,9 +63,19 @@ class Send:
         free = self.slot.uplink.free()
         return max(0, free - _RECORD_SLACK) if self.datagram else free
 
+    def room_needed(self) -> int:
+        """Free ring bytes worth resuming for: a gathered datagram's whole record,
+        else a few (a doorbell for a sliver of room would wake us for nothing)."""
+        if self.datagram:
+            return (len(self.gathered) if self.gathered is not None else 1) + _RECORD_SLACK
+        if self.gathered is not None:
+            return max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
+        return _RECORD_SLACK
+
     @property
-    def had_sent(self) -> int:
-        return self.slot.uplink.read_index - self.start
+    def waiting(self) -> bool:
+        """Complete, alive, and part of it waits for ring room."""
+        return self.complete and self.end is None and self.alive()
 
     # -- input -------------------------------------------------------------------
 
@@ -70,8 +86,9 @@ class Send:
             self.dropped += len(chunk)  # a dropped link: the bytes have nowhere to go
         elif self.datagram:
             records.put_record(self.slot.uplink, records.DATA, chunk, self.remote)
+            self.admitted += len(chunk)
         else:
-            self.slot.uplink.put_nowait(chunk)
+            self.admitted += self.slot.uplink.put_nowait(chunk)
 
     def payload_done(self) -> None:
         self.complete = True
@@ -88,38 +105,29 @@ class Send:
         if self.datagram:
             if records.put_record(ring, records.DATA, self.gathered, self.remote):
                 self.end = ring.write_index
+                self.admitted = len(self.gathered)
             return
         if self.queued == 0:
             self.start = ring.write_index
         with memoryview(self.gathered) as view:
             self.queued += ring.put_nowait(view[self.queued:])
+        self.admitted = self.queued
         if self.queued == len(self.gathered):
             self.end = self.start + self.queued
 
     # -- output -------------------------------------------------------------------
 
-    def progress(self, received: int, sent: int | None = None) -> bytes:
-        """AT+CIPSENDL's +CIPSENDL lines due now (``sent``: a snapshot to report)."""
+    def progress(self, received: int) -> bytes:
+        """AT+CIPSENDL's +CIPSENDL line due now, if any."""
         if self.kind is not DataKind.SENDL:
             return b""
-        sent = self.had_sent if sent is None else sent
-        final = self.end is not None and sent >= self.end - self.start
+        sent = self.admitted
+        final = self.end is not None
         if sent - self.sent_reported >= self.report_size or (final and sent != self.sent_reported):
             self.sent_reported = sent
             return fmt.info("+CIPSENDL", sent, received)
         return b""
 
-    def result(self) -> tuple[bytes | None, int]:
-        """(SEND OK / SEND FAIL / None while undecided, bytes handed on so far).
-
-        One reading of the read index decides both, so the last +CIPSENDL
-        report and the result always agree (the worker moves it meanwhile).
-        """
-        sent = self.had_sent
-        if not self.complete:
-            return None, sent
-        if self.end is not None and self.start + sent >= self.end and not self.dropped:
-            return fmt.SEND_OK, sent
-        if not self.alive():
-            return fmt.SEND_FAIL, sent
-        return None, sent
+    def result(self) -> bytes | None:
+        """SEND OK, SEND FAIL, or None while part of it waits for room (bridged.at.session's rule)."""
+        return send_result(self.complete, self.end is not None, self.alive(), self.dropped)

@@ -334,6 +334,30 @@ def test_links_open_at_at_rst_close_quietly_and_their_peers_are_not_heard(make_d
     assert daemon.wait_event("link_closed", reason="closed by host")
 
 
+def test_data_held_back_behind_at_rst_never_follows_its_ok(make_daemon, echo_server):
+    """A peer's data that waits in the ring behind a backed-up UART when AT+RST is answered
+    is dropped with the link: the MCU reads no +IPD between the OK and ready."""
+    daemon = make_daemon(_firmware(boot_ms=50))
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    peer = echo_server.wait_connections(1)[0]
+    peer.setblocking(False)
+    sent = 0
+    try:  # more than the pty, the front's queue and the ring hold: the rest waits in the ring
+        while sent < 1 << 20:
+            sent += peer.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    time.sleep(0.5)  # the host reads nothing: the output backs up, +IPD stays in the ring
+    host.write(b"AT+RST\r\n")
+    time.sleep(0.3)  # its OK is queued behind the +IPD already queued
+    host.expect(b"\r\nOK\r\n", timeout=20)
+    after_ok = host.expect(READY, timeout=20)
+    assert b"+IPD" not in after_ok, after_ok[:200]
+    assert daemon.wait_event("link_closed", reason="closed by host")
+
+
 def test_a_stop_during_the_boot_exits_at_once(tmp_path):
     """SIGTERM while the first boot's silence runs (10 s): exit 0 within a second or two."""
     daemon = Daemon(tmp_path, _firmware(boot_ms=10000)).start()

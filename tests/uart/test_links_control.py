@@ -28,6 +28,18 @@ _BAD = [
 ]
 
 
+class _Unheard:
+    """LinkEvents that hear nothing: these tests look at the slot table alone."""
+
+    def link_data(self, slot, record): pass
+    def link_notice(self, slot, length): pass
+    def link_closed(self, slot, reason): pass
+    def link_ended(self, slot): pass
+    def link_accepted(self, slot): pass
+    def link_freed(self, slot): pass
+    def can_deliver(self): return True
+
+
 async def _until(predicate, what: str) -> None:
     async with asyncio.timeout(5):
         while not predicate():
@@ -44,8 +56,7 @@ def test_a_worker_sending_wrong_types_is_refused_and_logged_not_a_crash():
             handled: list[dict] = []
             loop.set_exception_handler(lambda loop, context: handled.append(context))
             slot = Slot(0, up, down)
-            table = LinkTable([slot], lambda *a: None, lambda *a: None, lambda: True,
-                              lambda *a: None, lambda *a: None, 5760)
+            table = LinkTable([slot], _Unheard(), 5760)
             table.attach(0, front_end)
             for packet in _BAD:
                 worker_end.send(packet)
@@ -71,8 +82,7 @@ def test_a_connected_message_with_text_for_an_address_is_refused():
 
         async def main() -> SlotState:
             slot = Slot(0, up, down, state=SlotState.CONNECTING, conn_id=7)
-            table = LinkTable([slot], lambda *a: None, lambda *a: None, lambda: True,
-                              lambda *a: None, lambda *a: None, 5760)
+            table = LinkTable([slot], _Unheard(), 5760)
             table.attach(0, front_end)
             bad = {"type": "Connected", "conn_id": 7, "remote_ip": '1.2.3.4"\r\nOK\r\n', "remote_port": 80,
                    "local_ip": "127.0.0.1", "local_port": 5000}

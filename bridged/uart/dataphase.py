@@ -1,0 +1,227 @@
+"""The UART front's data phases: AT+CIPSEND, CIPSENDEX, CIPSENDL, passthrough (a part of ``Front``).
+
+Theory of operation.  After a ``>`` prompt the parser's data machine hands
+out payload; ``uart.sending.Send`` gathers AT+CIPSEND/CIPSENDEX and streams
+AT+CIPSENDL and passthrough into the link's uplink ring.  The session
+(``bridged.at.session``) decides what the end of a phase says: SEND OK once
+the whole payload is admitted into the ring, SEND FAIL if the link goes
+first or so_sndtimeo passes while part of it waits for room.  While the ring
+is full the front stops reading the port (the tty buffer fills, RTS drops)
+and asks the worker for its space doorbell; otherwise the worker never
+rings it, and the front needs no wake-up per send.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from bridged.at import format as fmt
+from bridged.at.datamode import DataKind
+from bridged.at.parser import DataChunk, DataComplete, DataEscaped
+from bridged.at.session import Escaped, PayloadDone, Prompt, Settled, State, Tick
+from bridged.commands.registry import SendRequest
+from bridged.uart.downlink import Passthrough
+from bridged.uart.links import Slot
+from bridged.uart.sending import Send
+from bridged.uart.transcript import MarkKind
+
+__all__ = ["DataPhases"]
+
+log = structlog.get_logger()
+
+_ROOM_POLL = 0.05  # seconds between looks at a full uplink ring while a send waits for room
+_RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
+
+
+class DataPhases:
+    """Payload from the parser into uplink rings; a part of ``bridged.uart.front.Front``."""
+
+    def _start_send(self, request: SendRequest) -> None:
+        slot = self.links.slots[request.link_id]
+        self.links.touch(request.link_id)
+        state = self.ctx.state
+        report, transmit = state.sendl_cfg
+        self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
+        self.session.handle(Prompt(request.kind, state.tcpopts[request.link_id][2] / 1000), self.loop.time())
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
+                          kind=request.kind.name.lower())
+        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
+        self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
+        if request.kind is DataKind.PASSTHROUGH:
+            self.passthrough = Passthrough(request.link_id, slot.spec, slot.server)
+
+    def _process_data(self) -> bool:
+        """Move payload towards the uplink ring; False when we must wait."""
+        send = self.sending
+        room = send.room()
+        # uvloop's clock ticks in whole ms: when the timer fires the clock may
+        # read a hair before its deadline, which would re-arm it at once.
+        now = max(self.loop.time(), self._timer_fired_at)
+        event = self.parser.next_event(limit=room, now=now)
+        if isinstance(event, DataChunk):
+            send.take(event.data)
+            self._report_progress()
+        elif isinstance(event, DataComplete):
+            self._payload_complete(event.length)
+        elif isinstance(event, DataEscaped):
+            self._payload_escaped()
+        else:  # NEED_DATA
+            if room == 0:
+                self._wait_room(send)  # reading resumes when the worker makes room
+            self._arm_timer()
+            return False
+        return True
+
+    def _arm_timer(self) -> None:
+        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
+        deadline = self.parser.deadline()
+        if self._timer is not None:
+            if deadline is not None and self._timer_at == deadline:
+                return  # already set for that time
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self._timer_fired_at = self._timer_at
+        self._timer = None
+        self._process()
+
+    def _payload_complete(self, length: int) -> None:
+        if self.parser.buffered:  # more than <length> bytes: ESP-AT says busy
+            self._refuse_busy(self.parser.discard_pending())
+            if self.session.state is State.BOOTING:  # ... and an AT+RST among them restarted the chip
+                return
+        send = self.sending
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
+        if send.kind is not DataKind.SENDL:
+            # Its SEND OK usually follows within a fraction of a ms: one write for both.
+            self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
+        send.payload_done()
+        self._report_progress()
+        effects = self.session.handle(PayloadDone(send.result()), self.loop.time())
+        if effects.out:
+            self._finish_send(effects.out)
+            return
+        self._wait_room(send)
+        if effects.deadline is not None:
+            self.loop.call_at(effects.deadline, self._send_timed_out, send, effects.deadline)
+
+    def _payload_escaped(self) -> None:
+        send, self.sending = self.sending, None
+        if self.tap is not None:
+            self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
+        self._stop_waiting_room()
+        effects = self.session.handle(Escaped(quitt=bool(self.ctx.state.sysmsg & 1)), self.loop.time())
+        if send.kind is DataKind.PASSTHROUGH:
+            log.info("passthrough_left", link_id=send.slot.link_id)
+            self.passthrough = None
+        else:
+            log.info("send_cancelled", link_id=send.slot.link_id)
+        self.output.reply(effects.out)
+
+    def _send_timed_out(self, send: Send, deadline: float) -> None:
+        if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:
+            return
+        # uvloop's clock ticks in whole ms: it may read a hair before the deadline.
+        effects = self.session.handle(Tick(), max(self.loop.time(), deadline))
+        if not effects.out:
+            return
+        log.info("send_timed_out", link_id=send.slot.link_id)
+        if send.queued:  # the part admitted is dropped with it: SEND FAIL sent nothing
+            self.links.discard(send.slot.link_id, send.start + send.queued)
+        self._finish_send(effects.out)
+
+    def _wait_room(self, send: Send) -> None:
+        """The send waits for room in its uplink ring: stop reading, hear the worker.
+
+        The worker rings the space doorbell only while we ask for it (the
+        ring's quiet flag), so it costs nothing when nobody waits.  The flag
+        and the read index are plain stores in two processes: after asking,
+        look again, and keep looking on a timer while waiting (as the worker
+        does for its downlink).
+        """
+        self._pause_reading()
+        slot = send.slot
+        self._room_need = send.room_needed()
+        if self._room_slot is slot:
+            return
+        self.counters.flow_pauses += 1
+        self._stop_waiting_room()
+        self._room_slot = slot
+        slot.uplink.want_space_doorbell(True)
+        slot.uplink.clear_space_doorbell()
+        self.loop.add_reader(slot.uplink.space_fd, self._on_room)
+        self._poll_room()
+
+    def _poll_room(self) -> None:
+        self._room_poll = None
+        if self._room_slot is None:
+            return
+        if self._room_slot.uplink.free() >= self._room_need:
+            self.loop.call_soon(self._on_room)
+        else:
+            self._room_poll = self.loop.call_later(_ROOM_POLL, self._poll_room)
+
+    def _stop_waiting_room(self) -> None:
+        slot, self._room_slot = self._room_slot, None
+        if slot is None:
+            return
+        self.loop.remove_reader(slot.uplink.space_fd)
+        slot.uplink.want_space_doorbell(False)
+        if self._room_poll is not None:
+            self._room_poll.cancel()
+            self._room_poll = None
+
+    def _on_room(self) -> None:
+        slot = self._room_slot
+        if slot is None:
+            return
+        slot.uplink.clear_space_doorbell()
+        if slot.uplink.free() < self._room_need and self._send_waits_on(slot):
+            return  # a doorbell for a sliver of room: wait for more
+        self._stop_waiting_room()
+        send = self.sending
+        if send is None or send.slot is not slot:
+            self._resume_reading()
+            return
+        if send.complete:
+            self._check_send()
+        else:
+            self._resume_reading()
+            self._process()
+
+    def _send_waits_on(self, slot: Slot) -> bool:
+        send = self.sending
+        return send is not None and send.slot is slot and send.alive()
+
+    def _report_progress(self) -> None:
+        send = self.sending
+        if send is not None and send.kind is DataKind.SENDL:
+            data = self.parser.data
+            self.output.reply(send.progress(data.received if data is not None else send.length))
+
+    def _check_send(self) -> None:
+        """Settle a complete send: SEND OK once all of it is admitted, SEND FAIL if its link went first."""
+        send = self.sending
+        if send is None or self.session.state is not State.AWAITING_SEND_OK:
+            return
+        send.pump()
+        self._report_progress()
+        result = send.result()
+        if result is not None:
+            self._finish_send(self.session.handle(Settled(result), self.loop.time()).out)
+        elif send.waiting:
+            self._wait_room(send)
+
+    def _finish_send(self, result: bytes) -> None:
+        self.sending = None
+        self._stop_waiting_room()
+        self.output.reply(result)
+        self._resume_reading()
+        self._process()

@@ -1,0 +1,157 @@
+"""Downlink delivery: the records of the link workers, to the front.
+
+Theory of operation.  In active mode a slot's DATA records go to the front
+(``LinkEvents.link_data``, which frames them as +IPD) while the UART output
+can take them (``can_deliver``); otherwise the slot is remembered and drained
+again once the output catches up, and meanwhile the records stay in the ring,
+so the worker stops reading its socket.  In passive mode (AT+CIPRECVTYPE=1)
+the records stay in the ring until AT+CIPRECVDATA (``read``); a notice is
+queued when data waits (``uart.passive``).  An EOF record ends the
+connection (``end``, the slot table's).  Nothing of a connection the MCU
+opened is delivered before the answer that announces it (CONNECT) is
+written: until ``announce`` its records wait in the ring (``Slot.unannounced``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from bridged.ipc import records
+from bridged.uart.slots import LinkEvents, Slot, SlotState
+
+__all__ = ["Delivery"]
+
+
+class Delivery:
+    def __init__(self, events: LinkEvents, end: Callable[[Slot, str], None]) -> None:
+        self.events = events
+        self._end = end  # the connection of a slot is gone (LinkTable._end)
+        self._deferred: dict[int, Slot] = {}  # slots whose records wait for UART room
+        self.loop = asyncio.get_running_loop()
+
+    # -- which records go where ----------------------------------------------------------
+
+    @staticmethod
+    def delivers(slot: Slot) -> bool:
+        """Data records of the slot go out as +IPD (else they are dropped)."""
+        return slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive)
+
+    @staticmethod
+    def receiving(slot: Slot) -> bool:
+        """Passive data of an open connection waits in the slot's ring."""
+        return slot.passive and slot.state is SlotState.OPEN and slot.control is not None
+
+    def deliver_partial(self, slot: Slot) -> None:
+        """Back in active mode: the rest of a record passive reads left in part.
+
+        It obeys the rule of whole records (``delivers``): after AT+CIPCLOSE
+        or AT+RST it is dropped with them, never sent as a stray +IPD.
+        """
+        rest = slot.rx.take_partial()
+        if self.delivers(slot):
+            self.events.link_data(slot, records.Record(records.DATA, rest))
+
+    # -- passive reads ---------------------------------------------------------------------
+
+    def unread(self, slot: Slot) -> int:
+        """What AT+CIPRECVDATA could take now (no notice, no CLOSED from here:
+        they must not precede the answer being made)."""
+        if self.receiving(slot):
+            self._count(slot)
+        return slot.rx.total if slot.state is SlotState.OPEN else 0
+
+    def _count(self, slot: Slot) -> None:
+        if slot.rx.count():
+            slot.last_activity = self.loop.time()
+
+    def scan(self, slot: Slot) -> None:
+        """Count newly published records; queue a notice, or end once all is read."""
+        self._count(slot)
+        if slot.rx.total:
+            if slot.silent:
+                return  # a restart closes it: no notice (leaving passive mode drops the rest)
+            token = slot.rx.notice.want(slot.rx.total)
+            if token is not None:
+                self.events.link_notice(slot, lambda: self._notice_length(slot, token))
+        elif slot.rx.eof_seen:
+            slot.rx.eof_seen = False
+            self._take_eof(slot, records.get_record(slot.downlink))
+
+    def _notice_length(self, slot: Slot, token: int) -> int:
+        """Called as the notice is written: what it announces (0: drop it).
+
+        Only counts: it runs inside the UART output's write, which must not
+        queue anything (an EOF found here is taken by the drain it rings).
+        """
+        receiving = self.receiving(slot)
+        if receiving:
+            self._count(slot)
+        return slot.rx.notice.length(token, slot.rx.total if receiving else 0)
+
+    # -- active delivery ---------------------------------------------------------------------
+
+    def announce(self, slot: Slot) -> None:
+        """The slot's CONNECT is written (or will never be): what waited may go."""
+        slot.unannounced = False
+        if slot.control is not None:
+            self.drain(slot)
+
+    def drain(self, slot: Slot) -> None:
+        """Deliver the slot's records while the UART output can take them."""
+        slot.downlink.clear_data_doorbell()
+        if slot.unannounced:
+            return  # `announce` drains it
+        if slot.passive and slot.state is SlotState.OPEN:
+            self.scan(slot)
+            return
+        if slot.rx.offset and self.events.can_deliver():
+            self.deliver_partial(slot)
+        slot.rx.forget()
+        slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
+        try:
+            self._deliver(slot)
+        finally:
+            slot.downlink.release_doorbells()
+
+    def _deliver(self, slot: Slot) -> None:
+        while True:
+            if not self.events.can_deliver():
+                self._deferred[slot.link_id] = slot  # drained again once the UART catches up
+                return
+            record = records.get_record(slot.downlink)
+            if record is None:
+                return
+            if record.kind == records.EOF:
+                self._take_eof(slot, record)
+            elif self.delivers(slot):
+                slot.last_activity = self.loop.time()
+                self.events.link_data(slot, record)
+
+    def _take_eof(self, slot: Slot, record: records.Record) -> None:
+        conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")
+        if conn_text.isdigit() and int(conn_text) == slot.conn_id:
+            self._end(slot, reason)
+        elif slot.passive:
+            self.scan(slot)  # a stale EOF: look past it
+
+    def drain_deferred(self) -> None:
+        """The UART output caught up: deliver what back-pressure held in the rings."""
+        if not self._deferred:
+            return  # the usual case, after every write
+        deferred, self._deferred = self._deferred, {}
+        for link_id in sorted(deferred):
+            if deferred[link_id].control is not None:
+                self.drain(deferred[link_id])
+
+    def owed_at_death(self, slot: Slot) -> None:
+        """A worker died: what it received is still owed to the MCU, as +IPD even
+        in passive mode (no worker, no reads), but only once: of a record that
+        reads took part of, only the rest."""
+        owed = slot.state is SlotState.OPEN and not slot.silent
+        rest = slot.rx.take_partial()
+        if rest and owed:
+            self.events.link_data(slot, records.Record(records.DATA, rest))
+        while (record := records.get_record(slot.downlink)) is not None:
+            if record.kind == records.DATA and owed:
+                self.events.link_data(slot, record)

@@ -1,0 +1,160 @@
+"""The UART front's command dispatch (a part of ``Front``).
+
+Theory of operation.  ``_process`` takes the parser's events while the
+session takes input (``Session.processes``): command lines are echoed
+(ATE1), dispatched to their handler and answered through ``Output``; a
+handler that returns a coroutine makes the session BUSY until its answer; an
+answer's after-action (a baud change, a restart) holds input until the
+output drained (HOLDING).  Commands also wait while the UART output is
+backlogged (ESP-AT's AT task blocks on a full UART): the read gate is held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable
+
+import structlog
+
+from bridged.at import format as fmt
+from bridged.at.errors import AtError
+from bridged.at.parser import NEED_DATA, BadLine, CommandLine, LineTooLong
+from bridged.at.session import Answered, Hold, Released, State, Waits
+from bridged.commands import registry
+from bridged.commands.registry import Reply
+from bridged.uart.transcript import MarkKind
+
+__all__ = ["CommandDispatch"]
+
+log = structlog.get_logger()
+
+_BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
+_AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
+
+
+class CommandDispatch:
+    """Command lines to handlers and answers; a part of ``bridged.uart.front.Front``."""
+
+    def _process(self) -> None:
+        """Handle parser events until it needs data, or the session is busy."""
+        while self.session.processes:
+            if self.parser.in_data_mode:
+                if not self._process_data():
+                    return
+                continue
+            if self._backlogged():
+                return  # the rest waits in the parser: at most one read
+            event = self.parser.next_event()
+            if event is NEED_DATA:
+                return
+            if isinstance(event, CommandLine):
+                if self.faults.refuse(event):
+                    continue  # at_busy: answered busy p..., dropped
+                self._echo(event.raw)
+                self._execute(event)
+            elif isinstance(event, BadLine):
+                self._echo(event.raw)
+                structlog.contextvars.bind_contextvars(command=event.name)
+                self._log_error("bad_line", event.name, event.error)
+                self._error(event.error)
+            elif isinstance(event, LineTooLong):
+                log.info("line_too_long", length=event.length, limit=self.config.uart.max_line)
+                self._error(AtError(f"command line longer than {self.config.uart.max_line} bytes"))
+
+    def _echo(self, raw: bytes) -> None:
+        if self.ctx.state.echo:
+            self.output.reply(raw)
+
+    def _error(self, error: AtError) -> None:
+        if error.body:
+            self.output.reply(error.body)
+        if self.ctx.state.syslog:
+            self.output.reply(fmt.err_code(error.code))
+        self.output.reply(fmt.ERROR)
+
+    def _execute(self, line: CommandLine) -> None:
+        structlog.contextvars.bind_contextvars(command=line.name)
+        if self.tap is not None:
+            self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
+        try:
+            result = self.faults.dispatch(self.ctx, line)  # the registry's, unless a fault says
+        except AtError as error:
+            self._log_error("command_error", line.name, error)
+            self._error(error)
+            return
+        if isinstance(result, Reply):
+            self._answer(result)
+            return
+        self.session.handle(Waits(), self.loop.time())
+        if self.parser.buffered:
+            self._refuse_busy(self.parser.discard_pending())
+            if self.session.state is State.BOOTING:  # an AT+RST behind it forced a restart: the command goes too
+                if asyncio.iscoroutine(result):
+                    result.close()
+                return
+        self._command = self.loop.create_task(self._await_reply(result, line.name))
+
+    @staticmethod
+    def _log_error(event: str, name: str, error: AtError) -> None:
+        """Why a line failed; the offending parameter only if it cannot be a secret."""
+        if error.value and not registry.carries_secret(name):
+            log.info(event, why=error.why, value=error.value)
+        else:
+            log.info(event, why=error.why)
+
+    async def _await_reply(self, pending: Awaitable[Reply], name: str) -> None:
+        try:
+            reply = await pending
+        except asyncio.CancelledError:
+            self.links.announced()  # a forced restart: no CONNECT will come
+            raise
+        except AtError as error:
+            self._log_error("command_error", name, error)
+            self._error(error)
+            reply = None
+        except Exception:
+            # Our bug, not the host's: answer ERROR so the MCU never hangs.
+            log.exception("command_crashed")
+            self._error(AtError("internal error"))
+            reply = None
+        self._command = None
+        self.session.handle(Answered(), self.loop.time())
+        if reply is not None:
+            self._answer(reply)
+        self.links.announced()  # an AT+CIPSTART's CONNECT is out: its data may follow
+        self._process()
+
+    def _answer(self, reply: Reply) -> None:
+        self.output.reply(reply.body)
+        self.output.reply(reply.final)
+        if reply.then is not None:
+            reply.then()
+        if reply.send is not None:
+            self._start_send(reply.send)
+        if reply.after is not None:
+            # Input that comes meanwhile is held (not read), not refused: the action
+            # is immediate, only ordered after the answer (a baud change, a restart).
+            self.session.handle(Hold(), self.loop.time())
+            self._gate.hold(_AFTER)
+            self._hold_off()
+            self.output.when_empty(lambda: self._run_after(reply.after))
+
+    def _run_after(self, action) -> None:
+        if self.session.state is State.HOLDING:  # (a restart may have come first)
+            self.session.handle(Released(), self.loop.time())
+        self._gate.release(_AFTER)
+        action()
+        self._resume_reading()
+        self._process()
+
+    def _backlogged(self) -> bool:
+        """Hold commands while the output is backlogged; a data phase goes on."""
+        if self.output.backlogged and not self.parser.in_data_mode:
+            self._gate.hold(_BACKLOG)
+            self._hold_off()
+            return True
+        return False
+
+    def _on_output_eased(self) -> None:
+        self._gate.release(_BACKLOG)
+        self._process()

@@ -1,0 +1,174 @@
+"""The UART front's downlink and link events (a part of ``Front``).
+
+Theory of operation.  Downlink records from the workers become ``+IPD``
+frames (or raw bytes in passthrough, or passive-mode notices); while the
+UART output is backed up the front leaves them in the rings, so the workers
+stop reading their sockets.  A send the session still settles goes first
+(``Session.settle_first``): SEND OK never follows the +IPD that answers it.
+A passthrough client link that drops is reconnected every AT+CIPRECONNINTV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from bridged.at import format as fmt
+from bridged.at.datamode import DataKind
+from bridged.at.errors import AtError
+from bridged.at.session import State
+from bridged.commands.context import ConnectSpec
+from bridged.commands.dns import lookup_servers
+from bridged.commands.sntp import tls_time
+from bridged.commands.tcpip import connected_message
+from bridged.commands.wifi import station_ip
+from bridged.ipc import records
+from bridged.uart.links import Slot
+from bridged.uart.sending import Send
+from bridged.uart.transcript import MarkKind
+
+__all__ = ["Downlink", "Passthrough"]
+
+log = structlog.get_logger()
+
+_OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
+
+
+@dataclass
+class Passthrough:
+    link_id: int
+    spec: ConnectSpec | None  # to reconnect a client link
+    server: bool  # a server's client: wait for the next one instead
+    reconnecting: asyncio.Task | None = None
+
+
+class Downlink:
+    """Link events to the UART (``uart.slots.LinkEvents``); a part of ``bridged.uart.front.Front``."""
+
+    def _passthrough_lost(self, slot: Slot) -> None:
+        """As a client, ESP-AT stays in passthrough and reconnects every AT+CIPRECONNINTV."""
+        pt = self.passthrough
+        if pt is None or pt.link_id != slot.link_id or pt.spec is None or pt.server:
+            return
+        if pt.reconnecting is None:
+            pt.reconnecting = self.loop.create_task(self._reconnect(pt))
+
+    async def _reconnect(self, pt: Passthrough, first_delay: float | None = None) -> None:
+        delay = self.ctx.state.reconnintv / 10 if first_delay is None else first_delay
+        while self.passthrough is pt:
+            await asyncio.sleep(delay)
+            delay = self.ctx.state.reconnintv / 10
+            if self.passthrough is not pt or self.links.is_busy(pt.link_id):
+                break
+            if station_ip(self.ctx) is None:
+                continue  # no AP (a Wi-Fi drop): nothing to reconnect over yet
+            # Each attempt resolves again, through the servers AT+CIPDNS holds now.
+            spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
+                                       tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
+            try:
+                await self.links.connect(pt.link_id, spec)
+                self.links.announced()  # passthrough prints no CONNECT
+            except AtError as exc:
+                log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
+                continue
+            log.info("passthrough_reconnected", link_id=pt.link_id)
+            self._passthrough_resume(self.links.slots[pt.link_id])
+            break
+        pt.reconnecting = None
+
+    def _passthrough_resume(self, slot: Slot) -> None:
+        """The passthrough link is back (reconnected, or a new server client)."""
+        if self.session.state is State.PASSTHROUGH:
+            self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
+            if self.ctx.state.sysmsg & 4:
+                self.output.urc(connected_message(self.ctx, slot.view))
+            self._resume_reading()
+            self._process()
+
+    def can_deliver(self) -> bool:
+        return self.output.buffered < _OUTPUT_HIGH
+
+    def _on_output_drained(self) -> None:
+        self.links.drain_deferred()
+
+    def _in_passthrough(self) -> bool:
+        return self.session.state is State.PASSTHROUGH
+
+    def _status_shown(self) -> bool:
+        """CONNECT/CLOSED during passthrough only with AT+SYSMSG bit 2."""
+        return not self._in_passthrough() or bool(self.ctx.state.sysmsg & 4)
+
+    def link_data(self, slot: Slot, record: records.Record) -> None:
+        if self.ctx.state.cipmode == 1:
+            # Passthrough (receiving) mode: the peer's bytes go out raw, no +IPD.
+            self.output.urc(record.payload)
+            return
+        if self.session.settle_first():  # SEND OK precedes the +IPD that may answer it
+            self._check_send()
+        remote = None
+        if self.ctx.state.cipdinfo and slot.view is not None:
+            remote = record.addr or (slot.view.remote_ip, slot.view.remote_port)
+        link = self.ctx.link_arg(slot.link_id)
+        payload = record.payload
+        # At most <chunk> bytes per +IPD (2920 on ESP-AT); a datagram stays whole.
+        step = len(payload) if record.addr is not None else self.config.links.chunk
+        for i in range(0, len(payload), step or 1):
+            piece = payload[i : i + step]
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
+            self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
+            slot.ipd += 1
+
+    def link_accepted(self, slot: Slot) -> None:
+        self.ctx.state.had_link = True
+        pt = self.passthrough
+        if pt is not None and pt.server:
+            pt.link_id = slot.link_id
+            self._passthrough_resume(slot)
+        elif self._status_shown():
+            self.output.urc(connected_message(self.ctx, slot.view))
+
+    def link_notice(self, slot: Slot, length: Callable[[], int]) -> None:
+        if self.session.settle_first():  # SEND OK before the notice, as for +IPD
+            self._check_send()
+        link = self.ctx.link_arg(slot.link_id)
+        slot.ipd += 1
+
+        def notice() -> bytes:
+            # Made when written, with what is unread then; nothing if nothing is.
+            n = length()
+            if not n:
+                return b""
+            if self.tap is not None:
+                self.tap.mark(MarkKind.IPD, link=slot.link_id, length=n, passive=True)
+            return fmt.ipd_passive(link, n)
+
+        self.output.urc(notice)
+
+    def link_freed(self, slot: Slot) -> None:
+        self.server.update()  # a free slot may take a waiting client
+
+    def link_ended(self, slot: Slot) -> None:
+        if self.sending is not None and self.sending.slot is slot:
+            self._link_closed_send(slot)
+
+    def _link_closed_send(self, slot: Slot) -> None:
+        if self.session.state is State.AWAITING_SEND_OK:
+            self._check_send()
+        else:
+            self._stop_waiting_room()
+            self._resume_reading()  # the rest of the payload is read and dropped
+
+    def link_closed(self, slot: Slot, reason: str) -> None:
+        log.info("link_lost", link_id=slot.link_id, reason=reason)
+        # A send in progress on this link ends first (SEND FAIL), then CLOSED.
+        if self.sending is not None and self.sending.slot is slot:
+            self._link_closed_send(slot)
+        if self._status_shown():
+            self.output.urc(fmt.closed(self.ctx.link_arg(slot.link_id)))
+        if self._in_passthrough():
+            self._passthrough_lost(slot)

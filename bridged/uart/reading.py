@@ -1,0 +1,154 @@
+"""The UART front's reading of the serial port (a part of ``Front``).
+
+Theory of operation.  The read gate (``bridged.readgate``) calls
+``_on_readable`` while the port is readable and nothing holds it shut; what
+is done with the bytes is the session's (``bridged.at.session.Input``):
+dropped while booting, refused with ``busy p...`` while a command or a send
+waits, left in the port while an answer's after-action waits, parsed
+otherwise.  A device that hangs up is waited for (``uart.replug``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import structlog
+
+from bridged.at import format as fmt
+from bridged.at.session import Input
+from bridged.ipc.messages import PortFailed
+
+__all__ = ["PortReading"]
+
+log = structlog.get_logger()
+
+_READ_SIZE = 65536
+_FORCE_RESTART = b"AT+RST\r\n"
+_COALESCE = 0.004  # seconds between reads of a data phase streaming at UART speed
+_COALESCE_MIN = 512  # bytes: smaller reads are interactive
+_COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
+_COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
+_GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
+
+
+class PortReading:
+    """Reading the port; a part of ``bridged.uart.front.Front`` (uses its attributes)."""
+
+    def _resume_reading(self) -> None:
+        if self._replug is not None and self._replug.away:
+            return  # the device is gone: reading resumes when it is back
+        self._gate.open(self.fd)
+
+    def _pause_reading(self) -> None:
+        self._gate.shut()
+        self._hold_off()
+
+    def _hold_off(self) -> None:
+        """Input is held back (RTS): the paced line idles meanwhile, it does not fall behind."""
+        if self._paced is not None:
+            self._paced.pacer.hold_off()
+
+    def _on_readable(self) -> None:
+        disposition = self.session.input
+        if disposition is Input.LEAVE:
+            # Left in the port until the after-action ran: held behind output the MCU
+            # does not read, input would pile up here without bound.
+            self._pause_reading()
+            return
+        if self._backlogged():
+            return
+        size = _READ_SIZE if self._paced is None else self._paced.budget()
+        if not size:
+            return  # the line is busy: read again when it has room
+        try:
+            data = os.read(self.fd, size)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno in _GONE and self._replug is not None:
+                self._hung_up(exc.strerror)
+                return
+            log.error("uart_read_failed", error=str(exc))
+            self._pause_reading()
+            self.loop.call_later(0.5, self._resume_reading)
+            return
+        if not data:
+            self._hung_up("hung up (unplugged?)")
+            return
+        if self._paced is not None:
+            self._paced.took(self.fd, size, len(data))
+        if self._serial is not None:
+            self._serial.after_read(len(data))
+        if self.tap is not None:
+            self.tap.received(data)
+        if self.rx_fault is not None and not (data := self.rx_fault(data)):
+            return  # an injected overrun lost all of it
+        if disposition is Input.DROP:
+            self.boot.drop(len(data))
+            return
+        self.counters.rx_bytes += len(data)
+        if disposition is Input.REFUSE:
+            self._refuse_busy(data)
+            return
+        now = self.loop.time()
+        self.parser.receive_bytes(data, now)
+        self._process()
+        if self._paced is None:  # paced reads come in slices already
+            self._coalesce(len(data), now)
+
+    def _hung_up(self, why: str) -> None:
+        """The device went away (a read gave EOF, as a tty does only once hung
+        up, or EIO; a write EIO): stop reading and writing, keep the session,
+        and reopen the device when it returns (bridged.uart.replug)."""
+        self._pause_reading()  # it stays readable: EOF again and again
+        if self._replug is not None:
+            self.output.suspend()
+            self._replug.lost(why)
+            return
+        # The pty's master never hangs up (we hold its slave): if it did, a new front makes a new one.
+        self.port_lost = f"{self.port_name} {why}; plug the device in or choose another --port"
+        self._tell_supervisor(PortFailed(self.port_lost))
+        self.stop()
+
+    def _on_write_failed(self, exc: OSError) -> None:
+        # EIO, as a hung-up tty says; anything else too leaves a port we
+        # cannot write to: reopened, it gets a fresh start.
+        self._hung_up(exc.strerror or str(exc))
+
+    def _port_back(self, fd: int) -> None:
+        """The device is back, reopened with the settings in force: carry on."""
+        self.fd = fd
+        self.output.resume(fd)
+        self._resume_reading()
+        self._process()
+
+    def _coalesce(self, size: int, now: float) -> None:
+        """While the MCU streams a data phase at UART speed, read every few ms.
+
+        At 0.5 MB/s (5 Mbaud) an MCU writing 1 KiB pieces would wake us 500
+        times a second; the kernel can gather a few ms of them instead.  Only
+        for a steady stream at UART rates: commands, +++ and interactive bytes
+        (small reads) and faster bulk input (a pty, or catching up) are read
+        at once.  A byte's arrival time may read up to _COALESCE late, so +++
+        after streamed data may need up to 24 ms of silence instead of 20.
+        """
+        interval, self._last_read = now - self._last_read, now
+        uart_rate = interval > 0 and size / interval < _COALESCE_RATE
+        # A read that nearly filled the tty buffer means the MCU is waiting on us.
+        if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
+                and self._gate.is_open and self.parser.data is not None):
+            self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
+            self.loop.call_later(_COALESCE, self._resume_reading)
+
+    def _refuse_busy(self, data: bytes) -> None:
+        """Input while a command runs is discarded, one busy p... per chunk."""
+        if _FORCE_RESTART in data:
+            self.output.reply(fmt.FORCE_RESTART)
+            rest = len(data) - data.index(_FORCE_RESTART) - len(_FORCE_RESTART)
+            self._restart(False, dropped=rest)
+            return
+        log.info("busy_refused", bytes=len(data))
+        if self.ctx.state.syslog:
+            self.output.reply(fmt.err_code(0x010B0000))
+        self.output.reply(fmt.BUSY)

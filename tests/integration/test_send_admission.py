@@ -1,0 +1,139 @@
+"""SEND OK on ring admission: the uplink ring plus the socket buffer are the
+"protocol stack" ESP-AT's SEND OK refers to.
+
+A stopped link worker (SIGSTOP) takes nothing from its uplink ring, so what
+gets SEND OK meanwhile was admitted, not sent.  The watchdog's heartbeats
+are slowed so it does not kill the stopped worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from tests.harness import Daemon, Timeout
+
+_RING = 65536  # [links] ring_size
+_PIECE = 2048
+_CONFIG = f"[links]\nring_size = {_RING}\n[watchdog]\nheartbeat_ms = 60000\n"
+
+
+@pytest.fixture
+def peer():
+    """A TCP server whose accepted socket the test reads only when it wants."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    yield server
+    server.close()
+
+
+@contextlib.contextmanager
+def _stopped(pid: int):
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _connect(make_daemon, peer):
+    daemon: Daemon = make_daemon(_CONFIG)
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % peer.getsockname()[1]) == b"CONNECT\r\n\r\nOK\r\n"
+    conn, _ = peer.accept()
+    return daemon, host, conn
+
+
+def _send(host, payload: bytes, timeout: float) -> bytes:
+    host.write(b"AT+CIPSEND=%d\r\n" % len(payload))
+    host.expect(b">")
+    host.write(payload)
+    host.expect(b"\r\nRecv %d bytes\r\n" % len(payload))
+    return host.expect(b"\r\nSEND ", timeout) + host.expect(b"\r\n")
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a peer that aborts."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def test_send_ok_while_the_peer_is_not_reading(make_daemon, peer):
+    """With the worker stopped, every send that fits the ring gets SEND OK at once; the
+    next one waits for room; the peer then gets every byte in order."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    pieces = [os.urandom(_PIECE) for _ in range(_RING // _PIECE + 1)]
+    with _stopped(daemon.worker_pid(0)):
+        for piece in pieces[:-1]:
+            assert _send(host, piece, timeout=2) == b"\r\nSEND OK\r\n"
+        with pytest.raises(Timeout):  # the ring is full: the last one waits
+            _send(host, pieces[-1], timeout=0.5)
+    assert host.expect(b"\r\nSEND OK\r\n", timeout=5) == b"\r\nSEND OK\r\n"  # room again
+    expected = b"".join(pieces)
+    got = bytearray()
+    conn.settimeout(5)
+    while len(got) < len(expected):
+        data = conn.recv(65536)
+        assert data, len(got)
+        got += data
+    assert hashlib.sha256(got).digest() == hashlib.sha256(expected).digest()
+    assert host.command(b"AT") == b"\r\nOK\r\n"
+    conn.close()
+
+
+def test_send_fail_when_the_link_closes_mid_admission(make_daemon, peer):
+    """A send waiting for ring room whose link the peer resets ends with SEND FAIL, then CLOSED."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    with _stopped(daemon.worker_pid(0)):
+        for _ in range(_RING // _PIECE):
+            assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
+        with pytest.raises(Timeout):
+            _send(host, os.urandom(_PIECE), timeout=0.5)
+        _reset(conn)  # the worker finds the reset when it runs again
+    assert host.expect(b"CLOSED\r\n", timeout=5) == b"\r\nSEND FAIL\r\nCLOSED\r\n"
+    assert host.command(b"AT") == b"\r\nOK\r\n"
+
+
+def test_closed_after_admitted_data_is_lost_to_a_reset(make_daemon, peer):
+    """Data that had SEND OK and then went down with a reset is reported as ESP-AT does: CLOSED, no SEND FAIL."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    with _stopped(daemon.worker_pid(0)):
+        for _ in range(3):
+            assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
+        _reset(conn)
+    assert host.expect(b"CLOSED\r\n", timeout=5) == b"CLOSED\r\n"
+    assert host.ask(b"AT+CIPSTATUS").startswith(b"STATUS:4\r\n")
+
+
+def test_close_after_send_ok_delivers_what_was_admitted(make_daemon, peer):
+    """AT+CIPCLOSE right after SEND OK hands the peer every admitted byte before the FIN,
+    also the megabytes the socket could not take yet when the close came."""
+    daemon: Daemon = make_daemon("[links]\ncount = 1\nring_size = 4194304\n[watchdog]\nheartbeat_ms = 60000\n")
+    host = daemon.host()
+    host.boot()
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % peer.getsockname()[1]) == b"CONNECT\r\n\r\nOK\r\n"
+    conn, _ = peer.accept()  # reads nothing until the close
+    payload = os.urandom((4 << 20) - 65536)  # more than a non-reading peer's socket takes (2.8 MB here)
+    with _stopped(daemon.worker_pid(0)):
+        host.write(b"AT+CIPSENDL=%d\r\n" % len(payload))
+        host.expect(b">")
+        host.write(payload)
+        host.expect(b"SEND OK\r\n", timeout=10)
+        host.write(b"AT+CIPCLOSE\r\n")
+        time.sleep(0.1)  # the close waits in the stopped worker's control socket
+    time.sleep(0.3)  # the worker fills the socket, then takes the close
+    got = bytearray()
+    conn.settimeout(5)
+    while data := conn.recv(1 << 20):
+        got += data
+    assert len(got) == len(payload) and bytes(got) == payload
+    assert host.expect(b"\r\nOK\r\n", timeout=5) == b"CLOSED\r\n\r\nOK\r\n"
+    conn.close()

@@ -30,6 +30,7 @@ import structlog.tracebacks
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from bridged.ops import events
+from bridged.printable import printable
 
 __all__ = ["LEVELS", "FORMATS", "get_logger", "setup_logging"]
 
@@ -116,12 +117,22 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+def _escape_for_terminal(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    """Console lines carry MCU and network text (an SSID, a host name, a bad
+    command line): escape what a terminal would act on (JSON lines need not)."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and key not in ("exception", "stack"):  # our own tracebacks: lines kept
+            event_dict[key] = printable(value)
+    return event_dict
+
+
 def _renderer(console: bool) -> list[Processor]:
     if console:
         colors = sys.stdout is not None and sys.stdout.isatty()
         # Plain tracebacks: rich's (the default when it is installed) show local
         # variables, which may hold a password or a key.
-        return [structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)]
+        return [_escape_for_terminal,
+                structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=structlog.dev.plain_traceback)]
     return [_exception_dicts, _JournalJSONRenderer()]
 
 

@@ -18,6 +18,7 @@ stderr saying why); 2 a usage mistake.
 
 from __future__ import annotations
 
+
 import argparse
 import json
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bridged.ops.protocol import FILENAME, RUN_DIR, ProtocolError, instance_path, request, sun_address
+from bridged.printable import printable
 from bridged.ops.status import human_bytes
 
 __all__ = ["main"]
@@ -144,18 +146,6 @@ def _duration(seconds: float) -> str:
 
 def _n(value: Any) -> str:
     return "?" if value is None else str(value)
-
-
-def printable(text: str) -> str:
-    """``text`` with every character a terminal could act on escaped (``\\x1b``).
-
-    The SSID, remote names and warning details come from the MCU and the
-    network: raw, an ESC or CSI could retitle, clear or rewrite the admin's
-    terminal, a newline forge a line, a bidi control reorder one.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def render(status: dict[str, Any]) -> str:

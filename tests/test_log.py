@@ -118,6 +118,16 @@ def test_console_format(capsys):
     assert "hello" in out and "port=80" in out and "proc=front" in out
 
 
+def test_console_lines_escape_what_a_terminal_would_act_on(capsys):
+    """An SSID or a command line from the MCU reaches a console log escaped: no ESC, BEL or
+    newline of its own (it could retitle, clear or forge lines on the admin's terminal)."""
+    setup_logging("info", "console", "front")
+    get_logger().info("join_failed", ssid="\x1b]0;owned\x07\x1b[2J", line="AT\nforged_event")
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and out.count("\n") == 1
+    assert "ssid=\\x1b]0;owned\\x07\\x1b[2J" in out and "AT\\nforged_event" in out
+
+
 def test_bad_arguments():
     """An unknown level or format is refused."""
     with pytest.raises(ValueError):

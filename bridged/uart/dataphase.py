@@ -120,7 +120,7 @@ class DataPhases:
         effects = self.session.handle(Escaped(quitt=bool(self.ctx.state.sysmsg & 1)), self.loop.time())
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
-            self.passthrough = None
+            self._leave_passthrough()
         else:
             log.info("send_cancelled", link_id=send.slot.link_id)
         self.output.reply(effects.out)

@@ -57,6 +57,14 @@ class Downlink:
         if pt.reconnecting is None:
             pt.reconnecting = self.loop.create_task(self._reconnect(pt))
 
+    def _leave_passthrough(self) -> None:
+        """Passthrough is over (+++, a restart): a reconnection under way stops, and a
+        connect it started is closed unheard."""
+        pt, self.passthrough = self.passthrough, None
+        if pt is not None and pt.reconnecting is not None:
+            pt.reconnecting.cancel()
+            pt.reconnecting = None
+
     async def _reconnect(self, pt: Passthrough, first_delay: float | None = None) -> None:
         delay = self.ctx.state.reconnintv / 10 if first_delay is None else first_delay
         while self.passthrough is pt:

@@ -310,7 +310,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.parser = Parser(self.config.uart.max_line)
         self.sending = None
         self._stop_waiting_room()
-        self.passthrough = None
+        self._leave_passthrough()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

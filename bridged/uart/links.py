@@ -220,6 +220,9 @@ class LinkTable:
         self._send(slot, request)
         try:
             view = await slot.waiter
+        except asyncio.CancelledError:
+            self._drop(slot)  # abandoned (a restart, passthrough left): it must not open unheard
+            raise
         finally:
             slot.waiter = None
         return view
@@ -239,10 +242,14 @@ class LinkTable:
     def drop_all(self) -> None:
         """Close every connection without CLOSED messages (AT+RST, AT+RESTORE)."""
         for slot in self.slots:
-            slot.unannounced = False  # nothing will announce it now; the EOF must get through
-            if slot.state in (SlotState.OPEN, SlotState.CONNECTING) and not slot.silent:  # (once)
-                slot.silent = True
-                self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
+            self._drop(slot)
+
+    def _drop(self, slot: Slot) -> None:
+        """Close the slot's connection, if any, unheard: no CLOSED, its data dropped."""
+        slot.unannounced = False  # nothing will announce it now; the EOF must get through
+        if slot.state in (SlotState.OPEN, SlotState.CONNECTING) and not slot.silent:  # (once)
+            slot.silent = True
+            self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
 
     # -- worker attachment ----------------------------------------------------------
 

@@ -322,3 +322,46 @@ def test_escape_after_a_stream_at_uart_rate(host):
         conn.close()
     finally:
         server.close()
+
+
+def test_leaving_passthrough_stops_a_reconnection_under_way(host):
+    """+++ while a passthrough reconnection's connect is still waiting (the server's accept
+    queue is full, so its SYN goes unanswered): the attempt is abandoned. When the server
+    catches up, bridged's connection never arrives, nothing reaches the MCU, no link is open."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        _open(host, port)
+        first, _ = server.accept()
+        host.command(b"AT+CIPRECONNINTV=1")
+        host.command(b"AT+CIPMODE=1")
+        host.command(b"AT+CIPSEND", b">")
+        for _ in range(2):  # fill the accept queue: later SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.2)
+        first.close()
+        time.sleep(0.6)  # the link dropped; a reconnection is waiting for its SYN-ACK
+        _escape(host)
+        assert host.command(b"AT") == b"\r\nOK\r\n"
+        filler_ports = {f.getsockname()[1] for f in fillers}
+        server.settimeout(0.2)
+        deadline = time.monotonic() + 4  # past the SYN's first retransmission (1 s)
+        while time.monotonic() < deadline:
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+            assert peer[1] in filler_ports, f"bridged reconnected after passthrough ended ({peer})"
+        assert host.read_quiet(0.2) == b""
+        assert host.ask(b"AT+CIPSTATE?") == b"\r\nOK\r\n"
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()

@@ -52,7 +52,7 @@ from bridged.faults.plan import FaultPlan, Hit
 from bridged.faults.seed import schedule_start
 from bridged.faults.spec import parse_demand
 from bridged.faults.uart import INCOMING, OUTGOING, ByteFaults
-from bridged.ipc.messages import Close, FaultFired, FireFault
+from bridged.ipc.messages import FaultFired, FireFault
 from bridged.net import resolver
 from bridged.uart.transcript import MarkKind
 
@@ -265,7 +265,7 @@ class FrontFaults:
         links = self.front.links
         for slot in links.slots:
             if slot.state.name == "OPEN":
-                links.tell(slot.link_id, Close(slot.conn_id))
+                links.hang_up(slot.link_id)
 
     # -- on demand ------------------------------------------------------------------------
 

@@ -227,6 +227,15 @@ class LinkTable:
             slot.waiter = None
         return view
 
+    def hang_up(self, link_id: int) -> None:
+        """Close an open link for the network's reasons (the AP went away): nothing more
+        is admitted (a send under way fails), what was admitted goes out first, and
+        CLOSED is reported when the worker is done."""
+        slot = self.slots[link_id]
+        if slot.state is SlotState.OPEN:
+            slot.state = SlotState.CLOSING
+            self._send(slot, Close(slot.conn_id))
+
     async def close(self, link_id: int) -> None:
         slot = self.slots[link_id]
         if slot.state is not SlotState.OPEN:

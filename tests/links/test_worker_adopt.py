@@ -11,24 +11,15 @@ import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import Adopt, ConnectFailed, Connected, Hello
 from bridged.links.worker import Worker
+from tests.links.control import recv_control as _recv
 from tests.ringtools import new_ring
 
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _recv(control: socket.socket, timeout: float = 5.0):
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                got = recv_message(control)
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-                continue
-            assert got is not None, "the worker closed its control socket"
-            return got[0]
 
 
 def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():

@@ -11,26 +11,16 @@ import threading
 import uvloop
 
 from bridged.ipc import records
-from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import Close, Connect, Connected, Hello
 from bridged.ipc.rings import Ring
 from bridged.links import worker as worker_module
 from bridged.links.worker import Worker
+from tests.links.control import recv_control as _recv
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB: many times the 8 KiB downlink ring
 
 
-async def _recv(control: socket.socket, timeout: float = 5.0):
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                got = recv_message(control)
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-                continue
-            assert got is not None, "the worker closed its control socket"
-            return got[0]
 
 
 async def _until(predicate, timeout: float, what: str) -> None:

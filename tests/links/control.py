@@ -1,0 +1,19 @@
+"""Reading a link worker's control socket in tests."""
+
+import asyncio
+import socket
+
+from bridged.ipc.control import recv_message
+
+
+async def recv_control(control: socket.socket, timeout: float = 5.0):
+    """The worker's next control message; fails if none comes within `timeout` or the socket closes."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                got = recv_message(control)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+                continue
+            assert got is not None, "the worker closed its control socket"
+            return got[0]

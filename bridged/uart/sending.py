@@ -24,7 +24,7 @@ from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
 from bridged.at.session import send_result
 from bridged.ipc import records
-from bridged.uart.links import Slot
+from bridged.uart.slots import Slot, SlotState
 
 __all__ = ["Send"]
 
@@ -54,7 +54,11 @@ class Send:
     # -- state -------------------------------------------------------------------
 
     def alive(self) -> bool:
-        return self.slot.conn_id == self.conn_id and self.conn_id is not None and not self.slot.ended
+        """Its connection is still open to admission: not ended, and not hung up
+        (CLOSING: the worker flushes only what the ring holds when its Close arrives)."""
+        slot = self.slot
+        return (slot.conn_id == self.conn_id and self.conn_id is not None and not slot.ended
+                and slot.state is SlotState.OPEN)
 
     def room(self) -> int | None:
         """How many payload bytes the parser may hand out now (None: any)."""

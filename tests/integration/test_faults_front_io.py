@@ -195,3 +195,23 @@ def test_dns_fail_on_demand_fails_the_next_cipstart_by_name(make_daemon, echo_se
     assert host.ask(start).endswith(b"\r\nERROR\r\n")
     assert host.ask(start).endswith(b"CONNECT\r\n\r\nOK\r\n")
     d.wait_event("fault_injected", fault="dns_fail", host="fault.test")
+
+
+def test_a_send_cut_short_by_a_wifi_drop_fails_and_sends_nothing(daemon, sink_server):
+    """A drop while AT+CIPSEND's payload is still coming: the rest of it gets SEND FAIL,
+    never SEND OK, and none of it reaches the peer (the link was hung up first). A SEND OK
+    here would be a record the firmware never sends again and the backend never sees."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % sink_server.port)
+    sink_server.wait_connections(1)
+    host.write(b"AT+CIPSEND=0,20\r\n")
+    host.expect(b">")
+    host.write(b"0123456789")
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=300").returncode == 0
+    host.expect(b"0,CLOSED\r\n")
+    host.write(b"abcdefghij")
+    assert host.expect(b"SEND FAIL\r\n").endswith(b"Recv 20 bytes\r\n\r\nSEND FAIL\r\n")
+    assert sink_server.closed_by_peer.wait(5)
+    assert list(sink_server.counts.values()) == [0]

@@ -1,0 +1,49 @@
+"""uart.sending.Send against a real ring: what a data phase admits, and its SEND OK / SEND FAIL."""
+
+from __future__ import annotations
+
+from bridged.at.datamode import DataKind
+from bridged.uart.sending import Send
+from bridged.uart.slots import Slot, SlotState
+from tests.ringtools import new_ring
+
+
+def open_slot(uplink, downlink) -> Slot:
+    return Slot(0, uplink, downlink, state=SlotState.OPEN, conn_id=7, type="TCP")
+
+
+def test_a_complete_send_on_an_open_link_is_admitted_and_gets_send_ok():
+    with new_ring() as up, new_ring() as down:
+        send = Send(open_slot(up, down), DataKind.SEND, 4)
+        send.take(b"abcd")
+        send.payload_done()
+        assert send.result() == b"\r\nSEND OK\r\n"
+        assert up.available() == 4
+
+
+def test_a_link_hung_up_mid_payload_admits_nothing_more_and_fails():
+    """The Wi-Fi drops while the payload still comes: the slot is CLOSING (its Close is on
+    its way to the worker, which flushes only what the ring already holds), so the rest
+    must not reach the ring, and the send is SEND FAIL, not a SEND OK for lost bytes."""
+    with new_ring() as up, new_ring() as down:
+        slot = open_slot(up, down)
+        send = Send(slot, DataKind.SEND, 4)
+        send.take(b"ab")
+        slot.state = SlotState.CLOSING  # LinkTable.hang_up
+        send.take(b"cd")
+        send.payload_done()
+        assert send.result() == b"\r\nSEND FAIL\r\n"
+        assert up.available() == 0
+
+
+def test_a_stream_hung_up_drops_what_follows():
+    """CIPSENDL after a hang-up: what the MCU still streams is counted dropped, not admitted."""
+    with new_ring() as up, new_ring() as down:
+        slot = open_slot(up, down)
+        send = Send(slot, DataKind.SENDL, 8)
+        send.take(b"abcd")
+        slot.state = SlotState.CLOSING
+        send.take(b"efgh")
+        send.payload_done()
+        assert up.available() == 4 and send.dropped == 4
+        assert send.result() == b"\r\nSEND FAIL\r\n"

@@ -172,6 +172,10 @@ def _as_nobody(path: str) -> str:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another uid")
+# A fork, not a subprocess: the service user may not run this interpreter (pyenv's
+# under /root). The child only connects a socket and _exits, so the threads it does
+# not inherit hold nothing it needs (3.12+ warns about fork in a threaded process).
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_peer_with_another_uid_is_refused(make_daemon):
     """Another uid cannot open the 0660 socket; made world-writable, the
     daemon's own check (SO_PEERCRED) still refuses it, and root is served."""

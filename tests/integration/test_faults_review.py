@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.integration.test_faults_net import _boot, _faults, _free_port, _start
+from tests.harness import wait_udp_read
 from tests.integration.test_status import status_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,9 +30,14 @@ def test_a_udp_flood_under_loss_is_counted_but_not_logged_per_datagram(make_daem
                 time.sleep(0.01)  # within the socket's receive buffer
     finally:
         peer.close()
-    time.sleep(2.5)  # the last batch is reported within a second
-    counted = status_json(daemon)["faults"]["counts"]["net_udp_loss"]
-    lines = [e for e in daemon.events("fault_injected") if e.get("name") == "net_udp_loss"]
+    wait_udp_read(local)  # the whole flood is read (and lost)
+    deadline = time.monotonic() + 2.5  # the last batch is reported within a second
+    while True:
+        counted = status_json(daemon)["faults"]["counts"]["net_udp_loss"]
+        lines = [e for e in daemon.events("fault_injected") if e.get("name") == "net_udp_loss"]
+        if sum(e.get("hits", 1) for e in lines) == counted or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert counted > 500  # the kernel may drop some of the flood itself
     assert 1 <= len(lines) <= 5, len(lines)
     assert sum(e.get("hits", 1) for e in lines) == counted

@@ -207,7 +207,7 @@ def test_passthrough_reconnects_through_the_override(bench):
         first.close()
         second, _ = server.accept()
         second.settimeout(5)
-        time.sleep(0.1)
+        daemon.wait_event("passthrough_reconnected")  # the front sends again from here on
         host.write(b"after")
         assert second.recv(100) == b"after"
         daemon.wait_event("host_override", host="mqtt.mydevices.com", proc="link", count=2)

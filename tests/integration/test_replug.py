@@ -236,8 +236,10 @@ def test_a_replugged_port_gets_the_settings_in_force(start, device):
     host = Host(None, fd=device.master)
     host.boot()
     host.command(b"AT+UART_CUR=230400,8,3,0,3")
-    time.sleep(0.2)  # applied once OK has drained
-    assert device.termios()[4] == termios.B230400
+    deadline = time.monotonic() + 5  # applied once OK has drained
+    while device.termios()[4] != termios.B230400:
+        assert time.monotonic() < deadline, "AT+UART_CUR's speed was not put on the port"
+        time.sleep(0.02)
     device.unplug()
     daemon.wait_event("port_lost")
     host = device.plug()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Demux, udp_peer
+from tests.harness import Daemon, Demux, udp_peer, wait_udp_read
 from tests.netns import netns_available, veth_pair
 
 
@@ -219,7 +219,7 @@ def test_passive_udp_drops_beyond_the_window(mux_host):
     for i in range(20):
         peer.sendto(bytes([65 + i]) * 1000, ("127.0.0.1", local))
     mux_host.expect(b"\r\n+IPD,4,")
-    time.sleep(0.3)
+    wait_udp_read(local)  # every datagram kept or dropped: reads below make room for none of them
     answer = mux_host.ask(b"AT+CIPRECVLEN?")
     unread = int(re.search(rb"\+CIPRECVLEN:0,0,0,0,(\d+)", answer).group(1))
     assert 1000 <= unread <= 5760

@@ -73,7 +73,7 @@ def test_a_refused_connect_looks_like_a_closed_port(make_daemon, echo_server):
     reference = _start(host, 0, "TCP", _free_port())  # a real refusal, on a link without the fault
     assert reference == b"\r\nERROR\r\n"
     assert _start(host, 1, "TCP", echo_server.port) == reference
-    time.sleep(0.2)
+    time.sleep(0.2)  # a connection would show up within this
     assert echo_server.conns == []
     assert _start(host, 0, "TCP", echo_server.port) == b"0,CONNECT\r\n\r\nOK\r\n"  # link 0 is left alone
 

@@ -68,13 +68,13 @@ def test_a_front_forked_again_does_not_repeat_a_past_reset(make_daemon):
     host = daemon.host()
     host.boot()
     daemon.wait_event("fault_injected", fault="at_reset", timeout=10)
-    time.sleep(1.5)
+    time.sleep(1.5)  # the front is killed at 2.5 s, past the reset's time (the schedule under test)
     front = daemon.wait_event("child_started", role="front")[-1]["pid"]
     os.kill(front, signal.SIGKILL)
     daemon.expected_errors |= {"child_died", "front_died", "worker_died"}
     daemon.wait_event("child_started", role="front", count=2, timeout=10)
     host.expect(b"ready\r\n", timeout=15)
-    time.sleep(2.0)
+    time.sleep(2.0)  # a repeated reset would come within this
     resets = [e for e in daemon.events() if e.get("fault") == "at_reset"
               and e.get("event") in ("fault_injected", "fault_skipped")]
     assert len(resets) == 1, resets
@@ -99,7 +99,7 @@ def test_events_every_few_ms_with_nothing_to_act_on_do_not_flood_the_log(make_da
     daemon = make_daemon("[faults]\nseed = 1\n[faults.wifi_drop]\nevery = 0.005\n")
     host = daemon.host()
     host.boot()
-    time.sleep(1.5)
+    time.sleep(1.5)  # 300 events of the schedule under test
     host.read_quiet(0.2)
     assert host.ask(b"AT") == b"\r\nOK\r\n"  # the front still answers
     skipped = [e for e in daemon.events("fault_skipped") if e.get("fault") == "wifi_drop"]

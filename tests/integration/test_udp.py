@@ -250,7 +250,7 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
     for _ in range(400):  # ~560 KB: more than the pty, the output queue and the ring hold
         peer.sendto(datagram, ("127.0.0.1", local))
         time.sleep(0.0005)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the flood backs up (socket, ring, UART output full) before the CPU is measured
     tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
     before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
     time.sleep(2.0)

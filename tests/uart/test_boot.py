@@ -166,7 +166,7 @@ def test_output_a_host_does_not_read_is_given_up_at_the_deadline(pty_pair, monke
 
     started, calls, logs = uvloop.run(main())
     (discarded,) = [e for e in logs if e["event"] == "restart_output_discarded"]
-    assert discarded["queued_bytes"] > 0 and discarded["port_flushed"] is True
+    assert discarded["queued_bytes"] > 0 and discarded["port_flushed"] is False  # the port itself had sent its own
     assert calls[0][1] - started >= 0.3 - 0.005 and calls[0][2] == 0  # gave up at the deadline, queue dropped
 
 

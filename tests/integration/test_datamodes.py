@@ -312,9 +312,9 @@ def test_escape_after_a_stream_at_uart_rate(host):
             host.write(piece)
             sent += piece
             time.sleep(0.002)
-        time.sleep(0.03)
+        time.sleep(0.03)  # +++ wants silence around it
         host.write(b"+++")
-        time.sleep(0.03)
+        time.sleep(0.03)  # +++ wants silence around it
         assert host.expect(b"\r\n+QUITT\r\n") == b"\r\n+QUITT\r\n"
         conn.settimeout(5)
         got = bytearray()

@@ -156,7 +156,7 @@ def test_an_unplugged_port_returns_to_the_same_session(start, device, peer):
     assert lost["device"] == str(device.link) and "hung up" in lost["error"]
     peer.sent = 0
     streaming = peer.stream(after)
-    time.sleep(1.5)
+    time.sleep(1.5)  # the peer streams while the port is away
     assert peer.error is None
     assert 0 < peer.sent < len(after), f"the peer sent {peer.sent}: nothing held it back"
 
@@ -222,9 +222,9 @@ def test_a_hang_up_seen_by_a_write_is_survived(start, device, peer):
     except TimeoutError:
         pass
     assert got and got == uplink[: len(got)] and len(got) <= wrote  # in order; what the old tty held is lost
-    time.sleep(0.1)
+    time.sleep(0.1)  # +++ wants silence around it
     host.write(b"+++")
-    time.sleep(0.1)
+    time.sleep(0.1)  # +++ wants silence around it
     assert host.command(b"AT") == b"\r\nOK\r\n"  # out of passthrough, the same session (echo still off)
     assert b"ready" not in host.read_quiet(0.2)
     assert len(daemon.events("port_lost")) == 1 and len(daemon.events("port_back")) == 1

@@ -253,7 +253,7 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
     time.sleep(1.0)  # the flood backs up (socket, ring, UART output full) before the CPU is measured
     tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
     before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
-    time.sleep(2.0)
+    time.sleep(2.0)  # the CPU is measured over this
     used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
     assert used < 0.5, f"the stalled daemon used {used:.2f} s of CPU in 2 s"
     # The host reads again: what was kept comes out as whole datagrams, then

@@ -201,7 +201,7 @@ def test_offline_sends_nothing_until_woken(run, servers):
         client = SntpClient(port=server.port)
         device = Device(online=False)
         client.start(["127.0.0.1"], device)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # an offline device's client would send within this
         assert server.requests == []
         device._online = True
         client.wake()

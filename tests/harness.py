@@ -25,7 +25,7 @@ import tty
 from pathlib import Path
 
 __all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer",
-           "with_boot_ms", "with_test_timing", "with_default", "notify_state"]
+           "wait_udp_read", "with_boot_ms", "with_test_timing", "with_default", "notify_state"]
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -299,6 +299,21 @@ def udp_peer(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.so
     sock.bind((host, 0))
     sock.settimeout(5)
     return sock
+
+
+def wait_udp_read(port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Until the UDP socket bound to 127.0.0.1:``port`` holds nothing unread (/proc/net/udp's
+    rx_queue): every datagram sent to it so far has been taken by its reader."""
+    local = "0100007F:%04X" % port
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/udp") as table:
+            queues = [int(fields[4].split(":")[1], 16) for fields in map(str.split, table) if fields[1] == local]
+        if queues and not any(queues):
+            return
+        if time.monotonic() > deadline:
+            raise Timeout(f"127.0.0.1:{port} still holds {queues} bytes unread")
+        time.sleep(0.02)
 
 
 class _Server:

@@ -25,8 +25,16 @@ def _run(coro):
 
 
 async def _turns(n: int = 5) -> None:
+    """A few loop turns in which nothing may arrive (a shut gate's silence)."""
     for _ in range(n):
         await asyncio.sleep(0.005)
+
+
+async def _until(predicate) -> None:
+    """Until ``predicate()`` holds: the callbacks the test expects have come (5 s at most)."""
+    async with asyncio.timeout(5):
+        while not predicate():
+            await asyncio.sleep(0.001)
 
 
 def test_calls_back_while_open_and_readable(pair):
@@ -37,8 +45,9 @@ def test_calls_back_while_open_and_readable(pair):
         gate = ReadGate(asyncio.get_running_loop(), lambda: got.append(b.recv(1)))
         gate.open(b.fileno())
         a.send(b"xyz")
-        await _turns()
         # Level-triggered: one byte per call until nothing is left.
+        await _until(lambda: len(got) >= 3)
+        await _turns()  # and no call more
         assert got == [b"x", b"y", b"z"]
         gate.close()
 
@@ -58,7 +67,7 @@ def test_a_shut_gate_holds_data_back_until_reopened(pair):
         await _turns()
         assert got == []
         gate.open(b.fileno())
-        await _turns()
+        await _until(lambda: got)
         assert got == [b"held"]
         gate.close()
 
@@ -88,7 +97,7 @@ def test_open_for_another_fd_moves_the_gate_and_shut_survives_a_closed_fd():
         await _turns()
         assert got == []
         a2.send(b"two")
-        await _turns()
+        await _until(lambda: got)
         assert (b2.fileno(), b"two") in got and (b1.fileno(), b"one") in got
         fd = b2.fileno()
         b2.close()
@@ -133,7 +142,7 @@ def test_a_hold_keeps_the_gate_shut_until_released_and_open_was_asked_last(pair)
         await _turns()
         assert got == [] and gate.holds == {"after-action"}
         gate.release("after-action")
-        await _turns()
+        await _until(lambda: got)
         assert got == [b"held"] and gate.is_open
         gate.hold("output backlog")
         gate.shut()  # the owner wants it shut (a full ring): a release leaves it so
@@ -142,7 +151,7 @@ def test_a_hold_keeps_the_gate_shut_until_released_and_open_was_asked_last(pair)
         await _turns()
         assert got == [b"held"] and not gate.is_open
         gate.open(b.fileno())
-        await _turns()
+        await _until(lambda: len(got) >= 2)
         assert got == [b"held", b"later"]
         gate.close()
 

@@ -75,7 +75,7 @@ def test_input_during_the_boot_is_dropped_and_logged(make_daemon):
     host.expect(READY)
     host.command(b"ATE0")
     host.command(b"AT+RST")
-    time.sleep(0.01)
+    time.sleep(0.01)  # the host's pace: 10 ms after OK, and again (the behaviour under test)
     host.write(b"AT\r\n")
     time.sleep(0.01)
     host.write(b"AT+GMR\r\n")
@@ -240,7 +240,7 @@ def test_input_behind_a_restart_waiting_for_the_output_is_not_buffered(make_daem
     host.boot()
     _fill_the_output(host, echo_server)
     host.write(b"AT+RST\r\n")
-    time.sleep(0.2)
+    time.sleep(0.2)  # AT+RST is read, its OK queued behind the backlog: no event says so
     assert _push(host, 2.0) < 1 << 20  # a port's buffer, not the tens of MB a pty takes in 2 s
     host.expect(READY, timeout=20)
     assert host.read_quiet(0.3) == b"WIFI CONNECTED\r\nWIFI GOT IP\r\n"  # none of it was answered
@@ -257,7 +257,7 @@ def test_a_forced_restart_does_not_wait_for_a_host_that_does_not_read(make_daemo
     host.boot()
     _fill_the_output(host, echo_server)
     host.write(b'AT+CWJAP="bridged","password"\r\n')  # busy for 2 s
-    time.sleep(0.2)
+    time.sleep(0.2)  # the join is running when AT+RST comes: no event says it started
     host.write(b"AT+RST\r\n")
     restart = daemon.wait_event("restart")[-1]
     ready = daemon.wait_event("ready", count=2, timeout=3 + 0.3 + 5)[-1]  # the host still reads nothing
@@ -283,7 +283,7 @@ def test_at_rst_during_the_boot_restarts_nothing_and_half_a_line_does_not_surviv
     host.command(b"AT+RST")
     for _ in range(10):
         host.write(b"AT+RST\r\n")
-        time.sleep(0.02)
+        time.sleep(0.02)  # ten writes spread over the boot (the behaviour under test)
     host.write(b"AT+GM")
     assert host.expect(READY) == READY
     assert time.monotonic() - sent < ESP32_BOOT_MS / 1000 + 3

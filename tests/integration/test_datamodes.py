@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import threading
 import time
 
+import psutil
 import pytest
 
 from tests.harness import Daemon, Demux
@@ -160,7 +162,7 @@ def test_passthrough_packs_by_transintvl(host):
         server.close()
 
 
-def test_passthrough_reconnects(host):
+def test_passthrough_reconnects(daemon, host):
     """In passthrough a dropped client link reconnects by itself every AT+CIPRECONNINTV, silently."""
     server = socket.create_server(("127.0.0.1", 0))
     try:
@@ -172,7 +174,7 @@ def test_passthrough_reconnects(host):
         first.close()
         server.settimeout(5)
         second, _ = server.accept()  # the reconnection
-        time.sleep(0.1)
+        daemon.wait_event("passthrough_reconnected")  # the front sends again from here on
         host.write(b"after")
         second.settimeout(5)
         assert second.recv(100) == b"after"
@@ -310,9 +312,9 @@ def test_escape_after_a_stream_at_uart_rate(host):
             host.write(piece)
             sent += piece
             time.sleep(0.002)
-        time.sleep(0.03)
+        time.sleep(0.03)  # +++ wants silence around it
         host.write(b"+++")
-        time.sleep(0.03)
+        time.sleep(0.03)  # +++ wants silence around it
         assert host.expect(b"\r\n+QUITT\r\n") == b"\r\n+QUITT\r\n"
         conn.settimeout(5)
         got = bytearray()
@@ -322,6 +324,15 @@ def test_escape_after_a_stream_at_uart_rate(host):
         conn.close()
     finally:
         server.close()
+
+
+def _wait_syn_sent(port: int, not_from: set[int], timeout: float = 5.0) -> None:
+    """Until a connect to ``port`` (from a port not in ``not_from``) waits for its SYN-ACK."""
+    deadline = time.monotonic() + timeout
+    while not any(c.status == psutil.CONN_SYN_SENT and c.raddr and c.raddr.port == port
+                  and c.laddr.port not in not_from for c in psutil.net_connections("tcp4")):
+        assert time.monotonic() < deadline, "no connect to the full server was under way"
+        time.sleep(0.02)
 
 
 def test_leaving_passthrough_stops_a_reconnection_under_way(host):
@@ -344,9 +355,10 @@ def test_leaving_passthrough_stops_a_reconnection_under_way(host):
             filler.setblocking(False)
             filler.connect_ex(("127.0.0.1", port))
             fillers.append(filler)
-        time.sleep(0.2)
+        _, connected, _ = select.select([], fillers, [], 5)
+        assert connected, "no filler got into the accept queue"
         first.close()
-        time.sleep(0.6)  # the link dropped; a reconnection is waiting for its SYN-ACK
+        _wait_syn_sent(port, {f.getsockname()[1] for f in fillers})  # the reconnection's connect waits
         _escape(host)
         assert host.command(b"AT") == b"\r\nOK\r\n"
         filler_ports = {f.getsockname()[1] for f in fillers}

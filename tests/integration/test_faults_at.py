@@ -101,7 +101,7 @@ def test_at_delay_holds_the_answer_and_the_session_is_busy_meanwhile(make_daemon
     host.expect(b"\r\nready\r\n")
     started = time.monotonic()
     host.write(b"AT\r\n")
-    time.sleep(0.1)
+    time.sleep(0.1)  # the host's pace: the next line comes while the first answer is held
     host.write(b"AT\r\n")
     host.expect(b"\r\nbusy p...\r\n")
     host.expect(b"\r\nOK\r\n")

@@ -73,7 +73,7 @@ def test_a_refused_connect_looks_like_a_closed_port(make_daemon, echo_server):
     reference = _start(host, 0, "TCP", _free_port())  # a real refusal, on a link without the fault
     assert reference == b"\r\nERROR\r\n"
     assert _start(host, 1, "TCP", echo_server.port) == reference
-    time.sleep(0.2)
+    time.sleep(0.2)  # a connection would show up within this
     assert echo_server.conns == []
     assert _start(host, 0, "TCP", echo_server.port) == b"0,CONNECT\r\n\r\nOK\r\n"  # link 0 is left alone
 
@@ -256,7 +256,7 @@ def test_a_delayed_capped_passive_link_keeps_its_window(make_daemon):
             time.sleep(0.05)
         tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
         before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
-        time.sleep(1.0)
+        time.sleep(1.0)  # the CPU is measured over this
         used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
         assert used < 0.25, f"the daemon used {used:.2f} s of CPU in 1 s waiting for a read"
         got = bytearray()

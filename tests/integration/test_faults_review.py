@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.integration.test_faults_net import _boot, _faults, _free_port, _start
+from tests.harness import wait_udp_read
 from tests.integration.test_status import status_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,9 +30,14 @@ def test_a_udp_flood_under_loss_is_counted_but_not_logged_per_datagram(make_daem
                 time.sleep(0.01)  # within the socket's receive buffer
     finally:
         peer.close()
-    time.sleep(2.5)  # the last batch is reported within a second
-    counted = status_json(daemon)["faults"]["counts"]["net_udp_loss"]
-    lines = [e for e in daemon.events("fault_injected") if e.get("name") == "net_udp_loss"]
+    wait_udp_read(local)  # the whole flood is read (and lost)
+    deadline = time.monotonic() + 2.5  # the last batch is reported within a second
+    while True:
+        counted = status_json(daemon)["faults"]["counts"]["net_udp_loss"]
+        lines = [e for e in daemon.events("fault_injected") if e.get("name") == "net_udp_loss"]
+        if sum(e.get("hits", 1) for e in lines) == counted or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert counted > 500  # the kernel may drop some of the flood itself
     assert 1 <= len(lines) <= 5, len(lines)
     assert sum(e.get("hits", 1) for e in lines) == counted
@@ -62,13 +68,13 @@ def test_a_front_forked_again_does_not_repeat_a_past_reset(make_daemon):
     host = daemon.host()
     host.boot()
     daemon.wait_event("fault_injected", fault="at_reset", timeout=10)
-    time.sleep(1.5)
+    time.sleep(1.5)  # the front is killed at 2.5 s, past the reset's time (the schedule under test)
     front = daemon.wait_event("child_started", role="front")[-1]["pid"]
     os.kill(front, signal.SIGKILL)
     daemon.expected_errors |= {"child_died", "front_died", "worker_died"}
     daemon.wait_event("child_started", role="front", count=2, timeout=10)
     host.expect(b"ready\r\n", timeout=15)
-    time.sleep(2.0)
+    time.sleep(2.0)  # a repeated reset would come within this
     resets = [e for e in daemon.events() if e.get("fault") == "at_reset"
               and e.get("event") in ("fault_injected", "fault_skipped")]
     assert len(resets) == 1, resets
@@ -93,7 +99,7 @@ def test_events_every_few_ms_with_nothing_to_act_on_do_not_flood_the_log(make_da
     daemon = make_daemon("[faults]\nseed = 1\n[faults.wifi_drop]\nevery = 0.005\n")
     host = daemon.host()
     host.boot()
-    time.sleep(1.5)
+    time.sleep(1.5)  # 300 events of the schedule under test
     host.read_quiet(0.2)
     assert host.ask(b"AT") == b"\r\nOK\r\n"  # the front still answers
     skipped = [e for e in daemon.events("fault_skipped") if e.get("fault") == "wifi_drop"]

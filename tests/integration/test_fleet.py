@@ -229,7 +229,7 @@ def test_second_signal_kills_a_device_that_does_not_stop(fleet_of):
     procs = fleet.tree()
     os.kill(device["pid"], signal.SIGSTOP)
     fleet.proc.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the fleet must still wait for the stopped device
     assert fleet.proc.poll() is None  # still waiting for the device
     fleet.proc.send_signal(signal.SIGTERM)
     assert fleet.proc.wait(5) == 1

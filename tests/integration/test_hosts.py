@@ -186,9 +186,9 @@ def test_savetranslink_to_an_overridden_name(bench, echo_server):
     assert host.ask(b'AT+SAVETRANSLINK=1,"test.mosquitto.org",%d,"TCP"' % echo_server.port) == b"\r\nOK\r\n"
     host.reset_into_passthrough(echo_server)
     daemon.wait_event("host_override", host="test.mosquitto.org", proc="link")
-    time.sleep(0.05)
+    time.sleep(0.05)  # +++ wants silence around it
     host.write(b"+++")
-    time.sleep(0.05)
+    time.sleep(0.05)  # +++ wants silence around it
     host.command(b"AT+SAVETRANSLINK=0")
 
 
@@ -207,14 +207,14 @@ def test_passthrough_reconnects_through_the_override(bench):
         first.close()
         second, _ = server.accept()
         second.settimeout(5)
-        time.sleep(0.1)
+        daemon.wait_event("passthrough_reconnected")  # the front sends again from here on
         host.write(b"after")
         assert second.recv(100) == b"after"
         daemon.wait_event("host_override", host="mqtt.mydevices.com", proc="link", count=2)
         second.close()
-        time.sleep(0.05)
+        time.sleep(0.05)  # +++ wants silence around it
         host.write(b"+++")
-        time.sleep(0.05)
+        time.sleep(0.05)  # +++ wants silence around it
     finally:
         server.close()
 

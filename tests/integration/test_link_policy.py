@@ -54,7 +54,7 @@ def test_tcp_to_a_denied_destination_is_error_logged_and_counted(make_daemon, se
         ("connect", "127.0.0.1", other.port, "deny '127.0.0.0/8'", 1, 0)
     assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % other.port) == b"\r\nERROR\r\n"
     assert _refusals(daemon, 2)[-1]["refused"] == 2
-    time.sleep(0.2)
+    time.sleep(0.2)  # a connection would show up within this
     assert other.conns == []  # never reached
     assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % broker.port) == b"CONNECT\r\n\r\nOK\r\n"
     assert Demux(host).send(None, b"ping").endswith(b"SEND OK\r\n")
@@ -105,7 +105,7 @@ def test_ssl_to_a_denied_destination(make_daemon, servers):
     host = _boot(daemon)
     assert host.ask(b'AT+CIPSTART="SSL","127.0.0.1",%d' % other.port) == b"\r\nERROR\r\n"
     assert _refusals(daemon, 1)[0]["what"] == "connect"
-    time.sleep(0.2)
+    time.sleep(0.2)  # a connection would show up within this
     assert other.conns == []
 
 
@@ -123,7 +123,7 @@ def test_savetranslink_to_a_denied_destination_never_connects(make_daemon, serve
     assert other.conns == []
     time.sleep(0.3)  # leave passthrough: +++ alone, with quiet either side
     host.write(b"+++")
-    time.sleep(1.1)
+    time.sleep(1.1)  # the guard time after +++
     host.read_quiet(0.2)
     host.command(b"AT+SAVETRANSLINK=0")
 

@@ -94,7 +94,7 @@ def test_missed_heartbeats_sets_the_patience(make_daemon, echo_server):
     host.command(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % echo_server.port)
     pid = daemon.worker_pid(1)
     os.kill(pid, signal.SIGSTOP)
-    time.sleep(2)
+    time.sleep(2)  # ten heartbeats missed, fewer than the 20 that get it killed
     os.kill(pid, signal.SIGCONT)
     host.send_data(b"AT+CIPSEND=1,5", b"still")
     assert host.read_ipd() == (1, b"still")

@@ -105,7 +105,7 @@ def test_a_full_window_waits_without_spinning(daemon, host, server):
     assert host.expect(b"\r\n+IPD,5760\r\n", timeout=10) == b"\r\n+IPD,5760\r\n"
     tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
     before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
-    time.sleep(2.0)
+    time.sleep(2.0)  # the CPU is measured over this
     used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
     assert used < 0.5, f"the daemon used {used:.2f} s of CPU in 2 s waiting for a read"
     got = bytearray()

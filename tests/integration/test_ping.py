@@ -128,7 +128,7 @@ def test_ping_hosts_in_namespaces(tmp_path):
 
             # The command blocks: a line sent meanwhile is refused, the ping still ends normally.
             host.write(b'AT+PING="%s"\r\n' % net.b_ip.encode())
-            time.sleep(0.2)
+            time.sleep(0.2)  # the host's pace: the next line comes while the ping runs
             host.write(b"AT\r\n")
             assert host.expect(b"ERROR\r\n", timeout=PING_TIMEOUT_S + 3) == b"\r\nbusy p...\r\n" + TIMED_OUT
             assert host.ask(b"AT") == b"\r\nOK\r\n"

@@ -156,7 +156,7 @@ def test_an_unplugged_port_returns_to_the_same_session(start, device, peer):
     assert lost["device"] == str(device.link) and "hung up" in lost["error"]
     peer.sent = 0
     streaming = peer.stream(after)
-    time.sleep(1.5)
+    time.sleep(1.5)  # the peer streams while the port is away
     assert peer.error is None
     assert 0 < peer.sent < len(after), f"the peer sent {peer.sent}: nothing held it back"
 
@@ -222,9 +222,9 @@ def test_a_hang_up_seen_by_a_write_is_survived(start, device, peer):
     except TimeoutError:
         pass
     assert got and got == uplink[: len(got)] and len(got) <= wrote  # in order; what the old tty held is lost
-    time.sleep(0.1)
+    time.sleep(0.1)  # +++ wants silence around it
     host.write(b"+++")
-    time.sleep(0.1)
+    time.sleep(0.1)  # +++ wants silence around it
     assert host.command(b"AT") == b"\r\nOK\r\n"  # out of passthrough, the same session (echo still off)
     assert b"ready" not in host.read_quiet(0.2)
     assert len(daemon.events("port_lost")) == 1 and len(daemon.events("port_back")) == 1
@@ -236,8 +236,10 @@ def test_a_replugged_port_gets_the_settings_in_force(start, device):
     host = Host(None, fd=device.master)
     host.boot()
     host.command(b"AT+UART_CUR=230400,8,3,0,3")
-    time.sleep(0.2)  # applied once OK has drained
-    assert device.termios()[4] == termios.B230400
+    deadline = time.monotonic() + 5  # applied once OK has drained
+    while device.termios()[4] != termios.B230400:
+        assert time.monotonic() < deadline, "AT+UART_CUR's speed was not put on the port"
+        time.sleep(0.02)
     device.unplug()
     daemon.wait_event("port_lost")
     host = device.plug()
@@ -256,7 +258,7 @@ def test_a_port_that_stays_away_keeps_the_daemon_waiting(start, device):
     Host(None, fd=device.master).boot()
     device.unplug()
     daemon.wait_event("port_lost")
-    time.sleep(3)
+    time.sleep(3)  # a crash, a second loss or a false return would come within this
     assert daemon.proc.poll() is None
     assert len(daemon.events("port_lost")) == 1 and not daemon.events("port_back")
     assert len([e for e in daemon.events("child_started") if e["role"] == "front"]) == 1

@@ -6,6 +6,7 @@ import re
 import socket
 import time
 
+import psutil
 import pytest
 
 from tests.harness import Demux
@@ -21,6 +22,14 @@ def _free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
     with socket.socket(family) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _wait_listening(port: int, timeout: float = 5.0) -> None:
+    """Until something listens on TCP ``port`` again."""
+    deadline = time.monotonic() + timeout
+    while not any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.net_connections("tcp")):
+        assert time.monotonic() < deadline, f"nothing listens on port {port}"
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -51,7 +60,7 @@ def test_five_clients_then_the_sixth_is_refused(server_host):
     assert clients[2].recv(100) == b"to two"
     clients[3].close()
     assert server_host.expect(b"3,CLOSED\r\n") == b"3,CLOSED\r\n"
-    time.sleep(0.1)
+    _wait_listening(port)  # full, the server had stopped listening; a freed slot reopens it
     clients.append(_client(port))
     assert server_host.expect(b"3,CONNECT\r\n") == b"3,CONNECT\r\n"
     for c in clients:

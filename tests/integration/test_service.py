@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -100,7 +101,8 @@ def test_connect_timeout(host):
             except BlockingIOError:
                 pass
             fillers.append(s)
-        time.sleep(0.2)
+        _, connected, _ = select.select([], fillers, [], 5)
+        assert connected, "no filler got into the accept queue"
         started = time.monotonic()
         assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,,600' % port, timeout=10) == b"\r\nERROR\r\n"
         assert 0.5 <= time.monotonic() - started < 3

@@ -116,9 +116,9 @@ def test_passthrough_keeps_moving_while_the_host_reads_late(make_daemon):
         writer.join(10)
         assert writer.written == len(payload)
         assert got == payload
-        time.sleep(1.1)
+        time.sleep(1.1)  # +++ wants a second of silence around it
         host.write(b"+++")
-        time.sleep(1.1)
+        time.sleep(1.1)  # +++ wants a second of silence around it
         assert host.command(b"AT") == b"\r\nOK\r\n"
     finally:
         host.close()

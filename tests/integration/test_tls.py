@@ -451,6 +451,7 @@ def test_ssl_stream_through_a_read_window(make_daemon, pki):
     ctx.load_cert_chain(pki["server"].cert, pki["server"].key)
     listener = socket.create_server(("127.0.0.1", 0))
     sent = b"".join(bytes([i % 251]) * 600 for i in range(60))
+    received = threading.Event()
 
     def stream() -> None:
         conn, _ = listener.accept()
@@ -460,7 +461,7 @@ def test_ssl_stream_through_a_read_window(make_daemon, pki):
             for i in range(60):
                 tls.sendall(sent[i * 600 : (i + 1) * 600])
                 time.sleep(max(0.0, start + (i + 1) * 0.005 - time.monotonic()))
-            time.sleep(1.0)  # the data first, then the close
+            received.wait(10)  # the data first, then the close
 
     streamer = threading.Thread(target=stream, daemon=True)
     streamer.start()
@@ -471,9 +472,11 @@ def test_ssl_stream_through_a_read_window(make_daemon, pki):
             link_id, data = host.read_ipd(timeout=5)
             assert link_id == 0
             frames.append(data)
+        received.set()
         assert hashlib.sha256(b"".join(frames)).digest() == hashlib.sha256(sent).digest()
         assert sum(len(f) < 2920 for f in frames) < 40, [len(f) for f in frames]
         host.expect(b"0,CLOSED\r\n", timeout=5)
     finally:
+        received.set()
         streamer.join(5)
         listener.close()

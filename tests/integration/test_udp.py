@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Demux, udp_peer
+from tests.harness import Daemon, Demux, udp_peer, wait_udp_read
 from tests.netns import netns_available, veth_pair
 
 
@@ -219,7 +219,7 @@ def test_passive_udp_drops_beyond_the_window(mux_host):
     for i in range(20):
         peer.sendto(bytes([65 + i]) * 1000, ("127.0.0.1", local))
     mux_host.expect(b"\r\n+IPD,4,")
-    time.sleep(0.3)
+    wait_udp_read(local)  # every datagram kept or dropped: reads below make room for none of them
     answer = mux_host.ask(b"AT+CIPRECVLEN?")
     unread = int(re.search(rb"\+CIPRECVLEN:0,0,0,0,(\d+)", answer).group(1))
     assert 1000 <= unread <= 5760
@@ -250,10 +250,10 @@ def test_a_udp_flood_into_a_stalled_uart_waits_without_spinning(daemon, host):
     for _ in range(400):  # ~560 KB: more than the pty, the output queue and the ring hold
         peer.sendto(datagram, ("127.0.0.1", local))
         time.sleep(0.0005)
-    time.sleep(1.0)
+    time.sleep(1.0)  # the flood backs up (socket, ring, UART output full) before the CPU is measured
     tree = [psutil.Process(daemon.proc.pid)] + psutil.Process(daemon.proc.pid).children(recursive=True)
     before = {p.pid: sum(p.cpu_times()[:2]) for p in tree}
-    time.sleep(2.0)
+    time.sleep(2.0)  # the CPU is measured over this
     used = sum(sum(p.cpu_times()[:2]) - before[p.pid] for p in tree)
     assert used < 0.5, f"the stalled daemon used {used:.2f} s of CPU in 2 s"
     # The host reads again: what was kept comes out as whole datagrams, then

@@ -57,6 +57,13 @@ def _run(coro):
     return uvloop.run(coro)
 
 
+async def _until(predicate, timeout: float = 2.0) -> None:
+    """Until ``predicate()`` holds (a callback the loop runs soon), ``timeout`` at most."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
 def test_held_message_waits_the_gap_with_one_timer_not_a_spin(pty_pair):
     master, slave = pty_pair
     rounds = 20
@@ -124,7 +131,7 @@ def test_drained_callback_after_every_write(pty_pair):
         out = Output(master, 0.0, lambda: calls.append(out.buffered))
         out.urc(b"\r\n+IPD,0,3:abc")
         await asyncio.to_thread(_read_until, slave, b"abc", 2.0)
-        await asyncio.sleep(0.01)
+        await _until(lambda: calls and calls[-1] == 0)
         return calls
 
     calls = _run(main())
@@ -202,7 +209,7 @@ def test_a_message_made_at_write_time_says_what_holds_then(pty_pair):
 
         out.reply(b"\r\nOK\r\n")
         out.urc(notice)  # held for the gap after OK
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # a read comes while it is held (the gap is 0.5 s)
         unread[0] = 60  # a read took 40 bytes; its reply overtakes the notice
         reply = b"+CIPRECVDATA:40," + b"x" * 40 + b"\r\nOK\r\n"
         out.reply(reply)
@@ -282,10 +289,10 @@ def test_discard_drops_what_the_host_did_not_take(pty_pair):
         for _ in range(64):
             out.urc(b"x" * 4096)
         out.when_empty(lambda: emptied.append(out.buffered))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the pty fills; nothing more drains
         assert out.buffered > 0 and not emptied
         dropped = out.discard()
-        await asyncio.sleep(0.01)
+        await _until(lambda: emptied)
         out.reply(b"\r\nready\r\n")
         reads = await asyncio.to_thread(_read_until, slave, b"\r\nready\r\n", 5.0)
         return dropped, emptied, b"".join(chunk for _, chunk in reads)
@@ -306,14 +313,14 @@ def test_backlogged_above_high_until_down_to_low_then_eased_once(pty_pair):
         for _ in range(100):
             out.reply(b"x" * 1000)  # 100 kB: more than the pty takes
         assert out.backlogged
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the pty fills; nothing more drains
         assert out.backlogged and eased == [] and out.buffered > 16384  # nobody reads
         got = 0
         while got < 100_000:
             got += len(await asyncio.to_thread(os.read, slave, 1000))
             if not out.backlogged:
                 break
-        await asyncio.sleep(0.01)
+        await _until(lambda: eased)
         assert not out.backlogged and len(eased) == 1 and eased[0] <= 16384
         total = got + sum(len(r) for _, r in await asyncio.to_thread(_read_until_size, slave, 100_000 - got, 5.0))
         assert total == 100_000 and len(eased) == 1
@@ -352,10 +359,10 @@ def test_a_failed_write_keeps_the_queue_for_the_reopened_port():
         os.close(old_master)  # unplugged: the slave hangs up
         out.reply(b"\r\nOK\r\n")
         out.urc(b"\r\n+IPD,0,3:abc")
-        await asyncio.sleep(0.05)
+        await _until(lambda: failures)
         assert [f.errno for f in failures] == [errno.EIO] and out.suspended
         out.urc(b"\r\n0,CLOSED\r\n")  # while away: queued, no write, no second failure
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a second failure would come within this
         assert len(failures) == 1 and out.buffered == 6 + 14 + 12
         out.resume(new_slave)
         return await asyncio.to_thread(_read_until, new_master, b"CLOSED\r\n", 2.0)

@@ -103,7 +103,7 @@ def test_a_lost_device_is_let_go_of_while_away(tmp_path, monkeypatch):
         os.close(slave)
         link.unlink()
         watch.lost("hung up (unplugged?)")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # five polls of the path while away: none may hold the device
         held.extend(_fds_on(rdev))
         assert os.fstat(fd)  # the number stays taken: the loop may still name it
         watch.close()

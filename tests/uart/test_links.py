@@ -60,7 +60,7 @@ def test_a_worker_sending_wrong_types_is_refused_and_logged_not_a_crash():
             table.attach(0, front_end)
             for packet in _BAD:
                 worker_end.send(packet)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a wrong state change would come within this
             assert slot.state is SlotState.NO_WORKER
             worker_end.send(json.dumps({"type": "Hello", "link_id": 0, "pid": 1}).encode())
             await _until(lambda: slot.state is SlotState.IDLE, "Hello")
@@ -88,7 +88,7 @@ def test_a_connected_message_with_text_for_an_address_is_refused():
                    "local_ip": "127.0.0.1", "local_port": 5000}
             worker_end.send(json.dumps(bad).encode())
             worker_end.send(json.dumps(dict(bad, remote_ip="127.0.0.1", remote_port=70000)).encode())
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a wrong state change would come within this
             assert slot.state is SlotState.CONNECTING and slot.view is None
             worker_end.send(json.dumps(dict(bad, remote_ip="::1")).encode())
             await _until(lambda: slot.state is SlotState.OPEN, "Connected")

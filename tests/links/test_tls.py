@@ -1,7 +1,10 @@
-"""bridged.links.tls: certificate dates checked at the device's time (tls_time), over real TLS on loopback."""
+"""bridged.links.tls over real TLS on loopback: contexts per auth mode, SNI, the non-blocking
+handshake, the name check as mbedTLS does it, and certificate dates checked at the device's
+time (tls_time)."""
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import datetime
 import ipaddress
@@ -155,3 +158,74 @@ def test_mode_0_ignores_the_device_time(chain):
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname=None) as sock:
             assert sock.version()
+
+
+# -- contexts, SNI, the handshake and the name ------------------------------------------------
+
+
+@pytest.mark.parametrize("auth, missing", [(1, "client_cert.0"), (2, "client_ca.0"), (3, "client_cert.0")])
+def test_a_mode_whose_files_are_missing_is_a_clear_error(tmp_path, auth, missing):
+    """Auth modes 1-3 need the store's files: TlsError naming the one missing and how to import it."""
+    request = Connect(1, "SSL", "127.0.0.1", 443, tls_auth=auth)
+    with pytest.raises(tls.TlsError, match=f"no {missing} .*bridged pki import"):
+        tls.client_context(request, PkiStore(tmp_path / "empty"))
+
+
+def test_a_verifying_client_speaks_tls_1_2_only_and_requires_a_certificate(chain):
+    """Mode 2: CERT_REQUIRED, hostname left to check_name, TLS 1.2 as ESP-AT's mbedTLS build."""
+    _, store = chain
+    ctx = tls.client_context(Connect(1, "SSL", "127.0.0.1", 443, tls_auth=2), store)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and not ctx.check_hostname
+    assert ctx.minimum_version == ctx.maximum_version == ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize("host, sni, expected", [
+    ("broker.example", "", "broker.example"),
+    ("broker.example", "other.example", "other.example"),
+    ("127.0.0.1", "", None),
+    ("::1", "", None),
+])
+def test_sni_is_cipsslcsni_else_a_host_name_never_an_address(host, sni, expected):
+    """AT+CIPSSLCSNI's name wins; else the host when it is a name; an address sends no SNI."""
+    assert tls.sni_for(Connect(1, "SSL", host, 443, tls_sni=sni)) == expected
+
+
+def test_the_non_blocking_handshake_completes_and_sends_the_sni(chain):
+    """wrap_client + handshake on a non-blocking socket: TLS 1.2 up, the server saw the SNI."""
+    server, store = chain
+    request = Connect(1, "SSL", "127.0.0.1", server.port, tls_auth=0, tls_sni="device.example")
+
+    async def main() -> str | None:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        raw.setblocking(False)
+        with tls.wrap_client(raw, request, store) as sock:
+            async with asyncio.timeout(10):
+                await tls.handshake(sock)
+            return sock.version()
+
+    assert asyncio.run(main()) == "TLSv1.2"
+    assert server.sni[-1] == "device.example"
+
+
+def test_a_subject_alt_name_hides_the_common_name(chain):
+    """As mbedTLS: the leaf's SAN (IP 127.0.0.1) is matched, its CN "localhost" is not."""
+    sock = _connect(chain, _at(2036))
+    try:
+        tls.check_name(sock, "127.0.0.1")
+        with pytest.raises(tls.TlsError, match="does not name 'localhost'"):
+            tls.check_name(sock, "localhost")
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("pattern, host, matches", [
+    ("*.example.com", "a.example.com", True),
+    ("*.example.com", "A.Example.COM.", True),
+    ("*.example.com", "a.b.example.com", False),
+    ("*.example.com", "example.com", False),
+    ("broker.example", "broker.example", True),
+    ("broker.example", "broker.example.evil", False),
+])
+def test_wildcards_cover_one_label(pattern, host, matches):
+    """A wildcard stands for exactly one leftmost label; case and a trailing dot do not matter."""
+    assert tls._match(pattern, host) is matches

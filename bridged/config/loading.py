@@ -133,6 +133,35 @@ def _apply_overrides(values: dict[str, dict[str, Any]], overrides: Mapping[str, 
     return applied
 
 
+def _chosen_profile(profile: str | None, docs: list[tuple[str, dict[str, Any]]]) -> tuple[str, str, bool]:
+    """The profile to apply, where it was named and whether it was asked for:
+    `profile` when given, else the last config file's ``profile`` key, else
+    the default."""
+    explicit, named_in = profile is not None, COMMAND_LINE
+    if profile is None:
+        for source, doc in docs:
+            if "profile" in doc:
+                profile, named_in = doc["profile"], source
+        if not isinstance(profile, str | None) or profile == "":
+            raise _error(named_in, "profile", f"{_show(profile)} is not allowed",
+                         "a profile name or a path to a .toml file")
+        explicit = profile is not None
+    return profile or DEFAULT_PROFILE, named_in, explicit
+
+
+def _profile_file(profile: str, named_in: str, explicit: bool) -> Path | None:
+    """The profile's file; None when it is missing and was not asked for."""
+    wanted = profile
+    if named_in != COMMAND_LINE and _is_path(profile) and not profile.startswith("/"):
+        wanted = str(Path(named_in).parent / profile)  # relative to the config file
+    try:
+        return find_profile(wanted, named_in)
+    except ConfigError:
+        if explicit:
+            raise
+        return None
+
+
 def load_config(config_path: str | os.PathLike[str] | None = None,
                 profile: str | None = None,
                 overrides: Mapping[str, Any] | None = None,
@@ -167,27 +196,8 @@ def load_config(config_path: str | os.PathLike[str] | None = None,
     else:
         paths = list(system_files(instance)) if system else []
     docs = [(str(path), _read_toml(path)) for path in paths]
-
-    explicit, named_in = profile is not None, COMMAND_LINE
-    if profile is None:
-        for source, doc in docs:
-            if "profile" in doc:
-                profile, named_in = doc["profile"], source
-        if not isinstance(profile, str | None) or profile == "":
-            raise _error(named_in, "profile", f"{_show(profile)} is not allowed",
-                         "a profile name or a path to a .toml file")
-        explicit = profile is not None
-    profile = profile or DEFAULT_PROFILE
-
-    wanted = profile
-    if named_in != COMMAND_LINE and _is_path(profile) and not profile.startswith("/"):
-        wanted = str(Path(named_in).parent / profile)  # relative to the config file
-    try:
-        profile_file: Path | None = find_profile(wanted, named_in)
-    except ConfigError:
-        if explicit:
-            raise
-        profile_file = None
+    profile, named_in, explicit = _chosen_profile(profile, docs)
+    profile_file = _profile_file(profile, named_in, explicit)
     origins: dict[str, str] = {}
     if profile_file is not None:
         _apply(values, _read_toml(profile_file), str(profile_file), origins=origins,

@@ -48,21 +48,17 @@ state, paths and restart count.
 
 from __future__ import annotations
 
-import enum
 import json
 import os
 import secrets
 import select
 import signal
 import socket
-import struct
-import subprocess
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
+from bridged.fleet_devices import Device, DeviceState, FleetSpec, bind_notify, device_paths, sender_pid
 from bridged import systemd
 from bridged.spawn import read_wakeup
 from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
@@ -82,66 +78,6 @@ _MANIFEST_EVERY = 0.25
 # Inherited variables a device must not take as its own.
 _DROPPED_ENV = ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
                 "STATE_DIRECTORY")
-
-
-class DeviceState(enum.Enum):
-    STARTING = "starting"  # spawned, no READY=1 yet
-    READY = "ready"
-    BACKOFF = "backoff"  # died; waiting to be started again
-    FAILED = "failed"  # died too often in a row; left stopped
-    STOPPED = "stopped"
-
-
-@dataclass(frozen=True, slots=True)
-class FleetSpec:
-    """What ``bridged fleet`` was asked for, validated by the command line."""
-
-    count: int
-    directory: Path
-    config: str | None = None
-    profile: str | None = None
-    baud: int | None = None
-    concurrency: int = 4  # devices starting (or stopping) at once
-    start_timeout: float = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class DevicePaths:
-    pty: Path
-    state_dir: Path
-    run_dir: Path
-    log: Path
-
-
-def device_paths(directory: Path, index: int) -> DevicePaths:
-    """Where device ``index`` of the fleet in ``directory`` keeps its things."""
-    return DevicePaths(directory / f"ttyESP{index}", directory / "state" / str(index),
-                       directory / "run" / str(index), directory / "logs" / f"{index}.log")
-
-
-@dataclass
-class Device:
-    index: int
-    paths: DevicePaths
-    state: DeviceState = DeviceState.STOPPED
-    proc: subprocess.Popen | None = None
-    started: float = 0.0
-    ready_at: float | None = None
-    failures: int = 0  # deaths in a row before or soon after READY
-    restarts: int = 0
-    restart_at: float | None = None
-    exit_codes: list[int] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid if self.proc is not None else 0
-
-    def entry(self) -> dict[str, object]:
-        """Its line in the manifest."""
-        return {"index": self.index, "pid": self.pid, "state": self.state.value,
-                "restarts": self.restarts, "pty": str(self.paths.pty),
-                "state_dir": str(self.paths.state_dir), "run_dir": str(self.paths.run_dir),
-                "log": str(self.paths.log)}
 
 
 class Fleet:
@@ -166,7 +102,7 @@ class Fleet:
         self._install_signals()
         for sub in ("state", "run", "logs"):
             (self.directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._notify = _bind_notify(self.notify_name)
+        self._notify = bind_notify(self.notify_name)
         self._began = time.monotonic()
         log.info("fleet_starting", count=self.spec.count, dir=str(self.directory),
                  concurrency=self.spec.concurrency)
@@ -283,7 +219,7 @@ class Fleet:
                 data, ancdata, _flags, _addr = self._notify.recvmsg(4096, socket.CMSG_SPACE(12))
             except (BlockingIOError, InterruptedError):
                 return
-            pid = _sender_pid(ancdata)
+            pid = sender_pid(ancdata)
             device = by_pid.get(pid)
             if device is None or b"READY=1" not in data.split(b"\n"):
                 continue
@@ -406,21 +342,6 @@ class Fleet:
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, target)
         self._manifest_dirty, self._manifest_at = False, time.monotonic()
-
-
-def _bind_notify(name: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # 1000 READY=1 at once
-    sock.bind("\0" + name[1:])
-    return sock
-
-
-def _sender_pid(ancdata: list[tuple[int, int, bytes]]) -> int:
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= 12:
-            return struct.unpack("3i", data[:12])[0]
-    return 0
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -18,10 +18,9 @@ bridged keeps the same names as files under the state directory::
         generated/                        0700
             server_cert.pem, server_key.pem   the self-signed fallback
 
-Imports are checked before anything is written: certificates must parse as
-X.509 (PEM or DER; a PEM file may hold a chain, all of it is kept, the first
-certificate is the one described and matched), keys must be unencrypted RSA, EC
-or Ed25519 private keys (PEM or DER). A key and the certificate at the same
+Imports are checked before anything is written (`bridged.pki_parse`:
+X.509 certificates, a PEM chain kept whole, unencrypted RSA, EC or Ed25519
+keys, PEM or DER). A key and the certificate at the same
 index (``client_key.N`` / ``client_cert.N``, ``server_key.N`` /
 ``server_cert.N``) must hold the same public key, whichever is imported second;
 to replace a pair, remove one half first. Every write is atomic (temporary file
@@ -44,23 +43,18 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import ipaddress
 import os
-import re
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bridged.atomic import fsync_dir, write_atomic
+from bridged.pki_parse import Entry, Parsed, PkiError, parse
 
 __all__ = [
     "CERT_KINDS",
@@ -83,78 +77,7 @@ _PARTNER = {"client_key": "client_cert", "client_cert": "client_key",
             "server_key": "server_cert", "server_cert": "server_key"}
 
 _MAX_FILE = 1 << 20  # a whole system CA bundle is ~200 KB
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----", re.S)
-_KEY_LABELS = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY")
-_IGNORED_LABELS = (b"EC PARAMETERS",)  # written by `openssl ecparam -genkey`
-_ENCRYPTED = "the private key is encrypted; store it decrypted (openssl pkey -in KEY -out PLAIN)"
 _GENERATED_DAYS = 3650
-
-_PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-
-
-class PkiError(Exception):
-    """A certificate or key is refused, or a kind or index is invalid.
-
-    The message names the file (or entry) and what is wrong.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stored item, as `PkiStore.entries` describes it.
-
-    Attributes:
-        kind: one of `KINDS`.
-        index: 0..9.
-        subject: RFC 4514 subject of the first certificate; "" for keys.
-        not_after: expiry of the first certificate (aware, UTC); None for keys.
-        fingerprint: sha256 hex of the first certificate's DER, or of the key's
-            public key (SubjectPublicKeyInfo DER).
-        key_type: "RSA 2048", "EC secp256r1", "Ed25519"... (the public key's).
-        certs: how many certificates the file holds; 0 for keys.
-    """
-
-    kind: str
-    index: int
-    subject: str
-    not_after: datetime.datetime | None
-    fingerprint: str
-    key_type: str
-    certs: int = 0
-
-    @property
-    def name(self) -> str:
-        """The ESP-AT key name, ``<kind>.<index>``."""
-        return f"{self.kind}.{self.index}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    """Validated content: certificates or one private key, never both."""
-
-    certs: tuple[x509.Certificate, ...] = ()
-    key: _PrivateKey | None = None
-
-    def public_der(self) -> bytes:
-        public = self.key.public_key() if self.key is not None else self.certs[0].public_key()
-        return public.public_bytes(serialization.Encoding.DER,
-                                   serialization.PublicFormat.SubjectPublicKeyInfo)
-
-    def pem(self) -> bytes:
-        if self.key is not None:
-            return self.key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption())
-        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.certs)
-
-    def entry(self, kind: str, index: int) -> Entry:
-        if self.key is not None:
-            return Entry(kind, index, "", None, hashlib.sha256(self.public_der()).hexdigest(),
-                         _key_type(self.key.public_key()))
-        first = self.certs[0]
-        return Entry(kind, index, first.subject.rfc4514_string(), first.not_valid_after_utc,
-                     first.fingerprint(hashes.SHA256()).hex(), _key_type(first.public_key()),
-                     len(self.certs))
 
 
 class PkiStore:
@@ -200,7 +123,7 @@ class PkiStore:
         _check_name(kind, index)
         if len(data) > _MAX_FILE:
             raise PkiError(f"{source}: too large (more than {_MAX_FILE} bytes)")
-        parsed = _parse(data, source)
+        parsed = parse(data, source)
         _check_kind(parsed, kind, source)
         self._check_partner(parsed, kind, index, source)
         self._ensure_dir()
@@ -238,7 +161,7 @@ class PkiStore:
         """
         found = []
         for kind, index, file in self._stored():
-            found.append(_parse(file.read_bytes(), str(file)).entry(kind, index))
+            found.append(parse(file.read_bytes(), str(file)).entry(kind, index))
         return found
 
     def self_signed_server(self, common_name: str = "bridged") -> tuple[Path, Path]:
@@ -281,14 +204,14 @@ class PkiStore:
                 if file.is_file():
                     yield kind, index, file
 
-    def _check_partner(self, parsed: _Parsed, kind: str, index: int, source: str) -> None:
+    def _check_partner(self, parsed: Parsed, kind: str, index: int, source: str) -> None:
         partner = _PARTNER.get(kind)
         if partner is None:
             return
         stored = self.get(partner, index)
         if stored is None:
             return
-        other = _parse(stored, str(self._file(partner, index)))
+        other = parse(stored, str(self._file(partner, index)))
         if other.public_der() != parsed.public_der():
             raise PkiError(f"{source}: {kind}.{index} does not match {partner}.{index}"
                            f" (remove {partner}.{index} first to replace the pair)")
@@ -304,10 +227,10 @@ def fingerprint(path: Path | str) -> str:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise PkiError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return _parse(data, str(path)).entry("", 0).fingerprint
+    return parse(data, str(path)).entry("", 0).fingerprint
 
 
-# -- parsing -----------------------------------------------------------------
+# -- names and kinds -------------------------------------------------------
 
 
 def _check_name(kind: str, index: int) -> None:
@@ -317,113 +240,11 @@ def _check_name(kind: str, index: int) -> None:
         raise PkiError(f"{kind}: index {index!r} is out of range 0..{MAX_INDEX}")
 
 
-def _check_kind(parsed: _Parsed, kind: str, source: str) -> None:
+def _check_kind(parsed: Parsed, kind: str, source: str) -> None:
     if kind in KEY_KINDS and parsed.key is None:
         raise PkiError(f"{source}: holds a certificate, but {kind} wants a private key")
     if kind in CERT_KINDS and parsed.key is not None:
         raise PkiError(f"{source}: holds a private key, but {kind} wants a certificate")
-
-
-def _parse(data: bytes, source: str) -> _Parsed:
-    """Certificates or one private key from PEM or DER bytes; PkiError if neither."""
-    if not data.strip():
-        raise PkiError(f"{source}: not a certificate or key: the file is empty")
-    if b"-----BEGIN " in data:
-        return _parse_pem(data, source)
-    try:
-        with _quiet():
-            return _Parsed(certs=(x509.load_der_x509_certificate(data),))
-    except ValueError:
-        pass
-    try:
-        key = serialization.load_der_private_key(data, password=None)
-    except TypeError:
-        raise PkiError(f"{source}: {_ENCRYPTED}") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise PkiError(f"{source}: not a certificate or key: neither PEM nor a DER"
-                       " certificate or private key") from None
-    return _Parsed(key=_accepted_key(key, source))
-
-
-def _parse_pem(data: bytes, source: str) -> _Parsed:
-    certs: list[x509.Certificate] = []
-    keys: list[_PrivateKey] = []
-    for match in _PEM_BLOCK.finditer(data):
-        label, block = match.group(1), match.group(0)
-        if label == b"CERTIFICATE":
-            certs.append(_load_pem_cert(block, source, len(certs) + 1))
-        elif label in _KEY_LABELS:
-            keys.append(_load_pem_key(block, source))
-        elif label == b"ENCRYPTED PRIVATE KEY":
-            raise PkiError(f"{source}: {_ENCRYPTED}")
-        elif label not in _IGNORED_LABELS:
-            raise PkiError(f"{source}: not a certificate or key: a PEM block"
-                           f" {label.decode()!r} (expected CERTIFICATE or PRIVATE KEY)")
-    if certs and keys:
-        raise PkiError(f"{source}: holds both certificates and a private key;"
-                       " import them separately")
-    if len(keys) > 1:
-        raise PkiError(f"{source}: holds {len(keys)} private keys; import one per entry")
-    if keys:
-        return _Parsed(key=keys[0])
-    if certs:
-        return _Parsed(certs=tuple(certs))
-    raise PkiError(f"{source}: not a certificate or key: no complete PEM block")
-
-
-def _load_pem_cert(block: bytes, source: str, number: int) -> x509.Certificate:
-    try:
-        with _quiet():
-            return x509.load_pem_x509_certificate(block)
-    except ValueError as exc:
-        raise PkiError(f"{source}: not a certificate or key: certificate {number}"
-                       f" does not parse: {exc}") from None
-
-
-def _load_pem_key(block: bytes, source: str) -> _PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(block, password=None)
-    except TypeError:
-        raise PkiError(f"{source}: {_ENCRYPTED}") from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise PkiError(f"{source}: not a certificate or key: the private key"
-                       f" does not parse: {exc}") from None
-    return _accepted_key(key, source)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence cryptography's deprecation warnings (negative serial numbers and the like).
-
-    System CA bundles hold such certificates, which OpenSSL still loads; the
-    warning would only add lines to the command line's output.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        yield
-
-
-def _accepted_key(key: object, source: str) -> _PrivateKey:
-    if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-                  | ed25519.Ed25519PrivateKey):
-        return key
-    raise PkiError(f"{source}: unsupported key type {_key_type(key)}"
-                   " (RSA, EC or Ed25519 only)")
-
-
-def _key_type(key: object) -> str:
-    """"RSA 2048", "EC secp256r1", "Ed25519"... for a public or private key."""
-    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
-        return f"RSA {key.key_size}"
-    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
-        return f"EC {key.curve.name}"
-    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
-        return "Ed25519"
-    if isinstance(key, ed448.Ed448PublicKey | ed448.Ed448PrivateKey):
-        return "Ed448"
-    if isinstance(key, dsa.DSAPublicKey | dsa.DSAPrivateKey):
-        return f"DSA {key.key_size}"
-    return type(key).__name__
 
 
 # -- the generated server certificate ------------------------------------------
@@ -432,8 +253,8 @@ def _key_type(key: object) -> str:
 def _generated_ok(cert_file: Path, key_file: Path, common_name: str) -> bool:
     """Whether the generated pair exists, parses, matches, is current and for `common_name`."""
     try:
-        cert = _parse(cert_file.read_bytes(), str(cert_file))
-        key = _parse(key_file.read_bytes(), str(key_file))
+        cert = parse(cert_file.read_bytes(), str(cert_file))
+        key = parse(key_file.read_bytes(), str(key_file))
     except (OSError, PkiError):
         return False
     if not cert.certs or key.key is None or cert.public_der() != key.public_der():
@@ -478,7 +299,7 @@ def _make_self_signed(common_name: str) -> tuple[bytes, bytes]:
         .sign(key, hashes.SHA256())
     )
     return (cert.public_bytes(serialization.Encoding.PEM),
-            _Parsed(key=key).pem())
+            Parsed(key=key).pem())
 
 
 # -- files -------------------------------------------------------------------

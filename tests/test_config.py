@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bridged import config as config_module
+from bridged.config import paths as config_paths  # what state_dir and profile_dirs read
 from bridged.config import (
     Config,
     WatchdogConfig,
@@ -673,9 +674,9 @@ def test_profile_name_refused():
 def test_missing_default_profile_falls_back(tmp_path, monkeypatch):
     """When esp32.toml is nowhere, the built-in defaults (the same values) apply."""
     monkeypatch.setenv("BRIDGED_CONFIG_DIR", str(tmp_path / "etc"))
-    monkeypatch.setattr(config_module, "_REPO_PROFILE_DIR", tmp_path / "repo")
-    monkeypatch.setattr(config_module.sys, "prefix", str(tmp_path / "prefix"))
-    monkeypatch.setattr(config_module.site, "USER_BASE", str(tmp_path / "user"))
+    monkeypatch.setattr(config_paths, "_REPO_PROFILE_DIR", tmp_path / "repo")
+    monkeypatch.setattr(config_paths.sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(config_paths.site, "USER_BASE", str(tmp_path / "user"))
     config = load_config(None, None, {})
     assert config.sources == ()
     assert config == default_config()
@@ -854,7 +855,7 @@ def no_system_state(tmp_path, monkeypatch):
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     system = tmp_path / "var" / "lib" / "bridged"
-    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", system)
+    monkeypatch.setattr(config_paths, "_SYSTEM_STATE_DIR", system)
     return system
 
 
@@ -889,7 +890,7 @@ def test_state_dir_home_fallback(tmp_path, no_system_state, monkeypatch):
     """When the system directory cannot be made, ~/.local/state/bridged is used."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", blocker / "bridged")
+    monkeypatch.setattr(config_paths, "_SYSTEM_STATE_DIR", blocker / "bridged")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     expected = tmp_path / "home" / ".local" / "state" / "bridged"
     assert state_dir(default_config()) == expected
@@ -900,7 +901,7 @@ def test_state_dir_xdg_state_home(tmp_path, no_system_state, monkeypatch):
     """$XDG_STATE_HOME replaces ~/.local/state when set."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", blocker / "bridged")
+    monkeypatch.setattr(config_paths, "_SYSTEM_STATE_DIR", blocker / "bridged")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert state_dir(default_config()) == tmp_path / "xdg" / "bridged"
 
@@ -1163,7 +1164,7 @@ def test_state_dir_instance_home_fallback(tmp_path, no_system_state, monkeypatch
     """Without a usable system directory an instance gets ~/.local/state/bridged/<instance>."""
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", blocker / "bridged")
+    monkeypatch.setattr(config_paths, "_SYSTEM_STATE_DIR", blocker / "bridged")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     config = load_config(None, None, {}, instance="ttyAMA0")
     assert state_dir(config) == tmp_path / "xdg" / "bridged" / "ttyAMA0"
@@ -1174,10 +1175,10 @@ def test_state_dir_instance_existing_directory_kept(tmp_path, monkeypatch):
     base = tmp_path / "lib"
     (base / "ttyAMA0").mkdir(parents=True)
     base.chmod(0o555)
-    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", base)
+    monkeypatch.setattr(config_paths, "_SYSTEM_STATE_DIR", base)
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(config_module.os, "access", lambda *a, **k: False)  # as an unprivileged user
+    monkeypatch.setattr(config_paths.os, "access", lambda *a, **k: False)  # as an unprivileged user
     try:
         config = load_config(None, None, {}, instance="ttyAMA0")
         assert state_dir(config) == base / "ttyAMA0"

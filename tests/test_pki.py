@@ -568,10 +568,10 @@ def test_cli_help():
 @pytest.fixture
 def system_state(tmp_path, monkeypatch):
     """/var/lib/bridged relocated, no $STATE_DIRECTORY: as root at a shell."""
-    from bridged import config as config_module
+    from bridged.config import paths as config_paths  # where state_dir looks
 
     base = tmp_path / "lib" / "bridged"
-    monkeypatch.setattr(config_module, "_SYSTEM_STATE_DIR", base)
+    monkeypatch.setattr(config_paths, "_SYSTEM_STATE_DIR", base)
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     return base
 

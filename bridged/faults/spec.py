@@ -126,7 +126,7 @@ def _params(fault: FaultKind, table: Mapping[str, object], skip: tuple[str, ...]
 
 def parse_spec(name: str, table: object) -> FaultSpec:
     """Check one ``[faults.NAME]`` table."""
-    fault = kind(name)  # KeyError for an unknown name: config.py reports the section's keys
+    fault = kind(name)  # KeyError for an unknown name: bridged.config reports the section's keys
     if not isinstance(table, Mapping):
         raise FaultError("", f"{table!r} is not a table", ALLOWED + ", e.g. { rate = 0.1 }")
     rate = table.get("rate")

@@ -19,18 +19,11 @@ Counters never wrap (64 bits last for centuries); the slot of a counter is
 ``counter & (capacity - 1)``, ``write - read`` is the number of bytes in the
 ring and ``capacity - (write - read)`` the free space.
 
-Each direction has an eventfd doorbell: the producer rings ``data_fd`` after
-publishing, the consumer rings ``space_fd`` after consuming (unless the
-producer said it does not need it: ``want_space_doorbell``). Python has no
-memory fence, so publication goes: data, then index, then the doorbell write.
-The doorbell is a syscall whose kernel path (a lock and a wake-up) makes the
-stores before it visible to the side that reads the doorbell, also on weakly
-ordered CPUs such as ARM; that side reads the indices after its wake-up. On
-x86 (TSO) stores are seen in program order, so any index read is safe. On ARM
-an index read that no doorbell covered yet (a consumer draining in a loop) is
-not formally ordered after the data it covers; the window is the few hundred
-instructions between two interpreter stores. Closing it for good would need a
-store-release, which pure Python cannot issue.
+Each direction has an eventfd doorbell (``bridged.ipc.doorbells``, which
+says how the doorbell orders publication on weakly ordered CPUs): the
+producer rings ``data_fd`` after publishing, the consumer rings ``space_fd``
+after consuming (unless the producer said it does not need it:
+``want_space_doorbell``).
 
 An index is stored with one aligned 8-byte ``memcpy`` (``struct`` uses the
 native packer for ``<Q`` on little-endian hosts), which is a single store on
@@ -42,14 +35,9 @@ is safe because the other side rings its doorbell once the store completes.
 Processes and shared memory
 ---------------------------
 The supervisor creates every ring before it forks; children use the
-inherited mapping. The block is an anonymous ``memfd`` mapped shared: it never
-has a name in /dev/shm, so nothing can attach to it by name, no resource
-tracker is involved, and nothing is left behind however the processes end
-(a SIGKILL included): the memory goes with the last mapping. Its size is
-sealed (F_SEAL_SHRINK, F_SEAL_GROW): a process that reopens it through /proc
-cannot shrink it under the others' mappings. Its label
-(``bridged-<label>``) shows in /proc/<pid>/maps and /proc/<pid>/fd for
-whoever debugs. ``close()`` drops the mapping in the calling process only;
+inherited mapping. The block is an anonymous ``memfd`` (``bridged.ipc.memblock``):
+nothing can attach to it by name and nothing is left behind however the
+processes end. ``close()`` drops the mapping in the calling process only;
 a child that must not reach a ring (another link's) closes it after the fork.
 
 A Ring object keeps no index of its own: all state lives in the shared
@@ -69,10 +57,11 @@ or ``close()`` fails with ``BufferError``.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
-import sys
+
+from bridged.ipc.doorbells import Doorbells, new_doorbells, ring_doorbell
+from bridged.ipc.memblock import create_block
 
 __all__ = ["Ring", "MIN_CAPACITY", "HEADER_SIZE"]
 
@@ -85,48 +74,13 @@ HEADER_SIZE = 128
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
 _QUIET = 1  # item 1, on the producer's line: 1 = consume() need not ring space_fd
-# 3.13+ can map without keeping a duplicate of the fd open (trackfd=False);
-# before, the mapping holds one fd per ring (close-on-exec), which no other
-# process of our uid can reopen through /proc/<pid>/fd: every bridged
-# process is non-dumpable (bridged.caps).
-_MMAP_KW = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-
-
-def _create_block(size: int, label: str) -> mmap.mmap:
-    """Map a fresh zero-filled shared block of ``size`` bytes, named nowhere, its size sealed."""
-    fd = os.memfd_create(f"bridged-{label}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        os.ftruncate(fd, size)
-        # A block shrunk under a mapping is SIGBUS in every process touching
-        # it; whoever reopens it through /proc must not be able to.
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, **_MMAP_KW)
-    finally:
-        os.close(fd)
-
-
-def _ring(fd: int) -> None:
-    try:
-        os.eventfd_write(fd, 1)
-    except BlockingIOError:
-        pass  # counter saturated: the doorbell is already ringing
-
-
-def _clear(fd: int) -> bool:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def _release(views: list[memoryview]) -> None:
     for view in views:
         view.release()
     views.clear()
 
 
-class Ring:
+class Ring(Doorbells):
     """An SPSC byte ring in shared memory with two eventfd doorbells."""
 
     def __init__(
@@ -162,18 +116,14 @@ class Ring:
         """
         if capacity < MIN_CAPACITY or capacity & (capacity - 1):
             raise ValueError(f"ring capacity must be a power of two >= {MIN_CAPACITY}")
-        block = _create_block(HEADER_SIZE + capacity, label)
-        fds: list[int] = []
+        block = create_block(HEADER_SIZE + capacity, label)
         try:
-            for _ in range(2):  # CLOEXEC: fork keeps the fds, exec'd helpers don't get them
-                fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+            data_fd, space_fd = new_doorbells()
         except OSError:
-            for fd in fds:
-                os.close(fd)
             block.close()
             raise
         # A fresh block is zero-filled: both counters start at 0.
-        return cls(block, label, capacity, *fds)
+        return cls(block, label, capacity, data_fd, space_fd)
 
     def __repr__(self) -> str:
         if self._closed:
@@ -296,7 +246,7 @@ class Ring:
         if self._held:  # index before doorbell
             self._owed_data = True
         else:
-            _ring(self.data_fd)
+            ring_doorbell(self.data_fd)
 
     def stage(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the free area ``offset`` bytes past the write index.
@@ -343,10 +293,6 @@ class Ring:
                 self.stage(0, flat[:n])
                 self.commit(n)
         return n
-
-    def clear_space_doorbell(self) -> bool:
-        """Reset ``space_fd``; return whether it was ringing."""
-        return _clear(self.space_fd)
 
     # -- consumer side -------------------------------------------------------------
 
@@ -424,33 +370,6 @@ class Ring:
         n = self.available()
         self.consume(n)
         return n
-
-    # -- doorbell batching ----------------------------------------------------------
-
-    def hold_doorbells(self) -> None:
-        """Ring nothing until release_doorbells(): one wake-up for a batch of records."""
-        self._held = True
-
-    def release_doorbells(self) -> None:
-        self._held = False
-        if self._owed_data:
-            self._owed_data = False
-            _ring(self.data_fd)
-        if self._owed_space:
-            self._owed_space = False
-            _ring(self.space_fd)
-
-    def _doorbell(self, fd: int) -> None:
-        if not self._held:
-            _ring(fd)
-        elif fd == self.data_fd:
-            self._owed_data = True
-        else:
-            self._owed_space = True
-
-    def clear_data_doorbell(self) -> bool:
-        """Reset ``data_fd``; return whether it was ringing."""
-        return _clear(self.data_fd)
 
     # -- lifetime ------------------------------------------------------------------
 

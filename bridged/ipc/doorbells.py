@@ -1,0 +1,98 @@
+"""A ring's eventfd doorbells, and their batching (a part of ``bridged.ipc.rings.Ring``).
+
+Theory of operation
+-------------------
+Each direction has an eventfd doorbell: the producer rings ``data_fd`` after
+publishing, the consumer rings ``space_fd`` after consuming (unless the
+producer said it does not need it: ``want_space_doorbell``). Python has no
+memory fence, so publication goes: data, then index, then the doorbell write.
+The doorbell is a syscall whose kernel path (a lock and a wake-up) makes the
+stores before it visible to the side that reads the doorbell, also on weakly
+ordered CPUs such as ARM; that side reads the indices after its wake-up. On
+x86 (TSO) stores are seen in program order, so any index read is safe. On ARM
+an index read that no doorbell covered yet (a consumer draining in a loop) is
+not formally ordered after the data it covers; the window is the few hundred
+instructions between two interpreter stores. Closing it for good would need a
+store-release, which pure Python cannot issue.
+
+A burst of records (a worker's reads in one wake-up) rings each doorbell at
+most once: ``hold_doorbells`` records what is owed, ``release_doorbells``
+rings it. A doorbell whose counter is saturated is ringing already.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["Doorbells", "clear_doorbell", "new_doorbells", "ring_doorbell"]
+
+
+def new_doorbells() -> tuple[int, int]:
+    """Two fresh eventfds (data, space), non-blocking and close-on-exec.
+
+    Raises:
+        OSError: no descriptors left (none is left open).
+    """
+    fds: list[int] = []
+    try:
+        for _ in range(2):  # CLOEXEC: fork keeps the fds, exec'd helpers don't get them
+            fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds[0], fds[1]
+
+
+def ring_doorbell(fd: int) -> None:
+    """Ring the doorbell ``fd`` (an eventfd)."""
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:
+        pass  # counter saturated: the doorbell is already ringing
+
+
+def clear_doorbell(fd: int) -> bool:
+    """Reset the doorbell ``fd``; return whether it was ringing."""
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class Doorbells:
+    """``data_fd`` (the producer published) and ``space_fd`` (the consumer
+    freed room); a part of `Ring`, which sets them up."""
+
+    data_fd: int
+    space_fd: int
+
+    def clear_space_doorbell(self) -> bool:
+        """Reset ``space_fd``; return whether it was ringing."""
+        return clear_doorbell(self.space_fd)
+
+    def hold_doorbells(self) -> None:
+        """Ring nothing until release_doorbells(): one wake-up for a batch of records."""
+        self._held = True
+
+    def release_doorbells(self) -> None:
+        self._held = False
+        if self._owed_data:
+            self._owed_data = False
+            ring_doorbell(self.data_fd)
+        if self._owed_space:
+            self._owed_space = False
+            ring_doorbell(self.space_fd)
+
+    def _doorbell(self, fd: int) -> None:
+        if not self._held:
+            ring_doorbell(fd)
+        elif fd == self.data_fd:
+            self._owed_data = True
+        else:
+            self._owed_space = True
+
+    def clear_data_doorbell(self) -> bool:
+        """Reset ``data_fd``; return whether it was ringing."""
+        return clear_doorbell(self.data_fd)

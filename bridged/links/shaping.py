@@ -34,8 +34,8 @@ reset or a close drops, as a real one would).
   arrived (at most 64 held; a held one is lost if the link closes first).
 
 The receiving end's own checks ([links] allow/deny, AT+CIPSTART's UDP
-<mode>, a passive window's datagram loss) run when a datagram is delivered:
-that is when it reaches the device.
+<mode>, a passive receive window's datagram loss) run when a datagram is
+delivered: that is when it reaches the device.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridged.ipc import records
+from bridged.links.downlink import keeps_datagram, window_full_need
 from bridged.links.faults import LinkFaults
 
 if TYPE_CHECKING:
@@ -203,11 +204,11 @@ class Shaper:
             w._pause_reading()
             return 0
         limit = min(limit, room)
-        if w.window:
-            room = w.window - w.downlink.available() - self.queued
+        if w.recv_window:
+            room = w.recv_window - w.downlink.available() - self.queued
             if room <= 0:  # passive mode: the unread data fills the receive window
                 w._pause_reading()
-                w._wait_space(self._kick, need=max(w.downlink.capacity - w.window + 1, 64))
+                w._wait_space(self._kick, need=window_full_need(w.downlink.capacity, w.recv_window))
                 return 0
             limit = min(limit, room)
         bucket = self._bucket(now, "down")
@@ -347,7 +348,7 @@ class Shaper:
             return False
         w._retarget(sender)
         unread = w.downlink.available()
-        if not n or n > w.downlink.capacity // 2 - 32 or (w.window and unread and unread + n > w.window):
+        if not n or not keeps_datagram(n, w.downlink.capacity, w.recv_window, unread):
             log.debug("datagram_dropped", length=n, unread=unread)
             return False
         return True

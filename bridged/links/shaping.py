@@ -52,44 +52,19 @@ import structlog
 
 from bridged.ipc import records
 from bridged.links.downlink import keeps_datagram, window_full_need
-from bridged.links.faults import LinkFaults
+from bridged.links.faults import Bucket, LinkFaults
 
 if TYPE_CHECKING:
     from bridged.links.worker import Worker
 
-__all__ = ["Bucket", "Shaper"]
+__all__ = ["Shaper"]
 
 log = structlog.get_logger()
 
-_BURST = 0.02  # a bucket holds this many seconds' worth of bytes
 _MAX_HELD = 64  # datagrams held back at once (net_udp_reorder)
 _READS_PER_WAKEUP = 16
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _RESET = "receive failed: Connection reset by peer"  # what a peer's RST gives the worker
-
-
-class Bucket:
-    """A token bucket of `rate` bytes per second, empty at first."""
-
-    def __init__(self, rate: int, now: float) -> None:
-        self.rate = rate
-        self.burst = max(1.0, rate * _BURST)
-        self.step = max(1.0, self.burst / 2)  # wake up for this much, not for every byte
-        self.tokens = 0.0
-        self.stamp = now
-
-    def allowance(self, now: float) -> int:
-        """Bytes that may move now; 0 until at least `step` have gathered."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return int(self.tokens) if self.tokens >= self.step else 0
-
-    def spend(self, n: int) -> None:
-        self.tokens -= n
-
-    def wait(self) -> float:
-        """Seconds until `allowance` is no longer 0."""
-        return max(0.001, (self.step - self.tokens) / self.rate)
 
 
 @dataclass(slots=True)

@@ -146,6 +146,16 @@ class Worker(Connecting, Uplink, Downlink):
         Raises:
             ExceptionGroup: a task of the worker failed unexpectedly (our bug).
         """
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            self._start()
+            try:
+                await self._done  # cancelled by the TaskGroup when a task fails
+            finally:
+                self._end()
+
+    def _start(self) -> None:
+        """Inputs on, and Hello to the front."""
         self.control.setblocking(False)
         # Bytes a dead predecessor left in the uplink ring stay until the next
         # Connect discards them: consuming them now would look like SEND OK.
@@ -157,12 +167,6 @@ class Worker(Connecting, Uplink, Downlink):
         # A worker restarted while the daemon stops may find the front gone:
         # that is the front's EOF to read next, not a crash.
         self._reply(Hello(self.link_id, os.getpid()))
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            try:
-                await self._done  # cancelled by the TaskGroup when a task fails
-            finally:
-                self._end()
 
     def _end(self) -> None:
         """Inputs off and the socket dropped, before the TaskGroup waits for its tasks."""

@@ -37,7 +37,7 @@ from bridged.ipc.messages import RemoteChanged
 from bridged.links.connecting import failure_reason
 from bridged.readgate import ReadGate
 
-__all__ = ["Downlink", "Pace", "read_pace", "next_tick", "window_full_need", "keeps_datagram"]
+__all__ = ["Downlink", "Pace", "read_pace", "next_tick", "recv_window_need", "keeps_datagram"]
 
 log = structlog.get_logger()
 
@@ -94,7 +94,7 @@ def next_tick(now: float, period: float) -> float:
     return (math.floor((now + _TICK_MARGIN) / period) + 1) * period
 
 
-def window_full_need(capacity: int, recv_window: int) -> int:
+def recv_window_need(capacity: int, recv_window: int) -> int:
     """The ring space to wait for while the receive window is full: a read must
     make room in the window (waiting for less would resume at once and spin)."""
     return max(capacity - recv_window + 1, _MIN_NEED)
@@ -235,17 +235,17 @@ class Downlink:
         While data streams in, read until the kernel says EAGAIN (more keeps
         arriving meanwhile); a lone piece is read once.
         """
-        sock, ring, window = self.sock, self.downlink, self.recv_window
+        sock, ring, recv_window = self.sock, self.downlink, self.recv_window
         if sock is None:
             return 0  # a call_soon'd read after the socket was dropped
         tls = isinstance(sock, ssl.SSLSocket)
         got = 0
         for _ in range(_RECORDS_PER_WAKEUP):
             limit = self.chunk
-            if window:
+            if recv_window:
                 # Passive mode: the unread data must stay within the receive
                 # window, so the peer's TCP window closes once it is full.
-                limit = min(limit, window - ring.available())
+                limit = min(limit, recv_window - ring.available())
             try:
                 n = records.recv_record(ring, sock, limit, datagram=False, fill=tls) if limit > 0 else -1
             except (BlockingIOError, *_TLS_AGAIN):
@@ -262,7 +262,7 @@ class Downlink:
                 self._pause_reading()
                 self._stop_batching()
                 # A full receive window waits for a read to make room in it.
-                need = window_full_need(ring.capacity, window) if window and limit <= 0 else _MIN_NEED
+                need = recv_window_need(ring.capacity, recv_window) if recv_window and limit <= 0 else _MIN_NEED
                 self._wait_space(self._resume_reading, need=need)
                 break
             got += n

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridged.ipc import records
-from bridged.links.downlink import keeps_datagram, window_full_need
+from bridged.links.downlink import keeps_datagram, recv_window_need
 from bridged.links.faults import Bucket, LinkFaults
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class Shaper:
             room = w.recv_window - w.downlink.available() - self.queued
             if room <= 0:  # passive mode: the unread data fills the receive window
                 w._pause_reading()
-                w._wait_space(self._kick, need=window_full_need(w.downlink.capacity, w.recv_window))
+                w._wait_space(self._kick, need=recv_window_need(w.downlink.capacity, w.recv_window))
                 return 0
             limit = min(limit, room)
         bucket = self._bucket(now, "down")

@@ -15,7 +15,7 @@ import uvloop
 from bridged.ipc import records
 from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import Close, Connect, Connected, Hello, SetRecvWindow
-from bridged.links.downlink import Pace, keeps_datagram, next_tick, read_pace, window_full_need
+from bridged.links.downlink import Pace, keeps_datagram, next_tick, read_pace, recv_window_need
 from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
 from tests.ringtools import new_ring
@@ -58,9 +58,9 @@ def test_next_tick_is_the_same_for_every_worker_in_a_period():
     (8192, 8192, 64),  # a window as big as the ring: any room will do
     (8192, 100000, 64),
 ])
-def test_window_full_need(capacity, window, need):
+def test_recv_window_need(capacity, window, need):
     """While the receive window is full the worker waits for what frees room in the window."""
-    assert window_full_need(capacity, window) == need
+    assert recv_window_need(capacity, window) == need
 
 
 @pytest.mark.parametrize("n, window, unread, kept", [

@@ -24,7 +24,6 @@ them.  A data-path fault hands every read wake-up to the connection's
 from __future__ import annotations
 
 import asyncio
-import enum
 import math
 import socket
 import ssl
@@ -37,7 +36,7 @@ from bridged.ipc.messages import RemoteChanged
 from bridged.links.connecting import failure_reason
 from bridged.readgate import ReadGate
 
-__all__ = ["Downlink", "Pace", "read_pace", "next_tick", "recv_window_need", "keeps_datagram"]
+__all__ = ["Downlink", "wants_batching", "next_tick", "recv_window_need", "keeps_datagram"]
 
 log = structlog.get_logger()
 
@@ -63,29 +62,16 @@ _SPACE_POLL = 0.05  # seconds between looks at the downlink's free space while w
 _MIN_NEED = 64  # bytes of ring space worth waking up for
 
 
-class Pace(enum.Enum):
-    """How reading goes on after a wake-up that read a big piece (``read_pace``)."""
-
-    AS_IT_COMES = "as it comes"  # the next piece is read when it lands
-    BATCH = "batch"  # start read batching
-    PAUSE = "pause"  # a stream: read again after _STREAMING
-
-
-def read_pace(since: float, quiet: float, period: float, can_batch: bool) -> Pace:
-    """The rule after a wake-up that read at least a batching piece.
+def wants_batching(since: float, quiet: float, period: float) -> bool:
+    """Whether a wake-up that read at least a batching piece starts read batching.
 
     Args:
-        since: seconds since the read before this one.
-        quiet: seconds since the MCU's data last went to the socket.
+        since: seconds since the read before this one (two within a period: a stream).
+        quiet: seconds since the MCU's data last went to the socket (more than
+            a few periods: the peer is not answering it).
         period: read batching's period (0: off).
-        can_batch: nothing rules batching out (passive mode, datagrams, a
-            shut gate, a data-path fault).
     """
-    if since < period and quiet > _BATCH_QUIET * period and can_batch:
-        return Pace.BATCH
-    if since < _STREAMING:
-        return Pace.PAUSE
-    return Pace.AS_IT_COMES
+    return since < period and quiet > _BATCH_QUIET * period
 
 
 def next_tick(now: float, period: float) -> float:
@@ -150,10 +136,9 @@ class Downlink:
             ring.release_doorbells()
         if got < _BATCH_PIECE or self._batch_tick is not None or self.sock is None:
             return
-        pace = read_pace(since, now - self._last_send, self.batch_period, self._can_batch())
-        if pace is Pace.BATCH:
+        if wants_batching(since, now - self._last_send, self.batch_period) and self._can_batch():
             self._start_batching()
-        elif pace is Pace.PAUSE and self._gate.is_open:
+        elif since < _STREAMING and self._gate.is_open:
             self._pause_reading()
             self._pause = self.loop.call_later(_STREAMING, self._end_pause)
 

@@ -1,5 +1,5 @@
 """The link worker's downlink rules (bridged.links.downlink): read batching's
-pace and grid, the passive receive window, which datagrams are kept; and the
+start and grid, the passive receive window, which datagrams are kept; and the
 receive window kept by a worker in this process with a real TCP peer."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import uvloop
 from bridged.ipc import records
 from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import Close, Connect, Connected, Hello, SetRecvWindow
-from bridged.links.downlink import Pace, keeps_datagram, next_tick, read_pace, recv_window_need
+from bridged.links.downlink import keeps_datagram, next_tick, recv_window_need, wants_batching
 from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
 from tests.ringtools import new_ring
@@ -25,19 +25,16 @@ pytestmark = pytest.mark.timeout(60)
 PERIOD = 0.02  # [links] read_window_ms = 20, the default
 
 
-@pytest.mark.parametrize("since, quiet, period, can_batch, pace", [
-    (0.010, 1.0, PERIOD, True, Pace.BATCH),  # two reads within a period, the MCU quiet: batch
-    (0.010, 1.0, PERIOD, False, Pace.AS_IT_COMES),  # batching ruled out, not a stream either
-    (0.002, 1.0, PERIOD, False, Pace.PAUSE),  # ruled out, but a stream: gather for a moment
-    (0.010, 0.05, PERIOD, True, Pace.AS_IT_COMES),  # the MCU sent lately: its answer is read at once
-    (0.002, 0.05, PERIOD, True, Pace.PAUSE),  # ... though a stream still pauses
-    (0.030, 1.0, PERIOD, True, Pace.AS_IT_COMES),  # a lone piece after a quiet spell
-    (0.002, 1.0, 0.0, True, Pace.PAUSE),  # batching off ([links] read_window_ms = 0): a stream pauses
-    (0.010, 1.0, 0.0, True, Pace.AS_IT_COMES),
+@pytest.mark.parametrize("since, quiet, period, batching", [
+    (0.010, 1.0, PERIOD, True),  # two reads within a period, the MCU quiet: batch
+    (0.010, 0.05, PERIOD, False),  # the MCU sent lately: its answer is read at once
+    (0.010, 0.08, PERIOD, False),  # quiet for exactly four periods is not enough
+    (0.030, 1.0, PERIOD, False),  # a lone piece after a quiet spell
+    (0.002, 1.0, 0.0, False),  # batching off ([links] read_window_ms = 0)
 ])
-def test_read_pace(since, quiet, period, can_batch, pace):
-    """A big piece starts batching only within a period of the last read and with the MCU quiet for 4 periods."""
-    assert read_pace(since, quiet, period, can_batch) is pace
+def test_wants_batching(since, quiet, period, batching):
+    """A big piece starts batching only within a period of the last read, the MCU quiet for over 4 periods."""
+    assert wants_batching(since, quiet, period) is batching
 
 
 @pytest.mark.parametrize("now", [0.0, 0.0189, 0.0191, 0.02, 12.3456, 1000.0199])

@@ -27,6 +27,8 @@ every datagram of a flood, so its first hit is reported at once and the
 following ones at most once a second, as one report carrying their number
 (the front's per-byte kinds are logged the same way): neither the journal nor
 the control socket the worker's replies share floods.
+
+`Bucket` is net_bandwidth's token bucket, one each way in a ``Shaper``.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ from bridged.faults.spec import FaultError
 from bridged.ipc.messages import Connect, FireFault
 from bridged.links.tls import TlsError
 
-__all__ = ["Batches", "DATAGRAM_KINDS", "LinkFaults", "STREAM_KINDS"]
+__all__ = ["Batches", "Bucket", "DATAGRAM_KINDS", "LinkFaults", "STREAM_KINDS"]
 
 #: The kinds that act on a connection's bytes (bridged.links.shaping), by link type.
 STREAM_KINDS = ("net_latency", "net_bandwidth", "net_tcp_reset")
 DATAGRAM_KINDS = ("net_latency", "net_bandwidth", "net_udp_loss", "net_udp_reorder")
 _REPORT_EVERY = 1.0  # seconds between two reports of one per-datagram kind
+_BURST = 0.02  # a bucket holds this many seconds' worth of bytes
 
 #: (name, details of the last hit, hits since the last report)
 Send = Callable[[str, dict[str, Any], int], None]
@@ -162,3 +165,27 @@ class LinkFaults:
             return None
         self.plan.demand(demand, now)
         return demand
+
+
+class Bucket:
+    """A token bucket of `rate` bytes per second, empty at first."""
+
+    def __init__(self, rate: int, now: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate * _BURST)
+        self.step = max(1.0, self.burst / 2)  # wake up for this much, not for every byte
+        self.tokens = 0.0
+        self.stamp = now
+
+    def allowance(self, now: float) -> int:
+        """Bytes that may move now; 0 until at least `step` have gathered."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return int(self.tokens) if self.tokens >= self.step else 0
+
+    def spend(self, n: int) -> None:
+        self.tokens -= n
+
+    def wait(self) -> float:
+        """Seconds until `allowance` is no longer 0."""
+        return max(0.001, (self.step - self.tokens) / self.rate)

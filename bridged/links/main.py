@@ -8,6 +8,7 @@ import signal
 import socket
 from pathlib import Path
 
+import structlog
 import uvloop
 
 from bridged.config import Config
@@ -17,9 +18,12 @@ from bridged.liveness import answer_pings
 from bridged.net.localaddr import link_policy
 from bridged.pki import PkiStore
 
-__all__ = ["run_worker", "FRONT_GONE"]
+__all__ = ["run_worker", "FRONT_GONE", "TASK_FAILED"]
+
+log = structlog.get_logger()
 
 FRONT_GONE = 3  # exit status: the front closed the control socket (it died or stopped)
+TASK_FAILED = 1  # exit status: a task of the worker failed unexpectedly (as any crash: restarted)
 _TERM_GRACE = 1.0  # seconds a SIGTERM'd worker waits for the front to stop first
 
 
@@ -48,7 +52,20 @@ def run_worker(config: Config, link_id: int, control: socket.socket, uplink: Rin
         loop.add_signal_handler(signal.SIGTERM, on_term)  # SIGINT: the supervisor's
         if heartbeat is not None:
             answer_pings(loop, heartbeat)  # the supervisor's liveness check (bridged.liveness)
-        await worker.run()
+        try:
+            await worker.run()
+        except ExceptionGroup as failed:  # the worker's TaskGroup: our bug, not the network's
+            for exc in _leaves(failed):
+                log.error("worker_task_failed", exc_info=exc)
+            return TASK_FAILED
         return FRONT_GONE if worker.front_gone else 0
 
     return uvloop.run(main())
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions of a group, nested groups flattened: each with its own traceback."""
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves

@@ -34,8 +34,8 @@ reset or a close drops, as a real one would).
   arrived (at most 64 held; a held one is lost if the link closes first).
 
 The receiving end's own checks ([links] allow/deny, AT+CIPSTART's UDP
-<mode>, a passive window's datagram loss) run when a datagram is delivered:
-that is when it reaches the device.
+<mode>, a passive receive window's datagram loss) run when a datagram is
+delivered: that is when it reaches the device.
 """
 
 from __future__ import annotations
@@ -51,44 +51,20 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridged.ipc import records
-from bridged.links.faults import LinkFaults
+from bridged.links.downlink import keeps_datagram, recv_window_need
+from bridged.links.faults import Bucket, LinkFaults
 
 if TYPE_CHECKING:
     from bridged.links.worker import Worker
 
-__all__ = ["Bucket", "Shaper"]
+__all__ = ["Shaper"]
 
 log = structlog.get_logger()
 
-_BURST = 0.02  # a bucket holds this many seconds' worth of bytes
 _MAX_HELD = 64  # datagrams held back at once (net_udp_reorder)
 _READS_PER_WAKEUP = 16
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _RESET = "receive failed: Connection reset by peer"  # what a peer's RST gives the worker
-
-
-class Bucket:
-    """A token bucket of `rate` bytes per second, empty at first."""
-
-    def __init__(self, rate: int, now: float) -> None:
-        self.rate = rate
-        self.burst = max(1.0, rate * _BURST)
-        self.step = max(1.0, self.burst / 2)  # wake up for this much, not for every byte
-        self.tokens = 0.0
-        self.stamp = now
-
-    def allowance(self, now: float) -> int:
-        """Bytes that may move now; 0 until at least `step` have gathered."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        return int(self.tokens) if self.tokens >= self.step else 0
-
-    def spend(self, n: int) -> None:
-        self.tokens -= n
-
-    def wait(self) -> float:
-        """Seconds until `allowance` is no longer 0."""
-        return max(0.001, (self.step - self.tokens) / self.rate)
 
 
 @dataclass(slots=True)
@@ -203,11 +179,11 @@ class Shaper:
             w._pause_reading()
             return 0
         limit = min(limit, room)
-        if w.window:
-            room = w.window - w.downlink.available() - self.queued
+        if w.recv_window:
+            room = w.recv_window - w.downlink.available() - self.queued
             if room <= 0:  # passive mode: the unread data fills the receive window
                 w._pause_reading()
-                w._wait_space(self._kick, need=max(w.downlink.capacity - w.window + 1, 64))
+                w._wait_space(self._kick, need=recv_window_need(w.downlink.capacity, w.recv_window))
                 return 0
             limit = min(limit, room)
         bucket = self._bucket(now, "down")
@@ -347,7 +323,7 @@ class Shaper:
             return False
         w._retarget(sender)
         unread = w.downlink.available()
-        if not n or n > w.downlink.capacity // 2 - 32 or (w.window and unread and unread + n > w.window):
+        if not n or not keeps_datagram(n, w.downlink.capacity, w.recv_window, unread):
             log.debug("datagram_dropped", length=n, unread=unread)
             return False
         return True

@@ -14,7 +14,7 @@ from bridged.ipc import records
 from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import Close, Connect, Connected, Hello
 from bridged.ipc.rings import Ring
-from bridged.links import worker as worker_module
+from bridged.links import downlink as downlink_module
 from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
 
@@ -68,7 +68,7 @@ def test_a_lost_space_doorbell_costs_one_poll_interval_not_the_link():
                 t0 = loop.time()
                 if len(got) < len(PAYLOAD):
                     await _until(lambda: down.available() > 0, 2.0, "the worker to resume")
-                    assert loop.time() - t0 <= worker_module._SPACE_POLL + 0.1
+                    assert loop.time() - t0 <= downlink_module._SPACE_POLL + 0.1
         send_message(ours, Close(1))
         peer_done.set()
         worker.stop()

@@ -1,0 +1,192 @@
+"""A link worker's connections coming to be: ``Connect`` and ``Adopt`` (a part of ``Worker``).
+
+Theory of operation.  A link takes one connection at a time: a ``Connect``
+or ``Adopt`` while one is open or coming is answered ``ConnectFailed``
+("busy").  ``Connect`` opens what AT+CIPSTART asked for (TCP, UDP, or TCP
+then the TLS handshake), all within the connect timeout; ``Adopt`` takes a
+client of the front's server, an SSL one after the server's handshake
+(``_HANDSHAKE_TIMEOUT``).  Either is answered ``Connected`` once the socket
+is ours (``Worker._opened``), or ``ConnectFailed`` with a reason for the
+log (the MCU only ever sees ERROR).
+
+What may wait (resolution, connect, handshake) runs as a task in the
+worker's TaskGroup (``self._tasks``; ``self.connecting`` while it runs): a
+host's Close cancels it, and the Close's answer (Ended, EOF) is the only
+one.  A failure we expect is a reason; anything else escapes the task,
+fails the TaskGroup and ends the worker (our bug, logged with its
+traceback by ``bridged.links.main``).
+
+Every address a connect tries passes ``[links] allow / deny`` first
+(``_check``); ``[faults]`` may refuse, delay or break connects and
+handshakes (``self.faults``: bridged.links.faults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import structlog
+
+from bridged.ipc.control import ControlError
+from bridged.ipc.messages import Adopt, Connect, ConnectFailed
+from bridged.links import tls
+from bridged.links.tcp import open_tcp
+from bridged.links.udp import open_udp
+from bridged.net.interfaces import own_address, station_interface
+from bridged.net.policy import LocalPortRefused, Refusal
+
+__all__ = ["Connecting", "failure_reason", "connected_socket"]
+
+log = structlog.get_logger()
+
+_HANDSHAKE_TIMEOUT = 10.0  # a server-side handshake (the spec's per-packet 10 s)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A log-friendly reason; ESP-AT's MCU only ever sees ERROR."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, PermissionError):
+        return f"{exc.strerror}: ports below 1024 need CAP_NET_BIND_SERVICE"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def connected_socket(sock: socket.socket) -> socket.socket:
+    """``sock`` if it has a peer (an accepted client); else it is closed.
+
+    Raises:
+        ControlError: unconnected or listening: adopting it would fail later,
+            with the link already taken.
+    """
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        sock.close()
+        raise ControlError(f"the socket received has no peer ({exc.strerror})") from None
+    return sock
+
+
+class Connecting:
+    """Connect and Adopt; a part of ``bridged.links.worker.Worker`` (uses its attributes)."""
+
+    def _start_connect(self, msg: Connect) -> None:
+        if self.conn_id is not None:
+            self._reply(ConnectFailed(msg.conn_id, f"link {self.link_id} is busy"))
+            return
+        self.conn_id = msg.conn_id
+        self.uplink.discard_all()
+        self.connecting = self._tasks.create_task(self._connect(msg))
+
+    async def _connect(self, msg: Connect) -> None:
+        datagram = msg.link_type.startswith("UDP")
+        try:
+            if datagram:
+                sock, remote = await self._open_udp(msg)
+            elif msg.link_type.startswith("SSL"):
+                sock = await self._open_tls(msg)
+                remote = sock.getpeername()
+            else:
+                await self.faults.before_connect(msg, self.connect_timeout_ms, self.loop.time())
+                sock = await open_tcp(msg, self.connect_timeout_ms, self._check)
+                remote = sock.getpeername()
+        except (OSError, TimeoutError, ValueError) as exc:
+            why = failure_reason(exc)
+            log.warning("connect_failed", type=msg.link_type, host=msg.host, port=msg.port, reason=why)
+            self.conn_id = None
+            self._reply(ConnectFailed(msg.conn_id, why))
+            return
+        finally:
+            self.connecting = None
+        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
+
+    def _check(self, address: str, port: int) -> Refusal | None:
+        return None if self.fence.open else self.fence.check(address, port)
+
+    async def _open_udp(self, msg: Connect) -> tuple[socket.socket, tuple]:
+        """The local port must be in [links] local_ports; the socket binds the station's address."""
+        if not self.fence.policy.local_port_allowed(msg.local_port):
+            log.warning("local_port_refused", port=msg.local_port, local_ports=self.fence.policy.local_ports)
+            raise LocalPortRefused(f"local port {msg.local_port} is outside [links] local_ports")
+        name = station_interface(self.station)
+        try:
+            index = socket.if_nametoindex(name)
+        except OSError:
+            index = 0
+        station_ip = own_address(name, msg.link_type.endswith("v6"))
+        return await open_udp(msg, self.connect_timeout_ms, self._check, station_ip, index)
+
+    async def _open_tls(self, msg: Connect) -> ssl.SSLSocket:
+        """TCP connect, then the TLS handshake, all within the connect timeout."""
+        started = self.loop.time()
+        await self.faults.before_connect(msg, self.connect_timeout_ms, started)
+        raw = await open_tcp(msg, self.connect_timeout_ms, self._check)
+        failed = self.faults.handshake_fails(self.loop.time(), "client")
+        if failed is not None:
+            raw.close()  # the server sees the client give up
+            raise failed
+        try:
+            sock = tls.wrap_client(raw, msg, self.pki)
+        except BaseException:
+            raw.close()
+            raise
+        left = (msg.timeout_ms or self.connect_timeout_ms) / 1000 - (self.loop.time() - started)
+        try:
+            async with asyncio.timeout(max(left, 0.001)):
+                await tls.handshake(sock)
+            if msg.tls_auth in (2, 3):
+                tls.check_name(sock, msg.tls_cn or msg.host)
+                tls.check_dates(sock, msg.tls_time)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _adopt(self, msg: Adopt, sock: socket.socket) -> None:
+        """A client of the front's server: ours from now on, like a connected one."""
+        if self.conn_id is not None:
+            sock.close()
+            self._reply(ConnectFailed(msg.conn_id, f"link {self.link_id} is busy"))
+            return
+        self.conn_id = msg.conn_id
+        self.uplink.discard_all()
+        sock.setblocking(False)
+        if msg.link_type.startswith("SSL"):
+            self.connecting = self._tasks.create_task(self._adopt_tls(msg, sock))
+            return
+        self._opened(msg.conn_id, msg.link_type, sock, sock.getpeername(), datagram=False, udp_mode=0)
+
+    async def _adopt_tls(self, msg: Adopt, raw: socket.socket) -> None:
+        remote = raw.getpeername()
+        failed = self.faults.handshake_fails(self.loop.time(), "server")
+        if failed is not None:
+            raw.close()
+            self.connecting = None
+            self._adopt_failed(msg, remote, failed)
+            return
+        try:
+            sock = tls.wrap_server(raw, msg, self.pki)
+        except (OSError, ValueError) as exc:
+            raw.close()
+            self._adopt_failed(msg, remote, exc)
+            return
+        try:
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                await tls.handshake(sock)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            self._adopt_failed(msg, remote, exc)
+            return
+        finally:
+            self.connecting = None
+        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
+
+    def _adopt_failed(self, msg: Adopt, remote: tuple, exc: BaseException) -> None:
+        log.warning("server_handshake_failed", remote=remote[0], port=remote[1], reason=failure_reason(exc))
+        self.conn_id = None
+        self._reply(ConnectFailed(msg.conn_id, failure_reason(exc)))

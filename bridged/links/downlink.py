@@ -1,0 +1,380 @@
+"""A link worker's downlink: socket -> ring (a part of ``Worker``).
+
+Theory of operation.  ``recv`` goes straight into the downlink ring (one
+record per read, at most a quarter of the ring: the front cuts records into
++IPD frames); when the ring is full we stop reading the socket (the peer's
+TCP window closes) and wait for the front's space doorbell.  Two rules
+decide how much is read and when:
+
+* the passive receive window (``recv_window``, AT+CIPRECVTYPE 1 and
+  AT+CIPRECVBUF, from ``SetRecvWindow``): the most unread bytes the ring may
+  hold.  A stream stops being read when it is full, so the peer's TCP window
+  closes; a datagram that would overflow it is dropped (ESP-AT's passive UDP
+  loses data).  0: active mode, the ring's size is the only bound;
+* read batching (``batch_period``, ``[links] read_window_ms``, the README's
+  "read window"): a stream paced at UART rates is read once per period
+  instead of once per segment (see "Read batching" below).
+
+A connection ends with one EOF record ("<conn_id> <reason>"); EOF records
+wait in order for ring space, never dropped: the front's CLOSED depends on
+them.  A data-path fault hands every read wake-up to the connection's
+``Shaper`` (bridged.links.shaping) instead, which uses the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import ssl
+from typing import Callable
+
+import structlog
+
+from bridged.ipc import records
+from bridged.ipc.messages import RemoteChanged
+from bridged.links.connecting import failure_reason
+from bridged.readgate import ReadGate
+
+__all__ = ["Downlink", "wants_batching", "next_tick", "recv_window_need", "keeps_datagram"]
+
+log = structlog.get_logger()
+
+_RECORDS_PER_WAKEUP = 16  # bound one wake-up's work so other fds get their turn
+_MAX_DATAGRAM = 65536
+_TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# Reads closer together than this are a stream: read until the kernel says
+# EAGAIN, and (outside read batching) read again only after this pause, so
+# the kernel gathers what arrives meanwhile: a link busy both ways wakes its
+# worker and the front for several segments at a time, and an answer waits
+# at most this long.
+_STREAMING = 0.004
+# Read batching starts only for pieces at least this big (bulk, not keystrokes)...
+_BATCH_PIECE = 512
+# ... and only once the MCU has sent nothing for this many periods (the peer
+# may be answering it: an answer is read at once, and a link busy both ways
+# would start and stop batching all the time).
+_BATCH_QUIET = 4
+# A batch's next tick is at least this far off: uvloop's clock ticks in
+# whole milliseconds, and a timer due sooner would fire at once.
+_TICK_MARGIN = 0.001
+_SPACE_POLL = 0.05  # seconds between looks at the downlink's free space while waiting for it
+_MIN_NEED = 64  # bytes of ring space worth waking up for
+
+
+def wants_batching(since: float, quiet: float, period: float) -> bool:
+    """Whether a wake-up that read at least a batching piece starts read batching.
+
+    Args:
+        since: seconds since the read before this one (two within a period: a stream).
+        quiet: seconds since the MCU's data last went to the socket (more than
+            a few periods: the peer is not answering it).
+        period: read batching's period (0: off).
+    """
+    return since < period and quiet > _BATCH_QUIET * period
+
+
+def next_tick(now: float, period: float) -> float:
+    """When read batching next reads: the next multiple of ``period`` at least
+    _TICK_MARGIN after ``now`` (one grid for all workers: the clock is shared)."""
+    return (math.floor((now + _TICK_MARGIN) / period) + 1) * period
+
+
+def recv_window_need(capacity: int, recv_window: int) -> int:
+    """The ring space to wait for while the receive window is full: a read must
+    make room in the window (waiting for less would resume at once and spin)."""
+    return max(capacity - recv_window + 1, _MIN_NEED)
+
+
+def keeps_datagram(n: int, capacity: int, recv_window: int, unread: int) -> bool:
+    """Whether a datagram of ``n`` bytes goes into the ring.
+
+    Every datagram kept fits in half the ring.  Passive mode with a full
+    window: UDP data is lost (AT+CIPRECVTYPE).  With nothing unread a
+    datagram larger than the window is kept, else it could never be read
+    (ESP-AT queues datagrams, not bytes).
+    """
+    return not (n > capacity // 2 - 32 or (recv_window and unread and unread + n > recv_window))
+
+
+class Downlink:
+    """Socket -> downlink ring; a part of ``bridged.links.worker.Worker`` (uses its attributes)."""
+
+    def _init_downlink(self, read_window_ms: int, ipd_chunk: int) -> None:
+        # Records may be larger than one +IPD: the front cuts them into <chunk>
+        # frames, so each wake-up moves more bytes for the same overhead.
+        self.chunk = self.downlink.capacity // 4
+        self.ipd_chunk = ipd_chunk
+        self.recv_window = 0  # passive mode: most unread bytes to keep in the downlink ring
+        self.batch_period = read_window_ms / 1000  # 0: read every piece as it arrives
+        self._gate: ReadGate | None = None  # created in run(), on the running loop
+        self._last_read = 0.0
+        self._batch_tick: asyncio.TimerHandle | None = None  # armed while read batching is on
+        self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
+        self._pause: asyncio.TimerHandle | None = None  # a stream's reads, _STREAMING apart
+        self._dgram_buf = bytearray(_MAX_DATAGRAM)
+        self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
+        self._waiting_space: Callable[[], None] | None = None
+        self._space_poll: asyncio.TimerHandle | None = None
+        self._space_need = _MIN_NEED  # bytes of downlink room the wait is for
+
+    def _on_readable(self) -> None:
+        if self.shaper is not None:  # a data-path fault (bridged.links.shaping)
+            self.shaper.on_readable()
+            return
+        now = self.loop.time()
+        since, self._last_read = now - self._last_read, now
+        # One doorbell for all the records of this wake-up: the front wakes once.
+        ring = self.downlink
+        ring.hold_doorbells()
+        try:
+            if self.datagram:
+                got = self._recv_datagrams()
+            else:
+                got = self._recv_stream(since < _STREAMING or self._batch_tick is not None)
+        finally:
+            ring.release_doorbells()
+        if got < _BATCH_PIECE or self._batch_tick is not None or self.sock is None:
+            return
+        if wants_batching(since, now - self._last_send, self.batch_period) and self._can_batch():
+            self._start_batching()
+        elif since < _STREAMING and self._gate.is_open:
+            self._pause_reading()
+            self._pause = self.loop.call_later(_STREAMING, self._end_pause)
+
+    def _end_pause(self) -> None:
+        self._pause = None
+        self._resume_reading()
+
+    # -- read batching: one wake-up for a period's worth of a stream ------------------
+    #
+    # A peer streaming at UART rates (the UART, not the network, sets the pace
+    # on a gateway) sends a segment every few ms; reading each as it lands
+    # costs the worker and the front a wake-up apiece.  Once two reads come
+    # within one period, the socket's SO_RCVLOWAT rises to one +IPD chunk, so
+    # the kernel wakes us only when a whole chunk has gathered, and a timer
+    # reads whatever is there at the period's end.  The timers of all workers
+    # fall on one grid (the monotonic clock is shared), so the front wakes
+    # once for all links.  Never held back: a lone piece after a quiet spell
+    # (a tick that finds nothing ends batching), small pieces (interactive
+    # traffic), and the answer to what the MCU sent (sending ends batching,
+    # and none starts until the MCU has been quiet for a few periods).  The
+    # peer's FIN and errors wake us regardless of SO_RCVLOWAT.
+
+    def _can_batch(self) -> bool:
+        # Passive mode keeps its data here anyway; datagrams have no low-water mark.
+        return (self.batch_period > 0 and not self.datagram and not self.recv_window
+                and self.sock is not None and self._gate.is_open and self.shaper is None)
+
+    def _start_batching(self) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.ipd_chunk)
+        except OSError as exc:
+            log.warning("read_window_unavailable", reason=failure_reason(exc))
+            self.batch_period = 0
+            return
+        self._lowat_raised = True
+        self._arm_batch_tick()
+
+    def _arm_batch_tick(self) -> None:
+        self._batch_tick = self.loop.call_at(next_tick(self.loop.time(), self.batch_period), self._on_batch_tick)
+
+    def _on_batch_tick(self) -> None:
+        self._batch_tick = None
+        if not self._can_batch():
+            self._stop_batching()
+            return
+        self._last_read = self.loop.time()
+        ring = self.downlink
+        ring.hold_doorbells()
+        try:
+            # One recv takes all the kernel has (up to a record): a short read
+            # means the socket is empty, so no EAGAIN round trip.
+            got = self._recv_stream(False)
+        finally:
+            ring.release_doorbells()
+        if got and self._batch_tick is None and self._can_batch():
+            self._arm_batch_tick()
+        else:
+            self._stop_batching()  # quiet for a whole period, or the read ended it
+
+    def _stop_batching(self) -> None:
+        """Back to reading every piece at once (the invariant: a raised
+        low-water mark always has a tick armed that will read below it)."""
+        if self._batch_tick is not None:
+            self._batch_tick.cancel()
+            self._batch_tick = None
+        if self._lowat_raised:
+            self._lowat_raised = False
+            if self.sock is not None:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass  # the socket failed: its next read says why
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _recv_stream(self, streaming: bool) -> int:
+        """Receive into the downlink ring; return the byte count (the hot path: keep it lean).
+
+        While data streams in, read until the kernel says EAGAIN (more keeps
+        arriving meanwhile); a lone piece is read once.
+        """
+        sock, ring, recv_window = self.sock, self.downlink, self.recv_window
+        if sock is None:
+            return 0  # a call_soon'd read after the socket was dropped
+        tls = isinstance(sock, ssl.SSLSocket)
+        got = 0
+        for _ in range(_RECORDS_PER_WAKEUP):
+            limit = self.chunk
+            if recv_window:
+                # Passive mode: the unread data must stay within the receive
+                # window, so the peer's TCP window closes once it is full.
+                limit = min(limit, recv_window - ring.available())
+            try:
+                n = records.recv_record(ring, sock, limit, datagram=False, fill=tls) if limit > 0 else -1
+            except (BlockingIOError, *_TLS_AGAIN):
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                n = 0
+            except OSError as exc:
+                self._finish(f"receive failed: {exc.strerror or exc}")
+                break
+            if n == 0:
+                self._finish("peer closed")
+                break
+            if n < 0:
+                self._pause_reading()
+                self._stop_batching()
+                # A full receive window waits for a read to make room in it.
+                need = recv_window_need(ring.capacity, recv_window) if recv_window and limit <= 0 else _MIN_NEED
+                self._wait_space(self._resume_reading, need=need)
+                break
+            got += n
+            if n < limit and not (streaming or tls):
+                break  # a short read of a lone piece: another recv would only say EAGAIN
+        else:
+            if tls and sock.pending():
+                # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
+                self.loop.call_soon(self._on_readable)
+        self.stats["down"] += got
+        return got
+
+    def _recv_datagrams(self) -> int:
+        """Receive datagrams into the downlink ring; return the payload byte count."""
+        got = 0
+        ring = self.downlink
+        for _ in range(_RECORDS_PER_WAKEUP):
+            if self.sock is None:
+                break
+            room = ring.capacity // 2  # every datagram we keep fits in this
+            if not self.recv_window and ring.free() < room:
+                # Active mode: wait for the front rather than drop.
+                self._pause_reading()
+                self._wait_space(self._resume_reading, need=room)
+                break
+            try:
+                n, sender = self.sock.recvfrom_into(self._dgram_buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                log.warning("receive_failed", reason=failure_reason(exc))
+                break
+            if not self.fence.open and not self.fence.admit(sender, "receive"):
+                continue  # from a refused address: neither delivered nor a new remote
+            self._retarget(sender)
+            if not n:
+                # Nothing to deliver (active mode printed nothing for it); kept,
+                # it would be a passive read of 0 bytes after a notice of more.
+                continue
+            unread = ring.available()
+            if not keeps_datagram(n, ring.capacity, self.recv_window, unread):
+                log.debug("datagram_dropped", length=n, unread=unread)
+                continue
+            with memoryview(self._dgram_buf) as view:
+                records.put_record(ring, records.DATA, view[:n], sender)
+            got += n
+        self.stats["down"] += got
+        return got
+
+    def _retarget(self, sender: tuple) -> None:
+        """AT+CIPSTART's UDP <mode>: 1 moves the remote once, 2 to every sender."""
+        if self.udp_mode == 0 or sender[:2] == self.remote[:2]:
+            return
+        if self.udp_mode == 1 and self.retargeted:
+            return
+        self.remote, self.retargeted = sender, True
+        self._reply(RemoteChanged(self.conn_id, sender[0], sender[1]))
+
+    # -- the read gate ------------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        self._gate.shut()
+
+    def _resume_reading(self) -> None:
+        if self.sock is not None and not self._gate.is_open:
+            self._gate.open(self.sock.fileno())
+            if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                # Decrypted bytes wait inside OpenSSL: no fd event will announce them.
+                self.loop.call_soon(self._on_readable)
+
+    def _stop_reading(self) -> None:
+        """The socket is being dropped: no more reads, no batching, no pause."""
+        self._gate.shut()
+        self._lowat_raised = False  # the socket closes: no need to lower it first
+        self._stop_batching()
+        if self._pause is not None:
+            self._pause.cancel()
+            self._pause = None
+
+    # -- waiting for ring space -----------------------------------------------------------
+
+    def _wait_space(self, then: Callable[[], None], need: int = _MIN_NEED) -> None:
+        """Call ``then`` once the front has freed ``need`` bytes of the downlink ring."""
+        self._waiting_space = then
+        self._space_need = need
+        self.downlink.want_space_doorbell(True)
+        self.downlink.clear_space_doorbell()
+        self.loop.add_reader(self.downlink.space_fd, self._on_space)
+        self._poll_space()
+
+    def _poll_space(self) -> None:
+        """Look at the free space now and every _SPACE_POLL while waiting: the
+        front may have consumed before it saw that we want its doorbell."""
+        self._space_poll = None
+        if self._waiting_space is None:
+            return
+        if self.downlink.free() >= self._space_need:
+            self.loop.call_soon(self._on_space)
+        else:
+            self._space_poll = self.loop.call_later(_SPACE_POLL, self._poll_space)
+
+    def _on_space(self) -> None:
+        if self._waiting_space is not None and self.downlink.free() < self._space_need:
+            # Some room, not enough yet (a datagram needs half the ring): keep
+            # waiting rather than wake the reader to find it still full.
+            self.downlink.clear_space_doorbell()
+            return
+        self.loop.remove_reader(self.downlink.space_fd)
+        self.downlink.want_space_doorbell(False)
+        if self._space_poll is not None:
+            self._space_poll.cancel()
+            self._space_poll = None
+        then, self._waiting_space = self._waiting_space, None
+        self._flush_eofs()
+        if then is not None:
+            then()
+
+    # -- the end of a connection ----------------------------------------------------------
+
+    def _put_eof(self, conn_id: int, why: str) -> None:
+        self._pending_eof.append(f"{conn_id} {why}".encode())
+        self._flush_eofs()
+
+    def _flush_eofs(self) -> None:
+        while self._pending_eof:
+            if not records.put_record(self.downlink, records.EOF, self._pending_eof[0]):
+                if self._waiting_space is None:
+                    self._wait_space(lambda: None)
+                return
+            self._pending_eof.pop(0)

@@ -1,0 +1,171 @@
+"""A link worker's uplink: ring -> socket (a part of ``Worker``).
+
+Theory of operation.  Bytes leave the uplink ring only as fast as
+``sock.send`` accepts them: when the socket is full we wait for it to be
+writable and the ring fills up behind it, which stops the front admitting
+more (back-pressure without a queue of our own).  The ring and the socket
+buffer are the "protocol stack" of the front's SEND OK (given once a send is
+in the ring), so a host's Close first hands the socket what the ring still
+holds (the closing flush, at most ``_CLOSE_FLUSH`` seconds), as lwIP's close
+sends its buffer.
+
+Consuming the ring rings its space doorbell for the front; one wake-up's
+sends ring it once (``hold_doorbells``).  A stream goes as the ring holds it
+(``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
+uplink record is one datagram, to its own address or the link's remote,
+each destination checked against ``[links] allow / deny``.  A bandwidth
+fault meters the sends through the connection's ``Shaper``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import structlog
+
+from bridged.ipc import records
+from bridged.links.connecting import failure_reason
+
+__all__ = ["Uplink"]
+
+log = structlog.get_logger()
+
+_TLS_WRITE = 16384  # one TLS record per write; a retry must repeat the same length
+_TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# A host's close hands the socket what the front admitted (SEND OK said it was
+# sent) before closing, as lwIP's close sends its buffer; a peer that never
+# reads it gets the close after this many seconds anyway.
+_CLOSE_FLUSH = 5.0
+
+
+class Uplink:
+    """Uplink ring -> socket; a part of ``bridged.links.worker.Worker`` (uses its attributes)."""
+
+    def _init_uplink(self) -> None:
+        self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
+        self._last_send = 0.0  # when the MCU's data last went to the socket
+        self._closing: asyncio.TimerHandle | None = None  # a host's Close waits for the uplink to flush
+        self._closing_reason = ""
+
+    def _on_uplink(self) -> None:
+        self.uplink.clear_data_doorbell()
+        self.uplink.hold_doorbells()  # one progress doorbell for all the sends below
+        try:
+            self._pump_uplink()
+        finally:
+            self.uplink.release_doorbells()
+
+    def _pump_uplink(self) -> None:
+        self._pump_ring()
+        if self._closing is not None and (self.sock is None or not self.uplink.available()):
+            self._finish(self._closing_reason)
+
+    def _pump_ring(self) -> None:
+        if self.datagram:
+            self._send_datagrams()
+            return
+        while self.sock is not None and self.uplink.available():
+            size = self.uplink.available()
+            if self.shaper is not None:  # a bandwidth cap (0: the Shaper pumps again later)
+                size = self.shaper.up_allowance(size, self._tls_retry)
+                if not size:
+                    return
+            views = self.uplink.readable_views(size)
+            try:
+                if isinstance(self.sock, ssl.SSLSocket):
+                    sent = self._send_tls(views[0])
+                else:
+                    sent = self.sock.sendmsg(views) if len(views) > 1 else self.sock.send(views[0])
+            except (BlockingIOError, *_TLS_AGAIN):
+                sent = 0
+            except OSError as exc:
+                sent = -1
+                why = f"send failed: {exc.strerror or exc}"
+            finally:
+                for view in views:
+                    view.release()
+            if sent < 0:
+                self._finish(why)
+                return
+            if sent == 0:
+                self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                return
+            self.uplink.consume(sent)
+            self.stats["up"] += sent
+            if self.shaper is not None:
+                self.shaper.sent(sent)
+            self._last_send = self.loop.time()
+            if self._batch_tick is not None:
+                self._stop_batching()  # the peer may answer this at once: read it at once
+
+    def _send_tls(self, view: memoryview) -> int:
+        # OpenSSL wants a write retried after WANT_WRITE with the same length.
+        size = self._tls_retry or min(len(view), _TLS_WRITE)
+        self._tls_retry = size
+        sent = self.sock.send(view[:size])
+        self._tls_retry = 0
+        return sent
+
+    def _send_datagrams(self) -> None:
+        """Each uplink record is one datagram, to its own address or the remote."""
+        while self.sock is not None:
+            header = records.peek_record_header(self.uplink)
+            if header is None:
+                return
+            target = header.addr or self.remote
+            # The remote too, every time (the fence remembers verdicts for a
+            # second): "self" grows when the gateway takes a new address.
+            if not self.fence.open and not self._may_send(target):
+                self.uplink.consume(header.total)  # lost, as a datagram to an unreachable host
+                continue
+            if self.shaper is not None and not self.shaper.up_allowance(1):
+                return  # a bandwidth cap: a datagram goes whole once the bucket holds some
+            payload = self.uplink.peek(header.length, header.size)
+            try:
+                self.sock.sendto(payload, target)
+            except BlockingIOError:
+                self.loop.add_writer(self.sock.fileno(), self._on_writable)
+                return
+            except OSError as exc:
+                # A datagram that cannot go is lost, as lwIP would lose it.
+                log.warning("datagram_dropped", to=str(header.addr or self.remote), reason=failure_reason(exc))
+            self.uplink.consume(header.total)
+            self.stats["up"] += header.length
+            if self.shaper is not None:
+                self.shaper.sent(header.length)
+
+    def _may_send(self, target: tuple) -> bool:
+        """A datagram from a loopback source can reach only this host (a group's
+        too, on lo): it must also pass as sent to that source."""
+        if not self.fence.admit(target, "send"):
+            return False
+        return self.loopback_source is None or self.fence.admit((self.loopback_source, target[1]), "send")
+
+    def _on_writable(self) -> None:
+        if self.sock is not None:
+            self.loop.remove_writer(self.sock.fileno())
+        self._on_uplink()
+
+    # -- the closing flush ----------------------------------------------------------------
+
+    def _must_flush(self) -> bool:
+        """Admitted bytes wait in the ring, and so_linger 0 does not ask for a reset."""
+        return self.sock is not None and self.uplink.available() > 0 and self.options.linger != 0
+
+    def _flush_then_finish(self, why: str) -> None:
+        """A host's Close: send what the ring holds, then finish (``_pump_uplink``),
+        or finish after _CLOSE_FLUSH whatever is left."""
+        self._closing_reason = why
+        self._closing = self.loop.call_later(_CLOSE_FLUSH, self._finish, why)
+        self._on_uplink()  # finishes once the ring is empty
+
+    def _end_flush(self) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
+
+    def _stop_sending(self) -> None:
+        """The socket is being dropped: no writability wait, no TLS write to repeat."""
+        self.loop.remove_writer(self.sock.fileno())
+        self._tls_retry = 0

@@ -1,0 +1,126 @@
+"""The link worker's one TaskGroup: a connect that fails unexpectedly ends the
+worker non-zero with its traceback logged (run_worker, as in the daemon); a
+connect the host closes, or one under way when the worker stops, is cancelled
+and the worker goes on (or ends) as before."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+import uvloop
+from structlog.testing import capture_logs
+
+from bridged.config import default_config
+from bridged.ipc import records
+from bridged.ipc.control import send_message, socketpair
+from bridged.ipc.messages import Close, Connect, Connected, Ended, FireFault, Hello
+from bridged.links import connecting
+from bridged.links.main import TASK_FAILED, run_worker
+from bridged.links.worker import Worker
+from tests.links.control import recv_control as _recv
+from tests.ringtools import new_ring
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_task_that_raises_is_logged_and_ends_the_worker(monkeypatch, tmp_path):
+    """A connect task raising what no network error raises: the worker exits with TASK_FAILED and logs the traceback."""
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the connect path")
+
+    monkeypatch.setattr(connecting, "open_tcp", broken)
+    ours, theirs = socketpair()
+    send_message(ours, Connect(1, "TCP", "127.0.0.1", 9))  # read once the worker runs
+    result: list[int] = []
+    ended = threading.Event()
+    try:
+        with new_ring() as up, new_ring() as down, capture_logs() as logs:
+            def watchdog() -> None:  # a worker that swallowed the failure would serve on
+                if not ended.wait(20):
+                    ours.close()  # EOF: the worker ends with FRONT_GONE, the assert below fails
+
+            threading.Thread(target=watchdog, daemon=True).start()
+            result.append(run_worker(default_config(), 0, theirs, up, down, tmp_path))
+            ended.set()
+    finally:
+        ended.set()
+        ours.close()
+        theirs.close()
+    assert result == [TASK_FAILED]
+    failed = [e for e in logs if e["event"] == "worker_task_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error"
+    exc = failed[0]["exc_info"]
+    assert isinstance(exc, RuntimeError) and str(exc) == "a bug in the connect path"
+    assert exc.__traceback__ is not None  # rendered with the log line (bridged.log)
+
+
+def test_a_connect_closed_by_the_host_is_cancelled_and_the_worker_goes_on():
+    """Close during a connect (held by net_connect_timeout): Ended and an EOF record, and the next connect opens."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    ours, theirs = socketpair()
+
+    async def main() -> tuple[list[object], records.Record]:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            send_message(ours, FireFault("net_connect_timeout", ()))  # the next connect waits 5 s
+            send_message(ours, Connect(1, "TCP", "127.0.0.1", port))
+            await asyncio.sleep(0.2)
+            send_message(ours, Close(1))
+            answers = [await _recv(ours)]
+            while not isinstance(answers[-1], Ended):
+                answers.append(await _recv(ours))
+            eof = records.get_record(down)
+            send_message(ours, Connect(2, "TCP", "127.0.0.1", port))
+            while not isinstance(answers[-1], Connected):
+                answers.append(await _recv(ours))
+            assert not running.done()
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return answers, eof
+
+    try:
+        answers, eof = uvloop.run(main())
+    finally:
+        server.close()
+        ours.close()
+        theirs.close()
+    (ended,) = [a for a in answers if isinstance(a, Ended)]
+    assert ended.conn_id == 1 and ended.reason == "closed by host"
+    assert eof.kind == records.EOF and eof.payload == b"1 closed by host"
+    connected = answers[-1]
+    assert isinstance(connected, Connected) and connected.conn_id == 2
+
+
+def test_stopping_cancels_a_connect_under_way():
+    """stop() while a connect waits (net_connect_timeout, 5 s): run() returns at once, not after the connect."""
+    ours, theirs = socketpair()
+
+    async def main() -> float:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            send_message(ours, FireFault("net_connect_timeout", ()))
+            send_message(ours, Connect(1, "TCP", "127.0.0.1", 9))
+            await asyncio.sleep(0.2)
+            assert worker.connecting is not None
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return loop.time() - started
+
+    try:
+        assert uvloop.run(main()) < 1.0
+    finally:
+        ours.close()
+        theirs.close()

@@ -102,8 +102,14 @@ class Connecting:
             self._reply(ConnectFailed(msg.conn_id, why))
             return
         finally:
-            self.connecting = None
+            self._connect_over()
         self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
+
+    def _connect_over(self) -> None:
+        """Forget the running connect, if it is this task: a Close cancels a connect and the
+        next Connect may start before the cancelled one has wound down."""
+        if self.connecting is asyncio.current_task():
+            self.connecting = None
 
     def _check(self, address: str, port: int) -> Refusal | None:
         return None if self.fence.open else self.fence.check(address, port)
@@ -166,7 +172,7 @@ class Connecting:
         failed = self.faults.handshake_fails(self.loop.time(), "server")
         if failed is not None:
             raw.close()
-            self.connecting = None
+            self._connect_over()
             self._adopt_failed(msg, remote, failed)
             return
         try:
@@ -183,7 +189,7 @@ class Connecting:
             self._adopt_failed(msg, remote, exc)
             return
         finally:
-            self.connecting = None
+            self._connect_over()
         self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
 
     def _adopt_failed(self, msg: Adopt, remote: tuple, exc: BaseException) -> None:

@@ -124,3 +124,38 @@ def test_stopping_cancels_a_connect_under_way():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_connect_right_after_a_cancelled_one_stays_the_running_connect():
+    """Close(1) and Connect(2) in one read: the cancelled connect's wind-down must not
+    forget connect 2, or a Close(2) could not cancel it and it would open unowned."""
+    ours, theirs = socketpair()
+
+    async def main() -> bool:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            send_message(ours, FireFault("net_connect_timeout", ()))
+            send_message(ours, Connect(1, "TCP", "127.0.0.1", 9))
+            deadline = asyncio.get_running_loop().time() + 5
+            while worker.connecting is None:
+                assert asyncio.get_running_loop().time() < deadline, "connect 1 never started"
+                await asyncio.sleep(0.01)
+            send_message(ours, FireFault("net_connect_timeout", ()))
+            send_message(ours, Close(1))
+            send_message(ours, Connect(2, "TCP", "127.0.0.1", 9))
+            while not isinstance(await _recv(ours), Ended):
+                pass
+            await asyncio.sleep(0.1)  # the cancelled connect 1 winds down meanwhile
+            still = worker.connecting is not None and not worker.connecting.done()
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return still
+
+    try:
+        assert uvloop.run(main())
+    finally:
+        ours.close()
+        theirs.close()

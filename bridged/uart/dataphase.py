@@ -132,9 +132,10 @@ class DataPhases:
         effects = self.session.handle(Tick(), max(self.loop.time(), deadline))
         if not effects.out:
             return
-        log.info("send_timed_out", link_id=send.slot.link_id)
-        if send.queued:  # the part admitted is dropped with it: SEND FAIL sent nothing
-            self.links.discard(send.slot.link_id, send.start + send.queued)
+        # The part already admitted stays and goes out, as lwIP sends what a timed-out
+        # send() took into its buffer: ahead of it in the ring are earlier sends that
+        # had SEND OK, and the worker cannot drop bytes behind them (it would drop them).
+        log.info("send_timed_out", link_id=send.slot.link_id, admitted=send.admitted, length=send.length)
         self._finish_send(effects.out)
 
     def _wait_room(self, send: Send) -> None:

@@ -25,7 +25,6 @@ from bridged.ipc.messages import (
     ConnectFailed,
     Connected,
     Ended,
-    Discard,
     FaultFired,
     Hello,
     LinkStats,
@@ -163,12 +162,6 @@ class LinkTable:
         slot.options = SetOptions(linger, nodelay, keep_alive)
         if slot.control is not None:
             self._send(slot, slot.options)
-
-    def discard(self, link_id: int, upto: int) -> None:
-        """Drop the unsent bytes of a send that timed out (AT+CIPTCPOPT so_sndtimeo)."""
-        slot = self.slots[link_id]
-        if slot.control is not None and slot.conn_id is not None:
-            self._send(slot, Discard(slot.conn_id, upto))
 
     def refused(self, link_id: int, refusal: Refusal) -> None:
         """A datagram remote refused here ([links] allow/deny): the worker logs and counts it."""

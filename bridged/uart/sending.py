@@ -7,7 +7,9 @@ means send() took the bytes, not that the peer has them).  So a send is over
 FAIL) when its connection is gone before that.  Bytes admitted and then lost
 (the peer resets the connection) are reported as ESP-AT reports them: the
 link's CLOSED.  The ring is bounded: a full one makes admission wait, and the
-front stops reading the UART meanwhile (flow control).
+front stops reading the UART meanwhile (flow control).  A send that AT+CIPTCPOPT's
+so_sndtimeo ends while it waits gets SEND FAIL; the part of it already admitted
+goes out, as lwIP sends what a timed-out send() took.
 
 * AT+CIPSEND / AT+CIPSENDEX gather the payload and queue it once it is
   complete, as ESP-AT sends only then: ``+++`` cancels with nothing sent.
@@ -20,6 +22,8 @@ front stops reading the UART meanwhile (flow control).
 
 from __future__ import annotations
 
+import structlog
+
 from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
 from bridged.at.session import send_result
@@ -27,6 +31,8 @@ from bridged.ipc import records
 from bridged.uart.slots import Slot, SlotState
 
 __all__ = ["Send"]
+
+log = structlog.get_logger()
 
 _RECORD_SLACK = 32  # header and address of a datagram record
 
@@ -107,6 +113,9 @@ class Send:
             return
         ring = self.slot.uplink
         if self.datagram:
+            if len(self.gathered) + _RECORD_SLACK > ring.capacity:
+                self._too_big(ring.capacity)
+                return
             if records.put_record(ring, records.DATA, self.gathered, self.remote):
                 self.end = ring.write_index
                 self.admitted = len(self.gathered)
@@ -118,6 +127,12 @@ class Send:
         self.admitted = self.queued
         if self.queued == len(self.gathered):
             self.end = self.start + self.queued
+
+    def _too_big(self, capacity: int) -> None:
+        """A datagram the ring can never hold: it fails, as one lwIP has no buffer for."""
+        self.dropped = len(self.gathered)
+        log.warning("datagram_too_big", link_id=self.slot.link_id, length=self.dropped, ring_size=capacity,
+                    why="a UDP send must fit the uplink ring: raise [links] ring_size or lower cipsend_max")
 
     # -- output -------------------------------------------------------------------
 

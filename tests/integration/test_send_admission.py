@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Timeout
+from tests.harness import Daemon, Timeout, udp_peer
 
 _RING = 65536  # [links] ring_size
 _PIECE = 2048
@@ -165,3 +165,19 @@ def test_so_sndtimeo_never_drops_what_had_send_ok(make_daemon, peer):
     assert host.command(b"AT") == b"\r\nOK\r\n"
     conn.close()
 
+
+def test_a_datagram_larger_than_the_ring_fails_and_the_session_goes_on(make_daemon):
+    """AT+CIPSEND on a UDP link of more than the uplink ring can ever hold (ring_size 4096,
+    cipsend_max 8192) is SEND FAIL, and the next command is answered: the datagram could
+    never be admitted, and trying raised inside the front's read of the UART."""
+    daemon: Daemon = make_daemon("[links]\nring_size = 4096\n")
+    host = daemon.host()
+    host.boot()
+    with udp_peer() as peer:
+        port = peer.getsockname()[1]
+        assert host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        assert _send(host, os.urandom(5000), timeout=3) == b"\r\nSEND FAIL\r\n"
+        assert host.command(b"AT") == b"\r\nOK\r\n"
+        assert _send(host, b"small", timeout=3) == b"\r\nSEND OK\r\n"
+        assert peer.recvfrom(65536)[0] == b"small"
+    daemon.wait_event("datagram_too_big", length=5000)

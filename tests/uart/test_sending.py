@@ -47,3 +47,15 @@ def test_a_stream_hung_up_drops_what_follows():
         send.payload_done()
         assert up.available() == 4 and send.dropped == 4
         assert send.result() == b"\r\nSEND FAIL\r\n"
+
+
+def test_a_datagram_larger_than_the_ring_fails_at_once():
+    """A gathered UDP send the ring can never hold is SEND FAIL when complete, with nothing
+    admitted (put_record would raise, and waiting for room would wait for ever)."""
+    with new_ring() as up, new_ring() as down:
+        slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="UDP")
+        send = Send(slot, DataKind.SEND, 4096)
+        send.take(bytes(4096))
+        send.payload_done()
+        assert send.result() == b"\r\nSEND FAIL\r\n"
+        assert up.available() == 0

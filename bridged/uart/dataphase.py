@@ -62,6 +62,7 @@ class DataPhases:
         event = self.parser.next_event(limit=room, now=now)
         if isinstance(event, DataChunk):
             send.take(event.data)
+            send.slot.last_activity = now  # AT+CIPSTO: what the MCU sends is traffic too
             self._report_progress()
         elif isinstance(event, DataComplete):
             self._payload_complete(event.length)

@@ -189,10 +189,8 @@ class LinkTable:
         return [s.link_id for s in self.slots if s.state is SlotState.IDLE]
 
     def expire(self, link_id: int) -> None:
-        """Close a link on our own initiative (AT+CIPSTO): CLOSED is reported as for a peer close."""
-        slot = self.slots[link_id]
-        if slot.state is SlotState.OPEN:
-            self._send(slot, Close(slot.conn_id))
+        """Close a link on our own initiative (AT+CIPSTO): a hang-up, CLOSED reported as for a peer close."""
+        self.hang_up(link_id)
 
     def touch(self, link_id: int) -> None:
         self.slots[link_id].last_activity = self.loop.time()
@@ -221,7 +219,7 @@ class LinkTable:
         return view
 
     def hang_up(self, link_id: int) -> None:
-        """Close an open link for the network's reasons (the AP went away): nothing more
+        """Close an open link for our own reasons (the AP went away, AT+CIPSTO): nothing more
         is admitted (a send under way fails), what was admitted goes out first, and
         CLOSED is reported when the worker is done."""
         slot = self.slots[link_id]

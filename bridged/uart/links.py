@@ -247,7 +247,9 @@ class LinkTable:
     def _drop(self, slot: Slot) -> None:
         """Close the slot's connection, if any, unheard: no CLOSED, its data dropped."""
         slot.unannounced = False  # nothing will announce it now; the EOF must get through
-        if slot.state in (SlotState.OPEN, SlotState.CONNECTING) and not slot.silent:  # (once)
+        # CLOSING too (hung up by a Wi-Fi drop or AT+CIPSTO, or an AT+CIPCLOSE a forced
+        # restart abandoned): its worker may still be flushing, and its CLOSED would follow ready.
+        if slot.state in (SlotState.OPEN, SlotState.CONNECTING, SlotState.CLOSING) and not slot.silent:  # (once)
             slot.silent = True
             self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
 

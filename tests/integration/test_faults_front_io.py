@@ -3,6 +3,8 @@ faults for the same seed (wifi_drop, wifi_join_fail, dns_fail, dns_slow, uart_*)
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from tests.integration.test_faults_at import answer, event_gaps, fault_cli
@@ -215,3 +217,28 @@ def test_a_send_cut_short_by_a_wifi_drop_fails_and_sends_nothing(daemon, sink_se
     assert host.expect(b"SEND FAIL\r\n").endswith(b"Recv 20 bytes\r\n\r\nSEND FAIL\r\n")
     assert sink_server.closed_by_peer.wait(5)
     assert list(sink_server.counts.values()) == [0]
+
+
+def test_a_restart_after_a_wifi_drop_says_nothing_of_the_old_link(make_daemon, sink_server):
+    """AT+RST while a link a wifi_drop hung up is still being closed by its worker: the
+    restart takes that link too, unheard, so no CLOSED of it follows ready (the restart
+    skipped links already CLOSING, and their CLOSED came after ready)."""
+    daemon = make_daemon("[watchdog]\nheartbeat_ms = 60000\n")  # the stopped worker is not killed
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % sink_server.port)
+    sink_server.wait_connections(1)
+    pid = daemon.worker_pid(0)
+    os.kill(pid, signal.SIGSTOP)  # its Close waits in the control socket
+    try:
+        assert host.send_data(b"AT+CIPSEND=0,5", b"hello").endswith(b"\r\nSEND OK\r\n")
+        assert fault_cli(daemon, "wifi_drop", "duration_ms=0").returncode == 0
+        host.expect(b"WIFI DISCONNECT\r\n")
+        host.write(b"AT+RST\r\n")
+        host.expect(b"\r\nready\r\n")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    after = host.read_quiet(1.0)
+    assert b"CLOSED" not in after, after
+

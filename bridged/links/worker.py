@@ -792,8 +792,8 @@ class Worker:
             self._closing = self.loop.call_later(_CLOSE_FLUSH, self._finish, reason)
             self._on_uplink()  # finishes once the ring is empty
             return
-        elif self._closing is not None:
-            return  # already closing
+        elif self._closing is not None and flush:
+            return  # already closing; a reset's Close (no flush: AT+RST) cuts the flush short
         self._finish(reason)
 
     def _must_flush(self) -> bool:

@@ -242,3 +242,24 @@ def test_a_restart_after_a_wifi_drop_says_nothing_of_the_old_link(make_daemon, s
     after = host.read_quiet(1.0)
     assert b"CLOSED" not in after, after
 
+
+def test_a_restart_cuts_short_the_flush_of_a_dropped_link(make_daemon, sink_server):
+    """A link hung up by a wifi_drop hands its peer what had SEND OK, here for seconds
+    (net_bandwidth 1000 B/s); AT+RST resets it at once, so right after ready its link id
+    can be opened again (the worker ignored the restart's close until its flush gave up, 5 s)."""
+    daemon = make_daemon("[faults]\nseed = 1\n[faults.net_bandwidth]\nbytes_per_s = 1000\n")
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    start = b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % sink_server.port
+    host.command(start)
+    sink_server.wait_connections(1)
+    assert host.send_data(b"AT+CIPSEND=0,8000", bytes(8000)).endswith(b"\r\nSEND OK\r\n")
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=0").returncode == 0
+    host.expect(b"WIFI DISCONNECT\r\n")
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n")
+    restarted = time.monotonic()
+    while not host.ask(start).endswith(b"CONNECT\r\n\r\nOK\r\n"):  # (the station rejoins first)
+        assert time.monotonic() - restarted < 2.5, "link 0 still taken after the restart"
+        time.sleep(0.1)

@@ -263,3 +263,19 @@ def test_a_restart_cuts_short_the_flush_of_a_dropped_link(make_daemon, sink_serv
     while not host.ask(start).endswith(b"CONNECT\r\n\r\nOK\r\n"):  # (the station rejoins first)
         assert time.monotonic() - restarted < 2.5, "link 0 still taken after the restart"
         time.sleep(0.1)
+
+
+def test_a_wifi_drop_while_cipstart_is_under_way_fails_it(make_daemon, echo_server):
+    """The AP goes away while AT+CIPSTART waits (its lookup slowed by dns_slow): the connect
+    fails with ERROR and leaves no link, as over no AP; it answered CONNECT and OK after
+    WIFI DISCONNECT, a link over a station with no IP."""
+    d = make_daemon(HOSTS)
+    host = d.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    assert fault_cli(d, "dns_slow", "ms=3000").returncode == 0
+    host.write(b'AT+CIPSTART="TCP","fault.test",%d\r\n' % echo_server.port)
+    assert fault_cli(d, "wifi_drop", "duration_ms=10000").returncode == 0
+    answer = host.expect(b"ERROR\r\n", timeout=8)
+    assert b"WIFI DISCONNECT\r\n" in answer and b"CONNECT\r\n" not in answer, answer
+    assert host.command(b"AT+CIPSTATUS").startswith(b"STATUS:5\r\n")

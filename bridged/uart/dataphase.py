@@ -41,13 +41,13 @@ class DataPhases:
         self.links.touch(request.link_id)
         state = self.ctx.state
         report, transmit = state.sendl_cfg
-        self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
+        self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
         self.session.handle(Prompt(request.kind, state.tcpopts[request.link_id][2] / 1000), self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
-        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
             self.passthrough = Passthrough(request.link_id, slot.spec, slot.server)

@@ -91,7 +91,7 @@ class Downlink:
     def _passthrough_resume(self, slot: Slot) -> None:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.session.state is State.PASSTHROUGH:
-            self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
+            self.sending = Send(slot, DataKind.PASSTHROUGH, 0, block=self.config.links.chunk)
             if self.ctx.state.sysmsg & 4:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()

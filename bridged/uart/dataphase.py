@@ -6,9 +6,11 @@ AT+CIPSENDL and passthrough into the link's uplink ring.  The session
 (``bridged.at.session``) decides what the end of a phase says: SEND OK once
 the whole payload is admitted into the ring, SEND FAIL if the link goes
 first or so_sndtimeo passes while part of it waits for room.  While the ring
-is full the front stops reading the port (the tty buffer fills, RTS drops)
-and asks the worker for its space doorbell; otherwise the worker never
-rings it, and the front needs no wake-up per send.
+is full the front asks the worker for its space doorbell (otherwise the
+worker never rings it, and the front needs no wake-up per send), and a send
+still streaming stops reading the port (the tty buffer fills, RTS drops); a
+complete one waiting for room has input refused, busy p... (the session's
+AWAITING_SEND_OK), so AT+RST still restarts.
 """
 
 from __future__ import annotations
@@ -140,7 +142,13 @@ class DataPhases:
         self._finish_send(effects.out)
 
     def _wait_room(self, send: Send) -> None:
-        """The send waits for room in its uplink ring: stop reading, hear the worker.
+        """The send waits for room in its uplink ring: hear the worker.
+
+        A send still streaming stops reading (its payload waits in the port: flow
+        control); a complete one leaves the port read, and what comes is refused
+        (busy p..., AT+RST forces a restart), as ESP-AT's receive task goes on
+        while its AT task blocks in send(): else a peer that never reads would
+        leave the MCU no way out.
 
         The worker rings the space doorbell only while we ask for it (the
         ring's quiet flag), so it costs nothing when nobody waits.  The flag
@@ -148,7 +156,8 @@ class DataPhases:
         look again, and keep looking on a timer while waiting (as the worker
         does for its downlink).
         """
-        self._pause_reading()
+        if not send.complete:
+            self._pause_reading()
         slot = send.slot
         self._room_need = send.room_needed()
         if self._room_slot is slot:

@@ -181,3 +181,22 @@ def test_a_datagram_larger_than_the_ring_fails_and_the_session_goes_on(make_daem
         assert _send(host, b"small", timeout=3) == b"\r\nSEND OK\r\n"
         assert peer.recvfrom(65536)[0] == b"small"
     daemon.wait_event("datagram_too_big", length=5000)
+
+
+def test_at_rst_is_heard_while_a_send_waits_for_ring_room(make_daemon, peer):
+    """A complete send waiting for room the peer never makes (so_sndtimeo 0) leaves the UART
+    read, as ESP-AT's receive task does while its AT task blocks in send(): a command gets
+    busy p..., and AT+RST forces the restart a driver recovers with. The port was left unread,
+    so nothing the MCU sent was ever heard again."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    with _stopped(daemon.worker_pid(0)):
+        for _ in range(_RING // _PIECE):
+            assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
+        with pytest.raises(Timeout):
+            _send(host, os.urandom(_PIECE), timeout=0.5)
+        host.write(b"AT\r\n")
+        assert host.expect(b"\r\nbusy p...\r\n", timeout=2) == b"\r\nbusy p...\r\n"
+        host.write(b"AT+RST\r\n")
+        assert host.expect(b"\r\nready\r\n", timeout=5).startswith(b"\r\nWill force to restart!!!\r\n")
+    assert host.command(b"AT") == b"\r\nOK\r\n"
+    conn.close()

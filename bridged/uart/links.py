@@ -232,6 +232,10 @@ class LinkTable:
         if slot.state is not SlotState.OPEN:
             raise ExecFail(f"link {link_id} is not connected")
         slot.state = SlotState.CLOSING
+        if slot.unannounced:
+            # Closed before its CONNECT was written (a connect the Wi-Fi drop failed): nothing
+            # of it is shown, and its EOF, which waits behind `announced`, must get through.
+            slot.unannounced, slot.silent = False, True
         slot.waiter = self.loop.create_future()
         self._send(slot, Close(slot.conn_id))
         try:

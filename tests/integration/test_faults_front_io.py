@@ -3,8 +3,10 @@ faults for the same seed (wifi_drop, wifi_join_fail, dns_fail, dns_slow, uart_*)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import time
 
 from tests.integration.test_faults_at import answer, event_gaps, fault_cli
@@ -282,3 +284,52 @@ def test_a_wifi_drop_while_cipstart_is_under_way_fails_it(make_daemon, echo_serv
     answer = host.expect(b"ERROR\r\n", timeout=8)
     assert answer == b"WIFI DISCONNECT\r\n\r\nERROR\r\n"
     assert host.command(b"AT+CIPSTATUS").startswith(b"STATUS:5\r\n")
+
+
+def test_a_passthrough_reconnection_the_ap_leaves_does_not_resume(daemon):
+    """A passthrough reconnection whose connect completes after the AP went away (its SYN
+    waited on a full accept queue) fails with the drop: the connection is closed at once and
+    nothing the MCU sends reaches the peer; passthrough went on over a station with no IP."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        first, _ = server.accept()
+        host.command(b"AT+CIPRECONNINTV=1")
+        host.command(b"AT+CIPMODE=1")
+        host.command(b"AT+CIPSEND", b">")
+        for _ in range(2):  # fill the accept queue: the reconnection's SYN goes unanswered
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.2)
+        first.close()
+        time.sleep(0.6)  # the link dropped; a reconnection waits for its SYN-ACK
+        assert fault_cli(daemon, "wifi_drop", "duration_ms=20000").returncode == 0
+        filler_ports = {f.getsockname()[1] for f in fillers}
+        server.settimeout(0.2)
+        ours = None
+        deadline = time.monotonic() + 8  # the SYN's retransmissions: 1 s, then 3 s after the first
+        while ours is None and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn, peer = server.accept()
+                if peer[1] in filler_ports:
+                    conn.close()
+                else:
+                    ours = conn
+        assert ours is not None, "the reconnection never connected"
+        host.write(b"during the drop")
+        ours.settimeout(3)
+        assert ours.recv(100) == b""
+        ours.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()

@@ -132,11 +132,17 @@ def _udp_spec(ctx: Context, type_: str, tokens: tuple) -> ConnectSpec:
 
 
 async def _open(ctx: Context, link_id: int, spec: ConnectSpec) -> Reply:
+    epoch = ctx.state.wifi_epoch
     await ctx.links.wait_ready(link_id, _WORKER_RESTART)
     # The worker resolves (an SSL link needs the name itself for SNI and the
     # certificate check); it asks the servers AT+CIPDNS holds now.
     spec = dataclasses.replace(spec, dns_servers=lookup_servers(ctx))
     view = await ctx.links.connect(link_id, spec)
+    if ctx.state.wifi_epoch != epoch:
+        # The station lost its AP meanwhile (a wifi_drop): the links closed, and
+        # a connect under way fails with them, as it would over no AP.
+        await ctx.links.close(link_id)
+        raise ExecFail("connect failed: the station lost its AP meanwhile")
     ctx.state.had_link = True
     return Reply(connected_message(ctx, view))
 

@@ -316,8 +316,8 @@ class Worker(Connecting, Uplink, Downlink):
         elif flush and self._closing is None and self._must_flush():
             self._flush_then_finish(reason)
             return
-        elif self._closing is not None:
-            return  # already closing
+        elif self._closing is not None and flush:
+            return  # already closing; a reset's Close (no flush: AT+RST) cuts the flush short
         self._finish(reason)
 
     def _finish(self, reason: str) -> None:

@@ -6,9 +6,11 @@ AT+CIPSENDL and passthrough into the link's uplink ring.  The session
 (``bridged.at.session``) decides what the end of a phase says: SEND OK once
 the whole payload is admitted into the ring, SEND FAIL if the link goes
 first or so_sndtimeo passes while part of it waits for room.  While the ring
-is full the front stops reading the port (the tty buffer fills, RTS drops)
-and asks the worker for its space doorbell; otherwise the worker never
-rings it, and the front needs no wake-up per send.
+is full the front asks the worker for its space doorbell (otherwise the
+worker never rings it, and the front needs no wake-up per send), and a send
+still streaming stops reading the port (the tty buffer fills, RTS drops); a
+complete one waiting for room has input refused, busy p... (the session's
+AWAITING_SEND_OK), so AT+RST still restarts.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ class DataPhases:
         self.links.touch(request.link_id)
         state = self.ctx.state
         report, transmit = state.sendl_cfg
-        self.sending = Send(slot, request.kind, request.length, request.remote, report)
+        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
+        self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
         self.session.handle(Prompt(request.kind, state.tcpopts[request.link_id][2] / 1000), self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
-        chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
             self.passthrough = Passthrough(request.link_id, slot.spec, slot.server)
@@ -62,6 +64,7 @@ class DataPhases:
         event = self.parser.next_event(limit=room, now=now)
         if isinstance(event, DataChunk):
             send.take(event.data)
+            send.slot.last_activity = now  # AT+CIPSTO: what the MCU sends is traffic too
             self._report_progress()
         elif isinstance(event, DataComplete):
             self._payload_complete(event.length)
@@ -132,13 +135,20 @@ class DataPhases:
         effects = self.session.handle(Tick(), max(self.loop.time(), deadline))
         if not effects.out:
             return
-        log.info("send_timed_out", link_id=send.slot.link_id)
-        if send.queued:  # the part admitted is dropped with it: SEND FAIL sent nothing
-            self.links.discard(send.slot.link_id, send.start + send.queued)
+        # The part already admitted stays and goes out, as lwIP sends what a timed-out
+        # send() took into its buffer: ahead of it in the ring are earlier sends that
+        # had SEND OK, and the worker cannot drop bytes behind them (it would drop them).
+        log.info("send_timed_out", link_id=send.slot.link_id, admitted=send.admitted, length=send.length)
         self._finish_send(effects.out)
 
     def _wait_room(self, send: Send) -> None:
-        """The send waits for room in its uplink ring: stop reading, hear the worker.
+        """The send waits for room in its uplink ring: hear the worker.
+
+        A send still streaming stops reading (its payload waits in the port: flow
+        control); a complete one leaves the port read, and what comes is refused
+        (busy p..., AT+RST forces a restart), as ESP-AT's receive task goes on
+        while its AT task blocks in send(): else a peer that never reads would
+        leave the MCU no way out.
 
         The worker rings the space doorbell only while we ask for it (the
         ring's quiet flag), so it costs nothing when nobody waits.  The flag
@@ -146,7 +156,8 @@ class DataPhases:
         look again, and keep looking on a timer while waiting (as the worker
         does for its downlink).
         """
-        self._pause_reading()
+        if not send.complete:
+            self._pause_reading()
         slot = send.slot
         self._room_need = send.room_needed()
         if self._room_slot is slot:

@@ -77,8 +77,14 @@ class Downlink:
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.
             spec = dataclasses.replace(pt.spec, dns_servers=lookup_servers(self.ctx),
                                        tls_time=tls_time(self.ctx) if pt.spec.tls_time is not None else None)
+            epoch = self.ctx.state.wifi_epoch
             try:
                 await self.links.connect(pt.link_id, spec)
+                if self.ctx.state.wifi_epoch != epoch:
+                    # The AP went away while it connected (a Wi-Fi drop): it fails with it,
+                    # as AT+CIPSTART does; the next attempt waits for the station.
+                    await self.links.close(pt.link_id)
+                    continue
                 self.links.announced()  # passthrough prints no CONNECT
             except AtError as exc:
                 log.info("passthrough_reconnect_failed", link_id=pt.link_id, why=exc.why)
@@ -91,7 +97,7 @@ class Downlink:
     def _passthrough_resume(self, slot: Slot) -> None:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.session.state is State.PASSTHROUGH:
-            self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
+            self.sending = Send(slot, DataKind.PASSTHROUGH, 0, block=self.config.links.chunk)
             if self.ctx.state.sysmsg & 4:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()

@@ -25,7 +25,6 @@ from bridged.ipc.messages import (
     ConnectFailed,
     Connected,
     Ended,
-    Discard,
     FaultFired,
     Hello,
     LinkStats,
@@ -164,12 +163,6 @@ class LinkTable:
         if slot.control is not None:
             self._send(slot, slot.options)
 
-    def discard(self, link_id: int, upto: int) -> None:
-        """Drop the unsent bytes of a send that timed out (AT+CIPTCPOPT so_sndtimeo)."""
-        slot = self.slots[link_id]
-        if slot.control is not None and slot.conn_id is not None:
-            self._send(slot, Discard(slot.conn_id, upto))
-
     def refused(self, link_id: int, refusal: Refusal) -> None:
         """A datagram remote refused here ([links] allow/deny): the worker logs and counts it."""
         slot = self.slots[link_id]
@@ -196,10 +189,8 @@ class LinkTable:
         return [s.link_id for s in self.slots if s.state is SlotState.IDLE]
 
     def expire(self, link_id: int) -> None:
-        """Close a link on our own initiative (AT+CIPSTO): CLOSED is reported as for a peer close."""
-        slot = self.slots[link_id]
-        if slot.state is SlotState.OPEN:
-            self._send(slot, Close(slot.conn_id))
+        """Close a link on our own initiative (AT+CIPSTO): a hang-up, CLOSED reported as for a peer close."""
+        self.hang_up(link_id)
 
     def touch(self, link_id: int) -> None:
         self.slots[link_id].last_activity = self.loop.time()
@@ -228,7 +219,7 @@ class LinkTable:
         return view
 
     def hang_up(self, link_id: int) -> None:
-        """Close an open link for the network's reasons (the AP went away): nothing more
+        """Close an open link for our own reasons (the AP went away, AT+CIPSTO): nothing more
         is admitted (a send under way fails), what was admitted goes out first, and
         CLOSED is reported when the worker is done."""
         slot = self.slots[link_id]
@@ -241,6 +232,10 @@ class LinkTable:
         if slot.state is not SlotState.OPEN:
             raise ExecFail(f"link {link_id} is not connected")
         slot.state = SlotState.CLOSING
+        if slot.unannounced:
+            # Closed before its CONNECT was written (a connect the Wi-Fi drop failed): nothing
+            # of it is shown, and its EOF, which waits behind `announced`, must get through.
+            slot.unannounced, slot.silent = False, True
         slot.waiter = self.loop.create_future()
         self._send(slot, Close(slot.conn_id))
         try:
@@ -256,7 +251,9 @@ class LinkTable:
     def _drop(self, slot: Slot) -> None:
         """Close the slot's connection, if any, unheard: no CLOSED, its data dropped."""
         slot.unannounced = False  # nothing will announce it now; the EOF must get through
-        if slot.state in (SlotState.OPEN, SlotState.CONNECTING) and not slot.silent:  # (once)
+        # CLOSING too (hung up by a Wi-Fi drop or AT+CIPSTO, or an AT+CIPCLOSE a forced
+        # restart abandoned): its worker may still be flushing, and its CLOSED would follow ready.
+        if slot.state in (SlotState.OPEN, SlotState.CONNECTING, SlotState.CLOSING) and not slot.silent:  # (once)
             slot.silent = True
             self._send(slot, Close(slot.conn_id, flush=False))  # a reset loses what was unsent
 

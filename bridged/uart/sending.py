@@ -7,7 +7,9 @@ means send() took the bytes, not that the peer has them).  So a send is over
 FAIL) when its connection is gone before that.  Bytes admitted and then lost
 (the peer resets the connection) are reported as ESP-AT reports them: the
 link's CLOSED.  The ring is bounded: a full one makes admission wait, and the
-front stops reading the UART meanwhile (flow control).
+front stops reading the UART meanwhile (flow control).  A send that AT+CIPTCPOPT's
+so_sndtimeo ends while it waits gets SEND FAIL; the part of it already admitted
+goes out, as lwIP sends what a timed-out send() took.
 
 * AT+CIPSEND / AT+CIPSENDEX gather the payload and queue it once it is
   complete, as ESP-AT sends only then: ``+++`` cancels with nothing sent.
@@ -15,10 +17,14 @@ front stops reading the UART meanwhile (flow control).
   and ``+CIPSENDL:<had sent>,<port recv>`` reports progress every
   <report size> bytes admitted.
 * Passthrough streams with no end.
-* On a UDP link every queued piece is one record, so one datagram.
+* On a UDP link every queued piece is one record, so one datagram; a stream
+  (AT+CIPSENDL, passthrough) queues one block (<transmit size>, [links] chunk)
+  or a shorter tail at a time, as ESP-AT hands its stack one block per send.
 """
 
 from __future__ import annotations
+
+import structlog
 
 from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
@@ -28,12 +34,14 @@ from bridged.uart.slots import Slot, SlotState
 
 __all__ = ["Send"]
 
+log = structlog.get_logger()
+
 _RECORD_SLACK = 32  # header and address of a datagram record
 
 
 class Send:
     def __init__(self, slot: Slot, kind: DataKind, length: int,
-                 remote: tuple[str, int] | None = None, report_size: int = 1024) -> None:
+                 remote: tuple[str, int] | None = None, report_size: int = 1024, block: int = 2920) -> None:
         self.slot = slot
         self.conn_id = slot.conn_id
         self.kind = kind
@@ -42,6 +50,8 @@ class Send:
         self.report_size = report_size
         self.datagram = slot.type.startswith("UDP")
         self.streaming = kind in (DataKind.SENDL, DataKind.PASSTHROUGH)
+        # A streamed datagram's most bytes: one block, and never more than the ring holds.
+        self.block = max(1, min(block, slot.uplink.capacity - _RECORD_SLACK))
         self.gathered = bytearray() if not self.streaming else None
         self.queued = 0  # gathered bytes already in the ring
         self.start = slot.uplink.write_index  # ring index of this phase's first byte
@@ -65,13 +75,17 @@ class Send:
         if not self.streaming or not self.alive():
             return None
         free = self.slot.uplink.free()
-        return max(0, free - _RECORD_SLACK) if self.datagram else free
+        if not self.datagram:
+            return free
+        # Room for a whole block, or none: a datagram cut to the ring's room would
+        # change what the peer receives.
+        return self.block if free - _RECORD_SLACK >= self.block else 0
 
     def room_needed(self) -> int:
         """Free ring bytes worth resuming for: a gathered datagram's whole record,
         else a few (a doorbell for a sliver of room would wake us for nothing)."""
         if self.datagram:
-            return (len(self.gathered) if self.gathered is not None else 1) + _RECORD_SLACK
+            return (len(self.gathered) if self.gathered is not None else self.block) + _RECORD_SLACK
         if self.gathered is not None:
             return max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
         return _RECORD_SLACK
@@ -107,6 +121,9 @@ class Send:
             return
         ring = self.slot.uplink
         if self.datagram:
+            if len(self.gathered) + _RECORD_SLACK > ring.capacity:
+                self._too_big(ring.capacity)
+                return
             if records.put_record(ring, records.DATA, self.gathered, self.remote):
                 self.end = ring.write_index
                 self.admitted = len(self.gathered)
@@ -118,6 +135,12 @@ class Send:
         self.admitted = self.queued
         if self.queued == len(self.gathered):
             self.end = self.start + self.queued
+
+    def _too_big(self, capacity: int) -> None:
+        """A datagram the ring can never hold: it fails, as one lwIP has no buffer for."""
+        self.dropped = len(self.gathered)
+        log.warning("datagram_too_big", link_id=self.slot.link_id, length=self.dropped, ring_size=capacity,
+                    why="a UDP send must fit the uplink ring: raise [links] ring_size or lower cipsend_max")
 
     # -- output -------------------------------------------------------------------
 

@@ -3,6 +3,10 @@ faults for the same seed (wifi_drop, wifi_join_fail, dns_fail, dns_slow, uart_*)
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import time
 
 from tests.integration.test_faults_at import answer, event_gaps, fault_cli
@@ -222,3 +226,117 @@ def test_a_send_cut_short_by_a_wifi_drop_fails_and_sends_nothing(daemon, sink_se
     assert host.expect(b"SEND FAIL\r\n").endswith(b"Recv 20 bytes\r\n\r\nSEND FAIL\r\n")
     assert sink_server.closed_by_peer.wait(5)
     assert list(sink_server.counts.values()) == [0]
+
+
+def test_a_restart_after_a_wifi_drop_says_nothing_of_the_old_link(make_daemon, sink_server):
+    """AT+RST while a link a wifi_drop hung up is still being closed by its worker: the
+    restart takes that link too, unheard, so no CLOSED of it follows ready (the restart
+    skipped links already CLOSING, and their CLOSED came after ready)."""
+    daemon = make_daemon("[watchdog]\nheartbeat_ms = 60000\n")  # the stopped worker is not killed
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % sink_server.port)
+    sink_server.wait_connections(1)
+    pid = daemon.worker_pid(0)
+    os.kill(pid, signal.SIGSTOP)  # its Close waits in the control socket
+    try:
+        assert host.send_data(b"AT+CIPSEND=0,5", b"hello").endswith(b"\r\nSEND OK\r\n")
+        assert fault_cli(daemon, "wifi_drop", "duration_ms=0").returncode == 0
+        host.expect(b"WIFI DISCONNECT\r\n")
+        host.write(b"AT+RST\r\n")
+        host.expect(b"\r\nready\r\n")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    after = host.read_quiet(1.0)
+    assert b"CLOSED" not in after, after
+
+
+def test_a_restart_cuts_short_the_flush_of_a_dropped_link(make_daemon, sink_server):
+    """A link hung up by a wifi_drop hands its peer what had SEND OK, here for seconds
+    (net_bandwidth 1000 B/s); AT+RST resets it at once, so right after ready its link id
+    can be opened again (the worker ignored the restart's close until its flush gave up, 5 s)."""
+    daemon = make_daemon("[faults]\nseed = 1\n[faults.net_bandwidth]\nbytes_per_s = 1000\n")
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    start = b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % sink_server.port
+    host.command(start)
+    sink_server.wait_connections(1)
+    assert host.send_data(b"AT+CIPSEND=0,8000", bytes(8000)).endswith(b"\r\nSEND OK\r\n")
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=0").returncode == 0
+    host.expect(b"WIFI DISCONNECT\r\n")
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n")
+    restarted = time.monotonic()
+    host.ask(b"ATE0")
+    # AT+CIPMUX=1 needs no link open, the connect a free link 0 (and the station back).
+    while not ((answered := host.ask(b"AT+CIPMUX=1")).endswith(b"\r\nOK\r\n")
+               and (answered := host.ask(start)).endswith(b"CONNECT\r\n\r\nOK\r\n")):
+        assert time.monotonic() - restarted < 2.5, answered
+        time.sleep(0.1)
+
+
+def test_a_wifi_drop_while_cipstart_is_under_way_fails_it(make_daemon, echo_server):
+    """The AP goes away while AT+CIPSTART waits (its lookup slowed by dns_slow): the connect
+    fails with ERROR and leaves no link, as over no AP; it answered CONNECT and OK after
+    WIFI DISCONNECT, a link over a station with no IP."""
+    d = make_daemon(HOSTS)
+    host = d.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    assert fault_cli(d, "dns_slow", "ms=3000").returncode == 0
+    host.write(b'AT+CIPSTART="TCP","fault.test",%d\r\n' % echo_server.port)
+    assert fault_cli(d, "wifi_drop", "duration_ms=10000").returncode == 0
+    answer = host.expect(b"ERROR\r\n", timeout=8)
+    assert answer == b"WIFI DISCONNECT\r\n\r\nERROR\r\n"
+    assert host.command(b"AT+CIPSTATUS").startswith(b"STATUS:5\r\n")
+
+
+def test_a_passthrough_reconnection_the_ap_leaves_does_not_resume(daemon):
+    """A passthrough reconnection whose connect completes after the AP went away (its SYN
+    waited on a full accept queue) fails with the drop: the connection is closed at once and
+    nothing the MCU sends reaches the peer; passthrough went on over a station with no IP."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    try:
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        first, _ = server.accept()
+        host.command(b"AT+CIPRECONNINTV=1")
+        host.command(b"AT+CIPMODE=1")
+        host.command(b"AT+CIPSEND", b">")
+        for _ in range(2):  # fill the accept queue: the reconnection's SYN goes unanswered
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        time.sleep(0.2)
+        first.close()
+        time.sleep(0.6)  # the link dropped; a reconnection waits for its SYN-ACK
+        assert fault_cli(daemon, "wifi_drop", "duration_ms=20000").returncode == 0
+        filler_ports = {f.getsockname()[1] for f in fillers}
+        server.settimeout(0.2)
+        ours = None
+        deadline = time.monotonic() + 8  # the SYN's retransmissions: 1 s, then 3 s after the first
+        while ours is None and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                conn, peer = server.accept()
+                if peer[1] in filler_ports:
+                    conn.close()
+                else:
+                    ours = conn
+        assert ours is not None, "the reconnection never connected"
+        host.write(b"during the drop")
+        ours.settimeout(3)
+        assert ours.recv(100) == b""
+        ours.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()

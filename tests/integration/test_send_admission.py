@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.harness import Daemon, Timeout
+from tests.harness import Daemon, Timeout, udp_peer
 
 _RING = 65536  # [links] ring_size
 _PIECE = 2048
@@ -136,4 +136,70 @@ def test_close_after_send_ok_delivers_what_was_admitted(make_daemon, peer):
         got += data
     assert len(got) == len(payload) and bytes(got) == payload
     assert host.expect(b"\r\nOK\r\n", timeout=5) == b"CLOSED\r\n\r\nOK\r\n"
+    conn.close()
+
+
+def test_so_sndtimeo_never_drops_what_had_send_ok(make_daemon, peer):
+    """A send that times out for ring room (so_sndtimeo) fails alone: the sends ahead of
+    it in the full ring had SEND OK, and every byte of them still reaches the peer, in
+    order, once it reads (the timeout dropped everything unsent up to the failed send)."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    host.command(b"AT+CIPTCPOPT=-1,0,300")
+    sent = []
+    deadline = time.monotonic() + 60
+    while True:  # until the socket and then the ring are full: a send waits, and fails
+        assert time.monotonic() < deadline
+        payload = os.urandom(8000)  # does not divide the ring: the last send is admitted in part
+        result = _send(host, payload, timeout=5)
+        if result != b"\r\nSEND OK\r\n":
+            break
+        sent.append(payload)
+    assert result == b"\r\nSEND FAIL\r\n"
+    expected = b"".join(sent)
+    got = bytearray()
+    conn.settimeout(2)
+    with contextlib.suppress(TimeoutError):
+        while len(got) < len(expected) + len(payload) and (data := conn.recv(1 << 20)):
+            got += data
+    assert len(got) >= len(expected), f"{len(got)} of {len(expected)} bytes that had SEND OK"
+    # What follows them, if anything, is a part of the failed send (as lwIP sends what it took).
+    assert bytes(got[: len(expected)]) == expected
+    assert payload.startswith(bytes(got[len(expected):]))
+    assert host.command(b"AT") == b"\r\nOK\r\n"
+    conn.close()
+
+
+def test_a_datagram_larger_than_the_ring_fails_and_the_session_goes_on(make_daemon):
+    """AT+CIPSEND on a UDP link of more than the uplink ring can ever hold (ring_size 4096,
+    cipsend_max 8192) is SEND FAIL, and the next command is answered: the datagram could
+    never be admitted, and trying raised inside the front's read of the UART."""
+    daemon: Daemon = make_daemon("[links]\nring_size = 4096\n")
+    host = daemon.host()
+    host.boot()
+    with udp_peer() as peer:
+        port = peer.getsockname()[1]
+        assert host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        assert _send(host, os.urandom(5000), timeout=3) == b"\r\nSEND FAIL\r\n"
+        assert host.command(b"AT") == b"\r\nOK\r\n"
+        assert _send(host, b"small", timeout=3) == b"\r\nSEND OK\r\n"
+        assert peer.recvfrom(65536)[0] == b"small"
+    daemon.wait_event("datagram_too_big", length=5000)
+
+
+def test_at_rst_is_heard_while_a_send_waits_for_ring_room(make_daemon, peer):
+    """A complete send waiting for room the peer never makes (so_sndtimeo 0) leaves the UART
+    read, as ESP-AT's receive task does while its AT task blocks in send(): a command gets
+    busy p..., and AT+RST forces the restart a driver recovers with. The port was left unread,
+    so nothing the MCU sent was ever heard again."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    with _stopped(daemon.worker_pid(0)):
+        for _ in range(_RING // _PIECE):
+            assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
+        with pytest.raises(Timeout):
+            _send(host, os.urandom(_PIECE), timeout=0.5)
+        host.write(b"AT\r\n")
+        assert host.expect(b"\r\nbusy p...\r\n", timeout=2) == b"\r\nbusy p...\r\n"
+        host.write(b"AT+RST\r\n")
+        assert host.expect(b"\r\nready\r\n", timeout=5).startswith(b"\r\nWill force to restart!!!\r\n")
+    assert host.command(b"AT").endswith(b"\r\nOK\r\n")  # (after the rejoin's WIFI lines)
     conn.close()

@@ -155,6 +155,31 @@ def test_cipsto_closes_idle_clients(server_host):
     busy.close()
 
 
+def test_cipsto_counts_what_the_mcu_streams(server_host):
+    """AT+CIPSTO restarts on data the MCU sends too: an AT+CIPSENDL upload to a client
+    that answers nothing, longer than the timeout, is not cut off in the middle."""
+    port = _free_port()
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    server_host.command(b"AT+CIPSTO=1")
+    client = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    pieces = [bytes([65 + i]) * 100 for i in range(12)]
+    server_host.write(b"AT+CIPSENDL=0,%d\r\n" % sum(map(len, pieces)))
+    server_host.expect(b">")
+    for piece in pieces:  # 3.6 s in all, each pause shorter than the timeout
+        server_host.write(piece)
+        time.sleep(0.3)
+    answer = server_host.expect(b"\r\nSEND ")
+    answer += server_host.expect(b"\r\n")
+    assert b"CLOSED" not in answer and answer.endswith(b"SEND OK\r\n"), answer
+    got = bytearray()
+    while len(got) < 1200 and (data := client.recv(4096)):
+        got += data
+    assert bytes(got) == b"".join(pieces)
+    client.close()
+    server_host.expect(b"0,CLOSED\r\n")
+
+
 def test_tcpv6_server(server_host):
     """A TCPv6 server accepts clients on ::1."""
     server_host.command(b"AT+CIPV6=1")

@@ -213,6 +213,23 @@ def test_cipsendex_and_cipsendl_to_a_udp_remote(mux_host):
     other.close()
 
 
+def test_cipsendl_on_udp_sends_one_datagram_per_transmit_block(mux_host):
+    """AT+CIPSENDL on a UDP link hands the stack one <transmit size> block per datagram,
+    as ESP-AT does: 3000 bytes written at once with blocks of 1000 are three datagrams
+    of 1000, not one of 3000 (blocks that came together were joined into one)."""
+    peer = udp_peer()
+    mux_host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d' % peer.getsockname()[1])
+    mux_host.command(b"AT+CIPSENDLCFG=1024,1000")
+    payload = bytes(range(250)) * 12
+    mux_host.write(b"AT+CIPSENDL=0,3000\r\n")
+    mux_host.expect(b">")
+    mux_host.write(payload)
+    mux_host.expect(b"SEND OK\r\n")
+    got = [peer.recvfrom(65536)[0] for _ in range(3)]
+    assert [len(d) for d in got] == [1000, 1000, 1000] and b"".join(got) == payload
+    peer.close()
+
+
 def test_passive_udp_drops_beyond_the_window(mux_host):
     """Passive mode keeps UDP data up to the receive window; what does not fit is lost, as the spec says."""
     peer, local = _passive_link(mux_host, 4)

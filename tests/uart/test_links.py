@@ -101,3 +101,31 @@ def test_a_connected_message_with_text_for_an_address_is_refused():
             assert uvloop.run(main()) is SlotState.OPEN
         assert [e["event"] for e in logs].count("control_message_refused") == 2
 
+
+
+def test_a_link_cipsto_expires_admits_nothing_more():
+    """AT+CIPSTO's close is a hang-up: from the moment its Close is sent the slot is
+    CLOSING, so a send under way admits nothing more (the worker, finishing as soon as
+    its ring is empty, would lose what came after and the MCU would have had SEND OK)."""
+    from bridged.at.datamode import DataKind
+    from bridged.uart.sending import Send
+
+    with new_ring() as up, new_ring() as down:
+        front_end, worker_end = socketpair()
+
+        async def main() -> tuple[SlotState, int, bytes | None]:
+            slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="TCP")
+            table = LinkTable([slot], _Unheard(), 5760)
+            table.attach(0, front_end)
+            send = Send(slot, DataKind.SENDL, 8)
+            send.take(b"abcd")
+            table.expire(0)
+            send.take(b"efgh")
+            send.payload_done()
+            assert json.loads(worker_end.recv(4096))["type"] == "Close"
+            asyncio.get_running_loop().remove_reader(front_end.fileno())
+            asyncio.get_running_loop().remove_reader(down.data_fd)
+            return slot.state, up.available(), send.result()
+
+        with front_end, worker_end:
+            assert uvloop.run(main()) == (SlotState.CLOSING, 4, b"\r\nSEND FAIL\r\n")

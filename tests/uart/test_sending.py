@@ -47,3 +47,27 @@ def test_a_stream_hung_up_drops_what_follows():
         send.payload_done()
         assert up.available() == 4 and send.dropped == 4
         assert send.result() == b"\r\nSEND FAIL\r\n"
+
+
+def test_a_datagram_larger_than_the_ring_fails_at_once():
+    """A gathered UDP send the ring can never hold is SEND FAIL when complete, with nothing
+    admitted (put_record would raise, and waiting for room would wait for ever)."""
+    with new_ring() as up, new_ring() as down:
+        slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="UDP")
+        send = Send(slot, DataKind.SEND, 4096)
+        send.take(bytes(4096))
+        send.payload_done()
+        assert send.result() == b"\r\nSEND FAIL\r\n"
+        assert up.available() == 0
+
+
+def test_a_udp_stream_waits_for_room_for_a_whole_block():
+    """A streamed datagram is one block: with less room than a block the parser gets none
+    (a datagram cut to the ring's room would change what the peer receives), then a block."""
+    with new_ring() as up, new_ring() as down:
+        slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="UDP")
+        send = Send(slot, DataKind.SENDL, 5000, block=1000)
+        up.put_nowait(bytes(up.capacity - 600))  # 600 bytes of room left
+        assert send.room() == 0 and send.room_needed() == 1000 + 32
+        up.consume(up.available())
+        assert send.room() == 1000

@@ -2,8 +2,7 @@
 
 front -> worker (the link's control socket): ``Connect``, ``Adopt`` (with the
 fd of a client the front's AT+CIPSERVER listener accepted), ``Close``,
-``SetOptions`` (AT+CIPTCPOPT / keep_alive), ``Discard`` (drop unsent bytes of a
-send that timed out),
+``SetOptions`` (AT+CIPTCPOPT / keep_alive),
 ``SetRecvWindow`` (passive receive mode: keep at most that many bytes unread),
 ``Refused`` (a datagram remote the front refused by [links] allow/deny before
 AT+CIPSEND's prompt: the worker logs and counts it with its own refusals).
@@ -43,7 +42,6 @@ __all__ = [
     "Close",
     "SetRecvWindow",
     "SetOptions",
-    "Discard",
     "Refused",
     "Ended",
     "RemoteChanged",
@@ -119,13 +117,6 @@ class SetOptions:
     linger: int = -1  # -1 off, else seconds (0: reset on close)
     nodelay: int = 0
     keep_alive: int = 0  # seconds; 0 off
-
-
-@message
-@dataclass(frozen=True)
-class Discard:
-    conn_id: int
-    upto: int  # uplink ring index: drop what is unsent before it
 
 
 @message

@@ -59,7 +59,6 @@ from bridged.ipc.messages import (
     Connect,
     ConnectFailed,
     Connected,
-    Discard,
     Ended,
     FaultFired,
     FireFault,
@@ -229,9 +228,6 @@ class Worker(Connecting, Uplink, Downlink):
         if isinstance(msg, SetOptions):
             self.options = msg
             self._apply_options()
-        elif isinstance(msg, Discard):
-            if msg.conn_id == self.conn_id and self.uplink.read_index < msg.upto:
-                self.uplink.consume(min(msg.upto - self.uplink.read_index, self.uplink.available()))
         elif isinstance(msg, SetRecvWindow):
             self.recv_window = msg.window
             self._resume_reading()

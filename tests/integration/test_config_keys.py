@@ -5,12 +5,15 @@ the difference (a key that did nothing would fail it)."""
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.harness import Host, Timeout, parse_events
+from tests.harness import Host, Timeout, parse_events, with_test_timing
 
 
 @pytest.fixture
@@ -134,3 +137,50 @@ def test_log_format_console_writes_no_json(make_daemon):
     assert text.strip(), "nothing logged"
     assert parse_events(text) == [], text[:2000]
     assert not re.search(r"^<\d>\{", text, re.M), text[:2000]
+
+
+def test_uart_line_keys_are_the_settings_at_start(make_daemon):
+    """[uart] baud, data_bits, stop_bits and parity are the line AT+UART_CUR? and AT+UART_DEF? show at start
+    (ESP-AT numbers two stop bits 3 and even parity 2)."""
+    host = _booted(make_daemon('[uart]\nbaud = 9600\ndata_bits = 7\nstop_bits = 2\nparity = "even"\n'))
+    assert host.ask(b"AT+UART_CUR?") == b"+UART_CUR:9600,7,3,2,1\r\n\r\nOK\r\n"
+    assert host.ask(b"AT+UART_DEF?") == b"+UART_DEF:9600,7,3,2,1\r\n\r\nOK\r\n"
+    host.close()
+
+
+def test_max_line_bounds_a_command_line(make_daemon):
+    """[uart] max_line: a line longer than it is ERROR (the default 256 takes it)."""
+    line = b'AT+CWHOSTNAME="' + b"h" * 30 + b'"'  # 47 bytes with CR LF
+    host = _booted(make_daemon("[uart]\nmax_line = 32\n"))
+    assert host.ask(line) == b"\r\nERROR\r\n"
+    assert host.ask(b"AT") == b"\r\nOK\r\n"  # the session goes on
+    host.close()
+    host = _booted(make_daemon())
+    assert host.ask(line) == b"\r\nOK\r\n"
+    host.close()
+
+
+def test_pty_link_and_state_dir_keys_without_options(tmp_path):
+    """[uart] pty_link and [state] dir apply without --pty and --state-dir: the pty
+    appears at the link, and AT+UART_DEF's setting is stored in that directory."""
+    link, state = tmp_path / "ttyKEY", tmp_path / "kept"
+    config = tmp_path / "bridged.toml"
+    config.write_text(with_test_timing(f'[wifi]\nstation_interface = "lo"\n[uart]\npty_link = "{link}"\n'
+                                       f'[state]\ndir = "{state}"\n'))
+    log = open(tmp_path / "log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "bridged", "run", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        deadline = time.monotonic() + 10
+        while not link.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.02)
+        host = Host(str(link))
+        host.expect(b"\r\nready\r\n")
+        host.command(b"AT+UART_DEF=57600,8,1,0,0")
+        host.close()
+        assert "57600" in (state / "nvs.json").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, (tmp_path / "log").read_text()[-3000:]

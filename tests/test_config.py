@@ -785,7 +785,7 @@ def test_shipped_example_documents_every_key():
     """Each key appears in config/bridged.toml with its default."""
     text = (REPO / "config" / "bridged.toml").read_text()
     defaults = default_config()
-    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota", "dns"):
+    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog"):
         assert f"[{section}]" in text
         for f in dataclasses.fields(getattr(defaults, section)):
             value = _as_toml(getattr(getattr(defaults, section), f.name))

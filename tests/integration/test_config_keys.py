@@ -44,6 +44,7 @@ def test_wifi_ap_keys_are_what_cwlap_and_cwjap_show(make_daemon):
     host.expect(b"\r\nready\r\n")
     host.command(b"ATE0")
     assert host.ask(b"AT+CWLAP") == b'+CWLAP:(4,"lab-ap",-70,"02:11:22:33:44:55",11,0,0,4,4,7,0)\r\n\r\nOK\r\n'
+    assert host.ask(b'AT+CWJAP="bridged","pw"').endswith(b"\r\nERROR\r\n")  # the default SSID is no AP now
     assert host.ask(b'AT+CWJAP="lab-ap","pw"').endswith(b"WIFI GOT IP\r\n\r\nOK\r\n")
     assert host.ask(b"AT+CWJAP?") == b'+CWJAP:"lab-ap","02:11:22:33:44:55",11,-70,0,1,3,0,1\r\n\r\nOK\r\n'
     host.close()

@@ -64,3 +64,12 @@ def test_version():
     done = subprocess.run([sys.executable, "-m", "bridged", "--version"], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == f"bridged {bridged.__version__}"
+
+
+def test_check_takes_runs_options_but_control():
+    """As README says: `bridged check` takes `bridged run`'s options but --control."""
+    def usage(command: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-m", "bridged", command, "--help"], capture_output=True,
+                              text=True, timeout=30)
+        return _flags(done.stdout.split("\n\n")[0])
+    assert usage("check") == usage("run") - {"--control"}

@@ -114,7 +114,8 @@ def test_recv_window_bounds_what_passive_mode_holds(make_daemon, server):
 
 def test_ap_and_eth_interfaces_are_what_cifsr_shows(make_daemon):
     """[wifi] ap_interface and eth_interface map the soft-AP and Ethernet onto host
-    interfaces: AT+CIFSR shows their addresses (unset: no AP address, no ETH lines)."""
+    interfaces: AT+CIFSR shows their addresses (unset: no AP address, no ETH lines), and
+    AT+CIPSERVER's <netif> 2 and 3 listen there (unset: ERROR, test_personality)."""
     host = _booted(make_daemon())
     host.command(b"AT+CWMODE=3")
     plain = host.command(b"AT+CIFSR")
@@ -126,6 +127,17 @@ def test_ap_and_eth_interfaces_are_what_cifsr_shows(make_daemon):
     mapped = host.command(b"AT+CIFSR")
     assert b'+CIFSR:APIP,"127.0.0.1"\r\n' in mapped, mapped
     assert b'+CIFSR:ETHIP,"127.0.0.1"\r\n' in mapped, mapped
+    host.command(b"AT+CIPMUX=1")
+    for netif in (2, 3):  # AT+CIPSERVER on the soft-AP's, then the Ethernet's interface: lo's address
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.close()
+        host.command(b'AT+CIPSERVER=1,%d,"TCP",0,%d' % (port, netif))
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            host.expect(b"0,CONNECT\r\n")
+        host.expect(b"0,CLOSED\r\n")
+        host.command(b"AT+CIPSERVER=0")
     host.close()
 
 

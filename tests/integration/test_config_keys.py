@@ -4,6 +4,8 @@ the difference (a key that did nothing would fail it)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import socket
@@ -197,3 +199,34 @@ def test_pty_link_and_state_dir_keys_without_options(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0, (tmp_path / "log").read_text()[-3000:]
+
+
+def test_watchdog_keys_apply_on_reload(make_daemon):
+    """[watchdog] heartbeat_ms and missed_heartbeats apply on reload: under a patient
+    watchdog a link worker stopped for 1.5 s is left alone; reloaded to 0.2 s x 3, the
+    same stop gets the new worker killed (child_unresponsive)."""
+    daemon = make_daemon("[watchdog]\nheartbeat_ms = 500\nmissed_heartbeats = 20\n")
+    daemon.expected_errors |= {"child_unresponsive", "child_died", "worker_died"}
+    host = _booted(daemon)
+    pid = daemon.worker_pid(1)
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(1.5)  # three heartbeats missed of the 20 allowed
+    os.kill(pid, signal.SIGCONT)
+    assert not daemon.events("child_unresponsive")
+    daemon.write_config("[watchdog]\nheartbeat_ms = 200\nmissed_heartbeats = 3\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reloading")[-1]["changed"] == ["watchdog.heartbeat_ms", "watchdog.missed_heartbeats"]
+    host.expect(b"\r\nready\r\n", timeout=10)
+    deadline = time.monotonic() + 10
+    while (new := daemon.worker_pid(1)) == pid:
+        assert time.monotonic() < deadline, "no new link worker after the reload"
+        time.sleep(0.05)
+    os.kill(new, signal.SIGSTOP)
+    try:
+        # 0.6 s now; the old 10 s patience would outlast this wait.
+        event = daemon.wait_event("child_unresponsive", role="link", link_id=1, timeout=5)[0]
+        assert event["pid"] == new
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(new, signal.SIGCONT)
+    host.close()

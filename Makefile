@@ -22,8 +22,8 @@ PYTEST_ARGS ?=
 # cores busy; more only crowd the timing-sensitive tests.  The second
 # interpreter runs the whole suite too (not only what differs under 3.13:
 # ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.
-# Wall time of `make test` (3.11, 3.13, floors): ~30 min with one process,
-# see README "Tests" for the current figure.
+# Wall time of one suite run (Python 3.11): ~30 min in one process before;
+# see bench/RESULTS.md, "Test suite", for the current figures.
 PYTEST_JOBS ?= 2
 XDIST = $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 

@@ -785,11 +785,21 @@ def test_shipped_example_documents_every_key():
     """Each key appears in config/bridged.toml with its default."""
     text = (REPO / "config" / "bridged.toml").read_text()
     defaults = default_config()
-    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota", "dns"):
+    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog"):
         assert f"[{section}]" in text
         for f in dataclasses.fields(getattr(defaults, section)):
             value = _as_toml(getattr(getattr(defaults, section), f.name))
             assert f"# {f.name} = {toml_value(value)}" in text, (section, f.name)
+
+
+def test_readme_names_every_key():
+    """README.md names each key of every section (and [faults] seed) as code, so none goes undocumented there."""
+    text = (REPO / "README.md").read_text()
+    defaults = default_config()
+    for section in ("uart", "wifi", "links", "log", "state", "firmware", "ota", "dns", "sntp", "watchdog"):
+        for f in dataclasses.fields(getattr(defaults, section)):
+            assert re.search(rf"`{f.name}\b|`\[{section}\] {f.name}\b|{section}\.{f.name}\b", text), (section, f.name)
+    assert "`seed`" in text
 
 
 def test_example_uncommented_loads(tmp_path):

@@ -174,6 +174,11 @@ class ControlServer:
                 pass
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             writer.transport.abort()  # a client gone or too slow: drop it, nothing to answer
+        except asyncio.CancelledError:
+            # The front is stopping with a client connected (`bridged status --watch`).
+            # Ending cancelled, Python 3.11's stream server logs the task at error
+            # level ("Exception in callback"); end normally, the client dropped.
+            writer.transport.abort()
         finally:
             self.clients -= 1
             await self._close(writer)

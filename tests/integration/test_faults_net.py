@@ -243,6 +243,26 @@ def test_latency_delays_what_the_mcu_sends_too(make_daemon, echo_server):
     assert closed - send_ok[-1] >= 0.3 - 0.05  # the close waited for the delayed data
 
 
+def test_latency_on_a_tls_link(make_daemon, tls_cert):
+    """net_latency ms 200 on an SSL link: the first echo takes 2 x ms or more, then 32 KiB
+    sent in 8 KiB pieces come back whole and in order."""
+    server = TlsServer(tls_cert)
+    try:
+        _, host = _boot(make_daemon, _faults(1, net_latency={"ms": 200}))
+        assert _start(host, 0, "SSL", server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+        demux = Demux(host)
+        started = time.monotonic()
+        assert demux.send(0, b"ping").endswith(b"SEND OK\r\n")
+        assert demux.wait_data(0, 4) == b"ping"
+        assert time.monotonic() - started >= 2 * 0.2
+        payload = os.urandom(4 * 8192)
+        for offset in range(0, len(payload), 8192):
+            assert demux.send(0, payload[offset:offset + 8192]).endswith(b"SEND OK\r\n")
+        assert demux.wait_data(0, 4 + len(payload), timeout=20)[4:] == payload
+    finally:
+        server.close()
+
+
 def test_bandwidth_caps_each_way(make_daemon):
     """net_bandwidth 16000 B/s: 40000 bytes from the peer take 2.5 s or more, 24000 to it 1.5 s or more; hashes equal."""
     _, host = _boot(make_daemon, _faults(1, net_bandwidth={"bytes_per_s": 16000}))

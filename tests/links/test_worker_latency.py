@@ -16,7 +16,7 @@ import uvloop
 from bridged.faults import parse_spec
 from bridged.ipc import records
 from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, Connected, Ended, Hello
+from bridged.ipc.messages import Close, Connect, Connected, Ended, FireFault, Hello
 from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
 from tests.ringtools import new_ring
@@ -217,3 +217,32 @@ def test_datagrams_are_delayed_in_order_and_the_jitter_repeats_with_the_seed():
     assert max(abs(a - b) for a, b in zip(first, other)) > 0.1, (first, other)
     plain = _datagram_delays(5, {"net_udp_loss": {"rate": 0}})  # a Shaper, but no latency: at once
     assert max(plain) < 0.1, plain
+
+
+def test_latency_fired_on_demand_delays_the_uplink_while_it_holds():
+    """`bridged fault net_latency ms=300 for=1` on an open link: a send within the second
+    takes ms, one after it goes at once (the uplink is back on its direct path)."""
+    sink = _Sink()
+    written: list[float] = []
+
+    async def script(control, up):
+        send_message(control, Connect(1, "TCP", "127.0.0.1", sink.port))
+        assert isinstance(await _until(control, (Connected,)), Connected)
+        send_message(control, FireFault("net_latency", ("ms=300",), for_ms=1000))
+        await asyncio.sleep(0.1)  # armed before the first send
+        written.append(await _write(up, b"a" * 100))
+        await asyncio.sleep(1.3)  # past the fault's second, the first send delivered
+        written.append(await _write(up, b"b" * 100))
+        async with asyncio.timeout(10):
+            while len(sink.data) < 200:
+                await asyncio.sleep(0.005)
+        send_message(control, Close(1))
+        await _until(control, Ended)
+
+    try:
+        _run({}, script)
+    finally:
+        sink.close()
+    assert bytes(sink.data) == b"a" * 100 + b"b" * 100
+    assert sink.first_at(1) - written[0] >= 0.3 - 0.002
+    assert sink.first_at(200) - written[1] < 0.1

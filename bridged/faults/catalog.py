@@ -129,7 +129,7 @@ CATALOG: tuple[FaultKind, ...] = (
     FaultKind("net_connect_timeout", Area.NET, Per.CONNECTION, Where.WORKER,
               "the connect gets no answer until the link's connect timeout", (_LINK,)),
     FaultKind("net_latency", Area.NET, Per.CONDITION, Where.WORKER,
-              "data from the network is delivered ms later, plus or minus up to jitter_ms",
+              "data is delivered ms later each way (a round trip 2 x ms), plus or minus up to jitter_ms",
               (Param("ms", float, 0, _MS, 100, "the added delay"),
                Param("jitter_ms", float, 0, _MS, 0, "uniform spread around ms"), _LINK)),
     FaultKind("net_bandwidth", Area.NET, Per.CONDITION, Where.WORKER,

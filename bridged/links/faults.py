@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Each worker holds one `LinkFaults`: a `FaultPlan` scoped to its link
 (``link<N>``: its own seeded streams, and only the faults whose ``link`` key
-is -1 or N), plus the seeded stream net_latency's jitter draws from.  The
+is -1 or N), plus the seeded streams net_latency's jitter draws from.  The
 worker asks it at a few hook points, each cheap when nothing is configured:
 
 * ``before_connect``: once per TCP or SSL connect (UDP has no handshake to
@@ -111,8 +111,10 @@ class LinkFaults:
         scope = f"link{link_id}"
         self.plan = FaultPlan(specs, seed, where=Where.WORKER, scope=scope, start=start, link=link_id,
                               report=report)
-        # Its own stream: jitter draws move no fault's hit sequence.
+        # Streams of their own: jitter draws move no fault's hit sequence, and
+        # the uplink's (bridged.links.outbox) not the downlink's.
         self.jitter = random.Random(f"{seed}/net_latency/{scope}/jitter")
+        self.jitter_up = random.Random(f"{seed}/net_latency/{scope}/jitter/up")
 
     def shapes(self, datagram: bool) -> bool:
         """A data-path kind of this link type is configured or armed: the connection needs a Shaper."""

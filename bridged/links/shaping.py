@@ -19,7 +19,8 @@ reset or a close drops, as a real one would).
 
 * net_latency: each read is due ``ms`` (plus or minus up to ``jitter_ms``,
   from a seeded stream) after it was read, never before the one ahead of it;
-  a peer's FIN or reset waits its turn too.
+  a peer's FIN or reset waits its turn too.  What the MCU sends is delayed
+  the same way by the Shaper's `Outbox` (bridged.links.outbox).
 * net_bandwidth: a token bucket each way, starting empty and holding 20 ms'
   worth: N bytes take at least N / bytes_per_s seconds.  Reads take at most
   what the bucket holds; a send at most that too (a datagram goes whole and
@@ -53,6 +54,7 @@ import structlog
 from bridged.ipc import records
 from bridged.links.downlink import keeps_datagram, recv_window_need
 from bridged.links.faults import Bucket, LinkFaults
+from bridged.links.outbox import Outbox, latency_delay
 
 if TYPE_CHECKING:
     from bridged.links.worker import Worker
@@ -98,6 +100,7 @@ class Shaper:
         self._deliver_at: asyncio.TimerHandle | None = None
         self._read_at: asyncio.TimerHandle | None = None
         self._send_at: asyncio.TimerHandle | None = None
+        self.outbox = Outbox(worker, faults, self)  # net_latency on what the MCU sends
         self.armed("net_tcp_reset")
 
     def armed(self, name: str) -> None:
@@ -113,6 +116,7 @@ class Shaper:
                 handle.cancel()
         self.queue.clear()
         self.held.clear()
+        self.outbox.close()
 
     # -- receiving --------------------------------------------------------------------
 
@@ -255,14 +259,7 @@ class Shaper:
     # -- the queue --------------------------------------------------------------------
 
     def _due(self, now: float) -> float:
-        latency = self.plan.condition("net_latency", now)
-        due = now
-        if latency is not None:
-            ms, jitter = latency["ms"], latency["jitter_ms"]
-            if jitter:
-                ms += self.jitter.uniform(-jitter, jitter)
-            due += max(ms, 0.0) / 1000
-        self.last_due = due = max(due, self.last_due)  # order kept
+        self.last_due = due = max(now + latency_delay(self.plan, self.jitter, now), self.last_due)  # order kept
         return due
 
     def _enqueue(self, now: float, payload: bytes, addr: tuple | None = None) -> None:

@@ -14,7 +14,9 @@ sends ring it once (``hold_doorbells``).  A stream goes as the ring holds it
 (``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
 uplink record is one datagram, to its own address or the link's remote,
 each destination checked against ``[links] allow / deny``.  A bandwidth
-fault meters the sends through the connection's ``Shaper``.
+fault meters the sends through the connection's ``Shaper``; while
+net_latency is on, its ``Outbox`` (bridged.links.outbox) takes the ring's
+bytes instead and sends each piece when due.
 """
 
 from __future__ import annotations
@@ -58,10 +60,18 @@ class Uplink:
 
     def _pump_uplink(self) -> None:
         self._pump_ring()
-        if self._closing is not None and (self.sock is None or not self.uplink.available()):
+        if self._closing is not None and (self.sock is None or not self._unsent()):
             self._finish(self._closing_reason)
 
+    def _unsent(self) -> bool:
+        """Admitted bytes wait in the ring, or in a latency fault's outbox."""
+        return self.uplink.available() > 0 or (self.shaper is not None and self.shaper.outbox.pending())
+
     def _pump_ring(self) -> None:
+        # net_latency: the Outbox sends (once a TLS write to repeat has gone as it must).
+        if self.shaper is not None and not self._tls_retry and self.shaper.outbox.active():
+            self.shaper.outbox.pump()
+            return
         if self.datagram:
             self._send_datagrams()
             return
@@ -151,7 +161,7 @@ class Uplink:
 
     def _must_flush(self) -> bool:
         """Admitted bytes wait in the ring, and so_linger 0 does not ask for a reset."""
-        return self.sock is not None and self.uplink.available() > 0 and self.options.linger != 0
+        return self.sock is not None and self._unsent() and self.options.linger != 0
 
     def _flush_then_finish(self, why: str) -> None:
         """A host's Close: send what the ring holds, then finish (``_pump_uplink``),

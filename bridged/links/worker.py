@@ -35,7 +35,8 @@ Faults (``[faults]``, ``bridged fault``): connects and TLS handshakes ask
 ``self.faults`` (bridged.links.faults); a connection with a data-path fault
 (latency, a bandwidth cap, UDP loss or reordering, a TCP reset) gets a
 ``Shaper`` (bridged.links.shaping) that takes over its reads and meters its
-sends.  Without one, the paths are exactly as without faults.
+sends (and delays them, through its ``Outbox``, under latency).  Without
+one, the paths are exactly as without faults.
 """
 
 from __future__ import annotations

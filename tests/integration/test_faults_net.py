@@ -173,11 +173,94 @@ def test_latency_delays_what_the_network_sends(make_daemon, echo_server):
         assert demux.send(link_id, b"ping").endswith(b"SEND OK\r\n")
         assert demux.wait_data(link_id, 4) == b"ping"
         timings[link_id] = time.monotonic() - started
-    assert timings[0] < 0.3 <= timings[1]
+    assert timings[0] < 0.3 and timings[1] >= 2 * 0.3  # each way at least ms - jitter_ms
     payload = os.urandom(20000)  # many pieces, each drawn its own jitter: the order stays
     for offset in range(0, len(payload), 2000):
         assert demux.send(1, payload[offset:offset + 2000]).endswith(b"SEND OK\r\n")
     assert demux.wait_data(1, 4 + len(payload), timeout=20)[4:] == payload
+
+
+class _StampedSink:
+    """A TCP peer noting when each byte count arrived and when the FIN came."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.arrivals: list[tuple[float, int]] = []
+        self.data = bytearray()
+        self.fin_at: float | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        conn.settimeout(20)
+        with conn:
+            while chunk := conn.recv(65536):
+                self.data += chunk
+                self.arrivals.append((time.monotonic(), len(self.data)))
+            self.fin_at = time.monotonic()
+
+    def first_at(self, count: int) -> float:
+        return next(t for t, n in self.arrivals if n >= count)
+
+    def close(self) -> None:
+        self.thread.join(20)
+        self.server.close()
+
+
+def test_latency_delays_what_the_mcu_sends_too(make_daemon, echo_server):
+    """net_latency ms 300 on link 1: an echo's round trip grows by 2 x ms; bytes the MCU sent
+    reach the peer ms after SEND OK, whole and in order; AT+CIPCLOSE delivers them, then the FIN."""
+    _, host = _boot(make_daemon, _faults(1, net_latency={"ms": 300, "link": 1}))
+    for link_id in (0, 1):
+        assert _start(host, link_id, "TCP", echo_server.port) == b"%d,CONNECT\r\n\r\nOK\r\n" % link_id
+    demux = Demux(host)
+    trips = {}
+    for link_id in (0, 1):
+        started = time.monotonic()
+        assert demux.send(link_id, b"ping").endswith(b"SEND OK\r\n")
+        assert demux.wait_data(link_id, 4) == b"ping"
+        trips[link_id] = time.monotonic() - started
+    assert 2 * 0.3 <= trips[1] < trips[0] + 2 * 0.3 + 0.3, trips
+    assert host.command(b"AT+CIPCLOSE=1") == b"1,CLOSED\r\n\r\nOK\r\n"
+    sink = _StampedSink()
+    try:
+        assert _start(host, 1, "TCP", sink.port) == b"1,CONNECT\r\n\r\nOK\r\n"
+        pieces = [os.urandom(1500) for _ in range(4)]
+        send_ok = []
+        for piece in pieces:
+            assert demux.send(1, piece).endswith(b"SEND OK\r\n")
+            send_ok.append(time.monotonic())  # seen by the host: a little after it was given
+        assert host.command(b"AT+CIPCLOSE=1", timeout=10) == b"1,CLOSED\r\n\r\nOK\r\n"
+        closed = time.monotonic()
+    finally:
+        sink.close()
+    assert hashlib.sha256(sink.data).digest() == hashlib.sha256(b"".join(pieces)).digest()
+    for i, seen in enumerate(send_ok):  # no byte of a send before ms after its SEND OK (pty noise aside)
+        assert sink.first_at(i * 1500 + 1) - seen >= 0.3 - 0.05, (i, sink.arrivals, send_ok)
+    assert sink.fin_at is not None and sink.fin_at >= sink.arrivals[-1][0]
+    assert closed - send_ok[-1] >= 0.3 - 0.05  # the close waited for the delayed data
+
+
+def test_latency_on_a_tls_link(make_daemon, tls_cert):
+    """net_latency ms 200 on an SSL link: the first echo takes 2 x ms or more, then 32 KiB
+    sent in 8 KiB pieces come back whole and in order."""
+    server = TlsServer(tls_cert)
+    try:
+        _, host = _boot(make_daemon, _faults(1, net_latency={"ms": 200}))
+        assert _start(host, 0, "SSL", server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+        demux = Demux(host)
+        started = time.monotonic()
+        assert demux.send(0, b"ping").endswith(b"SEND OK\r\n")
+        assert demux.wait_data(0, 4) == b"ping"
+        assert time.monotonic() - started >= 2 * 0.2
+        payload = os.urandom(4 * 8192)
+        for offset in range(0, len(payload), 8192):
+            assert demux.send(0, payload[offset:offset + 8192]).endswith(b"SEND OK\r\n")
+        assert demux.wait_data(0, 4 + len(payload), timeout=20)[4:] == payload
+    finally:
+        server.close()
 
 
 def test_bandwidth_caps_each_way(make_daemon):
@@ -377,11 +460,11 @@ def _latencies(make_daemon, seed: int, port: int) -> list[float]:
 
 
 def test_latency_jitter_repeats_with_the_seed(make_daemon, echo_server):
-    """Each echo is one read, drawn its own delay: seed 3 gives the same delays in a second
+    """Each echo is one send and one read, each drawn its own delay: seed 3 gives the same delays in a second
     run (within the pty's and the scheduler's noise), seed 4 others."""
     first = _latencies(make_daemon, 3, echo_server.port)
     again = _latencies(make_daemon, 3, echo_server.port)
     other = _latencies(make_daemon, 4, echo_server.port)
-    assert all(0.04 <= t <= 0.95 for t in first), first  # ms - jitter .. ms + jitter, plus the trip
+    assert all(0.1 <= t <= 1.75 for t in first), first  # 2 x (ms - jitter .. ms + jitter), plus the trip
     assert max(abs(a - b) for a, b in zip(first, again)) < 0.08, (first, again)
     assert max(abs(a - b) for a, b in zip(first, other)) > 0.15, (first, other)

@@ -23,9 +23,7 @@ when they entered it, and ring plus Outbox plus socket buffer are the
 more while it holds half a ring (a window over the delay, as TCP's is), nor
 while the socket is full, so the ring fills and the front stops admitting.
 net_bandwidth meters what leaves the ring (its uplink bucket in the Shaper):
-N bytes take N / bytes_per_s, then the delay.  A ``Discard`` (AT+CIPTCPOPT
-so_sndtimeo) drops only what is still in the ring: what the Outbox took is
-in the stack already, as what the socket took.
+N bytes take N / bytes_per_s, then the delay.
 """
 
 from __future__ import annotations

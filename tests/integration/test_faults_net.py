@@ -466,5 +466,7 @@ def test_latency_jitter_repeats_with_the_seed(make_daemon, echo_server):
     again = _latencies(make_daemon, 3, echo_server.port)
     other = _latencies(make_daemon, 4, echo_server.port)
     assert all(0.1 <= t <= 1.75 for t in first), first  # 2 x (ms - jitter .. ms + jitter), plus the trip
-    assert max(abs(a - b) for a, b in zip(first, again)) < 0.08, (first, again)
-    assert max(abs(a - b) for a, b in zip(first, other)) > 0.15, (first, other)
+    # Seeds 3 and 4 differ by up to ~0.7 s here; a loaded machine adds up to ~0.1 s of noise
+    # to a round trip (two draws since the uplink is delayed too).
+    assert max(abs(a - b) for a, b in zip(first, again)) < 0.15, (first, again)
+    assert max(abs(a - b) for a, b in zip(first, other)) > 0.35, (first, other)

@@ -23,6 +23,7 @@ from bridged.at.errors import AtError
 from bridged.at.session import State
 from bridged.commands.context import ConnectSpec
 from bridged.commands.dns import lookup_servers
+from bridged.commands.options import SysMsg
 from bridged.commands.sntp import tls_time
 from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import station_ip
@@ -92,7 +93,7 @@ class Downlink:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.session.state is State.PASSTHROUGH:
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0)
-            if self.ctx.state.sysmsg & 4:
+            if SysMsg.PASSTHROUGH_STATUS in self.ctx.state.sysmsg:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()
             self._process()
@@ -108,7 +109,7 @@ class Downlink:
 
     def _status_shown(self) -> bool:
         """CONNECT/CLOSED during passthrough only with AT+SYSMSG bit 2."""
-        return not self._in_passthrough() or bool(self.ctx.state.sysmsg & 4)
+        return not self._in_passthrough() or SysMsg.PASSTHROUGH_STATUS in self.ctx.state.sysmsg
 
     def link_data(self, slot: Slot, record: records.Record) -> None:
         if self.ctx.state.cipmode == 1:

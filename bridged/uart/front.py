@@ -30,6 +30,7 @@ still, output held as when the UART is backed up.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -226,14 +227,13 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         state = SessionState()
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
-                      self._restart, self._apply_uart, self.uart, self.server,
+                      self._restart, self._apply_uart, self.uart, factory_uart(self.config), self.server,
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
-        ctx.extra["uart_factory"] = factory_uart(self.config)
         ctx.faults = self.faults
         ctx.silence_links = self._silence_links
         for link_id in range(self.links.count):
-            linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
-            self.links.set_options(link_id, linger, nodelay, keep_alive)
+            opts = state.tcpopts[link_id]
+            self.links.set_options(link_id, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
         return ctx
 
     def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
@@ -276,8 +276,8 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         """AT+SAVETRANSLINK: connect by ourselves and enter passthrough."""
         state = self.ctx.state
         state.cipmode, state.cipmux = 1, 0
-        state.tcpopts[0][3] = keep_alive
-        self.links.set_options(0, state.tcpopts[0][0], state.tcpopts[0][1], keep_alive)
+        opts = state.tcpopts[0] = dataclasses.replace(state.tcpopts[0], keep_alive=keep_alive)
+        self.links.set_options(0, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
         log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
         self.output.reply(fmt.BOOT_PROMPT)
         self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))

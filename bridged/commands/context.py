@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 from bridged.commands.options import LINKS, SslClientConf, SysMsg, TcpOptions, decode_stored, encode_stored
 from bridged.firmware import Personality, personality
+from bridged.tasks import Spawn
 
 if TYPE_CHECKING:
     from bridged.config import Config
@@ -211,6 +212,7 @@ class Context:
     apply_uart: Callable[[UartSettings], None]  # reconfigure the port now
     uart: UartSettings
     uart_factory: UartSettings  # [uart]'s settings: AT+UART_DEF? until one is stored
+    spawn: Spawn  # the front's TaskScope.spawn: every task a command starts is made there
     server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
     mdns: Any = None  # the front's AT+MDNS responder (bridged.net.mdns.Advertiser)
     sntp: Any = None  # the front's SNTP client and device clock (bridged.net.sntp_client.SntpClient)
@@ -231,6 +233,13 @@ class Context:
     # A restart's answer is queued (the restart itself waits for it to be written):
     # from now on nothing of the links or the server reaches the MCU.
     silence_links: Callable[[], Any] = lambda: None
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run ``work`` past the command's answer; a restart cancels it (``background``)."""
+        task = self.spawn(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     @property
     def personality(self) -> Personality:

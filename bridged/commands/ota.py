@@ -118,7 +118,7 @@ def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: b
     session.running = True
     if nonblocking:
         # OK first, then the progress lines as unsolicited messages.
-        return Reply(after=lambda: _in_background(ctx, _nonblocking(ctx, session, updater, version, partition)))
+        return Reply(after=lambda: ctx.in_background(_nonblocking(ctx, session, updater, version, partition)))
     return _blocking(ctx, session, updater, version, partition)
 
 
@@ -157,12 +157,6 @@ async def _nonblocking(ctx: Context, session: OtaProgress, updater: Updater, ver
         log.info("ota_done", file=str(image), partition=partition)
     finally:
         session.running = False
-
-
-def _in_background(ctx: Context, work) -> None:
-    task = asyncio.get_running_loop().create_task(work)
-    ctx.background.add(task)
-    task.add_done_callback(ctx.background.discard)
 
 
 # -- AT+CIPFWVER? ----------------------------------------------------------------------

@@ -35,6 +35,7 @@ import structlog
 
 from bridged.commands.context import UartSettings
 from bridged.config import FirmwareConfig
+from bridged.tasks import Spawn
 from bridged.uart.banner import Framing, Reset, as_received, rom_banner
 from bridged.uart.output import Output
 
@@ -57,21 +58,14 @@ class Boot:
 
     def start(
         self,
+        spawn: Spawn,
         drain_port: Callable[[float], Awaitable[bool]],
         restart_port: Callable[[], UartSettings],
         on_ready: Callable[[], None],
-        on_failed: Callable[[], None],
     ) -> None:
-        """``run()`` as a task of the running loop; ``on_failed()`` if it raises (our bug:
-        without ready the MCU would wait for ever, so the front should end and be restarted)."""
-        self._task = asyncio.get_running_loop().create_task(self.run(drain_port, restart_port, on_ready))
-
-        def ended(task: asyncio.Task) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("boot_failed", error=repr(task.exception()))
-                on_failed()
-
-        self._task.add_done_callback(ended)
+        """``run()`` as a task of the front's TaskScope: if it raises (our bug: without ready
+        the MCU would wait for ever), the front ends and is restarted."""
+        self._task = spawn(self.run(drain_port, restart_port, on_ready))
 
     def cancel(self) -> None:
         if self._task is not None:

@@ -56,7 +56,7 @@ class Downlink:
         if pt is None or pt.link_id != slot.link_id or pt.spec is None or pt.server:
             return
         if pt.reconnecting is None:
-            pt.reconnecting = self.loop.create_task(self._reconnect(pt))
+            pt.reconnecting = self.tasks.spawn(self._reconnect(pt))
 
     def _leave_passthrough(self) -> None:
         """Passthrough is over (+++, a restart): a reconnection under way stops, and a

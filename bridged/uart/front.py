@@ -56,6 +56,7 @@ from bridged.net.sntp_client import SntpClient
 from bridged.ops.status import UartCounters
 from bridged.readgate import ReadGate
 from bridged.store import Store
+from bridged.tasks import TaskScope
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.dataphase import DataPhases
 from bridged.uart.dispatch import CommandDispatch
@@ -104,17 +105,19 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.supervisor = supervisor
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
+        # Every task the front runs is made in it; run() enters it (bridged.tasks).
+        self.tasks = TaskScope()
         self.parser = Parser(config.uart.max_line)
         self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
                              on_eased=self._on_output_eased,
                              on_failed=self._on_write_failed if serial is not None else None)
         self._serial = serial
-        self._replug = Replug(serial, self._port_back) if serial is not None else None
+        self._replug = Replug(serial, self._port_back, self.tasks.spawn) if serial is not None else None
         self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
-        self.mdns = Advertiser()
-        self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
+        self.mdns = Advertiser(self.tasks.spawn)
+        self.sntp = SntpClient(spawn=self.tasks.spawn)  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
         self.faults = FrontFaults(self)  # [faults] and `bridged fault` (bridged.faults.front)
         self.ctx = self._new_context()
@@ -145,31 +148,36 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
     # -- lifetime ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.loop.add_signal_handler(signal.SIGTERM, self.stop)  # SIGINT: the supervisor's
-        if self.supervisor is not None:
-            self.supervisor.setblocking(False)
-            self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
-        await self._wait_workers(timeout=10.0)
-        for slot in self.links.slots:
-            slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
-        self._start_boot(Reset.POWER_ON)
-        self._resume_reading()
-        self.faults.start()
-        try:
-            await self._stopped
-        finally:
-            self.faults.close()
-            if self._replug is not None:
-                self._replug.close()
-            self.sntp.stop()
-            if self.boot is not None:
-                self.boot.cancel()
-            await self.mdns.close()  # goodbye packets before the process ends
-            if self._paced is not None:
-                self._paced.close()
-            self._gate.close()
-            self.output.close()
-            self.transcript.close()
+        """Serve until stopped; a task of ours that raised ends it with that error (an ExceptionGroup)."""
+        async with self.tasks:  # leaving it cancels and awaits what is left
+            self.loop.add_signal_handler(signal.SIGTERM, self.stop)  # SIGINT: the supervisor's
+            if self.supervisor is not None:
+                self.supervisor.setblocking(False)
+                self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
+            await self._wait_workers(timeout=10.0)
+            for slot in self.links.slots:
+                slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
+            self._start_boot(Reset.POWER_ON)
+            self._resume_reading()
+            self.faults.start()
+            try:
+                await self._stopped
+            finally:
+                await self._close()
+
+    async def _close(self) -> None:
+        self.faults.close()
+        if self._replug is not None:
+            self._replug.close()
+        self.sntp.stop()
+        if self.boot is not None:
+            self.boot.cancel()
+        await self.mdns.close()  # goodbye packets before the process ends
+        if self._paced is not None:
+            self._paced.close()
+        self._gate.close()
+        self.output.close()
+        self.transcript.close()
 
     def stop(self) -> None:
         if not self._stopped.done():
@@ -227,7 +235,8 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         state = SessionState()
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
-                      self._restart, self._apply_uart, self.uart, factory_uart(self.config), self.server,
+                      self._restart, self._apply_uart, self.uart, factory_uart(self.config), self.tasks.spawn,
+                      self.server,
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.faults = self.faults
         ctx.silence_links = self._silence_links
@@ -246,10 +255,10 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             dropped += self.boot.dropped
         self.boot = Boot(self.config.firmware, self.output, reset, dropped)
         self.boot.start(
+            self.tasks.spawn,
             drain_port=lambda deadline: drain(self.fd, deadline),
             restart_port=self._restart_port,
             on_ready=self._ready,
-            on_failed=self.stop,
         )
 
     def _restart_port(self) -> UartSettings:
@@ -282,7 +291,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.output.reply(fmt.BOOT_PROMPT)
         self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))
         self.passthrough.spec = spec
-        self.passthrough.reconnecting = self.loop.create_task(self._reconnect(self.passthrough, first_delay=0.0))
+        self.passthrough.reconnecting = self.tasks.spawn(self._reconnect(self.passthrough, first_delay=0.0))
 
     def _restart(self, factory: bool, dropped: int = 0) -> None:
         """AT+RST, AT+RESTORE (factory), an update, a forced restart: reset the session and boot.

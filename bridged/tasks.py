@@ -12,8 +12,9 @@ passthrough reconnect, the SNTP client) simply stops.  A process's
   the run's cleanup happens and the run ends with the error (an
   ExceptionGroup): the child exits non-zero (``bridged.spawn`` logs
   ``child_crashed``) and the supervisor restarts it, as for any crash;
-- leaving the scope (a stop) cancels every task still alive and awaits them
-  all, so none is left pending when the loop closes;
+- a stop cancels every task still alive and awaits them all (``cancel_all``,
+  and leaving the scope does it again), so none is left pending when the
+  loop closes, nor runs on after what it uses is closed;
 - a task may still be cancelled on its own (a restart cancels a command's
   work), which the TaskGroup takes as an ordinary end.
 
@@ -70,6 +71,15 @@ class TaskScope:
             for task in strays:
                 task.cancel()
             await asyncio.gather(*strays, return_exceptions=True)
+
+    async def cancel_all(self) -> None:
+        """Cancel every task still running and wait until each has ended: a stop's first
+        step, before the run closes what they use (the port, the output)."""
+        running = [*self._live, *self._strays]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running)
 
     def spawn(self, work: Coroutine[Any, Any, _T], name: str | None = None) -> "asyncio.Task[_T]":
         """Run ``work`` as a task of the process.

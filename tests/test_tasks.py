@@ -112,3 +112,20 @@ def test_spawn_outside_the_run_is_refused():
     with pytest.raises(RuntimeError):
         TaskScope().spawn(coroutine)
     assert coroutine.cr_frame is None  # closed: no "never awaited" warning
+
+
+def test_cancel_all_ends_every_task_before_returning():
+    """cancel_all() returns once each running task has run its cancellation (a stop's first step)."""
+    ended: list[str] = []
+
+    async def main() -> list[str]:
+        async with TaskScope() as tasks:
+            tasks.spawn(_forever(ended, "command"))
+            tasks.spawn(_forever(ended, "reconnect"))
+            await asyncio.sleep(0)
+            await tasks.cancel_all()
+            seen = sorted(ended)
+            await tasks.cancel_all()  # nothing left: returns at once
+        return seen
+
+    assert asyncio.run(main()) == ["command", "reconnect"]

@@ -166,18 +166,21 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
                 await self._close()
 
     async def _close(self) -> None:
-        self.faults.close()
-        if self._replug is not None:
-            self._replug.close()
-        self.sntp.stop()
-        if self.boot is not None:
-            self.boot.cancel()
-        await self.mdns.close()  # goodbye packets before the process ends
-        if self._paced is not None:
-            self._paced.close()
-        self._gate.close()
-        self.output.close()
-        self.transcript.close()
+        try:
+            self.faults.close()
+            if self._replug is not None:
+                self._replug.close()
+            self.sntp.stop()
+            if self.boot is not None:
+                self.boot.cancel()
+            await self.mdns.close()  # goodbye packets before the process ends
+            await self.tasks.cancel_all()  # none may run on once the port and the output are closed
+        finally:
+            if self._paced is not None:
+                self._paced.close()
+            self._gate.close()
+            self.output.close()
+            self.transcript.close()
 
     def stop(self) -> None:
         if not self._stopped.done():

@@ -216,7 +216,7 @@ class Context:
     server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
     mdns: Any = None  # the front's AT+MDNS responder (bridged.net.mdns.Advertiser)
     sntp: Any = None  # the front's SNTP client and device clock (bridged.net.sntp_client.SntpClient)
-    ota: OtaProgress = field(default_factory=lambda: OtaProgress())
+    ota: OtaProgress = field(default_factory=OtaProgress)  # AT+CIUPDATE in this session
     # AT+CIPDNS's manual servers as set in this boot ([]: disabled); None: not set since
     # the boot, what the store held then applies.
     cipdns: list[str] | None = None

@@ -58,14 +58,24 @@ class Boot:
 
     def start(
         self,
-        spawn: Spawn,
         drain_port: Callable[[float], Awaitable[bool]],
         restart_port: Callable[[], UartSettings],
         on_ready: Callable[[], None],
+        on_failed: Callable[[], None],
+        spawn: Spawn | None = None,
     ) -> None:
-        """``run()`` as a task of the front's TaskScope: if it raises (our bug: without ready
-        the MCU would wait for ever), the front ends and is restarted."""
-        self._task = spawn(self.run(drain_port, restart_port, on_ready))
+        """``run()`` as a task made by ``spawn`` (the front's TaskScope; a plain task of the
+        running loop without one); ``on_failed()`` if it raises (our bug: without ready the
+        MCU would wait for ever, so the front should end and be restarted)."""
+        work = self.run(drain_port, restart_port, on_ready)
+        self._task = spawn(work) if spawn is not None else asyncio.get_running_loop().create_task(work)
+
+        def ended(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("boot_failed", error=repr(task.exception()))
+                on_failed()
+
+        self._task.add_done_callback(ended)
 
     def cancel(self) -> None:
         if self._task is not None:

@@ -258,10 +258,11 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             dropped += self.boot.dropped
         self.boot = Boot(self.config.firmware, self.output, reset, dropped)
         self.boot.start(
-            self.tasks.spawn,
             drain_port=lambda deadline: drain(self.fd, deadline),
             restart_port=self._restart_port,
             on_ready=self._ready,
+            on_failed=self.stop,
+            spawn=self.tasks.spawn,
         )
 
     def _restart_port(self) -> UartSettings:

@@ -60,6 +60,7 @@ import structlog
 
 from bridged.fleet_devices import Device, DeviceState, FleetSpec, bind_notify, device_paths, sender_pid
 from bridged import systemd
+from bridged.atomic import write_atomic
 from bridged.spawn import read_wakeup
 from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
 
@@ -337,10 +338,8 @@ class Fleet:
     def _write_manifest(self, running: bool) -> None:
         doc = {"pid": os.getpid(), "running": running, "count": self.spec.count,
                "dir": str(self.directory), "devices": [d.entry() for d in self.devices]}
-        target = self.directory / MANIFEST
-        tmp = target.with_name(f".{MANIFEST}.{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, target)
+        # Readable by others, as before; a status file: no fsync (it says nothing after a power cut).
+        write_atomic(self.directory / MANIFEST, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o644, durable=False)
         self._manifest_dirty, self._manifest_at = False, time.monotonic()
 
 

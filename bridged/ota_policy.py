@@ -16,15 +16,13 @@ Equal versions are allowed (a reinstall).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from bridged import ota_image
-from bridged.atomic import fsync_dir
+from bridged.atomic import write_atomic
 from bridged.config import OtaConfig
 
 __all__ = ["OtaFailed", "OtaRefused", "Policy", "FIRMWARE"]
@@ -114,17 +112,7 @@ class Policy:
         """Remember ``version`` as the running one of ``partition`` (atomically, on disk)."""
         record = self.directory / f"{partition}.version"
         try:
-            fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=f".{partition}.version.")
-            try:
-                with os.fdopen(fd, "w", encoding="ascii") as out:
-                    out.write(version + "\n")
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(temporary, record)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
-            fsync_dir(self.directory)
+            write_atomic(record, (version + "\n").encode("ascii"))
         except OSError as exc:
             # The image is installed, so the update succeeded; but the floor did not move.
             log.error("ota_version_not_recorded", file=str(record), version=version,

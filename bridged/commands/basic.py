@@ -12,6 +12,7 @@ from bridged.at.format import info, q
 from bridged.at.params import Int, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import Context, UartSettings
+from bridged.commands.options import SysMsg
 from bridged.commands.registry import Reply, forms, handles, names
 
 # Fixed so that AT+GMR reads the same on every run of one release, in C's
@@ -77,13 +78,13 @@ def sysstore_set(ctx: Context, line: CommandLine) -> Reply:
 
 @handles("+SYSMSG", Kind.QUERY)
 def sysmsg_query(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(info("+SYSMSG", ctx.state.sysmsg, eol=False))
+    return Reply(info("+SYSMSG", int(ctx.state.sysmsg), eol=False))
 
 
 @handles("+SYSMSG", Kind.SET)
 def sysmsg_set(ctx: Context, line: CommandLine) -> Reply:
     (value,) = bind(line.tokens, (Int(0, 7),))
-    ctx.state.sysmsg = value
+    ctx.state.sysmsg = SysMsg(value)
     ctx.state.persist(ctx.store, "sysmsg")
     return Reply()
 
@@ -143,7 +144,7 @@ def uart_cur_query(ctx: Context, line: CommandLine) -> Reply:
 @handles("+UART_DEF", Kind.QUERY)
 def uart_def_query(ctx: Context, line: CommandLine) -> Reply:
     stored = ctx.store.get("uart_def")
-    fields = tuple(stored) if stored else ctx.extra["uart_factory"].fields()
+    fields = tuple(stored) if stored else ctx.uart_factory.fields()
     return Reply(info("+UART_DEF", *fields))
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
+from bridged.commands.options import LINKS, SslClientConf, SysMsg, TcpOptions, decode_stored, encode_stored
 from bridged.firmware import Personality, personality
+from bridged.tasks import Spawn
 
 if TYPE_CHECKING:
     from bridged.config import Config
@@ -25,6 +27,7 @@ __all__ = [
     "LinkView",
     "Links",
     "Context",
+    "OtaProgress",
     "PERSISTED",
 ]
 
@@ -60,7 +63,7 @@ PERSISTED = ("sysmsg", "cwmode", "cipv6", "wifi_ssid", "wifi_password", "cwdhcp"
 class SessionState:
     echo: bool = True
     sysstore: bool = True
-    sysmsg: int = 0
+    sysmsg: SysMsg = SysMsg(0)
     syslog: bool = False
     rfpower: tuple[int, int, int, int] = (84, 5, 5, 5)
     cwmode: int = 1
@@ -86,14 +89,13 @@ class SessionState:
     sendl_cfg: tuple[int, int] = (1024, 2920)  # AT+CIPSENDLCFG: report size, transmit size
     # SSL client settings per link (AT+CIPSSLCCONF, CIPSSLCCN, CIPSSLCSNI,
     # CIPSSLCALPN, CIPSSLCPSK/CIPSSLCPSKHEX): they apply to the next connection.
-    sslconf: list[list[int]] = field(default_factory=lambda: [[0, 0, 0] for _ in range(5)])
-    sslcn: list[str] = field(default_factory=lambda: [""] * 5)
-    sslsni: list[str] = field(default_factory=lambda: [""] * 5)
-    sslalpn: list[list[str]] = field(default_factory=lambda: [[] for _ in range(5)])
-    sslpsk: list[list[str]] = field(default_factory=lambda: [["", ""] for _ in range(5)])  # hex psk, hint
-    # AT+CIPTCPOPT per link: so_linger, tcp_nodelay, so_sndtimeo (ms), keep_alive (s).
-    # keep_alive is shared with AT+CIPSTART's: the later of the two wins.
-    tcpopts: list[list[int]] = field(default_factory=lambda: [[-1, 0, 0, 0] for _ in range(5)])
+    sslconf: list[SslClientConf] = field(default_factory=lambda: [SslClientConf()] * LINKS)
+    sslcn: list[str] = field(default_factory=lambda: [""] * LINKS)
+    sslsni: list[str] = field(default_factory=lambda: [""] * LINKS)
+    sslalpn: list[tuple[str, ...]] = field(default_factory=lambda: [()] * LINKS)
+    sslpsk: list[tuple[str, str]] = field(default_factory=lambda: [("", "")] * LINKS)  # hex psk, hint
+    # AT+CIPTCPOPT per link; keep_alive is shared with AT+CIPSTART's: the later of the two wins.
+    tcpopts: list[TcpOptions] = field(default_factory=lambda: [TcpOptions()] * LINKS)
     sntp: SntpSettings = SntpSettings()
     sntp_interval: int = 3600  # AT+CIPSNTPINTV, s (ESP-IDF's CONFIG_LWIP_SNTP_UPDATE_DELAY)
 
@@ -105,13 +107,23 @@ class SessionState:
         for key in PERSISTED:
             value = store.get(key)
             if value is not None:
+                value = decode_stored(key, value)  # typed values from their stored form (bridged.commands.options)
+            if value is not None:
                 setattr(self, key, value)
         self.cwautoconn = bool(store.get("cwautoconn", True))
 
     def persist(self, store: "Store", *keys: str) -> None:
         """Save keys to NVS, as ESP-AT does only while AT+SYSSTORE=1."""
         if self.sysstore:
-            store.update({k: getattr(self, k) for k in keys})
+            store.update({k: encode_stored(getattr(self, k)) for k in keys})
+
+
+@dataclass(slots=True)
+class OtaProgress:
+    """AT+CIUPDATE in this session: its state as AT+CIUPDATE? shows it, and whether one runs."""
+
+    state: int = 0
+    running: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,10 +211,17 @@ class Context:
     restart: Callable[[bool], Any]  # AT+RST (False) / AT+RESTORE (True)
     apply_uart: Callable[[UartSettings], None]  # reconfigure the port now
     uart: UartSettings
+    uart_factory: UartSettings  # [uart]'s settings: AT+UART_DEF? until one is stored
+    spawn: Spawn  # the front's TaskScope.spawn: every task a command starts is made there
     server: Any = None  # the front's AT+CIPSERVER listener (bridged.uart.server.Server)
     mdns: Any = None  # the front's AT+MDNS responder (bridged.net.mdns.Advertiser)
     sntp: Any = None  # the front's SNTP client and device clock (bridged.net.sntp_client.SntpClient)
-    extra: dict[str, Any] = field(default_factory=dict)
+    ota: OtaProgress = field(default_factory=OtaProgress)  # AT+CIUPDATE in this session
+    # AT+CIPDNS's manual servers as set in this boot ([]: disabled); None: not set since
+    # the boot, what the store held then applies.
+    cipdns: list[str] | None = None
+    # Called after each join, leave or mode change of this session (bridged.commands.wifi.watch_station).
+    station_watchers: list[Callable[[], None]] = field(default_factory=list)
     # Part of the running command's answer, written now and in order with its
     # final result (AT+CIUPDATE's progress lines before OK or ERROR).
     answer_part: Callable[[bytes], None] = lambda data: None
@@ -214,6 +233,13 @@ class Context:
     # A restart's answer is queued (the restart itself waits for it to be written):
     # from now on nothing of the links or the server reaches the MCU.
     silence_links: Callable[[], Any] = lambda: None
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
+        """Run ``work`` past the command's answer; a restart cancels it (``background``)."""
+        task = self.spawn(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     @property
     def personality(self) -> Personality:

@@ -60,7 +60,7 @@ def dns_servers(ctx: Context) -> tuple[int, tuple[str, ...]]:
     # Until AT+CIPDNS is set in this boot, what was stored is what the ESP
     # loaded at boot, whatever AT+SYSSTORE says now: it only decides whether
     # a set is saved (esp-at-behavior.md 1.8, "queries always report RAM state").
-    manual = ctx.extra.get("cipdns", ctx.store.get("cipdns"))
+    manual = ctx.store.get("cipdns") if ctx.cipdns is None else ctx.cipdns
     if manual:
         return 1, tuple(manual)
     return 0, _host_nameservers() or FALLBACK
@@ -103,7 +103,7 @@ def cipdns_set(ctx: Context, line: CommandLine) -> Reply:
     if len({ipaddress.ip_address(s) for s in servers}) != len(servers):
         raise ExecFail("the DNS servers must differ")
     manual = (servers or list(FALLBACK)) if enable else []
-    ctx.extra["cipdns"] = manual
+    ctx.cipdns = manual
     if ctx.state.sysstore:
         ctx.store.set("cipdns", manual)
     return Reply()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass
 
 import structlog
 
@@ -41,13 +40,13 @@ from bridged.at import format as fmt
 from bridged.at.errors import ExecFail, ParamInvalid
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
-from bridged.commands.context import Context
+from bridged.commands.context import Context, OtaProgress
 from bridged.config import OTA_PARTITION
 from bridged.commands.registry import Reply, handles
 from bridged.commands.wifi import station_ip
 from bridged.net.ota import OtaFailed, OtaRefused, Updater
 
-__all__ = ["OtaSession"]
+__all__: list[str] = []
 
 log = structlog.get_logger()
 
@@ -55,16 +54,6 @@ FIRMWARE = "ota"  # the partition whose update restarts the session
 _SET_SPECS = (Int(0, 1), Str(64, ""), Str(64, ""), Int(0, 1, 0))
 # A partition name becomes a file name (<state dir>/ota/<name>.bin).
 _PARTITION = re.compile(OTA_PARTITION)
-
-
-@dataclass(slots=True)
-class OtaSession:
-    state: int = 0  # as AT+CIUPDATE? shows it
-    running: bool = False
-
-
-def _session(ctx: Context) -> OtaSession:
-    return ctx.extra.setdefault("ota", OtaSession())
 
 
 def _updater(ctx: Context) -> Updater:
@@ -90,7 +79,7 @@ def _failed(what: str, exc: OtaFailed) -> str:
 
 @handles("+CIUPDATE", Kind.QUERY)
 def ciupdate_query(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(fmt.ota_state(_session(ctx).state))
+    return Reply(fmt.ota_state(ctx.ota.state))
 
 
 @handles("+CIUPDATE", Kind.EXECUTE)
@@ -108,7 +97,7 @@ def ciupdate_set(ctx: Context, line: CommandLine):
 
 
 def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: bool):
-    session = _session(ctx)
+    session = ctx.ota
     if session.running:
         raise ExecFail("ALREADY IN OTA: an update is still running")
     try:
@@ -129,16 +118,16 @@ def _start(ctx: Context, mode: int, version: str, partition: str, nonblocking: b
     session.running = True
     if nonblocking:
         # OK first, then the progress lines as unsolicited messages.
-        return Reply(after=lambda: _in_background(ctx, _nonblocking(ctx, session, updater, version, partition)))
+        return Reply(after=lambda: ctx.in_background(_nonblocking(ctx, session, updater, version, partition)))
     return _blocking(ctx, session, updater, version, partition)
 
 
-def _progress(ctx: Context, session: OtaSession, state: int, write) -> None:
+def _progress(ctx: Context, session: OtaProgress, state: int, write) -> None:
     session.state = state
     write(fmt.ota_progress(state))
 
 
-async def _blocking(ctx: Context, session: OtaSession, updater: Updater, version: str, partition: str) -> Reply:
+async def _blocking(ctx: Context, session: OtaProgress, updater: Updater, version: str, partition: str) -> Reply:
     try:
         image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.answer_part))
     except OtaFailed as exc:
@@ -152,7 +141,7 @@ async def _blocking(ctx: Context, session: OtaSession, updater: Updater, version
     return Reply()
 
 
-async def _nonblocking(ctx: Context, session: OtaSession, updater: Updater, version: str, partition: str) -> None:
+async def _nonblocking(ctx: Context, session: OtaProgress, updater: Updater, version: str, partition: str) -> None:
     try:
         image = await updater.update(version, partition, lambda n: _progress(ctx, session, n, ctx.urc))
     except OtaFailed as exc:
@@ -168,12 +157,6 @@ async def _nonblocking(ctx: Context, session: OtaSession, updater: Updater, vers
         log.info("ota_done", file=str(image), partition=partition)
     finally:
         session.running = False
-
-
-def _in_background(ctx: Context, work) -> None:
-    task = asyncio.get_running_loop().create_task(work)
-    ctx.background.add(task)
-    task.add_done_callback(ctx.background.discard)
 
 
 # -- AT+CIPFWVER? ----------------------------------------------------------------------

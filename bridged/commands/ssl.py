@@ -27,6 +27,7 @@ from bridged.at.format import info, q
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context
+from bridged.commands.options import SslClientConf
 from bridged.commands.registry import Reply, handles
 from bridged.commands.sntp import tls_time
 
@@ -38,11 +39,12 @@ ALL_LINKS = 5
 def with_tls(ctx: Context, link_id: int, spec: ConnectSpec) -> ConnectSpec:
     """The link's SSL settings, added to a connection request."""
     st = ctx.state
-    auth, pki, ca = st.sslconf[link_id]
+    conf = st.sslconf[link_id]
     psk, hint = st.sslpsk[link_id]
     return dataclasses.replace(
-        spec, tls_auth=auth, tls_pki=pki, tls_ca=ca, tls_cn=st.sslcn[link_id], tls_sni=st.sslsni[link_id],
-        tls_alpn=tuple(st.sslalpn[link_id]), tls_psk=psk, tls_psk_hint=hint, tls_time=tls_time(ctx),
+        spec, tls_auth=conf.auth_mode, tls_pki=conf.pki_number, tls_ca=conf.ca_number, tls_cn=st.sslcn[link_id],
+        tls_sni=st.sslsni[link_id], tls_alpn=st.sslalpn[link_id], tls_psk=psk, tls_psk_hint=hint,
+        tls_time=tls_time(ctx),
     )
 
 
@@ -64,7 +66,7 @@ def _query_ids(ctx: Context) -> range:
 
 @handles("+CIPSSLCCONF", Kind.QUERY)
 def sslcconf_query(ctx: Context, line: CommandLine) -> Reply:
-    return Reply(b"".join(info("+CIPSSLCCONF", i, *ctx.state.sslconf[i]) for i in _query_ids(ctx)))
+    return Reply(b"".join(info("+CIPSSLCCONF", i, *ctx.state.sslconf[i].fields()) for i in _query_ids(ctx)))
 
 
 @handles("+CIPSSLCCONF", Kind.SET)
@@ -72,7 +74,7 @@ def sslcconf_set(ctx: Context, line: CommandLine) -> Reply:
     ids, rest = _targets(ctx, line.tokens)
     auth, pki, ca = bind(rest, (Int(0, 3), Int(0, 9, 0), Int(0, 9, 0)))
     for i in ids:
-        ctx.state.sslconf[i] = [auth, pki, ca]
+        ctx.state.sslconf[i] = SslClientConf(auth, pki, ca)
     ctx.state.persist(ctx.store, "sslconf")
     return Reply()
 
@@ -112,7 +114,7 @@ def sslcalpn_set(ctx: Context, line: CommandLine) -> Reply:
         raise ParamCountMismatch(f"<counts> is {count} but {len(rest) - 1} protocols follow")
     protocols = bind(rest[1:], tuple(Str(255, min_len=1) for _ in range(count)))
     for i in ids:
-        ctx.state.sslalpn[i] = list(protocols)
+        ctx.state.sslalpn[i] = tuple(protocols)
     return Reply()
 
 
@@ -131,7 +133,7 @@ def _psk_set(ctx: Context, line: CommandLine, hex_form: bool) -> Reply:
     if not hasattr(ssl.SSLContext, "set_psk_client_callback"):
         raise ExecFail("TLS-PSK needs Python 3.13 or newer (ssl.SSLContext.set_psk_client_callback)")
     for i in ids:
-        ctx.state.sslpsk[i] = [key.hex(), hint]
+        ctx.state.sslpsk[i] = (key.hex(), hint)
     return Reply()
 
 

@@ -18,6 +18,7 @@ from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
 from bridged.commands.dns import lookup_servers
+from bridged.commands.options import SysMsg, TcpOptions
 from bridged.commands.registry import Reply, handles
 from bridged.commands.ssl import with_tls
 from bridged.commands.wifi import station_ip
@@ -40,7 +41,7 @@ def _require_ip(ctx: Context) -> None:
 
 def connected_message(ctx: Context, view: LinkView) -> bytes:
     """``CONNECT`` / ``<id>,CONNECT``, or +LINK_CONN with AT+SYSMSG bit 1."""
-    if ctx.state.sysmsg & 2:
+    if SysMsg.LINK_CONN in ctx.state.sysmsg:
         return link_conn(view.link_id, view.type, view.server, view.remote_ip, view.remote_port, view.local_port)
     return connect(ctx.link_arg(view.link_id))
 
@@ -116,9 +117,8 @@ def _connect_spec(ctx: Context, link_id: int, tokens: tuple) -> ConnectSpec:
     host, port, keep_alive, local_ip, timeout = _bind_start(ctx, tokens[1:], (Str(64), Int(1, 65535)), _TCP_TAIL)
     _check_host(ctx, type_, host)
     if keep_alive is not None:  # shared with AT+CIPTCPOPT: the later wins
-        opts = ctx.state.tcpopts[link_id]
-        opts[3] = keep_alive
-        ctx.links.set_options(link_id, opts[0], opts[1], opts[3])
+        opts = ctx.state.tcpopts[link_id] = dataclasses.replace(ctx.state.tcpopts[link_id], keep_alive=keep_alive)
+        ctx.links.set_options(link_id, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
     spec = ConnectSpec(type_, host, port, local_ip, timeout)
     return with_tls(ctx, link_id, spec) if type_.startswith("SSL") else spec
 
@@ -354,7 +354,7 @@ def _tcpopt_count(ctx: Context) -> int:
 def ciptcpopt_query(ctx: Context, line: CommandLine) -> Reply:
     ids = range(ctx.links.count) if ctx.mux else range(1)
     shown = _tcpopt_count(ctx)
-    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i][:shown]) for i in ids))
+    return Reply(b"".join(info("+CIPTCPOPT", i, *ctx.state.tcpopts[i].fields()[:shown]) for i in ids))
 
 
 @handles("+CIPTCPOPT", Kind.SET)
@@ -368,11 +368,10 @@ def ciptcpopt_set(ctx: Context, line: CommandLine) -> Reply:
     else:
         values = bind(line.tokens, specs, min_count=3)
         ids = [0]
+    names = (f.name for f in dataclasses.fields(TcpOptions))  # in AT+CIPTCPOPT's parameter order
+    given = {name: value for name, value in zip(names, values) if value is not None}  # an omitted one is kept
     for i in ids:
-        opts = ctx.state.tcpopts[i]
-        for index, value in enumerate(values):
-            if value is not None:  # an omitted option keeps its value
-                opts[index] = value
-        ctx.links.set_options(i, opts[0], opts[1], opts[3])
+        opts = ctx.state.tcpopts[i] = dataclasses.replace(ctx.state.tcpopts[i], **given)
+        ctx.links.set_options(i, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
     ctx.state.persist(ctx.store, "tcpopts")
     return Reply()

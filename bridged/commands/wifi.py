@@ -56,13 +56,12 @@ def watch_station(ctx: Context, callback: Callable[[], None]) -> None:
     The watchers live in the session's context, so a restart (a new
     context) drops them, as a reboot drops what ran.
     """
-    watchers = ctx.extra.setdefault("station_watchers", [])
-    if callback not in watchers:
-        watchers.append(callback)
+    if callback not in ctx.station_watchers:
+        ctx.station_watchers.append(callback)
 
 
 def _station_changed(ctx: Context) -> None:
-    for callback in ctx.extra.get("station_watchers", ()):
+    for callback in ctx.station_watchers:
         callback()
 
 

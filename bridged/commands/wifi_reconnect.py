@@ -67,9 +67,7 @@ def lose_ap(ctx: Context, say: Callable[[bytes], None], close_links: Callable[[]
     say(wifi("DISCONNECT"))
     close_links()
     if interval:
-        task = asyncio.get_running_loop().create_task(_reconnect(ctx, say, interval, count))
-        ctx.background.add(task)
-        task.add_done_callback(ctx.background.discard)
+        ctx.in_background(_reconnect(ctx, say, interval, count))
     return True
 
 

@@ -43,6 +43,7 @@ from zeroconf import BadTypeInNameException, IPVersion, ServiceInfo, service_typ
 from zeroconf.asyncio import AsyncZeroconf
 
 from bridged.net.interfaces import InterfaceInfo
+from bridged.tasks import Spawn
 
 __all__ = ["Advertisement", "Advertiser", "StationLookup", "service_type", "check_instance"]
 
@@ -154,7 +155,8 @@ def _placement(station: InterfaceInfo | None) -> _Placement | None:
 class Advertiser:
     """The one mDNS responder of the front process, following the station."""
 
-    def __init__(self, poll_interval: float = _POLL_INTERVAL) -> None:
+    def __init__(self, spawn: Spawn, poll_interval: float = _POLL_INTERVAL) -> None:
+        self._spawn = spawn  # the front's TaskScope.spawn
         self._poll_interval = poll_interval
         self._ad: Advertisement | None = None  # AT+MDNS=1's configuration, until AT+MDNS=0 or a restart
         self._station: StationLookup | None = None
@@ -195,7 +197,7 @@ class Advertiser:
             raise RuntimeError("mDNS is already enabled")
         self._ad, self._station, self._failure = ad, station, ""
         first = asyncio.get_running_loop().create_future()
-        self._following = asyncio.get_running_loop().create_task(self._follow(first))
+        self._following = self._spawn(self._follow(first))
         await asyncio.shield(first)
 
     def station_changed(self) -> None:
@@ -308,7 +310,7 @@ class Advertiser:
         if failure is not None:
             raise failure  # outside the except: no __context__ keeping the old traceback
         responder = _Responder(zeroconf, info)
-        responder.registering = asyncio.get_running_loop().create_task(self._register(responder))
+        responder.registering = self._spawn(self._register(responder))
         self._responder = responder
         log.info("mdns_started", host=ad.server, service=info.name, port=ad.port,
                  interface=station.name, addresses=addresses)
@@ -320,7 +322,7 @@ class Advertiser:
         if responder is None:
             return
         previous = self._stopping
-        self._stopping = asyncio.get_running_loop().create_task(self._shutdown(responder, previous))
+        self._stopping = self._spawn(self._shutdown(responder, previous))
 
     async def _register(self, responder: _Responder) -> None:
         info = responder.info

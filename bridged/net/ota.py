@@ -56,7 +56,6 @@ import os
 import re
 import socket
 import ssl
-import tempfile
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
@@ -68,7 +67,7 @@ from bridged.config import OtaConfig
 from bridged.net import http
 from bridged.net.resolver import ResolveError, resolve
 from bridged.ota_install import InstallFailed, run_install
-from bridged.atomic import fsync_dir
+from bridged.atomic import Replacement, fsync_dir
 from bridged.ota_policy import OtaFailed, OtaRefused, Policy
 
 __all__ = ["OtaFailed", "OtaRefused", "Updater", "IMAGE_DIR"]
@@ -146,7 +145,7 @@ class Updater:
         try:
             self.policy.verify(manifest, signature, keys)
         except BaseException:
-            complete.unlink(missing_ok=True)
+            complete.discard()
             raise
         image = await self._put_in_place(complete, manifest)
         await asyncio.to_thread(self.policy.record_version, partition, version)
@@ -154,21 +153,21 @@ class Updater:
         progress(4)
         return image
 
-    async def _put_in_place(self, complete: Path, manifest: ota_image.Manifest) -> Path:
+    async def _put_in_place(self, complete: Replacement, manifest: ota_image.Manifest) -> Path:
         """Rename the verified image into place and run install_command on it.
 
         A failed install (or AT+RST, the timer) must not cost the partition the
         image its last update left: that one is kept aside until we are done.
         """
-        image = self.directory / f"{manifest.partition}.bin"
+        image = complete.target
         try:
             previous = _keep_aside(image)
         except OSError as exc:
-            complete.unlink(missing_ok=True)
+            complete.discard()
             raise OtaFailed(f"image: cannot keep the previous {image}: {exc.strerror or exc}") from None
         try:
             try:
-                os.replace(complete, image)
+                complete.rename()  # here, not in the thread: a cancellation must find it done or not begun
                 await asyncio.to_thread(fsync_dir, image.parent)
             except OSError as exc:
                 raise OtaFailed(f"image: cannot rename it to {image}: {exc.strerror or exc}") from None
@@ -179,7 +178,7 @@ class Updater:
                 except InstallFailed as exc:
                     raise OtaFailed(exc.why) from None
         except BaseException:
-            complete.unlink(missing_ok=True)
+            complete.discard()
             if previous is not None:
                 os.replace(previous, image)
             else:
@@ -271,10 +270,10 @@ class Updater:
             raise OtaRefused(f"image: {partition}.bin.sig: {exc}") from None
 
     async def _download(self, connection: http.Connection, version: str,
-                        partition: str) -> tuple[Path, ota_image.Manifest]:
+                        partition: str) -> tuple[Replacement, ota_image.Manifest]:
         path = self._download_path(version, f"{partition}.bin")
         response = await self._request(connection, path)
-        saved: Path | None = None
+        saved: Replacement | None = None
         try:
             try:
                 length = response.content_length()
@@ -292,15 +291,15 @@ class Updater:
             return saved, ota_image.Manifest(partition, version, length, sha256)
         except BaseException:
             response.abort()
-            if saved is not None:  # cancelled while closing: the caller never learns its name
-                saved.unlink(missing_ok=True)
+            if saved is not None:  # cancelled while closing: the caller never learns of it
+                saved.discard()
             raise
         finally:
             await response.close()
 
-    async def _save(self, response: http.Response, length: int, partition: str) -> tuple[Path, str]:
-        """Stream the body into a temporary file, complete and on disk when returned,
-        with its sha256 (hex).
+    async def _save(self, response: http.Response, length: int, partition: str) -> tuple[Replacement, str]:
+        """Stream the body into a temporary file beside the partition's image, complete
+        and on disk when returned, with its sha256 (hex).
 
         Raises:
             OtaFailed: the body is short, or the file cannot be written (disk
@@ -313,32 +312,30 @@ class Updater:
             # Left by a power loss or SIGKILL mid-download; only one update runs at a time.
             for stale in directory.glob(f".{partition}.bin.*.part"):
                 stale.unlink(missing_ok=True)
-            fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{partition}.bin.", suffix=".part")
+            image = Replacement(directory / f"{partition}.bin", suffix=".part")
         except OSError as exc:
             raise OtaFailed(f"image: cannot write in {directory}: {exc.strerror or exc}") from None
         try:
-            with os.fdopen(fd, "wb") as out:
-                remaining = length
-                while remaining:
-                    try:
-                        chunk = await response.reader.read(min(_CHUNK, remaining))
-                    except (OSError, ssl.SSLError) as exc:
-                        raise OtaFailed(f"image: {exc}") from None
-                    if not chunk:
-                        raise OtaFailed(f"image: the body ended after {length - remaining} of {length} bytes")
-                    out.write(chunk)
-                    digest.update(chunk)
-                    remaining -= len(chunk)
-                out.flush()
-                # On an SD card this may take a while: not on the front's loop.
-                await asyncio.to_thread(os.fsync, out.fileno())
+            remaining = length
+            while remaining:
+                try:
+                    chunk = await response.reader.read(min(_CHUNK, remaining))
+                except (OSError, ssl.SSLError) as exc:
+                    raise OtaFailed(f"image: {exc}") from None
+                if not chunk:
+                    raise OtaFailed(f"image: the body ended after {length - remaining} of {length} bytes")
+                image.write(chunk)
+                digest.update(chunk)
+                remaining -= len(chunk)
+            # On an SD card this may take a while: not on the front's loop.
+            await asyncio.to_thread(image.finish)
         except OSError as exc:  # the network's are OtaFailed already: this is the disk
-            Path(temporary).unlink(missing_ok=True)
-            raise OtaFailed(f"image: cannot write {temporary}: {exc.strerror or exc}") from None
+            image.discard()
+            raise OtaFailed(f"image: cannot write {image.path}: {exc.strerror or exc}") from None
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            image.discard()
             raise
-        return Path(temporary), digest.hexdigest()
+        return image, digest.hexdigest()
 
     # -- AT+CIPFWVER? -------------------------------------------------------------------
 

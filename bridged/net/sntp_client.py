@@ -57,6 +57,7 @@ from bridged.net.sntp import (
     parse_reply,
     retry_delay,
 )
+from bridged.tasks import Spawn
 
 __all__ = ["Device", "SntpClient", "RECV_TIMEOUT", "LOG_EVERY"]
 
@@ -89,8 +90,9 @@ class Device(Protocol):
 
 
 class SntpClient:
-    def __init__(self, clock: DeviceClock | None = None, port: int = PORT) -> None:
+    def __init__(self, clock: DeviceClock | None = None, port: int = PORT, *, spawn: Spawn) -> None:
         self.clock = clock or DeviceClock()
+        self._spawn = spawn
         self.port = port
         self.servers: tuple[str, ...] = ()
         self._task: asyncio.Task | None = None
@@ -105,7 +107,7 @@ class SntpClient:
         self._synced = False
         self._wake.clear()
         log.info("sntp_started", servers=list(self.servers))
-        self._task = asyncio.get_running_loop().create_task(self._run(device))
+        self._task = self._spawn(self._run(device))
 
     def stop(self) -> None:
         """Stop asking (AT+CIPSNTPCFG=0, a restart); the clock keeps its time."""

@@ -35,6 +35,7 @@ import structlog
 
 from bridged.commands.context import UartSettings
 from bridged.config import FirmwareConfig
+from bridged.tasks import Spawn
 from bridged.uart.banner import Framing, Reset, as_received, rom_banner
 from bridged.uart.output import Output
 
@@ -61,10 +62,13 @@ class Boot:
         restart_port: Callable[[], UartSettings],
         on_ready: Callable[[], None],
         on_failed: Callable[[], None],
+        spawn: Spawn | None = None,
     ) -> None:
-        """``run()`` as a task of the running loop; ``on_failed()`` if it raises (our bug:
-        without ready the MCU would wait for ever, so the front should end and be restarted)."""
-        self._task = asyncio.get_running_loop().create_task(self.run(drain_port, restart_port, on_ready))
+        """``run()`` as a task made by ``spawn`` (the front's TaskScope; a plain task of the
+        running loop without one); ``on_failed()`` if it raises (our bug: without ready the
+        MCU would wait for ever, so the front should end and be restarted)."""
+        work = self.run(drain_port, restart_port, on_ready)
+        self._task = spawn(work) if spawn is not None else asyncio.get_running_loop().create_task(work)
 
         def ended(task: asyncio.Task) -> None:
             if not task.cancelled() and task.exception() is not None:

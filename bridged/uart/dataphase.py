@@ -21,6 +21,7 @@ from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
 from bridged.at.parser import DataChunk, DataComplete, DataEscaped
 from bridged.at.session import Escaped, PayloadDone, Prompt, Settled, State, Tick
+from bridged.commands.options import SysMsg
 from bridged.commands.registry import SendRequest
 from bridged.uart.downlink import Passthrough
 from bridged.uart.links import Slot
@@ -46,7 +47,7 @@ class DataPhases:
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
-        self.session.handle(Prompt(request.kind, state.tcpopts[request.link_id][2] / 1000), self.loop.time())
+        self.session.handle(Prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000), self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
@@ -120,7 +121,7 @@ class DataPhases:
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._stop_waiting_room()
-        effects = self.session.handle(Escaped(quitt=bool(self.ctx.state.sysmsg & 1)), self.loop.time())
+        effects = self.session.handle(Escaped(quitt=SysMsg.QUIT_MESSAGE in self.ctx.state.sysmsg), self.loop.time())
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
             self._leave_passthrough()

@@ -92,7 +92,7 @@ class CommandDispatch:
                 if asyncio.iscoroutine(result):
                     result.close()
                 return
-        self._command = self.loop.create_task(self._await_reply(result, line.name))
+        self._command = self.tasks.spawn(self._await_reply(result, line.name))
 
     @staticmethod
     def _log_error(event: str, name: str, error: AtError) -> None:

@@ -23,6 +23,7 @@ from bridged.at.errors import AtError
 from bridged.at.session import State
 from bridged.commands.context import ConnectSpec
 from bridged.commands.dns import lookup_servers
+from bridged.commands.options import SysMsg
 from bridged.commands.sntp import tls_time
 from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import station_ip
@@ -55,7 +56,7 @@ class Downlink:
         if pt is None or pt.link_id != slot.link_id or pt.spec is None or pt.server:
             return
         if pt.reconnecting is None:
-            pt.reconnecting = self.loop.create_task(self._reconnect(pt))
+            pt.reconnecting = self.tasks.spawn(self._reconnect(pt))
 
     def _leave_passthrough(self) -> None:
         """Passthrough is over (+++, a restart): a reconnection under way stops, and a
@@ -98,7 +99,7 @@ class Downlink:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.session.state is State.PASSTHROUGH:
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0, block=self.config.links.chunk)
-            if self.ctx.state.sysmsg & 4:
+            if SysMsg.PASSTHROUGH_STATUS in self.ctx.state.sysmsg:
                 self.output.urc(connected_message(self.ctx, slot.view))
             self._resume_reading()
             self._process()
@@ -114,7 +115,7 @@ class Downlink:
 
     def _status_shown(self) -> bool:
         """CONNECT/CLOSED during passthrough only with AT+SYSMSG bit 2."""
-        return not self._in_passthrough() or bool(self.ctx.state.sysmsg & 4)
+        return not self._in_passthrough() or SysMsg.PASSTHROUGH_STATUS in self.ctx.state.sysmsg
 
     def link_data(self, slot: Slot, record: records.Record) -> None:
         if self.ctx.state.cipmode == 1:

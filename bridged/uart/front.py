@@ -30,6 +30,7 @@ still, output held as when the UART is backed up.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -55,6 +56,7 @@ from bridged.net.sntp_client import SntpClient
 from bridged.ops.status import UartCounters
 from bridged.readgate import ReadGate
 from bridged.store import Store
+from bridged.tasks import TaskScope
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.dataphase import DataPhases
 from bridged.uart.dispatch import CommandDispatch
@@ -103,17 +105,19 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.supervisor = supervisor
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
+        # Every task the front runs is made in it; run() enters it (bridged.tasks).
+        self.tasks = TaskScope()
         self.parser = Parser(config.uart.max_line)
         self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
                              on_eased=self._on_output_eased,
                              on_failed=self._on_write_failed if serial is not None else None)
         self._serial = serial
-        self._replug = Replug(serial, self._port_back) if serial is not None else None
+        self._replug = Replug(serial, self._port_back, self.tasks.spawn) if serial is not None else None
         self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
-        self.mdns = Advertiser()
-        self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
+        self.mdns = Advertiser(self.tasks.spawn)
+        self.sntp = SntpClient(spawn=self.tasks.spawn)  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
         self.faults = FrontFaults(self)  # [faults] and `bridged fault` (bridged.faults.front)
         self.ctx = self._new_context()
@@ -144,19 +148,25 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
     # -- lifetime ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.loop.add_signal_handler(signal.SIGTERM, self.stop)  # SIGINT: the supervisor's
-        if self.supervisor is not None:
-            self.supervisor.setblocking(False)
-            self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
-        await self._wait_workers(timeout=10.0)
-        for slot in self.links.slots:
-            slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
-        self._start_boot(Reset.POWER_ON)
-        self._resume_reading()
-        self.faults.start()
+        """Serve until stopped; a task of ours that raised ends it with that error (an ExceptionGroup)."""
+        async with self.tasks:  # leaving it cancels and awaits what is left
+            self.loop.add_signal_handler(signal.SIGTERM, self.stop)  # SIGINT: the supervisor's
+            if self.supervisor is not None:
+                self.supervisor.setblocking(False)
+                self.loop.add_reader(self.supervisor.fileno(), self._on_supervisor)
+            await self._wait_workers(timeout=10.0)
+            for slot in self.links.slots:
+                slot.uplink.want_space_doorbell(False)  # asked for only while a send waits for room
+            self._start_boot(Reset.POWER_ON)
+            self._resume_reading()
+            self.faults.start()
+            try:
+                await self._stopped
+            finally:
+                await self._close()
+
+    async def _close(self) -> None:
         try:
-            await self._stopped
-        finally:
             self.faults.close()
             if self._replug is not None:
                 self._replug.close()
@@ -164,6 +174,8 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             if self.boot is not None:
                 self.boot.cancel()
             await self.mdns.close()  # goodbye packets before the process ends
+            await self.tasks.cancel_all()  # none may run on once the port and the output are closed
+        finally:
             if self._paced is not None:
                 self._paced.close()
             self._gate.close()
@@ -226,14 +238,14 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         state = SessionState()
         state.load_persisted(self.store)
         ctx = Context(self.config, state, self.store, self.links, self.output.urc,
-                      self._restart, self._apply_uart, self.uart, self.server,
+                      self._restart, self._apply_uart, self.uart, factory_uart(self.config), self.tasks.spawn,
+                      self.server,
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
-        ctx.extra["uart_factory"] = factory_uart(self.config)
         ctx.faults = self.faults
         ctx.silence_links = self._silence_links
         for link_id in range(self.links.count):
-            linger, nodelay, _sndtimeo, keep_alive = state.tcpopts[link_id]
-            self.links.set_options(link_id, linger, nodelay, keep_alive)
+            opts = state.tcpopts[link_id]
+            self.links.set_options(link_id, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
         return ctx
 
     def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
@@ -250,6 +262,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             restart_port=self._restart_port,
             on_ready=self._ready,
             on_failed=self.stop,
+            spawn=self.tasks.spawn,
         )
 
     def _restart_port(self) -> UartSettings:
@@ -276,13 +289,13 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         """AT+SAVETRANSLINK: connect by ourselves and enter passthrough."""
         state = self.ctx.state
         state.cipmode, state.cipmux = 1, 0
-        state.tcpopts[0][3] = keep_alive
-        self.links.set_options(0, state.tcpopts[0][0], state.tcpopts[0][1], keep_alive)
+        opts = state.tcpopts[0] = dataclasses.replace(state.tcpopts[0], keep_alive=keep_alive)
+        self.links.set_options(0, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
         log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
         self.output.reply(fmt.BOOT_PROMPT)
         self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))
         self.passthrough.spec = spec
-        self.passthrough.reconnecting = self.loop.create_task(self._reconnect(self.passthrough, first_delay=0.0))
+        self.passthrough.reconnecting = self.tasks.spawn(self._reconnect(self.passthrough, first_delay=0.0))
 
     def _restart(self, factory: bool, dropped: int = 0) -> None:
         """AT+RST, AT+RESTORE (factory), an update, a forced restart: reset the session and boot.

@@ -28,6 +28,7 @@ from typing import Callable
 
 import structlog
 
+from bridged.tasks import Spawn
 from bridged.uart.port import PortError, SerialPort
 
 __all__ = ["Replug", "POLL", "REMIND"]
@@ -39,9 +40,10 @@ REMIND = 60.0  # seconds between reminders that the device is still away
 
 
 class Replug:
-    def __init__(self, port: SerialPort, on_back: Callable[[int], None]) -> None:
+    def __init__(self, port: SerialPort, on_back: Callable[[int], None], spawn: Spawn) -> None:
         self.port = port
         self.on_back = on_back  # called with the reopened port's fd
+        self._spawn = spawn
         self.loop = asyncio.get_running_loop()
         self._task: asyncio.Task | None = None
         self._since = 0.0
@@ -58,7 +60,7 @@ class Replug:
         self.port.release()
         log.error("port_lost", device=self.port.device, error=why,
                   remedy="waiting for it to return; plug the device in again")
-        self._task = self.loop.create_task(self._wait())
+        self._task = self._spawn(self._wait())
 
     async def _wait(self) -> None:
         remind_at = self._since + REMIND

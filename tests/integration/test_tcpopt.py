@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -44,6 +45,40 @@ def test_options_reach_the_socket(daemon: Daemon, echo_server):
     while (_options_events(daemon, 1)[-1]["so_linger"], _options_events(daemon, 1)[-1]["tcp_nodelay"]) != (-1, 0):
         assert time.monotonic() < deadline, _options_events(daemon, 1)
         time.sleep(0.02)
+
+
+def test_a_store_written_by_an_older_version_loads(tmp_path, echo_server):
+    """nvs.json as versions before the typed options wrote it (positional lists) loads: the queries show
+    it, a link's socket gets it, and the next save keeps it with named fields."""
+    daemon = Daemon(tmp_path)
+    daemon.state_dir.mkdir(mode=0o700)
+    old = {"tcpopts": [[-1, 0, 0, 0], [3, 1, 4000, 45], [-1, 0, 0, 0], [-1, 0, 0, 0], [-1, 0, 0, 0]],
+           "sslconf": [[0, 0, 0], [0, 0, 0], [2, 0, 1], [0, 0, 0], [0, 0, 0]], "sysmsg": 2}
+    (daemon.state_dir / "nvs.json").write_text(json.dumps({"version": 1, "values": old}))
+    daemon.start()
+    try:
+        host = _booted(daemon)
+        assert b"+CIPTCPOPT:1,3,1,4000,45\r\n" in host.ask(b"AT+CIPTCPOPT?")
+        assert b"+CIPSSLCCONF:2,2,0,1\r\n" in host.ask(b"AT+CIPSSLCCONF?")
+        assert host.ask(b"AT+SYSMSG?") == b"+SYSMSG:2\r\nOK\r\n"
+        host.write(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d\r\n' % echo_server.port)
+        assert host.expect(b"OK\r\n").startswith(b"+LINK_CONN:0,1,")  # SYSMSG bit 1 loaded
+        event = daemon.wait_event("socket_options", link_id=1)[-1]
+        assert (event["so_linger"], event["tcp_nodelay"], event["keep_alive"]) == (3, 1, 45)
+        host.command(b"AT+CIPTCPOPT=4,,1,,")
+        saved = json.loads((daemon.state_dir / "nvs.json").read_text())["values"]
+        assert saved["tcpopts"][1] == {"so_linger": 3, "tcp_nodelay": 1, "so_sndtimeo": 4000, "keep_alive": 45}
+        assert saved["tcpopts"][4]["tcp_nodelay"] == 1
+        # Closed first: right after a reset a link the reset dropped may still count as open
+        # until its worker has closed it, and AT+CIPMUX=1 would be refused (not this test's subject).
+        host.command(b"AT+CIPCLOSE=1")
+        host.write(b"AT+RST\r\n")
+        host.expect(b"\r\nready\r\n")
+        host.command(b"AT+CIPMUX=1")
+        after_reset = host.ask(b"AT+CIPTCPOPT?")
+        assert b"+CIPTCPOPT:1,3,1,4000,45\r\n" in after_reset and b"+CIPTCPOPT:4,-1,1,0,0\r\n" in after_reset
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_cipstart_keep_alive_is_shared(daemon: Daemon, echo_server):

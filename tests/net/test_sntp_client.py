@@ -82,7 +82,7 @@ def test_answer_sets_the_clock_and_updates_once(run, servers):
     server = servers(reply_at(Y2038))
 
     async def main():
-        client = SntpClient(DeviceClock(), port=server.port)
+        client = SntpClient(DeviceClock(), port=server.port, spawn=asyncio.create_task)
         device = Device(interval=0.2)
         client.start(["127.0.0.1"], device)
         await until(lambda: len(server.requests) >= 3)  # three syncs, one update
@@ -99,7 +99,7 @@ def test_restart_updates_again(run, servers):
     server = servers(reply_at(Y2038))
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device()
         client.start(["127.0.0.1"], device)
         await until(lambda: device.updates == 1)
@@ -121,7 +121,7 @@ def test_bad_answers_are_ignored_and_logged(run, servers, answer, reason):
     server = servers(answer)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device()
         with capture_logs() as logs:
             client.start(["127.0.0.1"], device)
@@ -140,7 +140,7 @@ def test_answer_from_another_port_is_ignored(run, servers):
     server = servers(reply_at(Y2038), reply_from_other_port=True)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         with capture_logs() as logs:
             client.start(["127.0.0.1"], Device())
             await until(lambda: any(e["event"] == "sntp_no_answer" for e in logs))
@@ -161,7 +161,7 @@ def test_kiss_of_death_moves_on_to_the_next_server_at_once(run, servers, monkeyp
         pytest.skip(good)
 
     async def main():
-        client = SntpClient(port=denying.port)
+        client = SntpClient(port=denying.port, spawn=asyncio.create_task)
         device = Device()
         with capture_logs() as logs:
             client.start(["127.0.0.1", "127.0.0.2"], device)
@@ -182,7 +182,7 @@ def test_silent_server_retries_without_flooding(run, servers):
     server = servers(silent)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device()
         client.start(["127.0.0.1"], device)
         await asyncio.sleep(2.0)  # rounds of 0.3 s wait + 0.5 s pause
@@ -198,7 +198,7 @@ def test_offline_sends_nothing_until_woken(run, servers):
     server = servers(reply_at(Y2038))
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device(online=False)
         client.start(["127.0.0.1"], device)
         await asyncio.sleep(0.2)  # an offline device's client would send within this
@@ -216,7 +216,7 @@ def test_ignored_replies_are_logged_at_most_once_per_reason_a_while(run, servers
     server = servers(lambda request: b"x")
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         with capture_logs() as logs:
             client.start(["127.0.0.1"], Device())
             await until(lambda: len(server.requests) >= 3)
@@ -236,7 +236,7 @@ def test_toggling_leaks_no_socket_and_sends_no_late_update(run, servers):
     server = servers(reply_at(Y2038))
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device()
         before, tasks = _open_fds(), asyncio.all_tasks()
         for turn in range(300):
@@ -259,7 +259,7 @@ def test_rounds_without_answer_leak_no_socket(run, servers):
     server = servers(silent)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         before = _open_fds()
         client.start(["127.0.0.1", "127.0.0.1"], Device())
         await until(lambda: len(server.requests) >= 6, timeout=10)
@@ -290,7 +290,7 @@ def test_a_flood_of_guessed_cookies_neither_hides_the_answer_nor_stalls_the_loop
     server = servers(flooding(100), pass_send=True)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device()
         lags = []
         with capture_logs() as logs:
@@ -317,7 +317,7 @@ def test_ipv6_servers_only_with_ipv6(run, ipv6):
         pytest.skip(server)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device(ipv6=ipv6)
         with capture_logs() as logs:
             client.start(["::1"], device)
@@ -342,7 +342,7 @@ def test_a_huge_datagram_is_read_in_part_and_still_checked(run, servers):
     server = servers(lambda request: good(request) + b"\0" * 60_000)
 
     async def main():
-        client = SntpClient(port=server.port)
+        client = SntpClient(port=server.port, spawn=asyncio.create_task)
         device = Device()
         client.start(["127.0.0.1"], device)
         await until(lambda: device.updates == 1)
@@ -365,7 +365,7 @@ def test_a_name_with_many_addresses_costs_one_request(run):
             return ("127.0.0.140",)
 
     async def main():
-        client = SntpClient(port=first.port)
+        client = SntpClient(port=first.port, spawn=asyncio.create_task)
         device = Named()
         client.start(["many.example"], device)
         await until(lambda: device.updates == 1)

@@ -33,7 +33,7 @@ def test_waits_reminds_and_reopens_with_the_settings_in_force(tmp_path, monkeypa
 
     async def main() -> list[int]:
         backs: list[int] = []
-        watch = Replug(port, backs.append)
+        watch = Replug(port, backs.append, asyncio.create_task)
         os.close(master)
         os.close(slave)
         link.unlink()
@@ -98,7 +98,7 @@ def test_a_lost_device_is_let_go_of_while_away(tmp_path, monkeypatch):
     held: list[int] = []
 
     async def main() -> None:
-        watch = Replug(port, lambda fd: None)
+        watch = Replug(port, lambda fd: None, asyncio.create_task)
         os.close(master)
         os.close(slave)
         link.unlink()
@@ -130,7 +130,7 @@ def test_a_path_that_returns_as_another_kind_of_device_is_not_taken(tmp_path, mo
 
     async def main() -> list[int]:
         backs: list[int] = []
-        watch = Replug(port, backs.append)
+        watch = Replug(port, backs.append, asyncio.create_task)
         os.close(master)
         os.close(slave)
         link.unlink()

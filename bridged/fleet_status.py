@@ -5,7 +5,10 @@ Theory of operation.  Device ``i``'s control socket is ``D/run/i/control.sock``
 (the fleet hands it ``D/run/i`` as ``$RUNTIME_DIRECTORY``; see
 `bridged.ops.protocol.daemon_path`).  The path is derived from ``D`` and the
 index, never taken from the manifest, and a device whose pid is not its
-``bridged run`` any more is not asked at all.  Requests go out from a
+``bridged run`` any more is not asked at all.  A reply is checked before it is used (`row`): a device
+that answers something else than a status (a wrong type, a negative or
+infinite count, nesting past `MAX_DEPTH`) is shown with a bad status reply,
+never a traceback.  Requests go out from a
 bounded pool of threads (`MAX_PARALLEL`), each with one deadline for its
 connect, request and reply: a device that is stopped, wedged or slow costs
 at most that long and is shown as not answering, so the command's time is
@@ -19,6 +22,7 @@ per fault name.
 
 from __future__ import annotations
 
+import math
 import socket
 import time
 from collections import Counter
@@ -35,6 +39,7 @@ from bridged.status_cli import _duration, printable
 __all__ = ["DeviceRow", "MAX_PARALLEL", "NoAnswer", "SHOW_ALL_UP_TO", "Totals", "ask", "control_path", "fan_out",
            "render", "row", "totals"]
 
+MAX_DEPTH = 32  # nesting of a status reply (bridged's own is 4 deep)
 SHOW_ALL_UP_TO = 50  # past this many devices the table lists only the unhealthy ones
 MAX_PARALLEL = 16  # the daemon's own MAX_CLIENTS; the machine's cores, not the sockets, limit us
 T = TypeVar("T")
@@ -138,24 +143,66 @@ class DeviceRow:
         return within_ms is None or (self.at_ms is not None and self.at_ms <= within_ms)
 
 
-def row(entry: dict[str, Any], alive: bool, status: dict[str, Any] | None, problem: str | None) -> DeviceRow:
-    """A device's row from its manifest entry and its status reply (None: no answer)."""
+def _of(kind: type, value: Any, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is not a{'n object' if kind is dict else ' list'}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    """A count, a number of bytes or of seconds: finite, at least 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{what} is {value!r:.40}, not a number from 0")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    return int(_number(value, what))
+
+
+def _depth_ok(value: Any) -> bool:
+    """No list or object nested deeper than MAX_DEPTH (asdict and json.dumps recurse)."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                return False
+            todo += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return True
+
+
+def row(entry: dict[str, Any], alive: bool, status: Any, problem: str | None) -> DeviceRow:
+    """A device's row from its manifest entry and its status reply (None: no answer).
+
+    Raises:
+        ValueError: ``status`` is not a status (what is wrong in it, for the row's problem).
+    """
     base = dict(index=int(entry["index"]), pid=int(entry["pid"]), state=str(entry["state"]),
                 fleet_restarts=int(entry.get("restarts", 0)), alive=alive)
     if status is None:
         return DeviceRow(**base, answering=False, problem=problem)
-    links = status.get("links", [])
-    faults = status.get("faults") or {}
+    if not _depth_ok(_of(dict, status, "status")):
+        raise ValueError(f"status is nested more than {MAX_DEPTH} deep")
+    links = [_of(dict, link, "a link") for link in _of(list, status.get("links", []), "links")]
+    faults = _of(dict, status.get("faults") or {}, "faults")
+    counts = _of(dict, faults.get("counts") or {}, "faults.counts")
+    uart = _of(dict, status.get("uart"), "uart")
+    uptime = status.get("uptime_s")
+    seed = faults.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int | None):
+        raise ValueError(f"faults.seed is {seed!r:.40}, not a whole number")
     return DeviceRow(
-        **base, answering=True, problem=None, uptime_s=status.get("uptime_s"),
-        front_restarts=int(status.get("front_restarts", 0)),
-        worker_restarts=sum(int(link.get("restarts", 0)) for link in links),
+        **base, answering=True, problem=None, uptime_s=None if uptime is None else _number(uptime, "uptime_s"),
+        front_restarts=_count(status.get("front_restarts", 0), "front_restarts"),
+        worker_restarts=sum(_count(link.get("restarts", 0), "a link's restarts") for link in links),
         links_open=sum(link.get("state") == "open" for link in links),
-        uart_up=int(status["uart"]["bytes_in"]), uart_down=int(status["uart"]["bytes_out"]),
-        net_up=sum(link.get("bytes_up") or 0 for link in links),
-        net_down=sum(link.get("bytes_down") or 0 for link in links),
-        warnings=len(status.get("errors", [])), wifi=str(status.get("wifi", "")),
-        fault_seed=faults.get("seed"), faults={str(k): int(v) for k, v in (faults.get("counts") or {}).items()},
+        uart_up=_count(uart.get("bytes_in"), "uart.bytes_in"),
+        uart_down=_count(uart.get("bytes_out"), "uart.bytes_out"),
+        net_up=sum(_count(link.get("bytes_up") or 0, "a link's bytes_up") for link in links),
+        net_down=sum(_count(link.get("bytes_down") or 0, "a link's bytes_down") for link in links),
+        warnings=len(_of(list, status.get("errors", []), "errors")), wifi=str(status.get("wifi", "")),
+        fault_seed=seed, faults={str(k): _count(v, "a fault count") for k, v in counts.items()},
         status=status)
 
 

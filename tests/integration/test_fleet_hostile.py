@@ -1,0 +1,138 @@
+"""bridged fleet against what it does not control: control sockets that answer garbage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bridged import launch
+from bridged.fleet import DeviceState, Fleet, FleetSpec, _bind_notify
+
+
+# A control socket that answers every request with argv[2] (raw bytes after the length), or
+# never (argv[2] == "silent"); argv[3] is there for fleet status to take it for device 0's
+# `bridged run --pty D/ttyESP0` (bridged.fleet_cli._alive); with argv[4] it listens as that
+# uid (SO_PEERCRED takes the credentials of listen()).
+FAKE_DEVICE = r"""
+import os, socket, struct, sys, time
+path, reply = sys.argv[1], sys.argv[2].encode()
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+if len(sys.argv) > 4:
+    os.setresgid(int(sys.argv[4]), int(sys.argv[4]), int(sys.argv[4]))
+    os.setresuid(int(sys.argv[4]), int(sys.argv[4]), int(sys.argv[4]))
+server.listen(8)
+print("listening", flush=True)
+while True:
+    conn, _ = server.accept()
+    try:
+        conn.settimeout(5)
+        size = struct.unpack(">I", conn.recv(4))[0]
+        while size > 0:
+            size -= len(conn.recv(size)) or size
+        if reply == b"silent":
+            time.sleep(30)
+        conn.sendall(struct.pack(">I", len(reply)) + reply)
+    except (OSError, struct.error):
+        pass  # a client that went away (one that would not ask us)
+    conn.close()
+"""
+
+
+class FakeFleet:
+    """A fleet directory whose manifest names one device, served by FAKE_DEVICE (pid ``pid``
+    in the manifest: the fake's own unless given)."""
+
+    def __init__(self, directory: Path, reply: str, uid: int | None = None) -> None:
+        self.dir = directory
+        directory.mkdir(mode=0o700, exist_ok=True)
+        run = directory / "run" / "0"
+        run.mkdir(parents=True, mode=0o700)
+        as_uid = () if uid is None else (str(uid),)
+        self.proc = subprocess.Popen([sys.executable, "-c", FAKE_DEVICE, str(run / "control.sock"), reply,
+                                      str(directory / "ttyESP0"), *as_uid], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "listening\n"
+        self.write_manifest(self.proc.pid)
+
+    def write_manifest(self, pid: int) -> None:
+        devices = [{"index": 0, "pid": pid, "state": "ready", "pty": str(self.dir / "ttyESP0")}]
+        (self.dir / "fleet.json").write_text(json.dumps({"pid": 0, "running": False, "devices": devices}))
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bridged", "fleet", *args[:1], "--dir", str(self.dir),
+                               *args[1:]], capture_output=True, text=True, timeout=30)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def fake_fleet(tmp_path):
+    fakes: list[FakeFleet] = []
+
+    def make(reply: str, name: str = "fleet", uid: int | None = None) -> FakeFleet:
+        fakes.append(FakeFleet(tmp_path / name, reply, uid))
+        return fakes[-1]
+
+    yield make
+    for fake in fakes:
+        fake.close()
+
+
+GOOD = {"uart": {"bytes_in": 3, "bytes_out": 4}, "links": [], "uptime_s": 12.5}
+
+
+@pytest.mark.parametrize("status, why", [
+    ([1], "status is not an object"),
+    ({**GOOD, "links": ["x"]}, "a link is not an object"),
+    ({**GOOD, "uptime_s": "soon"}, "uptime_s is 'soon'"),
+    ({**GOOD, "uart": {"bytes_in": 1e400, "bytes_out": 0}}, "uart.bytes_in is inf"),
+    ({**GOOD, "faults": {"counts": {"at_busy": -1}}}, "a fault count is -1"),
+    ({**GOOD, "faults": "many"}, "faults is not an object"),
+    ({**GOOD, "x": json.loads("[" * 900 + "]" * 900)}, "nested more than 32 deep"),
+])
+def test_a_device_answering_garbage_is_a_bad_reply_not_a_traceback(fake_fleet, status, why):
+    """A control socket whose status reply is not a status (wrong types, a negative or
+    infinite count, deep nesting): the device is shown as not answering, with why, in the
+    table and in --json; exit 1, no traceback."""
+    fake = fake_fleet(json.dumps({"ok": True, "status": status}))
+    for extra in ((), ("--json",)):
+        done = fake.run("status", *extra)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert why in done.stdout and "bad status reply" in done.stdout, done.stdout
+
+
+def test_fleet_status_of_a_good_fake_is_healthy(fake_fleet):
+    """The fake answers a well-formed status: healthy, exit 0 (what the garbage cases differ from)."""
+    fake = fake_fleet(json.dumps({"ok": True, "status": GOOD}))
+    done = fake.run("status", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (device,) = json.loads(done.stdout)["devices"]
+    assert (device["answering"], device["uart_up"], device["uptime_s"]) == (True, 3, 12.5)
+
+
+@pytest.mark.parametrize("reply", [{"ok": True, "fault": "at_busy", "for_s": "long"},
+                                   {"ok": True, "fault": "at_busy", "links": 5},
+                                   {"ok": True, "fault": "\x1b[2J", "armed": [1]}])
+def test_a_fault_reply_of_another_shape_is_shown_not_a_traceback(fake_fleet, reply):
+    """fleet fault: a reply of an unexpected shape is printed as it came (escaped), exit 0, no traceback."""
+    fake = fake_fleet(json.dumps(reply))
+    done = fake.run("fault", "at_busy", "--device", "0")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith("device 0: ") and "the reply: " in done.stdout and "\x1b" not in done.stdout
+
+
+def test_a_silent_device_costs_its_timeout_only(fake_fleet):
+    """A device whose socket accepts and never answers: not answering after --timeout, exit 1."""
+    fake = fake_fleet("silent")
+    started = time.monotonic()
+    done = fake.run("status", "--timeout", "0.5")
+    assert done.returncode == 1 and "NOT ANSWERING: no answer within 0.5 s" in done.stdout, done.stdout
+    assert time.monotonic() - started < 10

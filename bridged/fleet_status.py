@@ -5,7 +5,10 @@ Theory of operation.  Device ``i``'s control socket is ``D/run/i/control.sock``
 (the fleet hands it ``D/run/i`` as ``$RUNTIME_DIRECTORY``; see
 `bridged.ops.protocol.daemon_path`).  The path is derived from ``D`` and the
 index, never taken from the manifest, and a device whose pid is not its
-``bridged run`` any more is not asked at all.  A reply is checked before it is used (`row`): a device
+``bridged run`` any more is not asked at all.  The socket must be served by
+that pid, under our uid (SO_PEERCRED): one that another process made or took
+over is not asked (`bridged.fleet_cli` refuses, too, a fleet directory other
+users may write).  A reply is checked before it is used (`row`): a device
 that answers something else than a status (a wrong type, a negative or
 infinite count, nesting past `MAX_DEPTH`) is shown with a bad status reply,
 never a traceback.  Requests go out from a
@@ -23,7 +26,9 @@ per fault name.
 from __future__ import annotations
 
 import math
+import os
 import socket
+import struct
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +47,7 @@ __all__ = ["DeviceRow", "MAX_PARALLEL", "NoAnswer", "SHOW_ALL_UP_TO", "Totals", 
 MAX_DEPTH = 32  # nesting of a status reply (bridged's own is 4 deep)
 SHOW_ALL_UP_TO = 50  # past this many devices the table lists only the unhealthy ones
 MAX_PARALLEL = 16  # the daemon's own MAX_CLIENTS; the machine's cores, not the sockets, limit us
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -69,12 +75,21 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(data)
 
 
-def ask(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request on a fresh connection, all of it within ``timeout`` seconds.
+def _check_server(sock: socket.socket, pid: int) -> None:
+    """The listening socket was made by ``pid`` under our uid (the device's supervisor binds it)."""
+    peer_pid, peer_uid, _gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+    if peer_uid != os.geteuid() or peer_pid != pid:
+        raise NoAnswer(f"its control socket is served by pid {peer_pid} (uid {peer_uid}), "
+                       f"not by the device (pid {pid}, uid {os.geteuid()}): not asked")
+
+
+def ask(path: Path, req: dict[str, Any], timeout: float, pid: int | None = None) -> dict[str, Any]:
+    """One request on a fresh connection, all of it within ``timeout`` seconds; with
+    ``pid``, only if the socket is served by that process, under our uid.
 
     Raises:
-        NoAnswer: no socket, refused, timed out, closed, or a reply that is
-            not a message or says ``ok: false``.
+        NoAnswer: no socket, refused, timed out, closed, someone else's socket, or
+            a reply that is not a message or says ``ok: false``.
     """
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -82,6 +97,8 @@ def ask(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
         sock.settimeout(timeout)
         with sun_address(path) as address:
             sock.connect(address)
+        if pid is not None:
+            _check_server(sock, pid)
         sock.sendall(encode(req))
         (size,) = HEADER.unpack(_recv_exact(sock, HEADER.size, deadline))
         if size > MAX_REPLY:

@@ -1,4 +1,5 @@
-"""bridged fleet against what it does not control: control sockets that answer garbage."""
+"""bridged fleet against what it does not control: control sockets that answer garbage
+or belong to someone else, a fleet directory other users may write."""
 
 from __future__ import annotations
 
@@ -127,6 +128,43 @@ def test_a_fault_reply_of_another_shape_is_shown_not_a_traceback(fake_fleet, rep
     done = fake.run("fault", "at_busy", "--device", "0")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.startswith("device 0: ") and "the reply: " in done.stdout and "\x1b" not in done.stdout
+
+
+def test_a_socket_not_served_by_the_device_is_not_asked(fake_fleet, tmp_path):
+    """The manifest's device 0 is a process of ours named like a device, the socket at its
+    path another process's: neither status nor fault asks it (the device shows as not answering)."""
+    fake = fake_fleet(json.dumps({"ok": True, "status": GOOD, "fault": "at_busy", "armed": 1}))
+    impostor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(fake.dir / "ttyESP0")])
+    try:
+        fake.write_manifest(impostor.pid)
+        done = fake.run("status")
+        assert done.returncode == 1 and f"served by pid {fake.proc.pid}" in done.stdout, done.stdout
+        done = fake.run("fault", "at_busy", "--device", "0")
+        assert done.returncode == 1 and f"served by pid {fake.proc.pid}" in done.stdout, done.stdout
+    finally:
+        impostor.kill()
+        impostor.wait(5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as another uid")
+def test_another_users_socket_is_not_asked(fake_fleet):
+    """Device 0's socket is served by another uid (its pid the manifest's): not asked."""
+    fake = fake_fleet(json.dumps({"ok": True, "status": GOOD}), uid=65534)
+    done = fake.run("status")
+    assert done.returncode == 1 and "(uid 65534)" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777])
+def test_a_fleet_directory_others_may_write_is_refused(fake_fleet, mode):
+    """status and fault on a directory other users may write: exit 2, one line, no device asked
+    (its manifest and sockets could be theirs)."""
+    fake = fake_fleet(json.dumps({"ok": True, "status": GOOD, "fault": "at_busy", "armed": 1}))
+    fake.dir.chmod(mode)
+    for args in (("status",), ("fault", "at_busy", "--all")):
+        done = fake.run(*args)
+        assert done.returncode == 2 and done.stdout == "", done
+        assert done.stderr.startswith(f"bridged fleet: --dir: {fake.dir} is writable by others"), done.stderr
+        assert len(done.stderr.splitlines()) == 1
 
 
 def test_a_silent_device_costs_its_timeout_only(fake_fleet):

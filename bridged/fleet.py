@@ -65,7 +65,7 @@ import structlog
 
 from bridged import systemd
 from bridged.spawn import read_wakeup
-from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
+from bridged.launch import daemon_argv, exit_status, finish, kill_group, spawn
 
 __all__ = ["Device", "DeviceState", "Fleet", "FleetSpec", "MANIFEST", "device_paths"]
 
@@ -307,15 +307,12 @@ class Fleet:
         for device in self.devices:
             if device.proc is None or device.state not in (DeviceState.STARTING, DeviceState.READY):
                 continue
-            code = device.proc.poll()
-            if code is not None:
-                self._died(device, code)
+            if exit_status(device.proc) is not None:
+                # Its front and workers, should any be left, are killed before it is reaped.
+                self._died(device, finish(device.proc, device.paths.pty))
 
     def _died(self, device: Device, code: int) -> None:
         pid = device.pid
-        if pid > 0:  # 0: never started (killpg(0) would be the fleet's own group)
-            kill_group(pid, signal.SIGKILL)  # its front and workers, should any be left
-            remove_leaks(pid, device.paths.pty)
         now = time.monotonic()
         fast = device.ready_at is None or now - device.ready_at < _FAST_DEATH
         device.failures = device.failures + 1 if fast else 1
@@ -343,7 +340,9 @@ class Fleet:
         log.info("fleet_stopping")
         systemd.stopping()
         self._signals.clear()
-        running = [d for d in self.devices if d.proc is not None and d.proc.poll() is None]
+        # Not reaped yet (one that exited unseen is still a zombie holding its pid): each
+        # is reaped by _stopped, after its group was killed (bridged.launch.finish).
+        running = [d for d in self.devices if d.proc is not None and d.proc.returncode is None]
         waiting, stopping = list(running), {}  # device -> its deadline
         while waiting or stopping:
             while waiting and len(stopping) < self.spec.concurrency:
@@ -357,17 +356,16 @@ class Fleet:
             self._take_signals()  # SIGCHLD from the exits, or the user asking again
             hurry = signal.SIGTERM in self._signals or signal.SIGINT in self._signals
             for index, (device, deadline) in list(stopping.items()):
-                if device.proc.poll() is None and (hurry or time.monotonic() > deadline):
+                if exit_status(device.proc) is None and (hurry or time.monotonic() > deadline):
                     log.error("device_killed", index=device.index, pid=device.pid,
                               hint="stop asked again" if hurry else "it did not stop within 10 s")
                     kill_group(device.pid, signal.SIGKILL)
-                    device.proc.wait(5)
-                if device.proc.poll() is not None:
+                    del stopping[index]  # _stopped waits for its end
+                elif exit_status(device.proc) is not None:
                     del stopping[index]
             if hurry:
                 for device in waiting:
                     kill_group(device.pid, signal.SIGKILL)
-                    device.proc.wait(5)
                 waiting.clear()
         clean = all([self._stopped(d) for d in running])
         for device in self.devices:
@@ -381,11 +379,8 @@ class Fleet:
 
     @staticmethod
     def _stopped(device: Device) -> bool:
-        """Clean up after a device that has exited; True if it stopped cleanly."""
-        code = device.proc.returncode
-        kill_group(device.pid, signal.SIGKILL)  # nothing should be left; make sure
-        if code != 0:
-            remove_leaks(device.pid, device.paths.pty)
+        """Clean up after a device that has exited (or was killed); True if it stopped cleanly."""
+        code = finish(device.proc, device.paths.pty)  # nothing of it should be left; make sure
         # SIGTERM's default action: the device was still importing, nothing to clean.
         if code in (0, -signal.SIGTERM):
             return True

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bridged.atclient import AtClient
-from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
+from bridged.launch import daemon_argv, exit_status, finish, kill_group, spawn
 from bridged.ops.protocol import ProtocolError, request
 from bridged.testing._config import Overrides, merge, normalise, to_toml
 from bridged.testing.transcript import TranscriptFollower, TranscriptMark
@@ -171,8 +171,8 @@ class Device:
         assert self.proc is not None
         deadline = time.monotonic() + self.options.start_timeout
         while True:
-            if self.proc.poll() is not None:
-                raise DeviceError(f"bridged exited with status {self.proc.returncode} before it was ready "
+            if (code := exit_status(self.proc)) is not None:
+                raise DeviceError(f"bridged exited with status {code} before it was ready "
                                   f"(profile {self.options.profile!r}):\n{self.log_tail()}")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -196,16 +196,13 @@ class Device:
             self._transcript.close()  # what it read stays; a later wait reopens the file
         proc = self.proc
         if proc is not None and self.exit_code is None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                self.exit_code = proc.wait(self.options.stop_timeout)
+            if exit_status(proc) is None:  # (Popen.send_signal would reap it: see bridged.launch)
+                os.kill(proc.pid, signal.SIGTERM)
+            try:  # what a supervisor that did not stop in order left behind goes too
+                self.exit_code = finish(proc, self.port, self.options.stop_timeout)
             except subprocess.TimeoutExpired:
                 kill_group(proc.pid)
-                self.exit_code = proc.wait(5)
-            if self.exit_code != 0:  # what a supervisor that did not stop in order left behind
-                kill_group(proc.pid)
-                remove_leaks(proc.pid, self.port)
+                self.exit_code = finish(proc, self.port)
         if self._short_run_dir is not None:
             shutil.rmtree(self._short_run_dir, ignore_errors=True)
             self._short_run_dir = None
@@ -298,7 +295,7 @@ class Device:
                      else follower.find_bytes(direction, pattern))
             if found is not None:
                 return found
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None or exit_status(self.proc) is not None:
                 raise DeviceError(f"waiting for {pattern!r} in the transcript: the device is not running"
                                   f"{self._died()}")
             if time.monotonic() > deadline:
@@ -322,8 +319,8 @@ class Device:
                 f"--- {self.log_path} ---\n") + text[-chars:]
 
     def _died(self) -> str:
-        if self.proc is not None and self.proc.poll() is not None:
-            return f"; bridged exited with status {self.proc.returncode}:\n{self.log_tail()}"
+        if self.proc is not None and (code := exit_status(self.proc)) is not None:
+            return f"; bridged exited with status {code}:\n{self.log_tail()}"
         return ""
 
 

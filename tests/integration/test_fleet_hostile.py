@@ -1,10 +1,12 @@
-"""bridged fleet against what it does not control: control sockets that answer garbage
-or belong to someone else, a fleet directory other users may write."""
+"""bridged fleet against what it does not control: devices that exit while the fleet
+looks away (their pid may be another program's once reaped), control sockets that answer
+garbage or belong to someone else, a fleet directory other users may write."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,61 @@ import pytest
 
 from bridged import launch
 from bridged.fleet import DeviceState, Fleet, FleetSpec, _bind_notify
+
+
+class KillpgSpy:
+    """Records every os.killpg whose group id was no longer held by a process of ours
+    (reaped already: the number may be another program's group by then)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.stale: list[int] = []
+        real = os.killpg
+
+        def spy(pgid: int, sig: int) -> None:
+            if not os.path.exists(f"/proc/{pgid}"):
+                self.stale.append(pgid)
+            real(pgid, sig)
+
+        monkeypatch.setattr(os, "killpg", spy)
+
+
+def _fleet(tmp_path: Path, count: int) -> Fleet:
+    """A Fleet whose devices are `sleep 60` sessions (the fleet's own processes, not bridged)."""
+    fleet = Fleet(FleetSpec(count, tmp_path, concurrency=count))
+    fleet._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    os.close(wakeup_w)
+    fleet._notify = _bind_notify(fleet.notify_name)
+    (tmp_path / "logs").mkdir()
+    for device in fleet.devices:
+        device.proc = launch.spawn(["sleep", "60"], device.paths.log)
+        device.state = DeviceState.READY
+    return fleet
+
+
+def test_a_dead_device_group_is_killed_before_it_is_reaped(tmp_path, monkeypatch):
+    """A device that died and one stopped by the fleet: their process groups are signalled
+    while the dead supervisor still holds its pid (a zombie), never after it was reaped."""
+    fleet = _fleet(tmp_path, 2)
+    spy = KillpgSpy(monkeypatch)
+    try:
+        dead = fleet.devices[0].proc
+        os.kill(dead.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while launch.exit_status(dead) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        fleet._reap()
+        assert fleet.devices[0].state is DeviceState.BACKOFF and dead.returncode == -signal.SIGKILL
+        fleet.devices[0].state = DeviceState.STOPPED  # not restarted by this test
+        assert fleet.stop() == 0
+        assert fleet.devices[1].proc.returncode == -signal.SIGTERM
+        assert spy.stale == [], "killpg of a reaped device's group"
+    finally:
+        for device in fleet.devices:
+            if device.proc is not None and device.proc.returncode is None:
+                device.proc.kill()
+                device.proc.wait(5)
+        fleet._notify.close()
+        os.close(fleet._wakeup_r)
 
 
 # A control socket that answers every request with argv[2] (raw bytes after the length), or

@@ -61,6 +61,7 @@ import structlog
 
 from bridged import caps, spawn, systemd
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
+from bridged.faults import tally
 from bridged.faults.seed import children_started, faults_seeded, log_seed, mark_epoch
 from bridged.ipc.control import ControlError, recv_message, send_message, socketpair
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
@@ -123,6 +124,7 @@ class Supervisor:
         try:
             # Ours to hand down at fork, not to use (bridged.caps).
             caps.limit(caps.Cap, effective=False, hand_down=True)
+            tally.create()  # before any fork: every front counts faults in it (bridged.faults.tally)
             self._install_signals()
             # The control socket first: once the pty's link is there (what scripts and
             # tests wait for), `bridged status` finds the socket too.
@@ -349,6 +351,7 @@ class Supervisor:
             if other != link_id:
                 for ring in pair:
                     ring.close()
+        tally.release()  # the front's fault counts
 
     def _fork(self, child: Child, target: Callable[[], int]) -> int:
         table = self.host_overrides

@@ -6,9 +6,9 @@ Theory of operation.  Device ``i``'s control socket is ``D/run/i/control.sock``
 `bridged.ops.protocol.daemon_path`).  The path is derived from ``D`` and the
 index, never taken from the manifest, and a device whose pid is not its
 ``bridged run`` any more is not asked at all.  The socket must be served by
-that pid, under our uid (SO_PEERCRED): one that another process made or took
-over is not asked (`bridged.fleet_cli` refuses, too, a fleet directory other
-users may write).  A reply is checked before it is used (`row`): a device
+that pid or its child (the front), under our uid (SO_PEERCRED): one that
+another process made or took over is not asked (`bridged.fleet_cli` refuses,
+too, a fleet directory other users may write).  A reply is checked before it is used (`row`): a device
 that answers something else than a status (a wrong type, a negative or
 infinite count, nesting past `MAX_DEPTH`) is shown with a bad status reply,
 never a traceback.  Requests go out from a
@@ -75,17 +75,27 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(data)
 
 
+def _parent(pid: int) -> int:
+    """``pid``'s parent, 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return int(file.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _check_server(sock: socket.socket, pid: int) -> None:
-    """The listening socket was made by ``pid`` under our uid (the device's supervisor binds it)."""
+    """The socket listens under our uid in ``pid`` (the device's supervisor binds it) or a
+    child of it (its front serves it: asyncio's listen() again makes the front the peer)."""
     peer_pid, peer_uid, _gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
-    if peer_uid != os.geteuid() or peer_pid != pid:
+    if peer_uid != os.geteuid() or pid not in (peer_pid, _parent(peer_pid)):
         raise NoAnswer(f"its control socket is served by pid {peer_pid} (uid {peer_uid}), "
-                       f"not by the device (pid {pid}, uid {os.geteuid()}): not asked")
+                       f"not by the device (pid {pid}, uid {os.geteuid()}) or its front: not asked")
 
 
 def ask(path: Path, req: dict[str, Any], timeout: float, pid: int | None = None) -> dict[str, Any]:
     """One request on a fresh connection, all of it within ``timeout`` seconds; with
-    ``pid``, only if the socket is served by that process, under our uid.
+    ``pid``, only if the socket is served by that process or its child, under our uid.
 
     Raises:
         NoAnswer: no socket, refused, timed out, closed, someone else's socket, or

@@ -231,3 +231,19 @@ def test_a_silent_device_costs_its_timeout_only(fake_fleet):
     done = fake.run("status", "--timeout", "0.5")
     assert done.returncode == 1 and "NOT ANSWERING: no answer within 0.5 s" in done.stdout, done.stdout
     assert time.monotonic() - started < 10
+
+
+def test_bridged_fault_escapes_what_the_daemon_says(tmp_path):
+    """`bridged fault` on one daemon: a reply whose words hold an escape sequence is printed escaped."""
+    path = tmp_path / "control.sock"
+    reply = json.dumps({"ok": True, "fault": "\x1b]0;pwned\x07", "armed": 1})
+    fake = subprocess.Popen([sys.executable, "-c", FAKE_DEVICE, str(path), reply, "-"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout.readline() == "listening\n"
+        done = subprocess.run([sys.executable, "-m", "bridged", "fault", "at_busy", "--control", str(path)],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "\\x1b]0;pwned\\x07: armed for the next 1 occasion(s)\n", done.stdout
+    finally:
+        fake.kill()
+        fake.wait(5)

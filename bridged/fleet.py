@@ -11,7 +11,10 @@ goes to ``D/logs/i.log``. ``D/run/i`` is its runtime directory, passed as
 (``D/run/i/control.sock``, asked by ``bridged fleet status`` and ``fault``).
 
 Readiness is systemd's: every device gets ``$NOTIFY_SOCKET`` naming one
-abstract datagram socket of the fleet, and its supervisor sends ``READY=1``
+datagram socket of the fleet, ``D/run/notify.sock`` (in a folder only we may
+enter: an abstract socket is listed in /proc/net/unix and any local user
+could flood it, delaying every READY=1; one in the abstract namespace only
+when that path is too long for a socket address), and its supervisor sends ``READY=1
 once the front has said ``ready`` on the pty. The kernel attaches the sender's
 pid (``SO_PASSCRED``), which says which device is ready. Nothing is written to
 a device's pty by the fleet, so a host opening it later still finds ``ready``.
@@ -79,6 +82,7 @@ _FAST_DEATH = 10.0
 _MAX_FAILURES = 5
 _MAX_BACKOFF = 30.0
 _MANIFEST_EVERY = 0.25
+_SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
 # Inherited variables a device must not take as its own.
 _DROPPED_ENV = ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
                 "STATE_DIRECTORY")
@@ -151,7 +155,9 @@ class Fleet:
         self.spec = spec
         self.directory = spec.directory.resolve()
         self.devices = [Device(i, device_paths(self.directory, i)) for i in range(spec.count)]
-        self.notify_name = f"@bridged-fleet-{os.getpid()}-{secrets.token_hex(4)}"
+        notify_path = self.directory / "run" / "notify.sock"
+        self.notify_name = (str(notify_path) if len(os.fsencode(notify_path)) <= _SUN_PATH_MAX
+                            else f"@bridged-fleet-{os.getpid()}-{secrets.token_hex(4)}")
         self._notify: socket.socket | None = None
         self._wakeup_r = -1
         self._signals = bytearray()
@@ -174,6 +180,8 @@ class Fleet:
             return self._loop()
         finally:
             self._notify.close()
+            if not self.notify_name.startswith("@"):
+                _unlink(self.notify_name)
             signal.set_wakeup_fd(-1)
 
     def _install_signals(self) -> None:
@@ -404,11 +412,23 @@ class Fleet:
 
 
 def _bind_notify(name: str) -> socket.socket:
+    """The notify socket: ``@name`` abstract, else a path (one a dead fleet left is replaced)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # 1000 READY=1 at once
-    sock.bind("\0" + name[1:])
+    if name.startswith("@"):
+        sock.bind("\0" + name[1:])
+    else:
+        _unlink(name)  # (no other fleet runs in D: bridged.fleet_cli checked)
+        sock.bind(name)
     return sock
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _sender_pid(ancdata: list[tuple[int, int, bytes]]) -> int:

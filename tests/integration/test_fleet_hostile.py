@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,8 +40,9 @@ def _fleet(tmp_path: Path, count: int) -> Fleet:
     fleet = Fleet(FleetSpec(count, tmp_path, concurrency=count))
     fleet._wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     os.close(wakeup_w)
-    fleet._notify = _bind_notify(fleet.notify_name)
     (tmp_path / "logs").mkdir()
+    (tmp_path / "run").mkdir()
+    fleet._notify = _bind_notify(fleet.notify_name)
     for device in fleet.devices:
         device.proc = launch.spawn(["sleep", "60"], device.paths.log)
         device.state = DeviceState.READY
@@ -247,3 +249,35 @@ def test_bridged_fault_escapes_what_the_daemon_says(tmp_path):
     finally:
         fake.kill()
         fake.wait(5)
+
+
+# Sends one datagram to the notify socket named as $NOTIFY_SOCKET names it (argv[1]).
+NOTIFY_PROBE = """
+import socket, sys
+name = sys.argv[1]
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.sendto(b"STATUS=flood", "\\0" + name[1:] if name.startswith("@") else name)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_another_user_cannot_reach_the_fleets_notify_socket(tmp_path):
+    """The socket the devices send READY=1 to is out of another local user's reach (who could
+    flood it and hold every device's READY=1 back): a datagram sent as nobody is refused."""
+    from tests.integration.test_fleet import FleetRun
+
+    fleet = FleetRun(tmp_path, 1)
+    try:
+        fleet.wait_for("bridged fleet: 1 of 1 devices ready")
+        pid = fleet.manifest()["devices"][0]["pid"]
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            env = dict(v.split("=", 1) for v in file.read().decode().split("\0") if "=" in v)
+        probe = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                "-c", NOTIFY_PROBE, env["NOTIFY_SOCKET"]], capture_output=True, text=True, timeout=30)
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr, (env["NOTIFY_SOCKET"], probe)
+        probe = subprocess.run([sys.executable, "-c", NOTIFY_PROBE, env["NOTIFY_SOCKET"]],
+                               capture_output=True, text=True, timeout=30)
+        assert probe.returncode == 0, probe.stderr  # (the probe reaches it as the fleet's user)
+    finally:
+        assert fleet.stop() == 0, fleet.out()[-3000:]
+    assert not (fleet.dir / "run" / "notify.sock").exists()

@@ -12,10 +12,10 @@ firmware test sees is what a host sees in the field.  Its directory ``D``::
     D/transcript.log   the AT transcript (``--transcript``), unless switched off
     D/bridged.log      its output: JSON log lines
 
-Ready is systemd's readiness: the device gets ``$NOTIFY_SOCKET`` naming an
-abstract datagram socket of its own, and its supervisor sends ``READY=1``
-once the front has queued ``ready`` for the pty, after ``[firmware]
-boot_ms``.  Nothing is read from the pty, so the MCU side (`Device.at` or a
+Ready is systemd's readiness: the device gets ``$NOTIFY_SOCKET`` naming a
+datagram socket of its own, ``notify.sock`` beside its control socket (a
+folder only our uid may enter), and its supervisor sends ``READY=1`` once
+the front has queued ``ready`` for the pty, after ``[firmware] boot_ms``.  Nothing is read from the pty, so the MCU side (`Device.at` or a
 host program) still finds ``ready`` there, as after power-on.  (Reading
 ``ready`` from the pty would take it from the host; the control socket
 answers before the boot is over.)
@@ -30,9 +30,9 @@ waited for, what it saw instead and the end of the device's log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -42,7 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bridged.atclient import AtClient
 from bridged.launch import daemon_argv, exit_status, finish, kill_group, spawn
@@ -149,7 +149,9 @@ class Device:
         argv += ["--control", str(self.control_path)]
         if self.options.transcript:
             argv += ["--transcript", str(self.transcript_path)]
-        name = f"@bridged-testing-{os.getpid()}-{secrets.token_hex(6)}"
+        # Next to the control socket, in a folder only we may enter: an abstract name is
+        # listed in /proc/net/unix, and any local user could have sent READY=1 to it.
+        name = str(self.control_path.parent / "notify.sock")
         with _notify_socket(name) as notify:
             env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
             env.update(NOTIFY_SOCKET=name, PYTHONUNBUFFERED="1")
@@ -324,10 +326,19 @@ class Device:
         return ""
 
 
-def _notify_socket(name: str) -> socket.socket:
+@contextlib.contextmanager
+def _notify_socket(path: str) -> Iterator[socket.socket]:
+    """A datagram socket bound at ``path`` (one a last start left is replaced), removed after."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    sock.bind("\0" + name[1:])
-    return sock
+    try:
+        sock.bind(path)
+        yield sock
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _take_ready(sock: socket.socket) -> bool:

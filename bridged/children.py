@@ -33,6 +33,7 @@ from typing import Callable
 import structlog
 
 from bridged import caps, spawn
+from bridged.faults import tally
 from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import WorkerStarted
 from bridged.links.main import FRONT_GONE, run_worker
@@ -124,6 +125,7 @@ class Children:
             if other != link_id:
                 for ring in pair:
                     ring.close()
+        tally.release()  # the front's fault counts
 
     def _fork(self, child: Child, target: Callable[[], int]) -> int:
         table = self.host_overrides

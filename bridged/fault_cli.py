@@ -18,13 +18,14 @@ key, a value out of range).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from bridged.faults.catalog import CATALOG, Per, kind
 from bridged.faults.spec import parse_demand
-from bridged.status_cli import _ask, _connect, _Parser, _Unreachable, _UsageError, socket_path
+from bridged.status_cli import _ask, _connect, _Parser, _Unreachable, _UsageError, printable, socket_path
 
 __all__ = ["main", "listing"]
 
@@ -85,15 +86,19 @@ def _params(pairs: list[str]) -> dict[str, str]:
 
 
 def _said(reply: dict[str, Any]) -> str:
+    """The daemon's answer in words; one of another shape is shown as it came (a fleet's
+    device, or another version, may send anything)."""
     name = reply.get("fault", "?")
-    if "links" in reply:
-        return f"{name}: sent to link worker{'s' if len(reply['links']) != 1 else ''} " \
-               f"{', '.join(map(str, reply['links']))}"
-    if "fired" in reply:
+    links, for_s, armed = reply.get("links"), reply.get("for_s"), reply.get("armed", 1)
+    if isinstance(links, list):
+        return f"{name}: sent to link worker{'s' if len(links) != 1 else ''} {', '.join(map(str, links))}"
+    if isinstance(reply.get("fired"), bool):
         return f"{name}: fired" if reply["fired"] else f"{name}: nothing to act on now (the daemon's log says why)"
-    if "for_s" in reply:
-        return f"{name}: in force for {reply['for_s']:g} s"
-    return f"{name}: armed for the next {reply.get('armed', 1)} occasion(s)"
+    if isinstance(for_s, int | float) and not isinstance(for_s, bool):
+        return f"{name}: in force for {for_s:g} s"
+    if "links" not in reply and "fired" not in reply and "for_s" not in reply and type(armed) is int:
+        return f"{name}: armed for the next {armed} occasion(s)"
+    return f"{name}: done; the reply: {json.dumps(reply)[:200]}"
 
 
 def main(argv: list[str]) -> int:
@@ -123,5 +128,5 @@ def main(argv: list[str]) -> int:
     except _Unreachable as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return UNREACHABLE
-    print(_said(reply))
+    print(printable(_said(reply)))  # the daemon's words: no escape sequence reaches the terminal
     return 0

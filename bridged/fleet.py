@@ -11,7 +11,10 @@ goes to ``D/logs/i.log``. ``D/run/i`` is its runtime directory, passed as
 (``D/run/i/control.sock``, asked by ``bridged fleet status`` and ``fault``).
 
 Readiness is systemd's: every device gets ``$NOTIFY_SOCKET`` naming one
-abstract datagram socket of the fleet, and its supervisor sends ``READY=1``
+datagram socket of the fleet, ``D/run/notify.sock`` (in a folder only we may
+enter: an abstract socket is listed in /proc/net/unix and any local user
+could flood it, delaying every READY=1; one in the abstract namespace only
+when that path is too long for a socket address), and its supervisor sends ``READY=1
 once the front has said ``ready`` on the pty. The kernel attaches the sender's
 pid (``SO_PASSCRED``), which says which device is ready. Nothing is written to
 a device's pty by the fleet, so a host opening it later still finds ``ready``.
@@ -58,11 +61,11 @@ import time
 
 import structlog
 
-from bridged.fleet_devices import Device, DeviceState, FleetSpec, bind_notify, device_paths, sender_pid
+from bridged.fleet_devices import Device, DeviceState, FleetSpec, bind_notify, device_paths, sender_pid, unlink_quietly
 from bridged import systemd
 from bridged.atomic import write_atomic
 from bridged.spawn import read_wakeup
-from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
+from bridged.launch import daemon_argv, exit_status, finish, kill_group, spawn
 
 __all__ = ["Device", "DeviceState", "Fleet", "FleetSpec", "MANIFEST", "device_paths"]
 
@@ -76,6 +79,7 @@ _FAST_DEATH = 10.0
 _MAX_FAILURES = 5
 _MAX_BACKOFF = 30.0
 _MANIFEST_EVERY = 0.25
+_SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
 # Inherited variables a device must not take as its own.
 _DROPPED_ENV = ("WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
                 "STATE_DIRECTORY")
@@ -88,7 +92,9 @@ class Fleet:
         self.spec = spec
         self.directory = spec.directory.resolve()
         self.devices = [Device(i, device_paths(self.directory, i)) for i in range(spec.count)]
-        self.notify_name = f"@bridged-fleet-{os.getpid()}-{secrets.token_hex(4)}"
+        notify_path = self.directory / "run" / "notify.sock"
+        self.notify_name = (str(notify_path) if len(os.fsencode(notify_path)) <= _SUN_PATH_MAX
+                            else f"@bridged-fleet-{os.getpid()}-{secrets.token_hex(4)}")
         self._notify: socket.socket | None = None
         self._wakeup_r = -1
         self._signals = bytearray()
@@ -111,6 +117,8 @@ class Fleet:
             return self._loop()
         finally:
             self._notify.close()
+            if not self.notify_name.startswith("@"):
+                unlink_quietly(self.notify_name)
             signal.set_wakeup_fd(-1)
 
     def _install_signals(self) -> None:
@@ -244,15 +252,12 @@ class Fleet:
         for device in self.devices:
             if device.proc is None or device.state not in (DeviceState.STARTING, DeviceState.READY):
                 continue
-            code = device.proc.poll()
-            if code is not None:
-                self._died(device, code)
+            if exit_status(device.proc) is not None:
+                # Its front and workers, should any be left, are killed before it is reaped.
+                self._died(device, finish(device.proc, device.paths.pty))
 
     def _died(self, device: Device, code: int) -> None:
         pid = device.pid
-        if pid > 0:  # 0: never started (killpg(0) would be the fleet's own group)
-            kill_group(pid, signal.SIGKILL)  # its front and workers, should any be left
-            remove_leaks(pid, device.paths.pty)
         now = time.monotonic()
         fast = device.ready_at is None or now - device.ready_at < _FAST_DEATH
         device.failures = device.failures + 1 if fast else 1
@@ -280,7 +285,9 @@ class Fleet:
         log.info("fleet_stopping")
         systemd.stopping()
         self._signals.clear()
-        running = [d for d in self.devices if d.proc is not None and d.proc.poll() is None]
+        # Not reaped yet (one that exited unseen is still a zombie holding its pid): each
+        # is reaped by _stopped, after its group was killed (bridged.launch.finish).
+        running = [d for d in self.devices if d.proc is not None and d.proc.returncode is None]
         waiting, stopping = list(running), {}  # device -> its deadline
         while waiting or stopping:
             while waiting and len(stopping) < self.spec.concurrency:
@@ -294,17 +301,16 @@ class Fleet:
             self._take_signals()  # SIGCHLD from the exits, or the user asking again
             hurry = signal.SIGTERM in self._signals or signal.SIGINT in self._signals
             for index, (device, deadline) in list(stopping.items()):
-                if device.proc.poll() is None and (hurry or time.monotonic() > deadline):
+                if exit_status(device.proc) is None and (hurry or time.monotonic() > deadline):
                     log.error("device_killed", index=device.index, pid=device.pid,
                               hint="stop asked again" if hurry else "it did not stop within 10 s")
                     kill_group(device.pid, signal.SIGKILL)
-                    device.proc.wait(5)
-                if device.proc.poll() is not None:
+                    del stopping[index]  # _stopped waits for its end
+                elif exit_status(device.proc) is not None:
                     del stopping[index]
             if hurry:
                 for device in waiting:
                     kill_group(device.pid, signal.SIGKILL)
-                    device.proc.wait(5)
                 waiting.clear()
         clean = all([self._stopped(d) for d in running])
         for device in self.devices:
@@ -318,11 +324,8 @@ class Fleet:
 
     @staticmethod
     def _stopped(device: Device) -> bool:
-        """Clean up after a device that has exited; True if it stopped cleanly."""
-        code = device.proc.returncode
-        kill_group(device.pid, signal.SIGKILL)  # nothing should be left; make sure
-        if code != 0:
-            remove_leaks(device.pid, device.paths.pty)
+        """Clean up after a device that has exited (or was killed); True if it stopped cleanly."""
+        code = finish(device.proc, device.paths.pty)  # nothing of it should be left; make sure
         # SIGTERM's default action: the device was still importing, nothing to clean.
         if code in (0, -signal.SIGTERM):
             return True

@@ -228,6 +228,17 @@ def _probe(pty: str) -> tuple[float | None, str | None]:
 
 
 def _read_manifest(directory: Path) -> dict:
+    """The manifest of the fleet in ``directory`` (resolved), if no other user could have
+    written it: the devices' sockets and ptys are found from it."""
+    try:
+        unsafe = _others_may_write(directory)
+    except FileNotFoundError:
+        raise _UsageError(f"--dir: no fleet in {directory} (no such directory)") from None
+    except OSError as exc:
+        raise _UsageError(f"--dir: {directory}: {exc.strerror}") from None
+    if unsafe is not None:
+        raise _UsageError(f"--dir: {directory} {unsafe}; another user could have put the manifest and the "
+                          "control sockets there: only the fleet's own user may ask its devices")
     path = directory / MANIFEST
     try:
         doc = json.loads(path.read_text())
@@ -248,7 +259,7 @@ def _query(directory: Path, entry: dict, timeout: float) -> DeviceRow:
     if not _alive(directory, entry):
         return row(entry, False, None, "not running")
     try:
-        reply = ask(control_path(directory, int(entry["index"])), {"cmd": "status"}, timeout)
+        reply = ask(control_path(directory, int(entry["index"])), {"cmd": "status"}, timeout, int(entry["pid"]))
         status = reply["status"]
         return row(entry, True, status, None)
     except NoAnswer as exc:
@@ -272,14 +283,14 @@ def _probed(directory: Path, r: DeviceRow) -> DeviceRow:
 
 def status(args: argparse.Namespace) -> int:
     directory = Path(args.dir).absolute()
-    doc = _read_manifest(directory)
+    resolved = directory.resolve()
+    doc = _read_manifest(resolved)
     _check_range("--timeout", args.timeout, 0.05, 60, "seconds")
     within = args.within if args.probe else None
     if within is not None:
         _check_range("--within", within, 0.01, 60_000, "milliseconds")
     manager = int(doc["pid"])
     running = bool(doc.get("running")) and _cmdline_has(manager, "fleet")
-    resolved = directory.resolve()
     rows = fan_out(lambda entry: _query(resolved, entry, args.timeout), doc["devices"])
     if args.probe:
         rows = [_probed(resolved, r) for r in rows]
@@ -300,7 +311,7 @@ def _fire(directory: Path, entry: dict, req: dict, timeout: float) -> tuple[int,
     if not _alive(directory, entry):
         return index, "not running", f"device {index}: not running"
     try:
-        reply = ask(control_path(directory, index), req, timeout)
+        reply = ask(control_path(directory, index), req, timeout, int(entry["pid"]))
     except NoAnswer as exc:
         return index, str(exc), f"device {index}: {exc}"
     return index, None, f"device {index}: {_said(reply)}"
@@ -319,14 +330,14 @@ def fault(args: argparse.Namespace) -> int:
         raise _UsageError(f"{args.name}: {exc}") from None
     _check_range("--timeout", args.timeout, 0.05, 60, "seconds")
     directory = Path(args.dir).absolute()
-    doc = _read_manifest(directory)
+    resolved = directory.resolve()
+    doc = _read_manifest(resolved)
     entries = doc["devices"]
     if args.device is not None:
         entries = [e for e in entries if int(e["index"]) == args.device]
         if not entries:
             raise _UsageError(f"--device: {args.device} is not allowed; allowed: 0 to {len(doc['devices']) - 1}")
     req = {"cmd": "fault", "name": args.name, "params": params}
-    resolved = directory.resolve()
     results = fan_out(lambda entry: _fire(resolved, entry, req, args.timeout), entries)
     for _index, _why, line in results:
         print(printable(line))

@@ -11,6 +11,7 @@ each notification (``SO_PASSCRED``), which says which device it is from.
 from __future__ import annotations
 
 import enum
+import os
 import socket
 import struct
 import subprocess
@@ -82,12 +83,24 @@ class Device:
 
 
 def bind_notify(name: str) -> socket.socket:
-    """The fleet's notify socket: abstract datagram socket `name` ("@..."), with senders' pids."""
+    """The fleet's notify socket, with senders' pids: ``@name`` abstract, else a path
+    (one a dead fleet left is replaced)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # 1000 READY=1 at once
-    sock.bind("\0" + name[1:])
+    if name.startswith("@"):
+        sock.bind("\0" + name[1:])
+    else:
+        unlink_quietly(name)  # (no other fleet runs in D: bridged.fleet_cli checked)
+        sock.bind(name)
     return sock
+
+
+def unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def sender_pid(ancdata: list[tuple[int, int, bytes]]) -> int:

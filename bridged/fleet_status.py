@@ -5,7 +5,13 @@ Theory of operation.  Device ``i``'s control socket is ``D/run/i/control.sock``
 (the fleet hands it ``D/run/i`` as ``$RUNTIME_DIRECTORY``; see
 `bridged.ops.protocol.daemon_path`).  The path is derived from ``D`` and the
 index, never taken from the manifest, and a device whose pid is not its
-``bridged run`` any more is not asked at all.  Requests go out from a
+``bridged run`` any more is not asked at all.  The socket must be served by
+that pid or its child (the front), under our uid (SO_PEERCRED): one that
+another process made or took over is not asked (`bridged.fleet_cli` refuses,
+too, a fleet directory other users may write).  A reply is checked before it is used (`row`): a device
+that answers something else than a status (a wrong type, a negative or
+infinite count, nesting past `MAX_DEPTH`) is shown with a bad status reply,
+never a traceback.  Requests go out from a
 bounded pool of threads (`MAX_PARALLEL`), each with one deadline for its
 connect, request and reply: a device that is stopped, wedged or slow costs
 at most that long and is shown as not answering, so the command's time is
@@ -19,7 +25,10 @@ per fault name.
 
 from __future__ import annotations
 
+import math
+import os
 import socket
+import struct
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -35,8 +44,10 @@ from bridged.status_cli import _duration, printable
 __all__ = ["DeviceRow", "MAX_PARALLEL", "NoAnswer", "SHOW_ALL_UP_TO", "Totals", "ask", "control_path", "fan_out",
            "render", "row", "totals"]
 
+MAX_DEPTH = 32  # nesting of a status reply (bridged's own is 4 deep)
 SHOW_ALL_UP_TO = 50  # past this many devices the table lists only the unhealthy ones
 MAX_PARALLEL = 16  # the daemon's own MAX_CLIENTS; the machine's cores, not the sockets, limit us
+_CREDS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -64,12 +75,31 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytes:
     return bytes(data)
 
 
-def ask(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request on a fresh connection, all of it within ``timeout`` seconds.
+def _parent(pid: int) -> int:
+    """``pid``'s parent, 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return int(file.read().rpartition(b")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _check_server(sock: socket.socket, pid: int) -> None:
+    """The socket listens under our uid in ``pid`` (the device's supervisor binds it) or a
+    child of it (its front serves it: asyncio's listen() again makes the front the peer)."""
+    peer_pid, peer_uid, _gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+    if peer_uid != os.geteuid() or pid not in (peer_pid, _parent(peer_pid)):
+        raise NoAnswer(f"its control socket is served by pid {peer_pid} (uid {peer_uid}), "
+                       f"not by the device (pid {pid}, uid {os.geteuid()}) or its front: not asked")
+
+
+def ask(path: Path, req: dict[str, Any], timeout: float, pid: int | None = None) -> dict[str, Any]:
+    """One request on a fresh connection, all of it within ``timeout`` seconds; with
+    ``pid``, only if the socket is served by that process or its child, under our uid.
 
     Raises:
-        NoAnswer: no socket, refused, timed out, closed, or a reply that is
-            not a message or says ``ok: false``.
+        NoAnswer: no socket, refused, timed out, closed, someone else's socket, or
+            a reply that is not a message or says ``ok: false``.
     """
     deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -77,6 +107,8 @@ def ask(path: Path, req: dict[str, Any], timeout: float) -> dict[str, Any]:
         sock.settimeout(timeout)
         with sun_address(path) as address:
             sock.connect(address)
+        if pid is not None:
+            _check_server(sock, pid)
         sock.sendall(encode(req))
         (size,) = HEADER.unpack(_recv_exact(sock, HEADER.size, deadline))
         if size > MAX_REPLY:
@@ -138,24 +170,66 @@ class DeviceRow:
         return within_ms is None or (self.at_ms is not None and self.at_ms <= within_ms)
 
 
-def row(entry: dict[str, Any], alive: bool, status: dict[str, Any] | None, problem: str | None) -> DeviceRow:
-    """A device's row from its manifest entry and its status reply (None: no answer)."""
+def _of(kind: type, value: Any, what: str) -> Any:
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} is not a{'n object' if kind is dict else ' list'}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    """A count, a number of bytes or of seconds: finite, at least 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"{what} is {value!r:.40}, not a number from 0")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    return int(_number(value, what))
+
+
+def _depth_ok(value: Any) -> bool:
+    """No list or object nested deeper than MAX_DEPTH (asdict and json.dumps recurse)."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                return False
+            todo += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return True
+
+
+def row(entry: dict[str, Any], alive: bool, status: Any, problem: str | None) -> DeviceRow:
+    """A device's row from its manifest entry and its status reply (None: no answer).
+
+    Raises:
+        ValueError: ``status`` is not a status (what is wrong in it, for the row's problem).
+    """
     base = dict(index=int(entry["index"]), pid=int(entry["pid"]), state=str(entry["state"]),
                 fleet_restarts=int(entry.get("restarts", 0)), alive=alive)
     if status is None:
         return DeviceRow(**base, answering=False, problem=problem)
-    links = status.get("links", [])
-    faults = status.get("faults") or {}
+    if not _depth_ok(_of(dict, status, "status")):
+        raise ValueError(f"status is nested more than {MAX_DEPTH} deep")
+    links = [_of(dict, link, "a link") for link in _of(list, status.get("links", []), "links")]
+    faults = _of(dict, status.get("faults") or {}, "faults")
+    counts = _of(dict, faults.get("counts") or {}, "faults.counts")
+    uart = _of(dict, status.get("uart"), "uart")
+    uptime = status.get("uptime_s")
+    seed = faults.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int | None):
+        raise ValueError(f"faults.seed is {seed!r:.40}, not a whole number")
     return DeviceRow(
-        **base, answering=True, problem=None, uptime_s=status.get("uptime_s"),
-        front_restarts=int(status.get("front_restarts", 0)),
-        worker_restarts=sum(int(link.get("restarts", 0)) for link in links),
+        **base, answering=True, problem=None, uptime_s=None if uptime is None else _number(uptime, "uptime_s"),
+        front_restarts=_count(status.get("front_restarts", 0), "front_restarts"),
+        worker_restarts=sum(_count(link.get("restarts", 0), "a link's restarts") for link in links),
         links_open=sum(link.get("state") == "open" for link in links),
-        uart_up=int(status["uart"]["bytes_in"]), uart_down=int(status["uart"]["bytes_out"]),
-        net_up=sum(link.get("bytes_up") or 0 for link in links),
-        net_down=sum(link.get("bytes_down") or 0 for link in links),
-        warnings=len(status.get("errors", [])), wifi=str(status.get("wifi", "")),
-        fault_seed=faults.get("seed"), faults={str(k): int(v) for k, v in (faults.get("counts") or {}).items()},
+        uart_up=_count(uart.get("bytes_in"), "uart.bytes_in"),
+        uart_down=_count(uart.get("bytes_out"), "uart.bytes_out"),
+        net_up=sum(_count(link.get("bytes_up") or 0, "a link's bytes_up") for link in links),
+        net_down=sum(_count(link.get("bytes_down") or 0, "a link's bytes_down") for link in links),
+        warnings=len(_of(list, status.get("errors", []), "errors")), wifi=str(status.get("wifi", "")),
+        fault_seed=seed, faults={str(k): _count(v, "a fault count") for k, v in counts.items()},
         status=status)
 
 

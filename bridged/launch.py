@@ -11,6 +11,13 @@ device must not die when the thread that asked ends.
 
 ``subprocess.Popen`` is looked up at call time, so under gevent's monkey
 patching (Locust) the spawn is gevent's and does not block other greenlets.
+
+Cleaning up after a device that exited (`finish`): SIGKILL to the rest of its
+session, its leaks removed, and only then the reaping.  Until it is reaped
+the exited device still holds its pid, and so its process group's id: a
+signal to the group cannot reach another program that took the number
+(`exit_status` looks without reaping; ``Popen.poll`` and ``send_signal``
+would reap).
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["daemon_argv", "kill_group", "remove_leaks", "spawn"]
+__all__ = ["daemon_argv", "exit_status", "finish", "kill_group", "remove_leaks", "spawn"]
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -77,6 +85,42 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def exit_status(proc: subprocess.Popen) -> int | None:
+    """``proc``'s exit status as ``Popen.returncode`` gives it (-N: killed by
+    signal N), or None while it runs; it is not reaped (see the module's docstring)."""
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped by someone else: Popen will say 0
+        return proc.wait()
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def finish(proc: subprocess.Popen, pty_link: Path, timeout: float = 5.0) -> int:
+    """Wait up to ``timeout`` s for ``proc`` (a device spawned by `spawn`) to exit, SIGKILL
+    the rest of its session, remove its leaks unless it exited 0, then reap it.
+
+    Returns:
+        Its exit status.
+
+    Raises:
+        subprocess.TimeoutExpired: it did not exit in time (it is not signalled).
+    """
+    deadline = time.monotonic() + timeout
+    while (code := exit_status(proc)) is None:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.01)
+    if proc.returncode is None:  # not reaped yet: its pid is still its group's
+        kill_group(proc.pid)
+        if code != 0:
+            remove_leaks(proc.pid, pty_link)
+    return proc.wait()
 
 
 def remove_leaks(pid: int, pty_link: Path) -> None:

@@ -47,6 +47,7 @@ import structlog
 from bridged import caps, spawn, systemd
 from bridged.children import Children
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
+from bridged.faults import tally
 from bridged.faults.seed import children_started, faults_seeded, log_seed, mark_epoch
 from bridged.ipc.control import ControlError, recv_message
 from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong
@@ -104,6 +105,7 @@ class Supervisor(Children):
         try:
             # Ours to hand down at fork, not to use (bridged.caps).
             caps.limit(caps.Cap, effective=False, hand_down=True)
+            tally.create()  # before any fork: every front counts faults in it (bridged.faults.tally)
             self._install_signals()
             # The control socket first: once the pty's link is there (what scripts and
             # tests wait for), `bridged status` finds the socket too.

@@ -24,7 +24,8 @@ object wires it to the session through a few hooks the front calls:
 - a timer for the event kinds (``at_reset``, ``wifi_drop``).
 
 Every injected fault is reported once (`_report`): counted (for ``bridged
-status``), marked in the AT transcript, and logged as ``fault_injected``.
+status``, in the supervisor's `bridged.faults.tally`, so a new front goes on
+counting where the last one stopped), marked in the AT transcript, and logged as ``fault_injected``.
 Per-byte kinds may hit thousands of times a second: their log line comes at
 most once a second per kind, with the number of hits since the last one (the
 counts and the transcript keep every hit), so a noisy line cannot flood the
@@ -51,6 +52,7 @@ from bridged.faults.catalog import CATALOG, Per, Where, kind
 from bridged.faults.plan import FaultPlan, Hit
 from bridged.faults.seed import schedule_start
 from bridged.faults.spec import parse_demand
+from bridged.faults.tally import Tally, inherited
 from bridged.faults.uart import INCOMING, OUTGOING, ByteFaults
 from bridged.ipc.messages import FaultFired, FireFault
 from bridged.net import resolver
@@ -63,6 +65,7 @@ log = structlog.get_logger()
 _BUSY_CODE = 0x010B0000
 _LOG_EVERY = 1.0  # seconds between two log lines of one per-byte kind
 _SKIP_QUIET = 0.1  # seconds between two fault_skipped lines of one event kind
+_KINDS = frozenset(k.name for k in CATALOG)
 
 
 class InjectedError(AtError):
@@ -100,7 +103,7 @@ class FrontFaults:
         self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front", start=start,
                               resume_at=self.loop.time() if again else None, report=self._report)
         self.bytes = ByteFaults(self.plan, self.loop.time)
-        self.worker_counts: dict[str, int] = {}
+        self.tally = inherited() or Tally()  # the front's and the workers' faults, since the daemon started
         self.ap_back_at = 0.0  # a wifi_drop's AP is gone until then
         self._jitter = random.Random(f"{self.seed}/at_delay/front/jitter")
         self._pending: tuple[Hit | None, Hit | None] = (None, None)  # this command's errcode, delay
@@ -305,17 +308,15 @@ class FrontFaults:
     # -- reporting ------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        """Injected faults per name, the front's and the workers' together."""
-        merged = dict(self.plan.counts)
-        for name, n in self.worker_counts.items():
-            merged[name] = merged.get(name, 0) + n
-        return {k.name: merged[k.name] for k in CATALOG if k.name in merged}
+        """Injected faults per name, the front's and the workers' together, since the daemon
+        started (every front's: `bridged.faults.tally`)."""
+        return self.tally.counts()
 
     def _report(self, name: str, details: dict[str, Any]) -> None:
         tap = self.front.tap
         if tap is not None:
             tap.mark(MarkKind.FAULT, name=name, **details)
-        count = self.plan.counts[name]
+        count = self.tally.add(name)
         if kind(name).per is Per.BYTE:
             self._log_quietly(name, details, count)
         else:
@@ -336,13 +337,14 @@ class FrontFaults:
             quiet.handle.cancel()
             quiet.handle = None
         if quiet.hits:
-            log.info("fault_injected", fault=name, count=self.plan.counts.get(name, 0), hits=quiet.hits,
+            log.info("fault_injected", fault=name, count=self.tally.get(name), hits=quiet.hits,
                      **(quiet.details or {}))
         quiet.hits, quiet.last = 0, self.loop.time()
 
     def _on_worker_fault(self, slot: Any, msg: FaultFired) -> None:
         hits = max(1, msg.hits)
-        self.worker_counts[msg.name] = self.worker_counts.get(msg.name, 0) + hits
+        if msg.name in _KINDS:  # (a name of another version is marked, not counted)
+            self.tally.add(msg.name, hits)
         tap = self.front.tap
         if tap is not None:
             try:

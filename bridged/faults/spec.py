@@ -17,8 +17,8 @@ A ``[faults]`` entry is a table::
 Schedule keys, in seconds from the process's start: ``at`` (the first window
 opens; default 0), ``for`` (how long a window stays open; default: until the
 next one, or for ever), ``every`` (windows repeat with this period; at least
-``for``).  ``rate`` is a probability per occasion (per second for event
-kinds).  An occasion kind needs a rate or a schedule (a schedule alone hits
+``for``, and 0.01 s for an event kind).  ``rate`` is a probability per
+occasion (per second for event kinds).  An occasion kind needs a rate or a schedule (a schedule alone hits
 every occasion in its windows); an event kind needs one of them too; a
 condition needs neither.
 
@@ -38,6 +38,9 @@ __all__ = ["Demand", "FaultError", "FaultSpec", "parse_demand", "parse_spec", "S
 
 SCHEDULE_KEYS = ("rate", "at", "for", "every")
 _LONGEST = 365 * 86400.0  # a year, in seconds: anything longer is a typo
+# An event kind's shortest period: each event is a timer in the front (a period of
+# a microsecond kept it busy, one of 1e-320 s overflowed its arithmetic).
+EVENT_EVERY_MIN = 0.01
 ALLOWED = "a table of rate (0..1), at, for, every (seconds) and the fault's own keys"
 
 
@@ -140,6 +143,9 @@ def parse_spec(name: str, table: object) -> FaultSpec:
     at = _seconds("at", table["at"], positive=False) if "at" in table else 0.0
     for_ = _seconds("for", table["for"], positive=True) if "for" in table else None
     every = _seconds("every", table["every"], positive=True) if "every" in table else None
+    if every is not None and fault.per is Per.SECOND and every < EVENT_EVERY_MIN:
+        raise FaultError("every", f"{every:g} is shorter than an event kind's shortest period",
+                         f"{EVENT_EVERY_MIN:g} to {int(_LONGEST)} seconds")
     if every is not None and for_ is not None and for_ > every:
         raise FaultError("for", f"{for_:g} is longer than every = {every:g}", "at most every")
     scheduled = "at" in table or for_ is not None or every is not None

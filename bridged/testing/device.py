@@ -12,10 +12,10 @@ firmware test sees is what a host sees in the field.  Its directory ``D``::
     D/transcript.log   the AT transcript (``--transcript``), unless switched off
     D/bridged.log      its output: JSON log lines
 
-Ready is systemd's readiness: the device gets ``$NOTIFY_SOCKET`` naming an
-abstract datagram socket of its own, and its supervisor sends ``READY=1``
-once the front has queued ``ready`` for the pty, after ``[firmware]
-boot_ms``.  Nothing is read from the pty, so the MCU side (`Device.at` or a
+Ready is systemd's readiness: the device gets ``$NOTIFY_SOCKET`` naming a
+datagram socket of its own, ``notify.sock`` beside its control socket (a
+folder only our uid may enter), and its supervisor sends ``READY=1`` once
+the front has queued ``ready`` for the pty, after ``[firmware] boot_ms``.  Nothing is read from the pty, so the MCU side (`Device.at` or a
 host program) still finds ``ready`` there, as after power-on.  (Reading
 ``ready`` from the pty would take it from the host; the control socket
 answers before the boot is over.)
@@ -30,9 +30,9 @@ waited for, what it saw instead and the end of the device's log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import secrets
 import select
 import shutil
 import signal
@@ -42,10 +42,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bridged.atclient import AtClient
-from bridged.launch import daemon_argv, kill_group, remove_leaks, spawn
+from bridged.launch import daemon_argv, exit_status, finish, kill_group, spawn
 from bridged.ops.protocol import ProtocolError, request
 from bridged.testing._config import Overrides, merge, normalise, to_toml
 from bridged.testing.transcript import TranscriptFollower, TranscriptMark
@@ -149,7 +149,9 @@ class Device:
         argv += ["--control", str(self.control_path)]
         if self.options.transcript:
             argv += ["--transcript", str(self.transcript_path)]
-        name = f"@bridged-testing-{os.getpid()}-{secrets.token_hex(6)}"
+        # Next to the control socket, in a folder only we may enter: an abstract name is
+        # listed in /proc/net/unix, and any local user could have sent READY=1 to it.
+        name = str(self.control_path.parent / "notify.sock")
         with _notify_socket(name) as notify:
             env = {k: v for k, v in os.environ.items() if k not in _DROPPED_ENV}
             env.update(NOTIFY_SOCKET=name, PYTHONUNBUFFERED="1")
@@ -171,8 +173,8 @@ class Device:
         assert self.proc is not None
         deadline = time.monotonic() + self.options.start_timeout
         while True:
-            if self.proc.poll() is not None:
-                raise DeviceError(f"bridged exited with status {self.proc.returncode} before it was ready "
+            if (code := exit_status(self.proc)) is not None:
+                raise DeviceError(f"bridged exited with status {code} before it was ready "
                                   f"(profile {self.options.profile!r}):\n{self.log_tail()}")
             left = deadline - time.monotonic()
             if left <= 0:
@@ -196,16 +198,13 @@ class Device:
             self._transcript.close()  # what it read stays; a later wait reopens the file
         proc = self.proc
         if proc is not None and self.exit_code is None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                self.exit_code = proc.wait(self.options.stop_timeout)
+            if exit_status(proc) is None:  # (Popen.send_signal would reap it: see bridged.launch)
+                os.kill(proc.pid, signal.SIGTERM)
+            try:  # what a supervisor that did not stop in order left behind goes too
+                self.exit_code = finish(proc, self.port, self.options.stop_timeout)
             except subprocess.TimeoutExpired:
                 kill_group(proc.pid)
-                self.exit_code = proc.wait(5)
-            if self.exit_code != 0:  # what a supervisor that did not stop in order left behind
-                kill_group(proc.pid)
-                remove_leaks(proc.pid, self.port)
+                self.exit_code = finish(proc, self.port)
         if self._short_run_dir is not None:
             shutil.rmtree(self._short_run_dir, ignore_errors=True)
             self._short_run_dir = None
@@ -298,7 +297,7 @@ class Device:
                      else follower.find_bytes(direction, pattern))
             if found is not None:
                 return found
-            if self.proc is None or self.proc.poll() is not None:
+            if self.proc is None or exit_status(self.proc) is not None:
                 raise DeviceError(f"waiting for {pattern!r} in the transcript: the device is not running"
                                   f"{self._died()}")
             if time.monotonic() > deadline:
@@ -322,15 +321,24 @@ class Device:
                 f"--- {self.log_path} ---\n") + text[-chars:]
 
     def _died(self) -> str:
-        if self.proc is not None and self.proc.poll() is not None:
-            return f"; bridged exited with status {self.proc.returncode}:\n{self.log_tail()}"
+        if self.proc is not None and (code := exit_status(self.proc)) is not None:
+            return f"; bridged exited with status {code}:\n{self.log_tail()}"
         return ""
 
 
-def _notify_socket(name: str) -> socket.socket:
+@contextlib.contextmanager
+def _notify_socket(path: str) -> Iterator[socket.socket]:
+    """A datagram socket bound at ``path`` (one a last start left is replaced), removed after."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
-    sock.bind("\0" + name[1:])
-    return sock
+    try:
+        sock.bind(path)
+        yield sock
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _take_ready(sock: socket.socket) -> bool:

@@ -10,6 +10,11 @@ and lists the marks; a search consumes what it matched, so successive
 waits find successive events (as pexpect does), and each of the three
 (marks, RX, TX) has its own cursor.
 
+Memory is bounded whatever the test's length: each stream keeps its last
+`KEEP_BYTES` bytes and the list its last `KEEP_MARKS` marks (consumed or
+not); a wait finds what is among those.  A mark's ``rx`` and ``tx`` count
+every byte since the transcript began, dropped ones included.
+
 A mark's text is the line after ``-- ``: the kind, then ``key=value``
 fields, e.g. ``command name=AT+CIPSEND kind=set``; patterns are regular
 expressions searched in it.  A mark kind this version does not know (a newer
@@ -27,12 +32,14 @@ from typing import Any, BinaryIO
 
 from bridged.uart.transcript_format import Direction, parse_line
 
-__all__ = ["TranscriptFollower", "TranscriptMark"]
+__all__ = ["KEEP_BYTES", "KEEP_MARKS", "TranscriptFollower", "TranscriptMark"]
 
 _MARK = re.compile(r"\S+ (\d+\.\d+) -- (\w+)(.*)")
 _FIELD = re.compile(r" (\w+)=(\"(?:[^\"\\]|\\.)*\"|\S+)")
 _READ_MAX = 4 * 1024 * 1024  # per look: a bounded bite of a fast-growing file
 _MAX_FILES = 100  # [log] transcript_files at most: path.1 ... path.99
+KEEP_BYTES = 4 * 1024 * 1024  # of each stream, the newest (see the module's docstring)
+KEEP_MARKS = 100_000  # about 10 MB of marks
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class TranscriptFollower:
     _cursor: dict[str, int] = field(default_factory=lambda: {"marks": 0, "RX": 0, "TX": 0})
     _file: BinaryIO | None = field(default=None, repr=False)  # kept open: read to its end once rotated
     _ino: int = -1  # the inode of the file followed
+    _dropped: dict[str, int] = field(default_factory=lambda: {"RX": 0, "TX": 0})  # bytes let go of, per stream
 
     def poll(self) -> bool:
         """Read what was appended since the last call (at most ``_READ_MAX`` bytes); True if anything was."""
@@ -88,7 +96,21 @@ class TranscriptFollower:
             if successor is None or switches > _MAX_FILES or not self._open(successor):
                 break
             switches += 1
+        self._trim()
         return got > 0
+
+    def _trim(self) -> None:
+        """Keep the newest KEEP_BYTES of each stream and KEEP_MARKS marks; cursors follow."""
+        for direction, stream in (("RX", self.rx), ("TX", self.tx)):
+            drop = len(stream) - KEEP_BYTES
+            if drop > 0:
+                del stream[:drop]
+                self._dropped[direction] += drop
+                self._cursor[direction] = max(0, self._cursor[direction] - drop)
+        drop = len(self.marks) - KEEP_MARKS
+        if drop > 0:
+            del self.marks[:drop]
+            self._cursor["marks"] = max(0, self._cursor["marks"] - drop)
 
     def close(self) -> None:
         """Let go of the file (a later `poll` opens it again where it was)."""
@@ -153,7 +175,8 @@ class TranscriptFollower:
             return  # not a transcript line: nothing a test could wait for
         mono, kind, rest = match.groups()
         fields = {k: _unvalue(v) for k, v in _FIELD.findall(rest)}
-        self.marks.append(TranscriptMark(kind, fields, f"{kind}{rest}", float(mono), len(self.rx), len(self.tx)))
+        self.marks.append(TranscriptMark(kind, fields, f"{kind}{rest}", float(mono),
+                                         self._dropped["RX"] + len(self.rx), self._dropped["TX"] + len(self.tx)))
 
     def find_mark(self, pattern: str | re.Pattern[str]) -> TranscriptMark | None:
         """The first unconsumed mark whose text matches ``pattern`` (consumed), or None."""

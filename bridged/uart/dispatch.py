@@ -137,13 +137,20 @@ class CommandDispatch:
             self.session.handle(Hold(), self.loop.time())
             self._gate.hold(_AFTER)
             self._hold_off()
-            self.output.when_empty(lambda: self._run_after(reply.after))
+            ctx = self.ctx
+            self.output.when_empty(lambda: self._run_after(reply.after, ctx))
 
-    def _run_after(self, action) -> None:
-        if self.session.state is State.HOLDING:  # (a restart may have come first)
+    def _run_after(self, action, ctx) -> None:
+        """The answer is out: run its after-action, unless the chip restarted meanwhile (an
+        at_reset fault: a restart makes a new session, ``ctx``): the restarted chip never
+        ran it (no baud change after the boot, no second restart)."""
+        if self.session.state is State.HOLDING:
             self.session.handle(Released(), self.loop.time())
         self._gate.release(_AFTER)
-        action()
+        if ctx is self.ctx:
+            action()
+        else:
+            log.info("after_action_dropped", why="the chip restarted before the answer was out")
         self._resume_reading()
         self._process()
 

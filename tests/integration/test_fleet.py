@@ -211,7 +211,7 @@ def test_stop_keeps_reading_notifications(fleet_of):
         sock.setblocking(False)
         while sent < 30 and time.monotonic() < deadline:
             try:
-                sock.sendto(b"STOPPING=1", "\0" + name[1:])  # as 30 stopping devices would
+                sock.sendto(b"STOPPING=1", name)  # as 30 stopping devices would (a path: D/run/notify.sock)
                 sent += 1
             except BlockingIOError:
                 time.sleep(0.01)

@@ -96,3 +96,31 @@ def test_a_file_that_starts_over_is_followed_from_its_start(tmp_path):
     assert follower.find_mark("name=AT\\+LAST ") is not None
     writer.close()
     follower.close()
+
+
+def test_memory_is_bounded_and_waits_still_find_what_is_kept(tmp_path, monkeypatch):
+    """However much a long test's device says, the follower keeps each stream's newest KEEP_BYTES
+    and the newest KEEP_MARKS marks; a mark's rx still counts every byte, and waits still find
+    what is kept, in order, their cursors moved with what was dropped."""
+    import bridged.testing.transcript as transcript
+
+    monkeypatch.setattr(transcript, "KEEP_BYTES", 256, raising=False)
+    monkeypatch.setattr(transcript, "KEEP_MARKS", 5, raising=False)
+    path = tmp_path / "t"
+    follower = TranscriptFollower(path)
+    assert follower.find_bytes("RX", b"0000") is None
+    with path.open("a") as file:
+        for i in range(100):
+            file.write(lines(Chunk(Direction.RX, b"%04d" % i * 16, 1.0, 1.0),
+                             Mark(MarkKind.COMMAND, {"name": f"AT+N{i}", "kind": "set"}, 1.0, 1.0)))
+            file.flush()
+            follower.poll()
+            if i == 10:
+                assert follower.find_bytes("RX", b"0010") == b"0010"  # the cursor is in what gets dropped
+    assert len(follower.rx) == 256 and len(follower.marks) == 5
+    assert follower.marks[-1].rx == 100 * 64
+    assert follower.find_bytes("RX", b"0097") == b"0097" and follower.find_bytes("RX", b"0099") == b"0099"
+    assert follower.find_bytes("RX", b"0098") is None  # consumed: behind the cursor
+    assert follower.find_mark("AT\\+N1 ") is None  # dropped
+    assert follower.find_mark("AT\\+N9[68] ").fields["name"] == "AT+N96"
+    assert follower.find_mark("AT\\+N9[68] ").fields["name"] == "AT+N98"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bridged import launch
-from bridged.fleet import DeviceState, Fleet, FleetSpec, _bind_notify
+from bridged.fleet import DeviceState, Fleet, FleetSpec
+from bridged.fleet_devices import bind_notify
 
 
 class KillpgSpy:
@@ -42,7 +43,7 @@ def _fleet(tmp_path: Path, count: int) -> Fleet:
     os.close(wakeup_w)
     (tmp_path / "logs").mkdir()
     (tmp_path / "run").mkdir()
-    fleet._notify = _bind_notify(fleet.notify_name)
+    fleet._notify = bind_notify(fleet.notify_name)
     for device in fleet.devices:
         device.proc = launch.spawn(["sleep", "60"], device.paths.log)
         device.state = DeviceState.READY

@@ -163,6 +163,7 @@ class Connecting:
             remote = sock.getpeername()
         except OSError as exc:  # reset since connected_socket looked: ENOTCONN (a task would fail the worker)
             sock.close()
+            log.warning("adopt_failed", conn_id=msg.conn_id, reason=failure_reason(exc))
             self._reply(ConnectFailed(msg.conn_id, failure_reason(exc)))
             return
         self.conn_id = msg.conn_id

@@ -103,13 +103,24 @@ class Connecting:
             return
         finally:
             self._connect_over()
-        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
+        if self._still_wanted(msg.conn_id, sock):
+            self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
 
     def _connect_over(self) -> None:
         """Forget the running connect, if it is this task: a Close cancels a connect and the
         next Connect may start before the cancelled one has wound down."""
         if self.connecting is asyncio.current_task():
             self.connecting = None
+
+    def _still_wanted(self, conn_id: int, sock: socket.socket) -> bool:
+        """Whether a finished connect's socket is the link's: a cancel can be lost (3.11's
+        wait_for, in dnspython's resolver, returns a result that came with it), and a connect
+        the host closed, or one under way at stop(), must not be opened."""
+        if self.conn_id == conn_id and not asyncio.current_task().cancelling():
+            return True
+        sock.close()
+        log.info("connect_outlived", conn_id=conn_id)
+        return False
 
     def _check(self, address: str, port: int) -> Refusal | None:
         return None if self.fence.open else self.fence.check(address, port)
@@ -182,7 +193,8 @@ class Connecting:
             return
         finally:
             self._connect_over()  # every way out: a task left as the running connect turns a Close into a cancel
-        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
+        if self._still_wanted(msg.conn_id, sock):
+            self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
 
     async def _server_handshake(self, msg: Adopt, raw: socket.socket) -> ssl.SSLSocket:
         """The TLS server's side of an adopted client, within _HANDSHAKE_TIMEOUT; closes it on failure."""

@@ -103,13 +103,24 @@ class Connecting:
             return
         finally:
             self._connect_over()
-        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
+        if self._still_wanted(msg.conn_id, sock):
+            self._opened(msg.conn_id, msg.link_type, sock, remote, datagram, msg.udp_mode)
 
     def _connect_over(self) -> None:
         """Forget the running connect, if it is this task: a Close cancels a connect and the
         next Connect may start before the cancelled one has wound down."""
         if self.connecting is asyncio.current_task():
             self.connecting = None
+
+    def _still_wanted(self, conn_id: int, sock: socket.socket) -> bool:
+        """Whether a finished connect's socket is the link's: a cancel can be lost (3.11's
+        wait_for, in dnspython's resolver, returns a result that came with it), and a connect
+        the host closed, or one under way at stop(), must not be opened."""
+        if self.conn_id == conn_id and not asyncio.current_task().cancelling():
+            return True
+        sock.close()
+        log.info("connect_outlived", conn_id=conn_id)
+        return False
 
     def _check(self, address: str, port: int) -> Refusal | None:
         return None if self.fence.open else self.fence.check(address, port)
@@ -159,38 +170,50 @@ class Connecting:
             sock.close()
             self._reply(ConnectFailed(msg.conn_id, f"link {self.link_id} is busy"))
             return
+        try:
+            remote = sock.getpeername()
+        except OSError as exc:  # reset since connected_socket looked: ENOTCONN (a task would fail the worker)
+            sock.close()
+            log.warning("adopt_failed", conn_id=msg.conn_id, reason=failure_reason(exc))
+            self._reply(ConnectFailed(msg.conn_id, failure_reason(exc)))
+            return
         self.conn_id = msg.conn_id
         self.uplink.discard_all()
         sock.setblocking(False)
         if msg.link_type.startswith("SSL"):
-            self.connecting = self._tasks.create_task(self._adopt_tls(msg, sock))
+            self.connecting = self._tasks.create_task(self._adopt_tls(msg, sock, remote))
             return
-        self._opened(msg.conn_id, msg.link_type, sock, sock.getpeername(), datagram=False, udp_mode=0)
+        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
 
-    async def _adopt_tls(self, msg: Adopt, raw: socket.socket) -> None:
-        remote = raw.getpeername()
-        failed = self.faults.handshake_fails(self.loop.time(), "server")
-        if failed is not None:
-            raw.close()
-            self._connect_over()
-            self._adopt_failed(msg, remote, failed)
-            return
+    async def _adopt_tls(self, msg: Adopt, raw: socket.socket, remote: tuple) -> None:
         try:
-            sock = tls.wrap_server(raw, msg, self.pki)
-        except (OSError, ValueError) as exc:
-            raw.close()
-            self._adopt_failed(msg, remote, exc)
-            return
-        try:
-            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
-                await tls.handshake(sock)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
+            sock = await self._server_handshake(msg, raw)
+        except (OSError, TimeoutError, ValueError) as exc:
             self._adopt_failed(msg, remote, exc)
             return
         finally:
-            self._connect_over()
-        self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
+            self._connect_over()  # every way out: a task left as the running connect turns a Close into a cancel
+        if self._still_wanted(msg.conn_id, sock):
+            self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
+
+    async def _server_handshake(self, msg: Adopt, raw: socket.socket) -> ssl.SSLSocket:
+        """The TLS server's side of an adopted client, within _HANDSHAKE_TIMEOUT; closes it on failure."""
+        failed = self.faults.handshake_fails(self.loop.time(), "server")
+        if failed is not None:
+            raw.close()
+            raise failed
+        try:
+            sock = tls.wrap_server(raw, msg, self.pki)
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            async with asyncio.timeout(_HANDSHAKE_TIMEOUT):
+                await tls.handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _adopt_failed(self, msg: Adopt, remote: tuple, exc: BaseException) -> None:
         log.warning("server_handshake_failed", remote=remote[0], port=remote[1], reason=failure_reason(exc))

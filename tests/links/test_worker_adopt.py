@@ -12,8 +12,9 @@ import uvloop
 from structlog.testing import capture_logs
 
 from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Adopt, ConnectFailed, Connected, Hello
+from bridged.ipc.messages import Adopt, Close, ConnectFailed, Connected, Ended, Hello
 from bridged.links.worker import Worker
+from bridged.pki import PkiStore
 from tests.links.control import recv_control as _recv
 from tests.ringtools import new_ring
 
@@ -130,3 +131,62 @@ def test_adopt_with_no_fd_or_two_is_answered():
             s.close()
     assert [(type(a), a.conn_id) for a in answers] == [(ConnectFailed, 1), (ConnectFailed, 2)], answers
     assert [e["conn_id"] for e in logs if e["event"] == "adopt_refused"] == [1, 2]
+
+
+def test_a_failed_ssl_adoption_leaves_no_connect_behind_and_the_next_close_flushes(tmp_path):
+    """An SSL adoption whose TLS setup fails (ca_enable, no server_ca.0) answers ConnectFailed and
+    forgets its task: the next (TCP) client's host Close still hands the peer all the ring held."""
+    server = socket.create_server(("127.0.0.1", 0))
+    tls_client = socket.create_connection(server.getsockname())
+    tls_accepted, _ = server.accept()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small windows: the ring backs up
+    client.connect(server.getsockname())
+    accepted, _ = server.accept()
+    accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    payload = bytes(range(256)) * 800  # 200 KiB: far more than both socket buffers hold
+    ours, theirs = socketpair()
+
+    async def main() -> list[object]:
+        ours.setblocking(False)
+        with new_ring(1 << 18) as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000, pki=PkiStore(tmp_path))
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            send_message(ours, Adopt(1, "SSL", ca_enable=1), [tls_accepted.fileno()])
+            answers = [await _recv(ours)]
+            send_message(ours, Adopt(2, "TCP"), [accepted.fileno()])
+            answers.append(await _recv(ours))
+            accepted.close()  # the worker's copy is the socket now: its close is the peer's FIN
+            assert up.put_nowait(payload) == len(payload)  # as the front admits a send (SEND OK)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while up.available() == len(payload):  # the worker took some; the socket is full
+                assert loop.time() < deadline, "the worker never sent"
+                await asyncio.sleep(0.01)
+            send_message(ours, Close(2))
+            received = bytearray()
+            client.setblocking(False)
+            while True:  # read as a slow peer does; the flush must reach us before the FIN
+                assert loop.time() < deadline + 10, f"no FIN after {len(received)} bytes"
+                try:
+                    piece = client.recv(65536)
+                except BlockingIOError:
+                    await asyncio.sleep(0.005)
+                    continue
+                if not piece:
+                    break
+                received += piece
+            answers.append(await _recv(ours))
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return [answers, bytes(received)]
+
+    try:
+        answers, received = uvloop.run(main())
+    finally:
+        for s in (server, tls_client, tls_accepted, client, accepted, ours, theirs):
+            s.close()
+    assert [(type(a), a.conn_id) for a in answers] == \
+        [(ConnectFailed, 1), (Connected, 2), (Ended, 2)], answers
+    assert len(received) == len(payload) and received == payload

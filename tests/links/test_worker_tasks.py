@@ -159,3 +159,58 @@ def test_a_connect_right_after_a_cancelled_one_stays_the_running_connect():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_connect_that_completes_after_its_close_is_not_opened(monkeypatch):
+    """A connect whose cancel is lost (3.11's wait_for, in dnspython's resolver, returns a result
+    that came with the cancel) must not answer Connected for a connection the host already closed:
+    the socket is closed, and the next connect is the link's."""
+    real_open_tcp = connecting.open_tcp
+
+    async def cancel_swallowing(*args, **kwargs):
+        async def slow():
+            await asyncio.sleep(0.3)
+            return await real_open_tcp(*args, **kwargs)
+
+        inner = asyncio.ensure_future(slow())
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            return await inner  # as wait_for on 3.11 when its inner finished meanwhile
+
+    monkeypatch.setattr(connecting, "open_tcp", cancel_swallowing)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    ours, theirs = socketpair()
+
+    async def main() -> list[object]:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+            send_message(ours, Connect(1, "TCP", "127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            send_message(ours, Close(1))
+            answers = [await _recv(ours)]
+            await asyncio.sleep(0.5)  # connect 1 completes meanwhile
+            send_message(ours, Connect(2, "TCP", "127.0.0.1", port))
+            while not (isinstance(answers[-1], Connected) and answers[-1].conn_id == 2):
+                answers.append(await _recv(ours))
+            assert not running.done()
+            worker.stop()
+            await asyncio.wait_for(running, 5.0)
+            return answers
+
+    try:
+        answers = uvloop.run(main())
+        server.settimeout(5)
+        first, _ = server.accept()  # connect 1's: the worker closed it
+        first.settimeout(5)
+        assert first.recv(1) == b""
+        first.close()
+    finally:
+        server.close()
+        ours.close()
+        theirs.close()
+    assert [(type(a).__name__, a.conn_id) for a in answers] == [("Ended", 1), ("Connected", 2)], answers

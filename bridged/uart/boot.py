@@ -63,11 +63,12 @@ class Boot:
         on_ready: Callable[[], None],
         on_failed: Callable[[], None],
         spawn: Spawn | None = None,
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``run()`` as a task made by ``spawn`` (the front's TaskScope; a plain task of the
         running loop without one); ``on_failed()`` if it raises (our bug: without ready the
         MCU would wait for ever, so the front should end and be restarted)."""
-        work = self.run(drain_port, restart_port, on_ready)
+        work = self.run(drain_port, restart_port, on_ready, settle)
         self._task = spawn(work) if spawn is not None else asyncio.get_running_loop().create_task(work)
 
         def ended(task: asyncio.Task) -> None:
@@ -90,6 +91,7 @@ class Boot:
         drain_port: Callable[[float], Awaitable[bool]],
         restart_port: Callable[[], UartSettings],
         on_ready: Callable[[], None],
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Boot: steps 1 to 5 above.
 
@@ -98,6 +100,9 @@ class Boot:
                 deadline it is given (the loop's clock); False when it discarded some.
             restart_port: applies AT+UART_DEF's settings, returns them.
             on_ready: writes ready and what follows it.
+            settle: waits (bounded) until the old session's links are gone, so that
+                a host's first command after ready finds none (a real chip's reboot
+                ends them all at once).
         """
         deadline = asyncio.get_running_loop().time() + TX_WAIT_MAX
         lost = 0 if await self._output_written(deadline) else self.output.discard()
@@ -113,6 +118,8 @@ class Boot:
             self.output.reply(noise)
         log.info("booting", reset=self.reset.name.lower(), boot_ms=self.config.boot_ms, banner_bytes=len(noise))
         await asyncio.sleep(self.config.boot_ms / 1000)
+        if settle is not None:
+            await settle()
         if self.dropped:
             log.info("boot_input_dropped", bytes=self.dropped)
         on_ready()

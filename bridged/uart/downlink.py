@@ -166,6 +166,8 @@ class Downlink:
 
     def link_freed(self, slot: Slot) -> None:
         self.server.update()  # a free slot may take a waiting client
+        if self._dropped is not None and not self._dropped.done():
+            self._dropped.set_result(None)  # a booting front waits for the restart's links to end
 
     def link_ended(self, slot: Slot) -> None:
         if self.sending is not None and self.sending.slot is slot:

@@ -74,6 +74,8 @@ from bridged.uart.transcript import MarkKind, Transcript
 
 __all__ = ["Front", "factory_uart"]
 
+_DROP_WAIT = 2.0  # seconds a restart's boot waits for its links' workers to end them
+
 log = structlog.get_logger()
 
 
@@ -123,6 +125,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.ctx = self._new_context()
         self.session = Session()  # the AT session's state (bridged.at.session)
         self.boot: Boot | None = None  # the chip's (re)boot while the session is BOOTING
+        self._dropped: asyncio.Future | None = None  # the boot waits for a restart's links to end
         self.sending: Send | None = None  # the data phase's way into its uplink ring
         self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
         self._room_poll: asyncio.TimerHandle | None = None
@@ -263,7 +266,21 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             on_ready=self._ready,
             on_failed=self.stop,
             spawn=self.tasks.spawn,
+            settle=self._links_dropped,
         )
+
+    async def _links_dropped(self) -> None:
+        """Before ready: the restart's links are ended (a host's AT+CIPMUX=1 or AT+CIPSTART
+        right after ready must not find one still closing), within _DROP_WAIT."""
+        try:
+            async with asyncio.timeout(_DROP_WAIT):
+                while self.links.dropping():
+                    self._dropped = self.loop.create_future()
+                    await self._dropped
+        except TimeoutError:
+            log.warning("restart_links_slow", hint="a link worker did not end its connection in time")
+        finally:
+            self._dropped = None
 
     def _restart_port(self) -> UartSettings:
         """The chip comes back with AT+UART_DEF's settings (AT+UART_CUR's are lost)."""

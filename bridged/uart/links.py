@@ -248,6 +248,11 @@ class LinkTable:
         for slot in self.slots:
             self._drop(slot)
 
+    def dropping(self) -> bool:
+        """Connections drop_all() closed unheard are not ended yet (their workers are on it)."""
+        return any(s.silent and s.state in (SlotState.OPEN, SlotState.CONNECTING, SlotState.CLOSING)
+                   for s in self.slots)
+
     def _drop(self, slot: Slot) -> None:
         """Close the slot's connection, if any, unheard: no CLOSED, its data dropped."""
         slot.unannounced = False  # nothing will announce it now; the EOF must get through

@@ -386,3 +386,27 @@ def test_banner_is_received_with_the_data_bits_and_parity_of_uart_def(make_daemo
     before = host.expect(READY)[: -len(READY)]
     assert before == as_received(rom_banner(Reset.SOFTWARE), 115200, framing)
     assert (before == rom_banner(Reset.SOFTWARE)) == (framing.parity != 0)
+
+
+def test_after_at_rst_ready_finds_every_link_ended(make_daemon, echo_server):
+    """A driver's AT+RST, then AT+CIPMUX=1 the instant ready arrives: no link of the old
+    session may still be closing (its worker held up here for 0.5 s by SIGSTOP), so the
+    boot waits for the workers before ready, as a real chip has none after its reboot."""
+    daemon = make_daemon()  # boot_ms 0: ready would come before any worker had answered
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port)
+    echo_server.wait_connections(1)
+    worker = daemon.worker_pid(0)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        host.write(b"AT+RST\r\n")
+        host.expect(b"\r\nOK\r\n")
+        time.sleep(0.5)  # the worker stays stopped this long: the Close waits in its socket
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    host.expect(READY)
+    host.expect(b"WIFI GOT IP\r\n")  # the auto-connect's lines, then the driver's first command
+    assert host.ask(b"AT+CIPMUX=1") == b"AT+CIPMUX=1\r\n\r\nOK\r\n"  # (echo is on again)
+    assert host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"0,CONNECT\r\n\r\nOK\r\n")

@@ -281,7 +281,8 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
         self.output.reply(fmt.BOOT_PROMPT)
         self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))
-        self.passthrough.spec = spec
+        # A client's passthrough, whatever the slot held before the reset (a server's client).
+        self.passthrough.spec, self.passthrough.server = spec, False
         self.passthrough.reconnecting = self.loop.create_task(self._reconnect(self.passthrough, first_delay=0.0))
 
     def _restart(self, factory: bool, dropped: int = 0) -> None:

@@ -112,6 +112,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
+        self.server.station = lambda: self.ctx.state  # the Wi-Fi state of the session now
         self.mdns = Advertiser()
         self.sntp = SntpClient()  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()

@@ -340,3 +340,24 @@ def test_a_passthrough_reconnection_the_ap_leaves_does_not_resume(daemon):
         for filler in fillers:
             filler.close()
         server.close()
+
+
+def test_a_server_client_arriving_during_a_wifi_drop_is_not_taken(daemon):
+    """While a wifi_drop holds the station down no client can reach the server: one arriving then is
+    reset with no CONNECT to the MCU; once the station is back clients are taken again."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    host.command(b"AT+CIPSERVER=1,%d" % port)
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=1500").returncode == 0
+    host.expect(b"WIFI DISCONNECT\r\n")
+    with contextlib.suppress(ConnectionRefusedError, ConnectionResetError):
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as client:
+            assert client.recv(1) == b""  # a reset raises; a taken client would time out
+    assert b"CONNECT" not in host.read_quiet(0.3)
+    host.expect(b"WIFI GOT IP\r\n", timeout=5)
+    with socket.create_connection(("127.0.0.1", port), timeout=3):
+        assert host.expect(b"0,CONNECT\r\n") == b"0,CONNECT\r\n"

@@ -361,3 +361,29 @@ def test_a_server_client_arriving_during_a_wifi_drop_is_not_taken(daemon):
     host.expect(b"WIFI GOT IP\r\n", timeout=5)
     with socket.create_connection(("127.0.0.1", port), timeout=3):
         assert host.expect(b"0,CONNECT\r\n") == b"0,CONNECT\r\n"
+
+
+def test_a_wifi_drop_leaves_a_passive_links_unread_data_readable(daemon):
+    """A wifi_drop takes a passive link (AT+CIPRECVTYPE=1) away as a peer close does: its unread
+    data stays readable (AT+CIPRECVLEN?, AT+CIPRECVDATA) and CLOSED follows once it is drained."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        host.command(b"AT+CIPRECVTYPE=1")
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % server.getsockname()[1]) == b"CONNECT\r\n\r\nOK\r\n"
+        conn, _ = server.accept()
+        conn.sendall(b"unread data")
+        host.expect(b"\r\n+IPD,11\r\n")
+        assert fault_cli(daemon, "wifi_drop", "duration_ms=5000").returncode == 0
+        host.expect(b"WIFI DISCONNECT\r\n")
+        assert host.read_quiet(0.5) == b""  # no CLOSED while data is unread
+        assert host.command(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:11\r\n\r\nOK\r\n"
+        host.write(b"AT+CIPRECVDATA=100\r\n")
+        assert host.expect(b"\r\nOK\r\n") == b"+CIPRECVDATA:11,unread data\r\nOK\r\n"
+        assert host.expect(b"CLOSED\r\n") == b"CLOSED\r\n"
+        assert host.command(b"AT+CIPSTATUS").startswith(b"STATUS:5\r\n")  # no AP, no link
+        conn.close()
+    finally:
+        server.close()

@@ -71,8 +71,11 @@ class Downlink:
         while self.passthrough is pt:
             await asyncio.sleep(delay)
             delay = self.ctx.state.reconnintv / 10
-            if self.passthrough is not pt or self.links.is_busy(pt.link_id):
+            if self.passthrough is not pt:
                 break
+            if self.links.is_busy(pt.link_id):
+                # Still closing (a reset's old link): ESP-AT retries until +++, never gives up.
+                continue
             if station_ip(self.ctx) is None:
                 continue  # no AP (a Wi-Fi drop): nothing to reconnect over yet
             # Each attempt resolves again, through the servers AT+CIPDNS holds now.

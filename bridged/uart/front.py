@@ -118,6 +118,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
+        self.server.station = lambda: self.ctx.state  # the Wi-Fi state of the session now
         self.mdns = Advertiser(self.tasks.spawn)
         self.sntp = SntpClient(spawn=self.tasks.spawn)  # its device clock is the ESP's RTC: kept across AT+RST
         self.uart = self._boot_uart()
@@ -311,7 +312,8 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
         self.output.reply(fmt.BOOT_PROMPT)
         self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))
-        self.passthrough.spec = spec
+        # A client's passthrough, whatever the slot held before the reset (a server's client).
+        self.passthrough.spec, self.passthrough.server = spec, False
         self.passthrough.reconnecting = self.tasks.spawn(self._reconnect(self.passthrough, first_delay=0.0))
 
     def _restart(self, factory: bool, dropped: int = 0) -> None:

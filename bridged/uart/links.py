@@ -18,21 +18,8 @@ import structlog
 from bridged.at.errors import ExecFail
 from bridged.commands.context import ConnectSpec, LinkView
 from bridged.ipc.control import ControlError, recv_message, send_message
-from bridged.ipc.messages import (
-    Adopt,
-    Close,
-    Connect,
-    ConnectFailed,
-    Connected,
-    Ended,
-    FaultFired,
-    Hello,
-    LinkStats,
-    Refused,
-    RemoteChanged,
-    SetOptions,
-    SetRecvWindow,
-)
+from bridged.ipc.messages import (Adopt, Close, Connect, ConnectFailed, Connected, Ended, FaultFired, Hello,
+                                   LinkStats, Refused, RemoteChanged, SetOptions, SetRecvWindow)
 from bridged.net.policy import Refusal
 from bridged.net.resolver import ResolveError, draw_faults
 from bridged.uart.delivery import Delivery
@@ -189,7 +176,7 @@ class LinkTable:
         return [s.link_id for s in self.slots if s.state is SlotState.IDLE]
 
     def expire(self, link_id: int) -> None:
-        """Close a link on our own initiative (AT+CIPSTO): a hang-up, CLOSED reported as for a peer close."""
+        """AT+CIPSTO's expiry: a hang-up reported as a peer close, not AT+CIPCLOSE (which drops unread data)."""
         self.hang_up(link_id)
 
     def touch(self, link_id: int) -> None:
@@ -221,10 +208,17 @@ class LinkTable:
     def hang_up(self, link_id: int) -> None:
         """Close an open link for our own reasons (the AP went away, AT+CIPSTO): nothing more
         is admitted (a send under way fails), what was admitted goes out first, and
-        CLOSED is reported when the worker is done."""
+        CLOSED is reported when the worker is done.
+
+        A passive link is taken away as by its peer: it stays OPEN with nothing more
+        admitted (``ended``), so what is unread stays readable and CLOSED waits until
+        AT+CIPRECVDATA has drained it (esp-at-behavior.md 2.3), or AT+CIPCLOSE drops it."""
         slot = self.slots[link_id]
         if slot.state is SlotState.OPEN:
-            slot.state = SlotState.CLOSING
+            if slot.passive:
+                slot.ended = True
+            else:
+                slot.state = SlotState.CLOSING
             self._send(slot, Close(slot.conn_id))
 
     async def close(self, link_id: int) -> None:

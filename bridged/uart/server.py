@@ -10,6 +10,11 @@ no link slot is free, so further clients are refused at once by the kernel
 soon as a link frees up.  A client that races in before the listener closes
 is reset, and the refusal is logged.
 
+No client reaches the ESP over a station that has lost its AP (a Wi-Fi drop,
+AT+CWQAP, not joined yet): while it is down a client arriving over it is
+reset and logged, never a CONNECT.  Clients already taken are closed by the
+drop itself (``faults.front`` hangs their links up).
+
 AT+CIPSTO: a one-second tick closes server clients idle for that long (data
 in either direction resets the clock); client links the MCU opened are not
 affected.
@@ -26,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from typing import Callable
 
 import structlog
 
+from bridged.commands.context import SessionState
 from bridged.net.fence import Fence
 from bridged.net.policy import Policy
 from bridged.uart.links import LinkTable
@@ -54,6 +61,7 @@ class Server:
         self.bind_ip = ""
         self._listener: socket.socket | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self.station: Callable[[], SessionState | None] = lambda: None  # the session's, set by the front
 
     @property
     def running(self) -> bool:
@@ -136,7 +144,10 @@ class Server:
             _reset(conn)
             return
         free = self.links.free_ids()
-        if self._full():
+        if not self._reachable():
+            log.warning("server_client_refused", remote=addr[0], port=addr[1], why="the station has no AP")
+            _reset(conn)
+        elif self._full():
             log.warning("server_client_refused", remote=addr[0], port=addr[1],
                         clients=len(self.links.server_links()), max_conn=self.max_conn, free_links=len(free))
             _reset(conn)
@@ -144,6 +155,14 @@ class Server:
             log.info("server_client_accepted", remote=addr[0], port=addr[1], link_id=free[0])
             self.links.adopt(free[0], conn, self.type, self.ca_enable)
         self.update()
+
+    def _reachable(self) -> bool:
+        """A client could have come over the interfaces the server listens on: not over a
+        station without its AP (<netif> 1, or 0 with no softAP beside it)."""
+        state = self.station()
+        if state is None or state.wifi_connected or self.netif in (2, 3):
+            return True
+        return self.netif == 0 and state.cwmode in (2, 3)
 
     # -- AT+CIPSTO ---------------------------------------------------------------------
 

@@ -233,6 +233,32 @@ def test_savetranslink_boots_into_passthrough(daemon: Daemon, echo_server):
     assert host.command(b"AT") == b"AT\r\n\r\nOK\r\n"
 
 
+def test_savetranslink_passthrough_reconnects_after_a_server_client_held_link_0(daemon: Daemon, echo_server):
+    """A server's client held link 0 before the reset into AT+SAVETRANSLINK's passthrough: that
+    passthrough is still a client's, and its link reconnects when it drops."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    host.command(b"AT+CIPSERVER=1,%d" % port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        host.expect(b"0,CONNECT\r\n")
+        assert host.ask(b'AT+SAVETRANSLINK=1,"127.0.0.1",%d,"TCP"' % echo_server.port) == b"\r\nOK\r\n"
+        host.reset_into_passthrough(echo_server)
+        echo_server.conns[0].shutdown(socket.SHUT_RDWR)  # the peer drops the passthrough link
+        echo_server.wait_connections(2)  # the reconnection
+        daemon.wait_event("passthrough_reconnected", count=2)  # the boot's connect, then this
+        host.write(b"again")
+        assert host.expect(b"again") == b"again"
+        _escape(host)
+        host.command(b"AT+SAVETRANSLINK=0")
+    finally:
+        client.close()
+
+
 def test_slow_host_loses_nothing(host):
     """The host stops reading for seconds while the peer sends 50 MB: every byte arrives, hash equal."""
     server = socket.create_server(("127.0.0.1", 0))

@@ -340,3 +340,50 @@ def test_a_passthrough_reconnection_the_ap_leaves_does_not_resume(daemon):
         for filler in fillers:
             filler.close()
         server.close()
+
+
+def test_a_server_client_arriving_during_a_wifi_drop_is_not_taken(daemon):
+    """While a wifi_drop holds the station down no client can reach the server: one arriving then is
+    reset with no CONNECT to the MCU; once the station is back clients are taken again."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    host.command(b"AT+CIPSERVER=1,%d" % port)
+    assert fault_cli(daemon, "wifi_drop", "duration_ms=1500").returncode == 0
+    host.expect(b"WIFI DISCONNECT\r\n")
+    with contextlib.suppress(ConnectionRefusedError, ConnectionResetError):
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as client:
+            assert client.recv(1) == b""  # a reset raises; a taken client would time out
+    assert b"CONNECT" not in host.read_quiet(0.3)
+    host.expect(b"WIFI GOT IP\r\n", timeout=5)
+    with socket.create_connection(("127.0.0.1", port), timeout=3):
+        assert host.expect(b"0,CONNECT\r\n") == b"0,CONNECT\r\n"
+
+
+def test_a_wifi_drop_leaves_a_passive_links_unread_data_readable(daemon):
+    """A wifi_drop takes a passive link (AT+CIPRECVTYPE=1) away as a peer close does: its unread
+    data stays readable (AT+CIPRECVLEN?, AT+CIPRECVDATA) and CLOSED follows once it is drained."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CWRECONNCFG=0,0")
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        host.command(b"AT+CIPRECVTYPE=1")
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % server.getsockname()[1]) == b"CONNECT\r\n\r\nOK\r\n"
+        conn, _ = server.accept()
+        conn.sendall(b"unread data")
+        host.expect(b"\r\n+IPD,11\r\n")
+        assert fault_cli(daemon, "wifi_drop", "duration_ms=5000").returncode == 0
+        host.expect(b"WIFI DISCONNECT\r\n")
+        assert host.read_quiet(0.5) == b""  # no CLOSED while data is unread
+        assert host.command(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:11\r\n\r\nOK\r\n"
+        host.write(b"AT+CIPRECVDATA=100\r\n")
+        assert host.expect(b"\r\nOK\r\n") == b"+CIPRECVDATA:11,unread data\r\nOK\r\n"
+        assert host.expect(b"CLOSED\r\n") == b"CLOSED\r\n"
+        assert host.command(b"AT+CIPSTATUS").startswith(b"STATUS:5\r\n")  # no AP, no link
+        conn.close()
+    finally:
+        server.close()

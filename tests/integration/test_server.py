@@ -155,6 +155,25 @@ def test_cipsto_closes_idle_clients(server_host):
     busy.close()
 
 
+def test_cipsto_expiry_keeps_a_passive_clients_unread_data(server_host):
+    """AT+CIPSTO closes an idle passive client as its peer would: what it sent stays readable
+    with AT+CIPRECVDATA and 0,CLOSED follows the read (only AT+CIPCLOSE drops unread data)."""
+    port = _free_port()
+    server_host.command(b"AT+CIPRECVMODE=1")
+    server_host.command(b"AT+CIPSERVER=1,%d" % port)
+    server_host.command(b"AT+CIPSTO=1")
+    client = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    client.sendall(b"left unread")
+    server_host.expect(b"+IPD,0,11\r\n")
+    assert client.recv(10) == b""  # expired: the client is closed
+    assert server_host.read_quiet(0.5) == b""  # no CLOSED while data is unread
+    server_host.write(b"AT+CIPRECVDATA=0,100\r\n")
+    assert server_host.expect(b"\r\nOK\r\n") == b"+CIPRECVDATA:11,left unread\r\nOK\r\n"
+    assert server_host.expect(b"0,CLOSED\r\n") == b"0,CLOSED\r\n"
+    client.close()
+
+
 def test_cipsto_counts_what_the_mcu_streams(server_host):
     """AT+CIPSTO restarts on data the MCU sends too: an AT+CIPSENDL upload to a client
     that answers nothing, longer than the timeout, is not cut off in the middle."""

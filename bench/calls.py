@@ -14,9 +14,9 @@ nothing.  Five TCP links as in ``bench.breakdown``, each case for
 * ``both``: the same plus 1 KiB +IPD pieces at 0.1 MB/s per link (the
   line-rate case): calls per second.
 
-Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.calls [seconds] [chunk] [top]``
-(defaults 4, 2048, 25): prints the totals and the ``top`` functions of the
-front by count.
+Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.calls [seconds] [chunk] [top] [cases]``
+(defaults 4, 2048, 25, ``up,both``): prints the totals and the ``top``
+functions of the front by count (a C function with the function calling it).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ if _out:
             c = frame.f_code
             _counts["%s:%d %s" % (c.co_filename.rsplit("/bridged/", 1)[-1], c.co_firstlineno, c.co_name)] += 1
         elif event == "c_call":
-            _counts["<c> " + getattr(arg, "__qualname__", repr(arg))] += 1
+            _counts["<c> %s in %s" % (getattr(arg, "__qualname__", repr(arg)), frame.f_code.co_name)] += 1
 
     def _toggle(signum, frame):
         if not _on[0]:
@@ -114,13 +114,14 @@ def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
     chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
     top = int(sys.argv[3]) if len(sys.argv) > 3 else 25
+    cases = sys.argv[4].split(",") if len(sys.argv) > 4 else ["up", "both"]
     tmp = tempfile.mkdtemp(prefix="bench-calls-")
     Path(tmp, "sitecustomize.py").write_text(_SITECUSTOMIZE)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = tmp + (os.pathsep + old if old else "")
     os.environ["BRIDGED_CALLS"] = str(Path(tmp, "counts"))
-    for mode in ("up", "both"):
-        counts, elapsed, sends = run_case(mode, seconds, chunk, os.environ["BRIDGED_CALLS"] + "." + mode)
+    for mode in cases:
+        counts, elapsed, sends = run_case(mode, seconds, chunk, os.environ["BRIDGED_CALLS"])
         front = counts["front"]
         total = sum(front.values())
         workers = sum(sum(c.values()) for name, c in counts.items() if name != "front")

@@ -42,7 +42,7 @@ class CommandDispatch:
                 if not self._process_data():
                     return
                 continue
-            if self._backlogged():
+            if self.output.backlogged and self._backlogged():
                 return  # the rest waits in the parser: at most one read
             event = self.parser.next_event()
             if event is NEED_DATA:

@@ -56,7 +56,7 @@ class PortReading:
             # does not read, input would pile up here without bound.
             self._pause_reading()
             return
-        if self._backlogged():
+        if self.output.backlogged and self._backlogged():
             return
         size = _READ_SIZE if self._paced is None else self._paced.budget()
         if not size:

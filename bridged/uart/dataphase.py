@@ -99,12 +99,14 @@ class DataPhases:
         send = self.sending
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
-        if send.kind is not DataKind.SENDL:
-            # Its SEND OK usually follows within a fraction of a ms: one write for both.
-            self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
         send.payload_done()
-        self._report_progress()
         effects = self.session.handle(PayloadDone(send.result()), self.loop.time())
+        if send.kind is not DataKind.SENDL:
+            # Its SEND OK follows in this write when the ring took it all; else it
+            # usually follows within a fraction of a ms: one write for both.
+            self.output.reply(fmt.recv_bytes(length), linger=0.0 if effects.out else _RECV_LINGER)
+        else:
+            self._report_progress()
         if effects.out:
             self._finish_send(effects.out)
             return

@@ -100,9 +100,6 @@ class Downlink:
     def can_deliver(self) -> bool:
         return self.output.buffered < _OUTPUT_HIGH
 
-    def _on_output_drained(self) -> None:
-        self.links.drain_deferred()
-
     def _in_passthrough(self) -> bool:
         return self.session.state is State.PASSTHROUGH
 

@@ -104,12 +104,13 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
         self.parser = Parser(config.uart.max_line)
-        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
+        self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
+        # After every write: deliver what back-pressure held in the rings (straight to it: no hops).
+        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self.links.delivery.drain_deferred,
                              on_eased=self._on_output_eased,
                              on_failed=self._on_write_failed if serial is not None else None)
         self._serial = serial
         self._replug = Replug(serial, self._port_back) if serial is not None else None
-        self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
         self.mdns = Advertiser()

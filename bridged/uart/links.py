@@ -145,10 +145,6 @@ class LinkTable:
         if slot.passive and slot.control is not None:
             self.delivery.scan(slot)
 
-    def drain_deferred(self) -> None:
-        """The UART output caught up: deliver what back-pressure held in the rings."""
-        self.delivery.drain_deferred()
-
     def _begin(self, slot: Slot, type_: str, server: bool) -> None:
         slot.conn_id = next(_conn_ids)
         slot.state = SlotState.CONNECTING

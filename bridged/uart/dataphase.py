@@ -55,14 +55,15 @@ class DataPhases:
     def _process_data(self) -> bool:
         """Move payload towards the uplink ring; False when we must wait."""
         send = self.sending
-        room = send.room()
+        room = send.room() if send.streaming else None  # AT+CIPSEND/CIPSENDEX gather: any
         # uvloop's clock ticks in whole ms: when the timer fires the clock may
         # read a hair before its deadline, which would re-arm it at once.
         now = max(self.loop.time(), self._timer_fired_at)
         event = self.parser.next_event(limit=room, now=now)
         if isinstance(event, DataChunk):
             send.take(event.data)
-            self._report_progress()
+            if send.kind is DataKind.SENDL:
+                self._report_progress()
         elif isinstance(event, DataComplete):
             self._payload_complete(event.length)
         elif isinstance(event, DataEscaped):
@@ -108,7 +109,7 @@ class DataPhases:
         else:
             self._report_progress()
         if effects.out:
-            self._finish_send(effects.out)
+            self._finish_send(effects.out, process=False)  # (the _process loop we are in goes on)
             return
         self._wait_room(send)
         if effects.deadline is not None:
@@ -221,9 +222,11 @@ class DataPhases:
         elif send.waiting:
             self._wait_room(send)
 
-    def _finish_send(self, result: bytes) -> None:
+    def _finish_send(self, result: bytes, process: bool = True) -> None:
         self.sending = None
-        self._stop_waiting_room()
+        if self._room_slot is not None:
+            self._stop_waiting_room()
         self.output.reply(result)
         self._resume_reading()
-        self._process()
+        if process:
+            self._process()

@@ -264,8 +264,10 @@ class Output:
                 return
             if self._pending_final:
                 self._final_at = self.loop.time()
-        self._check_low()
-        self._disarm_writer()
+        if self.backlogged:
+            self._check_low()
+        if self._writer_armed:
+            self._disarm_writer()
         if self._urcs:  # held for the gap after a final result
             wait = self._urc_due(self._urcs[0][2], False, self.loop.time())
             # Whole ticks: a shorter timer would fire at once and spin the loop.

@@ -95,7 +95,10 @@ class PortReading:
         self.parser.receive_bytes(data, now)
         self._process()
         if self._paced is None:  # paced reads come in slices already
-            self._coalesce(len(data), now)
+            if len(data) >= _COALESCE_MIN:
+                self._coalesce(len(data), now)
+            else:
+                self._last_read = now  # an interactive read is never paused (as _coalesce decides)
 
     def _hung_up(self, why: str) -> None:
         """The device went away (a read gave EOF, as a tty does only once hung

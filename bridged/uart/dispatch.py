@@ -125,7 +125,8 @@ class CommandDispatch:
         self._process()
 
     def _answer(self, reply: Reply) -> None:
-        self.output.reply(reply.body)
+        if reply.body:
+            self.output.reply(reply.body)
         self.output.reply(reply.final)
         if reply.then is not None:
             reply.then()

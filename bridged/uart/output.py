@@ -186,8 +186,9 @@ class Output:
         while size < _MAX_WRITE:
             reply = self._replies[0] if self._replies else None
             urc = self._urcs[0] if self._urcs else None
-            urc_ok = urc is not None and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2
-            if urc_ok and (reply is None or urc[0] < reply[0]):
+            # The older item goes first; an unsolicited one only once its gap is over.
+            if (urc is not None and (reply is None or urc[0] < reply[0])
+                    and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2):
                 self._urcs.popleft()
                 data = urc[1]
                 if callable(data):

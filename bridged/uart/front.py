@@ -136,6 +136,10 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
             self._paced = PacedInput(self.loop, self._gate, self.uart)
         self._last_read = 0.0
+        self._tick: asyncio.TimerHandle | None = None  # ends the coalescing pauses (uart.reading)
+        self._port_paused = False  # the port is paused by coalescing until the tick
+        self._down_paused: list[Slot] = []  # ... and these downlinks (uart.downlink)
+        self._last_down = 0.0  # when the passthrough downlink last delivered
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
         self.transcript = Transcript(config.log, holders=(self, self.output, self.links))

@@ -142,7 +142,23 @@ class PortReading:
         if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
             self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
-            self.loop.call_later(_COALESCE, self._resume_reading)
+            self._port_paused = True
+            self._arm_tick()
+
+    def _arm_tick(self) -> None:
+        """One timer ends the coalescing pauses under way (the port's, a passthrough
+        downlink's: ``uart.downlink``), so both directions of a stream share a wake-up."""
+        if self._tick is None:
+            self._tick = self.loop.call_later(_COALESCE, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        if self._port_paused:
+            self._port_paused = False
+            self._resume_reading()
+        paused, self._down_paused = self._down_paused, []
+        for slot in paused:
+            self.links.resume_downlink(slot)
 
     def _refuse_busy(self, data: bytes) -> None:
         """Input while a command runs is discarded, one busy p... per chunk."""

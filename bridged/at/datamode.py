@@ -74,6 +74,7 @@ class DataMachine:
         self.interval = interval
         self._buf = bytearray()
         self._arrivals: deque[list] = deque()  # [count, arrival time] of the buffered bytes, oldest first
+        self._timed = kind in (DataKind.SENDL, DataKind.PASSTHROUGH)  # arrivals matter (AT+TRANSINTVL)
         self._last_rx = now
         self._plus = 0  # '+' bytes held back as a +++ candidate
         self._plus_since = 0.0  # arrival of its first '+'
@@ -153,22 +154,28 @@ class DataMachine:
 
     def _take_escaped(self, data: bytes, now: float) -> bytes:
         out = bytearray()
-        i = 0
-        while i < len(data) and self.left > 0:
-            byte = data[i]
-            i += 1
+        i, n = 0, len(data)
+        while i < n and self.left > 0:
             if self._backslash:
                 self._backslash = False
+                byte = data[i]
+                i += 1
                 if byte == 0x30:  # "\0": the end
                     self.left = 0
                     break
                 out.append(byte)
                 self.left -= 1
-            elif byte == 0x5C:
+                continue
+            # A run of plain bytes up to the next backslash, at most what is left: one copy.
+            end = min(n, i + self.left)
+            slash = data.find(b"\\", i, end)
+            stop = end if slash < 0 else slash
+            out += data[i:stop]
+            self.left -= stop - i
+            i = stop
+            if slash >= 0:
                 self._backslash = True
-            else:
-                out.append(byte)
-                self.left -= 1
+                i += 1
         self.received += i
         self._append(bytes(out), now)
         self._done = self.left == 0
@@ -176,17 +183,24 @@ class DataMachine:
 
     def _append(self, data: bytes, now: float) -> None:
         if data:
-            if self._arrivals and self._arrivals[-1][1] == now:
-                self._arrivals[-1][0] += len(data)
-            else:
-                self._arrivals.append([len(data), now])
+            if self._timed:  # (SEND and SENDEX hand out every byte at once: no interval to keep)
+                if self._arrivals and self._arrivals[-1][1] == now:
+                    self._arrivals[-1][0] += len(data)
+                else:
+                    self._arrivals.append([len(data), now])
             self._buf += data
             self.taken += len(data)
 
     def _consume(self, size: int) -> bytes:
         """The first ``size`` buffered bytes, removed with their arrival times."""
-        out = bytes(self._buf[:size])
-        del self._buf[:size]
+        if size == len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
+        else:
+            out = bytes(self._buf[:size])
+            del self._buf[:size]
+        if not self._timed:
+            return out
         while size:
             run = self._arrivals[0]
             n = min(size, run[0])
@@ -207,7 +221,7 @@ class DataMachine:
             return Escape()
         if not self._buf or limit == 0:
             return None
-        streaming = self.kind in (DataKind.SENDL, DataKind.PASSTHROUGH)
+        streaming = self._timed
         ready = (
             not streaming
             or self._done
@@ -229,7 +243,7 @@ class DataMachine:
         times = []
         if self._plus:
             times.append(self._plus_at + GUARD)
-        if self._buf and self.kind in (DataKind.SENDL, DataKind.PASSTHROUGH):
+        if self._buf and self._timed:
             times.append(self._arrivals[0][1] + self.interval)
         return min(times) if times else None
 

@@ -131,6 +131,10 @@ class _Mode(enum.Enum):
     DATA = enum.auto()
 
 
+_LINE_CACHE = 64  # command lines remembered, parsed (CommandLine is immutable)
+# ... of the commands that carry data, which a host repeats with the same text
+# hundreds of times a second (no other line is kept: some hold a password).
+_REPEATED = frozenset({"+CIPSEND", "+CIPSENDEX", "+CIPSENDL", "+CIPRECVDATA"})
 _NAME = re.compile(rb"\+?[A-Za-z0-9_]*")  # after "AT": the command's name (empty for bare AT)
 
 
@@ -166,8 +170,10 @@ class Parser:
         self.max_line = max_line
         self._buf = bytearray()
         self._mode = _Mode.COMMAND
+        self.in_data_mode = False  # _mode is DATA (a plain attribute: read for every event)
         self._scan_from = 0  # where to resume searching for \r\n
         self._data: DataMachine | None = None
+        self._lines: dict[bytes, CommandLine] = {}  # data commands parsed before, by their bytes
 
     # -- input ---------------------------------------------------------------
 
@@ -180,10 +186,6 @@ class Parser:
     def buffered(self) -> int:
         """Command-mode bytes waiting (in data mode: bytes after the payload)."""
         return len(self._buf)
-
-    @property
-    def in_data_mode(self) -> bool:
-        return self._mode is _Mode.DATA
 
     @property
     def data(self) -> DataMachine | None:
@@ -211,10 +213,12 @@ class Parser:
         if length <= 0 and kind is not DataKind.PASSTHROUGH:
             raise ValueError("data length must be positive")
         self._mode = _Mode.DATA
+        self.in_data_mode = True
         self._scan_from = 0
         self._data = DataMachine(kind, length, now, chunk, interval)
-        pending, self._buf = bytes(self._buf), bytearray()
-        self.receive_bytes(pending, now)
+        if self._buf:  # bytes that came behind the command line are payload
+            pending, self._buf = bytes(self._buf), bytearray()
+            self.receive_bytes(pending, now)
 
     def expect_data(self, length: int, now: float = 0.0) -> None:
         """AT+CIPSEND's data phase: the next ``length`` bytes are payload."""
@@ -258,7 +262,14 @@ class Parser:
             return LineTooLong(end + 2)
         raw = bytes(self._buf[: end + 2])
         del self._buf[: end + 2]
-        return parse_command_line(raw)
+        line = self._lines.get(raw)
+        if line is None:
+            line = parse_command_line(raw)
+            if type(line) is CommandLine and line.name in _REPEATED:
+                if len(self._lines) >= _LINE_CACHE:
+                    self._lines.clear()
+                self._lines[raw] = line
+        return line
 
     def _keep_tail_cr(self) -> None:
         tail = self._buf[-1:] if self._buf[-1:] == b"\r" else b""
@@ -289,4 +300,5 @@ class Parser:
 
     def _end_data(self) -> None:
         self._mode = _Mode.COMMAND  # DATA -> COMMAND
+        self.in_data_mode = False
         self._data = None

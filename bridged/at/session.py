@@ -51,6 +51,10 @@ class State(enum.Enum):
     AWAITING_SEND_OK = enum.auto()
     PASSTHROUGH = enum.auto()
 
+    # Members are singletons: hashing by identity is the C slot, not Enum's
+    # Python-level hash of the name (a key of every event's lookup).
+    __hash__ = object.__hash__
+
 
 class Input(enum.Enum):
     """What the owner does with bytes from the UART in a state."""
@@ -59,6 +63,8 @@ class Input(enum.Enum):
     PARSE = enum.auto()  # read into the parser
     REFUSE = enum.auto()  # read, answer "busy p..." (an AT+RST among them still restarts)
     LEAVE = enum.auto()  # do not read: the port holds them
+
+    __hash__ = object.__hash__  # as State's
 
 
 INPUT = {
@@ -146,6 +152,7 @@ class Tick:
 Event = Ready | Restart | Waits | Answered | Hold | Released | Prompt | PayloadDone | Settled | Escaped | Tick
 
 _ANY = tuple(State)
+_MISSING = object()
 
 # (state, event type) -> next state; Prompt, PayloadDone and Tick have their own choices.
 TRANSITIONS: dict[tuple[State, type], State | None] = {
@@ -189,21 +196,22 @@ class Effects:
     deadline: float | None = None  # call handle(Tick(), now) then
 
 
+_PROCESSING = frozenset({State.COMMAND, State.DATA, State.PASSTHROUGH})
+_QUIET = {state: Effects(state, b"", INPUT[state], None) for state in State}  # nothing to do but move
+
+
 class Session:
     def __init__(self) -> None:
-        self.state = State.BOOTING
         self.kind: DataKind | None = None  # of the data phase (DATA, AWAITING_SEND_OK, PASSTHROUGH)
         self._timeout = 0.0
         self.deadline: float | None = None
+        self._enter(State.BOOTING)
 
-    @property
-    def input(self) -> Input:
-        return INPUT[self.state]
-
-    @property
-    def processes(self) -> bool:
-        """The owner takes events from its parser (commands, payload)."""
-        return self.state in (State.COMMAND, State.DATA, State.PASSTHROUGH)
+    def _enter(self, state: State) -> None:
+        # Plain attributes, not properties: the owner reads them on every read and event.
+        self.state = state
+        self.input = INPUT[state]  # what to do with UART input now
+        self.processes = state in _PROCESSING  # the owner takes events from its parser (commands, payload)
 
     @property
     def in_data(self) -> bool:
@@ -214,21 +222,24 @@ class Session:
         return self.state is State.AWAITING_SEND_OK
 
     def handle(self, event: Event, now: float) -> Effects:
-        key = (self.state, type(event))
-        if key not in TRANSITIONS:
-            raise SessionError(f"{type(event).__name__} in {self.state.name}")
-        nxt = TRANSITIONS[key]
+        cls = type(event)  # the events are final: their type says which they are
+        nxt = TRANSITIONS.get((self.state, cls), _MISSING)
+        if nxt is _MISSING:
+            raise SessionError(f"{cls.__name__} in {self.state.name}")
         out = b""
-        if isinstance(event, Prompt):
+        if cls is Prompt:
             nxt = State.PASSTHROUGH if event.kind is DataKind.PASSTHROUGH else State.DATA
             self.kind, self._timeout = event.kind, event.timeout
-        elif isinstance(event, PayloadDone):
+        elif cls is PayloadDone:
             nxt, out = self._payload_done(event, now)
-        elif isinstance(event, (Settled, Escaped, Tick)):
+        elif cls is Settled or cls is Escaped or cls is Tick:
             nxt, out = self._ending(event, now, nxt)
         if nxt is State.BOOTING or nxt is State.COMMAND:
             self.kind, self.deadline = None, None
-        self.state = nxt
+        if nxt is not self.state:
+            self._enter(nxt)
+        if not out and self.deadline is None:
+            return _QUIET[nxt]  # the usual answer, made once (a frozen dataclass costs a call per field)
         return Effects(nxt, out, INPUT[nxt], self.deadline)
 
     def _payload_done(self, event: PayloadDone, now: float) -> tuple[State, bytes]:

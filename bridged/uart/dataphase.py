@@ -58,7 +58,7 @@ class DataPhases:
     def _process_data(self) -> bool:
         """Move payload towards the uplink ring; False when we must wait."""
         send = self.sending
-        room = send.room()
+        room = send.room() if send.streaming else None  # AT+CIPSEND/CIPSENDEX gather: any
         # uvloop's clock ticks in whole ms: when the timer fires the clock may
         # read a hair before its deadline, which would re-arm it at once.
         now = max(self.loop.time(), self._timer_fired_at)
@@ -66,7 +66,8 @@ class DataPhases:
         if isinstance(event, DataChunk):
             send.take(event.data)
             send.slot.last_activity = now  # AT+CIPSTO: what the MCU sends is traffic too
-            self._report_progress()
+            if send.kind is DataKind.SENDL:
+                self._report_progress()
         elif isinstance(event, DataComplete):
             self._payload_complete(event.length)
         elif isinstance(event, DataEscaped):
@@ -103,14 +104,16 @@ class DataPhases:
         send = self.sending
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
-        if send.kind is not DataKind.SENDL:
-            # Its SEND OK usually follows within a fraction of a ms: one write for both.
-            self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
         send.payload_done()
-        self._report_progress()
         effects = self.session.handle(PayloadDone(send.result()), self.loop.time())
+        if send.kind is not DataKind.SENDL:
+            # Its SEND OK follows in this write when the ring took it all; else it
+            # usually follows within a fraction of a ms: one write for both.
+            self.output.reply(fmt.recv_bytes(length), linger=0.0 if effects.out else _RECV_LINGER)
+        else:
+            self._report_progress()
         if effects.out:
-            self._finish_send(effects.out)
+            self._finish_send(effects.out, process=False)  # (the _process loop we are in goes on)
             return
         self._wait_room(send)
         if effects.deadline is not None:
@@ -231,9 +234,11 @@ class DataPhases:
         elif send.waiting:
             self._wait_room(send)
 
-    def _finish_send(self, result: bytes) -> None:
+    def _finish_send(self, result: bytes, process: bool = True) -> None:
         self.sending = None
-        self._stop_waiting_room()
+        if self._room_slot is not None:
+            self._stop_waiting_room()
         self.output.reply(result)
         self._resume_reading()
-        self._process()
+        if process:
+            self._process()

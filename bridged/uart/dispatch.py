@@ -42,7 +42,7 @@ class CommandDispatch:
                 if not self._process_data():
                     return
                 continue
-            if self._backlogged():
+            if self.output.backlogged and self._backlogged():
                 return  # the rest waits in the parser: at most one read
             event = self.parser.next_event()
             if event is NEED_DATA:
@@ -125,7 +125,8 @@ class CommandDispatch:
         self._process()
 
     def _answer(self, reply: Reply) -> None:
-        self.output.reply(reply.body)
+        if reply.body:
+            self.output.reply(reply.body)
         self.output.reply(reply.final)
         if reply.then is not None:
             reply.then()

@@ -37,6 +37,9 @@ __all__ = ["Downlink", "Passthrough"]
 log = structlog.get_logger()
 
 _OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
+_GATHER_MIN = 512  # bytes: smaller downlink pieces are interactive (as the port's _COALESCE_MIN)
+_GATHER_GAP = 0.008  # seconds: pieces closer than this are a stream (twice the port's pause)
+_GATHER_RATE = 2_000_000  # bytes/s: a faster peer is delivered at once
 
 
 @dataclass
@@ -65,6 +68,12 @@ class Downlink:
         if pt is not None and pt.reconnecting is not None:
             pt.reconnecting.cancel()
             pt.reconnecting = None
+        # What gathered goes out now, raw as it came in, before any command after +++.
+        paused, self._down_paused = self._down_paused, []
+        for slot in paused:
+            self.links.resume_downlink(slot)
+            if slot.control is not None:
+                self.links.delivery.drain(slot)
 
     async def _reconnect(self, pt: Passthrough, first_delay: float | None = None) -> None:
         delay = self.ctx.state.reconnintv / 10 if first_delay is None else first_delay
@@ -110,9 +119,6 @@ class Downlink:
     def can_deliver(self) -> bool:
         return self.output.buffered < _OUTPUT_HIGH
 
-    def _on_output_drained(self) -> None:
-        self.links.drain_deferred()
-
     def _in_passthrough(self) -> bool:
         return self.session.state is State.PASSTHROUGH
 
@@ -124,6 +130,8 @@ class Downlink:
         if self.ctx.state.cipmode == 1:
             # Passthrough (receiving) mode: the peer's bytes go out raw, no +IPD.
             self.output.urc(record.payload)
+            if self.session.state is State.PASSTHROUGH:
+                self._gather_downlink(slot, len(record.payload))
             return
         if self.session.settle_first():  # SEND OK precedes the +IPD that may answer it
             self._check_send()
@@ -140,6 +148,22 @@ class Downlink:
                 self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))
             self.output.urc(fmt.ipd_active(link, len(piece), remote) + piece)
             slot.ipd += 1
+
+    def _gather_downlink(self, slot: Slot, size: int) -> None:
+        """While a peer streams at UART rates into passthrough, let its pieces gather
+        in the ring until the port's coalescing tick (``uart.reading``): one wake-up
+        for both directions instead of one each.
+
+        As for the port: only a steady stream of pieces of 512 bytes or more,
+        slower than 2 MB/s; a lone or small piece (an echo) and bulk data go at once.
+        """
+        now = self.loop.time()
+        interval, self._last_down = now - self._last_down, now
+        if (_GATHER_MIN <= size and 0 < interval < _GATHER_GAP and size / interval < _GATHER_RATE
+                and slot not in self._down_paused):
+            self.links.pause_downlink(slot)
+            self._down_paused.append(slot)
+            self._arm_tick()
 
     def link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True

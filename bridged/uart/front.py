@@ -110,12 +110,13 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         # Every task the front runs is made in it; run() enters it (bridged.tasks).
         self.tasks = TaskScope()
         self.parser = Parser(config.uart.max_line)
-        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self._on_output_drained,
+        self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
+        # After every write: deliver what back-pressure held in the rings (straight to it: no hops).
+        self.output = Output(fd, config.uart.urc_gap_ms / 1000, self.links.delivery.drain_deferred,
                              on_eased=self._on_output_eased,
                              on_failed=self._on_write_failed if serial is not None else None)
         self._serial = serial
         self._replug = Replug(serial, self._port_back, self.tasks.spawn) if serial is not None else None
-        self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
         links = config.links
         self.server = Server(self.links, link_policy(links.allow, links.deny, links.local_ports))
         self.server.station = lambda: self.ctx.state  # the Wi-Fi state of the session now
@@ -143,6 +144,10 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
             self._paced = PacedInput(self.loop, self._gate, self.uart)
         self._last_read = 0.0
+        self._tick: asyncio.TimerHandle | None = None  # ends the coalescing pauses (uart.reading)
+        self._port_paused = False  # the port is paused by coalescing until the tick
+        self._down_paused: list[Slot] = []  # ... and these downlinks (uart.downlink)
+        self._last_down = 0.0  # when the passthrough downlink last delivered
         self._stopped = self.loop.create_future()
         self.port_lost: str | None = None  # why the port went away while we served
         self.transcript = Transcript(config.log, holders=(self, self.output, self.links))

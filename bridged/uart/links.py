@@ -6,6 +6,7 @@ through ``uart.delivery``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import itertools
 import os
@@ -22,6 +23,7 @@ from bridged.ipc.messages import (Adopt, Close, Connect, ConnectFailed, Connecte
                                    LinkStats, Refused, RemoteChanged, SetOptions, SetRecvWindow)
 from bridged.net.policy import Refusal
 from bridged.net.resolver import ResolveError, draw_faults
+from bridged.readgate import ReadGate
 from bridged.uart.delivery import Delivery
 from bridged.uart.slots import LinkEvents, Slot, SlotState
 from bridged.uart.transcript import MarkKind
@@ -130,10 +132,6 @@ class LinkTable:
         slot = self.slots[link_id]
         if slot.passive and slot.control is not None:
             self.delivery.scan(slot)
-
-    def drain_deferred(self) -> None:
-        """The UART output caught up: deliver what back-pressure held in the rings."""
-        self.delivery.drain_deferred()
 
     def _begin(self, slot: Slot, type_: str, server: bool) -> None:
         slot.conn_id = next(_conn_ids)
@@ -264,7 +262,18 @@ class LinkTable:
         control.setblocking(False)
         slot.control = control
         self.loop.add_reader(control.fileno(), self._on_control, slot)
-        self.loop.add_reader(slot.downlink.data_fd, self.delivery.drain, slot)
+        if slot.doorbell is None:
+            slot.doorbell = ReadGate(self.loop, functools.partial(self.delivery.drain, slot))
+        slot.doorbell.open(slot.downlink.data_fd)
+
+    def pause_downlink(self, slot: Slot) -> None:
+        """Stop hearing the slot's data doorbell (records gather in its ring) until resume_downlink."""
+        if slot.doorbell is not None:
+            slot.doorbell.shut(hold=False)
+
+    def resume_downlink(self, slot: Slot) -> None:
+        if slot.doorbell is not None and slot.control is not None:
+            slot.doorbell.open(slot.downlink.data_fd)
 
     def tell(self, link_id: int, msg: object) -> bool:
         """Send a control message to a link's worker (FireFault); False when it has none now."""
@@ -383,7 +392,7 @@ class LinkTable:
         if slot.control is not None:
             log.error("worker_died", link_id=slot.link_id)
             self.loop.remove_reader(slot.control.fileno())
-            self.loop.remove_reader(slot.downlink.data_fd)
+            slot.doorbell.shut(hold=False)
             slot.control.close()
             slot.control = None
         self.delivery.owed_at_death(slot)

@@ -85,7 +85,7 @@ class Output:
         self._seq = itertools.count()
         self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
         self._urcs: deque[tuple[int, Urc, float]] = deque()  # seq, data, queued at
-        self._buffered = 0
+        self.buffered = 0  # bytes queued, not yet written (read by the owner for back-pressure)
         self._final_at: float | None = None  # when the last final result went out
         self._timer: asyncio.TimerHandle | None = None
         self._linger: asyncio.TimerHandle | None = None  # a lingering reply's deadline
@@ -98,10 +98,6 @@ class Output:
         self.pacer: Pacer | None = None  # [uart] pace: the line's rate (None: as fast as the port takes)
         self._woken_at = 0.0  # the line deadline the pacing timer last fired for
 
-    @property
-    def buffered(self) -> int:
-        return self._buffered
-
     def reply(self, data: bytes, linger: float = 0.0) -> None:
         """Queue part of an answer; with ``linger`` it may wait that many
         seconds for more output to share its write (whatever comes next
@@ -110,7 +106,7 @@ class Output:
             return
         self._replies.append((next(self._seq), data, is_final(data)))
         if linger and not (self._writer_armed or self._scheduled) and self._linger is None:
-            self._buffered += len(data)
+            self.buffered += len(data)
             self._check_high()
             self._linger = self.loop.call_later(linger, self._pump)
             return
@@ -137,11 +133,11 @@ class Output:
             The bytes dropped.  ``when_empty`` callbacks and ``on_drained`` follow
             as after a write: the queue is empty.
         """
-        dropped = self._buffered
+        dropped = self.buffered
         self._replies.clear()
         self._urcs.clear()
         self._pending = memoryview(b"")
-        self._buffered = 0
+        self.buffered = 0
         if self.pacer is not None:  # nothing waits for the line any more
             self.pacer.charge(0, self.loop.time())
         self._pump()
@@ -151,18 +147,19 @@ class Output:
         return not (self._replies or self._urcs or self._pending)
 
     def _queued(self, n: int) -> None:
-        self._buffered += n
-        self._check_high()
+        self.buffered += n
+        if self.buffered > self.high:
+            self.backlogged = True
         if not (self._writer_armed or self._scheduled):
             self._scheduled = True
             self.loop.call_soon(self._pump)
 
     def _check_high(self) -> None:
-        if self._buffered > self.high:
+        if self.buffered > self.high:
             self.backlogged = True
 
     def _check_low(self) -> None:
-        if self.backlogged and self._buffered <= self.low:
+        if self.backlogged and self.buffered <= self.low:
             self.backlogged = False
             self.loop.call_soon(self.on_eased)  # it may take input, which queues output
 
@@ -189,13 +186,14 @@ class Output:
         while size < _MAX_WRITE:
             reply = self._replies[0] if self._replies else None
             urc = self._urcs[0] if self._urcs else None
-            urc_ok = urc is not None and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2
-            if urc_ok and (reply is None or urc[0] < reply[0]):
+            # The older item goes first; an unsolicited one only once its gap is over.
+            if (urc is not None and (reply is None or urc[0] < reply[0])
+                    and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2):
                 self._urcs.popleft()
                 data = urc[1]
                 if callable(data):
                     data = _make(data)
-                    self._buffered += len(data)
+                    self.buffered += len(data)
                     if not data:
                         continue  # nothing to say any more
                 parts.append(data)
@@ -213,7 +211,7 @@ class Output:
         data = b"".join(parts)
         if self.mangle is not None:  # bytes lost or corrupted on the line (bridged.faults)
             mangled = self.mangle(data)
-            self._buffered -= len(data) - len(mangled)
+            self.buffered -= len(data) - len(mangled)
             data = mangled
         self._pending = memoryview(data)
         self._pending_final = final
@@ -231,7 +229,7 @@ class Output:
         self._scheduled = False
         if self.suspended:
             return
-        while self._pending or self._next_batch(self.loop.time()):
+        while self._pending or ((self._replies or self._urcs) and self._next_batch(self.loop.time())):
             chunk = self._pending[:_MAX_WRITE]
             if self.pacer is not None:
                 # The timer may fire a hair before its deadline (uvloop ticks whole ms).
@@ -250,7 +248,7 @@ class Output:
                 self.suspend()
                 self.on_failed(exc)
                 return
-            self._buffered -= n
+            self.buffered -= n
             self.written += n
             if self.tap is not None and n:
                 self.tap.sent(self._pending[:n])
@@ -267,8 +265,10 @@ class Output:
                 return
             if self._pending_final:
                 self._final_at = self.loop.time()
-        self._check_low()
-        self._disarm_writer()
+        if self.backlogged:
+            self._check_low()
+        if self._writer_armed:
+            self._disarm_writer()
         if self._urcs:  # held for the gap after a final result
             wait = self._urc_due(self._urcs[0][2], False, self.loop.time())
             # Whole ticks: a shorter timer would fire at once and spin the loop.

@@ -56,7 +56,7 @@ class PortReading:
             # does not read, input would pile up here without bound.
             self._pause_reading()
             return
-        if self._backlogged():
+        if self.output.backlogged and self._backlogged():
             return
         size = _READ_SIZE if self._paced is None else self._paced.budget()
         if not size:
@@ -95,7 +95,10 @@ class PortReading:
         self.parser.receive_bytes(data, now)
         self._process()
         if self._paced is None:  # paced reads come in slices already
-            self._coalesce(len(data), now)
+            if len(data) >= _COALESCE_MIN:
+                self._coalesce(len(data), now)
+            else:
+                self._last_read = now  # an interactive read is never paused (as _coalesce decides)
 
     def _hung_up(self, why: str) -> None:
         """The device went away (a read gave EOF, as a tty does only once hung
@@ -139,7 +142,23 @@ class PortReading:
         if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
             self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
-            self.loop.call_later(_COALESCE, self._resume_reading)
+            self._port_paused = True
+            self._arm_tick()
+
+    def _arm_tick(self) -> None:
+        """One timer ends the coalescing pauses under way (the port's, a passthrough
+        downlink's: ``uart.downlink``), so both directions of a stream share a wake-up."""
+        if self._tick is None:
+            self._tick = self.loop.call_later(_COALESCE, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        if self._port_paused:
+            self._port_paused = False
+            self._resume_reading()
+        paused, self._down_paused = self._down_paused, []
+        for slot in paused:
+            self.links.resume_downlink(slot)
 
     def _refuse_busy(self, data: bytes) -> None:
         """Input while a command runs is discarded, one busy p... per chunk."""

@@ -30,6 +30,7 @@ from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
 from bridged.at.session import send_result
 from bridged.ipc import records
+from bridged.ipc.rings import Ring
 from bridged.uart.slots import Slot, SlotState
 
 __all__ = ["Send"]
@@ -52,7 +53,7 @@ class Send:
         self.streaming = kind in (DataKind.SENDL, DataKind.PASSTHROUGH)
         # A streamed datagram's most bytes: one block, and never more than the ring holds.
         self.block = max(1, min(block, slot.uplink.capacity - _RECORD_SLACK))
-        self.gathered = bytearray() if not self.streaming else None
+        self.gathered: bytes | bytearray | None = b"" if not self.streaming else None
         self.queued = 0  # gathered bytes already in the ring
         self.start = slot.uplink.write_index  # ring index of this phase's first byte
         self.end: int | None = None  # ring index after the last byte, once all is admitted
@@ -98,15 +99,22 @@ class Send:
     # -- input -------------------------------------------------------------------
 
     def take(self, chunk: bytes) -> None:
-        if self.gathered is not None:
-            self.gathered += chunk
+        gathered = self.gathered
+        if gathered is not None:
+            # A payload read at once stays the bytes it came as (the ring's one-copy path).
+            if not gathered:
+                self.gathered = chunk
+            elif type(gathered) is bytes:
+                self.gathered = bytearray(gathered) + chunk
+            else:
+                gathered += chunk
         elif not self.alive():
             self.dropped += len(chunk)  # a dropped link: the bytes have nowhere to go
         elif self.datagram:
             records.put_record(self.slot.uplink, records.DATA, chunk, self.remote)
             self.admitted += len(chunk)
         else:
-            self.admitted += self.slot.uplink.put_nowait(chunk)
+            self.admitted += _admit(self.slot.uplink, chunk)
 
     def payload_done(self) -> None:
         self.complete = True
@@ -130,8 +138,10 @@ class Send:
             return
         if self.queued == 0:
             self.start = ring.write_index
-        with memoryview(self.gathered) as view:
-            self.queued += ring.put_nowait(view[self.queued:])
+            self.queued = _admit(ring, self.gathered)
+        elif self.queued < len(self.gathered):
+            with memoryview(self.gathered) as view:
+                self.queued += ring.put_nowait(view[self.queued:])
         self.admitted = self.queued
         if self.queued == len(self.gathered):
             self.end = self.start + self.queued
@@ -158,3 +168,13 @@ class Send:
     def result(self) -> bytes | None:
         """SEND OK, SEND FAIL, or None while part of it waits for room (bridged.at.session's rule)."""
         return send_result(self.complete, self.end is not None, self.alive(), self.dropped)
+
+
+def _admit(ring: Ring, data: bytes | bytearray) -> int:
+    """Put as much of ``data`` into the ring as fits; the count.  Bytes that fit
+    whole take the ring's one-slice path (a payload read at once, a chunk)."""
+    if type(data) is bytes and len(data) <= ring.free():
+        ring.stage(0, data)
+        ring.commit(len(data))
+        return len(data)
+    return ring.put_nowait(data)

@@ -27,6 +27,7 @@ from bridged.commands.context import ConnectSpec, LinkView
 from bridged.ipc import records
 from bridged.ipc.messages import SetOptions
 from bridged.ipc.rings import Ring
+from bridged.readgate import ReadGate
 from bridged.uart.passive import Unread
 
 __all__ = ["SlotState", "Slot", "LinkEvents"]
@@ -67,6 +68,9 @@ class Slot:
     # Connected, but the CONNECT that announces it is not written yet: its data
     # waits in the ring (a peer that speaks first must not get +IPD ahead of it).
     unannounced: bool = False
+    # The front's watch on the downlink's data doorbell (LinkTable.attach): paused
+    # for a few ms while a passthrough stream gathers in the ring.
+    doorbell: ReadGate | None = None
 
     def __post_init__(self) -> None:
         self.rx = Unread(self.downlink)

@@ -605,3 +605,23 @@ def test_discard_pending_in_data_mode_keeps_the_payload():
     assert parser.next_event() == DataChunk(b"abcd")
     assert parser.next_event() == DataComplete(4)
     assert parser.discard_pending() == b"AT"
+
+
+def test_a_repeated_send_line_is_parsed_once_and_gives_the_same_event():
+    """A data command's line seen before comes from the parser's cache, unchanged."""
+    parser = Parser()
+    parser.receive_bytes(b"AT+CIPSEND=0,2048\r\nAT+CIPSEND=0,2048\r\nAT+CIPSEND=0,20\r\n")
+    first, again, other = parser.next_event(), parser.next_event(), parser.next_event()
+    assert first == cmd(b"AT+CIPSEND=0,2048\r\n", "+CIPSEND", Kind.SET, Bare("0"), Bare("2048"))
+    assert again is first
+    assert other == cmd(b"AT+CIPSEND=0,20\r\n", "+CIPSEND", Kind.SET, Bare("0"), Bare("20"))
+
+
+def test_lines_of_other_commands_are_not_kept():
+    """Only the data commands' lines are remembered: a password line is parsed anew, never held."""
+    parser = Parser()
+    line = b'AT+CWJAP="ap","secret"\r\n'
+    parser.receive_bytes(line + line)
+    first, again = parser.next_event(), parser.next_event()
+    assert first == again and first is not again
+    assert not parser._lines

@@ -1,0 +1,136 @@
+"""Python calls per AT+CIPSEND in the front, and per second at line rate.
+
+A tool, not a comparison.  The daemon runs with a ``sitecustomize`` (a
+temporary directory put first on its PYTHONPATH) that installs a SIGUSR1
+handler in every process: the first SIGUSR1 starts counting ``sys.setprofile``
+events (``call``: a Python function, ``c_call``: a C function called from
+Python), the second stops and writes the counts to a JSON file per process.
+The counts do not depend on the profiler's own slowness; timings here mean
+nothing.  Five TCP links as in ``bench.breakdown``, each case for
+``seconds``:
+
+* ``up``: ``AT+CIPSEND=<id>,<chunk>`` paced to 0.1 MB/s per link; calls per
+  send = the front's calls / sends;
+* ``both``: the same plus 1 KiB +IPD pieces at 0.1 MB/s per link (the
+  line-rate case): calls per second.
+
+Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.calls [seconds] [chunk] [top] [cases]``
+(defaults 4, 2048, 25, ``up,both``): prints the totals and the ``top``
+functions of the front by count (a C function with the function calling it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+from .common import now
+from .streams import check_downlinks, daemon_with_peers, make_payload, paced_cipsends, wait_both_ways
+
+LINKS = 5
+RATE = 100_000
+PIECE = 1024
+
+_SITECUSTOMIZE = '''
+import collections, json, os, signal, sys
+_out = os.environ.get("BRIDGED_CALLS")
+if _out:
+    _counts = collections.Counter()
+    _on = [False]
+
+    def _prof(frame, event, arg):
+        if event == "call":
+            c = frame.f_code
+            _counts["%s:%d %s" % (c.co_filename.rsplit("/bridged/", 1)[-1], c.co_firstlineno, c.co_name)] += 1
+        elif event == "c_call":
+            _counts["<c> %s in %s" % (getattr(arg, "__qualname__", repr(arg)), frame.f_code.co_name)] += 1
+
+    def _toggle(signum, frame):
+        if not _on[0]:
+            _counts.clear()
+            _on[0] = True
+            sys.setprofile(_prof)
+            return
+        sys.setprofile(None)
+        _on[0] = False
+        with open("%s.%d" % (_out, os.getpid()), "w") as f:
+            json.dump(dict(_counts), f)
+
+    signal.signal(signal.SIGUSR1, _toggle)
+'''
+
+
+def _toggle(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+
+
+def run_case(mode: str, seconds: float, chunk: int, out: str) -> tuple[dict[str, Counter], float, int]:
+    """({process: counts}, elapsed, sends) for one case."""
+    up, down = True, mode == "both"
+    n = int(RATE * seconds)
+    ups = [make_payload(n) for _ in range(LINKS)]
+    downs = [make_payload(n if down else 0) for _ in range(LINKS)]
+    limit = seconds * 3 + 10
+    with contextlib.ExitStack() as stack:
+        peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], limit, rate=RATE, piece=PIECE)
+        root = psutil.Process(d.pid)
+        procs = [p for p in root.children(recursive=True)
+                 if "resource_tracker" not in " ".join(p.cmdline())]
+        names = {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+        _toggle(list(names))
+        time.sleep(0.05)
+        t0 = now()
+        for p in peers:
+            p.go.set()
+        sends = paced_cipsends(demux, [u[0] for u in ups], RATE, chunk, t0 + limit, f"calls {mode}", 10.0)
+        wait_both_ways(demux, peers, ups, downs, f"calls {mode}", max(t0 + limit - now(), 10.0))
+        elapsed = now() - t0
+        _toggle(list(names))
+        counts: dict[str, Counter] = {}
+        for pid, name in names.items():
+            path = Path(f"{out}.{pid}")
+            for _ in range(200):
+                if path.exists() and path.stat().st_size:
+                    break
+                time.sleep(0.01)
+            time.sleep(0.05)
+            counts[name] = Counter(json.loads(path.read_text()))
+        check_downlinks(demux, downs, f"calls {mode}")
+    return counts, elapsed, len(sends)
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 4.0
+    chunk = int(sys.argv[2]) if len(sys.argv) > 2 else 2048
+    top = int(sys.argv[3]) if len(sys.argv) > 3 else 25
+    cases = sys.argv[4].split(",") if len(sys.argv) > 4 else ["up", "both"]
+    tmp = tempfile.mkdtemp(prefix="bench-calls-")
+    Path(tmp, "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = tmp + (os.pathsep + old if old else "")
+    os.environ["BRIDGED_CALLS"] = str(Path(tmp, "counts"))
+    for mode in cases:
+        counts, elapsed, sends = run_case(mode, seconds, chunk, os.environ["BRIDGED_CALLS"])
+        front = counts["front"]
+        total = sum(front.values())
+        workers = sum(sum(c.values()) for name, c in counts.items() if name != "front")
+        print(f"{mode}: {sends} sends of {chunk} in {elapsed:.1f} s; front {total} calls "
+              f"({total / sends:.0f} per AT+CIPSEND, {total / elapsed:.0f}/s), "
+              f"workers {workers / elapsed:.0f}/s ({workers / sends:.0f} per send)")
+        for key, count in front.most_common(top):
+            print(f"  {count / sends:7.2f} per send  {key}")
+
+
+if __name__ == "__main__":
+    main()

@@ -128,14 +128,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.session = Session()  # the AT session's state (bridged.at.session)
         self.boot: Boot | None = None  # the chip's (re)boot while the session is BOOTING
         self._dropped: asyncio.Future | None = None  # the boot waits for a restart's links to end
-        self.sending: Send | None = None  # the data phase's way into its uplink ring
-        self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
-        self._room_poll: asyncio.TimerHandle | None = None
-        self._room_need = 1  # free bytes the waiting send can use
-        self.passthrough: Passthrough | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
-        self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
+        self._init_data_phase()
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
         self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
@@ -153,6 +146,17 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
         self.counters = UartCounters()  # for `bridged status` (bridged.ops.status)
         self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
+
+    def _init_data_phase(self) -> None:
+        """The data phase's state (bridged.uart.dataphase), none under way."""
+        self.sending: Send | None = None  # the data phase's way into its uplink ring
+        self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
+        self._room_poll: asyncio.TimerHandle | None = None
+        self._room_need = 1  # free bytes the waiting send can use
+        self.passthrough: Passthrough | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
+        self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
 
     # -- lifetime ----------------------------------------------------------------------
 

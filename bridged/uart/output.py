@@ -265,6 +265,10 @@ class Output:
                 return
             if self._pending_final:
                 self._final_at = self.loop.time()
+        self._all_written()
+
+    def _all_written(self) -> None:
+        """Nothing is left to write now: ease back-pressure, hold URCs for their gap, tell the waiters."""
         if self.backlogged:
             self._check_low()
         if self._writer_armed:

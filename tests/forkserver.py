@@ -42,6 +42,7 @@ import time
 __all__ = ["ForkedProcess", "enabled", "spawn"]
 
 _MAXFD = os.sysconf("SC_OPEN_MAX")
+_TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- the client, in the pytest process ---------------------------------------------------
@@ -85,8 +86,10 @@ class _Client:
     """The pytest process's end of one fork server."""
 
     def __init__(self) -> None:
+        # From the checkout's top, whatever directory the test that starts it is in
+        # (the children go to the test's own): `-m` imports tests and bridged from there.
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.forkserver"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                     stdout=subprocess.PIPE, cwd=_TOP, env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self._lock = threading.Lock()
         self._buf = b""
         self._exits: dict[int, int] = {}

@@ -31,6 +31,7 @@ turns it off: every daemon is then a new ``python -m bridged``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
@@ -151,8 +152,11 @@ class _Client:
         return True
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(10)
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
 
 
 _client: _Client | None = None
@@ -166,6 +170,8 @@ def spawn(args: list[str], env: dict[str, str], log: str, group: bool = False) -
     with _client_lock:
         if _client is None or not _client.alive():
             _client = _Client()
+            # Reaped by this process, so that the daemons' CPU time counts in its children's.
+            atexit.register(_client.close)
         client = _client
     pid = client.spawn(args, env, log, group)
     return ForkedProcess(client, pid, [sys.executable, "-m", "bridged", *args])

@@ -18,11 +18,19 @@ their start events, the process itself): those start their own daemon.
 A test that leaves the session where AT+RESTORE cannot reach it (a data mode,
 a port that stopped reading), or that logged one of ``retire_after`` (state
 AT+RESTORE does not undo, such as a set clock), costs a fresh daemon, not the
-next test.
+next test.  Nor may what it left on the line pass for the next test's
+answers: the pty's unread input is flushed first (an OK it did not read would
+pass for AT+RESTORE's), a ``ready`` before the OK (a restart it began: the
+booting chip lost AT+RESTORE) sends AT+RESTORE again, and the daemon's log
+must show the factory restart (an OK and a ready of the last test's AT+RST
+are not a restore).
 """
 
 from __future__ import annotations
 
+import re
+import termios
+import time
 from pathlib import Path
 
 from tests.harness import Daemon, Host, Timeout, parse_events
@@ -53,7 +61,14 @@ class SharedDaemon:
         log marked: the test's ``daemon.host()`` then reads ``ready`` as after a start."""
         host = None
         if self.daemon is not None and not self._retire:
+            restores = len(self._factory_restarts())
             host = self._restored()
+            if host is not None:
+                try:  # logged as the OK has gone out, well before ready
+                    self.daemon.wait_event("restart", count=restores + 1, factory=True, timeout=2)
+                except Timeout:
+                    host.close()  # what answered was not a restore: the last test's AT+RST
+                    host = None
             # The last test's late lines and the restore, with that test's expected errors.
             self._check("before this test, after the last one's end")
             if self._retire and host is not None:
@@ -86,19 +101,37 @@ class SharedDaemon:
         if self.daemon is not None:
             self._stop(self.daemon)
 
+    def _factory_restarts(self) -> list[dict]:
+        return [e for e in self.daemon.events("restart") if e.get("factory")]
+
     def _restored(self) -> Host | None:
-        """The host after AT+RESTORE's OK (echo on or off), or None: no daemon yet, or
-        the session did not answer (the daemon is then replaced)."""
-        if self.daemon is None or self.daemon.proc.poll() is not None:
+        """The host after AT+RESTORE's OK (echo on or off), or None: the daemon is gone,
+        or the session did not answer (it is then replaced); see the module's docstring."""
+        if self.daemon.proc.poll() is not None:
             return None
         host = self.daemon.host()
-        try:
+        termios.tcflush(host.fd, termios.TCIFLUSH)  # the last test's unread answers are not ours
+        for _ in range(2):
             host.write(b"AT+RESTORE\r\n")
-            host.expect(b"\r\nOK\r\n", timeout=2)
-        except Timeout:
-            host.close()
-            return None
-        return host
+            answer = self._ok_or_ready(host, 2.0)
+            if answer == b"OK":
+                return host
+            if answer is None:
+                break
+        host.close()
+        return None
+
+    @staticmethod
+    def _ok_or_ready(host: Host, timeout: float) -> bytes | None:
+        """Read through the first OK or ready: which came, or None for neither in time."""
+        deadline = time.monotonic() + timeout
+        while (m := re.search(rb"\r\n(OK|ready)\r\n", host.buf)) is None:
+            if time.monotonic() > deadline:
+                return None
+            host._fill(0.05)
+        which = bytes(m.group(1))
+        del host.buf[: m.end()]
+        return which
 
     def _replace(self) -> None:
         if self.daemon is not None:

@@ -18,7 +18,8 @@ PYTEST_ARGS ?=
 # fixtures -- the OTA keys, the DNS/SNTP test servers on fixed loopback
 # addresses, module-wide daemons -- are made once and never twice at a time.
 # Two workers on the 2-core CI machine: nearly every test starts a daemon
-# (about 0.4 s of CPU for its imports) or waits on a timer, so two keep both
+# (forked from a process that imported bridged once: tests/forkserver.py;
+# BRIDGED_TEST_FORKSERVER=0 execs each) or waits on a timer, so two keep both
 # cores busy; more only crowd the timing-sensitive tests.  The second
 # interpreter runs the whole suite too (not only what differs under 3.13:
 # ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.

@@ -34,6 +34,7 @@ workers with it, on the same port (the MCU sees ``ready``, as after AT+RST).
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -135,6 +136,10 @@ class Supervisor(Children):
                 self.rings.append((Ring.create(size, f"link{w.link_id}-up"),
                                    Ring.create(size, f"link{w.link_id}-down")))
             mark_epoch()
+            # What is imported and built by now lives as long as the daemon: out of the
+            # collector's sight, the children's collections never write to its pages (they
+            # stay shared, copy-on-write) and the interpreter's exit does not walk it.
+            gc.freeze()
             self._start_all()
             children_started()
             return self._loop()

@@ -83,6 +83,16 @@ def shared_daemon(tmp_path_factory):
 
 
 @pytest.fixture
+def shared_session(shared_daemon) -> Daemon:
+    """The module's shared daemon for this test, factory-fresh and its log marked
+    (tests/shared.py): a module whose tests read their daemon's log defines
+    ``daemon`` as this, and conftest's ``host`` then boots on it."""
+    daemon = shared_daemon.begin()
+    yield daemon
+    shared_daemon.done()
+
+
+@pytest.fixture
 def shared_host(request, shared_daemon) -> Host:
     """As ``host``, on the module's shared daemon, factory-fresh (AT+RESTORE).
 

@@ -24,6 +24,8 @@ import tomllib
 import tty
 from pathlib import Path
 
+from tests import forkserver
+
 __all__ = ["Daemon", "Host", "parse_events", "Demux", "EchoServer", "SinkServer", "Timeout", "udp_peer",
            "wait_udp_read", "with_boot_ms", "with_test_timing", "with_default", "notify_state"]
 
@@ -105,23 +107,29 @@ class Daemon:
         self.log_path = tmp / "bridged.log"
         self.args = args
         self.own_group = own_group  # a process group of its own, as a shell gives a foreground job
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | forkserver.ForkedProcess | None = None
         self.expected_errors: set[str] = set()  # log events a test provokes on purpose
+        # Where log_text() and events() start: a daemon shared by several tests
+        # (tests/shared.py) shows each test only what was logged since its mark().
+        self.log_from = 0
+        self.pending_host: Host | None = None  # handed out by the next host() (tests/shared.py)
 
     def write_config(self, config: str) -> None:
         """(Re)write the config file: the station, then ``config`` (`with_test_timing`)."""
         self.config_path.write_text(with_test_timing(f'[wifi]\nstation_interface = "{self.station}"\n' + config))
 
     def start(self) -> "Daemon":
-        log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            [*self.wrap, sys.executable, "-m", "bridged", "run", "--config", str(self.config_path),
-             "--port" if self.port else "--pty", self.link, "--state-dir", str(self.state_dir), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-            process_group=0 if self.own_group else None,
-        )
-        log.close()
+        args = ["run", "--config", str(self.config_path), "--port" if self.port else "--pty", self.link,
+                "--state-dir", str(self.state_dir), *self.args]
+        if not self.wrap and forkserver.enabled():
+            # python -m bridged without its imports' half second (tests/forkserver.py)
+            self.proc = forkserver.spawn(args, env, str(self.log_path), group=self.own_group)
+        else:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen([*self.wrap, sys.executable, "-m", "bridged", *args],
+                                             stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             process_group=0 if self.own_group else None)
         deadline = time.monotonic() + DEFAULT_TIMEOUT
         while not os.path.exists(self.link):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -130,6 +138,9 @@ class Daemon:
         return self
 
     def host(self) -> "Host":
+        if self.pending_host is not None:
+            host, self.pending_host = self.pending_host, None
+            return host
         return Host(self.link)
 
     def stop(self, timeout: float = 10.0) -> int:
@@ -145,10 +156,30 @@ class Daemon:
             raise Timeout(f"daemon ignored SIGTERM:\n{self.log_text()}")
 
     def log_text(self) -> str:
+        """The log from the mark on (all of it unless mark() was called)."""
         try:
-            return self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_from)
+                text = f.read().decode(errors="replace")
         except OSError:
             return ""
+        return text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text() gives it
+
+    def read_log(self, start: int) -> tuple[str, int]:
+        """The log's complete lines from byte ``start`` on, and the byte offset after them
+        (a line still being written is left for the next read)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                data = f.read()
+        except OSError:
+            return "", start
+        whole = data[: data.rfind(b"\n") + 1]
+        return whole.decode(errors="replace"), start + len(whole)
+
+    def mark(self) -> None:
+        """From now on, log_text() and events() show only what is logged after this point."""
+        self.log_from = self.read_log(self.log_from)[1]
 
     def events(self, name: str | None = None) -> list[dict]:
         """The daemon's JSON log events (each line is '<N>{json}')."""

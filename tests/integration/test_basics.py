@@ -10,9 +10,10 @@ from tests.harness import Daemon
 
 
 @pytest.fixture
-def host(shared_host):
-    """The module's tests that need only a booted host share one daemon (conftest.shared_host)."""
-    return shared_host
+def daemon(shared_session):
+    """The module's tests share one daemon, each on a session AT+RESTORE made
+    factory-fresh (conftest.shared_session); conftest's ``host`` boots on it."""
+    return shared_session
 
 
 @pytest.mark.bridged(profile="esp32")

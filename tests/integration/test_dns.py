@@ -17,6 +17,7 @@ from cryptography import x509
 from tests.dnsserver import serving
 from tests.harness import Demux, udp_peer
 from tests.integration.test_tls import TlsServer, _import, _issue
+from tests.shared import SharedDaemon
 
 SERVER_IP = "127.0.0.153"
 SILENT_IP = "127.0.0.154"
@@ -45,10 +46,22 @@ def silent_server():
         yield server
 
 
+# The SSL test checks certificate dates against the host clock ([sntp] source = "host").
+CONFIG = '[sntp]\nsource = "host"\n'
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One daemon for the module's tests (tests/shared.py): each starts on a session
+    AT+RESTORE made factory-fresh, and sees only its own part of the log."""
+    shared = SharedDaemon(tmp_path_factory.mktemp("shared"), CONFIG)
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture
-def daemon(make_daemon):
-    """The SSL test checks certificate dates against the host clock ([sntp] source = "host")."""
-    return make_daemon('[sntp]\nsource = "host"\n')
+def daemon(shared_session):
+    return shared_session
 
 
 @pytest.fixture
@@ -329,9 +342,10 @@ def _settled_fds(pid: int, expected: list[str], timeout: float = 3.0) -> list[st
 
 
 @pytest.mark.parametrize("command", [b'AT+CIPDOMAIN="slow.test",1,60000', b'AT+PING="slow.test"'])
-def test_rst_during_a_lookup_leaves_no_socket(daemon, silent_server, command):
+def test_rst_during_a_lookup_leaves_no_socket(make_daemon, silent_server, command):
     """AT+RST while a lookup waits on a silent server: ready comes at once and the front
     holds no more descriptors than before (the query's socket is closed)."""
+    daemon = make_daemon(CONFIG)  # its own: the front's pid is read from child_started
     host = daemon.host()
     host.boot()
     front = daemon.wait_event("child_started", role="front")[-1]["pid"]

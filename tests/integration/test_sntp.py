@@ -20,10 +20,27 @@ from cryptography import x509
 
 from tests import dnsserver
 from tests.integration.test_tls import TlsServer, _import, _issue
+from tests.shared import SharedDaemon
 from tests.sntpserver import kiss, reply_at, serving, silent
 
 Y2038 = calendar.timegm((2038, 1, 19, 3, 14, 8))
 _TIME = re.compile(rb"\+CIPSNTPTIME:(\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\r\nOK\r\n")
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One daemon for the module's tests (tests/shared.py), each on a session AT+RESTORE
+    made factory-fresh, seeing only its own part of the log.  AT+RESTORE keeps the
+    device clock (the RTC): a test that set it (sntp_synced) leaves the next test a new
+    daemon, whose clock reads 1970 again."""
+    shared = SharedDaemon(tmp_path_factory.mktemp("shared"), retire_after=("sntp_synced",))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def daemon(shared_session):
+    return shared_session
 
 
 def since(start: float, at: float) -> callable:

@@ -27,6 +27,22 @@ def _line(proc: subprocess.Popen, timeout: float = 10.0) -> str:
     return proc.stdout.readline()
 
 
+def _as_from_a_shell() -> None:
+    """Ctrl-C as a terminal's user has it: SIGINT neither ignored nor blocked (a pytest
+    worker may hand its children either, and an exec keeps both)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signals(pid: int) -> str:
+    """The process's signal masks, for a failure's message."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return " ".join(line.strip() for line in status if line.startswith(("State", "Sig")))
+    except OSError as exc:
+        return str(exc)
+
+
 def test_watch_redraws_every_second_rides_out_a_stop_and_ends_on_ctrl_c(make_daemon):
     """--watch --json prints the status about once a second, says it retries while the
     daemon is gone, and exits 0 on SIGINT."""
@@ -34,7 +50,8 @@ def test_watch_redraws_every_second_rides_out_a_stop_and_ends_on_ctrl_c(make_dae
     daemon.host().expect(b"\r\nready\r\n")
     proc = subprocess.Popen([sys.executable, "-m", "bridged", "status", "--watch", "--json",
                              "--state-dir", str(daemon.state_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            preexec_fn=_as_from_a_shell)
     try:
         first = json.loads(_line(proc))
         started = time.monotonic()
@@ -47,7 +64,10 @@ def test_watch_redraws_every_second_rides_out_a_stop_and_ends_on_ctrl_c(make_dae
             assert time.monotonic() < deadline, line
         assert proc.poll() is None  # still watching
         os.kill(proc.pid, signal.SIGINT)
-        assert proc.wait(10) == 0
+        try:
+            assert proc.wait(10) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit on SIGINT: {_signals(proc.pid)}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -424,6 +424,35 @@ class SinkServer(_Server):
         self.closed_by_peer.set()
 
 
+class StampedSink:
+    """A TCP peer noting when each byte count arrived and when the FIN came."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.arrivals: list[tuple[float, int]] = []
+        self.data = bytearray()
+        self.fin_at: float | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        conn.settimeout(20)
+        with conn:
+            while chunk := conn.recv(65536):
+                self.data += chunk
+                self.arrivals.append((time.monotonic(), len(self.data)))
+            self.fin_at = time.monotonic()
+
+    def first_at(self, count: int) -> float:
+        return next(t for t, n in self.arrivals if n >= count)
+
+    def close(self) -> None:
+        self.thread.join(20)
+        self.server.close()
+
+
 class Demux:
     """Splits what the daemon sends into +IPD payloads (per link) and the rest.
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.harness import Demux, EchoServer, SinkServer, udp_peer
+from tests.harness import Demux, EchoServer, SinkServer, StampedSink, udp_peer
 from tests.integration.test_tls import TlsServer, _issue
 
 pytestmark = pytest.mark.timeout(180)
@@ -180,35 +180,6 @@ def test_latency_delays_what_the_network_sends(make_daemon, echo_server):
     assert demux.wait_data(1, 4 + len(payload), timeout=20)[4:] == payload
 
 
-class _StampedSink:
-    """A TCP peer noting when each byte count arrived and when the FIN came."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.arrivals: list[tuple[float, int]] = []
-        self.data = bytearray()
-        self.fin_at: float | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.server.accept()
-        conn.settimeout(20)
-        with conn:
-            while chunk := conn.recv(65536):
-                self.data += chunk
-                self.arrivals.append((time.monotonic(), len(self.data)))
-            self.fin_at = time.monotonic()
-
-    def first_at(self, count: int) -> float:
-        return next(t for t, n in self.arrivals if n >= count)
-
-    def close(self) -> None:
-        self.thread.join(20)
-        self.server.close()
-
-
 def test_latency_delays_what_the_mcu_sends_too(make_daemon, echo_server):
     """net_latency ms 300 on link 1: an echo's round trip grows by 2 x ms; bytes the MCU sent
     reach the peer ms after SEND OK, whole and in order; AT+CIPCLOSE delivers them, then the FIN."""
@@ -224,7 +195,7 @@ def test_latency_delays_what_the_mcu_sends_too(make_daemon, echo_server):
         trips[link_id] = time.monotonic() - started
     assert 2 * 0.3 <= trips[1] < trips[0] + 2 * 0.3 + 0.3, trips
     assert host.command(b"AT+CIPCLOSE=1") == b"1,CLOSED\r\n\r\nOK\r\n"
-    sink = _StampedSink()
+    sink = StampedSink()
     try:
         assert _start(host, 1, "TCP", sink.port) == b"1,CONNECT\r\n\r\nOK\r\n"
         pieces = [os.urandom(1500) for _ in range(4)]

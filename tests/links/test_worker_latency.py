@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import os
 import socket
-import threading
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from bridged.ipc import records
 from bridged.ipc.control import send_message, socketpair
 from bridged.ipc.messages import Close, Connect, Connected, Ended, FireFault, Hello
 from bridged.links.worker import Worker
+from tests.harness import StampedSink
 from tests.links.control import recv_control as _recv
 from tests.ringtools import new_ring
 
@@ -65,39 +65,10 @@ async def _write(ring, data: bytes) -> float:
     return time.monotonic()
 
 
-class _Sink:
-    """A TCP peer noting when each byte count was reached, and when it saw the FIN."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.arrivals: list[tuple[float, int]] = []  # (time, bytes so far)
-        self.data = bytearray()
-        self.fin_at: float | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        conn, _ = self.server.accept()
-        conn.settimeout(20)
-        with conn:
-            while chunk := conn.recv(65536):
-                self.data += chunk
-                self.arrivals.append((time.monotonic(), len(self.data)))
-            self.fin_at = time.monotonic()
-
-    def first_at(self, count: int) -> float:
-        return next(t for t, n in self.arrivals if n >= count)
-
-    def close(self) -> None:
-        self.thread.join(20)
-        self.server.close()
-
-
 def test_what_the_mcu_sends_reaches_the_peer_ms_later_in_order():
     """ms 300 +- 200: no byte before ms - jitter after its SEND OK, the first send at least
     100 ms after it; pieces each drawn their own delay arrive whole and in order (hash)."""
-    sink = _Sink()
+    sink = StampedSink()
     payload = os.urandom(40000)
     written: list[float] = []
 
@@ -126,7 +97,7 @@ def test_what_the_mcu_sends_reaches_the_peer_ms_later_in_order():
 def test_without_jitter_each_piece_takes_ms_and_a_close_with_flush_follows_the_data():
     """ms 250: each piece reaches the peer 250 ms (not much more) after its SEND OK; AT+CIPCLOSE's
     flush sends the delayed data, and the peer's FIN comes after it."""
-    sink = _Sink()
+    sink = StampedSink()
     pieces = [os.urandom(1000) for _ in range(5)]
     written: list[float] = []
 
@@ -154,7 +125,7 @@ def test_without_jitter_each_piece_takes_ms_and_a_close_with_flush_follows_the_d
 def test_a_bandwidth_cap_composes_with_the_latency():
     """net_bandwidth 20000 B/s and ms 300: 10000 bytes take their 0.5 s at the cap plus the
     300 ms delay; the first byte no sooner than 300 ms."""
-    sink = _Sink()
+    sink = StampedSink()
     payload = os.urandom(10000)
     written: list[float] = []
 
@@ -222,7 +193,7 @@ def test_datagrams_are_delayed_in_order_and_the_jitter_repeats_with_the_seed():
 def test_latency_fired_on_demand_delays_the_uplink_while_it_holds():
     """`bridged fault net_latency ms=300 for=1` on an open link: a send within the second
     takes ms, one after it goes at once (the uplink is back on its direct path)."""
-    sink = _Sink()
+    sink = StampedSink()
     written: list[float] = []
 
     async def script(control, up):

@@ -97,8 +97,7 @@ class Connecting:
                 remote = sock.getpeername()
             else:
                 await self.faults.before_connect(msg, self.connect_timeout_ms, self.loop.time())
-                sock = await open_tcp(msg, self.connect_timeout_ms, self._check)
-                remote = sock.getpeername()
+                sock, remote = await open_tcp(msg, self.connect_timeout_ms, self._check)
         except (OSError, TimeoutError, ValueError) as exc:
             why = failure_reason(exc)
             log.warning("connect_failed", type=msg.link_type, host=msg.host, port=msg.port, reason=why)
@@ -146,7 +145,7 @@ class Connecting:
         """TCP connect, then the TLS handshake, all within the connect timeout."""
         started = self.loop.time()
         await self.faults.before_connect(msg, self.connect_timeout_ms, started)
-        raw = await open_tcp(msg, self.connect_timeout_ms, self._check)
+        raw, _ = await open_tcp(msg, self.connect_timeout_ms, self._check)
         failed = self.faults.handshake_fails(self.loop.time(), "client")
         if failed is not None:
             raw.close()  # the server sees the client give up

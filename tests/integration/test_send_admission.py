@@ -200,6 +200,23 @@ def test_so_sndtimeo_ends_a_cipsendl_that_gets_no_room(make_daemon, peer):
     conn.close()
 
 
+def test_a_cipsendl_failed_by_so_sndtimeo_can_be_left_with_plus(make_daemon, peer):
+    """After so_sndtimeo failed a CIPSENDL, the MCU need not send the rest of its length:
+    +++ is heard (the port is read again) and ends the phase with SEND CANCELLED."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    host.command(b"AT+CIPTCPOPT=-1,0,300")
+    with _stopped(daemon.worker_pid(0)):
+        host.write(b"AT+CIPSENDL=%d\r\n" % (1 << 30))
+        host.expect(b">")
+        host.write(os.urandom(_RING + 2048))
+        time.sleep(0.6)  # so_sndtimeo passes; the port is read again
+        host.write(b"+++")
+        assert host.expect(b"\r\nSEND CANCELLED\r\n", timeout=5).endswith(b"\r\nSEND CANCELLED\r\n")
+        time.sleep(1.1)  # the guard time after +++
+        assert host.ask(b"AT") == b"\r\nOK\r\n"
+    conn.close()
+
+
 def test_so_sndtimeo_bounds_each_wait_of_a_cipsendl_not_the_whole(make_daemon, peer):
     """so_sndtimeo 400 ms bounds each wait for room, as each send() of ESP-AT's stream: a
     CIPSENDL whose worker stalls three times for 250 ms (750 ms of waiting in all) ends SEND OK,

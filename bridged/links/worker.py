@@ -21,9 +21,12 @@ ring only as fast as the socket takes it, and the downlink stops reading the
 socket while the ring (or the passive receive window) is full.
 
 One TaskGroup (``run``) holds every task of the worker (a connect, a TLS
-adoption): a task that fails unexpectedly fails the group, and ``run``
-raises it (the process exits non-zero and the supervisor restarts it, as any
-dead worker).  The worker ends when its control socket reaches EOF: the front
+adoption), each started by ``_spawn``: a task that fails unexpectedly fails
+the group, and ``run`` raises it (the process exits non-zero and the
+supervisor restarts it, as any dead worker).  From that failure on nothing
+more is read off the control socket (the front learns of the end from its
+EOF), and a connect the ending group refuses or cancels is answered
+ConnectFailed: no control message taken is dropped unanswered.  The worker ends when its control socket reaches EOF: the front
 is gone.
 
 Every remote it uses passes ``[links] allow / deny`` after name resolution

@@ -12,14 +12,16 @@ is readable and the gate is open.  Opening and shutting the gate is one
 epoll_ctl.  Readiness is level-triggered as with ``add_reader``: a callback
 that leaves data unread is called again.
 
-``open``/``shut`` set what the owner wants from moment to moment (coalescing,
-a full ring); a *hold* is a named reason to stay shut whatever is asked
-meanwhile (the UART output backed up): the gate opens again when the last
-hold is released, if the owner still wants it open then.
+``open``/``shut`` set what the owner wants from moment to moment (a full
+ring); a *hold* is a named reason to stay shut whatever is asked meanwhile
+(the UART output backed up, a coalescing pause): the gate opens again when
+the last hold is released, if the owner still wants it open then.  So a
+pause's end opens only what nothing else keeps shut.
 
 The gate tells its owner (``on_hold``) when it starts and stops *holding*
 input: shut for back-pressure (a hold, or ``shut()``), as opposed to a
-moment's pause to let reads gather (``shut(hold=False)``).  The UART front
+moment's pause to let reads gather (``shut(hold=False)``, or a hold with
+``press=False``).  The UART front
 drives RTS from it.
 """
 
@@ -40,6 +42,7 @@ class ReadGate:
         self._fd: int | None = None  # the fd the gate lets through, when open
         self._wanted: int | None = None  # the fd open() asked for last, unless shut() since
         self._holds: set[str] = set()
+        self._pauses: set[str] = set()  # holds that are pauses, not back-pressure
         self._pressed = False  # shut() for back-pressure, not a pause
         self._on_hold = on_hold
         self.holding = False  # held shut for back-pressure (a hold or shut())
@@ -83,22 +86,28 @@ class ReadGate:
         self._unregister()
         self._tell()
 
-    def hold(self, reason: str) -> None:
-        """Stay shut for ``reason`` until release(reason), whatever open() asks meanwhile."""
+    def hold(self, reason: str, press: bool = True) -> None:
+        """Stay shut for ``reason`` until release(reason), whatever open() asks meanwhile.
+
+        ``press``: False for a pause (input is not held back: the owner is not told).
+        """
         self._holds.add(reason)
+        if not press:
+            self._pauses.add(reason)
         self._unregister()
         self._tell()
 
     def release(self, reason: str) -> None:
         """Drop one reason to stay shut; open again if none is left and open() was asked last."""
         self._holds.discard(reason)
+        self._pauses.discard(reason)
         if not self._holds and self._wanted is not None:
             self.open(self._wanted)
         else:
             self._tell()
 
     def _tell(self) -> None:
-        holding = bool(self._holds) or self._pressed
+        holding = bool(self._holds - self._pauses) or self._pressed
         if holding != self.holding:
             self.holding = holding
             if self._on_hold is not None:
@@ -119,5 +128,6 @@ class ReadGate:
         self._unregister()
         self._wanted = None
         self._holds.clear()
+        self._pauses.clear()
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()

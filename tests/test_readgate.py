@@ -178,3 +178,31 @@ def test_the_owner_hears_holding_not_pauses(pair):
         assert heard == [True, False]  # closing is no hold
 
     _run(main())
+
+
+def test_a_pause_ends_without_opening_what_the_owner_shut_meanwhile(pair):
+    """A pause (hold with press=False) leaves `holding` alone, and its release opens the gate
+    only if the owner's last word was open(): a shut() during the pause (a full ring) stands."""
+    a, b = pair
+
+    async def main():
+        got: list[bytes] = []
+        told: list[bool] = []
+        gate = ReadGate(asyncio.get_running_loop(), lambda: got.append(b.recv(64)), on_hold=told.append)
+        gate.open(b.fileno())
+        gate.hold("pause", press=False)
+        assert not gate.holding and told == []  # a pause is not back-pressure
+        gate.shut()  # the owner's back-pressure, during the pause
+        gate.release("pause")
+        a.send(b"x")
+        await _turns()
+        assert got == [] and not gate.is_open and gate.holding
+        gate.open(b.fileno())  # room again
+        await _until(lambda: got)
+        assert got == [b"x"]
+        gate.hold("pause", press=False)
+        gate.release("pause")  # nothing else keeps it shut: open again
+        assert gate.is_open
+        gate.close()
+
+    _run(main())

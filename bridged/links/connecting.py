@@ -10,7 +10,7 @@ is ours (``Worker._opened``), or ``ConnectFailed`` with a reason for the
 log (the MCU only ever sees ERROR).
 
 What may wait (resolution, connect, handshake) runs as a task in the
-worker's TaskGroup (``self._tasks``; ``self.connecting`` while it runs): a
+worker's TaskGroup (``Worker._spawn``; ``self.connecting`` while it runs): a
 host's Close cancels it, and the Close's answer (Ended, EOF) is the only
 one.  A failure we expect is a reason; anything else escapes the task,
 fails the TaskGroup and ends the worker (our bug, logged with its
@@ -79,9 +79,13 @@ class Connecting:
         if self.conn_id is not None:
             self._reply(ConnectFailed(msg.conn_id, f"link {self.link_id} is busy"))
             return
+        task = self._spawn(self._connect(msg), msg.conn_id)
+        if task is None:  # the worker is ending (a task failed): the front must not wait on
+            self._reply(ConnectFailed(msg.conn_id, "the link worker is ending"))
+            return
         self.conn_id = msg.conn_id
         self.uplink.discard_all()
-        self.connecting = self._tasks.create_task(self._connect(msg))
+        self.connecting = task
 
     async def _connect(self, msg: Connect) -> None:
         datagram = msg.link_type.startswith("UDP")
@@ -93,8 +97,7 @@ class Connecting:
                 remote = sock.getpeername()
             else:
                 await self.faults.before_connect(msg, self.connect_timeout_ms, self.loop.time())
-                sock = await open_tcp(msg, self.connect_timeout_ms, self._check)
-                remote = sock.getpeername()
+                sock, remote = await open_tcp(msg, self.connect_timeout_ms, self._check)
         except (OSError, TimeoutError, ValueError) as exc:
             why = failure_reason(exc)
             log.warning("connect_failed", type=msg.link_type, host=msg.host, port=msg.port, reason=why)
@@ -142,7 +145,7 @@ class Connecting:
         """TCP connect, then the TLS handshake, all within the connect timeout."""
         started = self.loop.time()
         await self.faults.before_connect(msg, self.connect_timeout_ms, started)
-        raw = await open_tcp(msg, self.connect_timeout_ms, self._check)
+        raw, _ = await open_tcp(msg, self.connect_timeout_ms, self._check)
         failed = self.faults.handshake_fails(self.loop.time(), "client")
         if failed is not None:
             raw.close()  # the server sees the client give up
@@ -177,11 +180,18 @@ class Connecting:
             log.warning("adopt_failed", conn_id=msg.conn_id, reason=failure_reason(exc))
             self._reply(ConnectFailed(msg.conn_id, failure_reason(exc)))
             return
+        task = None
+        if msg.link_type.startswith("SSL"):
+            task = self._spawn(self._adopt_tls(msg, sock, remote), msg.conn_id)
+            if task is None:  # the worker is ending (a task failed)
+                sock.close()
+                self._reply(ConnectFailed(msg.conn_id, "the link worker is ending"))
+                return
         self.conn_id = msg.conn_id
         self.uplink.discard_all()
         sock.setblocking(False)
-        if msg.link_type.startswith("SSL"):
-            self.connecting = self._tasks.create_task(self._adopt_tls(msg, sock, remote))
+        if task is not None:
+            self.connecting = task
             return
         self._opened(msg.conn_id, msg.link_type, sock, remote, datagram=False, udp_mode=0)
 

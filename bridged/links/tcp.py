@@ -44,9 +44,19 @@ def _no_check(address: str, port: int) -> Refusal | None:
     return None
 
 
+def _peer(sock: socket.socket, addr: tuple) -> tuple:
+    """The connected peer's address.  A peer that reset the connection right after its accept
+    (SO_LINGER 0) leaves none to ask (ENOTCONN): the address connected to, then.  The connect
+    succeeded, so the link opens and its CLOSED follows, as on ESP-AT (not ERROR)."""
+    try:
+        return sock.getpeername()
+    except OSError:
+        return addr
+
+
 async def open_tcp(request: Connect, default_timeout_ms: int,
-                   check: Callable[[str, int], Refusal | None] = _no_check) -> socket.socket:
-    """Resolve and connect; return a connected non-blocking socket.
+                   check: Callable[[str, int], Refusal | None] = _no_check) -> tuple[socket.socket, tuple]:
+    """Resolve and connect; return a connected non-blocking socket and its peer's address.
 
     Every address the name resolved to is tried in turn, except those
     ``check`` refuses ([links] allow/deny): it sees each before its connect.
@@ -75,6 +85,10 @@ async def open_tcp(request: Connect, default_timeout_ms: int,
                 if request.local_ip:
                     sock.bind((request.local_ip, 0))
                 await loop.sock_connect(sock, addr)
+            except ConnectionResetError:
+                # Connected, and reset before the loop looked (a refused connect is ECONNREFUSED):
+                # a peer that accepts and resets at once.  The link opens; its CLOSED follows.
+                return sock, addr
             except OSError as exc:
                 sock.close()
                 error = exc
@@ -82,6 +96,6 @@ async def open_tcp(request: Connect, default_timeout_ms: int,
             except BaseException:
                 sock.close()
                 raise
-            return sock
+            return sock, _peer(sock, addr)
         raise error
 

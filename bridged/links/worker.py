@@ -21,9 +21,12 @@ ring only as fast as the socket takes it, and the downlink stops reading the
 socket while the ring (or the passive receive window) is full.
 
 One TaskGroup (``run``) holds every task of the worker (a connect, a TLS
-adoption): a task that fails unexpectedly fails the group, and ``run``
-raises it (the process exits non-zero and the supervisor restarts it, as any
-dead worker).  The worker ends when its control socket reaches EOF: the front
+adoption), each started by ``_spawn``: a task that fails unexpectedly fails
+the group, and ``run`` raises it (the process exits non-zero and the
+supervisor restarts it, as any dead worker).  From that failure on nothing
+more is read off the control socket (the front learns of the end from its
+EOF), and a connect the ending group refuses or cancels is answered
+ConnectFailed: no control message taken is dropped unanswered.  The worker ends when its control socket reaches EOF: the front
 is gone.
 
 Every remote it uses passes ``[links] allow / deny`` after name resolution
@@ -42,10 +45,11 @@ one, the paths are exactly as without faults.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import structlog
@@ -117,7 +121,8 @@ class Worker(Connecting, Uplink, Downlink):
         self.sock: socket.socket | None = None
         self.conn_id: int | None = None
         self.connecting: asyncio.Task | None = None
-        self._tasks: asyncio.TaskGroup | None = None  # run()'s: every task of the worker
+        self._tasks: asyncio.TaskGroup | None = None  # run()'s: every task of the worker (_spawn)
+        self._failed = False  # a task failed: the TaskGroup is ending the worker
         self.stats = {"up": 0, "down": 0}
         self.options = SetOptions()
         # UDP: datagrams keep their boundaries both ways; the remote may move
@@ -177,6 +182,33 @@ class Worker(Connecting, Uplink, Downlink):
         self._drop_socket()
         self._gate.close()
         self._fault_reports.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], conn_id: int) -> asyncio.Task | None:
+        """A task of connection ``conn_id`` in the worker's TaskGroup, or None (the coroutine
+        closed) once a task failed: the group is ending the worker then (3.12+ refuses new tasks)."""
+        if self._failed:
+            coro.close()
+            return None
+        try:
+            task = self._tasks.create_task(coro)
+        except RuntimeError:  # 3.12+: the group is shutting down
+            coro.close()
+            return None
+        task.add_done_callback(functools.partial(self._task_done, conn_id))
+        return task
+
+    def _task_done(self, conn_id: int, task: asyncio.Task) -> None:
+        """A task that failed ends the worker (the TaskGroup cancels the others, run raises):
+        nothing more is taken off the control channel (the front learns of the end from its
+        EOF), and a connect the end cancelled is answered, not left for the front to wait on."""
+        if task.cancelled():
+            if self._failed:
+                self._reply(ConnectFailed(conn_id, "the link worker is ending"))
+            return
+        if task.exception() is None:
+            return
+        self._failed = True
+        self.loop.remove_reader(self.control.fileno())
 
     def stop(self) -> None:
         if not self._done.done():

@@ -65,7 +65,7 @@ class DataPhases:
         event = self.parser.next_event(limit=room, now=now)
         if isinstance(event, DataChunk):
             send.take(event.data)
-            send.slot.last_activity = now  # AT+CIPSTO: what the MCU sends is traffic too
+            send.slot.last_activity = send.moved_at = now  # AT+CIPSTO: what the MCU sends is traffic too
             if send.kind is DataKind.SENDL:
                 self._report_progress()
         elif isinstance(event, DataComplete):
@@ -173,6 +173,34 @@ class DataPhases:
         slot.uplink.clear_space_doorbell()
         self.loop.add_reader(slot.uplink.space_fd, self._on_room)
         self._poll_room()
+        if not send.complete:
+            self._bound_stream_wait(send)
+
+    def _bound_stream_wait(self, send: Send) -> None:
+        """AT+CIPTCPOPT so_sndtimeo bounds how long AT+CIPSENDL waits for room without a byte
+        admitted, as it bounds each send() of ESP-AT's stream (passthrough: not, as on ESP-AT,
+        whose page names CIPSEND, CIPSENDEX and CIPSENDL only)."""
+        timeout = self.ctx.state.tcpopts[send.slot.link_id].so_sndtimeo / 1000
+        if send.kind is DataKind.SENDL and timeout and send.room_timer is None:
+            send.room_timer = self.loop.call_later(timeout, self._stream_timed_out, send, timeout)
+
+    def _stream_timed_out(self, send: Send, timeout: float) -> None:
+        """No room within so_sndtimeo: the stream fails as ESP-AT's does when a send() fails: the
+        rest of the payload is read and dropped (``Send.alive``: +++ still cancels), then SEND
+        FAIL.  What was admitted (+CIPSENDL's <had sent len>) stays in the ring and goes out;
+        nothing after it does (a hole in the stream would be worse than its end)."""
+        send.room_timer = None
+        if self.sending is not send or self._room_slot is not send.slot:
+            return  # not waiting now: the next wait arms its own
+        due = send.moved_at + timeout
+        if due - self.loop.time() > 0.001:  # it moved meanwhile: counted from its last admission
+            send.room_timer = self.loop.call_at(due, self._stream_timed_out, send, timeout)
+            return
+        log.info("send_timed_out", link_id=send.slot.link_id, admitted=send.admitted, length=send.length)
+        send.timed_out = True
+        self._stop_waiting_room()
+        self._resume_reading()
+        self._process()
 
     def _poll_room(self) -> None:
         self._room_poll = None
@@ -189,6 +217,10 @@ class DataPhases:
             return
         self.loop.remove_reader(slot.uplink.space_fd)
         slot.uplink.want_space_doorbell(False)
+        send = self.sending
+        if send is not None and send.room_timer is not None:  # room came (or the phase ended)
+            send.room_timer.cancel()
+            send.room_timer = None
         if self._room_poll is not None:
             self._room_poll.cancel()
             self._room_poll = None

@@ -29,6 +29,7 @@ _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART spe
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
+_PAUSE = "coalesce"  # the read gate's hold for a coalescing pause (ended by the tick alone)
 _GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
 
 
@@ -141,7 +142,8 @@ class PortReading:
         # A read that nearly filled the tty buffer means the MCU is waiting on us.
         if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
-            self._gate.shut(hold=False)  # a pause, not back-pressure: RTS stays up
+            # A hold, not shut(): its end must not reopen a read a full ring shut meanwhile.
+            self._gate.hold(_PAUSE, press=False)  # a pause, not back-pressure: RTS stays up
             self._port_paused = True
             self._arm_tick()
 
@@ -155,7 +157,7 @@ class PortReading:
         self._tick = None
         if self._port_paused:
             self._port_paused = False
-            self._resume_reading()
+            self._gate.release(_PAUSE)  # opens only if nothing else keeps it shut
         paused, self._down_paused = self._down_paused, []
         for slot in paused:
             self.links.resume_downlink(slot)

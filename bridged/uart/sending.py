@@ -9,7 +9,9 @@ FAIL) when its connection is gone before that.  Bytes admitted and then lost
 link's CLOSED.  The ring is bounded: a full one makes admission wait, and the
 front stops reading the UART meanwhile (flow control).  A send that AT+CIPTCPOPT's
 so_sndtimeo ends while it waits gets SEND FAIL; the part of it already admitted
-goes out, as lwIP sends what a timed-out send() took.
+goes out, as lwIP sends what a timed-out send() took.  A stream (AT+CIPSENDL)
+that waits for room longer than so_sndtimeo fails too: the rest of its payload
+is read and dropped, then SEND FAIL, as ESP-AT ends a stream whose send failed.
 
 * AT+CIPSEND / AT+CIPSENDEX gather the payload and queue it once it is
   complete, as ESP-AT sends only then: ``+++`` cancels with nothing sent.
@@ -23,6 +25,8 @@ goes out, as lwIP sends what a timed-out send() took.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import structlog
 
@@ -60,16 +64,20 @@ class Send:
         self.complete = False  # the MCU has sent every byte
         self.admitted = 0  # payload bytes in the ring (what +CIPSENDL reports as sent)
         self.sent_reported = 0
-        self.dropped = 0  # streamed while the link was down
+        self.dropped = 0  # streamed while the link was down (or after so_sndtimeo passed)
+        self.timed_out = False  # so_sndtimeo passed while a stream waited for room: the rest is dropped
+        self.room_timer: asyncio.TimerHandle | None = None  # that so_sndtimeo, while a stream waits
+        self.moved_at = 0.0  # loop time a chunk of the stream last went into the ring
 
     # -- state -------------------------------------------------------------------
 
     def alive(self) -> bool:
         """Its connection is still open to admission: not ended, and not hung up
-        (CLOSING: the worker flushes only what the ring holds when its Close arrives)."""
+        (CLOSING: the worker flushes only what the ring holds when its Close arrives), and
+        not failed by so_sndtimeo."""
         slot = self.slot
         return (slot.conn_id == self.conn_id and self.conn_id is not None and not slot.ended
-                and slot.state is SlotState.OPEN)
+                and slot.state is SlotState.OPEN and not self.timed_out)
 
     def room(self) -> int | None:
         """How many payload bytes the parser may hand out now (None: any)."""

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -166,6 +167,84 @@ def test_so_sndtimeo_never_drops_what_had_send_ok(make_daemon, peer):
     assert bytes(got[: len(expected)]) == expected
     assert payload.startswith(bytes(got[len(expected):]))
     assert host.command(b"AT") == b"\r\nOK\r\n"
+    conn.close()
+
+
+def test_so_sndtimeo_ends_a_cipsendl_that_gets_no_room(make_daemon, peer):
+    """AT+CIPSENDL into a ring the stopped worker never drains, so_sndtimeo 300 ms: the rest of
+    the payload is read and dropped, then SEND FAIL, and commands are answered again (the port
+    stayed unread: the MCU could neither finish nor +++).  Its final +CIPSENDL <had sent len>
+    is exactly what the peer then gets, in order, and nothing after it."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    host.command(b"AT+CIPTCPOPT=-1,0,300")
+    payload = os.urandom(_RING * 3)
+    with _stopped(daemon.worker_pid(0)):
+        host.write(b"AT+CIPSENDL=%d\r\n" % len(payload))
+        host.expect(b">")
+        started = time.monotonic()
+        for at in range(0, len(payload), 4096):  # waits while the port is unread
+            host.write(payload[at:at + 4096])
+        answer = host.expect(b"\r\nSEND FAIL\r\n", timeout=5)
+        assert time.monotonic() - started > 0.25  # the whole so_sndtimeo was waited for
+        assert host.command(b"AT") == b"\r\nOK\r\n"
+    reports = [tuple(map(int, line.split(b":")[1].split(b","))) for line in answer.split(b"\r\n")
+               if line.startswith(b"+CIPSENDL:")]
+    had_sent, port_recv = reports[-1]
+    assert 0 < had_sent <= _RING and had_sent <= port_recv <= len(payload), reports
+    got = bytearray()
+    conn.settimeout(1)
+    with contextlib.suppress(TimeoutError):
+        while data := conn.recv(1 << 20):
+            got += data
+    assert len(got) == had_sent and bytes(got) == payload[:had_sent]
+    conn.close()
+
+
+def test_a_cipsendl_failed_by_so_sndtimeo_can_be_left_with_plus(make_daemon, peer):
+    """After so_sndtimeo failed a CIPSENDL, the MCU need not send the rest of its length:
+    +++ is heard (the port is read again) and ends the phase with SEND CANCELLED."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    host.command(b"AT+CIPTCPOPT=-1,0,300")
+    with _stopped(daemon.worker_pid(0)):
+        host.write(b"AT+CIPSENDL=%d\r\n" % (1 << 30))
+        host.expect(b">")
+        host.write(os.urandom(_RING + 2048))
+        time.sleep(0.6)  # so_sndtimeo passes; the port is read again
+        host.write(b"+++")
+        assert host.expect(b"\r\nSEND CANCELLED\r\n", timeout=5).endswith(b"\r\nSEND CANCELLED\r\n")
+        time.sleep(1.1)  # the guard time after +++
+        assert host.ask(b"AT") == b"\r\nOK\r\n"
+    conn.close()
+
+
+def test_so_sndtimeo_bounds_each_wait_of_a_cipsendl_not_the_whole(make_daemon, peer):
+    """so_sndtimeo 400 ms bounds each wait for room, as each send() of ESP-AT's stream: a
+    CIPSENDL whose worker stalls three times for 250 ms (750 ms of waiting in all) ends SEND OK,
+    and the peer gets every byte (so_sndtimeo counted from the first wait failed it)."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    host.command(b"AT+CIPTCPOPT=-1,0,400")
+    piece = _RING + 2048  # more than the ring holds: each stall makes the stream wait
+    payload = os.urandom(3 * piece)
+    got = bytearray()
+
+    def drain() -> None:
+        conn.settimeout(10)
+        while len(got) < len(payload) and (data := conn.recv(1 << 20)):
+            got.extend(data)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    host.write(b"AT+CIPSENDL=%d\r\n" % len(payload))
+    host.expect(b">")
+    for at in range(0, len(payload), piece):
+        with _stopped(daemon.worker_pid(0)):
+            host.write(payload[at:at + piece])  # the ring fills; the rest waits in the pty
+            time.sleep(0.25)
+        time.sleep(0.1)  # the worker drains the ring: the stream moves again
+    answer = host.expect(b"\r\nSEND ", timeout=10) + host.expect(b"\r\n")
+    assert answer.endswith(b"\r\nSEND OK\r\n"), answer[-200:]
+    reader.join(10)
+    assert bytes(got) == payload
     conn.close()
 
 

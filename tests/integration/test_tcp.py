@@ -6,6 +6,8 @@ import hashlib
 import os
 import signal
 import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -339,5 +341,33 @@ def test_a_peer_that_speaks_first_never_beats_connect(host):
             got = host.expect(closed)
             prefix = b"3," if multi else b""
             assert got == prefix + b"CONNECT\r\n\r\nOK\r\n\r\n+IPD," + prefix + b"6:220 hi" + closed, (round_, got)
+    finally:
+        server.close()
+
+
+def test_a_peer_that_accepts_and_resets_at_once_gets_connect_then_closed(host):
+    """A server that accepts and closes with RST at once (SO_LINGER 0): the connect itself
+    succeeded, so AT+CIPSTART answers CONNECT then OK and the link's CLOSED follows, as on
+    ESP-AT (not ERROR), in both connection modes, over 20 quick opens."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def reset_on_accept() -> None:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    try:
+        for round_ in range(20):
+            multi = round_ % 2 == 1
+            host.command(b"AT+CIPMUX=%d" % multi)
+            prefix = b"3," if multi else b""
+            accepting = threading.Thread(target=reset_on_accept)
+            accepting.start()  # waits in accept(): the reset follows the handshake at once
+            host.write(b'AT+CIPSTART=' + prefix + b'"TCP","127.0.0.1",%d\r\n' % port)
+            accepting.join(5)
+            got = host.expect(prefix + b"CLOSED\r\n")
+            assert got == prefix + b"CONNECT\r\n\r\nOK\r\n" + prefix + b"CLOSED\r\n", (round_, got)
+            assert host.ask(b"AT+CIPSTATUS").startswith(b"STATUS:4\r\n")  # no link left open
     finally:
         server.close()

@@ -61,7 +61,7 @@ def test_connects_non_blocking_from_the_local_ip_asked_for():
     """A connected, non-blocking socket to the listener, bound to AT+CIPSTART's local IP."""
     async def main() -> tuple[socket.socket, tuple]:
         with _listener() as server:
-            sock = await open_tcp(_connect(server.getsockname()[1], local_ip="127.0.0.1"), 5000)
+            sock, _ = await open_tcp(_connect(server.getsockname()[1], local_ip="127.0.0.1"), 5000)
             peer, _ = server.accept()
             with peer:
                 return sock, peer.getpeername()

@@ -15,8 +15,8 @@ from structlog.testing import capture_logs
 
 from bridged.config import default_config
 from bridged.ipc import records
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, Connected, Ended, FireFault, Hello
+from bridged.ipc.control import recv_message, send_message, socketpair
+from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, FireFault, Hello
 from bridged.links import connecting
 from bridged.links.main import TASK_FAILED, run_worker
 from bridged.links.worker import Worker
@@ -214,3 +214,55 @@ def test_a_connect_that_completes_after_its_close_is_not_opened(monkeypatch):
         ours.close()
         theirs.close()
     assert [(type(a).__name__, a.conn_id) for a in answers] == [("Ended", 1), ("Connected", 2)], answers
+
+
+def _pending(sock: socket.socket) -> list[object]:
+    """The control messages waiting in ``sock`` now."""
+    found = []
+    while True:
+        try:
+            got = recv_message(sock)
+        except BlockingIOError:
+            return found
+        if got is None:
+            return found
+        found.append(got[0])
+
+
+@pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
+def test_a_connect_read_as_a_task_fails_is_answered_or_left_unread(run):
+    """A Connect that reaches the worker in the loop iteration in which another task fails is
+    answered ConnectFailed, or left unread (the front learns of the end from the worker's EOF),
+    never taken and dropped: 3.12+'s TaskGroup refuses the connect's task then, and 3.11's runs
+    it only for the failure to cancel it unanswered."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    ours, theirs = socketpair()
+
+    async def main() -> list[object]:
+        ours.setblocking(False)
+        with new_ring() as up, new_ring() as down:
+            worker = Worker(0, theirs, up, down, 5000)
+            running = asyncio.create_task(worker.run())
+            assert isinstance(await _recv(ours), Hello)
+
+            async def planted() -> None:
+                send_message(ours, Connect(2, "TCP", "127.0.0.1", port))  # readable as this task fails
+                raise RuntimeError("a planted bug")
+
+            worker._spawn(planted(), 1)
+            with pytest.raises(BaseExceptionGroup):
+                await asyncio.wait_for(running, 5.0)
+            return _pending(ours)
+
+    try:
+        answers = run(main())
+        unread = _pending(theirs)
+    finally:
+        server.close()
+        ours.close()
+        theirs.close()
+    failed = [a for a in answers if isinstance(a, ConnectFailed) and a.conn_id == 2]
+    left = [m for m in unread if isinstance(m, Connect) and m.conn_id == 2]
+    assert len(failed) + len(left) == 1, (answers, unread)
+    assert not any(isinstance(a, Connected) for a in answers)

@@ -265,7 +265,7 @@ sock.sendto(b"STATUS=flood", "\\0" + name[1:] if name.startswith("@") else name)
 def test_another_user_cannot_reach_the_fleets_notify_socket(tmp_path):
     """The socket the devices send READY=1 to is out of another local user's reach (who could
     flood it and hold every device's READY=1 back): a datagram sent as nobody is refused."""
-    from tests.integration.test_fleet import FleetRun
+    from tests.integration.fleetrun import FleetRun
 
     nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
     if subprocess.run([*nobody, sys.executable, "-c", ""], capture_output=True, timeout=30).returncode:

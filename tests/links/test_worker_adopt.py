@@ -19,6 +19,21 @@ from tests.links.workers import LiveWorker, drive_worker
 pytestmark = pytest.mark.timeout(60)
 
 
+def _adopt_each(handed: list[tuple[str, list[int]]]) -> tuple[list[object], list[dict]]:
+    """Each (link type, fds) handed to a worker with Adopt, conn_id 1, 2, ...: its answers, and the log."""
+
+    async def script(live: LiveWorker) -> list[object]:
+        answers = []
+        for conn_id, (link_type, fds) in enumerate(handed, start=1):
+            send_message(live.control, Adopt(conn_id, link_type), fds)
+            answers.append(await _recv(live.control))
+        return answers
+
+    with capture_logs() as logs:
+        answers = drive_worker(script)
+    return answers, logs
+
+
 def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():
     """A pipe, a UDP socket or a UNIX socket handed over with Adopt gets ConnectFailed and a log line; a TCP client is adopted."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -27,17 +42,8 @@ def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():
     r, w = os.pipe()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     unix, unix_peer = socket.socketpair()
-
-    async def script(live: LiveWorker) -> list[object]:
-        answers = []
-        for conn_id, fd in enumerate((r, udp.fileno(), unix.fileno(), accepted.fileno()), start=1):
-            send_message(live.control, Adopt(conn_id, "TCP"), [fd])
-            answers.append(await _recv(live.control))
-        return answers
-
     try:
-        with capture_logs() as logs:
-            answers = drive_worker(script)
+        answers, logs = _adopt_each([("TCP", [fd]) for fd in (r, udp.fileno(), unix.fileno(), accepted.fileno())])
     finally:
         for s in (server, client, accepted, udp, unix, unix_peer):
             s.close()
@@ -56,18 +62,9 @@ def test_adopt_refuses_a_tcp_socket_with_no_peer_and_stays_usable():
     accepted, _ = server.accept()
     bare = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listening = socket.create_server(("127.0.0.1", 0))
-
-    async def script(live: LiveWorker) -> list[object]:
-        answers = []
-        handed = ((bare, "TCP"), (listening, "TCP"), (bare, "SSL"), (accepted, "TCP"))
-        for conn_id, (sock, link_type) in enumerate(handed, start=1):
-            send_message(live.control, Adopt(conn_id, link_type), [sock.fileno()])
-            answers.append(await _recv(live.control))
-        return answers
-
+    handed = ((bare, "TCP"), (listening, "TCP"), (bare, "SSL"), (accepted, "TCP"))
     try:
-        with capture_logs() as logs:
-            answers = drive_worker(script)
+        answers, logs = _adopt_each([(link_type, [sock.fileno()]) for sock, link_type in handed])
     finally:
         for s in (server, client, accepted, bare, listening):
             s.close()
@@ -84,17 +81,8 @@ def test_adopt_with_no_fd_or_two_is_answered():
     accepted, _ = server.accept()
     other = socket.create_connection(server.getsockname())
     other_accepted, _ = server.accept()
-
-    async def script(live: LiveWorker) -> list[object]:
-        answers = []
-        for conn_id, fds in enumerate(([], [accepted.fileno(), other_accepted.fileno()]), start=1):
-            send_message(live.control, Adopt(conn_id, "TCP"), fds)
-            answers.append(await _recv(live.control))
-        return answers
-
     try:
-        with capture_logs() as logs:
-            answers = drive_worker(script)
+        answers, logs = _adopt_each([("TCP", []), ("TCP", [accepted.fileno(), other_accepted.fileno()])])
         client.settimeout(5)
         accepted.close()
         assert client.recv(1) == b""  # the worker's copy was closed too: the client sees the end

@@ -195,35 +195,31 @@ def _command_line() -> _Check:
     return _Check(str, '"" or a command line (shell quoting, no shell features)', accept)
 
 
-def _hosts_table() -> _Check:
-    """[dns] hosts: a table of host names to addresses (bridged.net.hosts)."""
+def _hosts_check(kind: type, allowed: str, fits: Callable[[Any], bool], parse: Callable[[Any], Any]) -> _Check:
+    """A [dns] key parsed by bridged.net.hosts: a value that `fits`, parsed; its HostsError is
+    refused with what hosts.py says is allowed and wrong."""
 
     def accept(v: Any) -> Any:
-        if not isinstance(v, dict):
+        if not fits(v):
             return _NO
         try:
-            return table_from_toml(v)
+            return parse(v)
         except HostsError as exc:
             raise _Refused(exc.allowed, exc.problem) from None
 
-    return _Check(dict, TABLE_ALLOWED, accept)
+    return _Check(kind, allowed, accept)
+
+
+def _hosts_table() -> _Check:
+    """[dns] hosts: a table of host names to addresses (bridged.net.hosts)."""
+    return _hosts_check(dict, TABLE_ALLOWED, lambda v: isinstance(v, dict), table_from_toml)
 
 
 def _hosts_file() -> _Check:
     """[dns] hosts_file: read and parsed here, so a bad line is a config error."""
     path = _path(PATH_ALLOWED, absolute=True)
-
-    def accept(v: Any) -> Any:
-        if path.accept(v) is _NO:
-            return _NO
-        if not v:
-            return HostsFile()
-        try:
-            return read_hosts_file(v)
-        except HostsError as exc:
-            raise _Refused(exc.allowed, exc.problem) from None
-
-    return _Check(str, PATH_ALLOWED, accept)
+    return _hosts_check(str, PATH_ALLOWED, lambda v: path.accept(v) is not _NO,
+                        lambda v: read_hosts_file(v) if v else HostsFile())
 
 
 def _at_version() -> _Check:

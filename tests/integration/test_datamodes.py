@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import select
 import socket
 import threading
 import time
@@ -12,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from tests.backlog import BacklogServer
 from tests.harness import Daemon, Demux
 
 
@@ -365,34 +365,25 @@ def test_leaving_passthrough_stops_a_reconnection_under_way(host):
     """+++ while a passthrough reconnection's connect is still waiting (the server's accept
     queue is full, so its SYN goes unanswered): the attempt is abandoned. When the server
     catches up, bridged's connection never arrives, nothing reaches the MCU, no link is open."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
+    server = BacklogServer()
     try:
-        _open(host, port)
-        first, _ = server.accept()
+        _open(host, server.port)
+        first, _ = server.sock.accept()
         host.command(b"AT+CIPRECONNINTV=1")
         host.command(b"AT+CIPMODE=1")
         host.command(b"AT+CIPSEND", b">")
-        for _ in range(2):  # fill the accept queue: later SYNs are dropped
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
-        _, connected, _ = select.select([], fillers, [], 5)
-        assert connected, "no filler got into the accept queue"
+        server.fill(2)  # the accept queue full: later SYNs are dropped
+        server.wait_filled()
         first.close()
-        _wait_syn_sent(port, {f.getsockname()[1] for f in fillers})  # the reconnection's connect waits
+        _wait_syn_sent(server.port, server.filler_ports())  # the reconnection's connect waits
         _escape(host)
         assert host.command(b"AT") == b"\r\nOK\r\n"
-        filler_ports = {f.getsockname()[1] for f in fillers}
-        server.settimeout(0.2)
+        filler_ports = server.filler_ports()
+        server.sock.settimeout(0.2)
         deadline = time.monotonic() + 4  # past the SYN's first retransmission (1 s)
         while time.monotonic() < deadline:
             try:
-                conn, peer = server.accept()
+                conn, peer = server.sock.accept()
             except TimeoutError:
                 continue
             conn.close()
@@ -400,6 +391,4 @@ def test_leaving_passthrough_stops_a_reconnection_under_way(host):
         assert host.read_quiet(0.2) == b""
         assert host.ask(b"AT+CIPSTATE?") == b"\r\nOK\r\n"
     finally:
-        for filler in fillers:
-            filler.close()
         server.close()

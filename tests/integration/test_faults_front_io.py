@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 
+from tests.backlog import BacklogServer
 from tests.integration.test_faults_at import answer, event_gaps, fault_cli
 
 HOSTS = '[dns]\nhosts = { "fault.test" = "127.0.0.1" }\n'
@@ -300,33 +301,25 @@ def test_a_passthrough_reconnection_the_ap_leaves_does_not_resume(daemon):
     host = daemon.host()
     host.boot()
     host.command(b"AT+CWRECONNCFG=0,0")
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
+    server = BacklogServer()
     try:
-        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
-        first, _ = server.accept()
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % server.port) == b"CONNECT\r\n\r\nOK\r\n"
+        first, _ = server.sock.accept()
         host.command(b"AT+CIPRECONNINTV=1")
         host.command(b"AT+CIPMODE=1")
         host.command(b"AT+CIPSEND", b">")
-        for _ in range(2):  # fill the accept queue: the reconnection's SYN goes unanswered
-            filler = socket.socket()
-            filler.setblocking(False)
-            filler.connect_ex(("127.0.0.1", port))
-            fillers.append(filler)
+        server.fill(2)  # the accept queue full: the reconnection's SYN goes unanswered
         time.sleep(0.2)
         first.close()
         time.sleep(0.6)  # the link dropped; a reconnection waits for its SYN-ACK
         assert fault_cli(daemon, "wifi_drop", "duration_ms=20000").returncode == 0
-        filler_ports = {f.getsockname()[1] for f in fillers}
-        server.settimeout(0.2)
+        filler_ports = server.filler_ports()
+        server.sock.settimeout(0.2)
         ours = None
         deadline = time.monotonic() + 8  # the SYN's retransmissions: 1 s, then 3 s after the first
         while ours is None and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
-                conn, peer = server.accept()
+                conn, peer = server.sock.accept()
                 if peer[1] in filler_ports:
                     conn.close()
                 else:
@@ -337,8 +330,6 @@ def test_a_passthrough_reconnection_the_ap_leaves_does_not_resume(daemon):
         assert ours.recv(100) == b""
         ours.close()
     finally:
-        for filler in fillers:
-            filler.close()
         server.close()
 
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.harness import Demux, EchoServer, SinkServer, StampedSink, udp_peer
+from tests.harness import Demux, EchoServer, Host, SinkServer, StampedSink, udp_peer
 from tests.integration.test_tls import TlsServer, _issue
 
 pytestmark = pytest.mark.timeout(180)
@@ -161,18 +161,25 @@ def test_connect_faults_repeat_with_the_seed(make_daemon, tls_cert):
 # -- latency and bandwidth -----------------------------------------------------------------
 
 
-def test_latency_delays_what_the_network_sends(make_daemon, echo_server):
-    """net_latency on link 1: its echo comes back at least ms later, in order; link 0's at once."""
-    _, host = _boot(make_daemon, _faults(1, net_latency={"ms": 400, "jitter_ms": 100, "link": 1}))
+def _echo_trips(make_daemon, echo_server, latency: dict) -> tuple[Host, Demux, dict[int, float]]:
+    """A daemon with net_latency `latency` on link 1, links 0 and 1 open to the echo server:
+    the round trip of a "ping" on each."""
+    _, host = _boot(make_daemon, _faults(1, net_latency={**latency, "link": 1}))
     for link_id in (0, 1):
         assert _start(host, link_id, "TCP", echo_server.port) == b"%d,CONNECT\r\n\r\nOK\r\n" % link_id
     demux = Demux(host)
-    timings = {}
+    trips = {}
     for link_id in (0, 1):
         started = time.monotonic()
         assert demux.send(link_id, b"ping").endswith(b"SEND OK\r\n")
         assert demux.wait_data(link_id, 4) == b"ping"
-        timings[link_id] = time.monotonic() - started
+        trips[link_id] = time.monotonic() - started
+    return host, demux, trips
+
+
+def test_latency_delays_what_the_network_sends(make_daemon, echo_server):
+    """net_latency on link 1: its echo comes back at least ms later, in order; link 0's at once."""
+    _, demux, timings = _echo_trips(make_daemon, echo_server, {"ms": 400, "jitter_ms": 100})
     assert timings[0] < 0.3 and timings[1] >= 2 * 0.3  # each way at least ms - jitter_ms
     payload = os.urandom(20000)  # many pieces, each drawn its own jitter: the order stays
     for offset in range(0, len(payload), 2000):
@@ -183,16 +190,7 @@ def test_latency_delays_what_the_network_sends(make_daemon, echo_server):
 def test_latency_delays_what_the_mcu_sends_too(make_daemon, echo_server):
     """net_latency ms 300 on link 1: an echo's round trip grows by 2 x ms; bytes the MCU sent
     reach the peer ms after SEND OK, whole and in order; AT+CIPCLOSE delivers them, then the FIN."""
-    _, host = _boot(make_daemon, _faults(1, net_latency={"ms": 300, "link": 1}))
-    for link_id in (0, 1):
-        assert _start(host, link_id, "TCP", echo_server.port) == b"%d,CONNECT\r\n\r\nOK\r\n" % link_id
-    demux = Demux(host)
-    trips = {}
-    for link_id in (0, 1):
-        started = time.monotonic()
-        assert demux.send(link_id, b"ping").endswith(b"SEND OK\r\n")
-        assert demux.wait_data(link_id, 4) == b"ping"
-        trips[link_id] = time.monotonic() - started
+    host, demux, trips = _echo_trips(make_daemon, echo_server, {"ms": 300})
     assert 2 * 0.3 <= trips[1] < trips[0] + 2 * 0.3 + 0.3, trips
     assert host.command(b"AT+CIPCLOSE=1") == b"1,CLOSED\r\n\r\nOK\r\n"
     sink = StampedSink()

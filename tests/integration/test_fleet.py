@@ -16,83 +16,8 @@ import psutil
 import pytest
 
 from bridged.__main__ import main
-from tests.harness import EchoServer, Host, Timeout
-
-START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
-
-
-class FleetRun:
-    """``python -m bridged fleet`` in a test directory, its output in a file."""
-
-    def __init__(self, tmp: Path, count: int, *extra: str, directory: Path | None = None) -> None:
-        self.dir = directory or tmp / "fleet"
-        self.config = tmp / "bridged.toml"
-        self.config.write_text('[wifi]\nstation_interface = "lo"\n')
-        self.out_path = tmp / "fleet.out"
-        with open(self.out_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridged", "fleet", "--count", str(count), "--dir",
-                 str(self.dir), "--config", str(self.config), *extra],
-                stdout=out, stderr=subprocess.STDOUT)
-
-    def out(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def wait_for(self, text: str, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.out():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise Timeout(f"no {text!r} from the fleet:\n{self.out()[-4000:]}")
-            time.sleep(0.05)
-
-    def events(self, name: str) -> list[dict]:
-        lines = [line[3:] for line in self.out().splitlines() if line.startswith("<")]
-        return [e for e in map(json.loads, lines) if e.get("event") == name]
-
-    def manifest(self) -> dict:
-        return json.loads((self.dir / "fleet.json").read_text())
-
-    def tree(self) -> list[psutil.Process]:
-        root = psutil.Process(self.proc.pid)
-        return [root, *root.children(recursive=True)]
-
-    def status(self, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir",
-                               str(self.dir), *extra], capture_output=True, text=True, timeout=30)
-
-    def fault(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bridged", "fleet", "fault", "--dir", str(self.dir),
-                               "--timeout", "5", *args], capture_output=True, text=True, timeout=30)
-
-    def status_json(self, *extra: str) -> tuple[int, dict]:
-        result = self.status("--json", *extra)
-        assert result.returncode in (0, 1), result.stdout + result.stderr
-        return result.returncode, json.loads(result.stdout)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            for p in self.tree():
-                p.kill()
-            raise Timeout(f"the fleet ignored {sig!r}:\n{self.out()[-4000:]}")
-
-
-@pytest.fixture
-def fleet_of(tmp_path):
-    runs: list[FleetRun] = []
-
-    def start(count: int, *extra: str) -> FleetRun:
-        run = FleetRun(tmp_path, count, *extra)
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:
-        if run.proc.poll() is None:
-            run.stop()
+from tests.harness import EchoServer, Host
+from tests.integration.fleetrun import START_TIMEOUT, FleetRun
 
 
 def _gone(procs: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Process]:

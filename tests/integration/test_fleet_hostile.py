@@ -18,6 +18,8 @@ import pytest
 from bridged import launch
 from bridged.fleet import DeviceState, Fleet, FleetSpec
 from bridged.fleet_devices import bind_notify
+from tests.integration.fleetrun import FleetRun
+from tests.notify import notify, proc_environ, skip_unless_nobody_runs_python
 
 
 class KillpgSpy:
@@ -252,35 +254,18 @@ def test_bridged_fault_escapes_what_the_daemon_says(tmp_path):
         fake.wait(5)
 
 
-# Sends one datagram to the notify socket named as $NOTIFY_SOCKET names it (argv[1]).
-NOTIFY_PROBE = """
-import socket, sys
-name = sys.argv[1]
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-sock.sendto(b"STATUS=flood", "\\0" + name[1:] if name.startswith("@") else name)
-"""
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_another_user_cannot_reach_the_fleets_notify_socket(tmp_path):
     """The socket the devices send READY=1 to is out of another local user's reach (who could
     flood it and hold every device's READY=1 back): a datagram sent as nobody is refused."""
-    from tests.integration.test_fleet import FleetRun
-
-    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-    if subprocess.run([*nobody, sys.executable, "-c", ""], capture_output=True, timeout=30).returncode:
-        pytest.skip(f"nobody cannot run {sys.executable} (its files are private to root)")
+    skip_unless_nobody_runs_python()
     fleet = FleetRun(tmp_path, 1)
     try:
         fleet.wait_for("bridged fleet: 1 of 1 devices ready")
-        pid = fleet.manifest()["devices"][0]["pid"]
-        with open(f"/proc/{pid}/environ", "rb") as file:
-            env = dict(v.split("=", 1) for v in file.read().decode().split("\0") if "=" in v)
-        probe = subprocess.run([*nobody, sys.executable, "-c", NOTIFY_PROBE, env["NOTIFY_SOCKET"]],
-                               capture_output=True, text=True, timeout=30)
+        env = proc_environ(fleet.manifest()["devices"][0]["pid"])
+        probe = notify(env["NOTIFY_SOCKET"], "STATUS=flood", as_nobody=True)
         assert probe.returncode != 0 and "PermissionError" in probe.stderr, (env["NOTIFY_SOCKET"], probe)
-        probe = subprocess.run([sys.executable, "-c", NOTIFY_PROBE, env["NOTIFY_SOCKET"]],
-                               capture_output=True, text=True, timeout=30)
+        probe = notify(env["NOTIFY_SOCKET"], "STATUS=flood", as_nobody=False)
         assert probe.returncode == 0, probe.stderr  # (the probe reaches it as the fleet's user)
     finally:
         assert fleet.stop() == 0, fleet.out()[-3000:]

@@ -67,6 +67,14 @@ def _reset(conn: socket.socket) -> None:
     conn.close()
 
 
+def _fill_the_ring(host) -> None:
+    """With the worker stopped: sends that fill the uplink ring get SEND OK, the next one waits for room."""
+    for _ in range(_RING // _PIECE):
+        assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
+    with pytest.raises(Timeout):
+        _send(host, os.urandom(_PIECE), timeout=0.5)
+
+
 def test_send_ok_while_the_peer_is_not_reading(make_daemon, peer):
     """With the worker stopped, every send that fits the ring gets SEND OK at once; the
     next one waits for room; the peer then gets every byte in order."""
@@ -94,10 +102,7 @@ def test_send_fail_when_the_link_closes_mid_admission(make_daemon, peer):
     """A send waiting for ring room whose link the peer resets ends with SEND FAIL, then CLOSED."""
     daemon, host, conn = _connect(make_daemon, peer)
     with _stopped(daemon.worker_pid(0)):
-        for _ in range(_RING // _PIECE):
-            assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
-        with pytest.raises(Timeout):
-            _send(host, os.urandom(_PIECE), timeout=0.5)
+        _fill_the_ring(host)
         _reset(conn)  # the worker finds the reset when it runs again
     assert host.expect(b"CLOSED\r\n", timeout=5) == b"\r\nSEND FAIL\r\nCLOSED\r\n"
     assert host.command(b"AT") == b"\r\nOK\r\n"
@@ -272,10 +277,7 @@ def test_at_rst_is_heard_while_a_send_waits_for_ring_room(make_daemon, peer):
     so nothing the MCU sent was ever heard again."""
     daemon, host, conn = _connect(make_daemon, peer)
     with _stopped(daemon.worker_pid(0)):
-        for _ in range(_RING // _PIECE):
-            assert _send(host, os.urandom(_PIECE), timeout=2) == b"\r\nSEND OK\r\n"
-        with pytest.raises(Timeout):
-            _send(host, os.urandom(_PIECE), timeout=0.5)
+        _fill_the_ring(host)
         host.write(b"AT\r\n")
         assert host.expect(b"\r\nbusy p...\r\n", timeout=2) == b"\r\nbusy p...\r\n"
         host.write(b"AT+RST\r\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import time
 
 import pytest
 
+from tests.backlog import BacklogServer
 from tests.harness import Daemon, Host, Timeout
 
 
@@ -86,29 +86,14 @@ def test_local_ip_bind(host):
 
 def test_connect_timeout(host):
     """A connect that cannot complete ends with ERROR within AT+CIPSTART's <timeout>."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(0)
-    port = server.getsockname()[1]
-    fillers = []
+    server = BacklogServer()
     try:
-        # Fill the accept queue so that further SYNs are dropped and connects hang.
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(s)
-        _, connected, _ = select.select([], fillers, [], 5)
-        assert connected, "no filler got into the accept queue"
+        server.fill(4)  # the accept queue full: further SYNs are dropped and connects hang
+        server.wait_filled()
         started = time.monotonic()
-        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,,600' % port, timeout=10) == b"\r\nERROR\r\n"
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d,,,600' % server.port, timeout=10) == b"\r\nERROR\r\n"
         assert 0.5 <= time.monotonic() - started < 3
     finally:
-        for s in fillers:
-            s.close()
         server.close()
 
 

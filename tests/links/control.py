@@ -17,3 +17,11 @@ async def recv_control(control: socket.socket, timeout: float = 5.0):
                 continue
             assert got is not None, "the worker closed its control socket"
             return got[0]
+
+
+async def recv_until(control: socket.socket, kind: type | tuple[type, ...], seen: list | None = None) -> object:
+    """The worker's next message of `kind`; those before it go to `seen` (if given)."""
+    while not isinstance(msg := await recv_control(control), kind):
+        if seen is not None:
+            seen.append(msg)
+    return msg

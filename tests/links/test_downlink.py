@@ -10,15 +10,13 @@ import socket
 import threading
 
 import pytest
-import uvloop
 
 from bridged.ipc import records
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, Connected, Hello, SetRecvWindow
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import Close, Connect, Connected, SetRecvWindow
 from bridged.links.downlink import keeps_datagram, next_tick, recv_window_need, wants_batching
-from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
-from tests.ringtools import new_ring
+from tests.links.workers import LiveWorker, drive_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,35 +83,26 @@ def test_a_worker_keeps_unread_data_within_the_receive_window():
             done.wait(20)
 
     threading.Thread(target=peer, daemon=True).start()
-    ours, theirs = socketpair()
 
-    async def main() -> tuple[bytes, int]:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring(8192) as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            send_message(ours, SetRecvWindow(1000))
-            send_message(ours, Connect(1, "TCP", "127.0.0.1", server.getsockname()[1]))
-            assert isinstance(await _recv(ours), Connected)
-            got, most = bytearray(), 0
-            async with asyncio.timeout(20):
-                while len(got) < len(payload):
-                    await asyncio.sleep(0.02)  # let the worker fill what the window allows
-                    most = max(most, down.available())
-                    while (record := records.get_record(down)) is not None:
-                        got += record.payload
-            send_message(ours, Close(1))
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return bytes(got), most
+    async def script(live: LiveWorker) -> tuple[bytes, int]:
+        ours, down = live.control, live.down
+        send_message(ours, SetRecvWindow(1000))
+        send_message(ours, Connect(1, "TCP", "127.0.0.1", server.getsockname()[1]))
+        assert isinstance(await _recv(ours), Connected)
+        got, most = bytearray(), 0
+        async with asyncio.timeout(20):
+            while len(got) < len(payload):
+                await asyncio.sleep(0.02)  # let the worker fill what the window allows
+                most = max(most, down.available())
+                while (record := records.get_record(down)) is not None:
+                    got += record.payload
+        send_message(ours, Close(1))
+        return bytes(got), most
 
     try:
-        got, most = uvloop.run(main())
+        got, most = drive_worker(script, down_size=8192)
     finally:
         done.set()
         server.close()
-        ours.close()
-        theirs.close()
     assert got == payload
     assert 0 < most <= 1000 + records.HEADER_SIZE * 4  # data within the window, plus record headers

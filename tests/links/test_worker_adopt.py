@@ -8,19 +8,30 @@ import os
 import socket
 
 import pytest
-import uvloop
 from structlog.testing import capture_logs
 
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Adopt, Close, ConnectFailed, Connected, Ended, Hello
-from bridged.links.worker import Worker
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import Adopt, Close, ConnectFailed, Connected, Ended
 from bridged.pki import PkiStore
 from tests.links.control import recv_control as _recv
-from tests.ringtools import new_ring
+from tests.links.workers import LiveWorker, drive_worker
 
 pytestmark = pytest.mark.timeout(60)
 
 
+def _adopt_each(handed: list[tuple[str, list[int]]]) -> tuple[list[object], list[dict]]:
+    """Each (link type, fds) handed to a worker with Adopt, conn_id 1, 2, ...: its answers, and the log."""
+
+    async def script(live: LiveWorker) -> list[object]:
+        answers = []
+        for conn_id, (link_type, fds) in enumerate(handed, start=1):
+            send_message(live.control, Adopt(conn_id, link_type), fds)
+            answers.append(await _recv(live.control))
+        return answers
+
+    with capture_logs() as logs:
+        answers = drive_worker(script)
+    return answers, logs
 
 
 def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():
@@ -31,27 +42,10 @@ def test_adopt_refuses_what_is_not_a_tcp_socket_and_takes_the_next_client():
     r, w = os.pipe()
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     unix, unix_peer = socket.socketpair()
-    ours, theirs = socketpair()
-
-    async def main() -> list[object]:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            answers = []
-            for conn_id, fd in enumerate((r, udp.fileno(), unix.fileno(), accepted.fileno()), start=1):
-                send_message(ours, Adopt(conn_id, "TCP"), [fd])
-                answers.append(await _recv(ours))
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return answers
-
     try:
-        with capture_logs() as logs:
-            answers = uvloop.run(main())
+        answers, logs = _adopt_each([("TCP", [fd]) for fd in (r, udp.fileno(), unix.fileno(), accepted.fileno())])
     finally:
-        for s in (server, client, accepted, udp, unix, unix_peer, ours, theirs):
+        for s in (server, client, accepted, udp, unix, unix_peer):
             s.close()
         os.close(r)
         os.close(w)
@@ -68,28 +62,11 @@ def test_adopt_refuses_a_tcp_socket_with_no_peer_and_stays_usable():
     accepted, _ = server.accept()
     bare = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listening = socket.create_server(("127.0.0.1", 0))
-    ours, theirs = socketpair()
-
-    async def main() -> list[object]:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            answers = []
-            handed = ((bare, "TCP"), (listening, "TCP"), (bare, "SSL"), (accepted, "TCP"))
-            for conn_id, (sock, link_type) in enumerate(handed, start=1):
-                send_message(ours, Adopt(conn_id, link_type), [sock.fileno()])
-                answers.append(await _recv(ours))
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return answers
-
+    handed = ((bare, "TCP"), (listening, "TCP"), (bare, "SSL"), (accepted, "TCP"))
     try:
-        with capture_logs() as logs:
-            answers = uvloop.run(main())
+        answers, logs = _adopt_each([(link_type, [sock.fileno()]) for sock, link_type in handed])
     finally:
-        for s in (server, client, accepted, bare, listening, ours, theirs):
+        for s in (server, client, accepted, bare, listening):
             s.close()
     assert [(type(a), a.conn_id) for a in answers] == \
         [(ConnectFailed, 1), (ConnectFailed, 2), (ConnectFailed, 3), (Connected, 4)], answers
@@ -104,30 +81,13 @@ def test_adopt_with_no_fd_or_two_is_answered():
     accepted, _ = server.accept()
     other = socket.create_connection(server.getsockname())
     other_accepted, _ = server.accept()
-    ours, theirs = socketpair()
-
-    async def main() -> list[object]:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            answers = []
-            for conn_id, fds in enumerate(([], [accepted.fileno(), other_accepted.fileno()]), start=1):
-                send_message(ours, Adopt(conn_id, "TCP"), fds)
-                answers.append(await _recv(ours))
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return answers
-
     try:
-        with capture_logs() as logs:
-            answers = uvloop.run(main())
+        answers, logs = _adopt_each([("TCP", []), ("TCP", [accepted.fileno(), other_accepted.fileno()])])
         client.settimeout(5)
         accepted.close()
         assert client.recv(1) == b""  # the worker's copy was closed too: the client sees the end
     finally:
-        for s in (server, client, accepted, other, other_accepted, ours, theirs):
+        for s in (server, client, accepted, other, other_accepted):
             s.close()
     assert [(type(a), a.conn_id) for a in answers] == [(ConnectFailed, 1), (ConnectFailed, 2)], answers
     assert [e["conn_id"] for e in logs if e["event"] == "adopt_refused"] == [1, 2]
@@ -145,47 +105,40 @@ def test_a_failed_ssl_adoption_leaves_no_connect_behind_and_the_next_close_flush
     accepted, _ = server.accept()
     accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     payload = bytes(range(256)) * 800  # 200 KiB: far more than both socket buffers hold
-    ours, theirs = socketpair()
 
-    async def main() -> list[object]:
-        ours.setblocking(False)
-        with new_ring(1 << 18) as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000, pki=PkiStore(tmp_path))
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            send_message(ours, Adopt(1, "SSL", ca_enable=1), [tls_accepted.fileno()])
-            answers = [await _recv(ours)]
-            send_message(ours, Adopt(2, "TCP"), [accepted.fileno()])
-            answers.append(await _recv(ours))
-            accepted.close()  # the worker's copy is the socket now: its close is the peer's FIN
-            assert up.put_nowait(payload) == len(payload)  # as the front admits a send (SEND OK)
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 5
-            while up.available() == len(payload):  # the worker took some; the socket is full
-                assert loop.time() < deadline, "the worker never sent"
-                await asyncio.sleep(0.01)
-            send_message(ours, Close(2))
-            received = bytearray()
-            client.setblocking(False)
-            while True:  # read as a slow peer does; the flush must reach us before the FIN
-                assert loop.time() < deadline + 10, f"no FIN after {len(received)} bytes"
-                try:
-                    piece = client.recv(65536)
-                except BlockingIOError:
-                    await asyncio.sleep(0.005)
-                    continue
-                if not piece:
-                    break
-                received += piece
-            answers.append(await _recv(ours))
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return [answers, bytes(received)]
+    async def script(live: LiveWorker) -> list[object]:
+        ours, up = live.control, live.up
+        send_message(ours, Adopt(1, "SSL", ca_enable=1), [tls_accepted.fileno()])
+        answers = [await _recv(ours)]
+        send_message(ours, Adopt(2, "TCP"), [accepted.fileno()])
+        answers.append(await _recv(ours))
+        accepted.close()  # the worker's copy is the socket now: its close is the peer's FIN
+        assert up.put_nowait(payload) == len(payload)  # as the front admits a send (SEND OK)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while up.available() == len(payload):  # the worker took some; the socket is full
+            assert loop.time() < deadline, "the worker never sent"
+            await asyncio.sleep(0.01)
+        send_message(ours, Close(2))
+        received = bytearray()
+        client.setblocking(False)
+        while True:  # read as a slow peer does; the flush must reach us before the FIN
+            assert loop.time() < deadline + 10, f"no FIN after {len(received)} bytes"
+            try:
+                piece = client.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+                continue
+            if not piece:
+                break
+            received += piece
+        answers.append(await _recv(ours))
+        return [answers, bytes(received)]
 
     try:
-        answers, received = uvloop.run(main())
+        answers, received = drive_worker(script, up_size=1 << 18, pki=PkiStore(tmp_path))
     finally:
-        for s in (server, tls_client, tls_accepted, client, accepted, ours, theirs):
+        for s in (server, tls_client, tls_accepted, client, accepted):
             s.close()
     assert [(type(a), a.conn_id) for a in answers] == \
         [(ConnectFailed, 1), (Connected, 2), (Ended, 2)], answers

@@ -10,47 +10,19 @@ import socket
 import threading
 
 import pytest
-import uvloop
 from structlog.testing import capture_logs
 
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, FaultFired, FireFault, Hello
-from bridged.links.worker import Worker
-from tests.links.control import recv_control as _recv
-from tests.ringtools import new_ring
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended, FaultFired, FireFault
+from tests.links.control import recv_until as _until
+from tests.links.workers import drive_worker
 
 pytestmark = pytest.mark.timeout(60)
 
 
-
-
-async def _until(control: socket.socket, kind: type, seen: list) -> object:
-    """The next message of `kind`; the others go to `seen`."""
-    while not isinstance(msg := await _recv(control), kind):
-        seen.append(msg)
-    return msg
-
-
 def _run(link_id: int, script) -> list:
-    ours, theirs = socketpair()
-
-    async def main() -> list:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(link_id, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            try:
-                return await script(ours)
-            finally:
-                worker.stop()
-                await asyncio.wait_for(running, 5.0)
-
-    try:
-        return uvloop.run(main())
-    finally:
-        ours.close()
-        theirs.close()
+    """script(control) with a worker for `link_id`."""
+    return drive_worker(lambda live: script(live.control), link_id=link_id)
 
 
 def test_fire_fault_arms_the_next_connects_and_reports_each():

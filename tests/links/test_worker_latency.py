@@ -10,48 +10,38 @@ import socket
 import time
 
 import pytest
-import uvloop
 
 from bridged.faults import parse_spec
 from bridged.ipc import records
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, Connected, Ended, FireFault, Hello
-from bridged.links.worker import Worker
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import Close, Connect, Connected, Ended, FireFault
 from tests.harness import StampedSink
-from tests.links.control import recv_control as _recv
-from tests.ringtools import new_ring
+from tests.links.control import recv_until as _until
+from tests.links.workers import drive_worker
 
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _until(control: socket.socket, kind: type) -> object:
-    while not isinstance(msg := await _recv(control), kind):
-        pass
-    return msg
-
-
 def _run(faults: dict, script, seed: int = 1):
     """A worker for link 0 with `faults` ({name: table}); script(control, uplink ring)."""
-    ours, theirs = socketpair()
     specs = [parse_spec(name, table) for name, table in faults.items()]
+    return drive_worker(lambda live: script(live.control, live.up), up_size=16384, down_size=16384,
+                        station="lo", faults=specs, fault_seed=seed)
 
-    async def main():
-        ours.setblocking(False)
-        with new_ring(16384) as up, new_ring(16384) as down:
-            worker = Worker(0, theirs, up, down, 5000, station="lo", faults=specs, fault_seed=seed)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            try:
-                return await script(ours, up)
-            finally:
-                worker.stop()
-                await asyncio.wait_for(running, 5.0)
 
-    try:
-        return uvloop.run(main())
-    finally:
-        ours.close()
-        theirs.close()
+async def _connect(control: socket.socket, link_type: str, port: int) -> None:
+    """Connection 1 to 127.0.0.1:port, open."""
+    send_message(control, Connect(1, link_type, "127.0.0.1", port))
+    assert isinstance(await _until(control, (Connected,)), Connected)
+
+
+async def _close_once_received(control: socket.socket, sink: StampedSink, count: int) -> None:
+    """Close(1), and its Ended, once the sink has `count` bytes (10 s at most)."""
+    async with asyncio.timeout(10):
+        while len(sink.data) < count:
+            await asyncio.sleep(0.005)
+    send_message(control, Close(1))
+    await _until(control, Ended)
 
 
 async def _write(ring, data: bytes) -> float:
@@ -73,16 +63,11 @@ def test_what_the_mcu_sends_reaches_the_peer_ms_later_in_order():
     written: list[float] = []
 
     async def script(control, up):
-        send_message(control, Connect(1, "TCP", "127.0.0.1", sink.port))
-        assert isinstance(await _until(control, (Connected,)), Connected)
+        await _connect(control, "TCP", sink.port)
         for offset in range(0, len(payload), 2000):
             written.append(await _write(up, payload[offset:offset + 2000]))
             await asyncio.sleep(0.01)  # each its own piece, drawn its own delay
-        async with asyncio.timeout(10):
-            while len(sink.data) < len(payload):
-                await asyncio.sleep(0.01)
-        send_message(control, Close(1))
-        await _until(control, Ended)
+        await _close_once_received(control, sink, len(payload))
 
     try:
         _run({"net_latency": {"ms": 300, "jitter_ms": 200}}, script)
@@ -102,8 +87,7 @@ def test_without_jitter_each_piece_takes_ms_and_a_close_with_flush_follows_the_d
     written: list[float] = []
 
     async def script(control, up):
-        send_message(control, Connect(1, "TCP", "127.0.0.1", sink.port))
-        assert isinstance(await _until(control, (Connected,)), Connected)
+        await _connect(control, "TCP", sink.port)
         for piece in pieces:
             written.append(await _write(up, piece))
             await asyncio.sleep(0.05)
@@ -130,14 +114,9 @@ def test_a_bandwidth_cap_composes_with_the_latency():
     written: list[float] = []
 
     async def script(control, up):
-        send_message(control, Connect(1, "TCP", "127.0.0.1", sink.port))
-        assert isinstance(await _until(control, (Connected,)), Connected)
+        await _connect(control, "TCP", sink.port)
         written.append(await _write(up, payload))
-        async with asyncio.timeout(10):
-            while len(sink.data) < len(payload):
-                await asyncio.sleep(0.01)
-        send_message(control, Close(1))
-        await _until(control, Ended)
+        await _close_once_received(control, sink, len(payload))
 
     try:
         _run({"net_latency": {"ms": 300}, "net_bandwidth": {"bytes_per_s": 20000}}, script)
@@ -156,8 +135,7 @@ def _datagram_delays(seed: int, faults: dict) -> list[float]:
     got: list[tuple[bytes, float]] = []
 
     async def script(control, up):
-        send_message(control, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
-        assert isinstance(await _until(control, (Connected,)), Connected)
+        await _connect(control, "UDP", peer.getsockname()[1])
         started = time.monotonic()
         for n in range(10):
             assert records.put_record(up, records.DATA, b"dgram%d" % n)
@@ -197,18 +175,13 @@ def test_latency_fired_on_demand_delays_the_uplink_while_it_holds():
     written: list[float] = []
 
     async def script(control, up):
-        send_message(control, Connect(1, "TCP", "127.0.0.1", sink.port))
-        assert isinstance(await _until(control, (Connected,)), Connected)
+        await _connect(control, "TCP", sink.port)
         send_message(control, FireFault("net_latency", ("ms=300",), for_ms=1000))
         await asyncio.sleep(0.1)  # armed before the first send
         written.append(await _write(up, b"a" * 100))
         await asyncio.sleep(1.3)  # past the fault's second, the first send delivered
         written.append(await _write(up, b"b" * 100))
-        async with asyncio.timeout(10):
-            while len(sink.data) < 200:
-                await asyncio.sleep(0.005)
-        send_message(control, Close(1))
-        await _until(control, Ended)
+        await _close_once_received(control, sink, 200)
 
     try:
         _run({}, script)

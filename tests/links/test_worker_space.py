@@ -8,19 +8,14 @@ import asyncio
 import socket
 import threading
 
-import uvloop
-
 from bridged.ipc import records
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, Connected, Hello
-from bridged.ipc.rings import Ring
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import Close, Connect, Connected
 from bridged.links import downlink as downlink_module
-from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
+from tests.links.workers import LiveWorker, drive_worker
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB: many times the 8 KiB downlink ring
-
-
 
 
 async def _until(predicate, timeout: float, what: str) -> None:
@@ -30,8 +25,7 @@ async def _until(predicate, timeout: float, what: str) -> None:
 
 
 def test_a_lost_space_doorbell_costs_one_poll_interval_not_the_link():
-    up, down = Ring.create(4096), Ring.create(8192)
-    ours, theirs = socketpair()
+    """The front drains the ring but swallows the space doorbell: the worker still resumes within a poll interval and all 256 KiB arrive."""
     server = socket.create_server(("127.0.0.1", 0))
     peer_done = threading.Event()
 
@@ -43,11 +37,8 @@ def test_a_lost_space_doorbell_costs_one_poll_interval_not_the_link():
 
     threading.Thread(target=peer, daemon=True).start()
 
-    async def main() -> bytes:
-        ours.setblocking(False)
-        worker = Worker(0, theirs, up, down, 5000)
-        running = asyncio.create_task(worker.run())
-        assert isinstance(await _recv(ours), Hello)
+    async def script(live: LiveWorker) -> bytes:
+        ours, down = live.control, live.down
         send_message(ours, Connect(1, "TCP", "127.0.0.1", server.getsockname()[1]))
         assert isinstance(await _recv(ours), Connected)
         got = bytearray()
@@ -71,17 +62,12 @@ def test_a_lost_space_doorbell_costs_one_poll_interval_not_the_link():
                     assert loop.time() - t0 <= downlink_module._SPACE_POLL + 0.1
         send_message(ours, Close(1))
         peer_done.set()
-        worker.stop()
-        await asyncio.wait_for(running, 5.0)
+        await live.stop()
         assert lost > 0, "no doorbell was lost: the test did not exercise the fallback"
         return bytes(got)
 
     try:
-        assert uvloop.run(main()) == PAYLOAD
+        assert drive_worker(script, up_size=4096, down_size=8192) == PAYLOAD
     finally:
         peer_done.set()
         server.close()
-        ours.close()
-        theirs.close()
-        for ring in (up, down):
-            ring.close()

@@ -20,7 +20,8 @@ from bridged.ipc.messages import Close, Connect, ConnectFailed, Connected, Ended
 from bridged.links import connecting
 from bridged.links.main import TASK_FAILED, run_worker
 from bridged.links.worker import Worker
-from tests.links.control import recv_control as _recv
+from tests.links.control import recv_control as _recv, recv_until
+from tests.links.workers import LiveWorker, drive_worker
 from tests.ringtools import new_ring
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,36 +63,28 @@ def test_a_connect_closed_by_the_host_is_cancelled_and_the_worker_goes_on():
     """Close during a connect (held by net_connect_timeout): Ended and an EOF record, and the next connect opens."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
-    ours, theirs = socketpair()
 
-    async def main() -> tuple[list[object], records.Record]:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            send_message(ours, FireFault("net_connect_timeout", ()))  # the next connect waits 5 s
-            send_message(ours, Connect(1, "TCP", "127.0.0.1", port))
-            await asyncio.sleep(0.2)
-            send_message(ours, Close(1))
-            answers = [await _recv(ours)]
-            while not isinstance(answers[-1], Ended):
-                answers.append(await _recv(ours))
-            eof = records.get_record(down)
-            send_message(ours, Connect(2, "TCP", "127.0.0.1", port))
-            while not isinstance(answers[-1], Connected):
-                answers.append(await _recv(ours))
-            assert not running.done()
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return answers, eof
+    async def script(live: LiveWorker) -> tuple[list[object], records.Record]:
+        ours = live.control
+        send_message(ours, FireFault("net_connect_timeout", ()))  # the next connect waits 5 s
+        send_message(ours, Connect(1, "TCP", "127.0.0.1", port))
+        await asyncio.sleep(0.2)
+        send_message(ours, Close(1))
+        answers = [await _recv(ours)]
+        while not isinstance(answers[-1], Ended):
+            answers.append(await _recv(ours))
+        eof = records.get_record(live.down)
+        send_message(ours, Connect(2, "TCP", "127.0.0.1", port))
+        while not isinstance(answers[-1], Connected):
+            answers.append(await _recv(ours))
+        assert not live.running.done()
+        await live.stop()
+        return answers, eof
 
     try:
-        answers, eof = uvloop.run(main())
+        answers, eof = drive_worker(script)
     finally:
         server.close()
-        ours.close()
-        theirs.close()
     (ended,) = [a for a in answers if isinstance(a, Ended)]
     assert ended.conn_id == 1 and ended.reason == "closed by host"
     assert eof.kind == records.EOF and eof.payload == b"1 closed by host"
@@ -101,64 +94,40 @@ def test_a_connect_closed_by_the_host_is_cancelled_and_the_worker_goes_on():
 
 def test_stopping_cancels_a_connect_under_way():
     """stop() while a connect waits (net_connect_timeout, 5 s): run() returns at once, not after the connect."""
-    ours, theirs = socketpair()
 
-    async def main() -> float:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            send_message(ours, FireFault("net_connect_timeout", ()))
-            send_message(ours, Connect(1, "TCP", "127.0.0.1", 9))
-            await asyncio.sleep(0.2)
-            assert worker.connecting is not None
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return loop.time() - started
+    async def script(live: LiveWorker) -> float:
+        send_message(live.control, FireFault("net_connect_timeout", ()))
+        send_message(live.control, Connect(1, "TCP", "127.0.0.1", 9))
+        await asyncio.sleep(0.2)
+        assert live.worker.connecting is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await live.stop()
+        return loop.time() - started
 
-    try:
-        assert uvloop.run(main()) < 1.0
-    finally:
-        ours.close()
-        theirs.close()
+    assert drive_worker(script) < 1.0
 
 
 def test_a_connect_right_after_a_cancelled_one_stays_the_running_connect():
     """Close(1) and Connect(2) in one read: the cancelled connect's wind-down must not
     forget connect 2, or a Close(2) could not cancel it and it would open unowned."""
-    ours, theirs = socketpair()
 
-    async def main() -> bool:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            send_message(ours, FireFault("net_connect_timeout", ()))
-            send_message(ours, Connect(1, "TCP", "127.0.0.1", 9))
-            deadline = asyncio.get_running_loop().time() + 5
-            while worker.connecting is None:
-                assert asyncio.get_running_loop().time() < deadline, "connect 1 never started"
-                await asyncio.sleep(0.01)
-            send_message(ours, FireFault("net_connect_timeout", ()))
-            send_message(ours, Close(1))
-            send_message(ours, Connect(2, "TCP", "127.0.0.1", 9))
-            while not isinstance(await _recv(ours), Ended):
-                pass
-            await asyncio.sleep(0.1)  # the cancelled connect 1 winds down meanwhile
-            still = worker.connecting is not None and not worker.connecting.done()
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return still
+    async def script(live: LiveWorker) -> bool:
+        ours, worker = live.control, live.worker
+        send_message(ours, FireFault("net_connect_timeout", ()))
+        send_message(ours, Connect(1, "TCP", "127.0.0.1", 9))
+        deadline = asyncio.get_running_loop().time() + 5
+        while worker.connecting is None:
+            assert asyncio.get_running_loop().time() < deadline, "connect 1 never started"
+            await asyncio.sleep(0.01)
+        send_message(ours, FireFault("net_connect_timeout", ()))
+        send_message(ours, Close(1))
+        send_message(ours, Connect(2, "TCP", "127.0.0.1", 9))
+        await recv_until(ours, Ended)
+        await asyncio.sleep(0.1)  # the cancelled connect 1 winds down meanwhile
+        return worker.connecting is not None and not worker.connecting.done()
 
-    try:
-        assert uvloop.run(main())
-    finally:
-        ours.close()
-        theirs.close()
+    assert drive_worker(script)
 
 
 def test_a_connect_that_completes_after_its_close_is_not_opened(monkeypatch):
@@ -181,29 +150,23 @@ def test_a_connect_that_completes_after_its_close_is_not_opened(monkeypatch):
     monkeypatch.setattr(connecting, "open_tcp", cancel_swallowing)
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
-    ours, theirs = socketpair()
 
-    async def main() -> list[object]:
-        ours.setblocking(False)
-        with new_ring() as up, new_ring() as down:
-            worker = Worker(0, theirs, up, down, 5000)
-            running = asyncio.create_task(worker.run())
-            assert isinstance(await _recv(ours), Hello)
-            send_message(ours, Connect(1, "TCP", "127.0.0.1", port))
-            await asyncio.sleep(0.1)
-            send_message(ours, Close(1))
-            answers = [await _recv(ours)]
-            await asyncio.sleep(0.5)  # connect 1 completes meanwhile
-            send_message(ours, Connect(2, "TCP", "127.0.0.1", port))
-            while not (isinstance(answers[-1], Connected) and answers[-1].conn_id == 2):
-                answers.append(await _recv(ours))
-            assert not running.done()
-            worker.stop()
-            await asyncio.wait_for(running, 5.0)
-            return answers
+    async def script(live: LiveWorker) -> list[object]:
+        ours = live.control
+        send_message(ours, Connect(1, "TCP", "127.0.0.1", port))
+        await asyncio.sleep(0.1)
+        send_message(ours, Close(1))
+        answers = [await _recv(ours)]
+        await asyncio.sleep(0.5)  # connect 1 completes meanwhile
+        send_message(ours, Connect(2, "TCP", "127.0.0.1", port))
+        while not (isinstance(answers[-1], Connected) and answers[-1].conn_id == 2):
+            answers.append(await _recv(ours))
+        assert not live.running.done()
+        await live.stop()
+        return answers
 
     try:
-        answers = uvloop.run(main())
+        answers = drive_worker(script)
         server.settimeout(5)
         first, _ = server.accept()  # connect 1's: the worker closed it
         first.settimeout(5)
@@ -211,8 +174,6 @@ def test_a_connect_that_completes_after_its_close_is_not_opened(monkeypatch):
         first.close()
     finally:
         server.close()
-        ours.close()
-        theirs.close()
     assert [(type(a).__name__, a.conn_id) for a in answers] == [("Ended", 1), ("Connected", 2)], answers
 
 

@@ -8,10 +8,8 @@ import asyncio
 import os
 import select
 import time
-import tty
 
 import pytest
-import structlog
 import uvloop
 from structlog.testing import capture_logs
 
@@ -22,27 +20,10 @@ from bridged.uart.banner import Reset
 from bridged.uart.boot import Boot
 from bridged.uart.output import Output
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("plain_structlog")]
 
-
-@pytest.fixture(autouse=True)
-def plain_structlog():
-    """structlog's defaults: no level filter left by another test's setup_logging hides info events."""
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()
 
 SETTINGS = UartSettings(115200, 8, 1, 0, 0)
-
-
-@pytest.fixture
-def pty_pair():
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    os.set_blocking(master, False)
-    yield master, slave
-    os.close(master)
-    os.close(slave)
 
 
 def _read_until(fd: int, wanted: bytes, timeout: float = 5.0) -> tuple[float, bytes]:

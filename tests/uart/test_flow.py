@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import termios
-import tty
 
 import pytest
 from structlog.testing import capture_logs
@@ -101,15 +100,6 @@ def test_entering_rts_while_held_drops_rts_at_once():
 def test_crtscts_only_where_cts_is_honoured():
     """The kernel's CRTSCTS is on for cts and rtscts, off for none and rts."""
     assert [crtscts(f) for f in Flow] == [False, False, True, True]
-
-
-@pytest.fixture
-def pty_pair():
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    yield master, slave
-    os.close(master)
-    os.close(slave)
 
 
 def test_a_pty_has_no_modem_lines_said_once(pty_pair):

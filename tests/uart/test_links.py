@@ -14,6 +14,8 @@ from structlog.testing import capture_logs
 from bridged.ipc.control import socketpair
 from bridged.uart.links import LinkTable, Slot, SlotState
 from tests.ringtools import new_ring
+from tests.uart.slottools import Unheard as _Unheard
+from tests.uart.slottools import until as _until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,24 +28,6 @@ _BAD = [
     b'{"type": "Ended", "conn_id": 1, "reason": {"a": 1}}',
     b'{"type": "ConnectFailed", "conn_id": "1", "reason": "x"}',
 ]
-
-
-class _Unheard:
-    """LinkEvents that hear nothing: these tests look at the slot table alone."""
-
-    def link_data(self, slot, record): pass
-    def link_notice(self, slot, length): pass
-    def link_closed(self, slot, reason): pass
-    def link_ended(self, slot): pass
-    def link_accepted(self, slot): pass
-    def link_freed(self, slot): pass
-    def can_deliver(self): return True
-
-
-async def _until(predicate, what: str) -> None:
-    async with asyncio.timeout(5):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 def test_a_worker_sending_wrong_types_is_refused_and_logged_not_a_crash():

@@ -7,7 +7,6 @@ import os
 import time
 import tty
 
-import pytest
 import uvloop
 
 from bridged.uart.output import Output
@@ -23,16 +22,6 @@ class CountingOutput(Output):
     def _pump(self) -> None:
         self.pumps += 1
         super()._pump()
-
-
-@pytest.fixture
-def pty_pair():
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    os.set_blocking(master, False)
-    yield master, slave
-    os.close(master)
-    os.close(slave)
 
 
 def _read_until(fd: int, wanted: bytes, timeout: float) -> list[tuple[float, bytes]]:

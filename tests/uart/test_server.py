@@ -11,7 +11,6 @@ import os
 import socket
 
 import pytest
-import structlog
 import uvloop
 from structlog.testing import capture_logs
 
@@ -21,40 +20,16 @@ from bridged.net.policy import Policy
 from bridged.uart.links import LinkTable, Slot, SlotState
 from bridged.uart.server import Server
 from tests.ringtools import new_ring
+from tests.uart.slottools import Unheard as _Unheard
+from tests.uart.slottools import until as _until
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def plain_structlog():
-    """structlog's defaults: no level filter left by another test's setup_logging hides info events."""
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()
-
-
-class _Unheard:
-    """LinkEvents that hear nothing: the server and the slot table are under test."""
-
-    def link_data(self, slot, record): pass
-    def link_notice(self, slot, length): pass
-    def link_closed(self, slot, reason): pass
-    def link_ended(self, slot): pass
-    def link_accepted(self, slot): pass
-    def link_freed(self, slot): pass
-    def can_deliver(self): return True
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("plain_structlog")]
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-async def _until(predicate, what: str, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def _connect(port: int) -> socket.socket:

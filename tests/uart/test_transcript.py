@@ -12,7 +12,6 @@ import tracemalloc
 import tty
 
 import pytest
-import structlog
 import uvloop
 from structlog.testing import capture_logs
 
@@ -20,13 +19,7 @@ from bridged.config import LogConfig
 from bridged.uart import transcript
 from bridged.uart.transcript import Direction, MarkKind, Transcript, parse_line
 
-
-@pytest.fixture(autouse=True)
-def plain_structlog():
-    """structlog's defaults (no level filter left by another test's setup_logging)."""
-    structlog.reset_defaults()
-    yield
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("plain_structlog")
 
 
 # --------------------------------------------------------------------------

@@ -196,6 +196,9 @@ class DataPhases:
         if due - self.loop.time() > 0.001:  # it moved meanwhile: counted from its last admission
             send.room_timer = self.loop.call_at(due, self._stream_timed_out, send, timeout)
             return
+        if send.slot.uplink.free() >= self._room_need:
+            self._on_room()  # room came in time, unheard (a missed doorbell the poll finds late)
+            return
         log.info("send_timed_out", link_id=send.slot.link_id, admitted=send.admitted, length=send.length)
         send.timed_out = True
         self._stop_waiting_room()

@@ -135,6 +135,9 @@ class DataPhases:
     def _send_timed_out(self, send: Send, deadline: float) -> None:
         if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:
             return
+        self._check_send()  # room that came in time, unheard (a missed doorbell), takes the rest first
+        if self.sending is not send:
+            return
         # uvloop's clock ticks in whole ms: it may read a hair before the deadline.
         effects = self.session.handle(Tick(), max(self.loop.time(), deadline))
         if not effects.out:

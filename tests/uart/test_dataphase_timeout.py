@@ -8,6 +8,7 @@ import asyncio
 from types import SimpleNamespace
 
 from bridged.at.datamode import DataKind
+from bridged.at.session import PayloadDone, Prompt, Ready, Session, State
 from bridged.commands.options import TcpOptions
 from bridged.uart.dataphase import DataPhases
 from bridged.uart.sending import Send
@@ -27,6 +28,10 @@ class _Front(DataPhases):
         self.counters = SimpleNamespace(flow_pauses=0)
         self.ctx = SimpleNamespace(state=SimpleNamespace(tcpopts=[TcpOptions(so_sndtimeo=so_sndtimeo)]))
         self.resumed = 0
+        self.session = Session()
+        self.session.handle(Ready(), 0.0)
+        self.output = SimpleNamespace(written=[])
+        self.output.reply = self.output.written.append
 
     def _pause_reading(self) -> None:
         pass
@@ -78,5 +83,30 @@ def test_a_stream_with_no_room_is_failed_by_so_sndtimeo():
             front._stream_timed_out(send, 0.3)
             assert send.timed_out and not send.alive()
             assert front._room_slot is None and front.resumed == 1
+
+    asyncio.run(main())
+
+
+def test_a_send_whose_room_came_unheard_is_not_failed_by_so_sndtimeo():
+    """AT+CIPSEND complete, its tail waiting for room, so_sndtimeo due: the worker freed the ring
+    but its doorbell was missed.  The tail goes into the ring and the send is SEND OK, not
+    SEND FAIL with the room there."""
+    async def main() -> None:
+        with new_ring() as up, new_ring() as down:
+            loop = asyncio.get_running_loop()
+            slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="TCP")
+            send = Send(slot, DataKind.SEND, up.capacity + 100)
+            front = _Front(loop, send, 300)
+            front.session.handle(Prompt(DataKind.SEND, 0.3), loop.time())
+            send.take(bytes(up.capacity + 100))
+            send.payload_done()  # the ring takes all but 100 bytes
+            deadline = front.session.handle(PayloadDone(send.result()), loop.time()).deadline
+            assert front.session.state is State.AWAITING_SEND_OK and deadline is not None
+            front._wait_room(send)
+            up.want_space_doorbell(False)  # the worker read the flag before the front set it
+            up.consume(up.capacity)  # room, and no doorbell
+            front._send_timed_out(send, deadline)
+            assert front.output.written == [b"\r\nSEND OK\r\n"]
+            assert front.sending is None and up.available() == 100
 
     asyncio.run(main())

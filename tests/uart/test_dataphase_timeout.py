@@ -25,6 +25,7 @@ class _Front(DataPhases):
         self._room_slot = None
         self._room_need = 0
         self._room_poll = None
+        self._room_timer = None
         self.counters = SimpleNamespace(flow_pauses=0)
         self.ctx = SimpleNamespace(state=SimpleNamespace(tcpopts=[TcpOptions(so_sndtimeo=so_sndtimeo)]))
         self.resumed = 0
@@ -60,7 +61,7 @@ def test_a_stream_whose_room_came_unheard_is_not_failed_by_so_sndtimeo():
             send = _full_ring_stream(up, down)
             front = _Front(asyncio.get_running_loop(), send, 300)
             front._wait_room(send)
-            assert send.room_timer is not None
+            assert front._room_timer is not None
             up.want_space_doorbell(False)  # the worker read the flag before the front set it
             up.consume(up.capacity)  # room, and no doorbell
             send.moved_at = front.loop.time() - 1.0  # the deadline is due
@@ -108,5 +109,23 @@ def test_a_send_whose_room_came_unheard_is_not_failed_by_so_sndtimeo():
             front._send_timed_out(send, deadline)
             assert front.output.written == [b"\r\nSEND OK\r\n"]
             assert front.sending is None and up.available() == 100
+
+    asyncio.run(main())
+
+
+def test_a_restart_during_a_streams_wait_disarms_its_so_sndtimeo():
+    """A restart (an at_reset fault) while AT+CIPSENDL waits for room drops the send, then stops
+    the wait (Front._restart's order): its so_sndtimeo timer goes too, not left armed for up to
+    so_sndtimeo (24 days at most) holding the dead send."""
+    async def main() -> None:
+        with new_ring() as up, new_ring() as down:
+            send = _full_ring_stream(up, down)
+            front = _Front(asyncio.get_running_loop(), send, 0x7FFFFFFF)
+            front._wait_room(send)
+            armed = [h for h in front.loop._scheduled if not h.cancelled()]
+            assert len(armed) == 2  # the room poll and so_sndtimeo
+            front.sending = None
+            front._stop_waiting_room()
+            assert [h for h in front.loop._scheduled if not h.cancelled()] == []
 
     asyncio.run(main())

@@ -135,6 +135,9 @@ class DataPhases:
     def _send_timed_out(self, send: Send, deadline: float) -> None:
         if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:
             return
+        self._check_send()  # room that came in time, unheard (a missed doorbell), takes the rest first
+        if self.sending is not send:
+            return
         # uvloop's clock ticks in whole ms: it may read a hair before the deadline.
         effects = self.session.handle(Tick(), max(self.loop.time(), deadline))
         if not effects.out:
@@ -181,20 +184,23 @@ class DataPhases:
         admitted, as it bounds each send() of ESP-AT's stream (passthrough: not, as on ESP-AT,
         whose page names CIPSEND, CIPSENDEX and CIPSENDL only)."""
         timeout = self.ctx.state.tcpopts[send.slot.link_id].so_sndtimeo / 1000
-        if send.kind is DataKind.SENDL and timeout and send.room_timer is None:
-            send.room_timer = self.loop.call_later(timeout, self._stream_timed_out, send, timeout)
+        if send.kind is DataKind.SENDL and timeout and self._room_timer is None:
+            self._room_timer = self.loop.call_later(timeout, self._stream_timed_out, send, timeout)
 
     def _stream_timed_out(self, send: Send, timeout: float) -> None:
         """No room within so_sndtimeo: the stream fails as ESP-AT's does when a send() fails: the
         rest of the payload is read and dropped (``Send.alive``: +++ still cancels), then SEND
         FAIL.  What was admitted (+CIPSENDL's <had sent len>) stays in the ring and goes out;
         nothing after it does (a hole in the stream would be worse than its end)."""
-        send.room_timer = None
+        self._room_timer = None
         if self.sending is not send or self._room_slot is not send.slot:
             return  # not waiting now: the next wait arms its own
         due = send.moved_at + timeout
         if due - self.loop.time() > 0.001:  # it moved meanwhile: counted from its last admission
-            send.room_timer = self.loop.call_at(due, self._stream_timed_out, send, timeout)
+            self._room_timer = self.loop.call_at(due, self._stream_timed_out, send, timeout)
+            return
+        if send.slot.uplink.free() >= self._room_need:
+            self._on_room()  # room came in time, unheard (a missed doorbell the poll finds late)
             return
         log.info("send_timed_out", link_id=send.slot.link_id, admitted=send.admitted, length=send.length)
         send.timed_out = True
@@ -217,10 +223,9 @@ class DataPhases:
             return
         self.loop.remove_reader(slot.uplink.space_fd)
         slot.uplink.want_space_doorbell(False)
-        send = self.sending
-        if send is not None and send.room_timer is not None:  # room came (or the phase ended)
-            send.room_timer.cancel()
-            send.room_timer = None
+        if self._room_timer is not None:  # room came, or the send is gone (a restart drops it first)
+            self._room_timer.cancel()
+            self._room_timer = None
         if self._room_poll is not None:
             self._room_poll.cancel()
             self._room_poll = None

@@ -152,6 +152,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.sending: Send | None = None  # the data phase's way into its uplink ring
         self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
         self._room_poll: asyncio.TimerHandle | None = None
+        self._room_timer: asyncio.TimerHandle | None = None  # so_sndtimeo, while a stream waits for room
         self._room_need = 1  # free bytes the waiting send can use
         self.passthrough: Passthrough | None = None
         self._timer: asyncio.TimerHandle | None = None

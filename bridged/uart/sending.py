@@ -26,8 +26,6 @@ is read and dropped, then SEND FAIL, as ESP-AT ends a stream whose send failed.
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from bridged.at import format as fmt
@@ -66,7 +64,6 @@ class Send:
         self.sent_reported = 0
         self.dropped = 0  # streamed while the link was down (or after so_sndtimeo passed)
         self.timed_out = False  # so_sndtimeo passed while a stream waited for room: the rest is dropped
-        self.room_timer: asyncio.TimerHandle | None = None  # that so_sndtimeo, while a stream waits
         self.moved_at = 0.0  # loop time a chunk of the stream last went into the ring
 
     # -- state -------------------------------------------------------------------

@@ -142,25 +142,26 @@ def line_bytes(make_daemon, faults: str, sent: bytes = GMR) -> bytes:
 def test_uart_corrupt_flips_one_bit_of_the_same_bytes_per_seed(make_daemon):
     """uart_corrupt rate 0.005: as long as the clean answer, some bytes differ in exactly one bit,
     the same bytes for the same seed, others for another seed."""
-    clean = line_bytes(make_daemon, "")
     faults = "[faults]\nseed = {}\n[faults.uart_corrupt]\nrate = 0.005\n"
-    got = line_bytes(make_daemon, faults.format(3))
+    make = one_at_a_time(make_daemon)
+    clean, got, again, other = together(*(lambda config=config: line_bytes(make, config)
+                                          for config in ("", faults.format(3), faults.format(3), faults.format(7))))
     assert len(got) == len(clean)
     diffs = [i for i, (a, b) in enumerate(zip(clean, got)) if a != b]
     assert diffs and all(bin(clean[i] ^ got[i]).count("1") == 1 for i in diffs)
-    assert line_bytes(make_daemon, faults.format(3)) == got
-    assert line_bytes(make_daemon, faults.format(7)) != got
+    assert again == got
+    assert other != got
 
 
 def test_uart_drop_loses_the_same_bytes_per_seed(make_daemon):
     """uart_drop rate 0.005: the MCU reads the clean answer less some bytes, the same ones per seed."""
-    clean = line_bytes(make_daemon, "")
     faults = "[faults]\nseed = 3\n[faults.uart_drop]\nrate = 0.005\n"
-    got = line_bytes(make_daemon, faults)
+    make = one_at_a_time(make_daemon)
+    clean, got, again = together(*(lambda config=config: line_bytes(make, config) for config in ("", faults, faults)))
     assert 0 < len(clean) - len(got) < 100
     it = iter(clean)
     assert all(b in it for b in got)  # a subsequence: bytes lost, none changed
-    assert line_bytes(make_daemon, faults) == got
+    assert again == got
 
 
 def test_uart_overrun_loses_runs_of_input_the_same_way_per_seed(make_daemon):
@@ -168,10 +169,11 @@ def test_uart_overrun_loses_runs_of_input_the_same_way_per_seed(make_daemon):
     (fewer OKs), and the answers are byte for byte the same for one seed."""
     faults = "[faults]\nseed = {}\n[faults.uart_overrun]\nrate = 0.01\nbytes = 4\n"
     sent = b"AT\r\n" * 100
-    got = line_bytes(make_daemon, faults.format(3), sent)
+    make = one_at_a_time(make_daemon)
+    got, again, other = together(*(lambda seed=seed: line_bytes(make, faults.format(seed), sent) for seed in (3, 3, 7)))
     assert 50 < got.count(b"\r\nOK\r\n") < 100
-    assert line_bytes(make_daemon, faults.format(3), sent) == got
-    assert line_bytes(make_daemon, faults.format(7), sent) != got
+    assert again == got
+    assert other != got
 
 
 def _corrupt_lines(d) -> list[dict]:

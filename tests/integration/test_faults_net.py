@@ -146,9 +146,9 @@ def test_connect_faults_repeat_with_the_seed(make_daemon, tls_cert):
     """The same seed fails the same connects in another run, another seed others; a link no fault names never fails."""
     echo, tls = EchoServer(), TlsServer(tls_cert)
     try:
-        first = _connects(make_daemon, 7, echo.port, tls.port)
-        again = _connects(make_daemon, 7, echo.port, tls.port)
-        other = _connects(make_daemon, 8, echo.port, tls.port)
+        make = one_at_a_time(make_daemon)
+        first, again, other = together(*(lambda seed=seed: _connects(make, seed, echo.port, tls.port)
+                                         for seed in (7, 7, 8)))
     finally:
         echo.close()
         tls.close()

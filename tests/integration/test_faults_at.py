@@ -54,13 +54,16 @@ def test_at_busy_answers_a_share_of_commands_and_the_seed_decides_which(make_dae
     same ones in a second run, others with seed 6; each is marked in the transcript."""
     transcript = tmp_path / "transcript"
     lines = [b"AT"] * 40
-    first = run_commands(make_daemon, "[faults]\nseed = 5\n[faults.at_busy]\nrate = 0.3\n", lines,
-                         ("--transcript", str(transcript)))
+    faults = "[faults]\nseed = {}\n[faults.at_busy]\nrate = 0.3\n"
+    make = one_at_a_time(make_daemon)
+    first, again, other = together(
+        lambda: run_commands(make, faults.format(5), lines, ("--transcript", str(transcript))),
+        lambda: run_commands(make, faults.format(5), lines), lambda: run_commands(make, faults.format(6), lines))
     hits = busy_indexes(first)
     assert 3 <= len(hits) <= 25, first
     assert all(a == b"AT\r\n\r\nOK\r\n" for i, a in enumerate(first) if i not in hits)
-    assert busy_indexes(run_commands(make_daemon, "[faults]\nseed = 5\n[faults.at_busy]\nrate = 0.3\n", lines)) == hits
-    assert busy_indexes(run_commands(make_daemon, "[faults]\nseed = 6\n[faults.at_busy]\nrate = 0.3\n", lines)) != hits
+    assert busy_indexes(again) == hits
+    assert busy_indexes(other) != hits
     deadline = time.monotonic() + 5
     while transcript.read_text().count("-- fault name=at_busy") < len(hits) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -85,13 +88,14 @@ def test_at_errcode_fails_commands_with_its_code_reproducibly(make_daemon):
     without running (no +GMR lines); the same seed hits the same commands."""
     faults = "[faults]\nseed = 11\n[faults.at_errcode]\nrate = 0.5\ncode = 0x01020304\n"
     lines = [b"ATE0"] + [b"AT+GMR"] * 15
-    first = run_commands(make_daemon, faults, lines)
+    make = one_at_a_time(make_daemon)
+    first, again = together(*(lambda: run_commands(make, faults, lines) for _ in range(2)))
     hits = errcode_indexes(first)
     assert 2 <= len(hits) <= 14, first
     for i in hits:
         assert first[i].endswith(b"ERR CODE:0x01020304\r\n\r\nERROR\r\n") and b"AT version" not in first[i]
     assert all(b"AT version" in first[i] for i in range(1, 16) if i not in hits)
-    assert errcode_indexes(run_commands(make_daemon, faults, lines)) == hits
+    assert errcode_indexes(again) == hits
 
 
 def test_at_delay_holds_the_answer_and_the_session_is_busy_meanwhile(make_daemon):

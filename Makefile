@@ -26,6 +26,13 @@ PYTEST_ARGS ?=
 # Wall time of one suite run (Python 3.11): ~30 min in one process before;
 # see bench/RESULTS.md, "Test suite", for the current figures.
 PYTEST_JOBS ?= 2
+# pytest keeps the test modules it rewrote for assert messages (and Python the
+# modules it compiled) in __pycache__ (ignored by git) unless
+# PYTHONDONTWRITEBYTECODE is set, as in some CI shells; then every xdist worker
+# rewrote all ~240 test modules again at each start: 15-20 s of both cores per
+# run, over half of the collection (tests/conftest.py does the same for the
+# daemons the tests start).
+unexport PYTHONDONTWRITEBYTECODE
 XDIST = $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
 # Second interpreter for `make test`; empty when it is not installed.

@@ -99,7 +99,7 @@ def test_input_while_busy_gets_busy(make_daemon):
 
 def test_force_restart_while_busy(make_daemon):
     """AT+RST while a command runs forces a restart, as ESP-AT does."""
-    d = make_daemon("connect_delay_ms = 2000\n")
+    d = make_daemon("connect_delay_ms = 1000\n")
     h = d.host()
     h.expect(b"\r\nready\r\n")
     h.command(b"ATE0")
@@ -108,7 +108,7 @@ def test_force_restart_while_busy(make_daemon):
     h.write(b"AT+RST\r\n")
     assert h.expect(b"\r\nready\r\n") == b"\r\nWill force to restart!!!\r\n\r\nready\r\n"
     assert h.command(b"AT") == b"AT\r\n\r\nOK\r\n"
-    assert h.read_quiet(2.5) == b""  # the abandoned join prints nothing
+    assert h.read_quiet(1.5) == b""  # the abandoned join (1 s) prints nothing
 
 
 def _run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
+import struct
+import termios
 import threading
 import time
 
@@ -259,8 +262,28 @@ def test_savetranslink_passthrough_reconnects_after_a_server_client_held_link_0(
         client.close()
 
 
+def _queued(sock: socket.socket, request: int) -> int:
+    """The bytes in the socket's send (TIOCOUTQ) or receive (FIONREAD) queue."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
+
+
+def _backed_up(queued, quiet: float = 0.5, timeout: float = 3.0) -> None:
+    """Until everything between the stream's ends is full (``queued()`` bytes, non-zero and
+    unchanged for ``quiet`` s) or ``timeout``: the slow side then reads nothing no longer
+    than it takes to fill the way, instead of a fixed 3 s."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = queued()
+        if size != last:
+            last, since = size, time.monotonic()
+        elif size and time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+
+
 def test_slow_host_loses_nothing(host):
-    """The host stops reading for seconds while the peer sends 50 MB: every byte arrives, hash equal."""
+    """The host stops reading while the peer sends 50 MB, until all the way back to the peer is full: every byte arrives, hash equal."""
     server = socket.create_server(("127.0.0.1", 0))
     try:
         host.command(b"AT+CIPMODE=1")  # raw bytes: the hash covers exactly the peer's stream
@@ -269,7 +292,7 @@ def test_slow_host_loses_nothing(host):
         payload = os.urandom(50 << 20)
         sender = threading.Thread(target=conn.sendall, args=(payload,), daemon=True)
         sender.start()
-        time.sleep(3)  # the host reads nothing: the UART, rings and socket fill up
+        _backed_up(lambda: _queued(conn, termios.TIOCOUTQ))  # the host reads nothing: the UART, rings and socket fill up
         digest = hashlib.sha256()
         total = 0
         deadline = time.monotonic() + 120
@@ -288,7 +311,7 @@ def test_slow_host_loses_nothing(host):
 
 
 def test_slow_peer_loses_nothing(host):
-    """The peer stops reading while the host streams 50 MB through AT+CIPSENDL: nothing lost."""
+    """The peer stops reading while the host streams 50 MB through AT+CIPSENDL, until the way is full: nothing lost."""
     server = socket.create_server(("127.0.0.1", 0))
     try:
         _open(host, server.getsockname()[1])
@@ -298,7 +321,7 @@ def test_slow_peer_loses_nothing(host):
         count = [0]
 
         def read_later() -> None:
-            time.sleep(3)  # the peer reads nothing at first
+            _backed_up(lambda: _queued(conn, termios.FIONREAD))  # the peer reads nothing at first
             while count[0] < len(payload):
                 data = conn.recv(1 << 20)
                 if not data:

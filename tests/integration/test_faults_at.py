@@ -11,6 +11,7 @@ import time
 
 from bridged.faults.catalog import CATALOG
 from tests.harness import Timeout
+from tests.together import one_at_a_time, together
 
 _END = re.compile(rb"\r\n(OK|ERROR|busy p\.\.\.)\r\n")
 
@@ -53,13 +54,16 @@ def test_at_busy_answers_a_share_of_commands_and_the_seed_decides_which(make_dae
     same ones in a second run, others with seed 6; each is marked in the transcript."""
     transcript = tmp_path / "transcript"
     lines = [b"AT"] * 40
-    first = run_commands(make_daemon, "[faults]\nseed = 5\n[faults.at_busy]\nrate = 0.3\n", lines,
-                         ("--transcript", str(transcript)))
+    faults = "[faults]\nseed = {}\n[faults.at_busy]\nrate = 0.3\n"
+    make = one_at_a_time(make_daemon)
+    first, again, other = together(
+        lambda: run_commands(make, faults.format(5), lines, ("--transcript", str(transcript))),
+        lambda: run_commands(make, faults.format(5), lines), lambda: run_commands(make, faults.format(6), lines))
     hits = busy_indexes(first)
     assert 3 <= len(hits) <= 25, first
     assert all(a == b"AT\r\n\r\nOK\r\n" for i, a in enumerate(first) if i not in hits)
-    assert busy_indexes(run_commands(make_daemon, "[faults]\nseed = 5\n[faults.at_busy]\nrate = 0.3\n", lines)) == hits
-    assert busy_indexes(run_commands(make_daemon, "[faults]\nseed = 6\n[faults.at_busy]\nrate = 0.3\n", lines)) != hits
+    assert busy_indexes(again) == hits
+    assert busy_indexes(other) != hits
     deadline = time.monotonic() + 5
     while transcript.read_text().count("-- fault name=at_busy") < len(hits) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -84,13 +88,14 @@ def test_at_errcode_fails_commands_with_its_code_reproducibly(make_daemon):
     without running (no +GMR lines); the same seed hits the same commands."""
     faults = "[faults]\nseed = 11\n[faults.at_errcode]\nrate = 0.5\ncode = 0x01020304\n"
     lines = [b"ATE0"] + [b"AT+GMR"] * 15
-    first = run_commands(make_daemon, faults, lines)
+    make = one_at_a_time(make_daemon)
+    first, again = together(*(lambda: run_commands(make, faults, lines) for _ in range(2)))
     hits = errcode_indexes(first)
     assert 2 <= len(hits) <= 14, first
     for i in hits:
         assert first[i].endswith(b"ERR CODE:0x01020304\r\n\r\nERROR\r\n") and b"AT version" not in first[i]
     assert all(b"AT version" in first[i] for i in range(1, 16) if i not in hits)
-    assert errcode_indexes(run_commands(make_daemon, faults, lines)) == hits
+    assert errcode_indexes(again) == hits
 
 
 def test_at_delay_holds_the_answer_and_the_session_is_busy_meanwhile(make_daemon):
@@ -126,9 +131,10 @@ def slow_indexes(make_daemon, faults: str, n: int) -> set[int]:
 def test_at_delay_hits_the_same_commands_for_the_same_seed(make_daemon):
     """at_delay rate 0.4, ms 500: the commands answered late are the same in two runs with one seed."""
     faults = "[faults]\nseed = 21\n[faults.at_delay]\nrate = 0.4\nms = 500\n"
-    first = slow_indexes(make_daemon, faults, 12)
+    make = one_at_a_time(make_daemon)
+    first, again = together(*(lambda: slow_indexes(make, faults, 12) for _ in range(2)))
     assert 1 <= len(first) <= 11
-    assert slow_indexes(make_daemon, faults, 12) == first
+    assert again == first
 
 
 def test_at_reset_on_demand_restarts_like_at_rst_without_ok(make_daemon, echo_server):
@@ -151,15 +157,21 @@ def test_at_reset_on_demand_restarts_like_at_rst_without_ok(make_daemon, echo_se
     d.wait_event("fault_injected", fault="at_reset")
 
 
-def event_gaps(make_daemon, faults: str, name: str, wait: float) -> list[float]:
-    """The times between the fault's due events (injected or skipped) in one run."""
+def event_gaps(make_daemon, faults: str, name: str, wait: float, count: int = 4) -> list[float]:
+    """The times between the fault's due events (injected or skipped) in one run: the
+    first ``count`` of them, or those logged within ``wait`` s of ready if fewer."""
     d = make_daemon(faults)
     host = d.host()
     host.expect(b"\r\nready\r\n")
-    time.sleep(wait)
+    deadline = time.monotonic() + wait
+    while True:
+        stamps = [e["timestamp"] for e in d.events() if e.get("event") in ("fault_injected", "fault_skipped")
+                  and e.get("fault") == name]
+        if len(stamps) >= count or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     host.close()
-    stamps = [e["timestamp"] for e in d.events() if e.get("event") in ("fault_injected", "fault_skipped")
-              and e.get("fault") == name]
+    stamps = stamps[:count]
     times = [time.mktime(time.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + s[19:-1]) for s in stamps]
     return [round(b - a, 1) for a, b in zip(times, times[1:])]
 
@@ -170,11 +182,11 @@ def test_at_reset_events_come_at_the_times_the_seed_draws(make_daemon):
     Seeds 8 and 2 draw their first four events between 1.1 and 2.7 s from the start (after the
     workers are up, so none is held back by the start)."""
     faults = "[faults]\nseed = {}\n[faults.at_reset]\nrate = 1\n"
-    first = event_gaps(make_daemon, faults.format(8), "at_reset", 3.0)[:3]
+    make = one_at_a_time(make_daemon)
+    first, again, other = together(*(lambda seed=seed: event_gaps(make, faults.format(seed), "at_reset", 3.0)[:3]
+                                     for seed in (8, 8, 2)))
     assert len(first) == 3
-    again = event_gaps(make_daemon, faults.format(8), "at_reset", 3.0)[:3]
     assert all(abs(a - b) <= 0.25 for a, b in zip(first, again)), (first, again)
-    other = event_gaps(make_daemon, faults.format(2), "at_reset", 3.0)[:3]
     assert any(abs(a - b) > 0.25 for a, b in zip(first, other)), (first, other)
 
 

@@ -11,6 +11,7 @@ import time
 
 from tests.backlog import BacklogServer
 from tests.integration.test_faults_at import answer, event_gaps, fault_cli
+from tests.together import one_at_a_time, together
 
 HOSTS = '[dns]\nhosts = { "fault.test" = "127.0.0.1" }\n'
 
@@ -61,9 +62,9 @@ def test_wifi_drops_come_at_the_times_the_seed_draws(make_daemon):
     """wifi_drop rate 1/s: the gaps between due drops are the same in two runs with one seed
     (seed 22 draws its first four between 1.07 and 2.62 s from the start)."""
     faults = "[faults]\nseed = 22\n[faults.wifi_drop]\nrate = 1\nduration_ms = 100\n"
-    first = event_gaps(make_daemon, faults, "wifi_drop", 3.0)[:3]
+    make = one_at_a_time(make_daemon)
+    first, again = together(*(lambda: event_gaps(make, faults, "wifi_drop", 3.0)[:3] for _ in range(2)))
     assert len(first) == 3
-    again = event_gaps(make_daemon, faults, "wifi_drop", 3.0)[:3]
     assert all(abs(a - b) <= 0.25 for a, b in zip(first, again)), (first, again)
 
 
@@ -80,11 +81,11 @@ def join_answers(make_daemon, faults: str, n: int) -> list[bytes]:
 def test_wifi_join_fail_fails_joins_with_its_code_reproducibly(make_daemon):
     """wifi_join_fail code 2 rate 0.5: failed joins answer +CWJAP:2 then ERROR; the same seed fails the same ones."""
     faults = "[faults]\nseed = 4\n[faults.wifi_join_fail]\nrate = 0.5\ncode = 2\n"
-    first = join_answers(make_daemon, faults, 10)
+    make = one_at_a_time(make_daemon)
+    first, again = together(*(lambda: join_answers(make, faults, 10) for _ in range(2)))
     failed = {i for i, a in enumerate(first) if a.endswith(b"+CWJAP:2\r\n\r\nERROR\r\n")}
     assert 1 <= len(failed) <= 9, first
     assert all(a.endswith(b"WIFI GOT IP\r\n\r\nOK\r\n") for i, a in enumerate(first) if i not in failed)
-    again = join_answers(make_daemon, faults, 10)
     assert {i for i, a in enumerate(again) if a.endswith(b"ERROR\r\n")} == failed
 
 
@@ -103,23 +104,24 @@ def lookups(make_daemon, faults: str, n: int) -> list[tuple[bytes, float]]:
 def test_dns_fail_fails_lookups_reproducibly(make_daemon):
     """dns_fail rate 0.5: AT+CIPDOMAIN of a name [dns] hosts knows fails (ERROR) for the same lookups per seed."""
     faults = "[faults]\nseed = 9\n[faults.dns_fail]\nrate = 0.5\n"
-    first = [a for a, _ in lookups(make_daemon, faults, 12)]
+    make = one_at_a_time(make_daemon)
+    first, again = ([a for a, _ in run] for run in together(*(lambda: lookups(make, faults, 12) for _ in range(2))))
     failed = {i for i, a in enumerate(first) if a == b"\r\nERROR\r\n"}
     assert 1 <= len(failed) <= 11, first
     assert all(a == b'+CIPDOMAIN:"127.0.0.1"\r\n\r\nOK\r\n' or a == b"+CIPDOMAIN:127.0.0.1\r\n\r\nOK\r\n"
                for i, a in enumerate(first) if i not in failed), first
-    again = [a for a, _ in lookups(make_daemon, faults, 12)]
     assert {i for i, a in enumerate(again) if a == b"\r\nERROR\r\n"} == failed
 
 
 def test_dns_slow_delays_the_same_lookups_per_seed(make_daemon):
     """dns_slow ms 600 rate 0.5: the lookups answered 0.6 s late (still answered) are the same per seed."""
     faults = "[faults]\nseed = 9\n[faults.dns_slow]\nrate = 0.5\nms = 600\n"
-    first = lookups(make_daemon, faults, 8)
+    make = one_at_a_time(make_daemon)
+    first, again = together(*(lambda: lookups(make, faults, 8) for _ in range(2)))
     assert all(a.endswith(b"\r\nOK\r\n") for a, _ in first)
     slow = {i for i, (_, took) in enumerate(first) if took >= 0.6}
     assert 1 <= len(slow) <= 7
-    assert {i for i, (_, took) in enumerate(lookups(make_daemon, faults, 8)) if took >= 0.6} == slow
+    assert {i for i, (_, took) in enumerate(again) if took >= 0.6} == slow
 
 
 # -- the UART line -------------------------------------------------------------------------------
@@ -141,25 +143,26 @@ def line_bytes(make_daemon, faults: str, sent: bytes = GMR) -> bytes:
 def test_uart_corrupt_flips_one_bit_of_the_same_bytes_per_seed(make_daemon):
     """uart_corrupt rate 0.005: as long as the clean answer, some bytes differ in exactly one bit,
     the same bytes for the same seed, others for another seed."""
-    clean = line_bytes(make_daemon, "")
     faults = "[faults]\nseed = {}\n[faults.uart_corrupt]\nrate = 0.005\n"
-    got = line_bytes(make_daemon, faults.format(3))
+    make = one_at_a_time(make_daemon)
+    clean, got, again, other = together(*(lambda config=config: line_bytes(make, config)
+                                          for config in ("", faults.format(3), faults.format(3), faults.format(7))))
     assert len(got) == len(clean)
     diffs = [i for i, (a, b) in enumerate(zip(clean, got)) if a != b]
     assert diffs and all(bin(clean[i] ^ got[i]).count("1") == 1 for i in diffs)
-    assert line_bytes(make_daemon, faults.format(3)) == got
-    assert line_bytes(make_daemon, faults.format(7)) != got
+    assert again == got
+    assert other != got
 
 
 def test_uart_drop_loses_the_same_bytes_per_seed(make_daemon):
     """uart_drop rate 0.005: the MCU reads the clean answer less some bytes, the same ones per seed."""
-    clean = line_bytes(make_daemon, "")
     faults = "[faults]\nseed = 3\n[faults.uart_drop]\nrate = 0.005\n"
-    got = line_bytes(make_daemon, faults)
+    make = one_at_a_time(make_daemon)
+    clean, got, again = together(*(lambda config=config: line_bytes(make, config) for config in ("", faults, faults)))
     assert 0 < len(clean) - len(got) < 100
     it = iter(clean)
     assert all(b in it for b in got)  # a subsequence: bytes lost, none changed
-    assert line_bytes(make_daemon, faults) == got
+    assert again == got
 
 
 def test_uart_overrun_loses_runs_of_input_the_same_way_per_seed(make_daemon):
@@ -167,10 +170,11 @@ def test_uart_overrun_loses_runs_of_input_the_same_way_per_seed(make_daemon):
     (fewer OKs), and the answers are byte for byte the same for one seed."""
     faults = "[faults]\nseed = {}\n[faults.uart_overrun]\nrate = 0.01\nbytes = 4\n"
     sent = b"AT\r\n" * 100
-    got = line_bytes(make_daemon, faults.format(3), sent)
+    make = one_at_a_time(make_daemon)
+    got, again, other = together(*(lambda seed=seed: line_bytes(make, faults.format(seed), sent) for seed in (3, 3, 7)))
     assert 50 < got.count(b"\r\nOK\r\n") < 100
-    assert line_bytes(make_daemon, faults.format(3), sent) == got
-    assert line_bytes(make_daemon, faults.format(7), sent) != got
+    assert again == got
+    assert other != got
 
 
 def _corrupt_lines(d) -> list[dict]:

@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness import Demux, EchoServer, Host, SinkServer, StampedSink, udp_peer
 from tests.integration.test_tls import TlsServer, _issue
+from tests.together import one_at_a_time, together
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -145,9 +146,9 @@ def test_connect_faults_repeat_with_the_seed(make_daemon, tls_cert):
     """The same seed fails the same connects in another run, another seed others; a link no fault names never fails."""
     echo, tls = EchoServer(), TlsServer(tls_cert)
     try:
-        first = _connects(make_daemon, 7, echo.port, tls.port)
-        again = _connects(make_daemon, 7, echo.port, tls.port)
-        other = _connects(make_daemon, 8, echo.port, tls.port)
+        make = one_at_a_time(make_daemon)
+        first, again, other = together(*(lambda seed=seed: _connects(make, seed, echo.port, tls.port)
+                                         for seed in (7, 7, 8)))
     finally:
         echo.close()
         tls.close()
@@ -398,9 +399,8 @@ def _datapath(make_daemon, seed: int) -> tuple:
 def test_datagram_faults_and_resets_repeat_with_the_seed(make_daemon):
     """UDP loss drops datagrams, reordering holds some back `depth` places, a reset ends a stream
     with CLOSED after the drawn byte (the peer gets ECONNRESET); the same seed repeats all of it."""
-    first = _datapath(make_daemon, 7)
-    again = _datapath(make_daemon, 7)
-    other = _datapath(make_daemon, 8)
+    make = one_at_a_time(make_daemon)
+    first, again, other = together(*(lambda seed=seed: _datapath(make, seed) for seed in (7, 7, 8)))
     lost, reordered, (received, peer_errno), after = first
     assert lost == sorted(lost) and 10 <= len(lost) < 40  # some lost, the rest in order
     assert len(set(reordered)) == len(reordered) >= 35  # only the last few may still be held
@@ -431,9 +431,8 @@ def _latencies(make_daemon, seed: int, port: int) -> list[float]:
 def test_latency_jitter_repeats_with_the_seed(make_daemon, echo_server):
     """Each echo is one send and one read, each drawn its own delay: seed 3 gives the same delays in a second
     run (within the pty's and the scheduler's noise), seed 4 others."""
-    first = _latencies(make_daemon, 3, echo_server.port)
-    again = _latencies(make_daemon, 3, echo_server.port)
-    other = _latencies(make_daemon, 4, echo_server.port)
+    make = one_at_a_time(make_daemon)
+    first, again, other = together(*(lambda seed=seed: _latencies(make, seed, echo_server.port) for seed in (3, 3, 4)))
     assert all(0.1 <= t <= 1.75 for t in first), first  # 2 x (ms - jitter .. ms + jitter), plus the trip
     # Seeds 3 and 4 differ by up to ~0.7 s here; a loaded machine adds up to ~0.1 s of noise
     # to a round trip (two draws since the uplink is delayed too).

@@ -45,15 +45,14 @@ PY313_VENV := .venv-3.13
 # branch), TCP, UDP, the server and the OTA server.  Not the modules whose time
 # is the product's own timers (fault schedules, mDNS polls, SNTP intervals,
 # fleet restarts, stalled-UART backlogs): their code does not differ between
-# interpreters.  `make test PY313_TESTS=tests` runs the whole suite again.  Longest
-# files first, so that no long one is left for the end with the other worker idle.
-PY313_TESTS ?= tests/testing tests/integration/test_status.py tests/integration/test_udp.py \
-	tests/integration/test_tls.py tests/integration/test_server.py \
-	tests/integration/test_privileges.py tests/integration/test_tcp.py \
-	tests/integration/test_ota_server.py tests/integration/test_status_watch.py \
-	tests/integration/test_basics.py tests/integration/test_tcpopt.py tests/net \
-	$(wildcard tests/test_*.py) tests/at tests/uart tests/links tests/ipc tests/faults \
-	tests/commands tests/ops
+# interpreters.  `make test PY313_TESTS=tests` runs the whole suite again.
+PY313_TESTS ?= tests/at tests/commands tests/faults tests/ipc tests/links tests/net tests/ops \
+	tests/testing tests/uart $(wildcard tests/test_*.py) \
+	tests/integration/test_tls.py tests/integration/test_tcpopt.py \
+	tests/integration/test_status.py tests/integration/test_status_watch.py \
+	tests/integration/test_privileges.py tests/integration/test_basics.py \
+	tests/integration/test_tcp.py tests/integration/test_udp.py \
+	tests/integration/test_server.py tests/integration/test_ota_server.py
 # What test-one runs (empty: the whole suite, testpaths).
 TESTS ?=
 

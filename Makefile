@@ -1,8 +1,8 @@
 # bridged developer tasks (GNU make).
 #
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
-#   make test    run the test suite, then what differs under Python 3.13 when pyenv
-#                has it (PY313_TESTS), then make test-floors
+#   make test    run the test suite, then again under Python 3.13 when pyenv has it,
+#                then make test-floors
 #                (PYTEST_JOBS=0: in one process instead of two xdist workers)
 #   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
@@ -21,8 +21,8 @@ PYTEST_ARGS ?=
 # (forked from a process that imported bridged once: tests/forkserver.py;
 # BRIDGED_TEST_FORKSERVER=0 execs each) or waits on a timer, so two keep both
 # cores busy; more only crowd the timing-sensitive tests.  The second
-# interpreter runs what differs under 3.13 (PY313_TESTS, below): two whole
-# runs and the floors took about 14 minutes, over the project's 10.
+# interpreter runs the whole suite too (not only what differs under 3.13:
+# ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.
 # Wall time of one suite run (Python 3.11): ~30 min in one process before;
 # see bench/RESULTS.md, "Test suite", for the current figures.
 PYTEST_JOBS ?= 2
@@ -37,24 +37,6 @@ XDIST = $(if $(filter 0,$(PYTEST_JOBS)),,-n $(PYTEST_JOBS) --dist loadfile)
 
 # Second interpreter for `make test`; empty when it is not installed.
 PY313_VENV := .venv-3.13
-# What the second interpreter runs: what differs under 3.13 -- every unit-level
-# package (asyncio and uvloop loops in tests/net, mmap rings in tests/ipc, the
-# front's loop in tests/uart, the worker in tests/links, the pytest plugin and a
-# wheel of it in tests/testing), and end to end the TLS links and TLS-PSK, the
-# control socket (ops/server.py's 3.13 branch), the privileges check (its 3.13
-# branch), TCP, UDP, the server and the OTA server.  Not the modules whose time
-# is the product's own timers (fault schedules, mDNS polls, SNTP intervals,
-# fleet restarts, stalled-UART backlogs): their code does not differ between
-# interpreters.  `make test PY313_TESTS=tests` runs the whole suite again.
-PY313_TESTS ?= tests/at tests/commands tests/faults tests/ipc tests/links tests/net tests/ops \
-	tests/testing tests/uart $(wildcard tests/test_*.py) \
-	tests/integration/test_tls.py tests/integration/test_tcpopt.py \
-	tests/integration/test_status.py tests/integration/test_status_watch.py \
-	tests/integration/test_privileges.py tests/integration/test_basics.py \
-	tests/integration/test_tcp.py tests/integration/test_udp.py \
-	tests/integration/test_server.py tests/integration/test_ota_server.py
-# What test-one runs (empty: the whole suite, testpaths).
-TESTS ?=
 
 # The dependency floors: each ">=X" of pyproject.toml as "==X.*" (the floor's
 # newest patch release), in a virtualenv of their own.
@@ -95,8 +77,7 @@ test: test-one
 	fi; \
 	if [ -n "$$py" ]; then \
 		echo "== again under $$py =="; \
-		$(MAKE) --no-print-directory test-one PYTHON="$$py" VENV=$(PY313_VENV) PYTEST_ARGS='$(PYTEST_ARGS)' \
-			TESTS='$(PY313_TESTS)'; \
+		$(MAKE) --no-print-directory test-one PYTHON="$$py" VENV=$(PY313_VENV) PYTEST_ARGS='$(PYTEST_ARGS)'; \
 	else \
 		echo "== Python 3.13.0 not found (pyenv); skipping the second run =="; \
 	fi
@@ -104,7 +85,7 @@ test: test-one
 	@$(MAKE) --no-print-directory test-floors PYTEST_ARGS='$(PYTEST_ARGS)'
 
 test-one: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) $(TESTS)
+	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 $(FLOORS_VENV)/constraints.txt: pyproject.toml
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)

@@ -324,6 +324,13 @@ class Host:
         return link_id, data
 
 
+def free_port(kind: int = socket.SOCK_STREAM, family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A port nothing on ``host`` uses now (bound once and let go): for a listener the daemon opens."""
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def udp_peer(host: str = "127.0.0.1", family: int = socket.AF_INET) -> socket.socket:
     """A bound UDP socket on loopback (port 0) whose reads wait 5 s at most."""
     sock = socket.socket(family, socket.SOCK_DGRAM)

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.harness import Demux, EchoServer, Host, SinkServer, StampedSink, udp_peer
+from tests.harness import Demux, EchoServer, Host, SinkServer, StampedSink, free_port, udp_peer
 from tests.integration.test_tls import TlsServer, _issue
 from tests.together import one_at_a_time, together
 
@@ -42,12 +42,6 @@ def _start(host, link_id: int, kind: str, port: int, tail: bytes = b"", timeout:
     return host.ask(b'AT+CIPSTART=%d,"%s","127.0.0.1",%d' % (link_id, kind.encode(), port) + tail, timeout=timeout)
 
 
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _recvdata(host, link_id: int, length: int) -> bytes:
     """AT+CIPRECVDATA on a link; the payload (passive notices may come first)."""
     host.write(b"AT+CIPRECVDATA=%d,%d\r\n" % (link_id, length))
@@ -71,7 +65,7 @@ def tls_cert(tmp_path_factory):
 def test_a_refused_connect_looks_like_a_closed_port(make_daemon, echo_server):
     """net_connect_refused: the MCU gets the very bytes a closed port gives, and the server sees no connection."""
     _, host = _boot(make_daemon, _faults(1, net_connect_refused={"rate": 1, "link": 1}))
-    reference = _start(host, 0, "TCP", _free_port())  # a real refusal, on a link without the fault
+    reference = _start(host, 0, "TCP", free_port())  # a real refusal, on a link without the fault
     assert reference == b"\r\nERROR\r\n"
     assert _start(host, 1, "TCP", echo_server.port) == reference
     time.sleep(0.2)  # a connection would show up within this
@@ -111,7 +105,7 @@ def test_a_tls_handshake_failure_answers_error(make_daemon, tls_cert):
 def test_an_ssl_servers_client_fails_its_handshake_unannounced(make_daemon):
     """tls_fail on the SSL server's side: the client's handshake fails and the MCU hears of no connection."""
     daemon, host = _boot(make_daemon, _faults(1, tls_fail={"rate": 1}))
-    port = _free_port()
+    port = free_port()
     assert host.ask(b'AT+CIPSERVER=1,%d,"SSL",0' % port) == b"\r\nOK\r\n"
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -268,7 +262,7 @@ def test_bandwidth_caps_each_way(make_daemon):
 def test_bandwidth_caps_datagrams_each_way(make_daemon):
     """net_bandwidth 8000 B/s on a UDP link: 12 datagrams of 1000 bytes take 1.3 s or more each way, none lost."""
     _, host = _boot(make_daemon, _faults(1, net_bandwidth={"bytes_per_s": 8000}))
-    peer, local = udp_peer(), _free_port(socket.SOCK_DGRAM)
+    peer, local = udp_peer(), free_port(socket.SOCK_DGRAM)
     try:
         assert _start(host, 0, "UDP", peer.getsockname()[1], b",%d" % local) == b"0,CONNECT\r\n\r\nOK\r\n"
         demux = Demux(host)
@@ -334,7 +328,7 @@ def test_a_delayed_capped_passive_link_keeps_its_window(make_daemon):
 def _numbered(host, demux: Demux, link_id: int, count: int) -> list[int]:
     """A UDP peer sends `count` numbered datagrams to the link; the numbers the MCU got, in order."""
     peer = udp_peer()
-    local = _free_port(socket.SOCK_DGRAM)
+    local = free_port(socket.SOCK_DGRAM)
     assert _start(host, link_id, "UDP", peer.getsockname()[1], b",%d" % local) == b"%d,CONNECT\r\n\r\nOK\r\n" % link_id
     try:
         for number in range(count):

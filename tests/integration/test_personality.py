@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.harness import Host
+from tests.harness import Host, free_port
 from tests.shared import SharedDaemon
 
 UNKNOWN = b"ERR CODE:0x01090000\r\n\r\nERROR\r\n"  # an unknown command, with AT+SYSLOG=1
@@ -91,12 +91,6 @@ def vhost(version_daemon) -> Host:
     version_daemon.done()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _checked(host: Host, line: bytes, ok: bool, refusal: bytes = COUNT) -> bytes:
     """Send ``line``: it must end in OK when ``ok``, else in the refusal given."""
     answer = host.ask(line)
@@ -143,7 +137,7 @@ def test_parameters_of_later_versions(vhost, version):
 def test_server_netif(vhost, version):
     """AT+CIPSERVER takes <netif> from 4.1, and its query then shows it as a fifth field."""
     vhost.command(b"AT+CIPMUX=1")
-    port = _free_port()
+    port = free_port()
     _checked(vhost, b'AT+CIPSERVER=1,%d,"TCP",0,1' % port, version.v4_1)
     if not version.v4_1:
         vhost.command(b"AT+CIPSERVER=1,%d" % port)
@@ -228,7 +222,7 @@ def test_passthrough_with_a_server(vhost, version):
     """Passthrough with a server limited to one client exists from 2.3; before, single mode only."""
     vhost.command(b"AT+CIPMUX=1")
     vhost.command(b"AT+CIPSERVERMAXCONN=1")
-    vhost.command(b"AT+CIPSERVER=1,%d" % _free_port())
+    vhost.command(b"AT+CIPSERVER=1,%d" % free_port())
     refusal = rb"ERR CODE:0x010a[0-9a-f]{4}\r\n\r\nERROR\r\n"
     _checked(vhost, b"AT+CIPMODE=1", version.server_passthrough, refusal=refusal)
     vhost.command(b"AT+CIPMODE=0")
@@ -324,7 +318,7 @@ def test_wifiespat_at2_host_sees_exactly_the_connected_links(make_daemon, echo_s
     host.expect(b"4,CLOSED\r\n")
     esp.sync()
     assert esp.connected == {2, 3} and esp.incoming == set()
-    port = _free_port()
+    port = free_port()
     host.command(b"AT+CIPSERVER=1,%d" % port)
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         host.expect(b"0,CONNECT\r\n")

@@ -9,19 +9,13 @@ import time
 import psutil
 import pytest
 
-from tests.harness import Demux
+from tests.harness import Demux, free_port
 
 
 @pytest.fixture
 def host(shared_host):
     """The module's tests that need only a booted host share one daemon (conftest.shared_host)."""
     return shared_host
-
-
-def _free_port(family=socket.AF_INET, host="127.0.0.1") -> int:
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _wait_listening(port: int, timeout: float = 5.0) -> None:
@@ -44,7 +38,7 @@ def _client(port: int, family=socket.AF_INET, host="127.0.0.1") -> socket.socket
 
 def test_five_clients_then_the_sixth_is_refused(server_host):
     """Five clients get ids 0-4 with CONNECT; a sixth is refused at once; a freed slot is reused."""
-    port = _free_port()
+    port = free_port()
     assert server_host.command(b"AT+CIPSERVER=1,%d" % port) == b"\r\nOK\r\n"
     clients = []
     for link_id in range(5):
@@ -69,7 +63,7 @@ def test_five_clients_then_the_sixth_is_refused(server_host):
 
 def test_maxconn_limits_the_server(server_host):
     """AT+CIPSERVERMAXCONN=2: the third client is refused; it cannot change while the server runs."""
-    port = _free_port()
+    port = free_port()
     assert server_host.ask(b"AT+CIPSERVERMAXCONN?") == b"+CIPSERVERMAXCONN:5\r\n\r\nOK\r\n"
     server_host.command(b"AT+CIPSERVERMAXCONN=2")
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
@@ -87,7 +81,7 @@ def test_maxconn_limits_the_server(server_host):
 
 def test_client_links_share_the_ids(server_host, echo_server):
     """Links the MCU opened take ids too: the server's clients get the others."""
-    port = _free_port()
+    port = free_port()
     server_host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port)
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     c = _client(port)
@@ -98,7 +92,7 @@ def test_client_links_share_the_ids(server_host, echo_server):
 
 def test_query_delete_and_keep_or_close_clients(server_host):
     """+CIPSERVER? shows the server; =0 keeps clients, =0,1 closes them with CLOSED."""
-    port = _free_port()
+    port = free_port()
     assert server_host.ask(b"AT+CIPSERVER?") == b"+CIPSERVER:0\r\n\r\nOK\r\n"
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     assert server_host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"TCP",0,0\r\n\r\nOK\r\n' % port  # 4.1: <netif> 0
@@ -118,11 +112,11 @@ def test_query_delete_and_keep_or_close_clients(server_host):
 
 def test_server_rules(host):
     """A server needs CIPMUX=1; only one runs; CIPMUX=0 is refused while it does; port 333 by default."""
-    assert host.ask(b"AT+CIPSERVER=1,%d" % _free_port()) == b"\r\nERROR\r\n"
+    assert host.ask(b"AT+CIPSERVER=1,%d" % free_port()) == b"\r\nERROR\r\n"
     host.command(b"AT+CIPMUX=1")
-    port = _free_port()
+    port = free_port()
     host.command(b"AT+CIPSERVER=1,%d" % port)
-    assert host.ask(b"AT+CIPSERVER=1,%d" % _free_port()) == b"\r\nERROR\r\n"
+    assert host.ask(b"AT+CIPSERVER=1,%d" % free_port()) == b"\r\nERROR\r\n"
     assert host.ask(b"AT+CIPSERVER=1,%d" % port) == b"\r\nOK\r\n"  # the same server: no change
     assert host.ask(b"AT+CIPMUX=0") == b"\r\nERROR\r\n"
     host.command(b"AT+CIPSERVER=0")
@@ -134,7 +128,7 @@ def test_server_rules(host):
 def test_cipsto_closes_idle_clients(server_host):
     """AT+CIPSTO: a client idle that long is closed; traffic resets the clock; 0 means never."""
     assert server_host.ask(b"AT+CIPSTO=5") == b"\r\nERROR\r\n"  # no server yet
-    port = _free_port()
+    port = free_port()
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     server_host.command(b"AT+CIPSTO=2")
     assert server_host.ask(b"AT+CIPSTO?") == b"+CIPSTO:2\r\n\r\nOK\r\n"
@@ -158,7 +152,7 @@ def test_cipsto_closes_idle_clients(server_host):
 def test_cipsto_expiry_keeps_a_passive_clients_unread_data(server_host):
     """AT+CIPSTO closes an idle passive client as its peer would: what it sent stays readable
     with AT+CIPRECVDATA and 0,CLOSED follows the read (only AT+CIPCLOSE drops unread data)."""
-    port = _free_port()
+    port = free_port()
     server_host.command(b"AT+CIPRECVMODE=1")
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     server_host.command(b"AT+CIPSTO=1")
@@ -177,7 +171,7 @@ def test_cipsto_expiry_keeps_a_passive_clients_unread_data(server_host):
 def test_cipsto_counts_what_the_mcu_streams(server_host):
     """AT+CIPSTO restarts on data the MCU sends too: an AT+CIPSENDL upload to a client
     that answers nothing, longer than the timeout, is not cut off in the middle."""
-    port = _free_port()
+    port = free_port()
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     server_host.command(b"AT+CIPSTO=1")
     client = _client(port)
@@ -202,7 +196,7 @@ def test_cipsto_counts_what_the_mcu_streams(server_host):
 def test_tcpv6_server(server_host):
     """A TCPv6 server accepts clients on ::1."""
     server_host.command(b"AT+CIPV6=1")
-    port = _free_port(socket.AF_INET6, "::1")
+    port = free_port(family=socket.AF_INET6, host="::1")
     server_host.command(b'AT+CIPSERVER=1,%d,"TCPv6"' % port)
     c = _client(port, socket.AF_INET6, "::1")
     server_host.expect(b"0,CONNECT\r\n")
@@ -213,7 +207,7 @@ def test_tcpv6_server(server_host):
 def test_link_conn_for_server_clients(server_host):
     """With AT+SYSMSG bit 1 an accepted client is announced by +LINK_CONN with tetype 1."""
     server_host.command(b"AT+SYSMSG=2")
-    port = _free_port()
+    port = free_port()
     server_host.command(b"AT+CIPSERVER=1,%d" % port)
     c = _client(port)
     line = server_host.expect(b"%d\r\n" % port)

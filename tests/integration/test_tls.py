@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness import Daemon, Demux
+from tests.harness import Daemon, Demux, free_port
 
 PSK = hasattr(ssl.SSLContext, "set_psk_server_callback")
 
@@ -352,16 +352,10 @@ def test_sslv6(tls_host, pki):
 # -- the SSL server ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ssl_server_with_generated_certificate(tls_host):
     """With no server certificate imported, the SSL server uses one bridged generates (logged)."""
     daemon, host = tls_host
-    port = _free_port()
+    port = free_port()
     assert host.ask(b'AT+CIPSERVER=1,%d,"SSL",0' % port) == b"\r\nOK\r\n"
     assert host.ask(b"AT+CIPSERVER?") == b'+CIPSERVER:1,%d,"SSL",0,0\r\n\r\nOK\r\n' % port
     ctx = ssl.create_default_context()
@@ -386,7 +380,7 @@ def test_ssl_server_verifies_clients_with_ca_enable(tls_host, pki):
     _import(daemon, "server_cert", 0, pki["server"].cert)
     _import(daemon, "server_key", 0, pki["server"].key)
     _import(daemon, "server_ca", 0, pki["ca"].cert)
-    port = _free_port()
+    port = free_port()
     host.command(b'AT+CIPSERVER=1,%d,"SSL",1' % port)
     anonymous = ssl.create_default_context(cafile=str(pki["ca"].cert))
     with pytest.raises((ssl.SSLError, OSError)):

@@ -13,6 +13,7 @@ import pytest
 from bridged.ipc.messages import Connect, SetOptions
 from bridged.links.tcp import apply_keep_alive, apply_options, open_tcp
 from bridged.net.policy import DestinationRefused, Refusal
+from tests.harness import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,12 +23,6 @@ def _listener(backlog: int = 8) -> socket.socket:
     sock.bind(("127.0.0.1", 0))
     sock.listen(backlog)
     return sock
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _connect(port: int, **kw) -> Connect:
@@ -96,7 +91,7 @@ def test_the_policy_sees_each_address_and_its_refusal_is_the_error():
 def test_a_closed_port_is_refused():
     """Nothing listening: ConnectionRefusedError, as the MCU's ERROR needs."""
     with pytest.raises(ConnectionRefusedError):
-        asyncio.run(open_tcp(_connect(_free_port()), 5000))
+        asyncio.run(open_tcp(_connect(free_port()), 5000))
 
 
 def test_the_connect_timeout_of_the_command_wins_over_the_default():

@@ -22,14 +22,9 @@ from bridged.uart.server import Server
 from tests.ringtools import new_ring
 from tests.uart.slottools import Unheard as _Unheard
 from tests.uart.slottools import until as _until
+from tests.harness import free_port
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("plain_structlog")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _connect(port: int) -> socket.socket:
@@ -108,7 +103,7 @@ def test_a_client_goes_to_the_lowest_free_slots_worker():
     """The accepted socket reaches slot 0's worker with Adopt; the next client goes to slot 1."""
     async def test(bench: Bench) -> None:
         server = Server(bench.table)
-        port = _free_port()
+        port = free_port()
         server.start(port, "TCP", 0, "127.0.0.1")
         first = await _connect(port)
         msg, conn = await _adopted(bench.worker_end(0))
@@ -131,7 +126,7 @@ def test_a_full_server_stops_listening_until_a_slot_frees():
     async def test(bench: Bench) -> None:
         server = Server(bench.table)
         server.max_conn = 1
-        port = _free_port()
+        port = free_port()
         server.start(port, "TCP", 0, "127.0.0.1")
         client = await _connect(port)
         _, conn = await _adopted(bench.worker_end(0))
@@ -154,7 +149,7 @@ def test_a_refused_client_is_reset_and_takes_no_slot():
     """[links] deny: the client is reset at once, no worker hears of it, the slots stay free."""
     async def test(bench: Bench) -> None:
         server = Server(bench.table, Policy(deny=["127.0.0.0/8"]))
-        port = _free_port()
+        port = free_port()
         server.start(port, "TCP", 0, "127.0.0.1")
         loop = asyncio.get_running_loop()
         with pytest.raises(ConnectionResetError):  # at the connect already, or at the first read

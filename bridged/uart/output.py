@@ -183,12 +183,15 @@ class Output:
         parts: list[bytes] = []
         size = 0
         final = final_in_batch = False
+        gap, half, final_at = self.gap, _TICK / 2, self._final_at
         while size < _MAX_WRITE:
             reply = self._replies[0] if self._replies else None
             urc = self._urcs[0] if self._urcs else None
-            # The older item goes first; an unsolicited one only once its gap is over.
+            # The older item goes first; an unsolicited one only once its gap is over
+            # (`_urc_due` < half a tick, inline: this runs for every +IPD).
             if (urc is not None and (reply is None or urc[0] < reply[0])
-                    and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2):
+                    and (gap <= 0 or gap - (now - urc[2]) < half
+                         or gap - (0.0 if final_in_batch else gap if final_at is None else now - final_at) < half)):
                 self._urcs.popleft()
                 data = urc[1]
                 if callable(data):

@@ -48,6 +48,8 @@ class DataKind(enum.Enum):
     SENDL = enum.auto()
     PASSTHROUGH = enum.auto()
 
+    __hash__ = object.__hash__  # singletons: the C slot, not Enum's Python-level hash (a key per send)
+
 
 @dataclass(frozen=True, slots=True)
 class Escape:

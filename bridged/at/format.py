@@ -44,6 +44,7 @@ __all__ = [
     "fw_version",
     "cipdomain",
     "is_final",
+    "FINALS",
 ]
 
 OK = b"\r\nOK\r\n"
@@ -61,12 +62,12 @@ QUITT = b"\r\n+QUITT\r\n"
 TIME_UPDATED = b"+TIME_UPDATED\r\n"  # the first SNTP answer after AT+CIPSNTPCFG (a status line: no leading CRLF)
 PING_TIMEOUT = b"+PING:TIMEOUT\r\n"  # AT+PING: no reply, or the name did not resolve; ERROR follows
 
-_FINALS = (OK, ERROR, SEND_OK, SEND_FAIL, SEND_CANCELED, SEND_CANCELLED, PROMPT, BUSY)
+FINALS = (OK, ERROR, SEND_OK, SEND_FAIL, SEND_CANCELED, SEND_CANCELLED, PROMPT, BUSY)
 
 
 def is_final(data: bytes) -> bool:
-    """True for a final result code (ends a command or a send)."""
-    return data in _FINALS
+    """True for a final result code (ends a command or a send): ``data in FINALS``."""
+    return data in FINALS
 
 
 @dataclass(frozen=True, slots=True)

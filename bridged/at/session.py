@@ -198,6 +198,9 @@ class Effects:
 
 _PROCESSING = frozenset({State.COMMAND, State.DATA, State.PASSTHROUGH})
 _QUIET = {state: Effects(state, b"", INPUT[state], None) for state in State}  # nothing to do but move
+# Effects with something to say and no deadline, made once each: the messages are
+# format's few constants (SEND OK, SEND FAIL, SEND CANCELED ...), so this stays small.
+_SAYING: dict[tuple[State, bytes], Effects] = {}
 
 
 class Session:
@@ -238,8 +241,13 @@ class Session:
             self.kind, self.deadline = None, None
         if nxt is not self.state:
             self._enter(nxt)
-        if not out and self.deadline is None:
-            return _QUIET[nxt]  # the usual answer, made once (a frozen dataclass costs a call per field)
+        if self.deadline is None:
+            if not out:
+                return _QUIET[nxt]  # the usual answer, made once (a frozen dataclass costs a call per field)
+            effects = _SAYING.get((nxt, out))
+            if effects is None:
+                effects = _SAYING[(nxt, out)] = Effects(nxt, out, INPUT[nxt], None)
+            return effects
         return Effects(nxt, out, INPUT[nxt], self.deadline)
 
     def _payload_done(self, event: PayloadDone, now: float) -> tuple[State, bytes]:

@@ -233,6 +233,9 @@ class Context:
     # A restart's answer is queued (the restart itself waits for it to be written):
     # from now on nothing of the links or the server reaches the MCU.
     silence_links: Callable[[], Any] = lambda: None
+    # AT+CIPSEND/CIPSENDEX/CIPSENDL lines answered with a prompt to a TCP link in this
+    # session: raw line -> (AT+CIPMUX then, SendRequest) (bridged.commands.send.quick_send).
+    quick_sends: dict[bytes, tuple[int, Any]] = field(default_factory=dict)
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
         """Run ``work`` past the command's answer; a restart cancels it (``background``)."""

@@ -24,7 +24,9 @@ from bridged.commands.registry import Reply, SendRequest, handles
 from bridged.net.localaddr import link_policy
 from bridged.net.resolver import ResolveError, resolve
 
-__all__: list[str] = []
+__all__ = ["quick_send"]
+
+_QUICK_LINES = 64  # send lines remembered per session (a host repeats a few, hundreds of times a second)
 
 
 @functools.lru_cache(maxsize=16)
@@ -50,7 +52,10 @@ def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: i
     if not host and port is None:
         if view.type.startswith("UDP"):
             _admit(ctx, link_id, [view.remote_ip], view.remote_port)  # a listener's 0.0.0.0 may be refused
-        return Reply(final=PROMPT, send=SendRequest(link_id, length, kind=kind))
+            return Reply(final=PROMPT, send=SendRequest(link_id, length, kind=kind))
+        request = SendRequest(link_id, length, kind=kind)
+        _remember(ctx, line, request)
+        return Reply(final=PROMPT, send=request)
     if not view.type.startswith("UDP"):
         raise ExecFail("a remote host and port are for UDP links only")
     if not host or port is None:
@@ -62,6 +67,36 @@ def _send_command(ctx: Context, line: CommandLine, kind: DataKind, max_length: i
     if (ip.version == 6) != view.type.endswith("v6"):
         raise ExecFail(f"unmatched type and remote host: {host} on a {view.type} link")
     return Reply(final=PROMPT, send=SendRequest(link_id, length, (_admit(ctx, link_id, [str(ip)], port), port), kind))
+
+
+def _remember(ctx: Context, line: CommandLine, request: SendRequest) -> None:
+    """A TCP send line that got its prompt: `quick_send` may answer it next time."""
+    quick = ctx.quick_sends
+    if len(quick) >= _QUICK_LINES:
+        quick.clear()
+    quick[line.raw] = (ctx.state.cipmux, request)
+
+
+def quick_send(ctx: Context, line: CommandLine) -> SendRequest | None:
+    """The prompt's request for a send line this session answered with one before,
+    when every check `_send_command` made still passes (CIPMODE=0, the same
+    CIPMUX, the link open to sends and still TCP); None: ask the registry.
+
+    The parameters were bound and the command found in this ESP-AT version
+    then; neither can change within a session (the config is the process's).
+    """
+    hit = ctx.quick_sends.get(line.raw)
+    if hit is None:
+        return None
+    mux, request = hit
+    state = ctx.state
+    if state.cipmode != 0 or state.cipmux != mux:
+        return None
+    links = ctx.links
+    link_id = request.link_id
+    if not links.can_send(link_id) or links.view(link_id).type.startswith("UDP"):
+        return None
+    return request
 
 
 def _admit(ctx: Context, link_id: int, addresses: list[str], port: int) -> str:

@@ -66,6 +66,7 @@ _BUSY_CODE = 0x010B0000
 _LOG_EVERY = 1.0  # seconds between two log lines of one per-byte kind
 _SKIP_QUIET = 0.1  # seconds between two fault_skipped lines of one event kind
 _KINDS = frozenset(k.name for k in CATALOG)
+_AT_KINDS = ("at_busy", "at_errcode", "at_delay")  # drawn per command line
 
 
 class InjectedError(AtError):
@@ -103,6 +104,9 @@ class FrontFaults:
         self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front", start=start,
                               resume_at=self.loop.time() if again else None, report=self._report)
         self.bytes = ByteFaults(self.plan, self.loop.time)
+        # Some AT kind is configured or was armed: every command line draws (`refuse`).
+        # Read by the front before each line; never reset (a disarmed kind draws nothing).
+        self.at_commands = any(self.plan.enabled(name) for name in _AT_KINDS)
         self.tally = inherited() or Tally()  # the front's and the workers' faults, since the daemon started
         self.ap_back_at = 0.0  # a wifi_drop's AP is gone until then
         self._jitter = random.Random(f"{self.seed}/at_delay/front/jitter")
@@ -141,7 +145,7 @@ class FrontFaults:
     def refuse(self, line: Any) -> bool:
         """Draw this command's AT faults; True when at_busy took it (answered, dropped)."""
         plan = self.plan
-        if not (plan.enabled("at_busy") or plan.enabled("at_errcode") or plan.enabled("at_delay")):
+        if not any(plan.enabled(name) for name in _AT_KINDS):
             return False
         now = self.loop.time()
         busy = plan.hit("at_busy", now)
@@ -288,6 +292,8 @@ class FrontFaults:
         if fault.per is Per.SECOND:
             return {"fault": name, "where": "front", "fired": self._event(name, Hit(d.params))}
         self.plan.demand(d, self.loop.time())
+        if name in _AT_KINDS:
+            self.at_commands = True
         if name in OUTGOING or name in INCOMING:
             self.bytes.rearm(name)
             self._install()

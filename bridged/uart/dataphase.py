@@ -34,6 +34,9 @@ log = structlog.get_logger()
 
 _ROOM_POLL = 0.05  # seconds between looks at a full uplink ring while a send waits for room
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
+# The session's events of every send, made once (a frozen dataclass costs a call per field).
+_DONE = {result: PayloadDone(result) for result in (None, fmt.SEND_OK, fmt.SEND_FAIL)}
+_PROMPTS: dict[tuple[DataKind, float], Prompt] = {}  # (kind, so_sndtimeo s): cleared at 64
 
 
 class DataPhases:
@@ -47,7 +50,8 @@ class DataPhases:
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
-        self.session.handle(Prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000), self.loop.time())
+        self.session.handle(_prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000),
+                            self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
@@ -63,14 +67,15 @@ class DataPhases:
         # read a hair before its deadline, which would re-arm it at once.
         now = max(self.loop.time(), self._timer_fired_at)
         event = self.parser.next_event(limit=room, now=now)
-        if isinstance(event, DataChunk):
+        cls = type(event)  # the parser's events are final classes
+        if cls is DataChunk:
             send.take(event.data)
             send.slot.last_activity = send.moved_at = now  # AT+CIPSTO: what the MCU sends is traffic too
             if send.kind is DataKind.SENDL:
                 self._report_progress()
-        elif isinstance(event, DataComplete):
+        elif cls is DataComplete:
             self._payload_complete(event.length)
-        elif isinstance(event, DataEscaped):
+        elif cls is DataEscaped:
             self._payload_escaped()
         else:  # NEED_DATA
             if room == 0:
@@ -105,7 +110,8 @@ class DataPhases:
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, length=length)
         send.payload_done()
-        effects = self.session.handle(PayloadDone(send.result()), self.loop.time())
+        result = send.result()
+        effects = self.session.handle(_DONE.get(result) or PayloadDone(result), self.loop.time())
         if send.kind is not DataKind.SENDL:
             # Its SEND OK follows in this write when the ring took it all; else it
             # usually follows within a fraction of a ms: one write for both.
@@ -279,3 +285,12 @@ class DataPhases:
         self._resume_reading()
         if process:
             self._process()
+
+
+def _prompt(kind: DataKind, timeout: float) -> Prompt:
+    event = _PROMPTS.get((kind, timeout))
+    if event is None:
+        if len(_PROMPTS) >= 64:
+            _PROMPTS.clear()
+        event = _PROMPTS[(kind, timeout)] = Prompt(kind, timeout)
+    return event

@@ -18,9 +18,12 @@ import asyncio
 from typing import Callable
 
 from bridged.ipc import records
+from bridged.uart.passive import NoticeState
 from bridged.uart.slots import LinkEvents, Slot, SlotState
 
 __all__ = ["Delivery"]
+
+_DELIVERING = (SlotState.OPEN, SlotState.CLOSING)  # states whose DATA records go out as +IPD
 
 
 class Delivery:
@@ -35,7 +38,7 @@ class Delivery:
     @staticmethod
     def delivers(slot: Slot) -> bool:
         """Data records of the slot go out as +IPD (else they are dropped)."""
-        return slot.state in (SlotState.OPEN, SlotState.CLOSING) and not (slot.silent or slot.passive)
+        return slot.state in _DELIVERING and not (slot.silent or slot.passive)
 
     @staticmethod
     def receiving(slot: Slot) -> bool:
@@ -105,9 +108,11 @@ class Delivery:
         if slot.passive and slot.state is SlotState.OPEN:
             self.scan(slot)
             return
-        if slot.rx.offset and self.events.can_deliver():
+        rx = slot.rx
+        if rx.offset and self.events.can_deliver():
             self.deliver_partial(slot)
-        slot.rx.forget()
+        if rx.total or rx.scanned or rx.eof_seen or rx.notice.state is not NoticeState.QUIET:
+            rx.forget()  # (a no-op otherwise, as on every drain of an active link)
         slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
         try:
             self._deliver(slot)
@@ -124,7 +129,7 @@ class Delivery:
                 return
             if record.kind == records.EOF:
                 self._take_eof(slot, record)
-            elif self.delivers(slot):
+            elif slot.state in _DELIVERING and not (slot.silent or slot.passive):  # delivers(slot), inline
                 slot.last_activity = self.loop.time()
                 self.events.link_data(slot, record)
 

@@ -12,6 +12,7 @@ backlogged (ESP-AT's AT task blocks on a full UART): the read gate is held.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Awaitable
 
 import structlog
@@ -22,6 +23,7 @@ from bridged.at.parser import NEED_DATA, BadLine, CommandLine, LineTooLong
 from bridged.at.session import Answered, Hold, Released, State, Waits
 from bridged.commands import registry
 from bridged.commands.registry import Reply
+from bridged.commands.send import quick_send
 from bridged.uart.transcript import MarkKind
 
 __all__ = ["CommandDispatch"]
@@ -30,6 +32,17 @@ log = structlog.get_logger()
 
 _BACKLOG = "output backlog"  # read-gate holds: the UART output is above its high-water mark
 _AFTER = "after-action"  # ... an answer's after-action waits for the output to drain
+
+
+def _command_var() -> contextvars.ContextVar:
+    """The ContextVar structlog keeps the bound ``command`` in (bind_contextvars' own,
+    through its public token): set straight, it costs one C call per command line."""
+    token = structlog.contextvars.bind_contextvars(command=None)["command"]
+    token.var.reset(token)  # nothing stays bound in the importing context
+    return token.var
+
+
+_COMMAND = _command_var()
 
 
 class CommandDispatch:
@@ -48,13 +61,13 @@ class CommandDispatch:
             if event is NEED_DATA:
                 return
             if isinstance(event, CommandLine):
-                if self.faults.refuse(event):
+                if self.faults.at_commands and self.faults.refuse(event):
                     continue  # at_busy: answered busy p..., dropped
                 self._echo(event.raw)
                 self._execute(event)
             elif isinstance(event, BadLine):
                 self._echo(event.raw)
-                structlog.contextvars.bind_contextvars(command=event.name)
+                _COMMAND.set(event.name)
                 self._log_error("bad_line", event.name, event.error)
                 self._error(event.error)
             elif isinstance(event, LineTooLong):
@@ -73,9 +86,17 @@ class CommandDispatch:
         self.output.reply(fmt.ERROR)
 
     def _execute(self, line: CommandLine) -> None:
-        structlog.contextvars.bind_contextvars(command=line.name)
+        _COMMAND.set(line.name)  # structlog.contextvars.bind_contextvars(command=...)
         if self.tap is not None:
             self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
+        if not self.faults.at_commands:
+            # A send line this session prompted before, every check passing the same way:
+            # the prompt without the registry's walk (its answer would be the same).
+            request = quick_send(self.ctx, line)
+            if request is not None:
+                self.output.reply(fmt.PROMPT)
+                self._start_send(request)
+                return
         try:
             result = self.faults.dispatch(self.ctx, line)  # the registry's, unless a fault says
         except AtError as error:

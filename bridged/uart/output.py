@@ -50,7 +50,7 @@ from typing import Callable, Union
 
 import structlog
 
-from bridged.at.format import is_final
+from bridged.at.format import FINALS
 from bridged.uart.pacer import CATCH_UP, Pacer
 
 __all__ = ["Output"]
@@ -104,20 +104,31 @@ class Output:
         takes it along, in order)."""
         if not data:
             return
-        self._replies.append((next(self._seq), data, is_final(data)))
-        if linger and not (self._writer_armed or self._scheduled) and self._linger is None:
-            self.buffered += len(data)
-            self._check_high()
-            self._linger = self.loop.call_later(linger, self._pump)
+        self._replies.append((next(self._seq), data, data in FINALS))  # (format.is_final, inline)
+        self.buffered += len(data)
+        if self.buffered > self.high:
+            self.backlogged = True
+        if self._writer_armed or self._scheduled:
             return
-        self._queued(len(data))
+        if linger and self._linger is None:
+            self._linger = self.loop.call_later(linger, self._pump)
+        else:  # (output behind a lingering reply takes it along at once)
+            self._scheduled = True
+            self.loop.call_soon(self._pump)
 
     def urc(self, data: Urc) -> None:
         """Queue an unsolicited message: bytes, or a function returning them
         when they are written (it counts as 0 bytes buffered until then)."""
-        if data:
-            self._urcs.append((next(self._seq), data, self.loop.time()))
-            self._queued(0 if callable(data) else len(data))
+        if not data:
+            return
+        self._urcs.append((next(self._seq), data, self.loop.time()))
+        if not callable(data):
+            self.buffered += len(data)
+        if self.buffered > self.high:  # (_queued, inline: one call less per +IPD)
+            self.backlogged = True
+        if not (self._writer_armed or self._scheduled):
+            self._scheduled = True
+            self.loop.call_soon(self._pump)
 
     def when_empty(self, callback: Callable[[], None]) -> None:
         """Call back once everything queued so far has been written."""
@@ -146,18 +157,6 @@ class Output:
     def _idle(self) -> bool:
         return not (self._replies or self._urcs or self._pending)
 
-    def _queued(self, n: int) -> None:
-        self.buffered += n
-        if self.buffered > self.high:
-            self.backlogged = True
-        if not (self._writer_armed or self._scheduled):
-            self._scheduled = True
-            self.loop.call_soon(self._pump)
-
-    def _check_high(self) -> None:
-        if self.buffered > self.high:
-            self.backlogged = True
-
     def _check_low(self) -> None:
         if self.backlogged and self.buffered <= self.low:
             self.backlogged = False
@@ -183,12 +182,15 @@ class Output:
         parts: list[bytes] = []
         size = 0
         final = final_in_batch = False
+        gap, half, final_at = self.gap, _TICK / 2, self._final_at
         while size < _MAX_WRITE:
             reply = self._replies[0] if self._replies else None
             urc = self._urcs[0] if self._urcs else None
-            # The older item goes first; an unsolicited one only once its gap is over.
+            # The older item goes first; an unsolicited one only once its gap is over
+            # (`_urc_due` < half a tick, inline: this runs for every +IPD).
             if (urc is not None and (reply is None or urc[0] < reply[0])
-                    and self._urc_due(urc[2], final_in_batch, now) < _TICK / 2):
+                    and (gap <= 0 or gap - (now - urc[2]) < half
+                         or gap - (0.0 if final_in_batch else gap if final_at is None else now - final_at) < half)):
                 self._urcs.popleft()
                 data = urc[1]
                 if callable(data):

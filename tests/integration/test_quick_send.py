@@ -1,0 +1,42 @@
+"""A send line repeated in a session (the front's short path, bridged.commands.send.quick_send)
+answers exactly as the registry's way would: every check is made again for each line."""
+
+from __future__ import annotations
+
+from tests.harness import udp_peer
+
+_LINE = b"AT+CIPSEND=0,4"
+
+
+def _send(host, payload: bytes) -> None:
+    assert host.send_data(_LINE, payload).endswith(b"\r\nSEND OK\r\n")
+
+
+def test_a_repeated_send_line_is_checked_each_time(host, echo_server):
+    """The same line gets its prompt while the TCP link is open, ERROR once it is closed,
+    one datagram once the link is UDP, ERROR in single-connection mode and in CIPMODE=1."""
+    host.command(b"AT+CIPMUX=1")
+    assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+    for payload in (b"ping", b"pong", b"again"[:4]):  # the second and third from the remembered line
+        _send(host, payload)
+        assert host.read_ipd() == (0, payload)
+    assert host.ask(b"AT+CIPCLOSE=0").endswith(b"0,CLOSED\r\n\r\nOK\r\n")
+    assert host.ask(_LINE) == b"\r\nERROR\r\n"  # the link is gone
+
+    peer = udp_peer()
+    with peer:
+        port = peer.getsockname()[1]
+        assert host.ask(b'AT+CIPSTART=0,"UDP","127.0.0.1",%d' % port) == b"0,CONNECT\r\n\r\nOK\r\n"
+        for payload in (b"dgm1", b"dgm2"):
+            _send(host, payload)
+            assert peer.recvfrom(64)[0] == payload
+        assert host.ask(b"AT+CIPCLOSE=0").endswith(b"0,CLOSED\r\n\r\nOK\r\n")
+
+    host.command(b"AT+CIPMUX=0")
+    assert host.ask(_LINE) == b"\r\nERROR\r\n"  # "0,4": a length of 0 and a host, in this mode
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    for payload in (b"solo", b"solo"):
+        assert host.send_data(b"AT+CIPSEND=4", payload).endswith(b"\r\nSEND OK\r\n")
+        assert host.read_ipd() == (None, payload)
+    host.command(b"AT+CIPMODE=1")
+    assert host.ask(b"AT+CIPSEND=4") == b"\r\nERROR\r\n"  # the set form needs CIPMODE=0

@@ -36,7 +36,7 @@ from bridged.ipc.messages import RemoteChanged
 from bridged.links.connecting import failure_reason
 from bridged.readgate import ReadGate
 
-__all__ = ["Downlink", "wants_batching", "next_tick", "recv_window_need", "keeps_datagram"]
+__all__ = ["Downlink", "wants_batching", "next_tick", "recv_window_need", "keeps_datagram", "STREAMING_BOTH"]
 
 log = structlog.get_logger()
 
@@ -49,6 +49,9 @@ _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # worker and the front for several segments at a time, and an answer waits
 # at most this long.
 _STREAMING = 0.004
+# ... or, while the MCU streams to the socket too (its data went out within
+# _STREAMING), until its next send wakes us or this long at the most.
+STREAMING_BOTH = 0.008
 # Read batching starts only for pieces at least this big (bulk, not keystrokes)...
 _BATCH_PIECE = 512
 # ... and only once the MCU has sent nothing for this many periods (the peer
@@ -140,7 +143,10 @@ class Downlink:
             self._start_batching()
         elif since < _STREAMING and self._gate.is_open:
             self._pause_reading()
-            self._pause = self.loop.call_later(_STREAMING, self._end_pause)
+            # Both directions on one wake-up: while the MCU streams too, its next
+            # send ends the pause (``_on_uplink``); the longer timer is the fallback.
+            pause = STREAMING_BOTH if now - self._last_send < _STREAMING else _STREAMING
+            self._pause = self.loop.call_later(pause, self._end_pause)
 
     def _end_pause(self) -> None:
         self._pause = None

@@ -77,7 +77,7 @@ class Uplink:
         ring = self.downlink
         ring.hold_doorbells()
         try:
-            got = self._recv_stream(True)
+            got = self._recv_datagrams() if self.datagram else self._recv_stream(True)
         finally:
             ring.release_doorbells()
         if self.sock is None or self._waiting_space is not None:

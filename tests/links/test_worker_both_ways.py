@@ -140,3 +140,52 @@ def _unread_payload(ring: Ring) -> int:
         total += header.length
         skip += header.total
     return total
+
+
+def test_a_udp_link_streaming_both_ways_keeps_each_datagram_whole():
+    """The uplink's wake-up reads a UDP link's datagrams as datagrams: each
+    downlink record is one datagram with its sender, none merged or lost."""
+    up, down = Ring.create(65536), Ring.create(65536)
+    ours, theirs = socketpair()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+
+    async def main() -> list[records.Record]:
+        ours.setblocking(False)
+        worker = Worker(0, theirs, up, down, 5000)
+        running = asyncio.create_task(worker.run())
+        assert isinstance(await _recv(ours), Hello)
+        send_message(ours, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
+        assert isinstance(await _recv(ours), Connected)
+        # The worker's address: its first datagram tells it.
+        records.put_record(up, records.DATA, b"hello")
+        _, where = await asyncio.to_thread(peer.recvfrom, 64)
+        got: list[records.Record] = []
+        async with asyncio.timeout(20):
+            for i in range(ROUNDS):
+                for j in range(3):  # 600-byte datagrams 1 ms apart: a stream the worker pauses on
+                    peer.sendto(bytes([(3 * i + j) % 256]) * 600, where)
+                    await asyncio.sleep(0.001)
+                records.put_record(up, records.DATA, b"up%d" % i)
+                while (record := records.get_record(down)) is not None:
+                    got.append(record)
+            while len(got) < 3 * ROUNDS:
+                while (record := records.get_record(down)) is not None:
+                    got.append(record)
+                await asyncio.sleep(0.002)
+        send_message(ours, Close(1))
+        worker.stop()
+        await asyncio.wait_for(running, 5.0)
+        return got
+
+    try:
+        got = uvloop.run(main())
+        assert [r.payload for r in got] == [bytes([k % 256]) * 600 for k in range(3 * ROUNDS)]
+        assert {r.addr[:2] for r in got} == {peer.getsockname()}
+    finally:
+        peer.close()
+        ours.close()
+        theirs.close()
+        for ring in (up, down):
+            ring.close()

@@ -13,7 +13,7 @@ decide how much is read and when:
   loses data).  0: active mode, the ring's size is the only bound;
 * read batching (``batch_period``, ``[links] read_window_ms``, the README's
   "read window"): a stream paced at UART rates is read once per period
-  instead of once per segment (see "Read batching" below).
+  instead of once per segment (``links.batching``).
 
 A connection ends with one EOF record ("<conn_id> <reason>"); EOF records
 wait in order for ring space, never dropped: the front's CLOSED depends on
@@ -24,8 +24,6 @@ them.  A data-path fault hands every read wake-up to the connection's
 from __future__ import annotations
 
 import asyncio
-import math
-import socket
 import ssl
 from typing import Callable
 
@@ -33,10 +31,11 @@ import structlog
 
 from bridged.ipc import records
 from bridged.ipc.messages import RemoteChanged
+from bridged.links.batching import _BATCH_PIECE, Batching, next_tick, wants_batching
 from bridged.links.connecting import failure_reason
 from bridged.readgate import ReadGate
 
-__all__ = ["Downlink", "wants_batching", "next_tick", "recv_window_need", "keeps_datagram"]
+__all__ = ["Downlink", "wants_batching", "next_tick", "recv_window_need", "keeps_datagram", "STREAMING_BOTH"]
 
 log = structlog.get_logger()
 
@@ -49,35 +48,13 @@ _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # worker and the front for several segments at a time, and an answer waits
 # at most this long.
 _STREAMING = 0.004
-# Read batching starts only for pieces at least this big (bulk, not keystrokes)...
-_BATCH_PIECE = 512
-# ... and only once the MCU has sent nothing for this many periods (the peer
-# may be answering it: an answer is read at once, and a link busy both ways
-# would start and stop batching all the time).
-_BATCH_QUIET = 4
-# A batch's next tick is at least this far off: uvloop's clock ticks in
-# whole milliseconds, and a timer due sooner would fire at once.
-_TICK_MARGIN = 0.001
+# ... or, while the MCU streams to the socket too (its data went out within
+# _STREAMING), until its next send wakes us or this long at the most: longer
+# than two of the front's 4 ms ticks, the most between two passthrough packs
+# (2920 bytes) at 0.5 MB/s, so the timer rarely fires while both ways stream.
+STREAMING_BOTH = 0.012
 _SPACE_POLL = 0.05  # seconds between looks at the downlink's free space while waiting for it
 _MIN_NEED = 64  # bytes of ring space worth waking up for
-
-
-def wants_batching(since: float, quiet: float, period: float) -> bool:
-    """Whether a wake-up that read at least a batching piece starts read batching.
-
-    Args:
-        since: seconds since the read before this one (two within a period: a stream).
-        quiet: seconds since the MCU's data last went to the socket (more than
-            a few periods: the peer is not answering it).
-        period: read batching's period (0: off).
-    """
-    return since < period and quiet > _BATCH_QUIET * period
-
-
-def next_tick(now: float, period: float) -> float:
-    """When read batching next reads: the next multiple of ``period`` at least
-    _TICK_MARGIN after ``now`` (one grid for all workers: the clock is shared)."""
-    return (math.floor((now + _TICK_MARGIN) / period) + 1) * period
 
 
 def recv_window_need(capacity: int, recv_window: int) -> int:
@@ -97,7 +74,7 @@ def keeps_datagram(n: int, capacity: int, recv_window: int, unread: int) -> bool
     return not (n > capacity // 2 - 32 or (recv_window and unread and unread + n > recv_window))
 
 
-class Downlink:
+class Downlink(Batching):
     """Socket -> downlink ring; a part of ``bridged.links.worker.Worker`` (uses its attributes)."""
 
     def _init_downlink(self, read_window_ms: int, ipd_chunk: int) -> None:
@@ -140,77 +117,14 @@ class Downlink:
             self._start_batching()
         elif since < _STREAMING and self._gate.is_open:
             self._pause_reading()
-            self._pause = self.loop.call_later(_STREAMING, self._end_pause)
+            # Both directions on one wake-up: while the MCU streams too, its next
+            # send ends the pause (``_on_uplink``); the longer timer is the fallback.
+            pause = STREAMING_BOTH if now - self._last_send < _STREAMING else _STREAMING
+            self._pause = self.loop.call_later(pause, self._end_pause)
 
     def _end_pause(self) -> None:
         self._pause = None
         self._resume_reading()
-
-    # -- read batching: one wake-up for a period's worth of a stream ------------------
-    #
-    # A peer streaming at UART rates (the UART, not the network, sets the pace
-    # on a gateway) sends a segment every few ms; reading each as it lands
-    # costs the worker and the front a wake-up apiece.  Once two reads come
-    # within one period, the socket's SO_RCVLOWAT rises to one +IPD chunk, so
-    # the kernel wakes us only when a whole chunk has gathered, and a timer
-    # reads whatever is there at the period's end.  The timers of all workers
-    # fall on one grid (the monotonic clock is shared), so the front wakes
-    # once for all links.  Never held back: a lone piece after a quiet spell
-    # (a tick that finds nothing ends batching), small pieces (interactive
-    # traffic), and the answer to what the MCU sent (sending ends batching,
-    # and none starts until the MCU has been quiet for a few periods).  The
-    # peer's FIN and errors wake us regardless of SO_RCVLOWAT.
-
-    def _can_batch(self) -> bool:
-        # Passive mode keeps its data here anyway; datagrams have no low-water mark.
-        return (self.batch_period > 0 and not self.datagram and not self.recv_window
-                and self.sock is not None and self._gate.is_open and self.shaper is None)
-
-    def _start_batching(self) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.ipd_chunk)
-        except OSError as exc:
-            log.warning("read_window_unavailable", reason=failure_reason(exc))
-            self.batch_period = 0
-            return
-        self._lowat_raised = True
-        self._arm_batch_tick()
-
-    def _arm_batch_tick(self) -> None:
-        self._batch_tick = self.loop.call_at(next_tick(self.loop.time(), self.batch_period), self._on_batch_tick)
-
-    def _on_batch_tick(self) -> None:
-        self._batch_tick = None
-        if not self._can_batch():
-            self._stop_batching()
-            return
-        self._last_read = self.loop.time()
-        ring = self.downlink
-        ring.hold_doorbells()
-        try:
-            # One recv takes all the kernel has (up to a record): a short read
-            # means the socket is empty, so no EAGAIN round trip.
-            got = self._recv_stream(False)
-        finally:
-            ring.release_doorbells()
-        if got and self._batch_tick is None and self._can_batch():
-            self._arm_batch_tick()
-        else:
-            self._stop_batching()  # quiet for a whole period, or the read ended it
-
-    def _stop_batching(self) -> None:
-        """Back to reading every piece at once (the invariant: a raised
-        low-water mark always has a tick armed that will read below it)."""
-        if self._batch_tick is not None:
-            self._batch_tick.cancel()
-            self._batch_tick = None
-        if self._lowat_raised:
-            self._lowat_raised = False
-            if self.sock is not None:
-                try:
-                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                except OSError:
-                    pass  # the socket failed: its next read says why
 
     # -- receiving ----------------------------------------------------------------------
 

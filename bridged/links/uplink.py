@@ -10,7 +10,9 @@ holds (the closing flush, at most ``_CLOSE_FLUSH`` seconds), as lwIP's close
 sends its buffer.
 
 Consuming the ring rings its space doorbell for the front; one wake-up's
-sends ring it once (``hold_doorbells``).  A stream goes as the ring holds it
+sends ring it once (``hold_doorbells``).  A link streaming both ways shares
+the uplink's wake-ups: a downlink read pausing between a stream's pieces
+ends when the uplink wakes us (``_end_pause_early``), not on its own timer.  A stream goes as the ring holds it
 (``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
 uplink record is one datagram, to its own address or the link's remote,
 each destination checked against ``[links] allow / deny``.  A bandwidth
@@ -28,6 +30,7 @@ import structlog
 
 from bridged.ipc import records
 from bridged.links.connecting import failure_reason
+from bridged.links.downlink import STREAMING_BOTH
 
 __all__ = ["Uplink"]
 
@@ -57,6 +60,32 @@ class Uplink:
             self._pump_uplink()
         finally:
             self.uplink.release_doorbells()
+        self._end_pause_early()
+
+    def _end_pause_early(self) -> None:
+        """Awake anyway (the uplink): read what gathered now, not on a wake-up of
+        its own, and pause again while the stream goes on (both directions
+        then share the uplink's wake-ups; the timer is the fallback)."""
+        if self._pause is None:
+            return
+        self._pause.cancel()
+        self._pause = None
+        if self.shaper is not None:  # a fault came meanwhile: the Shaper reads
+            self._resume_reading()
+            return
+        self._last_read = self.loop.time()
+        ring = self.downlink
+        ring.hold_doorbells()
+        try:
+            got = self._recv_datagrams() if self.datagram else self._recv_stream(True)
+        finally:
+            ring.release_doorbells()
+        if self.sock is None or self._waiting_space is not None:
+            return  # ended, or a full ring: its space wait resumes reading
+        if got:
+            self._pause = self.loop.call_later(STREAMING_BOTH, self._end_pause)
+        else:
+            self._resume_reading()  # the peer went quiet: its next piece is read at once
 
     def _pump_uplink(self) -> None:
         self._pump_ring()

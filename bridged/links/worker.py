@@ -14,7 +14,7 @@ theory of operation:
 * ``links.connecting``: ``Connect`` and ``Adopt``, what may wait doing so;
 * ``links.uplink``: ring -> socket, and the closing flush of a host's Close;
 * ``links.downlink``: socket -> ring, the passive receive window, read
-  batching, EOF records.
+  batching (``links.batching``), EOF records.
 
 Back-pressure, both ways, without a queue of our own: the uplink leaves the
 ring only as fast as the socket takes it, and the downlink stops reading the

@@ -165,6 +165,23 @@ class Downlink:
             self._down_paused.append(slot)
             self._arm_tick()
 
+    def _end_down_pauses(self) -> None:
+        """The coalescing tick: deliver what gathered.  A stream still under way
+        (its records keep coming) stays paused until the next tick, so the
+        worker's answer to the uplink the tick just wrote does not wake us on
+        its own: it waits for that tick too."""
+        paused, self._down_paused = self._down_paused, []
+        for slot in paused:
+            if slot.control is not None and self._in_passthrough():
+                self.links.delivery.drain(slot)  # its records pause it again (_gather_downlink)
+                if slot not in self._down_paused and self.loop.time() - self._last_down < _GATHER_GAP:
+                    # Nothing this tick, but the stream is under way: the worker reads
+                    # it when our uplink wakes it, so its records come by the next tick.
+                    self._down_paused.append(slot)
+                    self._arm_tick()
+            if slot not in self._down_paused:
+                self.links.resume_downlink(slot)
+
     def link_accepted(self, slot: Slot) -> None:
         self.ctx.state.had_link = True
         pt = self.passthrough

@@ -158,9 +158,7 @@ class PortReading:
         if self._port_paused:
             self._port_paused = False
             self._gate.release(_PAUSE)  # opens only if nothing else keeps it shut
-        paused, self._down_paused = self._down_paused, []
-        for slot in paused:
-            self.links.resume_downlink(slot)
+        self._end_down_pauses()  # uart.downlink
 
     def _refuse_busy(self, data: bytes) -> None:
         """Input while a command runs is discarded, one busy p... per chunk."""

@@ -1,0 +1,111 @@
+"""A link worker's read batching (a part of ``Worker``, through ``Downlink``).
+
+Theory of operation.  A peer streaming at UART rates (the UART, not the network, sets the pace
+on a gateway) sends a segment every few ms; reading each as it lands
+costs the worker and the front a wake-up apiece.  Once two reads come
+within one period, the socket's SO_RCVLOWAT rises to one +IPD chunk, so
+the kernel wakes us only when a whole chunk has gathered, and a timer
+reads whatever is there at the period's end.  The timers of all workers
+fall on one grid (the monotonic clock is shared), so the front wakes
+once for all links.  Never held back: a lone piece after a quiet spell
+(a tick that finds nothing ends batching), small pieces (interactive
+traffic), and the answer to what the MCU sent (sending ends batching,
+and none starts until the MCU has been quiet for a few periods).  The
+peer's FIN and errors wake us regardless of SO_RCVLOWAT.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import structlog
+
+from bridged.links.connecting import failure_reason
+
+__all__ = ["Batching", "wants_batching", "next_tick"]
+
+log = structlog.get_logger()
+
+# Read batching starts only for pieces at least this big (bulk, not keystrokes)...
+_BATCH_PIECE = 512
+# ... and only once the MCU has sent nothing for this many periods (the peer
+# may be answering it: an answer is read at once, and a link busy both ways
+# would start and stop batching all the time).
+_BATCH_QUIET = 4
+# A batch's next tick is at least this far off: uvloop's clock ticks in
+# whole milliseconds, and a timer due sooner would fire at once.
+_TICK_MARGIN = 0.001
+
+
+def wants_batching(since: float, quiet: float, period: float) -> bool:
+    """Whether a wake-up that read at least a batching piece starts read batching.
+
+    Args:
+        since: seconds since the read before this one (two within a period: a stream).
+        quiet: seconds since the MCU's data last went to the socket (more than
+            a few periods: the peer is not answering it).
+        period: read batching's period (0: off).
+    """
+    return since < period and quiet > _BATCH_QUIET * period
+
+
+def next_tick(now: float, period: float) -> float:
+    """When read batching next reads: the next multiple of ``period`` at least
+    _TICK_MARGIN after ``now`` (one grid for all workers: the clock is shared)."""
+    return (math.floor((now + _TICK_MARGIN) / period) + 1) * period
+
+
+class Batching:
+    """Read batching; a part of ``bridged.links.worker.Worker`` (uses its attributes)."""
+
+    def _can_batch(self) -> bool:
+        # Passive mode keeps its data here anyway; datagrams have no low-water mark.
+        return (self.batch_period > 0 and not self.datagram and not self.recv_window
+                and self.sock is not None and self._gate.is_open and self.shaper is None)
+
+    def _start_batching(self) -> None:
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.ipd_chunk)
+        except OSError as exc:
+            log.warning("read_window_unavailable", reason=failure_reason(exc))
+            self.batch_period = 0
+            return
+        self._lowat_raised = True
+        self._arm_batch_tick()
+
+    def _arm_batch_tick(self) -> None:
+        self._batch_tick = self.loop.call_at(next_tick(self.loop.time(), self.batch_period), self._on_batch_tick)
+
+    def _on_batch_tick(self) -> None:
+        self._batch_tick = None
+        if not self._can_batch():
+            self._stop_batching()
+            return
+        self._last_read = self.loop.time()
+        ring = self.downlink
+        ring.hold_doorbells()
+        try:
+            # One recv takes all the kernel has (up to a record): a short read
+            # means the socket is empty, so no EAGAIN round trip.
+            got = self._recv_stream(False)
+        finally:
+            ring.release_doorbells()
+        if got and self._batch_tick is None and self._can_batch():
+            self._arm_batch_tick()
+        else:
+            self._stop_batching()  # quiet for a whole period, or the read ended it
+
+    def _stop_batching(self) -> None:
+        """Back to reading every piece at once (the invariant: a raised
+        low-water mark always has a tick armed that will read below it)."""
+        if self._batch_tick is not None:
+            self._batch_tick.cancel()
+            self._batch_tick = None
+        if self._lowat_raised:
+            self._lowat_raised = False
+            if self.sock is not None:
+                try:
+                    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                except OSError:
+                    pass  # the socket failed: its next read says why

@@ -1,0 +1,191 @@
+"""A link worker in this process with real rings and a real TCP peer: on a
+link streaming both ways, the uplink's wake-up also reads what the peer sent
+meanwhile (one wake-up for both directions), and when the uplink stops the
+downlink still comes within its pause."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import threading
+import time
+
+import uvloop
+
+from bridged.ipc import records
+from bridged.ipc.control import send_message, socketpair
+from bridged.ipc.messages import Close, Connect, Connected, Hello
+from bridged.ipc.rings import Ring
+from bridged.links.worker import Worker
+from tests.links.control import recv_control as _recv
+
+PIECE = 1024  # the peer's pieces, every 2 ms (0.5 MB/s)
+UP = 1536  # the front's uplink writes, every 3 ms
+ROUNDS = 100
+
+
+class _Peer:
+    """Sends 1 KiB pieces every 2 ms until told to stop; counts what it sent, keeps what it got."""
+
+    def __init__(self, server: socket.socket) -> None:
+        self.server = server
+        self.sent = 0
+        self.sent_hash = hashlib.sha256()
+        self.got = bytearray()
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(0.0005)
+            i = 0
+            while not self.stop.is_set() and i < 5000:
+                piece = bytes([i % 251]) * PIECE
+                with self.lock:
+                    conn.sendall(piece)
+                    self.sent += PIECE
+                    self.sent_hash.update(piece)
+                i += 1
+                deadline = time.monotonic() + 0.002
+                while time.monotonic() < deadline:
+                    try:
+                        data = conn.recv(65536)
+                    except (TimeoutError, BlockingIOError):
+                        continue
+                    if not data:
+                        return
+                    self.got += data
+            self.stop.wait(10)
+
+
+def test_the_uplink_wake_up_reads_the_downlink_too():
+    """Each time the worker takes an uplink write, everything the peer had sent
+    before it is already in the downlink ring (not left for a wake-up of its own);
+    every byte arrives both ways, and the tail comes once the uplink stops."""
+    up, down = Ring.create(65536), Ring.create(65536)
+    ours, theirs = socketpair()
+    server = socket.create_server(("127.0.0.1", 0))
+    peer = _Peer(server)
+
+    async def main() -> tuple[int, int]:
+        ours.setblocking(False)
+        worker = Worker(0, theirs, up, down, 5000)
+        running = asyncio.create_task(worker.run())
+        assert isinstance(await _recv(ours), Hello)
+        send_message(ours, Connect(1, "TCP", "127.0.0.1", server.getsockname()[1]))
+        assert isinstance(await _recv(ours), Connected)
+        got = hashlib.sha256()
+        received = 0
+        caught_up = 0
+        uplink = bytearray()
+        async with asyncio.timeout(30):
+            await asyncio.sleep(0.05)  # the stream under way: the worker pauses between reads
+            for i in range(ROUNDS):
+                await asyncio.sleep(0.003)
+                with peer.lock:  # nothing is sent while we look and write
+                    sent_before = peer.sent
+                    payload = bytes([i % 256]) * UP
+                    up.stage(0, payload)
+                    up.commit(len(payload))
+                uplink += payload
+                while up.available():
+                    await asyncio.sleep(0)
+                # The uplink's callback has run: it read the socket too.
+                caught_up += _unread_payload(down) + received >= sent_before
+                while (record := records.get_record(down)) is not None:
+                    got.update(record.payload)
+                    received += len(record.payload)
+            peer.stop.set()
+            peer.thread.join(5)
+            stopped = time.monotonic()
+            while received < peer.sent:  # the tail, with no uplink to wake the worker
+                while (record := records.get_record(down)) is not None:
+                    got.update(record.payload)
+                    received += len(record.payload)
+                await asyncio.sleep(0.001)
+            tail = time.monotonic() - stopped
+        assert got.digest() == peer.sent_hash.digest()
+        while len(peer.got) < len(uplink):
+            await asyncio.sleep(0.01)
+        assert bytes(peer.got) == bytes(uplink)
+        send_message(ours, Close(1))
+        worker.stop()
+        await asyncio.wait_for(running, 5.0)
+        return caught_up, round(tail * 1000)
+
+    try:
+        caught_up, tail_ms = uvloop.run(main())
+        # Without the shared wake-up, the worker reads on its own 4 ms timer and
+        # the uplink finds about half the rounds behind.
+        assert caught_up >= ROUNDS * 0.9, caught_up
+        assert tail_ms < 500, tail_ms
+    finally:
+        peer.stop.set()
+        server.close()
+        ours.close()
+        theirs.close()
+        for ring in (up, down):
+            ring.close()
+
+
+def _unread_payload(ring: Ring) -> int:
+    """Payload bytes in the ring's unread records (headers not counted)."""
+    total, skip = 0, 0
+    while (header := records.peek_record_header(ring, skip)) is not None:
+        total += header.length
+        skip += header.total
+    return total
+
+
+def test_a_udp_link_streaming_both_ways_keeps_each_datagram_whole():
+    """The uplink's wake-up reads a UDP link's datagrams as datagrams: each
+    downlink record is one datagram with its sender, none merged or lost."""
+    up, down = Ring.create(65536), Ring.create(65536)
+    ours, theirs = socketpair()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+
+    async def main() -> list[records.Record]:
+        ours.setblocking(False)
+        worker = Worker(0, theirs, up, down, 5000)
+        running = asyncio.create_task(worker.run())
+        assert isinstance(await _recv(ours), Hello)
+        send_message(ours, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
+        assert isinstance(await _recv(ours), Connected)
+        # The worker's address: its first datagram tells it.
+        records.put_record(up, records.DATA, b"hello")
+        _, where = await asyncio.to_thread(peer.recvfrom, 64)
+        got: list[records.Record] = []
+        async with asyncio.timeout(20):
+            for i in range(ROUNDS):
+                for j in range(3):  # 600-byte datagrams 1 ms apart: a stream the worker pauses on
+                    peer.sendto(bytes([(3 * i + j) % 256]) * 600, where)
+                    await asyncio.sleep(0.001)
+                records.put_record(up, records.DATA, b"up%d" % i)
+                while (record := records.get_record(down)) is not None:
+                    got.append(record)
+            while len(got) < 3 * ROUNDS:
+                while (record := records.get_record(down)) is not None:
+                    got.append(record)
+                await asyncio.sleep(0.002)
+        send_message(ours, Close(1))
+        worker.stop()
+        await asyncio.wait_for(running, 5.0)
+        return got
+
+    try:
+        got = uvloop.run(main())
+        assert [r.payload for r in got] == [bytes([k % 256]) * 600 for k in range(3 * ROUNDS)]
+        assert {r.addr[:2] for r in got} == {peer.getsockname()}
+    finally:
+        peer.close()
+        ours.close()
+        theirs.close()
+        for ring in (up, down):
+            ring.close()

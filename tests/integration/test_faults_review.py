@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.integration.test_faults_net import _boot, _faults, _free_port, _start
-from tests.harness import wait_udp_read
+from tests.harness import free_port, wait_udp_read
+from tests.integration.test_faults_net import _boot, _faults, _start
 from tests.integration.test_status import status_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -21,7 +21,7 @@ def test_a_udp_flood_under_loss_is_counted_but_not_logged_per_datagram(make_daem
     daemon, host = _boot(make_daemon, _faults(5, net_udp_loss={"rate": 1, "link": 0}))
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
-    local = _free_port(socket.SOCK_DGRAM)
+    local = free_port(socket.SOCK_DGRAM)
     assert _start(host, 0, "UDP", peer.getsockname()[1], b",%d" % local) == b"0,CONNECT\r\n\r\nOK\r\n"
     try:
         for i in range(2000):

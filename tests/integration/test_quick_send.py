@@ -40,3 +40,22 @@ def test_a_repeated_send_line_is_checked_each_time(host, echo_server):
         assert host.read_ipd() == (None, payload)
     host.command(b"AT+CIPMODE=1")
     assert host.ask(b"AT+CIPSEND=4") == b"\r\nERROR\r\n"  # the set form needs CIPMODE=0
+
+
+def _remembered(host, echo_server) -> None:
+    """CIPMUX=1, link 0 open to the echo server, _LINE sent twice (the second time the short way)."""
+    host.command(b"AT+CIPMUX=1")
+    assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+    for payload in (b"ping", b"pong"):
+        _send(host, payload)
+        assert host.read_ipd() == (0, payload)
+
+
+def test_a_line_remembered_under_cipmux_1_is_bound_again_under_cipmux_0(host, echo_server):
+    """AT+CIPSEND=0,4, prompted on link 0 in multi-link mode is ERROR (length 0) in single-link
+    mode even while the single link (link 0) is open: the short path keys on AT+CIPMUX too."""
+    _remembered(host, echo_server)
+    assert host.ask(b"AT+CIPCLOSE=0").endswith(b"0,CLOSED\r\n\r\nOK\r\n")
+    host.command(b"AT+CIPMUX=0")
+    assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
+    assert host.ask(_LINE) == b"\r\nERROR\r\n"

@@ -59,3 +59,19 @@ def test_a_line_remembered_under_cipmux_1_is_bound_again_under_cipmux_0(host, ec
     host.command(b"AT+CIPMUX=0")
     assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % echo_server.port) == b"CONNECT\r\n\r\nOK\r\n"
     assert host.ask(_LINE) == b"\r\nERROR\r\n"
+
+
+def test_a_remembered_line_to_a_udp_link_is_checked_against_links_deny(make_daemon, echo_server):
+    """The line remembered for a TCP link 0 is ERROR once link 0 is a UDP listener whose
+    0.0.0.0 remote [links] deny refuses, as the registry's way answers it (no prompt)."""
+    daemon = make_daemon('[links]\ndeny = ["0.0.0.0/0"]\nallow = ["127.0.0.0/8"]\n')
+    host = daemon.host()
+    host.boot()
+    _remembered(host, echo_server)
+    assert host.ask(b"AT+CIPCLOSE=0").endswith(b"0,CLOSED\r\n\r\nOK\r\n")
+    with udp_peer() as probe:  # a free local port for the listener
+        local = probe.getsockname()[1]
+    assert host.ask(b'AT+CIPSTART=0,"UDP","0.0.0.0",0,%d,2' % local) == b"0,CONNECT\r\n\r\nOK\r\n"
+    assert host.ask(_LINE) == b"\r\nERROR\r\n"
+    assert host.ask(_LINE) == b"\r\nERROR\r\n"
+    host.close()

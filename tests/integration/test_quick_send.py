@@ -3,7 +3,10 @@ answers exactly as the registry's way would: every check is made again for each 
 
 from __future__ import annotations
 
+import time
+
 from tests.harness import udp_peer
+from tests.integration.test_faults_at import fault_cli
 
 _LINE = b"AT+CIPSEND=0,4"
 
@@ -74,4 +77,23 @@ def test_a_remembered_line_to_a_udp_link_is_checked_against_links_deny(make_daem
     assert host.ask(b'AT+CIPSTART=0,"UDP","0.0.0.0",0,%d,2' % local) == b"0,CONNECT\r\n\r\nOK\r\n"
     assert host.ask(_LINE) == b"\r\nERROR\r\n"
     assert host.ask(_LINE) == b"\r\nERROR\r\n"
+    host.close()
+
+
+def test_at_faults_armed_later_hit_a_remembered_line(daemon, echo_server):
+    """`bridged fault at_errcode` / `at_delay` after a line was remembered: that line fails with
+    the code, then gets its prompt 0.3 s late, and the command after each is untouched."""
+    host = daemon.host()
+    host.boot()
+    _remembered(host, echo_server)
+    host.command(b"AT+SYSLOG=1")
+    assert fault_cli(daemon, "at_errcode", "code=0x01090000").returncode == 0
+    assert host.ask(_LINE) == b"ERR CODE:0x01090000\r\n\r\nERROR\r\n"
+    assert host.ask(b"AT") == b"\r\nOK\r\n"  # nothing of the draw left for the next command
+    assert fault_cli(daemon, "at_delay", "ms=300").returncode == 0
+    started = time.monotonic()
+    assert host.send_data(_LINE, b"late").endswith(b"\r\nSEND OK\r\n")
+    assert time.monotonic() - started >= 0.3
+    assert host.read_ipd() == (0, b"late")
+    assert host.ask(b"AT") == b"\r\nOK\r\n"
     host.close()

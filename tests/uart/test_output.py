@@ -373,3 +373,33 @@ def test_a_failed_write_keeps_the_queue_for_the_reopened_port():
         for fd in (old_slave, new_master, new_slave):
             os.close(fd)
     assert got == b"\r\nOK\r\n\r\n+IPD,0,3:abc\r\n0,CLOSED\r\n"
+
+
+def test_a_batch_takes_a_held_message_exactly_when_urc_due_says_it_is_due(pty_pair):
+    """_next_batch's inline gap check agrees with _urc_due over a grid of gaps, last-final times,
+    queue times and a final ahead in the same batch (the timer after a write uses _urc_due)."""
+    master, _ = pty_pair
+    half = 0.0005  # half the output's 1 ms tick
+
+    async def main() -> list[tuple]:
+        wrong = []
+        out = Output(master, 0.0, lambda: None)
+        for gap in (0.0, 0.05):
+            for final_at in (None, 10.0, 10.03, 10.06):
+                for queued_at in (10.0, 10.02, 10.05):
+                    for final_first in (False, True):
+                        now = 10.07
+                        out.gap, out._final_at, out._pending = gap, final_at, None
+                        out._replies.clear()
+                        out._urcs.clear()
+                        if final_first:
+                            out._replies.append((0, b"\r\nOK\r\n", True))
+                        out._urcs.append((1, b"X", queued_at))
+                        out._next_batch(now)
+                        taken = bytes(out._pending or b"").endswith(b"X")
+                        due = out._urc_due(queued_at, final_first, now) < half
+                        if taken != due:
+                            wrong.append((gap, final_at, queued_at, final_first, taken))
+        return wrong
+
+    assert _run(main()) == []

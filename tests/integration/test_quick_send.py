@@ -3,6 +3,7 @@ answers exactly as the registry's way would: every check is made again for each 
 
 from __future__ import annotations
 
+import signal
 import time
 
 from tests.harness import udp_peer
@@ -96,4 +97,23 @@ def test_at_faults_armed_later_hit_a_remembered_line(daemon, echo_server):
     assert time.monotonic() - started >= 0.3
     assert host.read_ipd() == (0, b"late")
     assert host.ask(b"AT") == b"\r\nOK\r\n"
+    host.close()
+
+
+def test_a_reload_that_lowers_cipsend_max_refuses_a_remembered_length(daemon, echo_server):
+    """_LINE (4 bytes), remembered before a reload (SIGHUP) to [links] cipsend_max = 3, is ERROR
+    after it, and a 3-byte send goes: nothing of the old session's send lines answers."""
+    host = daemon.host()
+    host.boot()
+    _remembered(host, echo_server)
+    daemon.write_config("[links]\ncipsend_max = 3\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    assert daemon.wait_event("reloading")[-1]["changed"] == ["links.cipsend_max"]
+    assert host.expect(b"\r\nready\r\n", timeout=10) == b"\r\nready\r\n"
+    host.command(b"ATE0")
+    host.command(b"AT+CIPMUX=1")
+    assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port) == b"0,CONNECT\r\n\r\nOK\r\n"
+    assert host.ask(_LINE) == b"\r\nERROR\r\n"  # over the new maximum
+    assert host.send_data(b"AT+CIPSEND=0,3", b"max").endswith(b"\r\nSEND OK\r\n")
+    assert host.read_ipd() == (0, b"max")
     host.close()

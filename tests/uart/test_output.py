@@ -403,3 +403,19 @@ def test_a_batch_takes_a_held_message_exactly_when_urc_due_says_it_is_due(pty_pa
         return wrong
 
     assert _run(main()) == []
+
+
+def test_unsolicited_messages_above_high_backlog_the_output_too(pty_pair):
+    """+IPD-sized unsolicited messages count towards the high-water mark as replies do (a flood of
+    received data holds the next command), and all 100 kB of them arrive."""
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, 0.0, lambda: None, water=(65536, 16384))
+        for _ in range(100):
+            out.urc(b"x" * 1000)
+        assert out.backlogged and out.buffered == 100_000
+        got = sum(len(r) for _, r in await asyncio.to_thread(_read_until_size, slave, 100_000, 5.0))
+        assert got == 100_000 and not out.backlogged
+
+    _run(main())

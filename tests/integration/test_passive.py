@@ -212,3 +212,20 @@ def test_a_dead_worker_owes_only_what_was_not_read(daemon, host, server):
     os.kill(daemon.worker_pid(0), signal.SIGKILL)
     assert host.expect(b"CLOSED\r\n", timeout=5) == b"\r\n+IPD,6:456789CLOSED\r\n"
     conn.close()
+
+
+def test_back_to_active_and_passive_again_counts_only_the_new_data(host, server):
+    """Held data goes out as +IPD when passive mode ends; passive again, the next 10 bytes are
+    announced and counted alone (active mode's drain forgot the old counts and notice)."""
+    host.command(b"AT+CIPRECVTYPE=1")
+    conn = _connect(host, server)
+    conn.sendall(b"x" * 100)
+    assert host.expect(b"\r\n+IPD,100\r\n") == b"\r\n+IPD,100\r\n"
+    host.command(b"AT+CIPRECVTYPE=0")
+    assert host.expect(b"\r\n+IPD,100:" + b"x" * 100, timeout=10).endswith(b"x" * 100)
+    host.command(b"AT+CIPRECVTYPE=1")
+    conn.sendall(b"y" * 10)
+    assert host.expect(b"\r\n+IPD,10\r\n") == b"\r\n+IPD,10\r\n"
+    assert host.ask(b"AT+CIPRECVLEN?") == b"+CIPRECVLEN:10\r\n\r\nOK\r\n"
+    assert _recvdata(host, b"AT+CIPRECVDATA=1000") == b"y" * 10
+    conn.close()

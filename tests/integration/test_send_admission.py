@@ -284,3 +284,17 @@ def test_at_rst_is_heard_while_a_send_waits_for_ring_room(make_daemon, peer):
         assert host.expect(b"\r\nready\r\n", timeout=5).startswith(b"\r\nWill force to restart!!!\r\n")
     assert host.command(b"AT").endswith(b"\r\nOK\r\n")  # (after the rejoin's WIFI lines)
     conn.close()
+
+
+def test_so_sndtimeo_set_after_a_send_bounds_the_next_sends(make_daemon, peer):
+    """A send before AT+CIPTCPOPT (so_sndtimeo 0), then so_sndtimeo 300 ms: a send the full
+    ring cannot admit fails within it (the data phase's Prompt is not reused across timeouts)."""
+    daemon, host, conn = _connect(make_daemon, peer)
+    assert _send(host, b"first", timeout=5) == b"\r\nSEND OK\r\n"
+    host.command(b"AT+CIPTCPOPT=-1,0,300")
+    deadline = time.monotonic() + 60
+    while (result := _send(host, os.urandom(8000), timeout=5)) == b"\r\nSEND OK\r\n":
+        assert time.monotonic() < deadline
+    assert result == b"\r\nSEND FAIL\r\n"
+    assert host.command(b"AT") == b"\r\nOK\r\n"
+    conn.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from bridged.uart.output import Output
-from tests.uart.test_output import _read_until_size, _run, pty_pair  # noqa: F401 (a fixture)
+from tests.uart.test_output import _read_until_size, _run
 
 
 def test_a_batch_takes_a_held_message_exactly_when_urc_due_says_it_is_due(pty_pair):

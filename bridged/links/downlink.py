@@ -90,6 +90,7 @@ class Downlink(Batching):
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         self._pause: asyncio.TimerHandle | None = None  # a stream's reads, _STREAMING apart
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
+        self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
         self._space_poll: asyncio.TimerHandle | None = None
@@ -115,7 +116,7 @@ class Downlink(Batching):
             return
         if wants_batching(since, now - self._last_send, self.batch_period) and self._can_batch():
             self._start_batching()
-        elif since < _STREAMING and self._gate.is_open:
+        elif since < _STREAMING and self._gate.is_open and not (self.datagram and self._more_datagrams):
             self._pause_reading()
             # Both directions on one wake-up: while the MCU streams too, its next
             # send ends the pause (``_on_uplink``); the longer timer is the fallback.
@@ -175,9 +176,13 @@ class Downlink(Batching):
         return got
 
     def _recv_datagrams(self) -> int:
-        """Receive datagrams into the downlink ring; return the payload byte count."""
+        """Receive datagrams into the downlink ring; return the payload byte count.
+
+        ``_more_datagrams`` says whether the wake-up's bound stopped it with more
+        waiting: no pause then, or a backlog would come 16 datagrams a pause."""
         got = 0
         ring = self.downlink
+        self._more_datagrams = True
         for _ in range(_RECORDS_PER_WAKEUP):
             if self.sock is None:
                 break
@@ -190,6 +195,7 @@ class Downlink(Batching):
             try:
                 n, sender = self.sock.recvfrom_into(self._dgram_buf)
             except BlockingIOError:
+                self._more_datagrams = False
                 break
             except OSError as exc:
                 log.warning("receive_failed", reason=failure_reason(exc))

@@ -82,10 +82,12 @@ class Uplink:
             ring.release_doorbells()
         if self.sock is None or self._waiting_space is not None:
             return  # ended, or a full ring: its space wait resumes reading
-        if got:
+        if got and not (self.datagram and self._more_datagrams):
             self._pause = self.loop.call_later(STREAMING_BOTH, self._end_pause)
         else:
-            self._resume_reading()  # the peer went quiet: its next piece is read at once
+            # The peer went quiet (its next piece is read at once), or more
+            # datagrams wait than one wake-up reads: read on until none do.
+            self._resume_reading()
 
     def _pump_uplink(self) -> None:
         self._pump_ring()

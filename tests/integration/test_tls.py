@@ -474,3 +474,42 @@ def test_ssl_stream_through_a_read_window(make_daemon, pki):
         received.set()
         streamer.join(5)
         listener.close()
+
+
+def test_ssl_passthrough_both_ways_then_fin(daemon, host, pki):
+    """SSL passthrough at 0.5 MB/s both ways (the uplink's wake-up reads the TLS
+    downlink): every byte each way, the last piece and the FIN that come while
+    the read is paused are not left in OpenSSL's buffer, then CLOSED."""
+    from tests.integration.both_ways import BothWays, mcu_stream, read_exactly
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server"].cert, pki["server"].key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        accepted: list = []
+
+        def accept() -> None:
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            accepted.append(ctx.wrap_socket(conn, server_side=True))
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        host.command(b"AT+SYSMSG=4")
+        assert host.ask(b'AT+CIPSTART="SSL","127.0.0.1",%d' % listener.getsockname()[1]).endswith(b"OK\r\n")
+        acceptor.join(10)
+        tls = accepted[0]
+        host.command(b"AT+CIPMODE=1")
+        host.command(b"AT+CIPSEND", b">")
+        down = b"".join(bytes([i % 251]) * 1024 for i in range(200))
+        peer = BothWays(tls, down, b"T" * 300, 200 * 1024, fin=True)
+        peer.start()
+        up = mcu_stream(host, 200)
+        got = read_exactly(host, len(down) + 300, 10)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(down + b"T" * 300).digest()
+        peer.join()
+        assert hashlib.sha256(bytes(peer.received)).digest() == hashlib.sha256(up).digest()
+        host.expect(b"CLOSED\r\n", timeout=5)
+    finally:
+        listener.close()

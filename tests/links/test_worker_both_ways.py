@@ -189,3 +189,59 @@ def test_a_udp_link_streaming_both_ways_keeps_each_datagram_whole():
         theirs.close()
         for ring in (up, down):
             ring.close()
+
+
+def test_a_udp_backlog_is_read_whole_while_the_uplink_streams():
+    """A burst of 160 datagrams lands while a UDP link streaming both ways is
+    paused: the uplink's next wake-up (and the reads it leads to) takes them
+    all, not 16 per wake-up with a pause between (the rest would wait many
+    pauses, or overflow the socket's buffer and be lost)."""
+    up, down = Ring.create(1 << 20), Ring.create(1 << 20)
+    ours, theirs = socketpair()
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+
+    async def main() -> tuple[int, float]:
+        ours.setblocking(False)
+        worker = Worker(0, theirs, up, down, 5000)
+        running = asyncio.create_task(worker.run())
+        assert isinstance(await _recv(ours), Hello)
+        send_message(ours, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
+        assert isinstance(await _recv(ours), Connected)
+        records.put_record(up, records.DATA, b"hello")
+        _, where = await asyncio.to_thread(peer.recvfrom, 64)
+        got = 0
+        async with asyncio.timeout(20):
+            for i in range(10):  # a stream both ways: the worker pauses its reads
+                records.put_record(up, records.DATA, b"up%d" % i)
+                peer.sendto(b"s" * 600, where)
+                await asyncio.sleep(0.001)
+                peer.sendto(b"s" * 600, where)
+                await asyncio.sleep(0.001)
+            for _ in range(160):
+                peer.sendto(b"b" * 100, where)
+            burst_at = time.monotonic()
+            last = burst_at
+            for i in range(40):  # the uplink goes on every 5 ms
+                records.put_record(up, records.DATA, b"more%d" % i)
+                await asyncio.sleep(0.005)
+                while (record := records.get_record(down)) is not None:
+                    if record.payload[:1] == b"b":
+                        got += 1
+                        last = time.monotonic()
+        send_message(ours, Close(1))
+        worker.stop()
+        await asyncio.wait_for(running, 5.0)
+        return got, last - burst_at
+
+    try:
+        got, took = uvloop.run(main())
+        assert got == 160
+        assert took < 0.03, took  # 160 / 16 = 10 wake-ups 5 ms apart: 45 ms or more
+    finally:
+        peer.close()
+        ours.close()
+        theirs.close()
+        for ring in (up, down):
+            ring.close()

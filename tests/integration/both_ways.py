@@ -1,0 +1,98 @@
+"""A peer that streams into passthrough while the MCU streams out (one thread,
+non-blocking, so a TLS socket is never read and written from two threads)."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+
+_AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class BothWays:
+    """Sends ``down`` in 1 KiB pieces every ``gap`` seconds, then ``tail`` right
+    away and (``fin``) closes; keeps every byte the MCU sends until ``expect_up``."""
+
+    def __init__(self, sock, down: bytes, tail: bytes, expect_up: int, gap: float = 0.002,
+                 fin: bool = False) -> None:
+        self.sock, self.down, self.tail, self.expect_up = sock, down, tail, expect_up
+        self.gap, self.fin = gap, fin
+        self.received = bytearray()
+        self.tail_sent_at = 0.0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            assert time.monotonic() < deadline, "peer send stuck"
+            try:
+                view = view[self.sock.send(view):]
+            except _AGAIN:
+                self._recv()
+                time.sleep(0.0005)
+
+    def _recv(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except _AGAIN:
+            return
+        if data:
+            self.received += data
+
+    def _run(self) -> None:
+        try:
+            self.sock.setblocking(False)
+            deadline = time.monotonic() + 20
+            start = time.monotonic()
+            for i in range(0, len(self.down), 1024):
+                self._send(self.down[i : i + 1024], deadline)
+                while time.monotonic() < start + (i // 1024 + 1) * self.gap:
+                    self._recv()
+                    time.sleep(0.0003)
+            self._send(self.tail, deadline)
+            self.tail_sent_at = time.monotonic()
+            while len(self.received) < self.expect_up:
+                assert time.monotonic() < deadline, f"peer got {len(self.received)} of {self.expect_up}"
+                self._recv()
+                time.sleep(0.0005)
+            if self.fin:
+                self.sock.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by join()
+            self.error = exc
+
+    def join(self, timeout: float = 25) -> None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "peer thread stuck"
+        if self.error is not None:
+            raise self.error
+
+
+def mcu_stream(host, pieces: int, gap: float = 0.002) -> bytes:
+    """Writes ``pieces`` 1 KiB pieces every ``gap`` seconds, keeping what comes back in host.buf."""
+    up = bytearray()
+    start = time.monotonic()
+    for i in range(pieces):
+        piece = bytes([(i + 7) % 253]) * 1024
+        host.write(piece)
+        up += piece
+        host._fill(0)
+        time.sleep(max(0.0, start + (i + 1) * gap - time.monotonic()))
+    return bytes(up)
+
+
+def read_exactly(host, n: int, timeout: float) -> bytes:
+    got = bytearray(host.buf)
+    host.buf.clear()
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"{len(got)} of {n} bytes"
+        host._fill(0.005)
+        got += host.buf
+        host.buf.clear()
+    host.buf += got[n:]
+    return bytes(got[:n])

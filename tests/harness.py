@@ -252,6 +252,20 @@ class Host:
         del self.buf[: i + len(pattern)]
         return out
 
+    def read_exactly(self, n: int, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """The next ``n`` bytes from the device (anything after them stays buffered)."""
+        got = bytearray(self.buf)
+        self.buf.clear()
+        deadline = time.monotonic() + timeout
+        while len(got) < n:
+            if time.monotonic() >= deadline:
+                raise Timeout(f"{len(got)} of {n} bytes in {timeout} s")
+            self._fill(0.005)
+            got += self.buf
+            self.buf.clear()
+        self.buf += got[n:]
+        return bytes(got[:n])
+
     def read_quiet(self, quiet: float = 0.15, timeout: float = DEFAULT_TIMEOUT) -> bytes:
         """Everything until the line has been silent for ``quiet`` seconds."""
         deadline = time.monotonic() + timeout

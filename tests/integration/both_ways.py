@@ -83,16 +83,3 @@ def mcu_stream(host, pieces: int, gap: float = 0.002) -> bytes:
         host._fill(0)
         time.sleep(max(0.0, start + (i + 1) * gap - time.monotonic()))
     return bytes(up)
-
-
-def read_exactly(host, n: int, timeout: float) -> bytes:
-    got = bytearray(host.buf)
-    host.buf.clear()
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        assert time.monotonic() < deadline, f"{len(got)} of {n} bytes"
-        host._fill(0.005)
-        got += host.buf
-        host.buf.clear()
-    host.buf += got[n:]
-    return bytes(got[:n])

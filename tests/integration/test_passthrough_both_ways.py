@@ -8,7 +8,7 @@ import hashlib
 import socket
 import time
 
-from tests.integration.both_ways import BothWays, mcu_stream, read_exactly
+from tests.integration.both_ways import BothWays, mcu_stream
 
 PIECES = 200  # 1 KiB each way every 2 ms: 0.5 MB/s
 
@@ -37,9 +37,9 @@ def test_fin_and_last_piece_while_the_read_is_paused(host):
         peer = BothWays(conn, down, tail, PIECES * 1024, fin=True)
         peer.start()
         up = mcu_stream(host, PIECES)
-        got = read_exactly(host, len(down), 10)
+        got = host.read_exactly(len(down), 10)
         assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
-        assert read_exactly(host, len(tail), 5) == tail
+        assert host.read_exactly(len(tail), 5) == tail
         arrived = time.monotonic()
         peer.join()
         assert hashlib.sha256(bytes(peer.received)).digest() == hashlib.sha256(up).digest()
@@ -95,7 +95,7 @@ def test_last_piece_after_the_mcu_stops_comes_within_the_fallback(host):
             down += _stream_until_uplink_in(conn, host, up)
             conn.sendall(bytes([251]) * 100)
             sent_at = time.monotonic()
-            got = read_exactly(host, len(down) + 100, 10)
+            got = host.read_exactly(len(down) + 100, 10)
             delays.append(time.monotonic() - sent_at)
             assert hashlib.sha256(got).digest() == hashlib.sha256(down + bytes([251]) * 100).digest()
             time.sleep(0.05)
@@ -136,7 +136,7 @@ def test_udp_passthrough_with_two_senders_both_ways(host):
                 except BlockingIOError:
                     pass
             time.sleep(max(0.0, start + (i + 1) * 0.002 - time.monotonic()))
-        got = read_exactly(host, len(a) + len(b), 10)
+        got = host.read_exactly(len(a) + len(b), 10)
         assert bytes(x for x in got if x % 2 == 0) == a
         assert bytes(x for x in got if x % 2 == 1) == b
         deadline = time.monotonic() + 5
@@ -169,7 +169,7 @@ def test_plus_plus_plus_while_the_peer_streams_on(host):
         time.sleep(0.03)
         host.write(b"+++")
         time.sleep(0.03)
-        got = read_exactly(host, len(down), 10)
+        got = host.read_exactly(len(down), 10)
         assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
         peer.join()
         assert bytes(peer.received) == up

@@ -13,18 +13,6 @@ import time
 PIECES = 300  # 1 KiB each way every 2 ms: 0.5 MB/s, a 5 Mbaud UART
 
 
-def _read(host, n: int, timeout: float) -> bytes:
-    got = bytearray(host.buf)
-    host.buf.clear()
-    deadline = time.monotonic() + timeout
-    while len(got) < n:
-        assert time.monotonic() < deadline, f"{len(got)} of {n} bytes"
-        host._fill(0.01)
-        got += host.buf
-        host.buf.clear()
-    host.buf += got[n:]
-    return bytes(got[:n])
-
 
 def test_both_ways_at_uart_rate_then_each_side_stops(host):
     """0.5 MB/s both ways, every byte intact; the MCU stops first and the peer
@@ -70,13 +58,13 @@ def test_both_ways_at_uart_rate_then_each_side_stops(host):
         receiver.join(10)
         assert bytes(received) == bytes(up)  # the MCU's tail, the peer still streaming
         sender.join(10)
-        assert hashlib.sha256(_read(host, len(down), 5)).digest() == hashlib.sha256(down).digest()
+        assert hashlib.sha256(host.read_exactly(len(down), 5)).digest() == hashlib.sha256(down).digest()
         time.sleep(0.1)  # quiet both ways
         delays = []
         for _ in range(5):
             sent_at = time.monotonic()
             conn.sendall(b"ping")
-            assert _read(host, 4, 2) == b"ping"
+            assert host.read_exactly(4, 2) == b"ping"
             delays.append(time.monotonic() - sent_at)
             time.sleep(0.05)
         assert sorted(delays)[2] < 0.02, delays

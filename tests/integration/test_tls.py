@@ -480,7 +480,7 @@ def test_ssl_passthrough_both_ways_then_fin(daemon, host, pki):
     """SSL passthrough at 0.5 MB/s both ways (the uplink's wake-up reads the TLS
     downlink): every byte each way, the last piece and the FIN that come while
     the read is paused are not left in OpenSSL's buffer, then CLOSED."""
-    from tests.integration.both_ways import BothWays, mcu_stream, read_exactly
+    from tests.integration.both_ways import BothWays, mcu_stream
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(pki["server"].cert, pki["server"].key)
@@ -506,7 +506,7 @@ def test_ssl_passthrough_both_ways_then_fin(daemon, host, pki):
         peer = BothWays(tls, down, b"T" * 300, 200 * 1024, fin=True)
         peer.start()
         up = mcu_stream(host, 200)
-        got = read_exactly(host, len(down) + 300, 10)
+        got = host.read_exactly(len(down) + 300, 10)
         assert hashlib.sha256(got).digest() == hashlib.sha256(down + b"T" * 300).digest()
         peer.join()
         assert hashlib.sha256(bytes(peer.received)).digest() == hashlib.sha256(up).digest()

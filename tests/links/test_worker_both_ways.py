@@ -11,14 +11,12 @@ import socket
 import threading
 import time
 
-import uvloop
-
 from bridged.ipc import records
-from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import Close, Connect, Connected, Hello
+from bridged.ipc.control import send_message
+from bridged.ipc.messages import Close, Connect, Connected
 from bridged.ipc.rings import Ring
-from bridged.links.worker import Worker
 from tests.links.control import recv_control as _recv
+from tests.links.workers import LiveWorker, drive_worker
 
 PIECE = 1024  # the peer's pieces, every 2 ms (0.5 MB/s)
 UP = 1536  # the front's uplink writes, every 3 ms
@@ -67,16 +65,11 @@ def test_the_uplink_wake_up_reads_the_downlink_too():
     """Each time the worker takes an uplink write, everything the peer had sent
     before it is already in the downlink ring (not left for a wake-up of its own);
     every byte arrives both ways, and the tail comes once the uplink stops."""
-    up, down = Ring.create(65536), Ring.create(65536)
-    ours, theirs = socketpair()
     server = socket.create_server(("127.0.0.1", 0))
     peer = _Peer(server)
 
-    async def main() -> tuple[int, int]:
-        ours.setblocking(False)
-        worker = Worker(0, theirs, up, down, 5000)
-        running = asyncio.create_task(worker.run())
-        assert isinstance(await _recv(ours), Hello)
+    async def main(live: LiveWorker) -> tuple[int, int]:
+        ours, up, down = live.control, live.up, live.down
         send_message(ours, Connect(1, "TCP", "127.0.0.1", server.getsockname()[1]))
         assert isinstance(await _recv(ours), Connected)
         got = hashlib.sha256()
@@ -114,12 +107,10 @@ def test_the_uplink_wake_up_reads_the_downlink_too():
             await asyncio.sleep(0.01)
         assert bytes(peer.got) == bytes(uplink)
         send_message(ours, Close(1))
-        worker.stop()
-        await asyncio.wait_for(running, 5.0)
         return caught_up, round(tail * 1000)
 
     try:
-        caught_up, tail_ms = uvloop.run(main())
+        caught_up, tail_ms = drive_worker(main, up_size=65536, down_size=65536)
         # Without the shared wake-up, the worker reads on its own 4 ms timer and
         # the uplink finds about half the rounds behind.
         assert caught_up >= ROUNDS * 0.9, caught_up
@@ -127,10 +118,6 @@ def test_the_uplink_wake_up_reads_the_downlink_too():
     finally:
         peer.stop.set()
         server.close()
-        ours.close()
-        theirs.close()
-        for ring in (up, down):
-            ring.close()
 
 
 def _unread_payload(ring: Ring) -> int:
@@ -142,25 +129,29 @@ def _unread_payload(ring: Ring) -> int:
     return total
 
 
-def test_a_udp_link_streaming_both_ways_keeps_each_datagram_whole():
-    """The uplink's wake-up reads a UDP link's datagrams as datagrams: each
-    downlink record is one datagram with its sender, none merged or lost."""
-    up, down = Ring.create(65536), Ring.create(65536)
-    ours, theirs = socketpair()
+def _udp_peer() -> socket.socket:
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     peer.settimeout(5)
+    return peer
 
-    async def main() -> list[records.Record]:
-        ours.setblocking(False)
-        worker = Worker(0, theirs, up, down, 5000)
-        running = asyncio.create_task(worker.run())
-        assert isinstance(await _recv(ours), Hello)
-        send_message(ours, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
-        assert isinstance(await _recv(ours), Connected)
-        # The worker's address: its first datagram tells it.
-        records.put_record(up, records.DATA, b"hello")
-        _, where = await asyncio.to_thread(peer.recvfrom, 64)
+
+async def _udp_link(live: LiveWorker, peer: socket.socket) -> tuple:
+    """Link 1 of ``live`` connected to ``peer`` over UDP; the worker's address (its first datagram tells it)."""
+    send_message(live.control, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
+    assert isinstance(await _recv(live.control), Connected)
+    records.put_record(live.up, records.DATA, b"hello")
+    _, where = await asyncio.to_thread(peer.recvfrom, 64)
+    return where
+
+
+def test_a_udp_link_streaming_both_ways_keeps_each_datagram_whole():
+    """The uplink's wake-up reads a UDP link's datagrams as datagrams: each
+    downlink record is one datagram with its sender, none merged or lost."""
+    peer = _udp_peer()
+
+    async def main(live: LiveWorker) -> list[records.Record]:
+        up, down, where = live.up, live.down, await _udp_link(live, peer)
         got: list[records.Record] = []
         async with asyncio.timeout(20):
             for i in range(ROUNDS):
@@ -174,21 +165,15 @@ def test_a_udp_link_streaming_both_ways_keeps_each_datagram_whole():
                 while (record := records.get_record(down)) is not None:
                     got.append(record)
                 await asyncio.sleep(0.002)
-        send_message(ours, Close(1))
-        worker.stop()
-        await asyncio.wait_for(running, 5.0)
+        send_message(live.control, Close(1))
         return got
 
     try:
-        got = uvloop.run(main())
+        got = drive_worker(main, up_size=65536, down_size=65536)
         assert [r.payload for r in got] == [bytes([k % 256]) * 600 for k in range(3 * ROUNDS)]
         assert {r.addr[:2] for r in got} == {peer.getsockname()}
     finally:
         peer.close()
-        ours.close()
-        theirs.close()
-        for ring in (up, down):
-            ring.close()
 
 
 def test_a_udp_backlog_is_read_whole_while_the_uplink_streams():
@@ -196,21 +181,10 @@ def test_a_udp_backlog_is_read_whole_while_the_uplink_streams():
     paused: the uplink's next wake-up (and the reads it leads to) takes them
     all, not 16 per wake-up with a pause between (the rest would wait many
     pauses, or overflow the socket's buffer and be lost)."""
-    up, down = Ring.create(1 << 20), Ring.create(1 << 20)
-    ours, theirs = socketpair()
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind(("127.0.0.1", 0))
-    peer.settimeout(5)
+    peer = _udp_peer()
 
-    async def main() -> tuple[int, float]:
-        ours.setblocking(False)
-        worker = Worker(0, theirs, up, down, 5000)
-        running = asyncio.create_task(worker.run())
-        assert isinstance(await _recv(ours), Hello)
-        send_message(ours, Connect(1, "UDP", "127.0.0.1", peer.getsockname()[1]))
-        assert isinstance(await _recv(ours), Connected)
-        records.put_record(up, records.DATA, b"hello")
-        _, where = await asyncio.to_thread(peer.recvfrom, 64)
+    async def main(live: LiveWorker) -> tuple[int, float]:
+        up, down, where = live.up, live.down, await _udp_link(live, peer)
         got = 0
         async with asyncio.timeout(20):
             for i in range(10):  # a stream both ways: the worker pauses its reads
@@ -230,18 +204,12 @@ def test_a_udp_backlog_is_read_whole_while_the_uplink_streams():
                     if record.payload[:1] == b"b":
                         got += 1
                         last = time.monotonic()
-        send_message(ours, Close(1))
-        worker.stop()
-        await asyncio.wait_for(running, 5.0)
+        send_message(live.control, Close(1))
         return got, last - burst_at
 
     try:
-        got, took = uvloop.run(main())
+        got, took = drive_worker(main, up_size=1 << 20, down_size=1 << 20)
         assert got == 160
         assert took < 0.03, took  # 160 / 16 = 10 wake-ups 5 ms apart: 45 ms or more
     finally:
         peer.close()
-        ours.close()
-        theirs.close()
-        for ring in (up, down):
-            ring.close()

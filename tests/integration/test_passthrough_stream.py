@@ -10,6 +10,8 @@ import socket
 import threading
 import time
 
+from tests.integration.both_ways import mcu_stream
+
 PIECES = 300  # 1 KiB each way every 2 ms: 0.5 MB/s, a 5 Mbaud UART
 
 
@@ -47,16 +49,9 @@ def test_both_ways_at_uart_rate_then_each_side_stops(host):
         sender, receiver = threading.Thread(target=peer), threading.Thread(target=sink)
         sender.start()
         receiver.start()
-        up = bytearray()
-        start = time.monotonic()
-        for i in range(PIECES):
-            piece = bytes([(i + 7) % 253]) * 1024
-            host.write(piece)
-            up += piece
-            host._fill(0)
-            time.sleep(max(0.0, start + (i + 1) * 0.002 - time.monotonic()))
+        up = mcu_stream(host, PIECES)
         receiver.join(10)
-        assert bytes(received) == bytes(up)  # the MCU's tail, the peer still streaming
+        assert bytes(received) == up  # the MCU's tail, the peer still streaming
         sender.join(10)
         assert hashlib.sha256(host.read_exactly(len(down), 5)).digest() == hashlib.sha256(down).digest()
         time.sleep(0.1)  # quiet both ways

@@ -108,9 +108,13 @@ class DataComplete:
 
 @dataclass(frozen=True, slots=True)
 class DataEscaped:
-    """+++ ended the data phase; ``length`` payload bytes had been taken."""
+    """+++ ended the data phase; ``length`` payload bytes had been taken.
+
+    ``leftover``: a stream's payload (AT+CIPSENDL, passthrough) taken before the
+    +++ but not handed out in a DataChunk (the owner had no room for it)."""
 
     length: int
+    leftover: bytes = b""
 
 
 class _NeedData:
@@ -290,7 +294,7 @@ class Parser:
         out = machine.next_chunk(now, limit)
         if isinstance(out, Escape):
             self._end_data()
-            return DataEscaped(machine.taken)
+            return DataEscaped(machine.taken, machine.leftover())
         if out:
             return DataChunk(out)
         if machine.complete:

@@ -25,7 +25,7 @@ from bridged.commands.options import SysMsg
 from bridged.commands.registry import SendRequest
 from bridged.uart.downlink import Passthrough
 from bridged.uart.links import Slot
-from bridged.uart.sending import Send
+from bridged.uart.sending import Leftover, Send
 from bridged.uart.transcript import MarkKind
 
 __all__ = ["DataPhases"]
@@ -49,6 +49,7 @@ class DataPhases:
         report, transmit = state.sendl_cfg
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
+        self.sending.ahead = self._leftovers.pop(request.link_id, None)  # an escaped stream's rest first
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
         self.session.handle(_prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000),
                             self.loop.time())
@@ -76,7 +77,7 @@ class DataPhases:
         elif cls is DataComplete:
             self._payload_complete(event.length)
         elif cls is DataEscaped:
-            self._payload_escaped()
+            self._payload_escaped(event.leftover)
         else:  # NEED_DATA
             if room == 0:
                 self._wait_room(send)  # reading resumes when the worker makes room
@@ -125,11 +126,14 @@ class DataPhases:
         if effects.deadline is not None:
             self.loop.call_at(effects.deadline, self._send_timed_out, send, effects.deadline)
 
-    def _payload_escaped(self) -> None:
+    def _payload_escaped(self, leftover: bytes) -> None:
         send, self.sending = self.sending, None
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._stop_waiting_room()
+        self._resume_reading()  # command mode (the port may have been held for the full ring)
+        if leftover:
+            self._keep_leftover(send, leftover)
         effects = self.session.handle(Escaped(quitt=SysMsg.QUIT_MESSAGE in self.ctx.state.sysmsg), self.loop.time())
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
@@ -137,6 +141,36 @@ class DataPhases:
         else:
             log.info("send_cancelled", link_id=send.slot.link_id)
         self.output.reply(effects.out)
+
+    def _keep_leftover(self, send: Send, data: bytes) -> None:
+        """+++ ended a stream whose ring was full: what it had read from the MCU goes out
+        as room comes (``sending.Leftover``), while the MCU is back in command mode."""
+        leftover = Leftover(send, data)
+        if not leftover.alive():
+            log.warning("escaped_bytes_dropped", link_id=send.slot.link_id, bytes=len(data),
+                        why="the link was gone when +++ ended the send")
+            return
+        if leftover.push():
+            return
+        log.info("escaped_bytes_kept", link_id=send.slot.link_id, bytes=len(leftover.data))
+        self._leftovers[send.slot.link_id] = leftover
+        if self._leftover_poll is None:
+            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+
+    def _push_leftovers(self) -> None:
+        """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL:
+        a few KiB at most, so no doorbell).  A send started on the link meanwhile took its own."""
+        self._leftover_poll = None
+        for link_id, leftover in list(self._leftovers.items()):
+            if not leftover.alive():
+                log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
+                            why="the link ended before its ring had room for them")
+                del self._leftovers[link_id]
+            elif leftover.push():
+                log.info("escaped_bytes_sent", link_id=link_id)
+                del self._leftovers[link_id]
+        if self._leftovers:
+            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
 
     def _send_timed_out(self, send: Send, deadline: float) -> None:
         if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:
@@ -170,7 +204,7 @@ class DataPhases:
         does for its downlink).
         """
         if not send.complete:
-            self._pause_reading()
+            self._hold_stream(send)  # uart.reading: stopped, then listening for +++
         slot = send.slot
         self._room_need = send.room_needed()
         if self._room_slot is slot:

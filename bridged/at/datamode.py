@@ -254,12 +254,16 @@ class DataMachine:
             size = min(size, limit)
         return self._consume(size)
 
-    def deadline(self) -> float | None:
-        """When next_chunk() may have something new without more input."""
+    def deadline(self, room: bool = True) -> float | None:
+        """When next_chunk() may have something new without more input.
+
+        ``room``: False while the owner can take no payload (a full ring): then
+        only a +++ can come (the interval of bytes that cannot go is no reason
+        to look again: past, it would call for a look at once, again and again)."""
         times = []
         if self._plus:
             times.append(self._plus_at + GUARD)
-        if self._buf and self._timed:
+        if self._buf and self._timed and room:
             times.append(self._arrivals[0][1] + self.interval)
         return min(times) if times else None
 

@@ -228,9 +228,10 @@ class Parser:
         """AT+CIPSEND's data phase: the next ``length`` bytes are payload."""
         self.start_data(DataKind.SEND, length, now)
 
-    def deadline(self) -> float | None:
-        """When next_event() may produce something without new input."""
-        return self._data.deadline() if self._data is not None else None
+    def deadline(self, room: bool = True) -> float | None:
+        """When next_event() may produce something without new input (``room``: False while
+        the owner can take no payload)."""
+        return self._data.deadline(room) if self._data is not None else None
 
     # -- output ----------------------------------------------------------------
 

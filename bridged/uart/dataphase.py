@@ -81,13 +81,14 @@ class DataPhases:
         else:  # NEED_DATA
             if room == 0:
                 self._wait_room(send)  # reading resumes when the worker makes room
-            self._arm_timer()
+            self._arm_timer(room != 0)
             return False
         return True
 
-    def _arm_timer(self) -> None:
-        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
-        deadline = self.parser.deadline()
+    def _arm_timer(self, room: bool = True) -> None:
+        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL (not while
+        the ring is full: the room's doorbell or poll brings the next look)."""
+        deadline = self.parser.deadline(room)
         if self._timer is not None:
             if deadline is not None and self._timer_at == deadline:
                 return  # already set for that time

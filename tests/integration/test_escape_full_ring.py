@@ -8,6 +8,8 @@ import select
 import socket
 import time
 
+import psutil
+
 from tests.harness import Host
 
 _LIMIT = 64 << 20  # bytes: a stream that never stalls is a failure, not an endless test
@@ -148,5 +150,21 @@ def test_cipsendl_cancel_with_the_ring_full(daemon, host):
         got = peer.read_all(len(sent) + 5)
         host.expect(b"SEND OK\r\n", timeout=10)
         assert hashlib.sha256(got).digest() == hashlib.sha256(sent + b"after").digest()
+    finally:
+        peer.close()
+
+
+def test_front_idles_while_a_stream_waits_for_room(daemon, host):
+    """While a passthrough stream waits for room (ring full, port held), the front sleeps: no timer
+    re-armed at once for bytes that cannot go (it used to spin a whole core)."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        _stream_until_stalled(host)
+        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front = psutil.Process(front_pid)
+        before = sum(front.cpu_times()[:2])
+        time.sleep(1.0)
+        assert sum(front.cpu_times()[:2]) - before < 0.3
     finally:
         peer.close()

@@ -719,6 +719,44 @@ def test_escape_leaves_passthrough_through_parser():
     assert isinstance(event, CommandLine) and event.name == "+CIPMODE"
 
 
+@pytest.mark.parametrize("kind", STREAMING)
+def test_escape_with_no_room_keeps_the_streams_leftover(kind):
+    """+++ while the owner has no room (a full ring) still escapes; the stream's bytes taken before it
+    and never handed out come with DataEscaped, in order; what follows +++ is command input."""
+    parser = Parser()
+    parser.start_data(kind, 1 << 20, T0, chunk=4, interval=G)
+    parser.receive_bytes(b"abcdefgh", T0 + 0.1)
+    assert parser.next_event(2, T0 + 0.1) == DataChunk(b"ab")
+    assert parser.next_event(0, T0 + 0.1) is NEED_DATA  # the ring is full: cdefgh wait
+    parser.receive_bytes(b"ijk", T0 + 0.5)
+    parser.receive_bytes(b"+++", T0 + 1.0)
+    assert parser.next_event(0, T0 + 1.0) is NEED_DATA
+    assert parser.next_event(0, T0 + 1.0 + G) == DataEscaped(11, b"cdefghijk")
+    parser.receive_bytes(b"AT\r\n", T0 + 2.0)
+    assert parser.next_event(None, T0 + 2.0) == CommandLine(b"AT\r\n", "", Kind.EXECUTE)
+
+
+def test_escape_in_send_with_no_room_leaves_nothing():
+    """AT+CIPSEND's +++ cancels the whole send: no leftover, whatever was buffered."""
+    machine = make(SEND, 10)
+    machine.feed(b"abc", T0 + 0.1)
+    machine.feed(b"+++", T0 + 0.5)
+    assert drain(machine, T0 + 0.5 + G, limit=0) == [Escape()]
+    assert machine.leftover() == b""
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+def test_deadline_without_room_is_the_plus_guard_only(kind):
+    """With no room the interval of bytes that cannot go is no deadline (a past one would wake the owner
+    again and again); a +++ candidate's guard still is."""
+    machine = make(kind, 1 << 20)
+    machine.feed(b"data", T0 + 0.1)
+    assert machine.deadline() == T0 + 0.1 + G
+    assert machine.deadline(room=False) is None
+    machine.feed(b"+++", T0 + 0.5)
+    assert machine.deadline(room=False) == T0 + 0.5 + G
+
+
 # -- hypothesis -----------------------------------------------------------------------------------
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

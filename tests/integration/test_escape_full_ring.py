@@ -168,3 +168,20 @@ def test_front_idles_while_a_stream_waits_for_room(daemon, host):
         assert sum(front.cpu_times()[:2]) - before < 0.3
     finally:
         peer.close()
+
+
+def test_listening_for_escape_takes_a_bounded_amount(daemon, host):
+    """An MCU that keeps streaming into a full ring gets at most the +++ buffer (32 KiB) past its first
+    stall, then is held for good (its writes make no progress) and the log says why."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        _stream_until_stalled(host)
+        more = _stream_until_stalled(host, stall=1.0)  # the daemon listens again after 0.5 s: then stops
+        # The +++ buffer, plus what the pty held when the stall began and what went to the ring meanwhile.
+        assert 0 < len(more) <= 32768 + 24576 + 4096
+        held = daemon.wait_event("uart_input_held")[-1]
+        assert held["flow"] == "pty" and held["held"] <= 32768
+        assert _stream_until_stalled(host, stall=0.3) == b""  # still held: nothing more is taken
+    finally:
+        peer.close()

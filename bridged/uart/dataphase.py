@@ -8,9 +8,16 @@ the whole payload is admitted into the ring, SEND FAIL if the link goes
 first or so_sndtimeo passes while part of it waits for room.  While the ring
 is full the front asks the worker for its space doorbell (otherwise the
 worker never rings it, and the front needs no wake-up per send), and a send
-still streaming stops reading the port (the tty buffer fills, RTS drops); a
+still streaming stops reading the port (the tty buffer fills, RTS drops),
+then listens for +++ into a bounded buffer (``uart.reading._hold_stream``); a
 complete one waiting for room has input refused, busy p... (the session's
 AWAITING_SEND_OK), so AT+RST still restarts.
+
++++ ends a stream whatever room its ring has.  The bytes it had read but not
+yet put into the ring are the MCU's, sent before it escaped: they go out as
+room comes (``sending.Leftover``), ahead of the next send on the link.  (ESP-AT
+drops the UART bytes before the pattern its core had not taken yet; keeping
+them loses nothing the MCU sent, and a peer that reads sees one stream.)
 """
 
 from __future__ import annotations
@@ -193,7 +200,7 @@ class DataPhases:
         """The send waits for room in its uplink ring: hear the worker.
 
         A send still streaming stops reading (its payload waits in the port: flow
-        control); a complete one leaves the port read, and what comes is refused
+        control; then it listens for +++, ``uart.reading``); a complete one leaves the port read, and what comes is refused
         (busy p..., AT+RST forces a restart), as ESP-AT's receive task goes on
         while its AT task blocks in send(): else a peer that never reads would
         leave the MCU no way out.

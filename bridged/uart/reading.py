@@ -5,13 +5,16 @@ Theory of operation.  The read gate (``bridged.readgate``) calls
 is done with the bytes is the session's (``bridged.at.session.Input``):
 dropped while booting, refused with ``busy p...`` while a command or a send
 waits, left in the port while an answer's after-action waits, parsed
-otherwise.  A device that hangs up is waited for (``uart.replug``).
+otherwise.  A device that hangs up is waited for (``uart.replug``).  A
+stream's full ring holds the port, then has it read for +++ into a bounded
+buffer (``_hold_stream``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -19,6 +22,9 @@ from bridged.at import format as fmt
 from bridged.at.session import Input
 from bridged.ipc.messages import PortFailed
 from bridged.uart.flow import Flow
+
+if TYPE_CHECKING:
+    from bridged.uart.sending import Send
 
 __all__ = ["PortReading"]
 
@@ -52,7 +58,7 @@ class PortReading:
 
     # -- a stream's ring is full: held, then listening for +++ ---------------------
 
-    def _hold_stream(self, send) -> None:
+    def _hold_stream(self, send: Send) -> None:
         """A stream (AT+CIPSENDL, passthrough) waits for room in its ring.
 
         Its input is held back at once (flow control: RTS, or the tty's buffer
@@ -72,7 +78,7 @@ class PortReading:
         if self._listen_timer is None and not self._side_full:
             self._listen_timer = self.loop.call_later(_LISTEN_AFTER, self._listen, send)
 
-    def _listen(self, send) -> None:
+    def _listen(self, send: Send) -> None:
         self._listen_timer = None
         if self.sending is not send or self._room_slot is not send.slot or self.parser.data is None:
             return  # room came, or the send ended meanwhile
@@ -87,14 +93,16 @@ class PortReading:
         data = self.parser.data
         return _SIDE - data.buffered if data is not None else 0
 
-    def _side_held(self, send) -> None:
+    def _side_held(self, send: Send) -> None:
         self._listening = False
         self._side_full = True
         flow = Flow(self._serial.settings.flow).name.lower() if self._serial is not None else "pty"
-        log.warning("uart_input_held", link_id=send.slot.link_id, held=self.parser.data.buffered, flow=flow,
-                    why="the uplink ring and the +++ buffer are full: input stays in the port until room "
-                        "comes (flow control holds the MCU; without it the UART driver drops what overflows, "
-                        "+++ included)")
+        # Flow control (a pty's writer blocks alike) holds the MCU: that is its job. Without it,
+        # a real UART's driver drops what overflows: worth a warning.
+        say = log.warning if flow == "none" else log.info
+        say("uart_input_held", link_id=send.slot.link_id, held=self.parser.data.buffered, flow=flow,
+            why="the uplink ring and the +++ buffer are full: input stays in the port until room comes "
+                "(flow control holds the MCU; without it the UART driver drops what overflows, +++ included)")
 
     def _end_listening(self) -> None:
         self._listening = self._side_full = False

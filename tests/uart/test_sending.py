@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bridged.at.datamode import DataKind
-from bridged.uart.sending import Send
+from bridged.uart.sending import Leftover, Send
 from bridged.uart.slots import Slot, SlotState
 from tests.ringtools import new_ring
 
@@ -71,3 +71,55 @@ def test_a_udp_stream_waits_for_room_for_a_whole_block():
         assert send.room() == 0 and send.room_needed() == 1000 + 32
         up.consume(up.available())
         assert send.room() == 1000
+
+
+def _escaped_stream(up, down, kind: DataKind = DataKind.PASSTHROUGH) -> Send:
+    """A stream whose ring is full, as +++ finds it."""
+    send = Send(open_slot(up, down), kind, 0 if kind is DataKind.PASSTHROUGH else 1 << 20)
+    send.take(b"r" * up.capacity)
+    assert up.free() == 0
+    return send
+
+
+def test_an_escaped_streams_leftover_goes_in_as_room_comes():
+    """What +++ left of a stream is admitted in order as the ring frees room, and says when it is all in."""
+    with new_ring() as up, new_ring() as down:
+        leftover = Leftover(_escaped_stream(up, down), b"0123456789")
+        assert not leftover.push()
+        up.consume(4)
+        assert not leftover.push() and leftover.data == b"456789"
+        up.consume(up.capacity - 4)  # the stream's own bytes went out: the rest fits
+        assert leftover.push()
+        assert up.get_nowait(100) == b"0123456789"
+
+
+def test_a_later_send_goes_behind_the_leftover():
+    """A send started on the link while a leftover waits: the leftover first, then its own payload,
+    for a stream (no room until the leftover is in) and a gathered send alike."""
+    for kind in (DataKind.SENDL, DataKind.SEND):
+        with new_ring() as up, new_ring() as down:
+            escaped = _escaped_stream(up, down)
+            send = Send(escaped.slot, kind, 3)
+            send.ahead = Leftover(escaped, b"left")
+            if kind is DataKind.SENDL:
+                assert send.room() == 0
+            else:
+                send.take(b"new")
+                send.payload_done()
+                assert send.result() is None  # waits for the leftover's room first
+            up.consume(up.capacity)
+            if kind is DataKind.SENDL:
+                assert send.room() == up.capacity - 4
+                send.take(b"new")
+            else:
+                send.pump()
+            assert send.ahead is None
+            assert up.get_nowait(100) == b"leftnew"
+
+
+def test_a_leftover_of_a_link_that_ended_is_dropped():
+    """The link ends before room comes: the leftover has nowhere to go and says it is done."""
+    with new_ring() as up, new_ring() as down:
+        leftover = Leftover(_escaped_stream(up, down), b"lost")
+        leftover.slot.state = SlotState.CLOSING
+        assert not leftover.alive() and leftover.push()

@@ -37,7 +37,7 @@ _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _PAUSE = "coalesce"  # the read gate's hold for a coalescing pause (ended by the tick alone)
-_LISTEN_AFTER = 0.5  # seconds a stream's full ring holds the port before it is read for +++
+_LISTEN_AFTER = 1.0  # seconds a stream's full ring holds the port before it is read for +++
 _SIDE = 32768  # bytes of a stream a full ring may hold back while the port is read for +++
 _GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
 

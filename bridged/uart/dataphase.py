@@ -56,7 +56,7 @@ class DataPhases:
         report, transmit = state.sendl_cfg
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
-        self.sending.ahead = self._leftovers.pop(request.link_id, None)  # an escaped stream's rest first
+        self.sending.ahead = self._leftover_for(request.link_id)  # an escaped stream's rest goes first
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
         self.session.handle(_prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000),
                             self.loop.time())
@@ -165,6 +165,14 @@ class DataPhases:
         if self._leftover_poll is None:
             self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
 
+    def _leftover_for(self, link_id: int) -> Leftover | None:
+        leftover = self._leftovers.pop(link_id, None)
+        if leftover is not None and not leftover.alive():
+            log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
+                        why="the link ended before its ring had room for them")
+            return None
+        return leftover
+
     def _push_leftovers(self) -> None:
         """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL:
         a few KiB at most, so no doorbell).  A send started on the link meanwhile took its own."""
@@ -200,7 +208,8 @@ class DataPhases:
         """The send waits for room in its uplink ring: hear the worker.
 
         A send still streaming stops reading (its payload waits in the port: flow
-        control; then it listens for +++, ``uart.reading``); a complete one leaves the port read, and what comes is refused
+        control; later it listens for +++, ``uart.reading``); a complete one
+        leaves the port read, and what comes is refused
         (busy p..., AT+RST forces a restart), as ESP-AT's receive task goes on
         while its AT task blocks in send(): else a peer that never reads would
         leave the MCU no way out.

@@ -140,8 +140,7 @@ class DataPhases:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._stop_waiting_room()
         self._resume_reading()  # command mode (the port may have been held for the full ring)
-        if leftover:
-            self._keep_leftover(send, leftover)
+        self._keep_leftover(send, leftover)
         effects = self.session.handle(Escaped(quitt=SysMsg.QUIT_MESSAGE in self.ctx.state.sysmsg), self.loop.time())
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
@@ -150,20 +149,44 @@ class DataPhases:
             log.info("send_cancelled", link_id=send.slot.link_id)
         self.output.reply(effects.out)
 
-    def _keep_leftover(self, send: Send, data: bytes) -> None:
-        """+++ ended a stream whose ring was full: what it had read from the MCU goes out
-        as room comes (``sending.Leftover``), while the MCU is back in command mode."""
-        leftover = Leftover(send, data)
+    def _keep_leftover(self, send: Send, data: bytes = b"") -> None:
+        """A send ended: what it still held for the link goes out as room comes
+        (``sending.Leftover``), while the MCU is back in command mode.  That is
+        an escaped stream's bytes read but not yet in its full ring, behind what
+        an earlier escape left in front of this send (``Send.ahead``): a send
+        cancelled, failed or escaped again does not take those with it."""
+        leftover, send.ahead = send.ahead, None
+        if leftover is None:
+            if not data:
+                return
+            leftover = Leftover(send, data)
+        else:
+            leftover.data += data  # the MCU sent these after the earlier ones
+        link_id = send.slot.link_id
         if not leftover.alive():
-            log.warning("escaped_bytes_dropped", link_id=send.slot.link_id, bytes=len(data),
-                        why="the link was gone when +++ ended the send")
+            log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
+                        why="the link ended before its ring had room for them")
             return
         if leftover.push():
             return
-        log.info("escaped_bytes_kept", link_id=send.slot.link_id, bytes=len(leftover.data))
-        self._leftovers[send.slot.link_id] = leftover
+        log.info("escaped_bytes_kept", link_id=link_id, bytes=len(leftover.data))
+        self._leftovers[link_id] = leftover
         if self._leftover_poll is None:
             self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+
+    def _drop_leftovers(self) -> None:
+        """A restart: the links go unheard, and what +++ left of their streams with them."""
+        pending = list(self._leftovers.values())
+        if self.sending is not None and self.sending.ahead is not None:
+            pending.append(self.sending.ahead)
+            self.sending.ahead = None
+        for leftover in pending:
+            log.info("escaped_bytes_dropped", link_id=leftover.slot.link_id, bytes=len(leftover.data),
+                     why="restart")
+        self._leftovers.clear()
+        if self._leftover_poll is not None:
+            self._leftover_poll.cancel()
+            self._leftover_poll = None
 
     def _leftover_for(self, link_id: int) -> Leftover | None:
         leftover = self._leftovers.pop(link_id, None)
@@ -329,6 +352,8 @@ class DataPhases:
             self._wait_room(send)
 
     def _finish_send(self, result: bytes, process: bool = True) -> None:
+        if self.sending is not None:
+            self._keep_leftover(self.sending)  # a leftover it waited behind (SEND FAIL) is not its own
         self.sending = None
         if self._room_slot is not None:
             self._stop_waiting_room()

@@ -355,6 +355,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.ctx = self._new_context()
         dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
         self.parser = Parser(self.config.uart.max_line)
+        self._drop_leftovers()
         self.sending = None
         self._stop_waiting_room()
         self._leave_passthrough()

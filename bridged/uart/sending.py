@@ -94,10 +94,13 @@ class Send:
         """Free ring bytes worth resuming for: a gathered datagram's whole record,
         else a few (a doorbell for a sliver of room would wake us for nothing)."""
         if self.datagram:
-            return (len(self.gathered) if self.gathered is not None else self.block) + _RECORD_SLACK
-        if self.gathered is not None:
-            return max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
-        return _RECORD_SLACK
+            need = (len(self.gathered) if self.gathered is not None else self.block) + _RECORD_SLACK
+        elif self.gathered is not None:
+            need = max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
+        else:
+            need = _RECORD_SLACK
+        # A leftover ahead goes in first: room for less than its next record would wake us to no end.
+        return need if self.ahead is None else max(need, self.ahead.room_needed())
 
     @property
     def waiting(self) -> bool:
@@ -205,6 +208,12 @@ class Leftover:
         slot = self.slot
         return (slot.conn_id == self.conn_id and self.conn_id is not None and not slot.ended
                 and slot.state is SlotState.OPEN)
+
+    def room_needed(self) -> int:
+        """Free ring bytes that let push() make progress (a datagram goes whole)."""
+        if self.datagram:
+            return min(self.block, len(self.data)) + _RECORD_SLACK
+        return max(1, min(_RECORD_SLACK, len(self.data)))
 
     def push(self) -> bool:
         """Put as much as fits into the ring; True once nothing is left (or the link is gone)."""

@@ -123,3 +123,22 @@ def test_a_leftover_of_a_link_that_ended_is_dropped():
         leftover = Leftover(_escaped_stream(up, down), b"lost")
         leftover.slot.state = SlotState.CLOSING
         assert not leftover.alive() and leftover.push()
+
+
+def test_a_udp_send_behind_a_leftover_waits_for_the_leftovers_datagram():
+    """A small UDP send behind an escaped stream's leftover of big blocks: the room it waits for is the
+    leftover's next datagram, not its own few bytes (room for those alone would wake the front for
+    nothing, again and again: a spin)."""
+    with new_ring() as up, new_ring() as down:
+        slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="UDP")
+        stream = Send(slot, DataKind.SENDL, 1 << 20, block=2000)
+        send = Send(slot, DataKind.SEND, 5)
+        send.ahead = Leftover(stream, bytes(3000))
+        up.put_nowait(bytes(up.capacity - 100))  # room for the 5-byte datagram, not for a block
+        send.take(b"small")
+        send.payload_done()
+        assert send.result() is None
+        assert send.room_needed() == 2000 + 32
+        up.consume(up.available())
+        send.pump()
+        assert send.result() == b"\r\nSEND OK\r\n"

@@ -223,6 +223,9 @@ class Downlink:
         else:
             self._stop_waiting_room()
             self._resume_reading()  # the rest of the payload is read and dropped
+            # ... and so is what a full ring left buffered (a passthrough that reconnects
+            # must not send the old stream's tail to its new peer).
+            self.loop.call_soon(self._process)
 
     def link_closed(self, slot: Slot, reason: str) -> None:
         log.info("link_lost", link_id=slot.link_id, reason=reason)

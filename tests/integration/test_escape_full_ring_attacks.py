@@ -4,8 +4,11 @@ a second escape, a link that ends, a restart, and +++ split or broken while the 
 from __future__ import annotations
 
 import hashlib
+import os
+import select
 import socket
 import struct
+import threading
 import time
 
 import psutil
@@ -206,5 +209,103 @@ def test_front_idles_while_a_leftover_waits(daemon, host):
         _reset(peer)
         host.expect(b"CLOSED\r\n", timeout=5)
         assert daemon.wait_event("escaped_bytes_dropped")
+    finally:
+        peer.close()
+
+
+def _reader(peer: _DeafPeer, count: int) -> tuple[threading.Thread, list[bytes]]:
+    """The peer starts reading (in a thread) while the MCU still streams."""
+    out: list[bytes] = []
+    thread = threading.Thread(target=lambda: out.append(peer.read_all(count, timeout=60)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _stream(host: Host, count: int) -> bytes:
+    """``count`` random bytes written as the daemon takes them."""
+    data = os.urandom(count)
+    host.write(data)
+    return data
+
+
+def test_room_back_while_listening_keeps_the_order(daemon, host):
+    """Room comes back while the front listens with bytes in the +++ buffer, and the MCU streams on: the
+    peer gets every byte in order (those of the buffer before the new ones), then +++ leaves."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        sent = _stream_until_stalled(host)
+        _, writable, _ = select.select([], [host.fd], [], 5.0)
+        assert writable  # listening
+        sent += _stream(host, 8192)  # into the +++ buffer
+        more = os.urandom(1 << 20)
+        thread, got = _reader(peer, len(sent) + len(more))
+        host.write(more)
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=10)
+        thread.join(70)
+        assert _same(got[0], sent + more)
+    finally:
+        peer.close()
+
+
+def test_room_back_after_the_hold_keeps_the_order(daemon, host):
+    """The +++ buffer filled and the MCU is held (uart_input_held); room comes back: every byte reaches the
+    peer in order, and the front reads on as the ring drains."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        sent = _stream_until_stalled(host)
+        sent += _stream_until_stalled(host, stall=2.0)
+        assert daemon.wait_event("uart_input_held")
+        more = os.urandom(256 << 10)
+        thread, got = _reader(peer, len(sent) + len(more))
+        host.write(more)
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=10)
+        thread.join(70)
+        assert _same(got[0], sent + more)
+    finally:
+        peer.close()
+
+
+def test_a_reconnected_passthrough_gets_nothing_of_the_old_stream(daemon, host):
+    """The peer resets while passthrough listens with bytes in the +++ buffer; the link reconnects
+    (AT+CIPRECONNINTV): the new connection gets only what the MCU sends after, not the old stream's tail."""
+    peer = _DeafPeer()
+    try:
+        host.command(b"AT+CIPRECONNINTV=1")
+        _enter_passthrough(host, peer)
+        _stream_until_stalled(host)
+        _, writable, _ = select.select([], [host.fd], [], 5.0)
+        assert writable  # listening
+        _stream(host, 4096)  # into the +++ buffer
+        time.sleep(0.1)
+        _reset(peer)
+        assert daemon.wait_event("passthrough_reconnected", timeout=10)
+        fresh = peer.accept()
+        time.sleep(0.3)
+        host.write(b"fresh")
+        assert peer.read_all(1 << 20, timeout=1.0) == b"fresh"
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=3)
+        fresh.close()
+    finally:
+        peer.close()
+
+
+def test_wifi_drop_then_close_with_a_leftover_pending(daemon, host):
+    """AT+CWQAP while a leftover waits (the link stays, as here it does), then AT+CIPCLOSE: OK, the
+    leftover dropped and logged, and no CLOSED after."""
+    peer = _DeafPeer()
+    try:
+        _escape_with_leftover(daemon, host, peer)
+        assert host.command(b"AT+CWQAP").endswith(b"\r\nOK\r\n")
+        assert host.ask(b"AT+CIPCLOSE", timeout=15).endswith(b"\r\nOK\r\n")
+        assert daemon.wait_event("escaped_bytes_dropped", timeout=5)
+        assert b"CLOSED" not in host.read_quiet(0.5)
     finally:
         peer.close()

@@ -757,6 +757,32 @@ def test_deadline_without_room_is_the_plus_guard_only(kind):
     assert machine.deadline(room=False) == T0 + 0.5 + G
 
 
+@pytest.mark.parametrize("kind", STREAMING)
+@pytest.mark.parametrize("pieces", [
+    [(0.5, b"+++x")],  # a byte within the guard after: no escape
+    [(0.5, b"x+++")],  # a byte within the guard before
+    [(0.5, b"++++")],  # four
+    [(0.5, b"+"), (0.5 + G / 2, b"++x")],  # split, then a byte in the guard after
+    [(0.5, b"+"), (0.5 + 2 * G, b"++")],  # split by a silence: three candidates that are data
+])
+def test_broken_escapes_with_no_room_stay_data_in_order(kind, pieces):
+    """While the ring is full (no room) a +++ whose guard a byte breaks, four +, or a split +++ is data:
+    no escape, and once room comes every byte goes out in the order it came."""
+    machine = make(kind, 1 << 20)
+    machine.feed(b"head", T0 + 0.1)
+    sent = b"head"
+    out = drain(machine, T0 + 0.1, limit=0)
+    for at, data in pieces:
+        machine.feed(data, T0 + at)
+        sent += data
+        out += drain(machine, T0 + at, limit=0)
+    out += drain(machine, T0 + 2.0, limit=0)  # long after: any guard time has passed
+    out += drain(machine, T0 + 2.0)  # room comes
+    assert not any(isinstance(item, Escape) for item in out)
+    assert payload_of(out) == sent
+    assert machine.leftover() == b""
+
+
 # -- hypothesis -----------------------------------------------------------------------------------
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

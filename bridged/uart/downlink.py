@@ -110,6 +110,8 @@ class Downlink:
     def _passthrough_resume(self, slot: Slot) -> None:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.session.state is State.PASSTHROUGH:
+            if self.sending is not None:
+                self._keep_leftover(self.sending)  # a leftover it waited behind went with the old link (logged)
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0, block=self.config.links.chunk)
             if SysMsg.PASSTHROUGH_STATUS in self.ctx.state.sysmsg:
                 self.output.urc(connected_message(self.ctx, slot.view))

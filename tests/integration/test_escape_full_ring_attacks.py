@@ -309,3 +309,23 @@ def test_wifi_drop_then_close_with_a_leftover_pending(daemon, host):
         assert b"CLOSED" not in host.read_quiet(0.5)
     finally:
         peer.close()
+
+
+def test_front_idles_through_the_hold_and_the_listening(daemon, host):
+    """A stalled passthrough stream over 3 s (held, then listening from 1 s on with the MCU quiet, then a
+    few bytes into the +++ buffer): the front sleeps throughout (no spin on a readable or a past timer)."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        _stream_until_stalled(host)
+        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front = psutil.Process(front_pid)
+        before = sum(front.cpu_times()[:2])
+        time.sleep(1.5)
+        _stream(host, 1000)
+        time.sleep(1.5)
+        assert sum(front.cpu_times()[:2]) - before < 0.4
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=3)
+    finally:
+        peer.close()

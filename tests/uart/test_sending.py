@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bridged.at.datamode import DataKind
+from bridged.ipc import records
 from bridged.uart.sending import Leftover, Send
 from bridged.uart.slots import Slot, SlotState
 from tests.ringtools import new_ring
@@ -142,3 +143,22 @@ def test_a_udp_send_behind_a_leftover_waits_for_the_leftovers_datagram():
         up.consume(up.available())
         send.pump()
         assert send.result() == b"\r\nSEND OK\r\n"
+
+
+def test_a_udp_leftover_goes_in_one_block_per_datagram():
+    """A UDP stream's leftover is admitted as the stream queued it: one datagram per block, in order,
+    each whole (none cut to the ring's room)."""
+    with new_ring() as up, new_ring() as down:
+        slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=7, type="UDP")
+        stream = Send(slot, DataKind.PASSTHROUGH, 0, block=1000)
+        leftover = Leftover(stream, bytes(range(250)) * 10)
+        up.put_nowait(bytes(up.capacity - 1500))  # room for one block's record, not two
+        assert not leftover.push() and len(leftover.data) == 1500
+        up.consume(up.capacity - 1500)
+        assert leftover.push()
+        sizes = []
+        while up.available():
+            header = records.peek_record_header(up)
+            sizes.append(header.length)
+            up.consume(header.total)
+        assert sizes == [1000, 1000, 500]

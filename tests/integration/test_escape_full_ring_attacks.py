@@ -329,3 +329,29 @@ def test_front_idles_through_the_hold_and_the_listening(daemon, host):
         host.expect(b"\r\n+QUITT\r\n", timeout=3)
     finally:
         peer.close()
+
+
+def test_a_leftover_holds_up_only_its_own_link(daemon, host):
+    """AT+CIPMUX=1: AT+CIPSENDL on link 0 to a deaf peer, cancelled with its ring full (a leftover waits);
+    a send on link 1 meanwhile is SEND OK at once and its peer gets just its bytes; link 0's peer still
+    gets every byte before the +++ once it reads."""
+    peer = _DeafPeer()
+    other = _DeafPeer()
+    try:
+        host.command(b"AT+CIPMUX=1")
+        assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % peer.port).endswith(b"OK\r\n")
+        peer.accept()
+        assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % other.port).endswith(b"OK\r\n")
+        other.accept()
+        host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
+        host.expect(b"\r\nOK\r\n\r\n>")
+        sent = _stream_until_stalled(host)
+        _escape_when_heard(host)
+        host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
+        assert daemon.wait_event("escaped_bytes_kept")
+        assert b"SEND OK" in host.send_data(b"AT+CIPSEND=1,5", b"other")
+        assert other.read_all(1 << 20, timeout=1.0) == b"other"
+        assert _same(peer.read_all(len(sent)), sent)
+    finally:
+        peer.close()
+        other.close()

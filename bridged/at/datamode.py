@@ -17,7 +17,9 @@ silence; it is held back until the silence after it decides: in next_chunk()
 at deadline(), or in feed() when the next bytes come after the silence (the
 owner may look late; the outcome is the same).  Holding back at most three
 bytes for 20 ms is the only delay the rule adds.  Times are compared as
-``now >= then + GUARD``, the form deadline() reports.
+``now >= then + GUARD``, the form deadline() reports.  The escape comes
+whatever ``limit`` next_chunk() is given (a full ring must not keep the MCU in
+data mode); a stream's payload still buffered then is ``leftover()``.
 
 AT+CIPSENDEX escapes (spec): ``\\0`` ends the data (the two bytes are not
 sent), ``\\<x>`` is ``<x>`` for any other x (so ``\\\\0`` sends ``\\0``).  A
@@ -128,14 +130,26 @@ class DataMachine:
         return False
 
     def _settle(self) -> None:
-        """The silence after a candidate passed: three '+' escape, fewer are data."""
+        """The silence after a candidate passed: three '+' escape, fewer are data.
+
+        A gathered send (SEND, SENDEX) is cancelled whole; a stream's bytes taken
+        before the +++ but not yet handed out (its ring was full) stay for
+        ``leftover()``: the MCU sent them before it escaped."""
         if self._plus == 3:
             self._plus = 0
             self._escaped = self._escape_due = True
-            self._buf.clear()  # an escape ends the phase; what is unsent is dropped
+            if not self._timed:
+                self._buf.clear()
             self._arrivals.clear()
         else:
             self._release_plus()
+
+    def leftover(self) -> bytes:
+        """An escaped stream's payload that was never handed out (then the buffer is empty)."""
+        out = bytes(self._buf) if self._escaped else b""
+        if self._escaped:
+            self._buf.clear()
+        return out
 
     def _release_plus(self) -> None:
         """A candidate that turned out to be data (arrived when its first '+' did)."""
@@ -240,12 +254,16 @@ class DataMachine:
             size = min(size, limit)
         return self._consume(size)
 
-    def deadline(self) -> float | None:
-        """When next_chunk() may have something new without more input."""
+    def deadline(self, room: bool = True) -> float | None:
+        """When next_chunk() may have something new without more input.
+
+        ``room``: False while the owner can take no payload (a full ring): then
+        only a +++ can come (the interval of bytes that cannot go is no reason
+        to look again: past, it would call for a look at once, again and again)."""
         times = []
         if self._plus:
             times.append(self._plus_at + GUARD)
-        if self._buf and self._timed:
+        if self._buf and self._timed and room:
             times.append(self._arrivals[0][1] + self.interval)
         return min(times) if times else None
 

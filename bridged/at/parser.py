@@ -108,9 +108,13 @@ class DataComplete:
 
 @dataclass(frozen=True, slots=True)
 class DataEscaped:
-    """+++ ended the data phase; ``length`` payload bytes had been taken."""
+    """+++ ended the data phase; ``length`` payload bytes had been taken.
+
+    ``leftover``: a stream's payload (AT+CIPSENDL, passthrough) taken before the
+    +++ but not handed out in a DataChunk (the owner had no room for it)."""
 
     length: int
+    leftover: bytes = b""
 
 
 class _NeedData:
@@ -224,9 +228,10 @@ class Parser:
         """AT+CIPSEND's data phase: the next ``length`` bytes are payload."""
         self.start_data(DataKind.SEND, length, now)
 
-    def deadline(self) -> float | None:
-        """When next_event() may produce something without new input."""
-        return self._data.deadline() if self._data is not None else None
+    def deadline(self, room: bool = True) -> float | None:
+        """When next_event() may produce something without new input (``room``: False while
+        the owner can take no payload)."""
+        return self._data.deadline(room) if self._data is not None else None
 
     # -- output ----------------------------------------------------------------
 
@@ -290,7 +295,7 @@ class Parser:
         out = machine.next_chunk(now, limit)
         if isinstance(out, Escape):
             self._end_data()
-            return DataEscaped(machine.taken)
+            return DataEscaped(machine.taken, machine.leftover())
         if out:
             return DataChunk(out)
         if machine.complete:

@@ -8,9 +8,16 @@ the whole payload is admitted into the ring, SEND FAIL if the link goes
 first or so_sndtimeo passes while part of it waits for room.  While the ring
 is full the front asks the worker for its space doorbell (otherwise the
 worker never rings it, and the front needs no wake-up per send), and a send
-still streaming stops reading the port (the tty buffer fills, RTS drops); a
+still streaming stops reading the port (the tty buffer fills, RTS drops),
+then listens for +++ into a bounded buffer (``uart.reading._hold_stream``); a
 complete one waiting for room has input refused, busy p... (the session's
 AWAITING_SEND_OK), so AT+RST still restarts.
+
++++ ends a stream whatever room its ring has.  The bytes it had read but not
+yet put into the ring are the MCU's, sent before it escaped: they go out as
+room comes (``sending.Leftover``), ahead of the next send on the link.  (ESP-AT
+drops the UART bytes before the pattern its core had not taken yet; keeping
+them loses nothing the MCU sent, and a peer that reads sees one stream.)
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from bridged.commands.options import SysMsg
 from bridged.commands.registry import SendRequest
 from bridged.uart.downlink import Passthrough
 from bridged.uart.links import Slot
-from bridged.uart.sending import Send
+from bridged.uart.sending import Leftover, Send
 from bridged.uart.transcript import MarkKind
 
 __all__ = ["DataPhases"]
@@ -49,6 +56,7 @@ class DataPhases:
         report, transmit = state.sendl_cfg
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
+        self.sending.ahead = self._leftover_for(request.link_id)  # an escaped stream's rest goes first
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
         self.session.handle(_prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000),
                             self.loop.time())
@@ -76,17 +84,18 @@ class DataPhases:
         elif cls is DataComplete:
             self._payload_complete(event.length)
         elif cls is DataEscaped:
-            self._payload_escaped()
+            self._payload_escaped(event.leftover)
         else:  # NEED_DATA
             if room == 0:
                 self._wait_room(send)  # reading resumes when the worker makes room
-            self._arm_timer()
+            self._arm_timer(room != 0)
             return False
         return True
 
-    def _arm_timer(self) -> None:
-        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL."""
-        deadline = self.parser.deadline()
+    def _arm_timer(self, room: bool = True) -> None:
+        """One timer for the data phase: the +++ guard time and AT+TRANSINTVL (not while
+        the ring is full: the room's doorbell or poll brings the next look)."""
+        deadline = self.parser.deadline(room)
         if self._timer is not None:
             if deadline is not None and self._timer_at == deadline:
                 return  # already set for that time
@@ -125,11 +134,13 @@ class DataPhases:
         if effects.deadline is not None:
             self.loop.call_at(effects.deadline, self._send_timed_out, send, effects.deadline)
 
-    def _payload_escaped(self) -> None:
+    def _payload_escaped(self, leftover: bytes) -> None:
         send, self.sending = self.sending, None
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_END, link=send.slot.link_id, escaped=True)
         self._stop_waiting_room()
+        self._resume_reading()  # command mode (the port may have been held for the full ring)
+        self._keep_leftover(send, leftover)
         effects = self.session.handle(Escaped(quitt=SysMsg.QUIT_MESSAGE in self.ctx.state.sysmsg), self.loop.time())
         if send.kind is DataKind.PASSTHROUGH:
             log.info("passthrough_left", link_id=send.slot.link_id)
@@ -137,6 +148,68 @@ class DataPhases:
         else:
             log.info("send_cancelled", link_id=send.slot.link_id)
         self.output.reply(effects.out)
+
+    def _keep_leftover(self, send: Send, data: bytes = b"") -> None:
+        """A send ended: what it still held for the link goes out as room comes
+        (``sending.Leftover``), while the MCU is back in command mode.  That is
+        an escaped stream's bytes read but not yet in its full ring, behind what
+        an earlier escape left in front of this send (``Send.ahead``): a send
+        cancelled, failed or escaped again does not take those with it."""
+        leftover, send.ahead = send.ahead, None
+        if leftover is None:
+            if not data:
+                return
+            leftover = Leftover(send, data)
+        else:
+            leftover.data += data  # the MCU sent these after the earlier ones
+        link_id = send.slot.link_id
+        if not leftover.alive():
+            log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
+                        why="the link ended before its ring had room for them")
+            return
+        if leftover.push():
+            return
+        log.info("escaped_bytes_kept", link_id=link_id, bytes=len(leftover.data))
+        self._leftovers[link_id] = leftover
+        if self._leftover_poll is None:
+            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+
+    def _drop_leftovers(self) -> None:
+        """A restart: the links go unheard, and what +++ left of their streams with them."""
+        pending = list(self._leftovers.values())
+        if self.sending is not None and self.sending.ahead is not None:
+            pending.append(self.sending.ahead)
+            self.sending.ahead = None
+        for leftover in pending:
+            log.info("escaped_bytes_dropped", link_id=leftover.slot.link_id, bytes=len(leftover.data),
+                     why="restart")
+        self._leftovers.clear()
+        if self._leftover_poll is not None:
+            self._leftover_poll.cancel()
+            self._leftover_poll = None
+
+    def _leftover_for(self, link_id: int) -> Leftover | None:
+        leftover = self._leftovers.pop(link_id, None)
+        if leftover is not None and not leftover.alive():
+            log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
+                        why="the link ended before its ring had room for them")
+            return None
+        return leftover
+
+    def _push_leftovers(self) -> None:
+        """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL:
+        a few KiB at most, so no doorbell).  A send started on the link meanwhile took its own."""
+        self._leftover_poll = None
+        for link_id, leftover in list(self._leftovers.items()):
+            if not leftover.alive():
+                log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
+                            why="the link ended before its ring had room for them")
+                del self._leftovers[link_id]
+            elif leftover.push():
+                log.info("escaped_bytes_sent", link_id=link_id)
+                del self._leftovers[link_id]
+        if self._leftovers:
+            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
 
     def _send_timed_out(self, send: Send, deadline: float) -> None:
         if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:
@@ -158,7 +231,8 @@ class DataPhases:
         """The send waits for room in its uplink ring: hear the worker.
 
         A send still streaming stops reading (its payload waits in the port: flow
-        control); a complete one leaves the port read, and what comes is refused
+        control; later it listens for +++, ``uart.reading``); a complete one
+        leaves the port read, and what comes is refused
         (busy p..., AT+RST forces a restart), as ESP-AT's receive task goes on
         while its AT task blocks in send(): else a peer that never reads would
         leave the MCU no way out.
@@ -170,7 +244,7 @@ class DataPhases:
         does for its downlink).
         """
         if not send.complete:
-            self._pause_reading()
+            self._hold_stream(send)  # uart.reading: stopped, then listening for +++
         slot = send.slot
         self._room_need = send.room_needed()
         if self._room_slot is slot:
@@ -278,6 +352,8 @@ class DataPhases:
             self._wait_room(send)
 
     def _finish_send(self, result: bytes, process: bool = True) -> None:
+        if self.sending is not None:
+            self._keep_leftover(self.sending)  # a leftover it waited behind (SEND FAIL) is not its own
         self.sending = None
         if self._room_slot is not None:
             self._stop_waiting_room()

@@ -110,6 +110,8 @@ class Downlink:
     def _passthrough_resume(self, slot: Slot) -> None:
         """The passthrough link is back (reconnected, or a new server client)."""
         if self.session.state is State.PASSTHROUGH:
+            if self.sending is not None:
+                self._keep_leftover(self.sending)  # a leftover it waited behind went with the old link (logged)
             self.sending = Send(slot, DataKind.PASSTHROUGH, 0, block=self.config.links.chunk)
             if SysMsg.PASSTHROUGH_STATUS in self.ctx.state.sysmsg:
                 self.output.urc(connected_message(self.ctx, slot.view))
@@ -223,6 +225,9 @@ class Downlink:
         else:
             self._stop_waiting_room()
             self._resume_reading()  # the rest of the payload is read and dropped
+            # ... and so is what a full ring left buffered (a passthrough that reconnects
+            # must not send the old stream's tail to its new peer).
+            self.loop.call_soon(self._process)
 
     def link_closed(self, slot: Slot, reason: str) -> None:
         log.info("link_lost", link_id=slot.link_id, reason=reason)

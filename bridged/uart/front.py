@@ -68,7 +68,7 @@ from bridged.uart.pacing import PacedInput, line_of, wanted
 from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort, drain
 from bridged.uart.reading import PortReading
 from bridged.uart.replug import Replug
-from bridged.uart.sending import Send
+from bridged.uart.sending import Leftover, Send
 from bridged.uart.server import Server
 from bridged.uart.transcript import MarkKind, Transcript
 
@@ -158,6 +158,11 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
+        self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.dataphase)
+        self._leftover_poll: asyncio.TimerHandle | None = None
+        self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
+        self._listen_timer: asyncio.TimerHandle | None = None
+        self._side_full = False  # ... and the bytes it may hold meanwhile are all taken
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -350,6 +355,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.ctx = self._new_context()
         dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
         self.parser = Parser(self.config.uart.max_line)
+        self._drop_leftovers()
         self.sending = None
         self._stop_waiting_room()
         self._leave_passthrough()

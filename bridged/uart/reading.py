@@ -5,19 +5,26 @@ Theory of operation.  The read gate (``bridged.readgate``) calls
 is done with the bytes is the session's (``bridged.at.session.Input``):
 dropped while booting, refused with ``busy p...`` while a command or a send
 waits, left in the port while an answer's after-action waits, parsed
-otherwise.  A device that hangs up is waited for (``uart.replug``).
+otherwise.  A device that hangs up is waited for (``uart.replug``).  A
+stream's full ring holds the port, then has it read for +++ into a bounded
+buffer (``_hold_stream``).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 import structlog
 
 from bridged.at import format as fmt
 from bridged.at.session import Input
 from bridged.ipc.messages import PortFailed
+from bridged.uart.flow import Flow
+
+if TYPE_CHECKING:
+    from bridged.uart.sending import Send
 
 __all__ = ["PortReading"]
 
@@ -30,6 +37,8 @@ _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _PAUSE = "coalesce"  # the read gate's hold for a coalescing pause (ended by the tick alone)
+_LISTEN_AFTER = 1.0  # seconds a stream's full ring holds the port before it is read for +++
+_SIDE = 32768  # bytes of a stream a full ring may hold back while the port is read for +++
 _GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
 
 
@@ -37,13 +46,69 @@ class PortReading:
     """Reading the port; a part of ``bridged.uart.front.Front`` (uses its attributes)."""
 
     def _resume_reading(self) -> None:
+        self._end_listening()
         if self._replug is not None and self._replug.away:
             return  # the device is gone: reading resumes when it is back
         self._gate.open(self.fd)
 
     def _pause_reading(self) -> None:
+        self._end_listening()
         self._gate.shut()
         self._hold_off()
+
+    # -- a stream's ring is full: held, then listening for +++ ---------------------
+
+    def _hold_stream(self, send: Send) -> None:
+        """A stream (AT+CIPSENDL, passthrough) waits for room in its ring.
+
+        Its input is held back at once (flow control: RTS, or the tty's buffer
+        fills and stops the MCU).  But ESP-AT hears +++ whatever its send buffer
+        holds, and an MCU whose stream stalled sends +++ to get out: so after
+        _LISTEN_AFTER the port is read again, its bytes kept in the data
+        machine's buffer (they go into the ring first when room comes), until it
+        holds _SIDE bytes: enough for what a tty buffers (a pty ~20 KiB) and a
+        +++ behind it.  Then the port is held until room comes, and the log says so.
+        """
+        if self._listening:
+            if self._side_room() > 0:
+                return  # keep reading: a +++ may come
+            self._side_held(send)
+        self._gate.shut()
+        self._hold_off()
+        if self._listen_timer is None and not self._side_full:
+            self._listen_timer = self.loop.call_later(_LISTEN_AFTER, self._listen, send)
+
+    def _listen(self, send: Send) -> None:
+        self._listen_timer = None
+        if self.sending is not send or self._room_slot is not send.slot or self.parser.data is None:
+            return  # room came, or the send ended meanwhile
+        if self._replug is not None and self._replug.away:
+            return
+        log.info("uart_listening", link_id=send.slot.link_id, held=self.parser.data.buffered, side=_SIDE,
+                 why="the uplink ring is full: the port is read for +++ into a bounded buffer")
+        self._listening = True
+        self._gate.open(self.fd)
+
+    def _side_room(self) -> int:
+        data = self.parser.data
+        return _SIDE - data.buffered if data is not None else 0
+
+    def _side_held(self, send: Send) -> None:
+        self._listening = False
+        self._side_full = True
+        flow = Flow(self._serial.settings.flow).name.lower() if self._serial is not None else "pty"
+        # Flow control (a pty's writer blocks alike) holds the MCU: that is its job. Without it,
+        # a real UART's driver drops what overflows: worth a warning.
+        say = log.warning if flow == "none" else log.info
+        say("uart_input_held", link_id=send.slot.link_id, held=self.parser.data.buffered, flow=flow,
+            why="the uplink ring and the +++ buffer are full: input stays in the port until room comes "
+                "(flow control holds the MCU; without it the UART driver drops what overflows, +++ included)")
+
+    def _end_listening(self) -> None:
+        self._listening = self._side_full = False
+        if self._listen_timer is not None:
+            self._listen_timer.cancel()
+            self._listen_timer = None
 
     def _hold_off(self) -> None:
         """Input is held back (RTS): the paced line idles meanwhile, it does not fall behind."""
@@ -60,6 +125,11 @@ class PortReading:
         if self.output.backlogged and self._backlogged():
             return
         size = _READ_SIZE if self._paced is None else self._paced.budget()
+        if self._listening:
+            size = min(size, self._side_room())
+            if size <= 0:
+                self._hold_stream(self.sending)  # held: the +++ buffer is full
+                return
         if not size:
             return  # the line is busy: read again when it has room
         try:
@@ -95,7 +165,7 @@ class PortReading:
         now = self.loop.time()
         self.parser.receive_bytes(data, now)
         self._process()
-        if self._paced is None:  # paced reads come in slices already
+        if self._paced is None and not self._listening:  # paced reads come in slices already
             if len(data) >= _COALESCE_MIN:
                 self._coalesce(len(data), now)
             else:

@@ -35,7 +35,7 @@ from bridged.ipc import records
 from bridged.ipc.rings import Ring
 from bridged.uart.slots import Slot, SlotState
 
-__all__ = ["Send"]
+__all__ = ["Leftover", "Send"]
 
 log = structlog.get_logger()
 
@@ -65,6 +65,7 @@ class Send:
         self.dropped = 0  # streamed while the link was down (or after so_sndtimeo passed)
         self.timed_out = False  # so_sndtimeo passed while a stream waited for room: the rest is dropped
         self.moved_at = 0.0  # loop time a chunk of the stream last went into the ring
+        self.ahead: Leftover | None = None  # an escaped stream's bytes that go before this payload
 
     # -- state -------------------------------------------------------------------
 
@@ -80,6 +81,8 @@ class Send:
         """How many payload bytes the parser may hand out now (None: any)."""
         if not self.streaming or not self.alive():
             return None
+        if self.ahead is not None and not self._push_ahead():
+            return 0
         free = self.slot.uplink.free()
         if not self.datagram:
             return free
@@ -91,10 +94,13 @@ class Send:
         """Free ring bytes worth resuming for: a gathered datagram's whole record,
         else a few (a doorbell for a sliver of room would wake us for nothing)."""
         if self.datagram:
-            return (len(self.gathered) if self.gathered is not None else self.block) + _RECORD_SLACK
-        if self.gathered is not None:
-            return max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
-        return _RECORD_SLACK
+            need = (len(self.gathered) if self.gathered is not None else self.block) + _RECORD_SLACK
+        elif self.gathered is not None:
+            need = max(1, min(_RECORD_SLACK, len(self.gathered) - self.queued))
+        else:
+            need = _RECORD_SLACK
+        # A leftover ahead goes in first: room for less than its next record would wake us to no end.
+        return need if self.ahead is None else max(need, self.ahead.room_needed())
 
     @property
     def waiting(self) -> bool:
@@ -132,6 +138,8 @@ class Send:
         """Queue gathered bytes as the ring makes room."""
         if self.gathered is None or self.end is not None or not self.alive():
             return
+        if self.ahead is not None and not self._push_ahead():
+            return
         ring = self.slot.uplink
         if self.datagram:
             if len(self.gathered) + _RECORD_SLACK > ring.capacity:
@@ -150,6 +158,12 @@ class Send:
         self.admitted = self.queued
         if self.queued == len(self.gathered):
             self.end = self.start + self.queued
+
+    def _push_ahead(self) -> bool:
+        """Admit what an escaped stream left on this link first; True once it is all in."""
+        if self.ahead.push():
+            self.ahead = None
+        return self.ahead is None
 
     def _too_big(self, capacity: int) -> None:
         """A datagram the ring can never hold: it fails, as one lwIP has no buffer for."""
@@ -173,6 +187,47 @@ class Send:
     def result(self) -> bytes | None:
         """SEND OK, SEND FAIL, or None while part of it waits for room (bridged.at.session's rule)."""
         return send_result(self.complete, self.end is not None, self.alive(), self.dropped)
+
+
+class Leftover:
+    """Bytes a stream (AT+CIPSENDL, passthrough) had taken from the MCU but not yet
+    put into its full ring when +++ ended it.  The MCU sent them before it
+    escaped, and the link stays open: they go out as the ring makes room, ahead
+    of anything a later send puts on the link (``Send.ahead``).  If the link
+    ends first they are dropped (logged by the owner), as the ring's own are."""
+
+    def __init__(self, send: Send, data: bytes) -> None:
+        self.slot = send.slot
+        self.conn_id = send.conn_id
+        self.datagram = send.datagram
+        self.remote = send.remote
+        self.block = send.block
+        self.data = bytearray(data)
+
+    def alive(self) -> bool:
+        slot = self.slot
+        return (slot.conn_id == self.conn_id and self.conn_id is not None and not slot.ended
+                and slot.state is SlotState.OPEN)
+
+    def room_needed(self) -> int:
+        """Free ring bytes that let push() make progress (a datagram goes whole)."""
+        if self.datagram:
+            return min(self.block, len(self.data)) + _RECORD_SLACK
+        return max(1, min(_RECORD_SLACK, len(self.data)))
+
+    def push(self) -> bool:
+        """Put as much as fits into the ring; True once nothing is left (or the link is gone)."""
+        if not self.alive():
+            return True
+        ring = self.slot.uplink
+        if not self.datagram:
+            del self.data[:ring.put_nowait(self.data)]
+        while self.datagram and self.data:
+            piece = bytes(self.data[:self.block])  # one block per datagram, as the stream queued them
+            if not records.put_record(ring, records.DATA, piece, self.remote):
+                break
+            del self.data[:len(piece)]
+        return not self.data
 
 
 def _admit(ring: Ring, data: bytes | bytearray) -> int:

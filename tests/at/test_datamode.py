@@ -719,6 +719,70 @@ def test_escape_leaves_passthrough_through_parser():
     assert isinstance(event, CommandLine) and event.name == "+CIPMODE"
 
 
+@pytest.mark.parametrize("kind", STREAMING)
+def test_escape_with_no_room_keeps_the_streams_leftover(kind):
+    """+++ while the owner has no room (a full ring) still escapes; the stream's bytes taken before it
+    and never handed out come with DataEscaped, in order; what follows +++ is command input."""
+    parser = Parser()
+    parser.start_data(kind, 1 << 20, T0, chunk=4, interval=G)
+    parser.receive_bytes(b"abcdefgh", T0 + 0.1)
+    assert parser.next_event(2, T0 + 0.1) == DataChunk(b"ab")
+    assert parser.next_event(0, T0 + 0.1) is NEED_DATA  # the ring is full: cdefgh wait
+    parser.receive_bytes(b"ijk", T0 + 0.5)
+    parser.receive_bytes(b"+++", T0 + 1.0)
+    assert parser.next_event(0, T0 + 1.0) is NEED_DATA
+    assert parser.next_event(0, T0 + 1.0 + G) == DataEscaped(11, b"cdefghijk")
+    parser.receive_bytes(b"AT\r\n", T0 + 2.0)
+    assert parser.next_event(None, T0 + 2.0) == CommandLine(b"AT\r\n", "", Kind.EXECUTE)
+
+
+def test_escape_in_send_with_no_room_leaves_nothing():
+    """AT+CIPSEND's +++ cancels the whole send: no leftover, whatever was buffered."""
+    machine = make(SEND, 10)
+    machine.feed(b"abc", T0 + 0.1)
+    machine.feed(b"+++", T0 + 0.5)
+    assert drain(machine, T0 + 0.5 + G, limit=0) == [Escape()]
+    assert machine.leftover() == b""
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+def test_deadline_without_room_is_the_plus_guard_only(kind):
+    """With no room the interval of bytes that cannot go is no deadline (a past one would wake the owner
+    again and again); a +++ candidate's guard still is."""
+    machine = make(kind, 1 << 20)
+    machine.feed(b"data", T0 + 0.1)
+    assert machine.deadline() == T0 + 0.1 + G
+    assert machine.deadline(room=False) is None
+    machine.feed(b"+++", T0 + 0.5)
+    assert machine.deadline(room=False) == T0 + 0.5 + G
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+@pytest.mark.parametrize("pieces", [
+    [(0.5, b"+++x")],  # a byte within the guard after: no escape
+    [(0.5, b"x+++")],  # a byte within the guard before
+    [(0.5, b"++++")],  # four
+    [(0.5, b"+"), (0.5 + G / 2, b"++x")],  # split, then a byte in the guard after
+    [(0.5, b"+"), (0.5 + 2 * G, b"++")],  # split by a silence: three candidates that are data
+])
+def test_broken_escapes_with_no_room_stay_data_in_order(kind, pieces):
+    """While the ring is full (no room) a +++ whose guard a byte breaks, four +, or a split +++ is data:
+    no escape, and once room comes every byte goes out in the order it came."""
+    machine = make(kind, 1 << 20)
+    machine.feed(b"head", T0 + 0.1)
+    sent = b"head"
+    out = drain(machine, T0 + 0.1, limit=0)
+    for at, data in pieces:
+        machine.feed(data, T0 + at)
+        sent += data
+        out += drain(machine, T0 + at, limit=0)
+    out += drain(machine, T0 + 2.0, limit=0)  # long after: any guard time has passed
+    out += drain(machine, T0 + 2.0)  # room comes
+    assert not any(isinstance(item, Escape) for item in out)
+    assert payload_of(out) == sent
+    assert machine.leftover() == b""
+
+
 # -- hypothesis -----------------------------------------------------------------------------------
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

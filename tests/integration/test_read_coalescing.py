@@ -28,8 +28,9 @@ def _unread(slave: int) -> int:
 @pytest.mark.parametrize("attempt", range(3))
 def test_a_full_ring_keeps_the_port_unread_through_coalescing_ticks(tmp_path, attempt):
     """AT+CIPSENDL streamed at UART pace into a ring the stopped worker never drains: once the
-    ring is full, bytes the MCU writes later stay in the pty until room is made (the coalescing
-    tick used to reopen the read a full ring had shut: one more read), and then all arrive."""
+    ring is full, bytes the MCU writes later stay in the pty until room is made, or for the first
+    second, after which the front listens for +++ (uart.reading: the coalescing tick used to reopen
+    the read a full ring had shut at once: one more read), and then all arrive."""
     master, slave = os.openpty()
     tty.setraw(slave)
     server = socket.create_server(("127.0.0.1", 0))

@@ -37,6 +37,9 @@ class _Front(DataPhases):
     def _pause_reading(self) -> None:
         pass
 
+    def _hold_stream(self, send: Send) -> None:
+        pass
+
     def _resume_reading(self) -> None:
         self.resumed += 1
 

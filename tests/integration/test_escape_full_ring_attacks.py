@@ -1,0 +1,357 @@
+"""+++ with a full uplink ring, attacked: what a +++ left of a stream (its leftover) against later sends,
+a second escape, a link that ends, a restart, and +++ split or broken while the front listens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import socket
+import struct
+import threading
+import time
+
+import psutil
+
+from tests.harness import Host
+from tests.integration.test_escape_full_ring import (
+    _DeafPeer,
+    _enter_passthrough,
+    _escape_when_heard,
+    _stream_until_stalled,
+)
+
+
+def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer) -> bytes:
+    """Passthrough into a deaf peer until it stalls, then +++: some of it waits in the front (a leftover);
+    what was streamed."""
+    _enter_passthrough(host, peer)
+    sent = _stream_until_stalled(host)
+    _escape_when_heard(host)
+    host.expect(b"\r\n+QUITT\r\n", timeout=3)
+    assert daemon.wait_event("escaped_bytes_kept")
+    return sent
+
+
+def _reset(peer: _DeafPeer) -> None:
+    """The peer resets the connection (RST, unread data and all)."""
+    peer.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.conn.close()
+    peer.conn = None
+
+
+def _only_new_bytes_on_a_new_link(host: Host) -> None:
+    """A new link on id 0 to a fresh peer: it gets this send's bytes and nothing else."""
+    fresh = _DeafPeer()
+    try:
+        assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
+        assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % fresh.port) == b"CONNECT\r\n\r\nOK\r\n"
+        fresh.accept()
+        assert b"SEND OK" in host.send_data(b"AT+CIPSEND=4", b"new!")
+        assert fresh.read_all(1 << 20, timeout=1.0) == b"new!"
+    finally:
+        fresh.close()
+
+
+def _same(got: bytes, want: bytes) -> bool:
+    return len(got) == len(want) and hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
+
+
+def test_a_second_passthrough_escaped_behind_the_leftover_keeps_both(daemon, host):
+    """Passthrough again while the first one's leftover waits, a few bytes, +++: the peer gets the first
+    session's bytes, then the second's, none lost (the second escape must not drop the first leftover)."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        host.write(b"AT+CIPSEND\r\n")
+        host.expect(b"\r\nOK\r\n\r\n>")
+        time.sleep(0.1)
+        host.write(b"second")  # the ring is still full: held, then heard after 1 s
+        time.sleep(1.5)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=3)
+        assert host.ask(b"AT") == b"\r\nOK\r\n"
+        got = peer.read_all(len(sent) + 6)
+        assert _same(got, sent + b"second")
+    finally:
+        peer.close()
+
+
+def test_plus_split_across_the_listen_boundary_is_data(daemon, host):
+    """Behind a leftover the ring is full at once: a '+' written while the port is held and '++' after
+    the front listens again are no escape; they go to the peer as data, in order, and a real +++ then
+    leaves."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        host.write(b"AT+CIPSEND\r\n")
+        host.expect(b"\r\nOK\r\n\r\n>")
+        time.sleep(0.1)
+        host.write(b"x")  # read: the ring has no room, the port is held
+        time.sleep(0.1)
+        host.write(b"+")  # waits in the port
+        time.sleep(1.5)  # the front listens again and reads it
+        host.write(b"++")
+        assert b"QUITT" not in host.read_quiet(0.5)
+        host.write(b"++++")  # four: data too
+        assert b"QUITT" not in host.read_quiet(0.5)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=3)
+        got = peer.read_all(len(sent) + 8)
+        assert _same(got, sent + b"x+++++++")
+    finally:
+        peer.close()
+
+
+def test_a_cancelled_send_behind_the_leftover_keeps_it(daemon, host):
+    """AT+CIPSEND cancelled by +++ while a leftover waits in front of it: the leftover still goes out."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
+        host.write(b"AT+CIPSEND=10\r\n")
+        host.expect(b">")
+        host.write(b"abc")
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"SEND Canceled\r\n", timeout=3)
+        assert host.ask(b"AT") == b"\r\nOK\r\n"
+        got = peer.read_all(len(sent))
+        assert _same(got, sent)
+    finally:
+        peer.close()
+
+
+def test_so_sndtimeo_behind_the_leftover(daemon, host):
+    """so_sndtimeo passes while AT+CIPSEND=<len> waits behind a leftover: SEND FAIL (not SEND OK before its
+    bytes are in the ring), and the leftover, sent by the MCU before, still goes out; the payload not."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        assert host.ask(b"AT+CIPTCPOPT=-1,0,500") == b"\r\nOK\r\n"
+        assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
+        host.write(b"AT+CIPSEND=5\r\n")
+        host.expect(b">")
+        host.write(b"after")
+        answer = host.expect(b"SEND FAIL\r\n", timeout=3)
+        assert b"SEND OK" not in answer
+        got = peer.read_all(len(sent) + 5, timeout=10)
+        assert _same(got, sent)
+    finally:
+        peer.close()
+
+
+def test_a_send_behind_the_leftover_has_send_ok_only_once_it_is_in(daemon, host):
+    """AT+CIPSEND=<len> behind a leftover: no SEND OK while the leftover holds the ring; SEND OK once the
+    peer reads."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
+        host.write(b"AT+CIPSEND=5\r\n")
+        host.expect(b">")
+        host.write(b"after")
+        assert b"SEND" not in host.read_quiet(0.5)
+        got = peer.read_all(len(sent) + 5)
+        host.expect(b"SEND OK\r\n", timeout=10)
+        assert _same(got, sent + b"after")
+    finally:
+        peer.close()
+
+
+def test_peer_reset_behind_the_leftover_fails_the_send_once(daemon, host):
+    """The peer resets while AT+CIPSEND waits behind a leftover: SEND FAIL, one CLOSED, the leftover dropped
+    and logged; a new link on the same id gets nothing of the old bytes."""
+    peer = _DeafPeer()
+    try:
+        _escape_with_leftover(daemon, host, peer)
+        assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
+        host.write(b"AT+CIPSEND=5\r\n")
+        host.expect(b">")
+        host.write(b"after")
+        time.sleep(0.2)
+        _reset(peer)
+        host.expect(b"SEND FAIL\r\n", timeout=5)
+        host.expect(b"CLOSED\r\n", timeout=5)
+        assert daemon.wait_event("escaped_bytes_dropped")
+        assert b"CLOSED" not in host.read_quiet(0.5)
+        _only_new_bytes_on_a_new_link(host)
+    finally:
+        peer.close()
+
+
+def test_restart_with_a_leftover_pending(daemon, host):
+    """AT+RST while a leftover waits: it is dropped (logged), and nothing of it reaches a link opened after."""
+    peer = _DeafPeer()
+    try:
+        _escape_with_leftover(daemon, host, peer)
+        host.write(b"AT+RST\r\n")
+        host.expect(b"ready\r\n", timeout=10)
+        host.expect(b"WIFI GOT IP\r\n", timeout=10)
+        host.command(b"ATE0")
+        assert daemon.wait_event("escaped_bytes_dropped")
+        _only_new_bytes_on_a_new_link(host)
+    finally:
+        peer.close()
+
+
+def test_front_idles_while_a_leftover_waits(daemon, host):
+    """A leftover waiting for a peer that never reads costs the front next to nothing (no spin), and once
+    the link ends the poll for it stops."""
+    peer = _DeafPeer()
+    try:
+        _escape_with_leftover(daemon, host, peer)
+        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front = psutil.Process(front_pid)
+        before = sum(front.cpu_times()[:2])
+        time.sleep(2.0)
+        assert sum(front.cpu_times()[:2]) - before < 0.3
+        _reset(peer)
+        host.expect(b"CLOSED\r\n", timeout=5)
+        assert daemon.wait_event("escaped_bytes_dropped")
+    finally:
+        peer.close()
+
+
+def _reader(peer: _DeafPeer, count: int) -> tuple[threading.Thread, list[bytes]]:
+    """The peer starts reading (in a thread) while the MCU still streams."""
+    out: list[bytes] = []
+    thread = threading.Thread(target=lambda: out.append(peer.read_all(count, timeout=60)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _stream(host: Host, count: int) -> bytes:
+    """``count`` random bytes written as the daemon takes them."""
+    data = os.urandom(count)
+    host.write(data)
+    return data
+
+
+def test_room_back_while_listening_keeps_the_order(daemon, host):
+    """Room comes back while the front listens with bytes in the +++ buffer, and the MCU streams on: the
+    peer gets every byte in order (those of the buffer before the new ones), then +++ leaves."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        sent = _stream_until_stalled(host)
+        _, writable, _ = select.select([], [host.fd], [], 5.0)
+        assert writable  # listening
+        sent += _stream(host, 8192)  # into the +++ buffer
+        more = os.urandom(1 << 20)
+        thread, got = _reader(peer, len(sent) + len(more))
+        host.write(more)
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=10)
+        thread.join(70)
+        assert _same(got[0], sent + more)
+    finally:
+        peer.close()
+
+
+def test_room_back_after_the_hold_keeps_the_order(daemon, host):
+    """The +++ buffer filled and the MCU is held (uart_input_held); room comes back: every byte reaches the
+    peer in order, and the front reads on as the ring drains."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        sent = _stream_until_stalled(host)
+        sent += _stream_until_stalled(host, stall=2.0)
+        assert daemon.wait_event("uart_input_held")
+        more = os.urandom(256 << 10)
+        thread, got = _reader(peer, len(sent) + len(more))
+        host.write(more)
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=10)
+        thread.join(70)
+        assert _same(got[0], sent + more)
+    finally:
+        peer.close()
+
+
+def test_a_reconnected_passthrough_gets_nothing_of_the_old_stream(daemon, host):
+    """The peer resets while passthrough listens with bytes in the +++ buffer; the link reconnects
+    (AT+CIPRECONNINTV): the new connection gets only what the MCU sends after, not the old stream's tail."""
+    peer = _DeafPeer()
+    try:
+        host.command(b"AT+CIPRECONNINTV=1")
+        _enter_passthrough(host, peer)
+        _stream_until_stalled(host)
+        _, writable, _ = select.select([], [host.fd], [], 5.0)
+        assert writable  # listening
+        _stream(host, 4096)  # into the +++ buffer
+        time.sleep(0.1)
+        _reset(peer)
+        assert daemon.wait_event("passthrough_reconnected", timeout=10)
+        fresh = peer.accept()
+        time.sleep(0.3)
+        host.write(b"fresh")
+        assert peer.read_all(1 << 20, timeout=1.0) == b"fresh"
+        time.sleep(0.1)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=3)
+        fresh.close()
+    finally:
+        peer.close()
+
+
+def test_wifi_drop_then_close_with_a_leftover_pending(daemon, host):
+    """AT+CWQAP while a leftover waits (the link stays, as here it does), then AT+CIPCLOSE: OK, the
+    leftover dropped and logged, and no CLOSED after."""
+    peer = _DeafPeer()
+    try:
+        _escape_with_leftover(daemon, host, peer)
+        assert host.command(b"AT+CWQAP").endswith(b"\r\nOK\r\n")
+        assert host.ask(b"AT+CIPCLOSE", timeout=15).endswith(b"\r\nOK\r\n")
+        assert daemon.wait_event("escaped_bytes_dropped", timeout=5)
+        assert b"CLOSED" not in host.read_quiet(0.5)
+    finally:
+        peer.close()
+
+
+def test_front_idles_through_the_hold_and_the_listening(daemon, host):
+    """A stalled passthrough stream over 3 s (held, then listening from 1 s on with the MCU quiet, then a
+    few bytes into the +++ buffer): the front sleeps throughout (no spin on a readable or a past timer)."""
+    peer = _DeafPeer()
+    try:
+        _enter_passthrough(host, peer)
+        _stream_until_stalled(host)
+        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front = psutil.Process(front_pid)
+        before = sum(front.cpu_times()[:2])
+        time.sleep(1.5)
+        _stream(host, 1000)
+        time.sleep(1.5)
+        assert sum(front.cpu_times()[:2]) - before < 0.4
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=3)
+    finally:
+        peer.close()
+
+
+def test_a_leftover_holds_up_only_its_own_link(daemon, host):
+    """AT+CIPMUX=1: AT+CIPSENDL on link 0 to a deaf peer, cancelled with its ring full (a leftover waits);
+    a send on link 1 meanwhile is SEND OK at once and its peer gets just its bytes; link 0's peer still
+    gets every byte before the +++ once it reads."""
+    peer = _DeafPeer()
+    other = _DeafPeer()
+    try:
+        host.command(b"AT+CIPMUX=1")
+        assert host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % peer.port).endswith(b"OK\r\n")
+        peer.accept()
+        assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % other.port).endswith(b"OK\r\n")
+        other.accept()
+        host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
+        host.expect(b"\r\nOK\r\n\r\n>")
+        sent = _stream_until_stalled(host)
+        _escape_when_heard(host)
+        host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
+        assert daemon.wait_event("escaped_bytes_kept")
+        assert b"SEND OK" in host.send_data(b"AT+CIPSEND=1,5", b"other")
+        assert other.read_all(1 << 20, timeout=1.0) == b"other"
+        assert _same(peer.read_all(len(sent)), sent)
+    finally:
+        peer.close()
+        other.close()

@@ -72,7 +72,7 @@ class Liveness:
 
     def watch(self, child: Child, channel: socket.socket, owned: bool = True) -> None:
         """A child just forked: ping it on ``channel``; an ``owned`` one is
-        read by `read` and closed by `forget`."""
+        read by `tick` (`drain`) and closed by `forget`."""
         self.forget(child)
         if owned:
             channel.setblocking(False)  # read only when a tick is due (`drain`), never waiting

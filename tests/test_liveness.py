@@ -96,3 +96,25 @@ def test_a_supervisor_held_up_counts_one_miss_per_tick():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_answers_are_read_at_the_tick_and_the_next_one_is_due_then():
+    """Nobody calls read: the tick takes the queued answer itself (no miss counted);
+    next_due is the next tick, or a stuck child's SIGKILL if that comes first."""
+    proc, child, ours, theirs, liveness = _setup(misses=1)
+    try:
+        _pings(0.0, liveness)
+        assert liveness.next_due() == 1.0
+        for t in (1.0, 2.0):
+            msg, _ = recv_message(theirs)
+            send_message(theirs, Pong(msg.seq))
+            _pings(t, liveness)
+            assert child.missed == 0 and child.answered == msg.seq and child.kill_at is None
+        _pings(3.0, liveness)  # the ping of 2.0 went unanswered: the one allowed miss
+        assert child.kill_at == 3.0 + KILL_GRACE and liveness.next_due() == 4.0
+        liveness.configure(5.0, 1)
+        _pings(4.0, liveness)
+        assert liveness.next_due() == 3.0 + KILL_GRACE
+    finally:
+        proc.kill()
+        proc.wait()

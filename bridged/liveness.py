@@ -34,6 +34,7 @@ restarts the whole service if the supervisor cannot recover it first.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -98,7 +99,9 @@ class Liveness:
         return self._take(channel)[1]
 
     def drain(self) -> None:
-        """Take every answer queued on the channels we own (`tick` does, before it counts misses)."""
+        """Take the answers queued on the channels we own (`tick` does, before it
+        counts misses): `_DRAIN_MAX` each at most, so a child flooding its channel
+        costs a tick a bounded read (and hides its own answer: a miss)."""
         for channel in self.channels():
             for _ in range(_DRAIN_MAX):
                 if not self._take(channel)[0]:
@@ -114,12 +117,18 @@ class Liveness:
             received = recv_message(channel)
         except (BlockingIOError, InterruptedError):
             return False, None
-        except (OSError, ControlError):
+        except ControlError:  # a packet that is no message: not an answer, and no end either
+            return True, None
+        except OSError:
             received = None
-        if received is None:  # EOF: the child is dying; SIGCHLD follows
-            self.forget(child)
+        if received is None:
+            # EOF: the child is dying (its reaping forgets it), or it closed its end
+            # and lives on (a bug, or hostile): either way it answers no more pings,
+            # and the misses get a live one aborted.  Still watched, never forgotten here.
             return False, None
-        msg, _fds = received
+        msg, fds = received
+        for fd in fds:  # a child has no descriptor to give us: a hostile one would exhaust ours
+            os.close(fd)
         return True, (msg if isinstance(msg, Pong) and self.answered(child, msg) else None)
 
     @staticmethod

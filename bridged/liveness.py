@@ -70,6 +70,8 @@ class Liveness:
 
     def configure(self, interval: float, misses: int) -> None:
         self.interval, self.misses = interval, misses
+        # A reload to a shorter heartbeat applies now, not once the old, longer wait is over.
+        self._next_tick = min(self._next_tick, time.monotonic() + interval)
 
     def watch(self, child: Child, channel: socket.socket, owned: bool = True) -> None:
         """A child just forked: ping it on ``channel``; an ``owned`` one is

@@ -184,3 +184,20 @@ def test_a_child_dying_with_sigterm_is_no_failure(make_daemon):
     t0 = time.monotonic()
     assert daemon.stop() == 0
     assert time.monotonic() - t0 < 3
+
+
+def test_a_reload_to_a_shorter_heartbeat_applies_at_once(make_daemon):
+    """From a 60 s heartbeat, a reload to 0.2 s (2 misses) watches the new session at
+    once: a worker stopped right after it is aborted within seconds, not after the
+    minute the old tick still had to wait."""
+    daemon = make_daemon(LONG_TICK)
+    daemon.expected_errors |= DIED | {"child_unresponsive"}
+    host = daemon.host()
+    host.boot()
+    daemon.write_config("[watchdog]\nheartbeat_ms = 200\nmissed_heartbeats = 2\n")
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    host.expect(b"\r\nready\r\n", timeout=10)
+    pid = daemon.worker_pid(1)
+    os.kill(pid, signal.SIGSTOP)
+    assert daemon.wait_event("child_unresponsive", role="link", link_id=1, timeout=5)[0]["pid"] == pid
+    host.close()

@@ -201,3 +201,25 @@ def test_a_reload_to_a_shorter_heartbeat_applies_at_once(make_daemon):
     os.kill(pid, signal.SIGSTOP)
     assert daemon.wait_event("child_unresponsive", role="link", link_id=1, timeout=5)[0]["pid"] == pid
     host.close()
+
+
+def test_a_front_killed_while_a_worker_restart_is_pending_starts_one_session(make_daemon):
+    """A worker's 1 s backoff restart is pending when the front is killed: the new
+    session forks every worker once (the pending restart is not a second worker 0)
+    and serves."""
+    daemon = make_daemon(LONG_TICK)
+    daemon.expected_errors |= DIED
+    host = daemon.host()
+    host.boot()
+    for n in range(1, 5):  # backoffs 0, 0.25, 0.5, then 1.0: pending
+        os.kill(daemon.worker_pid(0), signal.SIGKILL)
+        daemon.wait_event("child_died", count=n, link_id=0)
+        if n < 4:
+            _started_after(daemon, n + 1, link_id=0, role="link")
+    os.kill(processes(daemon)["front"], signal.SIGKILL)
+    host.expect(b"\r\nready\r\n", timeout=10)
+    assert host.ask(b"AT").endswith(b"OK\r\n")
+    time.sleep(1.2)  # past the pending restart's time
+    _serving(daemon)
+    assert len(daemon.events("child_started")) == 1 + 5 + 3 + 1 + 5
+    host.close()

@@ -12,7 +12,7 @@ import time
 import psutil
 
 from tests.harness import Daemon
-from tests.integration.test_idle import processes
+from tests.integration.test_idle import cpu_seconds, processes
 
 LONG_TICK = "[watchdog]\nheartbeat_ms = 60000\n"
 DIED = {"child_died", "worker_died"}
@@ -73,7 +73,8 @@ def test_a_killed_front_brings_the_session_back_at_once(make_daemon):
 def test_a_backoff_restart_comes_at_its_time_and_sigterm_does_not_wait_for_it(make_daemon):
     """A worker killed four times in a row is forked again after its 1 s backoff (not
     later: nothing else would wake the supervisor for a minute); killed a fifth time,
-    its 2 s restart is pending when SIGTERM comes, and the daemon stops at once, status 0."""
+    its 2 s restart is pending (the supervisor asleep, not spinning) when SIGTERM comes,
+    and the daemon stops at once, status 0."""
     daemon = make_daemon(LONG_TICK)
     daemon.expected_errors |= DIED
     host = daemon.host()
@@ -88,6 +89,10 @@ def test_a_backoff_restart_comes_at_its_time_and_sigterm_does_not_wait_for_it(ma
     assert 0.9 <= delays[-1] < 1.6, delays
     os.kill(daemon.worker_pid(0), signal.SIGKILL)
     daemon.wait_event("child_died", count=5, link_id=0)
+    cpu, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+    time.sleep(0.8)  # the restart is pending: the supervisor sleeps, it does not spin
+    busy = (cpu_seconds(daemon.proc.pid) - cpu) / (time.monotonic() - t0)
+    assert busy < 0.2, f"the supervisor was on the CPU {busy:.0%} of the time"
     t0 = time.monotonic()
     assert daemon.stop() == 0
     assert time.monotonic() - t0 < 1.8

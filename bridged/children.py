@@ -25,6 +25,7 @@ does anything else.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -77,6 +78,7 @@ class Children:
         self.front.pid = self._fork(self.front, target)
         theirs.close()
         self.sup_sock = ours
+        self._front_eof = False
         self.liveness.watch(self.front, ours, owned=False)
         self.report.front_started()
         self.front_ready = False
@@ -191,6 +193,17 @@ class Children:
             for worker in self.workers:
                 if worker.pid:
                     spawn.kill(worker.pid, signal.SIGTERM)
+
+    def _next_restart(self) -> float:
+        """When `_restart_due` has something to do (inf: nothing before a child's exit)."""
+        front = self.front
+        if front.restart_at is not None:
+            if front.failures >= _FRONT_MAX_FAILURES:
+                return 0.0  # the end, at once
+            # The front starts again once its workers are reaped: their SIGCHLD wakes us.
+            return math.inf if any(w.pid for w in self.workers) else front.restart_at
+        return min((w.restart_at for w in self.workers if w.restart_at is not None and not w.pid),
+                   default=math.inf)
 
     def _restart_due(self) -> None:
         """Fork what is due again, or set ``_fatal`` when the front keeps failing."""

@@ -17,6 +17,14 @@ death is then reaped like any crash: logged, restarted with the backoff.
 Counting missed ticks rather than measuring time makes a supervisor that was
 itself held up (a loaded machine) no reason to kill anyone: each tick counts
 at most one miss, and answers queued meanwhile are read before the tick.
+The link workers' answers are read only then (`drain`): nothing waits for
+them sooner, so they cost the supervisor no wake-up of its own; the front's
+come on the supervisor channel, which is read at once for its other messages.
+
+The one periodic wake-up an idle daemon keeps: every child once per
+``heartbeat_ms`` (1 s by default) for its ping, the supervisor once for the
+tick and once for the front's answer.  The supervisor sleeps until the next
+tick (`next_due`), not on a poll.
 
 The service watchdog (WATCHDOG=1) is fed only while the front answers
 (`Liveness.answering`): a front stuck for good stops the pings, and systemd
@@ -26,6 +34,7 @@ restarts the whole service if the supervisor cannot recover it first.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -44,6 +53,7 @@ __all__ = ["KILL_GRACE", "Liveness", "Report", "answer_pings"]
 log = structlog.get_logger()
 
 KILL_GRACE = 2.0  # seconds from SIGABRT (the stack dump) to SIGKILL
+_DRAIN_MAX = 64  # messages taken from one channel per tick at most (a child answers one per ping)
 STATUS_EVERY = 2.0  # seconds between STATUS= updates at most
 
 
@@ -60,11 +70,15 @@ class Liveness:
 
     def configure(self, interval: float, misses: int) -> None:
         self.interval, self.misses = interval, misses
+        # A reload to a shorter heartbeat applies now, not once the old, longer wait is over.
+        self._next_tick = min(self._next_tick, time.monotonic() + interval)
 
     def watch(self, child: Child, channel: socket.socket, owned: bool = True) -> None:
         """A child just forked: ping it on ``channel``; an ``owned`` one is
-        read by `read` and closed by `forget`."""
+        read by `tick` (`drain`) and closed by `forget`."""
         self.forget(child)
+        if owned:
+            channel.setblocking(False)  # read only when a tick is due (`drain`), never waiting
         child.seq = child.answered = child.missed = 0
         child.kill_at = None
         self._channels[channel.fileno()] = (child, channel, owned)
@@ -79,26 +93,45 @@ class Liveness:
         child.kill_at = None
 
     def channels(self) -> list[socket.socket]:
-        """The channels to read (`read`): every owned one."""
+        """The channels we own (`read`, `drain`): every one but the front's."""
         return [channel for _, channel, owned in self._channels.values() if owned]
 
     def read(self, channel: socket.socket) -> Pong | None:
-        """Take one answer from a readable channel; the Pong, if it was one."""
+        """Take one answer from a channel; the Pong, if it answers the last ping."""
+        return self._take(channel)[1]
+
+    def drain(self) -> None:
+        """Take the answers queued on the channels we own (`tick` does, before it
+        counts misses): `_DRAIN_MAX` each at most, so a child flooding its channel
+        costs a tick a bounded read (and hides its own answer: a miss)."""
+        for channel in self.channels():
+            for _ in range(_DRAIN_MAX):
+                if not self._take(channel)[0]:
+                    break
+
+    def _take(self, channel: socket.socket) -> tuple[bool, Pong | None]:
+        """(whether more may be queued, the Pong if one answering the last ping came)."""
         entry = self._channels.get(channel.fileno())
         if entry is None:
-            return None
+            return False, None
         child = entry[0]
         try:
             received = recv_message(channel)
         except (BlockingIOError, InterruptedError):
-            return None
-        except (OSError, ControlError):
+            return False, None
+        except ControlError:  # a packet that is no message: not an answer, and no end either
+            return True, None
+        except OSError:
             received = None
-        if received is None:  # EOF: the child is dying; SIGCHLD follows
-            self.forget(child)
-            return None
-        msg, _fds = received
-        return msg if isinstance(msg, Pong) and self.answered(child, msg) else None
+        if received is None:
+            # EOF: the child is dying (its reaping forgets it), or it closed its end
+            # and lives on (a bug, or hostile): either way it answers no more pings,
+            # and the misses get a live one aborted.  Still watched, never forgotten here.
+            return False, None
+        msg, fds = received
+        for fd in fds:  # a child has no descriptor to give us: a hostile one would exhaust ours
+            os.close(fd)
+        return True, (msg if isinstance(msg, Pong) and self.answered(child, msg) else None)
 
     @staticmethod
     def answered(child: Child, msg: Pong) -> bool:
@@ -112,6 +145,11 @@ class Liveness:
         """The child is alive and answered its last ping before this tick."""
         return bool(child.pid) and child.missed == 0
 
+    def next_due(self) -> float:
+        """When `tick` has something to do: the next pings, or a stuck child's SIGKILL."""
+        kills = [c.kill_at for c, _, _ in self._channels.values() if c.kill_at is not None and c.pid]
+        return min([self._next_tick, *kills])
+
     def tick(self, now: float, ping_for: Callable[[Child, int], Ping]) -> None:
         """Count misses, kill the stuck, send the next pings; SIGKILL those past their grace."""
         for child, _, _ in list(self._channels.values()):
@@ -122,6 +160,7 @@ class Liveness:
         if now < self._next_tick:
             return
         self._next_tick = now + self.interval
+        self.drain()
         for child, channel, _ in list(self._channels.values()):
             if not child.pid or child.kill_at is not None:
                 continue

@@ -5,6 +5,9 @@ Theory of operation (after gunicorn's arbiter): the supervisor runs no event
 loop, so it may fork at any time; children build their own loop after the
 fork and so share the imported code copy-on-write.  Signal handlers only
 enqueue (``signal.set_wakeup_fd``); the main loop calls ``handle_<signame>``.
+The loop sleeps in ``select`` until a signal, a message of the front or the
+next thing due (a heartbeat tick, a restart, the service watchdog's ping),
+never on a fixed poll: an idle supervisor wakes about twice per heartbeat.
 
 What it owns, so that they outlive any child: the rings (two per link slot),
 the pseudo-terminal when there is no serial device, and the supervisor
@@ -35,6 +38,7 @@ workers with it, on the same port (the MCU sees ``ready``, as after AT+RST).
 from __future__ import annotations
 
 import gc
+import math
 import os
 import select
 import signal
@@ -89,6 +93,7 @@ class Supervisor(Children):
         self.served = False  # a front has reached ready since we started
         self._port_failure: str | None = None  # the reason of the running front's PortFailed
         self._fatal: str | None = None  # why we end now (raised as StartError by the loop)
+        self._front_eof = False  # the running front's channel is at its end: read no more
         self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
@@ -159,9 +164,7 @@ class Supervisor(Children):
         watchdog = systemd.watchdog_interval()
         next_ping = time.monotonic()
         while True:
-            fds = [self._wakeup_r] + ([self.sup_sock] if self.sup_sock is not None else [])
-            fds += self.liveness.channels()
-            readable, _, _ = select.select(fds, [], [], 0 if self._signals else 0.1)
+            readable = self._wait(next_ping if watchdog else math.inf)
             if self._wakeup_r in readable:
                 self._take_signals()
             if self._term_requested():
@@ -175,15 +178,27 @@ class Supervisor(Children):
                 raise StartError(self._fatal)
             if self.sup_sock is not None and self.sup_sock in readable:
                 self._on_front_message()
-            for channel in readable:
-                if channel is not self.sup_sock and channel != self._wakeup_r:
-                    self.liveness.read(channel)
             self.liveness.tick(time.monotonic(), self._ping)
             self._restart_due()
             if watchdog and time.monotonic() >= next_ping:
                 next_ping = time.monotonic() + watchdog
                 if self._healthy():
                     systemd.watchdog_ping()
+
+    def _wait(self, watchdog_due: float) -> list:
+        """Sleep until a signal, a message of the front, or the next thing due:
+        liveness's tick (`Liveness.next_due`), a restart (`_next_restart`),
+        the service watchdog's ping.  No polling: an idle daemon on a small
+        board wakes for those only."""
+        fds: list = [self._wakeup_r]
+        if self.sup_sock is not None and not self._front_eof:
+            fds.append(self.sup_sock)
+        if self._signals or self._fatal is not None:
+            timeout: float | None = 0.0  # signals read by `_reaped`, or the end: act now
+        else:
+            due = min(self.liveness.next_due(), self._next_restart(), watchdog_due)
+            timeout = None if due == math.inf else max(0.0, due - time.monotonic())
+        return select.select(fds, [], [], timeout)[0]
 
     def _take_signals(self) -> None:
         self._signals += read_wakeup(self._wakeup_r)
@@ -276,13 +291,17 @@ class Supervisor(Children):
         """Handle one message of the front; False at its EOF or an error."""
         try:
             received = recv_message(self.sup_sock)
-        except OSError:  # nothing queued, or the front is gone (SIGCHLD follows)
+        except BlockingIOError:
+            return False
+        except OSError:  # the front is gone (SIGCHLD follows)
+            self._front_eof = True  # readable for good: stop waiting on it
             return False
         except ControlError as exc:  # the front is a process apart: maybe a compromised one
             log.error("control_message_refused", role="front", error=str(exc))
             return False
         if received is None:
-            return False  # the front died; SIGCHLD follows
+            self._front_eof = True  # the front died (SIGCHLD follows): readable for good
+            return False
         msg, fds = received
         for fd in fds:
             os.close(fd)

@@ -17,7 +17,8 @@ drop itself (``faults.front`` hangs their links up).
 
 AT+CIPSTO: a one-second tick closes server clients idle for that long (data
 in either direction resets the clock); client links the MCU opened are not
-affected.
+affected.  The tick runs only while it could close one (a timeout set, a
+client taken): an idle server wakes nobody.
 
 ``[links] allow / deny`` applies to clients too: one from a refused address
 (and port) is reset at once, before it takes a link slot, and counted
@@ -53,7 +54,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.fence = Fence(policy or Policy(), self.loop.time)
         self.max_conn = links.count
-        self.timeout = 0  # AT+CIPSTO seconds; 0 = never
+        self._timeout = 0  # AT+CIPSTO seconds; 0 = never
         self.port = 0
         self.type = ""
         self.ca_enable = 0
@@ -67,6 +68,15 @@ class Server:
     def running(self) -> bool:
         return bool(self.type)
 
+    @property
+    def timeout(self) -> int:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: int) -> None:
+        self._timeout = seconds
+        self._arm()
+
     # -- AT+CIPSERVER ---------------------------------------------------------------
 
     def start(self, port: int, type_: str, ca_enable: int, bind_ip: str, netif: int = 0) -> None:
@@ -78,7 +88,7 @@ class Server:
         except OSError:
             self.type = ""
             raise
-        self._schedule_tick()
+        self._arm()
         log.info("server_started", port=port, type=type_)
 
     def stop(self) -> None:
@@ -98,6 +108,7 @@ class Server:
         """Listen when a client could be taken, not otherwise."""
         if not self.running:
             return
+        self._arm()  # a client may have been taken
         if self._full():
             self._unlisten()
         elif self._listener is None:
@@ -166,12 +177,14 @@ class Server:
 
     # -- AT+CIPSTO ---------------------------------------------------------------------
 
-    def _schedule_tick(self) -> None:
-        self._tick = self.loop.call_later(1.0, self._on_tick)
+    def _arm(self) -> None:
+        """Tick each second while the tick could close a client."""
+        if self._tick is None and self.running and self._timeout and self.links.server_links():
+            self._tick = self.loop.call_later(1.0, self._on_tick)
 
     def _on_tick(self) -> None:
-        self._schedule_tick()
-        if not self.timeout:
+        self._tick = None
+        if not self._timeout:
             return
         now = self.loop.time()
         for link_id in self.links.server_links():
@@ -179,6 +192,7 @@ class Server:
             if slot.view is not None and now - slot.last_activity >= self.timeout:
                 log.info("server_client_timed_out", link_id=link_id, idle=round(now - slot.last_activity, 1))
                 self.links.expire(link_id)
+        self._arm()
 
 
 def _reset(conn: socket.socket) -> None:

@@ -213,3 +213,66 @@ def test_link_conn_for_server_clients(server_host):
     line = server_host.expect(b"%d\r\n" % port)
     assert line == b'+LINK_CONN:0,0,"TCP",1,"127.0.0.1",%d,%d\r\n' % (c.getsockname()[1], port)
     c.close()
+
+
+def _idle_for(client: socket.socket, since: float, timeout: float = 6.0) -> float:
+    """Seconds from ``since`` until the daemon closes ``client`` (it sends nothing)."""
+    client.settimeout(timeout)
+    assert client.recv(10) == b""
+    return time.monotonic() - since
+
+
+def test_cipsto_closes_within_its_second_in_every_order(server_host):
+    """An idle client is closed within [timeout, timeout+1) s (0.4 s of slack for a loaded
+    machine) whatever the order: the timeout set before it came or while it is there,
+    AT+CIPSTO=0 then back, after a client closed by itself, after the server was deleted
+    and created again.  The tick runs only while it could close a client: each of these
+    must start it again."""
+    port = free_port()
+    ask = server_host.command
+    ask(b"AT+CIPSERVER=1,%d" % port)
+    ask(b"AT+CIPSTO=1")
+    t0, client = time.monotonic(), _client(port)  # the timeout set before the client came
+    server_host.expect(b"0,CONNECT\r\n")
+    assert 0.95 <= _idle_for(client, t0) < 2.4
+    server_host.expect(b"0,CLOSED\r\n")
+    ask(b"AT+CIPSTO=0")
+    t0, client = time.monotonic(), _client(port)  # set while the client is there
+    server_host.expect(b"0,CONNECT\r\n")
+    time.sleep(0.5)
+    ask(b"AT+CIPSTO=2")
+    assert 2.0 <= _idle_for(client, t0) < 3.9  # the tick started with the timeout: at 1.5 or 2.5 s
+    server_host.expect(b"0,CLOSED\r\n")
+    t0, client = time.monotonic(), _client(port)  # 0, then back, with the client idle meanwhile
+    server_host.expect(b"0,CONNECT\r\n")
+    ask(b"AT+CIPSTO=0")
+    time.sleep(2.5)
+    client.settimeout(0.01)
+    with pytest.raises(TimeoutError):
+        client.recv(10)
+    t1 = time.monotonic()
+    ask(b"AT+CIPSTO=1")
+    assert _idle_for(client, t1) < 1.4
+    server_host.expect(b"0,CLOSED\r\n")
+    t0, client = time.monotonic(), _client(port)  # 0 and back within the tick's second
+    server_host.expect(b"0,CONNECT\r\n")
+    ask(b"AT+CIPSTO=0")
+    ask(b"AT+CIPSTO=1")
+    assert 0.95 <= _idle_for(client, t0) < 2.4
+    server_host.expect(b"0,CLOSED\r\n")
+    _client(port).close()  # a client that leaves by itself; then one that stays idle
+    server_host.expect(b"0,CLOSED\r\n")
+    t0, client = time.monotonic(), _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    assert 0.95 <= _idle_for(client, t0) < 2.4
+    server_host.expect(b"0,CLOSED\r\n")
+    ask(b"AT+CIPSTO=0")  # deleted with its client kept, then created again
+    client = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    ask(b"AT+CIPSERVER=0")
+    ask(b"AT+CIPSERVER=1,%d" % port)
+    t1 = time.monotonic()
+    ask(b"AT+CIPSTO=1")
+    assert _idle_for(client, t1) < 1.4
+    server_host.expect(b"0,CLOSED\r\n")
+    ask(b"AT+CIPSERVER=0,1")

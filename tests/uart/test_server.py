@@ -161,3 +161,24 @@ def test_a_refused_client_is_reset_and_takes_no_slot():
 
     logs = _run(test)
     assert not [e for e in logs if e["event"] == "server_client_accepted"]
+
+
+def test_the_cipsto_tick_runs_only_while_it_could_close_a_client():
+    """No client, or AT+CIPSTO=0: no timer armed (an idle server wakes nobody); a client
+    taken with a timeout set arms the one-second tick, which stops once the timeout is 0."""
+    async def test(bench: Bench) -> None:
+        server = Server(bench.table)
+        port = free_port()
+        server.start(port, "TCP", 0, "127.0.0.1")
+        server.timeout = 5
+        assert server._tick is None  # nobody to close
+        client = await _connect(port)
+        _, conn = await _adopted(bench.worker_end(0))
+        assert server._tick is not None
+        server.timeout = 0
+        await _until(lambda: server._tick is None, "the tick's end", timeout=3)
+        for sock in (client, conn):
+            sock.close()
+        server.stop()
+
+    _run(test)

@@ -301,13 +301,21 @@ class Ring(Doorbells):
         _, _, used = self._load()
         return 0 if used is None else used
 
+    def published(self) -> tuple[memoryview, int, int]:
+        """(data area, read index, bytes published: 0 while torn) for a pass of reads
+        (``records.take_records``); a slot is ``counter & (capacity - 1)``, data may wrap."""
+        index = self._index
+        read = index[_READ]
+        used = index[_WRITE] - read
+        if not 0 <= used <= self._capacity:
+            _, read, used = self._load()
+        return self._data, read, used or 0
+
     def readable_views(self, limit: int, skip: int = 0) -> list[memoryview]:
         """Views of published data, ``skip`` bytes past the read index.
 
-        Returns 0, 1 or 2 contiguous segments totalling
-        ``min(limit, available() - skip)`` bytes. Views from an earlier call
-        are released first.
-        """
+        Returns 0, 1 or 2 contiguous segments totalling ``min(limit, available() -
+        skip)`` bytes. Views from an earlier call are released first."""
         _release(self._consumer_views)
         _, read, used = self._load()
         views = self._segments(read + skip, min(limit, (used or 0) - skip))
@@ -315,10 +323,8 @@ class Ring(Doorbells):
         return views
 
     def peek(self, length: int, offset: int = 0) -> bytes:
-        """Copy ``length`` published bytes from ``offset`` past the read index.
-
-        Raises ValueError if fewer are available.
-        """
+        """Copy ``length`` published bytes from ``offset`` past the read index
+        (ValueError if fewer are available)."""
         _, read, used = self._load()
         limit = self._capacity if used is None else used
         if offset < 0 or length < 0 or offset + length > limit:

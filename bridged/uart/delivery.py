@@ -2,7 +2,7 @@
 
 Theory of operation.  In active mode a slot's DATA records go to the front
 (``LinkEvents.link_data``, which frames them as +IPD) while the UART output
-can take them (``can_deliver``); otherwise the slot is remembered and drained
+has room for them (``delivery_room``); otherwise the slot is remembered and drained
 again once the output catches up, and meanwhile the records stay in the ring,
 so the worker stops reading its socket.  In passive mode (AT+CIPRECVTYPE=1)
 the records stay in the ring until AT+CIPRECVDATA (``read``); a notice is
@@ -109,29 +109,30 @@ class Delivery:
             self.scan(slot)
             return
         rx = slot.rx
-        if rx.offset and self.events.can_deliver():
+        if rx.offset and self.events.delivery_room() > 0:
             self.deliver_partial(slot)
         if rx.total or rx.scanned or rx.eof_seen or rx.notice.state is not NoticeState.QUIET:
             rx.forget()  # (a no-op otherwise, as on every drain of an active link)
-        slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
-        try:
-            self._deliver(slot)
-        finally:
-            slot.downlink.release_doorbells()
+        self._deliver(slot)
 
     def _deliver(self, slot: Slot) -> None:
+        """Records in batches as large as the output's room (one consume, one
+        space doorbell each); an EOF ends a batch, so the slot's state is right
+        for what follows it."""
         while True:
-            if not self.events.can_deliver():
+            room = self.events.delivery_room()
+            if room <= 0:
                 self._deferred[slot.link_id] = slot  # drained again once the UART catches up
                 return
-            record = records.get_record(slot.downlink)
-            if record is None:
-                return
-            if record.kind == records.EOF:
-                self._take_eof(slot, record)
-            elif slot.state in _DELIVERING and not (slot.silent or slot.passive):  # delivers(slot), inline
-                slot.last_activity = self.loop.time()
-                self.events.link_data(slot, record)
+            batch, more = records.take_records(slot.downlink, room)
+            for record in batch:
+                if record.kind == records.EOF:
+                    self._take_eof(slot, record)
+                elif slot.state in _DELIVERING and not (slot.silent or slot.passive):  # delivers(slot), inline
+                    slot.last_activity = self.loop.time()
+                    self.events.link_data(slot, record)
+            if not more:
+                return  # the ring is empty (its data doorbell, cleared before, rings for more)
 
     def _take_eof(self, slot: Slot, record: records.Record) -> None:
         conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")

@@ -75,10 +75,7 @@ class RecordHeader(NamedTuple):
     length: int
     addr: Addr | None
     size: int
-
-    @property
-    def total(self) -> int:
-        return self.size + self.length
+    total: int  # size + length: the record's bytes in the ring
 
 
 def _pack_addr(addr: tuple | None) -> tuple[bytes, int]:
@@ -219,19 +216,17 @@ def peek_record_header(ring: Ring, skip: int = 0) -> RecordHeader | None:
     Raises:
         RecordError: the published bytes are not a well-formed record.
     """
-    available = ring.available() - skip
+    data, read, used = ring.published()
+    available = used - skip
     if available <= 0:
         return None
-    if available < HEADER_SIZE:
-        raise RecordError(f"{available} bytes published, shorter than a record header")
-    length, port, kind, addr_len = _HEADER.unpack(ring.peek(HEADER_SIZE, skip))
-    if kind not in _KINDS or addr_len not in (0, 4, 16):
-        raise RecordError(f"bad record header: kind {kind}, address length {addr_len}")
-    size = HEADER_SIZE + addr_len
-    if available < size + length:
-        raise RecordError(f"record of {size + length} bytes but {available} published")
-    addr = _unpack_addr(ring.peek(addr_len, skip + HEADER_SIZE), port) if addr_len else None
-    return RecordHeader(kind, length, addr, size)
+    slot = (read + skip) & (len(data) - 1)
+    if available >= HEADER_SIZE and slot + HEADER_SIZE <= len(data):  # the usual record, parsed inline
+        length, _port, kind, addr_len = _HEADER.unpack_from(data, slot)
+        if not addr_len and kind in _KINDS and available >= HEADER_SIZE + length:
+            return tuple.__new__(RecordHeader, (kind, length, None, HEADER_SIZE, HEADER_SIZE + length))
+    kind, length, addr, size = _parse(data, slot, available)
+    return tuple.__new__(RecordHeader, (kind, length, addr, size, size + length))
 
 
 def get_record(ring: Ring) -> Record | None:

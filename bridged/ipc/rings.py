@@ -180,10 +180,9 @@ class Ring(Doorbells):
             views.append(self._data[: length - first])
         return views
 
-    # While an index reads torn, calls that discover data or space (free,
-    # available, *_views) report none: the other side rings once its store
-    # lands. Calls about bytes the caller already knows of (stage, commit,
-    # peek, consume) can only check against the capacity meanwhile.
+    # While an index reads torn, calls that discover data or space (free, available, published,
+    # *_views) report none: the other side rings once its store lands. Calls about bytes the
+    # caller already knows of (stage, commit, peek, consume) only check against the capacity.
 
     # -- producer side -------------------------------------------------------------
 
@@ -323,8 +322,7 @@ class Ring(Doorbells):
         return views
 
     def peek(self, length: int, offset: int = 0) -> bytes:
-        """Copy ``length`` published bytes from ``offset`` past the read index
-        (ValueError if fewer are available)."""
+        """Copy ``length`` published bytes from ``offset`` past the read index (else ValueError)."""
         _, read, used = self._load()
         limit = self._capacity if used is None else used
         if offset < 0 or length < 0 or offset + length > limit:
@@ -340,10 +338,13 @@ class Ring(Doorbells):
 
     def consume(self, n: int) -> None:
         """Free ``n`` bytes at the read index, then ring ``space_fd``."""
-        _, read, used = self._load()
-        limit = self._capacity if used is None else used
-        if not 0 <= n <= limit:
-            raise ValueError(f"consume of {n} bytes exceeds available {limit}")
+        index = self._index
+        read = index[_READ]
+        if not 0 <= n <= index[_WRITE] - read <= self._capacity:  # torn or too much: look again
+            _, read, used = self._load()
+            limit = self._capacity if used is None else used
+            if not 0 <= n <= limit:
+                raise ValueError(f"consume of {n} bytes exceeds available {limit}")
         if self._consumer_views:
             _release(self._consumer_views)
         if n:

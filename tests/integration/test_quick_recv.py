@@ -10,6 +10,7 @@ import socket
 
 import pytest
 
+from tests.harness import udp_peer
 from tests.integration.test_passive import _recvdata, server  # noqa: F401 (a fixture)
 
 
@@ -126,3 +127,26 @@ def test_ipd_with_cipdinfo_over_ipv6_on_several_links_in_order(host, server6):
     assert got == sent
     a.close()
     b.close()
+
+
+def test_udpv6_datagrams_with_cipdinfo_past_the_rings_wrap(host):
+    """2000 IPv6 datagrams of odd sizes, 20 at a time (their records and 16-byte addresses
+    wrap the 64 KiB ring more than once): one +IPD each naming the sender, none lost or joined."""
+    peer = udp_peer("::1", socket.AF_INET6)
+    port = peer.getsockname()[1]
+    host.command(b"AT+CIPV6=1")
+    host.command(b"AT+CIPDINFO=1")
+    assert host.ask(b'AT+CIPSTART="UDPv6","::1",%d,0' % port) == b"CONNECT\r\n\r\nOK\r\n"
+    host.command(b"AT+CIPSEND=1", b">")
+    host.write(b"!")
+    host.expect(b"SEND OK\r\n")
+    _, addr = peer.recvfrom(10)
+    for group in range(100):
+        sent = [os.urandom(17 + (group * 20 + i) % 97) for i in range(20)]
+        for datagram in sent:
+            peer.sendto(datagram, addr)
+        for datagram in sent:
+            head = host.expect(b'",%d:' % port, timeout=10)
+            assert head == b'\r\n+IPD,%d,"::1",%d:' % (len(datagram), port), (group, head)
+            assert host.read_exactly(len(datagram), timeout=10) == datagram
+    peer.close()

@@ -34,6 +34,7 @@ __all__ = [
     "connect",
     "closed",
     "link_conn",
+    "IPD_HEAD_MAX",
     "ipd_active",
     "ipd_passive",
     "wifi",
@@ -125,6 +126,9 @@ def link_conn(link_id: int, type_: str, server: bool, remote_ip: str, remote_por
     return info("+LINK_CONN", 0, link_id, q(type_), int(server), q(remote_ip), remote_port, local_port)
 
 
+# The longest head ipd_active makes (link id, a 10-digit length, an IPv6 sender with its port):
+# what the front counts per +IPD record against its output's room.
+IPD_HEAD_MAX = len(b'\r\n+IPD,4,4294967295,"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",65535:')
 _IPD_HEADS: dict[int | None, bytes] = {}  # "\r\n+IPD,<id>," by link id: made once, not per +IPD
 
 

@@ -239,10 +239,12 @@ def get_record(ring: Ring) -> Record | None:
     return Record(header.kind, payload, header.addr)
 
 
-def take_records(ring: Ring, budget: int) -> tuple[list[Record], bool]:
-    """Consume and return the next records in order: while their payloads total
-    less than ``budget`` bytes (so one at least, if budget > 0), up to and
-    including the first EOF; and whether more were published then.
+def take_records(ring: Ring, budget: int, overhead: int = 0) -> tuple[list[Record], bool]:
+    """Consume and return the next records in order: while their costs (payload
+    length + ``overhead`` each) total less than ``budget`` (so one at least, if
+    budget > 0), up to and including the first EOF; and whether more were
+    published then.  ``overhead``: what the caller adds per record (the +IPD
+    head), so that a flood of tiny records stays within the budget too.
 
     The lean form of ``get_record`` in a loop, for the front's +IPD delivery:
     the indices are loaded once, each header is parsed in place, each payload
@@ -277,7 +279,7 @@ def take_records(ring: Ring, budget: int) -> tuple[list[Record], bool]:
         payload = data[start:end].tobytes() if end <= capacity else _wrapped(data, start, length)
         taken.append(tuple.__new__(Record, (kind, payload, addr)))  # Record(...) without its Python __new__
         pos += size + length
-        budget -= length
+        budget -= length + overhead
         if kind == EOF:
             break  # what follows may be a new connection's: the caller ends this one first
     if pos:

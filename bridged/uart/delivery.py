@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+from bridged.at.format import IPD_HEAD_MAX
 from bridged.ipc import records
 from bridged.uart.passive import NoticeState
 from bridged.uart.slots import LinkEvents, Slot, SlotState
@@ -118,13 +119,14 @@ class Delivery:
     def _deliver(self, slot: Slot) -> None:
         """Records in batches as large as the output's room (one consume, one
         space doorbell each); an EOF ends a batch, so the slot's state is right
-        for what follows it."""
+        for what follows it.  Each record counts with the longest +IPD head: a
+        flood of tiny records passes the high mark by one record, as big ones do."""
         while True:
             room = self.events.delivery_room()
             if room <= 0:
                 self._deferred[slot.link_id] = slot  # drained again once the UART catches up
                 return
-            batch, more = records.take_records(slot.downlink, room)
+            batch, more = records.take_records(slot.downlink, room, IPD_HEAD_MAX)
             for record in batch:
                 if record.kind == records.EOF:
                     self._take_eof(slot, record)

@@ -4,6 +4,7 @@ wrap, with IPv4/IPv6 addresses, within its budget, stopping at EOF, one space do
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -93,3 +94,51 @@ def test_batches_match_get_record_one_by_one(start, steps):
         while (batch := take_records(ring, 1 << 20)[0]):
             assert batch == [get_record(twin) for _ in batch]
         assert get_record(twin) is None
+
+
+def test_the_overhead_counts_per_record_so_tiny_records_stop_a_batch_too():
+    """Budget 100 with 30 a record: four 1-byte records (each costs 31), not the ring's 400."""
+    with new_ring(8192) as ring:
+        for _ in range(400):
+            assert put_record(ring, DATA, b"x")
+        assert len(take_records(ring, 100)[0]) == 100  # payloads only: 100 of them
+        assert take_records(ring, 100, 30) == ([Record(DATA, b"x")] * 4, True)
+
+
+def test_zero_length_records_are_taken_and_a_batch_of_them_ends_with_the_ring():
+    """Empty DATA records (payload 0) cost only their overhead; with none, a batch takes all."""
+    with new_ring(4096) as ring:
+        for _ in range(50):
+            assert put_record(ring, DATA, b"")
+        assert take_records(ring, 1, 0) == ([Record(DATA, b"")] * 50, False)
+        assert ring.available() == 0
+
+
+@pytest.mark.parametrize("write", [
+    lambda w: w + (1 << 32),  # torn: far ahead
+    lambda w: w - 20,  # behind the read index (a hostile worker)
+    lambda w: w + 4096 + 1,  # more than the capacity published
+])
+def test_an_impossible_write_index_takes_nothing_and_frees_nothing(write):
+    """Indices a buggy worker stored (or a torn load): no records, no consume, no error."""
+    with new_ring(4096) as ring:
+        advance(ring, 100)
+        put_record(ring, DATA, b"abc")
+        real = ring.write_index
+        struct.pack_into("<Q", ring._header, 0, write(real))  # test-only: the worker's store
+        assert take_records(ring, 1 << 20) == ([], False)
+        assert ring.read_index == 100
+        struct.pack_into("<Q", ring._header, 0, real)
+        assert take_records(ring, 1 << 20) == ([Record(DATA, b"abc")], False)
+
+
+def test_a_write_index_pulled_back_after_the_take_fails_the_consume_not_silently():
+    """The worker moves its index back between the parse and the consume: ValueError, as a
+    consume past what is published always was, and the read index stays put."""
+    with new_ring(4096) as ring:
+        put_record(ring, DATA, b"abc")
+        ring.published()
+        struct.pack_into("<Q", ring._header, 0, 2)
+        with pytest.raises(ValueError):
+            ring.consume(HEADER_SIZE + 3)
+        assert ring.read_index == 0

@@ -126,3 +126,32 @@ def test_a_corrupt_record_after_good_ones_delivers_them_then_raises_without_cons
             assert front.events == [b"good"]
             assert slot.downlink.available() == len(garbage)
     _run(body)
+
+
+def test_a_worker_refilling_as_fast_as_the_front_takes_does_not_hold_the_front():
+    """Empty records (no output, so the room never shrinks) published faster than a batch
+    takes them (more than its budget between two looks): drain returns after a bounded
+    number of batches and carries on at the loop's next turn."""
+    async def main() -> None:
+        front = SizedFront()
+        delivery = Delivery(front, lambda slot, reason: None)
+        with open_slot() as slot:
+            looks = 0
+
+            def room() -> int:  # the hostile worker: more records every time we look
+                nonlocal looks
+                looks += 1
+                assert looks < 10_000, "drain never returned"
+                for _ in range(HIGH // fmt.IPD_HEAD_MAX + 10):
+                    put_record(slot.downlink, DATA, b"")
+                return HIGH
+
+            front.delivery_room = room
+            delivery.drain(slot)
+            first = looks
+            await asyncio.sleep(0.01)
+            assert looks > first  # taken up again after the loop's other work
+            slot.control = None  # the worker is gone: the rounds stop
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())

@@ -114,3 +114,24 @@ def test_an_at_fault_armed_later_reaches_a_remembered_line(daemon, host, server)
     assert b"0x01020304" in answer and answer.endswith(b"\r\nERROR\r\n"), answer
     assert host.ask(b"AT+CIPRECVDATA=0,2") == b"+CIPRECVDATA:2,cd\r\nOK\r\n"
     conn.close()
+
+
+def test_a_remembered_line_inside_a_send_data_phase_is_payload(host, server):  # noqa: F811
+    """The read line typed as AT+CIPSEND's data goes to the peer as bytes, reads nothing;
+    after SEND OK the same line reads the next bytes."""
+    host.command(b"AT+CIPMUX=1")
+    conn = _open_passive_tcp(host, server)
+    _fill(host, conn, b"abcdef")
+    line = b"AT+CIPRECVDATA=0,2\r\n"
+    assert host.ask(line[:-2]) == b"+CIPRECVDATA:2,ab\r\nOK\r\n"
+    host.read_quiet(0.1)  # the notice of what is left
+    host.command(b"AT+CIPSEND=0,%d" % len(line), b">")
+    host.write(line)
+    assert host.expect(b"SEND OK\r\n").endswith(b"\r\nSEND OK\r\n")
+    conn.settimeout(5)
+    got = b""
+    while len(got) < len(line):
+        got += conn.recv(100)
+    assert got == line
+    assert host.ask(line[:-2]) == b"+CIPRECVDATA:2,cd\r\nOK\r\n"
+    conn.close()

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+import structlog
+
 from bridged.at.format import IPD_HEAD_MAX
 from bridged.ipc import records
 from bridged.uart.passive import NoticeState
@@ -24,14 +26,18 @@ from bridged.uart.slots import LinkEvents, Slot, SlotState
 
 __all__ = ["Delivery"]
 
+log = structlog.get_logger()
+
 _DELIVERING = (SlotState.OPEN, SlotState.CLOSING)  # states whose DATA records go out as +IPD
 _BATCHES_PER_DRAIN = 64  # then the event loop's other work first (a worker may refill as fast as we take)
 
 
 class Delivery:
-    def __init__(self, events: LinkEvents, end: Callable[[Slot, str], None]) -> None:
+    def __init__(self, events: LinkEvents, end: Callable[[Slot, str], None],
+                 dead: Callable[[Slot], None] = lambda slot: None) -> None:
         self.events = events
         self._end = end  # the connection of a slot is gone (LinkTable._end)
+        self._dead = dead  # end a slot's worker as a dead one (LinkTable._worker_died)
         self._deferred: dict[int, Slot] = {}  # slots whose records wait for UART room
         self.loop = asyncio.get_running_loop()
 
@@ -104,6 +110,17 @@ class Delivery:
 
     def drain(self, slot: Slot) -> None:
         """Deliver the slot's records while the UART output can take them."""
+        try:
+            self._drain(slot)
+        except records.RecordError as error:
+            # Its worker wrote what is no record (a bug, or a worker a peer took over): what
+            # the ring holds is dropped and the worker is ended as a dead one (CLOSED; the
+            # supervisor starts another), rather than the link stuck on it for good.
+            log.error("downlink_refused", link_id=slot.link_id, error=str(error))
+            slot.downlink.discard_all()
+            self._dead(slot)
+
+    def _drain(self, slot: Slot) -> None:
         slot.downlink.clear_data_doorbell()
         if slot.unannounced:
             return  # `announce` drains it
@@ -168,6 +185,10 @@ class Delivery:
         rest = slot.rx.take_partial()
         if rest and owed:
             self.events.link_data(slot, records.Record(records.DATA, rest))
-        while (record := records.get_record(slot.downlink)) is not None:
-            if record.kind == records.DATA and owed:
-                self.events.link_data(slot, record)
+        try:
+            while (record := records.get_record(slot.downlink)) is not None:
+                if record.kind == records.DATA and owed:
+                    self.events.link_data(slot, record)
+        except records.RecordError as error:  # what came before it went out
+            log.error("downlink_refused", link_id=slot.link_id, error=str(error))
+            slot.downlink.discard_all()

@@ -1,6 +1,7 @@
 """Batched +IPD delivery against a hostile peer or worker: a flood of tiny records keeps the
 output near its high mark (heads counted, not only payloads), an EOF inside a batch ends the
-connection before anything after it, and a corrupt ring delivers what came before it."""
+connection before anything after it, a corrupt ring delivers what came before it and ends its
+worker, and a worker refilling as fast as the front takes does not hold the front."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from bridged.at import format as fmt
 from bridged.ipc import records
-from bridged.ipc.records import DATA, EOF, RecordError, put_record
+from bridged.ipc.records import DATA, EOF, put_record
 from bridged.uart.delivery import Delivery
 from bridged.uart.slots import Slot, SlotState
 from tests.uart.test_delivery import open_slot
@@ -109,22 +110,43 @@ def test_an_eof_in_a_batch_then_a_reopened_link_gets_only_its_own_records():
     _run(body)
 
 
-@pytest.mark.parametrize("garbage", [
+_GARBAGE = [
     b"\xff\xff\xff\x7f\x00\x00\x01\x00",  # a DATA header claiming 2 GiB, past what is published
     b"\x04\x00\x00\x00\x00\x00\x01\x05xxxx",  # address length 5
     b"\x04\x00\x00\x00\x00\x00\x00\x00xxxx",  # kind 0
-])
-def test_a_corrupt_record_after_good_ones_delivers_them_then_raises_without_consuming(garbage):
-    """A buggy worker's bad header: the records before it go out, the bad bytes stay put."""
+    b"\x01\x00",  # shorter than a header
+]
+
+
+@pytest.mark.parametrize("garbage", _GARBAGE)
+@pytest.mark.parametrize("passive", [False, True])
+def test_a_corrupt_record_after_good_ones_ends_the_worker_as_a_dead_one(garbage, passive):
+    """A buggy or taken-over worker's bad header: (active) the records before it go out, then
+    the ring is emptied and the worker ended as dead, once; no exception reaches the loop."""
+    def body(front: SizedFront) -> None:
+        dead: list[Slot] = []
+        delivery = Delivery(front, lambda slot, reason: None, dead.append)
+        with open_slot() as slot:
+            slot.passive = passive
+            put_record(slot.downlink, DATA, b"good")
+            assert slot.downlink.put_nowait(garbage) == len(garbage)
+            delivery.drain(slot)
+            assert front.events == ([] if passive else [b"good"])
+            assert dead == [slot] and slot.downlink.available() == 0
+    _run(body)
+
+
+@pytest.mark.parametrize("garbage", _GARBAGE)
+def test_a_dead_workers_corrupt_ring_owes_what_came_before_and_drops_the_rest(garbage):
+    """At a worker's death the good records before the bad one are owed as +IPD; the rest
+    is dropped (no exception out of the death's handling)."""
     def body(front: SizedFront) -> None:
         delivery = Delivery(front, lambda slot, reason: None)
         with open_slot() as slot:
-            put_record(slot.downlink, DATA, b"good")
-            assert slot.downlink.put_nowait(garbage) == len(garbage)
-            with pytest.raises(RecordError):
-                delivery.drain(slot)
-            assert front.events == [b"good"]
-            assert slot.downlink.available() == len(garbage)
+            put_record(slot.downlink, DATA, b"owed")
+            slot.downlink.put_nowait(garbage)
+            delivery.owed_at_death(slot)
+            assert front.events == [b"owed"] and slot.downlink.available() == 0
     _run(body)
 
 

@@ -4,7 +4,6 @@ peer took over): the front refuses the ring, the MCU sees CLOSED, the link id wo
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 
 import pytest
@@ -17,17 +16,11 @@ _HEADER = 128  # bytes before a ring's data area (bridged.ipc.rings.HEADER_SIZE)
 
 
 def _poison(pid: int, label: str, garbage: bytes) -> None:
-    """Publish ``garbage`` in the ring ``label`` as the worker ``pid`` would (its memfd)."""
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(f"/memfd:bridged-{label} "):
-            break
-    else:
-        raise AssertionError(f"no ring {label} in worker {pid}")
-    with open(f"/proc/{pid}/fd/{fd}", "r+b") as block, mmap.mmap(block.fileno(), 0) as ring:
+    """Publish ``garbage`` in the ring ``label`` as the worker ``pid`` would (its memfd, mapped)."""
+    with open(f"/proc/{pid}/maps") as maps:  # the mapping: its fd may be closed already
+        spans = [line.split()[0] for line in maps if f"/memfd:bridged-{label} " in line]
+    assert spans, f"no ring {label} in worker {pid}"
+    with open(f"/proc/{pid}/map_files/{spans[0]}", "r+b") as block, mmap.mmap(block.fileno(), 0) as ring:
         capacity = len(ring) - _HEADER
         write, read = struct.unpack_from("<Q", ring, 0)[0], struct.unpack_from("<Q", ring, 64)[0]
         assert write == read, "the ring is not empty"

@@ -12,7 +12,10 @@ nothing.  Five TCP links as in ``bench.breakdown``, each case for
 * ``up``: ``AT+CIPSEND=<id>,<chunk>`` paced to 0.1 MB/s per link; calls per
   send = the front's calls / sends;
 * ``both``: the same plus 1 KiB +IPD pieces at 0.1 MB/s per link (the
-  line-rate case): calls per second.
+  line-rate case): calls per second;
+* ``passive``: one link in passive mode (AT+CIPRECVMODE=1) read as
+  ``bench.passive_read``'s driver does, in ``chunk``-byte AT+CIPRECVDATA
+  pieces, 64 KiB per second of ``seconds``: calls per read (per "send").
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.calls [seconds] [chunk] [top] [cases]``
 (defaults 4, 2048, 25, ``up,both``): prints the totals and the ``top``
@@ -22,6 +25,7 @@ functions of the front by count (a C function with the function calling it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,8 +37,9 @@ from pathlib import Path
 
 import psutil
 
-from .common import now
-from .streams import check_downlinks, daemon_with_peers, make_payload, paced_cipsends, wait_both_ways
+from .common import BenchError, Daemon, now
+from .streams import (OK, DuplexPeer, check_downlinks, daemon_with_peers, make_payload, paced_cipsends,
+                      wait_both_ways)
 
 LINKS = 5
 RATE = 100_000
@@ -97,17 +102,48 @@ def run_case(mode: str, seconds: float, chunk: int, out: str) -> tuple[dict[str,
         wait_both_ways(demux, peers, ups, downs, f"calls {mode}", max(t0 + limit - now(), 10.0))
         elapsed = now() - t0
         _toggle(list(names))
-        counts: dict[str, Counter] = {}
-        for pid, name in names.items():
-            path = Path(f"{out}.{pid}")
-            for _ in range(200):
-                if path.exists() and path.stat().st_size:
-                    break
-                time.sleep(0.01)
-            time.sleep(0.05)
-            counts[name] = Counter(json.loads(path.read_text()))
+        counts = _collect(names, out)
         check_downlinks(demux, downs, f"calls {mode}")
     return counts, elapsed, len(sends)
+
+
+def run_passive(seconds: float, piece: int, out: str) -> tuple[dict[str, Counter], float, int]:
+    """({process: counts}, elapsed, reads) for the passive case."""
+    from .passive_read import WRITE, _Driver
+
+    data, _ = make_payload(int(65536 * seconds))
+    with DuplexPeer(payload=data, piece=WRITE) as peer, Daemon() as d:
+        d.join_wifi()
+        d.client.expect(b"AT+CIPRECVMODE=1\r\n", OK)
+        d.tcp_connect(peer.port)
+        if not peer.connected.wait(5.0):
+            raise BenchError("calls passive: the peer never saw the TCP connection")
+        procs = [p for p in psutil.Process(d.pid).children(recursive=True)
+                 if "resource_tracker" not in " ".join(p.cmdline())]
+        names = {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+        _toggle(list(names))
+        time.sleep(0.05)
+        driver = _Driver(d.client, piece)
+        t0 = now()
+        peer.go.set()
+        driver.read(len(data), seconds * 10 + 30)
+        elapsed = now() - t0
+        _toggle(list(names))
+        counts = _collect(names, out)
+    return counts, elapsed, len(driver.rtts)
+
+
+def _collect(names: dict[int, str], out: str) -> dict[str, Counter]:
+    counts: dict[str, Counter] = {}
+    for pid, name in names.items():
+        path = Path(f"{out}.{pid}")
+        for _ in range(200):
+            if path.exists() and path.stat().st_size:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
+        counts[name] = Counter(json.loads(path.read_text()))
+    return counts
 
 
 def main() -> None:
@@ -121,12 +157,14 @@ def main() -> None:
     os.environ["PYTHONPATH"] = tmp + (os.pathsep + old if old else "")
     os.environ["BRIDGED_CALLS"] = str(Path(tmp, "counts"))
     for mode in cases:
-        counts, elapsed, sends = run_case(mode, seconds, chunk, os.environ["BRIDGED_CALLS"])
+        run = run_passive if mode == "passive" else functools.partial(run_case, mode)
+        counts, elapsed, sends = run(seconds, chunk, os.environ["BRIDGED_CALLS"])
         front = counts["front"]
         total = sum(front.values())
         workers = sum(sum(c.values()) for name, c in counts.items() if name != "front")
         print(f"{mode}: {sends} sends of {chunk} in {elapsed:.1f} s; front {total} calls "
-              f"({total / sends:.0f} per AT+CIPSEND, {total / elapsed:.0f}/s), "
+              f"({total / sends:.0f} per AT+CIP{'RECVDATA' if mode == 'passive' else 'SEND'}, "
+              f"{total / elapsed:.0f}/s), "
               f"workers {workers / elapsed:.0f}/s ({workers / sends:.0f} per send)")
         for key, count in front.most_common(top):
             print(f"  {count / sends:7.2f} per send  {key}")

@@ -34,6 +34,7 @@ __all__ = [
     "connect",
     "closed",
     "link_conn",
+    "IPD_HEAD_MAX",
     "ipd_active",
     "ipd_passive",
     "wifi",
@@ -125,12 +126,20 @@ def link_conn(link_id: int, type_: str, server: bool, remote_ip: str, remote_por
     return info("+LINK_CONN", 0, link_id, q(type_), int(server), q(remote_ip), remote_port, local_port)
 
 
+# The longest head ipd_active makes (link id, a 10-digit length, an IPv6 sender with its port):
+# what the front counts per +IPD record against its output's room.
+IPD_HEAD_MAX = len(b'\r\n+IPD,4,4294967295,"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",65535:')
+_IPD_HEADS: dict[int | None, bytes] = {}  # "\r\n+IPD,<id>," by link id: made once, not per +IPD
+
+
 def ipd_active(link_id: int | None, length: int, remote: tuple[str, int] | None = None) -> bytes:
     """The header before +IPD payload bytes (active receive mode)."""
-    head = b"\r\n+IPD," + _link_prefix(link_id) + b"%d" % length
-    if remote is not None:
-        head += b',"' + remote[0].encode("ascii") + b'",%d' % remote[1]
-    return head + b":"
+    head = _IPD_HEADS.get(link_id)
+    if head is None:
+        head = _IPD_HEADS.setdefault(link_id, b"\r\n+IPD," + _link_prefix(link_id))
+    if remote is None:
+        return head + b"%d:" % length
+    return head + b'%d,"%s",%d:' % (length, remote[0].encode("ascii"), remote[1])
 
 
 def ipd_passive(link_id: int | None, total: int) -> bytes:

@@ -236,6 +236,9 @@ class Context:
     # AT+CIPSEND/CIPSENDEX/CIPSENDL lines answered with a prompt to a TCP link in this
     # session: raw line -> (AT+CIPMUX then, SendRequest) (bridged.commands.send.quick_send).
     quick_sends: dict[bytes, tuple[int, Any]] = field(default_factory=dict)
+    # AT+CIPRECVDATA lines bound in this session: raw line -> (AT+CIPMUX then, link id,
+    # length) (bridged.commands.recv.quick_recv).
+    quick_reads: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task:
         """Run ``work`` past the command's answer; a restart cancels it (``background``)."""

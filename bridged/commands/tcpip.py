@@ -1,6 +1,7 @@
 """TCP/IP commands of the foundation: AT+CIPMUX, AT+CIPSTART(EX), AT+CIPCLOSE,
-AT+CIPSTATE, AT+CIPSTATUS, AT+CIPDINFO, AT+CIPRECVTYPE/MODE, AT+CIPRECVDATA,
-AT+CIPRECVLEN, AT+CIPV6, AT+CIPTCPOPT (the send commands: bridged.commands.send).
+AT+CIPSTATE, AT+CIPSTATUS, AT+CIPDINFO, AT+CIPRECVTYPE/MODE, AT+CIPV6,
+AT+CIPTCPOPT (the send commands: bridged.commands.send; AT+CIPRECVDATA and
+AT+CIPRECVLEN: bridged.commands.recv).
 
 Every rejection is a bare ERROR on the AT port, as ESP-AT v2+ answers; the
 texts ESP-AT writes to its log port (``ALREADY CONNECTED``, ``invalid link``,
@@ -13,7 +14,7 @@ import dataclasses
 import ipaddress
 
 from bridged.at.errors import ExecFail, ParamCountMismatch, ParamInvalid
-from bridged.at.format import closed, connect, fields, info, link_conn, q
+from bridged.at.format import closed, connect, info, link_conn, q
 from bridged.at.params import Int, Str, bind
 from bridged.at.parser import CommandLine, Kind
 from bridged.commands.context import ConnectSpec, Context, LinkView
@@ -291,40 +292,6 @@ def ciprecvtype_set(ctx: Context, line: CommandLine) -> Reply:
     if link_id >= ctx.links.count:
         raise ParamInvalid(f"link id {link_id} out of range", 1)
     return _set_recv_mode(ctx, [link_id], mode)
-
-
-@handles("+CIPRECVDATA", Kind.SET)
-def ciprecvdata(ctx: Context, line: CommandLine) -> Reply:
-    if ctx.mux:
-        link_id, length = bind(line.tokens, (_link_id_spec(ctx), Int(1, 0x7FFFFFFF)))
-    else:
-        (length,) = bind(line.tokens, (Int(1, 0x7FFFFFFF),))
-        link_id = 0
-    if not ctx.links.is_passive(link_id):
-        raise ExecFail(f"link {link_id} is in active receive mode (AT+CIPRECVTYPE)")
-    if ctx.links.unread(link_id) == 0:
-        raise ExecFail(f"no data: link {link_id} has nothing buffered")
-    view = ctx.links.view(link_id)
-    data = ctx.links.read(link_id, length)
-    head = b"+CIPRECVDATA:%d," % len(data)
-    if ctx.state.cipdinfo and view is not None:
-        head += fields(q(view.remote_ip), view.remote_port) + b","
-    # The data runs straight into the final \r\nOK\r\n, with no line end of its own.
-    return Reply(head + data, then=lambda: ctx.links.after_read(link_id))
-
-
-@handles("+CIPRECVLEN", Kind.QUERY)
-def ciprecvlen(ctx: Context, line: CommandLine) -> Reply:
-    """Unread bytes per link; a link not connected shows the version's value
-    (-1 before 3.0: WiFiEspAT's AT 2 mode reads anything else as connected)."""
-    fw = ctx.personality
-    values = []
-    for link_id in range(fw.recvlen_fields(ctx.links.count, ctx.mux)):
-        # unread() first: it may find that a drained link has ended.
-        unread = ctx.links.unread(link_id) if link_id < ctx.links.count else 0
-        connected = link_id < ctx.links.count and ctx.links.view(link_id) is not None
-        values.append(unread if connected else fw.recvlen_unused)
-    return Reply(info("+CIPRECVLEN", *values))
 
 
 @handles("+CIPV6", Kind.QUERY)

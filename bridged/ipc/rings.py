@@ -180,10 +180,9 @@ class Ring(Doorbells):
             views.append(self._data[: length - first])
         return views
 
-    # While an index reads torn, calls that discover data or space (free,
-    # available, *_views) report none: the other side rings once its store
-    # lands. Calls about bytes the caller already knows of (stage, commit,
-    # peek, consume) can only check against the capacity meanwhile.
+    # While an index reads torn, calls that discover data or space (free, available, published,
+    # *_views) report none: the other side rings once its store lands. Calls about bytes the
+    # caller already knows of (stage, commit, peek, consume) only check against the capacity.
 
     # -- producer side -------------------------------------------------------------
 
@@ -301,13 +300,21 @@ class Ring(Doorbells):
         _, _, used = self._load()
         return 0 if used is None else used
 
+    def published(self) -> tuple[memoryview, int, int]:
+        """(data area, read index, bytes published: 0 while torn) for a pass of reads
+        (``records.take_records``); a slot is ``counter & (capacity - 1)``, data may wrap."""
+        index = self._index
+        read = index[_READ]
+        used = index[_WRITE] - read
+        if not 0 <= used <= self._capacity:
+            _, read, used = self._load()
+        return self._data, read, used or 0
+
     def readable_views(self, limit: int, skip: int = 0) -> list[memoryview]:
         """Views of published data, ``skip`` bytes past the read index.
 
-        Returns 0, 1 or 2 contiguous segments totalling
-        ``min(limit, available() - skip)`` bytes. Views from an earlier call
-        are released first.
-        """
+        Returns 0, 1 or 2 contiguous segments totalling ``min(limit, available() -
+        skip)`` bytes. Views from an earlier call are released first."""
         _release(self._consumer_views)
         _, read, used = self._load()
         views = self._segments(read + skip, min(limit, (used or 0) - skip))
@@ -315,10 +322,7 @@ class Ring(Doorbells):
         return views
 
     def peek(self, length: int, offset: int = 0) -> bytes:
-        """Copy ``length`` published bytes from ``offset`` past the read index.
-
-        Raises ValueError if fewer are available.
-        """
+        """Copy ``length`` published bytes from ``offset`` past the read index (else ValueError)."""
         _, read, used = self._load()
         limit = self._capacity if used is None else used
         if offset < 0 or length < 0 or offset + length > limit:
@@ -334,10 +338,13 @@ class Ring(Doorbells):
 
     def consume(self, n: int) -> None:
         """Free ``n`` bytes at the read index, then ring ``space_fd``."""
-        _, read, used = self._load()
-        limit = self._capacity if used is None else used
-        if not 0 <= n <= limit:
-            raise ValueError(f"consume of {n} bytes exceeds available {limit}")
+        index = self._index
+        read = index[_READ]
+        if not 0 <= n <= index[_WRITE] - read <= self._capacity:  # torn or too much: look again
+            _, read, used = self._load()
+            limit = self._capacity if used is None else used
+            if not 0 <= n <= limit:
+                raise ValueError(f"consume of {n} bytes exceeds available {limit}")
         if self._consumer_views:
             _release(self._consumer_views)
         if n:

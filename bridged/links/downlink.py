@@ -270,11 +270,12 @@ class Downlink(Batching):
             self._space_poll = self.loop.call_later(_SPACE_POLL, self._poll_space)
 
     def _on_space(self) -> None:
-        if self._waiting_space is not None and self.downlink.free() < self._space_need:
-            # Some room, not enough yet (a datagram needs half the ring): keep
-            # waiting rather than wake the reader to find it still full.
+        if self._waiting_space is not None:
+            # Cleared before the look: a consume after the look rings again (cleared
+            # after it, that consume's doorbell was lost until the next poll).
             self.downlink.clear_space_doorbell()
-            return
+            if self.downlink.free() < self._space_need:
+                return  # some room, not enough yet (a datagram needs half the ring): keep waiting
         self.loop.remove_reader(self.downlink.space_fd)
         self.downlink.want_space_doorbell(False)
         if self._space_poll is not None:

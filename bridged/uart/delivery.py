@@ -2,7 +2,7 @@
 
 Theory of operation.  In active mode a slot's DATA records go to the front
 (``LinkEvents.link_data``, which frames them as +IPD) while the UART output
-can take them (``can_deliver``); otherwise the slot is remembered and drained
+has room for them (``delivery_room``); otherwise the slot is remembered and drained
 again once the output catches up, and meanwhile the records stay in the ring,
 so the worker stops reading its socket.  In passive mode (AT+CIPRECVTYPE=1)
 the records stay in the ring until AT+CIPRECVDATA (``read``); a notice is
@@ -17,19 +17,27 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+import structlog
+
+from bridged.at.format import IPD_HEAD_MAX
 from bridged.ipc import records
 from bridged.uart.passive import NoticeState
 from bridged.uart.slots import LinkEvents, Slot, SlotState
 
 __all__ = ["Delivery"]
 
+log = structlog.get_logger()
+
 _DELIVERING = (SlotState.OPEN, SlotState.CLOSING)  # states whose DATA records go out as +IPD
+_BATCHES_PER_DRAIN = 64  # then the event loop's other work first (a worker may refill as fast as we take)
 
 
 class Delivery:
-    def __init__(self, events: LinkEvents, end: Callable[[Slot, str], None]) -> None:
+    def __init__(self, events: LinkEvents, end: Callable[[Slot, str], None],
+                 dead: Callable[[Slot], None] = lambda slot: None) -> None:
         self.events = events
         self._end = end  # the connection of a slot is gone (LinkTable._end)
+        self._dead = dead  # end a slot's worker as a dead one (LinkTable._worker_died)
         self._deferred: dict[int, Slot] = {}  # slots whose records wait for UART room
         self.loop = asyncio.get_running_loop()
 
@@ -102,6 +110,17 @@ class Delivery:
 
     def drain(self, slot: Slot) -> None:
         """Deliver the slot's records while the UART output can take them."""
+        try:
+            self._drain(slot)
+        except records.RecordError as error:
+            # Its worker wrote what is no record (a bug, or a worker a peer took over): what
+            # the ring holds is dropped and the worker is ended as a dead one (CLOSED; the
+            # supervisor starts another), rather than the link stuck on it for good.
+            log.error("downlink_refused", link_id=slot.link_id, error=str(error))
+            slot.downlink.discard_all()
+            self._dead(slot)
+
+    def _drain(self, slot: Slot) -> None:
         slot.downlink.clear_data_doorbell()
         if slot.unannounced:
             return  # `announce` drains it
@@ -109,29 +128,38 @@ class Delivery:
             self.scan(slot)
             return
         rx = slot.rx
-        if rx.offset and self.events.can_deliver():
+        if rx.offset and self.events.delivery_room() > 0:
             self.deliver_partial(slot)
         if rx.total or rx.scanned or rx.eof_seen or rx.notice.state is not NoticeState.QUIET:
             rx.forget()  # (a no-op otherwise, as on every drain of an active link)
-        slot.downlink.hold_doorbells()  # one space doorbell for the whole drain
-        try:
-            self._deliver(slot)
-        finally:
-            slot.downlink.release_doorbells()
+        self._deliver(slot)
 
     def _deliver(self, slot: Slot) -> None:
-        while True:
-            if not self.events.can_deliver():
+        """Records in batches as large as the output's room (one consume, one
+        space doorbell each); an EOF ends a batch, so the slot's state is right
+        for what follows it.  Each record counts with the longest +IPD head: a
+        flood of tiny records passes the high mark by one record, as big ones do."""
+        for _ in range(_BATCHES_PER_DRAIN):
+            room = self.events.delivery_room()
+            if room <= 0:
                 self._deferred[slot.link_id] = slot  # drained again once the UART catches up
                 return
-            record = records.get_record(slot.downlink)
-            if record is None:
-                return
-            if record.kind == records.EOF:
-                self._take_eof(slot, record)
-            elif slot.state in _DELIVERING and not (slot.silent or slot.passive):  # delivers(slot), inline
-                slot.last_activity = self.loop.time()
-                self.events.link_data(slot, record)
+            batch, more = records.take_records(slot.downlink, room, IPD_HEAD_MAX)
+            for record in batch:
+                if record.kind == records.EOF:
+                    self._take_eof(slot, record)
+                elif slot.state in _DELIVERING and not (slot.silent or slot.passive):  # delivers(slot), inline
+                    slot.last_activity = self.loop.time()
+                    self.events.link_data(slot, record)
+            if not more:
+                return  # the ring is empty (its data doorbell, cleared before, rings for more)
+        # A worker that refills the ring as fast as we take (records that make no output:
+        # a quiet slot's, empty ones) must not hold the front: the rest after other work.
+        self.loop.call_soon(self._drain_again, slot)
+
+    def _drain_again(self, slot: Slot) -> None:
+        if slot.control is not None:
+            self.drain(slot)
 
     def _take_eof(self, slot: Slot, record: records.Record) -> None:
         conn_text, _, reason = record.payload.decode("utf-8", "replace").partition(" ")
@@ -157,6 +185,10 @@ class Delivery:
         rest = slot.rx.take_partial()
         if rest and owed:
             self.events.link_data(slot, records.Record(records.DATA, rest))
-        while (record := records.get_record(slot.downlink)) is not None:
-            if record.kind == records.DATA and owed:
-                self.events.link_data(slot, record)
+        try:
+            while (record := records.get_record(slot.downlink)) is not None:
+                if record.kind == records.DATA and owed:
+                    self.events.link_data(slot, record)
+        except records.RecordError as error:  # what came before it went out
+            log.error("downlink_refused", link_id=slot.link_id, error=str(error))
+            slot.downlink.discard_all()

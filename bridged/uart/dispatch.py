@@ -23,6 +23,7 @@ from bridged.at.parser import NEED_DATA, BadLine, CommandLine, LineTooLong
 from bridged.at.session import Answered, Hold, Released, State, Waits
 from bridged.commands import registry
 from bridged.commands.registry import Reply
+from bridged.commands.recv import quick_recv
 from bridged.commands.send import quick_send
 from bridged.uart.transcript import MarkKind
 
@@ -96,6 +97,10 @@ class CommandDispatch:
             if request is not None:
                 self.output.reply(fmt.PROMPT)
                 self._start_send(request)
+                return
+            read = quick_recv(self.ctx, line)  # the same for a read line (passive mode)
+            if read is not None:
+                self._answer(read)
                 return
         try:
             result = self.faults.dispatch(self.ctx, line)  # the registry's, unless a fault says

@@ -118,8 +118,8 @@ class Downlink:
             self._resume_reading()
             self._process()
 
-    def can_deliver(self) -> bool:
-        return self.output.buffered < _OUTPUT_HIGH
+    def delivery_room(self) -> int:
+        return _OUTPUT_HIGH - self.output.buffered
 
     def _in_passthrough(self) -> bool:
         return self.session.state is State.PASSTHROUGH
@@ -137,14 +137,20 @@ class Downlink:
             return
         if self.session.settle_first():  # SEND OK precedes the +IPD that may answer it
             self._check_send()
+        state = self.ctx.state
         remote = None
-        if self.ctx.state.cipdinfo and slot.view is not None:
+        if state.cipdinfo and slot.view is not None:
             remote = record.addr or (slot.view.remote_ip, slot.view.remote_port)
-        link = self.ctx.link_arg(slot.link_id)
+        link = slot.link_id if state.cipmux == 1 else None  # ctx.link_arg, inline: once per +IPD
         payload = record.payload
+        size = len(payload)
         # At most <chunk> bytes per +IPD (2920 on ESP-AT); a datagram stays whole.
-        step = len(payload) if record.addr is not None else self.config.links.chunk
-        for i in range(0, len(payload), step or 1):
+        step = size if record.addr is not None else self.config.links.chunk
+        if 0 < size <= step and self.tap is None:  # one +IPD: the usual record
+            self.output.urc(fmt.ipd_active(link, size, remote) + payload)
+            slot.ipd += 1
+            return
+        for i in range(0, size, step or 1):
             piece = payload[i : i + step]
             if self.tap is not None:
                 self.tap.mark(MarkKind.IPD, link=slot.link_id, length=len(piece))

@@ -56,7 +56,7 @@ class LinkTable:
         self.slots = slots
         self.count = len(slots)
         self.events = events
-        self.delivery = Delivery(events, self._end)
+        self.delivery = Delivery(events, self._end, self._worker_died)
         self.window = window
         self.loop = asyncio.get_running_loop()
         self.on_stats: Callable[[Slot, LinkStats], None] = lambda slot, msg: None  # bridged.ops.status

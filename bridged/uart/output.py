@@ -83,8 +83,9 @@ class Output:
         self.suspended = False  # the port is gone: queue, write nothing
         self.loop = asyncio.get_running_loop()
         self._seq = itertools.count()
-        self._replies: deque[tuple[int, bytes, bool]] = deque()  # seq, data, final
-        self._urcs: deque[tuple[int, Urc, float]] = deque()  # seq, data, queued at
+        # Each item with its size, counted once as it is queued (-1: a function, sized when made).
+        self._replies: deque[tuple[int, bytes, bool, int]] = deque()  # seq, data, final, size
+        self._urcs: deque[tuple[int, Urc, float, int]] = deque()  # seq, data, queued at, size
         self.buffered = 0  # bytes queued, not yet written (read by the owner for back-pressure)
         self._final_at: float | None = None  # when the last final result went out
         self._timer: asyncio.TimerHandle | None = None
@@ -104,8 +105,9 @@ class Output:
         takes it along, in order)."""
         if not data:
             return
-        self._replies.append((next(self._seq), data, data in FINALS))  # (format.is_final, inline)
-        self.buffered += len(data)
+        size = len(data)
+        self._replies.append((next(self._seq), data, data in FINALS, size))  # (format.is_final, inline)
+        self.buffered += size
         if self.buffered > self.high:
             self.backlogged = True
         if self._writer_armed or self._scheduled:
@@ -121,9 +123,10 @@ class Output:
         when they are written (it counts as 0 bytes buffered until then)."""
         if not data:
             return
-        self._urcs.append((next(self._seq), data, self.loop.time()))
-        if not callable(data):
-            self.buffered += len(data)
+        size = -1 if callable(data) else len(data)
+        self._urcs.append((next(self._seq), data, self.loop.time(), size))
+        if size > 0:
+            self.buffered += size
         if self.buffered > self.high:  # (_queued, inline: one call less per +IPD)
             self.backlogged = True
         if not (self._writer_armed or self._scheduled):
@@ -192,22 +195,23 @@ class Output:
                     and (gap <= 0 or gap - (now - urc[2]) < half
                          or gap - (0.0 if final_in_batch else gap if final_at is None else now - final_at) < half)):
                 self._urcs.popleft()
-                data = urc[1]
-                if callable(data):
+                data, n = urc[1], urc[3]
+                if n < 0:
                     data = _make(data)
-                    self.buffered += len(data)
-                    if not data:
+                    n = len(data)
+                    self.buffered += n
+                    if not n:
                         continue  # nothing to say any more
                 parts.append(data)
                 final = False
             elif reply is not None:
                 self._replies.popleft()
                 parts.append(reply[1])
-                final = reply[2]
+                n, final = reply[3], reply[2]
                 final_in_batch = final_in_batch or final
             else:
                 break
-            size += len(parts[-1])
+            size += n
         if not parts:
             return False
         data = b"".join(parts)

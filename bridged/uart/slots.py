@@ -98,6 +98,6 @@ class LinkEvents(Protocol):
     def link_freed(self, slot: Slot) -> None:
         """(Soon after) a slot's connection ended."""
 
-    def can_deliver(self) -> bool:
-        """False while the UART output is backed up: records stay in the ring,
-        so the worker stops reading its socket."""
+    def delivery_room(self) -> int:
+        """Bytes of records the UART output takes now; <= 0 while it is backed
+        up: records stay in the ring, so the worker stops reading its socket."""

@@ -14,7 +14,7 @@ class Unheard:
     def link_ended(self, slot): pass
     def link_accepted(self, slot): pass
     def link_freed(self, slot): pass
-    def can_deliver(self): return True
+    def delivery_room(self): return 32768
 
 
 async def until(predicate, what: str, timeout: float = 5.0) -> None:

@@ -27,8 +27,8 @@ def test_a_batch_takes_a_held_message_exactly_when_urc_due_says_it_is_due(pty_pa
                         out._replies.clear()
                         out._urcs.clear()
                         if final_first:
-                            out._replies.append((0, b"\r\nOK\r\n", True))
-                        out._urcs.append((1, b"X", queued_at))
+                            out._replies.append((0, b"\r\nOK\r\n", True, 6))
+                        out._urcs.append((1, b"X", queued_at, 1))
                         out._next_batch(now)
                         taken = bytes(out._pending or b"").endswith(b"X")
                         due = out._urc_due(queued_at, final_first, now) < half

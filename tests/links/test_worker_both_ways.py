@@ -32,6 +32,7 @@ class _Peer:
         self.sent_hash = hashlib.sha256()
         self.got = bytearray()
         self.stop = threading.Event()
+        self.done_sending = threading.Event()  # ``sent`` and ``sent_hash`` are final
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -40,25 +41,33 @@ class _Peer:
         conn, _ = self.server.accept()
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(0.0005)
             i = 0
             while not self.stop.is_set() and i < 5000:
                 piece = bytes([i % 251]) * PIECE
                 with self.lock:
+                    conn.settimeout(5)  # a short timeout could cut sendall short, unseen
                     conn.sendall(piece)
                     self.sent += PIECE
                     self.sent_hash.update(piece)
                 i += 1
-                deadline = time.monotonic() + 0.002
-                while time.monotonic() < deadline:
-                    try:
-                        data = conn.recv(65536)
-                    except (TimeoutError, BlockingIOError):
-                        continue
-                    if not data:
-                        return
-                    self.got += data
-            self.stop.wait(10)
+                if not self._take(conn, time.monotonic() + 0.002):
+                    return
+            self.done_sending.set()
+            # Sending stopped: keep taking the uplink until the worker closes (bounded).
+            self._take(conn, time.monotonic() + 10)
+
+    def _take(self, conn: socket.socket, deadline: float) -> bool:
+        """Receive what comes until ``deadline``; False once the other side closed."""
+        conn.settimeout(0.0005)
+        while time.monotonic() < deadline:
+            try:
+                data = conn.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                continue
+            if not data:
+                return False
+            self.got += data
+        return True
 
 
 def test_the_uplink_wake_up_reads_the_downlink_too():
@@ -91,20 +100,22 @@ def test_the_uplink_wake_up_reads_the_downlink_too():
                 # The uplink's callback has run: it read the socket too.
                 caught_up += _unread_payload(down) + received >= sent_before
                 while (record := records.get_record(down)) is not None:
+                    assert record.kind == records.DATA, record  # the peer closes only after the test
                     got.update(record.payload)
                     received += len(record.payload)
             peer.stop.set()
-            peer.thread.join(5)
+            assert await asyncio.to_thread(peer.done_sending.wait, 5)
             stopped = time.monotonic()
             while received < peer.sent:  # the tail, with no uplink to wake the worker
                 while (record := records.get_record(down)) is not None:
+                    assert record.kind == records.DATA, record
                     got.update(record.payload)
                     received += len(record.payload)
                 await asyncio.sleep(0.001)
             tail = time.monotonic() - stopped
-        assert got.digest() == peer.sent_hash.digest()
-        while len(peer.got) < len(uplink):
-            await asyncio.sleep(0.01)
+            assert got.digest() == peer.sent_hash.digest()
+            while len(peer.got) < len(uplink):  # the peer keeps reading after it stopped sending
+                await asyncio.sleep(0.01)
         assert bytes(peer.got) == bytes(uplink)
         send_message(ours, Close(1))
         return caught_up, round(tail * 1000)

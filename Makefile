@@ -51,16 +51,25 @@ FLOORS_TESTS ?= tests/test_log.py tests/test_pki.py tests/net tests/uart \
 
 .PHONY: all run test test-one test-floors bench clean distclean
 
-all: $(VENV)/.installed
+# The install stamps are named by pyproject.toml's content (its SHA-256), not
+# its time: a fresh clone's pyproject.toml is newer than a kept virtualenv's
+# stamp though nothing changed, and pip then installed again (three
+# virtualenvs, each time).  A changed pyproject.toml (new dependency, new entry
+# point) has no stamp yet: installed again; bridged itself is installed
+# editable, so its code needs no install.
+PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+INSTALLED = $(VENV)/.installed-$(PYPROJECT_HASH)
 
-# The stamp is re-made whenever pyproject.toml changes (new dependency, new
-# entry point); an existing virtualenv is reused, never recreated.
-$(VENV)/.installed: pyproject.toml
+all: $(INSTALLED)
+
+# An existing virtualenv is reused, never recreated.
+$(INSTALLED):
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e '.[test]'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
-run: $(VENV)/.installed
+run: $(INSTALLED)
 	$(VENV)/bin/bridged run --profile $(PROFILE) --pty $(PTY)
 
 # One suite run with $(VENV); then, from the top-level invocation only, the same
@@ -84,28 +93,32 @@ test: test-one
 	@echo "== the dependency floors (make test-floors) =="
 	@$(MAKE) --no-print-directory test-floors PYTEST_ARGS='$(PYTEST_ARGS)'
 
-test-one: $(VENV)/.installed
+test-one: $(INSTALLED)
 	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
-$(FLOORS_VENV)/constraints.txt: pyproject.toml
+# Stamped by pyproject.toml's content as $(INSTALLED) is.
+FLOORS_INSTALLED = $(FLOORS_VENV)/.installed-$(PYPROJECT_HASH)
+
+$(FLOORS_INSTALLED):
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
 	$(PYTHON) -c 'import re, tomllib; \
 	deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
-	print("\n".join(re.sub(r">=\s*([0-9.]+)", r"==\1.*", d) for d in deps))' > $@.new
-	$(FLOORS_VENV)/bin/python -m pip install -q -c $@.new -e '.[test]'
-	mv $@.new $@
+	print("\n".join(re.sub(r">=\s*([0-9.]+)", r"==\1.*", d) for d in deps))' > $(FLOORS_VENV)/constraints.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q -c $(FLOORS_VENV)/constraints.txt -e '.[test]'
+	rm -f $(FLOORS_VENV)/.installed-*
+	touch $@
 
-test-floors: $(FLOORS_VENV)/constraints.txt
+test-floors: $(FLOORS_INSTALLED)
 	@$(FLOORS_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | \
 		grep -iE '^(pyserial|uvloop|cryptography|structlog|dnspython|zeroconf|ifaddr)==' | tr '\n' ' '; echo
 	$(FLOORS_VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) $(FLOORS_TESTS)
 
-bench: $(VENV)/.installed
+bench: $(INSTALLED)
 	$(VENV)/bin/python -m bench
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
-	rm -f .venv*/.installed
+	rm -f .venv*/.installed .venv*/.installed-*
 	find . -path './.venv*' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -13,13 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _project(tmp_path: Path) -> Path:
-    """A project of three files: 300 quick unit tests, 2 end-to-end tests, one unit test."""
+    """A project of three files: 100 quick unit tests, 2 end-to-end tests, one unit test."""
     (tmp_path / "tests" / "testing").mkdir(parents=True)
     (tmp_path / "tests" / "test_many.py").write_text(
-        "import pytest\n\n@pytest.mark.parametrize('n', range(300))\ndef test_quick(n):\n    pass\n")
+        "import pytest\n\n@pytest.mark.parametrize('n', range(100))\ndef test_quick(n):\n    pass\n")
     (tmp_path / "tests" / "testing" / "test_few.py").write_text(
         "def test_one():\n    pass\n\ndef test_two():\n    pass\n")
-    (tmp_path / "tests" / "test_one.py").write_text("import time\n\ndef test_slow():\n    time.sleep(0.3)\n")
+    (tmp_path / "tests" / "test_one.py").write_text("import time\n\ndef test_slow():\n    time.sleep(0.5)\n")
     return tmp_path
 
 
@@ -44,6 +44,6 @@ def test_files_go_longest_first_guessed_then_measured(tmp_path):
     assert not (project / ".pytest_cache" / "v" / "bridged" / "test_seconds").exists()
     _pytest(project)
     seconds = json.loads((project / ".pytest_cache" / "v" / "bridged" / "test_seconds").read_text())
-    assert seconds["tests/test_one.py::test_slow"] >= 0.3
-    assert len(seconds) == 303
-    assert _pytest(project, "--collect-only")[0] == "tests/test_one.py"  # 0.3 s, the others ~0
+    assert seconds["tests/test_one.py::test_slow"] >= 0.5
+    assert len(seconds) == 103
+    assert _pytest(project, "--collect-only")[0] == "tests/test_one.py"  # 0.5 s, the others ~0

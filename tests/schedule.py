@@ -57,7 +57,7 @@ def pytest_configure_node(node) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    known = config.stash[_KNOWN]
+    known = config.stash.get(_KNOWN, {})
     seconds: dict[str, float] = {}
     for item in items:
         spent = known.get(item.nodeid)

@@ -3,7 +3,7 @@
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
 #   make test    run the test suite, then again under Python 3.13 when pyenv has it,
 #                then make test-floors
-#                (PYTEST_JOBS=0: in one process instead of two xdist workers)
+#                (PYTEST_JOBS=0: in one process instead of four xdist workers)
 #   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
 #   make clean   remove caches and build artefacts (the virtualenvs are kept)
@@ -16,16 +16,18 @@ PYTEST_ARGS ?=
 # Each suite run is spread over PYTEST_JOBS pytest-xdist workers (0: one
 # process, no xdist), whole files to a worker (--dist loadfile), so a module's
 # fixtures -- the OTA keys, the DNS/SNTP test servers on fixed loopback
-# addresses, module-wide daemons -- are made once and never twice at a time.
-# Two workers on the 2-core CI machine: nearly every test starts a daemon
-# (forked from a process that imported bridged once: tests/forkserver.py;
-# BRIDGED_TEST_FORKSERVER=0 execs each) or waits on a timer, so two keep both
-# cores busy; more only crowd the timing-sensitive tests.  The second
+# addresses, module-wide daemons -- are made once and never twice at a time;
+# the longest files first (tests/schedule.py), so that no long one is left for
+# the end while the other workers idle.  Four workers on the 2-core CI
+# machine: nearly every test starts a daemon (forked from a process that
+# imported bridged once: tests/forkserver.py; BRIDGED_TEST_FORKSERVER=0 execs
+# each) and then mostly waits -- on the daemon's timers, on a peer, on the
+# pty -- so two workers left the cores idle most of the time (5.6 min of CPU
+# in a 7:16 run: 38% of two cores); four overlap those waits.  The second
 # interpreter runs the whole suite too (not only what differs under 3.13:
-# ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.
-# Wall time of one suite run (Python 3.11): ~30 min in one process before;
-# see bench/RESULTS.md, "Test suite", for the current figures.
-PYTEST_JOBS ?= 2
+# ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.  See
+# bench/RESULTS.md, "Test suite", for the wall times.
+PYTEST_JOBS ?= 4
 # pytest keeps the test modules it rewrote for assert messages (and Python the
 # modules it compiled) in __pycache__ (ignored by git) unless
 # PYTHONDONTWRITEBYTECODE is set, as in some CI shells; then every xdist worker
@@ -51,16 +53,25 @@ FLOORS_TESTS ?= tests/test_log.py tests/test_pki.py tests/net tests/uart \
 
 .PHONY: all run test test-one test-floors bench clean distclean
 
-all: $(VENV)/.installed
+# The install stamps are named by pyproject.toml's content (its SHA-256), not
+# its time: a fresh clone's pyproject.toml is newer than a kept virtualenv's
+# stamp though nothing changed, and pip then installed again (three
+# virtualenvs, each time).  A changed pyproject.toml (new dependency, new entry
+# point) has no stamp yet: installed again; bridged itself is installed
+# editable, so its code needs no install.
+PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+INSTALLED = $(VENV)/.installed-$(PYPROJECT_HASH)
 
-# The stamp is re-made whenever pyproject.toml changes (new dependency, new
-# entry point); an existing virtualenv is reused, never recreated.
-$(VENV)/.installed: pyproject.toml
+all: $(INSTALLED)
+
+# An existing virtualenv is reused, never recreated.
+$(INSTALLED):
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -e '.[test]'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $@
 
-run: $(VENV)/.installed
+run: $(INSTALLED)
 	$(VENV)/bin/bridged run --profile $(PROFILE) --pty $(PTY)
 
 # One suite run with $(VENV); then, from the top-level invocation only, the same
@@ -84,28 +95,32 @@ test: test-one
 	@echo "== the dependency floors (make test-floors) =="
 	@$(MAKE) --no-print-directory test-floors PYTEST_ARGS='$(PYTEST_ARGS)'
 
-test-one: $(VENV)/.installed
+test-one: $(INSTALLED)
 	$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
-$(FLOORS_VENV)/constraints.txt: pyproject.toml
+# Stamped by pyproject.toml's content as $(INSTALLED) is.
+FLOORS_INSTALLED = $(FLOORS_VENV)/.installed-$(PYPROJECT_HASH)
+
+$(FLOORS_INSTALLED):
 	test -x $(FLOORS_VENV)/bin/python || $(PYTHON) -m venv $(FLOORS_VENV)
 	$(PYTHON) -c 'import re, tomllib; \
 	deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
-	print("\n".join(re.sub(r">=\s*([0-9.]+)", r"==\1.*", d) for d in deps))' > $@.new
-	$(FLOORS_VENV)/bin/python -m pip install -q -c $@.new -e '.[test]'
-	mv $@.new $@
+	print("\n".join(re.sub(r">=\s*([0-9.]+)", r"==\1.*", d) for d in deps))' > $(FLOORS_VENV)/constraints.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q -c $(FLOORS_VENV)/constraints.txt -e '.[test]'
+	rm -f $(FLOORS_VENV)/.installed-*
+	touch $@
 
-test-floors: $(FLOORS_VENV)/constraints.txt
+test-floors: $(FLOORS_INSTALLED)
 	@$(FLOORS_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | \
 		grep -iE '^(pyserial|uvloop|cryptography|structlog|dnspython|zeroconf|ifaddr)==' | tr '\n' ' '; echo
 	$(FLOORS_VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS) $(FLOORS_TESTS)
 
-bench: $(VENV)/.installed
+bench: $(INSTALLED)
 	$(VENV)/bin/python -m bench
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis
-	rm -f .venv*/.installed
+	rm -f .venv*/.installed .venv*/.installed-*
 	find . -path './.venv*' -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

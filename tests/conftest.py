@@ -9,7 +9,9 @@ import pytest
 from tests.harness import Daemon, EchoServer, Host, SinkServer
 from tests.shared import SharedDaemon
 
-pytest_plugins = ["bridged.testing"]  # as the pytest11 entry point does once installed: the suite needs no install
+# bridged.testing as its pytest11 entry point loads it once installed (the suite needs no install);
+# tests.schedule: the longest test files first.
+pytest_plugins = ["bridged.testing", "tests.schedule"]
 
 
 @pytest.fixture(scope="session")

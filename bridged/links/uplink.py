@@ -29,8 +29,8 @@ import ssl
 import structlog
 
 from bridged.ipc import records
-from bridged.links.connecting import failure_reason
 from bridged.links.batching import both_steady
+from bridged.links.connecting import failure_reason
 from bridged.links.downlink import STREAMING_BOTH
 
 __all__ = ["Uplink"]
@@ -135,6 +135,8 @@ class Uplink:
             self._sent_now()
 
     def _sent_now(self) -> None:
+        """The MCU's data went to the socket: a send after a quiet spell may be a
+        request (its answer is read at once); one of a steady stream is not."""
         now = self.loop.time()
         if self._batch_tick is not None and not both_steady(now - self._last_send, self.batch_period):
             self._stop_batching()  # the peer may answer this at once: read it at once

@@ -115,11 +115,15 @@ class Batching:
         if not self._can_batch():
             self._stop_batching()
             return
-        self._last_read = self.loop.time()
+        now = self.loop.time()
         # One recv takes all the kernel has (up to a record): a short read
         # means the socket is empty, so no EAGAIN round trip.
         got = self._read_held(False)
-        if got and self._batch_tick is None and self._can_batch():
+        if got:
+            self._last_read = now
+        # Only a whole period with nothing read ends it: the first tick may come
+        # a millisecond after the read that started it, before the next piece.
+        if (got or now - self._last_read < self.batch_period) and self._batch_tick is None and self._can_batch():
             self._arm_batch_tick()
         else:
             self._stop_batching()  # quiet for a whole period, or the read ended it

@@ -8,7 +8,7 @@ the kernel wakes us only when a whole chunk has gathered, and a timer
 reads whatever is there at the period's end.  The timers of all workers
 fall on one grid (the monotonic clock is shared), so the front wakes
 once for all links.  Never held back: a lone piece after a quiet spell
-(a tick that finds nothing ends batching), small pieces (interactive
+(a whole period with nothing read ends batching), small pieces (interactive
 traffic), and the answer to what the MCU sent (sending ends batching,
 and none starts until the MCU has been quiet for a few periods).  The
 peer's FIN and errors wake us regardless of SO_RCVLOWAT.
@@ -20,7 +20,7 @@ running: it is not answering each send), batching starts as well, and the
 MCU's steady sends do not end it: the peer's pieces are read on the
 window's ticks, shared with the other links.  A send after _BOTH_GAP
 periods of quiet ends it as before (a request: its answer is read at once),
-and so does a tick that finds nothing.
+and so does a whole period with nothing read.
 """
 
 from __future__ import annotations

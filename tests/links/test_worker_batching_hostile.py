@@ -16,7 +16,7 @@ from typing import Callable
 
 from bridged.ipc import records
 from bridged.ipc.control import send_message
-from bridged.ipc.messages import Close, Connect, Connected, SetRecvWindow
+from bridged.ipc.messages import Close, Connect, Connected, FireFault, SetRecvWindow
 from tests.links.control import recv_control as _recv
 from tests.links.workers import LiveWorker, drive_worker
 
@@ -188,13 +188,17 @@ def _streaming(seed: int, pieces: int, end: str):
     return script
 
 
-async def _mcu_streams(live: LiveWorker, reader: _Reader, peer: _Peer, seed: int, batched: list[bool]) -> bytes:
+async def _mcu_streams(live: LiveWorker, reader: _Reader, peer: _Peer, seed: int, batched: list[bool],
+                       midway: Callable[[LiveWorker], None] | None = None) -> bytes:
     """The MCU sends irregular pieces (seeded: 16-2500 bytes, 1-45 ms apart,
     around two windows) until the peer's tail went; returns what it sent."""
     rng = random.Random(seed + 1)
     sent = bytearray()
     async with asyncio.timeout(20):
         while not peer.tail.is_set():
+            if midway is not None and len(peer.pieces) >= 60 and any(batched) and live.worker._lowat_raised:
+                midway(live)  # while read batching holds the low-water mark raised
+                midway = None
             payload = bytes([len(sent) % 256]) * rng.randint(16, 2500)
             _send_up(live, payload)
             sent += payload
@@ -206,7 +210,7 @@ async def _mcu_streams(live: LiveWorker, reader: _Reader, peer: _Peer, seed: int
     return bytes(sent)
 
 
-def _both_ways(end: str, seed: int):
+def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None = None):
     """Both directions stream irregularly until the peer's tail and ``end``;
     returns (the tail's hold, whether batching ran, the EOF's delay after
     the tail, the idle worker's tick and low-water mark, bytes match)."""
@@ -215,7 +219,7 @@ def _both_ways(end: str, seed: int):
     async def main(live: LiveWorker):
         reader = await _connect(live, peer.port)
         batched: list[bool] = []
-        uplink = await _mcu_streams(live, reader, peer, seed, batched)
+        uplink = await _mcu_streams(live, reader, peer, seed, batched, midway)
         tail_sent = peer.pieces[-1][1]
         await _until(reader, lambda: len(reader.data) >= len(peer.sent) and (end == "open" or reader.eof))
         eof_delay = reader.eof_at - tail_sent if end != "open" else 0.0
@@ -263,3 +267,27 @@ def test_the_peers_fin_or_reset_while_batching_ends_the_link_at_once():
             print("end", end, seed, "eof delay ms %.2f tail hold ms %.2f" % (eof_delay * 1e3, hold * 1e3))
             assert eof_delay < WINDOW_MS / 2000, (end, seed, eof_delay)  # not on a tick
             assert idle[0] is None, (end, seed)
+
+
+def test_passive_mode_or_a_fault_armed_while_batching_lowers_the_low_water_mark():
+    """AT+CIPRECVTYPE's passive mode (SetRecvWindow) or a net_bandwidth fault
+    armed while read batching holds the low-water mark raised: batching
+    ends (the tick sees it may not batch, or the fault stops it), the last
+    small piece still comes within a window, and nothing is lost."""
+    fired: list[str] = []
+
+    def passive(live: LiveWorker) -> None:
+        fired.append("passive")
+        send_message(live.control, SetRecvWindow(65536))
+
+    def fault(live: LiveWorker) -> None:
+        fired.append("fault")
+        send_message(live.control, FireFault("net_bandwidth", ("bytes_per_s=10000000",)))
+
+    for midway in (passive, fault):
+        hold, batched, _, idle = _both_ways("open", 6, midway)
+        print("tail hold ms %.2f" % (hold * 1e3))
+        assert batched
+        assert hold < WINDOW_MS / 1000 + 0.010, hold
+        assert idle == (None, 1), idle
+    assert fired == ["passive", "fault"]

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import random
 import socket
+import ssl
 import threading
 import time
 from typing import Callable
@@ -17,6 +18,8 @@ from typing import Callable
 from bridged.ipc import records
 from bridged.ipc.control import send_message
 from bridged.ipc.messages import Close, Connect, Connected, FireFault, SetRecvWindow
+from bridged.pki import PkiStore
+from tests.integration.test_tls import _issue
 from tests.links.control import recv_control as _recv
 from tests.links.workers import LiveWorker, drive_worker
 
@@ -27,7 +30,9 @@ class _Peer:
     """Runs ``script(conn, peer)`` on the accepted connection in a thread; the
     script logs (byte offset after the piece, time sent) in ``peer.pieces``."""
 
-    def __init__(self, script: Callable[[socket.socket, "_Peer"], None]) -> None:
+    def __init__(self, script: Callable[[socket.socket, "_Peer"], None],
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.pieces: list[tuple[int, float]] = []
@@ -41,8 +46,11 @@ class _Peer:
 
     def _run(self) -> None:
         conn, _ = self.server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            conn.settimeout(5)
+            conn = self.tls.wrap_socket(conn, server_side=True)
         with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.script(conn, self)
 
     def send(self, conn: socket.socket, piece: bytes) -> None:
@@ -98,8 +106,8 @@ class _Reader:
         return out
 
 
-async def _connect(live: LiveWorker, port: int) -> _Reader:
-    send_message(live.control, Connect(1, "TCP", "127.0.0.1", port))
+async def _connect(live: LiveWorker, port: int, kind: str = "TCP") -> _Reader:
+    send_message(live.control, Connect(1, kind, "127.0.0.1", port, tls_auth=0))
     assert isinstance(await _recv(live.control), Connected)
     return _Reader(live)
 
@@ -179,7 +187,7 @@ def _streaming(seed: int, pieces: int, end: str):
         peer.send(conn, b"t" * 100)
         peer.tail.set()
         if end == "fin":
-            conn.shutdown(socket.SHUT_WR)
+            conn.shutdown(socket.SHUT_WR)  # over TLS: a FIN with no close_notify, as many servers close
         elif end == "rst":
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             return
@@ -210,14 +218,15 @@ async def _mcu_streams(live: LiveWorker, reader: _Reader, peer: _Peer, seed: int
     return bytes(sent)
 
 
-def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None = None):
+def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None = None,
+               tls: ssl.SSLContext | None = None, pki: PkiStore | None = None):
     """Both directions stream irregularly until the peer's tail and ``end``;
     returns (the tail's hold, whether batching ran, the EOF's delay after
     the tail, the idle worker's tick and low-water mark, bytes match)."""
-    peer = _Peer(_streaming(seed, 120, end))
+    peer = _Peer(_streaming(seed, 120, end), tls)
 
     async def main(live: LiveWorker):
-        reader = await _connect(live, peer.port)
+        reader = await _connect(live, peer.port, "SSL" if tls else "TCP")
         batched: list[bool] = []
         uplink = await _mcu_streams(live, reader, peer, seed, batched, midway)
         tail_sent = peer.pieces[-1][1]
@@ -237,7 +246,7 @@ def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None 
         return hold, any(batched), eof_delay, idle
 
     try:
-        return drive_worker(main, up_size=65536, down_size=65536, read_window_ms=WINDOW_MS)
+        return drive_worker(main, up_size=65536, down_size=65536, read_window_ms=WINDOW_MS, pki=pki)
     finally:
         peer.close()
 
@@ -291,3 +300,20 @@ def test_passive_mode_or_a_fault_armed_while_batching_lowers_the_low_water_mark(
         assert hold < WINDOW_MS / 1000 + 0.010, hold
         assert idle == (None, 1), idle
     assert fired == ["passive", "fault"]
+
+
+def test_over_tls_the_last_small_record_and_the_close_come_within_a_window(tmp_path):
+    """The same streams both ways over TLS (SO_RCVLOWAT counts encrypted bytes;
+    decrypted ones may wait inside OpenSSL): the last 100-byte record comes
+    within a window, the peer's FIN at once, nothing is lost."""
+    leaf, _ = _issue(tmp_path, "leaf", "localhost")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(leaf.cert, leaf.key)
+    pki = PkiStore(tmp_path / "state")
+    for end in ("open", "fin"):
+        hold, batched, eof_delay, idle = _both_ways(end, 7, tls=ctx, pki=pki)
+        print("tls", end, "tail hold ms %.2f eof delay ms %.2f" % (hold * 1e3, eof_delay * 1e3))
+        assert batched, end
+        assert hold < WINDOW_MS / 1000 + 0.010, (end, hold)
+        assert eof_delay < WINDOW_MS / 2000, (end, eof_delay)
+        assert idle[0] is None, (end, idle)

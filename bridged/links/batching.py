@@ -20,7 +20,10 @@ running: it is not answering each send), batching starts as well, and the
 MCU's steady sends do not end it: the peer's pieces are read on the
 window's ticks, shared with the other links.  A send after _BOTH_GAP
 periods of quiet ends it as before (a request: its answer is read at once),
-and so does a whole period with nothing read.
+and so does a whole period with nothing read.  Timing cannot tell a peer
+answering each request in several pieces (>= _STREAMING apart) from one
+streaming on its own: with requests under _BOTH_GAP periods apart, such an
+answer's pieces wait for the tick too (at most a period).
 """
 
 from __future__ import annotations

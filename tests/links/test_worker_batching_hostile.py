@@ -7,6 +7,7 @@ link has no tick armed nor a raised low-water mark."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import random
 import socket
@@ -317,3 +318,17 @@ def test_over_tls_the_last_small_record_and_the_close_come_within_a_window(tmp_p
         assert hold < WINDOW_MS / 1000 + 0.010, (end, hold)
         assert eof_delay < WINDOW_MS / 2000, (end, eof_delay)
         assert idle[0] is None, (end, idle)
+
+
+def test_five_links_streaming_both_ways_at_once_lose_nothing():
+    """Five workers (their ticks on one grid) stream both ways at once with
+    irregular seeded pieces: every byte both ways on every link, each last
+    small piece within a window (with margin for five links' load), each link
+    idle with no tick and SO_RCVLOWAT 1 afterwards."""
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(lambda seed: _both_ways("open", seed), range(10, 15)))
+    for seed, (hold, batched, _, idle) in zip(range(10, 15), results):
+        print("link", seed, "tail hold ms %.2f" % (hold * 1e3))
+        assert hold < WINDOW_MS / 1000 + 0.020, (seed, hold)
+        assert idle == (None, 1), (seed, idle)
+    assert any(batched for _, batched, _, _ in results)

@@ -14,14 +14,26 @@ from tests.integration.both_ways import BothWays, mcu_stream
 PIECES = 80
 
 
+def _switches(pid: int, seconds: float) -> int:
+    """The process's voluntary context switches (its wake-ups) over ``seconds``."""
+    def count() -> int:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(b"voluntary_ctxt_switches"))
+    before = count()
+    time.sleep(seconds)
+    return count() - before
+
+
 def test_passthrough_paced_both_ways_with_the_read_window_loses_nothing(make_daemon):
     """Passthrough both ways paced for read batching (pieces over 4 ms apart,
     sends within two windows): the peer's 80 KiB and the MCU's come out whole
     and in order; after 30 ms of quiet both ways the peer's 100-byte tail
     comes within 60 ms (a 20 ms window, the front's tick, load) with no FIN
-    to wake the worker; then CLOSED (AT+SYSMSG bit 2) for its FIN."""
+    to wake the worker, and the idle worker is not woken by ticks; then CLOSED
+    (AT+SYSMSG bit 2) for its FIN."""
     server = socket.create_server(("127.0.0.1", 0))
-    host = make_daemon("[links]\nread_window_ms = 20\n").host()
+    daemon = make_daemon("[links]\nread_window_ms = 20\n")
+    host = daemon.host()
     host.boot()
     try:
         host.command(b"AT+SYSMSG=4")
@@ -48,6 +60,9 @@ def test_passthrough_paced_both_ways_with_the_read_window_loses_nothing(make_dae
         arrived = time.monotonic()
         assert hashlib.sha256(bytes(peer.received)).digest() == hashlib.sha256(up).digest()
         assert arrived - sent_at < 0.06, arrived - sent_at
+        wakeups = _switches(daemon.worker_pid(0), 0.5)
+        print("idle worker wake-ups in 0.5 s:", wakeups)
+        assert wakeups <= 5, wakeups  # no tick every window: about 25
         conn.close()  # the FIN while the read window may hold the low-water mark raised
         host.expect(b"CLOSED\r\n", timeout=5)
     finally:

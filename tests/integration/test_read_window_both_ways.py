@@ -62,7 +62,7 @@ def test_passthrough_paced_both_ways_with_the_read_window_loses_nothing(make_dae
         assert arrived - sent_at < 0.06, arrived - sent_at
         wakeups = _switches(daemon.worker_pid(0), 0.5)
         print("idle worker wake-ups in 0.5 s:", wakeups)
-        assert wakeups <= 5, wakeups  # no tick every window: about 25
+        assert wakeups <= 10, wakeups  # a tick every window: about 25
         conn.close()  # the FIN while the read window may hold the low-water mark raised
         host.expect(b"CLOSED\r\n", timeout=5)
     finally:

@@ -52,7 +52,10 @@ class _Peer:
             conn.settimeout(5)
             conn = self.tls.wrap_socket(conn, server_side=True)
         with conn:
-            self.script(conn, self)
+            try:
+                self.script(conn, self)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the link closed under the script (a test's Close)
 
     def send(self, conn: socket.socket, piece: bytes) -> None:
         conn.sendall(piece)
@@ -332,3 +335,33 @@ def test_five_links_streaming_both_ways_at_once_lose_nothing():
         assert hold < WINDOW_MS / 1000 + 0.020, (seed, hold)
         assert idle == (None, 1), (seed, idle)
     assert any(batched for _, batched, _, _ in results)
+
+
+def test_a_close_while_batching_ends_at_once_and_leaves_no_tick():
+    """The host's Close (AT+CIPCLOSE, with the closing flush) or a reset's
+    (AT+RST, no flush) while read batching holds the low-water mark raised:
+    the EOF record comes at once, not on a tick, and no tick stays armed."""
+    for flush in (True, False):
+        peer = _Peer(_streaming(8, 400, "open"))
+
+        async def main(live: LiveWorker, flush: bool = flush) -> tuple:
+            reader = await _connect(live, peer.port)
+            async with asyncio.timeout(10):
+                while not live.worker._lowat_raised:
+                    _send_up(live, b"u" * 1500)
+                    deadline = time.monotonic() + 0.02  # the peer streams between the sends
+                    while time.monotonic() < deadline and not live.worker._lowat_raised:
+                        await asyncio.sleep(0.0005)
+                        reader.drain()
+                send_message(live.control, Close(1, flush))
+                closed = time.monotonic()
+                await _until(reader, lambda: reader.eof)
+            return reader.eof_at - closed, live.worker._batch_tick, live.worker.sock
+
+        try:
+            delay, tick, sock = drive_worker(main, up_size=65536, down_size=65536, read_window_ms=WINDOW_MS)
+        finally:
+            peer.close()
+        print("flush", flush, "EOF after ms %.2f" % (delay * 1e3))
+        assert delay < WINDOW_MS / 2000, (flush, delay)
+        assert tick is None and sock is None, flush

@@ -8,10 +8,22 @@ the kernel wakes us only when a whole chunk has gathered, and a timer
 reads whatever is there at the period's end.  The timers of all workers
 fall on one grid (the monotonic clock is shared), so the front wakes
 once for all links.  Never held back: a lone piece after a quiet spell
-(a tick that finds nothing ends batching), small pieces (interactive
+(a whole period with nothing read ends batching), small pieces (interactive
 traffic), and the answer to what the MCU sent (sending ends batching,
 and none starts until the MCU has been quiet for a few periods).  The
 peer's FIN and errors wake us regardless of SO_RCVLOWAT.
+
+Both ways at once.  While the MCU streams too (its sends come within
+_BOTH_GAP periods of each other) and the peer streams on its own (two of
+its pieces came with no send of the MCU's between them, in two periods
+running: it is not answering each send), batching starts as well, and the
+MCU's steady sends do not end it: the peer's pieces are read on the
+window's ticks, shared with the other links.  A send after _BOTH_GAP
+periods of quiet ends it as before (a request: its answer is read at once),
+and so does a whole period with nothing read.  Timing cannot tell a peer
+answering each request in several pieces (>= _STREAMING apart) from one
+streaming on its own: with requests under _BOTH_GAP periods apart, such an
+answer's pieces wait for the tick too (at most a period).
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import structlog
 
 from bridged.links.connecting import failure_reason
 
-__all__ = ["Batching", "wants_batching", "next_tick"]
+__all__ = ["Batching", "wants_batching", "streams_both_ways", "both_steady", "next_tick"]
 
 log = structlog.get_logger()
 
@@ -33,6 +45,8 @@ _BATCH_PIECE = 512
 # may be answering it: an answer is read at once, and a link busy both ways
 # would start and stop batching all the time).
 _BATCH_QUIET = 4
+# The MCU streams while its sends come within this many periods of each other.
+_BOTH_GAP = 2
 # A batch's next tick is at least this far off: uvloop's clock ticks in
 # whole milliseconds, and a timer due sooner would fire at once.
 _TICK_MARGIN = 0.001
@@ -48,6 +62,28 @@ def wants_batching(since: float, quiet: float, period: float) -> bool:
         period: read batching's period (0: off).
     """
     return since < period and quiet > _BATCH_QUIET * period
+
+
+def streams_both_ways(since: float, quiet: float, unprompted: float, period: float) -> bool:
+    """Whether a wake-up that read an unprompted batching piece (no send of the
+    MCU's since the peer's piece before) starts read batching while the MCU
+    streams too.
+
+    Args:
+        since: seconds since the read before this one (within a period: a stream).
+        quiet: seconds since the MCU's data last went to the socket (within
+            _BOTH_GAP periods: the MCU streams).
+        unprompted: seconds since the unprompted read before this one (within
+            _BOTH_GAP periods: the peer has streamed on its own a while).
+        period: read batching's period (0: off).
+    """
+    return since < period and quiet < _BOTH_GAP * period and unprompted < _BOTH_GAP * period
+
+
+def both_steady(gap: float, period: float) -> bool:
+    """Whether a send ``gap`` seconds after the MCU's last one continues its
+    stream (read batching goes on) rather than asking something (it ends)."""
+    return gap < _BOTH_GAP * period
 
 
 def next_tick(now: float, period: float) -> float:
@@ -82,16 +118,15 @@ class Batching:
         if not self._can_batch():
             self._stop_batching()
             return
-        self._last_read = self.loop.time()
-        ring = self.downlink
-        ring.hold_doorbells()
-        try:
-            # One recv takes all the kernel has (up to a record): a short read
-            # means the socket is empty, so no EAGAIN round trip.
-            got = self._recv_stream(False)
-        finally:
-            ring.release_doorbells()
-        if got and self._batch_tick is None and self._can_batch():
+        now = self.loop.time()
+        # One recv takes all the kernel has (up to a record): a short read
+        # means the socket is empty, so no EAGAIN round trip.
+        got = self._read_held(False)
+        if got:
+            self._last_read = now
+        # Only a whole period with nothing read ends it: the first tick may come
+        # a millisecond after the read that started it, before the next piece.
+        if (got or now - self._last_read < self.batch_period) and self._batch_tick is None and self._can_batch():
             self._arm_batch_tick()
         else:
             self._stop_batching()  # quiet for a whole period, or the read ended it

@@ -31,7 +31,7 @@ import structlog
 
 from bridged.ipc import records
 from bridged.ipc.messages import RemoteChanged
-from bridged.links.batching import _BATCH_PIECE, Batching, next_tick, wants_batching
+from bridged.links.batching import _BATCH_PIECE, Batching, next_tick, streams_both_ways, wants_batching
 from bridged.links.connecting import failure_reason
 from bridged.readgate import ReadGate
 
@@ -89,6 +89,7 @@ class Downlink(Batching):
         self._batch_tick: asyncio.TimerHandle | None = None  # armed while read batching is on
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         self._pause: asyncio.TimerHandle | None = None  # a stream's reads, _STREAMING apart
+        self._unprompted_at = -1.0  # the peer's last bulk piece with no send of the MCU's since the one before
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
@@ -101,31 +102,39 @@ class Downlink(Batching):
             self.shaper.on_readable()
             return
         now = self.loop.time()
-        since, self._last_read = now - self._last_read, now
-        # One doorbell for all the records of this wake-up: the front wakes once.
-        ring = self.downlink
-        ring.hold_doorbells()
-        try:
-            if self.datagram:
-                got = self._recv_datagrams()
-            else:
-                got = self._recv_stream(since < _STREAMING or self._batch_tick is not None)
-        finally:
-            ring.release_doorbells()
+        previous, self._last_read = self._last_read, now
+        since = now - previous
+        got = self._read_held(since < _STREAMING or self._batch_tick is not None)
         if got < _BATCH_PIECE or self._batch_tick is not None or self.sock is None:
             return
-        if wants_batching(since, now - self._last_send, self.batch_period) and self._can_batch():
+        quiet = now - self._last_send
+        both = False  # (a faster stream, pieces under _STREAMING apart, pauses instead)
+        if self._last_send < previous:  # no send of the MCU's since the peer's last piece
+            both = since >= _STREAMING and streams_both_ways(since, quiet, now - self._unprompted_at,
+                                                             self.batch_period)
+            self._unprompted_at = now
+        if (both or wants_batching(since, quiet, self.batch_period)) and self._can_batch():
             self._start_batching()
         elif since < _STREAMING and self._gate.is_open and not (self.datagram and self._more_datagrams):
             self._pause_reading()
             # Both directions on one wake-up: while the MCU streams too, its next
             # send ends the pause (``_on_uplink``); the longer timer is the fallback.
-            pause = STREAMING_BOTH if now - self._last_send < _STREAMING else _STREAMING
+            pause = STREAMING_BOTH if quiet < _STREAMING else _STREAMING
             self._pause = self.loop.call_later(pause, self._end_pause)
 
     def _end_pause(self) -> None:
         self._pause = None
         self._resume_reading()
+
+    def _read_held(self, streaming: bool) -> int:
+        """Read the socket into the downlink ring with its doorbells held (the
+        front wakes once for all the records of this read); return the bytes read."""
+        ring = self.downlink
+        ring.hold_doorbells()
+        try:
+            return self._recv_datagrams() if self.datagram else self._recv_stream(streaming)
+        finally:
+            ring.release_doorbells()
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import ssl
 import structlog
 
 from bridged.ipc import records
+from bridged.links.batching import both_steady
 from bridged.links.connecting import failure_reason
 from bridged.links.downlink import STREAMING_BOTH
 
@@ -74,12 +75,7 @@ class Uplink:
             self._resume_reading()
             return
         self._last_read = self.loop.time()
-        ring = self.downlink
-        ring.hold_doorbells()
-        try:
-            got = self._recv_datagrams() if self.datagram else self._recv_stream(True)
-        finally:
-            ring.release_doorbells()
+        got = self._read_held(True)
         if self.sock is None or self._waiting_space is not None:
             return  # ended, or a full ring: its space wait resumes reading
         if got and not (self.datagram and self._more_datagrams):
@@ -136,9 +132,15 @@ class Uplink:
             self.stats["up"] += sent
             if self.shaper is not None:
                 self.shaper.sent(sent)
-            self._last_send = self.loop.time()
-            if self._batch_tick is not None:
-                self._stop_batching()  # the peer may answer this at once: read it at once
+            self._sent_now()
+
+    def _sent_now(self) -> None:
+        """The MCU's data went to the socket: a send after a quiet spell may be a
+        request (its answer is read at once); one of a steady stream is not."""
+        now = self.loop.time()
+        if self._batch_tick is not None and not both_steady(now - self._last_send, self.batch_period):
+            self._stop_batching()  # the peer may answer this at once: read it at once
+        self._last_send = now
 
     def _send_tls(self, view: memoryview) -> int:
         # OpenSSL wants a write retried after WANT_WRITE with the same length.

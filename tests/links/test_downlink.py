@@ -14,6 +14,7 @@ import pytest
 from bridged.ipc import records
 from bridged.ipc.control import send_message
 from bridged.ipc.messages import Close, Connect, Connected, SetRecvWindow
+from bridged.links.batching import both_steady, streams_both_ways
 from bridged.links.downlink import keeps_datagram, next_tick, recv_window_need, wants_batching
 from tests.links.control import recv_control as _recv
 from tests.links.workers import LiveWorker, drive_worker
@@ -33,6 +34,24 @@ PERIOD = 0.02  # [links] read_window_ms = 20, the default
 def test_wants_batching(since, quiet, period, batching):
     """A big piece starts batching only within a period of the last read, the MCU quiet for over 4 periods."""
     assert wants_batching(since, quiet, period) is batching
+
+
+@pytest.mark.parametrize("since, quiet, unprompted, period, batching", [
+    (0.010, 0.015, 0.020, PERIOD, True),  # both stream: the peer's second unprompted piece a period on
+    (0.010, 0.045, 0.020, PERIOD, False),  # the MCU has not sent for over two periods: not streaming
+    (0.010, 0.015, 0.045, PERIOD, False),  # the peer's unprompted pieces too far apart (a one-off)
+    (0.025, 0.015, 0.020, PERIOD, False),  # the peer's pieces over a period apart: not a stream
+    (0.010, 0.015, 0.020, 0.0, False),  # batching off ([links] read_window_ms = 0)
+])
+def test_streams_both_ways(since, quiet, unprompted, period, batching):
+    """An unprompted piece starts batching while the MCU sends only if both directions stream steadily."""
+    assert streams_both_ways(since, quiet, unprompted, period) is batching
+
+
+@pytest.mark.parametrize("gap, steady", [(0.020, True), (0.039, True), (0.040, False), (1.0, False)])
+def test_a_send_ends_batching_after_two_quiet_periods(gap, steady):
+    """A send within two periods of the last continues the MCU's stream; a later one may want an answer."""
+    assert both_steady(gap, PERIOD) is steady
 
 
 @pytest.mark.parametrize("now", [0.0, 0.0189, 0.0191, 0.02, 12.3456, 1000.0199])

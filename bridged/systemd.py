@@ -50,6 +50,9 @@ def stderr_is_journal() -> bool:
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
+_SEND_TIMEOUT = 1.0  # seconds a notification may wait for room in the manager's queue
+
+
 def notify(state: str) -> bool:
     """Send one sd_notify message, e.g. ``"READY=1"`` or ``"STATUS=...\\nREADY=1"``.
 
@@ -62,6 +65,9 @@ def notify(state: str) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Bounded: a manager that stopped reading (its queue full) must not hold the
+            # supervisor, which keeps the children alive; a lost WATCHDOG=1 is sent again.
+            sock.settimeout(_SEND_TIMEOUT)
             sock.connect(address)
             sock.sendall(state.encode())
     except OSError:

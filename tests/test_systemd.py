@@ -118,3 +118,27 @@ def test_watchdog_pid_malformed(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     monkeypatch.setenv("WATCHDOG_PID", "x")
     assert systemd.watchdog_interval() is None
+
+
+def test_a_manager_that_stops_reading_does_not_hold_the_sender(tmp_path, monkeypatch):
+    """With the notify socket's queue full (the manager stopped reading), notify()
+    gives up within its bound and says so, instead of blocking the supervisor."""
+    import time
+
+    path = str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.connect(path)
+    sender.setblocking(False)
+    try:
+        with pytest.raises(BlockingIOError):
+            for _ in range(100_000):  # the receive queue holds a bounded number of datagrams
+                sender.send(b"WATCHDOG=1")
+        started = time.monotonic()
+        assert systemd.notify("WATCHDOG=1") is False
+        assert time.monotonic() - started < 3.0
+    finally:
+        sender.close()
+        manager.close()

@@ -225,21 +225,23 @@ def socket_from_fd(fd: int, families: Collection[int], kind: int) -> socket.sock
     return sock
 
 
-def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = ()) -> None:
+def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = (), flags: int = 0) -> None:
     """Send one message, with ``fds`` attached (the caller keeps its copies).
 
+    ``flags``: e.g. ``socket.MSG_DONTWAIT``, a send that never waits on a blocking socket.
+
     Raises:
-        BlockingIOError: ``sock`` is non-blocking and its buffer is full
-            (nothing was sent).
+        BlockingIOError: ``sock`` is non-blocking (or MSG_DONTWAIT) and its
+            buffer is full (nothing was sent).
         ControlError: more than ``MAX_FDS`` fds or an oversized message.
     """
     data = encode(msg)
     if len(fds) > MAX_FDS:
         raise ControlError(f"{len(fds)} fds in one message, the limit is {MAX_FDS}")
     if fds:
-        socket.send_fds(sock, [data], list(fds))
+        socket.send_fds(sock, [data], list(fds), flags)
     else:
-        sock.send(data)
+        sock.send(data, flags)
     # A SEQPACKET send is atomic: it queues the whole packet or raises.
 
 

@@ -239,7 +239,9 @@ def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = (), flag
     if len(fds) > MAX_FDS:
         raise ControlError(f"{len(fds)} fds in one message, the limit is {MAX_FDS}")
     if fds:
-        socket.send_fds(sock, [data], list(fds), flags)
+        # Not socket.send_fds: it drops ``flags`` (CPython 3.11 to 3.13), and a
+        # MSG_DONTWAIT send would block.
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], flags)
     else:
         sock.send(data, flags)
     # A SEQPACKET send is atomic: it queues the whole packet or raises.

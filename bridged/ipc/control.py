@@ -231,7 +231,7 @@ def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = (), flag
     ``flags``: e.g. ``socket.MSG_DONTWAIT``, a send that never waits on a blocking socket.
 
     Raises:
-        BlockingIOError: ``sock`` is non-blocking (or MSG_DONTWAIT) and its
+        BlockingIOError: ``sock`` is non-blocking (or MSG_DONTWAIT without a timeout) and its
             buffer is full (nothing was sent).
         ControlError: more than ``MAX_FDS`` fds or an oversized message.
     """

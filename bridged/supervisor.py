@@ -15,7 +15,10 @@ channel to the front.  A link worker gets a fresh control socketpair each
 time it starts; the front end is sent to the front with ``WorkerStarted``.
 The front sees a worker's death at once (EOF on that socket) and reports the
 link closed; the supervisor forks a replacement right away.  When the front
-dies, the workers see EOF and exit; everything is started again.
+dies, the workers see EOF and exit (one still there `WORKER_STOP_GRACE` later
+is killed: it would keep the session down); everything is started again.
+Nothing we send a child waits: a front that does not read loses its pings and
+gets its ``WorkerStarted`` once its channel has room (`Children._announce`).
 
 Children (``bridged.children``, a part of `Supervisor`): forking each with
 only what it may keep, reaping, and the restart policy.  A start that cannot

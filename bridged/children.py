@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 from typing import Callable
 
@@ -43,11 +44,13 @@ from bridged.net.policy import parse_local_ports
 from bridged.spawn import Child
 from bridged.uart.main import PORT_FAILED, run_front
 
-__all__ = ["Children"]
+__all__ = ["WORKER_STOP_GRACE", "Children"]
 
 log = structlog.get_logger()
 
 _FRONT_MAX_FAILURES = 5
+# Seconds the workers have to end after SIGTERM (a stop, or their front's death) before SIGKILL.
+WORKER_STOP_GRACE = 4.0
 
 
 class Children:
@@ -65,6 +68,7 @@ class Children:
         if self.sup_sock is not None:  # the last front's channel: the new one must not inherit it
             self.sup_sock.close()
             self.sup_sock = None
+        self._drop_announcements()
         ours, theirs = socketpair()
 
         def target() -> int:
@@ -101,12 +105,43 @@ class Children:
         worker_end.close()
         theirs.close()
         self.liveness.watch(worker, ours)
-        try:
-            send_message(self.sup_sock, WorkerStarted(worker.link_id, worker.pid), [front_end.fileno()])
-        except OSError as exc:
-            # The front is gone (its own exit says why); the worker sees EOF and ends too.
-            log.info("worker_not_announced", link_id=worker.link_id, error=str(exc))
-        front_end.close()
+        stale = self._announcements.pop(worker.link_id, None)
+        if stale is not None:
+            stale[1].close()  # for a worker since replaced: of no use to the front
+        self._announcements[worker.link_id] = (WorkerStarted(worker.link_id, worker.pid), front_end)
+        self._announce()
+        if worker.link_id in self._announcements:
+            log.warning("worker_announcement_deferred", link_id=worker.link_id, pending=len(self._announcements))
+
+    def _announce(self) -> None:
+        """Send the front its pending ``WorkerStarted``, never waiting.
+
+        A front that does not read (stopped, deadlocked) fills its channel; a
+        blocking send would hold the supervisor with it, deaf to signals and
+        liveness.  What does not fit stays pending, the latest per link, and
+        goes when the channel has room (the loop waits for that); a front that
+        never reads again misses its pings and is aborted, and a new front gets
+        fresh announcements (`_drop_announcements`).
+        """
+        while self._announcements and self.sup_sock is not None:
+            link_id, (msg, front_end) = next(iter(self._announcements.items()))
+            try:
+                send_message(self.sup_sock, msg, [front_end.fileno()], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # The front is gone (its own exit says why); the worker sees EOF and ends too.
+                log.info("worker_not_announced", link_id=link_id, error=str(exc))
+            del self._announcements[link_id]
+            front_end.close()
+
+    def _drop_announcements(self) -> None:
+        """Close the pending announcements' sockets: before a new front (which
+        gets its own), and in a new child (a worker keeps no other link's control
+        socket: holding one would keep that link's worker from seeing its front go)."""
+        for _, front_end in self._announcements.values():
+            front_end.close()
+        self._announcements.clear()
 
     def _keep_only(self, link_id: int) -> None:
         """In a new link worker: let go of everything that is not this link's.
@@ -116,6 +151,7 @@ class Children:
         """
         if self.sup_sock is not None:
             self.sup_sock.close()
+        self._drop_announcements()
         if self.listener is not None:
             self.listener.close()
         for channel in self.liveness.channels():
@@ -189,7 +225,10 @@ class Children:
             log.error("child_died", role=child.role, exit_code=code, **child.ident())
         child.schedule_restart(time.monotonic())
         if child is self.front:
-            # Its workers lose their control sockets and exit; start afresh.
+            # Its workers lose their control sockets and exit; start afresh.  One that
+            # does not (ignores SIGTERM, or stuck while its heartbeats are not yet
+            # missed) would keep the session down: SIGKILL at the deadline.
+            self._workers_kill_at = time.monotonic() + WORKER_STOP_GRACE
             for worker in self.workers:
                 if worker.pid:
                     spawn.kill(worker.pid, signal.SIGTERM)
@@ -200,8 +239,11 @@ class Children:
         if front.restart_at is not None:
             if front.failures >= _FRONT_MAX_FAILURES:
                 return 0.0  # the end, at once
-            # The front starts again once its workers are reaped: their SIGCHLD wakes us.
-            return math.inf if any(w.pid for w in self.workers) else front.restart_at
+            # The front starts again once its workers are reaped: their SIGCHLD wakes us,
+            # or the deadline to kill those still there.
+            if any(w.pid for w in self.workers):
+                return math.inf if self._workers_kill_at is None else self._workers_kill_at
+            return front.restart_at
         return min((w.restart_at for w in self.workers if w.restart_at is not None and not w.pid),
                    default=math.inf)
 
@@ -211,7 +253,9 @@ class Children:
         front = self.front
         if front.restart_at is not None:
             if front.failures < _FRONT_MAX_FAILURES:
-                if now >= front.restart_at and not any(w.pid for w in self.workers):
+                if any(w.pid for w in self.workers):
+                    self._kill_lingering_workers(now)
+                elif now >= front.restart_at:
                     self._start_all()
             elif self._port_failure is not None:  # the port stayed away: say so in one line
                 self._fatal = self._port_failure
@@ -223,3 +267,14 @@ class Children:
         for worker in self.workers:
             if worker.restart_at is not None and now >= worker.restart_at and not worker.pid:
                 self._start_worker(worker)
+
+    def _kill_lingering_workers(self, now: float) -> None:
+        """SIGKILL the workers still there `WORKER_STOP_GRACE` after their front died."""
+        if self._workers_kill_at is None or now < self._workers_kill_at:
+            return
+        self._workers_kill_at = None  # once: their SIGCHLD wakes us for the restart
+        for worker in self.workers:
+            if worker.pid:
+                log.error("worker_outlived_front", pid=worker.pid, link_id=worker.link_id,
+                          seconds=WORKER_STOP_GRACE)
+                spawn.kill(worker.pid, signal.SIGKILL)

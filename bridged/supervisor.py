@@ -15,7 +15,10 @@ channel to the front.  A link worker gets a fresh control socketpair each
 time it starts; the front end is sent to the front with ``WorkerStarted``.
 The front sees a worker's death at once (EOF on that socket) and reports the
 link closed; the supervisor forks a replacement right away.  When the front
-dies, the workers see EOF and exit; everything is started again.
+dies, the workers see EOF and exit (one still there `WORKER_STOP_GRACE` later
+is killed: it would keep the session down); everything is started again.
+Nothing we send a child waits: a front that does not read loses its pings and
+gets its ``WorkerStarted`` once its channel has room (`Children._announce`).
 
 Children (``bridged.children``, a part of `Supervisor`): forking each with
 only what it may keep, reaping, and the restart policy.  A start that cannot
@@ -50,12 +53,12 @@ from typing import Callable
 import structlog
 
 from bridged import caps, spawn, systemd
-from bridged.children import Children
+from bridged.children import WORKER_STOP_GRACE, Children
 from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.faults import tally
 from bridged.faults.seed import children_started, faults_seeded, log_seed, mark_epoch
 from bridged.ipc.control import ControlError, recv_message
-from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.liveness import Liveness, Report
 from bridged.log import setup_logging
@@ -67,8 +70,6 @@ from bridged.uart.port import Pty, open_pty
 __all__ = ["Supervisor"]
 
 log = structlog.get_logger()
-
-_STOP_GRACE = 4.0
 
 
 class Supervisor(Children):
@@ -94,6 +95,9 @@ class Supervisor(Children):
         self._port_failure: str | None = None  # the reason of the running front's PortFailed
         self._fatal: str | None = None  # why we end now (raised as StartError by the loop)
         self._front_eof = False  # the running front's channel is at its end: read no more
+        # link_id -> WorkerStarted not yet sent (the front's channel was full) and its socket
+        self._announcements: dict[int, tuple[WorkerStarted, socket.socket]] = {}
+        self._workers_kill_at: float | None = None  # when the dead front's workers get SIGKILL
         self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
@@ -164,7 +168,9 @@ class Supervisor(Children):
         watchdog = systemd.watchdog_interval()
         next_ping = time.monotonic()
         while True:
-            readable = self._wait(next_ping if watchdog else math.inf)
+            readable, writable = self._wait(next_ping if watchdog else math.inf)
+            if writable:
+                self._announce()  # the front's channel has room again
             if self._wakeup_r in readable:
                 self._take_signals()
             if self._term_requested():
@@ -185,20 +191,23 @@ class Supervisor(Children):
                 if self._healthy():
                     systemd.watchdog_ping()
 
-    def _wait(self, watchdog_due: float) -> list:
-        """Sleep until a signal, a message of the front, or the next thing due:
-        liveness's tick (`Liveness.next_due`), a restart (`_next_restart`),
-        the service watchdog's ping.  No polling: an idle daemon on a small
-        board wakes for those only."""
+    def _wait(self, watchdog_due: float) -> tuple[list, list]:
+        """Sleep until a signal, a message of the front, room on its channel for
+        a pending announcement (`_announce`), or the next thing due: liveness's
+        tick (`Liveness.next_due`), a restart (`_next_restart`), the service
+        watchdog's ping.  No polling: an idle daemon on a small board wakes for
+        those only.  Returns the readable and the writable."""
         fds: list = [self._wakeup_r]
         if self.sup_sock is not None and not self._front_eof:
             fds.append(self.sup_sock)
+        writing = [self.sup_sock] if self._announcements and self.sup_sock is not None else []
         if self._signals or self._fatal is not None:
             timeout: float | None = 0.0  # signals read by `_reaped`, or the end: act now
         else:
             due = min(self.liveness.next_due(), self._next_restart(), watchdog_due)
             timeout = None if due == math.inf else max(0.0, due - time.monotonic())
-        return select.select(fds, [], [], timeout)[0]
+        readable, writable, _ = select.select(fds, writing, [], timeout)
+        return readable, writable
 
     def _take_signals(self) -> None:
         self._signals += read_wakeup(self._wakeup_r)
@@ -327,7 +336,7 @@ class Supervisor(Children):
         return 0
 
     def _stop_children(self) -> None:
-        deadline = time.monotonic() + _STOP_GRACE
+        deadline = time.monotonic() + WORKER_STOP_GRACE
         # The front first, so that it does not take the workers' exits for crashes;
         # then the workers, which close their sockets (FIN to every peer).
         spawn.terminate([self.front], min(deadline, time.monotonic() + 1.0), self.handle_chld)
@@ -339,6 +348,7 @@ class Supervisor(Children):
                 ring.close()  # nothing to unlink: rings have no name (bridged.ipc.rings)
         if self.pty is not None:
             self.pty.close()
+        self._drop_announcements()
         if self.sup_sock is not None:
             self.sup_sock.close()
         if self.listener is not None:

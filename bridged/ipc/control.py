@@ -225,21 +225,25 @@ def socket_from_fd(fd: int, families: Collection[int], kind: int) -> socket.sock
     return sock
 
 
-def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = ()) -> None:
+def send_message(sock: socket.socket, msg: object, fds: Sequence[int] = (), flags: int = 0) -> None:
     """Send one message, with ``fds`` attached (the caller keeps its copies).
 
+    ``flags``: e.g. ``socket.MSG_DONTWAIT``, a send that never waits on a blocking socket.
+
     Raises:
-        BlockingIOError: ``sock`` is non-blocking and its buffer is full
-            (nothing was sent).
+        BlockingIOError: ``sock`` is non-blocking (or MSG_DONTWAIT without a timeout) and its
+            buffer is full (nothing was sent).
         ControlError: more than ``MAX_FDS`` fds or an oversized message.
     """
     data = encode(msg)
     if len(fds) > MAX_FDS:
         raise ControlError(f"{len(fds)} fds in one message, the limit is {MAX_FDS}")
     if fds:
-        socket.send_fds(sock, [data], list(fds))
+        # Not socket.send_fds: it drops ``flags`` (CPython 3.11 to 3.13), and a
+        # MSG_DONTWAIT send would block.
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], flags)
     else:
-        sock.send(data)
+        sock.send(data, flags)
     # A SEQPACKET send is atomic: it queues the whole packet or raises.
 
 

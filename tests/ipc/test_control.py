@@ -301,3 +301,22 @@ def test_socket_from_fd_takes_only_the_kind_of_socket_expected():
     sock = socket_from_fd(tcp.detach(), inet, socket.SOCK_STREAM)
     assert (sock.family, sock.type) == (socket.AF_INET6, socket.SOCK_STREAM)
     sock.close()
+
+
+def test_dontwait_never_blocks_with_fds():
+    """MSG_DONTWAIT on a blocking socket whose peer does not read: a message
+    with an fd raises BlockingIOError once the buffer is full, never waits."""
+    a, b = socketpair()  # blocking, no timeout (with one, Python waits and retries)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)  # the smallest: a few messages fill it
+    r, w = os.pipe()
+    try:
+        with pytest.raises(BlockingIOError):
+            for _ in range(1000):
+                send_message(a, CtlTestHandOver(1), [r], socket.MSG_DONTWAIT)
+        assert a.getblocking()
+        assert recv_message(b)[0] == CtlTestHandOver(1)  # what was sent arrives whole
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()

@@ -85,17 +85,27 @@ class Downlink(Batching):
         self.recv_window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self.batch_period = read_window_ms / 1000  # 0: read every piece as it arrives
         self._gate: ReadGate | None = None  # created in run(), on the running loop
-        self._last_read = 0.0
         self._batch_tick: asyncio.TimerHandle | None = None  # armed while read batching is on
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         self._pause: asyncio.TimerHandle | None = None  # a stream's reads, _STREAMING apart
-        self._unprompted_at = -1.0  # the peer's last bulk piece with no send of the MCU's since the one before
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
-        self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
+        self._fresh_timing()
         self._pending_eof: list[bytes] = []  # EOF records waiting for ring space
         self._waiting_space: Callable[[], None] | None = None
         self._space_poll: asyncio.TimerHandle | None = None
         self._space_need = _MIN_NEED  # bytes of downlink room the wait is for
+
+    def _fresh_timing(self) -> None:
+        """A connection begins (``Worker._opened``): its reads and the MCU's sends
+        have no history, or a connection opened within a read window of the last
+        one's reads would start read batching on its first bulk piece and hold the
+        next for a tick.  The timers and the low-water mark ended with the old
+        socket (``_stop_reading``); the receive window, the options and pending
+        EOFs belong to the link, not to one connection, and stay."""
+        self._last_read = 0.0
+        self._unprompted_at = -1.0  # the peer's last bulk piece with no send of the MCU's since the one before
+        self._last_send = 0.0  # (the uplink's) when the MCU's data last went to the socket
+        self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
 
     def _on_readable(self) -> None:
         if self.shaper is not None:  # a data-path fault (bridged.links.shaping)

@@ -314,6 +314,7 @@ class Worker(Connecting, Uplink, Downlink):
                 datagram: bool, udp_mode: int) -> None:
         """A connect or an adoption succeeded: the socket is the link's from now on."""
         self.sock = sock
+        self._fresh_timing()
         self.datagram, self.remote, self.udp_mode, self.retargeted = datagram, remote, udp_mode, False
         self.loopback_source = loopback_source(sock) if datagram else None
         self.stats = {"up": 0, "down": 0, "since": self.loop.time()}

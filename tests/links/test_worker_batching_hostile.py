@@ -332,7 +332,10 @@ def test_five_links_streaming_both_ways_at_once_lose_nothing():
         results = list(pool.map(lambda seed: _both_ways("open", seed), range(10, 15)))
     for seed, (hold, batched, _, idle) in zip(range(10, 15), results):
         print("link", seed, "tail hold ms %.2f" % (hold * 1e3))
-        assert hold < WINDOW_MS / 1000 + 0.020, (seed, hold)
+        # Five loops share one GIL here, under the suite's other workers: the margin is for
+        # that (a stranded low-water mark holds the tail for good; the one-link tests
+        # above bound the hold to a window and 10 ms).
+        assert hold < WINDOW_MS / 1000 + 0.080, (seed, hold)
         assert idle == (None, 1), (seed, idle)
     assert any(batched for _, batched, _, _ in results)
 

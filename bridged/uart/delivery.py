@@ -69,8 +69,19 @@ class Delivery:
         """What AT+CIPRECVDATA could take now (no notice, no CLOSED from here:
         they must not precede the answer being made)."""
         if self.receiving(slot):
-            self._count(slot)
+            try:
+                self._count(slot)
+            except records.RecordError as error:
+                self._refuse(slot, error)
         return slot.rx.total if slot.state is SlotState.OPEN else 0
+
+    def read(self, slot: Slot, limit: int) -> bytes:
+        """Take up to ``limit`` unread bytes of a passive slot (AT+CIPRECVDATA)."""
+        try:
+            return slot.rx.read(limit, one_datagram=slot.type.startswith("UDP"))
+        except records.RecordError as error:  # the worker rewrote what it had published
+            self._refuse(slot, error)
+            return b""
 
     def _count(self, slot: Slot) -> None:
         if slot.rx.count():
@@ -78,7 +89,11 @@ class Delivery:
 
     def scan(self, slot: Slot) -> None:
         """Count newly published records; queue a notice, or end once all is read."""
-        self._count(slot)
+        try:
+            self._count(slot)
+        except records.RecordError as error:
+            self._refuse(slot, error)
+            return
         if slot.rx.total:
             if slot.silent:
                 return  # a restart closes it: no notice (leaving passive mode drops the rest)
@@ -113,12 +128,15 @@ class Delivery:
         try:
             self._drain(slot)
         except records.RecordError as error:
-            # Its worker wrote what is no record (a bug, or a worker a peer took over): what
-            # the ring holds is dropped and the worker is ended as a dead one (CLOSED; the
-            # supervisor starts another), rather than the link stuck on it for good.
-            log.error("downlink_refused", link_id=slot.link_id, error=str(error))
-            slot.downlink.discard_all()
-            self._dead(slot)
+            self._refuse(slot, error)
+
+    def _refuse(self, slot: Slot, error: records.RecordError) -> None:
+        """Its worker wrote what is no record (a bug, or a worker a peer took over): what
+        the ring holds is dropped and the worker is ended as a dead one (CLOSED; the
+        supervisor starts another), rather than the link stuck on it for good."""
+        log.error("downlink_refused", link_id=slot.link_id, error=str(error))
+        slot.downlink.discard_all()
+        self._dead(slot)
 
     def _drain(self, slot: Slot) -> None:
         slot.downlink.clear_data_doorbell()

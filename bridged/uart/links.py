@@ -124,8 +124,7 @@ class LinkTable:
 
     def read(self, link_id: int, limit: int) -> bytes:
         """Take up to ``limit`` unread bytes of a passive link (AT+CIPRECVDATA)."""
-        slot = self.slots[link_id]
-        return slot.rx.read(limit, one_datagram=slot.type.startswith("UDP"))
+        return self.delivery.read(self.slots[link_id], limit)
 
     def after_read(self, link_id: int) -> None:
         """Right after AT+CIPRECVDATA's answer is queued: announce what is left, or CLOSED."""

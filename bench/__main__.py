@@ -39,6 +39,7 @@ TARGET_THROUGHPUT_RATIO = 0.25  # AT+CIPSEND=8192 (the first benchmark's target)
 TARGET_STREAM_RATIO = 0.50  # AT+CIPSENDL uplink, +IPD downlink
 TARGET_PASSTHROUGH_RATIO = 0.70
 TARGET_CPU_RATIO = 3.0  # CPU per MB and CPU at line rate, bridged / socat
+TARGET_LINE_PASSTHROUGH = 2.5  # CPU at line rate on one passthrough link (issue #14)
 TARGET_ECHO_P99_MS = 2.0
 
 MiB = 1024 * 1024
@@ -458,8 +459,8 @@ def _main(ap, args, snapshot) -> int:
                          "bridged_cpu_ms_per_mb", "socat_cpu_ms_per_mb", TARGET_CPU_RATIO,
                          False, False)
     if (b := by.get("line_rate")) and b.results:
-        ratio_target(f"line rate passthrough CPU <= {TARGET_CPU_RATIO:g}x socat", b,
-                     "pt_cores", "socat_cores", TARGET_CPU_RATIO, False, False)
+        ratio_target(f"line rate passthrough CPU <= {TARGET_LINE_PASSTHROUGH:g}x socat", b,
+                     "pt_cores", "socat_cores", TARGET_LINE_PASSTHROUGH, False, False)
         ratio_target(f"line rate five links CPU <= {TARGET_CPU_RATIO:g}x socat", b,
                      "five_cores", "socat_cores", TARGET_CPU_RATIO, False, False)
     if (b := by.get("passive")) and b.results:

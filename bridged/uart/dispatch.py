@@ -65,7 +65,13 @@ class CommandDispatch:
                 if self.faults.at_commands and self.faults.refuse(event):
                     continue  # at_busy: answered busy p..., dropped
                 self._echo(event.raw)
-                self._execute(event)
+                try:
+                    self._execute(event)
+                except Exception:
+                    # Our bug, not the host's (as in `_await_reply`): answer ERROR so the
+                    # MCU never waits for an answer that cannot come.
+                    log.exception("command_crashed")
+                    self._error(AtError("internal error"))
             elif isinstance(event, BadLine):
                 self._echo(event.raw)
                 _COMMAND.set(event.name)

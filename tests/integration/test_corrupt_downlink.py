@@ -56,18 +56,18 @@ def test_a_worker_publishing_garbage_gets_closed_and_replaced(daemon, host, serv
 
 @pytest.mark.parametrize("ask", [b"AT+CIPRECVLEN?", b"AT+CIPRECVDATA=0,64"])
 def test_a_passive_read_of_a_poisoned_ring_refuses_it(daemon, host, server, ask):  # noqa: F811
-    """Passive mode: the MCU's own read (AT+CIPRECVLEN?, AT+CIPRECVDATA) is what
-    meets the garbage (no doorbell rang): it gets an answer, not a crashed command,
-    and the link is refused as the drain would (0,CLOSED, downlink_refused)."""
+    """Passive mode: the MCU's own read (AT+CIPRECVLEN?, AT+CIPRECVDATA) may be what
+    meets the garbage (no doorbell rang; a drain may meet it first): it gets an answer,
+    not a crashed command, and the link is refused (0,CLOSED, downlink_refused)."""
     daemon.expected_errors |= {"downlink_refused", "worker_died"}
     host.command(b"AT+CIPMUX=1")
     host.command(b"AT+CIPRECVTYPE=0,1")
     host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
     conn, _ = server.accept()
     _poison(daemon.worker_pid(0), "link0-down", b"\xff\xff\xff\x7f\x00\x00\x01\x00")
-    host.write(ask + b"\r\n")
-    answer = host.expect(b"0,CLOSED\r\n", timeout=10)
-    assert b"OK\r\n" in answer or b"ERROR\r\n" in answer, answer
+    answer = host.ask(ask, timeout=10)  # an answer, whether the refusal came first or not
+    if b"0,CLOSED\r\n" not in answer:
+        host.expect(b"0,CLOSED\r\n", timeout=10)
     daemon.wait_event("downlink_refused", link_id=0)
     assert not daemon.events("command_crashed")
     daemon.wait_event("worker_ready", count=2, link_id=0, timeout=15)

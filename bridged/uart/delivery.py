@@ -38,7 +38,7 @@ class Delivery:
         self.events = events
         self._end = end  # the connection of a slot is gone (LinkTable._end)
         self._dead = dead  # end a slot's worker as a dead one (LinkTable._worker_died)
-        # Tell the supervisor a slot's worker was refused (the front's `_worker_refused`).
+        # Tell the supervisor a slot's worker was refused, with its pid (the front sends WorkerRefused).
         self.on_refused: Callable[[Slot, int], None] = lambda slot, pid: None
         self._deferred: dict[int, Slot] = {}  # slots whose records wait for UART room
         self.loop = asyncio.get_running_loop()

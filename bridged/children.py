@@ -37,7 +37,7 @@ import structlog
 from bridged import caps, spawn
 from bridged.faults import tally
 from bridged.ipc.control import send_message, socketpair
-from bridged.ipc.messages import WorkerStarted
+from bridged.ipc.messages import WorkerRefused, WorkerStarted
 from bridged.links.main import FRONT_GONE, run_worker
 from bridged.net import ping, resolver
 from bridged.net.policy import parse_local_ports
@@ -232,6 +232,26 @@ class Children:
             for worker in self.workers:
                 if worker.pid:
                     spawn.kill(worker.pid, signal.SIGTERM)
+
+    def kill_refused(self, msg: WorkerRefused) -> None:
+        """The front refused the downlink ring of this link's worker: SIGKILL it.
+
+        A well-behaved worker exits at the EOF the front gives it; a hostile one
+        that does not would hold the link id for good (we restart a worker only
+        at its exit).  The front is a process apart, maybe a compromised one: only
+        the live worker of that link dies, never the front, us or any other pid.
+        Not yet reaped, that pid is still our child's (no reuse); its SIGCHLD
+        restarts it as a crash.  A refused worker that exited by itself already
+        is no longer live: its message is ignored, logged.
+        """
+        link_id, pid = msg.link_id, msg.pid
+        worker = self.workers[link_id] if 0 <= link_id < len(self.workers) else None
+        if worker is None or pid <= 0 or worker.pid != pid:
+            log.warning("worker_refusal_ignored", link_id=link_id, pid=pid,
+                        live_pid=worker.pid if worker is not None else None)
+            return
+        log.error("worker_killed_refused", link_id=link_id, pid=pid)
+        spawn.kill(pid, signal.SIGKILL)
 
     def _next_restart(self) -> float:
         """When `_restart_due` has something to do (inf: nothing before a child's exit)."""

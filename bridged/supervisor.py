@@ -26,6 +26,9 @@ work, a front that keeps failing or a limit reached ends ``run()`` with an
 exception whose text is the one line to print, after the children are
 stopped; the caller exits 1.
 
+A worker whose downlink ring the front refused (``WorkerRefused``) is
+killed and restarted like a crashed one (`Children.kill_refused`).
+
 Liveness (``bridged.liveness``): a child that stops answering heartbeats is
 killed and restarted like a crashed one; WATCHDOG=1 only while the front
 answers.  The control socket (``bridged.ops``) is bound here, before any
@@ -58,7 +61,7 @@ from bridged.config import RESTART_ONLY, Config, ConfigError, changed_keys
 from bridged.faults import tally
 from bridged.faults.seed import children_started, faults_seeded, log_seed, mark_epoch
 from bridged.ipc.control import ControlError, recv_message
-from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, PortFailed, Pong, WorkerRefused, WorkerStarted
 from bridged.ipc.rings import Ring
 from bridged.liveness import Liveness, Report
 from bridged.log import setup_logging
@@ -319,6 +322,8 @@ class Supervisor(Children):
         elif isinstance(msg, Pong):
             if self.liveness.answered(self.front, msg) and self.front_ready:
                 self.report.show(msg.summary)
+        elif isinstance(msg, WorkerRefused):
+            self.kill_refused(msg)
         elif isinstance(msg, FrontReady):
             self.front.failures = 0
             if not self.front_ready:

@@ -13,7 +13,10 @@ supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
 front end of the new worker's control socket), ``Shutdown``.
 front -> supervisor: ``FrontReady``, ``PortFailed`` (the serial
 port cannot be opened: the one line saying why; the front then exits with
-``bridged.uart.main.PORT_FAILED`` and the supervisor ends the daemon, exit 1).
+``bridged.uart.main.PORT_FAILED`` and the supervisor ends the daemon, exit 1),
+``WorkerRefused`` (the front refused that worker's downlink ring: the
+supervisor kills it, if it is that link's live worker, so that one ignoring its
+control socket's EOF does not hold the link for good; ``Children.kill_refused``).
 supervisor -> front and each worker (the front's supervisor channel, each
 worker's heartbeat channel): ``Ping``; the child answers ``Pong`` from its
 event loop (``bridged.liveness``).
@@ -56,6 +59,7 @@ __all__ = [
     "StatsRequest",
     "LinkStats",
     "PortFailed",
+    "WorkerRefused",
     "FireFault",
     "FaultFired",
 ]
@@ -228,6 +232,13 @@ class LinkStats:
 @dataclass(frozen=True)
 class PortFailed:
     reason: str
+
+
+@message
+@dataclass(frozen=True)
+class WorkerRefused:
+    link_id: int
+    pid: int  # as the supervisor's WorkerStarted announced it (a worker's Hello may lie)
 
 
 @message

@@ -38,6 +38,8 @@ class Delivery:
         self.events = events
         self._end = end  # the connection of a slot is gone (LinkTable._end)
         self._dead = dead  # end a slot's worker as a dead one (LinkTable._worker_died)
+        # Tell the supervisor a slot's worker was refused, with its pid (the front sends WorkerRefused).
+        self.on_refused: Callable[[Slot, int], None] = lambda slot, pid: None
         self._deferred: dict[int, Slot] = {}  # slots whose records wait for UART room
         self.loop = asyncio.get_running_loop()
 
@@ -133,10 +135,15 @@ class Delivery:
     def _refuse(self, slot: Slot, error: records.RecordError) -> None:
         """Its worker wrote what is no record (a bug, or a worker a peer took over): what
         the ring holds is dropped and the worker is ended as a dead one (CLOSED; the
-        supervisor starts another), rather than the link stuck on it for good."""
+        supervisor starts another), rather than the link stuck on it for good.
+
+        A well-behaved worker exits at the EOF on its control socket; one that
+        does not (a hostile one) would hold the link id for good: the supervisor
+        is told, and kills it (only it may: it reaps its children)."""
         log.error("downlink_refused", link_id=slot.link_id, error=str(error))
         slot.downlink.discard_all()
         self._dead(slot)
+        self.on_refused(slot, slot.worker_pid)
 
     def _drain(self, slot: Slot) -> None:
         slot.downlink.clear_data_doorbell()

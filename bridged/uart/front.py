@@ -49,7 +49,7 @@ from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.faults.front import FrontFaults
 from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
-from bridged.ipc.messages import FrontReady, Ping, Pong, Shutdown, WorkerStarted
+from bridged.ipc.messages import FrontReady, Ping, Pong, Shutdown, WorkerRefused, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
@@ -111,6 +111,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self.tasks = TaskScope()
         self.parser = Parser(config.uart.max_line)
         self.links = LinkTable(slots, self, config.links.recv_window)  # self: its LinkEvents
+        self.links.delivery.on_refused = lambda slot, pid: self._tell_supervisor(WorkerRefused(slot.link_id, pid))
         # After every write: deliver what back-pressure held in the rings (straight to it: no hops).
         self.output = Output(fd, config.uart.urc_gap_ms / 1000, self.links.delivery.drain_deferred,
                              on_eased=self._on_output_eased,
@@ -238,6 +239,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
             except ControlError as exc:
                 log.error("control_message_refused", link_id=msg.link_id, error=str(exc))
                 return
+            self.links.slots[msg.link_id].worker_pid = msg.pid
             self.links.attach(msg.link_id, control)
         elif isinstance(msg, Ping):  # bridged.liveness: we answer, so we are not stuck
             self._tell_supervisor(Pong(msg.seq, self.on_ping(msg)))

@@ -64,6 +64,7 @@ class Slot:
     rx: Unread = field(init=False)  # what passive reads have not taken yet
     ready: asyncio.Future | None = None  # wait_ready(): the restarted worker's Hello
     pid: int = 0  # its worker's, from Hello
+    worker_pid: int = 0  # its worker's, from the supervisor's WorkerStarted (Hello's may lie)
     ipd: int = 0  # +IPD frames and notices of this connection (bridged status)
     # Connected, but the CONNECT that announces it is not written yet: its data
     # waits in the ring (a peer that speaks first must not get +IPD ahead of it).

@@ -122,31 +122,40 @@ _GARBAGE = [
 @pytest.mark.parametrize("passive", [False, True])
 def test_a_corrupt_record_after_good_ones_ends_the_worker_as_a_dead_one(garbage, passive):
     """A buggy or taken-over worker's bad header: (active) the records before it go out, then
-    the ring is emptied and the worker ended as dead, once; no exception reaches the loop."""
+    the ring is emptied and the worker ended as dead, once; no exception reaches the loop; the
+    supervisor is told once, with the pid it announced (not the one the worker's Hello claimed)."""
     def body(front: SizedFront) -> None:
         dead: list[Slot] = []
+        told: list[tuple[int, int]] = []
         delivery = Delivery(front, lambda slot, reason: None, dead.append)
+        delivery.on_refused = lambda slot, pid: told.append((slot.link_id, pid))
         with open_slot() as slot:
+            slot.pid, slot.worker_pid = 1, 4242  # Hello's claim, WorkerStarted's
             slot.passive = passive
             put_record(slot.downlink, DATA, b"good")
             assert slot.downlink.put_nowait(garbage) == len(garbage)
             delivery.drain(slot)
             assert front.events == ([] if passive else [b"good"])
             assert dead == [slot] and slot.downlink.available() == 0
+            assert told == [(slot.link_id, 4242)]
     _run(body)
 
 
 @pytest.mark.parametrize("garbage", _GARBAGE)
 def test_a_dead_workers_corrupt_ring_owes_what_came_before_and_drops_the_rest(garbage):
     """At a worker's death the good records before the bad one are owed as +IPD; the rest
-    is dropped (no exception out of the death's handling)."""
+    is dropped (no exception out of the death's handling); the supervisor, which sees the death,
+    is not told of a refusal."""
     def body(front: SizedFront) -> None:
         delivery = Delivery(front, lambda slot, reason: None)
+        told: list[Slot] = []
+        delivery.on_refused = lambda slot, pid: told.append(slot)
         with open_slot() as slot:
             put_record(slot.downlink, DATA, b"owed")
             slot.downlink.put_nowait(garbage)
             delivery.owed_at_death(slot)
             assert front.events == [b"owed"] and slot.downlink.available() == 0
+            assert told == []
     _run(body)
 
 

@@ -26,6 +26,11 @@ from tests.links.workers import LiveWorker, drive_worker
 
 WINDOW_MS = 20
 _LONG_WINDOW_MS = 500  # for timing that must stand apart from a tick under load
+# Under the suite's load (4 workers on 2 cores) a read is late by up to ~15 ms here: what
+# must come "within a window" gets this much more.  (A stranded low-water mark holds
+# the tail for good; an EOF left for a tick is timed against _LONG_WINDOW_MS instead.)
+_LOAD_MARGIN = 0.030
+_AT_ONCE = 0.050  # seconds: "at once", beside a 500 ms window's tick
 
 
 class _Peer:
@@ -173,7 +178,7 @@ def test_a_request_answered_in_pieces_waits_at_most_a_window():
     holds = sorted(_request_response(WINDOW_MS, 3))
     print("request/response holds (ms): median %.2f p90 %.2f max %.2f" % (
         holds[len(holds) // 2] * 1e3, holds[len(holds) * 9 // 10] * 1e3, holds[-1] * 1e3))
-    assert holds[len(holds) * 9 // 10] < WINDOW_MS / 1000 + 0.005, holds
+    assert holds[len(holds) * 9 // 10] < WINDOW_MS / 1000 + _LOAD_MARGIN, holds
 
 
 def _streaming(seed: int, pieces: int, end: str):
@@ -224,7 +229,7 @@ async def _mcu_streams(live: LiveWorker, reader: _Reader, peer: _Peer, seed: int
 
 
 def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None = None,
-               tls: ssl.SSLContext | None = None, pki: PkiStore | None = None):
+               tls: ssl.SSLContext | None = None, pki: PkiStore | None = None, window_ms: int = WINDOW_MS):
     """Both directions stream irregularly until the peer's tail and ``end``;
     returns (the tail's hold, whether batching ran, the EOF's delay after
     the tail, the idle worker's tick and low-water mark, bytes match)."""
@@ -238,7 +243,7 @@ def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None 
         await _until(reader, lambda: len(reader.data) >= len(peer.sent) and (end == "open" or reader.eof))
         eof_delay = reader.eof_at - tail_sent if end != "open" else 0.0
         hold = reader.holds(peer.pieces[-1:])[0]
-        await asyncio.sleep(3 * WINDOW_MS / 1000)
+        await asyncio.sleep(3 * window_ms / 1000)
         idle = (live.worker._batch_tick, live.worker.sock and live.worker.sock.getsockopt(
             socket.SOL_SOCKET, socket.SO_RCVLOWAT))
         if end == "open":
@@ -251,7 +256,7 @@ def _both_ways(end: str, seed: int, midway: Callable[[LiveWorker], None] | None 
         return hold, any(batched), eof_delay, idle
 
     try:
-        return drive_worker(main, up_size=65536, down_size=65536, read_window_ms=WINDOW_MS, pki=pki)
+        return drive_worker(main, up_size=65536, down_size=65536, read_window_ms=window_ms, pki=pki)
     finally:
         peer.close()
 
@@ -266,7 +271,7 @@ def test_the_last_small_piece_of_a_stream_both_ways_comes_within_a_window():
         hold, batched, _, idle = _both_ways("open", seed)
         assert batched, seed
         print("open", seed, "tail hold ms %.2f" % (hold * 1e3))
-        assert hold < WINDOW_MS / 1000 + 0.010, (seed, hold)
+        assert hold < WINDOW_MS / 1000 + _LOAD_MARGIN, (seed, hold)
         assert idle == (None, 1), (seed, idle)
 
 
@@ -276,10 +281,10 @@ def test_the_peers_fin_or_reset_while_batching_ends_the_link_at_once():
     on a tick (the kernel wakes us for a FIN or RST whatever the low-water mark)."""
     for end in ("fin", "rst"):
         for seed in (4, 5):
-            hold, batched, eof_delay, idle = _both_ways(end, seed)
+            hold, batched, eof_delay, idle = _both_ways(end, seed, window_ms=_LONG_WINDOW_MS)
             assert batched, (end, seed)
             print("end", end, seed, "eof delay ms %.2f tail hold ms %.2f" % (eof_delay * 1e3, hold * 1e3))
-            assert eof_delay < WINDOW_MS / 2000, (end, seed, eof_delay)  # not on a tick
+            assert eof_delay < _AT_ONCE, (end, seed, eof_delay)  # not on a tick
             assert idle[0] is None, (end, seed)
 
 
@@ -302,7 +307,7 @@ def test_passive_mode_or_a_fault_armed_while_batching_lowers_the_low_water_mark(
         hold, batched, _, idle = _both_ways("open", 6, midway)
         print("tail hold ms %.2f" % (hold * 1e3))
         assert batched
-        assert hold < WINDOW_MS / 1000 + 0.010, hold
+        assert hold < WINDOW_MS / 1000 + _LOAD_MARGIN, hold
         assert idle == (None, 1), idle
     assert fired == ["passive", "fault"]
 
@@ -315,12 +320,14 @@ def test_over_tls_the_last_small_record_and_the_close_come_within_a_window(tmp_p
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(leaf.cert, leaf.key)
     pki = PkiStore(tmp_path / "state")
-    for end in ("open", "fin"):
-        hold, batched, eof_delay, idle = _both_ways(end, 7, tls=ctx, pki=pki)
+    for end, window_ms in (("open", WINDOW_MS), ("fin", _LONG_WINDOW_MS)):
+        hold, batched, eof_delay, idle = _both_ways(end, 7, tls=ctx, pki=pki, window_ms=window_ms)
         print("tls", end, "tail hold ms %.2f eof delay ms %.2f" % (hold * 1e3, eof_delay * 1e3))
         assert batched, end
-        assert hold < WINDOW_MS / 1000 + 0.010, (end, hold)
-        assert eof_delay < WINDOW_MS / 2000, (end, eof_delay)
+        if end == "open":
+            assert hold < WINDOW_MS / 1000 + _LOAD_MARGIN, (end, hold)
+        else:
+            assert eof_delay < _AT_ONCE, (end, eof_delay)  # the FIN at once, not on a tick
         assert idle[0] is None, (end, idle)
 
 
@@ -369,5 +376,5 @@ def test_a_close_while_batching_ends_at_once_and_leaves_no_tick():
         print("flush", flush, "EOF after ms %.2f" % (delay * 1e3))
         # A long window, so that an EOF left for a tick (up to 500 ms) stands apart
         # from one at once under the suite's load (a 20 ms window's half was too close).
-        assert delay < 0.05, (flush, delay)
+        assert delay < _AT_ONCE, (flush, delay)
         assert tick is None and sock is None, flush

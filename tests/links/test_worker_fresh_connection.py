@@ -142,4 +142,4 @@ def test_a_new_connection_does_not_inherit_read_batching():
     b_sent = peer2.sent_at[1]
     b_in = next(when for size, when in got.arrivals if size >= 2 * PIECE)
     print("piece B held %.1f ms" % ((b_in - b_sent) * 1e3))
-    assert b_in - b_sent < 0.02, f"piece B waited {(b_in - b_sent) * 1e3:.1f} ms for a read batching tick"
+    assert b_in - b_sent < 0.035, f"piece B waited {(b_in - b_sent) * 1e3:.1f} ms for a read batching tick"

@@ -155,7 +155,7 @@ def test_an_echo_of_each_steady_send_is_read_at_once():
 
     try:
         rtts = drive_worker(main, up_size=65536, down_size=65536, read_window_ms=100)
-        assert sorted(rtts)[30] < 0.015, rtts
+        assert sorted(rtts)[30] < 0.04, rtts  # held for a tick: ~100 ms; under the suite's load reads run late
     finally:
         server.close()
         thread.join(5)

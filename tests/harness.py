@@ -199,6 +199,10 @@ class Daemon:
         started = self.wait_event("child_started", role="link", link_id=link_id)
         return started[-1]["pid"]
 
+    def front_pid(self) -> int:
+        """The running front's pid (the last one started)."""
+        return self.wait_event("child_started", role="front")[-1]["pid"]
+
 
 class Host:
     """The MCU's end of the serial line."""

@@ -161,7 +161,7 @@ def test_front_idles_while_a_stream_waits_for_room(daemon, host):
     try:
         _enter_passthrough(host, peer)
         _stream_until_stalled(host)
-        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front_pid = daemon.front_pid()
         front = psutil.Process(front_pid)
         before = sum(front.cpu_times()[:2])
         time.sleep(1.0)

@@ -201,7 +201,7 @@ def test_front_idles_while_a_leftover_waits(daemon, host):
     peer = _DeafPeer()
     try:
         _escape_with_leftover(daemon, host, peer)
-        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front_pid = daemon.front_pid()
         front = psutil.Process(front_pid)
         before = sum(front.cpu_times()[:2])
         time.sleep(2.0)
@@ -228,6 +228,18 @@ def _stream(host: Host, count: int) -> bytes:
     return data
 
 
+def _room_back_then_escape(host: Host, peer: _DeafPeer, sent: bytes, more: bytes) -> None:
+    """The peer starts reading (room comes back), the MCU streams ``more``, then +++:
+    the peer gets ``sent`` + ``more``, every byte, in order."""
+    thread, got = _reader(peer, len(sent) + len(more))
+    host.write(more)
+    time.sleep(0.1)
+    host.write(b"+++")
+    host.expect(b"\r\n+QUITT\r\n", timeout=10)
+    thread.join(70)
+    assert _same(got[0], sent + more)
+
+
 def test_room_back_while_listening_keeps_the_order(daemon, host):
     """Room comes back while the front listens with bytes in the +++ buffer, and the MCU streams on: the
     peer gets every byte in order (those of the buffer before the new ones), then +++ leaves."""
@@ -238,14 +250,7 @@ def test_room_back_while_listening_keeps_the_order(daemon, host):
         _, writable, _ = select.select([], [host.fd], [], 5.0)
         assert writable  # listening
         sent += _stream(host, 8192)  # into the +++ buffer
-        more = os.urandom(1 << 20)
-        thread, got = _reader(peer, len(sent) + len(more))
-        host.write(more)
-        time.sleep(0.1)
-        host.write(b"+++")
-        host.expect(b"\r\n+QUITT\r\n", timeout=10)
-        thread.join(70)
-        assert _same(got[0], sent + more)
+        _room_back_then_escape(host, peer, sent, os.urandom(1 << 20))
     finally:
         peer.close()
 
@@ -259,14 +264,7 @@ def test_room_back_after_the_hold_keeps_the_order(daemon, host):
         sent = _stream_until_stalled(host)
         sent += _stream_until_stalled(host, stall=2.0)
         assert daemon.wait_event("uart_input_held")
-        more = os.urandom(256 << 10)
-        thread, got = _reader(peer, len(sent) + len(more))
-        host.write(more)
-        time.sleep(0.1)
-        host.write(b"+++")
-        host.expect(b"\r\n+QUITT\r\n", timeout=10)
-        thread.join(70)
-        assert _same(got[0], sent + more)
+        _room_back_then_escape(host, peer, sent, os.urandom(256 << 10))
     finally:
         peer.close()
 
@@ -318,7 +316,7 @@ def test_front_idles_through_the_hold_and_the_listening(daemon, host):
     try:
         _enter_passthrough(host, peer)
         _stream_until_stalled(host)
-        front_pid = next(e["pid"] for e in daemon.events("child_started") if e.get("role") == "front")
+        front_pid = daemon.front_pid()
         front = psutil.Process(front_pid)
         before = sum(front.cpu_times()[:2])
         time.sleep(1.5)

@@ -145,8 +145,9 @@ class Batching:
             self._last_read = now
         # Only a whole period with nothing read ends it: the first tick may come
         # a millisecond after the read that started it, before the next piece.
-        if not (got or now - self._last_read < self.batch_period) or not self._can_batch():
-            self._stop_batching()  # quiet for a whole period, or the read ended it
+        # (A read that ends it, a full ring or the socket's end, stops it itself.)
+        if not got and now - self._last_read >= self.batch_period:
+            self._stop_batching()
 
     def _stop_batching(self) -> None:
         """Back to reading every piece at once (the invariant: a raised

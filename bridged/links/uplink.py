@@ -24,6 +24,7 @@ bytes instead and sends each piece when due.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import structlog
@@ -61,14 +62,13 @@ class Uplink:
             self._pump_uplink()
         finally:
             self.uplink.release_doorbells()
-        self._end_pause_early()
+        if self._pause is not None:
+            self._end_pause_early()
 
     def _end_pause_early(self) -> None:
         """Awake anyway (the uplink): read what gathered now, not on a wake-up of
         its own, and pause again while the stream goes on (both directions
         then share the uplink's wake-ups; the timer is the fallback)."""
-        if self._pause is None:
-            return
         self._pause.cancel()
         self._pause = None
         if self.shaper is not None:  # a fault came meanwhile: the Shaper reads
@@ -95,9 +95,12 @@ class Uplink:
         return self.uplink.available() > 0 or (self.shaper is not None and self.shaper.outbox.pending())
 
     def _pump_ring(self) -> None:
-        # net_latency: the Outbox sends (once a TLS write to repeat has gone as it must).
-        if self.shaper is not None and not self._tls_retry and self.shaper.outbox.active():
-            self.shaper.outbox.pump()
+        if self.shaper is not None:
+            # net_latency: the Outbox sends (once a TLS write to repeat has gone as it must).
+            if not self._tls_retry and self.shaper.outbox.active():
+                self.shaper.outbox.pump()
+                return
+        elif type(self.sock) is socket.socket and not self.datagram and self._send_whole():
             return
         if self.datagram:
             self._send_datagrams()
@@ -133,6 +136,35 @@ class Uplink:
             if self.shaper is not None:
                 self.shaper.sent(sent)
             self._sent_now()
+
+    def _send_whole(self) -> bool:
+        """A plain TCP link's usual wake-up, lean: what the ring holds, in one piece,
+        goes in one send.  True when that was all (sent, or the socket is full or
+        failed); False leaves the rest to the general loop (the data wraps, or the
+        socket took part of it)."""
+        data, read, used = self.uplink.published()
+        if not used:
+            return True
+        slot = read & (len(data) - 1)
+        if slot + used > len(data):
+            return False  # both pieces in one sendmsg
+        view = data[slot:slot + used]
+        try:
+            sent = self.sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            view.release()
+            self._finish(f"send failed: {exc.strerror or exc}")
+            return True
+        view.release()
+        if not sent:
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+            return True
+        self.uplink.consume(sent)
+        self.stats["up"] += sent
+        self._sent_now()
+        return sent == used
 
     def _sent_now(self) -> None:
         """The MCU's data went to the socket: a send after a quiet spell may be a

@@ -9,8 +9,11 @@ in the ring), so a host's Close first hands the socket what the ring still
 holds (the closing flush, at most ``_CLOSE_FLUSH`` seconds), as lwIP's close
 sends its buffer.
 
-Consuming the ring rings its space doorbell for the front; one wake-up's
-sends ring it once (``hold_doorbells``).  A link streaming both ways shares
+Consuming the ring rings its space doorbell for the front (when it asked
+for it); one wake-up's sends ring it once (``hold_doorbells``), or twice when
+a send of the lean path (``_send_whole``: a plain TCP link's usual wake-up,
+what the ring holds in one piece and one send, at line rate the hot path)
+is cut short by a full socket and the general loop goes on.  A link streaming both ways shares
 the uplink's wake-ups: a downlink read pausing between a stream's pieces
 ends when the uplink wakes us (``_end_pause_early``), not on its own timer.  A stream goes as the ring holds it
 (``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
@@ -57,11 +60,14 @@ class Uplink:
 
     def _on_uplink(self) -> None:
         self.uplink.clear_data_doorbell()
-        self.uplink.hold_doorbells()  # one progress doorbell for all the sends below
-        try:
-            self._pump_uplink()
-        finally:
-            self.uplink.release_doorbells()
+        # The usual wake-up of a plain TCP link takes one send and one consume (at most
+        # one doorbell): no more layers than that.  The rest goes through _pump_uplink.
+        if self._closing is not None or not self._send_whole():
+            self.uplink.hold_doorbells()  # one progress doorbell for all the sends below
+            try:
+                self._pump_uplink()
+            finally:
+                self.uplink.release_doorbells()
         if self._pause is not None:
             self._end_pause_early()
 
@@ -100,8 +106,6 @@ class Uplink:
             if not self._tls_retry and self.shaper.outbox.active():
                 self.shaper.outbox.pump()
                 return
-        elif type(self.sock) is socket.socket and not self.datagram and self._send_whole():
-            return
         if self.datagram:
             self._send_datagrams()
             return
@@ -140,8 +144,10 @@ class Uplink:
     def _send_whole(self) -> bool:
         """A plain TCP link's usual wake-up, lean: what the ring holds, in one piece,
         goes in one send.  True when that was all (sent, or the socket is full or
-        failed); False leaves the rest to the general loop (the data wraps, or the
-        socket took part of it)."""
+        failed); False leaves the rest to the general loop (not a plain TCP link
+        with no Shaper, the data wraps, or the socket took part of it)."""
+        if self.shaper is not None or type(self.sock) is not socket.socket or self.datagram:
+            return False
         data, read, used = self.uplink.published()
         if not used:
             return True

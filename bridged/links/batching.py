@@ -139,8 +139,10 @@ class Batching:
             return
         now = self.loop.time()
         # One recv takes all the kernel has (up to a record): a short read
-        # means the socket is empty, so no EAGAIN round trip.
-        got = self._read_held(False)
+        # means the socket is empty, so no EAGAIN round trip.  Its doorbells
+        # are not held: one record rings once anyway (a tick that finds more
+        # than a record's worth, rare below SO_RCVLOWAT, rings per record).
+        got = self._recv_stream(False)
         if got:
             self._last_read = now
         # Only a whole period with nothing read ends it: the first tick may come

@@ -4,10 +4,11 @@ Theory of operation.  A peer streaming at UART rates (the UART, not the network,
 on a gateway) sends a segment every few ms; reading each as it lands
 costs the worker and the front a wake-up apiece.  Once two reads come
 within one period, the socket's SO_RCVLOWAT rises to one +IPD chunk, so
-the kernel wakes us only when a whole chunk has gathered, and a timer
-reads whatever is there at the period's end.  The timers of all workers
-fall on one grid (the monotonic clock is shared), so the front wakes
-once for all links.  Never held back: a lone piece after a quiet spell
+the kernel wakes us only when a whole chunk has gathered, and a tick
+reads whatever is there at the period's end (a periodic timerfd armed once
+while batching goes on, ``links.ticker``: cheaper than a ``call_at`` per
+tick).  The ticks of all workers fall on one grid (the monotonic clock is
+shared), so the front wakes once for all links.  Never held back: a lone piece after a quiet spell
 (a whole period with nothing read ends batching), small pieces (interactive
 traffic), and the answer to what the MCU sent (sending ends batching,
 and none starts until the MCU has been quiet for a few periods).  The
@@ -30,10 +31,12 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 
 import structlog
 
 from bridged.links.connecting import failure_reason
+from bridged.links.ticker import Ticker
 
 __all__ = ["Batching", "wants_batching", "streams_both_ways", "both_steady", "next_tick"]
 
@@ -100,6 +103,22 @@ class Batching:
         return (self.batch_period > 0 and not self.datagram and not self.recv_window
                 and self.sock is not None and self._gate.is_open and self.shaper is None)
 
+    def _init_batching(self, read_window_ms: int) -> None:
+        self.batch_period = read_window_ms / 1000  # 0: read every piece as it arrives
+        self._ticker: Ticker | None = None  # created in run(), on the running loop
+        self._batch_tick: Ticker | None = None  # the ticker, while read batching is on
+        self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
+
+    def _start_ticker(self) -> None:
+        """The ticks' timerfd, for the worker's life (``Worker._start``)."""
+        if self.batch_period <= 0:
+            return
+        try:
+            self._ticker = Ticker(self.loop, self._on_batch_tick)
+        except OSError as exc:
+            log.warning("read_window_unavailable", reason=failure_reason(exc))
+            self.batch_period = 0
+
     def _start_batching(self) -> None:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.ipd_chunk)
@@ -108,34 +127,35 @@ class Batching:
             self.batch_period = 0
             return
         self._lowat_raised = True
-        self._arm_batch_tick()
-
-    def _arm_batch_tick(self) -> None:
-        self._batch_tick = self.loop.call_at(next_tick(self.loop.time(), self.batch_period), self._on_batch_tick)
+        # The ticks go on, a period apart, until _stop_batching.
+        self._ticker.arm(next_tick(time.monotonic(), self.batch_period), self.batch_period)
+        self._batch_tick = self._ticker
 
     def _on_batch_tick(self) -> None:
-        self._batch_tick = None
+        if self._batch_tick is None:
+            return  # stopped since (the ticker then fires no more)
         if not self._can_batch():
             self._stop_batching()
             return
         now = self.loop.time()
         # One recv takes all the kernel has (up to a record): a short read
-        # means the socket is empty, so no EAGAIN round trip.
-        got = self._read_held(False)
+        # means the socket is empty, so no EAGAIN round trip.  Its doorbells
+        # are not held: one record rings once anyway (a tick that finds more
+        # than a record's worth, rare below SO_RCVLOWAT, rings per record).
+        got = self._recv_stream(False)
         if got:
             self._last_read = now
         # Only a whole period with nothing read ends it: the first tick may come
         # a millisecond after the read that started it, before the next piece.
-        if (got or now - self._last_read < self.batch_period) and self._batch_tick is None and self._can_batch():
-            self._arm_batch_tick()
-        else:
-            self._stop_batching()  # quiet for a whole period, or the read ended it
+        # (A read that ends it, a full ring or the socket's end, stops it itself.)
+        if not got and now - self._last_read >= self.batch_period:
+            self._stop_batching()
 
     def _stop_batching(self) -> None:
         """Back to reading every piece at once (the invariant: a raised
         low-water mark always has a tick armed that will read below it)."""
         if self._batch_tick is not None:
-            self._batch_tick.cancel()
+            self._batch_tick.disarm()
             self._batch_tick = None
         if self._lowat_raised:
             self._lowat_raised = False

@@ -83,10 +83,8 @@ class Downlink(Batching):
         self.chunk = self.downlink.capacity // 4
         self.ipd_chunk = ipd_chunk
         self.recv_window = 0  # passive mode: most unread bytes to keep in the downlink ring
-        self.batch_period = read_window_ms / 1000  # 0: read every piece as it arrives
+        self._init_batching(read_window_ms)
         self._gate: ReadGate | None = None  # created in run(), on the running loop
-        self._batch_tick: asyncio.TimerHandle | None = None  # armed while read batching is on
-        self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         self._pause: asyncio.TimerHandle | None = None  # a stream's reads, _STREAMING apart
         self._dgram_buf = bytearray(_MAX_DATAGRAM)
         self._fresh_timing()

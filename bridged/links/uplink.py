@@ -9,8 +9,11 @@ in the ring), so a host's Close first hands the socket what the ring still
 holds (the closing flush, at most ``_CLOSE_FLUSH`` seconds), as lwIP's close
 sends its buffer.
 
-Consuming the ring rings its space doorbell for the front; one wake-up's
-sends ring it once (``hold_doorbells``).  A link streaming both ways shares
+Consuming the ring rings its space doorbell for the front (when it asked
+for it); one wake-up's sends ring it once (``hold_doorbells``), or twice when
+a send of the lean path (``_send_whole``: a plain TCP link's usual wake-up,
+what the ring holds in one piece and one send, at line rate the hot path)
+is cut short by a full socket and the general loop goes on.  A link streaming both ways shares
 the uplink's wake-ups: a downlink read pausing between a stream's pieces
 ends when the uplink wakes us (``_end_pause_early``), not on its own timer.  A stream goes as the ring holds it
 (``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
@@ -24,6 +27,7 @@ bytes instead and sends each piece when due.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 import structlog
@@ -56,19 +60,21 @@ class Uplink:
 
     def _on_uplink(self) -> None:
         self.uplink.clear_data_doorbell()
-        self.uplink.hold_doorbells()  # one progress doorbell for all the sends below
-        try:
-            self._pump_uplink()
-        finally:
-            self.uplink.release_doorbells()
-        self._end_pause_early()
+        # The usual wake-up of a plain TCP link takes one send and one consume (at most
+        # one doorbell): no more layers than that.  The rest goes through _pump_uplink.
+        if self._closing is not None or not self._send_whole():
+            self.uplink.hold_doorbells()  # one progress doorbell for all the sends below
+            try:
+                self._pump_uplink()
+            finally:
+                self.uplink.release_doorbells()
+        if self._pause is not None:
+            self._end_pause_early()
 
     def _end_pause_early(self) -> None:
         """Awake anyway (the uplink): read what gathered now, not on a wake-up of
         its own, and pause again while the stream goes on (both directions
         then share the uplink's wake-ups; the timer is the fallback)."""
-        if self._pause is None:
-            return
         self._pause.cancel()
         self._pause = None
         if self.shaper is not None:  # a fault came meanwhile: the Shaper reads
@@ -95,10 +101,11 @@ class Uplink:
         return self.uplink.available() > 0 or (self.shaper is not None and self.shaper.outbox.pending())
 
     def _pump_ring(self) -> None:
-        # net_latency: the Outbox sends (once a TLS write to repeat has gone as it must).
-        if self.shaper is not None and not self._tls_retry and self.shaper.outbox.active():
-            self.shaper.outbox.pump()
-            return
+        if self.shaper is not None:
+            # net_latency: the Outbox sends (once a TLS write to repeat has gone as it must).
+            if not self._tls_retry and self.shaper.outbox.active():
+                self.shaper.outbox.pump()
+                return
         if self.datagram:
             self._send_datagrams()
             return
@@ -133,6 +140,37 @@ class Uplink:
             if self.shaper is not None:
                 self.shaper.sent(sent)
             self._sent_now()
+
+    def _send_whole(self) -> bool:
+        """A plain TCP link's usual wake-up, lean: what the ring holds, in one piece,
+        goes in one send.  True when that was all (sent, or the socket is full or
+        failed); False leaves the rest to the general loop (not a plain TCP link
+        with no Shaper, the data wraps, or the socket took part of it)."""
+        if self.shaper is not None or type(self.sock) is not socket.socket or self.datagram:
+            return False
+        data, read, used = self.uplink.published()
+        if not used:
+            return True
+        slot = read & (len(data) - 1)
+        if slot + used > len(data):
+            return False  # both pieces in one sendmsg
+        view = data[slot:slot + used]
+        try:
+            sent = self.sock.send(view)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            view.release()
+            self._finish(f"send failed: {exc.strerror or exc}")
+            return True
+        view.release()
+        if not sent:
+            self.loop.add_writer(self.sock.fileno(), self._on_writable)
+            return True
+        self.uplink.consume(sent)
+        self.stats["up"] += sent
+        self._sent_now()
+        return sent == used
 
     def _sent_now(self) -> None:
         """The MCU's data went to the socket: a send after a quiet spell may be a

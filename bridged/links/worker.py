@@ -167,6 +167,7 @@ class Worker(Connecting, Uplink, Downlink):
         self.loop.add_reader(self.control.fileno(), self._on_control)
         self.loop.add_reader(self.uplink.data_fd, self._on_uplink)
         self._gate = ReadGate(self.loop, self._on_readable)
+        self._start_ticker()
         # The front frees downlink space all the time; we only care while waiting for it.
         self.downlink.want_space_doorbell(False)
         # A worker restarted while the daemon stops may find the front gone:
@@ -181,6 +182,8 @@ class Worker(Connecting, Uplink, Downlink):
             self.connecting.cancel()
         self._drop_socket()
         self._gate.close()
+        if self._ticker is not None:
+            self._ticker.close()
         self._fault_reports.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], conn_id: int) -> asyncio.Task | None:

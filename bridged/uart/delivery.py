@@ -126,14 +126,22 @@ class Delivery:
         if slot.control is not None:
             self.drain(slot)
 
-    def drain(self, slot: Slot) -> None:
+    def drain(self, slot: Slot, clear: bool = True) -> None:
         """Deliver the slot's records while the UART output can take them
         (its doorbell's callback: one call to the first record, as the rest
-        of the +IPD path, on every wake-up)."""
-        try:
-            os.eventfd_read(slot.downlink.data_fd)  # clear the data doorbell (Ring.clear_data_doorbell, inline)
-        except BlockingIOError:
-            pass  # not ringing: a drain of our own (announce, back-pressure over, a tick)
+        of the +IPD path, on every wake-up).
+
+        ``clear``: reset the slot's data doorbell first (its records are all
+        taken or kept track of after a drain).  False only while nothing
+        listens to it (a passthrough downlink paused across ticks: a syscall
+        a tick less); a doorbell left ringing then costs one empty drain
+        once it is listened to again.
+        """
+        if clear:
+            try:
+                os.eventfd_read(slot.downlink.data_fd)  # Ring.clear_data_doorbell, inline
+            except BlockingIOError:
+                pass  # not ringing: a drain of our own (announce, back-pressure over)
         try:
             if slot.unannounced:
                 return  # `announce` drains it

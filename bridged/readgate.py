@@ -110,7 +110,7 @@ class ReadGate:
 
     def _tell(self) -> None:
         # A hold not a pause is left (the pauses are always among the holds: no set difference made).
-        holding = self._pressed or len(self._holds) != len(self._pauses)
+        holding = self._pressed or self._holds != self._pauses
         if holding != self.holding:
             self.holding = holding
             if self._on_hold is not None:

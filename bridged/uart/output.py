@@ -44,7 +44,6 @@ taken is gone with the device.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import os
 from collections import deque
@@ -84,7 +83,7 @@ class Output:
         self.on_failed = on_failed
         self.suspended = False  # the port is gone: queue, write nothing
         self.loop = asyncio.get_running_loop()
-        self._seq = itertools.count()
+        self._seq = 0  # each queued item's number: the older item goes first
         # Each item with its size, counted once as it is queued (-1: a function, sized when made).
         self._replies: deque[tuple[int, bytes, bool, int]] = deque()  # seq, data, final, size
         self._urcs: deque[tuple[int, Urc, float, int]] = deque()  # seq, data, queued at, size
@@ -108,7 +107,8 @@ class Output:
         if not data:
             return
         size = len(data)
-        self._replies.append((next(self._seq), data, data in FINALS, size))  # (format.is_final, inline)
+        self._seq += 1
+        self._replies.append((self._seq, data, data in FINALS, size))  # (format.is_final, inline)
         self.buffered += size
         if self.buffered > self.high:
             self.backlogged = True
@@ -126,7 +126,8 @@ class Output:
         if not data:
             return
         size = -1 if callable(data) else len(data)
-        self._urcs.append((next(self._seq), data, self.loop.time(), size))
+        self._seq += 1
+        self._urcs.append((self._seq, data, self.loop.time(), size))
         if size > 0:
             self.buffered += size
         if self.buffered > self.high:  # (_queued, inline: one call less per +IPD)

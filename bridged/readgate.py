@@ -81,6 +81,8 @@ class ReadGate:
         ``hold``: input is held back until further notice; False for a pause
         that reopens by itself in a moment (the owner is not told).
         """
+        if self._fd is None and self._wanted is None and self._pressed == hold:
+            return  # shut so already (a passthrough downlink paused again at every tick)
         self._wanted = None
         self._pressed = hold
         self._unregister()
@@ -107,7 +109,8 @@ class ReadGate:
             self._tell()
 
     def _tell(self) -> None:
-        holding = bool(self._holds - self._pauses) or self._pressed
+        # A hold not a pause is left (the pauses are always among the holds: no set difference made).
+        holding = self._pressed or self._holds != self._pauses
         if holding != self.holding:
             self.holding = holding
             if self._on_hold is not None:

@@ -15,6 +15,7 @@ written: until ``announce`` its records wait in the ring (``Slot.unannounced``).
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Callable
 
 import structlog
@@ -125,10 +126,34 @@ class Delivery:
         if slot.control is not None:
             self.drain(slot)
 
-    def drain(self, slot: Slot) -> None:
-        """Deliver the slot's records while the UART output can take them."""
+    def drain(self, slot: Slot, clear: bool = True) -> None:
+        """Deliver the slot's records while the UART output can take them
+        (its doorbell's callback: one call to the first record, as the rest
+        of the +IPD path, on every wake-up).
+
+        ``clear``: reset the slot's data doorbell first (its records are all
+        taken or kept track of after a drain).  False only while nothing
+        listens to it (a passthrough downlink paused across ticks: a syscall
+        a tick less); a doorbell left ringing then costs one empty drain
+        once it is listened to again.
+        """
+        if clear:
+            try:
+                os.eventfd_read(slot.downlink.data_fd)  # Ring.clear_data_doorbell, inline
+            except BlockingIOError:
+                pass  # not ringing: a drain of our own (announce, back-pressure over)
         try:
-            self._drain(slot)
+            if slot.unannounced:
+                return  # `announce` drains it
+            if slot.passive and slot.state is SlotState.OPEN:
+                self.scan(slot)
+                return
+            rx = slot.rx
+            if rx.offset and self.events.delivery_room() > 0:
+                self.deliver_partial(slot)
+            if rx.total or rx.scanned or rx.eof_seen or rx.notice.state is not NoticeState.QUIET:
+                rx.forget()  # (a no-op otherwise, as on every drain of an active link)
+            self._deliver(slot)
         except records.RecordError as error:
             self._refuse(slot, error)
 
@@ -145,20 +170,6 @@ class Delivery:
         self._dead(slot)
         self.on_refused(slot, slot.worker_pid)
 
-    def _drain(self, slot: Slot) -> None:
-        slot.downlink.clear_data_doorbell()
-        if slot.unannounced:
-            return  # `announce` drains it
-        if slot.passive and slot.state is SlotState.OPEN:
-            self.scan(slot)
-            return
-        rx = slot.rx
-        if rx.offset and self.events.delivery_room() > 0:
-            self.deliver_partial(slot)
-        if rx.total or rx.scanned or rx.eof_seen or rx.notice.state is not NoticeState.QUIET:
-            rx.forget()  # (a no-op otherwise, as on every drain of an active link)
-        self._deliver(slot)
-
     def _deliver(self, slot: Slot) -> None:
         """Records in batches as large as the output's room (one consume, one
         space doorbell each); an EOF ends a batch, so the slot's state is right
@@ -170,11 +181,14 @@ class Delivery:
                 self._deferred[slot.link_id] = slot  # drained again once the UART catches up
                 return
             batch, more = records.take_records(slot.downlink, room, IPD_HEAD_MAX)
+            delivered = False
             for record in batch:
                 if record.kind == records.EOF:
                     self._take_eof(slot, record)
                 elif slot.state in _DELIVERING and not (slot.silent or slot.passive):  # delivers(slot), inline
-                    slot.last_activity = self.loop.time()
+                    if not delivered:  # (AT+CIPSTO) once a batch: the loop's time is the same for each
+                        delivered = True
+                        slot.last_activity = self.loop.time()
                     self.events.link_data(slot, record)
             if not more:
                 return  # the ring is empty (its data doorbell, cleared before, rings for more)

@@ -181,7 +181,9 @@ class Downlink:
         paused, self._down_paused = self._down_paused, []
         for slot in paused:
             if slot.control is not None and self._in_passthrough():
-                self.links.delivery.drain(slot)  # its records pause it again (_gather_downlink)
+                # Its records pause it again (_gather_downlink); its doorbell, unheard while
+                # paused, is cleared by the drain it rings once it is heard again.
+                self.links.delivery.drain(slot, clear=False)
                 if slot not in self._down_paused and self.loop.time() - self._last_down < _GATHER_GAP:
                     # Nothing this tick, but the stream is under way: the worker reads
                     # it when our uplink wakes it, so its records come by the next tick.

@@ -8,7 +8,9 @@ apart from it.  So:
 
 * an unsolicited item that would directly follow a final result waits until
   ``gap`` seconds after that result went out, but never longer than ``gap``
-  in all (so a busy command stream cannot starve it);
+  in all (so a busy command stream cannot starve it); the ones queued behind
+  it go in the same write (they follow it, not the result: one write and no
+  timer of their own for a batch of +IPD drained over a few milliseconds);
 * replies never wait behind such a held message: they go out at once, in
   their order; unsolicited items keep their own order (data before CLOSED);
 * an unsolicited item may be a function that makes its bytes at the moment
@@ -42,7 +44,6 @@ taken is gone with the device.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import os
 from collections import deque
@@ -82,7 +83,7 @@ class Output:
         self.on_failed = on_failed
         self.suspended = False  # the port is gone: queue, write nothing
         self.loop = asyncio.get_running_loop()
-        self._seq = itertools.count()
+        self._seq = 0  # each queued item's number: the older item goes first
         # Each item with its size, counted once as it is queued (-1: a function, sized when made).
         self._replies: deque[tuple[int, bytes, bool, int]] = deque()  # seq, data, final, size
         self._urcs: deque[tuple[int, Urc, float, int]] = deque()  # seq, data, queued at, size
@@ -106,7 +107,8 @@ class Output:
         if not data:
             return
         size = len(data)
-        self._replies.append((next(self._seq), data, data in FINALS, size))  # (format.is_final, inline)
+        self._seq += 1
+        self._replies.append((self._seq, data, data in FINALS, size))  # (format.is_final, inline)
         self.buffered += size
         if self.buffered > self.high:
             self.backlogged = True
@@ -124,7 +126,8 @@ class Output:
         if not data:
             return
         size = -1 if callable(data) else len(data)
-        self._urcs.append((next(self._seq), data, self.loop.time(), size))
+        self._seq += 1
+        self._urcs.append((self._seq, data, self.loop.time(), size))
         if size > 0:
             self.buffered += size
         if self.buffered > self.high:  # (_queued, inline: one call less per +IPD)
@@ -184,15 +187,16 @@ class Output:
         """Join what may go now into one write; False when nothing may."""
         parts: list[bytes] = []
         size = 0
-        final = final_in_batch = False
+        final = final_in_batch = after_urc = False
         gap, half, final_at = self.gap, _TICK / 2, self._final_at
         while size < _MAX_WRITE:
             reply = self._replies[0] if self._replies else None
             urc = self._urcs[0] if self._urcs else None
-            # The older item goes first; an unsolicited one only once its gap is over
-            # (`_urc_due` < half a tick, inline: this runs for every +IPD).
+            # The older item goes first; an unsolicited one once its gap is over
+            # (`_urc_due` < half a tick, inline: this runs for every +IPD), or right
+            # behind another one in this write: it follows no final result then.
             if (urc is not None and (reply is None or urc[0] < reply[0])
-                    and (gap <= 0 or gap - (now - urc[2]) < half
+                    and (gap <= 0 or after_urc or gap - (now - urc[2]) < half
                          or gap - (0.0 if final_in_batch else gap if final_at is None else now - final_at) < half)):
                 self._urcs.popleft()
                 data, n = urc[1], urc[3]
@@ -203,12 +207,13 @@ class Output:
                     if not n:
                         continue  # nothing to say any more
                 parts.append(data)
-                final = False
+                final, after_urc = False, True
             elif reply is not None:
                 self._replies.popleft()
                 parts.append(reply[1])
                 n, final = reply[3], reply[2]
                 final_in_batch = final_in_batch or final
+                after_urc = False
             else:
                 break
             size += n

@@ -112,6 +112,30 @@ def test_replies_overtake_a_held_message_which_keeps_its_order(pty_pair):
     assert got == b"\r\nSEND OK\r\n\r\nOK\r\n\r\n+IPD,0,1:a\r\n0,CLOSED\r\n"
 
 
+def test_messages_queued_behind_a_held_one_go_in_its_write(pty_pair):
+    """A message held for the gap takes the ones queued behind it along in its write, though
+    a later final result would hold those longer on their own: one write, not one each."""
+    master, slave = pty_pair
+    gap = 0.2
+
+    async def main():
+        out = WriteCountingOutput(master, gap, lambda: None)
+        t0 = time.monotonic()
+        out.reply(b"\r\nSEND OK\r\n")
+        out.urc(b"\r\n+IPD,0,1:a")  # held: due by its own wait, gap after t0
+        await asyncio.sleep(gap / 4)
+        out.reply(b"\r\nOK\r\n")  # a later final (goes at once): +IPD b alone would wait gap after it
+        await asyncio.sleep(0.01)
+        out.urc(b"\r\n+IPD,1,1:b")
+        reads = await asyncio.to_thread(_read_until, slave, b"+IPD,1,1:b", 2.0)
+        return t0, reads, out.writes
+
+    t0, reads, writes = _run(main())
+    assert b"".join(r for _, r in reads) == b"\r\nSEND OK\r\n\r\nOK\r\n\r\n+IPD,0,1:a\r\n+IPD,1,1:b"
+    assert reads[-1][0] - t0 >= gap - 0.002  # the held one still kept its gap
+    assert writes == 3, f"{writes} writes: the message behind the held one went on its own"
+
+
 def test_drained_callback_after_every_write(pty_pair):
     master, slave = pty_pair
 

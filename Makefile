@@ -23,16 +23,17 @@ PYTEST_ARGS ?=
 # imported bridged once: tests/forkserver.py; BRIDGED_TEST_FORKSERVER=0 execs
 # each) and then mostly waits -- on the daemon's timers, on a peer, on the
 # pty -- so fewer workers leave the cores idle (two: 38% of two cores busy;
-# three: about half).  Four make each interpreter's run about a minute shorter
-# than three, and `make test` (both interpreters and the floors) fit in 10
-# minutes.  The tests that time an in-process link worker to the millisecond
-# were made to hold under that load (load margins, counted steps, windows
-# that a held case cannot meet) rather than run with fewer workers.  Both
-# interpreters' runs go one after the other, not at once: test_dns, test_sntp
-# and test_hosts bind fixed loopback addresses (127.0.0.x:53/123) that two
-# runs at a time would fight over.  The second interpreter runs the whole
-# suite too (not only what differs under 3.13: ssl's TLS-PSK, asyncio/uvloop,
-# mmap): each run is made fast instead.  See bench/RESULTS.md, "Test suite".
+# three: about half).  On a quiet machine four took 4:08-4:37 a run against
+# 5:16-5:30 for three: `make test` (both interpreters and the floors) about 9
+# to 10 minutes instead of 12.  Four leave the tests that time an in-process
+# link worker to the millisecond less room: those that failed at four were
+# mended (load margins, counted steps, windows a held case cannot meet) rather
+# than run with fewer workers.  Both interpreters' runs go one after the
+# other, not at once: test_dns, test_sntp, test_hosts and tests/net bind fixed
+# loopback addresses (127.0.0.x:53/123) that two runs at a time would fight
+# over.  The second interpreter runs the whole suite too (not only what
+# differs under 3.13: ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made
+# fast instead.  See bench/RESULTS.md, "Test suite".
 PYTEST_JOBS ?= 4
 # pytest keeps the test modules it rewrote for assert messages (and Python the
 # modules it compiled) in __pycache__ (ignored by git) unless

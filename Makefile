@@ -3,7 +3,7 @@
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
 #   make test    run the test suite, then again under Python 3.13 when pyenv has it,
 #                then make test-floors
-#                (PYTEST_JOBS=0: in one process instead of three xdist workers)
+#                (PYTEST_JOBS=0: in one process instead of four xdist workers)
 #   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
 #   make clean   remove caches and build artefacts (the virtualenvs are kept)
@@ -18,18 +18,23 @@ PYTEST_ARGS ?=
 # fixtures -- the OTA keys, the DNS/SNTP test servers on fixed loopback
 # addresses, module-wide daemons -- are made once and never twice at a time;
 # the longest files first (tests/schedule.py), so that no long one is left for
-# the end while the other workers idle.  Three workers on the 2-core CI
+# the end while the other workers idle.  Four workers on the 2-core CI
 # machine: nearly every test starts a daemon (forked from a process that
 # imported bridged once: tests/forkserver.py; BRIDGED_TEST_FORKSERVER=0 execs
 # each) and then mostly waits -- on the daemon's timers, on a peer, on the
-# pty -- so two workers left the cores idle most of the time (5.6 min of CPU
-# in a 7:16 run: 38% of two cores); three overlap those waits.  Four were
-# barely faster (4:08-4:33 a run against ~4:40) and each of three full runs
-# at four failed one millisecond-bound test of an in-process link worker.  The second
-# interpreter runs the whole suite too (not only what differs under 3.13:
-# ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made fast instead.  See
-# bench/RESULTS.md, "Test suite", for the wall times.
-PYTEST_JOBS ?= 3
+# pty -- so fewer workers leave the cores idle (two: 38% of two cores busy;
+# three: about half).  On a quiet machine four took 4:08-4:37 a run against
+# 5:16-5:30 for three: `make test` (both interpreters and the floors) about 9
+# to 10 minutes instead of 12.  Four leave the tests that time an in-process
+# link worker to the millisecond less room: those that failed at four were
+# mended (load margins, counted steps, windows a held case cannot meet) rather
+# than run with fewer workers.  Both interpreters' runs go one after the
+# other, not at once: test_dns, test_sntp, test_hosts and tests/net bind fixed
+# loopback addresses (127.0.0.x:53/123) that two runs at a time would fight
+# over.  The second interpreter runs the whole suite too (not only what
+# differs under 3.13: ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made
+# fast instead.  See bench/RESULTS.md, "Test suite".
+PYTEST_JOBS ?= 4
 # pytest keeps the test modules it rewrote for assert messages (and Python the
 # modules it compiled) in __pycache__ (ignored by git) unless
 # PYTHONDONTWRITEBYTECODE is set, as in some CI shells; then every xdist worker

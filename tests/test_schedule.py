@@ -19,7 +19,8 @@ def _project(tmp_path: Path) -> Path:
         "import pytest\n\n@pytest.mark.parametrize('n', range(100))\ndef test_quick(n):\n    pass\n")
     (tmp_path / "tests" / "testing" / "test_few.py").write_text(
         "def test_one():\n    pass\n\ndef test_two():\n    pass\n")
-    (tmp_path / "tests" / "test_one.py").write_text("import time\n\ndef test_slow():\n    time.sleep(0.5)\n")
+    # 1.5 s: under a heavily loaded machine the 100 quick tests together took over 0.5 s.
+    (tmp_path / "tests" / "test_one.py").write_text("import time\n\ndef test_slow():\n    time.sleep(1.5)\n")
     return tmp_path
 
 
@@ -44,6 +45,6 @@ def test_files_go_longest_first_guessed_then_measured(tmp_path):
     assert not (project / ".pytest_cache" / "v" / "bridged" / "test_seconds").exists()
     _pytest(project)
     seconds = json.loads((project / ".pytest_cache" / "v" / "bridged" / "test_seconds").read_text())
-    assert seconds["tests/test_one.py::test_slow"] >= 0.5
+    assert seconds["tests/test_one.py::test_slow"] >= 1.5
     assert len(seconds) == 103
-    assert _pytest(project, "--collect-only")[0] == "tests/test_one.py"  # 0.5 s, the others ~0
+    assert _pytest(project, "--collect-only")[0] == "tests/test_one.py"  # 1.5 s, the others ~0

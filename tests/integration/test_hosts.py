@@ -188,7 +188,7 @@ def test_savetranslink_to_an_overridden_name(bench, echo_server):
     daemon.wait_event("host_override", host="test.mosquitto.org", proc="link")
     time.sleep(0.05)  # +++ wants silence around it
     host.write(b"+++")
-    time.sleep(0.05)  # +++ wants silence around it
+    daemon.wait_event("passthrough_left")  # out of passthrough before the command (not a fixed 50 ms)
     host.command(b"AT+SAVETRANSLINK=0")
 
 

@@ -11,7 +11,7 @@ import time
 
 import psutil
 
-from tests.harness import Daemon
+from tests.harness import Daemon, Timeout
 from tests.integration.test_idle import cpu_seconds, processes
 
 LONG_TICK = "[watchdog]\nheartbeat_ms = 60000\n"
@@ -34,6 +34,15 @@ def _serving(daemon: Daemon, links: int = 5, timeout: float = 10.0) -> None:
     while len(kids := _children(daemon)) != 1 + links:
         assert time.monotonic() < deadline, kids
         time.sleep(0.05)
+
+
+def _answers_ok(host) -> bool:
+    """Whether AT gets OK within 2 s.  An AT that reached a front the storm's next
+    reload replaced is lost with it (as input during a restart is): no answer at all."""
+    try:
+        return host.ask(b"AT", timeout=2).endswith(b"OK\r\n")
+    except Timeout:
+        return False
 
 
 def test_two_workers_killed_at_once_are_both_forked_again_at_once(make_daemon):
@@ -174,7 +183,7 @@ def test_a_storm_of_reloads_leaves_one_session(make_daemon):
     daemon.wait_event("reloading")
     _serving(daemon)
     deadline = time.monotonic() + 10
-    while not host.ask(b"AT", timeout=2).endswith(b"OK\r\n"):
+    while not _answers_ok(host):
         assert time.monotonic() < deadline
     _serving(daemon)
     host.close()

@@ -4,10 +4,11 @@ Theory of operation.  A plain AT+CIPSEND on a TCP or SSL link is the bulk
 upload drivers use most, and its payload is opaque: ``<length>`` bytes, no
 escapes, no interval, and a +++ only as a read of at most three '+'.  When
 its ring already has room for all of it, the port is read with ``readv``
-into the ring's free area (plus a small spare buffer for bytes behind the
-payload), so the payload is never copied in Python and the parser's data
-machine is skipped: nothing is published until the last byte came, then the
-whole payload is committed at once and the send settles as every send does
+into the ring's free area (both of its pieces where it wraps at the ring's
+end, plus a small spare buffer for bytes behind the payload), so the payload
+is never copied in Python and the parser's data machine is skipped: nothing
+is published until the last byte came, then the whole payload is committed
+at once and the send settles as every send does
 (``DataPhases._payload_complete``: busy p... for surplus, Recv, SEND OK, or
 SEND FAIL if the link went meanwhile).
 
@@ -51,14 +52,13 @@ class DirectPayload:
         the general path takes on with (this read's: the earlier ones are the
         parser's already).  OSError as os.read raises it."""
         left = send.length - send.staged
-        view = send.slot.uplink.reserve(send.staged, left)  # there was room for all of it
-        if view is None:
+        buffers = self._free_views(send, left)
+        if buffers is None:
             return None  # an index read torn (32-bit CPUs): the port is still readable, look again
-        # Bytes behind the payload go to the spare; where the free area wraps, the rest comes next read.
-        n = os.readv(self.fd, (view, self._spare) if len(view) == left else (view,))
+        n = os.readv(self.fd, buffers)
         if not n:
             return b""  # EOF: the device hung up (uart.reading), the send waits as it stands
-        if (n <= _SMALL and left >= _SMALL and view[:n] == _PLUS[:n]) or self.tap is not None \
+        if (n <= _SMALL and left >= _SMALL and _head(buffers, n) == _PLUS[:n]) or self.tap is not None \
                 or self.rx_fault is not None:
             return self._direct_fallback(send, left, n)
         now = self.loop.time()
@@ -79,6 +79,19 @@ class DirectPayload:
         self._payload_complete(send.length)
         return None
 
+    def _free_views(self, send: Send, left: int) -> list | None:
+        """Where the rest of the payload goes: the ring's free area, both of its pieces where it
+        wraps (one read takes what the MCU wrote at once, as os.read does: a '+++' cut off at the
+        ring's end would be a +++ candidate), then the spare for bytes behind the payload."""
+        ring = send.slot.uplink
+        view = ring.reserve(send.staged, left)  # there was room for all of it
+        if view is None:
+            return None
+        if len(view) == left:
+            return [view, self._spare]
+        rest = ring.reserve(send.staged + len(view), left - len(view))  # from the ring's start
+        return None if rest is None else [view, rest, self._spare]
+
     def _direct_fallback(self, send: Send, left: int, n: int) -> bytes:
         """Give the parser the bytes read past it, and return this read's for the general path."""
         taken = min(n, left)
@@ -94,3 +107,12 @@ class DirectPayload:
             self.parser.receive_bytes(earlier, send.direct_at)
         return bytes(region[len(earlier):])
 
+
+def _head(buffers: list, n: int) -> bytes:
+    """The first ``n`` (at most three) bytes a read put into ``buffers``."""
+    out = b""
+    for buf in buffers:
+        out += bytes(buf[:n - len(out)])
+        if len(out) == n:
+            break
+    return out

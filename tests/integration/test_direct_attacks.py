@@ -326,28 +326,29 @@ def _scenario(rng) -> tuple[int, list[tuple[bytes, float]]]:
     return length, writes
 
 
-def _play(host, conn, length: int, writes) -> tuple[bytes, bytes]:
+def _play(host, length: int, writes) -> bytes:
+    """The MCU's writes for one send; what it reads back, through an AT's OK written after them
+    (each scenario's writes end the send: its length reached, or a guarded +++)."""
     host.command(b"AT+CIPSEND=%d" % length, b">")
     time.sleep(0.06)
     for piece, pause in writes:
         time.sleep(pause)
         host.write(piece)
-    time.sleep(0.08)
-    out = host.read_quiet(0.15)
-    if b"SEND" not in out:  # short of its length and not escaped: finish it with a guarded +++
-        host.write(b"+++")
-        time.sleep(0.08)
-        out += b"|" + host.read_quiet(0.15)
-    host.write(b"\r\n")  # close any line surplus bytes left open
-    out += b"|" + host.read_quiet(0.1)
-    conn.settimeout(0.2)
+    out = host.expect(b"\r\nSEND ", timeout=5) + host.expect(b"\r\n")
+    time.sleep(0.06)
+    host.write(b"\r\nAT\r\n")  # ends any line surplus bytes left open; its OK marks the end
+    return out + b"|" + host.expect(b"\r\nOK\r\n", timeout=5)
+
+
+def _drain(conn: socket.socket) -> bytes:
+    conn.settimeout(1.0)
     got = b""
     try:
         while piece := conn.recv(65536):
             got += piece
     except TimeoutError:
         pass
-    return out, got
+    return got
 
 
 def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
@@ -365,13 +366,12 @@ def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
         _open(host, server.getsockname()[1])
         conn, _ = server.accept()
         rng = random.Random(2026)
-        seen = []
-        for _ in range(16):
-            length, writes = _scenario(rng)
-            seen.append((length, _play(host, conn, length, writes)))
-        results.append(seen)
+        seen = [_play(host, *_scenario(rng)) for _ in range(16)]
+        results.append((seen, _drain(conn)))
         conn.close()
         server.close()
         host.close()
-    for (length, a), (_, b) in zip(*results):
-        assert a == b, (length, a, b)
+    (direct, direct_peer), (general, general_peer) = results
+    for i, (a, b) in enumerate(zip(direct, general)):
+        assert a == b, (i, a, b)
+    assert direct_peer == general_peer

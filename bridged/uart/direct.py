@@ -94,10 +94,7 @@ class DirectPayload:
 
     def _direct_fallback(self, send: Send, left: int, n: int) -> bytes:
         """Give the parser the bytes read past it, and return this read's for the general path."""
-        taken = min(n, left)
-        region = bytearray()
-        for view in send.slot.uplink.writable_views(send.staged + taken):  # still unpublished: ours
-            region += view
+        region = send.slot.uplink.unpublished(send.staged + min(n, left))
         if n > left:
             region += self._spare[:n - left]
         earlier = bytes(region[:send.staged])

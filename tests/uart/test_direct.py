@@ -93,3 +93,20 @@ def test_surplus_behind_a_wrapped_payload_goes_to_the_spare(rig):
     assert front.completed == [100] and front.parser.buffered == 4
     send.pump()
     assert rig[0].get_nowait(200) == payload
+
+
+def test_a_fallback_while_the_read_index_reads_torn_keeps_every_byte(rig):
+    """Handing back to the parser while the worker's read index reads torn (a 32-bit CPU
+    preempted mid-store): the bytes read straight into the ring so far still all go back."""
+    front, send = _start(rig, 20, before_end=2000)
+    os.write(rig[3], b"abcdef")
+    assert front._read_direct(send) is None and send.staged == 6
+    index = rig[0]._header.cast("Q")
+    real = index[8]
+    index[8] = real + (1 << 32)  # the read index, half stored
+    try:
+        assert front._direct_fallback(send, 14, 0) == b""
+    finally:
+        index[8] = real
+        index.release()
+    assert not send.direct and front.parser.data.received == 6

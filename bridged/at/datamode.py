@@ -97,6 +97,11 @@ class DataMachine:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def fresh(self) -> bool:
+        """No byte of the phase came yet."""
+        return not self.received and not self._plus and not self._buf and not self.done
+
     # -- input -------------------------------------------------------------------
 
     def feed(self, data: bytes, now: float) -> bytes:
@@ -235,7 +240,7 @@ class DataMachine:
         if self._escape_due:
             self._escape_due = False
             return Escape()
-        if not self._buf or limit == 0:
+        if not self._buf or limit == 0 or self._escaped:  # an escaped stream's rest is leftover()'s
             return None
         streaming = self._timed
         ready = (
@@ -263,7 +268,7 @@ class DataMachine:
         times = []
         if self._plus:
             times.append(self._plus_at + GUARD)
-        if self._buf and self._timed and room:
+        if self._buf and self._timed and room and not self._escaped:
             times.append(self._arrivals[0][1] + self.interval)
         return min(times) if times else None
 

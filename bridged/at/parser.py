@@ -224,6 +224,10 @@ class Parser:
             pending, self._buf = bytes(self._buf), bytearray()
             self.receive_bytes(pending, now)
 
+    def end_data(self) -> None:
+        """DATA -> COMMAND: the owner read the payload past the parser (``uart.direct``)."""
+        self._end_data()
+
     def expect_data(self, length: int, now: float = 0.0) -> None:
         """AT+CIPSEND's data phase: the next ``length`` bytes are payload."""
         self.start_data(DataKind.SEND, length, now)

@@ -16,33 +16,28 @@ index* (offset 64). The rules are those of Linux's
   the consumer reads the data before it stores the index that frees it.
 
 Counters never wrap (64 bits last for centuries); the slot of a counter is
-``counter & (capacity - 1)``, ``write - read`` is the number of bytes in the
-ring and ``capacity - (write - read)`` the free space.
+``counter & (capacity - 1)``; ``write - read`` bytes are in the ring.
 
-Each direction has an eventfd doorbell (``bridged.ipc.doorbells``, which
-says how the doorbell orders publication on weakly ordered CPUs): the
-producer rings ``data_fd`` after publishing, the consumer rings ``space_fd``
-after consuming (unless the producer said it does not need it:
-``want_space_doorbell``).
+Each direction has an eventfd doorbell (``bridged.ipc.doorbells``: how it orders
+publication on weakly ordered CPUs): the producer rings ``data_fd`` after
+publishing, the consumer ``space_fd`` after consuming (unless the producer
+said it need not: ``want_space_doorbell``).
 
-An index is stored with one aligned 8-byte ``memcpy`` (``struct`` uses the
-native packer for ``<Q`` on little-endian hosts), which is a single store on
-x86-64 and AArch64. On 32-bit CPUs it may tear into two halves; a torn value
-is off by about 2**32 and fails the range check ``0 <= write - read <=
-capacity``, in which case the ring reports no data / no space for now. That
-is safe because the other side rings its doorbell once the store completes.
+An index is stored with one aligned 8-byte store (an item of a native "Q"
+memoryview), single-copy atomic on x86-64 and AArch64. On 32-bit CPUs it may
+tear into two halves, off by about 2**32: the range check ``0 <= write - read
+<= capacity`` fails and the ring reports no data / no space for now, which is
+safe: the other side rings its doorbell once the store completes.
 
 Processes and shared memory
 ---------------------------
-The supervisor creates every ring before it forks; children use the
-inherited mapping. The block is an anonymous ``memfd`` (``bridged.ipc.memblock``):
-nothing can attach to it by name and nothing is left behind however the
-processes end. ``close()`` drops the mapping in the calling process only;
-a child that must not reach a ring (another link's) closes it after the fork.
+The supervisor creates every ring before it forks; children use the inherited
+mapping of an anonymous ``memfd`` (``bridged.ipc.memblock``): nothing can attach to
+it by name, nothing is left behind however the processes end. ``close()`` drops
+the mapping in the calling process only (a child closes other links' rings).
 
-A Ring object keeps no index of its own: all state lives in the shared
-header, so a worker the supervisor forks again after a crash carries on
-from where the dead one stopped.
+A Ring object keeps no index of its own (state lives in the shared header): a
+worker forked again after a crash carries on where the dead one stopped.
 
 Views
 -----
@@ -221,6 +216,11 @@ class Ring(Doorbells):
         slot = (write + skip) & self._mask
         n = min(limit, self._capacity - used - skip, self._capacity - slot)
         return self._data[slot : slot + n] if n > 0 else None
+
+    def unpublished(self, length: int) -> bytes:
+        """A copy of ``length`` bytes written past the write index, not committed yet: the
+        producer's own (no look at the read index, which may read torn on 32-bit CPUs)."""
+        return b"".join(bytes(view) for view in self._segments(self._index[_WRITE], length))
 
     def publish(self, head: bytes, n: int) -> None:
         """Write ``head`` at the write index and publish it with the ``n``

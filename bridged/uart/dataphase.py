@@ -66,10 +66,14 @@ class DataPhases:
         self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
             self.passthrough = Passthrough(request.link_id, slot.spec, slot.server)
+        else:
+            self._try_direct(self.sending)  # uart.direct
 
     def _process_data(self) -> bool:
         """Move payload towards the uplink ring; False when we must wait."""
         send = self.sending
+        if send.direct:
+            return False  # uart.direct reads the payload: the parser has none
         room = send.room() if send.streaming else None  # AT+CIPSEND/CIPSENDEX gather: any
         # uvloop's clock ticks in whole ms: when the timer fires the clock may
         # read a hair before its deadline, which would re-arm it at once.

@@ -12,6 +12,7 @@ OK, passthrough); the front wires it to the event loop, in parts:
 * ``uart.dataphase``: payload into the links' uplink rings; SEND OK once a
   send is admitted into its ring, the space doorbell asked for only while
   a send waits for room;
+* ``uart.direct``: a plain AT+CIPSEND's payload read straight into its ring;
 * ``uart.downlink``: +IPD, passive notices, CONNECT/CLOSED, passthrough
   reconnects;
 * here: lifetime, the supervisor's messages, boot and restart.
@@ -59,6 +60,7 @@ from bridged.store import Store
 from bridged.tasks import TaskScope
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.dataphase import DataPhases
+from bridged.uart.direct import SPARE, DirectPayload
 from bridged.uart.dispatch import CommandDispatch
 from bridged.uart.downlink import Downlink, Passthrough
 from bridged.uart.links import LinkTable, Slot
@@ -85,7 +87,7 @@ def factory_uart(config: Config) -> UartSettings:
     return UartSettings(u.baud, u.data_bits, stop, PARITY_NAMES[u.parity], FLOW_NAMES[u.flow_control])
 
 
-class Front(PortReading, CommandDispatch, DataPhases, Downlink):
+class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
     tap: Transcript | None = None  # set while the AT transcript is on
     rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
 
@@ -164,6 +166,7 @@ class Front(PortReading, CommandDispatch, DataPhases, Downlink):
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken
+        self._spare = bytearray(SPARE)  # what a payload's read brings behind it (uart.direct)
 
     # -- lifetime ----------------------------------------------------------------------
 

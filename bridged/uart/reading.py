@@ -132,17 +132,18 @@ class PortReading:
                 return
         if not size:
             return  # the line is busy: read again when it has room
+        send = self.sending
         try:
-            data = os.read(self.fd, size)
+            if send is not None and send.direct:
+                data = self._read_direct(send)  # uart.direct: AT+CIPSEND's payload into its ring
+                if data is None:
+                    return
+            else:
+                data = os.read(self.fd, size)
         except BlockingIOError:
             return
         except OSError as exc:
-            if exc.errno in _GONE and self._replug is not None:
-                self._hung_up(exc.strerror)
-                return
-            log.error("uart_read_failed", error=str(exc))
-            self._pause_reading()
-            self.loop.call_later(0.5, self._resume_reading)
+            self._read_failed(exc)
             return
         if not data:
             self._hung_up("hung up (unplugged?)")
@@ -170,6 +171,14 @@ class PortReading:
                 self._coalesce(len(data), now)
             else:
                 self._last_read = now  # an interactive read is never paused (as _coalesce decides)
+
+    def _read_failed(self, exc: OSError) -> None:
+        if exc.errno in _GONE and self._replug is not None:
+            self._hung_up(exc.strerror)
+            return
+        log.error("uart_read_failed", error=str(exc))
+        self._pause_reading()
+        self.loop.call_later(0.5, self._resume_reading)
 
     def _hung_up(self, why: str) -> None:
         """The device went away (a read gave EOF, as a tty does only once hung

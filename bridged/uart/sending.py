@@ -66,6 +66,9 @@ class Send:
         self.timed_out = False  # so_sndtimeo passed while a stream waited for room: the rest is dropped
         self.moved_at = 0.0  # loop time a chunk of the stream last went into the ring
         self.ahead: Leftover | None = None  # an escaped stream's bytes that go before this payload
+        self.direct = False  # its payload is read straight into the ring (uart.direct)
+        self.staged = 0  # ... bytes of it there, unpublished until the last one came
+        self.direct_at = 0.0  # ... loop time of the last such read
 
     # -- state -------------------------------------------------------------------
 
@@ -141,6 +144,12 @@ class Send:
         if self.ahead is not None and not self._push_ahead():
             return
         ring = self.slot.uplink
+        if self.staged:  # read straight into the ring (uart.direct): it all fitted then
+            self.start = ring.write_index
+            ring.commit(self.staged)
+            self.queued = self.admitted = self.staged
+            self.end = self.start + self.staged
+            return
         if self.datagram:
             if len(self.gathered) + _RECORD_SLACK > ring.capacity:
                 self._too_big(ring.capacity)

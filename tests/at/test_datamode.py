@@ -913,3 +913,29 @@ def test_parser_random_streams_match_spec(shape, gaps_and_data, at_deadlines):
     check_against_spec(
         kind, length, interval, feeds, bytes(payload), rest, escaped, taken, isinstance(end, DataComplete)
     )
+
+
+@pytest.mark.parametrize("kind", STREAMING)
+def test_an_escaped_streams_machine_hands_out_nothing_more(kind):
+    """A stream whose full ring held a byte when +++ came: after Escape, next_chunk() and
+    deadline() give nothing (they raised IndexError) and the byte is leftover()'s."""
+    machine = DataMachine(kind, 100, 0.0)
+    assert machine.feed(b"x", 0.0) == b""
+    assert machine.next_chunk(0.001, limit=0) is None  # a full ring: the byte stays
+    assert machine.feed(b"+++", GUARD) == b""
+    assert isinstance(machine.next_chunk(2 * GUARD, limit=0), Escape)
+    assert machine.next_chunk(2 * GUARD + 0.001) is None
+    assert machine.next_chunk(3 * GUARD, limit=10) is None
+    assert machine.deadline() is None
+    assert machine.leftover() == b"x"
+
+
+def test_fresh_until_the_first_byte():
+    """DataMachine.fresh (uart.direct's condition) holds until a byte came, a '+' held back included."""
+    machine = DataMachine(SEND, 10, 0.0)
+    assert machine.fresh
+    machine.feed(b"+", 1.0)  # a +++ candidate: held, not taken
+    assert not machine.fresh
+    other = DataMachine(SEND, 10, 0.0)
+    other.feed(b"abc", 0.001)
+    assert not other.fresh

@@ -175,6 +175,30 @@ def test_an_unplugged_port_returns_to_the_same_session(start, device, peer):
     assert len(fronts) == 1  # the same front, the same session
 
 
+def test_unplugged_two_bytes_before_a_payloads_end(start, device, peer):
+    """Unplugged while AT+CIPSEND's payload still lacks two bytes (read straight into the
+    ring: uart.direct): the hang-up is seen, and once back the last two bytes end the send
+    with SEND OK and the peer gets the whole payload."""
+    daemon = start()
+    host = Host(None, fd=device.master)
+    host.boot()
+    _connect(host, peer)
+    payload = os.urandom(1000)
+    host.command(b"AT+CIPSEND=0,1000", b">")
+    host.write(payload[:998])
+    time.sleep(0.2)  # read into the ring before the hang-up
+    device.unplug()
+    daemon.wait_event("port_lost")
+    host = device.plug()
+    daemon.wait_event("port_back")
+    host.write(payload[998:])
+    assert host.expect(b"SEND OK\r\n") == b"\r\nRecv 1000 bytes\r\n\r\nSEND OK\r\n"
+    got = b""
+    while len(got) < 1000:
+        got += peer.conn.recv(2000)
+    assert got == payload
+
+
 def _write_until_held(host: Host, data: bytes, quiet: float = 0.5) -> int:
     """Write ``data`` until the daemon stops reading for ``quiet`` seconds; return how much went."""
     done = 0

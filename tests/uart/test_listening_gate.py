@@ -25,7 +25,7 @@ class _Front(PortReading):
         self._gate = ReadGate(loop, self._on_readable, self.rts.append)
         self.parser = Parser()
         self.parser.start_data(DataKind.PASSTHROUGH, 0, loop.time())
-        self.sending = SimpleNamespace(slot=SimpleNamespace(link_id=0))
+        self.sending = SimpleNamespace(slot=SimpleNamespace(link_id=0), direct=False)
         self._room_slot = self.sending.slot
         self.session = SimpleNamespace(input=Input.PARSE)
         self.output = SimpleNamespace(backlogged=False)

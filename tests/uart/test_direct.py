@@ -1,0 +1,112 @@
+"""uart.direct's reads where the uplink ring's free area wraps, on a real ring and pipe: one read
+takes the MCU's bytes across the ring's end, as the general path's one os.read would."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from bridged.at.datamode import DataKind
+from bridged.at.parser import Parser
+from bridged.ipc.rings import Ring
+from bridged.uart.direct import SPARE, DirectPayload
+from bridged.uart.sending import Send
+from bridged.uart.slots import Slot, SlotState
+
+_CAPACITY = 4096
+
+
+class _Front(DirectPayload):
+    """The parts of Front the direct path uses; a complete payload is only noted."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.loop = SimpleNamespace(time=lambda: 1.0)
+        self.parser = Parser()
+        self.tap = self.rx_fault = self._paced = self._serial = None
+        self.counters = SimpleNamespace(rx_bytes=0)
+        self._spare = bytearray(SPARE)
+        self.completed: list[int] = []
+
+    def _payload_complete(self, length: int) -> None:
+        self.completed.append(length)
+
+    def _coalesce(self, size: int, now: float) -> None:
+        pass
+
+
+@pytest.fixture
+def rig():
+    up, down = Ring.create(_CAPACITY, "up"), Ring.create(_CAPACITY, "down")
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    yield up, down, read, write
+    os.close(read)
+    os.close(write)
+    up.close()
+    down.close()
+
+
+def _start(rig, length: int, before_end: int) -> tuple[_Front, Send]:
+    """A direct AT+CIPSEND of ``length`` with the ring's write index ``before_end`` bytes short of its end."""
+    up, down, read, _ = rig
+    up.stage(0, b"\0" * (_CAPACITY - before_end))
+    up.commit(_CAPACITY - before_end)
+    up.consume(_CAPACITY - before_end)  # the worker took it: the ring is empty
+    slot = Slot(0, up, down, state=SlotState.OPEN, conn_id=1, type="TCP")
+    front = _Front(read)
+    send = Send(slot, DataKind.SEND, length)
+    front.parser.start_data(DataKind.SEND, length, 0.0)
+    front._try_direct(send)
+    assert send.direct
+    return front, send
+
+
+def test_a_write_across_the_rings_end_is_one_read(rig):
+    """'+++xyz' written at once, the free area wrapping after three bytes: one read takes all six
+    into the ring (a read of '+++' alone would be a +++ candidate: SEND Canceled after a stall)."""
+    front, send = _start(rig, 6, before_end=3)
+    os.write(rig[3], b"+++xyz")
+    assert front._read_direct(send) is None
+    assert send.staged == 6 and front.completed == [6]
+    send.pump()
+    assert rig[0].get_nowait(100) == b"+++xyz"
+
+
+def test_a_plus_escape_across_the_rings_end_goes_to_the_parser(rig):
+    """'+++' alone, its bytes on both sides of the ring's end: handed to the general path."""
+    front, send = _start(rig, 10, before_end=1)
+    os.write(rig[3], b"+++")
+    assert front._read_direct(send) == b"+++"
+    assert not send.direct and send.staged == 0
+
+
+def test_surplus_behind_a_wrapped_payload_goes_to_the_spare(rig):
+    """A payload that wraps the ring's end with bytes behind it, in one write: the payload is
+    committed whole, the surplus is left for busy p..."""
+    front, send = _start(rig, 100, before_end=40)
+    payload = bytes(range(100))
+    os.write(rig[3], payload + b"AT\r\n")
+    assert front._read_direct(send) is None
+    assert front.completed == [100] and front.parser.buffered == 4
+    send.pump()
+    assert rig[0].get_nowait(200) == payload
+
+
+def test_a_fallback_while_the_read_index_reads_torn_keeps_every_byte(rig):
+    """Handing back to the parser while the worker's read index reads torn (a 32-bit CPU
+    preempted mid-store): the bytes read straight into the ring so far still all go back."""
+    front, send = _start(rig, 20, before_end=2000)
+    os.write(rig[3], b"abcdef")
+    assert front._read_direct(send) is None and send.staged == 6
+    index = rig[0]._header.cast("Q")
+    real = index[8]
+    index[8] = real + (1 << 32)  # the read index, half stored
+    try:
+        assert front._direct_fallback(send, 14, 0) == b""
+    finally:
+        index[8] = real
+        index.release()
+    assert not send.direct and front.parser.data.received == 6

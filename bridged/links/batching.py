@@ -122,14 +122,24 @@ class Batching:
     def _start_batching(self) -> None:
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.ipd_chunk)
+            self._lowat_raised = True
+            # The ticks go on, a period apart, until _stop_batching.
+            self._ticker.arm(next_tick(time.monotonic(), self.batch_period), self.batch_period)
         except OSError as exc:
-            log.warning("read_window_unavailable", reason=failure_reason(exc))
-            self.batch_period = 0
+            self._no_batching(exc)
+            self._stop_batching()  # no tick would read below a raised low-water mark
             return
-        self._lowat_raised = True
-        # The ticks go on, a period apart, until _stop_batching.
-        self._ticker.arm(next_tick(time.monotonic(), self.batch_period), self.batch_period)
         self._batch_tick = self._ticker
+
+    def _no_batching(self, exc: OSError) -> None:
+        """A socket or timerfd call read batching needs failed: off for the
+        worker's life (every piece read as it arrives), the ticker closed."""
+        log.warning("read_window_unavailable", reason=failure_reason(exc))
+        self.batch_period = 0
+        self._batch_tick = None
+        if self._ticker is not None:
+            self._ticker.close()
+            self._ticker = None
 
     def _on_batch_tick(self) -> None:
         if self._batch_tick is None:
@@ -155,8 +165,11 @@ class Batching:
         """Back to reading every piece at once (the invariant: a raised
         low-water mark always has a tick armed that will read below it)."""
         if self._batch_tick is not None:
-            self._batch_tick.disarm()
             self._batch_tick = None
+            try:
+                self._ticker.disarm()
+            except OSError as exc:  # it may tick on: closed, or the link could not end
+                self._no_batching(exc)
         if self._lowat_raised:
             self._lowat_raised = False
             if self.sock is not None:

@@ -97,12 +97,20 @@ class Ticker:
         loop.add_reader(self._fd, self._on_fd)
 
     def arm(self, first: float, period: float) -> None:
-        """Tick at ``first`` (``time.monotonic()``'s clock, as ``loop.time()``) and every ``period`` after."""
+        """Tick at ``first`` (``time.monotonic()``'s clock, as ``loop.time()``) and every ``period`` after.
+
+        Raises:
+            OSError: timerfd_settime refused (the caller turns read batching off).
+        """
         self._timerfd.settime(self._fd, first, period)
         self.armed = True
 
     def disarm(self) -> None:
-        """No more ticks, not even one that fired and is not yet called back."""
+        """No more ticks, not even one that fired and is not yet called back.
+
+        Raises:
+            OSError: timerfd_settime refused: it may tick on (the caller closes it).
+        """
         if self.armed:
             self._timerfd.settime(self._fd, 0, 0)
             self.armed = False

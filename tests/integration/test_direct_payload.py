@@ -27,6 +27,26 @@ def _sink_holds(sink: SinkServer, n: int, timeout: float = 5.0) -> str:
     return digest.hexdigest()
 
 
+def _peer_gets(conn: socket.socket, n: int, timeout: float = 5.0) -> bytes:
+    """The next ``n`` bytes the peer receives (an EOF or the deadline before them fails)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = conn.recv(n - len(got))
+        assert chunk, f"the peer's connection ended after {len(got)} of {n} bytes"
+        got += chunk
+    return got
+
+
+def _accepting_peer(host) -> tuple[socket.socket, socket.socket]:
+    """A loopback server, the host's link to it open: (listener, the peer's end)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    _open(host, server.getsockname()[1])
+    conn, _ = server.accept()
+    return server, conn
+
+
 @pytest.fixture
 def small_ring_host(make_daemon):
     """A host on a daemon whose uplink rings are the smallest allowed (4 KiB): sends wrap often."""
@@ -81,21 +101,15 @@ def test_a_payload_written_in_pieces_with_plus_signs_is_data(small_ring_host):
 def test_plus_escape_after_part_of_the_payload_sends_none_of_it(host):
     """+++ after 100 bytes of a 1000-byte AT+CIPSEND: SEND Canceled, and the 100 bytes that
     were already in the ring's free area never reach the peer, not even with the next send."""
-    server = socket.create_server(("127.0.0.1", 0))
+    server, conn = _accepting_peer(host)
     try:
-        _open(host, server.getsockname()[1])
-        conn, _ = server.accept()
         host.command(b"AT+CIPSEND=1000", b">")
         host.write(b"x" * 100)
         time.sleep(0.05)
         host.write(b"+++")
         assert host.expect(b"\r\nSEND Canceled\r\n", timeout=3) == b"\r\nSEND Canceled\r\n"
         assert host.send_data(b"AT+CIPSEND=5", b"after") == b"\r\nRecv 5 bytes\r\n\r\nSEND OK\r\n"
-        conn.settimeout(5)
-        got = b""
-        while len(got) < 5:
-            got += conn.recv(100)
-        assert got == b"after"
+        assert _peer_gets(conn, 5) == b"after"
         conn.close()
     finally:
         server.close()
@@ -104,18 +118,12 @@ def test_plus_escape_after_part_of_the_payload_sends_none_of_it(host):
 def test_surplus_in_the_payloads_last_read_is_refused_busy(host):
     """A payload with a command line behind it in one write: busy p..., Recv, SEND OK; the
     peer gets the payload only, and the command was not run (an AT+CIPCLOSE here)."""
-    server = socket.create_server(("127.0.0.1", 0))
+    server, conn = _accepting_peer(host)
     try:
-        _open(host, server.getsockname()[1])
-        conn, _ = server.accept()
         host.command(b"AT+CIPSEND=600", b">")
         host.write(b"p" * 600 + b"AT+CIPCLOSE\r\n")
         assert host.expect(b"SEND OK\r\n") == b"\r\nbusy p...\r\n\r\nRecv 600 bytes\r\n\r\nSEND OK\r\n"
-        conn.settimeout(5)
-        got = b""
-        while len(got) < 600:
-            got += conn.recv(1000)
-        assert got == b"p" * 600
+        assert _peer_gets(conn, 600) == b"p" * 600
         assert host.ask(b"AT+CIPSTATUS").count(b"+CIPSTATUS:") == 1  # still connected
         conn.close()
     finally:
@@ -125,10 +133,8 @@ def test_surplus_in_the_payloads_last_read_is_refused_busy(host):
 def test_the_peer_closing_mid_payload_fails_the_send_and_sends_nothing(host):
     """The peer closes while half of an AT+CIPSEND's payload is read: the rest still gets
     read, then SEND FAIL, as no byte of it could be admitted to a closed link."""
-    server = socket.create_server(("127.0.0.1", 0))
+    server, conn = _accepting_peer(host)
     try:
-        _open(host, server.getsockname()[1])
-        conn, _ = server.accept()
         host.command(b"AT+CIPSEND=2000", b">")
         host.write(b"a" * 1000)
         conn.close()

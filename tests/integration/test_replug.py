@@ -194,8 +194,11 @@ def test_unplugged_two_bytes_before_a_payloads_end(start, device, peer):
     host.write(payload[998:])
     assert host.expect(b"SEND OK\r\n") == b"\r\nRecv 1000 bytes\r\n\r\nSEND OK\r\n"
     got = b""
-    while len(got) < 1000:
-        got += peer.conn.recv(2000)
+    deadline = time.monotonic() + 10
+    while len(got) < 1000 and time.monotonic() < deadline:
+        chunk = peer.conn.recv(2000)
+        assert chunk, f"the peer's connection ended after {len(got)} bytes"
+        got += chunk
     assert got == payload
 
 

@@ -116,8 +116,7 @@ class Batching:
         try:
             self._ticker = Ticker(self.loop, self._on_batch_tick)
         except OSError as exc:
-            log.warning("read_window_unavailable", reason=failure_reason(exc))
-            self.batch_period = 0
+            self._no_batching(exc)
 
     def _start_batching(self) -> None:
         try:

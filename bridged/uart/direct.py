@@ -68,8 +68,7 @@ class DirectPayload:
         send.slot.last_activity = send.moved_at = send.direct_at = now  # AT+CIPSTO: traffic
         if n < left:
             send.staged += n
-            if n >= 512:
-                self._coalesce(n, now)  # uart.reading: a stream at UART speed is read every few ms
+            self._coalesce(n, now)  # uart.reading: a stream at UART speed is read every few ms
             return None
         send.staged = send.length
         send.direct = False

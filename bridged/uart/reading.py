@@ -167,10 +167,7 @@ class PortReading:
         self.parser.receive_bytes(data, now)
         self._process()
         if self._paced is None and not self._listening:  # paced reads come in slices already
-            if len(data) >= _COALESCE_MIN:
-                self._coalesce(len(data), now)
-            else:
-                self._last_read = now  # an interactive read is never paused (as _coalesce decides)
+            self._coalesce(len(data), now)  # (a small, interactive read only has its time noted)
 
     def _read_failed(self, exc: OSError) -> None:
         if exc.errno in _GONE and self._replug is not None:

@@ -4,6 +4,7 @@ traceback, no restart loop, and nothing left in /dev/shm."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -29,6 +30,7 @@ class Outcome:
     stderr: str
     stdout: str
     pid: int
+    started: float  # wall-clock time before the daemon was started
 
     def events(self, name: str | None = None) -> list[dict]:
         return parse_events(self.stdout, name)
@@ -46,6 +48,7 @@ def _start(tmp_path, *args: str, stdout=subprocess.PIPE, preexec_fn=None) -> sub
 
 def _run(tmp_path, *args: str, preexec_fn=None) -> Outcome:
     """Run `bridged run` until it exits by itself (it must, within 30 s)."""
+    started = time.time()
     proc = _start(tmp_path, *args, preexec_fn=preexec_fn)
     try:
         stdout, stderr = proc.communicate(timeout=30)
@@ -53,12 +56,19 @@ def _run(tmp_path, *args: str, preexec_fn=None) -> Outcome:
         proc.kill()
         stdout, stderr = proc.communicate()
         pytest.fail(f"the daemon did not end by itself:\n{stderr}\n{stdout[-3000:]}")
-    return Outcome(proc.returncode, stderr, stdout, proc.pid)
+    return Outcome(proc.returncode, stderr, stdout, proc.pid, started)
 
 
-def _shm_of(pid: int) -> list[str]:
-    """Entries in /dev/shm named after ``pid`` (the scheme rings once had)."""
-    return [name for name in os.listdir("/dev/shm") if name.startswith(f"bridged-{pid}-")]
+def _shm_of(pid: int, since: float) -> list[str]:
+    """Entries in /dev/shm named after ``pid`` (the scheme rings once had) made since
+    ``since``: a machine that ran older versions may keep theirs, and pids come round."""
+    found = []
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(f"bridged-{pid}-"):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f"/dev/shm/{name}").st_mtime >= since - 1:
+                    found.append(name)
+    return found
 
 
 def _check_one_line_failure(outcome: Outcome, *phrases: str) -> None:
@@ -72,7 +82,7 @@ def _check_one_line_failure(outcome: Outcome, *phrases: str) -> None:
     assert "Traceback" not in outcome.stdout + outcome.stderr
     loud = [e for e in outcome.events() if e.get("level") in ("error", "critical") or "exception" in e]
     assert not loud, loud
-    assert not _shm_of(outcome.pid)
+    assert not _shm_of(outcome.pid, outcome.started)
 
 
 def _check_no_restart(outcome: Outcome) -> None:
@@ -212,6 +222,7 @@ def _alive(pid: int) -> bool:
 def test_sigkill_of_the_supervisor_leaves_nothing_in_dev_shm(tmp_path):
     """Rings are never named in /dev/shm: a SIGKILLed supervisor leaves no entry
     once its children have ended (they end with it)."""
+    started = time.time()
     daemon = Daemon(tmp_path).start()
     try:
         daemon.host().expect(b"\r\nready\r\n")
@@ -225,7 +236,7 @@ def test_sigkill_of_the_supervisor_leaves_nothing_in_dev_shm(tmp_path):
         while any(_alive(pid) for pid in pids[1:]):
             assert time.monotonic() < deadline, "the children outlived the supervisor"
             time.sleep(0.05)
-        assert not _shm_of(daemon.proc.pid)
+        assert not _shm_of(daemon.proc.pid, started)
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()

@@ -27,9 +27,9 @@ death.
 Death policy (a fleet is a load generator; one broken device must not end it):
 a device that exits on its own, whatever its status, is reported
 (``device_died``), the rest of its process group is killed, what a SIGKILLed
-supervisor left in /dev/shm is removed, and it is restarted -- at once, then
-after a backoff doubling from 1 s to 30 s while it keeps dying before or
-within 10 s of becoming ready (a device that cannot be spawned at all counts
+supervisor of an older version left in /dev/shm is removed (the rings are
+memfds now), and it is restarted -- at once, then after 1, 2 and 4 s while it
+keeps dying before or within 10 s of becoming ready (a device that cannot be spawned at all counts
 as such a death). After 5 such deaths in a row it is left
 stopped (``device_failed``, state ``failed``); the fleet goes on with the
 others and ends with status 1 only when every device has failed. Restarts are
@@ -77,7 +77,7 @@ _SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _STOP_GRACE = 10.0  # a device's own stop takes up to ~5 s (front 1 s, workers 4 s)
 _FAST_DEATH = 10.0
 _MAX_FAILURES = 5
-_MAX_BACKOFF = 30.0
+_MAX_BACKOFF = 30.0  # a cap should _MAX_FAILURES grow (5 deaths: 0, 1, 2, 4 s)
 _MANIFEST_EVERY = 0.25
 _SUN_PATH_MAX = 107  # sockaddr_un's 108 bytes, less the terminating NUL
 # Inherited variables a device must not take as its own.

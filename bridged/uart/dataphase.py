@@ -58,8 +58,7 @@ class DataPhases:
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
         self.sending.ahead = self._leftover_for(request.link_id)  # an escaped stream's rest goes first
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
-        self.session.handle(_prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000),
-                            self.loop.time())
+        self.session.handle(_prompt(request.kind, self._sndtimeo(self.sending)), self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
@@ -267,9 +266,17 @@ class DataPhases:
         """AT+CIPTCPOPT so_sndtimeo bounds how long AT+CIPSENDL waits for room without a byte
         admitted, as it bounds each send() of ESP-AT's stream (passthrough: not, as on ESP-AT,
         whose page names CIPSEND, CIPSENDEX and CIPSENDL only)."""
-        timeout = self.ctx.state.tcpopts[send.slot.link_id].so_sndtimeo / 1000
+        timeout = self._sndtimeo(send)
         if send.kind is DataKind.SENDL and timeout and self._room_timer is None:
             self._room_timer = self.loop.call_later(timeout, self._stream_timed_out, send, timeout)
+
+    def _sndtimeo(self, send: Send) -> float:
+        """so_sndtimeo in seconds (0: none) for ``send``'s link.  AT+CIPTCPOPT's options are
+        the link id's (kept across its links, stored with AT+SYSSTORE) but belong to a TCP/SSL
+        socket: lwIP's send timeout bounds a TCP write only, a UDP link never gets it."""
+        if send.datagram:
+            return 0.0
+        return self.ctx.state.tcpopts[send.slot.link_id].so_sndtimeo / 1000
 
     def _stream_timed_out(self, send: Send, timeout: float) -> None:
         """No room within so_sndtimeo: the stream fails as ESP-AT's does when a send() fails: the

@@ -40,6 +40,7 @@ __all__ = ["DataPhases"]
 log = structlog.get_logger()
 
 _ROOM_POLL = 0.05  # seconds between looks at a full uplink ring while a send waits for room
+_LEFTOVER_POLL_MAX = 1.0  # seconds: a leftover's look backs off to this while its peer stays deaf
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
 # The session's events of every send, made once (a frozen dataclass costs a call per field).
 _DONE = {result: PayloadDone(result) for result in (None, fmt.SEND_OK, fmt.SEND_FAIL)}
@@ -174,8 +175,10 @@ class DataPhases:
             return
         log.info("escaped_bytes_kept", link_id=link_id, bytes=len(leftover.data))
         self._leftovers[link_id] = leftover
-        if self._leftover_poll is None:
-            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+        if self._leftover_poll is not None:
+            self._leftover_poll.cancel()
+        self._leftover_wait = _ROOM_POLL  # a new one: looked at soon
+        self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
 
     def _drop_leftovers(self) -> None:
         """A restart: the links go unheard, and what +++ left of their streams with them."""
@@ -200,10 +203,14 @@ class DataPhases:
         return leftover
 
     def _push_leftovers(self) -> None:
-        """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL:
-        a few KiB at most, so no doorbell).  A send started on the link meanwhile took its own."""
+        """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL,
+        no doorbell: the ring's is the sends'; a look that moved nothing doubles the wait, up to
+        _LEFTOVER_POLL_MAX, so a peer deaf for long costs a wake-up a second, not 20; one that
+        moved bytes brings it back).  A send started on the link meanwhile took its own."""
         self._leftover_poll = None
+        moved = False
         for link_id, leftover in list(self._leftovers.items()):
+            before = len(leftover.data)
             if not leftover.alive():
                 log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
                             why="the link ended before its ring had room for them")
@@ -211,8 +218,10 @@ class DataPhases:
             elif leftover.push():
                 log.info("escaped_bytes_sent", link_id=link_id)
                 del self._leftovers[link_id]
+            moved = moved or len(leftover.data) != before
         if self._leftovers:
-            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+            self._leftover_wait = _ROOM_POLL if moved else min(2 * self._leftover_wait, _LEFTOVER_POLL_MAX)
+            self._leftover_poll = self.loop.call_later(self._leftover_wait, self._push_leftovers)
 
     def _send_timed_out(self, send: Send, deadline: float) -> None:
         if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:

@@ -166,6 +166,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.dataphase)
         self._leftover_poll: asyncio.TimerHandle | None = None
+        self._leftover_wait = 0.0  # its current wait (uart.dataphase backs it off)
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken

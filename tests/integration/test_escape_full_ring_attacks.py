@@ -353,3 +353,27 @@ def test_a_leftover_holds_up_only_its_own_link(daemon, host):
     finally:
         peer.close()
         other.close()
+
+
+def _front_wakeups(daemon, seconds: float) -> int:
+    """The front's voluntary context switches (its event loop's sleeps ended) over ``seconds``."""
+    front = psutil.Process(daemon.front_pid())
+    before = front.num_ctx_switches().voluntary
+    time.sleep(seconds)
+    return front.num_ctx_switches().voluntary - before
+
+
+def test_a_leftover_for_a_peer_deaf_for_long_backs_off_its_poll(daemon, host):
+    """A leftover waits for a peer that reads nothing for seconds: the front's look at the ring
+    backs off (it woke 20 times a second before), and once the peer reads it still gets every
+    byte streamed before the +++, within about the longest wait (1 s)."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        time.sleep(2.0)  # the waits have doubled up to 1 s by now
+        wakeups = _front_wakeups(daemon, 3.0)
+        assert wakeups < 25, f"the front woke {wakeups} times in 3 s while the peer stayed deaf"
+        assert _same(peer.read_all(len(sent), timeout=15), sent)
+        daemon.wait_event("escaped_bytes_sent", timeout=5)
+    finally:
+        peer.close()

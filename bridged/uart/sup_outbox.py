@@ -15,13 +15,16 @@ Bounded: the supervisor sends a ping per heartbeat and each refusal ends a
 worker it must restart, so a handful of messages wait at most; past
 ``_MAX_WAITING`` (a supervisor that stopped reading for good) a new message
 is dropped and logged.  A channel that fails (the supervisor is gone) drops
-what waits: the front hears its EOF and stops.
+what waits: the front hears its EOF and stops.  The ending front (``close``)
+gives what still waits a bounded blocking try: PortFailed is said just before
+the front ends, and the supervisor's exit status depends on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections import deque
 
 import structlog
@@ -34,6 +37,7 @@ __all__ = ["SupervisorOutbox"]
 log = structlog.get_logger()
 
 _MAX_WAITING = 64
+_CLOSE_WAIT = 1.0  # seconds the ending front gives what still waits
 
 
 class SupervisorOutbox:
@@ -89,11 +93,27 @@ class SupervisorOutbox:
         return True
 
     def close(self) -> None:
-        """Stop watching for room: a last try, then what still waits is dropped (the front is
-        ending, or the channel failed)."""
+        """Stop watching for room; the front is ending: what still waits gets up to _CLOSE_WAIT
+        seconds to go (a PortFailed said just before the end must reach the supervisor, which
+        reads on meanwhile), then is dropped."""
         if self.sock is None or self.sock.fileno() < 0:
             return
         self.loop.remove_writer(self.sock.fileno())
         if self._waiting and not self._send_waiting():
-            log.warning("supervisor_messages_dropped", messages=[type(m).__name__ for m in self._waiting])
+            self._last_flush()
         self._waiting.clear()
+
+    def _last_flush(self) -> None:
+        """Send what waits, waiting for room (the loop no longer runs our writer), within _CLOSE_WAIT."""
+        deadline = time.monotonic() + _CLOSE_WAIT
+        before = self.sock.gettimeout()
+        try:
+            while self._waiting and (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                send_message(self.sock, self._waiting[0])
+                self._waiting.popleft()
+        except OSError as exc:  # TimeoutError: the supervisor did not read in time; or it is gone
+            log.warning("supervisor_messages_dropped", messages=[type(m).__name__ for m in self._waiting],
+                        error=str(exc) or type(exc).__name__)
+        finally:
+            self.sock.settimeout(before)

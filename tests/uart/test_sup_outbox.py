@@ -93,3 +93,55 @@ def test_a_gone_supervisor_drops_what_waits_without_raising():
         front.close()
 
     asyncio.run(main())
+
+
+def test_a_port_failure_said_into_a_full_channel_reaches_the_supervisor_at_close():
+    """The front says PortFailed and ends at once (uart.reading): the channel is full, so it waits, and
+    close() must still hand it over once the supervisor reads (bounded), not drop it."""
+    import threading
+
+    from bridged.ipc.messages import PortFailed
+
+    async def main():
+        front, sup, fillers = _filled_pair()
+        outbox = SupervisorOutbox(asyncio.get_running_loop(), front)
+        outbox.send(PortFailed("/dev/ttyX hung up"))
+        got = []
+
+        def supervisor_reads():  # busy for 0.2 s, then reads its channel as its loop does
+            time.sleep(0.2)
+            deadline = time.monotonic() + 5
+            while len(got) < fillers + 1 and time.monotonic() < deadline:
+                got.extend(_read_all(sup))
+                time.sleep(0.01)
+
+        reader = threading.Thread(target=supervisor_reads)
+        reader.start()
+        started = time.monotonic()
+        outbox.close()  # the front ends right after PortFailed
+        assert time.monotonic() - started < 2.0  # bounded
+        reader.join(10)
+        assert got[fillers:] == [PortFailed("/dev/ttyX hung up")]
+        front.close()
+        sup.close()
+
+    asyncio.run(main())
+
+
+def test_close_gives_up_on_a_supervisor_that_never_reads():
+    """A supervisor that reads no more: the ending front's last try is bounded (about 1 s), then what
+    waits is dropped; close() never hangs the front's exit."""
+
+    async def main():
+        front, sup, fillers = _filled_pair()
+        outbox = SupervisorOutbox(asyncio.get_running_loop(), front)
+        outbox.send(WorkerRefused(2, 77))
+        started = time.monotonic()
+        outbox.close()
+        assert 0.5 < time.monotonic() - started < 2.0
+        assert not outbox._waiting and front.gettimeout() == 0.0  # non-blocking as it was
+        assert len(_read_all(sup)) == fillers
+        front.close()
+        sup.close()
+
+    asyncio.run(main())

@@ -194,6 +194,14 @@ class DataPhases:
             self._leftover_poll.cancel()
             self._leftover_poll = None
 
+    async def _before_close(self, link_id: int) -> None:
+        """AT+CIPCLOSE: what a +++ left of the link's stream goes into its ring first, if room comes
+        within _LEFTOVER_POLL_MAX (the look's longest wait, which would else have it dropped)."""
+        leftover = self._leftovers.get(link_id)
+        if leftover is not None and await leftover.drain(_LEFTOVER_POLL_MAX, _ROOM_POLL) \
+                and self._leftovers.pop(link_id, None) is leftover:
+            log.info("escaped_bytes_sent", link_id=link_id, at="close")
+
     def _leftover_for(self, link_id: int) -> Leftover | None:
         leftover = self._leftovers.pop(link_id, None)
         if leftover is not None and not leftover.alive():

@@ -267,6 +267,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.faults = self.faults
         ctx.silence_links = self._silence_links
+        ctx.before_close = self._before_close
         for link_id in range(self.links.count):
             opts = state.tcpopts[link_id]
             self.links.set_options(link_id, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)

@@ -377,3 +377,21 @@ def test_a_leftover_for_a_peer_deaf_for_long_backs_off_its_poll(daemon, host):
         daemon.wait_event("escaped_bytes_sent", timeout=5)
     finally:
         peer.close()
+
+
+def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host):
+    """+++ then AT+CIPCLOSE, as drivers end a passthrough, to a peer deaf long enough for the leftover's
+    look to back off (1 s) that starts reading just after the close: every byte streamed before the +++
+    reaches it (the close takes the leftover into the ring first, as lwIP's close sends its buffer)."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        time.sleep(2.5)  # the look waits 1 s by now
+        host.write(b"AT+CIPCLOSE\r\n")
+        time.sleep(0.3)  # the close is under way; now the peer reads
+        got = peer.read_all(len(sent) + 1, timeout=15)
+        assert _same(got, sent), f"{len(sent) - len(got)} of {len(sent)} bytes lost"
+        assert host.expect(b"\r\nOK\r\n", timeout=10).endswith(b"CLOSED\r\n\r\nOK\r\n")
+        assert not daemon.events("escaped_bytes_dropped")
+    finally:
+        peer.close()

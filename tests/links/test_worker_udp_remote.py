@@ -79,3 +79,29 @@ def test_a_send_behind_a_new_senders_held_datagram_goes_where_the_mode_says(mode
     finally:
         old.close()
         new.close()
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_a_send_and_a_new_senders_datagram_in_one_wake_up(mode):
+    """No read pause: the MCU's send (its doorbell rung first) and a new sender's datagram wake the
+    worker together, the uplink's event first; the datagram is read first and the send goes to it."""
+    old, new = _udp_peer(), _udp_peer()
+
+    async def main(live: LiveWorker) -> None:
+        send_message(live.control, Connect(1, "UDP", "127.0.0.1", old.getsockname()[1], udp_mode=mode))
+        assert isinstance(await recv_control(live.control), Connected)
+        records.put_record(live.up, records.DATA, b"hello")
+        _, where = await asyncio.to_thread(old.recvfrom, 64)
+        await asyncio.sleep(0.05)
+        assert live.worker._pause is None and live.worker._gate.is_open  # reading, not paused
+        records.put_record(live.up, records.DATA, b"reply")  # epoll hands the doorbell's event first
+        new.sendto(b"new sender", where)
+        data, _ = await asyncio.to_thread(new.recvfrom, 64)
+        assert data == b"reply"
+        send_message(live.control, Close(1))
+
+    try:
+        drive_worker(main, up_size=65536, down_size=65536)
+    finally:
+        old.close()
+        new.close()

@@ -27,7 +27,9 @@ exception whose text is the one line to print, after the children are
 stopped; the caller exits 1.
 
 A worker whose downlink ring the front refused (``WorkerRefused``) is
-killed and restarted like a crashed one (`Children.kill_refused`).
+killed and restarted like a crashed one (`Children.kill_refused`); the front
+keeps what its full channel cannot take until it has room
+(`bridged.uart.sup_outbox`), so no refusal is lost while we are busy.
 
 Liveness (``bridged.liveness``): a child that stops answering heartbeats is
 killed and restarted like a crashed one; WATCHDOG=1 only while the front

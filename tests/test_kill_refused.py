@@ -82,3 +82,38 @@ def test_a_refusal_after_the_worker_was_reaped_is_ignored(setup):
     logs = _forge(sup, theirs, WorkerRefused(0, stale))
     assert [e["event"] for e in logs] == ["worker_refusal_ignored"]
     assert worker.poll() is None
+
+
+def test_a_refusal_said_into_a_full_channel_still_kills_the_worker(setup):
+    """The front's channel is full (the supervisor busy elsewhere): its WorkerRefused waits in the
+    front's outbox (uart.sup_outbox) and, once the supervisor reads again, kills the worker."""
+    import asyncio
+    import time
+
+    from bridged.ipc.messages import Pong
+    from bridged.uart.sup_outbox import SupervisorOutbox
+
+    sup, theirs, front, worker = setup
+    theirs.setblocking(False)
+    sup.sup_sock.setblocking(False)
+    for filled in range(100_000):  # stale pongs the supervisor ignores, until the channel is full
+        try:
+            send_message(theirs, Pong(-1))
+        except BlockingIOError:
+            break
+    assert filled < 99_999
+
+    async def front_says_then_supervisor_reads():
+        outbox = SupervisorOutbox(asyncio.get_running_loop(), theirs)
+        outbox.send(WorkerRefused(0, worker.pid))
+        deadline = time.monotonic() + 10
+        while worker.poll() is None:  # the supervisor's loop: a message per readable turn
+            assert time.monotonic() < deadline, "the refusal never reached the supervisor"
+            while sup._on_front_message():
+                pass
+            await asyncio.sleep(0.01)  # the front's loop: its writer sends what waits
+        outbox.close()
+
+    asyncio.run(front_says_then_supervisor_reads())
+    assert worker.wait(5) == -signal.SIGKILL
+    assert front.poll() is None

@@ -199,6 +199,10 @@ class Links(Protocol):
     def refused(self, link_id: int, refusal: Any) -> None: ...
 
 
+async def _nothing() -> None:
+    """Context.before_close without a front (unit tests): nothing waits."""
+
+
 @dataclass
 class Context:
     """Everything a handler may use; built by the UART front."""
@@ -233,6 +237,8 @@ class Context:
     # A restart's answer is queued (the restart itself waits for it to be written):
     # from now on nothing of the links or the server reaches the MCU.
     silence_links: Callable[[], Any] = lambda: None
+    # AT+CIPCLOSE of a link: what a +++ left of its stream goes into its ring first (uart.dataphase).
+    before_close: Callable[[int], Coroutine[Any, Any, None]] = field(default=lambda link_id: _nothing())
     # AT+CIPSEND/CIPSENDEX/CIPSENDL lines answered with a prompt to a TCP link in this
     # session: raw line -> (AT+CIPMUX then, SendRequest) (bridged.commands.send.quick_send).
     quick_sends: dict[bytes, tuple[int, Any]] = field(default_factory=dict)

@@ -183,6 +183,7 @@ def cipstartex(ctx: Context, line: CommandLine):
 async def _close(ctx: Context, ids: list[int]) -> Reply:
     body = b""
     for link_id in ids:
+        await ctx.before_close(link_id)
         await ctx.links.close(link_id)
         body += closed(ctx.link_arg(link_id))
     return Reply(body)

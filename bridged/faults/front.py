@@ -17,7 +17,10 @@ object wires it to the session through a few hooks the front calls:
   ``at_delay`` runs it and holds its final answer ms +- jitter_ms (uniform),
   the session staying busy meanwhile, as a slow command keeps it;
 - the UART paths (`bridged.faults.uart`), installed only while a UART kind is
-  enabled, so a daemon without them keeps its byte paths as they are;
+  enabled, so a daemon without them keeps its byte paths as they are; the
+  input's is removed again once an on-demand ``uart_overrun`` is over (its
+  hits drawn, its last run lost), so AT+CIPSEND's payload is read straight
+  into its ring again (`bridged.uart.direct` reads only without it);
 - the DNS hook in `bridged.net.resolver`, for the lookups this process does;
 - `join_code()` from `bridged.commands.wifi.join`: ``wifi_join_fail``, and
   "AP not found" while a ``wifi_drop`` lasts;
@@ -114,6 +117,7 @@ class FrontFaults:
         self._quiet: dict[str, _Quiet] = {}
         self._skips: dict[str, tuple[float, int]] = {}  # event kind: (last fault_skipped line, held back since)
         self._timer: asyncio.TimerHandle | None = None
+        self._rx_unhooked: int | None = None  # the front's rx_bytes when the input hook was removed
         front.links.on_fault = self._on_worker_fault
         resolver.set_fault_hook(self._lookup)
 
@@ -138,7 +142,19 @@ class FrontFaults:
         if self.bytes.wants_output() and front.output.mangle is None:
             front.output.mangle = self.bytes.outgoing
         if self.bytes.wants_input() and front.rx_fault is None:
-            front.rx_fault = self.bytes.incoming
+            if self._rx_unhooked is not None:  # offsets count on as if it had stayed: what was read meanwhile too
+                self.bytes.received += front.counters.rx_bytes - self._rx_unhooked
+            front.rx_fault = self._incoming
+
+    def _incoming(self, data: bytes) -> bytes:
+        """The input hook: the overrun's draw; removed once an on-demand fault is over."""
+        kept = self.bytes.incoming(data)
+        if self.bytes.input_over():
+            self.front.rx_fault = None
+            # rx_bytes counts this read's kept bytes after the hook: offsets resume from here.
+            self._rx_unhooked = self.front.counters.rx_bytes + len(kept)
+            log.info("uart_input_fault_over", received=self.bytes.received)
+        return kept
 
     # -- AT commands ----------------------------------------------------------------------
 

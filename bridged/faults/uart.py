@@ -19,7 +19,8 @@ the same seed and the same bytes hit the same bytes.
 
 The owner installs `outgoing` into the output path and `incoming` into the
 input path only while one of the kinds is enabled: a daemon without UART
-faults runs its byte paths untouched.
+faults runs its byte paths untouched.  The input's is taken out again once
+`input_over` (an on-demand overrun drawn and its run lost).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class ByteFaults:
 
     def wants_input(self) -> bool:
         return self.plan.enabled("uart_overrun")
+
+    def input_over(self) -> bool:
+        """Nothing more to lose: uart_overrun neither configured nor armed, no run going on."""
+        return not self._overrun_rest and not self.plan.enabled("uart_overrun")
 
     def rearm(self, name: str) -> None:
         """A fault armed on demand hits the next byte: forget the gap drawn before."""

@@ -18,7 +18,9 @@ the uplink's wake-ups: a downlink read pausing between a stream's pieces
 ends when the uplink wakes us (``_end_pause_early``), not on its own timer.  A stream goes as the ring holds it
 (``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
 uplink record is one datagram, to its own address or the link's remote,
-each destination checked against ``[links] allow / deny``.  A bandwidth
+each destination checked against ``[links] allow / deny``; on a link whose
+remote follows its senders (<mode> 1, 2) what the socket holds is read first
+(``_senders_first``), so a new sender moves the remote before a send goes.  A bandwidth
 fault meters the sends through the connection's ``Shaper``; while
 net_latency is on, its ``Outbox`` (bridged.links.outbox) takes the ring's
 bytes instead and sends each piece when due.
@@ -60,6 +62,7 @@ class Uplink:
 
     def _on_uplink(self) -> None:
         self.uplink.clear_data_doorbell()
+        read_first = self.udp_mode and self._senders_first()
         # The usual wake-up of a plain TCP link takes one send and one consume (at most
         # one doorbell): no more layers than that.  The rest goes through _pump_uplink.
         if self._closing is not None or not self._send_whole():
@@ -68,8 +71,23 @@ class Uplink:
                 self._pump_uplink()
             finally:
                 self.uplink.release_doorbells()
+        if self._pause is not None and not read_first:
+            self._end_pause_early()
+
+    def _senders_first(self) -> bool:
+        """A UDP link whose remote follows its senders (AT+CIPSTART <mode> 1 not yet moved, 2):
+        datagrams the kernel holds are read before the MCU's sends go, so one from a new sender
+        moves the remote first, as lwIP moves it on receipt (a read pause or the order of one
+        wake-up's events would send to the old remote).  True when it read."""
+        if (self.udp_mode == 1 and self.retargeted) or self.sock is None or self.shaper is not None:
+            return False
         if self._pause is not None:
             self._end_pause_early()
+            return True
+        if self._gate.is_open:
+            self._read_held(False)
+            return True
+        return False  # a full downlink ring: its datagrams wait for room, as all reads do
 
     def _end_pause_early(self) -> None:
         """Awake anyway (the uplink): read what gathered now, not on a wake-up of

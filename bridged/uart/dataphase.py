@@ -40,6 +40,7 @@ __all__ = ["DataPhases"]
 log = structlog.get_logger()
 
 _ROOM_POLL = 0.05  # seconds between looks at a full uplink ring while a send waits for room
+_LEFTOVER_POLL_MAX = 1.0  # seconds: a leftover's look backs off to this while its peer stays deaf
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
 # The session's events of every send, made once (a frozen dataclass costs a call per field).
 _DONE = {result: PayloadDone(result) for result in (None, fmt.SEND_OK, fmt.SEND_FAIL)}
@@ -58,8 +59,7 @@ class DataPhases:
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
         self.sending.ahead = self._leftover_for(request.link_id)  # an escaped stream's rest goes first
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
-        self.session.handle(_prompt(request.kind, state.tcpopts[request.link_id].so_sndtimeo / 1000),
-                            self.loop.time())
+        self.session.handle(_prompt(request.kind, self._sndtimeo(self.sending)), self.loop.time())
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
@@ -175,8 +175,10 @@ class DataPhases:
             return
         log.info("escaped_bytes_kept", link_id=link_id, bytes=len(leftover.data))
         self._leftovers[link_id] = leftover
-        if self._leftover_poll is None:
-            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+        if self._leftover_poll is not None:
+            self._leftover_poll.cancel()
+        self._leftover_wait = _ROOM_POLL  # a new one: looked at soon
+        self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
 
     def _drop_leftovers(self) -> None:
         """A restart: the links go unheard, and what +++ left of their streams with them."""
@@ -192,6 +194,14 @@ class DataPhases:
             self._leftover_poll.cancel()
             self._leftover_poll = None
 
+    async def _before_close(self, link_id: int) -> None:
+        """AT+CIPCLOSE: what a +++ left of the link's stream goes into its ring first, if room comes
+        within _LEFTOVER_POLL_MAX (the look's longest wait, which would else have it dropped)."""
+        leftover = self._leftovers.get(link_id)
+        if leftover is not None and await leftover.drain(_LEFTOVER_POLL_MAX, _ROOM_POLL) \
+                and self._leftovers.pop(link_id, None) is leftover:
+            log.info("escaped_bytes_sent", link_id=link_id, at="close")
+
     def _leftover_for(self, link_id: int) -> Leftover | None:
         leftover = self._leftovers.pop(link_id, None)
         if leftover is not None and not leftover.alive():
@@ -201,10 +211,14 @@ class DataPhases:
         return leftover
 
     def _push_leftovers(self) -> None:
-        """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL:
-        a few KiB at most, so no doorbell).  A send started on the link meanwhile took its own."""
+        """Escaped streams' bytes into their rings as room comes (a look every _ROOM_POLL,
+        no doorbell: the ring's is the sends'; a look that moved nothing doubles the wait, up to
+        _LEFTOVER_POLL_MAX, so a peer deaf for long costs a wake-up a second, not 20; one that
+        moved bytes brings it back).  A send started on the link meanwhile took its own."""
         self._leftover_poll = None
+        moved = False
         for link_id, leftover in list(self._leftovers.items()):
+            before = len(leftover.data)
             if not leftover.alive():
                 log.warning("escaped_bytes_dropped", link_id=link_id, bytes=len(leftover.data),
                             why="the link ended before its ring had room for them")
@@ -212,8 +226,10 @@ class DataPhases:
             elif leftover.push():
                 log.info("escaped_bytes_sent", link_id=link_id)
                 del self._leftovers[link_id]
+            moved = moved or len(leftover.data) != before
         if self._leftovers:
-            self._leftover_poll = self.loop.call_later(_ROOM_POLL, self._push_leftovers)
+            self._leftover_wait = _ROOM_POLL if moved else min(2 * self._leftover_wait, _LEFTOVER_POLL_MAX)
+            self._leftover_poll = self.loop.call_later(self._leftover_wait, self._push_leftovers)
 
     def _send_timed_out(self, send: Send, deadline: float) -> None:
         if self.sending is not send or self.session.state is not State.AWAITING_SEND_OK:
@@ -267,9 +283,17 @@ class DataPhases:
         """AT+CIPTCPOPT so_sndtimeo bounds how long AT+CIPSENDL waits for room without a byte
         admitted, as it bounds each send() of ESP-AT's stream (passthrough: not, as on ESP-AT,
         whose page names CIPSEND, CIPSENDEX and CIPSENDL only)."""
-        timeout = self.ctx.state.tcpopts[send.slot.link_id].so_sndtimeo / 1000
+        timeout = self._sndtimeo(send)
         if send.kind is DataKind.SENDL and timeout and self._room_timer is None:
             self._room_timer = self.loop.call_later(timeout, self._stream_timed_out, send, timeout)
+
+    def _sndtimeo(self, send: Send) -> float:
+        """so_sndtimeo in seconds (0: none) for ``send``'s link.  AT+CIPTCPOPT's options are
+        the link id's (kept across its links, stored with AT+SYSSTORE) but belong to a TCP/SSL
+        socket: lwIP's send timeout bounds a TCP write only, a UDP link never gets it."""
+        if send.datagram:
+            return 0.0
+        return self.ctx.state.tcpopts[send.slot.link_id].so_sndtimeo / 1000
 
     def _stream_timed_out(self, send: Send, timeout: float) -> None:
         """No room within so_sndtimeo: the stream fails as ESP-AT's does when a send() fails: the

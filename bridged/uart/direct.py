@@ -46,6 +46,7 @@ class DirectPayload:
                 and send.slot.uplink.free() >= send.length):
             send.direct = True
             send.direct_at = self.loop.time()
+            self.counters.direct_sends += 1
 
     def _read_direct(self, send: Send) -> bytes | None:
         """One read of the payload; None when it is handled here, else the bytes

@@ -15,7 +15,8 @@ OK, passthrough); the front wires it to the event loop, in parts:
 * ``uart.direct``: a plain AT+CIPSEND's payload read straight into its ring;
 * ``uart.downlink``: +IPD, passive notices, CONNECT/CLOSED, passthrough
   reconnects;
-* here: lifetime, the supervisor's messages, boot and restart.
+* here: lifetime, the supervisor's messages (what a full channel cannot take
+  waits in ``uart.sup_outbox``), boot and restart.
 
 Commands stop being read while the output is backlogged (ESP-AT's AT task
 blocks on a full UART), and while an answer's after-action waits: a host
@@ -49,7 +50,7 @@ from bridged.commands.registry import SendRequest
 from bridged.commands.wifi import autoconnect_messages
 from bridged.config import Config
 from bridged.faults.front import FrontFaults
-from bridged.ipc.control import ControlError, recv_message, send_message, socket_from_fd
+from bridged.ipc.control import ControlError, recv_message, socket_from_fd
 from bridged.ipc.messages import FrontReady, Ping, Pong, Shutdown, WorkerRefused, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
@@ -72,6 +73,7 @@ from bridged.uart.reading import PortReading
 from bridged.uart.replug import Replug
 from bridged.uart.sending import Leftover, Send
 from bridged.uart.server import Server
+from bridged.uart.sup_outbox import SupervisorOutbox
 from bridged.uart.transcript import MarkKind, Transcript
 
 __all__ = ["Front", "factory_uart"]
@@ -107,6 +109,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self.port_name = port_name
         self.store = store
         self.supervisor = supervisor
+        self.to_supervisor = SupervisorOutbox(asyncio.get_running_loop(), supervisor)
         self._apply_port = apply_port
         self.loop = asyncio.get_running_loop()
         # Every task the front runs is made in it; run() enters it (bridged.tasks).
@@ -163,6 +166,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
         self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.dataphase)
         self._leftover_poll: asyncio.TimerHandle | None = None
+        self._leftover_wait = 0.0  # its current wait (uart.dataphase backs it off)
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken
@@ -202,6 +206,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
             if self._paced is not None:
                 self._paced.close()
             self._gate.close()
+            self.to_supervisor.close()
             self.output.close()
             self.transcript.close()
 
@@ -216,12 +221,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
                 await asyncio.sleep(0.005)
 
     def _tell_supervisor(self, msg: object) -> None:
-        if self.supervisor is None:
-            return
-        try:
-            send_message(self.supervisor, msg)
-        except (BlockingIOError, OSError) as exc:
-            log.warning("supervisor_unreachable", error=str(exc))
+        self.to_supervisor.send(msg)  # now, or once the channel has room (uart.sup_outbox)
 
     def _on_supervisor(self) -> None:
         try:
@@ -267,6 +267,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
                       mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
         ctx.faults = self.faults
         ctx.silence_links = self._silence_links
+        ctx.before_close = self._before_close
         for link_id in range(self.links.count):
             opts = state.tcpopts[link_id]
             self.links.set_options(link_id, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)

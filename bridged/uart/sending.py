@@ -26,6 +26,8 @@ is read and dropped, then SEND FAIL, as ESP-AT ends a stream whose send failed.
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from bridged.at import format as fmt
@@ -236,6 +238,17 @@ class Leftover:
             if not records.put_record(ring, records.DATA, piece, self.remote):
                 break
             del self.data[:len(piece)]
+        return not self.data
+
+    async def drain(self, wait: float, poll: float) -> bool:
+        """Push as room comes (a look every ``poll`` s) for up to ``wait`` s; True once all went
+        (AT+CIPCLOSE hands them over before the close, as lwIP's close sends its buffer)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self.push():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(poll)
         return not self.data
 
 

@@ -18,7 +18,10 @@ drop itself (``faults.front`` hangs their links up).
 AT+CIPSTO: a one-second tick closes server clients idle for that long (data
 in either direction resets the clock); client links the MCU opened are not
 affected.  The tick runs only while it could close one (a timeout set, a
-client taken): an idle server wakes nobody.
+client taken): an idle server wakes nobody.  Clients AT+CIPSERVER=0 keeps are
+still server clients (ESP-AT's timer counts every server-side link): the tick
+goes on for them with the timeout last set (AT+CIPSTO=<s> itself needs a
+running server, so that value stands until a server runs again or AT+RST).
 
 ``[links] allow / deny`` applies to clients too: one from a refused address
 (and port) is reset at once, before it takes a link slot, and counted
@@ -75,6 +78,9 @@ class Server:
     @timeout.setter
     def timeout(self, seconds: int) -> None:
         self._timeout = seconds
+        if not seconds and self._tick is not None:
+            self._tick.cancel()  # 0 = never: a later timeout starts a tick of its own
+            self._tick = None
         self._arm()
 
     # -- AT+CIPSERVER ---------------------------------------------------------------
@@ -92,10 +98,8 @@ class Server:
         log.info("server_started", port=port, type=type_)
 
     def stop(self) -> None:
+        """Delete the server; the tick goes on while kept clients could time out."""
         self._unlisten()
-        if self._tick is not None:
-            self._tick.cancel()
-            self._tick = None
         log.info("server_stopped", port=self.port)
         self.type = ""
 
@@ -179,7 +183,7 @@ class Server:
 
     def _arm(self) -> None:
         """Tick each second while the tick could close a client."""
-        if self._tick is None and self.running and self._timeout and self.links.server_links():
+        if self._tick is None and self._timeout and self.links.server_links():
             self._tick = self.loop.call_later(1.0, self._on_tick)
 
     def _on_tick(self) -> None:

@@ -22,7 +22,15 @@ def fake_front(faults: dict | None = None, seed: int = 1):
     specs = {name: parse_spec(name, table) for name, table in (faults or {}).items()}
     config = dataclasses.replace(config, faults=dataclasses.replace(config.faults, seed=seed, **specs))
     return SimpleNamespace(config=config, links=SimpleNamespace(on_fault=None), output=SimpleNamespace(mangle=None),
-                           rx_fault=None, tap=None)
+                           rx_fault=None, tap=None, counters=SimpleNamespace(rx_bytes=0))
+
+
+def _read(front, data: bytes) -> bytes:
+    """One UART read as uart.reading does it: through the hook while there is one, then counted."""
+    if front.rx_fault is not None:
+        data = front.rx_fault(data)
+    front.counters.rx_bytes += len(data)
+    return data
 
 
 def test_no_fault_configured_leaves_the_byte_paths_and_resolver_alone():
@@ -52,6 +60,32 @@ def test_a_uart_fault_installs_only_its_own_path():
         FrontFaults(inp).start()
         assert inp.output.mangle is None and inp.rx_fault is not None
         resolver.set_fault_hook(None)
+
+    asyncio.run(main())
+
+
+def test_an_on_demand_overrun_unhooks_the_input_once_over():
+    """uart_overrun on demand (count 2, bytes 4) loses its two runs, one across reads, then the input hook
+    is removed (uart.direct reads again); a second demand hooks it again with the offsets of the whole stream."""
+
+    async def main():
+        front = fake_front()
+        faults = FrontFaults(front)
+        faults.start()
+        fired = []
+        faults.plan.report = lambda name, details: fired.append(details["offset"])
+        assert _read(front, b"0123456789") == b"0123456789" and front.rx_fault is None
+        faults.demand("uart_overrun", {"count": 2, "bytes": 4})
+        assert front.rx_fault is not None
+        assert _read(front, b"ab") == b""  # the first run goes on into the next read
+        assert front.rx_fault is not None
+        assert _read(front, b"cdefghijk") == b"ijk"  # "cd" ends the first run, "efgh" is the second
+        assert front.rx_fault is None and fired == [0, 4]
+        assert _read(front, b"untouched") == b"untouched"
+        faults.demand("uart_overrun", {"bytes": 1})
+        assert _read(front, b"xyz") == b"yz" and front.rx_fault is None
+        assert fired == [0, 4, 2 + 9 + 9]  # the stream's bytes since the first demand, hooked or not
+        faults.close()
 
     asyncio.run(main())
 

@@ -375,3 +375,28 @@ def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
     for i, (a, b) in enumerate(zip(direct, general)):
         assert a == b, (i, a, b)
     assert direct_peer == general_peer
+
+
+def test_an_overrun_on_demand_leaves_the_direct_path_when_over(daemon, host, peer):
+    """uart_overrun on demand (bytes=3) armed at a send's prompt loses the payload's first 3 bytes (the MCU
+    writes 3 more; the peer gets the rest); once over, the next AT+CIPSEND is read straight into
+    its ring again (status uart.direct_sends counts it) and arrives whole."""
+    from tests.integration.test_status import status_json
+
+    _open(host, peer.getsockname()[1])
+    conn, _ = peer.accept()
+    assert host.send_data(b"AT+CIPSEND=5", b"first") == b"\r\nRecv 5 bytes\r\n\r\nSEND OK\r\n"
+    before = status_json(daemon)["uart"]["direct_sends"]
+    assert before >= 1
+    host.command(b"AT+CIPSEND=10", b">")
+    assert fault_cli(daemon, "uart_overrun", "count=1", "bytes=3").returncode == 0
+    host.write(b"abcdefghij123")
+    assert host.expect(b"SEND OK\r\n", timeout=5) == b"\r\nRecv 10 bytes\r\n\r\nSEND OK\r\n"
+    daemon.wait_event("uart_input_fault_over")
+    payload = os.urandom(4000)
+    assert host.send_data(b"AT+CIPSEND=4000", payload) == b"\r\nRecv 4000 bytes\r\n\r\nSEND OK\r\n"
+    status = status_json(daemon)
+    assert status["uart"]["direct_sends"] == before + 2  # the faulted send began direct, then this one
+    assert status["faults"]["counts"].get("uart_overrun") == 1
+    assert _recv(conn, 5 + 10 + 4000) == b"first" + b"defghij123" + payload
+    conn.close()

@@ -353,3 +353,45 @@ def test_a_leftover_holds_up_only_its_own_link(daemon, host):
     finally:
         peer.close()
         other.close()
+
+
+def _front_wakeups(daemon, seconds: float) -> int:
+    """The front's voluntary context switches (its event loop's sleeps ended) over ``seconds``."""
+    front = psutil.Process(daemon.front_pid())
+    before = front.num_ctx_switches().voluntary
+    time.sleep(seconds)
+    return front.num_ctx_switches().voluntary - before
+
+
+def test_a_leftover_for_a_peer_deaf_for_long_backs_off_its_poll(daemon, host):
+    """A leftover waits for a peer that reads nothing for seconds: the front's look at the ring
+    backs off (it woke 20 times a second before), and once the peer reads it still gets every
+    byte streamed before the +++, within about the longest wait (1 s)."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        time.sleep(2.0)  # the waits have doubled up to 1 s by now
+        wakeups = _front_wakeups(daemon, 3.0)
+        assert wakeups < 25, f"the front woke {wakeups} times in 3 s while the peer stayed deaf"
+        assert _same(peer.read_all(len(sent), timeout=15), sent)
+        daemon.wait_event("escaped_bytes_sent", timeout=5)
+    finally:
+        peer.close()
+
+
+def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host):
+    """+++ then AT+CIPCLOSE, as drivers end a passthrough, to a peer deaf long enough for the leftover's
+    look to back off (1 s) that starts reading just after the close: every byte streamed before the +++
+    reaches it (the close takes the leftover into the ring first, as lwIP's close sends its buffer)."""
+    peer = _DeafPeer()
+    try:
+        sent = _escape_with_leftover(daemon, host, peer)
+        time.sleep(2.5)  # the look waits 1 s by now
+        host.write(b"AT+CIPCLOSE\r\n")
+        time.sleep(0.3)  # the close is under way; now the peer reads
+        got = peer.read_all(len(sent) + 1, timeout=15)
+        assert _same(got, sent), f"{len(sent) - len(got)} of {len(sent)} bytes lost"
+        assert host.expect(b"\r\nOK\r\n", timeout=10).endswith(b"CLOSED\r\n\r\nOK\r\n")
+        assert not daemon.events("escaped_bytes_dropped")
+    finally:
+        peer.close()

@@ -298,3 +298,32 @@ def test_so_sndtimeo_set_after_a_send_bounds_the_next_sends(make_daemon, peer):
     assert result == b"\r\nSEND FAIL\r\n"
     assert host.command(b"AT") == b"\r\nOK\r\n"
     conn.close()
+
+
+def test_so_sndtimeo_does_not_bound_a_udp_send_on_its_link_id(make_daemon):
+    """AT+CIPTCPOPT's so_sndtimeo belongs to a TCP/SSL socket (lwIP bounds TCP writes only): a
+    UDP link opened on an id that has it waits for ring room as with so_sndtimeo 0 (no SEND FAIL
+    at 300 ms), then every datagram reaches the peer; the id keeps the option for its next link."""
+    daemon: Daemon = make_daemon(_CONFIG)
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPTCPOPT=-1,0,300")
+    with udp_peer() as peer:
+        port = peer.getsockname()[1]
+        assert host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
+        sent = []
+        with _stopped(daemon.worker_pid(0)):
+            for _ in range(_RING // _PIECE + 1):  # the ring holds fewer: the last waits for room
+                payload = os.urandom(_PIECE)
+                try:
+                    result = _send(host, payload, timeout=1.0)
+                except Timeout:
+                    sent.append(payload)
+                    break
+                assert result == b"\r\nSEND OK\r\n", f"datagram {len(sent)}: {result!r}"
+                sent.append(payload)
+            else:
+                pytest.fail("the ring never filled")
+        assert host.expect(b"\r\nSEND OK\r\n", timeout=5) == b"\r\nSEND OK\r\n"
+        assert [peer.recvfrom(65536)[0] for _ in sent] == sent
+    assert host.ask(b"AT+CIPTCPOPT?") == b"+CIPTCPOPT:0,-1,0,300,0\r\n\r\nOK\r\n"

@@ -276,3 +276,34 @@ def test_cipsto_closes_within_its_second_in_every_order(server_host):
     assert _idle_for(client, t1) < 1.4
     server_host.expect(b"0,CLOSED\r\n")
     ask(b"AT+CIPSERVER=0,1")
+
+
+def test_cipsto_times_out_the_clients_a_deleted_server_kept(server_host):
+    """Clients AT+CIPSERVER=0 keeps are still server links: AT+CIPSTO closes them when idle
+    (ESP-AT's timer counts every server-side link), a busy one stays, and AT+CIPSTO? keeps its value."""
+    port = free_port()
+    ask = server_host.command
+    ask(b"AT+CIPSERVER=1,%d" % port)
+    ask(b"AT+CIPSTO=1")
+    idle = _client(port)
+    server_host.expect(b"0,CONNECT\r\n")
+    busy = _client(port)
+    server_host.expect(b"1,CONNECT\r\n")
+    ask(b"AT+CIPSERVER=0")  # deleted, its clients kept
+    t0 = time.monotonic()
+    assert server_host.ask(b"AT+CIPSTO?") == b"+CIPSTO:1\r\n\r\nOK\r\n"
+    demux = Demux(server_host)
+    sent = 0
+    while time.monotonic() - t0 < 2.6:  # link 1 talks, link 0 stays idle
+        sent += busy.send(b".")
+        time.sleep(0.3)
+    demux.wait_data(1, sent)
+    closed = demux.expect(b"0,CLOSED\r\n")
+    assert b"1,CLOSED" not in closed and not demux.text.strip()  # +IPD leaves its CRLF
+    assert _idle_for(idle, t0, timeout=0.5) < 3.1
+    assert server_host.ask(b"AT+CIPSTATE?").startswith(b"+CIPSTATE:1,")
+    t1 = time.monotonic()  # now link 1 idles too
+    assert 0.95 <= _idle_for(busy, t1) < 2.4
+    server_host.expect(b"1,CLOSED\r\n")
+    idle.close()
+    busy.close()

@@ -26,7 +26,7 @@ class _Front(DirectPayload):
         self.loop = SimpleNamespace(time=lambda: 1.0)
         self.parser = Parser()
         self.tap = self.rx_fault = self._paced = self._serial = None
-        self.counters = SimpleNamespace(rx_bytes=0)
+        self.counters = SimpleNamespace(rx_bytes=0, direct_sends=0)
         self._spare = bytearray(SPARE)
         self.completed: list[int] = []
 

@@ -5,7 +5,9 @@ A tool, not a comparison with socat (as ``bench.idle``): the same cycles
 as tests/integration/test_soak.py (tests/soakcycles.py), driven as a host
 driver drives a chip (exact bytes, the next command the instant OK arrives,
 64-byte reads), in turn: links opened, used and closed over five links
-(TCP, UDP, SSL to a TLS echo server), peers that close or reset first, a
+(TCP, UDP, SSL to a TLS echo server), peers that close or reset first,
+failed connects and handshakes, a flooding peer cut off, `bridged status`
+requests, a
 CIPSERVER with clients that come and vanish, passive reads, passthrough
 entered and left with +++, AT+RST.  Each scenario runs ``--phase`` seconds,
 then an AT+RST and the next scenario's settings.  After a warm-up round of
@@ -34,19 +36,20 @@ from pathlib import Path
 
 from tests.harness import Daemon, free_port
 from tests.integration.test_tls import TlsServer, _issue
-from tests.soakcycles import (DriverHost, Peers, link_cycle, passive_cycle, passthrough_cycle, peer_first_cycle,
+from tests.soakcycles import (DriverHost, Peers, failure_cycle, link_cycle, passive_cycle, passthrough_cycle, peer_first_cycle,
                               reset_cycle, server_cycle)
 from tests.soakprobe import growth, processes, sample, table
 from tests.harness import Demux
 
 
-def scenarios(host: DriverHost, peers: Peers, server_port: int):
+def scenarios(host: DriverHost, peers: Peers, server_port: int, control: str):
     """(name, settings after a reset, cycle) for each scenario, in the order they run."""
     demux = Demux(host)
     return [
         # (a reset ends with AT+CIPMUX=1: tests/soakcycles.reset_cycle)
         ("links", [b"AT+CIPMUX=1"], lambda i: link_cycle(demux, peers, i)),
         ("peer first", [b"AT+CIPMUX=1"], lambda i: peer_first_cycle(host, peers, i)),
+        ("failures", [b"AT+CIPMUX=1"], lambda i: failure_cycle(demux, peers, i, control)),
         ("server", [b"AT+CIPMUX=1", b"AT+CIPSERVER=1,%d" % server_port],
          lambda i: server_cycle(host, server_port, i)),
         ("passive", [b"AT+CIPMUX=1", b"AT+CIPRECVTYPE=5,1"], lambda i: passive_cycle(host, peers, i)),
@@ -77,7 +80,7 @@ def soak(minutes: float, phase: float, every: float, work: Path) -> int:
     try:
         host = DriverHost(daemon.link)
         host.boot()
-        table_of = scenarios(host, peers, free_port())
+        table_of = scenarios(host, peers, free_port(), str(daemon.state_dir / "control.sock"))
         roles = processes(daemon)
         for _name, settings, cycle in table_of:  # the warm-up
             run_phase(host, peers, settings, cycle, min(phase, 3.0))

@@ -18,9 +18,10 @@ import termios
 import threading
 import time
 
-from tests.harness import DEFAULT_TIMEOUT, Demux, EchoServer, Host
+from bridged.ops import protocol
+from tests.harness import DEFAULT_TIMEOUT, Demux, EchoServer, Host, free_port
 
-__all__ = ["DriverHost", "Peers", "link_cycle", "peer_first_cycle", "server_cycle", "passive_cycle",
+__all__ = ["DriverHost", "Peers", "link_cycle", "peer_first_cycle", "failure_cycle", "server_cycle", "passive_cycle",
            "passthrough_cycle", "reset_cycle", "LINKS"]
 
 LINKS = 5
@@ -74,6 +75,38 @@ class Closer:
         self.sock.close()
 
 
+class Flooder:
+    """A TCP listener that sends to each connection as fast as it takes, until it goes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        chunk = b"f" * 4096
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            conn.settimeout(5)
+            with conn:
+                try:
+                    while not self._stop:
+                        conn.sendall(chunk)
+                except OSError:
+                    pass  # the link closed (or a stuck one timed out)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(6)
+        self.sock.close()
+
+
 class Peers:
     """The loopback peers every cycle talks to: a TCP echo server, a UDP echo
     thread, a TCP peer that closes or resets first, and optionally a TLS echo
@@ -82,6 +115,8 @@ class Peers:
     def __init__(self, tls=None) -> None:
         self.echo = EchoServer()
         self.closer = Closer()
+        self.flooder = Flooder()
+        self.refusing = free_port()  # nothing listens there
         self.tls = tls
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
@@ -111,6 +146,7 @@ class Peers:
         self.udp.close()
         self.echo.close()
         self.closer.close()
+        self.flooder.close()
         if self.tls is not None:
             self.tls.close()
 
@@ -131,8 +167,8 @@ def _echo_once(demux: Demux, link_id: int, payload: bytes) -> None:
 def _close(demux: Demux, link_id: int) -> None:
     demux.host.write(b"AT+CIPCLOSE=%d\r\n" % link_id)
     answer = demux.expect(b"\r\nOK\r\n")
-    closed = b"%d,CLOSED\r\n\r\nOK\r\n" % link_id
-    assert answer in (closed, b"\r\n" + closed), answer  # the echo's +IPD left the CRLF before it
+    # CRLFs first: those before the echo's +IPD frames (one or more: the echo may come in parts)
+    assert re.fullmatch(rb"(\r\n)*%d,CLOSED\r\n\r\nOK\r\n" % link_id, answer), answer
 
 
 def link_cycle(demux: Demux, peers: Peers, i: int) -> None:
@@ -161,16 +197,60 @@ def peer_first_cycle(host: Host, peers: Peers, i: int) -> None:
     assert got == b"%d,CONNECT\r\n\r\nOK\r\n" % link_id + data + b"%d,CLOSED\r\n" % link_id, (i, got)
 
 
+def failure_cycle(demux: Demux, peers: Peers, i: int, control: str) -> None:
+    """What fails or is cut short, in turn: a refused TCP connect, SSL to a peer that
+    echoes the ClientHello back, SSL to one that closes at once (each ERROR), a
+    flooding peer's link closed mid-stream by AT+CIPCLOSE; and a `bridged status`
+    request on the control socket each time.  Needs AT+CIPMUX=1."""
+    link_id, case = i % LINKS, (i // LINKS) % 4
+    if case < 3:
+        port = (peers.refusing, peers.echo.port, peers.closer.port)[case]
+        peers.closer.reset = False
+        kind = b"TCP" if case == 0 else b"SSL"
+        demux.host.write(b'AT+CIPSTART=%d,"%s","127.0.0.1",%d\r\n' % (link_id, kind, port))
+        answer = demux.expect(b"ERROR\r\n")
+        assert re.fullmatch(rb"(\r\n)*ERROR\r\n", answer), (case, answer)
+    else:
+        _start(demux.host, link_id, b"TCP", peers.flooder.port)
+        demux.wait_data(link_id, 1)  # it streams: close while more is on its way
+        _close(demux, link_id)
+        demux.data.pop(link_id, None)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(control)
+        assert protocol.request(sock, {"cmd": "status"})["ok"] is True
+
+
+def _client(port: int) -> socket.socket:
+    """A client of the daemon's server, retrying while it is refused: a server that was
+    full listens again only once the daemon saw a client go (bounded: 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 def server_cycle(host: Host, port: int, i: int) -> None:
-    """1 to 5 clients connect to AT+CIPSERVER, each sends a line, then they
-    vanish (FIN or RST): CONNECT, +IPD and CLOSED for each, and no link left open."""
+    """1 to 5 clients connect to AT+CIPSERVER (with five, a sixth is refused), each
+    sends a line, then they vanish (FIN or RST): CONNECT, +IPD and CLOSED for each,
+    no link left open; every tenth cycle the server is deleted and made again."""
     count = 1 + i % LINKS
     demux = Demux(host)
     clients = []
     for k in range(count):  # one at a time: the lowest free id is k
-        clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        clients.append(_client(port))
         assert demux.expect(b",CONNECT\r\n").lstrip(b"\r\n") == b"%d,CONNECT\r\n" % k
         clients[k].sendall(b"hi %d" % k)
+    if count == LINKS:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            raise AssertionError("a sixth client was let in")
+        except ConnectionRefusedError:
+            pass
     for k in range(count):
         assert demux.wait_data(k, 4) == b"hi %d" % k
     for k, client in enumerate(clients):
@@ -184,6 +264,9 @@ def server_cycle(host: Host, port: int, i: int) -> None:
         closed.add(int(line[-10:-9]))
     assert closed == set(range(count)), closed
     assert not demux.text.strip(), demux.text
+    if i % 10 == 9:
+        assert host.ask(b"AT+CIPSERVER=0") == b"\r\nOK\r\n"
+        assert host.ask(b"AT+CIPSERVER=1,%d" % port) == b"\r\nOK\r\n"
 
 
 def passive_cycle(host: Host, peers: Peers, i: int) -> None:

@@ -18,9 +18,6 @@ from dataclasses import dataclass
 
 __all__ = ["Footprint", "footprint", "processes", "sample", "growth", "table"]
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
 @dataclass(frozen=True)
 class Footprint:
     """One process at one moment."""
@@ -29,7 +26,8 @@ class Footprint:
     threads: int
     maps: int  # lines of /proc/<pid>/maps
     named: int  # of those, mappings of a file, memfd or /dev/shm entry (a path, not [heap] or anonymous)
-    rss_kib: int
+    rss_kib: int  # resident: anonymous (the heap) + file + shared memory (the rings' pages)
+    anon_kib: int  # RssAnon: what a leak of Python objects or buffers grows
     shm: frozenset[str]  # /dev/shm entries it holds open or maps
 
 
@@ -53,11 +51,10 @@ def footprint(pid: int) -> Footprint:
             continue  # closed meanwhile
         if target.startswith("/dev/shm/"):
             shm.add(target)
-    with open(f"/proc/{pid}/statm") as f:
-        rss_pages = int(f.read().split()[1])
     with open(f"/proc/{pid}/status") as f:
-        threads = next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
-    return Footprint(len(fds), threads, maps, named, rss_pages * _PAGE // 1024, frozenset(shm))
+        status = {k: v.split()[0] for k, _, v in (line.partition(":") for line in f) if v.strip()}
+    return Footprint(len(fds), int(status["Threads"]), maps, named, int(status["VmRSS"]), int(status["RssAnon"]),
+                     frozenset(shm))
 
 
 def processes(daemon, links: int = 5) -> dict[str, int]:
@@ -87,19 +84,21 @@ def sample(roles: dict[str, int], settle: float = 0.3, timeout: float = 5.0) -> 
 
 
 def growth(before: dict[str, Footprint], after: dict[str, Footprint]) -> dict[str, dict[str, int]]:
-    """role -> {fds, threads, maps, named, rss_kib, shm}: what ``after`` holds more than ``before``."""
+    """role -> {fds, threads, maps, named, rss_kib, anon_kib, shm}: what ``after`` holds more than ``before``."""
     out = {}
     for role, b in before.items():
         a = after[role]
         out[role] = {"fds": a.fds - b.fds, "threads": a.threads - b.threads, "maps": a.maps - b.maps,
                      "named": a.named - b.named,
-                     "rss_kib": a.rss_kib - b.rss_kib, "shm": len(a.shm - b.shm)}
+                     "rss_kib": a.rss_kib - b.rss_kib, "anon_kib": a.anon_kib - b.anon_kib,
+                     "shm": len(a.shm - b.shm)}
     return out
 
 
 def table(samples: dict[str, Footprint]) -> str:
-    """One line per process: role, fds, threads, mappings (all, named), RSS, /dev/shm entries."""
-    lines = [f"{'process':<11}{'fds':>5}{'threads':>8}{'maps':>6}{'named':>6}{'RSS KiB':>9}{'shm':>5}"]
+    """One line per process: role, fds, threads, mappings (all, named), RSS (all, anonymous), /dev/shm entries."""
+    lines = [f"{'process':<11}{'fds':>5}{'threads':>8}{'maps':>6}{'named':>6}{'RSS KiB':>9}{'anon KiB':>9}{'shm':>5}"]
     for role, f in samples.items():
-        lines.append(f"{role:<11}{f.fds:>5}{f.threads:>8}{f.maps:>6}{f.named:>6}{f.rss_kib:>9}{len(f.shm):>5}")
+        lines.append(f"{role:<11}{f.fds:>5}{f.threads:>8}{f.maps:>6}{f.named:>6}{f.rss_kib:>9}{f.anon_kib:>9}"
+                     f"{len(f.shm):>5}")
     return "\n".join(lines)

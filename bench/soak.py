@@ -7,7 +7,7 @@ driver drives a chip (exact bytes, the next command the instant OK arrives,
 64-byte reads), in turn: links opened, used and closed over five links
 (TCP, UDP, SSL to a TLS echo server), peers that close or reset first,
 failed connects and handshakes, a flooding peer cut off, `bridged status`
-requests, a
+requests, control-socket clients that vanish mid-request, a
 CIPSERVER with clients that come and vanish, passive reads, passthrough
 entered and left with +++, AT+RST.  Each scenario runs ``--phase`` seconds,
 then an AT+RST and the next scenario's settings.  After a warm-up round of
@@ -35,12 +35,11 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.harness import Daemon, free_port
+from tests.harness import Daemon, Demux, free_port
 from tests.integration.test_tls import TlsServer, _issue
-from tests.soakcycles import (DriverHost, Peers, failure_cycle, link_cycle, passive_cycle, passthrough_cycle, peer_first_cycle,
-                              reset_cycle, server_cycle)
+from tests.soakcycles import (DriverHost, Peers, control_cycle, failure_cycle, link_cycle, passive_cycle,
+                              passthrough_cycle, peer_first_cycle, reset_cycle, server_cycle)
 from tests.soakprobe import growth, processes, sample, table
-from tests.harness import Demux
 
 
 # A process's anonymous memory grows by 0.2-3 MiB after the warm-up, then levels
@@ -57,6 +56,7 @@ def scenarios(host: DriverHost, peers: Peers, server_port: int, control: str):
         ("links", [b"AT+CIPMUX=1"], lambda i: link_cycle(demux, peers, i)),
         ("peer first", [b"AT+CIPMUX=1"], lambda i: peer_first_cycle(host, peers, i)),
         ("failures", [b"AT+CIPMUX=1"], lambda i: failure_cycle(demux, peers, i, control)),
+        ("control", [], lambda i: control_cycle(control, i)),
         ("server", [b"AT+CIPMUX=1", b"AT+CIPSERVER=1,%d" % server_port],
          lambda i: server_cycle(host, server_port, i)),
         ("passive", [b"AT+CIPMUX=1", b"AT+CIPRECVTYPE=5,1"], lambda i: passive_cycle(host, peers, i)),

@@ -21,7 +21,7 @@ import time
 from bridged.ops import protocol
 from tests.harness import DEFAULT_TIMEOUT, Demux, EchoServer, Host, free_port
 
-__all__ = ["DriverHost", "Peers", "link_cycle", "peer_first_cycle", "failure_cycle", "server_cycle", "passive_cycle",
+__all__ = ["DriverHost", "Peers", "link_cycle", "peer_first_cycle", "failure_cycle", "control_cycle", "server_cycle", "passive_cycle",
            "passthrough_cycle", "reset_cycle", "LINKS"]
 
 LINKS = 5
@@ -232,6 +232,24 @@ def _client(port: int) -> socket.socket:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.005)
+
+
+def control_cycle(control: str, i: int) -> None:
+    """A client of the control socket (`bridged status`'s) that goes away in turn
+    after connecting, after half a header, after half a request, after a request
+    that is no JSON, or after a whole status request and its answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(control)
+        case = i % 5
+        if case == 1:
+            sock.sendall(b"\x00\x00")
+        elif case == 2:
+            sock.sendall(protocol.HEADER.pack(50) + b'{"cmd":')
+        elif case == 3:
+            sock.sendall(protocol.HEADER.pack(9) + b"not json!")
+        elif case == 4:
+            assert protocol.request(sock, {"cmd": "status"})["ok"] is True
 
 
 def server_cycle(host: Host, port: int, i: int) -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from tests.harness import Daemon, Demux
 from tests.integration.test_tls import TlsServer
-from tests.soakcycles import (DriverHost, Peers, failure_cycle, link_cycle, passive_cycle, passthrough_cycle, peer_first_cycle,
+from tests.soakcycles import (DriverHost, Peers, control_cycle, failure_cycle, link_cycle, passive_cycle, passthrough_cycle, peer_first_cycle,
                               reset_cycle, server_cycle)
 from tests.soakprobe import growth, processes, sample, table
 
@@ -125,6 +125,15 @@ def test_failed_connects_cut_streams_and_status_requests_leak_nothing(driver, pe
     demux = Demux(host)
     control = str(daemon.state_dir / "control.sock")
     soak(daemon, lambda i: failure_cycle(demux, peers, i, control), warm=100, most=2000, least=80, seconds=2)
+
+
+def test_control_clients_that_vanish_mid_request_leak_nothing(driver):
+    """Control-socket clients that go away after connecting, mid-header, mid-request,
+    after a request that is no JSON or after a status: nothing held more afterwards."""
+    daemon, host = driver
+    control = str(daemon.state_dir / "control.sock")
+    soak(daemon, lambda i: control_cycle(control, i), warm=100, most=1500, least=300, seconds=1.5)
+    assert host.ask(b"AT") == b"\r\nOK\r\n"  # the front still serves the MCU
 
 
 def test_server_clients_that_come_and_vanish_leak_nothing(driver):

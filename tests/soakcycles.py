@@ -21,8 +21,8 @@ import time
 from bridged.ops import protocol
 from tests.harness import DEFAULT_TIMEOUT, Demux, EchoServer, Host, free_port
 
-__all__ = ["DriverHost", "Peers", "link_cycle", "peer_first_cycle", "failure_cycle", "control_cycle", "server_cycle", "passive_cycle",
-           "passthrough_cycle", "reset_cycle", "LINKS"]
+__all__ = ["DriverHost", "Peers", "link_cycle", "peer_first_cycle", "failure_cycle", "control_cycle", "server_cycle",
+           "passive_cycle", "passthrough_cycle", "reset_cycle", "LINKS"]
 
 LINKS = 5
 _NOTICE = re.compile(rb"\r\n\+IPD,\d+,\d+\r\n")

@@ -11,7 +11,7 @@ from tests.shared import SharedDaemon
 
 # bridged.testing as its pytest11 entry point loads it once installed (the suite needs no install);
 # tests.schedule: the longest test files first.
-pytest_plugins = ["bridged.testing", "tests.schedule"]
+pytest_plugins = ["bridged.testing", "tests.schedule", "tests.cpuclock"]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ children's (subprocesses, ``ip netns exec`` daemons), and the fork server's
 with its reaped daemons (tests/forkserver.py; /proc/PID/stat counts a
 process's waited-for children).  A daemon still running at a test's end (a
 module's shared daemon) counts for the test in which it is reaped.  One JSON
-line per test is appended to the file: ``{"test": nodeid, "cpu": seconds}``.
+line per test is appended to the file: ``{"test": nodeid, "cpu": seconds, "pytest": seconds}``
+(the second: the pytest process's own share).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def _forkserver_cpu() -> float:
     return sum(int(field) for field in fields[11:15]) / _TICK  # utime stime cutime cstime
 
 
-def _cpu() -> tuple[float, float]:
+def _cpu() -> tuple[float, float, float]:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, _forkserver_cpu()
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, _forkserver_cpu(), \
+        own.ru_utime + own.ru_stime
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -55,4 +57,5 @@ def pytest_runtest_protocol(item, nextitem):
     if id(__import__("tests.forkserver", fromlist=["_client"])._client) != pid_before:
         server = after[1]  # a new fork server started within the test
     with open(path, "a") as out:
-        out.write(json.dumps({"test": item.nodeid, "cpu": round(after[0] - before[0] + max(server, 0.0), 3)}) + "\n")
+        out.write(json.dumps({"test": item.nodeid, "cpu": round(after[0] - before[0] + max(server, 0.0), 3),
+                              "pytest": round(after[2] - before[2], 3)}) + "\n")

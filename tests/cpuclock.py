@@ -7,8 +7,9 @@ children's (subprocesses, ``ip netns exec`` daemons), and the fork server's
 with its reaped daemons (tests/forkserver.py; /proc/PID/stat counts a
 process's waited-for children).  A daemon still running at a test's end (a
 module's shared daemon) counts for the test in which it is reaped.  One JSON
-line per test is appended to the file: ``{"test": nodeid, "cpu": seconds, "pytest": seconds}``
-(the second: the pytest process's own share).
+line per test is appended to the file: ``{"test": nodeid, "cpu": seconds, "pytest": seconds,
+"daemons": count}``: all of it, the pytest process's own share, and how many daemons the
+harness started (``Daemon.start``).
 """
 
 from __future__ import annotations
@@ -43,12 +44,29 @@ def _cpu() -> tuple[float, float, float]:
         own.ru_utime + own.ru_stime
 
 
+_starts = [0]
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("BRIDGED_TEST_CPU"):
+        from tests.harness import Daemon
+
+        start = Daemon.start
+
+        def counted(self):
+            _starts[0] += 1
+            return start(self)
+
+        Daemon.start = counted
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     path = os.environ.get("BRIDGED_TEST_CPU")
     if not path:
         yield
         return
+    starts = _starts[0]
     pid_before = id(__import__("tests.forkserver", fromlist=["_client"])._client)
     before = _cpu()
     yield
@@ -58,4 +76,4 @@ def pytest_runtest_protocol(item, nextitem):
         server = after[1]  # a new fork server started within the test
     with open(path, "a") as out:
         out.write(json.dumps({"test": item.nodeid, "cpu": round(after[0] - before[0] + max(server, 0.0), 3),
-                              "pytest": round(after[2] - before[2], 3)}) + "\n")
+                              "pytest": round(after[2] - before[2], 3), "daemons": _starts[0] - starts}) + "\n")

@@ -109,6 +109,20 @@ def shared_host(request, shared_daemon) -> Host:
 
 
 @pytest.fixture
+def shared_or_own_host(request) -> Host:
+    """``shared_host`` for a test that asks for no ``daemon``; conftest's ``host`` (on the
+    test's own daemon) for one that does: a module of both kinds defines ``host`` as this."""
+    if "daemon" in request.fixturenames:
+        daemon = request.getfixturevalue("daemon")
+        h = daemon.host()
+        h.boot()
+        yield h
+        h.close()
+    else:
+        yield request.getfixturevalue("shared_host")
+
+
+@pytest.fixture
 def echo_server():
     server = EchoServer()
     yield server

@@ -23,8 +23,8 @@ PYTEST_ARGS ?=
 # imported bridged once: tests/forkserver.py, as are most of the `bridged
 # status/fault/pki/check/ota` command lines the tests run;
 # BRIDGED_TEST_FORKSERVER=0 execs each) and then mostly waits -- on the
-# daemon's timers, on a peer, on the pty -- so fewer workers leave the cores idle (two: 38% of two cores busy;
-# three: about half).  On a quiet machine four took 4:08-4:37 a run against
+# daemon's timers, on a peer, on the pty -- so fewer workers leave the cores
+# idle (two: 38% of two cores busy; three: about half).  On a quiet machine four took 4:08-4:37 a run against
 # 5:16-5:30 for three: `make test` (both interpreters and the floors) about 9
 # to 10 minutes instead of 12.  Four leave the tests that time an in-process
 # link worker to the millisecond less room: those that failed at four were

@@ -21,8 +21,8 @@ would make it:
 What differs: the daemon's parent is the server, not pytest, its
 /proc/PID/cmdline is the server's, and what the server imported is in the
 collector's permanent generation (``gc.freeze()``, as bridged's supervisor
-does for its own children; a cycle made at import time is never collected).  The server reports each child's exit
-status (``ForkedProcess`` stands in for the ``subprocess.Popen`` the harness
+does for its own children; a cycle made at import time is never collected).
+The server reports each child's exit status (``ForkedProcess`` stands in for the ``subprocess.Popen`` the harness
 keeps), and sends signals for the tests: the server reaps its children, so a
 pid it signals is never one the kernel gave to another process meanwhile.
 
@@ -185,31 +185,27 @@ def spawn(args: list[str], env: dict[str, str], log: str, group: bool = False) -
     return ForkedProcess(client, pid, [sys.executable, "-m", "bridged", *args])
 
 
-def run(args: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | None = None,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], *, timeout: float, env: dict[str, str] | None = None,
+        cwd: str | None = None) -> subprocess.CompletedProcess[str]:
     """As ``subprocess.run([sys.executable, "-m", "bridged", *args], capture_output=True,
     text=True, ...)``, forked from the fork server: a process of its own with its
     own exit status, standard streams and environment, without a new interpreter's
     start and imports (a `bridged --version`: 0.35 s of CPU exec'd, 0.05 s forked).
 
-    The output is captured in files rather than pipes, so the command must not
-    leave processes behind that go on writing (none of bridged's command lines
-    but ``run`` and ``fleet`` starts any; those are exec'd as before); an
+    Standard input is /dev/null; the output is captured in files rather than
+    pipes, so the command must not leave processes behind that go on writing
+    (a ``run`` or ``fleet`` that would keep serving is exec'd by its test); an
     environment variable read at the interpreter's start (PYTHONPATH, ...) is
-    the server's, so a test that sets one execs.  Without ``BRIDGED_TEST_FORKSERVER``
-    every call is ``subprocess.run``.
+    the server's, so a test that needs one execs.  With
+    ``BRIDGED_TEST_FORKSERVER=0`` every call is ``subprocess.run``.
     """
     argv = [sys.executable, "-m", "bridged", *args]
     env = dict(os.environ) if env is None else env
     if not enabled():
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
-                              input=input)
+                              stdin=subprocess.DEVNULL)
     with tempfile.TemporaryDirectory(prefix="bridged-cli-") as scratch:
         streams = {"stdin": os.devnull, "stdout": os.path.join(scratch, "out"), "stderr": os.path.join(scratch, "err")}
-        if input is not None:
-            streams["stdin"] = os.path.join(scratch, "in")
-            with open(streams["stdin"], "w") as file:
-                file.write(input)
         client = _the_client()
         child = ForkedProcess(client, client.spawn(args, env, streams, False, cwd), argv)
         try:

@@ -20,10 +20,11 @@ PYTEST_ARGS ?=
 # the longest files first (tests/schedule.py), so that no long one is left for
 # the end while the other workers idle.  Four workers on the 2-core CI
 # machine: nearly every test starts a daemon (forked from a process that
-# imported bridged once: tests/forkserver.py; BRIDGED_TEST_FORKSERVER=0 execs
-# each) and then mostly waits -- on the daemon's timers, on a peer, on the
-# pty -- so fewer workers leave the cores idle (two: 38% of two cores busy;
-# three: about half).  On a quiet machine four took 4:08-4:37 a run against
+# imported bridged once: tests/forkserver.py, as are most of the `bridged
+# status/fault/pki/check/ota` command lines the tests run;
+# BRIDGED_TEST_FORKSERVER=0 execs each) and then mostly waits -- on the
+# daemon's timers, on a peer, on the pty -- so fewer workers leave the cores
+# idle (two: 38% of two cores busy; three: about half).  On a quiet machine four took 4:08-4:37 a run against
 # 5:16-5:30 for three: `make test` (both interpreters and the floors) about 9
 # to 10 minutes instead of 12.  Four leave the tests that time an in-process
 # link worker to the millisecond less room: those that failed at four were
@@ -33,7 +34,9 @@ PYTEST_ARGS ?=
 # loopback addresses (127.0.0.x:53/123) that two runs at a time would fight
 # over.  The second interpreter runs the whole suite too (not only what
 # differs under 3.13: ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made
-# fast instead.  See bench/RESULTS.md, "Test suite".
+# fast instead.  The runs are CPU-bound on two cores: what shortens them is
+# less CPU per test (BRIDGED_TEST_CPU=FILE writes each test's CPU seconds,
+# its daemons' included: tests/cpuclock.py).  See bench/RESULTS.md, "Test suite".
 PYTEST_JOBS ?= 4
 # pytest keeps the test modules it rewrote for assert messages (and Python the
 # modules it compiled) in __pycache__ (ignored by git) unless

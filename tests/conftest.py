@@ -11,7 +11,7 @@ from tests.shared import SharedDaemon
 
 # bridged.testing as its pytest11 entry point loads it once installed (the suite needs no install);
 # tests.schedule: the longest test files first.
-pytest_plugins = ["bridged.testing", "tests.schedule"]
+pytest_plugins = ["bridged.testing", "tests.schedule", "tests.cpuclock"]
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +106,20 @@ def shared_host(request, shared_daemon) -> Host:
     yield h
     h.close()
     shared_daemon.done()
+
+
+@pytest.fixture
+def shared_or_own_host(request) -> Host:
+    """``shared_host`` for a test that asks for no ``daemon``; conftest's ``host`` (on the
+    test's own daemon) for one that does: a module of both kinds defines ``host`` as this."""
+    if "daemon" in request.fixturenames:
+        daemon = request.getfixturevalue("daemon")
+        h = daemon.host()
+        h.boot()
+        yield h
+        h.close()
+    else:
+        yield request.getfixturevalue("shared_host")
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
+
 import bridged
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -49,8 +51,7 @@ def _flags(text: str) -> set[str]:
 @pytest.mark.parametrize("command, start", COMMANDS, ids=[c for c, _ in COMMANDS])
 def test_readme_synopsis_names_every_option_and_no_other(command, start):
     """Each option --help lists is in README's synopsis of the command, and each there exists."""
-    done = subprocess.run([sys.executable, "-m", "bridged", *command.split(), "--help"],
-                          capture_output=True, text=True, timeout=30)
+    done = forkserver.run([*command.split(), "--help"], timeout=30)
     assert done.returncode == 0, done.stderr
     usage = done.stdout.split("\n\n")[0]  # the usage block: options, not their help text
     documented = _flags(_synopsis(start))
@@ -69,7 +70,6 @@ def test_version():
 def test_check_takes_runs_options_but_control():
     """As README says: `bridged check` takes `bridged run`'s options but --control."""
     def usage(command: str) -> set[str]:
-        done = subprocess.run([sys.executable, "-m", "bridged", command, "--help"], capture_output=True,
-                              text=True, timeout=30)
+        done = forkserver.run([command, "--help"], timeout=30)
         return _flags(done.stdout.split("\n\n")[0])
     assert usage("check") == usage("run") - {"--control"}

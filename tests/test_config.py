@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
+
 from bridged import config as config_module
 from bridged.config import paths as config_paths  # what state_dir and profile_dirs read
 from bridged.config import (
@@ -1221,8 +1223,7 @@ def test_check_names_the_bad_system_file(etc):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridged", *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO)
+    return forkserver.run(list(args), timeout=60, cwd=str(REPO))
 
 
 def test_profiles_of_a_user_install_are_found(tmp_path):

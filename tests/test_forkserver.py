@@ -66,3 +66,21 @@ def test_exit_status_and_signals_as_popen_gives_them(tmp_path):
     daemon.proc.send_signal(signal.SIGKILL)
     assert daemon.proc.wait(5) == -signal.SIGKILL
     daemon.proc.send_signal(signal.SIGTERM)  # gone: nothing to signal, no error
+
+
+def test_a_forked_command_line_answers_as_an_execd_one(tmp_path, monkeypatch):
+    """forkserver.run gives what subprocess.run gives for the same `python -m bridged ...`:
+    exit status, stdout and stderr apart, the caller's environment and working directory."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[uart]\nbaud = 1\n")
+    monkeypatch.setenv("BRIDGED_CONFIG_DIR", str(tmp_path / "etc"))
+    cases = (["check", "--config", "bad.toml"], ["check", "--transcript", "t.log"], ["--version"],
+             ["status", "--no-such-option"])
+    # PYTHONPATH: an exec'd `-m bridged` in tmp_path imports this checkout's bridged, as the server does.
+    monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    forked = [forkserver.run(args, timeout=30, cwd=str(tmp_path)) for args in cases]
+    monkeypatch.setenv("BRIDGED_TEST_FORKSERVER", "0")
+    execd = [forkserver.run(args, timeout=30, cwd=str(tmp_path)) for args in cases]
+    assert [(r.returncode, r.stdout, r.stderr) for r in forked] == [(r.returncode, r.stdout, r.stderr) for r in execd]
+    assert [r.returncode for r in forked] == [2, 0, 0, 2]
+    assert str(tmp_path / "t.log") in forked[1].stdout and forked[0].stdout == ""

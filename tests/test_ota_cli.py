@@ -1,5 +1,5 @@
 """bridged ota keygen | sign | verify: the operator's side of signed updates, run as a
-user runs them (python -m bridged); and bridged check never showing a malformed token."""
+user runs them (python -m bridged, forked from tests/forkserver.py); and bridged check never showing a malformed token."""
 
 from __future__ import annotations
 
@@ -8,20 +8,16 @@ import hashlib
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bridged import ota_image
-
-REPO = Path(__file__).resolve().parent.parent
+from tests import forkserver
 
 
 def bridged(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "bridged", *args], capture_output=True, text=True,
-                          timeout=60, cwd=cwd, env=env)
+    return forkserver.run(list(args), timeout=60, cwd=None if cwd is None else str(cwd))
 
 
 @pytest.fixture(scope="module")

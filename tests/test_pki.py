@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests import forkserver
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -449,9 +451,7 @@ def test_self_signed_concurrent_first_use(tmp_path):
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from bridged.pki_cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=30, env=env)
+    return forkserver.run(["pki", *args], timeout=30, env=env)
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess[str], status: int = 2) -> str:

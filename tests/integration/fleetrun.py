@@ -13,6 +13,7 @@ from typing import Callable, TypeVar
 
 import psutil
 
+from tests import forkserver
 from tests.harness import Timeout
 
 START_TIMEOUT = 45.0  # three devices importing Python on a busy 2-core machine
@@ -67,12 +68,10 @@ class FleetRun:
         return [root, *root.children(recursive=True)]
 
     def status(self, *extra: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir",
-                               str(self.dir), *extra], capture_output=True, text=True, timeout=timeout)
+        return forkserver.run(["fleet", "status", "--dir", str(self.dir), *extra], timeout=timeout)
 
     def fault(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bridged", "fleet", "fault", "--dir", str(self.dir),
-                               "--timeout", "5", *args], capture_output=True, text=True, timeout=30)
+        return forkserver.run(["fleet", "fault", "--dir", str(self.dir), "--timeout", "5", *args], timeout=30)
 
     def status_json(self, *extra: str) -> tuple[int, dict]:
         result = self.status("--json", *extra)

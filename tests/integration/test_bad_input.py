@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
 
 import pytest
 
 from bridged.config import load_config
+from tests import forkserver
 from tests.harness import Daemon
 
 
@@ -112,10 +112,7 @@ def test_force_restart_while_busy(make_daemon):
 
 
 def _run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "bridged", "run", "--state-dir", str(tmp_path / "s"), *args],
-        capture_output=True, text=True, timeout=20,
-    )
+    return forkserver.run(["run", "--state-dir", str(tmp_path / "s"), *args], timeout=20)
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path):
@@ -146,8 +143,7 @@ def test_cli_check_prints_the_effective_config_or_the_mistake(tmp_path):
     cfg = tmp_path / "site.toml"
     cfg.write_text('profile = "fast"\n[wifi]\npassword = "hunter2hunter2"\nssid = "shop \\"floor\\""\n'
                    '[ota]\ntoken = "t0ken"\n')
-    result = subprocess.run([sys.executable, "-m", "bridged", "check", "--config", str(cfg), "--baud", "921600"],
-                            capture_output=True, text=True, timeout=20)
+    result = forkserver.run(["check", "--config", str(cfg), "--baud", "921600"], timeout=20)
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout and "t0ken" not in result.stdout
     assert "# password: set (secret, not shown)" in result.stdout
@@ -164,8 +160,7 @@ def test_cli_check_prints_the_effective_config_or_the_mistake(tmp_path):
     assert again.uart.flow_control == "rtscts"  # the fast profile's
 
     cfg.write_text('[links]\nchunk = 0\n')
-    result = subprocess.run([sys.executable, "-m", "bridged", "check", "--config", str(cfg)],
-                            capture_output=True, text=True, timeout=20)
+    result = forkserver.run(["check", "--config", str(cfg)], timeout=20)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [f"bridged: {cfg}: links.chunk: 0 is not allowed; "
                                                   "allowed: an integer from 1 to 65536"]

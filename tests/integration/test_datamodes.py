@@ -18,6 +18,13 @@ from tests.backlog import BacklogServer
 from tests.harness import Daemon, Demux
 
 
+@pytest.fixture
+def host(shared_or_own_host):
+    """A test needing only a booted host shares the module's daemon; one that reads its
+    daemon has its own (conftest.shared_or_own_host)."""
+    return shared_or_own_host
+
+
 def _open(host, port: int) -> None:
     assert host.ask(b'AT+CIPSTART="TCP","127.0.0.1",%d' % port) == b"CONNECT\r\n\r\nOK\r\n"
 

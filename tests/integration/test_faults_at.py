@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 
 from bridged.faults.catalog import CATALOG
+from tests import forkserver
 from tests.harness import Timeout
 from tests.together import one_at_a_time, together
 
@@ -30,8 +30,7 @@ def answer(host, line: bytes, timeout: float = 10.0) -> bytes:
 
 
 def fault_cli(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridged", "fault", "--state-dir", str(daemon.state_dir), *args],
-                          capture_output=True, text=True, timeout=20)
+    return forkserver.run(["fault", "--state-dir", str(daemon.state_dir), *args], timeout=20)
 
 
 def run_commands(make_daemon, faults: str, lines: list[bytes], args: tuple[str, ...] = ()) -> list[bytes]:
@@ -214,15 +213,13 @@ def test_fault_cli_refuses_bad_faults_with_exit_2_naming_the_key(daemon):
 
 def test_fault_cli_without_a_daemon_exits_1(tmp_path):
     """No control socket: exit 1 and a line saying so."""
-    done = subprocess.run([sys.executable, "-m", "bridged", "fault", "at_busy", "--state-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["fault", "at_busy", "--state-dir", str(tmp_path)], timeout=20)
     assert done.returncode == 1 and "no control socket" in done.stderr
 
 
 def test_fault_list_shows_every_kind_its_keys_and_the_schedule():
     """--list (no daemon needed) names every fault, where and per what it is drawn, its keys and ranges."""
-    done = subprocess.run([sys.executable, "-m", "bridged", "fault", "--list"], capture_output=True, text=True,
-                          timeout=20)
+    done = forkserver.run(["fault", "--list"], timeout=20)
     assert done.returncode == 0
     for fault in CATALOG:
         assert re.search(rf"^{fault.name}\s+{fault.where.value}\s", done.stdout, re.M), fault.name
@@ -240,9 +237,7 @@ def test_status_shows_the_seed_and_the_count_per_fault(make_daemon):
     host.boot()
     assert fault_cli(d, "at_busy", "count=2").returncode == 0
     assert answer(host, b"AT") == answer(host, b"AT") == b"\r\nbusy p...\r\n"
-    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--state-dir", str(d.state_dir), "--json"],
-                          capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["status", "--state-dir", str(d.state_dir), "--json"], timeout=20)
     assert json.loads(done.stdout)["faults"] == {"seed": 77, "counts": {"at_busy": 2}}
-    table = subprocess.run([sys.executable, "-m", "bridged", "status", "--state-dir", str(d.state_dir)],
-                           capture_output=True, text=True, timeout=20)
+    table = forkserver.run(["status", "--state-dir", str(d.state_dir)], timeout=20)
     assert "Faults (seed 77): at_busy 2" in table.stdout

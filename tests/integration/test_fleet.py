@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from bridged.__main__ import main
+from tests import forkserver
 from tests.harness import EchoServer, Host
 from tests.integration.fleetrun import START_TIMEOUT, FleetRun
 
@@ -210,8 +211,7 @@ def test_bad_config_exits_2_before_any_device(tmp_path):
 
 def test_status_without_a_fleet_is_a_usage_error(tmp_path):
     """fleet status on a directory with no manifest says so and exits 2."""
-    result = subprocess.run([sys.executable, "-m", "bridged", "fleet", "status", "--dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=30)
+    result = forkserver.run(["fleet", "status", "--dir", str(tmp_path)], timeout=30)
     assert result.returncode == 2 and "no fleet in" in result.stderr
 
 

@@ -18,6 +18,7 @@ import pytest
 from bridged import launch
 from bridged.fleet import DeviceState, Fleet, FleetSpec
 from bridged.fleet_devices import bind_notify
+from tests import forkserver
 from tests.integration.fleetrun import FleetRun
 from tests.notify import notify, proc_environ, skip_unless_nobody_runs_python
 
@@ -128,8 +129,7 @@ class FakeFleet:
         (self.dir / "fleet.json").write_text(json.dumps({"pid": 0, "running": False, "devices": devices}))
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "bridged", "fleet", *args[:1], "--dir", str(self.dir),
-                               *args[1:]], capture_output=True, text=True, timeout=30)
+        return forkserver.run(["fleet", *args[:1], "--dir", str(self.dir), *args[1:]], timeout=30)
 
     def close(self) -> None:
         self.proc.kill()
@@ -245,8 +245,7 @@ def test_bridged_fault_escapes_what_the_daemon_says(tmp_path):
     fake = subprocess.Popen([sys.executable, "-c", FAKE_DEVICE, str(path), reply, "-"], stdout=subprocess.PIPE, text=True)
     try:
         assert fake.stdout.readline() == "listening\n"
-        done = subprocess.run([sys.executable, "-m", "bridged", "fault", "at_busy", "--control", str(path)],
-                              capture_output=True, text=True, timeout=30)
+        done = forkserver.run(["fault", "at_busy", "--control", str(path)], timeout=30)
         assert done.returncode == 0, done.stderr
         assert done.stdout == "\\x1b]0;pwned\\x07: armed for the next 1 occasion(s)\n", done.stdout
     finally:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
+from tests import forkserver
 from tests.harness import Daemon
 
 FAST = "[watchdog]\nheartbeat_ms = 500\nmissed_heartbeats = 3\n"
@@ -18,8 +17,7 @@ UNRESPONSIVE = {"child_unresponsive", "child_died", "worker_died"}
 
 
 def status_json(daemon: Daemon) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--json", "--state-dir",
-                           str(daemon.state_dir)], capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["status", "--json", "--state-dir", str(daemon.state_dir)], timeout=20)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

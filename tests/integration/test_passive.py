@@ -14,6 +14,13 @@ import pytest
 
 
 @pytest.fixture
+def host(shared_or_own_host):
+    """A test needing only a booted host shares the module's daemon; one that reads its
+    daemon has its own (conftest.shared_or_own_host)."""
+    return shared_or_own_host
+
+
+@pytest.fixture
 def server():
     srv = socket.create_server(("127.0.0.1", 0))
     yield srv

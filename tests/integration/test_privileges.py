@@ -157,7 +157,8 @@ def _peer_can_read_fds(user: str, pid: int) -> bool:
 
 
 def _peer_can(user: str, code: str, path: str) -> bool:
-    probe = subprocess.run([*PEERS[user], sys.executable, "-c", f"try:\n    {code}\nexcept PermissionError:\n"
+    # -S: the probe needs only os and sys, not the site-packages a start would scan (it runs ~60 times).
+    probe = subprocess.run([*PEERS[user], sys.executable, "-S", "-c", f"try:\n    {code}\nexcept PermissionError:\n"
                             "    raise SystemExit(3)", path], capture_output=True, text=True, timeout=30)
     assert probe.returncode in (0, 3), probe.stderr
     return probe.returncode == 0

@@ -15,6 +15,13 @@ from tests.integration.test_passive import _recvdata, server  # noqa: F401 (a fi
 
 
 @pytest.fixture
+def host(shared_or_own_host):
+    """A test needing only a booted host shares the module's daemon; one that reads its
+    daemon has its own (conftest.shared_or_own_host)."""
+    return shared_or_own_host
+
+
+@pytest.fixture
 def server6():
     srv = socket.create_server(("::1", 0), family=socket.AF_INET6)
     yield srv

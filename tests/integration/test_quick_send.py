@@ -6,10 +6,19 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from tests.harness import udp_peer
 from tests.integration.test_faults_at import fault_cli
 
 _LINE = b"AT+CIPSEND=0,4"
+
+
+@pytest.fixture
+def host(shared_or_own_host):
+    """A test needing only a booted host shares the module's daemon; one that reads its
+    daemon has its own (conftest.shared_or_own_host)."""
+    return shared_or_own_host
 
 
 def _send(host, payload: bytes) -> None:

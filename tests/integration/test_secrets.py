@@ -4,11 +4,10 @@ a wrong Wi-Fi password, malformed secrets in the config (run, check, reload)."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
 import pytest
 
+from tests import forkserver
 from tests.harness import Daemon, with_test_timing
 
 _WIFI_KEY = "Wk7-right-SECRET"  # the configured Wi-Fi password
@@ -78,9 +77,8 @@ def test_a_malformed_secret_in_the_config_is_never_shown(make_daemon, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[ota]\ntoken = "SECRET-\u20ac-token"\n')
     for command in ("run", "check"):
-        result = subprocess.run([sys.executable, "-m", "bridged", command, "--config", str(bad),
-                                 "--pty", str(tmp_path / "tty"), "--state-dir", str(tmp_path / "s")],
-                                capture_output=True, text=True, timeout=30)
+        result = forkserver.run([command, "--config", str(bad), "--pty", str(tmp_path / "tty"),
+                                 "--state-dir", str(tmp_path / "s")], timeout=30)
         assert result.returncode == 2, result
         assert "ota.token: the value given (secret, not shown) is not allowed" in result.stderr
         _assert_no_secret(result.stdout + result.stderr)

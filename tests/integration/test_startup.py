@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests import forkserver
 from tests.harness import Daemon, parse_events
 
 _PR_CAPBSET_DROP = 24
@@ -186,8 +187,7 @@ def test_a_state_directory_that_cannot_be_made_ends_the_daemon_with_exit_1(tmp_p
 
 def test_check_says_a_missing_device_as_run_would(tmp_path):
     """`bridged check` prints the configuration, then the line `run` would end with, and exits 1."""
-    result = subprocess.run([sys.executable, "-m", "bridged", "check", "--port", "/dev/ttyUSB-bridged-test-absent"],
-                            capture_output=True, text=True, timeout=20)
+    result = forkserver.run(["check", "--port", "/dev/ttyUSB-bridged-test-absent"], timeout=20)
     assert result.returncode == 1
     assert result.stderr.splitlines() == ["bridged: /dev/ttyUSB-bridged-test-absent does not exist; "
                                           "plug the device in or choose another --port"]

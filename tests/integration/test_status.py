@@ -17,14 +17,14 @@ import time
 
 import pytest
 
+from tests import forkserver
 from tests.harness import Timeout
 
 HEADER = struct.Struct(">I")
 
 
 def status_cli(daemon, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridged", "status", "--state-dir", str(daemon.state_dir), *args],
-                          capture_output=True, text=True, timeout=20)
+    return forkserver.run(["status", "--state-dir", str(daemon.state_dir), *args], timeout=20)
 
 
 def status_json(daemon) -> dict:
@@ -118,8 +118,7 @@ def test_status_shows_the_uart_settings_in_force(bridged_device):
     uart = bridged_device.status()["uart"]
     assert (uart["baud"], uart["parity"], uart["flow_control"], uart["source"]) == \
         (230400, "none", "none", "AT+UART_DEF")
-    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--json", "--control",
-                           str(bridged_device.control_path)], capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["status", "--json", "--control", str(bridged_device.control_path)], timeout=20)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["uart"] == uart
 
@@ -259,13 +258,11 @@ def test_fifty_clients_are_bounded_and_silent_ones_dropped(daemon):
 
 def test_status_without_a_daemon_says_why(tmp_path):
     """No daemon: one line naming the socket, exit 1; two ways to name it: exit 2."""
-    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--state-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["status", "--state-dir", str(tmp_path)], timeout=20)
     assert done.returncode == 1
     assert done.stderr == f"bridged status: no control socket at {tmp_path}/control.sock: is bridged running? " \
                           "(name it with --instance, --control or --state-dir)\n"
-    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--instance", "a", "--control", "b"],
-                          capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["status", "--instance", "a", "--control", "b"], timeout=20)
     assert done.returncode == 2 and done.stderr.startswith("bridged status: argument --control")
 
 
@@ -363,8 +360,7 @@ def test_a_control_socket_path_longer_than_a_socket_address_still_serves(make_da
     host.boot()  # ready: the front serves the socket the supervisor bound before it
     host.close()
     assert stat.S_ISSOCK(os.lstat(path).st_mode) and stat.S_IMODE(os.lstat(path).st_mode) == 0o660
-    done = subprocess.run([sys.executable, "-m", "bridged", "status", "--control", str(path), "--json"],
-                          capture_output=True, text=True, timeout=20)
+    done = forkserver.run(["status", "--control", str(path), "--json"], timeout=20)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["front_pid"] > 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.harness import Timeout
 
 
@@ -86,12 +87,10 @@ def test_status_and_fault_find_an_instance_under_run_bridged(make_daemon):
     try:
         daemon = make_daemon(args=("--control", str(run_dir / "control.sock")))
         daemon.host().expect(b"\r\nready\r\n")
-        shown = subprocess.run([sys.executable, "-m", "bridged", "status", "--json", "--instance", name],
-                               capture_output=True, text=True, timeout=30)
+        shown = forkserver.run(["status", "--json", "--instance", name], timeout=30)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert json.loads(shown.stdout)["uart"]
-        fired = subprocess.run([sys.executable, "-m", "bridged", "fault", "at_busy", "--instance", name],
-                               capture_output=True, text=True, timeout=30)
+        fired = forkserver.run(["fault", "at_busy", "--instance", name], timeout=30)
         assert fired.returncode == 0, fired.stdout + fired.stderr
         host = daemon.host()
         host.write(b"AT\r\n")

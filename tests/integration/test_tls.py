@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests import forkserver
 from tests.harness import Daemon, Demux, free_port
 
 PSK = hasattr(ssl.SSLContext, "set_psk_server_callback")
@@ -402,8 +403,7 @@ def test_pki_cli_through_bridged(tmp_path, pki):
     import subprocess
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "bridged", "pki", *args, "--state-dir", str(tmp_path)],
-                              capture_output=True, text=True, timeout=30)
+        return forkserver.run(["pki", *args, "--state-dir", str(tmp_path)], timeout=30)
 
     assert run("import", "client_ca", "0", str(pki["ca"].cert)).returncode == 0
     listed = run("list")

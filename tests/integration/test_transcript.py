@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.harness import Host
 
 # Parsed here without bridged's own parser, so a bug there cannot hide one in the writer.
@@ -330,9 +331,7 @@ def test_fifo_path_is_a_usage_error_not_a_hang(tmp_path):
 
 def test_check_shows_the_option_without_creating_the_file(tmp_path):
     """bridged check --transcript FILE reports transcript on with FILE made absolute, and creates nothing."""
-    proc = subprocess.run([sys.executable, "-m", "bridged", "check", "--transcript", "t.log"],
-                          capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    proc = forkserver.run(["check", "--transcript", "t.log"], timeout=30, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "transcript = true  # command line\n" in proc.stdout
     assert f'transcript_path = "{tmp_path / "t.log"}"  # command line\n' in proc.stdout

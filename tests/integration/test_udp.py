@@ -16,6 +16,13 @@ from tests.harness import Daemon, Demux, udp_peer, wait_udp_read
 from tests.netns import netns_available, veth_pair
 
 
+@pytest.fixture
+def host(shared_or_own_host):
+    """A test needing only a booted host shares the module's daemon; one that reads its
+    daemon has its own (conftest.shared_or_own_host)."""
+    return shared_or_own_host
+
+
 def _free_udp_port() -> int:
     with udp_peer() as s:
         return s.getsockname()[1]

@@ -54,6 +54,11 @@ def installed(daemon: Daemon) -> Path:
     return daemon.state_dir / "installed"
 
 
+def _other_image(image: bytes) -> bytes:
+    """``image`` with its last byte flipped, never ``image`` itself (a fixed b"x" was, 1 run in 256)."""
+    return image[:-1] + bytes([image[-1] ^ 0xFF])
+
+
 @pytest.fixture(scope="module")
 def refusing(shared_daemons, ota_files, tmp_path_factory):
     """One https daemon (with _installer) and server kept for the cases that are refused."""
@@ -65,6 +70,9 @@ def refusing(shared_daemons, ota_files, tmp_path_factory):
 
 @pytest.fixture
 def fresh(refusing):
+    # A case whose update wrongly succeeded left install_command's mark and a version record.
+    installed(refusing.daemon).unlink(missing_ok=True)
+    (image_dir(refusing.daemon) / "ota.version").unlink(missing_ok=True)
     yield refusing.begin()
     refusing.end()
 
@@ -220,13 +228,21 @@ def test_wrong_signature_is_refused(fresh, ota_files, case):
         "other key": signature_for(ota_files.other, IMAGE, LATEST, "ota"),
         "other version": signature_for(ota_files.key, IMAGE, "v4.1.1.0", "ota"),
         "other partition": signature_for(ota_files.key, IMAGE, LATEST, "client_ca"),
-        "other image": signature_for(ota_files.key, IMAGE[:-1] + b"x", LATEST, "ota"),
+        "other image": signature_for(ota_files.key, _other_image(IMAGE), LATEST, "ota"),
         "garbage": b"not a signature\n",
     }[case]
     fresh.server.signatures[(LATEST, "ota")] = signature
     _previous_image(fresh.daemon)
     _refused_before_install(fresh.daemon, fresh.host)
     assert ("not one line of base64" if case == "garbage" else "no public key verifies") in fresh.refusal()
+
+
+def test_the_other_image_is_never_the_served_one():
+    """The "other image" case's signed bytes differ from the served image whatever its random
+    last byte (b"x" in place of it once equalled it: a good signature, the update accepted)."""
+    for last in range(256):
+        image = IMAGE[:-1] + bytes([last])
+        assert _other_image(image) != image
 
 
 def test_any_configured_key_verifies(start, server, ota_files):

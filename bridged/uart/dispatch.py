@@ -46,6 +46,12 @@ def _command_var() -> contextvars.ContextVar:
 _COMMAND = _command_var()
 
 
+def forget_command() -> None:
+    """No command is running from here on in this context (a restart: the new session's boot
+    task and reader are made from it, and must not log as the command that restarted it)."""
+    _COMMAND.set(None)
+
+
 class CommandDispatch:
     """Command lines to handlers and answers; a part of ``bridged.uart.front.Front``."""
 

@@ -62,7 +62,7 @@ from bridged.tasks import TaskScope
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.dataphase import DataPhases
 from bridged.uart.direct import SPARE, DirectPayload
-from bridged.uart.dispatch import CommandDispatch
+from bridged.uart.dispatch import CommandDispatch, forget_command
 from bridged.uart.downlink import Downlink, Passthrough
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
@@ -368,6 +368,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        forget_command()  # the boot and what follows are the new session's, not the command's
         self._start_boot(Reset.SOFTWARE, dropped)
         self._resume_reading()  # to drop what comes during the boot
 

@@ -78,6 +78,22 @@ def test_blocking_update_restarts_with_ready_and_closed_links(start, server):
     assert all(h.get("Authorization") == f"token {TOKEN}" for _, h in server.requests)
 
 
+def test_the_session_after_an_update_logs_no_update_command(start, server):
+    """The restarted session's events (ready, the rejoin, a later AT+RST's boot) are not
+    the update's: their log lines name no command."""
+    daemon, host = start(server.url)
+    assert host.command(b"AT+CIUPDATE", timeout=20) == PROGRESS + b"\r\nOK\r\n"
+    host.expect(b"\r\nready\r\n")
+    host.expect(b"WIFI GOT IP\r\n")
+    after = daemon.wait_event("ready", count=2)[-1]
+    assert after.get("command") is None, after
+    assert daemon.wait_event("wifi_joined", count=2)[-1].get("command") is None
+    host.write(b"AT+RST\r\n")
+    host.expect(b"\r\nready\r\n")
+    booting = daemon.wait_event("booting", count=3)[-1]
+    assert booting.get("command") is None, booting
+
+
 def test_blocking_with_version_skips_the_lookup(start, server):
     """A version given: server found (1), then the download (4); no 2 and 3, as in at_ota_cmd.c."""
     daemon, host = start(server.url)

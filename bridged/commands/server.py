@@ -105,6 +105,7 @@ async def _close_all(ctx: Context, link_ids: list[int]) -> Reply:
     body = b""
     for link_id in link_ids:
         if ctx.links.view(link_id) is not None:
+            await ctx.before_close(link_id)  # what a +++ left of its stream goes first, as for AT+CIPCLOSE
             await ctx.links.close(link_id)
             body += closed(link_id)
     return Reply(body)

@@ -33,23 +33,28 @@ class _DeafPeer:
 
     def read_all(self, count: int, timeout: float = 30.0) -> bytes:
         """Start reading at last: the next ``count`` bytes (fewer if the link ends)."""
-        self.conn.settimeout(1)
-        got = bytearray()
-        deadline = time.monotonic() + timeout
-        while len(got) < count and time.monotonic() < deadline:
-            try:
-                chunk = self.conn.recv(1 << 20)
-            except TimeoutError:
-                continue
-            if not chunk:
-                break
-            got += chunk
-        return bytes(got)
+        return read_all(self.conn, count, timeout)
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
         self.server.close()
+
+
+def read_all(conn: socket.socket, count: int, timeout: float = 30.0) -> bytes:
+    """The next ``count`` bytes of ``conn`` (fewer if it ends, or by ``timeout``)."""
+    conn.settimeout(1)
+    got = bytearray()
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            chunk = conn.recv(1 << 20)
+        except TimeoutError:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
 
 
 def _stream_until_stalled(host: Host, stall: float = 0.3) -> bytes:

@@ -13,12 +13,13 @@ import time
 
 import psutil
 
-from tests.harness import Host
+from tests.harness import Host, free_port
 from tests.integration.test_escape_full_ring import (
     _DeafPeer,
     _enter_passthrough,
     _escape_when_heard,
     _stream_until_stalled,
+    read_all,
 )
 
 
@@ -395,3 +396,32 @@ def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host)
         assert not daemon.events("escaped_bytes_dropped")
     finally:
         peer.close()
+
+
+def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host):
+    """AT+CIPSENDL to a server's client that stopped reading, +++ with part of the stream still in
+    the front, then AT+CIPSERVER=0,1 (the server deleted, its clients closed) while the client
+    starts reading: it gets every byte streamed before the +++, as AT+CIPCLOSE would hand them over."""
+    port = free_port()
+    host.command(b"AT+CIPMUX=1")
+    assert host.ask(b"AT+CIPSERVER=1,%d" % port) == b"\r\nOK\r\n"
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # deaf: a small window, nothing read
+    try:
+        client.connect(("127.0.0.1", port))
+        host.expect(b"0,CONNECT\r\n")
+        host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
+        host.expect(b"\r\nOK\r\n\r\n>")
+        sent = _stream_until_stalled(host)
+        _escape_when_heard(host)
+        host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
+        assert daemon.wait_event("escaped_bytes_kept")
+        time.sleep(2.5)  # the leftover's look waits 1 s by now
+        host.write(b"AT+CIPSERVER=0,1\r\n")
+        time.sleep(0.3)  # the close is under way; now the client reads
+        got = read_all(client, len(sent) + 1, timeout=15)
+        assert _same(got, sent), f"{len(sent) - len(got)} of {len(sent)} bytes lost"
+        assert host.expect(b"\r\nOK\r\n", timeout=10).endswith(b"0,CLOSED\r\n\r\nOK\r\n")
+        assert not daemon.events("escaped_bytes_dropped")
+    finally:
+        client.close()

@@ -34,6 +34,18 @@ def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer) -> bytes:
     return sent
 
 
+def _cancel_a_stalled_sendl(daemon, host: Host) -> bytes:
+    """AT+CIPSENDL on link 0 into a deaf peer until it stalls, then +++: some of it waits in the
+    front (a leftover); what was streamed."""
+    host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
+    host.expect(b"\r\nOK\r\n\r\n>")
+    sent = _stream_until_stalled(host)
+    _escape_when_heard(host)
+    host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
+    assert daemon.wait_event("escaped_bytes_kept")
+    return sent
+
+
 def _reset(peer: _DeafPeer) -> None:
     """The peer resets the connection (RST, unread data and all)."""
     peer.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -342,12 +354,7 @@ def test_a_leftover_holds_up_only_its_own_link(daemon, host):
         peer.accept()
         assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % other.port).endswith(b"OK\r\n")
         other.accept()
-        host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
-        host.expect(b"\r\nOK\r\n\r\n>")
-        sent = _stream_until_stalled(host)
-        _escape_when_heard(host)
-        host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
-        assert daemon.wait_event("escaped_bytes_kept")
+        sent = _cancel_a_stalled_sendl(daemon, host)
         assert b"SEND OK" in host.send_data(b"AT+CIPSEND=1,5", b"other")
         assert other.read_all(1 << 20, timeout=1.0) == b"other"
         assert _same(peer.read_all(len(sent)), sent)
@@ -410,12 +417,7 @@ def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host)
     try:
         client.connect(("127.0.0.1", port))
         host.expect(b"0,CONNECT\r\n")
-        host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
-        host.expect(b"\r\nOK\r\n\r\n>")
-        sent = _stream_until_stalled(host)
-        _escape_when_heard(host)
-        host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
-        assert daemon.wait_event("escaped_bytes_kept")
+        sent = _cancel_a_stalled_sendl(daemon, host)
         time.sleep(2.5)  # the leftover's look waits 1 s by now
         host.write(b"AT+CIPSERVER=0,1\r\n")
         time.sleep(0.3)  # the close is under way; now the client reads

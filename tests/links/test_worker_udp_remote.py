@@ -40,6 +40,15 @@ async def _in_a_read_pause(live: LiveWorker, old: socket.socket, where: tuple) -
     raise AssertionError("the worker never paused its reads")
 
 
+async def _connected(live: LiveWorker, old: socket.socket, mode: int) -> tuple:
+    """A UDP link in ``mode`` to ``old``, which has heard its first datagram; the link's address."""
+    send_message(live.control, Connect(1, "UDP", "127.0.0.1", old.getsockname()[1], udp_mode=mode))
+    assert isinstance(await recv_control(live.control), Connected)
+    records.put_record(live.up, records.DATA, b"hello")
+    _, where = await asyncio.to_thread(old.recvfrom, 64)
+    return where
+
+
 @pytest.mark.parametrize("mode, moves", [(0, False), (1, True), (2, True)])
 def test_a_send_behind_a_new_senders_held_datagram_goes_where_the_mode_says(mode, moves):
     """<mode> 1/2: a new sender's datagram waiting in a read pause moves the remote before the
@@ -47,10 +56,7 @@ def test_a_send_behind_a_new_senders_held_datagram_goes_where_the_mode_says(mode
     old, new = _udp_peer(), _udp_peer()
 
     async def main(live: LiveWorker) -> list:
-        send_message(live.control, Connect(1, "UDP", "127.0.0.1", old.getsockname()[1], udp_mode=mode))
-        assert isinstance(await recv_control(live.control), Connected)
-        records.put_record(live.up, records.DATA, b"hello")
-        _, where = await asyncio.to_thread(old.recvfrom, 64)
+        where = await _connected(live, old, mode)
         await _in_a_read_pause(live, old, where)
         new.sendto(b"new sender", where)  # in the kernel now; the worker's reads are paused
         records.put_record(live.up, records.DATA, b"reply")  # the MCU's AT+CIPSEND, no remote named
@@ -88,10 +94,7 @@ def test_a_send_and_a_new_senders_datagram_in_one_wake_up(mode):
     old, new = _udp_peer(), _udp_peer()
 
     async def main(live: LiveWorker) -> None:
-        send_message(live.control, Connect(1, "UDP", "127.0.0.1", old.getsockname()[1], udp_mode=mode))
-        assert isinstance(await recv_control(live.control), Connected)
-        records.put_record(live.up, records.DATA, b"hello")
-        _, where = await asyncio.to_thread(old.recvfrom, 64)
+        where = await _connected(live, old, mode)
         await asyncio.sleep(0.05)
         assert live.worker._pause is None and live.worker._gate.is_open  # reading, not paused
         records.put_record(live.up, records.DATA, b"reply")  # epoll hands the doorbell's event first

@@ -10,21 +10,23 @@ from ``/proc/PID/task/*/stat`` (user and system, 10 ms ticks: enough over
 thousands of sends) and ``schedstat`` (the total, to the ns), over the
 measured window only (a warm-up of ``WARM`` sends first).
 
-``--refs A,B``: each run starts the daemon from ``git archive REF bridged``
-on its PYTHONPATH (``.`` is the work tree as it stands), the refs in turn
-within each round, so both see the same minutes of a noisy machine; the
-medians per ref close the output.
+``--refs A,B``: one daemon per ref, all at once (each imports ``git archive
+REF bridged`` first on its PYTHONPATH; ``.`` is a copy of the work tree as
+it stands), one send to each in turn: every ref sees the same moments of a
+noisy machine.  ``windows`` windows of ``sends`` sends each; per window the
+front's run time of each ref against the first's, and the medians.
 
-``--strace``: one more run of the first ref with ``strace -f -c`` attached to
-the front for the measured window; its per-syscall counts per send.
+``--strace``: ``strace -f -c`` attached to the first ref's front for all
+windows (it slows that one: read its counts, not its times).
 
-Run: ``.venv/bin/python -m bench.front_split [--sends N] [--runs R] [--refs main,.] [--strace]``
+Run: ``.venv/bin/python -m bench.front_split [--sends N] [--windows W] [--refs main,.] [--strace]``
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -39,7 +41,7 @@ from .common import REPO, BenchError, Daemon, HashMismatch, SinkServer, median, 
 from .cipsend_throughput import make_payload
 
 CHUNK = 8192
-WARM = 200
+WARM = 100
 STEP_TIMEOUT = 10.0
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -82,63 +84,99 @@ def _send(c, view, off: int, n: int, i: int) -> None:
         raise BenchError(f"send #{i}: after the payload {got!r}")
 
 
-def one_run(sends: int, strace: bool = False) -> dict[str, object]:
-    data, digest = make_payload((sends + WARM) * CHUNK)
-    view = memoryview(data)
-    with SinkServer() as sink, Daemon() as d:
-        c = d.client
-        d.join_wifi()
+class Subject:
+    """One daemon (the code of one ref) with one TCP link to its own sink."""
+
+    def __init__(self, stack: contextlib.ExitStack, ref: str, label: str, nbytes: int) -> None:
+        self.ref = label
+        self.data, self.digest = make_payload(nbytes)
+        self.view = memoryview(self.data)
+        self.sent = 0
+        self.sink = stack.enter_context(SinkServer())
+        with daemon_code(stack, ref):  # the daemon imports bridged at its start, from ref
+            self.daemon = stack.enter_context(Daemon())
+        c = self.client = self.daemon.client
+        self.daemon.join_wifi()
         c.expect(b"AT+CIPMUX=1\r\n", b"\r\nOK\r\n")
-        c.write(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d\r\n' % sink.port)
+        c.write(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d\r\n' % self.sink.port)
         got = c.read_until((b"\r\nOK\r\n", b"ERROR\r\n"), STEP_TIMEOUT)
         if not got.endswith(b"\r\nOK\r\n"):
-            raise BenchError(f"AT+CIPSTART: {got!r}")
-        roles = _roles(d)
-        for i in range(WARM):
-            _send(c, view, i * CHUNK, CHUNK, i)
+            raise BenchError(f"{ref}: AT+CIPSTART: {got!r}")
+        self.roles = _roles(self.daemon)
+
+    def send(self) -> None:
+        _send(self.client, self.view, self.sent * CHUNK, CHUNK, self.sent)
+        self.sent += 1
+
+    def sample(self) -> dict[str, tuple]:
+        return {role: _stat(pid) + (psutil.Process(pid).num_ctx_switches().voluntary,)
+                for role, pid in self.roles.items()}
+
+    def check(self) -> None:
+        n = self.sent * CHUNK
+        if not self.sink.wait_bytes(n, 30.0) or self.sink.digest() != hashlib.sha256(self.data[:n]).hexdigest():
+            raise HashMismatch(f"{self.ref}: the sink holds {self.sink.nbytes} bytes, not the {n} sent")
+
+
+def _per_send(before: dict, after: dict, sends: int) -> dict[str, tuple]:
+    """us per send (user, sys, run) and wake-ups per send, by role."""
+    return {role: tuple((after[role][k] - before[role][k]) / sends * (1e6 if k < 3 else 1) for k in range(4))
+            for role in before}
+
+
+def measure(refs: list[str], sends: int, windows: int, strace: bool) -> dict[str, list[dict]]:
+    """Every ref's daemon at once, one send to each in turn: the same minutes for all.
+    ``windows`` windows of ``sends`` sends each; per window and ref, us per send."""
+    labels = [ref if refs.count(ref) == 1 else f"{ref}#{i}" for i, ref in enumerate(refs)]
+    out: dict[str, list[dict]] = {label: [] for label in labels}
+    with contextlib.ExitStack() as stack:
+        subjects = [Subject(stack, ref, label, (WARM + sends * windows) * CHUNK)
+                    for ref, label in zip(refs, labels)]
+        for _ in range(WARM):
+            for s in subjects:
+                s.send()
         tracer = None
         if strace:
-            out = tempfile.mktemp(prefix="front-strace-")
-            tracer = subprocess.Popen(["strace", "-f", "-c", "-o", out, "-p", str(roles["front"])],
-                                      stderr=subprocess.DEVNULL)
+            trace_out = tempfile.mktemp(prefix="front-strace-")
+            tracer = subprocess.Popen(["strace", "-f", "-c", "-o", trace_out, "-p",
+                                       str(subjects[0].roles["front"])], stderr=subprocess.DEVNULL)
             time.sleep(0.5)  # strace says nothing once attached: give it a moment
-        before = {role: _stat(pid) for role, pid in roles.items()}
-        switches = {role: psutil.Process(pid).num_ctx_switches().voluntary for role, pid in roles.items()}
-        t0 = now()
-        for i in range(WARM, WARM + sends):
-            _send(c, view, i * CHUNK, CHUNK, i)
-        elapsed = now() - t0
-        after = {role: _stat(pid) for role, pid in roles.items()}
-        wakes = {role: psutil.Process(pid).num_ctx_switches().voluntary - switches[role]
-                 for role, pid in roles.items()}
+        for w in range(windows):
+            before = [s.sample() for s in subjects]
+            t0 = now()
+            for _ in range(sends):
+                for s in subjects:
+                    s.send()
+            elapsed = now() - t0
+            for s, b in zip(subjects, before):
+                r = _per_send(b, s.sample(), sends)
+                r["seconds"] = elapsed
+                out[s.ref].append(r)
+                print(_row(s.ref, r), flush=True)
         if tracer is not None:
             tracer.send_signal(signal.SIGINT)
             tracer.wait(10)
-        if not sink.wait_bytes(len(data), 30.0) or sink.digest() != digest:
-            raise HashMismatch(f"sink holds {sink.nbytes} bytes, not the {len(data)} sent")
-    result: dict[str, object] = {"seconds": elapsed}
-    for role in roles:
-        u = (after[role][0] - before[role][0]) / sends * 1e6
-        s = (after[role][1] - before[role][1]) / sends * 1e6
-        r = (after[role][2] - before[role][2]) / sends * 1e6
-        result[role] = (u, s, r, wakes[role] / sends)
-    if tracer is not None:
-        with open(out) as f:
-            result["strace"] = f.read()
-        os.unlink(out)
-    return result
+            with open(trace_out) as f:
+                print(f"strace -f -c of the front ({labels[0]}), {sends * windows} sends:\n{f.read()}")
+            os.unlink(trace_out)
+        for s in subjects:
+            s.check()
+    return out
 
 
 @contextlib.contextmanager
-def daemon_code(ref: str):
-    """The daemon imports bridged from ``ref`` (``.``: the work tree) while inside."""
-    if ref == ".":
-        yield
-        return
+def daemon_code(stack: contextlib.ExitStack, ref: str):
+    """While inside, a daemon started imports bridged from ``ref`` (``.``: the work
+    tree as it is now, copied: edits made meanwhile do not reach it)."""
     tmp = tempfile.mkdtemp(prefix="front-split-src-")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "bridged"],
-                             capture_output=True, timeout=60, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", tmp], input=archive, timeout=60, check=True)
+    stack.callback(shutil.rmtree, tmp, True)
+    if ref == "." or os.path.isdir(os.path.join(ref, "bridged")):  # a tree, not a ref
+        shutil.copytree(os.path.join(REPO if ref == "." else ref, "bridged"), os.path.join(tmp, "bridged"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    else:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "bridged"],
+                                 capture_output=True, timeout=60, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, timeout=60, check=True)
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = tmp + (os.pathsep + old if old else "")
     try:
@@ -148,7 +186,6 @@ def daemon_code(ref: str):
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _row(ref: str, r: dict) -> str:
@@ -160,32 +197,28 @@ def _row(ref: str, r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.front_split", description=__doc__.split("\n")[0])
-    ap.add_argument("--sends", type=int, default=4096)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sends", type=int, default=2000, help="sends to each daemon per window")
+    ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--refs", default=".", help="comma-separated git refs; '.' is the work tree")
     ap.add_argument("--strace", action="store_true")
     args = ap.parse_args(argv)
     refs = [r.strip() for r in args.refs.split(",") if r.strip()]
     print(f"us per AT+CIPSEND=0,{CHUNK} (user, sys from 10 ms ticks; run from schedstat), "
-          f"{args.sends} sends a run")
-    results: dict[str, list[dict]] = {ref: [] for ref in refs}
-    for _ in range(args.runs):
-        for ref in refs:
-            with daemon_code(ref):
-                r = one_run(args.sends)
-            results[ref].append(r)
-            print(_row(ref, r), flush=True)
+          f"{args.sends} sends to each of {len(refs)} daemons per window, in turn")
+    results = measure(refs, args.sends, args.windows, args.strace)
     print("medians:")
     for ref, rs in results.items():
         med = {"seconds": median(r["seconds"] for r in rs)}
         for role in ("front", "worker0"):
             med[role] = tuple(median(r[role][k] for r in rs) for k in range(4))
         print(_row(ref, med))
-    if args.strace:
-        with daemon_code(refs[0]):
-            r = one_run(args.sends, strace=True)
-        print(f"strace -f -c of the front ({refs[0]}), {args.sends} sends:")
-        print(r["strace"])
+    labels = list(results)
+    if len(labels) > 1:
+        base = results[labels[0]]
+        for ref in labels[1:]:
+            ratios = [r["front"][2] / b["front"][2] for r, b in zip(results[ref], base)]
+            print(f"front run time {ref} / {labels[0]}: median {median(ratios):.3f} "
+                  f"(windows: {', '.join(f'{x:.3f}' for x in ratios)})")
     return 0
 
 

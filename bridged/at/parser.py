@@ -187,6 +187,11 @@ class Parser:
         self._buf += data
 
     @property
+    def idle(self) -> bool:
+        """Reading command lines, none of one held (nor an over-long line being dropped)."""
+        return self._mode is _Mode.COMMAND and not self._buf
+
+    @property
     def buffered(self) -> int:
         """Command-mode bytes waiting (in data mode: bytes after the payload)."""
         return len(self._buf)

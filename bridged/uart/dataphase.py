@@ -381,7 +381,7 @@ class DataPhases:
             self._wait_room(send)
 
     def _finish_send(self, result: bytes, process: bool = True, recv: bytes = b"") -> None:
-        if self.sending is not None:
+        if self.sending is not None and self.sending.ahead is not None:
             self._keep_leftover(self.sending)  # a leftover it waited behind (SEND FAIL) is not its own
         self.sending = None
         if self._room_slot is not None:

@@ -47,6 +47,8 @@ class PortReading:
     """Reading the port; a part of ``bridged.uart.front.Front`` (uses its attributes)."""
 
     def _resume_reading(self) -> None:
+        if self._gate.open_fd == self.fd and not (self._listening or self._side_full or self._listen_timer):
+            return  # read already, and not listening (after every send: a plain check)
         self._end_listening()
         if self._replug is not None and self._replug.away:
             return  # the device is gone: reading resumes when it is back

@@ -14,12 +14,15 @@ measured window only (a warm-up of ``WARM`` sends first).
 REF bridged`` first on its PYTHONPATH; ``.`` is a copy of the work tree as
 it stands), one send to each in turn: every ref sees the same moments of a
 noisy machine.  ``windows`` windows of ``sends`` sends each; per window the
-front's run time of each ref against the first's, and the medians.
+front's run time of each ref against the first's.  A daemon's own placement
+(CPU, memory layout) biases all its windows alike, by up to 15% either way
+here: ``runs`` repeats it all with fresh daemons, started in rotated order,
+and the median of the runs' ratios is the figure to quote.
 
 ``--strace``: ``strace -f -c`` attached to the first ref's front for all
 windows (it slows that one: read its counts, not its times).
 
-Run: ``.venv/bin/python -m bench.front_split [--sends N] [--windows W] [--refs main,.] [--strace]``
+Run: ``.venv/bin/python -m bench.front_split [--sends N] [--windows W] [--runs R] [--refs main,.] [--strace]``
 """
 
 from __future__ import annotations
@@ -198,27 +201,38 @@ def _row(ref: str, r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.front_split", description=__doc__.split("\n")[0])
     ap.add_argument("--sends", type=int, default=2000, help="sends to each daemon per window")
-    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--windows", type=int, default=4, help="windows per run")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="runs, each with fresh daemons (a daemon's own placement biases it: "
+                         "compare across runs), the refs started in rotated order")
     ap.add_argument("--refs", default=".", help="comma-separated git refs; '.' is the work tree")
     ap.add_argument("--strace", action="store_true")
     args = ap.parse_args(argv)
     refs = [r.strip() for r in args.refs.split(",") if r.strip()]
     print(f"us per AT+CIPSEND=0,{CHUNK} (user, sys from 10 ms ticks; run from schedstat), "
           f"{args.sends} sends to each of {len(refs)} daemons per window, in turn")
-    results = measure(refs, args.sends, args.windows, args.strace)
-    print("medians:")
+    results: dict[str, list[dict]] = {}
+    per_run: dict[str, list[float]] = {}
+    for run in range(args.runs):
+        order = refs[run % len(refs):] + refs[:run % len(refs)]
+        got = measure(order, args.sends, args.windows, args.strace and run == 0)
+        for label, rs in got.items():
+            results.setdefault(label, []).extend(rs)
+        labels = [label for label in results if label in got]
+        for label in labels[1:]:
+            ratio = median(r["front"][2] / b["front"][2] for r, b in zip(got[label], got[labels[0]]))
+            per_run.setdefault(label, []).append(ratio)
+            print(f"run {run + 1}: front run time {label} / {labels[0]}: {ratio:.3f}", flush=True)
+    print("medians over all windows:")
     for ref, rs in results.items():
         med = {"seconds": median(r["seconds"] for r in rs)}
         for role in ("front", "worker0"):
             med[role] = tuple(median(r[role][k] for r in rs) for k in range(4))
         print(_row(ref, med))
-    labels = list(results)
-    if len(labels) > 1:
-        base = results[labels[0]]
-        for ref in labels[1:]:
-            ratios = [r["front"][2] / b["front"][2] for r, b in zip(results[ref], base)]
-            print(f"front run time {ref} / {labels[0]}: median {median(ratios):.3f} "
-                  f"(windows: {', '.join(f'{x:.3f}' for x in ratios)})")
+    first = list(results)[0]
+    for label, ratios in per_run.items():
+        print(f"front run time {label} / {first}: median of runs {median(ratios):.3f} "
+              f"(runs: {', '.join(f'{x:.3f}' for x in ratios)})")
     return 0
 
 

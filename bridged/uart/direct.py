@@ -70,8 +70,8 @@ class DirectPayload:
         except Exception:
             log.exception("command_crashed")  # our bug, not the host's: as CommandDispatch._process
             self._error(AtError("internal error"))
-        if not self.sending.direct:
-            self._process()  # the parser's data phase goes on as after a dispatched line
+        if self.sending is None or not self.sending.direct:
+            self._process()  # the parser's data phase (or what a crash left) goes on as after a dispatched line
         return True
 
     def _try_direct(self, send: Send) -> None:

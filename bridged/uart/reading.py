@@ -156,10 +156,12 @@ class PortReading:
             self.tap.received(data)
         if self.rx_fault is not None and not (data := self.rx_fault(data)):
             return  # an injected overrun lost all of it
+        # Counted whatever becomes of them (the boot's loss too): offsets in the input stream
+        # (an on-demand uart_overrun's, bridged.faults.front) rest on it.
+        self.counters.rx_bytes += len(data)
         if disposition is Input.DROP:
             self.boot.drop(len(data))
             return
-        self.counters.rx_bytes += len(data)
         if disposition is Input.REFUSE:
             self._refuse_busy(data)
             return

@@ -56,7 +56,8 @@ class UartCounters:
 
     rx_bytes: int = 0  # read from the MCU, what a booting chip drops included (uart.reading)
     flow_pauses: int = 0  # times reading stopped because a link's uplink ring was full
-    direct_sends: int = 0  # AT+CIPSEND payloads read straight into their ring (bridged.uart.direct)
+    direct_sends: int = 0  # AT+CIPSEND payloads read whole straight into their ring (bridged.uart.direct)
+    direct_fallbacks: int = 0  # ... begun that way, then handed to the general path (a +++ candidate, a fault)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class UartStatus:
     bytes_in: int
     bytes_out: int
     flow_pauses: int
-    direct_sends: int  # AT+CIPSEND payloads read straight into their ring (uart.direct)
+    direct_sends: int  # AT+CIPSEND payloads read whole straight into their ring (uart.direct)
+    direct_fallbacks: int  # ... begun that way, then handed to the general path
     icount: dict[str, int] | None  # TIOCGICOUNT; None on a pty (n/a)
 
 
@@ -241,7 +243,7 @@ class StatusService:
         return UartStatus(front.port_name, self.kind, u.baud, u.data_bits, _STOP_BITS.get(u.stop_bits, "?"),
                           _PARITY.get(u.parity, "?"), _FLOW.get(u.flow, "?"), self._uart_source(),
                           front.counters.rx_bytes, front.output.written, front.counters.flow_pauses,
-                          front.counters.direct_sends,
+                          front.counters.direct_sends, front.counters.direct_fallbacks,
                           _icount(front.fd))
 
     def _uart_source(self) -> str:

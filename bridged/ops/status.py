@@ -100,6 +100,7 @@ class UartStatus:
 class FaultsStatus:
     seed: int  # [faults] seed, configured or drawn at start: put it in the profile to replay the run
     counts: dict[str, int]  # injected faults per name, the front's and the link workers' together
+    uart_hooks: dict[str, bool]  # the UART paths through a fault hook now: "input", "output"
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class StatusService:
         return Status(__version__, round(uptime, 1), round(time.monotonic() - self.started, 1), os.getpid(),
                       restarts[0], self._uart(), _WIFI.get(state.wifi_state, str(state.wifi_state)),
                       state.wifi_ssid, links, self._errors(stats),
-                      FaultsStatus(front.faults.seed, front.faults.counts()))
+                      FaultsStatus(front.faults.seed, front.faults.counts(), front.faults.line.hooked()))
 
     def _link(self, slot: Any, stats: LinkStats | None, restarts: tuple[int, ...]) -> LinkStatus:
         view = slot.view if slot.state.name == "OPEN" else None

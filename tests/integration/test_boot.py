@@ -442,7 +442,7 @@ def test_the_supervisor_hears_ready_once_per_front(make_daemon):
     daemon.wait_event("ready", count=3)
     time.sleep(0.5)  # the supervisor reads its channel at once: a second FrontReady would be in the log
     assert [e["pid"] for e in daemon.events("front_ready")] == [first]
-    daemon.expected_errors |= {"child_died"}
+    daemon.expected_errors |= {"child_died", "worker_died"}
     os.kill(first, signal.SIGKILL)
     host.expect(READY)
     heard = daemon.wait_event("front_ready", count=2)

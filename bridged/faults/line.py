@@ -61,8 +61,7 @@ class LineHooks:
         kept = self.faults.incoming(data)
         if self.faults.input_over():
             self.front.rx_fault = None
-            # rx_bytes counts this read's kept bytes after the hook: offsets resume from here.
-            self._rx_unhooked = self.front.counters.rx_bytes + len(kept)
+            self._rx_unhooked = self.front.counters.rx_bytes  # it counted this read already: offsets go on from here
             log.info("uart_input_fault_over", received=self.faults.received)
         return kept
 

@@ -54,7 +54,7 @@ _WIFI = {0: "not started", 1: "connected, no IP", 2: "connected", 3: "connecting
 class UartCounters:
     """The front's counts of the serial line (cheap increments)."""
 
-    rx_bytes: int = 0  # read from the MCU, what a booting chip drops included (uart.reading)
+    rx_bytes: int = 0  # read from the MCU, whatever became of it (a boot's or an injected overrun's loss)
     flow_pauses: int = 0  # times reading stopped because a link's uplink ring was full
     direct_sends: int = 0  # AT+CIPSEND payloads read whole straight into their ring (bridged.uart.direct)
     direct_fallbacks: int = 0  # ... begun that way, then handed to the general path (a +++ candidate, a fault)

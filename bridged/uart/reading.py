@@ -154,11 +154,11 @@ class PortReading:
             self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
+        # Counted whatever becomes of them (an injected overrun's loss, the boot's): all that
+        # was read, as bytes_out is all that was written; the input fault offsets rest on it.
+        self.counters.rx_bytes += len(data)
         if self.rx_fault is not None and not (data := self.rx_fault(data)):
             return  # an injected overrun lost all of it
-        # Counted whatever becomes of them (the boot's loss too): offsets in the input stream
-        # (an on-demand uart_overrun's, bridged.faults.front) rest on it.
-        self.counters.rx_bytes += len(data)
         if disposition is Input.DROP:
             self.boot.drop(len(data))
             return

@@ -26,10 +26,10 @@ def fake_front(faults: dict | None = None, seed: int = 1):
 
 
 def _read(front, data: bytes) -> bytes:
-    """One UART read as uart.reading does it: through the hook while there is one, then counted."""
+    """One UART read as uart.reading does it: counted, then through the hook while there is one."""
+    front.counters.rx_bytes += len(data)
     if front.rx_fault is not None:
         data = front.rx_fault(data)
-    front.counters.rx_bytes += len(data)
     return data
 
 

@@ -93,3 +93,24 @@ def test_input_a_booting_chip_drops_is_counted_and_overrun_offsets_go_on_past_it
         assert time.monotonic() < deadline, daemon.events("fault_injected")
         time.sleep(0.05)
     assert _overrun_offsets(daemon) == [0, 5 + 8 + 100]
+
+
+def test_input_an_injected_overrun_loses_is_counted_as_read(daemon):
+    """uart.bytes_in is all that was read from the MCU (as bytes_out is all that was written to
+    it): the 3 bytes an on-demand uart_overrun loses were read too, as a booting chip's loss is;
+    the next overrun's offset counts them once, hooked or not."""
+    host = daemon.host()
+    host.boot()
+    before = status_json(daemon)["uart"]["bytes_in"]
+    assert fault_cli(daemon, "uart_overrun", "count=1", "bytes=3").returncode == 0
+    assert answer(host, b"xyzAT") == b"\r\nOK\r\n"  # "xyz" lost, "AT" answered
+    daemon.wait_event("uart_input_fault_over")
+    assert status_json(daemon)["uart"]["bytes_in"] == before + 7
+    assert fault_cli(daemon, "uart_overrun", "count=1", "bytes=1").returncode == 0
+    assert answer(host, b"AAT") == b"\r\nOK\r\n"
+    deadline = time.monotonic() + 5  # a per-byte kind's second log line may wait up to a second
+    while len(_overrun_offsets(daemon)) < 2:
+        assert time.monotonic() < deadline, daemon.events("fault_injected")
+        time.sleep(0.05)
+    assert _overrun_offsets(daemon) == [0, 7]
+    assert status_json(daemon)["uart"]["bytes_in"] == before + 7 + 5

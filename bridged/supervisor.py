@@ -326,7 +326,8 @@ class Supervisor(Children):
                 self.report.show(msg.summary)
         elif isinstance(msg, WorkerRefused):
             self.kill_refused(msg)
-        elif isinstance(msg, FrontReady):
+        elif isinstance(msg, FrontReady):  # once per front, at its first ready
+            log.info("front_ready", pid=self.front.pid, port=msg.port)
             self.front.failures = 0
             if not self.front_ready:
                 self.front_ready = self.served = True

@@ -83,7 +83,6 @@ class DirectPayload:
                 and send.slot.uplink.free() >= send.length):
             send.direct = True
             send.direct_at = self.loop.time()
-            self.counters.direct_sends += 1
 
     def _read_direct(self, send: Send) -> bytes | None:
         """One read of the payload; None when it is handled here, else the bytes
@@ -115,6 +114,7 @@ class DirectPayload:
             return None
         send.staged = send.length
         send.direct = False
+        self.counters.direct_sends += 1  # the whole payload went this way (not one begun, then handed back)
         self.parser.end_data()  # every payload byte was read past it
         if n > left:
             self.parser.receive_bytes(bytes(self._spare[:n - left]), now)  # _payload_complete refuses it
@@ -141,6 +141,7 @@ class DirectPayload:
             region += self._spare[:n - left]
         earlier = bytes(region[:send.staged])
         send.direct = False
+        self.counters.direct_fallbacks += 1
         send.staged = 0
         if earlier:
             self.parser.receive_bytes(earlier, send.direct_at)

@@ -97,6 +97,7 @@ class Output:
         self._pending_final = False  # ... ends with a final result
         self._when_empty: list[Callable[[], None]] = []
         self.written = 0
+        self.batched = 0  # bytes joined into writes, before any injected fault: offsets in the stream
         self.pacer: Pacer | None = None  # [uart] pace: the line's rate (None: as fast as the port takes)
         self._woken_at = 0.0  # the line deadline the pacing timer last fired for
 
@@ -258,6 +259,7 @@ class Output:
         if not parts:
             return False
         data = b"".join(parts)
+        self.batched += len(data)
         if self.mangle is not None:  # bytes lost or corrupted on the line (bridged.faults)
             mangled = self.mangle(data)
             self.buffered -= len(data) - len(mangled)

@@ -170,12 +170,14 @@ class PortReading:
             self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
+        # Counted whatever becomes of them (an injected overrun's loss, the boot's): all that
+        # was read, as bytes_out is all that was written; the input fault offsets rest on it.
+        self.counters.rx_bytes += len(data)
         if self.rx_fault is not None and not (data := self.rx_fault(data)):
             return  # an injected overrun lost all of it
         if disposition is Input.DROP:
             self.boot.drop(len(data))
             return
-        self.counters.rx_bytes += len(data)
         if disposition is Input.REFUSE:
             self._refuse_busy(data)
             return

@@ -380,13 +380,15 @@ def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
 def test_an_overrun_on_demand_leaves_the_direct_path_when_over(daemon, host, peer):
     """uart_overrun on demand (bytes=3) armed at a send's prompt loses the payload's first 3 bytes (the MCU
     writes 3 more; the peer gets the rest); once over, the next AT+CIPSEND is read straight into
-    its ring again (status uart.direct_sends counts it) and arrives whole."""
+    its ring again (status uart.direct_sends counts it, and direct_fallbacks the faulted one, begun
+    direct and handed to the general path) and arrives whole."""
     from tests.integration.test_status import status_json
 
     _open(host, peer.getsockname()[1])
     conn, _ = peer.accept()
     assert host.send_data(b"AT+CIPSEND=5", b"first") == b"\r\nRecv 5 bytes\r\n\r\nSEND OK\r\n"
-    before = status_json(daemon)["uart"]["direct_sends"]
+    uart = status_json(daemon)["uart"]
+    before, fallbacks = uart["direct_sends"], uart["direct_fallbacks"]
     assert before >= 1
     host.command(b"AT+CIPSEND=10", b">")
     assert fault_cli(daemon, "uart_overrun", "count=1", "bytes=3").returncode == 0
@@ -396,7 +398,8 @@ def test_an_overrun_on_demand_leaves_the_direct_path_when_over(daemon, host, pee
     payload = os.urandom(4000)
     assert host.send_data(b"AT+CIPSEND=4000", payload) == b"\r\nRecv 4000 bytes\r\n\r\nSEND OK\r\n"
     status = status_json(daemon)
-    assert status["uart"]["direct_sends"] == before + 2  # the faulted send began direct, then this one
+    assert status["uart"]["direct_sends"] == before + 1  # this one; the faulted one fell back
+    assert status["uart"]["direct_fallbacks"] == fallbacks + 1
     assert status["faults"]["counts"].get("uart_overrun") == 1
     assert _recv(conn, 5 + 10 + 4000) == b"first" + b"defghij123" + payload
     conn.close()

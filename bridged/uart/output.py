@@ -140,6 +140,7 @@ class Output:
             self._replies.append((self._seq, data, final, len(data)))
             self._queued(len(data))
             return
+        self.batched += len(data)  # as _next_batch counts a batch (the fault offsets rest on it)
         self.written += n
         if n < len(data):  # the port is full: the rest waits for it as the pump's would
             self._pending = memoryview(data)[n:]

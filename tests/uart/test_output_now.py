@@ -87,3 +87,19 @@ def test_a_failed_write_queues_it_for_the_pump_to_report():
         os.close(w)
     assert len(failures) == 1 and isinstance(failures[0], OSError)
     assert buffered == len(PROMPT) and suspended
+
+
+def test_bytes_written_at_once_count_as_batched(pty_pair):
+    """The injected-fault offsets count every byte joined into a write (Output.batched): one
+    written at once counts as a batch the pump writes does, once."""
+    master, slave = pty_pair
+
+    async def main():
+        out = Output(master, 0.0, lambda: None)
+        out.reply_now(PROMPT)
+        out.reply(b"\r\nOK\r\n")
+        out.reply_now(RECV_OK)  # queued behind the reply: batched by the pump
+        await asyncio.to_thread(_read_until_size, slave, len(PROMPT) + 6 + len(RECV_OK), 2.0)
+        return out.batched
+
+    assert _run(main()) == len(PROMPT) + 6 + len(RECV_OK)

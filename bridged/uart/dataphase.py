@@ -52,17 +52,18 @@ class DataPhases:
     def _start_send(self, request: SendRequest) -> None:
         slot = self.links.slots[request.link_id]
         self.links.touch(request.link_id)
-        state = self.ctx.state
+        state, now = self.ctx.state, self.loop.time()
         report, transmit = state.sendl_cfg
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
-        self.sending.ahead = self._leftover_for(request.link_id)  # an escaped stream's rest goes first
+        if self._leftovers:  # an escaped stream's rest goes first
+            self.sending.ahead = self._leftover_for(request.link_id)
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
-        self.session.handle(prompt_event(request.kind, self._sndtimeo(self.sending)), self.loop.time())
+        self.session.handle(prompt_event(request.kind, self._sndtimeo(self.sending)), now)
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
-        self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
+        self.parser.start_data(request.kind, request.length, now, chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
             self.passthrough = Passthrough(request.link_id, slot.spec, slot.server)
         else:

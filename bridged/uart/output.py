@@ -330,10 +330,10 @@ class Output:
             # Whole ticks: a shorter timer would fire at once and spin the loop.
             self._timer = self.loop.call_later(max(math.ceil(wait / _TICK - 0.5), 1) * _TICK, self._pump)
             return
-        # Deferred: a writer must never be re-entered by the callbacks it causes.
-        callbacks, self._when_empty = self._when_empty, []
-        for callback in callbacks:
-            self.loop.call_soon(callback)
+        if self._when_empty:  # deferred: a writer must never be re-entered by the callbacks it causes
+            callbacks, self._when_empty = self._when_empty, []
+            for callback in callbacks:
+                self.loop.call_soon(callback)
         # Called at once (it runs after every write): it may only queue more
         # output, and queuing never writes from inside _pump.
         self.on_drained()

@@ -188,7 +188,10 @@ class PortReading:
             self.parser.receive_bytes(data, now)
             self._process()
         if self._paced is None and not self._listening:  # paced reads come in slices already
-            self._coalesce(len(data), now)  # (a small, interactive read only has its time noted)
+            if len(data) < _COALESCE_MIN:  # a small, interactive read only has its time noted (inline)
+                self._last_read = now
+            else:
+                self._coalesce(len(data), now)
 
     def _read_failed(self, exc: OSError) -> None:
         if exc.errno in _GONE and self._replug is not None:

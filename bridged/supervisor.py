@@ -103,6 +103,7 @@ class Supervisor(Children):
         # link_id -> WorkerStarted not yet sent (the front's channel was full) and its socket
         self._announcements: dict[int, tuple[WorkerStarted, socket.socket]] = {}
         self._workers_kill_at: float | None = None  # when the dead front's workers get SIGKILL
+        self._started: list[tuple[Child, int]] | None = None  # forked by _start_all, not yet logged
         self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 

@@ -98,47 +98,88 @@ def _children(log_path: Path) -> dict[int, str]:
     return roles
 
 
-def _fork_daemon(args: list[str], log_path: Path) -> int:
-    """``python -m bridged ARGS`` forked from this process (tests/forkserver.py's way)."""
-    import runpy
+class _Server:
+    """The daemons' parent: ``python -m bench.boot_cpu --serve``, which forks each
+    daemon as tests/forkserver.py does (imports done and frozen first; the child
+    runs ``bridged`` with ``runpy`` at the top level, so its exit is a whole
+    interpreter's) or, with ``--exec``, forks and execs ``python -m bridged``.
+    It reaps each and reports its CPU (``wait4``: the daemon and the children it
+    reaped) and the supervisor's own (read from its zombie)."""
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
+    def __init__(self, execute: bool) -> None:
+        import subprocess
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # As under the tests (tests/conftest.py): bytecode kept, not compiled by each daemon.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        argv = [sys.executable, "-m", "bench.boot_cpu", "--serve", *(["--exec"] if execute else [])]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd=Path(__file__).resolve().parent.parent, env=env)
+
+    def ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], DEADLINE)[0]:
+            raise RuntimeError("the bench's server did not answer")
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(DEADLINE)
+
+
+def _serve(execute: bool) -> list[str] | None:
+    """The server's loop (see `_Server`); returns the daemon's arguments in a forked daemon."""
+    if not execute:
+        import bridged.__main__  # noqa: F401 - as the tests' fork server: imported once
+        import bridged.supervisor  # noqa: F401
+
+        gc.freeze()
+    requests, replies = os.dup(0), os.dup(1)
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = os.read(requests, 4096)
+            if not chunk:
+                return None
+            buf += chunk
+        line, buf = buf.split(b"\n", 1)
+        request = json.loads(line)
+        if "args" in request:
+            pid = os.fork()
+            if pid == 0:
+                fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                os.closerange(3, 1024)
+                if execute:
+                    os.execv(sys.executable, [sys.executable, "-m", "bridged", *request["args"]])
+                return request["args"]
+            answer = {"pid": pid}
+        else:
+            pid = request["wait"]
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            own = _cpu_ns(pid)  # the zombie's own CPU, its children's not included
+            _, status, usage = os.wait4(pid, 0)
+            answer = {"code": os.waitstatus_to_exitcode(status), "own_ns": own,
+                      "total_ms": (usage.ru_utime + usage.ru_stime) * 1000}
+        os.write(replies, json.dumps(answer).encode() + b"\n")
+
+
+def _gone(pid: int) -> bool:
+    """``pid`` has exited (a zombie, or reaped): not our child, so /proc says."""
     try:
-        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.closerange(3, 1024)
-        sys.argv = ["-m", *args]
-        del sys.modules["bridged.__main__"]
-        runpy.run_module("bridged", run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        sys.stdout.flush()
-        os._exit(exc.code if isinstance(exc.code, int) else 1)
-    finally:
-        os._exit(1)
-
-
-def _exec_daemon(args: list[str], log_path: Path) -> int:
-    import subprocess
-
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bridged", *args], stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    proc.returncode = 0  # we reap it ourselves (wait4), not Popen
-    return proc.pid
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def _wait_ready(link: Path, pid: int) -> None:
     deadline = time.monotonic() + DEADLINE
     while not link.exists():
-        if time.monotonic() > deadline or os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+        if time.monotonic() > deadline or _gone(pid):
             raise RuntimeError("the daemon made no pty")
         time.sleep(0.002)
     fd = os.open(link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -158,13 +199,13 @@ def _wait_ready(link: Path, pid: int) -> None:
         os.close(fd)
 
 
-def one_run(tmp: Path, execute: bool) -> dict[str, float]:
+def one_run(server: _Server, tmp: Path) -> dict[str, float]:
     """Boot one daemon to ready, stop it; its CPU figures in ms."""
     link, log_path = tmp / "tty", tmp / "bridged.log"
     log_path.unlink(missing_ok=True)
     args = ["run", "--config", str(tmp / "bridged.toml"), "--pty", str(link), "--state-dir", str(tmp / "state")]
     started = time.monotonic()
-    pid = (_exec_daemon if execute else _fork_daemon)(args, log_path)
+    pid = server.ask({"args": args, "log": str(log_path)})["pid"]
     try:
         _wait_ready(link, pid)
         ready_wall = time.monotonic() - started
@@ -177,26 +218,24 @@ def one_run(tmp: Path, execute: bool) -> dict[str, float]:
         stop_at = time.monotonic()
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + DEADLINE
-        while not os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):
+        while not _gone(pid):
             if time.monotonic() > deadline:
                 raise RuntimeError("the daemon did not stop")
             time.sleep(0.001)
         stop_wall = time.monotonic() - stop_at
-        sup_total = _cpu_ns(pid)  # the zombie's own, its children's not included
-        _, status, usage = os.wait4(pid, 0)
-        pid = 0
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
     finally:
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"exit status {os.waitstatus_to_exitcode(status)}:\n{log_path.read_text()[-3000:]}")
-    total = (usage.ru_utime + usage.ru_stime) * 1000
+        end = server.ask({"wait": pid})
+    if end["code"] != 0:
+        raise RuntimeError(f"exit status {end['code']}:\n{log_path.read_text()[-3000:]}")
+    total = end["total_ms"]
     boot = sum(at_ready.values()) / 1e6
     return {"total": total, "boot": boot, "stop": total - boot,
             "boot_supervisor": at_ready["supervisor"] / 1e6, "boot_front": at_ready["front"] / 1e6,
             "boot_workers": at_ready["workers"] / 1e6,
-            "stop_supervisor": (sup_total - at_ready["supervisor"]) / 1e6,
+            "stop_supervisor": (end["own_ns"] - at_ready["supervisor"]) / 1e6,
             **{f"faults_{role}": n for role, n in faults.items()},
             "ready_wall": ready_wall * 1000, "stop_wall": stop_wall * 1000,
             "children": len(roles)}
@@ -211,23 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--boot-ms", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="each run's figures too")
     args = parser.parse_args(argv)
-    # As under the tests (tests/conftest.py): bytecode kept, not compiled by each daemon.
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    sys.dont_write_bytecode = False
-    if not args.execute:
-        import bridged.__main__  # noqa: F401 - as the tests' fork server: imported once
-        import bridged.supervisor  # noqa: F401
-
-        gc.freeze()
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench-boot-") as scratch:
-        tmp = Path(scratch)
-        (tmp / "bridged.toml").write_text(CONFIG.format(boot_ms=args.boot_ms, links=args.links))
-        for _ in range(args.runs):
-            figures = one_run(tmp, args.execute)
-            runs.append(figures)
-            if args.json:
-                print(json.dumps({k: round(v, 2) for k, v in figures.items()}), flush=True)
+    server = _Server(args.execute)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-boot-") as scratch:
+            tmp = Path(scratch)
+            (tmp / "bridged.toml").write_text(CONFIG.format(boot_ms=args.boot_ms, links=args.links))
+            for _ in range(args.runs):
+                figures = one_run(server, tmp)
+                runs.append(figures)
+                if args.json:
+                    print(json.dumps({k: round(v, 2) for k, v in figures.items()}), flush=True)
+    finally:
+        server.close()
     keys = [k for k in runs[0] if k != "children"]
     print(f"{'exec' if args.execute else 'forked'}, {args.links} links, {args.runs} runs, "
           f"medians in ms of CPU (_wall: elapsed; faults_: minor page faults at ready):")
@@ -238,4 +273,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--serve"]:
+        daemon_args = _serve("--exec" in sys.argv)
+        if daemon_args is None:
+            sys.exit(0)
+        # A forked daemon: `python -m bridged ARGS` from here, as tests/forkserver.py runs it.
+        import runpy
+
+        sys.argv = ["-m", *daemon_args]
+        del sys.modules["bridged.__main__"]
+        runpy.run_module("bridged", run_name="__main__", alter_sys=True)
+    else:
+        sys.exit(main())

@@ -308,6 +308,11 @@ class Supervisor(Children):
             received = recv_message(self.sup_sock)
         except BlockingIOError:
             return False
+        except ConnectionResetError:
+            # It closed its end with our messages unread (a front that failed before
+            # reading any: a port it cannot open). The kernel says so once, then
+            # gives what it sent before (its PortFailed), then EOF.
+            return True
         except OSError:  # the front is gone (SIGCHLD follows)
             self._front_eof = True  # readable for good: stop waiting on it
             return False

@@ -183,6 +183,14 @@ def test_same_setup_again_keeps_the_pipeline(capsys):
                       ("again", "front", None)]
 
 
+def test_console_setup_is_built_each_time():
+    """The console renderer's colours follow stdout at the time: its pipeline is never kept."""
+    setup_logging("info", "console", "supervisor")
+    first = structlog.get_config()["processors"]
+    setup_logging("info", "console", "front")
+    assert structlog.get_config()["processors"] is not first
+
+
 def test_auto_is_console_on_a_terminal():
     """With fmt="auto" and stdout a terminal, the console renderer is used."""
     import os

@@ -217,9 +217,11 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
             self._stopped.set_result(None)
 
     async def _wait_workers(self, timeout: float) -> None:
+        # Woken by the Hello of the worker waited for, not polled: a boot wakes
+        # the front once per worker at most.
         async with asyncio.timeout(timeout):
-            while not all(self.links.is_ready(i) for i in range(self.links.count)):
-                await asyncio.sleep(0.005)
+            while missing := [i for i in range(self.links.count) if not self.links.is_ready(i)]:
+                await self.links.wait_ready(missing[0], None)
 
     def _tell_supervisor(self, msg: object) -> None:
         self.to_supervisor.send(msg)  # now, or once the channel has room (uart.sup_outbox)

@@ -39,8 +39,8 @@ _COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not p
 _PAUSE = "coalesce"  # the read gate's hold for a coalescing pause (ended by the tick alone)
 _LISTEN_AFTER = 1.0  # seconds a stream's full ring holds the port before it is read for +++
 _SIDE = 32768  # bytes of a stream a full ring may hold back while the port is read for +++
-_GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)
-_QUICK_LINE = 64  # bytes: a longer read is no AT+CIPSEND line alone  # a read saying the device went away
+_GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
+_QUICK_LINE = 64  # bytes: a longer read is no AT+CIPSEND line alone (uart.direct._quick_line)
 
 
 class PortReading:

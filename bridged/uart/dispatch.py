@@ -44,6 +44,7 @@ def _command_var() -> contextvars.ContextVar:
 
 
 _COMMAND = _command_var()
+command_var = _COMMAND  # for uart.direct's quick send line
 
 
 def forget_command() -> None:
@@ -105,10 +106,10 @@ class CommandDispatch:
         if not self.faults.at_commands:
             # A send line this session prompted before, every check passing the same way:
             # the prompt without the registry's walk (its answer would be the same).
-            request = quick_send(self.ctx, line)
-            if request is not None:
-                self.output.reply(fmt.PROMPT)
-                self._start_send(request)
+            quick = quick_send(self.ctx, line.raw)
+            if quick is not None:
+                self._start_send(quick[0])
+                self.output.reply_now(fmt.PROMPT)  # (as queued before the send started: it queues nothing)
                 return
             read = quick_recv(self.ctx, line)  # the same for a read line (passive mode)
             if read is not None:

@@ -31,8 +31,8 @@ from bridged.at.datamode import DataKind
 from bridged.at.errors import AtError
 from bridged.at.session import State
 from bridged.commands.send import quick_send
-from bridged.uart.dispatch import command_var
-from bridged.uart.reading import _COALESCE_FULL
+from bridged.uart.dispatch import COMMAND_NAME
+from bridged.uart.reading import COALESCE_FULL
 from bridged.uart.sending import Send
 
 __all__ = ["DirectPayload", "SPARE"]
@@ -63,7 +63,7 @@ class DirectPayload:
             return False
         if self.ctx.state.echo:
             self.output.reply(data)
-        command_var.set(quick[1])  # structlog's bound ``command``, as CommandDispatch._execute sets it
+        COMMAND_NAME.set(quick[1])  # structlog's bound ``command``, as CommandDispatch._execute sets it
         try:
             self._start_send(quick[0])
             self.output.reply_now(fmt.PROMPT)  # (as if queued before: starting the send queues nothing)
@@ -107,7 +107,7 @@ class DirectPayload:
         send.slot.last_activity = send.moved_at = send.direct_at = now  # AT+CIPSTO: traffic
         if n < left:
             send.staged += n
-            if n >= _COALESCE_FULL:  # the tty buffer was full: not paused (_coalesce's rule, inline)
+            if n >= COALESCE_FULL:  # the tty buffer was full: not paused (_coalesce's rule, inline)
                 self._last_read = now
             else:
                 self._coalesce(n, now)  # uart.reading: a stream at UART speed is read every few ms

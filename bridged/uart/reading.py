@@ -26,7 +26,7 @@ from bridged.uart.flow import Flow
 if TYPE_CHECKING:
     from bridged.uart.sending import Send
 
-__all__ = ["PortReading"]
+__all__ = ["COALESCE_FULL", "PortReading"]
 
 log = structlog.get_logger()
 
@@ -35,7 +35,7 @@ _FORCE_RESTART = b"AT+RST\r\n"
 _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART speed
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
-_COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
+COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _PAUSE = "coalesce"  # the read gate's hold for a coalescing pause (ended by the tick alone)
 _LISTEN_AFTER = 1.0  # seconds a stream's full ring holds the port before it is read for +++
 _SIDE = 32768  # bytes of a stream a full ring may hold back while the port is read for +++
@@ -240,7 +240,7 @@ class PortReading:
         interval, self._last_read = now - self._last_read, now
         uart_rate = interval > 0 and size / interval < _COALESCE_RATE
         # A read that nearly filled the tty buffer means the MCU is waiting on us.
-        if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
+        if (_COALESCE_MIN <= size < COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
             # A hold, not shut(): its end must not reopen a read a full ring shut meanwhile.
             self._gate.hold(_PAUSE, press=False)  # a pause, not back-pressure: RTS stays up

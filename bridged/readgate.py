@@ -46,11 +46,8 @@ class ReadGate:
         self._pressed = False  # shut() for back-pressure, not a pause
         self._on_hold = on_hold
         self.holding = False  # held shut for back-pressure (a hold or shut())
+        self.is_open = False  # the fd's callbacks come (a plain attribute, not a property: hot paths ask it)
         loop.add_reader(self._epoll.fileno(), callback)
-
-    @property
-    def is_open(self) -> bool:
-        return self._fd is not None
 
     @property
     def holds(self) -> frozenset[str]:
@@ -73,6 +70,7 @@ class ReadGate:
         self._unregister()
         self._epoll.register(fd, select.EPOLLIN)
         self._fd = fd
+        self.is_open = True
 
     def shut(self, hold: bool = True) -> None:
         """Stop calling back; call it before closing the fd (a duplicate of a
@@ -120,6 +118,7 @@ class ReadGate:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        self.is_open = False
         try:
             self._epoll.unregister(fd)
         except OSError:

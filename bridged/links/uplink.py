@@ -36,7 +36,7 @@ import ssl
 import structlog
 
 from bridged.ipc import records
-from bridged.links.batching import both_steady
+from bridged.links.batching import _BOTH_GAP, both_steady
 from bridged.links.connecting import failure_reason
 from bridged.links.downlink import STREAMING_BOTH
 
@@ -182,8 +182,8 @@ class Uplink:
         if not sent:
             return not left  # nothing published; or it wraps: both pieces in one sendmsg
         self.stats["up"] += sent
-        now = self.loop.time()  # _sent_now, inline
-        if self._batch_tick is not None and not both_steady(now - self._last_send, self.batch_period):
+        now = self.loop.time()  # _sent_now, inline (both_steady too)
+        if self._batch_tick is not None and now - self._last_send >= _BOTH_GAP * self.batch_period:
             self._stop_batching()
         self._last_send = now
         return not left

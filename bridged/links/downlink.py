@@ -87,6 +87,7 @@ class Downlink(Batching):
         # Records may be larger than one +IPD: the front cuts them into <chunk>
         # frames, so each wake-up moves more bytes for the same overhead.
         self.chunk = self.downlink.capacity // 4
+        self._ring_mask = self.downlink.capacity - 1  # a write index & this == 0: at the data area's end
         self.ipd_chunk = ipd_chunk
         self.recv_window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._init_batching(read_window_ms)
@@ -153,10 +154,11 @@ class Downlink(Batching):
     def _read_plain(self, streaming: bool) -> int:
         """The hot read (a batch's tick, a pause the uplink ends) of a plain TCP link in active
         mode, lean: one recv into the downlink ring, one record, its doorbell rung at once.  A
-        read that does not fill the record took all the kernel had (as ``_recv_stream`` takes a
-        short read of a lone piece): no second recv only to hear EAGAIN; what lands meanwhile
-        is read on the next wake-up.  A whole record reads on through ``_read_held``; so does a
-        full ring, and any other link (TLS, UDP, passive mode).  Returns the bytes read."""
+        read that neither fills the record nor reaches the data area's end took all the kernel
+        had (as ``_recv_stream`` takes a short read of a lone piece): no second recv only to
+        hear EAGAIN; what lands meanwhile is read on the next wake-up.  Otherwise it reads on
+        through ``_read_held``; so does a full ring, and any other link (TLS, UDP, passive
+        mode).  Returns the bytes read."""
         sock = self.sock
         if type(sock) is not socket.socket or self.datagram or self.recv_window:
             return self._read_held(streaming)
@@ -173,8 +175,10 @@ class Downlink(Batching):
             self._finish("peer closed")
             return 0
         self.stats["down"] += n
-        if n == self.chunk:
-            n += self._read_held(streaming)  # a whole record: more may wait
+        # A whole record, or one the data area's end cut short (the write index wrapped to 0):
+        # more may wait.  Only a read short of what recv_behind asked says the kernel had no more.
+        if n == self.chunk or not self.downlink.write_index & self._ring_mask:
+            n += self._read_held(streaming)
         return n
 
     # -- receiving ----------------------------------------------------------------------

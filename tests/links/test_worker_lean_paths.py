@@ -193,3 +193,30 @@ def test_the_lean_send_takes_what_the_ring_holds_in_one_piece_and_leaves_a_wrap_
         drive_worker(script, up_size=4096, down_size=4096)
     finally:
         peer.close()
+
+
+def test_a_lean_read_cut_short_by_the_end_of_the_ring_reads_on_from_its_start():
+    """The downlink ring's write index sits 108 bytes before the end of its data area: the lean
+    read's record holds 100 bytes, shorter than a record although the kernel has more.  That is
+    no sign the socket is empty: the rest is read on at once, from the ring's start (else it
+    waits for the pause's timer or the next tick, and a FIN behind it with it)."""
+    data = bytes(range(256)) * 4  # 1024 bytes
+    peer = _Peer(data, "fin")
+
+    async def script(live: LiveWorker) -> None:
+        sock = await _connected(live, peer)
+        worker, down = live.worker, live.down
+        assert records.put_record(down, records.DATA, b"x" * (4096 - 108 - records.HEADER_SIZE))
+        assert len(_records(down)) == 1  # consumed: the write index is 108 bytes from the end
+        _hold_until_ended(peer, sock)
+        got = worker._read_plain(True)
+        assert got == len(data)
+        assert worker.sock is None  # streaming: read on until the FIN, as the general path does
+        out = _records(down)
+        assert b"".join(r.payload for r in out if r.kind == records.DATA) == data
+        assert [r.payload for r in out if r.kind == records.EOF] == [b"1 peer closed"]
+
+    try:
+        drive_worker(script, down_size=4096)
+    finally:
+        peer.close()

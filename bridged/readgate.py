@@ -46,11 +46,8 @@ class ReadGate:
         self._pressed = False  # shut() for back-pressure, not a pause
         self._on_hold = on_hold
         self.holding = False  # held shut for back-pressure (a hold or shut())
+        self.is_open = False  # open_fd is not None, kept as a plain attribute (hot paths ask it)
         loop.add_reader(self._epoll.fileno(), callback)
-
-    @property
-    def is_open(self) -> bool:
-        return self.open_fd is not None
 
     @property
     def holds(self) -> frozenset[str]:
@@ -73,6 +70,7 @@ class ReadGate:
         self._unregister()
         self._epoll.register(fd, select.EPOLLIN)
         self.open_fd = fd
+        self.is_open = True
 
     def shut(self, hold: bool = True) -> None:
         """Stop calling back; call it before closing the fd (a duplicate of a
@@ -120,6 +118,7 @@ class ReadGate:
         if self.open_fd is None:
             return
         fd, self.open_fd = self.open_fd, None
+        self.is_open = False
         try:
             self._epoll.unregister(fd)
         except OSError:

@@ -40,6 +40,7 @@ __all__ = [
     "Record",
     "RecordError",
     "RecordHeader",
+    "STREAM_DATA",
     "get_record",
     "peek_record_header",
     "put_record",
@@ -52,6 +53,8 @@ EOF = 2
 _KINDS = frozenset({DATA, EOF})
 _HEADER = struct.Struct("<IHBB")
 HEADER_SIZE = _HEADER.size
+# A stream's DATA record through Ring.recv_behind (the lean read): ring.recv_behind(sock, limit, *STREAM_DATA).
+STREAM_DATA = (_HEADER, 0, DATA, 0)  # the header's struct, then its fields after the length: port, kind, address length
 _ADDR_LEN = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 Addr = tuple[str, int]

@@ -41,13 +41,13 @@ worker forked again after a crash carries on where the dead one stopped.
 
 Views
 -----
-``writable_views`` and ``readable_views`` return memoryviews straight into
-the shared block, for zero-copy ``sock.recv_into`` / ``sock.send``. They stay
-valid until the next call that hands out or settles views on the same side
-(``writable_views``/``commit`` for the producer, ``readable_views``/
-``consume``/``discard_all`` for the consumer) or ``close()``; the ring then
-releases them. A caller that slices a view must release its slices itself,
-or ``close()`` fails with ``BufferError``.
+``writable_views`` and ``readable_views`` return memoryviews straight into the shared block,
+for zero-copy ``sock.recv_into`` / ``sock.send``. They stay valid until the next call that
+hands out or settles views on the same side (``writable_views``/``commit``/``publish`` for the
+producer, ``readable_views``/``consume``/``discard_all`` for the consumer) or ``close()``; the
+ring then releases them. A caller that slices a view must release its slices itself, or
+``close()`` fails with ``BufferError``. ``send_to`` and ``recv_behind`` (``bridged.ipc.ringio``:
+a link worker's hot paths) do the send or the recv_into and the settling in one call each.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ from __future__ import annotations
 import mmap
 import os
 
-from bridged.ipc.doorbells import Doorbells, new_doorbells, ring_doorbell
+from bridged.ipc.doorbells import Doorbells, new_doorbells
 from bridged.ipc.memblock import create_block
+from bridged.ipc.ringio import StreamIO
 
 __all__ = ["Ring", "MIN_CAPACITY", "HEADER_SIZE"]
 
@@ -75,7 +76,7 @@ def _release(views: list[memoryview]) -> None:
     views.clear()
 
 
-class Ring(Doorbells):
+class Ring(Doorbells, StreamIO):
     """An SPSC byte ring in shared memory with two eventfd doorbells."""
 
     def __init__(
@@ -201,13 +202,10 @@ class Ring(Doorbells):
         return views
 
     def reserve(self, skip: int, limit: int) -> memoryview | None:
-        """One contiguous view of at most ``limit`` free bytes, ``skip`` past the
-        write index (shorter than the free space where the free area wraps);
-        None when there is no room after ``skip``.
-
-        The lean form of writable_views for the hot receive path: the caller
-        owns the view (a temporary: it must not outlive the next publish).
-        """
+        """One contiguous view of at most ``limit`` free bytes, ``skip`` past the write index
+        (shorter than the free space where the free area wraps); None when there is no room after
+        ``skip``.  The lean form of writable_views for the hot receive path: the caller owns the
+        view (a temporary: it must not outlive the next publish)."""
         index = self._index
         write = index[_WRITE]
         used = write - index[_READ]
@@ -223,11 +221,8 @@ class Ring(Doorbells):
         return b"".join(bytes(view) for view in self._segments(self._index[_WRITE], length))
 
     def publish(self, head: bytes, n: int) -> None:
-        """Write ``head`` at the write index and publish it with the ``n``
-        bytes already written after it (through ``reserve``), then ring.
-
-        Raises ValueError if head and data exceed the free space.
-        """
+        """Write ``head`` at the write index and publish it with the ``n`` bytes already
+        written after it (through ``reserve``), then ring.  ValueError if they exceed the free space."""
         index = self._index
         write = index[_WRITE]
         total = len(head) + n
@@ -241,11 +236,14 @@ class Ring(Doorbells):
         if self._producer_views:
             _release(self._producer_views)
         index[_WRITE] = write + total  # data before index
-        # _doorbell(data_fd), inline: this runs for every record a link receives.
+        # _doorbell(data_fd) and ring_doorbell, inline: this runs for every record a link receives.
         if self._held:  # index before doorbell
             self._owed_data = True
-        else:
-            ring_doorbell(self.data_fd)
+            return
+        try:
+            os.eventfd_write(self.data_fd, 1)
+        except BlockingIOError:
+            pass  # counter saturated: the doorbell is already ringing
 
     def stage(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the free area ``offset`` bytes past the write index.

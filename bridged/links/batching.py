@@ -151,7 +151,7 @@ class Batching:
         # means the socket is empty, so no EAGAIN round trip.  Its doorbells
         # are not held: one record rings once anyway (a tick that finds more
         # than a record's worth, rare below SO_RCVLOWAT, rings per record).
-        got = self._recv_stream(False)
+        got = self._read_plain(False)
         if got:
             self._last_read = now
         # Only a whole period with nothing read ends it: the first tick may come

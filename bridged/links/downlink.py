@@ -15,6 +15,11 @@ decide how much is read and when:
   "read window"): a stream paced at UART rates is read once per period
   instead of once per segment (``links.batching``).
 
+The hot reads of a plain TCP link in active mode (a batch's tick, a pause
+the uplink ends) are lean (``_read_plain``): one ``recv_into`` the ring
+(``Ring.recv_behind``), one record and one doorbell, no second recv only to
+hear EAGAIN after a short read.
+
 A connection ends with one EOF record ("<conn_id> <reason>"); EOF records
 wait in order for ring space, never dropped: the front's CLOSED depends on
 them.  A data-path fault hands every read wake-up to the connection's
@@ -24,6 +29,7 @@ them.  A data-path fault hands every read wake-up to the connection's
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import Callable
 
@@ -81,6 +87,7 @@ class Downlink(Batching):
         # Records may be larger than one +IPD: the front cuts them into <chunk>
         # frames, so each wake-up moves more bytes for the same overhead.
         self.chunk = self.downlink.capacity // 4
+        self._ring_mask = self.downlink.capacity - 1  # a write index & this == 0: at the data area's end
         self.ipd_chunk = ipd_chunk
         self.recv_window = 0  # passive mode: most unread bytes to keep in the downlink ring
         self._init_batching(read_window_ms)
@@ -143,6 +150,36 @@ class Downlink(Batching):
             return self._recv_datagrams() if self.datagram else self._recv_stream(streaming)
         finally:
             ring.release_doorbells()
+
+    def _read_plain(self, streaming: bool) -> int:
+        """The hot read (a batch's tick, a pause the uplink ends) of a plain TCP link in active
+        mode, lean: one recv into the downlink ring, one record, its doorbell rung at once.  A
+        read that neither fills the record nor reaches the data area's end took all the kernel
+        had (as ``_recv_stream`` takes a short read of a lone piece): no second recv only to
+        hear EAGAIN; what lands meanwhile is read on the next wake-up.  Otherwise it reads on
+        through ``_read_held``; so does a full ring, and any other link (TLS, UDP, passive
+        mode).  Returns the bytes read."""
+        sock = self.sock
+        if type(sock) is not socket.socket or self.datagram or self.recv_window:
+            return self._read_held(streaming)
+        try:
+            n = self.downlink.recv_behind(sock, self.chunk, *records.STREAM_DATA)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._finish(f"receive failed: {exc.strerror or exc}")
+            return 0
+        if n < 0:
+            return self._read_held(streaming)  # no room in one piece: nothing read (a full ring waits for space)
+        if n == 0:
+            self._finish("peer closed")
+            return 0
+        self.stats["down"] += n
+        # A whole record, or one the data area's end cut short (the write index wrapped to 0):
+        # more may wait.  Only a read short of what recv_behind asked says the kernel had no more.
+        if n == self.chunk or not self.downlink.write_index & self._ring_mask:
+            n += self._read_held(streaming)
+        return n
 
     # -- receiving ----------------------------------------------------------------------
 

@@ -29,13 +29,14 @@ bytes instead and sends each piece when due.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 
 import structlog
 
 from bridged.ipc import records
-from bridged.links.batching import both_steady
+from bridged.links.batching import _BOTH_GAP, both_steady
 from bridged.links.connecting import failure_reason
 from bridged.links.downlink import STREAMING_BOTH
 
@@ -61,7 +62,10 @@ class Uplink:
         self._closing_reason = ""
 
     def _on_uplink(self) -> None:
-        self.uplink.clear_data_doorbell()
+        try:  # the ring's data doorbell, cleared inline (clear_data_doorbell): every wake-up of the uplink
+            os.eventfd_read(self.uplink.data_fd)
+        except BlockingIOError:
+            pass
         read_first = self.udp_mode and self._senders_first()
         # The usual wake-up of a plain TCP link takes one send and one consume (at most
         # one doorbell): no more layers than that.  The rest goes through _pump_uplink.
@@ -99,7 +103,7 @@ class Uplink:
             self._resume_reading()
             return
         self._last_read = self.loop.time()
-        got = self._read_held(True)
+        got = self._read_plain(True)
         if self.sock is None or self._waiting_space is not None:
             return  # ended, or a full ring: its space wait resumes reading
         if got and not (self.datagram and self._more_datagrams):
@@ -164,31 +168,25 @@ class Uplink:
         goes in one send.  True when that was all (sent, or the socket is full or
         failed); False leaves the rest to the general loop (not a plain TCP link
         with no Shaper, the data wraps, or the socket took part of it)."""
-        if self.shaper is not None or type(self.sock) is not socket.socket or self.datagram:
+        sock = self.sock
+        if type(sock) is not socket.socket or self.shaper is not None or self.datagram:
             return False
-        data, read, used = self.uplink.published()
-        if not used:
-            return True
-        slot = read & (len(data) - 1)
-        if slot + used > len(data):
-            return False  # both pieces in one sendmsg
-        view = data[slot:slot + used]
         try:
-            sent = self.sock.send(view)
+            sent, left = self.uplink.send_to(sock)
         except BlockingIOError:
-            sent = 0
+            self.loop.add_writer(sock.fileno(), self._on_writable)
+            return True
         except OSError as exc:
-            view.release()
             self._finish(f"send failed: {exc.strerror or exc}")
             return True
-        view.release()
         if not sent:
-            self.loop.add_writer(self.sock.fileno(), self._on_writable)
-            return True
-        self.uplink.consume(sent)
+            return not left  # nothing published; or it wraps: both pieces in one sendmsg
         self.stats["up"] += sent
-        self._sent_now()
-        return sent == used
+        now = self.loop.time()  # _sent_now, inline (both_steady too)
+        if self._batch_tick is not None and now - self._last_send >= _BOTH_GAP * self.batch_period:
+            self._stop_batching()
+        self._last_send = now
+        return not left
 
     def _sent_now(self) -> None:
         """The MCU's data went to the socket: a send after a quiet spell may be a

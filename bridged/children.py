@@ -60,9 +60,26 @@ class Children:
     # -- starting children -------------------------------------------------------------
 
     def _start_all(self) -> None:
-        self._start_front()
-        for worker in self.workers:
-            self._start_worker(worker)
+        """Fork the front and every worker, one right after another; log them and
+        send the front its ``WorkerStarted`` after the last fork.
+
+        Each fork shares the supervisor's pages with one more child, so what the
+        supervisor writes between two forks is copied again after each (a log
+        line touches about a hundred pages): a third of the supervisor's start.
+        The front waits for every worker before its boot, so it waits no longer.
+        """
+        self._started = []
+        try:
+            self._start_front()
+            for worker in self.workers:
+                self._start_worker(worker)
+        finally:
+            started, self._started = self._started, None
+            for child, pid in started:
+                log.info("child_started", role=child.role, pid=pid, **child.ident())
+            self._announce()
+            for link_id in self._announcements:
+                log.warning("worker_announcement_deferred", link_id=link_id, pending=len(self._announcements))
 
     def _start_front(self) -> None:
         if self.sup_sock is not None:  # the last front's channel: the new one must not inherit it
@@ -109,6 +126,8 @@ class Children:
         if stale is not None:
             stale[1].close()  # for a worker since replaced: of no use to the front
         self._announcements[worker.link_id] = (WorkerStarted(worker.link_id, worker.pid), front_end)
+        if self._started is not None:
+            return  # announced with the others (_start_all)
         self._announce()
         if worker.link_id in self._announcements:
             log.warning("worker_announcement_deferred", link_id=worker.link_id, pending=len(self._announcements))
@@ -177,7 +196,10 @@ class Children:
         pid = spawn.fork(run, child.role, child.link_id, self.config.log, (self._wakeup_r, self._wakeup_w))
         child.started = time.monotonic()
         child.restart_at = None
-        log.info("child_started", role=child.role, pid=pid, **child.ident())
+        if self._started is not None:
+            self._started.append((child, pid))  # logged after the last fork (_start_all)
+        else:
+            log.info("child_started", role=child.role, pid=pid, **child.ident())
         return pid
 
     # -- children dying ------------------------------------------------------------------

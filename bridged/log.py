@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -146,7 +147,7 @@ class _StdlibHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_stdlib(level: int, console: bool) -> None:
+def _setup_stdlib(level: int, console: bool) -> logging.Handler:
     """Route the standard library's logging through the same renderer."""
 
     handler = _StdlibHandler()
@@ -160,6 +161,34 @@ def _setup_stdlib(level: int, console: bool) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    return handler
+
+
+@dataclass(frozen=True)
+class _Installed:
+    """The JSON-lines pipeline `setup_logging` last installed, to know whether it is still in place."""
+
+    level: str
+    processors: list[Processor]
+    handler: logging.Handler
+
+    def holds(self, level: str) -> bool:
+        """Whether logging is still set up as asked: by us, with this level,
+        and neither structlog nor the root logger changed since (a test may reset them)."""
+        root = logging.getLogger()
+        config = structlog.get_config()
+        return (self.level == level and structlog.is_configured() and config["processors"] is self.processors
+                and config["logger_factory"] is _logger_factory
+                and root.handlers == [self.handler] and root.level == LEVELS[level])
+
+
+_installed: _Installed | None = None
+
+
+def _remember(level: str, console: bool, processors: list[Processor], handler: logging.Handler) -> None:
+    # Console renderers are left out: their colours follow whatever stdout is at the time.
+    global _installed
+    _installed = None if console else _Installed(level, processors, handler)
 
 
 def setup_logging(level: str, fmt: str, role: str, link_id: int | None = None) -> None:
@@ -186,14 +215,21 @@ def setup_logging(level: str, fmt: str, role: str, link_id: int | None = None) -
     # A forked child starts with its own context, not its parent's.
     structlog.contextvars.clear_contextvars()
     console = _use_console(fmt)
+    if not console and _installed is not None and _installed.holds(level):
+        # A forked child of a process set up the same way: the pipeline it
+        # inherited renders exactly what a new one would (the identity is read
+        # at each event), and building another would copy, page by page, what
+        # it shares with its parent (90 page faults, 0.3 ms of a worker's 6).
+        return
+    processors = [*_shared_processors(), *_renderer(console)]
     structlog.configure(
-        processors=[*_shared_processors(), *_renderer(console)],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=_logger_factory,
         # Not cached: a reconfiguration (after a fork) reaches every logger.
         cache_logger_on_first_use=False,
     )
-    _setup_stdlib(LEVELS[level], console)
+    _remember(level, console, processors, _setup_stdlib(LEVELS[level], console))
 
 
 def get_logger(**initial_values: Any) -> Any:

@@ -39,7 +39,7 @@ class ReadGate:
                  on_hold: Callable[[bool], None] | None = None) -> None:
         self._loop = loop
         self._epoll = select.epoll(1)  # close-on-exec, as Python makes every fd
-        self._fd: int | None = None  # the fd the gate lets through, when open
+        self.open_fd: int | None = None  # the fd the gate lets through, when open (read-only)
         self._wanted: int | None = None  # the fd open() asked for last, unless shut() since
         self._holds: set[str] = set()
         self._pauses: set[str] = set()  # holds that are pauses, not back-pressure
@@ -50,7 +50,7 @@ class ReadGate:
 
     @property
     def is_open(self) -> bool:
-        return self._fd is not None
+        return self.open_fd is not None
 
     @property
     def holds(self) -> frozenset[str]:
@@ -68,11 +68,11 @@ class ReadGate:
         self._wanted = fd
         self._pressed = False
         self._tell()
-        if self._holds or self._fd == fd:
+        if self._holds or self.open_fd == fd:
             return
         self._unregister()
         self._epoll.register(fd, select.EPOLLIN)
-        self._fd = fd
+        self.open_fd = fd
 
     def shut(self, hold: bool = True) -> None:
         """Stop calling back; call it before closing the fd (a duplicate of a
@@ -81,7 +81,7 @@ class ReadGate:
         ``hold``: input is held back until further notice; False for a pause
         that reopens by itself in a moment (the owner is not told).
         """
-        if self._fd is None and self._wanted is None and self._pressed == hold:
+        if self.open_fd is None and self._wanted is None and self._pressed == hold:
             return  # shut so already (a passthrough downlink paused again at every tick)
         self._wanted = None
         self._pressed = hold
@@ -117,9 +117,9 @@ class ReadGate:
                 self._on_hold(holding)
 
     def _unregister(self) -> None:
-        if self._fd is None:
+        if self.open_fd is None:
             return
-        fd, self._fd = self._fd, None
+        fd, self.open_fd = self.open_fd, None
         try:
             self._epoll.unregister(fd)
         except OSError:

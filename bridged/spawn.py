@@ -52,6 +52,7 @@ log = structlog.get_logger()
 #: The signals the supervisor handles (through its wake-up pipe).
 SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded once, not in each child
 _FAST_DEATH = 10.0
 _MAX_BACKOFF = 5.0
 # errno -> (what ran out, what to do), for an OSError while making rings or forking.
@@ -136,8 +137,7 @@ def _run_child(target: Callable[[], int], role: str, link_id: int | None, log_co
     try:
         _leave_supervisor_signals(wakeup, mask)
         # Die with the supervisor, even if it is killed with SIGKILL.
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         # It died before the prctl.  Compare with its pid, not with 1: under a
         # subreaper (a user's systemd, a container's init) an orphan's new
         # parent is that process.

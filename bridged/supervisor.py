@@ -103,6 +103,7 @@ class Supervisor(Children):
         # link_id -> WorkerStarted not yet sent (the front's channel was full) and its socket
         self._announcements: dict[int, tuple[WorkerStarted, socket.socket]] = {}
         self._workers_kill_at: float | None = None  # when the dead front's workers get SIGKILL
+        self._started: list[tuple[Child, int]] | None = None  # forked by _start_all, not yet logged
         self._wakeup_r = self._wakeup_w = -1
         self._signals = bytearray()  # signal numbers read from the wakeup pipe, not handled yet
 
@@ -307,6 +308,11 @@ class Supervisor(Children):
             received = recv_message(self.sup_sock)
         except BlockingIOError:
             return False
+        except ConnectionResetError:
+            # It closed its end with our messages unread (a front that failed before
+            # reading any: a port it cannot open). The kernel says so once, then
+            # gives what it sent before (its PortFailed), then EOF.
+            return True
         except OSError:  # the front is gone (SIGCHLD follows)
             self._front_eof = True  # readable for good: stop waiting on it
             return False
@@ -326,7 +332,8 @@ class Supervisor(Children):
                 self.report.show(msg.summary)
         elif isinstance(msg, WorkerRefused):
             self.kill_refused(msg)
-        elif isinstance(msg, FrontReady):
+        elif isinstance(msg, FrontReady):  # once per front, at its first ready
+            log.info("front_ready", pid=self.front.pid, port=msg.port)
             self.front.failures = 0
             if not self.front_ready:
                 self.front_ready = self.served = True

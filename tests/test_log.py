@@ -158,6 +158,39 @@ def test_forked_child_rebinds():
     assert events == [(6, "child", "link", 4), (6, "parent", "supervisor", None)]
 
 
+def test_same_setup_again_keeps_the_pipeline(capsys):
+    """setup_logging with the level and renderer in place (a forked child's, as its
+    parent's) changes only the identity: the pipeline is kept, not built again; a
+    new level, or a configuration replaced since, gets a new one."""
+    setup_logging("info", "json", "supervisor")
+    first = structlog.get_config()["processors"]
+    handlers = logging.getLogger().handlers[:]
+    setup_logging("info", "json", "link", link_id=2)
+    assert structlog.get_config()["processors"] is first
+    assert logging.getLogger().handlers == handlers
+    get_logger().info("kept")
+    get_logger().debug("hidden")
+    logging.getLogger("asyncio").warning("from stdlib")
+    setup_logging("debug", "json", "front")
+    assert structlog.get_config()["processors"] is not first
+    get_logger().debug("shown")
+    structlog.reset_defaults()
+    setup_logging("debug", "json", "front")
+    assert structlog.is_configured()
+    get_logger().debug("again")
+    events = [(e["event"], e["proc"], e.get("link_id")) for _, e in json_lines(capsys.readouterr().out)]
+    assert events == [("kept", "link", 2), ("from stdlib", "link", 2), ("shown", "front", None),
+                      ("again", "front", None)]
+
+
+def test_console_setup_is_built_each_time():
+    """The console renderer's colours follow stdout at the time: its pipeline is never kept."""
+    setup_logging("info", "console", "supervisor")
+    first = structlog.get_config()["processors"]
+    setup_logging("info", "console", "front")
+    assert structlog.get_config()["processors"] is not first
+
+
 def test_auto_is_console_on_a_terminal():
     """With fmt="auto" and stdout a terminal, the console renderer is used."""
     import os

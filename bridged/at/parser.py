@@ -187,6 +187,11 @@ class Parser:
         self._buf += data
 
     @property
+    def idle(self) -> bool:
+        """Reading command lines, none of one held (nor an over-long line being dropped)."""
+        return self._mode is _Mode.COMMAND and not self._buf
+
+    @property
     def buffered(self) -> int:
         """Command-mode bytes waiting (in data mode: bytes after the payload)."""
         return len(self._buf)
@@ -226,7 +231,9 @@ class Parser:
 
     def end_data(self) -> None:
         """DATA -> COMMAND: the owner read the payload past the parser (``uart.direct``)."""
-        self._end_data()
+        self._mode = _Mode.COMMAND  # _end_data, inline: after every direct payload
+        self.in_data_mode = False
+        self._data = None
 
     def expect_data(self, length: int, now: float = 0.0) -> None:
         """AT+CIPSEND's data phase: the next ``length`` bytes are payload."""

@@ -38,7 +38,7 @@ from bridged.at.datamode import DataKind
 __all__ = [
     "State", "Input", "Effects", "Session", "SessionError", "TRANSITIONS", "send_result",
     "Ready", "Restart", "Waits", "Answered", "Hold", "Released", "Prompt", "PayloadDone",
-    "Settled", "Escaped", "Tick",
+    "Settled", "Escaped", "Tick", "prompt_event",
 ]
 
 
@@ -121,6 +121,20 @@ class Prompt:
 
     kind: DataKind
     timeout: float = 0.0
+
+
+_PROMPTS: dict[tuple[DataKind, float], Prompt] = {}  # (kind, so_sndtimeo s): cleared at 64
+
+
+def prompt_event(kind: DataKind, timeout: float) -> Prompt:
+    """``Prompt(kind, timeout)``, made once (a frozen dataclass costs a call per field:
+    a prompt comes with every send)."""
+    event = _PROMPTS.get((kind, timeout))
+    if event is None:
+        if len(_PROMPTS) >= 64:
+            _PROMPTS.clear()
+        event = _PROMPTS[(kind, timeout)] = Prompt(kind, timeout)
+    return event
 
 
 @dataclass(frozen=True, slots=True)

@@ -240,8 +240,8 @@ class Context:
     # AT+CIPCLOSE of a link: what a +++ left of its stream goes into its ring first (uart.dataphase).
     before_close: Callable[[int], Coroutine[Any, Any, None]] = field(default=lambda link_id: _nothing())
     # AT+CIPSEND/CIPSENDEX/CIPSENDL lines answered with a prompt to a TCP link in this
-    # session: raw line -> (AT+CIPMUX then, SendRequest) (bridged.commands.send.quick_send).
-    quick_sends: dict[bytes, tuple[int, Any]] = field(default_factory=dict)
+    # session: raw line -> (AT+CIPMUX then, SendRequest, command name) (bridged.commands.send.quick_send).
+    quick_sends: dict[bytes, tuple[int, Any, str]] = field(default_factory=dict)
     # AT+CIPRECVDATA lines bound in this session: raw line -> (AT+CIPMUX then, link id,
     # length) (bridged.commands.recv.quick_recv).
     quick_reads: dict[bytes, tuple[int, int, int]] = field(default_factory=dict)

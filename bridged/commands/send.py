@@ -74,21 +74,22 @@ def _remember(ctx: Context, line: CommandLine, request: SendRequest) -> None:
     quick = ctx.quick_sends
     if len(quick) >= _QUICK_LINES:
         quick.clear()
-    quick[line.raw] = (ctx.state.cipmux, request)
+    quick[line.raw] = (ctx.state.cipmux, request, line.name)
 
 
-def quick_send(ctx: Context, line: CommandLine) -> SendRequest | None:
-    """The prompt's request for a send line this session answered with one before,
-    when every check `_send_command` made still passes (CIPMODE=0, the same
-    CIPMUX, the link open to sends and still TCP); None: ask the registry.
+def quick_send(ctx: Context, raw: bytes) -> tuple[SendRequest, str] | None:
+    """The prompt's request (and the command's name) for a send line, ``raw`` with
+    its \\r\\n, this session answered with one before, when every check
+    `_send_command` made still passes (CIPMODE=0, the same CIPMUX, the link open
+    to sends and still TCP); None: ask the registry.
 
     The parameters were bound and the command found in this ESP-AT version
     then; neither can change within a session (the config is the process's).
     """
-    hit = ctx.quick_sends.get(line.raw)
+    hit = ctx.quick_sends.get(raw)
     if hit is None:
         return None
-    mux, request = hit
+    mux, request, name = hit
     state = ctx.state
     if state.cipmode != 0 or state.cipmux != mux:
         return None
@@ -96,7 +97,7 @@ def quick_send(ctx: Context, line: CommandLine) -> SendRequest | None:
     link_id = request.link_id
     if not links.can_send(link_id) or links.view(link_id).type.startswith("UDP"):
         return None
-    return request
+    return request, name
 
 
 def _admit(ctx: Context, link_id: int, addresses: list[str], port: int) -> str:

@@ -16,11 +16,11 @@ object wires it to the session through a few hooks the front calls:
   the point of the fault, so it is printed whatever AT+SYSLOG says);
   ``at_delay`` runs it and holds its final answer ms +- jitter_ms (uniform),
   the session staying busy meanwhile, as a slow command keeps it;
-- the UART paths (`bridged.faults.uart`), installed only while a UART kind is
-  enabled, so a daemon without them keeps its byte paths as they are; the
-  input's is removed again once an on-demand ``uart_overrun`` is over (its
-  hits drawn, its last run lost), so AT+CIPSEND's payload is read straight
-  into its ring again (`bridged.uart.direct` reads only without it);
+- the UART paths (`bridged.faults.uart`, hooked by `bridged.faults.line`),
+  installed only while a UART kind is enabled, so a daemon without them
+  keeps its byte paths as they are, and removed again once an on-demand
+  fault is over: the output goes the plain way again, and AT+CIPSEND's
+  payload is read straight into its ring (`bridged.uart.direct`);
 - the DNS hook in `bridged.net.resolver`, for the lookups this process does;
 - `join_code()` from `bridged.commands.wifi.join`: ``wifi_join_fail``, and
   "AP not found" while a ``wifi_drop`` lasts;
@@ -52,6 +52,7 @@ from bridged.at.errors import AtError
 from bridged.commands import registry
 from bridged.commands.wifi_reconnect import lose_ap
 from bridged.faults.catalog import CATALOG, Per, Where, kind
+from bridged.faults.line import LineHooks
 from bridged.faults.plan import FaultPlan, Hit
 from bridged.faults.seed import schedule_start
 from bridged.faults.spec import parse_demand
@@ -107,6 +108,7 @@ class FrontFaults:
         self.plan = FaultPlan(faults.specs(), self.seed, where=Where.FRONT, scope="front", start=start,
                               resume_at=self.loop.time() if again else None, report=self._report)
         self.bytes = ByteFaults(self.plan, self.loop.time)
+        self.line = LineHooks(self.bytes, front)  # the UART paths, hooked while a kind is on
         # Some AT kind is configured or was armed: every command line draws (`refuse`).
         # Read by the front before each line; never reset (a disarmed kind draws nothing).
         self.at_commands = any(self.plan.enabled(name) for name in _AT_KINDS)
@@ -117,7 +119,6 @@ class FrontFaults:
         self._quiet: dict[str, _Quiet] = {}
         self._skips: dict[str, tuple[float, int]] = {}  # event kind: (last fault_skipped line, held back since)
         self._timer: asyncio.TimerHandle | None = None
-        self._rx_unhooked: int | None = None  # the front's rx_bytes when the input hook was removed
         front.links.on_fault = self._on_worker_fault
         resolver.set_fault_hook(self._lookup)
 
@@ -125,7 +126,7 @@ class FrontFaults:
 
     def start(self) -> None:
         """Install the UART hooks of configured kinds and arm the event timer."""
-        self._install()
+        self.line.install()
         self._arm()
 
     def close(self) -> None:
@@ -136,25 +137,6 @@ class FrontFaults:
             if quiet.handle is not None:
                 quiet.handle.cancel()
         resolver.set_fault_hook(None)
-
-    def _install(self) -> None:
-        front = self.front
-        if self.bytes.wants_output() and front.output.mangle is None:
-            front.output.mangle = self.bytes.outgoing
-        if self.bytes.wants_input() and front.rx_fault is None:
-            if self._rx_unhooked is not None:  # offsets count on as if it had stayed: what was read meanwhile too
-                self.bytes.received += front.counters.rx_bytes - self._rx_unhooked
-            front.rx_fault = self._incoming
-
-    def _incoming(self, data: bytes) -> bytes:
-        """The input hook: the overrun's draw; removed once an on-demand fault is over."""
-        kept = self.bytes.incoming(data)
-        if self.bytes.input_over():
-            self.front.rx_fault = None
-            # rx_bytes counts this read's kept bytes after the hook: offsets resume from here.
-            self._rx_unhooked = self.front.counters.rx_bytes + len(kept)
-            log.info("uart_input_fault_over", received=self.bytes.received)
-        return kept
 
     # -- AT commands ----------------------------------------------------------------------
 
@@ -312,7 +294,7 @@ class FrontFaults:
             self.at_commands = True
         if name in OUTGOING or name in INCOMING:
             self.bytes.rearm(name)
-            self._install()
+            self.line.install()
         if fault.per is Per.CONDITION:
             return {"fault": name, "where": "front", "for_s": d.for_}
         return {"fault": name, "where": "front", "armed": d.count}

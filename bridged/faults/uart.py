@@ -17,10 +17,12 @@ the same seed and the same bytes hit the same bytes.
 - ``uart_overrun``: from the hit on, ``bytes`` bytes from the MCU are lost
   (a run may reach into the next read), as a receiver FIFO overrun loses them.
 
-The owner installs `outgoing` into the output path and `incoming` into the
-input path only while one of the kinds is enabled: a daemon without UART
-faults runs its byte paths untouched.  The input's is taken out again once
-`input_over` (an on-demand overrun drawn and its run lost).
+`bridged.faults.line` hooks `outgoing` into the output path and `incoming`
+into the input path only while one of their kinds is enabled: a daemon
+without UART faults runs its byte paths untouched.  Each is taken out again
+once over: the input's at `input_over` (an on-demand overrun drawn and its
+run lost), the output's at `output_over` (an on-demand drop or corruption
+drawn).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ class ByteFaults:
     def input_over(self) -> bool:
         """Nothing more to lose: uart_overrun neither configured nor armed, no run going on."""
         return not self._overrun_rest and not self.plan.enabled("uart_overrun")
+
+    def output_over(self) -> bool:
+        """Nothing more to mangle: uart_drop and uart_corrupt neither configured nor armed."""
+        return not self.wants_output()
 
     def rearm(self, name: str) -> None:
         """A fault armed on demand hits the next byte: forget the gap drawn before."""

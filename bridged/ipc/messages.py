@@ -11,7 +11,9 @@ worker -> front: ``Hello`` (ready for work), ``Connected``, ``ConnectFailed``,
 (a UDP link's remote moved, AT+CIPSTART <mode> 1 or 2).
 supervisor -> front (the supervisor channel): ``WorkerStarted`` (with the
 front end of the new worker's control socket), ``Shutdown``.
-front -> supervisor: ``FrontReady``, ``PortFailed`` (the serial
+front -> supervisor: ``FrontReady`` (once per front process, at its first
+``ready``: the supervisor's READY=1 and its count of failures before ready;
+an AT+RST's boot tells it nothing), ``PortFailed`` (the serial
 port cannot be opened: the one line saying why; the front then exits with
 ``bridged.uart.main.PORT_FAILED`` and the supervisor ends the daemon, exit 1),
 ``WorkerRefused`` (the front refused that worker's downlink ring: the

@@ -54,9 +54,10 @@ _WIFI = {0: "not started", 1: "connected, no IP", 2: "connected", 3: "connecting
 class UartCounters:
     """The front's counts of the serial line (cheap increments)."""
 
-    rx_bytes: int = 0  # read from the MCU
+    rx_bytes: int = 0  # read from the MCU, whatever became of it (a boot's or an injected overrun's loss)
     flow_pauses: int = 0  # times reading stopped because a link's uplink ring was full
-    direct_sends: int = 0  # AT+CIPSEND payloads read straight into their ring (bridged.uart.direct)
+    direct_sends: int = 0  # AT+CIPSEND payloads read whole straight into their ring (bridged.uart.direct)
+    direct_fallbacks: int = 0  # ... begun that way, then handed to the general path (a +++ candidate, a fault)
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class UartStatus:
     bytes_in: int
     bytes_out: int
     flow_pauses: int
-    direct_sends: int  # AT+CIPSEND payloads read straight into their ring (uart.direct)
+    direct_sends: int  # AT+CIPSEND payloads read whole straight into their ring (uart.direct)
+    direct_fallbacks: int  # ... begun that way, then handed to the general path
     icount: dict[str, int] | None  # TIOCGICOUNT; None on a pty (n/a)
 
 
@@ -98,6 +100,7 @@ class UartStatus:
 class FaultsStatus:
     seed: int  # [faults] seed, configured or drawn at start: put it in the profile to replay the run
     counts: dict[str, int]  # injected faults per name, the front's and the link workers' together
+    uart_hooks: dict[str, bool]  # the UART paths through a fault hook now: "input", "output"
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,7 @@ class StatusService:
         return Status(__version__, round(uptime, 1), round(time.monotonic() - self.started, 1), os.getpid(),
                       restarts[0], self._uart(), _WIFI.get(state.wifi_state, str(state.wifi_state)),
                       state.wifi_ssid, links, self._errors(stats),
-                      FaultsStatus(front.faults.seed, front.faults.counts()))
+                      FaultsStatus(front.faults.seed, front.faults.counts(), front.faults.line.hooked()))
 
     def _link(self, slot: Any, stats: LinkStats | None, restarts: tuple[int, ...]) -> LinkStatus:
         view = slot.view if slot.state.name == "OPEN" else None
@@ -241,7 +244,7 @@ class StatusService:
         return UartStatus(front.port_name, self.kind, u.baud, u.data_bits, _STOP_BITS.get(u.stop_bits, "?"),
                           _PARITY.get(u.parity, "?"), _FLOW.get(u.flow, "?"), self._uart_source(),
                           front.counters.rx_bytes, front.output.written, front.counters.flow_pauses,
-                          front.counters.direct_sends,
+                          front.counters.direct_sends, front.counters.direct_fallbacks,
                           _icount(front.fd))
 
     def _uart_source(self) -> str:

@@ -27,7 +27,7 @@ import structlog
 from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
 from bridged.at.parser import DataChunk, DataComplete, DataEscaped
-from bridged.at.session import Escaped, PayloadDone, Prompt, Settled, State, Tick
+from bridged.at.session import Escaped, PayloadDone, Settled, State, Tick, prompt_event
 from bridged.commands.options import SysMsg
 from bridged.commands.registry import SendRequest
 from bridged.uart.downlink import Passthrough
@@ -44,7 +44,6 @@ _LEFTOVER_POLL_MAX = 1.0  # seconds: a leftover's look backs off to this while i
 _RECV_LINGER = 0.002  # seconds "Recv <n> bytes" may wait to share a write with its SEND OK
 # The session's events of every send, made once (a frozen dataclass costs a call per field).
 _DONE = {result: PayloadDone(result) for result in (None, fmt.SEND_OK, fmt.SEND_FAIL)}
-_PROMPTS: dict[tuple[DataKind, float], Prompt] = {}  # (kind, so_sndtimeo s): cleared at 64
 
 
 class DataPhases:
@@ -53,17 +52,18 @@ class DataPhases:
     def _start_send(self, request: SendRequest) -> None:
         slot = self.links.slots[request.link_id]
         self.links.touch(request.link_id)
-        state = self.ctx.state
+        state, now = self.ctx.state, self.loop.time()
         report, transmit = state.sendl_cfg
         chunk = transmit if request.kind is DataKind.SENDL else self.config.links.chunk
         self.sending = Send(slot, request.kind, request.length, request.remote, report, chunk)
-        self.sending.ahead = self._leftover_for(request.link_id)  # an escaped stream's rest goes first
+        if self._leftovers:  # an escaped stream's rest goes first
+            self.sending.ahead = self._leftover_for(request.link_id)
         # AT+CIPTCPOPT so_sndtimeo: a send the ring cannot admit ends within it.
-        self.session.handle(_prompt(request.kind, self._sndtimeo(self.sending)), self.loop.time())
+        self.session.handle(prompt_event(request.kind, self._sndtimeo(self.sending)), now)
         if self.tap is not None:
             self.tap.mark(MarkKind.DATA_START, link=request.link_id, length=request.length,
                           kind=request.kind.name.lower())
-        self.parser.start_data(request.kind, request.length, self.loop.time(), chunk, state.transintvl / 1000)
+        self.parser.start_data(request.kind, request.length, now, chunk, state.transintvl / 1000)
         if request.kind is DataKind.PASSTHROUGH:
             self.passthrough = Passthrough(request.link_id, slot.spec, slot.server)
         else:
@@ -128,7 +128,9 @@ class DataPhases:
         if send.kind is not DataKind.SENDL:
             # Its SEND OK follows in this write when the ring took it all; else it
             # usually follows within a fraction of a ms: one write for both.
-            self.output.reply(fmt.recv_bytes(length), linger=0.0 if effects.out else _RECV_LINGER)
+            if effects.out:
+                return self._finish_send(effects.out, process=False, recv=fmt.recv_bytes(length))
+            self.output.reply(fmt.recv_bytes(length), linger=_RECV_LINGER)
         else:
             self._report_progress()
         if effects.out:
@@ -379,22 +381,17 @@ class DataPhases:
         elif send.waiting:
             self._wait_room(send)
 
-    def _finish_send(self, result: bytes, process: bool = True) -> None:
-        if self.sending is not None:
+    def _finish_send(self, result: bytes, process: bool = True, recv: bytes = b"") -> None:
+        if self.sending is not None and self.sending.ahead is not None:
             self._keep_leftover(self.sending)  # a leftover it waited behind (SEND FAIL) is not its own
         self.sending = None
         if self._room_slot is not None:
             self._stop_waiting_room()
-        self.output.reply(result)
+        if recv:  # its "Recv <n> bytes" first: one write, at once when nothing else waits
+            self.output.reply_now(recv + result, result in fmt.FINALS)
+        else:
+            self.output.reply(result)
         self._resume_reading()
         if process:
             self._process()
 
-
-def _prompt(kind: DataKind, timeout: float) -> Prompt:
-    event = _PROMPTS.get((kind, timeout))
-    if event is None:
-        if len(_PROMPTS) >= 64:
-            _PROMPTS.clear()
-        event = _PROMPTS[(kind, timeout)] = Prompt(kind, timeout)
-    return event

@@ -24,7 +24,15 @@ from __future__ import annotations
 
 import os
 
+import structlog
+
+from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
+from bridged.at.errors import AtError
+from bridged.at.session import State
+from bridged.commands.send import quick_send
+from bridged.uart.dispatch import COMMAND_NAME
+from bridged.uart.reading import COALESCE_FULL
 from bridged.uart.sending import Send
 
 __all__ = ["DirectPayload", "SPARE"]
@@ -33,9 +41,38 @@ SPARE = 4096  # bytes read behind a payload in the same read: refused busy, as E
 _PLUS = b"+++"
 _SMALL = 3  # a read this short, of '+' only, with as many left, may be a +++: the data machine decides
 
+log = structlog.get_logger()
+
 
 class DirectPayload:
     """The direct path; a part of ``bridged.uart.front.Front`` (uses its attributes)."""
+
+    def _quick_line(self, data: bytes) -> bool:
+        """``data``, one whole read, is a send line this session prompted before (a bulk
+        upload's AT+CIPSEND=<id>,<len>, again and again): its prompt and data phase at once,
+        as ``CommandDispatch`` answers it, without the parser's framing and the dispatch's
+        walk.  Only where the general way would do just that: the session reads commands,
+        the parser holds nothing (no start of a line, no over-long line being dropped), the
+        output is not backlogged (it holds command lines), no fault or transcript looks at
+        commands, and every check of ``quick_send`` passes; else False: the general way."""
+        if (self.session.state is not State.COMMAND or not self.parser.idle or self.output.backlogged
+                or self.faults.at_commands or self.tap is not None):
+            return False
+        quick = quick_send(self.ctx, data)
+        if quick is None:
+            return False
+        if self.ctx.state.echo:
+            self.output.reply(data)
+        COMMAND_NAME.set(quick[1])  # structlog's bound ``command``, as CommandDispatch._execute sets it
+        try:
+            self._start_send(quick[0])
+            self.output.reply_now(fmt.PROMPT)  # (as if queued before: starting the send queues nothing)
+        except Exception:
+            log.exception("command_crashed")  # our bug, not the host's: as CommandDispatch._process
+            self._error(AtError("internal error"))
+        if self.sending is None or not self.sending.direct:
+            self._process()  # the parser's data phase (or what a crash left) goes on as after a dispatched line
+        return True
 
     def _try_direct(self, send: Send) -> None:
         """Read this send's payload straight into its ring, if nothing needs the general way."""
@@ -46,14 +83,15 @@ class DirectPayload:
                 and send.slot.uplink.free() >= send.length):
             send.direct = True
             send.direct_at = self.loop.time()
-            self.counters.direct_sends += 1
 
     def _read_direct(self, send: Send) -> bytes | None:
         """One read of the payload; None when it is handled here, else the bytes
         the general path takes on with (this read's: the earlier ones are the
         parser's already).  OSError as os.read raises it."""
         left = send.length - send.staged
-        buffers = self._free_views(send, left)
+        view = send.slot.uplink.reserve(send.staged, left)  # there was room for all of it
+        # (_free_views, its common case inline: the payload's rest does not wrap at the ring's end)
+        buffers = [view, self._spare] if view is not None and len(view) == left else self._free_views(send, left)
         if buffers is None:
             return None  # an index read torn (32-bit CPUs): the port is still readable, look again
         n = os.readv(self.fd, buffers)
@@ -69,10 +107,14 @@ class DirectPayload:
         send.slot.last_activity = send.moved_at = send.direct_at = now  # AT+CIPSTO: traffic
         if n < left:
             send.staged += n
-            self._coalesce(n, now)  # uart.reading: a stream at UART speed is read every few ms
+            if n >= COALESCE_FULL:  # the tty buffer was full: not paused (_coalesce's rule, inline)
+                self._last_read = now
+            else:
+                self._coalesce(n, now)  # uart.reading: a stream at UART speed is read every few ms
             return None
         send.staged = send.length
         send.direct = False
+        self.counters.direct_sends += 1  # the whole payload went this way (not one begun, then handed back)
         self.parser.end_data()  # every payload byte was read past it
         if n > left:
             self.parser.receive_bytes(bytes(self._spare[:n - left]), now)  # _payload_complete refuses it
@@ -99,6 +141,7 @@ class DirectPayload:
             region += self._spare[:n - left]
         earlier = bytes(region[:send.staged])
         send.direct = False
+        self.counters.direct_fallbacks += 1
         send.staged = 0
         if earlier:
             self.parser.receive_bytes(earlier, send.direct_at)

@@ -27,7 +27,7 @@ from bridged.commands.recv import quick_recv
 from bridged.commands.send import quick_send
 from bridged.uart.transcript import MarkKind
 
-__all__ = ["CommandDispatch"]
+__all__ = ["COMMAND_NAME", "CommandDispatch"]
 
 log = structlog.get_logger()
 
@@ -43,13 +43,13 @@ def _command_var() -> contextvars.ContextVar:
     return token.var
 
 
-_COMMAND = _command_var()
+COMMAND_NAME = _command_var()  # the log lines' bound ``command`` (uart.direct sets it too)
 
 
 def forget_command() -> None:
     """No command is running from here on in this context (a restart: the new session's boot
     task and reader are made from it, and must not log as the command that restarted it)."""
-    _COMMAND.set(None)
+    COMMAND_NAME.set(None)
 
 
 class CommandDispatch:
@@ -80,7 +80,7 @@ class CommandDispatch:
                     self._error(AtError("internal error"))
             elif isinstance(event, BadLine):
                 self._echo(event.raw)
-                _COMMAND.set(event.name)
+                COMMAND_NAME.set(event.name)
                 self._log_error("bad_line", event.name, event.error)
                 self._error(event.error)
             elif isinstance(event, LineTooLong):
@@ -99,16 +99,16 @@ class CommandDispatch:
         self.output.reply(fmt.ERROR)
 
     def _execute(self, line: CommandLine) -> None:
-        _COMMAND.set(line.name)  # structlog.contextvars.bind_contextvars(command=...)
+        COMMAND_NAME.set(line.name)  # structlog.contextvars.bind_contextvars(command=...)
         if self.tap is not None:
             self.tap.mark(MarkKind.COMMAND, name="AT" + line.name, kind=line.kind.name.lower())
         if not self.faults.at_commands:
             # A send line this session prompted before, every check passing the same way:
             # the prompt without the registry's walk (its answer would be the same).
-            request = quick_send(self.ctx, line)
-            if request is not None:
-                self.output.reply(fmt.PROMPT)
-                self._start_send(request)
+            quick = quick_send(self.ctx, line.raw)
+            if quick is not None:
+                self._start_send(quick[0])
+                self.output.reply_now(fmt.PROMPT)  # (as queued before the send started: it queues nothing)
                 return
             read = quick_recv(self.ctx, line)  # the same for a read line (passive mode)
             if read is not None:

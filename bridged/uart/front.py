@@ -133,6 +133,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self.ctx = self._new_context()
         self.session = Session()  # the AT session's state (bridged.at.session)
         self.boot: Boot | None = None  # the chip's (re)boot while the session is BOOTING
+        self._said_ready = False  # FrontReady went to the supervisor (once per front process)
         self._dropped: asyncio.Future | None = None  # the boot waits for a restart's links to end
         self._init_data_phase()
         self._command: asyncio.Task | None = None  # a handler waiting on the network
@@ -216,9 +217,11 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
             self._stopped.set_result(None)
 
     async def _wait_workers(self, timeout: float) -> None:
+        # Woken by the Hello of the worker waited for, not polled: a boot wakes
+        # the front once per worker at most.
         async with asyncio.timeout(timeout):
-            while not all(self.links.is_ready(i) for i in range(self.links.count)):
-                await asyncio.sleep(0.005)
+            while missing := [i for i in range(self.links.count) if not self.links.is_ready(i)]:
+                await self.links.wait_ready(missing[0], None)
 
     def _tell_supervisor(self, msg: object) -> None:
         self.to_supervisor.send(msg)  # now, or once the channel has room (uart.sup_outbox)
@@ -316,7 +319,10 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self.session.handle(Ready(), self.loop.time())
         self.output.reply(fmt.READY)
         log.info("ready", port=self.port_name)
-        self._tell_supervisor(FrontReady(self.port_name))
+        if not self._said_ready:
+            # The supervisor needs it once per front (READY=1, the failure count): an AT+RST's boot is no news.
+            self._said_ready = True
+            self._tell_supervisor(FrontReady(self.port_name))
         messages = autoconnect_messages(self.ctx)
         if messages:
             self.output.urc(messages)

@@ -74,11 +74,12 @@ class LinkTable:
     def is_ready(self, link_id: int) -> bool:
         return self.slots[link_id].state is not SlotState.NO_WORKER
 
-    async def wait_ready(self, link_id: int, timeout: float) -> None:
-        """Wait for a worker the supervisor is restarting (after a crash) to say Hello.
+    async def wait_ready(self, link_id: int, timeout: float | None) -> None:
+        """Wait for a worker the supervisor is (re)starting to say Hello.
 
         The MCU saw CLOSED and may reopen the link at once; the new worker is
         up within a second, so the command waits for it instead of failing.
+        ``timeout`` None: no deadline of its own (the caller's).
         """
         slot = self.slots[link_id]
         if slot.state is not SlotState.NO_WORKER:

@@ -97,6 +97,7 @@ class Output:
         self._pending_final = False  # ... ends with a final result
         self._when_empty: list[Callable[[], None]] = []
         self.written = 0
+        self.batched = 0  # bytes joined into writes, before any injected fault: offsets in the stream
         self.pacer: Pacer | None = None  # [uart] pace: the line's rate (None: as fast as the port takes)
         self._woken_at = 0.0  # the line deadline the pacing timer last fired for
 
@@ -117,6 +118,45 @@ class Output:
         if linger and self._linger is None:
             self._linger = self.loop.call_later(linger, self._pump)
         else:  # (output behind a lingering reply takes it along at once)
+            self._scheduled = True
+            self.loop.call_soon(self._pump)
+
+    def reply_now(self, data: bytes, final: bool = True) -> None:
+        """A reply written at once when nothing is queued, held, paced or watched (a bulk
+        upload's prompt, its Recv and SEND OK): the bytes and the order of ``reply`` and the
+        pump's, without a callback's round trip.  ``final``: it ends with a final result."""
+        if (self._replies or self._urcs or self._pending or self._scheduled or self._writer_armed
+                or self.pacer is not None or self.mangle is not None or self.tap is not None or self.suspended):
+            self._seq += 1
+            self._replies.append((self._seq, data, final, len(data)))
+            self._queued(len(data))
+            return
+        try:
+            n = os.write(self.fd, data)
+        except BlockingIOError:
+            n = 0
+        except OSError:  # the pump meets it again and says so (on_failed)
+            self._seq += 1
+            self._replies.append((self._seq, data, final, len(data)))
+            self._queued(len(data))
+            return
+        self.batched += len(data)  # as _next_batch counts a batch (the fault offsets rest on it)
+        self.written += n
+        if n < len(data):  # the port is full: the rest waits for it as the pump's would
+            self._pending = memoryview(data)[n:]
+            self._pending_final = final
+            self._queued(len(data) - n, pump=False)
+            self._arm_writer()
+            return
+        if final:
+            self._final_at = self.loop.time()
+        self._all_written()
+
+    def _queued(self, size: int, pump: bool = True) -> None:
+        self.buffered += size
+        if self.buffered > self.high:
+            self.backlogged = True
+        if pump and not (self._writer_armed or self._scheduled):
             self._scheduled = True
             self.loop.call_soon(self._pump)
 
@@ -220,6 +260,7 @@ class Output:
         if not parts:
             return False
         data = b"".join(parts)
+        self.batched += len(data)
         if self.mangle is not None:  # bytes lost or corrupted on the line (bridged.faults)
             mangled = self.mangle(data)
             self.buffered -= len(data) - len(mangled)
@@ -289,10 +330,10 @@ class Output:
             # Whole ticks: a shorter timer would fire at once and spin the loop.
             self._timer = self.loop.call_later(max(math.ceil(wait / _TICK - 0.5), 1) * _TICK, self._pump)
             return
-        # Deferred: a writer must never be re-entered by the callbacks it causes.
-        callbacks, self._when_empty = self._when_empty, []
-        for callback in callbacks:
-            self.loop.call_soon(callback)
+        if self._when_empty:  # deferred: a writer must never be re-entered by the callbacks it causes
+            callbacks, self._when_empty = self._when_empty, []
+            for callback in callbacks:
+                self.loop.call_soon(callback)
         # Called at once (it runs after every write): it may only queue more
         # output, and queuing never writes from inside _pump.
         self.on_drained()

@@ -26,7 +26,7 @@ from bridged.uart.flow import Flow
 if TYPE_CHECKING:
     from bridged.uart.sending import Send
 
-__all__ = ["PortReading"]
+__all__ = ["COALESCE_FULL", "PortReading"]
 
 log = structlog.get_logger()
 
@@ -35,17 +35,20 @@ _FORCE_RESTART = b"AT+RST\r\n"
 _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART speed
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
-_COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
+COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
 _PAUSE = "coalesce"  # the read gate's hold for a coalescing pause (ended by the tick alone)
 _LISTEN_AFTER = 1.0  # seconds a stream's full ring holds the port before it is read for +++
 _SIDE = 32768  # bytes of a stream a full ring may hold back while the port is read for +++
 _GONE = (errno.EIO, errno.ENXIO, errno.ENODEV)  # a read saying the device went away
+_QUICK_LINE = 64  # bytes: a longer read is no AT+CIPSEND line alone (uart.direct._quick_line)
 
 
 class PortReading:
     """Reading the port; a part of ``bridged.uart.front.Front`` (uses its attributes)."""
 
     def _resume_reading(self) -> None:
+        if self._gate.open_fd == self.fd and not (self._listening or self._side_full or self._listen_timer):
+            return  # read already, and not listening (after every send: a plain check)
         self._end_listening()
         if self._replug is not None and self._replug.away:
             return  # the device is gone: reading resumes when it is back
@@ -116,6 +119,21 @@ class PortReading:
             self._paced.pacer.hold_off()
 
     def _on_readable(self) -> None:
+        send = self.sending
+        # A plain AT+CIPSEND's payload (uart.direct), a bulk upload's hot path: every check
+        # below passes the same way for it (a data phase is parsed and never held for the
+        # output's backlog; a direct send is never paced nor listening), so they are skipped.
+        if send is not None and send.direct and not self._listening:
+            try:
+                data = self._read_direct(send)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._read_failed(exc)
+                return
+            if data is not None:
+                self._took(data, self.session.input, _READ_SIZE)
+            return
         disposition = self.session.input
         if disposition is Input.LEAVE:
             # Left in the port until the after-action ran: held behind output the MCU
@@ -132,19 +150,17 @@ class PortReading:
                 return
         if not size:
             return  # the line is busy: read again when it has room
-        send = self.sending
         try:
-            if send is not None and send.direct:
-                data = self._read_direct(send)  # uart.direct: AT+CIPSEND's payload into its ring
-                if data is None:
-                    return
-            else:
-                data = os.read(self.fd, size)
+            data = os.read(self.fd, size)
         except BlockingIOError:
             return
         except OSError as exc:
             self._read_failed(exc)
             return
+        self._took(data, disposition, size)
+
+    def _took(self, data: bytes, disposition: Input, size: int) -> None:
+        """Bytes read from the port (``size`` asked for): to the session's ``disposition``."""
         if not data:
             self._hung_up("hung up (unplugged?)")
             return
@@ -154,20 +170,28 @@ class PortReading:
             self._serial.after_read(len(data))
         if self.tap is not None:
             self.tap.received(data)
+        # Counted whatever becomes of them (an injected overrun's loss, the boot's): all that
+        # was read, as bytes_out is all that was written; the input fault offsets rest on it.
+        self.counters.rx_bytes += len(data)
         if self.rx_fault is not None and not (data := self.rx_fault(data)):
             return  # an injected overrun lost all of it
         if disposition is Input.DROP:
             self.boot.drop(len(data))
             return
-        self.counters.rx_bytes += len(data)
         if disposition is Input.REFUSE:
             self._refuse_busy(data)
             return
         now = self.loop.time()
-        self.parser.receive_bytes(data, now)
-        self._process()
+        if disposition is Input.PARSE and len(data) <= _QUICK_LINE and self._quick_line(data):
+            pass  # uart.direct: a send line prompted before, the prompt at once
+        else:
+            self.parser.receive_bytes(data, now)
+            self._process()
         if self._paced is None and not self._listening:  # paced reads come in slices already
-            self._coalesce(len(data), now)  # (a small, interactive read only has its time noted)
+            if len(data) < _COALESCE_MIN:  # a small, interactive read only has its time noted (inline)
+                self._last_read = now
+            else:
+                self._coalesce(len(data), now)
 
     def _read_failed(self, exc: OSError) -> None:
         if exc.errno in _GONE and self._replug is not None:
@@ -216,7 +240,7 @@ class PortReading:
         interval, self._last_read = now - self._last_read, now
         uart_rate = interval > 0 and size / interval < _COALESCE_RATE
         # A read that nearly filled the tty buffer means the MCU is waiting on us.
-        if (_COALESCE_MIN <= size < _COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
+        if (_COALESCE_MIN <= size < COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
                 and self._gate.is_open and self.parser.data is not None):
             # A hold, not shut(): its end must not reopen a read a full ring shut meanwhile.
             self._gate.hold(_PAUSE, press=False)  # a pause, not back-pressure: RTS stays up

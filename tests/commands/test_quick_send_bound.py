@@ -19,4 +19,4 @@ def test_a_host_sending_many_distinct_lines_keeps_at_most_64():
         line = parse_command_line(b"AT+CIPSEND=0,%d\r\n" % length)
         send._remember(ctx, line, SendRequest(0, length, kind=DataKind.SEND))
         assert len(ctx.quick_sends) <= 64
-    assert ctx.quick_sends[b"AT+CIPSEND=0,1000\r\n"] == (0, SendRequest(0, 1000, kind=DataKind.SEND))
+    assert ctx.quick_sends[b"AT+CIPSEND=0,1000\r\n"] == (0, SendRequest(0, 1000, kind=DataKind.SEND), "+CIPSEND")

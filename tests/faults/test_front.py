@@ -21,15 +21,23 @@ def fake_front(faults: dict | None = None, seed: int = 1):
     config = default_config()
     specs = {name: parse_spec(name, table) for name, table in (faults or {}).items()}
     config = dataclasses.replace(config, faults=dataclasses.replace(config.faults, seed=seed, **specs))
-    return SimpleNamespace(config=config, links=SimpleNamespace(on_fault=None), output=SimpleNamespace(mangle=None),
+    return SimpleNamespace(config=config, links=SimpleNamespace(on_fault=None), output=SimpleNamespace(mangle=None, batched=0),
                            rx_fault=None, tap=None, counters=SimpleNamespace(rx_bytes=0))
 
 
 def _read(front, data: bytes) -> bytes:
-    """One UART read as uart.reading does it: through the hook while there is one, then counted."""
+    """One UART read as uart.reading does it: counted, then through the hook while there is one."""
+    front.counters.rx_bytes += len(data)
     if front.rx_fault is not None:
         data = front.rx_fault(data)
-    front.counters.rx_bytes += len(data)
+    return data
+
+
+def _write(front, data: bytes) -> bytes:
+    """One batch of output as uart.output makes it: counted, then through the hook while there is one."""
+    front.output.batched += len(data)
+    if front.output.mangle is not None:
+        data = front.output.mangle(data)
     return data
 
 
@@ -85,6 +93,35 @@ def test_an_on_demand_overrun_unhooks_the_input_once_over():
         faults.demand("uart_overrun", {"bytes": 1})
         assert _read(front, b"xyz") == b"yz" and front.rx_fault is None
         assert fired == [0, 4, 2 + 9 + 9]  # the stream's bytes since the first demand, hooked or not
+        faults.close()
+
+    asyncio.run(main())
+
+
+def test_an_on_demand_drop_unhooks_the_output_once_over():
+    """uart_drop on demand (count 2) drops the next two bytes out, then the output hook is removed
+    (output goes the plain way: status faults.uart_hooks says so); uart_corrupt on demand hooks it
+    again, its offset that of the whole stream since the first demand."""
+
+    async def main():
+        front = fake_front()
+        faults = FrontFaults(front)
+        faults.start()
+        fired = []
+        faults.plan.report = lambda name, details: fired.append((name, details["offset"]))
+        assert _write(front, b"0123456789") == b"0123456789" and front.output.mangle is None
+        faults.demand("uart_drop", {"count": 2})
+        assert faults.line.hooked() == {"input": False, "output": True}
+        assert _write(front, b"a") == b""
+        assert front.output.mangle is not None  # one more to drop
+        assert _write(front, b"bcd") == b"cd"
+        assert front.output.mangle is None and faults.line.hooked() == {"input": False, "output": False}
+        assert fired == [("uart_drop", 0), ("uart_drop", 1)]
+        assert _write(front, b"untouched") == b"untouched"
+        faults.demand("uart_corrupt", {})
+        out = _write(front, b"xyz")
+        assert out[0] != ord("x") and out[1:] == b"yz" and front.output.mangle is None
+        assert fired[2] == ("uart_corrupt", 1 + 3 + 9)  # the stream's bytes since the first demand
         faults.close()
 
     asyncio.run(main())

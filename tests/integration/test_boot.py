@@ -426,3 +426,25 @@ def test_after_at_rst_ready_finds_every_link_ended(make_daemon, echo_server):
     host.expect(b"WIFI GOT IP\r\n")  # the auto-connect's lines, then the driver's first command
     assert host.ask(b"AT+CIPMUX=1") == b"AT+CIPMUX=1\r\n\r\nOK\r\n"  # (echo is on again)
     assert host.command(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % echo_server.port).endswith(b"0,CONNECT\r\n\r\nOK\r\n")
+
+
+def test_the_supervisor_hears_ready_once_per_front(make_daemon):
+    """FrontReady (READY=1, the count of failures before ready) goes to the supervisor at the
+    front's first ready only, not after each AT+RST's boot; a front started again after a crash
+    says it again (its own first ready)."""
+    daemon = make_daemon()
+    host = daemon.host()
+    host.expect(READY)
+    first = daemon.front_pid()
+    for _ in range(2):
+        host.command(b"AT+RST")
+        host.expect(READY)
+    daemon.wait_event("ready", count=3)
+    time.sleep(0.5)  # the supervisor reads its channel at once: a second FrontReady would be in the log
+    assert [e["pid"] for e in daemon.events("front_ready")] == [first]
+    daemon.expected_errors |= {"child_died", "worker_died"}
+    os.kill(first, signal.SIGKILL)
+    host.expect(READY)
+    heard = daemon.wait_event("front_ready", count=2)
+    second = daemon.front_pid()
+    assert second != first and [e["pid"] for e in heard] == [first, second]

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+from bridged.ops.protocol import request
 from tests.integration.test_faults_at import fault_cli
+from tests.integration.test_status import connect, control_path
 
 CANCELED = b"\r\nSEND Canceled\r\n"
 RING = "[links]\nring_size = 4096\n"  # sends wrap its end often
@@ -31,6 +33,37 @@ def _recv(conn: socket.socket, n: int, timeout: float = 5.0) -> bytes:
     return got
 
 
+class _ReadCount:
+    """What the daemon has read from the MCU (status uart.bytes_in), over one control connection.
+
+    A guard silence is the MCU's: a front the loaded machine leaves unscheduled longer than the
+    pause would read the bytes before it and a +++ after it as one piece (data, rightly), so the
+    tests wait until the bytes before a silence are read before they let it run."""
+
+    def __init__(self, daemon) -> None:
+        self.sock = connect(control_path(daemon))
+
+    def now(self) -> int:
+        return request(self.sock, {"cmd": "status"})["status"]["uart"]["bytes_in"]
+
+    def wait(self, total: int, timeout: float = 3.0) -> None:
+        """Until ``total`` bytes were read, or ``timeout`` (bytes the session leaves in the port:
+        the test goes on as it would have)."""
+        deadline = time.monotonic() + timeout
+        while self.now() < total and time.monotonic() < deadline:  # bounded
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def read_count(daemon):
+    counter = _ReadCount(daemon)
+    yield counter
+    counter.close()
+
+
 @pytest.fixture
 def peer():
     server = socket.create_server(("127.0.0.1", 0))
@@ -38,7 +71,7 @@ def peer():
     server.close()
 
 
-def test_plus_at_every_position_of_short_sends(host, peer):
+def test_plus_at_every_position_of_short_sends(host, peer, read_count):
     """AT+CIPSEND=1..8 with +++ (guard silences) after every prefix: SEND Canceled while three
     bytes or more were left, else the '+' that fit are payload and the rest is refused busy."""
     _open(host, peer.getsockname()[1])
@@ -49,7 +82,9 @@ def test_plus_at_every_position_of_short_sends(host, peer):
             host.command(b"AT+CIPSEND=%d" % length, b">")
             time.sleep(0.04)
             if before:
+                read = read_count.now()
                 host.write(b"a" * before)
+                read_count.wait(read + before)  # read apart from the +++ (_ReadCount)
                 time.sleep(0.04)
             host.write(b"+++")
             left = length - before
@@ -65,7 +100,7 @@ def test_plus_at_every_position_of_short_sends(host, peer):
     conn.close()
 
 
-def test_plus_split_over_reads_at_every_position(host, peer):
+def test_plus_split_over_reads_at_every_position(host, peer, read_count):
     """+++ written '+' then '++' (2 ms apart, guard silences around): cancels as one +++ when
     three bytes were left, for every prefix of AT+CIPSEND=6."""
     _open(host, peer.getsockname()[1])
@@ -74,7 +109,9 @@ def test_plus_split_over_reads_at_every_position(host, peer):
         host.command(b"AT+CIPSEND=6", b">")
         time.sleep(0.04)
         if before:
+            read = read_count.now()
             host.write(b"b" * before)
+            read_count.wait(read + before)  # read apart from the +++ (_ReadCount)
             time.sleep(0.04)
         host.write(b"+")
         time.sleep(0.002)
@@ -326,14 +363,19 @@ def _scenario(rng) -> tuple[int, list[tuple[bytes, float]]]:
     return length, writes
 
 
-def _play(host, length: int, writes) -> bytes:
+def _play(host, read_count: _ReadCount, length: int, writes) -> bytes:
     """The MCU's writes for one send; what it reads back, through an AT's OK written after them
-    (each scenario's writes end the send: its length reached, or a guarded +++)."""
+    (each scenario's writes end the send: its length reached, or a guarded +++).  Before a
+    guard silence the daemon has read what came before it (_ReadCount)."""
     host.command(b"AT+CIPSEND=%d" % length, b">")
     time.sleep(0.06)
+    read = read_count.now()
     for piece, pause in writes:
+        if pause >= 0.06:
+            read_count.wait(read)
         time.sleep(pause)
         host.write(piece)
+        read += len(piece)
     out = host.expect(b"\r\nSEND ", timeout=5) + host.expect(b"\r\n")
     time.sleep(0.06)
     host.write(b"\r\nAT\r\n")  # ends any line surplus bytes left open; its OK marks the end
@@ -366,7 +408,9 @@ def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
         _open(host, server.getsockname()[1])
         conn, _ = server.accept()
         rng = random.Random(2026)
-        seen = [_play(host, *_scenario(rng)) for _ in range(16)]
+        read_count = _ReadCount(daemon)
+        seen = [_play(host, read_count, *_scenario(rng)) for _ in range(16)]
+        read_count.close()
         results.append((seen, _drain(conn)))
         conn.close()
         server.close()
@@ -380,13 +424,15 @@ def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
 def test_an_overrun_on_demand_leaves_the_direct_path_when_over(daemon, host, peer):
     """uart_overrun on demand (bytes=3) armed at a send's prompt loses the payload's first 3 bytes (the MCU
     writes 3 more; the peer gets the rest); once over, the next AT+CIPSEND is read straight into
-    its ring again (status uart.direct_sends counts it) and arrives whole."""
+    its ring again (status uart.direct_sends counts it, and direct_fallbacks the faulted one, begun
+    direct and handed to the general path) and arrives whole."""
     from tests.integration.test_status import status_json
 
     _open(host, peer.getsockname()[1])
     conn, _ = peer.accept()
     assert host.send_data(b"AT+CIPSEND=5", b"first") == b"\r\nRecv 5 bytes\r\n\r\nSEND OK\r\n"
-    before = status_json(daemon)["uart"]["direct_sends"]
+    uart = status_json(daemon)["uart"]
+    before, fallbacks = uart["direct_sends"], uart["direct_fallbacks"]
     assert before >= 1
     host.command(b"AT+CIPSEND=10", b">")
     assert fault_cli(daemon, "uart_overrun", "count=1", "bytes=3").returncode == 0
@@ -396,7 +442,8 @@ def test_an_overrun_on_demand_leaves_the_direct_path_when_over(daemon, host, pee
     payload = os.urandom(4000)
     assert host.send_data(b"AT+CIPSEND=4000", payload) == b"\r\nRecv 4000 bytes\r\n\r\nSEND OK\r\n"
     status = status_json(daemon)
-    assert status["uart"]["direct_sends"] == before + 2  # the faulted send began direct, then this one
+    assert status["uart"]["direct_sends"] == before + 1  # this one; the faulted one fell back
+    assert status["uart"]["direct_fallbacks"] == fallbacks + 1
     assert status["faults"]["counts"].get("uart_overrun") == 1
     assert _recv(conn, 5 + 10 + 4000) == b"first" + b"defghij123" + payload
     conn.close()

@@ -238,6 +238,7 @@ def test_status_shows_the_seed_and_the_count_per_fault(make_daemon):
     assert fault_cli(d, "at_busy", "count=2").returncode == 0
     assert answer(host, b"AT") == answer(host, b"AT") == b"\r\nbusy p...\r\n"
     done = forkserver.run(["status", "--state-dir", str(d.state_dir), "--json"], timeout=20)
-    assert json.loads(done.stdout)["faults"] == {"seed": 77, "counts": {"at_busy": 2}}
+    assert json.loads(done.stdout)["faults"] == {"seed": 77, "counts": {"at_busy": 2},
+                                                  "uart_hooks": {"input": False, "output": False}}
     table = forkserver.run(["status", "--state-dir", str(d.state_dir)], timeout=20)
     assert "Faults (seed 77): at_busy 2" in table.stdout

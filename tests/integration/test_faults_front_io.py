@@ -177,6 +177,31 @@ def test_uart_overrun_loses_runs_of_input_the_same_way_per_seed(make_daemon):
     assert other != got
 
 
+def test_an_on_demand_output_fault_leaves_the_output_path_when_over(daemon):
+    """uart_drop on demand (count=1) drops the next byte out (OK's leading CR); once over, the output
+    hook is gone (status faults.uart_hooks, uart_output_fault_over) and OK comes whole again; a
+    uart_corrupt then hooks it again and hits at its offset in the whole stream since the first."""
+    from tests.integration.test_status import status_json
+
+    host = daemon.host()
+    host.boot()
+    assert status_json(daemon)["faults"]["uart_hooks"] == {"input": False, "output": False}
+    assert fault_cli(daemon, "uart_drop", "count=1").returncode == 0
+    assert status_json(daemon)["faults"]["uart_hooks"] == {"input": False, "output": True}
+    host.write(b"AT\r\n")
+    assert host.read_exactly(5) == b"\nOK\r\n"
+    daemon.wait_event("uart_output_fault_over")
+    assert status_json(daemon)["faults"]["uart_hooks"] == {"input": False, "output": False}
+    assert answer(host, b"AT") == b"\r\nOK\r\n"
+    assert fault_cli(daemon, "uart_corrupt", "count=1").returncode == 0
+    host.write(b"AT\r\n")
+    assert host.read_exactly(6)[1:] == b"\nOK\r\n"  # its first byte, a bit flipped
+    daemon.wait_event("uart_output_fault_over", count=2)
+    (hit,) = [e for e in daemon.events("fault_injected") if e.get("fault") == "uart_corrupt"]
+    assert hit["offset"] == 6 + 6  # two answers of six bytes went out since the first demand
+    assert status_json(daemon)["faults"]["uart_hooks"] == {"input": False, "output": False}
+
+
 def _corrupt_lines(d) -> list[dict]:
     return [e for e in d.events("fault_injected") if e.get("fault") == "uart_corrupt"]
 

@@ -26,7 +26,7 @@ class _Front(DirectPayload):
         self.loop = SimpleNamespace(time=lambda: 1.0)
         self.parser = Parser()
         self.tap = self.rx_fault = self._paced = self._serial = None
-        self.counters = SimpleNamespace(rx_bytes=0, direct_sends=0)
+        self.counters = SimpleNamespace(rx_bytes=0, direct_sends=0, direct_fallbacks=0)
         self._spare = bytearray(SPARE)
         self.completed: list[int] = []
 
@@ -110,3 +110,22 @@ def test_a_fallback_while_the_read_index_reads_torn_keeps_every_byte(rig):
         index[8] = real
         index.release()
     assert not send.direct and front.parser.data.received == 6
+
+
+def test_a_send_counts_as_direct_once_its_payload_is_read_whole(rig):
+    """uart.direct_sends counts a payload that went the direct way whole, when its last byte came;
+    one begun there and handed to the general path (a '+++' candidate) counts in direct_fallbacks."""
+    front, send = _start(rig, 10, before_end=2000)
+    os.write(rig[3], b"abcd")
+    assert front._read_direct(send) is None and send.staged == 4
+    assert (front.counters.direct_sends, front.counters.direct_fallbacks) == (0, 0)  # begun, not done
+    os.write(rig[3], b"efghij")
+    assert front._read_direct(send) is None and front.completed == [10]
+    assert (front.counters.direct_sends, front.counters.direct_fallbacks) == (1, 0)
+    front.parser.start_data(DataKind.SEND, 10, 0.0)
+    send = Send(send.slot, DataKind.SEND, 10)
+    front._try_direct(send)
+    assert send.direct
+    os.write(rig[3], b"++")
+    assert front._read_direct(send) == b"++" and not send.direct
+    assert (front.counters.direct_sends, front.counters.direct_fallbacks) == (1, 1)

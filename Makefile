@@ -3,7 +3,7 @@
 #   make run     start the daemon on a pseudo-terminal ($(PTY)) with $(PROFILE)
 #   make test    run the test suite, then again under Python 3.13 when pyenv has it,
 #                then make test-floors
-#                (PYTEST_JOBS=0: in one process instead of four xdist workers)
+#                (PYTEST_JOBS=0: in one process instead of six xdist workers)
 #   make test-floors  a fast subset with the oldest dependency versions pyproject.toml allows
 #   make bench   run the benchmarks (bench/)
 #   make clean   remove caches and build artefacts (the virtualenvs are kept)
@@ -17,27 +17,33 @@ PYTEST_ARGS ?=
 # process, no xdist), whole files to a worker (--dist loadfile), so a module's
 # fixtures -- the OTA keys, the DNS/SNTP test servers on fixed loopback
 # addresses, module-wide daemons -- are made once and never twice at a time;
-# the longest files first (tests/schedule.py), so that no long one is left for
-# the end while the other workers idle.  Four workers on the 2-core CI
-# machine: nearly every test starts a daemon (forked from a process that
-# imported bridged once: tests/forkserver.py, as are most of the `bridged
-# status/fault/pki/check/ota` command lines the tests run;
-# BRIDGED_TEST_FORKSERVER=0 execs each) and then mostly waits -- on the
-# daemon's timers, on a peer, on the pty -- so fewer workers leave the cores
-# idle (two: 38% of two cores busy; three: about half).  On a quiet machine four took 4:08-4:37 a run against
-# 5:16-5:30 for three: `make test` (both interpreters and the floors) about 9
-# to 10 minutes instead of 12.  Four leave the tests that time an in-process
-# link worker to the millisecond less room: those that failed at four were
-# mended (load margins, counted steps, windows a held case cannot meet) rather
-# than run with fewer workers.  Both interpreters' runs go one after the
-# other, not at once: test_dns, test_sntp, test_hosts and tests/net bind fixed
-# loopback addresses (127.0.0.x:53/123) that two runs at a time would fight
-# over.  The second interpreter runs the whole suite too (not only what
-# differs under 3.13: ssl's TLS-PSK, asyncio/uvloop, mmap): each run is made
-# fast instead.  The runs are CPU-bound on two cores: what shortens them is
-# less CPU per test (BRIDGED_TEST_CPU=FILE writes each test's CPU seconds,
-# its daemons' included: tests/cpuclock.py).  See bench/RESULTS.md, "Test suite".
-PYTEST_JOBS ?= 4
+# the longest files first (tests/schedule.py; on a fresh clone by
+# tests/file_seconds.json), so that no long one is left for the end while the
+# other workers idle.  Six workers on the 2-core CI machine: nearly every test
+# starts a daemon (forked from a process that imported bridged once:
+# tests/forkserver.py, as are most of the `bridged status/fault/pki/check/ota`
+# command lines the tests run; BRIDGED_TEST_FORKSERVER=0 execs each) and then
+# mostly waits -- on the daemon's timers, on a peer, on the pty: a run's tests
+# spend about 1,000 s of wall time for about 230 s of CPU (theirs, their
+# daemons' and the workers' together), so four workers kept the two cores
+# less than half busy on a quiet machine (4:30 a run for 3.11, about 0.85 of a
+# core).  Measured on this machine, each run sharing both cores with other
+# helpers' suites (load 7 to 17), in alternation (4, 6, 8, 4, 6, 8 workers,
+# 3.11): four took 5:22 and 4:53, six 4:19 and 3:21, eight 4:16 and 4:27;
+# eight cost 10% more CPU than four (each worker's start, collection and fork
+# server; more contention) for no gain over six.  Under that load the
+# timing-bound tests (an in-process link worker timed to the millisecond, the
+# pty's pacing, a fault's latency, +++'s guard times) failed now and then at
+# any count: 0 and 2 a run at four, 2 and 1 at six, 3 and 3 at eight, a
+# different few each time.  Both
+# interpreters' runs go one after the other, not at once: test_dns,
+# test_sntp, test_hosts and tests/net bind fixed loopback addresses
+# (127.0.0.x:53/123) that two runs at a time would fight over.  The second
+# interpreter runs the whole suite too (not only what differs under 3.13:
+# ssl's TLS-PSK, asyncio/uvloop, mmap).  BRIDGED_TEST_CPU=FILE writes each
+# test's CPU seconds, its daemons' included (tests/cpuclock.py).  See
+# bench/RESULTS.md, "Test suite".
+PYTEST_JOBS ?= 6
 # pytest keeps the test modules it rewrote for assert messages (and Python the
 # modules it compiled) in __pycache__ (ignored by git) unless
 # PYTHONDONTWRITEBYTECODE is set, as in some CI shells; then every xdist worker

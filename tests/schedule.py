@@ -7,10 +7,16 @@ mDNS namespaces, the Locust and pytest runs, the fleets -- for the end, where
 one worker ran them while the other had nothing left.  Here the files go in
 the order of their test time (setup, call and teardown of the tests collected
 now), each test's time as the last run measured it (pytest's cache, key
-``bridged/test_seconds``), or, for a test not measured yet (a fresh clone), an
-estimate by where it lives: a test starting daemons and processes under
-tests/integration or tests/testing about a second, any other a few
-milliseconds.  Within a file the tests keep their order.
+``bridged/test_seconds``).  A file none of whose tests was measured yet (a
+fresh clone, as CI's first run) takes its time from tests/file_seconds.json,
+each file's time in a whole run, kept in git (``python -m tests.schedule``
+writes it from the cache after a run); a file not there either, an estimate by
+where it lives: a test starting daemons and processes under tests/integration
+or tests/testing about a second, any other a few milliseconds.  (By those
+estimates alone the in-process files that take half a minute -- read
+batching's hostile peers, the SNTP client's runs -- came last, one worker
+running them while the others had nothing left.)  Within a file the tests
+keep their order.
 
 The order changes only which worker runs a file, and when: no test depends
 on it (each file gets its fixtures and daemons of its own, as before).
@@ -18,12 +24,29 @@ on it (each file gets its fixtures and daemons of its own, as before).
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 
 _KEY = "bridged/test_seconds"
 _SLOW_DIRS = ("tests/integration/", "tests/testing/")
 _GUESS_SLOW, _GUESS_FAST = 1.0, 0.003
 _KNOWN = pytest.StashKey[dict]()
+_TABLE = pytest.StashKey[dict]()
+TABLE_NAME = "tests/file_seconds.json"
+
+
+def _read_table(root: Path) -> dict[str, float]:
+    """tests/file_seconds.json under ``root``: {file: seconds}; {} if missing or unreadable."""
+    try:
+        table = json.loads((root / TABLE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(table, dict):
+        return {}
+    return {f: s for f, s in table.items() if isinstance(f, str) and isinstance(s, (int, float))}
 
 
 def _file(nodeid: str) -> str:
@@ -37,6 +60,7 @@ def _guess(nodeid: str) -> float:
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config.option, "loadscopereorder"):  # xdist's controller: keep the order made here
         config.option.loadscopereorder = False
+    config.stash[_TABLE] = _read_table(config.rootpath)
     cache = getattr(config, "cache", None)
     worker = getattr(config, "workerinput", None)
     if worker is not None:
@@ -58,11 +82,17 @@ def pytest_configure_node(node) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     known = config.stash.get(_KNOWN, {})
-    seconds: dict[str, float] = {}
+    table = config.stash.get(_TABLE, {})
+    tests: dict[str, list[str]] = {}
     for item in items:
-        spent = known.get(item.nodeid)
-        guess = spent if isinstance(spent, (int, float)) else _guess(item.nodeid)
-        seconds[_file(item.nodeid)] = seconds.get(_file(item.nodeid), 0.0) + guess
+        tests.setdefault(_file(item.nodeid), []).append(item.nodeid)
+    seconds: dict[str, float] = {}
+    for file, nodeids in tests.items():
+        spent = [known.get(nodeid) for nodeid in nodeids]
+        if file in table and not any(isinstance(s, (int, float)) for s in spent):
+            seconds[file] = table[file]
+        else:
+            seconds[file] = sum(s if isinstance(s, (int, float)) else _guess(n) for s, n in zip(spent, nodeids))
     # sorted() is stable: a file's tests stay together and in their order.
     items[:] = sorted(items, key=lambda item: -seconds[_file(item.nodeid)])
 
@@ -83,3 +113,22 @@ class _Recorder:
             known = self.cache.get(_KEY, {})
             known.update({nodeid: round(spent, 3) for nodeid, spent in self.seconds.items()})
             self.cache.set(_KEY, known)
+
+
+def write_table(root: Path, cache: Path | None = None) -> int:
+    """tests/file_seconds.json from the measurements in ``root``'s pytest cache (or the cache
+    directory ``cache``), each file's tests summed, to a tenth of a second; how many files."""
+    known = json.loads(((cache or root / ".pytest_cache") / "v" / "bridged" / "test_seconds").read_text())
+    table: dict[str, float] = {}
+    for nodeid, spent in known.items():
+        if isinstance(spent, (int, float)) and (root / _file(nodeid)).exists():
+            table[_file(nodeid)] = table.get(_file(nodeid), 0.0) + spent
+    ordered = {f: round(s, 1) for f, s in sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))}
+    (root / TABLE_NAME).write_text(json.dumps(ordered, indent=0) + "\n")
+    return len(ordered)
+
+
+if __name__ == "__main__":
+    # python -m tests.schedule [ROOT [CACHE_DIR]]
+    args = [Path(a) for a in sys.argv[1:3]]
+    print(f"{write_table(args[0] if args else Path.cwd(), *args[1:])} files")

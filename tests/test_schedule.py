@@ -48,3 +48,19 @@ def test_files_go_longest_first_guessed_then_measured(tmp_path):
     assert seconds["tests/test_one.py::test_slow"] >= 1.5
     assert len(seconds) == 103
     assert _pytest(project, "--collect-only")[0] == "tests/test_one.py"  # 1.5 s, the others ~0
+
+
+def test_a_fresh_clone_takes_unmeasured_files_times_from_the_table(tmp_path):
+    """No measurements yet: a file tests/file_seconds.json names goes by its figure there (the quick
+    unit file before the end-to-end one), files it does not name by the estimate; a file with
+    measurements goes by them, not by the table."""
+    project = _project(tmp_path)
+    (project / "tests" / "file_seconds.json").write_text(json.dumps({"tests/test_many.py": 30.0}))
+    assert _pytest(project, "--collect-only") == [
+        "tests/test_many.py", "tests/testing/test_few.py", "tests/test_one.py"]
+    cache = project / ".pytest_cache" / "v" / "bridged"
+    cache.mkdir(parents=True)
+    measured = {f"tests/test_many.py::test_quick[{n}]": 0.001 for n in range(100)}
+    (cache / "test_seconds").write_text(json.dumps({**measured, "tests/test_one.py::test_slow": 3.0}))
+    assert _pytest(project, "--collect-only") == [
+        "tests/test_one.py", "tests/testing/test_few.py", "tests/test_many.py"]  # 3 s, 2 guessed, 0.1 s

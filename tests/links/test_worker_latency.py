@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import socket
 import time
@@ -156,13 +157,19 @@ def _datagram_delays(seed: int, faults: dict) -> list[float]:
 
 def test_datagrams_are_delayed_in_order_and_the_jitter_repeats_with_the_seed():
     """UDP, ms 400 +- 350: each datagram no sooner than 50 ms, in the order sent; seed 5
-    gives the same arrival times again (within scheduling noise), seed 6 others."""
+    gives the same arrival times again (within scheduling noise), seed 6 others.
+
+    The noise passed 50 ms on the loaded machine (two suite runs of nine here), so seed 5 runs
+    up to four times until two agree; draws that differ from run to run (up to 700 ms apart)
+    would not agree in any two."""
     latency = {"net_latency": {"ms": 400, "jitter_ms": 350}}
-    first = _datagram_delays(5, latency)
-    again = _datagram_delays(5, latency)
+    runs = [_datagram_delays(5, latency)]
+    while not any(max(abs(a - b) for a, b in zip(x, y)) < 0.05 for x, y in itertools.combinations(runs, 2)):
+        assert len(runs) < 4, ("no two runs of seed 5 within 50 ms", runs)
+        runs.append(_datagram_delays(5, latency))
+    first = runs[0]
     other = _datagram_delays(6, latency)
     assert all(0.05 <= t < 0.75 + 0.2 for t in first), first
-    assert max(abs(a - b) for a, b in zip(first, again)) < 0.05, (first, again)
     assert max(abs(a - b) for a, b in zip(first, other)) > 0.1, (first, other)
     plain = _datagram_delays(5, {"net_udp_loss": {"rate": 0}})  # a Shaper, but no latency: at once
     assert max(plain) < 0.1, plain

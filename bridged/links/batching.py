@@ -15,15 +15,15 @@ and none starts until the MCU has been quiet for a few periods).  The
 peer's FIN and errors wake us regardless of SO_RCVLOWAT.
 
 Both ways at once.  While the MCU streams too (its sends come within
-_BOTH_GAP periods of each other) and the peer streams on its own (two of
+BOTH_GAP periods of each other) and the peer streams on its own (two of
 its pieces came with no send of the MCU's between them, in two periods
 running: it is not answering each send), batching starts as well, and the
 MCU's steady sends do not end it: the peer's pieces are read on the
-window's ticks, shared with the other links.  A send after _BOTH_GAP
+window's ticks, shared with the other links.  A send after BOTH_GAP
 periods of quiet ends it as before (a request: its answer is read at once),
 and so does a whole period with nothing read.  Timing cannot tell a peer
 answering each request in several pieces (>= _STREAMING apart) from one
-streaming on its own: with requests under _BOTH_GAP periods apart, such an
+streaming on its own: with requests under BOTH_GAP periods apart, such an
 answer's pieces wait for the tick too (at most a period).
 """
 
@@ -38,7 +38,7 @@ import structlog
 from bridged.links.connecting import failure_reason
 from bridged.links.ticker import Ticker
 
-__all__ = ["Batching", "wants_batching", "streams_both_ways", "both_steady", "next_tick"]
+__all__ = ["BOTH_GAP", "Batching", "wants_batching", "streams_both_ways", "both_steady", "next_tick"]
 
 log = structlog.get_logger()
 
@@ -49,7 +49,7 @@ _BATCH_PIECE = 512
 # would start and stop batching all the time).
 _BATCH_QUIET = 4
 # The MCU streams while its sends come within this many periods of each other.
-_BOTH_GAP = 2
+BOTH_GAP = 2
 # A batch's next tick is at least this far off: uvloop's clock ticks in
 # whole milliseconds, and a timer due sooner would fire at once.
 _TICK_MARGIN = 0.001
@@ -75,18 +75,18 @@ def streams_both_ways(since: float, quiet: float, unprompted: float, period: flo
     Args:
         since: seconds since the read before this one (within a period: a stream).
         quiet: seconds since the MCU's data last went to the socket (within
-            _BOTH_GAP periods: the MCU streams).
+            BOTH_GAP periods: the MCU streams).
         unprompted: seconds since the unprompted read before this one (within
-            _BOTH_GAP periods: the peer has streamed on its own a while).
+            BOTH_GAP periods: the peer has streamed on its own a while).
         period: read batching's period (0: off).
     """
-    return since < period and quiet < _BOTH_GAP * period and unprompted < _BOTH_GAP * period
+    return since < period and quiet < BOTH_GAP * period and unprompted < BOTH_GAP * period
 
 
 def both_steady(gap: float, period: float) -> bool:
     """Whether a send ``gap`` seconds after the MCU's last one continues its
     stream (read batching goes on) rather than asking something (it ends)."""
-    return gap < _BOTH_GAP * period
+    return gap < BOTH_GAP * period
 
 
 def next_tick(now: float, period: float) -> float:

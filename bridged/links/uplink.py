@@ -36,7 +36,7 @@ import ssl
 import structlog
 
 from bridged.ipc import records
-from bridged.links.batching import _BOTH_GAP, both_steady
+from bridged.links.batching import BOTH_GAP, both_steady
 from bridged.links.connecting import failure_reason
 from bridged.links.downlink import STREAMING_BOTH
 
@@ -183,7 +183,7 @@ class Uplink:
             return not left  # nothing published; or it wraps: both pieces in one sendmsg
         self.stats["up"] += sent
         now = self.loop.time()  # _sent_now, inline (both_steady too)
-        if self._batch_tick is not None and now - self._last_send >= _BOTH_GAP * self.batch_period:
+        if self._batch_tick is not None and now - self._last_send >= BOTH_GAP * self.batch_period:
             self._stop_batching()
         self._last_send = now
         return not left

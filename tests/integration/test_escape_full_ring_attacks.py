@@ -57,13 +57,14 @@ def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer, reads: _ReadCount
     return sent
 
 
-def _cancel_a_stalled_sendl(daemon, host: Host) -> bytes:
+def _cancel_a_stalled_sendl(daemon, host: Host, reads: _ReadCount) -> bytes:
     """AT+CIPSENDL on link 0 into a deaf peer until it stalls, then +++: some of it waits in the
     front (a leftover); what was streamed."""
     host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
     host.expect(b"\r\nOK\r\n\r\n>")
+    base = reads.now()
     sent = _stream_until_stalled(host)
-    _escape_when_heard(host)
+    _escape_once_read(host, reads, base + len(sent))
     host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
     assert daemon.wait_event("escaped_bytes_kept")
     return sent
@@ -374,7 +375,7 @@ def test_front_idles_through_the_hold_and_the_listening(daemon, host):
         peer.close()
 
 
-def test_a_leftover_holds_up_only_its_own_link(daemon, host):
+def test_a_leftover_holds_up_only_its_own_link(daemon, host, reads):
     """AT+CIPMUX=1: AT+CIPSENDL on link 0 to a deaf peer, cancelled with its ring full (a leftover waits);
     a send on link 1 meanwhile is SEND OK at once and its peer gets just its bytes; link 0's peer still
     gets every byte before the +++ once it reads."""
@@ -386,7 +387,7 @@ def test_a_leftover_holds_up_only_its_own_link(daemon, host):
         peer.accept()
         assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % other.port).endswith(b"OK\r\n")
         other.accept()
-        sent = _cancel_a_stalled_sendl(daemon, host)
+        sent = _cancel_a_stalled_sendl(daemon, host, reads)
         assert b"SEND OK" in host.send_data(b"AT+CIPSEND=1,5", b"other")
         assert other.read_all(1 << 20, timeout=1.0) == b"other"
         assert _same(peer.read_all(len(sent)), sent)
@@ -437,7 +438,7 @@ def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host,
         peer.close()
 
 
-def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host):
+def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host, reads):
     """AT+CIPSENDL to a server's client that stopped reading, +++ with part of the stream still in
     the front, then AT+CIPSERVER=0,1 (the server deleted, its clients closed) while the client
     starts reading: it gets every byte streamed before the +++, as AT+CIPCLOSE would hand them over."""
@@ -449,7 +450,7 @@ def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host)
     try:
         client.connect(("127.0.0.1", port))
         host.expect(b"0,CONNECT\r\n")
-        sent = _cancel_a_stalled_sendl(daemon, host)
+        sent = _cancel_a_stalled_sendl(daemon, host, reads)
         time.sleep(2.5)  # the leftover's look waits 1 s by now
         host.write(b"AT+CIPSERVER=0,1\r\n")
         time.sleep(0.3)  # the close is under way; now the client reads

@@ -41,10 +41,17 @@ class _ReadCount:
     tests wait until the bytes before a silence are read before they let it run."""
 
     def __init__(self, daemon) -> None:
-        self.sock = connect(control_path(daemon))
+        self.path = control_path(daemon)
+        self.sock = connect(self.path)
 
     def now(self) -> int:
-        return request(self.sock, {"cmd": "status"})["status"]["uart"]["bytes_in"]
+        try:
+            reply = request(self.sock, {"cmd": "status"})
+        except ConnectionError:  # dropped after IDLE_TIMEOUT (10 s) without a request: again
+            self.sock.close()
+            self.sock = connect(self.path)
+            reply = request(self.sock, {"cmd": "status"})
+        return reply["status"]["uart"]["bytes_in"]
 
     def wait(self, total: int, timeout: float = 3.0) -> None:
         """Until ``total`` bytes were read, or ``timeout`` (bytes the session leaves in the port:

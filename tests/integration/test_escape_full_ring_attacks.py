@@ -12,35 +12,59 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from tests.harness import Host, free_port
+from tests.integration.test_direct_attacks import _ReadCount
 from tests.integration.test_escape_full_ring import (
     _DeafPeer,
     _enter_passthrough,
-    _escape_when_heard,
     _stream_until_stalled,
     read_all,
 )
 
 
-def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer) -> bytes:
+def _escape_once_read(host: Host, reads: _ReadCount, total: int) -> None:
+    """+++ with its guard times once the daemon has read ``total`` bytes from the MCU.
+
+    The silences are the MCU's, but the front hears them between its reads: one the
+    loaded machine left unscheduled (or holding the port, then listening from 1 s on)
+    past the silence read the bytes before it and the +++ as one piece, data (rightly),
+    and the +QUITT waited for never came.  So the bytes before a silence are read
+    first (a bounded wait: bytes the front cannot take, the test goes on as before)."""
+    reads.wait(total, timeout=10)
+    time.sleep(0.05)
+    host.write(b"+++")
+    time.sleep(0.05)
+
+
+@pytest.fixture
+def reads(daemon):
+    counter = _ReadCount(daemon)
+    yield counter
+    counter.close()
+
+
+def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer, reads: _ReadCount) -> bytes:
     """Passthrough into a deaf peer until it stalls, then +++: some of it waits in the front (a leftover);
     what was streamed."""
     _enter_passthrough(host, peer)
+    base = reads.now()
     sent = _stream_until_stalled(host)
-    _escape_when_heard(host)
+    _escape_once_read(host, reads, base + len(sent))
     host.expect(b"\r\n+QUITT\r\n", timeout=3)
     assert daemon.wait_event("escaped_bytes_kept")
     return sent
 
 
-def _cancel_a_stalled_sendl(daemon, host: Host) -> bytes:
+def _cancel_a_stalled_sendl(daemon, host: Host, reads: _ReadCount) -> bytes:
     """AT+CIPSENDL on link 0 into a deaf peer until it stalls, then +++: some of it waits in the
     front (a leftover); what was streamed."""
     host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
     host.expect(b"\r\nOK\r\n\r\n>")
+    base = reads.now()
     sent = _stream_until_stalled(host)
-    _escape_when_heard(host)
+    _escape_once_read(host, reads, base + len(sent))
     host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
     assert daemon.wait_event("escaped_bytes_kept")
     return sent
@@ -70,18 +94,18 @@ def _same(got: bytes, want: bytes) -> bool:
     return len(got) == len(want) and hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
 
 
-def test_a_second_passthrough_escaped_behind_the_leftover_keeps_both(daemon, host):
+def test_a_second_passthrough_escaped_behind_the_leftover_keeps_both(daemon, host, reads):
     """Passthrough again while the first one's leftover waits, a few bytes, +++: the peer gets the first
     session's bytes, then the second's, none lost (the second escape must not drop the first leftover)."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         host.write(b"AT+CIPSEND\r\n")
         host.expect(b"\r\nOK\r\n\r\n>")
         time.sleep(0.1)
+        read = reads.now()
         host.write(b"second")  # the ring is still full: held, then heard after 1 s
-        time.sleep(1.5)
-        host.write(b"+++")
+        _escape_once_read(host, reads, read + 6)
         host.expect(b"\r\n+QUITT\r\n", timeout=3)
         assert host.ask(b"AT") == b"\r\nOK\r\n"
         got = peer.read_all(len(sent) + 6)
@@ -90,25 +114,28 @@ def test_a_second_passthrough_escaped_behind_the_leftover_keeps_both(daemon, hos
         peer.close()
 
 
-def test_plus_split_across_the_listen_boundary_is_data(daemon, host):
+def test_plus_split_across_the_listen_boundary_is_data(daemon, host, reads):
     """Behind a leftover the ring is full at once: a '+' written while the port is held and '++' after
     the front listens again are no escape; they go to the peer as data, in order, and a real +++ then
     leaves."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         host.write(b"AT+CIPSEND\r\n")
         host.expect(b"\r\nOK\r\n\r\n>")
         time.sleep(0.1)
+        read = reads.now()
         host.write(b"x")  # read: the ring has no room, the port is held
         time.sleep(0.1)
         host.write(b"+")  # waits in the port
-        time.sleep(1.5)  # the front listens again and reads it
+        reads.wait(read + 2, timeout=10)  # the front listens again and reads it
+        time.sleep(0.05)  # (each piece read apart, guard silences between: _escape_once_read)
         host.write(b"++")
         assert b"QUITT" not in host.read_quiet(0.5)
+        reads.wait(read + 4, timeout=10)
         host.write(b"++++")  # four: data too
         assert b"QUITT" not in host.read_quiet(0.5)
-        host.write(b"+++")
+        _escape_once_read(host, reads, read + 8)
         host.expect(b"\r\n+QUITT\r\n", timeout=3)
         got = peer.read_all(len(sent) + 8)
         assert _same(got, sent + b"x+++++++")
@@ -116,17 +143,17 @@ def test_plus_split_across_the_listen_boundary_is_data(daemon, host):
         peer.close()
 
 
-def test_a_cancelled_send_behind_the_leftover_keeps_it(daemon, host):
+def test_a_cancelled_send_behind_the_leftover_keeps_it(daemon, host, reads):
     """AT+CIPSEND cancelled by +++ while a leftover waits in front of it: the leftover still goes out."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
         host.write(b"AT+CIPSEND=10\r\n")
         host.expect(b">")
+        read = reads.now()
         host.write(b"abc")
-        time.sleep(0.1)
-        host.write(b"+++")
+        _escape_once_read(host, reads, read + 3)
         host.expect(b"SEND Canceled\r\n", timeout=3)
         assert host.ask(b"AT") == b"\r\nOK\r\n"
         got = peer.read_all(len(sent))
@@ -135,12 +162,12 @@ def test_a_cancelled_send_behind_the_leftover_keeps_it(daemon, host):
         peer.close()
 
 
-def test_so_sndtimeo_behind_the_leftover(daemon, host):
+def test_so_sndtimeo_behind_the_leftover(daemon, host, reads):
     """so_sndtimeo passes while AT+CIPSEND=<len> waits behind a leftover: SEND FAIL (not SEND OK before its
     bytes are in the ring), and the leftover, sent by the MCU before, still goes out; the payload not."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         assert host.ask(b"AT+CIPTCPOPT=-1,0,500") == b"\r\nOK\r\n"
         assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
         host.write(b"AT+CIPSEND=5\r\n")
@@ -157,12 +184,12 @@ def test_so_sndtimeo_behind_the_leftover(daemon, host):
         peer.close()
 
 
-def test_a_send_behind_the_leftover_has_send_ok_only_once_it_is_in(daemon, host):
+def test_a_send_behind_the_leftover_has_send_ok_only_once_it_is_in(daemon, host, reads):
     """AT+CIPSEND=<len> behind a leftover: no SEND OK while the leftover holds the ring; SEND OK once the
     peer reads."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
         host.write(b"AT+CIPSEND=5\r\n")
         host.expect(b">")
@@ -175,12 +202,12 @@ def test_a_send_behind_the_leftover_has_send_ok_only_once_it_is_in(daemon, host)
         peer.close()
 
 
-def test_peer_reset_behind_the_leftover_fails_the_send_once(daemon, host):
+def test_peer_reset_behind_the_leftover_fails_the_send_once(daemon, host, reads):
     """The peer resets while AT+CIPSEND waits behind a leftover: SEND FAIL, one CLOSED, the leftover dropped
     and logged; a new link on the same id gets nothing of the old bytes."""
     peer = _DeafPeer()
     try:
-        _escape_with_leftover(daemon, host, peer)
+        _escape_with_leftover(daemon, host, peer, reads)
         assert host.ask(b"AT+CIPMODE=0") == b"\r\nOK\r\n"
         host.write(b"AT+CIPSEND=5\r\n")
         host.expect(b">")
@@ -196,11 +223,11 @@ def test_peer_reset_behind_the_leftover_fails_the_send_once(daemon, host):
         peer.close()
 
 
-def test_restart_with_a_leftover_pending(daemon, host):
+def test_restart_with_a_leftover_pending(daemon, host, reads):
     """AT+RST while a leftover waits: it is dropped (logged), and nothing of it reaches a link opened after."""
     peer = _DeafPeer()
     try:
-        _escape_with_leftover(daemon, host, peer)
+        _escape_with_leftover(daemon, host, peer, reads)
         host.write(b"AT+RST\r\n")
         host.expect(b"ready\r\n", timeout=10)
         host.expect(b"WIFI GOT IP\r\n", timeout=10)
@@ -211,12 +238,12 @@ def test_restart_with_a_leftover_pending(daemon, host):
         peer.close()
 
 
-def test_front_idles_while_a_leftover_waits(daemon, host):
+def test_front_idles_while_a_leftover_waits(daemon, host, reads):
     """A leftover waiting for a peer that never reads costs the front next to nothing (no spin), and once
     the link ends the poll for it stops."""
     peer = _DeafPeer()
     try:
-        _escape_with_leftover(daemon, host, peer)
+        _escape_with_leftover(daemon, host, peer, reads)
         front_pid = daemon.front_pid()
         front = psutil.Process(front_pid)
         before = sum(front.cpu_times()[:2])
@@ -244,43 +271,46 @@ def _stream(host: Host, count: int) -> bytes:
     return data
 
 
-def _room_back_then_escape(host: Host, peer: _DeafPeer, sent: bytes, more: bytes) -> None:
-    """The peer starts reading (room comes back), the MCU streams ``more``, then +++:
-    the peer gets ``sent`` + ``more``, every byte, in order."""
+def _room_back_then_escape(host: Host, peer: _DeafPeer, sent: bytes, more: bytes, reads: _ReadCount,
+                           base: int) -> None:
+    """The peer starts reading (room comes back), the MCU streams ``more``, then +++ once the
+    daemon read it all (``base``: its count before ``sent``): the peer gets ``sent`` + ``more``,
+    every byte, in order."""
     thread, got = _reader(peer, len(sent) + len(more))
     host.write(more)
-    time.sleep(0.1)
-    host.write(b"+++")
+    _escape_once_read(host, reads, base + len(sent) + len(more))
     host.expect(b"\r\n+QUITT\r\n", timeout=10)
     thread.join(70)
     assert _same(got[0], sent + more)
 
 
-def test_room_back_while_listening_keeps_the_order(daemon, host):
+def test_room_back_while_listening_keeps_the_order(daemon, host, reads):
     """Room comes back while the front listens with bytes in the +++ buffer, and the MCU streams on: the
     peer gets every byte in order (those of the buffer before the new ones), then +++ leaves."""
     peer = _DeafPeer()
     try:
         _enter_passthrough(host, peer)
+        base = reads.now()
         sent = _stream_until_stalled(host)
         _, writable, _ = select.select([], [host.fd], [], 5.0)
         assert writable  # listening
         sent += _stream(host, 8192)  # into the +++ buffer
-        _room_back_then_escape(host, peer, sent, os.urandom(1 << 20))
+        _room_back_then_escape(host, peer, sent, os.urandom(1 << 20), reads, base)
     finally:
         peer.close()
 
 
-def test_room_back_after_the_hold_keeps_the_order(daemon, host):
+def test_room_back_after_the_hold_keeps_the_order(daemon, host, reads):
     """The +++ buffer filled and the MCU is held (uart_input_held); room comes back: every byte reaches the
     peer in order, and the front reads on as the ring drains."""
     peer = _DeafPeer()
     try:
         _enter_passthrough(host, peer)
+        base = reads.now()
         sent = _stream_until_stalled(host)
         sent += _stream_until_stalled(host, stall=2.0)
         assert daemon.wait_event("uart_input_held")
-        _room_back_then_escape(host, peer, sent, os.urandom(256 << 10))
+        _room_back_then_escape(host, peer, sent, os.urandom(256 << 10), reads, base)
     finally:
         peer.close()
 
@@ -311,12 +341,12 @@ def test_a_reconnected_passthrough_gets_nothing_of_the_old_stream(daemon, host):
         peer.close()
 
 
-def test_wifi_drop_then_close_with_a_leftover_pending(daemon, host):
+def test_wifi_drop_then_close_with_a_leftover_pending(daemon, host, reads):
     """AT+CWQAP while a leftover waits (the link stays, as here it does), then AT+CIPCLOSE: OK, the
     leftover dropped and logged, and no CLOSED after."""
     peer = _DeafPeer()
     try:
-        _escape_with_leftover(daemon, host, peer)
+        _escape_with_leftover(daemon, host, peer, reads)
         assert host.command(b"AT+CWQAP").endswith(b"\r\nOK\r\n")
         assert host.ask(b"AT+CIPCLOSE", timeout=15).endswith(b"\r\nOK\r\n")
         assert daemon.wait_event("escaped_bytes_dropped", timeout=5)
@@ -345,7 +375,7 @@ def test_front_idles_through_the_hold_and_the_listening(daemon, host):
         peer.close()
 
 
-def test_a_leftover_holds_up_only_its_own_link(daemon, host):
+def test_a_leftover_holds_up_only_its_own_link(daemon, host, reads):
     """AT+CIPMUX=1: AT+CIPSENDL on link 0 to a deaf peer, cancelled with its ring full (a leftover waits);
     a send on link 1 meanwhile is SEND OK at once and its peer gets just its bytes; link 0's peer still
     gets every byte before the +++ once it reads."""
@@ -357,7 +387,7 @@ def test_a_leftover_holds_up_only_its_own_link(daemon, host):
         peer.accept()
         assert host.ask(b'AT+CIPSTART=1,"TCP","127.0.0.1",%d' % other.port).endswith(b"OK\r\n")
         other.accept()
-        sent = _cancel_a_stalled_sendl(daemon, host)
+        sent = _cancel_a_stalled_sendl(daemon, host, reads)
         assert b"SEND OK" in host.send_data(b"AT+CIPSEND=1,5", b"other")
         assert other.read_all(1 << 20, timeout=1.0) == b"other"
         assert _same(peer.read_all(len(sent)), sent)
@@ -374,13 +404,13 @@ def _front_wakeups(daemon, seconds: float) -> int:
     return front.num_ctx_switches().voluntary - before
 
 
-def test_a_leftover_for_a_peer_deaf_for_long_backs_off_its_poll(daemon, host):
+def test_a_leftover_for_a_peer_deaf_for_long_backs_off_its_poll(daemon, host, reads):
     """A leftover waits for a peer that reads nothing for seconds: the front's look at the ring
     backs off (it woke 20 times a second before), and once the peer reads it still gets every
     byte streamed before the +++, within about the longest wait (1 s)."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         time.sleep(2.0)  # the waits have doubled up to 1 s by now
         wakeups = _front_wakeups(daemon, 3.0)
         assert wakeups < 25, f"the front woke {wakeups} times in 3 s while the peer stayed deaf"
@@ -390,13 +420,13 @@ def test_a_leftover_for_a_peer_deaf_for_long_backs_off_its_poll(daemon, host):
         peer.close()
 
 
-def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host):
+def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host, reads):
     """+++ then AT+CIPCLOSE, as drivers end a passthrough, to a peer deaf long enough for the leftover's
     look to back off (1 s) that starts reading just after the close: every byte streamed before the +++
     reaches it (the close takes the leftover into the ring first, as lwIP's close sends its buffer)."""
     peer = _DeafPeer()
     try:
-        sent = _escape_with_leftover(daemon, host, peer)
+        sent = _escape_with_leftover(daemon, host, peer, reads)
         time.sleep(2.5)  # the look waits 1 s by now
         host.write(b"AT+CIPCLOSE\r\n")
         time.sleep(0.3)  # the close is under way; now the peer reads
@@ -408,7 +438,7 @@ def test_cipclose_behind_a_backed_off_leftover_hands_it_over_first(daemon, host)
         peer.close()
 
 
-def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host):
+def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host, reads):
     """AT+CIPSENDL to a server's client that stopped reading, +++ with part of the stream still in
     the front, then AT+CIPSERVER=0,1 (the server deleted, its clients closed) while the client
     starts reading: it gets every byte streamed before the +++, as AT+CIPCLOSE would hand them over."""
@@ -420,7 +450,7 @@ def test_cipserver_closing_its_clients_hands_a_leftover_over_first(daemon, host)
     try:
         client.connect(("127.0.0.1", port))
         host.expect(b"0,CONNECT\r\n")
-        sent = _cancel_a_stalled_sendl(daemon, host)
+        sent = _cancel_a_stalled_sendl(daemon, host, reads)
         time.sleep(2.5)  # the leftover's look waits 1 s by now
         host.write(b"AT+CIPSERVER=0,1\r\n")
         time.sleep(0.3)  # the close is under way; now the client reads

@@ -168,19 +168,31 @@ def _echo_trips(make_daemon, echo_server, latency: dict) -> tuple[Host, Demux, d
     for link_id in (0, 1):
         assert _start(host, link_id, "TCP", echo_server.port) == b"%d,CONNECT\r\n\r\nOK\r\n" % link_id
     demux = Demux(host)
-    trips = {}
-    for link_id in (0, 1):
-        started = time.monotonic()
-        assert demux.send(link_id, b"ping").endswith(b"SEND OK\r\n")
-        assert demux.wait_data(link_id, 4) == b"ping"
-        trips[link_id] = time.monotonic() - started
-    return host, demux, trips
+    return host, demux, {link_id: _echo_trip(demux, link_id) for link_id in (0, 1)}
+
+
+def _echo_trip(demux: Demux, link_id: int) -> float:
+    """The round trip of one "ping" through the echo server on ``link_id``."""
+    before = len(demux.data.get(link_id, b""))
+    started = time.monotonic()
+    assert demux.send(link_id, b"ping").endswith(b"SEND OK\r\n")
+    assert demux.wait_data(link_id, before + 4)[before:] == b"ping"
+    return time.monotonic() - started
+
+
+# A loaded machine delays a round trip now and then (never shortens one): an upper bound
+# on one is timed again, up to three pings, a lower bound never (the latency's own floor).
+_TRIES = 3
 
 
 def test_latency_delays_what_the_network_sends(make_daemon, echo_server):
     """net_latency on link 1: its echo comes back at least ms later, in order; link 0's at once."""
     _, demux, timings = _echo_trips(make_daemon, echo_server, {"ms": 400, "jitter_ms": 100})
-    assert timings[0] < 0.3 and timings[1] >= 2 * 0.3  # each way at least ms - jitter_ms
+    assert timings[1] >= 2 * 0.3  # each way at least ms - jitter_ms
+    plain = [timings[0]]  # link 0's at once: under 0.3 s in one of _TRIES pings
+    while plain[-1] >= 0.3 and len(plain) < _TRIES:
+        plain.append(_echo_trip(demux, 0))
+    assert plain[-1] < 0.3, plain
     payload = os.urandom(20000)  # many pieces, each drawn its own jitter: the order stays
     for offset in range(0, len(payload), 2000):
         assert demux.send(1, payload[offset:offset + 2000]).endswith(b"SEND OK\r\n")
@@ -191,7 +203,14 @@ def test_latency_delays_what_the_mcu_sends_too(make_daemon, echo_server):
     """net_latency ms 300 on link 1: an echo's round trip grows by 2 x ms; bytes the MCU sent
     reach the peer ms after SEND OK, whole and in order; AT+CIPCLOSE delivers them, then the FIN."""
     host, demux, trips = _echo_trips(make_daemon, echo_server, {"ms": 300})
-    assert 2 * 0.3 <= trips[1] < trips[0] + 2 * 0.3 + 0.3, trips
+    tries = [trips]
+    while True:  # 2 x ms more than link 0's, plus up to 0.3 s of noise: in one of _TRIES
+        assert trips[1] >= 2 * 0.3, tries
+        if trips[1] < trips[0] + 2 * 0.3 + 0.3 or len(tries) == _TRIES:
+            break
+        trips = {link_id: _echo_trip(demux, link_id) for link_id in (0, 1)}
+        tries.append(trips)
+    assert trips[1] < trips[0] + 2 * 0.3 + 0.3, tries
     assert host.command(b"AT+CIPCLOSE=1") == b"1,CLOSED\r\n\r\nOK\r\n"
     sink = StampedSink()
     try:
@@ -431,9 +450,17 @@ def test_latency_jitter_repeats_with_the_seed(make_daemon, echo_server):
     """Each echo is one send and one read, each drawn its own delay: seed 3 gives the same delays in a second
     run (within the pty's and the scheduler's noise), seed 4 others."""
     make = one_at_a_time(make_daemon)
-    first, again, other = together(*(lambda seed=seed: _latencies(make, seed, echo_server.port) for seed in (3, 3, 4)))
-    assert all(0.1 <= t <= 1.75 for t in first), first  # 2 x (ms - jitter .. ms + jitter), plus the trip
-    # Seeds 3 and 4 differ by up to ~0.7 s here; a loaded machine adds up to ~0.1 s of noise
-    # to a round trip (two draws since the uplink is delayed too).
-    assert max(abs(a - b) for a, b in zip(first, again)) < 0.15, (first, again)
-    assert max(abs(a - b) for a, b in zip(first, other)) > 0.35, (first, other)
+    runs = []
+    for _ in range(_TRIES):
+        first, again, other = together(*(lambda seed=seed: _latencies(make, seed, echo_server.port)
+                                         for seed in (3, 3, 4)))
+        runs.append((first, again, other))
+        assert all(0.1 <= t for t in first), first  # 2 x (ms - jitter), a floor no load lowers
+        # Under 2 x (ms + jitter) plus the trip; seeds 3 and 4 differ by up to ~0.7 s here,
+        # and a loaded machine adds up to ~0.1 s of noise to a round trip (two draws since
+        # the uplink is delayed too), now and then more: the three runs go again, up to
+        # _TRIES times, until the noise stays within these bounds.
+        if (all(t <= 1.75 for t in first) and max(abs(a - b) for a, b in zip(first, again)) < 0.15
+                and max(abs(a - b) for a, b in zip(first, other)) > 0.35):
+            return
+    raise AssertionError(f"seed 3 not repeated, or not told from seed 4, in {_TRIES} runs (3, 3, 4): {runs}")

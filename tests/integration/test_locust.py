@@ -26,7 +26,7 @@ from tests.harness import _Server
 
 REPO = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).parent / "locust"
-# No association wait: the esp32 profile's 3-s join would take half of the 6-s run.
+# No association wait: the esp32 profile's 3-s join would take a third of the 9-s run.
 CONFIG = '[wifi]\nstation_interface = "lo"\nconnect_delay_ms = 0\n'
 
 
@@ -74,14 +74,18 @@ def _run(argv: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProc
 
 
 def test_example_locustfile_headless(tmp_dir):
-    """The shipped locustfile, run headless with 3 users for 6 s: every device joins,
-    connects and sends contiguous telemetry lines that reach the server, with no failure."""
+    """The shipped locustfile, run headless with 3 users for 9 s: every device joins,
+    connects and sends contiguous telemetry lines that reach the server, with no failure.
+
+    (9 s, not 6: the run's clock starts before the three devices do, and each needs two lines
+    at 0.5 s apart; on a loaded 2-core machine three bridged processes starting at once can
+    take seconds -- as slow starts once failed this run -- and 6 s left a device too few.)"""
     config = tmp_dir / "bridged.toml"
     config.write_text(CONFIG)
     server = LineServer()
     try:
         result = _run([str(LOCUST), "-f", "examples/locustfile.py", "--headless", "-u", "3", "-r", "3",
-                       "-t", "6s", "--stop-timeout", "5", "--host", f"127.0.0.1:{server.port}",
+                       "-t", "9s", "--stop-timeout", "5", "--host", f"127.0.0.1:{server.port}",
                        "--bridged-config", str(config), "--telemetry-interval", "0.5",
                        "--json-file", str(tmp_dir / "stats"), "--skip-log"], tmp_dir, 50)
     finally:
@@ -139,14 +143,20 @@ DRIVER = textwrap.dedent("""
         def never(self):
             raise AssertionError("a device that did not start ran a task")
 
-    gaps = [0.0]
+    gaps = [0.0, 0.0]  # the longest stall, and the longest gap with the waits for a CPU in it
+
+    def waited():  # seconds this thread waited for a CPU (a loaded machine's delay, not a stall)
+        with open("/proc/thread-self/schedstat") as schedstat:
+            return int(schedstat.read().split()[1]) / 1e9
 
     def ticker():  # runs only if the devices' waits (boot, a 1 s timeout) yield to it
-        last = time.monotonic()
+        last, was = time.monotonic(), waited()
         while True:
             gevent.sleep(0.01)
-            now = time.monotonic()
-            gaps[0], last = max(gaps[0], now - last), now
+            now, now_was = time.monotonic(), waited()
+            gaps[0] = max(gaps[0], (now - last) - (now_was - was))
+            gaps[1] = max(gaps[1], now - last)
+            last, was = now, now_was
 
     env = Environment(user_classes=[Probe, Broken])
     runner = env.create_local_runner()
@@ -160,6 +170,7 @@ DRIVER = textwrap.dedent("""
     tick.kill()
     print(json.dumps({
         "longest_stall": gaps[0],
+        "longest_gap": gaps[1],
         "requests": {f"{e.method} {e.name}": [e.num_requests, e.num_failures]
                      for e in env.stats.entries.values()},
         "errors": [[e.method, e.name, repr(e.error)] for e in env.stats.errors.values()],
@@ -187,8 +198,11 @@ def test_failures_and_timeouts_reach_locust_stats(tmp_dir):
     assert "AtFailure" in errors["AT+BOGUS"] and "ERROR" in errors["AT+BOGUS"]
     assert "AtTimeout" in errors["slow join"]
     assert "exited with 2" in errors["start"]
-    # Under gevent a device's waits yield: other greenlets ran every few ms throughout.
-    assert report["longest_stall"] < 0.5, report["longest_stall"]
+    # Under gevent a device's waits yield: other greenlets ran every few ms throughout (a
+    # blocking wait stalls them 1.6 s).  The time the process waited for a CPU is not counted:
+    # on a loaded 2-core machine a driver burst of CPU (a fork, a collection) stretched by the
+    # run queue, not a wait on the pty, passed for a stall of over 0.5 s.
+    assert report["longest_stall"] < 0.5, (report["longest_stall"], report["longest_gap"])
     kept = list(tmp_dir.glob("bridged-locust-*"))
     assert len(kept) == 1 and "no-such-profile" in (kept[0] / "bridged.log").read_text()
     assert not _leftovers(tmp_dir)

@@ -9,6 +9,7 @@ import socket
 import time
 
 from tests.integration.both_ways import BothWays, mcu_stream
+from tests.integration.test_direct_attacks import _ReadCount
 
 PIECES = 200  # 1 KiB each way every 2 ms: 0.5 MB/s
 
@@ -73,33 +74,47 @@ def _stream_until_uplink_in(conn, host, up: bytes) -> bytes:
     return bytes(sent)
 
 
+def _last_piece_delay(conn, host, round_: int) -> float:
+    """Both ways in step, the MCU stops, the peer sends a last piece once the MCU's last
+    byte reached it: the seconds until that piece came out, every byte checked."""
+    down, up = _down(30, round_), bytes([round_ + 1]) * (30 * 1024)
+    start = time.monotonic()
+    for i in range(30):  # both ways in step, 1 KiB every 2 ms
+        host.write(up[i * 1024 : (i + 1) * 1024])
+        conn.sendall(down[i * 1024 : (i + 1) * 1024])
+        host._fill(0)
+        time.sleep(max(0.0, start + (i + 1) * 0.002 - time.monotonic()))
+    down += _stream_until_uplink_in(conn, host, up)
+    conn.sendall(bytes([251]) * 100)
+    sent_at = time.monotonic()
+    got = host.read_exactly(len(down) + 100, 10)
+    delay = time.monotonic() - sent_at
+    assert hashlib.sha256(got).digest() == hashlib.sha256(down + bytes([251]) * 100).digest()
+    time.sleep(0.05)
+    return delay
+
+
 def test_last_piece_after_the_mcu_stops_comes_within_the_fallback(host):
     """The worst case for a stranded read: both ways stream, the MCU stops,
     the worker's last uplink wake-up read a piece and paused, and the peer
     sends a last piece just then, when no uplink comes to end the pause: it
-    comes within the fallback (12 ms) plus the front's tick (4 ms), with margin for load."""
+    comes within the fallback (12 ms) plus the front's tick (4 ms), with margin for load.
+
+    Five rounds, timed again (up to three times) when they miss: a loaded machine
+    leaves the worker, the front or this reader unscheduled for tens of ms now and then,
+    a piece stranded until something else wakes the worker misses every time."""
     server = socket.create_server(("127.0.0.1", 0))
     try:
         _into_passthrough(host, b"TCP", server.getsockname()[1])
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        delays = []
-        for round_ in range(5):
-            down, up = _down(30, round_), bytes([round_ + 1]) * (30 * 1024)
-            start = time.monotonic()
-            for i in range(30):  # both ways in step, 1 KiB every 2 ms
-                host.write(up[i * 1024 : (i + 1) * 1024])
-                conn.sendall(down[i * 1024 : (i + 1) * 1024])
-                host._fill(0)
-                time.sleep(max(0.0, start + (i + 1) * 0.002 - time.monotonic()))
-            down += _stream_until_uplink_in(conn, host, up)
-            conn.sendall(bytes([251]) * 100)
-            sent_at = time.monotonic()
-            got = host.read_exactly(len(down) + 100, 10)
-            delays.append(time.monotonic() - sent_at)
-            assert hashlib.sha256(got).digest() == hashlib.sha256(down + bytes([251]) * 100).digest()
-            time.sleep(0.05)
-        assert max(delays) < 0.1 and sorted(delays)[2] < 0.03, delays
+        runs = []
+        for _ in range(3):
+            delays = [_last_piece_delay(conn, host, round_) for round_ in range(5)]
+            runs.append(delays)
+            if max(delays) < 0.1 and sorted(delays)[2] < 0.03:
+                break
+        assert max(runs[-1]) < 0.1 and sorted(runs[-1])[2] < 0.03, runs
         conn.close()
     finally:
         server.close()
@@ -153,11 +168,12 @@ def test_udp_passthrough_with_two_senders_both_ways(host):
 
 
 
-def test_plus_plus_plus_while_the_peer_streams_on(host):
+def test_plus_plus_plus_while_the_peer_streams_on(daemon, host):
     """Both ways stream, the MCU stops and exits with +++ while the peer's
     stream goes on (its reads paused in the worker and the front): every byte
     comes out, raw before and after +++ (AT+CIPMODE stays 1), none lost."""
     server = socket.create_server(("127.0.0.1", 0))
+    read_count = _ReadCount(daemon)
     try:
         _into_passthrough(host, b"TCP", server.getsockname()[1])
         conn, _ = server.accept()
@@ -165,7 +181,11 @@ def test_plus_plus_plus_while_the_peer_streams_on(host):
         down = _down(300)
         peer = BothWays(conn, down, b"", 100 * 1024)
         peer.start()
+        read = read_count.now()
         up = mcu_stream(host, 100)
+        # The stream's last bytes read before the guard silence starts: a front left
+        # unscheduled past it read them and the +++ as one piece (data, rightly).
+        read_count.wait(read + len(up))
         time.sleep(0.03)
         host.write(b"+++")
         time.sleep(0.03)
@@ -176,4 +196,5 @@ def test_plus_plus_plus_while_the_peer_streams_on(host):
         assert host.read_quiet(0.1) == b""
         assert host.ask(b"AT+CIPMODE?") == b"+CIPMODE:1\r\n\r\nOK\r\n"
     finally:
+        read_count.close()
         server.close()

@@ -55,14 +55,22 @@ def test_both_ways_at_uart_rate_then_each_side_stops(host):
         sender.join(10)
         assert hashlib.sha256(host.read_exactly(len(down), 5)).digest() == hashlib.sha256(down).digest()
         time.sleep(0.1)  # quiet both ways
-        delays = []
-        for _ in range(5):
-            sent_at = time.monotonic()
-            conn.sendall(b"ping")
-            assert host.read_exactly(4, 2) == b"ping"
-            delays.append(time.monotonic() - sent_at)
-            time.sleep(0.05)
-        assert sorted(delays)[2] < 0.02, delays
+        # The median of five pings, in up to three rounds: a loaded machine leaves the
+        # worker, the front or this reader unscheduled for tens of ms now and then (39 ms
+        # seen), a piece left waiting for an uplink that never comes does so every time.
+        rounds = []
+        for _ in range(3):
+            delays = []
+            for _ in range(5):
+                sent_at = time.monotonic()
+                conn.sendall(b"ping")
+                assert host.read_exactly(4, 2) == b"ping"
+                delays.append(time.monotonic() - sent_at)
+                time.sleep(0.05)
+            rounds.append(delays)
+            if sorted(delays)[2] < 0.02:
+                break
+        assert sorted(rounds[-1])[2] < 0.02, rounds
         conn.close()
     finally:
         server.close()

@@ -2,7 +2,8 @@
 
 Timings are the feature here, so they are asserted: never faster than the
 line (0.95x of the line time, the hard bound), and a looser upper bound for a
-loaded 2-core machine.  Every transfer is checked byte for byte (sha256).
+loaded 2-core machine; a transfer off them is timed again, up to three
+(`_at_line_rate`).  Every transfer is checked byte for byte (sha256).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 import tty
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
@@ -125,22 +127,42 @@ def _within(took: float, line_time: float) -> None:
     assert 0.95 * line_time <= took <= SLOW * line_time + 0.05, (took, line_time)
 
 
+def _at_line_rate(measure: Callable[[], tuple[float, float]]) -> None:
+    """``measure()`` -> (seconds taken, the line time of what moved) `_within` its bounds,
+    in one of up to three transfers.
+
+    A timing measurement on a loaded 2-core machine: a daemon or a reader left unscheduled
+    for a while is late (slower than SLOW), and the pacer's catch-up after a late wake-up
+    (up to 0.25 s of line time) can land just after the reader's first read (faster than
+    0.95).  Another transfer then measures again; a pacer off its rate is off in all three."""
+    tries = []
+    for _ in range(3):
+        took, line_time = measure()
+        tries.append((round(took, 3), round(line_time, 3)))
+        if 0.95 * line_time <= took <= SLOW * line_time + 0.05:
+            return
+    raise AssertionError(f"off the line rate in three transfers (took, line time): {tries}")
+
+
 def test_output_goes_at_the_line_rate(make_daemon, source):
     """At 9600 8N1 bytes reach the MCU at 960 a second: N bytes take N * 10 / 9600 s."""
     host = _session(make_daemon, pace=True)
-    got = _receive(host, source, _payload(1200, 1))
-    assert got.after > 1200
-    _within(got.span, got.after * 10 / 9600)
+
+    def measure() -> tuple[float, float]:
+        got = _receive(host, source, _payload(1200, 1))
+        assert got.after > 1200
+        return got.span, got.after * 10 / 9600
+
+    _at_line_rate(measure)
 
 
 def test_input_is_read_at_the_line_rate(make_daemon, sink):
     """At 9600 8N1 the MCU's payload is taken at 960 bytes a second, none lost."""
     host = _session(make_daemon, pace=True)
     payload = _payload(1200, 2)
-    took = _send(host, sink, payload)
     # Then "\r\nRecv 1200 bytes\r\n\r\nSEND OK\r\n" goes out at the same rate.
     answer = len(b"\r\nRecv 1200 bytes\r\n\r\nSEND OK\r\n")
-    _within(took, (len(payload) + answer) * 10 / 9600 - 0.004)
+    _at_line_rate(lambda: (_send(host, sink, payload), (len(payload) + answer) * 10 / 9600 - 0.004))
 
 
 def test_uart_cur_changes_the_pace_and_framing(make_daemon, source, sink):
@@ -148,11 +170,15 @@ def test_uart_cur_changes_the_pace_and_framing(make_daemon, source, sink):
     and without flow control input faster than the line is still all taken."""
     host = _session(make_daemon, pace=True)
     host.command(b"AT+UART_CUR=19200,8,1,2,0")
-    got = _receive(host, source, _payload(2400, 3))
-    _within(got.span, got.after * 11 / 19200)
+
+    def receive() -> tuple[float, float]:
+        got = _receive(host, source, _payload(2400, 3))
+        return got.span, got.after * 11 / 19200
+
+    _at_line_rate(receive)
     payload = _payload(2400, 4)
     answer = len(b"\r\nRecv 2400 bytes\r\n\r\nSEND OK\r\n")
-    _within(_send(host, sink, payload), (len(payload) + answer) * 11 / 19200 - 0.004)
+    _at_line_rate(lambda: (_send(host, sink, payload), (len(payload) + answer) * 11 / 19200 - 0.004))
 
 
 def test_without_pace_the_pty_goes_as_fast_as_it_can(make_daemon, source, sink):
@@ -175,9 +201,13 @@ def test_a_pty_given_as_port_is_paced(tmp_path, source):
     try:
         host = Host(None, fd=master)
         host.boot()
-        got = _receive(host, source, _payload(1200, 7))
-        assert got.after > 1200
-        _within(got.span, got.after * 10 / 9600)
+
+        def measure() -> tuple[float, float]:
+            got = _receive(host, source, _payload(1200, 7))
+            assert got.after > 1200
+            return got.span, got.after * 10 / 9600
+
+        _at_line_rate(measure)
         assert daemon.events("uart_pace_ignored") == []
     finally:
         assert daemon.stop() == 0, daemon.log_text()[-3000:]

@@ -180,13 +180,30 @@ class _Drain:
                 except OSError:  # EIO: every writer has closed the slave
                     return
 
-    def stop(self) -> bytes:
+    def stop(self, timeout: float = 30.0) -> bytes:
+        """What was read, once its last line is the transcript_off mark (or by ``timeout``).
+
+        Not a fixed wait for what is in flight: the writer thread may still be writing
+        its backlog (hundreds of KiB) after the Transcript's close gave up waiting for it
+        (0.5 s), and on a loaded machine the drain then stopped before the end came."""
         self._timer.cancel()
         self.go.set()
-        time.sleep(0.3)  # what is in flight
+        deadline = time.monotonic() + timeout
+        while not self._ended() and time.monotonic() < deadline:  # bounded
+            time.sleep(0.02)
         self._stop.set()
         self._thread.join(5)
         return bytes(self.data)
+
+    def _ended(self) -> bool:
+        tail = bytes(self.data[-4096:])  # (the drain's thread appends meanwhile)
+        if not tail.endswith(b"\n"):
+            return False
+        last = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1 : -1].decode(errors="replace")
+        try:
+            return parse_line(last).mark is MarkKind.TRANSCRIPT_OFF
+        except ValueError:
+            return False
 
 
 def test_stuck_file_never_stalls_the_loop_and_its_backlog_is_bounded(monkeypatch):
@@ -211,7 +228,12 @@ def test_stuck_file_never_stalls_the_loop_and_its_backlog_is_bounded(monkeypatch
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         drain.go.set()  # the disk is back
-        await asyncio.sleep(0.5)
+        # ... and has taken the backlog (not a fixed 0.5 s: on a loaded machine the writer
+        # and the drain took longer, and "after" was then counted lost behind the limit).
+        writer = t._sink.writer
+        deadline = loop.time() + 20
+        while writer.backlog and loop.time() < deadline:  # bounded
+            await asyncio.sleep(0.02)
         h.tap.sent(b"after")
         t.close()
         return worst, peak

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from bridged.ops.protocol import request
 from tests.integration.test_faults_at import fault_cli
-from tests.integration.test_status import connect, control_path
+from tests.readcount import ReadCount
 
 CANCELED = b"\r\nSEND Canceled\r\n"
 RING = "[links]\nring_size = 4096\n"  # sends wrap its end often
@@ -33,40 +32,9 @@ def _recv(conn: socket.socket, n: int, timeout: float = 5.0) -> bytes:
     return got
 
 
-class _ReadCount:
-    """What the daemon has read from the MCU (status uart.bytes_in), over one control connection.
-
-    A guard silence is the MCU's: a front the loaded machine leaves unscheduled longer than the
-    pause would read the bytes before it and a +++ after it as one piece (data, rightly), so the
-    tests wait until the bytes before a silence are read before they let it run."""
-
-    def __init__(self, daemon) -> None:
-        self.path = control_path(daemon)
-        self.sock = connect(self.path)
-
-    def now(self) -> int:
-        try:
-            reply = request(self.sock, {"cmd": "status"})
-        except ConnectionError:  # dropped after IDLE_TIMEOUT (10 s) without a request: again
-            self.sock.close()
-            self.sock = connect(self.path)
-            reply = request(self.sock, {"cmd": "status"})
-        return reply["status"]["uart"]["bytes_in"]
-
-    def wait(self, total: int, timeout: float = 3.0) -> None:
-        """Until ``total`` bytes were read, or ``timeout`` (bytes the session leaves in the port:
-        the test goes on as it would have)."""
-        deadline = time.monotonic() + timeout
-        while self.now() < total and time.monotonic() < deadline:  # bounded
-            time.sleep(0.002)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def read_count(daemon):
-    counter = _ReadCount(daemon)
+    counter = ReadCount(daemon)
     yield counter
     counter.close()
 
@@ -91,7 +59,7 @@ def test_plus_at_every_position_of_short_sends(host, peer, read_count):
             if before:
                 read = read_count.now()
                 host.write(b"a" * before)
-                read_count.wait(read + before)  # read apart from the +++ (_ReadCount)
+                read_count.wait(read + before)  # read apart from the +++ (ReadCount)
                 time.sleep(0.04)
             host.write(b"+++")
             left = length - before
@@ -118,7 +86,7 @@ def test_plus_split_over_reads_at_every_position(host, peer, read_count):
         if before:
             read = read_count.now()
             host.write(b"b" * before)
-            read_count.wait(read + before)  # read apart from the +++ (_ReadCount)
+            read_count.wait(read + before)  # read apart from the +++ (ReadCount)
             time.sleep(0.04)
         host.write(b"+")
         time.sleep(0.002)
@@ -370,10 +338,10 @@ def _scenario(rng) -> tuple[int, list[tuple[bytes, float]]]:
     return length, writes
 
 
-def _play(host, read_count: _ReadCount, length: int, writes) -> bytes:
+def _play(host, read_count: ReadCount, length: int, writes) -> bytes:
     """The MCU's writes for one send; what it reads back, through an AT's OK written after them
     (each scenario's writes end the send: its length reached, or a guarded +++).  Before a
-    guard silence the daemon has read what came before it (_ReadCount)."""
+    guard silence the daemon has read what came before it (ReadCount)."""
     host.command(b"AT+CIPSEND=%d" % length, b">")
     time.sleep(0.06)
     read = read_count.now()
@@ -415,7 +383,7 @@ def test_direct_and_general_paths_agree_on_random_drivers(make_daemon):
         _open(host, server.getsockname()[1])
         conn, _ = server.accept()
         rng = random.Random(2026)
-        read_count = _ReadCount(daemon)
+        read_count = ReadCount(daemon)
         seen = [_play(host, read_count, *_scenario(rng)) for _ in range(16)]
         read_count.close()
         results.append((seen, _drain(conn)))

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.harness import Host, free_port
-from tests.integration.test_direct_attacks import _ReadCount
+from tests.readcount import ReadCount
 from tests.integration.test_escape_full_ring import (
     _DeafPeer,
     _enter_passthrough,
@@ -24,7 +24,7 @@ from tests.integration.test_escape_full_ring import (
 )
 
 
-def _escape_once_read(host: Host, reads: _ReadCount, total: int) -> None:
+def _escape_once_read(host: Host, reads: ReadCount, total: int) -> None:
     """+++ with its guard times once the daemon has read ``total`` bytes from the MCU.
 
     The silences are the MCU's, but the front hears them between its reads: one the
@@ -40,12 +40,12 @@ def _escape_once_read(host: Host, reads: _ReadCount, total: int) -> None:
 
 @pytest.fixture
 def reads(daemon):
-    counter = _ReadCount(daemon)
+    counter = ReadCount(daemon)
     yield counter
     counter.close()
 
 
-def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer, reads: _ReadCount) -> bytes:
+def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer, reads: ReadCount) -> bytes:
     """Passthrough into a deaf peer until it stalls, then +++: some of it waits in the front (a leftover);
     what was streamed."""
     _enter_passthrough(host, peer)
@@ -57,7 +57,7 @@ def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer, reads: _ReadCount
     return sent
 
 
-def _cancel_a_stalled_sendl(daemon, host: Host, reads: _ReadCount) -> bytes:
+def _cancel_a_stalled_sendl(daemon, host: Host, reads: ReadCount) -> bytes:
     """AT+CIPSENDL on link 0 into a deaf peer until it stalls, then +++: some of it waits in the
     front (a leftover); what was streamed."""
     host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
@@ -271,7 +271,7 @@ def _stream(host: Host, count: int) -> bytes:
     return data
 
 
-def _room_back_then_escape(host: Host, peer: _DeafPeer, sent: bytes, more: bytes, reads: _ReadCount,
+def _room_back_then_escape(host: Host, peer: _DeafPeer, sent: bytes, more: bytes, reads: ReadCount,
                            base: int) -> None:
     """The peer starts reading (room comes back), the MCU streams ``more``, then +++ once the
     daemon read it all (``base``: its count before ``sent``): the peer gets ``sent`` + ``more``,

@@ -9,7 +9,7 @@ import socket
 import time
 
 from tests.integration.both_ways import BothWays, mcu_stream
-from tests.integration.test_direct_attacks import _ReadCount
+from tests.readcount import ReadCount
 
 PIECES = 200  # 1 KiB each way every 2 ms: 0.5 MB/s
 
@@ -173,7 +173,7 @@ def test_plus_plus_plus_while_the_peer_streams_on(daemon, host):
     stream goes on (its reads paused in the worker and the front): every byte
     comes out, raw before and after +++ (AT+CIPMODE stays 1), none lost."""
     server = socket.create_server(("127.0.0.1", 0))
-    read_count = _ReadCount(daemon)
+    read_count = ReadCount(daemon)
     try:
         _into_passthrough(host, b"TCP", server.getsockname()[1])
         conn, _ = server.accept()

@@ -49,12 +49,7 @@ def _escape_with_leftover(daemon, host: Host, peer: _DeafPeer, reads: ReadCount)
     """Passthrough into a deaf peer until it stalls, then +++: some of it waits in the front (a leftover);
     what was streamed."""
     _enter_passthrough(host, peer)
-    base = reads.now()
-    sent = _stream_until_stalled(host)
-    _escape_once_read(host, reads, base + len(sent))
-    host.expect(b"\r\n+QUITT\r\n", timeout=3)
-    assert daemon.wait_event("escaped_bytes_kept")
-    return sent
+    return _stall_then_escape(daemon, host, reads, b"\r\n+QUITT\r\n")
 
 
 def _cancel_a_stalled_sendl(daemon, host: Host, reads: ReadCount) -> bytes:
@@ -62,10 +57,16 @@ def _cancel_a_stalled_sendl(daemon, host: Host, reads: ReadCount) -> bytes:
     front (a leftover); what was streamed."""
     host.write(b"AT+CIPSENDL=0,%d\r\n" % (1 << 30))
     host.expect(b"\r\nOK\r\n\r\n>")
+    return _stall_then_escape(daemon, host, reads, b"\r\nSEND CANCELLED\r\n")
+
+
+def _stall_then_escape(daemon, host: Host, reads: ReadCount, answer: bytes) -> bytes:
+    """Stream until the stalled ring stops the front, +++ once all of it was read, its answer
+    and the leftover kept; what was streamed."""
     base = reads.now()
     sent = _stream_until_stalled(host)
     _escape_once_read(host, reads, base + len(sent))
-    host.expect(b"\r\nSEND CANCELLED\r\n", timeout=3)
+    host.expect(answer, timeout=3)
     assert daemon.wait_event("escaped_bytes_kept")
     return sent
 

@@ -41,13 +41,15 @@ _AFTER = "after-action"  # ... an answer's after-action waits for the output to 
 _SHARE = "command share"  # ... a pause: the last read's commands wait for the loop's next pass
 
 # Command lines handled in one go before the rest waits for the loop's next pass.  A flood
-# (a 4 KiB read holds ~1,000 short commands) was handled whole: 10-65 ms of CPU per read,
-# longer on a loaded machine, while the supervisor's heartbeat, `bridged status`, the +++
+# (a 4 KiB read holds ~1,000 short commands) was handled whole: 6-16 ms of CPU per read,
+# 65 ms seen on a loaded machine, while the supervisor's heartbeat, `bridged status`, the +++
 # guard timer, output draining and the link workers' messages waited.  64 short commands
-# are ~0.6 ms of CPU (AT, echoed: ~10 us each) to ~3.5 ms (a bad line, logged: ~55 us):
-# the loop comes round within a few ms, and a pass costs a call_soon and two epoll_ctl
-# (~3 us), under 1% of the work it bounds.  A count, not a clock: a preempted front would
-# see every command over a time budget and pass after each, most often when CPU is scarcest.
+# are ~0.4 ms of the front's CPU (AT, echoed: ~6 us each, measured) to ~1.4 ms (a bad line,
+# logged: ~21 us), 2-5 ms on a loaded machine: the loop comes round within that.  A pass
+# costs ~4 us (a loop iteration, a call_soon, two epoll_ctl): ~1% of the cheapest share;
+# a smaller share would cost more, for little.  A count, not a clock: a preempted front
+# would find every command over a time budget and pass after each, when CPU is scarcest.
+# Only command lines count: a data phase's payload moves in chunks of at most one read.
 _PASS_SHARE = 64
 
 

@@ -58,6 +58,7 @@ class UartCounters:
     flow_pauses: int = 0  # times reading stopped because a link's uplink ring was full
     direct_sends: int = 0  # AT+CIPSEND payloads read whole straight into their ring (bridged.uart.direct)
     direct_fallbacks: int = 0  # ... begun that way, then handed to the general path (a +++ candidate, a fault)
+    max_command_batch: int = 0  # the most command lines handled in one go (bounded: uart.dispatch._PASS_SHARE)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class UartStatus:
     flow_pauses: int
     direct_sends: int  # AT+CIPSEND payloads read whole straight into their ring (uart.direct)
     direct_fallbacks: int  # ... begun that way, then handed to the general path
+    max_command_batch: int  # the most command lines handled in one go, one callback of the front's event loop
     icount: dict[str, int] | None  # TIOCGICOUNT; None on a pty (n/a)
 
 
@@ -245,6 +247,7 @@ class StatusService:
                           _PARITY.get(u.parity, "?"), _FLOW.get(u.flow, "?"), self._uart_source(),
                           front.counters.rx_bytes, front.output.written, front.counters.flow_pauses,
                           front.counters.direct_sends, front.counters.direct_fallbacks,
+                          front.counters.max_command_batch,
                           _icount(front.fd))
 
     def _uart_source(self) -> str:

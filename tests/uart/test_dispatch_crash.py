@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from bridged.at.parser import Parser
 from bridged.at.session import Ready, Session
 from bridged.commands.registry import Reply
+from bridged.ops.status import UartCounters
 from bridged.uart.dispatch import CommandDispatch
 
 
@@ -35,6 +36,7 @@ class _Front(CommandDispatch):
         self.parser = Parser(256)
         self.faults = _Faults()
         self.tap = None
+        self.counters = UartCounters()
         self.ctx = SimpleNamespace(state=SimpleNamespace(echo=False, syslog=False))
         self.written: list[bytes] = []
         self.output = SimpleNamespace(reply=self.written.append, backlogged=False)

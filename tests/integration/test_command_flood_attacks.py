@@ -326,3 +326,17 @@ def test_an_at_fault_on_demand_across_shares(daemon, fault):
     assert host.command(b"AT") == _OK
     _split(daemon)
     host.close()
+
+
+@pytest.mark.parametrize("at", [_SHARE, _SHARE + 1])
+def test_an_over_long_line_at_a_share_boundary(daemon, at):
+    """A 600-byte line (over [uart] max_line) as a share's last line or the next one's
+    first, AT behind it in the same write: OK for each AT, one ERROR for the long line,
+    in order; none of its bytes read as a command."""
+    host = _booted(daemon)
+    long_line = b"AT+" + b"X" * 595 + b"\r\n"
+    expected = _OK * (at - 1) + b"\r\nERROR\r\n" + _OK * 300
+    assert _flood(host, _AT * (at - 1) + long_line + _AT * 300, len(expected)) == expected
+    assert host.read_quiet(0.3) == b""
+    _split(daemon)
+    host.close()

@@ -109,9 +109,14 @@ class CommandDispatch:
         self._next_pass = None
         if self._stopped.done():
             return  # the front is closing: its output too
-        self._process()
-        if self._next_pass is None:
-            self._gate.release(_SHARE)
+        try:
+            self._process()
+        finally:
+            # Even past a bug of ours that raised in there: from the port's read callback it
+            # cost a log line, the next read going on; here the hold would keep the port
+            # unread for good, the heartbeat still answered (no restart would come).
+            if self._next_pass is None:
+                self._gate.release(_SHARE)
 
     def _handle_line(self, event: CommandLine | BadLine | LineTooLong) -> None:
         """One command-mode event: echoed, executed or refused, answered."""

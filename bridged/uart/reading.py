@@ -138,7 +138,7 @@ class PortReading:
             except OSError as exc:
                 self._read_failed(exc)
                 return
-            if data is not None:
+            if data is not None and (data or not self._ticking):  # (an empty tick read: below)
                 self._took(data, self.session.input, _READ_SIZE)
             return
         disposition = self.session.input
@@ -159,8 +159,13 @@ class PortReading:
             return  # the line is busy: read again when it has room
         try:
             data = os.read(self.fd, size)
-            if self._ticking and len(data) >= _TTY_FULL:
-                data = self._drain(data, size)
+            if self._ticking:
+                if not data:
+                    # Not EOF: a tick reads unasked, and a tty set to VMIN 0 (a serial port)
+                    # reads empty then. The gate, open again (_on_tick), hears a hang-up.
+                    return
+                if len(data) >= _TTY_FULL:
+                    data = self._drain(data, size)
         except BlockingIOError:
             return
         except OSError as exc:

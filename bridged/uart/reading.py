@@ -284,8 +284,8 @@ class PortReading:
         """
         interval, self._last_read = now - self._last_read, now
         data = self.parser.data
-        if data is None or not (self._ticking or self._gate.is_open):
-            return
+        if data is None or not (self._gate.is_open or self._ticking and self._gate.paused_only(_PAUSE)):
+            return  # (a tick's read that filled the ring: the gate is shut, not paused)
         period = COALESCE_PASSTHROUGH if data.kind is DataKind.PASSTHROUGH else _COALESCE
         if not (_COALESCE_MIN <= size and interval < 2 * period and size < _COALESCE_RATE * interval):
             return

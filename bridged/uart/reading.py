@@ -289,9 +289,10 @@ class PortReading:
         period = COALESCE_PASSTHROUGH if data.kind is DataKind.PASSTHROUGH else _COALESCE
         if not (_COALESCE_MIN <= size and interval < 2 * period and size < _COALESCE_RATE * interval):
             return
-        # A read that nearly filled the tty buffer means the MCU is waiting on us: unless the
-        # port's buffers take more (a pty; a UART without flow control) and a tick drains them.
-        if size >= COALESCE_FULL and (period == _COALESCE or not self._spills()):
+        # A read that nearly filled the tty buffer means the MCU is waiting on us: unless it is
+        # a passthrough tick's, which drained them, on a port whose buffers take more than one
+        # (a pty; a UART without flow control). (Bulk input is over _COALESCE_RATE: read at once.)
+        if size >= COALESCE_FULL and not (self._ticking and period != _COALESCE and self._spills()):
             return
         if not self._ticking:  # (on a tick the gate is still held)
             # A hold, not shut(): its end must not reopen a read a full ring shut meanwhile.

@@ -20,7 +20,7 @@ import structlog
 
 from bridged.at import format as fmt
 from bridged.at.datamode import DataKind
-from bridged.at.session import Input, State
+from bridged.at.session import Input
 from bridged.ipc.messages import PortFailed
 from bridged.uart.flow import Flow
 
@@ -286,7 +286,10 @@ class PortReading:
         data = self.parser.data
         if data is None or not (self._gate.is_open or self._ticking and self._gate.paused_only(_PAUSE)):
             return  # (a tick's read that filled the ring: the gate is shut, not paused)
-        period = COALESCE_PASSTHROUGH if data.kind is DataKind.PASSTHROUGH else _COALESCE
+        # A passthrough stream goes on to the longer period from its first tick on: the pause a
+        # read starts is _COALESCE's, as for any data phase (bulk input held up by a full ring
+        # reads slowly for a moment; its first tick, reading it all at once, ends the pausing).
+        period = COALESCE_PASSTHROUGH if self._ticking and data.kind is DataKind.PASSTHROUGH else _COALESCE
         if not (_COALESCE_MIN <= size and interval < 2 * period and size < _COALESCE_RATE * interval):
             return
         # A read that nearly filled the tty buffer means the MCU is waiting on us: unless it is
@@ -298,18 +301,17 @@ class PortReading:
             # A hold, not shut(): its end must not reopen a read a full ring shut meanwhile.
             self._gate.hold(_PAUSE, press=False)  # a pause, not back-pressure: RTS stays up
         self._port_paused = True
-        self._arm_tick()
+        self._arm_tick(period)
 
     def _spills(self) -> bool:
         """Whether input past the tty's 4 KiB buffer waits in its flip buffers (64 KiB)
         instead of stopping the MCU: a pty, or a UART without flow control."""
         return self._serial is None or self._serial.settings.flow == Flow.NONE
 
-    def _arm_tick(self) -> None:
+    def _arm_tick(self, period: float = COALESCE_PASSTHROUGH) -> None:
         """One timer ends the coalescing pauses under way (the port's, a passthrough
         downlink's: ``uart.downlink``), so both directions of a stream share a wake-up."""
         if self._tick is None:
-            period = COALESCE_PASSTHROUGH if self.session.state is State.PASSTHROUGH else _COALESCE
             self._tick = self.loop.call_later(period, self._on_tick)
 
     def _on_tick(self) -> None:

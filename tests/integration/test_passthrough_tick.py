@@ -51,30 +51,32 @@ def _recv_exactly(conn: socket.socket, count: int, timeout: float = 10.0) -> byt
 
 
 def test_a_stream_is_read_once_a_tick(daemon, host):
-    """1 KiB every 2 ms for 1.5 s: the front wakes about once per 8 ms tick (125 a second),
-    not once per 4 ms (250, before) nor per piece (500). Wake-ups: voluntary context switches
-    over the stream's middle second; a loaded machine only makes them fewer (late ticks)."""
+    """1 KiB every 2 ms: the front wakes about once per 8 ms tick (125 a second, ~155 with the
+    tty's flush waits), not once per 4 ms (250, before) nor per piece (500). Wake-ups: voluntary
+    context switches over three half seconds of the stream, their median."""
     server = socket.create_server(("127.0.0.1", 0))
     try:
         _passthrough(host, server.getsockname()[1])
         conn, _ = server.accept()
         front = psutil.Process(daemon.front_pid())
         sent = _stream(host, 100)  # the coalescing under way
-        before, start = front.num_ctx_switches().voluntary, time.monotonic()
-        sent += _stream(host, 500, tag=100)
-        wakeups = (front.num_ctx_switches().voluntary - before) / (time.monotonic() - start)
-        sent += _stream(host, 150, tag=600)
+        rates = []
+        for window in range(3):  # the median of three: a loaded machine's hiccup restarts a pause
+            before, start = front.num_ctx_switches().voluntary, time.monotonic()
+            sent += _stream(host, 250, tag=100 + window)
+            rates.append((front.num_ctx_switches().voluntary - before) / (time.monotonic() - start))
+        sent += _stream(host, 100, tag=7)
         assert _recv_exactly(conn, len(sent)) == sent
-        assert wakeups < 1.5 / COALESCE_PASSTHROUGH, wakeups  # 187 a second: 250 before
+        assert sorted(rates)[1] < 1.5 / COALESCE_PASSTHROUGH, rates  # 187 a second: 250 before
         conn.close()
     finally:
         server.close()
 
 
 def test_plus_with_short_silences_inside_a_stream_is_data(daemon, host):
-    """'+++' written alone 12 ms after the stream's last piece and 12 ms before its next: less
-    than the guard time before it, so data, whenever the ticks fall (the +++ may be read on a
-    tick, its arrival then read late by up to a tick: never early)."""
+    """'+++' written alone 12 ms after the stream's last piece and 40 ms before its next: less
+    than the guard time before it, so data, whenever the ticks fall (the stream's last read is
+    stamped when it is read, up to a tick after its arrival: never early)."""
     server = socket.create_server(("127.0.0.1", 0))
     try:
         _passthrough(host, server.getsockname()[1])
@@ -85,7 +87,7 @@ def test_plus_with_short_silences_inside_a_stream_is_data(daemon, host):
             time.sleep(0.012)
             host.write(b"+++")
             sent += b"+++"
-            time.sleep(0.012)
+            time.sleep(0.040)  # the silence after +++ is not what keeps it data
         sent += _stream(host, 20, tag=99)
         assert _recv_exactly(conn, len(sent)) == bytes(sent)  # every +++ went to the peer
         assert not daemon.events("passthrough_left")

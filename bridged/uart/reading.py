@@ -268,7 +268,8 @@ class PortReading:
 
         At 0.5 MB/s (5 Mbaud) an MCU writing 1 KiB pieces would wake us 500
         times a second; the kernel can gather a few ms of them instead: every
-        _COALESCE, or COALESCE_PASSTHROUGH in passthrough.  Only for a steady
+        _COALESCE, or COALESCE_PASSTHROUGH from a passthrough stream's first
+        tick on.  Only for a steady
         stream at UART rates: commands, +++ and interactive bytes (small reads)
         and faster bulk input (a pty, or catching up) are read at once.
 

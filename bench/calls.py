@@ -15,7 +15,11 @@ nothing.  Five TCP links as in ``bench.breakdown``, each case for
   line-rate case): calls per second;
 * ``passive``: one link in passive mode (AT+CIPRECVMODE=1) read as
   ``bench.passive_read``'s driver does, in ``chunk``-byte AT+CIPRECVDATA
-  pieces, 64 KiB per second of ``seconds``: calls per read (per "send").
+  pieces, 64 KiB per second of ``seconds``: calls per read (per "send");
+* ``passthrough``: one link in passthrough at line rate, as ``bench.breakdown``'s
+  passthrough case (1 KiB pieces at 0.5 MB/s each way): calls per wake-up of
+  the front (its voluntary context switches; per "send"), about one a
+  coalescing tick.
 
 Run: ``PYTHONPATH=$PWD .venv/bin/python -m bench.calls [seconds] [chunk] [top] [cases]``
 (defaults 4, 2048, 25, ``up,both``): prints the totals and the ``top``
@@ -31,6 +35,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,6 +47,7 @@ from .streams import (OK, DuplexPeer, check_downlinks, daemon_with_peers, make_p
                       wait_both_ways)
 
 LINKS = 5
+_UNIT = {"passive": "AT+CIPRECVDATA", "passthrough": "front wake-up"}  # what a "send" is
 RATE = 100_000
 PIECE = 1024
 
@@ -133,6 +139,46 @@ def run_passive(seconds: float, piece: int, out: str) -> tuple[dict[str, Counter
     return counts, elapsed, len(driver.rtts)
 
 
+def run_passthrough(seconds: float, chunk: int, out: str) -> tuple[dict[str, Counter], float, int]:
+    """({process: counts}, elapsed, the front's wake-ups) for one passthrough link at line rate."""
+    from .line_rate import RATE as LINE_RATE
+    from .streams import Bridge, PacedWriter, read_raw
+
+    n = int(LINE_RATE * seconds)
+    up, up_digest = make_payload(n)
+    down, down_digest = make_payload(n)
+    limit = seconds * 3 + 10
+    with DuplexPeer(payload=down, rate=LINE_RATE, piece=PIECE, send_timeout=limit) as peer, \
+            Bridge("bridged", peer.port, wait_connected=peer.connected.wait) as b:
+        procs = [p for p in psutil.Process(b.pid).children(recursive=True)
+                 if "resource_tracker" not in " ".join(p.cmdline())]
+        names = {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+        writer = PacedWriter(b.client, up, PIECE, LINE_RATE, limit)
+        result: list = []
+        reader = threading.Thread(target=lambda: result.append(
+            read_raw(b.client, n, limit, "calls passthrough downlink")), daemon=True)
+        peer.go.set()
+        writer.start()
+        reader.start()
+        time.sleep(min(1.0, seconds / 4))  # the stream under way: its ticks, not its start
+        front = procs[0]
+        _toggle(list(names))
+        wakes, t1 = front.num_ctx_switches().voluntary, now()
+        time.sleep(seconds / 2)
+        _toggle(list(names))
+        wakes, elapsed = front.num_ctx_switches().voluntary - wakes, now() - t1
+        reader.join(limit)
+        writer.join_checked(limit)
+        if not result:
+            raise BenchError("calls passthrough: the downlink never all came")
+        got = result[0][0]
+        peer.check_rx("calls passthrough uplink", n, up_digest, limit)
+        counts = _collect(names, out)
+        if got != down_digest:
+            raise BenchError(f"calls passthrough downlink: sha256 {got}, the peer sent {down_digest}")
+    return counts, elapsed, wakes
+
+
 def _collect(names: dict[int, str], out: str) -> dict[str, Counter]:
     counts: dict[str, Counter] = {}
     for pid, name in names.items():
@@ -157,13 +203,13 @@ def main() -> None:
     os.environ["PYTHONPATH"] = tmp + (os.pathsep + old if old else "")
     os.environ["BRIDGED_CALLS"] = str(Path(tmp, "counts"))
     for mode in cases:
-        run = run_passive if mode == "passive" else functools.partial(run_case, mode)
+        run = {"passive": run_passive, "passthrough": run_passthrough}.get(mode) or functools.partial(run_case, mode)
         counts, elapsed, sends = run(seconds, chunk, os.environ["BRIDGED_CALLS"])
         front = counts["front"]
         total = sum(front.values())
         workers = sum(sum(c.values()) for name, c in counts.items() if name != "front")
         print(f"{mode}: {sends} sends of {chunk} in {elapsed:.1f} s; front {total} calls "
-              f"({total / sends:.0f} per AT+CIP{'RECVDATA' if mode == 'passive' else 'SEND'}, "
+              f"({total / sends:.0f} per {_UNIT.get(mode, 'AT+CIPSEND')}, "
               f"{total / elapsed:.0f}/s), "
               f"workers {workers / elapsed:.0f}/s ({workers / sends:.0f} per send)")
         for key, count in front.most_common(top):

@@ -54,6 +54,11 @@ class ReadGate:
         """The reasons the gate is held shut."""
         return frozenset(self._holds)
 
+    def paused_only(self, reason: str) -> bool:
+        """Whether ``reason`` is the only hold and open() was asked last: releasing it would
+        open the gate (its owner may read once itself instead, and keep the hold)."""
+        return self._wanted is not None and len(self._holds) == 1 and reason in self._holds
+
     def open(self, fd: int) -> None:
         """Call back whenever ``fd`` is readable (an open gate for another fd is shut first);
         while held, only once the last hold is released.

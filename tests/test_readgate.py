@@ -206,3 +206,25 @@ def test_a_pause_ends_without_opening_what_the_owner_shut_meanwhile(pair):
         gate.close()
 
     _run(main())
+
+
+def test_paused_only_says_whether_releasing_the_pause_would_open(pair):
+    """The UART front reads on its coalescing tick itself while only its pause holds the gate:
+    never while another hold or a shut() (a full ring) keeps it shut."""
+    a, b = pair
+
+    async def main():
+        gate = ReadGate(asyncio.get_running_loop(), lambda: None)
+        gate.open(b.fileno())
+        assert not gate.paused_only("coalesce")  # open: nothing to release
+        gate.hold("coalesce")
+        assert gate.paused_only("coalesce")
+        gate.hold("backlog")
+        assert not gate.paused_only("coalesce")  # releasing the pause would not open it
+        gate.release("backlog")
+        assert gate.paused_only("coalesce")
+        gate.shut()  # the owner no longer wants it open (a full ring)
+        assert not gate.paused_only("coalesce")
+        gate.close()
+
+    _run(main())

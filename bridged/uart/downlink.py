@@ -29,6 +29,7 @@ from bridged.commands.tcpip import connected_message
 from bridged.commands.wifi import station_ip
 from bridged.ipc import records
 from bridged.uart.links import Slot
+from bridged.uart.reading import COALESCE_PASSTHROUGH
 from bridged.uart.sending import Send
 from bridged.uart.transcript import MarkKind
 
@@ -38,7 +39,7 @@ log = structlog.get_logger()
 
 _OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
 _GATHER_MIN = 512  # bytes: smaller downlink pieces are interactive (as the port's _COALESCE_MIN)
-_GATHER_GAP = 0.008  # seconds: pieces closer than this are a stream (twice the port's pause)
+_GATHER_GAP = 2 * COALESCE_PASSTHROUGH  # seconds: pieces closer than this are a stream (two ticks)
 _GATHER_RATE = 2_000_000  # bytes/s: a faster peer is delivered at once
 
 

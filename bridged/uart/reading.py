@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from bridged.at import format as fmt
+from bridged.at.datamode import DataKind
 from bridged.at.session import Input
 from bridged.ipc.messages import PortFailed
 from bridged.uart.flow import Flow
@@ -26,13 +27,19 @@ from bridged.uart.flow import Flow
 if TYPE_CHECKING:
     from bridged.uart.sending import Send
 
-__all__ = ["COALESCE_FULL", "PortReading"]
+__all__ = ["COALESCE_FULL", "COALESCE_PASSTHROUGH", "PortReading"]
 
 log = structlog.get_logger()
 
 _READ_SIZE = 65536
 _FORCE_RESTART = b"AT+RST\r\n"
 _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART speed
+# ... of a passthrough stream, as ESP-AT packs it (AT+TRANSINTVL, 2920 bytes): fewer, fuller
+# ticks; its +++ then needs up to 20 ms + this of silence (_coalesce). At most half the +++
+# guard time, so a +++ that may escape is never read on a tick (_coalesce). Not AT+CIPSEND's
+# or AT+CIPSENDL's: their SEND OK waits for their last bytes.
+COALESCE_PASSTHROUGH = 0.008
+_TTY_FULL = 3968  # bytes: a read this big emptied a full tty buffer (4 KiB): more may wait behind
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
@@ -131,7 +138,7 @@ class PortReading:
             except OSError as exc:
                 self._read_failed(exc)
                 return
-            if data is not None:
+            if data is not None and (data or not self._ticking):  # (an empty tick read: below)
                 self._took(data, self.session.input, _READ_SIZE)
             return
         disposition = self.session.input
@@ -152,12 +159,41 @@ class PortReading:
             return  # the line is busy: read again when it has room
         try:
             data = os.read(self.fd, size)
+            if self._ticking:
+                if not data:
+                    # Not EOF: a tick reads unasked, and a tty set to VMIN 0 (a serial port)
+                    # reads empty then. The gate, open again (_on_tick), hears a hang-up.
+                    return
+                if len(data) >= _TTY_FULL:
+                    data = self._drain(data, size)
         except BlockingIOError:
             return
         except OSError as exc:
             self._read_failed(exc)
             return
         self._took(data, disposition, size)
+
+    def _drain(self, data: bytes, size: int) -> bytes:
+        """A tick's read that emptied a full tty buffer: read on, up to ``size``.
+
+        n_tty hands out at most its 4 KiB buffer per read; the rest waits in
+        the tty's flip buffers, which a read finding that buffer empty pushes
+        in at once.  So one tick takes all that gathered, not one buffer of it.
+        """
+        parts = [data]
+        got = len(data)
+        while got < size:
+            try:
+                more = os.read(self.fd, size - got)
+            except BlockingIOError:
+                break
+            if not more:
+                break  # EOF: the next read says so again (hung up)
+            parts.append(more)
+            got += len(more)
+            if len(more) < _TTY_FULL:
+                break
+        return b"".join(parts)
 
     def _took(self, data: bytes, disposition: Input, size: int) -> None:
         """Bytes read from the port (``size`` asked for): to the session's ``disposition``."""
@@ -231,33 +267,68 @@ class PortReading:
         """While the MCU streams a data phase at UART speed, read every few ms.
 
         At 0.5 MB/s (5 Mbaud) an MCU writing 1 KiB pieces would wake us 500
-        times a second; the kernel can gather a few ms of them instead.  Only
-        for a steady stream at UART rates: commands, +++ and interactive bytes
-        (small reads) and faster bulk input (a pty, or catching up) are read
-        at once.  A byte's arrival time may read up to _COALESCE late, so +++
-        after streamed data may need up to 24 ms of silence instead of 20.
+        times a second; the kernel can gather a few ms of them instead: every
+        _COALESCE, or COALESCE_PASSTHROUGH from a passthrough stream's first
+        tick on.  Only for a steady
+        stream at UART rates: commands, +++ and interactive bytes (small reads)
+        and faster bulk input (a pty, or catching up) are read at once.
+
+        A byte's arrival time may read up to one period late, never early (it
+        is the time of the read).  So +++ after streamed data needs up to
+        20 ms + the period of silence before it (24 ms after AT+CIPSEND's or
+        AT+CIPSENDL's data, 28 ms in passthrough; an MCU waiting 1 s, as
+        drivers do, always escapes), and a '+++' inside a stream, read with
+        less silence before it than 20 ms, is never taken for an escape.  The
+        silence after +++ is exact: a +++ with 20 ms of silence before it came
+        after the tick that found the stream gone (a pause is never longer
+        than half the guard time), so the gate is open and it is read at once.
         """
         interval, self._last_read = now - self._last_read, now
-        uart_rate = interval > 0 and size / interval < _COALESCE_RATE
-        # A read that nearly filled the tty buffer means the MCU is waiting on us.
-        if (_COALESCE_MIN <= size < COALESCE_FULL and interval < 2 * _COALESCE and uart_rate
-                and self._gate.is_open and self.parser.data is not None):
+        data = self.parser.data
+        if data is None or not (self._gate.is_open or self._ticking and self._gate.paused_only(_PAUSE)):
+            return  # (a tick's read that filled the ring: the gate is shut, not paused)
+        # A passthrough stream goes on to the longer period from its first tick on: the pause a
+        # read starts is _COALESCE's, as for any data phase (bulk input held up by a full ring
+        # reads slowly for a moment; its first tick, reading it all at once, ends the pausing).
+        period = COALESCE_PASSTHROUGH if self._ticking and data.kind is DataKind.PASSTHROUGH else _COALESCE
+        if not (_COALESCE_MIN <= size and interval < 2 * period and size < _COALESCE_RATE * interval):
+            return
+        # A read that nearly filled the tty buffer means the MCU is waiting on us: unless it is
+        # a passthrough tick's, which drained them, on a port whose buffers take more than one
+        # (a pty; a UART without flow control). (Bulk input is over _COALESCE_RATE: read at once.)
+        if size >= COALESCE_FULL and not (self._ticking and period != _COALESCE and self._spills()):
+            return
+        if not self._ticking:  # (on a tick the gate is still held)
             # A hold, not shut(): its end must not reopen a read a full ring shut meanwhile.
             self._gate.hold(_PAUSE, press=False)  # a pause, not back-pressure: RTS stays up
-            self._port_paused = True
-            self._arm_tick()
+        self._port_paused = True
+        self._arm_tick(period)
 
-    def _arm_tick(self) -> None:
+    def _spills(self) -> bool:
+        """Whether input past the tty's 4 KiB buffer waits in its flip buffers (64 KiB)
+        instead of stopping the MCU: a pty, or a UART without flow control."""
+        return self._serial is None or self._serial.settings.flow == Flow.NONE
+
+    def _arm_tick(self, period: float = COALESCE_PASSTHROUGH) -> None:
         """One timer ends the coalescing pauses under way (the port's, a passthrough
         downlink's: ``uart.downlink``), so both directions of a stream share a wake-up."""
         if self._tick is None:
-            self._tick = self.loop.call_later(_COALESCE, self._on_tick)
+            self._tick = self.loop.call_later(period, self._on_tick)
 
     def _on_tick(self) -> None:
         self._tick = None
         if self._port_paused:
             self._port_paused = False
-            self._gate.release(_PAUSE)  # opens only if nothing else keeps it shut
+            if self._gate.paused_only(_PAUSE):
+                # Read here, the gate still held: a stream still under way pauses again
+                # (_coalesce) with no epoll_ctl pair and no loop turn per tick.
+                self._ticking = True
+                try:
+                    self._on_readable()
+                finally:
+                    self._ticking = False
+            if not self._port_paused:
+                self._gate.release(_PAUSE)  # opens only if nothing else keeps it shut
         self._end_down_pauses()  # uart.downlink
 
     def _refuse_busy(self, data: bytes) -> None:

@@ -34,6 +34,7 @@ class _Front(PortReading):
         self._listening = self._side_full = False
         self._listen_timer = None
         self._last_read = 0.0
+        self._ticking = False
 
     def _process(self) -> None:
         pass  # the ring is full: nothing goes out of the parser

@@ -172,6 +172,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken
+        self._side_base = 0  # ... beyond those it held when it began (uart.reading._listen)
         self._spare = bytearray(SPARE)  # what a payload's read brings behind it (uart.direct)
 
     # -- lifetime ----------------------------------------------------------------------

@@ -76,8 +76,10 @@ class PortReading:
         holds, and an MCU whose stream stalled sends +++ to get out: so after
         _LISTEN_AFTER the port is read again, its bytes kept in the data
         machine's buffer (they go into the ring first when room comes), until it
-        holds _SIDE bytes: enough for what a tty buffers (a pty ~20 KiB) and a
-        +++ behind it.  Then the port is held until room comes, and the log says so.
+        holds _SIDE bytes more than at the stall: enough for what a tty buffers
+        (a pty ~20 KiB) and a +++ behind it, whatever the read that filled the
+        ring left over (a tick's drain: up to a pty's 20 KiB).  Then the port is
+        held until room comes, and the log says so.
         """
         if self._listening:
             if self._side_room() > 0:
@@ -97,11 +99,12 @@ class PortReading:
         log.info("uart_listening", link_id=send.slot.link_id, held=self.parser.data.buffered, side=_SIDE,
                  why="the uplink ring is full: the port is read for +++ into a bounded buffer")
         self._listening = True
+        self._side_base = self.parser.data.buffered
         self._gate.open(self.fd)
 
     def _side_room(self) -> int:
         data = self.parser.data
-        return _SIDE - data.buffered if data is not None else 0
+        return _SIDE + self._side_base - data.buffered if data is not None else 0
 
     def _side_held(self, send: Send) -> None:
         self._listening = False

@@ -188,8 +188,8 @@ class PortReading:
         while got < size:
             try:
                 more = os.read(self.fd, size - got)
-            except BlockingIOError:
-                break
+            except OSError:
+                break  # nothing more (EAGAIN), or the device went (EIO): the next read says so again
             if not more:
                 break  # EOF: the next read says so again (hung up)
             parts.append(more)

@@ -60,3 +60,58 @@ def test_bytes_a_drain_read_survive_its_next_read_failing():
             os.close(master)
 
     asyncio.run(main())
+
+
+class _Bug(_TickFront):
+    """Processing what a read brought meets a bug of ours (it raises), once."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        super().__init__(loop, fd)
+        self.bugs = 1
+        self.down_ended = 0
+
+    def _process(self) -> None:
+        if self.bugs:
+            self.bugs -= 1
+            raise KeyError("a bug")
+
+    def _end_down_pauses(self) -> None:
+        self.down_ended += 1
+
+
+def test_a_bug_in_a_tick_read_leaves_the_port_read():
+    """A tick's read whose processing raises (a bug of ours): the loop logs it, as it would from the
+    gate's read callback, and the coalescing pause is not left held (the port would never be read
+    again, the heartbeat still answering), nor the downlinks paused; the next bytes are read."""
+    async def main() -> tuple[list, frozenset, bool, int, int]:
+        loop = asyncio.get_running_loop()
+        caught: list = []
+        loop.set_exception_handler(lambda loop, context: caught.append(context.get("exception")))
+        master, slave = os.openpty()
+        tty.setraw(slave, termios.TCSANOW)
+        os.set_blocking(master, False)
+        front = _Bug(loop, master)
+        try:
+            front._gate.open(master)
+            front._gate.hold(reading._PAUSE, press=False)  # a coalescing pause under way
+            front._port_paused = True
+            os.write(slave, bytes(1024))
+            loop.call_soon(front._on_tick)  # as the tick's timer calls it
+            for _ in range(3):
+                await asyncio.sleep(0)
+            holds, is_open, ended = front._gate.holds, front._gate.is_open, front.down_ended
+            os.write(slave, bytes(100))
+            for _ in range(100):  # bounded: the gate's read of the next bytes
+                await asyncio.sleep(0.01)
+                if front.counters.rx_bytes > 1024:
+                    break
+            return caught, holds, is_open, ended, front.counters.rx_bytes
+        finally:
+            front._gate.close()
+            os.close(master)
+            os.close(slave)
+
+    caught, holds, is_open, ended, read = asyncio.run(main())
+    assert [type(exc) for exc in caught] == [KeyError]
+    assert holds == frozenset() and is_open and ended == 1
+    assert read == 1124

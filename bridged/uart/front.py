@@ -92,6 +92,7 @@ def factory_uart(config: Config) -> UartSettings:
 class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
     tap: Transcript | None = None  # set while the AT transcript is on
     rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
+    _ticking = False  # the coalescing tick reads the port itself, its pause still held (uart.reading)
 
     def __init__(
         self,
@@ -146,7 +147,6 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self._last_read = 0.0
         self._tick: asyncio.TimerHandle | None = None  # ends the coalescing pauses (uart.reading)
         self._port_paused = False  # the port is paused by coalescing until the tick
-        self._ticking = False  # the tick reads the port itself, its pause still held
         self._down_paused: list[Slot] = []  # ... and these downlinks (uart.downlink)
         self._last_down = 0.0  # when the passthrough downlink last delivered
         self._stopped = self.loop.create_future()
@@ -172,6 +172,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken
+        self._side_base = 0  # ... beyond those it held when it began (uart.reading._listen)
         self._spare = bytearray(SPARE)  # what a payload's read brings behind it (uart.direct)
 
     # -- lifetime ----------------------------------------------------------------------

@@ -76,8 +76,10 @@ class PortReading:
         holds, and an MCU whose stream stalled sends +++ to get out: so after
         _LISTEN_AFTER the port is read again, its bytes kept in the data
         machine's buffer (they go into the ring first when room comes), until it
-        holds _SIDE bytes: enough for what a tty buffers (a pty ~20 KiB) and a
-        +++ behind it.  Then the port is held until room comes, and the log says so.
+        holds _SIDE bytes more than at the stall: enough for what a tty buffers
+        (a pty ~20 KiB) and a +++ behind it, whatever the read that filled the
+        ring left over (a tick's drain: up to a pty's 20 KiB).  Then the port is
+        held until room comes, and the log says so.
         """
         if self._listening:
             if self._side_room() > 0:
@@ -97,11 +99,12 @@ class PortReading:
         log.info("uart_listening", link_id=send.slot.link_id, held=self.parser.data.buffered, side=_SIDE,
                  why="the uplink ring is full: the port is read for +++ into a bounded buffer")
         self._listening = True
+        self._side_base = self.parser.data.buffered
         self._gate.open(self.fd)
 
     def _side_room(self) -> int:
         data = self.parser.data
-        return _SIDE - data.buffered if data is not None else 0
+        return _SIDE + self._side_base - data.buffered if data is not None else 0
 
     def _side_held(self, send: Send) -> None:
         self._listening = False
@@ -185,8 +188,8 @@ class PortReading:
         while got < size:
             try:
                 more = os.read(self.fd, size - got)
-            except BlockingIOError:
-                break
+            except OSError:
+                break  # nothing more (EAGAIN), or the device went (EIO): the next read says so again
             if not more:
                 break  # EOF: the next read says so again (hung up)
             parts.append(more)
@@ -317,19 +320,26 @@ class PortReading:
 
     def _on_tick(self) -> None:
         self._tick = None
-        if self._port_paused:
-            self._port_paused = False
+        try:
+            if self._port_paused:
+                self._tick_read()
+        finally:
+            self._end_down_pauses()  # uart.downlink
+
+    def _tick_read(self) -> None:
+        """Read here, the gate still held: a stream still under way pauses again
+        (_coalesce) with no epoll_ctl pair and no loop turn per tick."""
+        self._port_paused = False
+        try:
             if self._gate.paused_only(_PAUSE):
-                # Read here, the gate still held: a stream still under way pauses again
-                # (_coalesce) with no epoll_ctl pair and no loop turn per tick.
                 self._ticking = True
-                try:
-                    self._on_readable()
-                finally:
-                    self._ticking = False
+                self._on_readable()
+        finally:
+            # Even past a bug of ours that raised in there: from the gate's read callback it
+            # cost a log line, the next read going on; the pause kept, the port stayed unread.
+            self._ticking = False
             if not self._port_paused:
                 self._gate.release(_PAUSE)  # opens only if nothing else keeps it shut
-        self._end_down_pauses()  # uart.downlink
 
     def _refuse_busy(self, data: bytes) -> None:
         """Input while a command runs is discarded, one busy p... per chunk."""

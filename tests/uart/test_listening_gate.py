@@ -32,6 +32,7 @@ class _Front(PortReading):
         self.counters = SimpleNamespace(rx_bytes=0)
         self._paced = self._serial = self.tap = self.rx_fault = self._replug = None
         self._listening = self._side_full = False
+        self._side_base = 0
         self._listen_timer = None
         self._last_read = 0.0
         self._ticking = False

@@ -26,6 +26,8 @@ import os
 
 __all__ = ["Doorbells", "clear_doorbell", "new_doorbells", "ring_doorbell"]
 
+_QUIET = 1  # item 1 of a ring's index view, on the producer's line: 1 = consume() need not ring space_fd
+
 
 def new_doorbells() -> tuple[int, int]:
     """Two fresh eventfds (data, space), non-blocking and close-on-exec.
@@ -67,6 +69,7 @@ class Doorbells:
 
     data_fd: int
     space_fd: int
+    _index: memoryview  # the ring's header as native 64-bit items (bridged.ipc.rings)
 
     def clear_space_doorbell(self) -> bool:
         """Reset ``space_fd``; return whether it was ringing."""
@@ -100,3 +103,16 @@ class Doorbells:
         except BlockingIOError:
             return False
         return True
+
+    def want_space_doorbell(self, wanted: bool) -> None:
+        """Producer: whether consume() rings ``space_fd`` (it does unless told not to).
+
+        A producer that waits for space only now and then (a link worker on
+        its downlink) turns the doorbell off and back on around each wait,
+        saving the consumer a syscall per consume.  The flag and the read
+        index are plain stores in two processes with no fence between a
+        store and the next load, so each side may miss the other's store:
+        after turning it on, re-check the free space, and keep re-checking
+        on a timer while waiting.
+        """
+        self._index[_QUIET] = 0 if wanted else 1

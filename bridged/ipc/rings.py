@@ -55,7 +55,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from bridged.ipc.doorbells import Doorbells, new_doorbells
+from bridged.ipc.doorbells import _QUIET, Doorbells, new_doorbells
 from bridged.ipc.memblock import create_block
 from bridged.ipc.ringio import StreamIO
 
@@ -69,7 +69,9 @@ HEADER_SIZE = 128
 # process could see half an update.)
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
-_QUIET = 1  # item 1, on the producer's line: 1 = consume() need not ring space_fd
+# (item 1, _QUIET, is the doorbells': bridged.ipc.doorbells)
+
+
 def _release(views: list[memoryview]) -> None:
     for view in views:
         view.release()
@@ -349,19 +351,6 @@ class Ring(Doorbells, StreamIO):
             self._index[_READ] = read + n  # reads done before index
             if not self._index[_QUIET]:
                 self._doorbell(self.space_fd)
-
-    def want_space_doorbell(self, wanted: bool) -> None:
-        """Producer: whether consume() rings ``space_fd`` (it does unless told not to).
-
-        A producer that waits for space only now and then (a link worker on
-        its downlink) turns the doorbell off and back on around each wait,
-        saving the consumer a syscall per consume.  The flag and the read
-        index are plain stores in two processes with no fence between a
-        store and the next load, so each side may miss the other's store:
-        after turning it on, re-check the free space, and keep re-checking
-        on a timer while waiting.
-        """
-        self._index[_QUIET] = 0 if wanted else 1
 
     def get_nowait(self, limit: int) -> bytes:
         """Copy out and consume up to ``limit`` bytes (b"" if empty)."""

@@ -55,7 +55,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from bridged.ipc.doorbells import _QUIET, Doorbells, new_doorbells
+from bridged.ipc.doorbells import _POLLED, _QUIET, Doorbells, new_doorbells
 from bridged.ipc.memblock import create_block
 from bridged.ipc.ringio import StreamIO
 
@@ -69,7 +69,7 @@ HEADER_SIZE = 128
 # process could see half an update.)
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
-# (item 1, _QUIET, is the doorbells': bridged.ipc.doorbells)
+# (items 1, _QUIET, and 9, _POLLED, are the doorbells': bridged.ipc.doorbells)
 
 
 def _release(views: list[memoryview]) -> None:
@@ -273,7 +273,8 @@ class Ring(Doorbells, StreamIO):
                 pos = end
 
     def commit(self, n: int) -> None:
-        """Publish ``n`` bytes written into the free area, then ring ``data_fd``."""
+        """Publish ``n`` bytes written into the free area, then ring ``data_fd`` (unless the
+        consumer polls the ring and it is at most half full: ``poll_on_tick``)."""
         write, _, used = self._load()
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
@@ -281,8 +282,11 @@ class Ring(Doorbells, StreamIO):
         if self._producer_views:
             _release(self._producer_views)
         if n:
-            self._index[_WRITE] = write + n  # data before index
-            self._doorbell(self.data_fd)  # index before doorbell
+            index = self._index
+            index[_WRITE] = write + n  # data before index
+            # index before doorbell; none while the consumer polls (unless the ring fills)
+            if not index[_POLLED] or used is None or used + n > self._capacity >> 1:
+                self._doorbell(self.data_fd)
 
     def put_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Copy as much of ``data`` as fits, publish it; return the count (0 if full)."""

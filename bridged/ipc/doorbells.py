@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 Each direction has an eventfd doorbell: the producer rings ``data_fd`` after
 publishing, the consumer rings ``space_fd`` after consuming (unless the
-producer said it does not need it: ``want_space_doorbell``). Python has no
+producer said it does not need it: ``want_space_doorbell``; the producer's data
+doorbell, unless the consumer polls the ring on ticks: ``poll_on_tick``). Python has no
 memory fence, so publication goes: data, then index, then the doorbell write.
 The doorbell is a syscall whose kernel path (a lock and a wake-up) makes the
 stores before it visible to the side that reads the doorbell, also on weakly
@@ -25,6 +26,9 @@ from __future__ import annotations
 import os
 
 __all__ = ["Doorbells", "clear_doorbell", "new_doorbells", "ring_doorbell"]
+
+_QUIET = 1  # item 1 of a ring's index view, on the producer's line: 1 = consume() need not ring space_fd
+_POLLED = 9  # item 9, on the consumer's line: 1 = the consumer reads on ticks, commit() need not ring data_fd
 
 
 def new_doorbells() -> tuple[int, int]:
@@ -67,6 +71,7 @@ class Doorbells:
 
     data_fd: int
     space_fd: int
+    _index: memoryview  # the ring's header as native 64-bit items (bridged.ipc.rings)
 
     def clear_space_doorbell(self) -> bool:
         """Reset ``space_fd``; return whether it was ringing."""
@@ -100,3 +105,31 @@ class Doorbells:
         except BlockingIOError:
             return False
         return True
+
+    def want_space_doorbell(self, wanted: bool) -> None:
+        """Producer: whether consume() rings ``space_fd`` (it does unless told not to).
+
+        A producer that waits for space only now and then (a link worker on
+        its downlink) turns the doorbell off and back on around each wait,
+        saving the consumer a syscall per consume.  The flag and the read
+        index are plain stores in two processes with no fence between a
+        store and the next load, so each side may miss the other's store:
+        after turning it on, re-check the free space, and keep re-checking
+        on a timer while waiting.
+        """
+        self._index[_QUIET] = 0 if wanted else 1
+
+    def poll_on_tick(self, polled: bool) -> None:
+        """Consumer: whether it reads the ring on a periodic tick of its own, so the
+        producer's commit() need not ring ``data_fd`` (it still does for a commit that
+        leaves the ring more than half full: a fast producer does not wait for ticks).
+
+        The producer stores the write index and then loads this flag; the consumer
+        stores the flag and then loads the write index.  With no fence between a store
+        and the next load (x86 lets a load pass an earlier store, ARM more), both may see
+        the other's old value: a commit skips its doorbell just as the consumer stops
+        polling, and finds the ring empty.  So a consumer that turns polling off must
+        look at the ring once more a tick later (long after both stores landed): a
+        skipped doorbell then costs at most a tick, never data left in the ring.
+        """
+        self._index[_POLLED] = 1 if polled else 0

@@ -55,7 +55,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from bridged.ipc.doorbells import Doorbells, new_doorbells
+from bridged.ipc.doorbells import _POLLED, _QUIET, Doorbells, new_doorbells
 from bridged.ipc.memblock import create_block
 from bridged.ipc.ringio import StreamIO
 
@@ -69,7 +69,9 @@ HEADER_SIZE = 128
 # process could see half an update.)
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
-_QUIET = 1  # item 1, on the producer's line: 1 = consume() need not ring space_fd
+# (items 1, _QUIET, and 9, _POLLED, are the doorbells': bridged.ipc.doorbells)
+
+
 def _release(views: list[memoryview]) -> None:
     for view in views:
         view.release()
@@ -271,7 +273,8 @@ class Ring(Doorbells, StreamIO):
                 pos = end
 
     def commit(self, n: int) -> None:
-        """Publish ``n`` bytes written into the free area, then ring ``data_fd``."""
+        """Publish ``n`` bytes written into the free area, then ring ``data_fd`` (unless the
+        consumer polls the ring and it is at most half full: ``poll_on_tick``)."""
         write, _, used = self._load()
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
@@ -279,8 +282,11 @@ class Ring(Doorbells, StreamIO):
         if self._producer_views:
             _release(self._producer_views)
         if n:
-            self._index[_WRITE] = write + n  # data before index
-            self._doorbell(self.data_fd)  # index before doorbell
+            index = self._index
+            index[_WRITE] = write + n  # data before index
+            # index before doorbell; none while the consumer polls (unless the ring fills)
+            if not index[_POLLED] or used is None or used + n > self._capacity >> 1:
+                self._doorbell(self.data_fd)
 
     def put_nowait(self, data: bytes | bytearray | memoryview) -> int:
         """Copy as much of ``data`` as fits, publish it; return the count (0 if full)."""
@@ -349,19 +355,6 @@ class Ring(Doorbells, StreamIO):
             self._index[_READ] = read + n  # reads done before index
             if not self._index[_QUIET]:
                 self._doorbell(self.space_fd)
-
-    def want_space_doorbell(self, wanted: bool) -> None:
-        """Producer: whether consume() rings ``space_fd`` (it does unless told not to).
-
-        A producer that waits for space only now and then (a link worker on
-        its downlink) turns the doorbell off and back on around each wait,
-        saving the consumer a syscall per consume.  The flag and the read
-        index are plain stores in two processes with no fence between a
-        store and the next load, so each side may miss the other's store:
-        after turning it on, re-check the free space, and keep re-checking
-        on a timer while waiting.
-        """
-        self._index[_QUIET] = 0 if wanted else 1
 
     def get_nowait(self, limit: int) -> bytes:
         """Copy out and consume up to ``limit`` bytes (b"" if empty)."""

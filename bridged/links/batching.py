@@ -25,6 +25,24 @@ and so does a whole period with nothing read.  Timing cannot tell a peer
 answering each request in several pieces (>= _STREAMING apart) from one
 streaming on its own: with requests under BOTH_GAP periods apart, such an
 answer's pieces wait for the tick too (at most a period).
+
+The uplink on the ticks.  While batching goes on both ways, the worker
+would still wake once per payload of the MCU's (the uplink ring's doorbell)
+and once per tick: twice a period at line rate.  So a send while batching
+goes on (a steady stream, not a request) turns the ring's polling flag on
+(``Ring.poll_on_tick``): the front commits without ringing, and each tick
+sends what the ring holds before it reads.  A payload waits at most a
+period for the socket (SEND OK went on admission, so the MCU is not slowed);
+a commit that leaves the ring more than half full still rings (a fast
+stream is not held to a ring per period).  A tick that finds the ring
+empty (the MCU was quiet a whole period: its next send may be a request,
+sent at once) turns the flag off, as does the end of batching.  The flag
+and the write index cross without a fence (a store, then a load, each
+side), so the front may skip its doorbell just as the flag goes off: after
+turning it off the worker looks at the ring once more a period later (the
+next tick, or a one-shot tick once batching has ended), so a skipped
+doorbell costs at most a period.  The peer's FIN found while polling sends
+what the ring holds before the link ends, as a doorbell would have.
 """
 
 from __future__ import annotations
@@ -50,6 +68,11 @@ _BATCH_PIECE = 512
 _BATCH_QUIET = 4
 # The MCU streams while its sends come within this many periods of each other.
 BOTH_GAP = 2
+# Polling the uplink on the ticks stops once the MCU has sent nothing for this many periods:
+# over one, as a stream whose cadence drifts against the grid leaves a tick empty now and
+# then (a send's time is its tick's: +-a period), and under BOTH_GAP, so a request's
+# doorbell rings (within a period of the bound, from the grid's steps).
+_UNPOLL = 1.25
 # A batch's next tick is at least this far off: uvloop's clock ticks in
 # whole milliseconds, and a timer due sooner would fire at once.
 _TICK_MARGIN = 0.001
@@ -108,6 +131,8 @@ class Batching:
         self._ticker: Ticker | None = None  # created in run(), on the running loop
         self._batch_tick: Ticker | None = None  # the ticker, while read batching is on
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
+        self._polling = False  # the uplink ring's polling flag is on: the front rings no doorbell
+        self._look_owed = False  # polling went off: one more look at the uplink ring, a tick later
 
     def _start_ticker(self) -> None:
         """The ticks' timerfd, for the worker's life (``Worker._start``)."""
@@ -132,8 +157,14 @@ class Batching:
 
     def _no_batching(self, exc: OSError) -> None:
         """A socket or timerfd call read batching needs failed: off for the
-        worker's life (every piece read as it arrives), the ticker closed."""
+        worker's life (every piece read as it arrives), the ticker closed
+        (an owed look at the uplink on a timer instead)."""
         log.warning("read_window_unavailable", reason=failure_reason(exc))
+        if self._polling:
+            self._unpoll_uplink()
+        if self._look_owed:
+            self._look_owed = False
+            self.loop.call_later(self.batch_period, self._look_uplink)
         self.batch_period = 0
         self._batch_tick = None
         if self._ticker is not None:
@@ -141,12 +172,19 @@ class Batching:
             self._ticker = None
 
     def _on_batch_tick(self) -> None:
-        if self._batch_tick is None:
-            return  # stopped since (the ticker then fires no more)
+        if self._batch_tick is None:  # stopped since: the one-shot look polling owes, if any
+            if self._look_owed:
+                self._look_owed = False
+                self._look_uplink()
+            return
+        now = self.loop.time()
+        if self._polling or self._look_owed:  # the MCU's payloads first (no doorbell rang for them)
+            self._look_owed = False
+            if not self._look_uplink() and self._polling and now - self._last_send >= _UNPOLL * self.batch_period:
+                self._unpoll_uplink()  # the MCU went quiet: its next send rings (a request goes at once)
         if not self._can_batch():
             self._stop_batching()
             return
-        now = self.loop.time()
         # One recv takes all the kernel has (up to a record): a short read
         # means the socket is empty, so no EAGAIN round trip.  Its doorbells
         # are not held: one record rings once anyway (a tick that finds more
@@ -165,8 +203,13 @@ class Batching:
         low-water mark always has a tick armed that will read below it)."""
         if self._batch_tick is not None:
             self._batch_tick = None
+            if self._polling:
+                self._unpoll_uplink()
             try:
-                self._ticker.disarm()
+                if self._look_owed:  # one tick more, a period on, for a doorbell the front skipped
+                    self._ticker.arm(time.monotonic() + self.batch_period, 0)
+                else:
+                    self._ticker.disarm()
             except OSError as exc:  # it may tick on: closed, or the link could not end
                 self._no_batching(exc)
         if self._lowat_raised:
@@ -176,3 +219,37 @@ class Batching:
                     self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                 except OSError:
                     pass  # the socket failed: its next read says why
+
+    # -- the uplink on the ticks ----------------------------------------------------------
+
+    def _poll_uplink(self) -> None:
+        """A steady send while batching: the MCU's next payloads go on the ticks."""
+        self._polling = True
+        self.uplink.poll_on_tick(True)
+
+    def _unpoll_uplink(self) -> None:
+        """Doorbells again; a look a tick later for one the front skipped meanwhile."""
+        self._polling = False
+        self.uplink.poll_on_tick(False)
+        self._look_owed = True
+
+    def _look_uplink(self) -> bool:
+        """Send what the uplink ring holds, rung or not; True when something went.  What
+        it finds came within the last period or so, unrung (the MCU streams): a steady
+        send, never a request that ends batching, however the ticks quantize its gap."""
+        if self.sock is None:
+            return False
+        before, up = self._last_send, self.stats["up"]
+        self._last_send = self.loop.time()
+        self._uplink_ready()
+        if self.stats["up"] == up:
+            self._last_send = before  # nothing went: the MCU's last send stays where it was
+            return False
+        return True
+
+    def _flush_polled(self) -> None:
+        """The peer's FIN: what the front put in the ring with no doorbell goes first
+        (sending after a FIN is allowed; a reset fails the send, as it would have)."""
+        if (self._polling or self._look_owed) and self.sock is not None:
+            self._look_owed = False
+            self._pump_ring()

@@ -13,7 +13,9 @@ Consuming the ring rings its space doorbell for the front (when it asked
 for it); one wake-up's sends ring it once (``hold_doorbells``), or twice when
 a send of the lean path (``_send_whole``: a plain TCP link's usual wake-up,
 what the ring holds in one piece and one send, at line rate the hot path)
-is cut short by a full socket and the general loop goes on.  A link streaming both ways shares
+is cut short by a full socket and the general loop goes on.  While read batching goes on and
+the MCU streams too, the front rings no doorbell: its payloads go on the batch's ticks
+(``Batching``'s uplink polling).  A link streaming both ways otherwise shares
 the uplink's wake-ups: a downlink read pausing between a stream's pieces
 ends when the uplink wakes us (``_end_pause_early``), not on its own timer.  A stream goes as the ring holds it
 (``sendmsg`` over the wrap), TLS one record at a time; on a UDP link each
@@ -66,6 +68,10 @@ class Uplink:
             os.eventfd_read(self.uplink.data_fd)
         except BlockingIOError:
             pass
+        self._uplink_ready()
+
+    def _uplink_ready(self) -> None:
+        """Send what the ring holds (a doorbell's wake-up, or a tick's look while we poll it)."""
         read_first = self.udp_mode and self._senders_first()
         # The usual wake-up of a plain TCP link takes one send and one consume (at most
         # one doorbell): no more layers than that.  The rest goes through _pump_uplink.
@@ -183,8 +189,11 @@ class Uplink:
             return not left  # nothing published; or it wraps: both pieces in one sendmsg
         self.stats["up"] += sent
         now = self.loop.time()  # _sent_now, inline (both_steady too)
-        if self._batch_tick is not None and now - self._last_send >= BOTH_GAP * self.batch_period:
-            self._stop_batching()
+        if self._batch_tick is not None:
+            if now - self._last_send >= BOTH_GAP * self.batch_period:
+                self._stop_batching()
+            elif not self._polling:
+                self._poll_uplink()
         self._last_send = now
         return not left
 
@@ -192,8 +201,11 @@ class Uplink:
         """The MCU's data went to the socket: a send after a quiet spell may be a
         request (its answer is read at once); one of a steady stream is not."""
         now = self.loop.time()
-        if self._batch_tick is not None and not both_steady(now - self._last_send, self.batch_period):
-            self._stop_batching()  # the peer may answer this at once: read it at once
+        if self._batch_tick is not None:
+            if not both_steady(now - self._last_send, self.batch_period):
+                self._stop_batching()  # the peer may answer this at once: read it at once
+            elif not self._polling:
+                self._poll_uplink()  # a stream both ways: its next sends go on the ticks
         self._last_send = now
 
     def _send_tls(self, view: memoryview) -> int:

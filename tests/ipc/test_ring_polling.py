@@ -1,0 +1,66 @@
+"""A ring whose consumer polls it on ticks (``Ring.poll_on_tick``): the producer's
+commit rings no data doorbell then, unless the ring ends up over half full."""
+
+from __future__ import annotations
+
+import select
+
+import pytest
+
+from bridged.ipc import doorbells, rings
+from bridged.ipc.records import DATA, put_record
+from tests.ringtools import new_ring
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _rung(fd: int) -> bool:
+    """Whether the doorbell rang (and clear it)."""
+    if not select.select([fd], [], [], 0)[0]:
+        return False
+    doorbells.clear_doorbell(fd)
+    return True
+
+
+def test_a_polled_ring_takes_commits_without_a_doorbell_until_it_is_half_full():
+    """Fresh: every commit rings.  Polled: commits ring nothing (the data is
+    published all the same) until one leaves more than half the ring used; turned
+    off, commits ring again.  The flag is the consumer's, on its cache line."""
+    with new_ring(8192) as ring:
+        ring.stage(0, b"a" * 100)
+        ring.commit(100)
+        assert _rung(ring.data_fd)
+        ring.poll_on_tick(True)
+        assert ring._index[rings._READ + 1] == 1  # item 9: byte 72, the read index's line
+        for _ in range(3):
+            ring.put_nowait(b"b" * 1000)
+            assert not _rung(ring.data_fd)
+        assert put_record(ring, DATA, b"c" * 500)  # records too (UDP, passthrough's blocks)
+        assert not _rung(ring.data_fd)
+        assert ring.available() == 100 + 3000 + len(b"c" * 500) + 8  # published, unrung
+        ring.put_nowait(b"d" * 600)  # 4208 of 8192 bytes: over half full
+        assert _rung(ring.data_fd)
+        assert ring.get_nowait(100) == b"a" * 100
+        ring.poll_on_tick(False)
+        ring.put_nowait(b"e")
+        assert _rung(ring.data_fd)
+
+
+def test_polling_does_not_touch_the_space_doorbell_or_the_other_direction():
+    """The consumer's consume still rings space_fd; a consumer's poll flag leaves
+    the producer's quiet flag (want_space_doorbell) alone, and the reverse."""
+    with new_ring(4096) as ring:
+        ring.poll_on_tick(True)
+        ring.want_space_doorbell(False)
+        ring.put_nowait(b"x" * 5)
+        assert not _rung(ring.data_fd)
+        assert ring._index[doorbells._QUIET] == 1
+        ring.poll_on_tick(False)
+        ring.put_nowait(b"x" * 5)
+        assert _rung(ring.data_fd)
+        ring.want_space_doorbell(True)
+        ring.poll_on_tick(True)
+        ring.consume(10)
+        assert _rung(ring.space_fd)
+        assert ring._index[doorbells._POLLED] == 1
+

@@ -31,6 +31,7 @@ _QUIET = 1  # item 1 of a ring's index view, on the producer's line: 1 = consume
 _COMMITTED = 2  # item 2, on the producer's line: CLOCK_MONOTONIC ns of the last commit()
 _POLLED = 9  # item 9, on the consumer's line: 0, or the consumer reads on ticks: commit() need not ring
 # data_fd, unless it comes this many ns or more after the commit before (a request after quiet)
+POLLED_BULK = 512  # a polled ring's commit of fewer bytes rings anyway: interactive (a request, keys)
 
 
 def new_doorbells() -> tuple[int, int]:
@@ -124,9 +125,11 @@ class Doorbells:
     def poll_on_tick(self, quiet: float) -> None:
         """Consumer: whether it reads the ring on a periodic tick of its own (``quiet`` > 0),
         so the producer's commit() need not ring ``data_fd``.  It still does for a commit that
-        leaves the ring more than half full (a fast producer does not wait for ticks), and for
-        one that comes ``quiet`` seconds or more after the commit before it (by the producer's
-        clock, ``last_commit``): that one may be a request, which goes at once.
+        leaves the ring more than half full (a fast producer does not wait for ticks), for one
+        that comes ``quiet`` seconds or more after the commit before it (by the producer's
+        clock, ``last_commit``): that one may be a request, which goes at once; and for one of
+        fewer than POLLED_BULK bytes: a request or keystrokes within a stream, which go at once
+        too (their answer waits no longer than without polling).
 
         The producer stores the write index and then loads this flag; the consumer
         stores the flag and then loads the write index.  With no fence between a store

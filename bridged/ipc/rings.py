@@ -56,7 +56,7 @@ import mmap
 import os
 import time
 
-from bridged.ipc.doorbells import _COMMITTED, _POLLED, _QUIET, Doorbells, new_doorbells
+from bridged.ipc.doorbells import _COMMITTED, _POLLED, _QUIET, POLLED_BULK, Doorbells, new_doorbells
 from bridged.ipc.memblock import create_block
 from bridged.ipc.ringio import StreamIO
 
@@ -275,7 +275,7 @@ class Ring(Doorbells, StreamIO):
 
     def commit(self, n: int) -> None:
         """Publish ``n`` bytes written into the free area, then ring ``data_fd`` (unless the
-        consumer polls the ring, it is at most half full and the last commit was recent: ``poll_on_tick``)."""
+        consumer polls the ring and it is a bulk commit, at most half full, close behind the last: ``poll_on_tick``)."""
         write, _, used = self._load()
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
@@ -287,9 +287,10 @@ class Ring(Doorbells, StreamIO):
             index[_WRITE] = write + n  # data before index
             now, last = time.monotonic_ns(), index[_COMMITTED]
             index[_COMMITTED] = now
-            # index before doorbell; none while the consumer polls (unless the ring fills, or a quiet spell ends)
+            # index before doorbell; none while the consumer polls (unless the ring fills, a quiet spell ends,
+            # or it is small: poll_on_tick)
             quiet = index[_POLLED]
-            if not quiet or used is None or used + n > self._capacity >> 1 or now - last >= quiet:
+            if not quiet or n < POLLED_BULK or used is None or used + n > self._capacity >> 1 or now - last >= quiet:
                 self._doorbell(self.data_fd)
 
     def put_nowait(self, data: bytes | bytearray | memoryview) -> int:

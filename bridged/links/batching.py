@@ -39,7 +39,10 @@ or more after the commit before it: a request, which goes at once and ends
 batching (its answer is read at once).  That gap is the MCU's, between the
 front's commits (``Ring.last_commit``), never between the ticks that sent
 them: a tick sends a payload up to a period after it came, which would make
-a request after two windows of quiet look like a steady send.  A tick that
+a request after two windows of quiet look like a steady send.  A small
+commit (under POLLED_BULK bytes: a request or keystrokes within the stream)
+rings too: held to a tick, it would wait up to a period and its answer,
+coming just after that tick, a whole period more.  A tick that
 finds the ring empty (the MCU was quiet a while) turns the flag off, as does
 the end of batching.  The flag
 and the write index cross without a fence (a store, then a load, each

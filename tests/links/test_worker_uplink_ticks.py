@@ -220,7 +220,7 @@ def test_a_request_after_two_windows_of_quiet_goes_at_once_and_its_answer_too(qu
         last = time.monotonic()
         await both.run(lambda: time.monotonic() >= last + quiet, None, 0.010)
         assert live.worker._batch_tick is not None  # the peer streams on: read batching goes on
-        both.commit(b"REQUEST")
+        both.commit(b"=" * 1000 + b"REQUEST")  # bulk: no doorbell for being small (POLLED_BULK)
         asked = time.monotonic()
         await both.run(lambda: bytes(both.peer_got).endswith(b"REQUEST"), None, 0.010, limit=2)
         reached = time.monotonic() - asked
@@ -233,5 +233,29 @@ def test_a_request_after_two_windows_of_quiet_goes_at_once_and_its_answer_too(qu
         assert reached < 0.006, reached
         assert read < 0.006, read
         await both.settle()
+
+    _run(script)
+
+
+def test_small_requests_within_the_stream_go_at_once():
+    """Polling on (both ways stream), then the MCU sends 16-byte requests every 30 ms (under
+    BOTH_GAP periods apart: steady sends, batching goes on) while the peer streams on.  Each
+    reaches the peer at once, as without polling (its answer then waits at most a tick, as
+    the README says): held to the tick, it waited up to a period and its answer a whole
+    period more (request to answer 28 ms median, 38 ms at most, against 12 and 20)."""
+    async def script(live: LiveWorker, both: _Both) -> None:
+        await both.run(lambda: _polled(live), 0.0205, 0.010)
+        delays = []
+        for i in range(20):
+            due = time.monotonic() + 0.030
+            await both.run(lambda: time.monotonic() >= due, None, 0.010)
+            both.commit(b"Q%02d" % i + b"." * 13)
+            asked = time.monotonic()
+            await both.run(lambda: len(both.peer_got) >= len(both.sent_up), None, 0.010, limit=2)
+            delays.append(time.monotonic() - asked)
+        assert live.worker._batch_tick is not None  # batching went on all along (the peer streams)
+        assert bytes(both.peer_got) == bytes(both.sent_up)
+        print(f"small requests reached the peer after {max(delays) * 1000:.1f} ms at most")
+        assert sorted(delays)[-2] < 0.006, delays  # one hiccup of a loaded machine allowed
 
     _run(script)

@@ -284,9 +284,9 @@ class Ring(Doorbells, StreamIO):
             _release(self._producer_views)
         if n:
             index = self._index
-            index[_WRITE] = write + n  # data before index
             now, last = time.monotonic_ns(), index[_COMMITTED]
-            index[_COMMITTED] = now
+            index[_COMMITTED] = now  # its time before the index: whoever sees the bytes sees when they came
+            index[_WRITE] = write + n  # data before index
             # index before doorbell; none while the consumer polls (unless the ring fills, a quiet spell ends,
             # or it is small: poll_on_tick)
             quiet = index[_POLLED]

@@ -50,7 +50,9 @@ side), so the front may skip its doorbell just as the flag goes off: after
 turning it off the worker looks at the ring once more a period later (the
 next tick, or a one-shot tick once batching has ended), so a skipped
 doorbell costs at most a period.  The peer's FIN found while polling sends
-what the ring holds before the link ends, as a doorbell would have.
+what the ring holds before the link ends, as a doorbell would have; over TLS
+before the read that finds it (``_on_readable``): a FIN with no close_notify
+fails the session there, and nothing can be sent after it.
 """
 
 from __future__ import annotations

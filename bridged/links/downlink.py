@@ -117,6 +117,10 @@ class Downlink(Batching):
         if self.shaper is not None:  # a data-path fault (bridged.links.shaping)
             self.shaper.on_readable()
             return
+        if (self._polling or self._look_owed) and isinstance(self.sock, ssl.SSLSocket):
+            # The MCU's unrung payloads before a read that may find the peer's FIN: one with no
+            # close_notify fails the TLS session (SSLEOFError), and no send goes after it.
+            self._look_uplink()
         now = self.loop.time()
         previous, self._last_read = self._last_read, now
         since = now - previous

@@ -26,33 +26,32 @@ answering each request in several pieces (>= _STREAMING apart) from one
 streaming on its own: with requests under BOTH_GAP periods apart, such an
 answer's pieces wait for the tick too (at most a period).
 
-The uplink on the ticks.  While batching goes on both ways, the worker
-would still wake once per payload of the MCU's (the uplink ring's doorbell)
-and once per tick: twice a period at line rate.  So a send while batching
-goes on (a steady stream, not a request) turns the ring's polling flag on
+The uplink on the ticks.  While batching goes on both ways, the worker would
+still wake once per payload of the MCU's (the uplink ring's doorbell) and once
+per tick: twice a period at line rate.  So a send while batching goes on (a
+steady stream, not a request) turns the ring's polling flag on
 (``Ring.poll_on_tick``): the front commits without ringing, and each tick
-sends what the ring holds before it reads.  A payload waits at most a
-period for the socket (SEND OK went on admission, so the MCU is not slowed);
-a commit that leaves the ring more than half full still rings (a fast
-stream is not held to a ring per period), and so does one BOTH_GAP periods
-or more after the commit before it: a request, which goes at once and ends
-batching (its answer is read at once).  That gap is the MCU's, between the
-front's commits (``Ring.last_commit``), never between the ticks that sent
-them: a tick sends a payload up to a period after it came, which would make
-a request after two windows of quiet look like a steady send.  A small
-commit (under POLLED_BULK bytes: a request or keystrokes within the stream)
-rings too: held to a tick, it would wait up to a period and its answer,
-coming just after that tick, a whole period more.  A tick that
-finds the ring empty (the MCU was quiet a while) turns the flag off, as does
-the end of batching.  The flag
-and the write index cross without a fence (a store, then a load, each
-side), so the front may skip its doorbell just as the flag goes off: after
-turning it off the worker looks at the ring once more a period later (the
-next tick, or a one-shot tick once batching has ended), so a skipped
-doorbell costs at most a period.  The peer's FIN found while polling sends
-what the ring holds before the link ends, as a doorbell would have; over TLS
-before the read that finds it (``_on_readable``): a FIN with no close_notify
-fails the session there, and nothing can be sent after it.
+sends what the ring holds before it reads.  A payload waits at most a period
+for the socket (SEND OK went on admission, so the MCU is not slowed); a commit
+that leaves the ring more than half full still rings (a fast stream is not
+held to a ring per period), and so does one BOTH_GAP periods or more after the
+commit before it: a request, which goes at once and ends batching (its answer
+is read at once).  That gap is the MCU's, between the front's commits
+(``Ring.last_commit``), never between the ticks that sent them: a tick sends a
+payload up to a period after it came, which would make a request after two
+windows of quiet look like a steady send.  A small commit (under POLLED_BULK
+bytes: a request or keystrokes within the stream) rings too: held to a tick,
+it would wait up to a period and its answer, coming just after that tick, a
+whole period more.  A tick that finds the ring empty (the MCU was quiet a
+while) turns the flag off, as does the end of batching.  The flag and the
+write index cross without a fence (a store, then a load, each side), so the
+front may skip its doorbell just as the flag goes off: after turning it off
+the worker looks at the ring once more a period later (the next tick, or a
+one-shot tick once batching has ended), so a skipped doorbell costs at most a
+period.  The peer's FIN found while polling sends what the ring holds before
+the link ends, as a doorbell would have; over TLS before the read that finds
+it (``_on_readable``): a FIN with no close_notify fails the session there, and
+nothing can be sent after it.
 """
 
 from __future__ import annotations

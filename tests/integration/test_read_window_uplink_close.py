@@ -1,9 +1,12 @@
-"""The MCU's payloads on the read window's ticks (README, "the read window"), then
-AT+CIPCLOSE at once: a payload the front put in the ring with no doorbell (the worker
-polls it on its ticks, a 100 ms window here) reaches the peer before the FIN."""
+"""The MCU's payloads on the read window's ticks (README, "the read window"; a 100 ms
+window here), then AT+CIPCLOSE at once: a payload the front put in the ring with no
+doorbell reaches the peer before the connection's end; or the link's worker killed while
+it polls: the restarted one's link rings again."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -93,6 +96,50 @@ def test_cipclose_right_after_a_polled_send_hands_the_peer_every_byte_before_the
         assert peer.eof or peer.reset
         assert len(peer.received) == len(up)
         assert bytes(peer.received) == bytes(up)
+        conn.close()
+    finally:
+        server.close()
+
+
+def test_a_worker_killed_while_polling_leaves_its_restarted_successor_ringing(make_daemon):
+    """SIGKILL the link's worker while both ways stream (its flag on the ring's header says
+    it polls), reopen the link on the restarted worker (same ring), and send two bulk
+    payloads back to back (the second within two windows of the first: the quiet rule
+    would not ring for it): both reach the new peer at once, not left for ticks that no
+    worker arms."""
+    server = socket.create_server(("127.0.0.1", 0))
+    daemon = make_daemon("[links]\nread_window_ms = 100\n")
+    daemon.expected_errors |= {"worker_died", "child_died"}
+    host = daemon.host()
+    host.boot()
+    try:
+        host.command(b"AT+CIPMUX=1")
+        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = _Peer(conn)
+        demux = Demux(host)
+        start = time.monotonic()
+        for i in range(30):
+            assert b"SEND OK" in demux.send(0, bytes([i + 1]) * 2048)
+            while time.monotonic() < start + (i + 1) * GAP:
+                demux.pump(0.002)
+        os.kill(daemon.worker_pid(0), signal.SIGKILL)
+        demux.expect(b"0,CLOSED\r\n", timeout=5)
+        peer.join()
+        conn.close()
+        deadline = time.monotonic() + 10
+        while b"CONNECT" not in host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1]):
+            assert time.monotonic() < deadline, "the link's worker did not come back"
+            time.sleep(0.2)
+        conn, _ = server.accept()
+        conn.settimeout(0.5)
+        for fill in (b"A", b"B"):
+            assert b"SEND OK" in Demux(host).send(0, fill * 2048)
+        got = bytearray()
+        while len(got) < 4096:
+            got += conn.recv(65536)  # each within 0.5 s (the timeout), not never
+        assert bytes(got) == b"A" * 2048 + b"B" * 2048
         conn.close()
     finally:
         server.close()

@@ -48,10 +48,10 @@ write index cross without a fence (a store, then a load, each side), so the
 front may skip its doorbell just as the flag goes off: after turning it off
 the worker looks at the ring once more a period later (the next tick, or a
 one-shot tick once batching has ended), so a skipped doorbell costs at most a
-period.  The peer's FIN found while polling sends what the ring holds before
-the link ends, as a doorbell would have; over TLS before the read that finds
-it (``_on_readable``): a FIN with no close_notify fails the session there, and
-nothing can be sent after it.
+period.  The peer's FIN sends what the ring holds before the link ends, as a
+doorbell would have (polling or not: the doorbell may come after it); over TLS
+before the read that finds it (``_on_readable``): a FIN with no close_notify
+fails the session there, and nothing can be sent after it.
 """
 
 from __future__ import annotations
@@ -254,9 +254,10 @@ class Batching:
         self._uplink_ready()
         return self.stats["up"] != up
 
-    def _flush_polled(self) -> None:
-        """The peer's FIN: what the front put in the ring with no doorbell goes first
-        (sending after a FIN is allowed; a reset fails the send, as it would have)."""
-        if (self._polling or self._look_owed) and self.sock is not None:
+    def _flush_on_fin(self) -> None:
+        """The peer's FIN: what the ring holds goes first (SEND OK said it was sent; sending
+        after a FIN is allowed, a reset fails the send, as it would have): put there with no
+        doorbell while we poll, or rung in the same turn of the loop as the FIN, handled first."""
+        if self.sock is not None and self.uplink.available():
             self._look_owed = False
             self._pump_ring()

@@ -177,7 +177,7 @@ class Downlink(Batching):
         if n < 0:
             return self._read_held(streaming)  # no room in one piece: nothing read (a full ring waits for space)
         if n == 0:
-            self._flush_polled()
+            self._flush_on_fin()
             self._finish("peer closed")
             return 0
         self.stats["down"] += n
@@ -216,7 +216,7 @@ class Downlink(Batching):
                 self._finish(f"receive failed: {exc.strerror or exc}")
                 break
             if n == 0:
-                self._flush_polled()
+                self._flush_on_fin()
                 self._finish("peer closed")
                 break
             if n < 0:

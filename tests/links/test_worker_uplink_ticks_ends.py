@@ -113,3 +113,22 @@ def test_passive_mode_switched_on_while_polling_ends_it_within_a_tick():
         await _two_bulk_payloads_go_at_once(live.up, both.conn)
 
     _run(script)
+
+
+def test_a_payload_committed_as_the_peers_fin_lands_goes_before_the_link_ends():
+    """The peer's FIN, then a payload committed (its doorbell rung) before the worker ran:
+    both wake it in one turn of its loop, the FIN first.  The payload got SEND OK: it goes
+    to the peer before the link ends (sending after a FIN is allowed), not dropped with
+    the socket because the FIN was handled before the doorbell (polling or not)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.setblocking(False)
+
+    async def script(live, both) -> None:
+        both.conn.shutdown(socket.SHUT_WR)
+        both.commit(b"after the FIN" * 100)
+        await both.settle()
+
+    try:
+        _run(script)
+    finally:
+        server.close()

@@ -28,7 +28,10 @@ import os
 __all__ = ["Doorbells", "clear_doorbell", "new_doorbells", "ring_doorbell"]
 
 _QUIET = 1  # item 1 of a ring's index view, on the producer's line: 1 = consume() need not ring space_fd
-_POLLED = 9  # item 9, on the consumer's line: 1 = the consumer reads on ticks, commit() need not ring data_fd
+_COMMITTED = 2  # item 2, on the producer's line: CLOCK_MONOTONIC ns of the last commit()
+_POLLED = 9  # item 9, on the consumer's line: 0, or the consumer reads on ticks: commit() need not ring
+# data_fd, unless it comes this many ns or more after the commit before (a request after quiet)
+POLLED_BULK = 512  # a polled ring's commit of fewer bytes rings anyway: interactive (a request, keys)
 
 
 def new_doorbells() -> tuple[int, int]:
@@ -119,10 +122,14 @@ class Doorbells:
         """
         self._index[_QUIET] = 0 if wanted else 1
 
-    def poll_on_tick(self, polled: bool) -> None:
-        """Consumer: whether it reads the ring on a periodic tick of its own, so the
-        producer's commit() need not ring ``data_fd`` (it still does for a commit that
-        leaves the ring more than half full: a fast producer does not wait for ticks).
+    def poll_on_tick(self, quiet: float) -> None:
+        """Consumer: whether it reads the ring on a periodic tick of its own (``quiet`` > 0),
+        so the producer's commit() need not ring ``data_fd``.  It still does for a commit that
+        leaves the ring more than half full (a fast producer does not wait for ticks), for one
+        that comes ``quiet`` seconds or more after the commit before it (by the producer's
+        clock, ``last_commit``): that one may be a request, which goes at once; and for one of
+        fewer than POLLED_BULK bytes: a request or keystrokes within a stream, which go at once
+        too (their answer waits no longer than without polling).
 
         The producer stores the write index and then loads this flag; the consumer
         stores the flag and then loads the write index.  With no fence between a store
@@ -132,4 +139,9 @@ class Doorbells:
         look at the ring once more a tick later (long after both stores landed): a
         skipped doorbell then costs at most a tick, never data left in the ring.
         """
-        self._index[_POLLED] = 1 if polled else 0
+        self._index[_POLLED] = max(1, round(quiet * 1e9)) if quiet > 0 else 0
+
+    def last_commit(self) -> int:
+        """Consumer: when the producer last committed (``time.monotonic_ns()``, 0: never): the
+        time of what it sends, not of its own wake-up (a tick's may come a period later)."""
+        return self._index[_COMMITTED]

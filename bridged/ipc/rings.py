@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 
-from bridged.ipc.doorbells import _POLLED, _QUIET, Doorbells, new_doorbells
+from bridged.ipc.doorbells import _COMMITTED, _POLLED, _QUIET, POLLED_BULK, Doorbells, new_doorbells
 from bridged.ipc.memblock import create_block
 from bridged.ipc.ringio import StreamIO
 
@@ -69,7 +70,7 @@ HEADER_SIZE = 128
 # process could see half an update.)
 _WRITE = 0  # item 0: byte offset 0
 _READ = 8  # item 8: byte offset 64, its own cache line
-# (items 1, _QUIET, and 9, _POLLED, are the doorbells': bridged.ipc.doorbells)
+# (items 1, _QUIET, 2, _COMMITTED, and 9, _POLLED, are the doorbells': bridged.ipc.doorbells)
 
 
 def _release(views: list[memoryview]) -> None:
@@ -274,7 +275,7 @@ class Ring(Doorbells, StreamIO):
 
     def commit(self, n: int) -> None:
         """Publish ``n`` bytes written into the free area, then ring ``data_fd`` (unless the
-        consumer polls the ring and it is at most half full: ``poll_on_tick``)."""
+        consumer polls the ring and it is a bulk commit, at most half full, close behind the last: ``poll_on_tick``)."""
         write, _, used = self._load()
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
@@ -283,9 +284,13 @@ class Ring(Doorbells, StreamIO):
             _release(self._producer_views)
         if n:
             index = self._index
+            now, last = time.monotonic_ns(), index[_COMMITTED]
+            index[_COMMITTED] = now  # its time before the index: whoever sees the bytes sees when they came
             index[_WRITE] = write + n  # data before index
-            # index before doorbell; none while the consumer polls (unless the ring fills)
-            if not index[_POLLED] or used is None or used + n > self._capacity >> 1:
+            # index before doorbell; none while the consumer polls (unless the ring fills, a quiet spell ends,
+            # or it is small: poll_on_tick)
+            quiet = index[_POLLED]
+            if not quiet or n < POLLED_BULK or used is None or used + n > self._capacity >> 1 or now - last >= quiet:
                 self._doorbell(self.data_fd)
 
     def put_nowait(self, data: bytes | bytearray | memoryview) -> int:

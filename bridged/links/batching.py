@@ -26,23 +26,32 @@ answering each request in several pieces (>= _STREAMING apart) from one
 streaming on its own: with requests under BOTH_GAP periods apart, such an
 answer's pieces wait for the tick too (at most a period).
 
-The uplink on the ticks.  While batching goes on both ways, the worker
-would still wake once per payload of the MCU's (the uplink ring's doorbell)
-and once per tick: twice a period at line rate.  So a send while batching
-goes on (a steady stream, not a request) turns the ring's polling flag on
+The uplink on the ticks.  While batching goes on both ways, the worker would
+still wake once per payload of the MCU's (the uplink ring's doorbell) and once
+per tick: twice a period at line rate.  So a send while batching goes on (a
+steady stream, not a request) turns the ring's polling flag on
 (``Ring.poll_on_tick``): the front commits without ringing, and each tick
-sends what the ring holds before it reads.  A payload waits at most a
-period for the socket (SEND OK went on admission, so the MCU is not slowed);
-a commit that leaves the ring more than half full still rings (a fast
-stream is not held to a ring per period).  A tick that finds the ring
-empty (the MCU was quiet a whole period: its next send may be a request,
-sent at once) turns the flag off, as does the end of batching.  The flag
-and the write index cross without a fence (a store, then a load, each
-side), so the front may skip its doorbell just as the flag goes off: after
-turning it off the worker looks at the ring once more a period later (the
-next tick, or a one-shot tick once batching has ended), so a skipped
-doorbell costs at most a period.  The peer's FIN found while polling sends
-what the ring holds before the link ends, as a doorbell would have.
+sends what the ring holds before it reads.  A payload waits at most a period
+for the socket (SEND OK went on admission, so the MCU is not slowed); a commit
+that leaves the ring more than half full still rings (a fast stream is not
+held to a ring per period), and so does one BOTH_GAP periods or more after the
+commit before it: a request, which goes at once and ends batching (its answer
+is read at once).  That gap is the MCU's, between the front's commits
+(``Ring.last_commit``), never between the ticks that sent them: a tick sends a
+payload up to a period after it came, which would make a request after two
+windows of quiet look like a steady send.  A small commit (under POLLED_BULK
+bytes: a request or keystrokes within the stream) rings too: held to a tick,
+it would wait up to a period and its answer, coming just after that tick, a
+whole period more.  A tick that finds the ring empty (the MCU was quiet a
+while) turns the flag off, as does the end of batching.  The flag and the
+write index cross without a fence (a store, then a load, each side), so the
+front may skip its doorbell just as the flag goes off: after turning it off
+the worker looks at the ring once more a period later (the next tick, or a
+one-shot tick once batching has ended), so a skipped doorbell costs at most a
+period.  The peer's FIN sends what the ring holds before the link ends, as a
+doorbell would have (polling or not: the doorbell may come after it); over TLS
+before the read that finds it (``_on_readable``): a FIN with no close_notify
+fails the session there, and nothing can be sent after it.
 """
 
 from __future__ import annotations
@@ -70,8 +79,7 @@ _BATCH_QUIET = 4
 BOTH_GAP = 2
 # Polling the uplink on the ticks stops once the MCU has sent nothing for this many periods:
 # over one, as a stream whose cadence drifts against the grid leaves a tick empty now and
-# then (a send's time is its tick's: +-a period), and under BOTH_GAP, so a request's
-# doorbell rings (within a period of the bound, from the grid's steps).
+# then (a send's time is its tick's: +-a period).  (A request rings anyway: poll_on_tick's quiet.)
 _UNPOLL = 1.25
 # A batch's next tick is at least this far off: uvloop's clock ticks in
 # whole milliseconds, and a timer due sooner would fire at once.
@@ -128,6 +136,7 @@ class Batching:
 
     def _init_batching(self, read_window_ms: int) -> None:
         self.batch_period = read_window_ms / 1000  # 0: read every piece as it arrives
+        self._request_gap = BOTH_GAP * read_window_ms * 1_000_000  # ns: a send this long after the last asks
         self._ticker: Ticker | None = None  # created in run(), on the running loop
         self._batch_tick: Ticker | None = None  # the ticker, while read batching is on
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
@@ -223,33 +232,32 @@ class Batching:
     # -- the uplink on the ticks ----------------------------------------------------------
 
     def _poll_uplink(self) -> None:
-        """A steady send while batching: the MCU's next payloads go on the ticks."""
+        """A steady send while batching: the MCU's next payloads go on the ticks (but one
+        after BOTH_GAP periods of quiet rings: a request, which goes and ends batching at once)."""
         self._polling = True
-        self.uplink.poll_on_tick(True)
+        self.uplink.poll_on_tick(BOTH_GAP * self.batch_period)
 
     def _unpoll_uplink(self) -> None:
         """Doorbells again; a look a tick later for one the front skipped meanwhile."""
         self._polling = False
-        self.uplink.poll_on_tick(False)
+        self.uplink.poll_on_tick(0)
         self._look_owed = True
 
     def _look_uplink(self) -> bool:
         """Send what the uplink ring holds, rung or not; True when something went.  What
-        it finds came within the last period or so, unrung (the MCU streams): a steady
-        send, never a request that ends batching, however the ticks quantize its gap."""
+        it finds unrung is a steady send (the front rings for one after a quiet spell);
+        a request rung just before the tick is found a request all the same: its gap
+        is taken between the front's commits, not the ticks."""
         if self.sock is None:
             return False
-        before, up = self._last_send, self.stats["up"]
-        self._last_send = self.loop.time()
+        up = self.stats["up"]
         self._uplink_ready()
-        if self.stats["up"] == up:
-            self._last_send = before  # nothing went: the MCU's last send stays where it was
-            return False
-        return True
+        return self.stats["up"] != up
 
-    def _flush_polled(self) -> None:
-        """The peer's FIN: what the front put in the ring with no doorbell goes first
-        (sending after a FIN is allowed; a reset fails the send, as it would have)."""
-        if (self._polling or self._look_owed) and self.sock is not None:
+    def _flush_on_fin(self) -> None:
+        """The peer's FIN: what the ring holds goes first (SEND OK said it was sent; sending
+        after a FIN is allowed, a reset fails the send, as it would have): put there with no
+        doorbell while we poll, or rung in the same turn of the loop as the FIN, handled first."""
+        if self.sock is not None and self.uplink.available():
             self._look_owed = False
             self._pump_ring()

@@ -110,12 +110,17 @@ class Downlink(Batching):
         self._last_read = 0.0
         self._unprompted_at = -1.0  # the peer's last bulk piece with no send of the MCU's since the one before
         self._last_send = 0.0  # (the uplink's) when the MCU's data last went to the socket
+        self._last_commit = 0  # (the uplink's) the front's commit of it (ns)
         self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
 
     def _on_readable(self) -> None:
         if self.shaper is not None:  # a data-path fault (bridged.links.shaping)
             self.shaper.on_readable()
             return
+        if (self._polling or self._look_owed) and isinstance(self.sock, ssl.SSLSocket):
+            # The MCU's unrung payloads before a read that may find the peer's FIN: one with no
+            # close_notify fails the TLS session (SSLEOFError), and no send goes after it.
+            self._look_uplink()
         now = self.loop.time()
         previous, self._last_read = self._last_read, now
         since = now - previous
@@ -172,7 +177,7 @@ class Downlink(Batching):
         if n < 0:
             return self._read_held(streaming)  # no room in one piece: nothing read (a full ring waits for space)
         if n == 0:
-            self._flush_polled()
+            self._flush_on_fin()
             self._finish("peer closed")
             return 0
         self.stats["down"] += n
@@ -211,7 +216,7 @@ class Downlink(Batching):
                 self._finish(f"receive failed: {exc.strerror or exc}")
                 break
             if n == 0:
-                self._flush_polled()
+                self._flush_on_fin()
                 self._finish("peer closed")
                 break
             if n < 0:

@@ -38,7 +38,7 @@ import ssl
 import structlog
 
 from bridged.ipc import records
-from bridged.links.batching import BOTH_GAP, both_steady
+from bridged.links.batching import both_steady
 from bridged.links.connecting import failure_reason
 from bridged.links.downlink import STREAMING_BOTH
 
@@ -60,6 +60,7 @@ class Uplink:
     def _init_uplink(self) -> None:
         self._tls_retry = 0  # length of a TLS write to repeat after WANT_WRITE
         self._last_send = 0.0  # when the MCU's data last went to the socket
+        self._last_commit = 0  # ... and the front's commit of it (Ring.last_commit, ns)
         self._closing: asyncio.TimerHandle | None = None  # a host's Close waits for the uplink to flush
         self._closing_reason = ""
 
@@ -188,25 +189,27 @@ class Uplink:
         if not sent:
             return not left  # nothing published; or it wraps: both pieces in one sendmsg
         self.stats["up"] += sent
-        now = self.loop.time()  # _sent_now, inline (both_steady too)
+        committed = self.uplink.last_commit()  # _sent_now, inline (both_steady too)
         if self._batch_tick is not None:
-            if now - self._last_send >= BOTH_GAP * self.batch_period:
+            if committed - self._last_commit >= self._request_gap:
                 self._stop_batching()
             elif not self._polling:
                 self._poll_uplink()
-        self._last_send = now
+        self._last_send, self._last_commit = self.loop.time(), committed
         return not left
 
     def _sent_now(self) -> None:
         """The MCU's data went to the socket: a send after a quiet spell may be a
-        request (its answer is read at once); one of a steady stream is not."""
-        now = self.loop.time()
+        request (its answer is read at once); one of a steady stream is not.  The gap
+        is the MCU's, from the front's commit times: a payload a tick sent (polled)
+        went up to a period after it came, so the send's own time would shrink it."""
+        committed = self.uplink.last_commit()
         if self._batch_tick is not None:
-            if not both_steady(now - self._last_send, self.batch_period):
+            if not both_steady((committed - self._last_commit) / 1e9, self.batch_period):
                 self._stop_batching()  # the peer may answer this at once: read it at once
             elif not self._polling:
                 self._poll_uplink()  # a stream both ways: its next sends go on the ticks
-        self._last_send = now
+        self._last_send, self._last_commit = self.loop.time(), committed
 
     def _send_tls(self, view: memoryview) -> int:
         # OpenSSL wants a write retried after WANT_WRITE with the same length.

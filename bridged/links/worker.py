@@ -166,7 +166,7 @@ class Worker(Connecting, Uplink, Downlink):
         # Connect discards them: consuming them now would look like SEND OK.
         self.loop.add_reader(self.control.fileno(), self._on_control)
         self.loop.add_reader(self.uplink.data_fd, self._on_uplink)
-        self.uplink.poll_on_tick(False)  # a dead predecessor's flag: the front rings again
+        self.uplink.poll_on_tick(0)  # a dead predecessor's flag: the front rings again
         self._gate = ReadGate(self.loop, self._on_readable)
         self._start_ticker()
         # The front frees downlink space all the time; we only care while waiting for it.

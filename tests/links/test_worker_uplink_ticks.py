@@ -38,10 +38,11 @@ class _Both:
         self.down_sent, self.down_got = hashlib.sha256(), hashlib.sha256()
         self.down_sent_n = self.down_got_n = 0
         self.commits = self.unrung = 0  # commits, and those made while the worker polled (no doorbell)
+        self.marked_at = 0.0  # when a 0xff byte (the peer's answer: its stream has none) reached the ring
 
     def commit(self, payload: bytes) -> None:
         up = self.live.up
-        self.unrung += up._index[rings._READ + 1] == 1 and up.available() + len(payload) <= up.capacity // 2
+        self.unrung += up._index[rings._READ + 1] != 0 and up.available() + len(payload) <= up.capacity // 2
         up.stage(0, payload)
         up.commit(len(payload))
         self.commits += 1
@@ -66,6 +67,8 @@ class _Both:
             self.peer_got += data
         while (record := records.get_record(self.live.down)) is not None:
             self.down_got.update(record.payload)
+            if not self.marked_at and b"\xff" in record.payload:
+                self.marked_at = time.monotonic()
             self.down_got_n += len(record.payload)
 
     async def run(self, until: Callable[[], bool], up_gap: float | None, down_gap: float | None,
@@ -109,7 +112,7 @@ async def _connect(live: LiveWorker, server: socket.socket) -> _Both:
 
 
 def _polled(live: LiveWorker) -> bool:
-    return live.up._index[rings._READ + 1] == 1
+    return live.up._index[rings._READ + 1] != 0
 
 
 def _run(script, read_window_ms: int = 20):
@@ -200,3 +203,59 @@ def test_the_peers_fin_while_polling_sends_the_rings_bytes_first():
         assert bytes(both.peer_got) == bytes(both.sent_up)
 
     _run(script, read_window_ms=100)
+
+
+@pytest.mark.parametrize("quiet", [0.044, 0.052])
+def test_a_request_after_two_windows_of_quiet_goes_at_once_and_its_answer_too(quiet):
+    """Both ways stream (polling on), then the MCU goes quiet, its last payload committed just
+    after a tick, while the peer streams on (batching goes on).  A request ``quiet`` s later
+    (over BOTH_GAP periods: README, a send after two windows of quiet ends it) must reach the
+    peer at once, and the peer's answer must be read at once: not held to a tick while the
+    polling flag is still on (it was, until two empty ticks after the tick that sent the last
+    payload: up to 60 ms after it), then taken for a steady send that goes on batching."""
+    async def script(live: LiveWorker, both: _Both) -> None:
+        await both.run(lambda: _polled(live), 0.0205, 0.010)
+        await both.run(lambda: 0.0015 <= time.monotonic() % 0.020 <= 0.004, None, 0.010)
+        both.commit(b"\x01" * UP)  # just after a tick: sent on the next one, 16-18 ms on
+        last = time.monotonic()
+        await both.run(lambda: time.monotonic() >= last + quiet, None, 0.010)
+        assert live.worker._batch_tick is not None  # the peer streams on: read batching goes on
+        both.commit(b"=" * 1000 + b"REQUEST")  # bulk: no doorbell for being small (POLLED_BULK)
+        asked = time.monotonic()
+        await both.run(lambda: bytes(both.peer_got).endswith(b"REQUEST"), None, 0.010, limit=2)
+        reached = time.monotonic() - asked
+        assert live.worker._batch_tick is None  # a request: batching ended, its answer is read at once
+        both.conn.sendall(b"\xff" * 16)
+        answered = time.monotonic()
+        await both.run(lambda: both.marked_at > 0, None, 0.010, limit=2)
+        read = both.marked_at - answered
+        print(f"request reached the peer after {reached * 1000:.1f} ms, its answer read after {read * 1000:.1f} ms")
+        assert reached < 0.006, reached
+        assert read < 0.006, read
+        await both.settle()
+
+    _run(script)
+
+
+def test_small_requests_within_the_stream_go_at_once():
+    """Polling on (both ways stream), then the MCU sends 16-byte requests every 30 ms (under
+    BOTH_GAP periods apart: steady sends, batching goes on) while the peer streams on.  Each
+    reaches the peer at once, as without polling (its answer then waits at most a tick, as
+    the README says): held to the tick, it waited up to a period and its answer a whole
+    period more (request to answer 28 ms median, 38 ms at most, against 12 and 20)."""
+    async def script(live: LiveWorker, both: _Both) -> None:
+        await both.run(lambda: _polled(live), 0.0205, 0.010)
+        delays = []
+        for i in range(20):
+            due = time.monotonic() + 0.030
+            await both.run(lambda: time.monotonic() >= due, None, 0.010)
+            both.commit(b"Q%02d" % i + b"." * 13)
+            asked = time.monotonic()
+            await both.run(lambda: len(both.peer_got) >= len(both.sent_up), None, 0.010, limit=2)
+            delays.append(time.monotonic() - asked)
+        assert live.worker._batch_tick is not None  # batching went on all along (the peer streams)
+        assert bytes(both.peer_got) == bytes(both.sent_up)
+        print(f"small requests reached the peer after {max(delays) * 1000:.1f} ms at most")
+        assert sorted(delays)[-2] < 0.006, delays  # one hiccup of a loaded machine allowed
+
+    _run(script)

@@ -1,0 +1,91 @@
+"""The read window both ways with the MCU's payloads on its ticks, then the MCU goes quiet
+(the peer streams on) and asks something two windows and more later: the request reaches
+the peer at once and the answer comes back at once (README: a send after two windows of
+quiet ends the batching), not held to a tick each way."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from tests.harness import Demux
+
+GAP = 0.0205  # the MCU's 2 KiB sends, drifting against the 20 ms grid
+REQUEST = b"=" * 1000 + b"REQUEST"  # bulk: it rings for the quiet before it, not for being small
+ANSWER = b"\xff" * 16  # the peer's stream has no 0xff
+
+
+class _Peer:
+    """Streams 1 KiB every 10 ms; answers REQUEST at once, noting when it came."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.received = bytearray()
+        self.asked_at = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.conn.setblocking(False)
+        deadline = time.monotonic() + 20
+        next_piece, i = time.monotonic(), 0
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if time.monotonic() >= next_piece:
+                self.conn.send(bytes([i % 250]) * 1024)
+                i, next_piece = i + 1, next_piece + 0.010
+            try:
+                self.received += self.conn.recv(65536)
+            except BlockingIOError:
+                time.sleep(0.0003)
+                continue
+            if not self.asked_at and self.received.endswith(REQUEST):
+                self.asked_at = time.monotonic()
+                self.conn.send(ANSWER)
+
+
+def test_a_request_after_two_windows_of_quiet_goes_and_is_answered_at_once(make_daemon):
+    """The last payload of the stream just after a tick, the request 45 ms after its SEND OK
+    (the polling flag was still on then: until two empty ticks after the one that sent the
+    payload): the request reaches the peer within 8 ms of its SEND OK, and the answer the
+    peer sends at once is on the UART within 12 ms (5 on main: the UART backlog; a window each way before)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    daemon = make_daemon("[links]\nread_window_ms = 20\n")
+    host = daemon.host()
+    host.boot()
+    peer = None
+    try:
+        host.command(b"AT+CIPMUX=1")
+        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = _Peer(conn)
+        demux = Demux(host)
+        start = time.monotonic()
+        for i in range(50):
+            assert b"SEND OK" in demux.send(0, bytes([(i * 7 + 1) % 256]) * 2048)
+            while time.monotonic() < start + (i + 1) * GAP:
+                demux.pump(0.002)
+        while not 0.0005 <= time.monotonic() % 0.020 <= 0.002:
+            demux.pump(0.0005)
+        assert b"SEND OK" in demux.send(0, b"\x01" * 2048)
+        last = time.monotonic()
+        while time.monotonic() < last + 0.045:
+            demux.pump(0.001)
+        assert b"SEND OK" in demux.send(0, REQUEST)
+        asked = time.monotonic()
+        while ANSWER[:1] not in demux.data.get(0, b""):
+            assert time.monotonic() < asked + 2, "no answer"
+            demux.pump(0.0005)
+        answered = time.monotonic()
+        reached, back = peer.asked_at - asked, answered - peer.asked_at
+        print(f"request reached the peer {reached * 1000:.1f} ms after its SEND OK, "
+              f"the answer on the UART {back * 1000:.1f} ms after the peer sent it")
+        assert reached < 0.008, reached
+        assert back < 0.012, back
+    finally:
+        if peer is not None:
+            peer.stop.set()
+            peer.thread.join(5)
+        server.close()

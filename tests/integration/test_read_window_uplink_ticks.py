@@ -12,7 +12,8 @@ import time
 from tests.harness import Demux
 from tests.integration.both_ways import BothWays
 
-SENDS = 80  # 1.64 s of the MCU's sends
+SENDS = 100  # 2.05 s of the MCU's sends
+WINDOWS = (30, 53, 76, 100)  # the sends that bound three windows (polling has set in by the 30th)
 PAYLOAD = 2048
 GAP = 0.0205  # 0.1 MB/s, drifting against the 20 ms grid
 
@@ -24,8 +25,8 @@ def _switches(pid: int) -> int:
 
 
 def test_cipsend_streaming_both_ways_wakes_the_worker_once_per_tick(make_daemon):
-    """Over the middle 0.8 s of the stream the worker wakes at most 75 times a
-    second (about 50 ticks; a doorbell per send besides doubles it), and the
+    """Over three half-second windows of the stream the worker wakes at most 75 times a
+    second (the median window) (about 50 ticks; a doorbell per send besides doubles it), and the
     payloads reach the peer whole and in order while the +IPD data comes whole."""
     server = socket.create_server(("127.0.0.1", 0))
     daemon = make_daemon("[links]\nread_window_ms = 20\n")
@@ -42,16 +43,19 @@ def test_cipsend_streaming_both_ways_wakes_the_worker_once_per_tick(make_daemon)
         demux, up, worker = Demux(host), bytearray(), daemon.worker_pid(0)
         start, counted = time.monotonic(), {}
         for i in range(SENDS):
-            if i in (30, 70):  # batching and its polling have set in by the 30th send
+            if i in WINDOWS:
                 counted[i] = (_switches(worker), time.monotonic())
             payload = bytes([(i * 7 + 1) % 256]) * PAYLOAD
             assert b"SEND OK" in demux.send(0, payload)
             up += payload
             while time.monotonic() < start + (i + 1) * GAP:
                 demux.pump(0.002)
-        (n0, t0), (n1, t1) = counted[30], counted[70]
-        rate = (n1 - n0) / (t1 - t0)
-        print(f"worker wake-ups per second while both ways stream: {rate:.0f}")
+        counted[SENDS] = (_switches(worker), time.monotonic())
+        # The median of three windows: a moment's load on the machine moves one, not the figure.
+        rates = sorted((counted[b][0] - counted[a][0]) / (counted[b][1] - counted[a][1])
+                       for a, b in zip(WINDOWS, WINDOWS[1:]))
+        rate = rates[1]
+        print(f"worker wake-ups per second while both ways stream: {rates}")
         got = demux.wait_data(0, len(down), timeout=10)
         assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
         peer.join()

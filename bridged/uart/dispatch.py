@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from typing import Awaitable
 
 import structlog
@@ -47,10 +48,15 @@ _SHARE = "command share"  # ... a pause: the last read's commands wait for the l
 # are ~0.4 ms of the front's CPU (AT, echoed: ~6 us each, measured) to ~1.4 ms (a bad line,
 # logged: ~21 us), 2-5 ms on a loaded machine: the loop comes round within that.  A pass
 # costs ~4 us (a loop iteration, a call_soon, two epoll_ctl): ~1% of the cheapest share;
-# a smaller share would cost more, for little.  A count, not a clock: a preempted front
-# would find every command over a time budget and pass after each, when CPU is scarcest.
-# Only command lines count: a data phase's payload moves in chunks of at most one read.
+# a smaller share would cost more, for little.  Only command lines count: a data phase's
+# payload moves in chunks of at most one read.
 _PASS_SHARE = 64
+# ... or fewer, once a share has taken this long: a command that writes the settings store
+# (AT+CWAUTOCONN, AT+SAVETRANSLINK, ..._DEF) fsyncs twice on the loop, which on a Pi's SD
+# card can take tens of ms, so 64 of them could hold the loop for seconds.  A budget far
+# over a share of quick commands, so a front preempted on a loaded machine (for a few ms)
+# still ends its shares by count.
+_PASS_TIME = 0.020
 
 
 def _command_var() -> contextvars.ContextVar:
@@ -77,8 +83,8 @@ class CommandDispatch:
 
     def _process(self) -> None:
         """Handle parser events until it needs data, the session is busy, or this go's
-        share of command lines (``_PASS_SHARE``) is handled: the rest waits a loop pass."""
-        handled = 0
+        share of command lines (``_PASS_SHARE``, ``_PASS_TIME``) is handled: the rest waits a loop pass."""
+        handled, began = 0, time.monotonic()
         while self.session.processes:
             if self.parser.in_data_mode:
                 if not self._process_data():
@@ -86,7 +92,7 @@ class CommandDispatch:
                 continue
             if self.output.backlogged and self._backlogged():
                 break  # the rest waits in the parser: at most one read
-            if handled == _PASS_SHARE:
+            if handled and (handled == _PASS_SHARE or time.monotonic() - began >= _PASS_TIME):
                 self._pass_on()
                 break
             event = self.parser.next_event()

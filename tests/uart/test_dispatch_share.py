@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +31,8 @@ class _Faults:
 
     @staticmethod
     def dispatch(ctx, line) -> Reply:
+        if line.name == "+SLOW":
+            time.sleep(0.008)  # a handler that blocks the loop, as the settings store's fsyncs do
         return Reply(line.name.encode(), b"\r\nOK\r\n")
 
 
@@ -85,3 +88,31 @@ def test_a_flood_is_handled_a_share_at_a_time_and_the_gate_reopens(run):
     """200 lines in the parser: 64 answered at once, the gate paused under "command share",
     the rest answered on the next passes in order, with no read meanwhile, then the gate open."""
     run(asyncio.wait_for(_flood_in_shares(), 10.0))
+
+
+async def _slow_commands_in_short_shares() -> None:
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe()
+    front = _Front(loop, r)
+    try:
+        front.parser.receive_bytes(b"AT+SLOW\r\n" * 40, 0.0)
+        front._process()
+        # Each takes 8 ms or more: the share ends once 20 ms went, after three at most.
+        assert 1 <= len(front.written) // 2 <= 3, len(front.written)
+        assert front._gate.holds == {"command share"}
+        for _ in range(100):  # bounded: 40 passes at most
+            await asyncio.sleep(0)
+            if not front._gate.holds:
+                break
+        assert front.written == [b"+SLOW", b"\r\nOK\r\n"] * 40
+        assert front.counters.max_command_batch <= 3
+    finally:
+        front._gate.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_commands_that_block_the_loop_end_a_share_early():
+    """Commands whose handler blocks the loop (a settings-store write fsyncs, tens of ms on
+    an SD card) are handled a few at a time, not 64: the share ends once it took 20 ms."""
+    uvloop.run(asyncio.wait_for(_slow_commands_in_short_shares(), 10.0))

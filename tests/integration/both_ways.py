@@ -1,8 +1,10 @@
 """A peer that streams into passthrough while the MCU streams out (one thread,
-non-blocking, so a TLS socket is never read and written from two threads)."""
+non-blocking, so a TLS socket is never read and written from two threads); a
+booted host with link 0 connected to a loopback peer (``link_zero``)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -83,3 +85,21 @@ def mcu_stream(host, pieces: int, gap: float = 0.002) -> bytes:
         host._fill(0)
         time.sleep(max(0.0, start + (i + 1) * gap - time.monotonic()))
     return bytes(up)
+
+
+def link_zero(daemon):
+    """Boot ``daemon``'s host and connect link 0 (AT+CIPMUX=1) to a loopback server: the
+    server (the caller closes it; it may accept again), the host, and the peer's end
+    (TCP_NODELAY: its pieces go as it sends them)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+        host = daemon.host()
+        host.boot()
+        host.command(b"AT+CIPMUX=1")
+        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
+        conn, _ = server.accept()
+    except BaseException:
+        server.close()
+        raise
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return server, host, conn

@@ -9,16 +9,11 @@ import socket
 import time
 
 from tests.harness import Daemon, Demux, Timeout
+from tests.integration.both_ways import link_zero
 
 
 def _connected(daemon: Daemon):
-    server = socket.create_server(("127.0.0.1", 0))
-    host = daemon.host()
-    host.boot()
-    host.command(b"AT+CIPMUX=1")
-    host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
-    conn, _ = server.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    server, host, conn = link_zero(daemon)
     server.close()
     return host, conn
 

@@ -12,6 +12,7 @@ import threading
 import time
 
 from tests.harness import Demux
+from tests.integration.both_ways import link_zero
 
 WINDOW = 0.1
 GAP = 0.05  # the MCU's 2 KiB sends: within two windows of each other, a steady stream
@@ -64,15 +65,9 @@ def test_cipclose_right_after_a_polled_send_hands_the_peer_every_byte_before_the
     payload and AT+CIPCLOSE right behind its SEND OK, long before the next tick: the
     peer gets every byte in order, then the end (the close's flush, as lwIP's close sends
     its buffer), not an end with the last payload left in the ring."""
-    server = socket.create_server(("127.0.0.1", 0))
     daemon = make_daemon("[links]\nread_window_ms = 100\n")
-    host = daemon.host()
-    host.boot()
+    server, host, conn = link_zero(daemon)
     try:
-        host.command(b"AT+CIPMUX=1")
-        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
-        conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = _Peer(conn)
         demux, up = Demux(host), bytearray()
         start = time.monotonic()
@@ -107,16 +102,10 @@ def test_a_worker_killed_while_polling_leaves_its_restarted_successor_ringing(ma
     payloads back to back (the second within two windows of the first: the quiet rule
     would not ring for it): both reach the new peer at once, not left for ticks that no
     worker arms."""
-    server = socket.create_server(("127.0.0.1", 0))
     daemon = make_daemon("[links]\nread_window_ms = 100\n")
     daemon.expected_errors |= {"worker_died", "child_died"}
-    host = daemon.host()
-    host.boot()
+    server, host, conn = link_zero(daemon)
     try:
-        host.command(b"AT+CIPMUX=1")
-        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
-        conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = _Peer(conn)
         demux = Demux(host)
         start = time.monotonic()

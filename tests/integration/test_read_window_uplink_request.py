@@ -10,6 +10,7 @@ import threading
 import time
 
 from tests.harness import Demux
+from tests.integration.both_ways import link_zero
 
 GAP = 0.0205  # the MCU's 2 KiB sends, drifting against the 20 ms grid
 REQUEST = b"=" * 1000 + b"REQUEST"  # bulk: it rings for the quiet before it, not for being small
@@ -50,16 +51,10 @@ def test_a_request_after_two_windows_of_quiet_goes_and_is_answered_at_once(make_
     (the polling flag was still on then: until two empty ticks after the one that sent the
     payload): the request reaches the peer within 8 ms of its SEND OK, and the answer the
     peer sends at once is on the UART within 12 ms (5 on main: the UART backlog; a window each way before)."""
-    server = socket.create_server(("127.0.0.1", 0))
     daemon = make_daemon("[links]\nread_window_ms = 20\n")
-    host = daemon.host()
-    host.boot()
+    server, host, conn = link_zero(daemon)
     peer = None
     try:
-        host.command(b"AT+CIPMUX=1")
-        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
-        conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = _Peer(conn)
         demux = Demux(host)
         # Timing on a loaded machine: up to three tries, each a whole stream, quiet and request

@@ -6,11 +6,10 @@ not once per tick and once per send; every byte arrives both ways, in order."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 
 from tests.harness import Demux
-from tests.integration.both_ways import BothWays
+from tests.integration.both_ways import BothWays, link_zero
 
 SENDS = 100  # 2.05 s of the MCU's sends
 WINDOWS = (30, 53, 76, 100)  # the sends that bound three windows (polling has set in by the 30th)
@@ -28,15 +27,9 @@ def test_cipsend_streaming_both_ways_wakes_the_worker_once_per_tick(make_daemon)
     """Over three half-second windows of the stream the worker wakes at most 75 times a
     second (the median window) (about 50 ticks; a doorbell per send besides doubles it), and the
     payloads reach the peer whole and in order while the +IPD data comes whole."""
-    server = socket.create_server(("127.0.0.1", 0))
     daemon = make_daemon("[links]\nread_window_ms = 20\n")
-    host = daemon.host()
-    host.boot()
+    server, host, conn = link_zero(daemon)
     try:
-        host.command(b"AT+CIPMUX=1")
-        host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1])
-        conn, _ = server.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         down = b"".join(bytes([i % 250]) * 1024 for i in range(int(SENDS * GAP / 0.010)))
         peer = BothWays(conn, down, b"", SENDS * PAYLOAD, gap=0.010)
         peer.start()

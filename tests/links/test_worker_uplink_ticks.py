@@ -230,9 +230,12 @@ def test_a_request_after_two_windows_of_quiet_goes_at_once_and_its_answer_too(qu
         await both.run(lambda: both.marked_at > 0, None, 0.010, limit=2)
         read = both.marked_at - answered
         print(f"request reached the peer after {reached * 1000:.1f} ms, its answer read after {read * 1000:.1f} ms")
-        # Held to a tick, each waits 12-20 ms; at once, 0.2-5 ms, up to ~9 on a loaded machine.
+        # Held to a tick, the request waits 12-20 ms; at once, 0.2-5 ms, up to ~9 on a loaded
+        # machine.  The answer is read at once because batching ended (asserted above, no
+        # clock); its time on a loaded machine reached 12.4 ms, so here only a bound that a
+        # hold for the next tick and a window besides would break.
         assert reached < 0.012, reached
-        assert read < 0.012, read
+        assert read < 0.025, read
         await both.settle()
 
     _run(script)

@@ -80,6 +80,13 @@ if _out:
 '''
 
 
+def _daemon_processes(root_pid: int) -> tuple[list[psutil.Process], dict[int, str]]:
+    """The daemon's children (front first, then the link workers) and their names."""
+    procs = [p for p in psutil.Process(root_pid).children(recursive=True)
+             if "resource_tracker" not in " ".join(p.cmdline())]
+    return procs, {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+
+
 def _toggle(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -95,10 +102,7 @@ def run_case(mode: str, seconds: float, chunk: int, out: str) -> tuple[dict[str,
     limit = seconds * 3 + 10
     with contextlib.ExitStack() as stack:
         peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], limit, rate=RATE, piece=PIECE)
-        root = psutil.Process(d.pid)
-        procs = [p for p in root.children(recursive=True)
-                 if "resource_tracker" not in " ".join(p.cmdline())]
-        names = {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+        procs, names = _daemon_processes(d.pid)
         _toggle(list(names))
         time.sleep(0.05)
         t0 = now()
@@ -124,9 +128,7 @@ def run_passive(seconds: float, piece: int, out: str) -> tuple[dict[str, Counter
         d.tcp_connect(peer.port)
         if not peer.connected.wait(5.0):
             raise BenchError("calls passive: the peer never saw the TCP connection")
-        procs = [p for p in psutil.Process(d.pid).children(recursive=True)
-                 if "resource_tracker" not in " ".join(p.cmdline())]
-        names = {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+        procs, names = _daemon_processes(d.pid)
         _toggle(list(names))
         time.sleep(0.05)
         driver = _Driver(d.client, piece)
@@ -150,9 +152,7 @@ def run_passthrough(seconds: float, chunk: int, out: str) -> tuple[dict[str, Cou
     limit = seconds * 3 + 10
     with DuplexPeer(payload=down, rate=LINE_RATE, piece=PIECE, send_timeout=limit) as peer, \
             Bridge("bridged", peer.port, wait_connected=peer.connected.wait) as b:
-        procs = [p for p in psutil.Process(b.pid).children(recursive=True)
-                 if "resource_tracker" not in " ".join(p.cmdline())]
-        names = {p.pid: ("front" if i == 0 else f"worker {i - 1}") for i, p in enumerate(procs)}
+        procs, names = _daemon_processes(b.pid)
         writer = PacedWriter(b.client, up, PIECE, LINE_RATE, limit)
         result: list = []
         reader = threading.Thread(target=lambda: result.append(

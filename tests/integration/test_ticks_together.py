@@ -10,7 +10,11 @@ import socket
 import threading
 import time
 
-from tests.harness import Demux
+import pytest
+
+from bridged.ops.protocol import request
+from tests.harness import Demux, free_port
+from tests.integration.test_status import connect, control_path
 
 ANSWER = b"\xff" * 16  # the peers' streams have no 0xff
 REQUEST = b"=" * 1000 + b"REQUEST"  # bulk: it rings only for the quiet before it, not for being small
@@ -179,6 +183,93 @@ def test_a_send_right_after_escaping_a_batching_passthrough_goes_at_once(make_da
             if reached < 0.040 and back < 0.040:
                 break
         assert runs[-1][0] < 40 and runs[-1][1] < 40, runs
+    finally:
+        if peer is not None:
+            peer.join()
+        server.close()
+        host.close()
+
+
+def _status(daemon) -> dict:
+    with connect(control_path(daemon)) as sock:  # (a 10 s timeout)
+        return request(sock, {"cmd": "status"})["status"]
+
+
+def _short_write_delay(host, peer: Peer, round_: int) -> float:
+    """The MCU quiet for 10 windows while the peer streams on, then 16 bytes: the seconds
+    until the peer had them (AT+TRANSINTVL packs them first: 20 ms)."""
+    stop = time.monotonic()
+    while time.monotonic() < stop + 0.2:
+        host._fill(0.002)
+    short = bytes([0x80 + round_]) * 16
+    have = len(peer.received)
+    host.write(short)
+    wrote = time.monotonic()
+    _wait(lambda: len(peer.received) >= have + 16, 5, "the short write never came", pump=lambda: host._fill(0.0005))
+    assert peer.received[have:] == short
+    return time.monotonic() - wrote
+
+
+def _udp_passthrough_on(host) -> socket.socket:
+    """UDP passthrough to a peer connected to the link's local port (a datagram each way)."""
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    local = free_port(socket.SOCK_DGRAM)
+    host.command(b"AT+SYSMSG=1")
+    host.command(b"AT+CIPMODE=1")
+    assert host.ask(b'AT+CIPSTART="UDP","127.0.0.1",%d,%d,0' % (peer.getsockname()[1], local)).endswith(b"OK\r\n")
+    peer.connect(("127.0.0.1", local))
+    host.command(b"AT+CIPSEND", b">")
+    return peer
+
+
+@pytest.mark.parametrize("kind", ["TCP", "UDP"])
+def test_passthrough_both_ways_then_a_short_write_an_escape_and_floods(daemon, kind):
+    """Passthrough streaming both ways at UART pace (1 KiB every 10 ms each way: over TCP the
+    worker batches and polls the uplink ring; UDP never does; the front reads on ticks) for 2 s: every byte
+    whole and in order both ways (hashed); a 16-byte write after 200 ms of quiet reaches the
+    peer within AT+TRANSINTVL (20 ms) and slack (45 ms; three tries); +++ then, and at once
+    300 AT in one write (a driver's retry loop): 300 OK in shares of 64; then AT+CIPMODE=0
+    and a flood ending in AT+CIPSEND: its payload reaches the peer whole."""
+    host = daemon.host()
+    server = socket.create_server(("127.0.0.1", 0))
+    peer = None
+    try:
+        host.boot()
+        conn = _passthrough_on(host, server) if kind == "TCP" else _udp_passthrough_on(host)
+        peer = Peer(conn, gap=0.010)
+        up = _stream_up(host, 200, 0.010, tag=3)
+        delays = []
+        for round_ in range(3):
+            delays.append(_short_write_delay(host, peer, round_))
+            up += bytes([0x80 + round_]) * 16
+            if delays[-1] < 0.045:
+                break
+        print(f"short writes after 200 ms of quiet reached the peer in {[round(d * 1000, 1) for d in delays]} ms")
+        peer.streaming.clear()
+        time.sleep(0.1)  # the peer's last piece is on its way
+        down = bytes(peer.sent)
+        assert _digest(host.read_exactly(len(down), 10)) == _digest(down)
+        _wait(lambda: len(peer.received) >= len(up), 5, "the uplink did not all arrive")
+        assert _digest(peer.received) == _digest(up)
+        assert delays[-1] < 0.045, delays
+        # +++ with 40 ms of silence each side, then a driver's retries at once.
+        time.sleep(0.04)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=5)
+        host.write(b"AT\r\n" * 300)
+        answers = host.read_exactly(len(b"\r\nOK\r\n") * 300, 20)
+        assert answers == b"\r\nOK\r\n" * 300
+        assert _status(daemon)["uart"]["max_command_batch"] == 64
+        host.command(b"AT+CIPMODE=0")
+        payload = bytes(range(256)) * 6
+        host.write(b"AT\r\n" * 200 + b"AT+CIPSEND=%d\r\n" % len(payload))
+        host.expect(b"\r\nOK\r\n" * 200 + b"\r\nOK\r\n\r\n>", timeout=20)
+        host.write(payload)
+        host.expect(b"SEND OK\r\n")
+        _wait(lambda: len(peer.received) >= len(up) + len(payload), 5, "the send did not arrive")
+        assert peer.received[len(up):] == payload
+        conn.close()
     finally:
         if peer is not None:
             peer.join()

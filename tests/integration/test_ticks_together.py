@@ -6,6 +6,8 @@ ticks (bridged.links.batching: the ring's polled flag), and the command share
 from __future__ import annotations
 
 import hashlib
+import os
+import select
 import socket
 import threading
 import time
@@ -275,3 +277,87 @@ def test_passthrough_both_ways_then_a_short_write_an_escape_and_floods(daemon, k
             peer.join()
         server.close()
         host.close()
+
+
+def _small_reads(host, wait: float) -> bool:
+    """host._fill as a driver reading its UART in 64-byte pieces (up to 256 of them a call)."""
+    readable, _, _ = select.select([host.fd], [], [], wait)
+    if not readable:
+        return False
+    got = 0
+    for _ in range(256):
+        try:
+            piece = os.read(host.fd, 64)
+        except BlockingIOError:
+            break
+        host.buf += piece
+        got += len(piece)
+        if len(piece) < 64:
+            break
+    return bool(got)
+
+
+def _five_links(daemon, server):
+    """Five links (AT+CIPMUX=1) to ``server``, each peer's end with TCP_NODELAY; the host."""
+    host = daemon.host()
+    host.boot()
+    host.command(b"AT+CIPMUX=1")
+    conns = []
+    for link in range(5):
+        assert host.ask(b'AT+CIPSTART=%d,"TCP","127.0.0.1",%d' % (link, server.getsockname()[1])).endswith(b"OK\r\n")
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns.append(conn)
+    return host, conns
+
+
+def test_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
+    """Five links, each peer streaming 1 KiB every 10 ms; the MCU, reading its UART in
+    64-byte pieces, sends 2 KiB to each link in turn, each AT+CIPSEND the instant the last
+    SEND OK came, a round every 25 ms (each link's sends steady: its worker batches and
+    polls), an AT+CIPRECVLEN? per round; then a flood of 300 AT ending in AT+CIPSEND on
+    link 2 in one write: every byte whole and in order on every link both ways (hashed),
+    every command answered."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=8)
+    peers: list[Peer] = []
+    host = None
+    try:
+        host, conns = _five_links(daemon, server)
+        host._fill = lambda wait: _small_reads(host, wait)
+        peers = [Peer(conn, gap=0.010) for conn in conns]
+        demux = Demux(host)
+        ups = [bytearray() for _ in range(5)]
+        start = time.monotonic()
+        for round_ in range(60):
+            for link in range(5):
+                payload = bytes([(round_ * 5 + link) % 250]) * 2048
+                assert demux.send(link, payload).endswith(b"SEND OK\r\n")
+                ups[link] += payload
+            host.write(b"AT+CIPRECVLEN?\r\n")
+            demux.expect(b"+CIPRECVLEN:")
+            demux.expect(b"\r\nOK\r\n")
+            while time.monotonic() < start + (round_ + 1) * 0.025:
+                demux.pump(0.001)
+        flood = bytes([251]) * 2048
+        host.write(b"AT\r\n" * 300 + b"AT+CIPSEND=2,%d\r\n" % len(flood))
+        for _ in range(300):
+            demux.expect(b"\r\nOK\r\n")
+        demux.expect(b"\r\nOK\r\n\r\n>")
+        host.write(flood)
+        demux.expect(b"SEND OK\r\n")
+        ups[2] += flood
+        for peer in peers:
+            peer.streaming.clear()
+        time.sleep(0.1)
+        for link, peer in enumerate(peers):
+            _wait(lambda: len(peer.received) >= len(ups[link]), 10, f"link {link}: uplink short")
+            assert _digest(peer.received) == _digest(ups[link]), link
+            got = demux.wait_data(link, len(peer.sent), timeout=10)
+            assert _digest(got) == _digest(peer.sent), link
+        assert b"ERROR" not in demux.text and b"busy" not in demux.text
+    finally:
+        for peer in peers:
+            peer.join()
+        server.close()
+        if host is not None:
+            host.close()

@@ -153,7 +153,8 @@ def test_plus_with_short_silences_inside_a_stream_is_data(make_daemon, tmp_path)
         escaped, silences = _short_silence_rounds(daemon, transcript)
         if not escaped:
             return
-        assert len(silences) == 10 and max(silences) >= _SHORT, (
+        # (Once one escaped, later ones may be read with the stream's bytes, now commands: fewer.)
+        assert silences and max(silences) >= _SHORT, (
             f"a '+++' read {max(silences, default=0) * 1000:.1f} ms at most after the read before it "
             f"escaped: {silences}")
         daemon.stop()

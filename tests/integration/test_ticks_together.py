@@ -478,3 +478,39 @@ def test_a_link_closed_and_reopened_in_a_tight_loop_while_polling(make_daemon):
             peer.join()
         server.close()
         host.close()
+
+
+def test_cipclose_right_after_escaping_a_polled_passthrough_hands_the_peer_every_byte(make_daemon):
+    """Passthrough both ways on a 100 ms window (the worker polls the uplink), the MCU's last
+    1 KiB just after a tick, +++ with 40 ms guards and AT+CIPCLOSE the moment +QUITT comes:
+    the last piece (committed AT+TRANSINTVL after it came, under two windows after the one
+    before) may still wait unrung in the ring for the tick, and the close's flush must send
+    it: the peer gets every byte in order (hashed), then the end."""
+    daemon = make_daemon("[links]\nread_window_ms = 100\n")
+    host = daemon.host()
+    server = socket.create_server(("127.0.0.1", 0))
+    peer = None
+    try:
+        host.boot()
+        conn = _passthrough_on(host, server)
+        peer = Peer(conn, gap=0.020)
+        up = _stream_up(host, 30, 0.050, tag=5)
+        while not 0.002 <= time.monotonic() % 0.100 <= 0.010:  # just after a tick: the next is far
+            host._fill(0.0005)
+        last = bytes([252]) * 1024
+        host.write(last)
+        up += last
+        time.sleep(0.040)  # (a loaded machine may read the last piece late: 20 ms could be data)
+        host.write(b"+++")
+        host.expect(b"\r\n+QUITT\r\n", timeout=5)
+        host.write(b"AT+CIPCLOSE\r\n")
+        host.expect(b"CLOSED\r\n", timeout=5)
+        host.expect(b"\r\nOK\r\n", timeout=5)
+        _wait(lambda: peer.eof or not peer.thread.is_alive(), 5, "no end for the peer")
+        assert _digest(peer.received) == _digest(up), (len(peer.received), len(up))
+        conn.close()
+    finally:
+        if peer is not None:
+            peer.join()
+        server.close()
+        host.close()

@@ -37,6 +37,7 @@ class Peer:
         self.sent = bytearray()
         self.asked_at = 0.0
         self.answered = 0  # REQUESTs answered
+        self.fin_at = 0.0  # when set: at that time, stop streaming and send a FIN (reading on)
         self.eof = False
         self.reset = False  # the connection ended with a reset (a read's OSError)
         self.streaming = threading.Event()
@@ -50,6 +51,9 @@ class Peer:
         deadline = time.monotonic() + 60
         next_piece, i = time.monotonic(), 0
         while not self.stop.is_set() and not self.eof and time.monotonic() < deadline:
+            if self.fin_at and time.monotonic() >= self.fin_at and self.streaming.is_set():
+                self.streaming.clear()
+                self.conn.shutdown(socket.SHUT_WR)
             if self.streaming.is_set() and time.monotonic() >= next_piece:
                 piece = bytes([i % 250]) * 1024
                 try:
@@ -507,6 +511,37 @@ def test_cipclose_right_after_escaping_a_polled_passthrough_hands_the_peer_every
         host.expect(b"CLOSED\r\n", timeout=5)
         host.expect(b"\r\nOK\r\n", timeout=5)
         _wait(lambda: peer.eof or not peer.thread.is_alive(), 5, "no end for the peer")
+        assert _digest(peer.received) == _digest(up), (len(peer.received), len(up))
+        conn.close()
+    finally:
+        if peer is not None:
+            peer.join()
+        server.close()
+        host.close()
+
+
+def test_the_peers_fin_while_a_polled_passthrough_piece_waits_in_the_ring(make_daemon):
+    """Passthrough both ways on a 100 ms window (the worker polls the uplink), the MCU's last
+    1 KiB just after a tick (committed AT+TRANSINTVL later, unrung), and the peer's FIN 50 ms
+    after it, before the next tick: the worker sends what the ring holds before the link
+    ends, so the peer (half-closed, reading on) gets every byte in order (hashed)."""
+    daemon = make_daemon("[links]\nread_window_ms = 100\n")
+    host = daemon.host()
+    server = socket.create_server(("127.0.0.1", 0))
+    peer = None
+    try:
+        host.boot()
+        conn = _passthrough_on(host, server)
+        peer = Peer(conn, gap=0.020)
+        up = _stream_up(host, 30, 0.050, tag=9)
+        while not 0.002 <= time.monotonic() % 0.100 <= 0.010:  # just after a tick: the next is far
+            host._fill(0.0005)
+        last = bytes([253]) * 1024
+        host.write(last)
+        peer.fin_at = time.monotonic() + 0.050
+        up += last
+        _wait(lambda: len(peer.received) >= len(up) or not peer.thread.is_alive(), 5, "the uplink stopped short",
+              pump=lambda: host._fill(0.001))
         assert _digest(peer.received) == _digest(up), (len(peer.received), len(up))
         conn.close()
     finally:

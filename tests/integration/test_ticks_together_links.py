@@ -6,6 +6,7 @@ loopback peers; every byte hashed."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import socket
 import time
@@ -33,18 +34,15 @@ def _small_reads(host, wait: float) -> bool:
     return bool(got)
 
 
-def _five_links(daemon, server):
-    """Five links (AT+CIPMUX=1) to ``server``, each peer's end with TCP_NODELAY; the host."""
-    host = daemon.host()
-    host.boot()
-    host.command(b"AT+CIPMUX=1")
+def _five_links(host, server) -> list[socket.socket]:
+    """Five links (AT+CIPMUX=1 set) to ``server``: the peers' ends, with TCP_NODELAY."""
     conns = []
     for link in range(5):
         assert host.ask(b'AT+CIPSTART=%d,"TCP","127.0.0.1",%d' % (link, server.getsockname()[1])).endswith(b"OK\r\n")
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conns.append(conn)
-    return host, conns
+    return conns
 
 
 def test_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
@@ -56,9 +54,11 @@ def test_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
     every command answered."""
     server = socket.create_server(("127.0.0.1", 0), backlog=8)
     peers: list[Peer] = []
-    host = None
+    host = daemon.host()
     try:
-        host, conns = _five_links(daemon, server)
+        host.boot()
+        host.command(b"AT+CIPMUX=1")
+        conns = _five_links(host, server)
         host._fill = lambda wait: _small_reads(host, wait)
         peers = [Peer(conn, gap=0.010) for conn in conns]
         demux = Demux(host)
@@ -95,8 +95,7 @@ def test_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
         for peer in peers:
             peer.join()
         server.close()
-        if host is not None:
-            host.close()
+        host.close()
 
 
 def _steady_sends(demux: Demux, link: int | None, count: int, tag: int) -> bytes:
@@ -209,3 +208,124 @@ def test_a_link_closed_and_reopened_in_a_tight_loop_while_polling(make_daemon):
         server.close()
         host.close()
 
+
+
+_NOTICE = re.compile(rb"\r\n\+IPD,\d,\d+\r\n")  # passive mode's notices, anywhere between messages
+_RECVDATA = re.compile(rb"\+CIPRECVDATA:(\d+),")
+_RECVLEN = re.compile(rb"\+CIPRECVLEN:([-\d,]+)\r\n\r\nOK\r\n")
+
+
+class _PassiveDriver:
+    """A driver in passive mode on five links, each command the instant the last one's final
+    result came, reading its UART in 64-byte pieces; notices are dropped as they come (the
+    payloads here hold no '\\r\\n+IPD,': runs of one byte value)."""
+
+    def __init__(self, host) -> None:
+        self.host = host
+        self.got = [bytearray() for _ in range(5)]
+
+    def _until(self, find, timeout: float = 10.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            self.host.buf[:] = _NOTICE.sub(b"", self.host.buf)
+            found = find(self.host.buf)
+            if found is not None:
+                return found
+            assert time.monotonic() < deadline, f"waited; have {bytes(self.host.buf[-300:])!r}"
+            _small_reads(self.host, 0.002)
+
+    def _through(self, text: bytes) -> None:
+        def find(buf):
+            i = buf.find(text)
+            if i < 0:
+                return None
+            assert b"ERROR" not in buf[:i] and b"busy" not in buf[:i], bytes(buf[: i + len(text)])
+            del buf[: i + len(text)]
+            return True
+        self._until(find)
+
+    def send(self, link: int, payload: bytes) -> None:
+        self.host.write(b"AT+CIPSEND=%d,%d\r\n" % (link, len(payload)))
+        self._through(b"\r\nOK\r\n\r\n>")
+        self.host.write(payload)
+        self._through(b"\r\nSEND OK\r\n")
+
+    def recvlen(self) -> list[int]:
+        self.host.write(b"AT+CIPRECVLEN?\r\n")
+
+        def find(buf):
+            m = _RECVLEN.search(buf)
+            if m is None:
+                return None
+            values = [int(v) for v in m.group(1).split(b",")]
+            del buf[: m.end()]
+            return values
+        return self._until(find)
+
+    def read(self, link: int, n: int) -> None:
+        self.host.write(b"AT+CIPRECVDATA=%d,%d\r\n" % (link, n))
+
+        def find(buf):
+            m = _RECVDATA.search(buf)
+            if m is None or len(buf) < m.end() + int(m.group(1)) + 6:
+                return None
+            end = m.end() + int(m.group(1))
+            assert buf[end : end + 6] == b"\r\nOK\r\n", bytes(buf[m.start() : end + 6])
+            self.got[link] += buf[m.end() : end]
+            del buf[: end + 6]
+            return True
+        self._until(find)
+
+
+def test_passive_reads_and_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
+    """Passive mode (AT+CIPRECVTYPE=5,1: no read window there) on five links, each peer
+    streaming 1 KiB every 10 ms: the driver sends 2 KiB to each link in turn, polls
+    AT+CIPRECVLEN? and reads up to 2 KiB of each link with data, a round every 25 ms, then
+    300 AT and AT+CIPSEND in one write; every byte hashed both ways on every link, no ERROR
+    nor busy, every read whole."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=8)
+    peers: list[Peer] = []
+    host = daemon.host()
+    try:
+        host.boot()
+        host.command(b"AT+CIPMUX=1")
+        host.command(b"AT+CIPRECVTYPE=5,1")
+        conns = _five_links(host, server)
+        peers = [Peer(conn, gap=0.010) for conn in conns]
+        driver, ups = _PassiveDriver(host), [bytearray() for _ in range(5)]
+        start = time.monotonic()
+        for round_ in range(60):
+            for link in range(5):
+                payload = bytes([(round_ * 5 + link) % 250]) * 2048
+                driver.send(link, payload)
+                ups[link] += payload
+            for link, unread in enumerate(driver.recvlen()):
+                if unread > 0:
+                    driver.read(link, min(unread, 2048))
+            while time.monotonic() < start + (round_ + 1) * 0.025:
+                _small_reads(host, 0.001)
+        flood = bytes([251]) * 2048
+        host.write(b"AT\r\n" * 300 + b"AT+CIPSEND=2,%d\r\n" % len(flood))
+        for _ in range(300):
+            driver._through(b"\r\nOK\r\n")
+        driver._through(b"\r\nOK\r\n\r\n>")
+        host.write(flood)
+        driver._through(b"\r\nSEND OK\r\n")
+        ups[2] += flood
+        for peer in peers:
+            peer.streaming.clear()
+        deadline = time.monotonic() + 20
+        while any(len(driver.got[i]) < len(peers[i].sent) for i in range(5)):
+            assert time.monotonic() < deadline, [(len(driver.got[i]), len(peers[i].sent)) for i in range(5)]
+            for link, unread in enumerate(driver.recvlen()):
+                if unread > 0:
+                    driver.read(link, min(unread, 2048))
+        for link, peer in enumerate(peers):
+            wait_for(lambda: len(peer.received) >= len(ups[link]), 10, f"link {link}: uplink short")
+            assert digest(peer.received) == digest(ups[link]), link
+            assert digest(driver.got[link]) == digest(peer.sent), link
+    finally:
+        for peer in peers:
+            peer.join()
+        server.close()
+        host.close()

@@ -78,6 +78,7 @@ class DataMachine:
         self.interval = interval
         self._buf = bytearray()
         self._arrivals: deque[list] = deque()  # [count, arrival time] of the buffered bytes, oldest first
+        self.last_arrival = 0.0  # SENDL, PASSTHROUGH: when the last byte next_chunk() handed out came
         self._timed = kind in (DataKind.SENDL, DataKind.PASSTHROUGH)  # arrivals matter (AT+TRANSINTVL)
         self._last_rx = now
         self._plus = 0  # '+' bytes held back as a +++ candidate
@@ -227,6 +228,7 @@ class DataMachine:
             n = min(size, run[0])
             run[0] -= n
             size -= n
+            self.last_arrival = run[1]
             if not run[0]:
                 self._arrivals.popleft()
         return out

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bridged.at.datamode import DataKind, DataMachine, Escape
 from bridged.at.errors import AtError, NoAt, ParamParseFail
@@ -99,6 +99,7 @@ class LineTooLong:
 @dataclass(frozen=True, slots=True)
 class DataChunk:
     data: bytes
+    at: float = field(default=0.0, compare=False)  # a stream's: when its last byte came (AT+TRANSINTVL held it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +309,7 @@ class Parser:
             self._end_data()
             return DataEscaped(machine.taken, machine.leftover())
         if out:
-            return DataChunk(out)
+            return DataChunk(out, machine.last_arrival)
         if machine.complete:
             self._end_data()
             return DataComplete(machine.taken)

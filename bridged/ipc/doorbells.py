@@ -142,6 +142,8 @@ class Doorbells:
         self._index[_POLLED] = max(1, round(quiet * 1e9)) if quiet > 0 else 0
 
     def last_commit(self) -> int:
-        """Consumer: when the producer last committed (``time.monotonic_ns()``, 0: never): the
-        time of what it sends, not of its own wake-up (a tick's may come a period later)."""
+        """Consumer: when the producer last committed (``time.monotonic_ns()``, 0: never), or
+        when the last byte of that commit came if earlier (``Ring.commit``'s ``at``: a stream's
+        tail AT+TRANSINTVL held): the time of what it sends, not of its own wake-up (a tick's
+        may come a period later)."""
         return self._index[_COMMITTED]

@@ -273,9 +273,10 @@ class Ring(Doorbells, StreamIO):
                     view[:] = flat[pos:end]
                 pos = end
 
-    def commit(self, n: int) -> None:
+    def commit(self, n: int, at: float = 0.0) -> None:
         """Publish ``n`` bytes written into the free area, then ring ``data_fd`` (unless the
-        consumer polls the ring and it is a bulk commit, at most half full, close behind the last: ``poll_on_tick``)."""
+        consumer polls the ring and it is a bulk commit, at most half full, close behind the last: ``poll_on_tick``).
+        ``at``: when the last of them came (``time.monotonic()``; 0: now), if earlier than now."""
         write, _, used = self._load()
         room = self._capacity if used is None else self._capacity - used
         if not 0 <= n <= room:
@@ -285,6 +286,7 @@ class Ring(Doorbells, StreamIO):
         if n:
             index = self._index
             now, last = time.monotonic_ns(), index[_COMMITTED]
+            now = min(now, int(at * 1e9)) if at else now  # a stream's tail held for AT+TRANSINTVL
             index[_COMMITTED] = now  # its time before the index: whoever sees the bytes sees when they came
             index[_WRITE] = write + n  # data before index
             # index before doorbell; none while the consumer polls (unless the ring fills, a quiet spell ends,
@@ -293,13 +295,13 @@ class Ring(Doorbells, StreamIO):
             if not quiet or n < POLLED_BULK or used is None or used + n > self._capacity >> 1 or now - last >= quiet:
                 self._doorbell(self.data_fd)
 
-    def put_nowait(self, data: bytes | bytearray | memoryview) -> int:
-        """Copy as much of ``data`` as fits, publish it; return the count (0 if full)."""
+    def put_nowait(self, data: bytes | bytearray | memoryview, at: float = 0.0) -> int:
+        """Copy as much of ``data`` as fits, publish it (``at``: as commit's); return the count (0 if full)."""
         with memoryview(data) as src, src.cast("B") as flat:
             n = min(len(flat), self.free())
             if n:
                 self.stage(0, flat[:n])
-                self.commit(n)
+                self.commit(n, at)
         return n
 
     # -- consumer side -------------------------------------------------------------

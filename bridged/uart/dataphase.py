@@ -81,7 +81,7 @@ class DataPhases:
         event = self.parser.next_event(limit=room, now=now)
         cls = type(event)  # the parser's events are final classes
         if cls is DataChunk:
-            send.take(event.data)
+            send.take(event.data, event.at)
             send.slot.last_activity = send.moved_at = now  # AT+CIPSTO: what the MCU sends is traffic too
             if send.kind is DataKind.SENDL:
                 self._report_progress()

@@ -114,7 +114,8 @@ class Send:
 
     # -- input -------------------------------------------------------------------
 
-    def take(self, chunk: bytes) -> None:
+    def take(self, chunk: bytes, at: float = 0.0) -> None:
+        """``chunk`` of the payload, its last byte read at ``at`` (loop time; 0: now)."""
         gathered = self.gathered
         if gathered is not None:
             # A payload read at once stays the bytes it came as (the ring's one-copy path).
@@ -130,7 +131,7 @@ class Send:
             records.put_record(self.slot.uplink, records.DATA, chunk, self.remote)
             self.admitted += len(chunk)
         else:
-            self.admitted += _admit(self.slot.uplink, chunk)
+            self.admitted += _admit(self.slot.uplink, chunk, at)
 
     def payload_done(self) -> None:
         self.complete = True
@@ -252,11 +253,11 @@ class Leftover:
         return not self.data
 
 
-def _admit(ring: Ring, data: bytes | bytearray) -> int:
-    """Put as much of ``data`` into the ring as fits; the count.  Bytes that fit
-    whole take the ring's one-slice path (a payload read at once, a chunk)."""
+def _admit(ring: Ring, data: bytes | bytearray, at: float = 0.0) -> int:
+    """Put as much of ``data`` into the ring as fits, stamped ``at`` (``Ring.commit``); the
+    count.  Bytes that fit whole take the ring's one-slice path (a payload read at once, a chunk)."""
     if type(data) is bytes and len(data) <= ring.free():
         ring.stage(0, data)
-        ring.commit(len(data))
+        ring.commit(len(data), at)
         return len(data)
-    return ring.put_nowait(data)
+    return ring.put_nowait(data, at)

@@ -410,6 +410,20 @@ def test_passthrough_never_completes():
     assert run.rest == b"" and not machine.done and not machine.complete
 
 
+
+def test_a_streams_chunk_carries_its_last_bytes_arrival():
+    """A passthrough tail AT+TRANSINTVL held goes out with the time its last byte came, not
+    the time it went (the uplink ring times the MCU's sends by it); whole chunks too."""
+    parser = Parser()
+    parser.start_data(PASSTHROUGH, 0, T0, chunk=4, interval=0.02)
+    parser.receive_bytes(b"ab", T0 + 0.001)
+    parser.receive_bytes(b"cdef", T0 + 0.005)
+    chunk = parser.next_event(None, T0 + 0.005)
+    assert (chunk.data, chunk.at) == (b"abcd", T0 + 0.005)
+    assert parser.next_event(None, T0 + 0.006) is NEED_DATA  # 'ef' waits the interval
+    chunk = parser.next_event(None, T0 + 0.03)
+    assert (chunk.data, chunk.at) == (b"ef", T0 + 0.005)
+
 # -- +++: the table ---------------------------------------------------------------------------------
 
 # name -> (bytes, time since the previous step).  "silence" feeds nothing: it pulls.

@@ -94,3 +94,21 @@ def test_a_polled_ring_rings_for_a_commit_after_a_quiet_spell_or_a_small_one():
         ring.put_nowait(b"c" * (doorbells.POLLED_BULK - 1))
         assert _rung(ring.data_fd)
         assert ring.get_nowait(8192) == b"a" + bulk * 4 + b"c" * (doorbells.POLLED_BULK - 1)
+
+
+def test_a_commit_stamped_with_its_bytes_arrival_is_timed_from_it():
+    """A stream's chunk committed late (AT+TRANSINTVL held its tail) carries its last
+    byte's arrival (``at``): the next commit's quiet spell is counted from there, so a
+    bulk commit one quiet spell after that byte rings, and last_commit() says when it
+    came; an ``at`` in the future is taken as now."""
+    with new_ring(8192) as ring:
+        ring.poll_on_tick(0.040)
+        now = time.monotonic()
+        ring.put_nowait(b"t" * 700, at=now - 0.050)  # came 50 ms ago, held since
+        _rung(ring.data_fd)
+        assert abs(ring.last_commit() - (now - 0.050) * 1e9) < 1e6
+        ring.put_nowait(b"r" * 1000)  # 50 ms after the tail's byte: a request after quiet
+        assert _rung(ring.data_fd)
+        ring.put_nowait(b"s" * 1000, at=time.monotonic() + 10)  # (a clock a hair ahead)
+        assert not _rung(ring.data_fd)  # steady: right behind the request
+        assert ring.last_commit() <= time.monotonic_ns()

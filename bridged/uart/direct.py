@@ -32,7 +32,7 @@ from bridged.at.errors import AtError
 from bridged.at.session import State
 from bridged.commands.send import quick_send
 from bridged.uart.dispatch import COMMAND_NAME
-from bridged.uart.reading import COALESCE_FULL
+from bridged.uart.reading import COALESCE_FULL, TTY_FULL
 from bridged.uart.sending import Send
 
 __all__ = ["DirectPayload", "SPARE"]
@@ -87,7 +87,8 @@ class DirectPayload:
     def _read_direct(self, send: Send) -> bytes | None:
         """One read of the payload; None when it is handled here, else the bytes
         the general path takes on with (this read's: the earlier ones are the
-        parser's already).  OSError as os.read raises it."""
+        parser's already).  OSError as os.read raises it (after a full read below:
+        that read is staged already, as if it had been a wake-up of its own)."""
         left = send.length - send.staged
         view = send.slot.uplink.reserve(send.staged, left)  # there was room for all of it
         # (_free_views, its common case inline: the payload's rest does not wrap at the ring's end)
@@ -107,6 +108,13 @@ class DirectPayload:
         send.slot.last_activity = send.moved_at = send.direct_at = now  # AT+CIPSTO: traffic
         if n < left:
             send.staged += n
+            if n >= TTY_FULL:
+                # It emptied a full tty buffer: the rest the MCU wrote waits in the tty's flip
+                # buffers, which a read finding that buffer empty pushes in (uart.reading's drain).
+                # So read on now: an 8 KiB payload on a pty is one wake-up, not three.  (Bounded:
+                # each read stages a buffer's worth of a payload of at most 8192 bytes.)
+                self._last_read = now
+                return self._read_direct(send)
             if n >= COALESCE_FULL:  # the tty buffer was full: not paused (_coalesce's rule, inline)
                 self._last_read = now
             else:

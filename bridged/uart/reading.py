@@ -27,7 +27,7 @@ from bridged.uart.flow import Flow
 if TYPE_CHECKING:
     from bridged.uart.sending import Send
 
-__all__ = ["COALESCE_FULL", "COALESCE_PASSTHROUGH", "PortReading"]
+__all__ = ["COALESCE_FULL", "COALESCE_PASSTHROUGH", "PortReading", "TTY_FULL"]
 
 log = structlog.get_logger()
 
@@ -39,7 +39,7 @@ _COALESCE = 0.004  # seconds between reads of a data phase streaming at UART spe
 # guard time, so a +++ that may escape is never read on a tick (_coalesce). Not AT+CIPSEND's
 # or AT+CIPSENDL's: their SEND OK waits for their last bytes.
 COALESCE_PASSTHROUGH = 0.008
-_TTY_FULL = 3968  # bytes: a read this big emptied a full tty buffer (4 KiB): more may wait behind
+TTY_FULL = 3968  # bytes: a read this big emptied a full tty buffer (4 KiB): more may wait behind
 _COALESCE_MIN = 512  # bytes: smaller reads are interactive
 _COALESCE_RATE = 2_000_000  # bytes/s: faster input is read at once
 COALESCE_FULL = 3072  # bytes: a read this big (a tty buffer is 4 KiB) is not paused after
@@ -167,7 +167,7 @@ class PortReading:
                     # Not EOF: a tick reads unasked, and a tty set to VMIN 0 (a serial port)
                     # reads empty then. The gate, open again (_on_tick), hears a hang-up.
                     return
-                if len(data) >= _TTY_FULL:
+                if len(data) >= TTY_FULL:
                     data = self._drain(data, size)
         except BlockingIOError:
             return
@@ -194,7 +194,7 @@ class PortReading:
                 break  # EOF: the next read says so again (hung up)
             parts.append(more)
             got += len(more)
-            if len(more) < _TTY_FULL:
+            if len(more) < TTY_FULL:
                 break
         return b"".join(parts)
 

@@ -4,6 +4,8 @@ takes the MCU's bytes across the ring's end, as the general path's one os.read w
 from __future__ import annotations
 
 import os
+import termios
+import tty
 from types import SimpleNamespace
 
 import pytest
@@ -129,3 +131,58 @@ def test_a_send_counts_as_direct_once_its_payload_is_read_whole(rig):
     os.write(rig[3], b"++")
     assert front._read_direct(send) == b"++" and not send.direct
     assert (front.counters.direct_sends, front.counters.direct_fallbacks) == (1, 1)
+
+
+_TTY_READ = 4095  # what one read of a pty hands out of a full n_tty buffer
+
+
+@pytest.fixture
+def pty_rig():
+    """A 16 KiB uplink ring and a raw pty: the MCU writes the slave, the front reads the master."""
+    up, down = Ring.create(4 * _CAPACITY, "up"), Ring.create(_CAPACITY, "down")
+    master, slave = os.openpty()
+    tty.setraw(slave, termios.TCSANOW)
+    os.set_blocking(master, False)
+    yield up, down, master, slave
+    for fd in (master, slave):
+        os.close(fd)
+    up.close()
+    down.close()
+
+
+def _pty_send(pty_rig, length: int) -> tuple[_Front, Send]:
+    up, down, master, _ = pty_rig
+    front = _Front(master)
+    send = Send(Slot(0, up, down, state=SlotState.OPEN, conn_id=1, type="TCP"), DataKind.SEND, length)
+    front.parser.start_data(DataKind.SEND, length, 0.0)
+    front._try_direct(send)
+    assert send.direct
+    return front, send
+
+
+def test_an_8_kib_payload_on_a_pty_is_read_in_one_wake_up(pty_rig):
+    """The MCU writes 8192 bytes at once; a pty hands them out 4095 at a time. One readable event
+    reads all of it (the flip buffers behind a full tty buffer come in on the next read), not a
+    third of it per wake-up."""
+    front, send = _pty_send(pty_rig, 8192)
+    payload = os.urandom(8192)
+    os.write(pty_rig[3], payload)
+    assert front._read_direct(send) is None
+    assert front.completed == [8192] and front.counters.rx_bytes == 8192
+    send.pump()
+    assert pty_rig[0].get_nowait(8192) == payload
+
+
+def test_a_full_tty_buffer_and_nothing_behind_it_keeps_what_it_read(pty_rig):
+    """A full tty buffer's worth of a longer payload, then nothing: the read on finds the port
+    empty (EAGAIN, as a wake-up with nothing to read would), and the buffer read stays staged."""
+    front, send = _pty_send(pty_rig, 8192)
+    os.write(pty_rig[3], b"x" * _TTY_READ)
+    with pytest.raises(BlockingIOError):
+        front._read_direct(send)
+    assert send.direct and send.staged == _TTY_READ and front.counters.rx_bytes == _TTY_READ
+    rest = os.urandom(8192 - _TTY_READ)
+    os.write(pty_rig[3], rest)
+    assert front._read_direct(send) is None and front.completed == [8192]
+    send.pump()
+    assert pty_rig[0].get_nowait(8192) == b"x" * _TTY_READ + rest

@@ -10,8 +10,10 @@ OK, passthrough); the front wires it to the event loop, in parts:
   (whole items only, so answers and unsolicited messages never interleave
   inside a line);
 * ``uart.dataphase``: payload into the links' uplink rings; SEND OK once a
-  send is admitted into its ring, the space doorbell asked for only while
-  a send waits for room;
+  send is admitted into its ring;
+* ``uart.roomwait``: a send waiting for room in its ring, the space doorbell
+  asked for only meanwhile; so_sndtimeo;
+* ``uart.leftovers``: what a +++ left of a stream, into its ring as room comes;
 * ``uart.direct``: a plain AT+CIPSEND's payload read straight into its ring;
 * ``uart.downlink``: +IPD, passive notices, CONNECT/CLOSED, passthrough
   reconnects;
@@ -58,6 +60,7 @@ from bridged.uart.dataphase import DataPhases
 from bridged.uart.direct import SPARE, DirectPayload
 from bridged.uart.dispatch import CommandDispatch
 from bridged.uart.downlink import Downlink, Passthrough
+from bridged.uart.leftovers import Leftovers
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
 from bridged.uart.pacer import Pacer
@@ -66,6 +69,7 @@ from bridged.uart.port import SerialPort
 from bridged.uart.reading import PortReading
 from bridged.uart.replug import Replug
 from bridged.uart.restart import BootAndRestart
+from bridged.uart.roomwait import RoomWait
 from bridged.uart.sending import Leftover, Send
 from bridged.uart.server import Server
 from bridged.uart.sup_outbox import SupervisorOutbox
@@ -76,7 +80,8 @@ __all__ = ["Front"]
 log = structlog.get_logger()
 
 
-class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink, BootAndRestart):
+class Front(PortReading, CommandDispatch, DataPhases, RoomWait, Leftovers, DirectPayload, Downlink,
+            BootAndRestart):
     tap: Transcript | None = None  # set while the AT transcript is on
     rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
     _ticking = False  # the coalescing tick reads the port itself, its pause still held (uart.reading)
@@ -143,7 +148,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink, B
         self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
 
     def _init_data_phase(self) -> None:
-        """The data phase's state (bridged.uart.dataphase), none under way."""
+        """The data phase's state (bridged.uart.dataphase, roomwait, leftovers), none under way."""
         self.sending: Send | None = None  # the data phase's way into its uplink ring
         self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
         self._room_poll: asyncio.TimerHandle | None = None
@@ -153,9 +158,9 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink, B
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
-        self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.dataphase)
+        self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.leftovers)
         self._leftover_poll: asyncio.TimerHandle | None = None
-        self._leftover_wait = 0.0  # its current wait (uart.dataphase backs it off)
+        self._leftover_wait = 0.0  # its current wait (uart.leftovers backs it off)
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken

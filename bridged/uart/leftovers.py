@@ -5,9 +5,9 @@ bytes it had read but not yet put into the ring are the MCU's, sent before
 it escaped: they go out as room comes (``sending.Leftover``), ahead of the
 next send on the link.  (ESP-AT drops the UART bytes before the pattern its
 core had not taken yet; keeping them loses nothing the MCU sent, and a peer
-that reads sees one stream.)  Without a send on the link they are looked at
-on a timer that backs off while the peer stays deaf; AT+CIPCLOSE waits a
-moment for them, a restart drops them.
+that reads sees one stream.)  They are looked at on a timer that backs off
+while the peer stays deaf (a send started on the link takes them first);
+AT+CIPCLOSE waits up to a second for their room, a restart drops them.
 """
 
 from __future__ import annotations

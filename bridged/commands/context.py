@@ -237,7 +237,7 @@ class Context:
     # A restart's answer is queued (the restart itself waits for it to be written):
     # from now on nothing of the links or the server reaches the MCU.
     silence_links: Callable[[], Any] = lambda: None
-    # AT+CIPCLOSE of a link: what a +++ left of its stream goes into its ring first (uart.dataphase).
+    # AT+CIPCLOSE of a link: what a +++ left of its stream goes into its ring first (uart.leftovers).
     before_close: Callable[[int], Coroutine[Any, Any, None]] = field(default=lambda link_id: _nothing())
     # AT+CIPSEND/CIPSENDEX/CIPSENDL lines answered with a prompt to a TCP link in this
     # session: raw line -> (AT+CIPMUX then, SendRequest, command name) (bridged.commands.send.quick_send).

@@ -251,7 +251,7 @@ class StatusService:
                           _icount(front.fd))
 
     def _uart_source(self) -> str:
-        from bridged.uart.front import factory_uart  # not at import: the front imports us
+        from bridged.uart.restart import factory_uart  # not at import: the front imports us
 
         front = self.front
         if front.uart == factory_uart(front.config):

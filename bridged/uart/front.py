@@ -10,13 +10,16 @@ OK, passthrough); the front wires it to the event loop, in parts:
   (whole items only, so answers and unsolicited messages never interleave
   inside a line);
 * ``uart.dataphase``: payload into the links' uplink rings; SEND OK once a
-  send is admitted into its ring, the space doorbell asked for only while
-  a send waits for room;
+  send is admitted into its ring;
+* ``uart.roomwait``: a send waiting for room in its ring, the space doorbell
+  asked for only meanwhile; so_sndtimeo;
+* ``uart.leftovers``: what a +++ left of a stream, into its ring as room comes;
 * ``uart.direct``: a plain AT+CIPSEND's payload read straight into its ring;
 * ``uart.downlink``: +IPD, passive notices, CONNECT/CLOSED, passthrough
   reconnects;
+* ``uart.restart``: boot and restart (AT+RST, AT+RESTORE), AT+UART_CUR applied;
 * here: lifetime, the supervisor's messages (what a full channel cannot take
-  waits in ``uart.sup_outbox``), boot and restart.
+  waits in ``uart.sup_outbox``).
 
 Commands stop being read while the output is backlogged (ESP-AT's AT task
 blocks on a full UART), and while an answer's after-action waits: a host
@@ -32,7 +35,6 @@ still, output held as when the UART is backed up.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 import socket
@@ -40,18 +42,12 @@ from typing import Callable
 
 import structlog
 
-from bridged.at import format as fmt
-from bridged.at.datamode import DataKind
 from bridged.at.parser import Parser
-from bridged.at.session import Ready, Restart, Session
-from bridged.commands.context import ConnectSpec, Context, SessionState, UartSettings
-from bridged.commands.passthrough import saved_link
-from bridged.commands.registry import SendRequest
-from bridged.commands.wifi import autoconnect_messages
+from bridged.at.session import Session
 from bridged.config import Config
 from bridged.faults.front import FrontFaults
 from bridged.ipc.control import ControlError, recv_message, socket_from_fd
-from bridged.ipc.messages import FrontReady, Ping, Pong, Shutdown, WorkerRefused, WorkerStarted
+from bridged.ipc.messages import Ping, Pong, Shutdown, WorkerRefused, WorkerStarted
 from bridged.net.localaddr import link_policy
 from bridged.net.mdns import Advertiser
 from bridged.net.sntp_client import SntpClient
@@ -62,34 +58,30 @@ from bridged.tasks import TaskScope
 from bridged.uart.boot import Boot, Reset
 from bridged.uart.dataphase import DataPhases
 from bridged.uart.direct import SPARE, DirectPayload
-from bridged.uart.dispatch import CommandDispatch, forget_command
+from bridged.uart.dispatch import CommandDispatch
 from bridged.uart.downlink import Downlink, Passthrough
+from bridged.uart.leftovers import Leftovers
 from bridged.uart.links import LinkTable, Slot
 from bridged.uart.output import Output
 from bridged.uart.pacer import Pacer
 from bridged.uart.pacing import PacedInput, line_of, wanted
-from bridged.uart.port import FLOW_NAMES, PARITY_NAMES, SerialPort, drain
+from bridged.uart.port import SerialPort
 from bridged.uart.reading import PortReading
 from bridged.uart.replug import Replug
+from bridged.uart.restart import BootAndRestart
+from bridged.uart.roomwait import RoomWait
 from bridged.uart.sending import Leftover, Send
 from bridged.uart.server import Server
 from bridged.uart.sup_outbox import SupervisorOutbox
-from bridged.uart.transcript import MarkKind, Transcript
+from bridged.uart.transcript import Transcript
 
-__all__ = ["Front", "factory_uart"]
-
-_DROP_WAIT = 2.0  # seconds a restart's boot waits for its links' workers to end them
+__all__ = ["Front"]
 
 log = structlog.get_logger()
 
 
-def factory_uart(config: Config) -> UartSettings:
-    u = config.uart
-    stop = {1: 1, 2: 3}[u.stop_bits]
-    return UartSettings(u.baud, u.data_bits, stop, PARITY_NAMES[u.parity], FLOW_NAMES[u.flow_control])
-
-
-class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
+class Front(PortReading, CommandDispatch, DataPhases, RoomWait, Leftovers, DirectPayload, Downlink,
+            BootAndRestart):
     tap: Transcript | None = None  # set while the AT transcript is on
     rx_fault = None  # injected input overruns (bridged.faults.uart), only while enabled
     _ticking = False  # the coalescing tick reads the port itself, its pause still held (uart.reading)
@@ -156,7 +148,7 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
 
     def _init_data_phase(self) -> None:
-        """The data phase's state (bridged.uart.dataphase), none under way."""
+        """The data phase's state (bridged.uart.dataphase, roomwait, leftovers), none under way."""
         self.sending: Send | None = None  # the data phase's way into its uplink ring
         self._room_slot: Slot | None = None  # the link whose uplink ring the send waits room in
         self._room_poll: asyncio.TimerHandle | None = None
@@ -166,9 +158,9 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0  # its deadline (for a past one uvloop returns a Handle without when())
         self._timer_fired_at = 0.0  # the deadline of the data-phase timer that last fired
-        self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.dataphase)
+        self._leftovers: dict[int, Leftover] = {}  # link id -> what a +++ left of its stream (uart.leftovers)
         self._leftover_poll: asyncio.TimerHandle | None = None
-        self._leftover_wait = 0.0  # its current wait (uart.dataphase backs it off)
+        self._leftover_wait = 0.0  # its current wait (uart.leftovers backs it off)
         self._listening = False  # the port is read for +++ while a stream's ring is full (uart.reading)
         self._listen_timer: asyncio.TimerHandle | None = None
         self._side_full = False  # ... and the bytes it may hold meanwhile are all taken
@@ -256,144 +248,3 @@ class Front(PortReading, CommandDispatch, DataPhases, DirectPayload, Downlink):
         else:
             for fd in fds:
                 os.close(fd)
-
-    # -- boot and restart (AT+RST, AT+RESTORE) ----------------------------------------------
-
-    def _boot_uart(self) -> UartSettings:
-        stored = self.store.get("uart_def")
-        return UartSettings(*stored) if stored else factory_uart(self.config)
-
-    def _new_context(self) -> Context:
-        state = SessionState()
-        state.load_persisted(self.store)
-        ctx = Context(self.config, state, self.store, self.links, self.output.urc,
-                      self._restart, self._apply_uart, self.uart, factory_uart(self.config), self.tasks.spawn,
-                      self.server,
-                      mdns=self.mdns, sntp=self.sntp, answer_part=self.output.reply)
-        ctx.faults = self.faults
-        ctx.silence_links = self._silence_links
-        ctx.before_close = self._before_close
-        for link_id in range(self.links.count):
-            opts = state.tcpopts[link_id]
-            self.links.set_options(link_id, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
-        return ctx
-
-    def _start_boot(self, reset: Reset, dropped: int = 0) -> None:
-        """Silence for [firmware] boot_ms after what is queued has gone out, then ready."""
-        self.session.handle(Restart(), self.loop.time())
-        if self.tap is not None:
-            self.tap.mark(MarkKind.BOOT)
-        if self.boot is not None:  # not today (a booting chip hears no AT+RST), but one boot at a time
-            self.boot.cancel()
-            dropped += self.boot.dropped
-        self.boot = Boot(self.config.firmware, self.output, reset, dropped)
-        self.boot.start(
-            drain_port=lambda deadline: drain(self.fd, deadline),
-            restart_port=self._restart_port,
-            on_ready=self._ready,
-            on_failed=self.stop,
-            spawn=self.tasks.spawn,
-            settle=self._links_dropped,
-        )
-
-    async def _links_dropped(self) -> None:
-        """Before ready: the restart's links are ended (a host's AT+CIPMUX=1 or AT+CIPSTART
-        right after ready must not find one still closing), within _DROP_WAIT."""
-        try:
-            async with asyncio.timeout(_DROP_WAIT):
-                while self.links.dropping():
-                    self._dropped = self.loop.create_future()
-                    await self._dropped
-        except TimeoutError:
-            log.warning("restart_links_slow", hint="a link worker did not end its connection in time")
-        finally:
-            self._dropped = None
-
-    def _restart_port(self) -> UartSettings:
-        """The chip comes back with AT+UART_DEF's settings (AT+UART_CUR's are lost)."""
-        new_uart = self._boot_uart()
-        if new_uart != self.uart:
-            self._apply_uart(new_uart)
-        return self.uart
-
-    def _ready(self) -> None:
-        self.boot = None
-        self.session.handle(Ready(), self.loop.time())
-        self.output.reply(fmt.READY)
-        log.info("ready", port=self.port_name)
-        if not self._said_ready:
-            # The supervisor needs it once per front (READY=1, the failure count): an AT+RST's boot is no news.
-            self._said_ready = True
-            self._tell_supervisor(FrontReady(self.port_name))
-        messages = autoconnect_messages(self.ctx)
-        if messages:
-            self.output.urc(messages)
-        saved = saved_link(self.ctx)
-        if saved is not None:
-            self._boot_passthrough(*saved)
-
-    def _boot_passthrough(self, spec: ConnectSpec, keep_alive: int) -> None:
-        """AT+SAVETRANSLINK: connect by ourselves and enter passthrough."""
-        state = self.ctx.state
-        state.cipmode, state.cipmux = 1, 0
-        opts = state.tcpopts[0] = dataclasses.replace(state.tcpopts[0], keep_alive=keep_alive)
-        self.links.set_options(0, opts.so_linger, opts.tcp_nodelay, opts.keep_alive)
-        log.info("passthrough_at_boot", type=spec.type, host=spec.host, port=spec.port)
-        self.output.reply(fmt.BOOT_PROMPT)
-        self._start_send(SendRequest(0, 0, kind=DataKind.PASSTHROUGH))
-        # A client's passthrough, whatever the slot held before the reset (a server's client).
-        self.passthrough.spec, self.passthrough.server = spec, False
-        self.passthrough.reconnecting = self.tasks.spawn(self._reconnect(self.passthrough, first_delay=0.0))
-
-    def _restart(self, factory: bool, dropped: int = 0) -> None:
-        """AT+RST, AT+RESTORE (factory), an update, a forced restart: reset the session and boot.
-
-        ``dropped``: input bytes already read that the restarting chip will not hear.
-        """
-        log.info("restart", factory=factory)
-        if self.tap is not None:
-            self.tap.mark(MarkKind.RESTART, factory=factory)
-        if self._command is not None:
-            self._command.cancel()  # a restart abandons the running command
-            self._command = None
-        for task in self.ctx.background:
-            task.cancel()  # ... and what a command left running (a nonblocking AT+CIUPDATE)
-        self.server.max_conn, self.server.timeout = self.links.count, 0
-        self.mdns.stop_soon()  # its goodbyes go out while the ESP "reboots"
-        self.sntp.stop()  # AT+CIPSNTPCFG was RAM; the clock stays
-        self._silence_links()
-        for link_id in range(self.links.count):
-            self.links.set_passive(link_id, False)
-        if factory:
-            self.store.clear()
-        self.ctx = self._new_context()
-        dropped += self.parser.buffered  # what came behind AT+RST is lost with the session
-        self.parser = Parser(self.config.uart.max_line)
-        self._drop_leftovers()
-        self.sending = None
-        self._stop_waiting_room()
-        self._leave_passthrough()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        forget_command()  # the boot and what follows are the new session's, not the command's
-        self._start_boot(Reset.SOFTWARE, dropped)
-        self._resume_reading()  # to drop what comes during the boot
-
-    def _silence_links(self) -> None:
-        """The chip restarts: its links close with no CLOSED, their data and new clients
-        are never heard. From a restart's answer on (it waits to be written, the peers
-        do not): nothing of the old links may come between OK and ready."""
-        if self.server.running:
-            self.server.stop()
-        self.links.drop_all()
-
-    def _apply_uart(self, settings: UartSettings) -> None:
-        self.uart = settings
-        self.ctx.uart = settings
-        if self._apply_port is not None:
-            self._apply_port(settings)
-        if self._paced is not None:
-            self.output.pacer.set_line(*line_of(settings), self.loop.time())
-            self._paced.set_line(settings)
-        log.info("uart_configured", settings=settings.fields())

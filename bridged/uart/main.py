@@ -23,9 +23,10 @@ from bridged.ipc.messages import PortFailed
 from bridged.ipc.rings import Ring
 from bridged.ops.status import StatusService
 from bridged.store import Store
-from bridged.uart.front import Front, factory_uart
+from bridged.uart.front import Front
 from bridged.uart.links import Slot
 from bridged.uart.port import PortError, Pty, apply_termios, open_serial
+from bridged.uart.restart import factory_uart
 from bridged.commands.context import UartSettings
 
 __all__ = ["run_front", "PORT_FAILED"]

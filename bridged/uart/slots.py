@@ -10,9 +10,10 @@ ignored.  Slot states::
     OPEN --EOF record / worker died--> IDLE  (CLOSED reported)
     OPEN --close()--> CLOSING --EOF record--> IDLE  (CIPCLOSE reports CLOSED)
 
-``uart.links.LinkTable`` keeps the states and talks to the workers;
-``uart.delivery.Delivery`` hands their downlink records to the front.  The
-front hears of both through one ``LinkEvents`` implementation.
+``uart.links.LinkTable`` keeps the states and talks to the workers
+(``uart.worker_control``); ``uart.delivery.Delivery`` hands their downlink
+records to the front.  The front hears of both through one ``LinkEvents``
+implementation.
 """
 
 from __future__ import annotations

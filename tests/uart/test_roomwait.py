@@ -1,4 +1,4 @@
-"""uart.dataphase's so_sndtimeo timers against a real ring: a deadline that comes while
+"""uart.roomwait's so_sndtimeo timers against a real ring: a deadline that comes while
 room the front has not heard of yet (a doorbell the worker missed: the poll finds it
 up to 50 ms later) waits on, it does not fail the send."""
 
@@ -11,13 +11,14 @@ from bridged.at.datamode import DataKind
 from bridged.at.session import PayloadDone, Prompt, Ready, Session, State
 from bridged.commands.options import TcpOptions
 from bridged.uart.dataphase import DataPhases
+from bridged.uart.roomwait import RoomWait
 from bridged.uart.sending import Send
 from bridged.uart.slots import Slot, SlotState
 from tests.ringtools import new_ring
 
 
-class _Front(DataPhases):
-    """The parts of Front that DataPhases' room wait uses; reading and parsing only counted."""
+class _Front(DataPhases, RoomWait):
+    """The parts of Front that the room wait uses; reading and parsing only counted."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, so_sndtimeo: int) -> None:
         self.loop = loop

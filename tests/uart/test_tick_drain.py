@@ -32,8 +32,10 @@ class _TickFront(_Front):
 def test_bytes_a_drain_read_survive_its_next_read_failing():
     """Two full tty buffers wait behind a pty whose other end closed: the tick reads both, and the
     read after them fails (EIO, as a device that went away says). Both buffers reach the parser,
-    counted; the failure is heard on the next read (not before: it would drop them)."""
-    async def main() -> None:
+    counted; the failure is heard on the next read (not before: it would drop them). A loaded
+    kernel may hand the second buffer out in parts (the drain then stops short of the failing
+    read, reading nothing it does not count): then a new pty tries again, three times at most."""
+    async def attempt() -> bool:
         loop = asyncio.get_running_loop()
         master, slave = os.openpty()
         tty.setraw(slave, termios.TCSANOW)
@@ -47,19 +49,22 @@ def test_bytes_a_drain_read_survive_its_next_read_failing():
             front._gate.hold(reading._PAUSE, press=False)  # a coalescing pause under way
             front._port_paused = True
             front._on_tick()
+            assert front.parser.data.buffered == front.counters.rx_bytes  # all it read, counted
+            if front.counters.rx_bytes < len(data):
+                return False  # the drain stopped at a short piece, before the failing read
             assert front.counters.rx_bytes == len(data)
-            assert front.parser.data.buffered == len(data)
             try:
                 os.read(master, 1)
             except OSError as exc:  # the failure is still there for the next read
                 assert exc.errno == errno.EIO
             else:
                 raise AssertionError("the pty read on")
+            return True
         finally:
             front._gate.close()
             os.close(master)
 
-    asyncio.run(main())
+    assert any(asyncio.run(attempt()) for _ in range(3)), "no drain read both buffers in three tries"
 
 
 class _Bug(_TickFront):

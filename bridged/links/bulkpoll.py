@@ -46,8 +46,9 @@ _BULK_TICK = 0.004
 # Polling starts after this many sends running whose commit came within _BULK_START of the one
 # before (a stream, not a request and its continuation), ...
 _BULK_STREAK = 2
-# ... half a bulk tick: two payloads or more per tick, else a tick costs what a doorbell saves.
-_BULK_START = 0.5
+# ... a bulk tick (as a fraction of it): a tick then sends one payload or more, and the
+# worker wakes no more often than without polling (less once several come per tick).
+_BULK_START = 1.0
 
 
 def bulk_period(read_window_ms: int) -> float:

@@ -8,7 +8,7 @@ send, the largest cost of moving the bytes on (``bench/RESULTS.md``).  Read batc
 pace; this covers the bulk upload, with a downlink or without one.
 
 Once ``_BULK_STREAK`` sends running each took a bulk commit (``POLLED_BULK`` bytes or more) that
-came within ``_BULK_START`` of the commit before it (the front's commit clock,
+came within a bulk tick of the commit before it (``_BULK_START``; the front's commit clock,
 ``Ring.last_commit``: the MCU's pace, not our wake-ups'), the worker turns the ring's polling flag
 on (``Ring.poll_on_tick``, quiet = one bulk tick) and arms a one-shot tick a bulk tick on (the
 batch ticker's timerfd, free while read batching is off).  The front then rings only for a commit
@@ -23,7 +23,8 @@ read window if shorter) before it goes to the socket.  SEND OK went on ring admi
 (DESIGN.md): the latency is the network's, never loss or reordering (one ring, one consumer).
 
 A tick that finds the ring empty with the front's last commit a bulk tick old or older (the MCU
-stopped) turns the flag off: at most two bulk ticks after the stream's last commit.  Its next
+stopped) turns the flag off: within three bulk ticks of the stream's last commit (sent up to a
+tick after it; the next tick may find it younger than a tick, the one after cannot).  Its next
 commit rings anyway (it comes after quiet); the flag and the write index cross without a fence
 (``Ring.poll_on_tick``), so, as batching does, the worker looks at the ring once more a tick
 later.  Read batching starting meanwhile takes over (its periodic ticks look at the ring while
@@ -73,6 +74,8 @@ class BulkPolling:
         if self._bulk:
             if self._bulk_due - time.monotonic() < 0.5 * self._bulk_period:
                 self._arm_bulk_tick()
+        elif committed == self._last_commit:
+            pass  # the rest of the same commits (a send the socket cut short, TLS records)
         elif sent >= POLLED_BULK and committed - self._last_commit < self._bulk_start_ns:
             self._bulk_streak += 1
             if self._bulk_streak >= _BULK_STREAK and self.shaper is None and self.sock is not None:

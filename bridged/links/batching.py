@@ -62,6 +62,7 @@ import time
 
 import structlog
 
+from bridged.links.bulkpoll import BulkPolling
 from bridged.links.connecting import failure_reason
 from bridged.links.ticker import Ticker
 
@@ -126,7 +127,7 @@ def next_tick(now: float, period: float) -> float:
     return (math.floor((now + _TICK_MARGIN) / period) + 1) * period
 
 
-class Batching:
+class Batching(BulkPolling):
     """Read batching; a part of ``bridged.links.worker.Worker`` (uses its attributes)."""
 
     def _can_batch(self) -> bool:
@@ -142,6 +143,7 @@ class Batching:
         self._lowat_raised = False  # the socket's SO_RCVLOWAT is one +IPD chunk
         self._polling = False  # the uplink ring's polling flag is on: the front rings no doorbell
         self._look_owed = False  # polling went off: one more look at the uplink ring, a tick later
+        self._init_bulk(read_window_ms)  # the uplink polled during a bulk upload, on the same ticker
 
     def _start_ticker(self) -> None:
         """The ticks' timerfd, for the worker's life (``Worker._start``)."""
@@ -174,17 +176,16 @@ class Batching:
         if self._look_owed:
             self._look_owed = False
             self.loop.call_later(self.batch_period, self._look_uplink)
-        self.batch_period = 0
+        self.batch_period = self._bulk_period = 0
+        self._bulk_start_ns = 0
         self._batch_tick = None
         if self._ticker is not None:
             self._ticker.close()
             self._ticker = None
 
     def _on_batch_tick(self) -> None:
-        if self._batch_tick is None:  # stopped since: the one-shot look polling owes, if any
-            if self._look_owed:
-                self._look_owed = False
-                self._look_uplink()
+        if self._batch_tick is None:  # stopped since, or never on: a bulk upload's tick, a look owed
+            self._on_bulk_tick()
             return
         now = self.loop.time()
         if self._polling or self._look_owed:  # the MCU's payloads first (no doorbell rang for them)
@@ -239,7 +240,7 @@ class Batching:
 
     def _unpoll_uplink(self) -> None:
         """Doorbells again; a look a tick later for one the front skipped meanwhile."""
-        self._polling = False
+        self._polling = self._bulk = False
         self.uplink.poll_on_tick(0)
         self._look_owed = True
 

@@ -111,6 +111,8 @@ class Downlink(Batching):
         self._unprompted_at = -1.0  # the peer's last bulk piece with no send of the MCU's since the one before
         self._last_send = 0.0  # (the uplink's) when the MCU's data last went to the socket
         self._last_commit = 0  # (the uplink's) the front's commit of it (ns)
+        self._bulk_streak = 0  # (links.bulkpoll) the last connection's sends start no polling
+        self._bulk_streak = 0  # (links.bulkpoll) the last connection's sends start no polling
         self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
 
     def _on_readable(self) -> None:

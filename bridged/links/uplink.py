@@ -168,7 +168,7 @@ class Uplink:
             self.stats["up"] += sent
             if self.shaper is not None:
                 self.shaper.sent(sent)
-            self._sent_now()
+            self._sent_now(sent)
 
     def _send_whole(self) -> bool:
         """A plain TCP link's usual wake-up, lean: what the ring holds, in one piece,
@@ -195,20 +195,25 @@ class Uplink:
                 self._stop_batching()
             elif not self._polling:
                 self._poll_uplink()
+        else:
+            self._bulk_sent(sent, committed)
         self._last_send, self._last_commit = self.loop.time(), committed
         return not left
 
-    def _sent_now(self) -> None:
+    def _sent_now(self, sent: int) -> None:
         """The MCU's data went to the socket: a send after a quiet spell may be a
         request (its answer is read at once); one of a steady stream is not.  The gap
         is the MCU's, from the front's commit times: a payload a tick sent (polled)
-        went up to a period after it came, so the send's own time would shrink it."""
+        went up to a period after it came, so the send's own time would shrink it.
+        With read batching off, a bulk upload's sends poll the ring (``links.bulkpoll``)."""
         committed = self.uplink.last_commit()
         if self._batch_tick is not None:
             if not both_steady((committed - self._last_commit) / 1e9, self.batch_period):
                 self._stop_batching()  # the peer may answer this at once: read it at once
             elif not self._polling:
                 self._poll_uplink()  # a stream both ways: its next sends go on the ticks
+        else:
+            self._bulk_sent(sent, committed)
         self._last_send, self._last_commit = self.loop.time(), committed
 
     def _send_tls(self, view: memoryview) -> int:
@@ -220,7 +225,16 @@ class Uplink:
         return sent
 
     def _send_datagrams(self) -> None:
-        """Each uplink record is one datagram, to its own address or the remote."""
+        """Each uplink record is one datagram, to its own address or the remote; a bulk
+        upload's records polled as a stream's (``links.bulkpoll``: each was committed whole)."""
+        up = self.stats["up"]
+        self._send_each_datagram()
+        if self.stats["up"] != up:
+            committed = self.uplink.last_commit()
+            self._bulk_sent(self.stats["up"] - up, committed)  # (no read batching on UDP)
+            self._last_commit = committed
+
+    def _send_each_datagram(self) -> None:
         while self.sock is not None:
             header = records.peek_record_header(self.uplink)
             if header is None:
@@ -278,6 +292,7 @@ class Uplink:
             self._closing = None
 
     def _stop_sending(self) -> None:
-        """The socket is being dropped: no writability wait, no TLS write to repeat."""
+        """The socket is being dropped: no writability wait, no TLS write to repeat, no polling."""
         self.loop.remove_writer(self.sock.fileno())
         self._tls_retry = 0
+        self._end_bulk()

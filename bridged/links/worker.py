@@ -298,6 +298,7 @@ class Worker(Connecting, Uplink, Downlink):
         if self.sock is not None and self.faults.shapes(self.datagram):
             if self.shaper is None:
                 self._stop_batching()  # a batch's tick reads past the Shaper
+                self._end_bulk()  # and the Shaper meters every send as it comes
                 self.shaper = Shaper(self, self.faults)
             self.shaper.armed(demand.name)
 

@@ -227,7 +227,11 @@ def test_a_request_after_two_windows_of_quiet_goes_at_once_and_its_answer_too(qu
         both.commit(b"\x01" * UP)  # just after a tick: sent on the next one, 16-18 ms on
         last = time.monotonic()
         await both.run(lambda: time.monotonic() >= last + quiet, None, 0.010)
-        assert live.worker._batch_tick is not None  # the peer streams on: read batching goes on
+        if live.worker._batch_tick is None:
+            # The peer streams on, so read batching goes on, unless this loaded process (the peer
+            # and the worker share its loop) stalled the peer's stream past a window: no test then.
+            await both.settle()
+            return None
         both.commit(b"=" * 1000 + b"REQUEST")  # bulk: no doorbell for being small (POLLED_BULK)
         asked = time.monotonic()
         await both.run(lambda: bytes(both.peer_got).endswith(b"REQUEST"), None, 0.010, limit=2)
@@ -238,15 +242,19 @@ def test_a_request_after_two_windows_of_quiet_goes_at_once_and_its_answer_too(qu
         await both.run(lambda: both.marked_at > 0, None, 0.010, limit=2)
         read = both.marked_at - answered
         print(f"request reached the peer after {reached * 1000:.1f} ms, its answer read after {read * 1000:.1f} ms")
-        # Held to a tick, the request waits 12-20 ms; at once, 0.2-5 ms, up to ~9 on a loaded
-        # machine.  The answer is read at once because batching ended (asserted above, no
-        # clock); its time on a loaded machine reached 12.4 ms, so here only a bound that a
-        # hold for the next tick and a window besides would break.
-        assert reached < 0.012, reached
-        assert read < 0.025, read
         await both.settle()
+        return reached, read
 
-    _run(script)
+    # Held to a tick, the request waits 12-20 ms; at once, 0.2-5 ms, up to ~9 on a loaded
+    # machine.  The answer is read at once because batching ended (asserted in every try, no
+    # clock); its time on a loaded machine reached 12.4 and once 29.6 ms, so only a bound that
+    # a hold for the next tick and a window besides would break, and three tries.
+    tries = []
+    for _ in range(3):
+        tries.append(_run(script))
+        if tries[-1] is not None and tries[-1][0] < 0.012 and tries[-1][1] < 0.025:
+            return
+    raise AssertionError(f"(request reached, answer read) in s, None where load broke the set-up: {tries}")
 
 
 def test_small_requests_within_the_stream_go_at_once():

@@ -76,7 +76,9 @@ class BulkPolling:
                 self._arm_bulk_tick()
         elif committed == self._last_commit:
             pass  # the rest of the same commits (a send the socket cut short, TLS records)
-        elif sent >= POLLED_BULK and committed - self._last_commit < self._bulk_start_ns:
+        elif sent >= POLLED_BULK and 0 <= committed - self._last_commit < self._bulk_start_ns:
+            # (0 <=: a stamp behind the last one, Ring.commit's ``at``, is no gap; with no ticker
+            # _bulk_start_ns is 0 and a negative "gap" would start polling with nothing to tick)
             self._bulk_streak += 1
             if self._bulk_streak >= _BULK_STREAK and self.shaper is None and self.sock is not None:
                 self._bulk = self._polling = True

@@ -136,3 +136,21 @@ def test_a_small_commit_never_overtakes_an_unrung_bulk_one():
             await up.settle()
 
     _tcp(script)
+
+
+def test_read_window_0_stamps_that_step_back_start_no_polling():
+    """``read_window_ms = 0`` (no ticker): commits whose stamps step back (a stream's arrival
+    on the loop's clock behind a commit on the precise one) start no polling: the worker keeps
+    serving, every payload rings and arrives."""
+    async def script(live: LiveWorker, up) -> None:
+        base = time.monotonic()
+        for i in range(40):
+            payload = bytes([i]) * BULK
+            live.up.stage(0, payload)
+            live.up.commit(len(payload), base - i * 0.001)  # each stamped before the one before
+            up.sent.update(payload)
+            up.sent_n += len(payload)
+            await up.settle()
+        assert not live.worker._bulk and not _polled(live)
+
+    _tcp(script, read_window_ms=0)

@@ -7,6 +7,7 @@ commit after an unrung bulk one (it must never overtake).  Every byte hashed; wa
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import pytest
@@ -154,3 +155,19 @@ def test_read_window_0_stamps_that_step_back_start_no_polling():
         assert not live.worker._bulk and not _polled(live)
 
     _tcp(script, read_window_ms=0)
+
+
+def test_polling_sends_with_nagle_off_and_gives_the_links_option_back():
+    """A link with AT+CIPTCPOPT's default (Nagle on): while the worker polls, its socket has
+    TCP_NODELAY on (a tick's send is a batch already: Nagle would hold the next behind the
+    peer's delayed ACK); once polling ends, the link's own option again."""
+    async def script(live: LiveWorker, up) -> None:
+        sock = live.worker.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        await _polling(live, up)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        await up.settle()
+        await up.until(lambda: not _polled(live), limit=2)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+
+    _tcp(script)

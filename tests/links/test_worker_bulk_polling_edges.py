@@ -14,7 +14,7 @@ import pytest
 
 from bridged.ipc import rings
 from bridged.ipc.control import send_message
-from bridged.ipc.messages import Close
+from bridged.ipc.messages import Close, SetOptions
 from tests.links.test_worker_bulk_polling import BULK, RING, _commit, _polled, _tcp
 from tests.links.workers import LiveWorker
 
@@ -166,6 +166,23 @@ def test_polling_sends_with_nagle_off_and_gives_the_links_option_back():
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
         await _polling(live, up)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        await up.settle()
+        await up.until(lambda: not _polled(live), limit=2)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+
+    _tcp(script)
+
+
+def test_ciptcpopt_while_polled_keeps_nagle_off_until_polling_ends():
+    """AT+CIPTCPOPT (Nagle on) arriving while the worker polls: the tick's sends stay without
+    Nagle until polling ends, then the option the MCU set holds."""
+    async def script(live: LiveWorker, up) -> None:
+        sock = live.worker.sock
+        await _polling(live, up)
+        send_message(live.control, SetOptions(linger=-1, nodelay=0, keep_alive=0))
+        await up.stream(4)  # the message is read meanwhile (the worker shares this loop)
+        if _polled(live):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         await up.settle()
         await up.until(lambda: not _polled(live), limit=2)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0

@@ -2,14 +2,19 @@
 back at full speed, half to the link's remote and half to another peer through
 AT+CIPSEND=<id>,<len>,<ip>,<port> (each one datagram of its exact bytes, in order, to its own
 peer), and AT+CIPSENDL streaming 64 KiB at full speed with a 3-byte AT+CIPSEND right behind it
-(the small one never overtakes the polled stream).  Hashed both ways; every wait bounded."""
+(the small one never overtakes the polled stream), and a worker killed right after a polled
+upload (its successor rings, the old ring's bytes never reach the new peer).  Hashed both ways; every wait bounded."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import signal
 import socket
 import time
+
+import pytest
 
 from tests.harness import Demux, udp_peer
 from tests.integration.both_ways import link_zero
@@ -99,6 +104,40 @@ def test_a_small_send_right_behind_a_full_speed_cipsendl_never_overtakes_it(make
                 pass
         assert len(got) == len(sent)
         assert hashlib.sha256(got).digest() == hashlib.sha256(sent).digest()
+        conn.close()
+    finally:
+        server.close()
+
+
+def test_a_worker_killed_mid_bulk_upload_leaves_nothing_behind_for_the_next_connection(make_daemon):
+    """SIGKILL the link's worker right after a bulk upload's last SEND OK (polled: its last
+    payloads may wait unrung in the ring), reopen the link on the restarted worker: two bulk
+    payloads back to back reach the new peer at once and alone (none of the old ring's bytes)."""
+    daemon = make_daemon("[links]\nread_window_ms = 20\n")
+    daemon.expected_errors |= {"worker_died", "child_died"}
+    server, host, conn = link_zero(daemon)
+    try:
+        demux = Demux(host)
+        for i in range(40):
+            assert b"SEND OK" in demux.send(0, bytes([i + 1]) * 8192)
+        os.kill(daemon.worker_pid(0), signal.SIGKILL)
+        demux.expect(b"0,CLOSED\r\n", timeout=5)
+        conn.close()
+        deadline = time.monotonic() + 10
+        while b"CONNECT" not in host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1]):
+            assert time.monotonic() < deadline, "the link's worker did not come back"
+            time.sleep(0.2)
+        conn, _ = server.accept()
+        conn.settimeout(0.5)
+        for fill in (b"A", b"B"):
+            assert b"SEND OK" in Demux(host).send(0, fill * 8192)
+        got = bytearray()
+        while len(got) < 16384:
+            got += conn.recv(65536)  # each within 0.5 s (the timeout), not never
+        assert bytes(got) == b"A" * 8192 + b"B" * 8192
+        conn.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            conn.recv(65536)  # nothing more
         conn.close()
     finally:
         server.close()

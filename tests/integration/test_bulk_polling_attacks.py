@@ -3,7 +3,8 @@ back at full speed, half to the link's remote and half to another peer through
 AT+CIPSEND=<id>,<len>,<ip>,<port> (each one datagram of its exact bytes, in order, to its own
 peer), and AT+CIPSENDL streaming 64 KiB at full speed with a 3-byte AT+CIPSEND right behind it
 (the small one never overtakes the polled stream), and a worker killed right after a polled
-upload (its successor rings, the old ring's bytes never reach the new peer).  Hashed both ways; every wait bounded."""
+upload (its successor rings, the old ring's bytes never reach the new peer).  Hashed both
+ways; every wait bounded."""
 
 from __future__ import annotations
 

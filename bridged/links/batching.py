@@ -240,6 +240,8 @@ class Batching(BulkPolling):
 
     def _unpoll_uplink(self) -> None:
         """Doorbells again; a look a tick later for one the front skipped meanwhile."""
+        if self._bulk:
+            self._bulk_nodelay(False)  # AT+CIPTCPOPT's Nagle back (links.bulkpoll)
         self._polling = self._bulk = False
         self.uplink.poll_on_tick(0)
         self._look_owed = True

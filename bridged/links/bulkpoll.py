@@ -32,10 +32,17 @@ the flag is on, its rules end polling); a dropped socket or a fault's Shaper end
 link's payloads are records, one datagram each, committed whole (header and payload in one
 commit): polled records go in order, one ``sendto`` each, boundaries exact.  ``read_window_ms
 = 0`` (no ticker) turns this off too: every payload rings and goes at once.
+
+While polling, a TCP (or SSL) link whose AT+CIPTCPOPT left Nagle on sends with TCP_NODELAY
+(``_bulk_nodelay``; its own setting back when polling ends): a tick's send is a batch already,
+and Nagle held the next tick's behind the peer's delayed ACK, about 40 ms on loopback (48-72 of
+400 sends around the bulk tick that late, 0-21 with polling off: tests/integration/
+test_bulk_polling_edges_daemon).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 
 from bridged.ipc.doorbells import POLLED_BULK
@@ -76,11 +83,14 @@ class BulkPolling:
                 self._arm_bulk_tick()
         elif committed == self._last_commit:
             pass  # the rest of the same commits (a send the socket cut short, TLS records)
-        elif sent >= POLLED_BULK and committed - self._last_commit < self._bulk_start_ns:
+        elif sent >= POLLED_BULK and 0 <= committed - self._last_commit < self._bulk_start_ns:
+            # (0 <=: a stamp behind the last one, Ring.commit's ``at``, is no gap; with no ticker
+            # _bulk_start_ns is 0 and a negative "gap" would start polling with nothing to tick)
             self._bulk_streak += 1
             if self._bulk_streak >= _BULK_STREAK and self.shaper is None and self.sock is not None:
                 self._bulk = self._polling = True
                 self.uplink.poll_on_tick(self._bulk_period)
+                self._bulk_nodelay(True)
                 self._arm_bulk_tick()
         else:
             self._bulk_streak = 0
@@ -117,3 +127,14 @@ class BulkPolling:
         self._bulk_streak = 0
         if self._batch_tick is None and self._ticker is not None:
             self._arm_bulk_tick()
+
+    def _bulk_nodelay(self, on: bool) -> None:
+        """TCP_NODELAY while polling, on a link whose AT+CIPTCPOPT left Nagle on: a tick's send
+        is already a batch, and Nagle would hold the next one behind the peer's delayed ACK (its
+        ACK policy tuned to the batches' larger segments): ~40 ms, ten ticks, on loopback."""
+        if self.options.nodelay or self.datagram or self.sock is None:
+            return
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1 if on else 0)
+        except OSError:
+            pass  # the socket failed: its next send says why

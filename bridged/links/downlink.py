@@ -112,7 +112,6 @@ class Downlink(Batching):
         self._last_send = 0.0  # (the uplink's) when the MCU's data last went to the socket
         self._last_commit = 0  # (the uplink's) the front's commit of it (ns)
         self._bulk_streak = 0  # (links.bulkpoll) the last connection's sends start no polling
-        self._bulk_streak = 0  # (links.bulkpoll) the last connection's sends start no polling
         self._more_datagrams = False  # the last read left datagrams waiting (_recv_datagrams)
 
     def _on_readable(self) -> None:

@@ -340,6 +340,8 @@ class Worker(Connecting, Uplink, Downlink):
             log.warning("socket_options_failed", error=str(exc))
             return
         log.info("socket_options", **applied)
+        if self._bulk:
+            self._bulk_nodelay(True)  # polled: Nagle off until polling ends (links.bulkpoll)
 
     def _close(self, conn_id: int, reason: str, flush: bool = False) -> None:
         if conn_id != self.conn_id:

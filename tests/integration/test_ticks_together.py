@@ -6,6 +6,8 @@ Real daemon on a pty, real loopback peers; every byte hashed."""
 
 from __future__ import annotations
 
+import contextlib
+
 import socket
 import time
 
@@ -182,12 +184,12 @@ def test_passthrough_both_ways_then_a_short_write_an_escape_and_floods(daemon, k
         host.close()
 
 
-def test_cipclose_right_after_escaping_a_polled_passthrough_hands_the_peer_every_byte(make_daemon):
-    """Passthrough both ways on a 100 ms window (the worker polls the uplink), the MCU's last
-    1 KiB just after a tick, +++ with 40 ms guards and AT+CIPCLOSE the moment +QUITT comes:
-    the last piece (committed AT+TRANSINTVL after it came, under two windows after the one
-    before) may still wait unrung in the ring for the tick, and the close's flush must send
-    it: the peer gets every byte in order (hashed), then the end."""
+@contextlib.contextmanager
+def _polled_passthrough_tail(make_daemon, tag: int, fin_after: float | None = None):
+    """Passthrough both ways on a 100 ms window (the worker polls the uplink), then the MCU's
+    last 1 KiB just after a tick: committed AT+TRANSINTVL after it came, under two windows after
+    the piece before, so it may wait unrung in the ring for the next tick.  ``fin_after``: the
+    peer's FIN that many seconds after it.  Yields (host, peer, what the MCU sent)."""
     daemon = make_daemon("[links]\nread_window_ms = 100\n")
     host = daemon.host()
     server = socket.create_server(("127.0.0.1", 0))
@@ -196,12 +198,27 @@ def test_cipclose_right_after_escaping_a_polled_passthrough_hands_the_peer_every
         host.boot()
         conn = passthrough_on(host, server)
         peer = Peer(conn, gap=0.020)
-        up = stream_up(host, 30, 0.050, tag=5)
+        up = stream_up(host, 30, 0.050, tag=tag)
         while not 0.002 <= time.monotonic() % 0.100 <= 0.010:  # just after a tick: the next is far
             host._fill(0.0005)
-        last = bytes([252]) * 1024
+        last = bytes([251 + tag % 3]) * 1024  # (no 0xff: the peers answer on it)
         host.write(last)
-        up += last
+        if fin_after is not None:
+            peer.fin_at = time.monotonic() + fin_after
+        yield host, peer, up + last
+        conn.close()
+    finally:
+        if peer is not None:
+            peer.join()
+        server.close()
+        host.close()
+
+
+def test_cipclose_right_after_escaping_a_polled_passthrough_hands_the_peer_every_byte(make_daemon):
+    """The last piece waiting unrung (``_polled_passthrough_tail``), +++ with 40 ms guards and
+    AT+CIPCLOSE the moment +QUITT comes: the close's flush must send it: the peer gets every
+    byte in order (hashed), then the end."""
+    with _polled_passthrough_tail(make_daemon, tag=5) as (host, peer, up):
         time.sleep(0.040)  # (a loaded machine may read the last piece late: 20 ms could be data)
         host.write(b"+++")
         host.expect(b"\r\n+QUITT\r\n", timeout=5)
@@ -210,41 +227,14 @@ def test_cipclose_right_after_escaping_a_polled_passthrough_hands_the_peer_every
         host.expect(b"\r\nOK\r\n", timeout=5)
         wait_for(lambda: peer.eof or not peer.thread.is_alive(), 5, "no end for the peer")
         assert digest(peer.received) == digest(up), (len(peer.received), len(up))
-        conn.close()
-    finally:
-        if peer is not None:
-            peer.join()
-        server.close()
-        host.close()
 
 
 def test_the_peers_fin_while_a_polled_passthrough_piece_waits_in_the_ring(make_daemon):
-    """Passthrough both ways on a 100 ms window (the worker polls the uplink), the MCU's last
-    1 KiB just after a tick (committed AT+TRANSINTVL later, unrung), and the peer's FIN 50 ms
+    """The last piece waiting unrung (``_polled_passthrough_tail``) and the peer's FIN 50 ms
     after it, before the next tick: the worker sends what the ring holds before the link
     ends, so the peer (half-closed, reading on) gets every byte in order (hashed)."""
-    daemon = make_daemon("[links]\nread_window_ms = 100\n")
-    host = daemon.host()
-    server = socket.create_server(("127.0.0.1", 0))
-    peer = None
-    try:
-        host.boot()
-        conn = passthrough_on(host, server)
-        peer = Peer(conn, gap=0.020)
-        up = stream_up(host, 30, 0.050, tag=9)
-        while not 0.002 <= time.monotonic() % 0.100 <= 0.010:  # just after a tick: the next is far
-            host._fill(0.0005)
-        last = bytes([253]) * 1024
-        host.write(last)
-        peer.fin_at = time.monotonic() + 0.050
-        up += last
+    with _polled_passthrough_tail(make_daemon, tag=9, fin_after=0.050) as (host, peer, up):
         wait_for(lambda: len(peer.received) >= len(up) or not peer.thread.is_alive(), 5, "the uplink stopped short",
-              pump=lambda: host._fill(0.001))
+                 pump=lambda: host._fill(0.001))
         assert digest(peer.received) == digest(up), (len(peer.received), len(up))
-        conn.close()
-    finally:
-        if peer is not None:
-            peer.join()
-        server.close()
-        host.close()
 

@@ -109,8 +109,9 @@ class FrontFaults:
                               resume_at=self.loop.time() if again else None, report=self._report)
         self.bytes = ByteFaults(self.plan, self.loop.time)
         self.line = LineHooks(self.bytes, front)  # the UART paths, hooked while a kind is on
-        # Some AT kind is configured or was armed: every command line draws (`refuse`).
-        # Read by the front before each line; never reset (a disarmed kind draws nothing).
+        # Some AT kind is configured or armed: every command line draws (`refuse`), and the
+        # quick send line (uart.direct) is off. Read by the front before each line; off again
+        # once no AT kind is left (an on-demand one spent: `refuse`), on at the next demand.
         self.at_commands = any(self.plan.enabled(name) for name in _AT_KINDS)
         self.tally = inherited() or Tally()  # the front's and the workers' faults, since the daemon started
         self.ap_back_at = 0.0  # a wifi_drop's AP is gone until then
@@ -144,6 +145,7 @@ class FrontFaults:
         """Draw this command's AT faults; True when at_busy took it (answered, dropped)."""
         plan = self.plan
         if not any(plan.enabled(name) for name in _AT_KINDS):
+            self.at_commands = False  # spent: the lines go the usual way again (quick send line)
             return False
         now = self.loop.time()
         busy = plan.hit("at_busy", now)

@@ -198,3 +198,33 @@ def test_worker_faults_are_counted_with_the_fronts_and_marked():
         faults.close()
 
     asyncio.run(main())
+
+
+def test_an_on_demand_at_fault_once_spent_draws_no_more_lines():
+    """at_busy on demand (count 1) takes one command line; then no AT kind is left and the front
+    stops drawing for each line (at_commands off: its quick AT+CIPSEND line is back) until the
+    next demand turns it on again. A configured AT kind keeps it on for good."""
+
+    async def main():
+        front = fake_front()
+        faults = FrontFaults(front)
+        faults.start()
+        front.ctx = SimpleNamespace(state=SimpleNamespace(syslog=False))
+        replies: list[bytes] = []
+        front.output = SimpleNamespace(reply=replies.append, mangle=None, batched=0)
+        assert not faults.at_commands
+        faults.demand("at_busy", {"count": 1})
+        assert faults.at_commands
+        assert faults.refuse(SimpleNamespace(name="+GMR")) is True and replies  # busy p...
+        assert faults.refuse(SimpleNamespace(name="+GMR")) is False
+        assert not faults.at_commands
+        faults.demand("at_busy", {"count": 1})
+        assert faults.at_commands
+        faults.close()
+        configured = FrontFaults(fake_front({"at_delay": {"rate": 0.0, "ms": 10}}))
+        configured.start()
+        assert configured.refuse(SimpleNamespace(name="+GMR")) is False and configured.at_commands
+        configured.close()
+        resolver.set_fault_hook(None)
+
+    asyncio.run(main())

@@ -19,6 +19,8 @@ from tests.integration.both_ways import link_zero
 
 pytestmark = pytest.mark.timeout(120)
 
+_LATE = 44  # of 400 sends 30 ms or more after their SEND OK (see the test's docstring)
+
 
 def _run(make_daemon) -> int:
     """400 sends around the bulk tick, all checked; how many reached the peer 30 ms or more
@@ -83,12 +85,13 @@ def test_sends_around_the_bulk_tick_all_arrive_and_few_wait_for_a_delayed_ack(ma
     """Every byte in order, none lost to a doorbell race (each run); and on a link with Nagle on
     (AT+CIPTCPOPT's default) few sends reach the peer 30 ms late: with Nagle on while polled,
     the next tick's send waited for the peer's delayed ACK (40 ms): 48-72 of 400 late in every
-    run (5 runs; 0-21 with polling off, 5-30 with the fix).  The quietest of up to three runs
-    (load only adds)."""
+    run (5 runs; 0-21 with polling off, 5-30 with the fix, 34-39 with the fix under make test's
+    load).  The quietest of up to three runs (load only adds), against a bound between those:
+    a guard only, the rule itself is tests/links/test_worker_bulk_polling_edges' (no clock)."""
     late = []
     for _ in range(3):
         late.append(_run(make_daemon))
-        if late[-1] <= 24:
+        if late[-1] <= _LATE:
             break
     print(f"sends 30 ms late or more, per run: {late}")
-    assert min(late) <= 24, late
+    assert min(late) <= _LATE, late

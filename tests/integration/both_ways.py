@@ -1,6 +1,7 @@
 """A peer that streams into passthrough while the MCU streams out (one thread,
 non-blocking, so a TLS socket is never read and written from two threads); a
-booted host with link 0 connected to a loopback peer (``link_zero``)."""
+booted host with link 0 connected to a loopback peer (``link_zero``), and link 0 reopened
+after its worker was killed (``reopened_link_sends_alone``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import socket
 import ssl
 import threading
 import time
+
+from tests.harness import Demux
 
 _AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -103,3 +106,23 @@ def link_zero(daemon):
         raise
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return server, host, conn
+
+
+def reopened_link_sends_alone(host, server, size: int):
+    """After link 0's worker was killed and its CLOSED came: reopen link 0 (on the restarted
+    worker, the same rings) to ``server`` and send two ``size``-byte payloads back to back;
+    the new peer gets them at once (each read within 0.5 s, not left for ticks nobody arms)
+    and alone (nothing of the old link's ring). Returns the new peer's end (0.5 s timeout)."""
+    deadline = time.monotonic() + 10
+    while b"CONNECT" not in host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1]):
+        assert time.monotonic() < deadline, "the link's worker did not come back"
+        time.sleep(0.2)
+    conn, _ = server.accept()
+    conn.settimeout(0.5)
+    for fill in (b"A", b"B"):
+        assert b"SEND OK" in Demux(host).send(0, fill * size)
+    got = bytearray()
+    while len(got) < 2 * size:
+        got += conn.recv(65536)  # each within 0.5 s (the timeout), not never
+    assert bytes(got) == b"A" * size + b"B" * size
+    return conn

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.harness import Demux, udp_peer
-from tests.integration.both_ways import link_zero
+from tests.integration.both_ways import link_zero, reopened_link_sends_alone
 
 
 def _switches(pid: int) -> int:
@@ -124,18 +124,7 @@ def test_a_worker_killed_mid_bulk_upload_leaves_nothing_behind_for_the_next_conn
         os.kill(daemon.worker_pid(0), signal.SIGKILL)
         demux.expect(b"0,CLOSED\r\n", timeout=5)
         conn.close()
-        deadline = time.monotonic() + 10
-        while b"CONNECT" not in host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1]):
-            assert time.monotonic() < deadline, "the link's worker did not come back"
-            time.sleep(0.2)
-        conn, _ = server.accept()
-        conn.settimeout(0.5)
-        for fill in (b"A", b"B"):
-            assert b"SEND OK" in Demux(host).send(0, fill * 8192)
-        got = bytearray()
-        while len(got) < 16384:
-            got += conn.recv(65536)  # each within 0.5 s (the timeout), not never
-        assert bytes(got) == b"A" * 8192 + b"B" * 8192
+        conn = reopened_link_sends_alone(host, server, 8192)
         conn.settimeout(0.2)
         with pytest.raises(TimeoutError):
             conn.recv(65536)  # nothing more

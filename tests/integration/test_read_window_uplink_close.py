@@ -12,7 +12,7 @@ import threading
 import time
 
 from tests.harness import Demux
-from tests.integration.both_ways import link_zero
+from tests.integration.both_ways import link_zero, reopened_link_sends_alone
 
 WINDOW = 0.1
 GAP = 0.05  # the MCU's 2 KiB sends: within two windows of each other, a steady stream
@@ -117,18 +117,6 @@ def test_a_worker_killed_while_polling_leaves_its_restarted_successor_ringing(ma
         demux.expect(b"0,CLOSED\r\n", timeout=5)
         peer.join()
         conn.close()
-        deadline = time.monotonic() + 10
-        while b"CONNECT" not in host.ask(b'AT+CIPSTART=0,"TCP","127.0.0.1",%d' % server.getsockname()[1]):
-            assert time.monotonic() < deadline, "the link's worker did not come back"
-            time.sleep(0.2)
-        conn, _ = server.accept()
-        conn.settimeout(0.5)
-        for fill in (b"A", b"B"):
-            assert b"SEND OK" in Demux(host).send(0, fill * 2048)
-        got = bytearray()
-        while len(got) < 4096:
-            got += conn.recv(65536)  # each within 0.5 s (the timeout), not never
-        assert bytes(got) == b"A" * 2048 + b"B" * 2048
-        conn.close()
+        reopened_link_sends_alone(host, server, 2048).close()
     finally:
         server.close()

@@ -45,6 +45,19 @@ def _five_links(host, server) -> list[socket.socket]:
     return conns
 
 
+def _flood_ending_in_a_send(host, expect) -> bytes:
+    """300 AT and an AT+CIPSEND on link 2 in one write (a driver's retry loop), each answer
+    awaited with ``expect`` (the driver's own reader), then the payload: what link 2 sent."""
+    flood = bytes([251]) * 2048
+    host.write(b"AT\r\n" * 300 + b"AT+CIPSEND=2,%d\r\n" % len(flood))
+    for _ in range(300):
+        expect(b"\r\nOK\r\n")
+    expect(b"\r\nOK\r\n\r\n>")
+    host.write(flood)
+    expect(b"\r\nSEND OK\r\n")
+    return flood
+
+
 def test_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
     """Five links, each peer streaming 1 KiB every 10 ms; the MCU, reading its UART in
     64-byte pieces, sends 2 KiB to each link in turn, each AT+CIPSEND the instant the last
@@ -74,14 +87,7 @@ def test_cipsend_floods_on_five_links_while_all_five_peers_stream(daemon):
             demux.expect(b"\r\nOK\r\n")
             while time.monotonic() < start + (round_ + 1) * 0.025:
                 demux.pump(0.001)
-        flood = bytes([251]) * 2048
-        host.write(b"AT\r\n" * 300 + b"AT+CIPSEND=2,%d\r\n" % len(flood))
-        for _ in range(300):
-            demux.expect(b"\r\nOK\r\n")
-        demux.expect(b"\r\nOK\r\n\r\n>")
-        host.write(flood)
-        demux.expect(b"SEND OK\r\n")
-        ups[2] += flood
+        ups[2] += _flood_ending_in_a_send(host, demux.expect)
         for peer in peers:
             peer.streaming.clear()
         time.sleep(0.1)
@@ -304,14 +310,7 @@ def test_passive_reads_and_cipsend_floods_on_five_links_while_all_five_peers_str
                     driver.read(link, min(unread, 2048))
             while time.monotonic() < start + (round_ + 1) * 0.025:
                 _small_reads(host, 0.001)
-        flood = bytes([251]) * 2048
-        host.write(b"AT\r\n" * 300 + b"AT+CIPSEND=2,%d\r\n" % len(flood))
-        for _ in range(300):
-            driver._through(b"\r\nOK\r\n")
-        driver._through(b"\r\nOK\r\n\r\n>")
-        host.write(flood)
-        driver._through(b"\r\nSEND OK\r\n")
-        ups[2] += flood
+        ups[2] += _flood_ending_in_a_send(host, driver._through)
         for peer in peers:
             peer.streaming.clear()
         deadline = time.monotonic() + 20

@@ -164,8 +164,25 @@ def server_tls(tls_files) -> ssl.SSLContext:
     return context
 
 
-class TlsEchoServer(EchoServer):
-    """The harness's echo server behind a TLS handshake."""
+class WifiEchoServer(EchoServer):
+    """An echo a WiFi round trip away.  socket_send reads until its input ends in SEND OK: an
+    echo in the same read (loopback's answer, a loaded machine past the 5 ms URC gap) makes
+    it wait its whole 1 s timeout, which a real network's round trip never does."""
+
+    ROUND_TRIP = 0.2
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(65536):
+                time.sleep(self.ROUND_TRIP)
+                conn.sendall(data)
+        except OSError:
+            return
+        self.closed_by_peer.set()
+
+
+class TlsEchoServer(WifiEchoServer):
+    """The WiFi echo server behind a TLS handshake."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.context = context
@@ -247,6 +264,13 @@ class HttpServer:
 
 
 @pytest.fixture
+def wifi_echo():
+    server = WifiEchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def udp_echo():
     server = UdpEchoServer()
     yield server
@@ -300,7 +324,7 @@ def _receive(esp: ESP_ATcontrol, length: int, timeout: float = 10.0) -> bytes:
 
 
 # First: its own daemon is stopped before the shared one starts.
-def test_soft_reset_and_reconnect(fresh_esp, echo_server):
+def test_soft_reset_and_reconnect(fresh_esp, wifi_echo):
     """soft_reset() sees ready within its timeout; the examples' is_connected/connect loop then gets a working link."""
     esp = fresh_esp
     started = time.monotonic()
@@ -311,7 +335,7 @@ def test_soft_reset_and_reconnect(fresh_esp, echo_server):
             break
         esp.connect(WIFI, timeout=5, retries=1)
     assert esp.status == ESP_ATcontrol.STATUS_APCONNECTED
-    assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", echo_server.port)
+    assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", wifi_echo.port)
     _send(esp, b"after reset")
     assert _receive(esp, 11) == b"after reset"
     esp.socket_disconnect()
@@ -334,15 +358,15 @@ def test_begin_join_leave_and_rejoin(esp):
     assert esp.status == ESP_ATcontrol.STATUS_APCONNECTED
 
 
-def test_tcp_echo(esp, echo_server):
+def test_tcp_echo(esp, wifi_echo):
     """socket_connect TCP, socket_send and socket_receive carry bytes both ways; disconnect closes."""
     payload = os.urandom(1500)
-    assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", echo_server.port)
+    assert esp.socket_connect(ESP_ATcontrol.TYPE_TCP, "127.0.0.1", wifi_echo.port)
     assert esp.status == ESP_ATcontrol.STATUS_SOCKETOPEN
     _send(esp, payload)
     assert _receive(esp, len(payload)) == payload
     esp.socket_disconnect()
-    assert echo_server.closed_by_peer.wait(5)
+    assert wifi_echo.closed_by_peer.wait(5)
     assert esp.status == ESP_ATcontrol.STATUS_APCONNECTED
 
 

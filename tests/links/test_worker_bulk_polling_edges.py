@@ -99,13 +99,15 @@ def test_the_ring_exactly_half_full_waits_a_tick_not_forever_and_511_rings():
         assert rang_half in (False, True, None)
         await up.stream(12)
         if _polled(live):
-            before = live.up.last_commit()
+            before, used = live.up.last_commit(), live.up.available()
             rang_512 = up.send(b"\x44" * 512)
             gap = live.up.last_commit() - before  # ns: a commit a quiet spell after the last rings
             quiet = live.up._index[rings._READ + 1]
             await up.settle()
-            # (a loaded tick may have ended polling, or this loaded loop left a quiet spell)
-            assert not rang_512 or not _polled(live) or gap >= quiet, (gap, quiet)
+            # (a loaded tick may have ended polling, this loaded loop left a quiet spell, or a
+            # worker behind left the ring near half full: each rings by the ring's own rule)
+            allowed = not _polled(live) or gap >= quiet or used + 512 > RING // 2
+            assert not rang_512 or allowed, (gap, quiet, used)
         await up.settle()
 
     _tcp(script)

@@ -14,8 +14,11 @@ waiting one is replaced by a newer one rather than queued behind it.
 Bounded: the supervisor sends a ping per heartbeat and each refusal ends a
 worker it must restart, so a handful of messages wait at most; past
 ``_MAX_WAITING`` (a supervisor that stopped reading for good) a new message
-is dropped and logged.  A channel that fails (the supervisor is gone) drops
-what waits: the front hears its EOF and stops.  The ending front (``close``)
+is dropped and logged, except ``FrontReady`` and ``PortFailed``: said once
+each per front process, they still wait (the supervisor's start-up and its
+exit status hang on them, and nothing would say them again).  A channel
+that fails (the supervisor is gone) drops what waits: the front hears its
+EOF and stops.  The ending front (``close``)
 gives what still waits a bounded blocking try: PortFailed is said just before
 the front ends, and the supervisor's exit status depends on it.
 """
@@ -30,13 +33,14 @@ from collections import deque
 import structlog
 
 from bridged.ipc.control import send_message
-from bridged.ipc.messages import Pong
+from bridged.ipc.messages import FrontReady, PortFailed, Pong
 
 __all__ = ["SupervisorOutbox"]
 
 log = structlog.get_logger()
 
 _MAX_WAITING = 64
+_ONCE_PER_FRONT = (FrontReady, PortFailed)  # kept past _MAX_WAITING: bounded by their nature
 _CLOSE_WAIT = 1.0  # seconds the ending front gives what still waits
 
 
@@ -68,7 +72,7 @@ class SupervisorOutbox:
                 if isinstance(waiting, Pong):
                     del self._waiting[i]  # it answered an older ping: the newer answer replaces it
                     break
-        if len(self._waiting) >= _MAX_WAITING:
+        if len(self._waiting) >= _MAX_WAITING and not isinstance(msg, _ONCE_PER_FRONT):
             log.error("supervisor_message_dropped", message=type(msg).__name__, waiting=len(self._waiting))
             return
         self._waiting.append(msg)

@@ -145,3 +145,33 @@ def test_close_gives_up_on_a_supervisor_that_never_reads():
         sup.close()
 
     asyncio.run(main())
+
+
+def test_past_the_cap_ready_and_port_failed_still_wait_refusals_are_dropped():
+    """A supervisor that stopped reading while refusals piled up past the cap: a further refusal
+    is dropped (logged), but FrontReady and PortFailed, said once per front and never again,
+    still wait and arrive, in order, once it reads."""
+    from bridged.ipc.messages import PortFailed
+    from bridged.uart.sup_outbox import _MAX_WAITING
+
+    async def main():
+        front, sup, fillers = _filled_pair()
+        outbox = SupervisorOutbox(asyncio.get_running_loop(), front)
+        for pid in range(_MAX_WAITING):
+            outbox.send(WorkerRefused(pid % 5, 1000 + pid))
+        outbox.send(WorkerRefused(0, 99))  # past the cap: dropped
+        outbox.send(FrontReady("tty"))
+        outbox.send(PortFailed("gone"))
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < fillers + _MAX_WAITING + 2:
+            assert time.monotonic() < deadline, f"{len(got) - fillers} of {_MAX_WAITING + 2} went out"
+            await asyncio.sleep(0.01)
+            got += _read_all(sup)
+        assert got[fillers:] == ([WorkerRefused(pid % 5, 1000 + pid) for pid in range(_MAX_WAITING)]
+                                 + [FrontReady("tty"), PortFailed("gone")])
+        outbox.close()
+        front.close()
+        sup.close()
+
+    asyncio.run(main())

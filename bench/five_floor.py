@@ -4,7 +4,7 @@ most 3x socat's").
 bench.five_links's client (``five_links.bridged_five``: ``AT+CIPMUX=1``, five TCP
 links, ``AT+CIPSEND=<id>,8192`` in turn with every reply checked byte for byte,
 each peer streaming its downlink, the +IPD frames parsed by length, all ten
-payloads hash-checked) runs against four systems in the same run, on the same
+payloads hash-checked) runs against five systems in the same run, on the same
 payloads (``per_link`` bytes each way per link):
 
 * ``floor (a)``: ``bench.floor_rings one``, one uvloop process answering just
@@ -12,6 +12,9 @@ payloads (``per_link`` bytes each way per link):
 * ``floor (b)``: ``bench.floor_rings split``, the same front with each link's
   socket in a forked worker, the bytes through bridged's own rings: the least
   the fixed design (a front, a worker per link, SPSC rings) needs;
+* ``floor (b) polled``: ``bench.floor_rings polled``, floor (b) with the uplink
+  ring polled as bridged's workers poll a bulk upload (``links.bulkpoll``: the
+  front's commits ring past half a ring, a 4 ms one-shot tick takes the rest);
 * ``bridged``: the real daemon (the commit this tree's HEAD names, exported as
   ``python -m bench --daemon-commit`` does, the stand-ins importing it too);
 * ``socat``: five_links's baseline, one socat PTY <-> TCP moving the same total.
@@ -20,7 +23,7 @@ Measured as five_links measures (``TreeCpu``: schedstat run time of every proces
 of the tree over the window), plus per process: voluntary context switches
 (psutil's ``num_ctx_switches``, wake-ups) and read and write system calls
 (``syscr``/``syscw`` of ``/proc/PID/io``), per AT+CIPSEND (socat: per 8 KiB of
-uplink, the same count).  The order of the four turns one step each run.
+uplink, the same count).  The order of the five turns one step each run.
 
 Run: ``.venv/bin/python -m bench.five_floor [runs] [per_link_mib]`` (defaults 5
 and 4, as ``python -m bench --only five_links``); medians of the runs.  Exit 1 on
@@ -46,8 +49,9 @@ from .common import (MB, REPO, BenchError, HashMismatch, PtyClient, TreeCpu, _st
                      _threads_runtime, median, now)
 from .streams import make_payload
 
-SYSTEMS = ("floor (a)", "floor (b)", "bridged", "socat")
-LAYOUTS = {"floor (a)": "one", "floor (b)": "split", "bridged": "bridged", "socat": "socat"}
+SYSTEMS = ("floor (a)", "floor (b)", "floor (b) polled", "bridged", "socat")
+LAYOUTS = {"floor (a)": "one", "floor (b)": "split", "floor (b) polled": "polled", "bridged": "bridged",
+           "socat": "socat"}
 
 
 class FloorDaemon:
@@ -200,31 +204,36 @@ def _measure(name: str, ups, downs) -> dict:
     return {"cpu": r["x_cpu_s_per_mb"] * 1000, "mb_s": r["mb_s"], "wakes": totals[1] / sends,
             "reads": totals[2] / sends, "writes": totals[3] / sends,
             "roles": {role: v[0] * 1000 / mb for role, v in roles.items()},
-            "role_wakes": {role: v[1] / sends for role, v in roles.items()}}
+            "role_calls": {role: (v[1] / sends, v[2] / sends, v[3] / sends) for role, v in roles.items()}}
 
 
 def one_run(k: int, per_link: int) -> dict[str, dict]:
     ups = [make_payload(per_link) for _ in range(five_links.LINKS)]
     downs = [make_payload(per_link) for _ in range(five_links.LINKS)]
-    order = SYSTEMS[k % 4:] + SYSTEMS[:k % 4]
+    k %= len(SYSTEMS)
+    order = SYSTEMS[k:] + SYSTEMS[:k]
     res = {name: _measure(name, ups, downs) for name in order}
     for r in res.values():
         r["ratio"] = r["cpu"] / res["socat"]["cpu"]
     return res
 
 
+def _calls_text(calls) -> str:
+    return "/".join(f"{x:.2f}" for x in calls)
+
+
 def _roles_text(r: dict) -> str:
-    return ", ".join(f"{role} {ms:.2f}" + (f" ({r['role_wakes'][role]:.2f} wk)" if role != "socat" else "")
-                     for role, ms in sorted(r["roles"].items()))
+    return ", ".join(f"{role} {ms:.2f} ({_calls_text(r['role_calls'][role])})"
+                     for role, ms in sorted(r["roles"].items()) if role != "supervisor" or ms >= 0.005)
 
 
 def _print_run(k: int, res: dict[str, dict]) -> None:
     print(f"run {k + 1} (order {', '.join(res)}):")
     for name in SYSTEMS:
         r = res[name]
-        print(f"  {name:9s} {r['cpu']:6.2f} ms CPU/MB ({r['ratio']:.2f}x socat), {r['mb_s']:6.2f} MB/s; "
+        print(f"  {name:16s} {r['cpu']:6.2f} ms CPU/MB ({r['ratio']:.2f}x socat), {r['mb_s']:6.2f} MB/s; "
               f"per send {r['wakes']:.2f} wake-ups, {r['reads']:.2f} reads, {r['writes']:.2f} writes; "
-              f"ms/MB by process: {_roles_text(r)}")
+              f"by process, ms/MB (wake-ups/reads/writes per send): {_roles_text(r)}")
 
 
 def _print_medians(runs: list[dict[str, dict]]) -> None:
@@ -233,15 +242,15 @@ def _print_medians(runs: list[dict[str, dict]]) -> None:
 
     print(f"\nmedians of {len(runs)} runs (ratio: the median of each run's ratio to that run's socat):\n")
     print("| system | CPU per MB (ms) | ratio to socat | MB/s | wake-ups per send | reads per send "
-          "| writes per send | CPU per MB by process (ms; wake-ups per send) |")
+          "| writes per send | by process: CPU per MB in ms (wake-ups/reads/writes per send) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in SYSTEMS:
         roles = sorted({role for r in runs for role in r[name]["roles"]})
         parts = []
         for role in roles:
             ms = median(r[name]["roles"].get(role, 0.0) for r in runs)
-            wk = median(r[name]["role_wakes"].get(role, 0.0) for r in runs)
-            parts.append(f"{role} {ms:.2f}" + (f" ({wk:.2f})" if name != "socat" else ""))
+            calls = [median(r[name]["role_calls"].get(role, (0, 0, 0))[j] for r in runs) for j in range(3)]
+            parts.append(f"{role} {ms:.2f} ({_calls_text(calls)})")
         print(f"| {name} | {med(name, 'cpu'):.2f} | {med(name, 'ratio'):.2f}x | {med(name, 'mb_s'):.2f} "
               f"| {med(name, 'wakes'):.2f} | {med(name, 'reads'):.2f} | {med(name, 'writes'):.2f} "
               f"| {', '.join(parts)} |")

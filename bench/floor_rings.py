@@ -1,6 +1,6 @@
 """Floor (b)'s rings and link workers, and the stand-in daemon's entry point (``bench.five_floor``).
 
-Run as ``python -m bench.floor_rings MODE LINK`` (MODE ``one`` or ``split``; see
+Run as ``python -m bench.floor_rings MODE LINK`` (MODE ``one``, ``split`` or ``polled``; see
 ``bench.floor_parts`` for what the stand-in answers).  In ``split`` the process
 makes one uplink and one downlink ``Ring`` per link (65536 bytes, bridged's
 default) and forks a worker per link before its loop starts, as bridged's
@@ -10,8 +10,9 @@ doorbell (SEND OK went out when the front committed them), the socket's bytes
 into the downlink ring as records (``Ring.recv_behind``, one doorbell per
 wake-up).  Neither side asks for the other's space doorbell except while it waits
 for room; that wait looks again every RECHECK seconds too (the index stores have
-no fence: ``Ring.want_space_doorbell``).  A worker ends when the front does (its
-control socket's end).
+no fence: ``Ring.want_space_doorbell``).  ``polled``: ``split`` with the uplink
+ring polled during the bulk upload as bridged's workers poll it (``Worker``).  A
+worker ends when the front does (its control socket's end).
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ import asyncio
 import os
 import socket
 import sys
+import time
 import traceback
 
 import uvloop
 
 from bridged.ipc import records
 from bridged.ipc.rings import Ring
+from bridged.links.ticker import Ticker
 from bridged.uart.port import Pty, open_pty
 
 from .floor_parts import HIGH, LINKS, OVERHEAD, RECHECK, RECORD, RING, Front, Gate, SockLink
 
 RESUME = RING // 4  # free bytes a worker waits for before it reads its socket again
+BULK_TICK = 0.004  # s: bridged's bulk tick (links.bulkpoll._BULK_TICK)
 
 
 class RingLink:
@@ -111,17 +115,41 @@ class RingLink:
 
 
 class Worker:
-    """Floor (b)'s link worker: the uplink ring to the socket, the socket into the downlink ring."""
+    """Floor (b)'s link worker: the uplink ring to the socket, the socket into the downlink ring.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, up: Ring, down: Ring) -> None:
+    ``polled``: the uplink ring polled as bridged's bulk upload polls it (``links.bulkpoll``):
+    the front's commits ring only past half a ring or after a quiet tick, and a one-shot tick
+    BULK_TICK after the last send takes what came unrung (armed again while commits come)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, up: Ring, down: Ring,
+                 polled: bool = False) -> None:
         self.loop, self.sock, self.up, self.down = loop, sock, up, down
         self.mask = up.capacity - 1
         self.writing = False
         self.timer: asyncio.TimerHandle | None = None
+        self.ticker: Ticker | None = None
+        self.due = 0.0  # when the armed tick fires (0: none armed)
+        self.idle = 0  # ticks running that found nothing, the last commit a tick old
         down.want_space_doorbell(False)  # asked for only while the ring is full
         loop.add_reader(up.data_fd, self.on_up)
         loop.add_reader(down.space_fd, self.on_space)
         self.gate = Gate(loop, sock.fileno(), self.on_sock)
+        if polled:
+            self.ticker = Ticker(loop, self.on_tick)
+            up.poll_on_tick(BULK_TICK)
+
+    def arm(self) -> None:
+        self.due = time.monotonic() + BULK_TICK
+        self.ticker.arm(self.due, 0)
+
+    def on_tick(self) -> None:
+        self.due = 0.0
+        if self.push() or time.monotonic_ns() - self.up.last_commit() < BULK_TICK * 1e9:
+            self.idle = 0
+        else:
+            self.idle += 1  # two quiet ticks: the next commit comes after quiet, and rings
+        if not self.due and self.idle < 2:
+            self.arm()
 
     def on_up(self) -> None:
         try:
@@ -131,8 +159,9 @@ class Worker:
         if not self.writing:
             self.push()
 
-    def push(self) -> None:
-        up = self.up
+    def push(self) -> int:
+        """Send what the uplink ring holds; return the bytes sent."""
+        up, total = self.up, 0
         for _ in range(3):  # bounded: a wrapped ring's two pieces, and what came meanwhile
             data, read, used = up.published()
             if not used:
@@ -146,11 +175,15 @@ class Worker:
                 if not self.writing:
                     self.loop.add_writer(self.sock.fileno(), self.push)
                     self.writing = True
-                return
+                return total
             up.consume(sent)
+            total += sent
         if self.writing:
             self.loop.remove_writer(self.sock.fileno())
             self.writing = False
+        if total and self.ticker is not None and self.due - time.monotonic() < 0.5 * BULK_TICK:
+            self.arm()  # a tick at most BULK_TICK after this send, re-armed every other wake-up
+        return total
 
     def on_sock(self) -> None:
         down = self.down
@@ -198,7 +231,7 @@ class Worker:
         self.on_space()
 
 
-def _worker(up: Ring, down: Ring, ctl: socket.socket) -> None:
+def _worker(up: Ring, down: Ring, ctl: socket.socket, polled: bool) -> None:
     ctl.settimeout(120.0)
     request = ctl.recv(64)
     if not request:
@@ -213,7 +246,7 @@ def _worker(up: Ring, down: Ring, ctl: socket.socket) -> None:
     async def work() -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        Worker(loop, sock, up, down)
+        Worker(loop, sock, up, down, polled)
 
         def on_ctl() -> None:
             try:
@@ -228,7 +261,7 @@ def _worker(up: Ring, down: Ring, ctl: socket.socket) -> None:
     uvloop.run(work())
 
 
-def start_workers(pty: Pty) -> tuple[list[tuple[Ring, Ring]], list[socket.socket]]:
+def start_workers(pty: Pty, polled: bool) -> tuple[list[tuple[Ring, Ring]], list[socket.socket]]:
     """The rings, and a worker forked per link (before any loop runs); the front's control sockets."""
     pairs = [(Ring.create(RING, f"floor{i}-up"), Ring.create(RING, f"floor{i}-down")) for i in range(LINKS)]
     ctls: list[socket.socket] = []
@@ -242,7 +275,7 @@ def start_workers(pty: Pty) -> tuple[list[tuple[Ring, Ring]], list[socket.socket
                     s.close()
                 os.close(pty.master)
                 os.close(pty.slave)
-                _worker(up, down, theirs)
+                _worker(up, down, theirs, polled)
             except BaseException:
                 traceback.print_exc()
                 code = 1
@@ -264,11 +297,11 @@ async def _front(mode: str, master: int, pairs: list, ctls: list) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2 or argv[0] not in ("one", "split"):
-        raise SystemExit("usage: python -m bench.floor_rings one|split LINK")
+    if len(argv) != 2 or argv[0] not in ("one", "split", "polled"):
+        raise SystemExit("usage: python -m bench.floor_rings one|split|polled LINK")
     mode, link = argv
     pty = open_pty(link)
-    pairs, ctls = start_workers(pty) if mode == "split" else ([], [])
+    pairs, ctls = start_workers(pty, mode == "polled") if mode != "one" else ([], [])
     uvloop.run(_front(mode, pty.master, pairs, ctls))
 
 

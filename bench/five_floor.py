@@ -15,15 +15,18 @@ payloads (``per_link`` bytes each way per link):
 * ``floor (b) polled``: ``bench.floor_rings polled``, floor (b) with the uplink
   ring polled as bridged's workers poll a bulk upload (``links.bulkpoll``: the
   front's commits ring past half a ring, a 4 ms one-shot tick takes the rest);
-* ``bridged``: the real daemon (the commit this tree's HEAD names, exported as
-  ``python -m bench --daemon-commit`` does, the stand-ins importing it too);
+* ``bridged``: the real daemon, the code of the commit this tree's HEAD names
+  (exported as ``python -m bench --daemon-commit`` does; the stand-ins import
+  this tree's ``bridged`` package, run from the repository root);
 * ``socat``: five_links's baseline, one socat PTY <-> TCP moving the same total.
 
 Measured as five_links measures (``TreeCpu``: schedstat run time of every process
 of the tree over the window), plus per process: voluntary context switches
 (psutil's ``num_ctx_switches``, wake-ups) and read and write system calls
 (``syscr``/``syscw`` of ``/proc/PID/io``), per AT+CIPSEND (socat: per 8 KiB of
-uplink, the same count).  The order of the five turns one step each run.
+uplink, the same count), and the share of system time in its CPU (psutil's
+clock-tick user and system times: rough, 10 ms ticks).  The order of the five
+turns one step each run.
 
 Run: ``.venv/bin/python -m bench.five_floor [runs] [per_link_mib]`` (defaults 5
 and 4, as ``python -m bench --only five_links``); medians of the runs.  Exit 1 on
@@ -120,16 +123,19 @@ class FloorDaemon:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _proc_stats(pid: int) -> tuple[float, int, int, int] | None:
-    """(CPU s from schedstat, voluntary switches, syscr, syscw) of one process."""
+def _proc_stats(pid: int) -> tuple[float, int, int, int, float] | None:
+    """(CPU s from schedstat, voluntary switches, syscr, syscw, system time s in clock ticks)
+    of one process."""
     try:
         runtime = _threads_runtime(pid) or {}
-        switches = psutil.Process(pid).num_ctx_switches().voluntary
+        proc = psutil.Process(pid)
+        switches = proc.num_ctx_switches().voluntary
+        system = proc.cpu_times().system
         with open(f"/proc/{pid}/io") as f:
             io = dict(line.split(": ") for line in f.read().splitlines())
     except (psutil.Error, OSError, ValueError):
         return None
-    return sum(runtime.values()) / 1e9, switches, int(io["syscr"]), int(io["syscw"])
+    return sum(runtime.values()) / 1e9, switches, int(io["syscr"]), int(io["syscw"]), system
 
 
 def _role(layout: str, k: int) -> str:
@@ -172,11 +178,12 @@ class ProcMeter(TreeCpu):
         return total
 
     def by_role(self) -> dict[str, list[float]]:
-        """role -> [CPU s, wake-ups, syscr, syscw] over the window (a process born in it counts whole)."""
+        """role -> [CPU s, wake-ups, syscr, syscw, system s] over the window (a process born in
+        it counts whole)."""
         out: dict[str, list[float]] = {}
         for pid, (role, *stats) in self.after.items():
-            base = self.before.get(pid, (role, 0.0, 0, 0, 0))[1:]
-            acc = out.setdefault(role, [0.0, 0, 0, 0])
+            base = self.before.get(pid, (role, 0.0, 0, 0, 0, 0.0))[1:]
+            acc = out.setdefault(role, [0.0, 0, 0, 0, 0.0])
             for j, (a, b) in enumerate(zip(stats, base)):
                 acc[j] += a - b
         return out
@@ -204,7 +211,8 @@ def _measure(name: str, ups, downs) -> dict:
     return {"cpu": r["x_cpu_s_per_mb"] * 1000, "mb_s": r["mb_s"], "wakes": totals[1] / sends,
             "reads": totals[2] / sends, "writes": totals[3] / sends,
             "roles": {role: v[0] * 1000 / mb for role, v in roles.items()},
-            "role_calls": {role: (v[1] / sends, v[2] / sends, v[3] / sends) for role, v in roles.items()}}
+            "role_calls": {role: (v[1] / sends, v[2] / sends, v[3] / sends) for role, v in roles.items()},
+            "role_sys": {role: v[4] / v[0] if v[0] > 0 else 0.0 for role, v in roles.items()}}
 
 
 def one_run(k: int, per_link: int) -> dict[str, dict]:
@@ -223,7 +231,7 @@ def _calls_text(calls) -> str:
 
 
 def _roles_text(r: dict) -> str:
-    return ", ".join(f"{role} {ms:.2f} ({_calls_text(r['role_calls'][role])})"
+    return ", ".join(f"{role} {ms:.2f} ({_calls_text(r['role_calls'][role])}, {r['role_sys'][role]:.0%} sys)"
                      for role, ms in sorted(r["roles"].items()) if role != "supervisor" or ms >= 0.005)
 
 
@@ -233,7 +241,7 @@ def _print_run(k: int, res: dict[str, dict]) -> None:
         r = res[name]
         print(f"  {name:16s} {r['cpu']:6.2f} ms CPU/MB ({r['ratio']:.2f}x socat), {r['mb_s']:6.2f} MB/s; "
               f"per send {r['wakes']:.2f} wake-ups, {r['reads']:.2f} reads, {r['writes']:.2f} writes; "
-              f"by process, ms/MB (wake-ups/reads/writes per send): {_roles_text(r)}")
+              f"by process, ms/MB (wake-ups/reads/writes per send, system time's share): {_roles_text(r)}")
 
 
 def _print_medians(runs: list[dict[str, dict]]) -> None:
@@ -242,7 +250,7 @@ def _print_medians(runs: list[dict[str, dict]]) -> None:
 
     print(f"\nmedians of {len(runs)} runs (ratio: the median of each run's ratio to that run's socat):\n")
     print("| system | CPU per MB (ms) | ratio to socat | MB/s | wake-ups per send | reads per send "
-          "| writes per send | by process: CPU per MB in ms (wake-ups/reads/writes per send) |")
+          "| writes per send | by process: CPU per MB in ms (wake-ups/reads/writes per send, system time's share) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in SYSTEMS:
         roles = sorted({role for r in runs for role in r[name]["roles"]})
@@ -250,7 +258,8 @@ def _print_medians(runs: list[dict[str, dict]]) -> None:
         for role in roles:
             ms = median(r[name]["roles"].get(role, 0.0) for r in runs)
             calls = [median(r[name]["role_calls"].get(role, (0, 0, 0))[j] for r in runs) for j in range(3)]
-            parts.append(f"{role} {ms:.2f} ({_calls_text(calls)})")
+            sys_share = median(r[name]["role_sys"].get(role, 0.0) for r in runs)
+            parts.append(f"{role} {ms:.2f} ({_calls_text(calls)}, {sys_share:.0%} sys)")
         print(f"| {name} | {med(name, 'cpu'):.2f} | {med(name, 'ratio'):.2f}x | {med(name, 'mb_s'):.2f} "
               f"| {med(name, 'wakes'):.2f} | {med(name, 'reads'):.2f} | {med(name, 'writes'):.2f} "
               f"| {', '.join(parts)} |")

@@ -269,9 +269,11 @@ def main(argv: list[str]) -> int:
     runs = int(argv[0]) if argv else 5
     per_link = int(float(argv[1]) * 1024 * 1024) if len(argv) > 1 else 4 * 1024 * 1024
     tmp, commit = _export_daemon("HEAD")
+    code = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", commit, "--", "bridged"],
+                          capture_output=True, text=True, timeout=10).stdout.strip()
     try:
         print(f"five links at full speed, {per_link / 1024 / 1024:g} MiB each way per link, {runs} runs; "
-              f"daemon and stand-ins on bridged {commit[:7]}; load before: {open('/proc/loadavg').read().strip()}")
+              f"bridged's code of {code} (HEAD {commit[:7]}); load before: {open('/proc/loadavg').read().strip()}")
         results = []
         for k in range(runs):
             results.append(one_run(k, per_link))

@@ -22,7 +22,8 @@ link's socket brings goes out as ``+IPD,<id>,<len>:`` frames of at most
 [links] chunk bytes.  All output goes through one queue in the order it was
 made (so SEND OK precedes any +IPD read after it), written once per loop
 turn; there is no gap timer.  Above HIGH bytes queued no more downlink is taken
-(back-pressure: the socket, or the worker's full ring, waits).
+until they are down to LOW (back-pressure: the socket, or the worker's full ring,
+waits).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ LINKS = 5
 IPD_CHUNK = LinksConfig().chunk  # 2920: bridged's default +IPD frame
 RING = LinksConfig().ring_size  # 65536
 RECORD = RING // 4  # a downlink record, as bridged's workers take them
-HIGH = 65536  # bytes queued for the pty above which the downlink waits (bridged's MAX_WRITE)
+HIGH = 65536  # bytes queued for the pty above which the downlink waits until LOW (bridged's Output)
+LOW = HIGH // 2
 TTY_FULL = 3968  # a pty read this big emptied a full n_tty buffer: more waits behind (uart.reading)
 OVERHEAD = 16  # an +IPD head's bytes, for take_records' budget
 RECHECK = 0.05  # s: a wait for ring room looks again this often (the index stores have no fence)
@@ -73,12 +75,16 @@ class Front:
         self.links: list = []
         self.inbuf = bytearray()
         self.out = bytearray()
-        self.flush_due = self.writing = False
+        self.flush_due = self.writing = self.backlogged = False
         self.pending: dict = {}  # links whose downlink waits for the output (in order)
         self.send: list | None = None  # [link, length, bytes read] while a payload comes
         loop.add_reader(fd, self.on_read)
 
     # -- output
+    def budget(self) -> int:
+        """Downlink bytes to take now: none while backlogged (above HIGH, not yet down to LOW)."""
+        return 0 if self.backlogged else HIGH - len(self.out)
+
     def emit(self, data: bytes) -> None:
         self.out += data
         if not (self.flush_due or self.writing):
@@ -91,6 +97,8 @@ class Front:
             k = min(IPD_CHUNK, n - off)
             out += b"\r\n+IPD,%d,%d:" % (link, k)
             out += view[off:off + k]
+        if len(out) >= HIGH:
+            self.backlogged = True
         if n and not (self.flush_due or self.writing):
             self.flush_due = True
             self.loop.call_soon(self.flush)
@@ -108,8 +116,10 @@ class Front:
         elif not self.out and self.writing:
             self.loop.remove_writer(self.fd)
             self.writing = False
+        if self.backlogged and len(self.out) <= LOW:
+            self.backlogged = False
         for link in list(self.pending):  # bounded: five links
-            if len(self.out) >= HIGH:
+            if self.budget() <= 0:
                 break
             del self.pending[link]
             link.resume()
@@ -232,12 +242,13 @@ class SockLink:
         self.front.sent(self.total)
 
     def on_readable(self) -> None:
-        if len(self.front.out) >= HIGH:
+        budget = self.front.budget()
+        if budget <= 0:
             self.gate.set(False)
             self.front.pending[self] = True
             return
         try:
-            n = self.sock.recv_into(self.rbuf[:HIGH - len(self.front.out)])
+            n = self.sock.recv_into(self.rbuf[:budget])
         except BlockingIOError:
             return
         if not n:

@@ -31,7 +31,7 @@ from bridged.ipc.rings import Ring
 from bridged.links.ticker import Ticker
 from bridged.uart.port import Pty, open_pty
 
-from .floor_parts import HIGH, LINKS, OVERHEAD, RECHECK, RECORD, RING, Front, Gate, SockLink
+from .floor_parts import LINKS, OVERHEAD, RECHECK, RECORD, RING, Front, Gate, SockLink
 
 RESUME = RING // 4  # free bytes a worker waits for before it reads its socket again
 BULK_TICK = 0.004  # s: bridged's bulk tick (links.bulkpoll._BULK_TICK)
@@ -100,13 +100,14 @@ class RingLink:
             os.eventfd_read(self.down.data_fd)
         except BlockingIOError:
             return
-        if len(self.front.out) >= HIGH:
-            self.front.pending[self] = True  # taken when the output has room
-            return
         self.resume()
 
     def resume(self) -> None:
-        recs, more = records.take_records(self.down, HIGH - len(self.front.out), OVERHEAD)
+        budget = self.front.budget()
+        if budget <= 0:
+            self.front.pending[self] = True  # taken when the output has room
+            return
+        recs, more = records.take_records(self.down, budget, OVERHEAD)
         for kind, payload, _addr in recs:
             if kind == records.DATA:
                 self.front.frame(self.i, payload)

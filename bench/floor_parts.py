@@ -144,7 +144,12 @@ class Front:
                 break
             line = bytes(buf[:i])
             del buf[:i + 2]
-            self.command(line)
+            try:
+                self.command(line)
+            except (ValueError, IndexError):  # a malformed parameter: ERROR, which fails the client
+                sys.stderr.write(f"floor: malformed command {line[:60]!r}\n")
+                self.send = None
+                self.emit(ERROR)
         if self.send is not None and buf:
             sys.stderr.write(f"floor: payload bytes before the prompt: {bytes(buf[:60])!r}\n")
             buf.clear()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 
-from .common import MB, BenchError, HashMismatch, TreeCpu, now, percentile
+from .common import MB, BenchError, Daemon, HashMismatch, TreeCpu, now, percentile
 from .streams import (
     versus,
     Bridge,
@@ -49,12 +49,15 @@ STEP_TIMEOUT = 10.0
 LIMIT = 120.0
 
 
-def bridged_five(ups, downs) -> dict[str, float]:
+def bridged_five(ups, downs, make_daemon=Daemon, meter=TreeCpu) -> dict[str, float]:
+    """``make_daemon`` and ``meter``: what stands for the daemon and what measures its
+    CPU (bench.five_floor runs its stand-ins through the same client)."""
     n = len(ups[0][0])
     with contextlib.ExitStack() as stack:
-        peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], LIMIT, piece=65536)
+        peers, d, demux = daemon_with_peers(stack, [dn[0] for dn in downs], LIMIT,
+                                            make_daemon=make_daemon, piece=65536)
         views = [memoryview(u[0]) for u in ups]
-        cpu = TreeCpu(d.pid)
+        cpu = meter(d.pid)
         cpu.start()
         t0 = now()
         for p in peers:
@@ -81,7 +84,7 @@ def bridged_five(ups, downs) -> dict[str, float]:
             **cpu_fields("x", cpu_s, elapsed, total)}
 
 
-def socat_one(ups, downs) -> dict[str, float]:
+def socat_one(ups, downs, meter=TreeCpu) -> dict[str, float]:
     up = b"".join(u[0] for u in ups)
     down = b"".join(d[0] for d in downs)
     up_digest = hashlib.sha256(up).hexdigest()
@@ -90,7 +93,7 @@ def socat_one(ups, downs) -> dict[str, float]:
     with DuplexPeer(payload=down, piece=65536, send_timeout=LIMIT) as peer, \
             Bridge("socat", peer.port, wait_connected=peer.connected.wait) as b:
         writer = PacedWriter(b.client, up, CHUNK, None, LIMIT)
-        cpu = b.cpu()
+        cpu = meter(b.pid)
         cpu.start()
         t0 = now()
         peer.go.set()

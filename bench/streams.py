@@ -643,12 +643,13 @@ def open_links(daemon: Daemon, ports: list[int]) -> None:
 
 
 def daemon_with_peers(stack: contextlib.ExitStack, payloads: list[bytes], send_timeout: float,
-                      **peer_args) -> tuple[list["DuplexPeer"], Daemon, "IpdDemux"]:
+                      make_daemon=Daemon, **peer_args) -> tuple[list["DuplexPeer"], Daemon, "IpdDemux"]:
     """One DuplexPeer per payload, a daemon with one TCP link to each
-    (``AT+CIPMUX=1``), every peer connected; all closed with ``stack``."""
+    (``AT+CIPMUX=1``), every peer connected; all closed with ``stack``.
+    ``make_daemon``: what stands for the daemon (bench.five_floor's stand-ins)."""
     peers = [stack.enter_context(DuplexPeer(payload=payload, send_timeout=send_timeout, **peer_args))
              for payload in payloads]
-    d = stack.enter_context(Daemon())
+    d = stack.enter_context(make_daemon())
     open_links(d, [p.port for p in peers])
     for i, p in enumerate(peers):
         if not p.connected.wait(5.0):

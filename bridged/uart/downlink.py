@@ -130,9 +130,6 @@ class Downlink:
 
     def use_pty_high_mark(self) -> None:
         self._delivery_high = _OUTPUT_HIGH_PTY
-        # The output's own marks (above high the front stops reading commands) go up alike:
-        # +IPD held for the gap must not hold the MCU's next command.
-        self.output.high, self.output.low = self.output.high + _OUTPUT_HIGH_PTY, self.output.low + _OUTPUT_HIGH_PTY
 
     def delivery_room(self) -> int:
         return self._delivery_high - self.output.buffered

@@ -37,14 +37,7 @@ __all__ = ["Downlink", "Passthrough"]
 
 log = structlog.get_logger()
 
-_OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes ...
-# ... or this many on an unpaced pty.  +IPD held for the URC gap behind a busy command stream
-# (uart.output) counts too, so at most a high mark of it goes out per gap: 6.5 MB/s at 32 KiB,
-# far over any UART's line rate (5 Mbaud: 0.5 MB/s), but a pty's line is memory, and there
-# the gap throttled the downlink to that and cost ~25% more CPU per MB (five links at full
-# speed: bench/RESULTS.md).  Held URCs never delay a reply (it goes first), and a pty drains
-# what is due at memory speed: the larger mark costs memory only.
-_OUTPUT_HIGH_PTY = 131072
+_OUTPUT_HIGH = 32768  # stop delivering +IPD above this many queued bytes
 _GATHER_MIN = 512  # bytes: smaller downlink pieces are interactive (as the port's _COALESCE_MIN)
 _GATHER_GAP = 2 * COALESCE_PASSTHROUGH  # seconds: pieces closer than this are a stream (two ticks)
 _GATHER_RATE = 2_000_000  # bytes/s: a faster peer is delivered at once
@@ -126,13 +119,8 @@ class Downlink:
             self._resume_reading()
             self._process()
 
-    _delivery_high = _OUTPUT_HIGH  # _OUTPUT_HIGH_PTY on an unpaced pty (``use_pty_high_mark``)
-
-    def use_pty_high_mark(self) -> None:
-        self._delivery_high = _OUTPUT_HIGH_PTY
-
     def delivery_room(self) -> int:
-        return self._delivery_high - self.output.buffered
+        return _OUTPUT_HIGH - self.output.buffered
 
     def _in_passthrough(self) -> bool:
         return self.session.state is State.PASSTHROUGH

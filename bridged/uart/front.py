@@ -132,7 +132,10 @@ class Front(PortReading, CommandDispatch, DataPhases, RoomWait, Leftovers, Direc
         self._command: asyncio.Task | None = None  # a handler waiting on the network
         # The port, paused often (coalescing, back-pressure); holding it drives RTS (flow control rts).
         self._gate = ReadGate(self.loop, self._on_readable, serial.hold_input if serial is not None else None)
-        self._init_line(serial is not None)
+        self._paced: PacedInput | None = None  # [uart] pace: reads at the line rate (a pty only)
+        if wanted(config.uart.pace, port_name, fd, serial is not None):
+            self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
+            self._paced = PacedInput(self.loop, self._gate, self.uart)
         self._last_read = 0.0
         self._tick: asyncio.TimerHandle | None = None  # ends the coalescing pauses (uart.reading)
         self._port_paused = False  # the port is paused by coalescing until the tick
@@ -143,14 +146,6 @@ class Front(PortReading, CommandDispatch, DataPhases, RoomWait, Leftovers, Direc
         self.transcript = Transcript(config.log, holders=(self, self.output, self.links))
         self.counters = UartCounters()  # for `bridged status` (bridged.ops.status)
         self.on_ping: Callable[[Ping], str] = lambda msg: ""  # the summary for the supervisor's Pong
-
-    def _init_line(self, serial: bool) -> None:
-        self._paced: PacedInput | None = None  # [uart] pace: reads at the line rate (a pty only)
-        if wanted(self.config.uart.pace, self.port_name, self.fd, serial):
-            self.output.pacer = Pacer(*line_of(self.uart), self.loop.time())
-            self._paced = PacedInput(self.loop, self._gate, self.uart)
-        elif not serial:
-            self.use_pty_high_mark()  # a line of memory: more +IPD per URC gap (uart.downlink)
 
     def _init_data_phase(self) -> None:
         """The data phase's state (bridged.uart.dataphase, roomwait, leftovers), none under way."""

@@ -179,6 +179,8 @@ def test_a_doorbell_skipped_as_polling_ends_costs_at_most_a_tick(batching):
         quiet_up, quiet_down = (None, 0.010) if batching == "goes on" else (0.0205, None)
         await both.run(lambda: not _polled(live), quiet_up, quiet_down)
         assert (live.worker._batch_tick is not None) == (batching == "goes on")
+        if batching == "ends" and not live.worker._look_owed:
+            return False  # a loaded loop saw the flag off after the one-shot look: again
         both.commit_unrung(b"late" * 100)
         start = time.monotonic()
         # The peer streams on meanwhile (in the first case): batching and its ticks go on.
@@ -187,8 +189,9 @@ def test_a_doorbell_skipped_as_polling_ends_costs_at_most_a_tick(batching):
         assert bytes(both.peer_got) == bytes(both.sent_up)
         assert took < 0.5, took  # a 20 ms period, and this machine's load
         assert (live.worker._batch_tick is not None) == (batching == "goes on")
+        return True
 
-    _run(script)
+    assert any(_run(script) for _ in range(3)), "the flag was never seen off before its look"
 
 
 def test_the_peers_fin_while_polling_sends_the_rings_bytes_first():

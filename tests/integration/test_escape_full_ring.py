@@ -191,7 +191,10 @@ def test_listening_for_escape_takes_a_bounded_amount(daemon, host):
         assert 0 < len(more) <= 32768 + 24576 + 4096
         held = daemon.wait_event("uart_input_held")[-1]
         began = daemon.events("uart_listening")[-1]["held"]
-        assert held["flow"] == "pty" and began <= 20480 + 4096 and held["held"] <= began + 32768
+        # What listening began with is what the read that filled the ring left over: a tick's drain
+        # takes what the pty holds (~20 KiB) and what the MCU wrote meanwhile (24880 seen under a
+        # loaded make test), never more than a tty's flip buffers (64 KiB) and n_tty's 4 KiB.
+        assert held["flow"] == "pty" and began <= 65536 + 4096 and held["held"] <= began + 32768
         assert _stream_until_stalled(host, stall=0.3) == b""  # still held: nothing more is taken
     finally:
         peer.close()

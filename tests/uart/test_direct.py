@@ -3,6 +3,7 @@ takes the MCU's bytes across the ring's end, as the general path's one os.read w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import termios
@@ -137,18 +138,26 @@ def test_a_send_counts_as_direct_once_its_payload_is_read_whole(rig):
 _TTY_READ = 4095  # what one read of a pty hands out of a full n_tty buffer
 
 
-@pytest.fixture
-def pty_rig():
+@contextlib.contextmanager
+def fresh_rig():
     """A 16 KiB uplink ring and a raw pty: the MCU writes the slave, the front reads the master."""
     up, down = Ring.create(4 * _CAPACITY, "up"), Ring.create(_CAPACITY, "down")
     master, slave = os.openpty()
-    tty.setraw(slave, termios.TCSANOW)
-    os.set_blocking(master, False)
-    yield up, down, master, slave
-    for fd in (master, slave):
-        os.close(fd)
-    up.close()
-    down.close()
+    try:
+        tty.setraw(slave, termios.TCSANOW)
+        os.set_blocking(master, False)
+        yield up, down, master, slave
+    finally:
+        for fd in (master, slave):
+            os.close(fd)
+        up.close()
+        down.close()
+
+
+@pytest.fixture
+def pty_rig():
+    with fresh_rig() as rig:
+        yield rig
 
 
 def _pty_send(pty_rig, length: int) -> tuple[_Front, Send]:
